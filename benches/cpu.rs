@@ -1,0 +1,2 @@
+//! Criterion benchmarks of the CPU backend.
+fn main() {}

@@ -1,0 +1,3 @@
+//! Compute backends: the CPU reference/fallback and CUDA.
+
+pub mod cpu;

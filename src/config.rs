@@ -1,0 +1,323 @@
+//! Model configuration: `config.json` parsed into one architecture-neutral [`ModelConfig`].
+//!
+//! Only LLaDA (`model_type: "llada"`) is supported for now. Every field is validated; a bad
+//! or missing field gives an [`Error::Config`] naming it.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// Architectures dllm can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// LLaDA (GSAI-ML/LLaDA-8B-*): OLMo-style names under `model.transformer.*`.
+    Llada,
+}
+
+impl Arch {
+    /// The `model_type` strings accepted, for error messages.
+    pub const SUPPORTED: &'static str = "llada";
+
+    /// The name printed by `dllm info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llada => "llada",
+        }
+    }
+}
+
+/// LLaDA-8B's mask token id, used when `mask_token_id` is absent from the config.
+pub const LLADA_DEFAULT_MASK_ID: u32 = 126336;
+/// LLaDA-8B's end-of-text id (also its pad id), used when absent from the config.
+pub const LLADA_DEFAULT_EOS_ID: u32 = 126081;
+
+/// The hyper-parameters of a model, independent of the checkpoint's naming.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// Hidden size.
+    pub d_model: usize,
+    pub n_heads: usize,
+    /// Number of key/value heads (equal to `n_heads` unless grouped-query attention).
+    pub n_kv_heads: usize,
+    pub n_layers: usize,
+    /// Hidden size of the SwiGLU feed-forward.
+    pub mlp_hidden: usize,
+    /// Number of real tokens; ids at or above it are never produced.
+    pub vocab_size: usize,
+    /// Rows of the embedding and of the LM head (may be padded beyond `vocab_size`).
+    pub embedding_size: usize,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f32,
+    pub max_seq_len: usize,
+    pub mask_token_id: u32,
+    pub eos_token_id: u32,
+    pub pad_token_id: u32,
+    /// LM head shares the embedding matrix.
+    pub weight_tying: bool,
+    /// Biases on every linear layer (unsupported for now; rejected at load).
+    pub include_bias: bool,
+    /// Biases on q/k/v projections.
+    pub include_qkv_bias: bool,
+}
+
+impl ModelConfig {
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// Width of one logits row (the LM head's output size).
+    pub fn logits_width(&self) -> usize {
+        self.embedding_size
+    }
+
+    /// Reads and validates `config.json` at `path`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+        Self::from_json(&v)
+    }
+
+    /// Parses and validates a config from JSON.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::config("<root>", "config.json must be a JSON object"))?;
+        let model_type = obj
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config("model_type", "missing or not a string"))?;
+        match model_type.to_ascii_lowercase().as_str() {
+            "llada" => Self::llada(v),
+            other => Err(Error::Unsupported(format!(
+                "unsupported architecture `{other}` (supported: {})",
+                Arch::SUPPORTED
+            ))),
+        }
+    }
+
+    fn llada(v: &Value) -> Result<Self> {
+        let d_model = req_usize(v, "d_model")?;
+        let n_heads = req_usize(v, "n_heads")?;
+        let n_kv_heads = opt_usize(v, "n_kv_heads")?.unwrap_or(n_heads);
+        let n_layers = req_usize(v, "n_layers")?;
+        let mlp_hidden = match opt_usize(v, "mlp_hidden_size")? {
+            Some(h) => h,
+            None => {
+                let ratio = opt_f64(v, "mlp_ratio")?.ok_or_else(|| {
+                    Error::config("mlp_hidden_size", "missing (and no mlp_ratio to derive it)")
+                })?;
+                (ratio * d_model as f64).round() as usize
+            }
+        };
+        let vocab_size = req_usize(v, "vocab_size")?;
+        let embedding_size = opt_usize(v, "embedding_size")?.unwrap_or(vocab_size);
+        let cfg = ModelConfig {
+            arch: Arch::Llada,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            n_layers,
+            mlp_hidden,
+            vocab_size,
+            embedding_size,
+            rope_theta: opt_f64(v, "rope_theta")?.unwrap_or(10000.0) as f32,
+            rms_norm_eps: opt_f64(v, "rms_norm_eps")?.unwrap_or(1e-5) as f32,
+            max_seq_len: opt_usize(v, "max_sequence_length")?.unwrap_or(4096),
+            mask_token_id: opt_u32(v, "mask_token_id")?.unwrap_or(LLADA_DEFAULT_MASK_ID),
+            eos_token_id: opt_u32(v, "eos_token_id")?.unwrap_or(LLADA_DEFAULT_EOS_ID),
+            pad_token_id: opt_u32(v, "pad_token_id")?.unwrap_or(LLADA_DEFAULT_EOS_ID),
+            weight_tying: opt_bool(v, "weight_tying")?.unwrap_or(false),
+            include_bias: opt_bool(v, "include_bias")?.unwrap_or(false),
+            include_qkv_bias: opt_bool(v, "include_qkv_bias")?.unwrap_or(false),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the relations between fields.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("d_model", self.d_model),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("n_layers", self.n_layers),
+            ("mlp_hidden_size", self.mlp_hidden),
+            ("vocab_size", self.vocab_size),
+            ("max_sequence_length", self.max_seq_len),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(Error::config(field, "must be positive"));
+            }
+        }
+        if self.d_model % self.n_heads != 0 {
+            return Err(Error::config(
+                "n_heads",
+                format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(Error::config(
+                "n_heads",
+                format!("head dim {} must be even for RoPE", self.head_dim()),
+            ));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(Error::config(
+                "n_kv_heads",
+                format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads),
+            ));
+        }
+        if self.embedding_size < self.vocab_size {
+            return Err(Error::config(
+                "embedding_size",
+                format!("{} is smaller than vocab_size {}", self.embedding_size, self.vocab_size),
+            ));
+        }
+        for (field, id) in [
+            ("mask_token_id", self.mask_token_id),
+            ("eos_token_id", self.eos_token_id),
+            ("pad_token_id", self.pad_token_id),
+        ] {
+            if id as usize >= self.embedding_size {
+                return Err(Error::config(
+                    field,
+                    format!("{id} is outside the embedding ({} rows)", self.embedding_size),
+                ));
+            }
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(Error::config("rope_theta", "must be a positive number"));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(Error::config("rms_norm_eps", "must be a positive number"));
+        }
+        if self.include_bias {
+            return Err(Error::Unsupported(
+                "config field `include_bias`: LLaDA checkpoints with biases on every linear layer"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of parameters implied by the config (what the checkpoint must hold).
+    pub fn parameter_count(&self) -> usize {
+        let d = self.d_model;
+        let kv = self.n_kv_heads * self.head_dim();
+        let per_layer = d * d + 2 * d * kv + d * d + 3 * d * self.mlp_hidden + 2 * d
+            + if self.include_qkv_bias { d + 2 * kv } else { 0 };
+        let head = if self.weight_tying { 0 } else { self.embedding_size * d };
+        self.embedding_size * d + self.n_layers * per_layer + d + head
+    }
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v.get(name).filter(|x| !x.is_null())
+}
+
+fn req_usize(v: &Value, name: &str) -> Result<usize> {
+    opt_usize(v, name)?.ok_or_else(|| Error::config(name, "missing"))
+}
+
+fn opt_usize(v: &Value, name: &str) -> Result<Option<usize>> {
+    match field(v, name) {
+        None => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| Error::config(name, format!("expected a non-negative integer, found {x}"))),
+    }
+}
+
+fn opt_u32(v: &Value, name: &str) -> Result<Option<u32>> {
+    match opt_usize(v, name)? {
+        None => Ok(None),
+        Some(n) => u32::try_from(n)
+            .map(Some)
+            .map_err(|_| Error::config(name, format!("{n} does not fit a token id"))),
+    }
+}
+
+fn opt_f64(v: &Value, name: &str) -> Result<Option<f64>> {
+    match field(v, name) {
+        None => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| Error::config(name, format!("expected a number, found {x}"))),
+    }
+}
+
+fn opt_bool(v: &Value, name: &str) -> Result<Option<bool>> {
+    match field(v, name) {
+        None => Ok(None),
+        Some(x) => x
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| Error::config(name, format!("expected true or false, found {x}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tiny() -> Value {
+        json!({"model_type": "llada", "d_model": 64, "n_heads": 4, "n_kv_heads": 4, "n_layers": 2,
+               "mlp_hidden_size": 96, "vocab_size": 100, "embedding_size": 128, "rope_theta": 10000.0,
+               "rms_norm_eps": 1e-5, "max_sequence_length": 256, "mask_token_id": 1,
+               "eos_token_id": 0, "pad_token_id": 2})
+    }
+
+    #[test]
+    fn parses_llada_fields() {
+        let c = ModelConfig::from_json(&tiny()).unwrap();
+        assert_eq!(c.head_dim(), 16);
+        assert_eq!(c.logits_width(), 128);
+        assert_eq!(c.mask_token_id, 1);
+        // 128*64 emb + 2 layers * (4*64*64 + 3*64*96 + 2*64) + 64 + head 128*64
+        assert_eq!(c.parameter_count(), 128 * 64 * 2 + 2 * (4 * 4096 + 3 * 64 * 96 + 128) + 64);
+    }
+
+    #[test]
+    fn mask_id_defaults_to_llada_8b() {
+        let mut v = tiny();
+        v.as_object_mut().unwrap().remove("mask_token_id");
+        v["vocab_size"] = json!(126464);
+        v["embedding_size"] = json!(126464);
+        assert_eq!(ModelConfig::from_json(&v).unwrap().mask_token_id, 126336);
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let mut v = tiny();
+        v["model_type"] = json!("gpt2");
+        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("gpt2") && e.contains("supported: llada"), "{e}");
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        for (field, value, needle) in [
+            ("d_model", json!("big"), "d_model"),
+            ("n_heads", json!(5), "n_heads"),
+            ("n_kv_heads", json!(3), "n_kv_heads"),
+            ("embedding_size", json!(50), "embedding_size"),
+            ("mask_token_id", json!(1000), "mask_token_id"),
+            ("rope_theta", json!(-1.0), "rope_theta"),
+        ] {
+            let mut v = tiny();
+            v[field] = value;
+            let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(needle), "{field}: {e}");
+        }
+        let mut v = tiny();
+        v.as_object_mut().unwrap().remove("n_layers");
+        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("n_layers"));
+    }
+}

@@ -1,0 +1,109 @@
+//! The one error type of the engine.
+//!
+//! Every fallible function returns [`Result`]. Each variant carries enough context (file, tensor,
+//! field) for a one-line message that tells the user what is wrong; the C ABI maps variants to
+//! status codes with [`Error::kind`].
+
+use std::path::PathBuf;
+
+/// Errors raised by dllm. Messages name the file, tensor or field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system I/O failure on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file exists but its contents are malformed (safetensors, JSON, tokenizer).
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    /// A tensor is missing, duplicated, or has the wrong dtype or shape.
+    #[error("tensor `{name}`: {msg}")]
+    Tensor { name: String, msg: String },
+    /// A field of `config.json` is missing or has a bad value.
+    #[error("config field `{field}`: {msg}")]
+    Config { field: String, msg: String },
+    /// Something the engine does not support (architecture, dtype, option).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A caller-supplied value is invalid (prompt, steps, lengths, token ids).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A compute backend (CUDA) failed.
+    #[error("backend: {0}")]
+    Backend(String),
+    /// An operation was called in a state where it is not allowed.
+    #[error("invalid state: {0}")]
+    State(String),
+}
+
+/// Coarse classification of an [`Error`], used by the C ABI status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidArgument,
+    Io,
+    Format,
+    Unsupported,
+    Backend,
+    State,
+}
+
+impl Error {
+    /// The coarse class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Format { .. } | Error::Tensor { .. } | Error::Config { .. } => ErrorKind::Format,
+            Error::Tokenizer(_) => ErrorKind::Format,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::Backend(_) => ErrorKind::Backend,
+            Error::State(_) => ErrorKind::State,
+        }
+    }
+
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+
+    /// Shorthand for [`Error::Format`].
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Tensor`].
+    pub fn tensor(name: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Tensor {
+            name: name.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Config`].
+    pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// The result type used throughout dllm.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,2 @@
+//! The `dllm` command-line tool.
+fn main() {}

@@ -1,0 +1,1 @@
+//! `dllm synth`: random-weight checkpoints with the exact layout of real ones.

@@ -1,0 +1,1 @@
+//! Tokenizer: `tokenizer.json` through the `tokenizers` crate.
