@@ -15,7 +15,10 @@ use std::process::Command;
 
 fn find_nvcc() -> Option<PathBuf> {
     if let Ok(p) = env::var("NVCC") {
-        return Some(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        if p.exists() {
+            return Some(p);
+        }
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Ok(home) = env::var(var) {

@@ -5,9 +5,11 @@
 //! → [`tokenizer`] → text.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod denoise;
 pub mod error;
+pub mod ffi;
 pub mod model;
 pub mod synth;
 pub mod tokenizer;

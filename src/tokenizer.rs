@@ -1,1 +1,117 @@
-//! Tokenizer: `tokenizer.json` through the `tokenizers` crate.
+//! Tokenizer: `tokenizer.json` (Hugging Face format) through the `tokenizers` crate.
+//!
+//! Encoding adds no special tokens (the caller builds the canvas); decoding keeps them
+//! optional, so a canvas can be shown with its mask tokens or as plain text.
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// A loaded tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` from a file.
+    pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
+            ));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::format(path, format!("cannot load tokenizer: {e}")))?;
+        Ok(Tokenizer {
+            inner,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Loads `tokenizer.json` from a model directory.
+    pub fn from_model_dir(dir: &Path) -> Result<Tokenizer> {
+        Self::from_file(&dir.join("tokenizer.json"))
+    }
+
+    /// Text to ids, without special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("{}: encode failed: {e}", self.path.display())))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids to text. With `skip_special`, special tokens (mask, eos, pad) are dropped.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        let size = self.inner.get_vocab_size(true) as u32;
+        if let Some(bad) = ids.iter().find(|&&id| id >= size) {
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the tokenizer's vocabulary ({size} entries)"
+            )));
+        }
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer(format!("{}: decode failed: {e}", self.path.display())))
+    }
+
+    /// The text of one token id, if it exists.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The id of a token string (e.g. a special token), if it exists.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok() -> Tokenizer {
+        Tokenizer::from_model_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code")))
+            .unwrap()
+    }
+
+    #[test]
+    fn round_trips_python_source() {
+        let t = tok();
+        let text = "def add(a, b):\n    return a + b\n\n# done ✓\n";
+        let ids = t.encode(text).unwrap();
+        assert!(ids.len() > 5 && ids.len() < text.len());
+        assert_eq!(t.decode(&ids, false).unwrap(), text);
+    }
+
+    #[test]
+    fn special_tokens_are_known_and_skippable() {
+        let t = tok();
+        assert_eq!(t.token_to_id("<|mask|>"), Some(1));
+        assert_eq!(t.token_to_id("<|endoftext|>"), Some(0));
+        let mut ids = t.encode("x = 1").unwrap();
+        ids.push(0);
+        assert_eq!(t.decode(&ids, true).unwrap(), "x = 1");
+        assert!(t.decode(&ids, false).unwrap().ends_with("<|endoftext|>"));
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let t = tok();
+        assert!(t.decode(&[u32::MAX], false).unwrap_err().to_string().contains("outside"));
+        let missing = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json"));
+        assert!(missing.err().unwrap().to_string().contains("/nonexistent/tokenizer.json"));
+        let dir = std::env::temp_dir().join(format!("dllm-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), b"{not json").unwrap();
+        let e = Tokenizer::from_model_dir(&dir).err().unwrap().to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -91,11 +91,21 @@ pub fn softmax_prob(row: &[f32], idx: usize) -> f64 {
     (row[idx] as f64 - max).exp() / sum
 }
 
-/// Predicts every position in `queries` from row-major logits of row width `width`.
-pub fn predict_rows(logits: &[f32], width: usize, queries: &[usize], rule: &PredictRule) -> Vec<Prediction> {
-    queries
-        .par_iter()
-        .map(|&q| predict_row(&logits[q * width..(q + 1) * width], q, rule))
+/// Predicts one position per entry of `rows`/`positions`: row `rows[i]` of the row-major logits
+/// (row width `width`) gives the prediction for canvas position `positions[i]` (which keys the
+/// random draws). Full-canvas logits use `rows == positions`; logits of only the queried
+/// positions use `rows = 0..n`.
+pub fn predict_rows(
+    logits: &[f32],
+    width: usize,
+    rows: &[usize],
+    positions: &[usize],
+    rule: &PredictRule,
+) -> Vec<Prediction> {
+    assert_eq!(rows.len(), positions.len(), "one logits row per position");
+    rows.par_iter()
+        .zip(positions.par_iter())
+        .map(|(&r, &q)| predict_row(&logits[r * width..(r + 1) * width], q, rule))
         .collect()
 }
 

@@ -6,6 +6,9 @@
 //! default runs [`Model::forward`] and samples on the host.
 
 pub mod llada;
+pub mod load;
+
+pub use load::{load_model, Backend, LoadedModel};
 
 use crate::config::ModelConfig;
 use crate::denoise::predict::{predict_rows, Prediction, PredictRule};
@@ -27,6 +30,6 @@ pub trait Model: Send + Sync {
     /// under `rule`. Backends may override this to sample without materialising logits on the host.
     fn predict(&self, ids: &[u32], queries: &[usize], rule: &PredictRule) -> Result<Vec<Prediction>> {
         let logits = self.forward(ids)?;
-        Ok(predict_rows(&logits, self.config().logits_width(), queries, rule))
+        Ok(predict_rows(&logits, self.config().logits_width(), queries, queries, rule))
     }
 }

@@ -1,1 +1,9 @@
 //! LLaDA: the model of "Large Language Diffusion Models" (Nie et al., 2025).
+//!
+//! `layout` names every tensor of the checkpoint; `cpu` is the forward pass on the CPU backend
+//! (the CUDA twin is `backend::cuda::llada`).
+
+pub mod cpu;
+pub mod layout;
+
+pub use cpu::Llada;

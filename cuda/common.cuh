@@ -1,0 +1,32 @@
+// Shared device helpers for dllm kernels: bf16 conversion, warp reductions, and the
+// counter-based RNG that must stay bit-identical to src/denoise/rng.rs.
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+// SplitMix64 finaliser (src/denoise/rng.rs: mix64).
+__device__ __forceinline__ uint64_t dllm_mix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Uniform in (0, 1) with 53 random bits (src/denoise/rng.rs: uniform).
+__device__ __forceinline__ double dllm_uniform(uint64_t seed, uint64_t step, uint64_t pos, uint64_t index) {
+    uint64_t h = dllm_mix64(seed);
+    h = dllm_mix64(h ^ step);
+    h = dllm_mix64(h ^ pos);
+    h = dllm_mix64(h ^ index);
+    return ((double)(h >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+}
+
+__device__ __forceinline__ float dllm_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float dllm_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}

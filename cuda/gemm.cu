@@ -1,0 +1,449 @@
+// dllm GEMM kernels: C[M, N] = A[M, K] · Wᵀ with A bf16 row-major [M, K], W bf16 row-major
+// [N, K] (PyTorch Linear layout), fp32 accumulation and three epilogues (store bf16, store fp32,
+// add into fp32). Host side: src/backend/cuda/gemm.rs; design notes: docs/gemm-notes.md.
+//
+// Kernels (all take `void* C` and an `epi` code, see DLLM_EPI_*):
+//   gemm_naive          one thread per output, fp32 FMA loop: the always-correct reference.
+//   gemm_skinny_mg<G>   M <= 8*G (G = 1..8): weight-streaming GEMV-like kernel on mma.sync.
+//   gemm_wide           128x128x32 block tiles, cp.async 4-stage pipeline, ldmatrix + mma.sync.
+//
+// Preconditions (checked on the host): K % 8 == 0, N % 8 == 0, A/W 16-byte aligned, C 8-byte
+// aligned. bf16 values travel as raw uint16 bits.
+#include "common.cuh"
+
+#define DLLM_EPI_STORE_BF16 0
+#define DLLM_EPI_STORE_F32 1
+#define DLLM_EPI_ADD_F32 2
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers.
+
+__device__ __forceinline__ float gemm_bf16_to_f32(uint16_t b) { return __uint_as_float(((uint32_t)b) << 16); }
+
+__device__ __forceinline__ uint16_t gemm_f32_to_bf16(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+// Writes one output element according to the epilogue.
+__device__ __forceinline__ void gemm_store1(void* C, size_t idx, float v, int epi) {
+    if (epi == DLLM_EPI_STORE_BF16) {
+        ((uint16_t*)C)[idx] = gemm_f32_to_bf16(v);
+    } else if (epi == DLLM_EPI_STORE_F32) {
+        ((float*)C)[idx] = v;
+    } else {
+        ((float*)C)[idx] += v;
+    }
+}
+
+// Writes two adjacent output elements (idx even, so the pair is 4/8-byte aligned).
+__device__ __forceinline__ void gemm_store2(void* C, size_t idx, float v0, float v1, int epi) {
+    if (epi == DLLM_EPI_STORE_BF16) {
+        uint32_t packed = (uint32_t)gemm_f32_to_bf16(v0) | ((uint32_t)gemm_f32_to_bf16(v1) << 16);
+        *(uint32_t*)((uint16_t*)C + idx) = packed;
+    } else if (epi == DLLM_EPI_STORE_F32) {
+        *(float2*)((float*)C + idx) = make_float2(v0, v1);
+    } else {
+        float2* p = (float2*)((float*)C + idx);
+        float2 c = *p;
+        c.x += v0;
+        c.y += v1;
+        *p = c;
+    }
+}
+
+// D = A(16x16, row) * B(16x8, col) + D, bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void gemm_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 16-byte global load through the non-coherent path without allocating in L1 (streamed weights);
+// returns zeros when `pred` is false (the address is then not touched).
+__device__ __forceinline__ uint4 gemm_ld_stream(const void* p, bool pred) {
+    uint4 r;
+    asm("{\n"
+        "  .reg .pred p;\n"
+        "  setp.ne.b32 p, %5, 0;\n"
+        "  mov.b32 %0, 0;\n"
+        "  mov.b32 %1, 0;\n"
+        "  mov.b32 %2, 0;\n"
+        "  mov.b32 %3, 0;\n"
+        "  @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        "}\n"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p), "r"((int)pred));
+    return r;
+}
+
+// 16-byte global load through the read-only path, cached in L1 (activations, reused by warps).
+__device__ __forceinline__ uint4 gemm_ld_cached(const void* p, bool pred) {
+    uint4 r;
+    asm("{\n"
+        "  .reg .pred p;\n"
+        "  setp.ne.b32 p, %5, 0;\n"
+        "  mov.b32 %0, 0;\n"
+        "  mov.b32 %1, 0;\n"
+        "  mov.b32 %2, 0;\n"
+        "  mov.b32 %3, 0;\n"
+        "  @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        "}\n"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p), "r"((int)pred));
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// gemm_naive: grid (ceil(N / 256), min(M, 65535)), block 256. Thread (n, m) computes one output.
+
+extern "C" __global__ void __launch_bounds__(256) gemm_naive(const uint16_t* __restrict__ A,
+                                                             const uint16_t* __restrict__ W, void* C, int M, int N,
+                                                             int K, int epi) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    for (int m = blockIdx.y; m < M; m += gridDim.y) {
+        const uint16_t* a = A + (size_t)m * K;
+        const uint16_t* w = W + (size_t)n * K;
+        float acc = 0.0f;
+        for (int k = 0; k < K; ++k) acc = fmaf(gemm_bf16_to_f32(a[k]), gemm_bf16_to_f32(w[k]), acc);
+        gemm_store1(C, (size_t)m * N + n, acc, epi);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gemm_skinny_mg<G>: M <= 8 * G. Computes Cᵀ = W · Aᵀ with W as the mma "A" operand (16 weight
+// rows per warp) and 8-token groups of A as the "B" operand, so every weight element is read
+// exactly once, straight from global memory into registers with 16-byte loads.
+//
+// K is processed in chunks of 32. In a chunk, lane (g = lane / 4, t = lane % 4) loads the 8
+// consecutive k values [8t, 8t + 8) of weight rows g and g + 8 and of token g of each group. The
+// dot product does not care about the order of k, so those 8 values are assigned to mma k-slots
+// {2t, 2t+1, 2t+8, 2t+9} of two consecutive m16n8k16 ops (the same assignment for both operands).
+//
+// Block: 4 warps = 64 weight rows (tile = blockIdx.x); blockIdx.y = split of the K chunks. With
+// several splits each block writes its fp32 partial tile to `ws`, and the last block of a tile to
+// arrive (per-tile counter) sums all partials in split order (deterministic) and applies the
+// epilogue, then resets the counter to 0 for the next launch.
+
+#define SKINNY_WARPS 4
+#define SKINNY_THREADS (SKINNY_WARPS * 32)
+#define SKINNY_ROWS (SKINNY_WARPS * 16)
+#define SKINNY_UNROLL 4
+
+template <int G>
+__device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W,
+                                                 void* C, float* __restrict__ ws, unsigned int* __restrict__ counters,
+                                                 int M, int N, int K, int epi, int chunks_per_split) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int tile = blockIdx.x;
+    const int split = blockIdx.y;
+    const int splits = gridDim.y;
+    const int row0 = tile * SKINNY_ROWS + warp * 16 + g;
+    const int row1 = row0 + 8;
+    const bool ok0 = row0 < N;
+    const bool ok1 = row1 < N;
+    const uint16_t* w0 = W + (size_t)(ok0 ? row0 : 0) * K;
+    const uint16_t* w1 = W + (size_t)(ok1 ? row1 : 0) * K;
+
+    const int total_chunks = (K + 31) / 32;
+    const int c_begin = split * chunks_per_split;
+    const int c_end = min(total_chunks, c_begin + chunks_per_split);
+
+    float acc[G][4];
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[j][q] = 0.0f;
+    }
+
+    for (int c = c_begin; c < c_end; c += SKINNY_UNROLL) {
+        uint4 wa[SKINNY_UNROLL], wb[SKINNY_UNROLL];
+#pragma unroll
+        for (int u = 0; u < SKINNY_UNROLL; ++u) {
+            const int k = (c + u) * 32 + 8 * t;
+            const bool in = (c + u < c_end) && (k < K);
+            wa[u] = gemm_ld_stream(w0 + (in ? k : 0), in && ok0);
+            wb[u] = gemm_ld_stream(w1 + (in ? k : 0), in && ok1);
+        }
+#pragma unroll
+        for (int u = 0; u < SKINNY_UNROLL; ++u) {
+            if (c + u < c_end) {  // warp-uniform
+                const int k = (c + u) * 32 + 8 * t;
+                const bool in = k < K;
+#pragma unroll
+                for (int j = 0; j < G; ++j) {
+                    const int m = 8 * j + g;
+                    const bool okm = in && (m < M);
+                    const uint4 av = gemm_ld_cached(A + (size_t)(okm ? m : 0) * K + (okm ? k : 0), okm);
+                    gemm_mma_bf16(acc[j], wa[u].x, wb[u].x, wa[u].y, wb[u].y, av.x, av.y);
+                    gemm_mma_bf16(acc[j], wa[u].z, wb[u].z, wa[u].w, wb[u].w, av.z, av.w);
+                }
+            }
+        }
+    }
+
+    if (splits > 1) {
+        // Partial tile layout: [tile][split][j][thread] float4.
+        float4* part = (float4*)ws;
+        const size_t base = ((size_t)tile * splits + split) * G;
+#pragma unroll
+        for (int j = 0; j < G; ++j)
+            part[(base + j) * SKINNY_THREADS + threadIdx.x] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+        __threadfence();
+        __syncthreads();
+        __shared__ unsigned int s_last;
+        if (threadIdx.x == 0) s_last = (atomicAdd(&counters[tile], 1u) == (unsigned int)(splits - 1)) ? 1u : 0u;
+        __syncthreads();
+        if (s_last == 0u) return;
+        __threadfence();
+        float sum[G][4];
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) sum[j][q] = 0.0f;
+        }
+        for (int s = 0; s < splits; ++s) {
+            const size_t b = ((size_t)tile * splits + s) * G;
+#pragma unroll
+            for (int j = 0; j < G; ++j) {
+                float4 v;
+                if (s == split) {
+                    v = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+                } else {
+                    v = __ldcg(&part[(b + j) * SKINNY_THREADS + threadIdx.x]);
+                }
+                sum[j][0] += v.x;
+                sum[j][1] += v.y;
+                sum[j][2] += v.z;
+                sum[j][3] += v.w;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[j][q] = sum[j][q];
+        }
+        if (threadIdx.x == 0) counters[tile] = 0u;
+    }
+
+    // Fragment element q of group j: weight row (q < 2 ? row0 : row1), token 8j + 2t + (q & 1).
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int m = 8 * j + 2 * t + (q & 1);
+            const int n = (q < 2) ? row0 : row1;
+            if (m < M && n < N) gemm_store1(C, (size_t)m * N + n, acc[j][q], epi);
+        }
+    }
+}
+
+#define DLLM_SKINNY_KERNEL(G)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(SKINNY_THREADS, 4)                                           \
+        gemm_skinny_mg##G(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,              \
+                          float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K,     \
+                          int epi, int chunks_per_split) {                                                      \
+        gemm_skinny_body<G>(A, W, C, ws, counters, M, N, K, epi, chunks_per_split);                             \
+    }
+
+DLLM_SKINNY_KERNEL(1)
+DLLM_SKINNY_KERNEL(2)
+DLLM_SKINNY_KERNEL(3)
+DLLM_SKINNY_KERNEL(4)
+DLLM_SKINNY_KERNEL(5)
+DLLM_SKINNY_KERNEL(6)
+DLLM_SKINNY_KERNEL(7)
+DLLM_SKINNY_KERNEL(8)
+
+// ---------------------------------------------------------------------------------------------
+// gemm_wide: block tile 128 (M) x 128 (N) x 32 (K), 8 warps as 2 (M) x 4 (N), warp tile 64 x 32
+// (4 x 4 m16n8k16 ops per k16 step). A and W tiles are copied global -> shared with cp.async
+// (16-byte chunks, zero-filled outside M, N, K) in a 4-stage ring, and read into fragments with
+// ldmatrix. Shared tile rows are 64 bytes (4 chunks); chunk c of row r is stored at position
+// c ^ ((r >> 1) & 3), which makes both the cp.async stores and the 8-row ldmatrix reads
+// conflict-free. grid = (ceil(M / 128), ceil(N / 128)): M tiles vary fastest so the blocks in
+// flight share weight tiles through L2; blockIdx.z splits K (ktiles_per_split tiles each) when
+// the output has too few tiles to fill the GPU, reduced like the skinny kernel's split-K.
+// Dynamic shared memory: WIDE_SMEM_BYTES.
+
+#define WIDE_BM 128
+#define WIDE_BN 128
+#define WIDE_BK 32
+#define WIDE_STAGES 4
+#define WIDE_THREADS 256
+#define WIDE_TILE_BYTES (WIDE_BM * WIDE_BK * 2)
+#define WIDE_STAGE_BYTES (2 * WIDE_TILE_BYTES)
+#define WIDE_SMEM_BYTES (WIDE_STAGES * WIDE_STAGE_BYTES)
+
+__device__ __forceinline__ uint32_t gemm_swz(int r, int c) { return (uint32_t)(r * 64 + ((c ^ ((r >> 1) & 3)) << 4)); }
+
+__device__ __forceinline__ void gemm_cp_async16(uint32_t dst, const void* src, bool pred) {
+    const int bytes = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void gemm_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void gemm_cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void gemm_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
+    gemm_wide(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C, float* __restrict__ ws,
+              unsigned int* __restrict__ counters, int M, int N, int K, int epi, int ktiles_per_split) {
+    extern __shared__ __align__(128) unsigned char gemm_smem[];
+    const uint32_t smem = (uint32_t)__cvta_generic_to_shared(gemm_smem);
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int warp_m = warp >> 2;  // 0..1
+    const int warp_n = warp & 3;   // 0..3
+    const int m0 = blockIdx.x * WIDE_BM;
+    const int n0 = blockIdx.y * WIDE_BN;
+    // This block's K tiles: [kt_begin, kt_begin + k_tiles) (split-K along blockIdx.z).
+    const int split = blockIdx.z;
+    const int splits = gridDim.z;
+    const int kt_begin = split * ktiles_per_split;
+    const int k_tiles = max(0, min((K + WIDE_BK - 1) / WIDE_BK, kt_begin + ktiles_per_split) - kt_begin);
+
+    // Each thread copies 2 chunks of the A tile and 2 of the W tile per stage.
+    auto load_stage = [&](int kt, int slot) {
+        const uint32_t sa = smem + slot * WIDE_STAGE_BYTES;
+        const uint32_t sw = sa + WIDE_TILE_BYTES;
+        const int k0 = (kt_begin + kt) * WIDE_BK;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int q = tid + i * WIDE_THREADS;
+            const int r = q >> 2;
+            const int c = q & 3;
+            const int k = k0 + c * 8;
+            const bool kin = k < K;
+            const int am = m0 + r;
+            const bool aok = kin && am < M;
+            gemm_cp_async16(sa + gemm_swz(r, c), aok ? (const void*)(A + (size_t)am * K + k) : (const void*)A, aok);
+            const int wn = n0 + r;
+            const bool wok = kin && wn < N;
+            gemm_cp_async16(sw + gemm_swz(r, c), wok ? (const void*)(W + (size_t)wn * K + k) : (const void*)W, wok);
+        }
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < WIDE_STAGES - 1; ++s) {
+        if (s < k_tiles) load_stage(s, s);
+        gemm_cp_commit();
+    }
+
+    // ldmatrix lane roles: A matrices (rows +0/+8) x (k +0/+8); W matrices (k +0/+8) x (n +0/+8).
+    const int a_row = warp_m * 64 + (lane & 7) + ((lane >> 3) & 1) * 8;
+    const int a_kc = lane >> 4;
+    const int b_row = warp_n * 32 + (lane & 7) + (lane >> 4) * 8;
+    const int b_kc = (lane >> 3) & 1;
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        gemm_cp_wait<WIDE_STAGES - 2>();
+        __syncthreads();
+        // Refill the slot consumed in the previous iteration (all warps are past it now).
+        const int next = kt + WIDE_STAGES - 1;
+        if (next < k_tiles) load_stage(next, next % WIDE_STAGES);
+        gemm_cp_commit();
+
+        const uint32_t sa = smem + (kt % WIDE_STAGES) * WIDE_STAGE_BYTES;
+        const uint32_t sw = sa + WIDE_TILE_BYTES;
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+            uint32_t af[4][4];
+            uint32_t bfr[4][2];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) gemm_ldmatrix_x4(af[i], sa + gemm_swz(a_row + i * 16, kk * 2 + a_kc));
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+                uint32_t r[4];
+                gemm_ldmatrix_x4(r, sw + gemm_swz(b_row + jj * 16, kk * 2 + b_kc));
+                bfr[2 * jj][0] = r[0];
+                bfr[2 * jj][1] = r[1];
+                bfr[2 * jj + 1][0] = r[2];
+                bfr[2 * jj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    gemm_mma_bf16(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bfr[j][0], bfr[j][1]);
+        }
+    }
+    gemm_cp_wait<0>();
+
+    if (splits > 1) {
+        // Same scheme as the skinny kernel: partial tiles [tile][split][e][thread] float4, the
+        // last block of a tile to arrive sums them in split order and runs the epilogue.
+        const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+        float4* part = (float4*)ws;
+        const size_t base = ((size_t)tile * splits + split) * 16;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) {
+            float* v = acc[e >> 2][e & 3];
+            part[(base + e) * WIDE_THREADS + tid] = make_float4(v[0], v[1], v[2], v[3]);
+        }
+        __threadfence();
+        __syncthreads();
+        __shared__ unsigned int s_last;
+        if (tid == 0) s_last = (atomicAdd(&counters[tile], 1u) == (unsigned int)(splits - 1)) ? 1u : 0u;
+        __syncthreads();
+        if (s_last == 0u) return;
+        __threadfence();
+#pragma unroll
+        for (int e = 0; e < 16; ++e) {
+            float* v = acc[e >> 2][e & 3];
+            float4 total = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int s = 0; s < splits; ++s) {
+                const float4 p = (s == split) ? make_float4(v[0], v[1], v[2], v[3])
+                                              : __ldcg(&part[(((size_t)tile * splits + s) * 16 + e) * WIDE_THREADS + tid]);
+                total.x += p.x;
+                total.y += p.y;
+                total.z += p.z;
+                total.w += p.w;
+            }
+            v[0] = total.x;
+            v[1] = total.y;
+            v[2] = total.z;
+            v[3] = total.w;
+        }
+        if (tid == 0) counters[tile] = 0u;
+    }
+
+    const int g = lane >> 2;
+    const int t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int r0 = m0 + warp_m * 64 + i * 16 + g;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int n = n0 + warp_n * 32 + j * 8 + 2 * t;
+            if (n < N) {
+                if (r0 < M) gemm_store2(C, (size_t)r0 * N + n, acc[i][j][0], acc[i][j][1], epi);
+                if (r0 + 8 < M) gemm_store2(C, (size_t)(r0 + 8) * N + n, acc[i][j][2], acc[i][j][3], epi);
+            }
+        }
+    }
+}

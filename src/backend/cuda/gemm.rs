@@ -1,0 +1,1315 @@
+//! Host side of `cuda/gemm.cu`: the engine's linear layers `C[M, N] = A[M, K] · Wᵀ` on tensor
+//! cores (bf16 inputs, fp32 accumulation), their self-checks against an f64 host reference, and
+//! their benches.
+//!
+//! `A` is bf16 row-major `[M, K]`, `W` is bf16 row-major `[N, K]` (PyTorch `Linear` layout, as
+//! stored in the checkpoint), both as `u16` buffers of bf16 bits. The output is chosen with
+//! [`GemmOut`]: store bf16, store fp32, or add into fp32 (`C += A·Wᵀ`, the fused residual add).
+//! [`Gemm::run`] picks the kernel by `M` (see [`GemmVariant::for_m`]): the weight-streaming
+//! `skinny` kernel for `M ≤ 64` (split-K with a deterministic in-kernel reduction when `N` alone
+//! cannot fill the GPU, see [`SkinnyPlan`]), the `wide` shared-memory tiled kernel otherwise.
+//! `naive` (one thread per output) is the always-correct fallback. Design: docs/gemm-notes.md.
+
+use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
+use super::{cuda_err, CudaDevice};
+use crate::error::{Error, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Largest `M` served by the skinny kernel (8 tokens per mma group, at most 8 groups).
+pub const SKINNY_MAX_M: usize = 64;
+/// Weight rows per skinny block (4 warps × 16); must match `SKINNY_ROWS` in gemm.cu.
+const SKINNY_ROWS: usize = 64;
+/// Threads per skinny block; must match `SKINNY_THREADS` in gemm.cu.
+const SKINNY_THREADS: usize = 128;
+/// K elements per skinny chunk (one 16-byte load per lane and row).
+const SKINNY_CHUNK: usize = 32;
+/// Chunks loaded per skinny loop iteration; must match `SKINNY_UNROLL` in gemm.cu.
+const SKINNY_UNROLL: usize = 4;
+/// Fewest K chunks a split is given (below this the reduction costs more than it saves).
+const SKINNY_MIN_CHUNKS_PER_SPLIT: usize = 8;
+/// Blocks per SM the split-K heuristic aims for (about 16 warps, ~64 KB of loads in flight).
+const SKINNY_BLOCKS_PER_SM: usize = 4;
+/// Wide kernel block tile and threads; must match `WIDE_*` in gemm.cu.
+const WIDE_BM: usize = 128;
+const WIDE_BN: usize = 128;
+const WIDE_THREADS: u32 = 256;
+const WIDE_SMEM_BYTES: u32 = 4 * 2 * 128 * 32 * 2;
+/// K elements per wide pipeline stage.
+const WIDE_BK: usize = 32;
+/// Resident wide blocks per SM (64 KiB shared memory and ≤ 128 registers each).
+const WIDE_BLOCKS_PER_SM: usize = 2;
+/// Fewest K tiles a wide split is given (1024 K).
+const WIDE_MIN_KTILES_PER_SPLIT: usize = 32;
+/// Threads per naive block.
+const NAIVE_THREADS: u32 = 256;
+
+/// How the product is written to `C`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `C = A·Wᵀ` rounded to bf16 (nearest even).
+    StoreBf16,
+    /// `C = A·Wᵀ` in fp32.
+    StoreF32,
+    /// `C += A·Wᵀ` in fp32 (residual add).
+    AddF32,
+}
+
+impl Epilogue {
+    /// All epilogues, for checks.
+    pub const ALL: [Epilogue; 3] = [Epilogue::StoreBf16, Epilogue::StoreF32, Epilogue::AddF32];
+
+    /// The `epi` code the kernels take (`DLLM_EPI_*` in gemm.cu).
+    fn code(self) -> i32 {
+        match self {
+            Epilogue::StoreBf16 => 0,
+            Epilogue::StoreF32 => 1,
+            Epilogue::AddF32 => 2,
+        }
+    }
+
+    /// Short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Epilogue::StoreBf16 => "bf16",
+            Epilogue::StoreF32 => "f32",
+            Epilogue::AddF32 => "add_f32",
+        }
+    }
+}
+
+/// The output of a GEMM; the variant selects the [`Epilogue`]. Holds `M·N` elements (or more).
+pub enum GemmOut<'a> {
+    /// bf16 bits, overwritten.
+    Bf16(CudaViewMut<'a, u16>),
+    /// fp32, overwritten.
+    F32(CudaViewMut<'a, f32>),
+    /// fp32, accumulated into (`C += A·Wᵀ`).
+    AddF32(CudaViewMut<'a, f32>),
+}
+
+impl GemmOut<'_> {
+    /// The epilogue this output asks for.
+    pub fn epilogue(&self) -> Epilogue {
+        match self {
+            GemmOut::Bf16(_) => Epilogue::StoreBf16,
+            GemmOut::F32(_) => Epilogue::StoreF32,
+            GemmOut::AddF32(_) => Epilogue::AddF32,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            GemmOut::Bf16(v) => v.len(),
+            GemmOut::F32(v) | GemmOut::AddF32(v) => v.len(),
+        }
+    }
+
+    /// Device address and the alignment the kernels need for it (element pairs are stored).
+    fn addr_and_align(&self, dev: &CudaDevice) -> (u64, u64) {
+        match self {
+            GemmOut::Bf16(v) => (v.device_ptr(&dev.stream).0, 4),
+            GemmOut::F32(v) | GemmOut::AddF32(v) => (v.device_ptr(&dev.stream).0, 8),
+        }
+    }
+}
+
+/// Which kernel computes the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmVariant {
+    /// One thread per output, fp32 FMA loop: slow, always correct.
+    Naive,
+    /// Weight streaming for `M ≤ SKINNY_MAX_M` (bandwidth bound).
+    Skinny,
+    /// Shared-memory tiled tensor-core GEMM for any `M` (compute bound at large `M`).
+    Wide,
+}
+
+impl GemmVariant {
+    /// The variant [`Gemm::run`] uses for `m` rows.
+    pub fn for_m(m: usize) -> GemmVariant {
+        if m <= SKINNY_MAX_M {
+            GemmVariant::Skinny
+        } else {
+            GemmVariant::Wide
+        }
+    }
+
+    /// Short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmVariant::Naive => "naive",
+            GemmVariant::Skinny => "skinny",
+            GemmVariant::Wide => "wide",
+        }
+    }
+}
+
+/// Launch geometry of the skinny kernel: `groups` 8-token mma groups (kernel
+/// `gemm_skinny_mg{groups}`), `tiles` blocks of 64 weight rows along N, and `splits` blocks along
+/// K, each taking `chunks_per_split` chunks of 32 K elements (the last split may take fewer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkinnyPlan {
+    pub groups: usize,
+    pub tiles: usize,
+    pub splits: usize,
+    pub chunks_per_split: usize,
+}
+
+impl SkinnyPlan {
+    /// The plan [`Gemm::run`] uses on a GPU with `num_sms` multiprocessors: split K only as far
+    /// as needed to give every SM about `SKINNY_BLOCKS_PER_SM` blocks, never below
+    /// `SKINNY_MIN_CHUNKS_PER_SPLIT` chunks per split, with a chunk count per split that is a
+    /// multiple of the kernel's unroll. Requires `1 ≤ m ≤ 64`, `n ≥ 1`, `k ≥ 1`.
+    pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> SkinnyPlan {
+        let tiles = n.div_ceil(SKINNY_ROWS);
+        let chunks = k.div_ceil(SKINNY_CHUNK);
+        let target_blocks = num_sms.max(1) * SKINNY_BLOCKS_PER_SM;
+        let max_splits = (chunks / SKINNY_MIN_CHUNKS_PER_SPLIT).max(1);
+        let splits = target_blocks.div_ceil(tiles).clamp(1, max_splits);
+        let per_split = chunks.div_ceil(splits).next_multiple_of(SKINNY_UNROLL);
+        SkinnyPlan::with_chunks_per_split(m, n, k, per_split)
+    }
+
+    /// A plan with a given number of chunks per split (checks use it to force split-K on small
+    /// shapes). `chunks_per_split` is raised to at least 1.
+    pub fn with_chunks_per_split(
+        m: usize,
+        n: usize,
+        k: usize,
+        chunks_per_split: usize,
+    ) -> SkinnyPlan {
+        let chunks = k.div_ceil(SKINNY_CHUNK).max(1);
+        let per_split = chunks_per_split.max(1);
+        SkinnyPlan {
+            groups: m.div_ceil(8).max(1),
+            tiles: n.div_ceil(SKINNY_ROWS),
+            splits: chunks.div_ceil(per_split),
+            chunks_per_split: per_split,
+        }
+    }
+
+    /// fp32 elements of split-K workspace the launch needs (0 without split-K).
+    pub fn workspace_floats(&self) -> usize {
+        if self.splits > 1 {
+            self.tiles * self.splits * self.groups * SKINNY_THREADS * 4
+        } else {
+            0
+        }
+    }
+}
+
+/// Launch geometry of the wide kernel: `m_tiles × n_tiles` output tiles of 128×128, each split
+/// along K into `splits` blocks of `ktiles_per_split` 32-wide K tiles (the last may take fewer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WidePlan {
+    pub m_tiles: usize,
+    pub n_tiles: usize,
+    pub splits: usize,
+    pub ktiles_per_split: usize,
+}
+
+impl WidePlan {
+    /// The plan [`Gemm::run`] uses: split K only when the output tiles cannot fill one wave of
+    /// `WIDE_BLOCKS_PER_SM` blocks per SM, as far as still fits in that wave, never below
+    /// `WIDE_MIN_KTILES_PER_SPLIT` K tiles per split. Requires `m, n, k ≥ 1`.
+    pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> WidePlan {
+        let tiles = m.div_ceil(WIDE_BM) * n.div_ceil(WIDE_BN);
+        let ktiles = k.div_ceil(WIDE_BK);
+        let slots = num_sms.max(1) * WIDE_BLOCKS_PER_SM;
+        let max_splits = (ktiles / WIDE_MIN_KTILES_PER_SPLIT).max(1);
+        let splits = (slots / tiles.max(1)).clamp(1, max_splits);
+        WidePlan::with_ktiles_per_split(m, n, k, ktiles.div_ceil(splits))
+    }
+
+    /// A plan with a given number of K tiles per split (checks use it to force split-K on
+    /// small shapes). `ktiles_per_split` is raised to at least 1.
+    pub fn with_ktiles_per_split(
+        m: usize,
+        n: usize,
+        k: usize,
+        ktiles_per_split: usize,
+    ) -> WidePlan {
+        let per_split = ktiles_per_split.max(1);
+        WidePlan {
+            m_tiles: m.div_ceil(WIDE_BM),
+            n_tiles: n.div_ceil(WIDE_BN),
+            splits: k.div_ceil(WIDE_BK).max(1).div_ceil(per_split),
+            ktiles_per_split: per_split,
+        }
+    }
+
+    /// Output tiles (blocks per split).
+    pub fn tiles(&self) -> usize {
+        self.m_tiles * self.n_tiles
+    }
+
+    /// fp32 elements of split-K workspace the launch needs (0 without split-K).
+    pub fn workspace_floats(&self) -> usize {
+        if self.splits > 1 {
+            self.tiles() * self.splits * WIDE_BM * WIDE_BN
+        } else {
+            0
+        }
+    }
+}
+
+/// Checks the shape contract: `m, n, k ≥ 1`, `k % 8 == 0`, `n % 8 == 0`, everything fits the
+/// kernels' 32-bit sizes, and the buffers hold `m·k`, `n·k` and `m·n` elements.
+pub fn validate(
+    m: usize,
+    n: usize,
+    k: usize,
+    a_len: usize,
+    w_len: usize,
+    out_len: usize,
+) -> Result<()> {
+    if m == 0 || n == 0 || k == 0 {
+        return Err(Error::invalid(format!(
+            "gemm: empty shape m={m} n={n} k={k} (all must be ≥ 1)"
+        )));
+    }
+    if k % 8 != 0 {
+        return Err(Error::invalid(format!(
+            "gemm: k={k} is not a multiple of 8 (16-byte rows are required)"
+        )));
+    }
+    if n % 8 != 0 {
+        return Err(Error::invalid(format!(
+            "gemm: n={n} is not a multiple of 8"
+        )));
+    }
+    for (what, v) in [("m", m), ("n", n), ("k", k)] {
+        if v > i32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "gemm: {what}={v} does not fit in i32"
+            )));
+        }
+    }
+    let need = |what: &str, have: usize, rows: usize, cols: usize| -> Result<()> {
+        let want = rows
+            .checked_mul(cols)
+            .ok_or_else(|| Error::invalid(format!("gemm: {what} size overflows")))?;
+        if have < want {
+            return Err(Error::invalid(format!(
+                "gemm: {what} holds {have} elements, needs {rows}×{cols} = {want} (m={m} n={n} k={k})"
+            )));
+        }
+        Ok(())
+    };
+    need("A", a_len, m, k)?;
+    need("W", w_len, n, k)?;
+    need("C", out_len, m, n)
+}
+
+fn check_align(what: &str, addr: u64, align: u64) -> Result<()> {
+    if addr % align != 0 {
+        return Err(Error::invalid(format!(
+            "gemm: {what} device address {addr:#x} is not {align}-byte aligned (offset views by whole rows)"
+        )));
+    }
+    Ok(())
+}
+
+/// The kernel and geometry one launch uses.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    Naive,
+    Skinny(SkinnyPlan),
+    Wide(WidePlan),
+}
+
+/// Split-K workspace and per-tile arrival counters (self-resetting, so zeroed once).
+struct Scratch {
+    ws: CudaSlice<f32>,
+    counters: CudaSlice<u32>,
+}
+
+/// The loaded GEMM kernels of one device.
+pub struct Gemm {
+    naive: CudaFunction,
+    skinny: Vec<CudaFunction>,
+    wide: CudaFunction,
+    num_sms: usize,
+    scratch: Mutex<Scratch>,
+}
+
+impl Gemm {
+    /// Loads the kernels of `cuda/gemm.cu` and allocates a small split-K workspace.
+    pub fn load(dev: &CudaDevice) -> Result<Gemm> {
+        let naive = dev.function("gemm", "gemm_naive")?;
+        let skinny = (1..=8)
+            .map(|g| dev.function("gemm", &format!("gemm_skinny_mg{g}")))
+            .collect::<Result<Vec<_>>>()?;
+        let wide = dev.function("gemm", "gemm_wide")?;
+        wide.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            WIDE_SMEM_BYTES as i32,
+        )
+        .map_err(|e| cuda_err("gemm_wide: allow 64 KiB dynamic shared memory", e))?;
+        wide.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )
+        .map_err(|e| cuda_err("gemm_wide: shared memory carveout", e))?;
+        let num_sms = dev
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_err("query multiprocessor count", e))?
+            .max(1) as usize;
+        let ws = dev
+            .stream
+            .alloc_zeros::<f32>(1 << 20)
+            .map_err(|e| cuda_err("gemm: alloc workspace", e))?;
+        let counters = dev
+            .stream
+            .alloc_zeros::<u32>(4096)
+            .map_err(|e| cuda_err("gemm: alloc counters", e))?;
+        Ok(Gemm {
+            naive,
+            skinny,
+            wide,
+            num_sms,
+            scratch: Mutex::new(Scratch { ws, counters }),
+        })
+    }
+
+    /// Multiprocessors of the device (used by the split-K heuristic).
+    pub fn num_sms(&self) -> usize {
+        self.num_sms
+    }
+
+    /// `out = a · wᵀ` (or `out += a · wᵀ` for [`GemmOut::AddF32`]) with the kernel chosen by `m`.
+    /// `a`: `[m, k]` bf16 bits, `w`: `[n, k]` bf16 bits, `out`: `[m, n]`; see [`validate`] for the
+    /// shape contract. `a` and `w` must be 16-byte aligned, `out` 4 (bf16) or 8 (f32) bytes.
+    /// Asynchronous on `dev.stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        dev: &CudaDevice,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        out: GemmOut<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        self.run_variant(dev, GemmVariant::for_m(m), a, w, out, m, n, k)
+    }
+
+    /// [`Gemm::run`] with an explicit kernel; `Skinny` needs `m ≤ SKINNY_MAX_M`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_variant(
+        &self,
+        dev: &CudaDevice,
+        variant: GemmVariant,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        out: GemmOut<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let job = match variant {
+            GemmVariant::Naive => Job::Naive,
+            GemmVariant::Wide => Job::Wide(WidePlan::new(m, n, k, self.num_sms)),
+            GemmVariant::Skinny => {
+                if m > SKINNY_MAX_M {
+                    return Err(Error::invalid(format!(
+                        "gemm: the skinny kernel takes m ≤ {SKINNY_MAX_M}, got m={m}"
+                    )));
+                }
+                Job::Skinny(SkinnyPlan::new(m, n, k, self.num_sms))
+            }
+        };
+        self.launch(dev, job, a, w, out, m, n, k)
+    }
+
+    /// The skinny kernel with an explicit plan (checks use it to force split-K).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_skinny_plan(
+        &self,
+        dev: &CudaDevice,
+        plan: SkinnyPlan,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        out: GemmOut<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let expect = SkinnyPlan::with_chunks_per_split(m, n, k, plan.chunks_per_split);
+        if m > SKINNY_MAX_M || plan != expect {
+            return Err(Error::invalid(format!(
+                "gemm: skinny plan {plan:?} does not fit m={m} n={n} k={k}"
+            )));
+        }
+        self.launch(dev, Job::Skinny(plan), a, w, out, m, n, k)
+    }
+
+    /// The wide kernel with an explicit plan (checks use it to force split-K).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_wide_plan(
+        &self,
+        dev: &CudaDevice,
+        plan: WidePlan,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        out: GemmOut<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        if plan != WidePlan::with_ktiles_per_split(m, n, k, plan.ktiles_per_split) {
+            return Err(Error::invalid(format!(
+                "gemm: wide plan {plan:?} does not fit m={m} n={n} k={k}"
+            )));
+        }
+        self.launch(dev, Job::Wide(plan), a, w, out, m, n, k)
+    }
+
+    /// The split-K scratch, grown to at least `ws_floats` workspace and `tiles` counters (new
+    /// buffers are zeroed; the old ones are freed in stream order).
+    fn scratch(
+        &self,
+        dev: &CudaDevice,
+        ws_floats: usize,
+        tiles: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Scratch>> {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if scratch.ws.len() < ws_floats {
+            scratch.ws = dev
+                .stream
+                .alloc_zeros::<f32>(ws_floats)
+                .map_err(|e| cuda_err("gemm: grow split-K workspace", e))?;
+        }
+        if scratch.counters.len() < tiles {
+            scratch.counters = dev
+                .stream
+                .alloc_zeros::<u32>(tiles)
+                .map_err(|e| cuda_err("gemm: grow split-K counters", e))?;
+        }
+        Ok(scratch)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        dev: &CudaDevice,
+        job: Job,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        mut out: GemmOut<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        validate(m, n, k, a.len(), w.len(), out.len())?;
+        check_align("A", a.device_ptr(&dev.stream).0, 16)?;
+        check_align("W", w.device_ptr(&dev.stream).0, 16)?;
+        let (addr, align) = out.addr_and_align(dev);
+        check_align("C", addr, align)?;
+        let epi = out.epilogue().code();
+        match &mut out {
+            GemmOut::Bf16(c) => self.launch_typed(dev, job, a, w, c, epi, m, n, k),
+            GemmOut::F32(c) | GemmOut::AddF32(c) => {
+                self.launch_typed(dev, job, a, w, c, epi, m, n, k)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_typed<T: DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        job: Job,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        c: &mut CudaViewMut<T>,
+        epi: i32,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        // validate() bounded m, n, k by i32::MAX.
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        match job {
+            Job::Naive => {
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        n.div_ceil(NAIVE_THREADS as usize) as u32,
+                        m.min(65_535) as u32,
+                        1,
+                    ),
+                    block_dim: (NAIVE_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut b = dev.stream.launch_builder(&self.naive);
+                b.arg(a).arg(w).arg(c).arg(&mi).arg(&ni).arg(&ki).arg(&epi);
+                // SAFETY: validate() checked a ≥ m·k, w ≥ n·k, c ≥ m·n elements; the kernel
+                // touches only a[m'·k + k'], w[n'·k + k'], c[m'·n + n'] for m' < m, n' < n, k' < k.
+                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch gemm_naive", e))?;
+            }
+            Job::Wide(plan) => {
+                if plan.n_tiles > 65_535 || plan.splits > 65_535 || plan.m_tiles > i32::MAX as usize
+                {
+                    return Err(Error::invalid(format!(
+                        "gemm: wide plan {plan:?} exceeds the grid limits (n={n})"
+                    )));
+                }
+                let kps = plan.ktiles_per_split as i32;
+                let cfg = LaunchConfig {
+                    grid_dim: (plan.m_tiles as u32, plan.n_tiles as u32, plan.splits as u32),
+                    block_dim: (WIDE_THREADS, 1, 1),
+                    shared_mem_bytes: WIDE_SMEM_BYTES,
+                };
+                let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles())?;
+                let Scratch { ws, counters } = &mut *scratch;
+                let mut b = dev.stream.launch_builder(&self.wide);
+                b.arg(a).arg(w).arg(c).arg(ws).arg(counters);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
+                // SAFETY: as for naive; loads outside [m, k] / [n, k] are zero-filled by cp.async
+                // with a source size of 0 (no access), stores are masked to m' < m, n' < n; the
+                // pointers are 16-byte (A, W) and pair (C) aligned, checked above. With split-K
+                // the workspace holds tiles·splits·128·128 floats and the counters ≥ tiles
+                // entries (grown by scratch()), zero between launches, ordered on dev.stream.
+                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch gemm_wide", e))?;
+            }
+            Job::Skinny(plan) => {
+                if plan.splits > 65_535 || plan.tiles > i32::MAX as usize {
+                    return Err(Error::invalid(format!(
+                        "gemm: skinny plan {plan:?} exceeds the grid limits"
+                    )));
+                }
+                let f = &self.skinny[plan.groups.clamp(1, 8) - 1];
+                let cps = plan.chunks_per_split as i32;
+                let cfg = LaunchConfig {
+                    grid_dim: (plan.tiles as u32, plan.splits as u32, 1),
+                    block_dim: (SKINNY_THREADS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles)?;
+                let Scratch { ws, counters } = &mut *scratch;
+                let mut b = dev.stream.launch_builder(f);
+                b.arg(a)
+                    .arg(w)
+                    .arg(c)
+                    .arg(ws)
+                    .arg(counters)
+                    .arg(&mi)
+                    .arg(&ni)
+                    .arg(&ki)
+                    .arg(&epi)
+                    .arg(&cps);
+                // SAFETY: shapes as for naive (loads predicated to rows < n, tokens < m, k < K);
+                // the workspace holds tiles·splits·groups·128 float4 and the counters `tiles`
+                // entries (grown above); counters are zero between launches (the last block of a
+                // tile resets its counter) and all launches are ordered on dev.stream.
+                unsafe { b.launch(cfg) }
+                    .map_err(|e| cuda_err(&format!("launch gemm_skinny_mg{}", plan.groups), e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks and benches.
+
+/// Relative-L2 tolerance of fp32 outputs for a K-long reduction. mma.sync adds 16 products to
+/// the accumulator per step after aligning them to the largest exponent and truncating (not
+/// rounding) the low bits, so each of the K/16 steps may lose up to about one ulp of the running
+/// sum, and the loss is biased toward zero: relative error up to (K/16)·2⁻²³, i.e. 3.1e-5 at
+/// K = 4096 and 9.2e-5 at K = 12288, which fp32 round-to-nearest (the 1e-5 target) does not
+/// model. A real fault (wrong fragment, dropped chunk, split counted twice) gives ≥ 1e-2.
+pub fn tol_f32(k: usize) -> f64 {
+    TOL_F32.max(k as f64 / 16.0 * f64::powi(2.0, -23))
+}
+
+/// SplitMix64 step, for fast parallel test data.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `n` deterministic bf16 values uniform in [-1, 1), as bits (parallel; independent of threads).
+fn random_bf16(seed: u64, n: usize) -> Vec<u16> {
+    const CH: usize = 1 << 16;
+    let mut v = vec![0u16; n];
+    v.par_chunks_mut(CH).enumerate().for_each(|(ci, chunk)| {
+        for (i, x) in chunk.iter_mut().enumerate() {
+            let h = mix(seed.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ (ci * CH + i) as u64);
+            let u = (h >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+            *x = bf16::from_f32(2.0 * u - 1.0).to_bits();
+        }
+    });
+    v
+}
+
+/// f64 reference `Σ_k a[r, k]·w[c, k]` for every row `r < m` and each column in `cols`, laid out
+/// `[m][cols.len()]`, from the bf16 bits the GPU sees.
+fn reference(a: &[u16], w: &[u16], m: usize, k: usize, cols: &[usize]) -> Vec<f64> {
+    let wf: Vec<Vec<f64>> = cols
+        .par_iter()
+        .map(|&c| {
+            w[c * k..(c + 1) * k]
+                .iter()
+                .map(|&b| bf16::from_bits(b).to_f64())
+                .collect()
+        })
+        .collect();
+    let mut out = vec![0f64; m * cols.len()];
+    out.par_chunks_mut(cols.len().max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let ar: Vec<f64> = a[r * k..(r + 1) * k]
+                .iter()
+                .map(|&b| bf16::from_bits(b).to_f64())
+                .collect();
+            for (o, wc) in row.iter_mut().zip(&wf) {
+                *o = ar.iter().zip(wc).map(|(x, y)| x * y).sum();
+            }
+        });
+    out
+}
+
+/// Columns to verify: all when `n·m·k` is small, else a spread sample that hits every residue
+/// modulo the tile sizes plus the first and last 8 columns.
+fn sample_cols(m: usize, n: usize, k: usize) -> Vec<usize> {
+    if m * n * k <= 1 << 27 {
+        return (0..n).collect();
+    }
+    let mut c: Vec<usize> = (0..8)
+        .chain(n - 8..n)
+        .chain((0..160).map(|i| (i * 997 + 13) % n))
+        .collect();
+    c.sort_unstable();
+    c.dedup();
+    c
+}
+
+/// Guard elements after `M·N` in every check output, poisoned and verified untouched.
+const GUARD: usize = 64;
+
+/// Host data and device copies of one (n, k) weight and one A.
+struct Case<'a> {
+    m: usize,
+    n: usize,
+    k: usize,
+    a_dev: &'a CudaSlice<u16>,
+    w_dev: &'a CudaSlice<u16>,
+    cols: &'a [usize],
+    want: &'a [f64],
+}
+
+/// How a check launches the GEMM.
+#[derive(Debug, Clone, Copy)]
+enum How {
+    Variant(GemmVariant),
+    SkinnyPlan(SkinnyPlan),
+    WidePlan(WidePlan),
+}
+
+fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
+    dev.stream
+        .clone_htod(v)
+        .map_err(|e| cuda_err("gemm check: upload", e))
+}
+
+fn download<T: DeviceRepr + Default + Clone>(dev: &CudaDevice, b: &CudaSlice<T>) -> Result<Vec<T>> {
+    dev.stream
+        .clone_dtoh(b)
+        .map_err(|e| cuda_err("gemm check: download", e))
+}
+
+fn launch_how(
+    gemm: &Gemm,
+    dev: &CudaDevice,
+    how: How,
+    case: &Case,
+    out: GemmOut<'_>,
+) -> Result<()> {
+    let (a, w) = (case.a_dev.as_view(), case.w_dev.as_view());
+    match how {
+        How::Variant(v) => gemm.run_variant(dev, v, &a, &w, out, case.m, case.n, case.k),
+        How::SkinnyPlan(p) => gemm.run_skinny_plan(dev, p, &a, &w, out, case.m, case.n, case.k),
+        How::WidePlan(p) => gemm.run_wide_plan(dev, p, &a, &w, out, case.m, case.n, case.k),
+    }
+}
+
+/// Runs one (variant, epilogue) on a case with a poisoned output; returns (rel L2, detail).
+fn check_one(
+    gemm: &Gemm,
+    dev: &CudaDevice,
+    how: How,
+    epi: Epilogue,
+    case: &Case,
+) -> Result<(f64, String)> {
+    let (m, n) = (case.m, case.n);
+    let mn = m * n;
+    let poison_f32 = f32::from_bits(check::POISON_F32_BITS);
+    // Initial C for AddF32 (random) and the expected values at the sampled positions.
+    let c0: Vec<f32> = if epi == Epilogue::AddF32 {
+        check::from_bf16_bits(&random_bf16(0xADD0 + (m * 31 + n) as u64, mn))
+    } else {
+        Vec::new()
+    };
+    let mut want = Vec::with_capacity(m * case.cols.len());
+    for r in 0..m {
+        for (j, &c) in case.cols.iter().enumerate() {
+            let base = if c0.is_empty() {
+                0.0
+            } else {
+                c0[r * n + c] as f64
+            };
+            want.push((base + case.want[r * case.cols.len() + j]) as f32);
+        }
+    }
+    let got: Vec<f32> = match epi {
+        Epilogue::StoreBf16 => {
+            let mut buf = upload(dev, &vec![check::POISON_BF16_BITS; mn + GUARD])?;
+            launch_how(gemm, dev, how, case, GemmOut::Bf16(buf.as_view_mut()))?;
+            let host = download(dev, &buf)?;
+            if host[mn..].iter().any(|&b| b != check::POISON_BF16_BITS) {
+                return Ok((f64::INFINITY, "wrote past the end of C".into()));
+            }
+            check::from_bf16_bits(&host[..mn])
+        }
+        Epilogue::StoreF32 | Epilogue::AddF32 => {
+            let mut init = if c0.is_empty() {
+                vec![poison_f32; mn]
+            } else {
+                c0.clone()
+            };
+            init.resize(mn + GUARD, poison_f32);
+            let mut buf = upload(dev, &init)?;
+            let view = buf.as_view_mut();
+            let out = if epi == Epilogue::AddF32 {
+                GemmOut::AddF32(view)
+            } else {
+                GemmOut::F32(view)
+            };
+            launch_how(gemm, dev, how, case, out)?;
+            let host = download(dev, &buf)?;
+            if host[mn..]
+                .iter()
+                .any(|v| v.to_bits() != check::POISON_F32_BITS)
+            {
+                return Ok((f64::INFINITY, "wrote past the end of C".into()));
+            }
+            host[..mn].to_vec()
+        }
+    };
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        return Ok((
+            f64::INFINITY,
+            format!(
+                "C[{}, {}] not written (or not finite): {}",
+                i / n,
+                i % n,
+                got[i]
+            ),
+        ));
+    }
+    let sampled: Vec<f32> = (0..m)
+        .flat_map(|r| case.cols.iter().map(move |&c| (r, c)))
+        .map(|(r, c)| got[r * n + c])
+        .collect();
+    let e = check::rel_l2(&sampled, &want);
+    let mut detail = format!("{} of {} columns checked", case.cols.len(), n);
+    let splits = match how {
+        How::SkinnyPlan(p) => Some(p.splits),
+        How::WidePlan(p) => Some(p.splits),
+        How::Variant(GemmVariant::Skinny) => {
+            Some(SkinnyPlan::new(m, n, case.k, gemm.num_sms).splits)
+        }
+        How::Variant(GemmVariant::Wide) => Some(WidePlan::new(m, n, case.k, gemm.num_sms).splits),
+        How::Variant(GemmVariant::Naive) => None,
+    };
+    if let Some(sp) = splits {
+        detail.push_str(&format!(", {sp} K splits"));
+    }
+    if epi != Epilogue::StoreBf16 {
+        detail.push_str(if e <= TOL_F32 {
+            ", meets 1e-5"
+        } else {
+            ", above 1e-5 (tensor-core truncation)"
+        });
+    }
+    Ok((e, detail))
+}
+
+/// Split-K must be deterministic: two runs give identical bits.
+fn check_deterministic(gemm: &Gemm, dev: &CudaDevice, case: &Case) -> Result<bool> {
+    let mut outs = Vec::new();
+    for _ in 0..2 {
+        let mut buf = dev
+            .stream
+            .alloc_zeros::<f32>(case.m * case.n)
+            .map_err(|e| cuda_err("gemm check: alloc", e))?;
+        launch_how(
+            gemm,
+            dev,
+            How::Variant(GemmVariant::Skinny),
+            case,
+            GemmOut::F32(buf.as_view_mut()),
+        )?;
+        outs.push(download(dev, &buf)?);
+    }
+    Ok(outs[0]
+        .iter()
+        .zip(&outs[1])
+        .all(|(x, y)| x.to_bits() == y.to_bits()))
+}
+
+/// Every variant × epilogue against the f64 host reference on odd and real shapes, outputs
+/// poisoned; never panics (errors become failed results).
+pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
+    let gemm = match Gemm::load(dev) {
+        Ok(g) => g,
+        Err(e) => return vec![CheckResult::failed("gemm.load", e)],
+    };
+    let mut res = Vec::new();
+    let wrong_args = check_bad_args(&gemm, dev);
+    res.push(CheckResult::from_result(
+        "gemm.rejects_bad_args",
+        0.0,
+        wrong_args,
+    ));
+    // (n, k, rows, naive?) groups; naive is skipped only on the 126464-row LM head (slow).
+    let groups: &[(usize, usize, &[usize], bool)] = &[
+        (8 * 37, 8 * 41, &[1, 3, 17, 33, 64, 65, 200, 384], true),
+        (8 * 37, 4096, &[8, 32, 64], true),
+        (12288, 4096, &[32, 384], true),
+        (4096, 12288, &[32, 256], true),
+        (126_464, 4096, &[32], false),
+    ];
+    for (gi, &(n, k, rows, with_naive)) in groups.iter().enumerate() {
+        let w = random_bf16(1000 + gi as u64, n * k);
+        let w_dev = match upload(dev, &w) {
+            Ok(b) => b,
+            Err(e) => {
+                res.push(CheckResult::failed(format!("gemm n{n} k{k}: upload W"), e));
+                continue;
+            }
+        };
+        for &m in rows {
+            let a = random_bf16(2000 + (gi * 1000 + m) as u64, m * k);
+            let a_dev = match upload(dev, &a) {
+                Ok(b) => b,
+                Err(e) => {
+                    res.push(CheckResult::failed(
+                        format!("gemm m{m} n{n} k{k}: upload A"),
+                        e,
+                    ));
+                    continue;
+                }
+            };
+            let cols = sample_cols(m, n, k);
+            let want = reference(&a, &w, m, k, &cols);
+            let case = Case {
+                m,
+                n,
+                k,
+                a_dev: &a_dev,
+                w_dev: &w_dev,
+                cols: &cols,
+                want: &want,
+            };
+            let mut hows = Vec::new();
+            if with_naive {
+                hows.push(How::Variant(GemmVariant::Naive));
+            }
+            if m <= SKINNY_MAX_M {
+                hows.push(How::Variant(GemmVariant::Skinny));
+                if k.div_ceil(SKINNY_CHUNK) > 4 && n * k < 1 << 20 {
+                    hows.push(How::SkinnyPlan(SkinnyPlan::with_chunks_per_split(
+                        m, n, k, 4,
+                    )));
+                }
+            }
+            hows.push(How::Variant(GemmVariant::Wide));
+            if k.div_ceil(WIDE_BK) > 4 && n * k < 1 << 20 {
+                hows.push(How::WidePlan(WidePlan::with_ktiles_per_split(m, n, k, 4)));
+            }
+            for how in hows {
+                let label = match how {
+                    How::Variant(v) => v.name().to_string(),
+                    How::SkinnyPlan(p) => format!("skinny_split{}", p.splits),
+                    How::WidePlan(p) => format!("wide_split{}", p.splits),
+                };
+                for epi in Epilogue::ALL {
+                    let tol = if epi == Epilogue::StoreBf16 {
+                        TOL_BF16
+                    } else {
+                        tol_f32(k)
+                    };
+                    let name = format!("gemm.{label}.{} m{m} n{n} k{k}", epi.name());
+                    res.push(CheckResult::from_result(
+                        name,
+                        tol,
+                        check_one(&gemm, dev, how, epi, &case),
+                    ));
+                }
+            }
+            if (n, k, m) == (4096, 12288, 32) {
+                let r = check_deterministic(&gemm, dev, &case);
+                res.push(match r {
+                    Ok(ok) => CheckResult::exact(
+                        "gemm.skinny.split_k_deterministic",
+                        ok,
+                        "two runs, bitwise",
+                    ),
+                    Err(e) => CheckResult::failed("gemm.skinny.split_k_deterministic", e),
+                });
+            }
+        }
+    }
+    res
+}
+
+/// Bad shapes and misaligned views must be refused with an error, never launched.
+fn check_bad_args(gemm: &Gemm, dev: &CudaDevice) -> Result<(f64, String)> {
+    let a = dev
+        .stream
+        .alloc_zeros::<u16>(64 * 64)
+        .map_err(|e| cuda_err("alloc", e))?;
+    let w = dev
+        .stream
+        .alloc_zeros::<u16>(64 * 64)
+        .map_err(|e| cuda_err("alloc", e))?;
+    let mut c = dev
+        .stream
+        .alloc_zeros::<f32>(64 * 64)
+        .map_err(|e| cuda_err("alloc", e))?;
+    let mut failures = Vec::new();
+    let mut expect_err = |what: &str, r: Result<()>| {
+        if r.is_ok() {
+            failures.push(what.to_string());
+        }
+    };
+    let (av, wv) = (a.as_view(), w.as_view());
+    expect_err(
+        "k % 8",
+        gemm.run(dev, &av, &wv, GemmOut::F32(c.as_view_mut()), 4, 8, 12),
+    );
+    expect_err(
+        "n % 8",
+        gemm.run(dev, &av, &wv, GemmOut::F32(c.as_view_mut()), 4, 12, 8),
+    );
+    expect_err(
+        "short W",
+        gemm.run(dev, &av, &wv, GemmOut::F32(c.as_view_mut()), 4, 128, 64),
+    );
+    expect_err(
+        "skinny m > 64",
+        gemm.run_variant(
+            dev,
+            GemmVariant::Skinny,
+            &av,
+            &wv,
+            GemmOut::F32(c.as_view_mut()),
+            65,
+            8,
+            8,
+        ),
+    );
+    let a_off = a.slice(4..);
+    expect_err(
+        "misaligned A",
+        gemm.run(dev, &a_off, &wv, GemmOut::F32(c.as_view_mut()), 4, 8, 8),
+    );
+    expect_err(
+        "misaligned C",
+        gemm.run(dev, &av, &wv, GemmOut::F32(c.slice_mut(1..)), 4, 8, 8),
+    );
+    dev.sync()?;
+    if failures.is_empty() {
+        Ok((0.0, "6 bad calls refused".into()))
+    } else {
+        Ok((1.0, format!("accepted: {}", failures.join(", "))))
+    }
+}
+
+/// Times the default kernel (and `wide` at m = 32 for comparison, `naive` on one small shape)
+/// on the LLaDA-8B shapes at M ∈ {1, 8, 32, 256, 384, 3072}; GB/s counts weight bytes only.
+pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
+    let gemm = match Gemm::load(dev) {
+        Ok(g) => g,
+        Err(e) => return vec![BenchResult::failed("gemm.load", e)],
+    };
+    let mut res = Vec::new();
+    let shapes = [
+        (4096usize, 12288usize, Epilogue::StoreBf16),
+        (12288, 4096, Epilogue::AddF32),
+        (4096, 126_464, Epilogue::StoreF32),
+    ];
+    for (k, n, epi) in shapes {
+        if let Err(e) = bench_shape(&gemm, dev, k, n, epi, &mut res) {
+            res.push(BenchResult::failed(format!("gemm n{n} k{k}"), e));
+        }
+    }
+    res
+}
+
+fn bench_shape(
+    gemm: &Gemm,
+    dev: &CudaDevice,
+    k: usize,
+    n: usize,
+    epi: Epilogue,
+    res: &mut Vec<BenchResult>,
+) -> Result<()> {
+    const MS: [usize; 6] = [1, 8, 32, 256, 384, 3072];
+    let max_m = 3072;
+    let w_bytes = n * k * 2;
+    // Rotate weight copies so the set exceeds the 50 MB L2 (one copy already does past 256 MB).
+    let copies = if w_bytes >= 256 << 20 { 1 } else { 2 };
+    let w_host = random_bf16(77, n * k);
+    let ws: Vec<CudaSlice<u16>> = (0..copies)
+        .map(|_| upload(dev, &w_host))
+        .collect::<Result<_>>()?;
+    drop(w_host);
+    let a = upload(dev, &random_bf16(78, max_m * k))?;
+    let mut c16 = dev
+        .stream
+        .alloc_zeros::<u16>(if epi == Epilogue::StoreBf16 {
+            max_m * n
+        } else {
+            1
+        })
+        .map_err(|e| cuda_err("gemm bench: alloc C", e))?;
+    let mut c32 = dev
+        .stream
+        .alloc_zeros::<f32>(if epi == Epilogue::StoreBf16 {
+            1
+        } else {
+            max_m * n
+        })
+        .map_err(|e| cuda_err("gemm bench: alloc C", e))?;
+    let mut runs: Vec<(usize, GemmVariant)> =
+        MS.iter().map(|&m| (m, GemmVariant::for_m(m))).collect();
+    runs.push((32, GemmVariant::Wide));
+    if (k, n) == (4096, 12288) {
+        runs.push((1, GemmVariant::Naive));
+    }
+    for (m, variant) in runs {
+        let av = a.slice(..m * k);
+        let ms = check::time_median_ms(dev, 3, 15, |i| {
+            let wv = ws[i % copies].as_view();
+            let out = match epi {
+                Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
+                Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
+                Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),
+            };
+            gemm.run_variant(dev, variant, &av, &wv, out, m, n, k)
+        })?;
+        let flops = 2.0 * (m * n * k) as f64;
+        let mut detail = format!("{} out", epi.name());
+        if variant == GemmVariant::Skinny {
+            let p = SkinnyPlan::new(m, n, k, gemm.num_sms);
+            detail.push_str(&format!(", {} tiles × {} splits", p.tiles, p.splits));
+        } else if variant == GemmVariant::Wide {
+            let p = WidePlan::new(m, n, k, gemm.num_sms);
+            detail.push_str(&format!(", {} tiles × {} splits", p.tiles(), p.splits));
+        }
+        let out_bytes = m * n * if epi == Epilogue::StoreBf16 { 2 } else { 4 };
+        detail.push_str(&format!(
+            ", all bytes {:.1} MB",
+            (w_bytes + m * k * 2 + out_bytes) as f64 / 1e6
+        ));
+        res.push(BenchResult::new(
+            format!("gemm.{} m{m} n{n} k{k}", variant.name()),
+            ms,
+            Some(w_bytes as f64),
+            Some(flops),
+            detail,
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_by_m() {
+        assert_eq!(GemmVariant::for_m(1), GemmVariant::Skinny);
+        assert_eq!(GemmVariant::for_m(64), GemmVariant::Skinny);
+        assert_eq!(GemmVariant::for_m(65), GemmVariant::Wide);
+        assert_eq!(GemmVariant::for_m(3072), GemmVariant::Wide);
+    }
+
+    /// Every K chunk belongs to exactly one split and no split is empty.
+    fn assert_covers(p: &SkinnyPlan, k: usize) {
+        let chunks = k.div_ceil(32);
+        assert!(p.splits >= 1);
+        assert!((p.splits - 1) * p.chunks_per_split < chunks, "{p:?} k={k}");
+        assert!(p.splits * p.chunks_per_split >= chunks, "{p:?} k={k}");
+    }
+
+    #[test]
+    fn skinny_plans_for_llada_shapes_on_h100() {
+        // Hand-derived: 132 SMs × 4 blocks = 528 target blocks.
+        let p = SkinnyPlan::new(32, 12288, 4096, 132);
+        assert_eq!(
+            p,
+            SkinnyPlan {
+                groups: 4,
+                tiles: 192,
+                splits: 3,
+                chunks_per_split: 44
+            }
+        );
+        let p = SkinnyPlan::new(32, 4096, 12288, 132);
+        assert_eq!(
+            p,
+            SkinnyPlan {
+                groups: 4,
+                tiles: 64,
+                splits: 9,
+                chunks_per_split: 44
+            }
+        );
+        let p = SkinnyPlan::new(32, 126_464, 4096, 132);
+        assert_eq!(
+            p,
+            SkinnyPlan {
+                groups: 4,
+                tiles: 1976,
+                splits: 1,
+                chunks_per_split: 128
+            }
+        );
+        assert_eq!(p.workspace_floats(), 0);
+        let p = SkinnyPlan::new(1, 12288, 4096, 132);
+        assert_eq!(p.groups, 1);
+        let p = SkinnyPlan::new(64, 12288, 4096, 132);
+        assert_eq!(p.groups, 8);
+        assert_eq!(SkinnyPlan::new(33, 8, 8, 132).groups, 5);
+    }
+
+    #[test]
+    fn skinny_plans_cover_k_exactly() {
+        for k in [8, 328, 4096, 12288, 8 * 1001] {
+            for n in [8, 296, 4096, 126_464] {
+                for sms in [1, 78, 132] {
+                    let p = SkinnyPlan::new(32, n, k, sms);
+                    assert_covers(&p, k);
+                    assert_eq!(p.chunks_per_split % SKINNY_UNROLL, 0);
+                    if p.splits > 1 {
+                        assert!(p.chunks_per_split >= SKINNY_MIN_CHUNKS_PER_SPLIT);
+                    }
+                }
+            }
+            for cps in [1, 3, 4, 7, 1000] {
+                assert_covers(&SkinnyPlan::with_chunks_per_split(5, 296, k, cps), k);
+            }
+        }
+        // Forced split on K = 328 (11 chunks): 4 + 4 + 3.
+        let p = SkinnyPlan::with_chunks_per_split(3, 296, 328, 4);
+        assert_eq!((p.splits, p.tiles, p.groups), (3, 5, 1));
+        assert_eq!(p.workspace_floats(), 5 * 3 * 128 * 4);
+    }
+
+    #[test]
+    fn wide_plans() {
+        // 132 SMs × 2 = 264 slots.
+        let p = WidePlan::new(3072, 12288, 4096, 132);
+        assert_eq!((p.m_tiles, p.n_tiles, p.splits), (24, 96, 1));
+        assert_eq!(p.workspace_floats(), 0);
+        // Down projection at batch 8 (M = 256): 2 × 32 = 64 tiles, 264 / 64 = 4 splits of 96.
+        let p = WidePlan::new(256, 4096, 12288, 132);
+        assert_eq!(
+            p,
+            WidePlan {
+                m_tiles: 2,
+                n_tiles: 32,
+                splits: 4,
+                ktiles_per_split: 96
+            }
+        );
+        assert_eq!(p.workspace_floats(), 64 * 4 * 128 * 128);
+        // M = 384, N = 4096, K = 4096: 96 tiles → 2 splits of 64.
+        let p = WidePlan::new(384, 4096, 4096, 132);
+        assert_eq!((p.splits, p.ktiles_per_split), (2, 64));
+        // Short K never splits below 32 K tiles: K = 328 has 11.
+        assert_eq!(WidePlan::new(65, 296, 328, 132).splits, 1);
+        // Forced: 11 K tiles by 4 → 4 + 4 + 3.
+        let p = WidePlan::with_ktiles_per_split(200, 296, 328, 4);
+        assert_eq!((p.m_tiles, p.n_tiles, p.splits), (2, 3, 3));
+        for k in [8, 328, 4096, 12288] {
+            for (m, n) in [(1, 8), (256, 4096), (384, 12288), (3072, 126_464)] {
+                let p = WidePlan::new(m, n, k, 132);
+                let kt = k.div_ceil(32);
+                assert!(
+                    (p.splits - 1) * p.ktiles_per_split < kt && p.splits * p.ktiles_per_split >= kt
+                );
+                assert!(p.splits == 1 || p.tiles() * p.splits <= 264);
+            }
+        }
+    }
+
+    #[test]
+    fn validate_rejects_bad_shapes() {
+        assert!(validate(3, 296, 328, 3 * 328, 296 * 328, 3 * 296).is_ok());
+        let msg = |r: Result<()>| r.unwrap_err().to_string();
+        assert!(msg(validate(3, 296, 330, 10_000, 100_000, 1000)).contains("k=330"));
+        assert!(msg(validate(3, 300, 328, 10_000, 100_000, 1000)).contains("n=300"));
+        assert!(msg(validate(0, 8, 8, 64, 64, 64)).contains("empty"));
+        assert!(msg(validate(3, 8, 8, 23, 64, 24)).contains("A holds 23"));
+        assert!(msg(validate(3, 8, 8, 24, 63, 24)).contains("W holds 63"));
+        assert!(msg(validate(3, 8, 8, 24, 64, 23)).contains("C holds 23"));
+        assert!(validate(usize::MAX / 2, 8, 8, 0, 64, 0).is_err());
+    }
+
+    #[test]
+    fn alignment_check() {
+        assert!(check_align("A", 0x1000, 16).is_ok());
+        assert!(check_align("A", 0x1008, 16)
+            .unwrap_err()
+            .to_string()
+            .contains("16-byte"));
+        assert!(check_align("C", 0x1004, 4).is_ok());
+    }
+
+    #[test]
+    fn tolerance_grows_with_k() {
+        assert_eq!(tol_f32(328), TOL_F32);
+        assert!((tol_f32(12288) - 768.0 / 8_388_608.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn reference_hand_case() {
+        // a = [[1, 2], [3, -1]] (k = 2), w rows: [1, 1], [0.5, -2]
+        let b = |v: &[f32]| check::to_bf16_bits(v);
+        let a = b(&[1.0, 2.0, 3.0, -1.0]);
+        let w = b(&[1.0, 1.0, 0.5, -2.0]);
+        assert_eq!(reference(&a, &w, 2, 2, &[0, 1]), vec![3.0, -3.5, 2.0, 3.5]);
+        assert_eq!(reference(&a, &w, 2, 2, &[1]), vec![-3.5, 3.5]);
+    }
+
+    #[test]
+    fn random_data_and_sampling() {
+        let x = random_bf16(5, 200_000);
+        assert_eq!(x, random_bf16(5, 200_000));
+        let f = check::from_bf16_bits(&x);
+        assert!(f.iter().all(|v| (-1.0..=1.0).contains(v)));
+        let mean = f.iter().map(|&v| v as f64).sum::<f64>() / f.len() as f64;
+        assert!(mean.abs() < 0.01);
+        assert_eq!(sample_cols(3, 296, 328).len(), 296);
+        let c = sample_cols(32, 12288, 4096);
+        assert!(c.contains(&0) && c.contains(&12287));
+        let residues: std::collections::HashSet<usize> = c.iter().map(|x| x % 64).collect();
+        assert_eq!(residues.len(), 64);
+    }
+}

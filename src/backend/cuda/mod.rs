@@ -1,0 +1,122 @@
+//! The CUDA backend: our own kernels (`cuda/*.cu`, compiled by `build.rs`) driven through `cudarc`.
+//!
+//! Entry point: [`CudaDevice::open`], which first checks that the driver library is present
+//! (`cudarc` panics otherwise) and that the kernels were compiled into this build, so callers
+//! can fall back to the CPU with a clear message. Kernel modules are looked up by file stem
+//! (`gemm` for `cuda/gemm.cu`) with [`CudaDevice::module`]; the sm_90a cubin is preferred when
+//! the file was built with one and the device is compute capability 9.0, else the PTX.
+
+pub mod attention;
+pub mod check;
+pub mod elementwise;
+pub mod llada;
+pub mod gemm;
+pub mod sampling;
+
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Whether this build carries compiled CUDA kernels.
+pub fn kernels_compiled() -> bool {
+    embedded::KERNELS_COMPILED
+}
+
+/// Names of the embedded kernel modules.
+pub fn module_names() -> Vec<&'static str> {
+    embedded::MODULES.iter().map(|m| m.0).collect()
+}
+
+/// Why CUDA cannot be used here, or `None` when it can be tried.
+pub fn unavailable_reason() -> Option<String> {
+    if !kernels_compiled() {
+        return Some("this build has no CUDA kernels (nvcc was not found at build time)".into());
+    }
+    // SAFETY: only probes for the shared library; loads nothing else.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Some("the NVIDIA driver library (libcuda) is not present".into());
+    }
+    None
+}
+
+/// Wraps a driver error with what was being done.
+pub fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Backend(format!("CUDA {what}: {e:?}"))
+}
+
+/// A CUDA device: context, one stream, and the kernel modules loaded so far.
+pub struct CudaDevice {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Compute capability (major, minor).
+    pub capability: (i32, i32),
+    pub name: String,
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`; a clear error (never a panic) when CUDA is unavailable.
+    pub fn open(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        if let Some(why) = unavailable_reason() {
+            return Err(Error::Backend(why));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err(&format!("open device {ordinal}"), e))?;
+        let stream = ctx.default_stream();
+        let capability = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("query compute capability", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown CUDA device".into());
+        if capability.0 < 9 {
+            return Err(Error::Unsupported(format!(
+                "CUDA device {name} has compute capability {}.{}; dllm's kernels need 9.0 (Hopper) or newer",
+                capability.0, capability.1
+            )));
+        }
+        Ok(Arc::new(CudaDevice {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            capability,
+            name,
+        }))
+    }
+
+    /// The loaded module compiled from `cuda/<stem>.cu`.
+    pub fn module(&self, stem: &str) -> Result<Arc<CudaModule>> {
+        let mut cache = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        let (key, ptx, cubin) = embedded::MODULES
+            .iter()
+            .find(|m| m.0 == stem)
+            .ok_or_else(|| Error::Backend(format!("kernel module `{stem}` is not embedded in this build")))?;
+        if let Some(m) = cache.get(key) {
+            return Ok(m.clone());
+        }
+        let image = match cubin {
+            Some(bin) if self.capability == (9, 0) => cudarc::nvrtc::Ptx::from_binary(bin.to_vec()),
+            _ => cudarc::nvrtc::Ptx::from_src(*ptx),
+        };
+        let module = self
+            .ctx
+            .load_module(image)
+            .map_err(|e| cuda_err(&format!("load module `{stem}`"), e))?;
+        cache.insert(key, module.clone());
+        Ok(module)
+    }
+
+    /// Kernel `name` from module `stem`.
+    pub fn function(&self, stem: &str, name: &str) -> Result<CudaFunction> {
+        self.module(stem)?
+            .load_function(name)
+            .map_err(|e| cuda_err(&format!("load kernel `{name}` from `{stem}`"), e))
+    }
+
+    /// Waits for all queued work and surfaces any asynchronous launch error.
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
+    }
+}

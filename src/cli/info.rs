@@ -1,0 +1,111 @@
+//! `dllm info`: describe and validate a model directory; also the shared model loader of the CLI.
+
+use super::{BackendChoice, ModelArgs};
+use clap::Args;
+use dllm::config::ModelConfig;
+use dllm::error::Result;
+use dllm::model::{load_model, Backend, Model};
+use dllm::tokenizer::Tokenizer;
+use dllm::weights::WeightStore;
+use std::sync::Arc;
+
+#[derive(Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Loads the model and tokenizer named by `args`, printing backend fallbacks on stderr.
+pub fn load(args: &ModelArgs) -> Result<(Arc<dyn Model>, Tokenizer)> {
+    let model = load_only(args)?;
+    let tok = Tokenizer::from_model_dir(&args.dir())?;
+    Ok((model, tok))
+}
+
+/// Loads only the model (no tokenizer needed).
+pub fn load_only(args: &ModelArgs) -> Result<Arc<dyn Model>> {
+    args.apply_threads()?;
+    let backend = match args.backend {
+        BackendChoice::Auto => Backend::Auto,
+        BackendChoice::Cpu => Backend::Cpu,
+        BackendChoice::Cuda => Backend::Cuda,
+    };
+    let loaded = load_model(&args.dir(), backend)?;
+    if let Some(note) = &loaded.note {
+        eprintln!("note: {note}");
+    }
+    Ok(loaded.model)
+}
+
+/// `dllm info`.
+pub fn info(a: InfoArgs) -> Result<()> {
+    let dir = a.model.dir();
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let store = WeightStore::open(&dir)?;
+    let report = store.validate(&dllm::model::llada::layout::llada_tensors(&cfg))?;
+    let tokenizer = Tokenizer::from_model_dir(&dir).map(|t| t.vocab_size());
+    let dtypes: Vec<String> = store
+        .dtypes()
+        .iter()
+        .map(|(d, n)| format!("{} ×{}", d.name(), n))
+        .collect();
+    let shards: Vec<String> = store.shard_files().iter().map(|p| p.display().to_string()).collect();
+    let cuda = match dllm::backend::cuda::unavailable_reason() {
+        None => format!("kernels compiled ({})", dllm::backend::cuda::module_names().join(", ")),
+        Some(why) => why,
+    };
+    if a.json {
+        let v = serde_json::json!({
+            "dir": dir.display().to_string(),
+            "architecture": cfg.arch.name(),
+            "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+            "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim(), "mlp_hidden": cfg.mlp_hidden,
+            "vocab_size": cfg.vocab_size, "embedding_size": cfg.embedding_size,
+            "max_seq_len": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+            "mask_token_id": cfg.mask_token_id, "eos_token_id": cfg.eos_token_id,
+            "parameters": cfg.parameter_count(), "tensor_bytes": store.total_bytes(),
+            "dtypes": dtypes, "shards": shards,
+            "unexpected_tensors": report.unexpected,
+            "tokenizer_vocab": tokenizer.as_ref().ok(),
+            "cuda": cuda,
+            "valid": true,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("model        {}", dir.display());
+    println!("architecture {}", cfg.arch.name());
+    println!(
+        "dims         d_model {} · layers {} · heads {} (kv {}) · head_dim {} · mlp {}",
+        cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(), cfg.mlp_hidden
+    );
+    println!(
+        "vocab        {} (embedding rows {}) · mask {} · eos {} · pad {}",
+        cfg.vocab_size, cfg.embedding_size, cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id
+    );
+    println!("context      {} tokens · rope_theta {} · rms_norm_eps {}", cfg.max_seq_len, cfg.rope_theta, cfg.rms_norm_eps);
+    println!(
+        "parameters   {} ({:.2} M) · {:.1} MB of tensors · {}",
+        cfg.parameter_count(),
+        cfg.parameter_count() as f64 / 1e6,
+        store.total_bytes() as f64 / 1e6,
+        dtypes.join(", ")
+    );
+    println!("shards       {}", shards.len());
+    for s in &shards {
+        println!("             {s}");
+    }
+    match &tokenizer {
+        Ok(n) => println!("tokenizer    {n} tokens"),
+        Err(e) => println!("tokenizer    none ({e})"),
+    }
+    for name in &report.unexpected {
+        println!("extra tensor {name} (ignored)");
+    }
+    println!("cuda         {cuda}");
+    println!("validation   ok: every tensor matches the config");
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Command-line interface of the `dllm` binary: argument definitions and dispatch.
+
+mod generate;
+mod info;
+mod logits;
+mod tools;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use dllm::error::Result;
+use std::path::PathBuf;
+
+/// The model used when neither `--model` nor `DLLM_MODEL` is given.
+pub const DEFAULT_MODEL: &str = "models/tiny-llada-code";
+
+#[derive(Parser)]
+#[command(name = "dllm", version, about = "Inference engine for masked-diffusion language models (LLaDA)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Generate text after a prompt by denoising a canvas of mask tokens.
+    Generate(generate::GenerateArgs),
+    /// Fill a gap between a prefix and a suffix.
+    Infill(generate::InfillArgs),
+    /// Describe and validate a model directory.
+    Info(info::InfoArgs),
+    /// Print the raw per-position logits of one forward pass.
+    Logits(logits::LogitsArgs),
+    /// Write a random-weight checkpoint with the exact layout of a real one.
+    Synth(tools::SynthArgs),
+    /// Time the denoising loop on a fixed schedule.
+    Bench(tools::BenchArgs),
+}
+
+/// Options shared by every command that loads a model.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// Model directory (config.json, tokenizer.json, *.safetensors). Default: $DLLM_MODEL, else the embedded
+    /// models/tiny-llada-code.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+pub enum BackendChoice {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl ModelArgs {
+    /// The model directory: `--model`, else `$DLLM_MODEL`, else the embedded model.
+    pub fn dir(&self) -> PathBuf {
+        if let Some(p) = &self.model {
+            return p.clone();
+        }
+        if let Some(p) = std::env::var_os("DLLM_MODEL") {
+            return PathBuf::from(p);
+        }
+        let local = PathBuf::from(DEFAULT_MODEL);
+        if local.exists() {
+            return local;
+        }
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL)
+    }
+
+    /// Applies `--threads` to the global thread pool.
+    pub fn apply_threads(&self) -> Result<()> {
+        if let Some(n) = self.threads {
+            if n == 0 {
+                return Err(dllm::Error::invalid("--threads must be at least 1"));
+            }
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .map_err(|e| dllm::Error::invalid(format!("--threads: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::generate(a),
+        Command::Infill(a) => generate::infill(a),
+        Command::Info(a) => info::info(a),
+        Command::Logits(a) => logits::logits(a),
+        Command::Synth(a) => tools::synth(a),
+        Command::Bench(a) => tools::bench(a),
+    }
+}
