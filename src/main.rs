@@ -1,2 +1,19 @@
-//! The `dllm` command-line tool.
-fn main() {}
+//! The `dllm` command-line tool: `generate`, `infill`, `info`, `logits`, `synth`, `bench`.
+//!
+//! Results go to stdout, progress and errors to stderr. Any failure prints one line
+//! `error: …` and exits with status 1 (argument errors: clap's usage message, status 2).
+
+mod cli;
+
+use clap::Parser;
+
+fn main() {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error (this is a bug in dllm): {info}");
+    }));
+    let cli = cli::Cli::parse();
+    if let Err(e) = cli::run(cli) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

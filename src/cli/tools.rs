@@ -91,6 +91,41 @@ pub enum CacheArg {
 
 /// `dllm bench`.
 pub fn bench(a: BenchArgs) -> Result<()> {
-    let _ = (&a.model, a.batch, a.prompt_len, a.gen_len, a.block_len, a.tokens_per_step, a.cache, a.json);
-    Err(dllm::Error::Unsupported("bench is not wired yet".into()))
+    use dllm::bench::{run_bench, BenchBackend, BenchOptions, CacheMode};
+    a.model.apply_threads()?;
+    let opts = BenchOptions {
+        model_dir: a.model.dir(),
+        batch: a.batch,
+        prompt_len: a.prompt_len,
+        gen_len: a.gen_len,
+        block_len: a.block_len,
+        tokens_per_step: a.tokens_per_step,
+        cache: match a.cache {
+            CacheArg::None => CacheMode::None,
+            CacheArg::Dual => CacheMode::Dual,
+        },
+        backend: match a.model.backend {
+            super::BackendChoice::Auto => BenchBackend::Auto,
+            super::BackendChoice::Cpu => BenchBackend::Cpu,
+            super::BackendChoice::Cuda => BenchBackend::Cuda,
+        },
+        ..BenchOptions::default()
+    };
+    let r = run_bench(&opts)?;
+    if a.json {
+        println!("{}", r.to_json());
+    } else {
+        println!(
+            "{} on {}: batch {} · prompt {} · gen {} · block {} · {} tokens/step · cache {:?}",
+            r.backend, r.device, r.batch, r.prompt_len, r.gen_len, r.block_len, r.tokens_per_step, r.cache
+        );
+        println!(
+            "{} steps in {:.3} s: {:.1} tok/s, {:.2} ms/step",
+            r.steps, r.seconds, r.tok_per_s, r.ms_per_step
+        );
+        if let (Some(frac), Some(bw)) = (r.roofline_fraction, r.copy_gbps) {
+            println!("roofline: {:.0}% of the weight-streaming floor (copy bandwidth {:.0} GB/s)", frac * 100.0, bw);
+        }
+    }
+    Ok(())
 }

@@ -106,7 +106,10 @@ mod tests {
         for (o, v) in out.iter().zip(vals) {
             assert_eq!(*o, bf16::from_f32(v).to_f32());
         }
-        let f16bytes: Vec<u8> = vals.iter().flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes()).collect();
+        let f16bytes: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
         convert_to_f32(DType::F16, &f16bytes, &mut out);
         assert_eq!(out[1], -2.25);
         let f32bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();

@@ -1,1 +1,24 @@
 //! The CPU backend: multi-threaded fp32 ops over bf16/f16/f32 weights; the reference for CUDA.
+//!
+//! Every op takes plain row-major slices (activations fp32) plus, for weights, a
+//! [`TensorView`](crate::weights::view::TensorView) over the memory-mapped checkpoint bytes.
+//! Shapes are a documented contract checked with `debug_assert!` only: these are internal hot
+//! paths and the model layer validates user-facing inputs. Work is spread over rayon's pool.
+
+mod activation;
+mod attention;
+mod embedding;
+mod gemm;
+mod norm;
+mod rope;
+mod simd;
+
+pub use activation::{add_assign, exp_approx, silu_mul};
+pub use attention::attention;
+pub use embedding::embedding;
+pub use gemm::{linear, linear_gemv, linear_panelled, matmul, DEFAULT_PANEL_ROWS, GEMV_MAX_M};
+pub use norm::rms_norm;
+pub use rope::{rope, rope_inv_freq};
+
+#[cfg(test)]
+mod testutil;

@@ -1,0 +1,316 @@
+// Bidirectional (non-causal) attention for dllm: bf16 Q/K/V in, fp32 softmax and accumulation, bf16 out.
+//
+// Layouts (all row-major, "row" = one token):
+//   Q   element (b, s, h, d) at q[(b*sq + s)*q_stride + h*D + d]
+//   K/V element (b, j, g, d) at k[(b*kv_batch_stride + j)*kv_stride + g*D + d]   (g = kv head)
+//   out like Q with o_stride.
+// GQA: query head h reads kv head h / (n_heads / n_kv_heads). Keys j >= min(skv, kv_len[b]) are excluded
+// when kv_len is not null. A query row with no valid key gets zeros.
+//
+// Kernels:
+//   attention_naive        one block per (query row, head, batch), fp32 CUDA cores; the reference.
+//   attention_mma_d64/128  flash-attention-2 style: a block of 4 warps owns 64 query rows of one head,
+//                          streams 64-key K/V tiles through shared memory (cp.async double buffer), computes
+//                          S = QK^T and O += PV with mma.sync m16n8k16 bf16 and an online softmax in fp32.
+#include "common.cuh"
+
+typedef __nv_bfloat16 bf16;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reference kernel. grid (sq, n_heads, batch), any block size (128 used), dynamic smem (D + skv) floats.
+extern "C" __global__ void attention_naive(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                           const bf16* __restrict__ v, bf16* __restrict__ out,
+                                           const int* __restrict__ kv_len, int sq, int skv, int n_heads,
+                                           int n_kv_heads, int head_dim, long long q_stride, long long o_stride,
+                                           long long kv_stride, long long kv_batch_stride, float scale) {
+    extern __shared__ float naive_smem[];
+    float* qs = naive_smem;             // head_dim
+    float* sc = naive_smem + head_dim;  // skv
+    __shared__ float red[32];
+    const int row = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (n_heads / n_kv_heads);
+    int kv_end = skv;
+    if (kv_len != nullptr) kv_end = min(skv, max(kv_len[b], 0));
+    const bf16* qr = q + ((long long)b * sq + row) * q_stride + (long long)h * head_dim;
+    const bf16* kb = k + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * head_dim;
+    const bf16* vb = v + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * head_dim;
+    bf16* orow = out + ((long long)b * sq + row) * o_stride + (long long)h * head_dim;
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = (nt + 31) >> 5;
+
+    for (int d = tid; d < head_dim; d += nt) qs[d] = __bfloat162float(qr[d]);
+    __syncthreads();
+    float lmax = -INFINITY;
+    for (int j = tid; j < kv_end; j += nt) {
+        const bf16* kr = kb + (long long)j * kv_stride;
+        float acc = 0.f;
+        for (int d = 0; d < head_dim; ++d) acc += qs[d] * __bfloat162float(kr[d]);
+        acc *= scale;
+        sc[j] = acc;
+        lmax = fmaxf(lmax, acc);
+    }
+    lmax = dllm_warp_max(lmax);
+    if (lane == 0) red[warp] = lmax;
+    __syncthreads();
+    float gmax = -INFINITY;
+    for (int w = 0; w < nwarps; ++w) gmax = fmaxf(gmax, red[w]);
+    __syncthreads();
+    float lsum = 0.f;
+    for (int j = tid; j < kv_end; j += nt) {
+        float p = __expf(sc[j] - gmax);
+        sc[j] = p;
+        lsum += p;
+    }
+    lsum = dllm_warp_sum(lsum);
+    if (lane == 0) red[warp] = lsum;
+    __syncthreads();
+    float gsum = 0.f;
+    for (int w = 0; w < nwarps; ++w) gsum += red[w];
+    const float inv = gsum > 0.f ? 1.f / gsum : 0.f;
+    for (int d = tid; d < head_dim; d += nt) {
+        float acc = 0.f;
+        for (int j = 0; j < kv_end; ++j) acc += sc[j] * __bfloat162float(vb[(long long)j * kv_stride + d]);
+        orow[d] = __float2bfloat16(acc * inv);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tensor-core kernel.
+
+__device__ __forceinline__ void attn_cp_async16(void* smem, const void* gmem, bool valid) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    const int n = valid ? 16 : 0;  // src-size 0: the 16 bytes are zero-filled, nothing is read
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n) : "memory");
+}
+__device__ __forceinline__ void attn_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void attn_cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void attn_ldsm_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
+                                             const void* smem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(s));
+}
+__device__ __forceinline__ void attn_ldsm_x4_t(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
+                                               const void* smem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(s));
+}
+
+// D(16x8 f32) += A(16x16 bf16, row) * B(16x8 bf16, col)
+__device__ __forceinline__ void attn_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned attn_pack_bf16(float lo, float hi) {
+    __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&p);
+}
+
+// Element offset of 16-byte chunk `c` of row `r` in a [rows][D] bf16 tile, XOR-swizzled so that the 8 rows read
+// by one ldmatrix phase hit 8 different bank groups.
+template <int D>
+__device__ __forceinline__ int attn_swz(int r, int c) {
+    return r * D + ((c ^ (r & 7)) << 3);
+}
+
+// Copies `rows` rows (row stride `stride` elements) into a swizzled tile; rows >= valid are zero-filled.
+template <int D, int ROWS, int THREADS>
+__device__ __forceinline__ void attn_load_tile(bf16* tile, const bf16* src, long long stride, int valid) {
+    constexpr int CH = D / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) {
+        const int r = i / CH, c = i % CH;
+        const bool ok = r < valid;
+        const bf16* g = ok ? src + (long long)r * stride + c * 8 : src;
+        attn_cp_async16(tile + attn_swz<D>(r, c), g, ok);
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                                   const bf16* __restrict__ v, bf16* __restrict__ out,
+                                                   const int* __restrict__ kv_len, int sq, int skv, int n_heads,
+                                                   int n_kv_heads, long long q_stride, long long o_stride,
+                                                   long long kv_stride, long long kv_batch_stride,
+                                                   float scale_log2) {
+    constexpr int WARPS = 4, THREADS = WARPS * 32, BM = 16 * WARPS, BN = 64;
+    constexpr int KD = D / 16;  // k-steps of QK^T
+    constexpr int ND = D / 8;   // n-tiles of the output
+    extern __shared__ __align__(128) unsigned char attn_smem[];
+    bf16* sQ = reinterpret_cast<bf16*>(attn_smem);
+    bf16* sK = sQ + BM * D;      // [2][BN][D]
+    bf16* sV = sK + 2 * BN * D;  // [2][BN][D]
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (n_heads / n_kv_heads);
+    int kv_end = skv;
+    if (kv_len != nullptr) kv_end = min(skv, max(kv_len[b], 0));
+    const int n_tiles = (kv_end + BN - 1) / BN;
+
+    const bf16* qb = q + ((long long)b * sq + q0) * q_stride + (long long)h * D;
+    const bf16* kb = k + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
+    const bf16* vb = v + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
+
+    attn_load_tile<D, BM, THREADS>(sQ, qb, q_stride, sq - q0);
+    if (n_tiles > 0) {
+        attn_load_tile<D, BN, THREADS>(sK, kb, kv_stride, kv_end);
+        attn_load_tile<D, BN, THREADS>(sV, vb, kv_stride, kv_end);
+    }
+    attn_cp_commit();
+
+    unsigned qf[KD][4];
+    float o[ND][4];
+#pragma unroll
+    for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY;  // running max (log2 domain) of rows g and g+8
+    float l0 = 0.f, l1 = 0.f;              // per-thread partial row sums
+
+    if (n_tiles == 0) {
+        attn_cp_wait<0>();
+        __syncthreads();
+    }
+    for (int j = 0; j < n_tiles; ++j) {
+        const int buf = j & 1;
+        if (j + 1 < n_tiles) {
+            const int nb = (j + 1) & 1;
+            const long long off = (long long)(j + 1) * BN * kv_stride;
+            attn_load_tile<D, BN, THREADS>(sK + nb * BN * D, kb + off, kv_stride, kv_end - (j + 1) * BN);
+            attn_load_tile<D, BN, THREADS>(sV + nb * BN * D, vb + off, kv_stride, kv_end - (j + 1) * BN);
+        }
+        attn_cp_commit();
+        attn_cp_wait<1>();
+        __syncthreads();
+        if (j == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                const int r = warp * 16 + (lane & 15), c = kk * 2 + (lane >> 4);
+                attn_ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sQ + attn_swz<D>(r, c));
+            }
+        }
+        const bf16* tK = sK + buf * BN * D;
+        const bf16* tV = sV + buf * BN * D;
+
+        // S = Q K^T: 16 rows x 64 keys per warp = 8 n-tiles.
+        float s[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                const int r = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+                const int c = kk * 2 + ((lane >> 3) & 1);
+                unsigned b0, b1, b2, b3;
+                attn_ldsm_x4(b0, b1, b2, b3, tK + attn_swz<D>(r, c));
+                attn_mma(s[2 * np], qf[kk], b0, b1);
+                attn_mma(s[2 * np + 1], qf[kk], b2, b3);
+            }
+        }
+
+        // Scale into the log2 domain, mask keys past the end, online softmax.
+        const int key0 = j * BN;
+        const bool tail = key0 + BN > kv_end;
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[nt][e] * scale_log2;
+                if (tail && key0 + nt * 8 + 2 * t + (e & 1) >= kv_end) x = -INFINITY;
+                s[nt][e] = x;
+            }
+            mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float nm0 = fmaxf(m0, mx0), nm1 = fmaxf(m1, mx1);
+        const float base0 = nm0 == -INFINITY ? 0.f : nm0;
+        const float base1 = nm1 == -INFINITY ? 0.f : nm1;
+        const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);
+        m0 = nm0;
+        m1 = nm1;
+        l0 *= alpha0;
+        l1 *= alpha1;
+#pragma unroll
+        for (int i = 0; i < ND; ++i) {
+            o[i][0] *= alpha0;
+            o[i][1] *= alpha0;
+            o[i][2] *= alpha1;
+            o[i][3] *= alpha1;
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - base0);
+            s[nt][1] = exp2f(s[nt][1] - base0);
+            s[nt][2] = exp2f(s[nt][2] - base1);
+            s[nt][3] = exp2f(s[nt][3] - base1);
+            l0 += s[nt][0] + s[nt][1];
+            l1 += s[nt][2] + s[nt][3];
+        }
+
+        // O += P V: 4 k-steps of 16 keys, ND n-tiles of 8 head dims.
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            unsigned a[4];
+            a[0] = attn_pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = attn_pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = attn_pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = attn_pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int np = 0; np < ND / 2; ++np) {
+                const int r = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                const int c = np * 2 + (lane >> 4);
+                unsigned b0, b1, b2, b3;
+                attn_ldsm_x4_t(b0, b1, b2, b3, tV + attn_swz<D>(r, c));
+                attn_mma(o[2 * np], a, b0, b1);
+                attn_mma(o[2 * np + 1], a, b2, b3);
+            }
+        }
+        __syncthreads();  // the next iteration overwrites the other buffer pair
+    }
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    bf16* ob = out + (long long)b * sq * o_stride + (long long)h * D + 2 * t;
+#pragma unroll
+    for (int i = 0; i < ND; ++i) {
+        if (r0 < sq)
+            *reinterpret_cast<__nv_bfloat162*>(ob + (long long)r0 * o_stride + i * 8) =
+                __floats2bfloat162_rn(o[i][0] * inv0, o[i][1] * inv0);
+        if (r1 < sq)
+            *reinterpret_cast<__nv_bfloat162*>(ob + (long long)r1 * o_stride + i * 8) =
+                __floats2bfloat162_rn(o[i][2] * inv1, o[i][3] * inv1);
+    }
+}
+
+// grid (ceil(sq / 64), n_heads, batch), block 128, dynamic smem (64 + 4*64) * D * 2 bytes.
+// Requires 16-byte aligned base pointers and strides that are multiples of 8 elements.
+#define DLLM_ATTN_MMA(D)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) attention_mma_d##D(                                         \
+        const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, bf16* __restrict__ out, \
+        const int* __restrict__ kv_len, int sq, int skv, int n_heads, int n_kv_heads, long long q_stride,          \
+        long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2) {                    \
+        attention_mma_body<D>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride, o_stride, kv_stride,  \
+                              kv_batch_stride, scale_log2);                                                      \
+    }
+DLLM_ATTN_MMA(64)
+DLLM_ATTN_MMA(128)

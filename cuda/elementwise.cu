@@ -1,0 +1,185 @@
+// Element-wise and row-wise kernels of the transformer block: fused RMSNorm (fp32 residual in,
+// bf16 out), RoPE on bf16 q/k in place, SwiGLU combine, embedding gather, bf16 <-> f32
+// conversion, row gathers and the K/V cache scatter. bf16 tensors travel as raw 16-bit words.
+//
+// Every kernel is a plain grid-stride or one-block-per-row kernel: these ops move a few MB per
+// step and are never the bottleneck next to the weight-streaming GEMMs. Launch shapes are chosen
+// by src/backend/cuda/elementwise.rs; all indices are 64-bit where a product can exceed 2^31.
+#include "common.cuh"
+
+#define DLLM_ROW_THREADS 256
+
+__device__ __forceinline__ float dllm_bf16_to_f32(uint16_t b) {
+    return __uint_as_float(((uint32_t)b) << 16);
+}
+
+__device__ __forceinline__ uint16_t dllm_f32_to_bf16(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+}
+
+// Block-wide sum for blockDim.x == DLLM_ROW_THREADS; every thread gets the total.
+__device__ __forceinline__ float dllm_block_sum(float v) {
+    __shared__ float partial[DLLM_ROW_THREADS / 32];
+    __shared__ float total;
+    v = dllm_warp_sum(v);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < DLLM_ROW_THREADS / 32 ? partial[lane] : 0.0f;
+        s = dllm_warp_sum(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+// out[r, :] = bf16( x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w ), one block per row.
+// x fp32 [rows, d], w fp32 [d], out bf16 [rows, d]. Grid: (rows), block: DLLM_ROW_THREADS.
+extern "C" __global__ void rmsnorm_f32_bf16(const float* __restrict__ x, const float* __restrict__ w,
+                                            uint16_t* __restrict__ out, int d, float eps) {
+    const size_t row = blockIdx.x;
+    const float* xr = x + row * (size_t)d;
+    uint16_t* orow = out + row * (size_t)d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += DLLM_ROW_THREADS) {
+        const float v = xr[i];
+        ss += v * v;
+    }
+    ss = dllm_block_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += DLLM_ROW_THREADS) {
+        orow[i] = dllm_f32_to_bf16((xr[i] * inv) * w[i]);
+    }
+}
+
+// Same as rmsnorm_f32_bf16 with fp32 output (used by the check harness and the fp32 head path).
+extern "C" __global__ void rmsnorm_f32_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                           float* __restrict__ out, int d, float eps) {
+    const size_t row = blockIdx.x;
+    const float* xr = x + row * (size_t)d;
+    float* orow = out + row * (size_t)d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += DLLM_ROW_THREADS) {
+        const float v = xr[i];
+        ss += v * v;
+    }
+    ss = dllm_block_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += DLLM_ROW_THREADS) {
+        orow[i] = (xr[i] * inv) * w[i];
+    }
+}
+
+// RoPE (half-split, "rotate_half") in place on the q and k heads of a bf16 activation matrix.
+// buf: [rows, row_stride] bf16; q heads start at column 0, k heads at column k_col (each head
+// head_dim wide, contiguous). Row r has position pos_offset + (r % pos_period).
+// inv_freq: [head_dim / 2] fp32, computed on the host by the CPU reference's rope_inv_freq.
+// angle = (float)pos * inv_freq[i] in fp32, sinf/cosf (accurate, not the fast intrinsics).
+// One thread per (row, head, i < head_dim/2); grid-stride.
+extern "C" __global__ void rope_bf16(uint16_t* __restrict__ buf, const float* __restrict__ inv_freq,
+                                     int rows, int row_stride, int q_heads, int k_heads, int k_col,
+                                     int head_dim, int pos_period, int pos_offset) {
+    const int half = head_dim / 2;
+    const int heads = q_heads + k_heads;
+    const size_t total = (size_t)rows * heads * half;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)(t % half);
+        const int h = (int)((t / half) % heads);
+        const size_t r = t / ((size_t)half * heads);
+        const int pos = pos_offset + (int)(r % (size_t)pos_period);
+        const int col = h < q_heads ? h * head_dim : k_col + (h - q_heads) * head_dim;
+        uint16_t* p = buf + r * (size_t)row_stride + col;
+        const float angle = (float)pos * inv_freq[i];
+        const float c = cosf(angle), s = sinf(angle);
+        const float x0 = dllm_bf16_to_f32(p[i]);
+        const float x1 = dllm_bf16_to_f32(p[i + half]);
+        p[i] = dllm_f32_to_bf16(x0 * c - x1 * s);
+        p[i + half] = dllm_f32_to_bf16(x1 * c + x0 * s);
+    }
+}
+
+// SwiGLU combine: gu bf16 [rows, 2h] = gate | up per row; out bf16 [rows, h] = silu(gate) * up,
+// computed in fp32. Grid-stride over rows * h.
+extern "C" __global__ void swiglu_bf16(const uint16_t* __restrict__ gu, uint16_t* __restrict__ out,
+                                       int rows, int h) {
+    const size_t total = (size_t)rows * h;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = t / h;
+        const int j = (int)(t % h);
+        const float g = dllm_bf16_to_f32(gu[r * 2 * h + j]);
+        const float u = dllm_bf16_to_f32(gu[r * 2 * h + h + j]);
+        out[t] = dllm_f32_to_bf16(g / (1.0f + expf(-g)) * u);
+    }
+}
+
+// Embedding gather: table bf16 [vocab, d] -> out fp32 [rows, d]. Row r reads the id at
+// ids[(r / rows_per_seq) * id_seq_stride + id_offset + r % rows_per_seq] (a slice of each canvas
+// of a [batch, id_seq_stride] id matrix; rows_per_seq = rows, stride 0, offset 0 for a flat list).
+// An id outside the table writes NaN (the host validates ids; this makes a slip visible).
+extern "C" __global__ void embedding_bf16_f32(const uint16_t* __restrict__ table, const uint32_t* __restrict__ ids,
+                                              float* __restrict__ out, int rows, int d, int vocab,
+                                              int rows_per_seq, int id_seq_stride, int id_offset) {
+    const size_t total = (size_t)rows * d;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = t / d;
+        const int j = (int)(t % d);
+        const uint32_t id = ids[(r / rows_per_seq) * id_seq_stride + id_offset + r % rows_per_seq];
+        out[t] = id < (uint32_t)vocab ? dllm_bf16_to_f32(table[(size_t)id * d + j]) : __int_as_float(0x7fc00000);
+    }
+}
+
+// bf16 -> f32, n elements.
+extern "C" __global__ void bf16_to_f32(const uint16_t* __restrict__ in, float* __restrict__ out, long long n) {
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (long long)gridDim.x * blockDim.x) {
+        out[t] = dllm_bf16_to_f32(in[t]);
+    }
+}
+
+// f32 -> bf16 (round to nearest even), n elements.
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ in, uint16_t* __restrict__ out, long long n) {
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (long long)gridDim.x * blockDim.x) {
+        out[t] = dllm_f32_to_bf16(in[t]);
+    }
+}
+
+// Row gather: out fp32 [n_idx, d] = src fp32 [*, d] rows idx[0..n_idx).
+extern "C" __global__ void gather_rows_f32(const float* __restrict__ src, const int* __restrict__ idx,
+                                           float* __restrict__ out, int n_idx, int d) {
+    const size_t total = (size_t)n_idx * d;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = t / d;
+        const int j = (int)(t % d);
+        out[t] = src[(size_t)idx[r] * d + j];
+    }
+}
+
+// Strided bf16 block copy: for row r < rows and column j < width,
+//   dst[dst_row(r) * dst_stride + dst_col + j] = src[r * src_stride + src_col + j]
+// with dst_row(r) = (r / rows_per_seq) * dst_seq_rows + dst_row_offset + (r % rows_per_seq).
+// Writes fresh K/V rows of a (batch x len) slice into a [batch, S_max, kv_dim] cache, and copies
+// Q out of the fused QKV matrix.
+extern "C" __global__ void copy_rows_bf16(const uint16_t* __restrict__ src, int src_stride, int src_col,
+                                          uint16_t* __restrict__ dst, int dst_stride, int dst_col, int rows,
+                                          int width, int rows_per_seq, int dst_seq_rows, int dst_row_offset) {
+    const size_t total = (size_t)rows * width;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = t / width;
+        const int j = (int)(t % width);
+        const size_t seq = r / rows_per_seq;
+        const size_t dr = seq * dst_seq_rows + dst_row_offset + r % rows_per_seq;
+        dst[dr * dst_stride + dst_col + j] = src[r * src_stride + src_col + j];
+    }
+}
+
+// Fills n 32-bit words with `bits` (used to poison outputs in the checks).
+extern "C" __global__ void fill_u32(uint32_t* __restrict__ out, uint32_t bits, long long n) {
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (long long)gridDim.x * blockDim.x) {
+        out[t] = bits;
+    }
+}

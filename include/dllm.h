@@ -1,0 +1,303 @@
+/*
+ * dllm.h: the C ABI of dllm, an inference engine for masked-diffusion language models
+ * (LLaDA).
+ *
+ * This header is the contract of libdllm (libdllm.so / libdllm.a). It is hand-written, and a
+ * test checks every declaration below against the Rust side on every CI run (tests/c_abi.rs).
+ *
+ * A diffusion LM fills a *canvas*: a sequence of token ids in which every position holding the
+ * model's mask token is to be generated and every other position stays as given. The library
+ * denoises it step by step; the step loop belongs to the caller, who may inspect the canvas
+ * after each step, fix positions (dllm_session_lock) or send them back to the model
+ * (dllm_session_remask), and stop whenever it likes.
+ *
+ * Usage:
+ *
+ *     dllm_model *model = NULL;
+ *     dllm_model_params mp;
+ *     dllm_model_params_default(&mp);
+ *     if (dllm_model_load("models/tiny-llada-code", &mp, &model) != DLLM_OK) {
+ *         fprintf(stderr, "%s\n", dllm_last_error());
+ *         return 1;
+ *     }
+ *     int32_t canvas[64];
+ *     size_t n = 0;
+ *     dllm_tokenize(model, "def f(x):", 9, canvas, 32, &n);     // prompt
+ *     for (size_t i = n; i < n + 32; i++) canvas[i] = dllm_model_mask_token(model);
+ *     dllm_sampling_params sp;
+ *     dllm_sampling_params_default(&sp);
+ *     sp.steps = 32;
+ *     dllm_session *s = NULL;
+ *     dllm_session_new(model, canvas, n + 32, &sp, &s);
+ *     dllm_step_info info = {0};
+ *     while (!info.done) dllm_session_step(s, &info);            // one refinement per call
+ *     dllm_session_canvas(s, canvas, 64, &n);                    // the filled canvas
+ *     dllm_session_free(s);
+ *     dllm_model_free(model);
+ *
+ * Conventions:
+ *  - Every fallible function returns a dllm_status; DLLM_OK is 0. On failure nothing has been
+ *    written to the out-parameters (except the needed size, see "Buffers"), the objects involved
+ *    are unchanged, and dllm_last_error() describes the failure.
+ *  - Buffers: a function that fills a caller's buffer takes its capacity `cap` (in elements) and
+ *    writes the number of elements the full result needs to its `n_*` out-parameter, on success
+ *    and on DLLM_ERR_BUFFER_TOO_SMALL alike. Call it with cap = 0 (the buffer may then be NULL)
+ *    to learn the size. Nothing is written past `cap`.
+ *  - Token ids are int32_t; valid ids are 0 <= id < dllm_model_vocab_size(model). Token ids and
+ *    lengths are checked on every call: a bad one is DLLM_ERR_INVALID_ARGUMENT, never a crash.
+ *  - Parameter structs start with `struct_size`, which the *_default() functions set to
+ *    sizeof(struct). New fields are only ever appended, so a program compiled against an older
+ *    header keeps working: a struct_size smaller than the first version of the struct is
+ *    rejected with DLLM_ERR_INVALID_ARGUMENT; a larger one (a newer header) is accepted and the
+ *    fields this library does not know are ignored. Always start from the *_default() function.
+ *  - Threads: a dllm_model may be used by any number of threads at once (sessions on different
+ *    threads may share one model). A dllm_session must be used by one thread at a time (it may
+ *    move between threads). dllm_last_error() is per thread.
+ *  - Numbering: status codes and enum values are never renumbered; retired values stay reserved.
+ *    New behaviour gets a new function name rather than a changed meaning.
+ */
+#ifndef DLLM_H
+#define DLLM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The ABI version this header describes. Bumped only when an existing declaration changes
+ * incompatibly; compare it with dllm_abi_version() to detect a mismatched library. */
+#define DLLM_ABI_VERSION 1
+
+/* ---------------------------------------------------------------------------------------------
+ * Status codes
+ * ------------------------------------------------------------------------------------------- */
+
+/* The result of every fallible call. New codes may be added; existing ones never change. */
+typedef int32_t dllm_status;
+
+enum dllm_status_code {
+    DLLM_OK = 0,                  /* success */
+    DLLM_ERR_INVALID_ARGUMENT = 1,/* NULL pointer, bad length, bad token id, bad parameter value */
+    DLLM_ERR_IO = 2,              /* a file could not be read (missing, permissions) */
+    DLLM_ERR_FORMAT = 3,          /* a file is malformed (config.json, safetensors, tokenizer.json) */
+    DLLM_ERR_UNSUPPORTED = 4,     /* valid but not supported by this build (architecture, option) */
+    DLLM_ERR_OUT_OF_MEMORY = 5,   /* an allocation failed */
+    DLLM_ERR_BACKEND = 6,         /* the compute backend failed (CUDA unavailable or failing) */
+    DLLM_ERR_BUFFER_TOO_SMALL = 7,/* the caller's buffer is too small; the needed size was written */
+    DLLM_ERR_STATE = 8,           /* the call is not allowed in the object's current state */
+    DLLM_ERR_INTERNAL = 9         /* a bug in dllm (the message says where); please report it */
+};
+
+/* ---------------------------------------------------------------------------------------------
+ * Version and errors
+ * ------------------------------------------------------------------------------------------- */
+
+/* The ABI version of the library that is linked: equal to DLLM_ABI_VERSION of the header it was
+ * built with. */
+uint32_t dllm_abi_version(void);
+
+/* A short static English description of a status code ("invalid argument"), for any value
+ * (unknown codes give "unknown status"). Needs no handle; the string is owned by the library and
+ * valid forever. */
+const char *dllm_status_string(dllm_status status);
+
+/* A description of the last failure on the calling thread: what went wrong and which argument,
+ * file, tensor or field was at fault. Each failing call replaces it; successful calls leave it
+ * as it was. Empty ("") when nothing has failed on this thread. The string is owned by the
+ * library and valid until the next dllm_* call on this thread; copy it to keep it. Never NULL. */
+const char *dllm_last_error(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Models
+ * ------------------------------------------------------------------------------------------- */
+
+/* An opaque loaded model: weights, configuration, tokenizer. Created by dllm_model_load,
+ * destroyed by dllm_model_free. Thread-safe (see Conventions). */
+typedef struct dllm_model dllm_model;
+
+/* Values of dllm_model_params.backend. */
+enum dllm_backend {
+    DLLM_BACKEND_AUTO = 0, /* CUDA when a usable GPU and compiled kernels exist, else the CPU */
+    DLLM_BACKEND_CPU = 1,  /* the multi-threaded CPU backend (the reference); never loads CUDA */
+    DLLM_BACKEND_CUDA = 2  /* CUDA, or fail with DLLM_ERR_BACKEND */
+};
+
+/* How a model is loaded. Initialise with dllm_model_params_default, then change fields. */
+typedef struct dllm_model_params {
+    uint32_t struct_size; /* sizeof(dllm_model_params); set by dllm_model_params_default */
+    int32_t backend;      /* a dllm_backend value. Default DLLM_BACKEND_AUTO */
+    int32_t device;       /* GPU index for CUDA; must be 0 for now (ignored by the CPU). Default 0 */
+    int32_t threads;      /* CPU worker threads of this model, 0 = one per core. Default 0 */
+} dllm_model_params;
+
+/* Fills *p with the defaults listed above, struct_size included. NULL is a no-op. */
+void dllm_model_params_default(dllm_model_params *p);
+
+/* Loads the model in directory `dir` (config.json, tokenizer.json, model.safetensors or sharded
+ * model-*.safetensors with model.safetensors.index.json; a NUL-terminated path, taken as raw
+ * bytes). `p` may be NULL for the defaults.
+ * On success *out receives a new model, which the caller owns and releases with dllm_model_free.
+ * Weights are memory-mapped: the files must stay in place while the model lives.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL dir/out, struct_size too small, a backend, device or
+ * threads value out of range), DLLM_ERR_IO (a file missing or unreadable: the message names it),
+ * DLLM_ERR_FORMAT, DLLM_ERR_UNSUPPORTED (architecture, dtype, device > 0), DLLM_ERR_BACKEND
+ * (DLLM_BACKEND_CUDA without a usable GPU). */
+dllm_status dllm_model_load(const char *dir, const dllm_model_params *p, dllm_model **out);
+
+/* Releases the caller's reference to a model. Sessions created from it hold their own reference,
+ * so freeing a model while sessions exist is safe: the memory goes when the last session is
+ * freed. NULL is a no-op. */
+void dllm_model_free(dllm_model *m);
+
+/* The model's mask token id (canvas positions holding it are generated). -1 if m is NULL. */
+int32_t dllm_model_mask_token(const dllm_model *m);
+
+/* The model's end-of-text token id. -1 if m is NULL. */
+int32_t dllm_model_eos_token(const dllm_model *m);
+
+/* The number of real tokens: ids 0 .. vocab_size-1 are valid. -1 if m is NULL. */
+int32_t dllm_model_vocab_size(const dllm_model *m);
+
+/* The longest canvas the model accepts, in tokens. -1 if m is NULL. */
+int32_t dllm_model_max_length(const dllm_model *m);
+
+/* The backend the model runs on: "cpu" or "cuda" (with DLLM_BACKEND_AUTO, the one chosen).
+ * Static string; NULL if m is NULL. */
+const char *dllm_model_backend(const dllm_model *m);
+
+/* ---------------------------------------------------------------------------------------------
+ * Tokenizer
+ * ------------------------------------------------------------------------------------------- */
+
+/* Converts `text_len` bytes of UTF-8 `text` (no NUL needed; NULL allowed when text_len is 0) to
+ * token ids, adding no special tokens. Writes up to `cap` ids to `tokens` and the number of ids
+ * of the full result to *n_tokens (see "Buffers").
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL m/n_tokens, NULL text or tokens with a non-zero
+ * length, text not UTF-8), DLLM_ERR_BUFFER_TOO_SMALL, DLLM_ERR_FORMAT (tokenizer failure). */
+dllm_status dllm_tokenize(const dllm_model *m, const char *text, size_t text_len,
+                          int32_t *tokens, size_t cap, size_t *n_tokens);
+
+/* Converts `n` token ids to UTF-8 text. Special tokens (mask, end-of-text) are rendered as their
+ * text, e.g. "<|mask|>", so a half-denoised canvas can be shown; cut at the end-of-text token
+ * first if it should not appear. Writes the length of the text in bytes, without a terminating
+ * NUL, to *n_bytes; succeeds when *n_bytes <= cap and then also writes a NUL after the text if
+ * *n_bytes < cap. So allocate *n_bytes + 1 bytes for a C string.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL m/n_bytes, NULL tokens with n > 0, NULL buf with
+ * cap > 0, an id outside the vocabulary: the message names its index and value),
+ * DLLM_ERR_BUFFER_TOO_SMALL, DLLM_ERR_FORMAT. */
+dllm_status dllm_detokenize(const dllm_model *m, const int32_t *tokens, size_t n,
+                            char *buf, size_t cap, size_t *n_bytes);
+
+/* ---------------------------------------------------------------------------------------------
+ * Sessions: one canvas being denoised
+ *
+ * The schedule follows LLaDA's reference generate(): the positions that hold the mask token when
+ * the session is created are grouped, in position order, into blocks of `block_len` (the last one
+ * may be shorter); blocks are denoised one after the other, `steps / number_of_blocks` steps each
+ * (`steps` must be a multiple of the number of blocks; the error message lists valid values). A
+ * block holding k masks when its first step starts commits k / s tokens per step, plus one on
+ * its first k % s steps. Each step runs one forward pass over the whole canvas; every masked
+ * position of the current block predicts a token (argmax, or Gumbel-max sampling when
+ * temperature > 0; the mask token is never predicted), and the most confident predictions are
+ * committed. Positions that were not masks at creation never change unless the caller locks
+ * or remasks them.
+ * ------------------------------------------------------------------------------------------- */
+
+/* An opaque denoising session. Created by dllm_session_new, destroyed by dllm_session_free.
+ * Use from one thread at a time. */
+typedef struct dllm_session dllm_session;
+
+/* Values of dllm_sampling_params.remasking: how confidence is scored when choosing which
+ * predictions to commit. */
+enum dllm_remasking {
+    DLLM_REMASK_LOW_CONFIDENCE = 0, /* the softmax probability of the predicted token */
+    DLLM_REMASK_RANDOM = 1,         /* a seeded uniform random number per position and step */
+    DLLM_REMASK_MARGIN = 2,         /* reserved: top-1 minus top-2 probability (DLLM_ERR_UNSUPPORTED for now) */
+    DLLM_REMASK_ENTROPY = 3         /* reserved: negative entropy of the row (DLLM_ERR_UNSUPPORTED for now) */
+};
+
+/* How a canvas is denoised. Initialise with dllm_sampling_params_default, then change fields. */
+typedef struct dllm_sampling_params {
+    uint32_t struct_size; /* sizeof(dllm_sampling_params); set by dllm_sampling_params_default */
+    int32_t steps;        /* total refinement steps, >= 1, a multiple of the block count. Default 128 */
+    int32_t block_len;    /* masked positions per block, >= 1. Default 32 */
+    float temperature;    /* 0 = greedy (argmax); > 0 = Gumbel-max sampling. Default 0 */
+    int32_t remasking;    /* a dllm_remasking value. Default DLLM_REMASK_LOW_CONFIDENCE */
+    uint64_t seed;        /* keys every random draw: same seed, same result. Default 0 */
+    /* Fields added in later versions go here. */
+} dllm_sampling_params;
+
+/* What one dllm_session_step did. */
+typedef struct dllm_step_info {
+    int32_t step;       /* index of the step taken (0-based); on a finished session, the step count */
+    int32_t committed;  /* positions this step filled (0 on a step with nothing to commit) */
+    int32_t masks_left; /* positions of the canvas still holding the mask token */
+    int32_t done;       /* 1 when every scheduled step has been taken, else 0 */
+} dllm_step_info;
+
+/* Fills *p with the defaults listed above, struct_size included. NULL is a no-op. */
+void dllm_sampling_params_default(dllm_sampling_params *p);
+
+/* Starts denoising a copy of `canvas` (n token ids): every position holding the model's mask
+ * token is generated, every other position stays fixed. `p` may be NULL for the defaults.
+ * On success *out receives a new session, owned by the caller (dllm_session_free); it holds a
+ * reference to the model, which may therefore be freed first.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL m/canvas/out, n == 0, n > dllm_model_max_length, an id
+ * that is negative or outside the model, steps/block_len out of range or steps not a multiple of
+ * the block count, temperature negative or not finite, struct_size too small, unknown remasking),
+ * DLLM_ERR_UNSUPPORTED (DLLM_REMASK_MARGIN, DLLM_REMASK_ENTROPY). */
+dllm_status dllm_session_new(dllm_model *m, const int32_t *canvas, size_t n,
+                             const dllm_sampling_params *p, dllm_session **out);
+
+/* Takes one refinement step: one forward pass, then commits this step's share of the current
+ * block (a step with nothing to commit runs no forward pass). Writes what happened to *info
+ * unless info is NULL. Stepping a finished session returns DLLM_OK with done = 1 and changes
+ * nothing. On failure the session is unchanged.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s), DLLM_ERR_BACKEND. */
+dllm_status dllm_session_step(dllm_session *s, dllm_step_info *info);
+
+/* Steps until the session is done. Errors: as dllm_session_step; the steps taken before a
+ * failure remain. */
+dllm_status dllm_session_run(dllm_session *s);
+
+/* Copies the canvas as it stands (n ids, the length given to dllm_session_new) to `tokens`; see
+ * "Buffers". Unfilled positions hold the mask token.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s/n, NULL tokens with cap > 0),
+ * DLLM_ERR_BUFFER_TOO_SMALL. */
+dllm_status dllm_session_canvas(const dllm_session *s, int32_t *tokens, size_t cap, size_t *n);
+
+/* Fixes position `pos` to `token`, now and for the rest of the session: the denoiser never
+ * changes it again (unless it is remasked). Any position may be locked. A masked one leaves the
+ * schedule of its block: if the block has not started, its per-step counts are computed without
+ * it; if it has, its remaining steps commit at most its remaining masks, so it may run out
+ * early and its last steps commit nothing. A prompt or already generated position is
+ * overwritten. Allowed on a finished session. The number of steps does not change.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s, pos >= canvas length, token negative, >= vocab size
+ * or the mask token: use dllm_session_remask to mask a position). */
+dllm_status dllm_session_lock(dllm_session *s, size_t pos, int32_t token);
+
+/* Sends positions begin .. end-1 back to the model: every one not already holding the mask token
+ * becomes a mask again (prompt positions included), and these positions form one new block,
+ * scheduled after all existing blocks, with as many steps as every other block (steps / blocks
+ * of the original schedule, or `steps` if the canvas had no mask at creation); the total step
+ * count grows by that much. They are filled only in that new block, never by the block that
+ * is running now. Positions of the range that already hold the mask keep their place in the
+ * schedule. A finished session becomes unfinished and can be stepped again. If no position
+ * changes (begin == end, or all are masks), nothing happens.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s, begin > end, end > canvas length). */
+dllm_status dllm_session_remask(dllm_session *s, size_t begin, size_t end);
+
+/* The total number of steps the session's schedule holds now (remasking adds steps); -1 if s is
+ * NULL. */
+int32_t dllm_session_total_steps(const dllm_session *s);
+
+/* Destroys a session and releases its reference to the model. NULL is a no-op. */
+void dllm_session_free(dllm_session *s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DLLM_H */

@@ -1,0 +1,779 @@
+//! Host side of `cuda/attention.cu`: bidirectional bf16 attention (GQA, per-batch key lengths,
+//! strided Q/K/V/out so a fused QKV buffer or a K/V cache can be read in place), its self-check
+//! against the CPU reference [`crate::backend::cpu::attention`] and its benches.
+//!
+//! bf16 tensors are `u16` buffers holding bf16 bits. Two variants: [`AttnVariant::Mma`] (tensor
+//! cores, head_dim 64 or 128, 16-byte aligned rows) and [`AttnVariant::Naive`] (fp32 reference,
+//! any head_dim); [`Attention::run`] uses the tensor-core kernel whenever the shape allows it.
+
+use super::check::{self, BenchResult, CheckResult, TOL_BF16};
+use super::{cuda_err, CudaDevice};
+use crate::backend::cpu;
+use crate::error::{Error, Result};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{
+    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use std::sync::Arc;
+
+/// Query rows per block of the tensor-core kernel (`BM` in the .cu file).
+const MMA_ROWS: usize = 64;
+/// Keys per tile of the tensor-core kernel (`BN` in the .cu file).
+const MMA_KEYS: usize = 64;
+/// Threads per block of both kernels.
+const THREADS: u32 = 128;
+/// Launches per timed bench sample.
+const BENCH_REPS: usize = 10;
+/// Dynamic shared memory the naive kernel may use without an opt-in.
+const NAIVE_SMEM_LIMIT: usize = 48 * 1024;
+
+/// Shape and memory layout of one attention call. Strides are in elements; 0 means "dense".
+///
+/// Q element `(b, s, h, d)` is at `q[(b·sq + s)·q_stride + h·head_dim + d]`; out likewise with
+/// `o_stride`; K/V element `(b, j, g, d)` (g = kv head) at
+/// `k[(b·kv_batch_stride + j)·kv_stride + g·head_dim + d]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    /// Query rows per batch element.
+    pub sq: usize,
+    /// Keys per batch element (the valid part of a cache).
+    pub skv: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Elements between consecutive query rows (0: `n_heads·head_dim`).
+    pub q_stride: usize,
+    /// Elements between consecutive output rows (0: `n_heads·head_dim`).
+    pub o_stride: usize,
+    /// Elements between consecutive key/value rows (0: `n_kv_heads·head_dim`).
+    pub kv_stride: usize,
+    /// Rows between batch elements of K/V, i.e. the cache capacity (0: `skv`).
+    pub kv_batch_stride: usize,
+}
+
+impl AttnShape {
+    /// A dense layout: Q/out `[batch·sq, n_heads·hd]`, K/V `[batch·skv, n_kv_heads·hd]`.
+    pub fn dense(
+        batch: usize,
+        sq: usize,
+        skv: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        AttnShape {
+            batch,
+            sq,
+            skv,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            q_stride: 0,
+            o_stride: 0,
+            kv_stride: 0,
+            kv_batch_stride: 0,
+        }
+    }
+
+    fn q_stride(&self) -> usize {
+        if self.q_stride == 0 {
+            self.n_heads * self.head_dim
+        } else {
+            self.q_stride
+        }
+    }
+    fn o_stride(&self) -> usize {
+        if self.o_stride == 0 {
+            self.n_heads * self.head_dim
+        } else {
+            self.o_stride
+        }
+    }
+    fn kv_stride(&self) -> usize {
+        if self.kv_stride == 0 {
+            self.n_kv_heads * self.head_dim
+        } else {
+            self.kv_stride
+        }
+    }
+    fn kv_batch_stride(&self) -> usize {
+        if self.kv_batch_stride == 0 {
+            self.skv
+        } else {
+            self.kv_batch_stride
+        }
+    }
+
+    /// Elements the Q buffer must hold.
+    pub fn q_len(&self) -> usize {
+        rows_len(
+            self.batch * self.sq,
+            self.q_stride(),
+            self.n_heads * self.head_dim,
+        )
+    }
+    /// Elements the output buffer must hold.
+    pub fn o_len(&self) -> usize {
+        rows_len(
+            self.batch * self.sq,
+            self.o_stride(),
+            self.n_heads * self.head_dim,
+        )
+    }
+    /// Elements each of the K and V buffers must hold.
+    pub fn kv_len(&self) -> usize {
+        if self.batch == 0 || self.skv == 0 {
+            return 0;
+        }
+        let rows = (self.batch - 1) * self.kv_batch_stride() + self.skv;
+        rows_len(rows, self.kv_stride(), self.n_kv_heads * self.head_dim)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(format!("attention shape {self:?}: {m}")));
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad("n_kv_heads must be positive and divide n_heads".into());
+        }
+        if self.head_dim == 0 {
+            return bad("head_dim must be positive".into());
+        }
+        if self.q_stride() < self.n_heads * self.head_dim
+            || self.o_stride() < self.n_heads * self.head_dim
+        {
+            return bad("q_stride/o_stride smaller than n_heads·head_dim".into());
+        }
+        if self.kv_stride() < self.n_kv_heads * self.head_dim {
+            return bad("kv_stride smaller than n_kv_heads·head_dim".into());
+        }
+        if self.kv_batch_stride() < self.skv {
+            return bad("kv_batch_stride (cache capacity) smaller than skv".into());
+        }
+        if self.n_heads > 65535 || self.batch > 65535 {
+            return bad("n_heads and batch must be at most 65535".into());
+        }
+        if self.sq > i32::MAX as usize || self.skv > i32::MAX as usize {
+            return bad("sequence lengths must fit in i32".into());
+        }
+        Ok(())
+    }
+}
+
+fn rows_len(rows: usize, stride: usize, width: usize) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        (rows - 1) * stride + width
+    }
+}
+
+/// Which kernel computes the attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnVariant {
+    /// One block per (query row, head, batch), fp32 CUDA cores: the reference.
+    Naive,
+    /// Flash-style tiles on tensor cores (`mma.sync` bf16), head_dim 64 or 128.
+    Mma,
+}
+
+/// The loaded attention kernels.
+pub struct Attention {
+    stream: Arc<CudaStream>,
+    naive_fn: CudaFunction,
+    mma64_fn: CudaFunction,
+    mma128_fn: CudaFunction,
+}
+
+fn mma_smem_bytes(head_dim: usize) -> usize {
+    (MMA_ROWS + 4 * MMA_KEYS) * head_dim * 2
+}
+
+impl Attention {
+    /// Loads the kernels of `cuda/attention.cu` and opts the tensor-core kernels into the
+    /// shared memory they need (80 KiB at head_dim 128).
+    pub fn load(dev: &CudaDevice) -> Result<Self> {
+        let f = |name: &str| dev.function("attention", name);
+        let a = Attention {
+            stream: dev.stream.clone(),
+            naive_fn: f("attention_naive")?,
+            mma64_fn: f("attention_mma_d64")?,
+            mma128_fn: f("attention_mma_d128")?,
+        };
+        for (func, hd) in [(&a.mma64_fn, 64), (&a.mma128_fn, 128)] {
+            func.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                mma_smem_bytes(hd) as i32,
+            )
+            .map_err(|e| {
+                cuda_err(
+                    &format!("attention_mma_d{hd}: set max dynamic shared memory"),
+                    e,
+                )
+            })?;
+        }
+        Ok(a)
+    }
+
+    /// Whether the tensor-core kernel can run this call (head_dim 64/128, strides multiples of
+    /// 8 elements, 16-byte aligned base pointers).
+    pub fn mma_supported(
+        &self,
+        q: &CudaView<u16>,
+        k: &CudaView<u16>,
+        v: &CudaView<u16>,
+        out: &CudaViewMut<u16>,
+        shape: &AttnShape,
+    ) -> bool {
+        let aligned = |p: u64| p % 16 == 0;
+        let (qp, _g1) = q.device_ptr(&self.stream);
+        let (kp, _g2) = k.device_ptr(&self.stream);
+        let (vp, _g3) = v.device_ptr(&self.stream);
+        let (op, _g4) = out.device_ptr(&self.stream);
+        matches!(shape.head_dim, 64 | 128)
+            && shape.q_stride() % 8 == 0
+            && shape.o_stride() % 8 == 0
+            && shape.kv_stride() % 8 == 0
+            && aligned(qp)
+            && aligned(kp)
+            && aligned(vp)
+            && aligned(op)
+    }
+
+    /// Attention with the fastest variant the call allows (see [`Attention::mma_supported`]).
+    /// `kv_len`, when given, holds one key count per batch element (keys at or past it are
+    /// excluded; values above `skv` mean `skv`); a row with no valid key is written as zeros.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        q: &CudaView<u16>,
+        k: &CudaView<u16>,
+        v: &CudaView<u16>,
+        out: &mut CudaViewMut<u16>,
+        kv_len: Option<&CudaView<i32>>,
+        shape: &AttnShape,
+    ) -> Result<()> {
+        let variant = if self.mma_supported(q, k, v, out, shape) {
+            AttnVariant::Mma
+        } else {
+            AttnVariant::Naive
+        };
+        self.run_variant(variant, q, k, v, out, kv_len, shape)
+    }
+
+    /// Attention with a chosen kernel; an error when the variant cannot handle the call.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_variant(
+        &self,
+        variant: AttnVariant,
+        q: &CudaView<u16>,
+        k: &CudaView<u16>,
+        v: &CudaView<u16>,
+        out: &mut CudaViewMut<u16>,
+        kv_len: Option<&CudaView<i32>>,
+        shape: &AttnShape,
+    ) -> Result<()> {
+        shape.validate()?;
+        let need = |what: &str, have: usize, want: usize| -> Result<()> {
+            if have < want {
+                return Err(Error::invalid(format!(
+                    "attention {what}: buffer holds {have} elements, needs {want} for {shape:?}"
+                )));
+            }
+            Ok(())
+        };
+        need("q", q.len(), shape.q_len())?;
+        need("k", k.len(), shape.kv_len())?;
+        need("v", v.len(), shape.kv_len())?;
+        need("out", out.len(), shape.o_len())?;
+        if let Some(kl) = kv_len {
+            need("kv_len", kl.len(), shape.batch)?;
+        }
+        if shape.batch == 0 || shape.sq == 0 {
+            return Ok(());
+        }
+        let null: u64 = 0;
+        let (sq, skv) = (shape.sq as i32, shape.skv as i32);
+        let (nh, nkv) = (shape.n_heads as i32, shape.n_kv_heads as i32);
+        let qs = shape.q_stride() as i64;
+        let os = shape.o_stride() as i64;
+        let kvs = shape.kv_stride() as i64;
+        let kvb = shape.kv_batch_stride() as i64;
+        match variant {
+            AttnVariant::Mma => {
+                if !self.mma_supported(q, k, v, out, shape) {
+                    return Err(Error::invalid(format!(
+                        "attention: the tensor-core kernel needs head_dim 64 or 128, strides that are multiples of 8 and 16-byte aligned buffers ({shape:?})"
+                    )));
+                }
+                let func = if shape.head_dim == 64 {
+                    &self.mma64_fn
+                } else {
+                    &self.mma128_fn
+                };
+                let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        shape.sq.div_ceil(MMA_ROWS) as u32,
+                        shape.n_heads as u32,
+                        shape.batch as u32,
+                    ),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: mma_smem_bytes(shape.head_dim) as u32,
+                };
+                let mut b = self.stream.launch_builder(func);
+                b.arg(q).arg(k).arg(v).arg(out);
+                match kv_len {
+                    Some(kl) => b.arg(kl),
+                    None => b.arg(&null),
+                };
+                b.arg(&sq)
+                    .arg(&skv)
+                    .arg(&nh)
+                    .arg(&nkv)
+                    .arg(&qs)
+                    .arg(&os)
+                    .arg(&kvs)
+                    .arg(&kvb)
+                    .arg(&scale_log2);
+                // SAFETY: argument order and types match `attention_mma_d{64,128}`; the buffer
+                // lengths were checked against the shape above, the strides and alignment by
+                // `mma_supported`, and the grid covers exactly the (row tile, head, batch) space.
+                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch attention_mma", e))?;
+            }
+            AttnVariant::Naive => {
+                let smem = (shape.head_dim + shape.skv) * 4;
+                if smem > NAIVE_SMEM_LIMIT {
+                    return Err(Error::invalid(format!(
+                        "attention_naive: head_dim + skv = {} floats exceeds its {NAIVE_SMEM_LIMIT}-byte shared-memory budget",
+                        shape.head_dim + shape.skv
+                    )));
+                }
+                let hd = shape.head_dim as i32;
+                let scale = 1.0f32 / (shape.head_dim as f32).sqrt();
+                let cfg = LaunchConfig {
+                    grid_dim: (shape.sq as u32, shape.n_heads as u32, shape.batch as u32),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
+                let mut b = self.stream.launch_builder(&self.naive_fn);
+                b.arg(q).arg(k).arg(v).arg(out);
+                match kv_len {
+                    Some(kl) => b.arg(kl),
+                    None => b.arg(&null),
+                };
+                b.arg(&sq)
+                    .arg(&skv)
+                    .arg(&nh)
+                    .arg(&nkv)
+                    .arg(&hd)
+                    .arg(&qs)
+                    .arg(&os)
+                    .arg(&kvs)
+                    .arg(&kvb)
+                    .arg(&scale);
+                // SAFETY: argument order and types match `attention_naive`; buffer lengths were
+                // checked against the shape and the shared memory holds head_dim + skv floats.
+                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch attention_naive", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One self-check case.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    batch: usize,
+    sq: usize,
+    skv: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    /// Extra K/V rows of cache capacity past skv.
+    spare_rows: usize,
+    /// Extra elements per Q / out row (as in a fused QKV buffer).
+    q_pad: usize,
+    o_pad: usize,
+    /// Per-batch key counts (cycled over the batch), or none.
+    kv_len: Option<&'static [i32]>,
+}
+
+/// Host reference: per batch element, the CPU attention on the same bf16-rounded inputs.
+fn reference(
+    c: &Case,
+    shape: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kv_len: &[i32],
+) -> Vec<f32> {
+    let w = c.n_heads * c.head_dim;
+    let wkv = c.n_kv_heads * c.head_dim;
+    let mut want = vec![0f32; c.batch * c.sq * w];
+    for b in 0..c.batch {
+        let mut qb = Vec::with_capacity(c.sq * w);
+        for s in 0..c.sq {
+            let r = (b * c.sq + s) * shape.q_stride();
+            qb.extend_from_slice(&q[r..r + w]);
+        }
+        let (mut kb, mut vb) = (
+            Vec::with_capacity(c.skv * wkv),
+            Vec::with_capacity(c.skv * wkv),
+        );
+        for j in 0..c.skv {
+            let r = (b * shape.kv_batch_stride() + j) * shape.kv_stride();
+            kb.extend_from_slice(&k[r..r + wkv]);
+            vb.extend_from_slice(&v[r..r + wkv]);
+        }
+        let valid: Option<Vec<bool>> = c
+            .kv_len
+            .map(|_| (0..c.skv).map(|j| (j as i64) < kv_len[b] as i64).collect());
+        let out = &mut want[b * c.sq * w..(b + 1) * c.sq * w];
+        cpu::attention(
+            &qb,
+            &kb,
+            &vb,
+            c.sq,
+            c.skv,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            valid.as_deref(),
+            out,
+        );
+    }
+    want
+}
+
+fn check_case(
+    dev: &CudaDevice,
+    attn: &Attention,
+    variant: AttnVariant,
+    c: &Case,
+    seed: u64,
+) -> Result<(f64, String)> {
+    let shape = AttnShape {
+        q_stride: c.n_heads * c.head_dim + c.q_pad,
+        o_stride: c.n_heads * c.head_dim + c.o_pad,
+        kv_batch_stride: c.skv + c.spare_rows,
+        ..AttnShape::dense(c.batch, c.sq, c.skv, c.n_heads, c.n_kv_heads, c.head_dim)
+    };
+    let q = check::round_bf16(&check::random_f32(seed, shape.q_len(), -2.0, 2.0));
+    let k = check::round_bf16(&check::random_f32(seed + 1, shape.kv_len(), -2.0, 2.0));
+    let v = check::round_bf16(&check::random_f32(seed + 2, shape.kv_len(), -1.0, 1.0));
+    let kv_len: Vec<i32> = match c.kv_len {
+        Some(l) => (0..c.batch).map(|b| l[b % l.len()]).collect(),
+        None => vec![c.skv as i32; c.batch],
+    };
+    let s = &dev.stream;
+    let dq = s
+        .clone_htod(&check::to_bf16_bits(&q))
+        .map_err(|e| cuda_err("upload q", e))?;
+    let dk = s
+        .clone_htod(&check::to_bf16_bits(&k))
+        .map_err(|e| cuda_err("upload k", e))?;
+    let dv = s
+        .clone_htod(&check::to_bf16_bits(&v))
+        .map_err(|e| cuda_err("upload v", e))?;
+    let dl = s
+        .clone_htod(&kv_len)
+        .map_err(|e| cuda_err("upload kv_len", e))?;
+    let mut dout = s
+        .clone_htod(&vec![check::POISON_BF16_BITS; shape.o_len()])
+        .map_err(|e| cuda_err("upload out", e))?;
+    let kl = dl.as_view();
+    attn.run_variant(
+        variant,
+        &dq.as_view(),
+        &dk.as_view(),
+        &dv.as_view(),
+        &mut dout.as_view_mut(),
+        c.kv_len.map(|_| &kl),
+        &shape,
+    )?;
+    dev.sync()?;
+    let got_bits = s
+        .clone_dtoh(&dout)
+        .map_err(|e| cuda_err("download out", e))?;
+    let got_all = check::from_bf16_bits(&got_bits);
+    let w = c.n_heads * c.head_dim;
+    let mut got = Vec::with_capacity(c.batch * c.sq * w);
+    for r in 0..c.batch * c.sq {
+        let o = r * shape.o_stride();
+        got.extend_from_slice(&got_all[o..o + w]);
+    }
+    // Padding columns between output rows must be untouched.
+    let pad_ok = (0..c.batch * c.sq).all(|r| {
+        let o = r * shape.o_stride();
+        got_bits[o + w..(o + shape.o_stride()).min(got_bits.len())]
+            .iter()
+            .all(|&b| b == check::POISON_BF16_BITS)
+    });
+    let want = reference(c, &shape, &q, &k, &v, &kv_len);
+    let err = if pad_ok {
+        check::rel_l2(&got, &want)
+    } else {
+        f64::INFINITY
+    };
+    Ok((
+        err,
+        format!(
+            "{}{}",
+            if pad_ok {
+                ""
+            } else {
+                "wrote into row padding; "
+            },
+            "vs cpu::attention on bf16-rounded inputs"
+        ),
+    ))
+}
+
+/// Checks both variants against [`cpu::attention`] on odd lengths, GQA, head_dim 64/128,
+/// batch 1/3, strided Q/out, cache capacity > skv and per-batch key lengths.
+pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
+    let attn = match Attention::load(dev) {
+        Ok(a) => a,
+        Err(e) => return vec![CheckResult::failed("attention load", e)],
+    };
+    let base = Case {
+        batch: 1,
+        sq: 1,
+        skv: 7,
+        n_heads: 6,
+        n_kv_heads: 6,
+        head_dim: 64,
+        spare_rows: 0,
+        q_pad: 0,
+        o_pad: 0,
+        kv_len: None,
+    };
+    let cases = [
+        base,
+        Case {
+            sq: 7,
+            skv: 100,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            batch: 3,
+            ..base
+        },
+        Case {
+            sq: 32,
+            skv: 384,
+            n_heads: 32,
+            n_kv_heads: 32,
+            head_dim: 128,
+            spare_rows: 16,
+            q_pad: 2 * 32 * 128,
+            ..base
+        },
+        Case {
+            sq: 100,
+            skv: 400,
+            batch: 3,
+            spare_rows: 5,
+            kv_len: Some(&[400, 257, 1]),
+            ..base
+        },
+        Case {
+            sq: 100,
+            skv: 7,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 64,
+            batch: 3,
+            o_pad: 8,
+            ..base
+        },
+        Case {
+            sq: 384,
+            skv: 384,
+            n_heads: 4,
+            n_kv_heads: 4,
+            head_dim: 128,
+            batch: 1,
+            ..base
+        },
+        Case {
+            sq: 32,
+            skv: 384,
+            n_heads: 6,
+            n_kv_heads: 6,
+            head_dim: 128,
+            batch: 3,
+            kv_len: Some(&[384, 200, 33]),
+            ..base
+        },
+        Case {
+            sq: 65,
+            skv: 130,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            batch: 1,
+            kv_len: Some(&[129]),
+            ..base
+        },
+    ];
+    let mut out = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        for variant in [AttnVariant::Naive, AttnVariant::Mma] {
+            let name = format!(
+                "attention {variant:?} b{} sq{} skv{} h{}/{} hd{}{}{}",
+                c.batch,
+                c.sq,
+                c.skv,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                if c.kv_len.is_some() { " kvlen" } else { "" },
+                if c.q_pad + c.o_pad + c.spare_rows > 0 {
+                    " strided"
+                } else {
+                    ""
+                }
+            );
+            out.push(CheckResult::from_result(
+                name,
+                TOL_BF16,
+                check_case(dev, &attn, variant, c, 100 + 10 * i as u64),
+            ));
+        }
+    }
+    out
+}
+
+fn bench_one(
+    dev: &CudaDevice,
+    attn: &Attention,
+    variant: AttnVariant,
+    batch: usize,
+    sq: usize,
+    skv: usize,
+) -> Result<BenchResult> {
+    let (h, hd) = (32, 128);
+    let shape = AttnShape::dense(batch, sq, skv, h, h, hd);
+    let s = &dev.stream;
+    let q = s
+        .clone_htod(&check::to_bf16_bits(&check::random_f32(
+            1,
+            shape.q_len(),
+            -2.0,
+            2.0,
+        )))
+        .map_err(|e| cuda_err("upload q", e))?;
+    let k = s
+        .clone_htod(&check::to_bf16_bits(&check::random_f32(
+            2,
+            shape.kv_len(),
+            -2.0,
+            2.0,
+        )))
+        .map_err(|e| cuda_err("upload k", e))?;
+    let v = s
+        .clone_htod(&check::to_bf16_bits(&check::random_f32(
+            3,
+            shape.kv_len(),
+            -1.0,
+            1.0,
+        )))
+        .map_err(|e| cuda_err("upload v", e))?;
+    let mut o = s
+        .alloc_zeros::<u16>(shape.o_len())
+        .map_err(|e| cuda_err("alloc out", e))?;
+    let (qv, kv, vv) = (q.as_view(), k.as_view(), v.as_view());
+    // REPS back-to-back launches per timed sample, so host launch overhead is hidden as it is in
+    // the model's queue of kernels.
+    let ms = check::time_median_ms(dev, 2, 10, |_| {
+        for _ in 0..BENCH_REPS {
+            attn.run_variant(variant, &qv, &kv, &vv, &mut o.as_view_mut(), None, &shape)?;
+        }
+        Ok(())
+    })? / BENCH_REPS as f64;
+    let flops = 4.0 * (batch * h * sq * skv * hd) as f64;
+    let bytes = 2.0 * (shape.q_len() + 2 * shape.kv_len() + shape.o_len()) as f64;
+    Ok(BenchResult::new(
+        format!("attention {variant:?} b{batch} sq{sq} skv{skv} h32 hd128"),
+        ms,
+        Some(bytes),
+        Some(flops),
+        format!("LLaDA-8B shape, no GQA; mean of {BENCH_REPS} queued launches"),
+    ))
+}
+
+/// Times the tensor-core kernel at the LLaDA-8B shapes (batch 1 and 8, full canvas 384×384 and
+/// a 32-token dual-cache block against 384 keys), and the naive kernel at batch 1 for scale.
+pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
+    let attn = match Attention::load(dev) {
+        Ok(a) => a,
+        Err(e) => return vec![BenchResult::failed("attention load", e)],
+    };
+    let mut out = Vec::new();
+    for (variant, batch, sq, skv) in [
+        (AttnVariant::Mma, 1, 384, 384),
+        (AttnVariant::Mma, 8, 384, 384),
+        (AttnVariant::Mma, 1, 32, 384),
+        (AttnVariant::Mma, 8, 32, 384),
+        (AttnVariant::Naive, 1, 384, 384),
+        (AttnVariant::Naive, 1, 32, 384),
+    ] {
+        let name = format!("attention {variant:?} b{batch} sq{sq} skv{skv}");
+        out.push(
+            bench_one(dev, &attn, variant, batch, sq, skv)
+                .unwrap_or_else(|e| BenchResult::failed(name, e)),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the GPU self-check and bench (needs a CUDA device: `cargo test -- --ignored`).
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_self_check_and_bench() {
+        let dev = CudaDevice::open(0).expect("open CUDA device 0");
+        let checks = self_check(&dev);
+        let benches = bench(&dev);
+        println!("{}", check::format_tables(&checks, &benches));
+        assert!(checks.iter().all(|c| c.passed), "an attention check failed");
+    }
+
+    #[test]
+    fn shape_lengths_and_defaults() {
+        let s = AttnShape::dense(2, 3, 5, 4, 2, 8);
+        assert_eq!(s.q_len(), 2 * 3 * 4 * 8);
+        assert_eq!(s.kv_len(), 2 * 5 * 2 * 8);
+        // Cache of capacity 7 rows, keys in a fused row of 40 elements: the last batch element
+        // needs only skv rows, and the last row only its own width.
+        let c = AttnShape {
+            kv_batch_stride: 7,
+            kv_stride: 40,
+            q_stride: 48,
+            ..s
+        };
+        assert_eq!(c.kv_len(), (7 + 5 - 1) * 40 + 16);
+        assert_eq!(c.q_len(), 5 * 48 + 32);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn bad_shapes_are_explained() {
+        let s = AttnShape::dense(1, 3, 5, 6, 4, 8);
+        assert!(s.validate().unwrap_err().to_string().contains("divide"));
+        let s = AttnShape {
+            kv_batch_stride: 4,
+            ..AttnShape::dense(1, 3, 5, 4, 4, 8)
+        };
+        assert!(s.validate().unwrap_err().to_string().contains("capacity"));
+        let s = AttnShape {
+            q_stride: 8,
+            ..AttnShape::dense(1, 3, 5, 4, 4, 8)
+        };
+        assert!(s.validate().unwrap_err().to_string().contains("q_stride"));
+    }
+}

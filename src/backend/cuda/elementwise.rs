@@ -1,0 +1,964 @@
+//! Host side of `cuda/elementwise.cu`: typed launchers for RMSNorm, RoPE, SwiGLU, embedding
+//! gather, bf16↔f32 conversion, row gathers and the K/V cache scatter, plus their self-checks
+//! against the CPU reference ops and their bandwidth benches.
+//!
+//! bf16 tensors are `u16` buffers holding bf16 bits. Every launcher checks that the views it is
+//! given are long enough for the shape it is told and returns [`Error::InvalidArgument`]
+//! otherwise, so a shape slip never becomes an out-of-bounds access.
+
+use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
+use super::{cuda_err, CudaDevice};
+use crate::backend::cpu;
+use crate::error::{Error, Result};
+use cudarc::driver::{
+    CudaFunction, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+};
+use std::sync::Arc;
+
+/// Threads per block of the row kernels (must match `DLLM_ROW_THREADS` in the .cu file).
+const ROW_THREADS: u32 = 256;
+/// Threads per block of the grid-stride kernels.
+const THREADS: u32 = 256;
+/// Upper bound on blocks of a grid-stride launch.
+const MAX_BLOCKS: usize = 8192;
+
+fn grid_for(total: usize) -> LaunchConfig {
+    let blocks = total.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn need(what: &str, have: usize, want: usize) -> Result<()> {
+    if have < want {
+        return Err(Error::invalid(format!(
+            "elementwise {what}: buffer holds {have} elements, needs {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// Largest `f(r)` over `r < rows` for an index map of the form
+/// `(r / rows_per_seq)·stride + offset + r % rows_per_seq` (non-decreasing within a sequence and
+/// from one sequence to the next): the last row, or the last row of the last full sequence.
+fn max_strided(rows: usize, rows_per_seq: usize, f: impl Fn(usize) -> usize) -> usize {
+    let last_seq = (rows - 1) / rows_per_seq;
+    let mut m = f(rows - 1);
+    if last_seq > 0 {
+        m = m.max(f(last_seq * rows_per_seq - 1));
+    }
+    m
+}
+
+fn to_i32(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| Error::invalid(format!("elementwise {what}: {v} does not fit in i32")))
+}
+
+/// Shape of a RoPE launch over a fused activation matrix (see `rope_bf16` in the .cu file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeShape {
+    pub rows: usize,
+    /// Elements between consecutive rows.
+    pub row_stride: usize,
+    /// Heads rotated starting at column 0 (queries).
+    pub q_heads: usize,
+    /// Heads rotated starting at column `k_col` (keys).
+    pub k_heads: usize,
+    pub k_col: usize,
+    pub head_dim: usize,
+    /// Row `r` has position `pos_offset + r % pos_period`.
+    pub pos_period: usize,
+    pub pos_offset: usize,
+}
+
+/// Shape of a strided row copy (see `copy_rows_bf16` in the .cu file): row `r` of the source
+/// goes to destination row `(r / rows_per_seq) * dst_seq_rows + dst_row_offset + r % rows_per_seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyRows {
+    pub rows: usize,
+    pub width: usize,
+    pub src_stride: usize,
+    pub src_col: usize,
+    pub dst_stride: usize,
+    pub dst_col: usize,
+    pub rows_per_seq: usize,
+    pub dst_seq_rows: usize,
+    pub dst_row_offset: usize,
+}
+
+impl CopyRows {
+    /// Destination row of source row `r`.
+    pub fn dst_row(&self, r: usize) -> usize {
+        (r / self.rows_per_seq) * self.dst_seq_rows + self.dst_row_offset + r % self.rows_per_seq
+    }
+}
+
+/// Where the ids of an embedding gather sit: row `r` reads
+/// `ids[(r / rows_per_seq)·seq_stride + offset + r % rows_per_seq]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdLayout {
+    pub rows_per_seq: usize,
+    pub seq_stride: usize,
+    pub offset: usize,
+}
+
+impl IdLayout {
+    /// Index into the id buffer of row `r`.
+    pub fn index(&self, r: usize) -> usize {
+        (r / self.rows_per_seq) * self.seq_stride + self.offset + r % self.rows_per_seq
+    }
+}
+
+/// The loaded element-wise kernels.
+pub struct Elementwise {
+    stream: Arc<CudaStream>,
+    rmsnorm_bf16_fn: CudaFunction,
+    rmsnorm_f32_fn: CudaFunction,
+    rope_fn: CudaFunction,
+    swiglu_fn: CudaFunction,
+    embedding_fn: CudaFunction,
+    bf16_to_f32_fn: CudaFunction,
+    f32_to_bf16_fn: CudaFunction,
+    gather_fn: CudaFunction,
+    copy_rows_fn: CudaFunction,
+    fill_fn: CudaFunction,
+}
+
+impl Elementwise {
+    /// Loads every kernel of `cuda/elementwise.cu`.
+    pub fn new(dev: &CudaDevice) -> Result<Self> {
+        let f = |name: &str| dev.function("elementwise", name);
+        Ok(Elementwise {
+            stream: dev.stream.clone(),
+            rmsnorm_bf16_fn: f("rmsnorm_f32_bf16")?,
+            rmsnorm_f32_fn: f("rmsnorm_f32_f32")?,
+            rope_fn: f("rope_bf16")?,
+            swiglu_fn: f("swiglu_bf16")?,
+            embedding_fn: f("embedding_bf16_f32")?,
+            bf16_to_f32_fn: f("bf16_to_f32")?,
+            f32_to_bf16_fn: f("f32_to_bf16")?,
+            gather_fn: f("gather_rows_f32")?,
+            copy_rows_fn: f("copy_rows_bf16")?,
+            fill_fn: f("fill_u32")?,
+        })
+    }
+
+    /// `out[r] = bf16(x[r] · rsqrt(mean(x[r]²) + eps) · w)` for `rows` rows of width `d`.
+    pub fn rmsnorm_bf16(
+        &self,
+        x: &CudaView<f32>,
+        w: &CudaView<f32>,
+        out: &mut CudaViewMut<u16>,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        need("rmsnorm x", x.len(), rows * d)?;
+        need("rmsnorm weight", w.len(), d)?;
+        need("rmsnorm out", out.len(), rows * d)?;
+        if rows == 0 || d == 0 {
+            return Ok(());
+        }
+        let d32 = to_i32("rmsnorm d", d)?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.rmsnorm_bf16_fn);
+        b.arg(x).arg(w).arg(out).arg(&d32).arg(&eps);
+        // SAFETY: x, w, out hold at least rows*d, d, rows*d elements (checked above); the kernel
+        // reads/writes exactly those ranges with one block per row.
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch rmsnorm_f32_bf16", e))?;
+        Ok(())
+    }
+
+    /// RMSNorm with fp32 output.
+    pub fn rmsnorm_f32(
+        &self,
+        x: &CudaView<f32>,
+        w: &CudaView<f32>,
+        out: &mut CudaViewMut<f32>,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        need("rmsnorm x", x.len(), rows * d)?;
+        need("rmsnorm weight", w.len(), d)?;
+        need("rmsnorm out", out.len(), rows * d)?;
+        if rows == 0 || d == 0 {
+            return Ok(());
+        }
+        let d32 = to_i32("rmsnorm d", d)?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.rmsnorm_f32_fn);
+        b.arg(x).arg(w).arg(out).arg(&d32).arg(&eps);
+        // SAFETY: lengths checked above; one block per row touches only its row.
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch rmsnorm_f32_f32", e))?;
+        Ok(())
+    }
+
+    /// RoPE in place on the q and k heads of `buf` (bf16), `inv_freq` from
+    /// [`cpu::rope_inv_freq`] uploaded once.
+    pub fn rope(
+        &self,
+        buf: &mut CudaViewMut<u16>,
+        inv_freq: &CudaView<f32>,
+        s: RopeShape,
+    ) -> Result<()> {
+        if s.head_dim % 2 != 0 || s.pos_period == 0 {
+            return Err(Error::invalid(format!("elementwise rope: bad shape {s:?}")));
+        }
+        need("rope inv_freq", inv_freq.len(), s.head_dim / 2)?;
+        let q_end = s.q_heads * s.head_dim;
+        let k_end = s.k_col + s.k_heads * s.head_dim;
+        if q_end > s.row_stride || (s.k_heads > 0 && k_end > s.row_stride) {
+            return Err(Error::invalid(format!(
+                "elementwise rope: heads exceed the row stride in {s:?}"
+            )));
+        }
+        if s.rows == 0 {
+            return Ok(());
+        }
+        need(
+            "rope buf",
+            buf.len(),
+            (s.rows - 1) * s.row_stride + q_end.max(k_end),
+        )?;
+        let args = [
+            to_i32("rope rows", s.rows)?,
+            to_i32("rope row_stride", s.row_stride)?,
+            to_i32("rope q_heads", s.q_heads)?,
+            to_i32("rope k_heads", s.k_heads)?,
+            to_i32("rope k_col", s.k_col)?,
+            to_i32("rope head_dim", s.head_dim)?,
+            to_i32("rope pos_period", s.pos_period)?,
+            to_i32("rope pos_offset", s.pos_offset)?,
+        ];
+        to_i32("rope last position", s.pos_offset + s.pos_period)?;
+        let total = s.rows * (s.q_heads + s.k_heads) * (s.head_dim / 2);
+        let mut b = self.stream.launch_builder(&self.rope_fn);
+        b.arg(buf).arg(inv_freq);
+        for a in &args {
+            b.arg(a);
+        }
+        // SAFETY: every (row, head, i) touched lies inside rows*row_stride, checked above.
+        unsafe { b.launch(grid_for(total)) }.map_err(|e| cuda_err("launch rope_bf16", e))?;
+        Ok(())
+    }
+
+    /// `out[r, j] = silu(gu[r, j]) · gu[r, h + j]` for `rows` rows (`gu` is `[rows, 2h]`).
+    pub fn swiglu(
+        &self,
+        gu: &CudaView<u16>,
+        out: &mut CudaViewMut<u16>,
+        rows: usize,
+        h: usize,
+    ) -> Result<()> {
+        need("swiglu gate|up", gu.len(), rows * 2 * h)?;
+        need("swiglu out", out.len(), rows * h)?;
+        if rows * h == 0 {
+            return Ok(());
+        }
+        let (r32, h32) = (to_i32("swiglu rows", rows)?, to_i32("swiglu h", 2 * h)? / 2);
+        let mut b = self.stream.launch_builder(&self.swiglu_fn);
+        b.arg(gu).arg(out).arg(&r32).arg(&h32);
+        // SAFETY: lengths checked above.
+        unsafe { b.launch(grid_for(rows * h)) }.map_err(|e| cuda_err("launch swiglu_bf16", e))?;
+        Ok(())
+    }
+
+    /// `out[r] = f32(table[ids[r]])` for `rows` ids; ids ≥ `vocab` give NaN rows.
+    pub fn embedding(
+        &self,
+        table: &CudaView<u16>,
+        ids: &CudaView<u32>,
+        out: &mut CudaViewMut<f32>,
+        rows: usize,
+        d: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let layout = IdLayout {
+            rows_per_seq: rows.max(1),
+            seq_stride: 0,
+            offset: 0,
+        };
+        self.embedding_strided(table, ids, out, rows, d, vocab, layout)
+    }
+
+    /// Embedding of a slice of each canvas of an id matrix: row `r` reads the id at
+    /// `(r / rows_per_seq)·seq_stride + offset + r % rows_per_seq` (see [`IdLayout`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding_strided(
+        &self,
+        table: &CudaView<u16>,
+        ids: &CudaView<u32>,
+        out: &mut CudaViewMut<f32>,
+        rows: usize,
+        d: usize,
+        vocab: usize,
+        l: IdLayout,
+    ) -> Result<()> {
+        if rows * d == 0 {
+            return Ok(());
+        }
+        if l.rows_per_seq == 0 {
+            return Err(Error::invalid(
+                "elementwise embedding: rows_per_seq must be positive",
+            ));
+        }
+        need("embedding table", table.len(), vocab * d)?;
+        need(
+            "embedding ids",
+            ids.len(),
+            max_strided(rows, l.rows_per_seq, |r| l.index(r)) + 1,
+        )?;
+        need("embedding out", out.len(), rows * d)?;
+        let a = [
+            to_i32("embedding rows", rows)?,
+            to_i32("embedding d", d)?,
+            to_i32("embedding vocab", vocab)?,
+            to_i32("embedding rows_per_seq", l.rows_per_seq)?,
+            to_i32("embedding seq_stride", l.seq_stride)?,
+            to_i32("embedding offset", l.offset)?,
+        ];
+        let mut b = self.stream.launch_builder(&self.embedding_fn);
+        b.arg(table).arg(ids).arg(out);
+        for x in &a {
+            b.arg(x);
+        }
+        // SAFETY: lengths checked above (the largest id index is the last row's, or the end of
+        // the first sequence when strides are small); ids are bounds-checked in the kernel.
+        unsafe { b.launch(grid_for(rows * d)) }
+            .map_err(|e| cuda_err("launch embedding_bf16_f32", e))?;
+        Ok(())
+    }
+
+    /// Widens `n` bf16 values to f32.
+    pub fn bf16_to_f32(
+        &self,
+        src: &CudaView<u16>,
+        dst: &mut CudaViewMut<f32>,
+        n: usize,
+    ) -> Result<()> {
+        need("bf16_to_f32 src", src.len(), n)?;
+        need("bf16_to_f32 dst", dst.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as i64;
+        let mut b = self.stream.launch_builder(&self.bf16_to_f32_fn);
+        b.arg(src).arg(dst).arg(&n64);
+        // SAFETY: lengths checked above.
+        unsafe { b.launch(grid_for(n)) }.map_err(|e| cuda_err("launch bf16_to_f32", e))?;
+        Ok(())
+    }
+
+    /// Rounds `n` f32 values to bf16 (nearest even).
+    pub fn f32_to_bf16(
+        &self,
+        src: &CudaView<f32>,
+        dst: &mut CudaViewMut<u16>,
+        n: usize,
+    ) -> Result<()> {
+        need("f32_to_bf16 src", src.len(), n)?;
+        need("f32_to_bf16 dst", dst.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as i64;
+        let mut b = self.stream.launch_builder(&self.f32_to_bf16_fn);
+        b.arg(src).arg(dst).arg(&n64);
+        // SAFETY: lengths checked above.
+        unsafe { b.launch(grid_for(n)) }.map_err(|e| cuda_err("launch f32_to_bf16", e))?;
+        Ok(())
+    }
+
+    /// `out[i] = src[idx[i]]` for `n_idx` rows of width `d`; `src_rows` bounds the indices
+    /// (checked on the host by the caller that built `idx`; documented here for the contract).
+    pub fn gather_rows_f32(
+        &self,
+        src: &CudaView<f32>,
+        idx: &CudaView<i32>,
+        out: &mut CudaViewMut<f32>,
+        n_idx: usize,
+        d: usize,
+    ) -> Result<()> {
+        need("gather idx", idx.len(), n_idx)?;
+        need("gather out", out.len(), n_idx * d)?;
+        if n_idx * d == 0 {
+            return Ok(());
+        }
+        let (n32, d32) = (to_i32("gather rows", n_idx)?, to_i32("gather d", d)?);
+        let mut b = self.stream.launch_builder(&self.gather_fn);
+        b.arg(src).arg(idx).arg(out).arg(&n32).arg(&d32);
+        // SAFETY: out and idx lengths checked; every index was validated against src's row
+        // count by the caller when the index list was built.
+        unsafe { b.launch(grid_for(n_idx * d)) }
+            .map_err(|e| cuda_err("launch gather_rows_f32", e))?;
+        Ok(())
+    }
+
+    /// Strided bf16 row copy (K/V cache scatter, Q extraction); see [`CopyRows`].
+    pub fn copy_rows_bf16(
+        &self,
+        src: &CudaView<u16>,
+        dst: &mut CudaViewMut<u16>,
+        c: CopyRows,
+    ) -> Result<()> {
+        if c.rows == 0 || c.width == 0 {
+            return Ok(());
+        }
+        if c.rows_per_seq == 0
+            || c.src_col + c.width > c.src_stride
+            || c.dst_col + c.width > c.dst_stride
+        {
+            return Err(Error::invalid(format!(
+                "elementwise copy_rows: bad shape {c:?}"
+            )));
+        }
+        need(
+            "copy_rows src",
+            src.len(),
+            (c.rows - 1) * c.src_stride + c.src_col + c.width,
+        )?;
+        let max_row = max_strided(c.rows, c.rows_per_seq, |r| c.dst_row(r));
+        need(
+            "copy_rows dst",
+            dst.len(),
+            max_row * c.dst_stride + c.dst_col + c.width,
+        )?;
+        let a = [
+            to_i32("copy_rows src_stride", c.src_stride)?,
+            to_i32("copy_rows src_col", c.src_col)?,
+            to_i32("copy_rows dst_stride", c.dst_stride)?,
+            to_i32("copy_rows dst_col", c.dst_col)?,
+            to_i32("copy_rows rows", c.rows)?,
+            to_i32("copy_rows width", c.width)?,
+            to_i32("copy_rows rows_per_seq", c.rows_per_seq)?,
+            to_i32("copy_rows dst_seq_rows", c.dst_seq_rows)?,
+            to_i32("copy_rows dst_row_offset", c.dst_row_offset)?,
+        ];
+        let mut b = self.stream.launch_builder(&self.copy_rows_fn);
+        b.arg(src)
+            .arg(&a[0])
+            .arg(&a[1])
+            .arg(dst)
+            .arg(&a[2])
+            .arg(&a[3]);
+        for x in &a[4..] {
+            b.arg(x);
+        }
+        // SAFETY: the largest source and destination offsets were checked against the views.
+        unsafe { b.launch(grid_for(c.rows * c.width)) }
+            .map_err(|e| cuda_err("launch copy_rows_bf16", e))?;
+        Ok(())
+    }
+
+    /// Fills an f32 buffer with the bit pattern `bits` (poisoning before a check).
+    pub fn fill_f32_bits(&self, out: &mut CudaViewMut<f32>, bits: u32) -> Result<()> {
+        let n = out.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as i64;
+        let mut b = self.stream.launch_builder(&self.fill_fn);
+        b.arg(out).arg(&bits).arg(&n64);
+        // SAFETY: writes exactly out.len() 32-bit words, the size of the f32 view.
+        unsafe { b.launch(grid_for(n)) }.map_err(|e| cuda_err("launch fill_u32", e))?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Self-check and bench
+// ---------------------------------------------------------------------------------------------
+
+fn upload<T: cudarc::driver::DeviceRepr>(
+    dev: &CudaDevice,
+    v: &[T],
+) -> Result<cudarc::driver::CudaSlice<T>> {
+    dev.stream.clone_htod(v).map_err(|e| cuda_err("upload", e))
+}
+
+fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+    dev: &CudaDevice,
+    b: &cudarc::driver::CudaSlice<T>,
+) -> Result<Vec<T>> {
+    dev.stream
+        .clone_dtoh(b)
+        .map_err(|e| cuda_err("download", e))
+}
+
+fn check_rmsnorm(
+    dev: &CudaDevice,
+    ew: &Elementwise,
+    rows: usize,
+    d: usize,
+    bf16_out: bool,
+) -> Result<(f64, String)> {
+    let x = check::random_f32(11 + d as u64, rows * d, -3.0, 3.0);
+    let w = check::random_f32(12 + d as u64, d, 0.5, 1.5);
+    let eps = 1e-5f32;
+    let mut want = vec![0f32; rows * d];
+    cpu::rms_norm(&x, &w, eps, &mut want);
+    let (xd, wd) = (upload(dev, &x)?, upload(dev, &w)?);
+    let got = if bf16_out {
+        let mut out = upload(dev, &vec![check::POISON_BF16_BITS; rows * d])?;
+        ew.rmsnorm_bf16(
+            &xd.as_view(),
+            &wd.as_view(),
+            &mut out.as_view_mut(),
+            rows,
+            d,
+            eps,
+        )?;
+        check::from_bf16_bits(&download(dev, &out)?)
+    } else {
+        let mut out = upload(dev, &vec![f32::from_bits(check::POISON_F32_BITS); rows * d])?;
+        ew.rmsnorm_f32(
+            &xd.as_view(),
+            &wd.as_view(),
+            &mut out.as_view_mut(),
+            rows,
+            d,
+            eps,
+        )?;
+        download(dev, &out)?
+    };
+    Ok((check::rel_l2(&got, &want), format!("rows {rows} d {d}")))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_rope(
+    dev: &CudaDevice,
+    ew: &Elementwise,
+    seqs: usize,
+    len: usize,
+    q_heads: usize,
+    k_heads: usize,
+    hd: usize,
+    offset: usize,
+) -> Result<(f64, String)> {
+    let theta = 500_000f32;
+    let stride = (q_heads + 2 * k_heads) * hd; // q | k | v, like the fused QKV output
+    let rows = seqs * len;
+    let x = check::round_bf16(&check::random_f32(21 + hd as u64, rows * stride, -2.0, 2.0));
+    // CPU reference on the q and k parts separately.
+    let positions: Vec<usize> = (0..rows).map(|r| offset + r % len).collect();
+    let mut q: Vec<f32> = Vec::with_capacity(rows * q_heads * hd);
+    let mut k: Vec<f32> = Vec::with_capacity(rows * k_heads * hd);
+    for r in 0..rows {
+        let row = &x[r * stride..(r + 1) * stride];
+        q.extend_from_slice(&row[..q_heads * hd]);
+        k.extend_from_slice(&row[q_heads * hd..(q_heads + k_heads) * hd]);
+    }
+    cpu::rope(&mut q, &positions, q_heads, hd, theta);
+    cpu::rope(&mut k, &positions, k_heads, hd, theta);
+    let mut want = x.clone();
+    for r in 0..rows {
+        let row = &mut want[r * stride..(r + 1) * stride];
+        row[..q_heads * hd].copy_from_slice(&q[r * q_heads * hd..(r + 1) * q_heads * hd]);
+        row[q_heads * hd..(q_heads + k_heads) * hd]
+            .copy_from_slice(&k[r * k_heads * hd..(r + 1) * k_heads * hd]);
+    }
+    let inv = upload(dev, &cpu::rope_inv_freq(hd, theta))?;
+    let mut buf = upload(dev, &check::to_bf16_bits(&x))?;
+    let shape = RopeShape {
+        rows,
+        row_stride: stride,
+        q_heads,
+        k_heads,
+        k_col: q_heads * hd,
+        head_dim: hd,
+        pos_period: len,
+        pos_offset: offset,
+    };
+    ew.rope(&mut buf.as_view_mut(), &inv.as_view(), shape)?;
+    let got = check::from_bf16_bits(&download(dev, &buf)?);
+    // V columns must be untouched (exactly).
+    let v_ok = (0..rows).all(|r| {
+        let a = (q_heads + k_heads) * hd + r * stride;
+        got[a..a + k_heads * hd] == x[a..a + k_heads * hd]
+    });
+    let e = if v_ok {
+        check::rel_l2(&got, &want)
+    } else {
+        f64::INFINITY
+    };
+    Ok((
+        e,
+        format!("{seqs}x{len} rows, {q_heads}q+{k_heads}k heads of {hd}, pos from {offset}, v untouched {v_ok}"),
+    ))
+}
+
+fn check_swiglu(
+    dev: &CudaDevice,
+    ew: &Elementwise,
+    rows: usize,
+    h: usize,
+) -> Result<(f64, String)> {
+    let gu = check::round_bf16(&check::random_f32(31 + h as u64, rows * 2 * h, -6.0, 6.0));
+    let (mut g, mut u) = (Vec::new(), Vec::new());
+    for r in 0..rows {
+        g.extend_from_slice(&gu[r * 2 * h..r * 2 * h + h]);
+        u.extend_from_slice(&gu[r * 2 * h + h..(r + 1) * 2 * h]);
+    }
+    let mut want = vec![0f32; rows * h];
+    cpu::silu_mul(&g, &u, &mut want);
+    let gud = upload(dev, &check::to_bf16_bits(&gu))?;
+    let mut out = upload(dev, &vec![check::POISON_BF16_BITS; rows * h])?;
+    ew.swiglu(&gud.as_view(), &mut out.as_view_mut(), rows, h)?;
+    let got = check::from_bf16_bits(&download(dev, &out)?);
+    Ok((check::rel_l2(&got, &want), format!("rows {rows} h {h}")))
+}
+
+fn check_embedding(
+    dev: &CudaDevice,
+    ew: &Elementwise,
+    vocab: usize,
+    d: usize,
+    n: usize,
+) -> Result<(f64, String)> {
+    let table = check::round_bf16(&check::random_f32(41, vocab * d, -1.0, 1.0));
+    let ids: Vec<u32> = (0..n).map(|i| ((i * 7919 + 3) % vocab) as u32).collect();
+    let bits = check::to_bf16_bits(&table);
+    let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    let shape = [vocab, d];
+    let view = crate::weights::TensorView {
+        name: "check.embedding",
+        dtype: crate::weights::DType::BF16,
+        shape: &shape,
+        data: &bytes,
+    };
+    let mut want = vec![0f32; n * d];
+    cpu::embedding(&view, &ids, &mut want)?;
+    let (td, idd) = (upload(dev, &bits)?, upload(dev, &ids)?);
+    let mut out = upload(dev, &vec![f32::from_bits(check::POISON_F32_BITS); n * d])?;
+    ew.embedding(
+        &td.as_view(),
+        &idd.as_view(),
+        &mut out.as_view_mut(),
+        n,
+        d,
+        vocab,
+    )?;
+    let got = download(dev, &out)?;
+    let e1 = check::rel_l2(&got, &want);
+    // Strided: rows 3..7 of each of 3 canvases of 10 ids.
+    let l = IdLayout {
+        rows_per_seq: 4,
+        seq_stride: 10,
+        offset: 3,
+    };
+    let canvas: Vec<u32> = (0..30).map(|i| ((i * 31 + 5) % vocab) as u32).collect();
+    let sel: Vec<u32> = (0..12).map(|r| canvas[l.index(r)]).collect();
+    let mut want2 = vec![0f32; 12 * d];
+    cpu::embedding(&view, &sel, &mut want2)?;
+    let cd = upload(dev, &canvas)?;
+    let mut out2 = upload(dev, &vec![f32::from_bits(check::POISON_F32_BITS); 12 * d])?;
+    ew.embedding_strided(
+        &td.as_view(),
+        &cd.as_view(),
+        &mut out2.as_view_mut(),
+        12,
+        d,
+        vocab,
+        l,
+    )?;
+    let e2 = check::rel_l2(&download(dev, &out2)?, &want2);
+    Ok((
+        e1.max(e2),
+        format!("{n} ids, vocab {vocab} d {d}; strided 3x4 of 10: {e2:.1e}"),
+    ))
+}
+
+fn check_convert(dev: &CudaDevice, ew: &Elementwise, n: usize) -> Result<(f64, String)> {
+    let x = check::random_f32(51, n, -100.0, 100.0);
+    let want_bits = check::to_bf16_bits(&x);
+    let xd = upload(dev, &x)?;
+    let mut bd = upload(dev, &vec![check::POISON_BF16_BITS; n])?;
+    ew.f32_to_bf16(&xd.as_view(), &mut bd.as_view_mut(), n)?;
+    let got_bits = download(dev, &bd)?;
+    let mismatches = got_bits
+        .iter()
+        .zip(&want_bits)
+        .filter(|(a, b)| a != b)
+        .count();
+    let mut back = upload(dev, &vec![f32::from_bits(check::POISON_F32_BITS); n])?;
+    ew.bf16_to_f32(&bd.as_view(), &mut back.as_view_mut(), n)?;
+    let back = download(dev, &back)?;
+    let e = check::rel_l2(&back, &check::from_bf16_bits(&want_bits));
+    let e = if mismatches == 0 { e } else { f64::INFINITY };
+    Ok((
+        e,
+        format!("{n} values, {mismatches} bf16 rounding mismatches"),
+    ))
+}
+
+fn check_gather_copy(dev: &CudaDevice, ew: &Elementwise) -> Result<(f64, String)> {
+    // gather: 5 of 13 rows of width 37
+    let (rows, d) = (13usize, 37usize);
+    let src = check::random_f32(61, rows * d, -1.0, 1.0);
+    let idx: Vec<i32> = vec![12, 0, 5, 5, 7];
+    let want: Vec<f32> = idx
+        .iter()
+        .flat_map(|&i| src[i as usize * d..(i as usize + 1) * d].to_vec())
+        .collect();
+    let (sd, id) = (upload(dev, &src)?, upload(dev, &idx)?);
+    let mut out = upload(
+        dev,
+        &vec![f32::from_bits(check::POISON_F32_BITS); idx.len() * d],
+    )?;
+    ew.gather_rows_f32(
+        &sd.as_view(),
+        &id.as_view(),
+        &mut out.as_view_mut(),
+        idx.len(),
+        d,
+    )?;
+    let e1 = check::rel_l2(&download(dev, &out)?, &want);
+    // copy: 2 sequences of 3 rows, columns [5, 5+7) of stride 19 → cache [2, 10, 9] at col 1, offset 4
+    let c = CopyRows {
+        rows: 6,
+        width: 7,
+        src_stride: 19,
+        src_col: 5,
+        dst_stride: 9,
+        dst_col: 1,
+        rows_per_seq: 3,
+        dst_seq_rows: 10,
+        dst_row_offset: 4,
+    };
+    let s: Vec<u16> = (0..6 * 19).map(|i| i as u16).collect();
+    let mut want2 = vec![0xFFFFu16; 2 * 10 * 9];
+    for r in 0..c.rows {
+        for j in 0..c.width {
+            want2[c.dst_row(r) * c.dst_stride + c.dst_col + j] =
+                s[r * c.src_stride + c.src_col + j];
+        }
+    }
+    let sd2 = upload(dev, &s)?;
+    let mut dd = upload(dev, &vec![0xFFFFu16; 2 * 10 * 9])?;
+    ew.copy_rows_bf16(&sd2.as_view(), &mut dd.as_view_mut(), c)?;
+    let ok2 = download(dev, &dd)? == want2;
+    let e = if ok2 { e1 } else { f64::INFINITY };
+    Ok((e, format!("gather 5 rows of 37, strided copy exact {ok2}")))
+}
+
+/// Checks every element-wise kernel against the CPU reference on odd and model-sized shapes.
+pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
+    let ew = match Elementwise::new(dev) {
+        Ok(e) => e,
+        Err(e) => return vec![CheckResult::failed("elementwise.load", e)],
+    };
+    let mut out = Vec::new();
+    for &(rows, d) in &[(1usize, 7usize), (37, 389), (32, 4096)] {
+        out.push(CheckResult::from_result(
+            format!("elementwise.rmsnorm_bf16 {rows}x{d}"),
+            TOL_BF16,
+            check_rmsnorm(dev, &ew, rows, d, true),
+        ));
+        out.push(CheckResult::from_result(
+            format!("elementwise.rmsnorm_f32 {rows}x{d}"),
+            TOL_F32,
+            check_rmsnorm(dev, &ew, rows, d, false),
+        ));
+    }
+    for &(seqs, len, qh, kh, hd, off) in &[
+        (1usize, 5usize, 2usize, 2usize, 8usize, 0usize),
+        (3, 17, 6, 3, 64, 0),
+        (2, 32, 4, 4, 128, 352),
+    ] {
+        out.push(CheckResult::from_result(
+            format!("elementwise.rope hd{hd} q{qh}k{kh} off{off}"),
+            TOL_BF16,
+            check_rope(dev, &ew, seqs, len, qh, kh, hd, off),
+        ));
+    }
+    for &(rows, h) in &[(3usize, 37usize), (33, 1024)] {
+        out.push(CheckResult::from_result(
+            format!("elementwise.swiglu {rows}x{h}"),
+            TOL_BF16,
+            check_swiglu(dev, &ew, rows, h),
+        ));
+    }
+    out.push(CheckResult::from_result(
+        "elementwise.embedding",
+        TOL_F32,
+        check_embedding(dev, &ew, 301, 67, 29),
+    ));
+    out.push(CheckResult::from_result(
+        "elementwise.convert bf16<->f32",
+        TOL_F32,
+        check_convert(dev, &ew, 10_007),
+    ));
+    out.push(CheckResult::from_result(
+        "elementwise.gather+copy_rows",
+        TOL_F32,
+        check_gather_copy(dev, &ew),
+    ));
+    out
+}
+
+/// Times the element-wise kernels at LLaDA-8B batch-8 full-canvas shapes (3072 rows).
+pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
+    match bench_inner(dev) {
+        Ok(v) => v,
+        Err(e) => vec![BenchResult::failed("elementwise", e)],
+    }
+}
+
+fn bench_inner(dev: &CudaDevice) -> Result<Vec<BenchResult>> {
+    let ew = Elementwise::new(dev)?;
+    let alloc_f32 = |n: usize| {
+        dev.stream
+            .alloc_zeros::<f32>(n)
+            .map_err(|e| cuda_err("alloc", e))
+    };
+    let alloc_u16 = |n: usize| {
+        dev.stream
+            .alloc_zeros::<u16>(n)
+            .map_err(|e| cuda_err("alloc", e))
+    };
+    let (rows, d, h, hd) = (3072usize, 4096usize, 12288usize, 128usize);
+    let mut res = Vec::new();
+    let x = alloc_f32(rows * d)?;
+    let w = alloc_f32(d)?;
+    let mut xb = alloc_u16(rows * d)?;
+    let ms = check::time_median_ms(dev, 3, 20, |_| {
+        ew.rmsnorm_bf16(
+            &x.as_view(),
+            &w.as_view(),
+            &mut xb.as_view_mut(),
+            rows,
+            d,
+            1e-5,
+        )
+    })?;
+    res.push(BenchResult::new(
+        "elementwise.rmsnorm_bf16 3072x4096",
+        ms,
+        Some((rows * d * 6) as f64),
+        None,
+        "",
+    ));
+    let mut qkv = alloc_u16(rows * 3 * d)?;
+    let inv = upload(dev, &cpu::rope_inv_freq(hd, 500_000.0))?;
+    let shape = RopeShape {
+        rows,
+        row_stride: 3 * d,
+        q_heads: 32,
+        k_heads: 32,
+        k_col: d,
+        head_dim: hd,
+        pos_period: 384,
+        pos_offset: 0,
+    };
+    let ms = check::time_median_ms(dev, 3, 20, |_| {
+        ew.rope(&mut qkv.as_view_mut(), &inv.as_view(), shape)
+    })?;
+    res.push(BenchResult::new(
+        "elementwise.rope 3072 rows q+k 4096",
+        ms,
+        Some((rows * 2 * d * 4) as f64),
+        None,
+        "",
+    ));
+    let gu = alloc_u16(rows * 2 * h)?;
+    let mut act = alloc_u16(rows * h)?;
+    let ms = check::time_median_ms(dev, 3, 20, |_| {
+        ew.swiglu(&gu.as_view(), &mut act.as_view_mut(), rows, h)
+    })?;
+    res.push(BenchResult::new(
+        "elementwise.swiglu 3072x12288",
+        ms,
+        Some((rows * h * 6) as f64),
+        None,
+        "",
+    ));
+    let vocab = 126_464usize;
+    let table = alloc_u16(vocab * d)?;
+    let ids = upload(
+        dev,
+        &(0..rows as u32)
+            .map(|i| i * 41 % vocab as u32)
+            .collect::<Vec<_>>(),
+    )?;
+    let mut emb = alloc_f32(rows * d)?;
+    let ms = check::time_median_ms(dev, 3, 20, |_| {
+        ew.embedding(
+            &table.as_view(),
+            &ids.as_view(),
+            &mut emb.as_view_mut(),
+            rows,
+            d,
+            vocab,
+        )
+    })?;
+    res.push(BenchResult::new(
+        "elementwise.embedding 3072x4096",
+        ms,
+        Some((rows * d * 6) as f64),
+        None,
+        "",
+    ));
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_index_maps_and_their_maximum() {
+        let l = IdLayout {
+            rows_per_seq: 4,
+            seq_stride: 10,
+            offset: 3,
+        };
+        assert_eq!(
+            (0..8).map(|r| l.index(r)).collect::<Vec<_>>(),
+            vec![3, 4, 5, 6, 13, 14, 15, 16]
+        );
+        let brute = |rows: usize, f: &dyn Fn(usize) -> usize| (0..rows).map(f).max().unwrap();
+        for rows in 1..12 {
+            for rps in 1..6 {
+                for stride in [0usize, 2, 7] {
+                    let l = IdLayout {
+                        rows_per_seq: rps,
+                        seq_stride: stride,
+                        offset: 1,
+                    };
+                    assert_eq!(
+                        max_strided(rows, rps, |r| l.index(r)),
+                        brute(rows, &|r| l.index(r)),
+                        "{rows} {rps} {stride}"
+                    );
+                }
+            }
+        }
+        let c = CopyRows {
+            rows: 6,
+            width: 7,
+            src_stride: 19,
+            src_col: 5,
+            dst_stride: 9,
+            dst_col: 1,
+            rows_per_seq: 3,
+            dst_seq_rows: 10,
+            dst_row_offset: 4,
+        };
+        assert_eq!(
+            (0..6).map(|r| c.dst_row(r)).collect::<Vec<_>>(),
+            vec![4, 5, 6, 14, 15, 16]
+        );
+    }
+}

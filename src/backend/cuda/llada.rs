@@ -1,0 +1,978 @@
+//! LLaDA on the GPU: weights uploaded once as bf16, a batch of canvases resident on the device,
+//! full-canvas and block (Fast-dLLM dual cache) forwards, the LM head run only for query rows,
+//! and on-GPU sampling and commit.
+//!
+//! Layer `l` of a forward over rows `r = b·L + i` (canvas `b`, position `start + i`):
+//! `x` (fp32 residual) → RMSNorm → bf16 → fused QKV GEMM (`[q|k|v]` weight `[d + 2·kv, d]`) →
+//! RoPE on q and k → attention → `attn_out` GEMM added into `x` → RMSNorm → fused gate|up GEMM
+//! (`[2h, d]`) → SwiGLU → `ff_out` GEMM added into `x`. The head gathers the query rows of `x`,
+//! applies `ln_f` and the LM head GEMM (fp32 logits) in chunks of [`HEAD_CHUNK_ROWS`] rows, then
+//! the sampling kernel turns each row into a token and a confidence.
+//!
+//! K/V cache: per layer `[batch, seq_cap, kv_dim]` bf16. A full forward with `store_cache`
+//! writes every position's K (after RoPE) and V; a block forward over `[start, start + len)`
+//! writes its fresh K/V at those positions and attends to the whole cached sequence.
+//!
+//! Not done yet: the steady-state block step is not captured in a CUDA graph (the context's
+//! default stream is the legacy stream, which cannot be captured; capturing needs a dedicated
+//! stream with cudarc's event tracking turned off).
+//!
+//! Setting `DLLM_CUDA_SAFE=1` runs the reference (naive) GEMM and attention kernels instead of
+//! the fast ones, so a wrong fast kernel can be told apart from a wrong model.
+
+use super::attention::{Attention, AttnShape, AttnVariant};
+use super::elementwise::{CopyRows, Elementwise, IdLayout, RopeShape};
+use super::gemm::{Gemm, GemmOut, GemmVariant};
+use super::sampling::{commit_record_len, parse_commit_record, CommitRule, Sampler};
+use super::{cuda_err, CudaDevice};
+use crate::backend::cpu::rope_inv_freq;
+use crate::config::ModelConfig;
+use crate::denoise::predict::{PredictRule, Prediction};
+use crate::error::{Error, Result};
+use crate::model::llada::layout;
+use crate::model::Model;
+use crate::weights::{DType, TensorView, WeightStore};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Query rows per LM-head chunk (bounds the fp32 logits buffer: rows × embedding_size × 4 B).
+pub const HEAD_CHUNK_ROWS: usize = 256;
+/// Elements converted per host-side staging chunk during weight upload.
+const UPLOAD_CHUNK: usize = 1 << 24;
+
+/// Which kernels the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelChoice {
+    /// Reference GEMM kernel (`gemm_naive`) instead of the fast ones.
+    pub naive_gemm: bool,
+    /// Reference attention kernel instead of the tensor-core one.
+    pub naive_attention: bool,
+}
+
+impl KernelChoice {
+    /// Fast kernels unless `DLLM_CUDA_SAFE=1`.
+    pub fn from_env() -> Self {
+        let safe = std::env::var("DLLM_CUDA_SAFE").is_ok_and(|v| v == "1");
+        KernelChoice {
+            naive_gemm: safe,
+            naive_attention: safe,
+        }
+    }
+}
+
+struct LayerWeights {
+    /// `[q_dim + 2·kv_dim, d]`: q_proj, k_proj, v_proj stacked.
+    qkv: CudaSlice<u16>,
+    /// `[d, d]`.
+    attn_out: CudaSlice<u16>,
+    /// `[2h, d]`: ff_proj (gate) then up_proj.
+    gate_up: CudaSlice<u16>,
+    /// `[d, h]`.
+    ff_out: CudaSlice<u16>,
+    attn_norm: CudaSlice<f32>,
+    ff_norm: CudaSlice<f32>,
+}
+
+struct Weights {
+    wte: CudaSlice<u16>,
+    layers: Vec<LayerWeights>,
+    ln_f: CudaSlice<f32>,
+    /// `None` when the head is tied to `wte`.
+    head: Option<CudaSlice<u16>>,
+    bytes: usize,
+}
+
+/// Device buffers of one model instance, sized for `batch_cap × seq_cap` rows.
+struct State {
+    batch_cap: usize,
+    seq_cap: usize,
+    /// Current canvases: `batch` canvases of `seq` tokens in `canvas` (`[batch, seq]`, i32).
+    batch: usize,
+    seq: usize,
+    canvas: CudaSlice<i32>,
+    x: CudaSlice<f32>,
+    xn: CudaSlice<u16>,
+    qkv: CudaSlice<u16>,
+    attn: CudaSlice<u16>,
+    gu: CudaSlice<u16>,
+    act: CudaSlice<u16>,
+    k_cache: Vec<CudaSlice<u16>>,
+    v_cache: Vec<CudaSlice<u16>>,
+    /// Whether the cache holds K/V of every position of the current canvases.
+    cache_valid: bool,
+    /// Rows per canvas of the last forward (its `x` holds `batch × rows_per_canvas` rows).
+    fwd_len: usize,
+    /// Query rows (indices into `x`) and their canvas positions, with the host copy they came from.
+    q_idx: CudaSlice<i32>,
+    q_pos: CudaSlice<i32>,
+    q_host: (Vec<i32>, Vec<i32>),
+    hq: CudaSlice<f32>,
+    hqn: CudaSlice<u16>,
+    logits: CudaSlice<f32>,
+    tokens: CudaSlice<i32>,
+    conf: CudaSlice<f64>,
+    record: CudaSlice<i32>,
+}
+
+/// LLaDA with every weight resident on one CUDA device.
+pub struct LladaCuda {
+    dev: Arc<CudaDevice>,
+    cfg: ModelConfig,
+    kernels: KernelChoice,
+    ew: Elementwise,
+    gemm: Gemm,
+    attn: Attention,
+    sampler: Sampler,
+    w: Weights,
+    inv_freq: CudaSlice<f32>,
+    state: Mutex<Option<State>>,
+}
+
+fn alloc<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    n: usize,
+    what: &str,
+) -> Result<CudaSlice<T>> {
+    dev.stream
+        .alloc_zeros::<T>(n.max(1))
+        .map_err(|e| cuda_err(&format!("allocate {what} ({n} elements)"), e))
+}
+
+/// Converts `count` elements of `v` starting at element `start` to bf16 bits.
+fn to_bf16_bits(v: &TensorView, start: usize, out: &mut Vec<u16>, count: usize) {
+    out.clear();
+    match v.dtype {
+        DType::BF16 => out.extend(
+            v.data[start * 2..(start + count) * 2]
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]])),
+        ),
+        DType::F16 | DType::F32 => {
+            let mut f = vec![0f32; count];
+            v.to_f32_range(start, &mut f);
+            out.extend(f.iter().map(|&x| half::bf16::from_f32(x).to_bits()));
+        }
+    }
+}
+
+/// Uploads tensors stacked along their first axis into one bf16 device matrix.
+fn upload_stacked(dev: &CudaDevice, parts: &[TensorView]) -> Result<CudaSlice<u16>> {
+    let total: usize = parts.iter().map(|p| p.numel()).sum();
+    let mut dst = alloc::<u16>(dev, total, parts.first().map_or("weights", |p| p.name))?;
+    let mut off = 0;
+    let mut buf = Vec::new();
+    for p in parts {
+        let n = p.numel();
+        let mut done = 0;
+        while done < n {
+            let c = UPLOAD_CHUNK.min(n - done);
+            to_bf16_bits(p, done, &mut buf, c);
+            let mut view = dst.slice_mut(off + done..off + done + c);
+            dev.stream
+                .memcpy_htod(&buf, &mut view)
+                .map_err(|e| cuda_err(&format!("upload tensor `{}`", p.name), e))?;
+            done += c;
+        }
+        off += n;
+    }
+    // The staging buffer is reused: wait for the copies before it is dropped or refilled.
+    dev.sync()?;
+    Ok(dst)
+}
+
+fn upload_f32(dev: &CudaDevice, v: &TensorView) -> Result<CudaSlice<f32>> {
+    dev.stream
+        .clone_htod(&v.to_f32_vec())
+        .map_err(|e| cuda_err(&format!("upload tensor `{}`", v.name), e))
+}
+
+fn i32_of(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} does not fit in i32")))
+}
+
+impl LladaCuda {
+    /// Opens CUDA device 0 and loads the checkpoint in `dir` (config.json + safetensors).
+    pub fn load(dir: &Path) -> Result<LladaCuda> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let store = WeightStore::open(dir)?;
+        let dev = CudaDevice::open(0)?;
+        LladaCuda::new(dev, &store, &cfg, KernelChoice::from_env())
+    }
+
+    /// Uploads every weight of `store` (validated against `cfg`'s LLaDA layout) to `dev`.
+    pub fn new(
+        dev: Arc<CudaDevice>,
+        store: &WeightStore,
+        cfg: &ModelConfig,
+        kernels: KernelChoice,
+    ) -> Result<LladaCuda> {
+        if cfg.include_qkv_bias {
+            return Err(Error::Unsupported(
+                "config field `include_qkv_bias`: q/k/v biases on the CUDA backend".into(),
+            ));
+        }
+        let (d, h, e) = (cfg.d_model, cfg.mlp_hidden, cfg.embedding_size);
+        let kv = cfg.n_kv_heads * cfg.head_dim();
+        let wte = store.get_shaped(layout::WTE, &[e, d])?;
+        let mut bytes = 0usize;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let n = layout::block_names(i);
+            let q = store.get_shaped(&n.q_proj, &[d, d])?;
+            let k = store.get_shaped(&n.k_proj, &[kv, d])?;
+            let v = store.get_shaped(&n.v_proj, &[kv, d])?;
+            let o = store.get_shaped(&n.attn_out, &[d, d])?;
+            let g = store.get_shaped(&n.ff_proj, &[h, d])?;
+            let u = store.get_shaped(&n.up_proj, &[h, d])?;
+            let f = store.get_shaped(&n.ff_out, &[d, h])?;
+            let an = store.get_shaped(&n.attn_norm, &[d])?;
+            let fnm = store.get_shaped(&n.ff_norm, &[d])?;
+            layers.push(LayerWeights {
+                qkv: upload_stacked(&dev, &[q, k, v])?,
+                attn_out: upload_stacked(&dev, &[o])?,
+                gate_up: upload_stacked(&dev, &[g, u])?,
+                ff_out: upload_stacked(&dev, &[f])?,
+                attn_norm: upload_f32(&dev, &an)?,
+                ff_norm: upload_f32(&dev, &fnm)?,
+            });
+            bytes += 2 * (d * (d + 2 * kv) + d * d + 3 * d * h);
+        }
+        let ln_f = upload_f32(&dev, &store.get_shaped(layout::LN_F, &[d])?)?;
+        let head = if cfg.weight_tying {
+            None
+        } else {
+            bytes += 2 * e * d;
+            Some(upload_stacked(
+                &dev,
+                &[store.get_shaped(layout::LM_HEAD, &[e, d])?],
+            )?)
+        };
+        let w = Weights {
+            wte: upload_stacked(&dev, &[wte])?,
+            layers,
+            ln_f,
+            head,
+            bytes,
+        };
+        let inv_freq = dev
+            .stream
+            .clone_htod(&rope_inv_freq(cfg.head_dim(), cfg.rope_theta))
+            .map_err(|e| cuda_err("upload rope frequencies", e))?;
+        Ok(LladaCuda {
+            ew: Elementwise::new(&dev)?,
+            gemm: Gemm::load(&dev)?,
+            attn: Attention::load(&dev)?,
+            sampler: Sampler::load(&dev)?,
+            dev,
+            cfg: cfg.clone(),
+            kernels,
+            w,
+            inv_freq,
+            state: Mutex::new(None),
+        })
+    }
+
+    /// The device this model runs on.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// Bytes of weights streamed by one forward (every layer matrix plus the LM head; the
+    /// embedding rows read are negligible).
+    pub fn weight_bytes(&self) -> usize {
+        self.w.bytes
+    }
+
+    /// Which kernels run.
+    pub fn kernels(&self) -> KernelChoice {
+        self.kernels
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.cfg.n_kv_heads * self.cfg.head_dim()
+    }
+
+    fn qkv_dim(&self) -> usize {
+        self.cfg.d_model + 2 * self.kv_dim()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<State>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn alloc_state(&self, batch_cap: usize, seq_cap: usize) -> Result<State> {
+        let dev = &*self.dev;
+        let rows = batch_cap * seq_cap;
+        let (d, h) = (self.cfg.d_model, self.cfg.mlp_hidden);
+        let kv = self.kv_dim();
+        let qcap = rows;
+        let chunk = HEAD_CHUNK_ROWS.min(qcap);
+        let mut k_cache = Vec::with_capacity(self.cfg.n_layers);
+        let mut v_cache = Vec::with_capacity(self.cfg.n_layers);
+        for _ in 0..self.cfg.n_layers {
+            k_cache.push(alloc(dev, rows * kv, "K cache")?);
+            v_cache.push(alloc(dev, rows * kv, "V cache")?);
+        }
+        Ok(State {
+            batch_cap,
+            seq_cap,
+            batch: 0,
+            seq: 0,
+            canvas: alloc(dev, rows, "canvas")?,
+            x: alloc(dev, rows * d, "residual")?,
+            xn: alloc(dev, rows * d, "normed activations")?,
+            qkv: alloc(dev, rows * self.qkv_dim(), "qkv")?,
+            attn: alloc(dev, rows * d, "attention output")?,
+            gu: alloc(dev, rows * 2 * h, "gate|up")?,
+            act: alloc(dev, rows * h, "swiglu output")?,
+            k_cache,
+            v_cache,
+            cache_valid: false,
+            fwd_len: 0,
+            q_idx: alloc(dev, qcap, "query rows")?,
+            q_pos: alloc(dev, qcap, "query positions")?,
+            q_host: (Vec::new(), Vec::new()),
+            hq: alloc(dev, chunk * d, "query hidden")?,
+            hqn: alloc(dev, chunk * d, "query normed")?,
+            logits: alloc(dev, chunk * self.cfg.logits_width(), "logits")?,
+            tokens: alloc(dev, qcap, "tokens")?,
+            conf: alloc(dev, qcap, "confidences")?,
+            record: alloc(dev, commit_record_len(batch_cap, seq_cap), "commit record")?,
+        })
+    }
+
+    /// Makes room for `batch` canvases of `seq` tokens (reallocates the step buffers and cache
+    /// only when they are too small; the current canvases are lost then).
+    pub fn reserve(&self, batch: usize, seq: usize) -> Result<()> {
+        let mut g = self.lock();
+        self.reserve_locked(&mut g, batch, seq)
+    }
+
+    fn reserve_locked(&self, g: &mut Option<State>, batch: usize, seq: usize) -> Result<()> {
+        if batch == 0 || seq == 0 {
+            return Err(Error::invalid(format!(
+                "batch ({batch}) and sequence length ({seq}) must be positive"
+            )));
+        }
+        if seq > self.cfg.max_seq_len {
+            return Err(Error::invalid(format!(
+                "sequence of {seq} tokens exceeds max_seq_len {}",
+                self.cfg.max_seq_len
+            )));
+        }
+        let fits = g
+            .as_ref()
+            .is_some_and(|s| s.batch_cap >= batch && s.seq_cap >= seq);
+        if !fits {
+            let (b0, s0) = g.as_ref().map_or((0, 0), |s| (s.batch_cap, s.seq_cap));
+            *g = None; // free the old buffers first
+            *g = Some(self.alloc_state(batch.max(b0), seq.max(s0))?);
+        }
+        Ok(())
+    }
+
+    /// Uploads `batch` canvases of `seq` tokens (`ids.len() == batch·seq`) as the current canvases.
+    pub fn set_canvases(&self, ids: &[u32], batch: usize, seq: usize) -> Result<()> {
+        let mut g = self.lock();
+        self.set_canvases_locked(&mut g, ids, batch, seq)
+    }
+
+    fn set_canvases_locked(
+        &self,
+        g: &mut Option<State>,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<()> {
+        if ids.len() != batch * seq {
+            return Err(Error::invalid(format!(
+                "{} ids for {batch} canvases of {seq} tokens",
+                ids.len()
+            )));
+        }
+        if let Some((pos, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.cfg.embedding_size)
+        {
+            return Err(Error::invalid(format!(
+                "token id {id} at position {pos} is outside the model's embedding ({} rows)",
+                self.cfg.embedding_size
+            )));
+        }
+        self.reserve_locked(g, batch, seq)?;
+        let st = g.as_mut().expect("reserved above");
+        let host: Vec<i32> = ids.iter().map(|&v| v as i32).collect();
+        let mut view = st.canvas.slice_mut(0..ids.len());
+        self.dev
+            .stream
+            .memcpy_htod(&host, &mut view)
+            .map_err(|e| cuda_err("upload canvases", e))?;
+        st.batch = batch;
+        st.seq = seq;
+        st.cache_valid = false;
+        st.fwd_len = 0;
+        Ok(())
+    }
+
+    /// Downloads the current canvases (`[batch, seq]`).
+    pub fn canvases(&self) -> Result<Vec<u32>> {
+        let g = self.lock();
+        let st = g
+            .as_ref()
+            .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        let n = st.batch * st.seq;
+        let v = self
+            .dev
+            .stream
+            .clone_dtoh(&st.canvas.slice(0..n))
+            .map_err(|e| cuda_err("download canvases", e))?;
+        Ok(v.into_iter().map(|x| x as u32).collect())
+    }
+
+    fn gemm(
+        &self,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        out: GemmOut<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        if self.kernels.naive_gemm {
+            self.gemm
+                .run_variant(&self.dev, GemmVariant::Naive, a, w, out, m, n, k)
+        } else {
+            self.gemm.run(&self.dev, a, w, out, m, n, k)
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &CudaView<u16>,
+        k: &CudaView<u16>,
+        v: &CudaView<u16>,
+        out: &mut CudaViewMut<u16>,
+        shape: &AttnShape,
+    ) -> Result<()> {
+        if self.kernels.naive_attention {
+            self.attn
+                .run_variant(AttnVariant::Naive, q, k, v, out, None, shape)
+        } else {
+            self.attn.run(q, k, v, out, None, shape)
+        }
+    }
+
+    /// Runs every layer over rows `start..start + len` of each current canvas. `full` (len ==
+    /// seq, start 0) attends within the rows themselves and, with `store_cache`, stores K/V; a
+    /// block forward writes its K/V into the cache and attends to the whole cached sequence.
+    fn layers(
+        &self,
+        st: &mut State,
+        start: usize,
+        len: usize,
+        full: bool,
+        store_cache: bool,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (b, s) = (st.batch, st.seq);
+        let (d, h, hd) = (cfg.d_model, cfg.mlp_hidden, cfg.head_dim());
+        let (kv, qkv_dim) = (self.kv_dim(), self.qkv_dim());
+        let rows = b * len;
+        let eps = cfg.rms_norm_eps;
+        // SAFETY: i32 and u32 have the same size; ids were validated non-negative on upload and
+        // the commit kernel writes only ids < vocab_size.
+        let ids = unsafe { st.canvas.transmute::<u32>(b * s) }
+            .ok_or_else(|| Error::Backend("canvas view".into()))?;
+        let layout = IdLayout {
+            rows_per_seq: len,
+            seq_stride: s,
+            offset: start,
+        };
+        self.ew.embedding_strided(
+            &self.w.wte.as_view(),
+            &ids,
+            &mut st.x.slice_mut(0..rows * d),
+            rows,
+            d,
+            cfg.embedding_size,
+            layout,
+        )?;
+        let rope = RopeShape {
+            rows,
+            row_stride: qkv_dim,
+            q_heads: cfg.n_heads,
+            k_heads: cfg.n_kv_heads,
+            k_col: d,
+            head_dim: hd,
+            pos_period: len,
+            pos_offset: start,
+        };
+        let copy = |col: usize| CopyRows {
+            rows,
+            width: kv,
+            src_stride: qkv_dim,
+            src_col: col,
+            dst_stride: kv,
+            dst_col: 0,
+            rows_per_seq: len,
+            dst_seq_rows: st.seq_cap,
+            dst_row_offset: start,
+        };
+        let (copy_k, copy_v) = (copy(d), copy(d + kv));
+        for (li, lw) in self.w.layers.iter().enumerate() {
+            self.ew.rmsnorm_bf16(
+                &st.x.slice(0..rows * d),
+                &lw.attn_norm.as_view(),
+                &mut st.xn.slice_mut(0..rows * d),
+                rows,
+                d,
+                eps,
+            )?;
+            self.gemm(
+                &st.xn.slice(0..rows * d),
+                &lw.qkv.as_view(),
+                GemmOut::Bf16(st.qkv.slice_mut(0..rows * qkv_dim)),
+                rows,
+                qkv_dim,
+                d,
+            )?;
+            self.ew.rope(
+                &mut st.qkv.slice_mut(0..rows * qkv_dim),
+                &self.inv_freq.as_view(),
+                rope,
+            )?;
+            if !full || store_cache {
+                self.ew.copy_rows_bf16(
+                    &st.qkv.slice(0..rows * qkv_dim),
+                    &mut st.k_cache[li].as_view_mut(),
+                    copy_k,
+                )?;
+                self.ew.copy_rows_bf16(
+                    &st.qkv.slice(0..rows * qkv_dim),
+                    &mut st.v_cache[li].as_view_mut(),
+                    copy_v,
+                )?;
+            }
+            {
+                let qkv = st.qkv.slice(0..rows * qkv_dim);
+                let mut out = st.attn.slice_mut(0..rows * d);
+                if full {
+                    let shape = AttnShape {
+                        batch: b,
+                        sq: len,
+                        skv: len,
+                        n_heads: cfg.n_heads,
+                        n_kv_heads: cfg.n_kv_heads,
+                        head_dim: hd,
+                        q_stride: qkv_dim,
+                        o_stride: d,
+                        kv_stride: qkv_dim,
+                        kv_batch_stride: len,
+                    };
+                    let kview = st.qkv.slice(d..rows * qkv_dim);
+                    let vview = st.qkv.slice(d + kv..rows * qkv_dim);
+                    self.attention(&qkv, &kview, &vview, &mut out, &shape)?;
+                } else {
+                    let shape = AttnShape {
+                        batch: b,
+                        sq: len,
+                        skv: s,
+                        n_heads: cfg.n_heads,
+                        n_kv_heads: cfg.n_kv_heads,
+                        head_dim: hd,
+                        q_stride: qkv_dim,
+                        o_stride: d,
+                        kv_stride: kv,
+                        kv_batch_stride: st.seq_cap,
+                    };
+                    self.attention(
+                        &qkv,
+                        &st.k_cache[li].as_view(),
+                        &st.v_cache[li].as_view(),
+                        &mut out,
+                        &shape,
+                    )?;
+                }
+            }
+            self.gemm(
+                &st.attn.slice(0..rows * d),
+                &lw.attn_out.as_view(),
+                GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
+                rows,
+                d,
+                d,
+            )?;
+            self.ew.rmsnorm_bf16(
+                &st.x.slice(0..rows * d),
+                &lw.ff_norm.as_view(),
+                &mut st.xn.slice_mut(0..rows * d),
+                rows,
+                d,
+                eps,
+            )?;
+            self.gemm(
+                &st.xn.slice(0..rows * d),
+                &lw.gate_up.as_view(),
+                GemmOut::Bf16(st.gu.slice_mut(0..rows * 2 * h)),
+                rows,
+                2 * h,
+                d,
+            )?;
+            self.ew.swiglu(
+                &st.gu.slice(0..rows * 2 * h),
+                &mut st.act.slice_mut(0..rows * h),
+                rows,
+                h,
+            )?;
+            self.gemm(
+                &st.act.slice(0..rows * h),
+                &lw.ff_out.as_view(),
+                GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
+                rows,
+                d,
+                h,
+            )?;
+        }
+        st.fwd_len = len;
+        Ok(())
+    }
+
+    /// Full forward over every current canvas (all `seq` positions); with `store_cache` every
+    /// layer's K/V are kept for later [`LladaCuda::forward_block`] calls. Asynchronous.
+    pub fn forward_full(&self, store_cache: bool) -> Result<()> {
+        let mut g = self.lock();
+        let st = g
+            .as_mut()
+            .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        let seq = st.seq;
+        self.layers(st, 0, seq, true, store_cache)?;
+        st.cache_valid = store_cache || st.cache_valid;
+        Ok(())
+    }
+
+    /// Block forward over positions `start..start + len` of every canvas against the cache
+    /// filled by a previous `forward_full(true)` (its K/V at those positions are refreshed).
+    pub fn forward_block(&self, start: usize, len: usize) -> Result<()> {
+        let mut g = self.lock();
+        let st = g
+            .as_mut()
+            .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        if !st.cache_valid {
+            return Err(Error::State(
+                "forward_block needs a cache: run forward_full(store_cache = true) first".into(),
+            ));
+        }
+        if len == 0 || start + len > st.seq {
+            return Err(Error::invalid(format!(
+                "block {start}..{} outside canvases of {}",
+                start + len,
+                st.seq
+            )));
+        }
+        self.layers(st, start, len, false, true)
+    }
+
+    /// Uploads the query rows (indices into the last forward's rows) and their positions when
+    /// they differ from the previous ones.
+    fn set_queries(&self, st: &mut State, idx: Vec<i32>, pos: Vec<i32>) -> Result<()> {
+        if st.q_host.0 != idx || st.q_host.1 != pos {
+            if idx.len() > st.q_idx.len() {
+                return Err(Error::invalid(format!(
+                    "{} query rows exceed capacity {}",
+                    idx.len(),
+                    st.q_idx.len()
+                )));
+            }
+            let n = idx.len();
+            self.dev
+                .stream
+                .memcpy_htod(&idx, &mut st.q_idx.slice_mut(0..n))
+                .map_err(|e| cuda_err("upload query rows", e))?;
+            self.dev
+                .stream
+                .memcpy_htod(&pos, &mut st.q_pos.slice_mut(0..n))
+                .map_err(|e| cuda_err("upload query positions", e))?;
+            st.q_host = (idx, pos);
+        }
+        Ok(())
+    }
+
+    /// Query rows for positions `span` of every canvas in the last forward's row order.
+    fn span_queries(
+        st: &State,
+        span: &Range<usize>,
+        fwd_start: usize,
+    ) -> Result<(Vec<i32>, Vec<i32>)> {
+        let len = st.fwd_len;
+        if span.start < fwd_start || span.end > fwd_start + len || span.is_empty() {
+            return Err(Error::invalid(format!(
+                "query span {span:?} is not inside the last forward's positions {fwd_start}..{}",
+                fwd_start + len
+            )));
+        }
+        let mut idx = Vec::with_capacity(st.batch * span.len());
+        let mut pos = Vec::with_capacity(st.batch * span.len());
+        for b in 0..st.batch {
+            for p in span.clone() {
+                idx.push(i32_of("query row", b * len + p - fwd_start)?);
+                pos.push(i32_of("query position", p)?);
+            }
+        }
+        Ok((idx, pos))
+    }
+
+    /// Runs `ln_f` + LM head over the current query rows in chunks; `each(chunk_start, rows)`
+    /// consumes `st.logits[..rows·width]` after each chunk.
+    fn head(
+        &self,
+        st: &mut State,
+        mut each: impl FnMut(&mut State, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let d = self.cfg.d_model;
+        let width = self.cfg.logits_width();
+        let n = st.q_host.0.len();
+        let chunk = HEAD_CHUNK_ROWS.min(st.hq.len() / d);
+        let head_w = self.w.head.as_ref().unwrap_or(&self.w.wte);
+        let mut c0 = 0;
+        while c0 < n {
+            let rows = chunk.min(n - c0);
+            self.ew.gather_rows_f32(
+                &st.x.as_view(),
+                &st.q_idx.slice(c0..c0 + rows),
+                &mut st.hq.slice_mut(0..rows * d),
+                rows,
+                d,
+            )?;
+            self.ew.rmsnorm_bf16(
+                &st.hq.slice(0..rows * d),
+                &self.w.ln_f.as_view(),
+                &mut st.hqn.slice_mut(0..rows * d),
+                rows,
+                d,
+                self.cfg.rms_norm_eps,
+            )?;
+            self.gemm(
+                &st.hqn.slice(0..rows * d),
+                &head_w.as_view(),
+                GemmOut::F32(st.logits.slice_mut(0..rows * width)),
+                rows,
+                width,
+                d,
+            )?;
+            each(st, c0, rows)?;
+            c0 += rows;
+        }
+        Ok(())
+    }
+
+    /// Predicts (token, confidence) on the GPU for positions `span` of every canvas from the last
+    /// forward (`fwd_start` = first position that forward covered: 0 for a full forward).
+    /// Results stay on the device for [`LladaCuda::commit`]. Asynchronous.
+    pub fn predict_span(
+        &self,
+        span: Range<usize>,
+        fwd_start: usize,
+        rule: &PredictRule,
+    ) -> Result<()> {
+        let mut g = self.lock();
+        let st = g
+            .as_mut()
+            .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        let (idx, pos) = Self::span_queries(st, &span, fwd_start)?;
+        self.set_queries(st, idx, pos)?;
+        self.predict_queries(st, rule)
+    }
+
+    /// Downloads the fp32 logits of positions `span` of every canvas from the last forward
+    /// (`[batch · span.len(), logits_width]`, canvas-major). For checks.
+    pub fn span_logits(&self, span: Range<usize>, fwd_start: usize) -> Result<Vec<f32>> {
+        let mut g = self.lock();
+        let st = g
+            .as_mut()
+            .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        let (idx, pos) = Self::span_queries(st, &span, fwd_start)?;
+        self.set_queries(st, idx, pos)?;
+        let width = self.cfg.logits_width();
+        let mut out = vec![0f32; st.q_host.0.len() * width];
+        let stream = self.dev.stream.clone();
+        self.head(st, |st, c0, rows| {
+            stream
+                .memcpy_dtoh(
+                    &st.logits.slice(0..rows * width),
+                    &mut out[c0 * width..(c0 + rows) * width],
+                )
+                .map_err(|e| cuda_err("download logits", e))
+        })?;
+        self.dev.sync()?;
+        Ok(out)
+    }
+
+    fn predict_queries(&self, st: &mut State, rule: &PredictRule) -> Result<()> {
+        let width = self.cfg.logits_width();
+        let sampler = &self.sampler;
+        self.head(st, |st, c0, rows| {
+            sampler.predict(
+                &st.logits.slice(0..rows * width),
+                rows,
+                width,
+                &st.q_pos.slice(c0..c0 + rows),
+                rule,
+                &mut st.tokens.slice_mut(c0..c0 + rows),
+                &mut st.conf.slice_mut(c0..c0 + rows),
+            )
+        })
+    }
+
+    /// Commits the `k` most confident still-masked predictions of each canvas (from the last
+    /// [`LladaCuda::predict_span`]) into the device canvases. Asynchronous; the commit record
+    /// is left on the device ([`LladaCuda::last_commits`] downloads it).
+    pub fn commit(&self, k: usize) -> Result<()> {
+        let mut g = self.lock();
+        let st = g
+            .as_mut()
+            .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        let n = st.q_host.0.len();
+        if n == 0 || st.batch == 0 || n % st.batch != 0 {
+            return Err(Error::State(
+                "commit needs a prediction over the same span of every canvas".into(),
+            ));
+        }
+        let per = n / st.batch;
+        let (batch, seq) = (st.batch, st.seq);
+        self.sampler.commit(
+            &mut st.canvas.slice_mut(0..batch * seq),
+            seq,
+            batch,
+            &st.tokens.slice(0..n),
+            &st.conf.slice(0..n),
+            &st.q_pos.slice(0..n),
+            per,
+            self.cfg.mask_token_id,
+            CommitRule::TopK(k),
+            &mut st.record.slice_mut(0..commit_record_len(batch, per)),
+        )
+    }
+
+    /// The `(position, token)` pairs each canvas committed in the last [`LladaCuda::commit`].
+    pub fn last_commits(&self) -> Result<Vec<Vec<(usize, u32)>>> {
+        let g = self.lock();
+        let st = g
+            .as_ref()
+            .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        let per = st.q_host.0.len() / st.batch.max(1);
+        let len = commit_record_len(st.batch, per);
+        let rec = self
+            .dev
+            .stream
+            .clone_dtoh(&st.record.slice(0..len))
+            .map_err(|e| cuda_err("download commit record", e))?;
+        parse_commit_record(&rec, st.batch, per)
+    }
+
+    /// One denoising step over block `span` of every canvas: a full forward (refreshing the
+    /// cache when `store_cache`) or, with `use_cache`, a block forward over `span` only; then
+    /// predict and commit `k` tokens per canvas. Asynchronous.
+    pub fn step(
+        &self,
+        span: Range<usize>,
+        use_cache: bool,
+        store_cache: bool,
+        rule: &PredictRule,
+        k: usize,
+    ) -> Result<()> {
+        if use_cache {
+            self.forward_block(span.start, span.len())?;
+            self.predict_span(span.clone(), span.start, rule)?;
+        } else {
+            self.forward_full(store_cache)?;
+            self.predict_span(span, 0, rule)?;
+        }
+        self.commit(k)
+    }
+}
+
+impl Model for LladaCuda {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut g = self.lock();
+        self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
+        let st = g.as_mut().expect("set above");
+        let n = ids.len();
+        self.layers(st, 0, n, true, false)?;
+        let idx: Vec<i32> = (0..n).map(|i| i32_of("row", i)).collect::<Result<_>>()?;
+        self.set_queries(st, idx.clone(), idx)?;
+        let width = self.cfg.logits_width();
+        let mut out = vec![0f32; n * width];
+        let stream = self.dev.stream.clone();
+        self.head(st, |st, c0, rows| {
+            stream
+                .memcpy_dtoh(
+                    &st.logits.slice(0..rows * width),
+                    &mut out[c0 * width..(c0 + rows) * width],
+                )
+                .map_err(|e| cuda_err("download logits", e))
+        })?;
+        self.dev.sync()?;
+        Ok(out)
+    }
+
+    fn predict(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        rule: &PredictRule,
+    ) -> Result<Vec<Prediction>> {
+        let mut g = self.lock();
+        self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
+        let st = g.as_mut().expect("set above");
+        if let Some(&q) = queries.iter().find(|&&q| q >= ids.len()) {
+            return Err(Error::invalid(format!(
+                "query position {q} is outside the canvas of {}",
+                ids.len()
+            )));
+        }
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.layers(st, 0, ids.len(), true, false)?;
+        let idx: Vec<i32> = queries
+            .iter()
+            .map(|&q| i32_of("query", q))
+            .collect::<Result<_>>()?;
+        self.set_queries(st, idx.clone(), idx)?;
+        self.predict_queries(st, rule)?;
+        let n = queries.len();
+        let tokens = self
+            .dev
+            .stream
+            .clone_dtoh(&st.tokens.slice(0..n))
+            .map_err(|e| cuda_err("download tokens", e))?;
+        let conf = self
+            .dev
+            .stream
+            .clone_dtoh(&st.conf.slice(0..n))
+            .map_err(|e| cuda_err("download confidences", e))?;
+        tokens
+            .into_iter()
+            .zip(conf)
+            .map(|(t, c)| {
+                u32::try_from(t)
+                    .map(|token| Prediction {
+                        token,
+                        confidence: c,
+                    })
+                    .map_err(|_| Error::Backend(format!("sampling kernel returned token {t}")))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,522 @@
+//! `dllm bench`: times generation under a fixed schedule, so the work does not depend on the
+//! weights (random checkpoints from `dllm synth` give representative numbers).
+//!
+//! Canvases are random prompt ids followed by `gen_len` masks. Each block of `block_len`
+//! positions takes `block_len / tokens_per_step` steps; every step commits exactly
+//! `tokens_per_step` still-masked positions of the block (the most confident, greedy). Cache
+//! `none`: every step is a full forward (logits only for the block's rows). Cache `dual`
+//! (Fast-dLLM): the first step of a block is a full forward that stores K/V, the others run
+//! only the block against the cache. One warm-up generation runs first; then the whole
+//! generation is timed with the device synchronised.
+//!
+//! On CUDA the report also has the device's copy bandwidth (a 1 GiB device-to-device copy,
+//! counting bytes read + written) and the roofline fraction: the time the weights take to
+//! stream at that bandwidth divided by the measured time per step.
+
+use crate::config::ModelConfig;
+use crate::denoise::commit::{top_k, Candidate};
+use crate::denoise::predict::{PredictRule, Remasking};
+use crate::denoise::rng;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use serde::Serialize;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// KV cache mode of the bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Every step is a full forward.
+    None,
+    /// Fast-dLLM dual cache: full forward at block start, block forwards after.
+    Dual,
+}
+
+/// Where the bench runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchBackend {
+    /// CUDA when available, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchOptions {
+    pub model_dir: PathBuf,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub block_len: usize,
+    pub tokens_per_step: usize,
+    pub cache: CacheMode,
+    /// Untimed generations before the timed one.
+    pub warmup: usize,
+    pub backend: BenchBackend,
+    /// Keys the random prompt ids.
+    pub seed: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            model_dir: PathBuf::from("models/tiny-llada-code"),
+            batch: 1,
+            prompt_len: 128,
+            gen_len: 256,
+            block_len: 32,
+            tokens_per_step: 1,
+            cache: CacheMode::None,
+            warmup: 1,
+            backend: BenchBackend::Auto,
+            seed: 0,
+        }
+    }
+}
+
+/// What one step of the fixed schedule does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchStep {
+    pub block: usize,
+    /// Canvas positions of the block.
+    pub span: Range<usize>,
+    /// Tokens committed per canvas.
+    pub k: usize,
+    /// Run only the block against the cache (dual cache, not the block's first step).
+    pub use_cache: bool,
+    /// Full forward that stores K/V (dual cache, block's first step).
+    pub store_cache: bool,
+}
+
+/// The measured result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub backend: String,
+    pub device: String,
+    pub model_dir: String,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub block_len: usize,
+    pub tokens_per_step: usize,
+    pub cache: CacheMode,
+    pub steps: usize,
+    pub seconds: f64,
+    pub tok_per_s: f64,
+    pub ms_per_step: f64,
+    pub warmup_seconds: f64,
+    pub load_seconds: f64,
+    /// Bytes of weights one forward streams.
+    pub weight_bytes: Option<usize>,
+    /// Device-to-device copy bandwidth (GB/s, read + written), CUDA only.
+    pub copy_gbps: Option<f64>,
+    /// (weight_bytes / copy bandwidth) / ms_per_step, CUDA only.
+    pub roofline_fraction: Option<f64>,
+    /// Masks left in the canvases after the timed generation (0 when the schedule ran fully).
+    pub masks_left: usize,
+}
+
+impl BenchReport {
+    /// The report as a JSON value.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl BenchOptions {
+    /// Checks the shape of the run (independent of the model).
+    pub fn validate(&self) -> Result<()> {
+        if self.batch == 0 {
+            return Err(Error::invalid("bench: --batch must be at least 1"));
+        }
+        if self.gen_len == 0 || self.block_len == 0 || self.tokens_per_step == 0 {
+            return Err(Error::invalid(
+                "bench: --gen-len, --block-len and --tokens-per-step must be at least 1",
+            ));
+        }
+        if self.gen_len % self.block_len != 0 {
+            return Err(Error::invalid(format!(
+                "bench: --gen-len {} is not a multiple of --block-len {}",
+                self.gen_len, self.block_len
+            )));
+        }
+        if self.block_len % self.tokens_per_step != 0 {
+            return Err(Error::invalid(format!(
+                "bench: --block-len {} is not a multiple of --tokens-per-step {}",
+                self.block_len, self.tokens_per_step
+            )));
+        }
+        Ok(())
+    }
+
+    /// Canvas length.
+    pub fn seq_len(&self) -> usize {
+        self.prompt_len + self.gen_len
+    }
+}
+
+/// The fixed schedule: per block, `block_len / tokens_per_step` steps of `tokens_per_step`.
+pub fn schedule(o: &BenchOptions) -> Result<Vec<BenchStep>> {
+    o.validate()?;
+    let per_block = o.block_len / o.tokens_per_step;
+    let mut steps = Vec::with_capacity(o.gen_len / o.tokens_per_step);
+    for block in 0..o.gen_len / o.block_len {
+        let start = o.prompt_len + block * o.block_len;
+        for i in 0..per_block {
+            let dual = o.cache == CacheMode::Dual;
+            steps.push(BenchStep {
+                block,
+                span: start..start + o.block_len,
+                k: o.tokens_per_step,
+                use_cache: dual && i > 0,
+                store_cache: dual && i == 0,
+            });
+        }
+    }
+    Ok(steps)
+}
+
+/// `batch` canvases of random prompt ids (never the mask id, below `vocab_size`) and masks.
+pub fn canvases(o: &BenchOptions, cfg: &ModelConfig) -> Vec<u32> {
+    let mut out = Vec::with_capacity(o.batch * o.seq_len());
+    let vocab = cfg.vocab_size.min(cfg.embedding_size) as f64;
+    for b in 0..o.batch {
+        for p in 0..o.prompt_len {
+            let mut id = (rng::uniform(o.seed, 0x62656E6368, b as u64, p as u64) * vocab) as u32;
+            if id == cfg.mask_token_id || id as usize >= cfg.vocab_size {
+                id = if cfg.mask_token_id == 0 { 1 } else { 0 };
+            }
+            out.push(id);
+        }
+        out.resize(out.len() + o.gen_len, cfg.mask_token_id);
+    }
+    out
+}
+
+fn greedy_rule(cfg: &ModelConfig, step: usize) -> PredictRule {
+    PredictRule {
+        temperature: 0.0,
+        remasking: Remasking::LowConfidence,
+        seed: 0,
+        step: step as u64,
+        mask_token: cfg.mask_token_id,
+        vocab_size: cfg.vocab_size,
+    }
+}
+
+/// Runs the bench described by `o`.
+pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
+    let steps = schedule(o)?;
+    let use_cuda = match o.backend {
+        BenchBackend::Cpu => false,
+        BenchBackend::Cuda => true,
+        BenchBackend::Auto => crate::backend::cuda::unavailable_reason().is_none(),
+    };
+    if use_cuda {
+        run_cuda(o, &steps)
+    } else {
+        run_cpu(o, &steps)
+    }
+}
+
+fn report(
+    o: &BenchOptions,
+    backend: &str,
+    device: String,
+    n_steps: usize,
+    seconds: f64,
+) -> BenchReport {
+    BenchReport {
+        backend: backend.into(),
+        device,
+        model_dir: o.model_dir.display().to_string(),
+        batch: o.batch,
+        prompt_len: o.prompt_len,
+        gen_len: o.gen_len,
+        block_len: o.block_len,
+        tokens_per_step: o.tokens_per_step,
+        cache: o.cache,
+        steps: n_steps,
+        seconds,
+        tok_per_s: (o.batch * o.gen_len) as f64 / seconds,
+        ms_per_step: seconds * 1e3 / n_steps.max(1) as f64,
+        warmup_seconds: 0.0,
+        load_seconds: 0.0,
+        weight_bytes: None,
+        copy_gbps: None,
+        roofline_fraction: None,
+        masks_left: 0,
+    }
+}
+
+/// Loads the CPU LLaDA model behind the [`Model`] trait.
+pub fn load_cpu_model(dir: &std::path::Path) -> Result<std::sync::Arc<dyn Model>> {
+    Ok(std::sync::Arc::new(crate::model::llada::Llada::load(dir)?))
+}
+
+/// CPU path: full forward every step through the [`Model`] trait (the cache mode is ignored:
+/// the CPU model has no K/V cache), commit on the host.
+fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
+    let t0 = Instant::now();
+    let model = load_cpu_model(&o.model_dir)?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let cfg = model.config().clone();
+    if o.seq_len() > cfg.max_seq_len {
+        return Err(Error::invalid(format!(
+            "bench: canvas of {} exceeds max_seq_len {}",
+            o.seq_len(),
+            cfg.max_seq_len
+        )));
+    }
+    let run = |canv: &mut Vec<u32>| -> Result<()> {
+        let s = o.seq_len();
+        for (i, st) in steps.iter().enumerate() {
+            for b in 0..o.batch {
+                let c = &mut canv[b * s..(b + 1) * s];
+                let queries: Vec<usize> = st
+                    .span
+                    .clone()
+                    .filter(|&p| c[p] == cfg.mask_token_id)
+                    .collect();
+                let preds = model.predict(c, &queries, &greedy_rule(&cfg, i))?;
+                let cands: Vec<Candidate> = queries
+                    .iter()
+                    .zip(&preds)
+                    .map(|(&position, p)| Candidate {
+                        position,
+                        confidence: p.confidence,
+                    })
+                    .collect();
+                for j in top_k(&cands, st.k) {
+                    c[queries[j]] = preds[j].token;
+                }
+            }
+        }
+        Ok(())
+    };
+    let t1 = Instant::now();
+    for _ in 0..o.warmup {
+        run(&mut canvases(o, &cfg))?;
+    }
+    let warmup_seconds = t1.elapsed().as_secs_f64();
+    let mut canv = canvases(o, &cfg);
+    let t2 = Instant::now();
+    run(&mut canv)?;
+    let secs = t2.elapsed().as_secs_f64();
+    let mut r = report(
+        o,
+        "cpu",
+        format!("{} CPU threads", rayon::current_num_threads()),
+        steps.len(),
+        secs,
+    );
+    r.load_seconds = load_seconds;
+    r.warmup_seconds = warmup_seconds;
+    r.masks_left = canv.iter().filter(|&&t| t == cfg.mask_token_id).count();
+    Ok(r)
+}
+
+fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
+    use crate::backend::cuda::llada::LladaCuda;
+    let t0 = Instant::now();
+    let model = LladaCuda::load(&o.model_dir)?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let cfg = model.config().clone();
+    let dev = model.device().clone();
+    let copy_gbps = copy_bandwidth_gbps(&dev)?;
+    model.reserve(o.batch, o.seq_len())?;
+    let init = canvases(o, &cfg);
+    let run = || -> Result<()> {
+        model.set_canvases(&init, o.batch, o.seq_len())?;
+        for (i, st) in steps.iter().enumerate() {
+            model.step(
+                st.span.clone(),
+                st.use_cache,
+                st.store_cache,
+                &greedy_rule(&cfg, i),
+                st.k,
+            )?;
+        }
+        dev.sync()
+    };
+    let t1 = Instant::now();
+    for _ in 0..o.warmup {
+        run()?;
+    }
+    let warmup_seconds = t1.elapsed().as_secs_f64();
+    dev.sync()?;
+    let t2 = Instant::now();
+    run()?;
+    let secs = t2.elapsed().as_secs_f64();
+    let mut r = report(o, "cuda", dev.name.clone(), steps.len(), secs);
+    r.load_seconds = load_seconds;
+    r.warmup_seconds = warmup_seconds;
+    r.weight_bytes = Some(model.weight_bytes());
+    r.copy_gbps = Some(copy_gbps);
+    let floor_ms = model.weight_bytes() as f64 / (copy_gbps * 1e9) * 1e3;
+    r.roofline_fraction = Some(floor_ms / r.ms_per_step);
+    r.masks_left = model
+        .canvases()?
+        .iter()
+        .filter(|&&t| t == cfg.mask_token_id)
+        .count();
+    Ok(r)
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + written) over a 1 GiB buffer,
+/// median of 5 after one warm-up.
+pub fn copy_bandwidth_gbps(dev: &crate::backend::cuda::CudaDevice) -> Result<f64> {
+    use crate::backend::cuda::{check, cuda_err};
+    let n = 1usize << 30;
+    let src = dev
+        .stream
+        .alloc_zeros::<u8>(n)
+        .map_err(|e| cuda_err("allocate copy source", e))?;
+    let mut dst = dev
+        .stream
+        .alloc_zeros::<u8>(n)
+        .map_err(|e| cuda_err("allocate copy destination", e))?;
+    let ms = check::time_median_ms(dev, 1, 5, |_| {
+        dev.stream
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(|e| cuda_err("device copy", e))
+    })?;
+    Ok(2.0 * n as f64 / (ms / 1e3) / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(cache: CacheMode, k: usize) -> BenchOptions {
+        BenchOptions {
+            cache,
+            tokens_per_step: k,
+            ..BenchOptions::default()
+        }
+    }
+
+    #[test]
+    fn dual_schedule_refreshes_the_cache_at_each_block_start() {
+        let s = schedule(&opts(CacheMode::Dual, 4)).unwrap();
+        // 256 / 32 = 8 blocks of 32 / 4 = 8 steps.
+        assert_eq!(s.len(), 64);
+        for (i, st) in s.iter().enumerate() {
+            assert_eq!(st.block, i / 8);
+            assert_eq!(st.span, 128 + 32 * (i / 8)..128 + 32 * (i / 8 + 1));
+            assert_eq!(st.k, 4);
+            assert_eq!(st.store_cache, i % 8 == 0);
+            assert_eq!(st.use_cache, i % 8 != 0);
+        }
+        // Every generated position is covered by exactly block_len / k steps committing k.
+        let committed: usize = s.iter().map(|st| st.k).sum();
+        assert_eq!(committed, 256);
+    }
+
+    #[test]
+    fn no_cache_schedule_is_all_full_forwards() {
+        let s = schedule(&opts(CacheMode::None, 1)).unwrap();
+        assert_eq!(s.len(), 256);
+        assert!(s
+            .iter()
+            .all(|st| !st.use_cache && !st.store_cache && st.k == 1));
+        assert_eq!(s[255].span, 352..384);
+    }
+
+    #[test]
+    fn bad_shapes_are_named() {
+        for (o, needle) in [
+            (
+                BenchOptions {
+                    batch: 0,
+                    ..BenchOptions::default()
+                },
+                "--batch",
+            ),
+            (
+                BenchOptions {
+                    gen_len: 100,
+                    ..BenchOptions::default()
+                },
+                "--gen-len 100",
+            ),
+            (
+                BenchOptions {
+                    tokens_per_step: 5,
+                    ..BenchOptions::default()
+                },
+                "--tokens-per-step 5",
+            ),
+            (
+                BenchOptions {
+                    block_len: 0,
+                    ..BenchOptions::default()
+                },
+                "at least 1",
+            ),
+        ] {
+            let e = schedule(&o).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn canvases_are_prompt_then_masks_without_mask_ids_in_the_prompt() {
+        let cfg = ModelConfig::from_json(&serde_json::json!({"model_type": "llada", "d_model": 64,
+            "n_heads": 4, "n_layers": 1, "mlp_hidden_size": 96, "vocab_size": 50, "embedding_size": 64,
+            "mask_token_id": 7, "eos_token_id": 0, "pad_token_id": 2}))
+        .unwrap();
+        let o = BenchOptions {
+            batch: 3,
+            prompt_len: 200,
+            gen_len: 64,
+            ..BenchOptions::default()
+        };
+        let c = canvases(&o, &cfg);
+        assert_eq!(c.len(), 3 * 264);
+        for b in 0..3 {
+            let row = &c[b * 264..(b + 1) * 264];
+            assert!(row[..200].iter().all(|&t| t != 7 && t < 50));
+            assert!(row[200..].iter().all(|&t| t == 7));
+        }
+        assert_ne!(c[..200], c[264..464], "canvases differ");
+        assert_eq!(c, canvases(&o, &cfg), "deterministic");
+    }
+
+    #[test]
+    fn cpu_bench_on_the_tiny_model_fills_every_mask() {
+        let o = BenchOptions {
+            batch: 2,
+            prompt_len: 16,
+            gen_len: 32,
+            block_len: 16,
+            tokens_per_step: 8,
+            cache: CacheMode::Dual,
+            warmup: 0,
+            backend: BenchBackend::Cpu,
+            ..BenchOptions::default()
+        };
+        let r = run_bench(&o).unwrap();
+        assert_eq!(r.backend, "cpu");
+        assert_eq!(r.steps, 4);
+        assert_eq!(r.masks_left, 0);
+        assert!(r.tok_per_s > 0.0 && r.seconds > 0.0);
+        assert!(r.copy_gbps.is_none() && r.roofline_fraction.is_none());
+    }
+
+    #[test]
+    fn report_rates() {
+        let o = BenchOptions {
+            batch: 8,
+            ..BenchOptions::default()
+        };
+        let r = report(&o, "cpu", "x".into(), 64, 2.0);
+        assert_eq!(r.tok_per_s, 8.0 * 256.0 / 2.0);
+        assert_eq!(r.ms_per_step, 2000.0 / 64.0);
+        assert_eq!(r.to_json()["cache"], "none");
+    }
+}

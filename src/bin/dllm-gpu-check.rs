@@ -1,0 +1,461 @@
+//! `dllm-gpu-check`: runs every CUDA kernel family's self-check and bench, then checks the GPU
+//! LLaDA model on the tiny checkpoint against the reference logits, the CPU model, and greedy
+//! generation; prints a table, writes JSON, exits non-zero when any check failed.
+//!
+//! Usage: `dllm-gpu-check [--model DIR] [--json PATH]` (default model: models/tiny-llada-code).
+
+use clap::Parser;
+use dllm::backend::cuda::check::{self, BenchResult, CheckResult};
+use dllm::backend::cuda::llada::{KernelChoice, LladaCuda};
+use dllm::backend::cuda::{attention, elementwise, gemm, sampling, CudaDevice};
+use dllm::config::ModelConfig;
+use dllm::denoise::predict::{PredictRule, Remasking};
+use dllm::denoise::session::{GenerationParams, Session};
+use dllm::error::{Error, Result};
+use dllm::model::Model;
+use dllm::weights::WeightStore;
+use serde_json::{json, Value};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(about = "Checks and benchmarks dllm's CUDA kernels and GPU model")]
+struct Args {
+    /// Tiny model used for the end-to-end checks.
+    #[arg(long, default_value = "models/tiny-llada-code")]
+    model: PathBuf,
+    /// Write all results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Skip the kernel benches.
+    #[arg(long)]
+    no_bench: bool,
+}
+
+/// Relative L2 tolerance of whole-model logits (bf16 activations vs an fp32 reference).
+const TOL_MODEL: f64 = 5e-2;
+/// Largest fraction of rows whose argmax may differ from the reference.
+const TOL_ARGMAX_MISS: f64 = 0.05;
+/// Largest fraction of generated tokens that may differ between GPU and CPU greedy generation.
+const TOL_GEN_MISS: f64 = 0.02;
+
+fn guarded<T>(
+    name: &str,
+    f: impl FnOnce() -> Vec<T>,
+    on_panic: impl FnOnce(String) -> T,
+) -> Vec<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            vec![on_panic(format!("{name} panicked: {msg}"))]
+        }
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn argmax_agreement(logits: &[f32], width: usize, want: &[usize]) -> (usize, usize) {
+    let rows = logits.len() / width;
+    let agree = (0..rows.min(want.len()))
+        .filter(|&r| argmax(&logits[r * width..(r + 1) * width]) == want[r])
+        .count();
+    (agree, want.len())
+}
+
+fn miss_check(name: String, agree: usize, total: usize, tol: f64, what: &str) -> CheckResult {
+    let miss = if total == 0 {
+        1.0
+    } else {
+        1.0 - agree as f64 / total as f64
+    };
+    CheckResult::new(
+        name,
+        miss,
+        tol,
+        format!(
+            "{agree}/{total} {what} identical ({} differ)",
+            total - agree
+        ),
+    )
+}
+
+fn as_f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_f64)
+                .map(|x| x as f32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn as_usizes(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as usize)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// GPU forward vs `reference_logits.json`.
+fn reference_checks(
+    gpu: &LladaCuda,
+    dir: &Path,
+    tag: &str,
+    out: &mut Vec<CheckResult>,
+) -> Result<()> {
+    let path = dir.join("reference_logits.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))?;
+    let cases = v["cases"]
+        .as_array()
+        .ok_or_else(|| Error::format(&path, "no `cases` array"))?;
+    let width = gpu.config().logits_width();
+    for (ci, c) in cases.iter().enumerate() {
+        let ids: Vec<u32> = as_usizes(&c["ids"]).into_iter().map(|x| x as u32).collect();
+        let logits = gpu.forward(&ids)?;
+        let (agree, total) = argmax_agreement(&logits, width, &as_usizes(&c["logits_argmax"]));
+        out.push(miss_check(
+            format!("model{tag}.ref case{ci} argmax"),
+            agree,
+            total,
+            TOL_ARGMAX_MISS,
+            "rows' argmax",
+        ));
+        let first = as_f32s(&c["logits_first_row"]);
+        out.push(CheckResult::new(
+            format!("model{tag}.ref case{ci} first row"),
+            check::rel_l2(&logits[..width.min(logits.len())], &first),
+            TOL_MODEL,
+            format!("{} ids", ids.len()),
+        ));
+        let sums: Vec<f32> = logits
+            .chunks(width)
+            .map(|r| r.iter().map(|&x| x as f64).sum::<f64>() as f32)
+            .collect();
+        let want_sums = as_f32s(&c["logits_rowsum"]);
+        let l2 = logits
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt();
+        let want_l2 = c["logits_l2"].as_f64().unwrap_or(f64::NAN);
+        let l2_err = ((l2 - want_l2) / want_l2).abs();
+        out.push(CheckResult::new(
+            format!("model{tag}.ref case{ci} L2"),
+            if l2_err.is_finite() {
+                l2_err
+            } else {
+                f64::INFINITY
+            },
+            TOL_MODEL,
+            format!(
+                "L2 {l2:.3} vs {want_l2:.3}; row sums rel err {:.2e}",
+                check::rel_l2(&sums, &want_sums)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn greedy() -> GenerationParams {
+    GenerationParams {
+        steps: 128,
+        block_len: 32,
+        temperature: 0.0,
+        remasking: Remasking::LowConfidence,
+        seed: 0,
+    }
+}
+
+fn generate(model: Arc<dyn Model>, prompt: &[u32], gen: usize) -> Result<Vec<u32>> {
+    let cfg = model.config().clone();
+    let mut canvas = prompt.to_vec();
+    canvas.resize(prompt.len() + gen, cfg.mask_token_id);
+    let mut s = Session::new(model, canvas, greedy())?;
+    s.run()?;
+    Ok(s.canvas()[prompt.len()..].to_vec())
+}
+
+fn same_count(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).filter(|(x, y)| x == y).count()
+}
+
+/// The GPU engine path (device canvases, on-GPU commit) with one token per step, no cache:
+/// the same schedule as a `Session` with steps == gen tokens.
+fn engine_generate(
+    gpu: &LladaCuda,
+    prompt: &[u32],
+    gen: usize,
+    block: usize,
+    dual: bool,
+) -> Result<Vec<u32>> {
+    let cfg = gpu.config().clone();
+    let mut canvas = prompt.to_vec();
+    canvas.resize(prompt.len() + gen, cfg.mask_token_id);
+    gpu.set_canvases(&canvas, 1, canvas.len())?;
+    let mut step = 0u64;
+    for b in 0..gen / block {
+        let span = prompt.len() + b * block..prompt.len() + (b + 1) * block;
+        for i in 0..block {
+            let rule = PredictRule {
+                temperature: 0.0,
+                remasking: Remasking::LowConfidence,
+                seed: 0,
+                step,
+                mask_token: cfg.mask_token_id,
+                vocab_size: cfg.vocab_size,
+            };
+            gpu.step(span.clone(), dual && i > 0, dual && i == 0, &rule, 1)?;
+            step += 1;
+        }
+    }
+    let out = gpu.canvases()?;
+    Ok(out[prompt.len()..].to_vec())
+}
+
+fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let t0 = Instant::now();
+    let loaded = (|| -> Result<(ModelConfig, WeightStore)> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        Ok((cfg, WeightStore::open(dir)?))
+    })();
+    let (cfg, store) = match loaded {
+        Ok(x) => x,
+        Err(e) => return vec![CheckResult::failed("model.load", e)],
+    };
+    let fast = match LladaCuda::new(
+        dev.clone(),
+        &store,
+        &cfg,
+        KernelChoice {
+            naive_gemm: false,
+            naive_attention: false,
+        },
+    ) {
+        Ok(m) => Arc::new(m),
+        Err(e) => return vec![CheckResult::failed("model.load gpu", e)],
+    };
+    details["load_seconds"] = json!(t0.elapsed().as_secs_f64());
+    if let Err(e) = reference_checks(&fast, dir, "", &mut out) {
+        out.push(CheckResult::failed("model.ref", e));
+    }
+    // The same with the reference kernels: tells a wrong fast kernel from a wrong model.
+    match LladaCuda::new(
+        dev.clone(),
+        &store,
+        &cfg,
+        KernelChoice {
+            naive_gemm: true,
+            naive_attention: true,
+        },
+    ) {
+        Ok(naive) => {
+            if let Err(e) = reference_checks(&naive, dir, "[naive kernels]", &mut out) {
+                out.push(CheckResult::failed("model[naive kernels].ref", e));
+            }
+        }
+        Err(e) => out.push(CheckResult::failed("model[naive kernels].load", e)),
+    }
+    let width = cfg.logits_width();
+    // Prompt: a fixed ramp of ids (never the mask id).
+    let prompt: Vec<u32> = (0..64u32)
+        .map(|i| (i * 37 + 11) % cfg.vocab_size as u32)
+        .filter(|&t| t != cfg.mask_token_id)
+        .collect();
+    // Dual cache consistency: full-forward logits of a block vs the block forward's.
+    let dual = (|| -> Result<(f64, String)> {
+        let mut canvas = prompt.clone();
+        canvas.resize(prompt.len() + 64, cfg.mask_token_id);
+        let s0 = prompt.len() + 32;
+        fast.set_canvases(&canvas, 1, canvas.len())?;
+        fast.forward_full(true)?;
+        let full = fast.span_logits(s0..s0 + 32, 0)?;
+        fast.forward_block(s0, 32)?;
+        let block = fast.span_logits(s0..s0 + 32, s0)?;
+        Ok((
+            check::rel_l2(&block, &full),
+            format!("block {s0}..{} of {}", s0 + 32, canvas.len()),
+        ))
+    })();
+    out.push(CheckResult::from_result(
+        "model.dual cache block == full",
+        2e-2,
+        dual,
+    ));
+    // CPU model comparisons.
+    let cpu = dllm::bench::load_cpu_model(dir);
+    match &cpu {
+        Err(e) => out.push(CheckResult::failed("model.cpu load", e)),
+        Ok(cpu) => {
+            let r = (|| -> Result<()> {
+                let mut ids = prompt.clone();
+                ids.resize(prompt.len() + 40, cfg.mask_token_id);
+                let g = fast.forward(&ids)?;
+                let c = cpu.forward(&ids)?;
+                let want: Vec<usize> = c.chunks(width).map(argmax).collect();
+                let (agree, total) = argmax_agreement(&g, width, &want);
+                out.push(CheckResult::new(
+                    "model.gpu vs cpu logits",
+                    check::rel_l2(&g, &c),
+                    TOL_MODEL,
+                    format!("{} ids", ids.len()),
+                ));
+                out.push(miss_check(
+                    "model.gpu vs cpu argmax".into(),
+                    agree,
+                    total,
+                    TOL_ARGMAX_MISS,
+                    "rows' argmax",
+                ));
+                let t = Instant::now();
+                let gg = generate(fast.clone(), &prompt, 128)?;
+                let gpu_s = t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let cg = generate(cpu.clone(), &prompt, 128)?;
+                let cpu_s = t.elapsed().as_secs_f64();
+                details["generate_gpu_seconds"] = json!(gpu_s);
+                details["generate_cpu_seconds"] = json!(cpu_s);
+                details["generated_gpu"] = json!(gg);
+                details["generated_cpu"] = json!(cg);
+                out.push(miss_check(
+                    "model.greedy gen gpu vs cpu".into(),
+                    same_count(&gg, &cg),
+                    gg.len(),
+                    TOL_GEN_MISS,
+                    "tokens",
+                ));
+                Ok(())
+            })();
+            if let Err(e) = r {
+                out.push(CheckResult::failed("model.gpu vs cpu", e));
+            }
+        }
+    }
+    // Engine path (device canvas + GPU commit) vs Session on the GPU model: same predictions,
+    // same rule, so the tokens match unless a kernel is non-deterministic (split-K sums).
+    let eng = (|| -> Result<(f64, String)> {
+        let via_session = generate(fast.clone(), &prompt, 128)?;
+        let via_engine = engine_generate(&fast, &prompt, 128, 32, false)?;
+        let same = same_count(&via_session, &via_engine);
+        let dual = engine_generate(&fast, &prompt, 128, 32, true)?;
+        let same_dual = same_count(&via_session, &dual);
+        details["generated_engine_dual"] = json!(dual);
+        let miss = 1.0 - same as f64 / via_session.len() as f64;
+        Ok((
+            miss,
+            format!("{same}/128 identical; dual cache (informational): {same_dual}/128"),
+        ))
+    })();
+    out.push(CheckResult::from_result(
+        "model.engine commit vs session",
+        TOL_GEN_MISS,
+        eng,
+    ));
+    out
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut checks: Vec<CheckResult> = Vec::new();
+    let mut benches: Vec<BenchResult> = Vec::new();
+    let mut details = json!({});
+    let started = Instant::now();
+    match CudaDevice::open(0) {
+        Err(e) => checks.push(CheckResult::failed("device.open", e)),
+        Ok(dev) => {
+            details["device"] = json!(dev.name);
+            details["capability"] = json!(format!("{}.{}", dev.capability.0, dev.capability.1));
+            type Family = (
+                &'static str,
+                fn(&CudaDevice) -> Vec<CheckResult>,
+                fn(&CudaDevice) -> Vec<BenchResult>,
+            );
+            let families: [Family; 4] = [
+                ("elementwise", elementwise::self_check, elementwise::bench),
+                ("gemm", gemm::self_check, gemm::bench),
+                ("attention", attention::self_check, attention::bench),
+                ("sampling", sampling::self_check, sampling::bench),
+            ];
+            for (name, sc, bn) in families {
+                let t = Instant::now();
+                checks.extend(guarded(
+                    name,
+                    || sc(&dev),
+                    |m| CheckResult::failed(format!("{name}.self_check"), m),
+                ));
+                eprintln!(
+                    "[gpu-check] {name} self-check done in {:.1} s",
+                    t.elapsed().as_secs_f64()
+                );
+                if !args.no_bench {
+                    let t = Instant::now();
+                    benches.extend(guarded(
+                        name,
+                        || bn(&dev),
+                        |m| BenchResult::failed(format!("{name}.bench"), m),
+                    ));
+                    eprintln!(
+                        "[gpu-check] {name} bench done in {:.1} s",
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            let t = Instant::now();
+            let mut md = json!({});
+            checks.extend(guarded(
+                "model",
+                || model_checks(&dev, &args.model, &mut md),
+                |m| CheckResult::failed("model", m),
+            ));
+            details["model"] = md;
+            eprintln!(
+                "[gpu-check] model checks done in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let failed = checks.iter().filter(|c| !c.passed).count();
+    details["seconds"] = json!(started.elapsed().as_secs_f64());
+    let report = json!({
+        "passed": failed == 0,
+        "failed": failed,
+        "checks": checks,
+        "benches": benches,
+        "details": details,
+    });
+    if let Some(p) = &args.json {
+        if let Err(e) = std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default())
+        {
+            eprintln!("cannot write {}: {e}", p.display());
+        }
+    }
+    println!("{}", check::format_tables(&checks, &benches));
+    println!("{} checks, {} failed", checks.len(), failed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

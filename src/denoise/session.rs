@@ -1,0 +1,468 @@
+//! The denoising state machine: a [`Session`] owns one canvas and fills its masked positions
+//! step by step with a [`Model`], following LLaDA's reference `generate()`.
+//!
+//! Each step: one forward over the whole canvas; the still-masked positions of the current
+//! block are the queries; the `k` most confident predictions (per [`schedule::transfer_counts`])
+//! are committed ([`commit::top_k`]). Positions that were not masks at creation never change.
+//!
+//! A step is split into [`Session::plan`] (what forward is needed) and [`Session::apply`] (commit
+//! its predictions), so a batching driver can run the forwards of many sessions together.
+
+use super::canvas::masked_positions;
+use super::commit::{self, Candidate};
+use super::predict::{PredictRule, Prediction, Remasking};
+use super::schedule::{self, Schedule};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use std::sync::Arc;
+
+/// How a canvas is denoised.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    /// Total denoising steps; must be a multiple of the number of blocks. Default 128.
+    pub steps: usize,
+    /// Masked positions per block (the last block may be shorter). Default 32.
+    pub block_len: usize,
+    /// 0 = greedy; `> 0` = Gumbel-max sampling at this temperature. Default 0.
+    pub temperature: f64,
+    /// Confidence used to rank candidates. Default [`Remasking::LowConfidence`].
+    pub remasking: Remasking,
+    /// Keys every random draw. Default 0.
+    pub seed: u64,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        GenerationParams {
+            steps: 128,
+            block_len: 32,
+            temperature: 0.0,
+            remasking: Remasking::LowConfidence,
+            seed: 0,
+        }
+    }
+}
+
+/// What one call to [`Session::step`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepInfo {
+    /// Global index of the step (0-based); on a finished session, [`Session::total_steps`].
+    pub step: usize,
+    /// Positions committed by this step, in increasing order (empty on a zero-count step).
+    pub committed: Vec<usize>,
+    /// Masked positions left after the step.
+    pub masks_left: usize,
+    /// Every scheduled step has been taken.
+    pub done: bool,
+}
+
+/// The forward one step needs: run `model.predict(canvas, queries, rule)`, then
+/// [`Session::apply`] the result. `k == 0` means no forward is needed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepPlan {
+    /// Global step index.
+    pub step: usize,
+    /// Block being denoised.
+    pub block: usize,
+    /// Still-masked positions of the block, in increasing order.
+    pub queries: Vec<usize>,
+    /// Number of positions to commit (≤ `queries.len()`).
+    pub k: usize,
+    pub rule: PredictRule,
+}
+
+/// One canvas being denoised.
+pub struct Session {
+    model: Arc<dyn Model>,
+    params: GenerationParams,
+    canvas: Vec<u32>,
+    /// Positions that were masks at creation, increasing; chunked by `block_len` into blocks.
+    generated: Vec<usize>,
+    schedule: Schedule,
+    /// Steps taken so far (= global index of the next step).
+    cursor: usize,
+    /// Per-step counts of the current block, fixed from its mask count when the block starts.
+    block_counts: Vec<usize>,
+    masks_left: usize,
+    mask: u32,
+    vocab_size: usize,
+    /// Blocks added by [`Session::remask`], denoised after the schedule's blocks, in order.
+    extra_blocks: Vec<Vec<usize>>,
+    /// For each canvas position, the block that fills it (`usize::MAX`: none). Remasking moves
+    /// a position to its new block, so the block running at that time never fills it.
+    owner: Vec<usize>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("backend", &self.model.backend_name())
+            .field("params", &self.params)
+            .field("len", &self.canvas.len())
+            .field("steps_taken", &self.cursor)
+            .field("total_steps", &self.total_steps())
+            .field("masks_left", &self.masks_left)
+            .finish()
+    }
+}
+
+impl Session {
+    /// Starts denoising `canvas`: every position holding the model's mask token is generated,
+    /// every other position stays fixed.
+    ///
+    /// Errors ([`Error::InvalidArgument`]): empty canvas, canvas longer than the model's
+    /// `max_seq_len`, an id outside the embedding (the message names position and id), a
+    /// non-finite or negative temperature, or a bad schedule (see [`Schedule::new`]).
+    pub fn new(
+        model: Arc<dyn Model>,
+        canvas: Vec<u32>,
+        params: GenerationParams,
+    ) -> Result<Session> {
+        let cfg = model.config();
+        if canvas.is_empty() {
+            return Err(Error::invalid("the canvas is empty"));
+        }
+        if canvas.len() > cfg.max_seq_len {
+            return Err(Error::invalid(format!(
+                "canvas of {} tokens exceeds the model's max_seq_len {}",
+                canvas.len(),
+                cfg.max_seq_len
+            )));
+        }
+        if let Some((pos, &id)) = canvas
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= cfg.embedding_size)
+        {
+            return Err(Error::invalid(format!(
+                "token id {id} at position {pos} is outside the model's embedding ({} rows)",
+                cfg.embedding_size
+            )));
+        }
+        if !(params.temperature.is_finite() && params.temperature >= 0.0) {
+            return Err(Error::invalid(format!(
+                "temperature must be a finite number >= 0, got {}",
+                params.temperature
+            )));
+        }
+        let mask = cfg.mask_token_id;
+        let vocab_size = cfg.vocab_size;
+        let generated = masked_positions(&canvas, mask);
+        let schedule = Schedule::new(generated.len(), params.block_len, params.steps)?;
+        let mut owner = vec![usize::MAX; canvas.len()];
+        for b in 0..schedule.num_blocks() {
+            for &p in &generated[schedule.block_range(b)] {
+                owner[p] = b;
+            }
+        }
+        Ok(Session {
+            masks_left: generated.len(),
+            model,
+            params,
+            canvas,
+            generated,
+            schedule,
+            cursor: 0,
+            block_counts: Vec::new(),
+            mask,
+            vocab_size,
+            extra_blocks: Vec::new(),
+            owner,
+        })
+    }
+
+    /// Takes one step: plans it, runs the forward if it commits anything, applies the result.
+    /// On a finished session it changes nothing and returns `done = true`. On error the
+    /// session is unchanged.
+    pub fn step(&mut self) -> Result<StepInfo> {
+        let Some(plan) = self.plan() else {
+            return Ok(self.info(self.cursor, Vec::new()));
+        };
+        let preds = if plan.k == 0 {
+            Vec::new()
+        } else {
+            self.model
+                .predict(&self.canvas, &plan.queries, &plan.rule)?
+        };
+        self.apply(&plan, &preds)
+    }
+
+    /// Steps until done.
+    pub fn run(&mut self) -> Result<()> {
+        self.run_with(|_, _| true)
+    }
+
+    /// Steps until done, calling `observer(info, canvas)` after each step; the observer
+    /// returning `false` stops early (the session can be resumed later).
+    pub fn run_with(&mut self, mut observer: impl FnMut(&StepInfo, &[u32]) -> bool) -> Result<()> {
+        while !self.is_done() {
+            let info = self.step()?;
+            if !observer(&info, &self.canvas) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The forward the next step needs, or `None` when the session is done. Entering a new block
+    /// fixes that block's per-step counts from its current mask count.
+    pub fn plan(&mut self) -> Option<StepPlan> {
+        let (block, i) = self.locate(self.cursor)?;
+        let queries: Vec<usize> = self
+            .block_positions(block)
+            .iter()
+            .copied()
+            .filter(|&p| self.canvas[p] == self.mask && self.owner[p] == block)
+            .collect();
+        if i == 0 {
+            self.block_counts = schedule::transfer_counts(queries.len(), self.block_steps(block));
+        }
+        let k = self.block_counts[i].min(queries.len());
+        let rule = PredictRule {
+            temperature: self.params.temperature,
+            remasking: self.params.remasking,
+            seed: self.params.seed,
+            step: self.cursor as u64,
+            mask_token: self.mask,
+            vocab_size: self.vocab_size,
+        };
+        Some(StepPlan {
+            step: self.cursor,
+            block,
+            queries,
+            k,
+            rule,
+        })
+    }
+
+    /// Commits the `plan.k` most confident of `preds` (one per `plan.queries`, in order) and
+    /// advances to the next step. `plan` must come from [`Session::plan`] with no change since.
+    ///
+    /// Errors ([`Error::Backend`], session unchanged): wrong number of predictions, or a chosen
+    /// token that is the mask or outside the vocabulary.
+    pub fn apply(&mut self, plan: &StepPlan, preds: &[Prediction]) -> Result<StepInfo> {
+        if plan.step != self.cursor {
+            return Err(Error::State(format!(
+                "plan for step {} applied at step {}",
+                plan.step, self.cursor
+            )));
+        }
+        let mut committed = Vec::with_capacity(plan.k);
+        if plan.k > 0 {
+            if preds.len() != plan.queries.len() {
+                return Err(Error::Backend(format!(
+                    "{} predictions for {} queried positions",
+                    preds.len(),
+                    plan.queries.len()
+                )));
+            }
+            let candidates: Vec<Candidate> = plan
+                .queries
+                .iter()
+                .zip(preds)
+                .map(|(&position, p)| Candidate {
+                    position,
+                    confidence: p.confidence,
+                })
+                .collect();
+            let chosen = commit::top_k(&candidates, plan.k);
+            for &c in &chosen {
+                let t = preds[c].token;
+                if t == self.mask || t as usize >= self.vocab_size {
+                    debug_assert!(
+                        false,
+                        "backend chose token {t} at position {}",
+                        plan.queries[c]
+                    );
+                    return Err(Error::Backend(format!(
+                        "prediction at position {} is token {t} (the mask or outside the \
+                         vocabulary of {})",
+                        plan.queries[c], self.vocab_size
+                    )));
+                }
+            }
+            for &c in &chosen {
+                let p = plan.queries[c];
+                debug_assert_eq!(self.canvas[p], self.mask, "position {p} is not masked");
+                self.canvas[p] = preds[c].token;
+                committed.push(p);
+            }
+            committed.sort_unstable();
+            self.masks_left -= committed.len();
+        }
+        self.cursor += 1;
+        Ok(self.info(plan.step, committed))
+    }
+
+    fn info(&self, step: usize, committed: Vec<usize>) -> StepInfo {
+        StepInfo {
+            step,
+            committed,
+            masks_left: self.masks_left,
+            done: self.is_done(),
+        }
+    }
+
+    /// The canvas as it stands.
+    pub fn canvas(&self) -> &[u32] {
+        &self.canvas
+    }
+
+    /// Consumes the session, returning its canvas.
+    pub fn into_canvas(self) -> Vec<u32> {
+        self.canvas
+    }
+
+    /// Every scheduled step has been taken.
+    pub fn is_done(&self) -> bool {
+        self.cursor >= self.total_steps()
+    }
+
+    /// Steps taken so far (including zero-count steps).
+    pub fn steps_taken(&self) -> usize {
+        self.cursor
+    }
+
+    /// Steps the schedule holds in all.
+    pub fn total_steps(&self) -> usize {
+        self.schedule.total_steps() + self.extra_blocks.len() * self.extra_block_steps()
+    }
+
+    /// Generated positions still holding the mask token.
+    pub fn masks_left(&self) -> usize {
+        self.masks_left
+    }
+
+    /// The positions that were masks at creation, in increasing order.
+    pub fn generated_positions(&self) -> &[usize] {
+        &self.generated
+    }
+
+    /// The blocks, in denoising order: each a run of generated positions.
+    pub fn blocks(&self) -> impl Iterator<Item = &[usize]> + '_ {
+        (0..self.schedule.num_blocks() + self.extra_blocks.len()).map(|b| self.block_positions(b))
+    }
+
+    /// Index of the block the next step works on, `None` when done.
+    pub fn current_block(&self) -> Option<usize> {
+        self.locate(self.cursor).map(|(b, _)| b)
+    }
+
+    /// Fixes position `pos` to `token` for the rest of the session (until it is remasked).
+    ///
+    /// A masked position leaves the schedule of its block: a block that has not started counts
+    /// one mask fewer; a running block commits at most its remaining masks, so its last steps
+    /// may commit nothing. Any other position (prompt or generated) is overwritten. The number
+    /// of steps does not change; locking a finished session is allowed.
+    ///
+    /// Errors ([`Error::InvalidArgument`], nothing changed): `pos` outside the canvas, `token`
+    /// the mask token or outside the vocabulary.
+    pub fn lock(&mut self, pos: usize, token: u32) -> Result<()> {
+        if pos >= self.canvas.len() {
+            return Err(Error::invalid(format!(
+                "position {pos} is outside the canvas of {} tokens",
+                self.canvas.len()
+            )));
+        }
+        if token == self.mask {
+            return Err(Error::invalid(format!(
+                "token {token} is the mask token: remask a position to send it back to the model"
+            )));
+        }
+        if token as usize >= self.vocab_size {
+            return Err(Error::invalid(format!(
+                "token {token} is outside the vocabulary ({} tokens)",
+                self.vocab_size
+            )));
+        }
+        if self.canvas[pos] == self.mask {
+            self.masks_left -= 1;
+        }
+        self.canvas[pos] = token;
+        Ok(())
+    }
+
+    /// Sends positions `begin..end` back to the model.
+    ///
+    /// Every position of the range not holding the mask token (prompt positions included)
+    /// becomes a mask again; together they form one new block, denoised after all existing
+    /// blocks with as many steps as each scheduled block (or `steps` when the canvas had no
+    /// masks at creation), and only by that block. Positions that already hold the mask keep
+    /// their place. A finished session can be stepped again. Nothing happens when no position
+    /// changes.
+    ///
+    /// Errors ([`Error::InvalidArgument`], nothing changed): `begin > end` or `end` beyond the
+    /// canvas.
+    pub fn remask(&mut self, begin: usize, end: usize) -> Result<()> {
+        if begin > end || end > self.canvas.len() {
+            return Err(Error::invalid(format!(
+                "remask range {begin}..{end} is not inside the canvas of {} tokens",
+                self.canvas.len()
+            )));
+        }
+        let changed: Vec<usize> = (begin..end)
+            .filter(|&p| self.canvas[p] != self.mask)
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let block = self.schedule.num_blocks() + self.extra_blocks.len();
+        for &p in &changed {
+            self.canvas[p] = self.mask;
+            self.owner[p] = block;
+        }
+        self.masks_left += changed.len();
+        self.extra_blocks.push(changed);
+        Ok(())
+    }
+
+    /// The positions of block `b` (scheduled or added by [`Session::remask`]).
+    fn block_positions(&self, b: usize) -> &[usize] {
+        let n = self.schedule.num_blocks();
+        if b < n {
+            &self.generated[self.schedule.block_range(b)]
+        } else {
+            &self.extra_blocks[b - n]
+        }
+    }
+
+    /// Steps of block `b`.
+    fn block_steps(&self, b: usize) -> usize {
+        if b < self.schedule.num_blocks() {
+            self.schedule.steps_per_block()
+        } else {
+            self.extra_block_steps()
+        }
+    }
+
+    /// Steps of each block added by [`Session::remask`]: as many as each scheduled block, or
+    /// `steps` (at least 1) when the canvas had no masks at creation.
+    fn extra_block_steps(&self) -> usize {
+        match self.schedule.steps_per_block() {
+            0 => self.params.steps.max(1),
+            s => s,
+        }
+    }
+
+    /// `(block, step within the block)` of global step `step`, remask blocks included;
+    /// `None` past the end.
+    fn locate(&self, step: usize) -> Option<(usize, usize)> {
+        if let Some(found) = self.schedule.locate(step) {
+            return Some(found);
+        }
+        let rest = step.checked_sub(self.schedule.total_steps())?;
+        let per = self.extra_block_steps();
+        let b = rest / per;
+        (b < self.extra_blocks.len()).then(|| (self.schedule.num_blocks() + b, rest % per))
+    }
+
+    /// The parameters the session was created with.
+    pub fn params(&self) -> &GenerationParams {
+        &self.params
+    }
+
+    /// The model driving the session.
+    pub fn model(&self) -> &Arc<dyn Model> {
+        &self.model
+    }
+}

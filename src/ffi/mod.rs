@@ -1,0 +1,427 @@
+//! The C ABI declared in `include/dllm.h`: `extern "C"` functions over models, the tokenizer and
+//! denoising [`Session`](crate::denoise::Session)s, for C and C++ programs linking libdllm.
+//!
+//! The header is the contract; `tests/c_abi.rs` checks every declaration here against it with
+//! bindgen and runs the C tests of `ffi/tests/` against libdllm.so and libdllm.a.
+//!
+//! Every export runs its body through [`guard`] (or [`guard_value`]): a panic is caught and
+//! becomes `DLLM_ERR_INTERNAL`, an error is mapped to a status code and its message stored for
+//! [`dllm_last_error`] on the calling thread. Every pointer, length, token id and enum value is
+//! checked before use, and nothing is written past a caller's capacity.
+
+#![allow(non_camel_case_types)]
+
+mod model;
+mod session;
+
+pub use model::*;
+pub use session::*;
+
+use crate::error::{Error, ErrorKind};
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// The ABI version of `include/dllm.h` this library implements.
+pub const DLLM_ABI_VERSION: u32 = 1;
+
+/// Result of every fallible call (`dllm_status` in C).
+pub type dllm_status = i32;
+pub const DLLM_OK: dllm_status = 0;
+pub const DLLM_ERR_INVALID_ARGUMENT: dllm_status = 1;
+pub const DLLM_ERR_IO: dllm_status = 2;
+pub const DLLM_ERR_FORMAT: dllm_status = 3;
+pub const DLLM_ERR_UNSUPPORTED: dllm_status = 4;
+pub const DLLM_ERR_OUT_OF_MEMORY: dllm_status = 5;
+pub const DLLM_ERR_BACKEND: dllm_status = 6;
+pub const DLLM_ERR_BUFFER_TOO_SMALL: dllm_status = 7;
+pub const DLLM_ERR_STATE: dllm_status = 8;
+pub const DLLM_ERR_INTERNAL: dllm_status = 9;
+
+/// Values of `dllm_model_params.backend`.
+pub const DLLM_BACKEND_AUTO: i32 = 0;
+pub const DLLM_BACKEND_CPU: i32 = 1;
+pub const DLLM_BACKEND_CUDA: i32 = 2;
+
+/// Values of `dllm_sampling_params.remasking`.
+pub const DLLM_REMASK_LOW_CONFIDENCE: i32 = 0;
+pub const DLLM_REMASK_RANDOM: i32 = 1;
+pub const DLLM_REMASK_MARGIN: i32 = 2;
+pub const DLLM_REMASK_ENTROPY: i32 = 3;
+
+/// How a model is loaded (`dllm_model_params`; fields documented in the header).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct dllm_model_params {
+    pub struct_size: u32,
+    pub backend: i32,
+    pub device: i32,
+    pub threads: i32,
+}
+
+/// How a canvas is denoised (`dllm_sampling_params`; fields documented in the header).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct dllm_sampling_params {
+    pub struct_size: u32,
+    pub steps: i32,
+    pub block_len: i32,
+    pub temperature: f32,
+    pub remasking: i32,
+    pub seed: u64,
+}
+
+/// What one `dllm_session_step` did.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct dllm_step_info {
+    pub step: i32,
+    pub committed: i32,
+    pub masks_left: i32,
+    pub done: i32,
+}
+
+/// The smallest `struct_size` accepted for each parameter struct: the size of its first
+/// version. When fields are appended, these stay and the new fields take their defaults for
+/// callers built against an older header.
+const MODEL_PARAMS_V1_SIZE: usize = 16;
+const SAMPLING_PARAMS_V1_SIZE: usize = 32;
+const _: () = assert!(std::mem::size_of::<dllm_model_params>() == MODEL_PARAMS_V1_SIZE);
+const _: () = assert!(std::mem::size_of::<dllm_sampling_params>() == SAMPLING_PARAMS_V1_SIZE);
+
+impl Default for dllm_model_params {
+    fn default() -> Self {
+        dllm_model_params {
+            struct_size: std::mem::size_of::<Self>() as u32,
+            backend: DLLM_BACKEND_AUTO,
+            device: 0,
+            threads: 0,
+        }
+    }
+}
+
+impl Default for dllm_sampling_params {
+    fn default() -> Self {
+        let g = crate::denoise::GenerationParams::default();
+        dllm_sampling_params {
+            struct_size: std::mem::size_of::<Self>() as u32,
+            steps: g.steps as i32,
+            block_len: g.block_len as i32,
+            temperature: g.temperature as f32,
+            remasking: DLLM_REMASK_LOW_CONFIDENCE,
+            seed: g.seed,
+        }
+    }
+}
+
+/// A failure on its way to the caller: the status code and the message for `dllm_last_error`.
+#[derive(Debug)]
+pub(crate) struct FfiError {
+    status: dllm_status,
+    msg: String,
+}
+
+impl FfiError {
+    pub(crate) fn new(status: dllm_status, msg: impl Into<String>) -> Self {
+        FfiError {
+            status,
+            msg: msg.into(),
+        }
+    }
+}
+
+impl From<Error> for FfiError {
+    fn from(e: Error) -> Self {
+        let status = match e.kind() {
+            ErrorKind::InvalidArgument => DLLM_ERR_INVALID_ARGUMENT,
+            ErrorKind::Io => DLLM_ERR_IO,
+            ErrorKind::Format => DLLM_ERR_FORMAT,
+            ErrorKind::Unsupported => DLLM_ERR_UNSUPPORTED,
+            ErrorKind::Backend => DLLM_ERR_BACKEND,
+            ErrorKind::State => DLLM_ERR_STATE,
+        };
+        FfiError::new(status, e.to_string())
+    }
+}
+
+/// `DLLM_ERR_INVALID_ARGUMENT` with a message.
+pub(crate) fn invalid(msg: impl Into<String>) -> FfiError {
+    FfiError::new(DLLM_ERR_INVALID_ARGUMENT, msg)
+}
+
+pub(crate) type FfiResult<T> = std::result::Result<T, FfiError>;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: String) {
+    let c = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
+    // During thread teardown the slot may be gone; the message is then dropped.
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_string()
+    }
+}
+
+/// Runs the body of the export `name`: `Ok` is `DLLM_OK`; an error is stored as
+/// "`name`: message" for [`dllm_last_error`] and its status returned; a panic becomes
+/// `DLLM_ERR_INTERNAL`.
+pub(crate) fn guard(name: &str, body: impl FnOnce() -> FfiResult<()>) -> dllm_status {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => DLLM_OK,
+        Ok(Err(e)) => {
+            set_last_error(format!("{name}: {}", e.msg));
+            e.status
+        }
+        Err(payload) => {
+            set_last_error(format!(
+                "{name}: internal error (a panic in dllm, please report it): {}",
+                panic_message(payload.as_ref())
+            ));
+            DLLM_ERR_INTERNAL
+        }
+    }
+}
+
+/// Runs the body of an export that returns a value rather than a status: a panic gives
+/// `fallback` (and a message for [`dllm_last_error`]).
+pub(crate) fn guard_value<T>(name: &str, fallback: T, body: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
+        set_last_error(format!(
+            "{name}: internal error (a panic in dllm, please report it): {}",
+            panic_message(payload.as_ref())
+        ));
+        fallback
+    })
+}
+
+/// Reads a caller's parameter struct whose first field is `struct_size`: NULL gives `default`;
+/// a size below `v1_size` is rejected; fields beyond what this library knows are ignored.
+///
+/// # Safety
+/// `p` is NULL or points to at least `struct_size` readable bytes, aligned for `T`.
+pub(crate) unsafe fn read_params<T: Copy>(
+    p: *const T,
+    default: T,
+    v1_size: usize,
+    name: &str,
+) -> FfiResult<T> {
+    if p.is_null() {
+        return Ok(default);
+    }
+    // SAFETY: p is non-NULL and (by the contract) points to a struct starting with a u32.
+    let size = unsafe { std::ptr::read(p.cast::<u32>()) } as usize;
+    if size < v1_size {
+        return Err(invalid(format!(
+            "{name}.struct_size is {size}, expected at least {v1_size} \
+             (initialise the struct with {name}_default)"
+        )));
+    }
+    let mut value = default;
+    let n = size.min(std::mem::size_of::<T>());
+    // SAFETY: the caller's struct holds `size >= n` bytes; `value` holds size_of::<T>() >= n;
+    // T is plain old data (repr(C) integers and floats), so any bytes form a valid value.
+    unsafe {
+        std::ptr::copy_nonoverlapping(p.cast::<u8>(), (&mut value as *mut T).cast::<u8>(), n);
+    }
+    Ok(value)
+}
+
+/// The caller's input array `p[0..n]`; NULL is allowed only when `n == 0`.
+///
+/// # Safety
+/// `p` is NULL or points to `n` readable, initialised elements that stay valid and unmodified
+/// for the returned lifetime.
+pub(crate) unsafe fn input_slice<'a, T>(p: *const T, n: usize, name: &str) -> FfiResult<&'a [T]> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(invalid(format!("{name} is NULL but its length is {n}")));
+    }
+    let too_large = match n.checked_mul(std::mem::size_of::<T>()) {
+        Some(bytes) => bytes > isize::MAX as usize,
+        None => true,
+    };
+    if too_large {
+        return Err(invalid(format!("{name}: length {n} is impossibly large")));
+    }
+    // SAFETY: non-NULL, length checked against isize::MAX bytes, validity by the contract.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// Checks an output buffer argument pair: `buf` may be NULL only when `cap == 0`.
+pub(crate) fn check_output<T>(buf: *mut T, cap: usize, name: &str) -> FfiResult<()> {
+    if buf.is_null() && cap > 0 {
+        return Err(invalid(format!("{name} is NULL but cap is {cap}")));
+    }
+    Ok(())
+}
+
+/// Writes `data` to the caller's buffer `buf[0..cap]` and its length to `*n_out`; too small a
+/// buffer gives `DLLM_ERR_BUFFER_TOO_SMALL` (with `*n_out` set) and writes nothing to `buf`.
+///
+/// # Safety
+/// `buf` passed [`check_output`] and points to `cap` writable elements; `n_out` is writable.
+pub(crate) unsafe fn write_output<T: Copy>(
+    data: &[T],
+    buf: *mut T,
+    cap: usize,
+    n_out: *mut usize,
+    name: &str,
+) -> FfiResult<()> {
+    // SAFETY: n_out was checked non-NULL by the caller of this helper.
+    unsafe { *n_out = data.len() };
+    if data.len() > cap {
+        return Err(FfiError::new(
+            DLLM_ERR_BUFFER_TOO_SMALL,
+            format!(
+                "{name}: buffer too small: {} elements needed, cap is {cap}",
+                data.len()
+            ),
+        ));
+    }
+    if !data.is_empty() {
+        // SAFETY: data.len() <= cap and buf holds cap writable elements (non-NULL as cap > 0).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf, data.len()) };
+    }
+    Ok(())
+}
+
+/// Rejects a NULL out-parameter.
+pub(crate) fn check_nonnull<T>(p: *const T, name: &str) -> FfiResult<()> {
+    if p.is_null() {
+        return Err(invalid(format!("{name} is NULL")));
+    }
+    Ok(())
+}
+
+/// Clamps a count to the `int32_t` the header returns.
+pub(crate) fn to_i32(x: usize) -> i32 {
+    i32::try_from(x).unwrap_or(i32::MAX)
+}
+
+/// The ABI version of this library (`DLLM_ABI_VERSION`).
+#[no_mangle]
+pub extern "C" fn dllm_abi_version() -> u32 {
+    DLLM_ABI_VERSION
+}
+
+/// A static description of a status code.
+#[no_mangle]
+pub extern "C" fn dllm_status_string(status: dllm_status) -> *const c_char {
+    let s: &'static CStr = match status {
+        DLLM_OK => c"ok",
+        DLLM_ERR_INVALID_ARGUMENT => c"invalid argument",
+        DLLM_ERR_IO => c"I/O error",
+        DLLM_ERR_FORMAT => c"malformed file",
+        DLLM_ERR_UNSUPPORTED => c"unsupported",
+        DLLM_ERR_OUT_OF_MEMORY => c"out of memory",
+        DLLM_ERR_BACKEND => c"backend error",
+        DLLM_ERR_BUFFER_TOO_SMALL => c"buffer too small",
+        DLLM_ERR_STATE => c"invalid state",
+        DLLM_ERR_INTERNAL => c"internal error",
+        _ => c"unknown status",
+    };
+    s.as_ptr()
+}
+
+/// The message of the last failure on this thread ("" if none), valid until the next call.
+#[no_mangle]
+pub extern "C" fn dllm_last_error() -> *const c_char {
+    LAST_ERROR
+        .try_with(|e| e.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
+}
+
+/// Fills `*p` with the default model parameters.
+///
+/// # Safety
+/// `p` is NULL or points to a writable `dllm_model_params`.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_model_params_default(p: *mut dllm_model_params) {
+    if !p.is_null() {
+        // SAFETY: non-NULL and writable by the contract.
+        unsafe { p.write(dllm_model_params::default()) };
+    }
+}
+
+/// Fills `*p` with the default sampling parameters.
+///
+/// # Safety
+/// `p` is NULL or points to a writable `dllm_sampling_params`.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_sampling_params_default(p: *mut dllm_sampling_params) {
+    if !p.is_null() {
+        // SAFETY: non-NULL and writable by the contract.
+        unsafe { p.write(dllm_sampling_params::default()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_strings_are_distinct_and_total() {
+        let text = |s| {
+            unsafe { CStr::from_ptr(dllm_status_string(s)) }
+                .to_str()
+                .unwrap()
+        };
+        let all: Vec<&str> = (DLLM_OK..=DLLM_ERR_INTERNAL).map(text).collect();
+        let mut dedup = all.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(dedup.len(), all.len());
+        assert_eq!(text(-7), "unknown status");
+    }
+
+    #[test]
+    fn guard_maps_errors_and_panics() {
+        assert_eq!(guard("f", || Ok(())), DLLM_OK);
+        let st = guard("dllm_f", || Err(Error::Unsupported("thing".into()).into()));
+        assert_eq!(st, DLLM_ERR_UNSUPPORTED);
+        let msg = unsafe { CStr::from_ptr(dllm_last_error()) }
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(msg, "dllm_f: unsupported: thing");
+        let st = guard("dllm_g", || panic!("boom {}", 7));
+        assert_eq!(st, DLLM_ERR_INTERNAL);
+        let msg = unsafe { CStr::from_ptr(dllm_last_error()) }
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.starts_with("dllm_g: internal error") && msg.ends_with("boom 7"),
+            "{msg}"
+        );
+        assert_eq!(guard_value("dllm_h", -1, || -> i32 { panic!("x") }), -1);
+    }
+
+    #[test]
+    fn params_struct_size_is_checked() {
+        let mut p = dllm_sampling_params::default();
+        let d = dllm_sampling_params::default();
+        let read = |p: &dllm_sampling_params| unsafe {
+            read_params(p, d, SAMPLING_PARAMS_V1_SIZE, "dllm_sampling_params")
+        };
+        p.steps = 7;
+        assert_eq!(read(&p).unwrap().steps, 7);
+        p.struct_size = 31;
+        assert_eq!(read(&p).unwrap_err().status, DLLM_ERR_INVALID_ARGUMENT);
+        assert_eq!(
+            unsafe { read_params(std::ptr::null(), d, 32, "x") }.unwrap(),
+            d
+        );
+    }
+}

@@ -1,0 +1,626 @@
+//! The C ABI end to end: builds the C tests and examples of `ffi/` with the system C compiler,
+//! links them once against libdllm.so and once against libdllm.a, runs them (and under valgrind
+//! when it is installed), compares the C driver with the Rust `Session`, and checks
+//! `include/dllm.h` against `src/ffi` with bindgen so that signatures cannot drift.
+//!
+//! The C programs load the embedded tiny model on the CPU backend only (no CUDA library is ever
+//! opened, which keeps valgrind's view clean). The library artifacts are those cargo built for
+//! this test run, next to the test executable (`target/<profile>/deps`).
+
+use dllm::denoise::{generation_canvas, infill_canvas, GenerationParams, Remasking, Session};
+use dllm::model::{load_model, Backend};
+use dllm::tokenizer::Tokenizer;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
+/// The self-checking C tests (each exits 0 when every check passed).
+const C_TESTS: [&str; 4] = [
+    "test_model",
+    "test_tokenize",
+    "test_session",
+    "test_threads",
+];
+/// Every C program built: the tests, the parity driver and the examples.
+const PROGRAMS: [(&str, &str); 7] = [
+    ("test_model", "ffi/tests/test_model.c"),
+    ("test_tokenize", "ffi/tests/test_tokenize.c"),
+    ("test_session", "ffi/tests/test_session.c"),
+    ("test_threads", "ffi/tests/test_threads.c"),
+    ("parity", "ffi/tests/parity.c"),
+    ("generate", "ffi/examples/generate.c"),
+    ("infill", "ffi/examples/infill.c"),
+];
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The directory holding libdllm.so, libdllm.a and libdllm.rlib built with this test.
+fn lib_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let deps = exe.parent().expect("deps directory").to_path_buf();
+        let candidates = [deps.clone(), deps.parent().unwrap().to_path_buf()];
+        candidates
+            .iter()
+            .find(|d| d.join("libdllm.so").exists() && d.join("libdllm.a").exists())
+            .unwrap_or_else(|| panic!("libdllm.so and libdllm.a not found in {candidates:?}"))
+            .clone()
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Link {
+    Shared,
+    Static,
+}
+
+/// The C programs, compiled once per test process.
+struct Built {
+    dir: PathBuf,
+}
+
+impl Built {
+    fn exe(&self, name: &str, link: Link) -> PathBuf {
+        self.dir.join(format!("{name}-{link:?}").to_lowercase())
+    }
+}
+
+fn compiler() -> String {
+    std::env::var("CC").unwrap_or_else(|_| "cc".to_string())
+}
+
+fn built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = lib_dir().join("c_abi");
+        std::fs::create_dir_all(&dir).unwrap();
+        let built = Built { dir };
+        let lib = lib_dir();
+        for (name, src) in PROGRAMS {
+            // Static linking (a large archive) only for the self-checking tests.
+            let links: &[Link] = if C_TESTS.contains(&name) {
+                &[Link::Shared, Link::Static]
+            } else {
+                &[Link::Shared]
+            };
+            for &link in links {
+                let mut cmd = Command::new(compiler());
+                cmd.current_dir(root())
+                    .args([
+                        "-std=c99",
+                        "-Wall",
+                        "-Wextra",
+                        "-Wpedantic",
+                        "-Werror",
+                        "-g",
+                        "-O1",
+                    ])
+                    .args(["-Iinclude", "-Iffi/tests", src, "-o"])
+                    .arg(built.exe(name, link));
+                match link {
+                    Link::Shared => {
+                        cmd.arg(format!("-L{}", lib.display()))
+                            .arg("-ldllm")
+                            .arg(format!("-Wl,-rpath,{}", lib.display()));
+                    }
+                    Link::Static => {
+                        // The native libraries a Rust staticlib needs on Linux
+                        // (`rustc --print native-static-libs`).
+                        cmd.arg(lib.join("libdllm.a"))
+                            .arg("-Wl,--gc-sections")
+                            .args([
+                                "-lgcc_s",
+                                "-lutil",
+                                "-lrt",
+                                "-lpthread",
+                                "-lm",
+                                "-ldl",
+                                "-lc",
+                            ]);
+                    }
+                }
+                cmd.args(["-pthread", "-lm"]);
+                let out = cmd
+                    .output()
+                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", compiler()));
+                assert!(
+                    out.status.success(),
+                    "compiling {src} ({link:?}) failed:\n{:?}\n{}",
+                    cmd,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        built
+    })
+}
+
+/// Runs `cmd` with a deadline (a hung program fails the test instead of hanging it).
+fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut v).ok();
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut v).ok();
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("{desc} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn run_c_tests(link: Link) {
+    let built = built();
+    for name in C_TESTS {
+        let mut cmd = Command::new(built.exe(name, link));
+        cmd.arg(MODEL).env_remove("LD_LIBRARY_PATH");
+        let out = run_with_timeout(cmd, Duration::from_secs(600));
+        assert!(
+            out.status.success(),
+            "{name} ({link:?}) failed: {}",
+            describe(&out)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("checks passed"), "{name}: {stdout}");
+    }
+}
+
+#[test]
+fn c_tests_pass_with_the_shared_library() {
+    run_c_tests(Link::Shared);
+}
+
+/// The static programs have no rpath and run without LD_LIBRARY_PATH: they cannot be using
+/// libdllm.so.
+#[test]
+fn c_tests_pass_with_the_static_library() {
+    run_c_tests(Link::Static);
+}
+
+fn valgrind_available() -> bool {
+    Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn c_tests_are_clean_under_valgrind() {
+    if !valgrind_available() {
+        eprintln!("valgrind not installed: skipping the memory checks of the C tests");
+        return;
+    }
+    let built = built();
+    for name in C_TESTS {
+        let mut cmd = Command::new("valgrind");
+        cmd.args([
+            "--error-exitcode=1",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite,possible",
+            "--quiet",
+        ])
+        .arg(built.exe(name, Link::Shared))
+        .arg(MODEL);
+        let out = run_with_timeout(cmd, Duration::from_secs(1200));
+        assert!(out.status.success(), "valgrind {name}: {}", describe(&out));
+    }
+}
+
+/// What the C parity driver prints, computed with the Rust API.
+fn rust_transcript(prompt: &str, gen_len: usize, params: &GenerationParams) -> String {
+    let model = load_model(Path::new(MODEL), Backend::Cpu).unwrap().model;
+    let tok = Tokenizer::from_model_dir(Path::new(MODEL)).unwrap();
+    let ids = tok.encode(prompt).unwrap();
+    let canvas = generation_canvas(&ids, gen_len, model.config().mask_token_id);
+    let mut s = Session::new(Arc::clone(&model), canvas, params.clone()).unwrap();
+    let mut text = String::new();
+    loop {
+        let info = s.step().unwrap();
+        text += &format!(
+            "step {} committed {} masks_left {} done {}\n",
+            info.step,
+            info.committed.len(),
+            info.masks_left,
+            u8::from(info.done)
+        );
+        if info.done {
+            break;
+        }
+    }
+    text += "canvas";
+    for id in s.canvas() {
+        text += &format!(" {id}");
+    }
+    text + "\n"
+}
+
+#[test]
+fn c_driver_matches_the_rust_session() {
+    let cases: [(&str, usize, GenerationParams); 3] = [
+        (
+            "def fib(n):\n",
+            16,
+            GenerationParams {
+                steps: 8,
+                block_len: 8,
+                ..GenerationParams::default()
+            },
+        ),
+        (
+            "import numpy as np\n",
+            12,
+            GenerationParams {
+                steps: 6,
+                block_len: 4,
+                temperature: 0.8,
+                remasking: Remasking::Random,
+                seed: 7,
+            },
+        ),
+        (
+            "class Stack:\n",
+            10,
+            GenerationParams {
+                steps: 9,
+                block_len: 4,
+                temperature: 0.5,
+                remasking: Remasking::LowConfidence,
+                seed: 12345678901,
+            },
+        ),
+    ];
+    let built = built();
+    for (prompt, gen_len, params) in cases {
+        let remasking = match params.remasking {
+            Remasking::LowConfidence => 0,
+            Remasking::Random => 1,
+        };
+        let mut cmd = Command::new(built.exe("parity", Link::Shared));
+        cmd.arg(MODEL)
+            .arg(prompt)
+            .arg(gen_len.to_string())
+            .arg(params.steps.to_string())
+            .arg(params.block_len.to_string())
+            .arg(params.temperature.to_string())
+            .arg(remasking.to_string())
+            .arg(params.seed.to_string());
+        let out = run_with_timeout(cmd, Duration::from_secs(300));
+        assert!(out.status.success(), "parity: {}", describe(&out));
+        let c = String::from_utf8(out.stdout).unwrap();
+        let rust = rust_transcript(prompt, gen_len, &params);
+        assert_eq!(c, rust, "C and Rust differ for {prompt:?} {params:?}");
+    }
+}
+
+#[test]
+fn examples_print_what_the_rust_api_computes() {
+    let built = built();
+    let model = load_model(Path::new(MODEL), Backend::Cpu).unwrap().model;
+    let cfg = model.config().clone();
+    let tok = Tokenizer::from_model_dir(Path::new(MODEL)).unwrap();
+
+    // generate: prompt, 16 masks, 8 steps, blocks of 32 (one block).
+    let prompt = "def add(a, b):";
+    let mut cmd = Command::new(built.exe("generate", Link::Shared));
+    cmd.args([MODEL, prompt, "16", "8"])
+        .env("DLLM_BACKEND", "cpu");
+    let out = run_with_timeout(cmd, Duration::from_secs(300));
+    assert!(out.status.success(), "generate: {}", describe(&out));
+    let ids = tok.encode(prompt).unwrap();
+    let canvas = generation_canvas(&ids, 16, cfg.mask_token_id);
+    let params = GenerationParams {
+        steps: 8,
+        block_len: 32,
+        ..GenerationParams::default()
+    };
+    let mut s = Session::new(Arc::clone(&model), canvas, params).unwrap();
+    s.run().unwrap();
+    let generated: Vec<u32> = s.canvas()[ids.len()..]
+        .iter()
+        .copied()
+        .take_while(|&t| t != cfg.eos_token_id)
+        .collect();
+    let want = format!("{prompt}{}\n", tok.decode(&generated, false).unwrap());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(progress.matches("masks left").count(), 8, "{progress}");
+    assert!(progress.contains("model loaded on cpu"), "{progress}");
+
+    // infill: prefix, 8 masks, suffix, 8 steps in one block.
+    let (prefix, suffix) = ("def area(r):\n    ", "\n    return a\n");
+    let mut cmd = Command::new(built.exe("infill", Link::Shared));
+    cmd.args([MODEL, prefix, suffix, "8"])
+        .env("DLLM_BACKEND", "cpu");
+    let out = run_with_timeout(cmd, Duration::from_secs(300));
+    assert!(out.status.success(), "infill: {}", describe(&out));
+    let (p, q) = (tok.encode(prefix).unwrap(), tok.encode(suffix).unwrap());
+    let canvas = infill_canvas(&p, 8, &q, cfg.mask_token_id);
+    let params = GenerationParams {
+        steps: 8,
+        block_len: 8,
+        ..GenerationParams::default()
+    };
+    let mut s = Session::new(Arc::clone(&model), canvas, params).unwrap();
+    s.run().unwrap();
+    let gap = tok
+        .decode(&s.canvas()[p.len()..p.len() + 8], false)
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{prefix}[{gap}]{suffix}\n")
+    );
+}
+
+/// The header is valid C++ (the `extern "C"` guards) as well as pedantic C99 (the C tests).
+#[test]
+fn header_compiles_as_cpp() {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let src = lib_dir().join("c_abi_header_check.cpp");
+    std::fs::write(
+        &src,
+        "#include \"dllm.h\"\n\
+         static_assert(sizeof(dllm_sampling_params) == 32, \"v1 layout\");\n\
+         int main() { return dllm_abi_version() == DLLM_ABI_VERSION ? 0 : 1; }\n",
+    )
+    .unwrap();
+    let out = match Command::new(&cxx)
+        .current_dir(root())
+        .args([
+            "-std=c++11",
+            "-Wall",
+            "-Wextra",
+            "-Wpedantic",
+            "-Werror",
+            "-fsyntax-only",
+        ])
+        .arg("-Iinclude")
+        .arg(&src)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("no C++ compiler ({cxx}: {e}): skipping");
+            return;
+        }
+    };
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header ↔ Rust: bindgen generates declarations from include/dllm.h; a generated Rust file
+// asserts that every exported Rust function has exactly the header's function-pointer type,
+// that the parameter structs have the same layout and that every constant has the same value.
+// It is compiled with rustc against the libdllm.rlib of this build: a drift fails to compile.
+// ---------------------------------------------------------------------------------------------
+
+/// Types the ABI defines; in the function declarations they are replaced by dllm's own.
+const ABI_TYPES: [&str; 5] = [
+    "dllm_model",
+    "dllm_session",
+    "dllm_model_params",
+    "dllm_sampling_params",
+    "dllm_step_info",
+];
+/// The plain structs whose layouts are compared field by field.
+const ABI_STRUCTS: [&str; 3] = [
+    "dllm_model_params",
+    "dllm_sampling_params",
+    "dllm_step_info",
+];
+
+fn bindgen_header(with_types: bool) -> String {
+    let mut b = bindgen::Builder::default()
+        .header(root().join("include/dllm.h").to_str().unwrap())
+        .allowlist_file(".*dllm\\.h")
+        .prepend_enum_name(false)
+        .layout_tests(false)
+        .generate_comments(false)
+        .formatter(bindgen::Formatter::None);
+    if !with_types {
+        for t in ABI_TYPES {
+            b = b.blocklist_type(t);
+        }
+    }
+    b.generate()
+        .expect("bindgen failed on include/dllm.h (is libclang installed?)")
+        .to_string()
+}
+
+/// `(name, argument count)` of every function declared in bindgen output.
+fn declared_functions(bindings: &str) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    for piece in bindings.split("pub fn ").skip(1) {
+        let name: String = piece
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let open = piece.find('(').unwrap();
+        let mut depth = 0;
+        let mut args = String::new();
+        for ch in piece[open..].chars() {
+            match ch {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            args.push(ch);
+            if depth == 0 {
+                break;
+            }
+        }
+        let inner = args[1..args.len() - 1].trim();
+        let n = if inner.is_empty() {
+            0
+        } else {
+            inner.trim_end_matches(',').split(',').count()
+        };
+        out.push((name, n));
+    }
+    out
+}
+
+/// Names following `keyword` in bindgen output (e.g. `pub const `).
+fn names_after(bindings: &str, keyword: &str) -> Vec<String> {
+    bindings
+        .split(keyword)
+        .skip(1)
+        .map(|p| {
+            p.trim_start()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+/// The field names of `struct name` in bindgen output.
+fn struct_fields(bindings: &str, name: &str) -> Vec<String> {
+    let key = format!("pub struct {name} {{");
+    let start = bindings
+        .find(&key)
+        .unwrap_or_else(|| panic!("{name} not in bindings"))
+        + key.len();
+    let body = &bindings[start..start + bindings[start..].find('}').unwrap()];
+    body.split(',')
+        .filter_map(|f| f.trim().strip_prefix("pub "))
+        .map(|f| f.split(':').next().unwrap().trim().to_string())
+        .collect()
+}
+
+/// `extern "C" fn` names defined in src/ffi.
+fn rust_exports() -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(root().join("src/ffi")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        names.extend(names_after(&text, "extern \"C\" fn "));
+    }
+    names.sort();
+    names
+}
+
+#[test]
+fn header_matches_the_rust_exports() {
+    let fns_src = bindgen_header(false);
+    let types_src = bindgen_header(true);
+    let functions = declared_functions(&fns_src);
+    let mut header_names: Vec<String> = functions.iter().map(|(n, _)| n.clone()).collect();
+    header_names.sort();
+    assert!(
+        header_names.len() >= 21,
+        "too few functions parsed: {header_names:?}"
+    );
+    assert_eq!(
+        rust_exports(),
+        header_names,
+        "src/ffi exports and include/dllm.h declarations differ"
+    );
+
+    let mut check = String::from(
+        "#![allow(non_camel_case_types, non_upper_case_globals, non_snake_case, dead_code)]\n\
+         #![allow(clashing_extern_declarations, improper_ctypes)]\n\
+         mod fns {\n    use dllm::ffi::{",
+    );
+    check += &ABI_TYPES.join(", ");
+    check += "};\n";
+    check += &fns_src;
+    check += "\n}\nmod types {\n";
+    check += &types_src;
+    check += "\n}\nfn same<T>(_: T, _: T) {}\npub fn functions() {\n";
+    for (name, n) in &functions {
+        let sig = format!("unsafe extern \"C\" fn({}) -> _", vec!["_"; *n].join(", "));
+        check += &format!("    same(fns::{name} as {sig}, dllm::ffi::{name} as {sig});\n");
+    }
+    check += "}\n";
+    for s in ABI_STRUCTS {
+        check += &format!(
+            "const _: () = assert!(std::mem::size_of::<types::{s}>() == \
+             std::mem::size_of::<dllm::ffi::{s}>());\n\
+             const _: () = assert!(std::mem::align_of::<types::{s}>() == \
+             std::mem::align_of::<dllm::ffi::{s}>());\n"
+        );
+        for f in struct_fields(&types_src, s) {
+            check += &format!(
+                "const _: () = assert!(std::mem::offset_of!(types::{s}, {f}) == \
+                 std::mem::offset_of!(dllm::ffi::{s}, {f}));\n\
+                 fn _{s}_{f}(a: types::{s}, b: dllm::ffi::{s}) {{ same(a.{f}, b.{f}); }}\n"
+            );
+        }
+    }
+    let constants = names_after(&types_src, "pub const ");
+    assert!(
+        constants.contains(&"DLLM_ERR_INTERNAL".to_string()),
+        "{constants:?}"
+    );
+    for c in &constants {
+        check += &format!("const _: () = assert!(types::{c} as i64 == dllm::ffi::{c} as i64);\n");
+    }
+
+    let dir = lib_dir().join("c_abi_bindgen");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("abi_check.rs");
+    std::fs::write(&file, &check).unwrap();
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+    let out = Command::new(&rustc)
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "lib",
+            "--crate-name",
+            "dllm_abi_check",
+        ])
+        .args(["--emit", "metadata", "--out-dir"])
+        .arg(&dir)
+        .arg("--extern")
+        .arg(format!("dllm={}", lib_dir().join("libdllm.rlib").display()))
+        .arg(format!("-Ldependency={}", lib_dir().display()))
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {rustc}: {e}"));
+    assert!(
+        out.status.success(),
+        "src/ffi does not match include/dllm.h ({}):\n{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
