@@ -143,11 +143,39 @@ fn bench_ops(c: &mut Criterion) {
     g.finish();
 }
 
+/// One full forward of the embedded tiny model over 192 tokens (target ≤ 120 ms on 2 cores),
+/// and the cheaper `predict` step that runs the LM head only on a 32-token block.
+fn bench_forward(c: &mut Criterion) {
+    use dllm::denoise::predict::{PredictRule, Remasking};
+    use dllm::model::{llada::Llada, Model};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llada-code");
+    let model = Llada::load(&dir).expect("embedded model");
+    let cfg = model.config().clone();
+    let ids: Vec<u32> = (0..192).map(|i| if i < 64 { 100 + i * 7 } else { cfg.mask_token_id }).collect();
+    let mut g = c.benchmark_group("forward_tiny");
+    g.sample_size(10);
+    g.bench_function("forward_192", |b| b.iter(|| black_box(model.forward(black_box(&ids)).unwrap())));
+    let queries: Vec<usize> = (64..96).collect();
+    let rule = PredictRule {
+        temperature: 0.0,
+        remasking: Remasking::LowConfidence,
+        seed: 0,
+        step: 0,
+        mask_token: cfg.mask_token_id,
+        vocab_size: cfg.vocab_size,
+    };
+    g.bench_function("predict_192_block32", |b| {
+        b.iter(|| black_box(model.predict(black_box(&ids), &queries, &rule).unwrap()))
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_linear,
     bench_linear_panel,
     bench_linear_small_m,
-    bench_ops
+    bench_ops,
+    bench_forward
 );
 criterion_main!(benches);

@@ -20,7 +20,7 @@ pub fn exp_approx(x: f32) -> f32 {
     const C1: f32 = 0.693_359_4; // ln 2 split: C1 exact in few bits, C2 the remainder
     const C2: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer in the low bits
-    let xc = x.min(HI).max(LO);
+    let xc = x.clamp(LO, HI);
     let t = xc * LOG2E + MAGIC;
     let n = t - MAGIC;
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
@@ -30,7 +30,7 @@ pub fn exp_approx(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * (r * r) + r + 1.0;
     let scale = f32::from_bits(((ni + 127) as u32) << 23);
     let y = e * scale;

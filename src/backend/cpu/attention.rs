@@ -3,7 +3,7 @@
 //! Work is split into (head, block of query rows) tasks on the rayon pool. Each task computes
 //! `S = Q_blk · K_hᵀ · scale` into a thread-local `rows × skv` buffer with the `gemm` crate, applies
 //! the key mask and a max-subtracted row softmax, then writes `S · V_h` straight into its slice of
-//! `out`. Memory is O(block · skv) per thread.
+//! `out`. Memory: O(block · skv) per thread plus one transposed copy of K (the size of K).
 
 use std::cell::RefCell;
 
@@ -59,9 +59,22 @@ pub fn attention(
     let kvs = n_kv_heads * head_dim; // k / v row stride
     let scale = 1.0 / (head_dim as f32).sqrt();
     let blocks = sq.div_ceil(Q_BLOCK);
+    // Kᵀ per KV head, [n_kv_heads][hd][skv]: the gemm kernels are much faster with a row-major
+    // right-hand side than with K's strided rows. O(skv · n_kv_heads · hd), like K itself.
+    let mut kt_all = vec![0f32; skv * kvs];
+    kt_all
+        .par_chunks_mut(head_dim * skv)
+        .enumerate()
+        .for_each(|(kvh, kt)| {
+            for (j, krow) in k.chunks_exact(kvs).enumerate() {
+                let src = &krow[kvh * head_dim..(kvh + 1) * head_dim];
+                for (d, &val) in src.iter().enumerate() {
+                    kt[d * skv + j] = val;
+                }
+            }
+        });
     let dst = SendPtr(out.as_mut_ptr());
     (0..n_heads * blocks).into_par_iter().for_each(|t| {
-        let dst = dst;
         let (h, b) = (t / blocks, t % blocks);
         let kvh = h / group;
         let r0 = b * Q_BLOCK;
@@ -72,8 +85,9 @@ pub fn attention(
                 buf.resize(rows * skv, 0.0);
             }
             let s = &mut buf[..rows * skv];
+            let kt = &kt_all[kvh * head_dim * skv..(kvh + 1) * head_dim * skv];
             // SAFETY: s is rows × skv (row stride skv). lhs = q rows r0.., columns h·hd.. with row
-            // stride qs; rhs(d, j) = k[j·kvs + kvh·hd + d] — all in bounds by the contract.
+            // stride qs; rhs = kt, hd × skv with row stride skv — all in bounds by the contract.
             unsafe {
                 gemm(
                     rows,
@@ -86,9 +100,9 @@ pub fn attention(
                     q.as_ptr().add(r0 * qs + h * head_dim),
                     1,
                     qs as isize,
-                    k.as_ptr().add(kvh * head_dim),
-                    kvs as isize,
+                    kt.as_ptr(),
                     1,
+                    skv as isize,
                     0.0,
                     scale,
                     false,
@@ -114,7 +128,7 @@ pub fn attention(
                     rows,
                     head_dim,
                     skv,
-                    dst.0.add(r0 * qs + h * head_dim),
+                    dst.at(r0 * qs + h * head_dim),
                     1,
                     qs as isize,
                     false,
@@ -160,17 +174,19 @@ unsafe fn exp_normalise_avx2(row: &mut [f32], max: f32) {
 
 #[inline(always)]
 fn exp_normalise(row: &mut [f32], max: f32) {
+    // Separate simple loops so each vectorises (a fused loop with lane accumulators does not).
+    for x in row.iter_mut() {
+        *x = exp_approx(*x - max);
+    }
     let mut acc = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
+    let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
         for i in 0..8 {
-            c[i] = exp_approx(c[i] - max);
             acc[i] += c[i];
         }
     }
     let mut sum = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]);
-    for x in chunks.into_remainder() {
-        *x = exp_approx(*x - max);
+    for x in chunks.remainder() {
         sum += *x;
     }
     let inv = 1.0 / sum;

@@ -17,7 +17,11 @@ use crate::weights::view::TensorView;
 pub const GEMV_MAX_M: usize = 4;
 
 /// Default panel height (rows of `W` decoded at once) for [`linear`]'s GEMM path.
-pub const DEFAULT_PANEL_ROWS: usize = 128;
+pub const DEFAULT_PANEL_ROWS: usize = 64;
+
+/// Default depth of one decoded block along `k` in [`linear`]'s GEMM path: a panel of
+/// `DEFAULT_PANEL_ROWS × DEFAULT_K_BLOCK` f32 is 128 KiB, resident in L2 while it is multiplied.
+pub const DEFAULT_K_BLOCK: usize = 512;
 
 /// A raw output pointer shared by tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
@@ -26,6 +30,18 @@ pub(crate) struct SendPtr(pub(crate) *mut f32);
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer advanced by `offset` elements. Taking `self` makes closures capture the whole
+    /// (Send) wrapper rather than its raw-pointer field.
+    ///
+    /// # Safety
+    /// The result must stay inside the allocation the pointer came from.
+    #[inline]
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
 
 thread_local! {
     /// Per-thread scratch for decoded weight panels.
@@ -40,7 +56,7 @@ pub fn linear(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
     if m <= GEMV_MAX_M {
         linear_gemv(x, m, w, out);
     } else {
-        linear_panelled(x, m, w, DEFAULT_PANEL_ROWS, out);
+        linear_blocked(x, m, w, DEFAULT_PANEL_ROWS, DEFAULT_K_BLOCK, out);
     }
 }
 
@@ -58,9 +74,23 @@ fn dims(x: &[f32], m: usize, w: &TensorView, out: &[f32]) -> (usize, usize) {
     (n, k)
 }
 
-/// [`linear`] through the GEMM path with an explicit panel height (rows of `W` decoded per task).
-/// Exposed for benchmarks and tests; [`linear`] picks the path and panel size itself.
+/// [`linear`] through the GEMM path with an explicit panel height (rows of `W` per task) and the
+/// default `k` block. Exposed for benchmarks and tests; [`linear`] picks the path itself.
 pub fn linear_panelled(x: &[f32], m: usize, w: &TensorView, panel_rows: usize, out: &mut [f32]) {
+    linear_blocked(x, m, w, panel_rows, DEFAULT_K_BLOCK, out);
+}
+
+/// [`linear`] through the GEMM path with explicit blocking: each task owns `≈ panel_rows` rows of
+/// `W` (output columns) and walks `k` in blocks of `k_block`, decoding each `[panel, k_block]`
+/// block (transposed) into a thread-local buffer and accumulating its product into `out`.
+pub fn linear_blocked(
+    x: &[f32],
+    m: usize,
+    w: &TensorView,
+    panel_rows: usize,
+    k_block: usize,
+    out: &mut [f32],
+) {
     let (n, k) = dims(x, m, w, out);
     if m == 0 || n == 0 {
         return;
@@ -73,49 +103,49 @@ pub fn linear_panelled(x: &[f32], m: usize, w: &TensorView, panel_rows: usize, o
     let es = w.dtype.size();
     let dst = SendPtr(out.as_mut_ptr());
     (0..n.div_ceil(panel)).into_par_iter().for_each(|p| {
-        let dst = dst;
         let n0 = p * panel;
         let pn = panel.min(n - n0);
+        let kc_max = k_block.max(1).min(k);
         PANEL.with(|cell| {
             let mut buf = cell.borrow_mut();
-            if buf.len() < pn * k {
-                buf.resize(pn * k, 0.0);
+            if buf.len() < pn * kc_max {
+                buf.resize(pn * kc_max, 0.0);
             }
-            let buf = &mut buf[..pn * k];
-            // Transposed ([k, pn] row-major): the gemm kernels run ~1.6x faster on this layout
-            // than on W's own [pn, k] rows.
-            simd::decode_transposed(
-                w.dtype,
-                &w.data[n0 * k * es..(n0 + pn) * k * es],
-                pn,
-                k,
-                buf,
-            );
-            // SAFETY: dst points at `out` (m × n, row stride n); this task writes only columns
-            // n0..n0+pn of every row, disjoint from every other task. lhs is x (m × k, row stride
-            // k); rhs is the decoded panel, k × pn with row stride pn.
-            unsafe {
-                gemm(
-                    m,
-                    pn,
-                    k,
-                    dst.0.add(n0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    buf.as_ptr(),
-                    1,
-                    pn as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                )
+            for k0 in (0..k).step_by(kc_max) {
+                let kc = kc_max.min(k - k0);
+                let buf = &mut buf[..pn * kc];
+                // Transposed ([kc, pn] row-major): the gemm kernels run ~1.6x faster on this
+                // layout than on W's own [pn, k] rows.
+                let first = (n0 * k + k0) * es;
+                let last = ((n0 + pn - 1) * k + k0 + kc) * es;
+                simd::decode_transposed(w.dtype, &w.data[first..last], pn, kc, k, buf);
+                // SAFETY: dst points at `out` (m × n, row stride n); this task writes only
+                // columns n0..n0+pn of every row, disjoint from every other task. lhs is x's
+                // columns k0..k0+kc (m × kc, row stride k); rhs is the decoded block, kc × pn
+                // with row stride pn. The first block overwrites, later ones accumulate.
+                unsafe {
+                    gemm(
+                        m,
+                        pn,
+                        kc,
+                        dst.at(n0),
+                        1,
+                        n as isize,
+                        k0 > 0,
+                        x.as_ptr().add(k0),
+                        1,
+                        k as isize,
+                        buf.as_ptr(),
+                        1,
+                        pn as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    )
+                }
             }
         });
     });
@@ -144,7 +174,6 @@ pub fn linear_gemv(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
     (0..n.div_ceil(rows_per_task))
         .into_par_iter()
         .for_each(|t| {
-            let dst = dst;
             let j0 = t * rows_per_task;
             let j1 = (j0 + rows_per_task).min(n);
             for r0 in (0..m).step_by(GEMV_MAX_M) {
@@ -165,7 +194,7 @@ pub fn linear_gemv(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
                     for (r, a) in acc.iter().enumerate().take(mr) {
                         // SAFETY: (r0 + r) < m and j < n, so the index is inside `out`; tasks own
                         // disjoint column ranges j0..j1.
-                        unsafe { *dst.0.add((r0 + r) * n + j) = *a };
+                        unsafe { *dst.at((r0 + r) * n + j) = *a };
                     }
                 }
             }
@@ -292,6 +321,10 @@ mod tests {
     fn both_paths_match_naive_at_any_m_and_panel() {
         for &(m, k, n) in &SIZES {
             check_linear(linear_gemv, "gemv", m, k, n, DType::BF16, 1);
+            let blocked: LinearFn = |x, m, w, o| linear_blocked(x, m, w, 24, 40, o);
+            check_linear(blocked, "blocked 24x40", m, k, n, DType::F16, 1);
+            let blocked: LinearFn = |x, m, w, o| linear_blocked(x, m, w, 8, 1, o);
+            check_linear(blocked, "blocked 8x1", m, k, n, DType::F32, 3);
             for panel in [1usize, 16, 64, 1000] {
                 let f: LinearFn = match panel {
                     1 => |x, m, w, o| linear_panelled(x, m, w, 1, o),

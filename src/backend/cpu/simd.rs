@@ -36,32 +36,47 @@ pub(crate) fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     convert_to_f32(dtype, bytes, out);
 }
 
-/// Decodes a block of `rows` weight rows of `k` elements each (`bytes`, row-major `[rows, k]`)
-/// into `out` transposed: `out[kk * rows + j] = W[j][kk]` (row-major `[k, rows]`).
+/// Decodes a block of `rows` weight rows of `k` elements each into `out` transposed:
+/// `out[kk * rows + j] = W[j][kk]` (row-major `[k, rows]`). Row `j` starts at byte
+/// `j * stride * dtype.size()` of `bytes` (`stride ≥ k` elements, so a column slice of a wider
+/// matrix can be decoded).
 pub(crate) fn decode_transposed(
     dtype: DType,
     bytes: &[u8],
     rows: usize,
     k: usize,
+    stride: usize,
     out: &mut [f32],
 ) {
-    debug_assert_eq!(bytes.len(), rows * k * dtype.size());
+    debug_assert!(stride >= k);
+    debug_assert!(rows == 0 || bytes.len() >= ((rows - 1) * stride + k) * dtype.size());
     debug_assert_eq!(out.len(), rows * k);
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2/FMA/F16C; lengths agree (contract).
-        unsafe { x86::decode_transposed(dtype, bytes, rows, k, out) };
+        unsafe { x86::decode_transposed(dtype, bytes, rows, k, stride, out) };
         return;
     }
-    decode_transposed_scalar(dtype, bytes, rows, k, out);
+    decode_transposed_scalar(dtype, bytes, rows, k, stride, out);
 }
 
 /// The portable version of [`decode_transposed`].
-fn decode_transposed_scalar(dtype: DType, bytes: &[u8], rows: usize, k: usize, out: &mut [f32]) {
-    let rb = k * dtype.size();
+fn decode_transposed_scalar(
+    dtype: DType,
+    bytes: &[u8],
+    rows: usize,
+    k: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
+    let es = dtype.size();
     let mut row = vec![0f32; k];
     for j in 0..rows {
-        convert_to_f32(dtype, &bytes[j * rb..(j + 1) * rb], &mut row);
+        convert_to_f32(
+            dtype,
+            &bytes[j * stride * es..(j * stride + k) * es],
+            &mut row,
+        );
         for (kk, v) in row.iter().enumerate() {
             out[kk * rows + j] = *v;
         }
@@ -206,12 +221,13 @@ mod x86 {
         bytes: &[u8],
         rows: usize,
         k: usize,
+        stride: usize,
         out: &mut [f32],
     ) {
         match dtype {
-            DType::BF16 => decode_transposed_t::<Bf16>(bytes, rows, k, out),
-            DType::F16 => decode_transposed_t::<F16>(bytes, rows, k, out),
-            DType::F32 => decode_transposed_t::<F32>(bytes, rows, k, out),
+            DType::BF16 => decode_transposed_t::<Bf16>(bytes, rows, k, stride, out),
+            DType::F16 => decode_transposed_t::<F16>(bytes, rows, k, stride, out),
+            DType::F32 => decode_transposed_t::<F32>(bytes, rows, k, stride, out),
         }
     }
 
@@ -245,7 +261,13 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn decode_transposed_t<L: Load8>(bytes: &[u8], rows: usize, k: usize, out: &mut [f32]) {
+    unsafe fn decode_transposed_t<L: Load8>(
+        bytes: &[u8],
+        rows: usize,
+        k: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
         let src = bytes.as_ptr();
         let dst = out.as_mut_ptr();
         let (rows8, k8) = (rows - rows % 8, k - k % 8);
@@ -255,7 +277,7 @@ mod x86 {
             while k0 < k8 {
                 let mut r = [_mm256_setzero_ps(); 8];
                 for (i, v) in r.iter_mut().enumerate() {
-                    *v = L::load8(src.add(((j0 + i) * k + k0) * L::SIZE));
+                    *v = L::load8(src.add(((j0 + i) * stride + k0) * L::SIZE));
                 }
                 transpose8(&mut r);
                 for (c, v) in r.iter().enumerate() {
@@ -265,14 +287,15 @@ mod x86 {
             }
             for kk in k8..k {
                 for i in 0..8 {
-                    *dst.add(kk * rows + j0 + i) = L::load1(src.add(((j0 + i) * k + kk) * L::SIZE));
+                    *dst.add(kk * rows + j0 + i) =
+                        L::load1(src.add(((j0 + i) * stride + kk) * L::SIZE));
                 }
             }
             j0 += 8;
         }
         for j in rows8..rows {
             for kk in 0..k {
-                *dst.add(kk * rows + j) = L::load1(src.add((j * k + kk) * L::SIZE));
+                *dst.add(kk * rows + j) = L::load1(src.add((j * stride + kk) * L::SIZE));
             }
         }
     }
@@ -362,8 +385,8 @@ mod tests {
                     let (bytes, stored) = encode(dtype, &wv, 3);
                     let mut t = vec![f32::NAN; rows * k];
                     let mut ts = vec![f32::NAN; rows * k];
-                    decode_transposed(dtype, &bytes[3..], rows, k, &mut t);
-                    decode_transposed_scalar(dtype, &bytes[3..], rows, k, &mut ts);
+                    decode_transposed(dtype, &bytes[3..], rows, k, k, &mut t);
+                    decode_transposed_scalar(dtype, &bytes[3..], rows, k, k, &mut ts);
                     for j in 0..rows {
                         for kk in 0..k {
                             assert_eq!(
@@ -374,6 +397,23 @@ mod tests {
                         }
                     }
                     assert_eq!(t, ts);
+                    // A column slice [2, 2 + kc) of the same rows (row stride k).
+                    if k > 2 {
+                        let kc = (k - 2).min(11);
+                        let es = dtype.size();
+                        let sub = &bytes[3 + 2 * es..];
+                        let sub = &sub[..((rows - 1) * k + kc) * es];
+                        let mut u = vec![f32::NAN; rows * kc];
+                        let mut us = vec![f32::NAN; rows * kc];
+                        decode_transposed(dtype, sub, rows, kc, k, &mut u);
+                        decode_transposed_scalar(dtype, sub, rows, kc, k, &mut us);
+                        for j in 0..rows {
+                            for kk in 0..kc {
+                                assert_eq!(u[kk * rows + j] as f64, stored[j * k + 2 + kk]);
+                            }
+                        }
+                        assert_eq!(u, us);
+                    }
                 }
                 for m in 1..=4 {
                     let (mut a, mut b) = ([0f32; 4], [0f32; 4]);
