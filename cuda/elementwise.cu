@@ -1,6 +1,7 @@
 // Element-wise and row-wise kernels of the transformer block: fused RMSNorm (fp32 residual in,
-// bf16 out), RoPE on bf16 q/k in place, SwiGLU combine, embedding gather, bf16 <-> f32
-// conversion, row gathers and the K/V cache scatter. bf16 tensors travel as raw 16-bit words.
+// bf16 out), RoPE on bf16 q/k in place (alone, or fused with the K/V cache write), SwiGLU
+// combine (scalar and 16-byte), embedding gather, bf16 <-> f32 conversion, row gathers and the
+// K/V cache scatter. bf16 tensors travel as raw 16-bit words.
 //
 // Every kernel is a plain grid-stride or one-block-per-row kernel: these ops move a few MB per
 // step and are never the bottleneck next to the weight-streaming GEMMs. Launch shapes are chosen
@@ -181,5 +182,123 @@ extern "C" __global__ void copy_rows_bf16(const uint16_t* __restrict__ src, int 
 extern "C" __global__ void fill_u32(uint32_t* __restrict__ out, uint32_t bits, long long n) {
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (long long)gridDim.x * blockDim.x) {
         out[t] = bits;
+    }
+}
+
+// Fused RoPE + K/V cache write over a fused QKV activation matrix, one block per row.
+// qkv: [rows, row_stride] bf16; q heads (q_heads x head_dim) start at column 0, k heads
+// (kv_heads x head_dim) at k_col, v heads at v_col. Row r has position
+// pos = pos_offset + r % pos_period. The q and k heads are rotated in place (half-split, same
+// arithmetic as rope_bf16: angle = (float)pos * inv_freq[i], cosf/sinf). When k_cache is not
+// null, the rotated k part and the v part of row r are also written to row
+// (r / pos_period) * cache_seq_rows + pos (width kv_heads x head_dim) of k_cache / v_cache.
+// vec = 1 uses 16-byte accesses (8 bf16): the host sets it only when head_dim % 16 == 0, the
+// columns and row stride are multiples of 8 and the buffers are 16-byte aligned.
+// Block: DLLM_ROW_THREADS threads; head_dim <= 2 * DLLM_ROPE_MAX_HALF.
+#define DLLM_ROPE_MAX_HALF 512
+extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float* __restrict__ inv_freq,
+                                         uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache,
+                                         int row_stride, int q_heads, int kv_heads, int k_col, int v_col,
+                                         int head_dim, int pos_period, int pos_offset, int cache_seq_rows,
+                                         int vec) {
+    __shared__ float cs[DLLM_ROPE_MAX_HALF];
+    __shared__ float sn[DLLM_ROPE_MAX_HALF];
+    const size_t r = blockIdx.x;
+    const int half = head_dim / 2;
+    const int pos = pos_offset + (int)(r % (size_t)pos_period);
+    for (int i = threadIdx.x; i < half; i += DLLM_ROW_THREADS) {
+        const float angle = (float)pos * inv_freq[i];
+        cs[i] = cosf(angle);
+        sn[i] = sinf(angle);
+    }
+    __syncthreads();
+    uint16_t* row = qkv + r * (size_t)row_stride;
+    const int kv_width = kv_heads * head_dim;
+    const bool to_cache = k_cache != nullptr;
+    const size_t crow = to_cache ? ((r / (size_t)pos_period) * (size_t)cache_seq_rows + (size_t)pos) * (size_t)kv_width : 0;
+    const int heads = q_heads + kv_heads;
+    if (vec) {
+        const int groups = half / 8;  // 8-element groups per half head
+        for (int t = threadIdx.x; t < heads * groups; t += DLLM_ROW_THREADS) {
+            const int h = t / groups;
+            const int i0 = (t % groups) * 8;
+            const bool is_k = h >= q_heads;
+            const int col = is_k ? k_col + (h - q_heads) * head_dim : h * head_dim;
+            uint4* p0 = reinterpret_cast<uint4*>(row + col + i0);
+            uint4* p1 = reinterpret_cast<uint4*>(row + col + half + i0);
+            uint4 a = *p0, b = *p1;
+            uint16_t* ea = reinterpret_cast<uint16_t*>(&a);
+            uint16_t* eb = reinterpret_cast<uint16_t*>(&b);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float c = cs[i0 + j], s = sn[i0 + j];
+                const float x0 = dllm_bf16_to_f32(ea[j]);
+                const float x1 = dllm_bf16_to_f32(eb[j]);
+                ea[j] = dllm_f32_to_bf16(x0 * c - x1 * s);
+                eb[j] = dllm_f32_to_bf16(x1 * c + x0 * s);
+            }
+            *p0 = a;
+            *p1 = b;
+            if (is_k && to_cache) {
+                const int kc = (h - q_heads) * head_dim + i0;
+                *reinterpret_cast<uint4*>(k_cache + crow + kc) = a;
+                *reinterpret_cast<uint4*>(k_cache + crow + kc + half) = b;
+            }
+        }
+        if (to_cache) {
+            for (int t = threadIdx.x; t < kv_width / 8; t += DLLM_ROW_THREADS) {
+                *reinterpret_cast<uint4*>(v_cache + crow + t * 8) =
+                    *reinterpret_cast<const uint4*>(row + v_col + t * 8);
+            }
+        }
+    } else {
+        for (int t = threadIdx.x; t < heads * half; t += DLLM_ROW_THREADS) {
+            const int h = t / half;
+            const int i = t % half;
+            const bool is_k = h >= q_heads;
+            const int col = is_k ? k_col + (h - q_heads) * head_dim : h * head_dim;
+            uint16_t* p = row + col;
+            const float c = cs[i], s = sn[i];
+            const float x0 = dllm_bf16_to_f32(p[i]);
+            const float x1 = dllm_bf16_to_f32(p[i + half]);
+            const uint16_t y0 = dllm_f32_to_bf16(x0 * c - x1 * s);
+            const uint16_t y1 = dllm_f32_to_bf16(x1 * c + x0 * s);
+            p[i] = y0;
+            p[i + half] = y1;
+            if (is_k && to_cache) {
+                const int kc = (h - q_heads) * head_dim + i;
+                k_cache[crow + kc] = y0;
+                k_cache[crow + kc + half] = y1;
+            }
+        }
+        if (to_cache) {
+            for (int t = threadIdx.x; t < kv_width; t += DLLM_ROW_THREADS) v_cache[crow + t] = row[v_col + t];
+        }
+    }
+}
+
+// SwiGLU combine with 16-byte accesses: like swiglu_bf16, 8 outputs per thread. The host uses it
+// only when h % 8 == 0 and both buffers are 16-byte aligned. Grid-stride over rows * h / 8.
+extern "C" __global__ void swiglu_bf16_v8(const uint16_t* __restrict__ gu, uint16_t* __restrict__ out,
+                                          int rows, int h) {
+    const int hv = h / 8;
+    const size_t total = (size_t)rows * hv;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = t / hv;
+        const int j = (int)(t % hv) * 8;
+        const uint4 g4 = *reinterpret_cast<const uint4*>(gu + r * 2 * (size_t)h + j);
+        const uint4 u4 = *reinterpret_cast<const uint4*>(gu + r * 2 * (size_t)h + h + j);
+        const uint16_t* g = reinterpret_cast<const uint16_t*>(&g4);
+        const uint16_t* u = reinterpret_cast<const uint16_t*>(&u4);
+        uint4 o4;
+        uint16_t* o = reinterpret_cast<uint16_t*>(&o4);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float gf = dllm_bf16_to_f32(g[e]);
+            const float uf = dllm_bf16_to_f32(u[e]);
+            o[e] = dllm_f32_to_bf16(gf / (1.0f + expf(-gf)) * uf);
+        }
+        *reinterpret_cast<uint4*>(out + r * (size_t)h + j) = o4;
     }
 }

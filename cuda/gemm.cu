@@ -9,47 +9,7 @@
 //
 // Preconditions (checked on the host): K % 8 == 0, N % 8 == 0, A/W 16-byte aligned, C 8-byte
 // aligned. bf16 values travel as raw uint16 bits.
-#include "common.cuh"
-
-#define DLLM_EPI_STORE_BF16 0
-#define DLLM_EPI_STORE_F32 1
-#define DLLM_EPI_ADD_F32 2
-
-// ---------------------------------------------------------------------------------------------
-// Shared helpers.
-
-__device__ __forceinline__ float gemm_bf16_to_f32(uint16_t b) { return __uint_as_float(((uint32_t)b) << 16); }
-
-__device__ __forceinline__ uint16_t gemm_f32_to_bf16(float v) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-
-// Writes one output element according to the epilogue.
-__device__ __forceinline__ void gemm_store1(void* C, size_t idx, float v, int epi) {
-    if (epi == DLLM_EPI_STORE_BF16) {
-        ((uint16_t*)C)[idx] = gemm_f32_to_bf16(v);
-    } else if (epi == DLLM_EPI_STORE_F32) {
-        ((float*)C)[idx] = v;
-    } else {
-        ((float*)C)[idx] += v;
-    }
-}
-
-// Writes two adjacent output elements (idx even, so the pair is 4/8-byte aligned).
-__device__ __forceinline__ void gemm_store2(void* C, size_t idx, float v0, float v1, int epi) {
-    if (epi == DLLM_EPI_STORE_BF16) {
-        uint32_t packed = (uint32_t)gemm_f32_to_bf16(v0) | ((uint32_t)gemm_f32_to_bf16(v1) << 16);
-        *(uint32_t*)((uint16_t*)C + idx) = packed;
-    } else if (epi == DLLM_EPI_STORE_F32) {
-        *(float2*)((float*)C + idx) = make_float2(v0, v1);
-    } else {
-        float2* p = (float2*)((float*)C + idx);
-        float2 c = *p;
-        c.x += v0;
-        c.y += v1;
-        *p = c;
-    }
-}
+#include "gemm_common.cuh"
 
 // D = A(16x16, row) * B(16x8, col) + D, bf16 inputs, fp32 accumulators.
 __device__ __forceinline__ void gemm_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -161,8 +121,11 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
         for (int q = 0; q < 4; ++q) acc[j][q] = 0.0f;
     }
 
-    for (int c = c_begin; c < c_end; c += SKINNY_UNROLL) {
-        uint4 wa[SKINNY_UNROLL], wb[SKINNY_UNROLL];
+    // Software pipeline over two register buffers: the weight loads of the next batch of
+    // SKINNY_UNROLL chunks are issued before the MMAs of the current one, so every lane keeps
+    // 4-8 independent 16-byte loads in flight at all times.
+    uint4 wa0[SKINNY_UNROLL], wb0[SKINNY_UNROLL], wa1[SKINNY_UNROLL], wb1[SKINNY_UNROLL];
+    auto load_w = [&](uint4 (&wa)[SKINNY_UNROLL], uint4 (&wb)[SKINNY_UNROLL], int c) {
 #pragma unroll
         for (int u = 0; u < SKINNY_UNROLL; ++u) {
             const int k = (c + u) * 32 + 8 * t;
@@ -170,6 +133,8 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
             wa[u] = gemm_ld_stream(w0 + (in ? k : 0), in && ok0);
             wb[u] = gemm_ld_stream(w1 + (in ? k : 0), in && ok1);
         }
+    };
+    auto mma_batch = [&](const uint4 (&wa)[SKINNY_UNROLL], const uint4 (&wb)[SKINNY_UNROLL], int c) {
 #pragma unroll
         for (int u = 0; u < SKINNY_UNROLL; ++u) {
             if (c + u < c_end) {  // warp-uniform
@@ -185,6 +150,16 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
                 }
             }
         }
+    };
+
+    if (c_begin < c_end) load_w(wa0, wb0, c_begin);
+    for (int c = c_begin; c < c_end; c += 2 * SKINNY_UNROLL) {
+        const int c1 = c + SKINNY_UNROLL;
+        const int c2 = c1 + SKINNY_UNROLL;
+        if (c1 < c_end) load_w(wa1, wb1, c1);
+        mma_batch(wa0, wb0, c);
+        if (c2 < c_end) load_w(wa0, wb0, c2);
+        if (c1 < c_end) mma_batch(wa1, wb1, c1);
     }
 
     if (splits > 1) {

@@ -2,7 +2,11 @@
 # Runs on the GPU machine from the repo root, with binaries prebuilt by scripts/build-gpu-bundle.sh
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
-# Usage: scripts/gpu-check.sh [STAGE...]   stages: smi check synth bench peer summary (default: all)
+# Usage: scripts/gpu-check.sh [STAGE...]   stages: smi check synth bench peer summary
+# (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
+# summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
+# The bench stage runs every workload twice: CUDA graphs on (default) and off (DLLM_CUDA_GRAPH=0,
+# files *_nograph.json); the summary shows both and whether their final canvases hash equal.
 # Each stage has its own timeout (seconds, overridable: T_CHECK=200 ...) so a hang cannot eat the
 # lease; a failed stage is recorded and the script goes on. Exit status: 0 when every stage ran
 # with status 0.
@@ -12,7 +16,7 @@ mkdir -p "$OUT"
 BIN=${BIN:-.gpu}
 MODEL8B=${MODEL8B:-/tmp/llada8b}
 TINY=${TINY:-models/tiny-llada-code}
-STAGES=${*:-smi check synth bench peer summary}
+STAGES=${*:-smi check synth bench summary}
 STATUS="$OUT/stages.tsv"
 : > "$STATUS"
 FAILED=0
@@ -35,11 +39,12 @@ stage() {
     return 0
 }
 
-# bench NAME LIMIT_S ARGS... : one `dllm bench` on the 8B checkpoint, JSON to $OUT/NAME.json.
+# bench NAME GRAPH LIMIT_S ARGS... : one `dllm bench` on the 8B checkpoint with DLLM_CUDA_GRAPH=GRAPH,
+# JSON to $OUT/NAME.json.
 bench() {
-    local name=$1 limit=$2
-    shift 2
-    stage "$name" "$limit" bash -c "set -o pipefail; '$BIN/dllm' bench --model '$MODEL8B' --backend cuda --prompt-len 128 --gen-len 256 --block-len 32 --json $* > '$OUT/$name.json'; rc=\$?; cat '$OUT/$name.json'; exit \$rc"
+    local name=$1 graph=$2 limit=$3
+    shift 3
+    stage "$name" "$limit" env DLLM_CUDA_GRAPH="$graph" bash -c "set -o pipefail; '$BIN/dllm' bench --model '$MODEL8B' --backend cuda --prompt-len 128 --gen-len 256 --block-len 32 --json $* > '$OUT/$name.json'; rc=\$?; cat '$OUT/$name.json'; exit \$rc"
 }
 
 for s in $STAGES; do
@@ -58,9 +63,13 @@ for s in $STAGES; do
         fi
         ;;
     bench)
-        bench bench_b1_dual_k4 "${T_BENCH:-120}" --batch 1 --tokens-per-step 4 --cache dual
-        bench bench_b8_dual_k4 "${T_BENCH:-120}" --batch 8 --tokens-per-step 4 --cache dual
-        bench bench_b1_none_k1 "${T_BENCH_NONE:-180}" --batch 1 --tokens-per-step 1 --cache none
+        # Graphs on first (the numbers that count), then the same workloads with graphs off.
+        bench bench_b1_dual_k4 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        bench bench_b8_dual_k4 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        bench bench_b1_none_k1 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        bench bench_b1_dual_k4_nograph 0 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        bench bench_b8_dual_k4_nograph 0 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        bench bench_b1_none_k1_nograph 0 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         ;;
     peer)
         stage peer "${T_PEER:-300}" env OUT="$OUT" python3 .peer/peer_llada_torch.py
@@ -75,6 +84,8 @@ def load(name):
             return json.load(f)
     except Exception as e:
         return {"_error": str(e)}
+def fmt(v, nd=2):
+    return "-" if v is None else f"{v:.{nd}f}"
 print("stage status (name, exit, seconds):")
 try:
     print(open(os.path.join(out, "stages.tsv")).read().rstrip())
@@ -89,22 +100,39 @@ if "checks" in c:
     for x in c["checks"]:
         if x["name"].startswith("model."):
             print(f"  {'PASS' if x['passed'] else 'FAIL'} {x['name']}: {x['detail']}")
+    print("\nkernel benches (ms, GB/s, TFLOP/s):")
+    for x in c.get("benches", []):
+        print(f"  {x['name']:<48} {fmt(x.get('ms'), 4):>9} {fmt(x.get('gbps'), 0):>7} {fmt(x.get('tflops'), 1):>7}  {x.get('detail', '')}")
 else:
     print("\ngpu-check: no results", c.get("_error", ""))
 p = load("peer.json")
+# PyTorch eager peer measured on an NVIDIA H200 on 2026-11-27, used when the peer stage did not run.
+peer_fallback = {"B1_P128_G256_blk32_steps64_dual": 117.9, "B8_P128_G256_blk32_steps64_dual": 891.0,
+                 "B1_P128_G256_blk32_steps256_none": 47.6}
 peer_key = {"bench_b1_dual_k4": "B1_P128_G256_blk32_steps64_dual",
             "bench_b8_dual_k4": "B8_P128_G256_blk32_steps64_dual",
             "bench_b1_none_k1": "B1_P128_G256_blk32_steps256_none"}
-print(f"\n{'workload':<18} {'tok/s':>9} {'ms/step':>9} {'roofline':>9} {'copy GB/s':>10} {'peer tok/s':>11}")
+print(f"\n{'workload':<14} {'graph':>5} {'tok/s':>8} {'ms/step':>8} {'full ms':>8} {'block ms':>8} {'roofline':>8} {'copy GB/s':>9} {'graphs':>6} {'peer tok/s':>10}  canvas hash")
 for name, pk in peer_key.items():
-    b = load(name + ".json")
-    pv = p.get(pk, {}).get("tok_s", "-") if pk else "-"
-    if "tok_per_s" in b:
-        rf = b.get("roofline_fraction")
-        print(f"{name[6:]:<18} {b['tok_per_s']:>9.1f} {b['ms_per_step']:>9.2f} {rf if rf is None else round(rf, 3)!s:>9} {round(b.get('copy_gbps') or 0):>10} {pv!s:>11}")
+    if "_error" in p:
+        pv = f"{peer_fallback[pk]}*"
     else:
-        print(f"{name[6:]:<18} {'failed':>9} {'':>9} {'':>9} {'':>10} {pv!s:>11}")
-if "_error" not in p:
+        pv = p.get(pk, {}).get("tok_s", "-")
+    hashes = {}
+    for suffix, graph in (("", "on"), ("_nograph", "off")):
+        b = load(name + suffix + ".json")
+        if "tok_per_s" in b:
+            hashes[graph] = b.get("canvas_hash")
+            print(f"{name[6:]:<14} {graph:>5} {b['tok_per_s']:>8.1f} {b['ms_per_step']:>8.2f} {fmt(b.get('full_step_ms')):>8} {fmt(b.get('block_step_ms')):>8} {fmt(b.get('roofline_fraction'), 3):>8} {round(b.get('copy_gbps') or 0):>9} {b.get('graph_count')!s:>6} {pv!s:>10}  {b.get('canvas_hash')}")
+            if b.get("graph_error"):
+                print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
+        else:
+            print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
+    if len(hashes) == 2:
+        print(f"{'':<14} graph on/off canvases {'IDENTICAL' if hashes['on'] == hashes['off'] else 'DIFFER'}")
+if "_error" in p:
+    print("* peer: fallback numbers of the 2026-11-27 H200 run (peer stage not run)")
+else:
     print("\npeer:", {k: v for k, v in p.items() if not isinstance(v, dict)})
     for k, v in p.items():
         if isinstance(v, dict):

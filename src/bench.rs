@@ -11,7 +11,11 @@
 //!
 //! On CUDA the report also has the device's copy bandwidth (a 1 GiB device-to-device copy,
 //! counting bytes read + written) and the roofline fraction: the time the weights take to
-//! stream at that bandwidth divided by the measured time per step.
+//! stream at that bandwidth divided by the measured time per step; whether the block steps ran
+//! as CUDA graphs (`DLLM_CUDA_GRAPH=0` turns them off) and a hash of the final canvases (equal
+//! hashes with graphs on and off show the replay is bit-identical); and, for the dual cache, an
+//! untimed extra generation that synchronises after every step to split the time between the
+//! full-forward steps and the block steps.
 
 use crate::config::ModelConfig;
 use crate::denoise::commit::{top_k, Candidate};
@@ -118,6 +122,28 @@ pub struct BenchReport {
     pub roofline_fraction: Option<f64>,
     /// Masks left in the canvases after the timed generation (0 when the schedule ran fully).
     pub masks_left: usize,
+    /// Whether the block steps could run as CUDA graphs (CUDA only).
+    pub graphs: Option<bool>,
+    /// Block-step graphs captured by the end of the run (CUDA only).
+    pub graph_count: Option<usize>,
+    /// Why graph capture failed and the run fell back to eager steps (CUDA only).
+    pub graph_error: Option<String>,
+    /// FNV-1a 64 of the final canvases (little-endian u32 ids), hex.
+    pub canvas_hash: String,
+    /// Mean ms of a full-forward step, measured with a sync after every step (dual, CUDA only).
+    pub full_step_ms: Option<f64>,
+    /// Mean ms of a block step, measured the same way (dual, CUDA only).
+    pub block_step_ms: Option<f64>,
+}
+
+/// FNV-1a 64 over the little-endian bytes of `ids`, as 16 hex digits.
+pub fn canvas_hash(ids: &[u32]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in ids.iter().flat_map(|x| x.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 impl BenchReport {
@@ -250,12 +276,18 @@ fn report(
         copy_gbps: None,
         roofline_fraction: None,
         masks_left: 0,
+        graphs: None,
+        graph_count: None,
+        graph_error: None,
+        canvas_hash: String::new(),
+        full_step_ms: None,
+        block_step_ms: None,
     }
 }
 
-/// Loads the CPU LLaDA model behind the [`Model`] trait.
+/// Loads the CPU model (any architecture) behind the [`Model`] trait.
 pub fn load_cpu_model(dir: &std::path::Path) -> Result<std::sync::Arc<dyn Model>> {
-    Ok(std::sync::Arc::new(crate::model::llada::Llada::load(dir)?))
+    crate::model::load_cpu(dir)
 }
 
 /// CPU path: full forward every step through the [`Model`] trait (the cache mode is ignored:
@@ -317,6 +349,7 @@ fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     r.load_seconds = load_seconds;
     r.warmup_seconds = warmup_seconds;
     r.masks_left = canv.iter().filter(|&&t| t == cfg.mask_token_id).count();
+    r.canvas_hash = canvas_hash(&canv);
     Ok(r)
 }
 
@@ -359,11 +392,36 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     r.copy_gbps = Some(copy_gbps);
     let floor_ms = model.weight_bytes() as f64 / (copy_gbps * 1e9) * 1e3;
     r.roofline_fraction = Some(floor_ms / r.ms_per_step);
-    r.masks_left = model
-        .canvases()?
-        .iter()
-        .filter(|&&t| t == cfg.mask_token_id)
-        .count();
+    let fin = model.canvases()?;
+    r.masks_left = fin.iter().filter(|&&t| t == cfg.mask_token_id).count();
+    r.canvas_hash = canvas_hash(&fin);
+    r.graphs = Some(model.graphs_enabled());
+    r.graph_count = Some(model.graph_count());
+    r.graph_error = model.graph_error();
+    if o.cache == CacheMode::Dual {
+        // Untimed breakdown: a sync after every step splits full-forward and block steps.
+        model.set_canvases(&init, o.batch, o.seq_len())?;
+        dev.sync()?;
+        let (mut full, mut block) = ((0.0f64, 0usize), (0.0f64, 0usize));
+        for (i, st) in steps.iter().enumerate() {
+            let t = Instant::now();
+            model.step(
+                st.span.clone(),
+                st.use_cache,
+                st.store_cache,
+                &greedy_rule(&cfg, i),
+                st.k,
+            )?;
+            dev.sync()?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let acc = if st.use_cache { &mut block } else { &mut full };
+            acc.0 += ms;
+            acc.1 += 1;
+        }
+        let mean = |(t, n): (f64, usize)| (n > 0).then(|| t / n as f64);
+        r.full_step_ms = mean(full);
+        r.block_step_ms = mean(block);
+    }
     Ok(r)
 }
 
@@ -506,6 +564,22 @@ mod tests {
         assert_eq!(r.masks_left, 0);
         assert!(r.tok_per_s > 0.0 && r.seconds > 0.0);
         assert!(r.copy_gbps.is_none() && r.roofline_fraction.is_none());
+    }
+
+    #[test]
+    fn canvas_hash_is_fnv1a_of_the_le_bytes() {
+        // FNV-1a 64 of the empty input is the offset basis; of the single byte 'a' (0x61) it is
+        // the published test vector af63dc4c8601ec8c.
+        assert_eq!(canvas_hash(&[]), "cbf29ce484222325");
+        let one = {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            h ^= 0x61;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            format!("{h:016x}")
+        };
+        assert_eq!(one, "af63dc4c8601ec8c");
+        assert_ne!(canvas_hash(&[1, 2]), canvas_hash(&[2, 1]));
+        assert_eq!(canvas_hash(&[7, 8, 9]), canvas_hash(&[7, 8, 9]));
     }
 
     #[test]

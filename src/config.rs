@@ -1,7 +1,8 @@
 //! Model configuration: `config.json` parsed into one architecture-neutral [`ModelConfig`].
 //!
-//! Only LLaDA (`model_type: "llada"`) is supported for now. Every field is validated; a bad
-//! or missing field gives an [`Error::Config`] naming it.
+//! Two architectures: LLaDA (`model_type: "llada"`, OLMo-style field names) and Dream
+//! (`model_type: "Dream"`, Qwen2-style field names). Every field is validated; a bad or missing
+//! field gives an [`Error::Config`] naming it with the spelling of that architecture's config.
 
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -12,16 +13,51 @@ use std::path::Path;
 pub enum Arch {
     /// LLaDA (GSAI-ML/LLaDA-8B-*): OLMo-style names under `model.transformer.*`.
     Llada,
+    /// Dream (Dream-org/Dream-v0-*-7B): the Qwen2.5 layout under `model.layers.*`, q/k/v biases,
+    /// shifted logits.
+    Dream,
 }
 
 impl Arch {
     /// The `model_type` strings accepted, for error messages.
-    pub const SUPPORTED: &'static str = "llada";
+    pub const SUPPORTED: &'static str = "llada, dream";
 
     /// The name printed by `dllm info`.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llada => "llada",
+            Arch::Dream => "dream",
+        }
+    }
+
+    /// Whether the model is trained to predict the token at position `i` from the output at
+    /// position `i − 1` (Dream, inherited from its autoregressive initialisation). Such models'
+    /// [`Model::forward`](crate::model::Model::forward) returns the shifted rows
+    /// `cat(raw[:1], raw[:-1])`, so that row `i` always predicts position `i`.
+    pub fn shifted_logits(self) -> bool {
+        match self {
+            Arch::Llada => false,
+            Arch::Dream => true,
+        }
+    }
+
+    /// The `config.json` spelling of a field, given its LLaDA spelling (the names
+    /// [`ModelConfig::validate`] uses internally).
+    pub fn config_key(self, llada_key: &'static str) -> &'static str {
+        match self {
+            Arch::Llada => llada_key,
+            Arch::Dream => match llada_key {
+                "d_model" => "hidden_size",
+                "n_heads" => "num_attention_heads",
+                "n_kv_heads" => "num_key_value_heads",
+                "n_layers" => "num_hidden_layers",
+                "mlp_hidden_size" => "intermediate_size",
+                "max_sequence_length" => "max_position_embeddings",
+                // Dream has no separate embedding size: the embedding has vocab_size rows.
+                "embedding_size" => "vocab_size",
+                "weight_tying" => "tie_word_embeddings",
+                other => other,
+            },
         }
     }
 }
@@ -30,6 +66,10 @@ impl Arch {
 pub const LLADA_DEFAULT_MASK_ID: u32 = 126336;
 /// LLaDA-8B's end-of-text id (also its pad id), used when absent from the config.
 pub const LLADA_DEFAULT_EOS_ID: u32 = 126081;
+/// Dream-7B's mask token id (`<|mask|>`), used when `mask_token_id` is absent from the config.
+pub const DREAM_DEFAULT_MASK_ID: u32 = 151666;
+/// Dream-7B's end-of-text id (`<|endoftext|>`, also its pad id), used when absent.
+pub const DREAM_DEFAULT_EOS_ID: u32 = 151643;
 
 /// The hyper-parameters of a model, independent of the checkpoint's naming.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +112,12 @@ impl ModelConfig {
         self.embedding_size
     }
 
+    /// Whether row `i` of the raw LM-head output predicts position `i + 1` (see
+    /// [`Arch::shifted_logits`]).
+    pub fn shifted_logits(&self) -> bool {
+        self.arch.shifted_logits()
+    }
+
     /// Reads and validates `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -91,6 +137,7 @@ impl ModelConfig {
             .ok_or_else(|| Error::config("model_type", "missing or not a string"))?;
         match model_type.to_ascii_lowercase().as_str() {
             "llada" => Self::llada(v),
+            "dream" => Self::dream(v),
             other => Err(Error::Unsupported(format!(
                 "unsupported architecture `{other}` (supported: {})",
                 Arch::SUPPORTED
@@ -137,8 +184,63 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Checks the relations between fields.
+    /// Dream's `config.json` (Qwen2 field names). q/k/v biases are part of the architecture
+    /// (Qwen2 always has them); options Dream never uses are rejected rather than ignored.
+    fn dream(v: &Value) -> Result<Self> {
+        if let Some(act) = field(v, "hidden_act") {
+            if act.as_str() != Some("silu") {
+                return Err(Error::config("hidden_act", format!("expected \"silu\", found {act}")));
+            }
+        }
+        if field(v, "rope_scaling").is_some() {
+            return Err(Error::Unsupported(
+                "config field `rope_scaling`: scaled RoPE (only plain RoPE is implemented)".into(),
+            ));
+        }
+        if opt_bool(v, "use_sliding_window")?.unwrap_or(false) {
+            return Err(Error::Unsupported(
+                "config field `use_sliding_window`: sliding-window attention".into(),
+            ));
+        }
+        let d_model = req_usize(v, "hidden_size")?;
+        let n_heads = req_usize(v, "num_attention_heads")?;
+        if let Some(hd) = opt_usize(v, "head_dim")? {
+            if n_heads != 0 && hd * n_heads != d_model {
+                return Err(Error::config(
+                    "head_dim",
+                    format!("{hd} × num_attention_heads {n_heads} is not hidden_size {d_model}"),
+                ));
+            }
+        }
+        let vocab_size = req_usize(v, "vocab_size")?;
+        let eos = opt_u32(v, "eos_token_id")?.unwrap_or(DREAM_DEFAULT_EOS_ID);
+        let cfg = ModelConfig {
+            arch: Arch::Dream,
+            d_model,
+            n_heads,
+            n_kv_heads: opt_usize(v, "num_key_value_heads")?.unwrap_or(n_heads),
+            n_layers: req_usize(v, "num_hidden_layers")?,
+            mlp_hidden: req_usize(v, "intermediate_size")?,
+            vocab_size,
+            embedding_size: vocab_size,
+            rope_theta: opt_f64(v, "rope_theta")?.unwrap_or(1_000_000.0) as f32,
+            rms_norm_eps: opt_f64(v, "rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            max_seq_len: opt_usize(v, "max_position_embeddings")?.unwrap_or(32768),
+            mask_token_id: opt_u32(v, "mask_token_id")?.unwrap_or(DREAM_DEFAULT_MASK_ID),
+            eos_token_id: eos,
+            pad_token_id: opt_u32(v, "pad_token_id")?.unwrap_or(eos),
+            weight_tying: opt_bool(v, "tie_word_embeddings")?.unwrap_or(false),
+            include_bias: false,
+            include_qkv_bias: true,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the relations between fields. Errors name fields with the spelling of this
+    /// config's architecture ([`Arch::config_key`]).
     pub fn validate(&self) -> Result<()> {
+        let key = |k: &'static str| self.arch.config_key(k);
         let positive = [
             ("d_model", self.d_model),
             ("n_heads", self.n_heads),
@@ -150,30 +252,42 @@ impl ModelConfig {
         ];
         for (field, value) in positive {
             if value == 0 {
-                return Err(Error::config(field, "must be positive"));
+                return Err(Error::config(key(field), "must be positive"));
             }
         }
         if self.d_model % self.n_heads != 0 {
             return Err(Error::config(
-                "n_heads",
-                format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads),
+                key("n_heads"),
+                format!(
+                    "{} {} is not divisible by {} {}",
+                    key("d_model"),
+                    self.d_model,
+                    key("n_heads"),
+                    self.n_heads
+                ),
             ));
         }
         if self.head_dim() % 2 != 0 {
             return Err(Error::config(
-                "n_heads",
+                key("n_heads"),
                 format!("head dim {} must be even for RoPE", self.head_dim()),
             ));
         }
         if self.n_heads % self.n_kv_heads != 0 {
             return Err(Error::config(
-                "n_kv_heads",
-                format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads),
+                key("n_kv_heads"),
+                format!(
+                    "{} {} is not a multiple of {} {}",
+                    key("n_heads"),
+                    self.n_heads,
+                    key("n_kv_heads"),
+                    self.n_kv_heads
+                ),
             ));
         }
         if self.embedding_size < self.vocab_size {
             return Err(Error::config(
-                "embedding_size",
+                key("embedding_size"),
                 format!("{} is smaller than vocab_size {}", self.embedding_size, self.vocab_size),
             ));
         }
@@ -293,12 +407,71 @@ mod tests {
         assert_eq!(ModelConfig::from_json(&v).unwrap().mask_token_id, 126336);
     }
 
+    fn dream() -> Value {
+        json!({"architectures": ["DreamModel"], "model_type": "Dream", "hidden_size": 64,
+               "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 2,
+               "intermediate_size": 96, "vocab_size": 152064, "rms_norm_eps": 1e-6,
+               "rope_theta": 1000000.0, "max_position_embeddings": 512, "rope_scaling": null,
+               "hidden_act": "silu", "tie_word_embeddings": false})
+    }
+
+    #[test]
+    fn parses_dream_fields_and_defaults() {
+        let c = ModelConfig::from_json(&dream()).unwrap();
+        assert_eq!(c.arch, Arch::Dream);
+        assert!(c.shifted_logits() && c.include_qkv_bias && !c.weight_tying);
+        assert!(!ModelConfig::from_json(&tiny()).unwrap().shifted_logits());
+        assert_eq!((c.d_model, c.n_heads, c.n_kv_heads, c.n_layers, c.head_dim()), (64, 8, 2, 2, 8));
+        assert_eq!((c.mlp_hidden, c.vocab_size, c.embedding_size, c.max_seq_len), (96, 152064, 152064, 512));
+        assert_eq!((c.mask_token_id, c.eos_token_id, c.pad_token_id), (151666, 151643, 151643));
+        assert_eq!((c.rope_theta, c.rms_norm_eps), (1e6, 1e-6));
+        // kv = 2 heads × 8; per layer: q, o 64²; k, v 16·64; biases 64 + 2·16; MLP 3·64·96; norms.
+        let per_layer = 2 * 64 * 64 + 2 * 16 * 64 + 64 + 32 + 3 * 64 * 96 + 2 * 64;
+        assert_eq!(c.parameter_count(), 2 * 152064 * 64 + 2 * per_layer + 64);
+        let mut v = dream();
+        v["tie_word_embeddings"] = json!(true);
+        v["pad_token_id"] = json!(7);
+        let t = ModelConfig::from_json(&v).unwrap();
+        assert!(t.weight_tying);
+        assert_eq!(t.pad_token_id, 7);
+    }
+
+    #[test]
+    fn dream_errors_name_dream_fields() {
+        for (field, value, needle) in [
+            ("hidden_size", json!("big"), "hidden_size"),
+            ("hidden_size", json!(60), "num_attention_heads"),
+            ("num_attention_heads", json!(0), "num_attention_heads"),
+            ("num_key_value_heads", json!(3), "num_key_value_heads"),
+            ("intermediate_size", json!(0), "intermediate_size"),
+            ("vocab_size", json!(1000), "mask_token_id"),
+            ("max_position_embeddings", json!(-1), "max_position_embeddings"),
+            ("rope_theta", json!(0.0), "rope_theta"),
+            ("tie_word_embeddings", json!("no"), "tie_word_embeddings"),
+            ("hidden_act", json!("gelu"), "hidden_act"),
+            ("rope_scaling", json!({"type": "yarn", "factor": 4.0}), "rope_scaling"),
+            ("use_sliding_window", json!(true), "use_sliding_window"),
+            ("head_dim", json!(16), "head_dim"),
+        ] {
+            let mut v = dream();
+            v[field] = value;
+            let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(needle), "{field}: {e}");
+        }
+        for field in ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"] {
+            let mut v = dream();
+            v.as_object_mut().unwrap().remove(field);
+            let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("missing"), "{field}: {e}");
+        }
+    }
+
     #[test]
     fn unknown_architecture_is_named() {
         let mut v = tiny();
         v["model_type"] = json!("gpt2");
         let e = ModelConfig::from_json(&v).unwrap_err().to_string();
-        assert!(e.contains("gpt2") && e.contains("supported: llada"), "{e}");
+        assert!(e.contains("gpt2") && e.contains("supported: llada, dream"), "{e}");
     }
 
     #[test]

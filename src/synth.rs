@@ -3,17 +3,19 @@
 //! [`plan`] decides everything about a checkpoint without touching the disk: its `config.json`
 //! text, which tensors go to which `model-0000K-of-0000N.safetensors` shard (names sorted,
 //! packed greedily up to a shard size limit, as Hugging Face does), each shard's header, and
-//! the index. [`synth_llada`] then streams the tensors to disk in bf16, a few MB at a time,
-//! generated in parallel; memory stays small even for the 16 GB LLaDA-8B layout.
+//! the index. [`synth_checkpoint`] then streams the tensors to disk in bf16, a few MB at a time,
+//! generated in parallel; memory stays small even for the 16 GB LLaDA-8B layout. Presets cover
+//! both architectures: LLaDA (`tiny`, `llada-8b`) and Dream (`dream-tiny`, `dream-7b`).
 //!
 //! Values are a pure function of `(seed, tensor name, element index)`: linear, bias and
 //! embedding weights uniform with standard deviation 0.02, norm weights uniform in
 //! `1 ± 0.1`. No tokenizer is written.
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::denoise::rng;
 use crate::error::{Error, Result};
-use crate::model::llada::layout::{llada_tensor_roles, Role};
+use crate::model::tensor_table;
+use crate::model::transformer::Role;
 use crate::weights::{TensorSpec, INDEX_FILE};
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -31,6 +33,11 @@ pub enum Preset {
     Tiny,
     /// The layout of GSAI-ML/LLaDA-8B-Instruct (8.0B parameters, 16 GB, 6 shards).
     Llada8b,
+    /// A small Dream (Qwen2) layout for tests: hidden 256, 4 layers, 8 query heads over 2 KV
+    /// heads, intermediate 512, vocabulary 1024, q/k/v biases, untied head (2.8M parameters).
+    DreamTiny,
+    /// The layout of Dream-org/Dream-v0-Instruct-7B (7.6B parameters, 15 GB, 4 shards).
+    Dream7b,
 }
 
 impl Preset {
@@ -39,16 +46,29 @@ impl Preset {
         match self {
             Preset::Tiny => "tiny",
             Preset::Llada8b => "llada-8b",
+            Preset::DreamTiny => "dream-tiny",
+            Preset::Dream7b => "dream-7b",
         }
     }
 
-    /// Parses a command-line preset name (`tiny`, `llada-8b`, `8b`).
+    /// The architecture of the preset's checkpoint.
+    pub fn arch(self) -> Arch {
+        match self {
+            Preset::Tiny | Preset::Llada8b => Arch::Llada,
+            Preset::DreamTiny | Preset::Dream7b => Arch::Dream,
+        }
+    }
+
+    /// Parses a command-line preset name (`tiny`, `llada-8b`, `8b`, `dream-tiny`, `dream-7b`,
+    /// `7b`).
     pub fn from_name(s: &str) -> Result<Preset> {
         match s.to_ascii_lowercase().as_str() {
             "tiny" => Ok(Preset::Tiny),
             "llada-8b" | "llada8b" | "8b" => Ok(Preset::Llada8b),
+            "dream-tiny" => Ok(Preset::DreamTiny),
+            "dream-7b" | "dream7b" | "7b" => Ok(Preset::Dream7b),
             _ => Err(Error::invalid(format!(
-                "unknown synth preset `{s}` (expected tiny or llada-8b)"
+                "unknown synth preset `{s}` (expected tiny, llada-8b, dream-tiny or dream-7b)"
             ))),
         }
     }
@@ -56,13 +76,58 @@ impl Preset {
     /// Largest shard (tensor bytes) before a new one is started.
     pub fn max_shard_bytes(self) -> u64 {
         match self {
-            Preset::Tiny => 12 << 20,
+            Preset::Tiny | Preset::DreamTiny => 12 << 20,
             Preset::Llada8b => 3_000_000_000,
+            Preset::Dream7b => 4_000_000_000,
         }
     }
 
     /// The `config.json` fields, in the order real checkpoints write them.
     fn config_fields(self) -> Vec<(&'static str, Value)> {
+        match self.arch() {
+            Arch::Llada => self.llada_fields(),
+            Arch::Dream => self.dream_fields(),
+        }
+    }
+
+    /// Dream's `config.json` (Qwen2 names, alphabetical as `transformers` writes them).
+    fn dream_fields(self) -> Vec<(&'static str, Value)> {
+        // (hidden, heads, kv heads, layers, intermediate, vocab, max positions, mask, eos = pad = bos)
+        let (d, h, kv, l, inter, vocab, max_pos, mask, eos) = match self {
+            Preset::Dream7b => (3584, 28, 4, 28, 18944, 152064, 131072, 151666, 151643),
+            _ => (256, 8, 2, 4, 512, 1024, 2048, 1023, 1022),
+        };
+        vec![
+            ("architectures", json!(["DreamModel"])),
+            ("attention_dropout", json!(0.0)),
+            ("bos_token_id", json!(eos)),
+            ("eos_token_id", json!(eos)),
+            ("hidden_act", json!("silu")),
+            ("hidden_size", json!(d)),
+            ("initializer_range", json!(0.02)),
+            ("intermediate_size", json!(inter)),
+            ("mask_token_id", json!(mask)),
+            ("max_position_embeddings", json!(max_pos)),
+            ("max_window_layers", json!(l)),
+            ("model_type", json!("Dream")),
+            ("num_attention_heads", json!(h)),
+            ("num_hidden_layers", json!(l)),
+            ("num_key_value_heads", json!(kv)),
+            ("pad_token_id", json!(eos)),
+            ("rms_norm_eps", json!(1e-6)),
+            ("rope_scaling", Value::Null),
+            ("rope_theta", json!(1000000.0)),
+            ("sliding_window", Value::Null),
+            ("tie_word_embeddings", json!(false)),
+            ("torch_dtype", json!("bfloat16")),
+            ("use_cache", json!(false)),
+            ("use_sliding_window", json!(false)),
+            ("vocab_size", json!(vocab)),
+        ]
+    }
+
+    /// LLaDA's `config.json` (OLMo names).
+    fn llada_fields(self) -> Vec<(&'static str, Value)> {
         // (d_model, n_heads, n_layers, mlp_hidden, mlp_ratio, vocab, rope_theta, max_seq,
         //  mask, eos, pad)
         let (d, h, l, mlp, ratio, vocab, theta, max_seq, mask, eos, pad) = match self {
@@ -80,7 +145,7 @@ impl Preset {
                 2,
             ),
             // LLaDA-8B writes mlp_ratio 4 next to the mlp_hidden_size it actually uses.
-            Preset::Llada8b => (
+            _ => (
                 4096,
                 32,
                 32,
@@ -172,7 +237,7 @@ impl SynthPlan {
     }
 }
 
-/// What [`synth_llada`] wrote.
+/// What [`synth_checkpoint`] wrote.
 #[derive(Debug, Clone)]
 pub struct SynthSummary {
     pub preset: Preset,
@@ -235,7 +300,7 @@ pub fn plan(preset: Preset) -> Result<SynthPlan> {
         Error::invalid(format!("synth preset {}: bad config: {e}", preset.name()))
     })?)?;
 
-    let mut tensors = llada_tensor_roles(&config);
+    let mut tensors = tensor_table(&config).roles(&config);
     tensors.sort_by(|a, b| a.0.name.cmp(&b.0.name));
 
     // Greedy packing in name order: a new shard starts when the next tensor would overflow.
@@ -296,9 +361,15 @@ pub fn plan(preset: Preset) -> Result<SynthPlan> {
     })
 }
 
-/// Writes the checkpoint of `preset` with weights drawn from `seed` into `out` (created if
-/// needed). Refuses to overwrite an existing config, index or safetensors file in `out`.
+/// The former name of [`synth_checkpoint`], from when every preset was LLaDA.
 pub fn synth_llada(preset: Preset, out: &Path, seed: u64) -> Result<SynthSummary> {
+    synth_checkpoint(preset, out, seed)
+}
+
+/// Writes the checkpoint of `preset` (either architecture) with weights drawn from `seed` into
+/// `out` (created if needed). Refuses to overwrite an existing config, index or safetensors file
+/// in `out`.
+pub fn synth_checkpoint(preset: Preset, out: &Path, seed: u64) -> Result<SynthSummary> {
     let t0 = Instant::now();
     let plan = plan(preset)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -579,6 +650,69 @@ mod tests {
     }
 
     #[test]
+    fn dream_7b_plan_matches_the_real_layout() {
+        let p = plan(Preset::Dream7b).unwrap();
+        let c = &p.config;
+        assert_eq!(c.arch, Arch::Dream);
+        assert!(c.shifted_logits() && c.include_qkv_bias && !c.weight_tying);
+        assert_eq!(
+            (c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim()),
+            (3584, 28, 28, 4, 128)
+        );
+        assert_eq!(
+            (c.mlp_hidden, c.vocab_size, c.embedding_size),
+            (18944, 152064, 152064)
+        );
+        assert_eq!(
+            (c.mask_token_id, c.eos_token_id, c.pad_token_id),
+            (151666, 151643, 151643)
+        );
+        assert_eq!((c.rope_theta, c.rms_norm_eps), (1e6, 1e-6));
+        // Hand count (Qwen2.5-7B's published 7,615,616,512): embedding and head 152064·3584
+        // each; 28 layers of q, o 3584², k, v 512·3584, biases 3584 + 2·512, MLP 3·3584·18944,
+        // two norms; the final norm.
+        let per_layer =
+            2 * 3584 * 3584 + 2 * 512 * 3584 + 3584 + 2 * 512 + 3 * 3584 * 18944 + 2 * 3584u64;
+        let params = 2 * 152064 * 3584 + 28 * per_layer + 3584;
+        assert_eq!(params, 7_615_616_512);
+        assert_eq!(p.parameters, params);
+        assert_eq!(p.total_bytes, 2 * params);
+        assert_eq!(p.tensor_count(), 28 * 12 + 3);
+        assert!(p.shards.len() >= 4 && p.shards.iter().all(|s| s.data_bytes <= 4_000_000_000));
+        let index: Value = serde_json::from_str(&p.index_json).unwrap();
+        let map = index["weight_map"].as_object().unwrap();
+        assert_eq!(map.len(), 339);
+        for name in [
+            "model.layers.27.self_attn.k_proj.bias",
+            "lm_head.weight",
+            "model.norm.weight",
+        ] {
+            assert!(map.contains_key(name), "{name}");
+        }
+        let config: Value = serde_json::from_str(&p.config_json).unwrap();
+        assert_eq!(config["model_type"], json!("Dream"));
+        assert_eq!(config["num_key_value_heads"], json!(4));
+    }
+
+    #[test]
+    fn dream_tiny_plan_has_gqa_and_biases() {
+        let p = plan(Preset::DreamTiny).unwrap();
+        let c = &p.config;
+        assert_eq!(
+            (c.d_model, c.n_layers, c.n_heads, c.n_kv_heads),
+            (256, 4, 8, 2)
+        );
+        assert!(c.mask_token_id < c.vocab_size as u32 && c.eos_token_id < c.vocab_size as u32);
+        assert_eq!(p.shards.len(), 1);
+        let kb = p.shards[0]
+            .tensors
+            .iter()
+            .find(|t| t.spec.name == "model.layers.3.self_attn.k_proj.bias")
+            .unwrap();
+        assert_eq!((kb.spec.shape.clone(), kb.role), (vec![64], Role::Bias));
+    }
+
+    #[test]
     fn values_are_chunking_independent_and_in_range() {
         let key = tensor_key(3, "w");
         let mut a = vec![0u8; 2 * 42];
@@ -629,6 +763,8 @@ mod tests {
     fn preset_names() {
         assert_eq!(Preset::from_name("tiny").unwrap(), Preset::Tiny);
         assert_eq!(Preset::from_name("LLaDA-8B").unwrap(), Preset::Llada8b);
+        assert_eq!(Preset::from_name("dream-7b").unwrap(), Preset::Dream7b);
+        assert_eq!(Preset::from_name("dream-tiny").unwrap().arch(), Arch::Dream);
         assert!(Preset::from_name("huge")
             .unwrap_err()
             .to_string()

@@ -175,7 +175,7 @@ fn llada_8b_written_and_validated() {
     let last = values(&store, LN_F);
     assert!(last.iter().all(|x| (0.89..=1.11).contains(x)));
     assert!(
-        peak_rss_mb().map_or(true, |mb| mb < 1024.0),
+        peak_rss_mb().is_none_or(|mb| mb < 1024.0),
         "peak RSS {:?} MB",
         peak_rss_mb()
     );

@@ -415,8 +415,7 @@ fn write_specs(dir: &Path, specs: &[TensorSpec]) {
         h.insert(s.name.clone(), entry("F32", &s.shape, off, off + n));
         off += n;
     }
-    let data: Vec<u8> = std::iter::repeat(0.5f32.to_le_bytes())
-        .take(off / 4)
+    let data: Vec<u8> = std::iter::repeat_n(0.5f32.to_le_bytes(), off / 4)
         .flatten()
         .collect();
     write(
@@ -530,7 +529,7 @@ fn single_file_with_each_dtype_zero_sized_and_scalar_tensors() {
         assert!(e.to_f32_vec().is_empty());
         assert_eq!(store.tensor_names(), vec!["b", "empty", "f", "h", "scalar"]);
         assert_eq!(store.total_bytes(), 36);
-        assert_eq!(store.shard_files(), &[file.clone()]);
+        assert_eq!(store.shard_files(), std::slice::from_ref(&file));
         assert_eq!(
             store.dtypes(),
             vec![(DType::BF16, 2), (DType::F32, 2), (DType::F16, 1)]

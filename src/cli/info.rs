@@ -45,7 +45,17 @@ pub fn info(a: InfoArgs) -> Result<()> {
     let dir = a.model.dir();
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let store = WeightStore::open(&dir)?;
-    let report = store.validate(&dllm::model::llada::layout::llada_tensors(&cfg))?;
+    let table = dllm::model::tensor_table(&cfg);
+    let report = store.validate(&table.specs(&cfg))?;
+    let layout = format!(
+        "{} · {} blocks (first q: {}) · q/k/v bias {} · lm_head {} · logits {}",
+        table.embedding,
+        table.blocks.len(),
+        table.blocks.first().map(|b| b.q.as_str()).unwrap_or("-"),
+        if cfg.include_qkv_bias { "yes" } else { "no" },
+        table.lm_head.as_deref().unwrap_or("tied to the embedding"),
+        if cfg.shifted_logits() { "shifted (row i predicts token i + 1)" } else { "unshifted" }
+    );
     let tokenizer = Tokenizer::from_model_dir(&dir).map(|t| t.vocab_size());
     let dtypes: Vec<String> = store
         .dtypes()
@@ -66,6 +76,8 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "vocab_size": cfg.vocab_size, "embedding_size": cfg.embedding_size,
             "max_seq_len": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
             "mask_token_id": cfg.mask_token_id, "eos_token_id": cfg.eos_token_id,
+            "qkv_bias": cfg.include_qkv_bias, "shifted_logits": cfg.shifted_logits(),
+            "embedding_tensor": table.embedding, "lm_head_tensor": table.lm_head,
             "parameters": cfg.parameter_count(), "tensor_bytes": store.total_bytes(),
             "dtypes": dtypes, "shards": shards,
             "unexpected_tensors": report.unexpected,
@@ -78,6 +90,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
     }
     println!("model        {}", dir.display());
     println!("architecture {}", cfg.arch.name());
+    println!("layout       {layout}");
     println!(
         "dims         d_model {} · layers {} · heads {} (kv {}) · head_dim {} · mlp {}",
         cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(), cfg.mlp_hidden

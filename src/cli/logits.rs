@@ -1,4 +1,11 @@
 //! `dllm logits`: raw per-position logits of one forward pass, for parity checks.
+//!
+//! No shift is applied: row `i` is the LM-head output at position `i` ([`Model::raw_forward`]),
+//! as PyTorch's `model(ids).logits` returns it. For Dream, which predicts token `i` from row
+//! `i − 1`, the denoiser uses the shifted rows of [`Model::forward`] instead.
+//!
+//! [`Model::raw_forward`]: dllm::model::Model::raw_forward
+//! [`Model::forward`]: dllm::model::Model::forward
 
 use super::ModelArgs;
 use clap::Args;
@@ -40,7 +47,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
         return Err(Error::invalid("no tokens to run"));
     }
     let model = super::info::load_only(&a.model)?;
-    let logits = model.forward(&ids)?;
+    let logits = model.raw_forward(&ids)?;
     let w = model.config().logits_width();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if a.json {

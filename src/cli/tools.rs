@@ -8,15 +8,20 @@ use std::path::PathBuf;
 #[derive(Clone, Copy, ValueEnum, Debug)]
 pub enum ArchArg {
     Llada,
+    Dream,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
 pub enum PresetArg {
-    /// The tiny-llada-code shapes (20 M parameters).
+    /// Small shapes for tests: tiny-llada-code's (20 M parameters) with --arch llada; hidden 256,
+    /// 4 layers, 8 heads over 2 KV heads (2.8 M parameters) with --arch dream.
     Tiny,
-    /// LLaDA-8B-Instruct shapes (16 GB of bf16).
+    /// LLaDA-8B-Instruct shapes (16 GB of bf16); --arch llada only.
     #[value(name = "8b")]
     B8,
+    /// Dream-v0-7B shapes (15 GB of bf16); --arch dream only.
+    #[value(name = "7b")]
+    B7,
 }
 
 #[derive(Args)]
@@ -37,13 +42,21 @@ pub struct SynthArgs {
 
 /// `dllm synth`.
 pub fn synth(a: SynthArgs) -> Result<()> {
-    let preset = match a.preset {
-        PresetArg::Tiny => dllm::synth::Preset::Tiny,
-        PresetArg::B8 => dllm::synth::Preset::Llada8b,
+    use dllm::synth::Preset;
+    let preset = match (a.arch, a.preset) {
+        (ArchArg::Llada, PresetArg::Tiny) => Preset::Tiny,
+        (ArchArg::Llada, PresetArg::B8) => Preset::Llada8b,
+        (ArchArg::Dream, PresetArg::Tiny) => Preset::DreamTiny,
+        (ArchArg::Dream, PresetArg::B7) => Preset::Dream7b,
+        (ArchArg::Llada, PresetArg::B7) => {
+            return Err(dllm::Error::invalid("--preset 7b is a Dream size: use --arch dream, or --preset 8b for LLaDA"))
+        }
+        (ArchArg::Dream, PresetArg::B8) => {
+            return Err(dllm::Error::invalid("--preset 8b is a LLaDA size: use --arch llada, or --preset 7b for Dream"))
+        }
     };
-    let ArchArg::Llada = a.arch;
     let start = std::time::Instant::now();
-    let summary = dllm::synth::synth_llada(preset, &a.out, a.seed)?;
+    let summary = dllm::synth::synth_checkpoint(preset, &a.out, a.seed)?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "wrote {} ({} tensors, {} parameters, {:.2} GB) in {:.1} s",

@@ -9,22 +9,83 @@ use crate::model::{load_model, Backend, Model};
 use crate::tokenizer::Tokenizer;
 use std::ffi::{c_char, CStr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 /// What a `dllm_model` handle and every session created from it share.
 pub(crate) struct ModelInner {
     pub(crate) model: Arc<dyn Model>,
     pub(crate) tokenizer: Tokenizer,
     /// The model's own worker threads (`threads > 0`); `None` uses rayon's global pool.
-    pool: Option<rayon::ThreadPool>,
+    pool: Option<WorkerPool>,
 }
 
 impl ModelInner {
     /// Runs `f` on this model's worker threads.
     pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+}
+
+/// A rayon pool whose threads are joined when it is dropped, so that freeing the last handle
+/// of a model leaves no thread of it behind (rayon alone lets them exit on their own time).
+struct WorkerPool {
+    /// `Some` until dropped.
+    pool: Option<rayon::ThreadPool>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl WorkerPool {
+    fn new(n: usize) -> FfiResult<WorkerPool> {
+        let threads = Arc::new(Mutex::new(Vec::with_capacity(n)));
+        let handles = Arc::clone(&threads);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .spawn_handler(move |thread| {
+                let mut b =
+                    std::thread::Builder::new().name(format!("dllm-worker-{}", thread.index()));
+                if let Some(size) = thread.stack_size() {
+                    b = b.stack_size(size);
+                }
+                let handle = b.spawn(|| thread.run())?;
+                handles
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(handle);
+                Ok(())
+            })
+            .build()
+            .map_err(|e| {
+                FfiError::new(
+                    DLLM_ERR_BACKEND,
+                    format!("cannot start {n} CPU worker threads: {e}"),
+                )
+            })?;
+        Ok(WorkerPool {
+            pool: Some(pool),
+            threads,
+        })
+    }
+
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
             Some(pool) => pool.install(f),
             None => f(),
+        }
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        // Dropping the pool asks its threads to stop; no work is left (nothing else holds the
+        // model), so they finish promptly and are joined here.
+        drop(self.pool.take());
+        let handles = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in handles {
+            let _ = h.join();
         }
     }
 }
@@ -108,17 +169,7 @@ pub unsafe extern "C" fn dllm_model_load(
             )));
         }
         let pool = if params.threads > 0 {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(params.threads as usize)
-                .thread_name(|i| format!("dllm-worker-{i}"))
-                .build()
-                .map_err(|e| {
-                    FfiError::new(
-                        DLLM_ERR_BACKEND,
-                        format!("cannot start {} CPU threads: {e}", params.threads),
-                    )
-                })?;
-            Some(pool)
+            Some(WorkerPool::new(params.threads as usize)?)
         } else {
             None
         };
@@ -126,7 +177,7 @@ pub unsafe extern "C" fn dllm_model_load(
         let dir = path_from_c(unsafe { CStr::from_ptr(dir) });
         let load = || load_model(&dir, backend);
         let loaded = match &pool {
-            Some(pool) => pool.install(load),
+            Some(p) => p.install(load),
             None => load(),
         }?;
         let tokenizer = Tokenizer::from_model_dir(&dir)?;

@@ -1,13 +1,17 @@
-//! Choosing a backend and loading a model directory onto it.
+//! Choosing a backend and loading a model directory onto it, by architecture.
 //!
-//! `Auto` takes CUDA when the driver library is present, the kernels were compiled and the
-//! model loads on device 0; otherwise it falls back to the CPU and says why in
-//! [`LoadedModel::note`]. `Cuda` never falls back: its failure is the error.
+//! `Auto` takes CUDA when the driver library is present, the kernels were compiled, the
+//! architecture has a CUDA model (LLaDA only, for now) and the model loads on device 0;
+//! otherwise it falls back to the CPU and says why in [`LoadedModel::note`]. `Cuda` never falls
+//! back: its failure (an unsupported architecture included) is the error.
 
 use crate::backend::cuda::{llada::LladaCuda, unavailable_reason};
-use crate::error::Result;
+use crate::config::{Arch, ModelConfig};
+use crate::error::{Error, Result};
+use crate::model::dream::Dream;
 use crate::model::llada::Llada;
 use crate::model::Model;
+use crate::weights::WeightStore;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -26,27 +30,52 @@ pub struct LoadedModel {
     pub note: Option<String>,
 }
 
+/// Loads the model in `dir` on the CPU, whatever its architecture.
+pub fn load_cpu(dir: &Path) -> Result<Arc<dyn Model>> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let store = WeightStore::open(dir)?;
+    Ok(match cfg.arch {
+        Arch::Llada => Arc::new(Llada::from_store(cfg, store)?),
+        Arch::Dream => Arc::new(Dream::from_store(cfg, store)?),
+    })
+}
+
 fn cpu(dir: &Path, note: Option<String>) -> Result<LoadedModel> {
     Ok(LoadedModel {
-        model: Arc::new(Llada::load(dir)?),
+        model: load_cpu(dir)?,
         note,
     })
 }
 
+/// Why the CUDA backend cannot run `arch`, if it cannot.
+fn cuda_lacks(arch: Arch) -> Option<String> {
+    match arch {
+        Arch::Llada => None,
+        Arch::Dream => Some("the CUDA backend does not run Dream checkpoints yet".into()),
+    }
+}
+
 /// Loads the model in `dir` on `backend`.
 pub fn load_model(dir: &Path, backend: Backend) -> Result<LoadedModel> {
+    if backend == Backend::Cpu {
+        return cpu(dir, None);
+    }
+    let arch = ModelConfig::from_file(&dir.join("config.json"))?.arch;
     match backend {
         Backend::Cpu => cpu(dir, None),
         Backend::Cuda => {
+            if let Some(why) = cuda_lacks(arch) {
+                return Err(Error::Unsupported(format!("--backend cuda: {why}")));
+            }
             if let Some(why) = unavailable_reason() {
-                return Err(crate::Error::Backend(format!("--backend cuda: {why}")));
+                return Err(Error::Backend(format!("--backend cuda: {why}")));
             }
             Ok(LoadedModel {
                 model: Arc::new(LladaCuda::load(dir)?),
                 note: None,
             })
         }
-        Backend::Auto => match unavailable_reason() {
+        Backend::Auto => match cuda_lacks(arch).or_else(unavailable_reason) {
             Some(why) => cpu(dir, Some(format!("using the CPU backend: {why}"))),
             None => match LladaCuda::load(dir) {
                 Ok(m) => Ok(LoadedModel {
@@ -54,8 +83,18 @@ pub fn load_model(dir: &Path, backend: Backend) -> Result<LoadedModel> {
                     note: None,
                 }),
                 // A malformed model is the user's error on every backend: report it, do not mask it.
-                Err(e) if matches!(e.kind(), crate::error::ErrorKind::Format | crate::error::ErrorKind::Io) => Err(e),
-                Err(e) => cpu(dir, Some(format!("using the CPU backend: CUDA failed: {e}"))),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        crate::error::ErrorKind::Format | crate::error::ErrorKind::Io
+                    ) =>
+                {
+                    Err(e)
+                }
+                Err(e) => cpu(
+                    dir,
+                    Some(format!("using the CPU backend: CUDA failed: {e}")),
+                ),
             },
         },
     }

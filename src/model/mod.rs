@@ -4,13 +4,18 @@
 //! [`Model::predict`] is the hook that lets a backend fuse sampling with the forward pass
 //! (the CUDA backend returns only the chosen ids and confidences, never the logits); its
 //! default runs [`Model::forward`] and samples on the host.
+//!
+//! Architectures: [`llada`] and [`dream`], both the pre-norm SwiGLU transformer of
+//! [`transformer`] under different tensor names ([`tensor_table`]).
 
+pub mod dream;
 pub mod llada;
 pub mod load;
+pub mod transformer;
 
-pub use load::{load_model, Backend, LoadedModel};
+pub use load::{load_cpu, load_model, Backend, LoadedModel};
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::denoise::predict::{predict_rows, Prediction, PredictRule};
 use crate::error::Result;
 
@@ -23,13 +28,31 @@ pub trait Model: Send + Sync {
     fn backend_name(&self) -> &'static str;
 
     /// One full forward over `ids` (a single canvas, bidirectional attention).
-    /// Returns `ids.len() × config().logits_width()` logits, row `i` = output at position `i`.
+    /// Returns `ids.len() × config().logits_width()` logits; row `i` is the prediction for
+    /// position `i`. For architectures with [`ModelConfig::shifted_logits`] (Dream) that is the
+    /// LM-head output at position `max(i − 1, 0)`; otherwise the output at `i`.
     fn forward(&self, ids: &[u32]) -> Result<Vec<f32>>;
+
+    /// Like [`forward`](Self::forward), but row `i` is always the LM-head output at position
+    /// `i`, with no shift (what the reference PyTorch `model(ids).logits` returns; `dllm logits`
+    /// prints these). The default is [`forward`](Self::forward), correct for unshifted
+    /// architectures; a model of a shifted architecture must override it.
+    fn raw_forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.forward(ids)
+    }
 
     /// One forward, then for each position in `queries` the candidate token and its confidence
     /// under `rule`. Backends may override this to sample without materialising logits on the host.
     fn predict(&self, ids: &[u32], queries: &[usize], rule: &PredictRule) -> Result<Vec<Prediction>> {
         let logits = self.forward(ids)?;
         Ok(predict_rows(&logits, self.config().logits_width(), queries, queries, rule))
+    }
+}
+
+/// The tensor names of a checkpoint of `cfg`'s architecture.
+pub fn tensor_table(cfg: &ModelConfig) -> transformer::TensorTable {
+    match cfg.arch {
+        Arch::Llada => llada::layout::table(cfg),
+        Arch::Dream => dream::layout::table(cfg),
     }
 }

@@ -279,7 +279,7 @@ mod tests {
     fn file(header: &str, data: usize) -> Vec<u8> {
         let mut v = (header.len() as u64).to_le_bytes().to_vec();
         v.extend_from_slice(header.as_bytes());
-        v.extend(std::iter::repeat(7u8).take(data));
+        v.extend(std::iter::repeat_n(7u8, data));
         v
     }
 

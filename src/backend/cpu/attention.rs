@@ -46,7 +46,7 @@ pub fn attention(
     debug_assert_eq!(k.len(), skv * n_kv_heads * head_dim);
     debug_assert_eq!(v.len(), skv * n_kv_heads * head_dim);
     debug_assert_eq!(out.len(), sq * n_heads * head_dim);
-    debug_assert!(key_valid.map_or(true, |m| m.len() == skv));
+    debug_assert!(key_valid.is_none_or(|m| m.len() == skv));
     if sq == 0 || n_heads == 0 || head_dim == 0 {
         return;
     }

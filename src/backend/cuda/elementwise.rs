@@ -1,6 +1,7 @@
-//! Host side of `cuda/elementwise.cu`: typed launchers for RMSNorm, RoPE, SwiGLU, embedding
-//! gather, bf16↔f32 conversion, row gathers and the K/V cache scatter, plus their self-checks
-//! against the CPU reference ops and their bandwidth benches.
+//! Host side of `cuda/elementwise.cu`: typed launchers for RMSNorm, RoPE, the fused RoPE + K/V
+//! cache write the model uses, SwiGLU (16-byte vectorised when aligned), embedding gather,
+//! bf16↔f32 conversion, row gathers and the K/V cache scatter, plus their self-checks against
+//! the CPU reference ops and their bandwidth benches.
 //!
 //! bf16 tensors are `u16` buffers holding bf16 bits. Every launcher checks that the views it is
 //! given are long enough for the shape it is told and returns [`Error::InvalidArgument`]
@@ -11,12 +12,15 @@ use super::{cuda_err, CudaDevice};
 use crate::backend::cpu;
 use crate::error::{Error, Result};
 use cudarc::driver::{
-    CudaFunction, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 use std::sync::Arc;
 
 /// Threads per block of the row kernels (must match `DLLM_ROW_THREADS` in the .cu file).
 const ROW_THREADS: u32 = 256;
+/// Largest `head_dim / 2` of `rope_qkv_bf16` (`DLLM_ROPE_MAX_HALF` in the .cu file).
+const ROPE_MAX_HALF: usize = 512;
 /// Threads per block of the grid-stride kernels.
 const THREADS: u32 = 256;
 /// Upper bound on blocks of a grid-stride launch.
@@ -112,13 +116,53 @@ impl IdLayout {
     }
 }
 
+/// Shape of a fused RoPE + K/V cache write over a fused QKV matrix (see `rope_qkv_bf16` in the
+/// .cu file): q heads at column 0, k heads at `k_col`, v heads at `v_col`, each head `head_dim`
+/// wide; row `r` has position `pos_offset + r % pos_period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeQkvShape {
+    pub rows: usize,
+    /// Elements between consecutive rows.
+    pub row_stride: usize,
+    pub q_heads: usize,
+    /// Heads of k and of v.
+    pub kv_heads: usize,
+    pub k_col: usize,
+    pub v_col: usize,
+    pub head_dim: usize,
+    pub pos_period: usize,
+    pub pos_offset: usize,
+}
+
+impl RopeQkvShape {
+    /// Width of one k (or v) row: `kv_heads · head_dim`.
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Cache row written for activation row `r` in a cache of `seq_rows` rows per sequence.
+    pub fn cache_row(&self, r: usize, seq_rows: usize) -> usize {
+        (r / self.pos_period) * seq_rows + self.pos_offset + r % self.pos_period
+    }
+}
+
+/// Where [`Elementwise::rope_qkv`] also writes the rotated K and the V rows: caches of
+/// `[sequences, seq_rows, kv_width]`.
+pub struct KvDst<'a, 'b> {
+    pub k: &'a mut CudaViewMut<'b, u16>,
+    pub v: &'a mut CudaViewMut<'b, u16>,
+    pub seq_rows: usize,
+}
+
 /// The loaded element-wise kernels.
 pub struct Elementwise {
     stream: Arc<CudaStream>,
     rmsnorm_bf16_fn: CudaFunction,
     rmsnorm_f32_fn: CudaFunction,
     rope_fn: CudaFunction,
+    rope_qkv_fn: CudaFunction,
     swiglu_fn: CudaFunction,
+    swiglu_v8_fn: CudaFunction,
     embedding_fn: CudaFunction,
     bf16_to_f32_fn: CudaFunction,
     f32_to_bf16_fn: CudaFunction,
@@ -136,7 +180,9 @@ impl Elementwise {
             rmsnorm_bf16_fn: f("rmsnorm_f32_bf16")?,
             rmsnorm_f32_fn: f("rmsnorm_f32_f32")?,
             rope_fn: f("rope_bf16")?,
+            rope_qkv_fn: f("rope_qkv_bf16")?,
             swiglu_fn: f("swiglu_bf16")?,
+            swiglu_v8_fn: f("swiglu_bf16_v8")?,
             embedding_fn: f("embedding_bf16_f32")?,
             bf16_to_f32_fn: f("bf16_to_f32")?,
             f32_to_bf16_fn: f("f32_to_bf16")?,
@@ -254,7 +300,8 @@ impl Elementwise {
         Ok(())
     }
 
-    /// `out[r, j] = silu(gu[r, j]) · gu[r, h + j]` for `rows` rows (`gu` is `[rows, 2h]`).
+    /// `out[r, j] = silu(gu[r, j]) · gu[r, h + j]` for `rows` rows (`gu` is `[rows, 2h]`); 16-byte
+    /// accesses when `h % 8 == 0` and both views are 16-byte aligned.
     pub fn swiglu(
         &self,
         gu: &CudaView<u16>,
@@ -262,16 +309,160 @@ impl Elementwise {
         rows: usize,
         h: usize,
     ) -> Result<()> {
+        self.swiglu_variant(gu, out, rows, h, true)
+    }
+
+    /// [`Elementwise::swiglu`]; `allow_vec = false` forces the scalar kernel (checks).
+    pub fn swiglu_variant(
+        &self,
+        gu: &CudaView<u16>,
+        out: &mut CudaViewMut<u16>,
+        rows: usize,
+        h: usize,
+        allow_vec: bool,
+    ) -> Result<()> {
         need("swiglu gate|up", gu.len(), rows * 2 * h)?;
         need("swiglu out", out.len(), rows * h)?;
         if rows * h == 0 {
             return Ok(());
         }
         let (r32, h32) = (to_i32("swiglu rows", rows)?, to_i32("swiglu h", 2 * h)? / 2);
-        let mut b = self.stream.launch_builder(&self.swiglu_fn);
+        let aligned = {
+            let (gp, _g1) = gu.device_ptr(&self.stream);
+            let (op, _g2) = out.device_ptr(&self.stream);
+            gp % 16 == 0 && op % 16 == 0
+        };
+        let vec = allow_vec && h % 8 == 0 && aligned;
+        let (f, total) = if vec {
+            (&self.swiglu_v8_fn, rows * h / 8)
+        } else {
+            (&self.swiglu_fn, rows * h)
+        };
+        let mut b = self.stream.launch_builder(f);
         b.arg(gu).arg(out).arg(&r32).arg(&h32);
-        // SAFETY: lengths checked above.
-        unsafe { b.launch(grid_for(rows * h)) }.map_err(|e| cuda_err("launch swiglu_bf16", e))?;
+        // SAFETY: lengths checked above; the 16-byte kernel runs only with h % 8 == 0 and
+        // 16-byte aligned views, so every vector access is aligned and inside its row.
+        unsafe { b.launch(grid_for(total)) }.map_err(|e| cuda_err("launch swiglu", e))?;
+        Ok(())
+    }
+
+    /// Fused RoPE on the q and k heads of `qkv` (in place) and, with `cache`, the write of the
+    /// rotated K and of V into the cache rows [`RopeQkvShape::cache_row`]. One launch replaces
+    /// [`Elementwise::rope`] plus two [`Elementwise::copy_rows_bf16`].
+    pub fn rope_qkv(
+        &self,
+        qkv: &mut CudaViewMut<u16>,
+        inv_freq: &CudaView<f32>,
+        s: RopeQkvShape,
+        cache: Option<KvDst<'_, '_>>,
+    ) -> Result<()> {
+        self.rope_qkv_variant(qkv, inv_freq, s, cache, true)
+    }
+
+    /// [`Elementwise::rope_qkv`]; `allow_vec = false` forces the scalar path (checks).
+    pub fn rope_qkv_variant(
+        &self,
+        qkv: &mut CudaViewMut<u16>,
+        inv_freq: &CudaView<f32>,
+        s: RopeQkvShape,
+        cache: Option<KvDst<'_, '_>>,
+        allow_vec: bool,
+    ) -> Result<()> {
+        let bad = |why: &str| Error::invalid(format!("elementwise rope_qkv: {why} in {s:?}"));
+        if s.head_dim % 2 != 0 || s.head_dim == 0 || s.head_dim / 2 > ROPE_MAX_HALF {
+            return Err(bad("head_dim must be even and at most 1024"));
+        }
+        if s.pos_period == 0 {
+            return Err(bad("pos_period must be positive"));
+        }
+        need("rope_qkv inv_freq", inv_freq.len(), s.head_dim / 2)?;
+        let kvw = s.kv_width();
+        let ranges = [
+            (0, s.q_heads * s.head_dim),
+            (s.k_col, s.k_col + kvw),
+            (s.v_col, s.v_col + kvw),
+        ];
+        if ranges.iter().any(|r| r.1 > s.row_stride) {
+            return Err(bad("heads exceed the row stride"));
+        }
+        let overlap = |a: (usize, usize), b: (usize, usize)| a.0 < b.1 && b.0 < a.1;
+        if kvw > 0
+            && (overlap(ranges[0], ranges[1])
+                || overlap(ranges[0], ranges[2])
+                || overlap(ranges[1], ranges[2]))
+        {
+            return Err(bad("q, k and v columns overlap"));
+        }
+        if s.rows == 0 {
+            return Ok(());
+        }
+        let row_end = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        need(
+            "rope_qkv qkv",
+            qkv.len(),
+            (s.rows - 1) * s.row_stride + row_end,
+        )?;
+        if s.rows > i32::MAX as usize {
+            return Err(bad("too many rows"));
+        }
+        let args = [
+            to_i32("rope_qkv row_stride", s.row_stride)?,
+            to_i32("rope_qkv q_heads", s.q_heads)?,
+            to_i32("rope_qkv kv_heads", s.kv_heads)?,
+            to_i32("rope_qkv k_col", s.k_col)?,
+            to_i32("rope_qkv v_col", s.v_col)?,
+            to_i32("rope_qkv head_dim", s.head_dim)?,
+            to_i32("rope_qkv pos_period", s.pos_period)?,
+            to_i32("rope_qkv pos_offset", s.pos_offset)?,
+        ];
+        to_i32("rope_qkv last position", s.pos_offset + s.pos_period)?;
+        let qkv_ptr = qkv.device_ptr(&self.stream).0;
+        let mut aligned = qkv_ptr % 16 == 0;
+        let null: u64 = 0;
+        let (mut kp, mut vp, mut seq_rows) = (null, null, 0i32);
+        let mut guards = Vec::new();
+        if let Some(c) = cache {
+            if c.seq_rows < s.pos_offset + s.pos_period {
+                return Err(bad(&format!(
+                    "cache of {} rows per sequence is shorter than the positions",
+                    c.seq_rows
+                )));
+            }
+            let last = max_strided(s.rows, s.pos_period, |r| s.cache_row(r, c.seq_rows));
+            need("rope_qkv k cache", c.k.len(), (last + 1) * kvw)?;
+            need("rope_qkv v cache", c.v.len(), (last + 1) * kvw)?;
+            seq_rows = to_i32("rope_qkv cache rows", c.seq_rows)?;
+            let (k, gk) = c.k.device_ptr_mut(&self.stream);
+            let (v, gv) = c.v.device_ptr_mut(&self.stream);
+            aligned &= k % 16 == 0 && v % 16 == 0;
+            (kp, vp) = (k, v);
+            guards.push(gk);
+            guards.push(gv);
+        }
+        let vec = allow_vec
+            && aligned
+            && s.head_dim % 16 == 0
+            && s.row_stride % 8 == 0
+            && s.k_col % 8 == 0
+            && s.v_col % 8 == 0;
+        let vec_i = i32::from(vec);
+        let cfg = LaunchConfig {
+            grid_dim: (s.rows as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.rope_qkv_fn);
+        b.arg(qkv).arg(inv_freq).arg(&kp).arg(&vp);
+        for a in &args {
+            b.arg(a);
+        }
+        b.arg(&seq_rows).arg(&vec_i);
+        // SAFETY: argument order and types match `rope_qkv_bf16`; every row touched lies inside
+        // the qkv view and every cache row inside the cache views (checked above); the q, k and
+        // v column ranges are disjoint, so no thread reads what another writes; the vector path
+        // runs only with 16-byte aligned bases, strides and columns.
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch rope_qkv_bf16", e))?;
+        drop(guards);
         Ok(())
     }
 
@@ -599,11 +790,119 @@ fn check_rope(
     ))
 }
 
+/// Fused RoPE + cache write vs the CPU rope on q and k; the cache must hold exactly the rotated
+/// K the kernel left in the matrix and exactly the input V, and rows outside the block stay
+/// poisoned.
+#[allow(clippy::too_many_arguments)]
+fn check_rope_qkv(
+    dev: &CudaDevice,
+    ew: &Elementwise,
+    seqs: usize,
+    len: usize,
+    heads: (usize, usize, usize),
+    offset: usize,
+    with_cache: bool,
+    vec: bool,
+) -> Result<(f64, String)> {
+    let (q_heads, kv_heads, hd) = heads;
+    let theta = 10_000f32;
+    let kvw = kv_heads * hd;
+    // q | k | v with 8 spare columns at the end (row stride not equal to the used width).
+    let stride = q_heads * hd + 2 * kvw + 8;
+    let rows = seqs * len;
+    let x = check::round_bf16(&check::random_f32(71 + hd as u64, rows * stride, -2.0, 2.0));
+    let positions: Vec<usize> = (0..rows).map(|r| offset + r % len).collect();
+    let (mut q, mut k) = (Vec::new(), Vec::new());
+    for r in 0..rows {
+        let row = &x[r * stride..(r + 1) * stride];
+        q.extend_from_slice(&row[..q_heads * hd]);
+        k.extend_from_slice(&row[q_heads * hd..q_heads * hd + kvw]);
+    }
+    cpu::rope(&mut q, &positions, q_heads, hd, theta);
+    cpu::rope(&mut k, &positions, kv_heads, hd, theta);
+    let mut want = x.clone();
+    for r in 0..rows {
+        let row = &mut want[r * stride..(r + 1) * stride];
+        row[..q_heads * hd].copy_from_slice(&q[r * q_heads * hd..(r + 1) * q_heads * hd]);
+        row[q_heads * hd..q_heads * hd + kvw].copy_from_slice(&k[r * kvw..(r + 1) * kvw]);
+    }
+    let shape = RopeQkvShape {
+        rows,
+        row_stride: stride,
+        q_heads,
+        kv_heads,
+        k_col: q_heads * hd,
+        v_col: q_heads * hd + kvw,
+        head_dim: hd,
+        pos_period: len,
+        pos_offset: offset,
+    };
+    let seq_rows = offset + len + 3;
+    let inv = upload(dev, &cpu::rope_inv_freq(hd, theta))?;
+    let mut buf = upload(dev, &check::to_bf16_bits(&x))?;
+    let poison = vec![check::POISON_BF16_BITS; seqs * seq_rows * kvw];
+    let mut kc = upload(dev, &poison)?;
+    let mut vc = upload(dev, &poison)?;
+    {
+        let mut kv = kc.as_view_mut();
+        let mut vv = vc.as_view_mut();
+        let dst = with_cache.then_some(KvDst {
+            k: &mut kv,
+            v: &mut vv,
+            seq_rows,
+        });
+        ew.rope_qkv_variant(&mut buf.as_view_mut(), &inv.as_view(), shape, dst, vec)?;
+    }
+    let got_bits = download(dev, &buf)?;
+    let got = check::from_bf16_bits(&got_bits);
+    let (kd, vd) = (download(dev, &kc)?, download(dev, &vc)?);
+    let in_bits = check::to_bf16_bits(&x);
+    let mut cache_ok = true;
+    let mut written = vec![false; seqs * seq_rows];
+    if with_cache {
+        for r in 0..rows {
+            let c = shape.cache_row(r, seq_rows);
+            written[c] = true;
+            let kr = r * stride + shape.k_col;
+            let vr = r * stride + shape.v_col;
+            cache_ok &= kd[c * kvw..(c + 1) * kvw] == got_bits[kr..kr + kvw];
+            cache_ok &= vd[c * kvw..(c + 1) * kvw] == in_bits[vr..vr + kvw];
+        }
+    }
+    for (c, &w) in written.iter().enumerate() {
+        if !w {
+            let untouched = |d: &[u16]| {
+                d[c * kvw..(c + 1) * kvw]
+                    .iter()
+                    .all(|&b| b == check::POISON_BF16_BITS)
+            };
+            cache_ok &= untouched(&kd) && untouched(&vd);
+        }
+    }
+    // V and the spare columns of the matrix must be untouched.
+    let rest_ok = (0..rows).all(|r| {
+        let a = r * stride + shape.v_col;
+        got_bits[a..(r + 1) * stride] == in_bits[a..(r + 1) * stride]
+    });
+    let e = if cache_ok && rest_ok {
+        check::rel_l2(&got, &want)
+    } else {
+        f64::INFINITY
+    };
+    Ok((
+        e,
+        format!(
+            "{seqs}x{len} rows, {q_heads}q+{kv_heads}kv heads of {hd}, pos from {offset}; cache exact {cache_ok}, v untouched {rest_ok}"
+        ),
+    ))
+}
+
 fn check_swiglu(
     dev: &CudaDevice,
     ew: &Elementwise,
     rows: usize,
     h: usize,
+    vec: bool,
 ) -> Result<(f64, String)> {
     let gu = check::round_bf16(&check::random_f32(31 + h as u64, rows * 2 * h, -6.0, 6.0));
     let (mut g, mut u) = (Vec::new(), Vec::new());
@@ -615,9 +914,12 @@ fn check_swiglu(
     cpu::silu_mul(&g, &u, &mut want);
     let gud = upload(dev, &check::to_bf16_bits(&gu))?;
     let mut out = upload(dev, &vec![check::POISON_BF16_BITS; rows * h])?;
-    ew.swiglu(&gud.as_view(), &mut out.as_view_mut(), rows, h)?;
+    ew.swiglu_variant(&gud.as_view(), &mut out.as_view_mut(), rows, h, vec)?;
     let got = check::from_bf16_bits(&download(dev, &out)?);
-    Ok((check::rel_l2(&got, &want), format!("rows {rows} h {h}")))
+    Ok((
+        check::rel_l2(&got, &want),
+        format!("rows {rows} h {h}, 16-byte path allowed {vec}"),
+    ))
 }
 
 fn check_embedding(
@@ -783,11 +1085,30 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             check_rope(dev, &ew, seqs, len, qh, kh, hd, off),
         ));
     }
-    for &(rows, h) in &[(3usize, 37usize), (33, 1024)] {
+    for &(rows, h, vec) in &[
+        (3usize, 37usize, true),
+        (33, 1024, true),
+        (33, 1024, false),
+        (5, 12288, true),
+    ] {
         out.push(CheckResult::from_result(
-            format!("elementwise.swiglu {rows}x{h}"),
+            format!("elementwise.swiglu {rows}x{h} vec {vec}"),
             TOL_BF16,
-            check_swiglu(dev, &ew, rows, h),
+            check_swiglu(dev, &ew, rows, h, vec),
+        ));
+    }
+    for &(seqs, len, qh, kvh, hd, off, cache, vec) in &[
+        (1usize, 5usize, 2usize, 2usize, 8usize, 0usize, false, true),
+        (3, 17, 6, 3, 64, 5, true, true),
+        (3, 17, 6, 3, 64, 5, true, false),
+        (2, 32, 4, 4, 128, 352, true, true),
+        (2, 32, 4, 4, 128, 352, false, true),
+        (1, 7, 3, 1, 10, 2, true, true),
+    ] {
+        out.push(CheckResult::from_result(
+            format!("elementwise.rope_qkv hd{hd} q{qh}kv{kvh} off{off} cache {cache} vec {vec}"),
+            TOL_BF16,
+            check_rope_qkv(dev, &ew, seqs, len, (qh, kvh, hd), off, cache, vec),
         ));
     }
     out.push(CheckResult::from_result(
@@ -872,6 +1193,44 @@ fn bench_inner(dev: &CudaDevice) -> Result<Vec<BenchResult>> {
         None,
         "",
     ));
+    let mut kc = alloc_u16(rows * d)?;
+    let mut vc = alloc_u16(rows * d)?;
+    for (r, period, seq_rows) in [(rows, 384usize, 384usize), (32, 32, 384)] {
+        let shape = RopeQkvShape {
+            rows: r,
+            row_stride: 3 * d,
+            q_heads: 32,
+            kv_heads: 32,
+            k_col: d,
+            v_col: 2 * d,
+            head_dim: hd,
+            pos_period: period,
+            pos_offset: 384 - period,
+        };
+        let ms = check::time_median_ms(dev, 3, 20, |_| {
+            let mut kv = kc.as_view_mut();
+            let mut vv = vc.as_view_mut();
+            let dst = KvDst {
+                k: &mut kv,
+                v: &mut vv,
+                seq_rows,
+            };
+            ew.rope_qkv(
+                &mut qkv.slice_mut(0..r * 3 * d),
+                &inv.as_view(),
+                shape,
+                Some(dst),
+            )
+        })?;
+        // q + k read and written, v read, k + v written to the cache.
+        res.push(BenchResult::new(
+            format!("elementwise.rope_qkv+cache {r} rows q+k+v 4096"),
+            ms,
+            Some((r * d * 2 * 7) as f64),
+            None,
+            "replaces rope + 2 copy_rows",
+        ));
+    }
     let gu = alloc_u16(rows * 2 * h)?;
     let mut act = alloc_u16(rows * h)?;
     let ms = check::time_median_ms(dev, 3, 20, |_| {
@@ -960,5 +1319,27 @@ mod tests {
             (0..6).map(|r| c.dst_row(r)).collect::<Vec<_>>(),
             vec![4, 5, 6, 14, 15, 16]
         );
+    }
+
+    #[test]
+    fn rope_qkv_cache_rows_follow_each_sequence_block() {
+        // 2 sequences of a 3-row block at positions 5..8, cache of 10 rows per sequence.
+        let s = RopeQkvShape {
+            rows: 6,
+            row_stride: 40,
+            q_heads: 2,
+            kv_heads: 1,
+            k_col: 16,
+            v_col: 24,
+            head_dim: 8,
+            pos_period: 3,
+            pos_offset: 5,
+        };
+        assert_eq!(s.kv_width(), 8);
+        assert_eq!(
+            (0..6).map(|r| s.cache_row(r, 10)).collect::<Vec<_>>(),
+            vec![5, 6, 7, 15, 16, 17]
+        );
+        assert_eq!(max_strided(6, 3, |r| s.cache_row(r, 10)), 17);
     }
 }

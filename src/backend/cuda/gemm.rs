@@ -5,10 +5,13 @@
 //! `A` is bf16 row-major `[M, K]`, `W` is bf16 row-major `[N, K]` (PyTorch `Linear` layout, as
 //! stored in the checkpoint), both as `u16` buffers of bf16 bits. The output is chosen with
 //! [`GemmOut`]: store bf16, store fp32, or add into fp32 (`C += A·Wᵀ`, the fused residual add).
-//! [`Gemm::run`] picks the kernel by `M` (see [`GemmVariant::for_m`]): the weight-streaming
+//! [`Gemm::run`] picks the kernel by `M` (see [`Gemm::variant_for_m`]): the weight-streaming
 //! `skinny` kernel for `M ≤ 64` (split-K with a deterministic in-kernel reduction when `N` alone
-//! cannot fill the GPU, see [`SkinnyPlan`]), the `wide` shared-memory tiled kernel otherwise.
-//! `naive` (one thread per output) is the always-correct fallback. Design: docs/gemm-notes.md.
+//! cannot fill the GPU, see [`SkinnyPlan`]), otherwise the Hopper `wgmma` kernel
+//! (`cuda/gemm_wgmma.cu`, sm_90a cubin, see [`WgmmaPlan`]) or the portable `wide` mma.sync
+//! kernel. `naive` (one thread per output) is the always-correct fallback. [`Gemm::load`]
+//! self-tests every fast kernel against `naive` on the device and stops `run` from using any
+//! that disagrees ([`Gemm::disabled_variants`]). Design: docs/gemm-notes.md.
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
 use super::{cuda_err, CudaDevice};
@@ -49,6 +52,21 @@ const WIDE_BLOCKS_PER_SM: usize = 2;
 const WIDE_MIN_KTILES_PER_SPLIT: usize = 32;
 /// Threads per naive block.
 const NAIVE_THREADS: u32 = 256;
+/// wgmma kernel: N columns per block tile (one m64n192k16 per warpgroup and k16 step), K per
+/// pipeline stage; must match `WG_BN` / `WG_BK` in gemm_wgmma.cu.
+const WGMMA_BN: usize = 192;
+const WGMMA_BK: usize = 64;
+/// Fewest K tiles a wgmma split is given (1024 K).
+const WGMMA_MIN_KTILES_PER_SPLIT: usize = 16;
+/// Split-K overhead in K-tile units per split (partial tile written, read back, reduced).
+const WGMMA_SPLIT_COST_KTILES: usize = 3;
+
+/// Dynamic shared memory of `gemm_wgmma_wg{wg}` (`WgCfg<WG>::SMEM_BYTES` in gemm_wgmma.cu).
+fn wgmma_smem_bytes(wg: usize) -> u32 {
+    let stage = (64 * wg + WGMMA_BN) * 128;
+    let stages = if wg == 2 { 5 } else { 4 };
+    (stages * stage + 1024) as u32
+}
 
 /// How the product is written to `C`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,17 +145,20 @@ pub enum GemmVariant {
     Naive,
     /// Weight streaming for `M ≤ SKINNY_MAX_M` (bandwidth bound).
     Skinny,
-    /// Shared-memory tiled tensor-core GEMM for any `M` (compute bound at large `M`).
+    /// Shared-memory tiled mma.sync GEMM for any `M` (portable fallback of `Wgmma`).
     Wide,
+    /// Hopper warpgroup-MMA GEMM for any `M` (sm_90a only; compute bound at large `M`).
+    Wgmma,
 }
 
 impl GemmVariant {
-    /// The variant [`Gemm::run`] uses for `m` rows.
+    /// The preferred variant for `m` rows when every kernel is available (see
+    /// [`Gemm::variant_for_m`] for what `run` actually uses).
     pub fn for_m(m: usize) -> GemmVariant {
         if m <= SKINNY_MAX_M {
             GemmVariant::Skinny
         } else {
-            GemmVariant::Wide
+            GemmVariant::Wgmma
         }
     }
 
@@ -147,6 +168,7 @@ impl GemmVariant {
             GemmVariant::Naive => "naive",
             GemmVariant::Skinny => "skinny",
             GemmVariant::Wide => "wide",
+            GemmVariant::Wgmma => "wgmma",
         }
     }
 }
@@ -163,16 +185,19 @@ pub struct SkinnyPlan {
 }
 
 impl SkinnyPlan {
-    /// The plan [`Gemm::run`] uses on a GPU with `num_sms` multiprocessors: split K only as far
-    /// as needed to give every SM about `SKINNY_BLOCKS_PER_SM` blocks, never below
-    /// `SKINNY_MIN_CHUNKS_PER_SPLIT` chunks per split, with a chunk count per split that is a
-    /// multiple of the kernel's unroll. Requires `1 ≤ m ≤ 64`, `n ≥ 1`, `k ≥ 1`.
+    /// The plan [`Gemm::run`] uses on a GPU with `num_sms` multiprocessors: split K into the
+    /// largest number of splits whose blocks still fit in one wave of `SKINNY_BLOCKS_PER_SM`
+    /// blocks per SM (a grid slightly larger than one wave leaves a slow, nearly empty second
+    /// wave: 192 tiles × 3 splits = 576 blocks on 528 slots was measured at ~55 % of copy
+    /// bandwidth), never below `SKINNY_MIN_CHUNKS_PER_SPLIT` chunks per split, with a chunk
+    /// count per split that is a multiple of the kernel's unroll. Requires `1 ≤ m ≤ 64`,
+    /// `n ≥ 1`, `k ≥ 1`.
     pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> SkinnyPlan {
         let tiles = n.div_ceil(SKINNY_ROWS);
         let chunks = k.div_ceil(SKINNY_CHUNK);
-        let target_blocks = num_sms.max(1) * SKINNY_BLOCKS_PER_SM;
+        let slots = num_sms.max(1) * SKINNY_BLOCKS_PER_SM;
         let max_splits = (chunks / SKINNY_MIN_CHUNKS_PER_SPLIT).max(1);
-        let splits = target_blocks.div_ceil(tiles).clamp(1, max_splits);
+        let splits = (slots / tiles.max(1)).clamp(1, max_splits);
         let per_split = chunks.div_ceil(splits).next_multiple_of(SKINNY_UNROLL);
         SkinnyPlan::with_chunks_per_split(m, n, k, per_split)
     }
@@ -260,6 +285,95 @@ impl WidePlan {
     }
 }
 
+/// Launch geometry of the wgmma kernel: `gemm_wgmma_wg{wg}` (block tile `64·wg × 192`),
+/// `m_tiles × n_tiles` output tiles, each split along K into `splits` blocks of
+/// `ktiles_per_split` 64-wide K tiles (the last may take fewer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WgmmaPlan {
+    pub wg: usize,
+    pub m_tiles: usize,
+    pub n_tiles: usize,
+    pub splits: usize,
+    pub ktiles_per_split: usize,
+}
+
+impl WgmmaPlan {
+    /// The plan [`Gemm::run`] uses on `num_sms` multiprocessors (one block per SM): the block
+    /// height (128 or 192 rows) and K split that minimise the modelled time
+    /// `waves · BM · (K tiles per split + split overhead)`, ties (within 5 %) going to the
+    /// taller tile (more work per shared-memory byte). Splits only while all blocks fit in
+    /// one wave, never below `WGMMA_MIN_KTILES_PER_SPLIT` K tiles per split.
+    pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
+        let sms = num_sms.max(1);
+        let ktiles = k.div_ceil(WGMMA_BK).max(1);
+        let max_splits = (ktiles / WGMMA_MIN_KTILES_PER_SPLIT).max(1);
+        let mut best: Option<(usize, WgmmaPlan)> = None;
+        for wg in [3usize, 2] {
+            let bm = 64 * wg;
+            let tiles = m.div_ceil(bm) * n.div_ceil(WGMMA_BN);
+            for splits in 1..=max_splits {
+                if splits > 1 && tiles * splits > sms {
+                    break;
+                }
+                let kps = ktiles.div_ceil(splits);
+                let plan = WgmmaPlan::with_ktiles_per_split(wg, m, n, k, kps);
+                let overhead = if plan.splits > 1 {
+                    WGMMA_SPLIT_COST_KTILES * plan.splits
+                } else {
+                    0
+                };
+                let waves = (tiles * plan.splits).div_ceil(sms);
+                // ×20 for wg = 3, ×21 for wg = 2: the 5 % preference for taller tiles.
+                let cost = waves * bm * (kps + overhead) * if wg == 3 { 20 } else { 21 };
+                if best.is_none_or(|(c, _)| cost < c) {
+                    best = Some((cost, plan));
+                }
+            }
+        }
+        best.map(|(_, p)| p)
+            .unwrap_or_else(|| WgmmaPlan::with_ktiles_per_split(3, m, n, k, ktiles))
+    }
+
+    /// A plan with a given kernel (`wg` 2 or 3; other values are clamped) and number of K tiles
+    /// per split (checks use it to force split-K). `ktiles_per_split` is raised to at least 1.
+    pub fn with_ktiles_per_split(
+        wg: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        ktiles_per_split: usize,
+    ) -> WgmmaPlan {
+        let wg = wg.clamp(2, 3);
+        let per_split = ktiles_per_split.max(1);
+        WgmmaPlan {
+            wg,
+            m_tiles: m.div_ceil(64 * wg),
+            n_tiles: n.div_ceil(WGMMA_BN),
+            splits: k.div_ceil(WGMMA_BK).max(1).div_ceil(per_split),
+            ktiles_per_split: per_split,
+        }
+    }
+
+    /// Output tiles (blocks per split).
+    pub fn tiles(&self) -> usize {
+        self.m_tiles * self.n_tiles
+    }
+
+    /// Rows per block tile.
+    pub fn bm(&self) -> usize {
+        64 * self.wg
+    }
+
+    /// fp32 elements of split-K workspace the launch needs (0 without split-K).
+    pub fn workspace_floats(&self) -> usize {
+        if self.splits > 1 {
+            self.tiles() * self.splits * self.bm() * WGMMA_BN
+        } else {
+            0
+        }
+    }
+}
+
 /// Checks the shape contract: `m, n, k ≥ 1`, `k % 8 == 0`, `n % 8 == 0`, everything fits the
 /// kernels' 32-bit sizes, and the buffers hold `m·k`, `n·k` and `m·n` elements.
 pub fn validate(
@@ -323,6 +437,7 @@ enum Job {
     Naive,
     Skinny(SkinnyPlan),
     Wide(WidePlan),
+    Wgmma(WgmmaPlan),
 }
 
 /// Split-K workspace and per-tile arrival counters (self-resetting, so zeroed once).
@@ -336,8 +451,13 @@ pub struct Gemm {
     naive: CudaFunction,
     skinny: Vec<CudaFunction>,
     wide: CudaFunction,
+    /// `gemm_wgmma_wg2`, `gemm_wgmma_wg3`; `None` when the device cannot run the sm_90a cubin.
+    wgmma: Option<[CudaFunction; 2]>,
     num_sms: usize,
     scratch: Mutex<Scratch>,
+    /// Variants that failed the load-time self-test (or cannot run here), with the reason;
+    /// [`Gemm::run`] never picks them.
+    disabled: Vec<(GemmVariant, String)>,
 }
 
 impl Gemm {
@@ -371,13 +491,53 @@ impl Gemm {
             .stream
             .alloc_zeros::<u32>(4096)
             .map_err(|e| cuda_err("gemm: alloc counters", e))?;
-        Ok(Gemm {
+        let mut disabled = Vec::new();
+        let wgmma = match load_wgmma(dev) {
+            Ok(f) => Some(f),
+            Err(why) => {
+                disabled.push((GemmVariant::Wgmma, why));
+                None
+            }
+        };
+        let mut gemm = Gemm {
             naive,
             skinny,
             wide,
+            wgmma,
             num_sms,
             scratch: Mutex::new(Scratch { ws, counters }),
-        })
+            disabled,
+        };
+        let failed = selftest::run(&gemm, dev)?;
+        gemm.disabled.extend(failed);
+        Ok(gemm)
+    }
+
+    /// Variants the load-time self-test disabled (or that cannot run on this device), each with
+    /// the reason. [`Gemm::run`] falls back from a disabled `Wgmma` to `Wide` to `Naive`, and
+    /// from a disabled `Skinny` to the wide kernels.
+    pub fn disabled_variants(&self) -> &[(GemmVariant, String)] {
+        &self.disabled
+    }
+
+    /// Whether `run` may use `variant` (it loaded and passed the self-test).
+    pub fn is_enabled(&self, variant: GemmVariant) -> bool {
+        !self.disabled.iter().any(|(v, _)| *v == variant)
+    }
+
+    /// The kernel [`Gemm::run`] uses for `m` rows: the preferred one ([`GemmVariant::for_m`])
+    /// unless disabled, then `Wgmma`, `Wide`, `Naive` in that order.
+    pub fn variant_for_m(&self, m: usize) -> GemmVariant {
+        let preferred = GemmVariant::for_m(m);
+        [
+            preferred,
+            GemmVariant::Wgmma,
+            GemmVariant::Wide,
+            GemmVariant::Naive,
+        ]
+        .into_iter()
+        .find(|&v| v == GemmVariant::Naive || self.is_enabled(v))
+        .unwrap_or(GemmVariant::Naive)
     }
 
     /// Multiprocessors of the device (used by the split-K heuristic).
@@ -400,10 +560,11 @@ impl Gemm {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        self.run_variant(dev, GemmVariant::for_m(m), a, w, out, m, n, k)
+        self.run_variant(dev, self.variant_for_m(m), a, w, out, m, n, k)
     }
 
-    /// [`Gemm::run`] with an explicit kernel; `Skinny` needs `m ≤ SKINNY_MAX_M`.
+    /// [`Gemm::run`] with an explicit kernel (used even when the self-test disabled it, so
+    /// checks can report it; `Wgmma` needs the sm_90a cubin); `Skinny` needs `m ≤ SKINNY_MAX_M`.
     #[allow(clippy::too_many_arguments)]
     pub fn run_variant(
         &self,
@@ -419,6 +580,7 @@ impl Gemm {
         let job = match variant {
             GemmVariant::Naive => Job::Naive,
             GemmVariant::Wide => Job::Wide(WidePlan::new(m, n, k, self.num_sms)),
+            GemmVariant::Wgmma => Job::Wgmma(WgmmaPlan::new(m, n, k, self.num_sms)),
             GemmVariant::Skinny => {
                 if m > SKINNY_MAX_M {
                     return Err(Error::invalid(format!(
@@ -472,6 +634,28 @@ impl Gemm {
             )));
         }
         self.launch(dev, Job::Wide(plan), a, w, out, m, n, k)
+    }
+
+    /// The wgmma kernel with an explicit plan (checks use it to force the block height and
+    /// split-K).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_wgmma_plan(
+        &self,
+        dev: &CudaDevice,
+        plan: WgmmaPlan,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        out: GemmOut<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        if plan != WgmmaPlan::with_ktiles_per_split(plan.wg, m, n, k, plan.ktiles_per_split) {
+            return Err(Error::invalid(format!(
+                "gemm: wgmma plan {plan:?} does not fit m={m} n={n} k={k}"
+            )));
+        }
+        self.launch(dev, Job::Wgmma(plan), a, w, out, m, n, k)
     }
 
     /// The split-K scratch, grown to at least `ws_floats` workspace and `tiles` counters (new
@@ -581,6 +765,42 @@ impl Gemm {
                 // entries (grown by scratch()), zero between launches, ordered on dev.stream.
                 unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch gemm_wide", e))?;
             }
+            Job::Wgmma(plan) => {
+                let Some(fs) = &self.wgmma else {
+                    return Err(Error::Backend(format!(
+                        "gemm: the wgmma kernel is not available on this device ({})",
+                        self.disabled
+                            .iter()
+                            .find(|(v, _)| *v == GemmVariant::Wgmma)
+                            .map_or("not loaded", |(_, why)| why.as_str())
+                    )));
+                };
+                if plan.n_tiles > 65_535 || plan.splits > 65_535 || plan.m_tiles > i32::MAX as usize
+                {
+                    return Err(Error::invalid(format!(
+                        "gemm: wgmma plan {plan:?} exceeds the grid limits (n={n})"
+                    )));
+                }
+                let f = &fs[plan.wg.clamp(2, 3) - 2];
+                let kps = plan.ktiles_per_split as i32;
+                let cfg = LaunchConfig {
+                    grid_dim: (plan.m_tiles as u32, plan.n_tiles as u32, plan.splits as u32),
+                    block_dim: (128 * plan.wg.clamp(2, 3) as u32, 1, 1),
+                    shared_mem_bytes: wgmma_smem_bytes(plan.wg.clamp(2, 3)),
+                };
+                let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles())?;
+                let Scratch { ws, counters } = &mut *scratch;
+                let mut b = dev.stream.launch_builder(f);
+                b.arg(a).arg(w).arg(c).arg(ws).arg(counters);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
+                // SAFETY: as for wide: cp.async loads outside [m, k] / [n, k] have source size 0
+                // (no access; the address is clamped to a valid row), stores are masked to
+                // m' < m, n' < n with 16-byte (A, W) and pair (C) alignment checked above. With
+                // split-K the workspace holds tiles·splits·BM·192 floats and the counters ≥ tiles
+                // entries (grown by scratch()), zero between launches, ordered on dev.stream.
+                unsafe { b.launch(cfg) }
+                    .map_err(|e| cuda_err(&format!("launch gemm_wgmma_wg{}", plan.wg), e))?;
+            }
             Job::Skinny(plan) => {
                 if plan.splits > 65_535 || plan.tiles > i32::MAX as usize {
                     return Err(Error::invalid(format!(
@@ -616,6 +836,203 @@ impl Gemm {
             }
         }
         Ok(())
+    }
+}
+
+/// Loads `gemm_wgmma_wg2` / `gemm_wgmma_wg3` from the sm_90a cubin of `cuda/gemm_wgmma.cu`; the
+/// reason as text when this device cannot run them.
+fn load_wgmma(dev: &CudaDevice) -> std::result::Result<[CudaFunction; 2], String> {
+    if dev.capability != (9, 0) {
+        return Err(format!(
+            "wgmma needs the sm_90a cubin (compute capability 9.0); {} is {}.{}",
+            dev.name, dev.capability.0, dev.capability.1
+        ));
+    }
+    let load = |wg: usize| -> Result<CudaFunction> {
+        let name = format!("gemm_wgmma_wg{wg}");
+        let f = dev.function("gemm_wgmma", &name)?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            wgmma_smem_bytes(wg) as i32,
+        )
+        .map_err(|e| cuda_err(&format!("{name}: allow dynamic shared memory"), e))?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )
+        .map_err(|e| cuda_err(&format!("{name}: shared memory carveout"), e))?;
+        Ok(f)
+    };
+    match (load(2), load(3)) {
+        (Ok(a), Ok(b)) => Ok([a, b]),
+        (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+    }
+}
+
+/// The load-time self-test: every fast kernel against `gemm_naive` on the device, on a shape
+/// with partial tiles in M, N and K, with and without split-K, all three epilogues, poisoned
+/// outputs with guard elements. A variant with any wrong result is disabled.
+mod selftest {
+    use super::*;
+
+    const M: usize = 133;
+    const N: usize = 8 * 49;
+    const K: usize = 8 * 97;
+    /// Rows used for the skinny kernel (a prefix of the same A).
+    const M_SKINNY: usize = 37;
+    /// fp32 outputs: tensor-core truncation at K = 776 is ~1e-5; real faults give ≥ 1e-2.
+    const TOL_F32_SELFTEST: f64 = 1e-4;
+
+    /// The variants that failed, each with the first failure.
+    pub(super) fn run(gemm: &Gemm, dev: &CudaDevice) -> Result<Vec<(GemmVariant, String)>> {
+        let a = upload(dev, &random_bf16(0x5E1F, M * K))?;
+        let w = upload(dev, &random_bf16(0x5E20, N * K))?;
+        let mut r = dev
+            .stream
+            .alloc_zeros::<f32>(M * N)
+            .map_err(|e| cuda_err("gemm self-test: alloc", e))?;
+        let (av, wv) = (a.as_view(), w.as_view());
+        gemm.launch(
+            dev,
+            Job::Naive,
+            &av,
+            &wv,
+            GemmOut::F32(r.as_view_mut()),
+            M,
+            N,
+            K,
+        )?;
+        let want = download(dev, &r)?;
+        if want.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Backend(
+                "gemm self-test: the naive reference kernel produced non-finite values".into(),
+            ));
+        }
+        let c0 = check::from_bf16_bits(&random_bf16(0x5E21, M * N));
+        let sms = gemm.num_sms;
+        let mut jobs: Vec<(GemmVariant, Job, usize)> = vec![
+            (
+                GemmVariant::Skinny,
+                Job::Skinny(SkinnyPlan::new(M_SKINNY, N, K, sms)),
+                M_SKINNY,
+            ),
+            (
+                GemmVariant::Skinny,
+                Job::Skinny(SkinnyPlan::with_chunks_per_split(M_SKINNY, N, K, 4)),
+                M_SKINNY,
+            ),
+            (GemmVariant::Wide, Job::Wide(WidePlan::new(M, N, K, sms)), M),
+            (
+                GemmVariant::Wide,
+                Job::Wide(WidePlan::with_ktiles_per_split(M, N, K, 8)),
+                M,
+            ),
+        ];
+        if gemm.wgmma.is_some() {
+            for wg in [2, 3] {
+                for kps in [K.div_ceil(WGMMA_BK), 4] {
+                    let plan = WgmmaPlan::with_ktiles_per_split(wg, M, N, K, kps);
+                    jobs.push((GemmVariant::Wgmma, Job::Wgmma(plan), M));
+                }
+            }
+        }
+        let mut failed: Vec<(GemmVariant, String)> = Vec::new();
+        for (variant, job, m) in jobs {
+            if failed.iter().any(|(v, _)| *v == variant) {
+                continue;
+            }
+            for epi in Epilogue::ALL {
+                let outcome = match one(gemm, dev, job, epi, m, &a, &w, &want, &c0) {
+                    Ok(None) => continue,
+                    Ok(Some(why)) => why,
+                    Err(e) => format!("error: {e}"),
+                };
+                failed.push((
+                    variant,
+                    format!("self-test {job:?} {} m{m} n{N} k{K}: {outcome}", epi.name()),
+                ));
+                break;
+            }
+        }
+        Ok(failed)
+    }
+
+    /// One launch compared with the reference: `None` when right, else what was wrong.
+    #[allow(clippy::too_many_arguments)]
+    fn one(
+        gemm: &Gemm,
+        dev: &CudaDevice,
+        job: Job,
+        epi: Epilogue,
+        m: usize,
+        a: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        want: &[f32],
+        c0: &[f32],
+    ) -> Result<Option<String>> {
+        let mn = m * N;
+        let av = a.slice(..m * K);
+        let wv = w.as_view();
+        let mut expect = want[..mn].to_vec();
+        let (got, guard_ok) = match epi {
+            Epilogue::StoreBf16 => {
+                let mut buf = upload(dev, &vec![check::POISON_BF16_BITS; mn + GUARD])?;
+                gemm.launch(
+                    dev,
+                    job,
+                    &av,
+                    &wv,
+                    GemmOut::Bf16(buf.as_view_mut()),
+                    m,
+                    N,
+                    K,
+                )?;
+                let host = download(dev, &buf)?;
+                let ok = host[mn..].iter().all(|&b| b == check::POISON_BF16_BITS);
+                (check::from_bf16_bits(&host[..mn]), ok)
+            }
+            Epilogue::StoreF32 | Epilogue::AddF32 => {
+                let poison = f32::from_bits(check::POISON_F32_BITS);
+                let mut init = if epi == Epilogue::AddF32 {
+                    for (e, c) in expect.iter_mut().zip(c0) {
+                        *e += c;
+                    }
+                    c0[..mn].to_vec()
+                } else {
+                    vec![poison; mn]
+                };
+                init.resize(mn + GUARD, poison);
+                let mut buf = upload(dev, &init)?;
+                let out = if epi == Epilogue::AddF32 {
+                    GemmOut::AddF32(buf.as_view_mut())
+                } else {
+                    GemmOut::F32(buf.as_view_mut())
+                };
+                gemm.launch(dev, job, &av, &wv, out, m, N, K)?;
+                let host = download(dev, &buf)?;
+                let ok = host[mn..]
+                    .iter()
+                    .all(|v| v.to_bits() == check::POISON_F32_BITS);
+                (host[..mn].to_vec(), ok)
+            }
+        };
+        if !guard_ok {
+            return Ok(Some("wrote past the end of C".into()));
+        }
+        if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+            return Ok(Some(format!(
+                "C[{}, {}] not written or not finite",
+                i / N,
+                i % N
+            )));
+        }
+        let e = check::rel_l2(&got, &expect);
+        let tol = if epi == Epilogue::StoreBf16 {
+            TOL_BF16
+        } else {
+            TOL_F32_SELFTEST
+        };
+        Ok((e > tol).then(|| format!("rel L2 error {e:.3e} > {tol:.0e}")))
     }
 }
 
@@ -716,6 +1133,7 @@ enum How {
     Variant(GemmVariant),
     SkinnyPlan(SkinnyPlan),
     WidePlan(WidePlan),
+    WgmmaPlan(WgmmaPlan),
 }
 
 fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
@@ -742,6 +1160,7 @@ fn launch_how(
         How::Variant(v) => gemm.run_variant(dev, v, &a, &w, out, case.m, case.n, case.k),
         How::SkinnyPlan(p) => gemm.run_skinny_plan(dev, p, &a, &w, out, case.m, case.n, case.k),
         How::WidePlan(p) => gemm.run_wide_plan(dev, p, &a, &w, out, case.m, case.n, case.k),
+        How::WgmmaPlan(p) => gemm.run_wgmma_plan(dev, p, &a, &w, out, case.m, case.n, case.k),
     }
 }
 
@@ -828,6 +1247,12 @@ fn check_one(
     let splits = match how {
         How::SkinnyPlan(p) => Some(p.splits),
         How::WidePlan(p) => Some(p.splits),
+        How::WgmmaPlan(p) => Some(p.splits),
+        How::Variant(GemmVariant::Wgmma) => {
+            let p = WgmmaPlan::new(m, n, case.k, gemm.num_sms);
+            detail.push_str(&format!(", wg{}", p.wg));
+            Some(p.splits)
+        }
         How::Variant(GemmVariant::Skinny) => {
             Some(SkinnyPlan::new(m, n, case.k, gemm.num_sms).splits)
         }
@@ -848,20 +1273,14 @@ fn check_one(
 }
 
 /// Split-K must be deterministic: two runs give identical bits.
-fn check_deterministic(gemm: &Gemm, dev: &CudaDevice, case: &Case) -> Result<bool> {
+fn check_deterministic(gemm: &Gemm, dev: &CudaDevice, how: How, case: &Case) -> Result<bool> {
     let mut outs = Vec::new();
     for _ in 0..2 {
         let mut buf = dev
             .stream
             .alloc_zeros::<f32>(case.m * case.n)
             .map_err(|e| cuda_err("gemm check: alloc", e))?;
-        launch_how(
-            gemm,
-            dev,
-            How::Variant(GemmVariant::Skinny),
-            case,
-            GemmOut::F32(buf.as_view_mut()),
-        )?;
+        launch_how(gemm, dev, how, case, GemmOut::F32(buf.as_view_mut()))?;
         outs.push(download(dev, &buf)?);
     }
     Ok(outs[0]
@@ -884,11 +1303,27 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         0.0,
         wrong_args,
     ));
+    // The load-time self-test must not have disabled anything on a Hopper GPU.
+    let disabled = gemm.disabled_variants();
+    res.push(CheckResult::exact(
+        "gemm.load_self_test",
+        disabled.is_empty(),
+        if disabled.is_empty() {
+            "every fast variant agrees with naive".to_string()
+        } else {
+            disabled
+                .iter()
+                .map(|(v, why)| format!("{} disabled: {why}", v.name()))
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+    ));
+    let has_wgmma = gemm.wgmma.is_some();
     // (n, k, rows, naive?) groups; naive is skipped only on the 126464-row LM head (slow).
     let groups: &[(usize, usize, &[usize], bool)] = &[
         (8 * 37, 8 * 41, &[1, 3, 17, 33, 64, 65, 200, 384], true),
         (8 * 37, 4096, &[8, 32, 64], true),
-        (12288, 4096, &[32, 384], true),
+        (12288, 4096, &[32, 384, 3072], true),
         (4096, 12288, &[32, 256], true),
         (126_464, 4096, &[32], false),
     ];
@@ -940,11 +1375,29 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             if k.div_ceil(WIDE_BK) > 4 && n * k < 1 << 20 {
                 hows.push(How::WidePlan(WidePlan::with_ktiles_per_split(m, n, k, 4)));
             }
+            if has_wgmma {
+                hows.push(How::Variant(GemmVariant::Wgmma));
+                if n * k < 1 << 20 {
+                    // Both block heights without split-K, and with a forced split.
+                    for wg in [2, 3] {
+                        let kt = k.div_ceil(WGMMA_BK);
+                        hows.push(How::WgmmaPlan(WgmmaPlan::with_ktiles_per_split(
+                            wg, m, n, k, kt,
+                        )));
+                        if kt > 2 {
+                            hows.push(How::WgmmaPlan(WgmmaPlan::with_ktiles_per_split(
+                                wg, m, n, k, 2,
+                            )));
+                        }
+                    }
+                }
+            }
             for how in hows {
                 let label = match how {
                     How::Variant(v) => v.name().to_string(),
                     How::SkinnyPlan(p) => format!("skinny_split{}", p.splits),
                     How::WidePlan(p) => format!("wide_split{}", p.splits),
+                    How::WgmmaPlan(p) => format!("wgmma_wg{}_split{}", p.wg, p.splits),
                 };
                 for epi in Epilogue::ALL {
                     let tol = if epi == Epilogue::StoreBf16 {
@@ -960,15 +1413,17 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     ));
                 }
             }
-            if (n, k, m) == (4096, 12288, 32) {
-                let r = check_deterministic(&gemm, dev, &case);
+            let det = match (n, k, m) {
+                (4096, 12288, 32) => Some(GemmVariant::Skinny),
+                (4096, 12288, 256) if has_wgmma => Some(GemmVariant::Wgmma),
+                _ => None,
+            };
+            if let Some(v) = det {
+                let name = format!("gemm.{}.split_k_deterministic", v.name());
+                let r = check_deterministic(&gemm, dev, How::Variant(v), &case);
                 res.push(match r {
-                    Ok(ok) => CheckResult::exact(
-                        "gemm.skinny.split_k_deterministic",
-                        ok,
-                        "two runs, bitwise",
-                    ),
-                    Err(e) => CheckResult::failed("gemm.skinny.split_k_deterministic", e),
+                    Ok(ok) => CheckResult::exact(name, ok, "two runs, bitwise"),
+                    Err(e) => CheckResult::failed(name, e),
                 });
             }
         }
@@ -1039,8 +1494,11 @@ fn check_bad_args(gemm: &Gemm, dev: &CudaDevice) -> Result<(f64, String)> {
     }
 }
 
-/// Times the default kernel (and `wide` at m = 32 for comparison, `naive` on one small shape)
-/// on the LLaDA-8B shapes at M ∈ {1, 8, 32, 256, 384, 3072}; GB/s counts weight bytes only.
+/// Times the kernel `run` picks (named in each line, marked "default") and, for comparison,
+/// `wide` and `wgmma` at every M ≥ 256, `wide` at m = 32 and `naive` on one small shape, on the
+/// LLaDA-8B shapes at M ∈ {1, 8, 32, 256, 384, 3072}; GB/s counts weight bytes only. One
+/// `gemm.summary` line per shape lists the default kernel's time at every M and the speed-up of
+/// wgmma over wide.
 pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
     let gemm = match Gemm::load(dev) {
         Ok(g) => g,
@@ -1095,12 +1553,23 @@ fn bench_shape(
             max_m * n
         })
         .map_err(|e| cuda_err("gemm bench: alloc C", e))?;
-    let mut runs: Vec<(usize, GemmVariant)> =
-        MS.iter().map(|&m| (m, GemmVariant::for_m(m))).collect();
+    let mut runs: Vec<(usize, GemmVariant)> = Vec::new();
+    for m in MS {
+        let default = gemm.variant_for_m(m);
+        runs.push((m, default));
+        if m > SKINNY_MAX_M {
+            for v in [GemmVariant::Wgmma, GemmVariant::Wide] {
+                if v != default && (v != GemmVariant::Wgmma || gemm.wgmma.is_some()) {
+                    runs.push((m, v));
+                }
+            }
+        }
+    }
     runs.push((32, GemmVariant::Wide));
     if (k, n) == (4096, 12288) {
         runs.push((1, GemmVariant::Naive));
     }
+    let mut times: Vec<(usize, GemmVariant, f64)> = Vec::new();
     for (m, variant) in runs {
         let av = a.slice(..m * k);
         let ms = check::time_median_ms(dev, 3, 15, |i| {
@@ -1112,9 +1581,22 @@ fn bench_shape(
             };
             gemm.run_variant(dev, variant, &av, &wv, out, m, n, k)
         })?;
+        times.push((m, variant, ms));
         let flops = 2.0 * (m * n * k) as f64;
         let mut detail = format!("{} out", epi.name());
-        if variant == GemmVariant::Skinny {
+        if variant == gemm.variant_for_m(m) {
+            detail.insert_str(0, "default, ");
+        }
+        if variant == GemmVariant::Wgmma {
+            let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
+            detail.push_str(&format!(
+                ", wg{} ({}×192 tiles): {} tiles × {} splits",
+                p.wg,
+                p.bm(),
+                p.tiles(),
+                p.splits
+            ));
+        } else if variant == GemmVariant::Skinny {
             let p = SkinnyPlan::new(m, n, k, gemm.num_sms);
             detail.push_str(&format!(", {} tiles × {} splits", p.tiles, p.splits));
         } else if variant == GemmVariant::Wide {
@@ -1134,6 +1616,69 @@ fn bench_shape(
             detail,
         ));
     }
+    // Skinny split-K sweep at m = 1 and 32 (the default plan's choice is a model; this measures
+    // the alternatives) on the two 100 MB shapes.
+    if n * k * 2 < 256 << 20 {
+        for m in [1usize, 32] {
+            let chunks = k.div_ceil(SKINNY_CHUNK);
+            let mut seen = Vec::new();
+            for want in [1usize, 2, 3, 4, 6, 8, 12] {
+                let plan = SkinnyPlan::with_chunks_per_split(
+                    m,
+                    n,
+                    k,
+                    chunks.div_ceil(want).next_multiple_of(SKINNY_UNROLL),
+                );
+                if seen.contains(&plan.splits) {
+                    continue;
+                }
+                seen.push(plan.splits);
+                let av = a.slice(..m * k);
+                let ms = check::time_median_ms(dev, 3, 15, |i| {
+                    let wv = ws[i % copies].as_view();
+                    let out = match epi {
+                        Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
+                        Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
+                        Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),
+                    };
+                    gemm.run_skinny_plan(dev, plan, &av, &wv, out, m, n, k)
+                })?;
+                let default = SkinnyPlan::new(m, n, k, gemm.num_sms) == plan;
+                res.push(BenchResult::new(
+                    format!("gemm.skinny_sweep m{m} n{n} k{k} splits{}", plan.splits),
+                    ms,
+                    Some(w_bytes as f64),
+                    Some(2.0 * (m * n * k) as f64),
+                    format!(
+                        "{}{} blocks = {:.2} × (4 per SM)",
+                        if default { "default, " } else { "" },
+                        plan.tiles * plan.splits,
+                        (plan.tiles * plan.splits) as f64 / (4 * gemm.num_sms) as f64
+                    ),
+                ));
+            }
+        }
+    }
+    // Summary: the default kernel at every M, and wgmma vs wide where both ran.
+    let find = |m: usize, v: GemmVariant| times.iter().find(|t| t.0 == m && t.1 == v).map(|t| t.2);
+    let mut parts = Vec::new();
+    for m in MS {
+        let v = gemm.variant_for_m(m);
+        let Some(ms) = find(m, v) else { continue };
+        let mut part = format!("m{m} {} {ms:.4}", v.name());
+        if let (Some(a), Some(b)) = (find(m, GemmVariant::Wgmma), find(m, GemmVariant::Wide)) {
+            part.push_str(&format!(" (wgmma/wide speed-up {:.2}×)", b / a));
+        }
+        parts.push(part);
+    }
+    let ms384 = find(384, gemm.variant_for_m(384)).unwrap_or(f64::NAN);
+    res.push(BenchResult::new(
+        format!("gemm.summary n{n} k{k} (ms = m384)"),
+        ms384,
+        Some(w_bytes as f64),
+        Some(2.0 * (384 * n * k) as f64),
+        format!("default ms by M: {}", parts.join(" | ")),
+    ));
     Ok(())
 }
 
@@ -1145,8 +1690,8 @@ mod tests {
     fn variant_by_m() {
         assert_eq!(GemmVariant::for_m(1), GemmVariant::Skinny);
         assert_eq!(GemmVariant::for_m(64), GemmVariant::Skinny);
-        assert_eq!(GemmVariant::for_m(65), GemmVariant::Wide);
-        assert_eq!(GemmVariant::for_m(3072), GemmVariant::Wide);
+        assert_eq!(GemmVariant::for_m(65), GemmVariant::Wgmma);
+        assert_eq!(GemmVariant::for_m(3072), GemmVariant::Wgmma);
     }
 
     /// Every K chunk belongs to exactly one split and no split is empty.
@@ -1159,15 +1704,16 @@ mod tests {
 
     #[test]
     fn skinny_plans_for_llada_shapes_on_h100() {
-        // Hand-derived: 132 SMs × 4 blocks = 528 target blocks.
+        // Hand-derived: 132 SMs × 4 blocks = 528 slots; 192 tiles fit twice (384 blocks),
+        // 64 tiles eight times (512 blocks).
         let p = SkinnyPlan::new(32, 12288, 4096, 132);
         assert_eq!(
             p,
             SkinnyPlan {
                 groups: 4,
                 tiles: 192,
-                splits: 3,
-                chunks_per_split: 44
+                splits: 2,
+                chunks_per_split: 64
             }
         );
         let p = SkinnyPlan::new(32, 4096, 12288, 132);
@@ -1176,8 +1722,8 @@ mod tests {
             SkinnyPlan {
                 groups: 4,
                 tiles: 64,
-                splits: 9,
-                chunks_per_split: 44
+                splits: 8,
+                chunks_per_split: 48
             }
         );
         let p = SkinnyPlan::new(32, 126_464, 4096, 132);
@@ -1206,6 +1752,8 @@ mod tests {
                     let p = SkinnyPlan::new(32, n, k, sms);
                     assert_covers(&p, k);
                     assert_eq!(p.chunks_per_split % SKINNY_UNROLL, 0);
+                    // Split grids fit in one wave of 4 blocks per SM.
+                    assert!(p.splits == 1 || p.tiles * p.splits <= 4 * sms, "{p:?}");
                     if p.splits > 1 {
                         assert!(p.chunks_per_split >= SKINNY_MIN_CHUNKS_PER_SPLIT);
                     }
@@ -1255,6 +1803,60 @@ mod tests {
                     (p.splits - 1) * p.ktiles_per_split < kt && p.splits * p.ktiles_per_split >= kt
                 );
                 assert!(p.splits == 1 || p.tiles() * p.splits <= 264);
+            }
+        }
+    }
+
+    #[test]
+    fn wgmma_plans() {
+        // Hand-derived on 132 SMs (one block per SM).
+        let p = |wg, mt, nt, s, kps| WgmmaPlan {
+            wg,
+            m_tiles: mt,
+            n_tiles: nt,
+            splits: s,
+            ktiles_per_split: kps,
+        };
+        // M = 384: 192-row tiles give 2 × 64 = 128 blocks, one wave (128-row: 192 blocks).
+        assert_eq!(WgmmaPlan::new(384, 12288, 4096, 132), p(3, 2, 64, 1, 64));
+        // M = 256: 128-row tiles, 2 × 64 = 128 blocks, no padding rows.
+        assert_eq!(WgmmaPlan::new(256, 12288, 4096, 132), p(2, 2, 64, 1, 64));
+        // M = 3072: 8 waves of 192 rows = 12 waves of 128 rows; the tie goes to 192.
+        assert_eq!(WgmmaPlan::new(3072, 12288, 4096, 132), p(3, 16, 64, 1, 64));
+        // Down projection at M = 256: 2 × 22 tiles × 3 splits of 64 K tiles = 132 blocks.
+        let d = WgmmaPlan::new(256, 4096, 12288, 132);
+        assert_eq!(d, p(2, 2, 22, 3, 64));
+        assert_eq!(d.workspace_floats(), 44 * 3 * 128 * 192);
+        // M = 384, 4096 → 4096: 3 × 22 tiles × 2 splits (cost 128·38·21 < 192·31·20).
+        assert_eq!(WgmmaPlan::new(384, 4096, 4096, 132), p(2, 3, 22, 2, 32));
+        // Short K never splits: K = 328 has 6 K tiles.
+        assert_eq!(WgmmaPlan::new(65, 296, 328, 132).splits, 1);
+        // Forced: 6 K tiles by 4 → 4 + 2; wg is clamped to 2..=3.
+        assert_eq!(
+            WgmmaPlan::with_ktiles_per_split(7, 200, 296, 328, 4),
+            p(3, 2, 2, 2, 4)
+        );
+        assert_eq!(wgmma_smem_bytes(2), 5 * 320 * 128 + 1024);
+        assert_eq!(wgmma_smem_bytes(3), 4 * 384 * 128 + 1024);
+        for k in [8, 328, 4096, 12288] {
+            for (m, n) in [
+                (1, 8),
+                (65, 296),
+                (256, 4096),
+                (384, 12288),
+                (3072, 126_464),
+            ] {
+                for sms in [1, 78, 132] {
+                    let p = WgmmaPlan::new(m, n, k, sms);
+                    let kt = k.div_ceil(64);
+                    assert!(
+                        (p.splits - 1) * p.ktiles_per_split < kt
+                            && p.splits * p.ktiles_per_split >= kt,
+                        "{p:?}"
+                    );
+                    assert!(p.splits == 1 || p.tiles() * p.splits <= sms, "{p:?}");
+                    assert!(p.m_tiles * p.bm() >= m && p.n_tiles * 192 >= n);
+                }
             }
         }
     }

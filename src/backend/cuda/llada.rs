@@ -11,36 +11,54 @@
 //!
 //! K/V cache: per layer `[batch, seq_cap, kv_dim]` bf16. A full forward with `store_cache`
 //! writes every position's K (after RoPE) and V; a block forward over `[start, start + len)`
-//! writes its fresh K/V at those positions and attends to the whole cached sequence.
+//! writes its fresh K/V at those positions and attends to the whole cached sequence. RoPE and
+//! the cache write are one fused kernel (`rope_qkv`).
 //!
-//! Not done yet: the steady-state block step is not captured in a CUDA graph (the context's
-//! default stream is the legacy stream, which cannot be captured; capturing needs a dedicated
-//! stream with cudarc's event tracking turned off).
+//! CUDA graphs: the steady-state dual-cache block step ([`LladaCuda::step`] with `use_cache`:
+//! every layer over the block rows, `ln_f` + LM head on them, sampling and commit) is captured
+//! once per (batch, canvas length, block start, block length, k) and replayed afterwards, when
+//! the prediction rule does not depend on the step index (temperature 0, low-confidence
+//! remasking: the greedy default). A graph bakes in buffer addresses, so each (batch, canvas
+//! length, block length) shape owns its own GEMM and sampler instances (their split-K / partial
+//! scratch is sized by one eager warm-up step of that shape and never grows afterwards), the
+//! graphs live in the step buffers' [`State`] and die with them, and the query rows are uploaded
+//! before the replay. `DLLM_CUDA_GRAPH=0` (or [`LladaCuda::set_graphs`]) runs every step eagerly.
 //!
 //! Setting `DLLM_CUDA_SAFE=1` runs the reference (naive) GEMM and attention kernels instead of
 //! the fast ones, so a wrong fast kernel can be told apart from a wrong model.
 
 use super::attention::{Attention, AttnShape, AttnVariant};
-use super::elementwise::{CopyRows, Elementwise, IdLayout, RopeShape};
+use super::elementwise::{Elementwise, IdLayout, KvDst, RopeQkvShape};
 use super::gemm::{Gemm, GemmOut, GemmVariant};
 use super::sampling::{commit_record_len, parse_commit_record, CommitRule, Sampler};
 use super::{cuda_err, CudaDevice};
 use crate::backend::cpu::rope_inv_freq;
 use crate::config::ModelConfig;
-use crate::denoise::predict::{PredictRule, Prediction};
+use crate::denoise::predict::{PredictRule, Prediction, Remasking};
 use crate::error::{Error, Result};
 use crate::model::llada::layout;
 use crate::model::Model;
 use crate::weights::{DType, TensorView, WeightStore};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Query rows per LM-head chunk (bounds the fp32 logits buffer: rows × embedding_size × 4 B).
 pub const HEAD_CHUNK_ROWS: usize = 256;
 /// Elements converted per host-side staging chunk during weight upload.
 const UPLOAD_CHUNK: usize = 1 << 24;
+
+/// Most graphs kept per shape (block starts × k values); beyond it the set is cleared.
+const MAX_GRAPHS_PER_SHAPE: usize = 64;
+
+/// Whether CUDA graphs are enabled by the environment (`DLLM_CUDA_GRAPH=0` disables them).
+pub fn graphs_from_env() -> bool {
+    std::env::var("DLLM_CUDA_GRAPH").map_or(true, |v| v.trim() != "0")
+}
 
 /// Which kernels the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +78,51 @@ impl KernelChoice {
             naive_attention: safe,
         }
     }
+}
+
+/// The kernel families that keep per-instance device scratch (split-K workspace, sampling
+/// partials). A captured graph bakes in their scratch addresses, so graphs use their own
+/// instance per shape (see [`GraphSet`]) and the eager path uses the model's.
+struct Kit {
+    gemm: Gemm,
+    sampler: Sampler,
+}
+
+impl Kit {
+    fn load(dev: &CudaDevice) -> Result<Kit> {
+        Ok(Kit {
+            gemm: Gemm::load(dev)?,
+            sampler: Sampler::load(dev)?,
+        })
+    }
+}
+
+/// Graph-cache key of a block step within one shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct StepKey {
+    start: usize,
+    k: usize,
+    mask_token: u32,
+    vocab_size: usize,
+}
+
+/// Shape of a block step: (batch, canvas length, block length).
+type ShapeKey = (usize, usize, usize);
+
+/// A captured, instantiated block step.
+struct StepGraph(CudaGraph);
+
+// SAFETY: CUDA graph objects are not internally synchronised and must not be used from two
+// threads at once. A `StepGraph` lives only inside the model's `Mutex<Option<State>>`: it is
+// created, launched and dropped with that lock held, so every access is serialised.
+unsafe impl Send for StepGraph {}
+
+/// Captured block steps of one shape, with the kernel instances they were captured with.
+struct GraphSet {
+    kit: Kit,
+    /// Whether `kit` has run this shape eagerly once (its scratch is sized for it).
+    warmed: bool,
+    graphs: HashMap<StepKey, StepGraph>,
 }
 
 struct LayerWeights {
@@ -114,6 +177,8 @@ struct State {
     tokens: CudaSlice<i32>,
     conf: CudaSlice<f64>,
     record: CudaSlice<i32>,
+    /// Captured block steps (they point into the buffers above and are dropped with them).
+    graph_sets: HashMap<ShapeKey, GraphSet>,
 }
 
 /// LLaDA with every weight resident on one CUDA device.
@@ -122,10 +187,14 @@ pub struct LladaCuda {
     cfg: ModelConfig,
     kernels: KernelChoice,
     ew: Elementwise,
-    gemm: Gemm,
+    /// Kernel instances of the eager path.
+    kit: Kit,
     attn: Attention,
-    sampler: Sampler,
     w: Weights,
+    /// Capture and replay the steady-state block step (see the module docs).
+    graphs: AtomicBool,
+    /// Why a capture failed (graphs are off from then on).
+    graph_error: Mutex<Option<String>>,
     inv_freq: CudaSlice<f32>,
     state: Mutex<Option<State>>,
 }
@@ -262,9 +331,10 @@ impl LladaCuda {
             .map_err(|e| cuda_err("upload rope frequencies", e))?;
         Ok(LladaCuda {
             ew: Elementwise::new(&dev)?,
-            gemm: Gemm::load(&dev)?,
+            kit: Kit::load(&dev)?,
             attn: Attention::load(&dev)?,
-            sampler: Sampler::load(&dev)?,
+            graphs: AtomicBool::new(graphs_from_env()),
+            graph_error: Mutex::new(None),
             dev,
             cfg: cfg.clone(),
             kernels,
@@ -288,6 +358,29 @@ impl LladaCuda {
     /// Which kernels run.
     pub fn kernels(&self) -> KernelChoice {
         self.kernels
+    }
+
+    /// Enables or disables CUDA graphs for later steps (the default comes from
+    /// `DLLM_CUDA_GRAPH`); disabling also drops the graphs captured so far.
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, Ordering::Relaxed);
+        if !on {
+            if let Some(st) = self.lock().as_mut() {
+                st.graph_sets.clear();
+            }
+        }
+    }
+
+    /// Whether steps may run as CUDA graphs.
+    pub fn graphs_enabled(&self) -> bool {
+        self.graphs.load(Ordering::Relaxed)
+    }
+
+    /// Number of block-step graphs captured so far (all shapes).
+    pub fn graph_count(&self) -> usize {
+        self.lock()
+            .as_ref()
+            .map_or(0, |st| st.graph_sets.values().map(|g| g.graphs.len()).sum())
     }
 
     fn kv_dim(&self) -> usize {
@@ -340,6 +433,7 @@ impl LladaCuda {
             tokens: alloc(dev, qcap, "tokens")?,
             conf: alloc(dev, qcap, "confidences")?,
             record: alloc(dev, commit_record_len(batch_cap, seq_cap), "commit record")?,
+            graph_sets: HashMap::new(),
         })
     }
 
@@ -432,8 +526,10 @@ impl LladaCuda {
         Ok(v.into_iter().map(|x| x as u32).collect())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
+        kit: &Kit,
         a: &CudaView<u16>,
         w: &CudaView<u16>,
         out: GemmOut<'_>,
@@ -442,10 +538,10 @@ impl LladaCuda {
         k: usize,
     ) -> Result<()> {
         if self.kernels.naive_gemm {
-            self.gemm
+            kit.gemm
                 .run_variant(&self.dev, GemmVariant::Naive, a, w, out, m, n, k)
         } else {
-            self.gemm.run(&self.dev, a, w, out, m, n, k)
+            kit.gemm.run(&self.dev, a, w, out, m, n, k)
         }
     }
 
@@ -470,6 +566,7 @@ impl LladaCuda {
     /// block forward writes its K/V into the cache and attends to the whole cached sequence.
     fn layers(
         &self,
+        kit: &Kit,
         st: &mut State,
         start: usize,
         len: usize,
@@ -500,28 +597,18 @@ impl LladaCuda {
             cfg.embedding_size,
             layout,
         )?;
-        let rope = RopeShape {
+        let rope = RopeQkvShape {
             rows,
             row_stride: qkv_dim,
             q_heads: cfg.n_heads,
-            k_heads: cfg.n_kv_heads,
+            kv_heads: cfg.n_kv_heads,
             k_col: d,
+            v_col: d + kv,
             head_dim: hd,
             pos_period: len,
             pos_offset: start,
         };
-        let copy = |col: usize| CopyRows {
-            rows,
-            width: kv,
-            src_stride: qkv_dim,
-            src_col: col,
-            dst_stride: kv,
-            dst_col: 0,
-            rows_per_seq: len,
-            dst_seq_rows: st.seq_cap,
-            dst_row_offset: start,
-        };
-        let (copy_k, copy_v) = (copy(d), copy(d + kv));
+        let seq_cap = st.seq_cap;
         for (li, lw) in self.w.layers.iter().enumerate() {
             self.ew.rmsnorm_bf16(
                 &st.x.slice(0..rows * d),
@@ -532,6 +619,7 @@ impl LladaCuda {
                 eps,
             )?;
             self.gemm(
+                kit,
                 &st.xn.slice(0..rows * d),
                 &lw.qkv.as_view(),
                 GemmOut::Bf16(st.qkv.slice_mut(0..rows * qkv_dim)),
@@ -539,21 +627,21 @@ impl LladaCuda {
                 qkv_dim,
                 d,
             )?;
-            self.ew.rope(
-                &mut st.qkv.slice_mut(0..rows * qkv_dim),
-                &self.inv_freq.as_view(),
-                rope,
-            )?;
-            if !full || store_cache {
-                self.ew.copy_rows_bf16(
-                    &st.qkv.slice(0..rows * qkv_dim),
-                    &mut st.k_cache[li].as_view_mut(),
-                    copy_k,
-                )?;
-                self.ew.copy_rows_bf16(
-                    &st.qkv.slice(0..rows * qkv_dim),
-                    &mut st.v_cache[li].as_view_mut(),
-                    copy_v,
+            {
+                // RoPE on q and k in place, and (block forward, or a full forward that stores
+                // the cache) the rotated K and the V rows written into the cache.
+                let mut kc = st.k_cache[li].as_view_mut();
+                let mut vc = st.v_cache[li].as_view_mut();
+                let dst = (!full || store_cache).then_some(KvDst {
+                    k: &mut kc,
+                    v: &mut vc,
+                    seq_rows: seq_cap,
+                });
+                self.ew.rope_qkv(
+                    &mut st.qkv.slice_mut(0..rows * qkv_dim),
+                    &self.inv_freq.as_view(),
+                    rope,
+                    dst,
                 )?;
             }
             {
@@ -598,6 +686,7 @@ impl LladaCuda {
                 }
             }
             self.gemm(
+                kit,
                 &st.attn.slice(0..rows * d),
                 &lw.attn_out.as_view(),
                 GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
@@ -614,6 +703,7 @@ impl LladaCuda {
                 eps,
             )?;
             self.gemm(
+                kit,
                 &st.xn.slice(0..rows * d),
                 &lw.gate_up.as_view(),
                 GemmOut::Bf16(st.gu.slice_mut(0..rows * 2 * h)),
@@ -628,6 +718,7 @@ impl LladaCuda {
                 h,
             )?;
             self.gemm(
+                kit,
                 &st.act.slice(0..rows * h),
                 &lw.ff_out.as_view(),
                 GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
@@ -648,7 +739,7 @@ impl LladaCuda {
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
         let seq = st.seq;
-        self.layers(st, 0, seq, true, store_cache)?;
+        self.layers(&self.kit, st, 0, seq, true, store_cache)?;
         st.cache_valid = store_cache || st.cache_valid;
         Ok(())
     }
@@ -660,6 +751,11 @@ impl LladaCuda {
         let st = g
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        Self::check_block(st, start, len)?;
+        self.layers(&self.kit, st, start, len, false, true)
+    }
+
+    fn check_block(st: &State, start: usize, len: usize) -> Result<()> {
         if !st.cache_valid {
             return Err(Error::State(
                 "forward_block needs a cache: run forward_full(store_cache = true) first".into(),
@@ -672,7 +768,7 @@ impl LladaCuda {
                 st.seq
             )));
         }
-        self.layers(st, start, len, false, true)
+        Ok(())
     }
 
     /// Uploads the query rows (indices into the last forward's rows) and their positions when
@@ -728,6 +824,7 @@ impl LladaCuda {
     /// consumes `st.logits[..rows·width]` after each chunk.
     fn head(
         &self,
+        kit: &Kit,
         st: &mut State,
         mut each: impl FnMut(&mut State, usize, usize) -> Result<()>,
     ) -> Result<()> {
@@ -755,6 +852,7 @@ impl LladaCuda {
                 self.cfg.rms_norm_eps,
             )?;
             self.gemm(
+                kit,
                 &st.hqn.slice(0..rows * d),
                 &head_w.as_view(),
                 GemmOut::F32(st.logits.slice_mut(0..rows * width)),
@@ -783,7 +881,7 @@ impl LladaCuda {
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
         let (idx, pos) = Self::span_queries(st, &span, fwd_start)?;
         self.set_queries(st, idx, pos)?;
-        self.predict_queries(st, rule)
+        self.predict_queries(&self.kit, st, rule)
     }
 
     /// Downloads the fp32 logits of positions `span` of every canvas from the last forward
@@ -798,7 +896,7 @@ impl LladaCuda {
         let width = self.cfg.logits_width();
         let mut out = vec![0f32; st.q_host.0.len() * width];
         let stream = self.dev.stream.clone();
-        self.head(st, |st, c0, rows| {
+        self.head(&self.kit, st, |st, c0, rows| {
             stream
                 .memcpy_dtoh(
                     &st.logits.slice(0..rows * width),
@@ -810,10 +908,10 @@ impl LladaCuda {
         Ok(out)
     }
 
-    fn predict_queries(&self, st: &mut State, rule: &PredictRule) -> Result<()> {
+    fn predict_queries(&self, kit: &Kit, st: &mut State, rule: &PredictRule) -> Result<()> {
         let width = self.cfg.logits_width();
-        let sampler = &self.sampler;
-        self.head(st, |st, c0, rows| {
+        let sampler = &kit.sampler;
+        self.head(kit, st, |st, c0, rows| {
             sampler.predict(
                 &st.logits.slice(0..rows * width),
                 rows,
@@ -834,6 +932,10 @@ impl LladaCuda {
         let st = g
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        self.commit_locked(&self.kit, st, k)
+    }
+
+    fn commit_locked(&self, kit: &Kit, st: &mut State, k: usize) -> Result<()> {
         let n = st.q_host.0.len();
         if n == 0 || st.batch == 0 || n % st.batch != 0 {
             return Err(Error::State(
@@ -842,7 +944,7 @@ impl LladaCuda {
         }
         let per = n / st.batch;
         let (batch, seq) = (st.batch, st.seq);
-        self.sampler.commit(
+        kit.sampler.commit(
             &mut st.canvas.slice_mut(0..batch * seq),
             seq,
             batch,
@@ -874,7 +976,8 @@ impl LladaCuda {
 
     /// One denoising step over block `span` of every canvas: a full forward (refreshing the
     /// cache when `store_cache`) or, with `use_cache`, a block forward over `span` only; then
-    /// predict and commit `k` tokens per canvas. Asynchronous.
+    /// predict and commit `k` tokens per canvas. Asynchronous. A block step runs as a CUDA graph
+    /// when graphs are enabled and `rule` does not depend on the step index (module docs).
     pub fn step(
         &self,
         span: Range<usize>,
@@ -884,6 +987,9 @@ impl LladaCuda {
         k: usize,
     ) -> Result<()> {
         if use_cache {
+            if self.graphs_enabled() && rule_is_step_free(rule) {
+                return self.block_step_graphed(span, rule, k);
+            }
             self.forward_block(span.start, span.len())?;
             self.predict_span(span.clone(), span.start, rule)?;
         } else {
@@ -892,6 +998,153 @@ impl LladaCuda {
         }
         self.commit(k)
     }
+
+    /// Everything of a block step after the query rows are uploaded: layers, head, sampling,
+    /// commit, all launched with `kit` (no host synchronisation, no allocation once warm).
+    fn block_step_launches(
+        &self,
+        kit: &Kit,
+        st: &mut State,
+        span: &Range<usize>,
+        rule: &PredictRule,
+        k: usize,
+    ) -> Result<()> {
+        self.layers(kit, st, span.start, span.len(), false, true)?;
+        self.predict_queries(kit, st, rule)?;
+        self.commit_locked(kit, st, k)
+    }
+
+    /// The block step through the graph cache: the first step of a shape runs eagerly with the
+    /// shape's own kernel instances (sizing their scratch), the first step of each block start
+    /// and `k` is captured and launched, later ones are replayed.
+    fn block_step_graphed(&self, span: Range<usize>, rule: &PredictRule, k: usize) -> Result<()> {
+        let mut g = self.lock();
+        let st = g
+            .as_mut()
+            .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        let (start, len) = (span.start, span.len());
+        Self::check_block(st, start, len)?;
+        // The query rows are device data the graph reads: upload them before the replay.
+        st.fwd_len = len;
+        let (idx, pos) = Self::span_queries(st, &span, start)?;
+        self.set_queries(st, idx, pos)?;
+        let shape: ShapeKey = (st.batch, st.seq, len);
+        let key = StepKey {
+            start,
+            k,
+            mask_token: rule.mask_token,
+            vocab_size: rule.vocab_size,
+        };
+        let loaded = match st.graph_sets.remove(&shape) {
+            Some(set) => Ok(set),
+            None => Kit::load(&self.dev).map(|kit| GraphSet {
+                kit,
+                warmed: false,
+                graphs: HashMap::new(),
+            }),
+        };
+        let mut set = match loaded {
+            Ok(set) => set,
+            Err(e) => {
+                self.graphs_failed(st, format!("loading the graph kernels: {e}"));
+                return self.block_step_launches(&self.kit, st, &span, rule, k);
+            }
+        };
+        match self.run_graph_set(&mut set, st, &span, rule, k, key) {
+            Ok(()) => {
+                st.graph_sets.insert(shape, set);
+                Ok(())
+            }
+            Err(GraphFail::Step(e)) => {
+                st.graph_sets.insert(shape, set);
+                Err(e)
+            }
+            Err(GraphFail::Capture(e)) => {
+                // Nothing of this step ran (a capture only records): turn graphs off for this
+                // model, remember why, and run the step eagerly with the model's own kernels.
+                drop(set);
+                self.graphs_failed(st, e.to_string());
+                self.block_step_launches(&self.kit, st, &span, rule, k)
+            }
+        }
+    }
+
+    /// Turns graphs off for this model after a failure that left nothing half-run.
+    fn graphs_failed(&self, st: &mut State, why: String) {
+        st.graph_sets.clear();
+        self.graphs.store(false, Ordering::Relaxed);
+        *self.graph_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_graph_set(
+        &self,
+        set: &mut GraphSet,
+        st: &mut State,
+        span: &Range<usize>,
+        rule: &PredictRule,
+        k: usize,
+        key: StepKey,
+    ) -> std::result::Result<(), GraphFail> {
+        if !set.warmed {
+            self.block_step_launches(&set.kit, st, span, rule, k)
+                .map_err(GraphFail::Step)?;
+            set.warmed = true;
+            return Ok(());
+        }
+        if let Some(graph) = set.graphs.get(&key) {
+            return graph
+                .0
+                .launch()
+                .map_err(|e| GraphFail::Step(cuda_err("launch block-step graph", e)));
+        }
+        if set.graphs.len() >= MAX_GRAPHS_PER_SHAPE {
+            set.graphs.clear();
+        }
+        let stream = &self.dev.stream;
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| GraphFail::Capture(cuda_err("begin block-step capture", e)))?;
+        let launched = self.block_step_launches(&set.kit, st, span, rule, k);
+        // Always end the capture, also when a launch failed, so the stream is usable again.
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        launched
+            .map_err(|e| GraphFail::Capture(Error::Backend(format!("captured block step: {e}"))))?;
+        let graph = ended
+            .map_err(|e| GraphFail::Capture(cuda_err("end block-step capture", e)))?
+            .ok_or_else(|| {
+                GraphFail::Capture(Error::Backend(
+                    "CUDA block-step capture produced no graph".into(),
+                ))
+            })?;
+        graph
+            .launch()
+            .map_err(|e| GraphFail::Step(cuda_err("launch block-step graph", e)))?;
+        set.graphs.insert(key, StepGraph(graph));
+        Ok(())
+    }
+
+    /// Why graphs were turned off by a failed capture, if one failed.
+    pub fn graph_error(&self) -> Option<String> {
+        self.graph_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// How a graphed block step failed.
+enum GraphFail {
+    /// Capturing or instantiating failed; nothing of the step ran, so it can run eagerly.
+    Capture(Error),
+    /// The step itself failed (eager warm-up or replay).
+    Step(Error),
+}
+
+/// Whether `rule` gives the same predictions at every step index (no random draws), so a
+/// captured step can be replayed at any step.
+fn rule_is_step_free(rule: &PredictRule) -> bool {
+    rule.temperature == 0.0 && rule.remasking == Remasking::LowConfidence
 }
 
 impl Model for LladaCuda {
@@ -908,13 +1161,13 @@ impl Model for LladaCuda {
         self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
         let st = g.as_mut().expect("set above");
         let n = ids.len();
-        self.layers(st, 0, n, true, false)?;
+        self.layers(&self.kit, st, 0, n, true, false)?;
         let idx: Vec<i32> = (0..n).map(|i| i32_of("row", i)).collect::<Result<_>>()?;
         self.set_queries(st, idx.clone(), idx)?;
         let width = self.cfg.logits_width();
         let mut out = vec![0f32; n * width];
         let stream = self.dev.stream.clone();
-        self.head(st, |st, c0, rows| {
+        self.head(&self.kit, st, |st, c0, rows| {
             stream
                 .memcpy_dtoh(
                     &st.logits.slice(0..rows * width),
@@ -944,13 +1197,13 @@ impl Model for LladaCuda {
         if queries.is_empty() {
             return Ok(Vec::new());
         }
-        self.layers(st, 0, ids.len(), true, false)?;
+        self.layers(&self.kit, st, 0, ids.len(), true, false)?;
         let idx: Vec<i32> = queries
             .iter()
             .map(|&q| i32_of("query", q))
             .collect::<Result<_>>()?;
         self.set_queries(st, idx.clone(), idx)?;
-        self.predict_queries(st, rule)?;
+        self.predict_queries(&self.kit, st, rule)?;
         let n = queries.len();
         let tokens = self
             .dev
@@ -974,5 +1227,58 @@ impl Model for LladaCuda {
                     .map_err(|_| Error::Backend(format!("sampling kernel returned token {t}")))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(temperature: f64, remasking: Remasking, step: u64) -> PredictRule {
+        PredictRule {
+            temperature,
+            remasking,
+            seed: 3,
+            step,
+            mask_token: 7,
+            vocab_size: 50,
+        }
+    }
+
+    #[test]
+    fn only_greedy_low_confidence_steps_are_replayable() {
+        assert!(rule_is_step_free(&rule(0.0, Remasking::LowConfidence, 0)));
+        assert!(rule_is_step_free(&rule(0.0, Remasking::LowConfidence, 9)));
+        assert!(!rule_is_step_free(&rule(0.7, Remasking::LowConfidence, 0)));
+        assert!(!rule_is_step_free(&rule(0.0, Remasking::Random, 0)));
+    }
+
+    #[test]
+    fn step_free_rules_give_the_same_predictions_at_every_step() {
+        // The property the graph cache relies on, checked against the CPU prediction rule.
+        let row: Vec<f32> = (0..50)
+            .map(|j| ((j * 37 % 11) as f32) * 0.3 - 1.0)
+            .collect();
+        for pos in [0usize, 5, 130] {
+            let a = crate::denoise::predict::predict_row(
+                &row,
+                pos,
+                &rule(0.0, Remasking::LowConfidence, 0),
+            );
+            let b = crate::denoise::predict::predict_row(
+                &row,
+                pos,
+                &rule(0.0, Remasking::LowConfidence, 41),
+            );
+            assert_eq!(a, b);
+            let c =
+                crate::denoise::predict::predict_row(&row, pos, &rule(0.0, Remasking::Random, 0));
+            let d =
+                crate::denoise::predict::predict_row(&row, pos, &rule(0.0, Remasking::Random, 41));
+            assert_ne!(
+                c.confidence, d.confidence,
+                "random confidence is keyed by the step"
+            );
+        }
     }
 }

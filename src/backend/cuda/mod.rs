@@ -49,7 +49,8 @@ pub fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Backend(format!("CUDA {what}: {e:?}"))
 }
 
-/// A CUDA device: context, one stream, and the kernel modules loaded so far.
+/// A CUDA device: context, one non-blocking stream (capturable into CUDA graphs), and the kernel
+/// modules loaded so far.
 pub struct CudaDevice {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -66,7 +67,15 @@ impl CudaDevice {
             return Err(Error::Backend(why));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err(&format!("open device {ordinal}"), e))?;
-        let stream = ctx.default_stream();
+        // A dedicated non-blocking stream: the legacy default stream cannot be captured into a
+        // CUDA graph. All of dllm's device work is ordered on this one stream, so cudarc's
+        // cross-stream event tracking (an event record per buffer use, and waits that are illegal
+        // inside a capture) is turned off before anything is allocated.
+        // SAFETY: no CudaSlice exists yet in this context; every later use goes through `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_err(&format!("create a stream on device {ordinal}"), e))?;
         let capability = ctx
             .compute_capability()
             .map_err(|e| cuda_err("query compute capability", e))?;

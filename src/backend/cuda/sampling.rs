@@ -215,7 +215,7 @@ impl Sampler {
         let (splits, chunk) = split_plan(rows, width);
         let bytes = rows * splits * PARTIAL_BYTES;
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().map_or(true, |s| s.len() < bytes) {
+        if guard.as_ref().is_none_or(|s| s.len() < bytes) {
             *guard = Some(
                 self.stream
                     .alloc_zeros::<u8>(bytes)

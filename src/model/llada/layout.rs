@@ -5,6 +5,7 @@
 //! applied to it), `up_proj` the value branch, `ff_out` the down projection.
 
 use crate::config::ModelConfig;
+use crate::model::transformer::{BlockTensors, TensorTable};
 use crate::weights::TensorSpec;
 
 /// Token embedding, `[embedding_size, d_model]`.
@@ -14,14 +15,8 @@ pub const LN_F: &str = "model.transformer.ln_f.weight";
 /// LM head, `[embedding_size, d_model]` (absent when `weight_tying`).
 pub const LM_HEAD: &str = "model.transformer.ff_out.weight";
 
-/// How a tensor is used, which decides how `dllm synth` initialises it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Embedding,
-    Linear,
-    Bias,
-    Norm,
-}
+/// How a tensor is used (shared by every architecture; kept here under its old path).
+pub use crate::model::transformer::Role;
 
 /// The tensor names of block `i`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,44 +57,43 @@ pub fn block_names(i: usize) -> BlockNames {
     }
 }
 
+/// The LLaDA tensor table for `cfg`, as the shared transformer reads it.
+pub fn table(cfg: &ModelConfig) -> TensorTable {
+    TensorTable {
+        embedding: WTE.to_string(),
+        final_norm: LN_F.to_string(),
+        lm_head: (!cfg.weight_tying).then(|| LM_HEAD.to_string()),
+        blocks: (0..cfg.n_layers)
+            .map(|i| {
+                let n = block_names(i);
+                BlockTensors {
+                    q: n.q_proj,
+                    k: n.k_proj,
+                    v: n.v_proj,
+                    o: n.attn_out,
+                    gate: n.ff_proj,
+                    up: n.up_proj,
+                    down: n.ff_out,
+                    attn_norm: n.attn_norm,
+                    mlp_norm: n.ff_norm,
+                    qkv_bias: cfg
+                        .include_qkv_bias
+                        .then_some((n.q_bias, n.k_bias, n.v_bias)),
+                }
+            })
+            .collect(),
+    }
+}
+
 /// Every tensor of a LLaDA checkpoint with `cfg`, with its role: embedding, blocks in order,
 /// final norm, LM head.
 pub fn llada_tensor_roles(cfg: &ModelConfig) -> Vec<(TensorSpec, Role)> {
-    let d = cfg.d_model;
-    let kv = cfg.n_kv_heads * cfg.head_dim();
-    let h = cfg.mlp_hidden;
-    let e = cfg.embedding_size;
-    let mut out = vec![(TensorSpec::new(WTE, vec![e, d]), Role::Embedding)];
-    for i in 0..cfg.n_layers {
-        let b = block_names(i);
-        out.push((TensorSpec::new(b.q_proj, vec![d, d]), Role::Linear));
-        out.push((TensorSpec::new(b.k_proj, vec![kv, d]), Role::Linear));
-        out.push((TensorSpec::new(b.v_proj, vec![kv, d]), Role::Linear));
-        if cfg.include_qkv_bias {
-            out.push((TensorSpec::new(b.q_bias, vec![d]), Role::Bias));
-            out.push((TensorSpec::new(b.k_bias, vec![kv]), Role::Bias));
-            out.push((TensorSpec::new(b.v_bias, vec![kv]), Role::Bias));
-        }
-        out.push((TensorSpec::new(b.attn_out, vec![d, d]), Role::Linear));
-        out.push((TensorSpec::new(b.ff_proj, vec![h, d]), Role::Linear));
-        out.push((TensorSpec::new(b.up_proj, vec![h, d]), Role::Linear));
-        out.push((TensorSpec::new(b.ff_out, vec![d, h]), Role::Linear));
-        out.push((TensorSpec::new(b.attn_norm, vec![d]), Role::Norm));
-        out.push((TensorSpec::new(b.ff_norm, vec![d]), Role::Norm));
-    }
-    out.push((TensorSpec::new(LN_F, vec![d]), Role::Norm));
-    if !cfg.weight_tying {
-        out.push((TensorSpec::new(LM_HEAD, vec![e, d]), Role::Linear));
-    }
-    out
+    table(cfg).roles(cfg)
 }
 
 /// Every tensor a LLaDA checkpoint with `cfg` must hold.
 pub fn llada_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
-    llada_tensor_roles(cfg)
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect()
+    table(cfg).specs(cfg)
 }
 
 #[cfg(test)]

@@ -1,0 +1,11 @@
+//! Dream: the diffusion language model of "Dream 7B" (Ye et al., 2025), initialised from
+//! Qwen2.5-7B.
+//!
+//! `layout` names every tensor of the checkpoint; `cpu` is the forward pass on the CPU backend
+//! (the shared [`crate::model::transformer`] with q/k/v biases and shifted logits). The CUDA
+//! backend does not run Dream yet.
+
+pub mod cpu;
+pub mod layout;
+
+pub use cpu::Dream;

@@ -1,0 +1,469 @@
+//! The pre-norm SwiGLU transformer shared by LLaDA and Dream: a per-architecture table of tensor
+//! names ([`TensorTable`]) and the CPU forward pass over it ([`CpuTransformer`]).
+//!
+//! Both architectures run the same math under different names:
+//! ```text
+//! x  = embed[ids]
+//! per block:  n = attn_norm(x);  q, k, v = q(n) + q_bias, k(n) + k_bias, v(n) + v_bias   (biases optional)
+//!             x = x + o(SDPA(rope(q), rope(k), v, non-causal, grouped-query heads))
+//!             m = mlp_norm(x);   x = x + down(silu(gate(m)) * up(m))
+//! raw logits = lm_head(final_norm(x))      (lm_head = embed when tied)
+//! ```
+//! Weights stay in the memory mapping (bf16/f16/f32); every op computes in fp32
+//! (`backend::cpu`). Norm weights and biases are converted to fp32 once at load.
+//!
+//! Architectures with [`ModelConfig::shifted_logits`] (Dream) predict position `i` from the
+//! output at `i − 1`: [`CpuTransformer::forward`] returns `cat(raw[:1], raw[:-1])` so that row
+//! `i` predicts position `i` for every architecture, and [`CpuTransformer::predict`] runs the LM
+//! head on hidden row `max(i − 1, 0)` for query `i`. [`CpuTransformer::raw_forward`] gives the
+//! unshifted rows (what the reference PyTorch `model(ids).logits` returns).
+
+use crate::backend::cpu;
+use crate::config::ModelConfig;
+use crate::denoise::predict::{predict_rows, PredictRule, Prediction};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::weights::{TensorSpec, TensorView, WeightStore};
+
+/// How a tensor is used, which decides how `dllm synth` initialises it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Embedding,
+    Linear,
+    Bias,
+    Norm,
+}
+
+/// The checkpoint names of one block's tensors, in architecture-neutral terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockTensors {
+    pub q: String,
+    pub k: String,
+    pub v: String,
+    /// Attention output projection.
+    pub o: String,
+    /// SwiGLU gate (silu is applied to it).
+    pub gate: String,
+    /// SwiGLU value branch.
+    pub up: String,
+    /// Down projection.
+    pub down: String,
+    /// RMSNorm before attention.
+    pub attn_norm: String,
+    /// RMSNorm before the MLP.
+    pub mlp_norm: String,
+    /// q/k/v biases `(q, k, v)`, when the architecture has them.
+    pub qkv_bias: Option<(String, String, String)>,
+}
+
+/// Every tensor name of one checkpoint, for one architecture and config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorTable {
+    /// Token embedding, `[embedding_size, d_model]`.
+    pub embedding: String,
+    /// Final RMSNorm, `[d_model]`.
+    pub final_norm: String,
+    /// LM head, `[embedding_size, d_model]`; `None` when tied to the embedding.
+    pub lm_head: Option<String>,
+    pub blocks: Vec<BlockTensors>,
+}
+
+impl TensorTable {
+    /// Every tensor with its shape under `cfg` and its role, in checkpoint order: embedding,
+    /// each block (q, k, v, [q/k/v biases], o, gate, up, down, attn_norm, mlp_norm), final norm,
+    /// LM head.
+    pub fn roles(&self, cfg: &ModelConfig) -> Vec<(TensorSpec, Role)> {
+        let d = cfg.d_model;
+        let kv = cfg.n_kv_heads * cfg.head_dim();
+        let h = cfg.mlp_hidden;
+        let e = cfg.embedding_size;
+        let mut out = vec![(
+            TensorSpec::new(&self.embedding, vec![e, d]),
+            Role::Embedding,
+        )];
+        for b in &self.blocks {
+            out.push((TensorSpec::new(&b.q, vec![d, d]), Role::Linear));
+            out.push((TensorSpec::new(&b.k, vec![kv, d]), Role::Linear));
+            out.push((TensorSpec::new(&b.v, vec![kv, d]), Role::Linear));
+            if let Some((qb, kb, vb)) = &b.qkv_bias {
+                out.push((TensorSpec::new(qb, vec![d]), Role::Bias));
+                out.push((TensorSpec::new(kb, vec![kv]), Role::Bias));
+                out.push((TensorSpec::new(vb, vec![kv]), Role::Bias));
+            }
+            out.push((TensorSpec::new(&b.o, vec![d, d]), Role::Linear));
+            out.push((TensorSpec::new(&b.gate, vec![h, d]), Role::Linear));
+            out.push((TensorSpec::new(&b.up, vec![h, d]), Role::Linear));
+            out.push((TensorSpec::new(&b.down, vec![d, h]), Role::Linear));
+            out.push((TensorSpec::new(&b.attn_norm, vec![d]), Role::Norm));
+            out.push((TensorSpec::new(&b.mlp_norm, vec![d]), Role::Norm));
+        }
+        out.push((TensorSpec::new(&self.final_norm, vec![d]), Role::Norm));
+        if let Some(head) = &self.lm_head {
+            out.push((TensorSpec::new(head, vec![e, d]), Role::Linear));
+        }
+        out
+    }
+
+    /// Every tensor the checkpoint must hold, with its shape.
+    pub fn specs(&self, cfg: &ModelConfig) -> Vec<TensorSpec> {
+        self.roles(cfg).into_iter().map(|(s, _)| s).collect()
+    }
+}
+
+/// The fp32 copies of one block's small tensors.
+struct BlockParams {
+    attn_norm: Vec<f32>,
+    mlp_norm: Vec<f32>,
+    /// `(q, k, v)` biases.
+    qkv_bias: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+}
+
+/// A transformer of any supported architecture on the CPU.
+pub struct CpuTransformer {
+    cfg: ModelConfig,
+    store: WeightStore,
+    table: TensorTable,
+    blocks: Vec<BlockParams>,
+    final_norm: Vec<f32>,
+}
+
+/// Scratch buffers of one forward pass.
+struct Scratch {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(cfg: &ModelConfig, s: usize) -> Scratch {
+        let d = cfg.d_model;
+        let kv = cfg.n_kv_heads * cfg.head_dim();
+        let h = cfg.mlp_hidden;
+        Scratch {
+            x: vec![0.0; s * d],
+            normed: vec![0.0; s * d],
+            q: vec![0.0; s * d],
+            k: vec![0.0; s * kv],
+            v: vec![0.0; s * kv],
+            attn: vec![0.0; s * d],
+            proj: vec![0.0; s * d],
+            gate: vec![0.0; s * h],
+            up: vec![0.0; s * h],
+            act: vec![0.0; s * h],
+        }
+    }
+}
+
+/// Adds `bias` to every row of `x`.
+fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        cpu::add_assign(row, bias);
+    }
+}
+
+impl CpuTransformer {
+    /// Builds the model from an opened checkpoint, validating every tensor of `table` (presence,
+    /// shape, dtype) against `cfg`; errors name the tensor.
+    pub fn new(cfg: ModelConfig, store: WeightStore, table: TensorTable) -> Result<CpuTransformer> {
+        if table.blocks.len() != cfg.n_layers {
+            return Err(Error::config(
+                cfg.arch.config_key("n_layers"),
+                format!(
+                    "{} layers, but the tensor table names {}",
+                    cfg.n_layers,
+                    table.blocks.len()
+                ),
+            ));
+        }
+        if table.lm_head.is_none() != cfg.weight_tying {
+            return Err(Error::config(
+                cfg.arch.config_key("weight_tying"),
+                "disagrees with the tensor table's LM head",
+            ));
+        }
+        store.validate(&table.specs(&cfg))?;
+        let f32s = |name: &str| Ok::<_, Error>(store.get(name)?.to_f32_vec());
+        let blocks = table
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(BlockParams {
+                    attn_norm: f32s(&b.attn_norm)?,
+                    mlp_norm: f32s(&b.mlp_norm)?,
+                    qkv_bias: match &b.qkv_bias {
+                        Some((q, k, v)) => Some((f32s(q)?, f32s(k)?, f32s(v)?)),
+                        None => None,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = f32s(&table.final_norm)?;
+        Ok(CpuTransformer {
+            cfg,
+            store,
+            table,
+            blocks,
+            final_norm,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The opened checkpoint.
+    pub fn store(&self) -> &WeightStore {
+        &self.store
+    }
+
+    /// The tensor names this model reads.
+    pub fn table(&self) -> &TensorTable {
+        &self.table
+    }
+
+    fn weight(&self, name: &str) -> Result<TensorView<'_>> {
+        self.store.get(name)
+    }
+
+    fn lm_head(&self) -> Result<TensorView<'_>> {
+        self.weight(
+            self.table
+                .lm_head
+                .as_deref()
+                .unwrap_or(&self.table.embedding),
+        )
+    }
+
+    /// Checks a canvas before any compute.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::invalid("empty token sequence"));
+        }
+        if ids.len() > self.cfg.max_seq_len {
+            return Err(Error::invalid(format!(
+                "sequence of {} tokens is longer than the model's {} {}",
+                ids.len(),
+                self.cfg.arch.config_key("max_sequence_length"),
+                self.cfg.max_seq_len
+            )));
+        }
+        if let Some((pos, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.cfg.embedding_size)
+        {
+            return Err(Error::invalid(format!(
+                "token id {id} at position {pos} is outside the embedding ({} rows)",
+                self.cfg.embedding_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs every block and the final norm: returns `ids.len() × d_model` normalised hidden states
+    /// (row `i` = position `i`, before any logits shift).
+    pub fn hidden(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        let cfg = &self.cfg;
+        let s = ids.len();
+        let (d, hd) = (cfg.d_model, cfg.head_dim());
+        let positions: Vec<usize> = (0..s).collect();
+        let mut b = Scratch::new(cfg, s);
+        cpu::embedding(&self.weight(&self.table.embedding)?, ids, &mut b.x)?;
+        for (names, p) in self.table.blocks.iter().zip(&self.blocks) {
+            cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
+            cpu::linear(&b.normed, s, &self.weight(&names.q)?, &mut b.q);
+            cpu::linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
+            cpu::linear(&b.normed, s, &self.weight(&names.v)?, &mut b.v);
+            if let Some((qb, kb, vb)) = &p.qkv_bias {
+                add_bias(&mut b.q, qb);
+                add_bias(&mut b.k, kb);
+                add_bias(&mut b.v, vb);
+            }
+            cpu::rope(&mut b.q, &positions, cfg.n_heads, hd, cfg.rope_theta);
+            cpu::rope(&mut b.k, &positions, cfg.n_kv_heads, hd, cfg.rope_theta);
+            cpu::attention(
+                &b.q,
+                &b.k,
+                &b.v,
+                s,
+                s,
+                cfg.n_heads,
+                cfg.n_kv_heads,
+                hd,
+                None,
+                &mut b.attn,
+            );
+            cpu::linear(&b.attn, s, &self.weight(&names.o)?, &mut b.proj);
+            cpu::add_assign(&mut b.x, &b.proj);
+            cpu::rms_norm(&b.x, &p.mlp_norm, cfg.rms_norm_eps, &mut b.normed);
+            cpu::linear(&b.normed, s, &self.weight(&names.gate)?, &mut b.gate);
+            cpu::linear(&b.normed, s, &self.weight(&names.up)?, &mut b.up);
+            cpu::silu_mul(&b.gate, &b.up, &mut b.act);
+            cpu::linear(&b.act, s, &self.weight(&names.down)?, &mut b.proj);
+            cpu::add_assign(&mut b.x, &b.proj);
+        }
+        let mut out = vec![0.0f32; s * d];
+        cpu::rms_norm(&b.x, &self.final_norm, cfg.rms_norm_eps, &mut out);
+        Ok(out)
+    }
+
+    /// LM head over the given rows of normalised hidden states (rows may repeat).
+    fn logits_of_rows(&self, hidden: &[f32], rows: &[usize]) -> Result<Vec<f32>> {
+        let d = self.cfg.d_model;
+        let mut gathered = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            gathered.extend_from_slice(&hidden[r * d..(r + 1) * d]);
+        }
+        let mut logits = vec![0.0f32; rows.len() * self.cfg.logits_width()];
+        cpu::linear(&gathered, rows.len(), &self.lm_head()?, &mut logits);
+        Ok(logits)
+    }
+
+    /// The hidden row whose LM-head output predicts position `i`: `i` itself, or `max(i − 1, 0)`
+    /// for shifted architectures.
+    pub fn source_row(&self, i: usize) -> usize {
+        if self.cfg.shifted_logits() {
+            i.saturating_sub(1)
+        } else {
+            i
+        }
+    }
+
+    /// Unshifted logits: row `i` is the LM head applied to hidden state `i`.
+    pub fn raw_forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let hidden = self.hidden(ids)?;
+        let d = self.cfg.d_model;
+        let mut logits = vec![0.0f32; ids.len() * self.cfg.logits_width()];
+        cpu::linear(&hidden, hidden.len() / d, &self.lm_head()?, &mut logits);
+        Ok(logits)
+    }
+
+    /// Logits whose row `i` predicts position `i` (shifted for Dream; the raw rows otherwise).
+    pub fn forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if !self.cfg.shifted_logits() {
+            return self.raw_forward(ids);
+        }
+        let hidden = self.hidden(ids)?;
+        let rows: Vec<usize> = (0..ids.len()).map(|i| self.source_row(i)).collect();
+        self.logits_of_rows(&hidden, &rows)
+    }
+
+    /// One forward, then the LM head only on the rows that predict `queries`, then sampling.
+    pub fn predict(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        rule: &PredictRule,
+    ) -> Result<Vec<Prediction>> {
+        if let Some(&q) = queries.iter().find(|&&q| q >= ids.len()) {
+            return Err(Error::invalid(format!(
+                "query position {q} is outside the canvas of {}",
+                ids.len()
+            )));
+        }
+        let hidden = self.hidden(ids)?;
+        let sources: Vec<usize> = queries.iter().map(|&q| self.source_row(q)).collect();
+        let logits = self.logits_of_rows(&hidden, &sources)?;
+        let rows: Vec<usize> = (0..queries.len()).collect();
+        Ok(predict_rows(
+            &logits,
+            self.cfg.logits_width(),
+            &rows,
+            queries,
+            rule,
+        ))
+    }
+}
+
+impl Model for CpuTransformer {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        CpuTransformer::forward(self, ids)
+    }
+
+    fn raw_forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        CpuTransformer::raw_forward(self, ids)
+    }
+
+    fn predict(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        rule: &PredictRule,
+    ) -> Result<Vec<Prediction>> {
+        CpuTransformer::predict(self, ids, queries, rule)
+    }
+}
+
+/// Implements [`Model`] for a newtype around [`CpuTransformer`] by delegation.
+macro_rules! delegate_model {
+    ($t:ty) => {
+        impl $crate::model::Model for $t {
+            fn config(&self) -> &$crate::config::ModelConfig {
+                self.0.config()
+            }
+            fn backend_name(&self) -> &'static str {
+                "cpu"
+            }
+            fn forward(&self, ids: &[u32]) -> $crate::error::Result<Vec<f32>> {
+                self.0.forward(ids)
+            }
+            fn raw_forward(&self, ids: &[u32]) -> $crate::error::Result<Vec<f32>> {
+                self.0.raw_forward(ids)
+            }
+            fn predict(
+                &self,
+                ids: &[u32],
+                queries: &[usize],
+                rule: &$crate::denoise::predict::PredictRule,
+            ) -> $crate::error::Result<Vec<$crate::denoise::predict::Prediction>> {
+                self.0.predict(ids, queries, rule)
+            }
+        }
+
+        impl std::ops::Deref for $t {
+            type Target = $crate::model::transformer::CpuTransformer;
+            fn deref(&self) -> &Self::Target {
+                &self.0
+            }
+        }
+    };
+}
+pub(crate) use delegate_model;
+
+/// Opens `dir` (config + safetensors) and checks that its architecture is `want`.
+pub(crate) fn open_checked(
+    dir: &std::path::Path,
+    want: crate::config::Arch,
+) -> Result<(ModelConfig, WeightStore)> {
+    let path = dir.join("config.json");
+    let cfg = ModelConfig::from_file(&path)?;
+    if cfg.arch != want {
+        return Err(Error::format(
+            &path,
+            format!(
+                "this is a {} checkpoint, not {}",
+                cfg.arch.name(),
+                want.name()
+            ),
+        ));
+    }
+    let store = WeightStore::open(dir)?;
+    Ok((cfg, store))
+}
