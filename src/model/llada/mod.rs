@@ -1,7 +1,8 @@
 //! LLaDA: the model of "Large Language Diffusion Models" (Nie et al., 2025).
 //!
 //! `layout` names every tensor of the checkpoint; `cpu` is the forward pass on the CPU backend
-//! (the CUDA twin is `backend::cuda::llada`).
+//! (the shared [`crate::model::transformer`] over LLaDA's names; the CUDA twin is
+//! `backend::cuda::llada`).
 
 pub mod cpu;
 pub mod layout;
