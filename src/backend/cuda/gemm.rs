@@ -325,7 +325,11 @@ impl WgmmaPlan {
                 let waves = (tiles * plan.splits).div_ceil(sms);
                 // ×20 for wg = 3, ×21 for wg = 2: the 5 % preference for taller tiles.
                 let cost = waves * bm * (kps + overhead) * if wg == 3 { 20 } else { 21 };
-                if best.is_none_or(|(c, _)| cost < c) {
+                let better = match best {
+                    None => true,
+                    Some((c, _)) => cost < c,
+                };
+                if better {
                     best = Some((cost, plan));
                 }
             }
