@@ -41,7 +41,14 @@ fn find_nvcc() -> Option<PathBuf> {
 fn nvcc(nvcc: &Path, args: &[&str], src: &Path, out: &Path) {
     let status = Command::new(nvcc)
         .args(args)
-        .args(["-O3", "-std=c++17", "-Werror", "all-warnings", "-lineinfo", "-Icuda"])
+        .args([
+            "-O3",
+            "-std=c++17",
+            "-Werror",
+            "all-warnings",
+            "-lineinfo",
+            "-Icuda",
+        ])
         .arg(src)
         .arg("-o")
         .arg(out)

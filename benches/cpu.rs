@@ -151,10 +151,20 @@ fn bench_forward(c: &mut Criterion) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llada-code");
     let model = Llada::load(&dir).expect("embedded model");
     let cfg = model.config().clone();
-    let ids: Vec<u32> = (0..192).map(|i| if i < 64 { 100 + i * 7 } else { cfg.mask_token_id }).collect();
+    let ids: Vec<u32> = (0..192)
+        .map(|i| {
+            if i < 64 {
+                100 + i * 7
+            } else {
+                cfg.mask_token_id
+            }
+        })
+        .collect();
     let mut g = c.benchmark_group("forward_tiny");
     g.sample_size(10);
-    g.bench_function("forward_192", |b| b.iter(|| black_box(model.forward(black_box(&ids)).unwrap())));
+    g.bench_function("forward_192", |b| {
+        b.iter(|| black_box(model.forward(black_box(&ids)).unwrap()))
+    });
     let queries: Vec<usize> = (64..96).collect();
     let rule = PredictRule {
         temperature: 0.0,

@@ -189,7 +189,10 @@ impl ModelConfig {
     fn dream(v: &Value) -> Result<Self> {
         if let Some(act) = field(v, "hidden_act") {
             if act.as_str() != Some("silu") {
-                return Err(Error::config("hidden_act", format!("expected \"silu\", found {act}")));
+                return Err(Error::config(
+                    "hidden_act",
+                    format!("expected \"silu\", found {act}"),
+                ));
             }
         }
         if field(v, "rope_scaling").is_some() {
@@ -288,7 +291,10 @@ impl ModelConfig {
         if self.embedding_size < self.vocab_size {
             return Err(Error::config(
                 key("embedding_size"),
-                format!("{} is smaller than vocab_size {}", self.embedding_size, self.vocab_size),
+                format!(
+                    "{} is smaller than vocab_size {}",
+                    self.embedding_size, self.vocab_size
+                ),
             ));
         }
         for (field, id) in [
@@ -299,7 +305,10 @@ impl ModelConfig {
             if id as usize >= self.embedding_size {
                 return Err(Error::config(
                     field,
-                    format!("{id} is outside the embedding ({} rows)", self.embedding_size),
+                    format!(
+                        "{id} is outside the embedding ({} rows)",
+                        self.embedding_size
+                    ),
                 ));
             }
         }
@@ -322,9 +331,17 @@ impl ModelConfig {
     pub fn parameter_count(&self) -> usize {
         let d = self.d_model;
         let kv = self.n_kv_heads * self.head_dim();
-        let per_layer = d * d + 2 * d * kv + d * d + 3 * d * self.mlp_hidden + 2 * d
+        let per_layer = d * d
+            + 2 * d * kv
+            + d * d
+            + 3 * d * self.mlp_hidden
+            + 2 * d
             + if self.include_qkv_bias { d + 2 * kv } else { 0 };
-        let head = if self.weight_tying { 0 } else { self.embedding_size * d };
+        let head = if self.weight_tying {
+            0
+        } else {
+            self.embedding_size * d
+        };
         self.embedding_size * d + self.n_layers * per_layer + d + head
     }
 }
@@ -340,10 +357,9 @@ fn req_usize(v: &Value, name: &str) -> Result<usize> {
 fn opt_usize(v: &Value, name: &str) -> Result<Option<usize>> {
     match field(v, name) {
         None => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| Error::config(name, format!("expected a non-negative integer, found {x}"))),
+        Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+            Error::config(name, format!("expected a non-negative integer, found {x}"))
+        }),
     }
 }
 
@@ -395,7 +411,10 @@ mod tests {
         assert_eq!(c.logits_width(), 128);
         assert_eq!(c.mask_token_id, 1);
         // 128*64 emb + 2 layers * (4*64*64 + 3*64*96 + 2*64) + 64 + head 128*64
-        assert_eq!(c.parameter_count(), 128 * 64 * 2 + 2 * (4 * 4096 + 3 * 64 * 96 + 128) + 64);
+        assert_eq!(
+            c.parameter_count(),
+            128 * 64 * 2 + 2 * (4 * 4096 + 3 * 64 * 96 + 128) + 64
+        );
     }
 
     #[test]
@@ -421,9 +440,18 @@ mod tests {
         assert_eq!(c.arch, Arch::Dream);
         assert!(c.shifted_logits() && c.include_qkv_bias && !c.weight_tying);
         assert!(!ModelConfig::from_json(&tiny()).unwrap().shifted_logits());
-        assert_eq!((c.d_model, c.n_heads, c.n_kv_heads, c.n_layers, c.head_dim()), (64, 8, 2, 2, 8));
-        assert_eq!((c.mlp_hidden, c.vocab_size, c.embedding_size, c.max_seq_len), (96, 152064, 152064, 512));
-        assert_eq!((c.mask_token_id, c.eos_token_id, c.pad_token_id), (151666, 151643, 151643));
+        assert_eq!(
+            (c.d_model, c.n_heads, c.n_kv_heads, c.n_layers, c.head_dim()),
+            (64, 8, 2, 2, 8)
+        );
+        assert_eq!(
+            (c.mlp_hidden, c.vocab_size, c.embedding_size, c.max_seq_len),
+            (96, 152064, 152064, 512)
+        );
+        assert_eq!(
+            (c.mask_token_id, c.eos_token_id, c.pad_token_id),
+            (151666, 151643, 151643)
+        );
         assert_eq!((c.rope_theta, c.rms_norm_eps), (1e6, 1e-6));
         // kv = 2 heads × 8; per layer: q, o 64²; k, v 16·64; biases 64 + 2·16; MLP 3·64·96; norms.
         let per_layer = 2 * 64 * 64 + 2 * 16 * 64 + 64 + 32 + 3 * 64 * 96 + 2 * 64;
@@ -445,11 +473,19 @@ mod tests {
             ("num_key_value_heads", json!(3), "num_key_value_heads"),
             ("intermediate_size", json!(0), "intermediate_size"),
             ("vocab_size", json!(1000), "mask_token_id"),
-            ("max_position_embeddings", json!(-1), "max_position_embeddings"),
+            (
+                "max_position_embeddings",
+                json!(-1),
+                "max_position_embeddings",
+            ),
             ("rope_theta", json!(0.0), "rope_theta"),
             ("tie_word_embeddings", json!("no"), "tie_word_embeddings"),
             ("hidden_act", json!("gelu"), "hidden_act"),
-            ("rope_scaling", json!({"type": "yarn", "factor": 4.0}), "rope_scaling"),
+            (
+                "rope_scaling",
+                json!({"type": "yarn", "factor": 4.0}),
+                "rope_scaling",
+            ),
             ("use_sliding_window", json!(true), "use_sliding_window"),
             ("head_dim", json!(16), "head_dim"),
         ] {
@@ -458,7 +494,13 @@ mod tests {
             let e = ModelConfig::from_json(&v).unwrap_err().to_string();
             assert!(e.contains(needle), "{field}: {e}");
         }
-        for field in ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"] {
+        for field in [
+            "hidden_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "intermediate_size",
+            "vocab_size",
+        ] {
             let mut v = dream();
             v.as_object_mut().unwrap().remove(field);
             let e = ModelConfig::from_json(&v).unwrap_err().to_string();
@@ -471,7 +513,10 @@ mod tests {
         let mut v = tiny();
         v["model_type"] = json!("gpt2");
         let e = ModelConfig::from_json(&v).unwrap_err().to_string();
-        assert!(e.contains("gpt2") && e.contains("supported: llada, dream"), "{e}");
+        assert!(
+            e.contains("gpt2") && e.contains("supported: llada, dream"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -491,6 +536,9 @@ mod tests {
         }
         let mut v = tiny();
         v.as_object_mut().unwrap().remove("n_layers");
-        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("n_layers"));
+        assert!(ModelConfig::from_json(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("n_layers"));
     }
 }

@@ -36,10 +36,9 @@ impl Tokenizer {
 
     /// Text to ids, without special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("{}: encode failed: {e}", self.path.display())))?;
+        let enc = self.inner.encode(text, false).map_err(|e| {
+            Error::Tokenizer(format!("{}: encode failed: {e}", self.path.display()))
+        })?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -77,8 +76,11 @@ mod tests {
     use super::*;
 
     fn tok() -> Tokenizer {
-        Tokenizer::from_model_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code")))
-            .unwrap()
+        Tokenizer::from_model_dir(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/tiny-llada-code"
+        )))
+        .unwrap()
     }
 
     #[test]
@@ -104,9 +106,17 @@ mod tests {
     #[test]
     fn bad_input_is_an_error() {
         let t = tok();
-        assert!(t.decode(&[u32::MAX], false).unwrap_err().to_string().contains("outside"));
+        assert!(t
+            .decode(&[u32::MAX], false)
+            .unwrap_err()
+            .to_string()
+            .contains("outside"));
         let missing = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json"));
-        assert!(missing.err().unwrap().to_string().contains("/nonexistent/tokenizer.json"));
+        assert!(missing
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("/nonexistent/tokenizer.json"));
         let dir = std::env::temp_dir().join(format!("dllm-tok-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("tokenizer.json"), b"{not json").unwrap();

@@ -16,7 +16,11 @@ fn dllm(args: &[&str]) -> Output {
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
 }
 
@@ -24,7 +28,10 @@ fn json(out: &Output) -> serde_json::Value {
 fn assert_clean_error(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "one error line expected: {err}");
     assert!(lines[0].contains(needle), "`{needle}` not in: {}", lines[0]);
@@ -33,26 +40,62 @@ fn assert_clean_error(out: &Output, needle: &str) {
 #[test]
 fn generate_json_reports_the_canvas_and_timing() {
     let out = dllm(&[
-        "generate", "--model", MODEL, "--backend", "cpu", "--prompt", "def add(a, b):", "--gen-len", "16",
-        "--steps", "8", "--block-len", "8", "--json", "--quiet",
+        "generate",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--prompt",
+        "def add(a, b):",
+        "--gen-len",
+        "16",
+        "--steps",
+        "8",
+        "--block-len",
+        "8",
+        "--json",
+        "--quiet",
     ]);
     let v = json(&out);
     let canvas = v["canvas"].as_array().unwrap();
     let prompt_tokens = v["prompt_tokens"].as_u64().unwrap() as usize;
     assert_eq!(canvas.len(), prompt_tokens + 16);
-    assert!(canvas.iter().all(|t| t.as_u64().unwrap() != 1), "no mask left in the canvas");
+    assert!(
+        canvas.iter().all(|t| t.as_u64().unwrap() != 1),
+        "no mask left in the canvas"
+    );
     assert_eq!(v["steps"].as_u64(), Some(8));
     assert!(v["elapsed_s"].as_f64().unwrap() > 0.0);
     assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0);
     assert!(v["text"].is_string());
-    assert!(out.stderr.is_empty(), "--quiet prints nothing: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "--quiet prints nothing: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn generate_is_deterministic_and_text_starts_with_prompt() {
     let args = [
-        "generate", "--model", MODEL, "--backend", "cpu", "--prompt", "import os\n", "--gen-len", "8", "--steps",
-        "8", "--block-len", "8", "--temperature", "0.7", "--seed", "3", "--quiet",
+        "generate",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--prompt",
+        "import os\n",
+        "--gen-len",
+        "8",
+        "--steps",
+        "8",
+        "--block-len",
+        "8",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "3",
+        "--quiet",
     ];
     let a = dllm(&args);
     let b = dllm(&args);
@@ -64,17 +107,44 @@ fn generate_is_deterministic_and_text_starts_with_prompt() {
 #[test]
 fn infill_keeps_prefix_and_suffix() {
     let v = json(&dllm(&[
-        "infill", "--model", MODEL, "--backend", "cpu", "--prefix", "def f(x):\n    return ", "--suffix",
-        "\n\nprint(f(2))\n", "--gen-len", "6", "--steps", "6", "--json", "--quiet",
+        "infill",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--prefix",
+        "def f(x):\n    return ",
+        "--suffix",
+        "\n\nprint(f(2))\n",
+        "--gen-len",
+        "6",
+        "--steps",
+        "6",
+        "--json",
+        "--quiet",
     ]));
-    let canvas: Vec<u64> = v["canvas"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    let canvas: Vec<u64> = v["canvas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
     assert!(!canvas.contains(&1));
     assert_eq!(v["generated_tokens"].as_u64(), Some(6));
 }
 
 #[test]
 fn logits_json_has_one_row_per_id() {
-    let v = json(&dllm(&["logits", "--model", MODEL, "--backend", "cpu", "--ids", "1460,6669,7085,1", "--json"]));
+    let v = json(&dllm(&[
+        "logits",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--ids",
+        "1460,6669,7085,1",
+        "--json",
+    ]));
     assert_eq!(v["ids"].as_array().unwrap().len(), 4);
     let rows = v["logits"].as_array().unwrap();
     assert_eq!(rows.len(), 4);
@@ -95,27 +165,82 @@ fn bad_inputs_fail_with_one_clear_line() {
     let out = dllm(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]);
     assert_clean_error(&out, "/nonexistent/model");
 
-    let out = dllm(&["generate", "--model", MODEL, "--backend", "cpu", "--prompt", "x", "--gen-len", "96", "--steps", "10"]);
+    let out = dllm(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--prompt",
+        "x",
+        "--gen-len",
+        "96",
+        "--steps",
+        "10",
+    ]);
     assert_clean_error(&out, "use 3, 6, 9");
 
-    let out = dllm(&["generate", "--model", MODEL, "--backend", "cpu", "--prompt", "", "--gen-len", "0"]);
+    let out = dllm(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--prompt",
+        "",
+        "--gen-len",
+        "0",
+    ]);
     assert_clean_error(&out, "nothing to do");
 
-    let out = dllm(&["generate", "--model", MODEL, "--backend", "cpu", "--prompt", "x", "--gen-len", "2000", "--steps", "63", "--block-len", "32"]);
+    let out = dllm(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--prompt",
+        "x",
+        "--gen-len",
+        "2000",
+        "--steps",
+        "63",
+        "--block-len",
+        "32",
+    ]);
     assert_clean_error(&out, "max");
 
-    let out = dllm(&["logits", "--model", MODEL, "--backend", "cpu", "--ids", "1,99999"]);
+    let out = dllm(&[
+        "logits",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--ids",
+        "1,99999",
+    ]);
     assert_clean_error(&out, "99999");
 
     let out = dllm(&["logits", "--model", MODEL, "--ids", "1,x"]);
     assert_clean_error(&out, "`x`");
 
-    let out = dllm(&["generate", "--model", MODEL, "--prompt", "x", "--temperature=-1"]);
+    let out = dllm(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--prompt",
+        "x",
+        "--temperature=-1",
+    ]);
     assert_clean_error(&out, "temperature");
 
     // A model folder whose config is malformed.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.json"), b"{\"model_type\": \"gpt2\"}").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        b"{\"model_type\": \"gpt2\"}",
+    )
+    .unwrap();
     let out = dllm(&["info", "--model", dir.path().to_str().unwrap()]);
     assert_clean_error(&out, "gpt2");
 
@@ -128,7 +253,15 @@ fn bad_inputs_fail_with_one_clear_line() {
     let shard = dir.path().join("model-00002-of-00004.safetensors");
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
-    let out = dllm(&["generate", "--model", dir.path().to_str().unwrap(), "--backend", "cpu", "--prompt", "x"]);
+    let out = dllm(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--prompt",
+        "x",
+    ]);
     assert_clean_error(&out, "model-00002-of-00004.safetensors");
 }
 

@@ -7,11 +7,18 @@ use serde_json::Value;
 use std::path::Path;
 
 fn model_dir() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code"))
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/tiny-llada-code"
+    ))
 }
 
 fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 #[test]
@@ -23,7 +30,12 @@ fn cpu_forward_matches_reference_logits() {
     let cases = reference["cases"].as_array().unwrap();
     assert!(!cases.is_empty());
     for (c, case) in cases.iter().enumerate() {
-        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         let logits = model.forward(&ids).unwrap();
         assert_eq!(logits.len(), ids.len() * width);
 
@@ -32,11 +44,22 @@ fn cpu_forward_matches_reference_logits() {
             .map(|row| {
                 row.iter()
                     .enumerate()
-                    .fold((0usize, f32::NEG_INFINITY), |b, (j, &x)| if x > b.1 { (j, x) } else { b })
+                    .fold((0usize, f32::NEG_INFINITY), |b, (j, &x)| {
+                        if x > b.1 {
+                            (j, x)
+                        } else {
+                            b
+                        }
+                    })
                     .0 as u64
             })
             .collect();
-        let want: Vec<u64> = case["logits_argmax"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        let want: Vec<u64> = case["logits_argmax"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
         assert_eq!(argmax, want, "case {c}: argmax per row");
 
         let first = f32s(&case["logits_first_row"]);
@@ -48,11 +71,22 @@ fn cpu_forward_matches_reference_logits() {
         let rel = (num / den).sqrt();
         assert!(rel <= 1e-3, "case {c}: first row relative L2 error {rel:e}");
 
-        let l2 = logits.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let l2 = logits
+            .iter()
+            .map(|&x| (x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let want_l2 = case["logits_l2"].as_f64().unwrap();
-        assert!(((l2 - want_l2) / want_l2).abs() <= 1e-3, "case {c}: L2 {l2} vs {want_l2}");
+        assert!(
+            ((l2 - want_l2) / want_l2).abs() <= 1e-3,
+            "case {c}: L2 {l2} vs {want_l2}"
+        );
 
-        for (r, (row, want_sum)) in logits.chunks_exact(width).zip(f32s(&case["logits_rowsum"])).enumerate() {
+        for (r, (row, want_sum)) in logits
+            .chunks_exact(width)
+            .zip(f32s(&case["logits_rowsum"]))
+            .enumerate()
+        {
             let sum: f64 = row.iter().map(|&x| x as f64).sum();
             let scale: f64 = row.iter().map(|&x| (x as f64).abs()).sum();
             assert!(
@@ -71,14 +105,23 @@ fn predict_equals_forward_then_host_sampling() {
     let ids: Vec<u32> = vec![1460, 6669, 7085, 1, 1, 1, 1, 42, 1];
     let queries = [3usize, 4, 5, 6, 8];
     for (t, rm) in [(0.0, Remasking::LowConfidence), (0.8, Remasking::Random)] {
-        let rule = PredictRule { temperature: t, remasking: rm, seed: 5, step: 2, mask_token: cfg.mask_token_id, vocab_size: cfg.vocab_size };
+        let rule = PredictRule {
+            temperature: t,
+            remasking: rm,
+            seed: 5,
+            step: 2,
+            mask_token: cfg.mask_token_id,
+            vocab_size: cfg.vocab_size,
+        };
         let fast = model.predict(&ids, &queries, &rule).unwrap();
         let logits = model.forward(&ids).unwrap();
         let w = cfg.logits_width();
         for (p, &q) in fast.iter().zip(&queries) {
             let slow = predict_row(&logits[q * w..(q + 1) * w], q, &rule);
             assert_eq!(p.token, slow.token);
-            assert!((p.confidence - slow.confidence).abs() <= 1e-6 * slow.confidence.abs().max(1e-12));
+            assert!(
+                (p.confidence - slow.confidence).abs() <= 1e-6 * slow.confidence.abs().max(1e-12)
+            );
             assert_ne!(p.token, cfg.mask_token_id);
         }
     }

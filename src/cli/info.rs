@@ -54,7 +54,11 @@ pub fn info(a: InfoArgs) -> Result<()> {
         table.blocks.first().map(|b| b.q.as_str()).unwrap_or("-"),
         if cfg.include_qkv_bias { "yes" } else { "no" },
         table.lm_head.as_deref().unwrap_or("tied to the embedding"),
-        if cfg.shifted_logits() { "shifted (row i predicts token i + 1)" } else { "unshifted" }
+        if cfg.shifted_logits() {
+            "shifted (row i predicts token i + 1)"
+        } else {
+            "unshifted"
+        }
     );
     let tokenizer = Tokenizer::from_model_dir(&dir).map(|t| t.vocab_size());
     let dtypes: Vec<String> = store
@@ -62,9 +66,16 @@ pub fn info(a: InfoArgs) -> Result<()> {
         .iter()
         .map(|(d, n)| format!("{} ×{}", d.name(), n))
         .collect();
-    let shards: Vec<String> = store.shard_files().iter().map(|p| p.display().to_string()).collect();
+    let shards: Vec<String> = store
+        .shard_files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     let cuda = match dllm::backend::cuda::unavailable_reason() {
-        None => format!("kernels compiled ({})", dllm::backend::cuda::module_names().join(", ")),
+        None => format!(
+            "kernels compiled ({})",
+            dllm::backend::cuda::module_names().join(", ")
+        ),
         Some(why) => why,
     };
     if a.json {
@@ -93,13 +104,21 @@ pub fn info(a: InfoArgs) -> Result<()> {
     println!("layout       {layout}");
     println!(
         "dims         d_model {} · layers {} · heads {} (kv {}) · head_dim {} · mlp {}",
-        cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(), cfg.mlp_hidden
+        cfg.d_model,
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim(),
+        cfg.mlp_hidden
     );
     println!(
         "vocab        {} (embedding rows {}) · mask {} · eos {} · pad {}",
         cfg.vocab_size, cfg.embedding_size, cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id
     );
-    println!("context      {} tokens · rope_theta {} · rms_norm_eps {}", cfg.max_seq_len, cfg.rope_theta, cfg.rms_norm_eps);
+    println!(
+        "context      {} tokens · rope_theta {} · rms_norm_eps {}",
+        cfg.max_seq_len, cfg.rope_theta, cfg.rms_norm_eps
+    );
     println!(
         "parameters   {} ({:.2} M) · {:.1} MB of tensors · {}",
         cfg.parameter_count(),

@@ -32,7 +32,10 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().map_err(|_| Error::invalid(format!("--ids: `{t}` is not a token id"))))
+        .map(|t| {
+            t.parse::<u32>()
+                .map_err(|_| Error::invalid(format!("--ids: `{t}` is not a token id")))
+        })
         .collect()
 }
 
@@ -60,9 +63,18 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
             let (arg, max) = row
                 .iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |b, (j, &x)| if x > b.1 { (j, x) } else { b });
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (j, &x)| if x > b.1 { (j, x) } else { b },
+                );
             let head: Vec<String> = row.iter().take(6).map(|x| format!("{x:.4}")).collect();
-            writeln!(out, "pos {i:4} id {:6} argmax {arg:6} ({max:.4})  [{} …]", ids[i], head.join(", ")).ok();
+            writeln!(
+                out,
+                "pos {i:4} id {:6} argmax {arg:6} ({max:.4})  [{} …]",
+                ids[i],
+                head.join(", ")
+            )
+            .ok();
         }
     }
     Ok(())

@@ -49,10 +49,14 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         (ArchArg::Dream, PresetArg::Tiny) => Preset::DreamTiny,
         (ArchArg::Dream, PresetArg::B7) => Preset::Dream7b,
         (ArchArg::Llada, PresetArg::B7) => {
-            return Err(dllm::Error::invalid("--preset 7b is a Dream size: use --arch dream, or --preset 8b for LLaDA"))
+            return Err(dllm::Error::invalid(
+                "--preset 7b is a Dream size: use --arch dream, or --preset 8b for LLaDA",
+            ))
         }
         (ArchArg::Dream, PresetArg::B8) => {
-            return Err(dllm::Error::invalid("--preset 8b is a LLaDA size: use --arch llada, or --preset 7b for Dream"))
+            return Err(dllm::Error::invalid(
+                "--preset 8b is a LLaDA size: use --arch llada, or --preset 7b for Dream",
+            ))
         }
     };
     let start = std::time::Instant::now();
@@ -130,14 +134,25 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     } else {
         println!(
             "{} on {}: batch {} · prompt {} · gen {} · block {} · {} tokens/step · cache {:?}",
-            r.backend, r.device, r.batch, r.prompt_len, r.gen_len, r.block_len, r.tokens_per_step, r.cache
+            r.backend,
+            r.device,
+            r.batch,
+            r.prompt_len,
+            r.gen_len,
+            r.block_len,
+            r.tokens_per_step,
+            r.cache
         );
         println!(
             "{} steps in {:.3} s: {:.1} tok/s, {:.2} ms/step",
             r.steps, r.seconds, r.tok_per_s, r.ms_per_step
         );
         if let (Some(frac), Some(bw)) = (r.roofline_fraction, r.copy_gbps) {
-            println!("roofline: {:.0}% of the weight-streaming floor (copy bandwidth {:.0} GB/s)", frac * 100.0, bw);
+            println!(
+                "roofline: {:.0}% of the weight-streaming floor (copy bandwidth {:.0} GB/s)",
+                frac * 100.0,
+                bw
+            );
         }
     }
     Ok(())

@@ -16,7 +16,7 @@ pub mod transformer;
 pub use load::{load_cpu, load_model, Backend, LoadedModel};
 
 use crate::config::{Arch, ModelConfig};
-use crate::denoise::predict::{predict_rows, Prediction, PredictRule};
+use crate::denoise::predict::{predict_rows, PredictRule, Prediction};
 use crate::error::Result;
 
 /// A loaded model on some backend.
@@ -43,9 +43,20 @@ pub trait Model: Send + Sync {
 
     /// One forward, then for each position in `queries` the candidate token and its confidence
     /// under `rule`. Backends may override this to sample without materialising logits on the host.
-    fn predict(&self, ids: &[u32], queries: &[usize], rule: &PredictRule) -> Result<Vec<Prediction>> {
+    fn predict(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        rule: &PredictRule,
+    ) -> Result<Vec<Prediction>> {
         let logits = self.forward(ids)?;
-        Ok(predict_rows(&logits, self.config().logits_width(), queries, queries, rule))
+        Ok(predict_rows(
+            &logits,
+            self.config().logits_width(),
+            queries,
+            queries,
+            rule,
+        ))
     }
 }
 

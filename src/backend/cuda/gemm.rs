@@ -496,11 +496,22 @@ impl Gemm {
             .alloc_zeros::<u32>(4096)
             .map_err(|e| cuda_err("gemm: alloc counters", e))?;
         let mut disabled = Vec::new();
-        let wgmma = match load_wgmma(dev) {
-            Ok(f) => Some(f),
-            Err(why) => {
-                disabled.push((GemmVariant::Wgmma, why));
-                None
+        // `DLLM_GEMM_WGMMA=0` keeps the Hopper kernel unloaded (a fault inside a kernel would
+        // take the whole context down, which no self-test can catch).
+        let wgmma_off = std::env::var("DLLM_GEMM_WGMMA").is_ok_and(|v| v == "0");
+        let wgmma = if wgmma_off {
+            disabled.push((
+                GemmVariant::Wgmma,
+                "disabled by DLLM_GEMM_WGMMA=0".to_string(),
+            ));
+            None
+        } else {
+            match load_wgmma(dev) {
+                Ok(f) => Some(f),
+                Err(why) => {
+                    disabled.push((GemmVariant::Wgmma, why));
+                    None
+                }
             }
         };
         let mut gemm = Gemm {

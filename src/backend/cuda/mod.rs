@@ -9,8 +9,8 @@
 pub mod attention;
 pub mod check;
 pub mod elementwise;
-pub mod llada;
 pub mod gemm;
+pub mod llada;
 pub mod sampling;
 
 use crate::error::{Error, Result};
@@ -66,7 +66,8 @@ impl CudaDevice {
         if let Some(why) = unavailable_reason() {
             return Err(Error::Backend(why));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err(&format!("open device {ordinal}"), e))?;
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| cuda_err(&format!("open device {ordinal}"), e))?;
         // A dedicated non-blocking stream: the legacy default stream cannot be captured into a
         // CUDA graph. All of dllm's device work is ordered on this one stream, so cudarc's
         // cross-stream event tracking (an event record per buffer use, and waits that are illegal
@@ -98,10 +99,15 @@ impl CudaDevice {
     /// The loaded module compiled from `cuda/<stem>.cu`.
     pub fn module(&self, stem: &str) -> Result<Arc<CudaModule>> {
         let mut cache = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        let (key, ptx, cubin) = embedded::MODULES
-            .iter()
-            .find(|m| m.0 == stem)
-            .ok_or_else(|| Error::Backend(format!("kernel module `{stem}` is not embedded in this build")))?;
+        let (key, ptx, cubin) =
+            embedded::MODULES
+                .iter()
+                .find(|m| m.0 == stem)
+                .ok_or_else(|| {
+                    Error::Backend(format!(
+                        "kernel module `{stem}` is not embedded in this build"
+                    ))
+                })?;
         if let Some(m) = cache.get(key) {
             return Ok(m.clone());
         }
@@ -126,6 +132,8 @@ impl CudaDevice {
 
     /// Waits for all queued work and surfaces any asynchronous launch error.
     pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("synchronize", e))
     }
 }
