@@ -5,6 +5,7 @@
 // Kernels (all take `void* C` and an `epi` code, see DLLM_EPI_*):
 //   gemm_naive          one thread per output, fp32 FMA loop: the always-correct reference.
 //   gemm_skinny_mg<G>   M <= 8*G (G = 1..8): weight-streaming GEMV-like kernel on mma.sync.
+//   gemm_skinny2_mg<G>  M <= 8*G (G = 1..4): the same with 32 weight rows per warp (less A traffic).
 //   gemm_wide           128x128x32 block tiles, cp.async 4-stage pipeline, ldmatrix + mma.sync.
 //
 // Preconditions (checked on the host): K % 8 == 0, N % 8 == 0, A/W 16-byte aligned, C 8-byte
@@ -91,8 +92,15 @@ extern "C" __global__ void __launch_bounds__(256) gemm_naive(const uint16_t* __r
 #define SKINNY_THREADS (SKINNY_WARPS * 32)
 #define SKINNY_ROWS (SKINNY_WARPS * 16)
 #define SKINNY_UNROLL 4
+// Version 2 (gemm_skinny2_mg<G>, G = 1..4): every warp owns RT = 2 tiles of 16 weight rows
+// (block = 128 rows) and applies each activation fragment to both, which halves the activation
+// traffic (L2 -> L1 and LSU instructions) per weight byte; at M = 32 version 1 re-reads A
+// (M / 64 = 0.5 bytes per weight byte) from L2. Two register buffers of SKINNY2_UNROLL chunks
+// keep the same 8 independent 16-byte weight loads per lane in flight as version 1.
+#define SKINNY2_RT 2
+#define SKINNY2_UNROLL 2
 
-template <int G>
+template <int G, int RT, int UNROLL>
 __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W,
                                                  void* C, float* __restrict__ ws, unsigned int* __restrict__ counters,
                                                  int M, int N, int K, int epi, int chunks_per_split) {
@@ -103,40 +111,55 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
     const int tile = blockIdx.x;
     const int split = blockIdx.y;
     const int splits = gridDim.y;
-    const int row0 = tile * SKINNY_ROWS + warp * 16 + g;
-    const int row1 = row0 + 8;
-    const bool ok0 = row0 < N;
-    const bool ok1 = row1 < N;
-    const uint16_t* w0 = W + (size_t)(ok0 ? row0 : 0) * K;
-    const uint16_t* w1 = W + (size_t)(ok1 ? row1 : 0) * K;
+    // Warp rows: [rbase + 16 r, rbase + 16 r + 16) for r < RT; this lane's rows are
+    // rbase + 16 r + g (fragment rows 0..7) and rbase + 16 r + g + 8 (rows 8..15).
+    const int rbase = tile * (SKINNY_ROWS * RT) + warp * 16 * RT;
+    const uint16_t* w0[RT];
+    const uint16_t* w1[RT];
+    bool ok0[RT], ok1[RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+        const int row0 = rbase + 16 * r + g;
+        const int row1 = row0 + 8;
+        ok0[r] = row0 < N;
+        ok1[r] = row1 < N;
+        w0[r] = W + (size_t)(ok0[r] ? row0 : 0) * K;
+        w1[r] = W + (size_t)(ok1[r] ? row1 : 0) * K;
+    }
 
     const int total_chunks = (K + 31) / 32;
     const int c_begin = split * chunks_per_split;
     const int c_end = min(total_chunks, c_begin + chunks_per_split);
 
-    float acc[G][4];
+    float acc[RT][G][4];
 #pragma unroll
-    for (int j = 0; j < G; ++j) {
+    for (int r = 0; r < RT; ++r) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[j][q] = 0.0f;
+        for (int j = 0; j < G; ++j) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[r][j][q] = 0.0f;
+        }
     }
 
     // Software pipeline over two register buffers: the weight loads of the next batch of
-    // SKINNY_UNROLL chunks are issued before the MMAs of the current one, so every lane keeps
-    // 4-8 independent 16-byte loads in flight at all times.
-    uint4 wa0[SKINNY_UNROLL], wb0[SKINNY_UNROLL], wa1[SKINNY_UNROLL], wb1[SKINNY_UNROLL];
-    auto load_w = [&](uint4 (&wa)[SKINNY_UNROLL], uint4 (&wb)[SKINNY_UNROLL], int c) {
+    // UNROLL chunks are issued before the MMAs of the current one, so every lane keeps
+    // 2·RT·UNROLL to 4·RT·UNROLL independent 16-byte loads in flight at all times.
+    uint4 wa0[RT][UNROLL], wb0[RT][UNROLL], wa1[RT][UNROLL], wb1[RT][UNROLL];
+    auto load_w = [&](uint4 (&wa)[RT][UNROLL], uint4 (&wb)[RT][UNROLL], int c) {
 #pragma unroll
-        for (int u = 0; u < SKINNY_UNROLL; ++u) {
+        for (int u = 0; u < UNROLL; ++u) {
             const int k = (c + u) * 32 + 8 * t;
             const bool in = (c + u < c_end) && (k < K);
-            wa[u] = gemm_ld_stream(w0 + (in ? k : 0), in && ok0);
-            wb[u] = gemm_ld_stream(w1 + (in ? k : 0), in && ok1);
+#pragma unroll
+            for (int r = 0; r < RT; ++r) {
+                wa[r][u] = gemm_ld_stream(w0[r] + (in ? k : 0), in && ok0[r]);
+                wb[r][u] = gemm_ld_stream(w1[r] + (in ? k : 0), in && ok1[r]);
+            }
         }
     };
-    auto mma_batch = [&](const uint4 (&wa)[SKINNY_UNROLL], const uint4 (&wb)[SKINNY_UNROLL], int c) {
+    auto mma_batch = [&](const uint4 (&wa)[RT][UNROLL], const uint4 (&wb)[RT][UNROLL], int c) {
 #pragma unroll
-        for (int u = 0; u < SKINNY_UNROLL; ++u) {
+        for (int u = 0; u < UNROLL; ++u) {
             if (c + u < c_end) {  // warp-uniform
                 const int k = (c + u) * 32 + 8 * t;
                 const bool in = k < K;
@@ -145,17 +168,20 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
                     const int m = 8 * j + g;
                     const bool okm = in && (m < M);
                     const uint4 av = gemm_ld_cached(A + (size_t)(okm ? m : 0) * K + (okm ? k : 0), okm);
-                    gemm_mma_bf16(acc[j], wa[u].x, wb[u].x, wa[u].y, wb[u].y, av.x, av.y);
-                    gemm_mma_bf16(acc[j], wa[u].z, wb[u].z, wa[u].w, wb[u].w, av.z, av.w);
+#pragma unroll
+                    for (int r = 0; r < RT; ++r) {
+                        gemm_mma_bf16(acc[r][j], wa[r][u].x, wb[r][u].x, wa[r][u].y, wb[r][u].y, av.x, av.y);
+                        gemm_mma_bf16(acc[r][j], wa[r][u].z, wb[r][u].z, wa[r][u].w, wb[r][u].w, av.z, av.w);
+                    }
                 }
             }
         }
     };
 
     if (c_begin < c_end) load_w(wa0, wb0, c_begin);
-    for (int c = c_begin; c < c_end; c += 2 * SKINNY_UNROLL) {
-        const int c1 = c + SKINNY_UNROLL;
-        const int c2 = c1 + SKINNY_UNROLL;
+    for (int c = c_begin; c < c_end; c += 2 * UNROLL) {
+        const int c1 = c + UNROLL;
+        const int c2 = c1 + UNROLL;
         if (c1 < c_end) load_w(wa1, wb1, c1);
         mma_batch(wa0, wb0, c);
         if (c2 < c_end) load_w(wa0, wb0, c2);
@@ -163,12 +189,16 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
     }
 
     if (splits > 1) {
-        // Partial tile layout: [tile][split][j][thread] float4.
+        // Partial tile layout: [tile][split][r][j][thread] float4 (RT = 1: [tile][split][j][thread]).
         float4* part = (float4*)ws;
-        const size_t base = ((size_t)tile * splits + split) * G;
+        const size_t base = ((size_t)tile * splits + split) * (RT * G);
 #pragma unroll
-        for (int j = 0; j < G; ++j)
-            part[(base + j) * SKINNY_THREADS + threadIdx.x] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+        for (int r = 0; r < RT; ++r) {
+#pragma unroll
+            for (int j = 0; j < G; ++j)
+                part[(base + r * G + j) * SKINNY_THREADS + threadIdx.x] =
+                    make_float4(acc[r][j][0], acc[r][j][1], acc[r][j][2], acc[r][j][3]);
+        }
         __threadfence();
         __syncthreads();
         __shared__ unsigned int s_last;
@@ -176,44 +206,57 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
         __syncthreads();
         if (s_last == 0u) return;
         __threadfence();
-        float sum[G][4];
+        float sum[RT][G][4];
 #pragma unroll
-        for (int j = 0; j < G; ++j) {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) sum[j][q] = 0.0f;
-        }
-        for (int s = 0; s < splits; ++s) {
-            const size_t b = ((size_t)tile * splits + s) * G;
+        for (int r = 0; r < RT; ++r) {
 #pragma unroll
             for (int j = 0; j < G; ++j) {
-                float4 v;
-                if (s == split) {
-                    v = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
-                } else {
-                    v = __ldcg(&part[(b + j) * SKINNY_THREADS + threadIdx.x]);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) sum[r][j][q] = 0.0f;
+            }
+        }
+        for (int s = 0; s < splits; ++s) {
+            const size_t b = ((size_t)tile * splits + s) * (RT * G);
+#pragma unroll
+            for (int r = 0; r < RT; ++r) {
+#pragma unroll
+                for (int j = 0; j < G; ++j) {
+                    float4 v;
+                    if (s == split) {
+                        v = make_float4(acc[r][j][0], acc[r][j][1], acc[r][j][2], acc[r][j][3]);
+                    } else {
+                        v = __ldcg(&part[(b + r * G + j) * SKINNY_THREADS + threadIdx.x]);
+                    }
+                    sum[r][j][0] += v.x;
+                    sum[r][j][1] += v.y;
+                    sum[r][j][2] += v.z;
+                    sum[r][j][3] += v.w;
                 }
-                sum[j][0] += v.x;
-                sum[j][1] += v.y;
-                sum[j][2] += v.z;
-                sum[j][3] += v.w;
             }
         }
 #pragma unroll
-        for (int j = 0; j < G; ++j) {
+        for (int r = 0; r < RT; ++r) {
 #pragma unroll
-            for (int q = 0; q < 4; ++q) acc[j][q] = sum[j][q];
+            for (int j = 0; j < G; ++j) {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[r][j][q] = sum[r][j][q];
+            }
         }
         if (threadIdx.x == 0) counters[tile] = 0u;
     }
 
-    // Fragment element q of group j: weight row (q < 2 ? row0 : row1), token 8j + 2t + (q & 1).
+    // Fragment element q of tile r, group j: weight row rbase + 16 r + g (+ 8 when q >= 2),
+    // token 8j + 2t + (q & 1).
 #pragma unroll
-    for (int j = 0; j < G; ++j) {
+    for (int r = 0; r < RT; ++r) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int m = 8 * j + 2 * t + (q & 1);
-            const int n = (q < 2) ? row0 : row1;
-            if (m < M && n < N) gemm_store1(C, (size_t)m * N + n, acc[j][q], epi);
+        for (int j = 0; j < G; ++j) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int m = 8 * j + 2 * t + (q & 1);
+                const int n = rbase + 16 * r + g + ((q < 2) ? 0 : 8);
+                if (m < M && n < N) gemm_store1(C, (size_t)m * N + n, acc[r][j][q], epi);
+            }
         }
     }
 }
@@ -223,7 +266,7 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
         gemm_skinny_mg##G(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,              \
                           float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K,     \
                           int epi, int chunks_per_split) {                                                      \
-        gemm_skinny_body<G>(A, W, C, ws, counters, M, N, K, epi, chunks_per_split);                             \
+        gemm_skinny_body<G, 1, SKINNY_UNROLL>(A, W, C, ws, counters, M, N, K, epi, chunks_per_split);           \
     }
 
 DLLM_SKINNY_KERNEL(1)
@@ -234,6 +277,20 @@ DLLM_SKINNY_KERNEL(5)
 DLLM_SKINNY_KERNEL(6)
 DLLM_SKINNY_KERNEL(7)
 DLLM_SKINNY_KERNEL(8)
+
+// Version 2: 2 tiles of 16 weight rows per warp, 128 rows per block (M <= 32).
+#define DLLM_SKINNY2_KERNEL(G)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(SKINNY_THREADS, 4)                                           \
+        gemm_skinny2_mg##G(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,             \
+                           float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K,    \
+                           int epi, int chunks_per_split) {                                                     \
+        gemm_skinny_body<G, SKINNY2_RT, SKINNY2_UNROLL>(A, W, C, ws, counters, M, N, K, epi, chunks_per_split); \
+    }
+
+DLLM_SKINNY2_KERNEL(1)
+DLLM_SKINNY2_KERNEL(2)
+DLLM_SKINNY2_KERNEL(3)
+DLLM_SKINNY2_KERNEL(4)
 
 // ---------------------------------------------------------------------------------------------
 // gemm_wide: block tile 128 (M) x 128 (N) x 32 (K), 8 warps as 2 (M) x 4 (N), warp tile 64 x 32

@@ -35,6 +35,13 @@ const SKINNY_THREADS: usize = 128;
 const SKINNY_CHUNK: usize = 32;
 /// Chunks loaded per skinny loop iteration; must match `SKINNY_UNROLL` in gemm.cu.
 const SKINNY_UNROLL: usize = 4;
+/// Largest `M` served by version 2 of the skinny kernel (`gemm_skinny2_mg{1..4}`).
+pub const SKINNY2_MAX_M: usize = 32;
+/// 16-row weight tiles per warp in version 2 (block = 4 warps × 32 rows); must match
+/// `SKINNY2_RT` in gemm.cu.
+const SKINNY2_RT: usize = 2;
+/// Chunks per register buffer in version 2; must match `SKINNY2_UNROLL` in gemm.cu.
+const SKINNY2_UNROLL: usize = 2;
 /// Fewest K chunks a split is given (below this the reduction costs more than it saves).
 const SKINNY_MIN_CHUNKS_PER_SPLIT: usize = 8;
 /// Blocks per SM the split-K heuristic aims for (about 16 warps, ~64 KB of loads in flight).
@@ -173,15 +180,19 @@ impl GemmVariant {
     }
 }
 
-/// Launch geometry of the skinny kernel: `groups` 8-token mma groups (kernel
-/// `gemm_skinny_mg{groups}`), `tiles` blocks of 64 weight rows along N, and `splits` blocks along
-/// K, each taking `chunks_per_split` chunks of 32 K elements (the last split may take fewer).
+/// Launch geometry of the skinny kernel: `groups` 8-token mma groups, `tiles` blocks of
+/// [`SkinnyPlan::rows`] weight rows along N, and `splits` blocks along K, each taking
+/// `chunks_per_split` chunks of 32 K elements (the last split may take fewer). `version` 1 is
+/// `gemm_skinny_mg{groups}` (16 weight rows per warp, 64 per block, any `m ≤ 64`); version 2 is
+/// `gemm_skinny2_mg{groups}` (32 rows per warp, 128 per block, `m ≤ 32`): each activation
+/// fragment serves twice as many weight rows, halving the activation re-reads per weight byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SkinnyPlan {
     pub groups: usize,
     pub tiles: usize,
     pub splits: usize,
     pub chunks_per_split: usize,
+    pub version: usize,
 }
 
 impl SkinnyPlan {
@@ -192,38 +203,96 @@ impl SkinnyPlan {
     /// bandwidth), never below `SKINNY_MIN_CHUNKS_PER_SPLIT` chunks per split, with a chunk
     /// count per split that is a multiple of the kernel's unroll. Requires `1 ≤ m ≤ 64`,
     /// `n ≥ 1`, `k ≥ 1`.
+    /// The preferred version is 2 for `m ≤ SKINNY2_MAX_M`, else 1.
     pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> SkinnyPlan {
-        let tiles = n.div_ceil(SKINNY_ROWS);
+        SkinnyPlan::for_version(SkinnyPlan::preferred_version(m), m, n, k, num_sms)
+    }
+
+    /// The kernel version [`SkinnyPlan::new`] picks for `m` rows.
+    pub fn preferred_version(m: usize) -> usize {
+        if m <= SKINNY2_MAX_M {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The version a request resolves to: 2 only when asked for and `m ≤ SKINNY2_MAX_M`.
+    fn resolve_version(version: usize, m: usize) -> usize {
+        if version == 2 && m <= SKINNY2_MAX_M {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// [`SkinnyPlan::new`] for an explicit kernel version (2 falls back to 1 when `m > 32`).
+    pub fn for_version(version: usize, m: usize, n: usize, k: usize, num_sms: usize) -> SkinnyPlan {
+        let version = SkinnyPlan::resolve_version(version, m);
+        let tiles = n.div_ceil(SkinnyPlan::rows_of(version));
         let chunks = k.div_ceil(SKINNY_CHUNK);
         let slots = num_sms.max(1) * SKINNY_BLOCKS_PER_SM;
         let max_splits = (chunks / SKINNY_MIN_CHUNKS_PER_SPLIT).max(1);
         let splits = (slots / tiles.max(1)).clamp(1, max_splits);
-        let per_split = chunks.div_ceil(splits).next_multiple_of(SKINNY_UNROLL);
-        SkinnyPlan::with_chunks_per_split(m, n, k, per_split)
+        let unroll = if version == 2 {
+            SKINNY2_UNROLL
+        } else {
+            SKINNY_UNROLL
+        };
+        let per_split = chunks.div_ceil(splits).next_multiple_of(unroll);
+        SkinnyPlan::with_version_chunks(version, m, n, k, per_split)
     }
 
-    /// A plan with a given number of chunks per split (checks use it to force split-K on small
-    /// shapes). `chunks_per_split` is raised to at least 1.
+    /// A version-1 plan with a given number of chunks per split (checks use it to force
+    /// split-K on small shapes). `chunks_per_split` is raised to at least 1.
     pub fn with_chunks_per_split(
         m: usize,
         n: usize,
         k: usize,
         chunks_per_split: usize,
     ) -> SkinnyPlan {
+        SkinnyPlan::with_version_chunks(1, m, n, k, chunks_per_split)
+    }
+
+    /// [`SkinnyPlan::with_chunks_per_split`] for an explicit kernel version (2 falls back to 1
+    /// when `m > 32`).
+    pub fn with_version_chunks(
+        version: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        chunks_per_split: usize,
+    ) -> SkinnyPlan {
+        let version = SkinnyPlan::resolve_version(version, m);
         let chunks = k.div_ceil(SKINNY_CHUNK).max(1);
         let per_split = chunks_per_split.max(1);
         SkinnyPlan {
             groups: m.div_ceil(8).max(1),
-            tiles: n.div_ceil(SKINNY_ROWS),
+            tiles: n.div_ceil(SkinnyPlan::rows_of(version)),
             splits: chunks.div_ceil(per_split),
             chunks_per_split: per_split,
+            version,
         }
+    }
+
+    fn rows_of(version: usize) -> usize {
+        if version == 2 {
+            SKINNY_ROWS * SKINNY2_RT
+        } else {
+            SKINNY_ROWS
+        }
+    }
+
+    /// Weight rows per block (64 for version 1, 128 for version 2).
+    pub fn rows(&self) -> usize {
+        SkinnyPlan::rows_of(self.version)
     }
 
     /// fp32 elements of split-K workspace the launch needs (0 without split-K).
     pub fn workspace_floats(&self) -> usize {
+        let rt = if self.version == 2 { SKINNY2_RT } else { 1 };
         if self.splits > 1 {
-            self.tiles * self.splits * self.groups * SKINNY_THREADS * 4
+            self.tiles * self.splits * rt * self.groups * SKINNY_THREADS * 4
         } else {
             0
         }
@@ -454,6 +523,11 @@ struct Scratch {
 pub struct Gemm {
     naive: CudaFunction,
     skinny: Vec<CudaFunction>,
+    /// `gemm_skinny2_mg{1..4}` (version 2 of the skinny kernel).
+    skinny2: Vec<CudaFunction>,
+    /// Why version 2 of the skinny kernel failed the load-time self-test; `run` then uses
+    /// version 1 (which has its own self-test entry under [`GemmVariant::Skinny`]).
+    skinny2_failure: Option<String>,
     wide: CudaFunction,
     /// `gemm_wgmma_wg2`, `gemm_wgmma_wg3`; `None` when the device cannot run the sm_90a cubin.
     wgmma: Option<[CudaFunction; 2]>,
@@ -470,6 +544,9 @@ impl Gemm {
         let naive = dev.function("gemm", "gemm_naive")?;
         let skinny = (1..=8)
             .map(|g| dev.function("gemm", &format!("gemm_skinny_mg{g}")))
+            .collect::<Result<Vec<_>>>()?;
+        let skinny2 = (1..=SKINNY2_MAX_M / 8)
+            .map(|g| dev.function("gemm", &format!("gemm_skinny2_mg{g}")))
             .collect::<Result<Vec<_>>>()?;
         let wide = dev.function("gemm", "gemm_wide")?;
         wide.set_attribute(
@@ -517,14 +594,17 @@ impl Gemm {
         let mut gemm = Gemm {
             naive,
             skinny,
+            skinny2,
+            skinny2_failure: None,
             wide,
             wgmma,
             num_sms,
             scratch: Mutex::new(Scratch { ws, counters }),
             disabled,
         };
-        let failed = selftest::run(&gemm, dev)?;
+        let (failed, skinny2_failure) = selftest::run(&gemm, dev)?;
         gemm.disabled.extend(failed);
+        gemm.skinny2_failure = skinny2_failure;
         Ok(gemm)
     }
 
@@ -533,6 +613,23 @@ impl Gemm {
     /// from a disabled `Skinny` to the wide kernels.
     pub fn disabled_variants(&self) -> &[(GemmVariant, String)] {
         &self.disabled
+    }
+
+    /// Why version 2 of the skinny kernel was disabled by the load-time self-test (`run` then
+    /// uses version 1 for every `m ≤ 64`); `None` when it passed.
+    pub fn skinny_v2_failure(&self) -> Option<&str> {
+        self.skinny2_failure.as_deref()
+    }
+
+    /// The skinny plan [`Gemm::run`] uses for `m ≤ 64` rows: version 2 for `m ≤ 32` unless its
+    /// self-test failed, else version 1.
+    pub fn skinny_plan(&self, m: usize, n: usize, k: usize) -> SkinnyPlan {
+        let version = if self.skinny2_failure.is_some() {
+            1
+        } else {
+            SkinnyPlan::preferred_version(m)
+        };
+        SkinnyPlan::for_version(version, m, n, k, self.num_sms)
     }
 
     /// Whether `run` may use `variant` (it loaded and passed the self-test).
@@ -602,7 +699,7 @@ impl Gemm {
                         "gemm: the skinny kernel takes m ≤ {SKINNY_MAX_M}, got m={m}"
                     )));
                 }
-                Job::Skinny(SkinnyPlan::new(m, n, k, self.num_sms))
+                Job::Skinny(self.skinny_plan(m, n, k))
             }
         };
         self.launch(dev, job, a, w, out, m, n, k)
@@ -621,7 +718,7 @@ impl Gemm {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        let expect = SkinnyPlan::with_chunks_per_split(m, n, k, plan.chunks_per_split);
+        let expect = SkinnyPlan::with_version_chunks(plan.version, m, n, k, plan.chunks_per_split);
         if m > SKINNY_MAX_M || plan != expect {
             return Err(Error::invalid(format!(
                 "gemm: skinny plan {plan:?} does not fit m={m} n={n} k={k}"
@@ -822,7 +919,21 @@ impl Gemm {
                         "gemm: skinny plan {plan:?} exceeds the grid limits"
                     )));
                 }
-                let f = &self.skinny[plan.groups.clamp(1, 8) - 1];
+                let f = if plan.version == 2 {
+                    if plan.groups > SKINNY2_MAX_M / 8 {
+                        return Err(Error::invalid(format!(
+                            "gemm: skinny version 2 takes m ≤ {SKINNY2_MAX_M} ({plan:?})"
+                        )));
+                    }
+                    &self.skinny2[plan.groups.clamp(1, SKINNY2_MAX_M / 8) - 1]
+                } else {
+                    &self.skinny[plan.groups.clamp(1, 8) - 1]
+                };
+                let kname = if plan.version == 2 {
+                    "gemm_skinny2_mg"
+                } else {
+                    "gemm_skinny_mg"
+                };
                 let cps = plan.chunks_per_split as i32;
                 let cfg = LaunchConfig {
                     grid_dim: (plan.tiles as u32, plan.splits as u32, 1),
@@ -843,11 +954,11 @@ impl Gemm {
                     .arg(&epi)
                     .arg(&cps);
                 // SAFETY: shapes as for naive (loads predicated to rows < n, tokens < m, k < K);
-                // the workspace holds tiles·splits·groups·128 float4 and the counters `tiles`
+                // the workspace holds tiles·splits·rt·groups·128 float4 and the counters `tiles`
                 // entries (grown above); counters are zero between launches (the last block of a
                 // tile resets its counter) and all launches are ordered on dev.stream.
                 unsafe { b.launch(cfg) }
-                    .map_err(|e| cuda_err(&format!("launch gemm_skinny_mg{}", plan.groups), e))?;
+                    .map_err(|e| cuda_err(&format!("launch {kname}{}", plan.groups), e))?;
             }
         }
         Ok(())
@@ -895,11 +1006,17 @@ mod selftest {
     const K: usize = 8 * 97;
     /// Rows used for the skinny kernel (a prefix of the same A).
     const M_SKINNY: usize = 37;
+    /// Rows used for version 2 of the skinny kernel (4 groups, the last one partial; and 1 group).
+    const M_SKINNY2: [usize; 2] = [29, 3];
     /// fp32 outputs: tensor-core truncation at K = 776 is ~1e-5; real faults give ≥ 1e-2.
     const TOL_F32_SELFTEST: f64 = 1e-4;
 
-    /// The variants that failed, each with the first failure.
-    pub(super) fn run(gemm: &Gemm, dev: &CudaDevice) -> Result<Vec<(GemmVariant, String)>> {
+    /// Disabled variants with their first failure, and the first failure of skinny version 2.
+    pub(super) type SelfTestOutcome = (Vec<(GemmVariant, String)>, Option<String>);
+
+    /// The variants that failed, each with the first failure, and the first failure of version
+    /// 2 of the skinny kernel (which only switches `run` back to version 1).
+    pub(super) fn run(gemm: &Gemm, dev: &CudaDevice) -> Result<SelfTestOutcome> {
         let a = upload(dev, &random_bf16(0x5E1F, M * K))?;
         let w = upload(dev, &random_bf16(0x5E20, N * K))?;
         let mut r = dev
@@ -969,7 +1086,29 @@ mod selftest {
                 break;
             }
         }
-        Ok(failed)
+        // Skinny version 2: default plan and a forced 4-chunk split, each at 4 groups (partial
+        // last group) and 1 group; N = 392 leaves a partial 128-row tile, K = 776 a partial chunk.
+        let mut v2_jobs = Vec::new();
+        for m in M_SKINNY2 {
+            v2_jobs.push((SkinnyPlan::for_version(2, m, N, K, sms), m));
+            v2_jobs.push((SkinnyPlan::with_version_chunks(2, m, N, K, 4), m));
+        }
+        let mut v2_failure = None;
+        'v2: for (plan, m) in v2_jobs {
+            for epi in Epilogue::ALL {
+                let outcome = match one(gemm, dev, Job::Skinny(plan), epi, m, &a, &w, &want, &c0) {
+                    Ok(None) => continue,
+                    Ok(Some(why)) => why,
+                    Err(e) => format!("error: {e}"),
+                };
+                v2_failure = Some(format!(
+                    "self-test {plan:?} {} m{m} n{N} k{K}: {outcome}",
+                    epi.name()
+                ));
+                break 'v2;
+            }
+        }
+        Ok((failed, v2_failure))
     }
 
     /// One launch compared with the reference: `None` when right, else what was wrong.
@@ -1269,7 +1408,9 @@ fn check_one(
             Some(p.splits)
         }
         How::Variant(GemmVariant::Skinny) => {
-            Some(SkinnyPlan::new(m, n, case.k, gemm.num_sms).splits)
+            let p = gemm.skinny_plan(m, n, case.k);
+            detail.push_str(&format!(", skinny v{}", p.version));
+            Some(p.splits)
         }
         How::Variant(GemmVariant::Wide) => Some(WidePlan::new(m, n, case.k, gemm.num_sms).splits),
         How::Variant(GemmVariant::Naive) => None,
@@ -1320,17 +1461,20 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     ));
     // The load-time self-test must not have disabled anything on a Hopper GPU.
     let disabled = gemm.disabled_variants();
+    let mut why: Vec<String> = disabled
+        .iter()
+        .map(|(v, why)| format!("{} disabled: {why}", v.name()))
+        .collect();
+    if let Some(f) = gemm.skinny_v2_failure() {
+        why.push(format!("skinny version 2 disabled (version 1 used): {f}"));
+    }
     res.push(CheckResult::exact(
         "gemm.load_self_test",
-        disabled.is_empty(),
-        if disabled.is_empty() {
-            "every fast variant agrees with naive".to_string()
+        why.is_empty(),
+        if why.is_empty() {
+            "every fast variant (skinny v1 and v2 included) agrees with naive".to_string()
         } else {
-            disabled
-                .iter()
-                .map(|(v, why)| format!("{} disabled: {why}", v.name()))
-                .collect::<Vec<_>>()
-                .join("; ")
+            why.join("; ")
         },
     ));
     let has_wgmma = gemm.wgmma.is_some();
@@ -1379,11 +1523,23 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                 hows.push(How::Variant(GemmVariant::Naive));
             }
             if m <= SKINNY_MAX_M {
+                // The default (version 2 for m ≤ 32) and both versions explicitly, each with
+                // its default split and a forced 4-chunk split on the small shapes.
                 hows.push(How::Variant(GemmVariant::Skinny));
-                if k.div_ceil(SKINNY_CHUNK) > 4 && n * k < 1 << 20 {
-                    hows.push(How::SkinnyPlan(SkinnyPlan::with_chunks_per_split(
-                        m, n, k, 4,
+                let versions: &[usize] = if m <= SKINNY2_MAX_M { &[1, 2] } else { &[1] };
+                for &version in versions {
+                    hows.push(How::SkinnyPlan(SkinnyPlan::for_version(
+                        version,
+                        m,
+                        n,
+                        k,
+                        gemm.num_sms,
                     )));
+                    if k.div_ceil(SKINNY_CHUNK) > 4 && n * k < 1 << 20 {
+                        hows.push(How::SkinnyPlan(SkinnyPlan::with_version_chunks(
+                            version, m, n, k, 4,
+                        )));
+                    }
                 }
             }
             hows.push(How::Variant(GemmVariant::Wide));
@@ -1410,7 +1566,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             for how in hows {
                 let label = match how {
                     How::Variant(v) => v.name().to_string(),
-                    How::SkinnyPlan(p) => format!("skinny_split{}", p.splits),
+                    How::SkinnyPlan(p) => format!("skinny_v{}_split{}", p.version, p.splits),
                     How::WidePlan(p) => format!("wide_split{}", p.splits),
                     How::WgmmaPlan(p) => format!("wgmma_wg{}_split{}", p.wg, p.splits),
                 };
@@ -1434,12 +1590,21 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                 _ => None,
             };
             if let Some(v) = det {
-                let name = format!("gemm.{}.split_k_deterministic", v.name());
-                let r = check_deterministic(&gemm, dev, How::Variant(v), &case);
-                res.push(match r {
-                    Ok(ok) => CheckResult::exact(name, ok, "two runs, bitwise"),
-                    Err(e) => CheckResult::failed(name, e),
-                });
+                let mut dets = vec![(v.name().to_string(), How::Variant(v))];
+                if v == GemmVariant::Skinny {
+                    for version in [1, 2] {
+                        let p = SkinnyPlan::for_version(version, m, n, k, gemm.num_sms);
+                        dets.push((format!("skinny_v{version}"), How::SkinnyPlan(p)));
+                    }
+                }
+                for (label, how) in dets {
+                    let name = format!("gemm.{label}.split_k_deterministic");
+                    let r = check_deterministic(&gemm, dev, how, &case);
+                    res.push(match r {
+                        Ok(ok) => CheckResult::exact(name, ok, "two runs, bitwise"),
+                        Err(e) => CheckResult::failed(name, e),
+                    });
+                }
             }
         }
     }
@@ -1612,8 +1777,11 @@ fn bench_shape(
                 p.splits
             ));
         } else if variant == GemmVariant::Skinny {
-            let p = SkinnyPlan::new(m, n, k, gemm.num_sms);
-            detail.push_str(&format!(", {} tiles × {} splits", p.tiles, p.splits));
+            let p = gemm.skinny_plan(m, n, k);
+            detail.push_str(&format!(
+                ", v{}: {} tiles × {} splits",
+                p.version, p.tiles, p.splits
+            ));
         } else if variant == GemmVariant::Wide {
             let p = WidePlan::new(m, n, k, gemm.num_sms);
             detail.push_str(&format!(", {} tiles × {} splits", p.tiles(), p.splits));
@@ -1631,18 +1799,57 @@ fn bench_shape(
             detail,
         ));
     }
-    // Skinny split-K sweep at m = 1 and 32 (the default plan's choice is a model; this measures
-    // the alternatives) on the two 100 MB shapes.
+    // Skinny version 1 against version 2 with their default plans (m ≤ 32).
+    for m in [1usize, 8, 32] {
+        for version in [1usize, 2] {
+            let plan = SkinnyPlan::for_version(version, m, n, k, gemm.num_sms);
+            let av = a.slice(..m * k);
+            let ms = check::time_median_ms(dev, 3, 15, |i| {
+                let wv = ws[i % copies].as_view();
+                let out = match epi {
+                    Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
+                    Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
+                    Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),
+                };
+                gemm.run_skinny_plan(dev, plan, &av, &wv, out, m, n, k)
+            })?;
+            res.push(BenchResult::new(
+                format!("gemm.skinny_v{version} m{m} n{n} k{k}"),
+                ms,
+                Some(w_bytes as f64),
+                Some(2.0 * (m * n * k) as f64),
+                format!(
+                    "{}{} tiles of {} rows × {} splits",
+                    if gemm.skinny_plan(m, n, k) == plan {
+                        "default, "
+                    } else {
+                        ""
+                    },
+                    plan.tiles,
+                    plan.rows(),
+                    plan.splits
+                ),
+            ));
+        }
+    }
+    // Skinny split-K sweep at m = 1 and 32 for both versions (the default plan's choice is a
+    // model; this measures the alternatives) on the two 100 MB shapes.
     if n * k * 2 < 256 << 20 {
-        for m in [1usize, 32] {
+        for (m, version) in [(1usize, 1usize), (32, 1), (1, 2), (32, 2)] {
             let chunks = k.div_ceil(SKINNY_CHUNK);
+            let unroll = if version == 2 {
+                SKINNY2_UNROLL
+            } else {
+                SKINNY_UNROLL
+            };
             let mut seen = Vec::new();
-            for want in [1usize, 2, 3, 4, 6, 8, 12] {
-                let plan = SkinnyPlan::with_chunks_per_split(
+            for want in [1usize, 2, 3, 4, 6, 8, 12, 16] {
+                let plan = SkinnyPlan::with_version_chunks(
+                    version,
                     m,
                     n,
                     k,
-                    chunks.div_ceil(want).next_multiple_of(SKINNY_UNROLL),
+                    chunks.div_ceil(want).next_multiple_of(unroll),
                 );
                 if seen.contains(&plan.splits) {
                     continue;
@@ -1658,9 +1865,12 @@ fn bench_shape(
                     };
                     gemm.run_skinny_plan(dev, plan, &av, &wv, out, m, n, k)
                 })?;
-                let default = SkinnyPlan::new(m, n, k, gemm.num_sms) == plan;
+                let default = gemm.skinny_plan(m, n, k) == plan;
                 res.push(BenchResult::new(
-                    format!("gemm.skinny_sweep m{m} n{n} k{k} splits{}", plan.splits),
+                    format!(
+                        "gemm.skinny_sweep v{version} m{m} n{n} k{k} splits{}",
+                        plan.splits
+                    ),
                     ms,
                     Some(w_bytes as f64),
                     Some(2.0 * (m * n * k) as f64),
@@ -1719,26 +1929,67 @@ mod tests {
 
     #[test]
     fn skinny_plans_for_llada_shapes_on_h100() {
-        // Hand-derived: 132 SMs × 4 blocks = 528 slots; 192 tiles fit twice (384 blocks),
-        // 64 tiles eight times (512 blocks).
-        let p = SkinnyPlan::new(32, 12288, 4096, 132);
+        // Version 1, hand-derived: 132 SMs × 4 blocks = 528 slots; 192 tiles fit twice
+        // (384 blocks), 64 tiles eight times (512 blocks).
+        let p = SkinnyPlan::for_version(1, 32, 12288, 4096, 132);
         assert_eq!(
             p,
             SkinnyPlan {
                 groups: 4,
                 tiles: 192,
                 splits: 2,
-                chunks_per_split: 64
+                chunks_per_split: 64,
+                version: 1,
             }
         );
-        let p = SkinnyPlan::new(32, 4096, 12288, 132);
+        let p = SkinnyPlan::for_version(1, 32, 4096, 12288, 132);
         assert_eq!(
             p,
             SkinnyPlan {
                 groups: 4,
                 tiles: 64,
                 splits: 8,
-                chunks_per_split: 48
+                chunks_per_split: 48,
+                version: 1,
+            }
+        );
+        let p = SkinnyPlan::for_version(1, 32, 126_464, 4096, 132);
+        assert_eq!(
+            p,
+            SkinnyPlan {
+                groups: 4,
+                tiles: 1976,
+                splits: 1,
+                chunks_per_split: 128,
+                version: 1,
+            }
+        );
+        assert_eq!(p.workspace_floats(), 0);
+        // Version 2 (128 rows per block): 96 tiles fit 5 times (528 / 96 = 5.5): 128 chunks
+        // in splits of 26 (rounded to the unroll of 2) = 5 splits, 480 blocks; 32 tiles fit
+        // 16 times: 384 chunks / 16 = 24 per split, 512 blocks; the LM head is 988 tiles.
+        let p = SkinnyPlan::new(32, 12288, 4096, 132);
+        assert_eq!(
+            p,
+            SkinnyPlan {
+                groups: 4,
+                tiles: 96,
+                splits: 5,
+                chunks_per_split: 26,
+                version: 2,
+            }
+        );
+        assert_eq!(p.rows(), 128);
+        assert_eq!(p.workspace_floats(), 96 * 5 * 2 * 4 * 128 * 4);
+        let p = SkinnyPlan::new(32, 4096, 12288, 132);
+        assert_eq!(
+            p,
+            SkinnyPlan {
+                groups: 4,
+                tiles: 32,
+                splits: 16,
+                chunks_per_split: 24,
+                version: 2,
             }
         );
         let p = SkinnyPlan::new(32, 126_464, 4096, 132);
@@ -1746,17 +1997,23 @@ mod tests {
             p,
             SkinnyPlan {
                 groups: 4,
-                tiles: 1976,
+                tiles: 988,
                 splits: 1,
-                chunks_per_split: 128
+                chunks_per_split: 128,
+                version: 2,
             }
         );
         assert_eq!(p.workspace_floats(), 0);
         let p = SkinnyPlan::new(1, 12288, 4096, 132);
-        assert_eq!(p.groups, 1);
+        assert_eq!((p.groups, p.version), (1, 2));
+        // m > 32 is version 1 only, whatever is asked.
         let p = SkinnyPlan::new(64, 12288, 4096, 132);
-        assert_eq!(p.groups, 8);
+        assert_eq!((p.groups, p.version, p.rows()), (8, 1, 64));
+        assert_eq!(SkinnyPlan::for_version(2, 33, 8, 8, 132).version, 1);
+        assert_eq!(SkinnyPlan::with_version_chunks(2, 40, 8, 8, 1).version, 1);
         assert_eq!(SkinnyPlan::new(33, 8, 8, 132).groups, 5);
+        assert_eq!(SkinnyPlan::preferred_version(32), 2);
+        assert_eq!(SkinnyPlan::preferred_version(33), 1);
     }
 
     #[test]
@@ -1764,24 +2021,33 @@ mod tests {
         for k in [8, 328, 4096, 12288, 8 * 1001] {
             for n in [8, 296, 4096, 126_464] {
                 for sms in [1, 78, 132] {
-                    let p = SkinnyPlan::new(32, n, k, sms);
-                    assert_covers(&p, k);
-                    assert_eq!(p.chunks_per_split % SKINNY_UNROLL, 0);
-                    // Split grids fit in one wave of 4 blocks per SM.
-                    assert!(p.splits == 1 || p.tiles * p.splits <= 4 * sms, "{p:?}");
-                    if p.splits > 1 {
-                        assert!(p.chunks_per_split >= SKINNY_MIN_CHUNKS_PER_SPLIT);
+                    for (m, version, unroll) in [(32, 1, SKINNY_UNROLL), (32, 2, SKINNY2_UNROLL)] {
+                        let p = SkinnyPlan::for_version(version, m, n, k, sms);
+                        assert_eq!(p.version, version);
+                        assert_eq!(p.tiles, n.div_ceil(p.rows()));
+                        assert_covers(&p, k);
+                        assert_eq!(p.chunks_per_split % unroll, 0);
+                        // Split grids fit in one wave of 4 blocks per SM.
+                        assert!(p.splits == 1 || p.tiles * p.splits <= 4 * sms, "{p:?}");
+                        if p.splits > 1 {
+                            assert!(p.chunks_per_split >= SKINNY_MIN_CHUNKS_PER_SPLIT);
+                        }
                     }
                 }
             }
             for cps in [1, 3, 4, 7, 1000] {
                 assert_covers(&SkinnyPlan::with_chunks_per_split(5, 296, k, cps), k);
+                assert_covers(&SkinnyPlan::with_version_chunks(2, 29, 296, k, cps), k);
             }
         }
         // Forced split on K = 328 (11 chunks): 4 + 4 + 3.
         let p = SkinnyPlan::with_chunks_per_split(3, 296, 328, 4);
-        assert_eq!((p.splits, p.tiles, p.groups), (3, 5, 1));
+        assert_eq!((p.splits, p.tiles, p.groups, p.version), (3, 5, 1, 1));
         assert_eq!(p.workspace_floats(), 5 * 3 * 128 * 4);
+        // Version 2: 296 rows = 3 tiles of 128 (the last partial); two row tiles per warp.
+        let p = SkinnyPlan::with_version_chunks(2, 3, 296, 328, 4);
+        assert_eq!((p.splits, p.tiles, p.groups, p.version), (3, 3, 1, 2));
+        assert_eq!(p.workspace_floats(), 3 * 3 * 2 * 128 * 4);
     }
 
     #[test]
