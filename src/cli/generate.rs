@@ -1,9 +1,16 @@
-//! `dllm generate` and `dllm infill`: build a canvas, denoise it, print the text.
+//! `dllm fill`, `generate`, `infill` and `edit`: build a canvas, denoise it, print the text.
+//!
+//! `fill --canvas` takes the canvas syntax (`text [MASK:n] text …`); `generate` (prompt then
+//! `[MASK:gen_len]`) and `infill` (prefix, gap, suffix) are sugar over it; `edit` re-masks a byte
+//! span of a file (widened to token boundaries) and denoises it with the rest fixed.
 
 use super::ModelArgs;
 use clap::{Args, ValueEnum};
-use dllm::denoise::predict::Remasking;
-use dllm::denoise::{generation_canvas, infill_canvas, GenerationParams, Session};
+use dllm::denoise::canvas::span_tokens;
+use dllm::denoise::predict::{Remasking, SampleFilter};
+use dllm::denoise::{
+    build_canvas, parse_canvas, CanvasPart, CommitPolicy, Decoding, GenerationParams, Session,
+};
 use dllm::error::{Error, Result};
 use dllm::tokenizer::Tokenizer;
 use std::io::{IsTerminal, Write};
@@ -14,6 +21,8 @@ use std::time::Instant;
 pub enum RemaskingArg {
     LowConfidence,
     Random,
+    Margin,
+    Entropy,
 }
 
 /// Denoising options shared by `generate` and `infill`.
@@ -37,6 +46,28 @@ pub struct DenoiseArgs {
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Parallel decoding (Fast-dLLM): commit every masked position of the block with confidence
+    /// ≥ T, at least one; --steps becomes an upper bound.
+    #[arg(long, conflicts_with = "factor")]
+    pub threshold: Option<f64>,
+    /// Parallel decoding (Fast-dLLM factor rule): commit the largest n with c_i ≥ 1 − F/(i+1);
+    /// --steps becomes an upper bound.
+    #[arg(long)]
+    pub factor: Option<f64>,
+    /// Sample only among the k most likely tokens (0 = off; temperature > 0 only).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample only among the most likely tokens of cumulative probability ≥ p (applied before
+    /// --top-k; temperature > 0 only).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Classifier-free guidance scale (0 = off; two forwards per step).
+    #[arg(long, default_value_t = 0.0)]
+    pub cfg_scale: f64,
+    /// Stop once an EOS is committed with every generated position before it committed; the
+    /// rest becomes EOS.
+    #[arg(long)]
+    pub stop_at_eos: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -60,10 +91,60 @@ impl DenoiseArgs {
             remasking: match self.remasking {
                 RemaskingArg::LowConfidence => Remasking::LowConfidence,
                 RemaskingArg::Random => Remasking::Random,
+                RemaskingArg::Margin => Remasking::Margin,
+                RemaskingArg::Entropy => Remasking::Entropy,
             },
             seed: self.seed,
         })
     }
+
+    fn decoding(&self) -> Result<Decoding> {
+        let commit = match (self.threshold, self.factor) {
+            (Some(t), _) => CommitPolicy::Threshold(t),
+            (None, Some(f)) => CommitPolicy::Factor(f),
+            (None, None) => CommitPolicy::Schedule,
+        };
+        let d = Decoding {
+            commit,
+            filter: SampleFilter {
+                top_k: self.top_k,
+                top_p: self.top_p,
+            },
+            cfg_scale: self.cfg_scale,
+            stop_at_eos: self.stop_at_eos,
+        };
+        d.validate()
+            .map_err(|e| Error::invalid(format!("decoding options: {e}")))?;
+        Ok(d)
+    }
+}
+
+#[derive(Args)]
+pub struct FillArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The canvas: text with gaps `[MASK:n]`; `\n`, `\t` and `\\` are unescaped.
+    #[arg(long, conflicts_with = "canvas_file")]
+    pub canvas: Option<String>,
+    /// Read the canvas from a file (taken literally, no unescaping).
+    #[arg(long)]
+    pub canvas_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub denoise: DenoiseArgs,
+}
+
+#[derive(Args)]
+pub struct EditArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to edit.
+    #[arg(long)]
+    pub text_file: PathBuf,
+    /// Byte range START..END of the file to regenerate (widened to token boundaries).
+    #[arg(long)]
+    pub span: String,
+    #[command(flatten)]
+    pub denoise: DenoiseArgs,
 }
 
 #[derive(Args)]
@@ -94,33 +175,154 @@ pub struct InfillArgs {
     pub denoise: DenoiseArgs,
 }
 
-/// `dllm generate`.
+/// `dllm generate`: sugar for `fill` with the canvas `PROMPT[MASK:gen_len]`.
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), None) => p.clone(),
         (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?,
-        _ => return Err(Error::invalid("give the prompt with --prompt TEXT or --prompt-file FILE")),
+        _ => {
+            return Err(Error::invalid(
+                "give the prompt with --prompt TEXT or --prompt-file FILE",
+            ))
+        }
     };
-    let (model, tok) = super::info::load(&a.model)?;
-    let ids = tok.encode(&prompt)?;
-    if ids.is_empty() && a.denoise.gen_len == 0 {
-        return Err(Error::invalid("empty prompt and --gen-len 0: nothing to do"));
+    if prompt.is_empty() && a.denoise.gen_len == 0 {
+        return Err(Error::invalid(
+            "empty prompt and --gen-len 0: nothing to do",
+        ));
     }
-    let mask = model.config().mask_token_id;
-    run_canvas(model, &tok, generation_canvas(&ids, a.denoise.gen_len, mask), ids.len(), &a.denoise)
+    let mut parts = vec![CanvasPart::Text(prompt)];
+    if a.denoise.gen_len > 0 {
+        parts.push(CanvasPart::Masks(a.denoise.gen_len));
+    }
+    fill_parts(&a.model, &parts, &a.denoise)
 }
 
-/// `dllm infill`.
+/// `dllm infill`: sugar for `fill` with the canvas `PREFIX[MASK:gen_len]SUFFIX`.
 pub fn infill(a: InfillArgs) -> Result<()> {
-    let (model, tok) = super::info::load(&a.model)?;
-    let prefix = tok.encode(&a.prefix)?;
-    let suffix = tok.encode(&a.suffix)?;
     if a.denoise.gen_len == 0 {
         return Err(Error::invalid("--gen-len must be at least 1 for infill"));
     }
+    let parts = [
+        CanvasPart::Text(a.prefix),
+        CanvasPart::Masks(a.denoise.gen_len),
+        CanvasPart::Text(a.suffix),
+    ];
+    fill_parts(&a.model, &parts, &a.denoise)
+}
+
+/// `dllm fill`.
+pub fn fill(a: FillArgs) -> Result<()> {
+    let spec = match (&a.canvas, &a.canvas_file) {
+        (Some(c), None) => unescape(c),
+        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?,
+        _ => {
+            return Err(Error::invalid(
+                "give the canvas with --canvas TEXT or --canvas-file FILE",
+            ))
+        }
+    };
+    let parts = parse_canvas(&spec)?;
+    if !parts.iter().any(|p| matches!(p, CanvasPart::Masks(_))) {
+        return Err(Error::invalid(
+            "the canvas has no gap: write [MASK:n] where n tokens are to be generated",
+        ));
+    }
+    fill_parts(&a.model, &parts, &a.denoise)
+}
+
+/// `dllm edit`.
+pub fn edit(a: EditArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.text_file).map_err(|e| Error::io(&a.text_file, e))?;
+    let (start, end) = parse_span(&a.span, text.len())?;
+    let (model, tok) = super::info::load(&a.model)?;
+    let ids = tok.encode(&text)?;
+    if ids.is_empty() {
+        return Err(Error::invalid(format!(
+            "{}: the file has no tokens",
+            a.text_file.display()
+        )));
+    }
+    // Byte offset where each token ends: the length of the decoded prefix.
+    let mut ends = Vec::with_capacity(ids.len());
+    for i in 1..=ids.len() {
+        ends.push(tok.decode(&ids[..i], false)?.len());
+    }
+    if ends.last() != Some(&text.len()) {
+        return Err(Error::invalid(format!(
+            "{}: the tokenizer does not reproduce the file byte for byte, so byte offsets cannot be mapped to tokens",
+            a.text_file.display()
+        )));
+    }
+    let span = span_tokens(&ends, start, end);
     let mask = model.config().mask_token_id;
-    let canvas = infill_canvas(&prefix, a.denoise.gen_len, &suffix, mask);
-    run_canvas(model, &tok, canvas, prefix.len() + suffix.len(), &a.denoise)
+    let mut canvas = ids;
+    for t in &mut canvas[span.clone()] {
+        *t = mask;
+    }
+    if !a.denoise.quiet {
+        let b0 = if span.start == 0 {
+            0
+        } else {
+            ends[span.start - 1]
+        };
+        eprintln!(
+            "editing bytes {b0}..{} (tokens {}..{}) of {}",
+            ends[span.end - 1],
+            span.start,
+            span.end,
+            a.text_file.display()
+        );
+    }
+    let fixed = canvas.len() - span.len();
+    run_canvas(model, &tok, canvas, fixed, &a.denoise)
+}
+
+/// Parses `START..END` (bytes, `START ≤ END ≤ len`).
+fn parse_span(s: &str, len: usize) -> Result<(usize, usize)> {
+    let bad = || {
+        Error::invalid(format!(
+            "--span {s:?}: expected START..END, byte offsets with START <= END <= {len} (the file size)"
+        ))
+    };
+    let (a, b) = s.split_once("..").ok_or_else(bad)?;
+    let start: usize = a.trim().parse().map_err(|_| bad())?;
+    let end: usize = b.trim().parse().map_err(|_| bad())?;
+    if start > end || end > len {
+        return Err(bad());
+    }
+    Ok((start, end))
+}
+
+/// Unescapes `\n`, `\t` and `\\`; any other backslash stays as it is.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\\' {
+            match it.peek() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some('\\') => out.push('\\'),
+                _ => {
+                    out.push('\\');
+                    continue;
+                }
+            }
+            it.next();
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn fill_parts(model_args: &ModelArgs, parts: &[CanvasPart], opts: &DenoiseArgs) -> Result<()> {
+    let (model, tok) = super::info::load(model_args)?;
+    let mask = model.config().mask_token_id;
+    let canvas = build_canvas(parts, |t| tok.encode(t), mask)?;
+    let fixed = canvas.iter().filter(|&&t| t != mask).count();
+    run_canvas(model, &tok, canvas, fixed, opts)
 }
 
 fn run_canvas(
@@ -130,7 +332,9 @@ fn run_canvas(
     prompt_tokens: usize,
     opts: &DenoiseArgs,
 ) -> Result<()> {
+    let decoding = opts.decoding()?;
     let mut session = Session::new(model, canvas, opts.params()?)?;
+    session.set_decoding(decoding)?;
     let total = session.total_steps();
     let progress = !opts.quiet;
     let tty = std::io::stderr().is_terminal();
@@ -138,7 +342,13 @@ fn run_canvas(
     session.run_with(|info, _canvas| {
         if progress && tty {
             let rate = (info.step + 1) as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            eprint!("\rstep {}/{} ({:.1} steps/s, {} masks left)   ", info.step + 1, total, rate, info.masks_left);
+            eprint!(
+                "\rstep {}/{} ({:.1} steps/s, {} masks left)   ",
+                info.step + 1,
+                total,
+                rate,
+                info.masks_left
+            );
         }
         true
     })?;
@@ -157,9 +367,24 @@ fn run_canvas(
             session.model().backend_name()
         );
     }
+    let forwards = session.forward_steps();
+    let cfg = session.model().config();
+    let (eos, pad) = (cfg.eos_token_id, cfg.pad_token_id);
     let final_canvas = session.canvas().to_vec();
-    let generated: Vec<u32> = session.generated_positions().iter().map(|&p| final_canvas[p]).collect();
-    let text = tok.decode(&generated, true)?;
+    let generated: Vec<u32> = session
+        .generated_positions()
+        .iter()
+        .map(|&p| final_canvas[p])
+        .collect();
+    // Trailing EOS/pad runs are padding, not text.
+    let trailing = |ids: &[u32]| {
+        ids.iter()
+            .rev()
+            .take_while(|&&t| t == eos || t == pad)
+            .count()
+    };
+    let text = tok.decode(&generated[..generated.len() - trailing(&generated)], true)?;
+    let shown = &final_canvas[..final_canvas.len() - trailing(&final_canvas)];
     let mut out = std::io::stdout().lock();
     if opts.json {
         let v = serde_json::json!({
@@ -168,13 +393,15 @@ fn run_canvas(
             "prompt_tokens": prompt_tokens,
             "generated_tokens": generated.len(),
             "steps": steps,
+            "forward_steps": forwards,
+            "tokens_per_step": generated.len() as f64 / forwards.max(1) as f64,
             "elapsed_s": elapsed,
             "tokens_per_second": generated.len() as f64 / elapsed.max(1e-9),
             "backend": session.model().backend_name(),
         });
         writeln!(out, "{v}").ok();
     } else {
-        writeln!(out, "{}", tok.decode(&final_canvas, true)?).ok();
+        writeln!(out, "{}", tok.decode(shown, true)?).ok();
     }
     Ok(())
 }

@@ -13,7 +13,11 @@ use std::path::PathBuf;
 pub const DEFAULT_MODEL: &str = "models/tiny-llada-code";
 
 #[derive(Parser)]
-#[command(name = "dllm", version, about = "Inference engine for masked-diffusion language models (LLaDA)")]
+#[command(
+    name = "dllm",
+    version,
+    about = "Inference engine for masked-diffusion language models (LLaDA)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -25,6 +29,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Fill a gap between a prefix and a suffix.
     Infill(generate::InfillArgs),
+    /// Fill every `[MASK:n]` gap of a canvas.
+    Fill(generate::FillArgs),
+    /// Regenerate a byte span of a file with the rest fixed.
+    Edit(generate::EditArgs),
     /// Describe and validate a model directory.
     Info(info::InfoArgs),
     /// Print the raw per-position logits of one forward pass.
@@ -93,6 +101,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => generate::generate(a),
         Command::Infill(a) => generate::infill(a),
+        Command::Fill(a) => generate::fill(a),
+        Command::Edit(a) => generate::edit(a),
         Command::Info(a) => info::info(a),
         Command::Logits(a) => logits::logits(a),
         Command::Synth(a) => tools::synth(a),

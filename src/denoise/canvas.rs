@@ -1,4 +1,92 @@
-//! Building canvases: token sequences where mask tokens mark the positions to generate.
+//! Building canvases: token sequences where mask tokens mark the positions to generate, and the
+//! canvas syntax of the CLI (`text [MASK:n] text …`).
+
+use crate::error::{Error, Result};
+
+/// One piece of a canvas written in the canvas syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CanvasPart {
+    /// Fixed text (tokenized on its own).
+    Text(String),
+    /// A gap of this many mask tokens.
+    Masks(usize),
+}
+
+/// Parses the canvas syntax: text with any number of gaps `[MASK:n]` (`n ≥ 1` decimal). Any
+/// other text, including a lone `[MASK]`, is fixed text. Empty text pieces are dropped.
+///
+/// Errors ([`Error::InvalidArgument`], naming the byte offset): `[MASK:` not followed by a
+/// positive number and `]`.
+pub fn parse_canvas(spec: &str) -> Result<Vec<CanvasPart>> {
+    const OPEN: &str = "[MASK:";
+    let mut parts = Vec::new();
+    let mut rest = spec;
+    let mut offset = 0;
+    while let Some(i) = rest.find(OPEN) {
+        if i > 0 {
+            parts.push(CanvasPart::Text(rest[..i].to_string()));
+        }
+        let after = &rest[i + OPEN.len()..];
+        let close = after.find(']');
+        let n = close.and_then(|c| {
+            let digits = &after[..c];
+            (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| digits.parse::<usize>().ok())
+                .flatten()
+        });
+        match (n, close) {
+            (Some(n), Some(c)) if n > 0 => {
+                parts.push(CanvasPart::Masks(n));
+                let used = i + OPEN.len() + c + 1;
+                offset += used;
+                rest = &rest[used..];
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "canvas: `[MASK:` at byte {} must be followed by a positive count and `]`, \
+                     as in [MASK:16]",
+                    offset + i
+                )))
+            }
+        }
+    }
+    if !rest.is_empty() {
+        parts.push(CanvasPart::Text(rest.to_string()));
+    }
+    Ok(parts)
+}
+
+/// Builds the token canvas of `parts`: each text piece through `encode`, each gap as masks.
+pub fn build_canvas(
+    parts: &[CanvasPart],
+    mut encode: impl FnMut(&str) -> Result<Vec<u32>>,
+    mask: u32,
+) -> Result<Vec<u32>> {
+    let mut c = Vec::new();
+    for p in parts {
+        match p {
+            CanvasPart::Text(t) => c.extend(encode(t)?),
+            CanvasPart::Masks(n) => c.resize(c.len() + n, mask),
+        }
+    }
+    Ok(c)
+}
+
+/// Mask positions covering the byte range `start..end` of a text whose tokens end at the
+/// byte offsets `ends` (token `i` covers `ends[i-1]..ends[i]`, token 0 starts at 0): every
+/// token overlapping the range, so the range is widened to token boundaries. An empty range
+/// selects the token containing `start` (the last token when `start` is at the end).
+pub fn span_tokens(ends: &[usize], start: usize, end: usize) -> std::ops::Range<usize> {
+    let begin_of = |i: usize| if i == 0 { 0 } else { ends[i - 1] };
+    let first = ends
+        .partition_point(|&e| e <= start)
+        .min(ends.len().saturating_sub(1));
+    let mut last = first + 1;
+    while last < ends.len() && begin_of(last) < end {
+        last += 1;
+    }
+    first..last.min(ends.len())
+}
 
 /// A generation canvas: `prompt` followed by `gen_len` mask tokens.
 pub fn generation_canvas(prompt: &[u32], gen_len: usize, mask: u32) -> Vec<u32> {
@@ -34,5 +122,62 @@ mod tests {
         assert_eq!(generation_canvas(&[], 2, 9), vec![9, 9]);
         assert_eq!(infill_canvas(&[5], 2, &[7, 8], 1), vec![5, 1, 1, 7, 8]);
         assert_eq!(masked_positions(&[1, 5, 1, 1, 7, 1], 1), vec![0, 2, 3, 5]);
+    }
+
+    #[test]
+    fn parses_the_canvas_syntax() {
+        use CanvasPart::*;
+        assert_eq!(
+            parse_canvas("def f():\n    return [MASK:4]\n\n[MASK:16]").unwrap(),
+            vec![
+                Text("def f():\n    return ".into()),
+                Masks(4),
+                Text("\n\n".into()),
+                Masks(16)
+            ]
+        );
+        assert_eq!(
+            parse_canvas("[MASK:2][MASK:3]x").unwrap(),
+            vec![Masks(2), Masks(3), Text("x".into())]
+        );
+        assert_eq!(
+            parse_canvas("a [MASK] b").unwrap(),
+            vec![Text("a [MASK] b".into())]
+        );
+        assert_eq!(parse_canvas("").unwrap(), vec![]);
+        for bad in [
+            "x[MASK:0]",
+            "x[MASK:]",
+            "x[MASK:3",
+            "x[MASK:-1]",
+            "x[MASK:a]",
+            "ab[MASK:2]c[MASK: 2]",
+        ] {
+            let e = parse_canvas(bad).unwrap_err().to_string();
+            assert!(e.contains("[MASK:") && e.contains("byte"), "{bad}: {e}");
+        }
+        assert!(parse_canvas("ab[MASK:2]c[MASK: 2]")
+            .unwrap_err()
+            .to_string()
+            .contains("byte 11"));
+        let enc = |t: &str| Ok(t.bytes().map(u32::from).collect::<Vec<_>>());
+        assert_eq!(
+            build_canvas(&parse_canvas("ab[MASK:2]c").unwrap(), enc, 0).unwrap(),
+            vec![97, 98, 0, 0, 99]
+        );
+    }
+
+    #[test]
+    fn spans_widen_to_token_boundaries() {
+        // Tokens cover 0..3, 3..5, 5..9, 9..10.
+        let ends = [3, 5, 9, 10];
+        assert_eq!(span_tokens(&ends, 0, 3), 0..1);
+        assert_eq!(span_tokens(&ends, 2, 4), 0..2);
+        assert_eq!(span_tokens(&ends, 3, 5), 1..2);
+        assert_eq!(span_tokens(&ends, 4, 6), 1..3);
+        assert_eq!(span_tokens(&ends, 6, 10), 2..4);
+        assert_eq!(span_tokens(&ends, 0, 10), 0..4);
+        assert_eq!(span_tokens(&ends, 4, 4), 1..2);
+        assert_eq!(span_tokens(&ends, 10, 10), 3..4);
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! The default (LLaDA `generate()`) commits the `k` most confident candidates. Order is total
 //! and deterministic: higher confidence first, ties to the lower position, NaN below every
-//! number (including −∞). Other rules (confidence threshold, Fast-dLLM factor) belong here too,
-//! as further functions over the same `(position, confidence)` candidates.
+//! number (including −∞). The parallel-decoding rules of Fast-dLLM are further functions over the
+//! same `(position, confidence)` candidates: [`threshold`] and [`factor`]; both commit at least
+//! `min_k` (≥ 1) candidates so that a block always progresses.
 
 use std::cmp::Ordering;
 
@@ -44,6 +45,32 @@ pub fn top_k(candidates: &[Candidate], k: usize) -> Vec<usize> {
     }
     idx.sort_unstable_by(cmp);
     idx
+}
+
+/// Fast-dLLM threshold rule: every candidate with confidence ≥ `t`, and at least the `min_k`
+/// best (at least one when there are candidates). Indices in rank order.
+pub fn threshold(candidates: &[Candidate], t: f64, min_k: usize) -> Vec<usize> {
+    let ranked = top_k(candidates, candidates.len());
+    let n = ranked
+        .iter()
+        .take_while(|&&i| candidates[i].confidence >= t)
+        .count();
+    let n = n.max(min_k.max(1)).min(ranked.len());
+    ranked[..n].to_vec()
+}
+
+/// Fast-dLLM factor rule: with confidences ranked `c1 ≥ c2 ≥ …`, the largest `n` such that
+/// `c_i ≥ 1 − f / (i + 1)` for every `i ≤ n` (1-based `i`), and at least `min_k` (at least one
+/// when there are candidates). Indices in rank order.
+pub fn factor(candidates: &[Candidate], f: f64, min_k: usize) -> Vec<usize> {
+    let ranked = top_k(candidates, candidates.len());
+    let n = ranked
+        .iter()
+        .enumerate()
+        .take_while(|&(i, &c)| candidates[c].confidence >= 1.0 - f / ((i + 1) as f64 + 1.0))
+        .count();
+    let n = n.max(min_k.max(1)).min(ranked.len());
+    ranked[..n].to_vec()
 }
 
 #[cfg(test)]
@@ -112,6 +139,73 @@ mod tests {
                     naive(&c, k),
                     "seed {seed} k {k} conf {conf:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn threshold_hand_cases() {
+        let c = cands(&[0.5, 0.95, f64::NAN, 0.9, 0.2]);
+        assert_eq!(threshold(&c, 0.9, 1), vec![1, 3]);
+        assert_eq!(threshold(&c, 0.91, 1), vec![1]);
+        // Nothing reaches the threshold: the single best anyway.
+        assert_eq!(threshold(&c, 0.99, 0), vec![1]);
+        // min_k lifts the count.
+        assert_eq!(threshold(&c, 0.99, 3), vec![1, 3, 0]);
+        // NaN never passes a threshold; a low threshold takes all numbers.
+        assert_eq!(threshold(&c, 0.0, 1), vec![1, 3, 0, 4]);
+        assert_eq!(threshold(&c, 0.0, 9).len(), 5);
+        assert!(threshold(&[], 0.5, 1).is_empty());
+    }
+
+    #[test]
+    fn factor_hand_cases() {
+        // F = 1: bounds 1 − 1/2 = 0.5, 1 − 1/3 = 0.667, 1 − 1/4 = 0.75, 1 − 1/5 = 0.8.
+        let c = cands(&[0.7, 0.9, 0.76, 0.6]);
+        // Ranked 0.9 ≥ 0.5, 0.76 ≥ 0.667, 0.7 < 0.75 → 2.
+        assert_eq!(factor(&c, 1.0, 1), vec![1, 2]);
+        // F = 1.2: bounds 0.4, 0.6, 0.7, 0.76 → 0.9, 0.76, 0.7 pass, 0.6 < 0.76 → 3.
+        assert_eq!(factor(&c, 1.2, 1), vec![1, 2, 0]);
+        // Tiny F: nothing passes → the best alone; min_k lifts it.
+        assert_eq!(factor(&c, 0.01, 1), vec![1]);
+        assert_eq!(factor(&c, 0.01, 2), vec![1, 2]);
+        // "For all i ≤ n": a later candidate passing its bound does not count after a failure.
+        let c = cands(&[0.9, 0.3, 0.29]);
+        // F = 1: 0.9 ≥ 0.5, 0.3 < 0.667 → 1, although nothing else matters.
+        assert_eq!(factor(&c, 1.0, 1), vec![0]);
+        // Huge F takes everything.
+        assert_eq!(factor(&c, 10.0, 1), vec![0, 1, 2]);
+        assert!(factor(&[], 1.0, 1).is_empty());
+    }
+
+    #[test]
+    fn parallel_rules_match_naive_definitions() {
+        let levels = [f64::NAN, 0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0];
+        for seed in 0..300u64 {
+            let n = (seed % 11) as usize;
+            let conf: Vec<f64> = (0..n)
+                .map(|i| levels[(crate::denoise::rng::bits(seed, 1, i as u64, 0) % 8) as usize])
+                .collect();
+            let c = cands(&conf);
+            let order = naive(&c, n);
+            for &t in &[0.0, 0.5, 0.85, 1.0] {
+                let mut want: Vec<usize> = order
+                    .iter()
+                    .copied()
+                    .filter(|&i| c[i].confidence >= t)
+                    .collect();
+                if want.is_empty() && n > 0 {
+                    want.push(order[0]);
+                }
+                assert_eq!(threshold(&c, t, 1), want, "t {t} {conf:?}");
+            }
+            for &f in &[0.1, 0.5, 1.0, 2.0] {
+                let mut m = 0;
+                while m < n && c[order[m]].confidence >= 1.0 - f / (m as f64 + 2.0) {
+                    m += 1;
+                }
+                let m = m.max(1).min(n);
+                assert_eq!(factor(&c, f, 1), order[..m].to_vec(), "f {f} {conf:?}");
             }
         }
     }

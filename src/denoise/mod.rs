@@ -7,7 +7,7 @@ pub mod rng;
 pub mod schedule;
 pub mod session;
 
-pub use canvas::{generation_canvas, infill_canvas};
-pub use predict::Remasking;
+pub use canvas::{build_canvas, generation_canvas, infill_canvas, parse_canvas, CanvasPart};
+pub use predict::{Remasking, SampleFilter};
 pub use schedule::transfer_counts;
-pub use session::{GenerationParams, Session, StepInfo, StepPlan};
+pub use session::{CommitPolicy, Decoding, GenerationParams, Session, StepInfo, StepPlan};

@@ -7,10 +7,16 @@
 //!
 //! A step is split into [`Session::plan`] (what forward is needed) and [`Session::apply`] (commit
 //! its predictions), so a batching driver can run the forwards of many sessions together.
+//!
+//! [`Decoding`] (set with [`Session::set_decoding`]) adds the decoding strategies beyond the
+//! reference loop: the parallel commit rules of Fast-dLLM (threshold, factor; `steps` becomes an
+//! upper bound and a block ends as soon as it has no masks), top-k / top-p, classifier-free
+//! guidance and stopping at EOS. Steps that need host logits (filters, guidance) run through
+//! [`Model::forward`]; the others through [`Model::predict`].
 
 use super::canvas::masked_positions;
 use super::commit::{self, Candidate};
-use super::predict::{PredictRule, Prediction, Remasking};
+use super::predict::{predict_rows_filtered, PredictRule, Prediction, Remasking, SampleFilter};
 use super::schedule::{self, Schedule};
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -43,6 +49,77 @@ impl Default for GenerationParams {
     }
 }
 
+/// Which candidates of a step are committed.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum CommitPolicy {
+    /// The fixed schedule: step `i` of a block commits `transfer_counts(n, s)[i]` (LLaDA).
+    #[default]
+    Schedule,
+    /// Every candidate with confidence ≥ the value, at least one (Fast-dLLM threshold rule).
+    Threshold(f64),
+    /// The Fast-dLLM factor rule with this factor (see [`commit::factor`]).
+    Factor(f64),
+}
+
+impl CommitPolicy {
+    /// Whether the number of commits depends on the confidences (`steps` is then a bound).
+    pub fn is_dynamic(&self) -> bool {
+        !matches!(self, CommitPolicy::Schedule)
+    }
+}
+
+/// Decoding strategies beyond [`GenerationParams`]; the default is the reference loop.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Decoding {
+    /// How many candidates a step commits.
+    pub commit: CommitPolicy,
+    /// Top-k / top-p narrowing of the sampled candidates (temperature > 0 only).
+    pub filter: SampleFilter,
+    /// Classifier-free guidance scale `s` (0 = off): `logits = un + (s + 1)(cond − un)`, `un`
+    /// from the canvas with every position that was not a mask at creation masked.
+    pub cfg_scale: f64,
+    /// Once an EOS is committed with every generated position before it committed, fill the
+    /// remaining generated positions with EOS and stop.
+    pub stop_at_eos: bool,
+}
+
+impl Decoding {
+    /// Checks the values. Errors ([`Error::InvalidArgument`]) name the option.
+    pub fn validate(&self) -> Result<()> {
+        match self.commit {
+            CommitPolicy::Threshold(t) if !t.is_finite() => {
+                return Err(Error::invalid(format!(
+                    "threshold must be a finite number, got {t}"
+                )))
+            }
+            CommitPolicy::Factor(f) if !(f.is_finite() && f > 0.0) => {
+                return Err(Error::invalid(format!(
+                    "factor must be a finite number > 0, got {f}"
+                )))
+            }
+            _ => {}
+        }
+        if !(self.filter.top_p > 0.0 && self.filter.top_p <= 1.0) {
+            return Err(Error::invalid(format!(
+                "top_p must be in (0, 1], got {}",
+                self.filter.top_p
+            )));
+        }
+        if !(self.cfg_scale.is_finite() && self.cfg_scale >= 0.0) {
+            return Err(Error::invalid(format!(
+                "cfg_scale must be a finite number >= 0, got {}",
+                self.cfg_scale
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether a step needs the logits on the host (filters or guidance).
+    pub fn needs_logits(&self) -> bool {
+        self.filter.is_active() || self.cfg_scale > 0.0
+    }
+}
+
 /// What one call to [`Session::step`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepInfo {
@@ -66,7 +143,8 @@ pub struct StepPlan {
     pub block: usize,
     /// Still-masked positions of the block, in increasing order.
     pub queries: Vec<usize>,
-    /// Number of positions to commit (≤ `queries.len()`).
+    /// Number of positions to commit (≤ `queries.len()`); under a dynamic [`CommitPolicy`] the
+    /// least number (the commit rule may take more).
     pub k: usize,
     pub rule: PredictRule,
 }
@@ -91,6 +169,10 @@ pub struct Session {
     /// For each canvas position, the block that fills it (`usize::MAX`: none). Remasking moves
     /// a position to its new block, so the block running at that time never fills it.
     owner: Vec<usize>,
+    decoding: Decoding,
+    /// Forward steps actually taken (differs from `cursor` when dynamic blocks end early).
+    taken: usize,
+    eos: u32,
 }
 
 impl std::fmt::Debug for Session {
@@ -147,6 +229,7 @@ impl Session {
         }
         let mask = cfg.mask_token_id;
         let vocab_size = cfg.vocab_size;
+        let eos = cfg.eos_token_id;
         let generated = masked_positions(&canvas, mask);
         let schedule = Schedule::new(generated.len(), params.block_len, params.steps)?;
         let mut owner = vec![usize::MAX; canvas.len()];
@@ -168,7 +251,74 @@ impl Session {
             vocab_size,
             extra_blocks: Vec::new(),
             owner,
+            decoding: Decoding::default(),
+            taken: 0,
+            eos,
         })
+    }
+
+    /// Sets the decoding strategies (see [`Decoding`]); allowed at any time, effective from the
+    /// next step. Errors ([`Error::InvalidArgument`], nothing changed): bad values.
+    pub fn set_decoding(&mut self, decoding: Decoding) -> Result<()> {
+        decoding.validate()?;
+        self.decoding = decoding;
+        Ok(())
+    }
+
+    /// The decoding strategies in effect.
+    pub fn decoding(&self) -> &Decoding {
+        &self.decoding
+    }
+
+    /// The predictions `plan` needs: [`Model::predict`] for the reference loop; with filters or
+    /// guidance, [`Model::forward`] (twice for guidance) and host prediction.
+    pub fn predict(&self, plan: &StepPlan) -> Result<Vec<Prediction>> {
+        if plan.k == 0 {
+            return Ok(Vec::new());
+        }
+        if !self.decoding.needs_logits() {
+            return self.model.predict(&self.canvas, &plan.queries, &plan.rule);
+        }
+        let width = self.model.config().logits_width();
+        let mut logits = self.model.forward(&self.canvas)?;
+        let s = self.decoding.cfg_scale;
+        if s > 0.0 {
+            let un = self.model.forward(&self.unconditional_canvas())?;
+            if un.len() != logits.len() {
+                return Err(Error::Backend(format!(
+                    "unconditional forward gave {} logits, the conditional {}",
+                    un.len(),
+                    logits.len()
+                )));
+            }
+            for &q in &plan.queries {
+                let (c, u) = (
+                    &mut logits[q * width..(q + 1) * width],
+                    &un[q * width..(q + 1) * width],
+                );
+                for (c, &u) in c.iter_mut().zip(u) {
+                    *c = cfg_combine(*c, u, s);
+                }
+            }
+        }
+        Ok(predict_rows_filtered(
+            &logits,
+            width,
+            &plan.queries,
+            &plan.queries,
+            &plan.rule,
+            &self.decoding.filter,
+        ))
+    }
+
+    /// The canvas of the unconditional guidance pass: every position that was not a mask at
+    /// creation (the prompt) holds the mask token; generated positions keep their state.
+    pub fn unconditional_canvas(&self) -> Vec<u32> {
+        let mut c = vec![self.mask; self.canvas.len()];
+        for &p in &self.generated {
+            c[p] = self.canvas[p];
+        }
+        c
     }
 
     /// Takes one step: plans it, runs the forward if it commits anything, applies the result.
@@ -178,12 +328,7 @@ impl Session {
         let Some(plan) = self.plan() else {
             return Ok(self.info(self.cursor, Vec::new()));
         };
-        let preds = if plan.k == 0 {
-            Vec::new()
-        } else {
-            self.model
-                .predict(&self.canvas, &plan.queries, &plan.rule)?
-        };
+        let preds = self.predict(&plan)?;
         self.apply(&plan, &preds)
     }
 
@@ -217,7 +362,13 @@ impl Session {
         if i == 0 {
             self.block_counts = schedule::transfer_counts(queries.len(), self.block_steps(block));
         }
-        let k = self.block_counts[i].min(queries.len());
+        let k = if self.decoding.commit.is_dynamic() {
+            // Least count that still finishes the block within its remaining steps.
+            let steps_left = self.block_steps(block) - i;
+            queries.len().div_ceil(steps_left)
+        } else {
+            self.block_counts[i].min(queries.len())
+        };
         let rule = PredictRule {
             temperature: self.params.temperature,
             remasking: self.params.remasking,
@@ -265,7 +416,11 @@ impl Session {
                     confidence: p.confidence,
                 })
                 .collect();
-            let chosen = commit::top_k(&candidates, plan.k);
+            let chosen = match self.decoding.commit {
+                CommitPolicy::Schedule => commit::top_k(&candidates, plan.k),
+                CommitPolicy::Threshold(t) => commit::threshold(&candidates, t, plan.k),
+                CommitPolicy::Factor(f) => commit::factor(&candidates, f, plan.k),
+            };
             for &c in &chosen {
                 let t = preds[c].token;
                 if t == self.mask || t as usize >= self.vocab_size {
@@ -289,9 +444,52 @@ impl Session {
             }
             committed.sort_unstable();
             self.masks_left -= committed.len();
+            self.taken += 1;
         }
         self.cursor += 1;
+        if self.decoding.commit.is_dynamic() {
+            // A block with no masks left ends now: jump to the next block's first step.
+            let block_done = !self
+                .block_positions(plan.block)
+                .iter()
+                .any(|&p| self.canvas[p] == self.mask && self.owner[p] == plan.block);
+            if block_done {
+                while let Some((b, _)) = self.locate(self.cursor) {
+                    if b != plan.block {
+                        break;
+                    }
+                    self.cursor += 1;
+                }
+            }
+        }
+        if self.decoding.stop_at_eos && !committed.is_empty() {
+            self.stop_at_eos();
+        }
         Ok(self.info(plan.step, committed))
+    }
+
+    /// If a generated position holds EOS with every generated position before it committed,
+    /// fills the later masked generated positions with EOS; when no mask is left, ends the
+    /// session.
+    fn stop_at_eos(&mut self) {
+        let Some(first_eos) = self
+            .generated
+            .iter()
+            .take_while(|&&p| self.canvas[p] != self.mask)
+            .position(|&p| self.canvas[p] == self.eos)
+        else {
+            return;
+        };
+        for i in first_eos + 1..self.generated.len() {
+            let p = self.generated[i];
+            if self.canvas[p] == self.mask {
+                self.canvas[p] = self.eos;
+                self.masks_left -= 1;
+            }
+        }
+        if self.masks_left == 0 {
+            self.cursor = self.total_steps();
+        }
     }
 
     fn info(&self, step: usize, committed: Vec<usize>) -> StepInfo {
@@ -318,9 +516,15 @@ impl Session {
         self.cursor >= self.total_steps()
     }
 
-    /// Steps taken so far (including zero-count steps).
+    /// Position in the schedule: steps taken so far, zero-count steps included, and steps
+    /// skipped by dynamic blocks that ended early or by an EOS stop counted as passed.
     pub fn steps_taken(&self) -> usize {
         self.cursor
+    }
+
+    /// Steps that committed at least one position (each ran one forward, two with guidance).
+    pub fn forward_steps(&self) -> usize {
+        self.taken
     }
 
     /// Steps the schedule holds in all.
@@ -465,4 +669,14 @@ impl Session {
     pub fn model(&self) -> &Arc<dyn Model> {
         &self.model
     }
+}
+
+/// Classifier-free guidance: `un + (s + 1)(cond − un)`, in float64, rounded to f32. Equal
+/// inputs give that value (so a −∞ logit in both passes stays −∞ rather than NaN).
+pub fn cfg_combine(cond: f32, un: f32, s: f64) -> f32 {
+    if cond == un {
+        return cond;
+    }
+    let (c, u) = (cond as f64, un as f64);
+    (u + (s + 1.0) * (c - u)) as f32
 }

@@ -48,6 +48,8 @@ impl From<Remasking> for ConfidenceMode {
         match r {
             Remasking::LowConfidence => ConfidenceMode::LowConfidence,
             Remasking::Random => ConfidenceMode::Random,
+            Remasking::Margin => ConfidenceMode::Margin,
+            Remasking::Entropy => ConfidenceMode::Entropy,
         }
     }
 }
@@ -359,40 +361,20 @@ impl Sampler {
 // ----------------------------------------------------------------------------------------------
 // Self-check and bench.
 
-/// Host twin of the margin / entropy confidences (the CPU `predict_row` has only the two LLaDA
-/// modes): whole-row softmax in float64.
+/// The host confidence the kernel must reproduce: [`predict_row`] under `mode`'s remasking
+/// (all four modes are defined there).
 fn host_confidence(row: &[f32], mode: ConfidenceMode, rule: &PredictRule, pos: usize) -> f64 {
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-    match mode {
-        ConfidenceMode::LowConfidence | ConfidenceMode::Random => {
-            let r = PredictRule {
-                remasking: if mode == ConfidenceMode::Random {
-                    Remasking::Random
-                } else {
-                    Remasking::LowConfidence
-                },
-                ..rule.clone()
-            };
-            predict_row(row, pos, &r).confidence
-        }
-        ConfidenceMode::Margin => {
-            let mut s: Vec<f64> = row.iter().map(|&x| x as f64).collect();
-            s.sort_by(|a, b| b.total_cmp(a));
-            ((s[0] - max).exp() - (s[1] - max).exp()) / sum
-        }
-        ConfidenceMode::Entropy => row
-            .iter()
-            .map(|&x| {
-                let p = (x as f64 - max).exp() / sum;
-                if p > 0.0 {
-                    p * p.ln()
-                } else {
-                    0.0
-                }
-            })
-            .sum(),
-    }
+    let remasking = match mode {
+        ConfidenceMode::LowConfidence => Remasking::LowConfidence,
+        ConfidenceMode::Random => Remasking::Random,
+        ConfidenceMode::Margin => Remasking::Margin,
+        ConfidenceMode::Entropy => Remasking::Entropy,
+    };
+    let r = PredictRule {
+        remasking,
+        ..rule.clone()
+    };
+    predict_row(row, pos, &r).confidence
 }
 
 /// Random logits with a few planted exact ties (max repeated, mask and padding ids large).
