@@ -12,8 +12,8 @@ use super::{cuda_err, CudaDevice};
 use crate::backend::cpu;
 use crate::error::{Error, Result};
 use cudarc::driver::{
-    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 use std::sync::Arc;
 
@@ -202,24 +202,16 @@ impl Elementwise {
         d: usize,
         eps: f32,
     ) -> Result<()> {
-        need("rmsnorm x", x.len(), rows * d)?;
-        need("rmsnorm weight", w.len(), d)?;
-        need("rmsnorm out", out.len(), rows * d)?;
-        if rows == 0 || d == 0 {
-            return Ok(());
-        }
-        let d32 = to_i32("rmsnorm d", d)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(&self.rmsnorm_bf16_fn);
-        b.arg(x).arg(w).arg(out).arg(&d32).arg(&eps);
-        // SAFETY: x, w, out hold at least rows*d, d, rows*d elements (checked above); the kernel
-        // reads/writes exactly those ranges with one block per row.
-        unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch rmsnorm_f32_bf16", e))?;
-        Ok(())
+        self.rmsnorm(
+            &self.rmsnorm_bf16_fn,
+            "rmsnorm_f32_bf16",
+            x,
+            w,
+            out,
+            rows,
+            d,
+            eps,
+        )
     }
 
     /// RMSNorm with fp32 output.
@@ -228,6 +220,31 @@ impl Elementwise {
         x: &CudaView<f32>,
         w: &CudaView<f32>,
         out: &mut CudaViewMut<f32>,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.rmsnorm(
+            &self.rmsnorm_f32_fn,
+            "rmsnorm_f32_f32",
+            x,
+            w,
+            out,
+            rows,
+            d,
+            eps,
+        )
+    }
+
+    /// Shared launcher of the two RMSNorm kernels (they differ only in the output type).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm<T: DeviceRepr>(
+        &self,
+        f: &CudaFunction,
+        name: &str,
+        x: &CudaView<f32>,
+        w: &CudaView<f32>,
+        out: &mut CudaViewMut<T>,
         rows: usize,
         d: usize,
         eps: f32,
@@ -244,10 +261,11 @@ impl Elementwise {
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.rmsnorm_f32_fn);
+        let mut b = self.stream.launch_builder(f);
         b.arg(x).arg(w).arg(out).arg(&d32).arg(&eps);
-        // SAFETY: lengths checked above; one block per row touches only its row.
-        unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch rmsnorm_f32_f32", e))?;
+        // SAFETY: x, w, out hold at least rows*d, d, rows*d elements (checked above); the kernel
+        // reads/writes exactly those ranges with one block per row.
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launch {name}"), e))?;
         Ok(())
     }
 
