@@ -192,12 +192,14 @@ extern "C" __global__ void fill_u32(uint32_t* __restrict__ out, uint32_t bits, l
 // arithmetic as rope_bf16: angle = (float)pos * inv_freq[i], cosf/sinf). When k_cache is not
 // null, the rotated k part and the v part of row r are also written to row
 // (r / pos_period) * cache_seq_rows + pos (width kv_heads x head_dim) of k_cache / v_cache.
+// bias (nullable, fp32, indexed by qkv column): added to every q, k and v element before the
+// rotation (q/k/v projection biases, Dream); the biased v is written back in place too.
 // vec = 1 uses 16-byte accesses (8 bf16): the host sets it only when head_dim % 16 == 0, the
 // columns and row stride are multiples of 8 and the buffers are 16-byte aligned.
 // Block: DLLM_ROW_THREADS threads; head_dim <= 2 * DLLM_ROPE_MAX_HALF.
 #define DLLM_ROPE_MAX_HALF 512
 extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float* __restrict__ inv_freq,
-                                         uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache,
+                                         const float* __restrict__ bias, uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache,
                                          int row_stride, int q_heads, int kv_heads, int k_col, int v_col,
                                          int head_dim, int pos_period, int pos_offset, int cache_seq_rows,
                                          int vec) {
@@ -232,8 +234,12 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const float c = cs[i0 + j], s = sn[i0 + j];
-                const float x0 = dllm_bf16_to_f32(ea[j]);
-                const float x1 = dllm_bf16_to_f32(eb[j]);
+                float x0 = dllm_bf16_to_f32(ea[j]);
+                float x1 = dllm_bf16_to_f32(eb[j]);
+                if (bias) {
+                    x0 += bias[col + i0 + j];
+                    x1 += bias[col + half + i0 + j];
+                }
                 ea[j] = dllm_f32_to_bf16(x0 * c - x1 * s);
                 eb[j] = dllm_f32_to_bf16(x1 * c + x0 * s);
             }
@@ -245,7 +251,17 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
                 *reinterpret_cast<uint4*>(k_cache + crow + kc + half) = b;
             }
         }
-        if (to_cache) {
+        if (bias) {
+            for (int t = threadIdx.x; t < kv_width / 8; t += DLLM_ROW_THREADS) {
+                uint4* p = reinterpret_cast<uint4*>(row + v_col + t * 8);
+                uint4 a = *p;
+                uint16_t* ea = reinterpret_cast<uint16_t*>(&a);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) ea[j] = dllm_f32_to_bf16(dllm_bf16_to_f32(ea[j]) + bias[v_col + t * 8 + j]);
+                *p = a;
+                if (to_cache) *reinterpret_cast<uint4*>(v_cache + crow + t * 8) = a;
+            }
+        } else if (to_cache) {
             for (int t = threadIdx.x; t < kv_width / 8; t += DLLM_ROW_THREADS) {
                 *reinterpret_cast<uint4*>(v_cache + crow + t * 8) =
                     *reinterpret_cast<const uint4*>(row + v_col + t * 8);
@@ -259,8 +275,12 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
             const int col = is_k ? k_col + (h - q_heads) * head_dim : h * head_dim;
             uint16_t* p = row + col;
             const float c = cs[i], s = sn[i];
-            const float x0 = dllm_bf16_to_f32(p[i]);
-            const float x1 = dllm_bf16_to_f32(p[i + half]);
+            float x0 = dllm_bf16_to_f32(p[i]);
+            float x1 = dllm_bf16_to_f32(p[i + half]);
+            if (bias) {
+                x0 += bias[col + i];
+                x1 += bias[col + half + i];
+            }
             const uint16_t y0 = dllm_f32_to_bf16(x0 * c - x1 * s);
             const uint16_t y1 = dllm_f32_to_bf16(x1 * c + x0 * s);
             p[i] = y0;
@@ -271,7 +291,13 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
                 k_cache[crow + kc + half] = y1;
             }
         }
-        if (to_cache) {
+        if (bias) {
+            for (int t = threadIdx.x; t < kv_width; t += DLLM_ROW_THREADS) {
+                const uint16_t y = dllm_f32_to_bf16(dllm_bf16_to_f32(row[v_col + t]) + bias[v_col + t]);
+                row[v_col + t] = y;
+                if (to_cache) v_cache[crow + t] = y;
+            }
+        } else if (to_cache) {
             for (int t = threadIdx.x; t < kv_width; t += DLLM_ROW_THREADS) v_cache[crow + t] = row[v_col + t];
         }
     }

@@ -354,9 +354,9 @@ fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
 }
 
 fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
-    use crate::backend::cuda::llada::LladaCuda;
+    use crate::backend::cuda::transformer::CudaTransformer;
     let t0 = Instant::now();
-    let model = LladaCuda::load(&o.model_dir)?;
+    let model = CudaTransformer::load(&o.model_dir)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let cfg = model.config().clone();
     let dev = model.device().clone();

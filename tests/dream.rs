@@ -709,14 +709,17 @@ fn architectures_do_not_mix_and_backends_are_chosen_by_arch() {
         cpu.model.forward(ids).unwrap(),
         Dream::load(tmp.path()).unwrap().forward(ids).unwrap()
     );
-    // Auto falls back to the CPU, saying why; Cuda refuses.
-    let auto = load_model(tmp.path(), Backend::Auto).unwrap();
-    assert_eq!(auto.model.backend_name(), "cpu");
-    let note = auto.note.unwrap();
-    assert!(note.contains("CPU") && note.contains("Dream"), "{note}");
-    let e = load_model(tmp.path(), Backend::Cuda).err().unwrap();
-    assert_eq!(e.kind(), ErrorKind::Unsupported);
-    assert!(e.to_string().contains("Dream"), "{e}");
+    // Without a usable GPU (this machine, CI), Auto falls back to the CPU saying why, and Cuda
+    // fails with a backend error (Dream itself runs on the CUDA backend: checked on the GPU by
+    // `dllm-gpu-check`, "dream.*").
+    if dllm::backend::cuda::unavailable_reason().is_some() {
+        let auto = load_model(tmp.path(), Backend::Auto).unwrap();
+        assert_eq!(auto.model.backend_name(), "cpu");
+        let note = auto.note.unwrap();
+        assert!(note.contains("CPU"), "{note}");
+        let e = load_model(tmp.path(), Backend::Cuda).err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Backend);
+    }
 
     // LLaDA is unshifted: raw and forward agree.
     let llada = Llada::load(llada_dir).unwrap();

@@ -1,11 +1,12 @@
 //! Choosing a backend and loading a model directory onto it, by architecture.
 //!
 //! `Auto` takes CUDA when the driver library is present, the kernels were compiled, the
-//! architecture has a CUDA model (LLaDA only, for now) and the model loads on device 0;
+//! architecture has a CUDA model (LLaDA and Dream both run on [`CudaTransformer`]) and the
+//! model loads on device 0;
 //! otherwise it falls back to the CPU and says why in [`LoadedModel::note`]. `Cuda` never falls
 //! back: its failure (an unsupported architecture included) is the error.
 
-use crate::backend::cuda::{llada::LladaCuda, unavailable_reason};
+use crate::backend::cuda::{transformer::CudaTransformer, unavailable_reason};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::model::dream::Dream;
@@ -47,37 +48,27 @@ fn cpu(dir: &Path, note: Option<String>) -> Result<LoadedModel> {
     })
 }
 
-/// Why the CUDA backend cannot run `arch`, if it cannot.
-fn cuda_lacks(arch: Arch) -> Option<String> {
-    match arch {
-        Arch::Llada => None,
-        Arch::Dream => Some("the CUDA backend does not run Dream checkpoints yet".into()),
-    }
-}
-
 /// Loads the model in `dir` on `backend`.
 pub fn load_model(dir: &Path, backend: Backend) -> Result<LoadedModel> {
     if backend == Backend::Cpu {
         return cpu(dir, None);
     }
-    let arch = ModelConfig::from_file(&dir.join("config.json"))?.arch;
+    // Read (and validate) the config first: a malformed model is reported as such on every backend.
+    ModelConfig::from_file(&dir.join("config.json"))?;
     match backend {
         Backend::Cpu => cpu(dir, None),
         Backend::Cuda => {
-            if let Some(why) = cuda_lacks(arch) {
-                return Err(Error::Unsupported(format!("--backend cuda: {why}")));
-            }
             if let Some(why) = unavailable_reason() {
                 return Err(Error::Backend(format!("--backend cuda: {why}")));
             }
             Ok(LoadedModel {
-                model: Arc::new(LladaCuda::load(dir)?),
+                model: Arc::new(CudaTransformer::load(dir)?),
                 note: None,
             })
         }
-        Backend::Auto => match cuda_lacks(arch).or_else(unavailable_reason) {
+        Backend::Auto => match unavailable_reason() {
             Some(why) => cpu(dir, Some(format!("using the CPU backend: {why}"))),
-            None => match LladaCuda::load(dir) {
+            None => match CudaTransformer::load(dir) {
                 Ok(m) => Ok(LoadedModel {
                     model: Arc::new(m),
                     note: None,

@@ -367,14 +367,17 @@ impl Elementwise {
     /// Fused RoPE on the q and k heads of `qkv` (in place) and, with `cache`, the write of the
     /// rotated K and of V into the cache rows [`RopeQkvShape::cache_row`]. One launch replaces
     /// [`Elementwise::rope`] plus two [`Elementwise::copy_rows_bf16`].
+    /// `bias` (fp32, one value per qkv column, at least up to the end of the v columns) is
+    /// added to q, k and v first (projection biases; v is updated in place).
     pub fn rope_qkv(
         &self,
         qkv: &mut CudaViewMut<u16>,
         inv_freq: &CudaView<f32>,
+        bias: Option<&CudaView<f32>>,
         s: RopeQkvShape,
         cache: Option<KvDst<'_, '_>>,
     ) -> Result<()> {
-        self.rope_qkv_variant(qkv, inv_freq, s, cache, true)
+        self.rope_qkv_variant(qkv, inv_freq, bias, s, cache, true)
     }
 
     /// [`Elementwise::rope_qkv`]; `allow_vec = false` forces the scalar path (checks).
@@ -382,6 +385,7 @@ impl Elementwise {
         &self,
         qkv: &mut CudaViewMut<u16>,
         inv_freq: &CudaView<f32>,
+        bias: Option<&CudaView<f32>>,
         s: RopeQkvShape,
         cache: Option<KvDst<'_, '_>>,
         allow_vec: bool,
@@ -420,6 +424,9 @@ impl Elementwise {
             qkv.len(),
             (s.rows - 1) * s.row_stride + row_end,
         )?;
+        if let Some(b) = bias {
+            need("rope_qkv bias", b.len(), row_end)?;
+        }
         if s.rows > i32::MAX as usize {
             return Err(bad("too many rows"));
         }
@@ -469,14 +476,16 @@ impl Elementwise {
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let bias_ptr: u64 = bias.map_or(0, |b| b.device_ptr(&self.stream).0);
         let mut b = self.stream.launch_builder(&self.rope_qkv_fn);
-        b.arg(qkv).arg(inv_freq).arg(&kp).arg(&vp);
+        b.arg(qkv).arg(inv_freq).arg(&bias_ptr).arg(&kp).arg(&vp);
         for a in &args {
             b.arg(a);
         }
         b.arg(&seq_rows).arg(&vec_i);
         // SAFETY: argument order and types match `rope_qkv_bf16`; every row touched lies inside
-        // the qkv view and every cache row inside the cache views (checked above); the q, k and
+        // the qkv view and every cache row inside the cache views (checked above), the bias
+        // (when present) covers every column read (checked above); the q, k and
         // v column ranges are disjoint, so no thread reads what another writes; the vector path
         // runs only with 16-byte aligned bases, strides and columns.
         unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch rope_qkv_bf16", e))?;
@@ -771,7 +780,7 @@ fn check_rope(
     }
     cpu::rope(&mut q, &positions, q_heads, hd, theta);
     cpu::rope(&mut k, &positions, k_heads, hd, theta);
-    let mut want = x.clone();
+    let mut want = check::round_bf16(&x);
     for r in 0..rows {
         let row = &mut want[r * stride..(r + 1) * stride];
         row[..q_heads * hd].copy_from_slice(&q[r * q_heads * hd..(r + 1) * q_heads * hd]);
@@ -821,14 +830,28 @@ fn check_rope_qkv(
     offset: usize,
     with_cache: bool,
     vec: bool,
+    with_bias: bool,
 ) -> Result<(f64, String)> {
     let (q_heads, kv_heads, hd) = heads;
     let theta = 10_000f32;
     let kvw = kv_heads * hd;
     // q | k | v with 8 spare columns at the end (row stride not equal to the used width).
     let stride = q_heads * hd + 2 * kvw + 8;
+    let used = q_heads * hd + 2 * kvw;
     let rows = seqs * len;
-    let x = check::round_bf16(&check::random_f32(71 + hd as u64, rows * stride, -2.0, 2.0));
+    let input = check::round_bf16(&check::random_f32(71 + hd as u64, rows * stride, -2.0, 2.0));
+    let bias: Vec<f32> = if with_bias {
+        check::random_f32(5 + hd as u64, used, -1.0, 1.0)
+    } else {
+        vec![0.0; used]
+    };
+    // What the kernel computes from: the input plus the bias (fp32), v rounded back to bf16.
+    let mut x = input.clone();
+    for r in 0..rows {
+        for c in 0..used {
+            x[r * stride + c] += bias[c];
+        }
+    }
     let positions: Vec<usize> = (0..rows).map(|r| offset + r % len).collect();
     let (mut q, mut k) = (Vec::new(), Vec::new());
     for r in 0..rows {
@@ -838,7 +861,7 @@ fn check_rope_qkv(
     }
     cpu::rope(&mut q, &positions, q_heads, hd, theta);
     cpu::rope(&mut k, &positions, kv_heads, hd, theta);
-    let mut want = x.clone();
+    let mut want = check::round_bf16(&x);
     for r in 0..rows {
         let row = &mut want[r * stride..(r + 1) * stride];
         row[..q_heads * hd].copy_from_slice(&q[r * q_heads * hd..(r + 1) * q_heads * hd]);
@@ -857,7 +880,8 @@ fn check_rope_qkv(
     };
     let seq_rows = offset + len + 3;
     let inv = upload(dev, &cpu::rope_inv_freq(hd, theta))?;
-    let mut buf = upload(dev, &check::to_bf16_bits(&x))?;
+    let bias_dev = upload(dev, &bias)?;
+    let mut buf = upload(dev, &check::to_bf16_bits(&input))?;
     let poison = vec![check::POISON_BF16_BITS; seqs * seq_rows * kvw];
     let mut kc = upload(dev, &poison)?;
     let mut vc = upload(dev, &poison)?;
@@ -869,12 +893,15 @@ fn check_rope_qkv(
             v: &mut vv,
             seq_rows,
         });
-        ew.rope_qkv_variant(&mut buf.as_view_mut(), &inv.as_view(), shape, dst, vec)?;
+        let bv = bias_dev.as_view();
+        let b = with_bias.then_some(&bv);
+        ew.rope_qkv_variant(&mut buf.as_view_mut(), &inv.as_view(), b, shape, dst, vec)?;
     }
     let got_bits = download(dev, &buf)?;
     let got = check::from_bf16_bits(&got_bits);
     let (kd, vd) = (download(dev, &kc)?, download(dev, &vc)?);
-    let in_bits = check::to_bf16_bits(&x);
+    // The v columns as the kernel must leave them (input + bias, rounded), and the spare columns.
+    let in_bits = check::to_bf16_bits(&want);
     let mut cache_ok = true;
     let mut written = vec![false; seqs * seq_rows];
     if with_cache {
@@ -897,7 +924,7 @@ fn check_rope_qkv(
             cache_ok &= untouched(&kd) && untouched(&vd);
         }
     }
-    // V and the spare columns of the matrix must be untouched.
+    // V (biased when a bias is given) and the spare columns of the matrix must be exact.
     let rest_ok = (0..rows).all(|r| {
         let a = r * stride + shape.v_col;
         got_bits[a..(r + 1) * stride] == in_bits[a..(r + 1) * stride]
@@ -910,7 +937,7 @@ fn check_rope_qkv(
     Ok((
         e,
         format!(
-            "{seqs}x{len} rows, {q_heads}q+{kv_heads}kv heads of {hd}, pos from {offset}; cache exact {cache_ok}, v untouched {rest_ok}"
+            "{seqs}x{len} rows, {q_heads}q+{kv_heads}kv heads of {hd}, pos from {offset}, bias {with_bias}; cache exact {cache_ok}, v exact {rest_ok}"
         ),
     ))
 }
@@ -1115,18 +1142,24 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             check_swiglu(dev, &ew, rows, h, vec),
         ));
     }
-    for &(seqs, len, qh, kvh, hd, off, cache, vec) in &[
-        (1usize, 5usize, 2usize, 2usize, 8usize, 0usize, false, true),
-        (3, 17, 6, 3, 64, 5, true, true),
-        (3, 17, 6, 3, 64, 5, true, false),
-        (2, 32, 4, 4, 128, 352, true, true),
-        (2, 32, 4, 4, 128, 352, false, true),
-        (1, 7, 3, 1, 10, 2, true, true),
+    for &(seqs, len, qh, kvh, hd, off, cache, vec, bias) in &[
+        (
+            1usize, 5usize, 2usize, 2usize, 8usize, 0usize, false, true, false,
+        ),
+        (3, 17, 6, 3, 64, 5, true, true, false),
+        (3, 17, 6, 3, 64, 5, true, false, false),
+        (2, 32, 4, 4, 128, 352, true, true, false),
+        (2, 32, 4, 4, 128, 352, false, true, false),
+        (1, 7, 3, 1, 10, 2, true, true, false),
+        (3, 17, 7, 1, 64, 5, true, true, true),
+        (3, 17, 7, 1, 64, 5, true, false, true),
+        (2, 9, 28, 4, 128, 11, false, true, true),
+        (1, 7, 3, 1, 10, 2, true, true, true),
     ] {
         out.push(CheckResult::from_result(
-            format!("elementwise.rope_qkv hd{hd} q{qh}kv{kvh} off{off} cache {cache} vec {vec}"),
+            format!("elementwise.rope_qkv hd{hd} q{qh}kv{kvh} off{off} cache {cache} vec {vec} bias {bias}"),
             TOL_BF16,
-            check_rope_qkv(dev, &ew, seqs, len, (qh, kvh, hd), off, cache, vec),
+            check_rope_qkv(dev, &ew, seqs, len, (qh, kvh, hd), off, cache, vec, bias),
         ));
     }
     out.push(CheckResult::from_result(
@@ -1236,6 +1269,7 @@ fn bench_inner(dev: &CudaDevice) -> Result<Vec<BenchResult>> {
             ew.rope_qkv(
                 &mut qkv.slice_mut(0..r * 3 * d),
                 &inv.as_view(),
+                None,
                 shape,
                 Some(dst),
             )

@@ -10,8 +10,8 @@ pub mod attention;
 pub mod check;
 pub mod elementwise;
 pub mod gemm;
-pub mod llada;
 pub mod sampling;
+pub mod transformer;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};

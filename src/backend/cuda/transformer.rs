@@ -1,6 +1,12 @@
-//! LLaDA on the GPU: weights uploaded once as bf16, a batch of canvases resident on the device,
-//! full-canvas and block (Fast-dLLM dual cache) forwards, the LM head run only for query rows,
-//! and on-GPU sampling and commit.
+//! The pre-norm SwiGLU transformer (LLaDA and Dream) on the GPU: weights uploaded once as bf16,
+//! a batch of canvases resident on the device, full-canvas and block (Fast-dLLM dual cache)
+//! forwards, the LM head run only for query rows, and on-GPU sampling and commit.
+//!
+//! Architectures differ only in tensor names ([`crate::model::tensor_table`]), q/k/v biases
+//! (Dream; added to q, k and v by the fused RoPE kernel) and shifted logits (Dream: position `p`
+//! is predicted by the LM-head output at `max(p − 1, 0)`, [`CudaTransformer::forward`] rows
+//! follow [`crate::model::Model::forward`]'s contract; a block forward then starts one position
+//! before the block so the block's first position has its source row).
 //!
 //! Layer `l` of a forward over rows `r = b·L + i` (canvas `b`, position `start + i`):
 //! `x` (fp32 residual) → RMSNorm → bf16 → fused QKV GEMM (`[q|k|v]` weight `[d + 2·kv, d]`) →
@@ -14,7 +20,7 @@
 //! writes its fresh K/V at those positions and attends to the whole cached sequence. RoPE and
 //! the cache write are one fused kernel (`rope_qkv`).
 //!
-//! CUDA graphs: the steady-state dual-cache block step ([`LladaCuda::step`] with `use_cache`:
+//! CUDA graphs: the steady-state dual-cache block step ([`CudaTransformer::step`] with `use_cache`:
 //! every layer over the block rows, `ln_f` + LM head on them, sampling and commit) is captured
 //! once per (batch, canvas length, block start, block length, k) and replayed afterwards, when
 //! the prediction rule does not depend on the step index (temperature 0, low-confidence
@@ -22,7 +28,7 @@
 //! length, block length) shape owns its own GEMM and sampler instances (their split-K / partial
 //! scratch is sized by one eager warm-up step of that shape and never grows afterwards), the
 //! graphs live in the step buffers' [`State`] and die with them, and the query rows are uploaded
-//! before the replay. `DLLM_CUDA_GRAPH=0` (or [`LladaCuda::set_graphs`]) runs every step eagerly.
+//! before the replay. `DLLM_CUDA_GRAPH=0` (or [`CudaTransformer::set_graphs`]) runs every step eagerly.
 //!
 //! Setting `DLLM_CUDA_SAFE=1` runs the reference (naive) GEMM and attention kernels instead of
 //! the fast ones, so a wrong fast kernel can be told apart from a wrong model.
@@ -36,7 +42,6 @@ use crate::backend::cpu::rope_inv_freq;
 use crate::config::ModelConfig;
 use crate::denoise::predict::{PredictRule, Prediction, Remasking};
 use crate::error::{Error, Result};
-use crate::model::llada::layout;
 use crate::model::Model;
 use crate::weights::{DType, TensorView, WeightStore};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -128,6 +133,8 @@ struct GraphSet {
 struct LayerWeights {
     /// `[q_dim + 2·kv_dim, d]`: q_proj, k_proj, v_proj stacked.
     qkv: CudaSlice<u16>,
+    /// `[q_dim + 2·kv_dim]` fp32 q/k/v biases (Dream), added by the fused RoPE kernel.
+    qkv_bias: Option<CudaSlice<f32>>,
     /// `[d, d]`.
     attn_out: CudaSlice<u16>,
     /// `[2h, d]`: ff_proj (gate) then up_proj.
@@ -182,7 +189,7 @@ struct State {
 }
 
 /// LLaDA with every weight resident on one CUDA device.
-pub struct LladaCuda {
+pub struct CudaTransformer {
     dev: Arc<CudaDevice>,
     cfg: ModelConfig,
     kernels: KernelChoice,
@@ -261,13 +268,13 @@ fn i32_of(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} does not fit in i32")))
 }
 
-impl LladaCuda {
+impl CudaTransformer {
     /// Opens CUDA device 0 and loads the checkpoint in `dir` (config.json + safetensors).
-    pub fn load(dir: &Path) -> Result<LladaCuda> {
+    pub fn load(dir: &Path) -> Result<CudaTransformer> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let store = WeightStore::open(dir)?;
         let dev = CudaDevice::open(0)?;
-        LladaCuda::new(dev, &store, &cfg, KernelChoice::from_env())
+        CudaTransformer::new(dev, &store, &cfg, KernelChoice::from_env())
     }
 
     /// Uploads every weight of `store` (validated against `cfg`'s LLaDA layout) to `dev`.
@@ -276,30 +283,39 @@ impl LladaCuda {
         store: &WeightStore,
         cfg: &ModelConfig,
         kernels: KernelChoice,
-    ) -> Result<LladaCuda> {
-        if cfg.include_qkv_bias {
-            return Err(Error::Unsupported(
-                "config field `include_qkv_bias`: q/k/v biases on the CUDA backend".into(),
-            ));
-        }
+    ) -> Result<CudaTransformer> {
+        let table = crate::model::tensor_table(cfg);
         let (d, h, e) = (cfg.d_model, cfg.mlp_hidden, cfg.embedding_size);
         let kv = cfg.n_kv_heads * cfg.head_dim();
-        let wte = store.get_shaped(layout::WTE, &[e, d])?;
+        let wte = store.get_shaped(&table.embedding, &[e, d])?;
         let mut bytes = 0usize;
         let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let n = layout::block_names(i);
-            let q = store.get_shaped(&n.q_proj, &[d, d])?;
-            let k = store.get_shaped(&n.k_proj, &[kv, d])?;
-            let v = store.get_shaped(&n.v_proj, &[kv, d])?;
-            let o = store.get_shaped(&n.attn_out, &[d, d])?;
-            let g = store.get_shaped(&n.ff_proj, &[h, d])?;
-            let u = store.get_shaped(&n.up_proj, &[h, d])?;
-            let f = store.get_shaped(&n.ff_out, &[d, h])?;
+        for n in &table.blocks {
+            let q = store.get_shaped(&n.q, &[d, d])?;
+            let k = store.get_shaped(&n.k, &[kv, d])?;
+            let v = store.get_shaped(&n.v, &[kv, d])?;
+            let o = store.get_shaped(&n.o, &[d, d])?;
+            let g = store.get_shaped(&n.gate, &[h, d])?;
+            let u = store.get_shaped(&n.up, &[h, d])?;
+            let f = store.get_shaped(&n.down, &[d, h])?;
             let an = store.get_shaped(&n.attn_norm, &[d])?;
-            let fnm = store.get_shaped(&n.ff_norm, &[d])?;
+            let fnm = store.get_shaped(&n.mlp_norm, &[d])?;
+            let qkv_bias = match &n.qkv_bias {
+                Some((qb, kb, vb)) => {
+                    let mut bias = store.get_shaped(qb, &[d])?.to_f32_vec();
+                    bias.extend(store.get_shaped(kb, &[kv])?.to_f32_vec());
+                    bias.extend(store.get_shaped(vb, &[kv])?.to_f32_vec());
+                    Some(
+                        dev.stream
+                            .clone_htod(&bias)
+                            .map_err(|e| cuda_err(&format!("upload tensor `{qb}` (+k, v)"), e))?,
+                    )
+                }
+                None => None,
+            };
             layers.push(LayerWeights {
                 qkv: upload_stacked(&dev, &[q, k, v])?,
+                qkv_bias,
                 attn_out: upload_stacked(&dev, &[o])?,
                 gate_up: upload_stacked(&dev, &[g, u])?,
                 ff_out: upload_stacked(&dev, &[f])?,
@@ -308,15 +324,13 @@ impl LladaCuda {
             });
             bytes += 2 * (d * (d + 2 * kv) + d * d + 3 * d * h);
         }
-        let ln_f = upload_f32(&dev, &store.get_shaped(layout::LN_F, &[d])?)?;
-        let head = if cfg.weight_tying {
-            None
-        } else {
-            bytes += 2 * e * d;
-            Some(upload_stacked(
-                &dev,
-                &[store.get_shaped(layout::LM_HEAD, &[e, d])?],
-            )?)
+        let ln_f = upload_f32(&dev, &store.get_shaped(&table.final_norm, &[d])?)?;
+        let head = match &table.lm_head {
+            None => None,
+            Some(name) => {
+                bytes += 2 * e * d;
+                Some(upload_stacked(&dev, &[store.get_shaped(name, &[e, d])?])?)
+            }
         };
         let w = Weights {
             wte: upload_stacked(&dev, &[wte])?,
@@ -329,7 +343,7 @@ impl LladaCuda {
             .stream
             .clone_htod(&rope_inv_freq(cfg.head_dim(), cfg.rope_theta))
             .map_err(|e| cuda_err("upload rope frequencies", e))?;
-        Ok(LladaCuda {
+        Ok(CudaTransformer {
             ew: Elementwise::new(&dev)?,
             kit: Kit::load(&dev)?,
             attn: Attention::load(&dev)?,
@@ -637,9 +651,11 @@ impl LladaCuda {
                     v: &mut vc,
                     seq_rows: seq_cap,
                 });
+                let bias = lw.qkv_bias.as_ref().map(|b| b.as_view());
                 self.ew.rope_qkv(
                     &mut st.qkv.slice_mut(0..rows * qkv_dim),
                     &self.inv_freq.as_view(),
+                    bias.as_ref(),
                     rope,
                     dst,
                 )?;
@@ -732,7 +748,7 @@ impl LladaCuda {
     }
 
     /// Full forward over every current canvas (all `seq` positions); with `store_cache` every
-    /// layer's K/V are kept for later [`LladaCuda::forward_block`] calls. Asynchronous.
+    /// layer's K/V are kept for later [`CudaTransformer::forward_block`] calls. Asynchronous.
     pub fn forward_full(&self, store_cache: bool) -> Result<()> {
         let mut g = self.lock();
         let st = g
@@ -796,16 +812,37 @@ impl LladaCuda {
         Ok(())
     }
 
-    /// Query rows for positions `span` of every canvas in the last forward's row order.
+    /// The hidden-state position whose LM-head output predicts position `p`: `p` itself, or
+    /// `max(p − 1, 0)` for architectures with shifted logits (Dream).
+    fn source_position(&self, p: usize) -> usize {
+        if self.cfg.shifted_logits() {
+            p.saturating_sub(1)
+        } else {
+            p
+        }
+    }
+
+    /// The positions a block forward must cover to predict `span`: the span itself, plus the
+    /// position before it for shifted-logit architectures (its output predicts `span.start`).
+    fn block_forward_range(&self, span: &Range<usize>) -> Range<usize> {
+        self.source_position(span.start).min(span.start)..span.end
+    }
+
+    /// Query rows for positions `span` of every canvas in the last forward's row order (the row
+    /// of [`Self::source_position`] of each position).
     fn span_queries(
+        &self,
         st: &State,
         span: &Range<usize>,
         fwd_start: usize,
     ) -> Result<(Vec<i32>, Vec<i32>)> {
         let len = st.fwd_len;
-        if span.start < fwd_start || span.end > fwd_start + len || span.is_empty() {
+        if span.is_empty()
+            || self.source_position(span.start) < fwd_start
+            || span.end > fwd_start + len
+        {
             return Err(Error::invalid(format!(
-                "query span {span:?} is not inside the last forward's positions {fwd_start}..{}",
+                "query span {span:?} is not predicted by the last forward's positions {fwd_start}..{}",
                 fwd_start + len
             )));
         }
@@ -813,7 +850,8 @@ impl LladaCuda {
         let mut pos = Vec::with_capacity(st.batch * span.len());
         for b in 0..st.batch {
             for p in span.clone() {
-                idx.push(i32_of("query row", b * len + p - fwd_start)?);
+                let row = b * len + self.source_position(p) - fwd_start;
+                idx.push(i32_of("query row", row)?);
                 pos.push(i32_of("query position", p)?);
             }
         }
@@ -868,7 +906,7 @@ impl LladaCuda {
 
     /// Predicts (token, confidence) on the GPU for positions `span` of every canvas from the last
     /// forward (`fwd_start` = first position that forward covered: 0 for a full forward).
-    /// Results stay on the device for [`LladaCuda::commit`]. Asynchronous.
+    /// Results stay on the device for [`CudaTransformer::commit`]. Asynchronous.
     pub fn predict_span(
         &self,
         span: Range<usize>,
@@ -879,7 +917,7 @@ impl LladaCuda {
         let st = g
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
-        let (idx, pos) = Self::span_queries(st, &span, fwd_start)?;
+        let (idx, pos) = self.span_queries(st, &span, fwd_start)?;
         self.set_queries(st, idx, pos)?;
         self.predict_queries(&self.kit, st, rule)
     }
@@ -891,7 +929,7 @@ impl LladaCuda {
         let st = g
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
-        let (idx, pos) = Self::span_queries(st, &span, fwd_start)?;
+        let (idx, pos) = self.span_queries(st, &span, fwd_start)?;
         self.set_queries(st, idx, pos)?;
         let width = self.cfg.logits_width();
         let mut out = vec![0f32; st.q_host.0.len() * width];
@@ -925,8 +963,8 @@ impl LladaCuda {
     }
 
     /// Commits the `k` most confident still-masked predictions of each canvas (from the last
-    /// [`LladaCuda::predict_span`]) into the device canvases. Asynchronous; the commit record
-    /// is left on the device ([`LladaCuda::last_commits`] downloads it).
+    /// [`CudaTransformer::predict_span`]) into the device canvases. Asynchronous; the commit record
+    /// is left on the device ([`CudaTransformer::last_commits`] downloads it).
     pub fn commit(&self, k: usize) -> Result<()> {
         let mut g = self.lock();
         let st = g
@@ -958,7 +996,7 @@ impl LladaCuda {
         )
     }
 
-    /// The `(position, token)` pairs each canvas committed in the last [`LladaCuda::commit`].
+    /// The `(position, token)` pairs each canvas committed in the last [`CudaTransformer::commit`].
     pub fn last_commits(&self) -> Result<Vec<Vec<(usize, u32)>>> {
         let g = self.lock();
         let st = g
@@ -990,8 +1028,9 @@ impl LladaCuda {
             if self.graphs_enabled() && rule_is_step_free(rule) {
                 return self.block_step_graphed(span, rule, k);
             }
-            self.forward_block(span.start, span.len())?;
-            self.predict_span(span.clone(), span.start, rule)?;
+            let fwd = self.block_forward_range(&span);
+            self.forward_block(fwd.start, fwd.len())?;
+            self.predict_span(span.clone(), fwd.start, rule)?;
         } else {
             self.forward_full(store_cache)?;
             self.predict_span(span, 0, rule)?;
@@ -1009,7 +1048,8 @@ impl LladaCuda {
         rule: &PredictRule,
         k: usize,
     ) -> Result<()> {
-        self.layers(kit, st, span.start, span.len(), false, true)?;
+        let fwd = self.block_forward_range(span);
+        self.layers(kit, st, fwd.start, fwd.len(), false, true)?;
         self.predict_queries(kit, st, rule)?;
         self.commit_locked(kit, st, k)
     }
@@ -1022,11 +1062,12 @@ impl LladaCuda {
         let st = g
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
-        let (start, len) = (span.start, span.len());
-        Self::check_block(st, start, len)?;
+        let fwd = self.block_forward_range(&span);
+        let (start, len) = (span.start, fwd.len());
+        Self::check_block(st, fwd.start, len)?;
         // The query rows are device data the graph reads: upload them before the replay.
         st.fwd_len = len;
-        let (idx, pos) = Self::span_queries(st, &span, start)?;
+        let (idx, pos) = self.span_queries(st, &span, fwd.start)?;
         self.set_queries(st, idx, pos)?;
         let shape: ShapeKey = (st.batch, st.seq, len);
         let key = StepKey {
@@ -1147,7 +1188,7 @@ fn rule_is_step_free(rule: &PredictRule) -> bool {
     rule.temperature == 0.0 && rule.remasking == Remasking::LowConfidence
 }
 
-impl Model for LladaCuda {
+impl Model for CudaTransformer {
     fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -1157,26 +1198,11 @@ impl Model for LladaCuda {
     }
 
     fn forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut g = self.lock();
-        self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
-        let st = g.as_mut().expect("set above");
-        let n = ids.len();
-        self.layers(&self.kit, st, 0, n, true, false)?;
-        let idx: Vec<i32> = (0..n).map(|i| i32_of("row", i)).collect::<Result<_>>()?;
-        self.set_queries(st, idx.clone(), idx)?;
-        let width = self.cfg.logits_width();
-        let mut out = vec![0f32; n * width];
-        let stream = self.dev.stream.clone();
-        self.head(&self.kit, st, |st, c0, rows| {
-            stream
-                .memcpy_dtoh(
-                    &st.logits.slice(0..rows * width),
-                    &mut out[c0 * width..(c0 + rows) * width],
-                )
-                .map_err(|e| cuda_err("download logits", e))
-        })?;
-        self.dev.sync()?;
-        Ok(out)
+        self.logits(ids, true)
+    }
+
+    fn raw_forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.logits(ids, false)
     }
 
     fn predict(
@@ -1200,9 +1226,13 @@ impl Model for LladaCuda {
         self.layers(&self.kit, st, 0, ids.len(), true, false)?;
         let idx: Vec<i32> = queries
             .iter()
+            .map(|&q| i32_of("query", self.source_position(q)))
+            .collect::<Result<_>>()?;
+        let pos: Vec<i32> = queries
+            .iter()
             .map(|&q| i32_of("query", q))
             .collect::<Result<_>>()?;
-        self.set_queries(st, idx.clone(), idx)?;
+        self.set_queries(st, idx, pos)?;
         self.predict_queries(&self.kit, st, rule)?;
         let n = queries.len();
         let tokens = self
@@ -1227,6 +1257,36 @@ impl Model for LladaCuda {
                     .map_err(|_| Error::Backend(format!("sampling kernel returned token {t}")))
             })
             .collect()
+    }
+}
+
+impl CudaTransformer {
+    /// One full forward over `ids` and the logits of every position, downloaded: row `i` is the
+    /// LM-head output at [`Self::source_position`]`(i)` when `shifted`, else at `i`.
+    fn logits(&self, ids: &[u32], shifted: bool) -> Result<Vec<f32>> {
+        let mut g = self.lock();
+        self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
+        let st = g.as_mut().expect("set above");
+        let n = ids.len();
+        self.layers(&self.kit, st, 0, n, true, false)?;
+        let idx: Vec<i32> = (0..n)
+            .map(|i| i32_of("row", if shifted { self.source_position(i) } else { i }))
+            .collect::<Result<_>>()?;
+        let pos: Vec<i32> = (0..n).map(|i| i32_of("row", i)).collect::<Result<_>>()?;
+        self.set_queries(st, idx, pos)?;
+        let width = self.cfg.logits_width();
+        let mut out = vec![0f32; n * width];
+        let stream = self.dev.stream.clone();
+        self.head(&self.kit, st, |st, c0, rows| {
+            stream
+                .memcpy_dtoh(
+                    &st.logits.slice(0..rows * width),
+                    &mut out[c0 * width..(c0 + rows) * width],
+                )
+                .map_err(|e| cuda_err("download logits", e))
+        })?;
+        self.dev.sync()?;
+        Ok(out)
     }
 }
 
