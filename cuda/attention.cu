@@ -23,6 +23,7 @@ extern "C" __global__ void attention_naive(const bf16* __restrict__ q, const bf1
                                            const int* __restrict__ kv_len, int sq, int skv, int n_heads,
                                            int n_kv_heads, int head_dim, long long q_stride, long long o_stride,
                                            long long kv_stride, long long kv_batch_stride, float scale) {
+    dllm_pdl_entry();
     extern __shared__ float naive_smem[];
     float* qs = naive_smem;             // head_dim
     float* sc = naive_smem + head_dim;  // skv
@@ -309,6 +310,7 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
         const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, bf16* __restrict__ out, \
         const int* __restrict__ kv_len, int sq, int skv, int n_heads, int n_kv_heads, long long q_stride,          \
         long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2) {                    \
+        dllm_pdl_entry();                                                                                          \
         attention_mma_body<D>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride, o_stride, kv_stride,  \
                               kv_batch_stride, scale_log2);                                                      \
     }

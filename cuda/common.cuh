@@ -30,3 +30,15 @@ __device__ __forceinline__ float dllm_warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// Programmatic dependent launch (src/backend/cuda/launch.rs). `trigger` lets the next kernel in
+// the stream start launching once every block of this one has executed it; `wait` blocks until
+// the previous kernel in the stream has completed and its writes are visible. Both are no-ops in
+// a kernel launched without the PDL attribute. Every dllm kernel runs `dllm_pdl_entry()` before
+// touching memory another kernel writes, so results follow stream order exactly.
+__device__ __forceinline__ void dllm_pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void dllm_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void dllm_pdl_entry() {
+    dllm_pdl_trigger();
+    dllm_pdl_wait();
+}

@@ -39,6 +39,7 @@ __device__ __forceinline__ float dllm_block_sum(float v) {
 // x fp32 [rows, d], w fp32 [d], out bf16 [rows, d]. Grid: (rows), block: DLLM_ROW_THREADS.
 extern "C" __global__ void rmsnorm_f32_bf16(const float* __restrict__ x, const float* __restrict__ w,
                                             uint16_t* __restrict__ out, int d, float eps) {
+    dllm_pdl_entry();
     const size_t row = blockIdx.x;
     const float* xr = x + row * (size_t)d;
     uint16_t* orow = out + row * (size_t)d;
@@ -57,6 +58,7 @@ extern "C" __global__ void rmsnorm_f32_bf16(const float* __restrict__ x, const f
 // Same as rmsnorm_f32_bf16 with fp32 output (used by the check harness and the fp32 head path).
 extern "C" __global__ void rmsnorm_f32_f32(const float* __restrict__ x, const float* __restrict__ w,
                                            float* __restrict__ out, int d, float eps) {
+    dllm_pdl_entry();
     const size_t row = blockIdx.x;
     const float* xr = x + row * (size_t)d;
     float* orow = out + row * (size_t)d;
@@ -81,6 +83,7 @@ extern "C" __global__ void rmsnorm_f32_f32(const float* __restrict__ x, const fl
 extern "C" __global__ void rope_bf16(uint16_t* __restrict__ buf, const float* __restrict__ inv_freq,
                                      int rows, int row_stride, int q_heads, int k_heads, int k_col,
                                      int head_dim, int pos_period, int pos_offset) {
+    dllm_pdl_entry();
     const int half = head_dim / 2;
     const int heads = q_heads + k_heads;
     const size_t total = (size_t)rows * heads * half;
@@ -105,6 +108,7 @@ extern "C" __global__ void rope_bf16(uint16_t* __restrict__ buf, const float* __
 // computed in fp32. Grid-stride over rows * h.
 extern "C" __global__ void swiglu_bf16(const uint16_t* __restrict__ gu, uint16_t* __restrict__ out,
                                        int rows, int h) {
+    dllm_pdl_entry();
     const size_t total = (size_t)rows * h;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (size_t)gridDim.x * blockDim.x) {
@@ -123,6 +127,7 @@ extern "C" __global__ void swiglu_bf16(const uint16_t* __restrict__ gu, uint16_t
 extern "C" __global__ void embedding_bf16_f32(const uint16_t* __restrict__ table, const uint32_t* __restrict__ ids,
                                               float* __restrict__ out, int rows, int d, int vocab,
                                               int rows_per_seq, int id_seq_stride, int id_offset) {
+    dllm_pdl_entry();
     const size_t total = (size_t)rows * d;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (size_t)gridDim.x * blockDim.x) {
@@ -135,6 +140,7 @@ extern "C" __global__ void embedding_bf16_f32(const uint16_t* __restrict__ table
 
 // bf16 -> f32, n elements.
 extern "C" __global__ void bf16_to_f32(const uint16_t* __restrict__ in, float* __restrict__ out, long long n) {
+    dllm_pdl_entry();
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (long long)gridDim.x * blockDim.x) {
         out[t] = dllm_bf16_to_f32(in[t]);
     }
@@ -142,6 +148,7 @@ extern "C" __global__ void bf16_to_f32(const uint16_t* __restrict__ in, float* _
 
 // f32 -> bf16 (round to nearest even), n elements.
 extern "C" __global__ void f32_to_bf16(const float* __restrict__ in, uint16_t* __restrict__ out, long long n) {
+    dllm_pdl_entry();
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (long long)gridDim.x * blockDim.x) {
         out[t] = dllm_f32_to_bf16(in[t]);
     }
@@ -150,6 +157,7 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ in, uint16_t* _
 // Row gather: out fp32 [n_idx, d] = src fp32 [*, d] rows idx[0..n_idx).
 extern "C" __global__ void gather_rows_f32(const float* __restrict__ src, const int* __restrict__ idx,
                                            float* __restrict__ out, int n_idx, int d) {
+    dllm_pdl_entry();
     const size_t total = (size_t)n_idx * d;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (size_t)gridDim.x * blockDim.x) {
@@ -167,6 +175,7 @@ extern "C" __global__ void gather_rows_f32(const float* __restrict__ src, const 
 extern "C" __global__ void copy_rows_bf16(const uint16_t* __restrict__ src, int src_stride, int src_col,
                                           uint16_t* __restrict__ dst, int dst_stride, int dst_col, int rows,
                                           int width, int rows_per_seq, int dst_seq_rows, int dst_row_offset) {
+    dllm_pdl_entry();
     const size_t total = (size_t)rows * width;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (size_t)gridDim.x * blockDim.x) {
@@ -180,6 +189,7 @@ extern "C" __global__ void copy_rows_bf16(const uint16_t* __restrict__ src, int 
 
 // Fills n 32-bit words with `bits` (used to poison outputs in the checks).
 extern "C" __global__ void fill_u32(uint32_t* __restrict__ out, uint32_t bits, long long n) {
+    dllm_pdl_entry();
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (long long)gridDim.x * blockDim.x) {
         out[t] = bits;
     }
@@ -203,6 +213,7 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
                                          int row_stride, int q_heads, int kv_heads, int k_col, int v_col,
                                          int head_dim, int pos_period, int pos_offset, int cache_seq_rows,
                                          int vec) {
+    dllm_pdl_entry();
     __shared__ float cs[DLLM_ROPE_MAX_HALF];
     __shared__ float sn[DLLM_ROPE_MAX_HALF];
     const size_t r = blockIdx.x;
@@ -307,6 +318,7 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
 // only when h % 8 == 0 and both buffers are 16-byte aligned. Grid-stride over rows * h / 8.
 extern "C" __global__ void swiglu_bf16_v8(const uint16_t* __restrict__ gu, uint16_t* __restrict__ out,
                                           int rows, int h) {
+    dllm_pdl_entry();
     const int hv = h / 8;
     const size_t total = (size_t)rows * hv;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;

@@ -62,6 +62,7 @@ __device__ __forceinline__ uint4 gemm_ld_cached(const void* p, bool pred) {
 extern "C" __global__ void __launch_bounds__(256) gemm_naive(const uint16_t* __restrict__ A,
                                                              const uint16_t* __restrict__ W, void* C, int M, int N,
                                                              int K, int epi) {
+    dllm_pdl_entry();
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     for (int m = blockIdx.y; m < M; m += gridDim.y) {
@@ -104,6 +105,9 @@ template <int G, int RT, int UNROLL>
 __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W,
                                                  void* C, float* __restrict__ ws, unsigned int* __restrict__ counters,
                                                  int M, int N, int K, int epi, int chunks_per_split) {
+    // PDL: let the next kernel launch now; wait for the previous one only after the first weight
+    // loads are in flight (weights are never written, so they may be read before the wait).
+    dllm_pdl_trigger();
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
@@ -179,6 +183,7 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
     };
 
     if (c_begin < c_end) load_w(wa0, wb0, c_begin);
+    dllm_pdl_wait();  // before reading A (written by the previous kernel) or the split-K scratch
     for (int c = c_begin; c < c_end; c += 2 * UNROLL) {
         const int c1 = c + UNROLL;
         const int c2 = c1 + UNROLL;
@@ -336,6 +341,7 @@ __device__ __forceinline__ void gemm_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr
 extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     gemm_wide(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C, float* __restrict__ ws,
               unsigned int* __restrict__ counters, int M, int N, int K, int epi, int ktiles_per_split) {
+    dllm_pdl_entry();
     extern __shared__ __align__(128) unsigned char gemm_smem[];
     const uint32_t smem = (uint32_t)__cvta_generic_to_shared(gemm_smem);
     const int tid = threadIdx.x;

@@ -253,6 +253,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
         gemm_wgmma_wg##WGN(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,                \
                            float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K,       \
                            int epi, int ktiles_per_split) {                                                        \
+        dllm_pdl_entry();                                                                                          \
         gemm_wgmma_body<WGN>(A, W, C, ws, counters, M, N, K, epi, ktiles_per_split);                             \
     }
 

@@ -58,6 +58,7 @@ extern "C" __global__ void __launch_bounds__(PREDICT_THREADS)
                     int vocab_n, int mask, int first, double temperature, unsigned long long seed,
                     unsigned long long step, int mode, long long chunk, int vec_ok,
                     PredictPartial* __restrict__ part) {
+    dllm_pdl_entry();
     const int split = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
     const float* x = logits + (long long)row * width;
     const long long c0 = (long long)split * chunk;
@@ -217,6 +218,7 @@ extern "C" __global__ void predict_finalize(const float* __restrict__ logits, lo
                                             double temperature, unsigned long long seed, unsigned long long step,
                                             int mode, const PredictPartial* __restrict__ part,
                                             int* __restrict__ out_tokens, double* __restrict__ out_conf) {
+    dllm_pdl_entry();
     const int row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= rows) return;
     const float* x = logits + (long long)row * width;
@@ -285,6 +287,7 @@ extern "C" __global__ void commit_kernel(int* __restrict__ canvas, long long can
                                          const int* __restrict__ tokens, const double* __restrict__ conf,
                                          const int* __restrict__ positions, int rows_per_canvas, int mask_token,
                                          int k, double threshold, int use_threshold, int* __restrict__ out) {
+    dllm_pdl_entry();
     extern __shared__ unsigned char commit_smem[];
     double* sc = reinterpret_cast<double*>(commit_smem);         // rows
     int* sp = reinterpret_cast<int*>(sc + rows_per_canvas);       // rows

@@ -2,7 +2,7 @@
 # Runs on the GPU machine from the repo root, with binaries prebuilt by scripts/build-gpu-bundle.sh
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
-# Usage: scripts/gpu-check.sh [STAGE...]   stages: smi check synth bench peer summary
+# Usage: scripts/gpu-check.sh [STAGE...]   stages: smi check synth bench benchpdl peer summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The bench stage runs every workload twice: CUDA graphs on (default) and off (DLLM_CUDA_GRAPH=0,
@@ -45,7 +45,7 @@ stage() {
 bench() {
     local name=$1 graph=$2 limit=$3
     shift 3
-    stage "$name" "$limit" env DLLM_CUDA_GRAPH="$graph" bash -c "set -o pipefail; '$BIN/dllm' bench --model '$MODEL8B' --backend cuda --prompt-len 128 --gen-len 256 --block-len 32 --json $* > '$OUT/$name.json'; rc=\$?; cat '$OUT/$name.json'; exit \$rc"
+    stage "$name" "$limit" env DLLM_CUDA_GRAPH="$graph" ${BENCH_ENV:-} bash -c "set -o pipefail; '$BIN/dllm' bench --model '$MODEL8B' --backend cuda --prompt-len 128 --gen-len 256 --block-len 32 --json $* > '$OUT/$name.json'; rc=\$?; cat '$OUT/$name.json'; exit \$rc"
 }
 
 for s in $STAGES; do
@@ -72,6 +72,12 @@ for s in $STAGES; do
         bench bench_b1_dual_k4_nograph 0 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
         bench bench_b8_dual_k4_nograph 0 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
         bench bench_b1_none_k1_nograph 0 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        ;;
+    benchpdl)
+        # The same workloads with programmatic dependent launch (DLLM_PDL=1), graphs on.
+        BENCH_ENV="DLLM_PDL=1" bench bench_b1_dual_k4_pdl 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_PDL=1" bench bench_b8_dual_k4_pdl 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_PDL=1" bench bench_b1_none_k1_pdl 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         ;;
     peer)
         stage peer "${T_PEER:-300}" env OUT="$OUT" python3 .peer/peer_llada_torch.py
@@ -121,8 +127,10 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL")):
         b = load(name + suffix + ".json")
+        if "tok_per_s" not in b and suffix != "":
+            continue
         if "tok_per_s" in b:
             hashes[graph] = b.get("canvas_hash")
             print(f"{name[6:]:<14} {graph:>5} {b['tok_per_s']:>8.1f} {b['ms_per_step']:>8.2f} {fmt(b.get('full_step_ms')):>8} {fmt(b.get('block_step_ms')):>8} {fmt(b.get('roofline_fraction'), 3):>8} {round(b.get('copy_gbps') or 0):>9} {b.get('graph_count')!s:>6} {pv!s:>10}  {b.get('canvas_hash')}")
@@ -130,8 +138,10 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    if len(hashes) == 2:
-        print(f"{'':<14} graph on/off canvases {'IDENTICAL' if hashes['on'] == hashes['off'] else 'DIFFER'}")
+    for other in ("off", "PDL"):
+        if "on" in hashes and other in hashes:
+            same = hashes["on"] == hashes[other]
+            print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
 if "_error" in p:
     print("* peer: fallback numbers of the 2026-11-27 H200 run (peer stage not run)")
 else:
@@ -142,7 +152,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench peer summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchpdl peer summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

@@ -7,6 +7,7 @@
 //! any head_dim); [`Attention::run`] uses the tensor-core kernel whenever the shape allows it.
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16};
+use super::launch::Launch;
 use super::{cuda_err, CudaDevice};
 use crate::backend::cpu;
 use crate::error::{Error, Result};
@@ -179,6 +180,8 @@ pub enum AttnVariant {
 /// The loaded attention kernels.
 pub struct Attention {
     stream: Arc<CudaStream>,
+    /// Launch with programmatic dependent launch ([`super::launch`]).
+    pdl: bool,
     naive_fn: CudaFunction,
     mma64_fn: CudaFunction,
     mma128_fn: CudaFunction,
@@ -195,6 +198,7 @@ impl Attention {
         let f = |name: &str| dev.function("attention", name);
         let a = Attention {
             stream: dev.stream.clone(),
+            pdl: dev.pdl,
             naive_fn: f("attention_naive")?,
             mma64_fn: f("attention_mma_d64")?,
             mma128_fn: f("attention_mma_d128")?,
@@ -320,7 +324,7 @@ impl Attention {
                     block_dim: (THREADS, 1, 1),
                     shared_mem_bytes: mma_smem_bytes(shape.head_dim) as u32,
                 };
-                let mut b = self.stream.launch_builder(func);
+                let mut b = Launch::new(&self.stream, func, self.pdl);
                 b.arg(q).arg(k).arg(v).arg(out);
                 match kv_len {
                     Some(kl) => b.arg(kl),
@@ -355,7 +359,7 @@ impl Attention {
                     block_dim: (THREADS, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
-                let mut b = self.stream.launch_builder(&self.naive_fn);
+                let mut b = Launch::new(&self.stream, &self.naive_fn, self.pdl);
                 b.arg(q).arg(k).arg(v).arg(out);
                 match kv_len {
                     Some(kl) => b.arg(kl),

@@ -8,6 +8,7 @@
 //! otherwise, so a shape slip never becomes an out-of-bounds access.
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
+use super::launch::Launch;
 use super::{cuda_err, CudaDevice};
 use crate::backend::cpu;
 use crate::error::{Error, Result};
@@ -157,6 +158,8 @@ pub struct KvDst<'a, 'b> {
 /// The loaded element-wise kernels.
 pub struct Elementwise {
     stream: Arc<CudaStream>,
+    /// Launch with programmatic dependent launch ([`super::launch`]).
+    pdl: bool,
     rmsnorm_bf16_fn: CudaFunction,
     rmsnorm_f32_fn: CudaFunction,
     rope_fn: CudaFunction,
@@ -177,6 +180,7 @@ impl Elementwise {
         let f = |name: &str| dev.function("elementwise", name);
         Ok(Elementwise {
             stream: dev.stream.clone(),
+            pdl: dev.pdl,
             rmsnorm_bf16_fn: f("rmsnorm_f32_bf16")?,
             rmsnorm_f32_fn: f("rmsnorm_f32_f32")?,
             rope_fn: f("rope_bf16")?,
@@ -261,7 +265,7 @@ impl Elementwise {
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(f);
+        let mut b = Launch::new(&self.stream, f, self.pdl);
         b.arg(x).arg(w).arg(out).arg(&d32).arg(&eps);
         // SAFETY: x, w, out hold at least rows*d, d, rows*d elements (checked above); the kernel
         // reads/writes exactly those ranges with one block per row.
@@ -308,7 +312,7 @@ impl Elementwise {
         ];
         to_i32("rope last position", s.pos_offset + s.pos_period)?;
         let total = s.rows * (s.q_heads + s.k_heads) * (s.head_dim / 2);
-        let mut b = self.stream.launch_builder(&self.rope_fn);
+        let mut b = Launch::new(&self.stream, &self.rope_fn, self.pdl);
         b.arg(buf).arg(inv_freq);
         for a in &args {
             b.arg(a);
@@ -356,7 +360,7 @@ impl Elementwise {
         } else {
             (&self.swiglu_fn, rows * h)
         };
-        let mut b = self.stream.launch_builder(f);
+        let mut b = Launch::new(&self.stream, f, self.pdl);
         b.arg(gu).arg(out).arg(&r32).arg(&h32);
         // SAFETY: lengths checked above; the 16-byte kernel runs only with h % 8 == 0 and
         // 16-byte aligned views, so every vector access is aligned and inside its row.
@@ -477,7 +481,7 @@ impl Elementwise {
             shared_mem_bytes: 0,
         };
         let bias_ptr: u64 = bias.map_or(0, |b| b.device_ptr(&self.stream).0);
-        let mut b = self.stream.launch_builder(&self.rope_qkv_fn);
+        let mut b = Launch::new(&self.stream, &self.rope_qkv_fn, self.pdl);
         b.arg(qkv).arg(inv_freq).arg(&bias_ptr).arg(&kp).arg(&vp);
         for a in &args {
             b.arg(a);
@@ -547,7 +551,7 @@ impl Elementwise {
             to_i32("embedding seq_stride", l.seq_stride)?,
             to_i32("embedding offset", l.offset)?,
         ];
-        let mut b = self.stream.launch_builder(&self.embedding_fn);
+        let mut b = Launch::new(&self.stream, &self.embedding_fn, self.pdl);
         b.arg(table).arg(ids).arg(out);
         for x in &a {
             b.arg(x);
@@ -572,7 +576,7 @@ impl Elementwise {
             return Ok(());
         }
         let n64 = n as i64;
-        let mut b = self.stream.launch_builder(&self.bf16_to_f32_fn);
+        let mut b = Launch::new(&self.stream, &self.bf16_to_f32_fn, self.pdl);
         b.arg(src).arg(dst).arg(&n64);
         // SAFETY: lengths checked above.
         unsafe { b.launch(grid_for(n)) }.map_err(|e| cuda_err("launch bf16_to_f32", e))?;
@@ -592,7 +596,7 @@ impl Elementwise {
             return Ok(());
         }
         let n64 = n as i64;
-        let mut b = self.stream.launch_builder(&self.f32_to_bf16_fn);
+        let mut b = Launch::new(&self.stream, &self.f32_to_bf16_fn, self.pdl);
         b.arg(src).arg(dst).arg(&n64);
         // SAFETY: lengths checked above.
         unsafe { b.launch(grid_for(n)) }.map_err(|e| cuda_err("launch f32_to_bf16", e))?;
@@ -615,7 +619,7 @@ impl Elementwise {
             return Ok(());
         }
         let (n32, d32) = (to_i32("gather rows", n_idx)?, to_i32("gather d", d)?);
-        let mut b = self.stream.launch_builder(&self.gather_fn);
+        let mut b = Launch::new(&self.stream, &self.gather_fn, self.pdl);
         b.arg(src).arg(idx).arg(out).arg(&n32).arg(&d32);
         // SAFETY: out and idx lengths checked; every index was validated against src's row
         // count by the caller when the index list was built.
@@ -664,7 +668,7 @@ impl Elementwise {
             to_i32("copy_rows dst_seq_rows", c.dst_seq_rows)?,
             to_i32("copy_rows dst_row_offset", c.dst_row_offset)?,
         ];
-        let mut b = self.stream.launch_builder(&self.copy_rows_fn);
+        let mut b = Launch::new(&self.stream, &self.copy_rows_fn, self.pdl);
         b.arg(src)
             .arg(&a[0])
             .arg(&a[1])
@@ -687,7 +691,7 @@ impl Elementwise {
             return Ok(());
         }
         let n64 = n as i64;
-        let mut b = self.stream.launch_builder(&self.fill_fn);
+        let mut b = Launch::new(&self.stream, &self.fill_fn, self.pdl);
         b.arg(out).arg(&bits).arg(&n64);
         // SAFETY: writes exactly out.len() 32-bit words, the size of the f32 view.
         unsafe { b.launch(grid_for(n)) }.map_err(|e| cuda_err("launch fill_u32", e))?;

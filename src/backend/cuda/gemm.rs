@@ -14,6 +14,7 @@
 //! that disagrees ([`Gemm::disabled_variants`]). Design: docs/gemm-notes.md.
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
+use super::launch::Launch;
 use super::{cuda_err, CudaDevice};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -846,7 +847,7 @@ impl Gemm {
                     block_dim: (NAIVE_THREADS, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                let mut b = dev.stream.launch_builder(&self.naive);
+                let mut b = Launch::new(&dev.stream, &self.naive, dev.pdl);
                 b.arg(a).arg(w).arg(c).arg(&mi).arg(&ni).arg(&ki).arg(&epi);
                 // SAFETY: validate() checked a ≥ m·k, w ≥ n·k, c ≥ m·n elements; the kernel
                 // touches only a[m'·k + k'], w[n'·k + k'], c[m'·n + n'] for m' < m, n' < n, k' < k.
@@ -867,7 +868,7 @@ impl Gemm {
                 };
                 let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles())?;
                 let Scratch { ws, counters } = &mut *scratch;
-                let mut b = dev.stream.launch_builder(&self.wide);
+                let mut b = Launch::new(&dev.stream, &self.wide, dev.pdl);
                 b.arg(a).arg(w).arg(c).arg(ws).arg(counters);
                 b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
                 // SAFETY: as for naive; loads outside [m, k] / [n, k] are zero-filled by cp.async
@@ -902,7 +903,7 @@ impl Gemm {
                 };
                 let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles())?;
                 let Scratch { ws, counters } = &mut *scratch;
-                let mut b = dev.stream.launch_builder(f);
+                let mut b = Launch::new(&dev.stream, f, dev.pdl);
                 b.arg(a).arg(w).arg(c).arg(ws).arg(counters);
                 b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
                 // SAFETY: as for wide: cp.async loads outside [m, k] / [n, k] have source size 0
@@ -942,7 +943,7 @@ impl Gemm {
                 };
                 let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles)?;
                 let Scratch { ws, counters } = &mut *scratch;
-                let mut b = dev.stream.launch_builder(f);
+                let mut b = Launch::new(&dev.stream, f, dev.pdl);
                 b.arg(a)
                     .arg(w)
                     .arg(c)

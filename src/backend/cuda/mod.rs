@@ -10,6 +10,7 @@ pub mod attention;
 pub mod check;
 pub mod elementwise;
 pub mod gemm;
+pub mod launch;
 pub mod sampling;
 pub mod transformer;
 
@@ -58,6 +59,8 @@ pub struct CudaDevice {
     /// Compute capability (major, minor).
     pub capability: (i32, i32),
     pub name: String,
+    /// Whether kernels are launched with programmatic dependent launch ([`launch`]).
+    pub pdl: bool,
 }
 
 impl CudaDevice {
@@ -93,6 +96,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             capability,
             name,
+            pdl: launch::pdl_from_env(),
         }))
     }
 

@@ -7,6 +7,7 @@
 //! host each step; logits, predictions and the canvas stay on the device.
 
 use super::check::{self, BenchResult, CheckResult};
+use super::launch::Launch;
 use super::{cuda_err, CudaDevice};
 use crate::denoise::commit::{top_k, Candidate};
 use crate::denoise::predict::{predict_row, PredictRule, Remasking};
@@ -67,6 +68,8 @@ pub enum CommitRule {
 /// The loaded sampling kernels.
 pub struct Sampler {
     stream: Arc<CudaStream>,
+    /// Launch with programmatic dependent launch ([`super::launch`]).
+    pdl: bool,
     partial_fn: CudaFunction,
     finalize_fn: CudaFunction,
     commit_fn: CudaFunction,
@@ -137,6 +140,7 @@ impl Sampler {
         let f = |name: &str| dev.function("sampling", name);
         Ok(Sampler {
             stream: dev.stream.clone(),
+            pdl: dev.pdl,
             partial_fn: f("predict_partial")?,
             finalize_fn: f("predict_finalize")?,
             commit_fn: f("commit_kernel")?,
@@ -237,7 +241,7 @@ impl Sampler {
             block_dim: (PREDICT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.partial_fn);
+        let mut b = Launch::new(&self.stream, &self.partial_fn, self.pdl);
         b.arg(logits)
             .arg(&width_l)
             .arg(positions)
@@ -261,7 +265,7 @@ impl Sampler {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.finalize_fn);
+        let mut b = Launch::new(&self.stream, &self.finalize_fn, self.pdl);
         b.arg(logits)
             .arg(&width_l)
             .arg(positions)
@@ -341,7 +345,7 @@ impl Sampler {
             block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: (rows_per_canvas * 20) as u32,
         };
-        let mut b = self.stream.launch_builder(&self.commit_fn);
+        let mut b = Launch::new(&self.stream, &self.commit_fn, self.pdl);
         b.arg(canvas)
             .arg(&len_l)
             .arg(tokens)
