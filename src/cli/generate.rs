@@ -95,6 +95,7 @@ impl DenoiseArgs {
                 RemaskingArg::Entropy => Remasking::Entropy,
             },
             seed: self.seed,
+            ..Default::default()
         })
     }
 
