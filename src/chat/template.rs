@@ -394,7 +394,10 @@ mod tests {
                 .unwrap(),
             "[a]\n[b]\n"
         );
-        let e = t.render(&[Message::system("x")], false).unwrap_err().to_string();
+        let e = t
+            .render(&[Message::system("x")], false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("t.jinja") && e.contains("no system: x"), "{e}");
         let e = ChatTemplate::from_jinja("{% for %}", "bad.jinja", SpecialTokens::default())
             .unwrap_err()
