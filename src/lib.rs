@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod chat;
 pub mod config;
 pub mod denoise;
 pub mod error;

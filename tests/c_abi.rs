@@ -394,6 +394,7 @@ fn c_driver_matches_the_rust_session() {
                 temperature: 0.8,
                 remasking: Remasking::Random,
                 seed: 7,
+                ..Default::default()
             },
         ),
         (
@@ -405,6 +406,7 @@ fn c_driver_matches_the_rust_session() {
                 temperature: 0.5,
                 remasking: Remasking::LowConfidence,
                 seed: 12345678901,
+                ..Default::default()
             },
         ),
     ];

@@ -387,6 +387,7 @@ fn property_fixed_positions_never_change_masks_only_fall_and_runs_terminate() {
                 Remasking::Entropy,
             ][(u(4) * 4.0) as usize],
             seed,
+            ..Default::default()
         };
         let d = Decoding {
             commit: match (u(5) * 3.0) as usize {

@@ -333,6 +333,7 @@ fn fixed_tokens_never_change_and_every_mask_is_filled() {
             temperature: [0.0, 0.7][(seed % 2) as usize],
             remasking: [Remasking::LowConfidence, Remasking::Random][(seed / 2 % 2) as usize],
             seed,
+            ..Default::default()
         };
         let mut s = Session::new(m.clone(), canvas.clone(), p).unwrap();
         let mut taken = 0;
@@ -618,6 +619,7 @@ fn matches_a_naive_reference_loop() {
             temperature: [0.0, 0.5, 1.0][(seed % 3) as usize],
             remasking: [Remasking::LowConfidence, Remasking::Random][(seed / 3 % 2) as usize],
             seed,
+            ..Default::default()
         };
         let mut s = Session::new(m.clone(), canvas.clone(), p.clone()).unwrap();
         s.run().unwrap();

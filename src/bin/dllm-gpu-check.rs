@@ -189,6 +189,7 @@ fn greedy() -> GenerationParams {
         temperature: 0.0,
         remasking: Remasking::LowConfidence,
         seed: 0,
+        ..Default::default()
     }
 }
 

@@ -6,16 +6,28 @@
 
 use super::ModelArgs;
 use clap::{Args, ValueEnum};
+use dllm::chat::{stop_ids, strip_trailing, until_first, ChatTemplate, Message};
+use dllm::config::ModelConfig;
 use dllm::denoise::canvas::span_tokens;
 use dllm::denoise::predict::{Remasking, SampleFilter};
 use dllm::denoise::{
-    build_canvas, parse_canvas, CanvasPart, CommitPolicy, Decoding, GenerationParams, Session,
+    build_canvas, parse_canvas, CanvasPart, CommitPolicy, Decoding, GenerationParams, ScheduleKind,
+    Session,
 };
 use dllm::error::{Error, Result};
 use dllm::tokenizer::Tokenizer;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// `--schedule`: how many tokens each step commits.
+#[derive(Clone, Copy, ValueEnum, Debug)]
+pub enum ScheduleArg {
+    /// LLaDA: blocks of --block-len, steps split evenly over the blocks.
+    Llada,
+    /// Dream: no blocks; step i commits n_mask·(1 − t[i+1]/t[i]) of the masks left.
+    Dream,
+}
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
 pub enum RemaskingArg {
@@ -46,6 +58,10 @@ pub struct DenoiseArgs {
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Step schedule: llada (blocks, steps a multiple of the block count) or dream (no blocks,
+    /// Dream's timesteps).
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Llada)]
+    pub schedule: ScheduleArg,
     /// Parallel decoding (Fast-dLLM): commit every masked position of the block with confidence
     /// ≥ T, at least one; --steps becomes an upper bound.
     #[arg(long, conflicts_with = "factor")]
@@ -77,7 +93,7 @@ pub struct DenoiseArgs {
 }
 
 impl DenoiseArgs {
-    fn params(&self) -> Result<GenerationParams> {
+    pub(super) fn params(&self) -> Result<GenerationParams> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(Error::invalid(format!(
                 "--temperature must be a finite number ≥ 0, got {}",
@@ -95,10 +111,14 @@ impl DenoiseArgs {
                 RemaskingArg::Entropy => Remasking::Entropy,
             },
             seed: self.seed,
+            schedule: match self.schedule {
+                ScheduleArg::Llada => ScheduleKind::Llada,
+                ScheduleArg::Dream => ScheduleKind::Dream,
+            },
         })
     }
 
-    fn decoding(&self) -> Result<Decoding> {
+    pub(super) fn decoding(&self) -> Result<Decoding> {
         let commit = match (self.threshold, self.factor) {
             (Some(t), _) => CommitPolicy::Threshold(t),
             (None, Some(f)) => CommitPolicy::Factor(f),
@@ -157,6 +177,10 @@ pub struct GenerateArgs {
     /// Read the prompt from a file.
     #[arg(long)]
     pub prompt_file: Option<PathBuf>,
+    /// Wrap the prompt as one user turn of the model's chat template (with the assistant
+    /// header after it) and print only the answer.
+    #[arg(long)]
+    pub chat: bool,
     #[command(flatten)]
     pub denoise: DenoiseArgs,
 }
@@ -186,6 +210,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             ))
         }
     };
+    let prompt = if a.chat {
+        let dir = a.model.dir();
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        ChatTemplate::for_model(&dir, cfg.arch)?.render(&[Message::user(prompt)], true)?
+    } else {
+        prompt
+    };
     if prompt.is_empty() && a.denoise.gen_len == 0 {
         return Err(Error::invalid(
             "empty prompt and --gen-len 0: nothing to do",
@@ -195,7 +226,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.denoise.gen_len > 0 {
         parts.push(CanvasPart::Masks(a.denoise.gen_len));
     }
-    fill_parts(&a.model, &parts, &a.denoise)
+    fill_parts(&a.model, &parts, &a.denoise, a.chat)
 }
 
 /// `dllm infill`: sugar for `fill` with the canvas `PREFIX[MASK:gen_len]SUFFIX`.
@@ -208,7 +239,7 @@ pub fn infill(a: InfillArgs) -> Result<()> {
         CanvasPart::Masks(a.denoise.gen_len),
         CanvasPart::Text(a.suffix),
     ];
-    fill_parts(&a.model, &parts, &a.denoise)
+    fill_parts(&a.model, &parts, &a.denoise, false)
 }
 
 /// `dllm fill`.
@@ -228,7 +259,7 @@ pub fn fill(a: FillArgs) -> Result<()> {
             "the canvas has no gap: write [MASK:n] where n tokens are to be generated",
         ));
     }
-    fill_parts(&a.model, &parts, &a.denoise)
+    fill_parts(&a.model, &parts, &a.denoise, false)
 }
 
 /// `dllm edit`.
@@ -275,7 +306,7 @@ pub fn edit(a: EditArgs) -> Result<()> {
         );
     }
     let fixed = canvas.len() - span.len();
-    run_canvas(model, &tok, canvas, fixed, &a.denoise)
+    run_canvas(model, &tok, canvas, fixed, &a.denoise, false)
 }
 
 /// Parses `START..END` (bytes, `START ≤ END ≤ len`).
@@ -317,12 +348,18 @@ fn unescape(s: &str) -> String {
     out
 }
 
-fn fill_parts(model_args: &ModelArgs, parts: &[CanvasPart], opts: &DenoiseArgs) -> Result<()> {
+/// `chat`: print only the answer (up to the model's first end-of-turn token).
+fn fill_parts(
+    model_args: &ModelArgs,
+    parts: &[CanvasPart],
+    opts: &DenoiseArgs,
+    chat: bool,
+) -> Result<()> {
     let (model, tok) = super::info::load(model_args)?;
     let mask = model.config().mask_token_id;
     let canvas = build_canvas(parts, |t| tok.encode(t), mask)?;
     let fixed = canvas.iter().filter(|&&t| t != mask).count();
-    run_canvas(model, &tok, canvas, fixed, opts)
+    run_canvas(model, &tok, canvas, fixed, opts, chat)
 }
 
 fn run_canvas(
@@ -331,6 +368,7 @@ fn run_canvas(
     canvas: Vec<u32>,
     prompt_tokens: usize,
     opts: &DenoiseArgs,
+    chat: bool,
 ) -> Result<()> {
     let decoding = opts.decoding()?;
     let mut session = Session::new(model, canvas, opts.params()?)?;
@@ -368,23 +406,22 @@ fn run_canvas(
         );
     }
     let forwards = session.forward_steps();
-    let cfg = session.model().config();
-    let (eos, pad) = (cfg.eos_token_id, cfg.pad_token_id);
+    let stops = stop_ids(session.model().config(), tok);
     let final_canvas = session.canvas().to_vec();
     let generated: Vec<u32> = session
         .generated_positions()
         .iter()
         .map(|&p| final_canvas[p])
         .collect();
-    // Trailing EOS/pad runs are padding, not text.
-    let trailing = |ids: &[u32]| {
-        ids.iter()
-            .rev()
-            .take_while(|&&t| t == eos || t == pad)
-            .count()
+    // Trailing EOS / pad / end-of-turn runs are padding, not text; a chat answer ends at the
+    // model's first end-of-turn token.
+    let answer = if chat {
+        until_first(&generated, &stops)
+    } else {
+        strip_trailing(&generated, &stops)
     };
-    let text = tok.decode(&generated[..generated.len() - trailing(&generated)], true)?;
-    let shown = &final_canvas[..final_canvas.len() - trailing(&final_canvas)];
+    let text = tok.decode(answer, true)?;
+    let shown = strip_trailing(&final_canvas, &stops);
     let mut out = std::io::stdout().lock();
     if opts.json {
         let v = serde_json::json!({
@@ -400,6 +437,8 @@ fn run_canvas(
             "backend": session.model().backend_name(),
         });
         writeln!(out, "{v}").ok();
+    } else if chat {
+        writeln!(out, "{text}").ok();
     } else {
         writeln!(out, "{}", tok.decode(shown, true)?).ok();
     }

@@ -1,5 +1,6 @@
 //! Command-line interface of the `dllm` binary: argument definitions and dispatch.
 
+mod chat;
 mod generate;
 mod info;
 mod logits;
@@ -16,7 +17,7 @@ pub const DEFAULT_MODEL: &str = "models/tiny-llada-code";
 #[command(
     name = "dllm",
     version,
-    about = "Inference engine for masked-diffusion language models (LLaDA)"
+    about = "Inference engine for masked-diffusion language models (LLaDA, Dream)"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -27,6 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate text after a prompt by denoising a canvas of mask tokens.
     Generate(generate::GenerateArgs),
+    /// Chat on stdin/stdout with the model's chat template (/reset, /quit).
+    Chat(chat::ChatArgs),
     /// Fill a gap between a prefix and a suffix.
     Infill(generate::InfillArgs),
     /// Fill every `[MASK:n]` gap of a canvas.
@@ -100,6 +103,7 @@ impl ModelArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => generate::generate(a),
+        Command::Chat(a) => chat::chat(a),
         Command::Infill(a) => generate::infill(a),
         Command::Fill(a) => generate::fill(a),
         Command::Edit(a) => generate::edit(a),

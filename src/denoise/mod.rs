@@ -9,5 +9,5 @@ pub mod session;
 
 pub use canvas::{build_canvas, generation_canvas, infill_canvas, parse_canvas, CanvasPart};
 pub use predict::{Remasking, SampleFilter};
-pub use schedule::transfer_counts;
+pub use schedule::{transfer_counts, ScheduleKind};
 pub use session::{CommitPolicy, Decoding, GenerationParams, Session, StepInfo, StepPlan};

@@ -8,6 +8,11 @@
 //! - within a block holding `n` masks at its start, step `i` of `s` commits
 //!   [`transfer_counts`]`(n, s)[i]` tokens (`get_num_transfer_tokens`).
 //!
+//! Dream's schedule ([`ScheduleKind::Dream`], `diffusion_generate` of Dream's reference
+//! `generation_utils.py`) has no blocks: the whole generated region is one block, and step `i`
+//! of `s` commits [`dream_count`] of the masks still left (`n · (1 − t[i+1]/t[i])`, truncated,
+//! over the timesteps [`dream_timesteps`]); the last step commits every mask left.
+//!
 //! Nothing here touches a model or a canvas; [`super::session::Session`] drives it.
 
 use crate::error::{Error, Result};
@@ -23,6 +28,52 @@ pub fn transfer_counts(n: usize, steps: usize) -> Vec<usize> {
     }
     let (base, rem) = (n / steps, n % steps);
     (0..steps).map(|i| base + usize::from(i < rem)).collect()
+}
+
+/// Which rule splits the masked positions over the steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScheduleKind {
+    /// LLaDA `generate()`: blocks of `block_len`, [`transfer_counts`] within each block.
+    #[default]
+    Llada,
+    /// Dream `diffusion_generate`: one block over the whole generated region, [`dream_count`]
+    /// per step; `block_len` is not used.
+    Dream,
+}
+
+/// Dream's final timestep (`eps` of `diffusion_generate`).
+pub const DREAM_EPS: f32 = 1e-3;
+
+/// Point `i` of `torch.linspace(start, end, n)` in float32, by torch's formula: with
+/// `step = (end − start) / (n − 1)`, `start + step·i` for `i < n/2`, else
+/// `end − step·(n − 1 − i)`. `n ≥ 2`, `i < n`.
+fn linspace_f32(start: f32, end: f32, n: usize, i: usize) -> f32 {
+    let step = (end - start) / (n - 1) as f32;
+    if i < n / 2 {
+        start + step * i as f32
+    } else {
+        end - step * (n - 1 - i) as f32
+    }
+}
+
+/// Dream's timesteps for `steps` steps: `linspace(1, DREAM_EPS, steps + 1)` in float32.
+pub fn dream_timesteps(steps: usize) -> Vec<f32> {
+    (0..=steps)
+        .map(|i| linspace_f32(1.0, DREAM_EPS, steps + 1, i))
+        .collect()
+}
+
+/// Tokens Dream commits at step `step` of `steps` when `n_mask` masks are left:
+/// `int(n_mask · (1 − s/t))` in float32 with `t = timesteps[step]`, `s = timesteps[step + 1]`;
+/// the last step (and any step past it) takes all `n_mask`.
+pub fn dream_count(n_mask: usize, step: usize, steps: usize) -> usize {
+    if step + 1 >= steps {
+        return n_mask;
+    }
+    let t = linspace_f32(1.0, DREAM_EPS, steps + 1, step);
+    let s = linspace_f32(1.0, DREAM_EPS, steps + 1, step + 1);
+    // Truncation toward zero, as Python's int(); the product is ≥ 0 and ≤ n_mask.
+    ((n_mask as f32 * (1.0 - s / t)) as usize).min(n_mask)
 }
 
 /// Number of blocks `n_masked` masked positions form with blocks of `block_len`
@@ -85,6 +136,31 @@ impl Schedule {
             block_len,
             steps_per_block: steps / blocks,
         })
+    }
+
+    /// Plans `steps` steps over `n_masked` masked positions under `kind`: [`Schedule::new`] for
+    /// LLaDA; for Dream one block holding every masked position (`block_len` unused).
+    ///
+    /// Errors ([`Error::InvalidArgument`]): see [`Schedule::new`]; for Dream, `steps == 0`
+    /// while masks are present.
+    pub fn for_kind(
+        kind: ScheduleKind,
+        n_masked: usize,
+        block_len: usize,
+        steps: usize,
+    ) -> Result<Schedule> {
+        match kind {
+            ScheduleKind::Llada => Schedule::new(n_masked, block_len, steps),
+            ScheduleKind::Dream => {
+                if n_masked > 0 && steps == 0 {
+                    return Err(Error::invalid(format!(
+                        "steps must be positive to fill {n_masked} masked positions \
+                         (Dream schedule)"
+                    )));
+                }
+                Schedule::new(n_masked, n_masked.max(1), steps)
+            }
+        }
     }
 
     /// Number of blocks.
@@ -152,6 +228,74 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn dream_timesteps_match_linspace() {
+        let t = dream_timesteps(4);
+        // linspace(1, 0.001, 5): step −0.24975.
+        let want = [1.0, 0.75025, 0.5005, 0.25075, 0.001];
+        assert_eq!(t.len(), 5);
+        for (a, b) in t.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{t:?}");
+        }
+        assert_eq!((t[0], t[4]), (1.0, DREAM_EPS));
+        assert!(dream_timesteps(7).windows(2).all(|w| w[0] > w[1]));
+    }
+
+    /// Runs Dream's rule to the end: the counts of each step, masks left updated as it goes.
+    fn dream_run(n: usize, steps: usize) -> Vec<usize> {
+        let mut left = n;
+        (0..steps)
+            .map(|i| {
+                let k = dream_count(left, i, steps);
+                left -= k;
+                k
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dream_counts_hand_case() {
+        // n = 10, 4 steps, t = [1, .75025, .5005, .25075, .001]:
+        // 10·(1 − .75025) = 2.4975 → 2; 8·(1 − .5005/.75025) = 2.663 → 2;
+        // 6·(1 − .25075/.5005) = 2.994 → 2; last step: the 4 left.
+        assert_eq!(dream_run(10, 4), vec![2, 2, 2, 4]);
+        // n = 256, 8 steps (float64 by hand, no product near an integer): 256·.124875 =
+        // 31.97 → 31; then 225, 193, 161, 129, 97, 65 left give 32.11, 32.12, 32.15, 32.19,
+        // 32.25, 32.37 → 32 each; the last step takes the 33 left.
+        assert_eq!(dream_run(256, 8), vec![31, 32, 32, 32, 32, 32, 32, 33]);
+        assert_eq!(dream_count(7, 0, 1), 7);
+        assert_eq!(dream_count(0, 0, 4), 0);
+    }
+
+    #[test]
+    fn dream_counts_sum_to_the_masks() {
+        for n in 0..70 {
+            for steps in 1..20 {
+                let c = dream_run(n, steps);
+                assert_eq!(c.iter().sum::<usize>(), n, "n={n} steps={steps} {c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn dream_schedule_is_one_block() {
+        let s = Schedule::for_kind(ScheduleKind::Dream, 70, 32, 7).unwrap();
+        assert_eq!((s.num_blocks(), s.total_steps()), (1, 7));
+        assert_eq!(s.block_range(0), 0..70);
+        // LLaDA rejects 7 steps over 3 blocks; Dream takes any positive count.
+        assert!(Schedule::for_kind(ScheduleKind::Llada, 70, 32, 7).is_err());
+        let e = Schedule::for_kind(ScheduleKind::Dream, 5, 32, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("steps") && e.contains("Dream"), "{e}");
+        assert_eq!(
+            Schedule::for_kind(ScheduleKind::Dream, 0, 32, 0)
+                .unwrap()
+                .total_steps(),
+            0
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! step by step with a [`Model`], following LLaDA's reference `generate()`.
 //!
 //! Each step: one forward over the whole canvas; the still-masked positions of the current
-//! block are the queries; the `k` most confident predictions (per [`schedule::transfer_counts`])
+//! block are the queries; the `k` most confident predictions (per [`schedule::transfer_counts`],
+//! or [`schedule::dream_count`] under the Dream schedule)
 //! are committed ([`commit::top_k`]). Positions that were not masks at creation never change.
 //!
 //! A step is split into [`Session::plan`] (what forward is needed) and [`Session::apply`] (commit
@@ -17,7 +18,7 @@
 use super::canvas::masked_positions;
 use super::commit::{self, Candidate};
 use super::predict::{predict_rows_filtered, PredictRule, Prediction, Remasking, SampleFilter};
-use super::schedule::{self, Schedule};
+use super::schedule::{self, Schedule, ScheduleKind};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use std::sync::Arc;
@@ -25,9 +26,11 @@ use std::sync::Arc;
 /// How a canvas is denoised.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {
-    /// Total denoising steps; must be a multiple of the number of blocks. Default 128.
+    /// Total denoising steps; under the LLaDA schedule a multiple of the number of blocks.
+    /// Default 128.
     pub steps: usize,
-    /// Masked positions per block (the last block may be shorter). Default 32.
+    /// Masked positions per block (the last block may be shorter; unused by the Dream
+    /// schedule). Default 32.
     pub block_len: usize,
     /// 0 = greedy; `> 0` = Gumbel-max sampling at this temperature. Default 0.
     pub temperature: f64,
@@ -35,6 +38,8 @@ pub struct GenerationParams {
     pub remasking: Remasking,
     /// Keys every random draw. Default 0.
     pub seed: u64,
+    /// How many tokens each step commits. Default [`ScheduleKind::Llada`].
+    pub schedule: ScheduleKind,
 }
 
 impl Default for GenerationParams {
@@ -45,6 +50,7 @@ impl Default for GenerationParams {
             temperature: 0.0,
             remasking: Remasking::LowConfidence,
             seed: 0,
+            schedule: ScheduleKind::Llada,
         }
     }
 }
@@ -231,7 +237,12 @@ impl Session {
         let vocab_size = cfg.vocab_size;
         let eos = cfg.eos_token_id;
         let generated = masked_positions(&canvas, mask);
-        let schedule = Schedule::new(generated.len(), params.block_len, params.steps)?;
+        let schedule = Schedule::for_kind(
+            params.schedule,
+            generated.len(),
+            params.block_len,
+            params.steps,
+        )?;
         let mut owner = vec![usize::MAX; canvas.len()];
         for b in 0..schedule.num_blocks() {
             for &p in &generated[schedule.block_range(b)] {
@@ -367,7 +378,13 @@ impl Session {
             let steps_left = self.block_steps(block) - i;
             queries.len().div_ceil(steps_left)
         } else {
-            self.block_counts[i].min(queries.len())
+            match self.params.schedule {
+                ScheduleKind::Llada => self.block_counts[i].min(queries.len()),
+                // Dream counts from the masks left now, not from the block's start.
+                ScheduleKind::Dream => {
+                    schedule::dream_count(queries.len(), i, self.block_steps(block))
+                }
+            }
         };
         let rule = PredictRule {
             temperature: self.params.temperature,

@@ -75,6 +75,7 @@ fn generation_params(p: &dllm_sampling_params) -> FfiResult<GenerationParams> {
         temperature: p.temperature as f64,
         remasking,
         seed: p.seed,
+        ..Default::default()
     })
 }
 

@@ -1,0 +1,57 @@
+//! Cleaning a generated answer: the end-of-text, padding and end-of-turn tokens a model writes
+//! after its answer are not part of it.
+
+use crate::config::ModelConfig;
+use crate::tokenizer::Tokenizer;
+
+/// End-of-turn tokens of the chat formats, removed from answers when the tokenizer knows them.
+pub const END_OF_TURN_TOKENS: [&str; 3] = ["<|eot_id|>", "<|im_end|>", "<|endoftext|>"];
+
+/// The ids that end an answer: the config's EOS and pad ids, and the ids of
+/// [`END_OF_TURN_TOKENS`] in `tok`. Sorted, without duplicates.
+pub fn stop_ids(cfg: &ModelConfig, tok: &Tokenizer) -> Vec<u32> {
+    let mut ids = vec![cfg.eos_token_id, cfg.pad_token_id];
+    ids.extend(END_OF_TURN_TOKENS.iter().filter_map(|t| tok.token_to_id(t)));
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// `ids` without its trailing run of `stops`.
+pub fn strip_trailing<'a>(ids: &'a [u32], stops: &[u32]) -> &'a [u32] {
+    let keep = ids.len() - ids.iter().rev().take_while(|t| stops.contains(t)).count();
+    &ids[..keep]
+}
+
+/// `ids` up to (without) the first of `stops`: the answer of a chat turn, which ends where
+/// the model ends its turn.
+pub fn until_first<'a>(ids: &'a [u32], stops: &[u32]) -> &'a [u32] {
+    let end = ids
+        .iter()
+        .position(|t| stops.contains(t))
+        .unwrap_or(ids.len());
+    &ids[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_only_the_trailing_run() {
+        let stops = [0, 9];
+        assert_eq!(strip_trailing(&[5, 0, 6, 9, 0, 9], &stops), &[5, 0, 6]);
+        assert_eq!(strip_trailing(&[5, 6], &stops), &[5, 6]);
+        assert_eq!(strip_trailing(&[0, 9], &stops), &[] as &[u32]);
+        assert_eq!(strip_trailing(&[], &stops), &[] as &[u32]);
+        assert_eq!(strip_trailing(&[1, 0], &[]), &[1, 0]);
+    }
+
+    #[test]
+    fn cuts_at_the_first_stop() {
+        let stops = [0, 9];
+        assert_eq!(until_first(&[5, 6, 9, 7, 0], &stops), &[5, 6]);
+        assert_eq!(until_first(&[9, 5], &stops), &[] as &[u32]);
+        assert_eq!(until_first(&[5, 6], &stops), &[5, 6]);
+    }
+}
