@@ -9,13 +9,21 @@ use clap::{Args, ValueEnum};
 use dllm::denoise::canvas::span_tokens;
 use dllm::denoise::predict::{Remasking, SampleFilter};
 use dllm::denoise::{
-    build_canvas, parse_canvas, CanvasPart, CommitPolicy, Decoding, GenerationParams, Session,
+    build_canvas, parse_canvas, CacheMode, CanvasPart, CommitPolicy, Decoding, GenerationParams,
+    Session,
 };
 use dllm::error::{Error, Result};
 use dllm::tokenizer::Tokenizer;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+pub enum CacheArg {
+    None,
+    Prefix,
+    Dual,
+}
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
 pub enum RemaskingArg {
@@ -68,6 +76,11 @@ pub struct DenoiseArgs {
     /// rest becomes EOS.
     #[arg(long)]
     pub stop_at_eos: bool,
+    /// Block K/V cache (Fast-dLLM): none = full forward every step; prefix = later steps of a
+    /// block compute block start..end against the cached prefix; dual = only the block, against
+    /// the cached prefix and suffix. prefix/dual are approximations (see docs/decoding.md).
+    #[arg(long, value_enum, default_value_t = CacheArg::None)]
+    pub cache: CacheArg,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -112,6 +125,11 @@ impl DenoiseArgs {
             },
             cfg_scale: self.cfg_scale,
             stop_at_eos: self.stop_at_eos,
+            cache: match self.cache {
+                CacheArg::None => CacheMode::None,
+                CacheArg::Prefix => CacheMode::Prefix,
+                CacheArg::Dual => CacheMode::Dual,
+            },
         };
         d.validate()
             .map_err(|e| Error::invalid(format!("decoding options: {e}")))?;
@@ -398,6 +416,9 @@ fn run_canvas(
             "elapsed_s": elapsed,
             "tokens_per_second": generated.len() as f64 / elapsed.max(1e-9),
             "backend": session.model().backend_name(),
+            "cache": session.decoding().cache.name(),
+            "cache_refreshes": session.cache_stats().refreshes,
+            "cache_span_steps": session.cache_stats().span_steps,
         });
         writeln!(out, "{v}").ok();
     } else {
