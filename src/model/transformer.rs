@@ -17,6 +17,10 @@
 //! `i` predicts position `i` for every architecture, and [`CpuTransformer::predict`] runs the LM
 //! head on hidden row `max(i − 1, 0)` for query `i`. [`CpuTransformer::raw_forward`] gives the
 //! unshifted rows (what the reference PyTorch `model(ids).logits` returns).
+//!
+//! [`CpuTransformer::logits_cached`] runs the same layers through a block K/V cache
+//! ([`crate::model::kv_cache`]): a refresh over the whole canvas that stores every layer's K/V, or
+//! only a span of rows that writes its K/V into the cache and attends to all cached positions.
 
 use crate::backend::cpu;
 use crate::config::ModelConfig;
