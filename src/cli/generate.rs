@@ -11,8 +11,8 @@ use dllm::config::ModelConfig;
 use dllm::denoise::canvas::span_tokens;
 use dllm::denoise::predict::{Remasking, SampleFilter};
 use dllm::denoise::{
-    build_canvas, parse_canvas, CanvasPart, CommitPolicy, Decoding, GenerationParams, ScheduleKind,
-    Session,
+    build_canvas, parse_canvas, CacheMode, CanvasPart, CommitPolicy, Decoding, GenerationParams,
+    ScheduleKind, Session,
 };
 use dllm::error::{Error, Result};
 use dllm::tokenizer::Tokenizer;
@@ -27,6 +27,13 @@ pub enum ScheduleArg {
     Llada,
     /// Dream: no blocks; step i commits n_mask·(1 − t[i+1]/t[i]) of the masks left.
     Dream,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+pub enum CacheArg {
+    None,
+    Prefix,
+    Dual,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -84,6 +91,11 @@ pub struct DenoiseArgs {
     /// rest becomes EOS.
     #[arg(long)]
     pub stop_at_eos: bool,
+    /// Block K/V cache (Fast-dLLM): none = full forward every step; prefix = later steps of a
+    /// block compute block start..end against the cached prefix; dual = only the block, against
+    /// the cached prefix and suffix. prefix/dual are approximations (see docs/decoding.md).
+    #[arg(long, value_enum, default_value_t = CacheArg::None)]
+    pub cache: CacheArg,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -132,6 +144,11 @@ impl DenoiseArgs {
             },
             cfg_scale: self.cfg_scale,
             stop_at_eos: self.stop_at_eos,
+            cache: match self.cache {
+                CacheArg::None => CacheMode::None,
+                CacheArg::Prefix => CacheMode::Prefix,
+                CacheArg::Dual => CacheMode::Dual,
+            },
         };
         d.validate()
             .map_err(|e| Error::invalid(format!("decoding options: {e}")))?;
@@ -435,6 +452,9 @@ fn run_canvas(
             "elapsed_s": elapsed,
             "tokens_per_second": generated.len() as f64 / elapsed.max(1e-9),
             "backend": session.model().backend_name(),
+            "cache": session.decoding().cache.name(),
+            "cache_refreshes": session.cache_stats().refreshes,
+            "cache_span_steps": session.cache_stats().span_steps,
         });
         writeln!(out, "{v}").ok();
     } else if chat {

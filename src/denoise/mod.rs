@@ -1,5 +1,6 @@
 //! The canvas denoiser: schedule, commit rule and the [`Session`] that owns a canvas.
 
+pub mod cached;
 pub mod canvas;
 pub mod commit;
 pub mod predict;
@@ -7,6 +8,8 @@ pub mod rng;
 pub mod schedule;
 pub mod session;
 
+pub use crate::model::CacheMode;
+pub use cached::CacheStats;
 pub use canvas::{build_canvas, generation_canvas, infill_canvas, parse_canvas, CanvasPart};
 pub use predict::{Remasking, SampleFilter};
 pub use schedule::{transfer_counts, ScheduleKind};

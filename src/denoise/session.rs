@@ -13,14 +13,16 @@
 //! reference loop: the parallel commit rules of Fast-dLLM (threshold, factor; `steps` becomes an
 //! upper bound and a block ends as soon as it has no masks), top-k / top-p, classifier-free
 //! guidance and stopping at EOS. Steps that need host logits (filters, guidance) run through
-//! [`Model::forward`]; the others through [`Model::predict`].
+//! [`Model::forward`]; the others through [`Model::predict`]. With a block K/V cache
+//! ([`Decoding::cache`]) [`Session::step`] runs its forwards through [`super::cached`] instead.
 
+use super::cached::{CacheState, CacheStats};
 use super::canvas::masked_positions;
 use super::commit::{self, Candidate};
 use super::predict::{predict_rows_filtered, PredictRule, Prediction, Remasking, SampleFilter};
 use super::schedule::{self, Schedule, ScheduleKind};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{CacheMode, Model};
 use std::sync::Arc;
 
 /// How a canvas is denoised.
@@ -87,6 +89,9 @@ pub struct Decoding {
     /// Once an EOS is committed with every generated position before it committed, fill the
     /// remaining generated positions with EOS and stop.
     pub stop_at_eos: bool,
+    /// Block K/V cache between the steps of a block (Fast-dLLM prefix / dual; see
+    /// [`crate::model::kv_cache`]). `None` is the reference loop.
+    pub cache: CacheMode,
 }
 
 impl Decoding {
@@ -179,6 +184,8 @@ pub struct Session {
     /// Forward steps actually taken (differs from `cursor` when dynamic blocks end early).
     taken: usize,
     eos: u32,
+    /// Block K/V caches (unused under [`CacheMode::None`]).
+    cache: CacheState,
 }
 
 impl std::fmt::Debug for Session {
@@ -265,6 +272,7 @@ impl Session {
             decoding: Decoding::default(),
             taken: 0,
             eos,
+            cache: CacheState::default(),
         })
     }
 
@@ -272,7 +280,9 @@ impl Session {
     /// next step. Errors ([`Error::InvalidArgument`], nothing changed): bad values.
     pub fn set_decoding(&mut self, decoding: Decoding) -> Result<()> {
         decoding.validate()?;
+        CacheState::check_supported(&*self.model, decoding.cache)?;
         self.decoding = decoding;
+        self.cache.invalidate();
         Ok(())
     }
 
@@ -282,7 +292,8 @@ impl Session {
     }
 
     /// The predictions `plan` needs: [`Model::predict`] for the reference loop; with filters or
-    /// guidance, [`Model::forward`] (twice for guidance) and host prediction.
+    /// guidance, [`Model::forward`] (twice for guidance) and host prediction. Always full
+    /// forwards: the K/V cache is used by [`Session::step`] only.
     pub fn predict(&self, plan: &StepPlan) -> Result<Vec<Prediction>> {
         if plan.k == 0 {
             return Ok(Vec::new());
@@ -339,8 +350,38 @@ impl Session {
         let Some(plan) = self.plan() else {
             return Ok(self.info(self.cursor, Vec::new()));
         };
-        let preds = self.predict(&plan)?;
+        let preds = if self.decoding.cache == CacheMode::None {
+            self.predict(&plan)?
+        } else {
+            self.predict_cached(&plan)?
+        };
         self.apply(&plan, &preds)
+    }
+
+    /// [`Session::predict`] through the block K/V cache (see [`super::cached`]).
+    fn predict_cached(&mut self, plan: &StepPlan) -> Result<Vec<Prediction>> {
+        if plan.k == 0 {
+            return Ok(Vec::new());
+        }
+        let positions = self.block_positions(plan.block);
+        let range = match (positions.first(), positions.last()) {
+            (Some(&a), Some(&b)) => a..b + 1,
+            _ => return Err(Error::State(format!("block {} is empty", plan.block))),
+        };
+        let uncond = (self.decoding.cfg_scale > 0.0).then(|| self.unconditional_canvas());
+        self.cache.predict(
+            &*self.model,
+            &self.canvas,
+            uncond.as_deref(),
+            range,
+            plan,
+            &self.decoding,
+        )
+    }
+
+    /// Cached forwards run so far (all zero under [`CacheMode::None`]).
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
 
     /// Steps until done.
@@ -502,6 +543,7 @@ impl Session {
             if self.canvas[p] == self.mask {
                 self.canvas[p] = self.eos;
                 self.masks_left -= 1;
+                self.cache.invalidate();
             }
         }
         if self.masks_left == 0 {
@@ -600,6 +642,7 @@ impl Session {
             self.masks_left -= 1;
         }
         self.canvas[pos] = token;
+        self.cache.invalidate();
         Ok(())
     }
 
@@ -634,6 +677,7 @@ impl Session {
         }
         self.masks_left += changed.len();
         self.extra_blocks.push(changed);
+        self.cache.invalidate();
         Ok(())
     }
 

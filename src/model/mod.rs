@@ -9,10 +9,12 @@
 //! [`transformer`] under different tensor names ([`tensor_table`]).
 
 pub mod dream;
+pub mod kv_cache;
 pub mod llada;
 pub mod load;
 pub mod transformer;
 
+pub use kv_cache::{CacheMode, CacheStep, KvCache};
 pub use load::{load_cpu, load_model, Backend, LoadedModel};
 
 use crate::config::{Arch, ModelConfig};
@@ -57,6 +59,55 @@ pub trait Model: Send + Sync {
             queries,
             rule,
         ))
+    }
+
+    /// Whether [`logits_cached`](Self::logits_cached) and
+    /// [`predict_cached`](Self::predict_cached) use the K/V cache. The defaults ignore it (full
+    /// forwards, exact but not faster); the denoiser refuses a cache mode on such a model.
+    fn supports_kv_cache(&self) -> bool {
+        false
+    }
+
+    /// Logits of `queries` (row `i` predicts position `queries[i]`, `queries.len() ×
+    /// logits_width()`), computed as `step` says against `cache` (see [`kv_cache`]): a refresh
+    /// runs the full forward and stores every layer's K/V; a span computes only its rows against
+    /// the cache and writes their K/V. The default ignores the cache and runs
+    /// [`forward`](Self::forward).
+    fn logits_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<Vec<f32>> {
+        let _ = (cache, step);
+        let logits = self.forward(ids)?;
+        let w = self.config().logits_width();
+        let mut out = Vec::with_capacity(queries.len() * w);
+        for &q in queries {
+            let row = logits.get(q * w..(q + 1) * w).ok_or_else(|| {
+                crate::error::Error::invalid(format!(
+                    "query position {q} is outside the canvas of {}",
+                    ids.len()
+                ))
+            })?;
+            out.extend_from_slice(row);
+        }
+        Ok(out)
+    }
+
+    /// [`predict`](Self::predict) through the cache, as [`logits_cached`](Self::logits_cached).
+    /// The default ignores the cache and runs [`predict`](Self::predict).
+    fn predict_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        rule: &PredictRule,
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<Vec<Prediction>> {
+        let _ = (cache, step);
+        self.predict(ids, queries, rule)
     }
 }
 

@@ -17,13 +17,19 @@
 //! `i` predicts position `i` for every architecture, and [`CpuTransformer::predict`] runs the LM
 //! head on hidden row `max(i − 1, 0)` for query `i`. [`CpuTransformer::raw_forward`] gives the
 //! unshifted rows (what the reference PyTorch `model(ids).logits` returns).
+//!
+//! [`CpuTransformer::logits_cached`] runs the same layers through a block K/V cache
+//! ([`crate::model::kv_cache`]): a refresh over the whole canvas that stores every layer's K/V, or
+//! only a span of rows that writes its K/V into the cache and attends to all cached positions.
 
 use crate::backend::cpu;
 use crate::config::ModelConfig;
 use crate::denoise::predict::{predict_rows, PredictRule, Prediction};
 use crate::error::{Error, Result};
+use crate::model::kv_cache::{CacheStep, KvCache};
 use crate::model::Model;
 use crate::weights::{TensorSpec, TensorView, WeightStore};
+use std::ops::Range;
 
 /// How a tensor is used, which decides how `dllm synth` initialises it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +174,17 @@ fn add_bias(x: &mut [f32], bias: &[f32]) {
     }
 }
 
+/// Where a layer's attention reads its keys and values.
+enum Attend<'c> {
+    /// The rows' own K/V (a full forward).
+    Local,
+    /// The rows' own K/V, also written into the cache (a refresh over the whole canvas).
+    Store(&'c mut KvCache),
+    /// The rows' K/V are written into the cache at their positions; attention reads the whole
+    /// cached sequence.
+    Cached(&'c mut KvCache),
+}
+
 impl CpuTransformer {
     /// Builds the model from an opened checkpoint, validating every tensor of `table` (presence,
     /// shape, dtype) against `cfg`; errors name the tensor.
@@ -272,13 +289,26 @@ impl CpuTransformer {
     /// (row `i` = position `i`, before any logits shift).
     pub fn hidden(&self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
+        self.hidden_rows(ids, 0..ids.len(), Attend::Local)
+    }
+
+    /// The normalised hidden states of the rows `span` of `ids` (`span.len() × d_model`), the
+    /// keys and values of the span's rows as `attend` says. `ids` is checked; `span` is inside
+    /// it, and `attend` is [`Attend::Local`] or [`Attend::Store`] only for the whole canvas.
+    fn hidden_rows(&self, ids: &[u32], span: Range<usize>, mut attend: Attend) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
-        let s = ids.len();
+        let (n, s) = (ids.len(), span.len());
+        debug_assert!(span.end <= n);
+        debug_assert!(matches!(attend, Attend::Cached(_)) || span == (0..n));
         let (d, hd) = (cfg.d_model, cfg.head_dim());
-        let positions: Vec<usize> = (0..s).collect();
+        let positions: Vec<usize> = span.clone().collect();
         let mut b = Scratch::new(cfg, s);
-        cpu::embedding(&self.weight(&self.table.embedding)?, ids, &mut b.x)?;
-        for (names, p) in self.table.blocks.iter().zip(&self.blocks) {
+        cpu::embedding(
+            &self.weight(&self.table.embedding)?,
+            &ids[span.clone()],
+            &mut b.x,
+        )?;
+        for (layer, (names, p)) in self.table.blocks.iter().zip(&self.blocks).enumerate() {
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
             cpu::linear(&b.normed, s, &self.weight(&names.q)?, &mut b.q);
             cpu::linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
@@ -290,12 +320,24 @@ impl CpuTransformer {
             }
             cpu::rope(&mut b.q, &positions, cfg.n_heads, hd, cfg.rope_theta);
             cpu::rope(&mut b.k, &positions, cfg.n_kv_heads, hd, cfg.rope_theta);
+            let (keys, values, skv) = match &mut attend {
+                Attend::Local => (&b.k[..], &b.v[..], s),
+                Attend::Store(cache) => {
+                    cache.write(layer, 0, &b.k, &b.v);
+                    (&b.k[..], &b.v[..], s)
+                }
+                Attend::Cached(cache) => {
+                    cache.write(layer, span.start, &b.k, &b.v);
+                    let (k, v) = cache.layer(layer);
+                    (k, v, n)
+                }
+            };
             cpu::attention(
                 &b.q,
-                &b.k,
-                &b.v,
+                keys,
+                values,
                 s,
-                s,
+                skv,
                 cfg.n_heads,
                 cfg.n_kv_heads,
                 hd,
@@ -314,6 +356,89 @@ impl CpuTransformer {
         let mut out = vec![0.0f32; s * d];
         cpu::rms_norm(&b.x, &self.final_norm, cfg.rms_norm_eps, &mut out);
         Ok(out)
+    }
+
+    /// Logits of `queries` through `cache` (see [`crate::model::kv_cache`]): a refresh is the full
+    /// forward of [`CpuTransformer::predict`] that also stores every layer's K/V; a span computes
+    /// only its rows, writes their K/V into the cache and attends to the whole cached sequence.
+    ///
+    /// Errors ([`Error::InvalidArgument`]): bad ids, a cache that does not fit, a span outside
+    /// the canvas or empty, a query whose source row ([`CpuTransformer::source_row`]) is outside
+    /// the span; ([`Error::State`]) a span on a cache that was never refreshed.
+    pub fn logits_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        cache.check_fits(&self.cfg, ids.len())?;
+        let n = ids.len();
+        if let Some(&q) = queries.iter().find(|&&q| q >= n) {
+            return Err(Error::invalid(format!(
+                "query position {q} is outside the canvas of {n}"
+            )));
+        }
+        let span = match step {
+            CacheStep::Refresh => 0..n,
+            CacheStep::Span(r) => r.clone(),
+        };
+        if span.is_empty() || span.end > n {
+            return Err(Error::invalid(format!(
+                "cached span {}..{} is empty or outside the canvas of {n}",
+                span.start, span.end
+            )));
+        }
+        if let Some(&q) = queries
+            .iter()
+            .find(|&&q| !span.contains(&self.source_row(q)))
+        {
+            return Err(Error::invalid(format!(
+                "query position {q} is predicted from hidden row {}, outside the cached span {}..{}",
+                self.source_row(q),
+                span.start,
+                span.end
+            )));
+        }
+        if matches!(step, CacheStep::Span(_)) && !cache.is_filled() {
+            return Err(Error::State(
+                "a span forward needs a refreshed K/V cache: run a refresh first".into(),
+            ));
+        }
+        // A failed forward leaves a partly written cache: until this one succeeds, the next
+        // cached forward must be a refresh.
+        cache.invalidate();
+        let hidden = match step {
+            CacheStep::Refresh => self.hidden_rows(ids, span.clone(), Attend::Store(cache))?,
+            CacheStep::Span(_) => self.hidden_rows(ids, span.clone(), Attend::Cached(cache))?,
+        };
+        cache.mark_filled();
+        let sources: Vec<usize> = queries
+            .iter()
+            .map(|&q| self.source_row(q) - span.start)
+            .collect();
+        self.logits_of_rows(&hidden, &sources)
+    }
+
+    /// [`CpuTransformer::predict`] through `cache`, as [`CpuTransformer::logits_cached`].
+    pub fn predict_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        rule: &PredictRule,
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<Vec<Prediction>> {
+        let logits = self.logits_cached(ids, queries, cache, step)?;
+        let rows: Vec<usize> = (0..queries.len()).collect();
+        Ok(predict_rows(
+            &logits,
+            self.cfg.logits_width(),
+            &rows,
+            queries,
+            rule,
+        ))
     }
 
     /// LM head over the given rows of normalised hidden states (rows may repeat).
@@ -409,6 +534,31 @@ impl Model for CpuTransformer {
     ) -> Result<Vec<Prediction>> {
         CpuTransformer::predict(self, ids, queries, rule)
     }
+
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+
+    fn logits_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<Vec<f32>> {
+        CpuTransformer::logits_cached(self, ids, queries, cache, step)
+    }
+
+    fn predict_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        rule: &PredictRule,
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<Vec<Prediction>> {
+        CpuTransformer::predict_cached(self, ids, queries, rule, cache, step)
+    }
 }
 
 /// Implements [`Model`] for a newtype around [`CpuTransformer`] by delegation.
@@ -434,6 +584,28 @@ macro_rules! delegate_model {
                 rule: &$crate::denoise::predict::PredictRule,
             ) -> $crate::error::Result<Vec<$crate::denoise::predict::Prediction>> {
                 self.0.predict(ids, queries, rule)
+            }
+            fn supports_kv_cache(&self) -> bool {
+                true
+            }
+            fn logits_cached(
+                &self,
+                ids: &[u32],
+                queries: &[usize],
+                cache: &mut $crate::model::KvCache,
+                step: &$crate::model::CacheStep,
+            ) -> $crate::error::Result<Vec<f32>> {
+                self.0.logits_cached(ids, queries, cache, step)
+            }
+            fn predict_cached(
+                &self,
+                ids: &[u32],
+                queries: &[usize],
+                rule: &$crate::denoise::predict::PredictRule,
+                cache: &mut $crate::model::KvCache,
+                step: &$crate::model::CacheStep,
+            ) -> $crate::error::Result<Vec<$crate::denoise::predict::Prediction>> {
+                self.0.predict_cached(ids, queries, rule, cache, step)
             }
         }
 
