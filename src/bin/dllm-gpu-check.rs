@@ -11,7 +11,8 @@ use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
 use dllm::backend::cuda::{attention, elementwise, gemm, sampling, CudaDevice};
 use dllm::config::ModelConfig;
 use dllm::denoise::predict::{PredictRule, Remasking};
-use dllm::denoise::session::{GenerationParams, Session};
+use dllm::denoise::session::{Decoding, GenerationParams, Session};
+use dllm::denoise::CacheMode;
 use dllm::error::{Error, Result};
 use dllm::model::Model;
 use dllm::weights::WeightStore;
@@ -194,12 +195,59 @@ fn greedy() -> GenerationParams {
 }
 
 fn generate(model: Arc<dyn Model>, prompt: &[u32], gen: usize) -> Result<Vec<u32>> {
+    generate_cached(model, prompt, gen, CacheMode::None)
+}
+
+/// Greedy generation through a `Session` with the block K/V cache `cache`.
+fn generate_cached(
+    model: Arc<dyn Model>,
+    prompt: &[u32],
+    gen: usize,
+    cache: CacheMode,
+) -> Result<Vec<u32>> {
     let cfg = model.config().clone();
     let mut canvas = prompt.to_vec();
     canvas.resize(prompt.len() + gen, cfg.mask_token_id);
     let mut s = Session::new(model, canvas, greedy())?;
+    s.set_decoding(Decoding {
+        cache,
+        ..Decoding::default()
+    })?;
     s.run()?;
     Ok(s.canvas()[prompt.len()..].to_vec())
+}
+
+/// Session generation with each block K/V cache mode, GPU (device cache) vs CPU (host cache):
+/// the same approximation on both backends, so the tokens agree up to precision.
+fn session_cache_checks(
+    prefix: &str,
+    gpu: Arc<dyn Model>,
+    cpu: Arc<dyn Model>,
+    prompt: &[u32],
+    gen: usize,
+    tol: f64,
+    details: &mut Value,
+) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    for (name, mode) in [("prefix", CacheMode::Prefix), ("dual", CacheMode::Dual)] {
+        let r = (|| -> Result<CheckResult> {
+            let g = generate_cached(gpu.clone(), prompt, gen, mode)?;
+            let c = generate_cached(cpu.clone(), prompt, gen, mode)?;
+            details[format!("{prefix}_session_{name}_gpu")] = json!(g);
+            details[format!("{prefix}_session_{name}_cpu")] = json!(c);
+            Ok(miss_check(
+                format!("{prefix}.session cache {name} gpu vs cpu"),
+                same_count(&g, &c),
+                g.len(),
+                tol,
+                "tokens",
+            ))
+        })();
+        out.push(
+            r.unwrap_or_else(|e| CheckResult::failed(format!("{prefix}.session cache {name}"), e)),
+        );
+    }
+    out
 }
 
 fn same_count(a: &[u32], b: &[u32]) -> usize {
@@ -444,6 +492,15 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                     TOL_GEN_MISS,
                     "tokens",
                 ));
+                out.extend(session_cache_checks(
+                    "model",
+                    fast.clone(),
+                    cpu.clone(),
+                    &prompt,
+                    128,
+                    TOL_GEN_MISS,
+                    details,
+                ));
                 Ok(())
             })();
             if let Err(e) = r {
@@ -553,6 +610,15 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             gg.len(),
             TOL_DREAM_GEN_MISS,
             "tokens",
+        ));
+        out.extend(session_cache_checks(
+            "dream",
+            gpu.clone(),
+            cpu.clone(),
+            &prompt,
+            64,
+            TOL_DREAM_GEN_MISS,
+            details,
         ));
         Ok(())
     })();

@@ -87,26 +87,43 @@ pub fn span_for(
 }
 
 /// Per-layer keys and values of one canvas, fp32, row-major `[len, n_kv_heads · head_dim]`.
+///
+/// The host storage is allocated on the first [`KvCache::write`]: a backend that keeps its
+/// cache on the device (CUDA) only uses the cache's identity ([`KvCache::id`]) and fill state,
+/// so no host memory is spent there.
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    id: u64,
     len: usize,
     width: usize,
+    n_layers: usize,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     filled: bool,
 }
+
+/// Source of [`KvCache::id`] values.
+static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl KvCache {
     /// An empty (not yet refreshed) cache for a canvas of `len` positions of a `cfg` model.
     pub fn new(cfg: &ModelConfig, len: usize) -> KvCache {
         let width = cfg.n_kv_heads * cfg.head_dim();
         KvCache {
+            id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             len,
             width,
-            k: vec![vec![0.0; len * width]; cfg.n_layers],
-            v: vec![vec![0.0; len * width]; cfg.n_layers],
+            n_layers: cfg.n_layers,
+            k: Vec::new(),
+            v: Vec::new(),
             filled: false,
         }
+    }
+
+    /// A process-unique identity (a backend holding one device cache uses it to tell whether
+    /// the cache a span step names is the one it holds).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Canvas positions covered.
@@ -126,7 +143,7 @@ impl KvCache {
 
     /// Layers held.
     pub fn n_layers(&self) -> usize {
-        self.k.len()
+        self.n_layers
     }
 
     /// Whether a refresh has stored every position (a span forward needs it).
@@ -144,9 +161,12 @@ impl KvCache {
         self.filled = true;
     }
 
-    /// Keys and values of `layer`, every position.
+    /// Keys and values of `layer`, every position (empty before the first write).
     pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.k[layer], &self.v[layer])
+        match (self.k.get(layer), self.v.get(layer)) {
+            (Some(k), Some(v)) => (k, v),
+            _ => (&[], &[]),
+        }
     }
 
     /// Overwrites positions `start .. start + rows` of `layer` with `k`/`v` (`rows · width`
@@ -154,6 +174,10 @@ impl KvCache {
     pub fn write(&mut self, layer: usize, start: usize, k: &[f32], v: &[f32]) {
         debug_assert_eq!(k.len(), v.len());
         debug_assert_eq!(k.len() % self.width, 0);
+        if self.k.is_empty() {
+            self.k = vec![vec![0.0; self.len * self.width]; self.n_layers];
+            self.v = vec![vec![0.0; self.len * self.width]; self.n_layers];
+        }
         let (a, b) = (start * self.width, start * self.width + k.len());
         self.k[layer][a..b].copy_from_slice(k);
         self.v[layer][a..b].copy_from_slice(v);
@@ -162,14 +186,11 @@ impl KvCache {
     /// Checks that this cache fits a canvas of `len` positions of a `cfg` model.
     pub fn check_fits(&self, cfg: &ModelConfig, len: usize) -> Result<()> {
         let width = cfg.n_kv_heads * cfg.head_dim();
-        if self.len != len || self.width != width || self.k.len() != cfg.n_layers {
+        if self.len != len || self.width != width || self.n_layers != cfg.n_layers {
             return Err(Error::invalid(format!(
                 "K/V cache of {} positions × {} floats × {} layers does not fit a canvas of {len} \
                  positions of this model ({width} floats × {} layers)",
-                self.len,
-                self.width,
-                self.k.len(),
-                cfg.n_layers
+                self.len, self.width, self.n_layers, cfg.n_layers
             )));
         }
         Ok(())

@@ -42,6 +42,7 @@ use crate::backend::cpu::rope_inv_freq;
 use crate::config::ModelConfig;
 use crate::denoise::predict::{PredictRule, Prediction, Remasking};
 use crate::error::{Error, Result};
+use crate::model::kv_cache::{CacheStep, KvCache};
 use crate::model::Model;
 use crate::weights::{DType, TensorView, WeightStore};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -172,6 +173,9 @@ struct State {
     v_cache: Vec<CudaSlice<u16>>,
     /// Whether the cache holds K/V of every position of the current canvases.
     cache_valid: bool,
+    /// The [`KvCache::id`] of the Session cache whose K/V the device cache holds (`None` when
+    /// the cache was filled outside a Session, e.g. by `dllm bench`).
+    cache_owner: Option<u64>,
     /// Rows per canvas of the last forward (its `x` holds `batch × rows_per_canvas` rows).
     fwd_len: usize,
     /// Query rows (indices into `x`) and their canvas positions, with the host copy they came from.
@@ -437,6 +441,7 @@ impl CudaTransformer {
             k_cache,
             v_cache,
             cache_valid: false,
+            cache_owner: None,
             fwd_len: 0,
             q_idx: alloc(dev, qcap, "query rows")?,
             q_pos: alloc(dev, qcap, "query positions")?,
@@ -521,8 +526,26 @@ impl CudaTransformer {
         st.batch = batch;
         st.seq = seq;
         st.cache_valid = false;
+        st.cache_owner = None;
         st.fwd_len = 0;
         Ok(())
+    }
+
+    /// Replaces the ids of the single current canvas (same length) and keeps its K/V cache.
+    fn update_canvas_ids(&self, st: &mut State, ids: &[u32]) -> Result<()> {
+        if st.batch != 1 || st.seq != ids.len() {
+            return Err(Error::State(format!(
+                "the device holds {} canvases of {} tokens, not one of {}",
+                st.batch,
+                st.seq,
+                ids.len()
+            )));
+        }
+        let host: Vec<i32> = ids.iter().map(|&v| v as i32).collect();
+        self.dev
+            .stream
+            .memcpy_htod(&host, &mut st.canvas.slice_mut(0..ids.len()))
+            .map_err(|e| cuda_err("upload canvas", e))
     }
 
     /// Downloads the current canvases (`[batch, seq]`).
@@ -757,6 +780,9 @@ impl CudaTransformer {
         let seq = st.seq;
         self.layers(&self.kit, st, 0, seq, true, store_cache)?;
         st.cache_valid = store_cache || st.cache_valid;
+        if store_cache {
+            st.cache_owner = None;
+        }
         Ok(())
     }
 
@@ -1205,6 +1231,39 @@ impl Model for CudaTransformer {
         self.logits(ids, false)
     }
 
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+
+    fn logits_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<Vec<f32>> {
+        let mut g = self.lock();
+        let st = self.cached_forward(&mut g, ids, queries, cache, step)?;
+        self.download_query_logits(st)
+    }
+
+    fn predict_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        rule: &PredictRule,
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<Vec<Prediction>> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut g = self.lock();
+        let st = self.cached_forward(&mut g, ids, queries, cache, step)?;
+        self.predict_queries(&self.kit, st, rule)?;
+        self.download_predictions(st, queries.len())
+    }
+
     fn predict(
         &self,
         ids: &[u32],
@@ -1234,7 +1293,46 @@ impl Model for CudaTransformer {
             .collect::<Result<_>>()?;
         self.set_queries(st, idx, pos)?;
         self.predict_queries(&self.kit, st, rule)?;
-        let n = queries.len();
+        self.download_predictions(st, queries.len())
+    }
+}
+
+impl CudaTransformer {
+    /// One full forward over `ids` and the logits of every position, downloaded: row `i` is the
+    /// LM-head output at [`Self::source_position`]`(i)` when `shifted`, else at `i`.
+    fn logits(&self, ids: &[u32], shifted: bool) -> Result<Vec<f32>> {
+        let mut g = self.lock();
+        self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
+        let st = g.as_mut().expect("set above");
+        let n = ids.len();
+        self.layers(&self.kit, st, 0, n, true, false)?;
+        let idx: Vec<i32> = (0..n)
+            .map(|i| i32_of("row", if shifted { self.source_position(i) } else { i }))
+            .collect::<Result<_>>()?;
+        let pos: Vec<i32> = (0..n).map(|i| i32_of("row", i)).collect::<Result<_>>()?;
+        self.set_queries(st, idx, pos)?;
+        self.download_query_logits(st)
+    }
+
+    /// `ln_f` + LM head over the current query rows, logits downloaded (`[queries, width]`).
+    fn download_query_logits(&self, st: &mut State) -> Result<Vec<f32>> {
+        let width = self.cfg.logits_width();
+        let mut out = vec![0f32; st.q_host.0.len() * width];
+        let stream = self.dev.stream.clone();
+        self.head(&self.kit, st, |st, c0, rows| {
+            stream
+                .memcpy_dtoh(
+                    &st.logits.slice(0..rows * width),
+                    &mut out[c0 * width..(c0 + rows) * width],
+                )
+                .map_err(|e| cuda_err("download logits", e))
+        })?;
+        self.dev.sync()?;
+        Ok(out)
+    }
+
+    /// The first `n` predictions of the last [`Self::predict_queries`], downloaded.
+    fn download_predictions(&self, st: &State, n: usize) -> Result<Vec<Prediction>> {
         let tokens = self
             .dev
             .stream
@@ -1258,35 +1356,84 @@ impl Model for CudaTransformer {
             })
             .collect()
     }
-}
 
-impl CudaTransformer {
-    /// One full forward over `ids` and the logits of every position, downloaded: row `i` is the
-    /// LM-head output at [`Self::source_position`]`(i)` when `shifted`, else at `i`.
-    fn logits(&self, ids: &[u32], shifted: bool) -> Result<Vec<f32>> {
-        let mut g = self.lock();
-        self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
-        let st = g.as_mut().expect("set above");
-        let n = ids.len();
-        self.layers(&self.kit, st, 0, n, true, false)?;
-        let idx: Vec<i32> = (0..n)
-            .map(|i| i32_of("row", if shifted { self.source_position(i) } else { i }))
-            .collect::<Result<_>>()?;
-        let pos: Vec<i32> = (0..n).map(|i| i32_of("row", i)).collect::<Result<_>>()?;
+    /// The Session's cached forward on the device cache (see [`crate::model::kv_cache`]): a
+    /// refresh runs the full forward storing every layer's K/V and records `cache` as the
+    /// cache's owner; a span step uploads the canvas, runs only the span's rows against the
+    /// device cache (writing their K/V) — or, when the device cache holds another cache's K/V
+    /// (a guided session alternates two canvases), a refresh, which is exact. Then the query
+    /// rows (each query's source row, which must lie in the computed rows) are set.
+    fn cached_forward<'g>(
+        &self,
+        g: &'g mut std::sync::MutexGuard<'_, Option<State>>,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<&'g mut State> {
+        cache.check_fits(&self.cfg, ids.len())?;
+        if let Some(&q) = queries.iter().find(|&&q| q >= ids.len()) {
+            return Err(Error::invalid(format!(
+                "query position {q} is outside the canvas of {}",
+                ids.len()
+            )));
+        }
+        let span = match step {
+            CacheStep::Refresh => None,
+            CacheStep::Span(r) => {
+                if !cache.is_filled() {
+                    return Err(Error::State(
+                        "a cached span step needs a refresh of its cache first".into(),
+                    ));
+                }
+                if r.is_empty() || r.end > ids.len() {
+                    return Err(Error::invalid(format!(
+                        "cached span {r:?} is empty or outside the canvas of {}",
+                        ids.len()
+                    )));
+                }
+                let resident = g.as_ref().is_some_and(|st| {
+                    st.cache_valid
+                        && st.cache_owner == Some(cache.id())
+                        && st.batch == 1
+                        && st.seq == ids.len()
+                });
+                resident.then(|| r.clone())
+            }
+        };
+        let fwd_start = match span {
+            None => {
+                self.set_canvases_locked(g, ids, 1, ids.len())?;
+                let st = g.as_mut().expect("set above");
+                self.layers(&self.kit, st, 0, ids.len(), true, true)?;
+                st.cache_valid = true;
+                st.cache_owner = Some(cache.id());
+                cache.mark_filled();
+                0
+            }
+            Some(r) => {
+                let st = g.as_mut().expect("resident cache");
+                self.update_canvas_ids(st, ids)?;
+                self.layers(&self.kit, st, r.start, r.len(), false, true)?;
+                r.start
+            }
+        };
+        let st = g.as_mut().expect("forward ran");
+        let end = fwd_start + st.fwd_len;
+        let mut idx = Vec::with_capacity(queries.len());
+        let mut pos = Vec::with_capacity(queries.len());
+        for &q in queries {
+            let src = self.source_position(q);
+            if src < fwd_start || src >= end {
+                return Err(Error::invalid(format!(
+                    "query {q} (source row {src}) is outside the computed rows {fwd_start}..{end}"
+                )));
+            }
+            idx.push(i32_of("query row", src - fwd_start)?);
+            pos.push(i32_of("query position", q)?);
+        }
         self.set_queries(st, idx, pos)?;
-        let width = self.cfg.logits_width();
-        let mut out = vec![0f32; n * width];
-        let stream = self.dev.stream.clone();
-        self.head(&self.kit, st, |st, c0, rows| {
-            stream
-                .memcpy_dtoh(
-                    &st.logits.slice(0..rows * width),
-                    &mut out[c0 * width..(c0 + rows) * width],
-                )
-                .map_err(|e| cuda_err("download logits", e))
-        })?;
-        self.dev.sync()?;
-        Ok(out)
+        Ok(st)
     }
 }
 
