@@ -47,14 +47,28 @@
  *    lengths are checked on every call: a bad one is DLLM_ERR_INVALID_ARGUMENT, never a crash.
  *  - Parameter structs start with `struct_size`, which the *_default() functions set to
  *    sizeof(struct). New fields are only ever appended, so a program compiled against an older
- *    header keeps working: a struct_size smaller than the first version of the struct is
- *    rejected with DLLM_ERR_INVALID_ARGUMENT; a larger one (a newer header) is accepted and the
- *    fields this library does not know are ignored. Always start from the *_default() function.
+ *    header keeps working: struct_size must be the size of one version of the struct (listed
+ *    with each struct) or larger than the newest; the fields a caller's version lacks take
+ *    their defaults, fields this library does not know (a newer header) are ignored. Any other
+ *    size (smaller than the first version, or between two versions) is rejected with
+ *    DLLM_ERR_INVALID_ARGUMENT. Always start from the *_default() function.
  *  - Threads: a dllm_model may be used by any number of threads at once (sessions on different
  *    threads may share one model). A dllm_session must be used by one thread at a time (it may
  *    move between threads). dllm_last_error() is per thread.
  *  - Numbering: status codes and enum values are never renumbered; retired values stay reserved.
  *    New behaviour gets a new function name rather than a changed meaning.
+ *  - Versions: DLLM_ABI_VERSION counts the additions to this header (appended struct fields,
+ *    new functions, new enum values, a reserved value made to work); it never marks an
+ *    incompatible change, because there are none: existing functions, field offsets, codes and
+ *    values keep their meaning. So a library of version L runs every program built against a
+ *    header of version H <= L unchanged. A program built against version H that runs on an
+ *    older library (L < H) gets its new struct fields silently ignored (they lie beyond what
+ *    that library knows): check dllm_abi_version() >= DLLM_ABI_VERSION at start-up.
+ *      1: the first version.
+ *      2: dllm_sampling_params gained threshold, factor, top_k, top_p, cfg_scale, stop_at_eos,
+ *         cache and reserved; DLLM_REMASK_MARGIN and DLLM_REMASK_ENTROPY work (version 1
+ *         answered DLLM_ERR_UNSUPPORTED); dllm_session_last_commits; dllm_step_info.committed
+ *         counts the positions a stop_at_eos stop fills too.
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -66,9 +80,9 @@
 extern "C" {
 #endif
 
-/* The ABI version this header describes. Bumped only when an existing declaration changes
- * incompatibly; compare it with dllm_abi_version() to detect a mismatched library. */
-#define DLLM_ABI_VERSION 1
+/* The ABI version this header describes (see "Versions" above): a program built with this
+ * header needs dllm_abi_version() >= DLLM_ABI_VERSION. */
+#define DLLM_ABI_VERSION 2
 
 /* ---------------------------------------------------------------------------------------------
  * Status codes
@@ -95,7 +109,7 @@ enum dllm_status_code {
  * ------------------------------------------------------------------------------------------- */
 
 /* The ABI version of the library that is linked: equal to DLLM_ABI_VERSION of the header it was
- * built with. */
+ * built with. It serves programs built against any header version up to its own. */
 uint32_t dllm_abi_version(void);
 
 /* A short static English description of a status code ("invalid argument"), for any value
@@ -204,6 +218,14 @@ dllm_status dllm_detokenize(const dllm_model *m, const int32_t *tokens, size_t n
  * temperature > 0; the mask token is never predicted), and the most confident predictions are
  * committed. Positions that were not masks at creation never change unless the caller locks
  * or remasks them.
+ *
+ * Decoding strategies beyond that loop (the version-2 fields of dllm_sampling_params, all off
+ * by default): the Fast-dLLM parallel commit rules `threshold` and `factor` (a step commits
+ * every prediction the rule accepts, and at least enough to finish the block within its
+ * remaining steps; a block ends as soon as it
+ * has no masks left, so `steps` becomes an upper bound and the later steps of a finished block
+ * are skipped: dllm_step_info.step jumps ahead), top-k / top-p sampling, classifier-free
+ * guidance and stopping at the end-of-text token.
  * ------------------------------------------------------------------------------------------- */
 
 /* An opaque denoising session. Created by dllm_session_new, destroyed by dllm_session_free.
@@ -215,25 +237,64 @@ typedef struct dllm_session dllm_session;
 enum dllm_remasking {
     DLLM_REMASK_LOW_CONFIDENCE = 0, /* the softmax probability of the predicted token */
     DLLM_REMASK_RANDOM = 1,         /* a seeded uniform random number per position and step */
-    DLLM_REMASK_MARGIN = 2,         /* reserved: top-1 minus top-2 probability (DLLM_ERR_UNSUPPORTED for now) */
-    DLLM_REMASK_ENTROPY = 3         /* reserved: negative entropy of the row (DLLM_ERR_UNSUPPORTED for now) */
+    DLLM_REMASK_MARGIN = 2,         /* top-1 minus top-2 probability of the row (Dream topk_margin) */
+    DLLM_REMASK_ENTROPY = 3         /* sum p ln p over the row (Dream entropy): <= 0, higher = surer */
 };
 
-/* How a canvas is denoised. Initialise with dllm_sampling_params_default, then change fields. */
+/* Values of dllm_sampling_params.cache: reuse of attention keys/values across steps. */
+enum dllm_cache {
+    DLLM_CACHE_NONE = 0,   /* a full forward pass every step (exact) */
+    DLLM_CACHE_PREFIX = 1, /* Fast-dLLM prefix cache: the first step of each block is a full
+                            * forward that stores every layer's K/V; later steps compute only the
+                            * positions from the block start to the end (an approximation) */
+    DLLM_CACHE_DUAL = 2    /* Fast-dLLM dual cache: later steps compute only the block's positions
+                            * against the cached prefix and suffix (faster, approximate) */
+};
+
+/* How a canvas is denoised. Initialise with dllm_sampling_params_default, then change fields.
+ * Versions (struct_size on 64-bit Linux): 1 = up to `seed` (32 bytes), 2 = up to `reserved`
+ * (64 bytes). A version-1 caller gets the defaults for every version-2 field. */
 typedef struct dllm_sampling_params {
     uint32_t struct_size; /* sizeof(dllm_sampling_params); set by dllm_sampling_params_default */
-    int32_t steps;        /* total refinement steps, >= 1, a multiple of the block count. Default 128 */
+    int32_t steps;        /* total refinement steps, >= 1, a multiple of the block count; with
+                           * threshold or factor an upper bound. Default 128 */
     int32_t block_len;    /* masked positions per block, >= 1. Default 32 */
     float temperature;    /* 0 = greedy (argmax); > 0 = Gumbel-max sampling. Default 0 */
     int32_t remasking;    /* a dllm_remasking value. Default DLLM_REMASK_LOW_CONFIDENCE */
+    /* (4 bytes of padding here: seed is 8-byte aligned) */
     uint64_t seed;        /* keys every random draw: same seed, same result. Default 0 */
+    /* ---- version 2 (offset 32) ---- */
+    float threshold;      /* 0 = off. > 0: Fast-dLLM threshold rule, commit every masked position
+                           * of the block whose confidence (per `remasking`) is >= threshold, and
+                           * at least enough to finish the block in its remaining steps (at least
+                           * one). Confidences of LOW_CONFIDENCE, RANDOM and MARGIN lie in [0, 1];
+                           * ENTROPY's are <= 0, so any threshold > 0 then commits just that
+                           * least count. Finite, >= 0. Default 0 */
+    float factor;         /* 0 = off. > 0: Fast-dLLM factor rule, commit the n most confident
+                           * with c_i >= 1 - factor / (i + 1), i = 1..n. Finite, >= 0; not
+                           * together with threshold. Default 0 */
+    int32_t top_k;        /* sample among the top_k most likely tokens only; 0 = off, >= 0.
+                           * No effect at temperature 0. Default 0 */
+    float top_p;          /* sample among the most likely tokens of total probability >= top_p
+                           * (applied before top_k); in (0, 1], 1 = off. No effect at
+                           * temperature 0. Default 1 */
+    float cfg_scale;      /* classifier-free guidance scale s: logits = u + (s + 1)(c - u), u from
+                           * the canvas with every position that was not a mask at creation
+                           * masked; two forward passes per step. 0 = off, finite, >= 0. Default 0 */
+    int32_t stop_at_eos;  /* 1: once an end-of-text token is committed with every generated
+                           * position before it filled, fill the rest with end-of-text and finish
+                           * when no mask is left. 0 or 1. Default 0 */
+    int32_t cache;        /* a dllm_cache value. Default DLLM_CACHE_NONE */
+    uint32_t reserved;    /* must be 0 (a later version may give it a meaning, 0 = off) */
     /* Fields added in later versions go here. */
 } dllm_sampling_params;
 
 /* What one dllm_session_step did. */
 typedef struct dllm_step_info {
     int32_t step;       /* index of the step taken (0-based); on a finished session, the step count */
-    int32_t committed;  /* positions this step filled (0 on a step with nothing to commit) */
+    int32_t committed;  /* positions this step filled (0 on a step with nothing to commit): the
+                         * committed predictions plus, with stop_at_eos, the positions it filled
+                         * with end-of-text (dllm_session_last_commits lists them) */
     int32_t masks_left; /* positions of the canvas still holding the mask token */
     int32_t done;       /* 1 when every scheduled step has been taken, else 0 */
 } dllm_step_info;
@@ -247,13 +308,15 @@ void dllm_sampling_params_default(dllm_sampling_params *p);
  * reference to the model, which may therefore be freed first.
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL m/canvas/out, n == 0, n > dllm_model_max_length, an id
  * that is negative or outside the model, steps/block_len out of range or steps not a multiple of
- * the block count, temperature negative or not finite, struct_size too small, unknown remasking),
- * DLLM_ERR_UNSUPPORTED (DLLM_REMASK_MARGIN, DLLM_REMASK_ENTROPY). */
+ * the block count, temperature negative or not finite, a bad struct_size, an unknown remasking
+ * or cache value, a version-2 field out of its range, threshold and factor both > 0, reserved
+ * not 0: the message names the field). */
 dllm_status dllm_session_new(dllm_model *m, const int32_t *canvas, size_t n,
                              const dllm_sampling_params *p, dllm_session **out);
 
-/* Takes one refinement step: one forward pass, then commits this step's share of the current
- * block (a step with nothing to commit runs no forward pass). Writes what happened to *info
+/* Takes one refinement step: one forward pass (two with cfg_scale > 0), then commits this
+ * step's share of the current block, or what the threshold / factor rule accepts (a step with
+ * nothing to commit runs no forward pass). Writes what happened to *info
  * unless info is NULL. Stepping a finished session returns DLLM_OK with done = 1 and changes
  * nothing. On failure the session is unchanged.
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s), DLLM_ERR_BACKEND. */
@@ -268,6 +331,19 @@ dllm_status dllm_session_run(dllm_session *s);
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s/n, NULL tokens with cap > 0),
  * DLLM_ERR_BUFFER_TOO_SMALL. */
 dllm_status dllm_session_canvas(const dllm_session *s, int32_t *tokens, size_t cap, size_t *n);
+
+/* The positions the most recent step filled (dllm_session_step, or the last step taken by
+ * dllm_session_run), in increasing order, and the tokens it wrote there: exactly the positions
+ * that held the mask token before that step and do not after it, so a UI can redraw only
+ * those. Writes up to `cap` entries to each of `positions` and `tokens` (entry i of one
+ * matches entry i of the other) and the number of entries to *n (see "Buffers"; the count
+ * equals that step's dllm_step_info.committed). Empty before the first step and after a step
+ * that filled nothing (such as a step of a finished session); a failed step leaves it as it
+ * was; lock and remask do not change it.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s/n, NULL positions or tokens with cap > 0),
+ * DLLM_ERR_BUFFER_TOO_SMALL. */
+dllm_status dllm_session_last_commits(const dllm_session *s, size_t *positions, int32_t *tokens,
+                                      size_t cap, size_t *n);
 
 /* Fixes position `pos` to `token`, now and for the rest of the session: the denoiser never
  * changes it again (unless it is remasked). Any position may be locked. A masked one leaves the

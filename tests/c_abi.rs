@@ -7,7 +7,10 @@
 //! opened, which keeps valgrind's view clean). The library artifacts are those cargo built for
 //! this test run, next to the test executable (`target/<profile>/deps`).
 
-use dllm::denoise::{generation_canvas, infill_canvas, GenerationParams, Remasking, Session};
+use dllm::denoise::{
+    generation_canvas, infill_canvas, CacheMode, CommitPolicy, Decoding, GenerationParams,
+    Remasking, SampleFilter, Session,
+};
 use dllm::model::{load_model, Backend};
 use dllm::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
@@ -17,17 +20,19 @@ use std::time::{Duration, Instant};
 
 const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
 /// The self-checking C tests (each exits 0 when every check passed).
-const C_TESTS: [&str; 4] = [
+const C_TESTS: [&str; 5] = [
     "test_model",
     "test_tokenize",
     "test_session",
+    "test_decoding",
     "test_threads",
 ];
 /// Every C program built: the tests, the parity driver and the examples.
-const PROGRAMS: [(&str, &str); 7] = [
+const PROGRAMS: [(&str, &str); 8] = [
     ("test_model", "ffi/tests/test_model.c"),
     ("test_tokenize", "ffi/tests/test_tokenize.c"),
     ("test_session", "ffi/tests/test_session.c"),
+    ("test_decoding", "ffi/tests/test_decoding.c"),
     ("test_threads", "ffi/tests/test_threads.c"),
     ("parity", "ffi/tests/parity.c"),
     ("generate", "ffi/examples/generate.c"),
@@ -224,6 +229,16 @@ fn valgrind_available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Writes `bytes` to `path` through a new file renamed over it: a program that has the old file
+/// memory-mapped (a C test of a concurrent run, or of another checkout whose target directory
+/// shares this file by a hard link) keeps its intact copy instead of faulting (SIGBUS) on a
+/// truncated one.
+fn replace_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// A LLaDA checkpoint with the tiny model's tokenizer, vocabulary, special ids and maximum
 /// length but a 1-layer, 16-wide transformer, so that the many forward passes of the C tests
 /// stay cheap under valgrind (which checks the ABI layer, not the arithmetic). The weights are
@@ -242,12 +257,11 @@ fn micro_model() -> &'static Path {
             "eos_token_id": 0, "pad_token_id": 2, "weight_tying": false,
             "include_bias": false, "include_qkv_bias": false
         });
-        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-        std::fs::copy(
-            Path::new(MODEL).join("tokenizer.json"),
-            dir.join("tokenizer.json"),
-        )
-        .unwrap();
+        replace_file(&dir.join("config.json"), config.to_string().as_bytes());
+        replace_file(
+            &dir.join("tokenizer.json"),
+            &std::fs::read(Path::new(MODEL).join("tokenizer.json")).unwrap(),
+        );
         let b = "model.transformer.blocks.0.";
         let shapes: Vec<(String, Vec<usize>)> = vec![
             ("model.transformer.wte.weight".into(), vec![vocab, d]),
@@ -298,7 +312,7 @@ fn micro_model() -> &'static Path {
             })
             .collect();
         let bytes = safetensors::tensor::serialize(views, None).unwrap();
-        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        replace_file(&dir.join("model.safetensors"), &bytes);
         dir
     })
 }
@@ -345,23 +359,45 @@ fn c_tests_are_clean_under_valgrind() {
     }
 }
 
-/// What the C parity driver prints, computed with the Rust API.
-fn rust_transcript(prompt: &str, gen_len: usize, params: &GenerationParams) -> String {
+/// What the C parity driver prints, computed with the Rust API: per step the counts and the
+/// positions that changed (the canvas diff), then the canvas.
+fn rust_transcript(c: &ParityCase) -> String {
+    let ParityCase {
+        prompt,
+        gen_len,
+        params,
+        decoding,
+        lock,
+        ..
+    } = c;
     let model = load_model(Path::new(MODEL), Backend::Cpu).unwrap().model;
     let tok = Tokenizer::from_model_dir(Path::new(MODEL)).unwrap();
     let ids = tok.encode(prompt).unwrap();
-    let canvas = generation_canvas(&ids, gen_len, model.config().mask_token_id);
+    let canvas = generation_canvas(&ids, *gen_len, model.config().mask_token_id);
     let mut s = Session::new(Arc::clone(&model), canvas, params.clone()).unwrap();
+    s.set_decoding(decoding.clone()).unwrap();
+    if let Some((k, t)) = lock {
+        s.lock(ids.len() + k, *t).unwrap();
+    }
     let mut text = String::new();
     loop {
+        let before = s.canvas().to_vec();
         let info = s.step().unwrap();
+        let filled: Vec<usize> = (0..before.len())
+            .filter(|&p| before[p] != s.canvas()[p])
+            .collect();
+        assert!(info.committed.iter().all(|p| filled.contains(p)));
         text += &format!(
-            "step {} committed {} masks_left {} done {}\n",
+            "step {} committed {} masks_left {} done {} filled",
             info.step,
-            info.committed.len(),
+            filled.len(),
             info.masks_left,
             u8::from(info.done)
         );
+        for p in filled {
+            text += &format!(" {p}:{}", s.canvas()[p]);
+        }
+        text += "\n";
         if info.done {
             break;
         }
@@ -373,46 +409,159 @@ fn rust_transcript(prompt: &str, gen_len: usize, params: &GenerationParams) -> S
     text + "\n"
 }
 
+/// One parity case: the C driver's arguments and the Rust parameters they mean.
+struct ParityCase {
+    prompt: &'static str,
+    gen_len: usize,
+    params: GenerationParams,
+    decoding: Decoding,
+    /// `key=value` arguments of the driver for `decoding` (values as the C `float`s).
+    options: Vec<String>,
+    /// Generated position `k` (0 = first after the prompt) locked to a token before stepping.
+    lock: Option<(usize, u32)>,
+}
+
+impl ParityCase {
+    /// The same case with block K/V cache `mode` (`dllm_cache` value `value`).
+    fn with_cache(mut self, mode: CacheMode, value: i32) -> Self {
+        self.options.push(format!("cache={value}"));
+        self.decoding.cache = mode;
+        self
+    }
+
+    fn with_lock(mut self, k: usize, token: u32) -> Self {
+        self.options.push(format!("lock={k}:{token}"));
+        self.lock = Some((k, token));
+        self
+    }
+}
+
+/// A case whose decoding fields are given as the C `float`s they are in the struct.
+fn case(
+    prompt: &'static str,
+    gen_len: usize,
+    params: GenerationParams,
+    (threshold, factor, top_k, top_p, cfg_scale, stop_at_eos): (f32, f32, usize, f32, f32, bool),
+) -> ParityCase {
+    let commit = if threshold > 0.0 {
+        CommitPolicy::Threshold(threshold as f64)
+    } else if factor > 0.0 {
+        CommitPolicy::Factor(factor as f64)
+    } else {
+        CommitPolicy::Schedule
+    };
+    let decoding = Decoding {
+        commit,
+        filter: SampleFilter {
+            top_k,
+            top_p: top_p as f64,
+        },
+        cfg_scale: cfg_scale as f64,
+        stop_at_eos,
+        cache: CacheMode::None,
+    };
+    let options = vec![
+        format!("threshold={threshold}"),
+        format!("factor={factor}"),
+        format!("top_k={top_k}"),
+        format!("top_p={top_p}"),
+        format!("cfg_scale={cfg_scale}"),
+        format!("stop_at_eos={}", u8::from(stop_at_eos)),
+    ];
+    ParityCase {
+        prompt,
+        gen_len,
+        params,
+        decoding,
+        options,
+        lock: None,
+    }
+}
+
 #[test]
 fn c_driver_matches_the_rust_session() {
-    let cases: [(&str, usize, GenerationParams); 3] = [
-        (
+    const OFF: (f32, f32, usize, f32, f32, bool) = (0.0, 0.0, 0, 1.0, 0.0, false);
+    let eos = load_model(Path::new(MODEL), Backend::Cpu)
+        .unwrap()
+        .model
+        .config()
+        .eos_token_id;
+    // The temperature as the C `float` the driver parses.
+    let gp = |steps, block_len, temperature: f32, remasking, seed| GenerationParams {
+        steps,
+        block_len,
+        temperature: temperature as f64,
+        remasking,
+        seed,
+        ..Default::default()
+    };
+    let cases = [
+        case(
             "def fib(n):\n",
             16,
-            GenerationParams {
-                steps: 8,
-                block_len: 8,
-                ..GenerationParams::default()
-            },
+            gp(8, 8, 0.0, Remasking::LowConfidence, 0),
+            OFF,
         ),
-        (
+        case(
             "import numpy as np\n",
             12,
-            GenerationParams {
-                steps: 6,
-                block_len: 4,
-                temperature: 0.8,
-                remasking: Remasking::Random,
-                seed: 7,
-                ..Default::default()
-            },
+            gp(6, 4, 0.8, Remasking::Random, 7),
+            OFF,
         ),
-        (
+        case(
             "class Stack:\n",
             10,
-            GenerationParams {
-                steps: 9,
-                block_len: 4,
-                temperature: 0.5,
-                remasking: Remasking::LowConfidence,
-                seed: 12345678901,
-                ..Default::default()
-            },
+            gp(9, 4, 0.5, Remasking::LowConfidence, 12345678901),
+            OFF,
         ),
+        // Version-2 fields: the threshold rule (blocks end early), the factor rule with margin,
+        // entropy with top-k / top-p sampling and guidance, stop at EOS.
+        case(
+            "def fib(n):\n",
+            16,
+            gp(16, 8, 0.0, Remasking::LowConfidence, 0),
+            (0.9, 0.0, 0, 1.0, 0.0, false),
+        ),
+        case(
+            "import os\n",
+            12,
+            gp(12, 4, 0.0, Remasking::Margin, 0),
+            (0.0, 1.0, 0, 1.0, 0.0, false),
+        ),
+        case(
+            "class Stack:\n",
+            10,
+            gp(10, 5, 0.8, Remasking::Entropy, 3),
+            (0.0, 0.0, 5, 0.9, 0.5, false),
+        ),
+        // The tiny model rarely writes EOS itself: one locked at generated position 6 stops
+        // the session once positions 0..6 are filled, the rest becoming EOS.
+        case(
+            "def add(a, b):\n    return a + b\n",
+            24,
+            gp(24, 8, 0.0, Remasking::LowConfidence, 0),
+            (0.7, 0.0, 0, 1.0, 0.0, true),
+        )
+        .with_lock(6, eos),
+        // Block K/V caches (the later steps of each block run on the cache).
+        case(
+            "def fib(n):\n",
+            16,
+            gp(8, 8, 0.0, Remasking::LowConfidence, 0),
+            OFF,
+        )
+        .with_cache(CacheMode::Dual, 2),
+        case(
+            "import os\n",
+            12,
+            gp(12, 4, 0.0, Remasking::Margin, 0),
+            (0.0, 1.0, 0, 1.0, 0.0, false),
+        )
+        .with_cache(CacheMode::Prefix, 1),
     ];
     let built = built();
-    for (prompt, gen_len, params) in cases {
-        let remasking = match params.remasking {
+    for c in cases {
+        let remasking = match c.params.remasking {
             Remasking::LowConfidence => 0,
             Remasking::Random => 1,
             Remasking::Margin => 2,
@@ -420,18 +569,23 @@ fn c_driver_matches_the_rust_session() {
         };
         let mut cmd = Command::new(built.exe("parity", Link::Shared));
         cmd.arg(MODEL)
-            .arg(prompt)
-            .arg(gen_len.to_string())
-            .arg(params.steps.to_string())
-            .arg(params.block_len.to_string())
-            .arg(params.temperature.to_string())
+            .arg(c.prompt)
+            .arg(c.gen_len.to_string())
+            .arg(c.params.steps.to_string())
+            .arg(c.params.block_len.to_string())
+            .arg(c.params.temperature.to_string())
             .arg(remasking.to_string())
-            .arg(params.seed.to_string());
+            .arg(c.params.seed.to_string())
+            .args(&c.options);
         let out = run_with_timeout(cmd, Duration::from_secs(300));
         assert!(out.status.success(), "parity: {}", describe(&out));
-        let c = String::from_utf8(out.stdout).unwrap();
-        let rust = rust_transcript(prompt, gen_len, &params);
-        assert_eq!(c, rust, "C and Rust differ for {prompt:?} {params:?}");
+        let got = String::from_utf8(out.stdout).unwrap();
+        let rust = rust_transcript(&c);
+        assert_eq!(
+            got, rust,
+            "C and Rust differ for {:?} {:?} {:?}",
+            c.prompt, c.params, c.decoding
+        );
     }
 }
 
@@ -506,7 +660,7 @@ fn readme_example_builds_and_runs() {
     let dir = lib_dir().join("c_abi");
     std::fs::create_dir_all(&dir).unwrap();
     let (src, exe) = (dir.join("readme_example.c"), dir.join("readme_example"));
-    std::fs::write(&src, code).unwrap();
+    replace_file(&src, code.as_bytes());
     let lib = lib_dir();
     let out = Command::new(compiler())
         .current_dir(root())
@@ -539,13 +693,13 @@ fn readme_example_builds_and_runs() {
 fn header_compiles_as_cpp() {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
     let src = lib_dir().join("c_abi_header_check.cpp");
-    std::fs::write(
+    replace_file(
         &src,
-        "#include \"dllm.h\"\n\
-         static_assert(sizeof(dllm_sampling_params) == 32, \"v1 layout\");\n\
+        b"#include \"dllm.h\"\n\
+         static_assert(sizeof(dllm_sampling_params) == 64, \"v2 layout\");\n\
+         static_assert(offsetof(dllm_sampling_params, threshold) == 32, \"v1 prefix\");\n\
          int main() { return dllm_abi_version() == DLLM_ABI_VERSION ? 0 : 1; }\n",
-    )
-    .unwrap();
+    );
     let out = match Command::new(&cxx)
         .current_dir(root())
         .args([
@@ -741,7 +895,7 @@ fn header_matches_the_rust_exports() {
     let dir = lib_dir().join("c_abi_bindgen");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("abi_check.rs");
-    std::fs::write(&file, &check).unwrap();
+    replace_file(&file, check.as_bytes());
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
     let out = Command::new(&rustc)
         .args([

@@ -309,6 +309,7 @@ fn sessions_whose_every_step_refreshes_equal_the_uncached_loop() {
         temperature,
         remasking,
         seed: 7,
+        ..Default::default()
     };
     for m in [llada(), dr] {
         let ids = canvas(&*m, 12, 24);

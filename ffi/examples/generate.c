@@ -62,9 +62,9 @@ int main(int argc, char **argv) {
         return 2;
     }
 
-    if (dllm_abi_version() != DLLM_ABI_VERSION) {
-        fprintf(stderr, "generate: libdllm ABI %u, header %u\n", dllm_abi_version(),
-                DLLM_ABI_VERSION);
+    if (dllm_abi_version() < DLLM_ABI_VERSION) { /* an older library than the header */
+        fprintf(stderr, "generate: libdllm ABI %u is older than the header's %u\n",
+                dllm_abi_version(), DLLM_ABI_VERSION);
         return 1;
     }
     dllm_model_params mp;

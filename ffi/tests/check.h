@@ -82,4 +82,17 @@ static dllm_model *load_cpu_model(const char *dir) {
     return m;
 }
 
+/* Builds the canvas "tokens of `prompt`, then `gen` masks" in out[0..cap); returns its length
+ * and the prompt's length in *prompt_len, or 0 on failure. */
+static inline size_t prompt_canvas(const dllm_model *m, const char *prompt, size_t gen,
+                                   int32_t *out, size_t cap, size_t *prompt_len) {
+    if (gen > cap) return 0;
+    if (dllm_tokenize(m, prompt, strlen(prompt), out, cap - gen, prompt_len) != DLLM_OK) {
+        fprintf(stderr, "cannot tokenize \"%s\": %s\n", prompt, dllm_last_error());
+        return 0;
+    }
+    for (size_t i = 0; i < gen; i++) out[*prompt_len + i] = dllm_model_mask_token(m);
+    return *prompt_len + gen;
+}
+
 #endif

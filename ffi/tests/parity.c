@@ -1,9 +1,13 @@
 /* parity.c: denoises a prompt through the C ABI and prints every step and the final canvas,
  * for tests/c_abi.rs to compare with the Rust `Session` run on the same input.
  *
- * Usage: parity MODEL_DIR PROMPT GEN_LEN STEPS BLOCK_LEN TEMPERATURE REMASKING SEED
- * Output: one line "step S committed C masks_left M done D" per step, then
- *         "canvas ID ID ...". Exit status 1 (and a message on stderr) on any failure. */
+ * Usage: parity MODEL_DIR PROMPT GEN_LEN STEPS BLOCK_LEN TEMPERATURE REMASKING SEED [KEY=VALUE...]
+ *        KEY: threshold, factor, top_k, top_p, cfg_scale, stop_at_eos (dllm_sampling_params);
+ *        lock=K:T locks generated position K (0 = the first after the prompt) to token T before
+ *        the first step.
+ * Output: one line "step S committed C masks_left M done D filled P:T P:T ..." per step (the
+ *         positions and tokens of dllm_session_last_commits), then "canvas ID ID ...".
+ *         Exit status 1 (and a message on stderr) on any failure. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,9 +21,9 @@ static int fail(const char *what, dllm_status st) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 9) {
+    if (argc < 9) {
         fprintf(stderr, "usage: parity MODEL_DIR PROMPT GEN_LEN STEPS BLOCK_LEN TEMPERATURE "
-                        "REMASKING SEED\n");
+                        "REMASKING SEED [KEY=VALUE...]\n");
         return 2;
     }
     size_t gen_len = strtoul(argv[3], NULL, 10);
@@ -48,17 +52,49 @@ int main(int argc, char **argv) {
     sp.temperature = strtof(argv[6], NULL);
     sp.remasking = atoi(argv[7]);
     sp.seed = strtoull(argv[8], NULL, 10);
+    long lock_at = -1, lock_token = 0;
+    for (int i = 9; i < argc; i++) {
+        const char *eq = strchr(argv[i], '=');
+        if (!eq) return 2;
+        size_t k = (size_t)(eq - argv[i]);
+        const char *v = eq + 1;
+        if (k == 9 && strncmp(argv[i], "threshold", k) == 0) sp.threshold = strtof(v, NULL);
+        else if (k == 6 && strncmp(argv[i], "factor", k) == 0) sp.factor = strtof(v, NULL);
+        else if (k == 5 && strncmp(argv[i], "top_k", k) == 0) sp.top_k = atoi(v);
+        else if (k == 5 && strncmp(argv[i], "top_p", k) == 0) sp.top_p = strtof(v, NULL);
+        else if (k == 9 && strncmp(argv[i], "cfg_scale", k) == 0) sp.cfg_scale = strtof(v, NULL);
+        else if (k == 11 && strncmp(argv[i], "stop_at_eos", k) == 0) sp.stop_at_eos = atoi(v);
+        else if (k == 5 && strncmp(argv[i], "cache", k) == 0) sp.cache = atoi(v);
+        else if (k == 4 && strncmp(argv[i], "lock", k) == 0) {
+            if (sscanf(v, "%ld:%ld", &lock_at, &lock_token) != 2) return 2;
+        } else {
+            fprintf(stderr, "parity: unknown option %s\n", argv[i]);
+            return 2;
+        }
+    }
     dllm_session *s = NULL;
     st = dllm_session_new(m, canvas, n, &sp, &s);
     if (st != DLLM_OK) return fail("session_new", st);
+    if (lock_at >= 0) {
+        st = dllm_session_lock(s, n_prompt + (size_t)lock_at, (int32_t)lock_token);
+        if (st != DLLM_OK) return fail("lock", st);
+    }
     dllm_model_free(m); /* the session keeps it alive */
 
+    size_t *positions = malloc(n * sizeof *positions);
+    int32_t *tokens = malloc(n * sizeof *tokens);
+    if (!positions || !tokens) return 1;
     dllm_step_info info = {0, 0, 0, 0};
     while (!info.done) {
         st = dllm_session_step(s, &info);
         if (st != DLLM_OK) return fail("step", st);
-        printf("step %d committed %d masks_left %d done %d\n", info.step, info.committed,
+        printf("step %d committed %d masks_left %d done %d filled", info.step, info.committed,
                info.masks_left, info.done);
+        size_t filled = 0;
+        st = dllm_session_last_commits(s, positions, tokens, n, &filled);
+        if (st != DLLM_OK) return fail("last_commits", st);
+        for (size_t i = 0; i < filled; i++) printf(" %zu:%d", positions[i], tokens[i]);
+        printf("\n");
     }
     st = dllm_session_canvas(s, canvas, n, &n);
     if (st != DLLM_OK) return fail("canvas", st);
@@ -66,6 +102,8 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n; i++) printf(" %d", canvas[i]);
     printf("\n");
     dllm_session_free(s);
+    free(positions);
+    free(tokens);
     free(canvas);
     return 0;
 }

@@ -108,16 +108,15 @@ static void test_defaults_and_validation(void) {
         CHECK_STATUS(dllm_session_new(model, canvas0, len0, &q, &s), DLLM_ERR_INVALID_ARGUMENT);
         CHECK_ERROR_MENTIONS("temperature");
     }
-    /* Reserved remasking rules are valid values the engine does not have yet. */
-    q = params();
-    q.remasking = DLLM_REMASK_MARGIN;
-    CHECK_STATUS(dllm_session_new(model, canvas0, len0, &q, &s), DLLM_ERR_UNSUPPORTED);
-    q.remasking = DLLM_REMASK_ENTROPY;
-    CHECK_STATUS(dllm_session_new(model, canvas0, len0, &q, &s), DLLM_ERR_UNSUPPORTED);
-    q = params();
-    q.struct_size = 8;
-    CHECK_STATUS(dllm_session_new(model, canvas0, len0, &q, &s), DLLM_ERR_INVALID_ARGUMENT);
-    CHECK_ERROR_MENTIONS("struct_size");
+    /* Sizes that are no version of the struct (the version-2 fields are tested in
+     * test_decoding.c, with margin and entropy). */
+    uint32_t sizes[] = {0, 8, 31, 33, 40, 63};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        q = params();
+        q.struct_size = sizes[i];
+        CHECK_STATUS(dllm_session_new(model, canvas0, len0, &q, &s), DLLM_ERR_INVALID_ARGUMENT);
+        CHECK_ERROR_MENTIONS("struct_size");
+    }
     CHECK(s == sentinel);
 
     /* A newer, larger struct is accepted; NULL params mean the defaults. */
@@ -351,12 +350,8 @@ int main(int argc, char **argv) {
     model = load_cpu_model(argv[1]);
     REQUIRE(model != NULL);
     mask_id = dllm_model_mask_token(model);
-    const char *prompt = "def square(x):\n";
-    CHECK_STATUS(dllm_tokenize(model, prompt, strlen(prompt), canvas0, MAXC - GEN, &prompt_len),
-                 DLLM_OK);
-    REQUIRE(prompt_len > 0 && prompt_len <= MAXC - GEN);
-    for (size_t i = 0; i < GEN; i++) canvas0[prompt_len + i] = mask_id;
-    len0 = prompt_len + GEN;
+    len0 = prompt_canvas(model, "def square(x):\n", GEN, canvas0, MAXC, &prompt_len);
+    REQUIRE(len0 > GEN);
 
     int32_t greedy[MAXC];
     test_defaults_and_validation();

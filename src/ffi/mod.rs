@@ -22,8 +22,10 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// The ABI version of `include/dllm.h` this library implements.
-pub const DLLM_ABI_VERSION: u32 = 1;
+/// The ABI version of `include/dllm.h` this library implements: 1 the first header; 2 appended
+/// the decoding fields of `dllm_sampling_params`, implemented MARGIN/ENTROPY and added
+/// `dllm_session_last_commits`. Every version serves programs built against an earlier one.
+pub const DLLM_ABI_VERSION: u32 = 2;
 
 /// Result of every fallible call (`dllm_status` in C).
 pub type dllm_status = i32;
@@ -49,6 +51,11 @@ pub const DLLM_REMASK_RANDOM: i32 = 1;
 pub const DLLM_REMASK_MARGIN: i32 = 2;
 pub const DLLM_REMASK_ENTROPY: i32 = 3;
 
+/// Values of `dllm_sampling_params.cache`.
+pub const DLLM_CACHE_NONE: i32 = 0;
+pub const DLLM_CACHE_PREFIX: i32 = 1;
+pub const DLLM_CACHE_DUAL: i32 = 2;
+
 /// How a model is loaded (`dllm_model_params`; fields documented in the header).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +75,17 @@ pub struct dllm_sampling_params {
     pub block_len: i32,
     pub temperature: f32,
     pub remasking: i32,
+    // 4 bytes of padding (align 8 of `seed`), as in C.
     pub seed: u64,
+    // Version 2 (the version-1 struct ends here, at 32 bytes).
+    pub threshold: f32,
+    pub factor: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub cfg_scale: f32,
+    pub stop_at_eos: i32,
+    pub cache: i32,
+    pub reserved: u32,
 }
 
 /// What one `dllm_session_step` did.
@@ -81,13 +98,19 @@ pub struct dllm_step_info {
     pub done: i32,
 }
 
-/// The smallest `struct_size` accepted for each parameter struct: the size of its first
-/// version. When fields are appended, these stay and the new fields take their defaults for
-/// callers built against an older header.
-const MODEL_PARAMS_V1_SIZE: usize = 16;
-const SAMPLING_PARAMS_V1_SIZE: usize = 32;
-const _: () = assert!(std::mem::size_of::<dllm_model_params>() == MODEL_PARAMS_V1_SIZE);
-const _: () = assert!(std::mem::size_of::<dllm_sampling_params>() == SAMPLING_PARAMS_V1_SIZE);
+/// The `struct_size` of every version of each parameter struct, oldest first; the last is the
+/// current `size_of`. A caller's struct_size must be one of these or larger than the last
+/// (a newer header): the fields a version lacks take their defaults, unknown ones are ignored.
+/// Appending fields appends a size here; the old sizes stay forever.
+const MODEL_PARAMS_SIZES: &[usize] = &[16];
+const SAMPLING_PARAMS_SIZES: &[usize] = &[32, 64];
+const _: () = assert!(std::mem::size_of::<dllm_model_params>() == 16);
+const _: () = assert!(std::mem::align_of::<dllm_model_params>() == 4);
+const _: () = assert!(std::mem::size_of::<dllm_sampling_params>() == 64);
+const _: () = assert!(std::mem::align_of::<dllm_sampling_params>() == 8);
+const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, seed) == 24);
+const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, threshold) == 32);
+const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, reserved) == 60);
 
 impl Default for dllm_model_params {
     fn default() -> Self {
@@ -110,6 +133,14 @@ impl Default for dllm_sampling_params {
             temperature: g.temperature as f32,
             remasking: DLLM_REMASK_LOW_CONFIDENCE,
             seed: g.seed,
+            threshold: 0.0,
+            factor: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            cfg_scale: 0.0,
+            stop_at_eos: 0,
+            cache: DLLM_CACHE_NONE,
+            reserved: 0,
         }
     }
 }
@@ -204,14 +235,16 @@ pub(crate) fn guard_value<T>(name: &str, fallback: T, body: impl FnOnce() -> T) 
 }
 
 /// Reads a caller's parameter struct whose first field is `struct_size`: NULL gives `default`;
-/// a size below `v1_size` is rejected; fields beyond what this library knows are ignored.
+/// the size must be one of `sizes` (those of the struct's versions, oldest first) or larger
+/// than the last; the fields beyond `struct_size` keep `default`'s values, fields beyond what
+/// this library knows are ignored.
 ///
 /// # Safety
 /// `p` is NULL or points to at least `struct_size` readable bytes, aligned for `T`.
 pub(crate) unsafe fn read_params<T: Copy>(
     p: *const T,
     default: T,
-    v1_size: usize,
+    sizes: &[usize],
     name: &str,
 ) -> FfiResult<T> {
     if p.is_null() {
@@ -219,10 +252,13 @@ pub(crate) unsafe fn read_params<T: Copy>(
     }
     // SAFETY: p is non-NULL and (by the contract) points to a struct starting with a u32.
     let size = unsafe { std::ptr::read(p.cast::<u32>()) } as usize;
-    if size < v1_size {
+    let newest = sizes.last().copied().unwrap_or(std::mem::size_of::<T>());
+    if !(sizes.contains(&size) || size > newest) {
+        let known: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
         return Err(invalid(format!(
-            "{name}.struct_size is {size}, expected at least {v1_size} \
-             (initialise the struct with {name}_default)"
+            "{name}.struct_size is {size}, expected the size of a version of the struct ({}) \
+             or more (initialise the struct with {name}_default)",
+            known.join(", ")
         )));
     }
     let mut value = default;
@@ -410,17 +446,33 @@ mod tests {
 
     #[test]
     fn params_struct_size_is_checked() {
-        let mut p = dllm_sampling_params::default();
         let d = dllm_sampling_params::default();
         let read = |p: &dllm_sampling_params| unsafe {
-            read_params(p, d, SAMPLING_PARAMS_V1_SIZE, "dllm_sampling_params")
+            read_params(p, d, SAMPLING_PARAMS_SIZES, "dllm_sampling_params")
         };
+        let mut p = d;
         p.steps = 7;
-        assert_eq!(read(&p).unwrap().steps, 7);
-        p.struct_size = 31;
-        assert_eq!(read(&p).unwrap_err().status, DLLM_ERR_INVALID_ARGUMENT);
+        p.threshold = 0.5;
+        assert_eq!(read(&p).unwrap(), p);
+        // A version-1 caller: the appended fields keep their defaults, whatever follows.
+        p.struct_size = 32;
+        let got = read(&p).unwrap();
+        assert_eq!((got.steps, got.threshold, got.struct_size), (7, 0.0, 32));
+        // A newer caller: the unknown tail is ignored.
+        p.struct_size = 80;
+        assert_eq!(read(&p).unwrap().threshold, 0.5);
+        for bad in [0, 8, 31, 33, 40, 63] {
+            p.struct_size = bad;
+            let e = read(&p).unwrap_err();
+            assert_eq!(e.status, DLLM_ERR_INVALID_ARGUMENT);
+            assert!(
+                e.msg.contains("struct_size is") && e.msg.contains("32, 64"),
+                "{}",
+                e.msg
+            );
+        }
         assert_eq!(
-            unsafe { read_params(std::ptr::null(), d, 32, "x") }.unwrap(),
+            unsafe { read_params(std::ptr::null(), d, SAMPLING_PARAMS_SIZES, "x") }.unwrap(),
             d
         );
     }

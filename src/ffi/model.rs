@@ -3,7 +3,7 @@
 use super::{
     check_nonnull, check_output, dllm_model_params, dllm_status, guard, guard_value, input_slice,
     invalid, read_params, write_output, FfiError, FfiResult, DLLM_BACKEND_AUTO, DLLM_BACKEND_CPU,
-    DLLM_BACKEND_CUDA, DLLM_ERR_BACKEND, DLLM_ERR_INTERNAL, MODEL_PARAMS_V1_SIZE,
+    DLLM_BACKEND_CUDA, DLLM_ERR_BACKEND, DLLM_ERR_INTERNAL, MODEL_PARAMS_SIZES,
 };
 use crate::model::{load_model, Backend, Model};
 use crate::tokenizer::Tokenizer;
@@ -138,7 +138,7 @@ pub unsafe extern "C" fn dllm_model_load(
             read_params(
                 p,
                 dllm_model_params::default(),
-                MODEL_PARAMS_V1_SIZE,
+                MODEL_PARAMS_SIZES,
                 "dllm_model_params",
             )
         }?;

@@ -4,10 +4,12 @@ use super::model::{dllm_model, model_ref, ModelInner};
 use super::{
     check_nonnull, check_output, dllm_sampling_params, dllm_status, dllm_step_info, guard,
     guard_value, input_slice, invalid, read_params, to_i32, write_output, FfiResult,
-    DLLM_REMASK_ENTROPY, DLLM_REMASK_LOW_CONFIDENCE, DLLM_REMASK_MARGIN, DLLM_REMASK_RANDOM,
-    SAMPLING_PARAMS_V1_SIZE,
+    DLLM_CACHE_DUAL, DLLM_CACHE_NONE, DLLM_CACHE_PREFIX, DLLM_REMASK_ENTROPY,
+    DLLM_REMASK_LOW_CONFIDENCE, DLLM_REMASK_MARGIN, DLLM_REMASK_RANDOM, SAMPLING_PARAMS_SIZES,
 };
-use crate::denoise::{GenerationParams, Remasking, Session, StepInfo};
+use crate::denoise::{
+    CacheMode, CommitPolicy, Decoding, GenerationParams, Remasking, SampleFilter, Session, StepInfo,
+};
 use std::sync::Arc;
 
 /// The opaque `dllm_session`: a [`Session`] plus a reference to its model's shared state
@@ -15,6 +17,9 @@ use std::sync::Arc;
 pub struct dllm_session {
     model: Arc<ModelInner>,
     session: Session,
+    /// `(position, token)` of every position the last step filled, increasing
+    /// (`dllm_session_last_commits`).
+    last_filled: Vec<(usize, i32)>,
 }
 
 /// # Safety
@@ -51,21 +56,12 @@ fn generation_params(p: &dllm_sampling_params) -> FfiResult<GenerationParams> {
     let remasking = match p.remasking {
         DLLM_REMASK_LOW_CONFIDENCE => Remasking::LowConfidence,
         DLLM_REMASK_RANDOM => Remasking::Random,
-        DLLM_REMASK_MARGIN | DLLM_REMASK_ENTROPY => {
-            return Err(crate::Error::Unsupported(format!(
-                "remasking {} ({}) is reserved but not implemented yet",
-                p.remasking,
-                if p.remasking == DLLM_REMASK_MARGIN {
-                    "DLLM_REMASK_MARGIN"
-                } else {
-                    "DLLM_REMASK_ENTROPY"
-                }
-            ))
-            .into())
-        }
+        DLLM_REMASK_MARGIN => Remasking::Margin,
+        DLLM_REMASK_ENTROPY => Remasking::Entropy,
         r => {
             return Err(invalid(format!(
-                "remasking {r} is not a dllm_remasking value (0 low-confidence, 1 random)"
+                "remasking {r} is not a dllm_remasking value \
+                 (0 low-confidence, 1 random, 2 margin, 3 entropy)"
             )))
         }
     };
@@ -79,10 +75,107 @@ fn generation_params(p: &dllm_sampling_params) -> FfiResult<GenerationParams> {
     })
 }
 
-fn step_info(info: &StepInfo) -> dllm_step_info {
+/// `value` as f64 when it is finite and `>= 0`; else an error naming `field`.
+fn non_negative(value: f32, field: &str, off: &str) -> FfiResult<f64> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(value as f64)
+    } else {
+        Err(invalid(format!(
+            "{field} must be a finite number >= 0 ({off}), got {value}"
+        )))
+    }
+}
+
+/// Converts the decoding fields (version 2) of the C parameters into [`Decoding`].
+fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
+    let threshold = non_negative(p.threshold, "threshold", "0 = off")?;
+    let factor = non_negative(p.factor, "factor", "0 = off")?;
+    let commit = match (threshold > 0.0, factor > 0.0) {
+        (true, true) => {
+            return Err(invalid(format!(
+                "threshold ({threshold}) and factor ({factor}) are both set: \
+                 choose one commit rule, set the other to 0"
+            )))
+        }
+        (true, false) => CommitPolicy::Threshold(threshold),
+        (false, true) => CommitPolicy::Factor(factor),
+        (false, false) => CommitPolicy::Schedule,
+    };
+    let top_k = usize::try_from(p.top_k)
+        .map_err(|_| invalid(format!("top_k must be >= 0 (0 = off), got {}", p.top_k)))?;
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        return Err(invalid(format!(
+            "top_p must be in (0, 1] (1 = off), got {}",
+            p.top_p
+        )));
+    }
+    let cfg_scale = non_negative(p.cfg_scale, "cfg_scale", "0 = off")?;
+    let stop_at_eos = match p.stop_at_eos {
+        0 => false,
+        1 => true,
+        v => return Err(invalid(format!("stop_at_eos must be 0 or 1, got {v}"))),
+    };
+    if p.reserved != 0 {
+        return Err(invalid(format!(
+            "reserved must be 0, got {} (initialise the struct with \
+             dllm_sampling_params_default)",
+            p.reserved
+        )));
+    }
+    Ok(Decoding {
+        commit,
+        filter: SampleFilter {
+            top_k,
+            top_p: p.top_p as f64,
+        },
+        cfg_scale,
+        stop_at_eos,
+        cache: cache_mode(p.cache)?,
+    })
+}
+
+/// `dllm_sampling_params.cache` as a [`CacheMode`].
+fn cache_mode(cache: i32) -> FfiResult<CacheMode> {
+    match cache {
+        DLLM_CACHE_NONE => Ok(CacheMode::None),
+        DLLM_CACHE_PREFIX => Ok(CacheMode::Prefix),
+        DLLM_CACHE_DUAL => Ok(CacheMode::Dual),
+        c => Err(invalid(format!(
+            "cache {c} is not a dllm_cache value (0 none, 1 prefix, 2 dual)"
+        ))),
+    }
+}
+
+/// One step of `session`, recording in `last_filled` every position it filled (the committed
+/// predictions, and the positions a `stop_at_eos` stop filled with EOS). On error nothing
+/// changes.
+fn step_recording(
+    session: &mut Session,
+    last_filled: &mut Vec<(usize, i32)>,
+) -> crate::Result<StepInfo> {
+    let mask = session.model().config().mask_token_id;
+    let masked: Vec<usize> = (0..session.canvas().len())
+        .filter(|&p| session.canvas()[p] == mask)
+        .collect();
+    let info = session.step()?;
+    let canvas = session.canvas();
+    last_filled.clear();
+    // A step only ever turns masks into tokens, so this is exactly the canvas diff. Ids are
+    // below the embedding size, which Session::new checked fits the model.
+    last_filled.extend(
+        masked
+            .into_iter()
+            .filter(|&p| canvas[p] != mask)
+            .map(|p| (p, canvas[p] as i32)),
+    );
+    Ok(info)
+}
+
+/// The C view of a step that filled `filled` positions.
+fn step_info(info: &StepInfo, filled: usize) -> dllm_step_info {
     dllm_step_info {
         step: to_i32(info.step),
-        committed: to_i32(info.committed.len()),
+        committed: to_i32(filled),
         masks_left: to_i32(info.masks_left),
         done: i32::from(info.done),
     }
@@ -131,15 +224,21 @@ pub unsafe extern "C" fn dllm_session_new(
             read_params(
                 p,
                 dllm_sampling_params::default(),
-                SAMPLING_PARAMS_V1_SIZE,
+                SAMPLING_PARAMS_SIZES,
                 "dllm_sampling_params",
             )
         }?;
-        let params = generation_params(&params)?;
-        let session = Session::new(inner.model.clone(), ids, params)?;
+        let generation = generation_params(&params)?;
+        let decoding = decoding(&params)?;
+        let mut session = Session::new(inner.model.clone(), ids, generation)?;
+        session.set_decoding(decoding)?;
         // SAFETY: m is a live handle (model_ref succeeded).
         let model = unsafe { (*m).inner.clone() };
-        let handle = Box::new(dllm_session { model, session });
+        let handle = Box::new(dllm_session {
+            model,
+            session,
+            last_filled: Vec::new(),
+        });
         // SAFETY: `out` is non-NULL and writable by the contract.
         unsafe { out.write(Box::into_raw(handle)) };
         Ok(())
@@ -157,11 +256,15 @@ pub unsafe extern "C" fn dllm_session_step(
 ) -> dllm_status {
     guard("dllm_session_step", || {
         // SAFETY: by the contract.
-        let dllm_session { model, session } = unsafe { session_mut(s) }?;
-        let done = model.install(|| session.step())?;
+        let dllm_session {
+            model,
+            session,
+            last_filled,
+        } = unsafe { session_mut(s) }?;
+        let done = model.install(|| step_recording(session, last_filled))?;
         if !info.is_null() {
             // SAFETY: non-NULL and writable by the contract.
-            unsafe { info.write(step_info(&done)) };
+            unsafe { info.write(step_info(&done, last_filled.len())) };
         }
         Ok(())
     })
@@ -175,8 +278,17 @@ pub unsafe extern "C" fn dllm_session_step(
 pub unsafe extern "C" fn dllm_session_run(s: *mut dllm_session) -> dllm_status {
     guard("dllm_session_run", || {
         // SAFETY: by the contract.
-        let dllm_session { model, session } = unsafe { session_mut(s) }?;
-        model.install(|| session.run())?;
+        let dllm_session {
+            model,
+            session,
+            last_filled,
+        } = unsafe { session_mut(s) }?;
+        model.install(|| {
+            while !session.is_done() {
+                step_recording(session, last_filled)?;
+            }
+            crate::Result::Ok(())
+        })?;
         Ok(())
     })
 }
@@ -202,6 +314,35 @@ pub unsafe extern "C" fn dllm_session_canvas(
         let ids: Vec<i32> = h.session.canvas().iter().map(|&t| t as i32).collect();
         // SAFETY: checked above; buffers by the contract.
         unsafe { write_output(&ids, tokens, cap, n, "tokens") }
+    })
+}
+
+/// The positions the last step filled and their tokens.
+///
+/// # Safety
+/// `s` is NULL or a live session used by no other thread now; `positions` and `tokens` are
+/// NULL or point to `cap` writable elements each; `n` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_session_last_commits(
+    s: *const dllm_session,
+    positions: *mut usize,
+    tokens: *mut i32,
+    cap: usize,
+    n: *mut usize,
+) -> dllm_status {
+    guard("dllm_session_last_commits", || {
+        // SAFETY: by the contract.
+        let h = unsafe { session_ref(s) }?;
+        check_nonnull(n, "n")?;
+        check_output(positions, cap, "positions")?;
+        check_output(tokens, cap, "tokens")?;
+        let (pos, ids): (Vec<usize>, Vec<i32>) = h.last_filled.iter().copied().unzip();
+        // SAFETY: checked above; buffers by the contract. Both have the same length, so the
+        // second write cannot fail once the first succeeded.
+        unsafe {
+            write_output(&pos, positions, cap, n, "positions")?;
+            write_output(&ids, tokens, cap, n, "tokens")
+        }
     })
 }
 
@@ -271,4 +412,101 @@ pub unsafe extern "C" fn dllm_session_free(s: *mut dllm_session) {
         // SAFETY: the pointer came from Box::into_raw in dllm_session_new and is freed once.
         drop(unsafe { Box::from_raw(s) })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(f: impl FnOnce(&mut dllm_sampling_params)) -> dllm_sampling_params {
+        let mut p = dllm_sampling_params::default();
+        f(&mut p);
+        p
+    }
+
+    /// The message of a conversion error, which must be INVALID_ARGUMENT.
+    fn invalid_msg(p: &dllm_sampling_params) -> String {
+        let e = decoding(p).unwrap_err();
+        assert_eq!(
+            e.status,
+            super::super::DLLM_ERR_INVALID_ARGUMENT,
+            "{}",
+            e.msg
+        );
+        e.msg
+    }
+
+    #[test]
+    fn defaults_are_the_reference_loop() {
+        let p = dllm_sampling_params::default();
+        assert_eq!(decoding(&p).unwrap(), Decoding::default());
+        let g = generation_params(&p).unwrap();
+        assert_eq!(g, GenerationParams::default());
+    }
+
+    #[test]
+    fn every_field_maps_to_decoding() {
+        let p = with(|p| {
+            p.threshold = 0.75;
+            p.top_k = 5;
+            p.top_p = 0.5;
+            p.cfg_scale = 1.5;
+            p.stop_at_eos = 1;
+        });
+        let want = Decoding {
+            commit: CommitPolicy::Threshold(0.75),
+            filter: SampleFilter {
+                top_k: 5,
+                top_p: 0.5,
+            },
+            cfg_scale: 1.5,
+            stop_at_eos: true,
+            cache: CacheMode::None,
+        };
+        assert_eq!(decoding(&p).unwrap(), want);
+        let p = with(|p| p.factor = 2.0);
+        assert_eq!(decoding(&p).unwrap().commit, CommitPolicy::Factor(2.0));
+        for (r, want) in [
+            (DLLM_REMASK_LOW_CONFIDENCE, Remasking::LowConfidence),
+            (DLLM_REMASK_RANDOM, Remasking::Random),
+            (DLLM_REMASK_MARGIN, Remasking::Margin),
+            (DLLM_REMASK_ENTROPY, Remasking::Entropy),
+        ] {
+            let p = with(|p| p.remasking = r);
+            assert_eq!(generation_params(&p).unwrap().remasking, want);
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases: Vec<(dllm_sampling_params, &str)> = vec![
+            (with(|p| p.threshold = -0.1), "threshold"),
+            (with(|p| p.threshold = f32::NAN), "threshold"),
+            (with(|p| p.threshold = f32::INFINITY), "threshold"),
+            (with(|p| p.factor = -1.0), "factor"),
+            (with(|p| p.factor = f32::NAN), "factor"),
+            (
+                with(|p| {
+                    p.threshold = 0.9;
+                    p.factor = 1.0
+                }),
+                "both set",
+            ),
+            (with(|p| p.top_k = -1), "top_k"),
+            (with(|p| p.top_p = 0.0), "top_p"),
+            (with(|p| p.top_p = 1.01), "top_p"),
+            (with(|p| p.top_p = f32::NAN), "top_p"),
+            (with(|p| p.cfg_scale = -0.5), "cfg_scale"),
+            (with(|p| p.cfg_scale = f32::INFINITY), "cfg_scale"),
+            (with(|p| p.stop_at_eos = 2), "stop_at_eos"),
+            (with(|p| p.stop_at_eos = -1), "stop_at_eos"),
+            (with(|p| p.reserved = 1), "reserved"),
+        ];
+        for (p, field) in cases {
+            let msg = invalid_msg(&p);
+            assert!(msg.contains(field), "{field}: {msg}");
+        }
+        let e = generation_params(&with(|p| p.remasking = 4)).unwrap_err();
+        assert!(e.msg.contains("remasking 4"), "{}", e.msg);
+    }
 }
