@@ -2,12 +2,15 @@
 
 pub mod canvas;
 pub mod commit;
+pub mod observe;
 pub mod predict;
+pub mod revise;
 pub mod rng;
 pub mod schedule;
 pub mod session;
 
 pub use canvas::{build_canvas, generation_canvas, infill_canvas, parse_canvas, CanvasPart};
+pub use observe::{BlockDone, StepEvent, StepReport};
 pub use predict::{Remasking, SampleFilter};
 pub use schedule::transfer_counts;
 pub use session::{CommitPolicy, Decoding, GenerationParams, Session, StepInfo, StepPlan};
