@@ -61,6 +61,14 @@ impl Ledger {
         self.revisable[p] && self.count[p] < MAX_REMASKS_PER_POSITION
     }
 
+    /// Withdraws one re-masking of `p` (the position was filled by someone other than the model
+    /// in the same step, e.g. the EOS stop), so it neither counts nor uses up the cap.
+    pub fn withdraw(&mut self, p: usize) {
+        debug_assert!(self.count[p] > 0);
+        self.count[p] -= 1;
+        self.total -= 1;
+    }
+
     /// Times `p` has been re-masked.
     pub fn remask_count(&self, p: usize) -> u8 {
         self.count[p]
@@ -137,6 +145,8 @@ mod tests {
         assert!(l.select(&[2], &[0.1], 0.5).is_empty());
         assert_eq!(l.remask_count(2), MAX_REMASKS_PER_POSITION);
         assert_eq!(l.total_remasks(), 3);
+        l.withdraw(2);
+        assert_eq!((l.remask_count(2), l.total_remasks()), (1, 2));
         // Exactly at the threshold is kept.
         l.committed(4);
         assert!(l.select(&[4], &[0.5], 0.5).is_empty());

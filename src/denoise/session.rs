@@ -547,7 +547,7 @@ impl Session {
             self.masks_left -= committed.len();
             self.taken += 1;
         }
-        let remasked = match self.decoding.revise {
+        let mut remasked = match self.decoding.revise {
             Some(r) if revising => self.revise(plan, probs, r),
             _ => Vec::new(),
         };
@@ -569,6 +569,15 @@ impl Session {
         }
         if self.decoding.stop_at_eos && !committed.is_empty() {
             self.stop_at_eos();
+            // Re-masked positions the EOS fill took are not re-maskings after all.
+            let (mask, ledger, canvas) = (self.mask, &mut self.ledger, &self.canvas);
+            remasked.retain(|&p| {
+                let kept = canvas[p] == mask;
+                if !kept {
+                    ledger.withdraw(p);
+                }
+                kept
+            });
         }
         Ok(self.report(plan.step, Some(plan.block), committed, remasked))
     }
