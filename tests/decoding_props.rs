@@ -7,9 +7,7 @@
 use dllm::config::ModelConfig;
 use dllm::denoise::revise::MAX_REMASKS_PER_POSITION;
 use dllm::denoise::rng;
-use dllm::denoise::{
-    CommitPolicy, Decoding, GenerationParams, Remasking, Session, StepReport,
-};
+use dllm::denoise::{CommitPolicy, Decoding, GenerationParams, Remasking, Session, StepReport};
 use dllm::error::{Error, Result};
 use dllm::model::Model;
 use serde_json::json;
@@ -57,9 +55,9 @@ fn mock(f: impl Fn(&[u32], usize) -> Vec<f32> + Send + Sync + 'static) -> Arc<Mo
 /// id at −∞ (scale `s`): every step sees new confidences, so self-correction fires often.
 fn noisy_model(s: f32) -> Arc<Mock> {
     mock(move |c, p| {
-        let key = c
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ t as u64).wrapping_mul(0x100_0000_01b3));
+        let key = c.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
+            (h ^ t as u64).wrapping_mul(0x100_0000_01b3)
+        });
         let mut r: Vec<f32> = (0..EMB)
             .map(|j| s * rng::uniform(key, 7, p as u64, j as u64) as f32)
             .collect();
@@ -158,11 +156,8 @@ fn random_runs_keep_every_invariant() {
             c.canvas, c.params, c.decoding
         );
         // The fixed positions: prompt positions and locks, with the lock winning.
-        let mut fixed: Vec<Option<u32>> = c
-            .canvas
-            .iter()
-            .map(|&t| (t != MASK).then_some(t))
-            .collect();
+        let mut fixed: Vec<Option<u32>> =
+            c.canvas.iter().map(|&t| (t != MASK).then_some(t)).collect();
         for &(p, t) in &c.locks {
             fixed[p] = Some(t);
         }
@@ -199,7 +194,10 @@ fn random_runs_keep_every_invariant() {
                 assert!(!r.committed.contains(&p), "{ctx}");
                 assert_eq!(after[p], MASK, "{ctx}");
                 remask_count[p] += 1;
-                assert!(remask_count[p] <= MAX_REMASKS_PER_POSITION, "{ctx}: cap at {p}");
+                assert!(
+                    remask_count[p] <= MAX_REMASKS_PER_POSITION,
+                    "{ctx}: cap at {p}"
+                );
             }
             for &p in &r.committed {
                 assert_eq!(before[p], MASK, "{ctx}: committed a non-mask at {p}");
@@ -240,7 +238,10 @@ fn random_runs_keep_every_invariant() {
     }
     // The loop must actually exercise self-correction and its cap.
     assert!(revised_runs > 50, "only {revised_runs} runs re-masked");
-    assert!(capped > 10, "the per-position cap was reached {capped} times");
+    assert!(
+        capped > 10,
+        "the per-position cap was reached {capped} times"
+    );
 }
 
 #[test]
@@ -270,7 +271,11 @@ fn hand_model() -> Arc<Mock> {
             r[3 + p] = 10.0 - p as f32;
         } else {
             let committed = c[1..].iter().filter(|&&t| t != MASK).count();
-            r[c[p] as usize] = if p == 1 && committed == 1 { -20.0 } else { 20.0 };
+            r[c[p] as usize] = if p == 1 && committed == 1 {
+                -20.0
+            } else {
+                20.0
+            };
         }
         r
     })

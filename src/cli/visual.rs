@@ -104,7 +104,10 @@ pub fn plain_line(e: &StepEvent, total: usize) -> String {
         s.push_str(&format!(" remasked {}", e.remasked.len()));
     }
     for b in &e.completed {
-        s.push_str(&format!(" block_done {} {}..{}", b.block, b.span.start, b.span.end));
+        s.push_str(&format!(
+            " block_done {} {}..{}",
+            b.block, b.span.start, b.span.end
+        ));
     }
     s
 }
@@ -154,7 +157,11 @@ impl<'a> View<'a> {
     pub fn start(&mut self, canvas: &[u32], final_prefix: usize) -> Result<()> {
         match self.mode {
             Mode::Stream => self.stream(&canvas[..final_prefix]),
-            Mode::Visual { tty: true } => self.frame(canvas, &[], &[], "start"),
+            Mode::Visual { tty: true } => {
+                let masks = canvas.iter().filter(|&&t| t == self.mask).count();
+                let head = format!("step 0/{}  masks left {masks}", self.total_steps);
+                self.frame(canvas, &[], &[], &head)
+            }
             _ => Ok(()),
         }
     }

@@ -87,7 +87,7 @@ impl Ledger {
         debug_assert_eq!(candidates.len(), probs.len());
         let mut out = Vec::new();
         for (&p, &prob) in candidates.iter().zip(probs) {
-            if self.may_revise(p) && !(prob >= threshold) {
+            if self.may_revise(p) && (prob < threshold || prob.is_nan()) {
                 self.revisable[p] = false;
                 self.count[p] += 1;
                 self.total += 1;
@@ -157,6 +157,9 @@ mod tests {
         // Row 0: logits ln(0.2), ln(0.8) → p(token 1) = 0.8; row 1: uniform over 2 → 0.5.
         let logits = [0.2f32.ln(), 0.8f32.ln(), 3.0, 3.0];
         let p = token_probs(&logits, 2, &[1, 0], &[0, 1]);
-        assert!((p[0] - 0.8).abs() < 1e-6 && (p[1] - 0.5).abs() < 1e-12, "{p:?}");
+        assert!(
+            (p[0] - 0.8).abs() < 1e-6 && (p[1] - 0.5).abs() < 1e-12,
+            "{p:?}"
+        );
     }
 }

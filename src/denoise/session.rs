@@ -21,8 +21,8 @@
 use super::canvas::masked_positions;
 use super::commit::{self, Candidate};
 use super::observe::{BlockDone, StepEvent, StepReport};
-use super::revise::{self, Ledger};
 use super::predict::{predict_rows_filtered, PredictRule, Prediction, Remasking, SampleFilter};
+use super::revise::{self, Ledger};
 use super::schedule::{self, Schedule};
 use crate::error::{Error, Result};
 use crate::model::Model;
