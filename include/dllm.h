@@ -66,7 +66,7 @@
  *    that library knows): check dllm_abi_version() >= DLLM_ABI_VERSION at start-up.
  *      1: the first version.
  *      2: dllm_sampling_params gained threshold, factor, top_k, top_p, cfg_scale, stop_at_eos,
- *         cache and reserved; DLLM_REMASK_MARGIN and DLLM_REMASK_ENTROPY work (version 1
+ *         cache and revise; DLLM_REMASK_MARGIN and DLLM_REMASK_ENTROPY work (version 1
  *         answered DLLM_ERR_UNSUPPORTED); dllm_session_last_commits; dllm_step_info.committed
  *         counts the positions a stop_at_eos stop fills too.
  */
@@ -252,7 +252,7 @@ enum dllm_cache {
 };
 
 /* How a canvas is denoised. Initialise with dllm_sampling_params_default, then change fields.
- * Versions (struct_size on 64-bit Linux): 1 = up to `seed` (32 bytes), 2 = up to `reserved`
+ * Versions (struct_size on 64-bit Linux): 1 = up to `seed` (32 bytes), 2 = up to `revise`
  * (64 bytes). A version-1 caller gets the defaults for every version-2 field. */
 typedef struct dllm_sampling_params {
     uint32_t struct_size; /* sizeof(dllm_sampling_params); set by dllm_sampling_params_default */
@@ -285,7 +285,11 @@ typedef struct dllm_sampling_params {
                            * position before it filled, fill the rest with end-of-text and finish
                            * when no mask is left. 0 or 1. Default 0 */
     int32_t cache;        /* a dllm_cache value. Default DLLM_CACHE_NONE */
-    uint32_t reserved;    /* must be 0 (a later version may give it a meaning, 0 = off) */
+    float revise;         /* self-correction threshold R: after each step, tokens committed
+                           * earlier in the current block whose probability fell below R are
+                           * re-masked (each position at most twice; never prompt, fixed or
+                           * locked positions; steps stays the bound). 0 = off, else 0 < R < 1;
+                           * needs cache DLLM_CACHE_NONE. Default 0 */
     /* Fields added in later versions go here. */
 } dllm_sampling_params;
 
@@ -309,7 +313,7 @@ void dllm_sampling_params_default(dllm_sampling_params *p);
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL m/canvas/out, n == 0, n > dllm_model_max_length, an id
  * that is negative or outside the model, steps/block_len out of range or steps not a multiple of
  * the block count, temperature negative or not finite, a bad struct_size, an unknown remasking
- * or cache value, a version-2 field out of its range, threshold and factor both > 0, reserved
+ * or cache value, a version-2 field out of its range, threshold and factor both > 0, revise
  * not 0: the message names the field). */
 dllm_status dllm_session_new(dllm_model *m, const int32_t *canvas, size_t n,
                              const dllm_sampling_params *p, dllm_session **out);

@@ -429,6 +429,13 @@ impl ParityCase {
         self
     }
 
+    /// The same case with self-correction threshold `r` (as the C `float`).
+    fn with_revise(mut self, r: f32) -> Self {
+        self.options.push(format!("revise={r}"));
+        self.decoding.revise = Some(r as f64);
+        self
+    }
+
     fn with_lock(mut self, k: usize, token: u32) -> Self {
         self.options.push(format!("lock={k}:{token}"));
         self.lock = Some((k, token));
@@ -459,6 +466,7 @@ fn case(
         cfg_scale: cfg_scale as f64,
         stop_at_eos,
         cache: CacheMode::None,
+        revise: None,
     };
     let options = vec![
         format!("threshold={threshold}"),
@@ -558,6 +566,14 @@ fn c_driver_matches_the_rust_session() {
             (0.0, 1.0, 0, 1.0, 0.0, false),
         )
         .with_cache(CacheMode::Prefix, 1),
+        // Self-correction (host logits every step; re-masked positions come back).
+        case(
+            "def fib(n):\n",
+            16,
+            gp(16, 8, 0.0, Remasking::LowConfidence, 0),
+            OFF,
+        )
+        .with_revise(0.3),
     ];
     let built = built();
     for c in cases {

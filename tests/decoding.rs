@@ -401,6 +401,7 @@ fn property_fixed_positions_never_change_masks_only_fall_and_runs_terminate() {
             },
             cfg_scale: if u(9) < 0.3 { 1.5 } else { 0.0 },
             stop_at_eos: u(11) < 0.5,
+            revise: None,
             ..Decoding::default()
         };
         let m = canvas_model(4.0);

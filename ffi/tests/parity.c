@@ -65,6 +65,7 @@ int main(int argc, char **argv) {
         else if (k == 9 && strncmp(argv[i], "cfg_scale", k) == 0) sp.cfg_scale = strtof(v, NULL);
         else if (k == 11 && strncmp(argv[i], "stop_at_eos", k) == 0) sp.stop_at_eos = atoi(v);
         else if (k == 5 && strncmp(argv[i], "cache", k) == 0) sp.cache = atoi(v);
+        else if (k == 6 && strncmp(argv[i], "revise", k) == 0) sp.revise = strtof(v, NULL);
         else if (k == 4 && strncmp(argv[i], "lock", k) == 0) {
             if (sscanf(v, "%ld:%ld", &lock_at, &lock_token) != 2) return 2;
         } else {

@@ -63,7 +63,7 @@ static void test_defaults_and_layout(void) {
     CHECK(sizeof(dllm_sampling_params) == 64);
     CHECK(offsetof(dllm_sampling_params, seed) == 24);
     CHECK(offsetof(dllm_sampling_params, threshold) == 32); /* version 1 ended at 32 bytes */
-    CHECK(offsetof(dllm_sampling_params, reserved) == 60);
+    CHECK(offsetof(dllm_sampling_params, revise) == 60);
     CHECK(dllm_abi_version() == 2 && DLLM_ABI_VERSION == 2);
     dllm_sampling_params p;
     memset(&p, 0xAB, sizeof p);
@@ -71,13 +71,13 @@ static void test_defaults_and_layout(void) {
     CHECK(p.struct_size == 64);
     CHECK(p.threshold == 0.0f && p.factor == 0.0f && p.top_k == 0 && p.top_p == 1.0f);
     CHECK(p.cfg_scale == 0.0f && p.stop_at_eos == 0 && p.cache == DLLM_CACHE_NONE);
-    CHECK(p.reserved == 0);
+    CHECK(p.revise == 0.0f);
 }
 
 /* Each field with a valid non-default value gives a session that runs to the end (one step
  * per block, to keep the valgrind run short). */
 static void test_fields_accepted(void) {
-    for (int field = 0; field < 8; field++) {
+    for (int field = 0; field < 10; field++) {
         dllm_sampling_params p = params();
         p.steps = 2;
         switch (field) {
@@ -89,6 +89,8 @@ static void test_fields_accepted(void) {
         case 5: p.stop_at_eos = 1; break;
         case 6: p.remasking = DLLM_REMASK_MARGIN; break;
         case 7: p.remasking = DLLM_REMASK_ENTROPY; break;
+        case 8: p.revise = 0.2f; p.steps = 8; break;
+        case 9: p.cache = DLLM_CACHE_DUAL; p.steps = 8; break;
         }
         int32_t c[MAXC];
         CHECK(run_to_end(&p, c));
@@ -108,7 +110,7 @@ static void test_validation(void) {
         {4, -2.0f, 0, "cfg_scale"}, {4, INFINITY, 0, "cfg_scale"},
         {5, 0, 2, "stop_at_eos"},   {5, 0, -1, "stop_at_eos"},
         {6, 0, 3, "cache"},         {6, 0, -1, "cache"},
-        {7, 0, 1, "reserved"},
+        {7, 1.0f, 0, "revise"},     {7, -0.1f, 0, "revise"},  {7, NAN, 0, "revise"},
         {8, 0.9f, 0, "threshold"}, /* threshold and factor together */
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -121,7 +123,7 @@ static void test_validation(void) {
         case 4: p.cfg_scale = bad[i].f; break;
         case 5: p.stop_at_eos = bad[i].i; break;
         case 6: p.cache = bad[i].i; break;
-        case 7: p.reserved = (uint32_t)bad[i].i; break;
+        case 7: p.revise = bad[i].f; break;
         case 8: p.threshold = bad[i].f; p.factor = 1.0f; break;
         }
         CHECK_STATUS(dllm_session_new(model, canvas0, len0, &p, &s), DLLM_ERR_INVALID_ARGUMENT);

@@ -4,6 +4,7 @@
 //! `[MASK:gen_len]`) and `infill` (prefix, gap, suffix) are sugar over it; `edit` re-masks a byte
 //! span of a file (widened to token boundaries) and denoises it with the rest fixed.
 
+use super::visual::{Mode, View};
 use super::ModelArgs;
 use clap::{Args, ValueEnum};
 use dllm::chat::{stop_ids, strip_trailing, until_first, ChatTemplate, Message};
@@ -96,6 +97,18 @@ pub struct DenoiseArgs {
     /// the cached prefix and suffix. prefix/dual are approximations (see docs/decoding.md).
     #[arg(long, value_enum, default_value_t = CacheArg::None)]
     pub cache: CacheArg,
+    /// Self-correction: after each step, re-mask tokens committed earlier in the current block
+    /// whose probability under the new logits fell below R (0 < R < 1; each position at most
+    /// twice; never prompt or fixed positions; --steps still bounds the step count).
+    #[arg(long)]
+    pub revise: Option<f64>,
+    /// Redraw the canvas every step (masks as ░, fresh tokens highlighted); when stdout is not
+    /// a terminal, one plain line per step instead.
+    #[arg(long, conflicts_with_all = ["json", "stream"])]
+    pub visual: bool,
+    /// Print the text as blocks complete (the final prefix), then the rest at the end.
+    #[arg(long, conflicts_with = "json")]
+    pub stream: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -149,6 +162,7 @@ impl DenoiseArgs {
                 CacheArg::Prefix => CacheMode::Prefix,
                 CacheArg::Dual => CacheMode::Dual,
             },
+            revise: self.revise,
         };
         d.validate()
             .map_err(|e| Error::invalid(format!("decoding options: {e}")))?;
@@ -393,24 +407,45 @@ fn run_canvas(
     let total = session.total_steps();
     let progress = !opts.quiet;
     let tty = std::io::stderr().is_terminal();
+    let mode = if opts.visual {
+        Mode::Visual {
+            tty: std::io::stdout().is_terminal(),
+        }
+    } else if opts.stream {
+        Mode::Stream
+    } else {
+        Mode::Off
+    };
+    // The live line on stderr would tear the redrawn canvas.
+    let live_progress = progress && tty && !matches!(mode, Mode::Visual { tty: true });
+    let mut view = View::new(mode, tok, session.model().config().mask_token_id, total);
+    view.start(session.canvas(), session.final_prefix())?;
     let start = Instant::now();
-    session.run_with(|info, _canvas| {
-        if progress && tty {
-            let rate = (info.step + 1) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let mut view_err = None;
+    session.run_observed(|e| {
+        if live_progress {
+            let rate = (e.step + 1) as f64 / start.elapsed().as_secs_f64().max(1e-9);
             eprint!(
                 "\rstep {}/{} ({:.1} steps/s, {} masks left)   ",
-                info.step + 1,
+                e.step + 1,
                 total,
                 rate,
-                info.masks_left
+                e.masks_left
             );
+        }
+        if let Err(err) = view.step(e) {
+            view_err = Some(err);
+            return false;
         }
         true
     })?;
+    if let Some(err) = view_err {
+        return Err(err);
+    }
     let elapsed = start.elapsed().as_secs_f64();
     let steps = session.steps_taken();
     if progress {
-        if tty {
+        if live_progress {
             eprintln!();
         }
         eprintln!(
@@ -449,6 +484,7 @@ fn run_canvas(
             "steps": steps,
             "forward_steps": forwards,
             "tokens_per_step": generated.len() as f64 / forwards.max(1) as f64,
+            "revisions": session.revisions(),
             "elapsed_s": elapsed,
             "tokens_per_second": generated.len() as f64 / elapsed.max(1e-9),
             "backend": session.model().backend_name(),
@@ -460,7 +496,8 @@ fn run_canvas(
     } else if chat {
         writeln!(out, "{text}").ok();
     } else {
-        writeln!(out, "{}", tok.decode(shown, true)?).ok();
+        drop(out);
+        view.finish(&tok.decode(shown, true)?)?;
     }
     Ok(())
 }

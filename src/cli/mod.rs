@@ -5,6 +5,7 @@ mod generate;
 mod info;
 mod logits;
 mod tools;
+mod visual;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dllm::error::Result;

@@ -3,7 +3,9 @@
 pub mod cached;
 pub mod canvas;
 pub mod commit;
+pub mod observe;
 pub mod predict;
+pub mod revise;
 pub mod rng;
 pub mod schedule;
 pub mod session;
@@ -11,6 +13,7 @@ pub mod session;
 pub use crate::model::CacheMode;
 pub use cached::CacheStats;
 pub use canvas::{build_canvas, generation_canvas, infill_canvas, parse_canvas, CanvasPart};
+pub use observe::{BlockDone, StepEvent, StepReport};
 pub use predict::{Remasking, SampleFilter};
 pub use schedule::{transfer_counts, ScheduleKind};
 pub use session::{CommitPolicy, Decoding, GenerationParams, Session, StepInfo, StepPlan};

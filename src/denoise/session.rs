@@ -15,11 +15,17 @@
 //! guidance and stopping at EOS. Steps that need host logits (filters, guidance) run through
 //! [`Model::forward`]; the others through [`Model::predict`]. With a block K/V cache
 //! ([`Decoding::cache`]) [`Session::step`] runs its forwards through [`super::cached`] instead.
+//!
+//! Self-correction ([`Decoding::revise`], rules in [`revise`](super::revise)) and the per-step
+//! event of [`Session::run_observed`] ([`observe`](super::observe)) are layered on the same
+//! plan / predict / apply split: [`Session::predict_scored`] and [`Session::apply_scored`].
 
 use super::cached::{CacheState, CacheStats};
 use super::canvas::masked_positions;
 use super::commit::{self, Candidate};
+use super::observe::{BlockDone, StepEvent, StepReport};
 use super::predict::{predict_rows_filtered, PredictRule, Prediction, Remasking, SampleFilter};
+use super::revise::{self, Ledger};
 use super::schedule::{self, Schedule, ScheduleKind};
 use crate::error::{Error, Result};
 use crate::model::{CacheMode, Model};
@@ -92,6 +98,10 @@ pub struct Decoding {
     /// Block K/V cache between the steps of a block (Fast-dLLM prefix / dual; see
     /// [`crate::model::kv_cache`]). `None` is the reference loop.
     pub cache: CacheMode,
+    /// Self-correction threshold `R` (`0 < R < 1`; `None` = off): after each step, tokens the
+    /// model committed earlier in the current block whose probability under the step's logits
+    /// is below `R` are re-masked (see [`revise`](super::revise)). Such steps need host logits.
+    pub revise: Option<f64>,
 }
 
 impl Decoding {
@@ -115,6 +125,16 @@ impl Decoding {
                 "top_p must be in (0, 1], got {}",
                 self.filter.top_p
             )));
+        }
+        if let Some(r) = self.revise {
+            revise::validate_threshold(r)?;
+            if self.cache != CacheMode::None {
+                return Err(Error::invalid(format!(
+                    "revise ({r}) needs every step's logits of the whole block: use it with \
+                     cache none, not {}",
+                    self.cache.name()
+                )));
+            }
         }
         if !(self.cfg_scale.is_finite() && self.cfg_scale >= 0.0) {
             return Err(Error::invalid(format!(
@@ -158,6 +178,10 @@ pub struct StepPlan {
     /// least number (the commit rule may take more).
     pub k: usize,
     pub rule: PredictRule,
+    /// Positions holding model-committed tokens that this step may re-mask (self-correction on,
+    /// `k > 0`, not the block's last step): the step needs the probability of each one's current
+    /// token ([`Session::predict_scored`]). Empty otherwise.
+    pub revisable: Vec<usize>,
 }
 
 /// One canvas being denoised.
@@ -186,6 +210,10 @@ pub struct Session {
     eos: u32,
     /// Block K/V caches (unused under [`CacheMode::None`]).
     cache: CacheState,
+    /// Self-correction bookkeeping (which positions the model committed, re-mask counts).
+    ledger: Ledger,
+    /// Leading blocks already reported complete by [`Session::step_report`].
+    blocks_reported: usize,
 }
 
 impl std::fmt::Debug for Session {
@@ -240,6 +268,7 @@ impl Session {
                 params.temperature
             )));
         }
+        let len = canvas.len();
         let mask = cfg.mask_token_id;
         let vocab_size = cfg.vocab_size;
         let eos = cfg.eos_token_id;
@@ -273,6 +302,8 @@ impl Session {
             taken: 0,
             eos,
             cache: CacheState::default(),
+            ledger: Ledger::new(len),
+            blocks_reported: 0,
         })
     }
 
@@ -298,9 +329,24 @@ impl Session {
         if plan.k == 0 {
             return Ok(Vec::new());
         }
-        if !self.decoding.needs_logits() {
+        if !self.decoding.needs_logits() && plan.revisable.is_empty() {
             return self.model.predict(&self.canvas, &plan.queries, &plan.rule);
         }
+        Ok(self.predict_on_host(plan)?.0)
+    }
+
+    /// [`Session::predict`] plus, for each of `plan.revisable`, the probability of the token it
+    /// holds under the step's logits (empty when `plan.revisable` is). With revisable positions
+    /// the step runs [`Model::forward`] (one forward either way).
+    pub fn predict_scored(&self, plan: &StepPlan) -> Result<(Vec<Prediction>, Vec<f64>)> {
+        if plan.k == 0 || plan.revisable.is_empty() {
+            return Ok((self.predict(plan)?, Vec::new()));
+        }
+        self.predict_on_host(plan)
+    }
+
+    /// Host logits (with guidance), host predictions, and the revisable positions' probabilities.
+    fn predict_on_host(&self, plan: &StepPlan) -> Result<(Vec<Prediction>, Vec<f64>)> {
         let width = self.model.config().logits_width();
         let mut logits = self.model.forward(&self.canvas)?;
         let s = self.decoding.cfg_scale;
@@ -323,14 +369,16 @@ impl Session {
                 }
             }
         }
-        Ok(predict_rows_filtered(
+        let preds = predict_rows_filtered(
             &logits,
             width,
             &plan.queries,
             &plan.queries,
             &plan.rule,
             &self.decoding.filter,
-        ))
+        );
+        let probs = revise::token_probs(&logits, width, &self.canvas, &plan.revisable);
+        Ok((preds, probs))
     }
 
     /// The canvas of the unconditional guidance pass: every position that was not a mask at
@@ -347,15 +395,22 @@ impl Session {
     /// On a finished session it changes nothing and returns `done = true`. On error the
     /// session is unchanged.
     pub fn step(&mut self) -> Result<StepInfo> {
+        Ok(self.step_report()?.info())
+    }
+
+    /// [`Session::step`], returning the full [`StepReport`] (re-masked positions, completed
+    /// blocks, final prefix).
+    pub fn step_report(&mut self) -> Result<StepReport> {
         let Some(plan) = self.plan() else {
-            return Ok(self.info(self.cursor, Vec::new()));
+            return Ok(self.report(self.cursor, None, Vec::new(), Vec::new()));
         };
-        let preds = if self.decoding.cache == CacheMode::None {
-            self.predict(&plan)?
+        let (preds, probs) = if self.decoding.cache == CacheMode::None {
+            self.predict_scored(&plan)?
         } else {
-            self.predict_cached(&plan)?
+            // Validation keeps --revise off with a cache, so no position needs a probability.
+            (self.predict_cached(&plan)?, Vec::new())
         };
-        self.apply(&plan, &preds)
+        self.apply_scored(&plan, &preds, &probs)
     }
 
     /// [`Session::predict`] through the block K/V cache (see [`super::cached`]).
@@ -392,9 +447,20 @@ impl Session {
     /// Steps until done, calling `observer(info, canvas)` after each step; the observer
     /// returning `false` stops early (the session can be resumed later).
     pub fn run_with(&mut self, mut observer: impl FnMut(&StepInfo, &[u32]) -> bool) -> Result<()> {
+        self.run_observed(|e| observer(&e.report.info(), e.canvas))
+    }
+
+    /// Steps until done, calling `observer` with each step's [`StepEvent`] (canvas after the
+    /// step, committed and re-masked positions, completed blocks); `false` stops early (the
+    /// session can be resumed later).
+    pub fn run_observed(&mut self, mut observer: impl FnMut(&StepEvent) -> bool) -> Result<()> {
         while !self.is_done() {
-            let info = self.step()?;
-            if !observer(&info, &self.canvas) {
+            let report = self.step_report()?;
+            let event = StepEvent {
+                report: &report,
+                canvas: &self.canvas,
+            };
+            if !observer(&event) {
                 break;
             }
         }
@@ -427,6 +493,19 @@ impl Session {
                 }
             }
         };
+        let revisable = match self.decoding.revise {
+            Some(_) if k > 0 && i + 1 < self.block_steps(block) => self
+                .block_positions(block)
+                .iter()
+                .copied()
+                .filter(|&p| {
+                    self.owner[p] == block
+                        && self.canvas[p] != self.mask
+                        && self.ledger.may_revise(p)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let rule = PredictRule {
             temperature: self.params.temperature,
             remasking: self.params.remasking,
@@ -441,6 +520,7 @@ impl Session {
             queries,
             k,
             rule,
+            revisable,
         })
     }
 
@@ -449,7 +529,35 @@ impl Session {
     ///
     /// Errors ([`Error::Backend`], session unchanged): wrong number of predictions, or a chosen
     /// token that is the mask or outside the vocabulary.
+    ///
+    /// A plan with revisable positions (self-correction on) needs their probabilities: use
+    /// [`Session::apply_scored`]; `apply` then fails with [`Error::State`].
     pub fn apply(&mut self, plan: &StepPlan, preds: &[Prediction]) -> Result<StepInfo> {
+        Ok(self.apply_scored(plan, preds, &[])?.info())
+    }
+
+    /// [`Session::apply`] with `probs` from [`Session::predict_scored`]: after committing, the
+    /// revisable positions whose probability is below [`Decoding::revise`] are re-masked and
+    /// the block's remaining per-step counts are re-planned to cover them.
+    ///
+    /// Errors (session unchanged): those of [`Session::apply`]; [`Error::State`] when `probs`
+    /// does not hold one probability per `plan.revisable` position.
+    pub fn apply_scored(
+        &mut self,
+        plan: &StepPlan,
+        preds: &[Prediction],
+        probs: &[f64],
+    ) -> Result<StepReport> {
+        let revising = plan.k > 0 && !plan.revisable.is_empty();
+        if revising && probs.len() != plan.revisable.len() {
+            return Err(Error::State(format!(
+                "the plan of step {} needs the probabilities of {} revisable positions \
+                 (self-correction is on), got {}: use Session::predict_scored and apply_scored",
+                plan.step,
+                plan.revisable.len(),
+                probs.len()
+            )));
+        }
         if plan.step != self.cursor {
             return Err(Error::State(format!(
                 "plan for step {} applied at step {}",
@@ -498,12 +606,17 @@ impl Session {
                 let p = plan.queries[c];
                 debug_assert_eq!(self.canvas[p], self.mask, "position {p} is not masked");
                 self.canvas[p] = preds[c].token;
+                self.ledger.committed(p);
                 committed.push(p);
             }
             committed.sort_unstable();
             self.masks_left -= committed.len();
             self.taken += 1;
         }
+        let mut remasked = match self.decoding.revise {
+            Some(r) if revising => self.revise(plan, probs, r),
+            _ => Vec::new(),
+        };
         self.cursor += 1;
         if self.decoding.commit.is_dynamic() {
             // A block with no masks left ends now: jump to the next block's first step.
@@ -522,8 +635,102 @@ impl Session {
         }
         if self.decoding.stop_at_eos && !committed.is_empty() {
             self.stop_at_eos();
+            // Re-masked positions the EOS fill took are not re-maskings after all.
+            let (mask, ledger, canvas) = (self.mask, &mut self.ledger, &self.canvas);
+            remasked.retain(|&p| {
+                let kept = canvas[p] == mask;
+                if !kept {
+                    ledger.withdraw(p);
+                }
+                kept
+            });
         }
-        Ok(self.info(plan.step, committed))
+        Ok(self.report(plan.step, Some(plan.block), committed, remasked))
+    }
+
+    /// Re-masks the revisable positions of `plan` whose probability fell below `r` and spreads
+    /// the block's masks over its remaining steps again. Returns them, increasing.
+    fn revise(&mut self, plan: &StepPlan, probs: &[f64], r: f64) -> Vec<usize> {
+        let remasked = self.ledger.select(&plan.revisable, probs, r);
+        if remasked.is_empty() {
+            return remasked;
+        }
+        for &p in &remasked {
+            self.canvas[p] = self.mask;
+        }
+        self.masks_left += remasked.len();
+        // `plan` offers revisable positions only before the block's last step, so steps remain.
+        if let Some((block, i)) = self.locate(plan.step) {
+            let masks = self
+                .owned(block)
+                .filter(|&p| self.canvas[p] == self.mask)
+                .count();
+            let rest = schedule::transfer_counts(masks, self.block_steps(block) - i - 1);
+            self.block_counts.truncate(i + 1);
+            self.block_counts.extend(rest);
+        }
+        remasked
+    }
+
+    /// The report of a step, reporting newly completed blocks.
+    fn report(
+        &mut self,
+        step: usize,
+        block: Option<usize>,
+        committed: Vec<usize>,
+        remasked: Vec<usize>,
+    ) -> StepReport {
+        let mut completed = Vec::new();
+        while self.blocks_reported < self.num_blocks() {
+            let b = self.blocks_reported;
+            if self.owned(b).any(|p| self.canvas[p] == self.mask) {
+                break;
+            }
+            let positions = self.block_positions(b);
+            let span = match (positions.iter().min(), positions.iter().max()) {
+                (Some(&lo), Some(&hi)) => lo..hi + 1,
+                _ => 0..0,
+            };
+            completed.push(BlockDone { block: b, span });
+            self.blocks_reported += 1;
+        }
+        StepReport {
+            step,
+            block,
+            committed,
+            remasked,
+            completed,
+            final_prefix: self.final_prefix(),
+            masks_left: self.masks_left,
+            done: self.is_done(),
+        }
+    }
+
+    /// Length of the canvas prefix no later step changes: up to the first position owned by a
+    /// block not yet reported complete.
+    pub fn final_prefix(&self) -> usize {
+        (self.blocks_reported..self.num_blocks())
+            .filter_map(|b| self.owned(b).min())
+            .min()
+            .unwrap_or(self.canvas.len())
+    }
+
+    /// The positions block `b` fills (its positions not moved to a later block by a remask).
+    fn owned(&self, b: usize) -> impl Iterator<Item = usize> + '_ {
+        self.block_positions(b)
+            .iter()
+            .copied()
+            .filter(move |&p| self.owner[p] == b)
+    }
+
+    /// Blocks in all: scheduled and added by [`Session::remask`].
+    fn num_blocks(&self) -> usize {
+        self.schedule.num_blocks() + self.extra_blocks.len()
+    }
+
+    /// Re-maskings by self-correction so far.
+    pub fn revisions(&self) -> usize {
+        self.ledger.total_remasks()
     }
 
     /// If a generated position holds EOS with every generated position before it committed,
@@ -542,21 +749,13 @@ impl Session {
             let p = self.generated[i];
             if self.canvas[p] == self.mask {
                 self.canvas[p] = self.eos;
+                self.ledger.pinned(p);
                 self.masks_left -= 1;
                 self.cache.invalidate();
             }
         }
         if self.masks_left == 0 {
             self.cursor = self.total_steps();
-        }
-    }
-
-    fn info(&self, step: usize, committed: Vec<usize>) -> StepInfo {
-        StepInfo {
-            step,
-            committed,
-            masks_left: self.masks_left,
-            done: self.is_done(),
         }
     }
 
@@ -603,7 +802,7 @@ impl Session {
 
     /// The blocks, in denoising order: each a run of generated positions.
     pub fn blocks(&self) -> impl Iterator<Item = &[usize]> + '_ {
-        (0..self.schedule.num_blocks() + self.extra_blocks.len()).map(|b| self.block_positions(b))
+        (0..self.num_blocks()).map(|b| self.block_positions(b))
     }
 
     /// Index of the block the next step works on, `None` when done.
@@ -643,6 +842,7 @@ impl Session {
         }
         self.canvas[pos] = token;
         self.cache.invalidate();
+        self.ledger.pinned(pos);
         Ok(())
     }
 
@@ -674,6 +874,7 @@ impl Session {
         for &p in &changed {
             self.canvas[p] = self.mask;
             self.owner[p] = block;
+            self.ledger.pinned(p);
         }
         self.masks_left += changed.len();
         self.extra_blocks.push(changed);

@@ -85,7 +85,7 @@ pub struct dllm_sampling_params {
     pub cfg_scale: f32,
     pub stop_at_eos: i32,
     pub cache: i32,
-    pub reserved: u32,
+    pub revise: f32,
 }
 
 /// What one `dllm_session_step` did.
@@ -110,7 +110,7 @@ const _: () = assert!(std::mem::size_of::<dllm_sampling_params>() == 64);
 const _: () = assert!(std::mem::align_of::<dllm_sampling_params>() == 8);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, seed) == 24);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, threshold) == 32);
-const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, reserved) == 60);
+const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, revise) == 60);
 
 impl Default for dllm_model_params {
     fn default() -> Self {
@@ -140,7 +140,7 @@ impl Default for dllm_sampling_params {
             cfg_scale: 0.0,
             stop_at_eos: 0,
             cache: DLLM_CACHE_NONE,
-            reserved: 0,
+            revise: 0.0,
         }
     }
 }

@@ -115,13 +115,15 @@ fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
         1 => true,
         v => return Err(invalid(format!("stop_at_eos must be 0 or 1, got {v}"))),
     };
-    if p.reserved != 0 {
-        return Err(invalid(format!(
-            "reserved must be 0, got {} (initialise the struct with \
-             dllm_sampling_params_default)",
-            p.reserved
-        )));
-    }
+    let revise = match p.revise {
+        r if r == 0.0 => None,
+        r if r > 0.0 && r < 1.0 => Some(r as f64),
+        r => {
+            return Err(invalid(format!(
+                "revise must be 0 (off) or in (0, 1), got {r}"
+            )))
+        }
+    };
     Ok(Decoding {
         commit,
         filter: SampleFilter {
@@ -131,6 +133,7 @@ fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
         cfg_scale,
         stop_at_eos,
         cache: cache_mode(p.cache)?,
+        revise,
     })
 }
 
@@ -462,6 +465,7 @@ mod tests {
             cfg_scale: 1.5,
             stop_at_eos: true,
             cache: CacheMode::None,
+            revise: None,
         };
         assert_eq!(decoding(&p).unwrap(), want);
         let p = with(|p| p.factor = 2.0);
@@ -500,7 +504,9 @@ mod tests {
             (with(|p| p.cfg_scale = f32::INFINITY), "cfg_scale"),
             (with(|p| p.stop_at_eos = 2), "stop_at_eos"),
             (with(|p| p.stop_at_eos = -1), "stop_at_eos"),
-            (with(|p| p.reserved = 1), "reserved"),
+            (with(|p| p.revise = 1.0), "revise"),
+            (with(|p| p.revise = -0.1), "revise"),
+            (with(|p| p.revise = f32::NAN), "revise"),
         ];
         for (p, field) in cases {
             let msg = invalid_msg(&p);
