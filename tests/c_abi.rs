@@ -334,6 +334,9 @@ fn c_tests_are_clean_under_valgrind() {
         .iter()
         .map(|&name| {
             let mut cmd = Command::new("valgrind");
+            // cargo puts target/<profile> on LD_LIBRARY_PATH, which outranks the rpath: a stale
+            // libdllm.so there (from an earlier `cargo build`) must not be the one loaded.
+            cmd.env_remove("LD_LIBRARY_PATH");
             cmd.args([
                 "--error-exitcode=1",
                 "--leak-check=full",
@@ -584,6 +587,9 @@ fn c_driver_matches_the_rust_session() {
             Remasking::Entropy => 3,
         };
         let mut cmd = Command::new(built.exe("parity", Link::Shared));
+        // cargo puts target/<profile> on LD_LIBRARY_PATH, which outranks the rpath: a stale
+        // libdllm.so there (from an earlier `cargo build`) must not be the one loaded.
+        cmd.env_remove("LD_LIBRARY_PATH");
         cmd.arg(MODEL)
             .arg(c.prompt)
             .arg(c.gen_len.to_string())
@@ -615,6 +621,9 @@ fn examples_print_what_the_rust_api_computes() {
     // generate: prompt, 16 masks, 8 steps, blocks of 32 (one block).
     let prompt = "def add(a, b):";
     let mut cmd = Command::new(built.exe("generate", Link::Shared));
+    // cargo puts target/<profile> on LD_LIBRARY_PATH, which outranks the rpath: a stale
+    // libdllm.so there (from an earlier `cargo build`) must not be the one loaded.
+    cmd.env_remove("LD_LIBRARY_PATH");
     cmd.args([MODEL, prompt, "16", "8"])
         .env("DLLM_BACKEND", "cpu");
     let out = run_with_timeout(cmd, Duration::from_secs(300));
@@ -642,6 +651,9 @@ fn examples_print_what_the_rust_api_computes() {
     // infill: prefix, 8 masks, suffix, 8 steps in one block.
     let (prefix, suffix) = ("def area(r):\n    ", "\n    return a\n");
     let mut cmd = Command::new(built.exe("infill", Link::Shared));
+    // cargo puts target/<profile> on LD_LIBRARY_PATH, which outranks the rpath: a stale
+    // libdllm.so there (from an earlier `cargo build`) must not be the one loaded.
+    cmd.env_remove("LD_LIBRARY_PATH");
     cmd.args([MODEL, prefix, suffix, "8"])
         .env("DLLM_BACKEND", "cpu");
     let out = run_with_timeout(cmd, Duration::from_secs(300));
@@ -691,6 +703,9 @@ fn readme_example_builds_and_runs() {
         .unwrap();
     assert!(out.status.success(), "{}", describe(&out));
     let mut cmd = Command::new(&exe);
+    // cargo puts target/<profile> on LD_LIBRARY_PATH, which outranks the rpath: a stale
+    // libdllm.so there (from an earlier `cargo build`) must not be the one loaded.
+    cmd.env_remove("LD_LIBRARY_PATH");
     cmd.current_dir(root());
     let out = run_with_timeout(cmd, Duration::from_secs(300));
     assert!(out.status.success(), "{}", describe(&out));

@@ -14,7 +14,9 @@ use dllm::denoise::predict::{PredictRule, Remasking};
 use dllm::denoise::session::{Decoding, GenerationParams, Session};
 use dllm::denoise::CacheMode;
 use dllm::error::{Error, Result};
+use dllm::model::kv_cache::span_for;
 use dllm::model::Model;
+use dllm::model::{CacheStep, KvCache};
 use dllm::weights::WeightStore;
 use serde_json::{json, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -46,6 +48,8 @@ const TOL_GEN_MISS: f64 = 0.02;
 /// The same for the random-weight tiny Dream: its near-flat distributions make bf16-level
 /// differences flip more near-ties than the trained LLaDA model does.
 const TOL_DREAM_GEN_MISS: f64 = 0.10;
+/// The same for sessions with a block K/V cache (see [`session_cache_checks`]).
+const TOL_CACHED_GEN_MISS: f64 = 0.10;
 
 fn guarded<T>(
     name: &str,
@@ -217,8 +221,57 @@ fn generate_cached(
     Ok(s.canvas()[prompt.len()..].to_vec())
 }
 
+/// The cached forward itself, GPU (device cache, bf16 K/V) vs CPU (host cache, f32 K/V): refresh
+/// both caches on a canvas, commit a few tokens of the block, then run each mode's span step and
+/// compare the block's logits (the step a session takes; stale K/V outside the span on both).
+fn cached_logits_checks(
+    prefix: &str,
+    gpu: &dyn Model,
+    cpu: &dyn Model,
+    prompt: &[u32],
+) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let cfg = gpu.config().clone();
+    let width = cfg.logits_width();
+    for (name, mode) in [("prefix", CacheMode::Prefix), ("dual", CacheMode::Dual)] {
+        let r = (|| -> Result<CheckResult> {
+            let mut ids = prompt.to_vec();
+            ids.resize(prompt.len() + 48, cfg.mask_token_id);
+            let block = prompt.len() + 16..prompt.len() + 32;
+            let queries: Vec<usize> = block.clone().collect();
+            let (mut gk, mut ck) = (KvCache::new(&cfg, ids.len()), KvCache::new(&cfg, ids.len()));
+            gpu.logits_cached(&ids, &queries, &mut gk, &CacheStep::Refresh)?;
+            let first = cpu.logits_cached(&ids, &queries, &mut ck, &CacheStep::Refresh)?;
+            // Commit the CPU's argmax at the block's first 5 positions, as a step would.
+            for (i, row) in first.chunks(width).take(5).enumerate() {
+                ids[block.start + i] = argmax(row) as u32;
+            }
+            let span = span_for(mode, block.clone(), ids.len(), cfg.shifted_logits())
+                .ok_or_else(|| Error::invalid("no span for a cache mode"))?;
+            let step = CacheStep::Span(span.clone());
+            let g = gpu.logits_cached(&ids, &queries, &mut gk, &step)?;
+            let c = cpu.logits_cached(&ids, &queries, &mut ck, &step)?;
+            let want: Vec<usize> = c.chunks(width).map(argmax).collect();
+            let (agree, total) = argmax_agreement(&g, width, &want);
+            Ok(CheckResult::new(
+                format!("{prefix}.cached logits {name} gpu vs cpu"),
+                check::rel_l2(&g, &c),
+                TOL_MODEL,
+                format!("span {span:?}, block {block:?}; argmax {agree}/{total} rows identical"),
+            ))
+        })();
+        out.push(
+            r.unwrap_or_else(|e| CheckResult::failed(format!("{prefix}.cached logits {name}"), e)),
+        );
+    }
+    out
+}
+
 /// Session generation with each block K/V cache mode, GPU (device cache) vs CPU (host cache):
-/// the same approximation on both backends, so the tokens agree up to precision.
+/// the same approximation on both backends. The device cache holds bf16 K/V and the host cache
+/// f32, and a cached step reuses stale K/V, so small differences compound more than without a
+/// cache: the tolerance is [`TOL_CACHED_GEN_MISS`] (the exactness of the cached forward itself
+/// is [`cached_logits_checks`]).
 fn session_cache_checks(
     prefix: &str,
     gpu: Arc<dyn Model>,
@@ -492,13 +545,14 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                     TOL_GEN_MISS,
                     "tokens",
                 ));
+                out.extend(cached_logits_checks("model", &*fast, &**cpu, &prompt));
                 out.extend(session_cache_checks(
                     "model",
                     fast.clone(),
                     cpu.clone(),
                     &prompt,
                     128,
-                    TOL_GEN_MISS,
+                    TOL_CACHED_GEN_MISS,
                     details,
                 ));
                 Ok(())
@@ -611,13 +665,14 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             TOL_DREAM_GEN_MISS,
             "tokens",
         ));
+        out.extend(cached_logits_checks("dream", &*gpu, &*cpu, &prompt));
         out.extend(session_cache_checks(
             "dream",
             gpu.clone(),
             cpu.clone(),
             &prompt,
             64,
-            TOL_DREAM_GEN_MISS,
+            TOL_CACHED_GEN_MISS,
             details,
         ));
         Ok(())

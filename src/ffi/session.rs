@@ -115,14 +115,15 @@ fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
         1 => true,
         v => return Err(invalid(format!("stop_at_eos must be 0 or 1, got {v}"))),
     };
-    let revise = match p.revise {
-        r if r == 0.0 => None,
-        r if r > 0.0 && r < 1.0 => Some(r as f64),
-        r => {
-            return Err(invalid(format!(
-                "revise must be 0 (off) or in (0, 1), got {r}"
-            )))
-        }
+    let r = p.revise;
+    let revise = if r == 0.0 {
+        None
+    } else if r > 0.0 && r < 1.0 {
+        Some(r as f64)
+    } else {
+        return Err(invalid(format!(
+            "revise must be 0 (off) or in (0, 1), got {r}"
+        )));
     };
     Ok(Decoding {
         commit,
