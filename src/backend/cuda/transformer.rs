@@ -957,19 +957,7 @@ impl CudaTransformer {
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
         let (idx, pos) = self.span_queries(st, &span, fwd_start)?;
         self.set_queries(st, idx, pos)?;
-        let width = self.cfg.logits_width();
-        let mut out = vec![0f32; st.q_host.0.len() * width];
-        let stream = self.dev.stream.clone();
-        self.head(&self.kit, st, |st, c0, rows| {
-            stream
-                .memcpy_dtoh(
-                    &st.logits.slice(0..rows * width),
-                    &mut out[c0 * width..(c0 + rows) * width],
-                )
-                .map_err(|e| cuda_err("download logits", e))
-        })?;
-        self.dev.sync()?;
-        Ok(out)
+        self.download_query_logits(st)
     }
 
     fn predict_queries(&self, kit: &Kit, st: &mut State, rule: &PredictRule) -> Result<()> {
