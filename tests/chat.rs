@@ -300,6 +300,17 @@ fn answers_lose_trailing_stop_runs() {
 }
 
 fn dllm(args: &[&str], stdin: Option<&str>) -> Output {
+    let out = dllm_status(args, stdin);
+    assert!(
+        out.status.success(),
+        "dllm {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `dllm args` with `stdin`, whatever its exit status.
+fn dllm_status(args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_dllm"))
         .args(args)
         .env_remove("DLLM_MODEL")
@@ -314,13 +325,7 @@ fn dllm(args: &[&str], stdin: Option<&str>) -> Output {
         pipe.write_all(text.as_bytes()).unwrap();
     }
     drop(pipe);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "dllm {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    child.wait_with_output().unwrap()
 }
 
 const SMALL: [&str; 10] = [
@@ -379,6 +384,42 @@ fn chat_loop_answers_each_turn_and_resets() {
         .unwrap()
         .len();
     assert_eq!(lines[2]["prompt_tokens"].as_u64().unwrap() as usize, want);
+}
+
+#[test]
+fn chat_visual_prints_each_step_then_the_same_answers() {
+    let args: Vec<&str> = ["chat", "--quiet"].iter().chain(&SMALL).copied().collect();
+    let plain = dllm(&args, Some("hi\nhello\n"));
+    assert!(plain.status.success());
+    let mut visual_args = args.clone();
+    visual_args.push("--visual");
+    let out = dllm(&visual_args, Some("hi\nhello\n"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // stdout is a pipe here: one plain line per step (4 steps per answer) before each answer;
+    // without those lines the output is exactly the plain run's.
+    let (steps, rest): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| l.starts_with("step "));
+    let numbers: Vec<String> = steps
+        .iter()
+        .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+        .collect();
+    assert_eq!(
+        numbers,
+        ["1/4", "2/4", "3/4", "4/4", "1/4", "2/4", "3/4", "4/4"],
+        "{text}"
+    );
+    let plain_text = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert_eq!(rest, plain_text.lines().collect::<Vec<_>>());
+    // --stream does not apply to chat: a one-line error, exit 1.
+    let mut stream_args = args.clone();
+    stream_args.push("--stream");
+    let out = dllm_status(&stream_args, Some("hi\n"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--stream"));
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! the prompt marker and banner go to stderr, and only on a terminal.
 
 use super::generate::DenoiseArgs;
+use super::visual::{Mode, View};
 use super::ModelArgs;
 use clap::Args;
 use dllm::chat::{stop_ids, until_first, ChatTemplate, Message, Role};
@@ -54,6 +55,11 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     opts.stop_at_eos = !a.no_stop_at_eos;
     if opts.gen_len == 0 {
         return Err(Error::invalid("--gen-len must be at least 1 for chat"));
+    }
+    if opts.stream {
+        return Err(Error::invalid(
+            "--stream is not available in chat (answers are printed whole; --visual shows the steps)",
+        ));
     }
     let params = opts.params()?;
     let decoding = opts.decoding()?;
@@ -118,7 +124,27 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         let start = Instant::now();
         let mut session = Session::new(model.clone(), canvas, params.clone())?;
         session.set_decoding(decoding.clone())?;
-        session.run()?;
+        // --visual: the canvas (conversation + answer) redrawn every step, as in generate.
+        let mode = if opts.visual {
+            Mode::Visual {
+                tty: std::io::stdout().is_terminal(),
+            }
+        } else {
+            Mode::Off
+        };
+        let mut view = View::new(mode, &tok, cfg.mask_token_id, session.total_steps());
+        view.start(session.canvas(), session.final_prefix())?;
+        let mut view_err = None;
+        session.run_observed(|e| match view.step(e) {
+            Ok(()) => true,
+            Err(err) => {
+                view_err = Some(err);
+                false
+            }
+        })?;
+        if let Some(err) = view_err {
+            return Err(err);
+        }
         let elapsed = start.elapsed().as_secs_f64();
         let generated: Vec<u32> = session.canvas()[prompt.len()..].to_vec();
         let answer = tok.decode(until_first(&generated, &stops), true)?;
@@ -134,7 +160,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             });
             writeln!(out, "{v}").ok();
         } else {
-            writeln!(out, "{answer}").ok();
+            if opts.visual {
+                out.flush().ok();
+                view.finish(&answer)?;
+            } else {
+                writeln!(out, "{answer}").ok();
+            }
             if interactive {
                 writeln!(out).ok();
             }
