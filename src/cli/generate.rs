@@ -203,11 +203,15 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt text.
-    #[arg(long, conflicts_with = "prompt_file")]
+    #[arg(long, conflicts_with_all = ["prompt_file", "batch_file"])]
     pub prompt: Option<String>,
     /// Read the prompt from a file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "batch_file")]
     pub prompt_file: Option<PathBuf>,
+    /// Generate for every line of this file (one prompt per line, `\n` escapes) as one batch:
+    /// each step is one forward over all the canvases; one result per line.
+    #[arg(long)]
+    pub batch_file: Option<PathBuf>,
     /// Wrap the prompt as one user turn of the model's chat template (with the assistant
     /// header after it) and print only the answer.
     #[arg(long)]
@@ -232,6 +236,14 @@ pub struct InfillArgs {
 
 /// `dllm generate`: sugar for `fill` with the canvas `PROMPT[MASK:gen_len]`.
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    if let Some(file) = &a.batch_file {
+        if a.denoise.visual || a.denoise.stream {
+            return Err(Error::invalid(
+                "--batch-file prints one result per prompt: --visual and --stream do not apply",
+            ));
+        }
+        return super::batch::generate_batch(&a, file);
+    }
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), None) => p.clone(),
         (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?,

@@ -1,5 +1,6 @@
 //! Command-line interface of the `dllm` binary: argument definitions and dispatch.
 
+mod batch;
 mod chat;
 mod generate;
 mod info;

@@ -1,5 +1,6 @@
 //! The canvas denoiser: schedule, commit rule and the [`Session`] that owns a canvas.
 
+pub mod batch;
 pub mod cached;
 pub mod canvas;
 pub mod commit;

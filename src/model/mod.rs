@@ -109,6 +109,24 @@ pub trait Model: Send + Sync {
         let _ = (cache, step);
         self.predict(ids, queries, rule)
     }
+    /// [`predict`](Self::predict) for several canvases at once (a batch; canvases may differ in
+    /// length). Backends may pack them into one forward (the CPU backend does: every weight is
+    /// streamed once for the whole batch); the results are those of calling
+    /// [`predict`](Self::predict) on each. The default runs them one by one.
+    fn predict_batch(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
+        items
+            .iter()
+            .map(|it| self.predict(it.ids, it.queries, it.rule))
+            .collect()
+    }
+}
+
+/// One canvas of a [`Model::predict_batch`] call: its ids, the positions to predict, the rule.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchQuery<'a> {
+    pub ids: &'a [u32],
+    pub queries: &'a [usize],
+    pub rule: &'a PredictRule,
 }
 
 /// The tensor names of a checkpoint of `cfg`'s architecture.

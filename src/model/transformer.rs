@@ -27,7 +27,7 @@ use crate::config::ModelConfig;
 use crate::denoise::predict::{predict_rows, PredictRule, Prediction};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{CacheStep, KvCache};
-use crate::model::Model;
+use crate::model::{BatchQuery, Model};
 use crate::weights::{TensorSpec, TensorView, WeightStore};
 use std::ops::Range;
 
@@ -183,6 +183,9 @@ enum Attend<'c> {
     /// The rows' K/V are written into the cache at their positions; attention reads the whole
     /// cached sequence.
     Cached(&'c mut KvCache),
+    /// Several canvases packed one after another (each range is one canvas's rows): positions
+    /// restart at 0 in each, attention stays inside each; the linear layers run over all rows.
+    Packed(&'c [Range<usize>]),
 }
 
 impl CpuTransformer {
@@ -300,14 +303,21 @@ impl CpuTransformer {
         let (n, s) = (ids.len(), span.len());
         debug_assert!(span.end <= n);
         debug_assert!(matches!(attend, Attend::Cached(_)) || span == (0..n));
+        debug_assert!(
+            !matches!(attend, Attend::Packed(segs) if segs.iter().map(|r| r.len()).sum::<usize>() != n)
+        );
         let (d, hd) = (cfg.d_model, cfg.head_dim());
-        let positions: Vec<usize> = span.clone().collect();
+        let positions: Vec<usize> = match &attend {
+            Attend::Packed(segs) => segs.iter().flat_map(|r| 0..r.len()).collect(),
+            _ => span.clone().collect(),
+        };
         let mut b = Scratch::new(cfg, s);
         cpu::embedding(
             &self.weight(&self.table.embedding)?,
             &ids[span.clone()],
             &mut b.x,
         )?;
+        let packed = matches!(attend, Attend::Packed(_));
         for (layer, (names, p)) in self.table.blocks.iter().zip(&self.blocks).enumerate() {
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
             cpu::linear(&b.normed, s, &self.weight(&names.q)?, &mut b.q);
@@ -321,6 +331,24 @@ impl CpuTransformer {
             cpu::rope(&mut b.q, &positions, cfg.n_heads, hd, cfg.rope_theta);
             cpu::rope(&mut b.k, &positions, cfg.n_kv_heads, hd, cfg.rope_theta);
             let (keys, values, skv) = match &mut attend {
+                Attend::Packed(segs) => {
+                    let (qw, kw) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+                    for r in segs.iter() {
+                        cpu::attention(
+                            &b.q[r.start * qw..r.end * qw],
+                            &b.k[r.start * kw..r.end * kw],
+                            &b.v[r.start * kw..r.end * kw],
+                            r.len(),
+                            r.len(),
+                            cfg.n_heads,
+                            cfg.n_kv_heads,
+                            hd,
+                            None,
+                            &mut b.attn[r.start * qw..r.end * qw],
+                        );
+                    }
+                    (&b.k[..0], &b.v[..0], 0)
+                }
                 Attend::Local => (&b.k[..], &b.v[..], s),
                 Attend::Store(cache) => {
                     cache.write(layer, 0, &b.k, &b.v);
@@ -332,18 +360,20 @@ impl CpuTransformer {
                     (k, v, n)
                 }
             };
-            cpu::attention(
-                &b.q,
-                keys,
-                values,
-                s,
-                skv,
-                cfg.n_heads,
-                cfg.n_kv_heads,
-                hd,
-                None,
-                &mut b.attn,
-            );
+            if !packed {
+                cpu::attention(
+                    &b.q,
+                    keys,
+                    values,
+                    s,
+                    skv,
+                    cfg.n_heads,
+                    cfg.n_kv_heads,
+                    hd,
+                    None,
+                    &mut b.attn,
+                );
+            }
             cpu::linear(&b.attn, s, &self.weight(&names.o)?, &mut b.proj);
             cpu::add_assign(&mut b.x, &b.proj);
             cpu::rms_norm(&b.x, &p.mlp_norm, cfg.rms_norm_eps, &mut b.normed);
@@ -439,6 +469,50 @@ impl CpuTransformer {
             queries,
             rule,
         ))
+    }
+
+    /// [`CpuTransformer::predict`] for several canvases in one packed forward: the canvases'
+    /// rows are stacked so every linear layer streams its weights once for all of them, while
+    /// positions and attention stay per canvas. Each item's predictions follow its own rule.
+    pub fn predict_packed(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
+        let mut ids = Vec::new();
+        let mut segs = Vec::with_capacity(items.len());
+        for it in items {
+            self.check_ids(it.ids)?;
+            if let Some(&q) = it.queries.iter().find(|&&q| q >= it.ids.len()) {
+                return Err(Error::invalid(format!(
+                    "query position {q} is outside the canvas of {}",
+                    it.ids.len()
+                )));
+            }
+            segs.push(ids.len()..ids.len() + it.ids.len());
+            ids.extend_from_slice(it.ids);
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hidden = self.hidden_rows(&ids, 0..ids.len(), Attend::Packed(&segs))?;
+        let sources: Vec<usize> = items
+            .iter()
+            .zip(&segs)
+            .flat_map(|(it, r)| {
+                it.queries
+                    .iter()
+                    .map(move |&q| r.start + self.source_row(q))
+            })
+            .collect();
+        let logits = self.logits_of_rows(&hidden, &sources)?;
+        let width = self.cfg.logits_width();
+        let mut out = Vec::with_capacity(items.len());
+        let mut row = 0;
+        for it in items {
+            let n = it.queries.len();
+            let slice = &logits[row * width..(row + n) * width];
+            let rows: Vec<usize> = (0..n).collect();
+            out.push(predict_rows(slice, width, &rows, it.queries, it.rule));
+            row += n;
+        }
+        Ok(out)
     }
 
     /// LM head over the given rows of normalised hidden states (rows may repeat).
@@ -559,6 +633,10 @@ impl Model for CpuTransformer {
     ) -> Result<Vec<Prediction>> {
         CpuTransformer::predict_cached(self, ids, queries, rule, cache, step)
     }
+
+    fn predict_batch(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
+        self.predict_packed(items)
+    }
 }
 
 /// Implements [`Model`] for a newtype around [`CpuTransformer`] by delegation.
@@ -587,6 +665,12 @@ macro_rules! delegate_model {
             }
             fn supports_kv_cache(&self) -> bool {
                 true
+            }
+            fn predict_batch(
+                &self,
+                items: &[$crate::model::BatchQuery<'_>],
+            ) -> $crate::error::Result<Vec<Vec<$crate::denoise::predict::Prediction>>> {
+                self.0.predict_packed(items)
             }
             fn logits_cached(
                 &self,

@@ -1,0 +1,241 @@
+//! Batching: `Model::predict_batch` (one packed CPU forward over canvases of different lengths)
+//! against `predict` on each canvas, `denoise::batch::run_batch` against running each session
+//! alone, and `dllm generate --batch-file` against one `generate` per prompt.
+
+use dllm::denoise::batch::run_batch;
+use dllm::denoise::predict::{PredictRule, Remasking};
+use dllm::denoise::{CommitPolicy, Decoding, GenerationParams, Session};
+use dllm::model::{load_cpu, BatchQuery, Model};
+use dllm::synth::{synth_checkpoint, Preset};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
+
+fn llada() -> Arc<dyn Model> {
+    load_cpu(Path::new(MODEL)).unwrap()
+}
+
+/// `n` deterministic ordinary ids (never the mask), then `gen` masks.
+fn canvas(m: &dyn Model, seed: u32, n: usize, gen: usize) -> Vec<u32> {
+    let cfg = m.config();
+    let mut c: Vec<u32> = (0..n as u32)
+        .map(|i| 3 + (i * 97 + seed * 31) % (cfg.vocab_size as u32 - 8))
+        .filter(|&t| t != cfg.mask_token_id)
+        .collect();
+    c.resize(c.len() + gen, cfg.mask_token_id);
+    c
+}
+
+fn rule(m: &dyn Model, temperature: f64, remasking: Remasking, step: u64) -> PredictRule {
+    PredictRule {
+        temperature,
+        remasking,
+        seed: 11,
+        step,
+        mask_token: m.config().mask_token_id,
+        vocab_size: m.config().vocab_size,
+    }
+}
+
+/// Packed predictions equal one-by-one predictions: same tokens, confidences within float
+/// summation-order noise.
+fn packed_equals_single(m: &dyn Model) {
+    let canvases = [canvas(m, 1, 9, 7), canvas(m, 2, 23, 16), canvas(m, 3, 4, 3)];
+    let queries: Vec<Vec<usize>> = canvases
+        .iter()
+        .map(|c| (0..c.len()).filter(|p| p % 2 == 1 || *p == 0).collect())
+        .collect();
+    let rules = [
+        rule(m, 0.0, Remasking::LowConfidence, 0),
+        rule(m, 0.8, Remasking::Margin, 3),
+        rule(m, 0.0, Remasking::Entropy, 5),
+    ];
+    let items: Vec<BatchQuery<'_>> = (0..3)
+        .map(|i| BatchQuery {
+            ids: &canvases[i],
+            queries: &queries[i],
+            rule: &rules[i],
+        })
+        .collect();
+    let batched = m.predict_batch(&items).unwrap();
+    assert_eq!(batched.len(), 3);
+    for i in 0..3 {
+        let single = m.predict(&canvases[i], &queries[i], &rules[i]).unwrap();
+        assert_eq!(batched[i].len(), single.len());
+        for (b, s) in batched[i].iter().zip(&single) {
+            assert_eq!(b.token, s.token, "canvas {i}");
+            let tol = 1e-5 * s.confidence.abs().max(1.0);
+            assert!((b.confidence - s.confidence).abs() <= tol, "{b:?} vs {s:?}");
+        }
+    }
+}
+
+#[test]
+fn packed_forward_predicts_like_single_forwards_llada() {
+    packed_equals_single(&*llada());
+}
+
+#[test]
+fn packed_forward_predicts_like_single_forwards_dream() {
+    // GQA, q/k/v biases and the shifted logits inside a packed forward.
+    let tmp = tempfile::tempdir().unwrap();
+    synth_checkpoint(Preset::DreamTiny, tmp.path(), 3).unwrap();
+    packed_equals_single(&*load_cpu(tmp.path()).unwrap());
+}
+
+fn params(steps: usize, block_len: usize, temperature: f64) -> GenerationParams {
+    GenerationParams {
+        steps,
+        block_len,
+        temperature,
+        remasking: Remasking::LowConfidence,
+        seed: 5,
+        ..Default::default()
+    }
+}
+
+/// Sessions of different lengths, schedules and rules (one with guidance, which steps on its
+/// own inside the batch).
+fn sessions(m: &Arc<dyn Model>) -> Vec<Session> {
+    let specs: [(u32, usize, usize, GenerationParams, Decoding); 4] = [
+        (1, 12, 16, params(8, 8, 0.0), Decoding::default()),
+        (2, 30, 8, params(8, 4, 0.7), Decoding::default()),
+        (
+            3,
+            5,
+            12,
+            params(12, 12, 0.0),
+            Decoding {
+                commit: CommitPolicy::Threshold(0.3),
+                ..Decoding::default()
+            },
+        ),
+        (
+            4,
+            8,
+            8,
+            params(4, 8, 0.0),
+            Decoding {
+                cfg_scale: 0.5,
+                ..Decoding::default()
+            },
+        ),
+    ];
+    specs
+        .into_iter()
+        .map(|(seed, n, gen, p, d)| {
+            let mut s = Session::new(m.clone(), canvas(&**m, seed, n, gen), p).unwrap();
+            s.set_decoding(d).unwrap();
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_ends_where_each_session_alone_ends() {
+    let m = llada();
+    let mut batch = sessions(&m);
+    let rounds = run_batch(&mut batch).unwrap();
+    let alone: Vec<Session> = sessions(&m)
+        .into_iter()
+        .map(|mut s| {
+            s.run().unwrap();
+            s
+        })
+        .collect();
+    // One round per step of the longest session (a dynamic rule may end blocks early).
+    let most_forwards = alone.iter().map(|s| s.forward_steps()).max().unwrap();
+    let most_steps = alone.iter().map(|s| s.steps_taken()).max().unwrap();
+    assert!(
+        (most_forwards..=most_steps).contains(&rounds),
+        "{rounds} rounds for {most_forwards}..={most_steps}"
+    );
+    for (i, (b, a)) in batch.iter().zip(&alone).enumerate() {
+        assert!(b.is_done() && b.masks_left() == 0, "session {i}");
+        assert_eq!(b.canvas(), a.canvas(), "session {i}");
+        assert_eq!(b.steps_taken(), a.steps_taken(), "session {i}");
+    }
+}
+
+#[test]
+fn a_batch_needs_one_model() {
+    let (a, b) = (llada(), llada());
+    let mut mixed = vec![
+        Session::new(a.clone(), canvas(&*a, 1, 4, 4), params(4, 4, 0.0)).unwrap(),
+        Session::new(b.clone(), canvas(&*b, 1, 4, 4), params(4, 4, 0.0)).unwrap(),
+    ];
+    let e = run_batch(&mut mixed).unwrap_err().to_string();
+    assert!(e.contains("session 1"), "{e}");
+    assert_eq!(mixed[0].steps_taken(), 0, "nothing ran");
+}
+
+fn dllm(args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_dllm"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dllm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn batch_file_prints_what_each_prompt_gives_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.txt");
+    let prompts = [
+        "def add(a, b):\\n",
+        "",
+        "import os",
+        "class Stack:\\n    def push(self, x):",
+    ];
+    std::fs::write(&file, prompts.join("\n")).unwrap();
+    let common = [
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--gen-len",
+        "12",
+        "--steps",
+        "6",
+        "--block-len",
+        "4",
+        "--quiet",
+    ];
+    let mut args = vec!["generate", "--batch-file", file.to_str().unwrap()];
+    args.extend(common);
+    let out = String::from_utf8(dllm(&args).stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    for (line, p) in lines.iter().zip(prompts.iter().filter(|p| !p.is_empty())) {
+        let prompt = p.replace("\\n", "\n");
+        let mut one = vec!["generate", "--json", "--prompt", &prompt];
+        one.extend(common);
+        let v: serde_json::Value = serde_json::from_slice(&dllm(&one).stdout).unwrap();
+        let text = v["text"].as_str().unwrap();
+        let escaped = text
+            .replace('\\', "\\\\")
+            .replace('\n', "\\n")
+            .replace('\t', "\\t");
+        assert_eq!(*line, escaped, "prompt {p:?}");
+    }
+    // --json: one object per prompt, in order.
+    args.push("--json");
+    let out = String::from_utf8(dllm(&args).stdout).unwrap();
+    let idx: Vec<u64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(idx, [0, 1, 2]);
+}
