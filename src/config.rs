@@ -118,6 +118,16 @@ impl ModelConfig {
         self.arch.shifted_logits()
     }
 
+    /// The hidden-state position whose LM-head output predicts position `p`: `p` itself, or
+    /// `max(p − 1, 0)` for architectures with shifted logits (Dream). Every backend uses it.
+    pub fn source_position(&self, p: usize) -> usize {
+        if self.shifted_logits() {
+            p.saturating_sub(1)
+        } else {
+            p
+        }
+    }
+
     /// Reads and validates `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

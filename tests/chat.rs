@@ -3,7 +3,7 @@
 //! `dllm chat` / `dllm generate --chat` / `--schedule` command lines on the embedded tiny model.
 
 use dllm::chat::template::{SpecialTokens, TokenizerConfig};
-use dllm::chat::{stop_ids, strip_trailing, until_first, ChatTemplate, Message};
+use dllm::chat::{answer_ids, stop_ids, strip_trailing, until_first, ChatTemplate, Message};
 use dllm::config::{Arch, ModelConfig};
 use dllm::tokenizer::Tokenizer;
 use std::io::Write;
@@ -297,6 +297,10 @@ fn answers_lose_trailing_stop_runs() {
     mid.extend([0, 7, 0]);
     assert_eq!(strip_trailing(&mid, &stops), &mid[..mid.len() - 1]);
     assert_eq!(until_first(&mid, &stops), &text[..]);
+    // What generate / chat / --batch-file print: the chat answer stops at the first stop token,
+    // plain text only loses its trailing run.
+    assert_eq!(answer_ids(&mid, &stops, true), &text[..]);
+    assert_eq!(answer_ids(&mid, &stops, false), &mid[..mid.len() - 1]);
 }
 
 fn dllm(args: &[&str], stdin: Option<&str>) -> Output {

@@ -33,6 +33,17 @@ pub fn until_first<'a>(ids: &'a [u32], stops: &[u32]) -> &'a [u32] {
     &ids[..end]
 }
 
+/// The part of `generated` that is text: a chat answer ends at the first stop token
+/// ([`until_first`]); otherwise only the trailing run of stop tokens (padding) is dropped
+/// ([`strip_trailing`]).
+pub fn answer_ids<'a>(generated: &'a [u32], stops: &[u32], chat: bool) -> &'a [u32] {
+    if chat {
+        until_first(generated, stops)
+    } else {
+        strip_trailing(generated, stops)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,5 +10,5 @@ pub mod answer;
 pub mod fallbacks;
 pub mod template;
 
-pub use answer::{stop_ids, strip_trailing, until_first};
+pub use answer::{answer_ids, stop_ids, strip_trailing, until_first};
 pub use template::{ChatTemplate, Message, Role};

@@ -8,7 +8,7 @@
 //! `steps`, `forward_steps`), then a summary on stderr.
 
 use super::generate::GenerateArgs;
-use dllm::chat::{stop_ids, strip_trailing, until_first, ChatTemplate, Message};
+use dllm::chat::{answer_ids, stop_ids, ChatTemplate, Message};
 use dllm::denoise::batch::run_batch;
 use dllm::denoise::{build_canvas, CanvasPart, Session};
 use dllm::error::{Error, Result};
@@ -95,17 +95,9 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut generated_total = 0;
     for (i, s) in sessions.iter().enumerate() {
-        let generated: Vec<u32> = s
-            .generated_positions()
-            .iter()
-            .map(|&p| s.canvas()[p])
-            .collect();
+        let generated = s.generated_tokens();
         generated_total += generated.len();
-        let kept = if a.chat {
-            until_first(&generated, &stops)
-        } else {
-            strip_trailing(&generated, &stops)
-        };
+        let kept = answer_ids(&generated, &stops, a.chat);
         let text = tok.decode(kept, true)?;
         if opts.json {
             let v = serde_json::json!({

@@ -7,7 +7,7 @@
 use super::visual::{Mode, View};
 use super::ModelArgs;
 use clap::{Args, ValueEnum};
-use dllm::chat::{stop_ids, strip_trailing, until_first, ChatTemplate, Message};
+use dllm::chat::{answer_ids, stop_ids, strip_trailing, ChatTemplate, Message};
 use dllm::config::ModelConfig;
 use dllm::denoise::canvas::span_tokens;
 use dllm::denoise::predict::{Remasking, SampleFilter};
@@ -472,18 +472,10 @@ fn run_canvas(
     let forwards = session.forward_steps();
     let stops = stop_ids(session.model().config(), tok);
     let final_canvas = session.canvas().to_vec();
-    let generated: Vec<u32> = session
-        .generated_positions()
-        .iter()
-        .map(|&p| final_canvas[p])
-        .collect();
+    let generated = session.generated_tokens();
     // Trailing EOS / pad / end-of-turn runs are padding, not text; a chat answer ends at the
     // model's first end-of-turn token.
-    let answer = if chat {
-        until_first(&generated, &stops)
-    } else {
-        strip_trailing(&generated, &stops)
-    };
+    let answer = answer_ids(&generated, &stops, chat);
     let text = tok.decode(answer, true)?;
     let shown = strip_trailing(&final_canvas, &stops);
     let mut out = std::io::stdout().lock();

@@ -800,6 +800,11 @@ impl Session {
         &self.generated
     }
 
+    /// The tokens now at [`Session::generated_positions`], in order.
+    pub fn generated_tokens(&self) -> Vec<u32> {
+        self.generated.iter().map(|&p| self.canvas[p]).collect()
+    }
+
     /// The blocks, in denoising order: each a run of generated positions.
     pub fn blocks(&self) -> impl Iterator<Item = &[usize]> + '_ {
         (0..self.num_blocks()).map(|b| self.block_positions(b))

@@ -81,17 +81,12 @@ pub trait Model: Send + Sync {
         step: &CacheStep,
     ) -> Result<Vec<f32>> {
         let _ = (cache, step);
+        check_queries(queries, ids.len())?;
         let logits = self.forward(ids)?;
         let w = self.config().logits_width();
         let mut out = Vec::with_capacity(queries.len() * w);
         for &q in queries {
-            let row = logits.get(q * w..(q + 1) * w).ok_or_else(|| {
-                crate::error::Error::invalid(format!(
-                    "query position {q} is outside the canvas of {}",
-                    ids.len()
-                ))
-            })?;
-            out.extend_from_slice(row);
+            out.extend_from_slice(&logits[q * w..(q + 1) * w]);
         }
         Ok(out)
     }
@@ -118,6 +113,16 @@ pub trait Model: Send + Sync {
             .iter()
             .map(|it| self.predict(it.ids, it.queries, it.rule))
             .collect()
+    }
+}
+
+/// Checks that every query position lies inside a canvas of `len` positions.
+pub fn check_queries(queries: &[usize], len: usize) -> Result<()> {
+    match queries.iter().find(|&&q| q >= len) {
+        Some(&q) => Err(crate::error::Error::invalid(format!(
+            "query position {q} is outside the canvas of {len}"
+        ))),
+        None => Ok(()),
     }
 }
 

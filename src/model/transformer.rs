@@ -27,7 +27,7 @@ use crate::config::ModelConfig;
 use crate::denoise::predict::{predict_rows, PredictRule, Prediction};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{CacheStep, KvCache};
-use crate::model::{BatchQuery, Model};
+use crate::model::{check_queries, BatchQuery, Model};
 use crate::weights::{TensorSpec, TensorView, WeightStore};
 use std::ops::Range;
 
@@ -405,11 +405,7 @@ impl CpuTransformer {
         self.check_ids(ids)?;
         cache.check_fits(&self.cfg, ids.len())?;
         let n = ids.len();
-        if let Some(&q) = queries.iter().find(|&&q| q >= n) {
-            return Err(Error::invalid(format!(
-                "query position {q} is outside the canvas of {n}"
-            )));
-        }
+        check_queries(queries, n)?;
         let span = match step {
             CacheStep::Refresh => 0..n,
             CacheStep::Span(r) => r.clone(),
@@ -479,12 +475,7 @@ impl CpuTransformer {
         let mut segs = Vec::with_capacity(items.len());
         for it in items {
             self.check_ids(it.ids)?;
-            if let Some(&q) = it.queries.iter().find(|&&q| q >= it.ids.len()) {
-                return Err(Error::invalid(format!(
-                    "query position {q} is outside the canvas of {}",
-                    it.ids.len()
-                )));
-            }
+            check_queries(it.queries, it.ids.len())?;
             segs.push(ids.len()..ids.len() + it.ids.len());
             ids.extend_from_slice(it.ids);
         }
@@ -527,14 +518,10 @@ impl CpuTransformer {
         Ok(logits)
     }
 
-    /// The hidden row whose LM-head output predicts position `i`: `i` itself, or `max(i − 1, 0)`
-    /// for shifted architectures.
+    /// The hidden row whose LM-head output predicts position `i`
+    /// ([`ModelConfig::source_position`]).
     pub fn source_row(&self, i: usize) -> usize {
-        if self.cfg.shifted_logits() {
-            i.saturating_sub(1)
-        } else {
-            i
-        }
+        self.cfg.source_position(i)
     }
 
     /// Unshifted logits: row `i` is the LM head applied to hidden state `i`.
@@ -563,12 +550,7 @@ impl CpuTransformer {
         queries: &[usize],
         rule: &PredictRule,
     ) -> Result<Vec<Prediction>> {
-        if let Some(&q) = queries.iter().find(|&&q| q >= ids.len()) {
-            return Err(Error::invalid(format!(
-                "query position {q} is outside the canvas of {}",
-                ids.len()
-            )));
-        }
+        check_queries(queries, ids.len())?;
         let hidden = self.hidden(ids)?;
         let sources: Vec<usize> = queries.iter().map(|&q| self.source_row(q)).collect();
         let logits = self.logits_of_rows(&hidden, &sources)?;

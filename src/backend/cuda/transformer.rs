@@ -43,7 +43,7 @@ use crate::config::ModelConfig;
 use crate::denoise::predict::{PredictRule, Prediction, Remasking};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{CacheStep, KvCache};
-use crate::model::Model;
+use crate::model::{check_queries, Model};
 use crate::weights::{DType, TensorView, WeightStore};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
@@ -838,14 +838,9 @@ impl CudaTransformer {
         Ok(())
     }
 
-    /// The hidden-state position whose LM-head output predicts position `p`: `p` itself, or
-    /// `max(p − 1, 0)` for architectures with shifted logits (Dream).
+    /// [`ModelConfig::source_position`] of this model.
     fn source_position(&self, p: usize) -> usize {
-        if self.cfg.shifted_logits() {
-            p.saturating_sub(1)
-        } else {
-            p
-        }
+        self.cfg.source_position(p)
     }
 
     /// The positions a block forward must cover to predict `span`: the span itself, plus the
@@ -1261,12 +1256,7 @@ impl Model for CudaTransformer {
         let mut g = self.lock();
         self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
         let st = g.as_mut().expect("set above");
-        if let Some(&q) = queries.iter().find(|&&q| q >= ids.len()) {
-            return Err(Error::invalid(format!(
-                "query position {q} is outside the canvas of {}",
-                ids.len()
-            )));
-        }
+        check_queries(queries, ids.len())?;
         if queries.is_empty() {
             return Ok(Vec::new());
         }
@@ -1360,12 +1350,7 @@ impl CudaTransformer {
         step: &CacheStep,
     ) -> Result<&'g mut State> {
         cache.check_fits(&self.cfg, ids.len())?;
-        if let Some(&q) = queries.iter().find(|&&q| q >= ids.len()) {
-            return Err(Error::invalid(format!(
-                "query position {q} is outside the canvas of {}",
-                ids.len()
-            )));
-        }
+        check_queries(queries, ids.len())?;
         let span = match step {
             CacheStep::Refresh => None,
             CacheStep::Span(r) => {
