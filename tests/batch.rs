@@ -8,10 +8,10 @@ use dllm::denoise::{CommitPolicy, Decoding, GenerationParams, Session};
 use dllm::model::{load_cpu, BatchQuery, Model};
 use dllm::synth::{synth_checkpoint, Preset};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
+mod common;
+use common::{run_dllm, succeeded, MODEL};
 
 fn llada() -> Arc<dyn Model> {
     load_cpu(Path::new(MODEL)).unwrap()
@@ -172,17 +172,7 @@ fn a_batch_needs_one_model() {
 }
 
 fn dllm(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_dllm"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "dllm {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    succeeded(run_dllm(args, None))
 }
 
 #[test]

@@ -17,11 +17,12 @@ use dllm::model::{load_cpu, CacheStep, KvCache, Model};
 use dllm::synth::{synth_checkpoint, Preset};
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use tempfile::TempDir;
 
 const LLADA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
+mod common;
+use common::{json_ok, run_dllm};
 
 fn llada() -> Arc<dyn Model> {
     load_cpu(Path::new(LLADA)).unwrap()
@@ -441,19 +442,15 @@ fn a_cache_mode_on_a_model_without_a_cache_is_refused() {
 #[test]
 fn cli_cache_flag() {
     let dllm = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_dllm"))
-            .args([
-                "generate",
-                "--model",
-                LLADA,
-                "--quiet",
-                "--prompt",
-                "def add(a, b):",
-            ])
-            .args(args)
-            .env("RAYON_NUM_THREADS", "2")
-            .output()
-            .unwrap()
+        let head = [
+            "generate",
+            "--model",
+            LLADA,
+            "--quiet",
+            "--prompt",
+            "def add(a, b):",
+        ];
+        run_dllm(&[&head[..], args].concat(), None)
     };
     let base = [
         "--gen-len",
@@ -464,10 +461,7 @@ fn cli_cache_flag() {
         "8",
         "--json",
     ];
-    let json = |o: std::process::Output| -> Value {
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap()
-    };
+    let json = |o: std::process::Output| -> Value { json_ok(&o) };
     let none = json(dllm(&base));
     assert_eq!(none["cache"], "none");
     assert_eq!(none["cache_refreshes"], 0);

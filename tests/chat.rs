@@ -6,11 +6,11 @@ use dllm::chat::template::{SpecialTokens, TokenizerConfig};
 use dllm::chat::{answer_ids, stop_ids, strip_trailing, until_first, ChatTemplate, Message};
 use dllm::config::{Arch, ModelConfig};
 use dllm::tokenizer::Tokenizer;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
+mod common;
+use common::{run_dllm, succeeded, MODEL};
 
 /// The `chat_template` of LLaDA-8B-Instruct's tokenizer_config.json (it always ends with the
 /// assistant header, whatever `add_generation_prompt` says).
@@ -304,32 +304,7 @@ fn answers_lose_trailing_stop_runs() {
 }
 
 fn dllm(args: &[&str], stdin: Option<&str>) -> Output {
-    let out = dllm_status(args, stdin);
-    assert!(
-        out.status.success(),
-        "dllm {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Runs `dllm args` with `stdin`, whatever its exit status.
-fn dllm_status(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dllm"))
-        .args(args)
-        .env_remove("DLLM_MODEL")
-        .env("RAYON_NUM_THREADS", "2")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run dllm");
-    let mut pipe = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        pipe.write_all(text.as_bytes()).unwrap();
-    }
-    drop(pipe);
-    child.wait_with_output().unwrap()
+    succeeded(run_dllm(args, stdin))
 }
 
 const SMALL: [&str; 10] = [
@@ -421,7 +396,7 @@ fn chat_visual_prints_each_step_then_the_same_answers() {
     // --stream does not apply to chat: a one-line error, exit 1.
     let mut stream_args = args.clone();
     stream_args.push("--stream");
-    let out = dllm_status(&stream_args, Some("hi\n"));
+    let out = run_dllm(&stream_args, Some("hi\n"));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--stream"));
 }
@@ -477,11 +452,7 @@ fn schedule_flag_selects_dream_counts() {
     let v: serde_json::Value = serde_json::from_slice(&dllm(&args, None).stdout).unwrap();
     assert_eq!(v["steps"], 5);
     assert_eq!(v["generated_tokens"], 16);
-    let out = Command::new(env!("CARGO_BIN_EXE_dllm"))
-        .args(base)
-        .env_remove("DLLM_MODEL")
-        .output()
-        .unwrap();
+    let out = run_dllm(&base, None);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a multiple"));
 }

@@ -4,24 +4,15 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
+mod common;
+use common::{json_ok, run_dllm, MODEL};
 
 fn dllm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dllm"))
-        .args(args)
-        .env_remove("DLLM_MODEL")
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run dllm")
+    run_dllm(args, None)
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+    json_ok(out)
 }
 
 /// Asserts failure with exactly one `error:` line that mentions `needle`, and no panic text.

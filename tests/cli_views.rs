@@ -1,9 +1,10 @@
 //! The live views of the `dllm` binary (`--visual`, `--stream`) and `--revise`, end to end on
 //! the embedded tiny model, with stdout a pipe (not a terminal).
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
+mod common;
+use common::{run_dllm, stdout_ok, MODEL};
 
 fn dllm(extra: &[&str]) -> Output {
     let mut args = vec![
@@ -23,20 +24,11 @@ fn dllm(extra: &[&str]) -> Output {
         "--quiet",
     ];
     args.extend_from_slice(extra);
-    Command::new(env!("CARGO_BIN_EXE_dllm"))
-        .args(&args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run dllm")
+    run_dllm(&args, None)
 }
 
 fn stdout(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
+    stdout_ok(o)
 }
 
 #[test]

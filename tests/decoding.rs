@@ -9,7 +9,7 @@ use dllm::denoise::{CommitPolicy, Decoding, GenerationParams, Remasking, Session
 use dllm::error::Result;
 use dllm::model::Model;
 use serde_json::json;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 
 const MASK: u32 = 1;
@@ -447,25 +447,16 @@ fn property_fixed_positions_never_change_masks_only_fall_and_runs_terminate() {
 // ----------------------------------------------------------------------------------------------
 // The CLI end to end (tiny model, CPU, few steps).
 
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
+mod common;
+use common::{json_ok, run_dllm, MODEL};
 
 fn dllm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dllm"))
-        .args(args)
-        .args(["--model", MODEL, "--backend", "cpu", "--quiet"])
-        .env_remove("DLLM_MODEL")
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run dllm")
+    let args = [args, &["--model", MODEL, "--backend", "cpu", "--quiet"]].concat();
+    run_dllm(&args, None)
 }
 
 fn json_of(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
+    json_ok(out)
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
