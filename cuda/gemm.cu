@@ -12,15 +12,6 @@
 // aligned. bf16 values travel as raw uint16 bits.
 #include "gemm_common.cuh"
 
-// D = A(16x16, row) * B(16x8, col) + D, bf16 inputs, fp32 accumulators.
-__device__ __forceinline__ void gemm_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                              uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // 16-byte global load through the non-coherent path without allocating in L1 (streamed weights);
 // returns zeros when `pred` is false (the address is then not touched).
 __device__ __forceinline__ uint4 gemm_ld_stream(const void* p, bool pred) {

@@ -1,5 +1,6 @@
-// Helpers shared by the GEMM kernels (cuda/gemm.cu, cuda/gemm_wgmma.cu): epilogue codes,
-// bf16 conversion and the element / pair stores of the three epilogues.
+// Helpers shared by the GEMM kernels (cuda/gemm.cu, cuda/gemm_wgmma.cu, cuda/gemm_stream.cu):
+// epilogue codes, bf16 conversion, the element / pair stores of the three epilogues, and the
+// m16n8k16 bf16 mma.sync.
 #pragma once
 #include "common.cuh"
 
@@ -38,4 +39,13 @@ __device__ __forceinline__ void gemm_store2(void* C, size_t idx, float v0, float
         c.y += v1;
         *p = c;
     }
+}
+
+// D = A(16x16, row) * B(16x8, col) + D, bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void gemm_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }

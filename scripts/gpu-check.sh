@@ -2,9 +2,17 @@
 # Runs on the GPU machine from the repo root, with binaries prebuilt by scripts/build-gpu-bundle.sh
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
-# Usage: scripts/gpu-check.sh [STAGE...]   stages: smi check synth bench benchpdl peer summary
+# Usage: scripts/gpu-check.sh [STAGE...]
+#   stages: smi check synth bench benchpdl peer stream shapes sanitize ncu benchstream summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
+# The opt-in stream stages try the bulk-copy GEMM (cuda/gemm_stream.cu, DLLM_GEMM_STREAM=1), each
+# in its own process so a fault in it cannot take the other results down:
+#   stream      gemm + model checks (and the gemm benches) with the stream kernel on
+#   shapes      `dllm-gpu-check --gemm-shape` on the block-step shapes, default kernel vs stream
+#   sanitize    compute-sanitizer memcheck and racecheck on the GEMM self-test with stream on
+#   ncu         Nsight Compute sections of skinny v2 vs stream at M = 1 and 32 (ncu.txt)
+#   benchstream the b1 dual-cache bench with stream on (the 8B checkpoint: run synth first)
 # The bench stage runs every workload twice: CUDA graphs on (default) and off (DLLM_CUDA_GRAPH=0,
 # files *_nograph.json; NOGRAPH=0 skips them); the summary shows both and whether their final
 # canvases hash equal.
@@ -18,6 +26,9 @@ BIN=${BIN:-.gpu}
 MODEL8B=${MODEL8B:-/tmp/llada8b}
 TINY=${TINY:-models/tiny-llada-code}
 STAGES=${*:-smi check synth bench summary}
+# Profilers of the device image (on PATH, or their usual install folders).
+NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
+SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
 STATUS="$OUT/stages.tsv"
 : > "$STATUS"
 FAILED=0
@@ -82,6 +93,29 @@ for s in $STAGES; do
     peer)
         stage peer "${T_PEER:-300}" env OUT="$OUT" python3 .peer/peer_llada_torch.py
         ;;
+    stream)
+        stage stream "${T_STREAM:-240}" env DLLM_GEMM_STREAM=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_stream.json"
+        ;;
+    shapes)
+        stage shapes "${T_SHAPES:-120}" bash -c "rc=0; for s in 1,12288,4096 32,12288,4096 32,4096,12288 32,24576,4096 1,126464,4096 32,126464,4096; do for on in 0 1; do DLLM_GEMM_STREAM=\$on '$BIN/dllm-gpu-check' --gemm-shape \$s --repeat 30 || rc=1; done; done; exit \$rc"
+        ;;
+    sanitize)
+        for tool in memcheck racecheck; do
+            stage "sanitize_$tool" "${T_SANITIZE:-150}" env DLLM_GEMM_STREAM=1 "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --gemm-shape 29,392,776 --repeat 2
+        done
+        ;;
+    ncu)
+        # Both kernels at the QKV shape (M = 1 and 32) and the LM head (M = 32); the last launches
+        # of each process are the timed ones (the load-time self-test runs first).
+        for s in 1,12288,4096 32,12288,4096 32,126464,4096; do
+            for on in 0 1; do
+                stage "ncu_${s//,/x}_stream$on" "${T_NCU:-120}" bash -c "set -o pipefail; DLLM_GEMM_STREAM=$on '${NCU:-ncu}' --clock-control none -k regex:'gemm_(skinny|stream)' --launch-count 80 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats '$BIN/dllm-gpu-check' --gemm-shape $s --repeat 2 | python3 scripts/ncu-filter.py"
+            done
+        done
+        ;;
+    benchstream)
+        BENCH_ENV="DLLM_GEMM_STREAM=1" bench bench_b1_dual_k4_stream 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        ;;
     summary)
         OUT="$OUT" python3 - <<'PY' | tee "$OUT/summary.txt"
 import json, os
@@ -127,7 +161,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_stream", "strm")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -138,10 +172,24 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "PDL"):
+    for other in ("off", "PDL", "strm"):
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
+cs = load("check_stream.json")
+if "checks" in cs:
+    bad = [x for x in cs["checks"] if not x["passed"]]
+    print(f"\nstream kernel (DLLM_GEMM_STREAM=1): {len(cs['checks'])} gemm+model checks, {len(bad)} failed")
+    for x in bad[:40]:
+        print(f"  FAIL {x['name']}: rel_err {x['rel_err']} tol {x['tol']} {x['detail']}")
+    for x in cs.get("benches", []):
+        if x["name"].startswith(("gemm.stream", "gemm.skinny_v2")):
+            print(f"  {x['name']:<48} {fmt(x.get('ms'), 4):>9} {fmt(x.get('gbps'), 0):>7}  {x.get('detail', '')}")
+try:
+    print("\nshapes (DLLM_GEMM_STREAM=0 then 1 per shape):")
+    print("".join("  " + l for l in open(os.path.join(out, "shapes.log")) if l.startswith("gemm.shape")))
+except Exception:
+    pass
 if "_error" in p:
     print("* peer: fallback numbers of the 2026-11-27 H200 run (peer stage not run)")
 else:
@@ -152,7 +200,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchpdl peer summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchpdl peer stream shapes sanitize ncu benchstream summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

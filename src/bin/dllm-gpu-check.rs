@@ -37,6 +37,49 @@ struct Args {
     /// Skip the kernel benches.
     #[arg(long)]
     no_bench: bool,
+    /// Run only these parts (comma-separated: elementwise, gemm, attention, sampling, model;
+    /// `model` covers the LLaDA and Dream model checks). Default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Instead of the checks: time the GEMM `run` picks on one shape `M,N,K` (bf16 output) and
+    /// exit; a short, focused workload for `ncu` / `compute-sanitizer`.
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    gemm_shape: Option<Vec<usize>>,
+    /// Timed launches for `--gemm-shape`.
+    #[arg(long, default_value_t = 20)]
+    repeat: usize,
+}
+
+/// Which parts `--only` selects.
+const PARTS: [&str; 5] = ["elementwise", "gemm", "attention", "sampling", "model"];
+
+/// `--gemm-shape M,N,K`: one timed shape, printed; exit status 1 on error.
+fn gemm_shape(shape: &[usize], repeat: usize) -> ExitCode {
+    let [m, n, k] = shape else {
+        eprintln!("--gemm-shape takes M,N,K (got {shape:?})");
+        return ExitCode::from(2);
+    };
+    let result = CudaDevice::open(0).and_then(|dev| {
+        let r = gemm::time_shape(&dev, *m, *n, *k, repeat.max(1))?;
+        dev.sync()?;
+        Ok(r)
+    });
+    match result {
+        Ok(r) => {
+            println!(
+                "{}: {:.4} ms, {:.0} GB/s of weights ({})",
+                r.name,
+                r.ms,
+                r.gbps.unwrap_or(f64::NAN),
+                r.detail
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gemm shape {m},{n},{k}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Relative L2 tolerance of whole-model logits (bf16 activations vs an fp32 reference).
@@ -686,6 +729,14 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(shape) = &args.gemm_shape {
+        return gemm_shape(shape, args.repeat);
+    }
+    if let Some(bad) = args.only.iter().find(|p| !PARTS.contains(&p.as_str())) {
+        eprintln!("--only: unknown part {bad:?} (parts: {})", PARTS.join(", "));
+        return ExitCode::from(2);
+    }
+    let wanted = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);
     let mut checks: Vec<CheckResult> = Vec::new();
     let mut benches: Vec<BenchResult> = Vec::new();
     let mut details = json!({});
@@ -707,6 +758,9 @@ fn main() -> ExitCode {
                 ("sampling", sampling::self_check, sampling::bench),
             ];
             for (name, sc, bn) in families {
+                if !wanted(name) {
+                    continue;
+                }
                 let t = Instant::now();
                 checks.extend(guarded(
                     name,
@@ -730,25 +784,27 @@ fn main() -> ExitCode {
                     );
                 }
             }
-            let t = Instant::now();
-            let mut md = json!({});
-            checks.extend(guarded(
-                "model",
-                || model_checks(&dev, &args.model, &mut md),
-                |m| CheckResult::failed("model", m),
-            ));
-            details["model"] = md;
-            let mut dd = json!({});
-            checks.extend(guarded(
-                "dream",
-                || dream_checks(&dev, &mut dd),
-                |m| CheckResult::failed("dream", m),
-            ));
-            details["dream"] = dd;
-            eprintln!(
-                "[gpu-check] model checks done in {:.1} s",
-                t.elapsed().as_secs_f64()
-            );
+            if wanted("model") {
+                let t = Instant::now();
+                let mut md = json!({});
+                checks.extend(guarded(
+                    "model",
+                    || model_checks(&dev, &args.model, &mut md),
+                    |m| CheckResult::failed("model", m),
+                ));
+                details["model"] = md;
+                let mut dd = json!({});
+                checks.extend(guarded(
+                    "dream",
+                    || dream_checks(&dev, &mut dd),
+                    |m| CheckResult::failed("dream", m),
+                ));
+                details["dream"] = dd;
+                eprintln!(
+                    "[gpu-check] model checks done in {:.1} s",
+                    t.elapsed().as_secs_f64()
+                );
+            }
         }
     }
     let failed = checks.iter().filter(|c| !c.passed).count();

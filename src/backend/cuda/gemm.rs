@@ -14,6 +14,7 @@
 //! that disagrees ([`Gemm::disabled_variants`]). Design: docs/gemm-notes.md.
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
+use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
 use super::launch::Launch;
 use super::{cuda_err, CudaDevice};
 use crate::error::{Error, Result};
@@ -505,13 +506,40 @@ fn check_align(what: &str, addr: u64, align: u64) -> Result<()> {
     Ok(())
 }
 
-/// The kernel and geometry one launch uses.
-#[derive(Debug, Clone, Copy)]
-enum Job {
+/// The kernel and geometry of one launch ([`Gemm::run_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmPlan {
     Naive,
     Skinny(SkinnyPlan),
     Wide(WidePlan),
     Wgmma(WgmmaPlan),
+    Stream(StreamPlan),
+}
+
+impl GemmPlan {
+    /// Refuses a plan that is not what its constructor gives for `m × n × k` (a hand-made plan
+    /// could otherwise launch a grid that does not cover the output, or overruns a buffer).
+    fn check_fits(&self, m: usize, n: usize, k: usize) -> Result<()> {
+        let fits = match *self {
+            GemmPlan::Naive => true,
+            GemmPlan::Skinny(p) => {
+                m <= SKINNY_MAX_M
+                    && p == SkinnyPlan::with_version_chunks(p.version, m, n, k, p.chunks_per_split)
+            }
+            GemmPlan::Wide(p) => p == WidePlan::with_ktiles_per_split(m, n, k, p.ktiles_per_split),
+            GemmPlan::Wgmma(p) => {
+                p == WgmmaPlan::with_ktiles_per_split(p.wg, m, n, k, p.ktiles_per_split)
+            }
+            GemmPlan::Stream(p) => StreamPlan::with_blocks(m, n, k, p.blocks).is_ok_and(|q| q == p),
+        };
+        if fits {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "gemm: plan {self:?} does not fit m={m} n={n} k={k}"
+            )))
+        }
+    }
 }
 
 /// Split-K workspace and per-tile arrival counters (self-resetting, so zeroed once).
@@ -529,6 +557,11 @@ pub struct Gemm {
     /// Why version 2 of the skinny kernel failed the load-time self-test; `run` then uses
     /// version 1 (which has its own self-test entry under [`GemmVariant::Skinny`]).
     skinny2_failure: Option<String>,
+    /// `gemm_stream_mg{1..4}` (`cuda/gemm_stream.cu`), loaded only when `DLLM_GEMM_STREAM=1`.
+    stream: Option<Vec<CudaFunction>>,
+    /// Why the stream kernel could not be loaded or failed the load-time self-test; `run` then
+    /// keeps the skinny kernels.
+    stream_failure: Option<String>,
     wide: CudaFunction,
     /// `gemm_wgmma_wg2`, `gemm_wgmma_wg3`; `None` when the device cannot run the sm_90a cubin.
     wgmma: Option<[CudaFunction; 2]>,
@@ -592,21 +625,50 @@ impl Gemm {
                 }
             }
         };
+        let (stream, stream_failure) = if gemm_stream::requested_by_env() {
+            match load_stream(dev) {
+                Ok(f) => (Some(f), None),
+                Err(e) => (None, Some(format!("load: {e}"))),
+            }
+        } else {
+            (None, None)
+        };
         let mut gemm = Gemm {
             naive,
             skinny,
             skinny2,
             skinny2_failure: None,
+            stream,
+            stream_failure,
             wide,
             wgmma,
             num_sms,
             scratch: Mutex::new(Scratch { ws, counters }),
             disabled,
         };
-        let (failed, skinny2_failure) = selftest::run(&gemm, dev)?;
-        gemm.disabled.extend(failed);
-        gemm.skinny2_failure = skinny2_failure;
+        let outcome = selftest::run(&gemm, dev)?;
+        gemm.disabled.extend(outcome.disabled);
+        gemm.skinny2_failure = outcome.skinny2_failure;
+        if outcome.stream_failure.is_some() {
+            gemm.stream_failure = outcome.stream_failure;
+        }
         Ok(gemm)
+    }
+
+    /// Whether [`Gemm::run`] uses the stream kernel for `m ≤ 32`: requested with
+    /// `DLLM_GEMM_STREAM=1`, loaded, and passed its load-time self-test.
+    pub fn stream_active(&self) -> bool {
+        self.stream.is_some() && self.stream_failure.is_none()
+    }
+
+    /// Whether the stream kernel is loaded (requested), whatever its self-test said.
+    pub fn stream_loaded(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// Why the requested stream kernel is not used (load error or self-test failure).
+    pub fn stream_failure(&self) -> Option<&str> {
+        self.stream_failure.as_deref()
     }
 
     /// Variants the load-time self-test disabled (or that cannot run on this device), each with
@@ -691,27 +753,34 @@ impl Gemm {
         k: usize,
     ) -> Result<()> {
         let job = match variant {
-            GemmVariant::Naive => Job::Naive,
-            GemmVariant::Wide => Job::Wide(WidePlan::new(m, n, k, self.num_sms)),
-            GemmVariant::Wgmma => Job::Wgmma(WgmmaPlan::new(m, n, k, self.num_sms)),
+            GemmVariant::Naive => GemmPlan::Naive,
+            GemmVariant::Wide => GemmPlan::Wide(WidePlan::new(m, n, k, self.num_sms)),
+            GemmVariant::Wgmma => GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, self.num_sms)),
             GemmVariant::Skinny => {
                 if m > SKINNY_MAX_M {
                     return Err(Error::invalid(format!(
                         "gemm: the skinny kernel takes m ≤ {SKINNY_MAX_M}, got m={m}"
                     )));
                 }
-                Job::Skinny(self.skinny_plan(m, n, k))
+                if m <= STREAM_MAX_M && self.stream_active() {
+                    GemmPlan::Stream(StreamPlan::new(m, n, k, self.num_sms)?)
+                } else {
+                    GemmPlan::Skinny(self.skinny_plan(m, n, k))
+                }
             }
         };
         self.launch(dev, job, a, w, out, m, n, k)
     }
 
-    /// The skinny kernel with an explicit plan (checks use it to force split-K).
+    /// One launch with an explicit plan (checks and benches use it to force split-K, block
+    /// heights, block counts or a kernel version; a plan is launched even when the self-test
+    /// disabled its kernel, so checks can report it). The plan must be the one its constructor
+    /// gives for this shape.
     #[allow(clippy::too_many_arguments)]
-    pub fn run_skinny_plan(
+    pub fn run_plan(
         &self,
         dev: &CudaDevice,
-        plan: SkinnyPlan,
+        plan: GemmPlan,
         a: &CudaView<u16>,
         w: &CudaView<u16>,
         out: GemmOut<'_>,
@@ -719,56 +788,8 @@ impl Gemm {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        let expect = SkinnyPlan::with_version_chunks(plan.version, m, n, k, plan.chunks_per_split);
-        if m > SKINNY_MAX_M || plan != expect {
-            return Err(Error::invalid(format!(
-                "gemm: skinny plan {plan:?} does not fit m={m} n={n} k={k}"
-            )));
-        }
-        self.launch(dev, Job::Skinny(plan), a, w, out, m, n, k)
-    }
-
-    /// The wide kernel with an explicit plan (checks use it to force split-K).
-    #[allow(clippy::too_many_arguments)]
-    pub fn run_wide_plan(
-        &self,
-        dev: &CudaDevice,
-        plan: WidePlan,
-        a: &CudaView<u16>,
-        w: &CudaView<u16>,
-        out: GemmOut<'_>,
-        m: usize,
-        n: usize,
-        k: usize,
-    ) -> Result<()> {
-        if plan != WidePlan::with_ktiles_per_split(m, n, k, plan.ktiles_per_split) {
-            return Err(Error::invalid(format!(
-                "gemm: wide plan {plan:?} does not fit m={m} n={n} k={k}"
-            )));
-        }
-        self.launch(dev, Job::Wide(plan), a, w, out, m, n, k)
-    }
-
-    /// The wgmma kernel with an explicit plan (checks use it to force the block height and
-    /// split-K).
-    #[allow(clippy::too_many_arguments)]
-    pub fn run_wgmma_plan(
-        &self,
-        dev: &CudaDevice,
-        plan: WgmmaPlan,
-        a: &CudaView<u16>,
-        w: &CudaView<u16>,
-        out: GemmOut<'_>,
-        m: usize,
-        n: usize,
-        k: usize,
-    ) -> Result<()> {
-        if plan != WgmmaPlan::with_ktiles_per_split(plan.wg, m, n, k, plan.ktiles_per_split) {
-            return Err(Error::invalid(format!(
-                "gemm: wgmma plan {plan:?} does not fit m={m} n={n} k={k}"
-            )));
-        }
-        self.launch(dev, Job::Wgmma(plan), a, w, out, m, n, k)
+        plan.check_fits(m, n, k)?;
+        self.launch(dev, plan, a, w, out, m, n, k)
     }
 
     /// The split-K scratch, grown to at least `ws_floats` workspace and `tiles` counters (new
@@ -799,7 +820,7 @@ impl Gemm {
     fn launch(
         &self,
         dev: &CudaDevice,
-        job: Job,
+        job: GemmPlan,
         a: &CudaView<u16>,
         w: &CudaView<u16>,
         mut out: GemmOut<'_>,
@@ -825,7 +846,7 @@ impl Gemm {
     fn launch_typed<T: DeviceRepr>(
         &self,
         dev: &CudaDevice,
-        job: Job,
+        job: GemmPlan,
         a: &CudaView<u16>,
         w: &CudaView<u16>,
         c: &mut CudaViewMut<T>,
@@ -837,7 +858,7 @@ impl Gemm {
         // validate() bounded m, n, k by i32::MAX.
         let (mi, ni, ki) = (m as i32, n as i32, k as i32);
         match job {
-            Job::Naive => {
+            GemmPlan::Naive => {
                 let cfg = LaunchConfig {
                     grid_dim: (
                         n.div_ceil(NAIVE_THREADS as usize) as u32,
@@ -853,7 +874,7 @@ impl Gemm {
                 // touches only a[m'·k + k'], w[n'·k + k'], c[m'·n + n'] for m' < m, n' < n, k' < k.
                 unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch gemm_naive", e))?;
             }
-            Job::Wide(plan) => {
+            GemmPlan::Wide(plan) => {
                 if plan.n_tiles > 65_535 || plan.splits > 65_535 || plan.m_tiles > i32::MAX as usize
                 {
                     return Err(Error::invalid(format!(
@@ -878,7 +899,7 @@ impl Gemm {
                 // entries (grown by scratch()), zero between launches, ordered on dev.stream.
                 unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch gemm_wide", e))?;
             }
-            Job::Wgmma(plan) => {
+            GemmPlan::Wgmma(plan) => {
                 let Some(fs) = &self.wgmma else {
                     return Err(Error::Backend(format!(
                         "gemm: the wgmma kernel is not available on this device ({})",
@@ -914,7 +935,7 @@ impl Gemm {
                 unsafe { b.launch(cfg) }
                     .map_err(|e| cuda_err(&format!("launch gemm_wgmma_wg{}", plan.wg), e))?;
             }
-            Job::Skinny(plan) => {
+            GemmPlan::Skinny(plan) => {
                 if plan.splits > 65_535 || plan.tiles > i32::MAX as usize {
                     return Err(Error::invalid(format!(
                         "gemm: skinny plan {plan:?} exceeds the grid limits"
@@ -961,9 +982,59 @@ impl Gemm {
                 unsafe { b.launch(cfg) }
                     .map_err(|e| cuda_err(&format!("launch {kname}{}", plan.groups), e))?;
             }
+            GemmPlan::Stream(plan) => {
+                let Some(fs) = &self.stream else {
+                    return Err(Error::Backend(format!(
+                        "gemm: the stream kernel is not loaded ({})",
+                        self.stream_failure
+                            .as_deref()
+                            .unwrap_or("set DLLM_GEMM_STREAM=1 to load it")
+                    )));
+                };
+                if plan.groups > STREAM_MAX_M / 8 || plan.groups * 8 < m {
+                    return Err(Error::invalid(format!(
+                        "gemm: stream plan {plan:?} does not serve m={m}"
+                    )));
+                }
+                let f = &fs[plan.groups - 1];
+                let cfg = LaunchConfig {
+                    grid_dim: (plan.blocks as u32, 1, 1),
+                    block_dim: (STREAM_THREADS, 1, 1),
+                    shared_mem_bytes: plan.smem_bytes(),
+                };
+                let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.counters())?;
+                let Scratch { ws, counters } = &mut *scratch;
+                let mut b = Launch::new(&dev.stream, f, dev.pdl);
+                b.arg(a).arg(w).arg(c).arg(ws).arg(counters);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi);
+                // SAFETY: the bulk copies read W rows < n and A rows < m, K range [k0, k0 + len)
+                // with k0 + len ≤ k (16-byte aligned: A/W checked above, k % 8 == 0 by validate);
+                // stores are masked to m' < m, n' < n. The workspace holds blocks·2·4·2·groups·32
+                // float4 (plan.workspace_floats, grown by scratch()) and the counters tiles·4
+                // entries, zero between launches (the reducing warp resets its counter); all
+                // launches are ordered on dev.stream.
+                unsafe { b.launch(cfg) }
+                    .map_err(|e| cuda_err(&format!("launch gemm_stream_mg{}", plan.groups), e))?;
+            }
         }
         Ok(())
     }
+}
+
+/// Loads `gemm_stream_mg{1..4}` and allows each its shared-memory ring.
+fn load_stream(dev: &CudaDevice) -> Result<Vec<CudaFunction>> {
+    (1..=STREAM_MAX_M / 8)
+        .map(|g| {
+            let name = format!("gemm_stream_mg{g}");
+            let f = dev.function("gemm_stream", &name)?;
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                gemm_stream::smem_bytes(g) as i32,
+            )
+            .map_err(|e| cuda_err(&format!("{name}: allow dynamic shared memory"), e))?;
+            Ok(f)
+        })
+        .collect()
 }
 
 /// Loads `gemm_wgmma_wg2` / `gemm_wgmma_wg3` from the sm_90a cubin of `cuda/gemm_wgmma.cu`; the
@@ -1012,11 +1083,18 @@ mod selftest {
     /// fp32 outputs: tensor-core truncation at K = 776 is ~1e-5; real faults give ≥ 1e-2.
     const TOL_F32_SELFTEST: f64 = 1e-4;
 
-    /// Disabled variants with their first failure, and the first failure of skinny version 2.
-    pub(super) type SelfTestOutcome = (Vec<(GemmVariant, String)>, Option<String>);
+    /// What the self-test found.
+    pub(super) struct SelfTestOutcome {
+        /// Disabled variants, each with its first failure.
+        pub disabled: Vec<(GemmVariant, String)>,
+        /// The first failure of skinny version 2 (`run` then uses version 1).
+        pub skinny2_failure: Option<String>,
+        /// The first failure of the stream kernel, when loaded (`run` then keeps the skinny one).
+        pub stream_failure: Option<String>,
+    }
 
-    /// The variants that failed, each with the first failure, and the first failure of version
-    /// 2 of the skinny kernel (which only switches `run` back to version 1).
+    /// Every fast kernel against `gemm_naive`: the variants that failed, and the first failures
+    /// of skinny version 2 and of the stream kernel (which only switch `run` back to the others).
     pub(super) fn run(gemm: &Gemm, dev: &CudaDevice) -> Result<SelfTestOutcome> {
         let a = upload(dev, &random_bf16(0x5E1F, M * K))?;
         let w = upload(dev, &random_bf16(0x5E20, N * K))?;
@@ -1027,7 +1105,7 @@ mod selftest {
         let (av, wv) = (a.as_view(), w.as_view());
         gemm.launch(
             dev,
-            Job::Naive,
+            GemmPlan::Naive,
             &av,
             &wv,
             GemmOut::F32(r.as_view_mut()),
@@ -1043,21 +1121,25 @@ mod selftest {
         }
         let c0 = check::from_bf16_bits(&random_bf16(0x5E21, M * N));
         let sms = gemm.num_sms;
-        let mut jobs: Vec<(GemmVariant, Job, usize)> = vec![
+        let mut jobs: Vec<(GemmVariant, GemmPlan, usize)> = vec![
             (
                 GemmVariant::Skinny,
-                Job::Skinny(SkinnyPlan::new(M_SKINNY, N, K, sms)),
+                GemmPlan::Skinny(SkinnyPlan::new(M_SKINNY, N, K, sms)),
                 M_SKINNY,
             ),
             (
                 GemmVariant::Skinny,
-                Job::Skinny(SkinnyPlan::with_chunks_per_split(M_SKINNY, N, K, 4)),
+                GemmPlan::Skinny(SkinnyPlan::with_chunks_per_split(M_SKINNY, N, K, 4)),
                 M_SKINNY,
             ),
-            (GemmVariant::Wide, Job::Wide(WidePlan::new(M, N, K, sms)), M),
             (
                 GemmVariant::Wide,
-                Job::Wide(WidePlan::with_ktiles_per_split(M, N, K, 8)),
+                GemmPlan::Wide(WidePlan::new(M, N, K, sms)),
+                M,
+            ),
+            (
+                GemmVariant::Wide,
+                GemmPlan::Wide(WidePlan::with_ktiles_per_split(M, N, K, 8)),
                 M,
             ),
         ];
@@ -1065,7 +1147,7 @@ mod selftest {
             for wg in [2, 3] {
                 for kps in [K.div_ceil(WGMMA_BK), 4] {
                     let plan = WgmmaPlan::with_ktiles_per_split(wg, M, N, K, kps);
-                    jobs.push((GemmVariant::Wgmma, Job::Wgmma(plan), M));
+                    jobs.push((GemmVariant::Wgmma, GemmPlan::Wgmma(plan), M));
                 }
             }
         }
@@ -1094,22 +1176,56 @@ mod selftest {
             v2_jobs.push((SkinnyPlan::for_version(2, m, N, K, sms), m));
             v2_jobs.push((SkinnyPlan::with_version_chunks(2, m, N, K, 4), m));
         }
-        let mut v2_failure = None;
-        'v2: for (plan, m) in v2_jobs {
+        let v2_jobs: Vec<(GemmPlan, usize)> = v2_jobs
+            .into_iter()
+            .map(|(plan, m)| (GemmPlan::Skinny(plan), m))
+            .collect();
+        let fixture = (&a, &w, &want[..], &c0[..]);
+        let skinny2_failure = first_failure(gemm, dev, &v2_jobs, fixture);
+        // The stream kernel (when loaded): the default plan (here one chunk per block, so every
+        // tile is cut between blocks), 4 blocks of exactly one tile each (no cut) and 5 blocks
+        // (cuts at uneven places); 4 groups (the last partial) and 1 group.
+        let mut stream_failure = None;
+        if gemm.stream.is_some() {
+            let mut jobs = Vec::new();
+            for m in M_SKINNY2 {
+                for blocks in [sms, 4, 5] {
+                    jobs.push((
+                        GemmPlan::Stream(StreamPlan::with_blocks(m, N, K, blocks)?),
+                        m,
+                    ));
+                }
+            }
+            stream_failure = first_failure(gemm, dev, &jobs, fixture);
+        }
+        Ok(SelfTestOutcome {
+            disabled: failed,
+            skinny2_failure,
+            stream_failure,
+        })
+    }
+
+    /// The first (job, epilogue) of `jobs` that disagrees with the reference, described.
+    fn first_failure(
+        gemm: &Gemm,
+        dev: &CudaDevice,
+        jobs: &[(GemmPlan, usize)],
+        (a, w, want, c0): (&CudaSlice<u16>, &CudaSlice<u16>, &[f32], &[f32]),
+    ) -> Option<String> {
+        for &(job, m) in jobs {
             for epi in Epilogue::ALL {
-                let outcome = match one(gemm, dev, Job::Skinny(plan), epi, m, &a, &w, &want, &c0) {
+                let outcome = match one(gemm, dev, job, epi, m, a, w, want, c0) {
                     Ok(None) => continue,
                     Ok(Some(why)) => why,
                     Err(e) => format!("error: {e}"),
                 };
-                v2_failure = Some(format!(
-                    "self-test {plan:?} {} m{m} n{N} k{K}: {outcome}",
+                return Some(format!(
+                    "self-test {job:?} {} m{m} n{N} k{K}: {outcome}",
                     epi.name()
                 ));
-                break 'v2;
             }
         }
-        Ok((failed, v2_failure))
+        None
     }
 
     /// One launch compared with the reference: `None` when right, else what was wrong.
@@ -1117,7 +1233,7 @@ mod selftest {
     fn one(
         gemm: &Gemm,
         dev: &CudaDevice,
-        job: Job,
+        job: GemmPlan,
         epi: Epilogue,
         m: usize,
         a: &CudaSlice<u16>,
@@ -1286,9 +1402,7 @@ struct Case<'a> {
 #[derive(Debug, Clone, Copy)]
 enum How {
     Variant(GemmVariant),
-    SkinnyPlan(SkinnyPlan),
-    WidePlan(WidePlan),
-    WgmmaPlan(WgmmaPlan),
+    Plan(GemmPlan),
 }
 
 fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
@@ -1313,9 +1427,7 @@ fn launch_how(
     let (a, w) = (case.a_dev.as_view(), case.w_dev.as_view());
     match how {
         How::Variant(v) => gemm.run_variant(dev, v, &a, &w, out, case.m, case.n, case.k),
-        How::SkinnyPlan(p) => gemm.run_skinny_plan(dev, p, &a, &w, out, case.m, case.n, case.k),
-        How::WidePlan(p) => gemm.run_wide_plan(dev, p, &a, &w, out, case.m, case.n, case.k),
-        How::WgmmaPlan(p) => gemm.run_wgmma_plan(dev, p, &a, &w, out, case.m, case.n, case.k),
+        How::Plan(p) => gemm.run_plan(dev, p, &a, &w, out, case.m, case.n, case.k),
     }
 }
 
@@ -1400,13 +1512,25 @@ fn check_one(
     let e = check::rel_l2(&sampled, &want);
     let mut detail = format!("{} of {} columns checked", case.cols.len(), n);
     let splits = match how {
-        How::SkinnyPlan(p) => Some(p.splits),
-        How::WidePlan(p) => Some(p.splits),
-        How::WgmmaPlan(p) => Some(p.splits),
+        How::Plan(GemmPlan::Skinny(p)) => Some(p.splits),
+        How::Plan(GemmPlan::Wide(p)) => Some(p.splits),
+        How::Plan(GemmPlan::Wgmma(p)) => Some(p.splits),
         How::Variant(GemmVariant::Wgmma) => {
             let p = WgmmaPlan::new(m, n, case.k, gemm.num_sms);
             detail.push_str(&format!(", wg{}", p.wg));
             Some(p.splits)
+        }
+        How::Plan(GemmPlan::Stream(p)) => {
+            detail.push_str(&format!(
+                ", {} blocks, {} tiles cut between blocks",
+                p.blocks,
+                p.inner_boundaries()
+            ));
+            None
+        }
+        How::Variant(GemmVariant::Skinny) if m <= STREAM_MAX_M && gemm.stream_active() => {
+            detail.push_str(", stream");
+            None
         }
         How::Variant(GemmVariant::Skinny) => {
             let p = gemm.skinny_plan(m, n, case.k);
@@ -1414,7 +1538,7 @@ fn check_one(
             Some(p.splits)
         }
         How::Variant(GemmVariant::Wide) => Some(WidePlan::new(m, n, case.k, gemm.num_sms).splits),
-        How::Variant(GemmVariant::Naive) => None,
+        How::Variant(GemmVariant::Naive) | How::Plan(GemmPlan::Naive) => None,
     };
     if let Some(sp) = splits {
         detail.push_str(&format!(", {sp} K splits"));
@@ -1468,6 +1592,9 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         .collect();
     if let Some(f) = gemm.skinny_v2_failure() {
         why.push(format!("skinny version 2 disabled (version 1 used): {f}"));
+    }
+    if let Some(f) = gemm.stream_failure() {
+        why.push(format!("stream kernel requested but not used: {f}"));
     }
     res.push(CheckResult::exact(
         "gemm.load_self_test",
@@ -1529,23 +1656,42 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                 hows.push(How::Variant(GemmVariant::Skinny));
                 let versions: &[usize] = if m <= SKINNY2_MAX_M { &[1, 2] } else { &[1] };
                 for &version in versions {
-                    hows.push(How::SkinnyPlan(SkinnyPlan::for_version(
+                    hows.push(How::Plan(GemmPlan::Skinny(SkinnyPlan::for_version(
                         version,
                         m,
                         n,
                         k,
                         gemm.num_sms,
-                    )));
+                    ))));
                     if k.div_ceil(SKINNY_CHUNK) > 4 && n * k < 1 << 20 {
-                        hows.push(How::SkinnyPlan(SkinnyPlan::with_version_chunks(
-                            version, m, n, k, 4,
+                        hows.push(How::Plan(GemmPlan::Skinny(
+                            SkinnyPlan::with_version_chunks(version, m, n, k, 4),
                         )));
+                    }
+                }
+            }
+            if m <= STREAM_MAX_M && gemm.stream_loaded() {
+                // The default plan, and on the small shapes 5 and 7 blocks (tiles cut at uneven
+                // places, several blocks per tile).
+                let mut counts = vec![gemm.num_sms];
+                if n * k < 1 << 20 {
+                    counts.extend([5, 7]);
+                }
+                for blocks in counts {
+                    match StreamPlan::with_blocks(m, n, k, blocks) {
+                        Ok(p) => hows.push(How::Plan(GemmPlan::Stream(p))),
+                        Err(e) => res.push(CheckResult::failed(
+                            format!("gemm.stream m{m} n{n} k{k}: plan"),
+                            e,
+                        )),
                     }
                 }
             }
             hows.push(How::Variant(GemmVariant::Wide));
             if k.div_ceil(WIDE_BK) > 4 && n * k < 1 << 20 {
-                hows.push(How::WidePlan(WidePlan::with_ktiles_per_split(m, n, k, 4)));
+                hows.push(How::Plan(GemmPlan::Wide(WidePlan::with_ktiles_per_split(
+                    m, n, k, 4,
+                ))));
             }
             if has_wgmma {
                 hows.push(How::Variant(GemmVariant::Wgmma));
@@ -1553,12 +1699,12 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     // Both block heights without split-K, and with a forced split.
                     for wg in [2, 3] {
                         let kt = k.div_ceil(WGMMA_BK);
-                        hows.push(How::WgmmaPlan(WgmmaPlan::with_ktiles_per_split(
-                            wg, m, n, k, kt,
+                        hows.push(How::Plan(GemmPlan::Wgmma(
+                            WgmmaPlan::with_ktiles_per_split(wg, m, n, k, kt),
                         )));
                         if kt > 2 {
-                            hows.push(How::WgmmaPlan(WgmmaPlan::with_ktiles_per_split(
-                                wg, m, n, k, 2,
+                            hows.push(How::Plan(GemmPlan::Wgmma(
+                                WgmmaPlan::with_ktiles_per_split(wg, m, n, k, 2),
                             )));
                         }
                     }
@@ -1567,9 +1713,13 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             for how in hows {
                 let label = match how {
                     How::Variant(v) => v.name().to_string(),
-                    How::SkinnyPlan(p) => format!("skinny_v{}_split{}", p.version, p.splits),
-                    How::WidePlan(p) => format!("wide_split{}", p.splits),
-                    How::WgmmaPlan(p) => format!("wgmma_wg{}_split{}", p.wg, p.splits),
+                    How::Plan(GemmPlan::Skinny(p)) => {
+                        format!("skinny_v{}_split{}", p.version, p.splits)
+                    }
+                    How::Plan(GemmPlan::Wide(p)) => format!("wide_split{}", p.splits),
+                    How::Plan(GemmPlan::Wgmma(p)) => format!("wgmma_wg{}_split{}", p.wg, p.splits),
+                    How::Plan(GemmPlan::Stream(p)) => format!("stream_b{}", p.blocks),
+                    How::Plan(GemmPlan::Naive) => "naive".to_string(),
                 };
                 for epi in Epilogue::ALL {
                     let tol = if epi == Epilogue::StoreBf16 {
@@ -1595,7 +1745,12 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                 if v == GemmVariant::Skinny {
                     for version in [1, 2] {
                         let p = SkinnyPlan::for_version(version, m, n, k, gemm.num_sms);
-                        dets.push((format!("skinny_v{version}"), How::SkinnyPlan(p)));
+                        dets.push((format!("skinny_v{version}"), How::Plan(GemmPlan::Skinny(p))));
+                    }
+                    if gemm.stream_loaded() {
+                        if let Ok(p) = StreamPlan::new(m, n, k, gemm.num_sms) {
+                            dets.push(("stream".to_string(), How::Plan(GemmPlan::Stream(p))));
+                        }
                     }
                 }
                 for (label, how) in dets {
@@ -1699,6 +1854,119 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
     res
 }
 
+/// Times [`Gemm::run`] (the kernel it picks, e.g. the stream kernel under `DLLM_GEMM_STREAM=1`)
+/// on one shape with a bf16 output, `repeat` timed launches after 3 warm-up ones: a focused run
+/// for profilers (`dllm-gpu-check --gemm-shape M,N,K`, `ncu -k regex:gemm_`).
+pub fn time_shape(
+    dev: &CudaDevice,
+    m: usize,
+    n: usize,
+    k: usize,
+    repeat: usize,
+) -> Result<BenchResult> {
+    let gemm = Gemm::load(dev)?;
+    let mut bufs = BenchBuffers::new(dev, m, n, k, Epilogue::StoreBf16)?;
+    let ms = bufs.time_n(dev, m, repeat, |av, wv, out| {
+        gemm.run(dev, av, wv, out, m, n, k)
+    })?;
+    let kernel = match gemm.variant_for_m(m) {
+        GemmVariant::Skinny if m <= STREAM_MAX_M && gemm.stream_active() => {
+            let p = StreamPlan::new(m, n, k, gemm.num_sms)?;
+            format!("stream, {} blocks", p.blocks)
+        }
+        GemmVariant::Skinny => {
+            let p = gemm.skinny_plan(m, n, k);
+            format!(
+                "skinny v{}, {} tiles × {} splits",
+                p.version, p.tiles, p.splits
+            )
+        }
+        v => v.name().to_string(),
+    };
+    Ok(BenchResult::new(
+        format!("gemm.shape m{m} n{n} k{k}"),
+        ms,
+        Some((n * k * 2) as f64),
+        Some(2.0 * (m * n * k) as f64),
+        format!("{kernel}, median of {repeat}"),
+    ))
+}
+
+/// The operands of one bench shape: rotating weight copies (so the set exceeds the 50 MB L2),
+/// activations and an output for up to `max_m` rows.
+struct BenchBuffers {
+    ws: Vec<CudaSlice<u16>>,
+    a: CudaSlice<u16>,
+    c16: CudaSlice<u16>,
+    c32: CudaSlice<f32>,
+    epi: Epilogue,
+    n: usize,
+    k: usize,
+}
+
+impl BenchBuffers {
+    fn new(dev: &CudaDevice, max_m: usize, n: usize, k: usize, epi: Epilogue) -> Result<Self> {
+        // One copy already exceeds the L2 past 256 MB.
+        let copies = if n * k * 2 >= 256 << 20 { 1 } else { 2 };
+        let w_host = random_bf16(77, n * k);
+        let ws: Vec<CudaSlice<u16>> = (0..copies)
+            .map(|_| upload(dev, &w_host))
+            .collect::<Result<_>>()?;
+        drop(w_host);
+        let a = upload(dev, &random_bf16(78, max_m * k))?;
+        let bf16_out = epi == Epilogue::StoreBf16;
+        let c16 = dev
+            .stream
+            .alloc_zeros::<u16>(if bf16_out { max_m * n } else { 1 })
+            .map_err(|e| cuda_err("gemm bench: alloc C", e))?;
+        let c32 = dev
+            .stream
+            .alloc_zeros::<f32>(if bf16_out { 1 } else { max_m * n })
+            .map_err(|e| cuda_err("gemm bench: alloc C", e))?;
+        Ok(BenchBuffers {
+            ws,
+            a,
+            c16,
+            c32,
+            epi,
+            n,
+            k,
+        })
+    }
+
+    /// Median ms of `launch(a, w, out)` over `m` rows (15 runs), the weight copy rotating.
+    fn time(
+        &mut self,
+        dev: &CudaDevice,
+        m: usize,
+        launch: impl FnMut(&CudaView<u16>, &CudaView<u16>, GemmOut<'_>) -> Result<()>,
+    ) -> Result<f64> {
+        self.time_n(dev, m, 15, launch)
+    }
+
+    /// [`BenchBuffers::time`] over `iters` timed runs.
+    fn time_n(
+        &mut self,
+        dev: &CudaDevice,
+        m: usize,
+        iters: usize,
+        mut launch: impl FnMut(&CudaView<u16>, &CudaView<u16>, GemmOut<'_>) -> Result<()>,
+    ) -> Result<f64> {
+        let (n, copies) = (self.n, self.ws.len());
+        let av = self.a.slice(..m * self.k);
+        let (ws, c16, c32, epi) = (&self.ws, &mut self.c16, &mut self.c32, self.epi);
+        check::time_median_ms(dev, 3, iters, |i| {
+            let wv = ws[i % copies].as_view();
+            let out = match epi {
+                Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
+                Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
+                Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),
+            };
+            launch(&av, &wv, out)
+        })
+    }
+}
+
 fn bench_shape(
     gemm: &Gemm,
     dev: &CudaDevice,
@@ -1708,32 +1976,8 @@ fn bench_shape(
     res: &mut Vec<BenchResult>,
 ) -> Result<()> {
     const MS: [usize; 6] = [1, 8, 32, 256, 384, 3072];
-    let max_m = 3072;
     let w_bytes = n * k * 2;
-    // Rotate weight copies so the set exceeds the 50 MB L2 (one copy already does past 256 MB).
-    let copies = if w_bytes >= 256 << 20 { 1 } else { 2 };
-    let w_host = random_bf16(77, n * k);
-    let ws: Vec<CudaSlice<u16>> = (0..copies)
-        .map(|_| upload(dev, &w_host))
-        .collect::<Result<_>>()?;
-    drop(w_host);
-    let a = upload(dev, &random_bf16(78, max_m * k))?;
-    let mut c16 = dev
-        .stream
-        .alloc_zeros::<u16>(if epi == Epilogue::StoreBf16 {
-            max_m * n
-        } else {
-            1
-        })
-        .map_err(|e| cuda_err("gemm bench: alloc C", e))?;
-    let mut c32 = dev
-        .stream
-        .alloc_zeros::<f32>(if epi == Epilogue::StoreBf16 {
-            1
-        } else {
-            max_m * n
-        })
-        .map_err(|e| cuda_err("gemm bench: alloc C", e))?;
+    let mut bufs = BenchBuffers::new(dev, 3072, n, k, epi)?;
     let mut runs: Vec<(usize, GemmVariant)> = Vec::new();
     for m in MS {
         let default = gemm.variant_for_m(m);
@@ -1752,15 +1996,8 @@ fn bench_shape(
     }
     let mut times: Vec<(usize, GemmVariant, f64)> = Vec::new();
     for (m, variant) in runs {
-        let av = a.slice(..m * k);
-        let ms = check::time_median_ms(dev, 3, 15, |i| {
-            let wv = ws[i % copies].as_view();
-            let out = match epi {
-                Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
-                Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
-                Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),
-            };
-            gemm.run_variant(dev, variant, &av, &wv, out, m, n, k)
+        let ms = bufs.time(dev, m, |av, wv, out| {
+            gemm.run_variant(dev, variant, av, wv, out, m, n, k)
         })?;
         times.push((m, variant, ms));
         let flops = 2.0 * (m * n * k) as f64;
@@ -1804,15 +2041,8 @@ fn bench_shape(
     for m in [1usize, 8, 32] {
         for version in [1usize, 2] {
             let plan = SkinnyPlan::for_version(version, m, n, k, gemm.num_sms);
-            let av = a.slice(..m * k);
-            let ms = check::time_median_ms(dev, 3, 15, |i| {
-                let wv = ws[i % copies].as_view();
-                let out = match epi {
-                    Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
-                    Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
-                    Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),
-                };
-                gemm.run_skinny_plan(dev, plan, &av, &wv, out, m, n, k)
+            let ms = bufs.time(dev, m, |av, wv, out| {
+                gemm.run_plan(dev, GemmPlan::Skinny(plan), av, wv, out, m, n, k)
             })?;
             res.push(BenchResult::new(
                 format!("gemm.skinny_v{version} m{m} n{n} k{k}"),
@@ -1831,6 +2061,33 @@ fn bench_shape(
                     plan.splits
                 ),
             ));
+        }
+        if gemm.stream_loaded() {
+            // The bulk-copy stream kernel (DLLM_GEMM_STREAM=1), one block per SM, and with
+            // twice as many blocks (two waves) to show what the persistent grid buys.
+            for blocks in [gemm.num_sms, 2 * gemm.num_sms] {
+                let plan = StreamPlan::with_blocks(m, n, k, blocks)?;
+                let ms = bufs.time(dev, m, |av, wv, out| {
+                    gemm.run_plan(dev, GemmPlan::Stream(plan), av, wv, out, m, n, k)
+                })?;
+                res.push(BenchResult::new(
+                    format!("gemm.stream m{m} n{n} k{k} blocks{}", plan.blocks),
+                    ms,
+                    Some(w_bytes as f64),
+                    Some(2.0 * (m * n * k) as f64),
+                    format!(
+                        "{}{} tiles of 128 rows × {} chunks of 128 K, {} tiles cut between blocks",
+                        if gemm.stream_active() && blocks == gemm.num_sms {
+                            "default, "
+                        } else {
+                            ""
+                        },
+                        plan.tiles,
+                        plan.chunks_per_tile,
+                        plan.inner_boundaries()
+                    ),
+                ));
+            }
         }
     }
     // Skinny split-K sweep at m = 1 and 32 for both versions (the default plan's choice is a
@@ -1869,15 +2126,8 @@ fn bench_shape(
                     continue;
                 }
                 seen.push(plan.splits);
-                let av = a.slice(..m * k);
-                let ms = check::time_median_ms(dev, 3, 15, |i| {
-                    let wv = ws[i % copies].as_view();
-                    let out = match epi {
-                        Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
-                        Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
-                        Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),
-                    };
-                    gemm.run_skinny_plan(dev, plan, &av, &wv, out, m, n, k)
+                let ms = bufs.time(dev, m, |av, wv, out| {
+                    gemm.run_plan(dev, GemmPlan::Skinny(plan), av, wv, out, m, n, k)
                 })?;
                 let default = gemm.skinny_plan(m, n, k) == plan;
                 res.push(BenchResult::new(

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod check;
 pub mod elementwise;
 pub mod gemm;
+pub mod gemm_stream;
 pub mod launch;
 pub mod sampling;
 pub mod transformer;

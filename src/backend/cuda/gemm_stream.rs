@@ -1,0 +1,311 @@
+//! Geometry of `cuda/gemm_stream.cu`: the bulk-copy ("TMA") weight-streaming GEMM for `M ≤ 32`,
+//! an opt-in alternative to the register-fed skinny kernels (`DLLM_GEMM_STREAM=1`).
+//!
+//! The kernel cuts the weight rows into tiles of [`STREAM_ROWS`] and K into chunks of
+//! [`STREAM_KS`], and lets each of a persistent grid of blocks (one per SM) stream an equal,
+//! contiguous share of the `tiles × chunks` (tile, chunk) pairs ("stream-K"): no wave tail, no
+//! split count to tune. Tiles cut between two blocks are reduced in the kernel through a small
+//! workspace (two slots per block) and per-tile, per-warp counters, deterministically (block
+//! order). This module computes that geometry and the buffers a launch needs; `gemm.rs` loads,
+//! launches and checks the kernel. Design notes: docs/gemm-notes.md ("stream").
+
+use crate::error::{Error, Result};
+
+/// Largest `M` the stream kernel serves (`gemm_stream_mg{1..4}`, 8 tokens per mma group).
+pub const STREAM_MAX_M: usize = 32;
+/// Weight rows per tile; must match `STREAM_ROWS` in gemm_stream.cu (4 warps × 2 × 16).
+pub const STREAM_ROWS: usize = 128;
+/// K elements per chunk (one ring stage); must match `STREAM_KS`.
+pub const STREAM_KS: usize = 128;
+/// Consumer warps per block (each has its own reduction counter per tile); `STREAM_CONSUMERS`.
+const STREAM_CONSUMERS: usize = 4;
+/// Threads per block: the consumer warps plus one producer warp.
+pub const STREAM_THREADS: u32 = ((STREAM_CONSUMERS + 1) * 32) as u32;
+/// 16-row mma tiles per consumer warp; `STREAM_RT`.
+const STREAM_RT: usize = 2;
+/// Shared-memory pitch of one row of a stage (256 data bytes + 64 bytes of bank shift).
+const STREAM_PITCH: usize = STREAM_KS * 2 + 64;
+/// Ring depth; `STREAM_STAGES`.
+const STREAM_STAGES: usize = 4;
+
+/// One launch of `gemm_stream_mg{groups}`: `blocks` persistent blocks share the `tiles ×
+/// chunks_per_tile` (tile, chunk) pairs evenly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPlan {
+    pub groups: usize,
+    pub tiles: usize,
+    pub chunks_per_tile: usize,
+    pub blocks: usize,
+}
+
+impl StreamPlan {
+    /// The default plan: one block per SM (the ring takes most of an SM's shared memory), fewer
+    /// when there are fewer (tile, chunk) pairs than SMs.
+    pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> Result<StreamPlan> {
+        StreamPlan::with_blocks(m, n, k, num_sms.max(1))
+    }
+
+    /// A plan with an explicit block count (checks use odd counts so that tiles are cut between
+    /// blocks at many places); capped at the number of (tile, chunk) pairs.
+    pub fn with_blocks(m: usize, n: usize, k: usize, blocks: usize) -> Result<StreamPlan> {
+        if m == 0 || m > STREAM_MAX_M || n == 0 || k == 0 {
+            return Err(Error::invalid(format!(
+                "gemm: the stream kernel takes 1 ≤ m ≤ {STREAM_MAX_M}, n, k ≥ 1 (got m={m} n={n} k={k})"
+            )));
+        }
+        let tiles = n.div_ceil(STREAM_ROWS);
+        let chunks_per_tile = k.div_ceil(STREAM_KS);
+        let pairs = tiles * chunks_per_tile;
+        let blocks = blocks.clamp(1, pairs);
+        if blocks > i32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "gemm: stream plan of {blocks} blocks exceeds the grid limit"
+            )));
+        }
+        Ok(StreamPlan {
+            groups: m.div_ceil(8),
+            tiles,
+            chunks_per_tile,
+            blocks,
+        })
+    }
+
+    /// (tile, chunk) pairs in all.
+    pub fn pairs(&self) -> usize {
+        self.tiles * self.chunks_per_tile
+    }
+
+    /// fp32 elements of workspace: two partial-tile slots per block, each one float4 per lane,
+    /// 16-row tile and token group of every consumer warp.
+    pub fn workspace_floats(&self) -> usize {
+        self.blocks * 2 * STREAM_CONSUMERS * STREAM_RT * self.groups * 32 * 4
+    }
+
+    /// Reduction counters the launch needs (one per tile and consumer warp, zero between launches).
+    pub fn counters(&self) -> usize {
+        self.tiles * STREAM_CONSUMERS
+    }
+
+    /// Dynamic shared memory of the launch (`StreamCfg<G>::SMEM_BYTES`).
+    pub fn smem_bytes(&self) -> u32 {
+        smem_bytes(self.groups)
+    }
+
+    /// How many block boundaries fall inside a tile (each cuts that tile between two blocks,
+    /// which then meet in the workspace reduction); tiles not cut are written directly.
+    pub fn inner_boundaries(&self) -> usize {
+        let (t, b) = (self.pairs(), self.blocks);
+        (1..b)
+            .map(|i| i * t / b)
+            .filter(|&x| x % self.chunks_per_tile != 0)
+            .count()
+    }
+}
+
+/// Dynamic shared memory of `gemm_stream_mg{groups}`: the ring of stages of 128 weight rows and
+/// 8·groups activation rows.
+pub fn smem_bytes(groups: usize) -> u32 {
+    (STREAM_STAGES * (STREAM_ROWS + 8 * groups) * STREAM_PITCH) as u32
+}
+
+/// Whether the environment asks for the stream kernel (`DLLM_GEMM_STREAM=1`).
+pub fn requested_by_env() -> bool {
+    std::env::var("DLLM_GEMM_STREAM").is_ok_and(|v| v.trim() == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's chunk range of block `b` (`stream_start` in gemm_stream.cu).
+    fn start(b: usize, t: usize, blocks: usize) -> usize {
+        b * t / blocks
+    }
+
+    /// The kernel's `stream_block_of`: the block whose range holds chunk `x`.
+    fn block_of(x: usize, t: usize, blocks: usize) -> usize {
+        ((x + 1) * blocks - 1) / t
+    }
+
+    #[test]
+    fn ranges_cover_every_pair_once_and_block_of_inverts_them() {
+        for (t, blocks) in [
+            (28, 5),
+            (28, 7),
+            (28, 28),
+            (3072, 132),
+            (31_616, 132),
+            (7, 3),
+        ] {
+            let mut covered = vec![0u32; t];
+            for b in 0..blocks {
+                let (s, e) = (start(b, t, blocks), start(b + 1, t, blocks));
+                assert!(e > s, "block {b} of {blocks} is empty for {t} pairs");
+                for (x, c) in covered.iter_mut().enumerate().take(e).skip(s) {
+                    *c += 1;
+                    assert_eq!(block_of(x, t, blocks), b, "x={x} t={t} blocks={blocks}");
+                }
+                // Balanced: every block gets floor or ceil of t / blocks.
+                assert!(e - s == t / blocks || e - s == t.div_ceil(blocks));
+            }
+            assert!(covered.iter().all(|&c| c == 1));
+        }
+    }
+
+    #[test]
+    fn a_block_meets_at_most_two_cut_tiles_so_two_slots_suffice() {
+        // For every tile, each contributing block's slot (0 = the block's first tile, else 1)
+        // must be distinct per block and a block may use slot 1 only for its last tile.
+        for (tiles, c, blocks) in [
+            (4, 7, 5),
+            (4, 7, 3),
+            (96, 32, 132),
+            (32, 96, 132),
+            (988, 32, 132),
+        ] {
+            let t = tiles * c;
+            for b in 0..blocks {
+                let (s, e) = (start(b, t, blocks), start(b + 1, t, blocks));
+                let first = s / c;
+                let last = (e - 1) / c;
+                let cut = |tile: usize| s > tile * c || e < (tile + 1) * c;
+                let cuts: Vec<usize> = (first..=last).filter(|&tl| cut(tl)).collect();
+                assert!(cuts.len() <= 2, "block {b}: cut tiles {cuts:?}");
+                for tl in cuts {
+                    assert!(tl == first || tl == last);
+                }
+            }
+        }
+    }
+
+    /// A host model of the kernel's per-tile protocol (the consumer loop's flush): every block
+    /// walks its chunks, flushes at a tile's last chunk or its own last chunk, writes a whole
+    /// segment directly or its partial into slot 0 (its first tile) / 1, and the contributor
+    /// whose counter increment completes the tile sums slots of blocks b0..=b1 in order. Checked
+    /// for every arrival order: each tile is stored exactly once, with the sum of all its chunks.
+    #[test]
+    fn the_reduction_protocol_stores_every_tile_once_with_all_its_chunks() {
+        for (tiles, c, blocks) in [
+            (4, 7, 5),
+            (4, 7, 28),
+            (4, 7, 4),
+            (3, 5, 2),
+            (96, 32, 132),
+            (5, 3, 7),
+        ] {
+            let t = tiles * c;
+            // Chunk x contributes 1 << (x % 20) + x: sums identify missing or doubled chunks.
+            let val = |x: usize| (1u64 << (x % 20)) + x as u64;
+            // Flush events per block in program order: (tile, seg_begin, x_last, partial sum).
+            let mut events = Vec::new();
+            for b in 0..blocks {
+                let (xb, xe) = (start(b, t, blocks), start(b + 1, t, blocks));
+                let (mut seg, mut acc) = (xb, 0u64);
+                for x in xb..xe {
+                    acc += val(x);
+                    let tile = x / c;
+                    if x % c == c - 1 || x == xe - 1 {
+                        events.push((b, tile, seg, x, acc, xb));
+                        acc = 0;
+                        seg = x + 1;
+                    }
+                }
+            }
+            for order_seed in 0..6u64 {
+                // A deterministic shuffle of the flush order (blocks run concurrently).
+                let mut ev = events.clone();
+                let mut z = order_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                for i in (1..ev.len()).rev() {
+                    z ^= z << 13;
+                    z ^= z >> 7;
+                    z ^= z << 17;
+                    ev.swap(i, (z % (i as u64 + 1)) as usize);
+                }
+                let mut slots = std::collections::HashMap::new();
+                let mut counters = vec![0usize; tiles];
+                let mut stored = vec![None::<u64>; tiles];
+                for &(b, tile, seg, x, acc, xb) in &ev {
+                    let t0 = tile * c;
+                    let result = if seg == t0 && x == t0 + c - 1 {
+                        Some(acc)
+                    } else {
+                        let slot = usize::from(xb / c != tile);
+                        assert!(slots.insert((b, slot), acc).is_none(), "slot reused");
+                        let prev = counters[tile];
+                        counters[tile] += 1;
+                        let (b0, b1) = (block_of(t0, t, blocks), block_of(t0 + c - 1, t, blocks));
+                        (prev == b1 - b0).then(|| {
+                            counters[tile] = 0;
+                            (b0..=b1)
+                                .map(|bb| {
+                                    let sb = usize::from(start(bb, t, blocks) / c != tile);
+                                    if bb == b {
+                                        acc
+                                    } else {
+                                        slots[&(bb, sb)]
+                                    }
+                                })
+                                .sum()
+                        })
+                    };
+                    if let Some(v) = result {
+                        assert!(stored[tile].is_none(), "tile {tile} stored twice");
+                        stored[tile] = Some(v);
+                    }
+                }
+                for (tile, got) in stored.iter().enumerate() {
+                    let want: u64 = (tile * c..(tile + 1) * c).map(val).sum();
+                    assert_eq!(
+                        *got,
+                        Some(want),
+                        "tile {tile} of {tiles}×{c}, {blocks} blocks"
+                    );
+                }
+                assert!(counters.iter().all(|&k| k == 0), "counters not reset");
+            }
+        }
+    }
+
+    #[test]
+    fn plans_for_the_llada_shapes() {
+        let p = StreamPlan::new(32, 12288, 4096, 132).unwrap();
+        assert_eq!(
+            (p.groups, p.tiles, p.chunks_per_tile, p.blocks),
+            (4, 96, 32, 132)
+        );
+        let p = StreamPlan::new(1, 4096, 12288, 132).unwrap();
+        assert_eq!((p.groups, p.tiles, p.chunks_per_tile), (1, 32, 96));
+        let p = StreamPlan::new(29, 392, 776, 132).unwrap();
+        // 4 tiles (the last of 8 rows) × 7 chunks (the last of 8 K values) = 28 pairs.
+        assert_eq!(
+            (p.groups, p.tiles, p.chunks_per_tile, p.blocks),
+            (4, 4, 7, 28)
+        );
+        // One chunk per block: every boundary not on a tile edge (i % 7 != 0) cuts a tile.
+        assert_eq!(p.inner_boundaries(), 24);
+        // Four blocks of exactly one tile each: nothing is cut.
+        assert_eq!(
+            StreamPlan::with_blocks(29, 392, 776, 4)
+                .unwrap()
+                .inner_boundaries(),
+            0
+        );
+        let p = StreamPlan::with_blocks(29, 392, 776, 5).unwrap();
+        assert_eq!((p.blocks, p.inner_boundaries()), (5, 4));
+        assert!(StreamPlan::new(33, 8, 8, 132).is_err());
+        assert!(StreamPlan::new(0, 8, 8, 132).is_err());
+    }
+
+    #[test]
+    fn shared_memory_fits_hopper() {
+        // 227 KB of opt-in shared memory per block on sm_90, minus the static barriers.
+        for g in 1..=4 {
+            assert!(
+                smem_bytes(g) <= 232_448 - 1024,
+                "groups {g}: {}",
+                smem_bytes(g)
+            );
+        }
+        assert_eq!(smem_bytes(4), 4 * 160 * 320);
+    }
+}
