@@ -11,6 +11,7 @@ pub mod check;
 pub mod elementwise;
 pub mod gemm;
 pub mod launch;
+pub mod padding;
 pub mod sampling;
 pub mod transformer;
 
