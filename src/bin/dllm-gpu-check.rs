@@ -600,7 +600,7 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
             naive: naive.as_ref().map(|m| m as &dyn Model),
             cpu: cpu.as_ref().ok().map(|m| &**m),
         },
-        TOL_GEN_MISS,
+        TOL_ARGMAX_MISS,
         TOL_ARGMAX_MISS,
         details,
     ));
@@ -741,6 +741,11 @@ struct BatchModels<'a> {
 ///   rows are held to [`TOL_MODEL`] relative L2.
 /// - the CPU model's `predict_batch` (token agreement, `tol_cpu`; the confidences' distance is
 ///   reported).
+///
+/// The token tolerances are per-row argmax tolerances ([`TOL_ARGMAX_MISS`] for LLaDA, as the
+/// other per-row GPU-vs-CPU checks; [`TOL_DREAM_GEN_MISS`] for the near-flat random Dream): the
+/// canvases are mostly masks after a ramp of ids, where near-ties are common. A padding or
+/// row-mapping error changes far more rows than that, and the reference-kernel check is exact.
 fn batch_checks(
     prefix: &str,
     models: BatchModels<'_>,
