@@ -1,7 +1,9 @@
 //! `dllm-gpu-check`: runs every CUDA kernel family's self-check and bench, then checks the GPU
 //! LLaDA model on the tiny checkpoint against the reference logits, the CPU model, and greedy
 //! generation, and the GPU Dream model (biases, GQA, shifted logits) on a tiny synthetic Dream
-//! against the CPU model; prints a table, writes JSON, exits non-zero when any check failed.
+//! against the CPU model; both models' padded batched prediction (`predict_batch`) against
+//! per-canvas `predict` and the CPU model. Prints a table, writes JSON, exits non-zero when any
+//! check failed.
 //!
 //! Usage: `dllm-gpu-check [--model DIR] [--json PATH]` (default model: models/tiny-llada-code).
 
@@ -10,12 +12,12 @@ use dllm::backend::cuda::check::{self, BenchResult, CheckResult};
 use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
 use dllm::backend::cuda::{attention, elementwise, gemm, sampling, CudaDevice};
 use dllm::config::ModelConfig;
-use dllm::denoise::predict::{PredictRule, Remasking};
+use dllm::denoise::predict::{PredictRule, Prediction, Remasking};
 use dllm::denoise::session::{Decoding, GenerationParams, Session};
 use dllm::denoise::CacheMode;
 use dllm::error::{Error, Result};
 use dllm::model::kv_cache::span_for;
-use dllm::model::Model;
+use dllm::model::{BatchQuery, Model};
 use dllm::model::{CacheStep, KvCache};
 use dllm::weights::WeightStore;
 use serde_json::{json, Value};
@@ -93,6 +95,10 @@ const TOL_GEN_MISS: f64 = 0.02;
 const TOL_DREAM_GEN_MISS: f64 = 0.10;
 /// The same for sessions with a block K/V cache (see [`session_cache_checks`]).
 const TOL_CACHED_GEN_MISS: f64 = 0.10;
+/// Relative L2 distance allowed between the confidences of a padded batch and of per-canvas
+/// forwards with the reference kernels: every reduction is per row there, so only the
+/// sampler's float64 split of a row (which depends on the number of rows) may differ.
+const TOL_BATCH_EXACT_CONF: f64 = 1e-9;
 
 fn guarded<T>(
     name: &str,
@@ -504,7 +510,7 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
         out.push(CheckResult::failed("model.ref", e));
     }
     // The same with the reference kernels: tells a wrong fast kernel from a wrong model.
-    match CudaTransformer::new(
+    let naive = match CudaTransformer::new(
         dev.clone(),
         &store,
         &cfg,
@@ -517,9 +523,13 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
             if let Err(e) = reference_checks(&naive, dir, "[naive kernels]", &mut out) {
                 out.push(CheckResult::failed("model[naive kernels].ref", e));
             }
+            Some(naive)
         }
-        Err(e) => out.push(CheckResult::failed("model[naive kernels].load", e)),
-    }
+        Err(e) => {
+            out.push(CheckResult::failed("model[naive kernels].load", e));
+            None
+        }
+    };
     let width = cfg.logits_width();
     // Prompt: a fixed ramp of ids (never the mask id).
     let prompt: Vec<u32> = (0..64u32)
@@ -626,6 +636,218 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
         eng,
     ));
     out.extend(graph_checks(&fast, &prompt, details));
+    out.extend(batch_checks(
+        "model",
+        BatchModels {
+            fast: &*fast,
+            naive: naive.as_ref().map(|m| m as &dyn Model),
+            cpu: cpu.as_ref().ok().map(|m| &**m),
+        },
+        TOL_ARGMAX_MISS,
+        TOL_ARGMAX_MISS,
+        details,
+    ));
+    out
+}
+
+/// One canvas of the `predict_batch` checks.
+struct BatchCase {
+    ids: Vec<u32>,
+    queries: Vec<usize>,
+    rule: PredictRule,
+}
+
+/// Canvases of lengths 7, 33, 64, 100, 128 and 20: ramps of ids with the second half and
+/// every fifth position (offset per canvas) masked; the queries are the masked positions plus
+/// the first and last (position 0 checks the shifted architectures' clamp). Rules: greedy
+/// low-confidence (canvases 0 and 2), sampled at T = 0.8 (1 and 3: one rule, so the noise of
+/// both comes from one sampling launch), greedy with random confidence (4: the confidence is
+/// the RNG draw of the position alone); canvas 5 has no queries.
+fn batch_cases(cfg: &ModelConfig) -> Vec<BatchCase> {
+    let rule = |temperature: f64, remasking: Remasking, seed: u64, step: u64| PredictRule {
+        temperature,
+        remasking,
+        seed,
+        step,
+        mask_token: cfg.mask_token_id,
+        vocab_size: cfg.vocab_size,
+    };
+    let greedy = rule(0.0, Remasking::LowConfidence, 0, 2);
+    let sampled = rule(0.8, Remasking::LowConfidence, 11, 3);
+    let random = rule(0.0, Remasking::Random, 5, 7);
+    let plan = [
+        (7, greedy.clone()),
+        (33, sampled.clone()),
+        (64, greedy.clone()),
+        (100, sampled),
+        (128, random),
+        (20, greedy),
+    ];
+    plan.into_iter()
+        .enumerate()
+        .map(|(i, (n, rule))| {
+            let masked = |p: usize| p >= n / 2 || (p * 7 + i) % 5 == 0;
+            let ids: Vec<u32> = (0..n)
+                .map(|p| {
+                    if masked(p) {
+                        return cfg.mask_token_id;
+                    }
+                    let v = ((p * 37 + 11 + 101 * i) % cfg.vocab_size) as u32;
+                    if v == cfg.mask_token_id {
+                        0
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let queries: Vec<usize> = if i == 5 {
+                Vec::new()
+            } else {
+                (0..n)
+                    .filter(|&p| masked(p) || p == 0 || p == n - 1)
+                    .collect()
+            };
+            BatchCase { ids, queries, rule }
+        })
+        .collect()
+}
+
+fn batch_items(cases: &[BatchCase]) -> Vec<BatchQuery<'_>> {
+    cases
+        .iter()
+        .map(|c| BatchQuery {
+            ids: &c.ids,
+            queries: &c.queries,
+            rule: &c.rule,
+        })
+        .collect()
+}
+
+/// Compares two sets of per-canvas predictions: `(identical tokens, total, relative L2
+/// distance of the confidences over the rows whose tokens agree)`; an error when the shapes
+/// differ (a canvas with another number of predictions).
+fn compare_predictions(
+    got: &[Vec<Prediction>],
+    want: &[Vec<Prediction>],
+) -> Result<(usize, usize, f64)> {
+    if got.len() != want.len() {
+        return Err(Error::Backend(format!(
+            "{} canvases of predictions, expected {}",
+            got.len(),
+            want.len()
+        )));
+    }
+    let (mut same, mut total, mut diff2, mut norm2) = (0, 0, 0.0f64, 0.0f64);
+    for (b, (g, w)) in got.iter().zip(want).enumerate() {
+        if g.len() != w.len() {
+            return Err(Error::Backend(format!(
+                "canvas {b}: {} predictions, expected {}",
+                g.len(),
+                w.len()
+            )));
+        }
+        for (x, y) in g.iter().zip(w) {
+            total += 1;
+            if x.token == y.token {
+                same += 1;
+                diff2 += (x.confidence - y.confidence).powi(2);
+                norm2 += y.confidence.powi(2);
+            }
+        }
+    }
+    let rel = if norm2 > 0.0 {
+        (diff2 / norm2).sqrt()
+    } else if diff2 == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    };
+    Ok((same, total, rel))
+}
+
+/// The models the `predict_batch` checks compare: the GPU model with the fast kernels, the
+/// same checkpoint with the reference kernels, and the CPU model.
+struct BatchModels<'a> {
+    fast: &'a dyn Model,
+    naive: Option<&'a dyn Model>,
+    cpu: Option<&'a dyn Model>,
+}
+
+/// `predict_batch` on the GPU (one padded forward over canvases of different lengths, see
+/// [`batch_cases`]) against:
+/// - the same model's `predict` per canvas. With the reference kernels every reduction is per
+///   row, so the tokens must be identical and the confidences equal to
+///   [`TOL_BATCH_EXACT_CONF`]: this is the check of the padding, the key masking and the row
+///   mapping. With the fast kernels the GEMM variant and split-K plan depend on the row count
+///   (7 rows alone run the skinny kernel, the padded batch the wide one), which changes bf16
+///   rounding: near-ties may flip (`tol_single` of the tokens) and the confidences of agreeing
+///   rows are held to [`TOL_MODEL`] relative L2.
+/// - the CPU model's `predict_batch` (token agreement, `tol_cpu`; the confidences' distance is
+///   reported).
+///
+/// The token tolerances are per-row argmax tolerances ([`TOL_ARGMAX_MISS`] for LLaDA, as the
+/// other per-row GPU-vs-CPU checks; [`TOL_DREAM_GEN_MISS`] for the near-flat random Dream): the
+/// canvases are mostly masks after a ramp of ids, where near-ties are common. A padding or
+/// row-mapping error changes far more rows than that, and the reference-kernel check is exact.
+fn batch_checks(
+    prefix: &str,
+    models: BatchModels<'_>,
+    tol_single: f64,
+    tol_cpu: f64,
+    details: &mut Value,
+) -> Vec<CheckResult> {
+    let cases = batch_cases(models.fast.config());
+    let items = batch_items(&cases);
+    let mut out = Vec::new();
+    let vs_single = |name: String, model: &dyn Model, tok_tol: f64, conf_tol: f64| {
+        let r = (|| -> Result<(usize, usize, f64)> {
+            let batched = model.predict_batch(&items)?;
+            let single = cases
+                .iter()
+                .map(|c| model.predict(&c.ids, &c.queries, &c.rule))
+                .collect::<Result<Vec<_>>>()?;
+            compare_predictions(&batched, &single)
+        })();
+        match r {
+            Err(e) => vec![CheckResult::failed(name, e)],
+            Ok((same, total, conf)) => vec![
+                miss_check(name.clone(), same, total, tok_tol, "tokens"),
+                CheckResult::new(
+                    format!("{name} confidence"),
+                    conf,
+                    conf_tol,
+                    format!("relative L2 over the {same} rows with equal tokens"),
+                ),
+            ],
+        }
+    };
+    out.extend(vs_single(
+        format!("{prefix}.predict_batch_vs_single"),
+        models.fast,
+        tol_single,
+        TOL_MODEL,
+    ));
+    if let Some(naive) = models.naive {
+        out.extend(vs_single(
+            format!("{prefix}[naive kernels].predict_batch_vs_single"),
+            naive,
+            0.0,
+            TOL_BATCH_EXACT_CONF,
+        ));
+    }
+    if let Some(cpu) = models.cpu {
+        let name = format!("{prefix}.predict_batch_vs_cpu");
+        let r = (|| -> Result<CheckResult> {
+            let g = models.fast.predict_batch(&items)?;
+            let c = cpu.predict_batch(&items)?;
+            let (same, total, conf) = compare_predictions(&g, &c)?;
+            details[format!("{prefix}_predict_batch_vs_cpu_confidence_rel_l2")] = json!(conf);
+            let mut res = miss_check(name.clone(), same, total, tol_cpu, "tokens");
+            res.detail = format!("{}; confidences rel L2 {conf:.2e}", res.detail);
+            Ok(res)
+        })();
+        out.push(r.unwrap_or_else(|e| CheckResult::failed(name, e)));
+    }
     out
 }
 
@@ -716,6 +938,29 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             &prompt,
             64,
             TOL_CACHED_GEN_MISS,
+            details,
+        ));
+        let naive = CudaTransformer::new(
+            dev.clone(),
+            &store,
+            &cfg,
+            KernelChoice {
+                naive_gemm: true,
+                naive_attention: true,
+            },
+        );
+        if let Err(e) = &naive {
+            out.push(CheckResult::failed("dream[naive kernels].load", e));
+        }
+        out.extend(batch_checks(
+            "dream",
+            BatchModels {
+                fast: &*gpu,
+                naive: naive.as_ref().ok().map(|m| m as &dyn Model),
+                cpu: Some(&*cpu),
+            },
+            TOL_DREAM_GEN_MISS,
+            TOL_DREAM_GEN_MISS,
             details,
         ));
         Ok(())

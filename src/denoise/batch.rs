@@ -1,6 +1,6 @@
 //! Batched denoising: several sessions on one model stepped in lockstep, each step's forwards
-//! packed into one [`Model::predict_batch`] call (on the CPU backend one forward over all the
-//! canvases, so every weight is read once per step for the whole batch).
+//! packed into one [`Model::predict_batch`] call (one forward over all the canvases on the CPU
+//! and CUDA backends, so every weight is read once per step for the whole batch).
 //!
 //! Each session keeps its own schedule, rule and state; a step of the batch is one step of every
 //! unfinished session. Sessions whose steps need host logits or their own cache (top-k / top-p,

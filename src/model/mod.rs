@@ -105,9 +105,10 @@ pub trait Model: Send + Sync {
         self.predict(ids, queries, rule)
     }
     /// [`predict`](Self::predict) for several canvases at once (a batch; canvases may differ in
-    /// length). Backends may pack them into one forward (the CPU backend does: every weight is
-    /// streamed once for the whole batch); the results are those of calling
-    /// [`predict`](Self::predict) on each. The default runs them one by one.
+    /// length). Backends may pack them into one forward (the CPU backend stacks the canvases'
+    /// rows, the CUDA backend pads them to a common length; every weight is streamed once for
+    /// the whole batch); the results are those of calling [`predict`](Self::predict) on each.
+    /// The default runs them one by one.
     fn predict_batch(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
         items
             .iter()
@@ -126,6 +127,33 @@ pub fn check_queries(queries: &[usize], len: usize) -> Result<()> {
     }
 }
 
+/// Checks a canvas before any compute: not empty, at most the model's `max_sequence_length`
+/// ids, every id a row of the embedding.
+pub fn check_ids(cfg: &ModelConfig, ids: &[u32]) -> Result<()> {
+    if ids.is_empty() {
+        return Err(crate::error::Error::invalid("empty token sequence"));
+    }
+    if ids.len() > cfg.max_seq_len {
+        return Err(crate::error::Error::invalid(format!(
+            "sequence of {} tokens is longer than the model's {} {}",
+            ids.len(),
+            cfg.arch.config_key("max_sequence_length"),
+            cfg.max_seq_len
+        )));
+    }
+    if let Some((pos, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= cfg.embedding_size)
+    {
+        return Err(crate::error::Error::invalid(format!(
+            "token id {id} at position {pos} is outside the embedding ({} rows)",
+            cfg.embedding_size
+        )));
+    }
+    Ok(())
+}
+
 /// One canvas of a [`Model::predict_batch`] call: its ids, the positions to predict, the rule.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchQuery<'a> {
@@ -139,5 +167,30 @@ pub fn tensor_table(cfg: &ModelConfig) -> transformer::TensorTable {
     match cfg.arch {
         Arch::Llada => llada::layout::table(cfg),
         Arch::Dream => dream::layout::table(cfg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canvases_are_checked_for_length_and_ids() {
+        let cfg = ModelConfig::from_json(&json!({
+            "model_type": "llada", "d_model": 8, "n_heads": 2, "n_kv_heads": 1, "n_layers": 1,
+            "mlp_hidden_size": 8, "vocab_size": 16, "embedding_size": 20,
+            "max_sequence_length": 4, "mask_token_id": 1, "eos_token_id": 0, "pad_token_id": 2
+        }))
+        .unwrap();
+        assert!(check_ids(&cfg, &[0, 19, 3, 3]).is_ok());
+        let msg = |ids: &[u32]| check_ids(&cfg, ids).unwrap_err().to_string();
+        assert!(msg(&[]).contains("empty"));
+        assert!(msg(&[0; 5]).contains("5 tokens"));
+        let m = msg(&[0, 3, 20]);
+        assert!(
+            m.contains("token id 20 at position 2") && m.contains("20 rows"),
+            "{m}"
+        );
     }
 }

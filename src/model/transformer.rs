@@ -262,30 +262,9 @@ impl CpuTransformer {
         )
     }
 
-    /// Checks a canvas before any compute.
+    /// Checks a canvas before any compute ([`crate::model::check_ids`]).
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        if ids.is_empty() {
-            return Err(Error::invalid("empty token sequence"));
-        }
-        if ids.len() > self.cfg.max_seq_len {
-            return Err(Error::invalid(format!(
-                "sequence of {} tokens is longer than the model's {} {}",
-                ids.len(),
-                self.cfg.arch.config_key("max_sequence_length"),
-                self.cfg.max_seq_len
-            )));
-        }
-        if let Some((pos, id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= self.cfg.embedding_size)
-        {
-            return Err(Error::invalid(format!(
-                "token id {id} at position {pos} is outside the embedding ({} rows)",
-                self.cfg.embedding_size
-            )));
-        }
-        Ok(())
+        crate::model::check_ids(&self.cfg, ids)
     }
 
     /// Runs every block and the final norm: returns `ids.len() × d_model` normalised hidden states

@@ -12,6 +12,7 @@ pub mod elementwise;
 pub mod gemm;
 pub mod gemm_stream;
 pub mod launch;
+pub mod padding;
 pub mod sampling;
 pub mod transformer;
 

@@ -20,6 +20,12 @@
 //! writes its fresh K/V at those positions and attends to the whole cached sequence. RoPE and
 //! the cache write are one fused kernel (`rope_qkv`).
 //!
+//! Batches ([`Model::predict_batch`]): canvases of different lengths are padded to the longest
+//! length `L` of a sub-batch ([`padding`]) and run as one full forward over `batch × L` rows;
+//! a per-canvas length buffer (`kv_len`) makes attention skip the padding keys, so each
+//! canvas's rows see exactly its own keys. Only this padded forward passes the lengths; every
+//! other forward, and every captured graph, attends as before.
+//!
 //! CUDA graphs: the steady-state dual-cache block step ([`CudaTransformer::step`] with `use_cache`:
 //! every layer over the block rows, `ln_f` + LM head on them, sampling and commit) is captured
 //! once per (batch, canvas length, block start, block length, k) and replayed afterwards, when
@@ -36,6 +42,7 @@
 use super::attention::{Attention, AttnShape, AttnVariant};
 use super::elementwise::{Elementwise, IdLayout, KvDst, RopeQkvShape};
 use super::gemm::{Gemm, GemmOut, GemmVariant};
+use super::padding;
 use super::sampling::{commit_record_len, parse_commit_record, CommitRule, Sampler};
 use super::{cuda_err, CudaDevice};
 use crate::backend::cpu::rope_inv_freq;
@@ -43,7 +50,7 @@ use crate::config::ModelConfig;
 use crate::denoise::predict::{PredictRule, Prediction, Remasking};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{CacheStep, KvCache};
-use crate::model::{check_queries, Model};
+use crate::model::{check_ids, check_queries, BatchQuery, Model};
 use crate::weights::{DType, TensorView, WeightStore};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
@@ -60,6 +67,16 @@ const UPLOAD_CHUNK: usize = 1 << 24;
 
 /// Most graphs kept per shape (block starts × k values); beyond it the set is cleared.
 const MAX_GRAPHS_PER_SHAPE: usize = 64;
+
+/// Most rows (canvases × padded length) one padded forward of
+/// [`Model::predict_batch`] covers; a larger batch is split into several padded forwards. At
+/// 4096 rows every GEMM of an 8B model is well past the weight-streaming regime, so more rows
+/// per forward would only grow the step buffers (and the K/V cache allocated with them).
+pub const MAX_BATCH_ROWS: usize = 4096;
+
+/// The id written into the padding of a padded batch (any valid id: padding keys are masked
+/// out of attention and padding rows are never queried).
+const PAD_ID: u32 = 0;
 
 /// Whether CUDA graphs are enabled by the environment (`DLLM_CUDA_GRAPH=0` disables them).
 pub fn graphs_from_env() -> bool {
@@ -178,6 +195,11 @@ struct State {
     cache_owner: Option<u64>,
     /// Rows per canvas of the last forward (its `x` holds `batch × rows_per_canvas` rows).
     fwd_len: usize,
+    /// Whether the current canvases are a padded batch ([`Model::predict_batch`]): canvas `b`
+    /// holds `kv_len[b] ≤ seq` real ids, and a full forward excludes the keys past them.
+    padded: bool,
+    /// `[batch_cap]` real lengths of the current canvases (read only when `padded`).
+    kv_len: CudaSlice<i32>,
     /// Query rows (indices into `x`) and their canvas positions, with the host copy they came from.
     q_idx: CudaSlice<i32>,
     q_pos: CudaSlice<i32>,
@@ -443,6 +465,8 @@ impl CudaTransformer {
             cache_valid: false,
             cache_owner: None,
             fwd_len: 0,
+            padded: false,
+            kv_len: alloc(dev, batch_cap, "canvas lengths")?,
             q_idx: alloc(dev, qcap, "query rows")?,
             q_pos: alloc(dev, qcap, "query positions")?,
             q_host: (Vec::new(), Vec::new()),
@@ -528,6 +552,7 @@ impl CudaTransformer {
         st.cache_valid = false;
         st.cache_owner = None;
         st.fwd_len = 0;
+        st.padded = false;
         Ok(())
     }
 
@@ -588,13 +613,14 @@ impl CudaTransformer {
         k: &CudaView<u16>,
         v: &CudaView<u16>,
         out: &mut CudaViewMut<u16>,
+        kv_len: Option<&CudaView<i32>>,
         shape: &AttnShape,
     ) -> Result<()> {
         if self.kernels.naive_attention {
             self.attn
-                .run_variant(AttnVariant::Naive, q, k, v, out, None, shape)
+                .run_variant(AttnVariant::Naive, q, k, v, out, kv_len, shape)
         } else {
-            self.attn.run(q, k, v, out, None, shape)
+            self.attn.run(q, k, v, out, kv_len, shape)
         }
     }
 
@@ -701,7 +727,10 @@ impl CudaTransformer {
                     };
                     let kview = st.qkv.slice(d..rows * qkv_dim);
                     let vview = st.qkv.slice(d + kv..rows * qkv_dim);
-                    self.attention(&qkv, &kview, &vview, &mut out, &shape)?;
+                    // A padded batch excludes each canvas's padding keys; every other full
+                    // forward attends to all `len` keys, as without a length buffer.
+                    let lens = st.padded.then(|| st.kv_len.slice(0..b));
+                    self.attention(&qkv, &kview, &vview, &mut out, lens.as_ref(), &shape)?;
                 } else {
                     let shape = AttnShape {
                         batch: b,
@@ -720,6 +749,7 @@ impl CudaTransformer {
                         &st.k_cache[li].as_view(),
                         &st.v_cache[li].as_view(),
                         &mut out,
+                        None,
                         &shape,
                     )?;
                 }
@@ -798,6 +828,11 @@ impl CudaTransformer {
     }
 
     fn check_block(st: &State, start: usize, len: usize) -> Result<()> {
+        if st.padded {
+            return Err(Error::State(
+                "the current canvases are a padded batch of predict_batch: upload canvases with set_canvases before a block forward".into(),
+            ));
+        }
         if !st.cache_valid {
             return Err(Error::State(
                 "forward_block needs a cache: run forward_full(store_cache = true) first".into(),
@@ -1273,9 +1308,98 @@ impl Model for CudaTransformer {
         self.predict_queries(&self.kit, st, rule)?;
         self.download_predictions(st, queries.len())
     }
+
+    /// Padded batched forwards: the canvases with queries are grouped into sub-batches of at
+    /// most [`MAX_BATCH_ROWS`] padded rows ([`padding::plan_sub_batches`]), each one full
+    /// forward over its canvases padded to its longest ([`CudaTransformer::predict_padded`]).
+    /// Every canvas is checked first (errors name it); a canvas without queries gets no rows.
+    fn predict_batch(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
+        for (i, it) in items.iter().enumerate() {
+            check_ids(&self.cfg, it.ids)
+                .and_then(|()| check_queries(it.queries, it.ids.len()))
+                .map_err(|e| in_canvas(i, e))?;
+        }
+        let live: Vec<usize> = (0..items.len())
+            .filter(|&i| !items[i].queries.is_empty())
+            .collect();
+        let lens: Vec<usize> = live.iter().map(|&i| items[i].ids.len()).collect();
+        let mut out = vec![Vec::new(); items.len()];
+        let mut g = self.lock();
+        for group in padding::plan_sub_batches(&lens, MAX_BATCH_ROWS) {
+            let members: Vec<&BatchQuery<'_>> = group.iter().map(|&j| &items[live[j]]).collect();
+            let preds = self.predict_padded(&mut g, &members)?;
+            for (&j, p) in group.iter().zip(preds) {
+                out[live[j]] = p;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Prefixes an invalid-argument error with the batch canvas it is about.
+fn in_canvas(i: usize, e: Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(format!("batch canvas {i}: {m}")),
+        other => other,
+    }
 }
 
 impl CudaTransformer {
+    /// One padded forward over `members` (checked, each with queries): the canvases padded with
+    /// [`PAD_ID`] to the longest length `L` are uploaded as `members.len()` canvases of `L`
+    /// (which drops the device K/V cache's contents and owner, as every upload does), their real
+    /// lengths go to `kv_len` so attention ignores the padding keys, and one full forward runs
+    /// without storing K/V. Then, per distinct rule ([`padding::rule_groups`]), the LM head and
+    /// the sampler run over that rule's canvases' query rows ([`padding::query_rows`]: canvas
+    /// `b`'s query `q` reads row `b·L + source_position(q)` and keys its random draws by `q`,
+    /// as [`Model::predict`] does for the canvas alone). Returns the predictions per member.
+    fn predict_padded(
+        &self,
+        g: &mut Option<State>,
+        members: &[&BatchQuery<'_>],
+    ) -> Result<Vec<Vec<Prediction>>> {
+        let seq = members.iter().map(|m| m.ids.len()).max().unwrap_or(0);
+        let canvases: Vec<&[u32]> = members.iter().map(|m| m.ids).collect();
+        let ids = padding::pad_canvases(&canvases, seq, PAD_ID);
+        self.set_canvases_locked(g, &ids, members.len(), seq)?;
+        let st = g.as_mut().expect("set above");
+        let lens: Vec<i32> = members
+            .iter()
+            .map(|m| i32_of("canvas length", m.ids.len()))
+            .collect::<Result<_>>()?;
+        if lens.iter().any(|&n| n as usize != seq) {
+            self.dev
+                .stream
+                .memcpy_htod(&lens, &mut st.kv_len.slice_mut(0..lens.len()))
+                .map_err(|e| cuda_err("upload canvas lengths", e))?;
+            st.padded = true;
+        }
+        self.layers(&self.kit, st, 0, seq, true, false)?;
+        let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
+        let mut out = vec![Vec::new(); members.len()];
+        for slots in padding::rule_groups(&rules) {
+            let queries: Vec<(usize, &[usize])> =
+                slots.iter().map(|&b| (b, members[b].queries)).collect();
+            let (rows, pos) = padding::query_rows(&queries, seq, |p| self.source_position(p));
+            let n = rows.len();
+            let idx = rows
+                .into_iter()
+                .map(|r| i32_of("query row", r))
+                .collect::<Result<Vec<_>>>()?;
+            let pos = pos
+                .into_iter()
+                .map(|p| i32_of("query position", p))
+                .collect::<Result<Vec<_>>>()?;
+            self.set_queries(st, idx, pos)?;
+            self.predict_queries(&self.kit, st, rules[slots[0]])?;
+            let mut preds = self.download_predictions(st, n)?.into_iter();
+            for &b in &slots {
+                out[b] = preds.by_ref().take(members[b].queries.len()).collect();
+            }
+        }
+        Ok(out)
+    }
+
     /// One full forward over `ids` and the logits of every position, downloaded: row `i` is the
     /// LM-head output at [`Self::source_position`]`(i)` when `shifted`, else at `i`.
     fn logits(&self, ids: &[u32], shifted: bool) -> Result<Vec<f32>> {
