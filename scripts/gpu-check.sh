@@ -3,16 +3,18 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]
-#   stages: smi check synth bench benchpdl peer stream shapes sanitize ncu benchstream summary
+#   stages: smi check synth bench benchpdl peer stream tma shapes sanitize ncu benchexp summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
-# The opt-in stream stages try the bulk-copy GEMM (cuda/gemm_stream.cu, DLLM_GEMM_STREAM=1), each
-# in its own process so a fault in it cannot take the other results down:
-#   stream      gemm + model checks (and the gemm benches) with the stream kernel on
-#   shapes      `dllm-gpu-check --gemm-shape` on the block-step shapes, default kernel vs stream
-#   sanitize    compute-sanitizer memcheck and racecheck on the GEMM self-test with stream on
-#   ncu         Nsight Compute sections of skinny v2 vs stream at M = 1 and 32 (ncu.txt)
-#   benchstream the b1 dual-cache bench with stream on (the 8B checkpoint: run synth first)
+# The opt-in stages try the two experimental GEMMs, each in its own process so a fault in one
+# cannot take the other results down: the bulk-copy weight-streaming kernel for M <= 32
+# (cuda/gemm_stream.cu, DLLM_GEMM_STREAM=1) and the TMA-multicast cluster kernel for M > 64
+# (cuda/gemm_tma.cu, DLLM_GEMM_TMA=1):
+#   stream / tma  gemm + model checks (and the gemm benches) with that kernel on
+#   shapes        `dllm-gpu-check --gemm-shape` on the real shapes, default kernel vs experimental
+#   sanitize      compute-sanitizer memcheck and racecheck on the GEMM self-test with each on
+#   ncu           Nsight Compute sections of default vs experimental kernels on the real shapes
+#   benchexp      the three workloads with both on (the 8B checkpoint: run synth first)
 # The bench stage runs every workload twice: CUDA graphs on (default) and off (DLLM_CUDA_GRAPH=0,
 # files *_nograph.json; NOGRAPH=0 skips them); the summary shows both and whether their final
 # canvases hash equal.
@@ -96,25 +98,42 @@ for s in $STAGES; do
     stream)
         stage stream "${T_STREAM:-240}" env DLLM_GEMM_STREAM=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_stream.json"
         ;;
+    tma)
+        stage tma "${T_TMA:-240}" env DLLM_GEMM_TMA=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_tma.json"
+        ;;
     shapes)
-        stage shapes "${T_SHAPES:-120}" bash -c "rc=0; for s in 1,12288,4096 32,12288,4096 32,4096,12288 32,24576,4096 1,126464,4096 32,126464,4096; do for on in 0 1; do DLLM_GEMM_STREAM=\$on '$BIN/dllm-gpu-check' --gemm-shape \$s --repeat 30 || rc=1; done; done; exit \$rc"
+        # name=VAR: shapes; each shape timed with VAR=0 then VAR=1 (default kernel, experimental).
+        stage shapes "${T_SHAPES:-150}" bash -c "rc=0
+            for spec in DLLM_GEMM_STREAM:1,12288,4096:32,12288,4096:32,4096,12288:32,24576,4096:1,126464,4096:32,126464,4096 DLLM_GEMM_TMA:384,12288,4096:384,4096,12288:384,24576,4096:384,4096,4096:256,4096,12288:3072,12288,4096:384,126464,4096; do
+                var=\${spec%%:*}
+                for s in \$(echo \${spec#*:} | tr ':' ' '); do
+                    for on in 0 1; do env \$var=\$on '$BIN/dllm-gpu-check' --gemm-shape \$s --repeat 30 || rc=1; done
+                done
+            done
+            exit \$rc"
         ;;
     sanitize)
-        for tool in memcheck racecheck; do
-            stage "sanitize_$tool" "${T_SANITIZE:-150}" env DLLM_GEMM_STREAM=1 "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --gemm-shape 29,392,776 --repeat 2
-        done
-        ;;
-    ncu)
-        # Both kernels at the QKV shape (M = 1 and 32) and the LM head (M = 32); the last launches
-        # of each process are the timed ones (the load-time self-test runs first).
-        for s in 1,12288,4096 32,12288,4096 32,126464,4096; do
-            for on in 0 1; do
-                stage "ncu_${s//,/x}_stream$on" "${T_NCU:-120}" bash -c "set -o pipefail; DLLM_GEMM_STREAM=$on '${NCU:-ncu}' --clock-control none -k regex:'gemm_(skinny|stream)' --launch-count 80 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats '$BIN/dllm-gpu-check' --gemm-shape $s --repeat 2 | python3 scripts/ncu-filter.py"
+        for exp in DLLM_GEMM_STREAM DLLM_GEMM_TMA; do
+            for tool in memcheck racecheck; do
+                stage "sanitize_${exp#DLLM_GEMM_}_$tool" "${T_SANITIZE:-150}" env "$exp=1" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --gemm-shape 133,392,776 --repeat 2
             done
         done
         ;;
-    benchstream)
-        BENCH_ENV="DLLM_GEMM_STREAM=1" bench bench_b1_dual_k4_stream 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+    ncu)
+        # Default vs experimental kernel per shape; the last launches of each process are the
+        # timed ones (the load-time self-test runs first, on small grids that ncu-filter drops).
+        for spec in DLLM_GEMM_STREAM:1,12288,4096 DLLM_GEMM_STREAM:32,12288,4096 DLLM_GEMM_STREAM:32,126464,4096 DLLM_GEMM_TMA:384,12288,4096 DLLM_GEMM_TMA:384,4096,12288; do
+            var=${spec%%:*}
+            s=${spec#*:}
+            for on in 0 1; do
+                stage "ncu_${s//,/x}_${var#DLLM_GEMM_}$on" "${T_NCU:-120}" bash -c "set -o pipefail; $var=$on '${NCU:-ncu}' --clock-control none -k regex:'gemm_(skinny|stream|wgmma|tma)' --launch-count 80 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats '$BIN/dllm-gpu-check' --gemm-shape $s --repeat 2 | python3 scripts/ncu-filter.py"
+            done
+        done
+        ;;
+    benchexp)
+        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1" bench bench_b1_dual_k4_exp 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1" bench bench_b8_dual_k4_exp 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1" bench bench_b1_none_k1_exp 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         ;;
     summary)
         OUT="$OUT" python3 - <<'PY' | tee "$OUT/summary.txt"
@@ -161,7 +180,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_stream", "strm")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_exp", "exp")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -172,21 +191,24 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "PDL", "strm"):
+    for other in ("off", "PDL", "exp"):
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
-cs = load("check_stream.json")
-if "checks" in cs:
+for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.skinny_v2")),
+                           ("tma", "DLLM_GEMM_TMA", ("gemm.tma_vs", "gemm.wgmma_vs"))):
+    cs = load(f"check_{exp}.json")
+    if "checks" not in cs:
+        continue
     bad = [x for x in cs["checks"] if not x["passed"]]
-    print(f"\nstream kernel (DLLM_GEMM_STREAM=1): {len(cs['checks'])} gemm+model checks, {len(bad)} failed")
+    print(f"\n{exp} kernel ({var}=1): {len(cs['checks'])} gemm+model checks, {len(bad)} failed")
     for x in bad[:40]:
         print(f"  FAIL {x['name']}: rel_err {x['rel_err']} tol {x['tol']} {x['detail']}")
     for x in cs.get("benches", []):
-        if x["name"].startswith(("gemm.stream", "gemm.skinny_v2")):
-            print(f"  {x['name']:<48} {fmt(x.get('ms'), 4):>9} {fmt(x.get('gbps'), 0):>7}  {x.get('detail', '')}")
+        if x["name"].startswith(prefixes):
+            print(f"  {x['name']:<48} {fmt(x.get('ms'), 4):>9} {fmt(x.get('gbps'), 0):>7} {fmt(x.get('tflops'), 1):>7}  {x.get('detail', '')}")
 try:
-    print("\nshapes (DLLM_GEMM_STREAM=0 then 1 per shape):")
+    print("\nshapes (experimental kernel off, then on, per shape):")
     print("".join("  " + l for l in open(os.path.join(out, "shapes.log")) if l.startswith("gemm.shape")))
 except Exception:
     pass
@@ -200,7 +222,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchpdl peer stream shapes sanitize ncu benchstream summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchpdl peer stream tma shapes sanitize ncu benchexp summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

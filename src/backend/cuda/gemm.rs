@@ -15,6 +15,7 @@
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
 use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
+use super::gemm_tma::{self, OperandBox};
 use super::launch::Launch;
 use super::{cuda_err, CudaDevice};
 use crate::error::{Error, Result};
@@ -366,6 +367,9 @@ pub struct WgmmaPlan {
     pub n_tiles: usize,
     pub splits: usize,
     pub ktiles_per_split: usize,
+    /// For the cluster kernel `gemm_tma` (blocks in pairs along M): `m_tiles` is rounded up to
+    /// an even count (a block past M loads zeros and stores nothing).
+    pub paired: bool,
 }
 
 impl WgmmaPlan {
@@ -375,19 +379,29 @@ impl WgmmaPlan {
     /// taller tile (more work per shared-memory byte). Splits only while all blocks fit in
     /// one wave, never below `WGMMA_MIN_KTILES_PER_SPLIT` K tiles per split.
     pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
+        WgmmaPlan::search(m, n, k, num_sms, false)
+    }
+
+    /// [`WgmmaPlan::new`] for the paired (cluster of two) TMA kernel: the same search, counting
+    /// the even number of M tiles the pairs need.
+    pub fn new_paired(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
+        WgmmaPlan::search(m, n, k, num_sms, true)
+    }
+
+    fn search(m: usize, n: usize, k: usize, num_sms: usize, paired: bool) -> WgmmaPlan {
         let sms = num_sms.max(1);
         let ktiles = k.div_ceil(WGMMA_BK).max(1);
         let max_splits = (ktiles / WGMMA_MIN_KTILES_PER_SPLIT).max(1);
         let mut best: Option<(usize, WgmmaPlan)> = None;
         for wg in [3usize, 2] {
             let bm = 64 * wg;
-            let tiles = m.div_ceil(bm) * n.div_ceil(WGMMA_BN);
+            let tiles = WgmmaPlan::build(wg, m, n, k, ktiles, paired).tiles();
             for splits in 1..=max_splits {
                 if splits > 1 && tiles * splits > sms {
                     break;
                 }
                 let kps = ktiles.div_ceil(splits);
-                let plan = WgmmaPlan::with_ktiles_per_split(wg, m, n, k, kps);
+                let plan = WgmmaPlan::build(wg, m, n, k, kps, paired);
                 let overhead = if plan.splits > 1 {
                     WGMMA_SPLIT_COST_KTILES * plan.splits
                 } else {
@@ -406,7 +420,7 @@ impl WgmmaPlan {
             }
         }
         best.map(|(_, p)| p)
-            .unwrap_or_else(|| WgmmaPlan::with_ktiles_per_split(3, m, n, k, ktiles))
+            .unwrap_or_else(|| WgmmaPlan::build(3, m, n, k, ktiles, paired))
     }
 
     /// A plan with a given kernel (`wg` 2 or 3; other values are clamped) and number of K tiles
@@ -418,14 +432,42 @@ impl WgmmaPlan {
         k: usize,
         ktiles_per_split: usize,
     ) -> WgmmaPlan {
+        WgmmaPlan::build(wg, m, n, k, ktiles_per_split, false)
+    }
+
+    /// [`WgmmaPlan::with_ktiles_per_split`] for the paired TMA kernel (even `m_tiles`).
+    pub fn paired_with_ktiles_per_split(
+        wg: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        ktiles_per_split: usize,
+    ) -> WgmmaPlan {
+        WgmmaPlan::build(wg, m, n, k, ktiles_per_split, true)
+    }
+
+    fn build(
+        wg: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        ktiles_per_split: usize,
+        paired: bool,
+    ) -> WgmmaPlan {
         let wg = wg.clamp(2, 3);
         let per_split = ktiles_per_split.max(1);
+        let m_tiles = m.div_ceil(64 * wg);
         WgmmaPlan {
             wg,
-            m_tiles: m.div_ceil(64 * wg),
+            m_tiles: if paired {
+                m_tiles.next_multiple_of(2)
+            } else {
+                m_tiles
+            },
             n_tiles: n.div_ceil(WGMMA_BN),
             splits: k.div_ceil(WGMMA_BK).max(1).div_ceil(per_split),
             ktiles_per_split: per_split,
+            paired,
         }
     }
 
@@ -514,6 +556,8 @@ pub enum GemmPlan {
     Wide(WidePlan),
     Wgmma(WgmmaPlan),
     Stream(StreamPlan),
+    /// `gemm_tma` (clusters of two blocks along M; the plan has `paired` set).
+    Tma(WgmmaPlan),
 }
 
 impl GemmPlan {
@@ -531,6 +575,9 @@ impl GemmPlan {
                 p == WgmmaPlan::with_ktiles_per_split(p.wg, m, n, k, p.ktiles_per_split)
             }
             GemmPlan::Stream(p) => StreamPlan::with_blocks(m, n, k, p.blocks).is_ok_and(|q| q == p),
+            GemmPlan::Tma(p) => {
+                p == WgmmaPlan::paired_with_ktiles_per_split(p.wg, m, n, k, p.ktiles_per_split)
+            }
         };
         if fits {
             Ok(())
@@ -562,6 +609,10 @@ pub struct Gemm {
     /// Why the stream kernel could not be loaded or failed the load-time self-test; `run` then
     /// keeps the skinny kernels.
     stream_failure: Option<String>,
+    /// `gemm_tma_wg2`, `gemm_tma_wg3` (`cuda/gemm_tma.cu`), loaded only when `DLLM_GEMM_TMA=1`.
+    tma: Option<[CudaFunction; 2]>,
+    /// Why the requested TMA kernel is not used (cannot load, or failed the self-test).
+    tma_failure: Option<String>,
     wide: CudaFunction,
     /// `gemm_wgmma_wg2`, `gemm_wgmma_wg3`; `None` when the device cannot run the sm_90a cubin.
     wgmma: Option<[CudaFunction; 2]>,
@@ -633,6 +684,14 @@ impl Gemm {
         } else {
             (None, None)
         };
+        let (tma, tma_failure) = if gemm_tma::requested_by_env() {
+            match gemm_tma::load(dev) {
+                Ok(f) => (Some(f), None),
+                Err(e) => (None, Some(format!("load: {e}"))),
+            }
+        } else {
+            (None, None)
+        };
         let mut gemm = Gemm {
             naive,
             skinny,
@@ -640,6 +699,8 @@ impl Gemm {
             skinny2_failure: None,
             stream,
             stream_failure,
+            tma,
+            tma_failure,
             wide,
             wgmma,
             num_sms,
@@ -652,7 +713,26 @@ impl Gemm {
         if outcome.stream_failure.is_some() {
             gemm.stream_failure = outcome.stream_failure;
         }
+        if outcome.tma_failure.is_some() {
+            gemm.tma_failure = outcome.tma_failure;
+        }
         Ok(gemm)
+    }
+
+    /// Whether [`Gemm::run`] uses the TMA cluster kernel in place of `gemm_wgmma`: requested
+    /// with `DLLM_GEMM_TMA=1`, loaded, and passed its load-time self-test.
+    pub fn tma_active(&self) -> bool {
+        self.tma.is_some() && self.tma_failure.is_none() && self.is_enabled(GemmVariant::Wgmma)
+    }
+
+    /// Whether the TMA kernel is loaded (requested), whatever its self-test said.
+    pub fn tma_loaded(&self) -> bool {
+        self.tma.is_some()
+    }
+
+    /// Why the requested TMA kernel is not used (load error or self-test failure).
+    pub fn tma_failure(&self) -> Option<&str> {
+        self.tma_failure.as_deref()
     }
 
     /// Whether [`Gemm::run`] uses the stream kernel for `m ≤ 32`: requested with
@@ -755,6 +835,9 @@ impl Gemm {
         let job = match variant {
             GemmVariant::Naive => GemmPlan::Naive,
             GemmVariant::Wide => GemmPlan::Wide(WidePlan::new(m, n, k, self.num_sms)),
+            GemmVariant::Wgmma if self.tma_active() => {
+                GemmPlan::Tma(WgmmaPlan::new_paired(m, n, k, self.num_sms))
+            }
             GemmVariant::Wgmma => GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, self.num_sms)),
             GemmVariant::Skinny => {
                 if m > SKINNY_MAX_M {
@@ -982,6 +1065,60 @@ impl Gemm {
                 unsafe { b.launch(cfg) }
                     .map_err(|e| cuda_err(&format!("launch {kname}{}", plan.groups), e))?;
             }
+            GemmPlan::Tma(plan) => {
+                let Some(fs) = &self.tma else {
+                    return Err(Error::Backend(format!(
+                        "gemm: the TMA kernel is not loaded ({})",
+                        self.tma_failure
+                            .as_deref()
+                            .unwrap_or("set DLLM_GEMM_TMA=1 to load it")
+                    )));
+                };
+                if !plan.paired
+                    || plan.m_tiles % 2 != 0
+                    || plan.n_tiles > 65_535
+                    || plan.splits > 65_535
+                    || plan.m_tiles > i32::MAX as usize
+                {
+                    return Err(Error::invalid(format!(
+                        "gemm: TMA plan {plan:?} is not a paired plan within the grid limits"
+                    )));
+                }
+                let wg = plan.wg.clamp(2, 3);
+                let map_a = OperandBox {
+                    addr: a.device_ptr(&dev.stream).0,
+                    rows: m,
+                    k,
+                    box_rows: 64 * wg,
+                }
+                .encode()?;
+                let map_w = OperandBox {
+                    addr: w.device_ptr(&dev.stream).0,
+                    rows: n,
+                    k,
+                    box_rows: gemm_tma::TMA_BN / 2,
+                }
+                .encode()?;
+                let kps = plan.ktiles_per_split as i32;
+                let cfg = LaunchConfig {
+                    grid_dim: (plan.m_tiles as u32, plan.n_tiles as u32, plan.splits as u32),
+                    block_dim: (gemm_tma::threads(wg), 1, 1),
+                    shared_mem_bytes: gemm_tma::smem_bytes(wg),
+                };
+                let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles())?;
+                let Scratch { ws, counters } = &mut *scratch;
+                let mut b = Launch::new(&dev.stream, &fs[wg - 2], dev.pdl);
+                b.arg(&map_a).arg(&map_w).arg(c).arg(ws).arg(counters);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
+                // SAFETY: the tensor maps describe exactly A [m, k] and W [n, k] (validate()
+                // checked their lengths; 16-byte alignment checked above), and TMA never reads
+                // outside them (boxes past the edges are zero-filled). Stores are masked to
+                // m' < m, n' < n. The grid's x is even (the kernel's cluster is 2 × 1 × 1). With
+                // split-K the workspace holds tiles·splits·BM·192 floats and the counters ≥ tiles
+                // entries (grown by scratch()), zero between launches, ordered on dev.stream.
+                unsafe { b.launch(cfg) }
+                    .map_err(|e| cuda_err(&format!("launch gemm_tma_wg{wg}"), e))?;
+            }
             GemmPlan::Stream(plan) => {
                 let Some(fs) = &self.stream else {
                     return Err(Error::Backend(format!(
@@ -1091,6 +1228,8 @@ mod selftest {
         pub skinny2_failure: Option<String>,
         /// The first failure of the stream kernel, when loaded (`run` then keeps the skinny one).
         pub stream_failure: Option<String>,
+        /// The first failure of the TMA kernel, when loaded (`run` then keeps `gemm_wgmma`).
+        pub tma_failure: Option<String>,
     }
 
     /// Every fast kernel against `gemm_naive`: the variants that failed, and the first failures
@@ -1198,10 +1337,25 @@ mod selftest {
             }
             stream_failure = first_failure(gemm, dev, &jobs, fixture);
         }
+        // The TMA kernel (when loaded): both block heights with and without a forced split;
+        // M = 133 gives 2 (wg 2) or 1 + 1 phantom (wg 3) M tiles, N = 392 a partial 192-column
+        // tile whose second half is entirely past N, K = 776 a partial K tile.
+        let mut tma_failure = None;
+        if gemm.tma.is_some() {
+            let mut jobs = Vec::new();
+            for wg in [2, 3] {
+                for kps in [K.div_ceil(WGMMA_BK), 4] {
+                    let plan = WgmmaPlan::paired_with_ktiles_per_split(wg, M, N, K, kps);
+                    jobs.push((GemmPlan::Tma(plan), M));
+                }
+            }
+            tma_failure = first_failure(gemm, dev, &jobs, fixture);
+        }
         Ok(SelfTestOutcome {
             disabled: failed,
             skinny2_failure,
             stream_failure,
+            tma_failure,
         })
     }
 
@@ -1516,10 +1670,16 @@ fn check_one(
         How::Plan(GemmPlan::Wide(p)) => Some(p.splits),
         How::Plan(GemmPlan::Wgmma(p)) => Some(p.splits),
         How::Variant(GemmVariant::Wgmma) => {
-            let p = WgmmaPlan::new(m, n, case.k, gemm.num_sms);
+            let p = if gemm.tma_active() {
+                detail.push_str(", tma");
+                WgmmaPlan::new_paired(m, n, case.k, gemm.num_sms)
+            } else {
+                WgmmaPlan::new(m, n, case.k, gemm.num_sms)
+            };
             detail.push_str(&format!(", wg{}", p.wg));
             Some(p.splits)
         }
+        How::Plan(GemmPlan::Tma(p)) => Some(p.splits),
         How::Plan(GemmPlan::Stream(p)) => {
             detail.push_str(&format!(
                 ", {} blocks, {} tiles cut between blocks",
@@ -1595,6 +1755,9 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     }
     if let Some(f) = gemm.stream_failure() {
         why.push(format!("stream kernel requested but not used: {f}"));
+    }
+    if let Some(f) = gemm.tma_failure() {
+        why.push(format!("TMA kernel requested but not used: {f}"));
     }
     res.push(CheckResult::exact(
         "gemm.load_self_test",
@@ -1710,6 +1873,26 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     }
                 }
             }
+            if gemm.tma_loaded() {
+                // The TMA cluster kernel: its default plan, and on the small shapes both block
+                // heights with and without a forced split.
+                hows.push(How::Plan(GemmPlan::Tma(WgmmaPlan::new_paired(
+                    m,
+                    n,
+                    k,
+                    gemm.num_sms,
+                ))));
+                if n * k < 1 << 20 {
+                    let kt = k.div_ceil(WGMMA_BK);
+                    for wg in [2, 3] {
+                        for kps in [kt, 2] {
+                            hows.push(How::Plan(GemmPlan::Tma(
+                                WgmmaPlan::paired_with_ktiles_per_split(wg, m, n, k, kps),
+                            )));
+                        }
+                    }
+                }
+            }
             for how in hows {
                 let label = match how {
                     How::Variant(v) => v.name().to_string(),
@@ -1720,6 +1903,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     How::Plan(GemmPlan::Wgmma(p)) => format!("wgmma_wg{}_split{}", p.wg, p.splits),
                     How::Plan(GemmPlan::Stream(p)) => format!("stream_b{}", p.blocks),
                     How::Plan(GemmPlan::Naive) => "naive".to_string(),
+                    How::Plan(GemmPlan::Tma(p)) => format!("tma_wg{}_split{}", p.wg, p.splits),
                 };
                 for epi in Epilogue::ALL {
                     let tol = if epi == Epilogue::StoreBf16 {
@@ -1752,6 +1936,10 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                             dets.push(("stream".to_string(), How::Plan(GemmPlan::Stream(p))));
                         }
                     }
+                }
+                if v == GemmVariant::Wgmma && gemm.tma_loaded() {
+                    let p = WgmmaPlan::new_paired(m, n, k, gemm.num_sms);
+                    dets.push(("tma".to_string(), How::Plan(GemmPlan::Tma(p))));
                 }
                 for (label, how) in dets {
                     let name = format!("gemm.{label}.split_k_deterministic");
@@ -1854,7 +2042,8 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
     res
 }
 
-/// Times [`Gemm::run`] (the kernel it picks, e.g. the stream kernel under `DLLM_GEMM_STREAM=1`)
+/// Times [`Gemm::run`] (the kernel it picks, e.g. the stream kernel under `DLLM_GEMM_STREAM=1`
+/// or the TMA kernel under `DLLM_GEMM_TMA=1`)
 /// on one shape with a bf16 output, `repeat` timed launches after 3 warm-up ones: a focused run
 /// for profilers (`dllm-gpu-check --gemm-shape M,N,K`, `ncu -k regex:gemm_`).
 pub fn time_shape(
@@ -1880,6 +2069,14 @@ pub fn time_shape(
                 "skinny v{}, {} tiles × {} splits",
                 p.version, p.tiles, p.splits
             )
+        }
+        GemmVariant::Wgmma if gemm.tma_active() => {
+            let p = WgmmaPlan::new_paired(m, n, k, gemm.num_sms);
+            format!("tma wg{}, {} × {} tiles × {} splits", p.wg, p.m_tiles, p.n_tiles, p.splits)
+        }
+        GemmVariant::Wgmma => {
+            let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
+            format!("wgmma wg{}, {} × {} tiles × {} splits", p.wg, p.m_tiles, p.n_tiles, p.splits)
         }
         v => v.name().to_string(),
     };
@@ -2085,6 +2282,48 @@ fn bench_shape(
                         plan.tiles,
                         plan.chunks_per_tile,
                         plan.inner_boundaries()
+                    ),
+                ));
+            }
+        }
+    }
+    // The TMA cluster kernel (DLLM_GEMM_TMA=1) against gemm_wgmma, each with its own default
+    // plan, in the same process.
+    if gemm.tma_loaded() {
+        for m in [256usize, 384, 3072] {
+            let plans = [
+                (
+                    "wgmma",
+                    GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, gemm.num_sms)),
+                ),
+                (
+                    "tma",
+                    GemmPlan::Tma(WgmmaPlan::new_paired(m, n, k, gemm.num_sms)),
+                ),
+            ];
+            for (label, plan) in plans {
+                let ms = bufs.time(dev, m, |av, wv, out| {
+                    gemm.run_plan(dev, plan, av, wv, out, m, n, k)
+                })?;
+                let (GemmPlan::Wgmma(p) | GemmPlan::Tma(p)) = plan else {
+                    continue;
+                };
+                res.push(BenchResult::new(
+                    format!("gemm.{label}_vs m{m} n{n} k{k}"),
+                    ms,
+                    Some(w_bytes as f64),
+                    Some(2.0 * (m * n * k) as f64),
+                    format!(
+                        "{}wg{}: {} × {} tiles × {} splits",
+                        if gemm.tma_active() == (label == "tma") {
+                            "default, "
+                        } else {
+                            ""
+                        },
+                        p.wg,
+                        p.m_tiles,
+                        p.n_tiles,
+                        p.splits
                     ),
                 ));
             }
@@ -2361,6 +2600,7 @@ mod tests {
             n_tiles: nt,
             splits: s,
             ktiles_per_split: kps,
+            paired: false,
         };
         // M = 384: 192-row tiles give 2 × 64 = 128 blocks, one wave (128-row: 192 blocks).
         assert_eq!(WgmmaPlan::new(384, 12288, 4096, 132), p(3, 2, 64, 1, 64));

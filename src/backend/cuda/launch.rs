@@ -120,7 +120,7 @@ macro_rules! scalar_args {
         }
     )*};
 }
-scalar_args!(i32, u32, i64, u64, f32, f64);
+scalar_args!(i32, u32, i64, u64, f32, f64, sys::CUtensorMap);
 
 macro_rules! buffer_args {
     ($($t:ty),*) => {$(

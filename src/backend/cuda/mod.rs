@@ -11,6 +11,7 @@ pub mod check;
 pub mod elementwise;
 pub mod gemm;
 pub mod gemm_stream;
+pub mod gemm_tma;
 pub mod launch;
 pub mod padding;
 pub mod sampling;

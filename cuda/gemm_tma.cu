@@ -1,0 +1,236 @@
+// DLLM_SM90A — compiled to an sm_90a cubin (build.rs); in the portable compute_90 PTX the kernels
+// are empty and the host never launches them there.
+//
+// gemm_tma_wg{2,3}: C[M, N] = A[M, K] · Wᵀ (A bf16 [M, K], W bf16 [N, K], fp32 accumulation,
+// epilogues as in gemm.cu) on Hopper warpgroup MMA, fed by the tensor-memory accelerator (TMA)
+// with the weight tile multicast to a cluster of two blocks. Host side: src/backend/cuda/gemm_tma.rs;
+// notes: docs/gemm-notes.md ("tma").
+//
+// Why: gemm_wgmma (cp.async by all threads, one block per tile) is bound by L2 bandwidth at the
+// shapes that matter (M = 384: 517 TFLOP/s on 192x192 tiles, 389 on the split-K 4096-column
+// shapes, H100): each 64-K step of a 192x192 tile reads (192 + 192) x 128 B from L2 for
+// 192 x 192 x 64 x 2 FLOP, 96 FLOP per L2 byte. Here the two blocks of a cluster compute the
+// two M tiles of the same N tile and each loads half of the shared weight tile, multicast into
+// both blocks' shared memory: per cluster (2 x 192 + 192) rows for twice the work, 128 FLOP per
+// L2 byte (+33 %), and no thread spends issue slots on copies.
+//
+//   Block = WG consumer warpgroups (tile BM = 64·WG rows x 192 columns, one m64n192k16 wgmma per
+//   k16 step, 96 fp32 accumulators per thread, as in gemm_wgmma) + 1 producer warp. Cluster
+//   (2, 1, 1): cluster rank r = blockIdx.x & 1 computes M tile blockIdx.x of N tile blockIdx.y.
+//   Ring of STAGES slots [A tile BM x 128 B | W tile 192 x 128 B], 128-byte swizzle written by
+//   TMA (the pattern the wgmma descriptors read: 16-byte chunk c of row r at c ^ (r & 7)).
+//   Per 64-K step the producer (one thread) waits for the slot's `empty` barrier, arms its own
+//   `full` barrier with the bytes that will land in this block (A tile + whole W tile), loads its
+//   A tile, and loads W rows [96 r, 96 r + 96) of the N tile multicast to both blocks (each
+//   block's `full` barrier at the same offset receives those bytes). A slot is refilled only
+//   when the consumers of BOTH blocks released it (every consumer warpgroup arrives on the
+//   `empty` barrier of its own block and of the peer: count 2·WG), since the refill writes into
+//   both. Consumers: wait `full`, 4 wgmma, commit, wait for the previous step's group, release
+//   the previous slot. Out-of-range rows / K columns are zero-filled by TMA (the tensor maps hold
+//   the true M, N, K). Split-K along blockIdx.z exactly as gemm_wgmma (workspace + the last
+//   split reduces in split order). Both blocks meet at a cluster barrier before exiting, so no
+//   block leaves while its peer may still arrive on its barriers.
+#include "gemm_common.cuh"
+#include "wgmma_common.cuh"
+
+#include <cuda.h>
+
+#define TMA_BN 192
+#define TMA_BK 64
+#define TMA_ROW_BYTES 128
+
+template <int WG>
+struct TmaCfg {
+    static constexpr int BM = 64 * WG;
+    static constexpr int CONSUMERS = 128 * WG;
+    static constexpr int THREADS = CONSUMERS + 32;
+    static constexpr int A_BYTES = BM * TMA_ROW_BYTES;
+    static constexpr int B_BYTES = TMA_BN * TMA_ROW_BYTES;
+    static constexpr int B_HALF_BYTES = B_BYTES / 2;
+    static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+    static constexpr int STAGES = (WG == 2) ? 5 : 4;
+    // +1024: the ring is aligned up to 1024 bytes inside the dynamic allocation.
+    static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
+};
+static_assert(TmaCfg<2>::SMEM_BYTES <= 232448 - 1024, "tma wg2 shared memory");
+static_assert(TmaCfg<3>::SMEM_BYTES <= 232448 - 1024, "tma wg3 shared memory");
+static_assert(TmaCfg<2>::B_HALF_BYTES % 1024 == 0, "the multicast half must keep 1024-byte alignment");
+static_assert(TMA_BN / 2 <= 256 && TmaCfg<3>::BM <= 256, "TMA boxes hold at most 256 rows");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ void tma_bar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void tma_bar_arrive_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile(
+        "{\n"
+        "  .reg .b64 st;\n"
+        "  mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n"
+        "}\n" ::"r"(bar),
+        "r"(bytes)
+        : "memory");
+}
+
+// Arrives on the barrier at shared offset `bar` of cluster block `cta` (this block or the peer).
+__device__ __forceinline__ void tma_bar_arrive_cluster(uint32_t bar, uint32_t cta) {
+    asm volatile(
+        "{\n"
+        "  .reg .b32 remote;\n"
+        "  mapa.shared::cluster.u32 remote, %0, %1;\n"
+        "  mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+        "}\n" ::"r"(bar),
+        "r"(cta)
+        : "memory");
+}
+
+__device__ __forceinline__ void tma_bar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n"
+            "  .reg .pred p;\n"
+            "  mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+            "  selp.u32 %0, 1, 0, p;\n"
+            "}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    }
+}
+
+// 2-D tensor load of the box at (x = K element, y = row) into this block's shared memory.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+            "r"(dst),
+        "l"((uint64_t)map), "r"(x), "r"(y), "r"(bar)
+        : "memory");
+}
+
+// The same box written to `dst` (and signalled on `bar`) in every block of `mask`.
+__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar,
+                                                   uint16_t mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+        "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+        "l"((uint64_t)map), "r"(x), "r"(y), "r"(bar), "h"(mask)
+        : "memory");
+}
+
+__device__ __forceinline__ void tma_cluster_sync() {
+    asm volatile(
+        "barrier.cluster.arrive.release.aligned;\n"
+        "barrier.cluster.wait.acquire.aligned;\n" ::
+            : "memory");
+}
+
+template <int WG>
+__device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CUtensorMap* map_w, void* C,
+                                              float* __restrict__ ws, unsigned int* __restrict__ counters, int M,
+                                              int N, int K, int epi, int ktiles_per_split) {
+    using Cfg = TmaCfg<WG>;
+    extern __shared__ unsigned char tma_smem_raw[];
+    __shared__ __align__(8) uint64_t full_bar[Cfg::STAGES];
+    __shared__ __align__(8) uint64_t empty_bar[Cfg::STAGES];
+    const uint32_t smem = ((uint32_t)__cvta_generic_to_shared(tma_smem_raw) + 1023u) & ~1023u;
+    const int tid = threadIdx.x;
+    const int wg = tid >> 7;  // == WG for the producer warp
+    const uint32_t rank = blockIdx.x & 1u;
+    const uint32_t peer = rank ^ 1u;
+    const int m0 = blockIdx.x * Cfg::BM;
+    const int n0 = blockIdx.y * TMA_BN;
+    const int split = blockIdx.z;
+    const int splits = gridDim.z;
+    const int kt_begin = split * ktiles_per_split;
+    const int k_tiles = max(0, min((K + TMA_BK - 1) / TMA_BK, kt_begin + ktiles_per_split) - kt_begin);
+
+    if (tid == 0) {
+        for (int s = 0; s < Cfg::STAGES; ++s) {
+            tma_bar_init((uint32_t)__cvta_generic_to_shared(&full_bar[s]), 1);
+            tma_bar_init((uint32_t)__cvta_generic_to_shared(&empty_bar[s]), 2 * WG);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    // Both blocks' barriers exist before either block's copies or arrivals can reach them.
+    tma_cluster_sync();
+    // A (and, with split-K, the workspace) were written by earlier kernels.
+    dllm_pdl_entry();
+
+    float acc[96];
+    bool store = false;
+    if (wg == WG) {
+        // Producer warp: one thread issues every copy.
+        if (tid == Cfg::CONSUMERS) {
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)map_a) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)map_w) : "memory");
+            for (int kt = 0; kt < k_tiles; ++kt) {
+                const int s = kt % Cfg::STAGES;
+                const uint32_t use = (uint32_t)(kt / Cfg::STAGES);
+                if (use > 0) tma_bar_wait((uint32_t)__cvta_generic_to_shared(&empty_bar[s]), (use - 1) & 1u);
+                const uint32_t full = (uint32_t)__cvta_generic_to_shared(&full_bar[s]);
+                tma_bar_arrive_tx(full, Cfg::A_BYTES + Cfg::B_BYTES);
+                const uint32_t sa = smem + s * Cfg::STAGE_BYTES;
+                const int k = (kt_begin + kt) * TMA_BK;
+                tma_load(sa, map_a, k, m0, full);
+                tma_load_multicast(sa + Cfg::A_BYTES + rank * Cfg::B_HALF_BYTES, map_w, k,
+                                   n0 + (int)rank * (TMA_BN / 2), full, (uint16_t)0x3);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 96; ++i) acc[i] = 0.0f;
+        for (int kt = 0; kt < k_tiles; ++kt) {
+            const int s = kt % Cfg::STAGES;
+            tma_bar_wait((uint32_t)__cvta_generic_to_shared(&full_bar[s]), (uint32_t)(kt / Cfg::STAGES) & 1u);
+            const uint32_t sa = smem + s * Cfg::STAGE_BYTES + wg * 64 * TMA_ROW_BYTES;
+            const uint32_t sb = smem + s * Cfg::STAGE_BYTES + Cfg::A_BYTES;
+            const uint64_t da = wg_desc(sa);
+            const uint64_t db = wg_desc(sb);
+            wg_fence_acc(acc);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < TMA_BK / 16; ++kk) wg_mma_n192(acc, da + (uint64_t)(2 * kk), db + (uint64_t)(2 * kk));
+            wg_commit();
+            wg_wait<1>();
+            wg_fence_acc(acc);
+            // The previous step's wgmma group has finished reading its slot: release it in both
+            // blocks (the refill of a slot writes the W tile into both).
+            if (kt > 0 && (tid & 127) == 0) {
+                const uint32_t empty =
+                    (uint32_t)__cvta_generic_to_shared(&empty_bar[(kt - 1) % Cfg::STAGES]);
+                tma_bar_arrive_cluster(empty, rank);
+                tma_bar_arrive_cluster(empty, peer);
+            }
+        }
+        wg_wait<0>();
+        wg_fence_acc(acc);
+        const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+        store = splits == 1 ||
+                wg_split_reduce<Cfg::CONSUMERS>(acc, ws, counters, tile, split, splits, tid, 1);
+    }
+    if (store) wg_store_tile(acc, C, m0 + wg * 64, n0, M, N, epi, tid & 127);
+    // No block leaves while its peer may still arrive on its barriers or multicast into it.
+    tma_cluster_sync();
+}
+
+#define DLLM_TMA_KERNEL(WGN)                                                                                       \
+    extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * WGN + 32, 1)                     \
+        gemm_tma_wg##WGN(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,     \
+                         void* C, float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K, \
+                         int epi, int ktiles_per_split) {                                                           \
+        gemm_tma_body<WGN>(&map_a, &map_w, C, ws, counters, M, N, K, epi, ktiles_per_split);                      \
+    }
+
+#else  // portable PTX: no wgmma / multicast TMA; empty kernels with the same signature (never launched).
+
+#define DLLM_TMA_KERNEL(WGN)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(128 * WGN + 32, 1)                                                \
+        gemm_tma_wg##WGN(const __grid_constant__ CUtensorMap, const __grid_constant__ CUtensorMap, void*,          \
+                         float* __restrict__, unsigned int* __restrict__, int, int, int, int, int) {}
+
+#endif
+
+DLLM_TMA_KERNEL(2)
+DLLM_TMA_KERNEL(3)

@@ -1,0 +1,125 @@
+// Hopper warpgroup-MMA helpers shared by cuda/gemm_wgmma.cu and cuda/gemm_tma.cu (sm_90a only:
+// everything is inside __CUDA_ARCH_FEAT_SM90_ALL): shared-memory matrix descriptors, wgmma
+// fences / commit / wait, the m64n192k16 bf16 MMA, the split-K reduction of a 64x192-per-
+// warpgroup accumulator tile, and its epilogue store.
+#pragma once
+#include "gemm_common.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// Shared-memory matrix descriptor: start address, LBO 16 B (unused with swizzled K-major),
+// SBO 1024 B (8 rows x 128 B), base offset 0 (1024-aligned tiles), 128-byte swizzle.
+__device__ __forceinline__ uint64_t wg_desc(uint32_t addr) {
+    uint64_t d = (uint64_t)((addr & 0x3FFFF) >> 4);
+    d |= (uint64_t)1 << 16;
+    d |= (uint64_t)(1024 >> 4) << 32;
+    d |= (uint64_t)1 << 62;
+    return d;
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Keeps the compiler from moving accumulator accesses across wgmma issue / wait.
+__device__ __forceinline__ void wg_fence_acc(float (&d)[96]) {
+#pragma unroll
+    for (int i = 0; i < 96; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// D(64x192, fp32) += A(64x16, smem desc) * B(192x16, smem desc)ᵀ, both K-major, 128-byte swizzle.
+__device__ __forceinline__ void wg_mma_n192(float (&d)[96], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %98, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, "
+        "%96, %97, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+        : "l"(da), "l"(db), "n"(1)
+        : "memory");
+}
+
+// Named barrier `id` over `threads` threads (id 0 with every thread of the block = __syncthreads).
+__device__ __forceinline__ void wg_bar_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Split-K: writes this split's partial tile ([tile][split][e][thread] float4, 24 per thread of
+// the THREADS accumulator threads, which take part in named barrier `bar`) to `ws`; the last split
+// of the tile to arrive sums all partials in split order into `acc` (the same bits whichever block
+// is last), resets the tile's counter and returns true; the others return false.
+template <int THREADS>
+__device__ __forceinline__ bool wg_split_reduce(float (&acc)[96], float* __restrict__ ws,
+                                                unsigned int* __restrict__ counters, int tile, int split, int splits,
+                                                int tid, int bar) {
+    float4* part = (float4*)ws;
+    const size_t base = ((size_t)tile * splits + split) * 24;
+#pragma unroll
+    for (int e = 0; e < 24; ++e)
+        part[(base + e) * THREADS + tid] = make_float4(acc[4 * e], acc[4 * e + 1], acc[4 * e + 2], acc[4 * e + 3]);
+    __threadfence();
+    wg_bar_sync(bar, THREADS);
+    __shared__ unsigned int s_last;
+    if (tid == 0) s_last = (atomicAdd(&counters[tile], 1u) == (unsigned int)(splits - 1)) ? 1u : 0u;
+    wg_bar_sync(bar, THREADS);
+    if (s_last == 0u) return false;
+    __threadfence();
+#pragma unroll
+    for (int e = 0; e < 24; ++e) {
+        float4 total = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        // Own partial read back from the workspace too (keeps register pressure low).
+#pragma unroll 1
+        for (int s = 0; s < splits; ++s) {
+            const float4 p = __ldcg(&part[(((size_t)tile * splits + s) * 24 + e) * THREADS + tid]);
+            total.x += p.x;
+            total.y += p.y;
+            total.z += p.z;
+            total.w += p.w;
+        }
+        acc[4 * e] = total.x;
+        acc[4 * e + 1] = total.y;
+        acc[4 * e + 2] = total.z;
+        acc[4 * e + 3] = total.w;
+    }
+    if (tid == 0) counters[tile] = 0u;
+    return true;
+}
+
+// Stores the 64x192 accumulator tile of one warpgroup (rows row0.., columns n0..; `wtid` = thread
+// index within the warpgroup), masked to M x N. Layout of m64nNk16: warp w of the warpgroup owns
+// rows 16w..16w+15; lane (g, t) holds, for each 8-column block j, (row g, cols 8j+2t, +1) in
+// acc[4j], acc[4j+1] and (row g+8, same cols) in acc[4j+2], acc[4j+3].
+__device__ __forceinline__ void wg_store_tile(const float (&acc)[96], void* C, int row0, int n0, int M, int N,
+                                              int epi, int wtid) {
+    const int lane = wtid & 31;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int row = row0 + (wtid >> 5) * 16 + g;
+#pragma unroll
+    for (int j = 0; j < 24; ++j) {
+        const int n = n0 + 8 * j + 2 * t;
+        if (n < N) {
+            if (row < M) gemm_store2(C, (size_t)row * N + n, acc[4 * j], acc[4 * j + 1], epi);
+            if (row + 8 < M) gemm_store2(C, (size_t)(row + 8) * N + n, acc[4 * j + 2], acc[4 * j + 3], epi);
+        }
+    }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL

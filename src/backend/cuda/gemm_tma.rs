@@ -1,0 +1,180 @@
+//! Host pieces of `cuda/gemm_tma.cu`, the Hopper GEMM for `M > 64` fed by the tensor-memory
+//! accelerator with the weight tile multicast to a cluster of two blocks: loading the kernels,
+//! the tensor maps (TMA descriptors) of its operands, and its shared-memory size. Opt-in with
+//! `DLLM_GEMM_TMA=1` until it has run on a GPU; then [`super::gemm::Gemm::run`] uses it in place
+//! of `gemm_wgmma` (same tiles, same split-K plans with M tiles in pairs: [`WgmmaPlan`]). Design
+//! notes: docs/gemm-notes.md ("tma").
+//!
+//! [`WgmmaPlan`]: super::gemm::WgmmaPlan
+
+use super::{cuda_err, CudaDevice};
+use crate::error::{Error, Result};
+use cudarc::driver::sys;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::CudaFunction;
+
+/// K elements per TMA box / pipeline stage (128 bytes of bf16: one swizzle row); `TMA_BK`.
+pub const TMA_BK: usize = 64;
+/// Weight rows per block tile (`TMA_BN`); each block of a pair loads half of them.
+pub const TMA_BN: usize = 192;
+
+/// Whether the environment asks for the TMA kernel (`DLLM_GEMM_TMA=1`).
+pub fn requested_by_env() -> bool {
+    std::env::var("DLLM_GEMM_TMA").is_ok_and(|v| v.trim() == "1")
+}
+
+/// Threads of `gemm_tma_wg{wg}`: `wg` consumer warpgroups and one producer warp.
+pub fn threads(wg: usize) -> u32 {
+    (128 * wg + 32) as u32
+}
+
+/// Dynamic shared memory of `gemm_tma_wg{wg}` (`TmaCfg<WG>::SMEM_BYTES`): the ring of
+/// [A tile 64·wg × 128 B | W tile 192 × 128 B] stages, plus 1 KB to align it to 1024 bytes.
+pub fn smem_bytes(wg: usize) -> u32 {
+    let stage = (64 * wg + TMA_BN) * 128;
+    let stages = if wg == 2 { 5 } else { 4 };
+    (stages * stage + 1024) as u32
+}
+
+/// Loads `gemm_tma_wg2` / `gemm_tma_wg3` from the sm_90a cubin; the reason as text when this
+/// device cannot run them.
+pub fn load(dev: &CudaDevice) -> std::result::Result<[CudaFunction; 2], String> {
+    if dev.capability != (9, 0) {
+        return Err(format!(
+            "the TMA kernel needs the sm_90a cubin (compute capability 9.0); {} is {}.{}",
+            dev.name, dev.capability.0, dev.capability.1
+        ));
+    }
+    let load = |wg: usize| -> Result<CudaFunction> {
+        let name = format!("gemm_tma_wg{wg}");
+        let f = dev.function("gemm_tma", &name)?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem_bytes(wg) as i32,
+        )
+        .map_err(|e| cuda_err(&format!("{name}: allow dynamic shared memory"), e))?;
+        Ok(f)
+    };
+    match (load(2), load(3)) {
+        (Ok(a), Ok(b)) => Ok([a, b]),
+        (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+    }
+}
+
+/// The geometry of one operand's tensor map: a row-major bf16 matrix of `rows × k` at device
+/// address `addr`, read in boxes of `box_rows` rows × [`TMA_BK`] K elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OperandBox {
+    pub addr: u64,
+    pub rows: usize,
+    pub k: usize,
+    pub box_rows: usize,
+}
+
+impl OperandBox {
+    /// Checks what `cuTensorMapEncodeTiled` requires of this use, so a bad call is an error
+    /// naming the field rather than a driver code: 16-byte aligned address and row stride, at
+    /// most 2³² rows / K elements, a box of 1..=256 rows.
+    pub fn validate(&self) -> Result<()> {
+        if self.addr % 16 != 0 {
+            return Err(Error::invalid(format!(
+                "gemm tma: operand address {:#x} is not 16-byte aligned",
+                self.addr
+            )));
+        }
+        if self.k == 0 || self.rows == 0 || (self.k * 2) % 16 != 0 {
+            return Err(Error::invalid(format!(
+                "gemm tma: operand of {} rows × {} K needs k % 8 == 0 and both ≥ 1",
+                self.rows, self.k
+            )));
+        }
+        if self.rows > u32::MAX as usize || self.k > u32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "gemm tma: operand of {} rows × {} K exceeds the tensor-map limits",
+                self.rows, self.k
+            )));
+        }
+        if self.box_rows == 0 || self.box_rows > 256 {
+            return Err(Error::invalid(format!(
+                "gemm tma: box of {} rows (1..=256)",
+                self.box_rows
+            )));
+        }
+        Ok(())
+    }
+
+    /// The tensor map: dimensions (K, rows), row stride k·2 bytes, box (64, box_rows), 128-byte
+    /// swizzle (the layout the wgmma descriptors read), zero fill outside the matrix, L2
+    /// promotion of 256 bytes.
+    pub fn encode(&self) -> Result<sys::CUtensorMap> {
+        self.validate()?;
+        let dims: [sys::cuuint64_t; 2] = [self.k as u64, self.rows as u64];
+        let strides: [sys::cuuint64_t; 1] = [(self.k * 2) as u64];
+        let boxes: [sys::cuuint32_t; 2] = [TMA_BK as u32, self.box_rows as u32];
+        let elem: [sys::cuuint32_t; 2] = [1, 1];
+        // SAFETY: CUtensorMap is plain bytes (an opaque array); all-zero is a valid value to
+        // be overwritten by the encoder.
+        let mut map: sys::CUtensorMap = unsafe { std::mem::zeroed() };
+        // SAFETY: every pointer is to a live local array of the rank the call states (2, with
+        // rank − 1 strides); the encoder only writes `map`. It runs on the host, no context needed.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                2,
+                self.addr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        }
+        .result()
+        .map_err(|e| cuda_err(&format!("encode the tensor map of {self:?}"), e))?;
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_matches_the_kernel_and_fits() {
+        assert_eq!(smem_bytes(2), 5 * (128 + 192) * 128 + 1024);
+        assert_eq!(smem_bytes(3), 4 * (192 + 192) * 128 + 1024);
+        for wg in [2, 3] {
+            // 227 KB opt-in per block on sm_90, minus the static barriers.
+            assert!(smem_bytes(wg) <= 232_448 - 1024);
+        }
+        assert_eq!((threads(2), threads(3)), (288, 416));
+    }
+
+    #[test]
+    fn operand_boxes_are_validated_before_the_driver_sees_them() {
+        let ok = OperandBox {
+            addr: 0x1000,
+            rows: 384,
+            k: 4096,
+            box_rows: 192,
+        };
+        assert!(ok.validate().is_ok());
+        let bad = [
+            OperandBox { addr: 0x1008, ..ok },
+            OperandBox { k: 12, ..ok },
+            OperandBox { rows: 0, ..ok },
+            OperandBox {
+                box_rows: 257,
+                ..ok
+            },
+            OperandBox { box_rows: 0, ..ok },
+        ];
+        for b in bad {
+            assert!(b.validate().is_err(), "{b:?}");
+        }
+    }
+}
