@@ -31,6 +31,7 @@
 // bytes: they only feed output columns / rows that are never stored (each mma output element
 // depends on one weight row and one activation row). K values >= K are read as zeros.
 #include "gemm_common.cuh"
+#include "mbarrier.cuh"
 
 #define STREAM_CONSUMERS 4
 #define STREAM_THREADS ((STREAM_CONSUMERS + 1) * 32)
@@ -49,50 +50,6 @@ struct StreamCfg {
 };
 static_assert(StreamCfg<4>::SMEM_BYTES <= 232448 - 1024, "stream ring exceeds shared memory");
 static_assert(STREAM_PITCH % 16 == 0 && (STREAM_PITCH % 128) == 64, "pitch: 16-byte rows, bank shift");
-
-__device__ __forceinline__ uint32_t stream_smem_addr(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void stream_bar_init(uint32_t bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
-// Producer: one arrival that also announces `bytes` of bulk copies completing on this barrier.
-__device__ __forceinline__ void stream_bar_arrive_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile(
-        "{\n"
-        "  .reg .b64 st;\n"
-        "  mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n"
-        "}\n" ::"r"(bar),
-        "r"(bytes)
-        : "memory");
-}
-
-__device__ __forceinline__ void stream_bar_arrive(uint32_t bar) {
-    asm volatile(
-        "{\n"
-        "  .reg .b64 st;\n"
-        "  mbarrier.arrive.shared::cta.b64 st, [%0];\n"
-        "}\n" ::"r"(bar)
-        : "memory");
-}
-
-// Blocks until the phase of `bar` with parity `parity` has completed.
-__device__ __forceinline__ void stream_bar_wait(uint32_t bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done) {
-        asm volatile(
-            "{\n"
-            "  .reg .pred p;\n"
-            "  mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            "  selp.u32 %0, 1, 0, p;\n"
-            "}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    }
-}
 
 // Bulk copy global -> shared of `bytes` (multiple of 16, both addresses 16-byte aligned),
 // completing as transaction bytes on `bar`; `policy` is an L2 cache policy.
@@ -148,8 +105,8 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < STREAM_STAGES; ++s) {
-            stream_bar_init(stream_smem_addr(&full_bar[s]), 1);
-            stream_bar_init(stream_smem_addr(&empty_bar[s]), STREAM_CONSUMERS);
+            dllm_bar_init(dllm_smem_addr(&full_bar[s]), 1);
+            dllm_bar_init(dllm_smem_addr(&empty_bar[s]), STREAM_CONSUMERS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -157,7 +114,7 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
     // Every load below reads A (written by the previous kernel) or the split scratch.
     dllm_pdl_entry();
 
-    const uint32_t ring = stream_smem_addr(stream_ring);
+    const uint32_t ring = dllm_smem_addr(stream_ring);
     if (warp == STREAM_CONSUMERS) {
         // Producer warp: lane 0 announces each stage's bytes, all lanes issue the row copies.
         uint64_t policy;
@@ -166,14 +123,14 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
             const long long i = x - x_begin;
             const int s = (int)(i % STREAM_STAGES);
             const uint32_t use = (uint32_t)(i / STREAM_STAGES);
-            if (use > 0) stream_bar_wait(stream_smem_addr(&empty_bar[s]), (use - 1) & 1);
+            if (use > 0) dllm_bar_wait(dllm_smem_addr(&empty_bar[s]), (use - 1) & 1);
             const long long tile = x / C_chunks;
             const int k0 = (int)(x - tile * C_chunks) * STREAM_KS;
             const uint32_t bytes = (uint32_t)min(STREAM_KS, K - k0) * 2;
             const int row0 = (int)tile * STREAM_ROWS;
             const int rows = min(STREAM_ROWS, N - row0);
-            const uint32_t full = stream_smem_addr(&full_bar[s]);
-            if (lane == 0) stream_bar_arrive_tx(full, (uint32_t)(rows + M) * bytes);
+            const uint32_t full = dllm_smem_addr(&full_bar[s]);
+            if (lane == 0) dllm_bar_arrive_tx(full, (uint32_t)(rows + M) * bytes);
             __syncwarp();
             const uint32_t stage = ring + (uint32_t)(s * Cfg::STAGE_BYTES);
             for (int r = lane; r < rows; r += 32)
@@ -199,7 +156,7 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
         const long long tile = x / C_chunks;
         const int kc = (int)(x - tile * C_chunks);
         const int k0 = kc * STREAM_KS;
-        stream_bar_wait(stream_smem_addr(&full_bar[s]), use & 1);
+        dllm_bar_wait(dllm_smem_addr(&full_bar[s]), use & 1);
         const unsigned char* stage = stream_ring + s * Cfg::STAGE_BYTES;
 #pragma unroll
         for (int sub = 0; sub < STREAM_KS / 32; ++sub) {
@@ -227,7 +184,7 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
             }
         }
         __syncwarp();
-        if (lane == 0) stream_bar_arrive(stream_smem_addr(&empty_bar[s]));
+        if (lane == 0) dllm_bar_arrive(dllm_smem_addr(&empty_bar[s]));
 
         if (kc != C_chunks - 1 && x != x_end - 1) continue;
         // End of this block's segment of `tile`: write it, or hand it to the tile's reducer.

@@ -32,6 +32,7 @@
 //   block leaves while its peer may still arrive on its barriers.
 #include "gemm_common.cuh"
 #include "wgmma_common.cuh"
+#include "mbarrier.cuh"
 
 #include <cuda.h>
 
@@ -59,20 +60,6 @@ static_assert(TMA_BN / 2 <= 256 && TmaCfg<3>::BM <= 256, "TMA boxes hold at most
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-__device__ __forceinline__ void tma_bar_init(uint32_t bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void tma_bar_arrive_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile(
-        "{\n"
-        "  .reg .b64 st;\n"
-        "  mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n"
-        "}\n" ::"r"(bar),
-        "r"(bytes)
-        : "memory");
-}
-
 // Arrives on the barrier at shared offset `bar` of cluster block `cta` (this block or the peer).
 __device__ __forceinline__ void tma_bar_arrive_cluster(uint32_t bar, uint32_t cta) {
     asm volatile(
@@ -83,21 +70,6 @@ __device__ __forceinline__ void tma_bar_arrive_cluster(uint32_t bar, uint32_t ct
         "}\n" ::"r"(bar),
         "r"(cta)
         : "memory");
-}
-
-__device__ __forceinline__ void tma_bar_wait(uint32_t bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done) {
-        asm volatile(
-            "{\n"
-            "  .reg .pred p;\n"
-            "  mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-            "  selp.u32 %0, 1, 0, p;\n"
-            "}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    }
 }
 
 // 2-D tensor load of the box at (x = K element, y = row) into this block's shared memory.
@@ -148,8 +120,8 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
 
     if (tid == 0) {
         for (int s = 0; s < Cfg::STAGES; ++s) {
-            tma_bar_init((uint32_t)__cvta_generic_to_shared(&full_bar[s]), 1);
-            tma_bar_init((uint32_t)__cvta_generic_to_shared(&empty_bar[s]), 2 * WG);
+            dllm_bar_init(dllm_smem_addr(&full_bar[s]), 1);
+            dllm_bar_init(dllm_smem_addr(&empty_bar[s]), 2 * WG);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -168,9 +140,9 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
             for (int kt = 0; kt < k_tiles; ++kt) {
                 const int s = kt % Cfg::STAGES;
                 const uint32_t use = (uint32_t)(kt / Cfg::STAGES);
-                if (use > 0) tma_bar_wait((uint32_t)__cvta_generic_to_shared(&empty_bar[s]), (use - 1) & 1u);
-                const uint32_t full = (uint32_t)__cvta_generic_to_shared(&full_bar[s]);
-                tma_bar_arrive_tx(full, Cfg::A_BYTES + Cfg::B_BYTES);
+                if (use > 0) dllm_bar_wait(dllm_smem_addr(&empty_bar[s]), (use - 1) & 1u);
+                const uint32_t full = dllm_smem_addr(&full_bar[s]);
+                dllm_bar_arrive_tx(full, Cfg::A_BYTES + Cfg::B_BYTES);
                 const uint32_t sa = smem + s * Cfg::STAGE_BYTES;
                 const int k = (kt_begin + kt) * TMA_BK;
                 tma_load(sa, map_a, k, m0, full);
@@ -183,7 +155,7 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
         for (int i = 0; i < 96; ++i) acc[i] = 0.0f;
         for (int kt = 0; kt < k_tiles; ++kt) {
             const int s = kt % Cfg::STAGES;
-            tma_bar_wait((uint32_t)__cvta_generic_to_shared(&full_bar[s]), (uint32_t)(kt / Cfg::STAGES) & 1u);
+            dllm_bar_wait(dllm_smem_addr(&full_bar[s]), (uint32_t)(kt / Cfg::STAGES) & 1u);
             const uint32_t sa = smem + s * Cfg::STAGE_BYTES + wg * 64 * TMA_ROW_BYTES;
             const uint32_t sb = smem + s * Cfg::STAGE_BYTES + Cfg::A_BYTES;
             const uint64_t da = wg_desc(sa);
@@ -199,7 +171,7 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
             // blocks (the refill of a slot writes the W tile into both).
             if (kt > 0 && (tid & 127) == 0) {
                 const uint32_t empty =
-                    (uint32_t)__cvta_generic_to_shared(&empty_bar[(kt - 1) % Cfg::STAGES]);
+                    dllm_smem_addr(&empty_bar[(kt - 1) % Cfg::STAGES]);
                 tma_bar_arrive_cluster(empty, rank);
                 tma_bar_arrive_cluster(empty, peer);
             }

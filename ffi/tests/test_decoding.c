@@ -14,23 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "check.h"
-
-#define GEN 16
-#define MAXC 64
-
-static dllm_model *model;
-static int32_t mask_id;
-static int32_t canvas0[MAXC]; /* prompt + GEN masks */
-static size_t len0, prompt_len;
-
-static dllm_sampling_params params(void) {
-    dllm_sampling_params p;
-    dllm_sampling_params_default(&p);
-    p.steps = 8;
-    p.block_len = 8;
-    return p;
-}
+#include "session_fixture.h"
 
 /* A new session on canvas0 with `p`, or NULL (a failed CHECK) when creation fails. */
 static dllm_session *new_session(const dllm_sampling_params *p) {
@@ -370,11 +354,7 @@ static void test_stop_at_eos(void) {
 
 int main(int argc, char **argv) {
     REQUIRE(argc == 2);
-    model = load_cpu_model(argv[1]);
-    REQUIRE(model != NULL);
-    mask_id = dllm_model_mask_token(model);
-    len0 = prompt_canvas(model, "def square(x):\n", GEN, canvas0, MAXC, &prompt_len);
-    REQUIRE(len0 > GEN);
+    REQUIRE(fixture_setup(argv[1]) == 0);
 
     test_defaults_and_layout();
     test_fields_accepted();

@@ -12,23 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "check.h"
-
-#define GEN 16
-#define MAXC 64
-
-static dllm_model *model;
-static int32_t mask_id;
-static int32_t canvas0[MAXC]; /* prompt + GEN masks */
-static size_t len0, prompt_len;
-
-static dllm_sampling_params params(void) {
-    dllm_sampling_params p;
-    dllm_sampling_params_default(&p);
-    p.steps = 8;
-    p.block_len = 8;
-    return p;
-}
+#include "session_fixture.h"
 
 static dllm_session *new_session(void) {
     dllm_sampling_params p = params();
@@ -347,11 +331,7 @@ static void test_model_freed_first(const int32_t *greedy) {
 
 int main(int argc, char **argv) {
     REQUIRE(argc == 2);
-    model = load_cpu_model(argv[1]);
-    REQUIRE(model != NULL);
-    mask_id = dllm_model_mask_token(model);
-    len0 = prompt_canvas(model, "def square(x):\n", GEN, canvas0, MAXC, &prompt_len);
-    REQUIRE(len0 > GEN);
+    REQUIRE(fixture_setup(argv[1]) == 0);
 
     int32_t greedy[MAXC];
     test_defaults_and_validation();
