@@ -5,11 +5,11 @@
 //
 // Why: the register-fed skinny kernels (gemm.cu) keep only the 16-byte loads that fit in their
 // registers in flight, and every mma / activation load of a warp delays its next weight loads,
-// so at M = 32 they stream at 54-63 % of the copy bandwidth. Here one producer warp per block
-// issues `cp.async.bulk` row copies (one per weight or activation row and K chunk) into a
-// STREAM_STAGES-deep shared-memory ring tracked by mbarriers (full: transaction bytes landed;
-// empty: the 4 consumer warps are done with the slot), so the bytes in flight per SM are the
-// ring (up to 3 stages x 32 KB of weights) whatever the consumers are doing.
+// so at M = 32 they stream at 54-63 % of the copy bandwidth. Here one thread of a producer warp
+// issues TMA box loads (4 per stage: two 64-K boxes of the 128-row weight tile, two of the
+// activations) into a STREAM_STAGES-deep shared-memory ring tracked by mbarriers (full:
+// transaction bytes landed; empty: the 4 consumer warps are done with the slot), so the bytes in
+// flight per SM are the ring (up to 4 stages x 32 KB of weights) whatever the consumers do.
 //
 // Work split ("stream-K"): the weight rows are cut into tiles of STREAM_ROWS = 128 rows and K into
 // chunks of STREAM_KS = 128, giving T = tiles x C (tile, chunk) pairs in tile-major order. The grid
@@ -22,58 +22,41 @@
 // order (so the result is the same bits whoever arrives last), applies the epilogue and resets
 // the counter.
 //
-// Shared memory: STREAM_STAGES stages of [128 weight rows | 8·G activation rows], each row
-// STREAM_KS bf16 (256 B) at a pitch of 320 B. Consumer warp w owns weight rows [32w, 32w + 32) as
-// two 16-row mma tiles; lane (g = lane / 4, t = lane % 4) reads 16 bytes at k = 8t..8t+7 of rows
-// g and g + 8 (the skinny kernels' k-slot permutation: the registers read are the mma
-// fragments). With a 320-byte pitch the 8 lanes of a quarter-warp (rows g, g + 1; t = 0..3) hit
-// 8 distinct 16-byte bank groups. Activation rows >= M and weight rows >= N of a slot hold stale
-// bytes: they only feed output columns / rows that are never stored (each mma output element
-// depends on one weight row and one activation row). K values >= K are read as zeros.
+// Shared memory, per stage (1024-aligned): W boxes kb = 0, 1 (K [64 kb, 64 kb + 64) of the chunk)
+// of 128 rows x 128 B, then A boxes kb = 0, 1 of 8·G rows x 128 B, all in the TMA 128-byte
+// swizzle: 16-byte chunk c of box row r at r·128 + ((c ^ (r & 7)) << 4). Rows past N / M and K
+// values past K arrive as zeros. Consumer warp w owns weight rows [32w, 32w + 32) as two 16-row
+// mma tiles. At sub-step s (0..3, 32 K each) lane (g = lane / 4, t = lane % 4) reads logical
+// chunk c = 2t + (s & 1) of box kb = s / 2 in rows g and g + 8 of each tile and in token row g of
+// each group: the 8 K values of a 16-byte read are the lane's mma k-slots (the same assignment
+// for weights and activations, which is all a dot product needs), and since rows g and g + 1 XOR
+// different low bits into the even / odd chunk sets, the 8 lanes of a quarter-warp hit 8
+// distinct 16-byte bank groups.
 #include "gemm_common.cuh"
 #include "mbarrier.cuh"
+#include "tma.cuh"
 
 #define STREAM_CONSUMERS 4
 #define STREAM_THREADS ((STREAM_CONSUMERS + 1) * 32)
 #define STREAM_RT 2
 #define STREAM_ROWS (STREAM_CONSUMERS * 16 * STREAM_RT)
 #define STREAM_KS 128
-#define STREAM_PITCH (STREAM_KS * 2 + 64)
-#define STREAM_STAGES 4
+#define STREAM_BOX_K 64
+#define STREAM_STAGES 5
 
 template <int G>
 struct StreamCfg {
-    static constexpr int A_ROWS = 8 * G;
-    static constexpr int W_BYTES = STREAM_ROWS * STREAM_PITCH;
-    static constexpr int STAGE_BYTES = (STREAM_ROWS + A_ROWS) * STREAM_PITCH;
-    static constexpr int SMEM_BYTES = STREAM_STAGES * STAGE_BYTES;
+    static constexpr int W_BOX_BYTES = STREAM_ROWS * 128;
+    static constexpr int A_BOX_BYTES = 8 * G * 128;
+    static constexpr int A_OFFSET = 2 * W_BOX_BYTES;
+    static constexpr int STAGE_BYTES = 2 * W_BOX_BYTES + 2 * A_BOX_BYTES;
+    // +1024: the ring is aligned up to 1024 bytes (the swizzle pattern's period) inside the
+    // dynamic allocation.
+    static constexpr int SMEM_BYTES = STREAM_STAGES * STAGE_BYTES + 1024;
 };
 static_assert(StreamCfg<4>::SMEM_BYTES <= 232448 - 1024, "stream ring exceeds shared memory");
-static_assert(STREAM_PITCH % 16 == 0 && (STREAM_PITCH % 128) == 64, "pitch: 16-byte rows, bank shift");
-
-// Bulk copy global -> shared of `bytes` (multiple of 16, both addresses 16-byte aligned),
-// completing as transaction bytes on `bar`; `policy` is an L2 cache policy.
-__device__ __forceinline__ void stream_copy_hint(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
-                                                 uint64_t policy) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
-        "%4;\n" ::"r"(dst),
-        "l"(src), "r"(bytes), "r"(bar), "l"(policy)
-        : "memory");
-}
-
-__device__ __forceinline__ void stream_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                     dst),
-                 "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
-}
-
-// First chunk of block b's range, and the block whose range holds chunk x (B blocks, T chunks).
-__device__ __forceinline__ long long stream_start(long long b, long long T, long long B) { return b * T / B; }
-__device__ __forceinline__ int stream_block_of(long long x, long long T, long long B) {
-    return (int)(((x + 1) * B - 1) / T);
-}
+static_assert(StreamCfg<1>::A_BOX_BYTES % 1024 == 0 && StreamCfg<1>::STAGE_BYTES % 1024 == 0,
+              "boxes must stay 1024-byte aligned for the 128-byte swizzle");
 
 template <int G>
 __device__ __forceinline__ void stream_zero(float (&a)[STREAM_RT][G][4]) {
@@ -85,12 +68,21 @@ __device__ __forceinline__ void stream_zero(float (&a)[STREAM_RT][G][4]) {
             for (int q = 0; q < 4; ++q) a[r][j][q] = 0.0f;
 }
 
+// First chunk of block b's range, and the block whose range holds chunk x (B blocks, T chunks).
+__device__ __forceinline__ long long stream_start(long long b, long long T, long long B) { return b * T / B; }
+__device__ __forceinline__ int stream_block_of(long long x, long long T, long long B) {
+    return (int)(((x + 1) * B - 1) / T);
+}
+
+// Byte offset of logical 16-byte chunk c of row r in a 128-byte-swizzled box.
+__device__ __forceinline__ uint32_t stream_swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
+
 template <int G>
-__device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,
+__device__ __forceinline__ void stream_body(const CUtensorMap* map_a, const CUtensorMap* map_w, void* C,
                                             float* __restrict__ ws, unsigned int* __restrict__ counters, int M,
                                             int N, int K, int epi) {
     using Cfg = StreamCfg<G>;
-    extern __shared__ __align__(128) unsigned char stream_ring[];
+    extern __shared__ unsigned char stream_raw[];
     __shared__ __align__(8) uint64_t full_bar[STREAM_STAGES];
     __shared__ __align__(8) uint64_t empty_bar[STREAM_STAGES];
 
@@ -102,6 +94,14 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
     const long long B = gridDim.x;
     const long long x_begin = stream_start(blockIdx.x, T, B);
     const long long x_end = stream_start((long long)blockIdx.x + 1, T, B);
+    const int n_chunks = (int)(x_end - x_begin);  // < 2^31: T / B chunks, B >= 1
+    // Where the range starts: tile and chunk (one 64-bit division; the loops count from here).
+    const int tile_begin = (int)(x_begin / C_chunks);
+    const int kc_begin = (int)(x_begin - (long long)tile_begin * C_chunks);
+
+    const uint32_t raw = dllm_smem_addr(stream_raw);
+    const uint32_t ring = (raw + 1023u) & ~1023u;
+    unsigned char* ring_ptr = stream_raw + (ring - raw);
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < STREAM_STAGES; ++s) {
@@ -114,29 +114,35 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
     // Every load below reads A (written by the previous kernel) or the split scratch.
     dllm_pdl_entry();
 
-    const uint32_t ring = dllm_smem_addr(stream_ring);
     if (warp == STREAM_CONSUMERS) {
-        // Producer warp: lane 0 announces each stage's bytes, all lanes issue the row copies.
-        uint64_t policy;
-        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-        for (long long x = x_begin; x < x_end; ++x) {
-            const long long i = x - x_begin;
-            const int s = (int)(i % STREAM_STAGES);
-            const uint32_t use = (uint32_t)(i / STREAM_STAGES);
-            if (use > 0) dllm_bar_wait(dllm_smem_addr(&empty_bar[s]), (use - 1) & 1);
-            const long long tile = x / C_chunks;
-            const int k0 = (int)(x - tile * C_chunks) * STREAM_KS;
-            const uint32_t bytes = (uint32_t)min(STREAM_KS, K - k0) * 2;
-            const int row0 = (int)tile * STREAM_ROWS;
-            const int rows = min(STREAM_ROWS, N - row0);
-            const uint32_t full = dllm_smem_addr(&full_bar[s]);
-            if (lane == 0) dllm_bar_arrive_tx(full, (uint32_t)(rows + M) * bytes);
-            __syncwarp();
-            const uint32_t stage = ring + (uint32_t)(s * Cfg::STAGE_BYTES);
-            for (int r = lane; r < rows; r += 32)
-                stream_copy_hint(stage + r * STREAM_PITCH, W + (size_t)(row0 + r) * K + k0, bytes, full, policy);
-            for (int r = lane; r < M; r += 32)
-                stream_copy(stage + Cfg::W_BYTES + r * STREAM_PITCH, A + (size_t)r * K + k0, bytes, full);
+        // Producer: one thread arms each stage with its byte count and issues its 4 boxes.
+        if (lane == 0) {
+            tma_prefetch_map(map_a);
+            tma_prefetch_map(map_w);
+            const uint64_t policy = tma_evict_first();
+            int tile = tile_begin, kc = kc_begin, s = 0;
+            uint32_t phase = 0;  // parity of the slot's current use
+            for (int i = 0; i < n_chunks; ++i) {
+                if (i >= STREAM_STAGES) dllm_bar_wait(dllm_smem_addr(&empty_bar[s]), phase ^ 1u);
+                const uint32_t full = dllm_smem_addr(&full_bar[s]);
+                dllm_bar_arrive_tx(full, Cfg::STAGE_BYTES);
+                const uint32_t stage = ring + (uint32_t)(s * Cfg::STAGE_BYTES);
+                const int k0 = kc * STREAM_KS;
+                const int row0 = tile * STREAM_ROWS;
+#pragma unroll
+                for (int kb = 0; kb < 2; ++kb) {
+                    tma_load_hint(stage + kb * Cfg::W_BOX_BYTES, map_w, k0 + kb * STREAM_BOX_K, row0, full, policy);
+                    tma_load(stage + Cfg::A_OFFSET + kb * Cfg::A_BOX_BYTES, map_a, k0 + kb * STREAM_BOX_K, 0, full);
+                }
+                if (++kc == C_chunks) {
+                    kc = 0;
+                    ++tile;
+                }
+                if (++s == STREAM_STAGES) {
+                    s = 0;
+                    phase ^= 1u;
+                }
+            }
         }
         return;
     }
@@ -148,51 +154,51 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
     float acc[STREAM_RT][G][4];
     stream_zero<G>(acc);
 
-    long long seg_begin = x_begin;
-    for (long long x = x_begin; x < x_end; ++x) {
-        const long long i = x - x_begin;
-        const int s = (int)(i % STREAM_STAGES);
-        const uint32_t use = (uint32_t)(i / STREAM_STAGES);
-        const long long tile = x / C_chunks;
-        const int kc = (int)(x - tile * C_chunks);
-        const int k0 = kc * STREAM_KS;
-        dllm_bar_wait(dllm_smem_addr(&full_bar[s]), use & 1);
-        const unsigned char* stage = stream_ring + s * Cfg::STAGE_BYTES;
+    int tile = tile_begin, kc = kc_begin, s = 0;
+    uint32_t phase = 0;
+    bool seg_whole = kc_begin == 0;  // this segment of `tile` started at the tile's first chunk
+    for (int i = 0; i < n_chunks; ++i) {
+        dllm_bar_wait(dllm_smem_addr(&full_bar[s]), phase);
+        const unsigned char* stage = ring_ptr + s * Cfg::STAGE_BYTES;
 #pragma unroll
         for (int sub = 0; sub < STREAM_KS / 32; ++sub) {
-            if (k0 + sub * 32 < K) {  // warp-uniform
-                const int kk = sub * 32 + 8 * t;
-                const bool in = k0 + kk < K;
-                const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-                uint4 wa[STREAM_RT], wb[STREAM_RT];
+            const unsigned char* wbox = stage + (sub >> 1) * Cfg::W_BOX_BYTES;
+            const unsigned char* abox = stage + Cfg::A_OFFSET + (sub >> 1) * Cfg::A_BOX_BYTES;
+            const int c = 2 * t + (sub & 1);
+            uint4 wa[STREAM_RT], wb[STREAM_RT];
+#pragma unroll
+            for (int r = 0; r < STREAM_RT; ++r) {
+                const int row = wrow + 16 * r + g;
+                wa[r] = *(const uint4*)(wbox + stream_swz(row, c));
+                wb[r] = *(const uint4*)(wbox + stream_swz(row + 8, c));
+            }
+#pragma unroll
+            for (int j = 0; j < G; ++j) {
+                const uint4 av = *(const uint4*)(abox + stream_swz(8 * j + g, c));
 #pragma unroll
                 for (int r = 0; r < STREAM_RT; ++r) {
-                    const int row = wrow + 16 * r + g;
-                    wa[r] = in ? *(const uint4*)(stage + row * STREAM_PITCH + kk * 2) : zero;
-                    wb[r] = in ? *(const uint4*)(stage + (row + 8) * STREAM_PITCH + kk * 2) : zero;
-                }
-#pragma unroll
-                for (int j = 0; j < G; ++j) {
-                    const uint4 av =
-                        in ? *(const uint4*)(stage + Cfg::W_BYTES + (8 * j + g) * STREAM_PITCH + kk * 2) : zero;
-#pragma unroll
-                    for (int r = 0; r < STREAM_RT; ++r) {
-                        gemm_mma_bf16(acc[r][j], wa[r].x, wb[r].x, wa[r].y, wb[r].y, av.x, av.y);
-                        gemm_mma_bf16(acc[r][j], wa[r].z, wb[r].z, wa[r].w, wb[r].w, av.z, av.w);
-                    }
+                    gemm_mma_bf16(acc[r][j], wa[r].x, wb[r].x, wa[r].y, wb[r].y, av.x, av.y);
+                    gemm_mma_bf16(acc[r][j], wa[r].z, wb[r].z, wa[r].w, wb[r].w, av.z, av.w);
                 }
             }
         }
         __syncwarp();
         if (lane == 0) dllm_bar_arrive(dllm_smem_addr(&empty_bar[s]));
+        if (++s == STREAM_STAGES) {
+            s = 0;
+            phase ^= 1u;
+        }
 
-        if (kc != C_chunks - 1 && x != x_end - 1) continue;
+        const bool tile_end = kc == C_chunks - 1;
+        if (!tile_end && i != n_chunks - 1) {
+            ++kc;
+            continue;
+        }
         // End of this block's segment of `tile`: write it, or hand it to the tile's reducer.
-        const long long t0 = tile * C_chunks;
-        bool store = (seg_begin == t0) && (x == t0 + C_chunks - 1);
+        bool store = seg_whole && tile_end;
         if (!store) {
             float4* part = (float4*)ws;
-            const int slot = (x_begin / C_chunks == tile) ? 0 : 1;
+            const int slot = (tile == tile_begin) ? 0 : 1;
             const size_t base = (((size_t)blockIdx.x * 2 + slot) * STREAM_CONSUMERS + warp) * (STREAM_RT * G);
 #pragma unroll
             for (int r = 0; r < STREAM_RT; ++r)
@@ -200,16 +206,23 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
                 for (int j = 0; j < G; ++j)
                     part[(base + r * G + j) * 32 + lane] =
                         make_float4(acc[r][j][0], acc[r][j][1], acc[r][j][2], acc[r][j][3]);
+            // Every lane's partial is visible device-wide before the counter moves; the lane
+            // that moves it fences again, and __syncwarp orders that for the other lanes, before
+            // anyone reads the other blocks' partials.
             __threadfence();
             __syncwarp();
-            unsigned int* counter = &counters[tile * STREAM_CONSUMERS + warp];
+            const long long t0 = (long long)tile * C_chunks;
+            unsigned int* counter = &counters[(size_t)tile * STREAM_CONSUMERS + warp];
             unsigned int prev = 0;
-            if (lane == 0) prev = atomicAdd(counter, 1u);
+            if (lane == 0) {
+                prev = atomicAdd(counter, 1u);
+                __threadfence();
+            }
+            __syncwarp();
             prev = __shfl_sync(0xffffffffu, prev, 0);
             const int b0 = stream_block_of(t0, T, B);
             const int b1 = stream_block_of(t0 + C_chunks - 1, T, B);
             if (prev == (unsigned int)(b1 - b0)) {
-                __threadfence();
                 float sum[STREAM_RT][G][4];
                 stream_zero<G>(sum);
                 for (int b = b0; b <= b1; ++b) {
@@ -244,7 +257,7 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
         if (store) {
             // Fragment element q of tile r, group j: weight row rbase + 16 r + g (+ 8 when q >= 2),
             // token 8 j + 2 t + (q & 1).
-            const int rbase = (int)tile * STREAM_ROWS + wrow;
+            const int rbase = tile * STREAM_ROWS + wrow;
 #pragma unroll
             for (int r = 0; r < STREAM_RT; ++r)
 #pragma unroll
@@ -257,16 +270,18 @@ __device__ __forceinline__ void stream_body(const uint16_t* __restrict__ A, cons
                     }
         }
         stream_zero<G>(acc);
-        seg_begin = x + 1;
+        seg_whole = true;  // the next segment starts at a tile's first chunk
+        kc = 0;
+        ++tile;
     }
 }
 
 #define DLLM_STREAM_KERNEL(G)                                                                                  \
     extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1)                                          \
-        gemm_stream_mg##G(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,             \
-                          float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K,    \
-                          int epi) {                                                                           \
-        stream_body<G>(A, W, C, ws, counters, M, N, K, epi);                                                   \
+        gemm_stream_mg##G(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, \
+                          void* C, float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N,  \
+                          int K, int epi) {                                                                    \
+        stream_body<G>(&map_a, &map_w, C, ws, counters, M, N, K, epi);                                         \
     }
 
 DLLM_STREAM_KERNEL(1)

@@ -33,8 +33,8 @@
 #include "gemm_common.cuh"
 #include "wgmma_common.cuh"
 #include "mbarrier.cuh"
+#include "tma.cuh"
 
-#include <cuda.h>
 
 #define TMA_BN 192
 #define TMA_BK 64
@@ -56,6 +56,9 @@ struct TmaCfg {
 static_assert(TmaCfg<2>::SMEM_BYTES <= 232448 - 1024, "tma wg2 shared memory");
 static_assert(TmaCfg<3>::SMEM_BYTES <= 232448 - 1024, "tma wg3 shared memory");
 static_assert(TmaCfg<2>::B_HALF_BYTES % 1024 == 0, "the multicast half must keep 1024-byte alignment");
+static_assert(TmaCfg<2>::STAGE_BYTES % 1024 == 0 && TmaCfg<3>::STAGE_BYTES % 1024 == 0, "1024-aligned stages");
+static_assert(TmaCfg<2>::A_BYTES % 1024 == 0 && TmaCfg<3>::A_BYTES % 1024 == 0, "1024-aligned W tiles");
+static_assert((64 * TMA_ROW_BYTES) % 1024 == 0, "1024-aligned warpgroup slices of the A tile");
 static_assert(TMA_BN / 2 <= 256 && TmaCfg<3>::BM <= 256, "TMA boxes hold at most 256 rows");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -66,30 +69,13 @@ __device__ __forceinline__ void tma_bar_arrive_cluster(uint32_t bar, uint32_t ct
         "{\n"
         "  .reg .b32 remote;\n"
         "  mapa.shared::cluster.u32 remote, %0, %1;\n"
-        "  mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+        "  mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
         "}\n" ::"r"(bar),
         "r"(cta)
         : "memory");
 }
 
-// 2-D tensor load of the box at (x = K element, y = row) into this block's shared memory.
-__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
-            "r"(dst),
-        "l"((uint64_t)map), "r"(x), "r"(y), "r"(bar)
-        : "memory");
-}
 
-// The same box written to `dst` (and signalled on `bar`) in every block of `mask`.
-__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar,
-                                                   uint16_t mask) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
-        "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
-        "l"((uint64_t)map), "r"(x), "r"(y), "r"(bar), "h"(mask)
-        : "memory");
-}
 
 __device__ __forceinline__ void tma_cluster_sync() {
     asm volatile(
@@ -135,8 +121,8 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
     if (wg == WG) {
         // Producer warp: one thread issues every copy.
         if (tid == Cfg::CONSUMERS) {
-            asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)map_a) : "memory");
-            asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)map_w) : "memory");
+            tma_prefetch_map(map_a);
+            tma_prefetch_map(map_w);
             for (int kt = 0; kt < k_tiles; ++kt) {
                 const int s = kt % Cfg::STAGES;
                 const uint32_t use = (uint32_t)(kt / Cfg::STAGES);
@@ -183,7 +169,9 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
                 wg_split_reduce<Cfg::CONSUMERS>(acc, ws, counters, tile, split, splits, tid, 1);
     }
     if (store) wg_store_tile(acc, C, m0 + wg * 64, n0, M, N, epi, tid & 127);
-    // No block leaves while its peer may still arrive on its barriers or multicast into it.
+    // No block leaves while its peer may still arrive on its barriers or multicast into it
+    // (the release of the cluster barrier also orders this block's last remote arrivals).
+    __syncwarp();
     tma_cluster_sync();
 }
 

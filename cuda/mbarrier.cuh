@@ -30,19 +30,22 @@ __device__ __forceinline__ void dllm_bar_arrive(uint32_t bar) {
         : "memory");
 }
 
-// Blocks until the phase of `bar` with parity `parity` has completed; acquire at cluster scope,
-// so arrivals released by other blocks of the cluster are visible too.
+// Blocks until the phase of `bar` with parity `parity` has completed. A watchdog turns a wait
+// of more than ~2^28 polls (seconds; a legitimate wait is microseconds) into a trap, so a
+// protocol bug fails the launch with an error instead of hanging the process.
 __device__ __forceinline__ void dllm_bar_wait(uint32_t bar, uint32_t parity) {
     uint32_t done = 0;
+    uint32_t polls = 0;
     while (!done) {
         asm volatile(
             "{\n"
             "  .reg .pred p;\n"
-            "  mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+            "  mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
             "  selp.u32 %0, 1, 0, p;\n"
             "}\n"
             : "=r"(done)
             : "r"(bar), "r"(parity)
             : "memory");
+        if (!done && ++polls == (1u << 28)) __trap();
     }
 }

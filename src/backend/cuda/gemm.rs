@@ -613,6 +613,8 @@ pub struct Gemm {
     tma: Option<[CudaFunction; 2]>,
     /// Why the requested TMA kernel is not used (cannot load, or failed the self-test).
     tma_failure: Option<String>,
+    /// Blocks of the TMA kernel resident at once (2 × co-resident clusters; the plans' "SMs").
+    tma_slots: usize,
     wide: CudaFunction,
     /// `gemm_wgmma_wg2`, `gemm_wgmma_wg3`; `None` when the device cannot run the sm_90a cubin.
     wgmma: Option<[CudaFunction; 2]>,
@@ -699,6 +701,10 @@ impl Gemm {
             skinny2_failure: None,
             stream,
             stream_failure,
+            tma_slots: tma
+                .as_ref()
+                .and_then(|fs| gemm_tma::resident_blocks(dev, &fs[1], 3))
+                .unwrap_or(num_sms),
             tma,
             tma_failure,
             wide,
@@ -836,7 +842,7 @@ impl Gemm {
             GemmVariant::Naive => GemmPlan::Naive,
             GemmVariant::Wide => GemmPlan::Wide(WidePlan::new(m, n, k, self.num_sms)),
             GemmVariant::Wgmma if self.tma_active() => {
-                GemmPlan::Tma(WgmmaPlan::new_paired(m, n, k, self.num_sms))
+                GemmPlan::Tma(WgmmaPlan::new_paired(m, n, k, self.tma_slots))
             }
             GemmVariant::Wgmma => GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, self.num_sms)),
             GemmVariant::Skinny => {
@@ -1139,17 +1145,32 @@ impl Gemm {
                     block_dim: (STREAM_THREADS, 1, 1),
                     shared_mem_bytes: plan.smem_bytes(),
                 };
+                let map_a = OperandBox {
+                    addr: a.device_ptr(&dev.stream).0,
+                    rows: m,
+                    k,
+                    box_rows: 8 * plan.groups,
+                }
+                .encode()?;
+                let map_w = OperandBox {
+                    addr: w.device_ptr(&dev.stream).0,
+                    rows: n,
+                    k,
+                    box_rows: gemm_stream::STREAM_ROWS,
+                }
+                .encode()?;
                 let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.counters())?;
                 let Scratch { ws, counters } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, f, dev.pdl);
-                b.arg(a).arg(w).arg(c).arg(ws).arg(counters);
+                b.arg(&map_a).arg(&map_w).arg(c).arg(ws).arg(counters);
                 b.arg(&mi).arg(&ni).arg(&ki).arg(&epi);
-                // SAFETY: the bulk copies read W rows < n and A rows < m, K range [k0, k0 + len)
-                // with k0 + len ≤ k (16-byte aligned: A/W checked above, k % 8 == 0 by validate);
-                // stores are masked to m' < m, n' < n. The workspace holds blocks·2·4·2·groups·32
-                // float4 (plan.workspace_floats, grown by scratch()) and the counters tiles·4
-                // entries, zero between launches (the reducing warp resets its counter); all
-                // launches are ordered on dev.stream.
+                // SAFETY: the tensor maps describe exactly A [m, k] and W [n, k] (validate()
+                // checked their lengths; 16-byte alignment checked above) and TMA never reads
+                // outside them (boxes past the edges are zero-filled); stores are masked to
+                // m' < m, n' < n. The workspace holds blocks·2·4·2·groups·32 float4
+                // (plan.workspace_floats, grown by scratch()) and the counters tiles·4 entries,
+                // zero between launches (the reducing warp resets its counter); all launches are
+                // ordered on dev.stream.
                 unsafe { b.launch(cfg) }
                     .map_err(|e| cuda_err(&format!("launch gemm_stream_mg{}", plan.groups), e))?;
             }
@@ -1672,7 +1693,7 @@ fn check_one(
         How::Variant(GemmVariant::Wgmma) => {
             let p = if gemm.tma_active() {
                 detail.push_str(", tma");
-                WgmmaPlan::new_paired(m, n, case.k, gemm.num_sms)
+                WgmmaPlan::new_paired(m, n, case.k, gemm.tma_slots)
             } else {
                 WgmmaPlan::new(m, n, case.k, gemm.num_sms)
             };
@@ -1880,7 +1901,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     m,
                     n,
                     k,
-                    gemm.num_sms,
+                    gemm.tma_slots,
                 ))));
                 if n * k < 1 << 20 {
                     let kt = k.div_ceil(WGMMA_BK);
@@ -1938,7 +1959,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     }
                 }
                 if v == GemmVariant::Wgmma && gemm.tma_loaded() {
-                    let p = WgmmaPlan::new_paired(m, n, k, gemm.num_sms);
+                    let p = WgmmaPlan::new_paired(m, n, k, gemm.tma_slots);
                     dets.push(("tma".to_string(), How::Plan(GemmPlan::Tma(p))));
                 }
                 for (label, how) in dets {
@@ -2071,12 +2092,18 @@ pub fn time_shape(
             )
         }
         GemmVariant::Wgmma if gemm.tma_active() => {
-            let p = WgmmaPlan::new_paired(m, n, k, gemm.num_sms);
-            format!("tma wg{}, {} × {} tiles × {} splits", p.wg, p.m_tiles, p.n_tiles, p.splits)
+            let p = WgmmaPlan::new_paired(m, n, k, gemm.tma_slots);
+            format!(
+                "tma wg{}, {} × {} tiles × {} splits",
+                p.wg, p.m_tiles, p.n_tiles, p.splits
+            )
         }
         GemmVariant::Wgmma => {
             let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
-            format!("wgmma wg{}, {} × {} tiles × {} splits", p.wg, p.m_tiles, p.n_tiles, p.splits)
+            format!(
+                "wgmma wg{}, {} × {} tiles × {} splits",
+                p.wg, p.m_tiles, p.n_tiles, p.splits
+            )
         }
         v => v.name().to_string(),
     };
@@ -2298,7 +2325,7 @@ fn bench_shape(
                 ),
                 (
                     "tma",
-                    GemmPlan::Tma(WgmmaPlan::new_paired(m, n, k, gemm.num_sms)),
+                    GemmPlan::Tma(WgmmaPlan::new_paired(m, n, k, gemm.tma_slots)),
                 ),
             ];
             for (label, plan) in plans {
@@ -2314,7 +2341,7 @@ fn bench_shape(
                     Some(w_bytes as f64),
                     Some(2.0 * (m * n * k) as f64),
                     format!(
-                        "{}wg{}: {} × {} tiles × {} splits",
+                        "{}wg{}: {} × {} tiles × {} splits, {} TMA blocks resident",
                         if gemm.tma_active() == (label == "tma") {
                             "default, "
                         } else {
@@ -2323,7 +2350,8 @@ fn bench_shape(
                         p.wg,
                         p.m_tiles,
                         p.n_tiles,
-                        p.splits
+                        p.splits,
+                        gemm.tma_slots
                     ),
                 ));
             }

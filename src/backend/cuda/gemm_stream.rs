@@ -2,7 +2,9 @@
 //! an opt-in alternative to the register-fed skinny kernels (`DLLM_GEMM_STREAM=1`).
 //!
 //! The kernel cuts the weight rows into tiles of [`STREAM_ROWS`] and K into chunks of
-//! [`STREAM_KS`], and lets each of a persistent grid of blocks (one per SM) stream an equal,
+//! [`STREAM_KS`] (each moved as TMA boxes of [`STREAM_BOX_K`] K values, so the launch takes a
+//! tensor map per operand: `gemm_tma::OperandBox`), and lets each of a persistent grid of
+//! blocks (one per SM) stream an equal,
 //! contiguous share of the `tiles × chunks` (tile, chunk) pairs ("stream-K"): no wave tail, no
 //! split count to tune. Tiles cut between two blocks are reduced in the kernel through a small
 //! workspace (two slots per block) and per-tile, per-warp counters, deterministically (block
@@ -23,10 +25,10 @@ const STREAM_CONSUMERS: usize = 4;
 pub const STREAM_THREADS: u32 = ((STREAM_CONSUMERS + 1) * 32) as u32;
 /// 16-row mma tiles per consumer warp; `STREAM_RT`.
 const STREAM_RT: usize = 2;
-/// Shared-memory pitch of one row of a stage (256 data bytes + 64 bytes of bank shift).
-const STREAM_PITCH: usize = STREAM_KS * 2 + 64;
 /// Ring depth; `STREAM_STAGES`.
-const STREAM_STAGES: usize = 4;
+const STREAM_STAGES: usize = 5;
+/// K elements per TMA box (two boxes per chunk and operand); `STREAM_BOX_K`.
+pub const STREAM_BOX_K: usize = 64;
 
 /// One launch of `gemm_stream_mg{groups}`: `blocks` persistent blocks share the `tiles ×
 /// chunks_per_tile` (tile, chunk) pairs evenly.
@@ -102,10 +104,12 @@ impl StreamPlan {
     }
 }
 
-/// Dynamic shared memory of `gemm_stream_mg{groups}`: the ring of stages of 128 weight rows and
-/// 8·groups activation rows.
+/// Dynamic shared memory of `gemm_stream_mg{groups}` (`StreamCfg<G>::SMEM_BYTES`): the ring of
+/// stages of two 64-K boxes of 128 weight rows and two of 8·groups activation rows (128 bytes a
+/// row), plus 1 KB to align the ring to the swizzle's 1024-byte period.
 pub fn smem_bytes(groups: usize) -> u32 {
-    (STREAM_STAGES * (STREAM_ROWS + 8 * groups) * STREAM_PITCH) as u32
+    let stage = 2 * STREAM_ROWS * 128 + 2 * 8 * groups * 128;
+    (STREAM_STAGES * stage + 1024) as u32
 }
 
 /// Whether the environment asks for the stream kernel (`DLLM_GEMM_STREAM=1`).
@@ -306,6 +310,7 @@ mod tests {
                 smem_bytes(g)
             );
         }
-        assert_eq!(smem_bytes(4), 4 * 160 * 320);
+        assert_eq!(smem_bytes(4), 5 * (32_768 + 8_192) + 1024);
+        assert_eq!(smem_bytes(1), 5 * (32_768 + 2_048) + 1024);
     }
 }
