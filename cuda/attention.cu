@@ -136,13 +136,27 @@ __device__ __forceinline__ void attn_load_tile(bf16* tile, const bf16* src, long
     }
 }
 
+// Split-KV partials of one block: per thread, ND x 4 unnormalised output values, then the running
+// maxima (log2 domain) and row sums of its rows g and g + 8.
 template <int D>
+struct AttnPartial {
+    static constexpr int FLOATS = (D / 8) * 4 + 4;
+};
+
+// SPLIT = false: the block attends to every key tile and writes the normalised bf16 output.
+// SPLIT = true (grid x = q tile x splits + split): the block attends to key tiles
+// [split·tiles_per_split, +tiles_per_split) only, writes its unnormalised partial (AttnPartial) to
+// `ws`, and the last split of the (q tile, head, batch) unit to arrive (per-unit counter) merges all
+// partials in split order (the same bits whichever block is last), writes the output and resets
+// the counter.
+template <int D, bool SPLIT>
 __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                    const bf16* __restrict__ v, bf16* __restrict__ out,
                                                    const int* __restrict__ kv_len, int sq, int skv, int n_heads,
                                                    int n_kv_heads, long long q_stride, long long o_stride,
                                                    long long kv_stride, long long kv_batch_stride,
-                                                   float scale_log2) {
+                                                   float scale_log2, float* __restrict__ ws,
+                                                   unsigned int* __restrict__ counters, int tiles_per_split) {
     constexpr int WARPS = 4, THREADS = WARPS * 32, BM = 16 * WARPS, BN = 64;
     constexpr int KD = D / 16;  // k-steps of QK^T
     constexpr int ND = D / 8;   // n-tiles of the output
@@ -153,20 +167,28 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int q0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    const int splits = SPLIT ? (skv + BN - 1) / BN / tiles_per_split + (((skv + BN - 1) / BN) % tiles_per_split != 0)
+                             : 1;
+    const int qt = SPLIT ? blockIdx.x / splits : blockIdx.x;
+    const int split = SPLIT ? blockIdx.x % splits : 0;
+    const int q0 = qt * BM, h = blockIdx.y, b = blockIdx.z;
     const int kvh = h / (n_heads / n_kv_heads);
     int kv_end = skv;
     if (kv_len != nullptr) kv_end = min(skv, max(kv_len[b], 0));
     const int n_tiles = (kv_end + BN - 1) / BN;
+    // This block's key tiles [j0, j1).
+    const int j0 = SPLIT ? min(n_tiles, split * tiles_per_split) : 0;
+    const int j1 = SPLIT ? min(n_tiles, j0 + tiles_per_split) : n_tiles;
 
     const bf16* qb = q + ((long long)b * sq + q0) * q_stride + (long long)h * D;
     const bf16* kb = k + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
     const bf16* vb = v + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
 
     attn_load_tile<D, BM, THREADS>(sQ, qb, q_stride, sq - q0);
-    if (n_tiles > 0) {
-        attn_load_tile<D, BN, THREADS>(sK, kb, kv_stride, kv_end);
-        attn_load_tile<D, BN, THREADS>(sV, vb, kv_stride, kv_end);
+    if (j1 > j0) {
+        const long long off = (long long)j0 * BN * kv_stride;
+        attn_load_tile<D, BN, THREADS>(sK, kb + off, kv_stride, kv_end - j0 * BN);
+        attn_load_tile<D, BN, THREADS>(sV, vb + off, kv_stride, kv_end - j0 * BN);
     }
     attn_cp_commit();
 
@@ -177,14 +199,14 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
     float m0 = -INFINITY, m1 = -INFINITY;  // running max (log2 domain) of rows g and g+8
     float l0 = 0.f, l1 = 0.f;              // per-thread partial row sums
 
-    if (n_tiles == 0) {
+    if (j1 <= j0) {
         attn_cp_wait<0>();
         __syncthreads();
     }
-    for (int j = 0; j < n_tiles; ++j) {
-        const int buf = j & 1;
-        if (j + 1 < n_tiles) {
-            const int nb = (j + 1) & 1;
+    for (int j = j0; j < j1; ++j) {
+        const int buf = (j - j0) & 1;
+        if (j + 1 < j1) {
+            const int nb = (j + 1 - j0) & 1;
             const long long off = (long long)(j + 1) * BN * kv_stride;
             attn_load_tile<D, BN, THREADS>(sK + nb * BN * D, kb + off, kv_stride, kv_end - (j + 1) * BN);
             attn_load_tile<D, BN, THREADS>(sV + nb * BN * D, vb + off, kv_stride, kv_end - (j + 1) * BN);
@@ -192,7 +214,7 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
         attn_cp_commit();
         attn_cp_wait<1>();
         __syncthreads();
-        if (j == 0) {
+        if (j == j0) {
 #pragma unroll
             for (int kk = 0; kk < KD; ++kk) {
                 const int r = warp * 16 + (lane & 15), c = kk * 2 + (lane >> 4);
@@ -288,6 +310,51 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    if constexpr (SPLIT) {
+        constexpr int PF = AttnPartial<D>::FLOATS;
+        const size_t unit = ((size_t)b * gridDim.y + h) * (gridDim.x / splits) + qt;
+        float* mine = ws + ((unit * splits + split) * THREADS + tid) * PF;
+#pragma unroll
+        for (int i = 0; i < ND; ++i)
+            *reinterpret_cast<float4*>(mine + 4 * i) = make_float4(o[i][0], o[i][1], o[i][2], o[i][3]);
+        *reinterpret_cast<float4*>(mine + 4 * ND) = make_float4(m0, m1, l0, l1);
+        __threadfence();
+        __syncthreads();
+        __shared__ unsigned int s_last;
+        if (tid == 0) s_last = (atomicAdd(&counters[unit], 1u) == (unsigned int)(splits - 1)) ? 1u : 0u;
+        __syncthreads();
+        if (s_last == 0u) return;
+        __threadfence();
+        // Merge in split order: the largest running max first, then every partial rescaled to it.
+        float gm0 = -INFINITY, gm1 = -INFINITY;
+        for (int sp = 0; sp < splits; ++sp) {
+            const float4 ml = __ldcg(reinterpret_cast<const float4*>(ws + ((unit * splits + sp) * THREADS + tid) * PF + 4 * ND));
+            gm0 = fmaxf(gm0, ml.x);
+            gm1 = fmaxf(gm1, ml.y);
+        }
+        const float gb0 = gm0 == -INFINITY ? 0.f : gm0;
+        const float gb1 = gm1 == -INFINITY ? 0.f : gm1;
+#pragma unroll
+        for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+        l0 = 0.f;
+        l1 = 0.f;
+        for (int sp = 0; sp < splits; ++sp) {
+            const float* part = ws + ((unit * splits + sp) * THREADS + tid) * PF;
+            const float4 ml = __ldcg(reinterpret_cast<const float4*>(part + 4 * ND));
+            const float w0 = exp2f(ml.x - gb0), w1 = exp2f(ml.y - gb1);
+            l0 += ml.z * w0;
+            l1 += ml.w * w1;
+#pragma unroll
+            for (int i = 0; i < ND; ++i) {
+                const float4 p = __ldcg(reinterpret_cast<const float4*>(part + 4 * i));
+                o[i][0] += p.x * w0;
+                o[i][1] += p.y * w0;
+                o[i][2] += p.z * w1;
+                o[i][3] += p.w * w1;
+            }
+        }
+        if (tid == 0) counters[unit] = 0u;
+    }
     const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
     const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
     const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
@@ -311,8 +378,26 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
         const int* __restrict__ kv_len, int sq, int skv, int n_heads, int n_kv_heads, long long q_stride,          \
         long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2) {                    \
         dllm_pdl_entry();                                                                                          \
-        attention_mma_body<D>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride, o_stride, kv_stride,  \
-                              kv_batch_stride, scale_log2);                                                      \
+        attention_mma_body<D, false>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride, o_stride,      \
+                                     kv_stride, kv_batch_stride, scale_log2, nullptr, nullptr, 1);                \
     }
 DLLM_ATTN_MMA(64)
 DLLM_ATTN_MMA(128)
+
+// Split-KV ("flash-decoding") variant for few query rows against many keys (the dual-cache block
+// step: 32 queries x 384+ cached keys gives only n_heads blocks otherwise). grid (ceil(sq / 64) x
+// splits, n_heads, batch) with splits = ceil(ceil(skv / 64) / tiles_per_split); `ws` holds
+// units x splits x 128 x AttnPartial<D>::FLOATS floats and `counters` one zeroed entry per unit
+// (q tile, head, batch), reset by the merging block.
+#define DLLM_ATTN_SPLIT(D)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(128) attention_split_d##D(                                       \
+        const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, bf16* __restrict__ out, \
+        const int* __restrict__ kv_len, int sq, int skv, int n_heads, int n_kv_heads, long long q_stride,          \
+        long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2,                     \
+        float* __restrict__ ws, unsigned int* __restrict__ counters, int tiles_per_split) {                       \
+        dllm_pdl_entry();                                                                                          \
+        attention_mma_body<D, true>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride, o_stride,       \
+                                    kv_stride, kv_batch_stride, scale_log2, ws, counters, tiles_per_split);       \
+    }
+DLLM_ATTN_SPLIT(64)
+DLLM_ATTN_SPLIT(128)

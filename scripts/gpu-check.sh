@@ -3,14 +3,15 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]
-#   stages: smi check synth bench benchpdl peer stream tma shapes sanitize ncu benchexp summary
+#   stages: smi check synth bench benchpdl peer stream tma split shapes sanitize ncu benchexp summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
-# The opt-in stages try the two experimental GEMMs, each in its own process so a fault in one
-# cannot take the other results down: the bulk-copy weight-streaming kernel for M <= 32
-# (cuda/gemm_stream.cu, DLLM_GEMM_STREAM=1) and the TMA-multicast cluster kernel for M > 64
-# (cuda/gemm_tma.cu, DLLM_GEMM_TMA=1):
+# The opt-in stages try the experimental kernels, each in its own process so a fault in one
+# cannot take the other results down: the TMA weight-streaming GEMM for M <= 32
+# (cuda/gemm_stream.cu, DLLM_GEMM_STREAM=1), the TMA-multicast cluster GEMM for M > 64
+# (cuda/gemm_tma.cu, DLLM_GEMM_TMA=1) and split-KV attention (cuda/attention.cu, DLLM_ATTN_SPLIT=1):
 #   stream / tma  gemm + model checks (and the gemm benches) with that kernel on
+#   split         attention + model checks (and the attention benches) with split-KV on
 #   shapes        `dllm-gpu-check --gemm-shape` on the real shapes, default kernel vs experimental
 #   sanitize      compute-sanitizer memcheck and racecheck on the GEMM self-test with each on
 #   ncu           Nsight Compute sections of default vs experimental kernels on the real shapes
@@ -101,6 +102,9 @@ for s in $STAGES; do
     tma)
         stage tma "${T_TMA:-240}" env DLLM_GEMM_TMA=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_tma.json"
         ;;
+    split)
+        stage split "${T_SPLIT:-180}" env DLLM_ATTN_SPLIT=1 "$BIN/dllm-gpu-check" --model "$TINY" --only attention,model --json "$OUT/check_split.json"
+        ;;
     shapes)
         # name=VAR: shapes; each shape timed with VAR=0 then VAR=1 (default kernel, experimental).
         stage shapes "${T_SHAPES:-150}" bash -c "rc=0
@@ -118,6 +122,7 @@ for s in $STAGES; do
                 stage "sanitize_${exp#DLLM_GEMM_}_$tool" "${T_SANITIZE:-150}" env "$exp=1" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --gemm-shape 133,392,776 --repeat 2
             done
         done
+        stage sanitize_SPLIT_memcheck "${T_SANITIZE:-150}" env DLLM_ATTN_SPLIT=1 "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 3 "$BIN/dllm-gpu-check" --only attention --no-bench
         ;;
     ncu)
         # Default vs experimental kernel per shape; the last launches of each process are the
@@ -131,9 +136,9 @@ for s in $STAGES; do
         done
         ;;
     benchexp)
-        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1" bench bench_b1_dual_k4_exp 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1" bench bench_b8_dual_k4_exp 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1" bench bench_b1_none_k1_exp 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1 DLLM_ATTN_SPLIT=1" bench bench_b1_dual_k4_exp 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1 DLLM_ATTN_SPLIT=1" bench bench_b8_dual_k4_exp 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1 DLLM_ATTN_SPLIT=1" bench bench_b1_none_k1_exp 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         ;;
     summary)
         OUT="$OUT" python3 - <<'PY' | tee "$OUT/summary.txt"
@@ -196,12 +201,13 @@ for name, pk in peer_key.items():
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
 for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.skinny_v2")),
-                           ("tma", "DLLM_GEMM_TMA", ("gemm.tma_vs", "gemm.wgmma_vs"))):
+                           ("tma", "DLLM_GEMM_TMA", ("gemm.tma_vs", "gemm.wgmma_vs")),
+                           ("split", "DLLM_ATTN_SPLIT", ("attention Split", "attention Mma b1 sq32", "attention Mma b8 sq32"))):
     cs = load(f"check_{exp}.json")
     if "checks" not in cs:
         continue
     bad = [x for x in cs["checks"] if not x["passed"]]
-    print(f"\n{exp} kernel ({var}=1): {len(cs['checks'])} gemm+model checks, {len(bad)} failed")
+    print(f"\n{exp} kernel ({var}=1): {len(cs['checks'])} checks, {len(bad)} failed")
     for x in bad[:40]:
         print(f"  FAIL {x['name']}: rel_err {x['rel_err']} tol {x['tol']} {x['detail']}")
     for x in cs.get("benches", []):
@@ -222,7 +228,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchpdl peer stream tma shapes sanitize ncu benchexp summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchpdl peer stream tma split shapes sanitize ncu benchexp summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

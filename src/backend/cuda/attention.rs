@@ -2,20 +2,25 @@
 //! strided Q/K/V/out so a fused QKV buffer or a K/V cache can be read in place), its self-check
 //! against the CPU reference [`crate::backend::cpu::attention`] and its benches.
 //!
-//! bf16 tensors are `u16` buffers holding bf16 bits. Two variants: [`AttnVariant::Mma`] (tensor
-//! cores, head_dim 64 or 128, 16-byte aligned rows) and [`AttnVariant::Naive`] (fp32 reference,
-//! any head_dim); [`Attention::run`] uses the tensor-core kernel whenever the shape allows it.
+//! bf16 tensors are `u16` buffers holding bf16 bits. Three variants: [`AttnVariant::Mma`] (tensor
+//! cores, head_dim 64 or 128, 16-byte aligned rows), [`AttnVariant::Split`] (the same kernel with
+//! the keys split across blocks and the partial softmaxes merged in the kernel, for few query
+//! rows against many keys: [`SplitPlan`]) and [`AttnVariant::Naive`] (fp32 reference, any
+//! head_dim). [`Attention::run`] uses the tensor-core kernel whenever the shape allows it, split
+//! when `DLLM_ATTN_SPLIT=1` (opt-in until it has run on a GPU) and [`SplitPlan::new`] finds the
+//! grid too small to fill the GPU.
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16};
 use super::launch::Launch;
 use super::{cuda_err, CudaDevice};
 use crate::backend::cpu;
 use crate::error::{Error, Result};
-use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{
-    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig,
+    PushKernelArg,
 };
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Query rows per block of the tensor-core kernel (`BM` in the .cu file).
 const MMA_ROWS: usize = 64;
@@ -175,6 +180,61 @@ pub enum AttnVariant {
     Naive,
     /// Flash-style tiles on tensor cores (`mma.sync` bf16), head_dim 64 or 128.
     Mma,
+    /// [`AttnVariant::Mma`] with the key tiles split across blocks (flash-decoding), partial
+    /// softmaxes merged by the last block of each (query tile, head, batch) in split order.
+    Split,
+}
+
+/// Whether the environment asks for the split-KV kernel (`DLLM_ATTN_SPLIT=1`).
+pub fn split_requested_by_env() -> bool {
+    std::env::var("DLLM_ATTN_SPLIT").is_ok_and(|v| v.trim() == "1")
+}
+
+/// Geometry of one split-KV launch: `units` = (query tile, head, batch) triples, each computed by
+/// `splits` blocks of `tiles_per_split` 64-key tiles (the last may hold fewer, or none when a
+/// per-batch key length is short).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitPlan {
+    pub units: usize,
+    pub splits: usize,
+    pub tiles_per_split: usize,
+}
+
+impl SplitPlan {
+    /// The plan [`Attention::run`] uses: only when the plain grid (`units` blocks) is smaller than
+    /// the GPU (`num_sms`) and there are at least 2 key tiles; then as many splits as keep the
+    /// grid within two blocks per SM. `None` means "do not split".
+    pub fn new(shape: &AttnShape, num_sms: usize) -> Option<SplitPlan> {
+        let units = shape.sq.div_ceil(MMA_ROWS) * shape.n_heads * shape.batch;
+        let key_tiles = shape.skv.div_ceil(MMA_KEYS);
+        if units == 0 || units >= num_sms || key_tiles < 2 {
+            return None;
+        }
+        let want = ((2 * num_sms) / units).min(key_tiles);
+        let plan = SplitPlan::with_tiles_per_split(shape, key_tiles.div_ceil(want.max(1)));
+        (plan.splits >= 2).then_some(plan)
+    }
+
+    /// A plan with `tiles_per_split` key tiles per block (≥ 1); checks use it to force splits.
+    pub fn with_tiles_per_split(shape: &AttnShape, tiles_per_split: usize) -> SplitPlan {
+        let tps = tiles_per_split.max(1);
+        SplitPlan {
+            units: shape.sq.div_ceil(MMA_ROWS) * shape.n_heads * shape.batch,
+            splits: shape.skv.div_ceil(MMA_KEYS).div_ceil(tps).max(1),
+            tiles_per_split: tps,
+        }
+    }
+
+    /// Workspace floats: per block, 128 threads × (head_dim / 8 · 4 output values + 4).
+    pub fn workspace_floats(&self, head_dim: usize) -> usize {
+        self.units * self.splits * THREADS as usize * (head_dim / 8 * 4 + 4)
+    }
+}
+
+/// Split-KV workspace and per-unit counters (self-resetting, zeroed once).
+struct SplitScratch {
+    ws: CudaSlice<f32>,
+    counters: CudaSlice<u32>,
 }
 
 /// The loaded attention kernels.
@@ -185,6 +245,12 @@ pub struct Attention {
     naive_fn: CudaFunction,
     mma64_fn: CudaFunction,
     mma128_fn: CudaFunction,
+    split64_fn: CudaFunction,
+    split128_fn: CudaFunction,
+    num_sms: usize,
+    /// Whether `run` may split the keys (`DLLM_ATTN_SPLIT=1`).
+    split_enabled: bool,
+    scratch: Mutex<SplitScratch>,
 }
 
 fn mma_smem_bytes(head_dim: usize) -> usize {
@@ -196,14 +262,50 @@ impl Attention {
     /// shared memory they need (80 KiB at head_dim 128).
     pub fn load(dev: &CudaDevice) -> Result<Self> {
         let f = |name: &str| dev.function("attention", name);
+        let num_sms = dev
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_err("query multiprocessor count", e))?
+            .max(1) as usize;
+        let split_enabled = split_requested_by_env();
+        // The default split plans never exceed two blocks per SM at head_dim 128, so this
+        // workspace is allocated once and never grows in `run` (CUDA-graph capture safe).
+        let (ws_floats, n_counters) = if split_enabled {
+            (
+                2 * num_sms * THREADS as usize * (128 / 8 * 4 + 4),
+                2 * num_sms,
+            )
+        } else {
+            (1, 1)
+        };
+        let scratch = SplitScratch {
+            ws: dev
+                .stream
+                .alloc_zeros::<f32>(ws_floats)
+                .map_err(|e| cuda_err("attention: alloc split workspace", e))?,
+            counters: dev
+                .stream
+                .alloc_zeros::<u32>(n_counters)
+                .map_err(|e| cuda_err("attention: alloc split counters", e))?,
+        };
         let a = Attention {
             stream: dev.stream.clone(),
             pdl: dev.pdl,
             naive_fn: f("attention_naive")?,
             mma64_fn: f("attention_mma_d64")?,
             mma128_fn: f("attention_mma_d128")?,
+            split64_fn: f("attention_split_d64")?,
+            split128_fn: f("attention_split_d128")?,
+            num_sms,
+            split_enabled,
+            scratch: Mutex::new(scratch),
         };
-        for (func, hd) in [(&a.mma64_fn, 64), (&a.mma128_fn, 128)] {
+        for (func, hd) in [
+            (&a.mma64_fn, 64),
+            (&a.mma128_fn, 128),
+            (&a.split64_fn, 64),
+            (&a.split128_fn, 128),
+        ] {
             func.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 mma_smem_bytes(hd) as i32,
@@ -256,12 +358,45 @@ impl Attention {
         kv_len: Option<&CudaView<i32>>,
         shape: &AttnShape,
     ) -> Result<()> {
-        let variant = if self.mma_supported(q, k, v, out, shape) {
-            AttnVariant::Mma
-        } else {
+        let variant = if !self.mma_supported(q, k, v, out, shape) {
             AttnVariant::Naive
+        } else if self.split_enabled && SplitPlan::new(shape, self.num_sms).is_some() {
+            AttnVariant::Split
+        } else {
+            AttnVariant::Mma
         };
         self.run_variant(variant, q, k, v, out, kv_len, shape)
+    }
+
+    /// Whether `run` splits the keys of small grids (`DLLM_ATTN_SPLIT=1`).
+    pub fn split_enabled(&self) -> bool {
+        self.split_enabled
+    }
+
+    /// Multiprocessors of the device (what [`SplitPlan::new`] fills).
+    pub fn num_sms(&self) -> usize {
+        self.num_sms
+    }
+
+    /// The split-KV kernel with an explicit plan (checks force splits with it); the plan must be
+    /// [`SplitPlan::with_tiles_per_split`] of this shape.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_split(
+        &self,
+        plan: SplitPlan,
+        q: &CudaView<u16>,
+        k: &CudaView<u16>,
+        v: &CudaView<u16>,
+        out: &mut CudaViewMut<u16>,
+        kv_len: Option<&CudaView<i32>>,
+        shape: &AttnShape,
+    ) -> Result<()> {
+        if plan != SplitPlan::with_tiles_per_split(shape, plan.tiles_per_split) {
+            return Err(Error::invalid(format!(
+                "attention: split plan {plan:?} does not fit {shape:?}"
+            )));
+        }
+        self.launch(AttnVariant::Split, Some(plan), q, k, v, out, kv_len, shape)
     }
 
     /// Attention with a chosen kernel; an error when the variant cannot handle the call.
@@ -269,6 +404,28 @@ impl Attention {
     pub fn run_variant(
         &self,
         variant: AttnVariant,
+        q: &CudaView<u16>,
+        k: &CudaView<u16>,
+        v: &CudaView<u16>,
+        out: &mut CudaViewMut<u16>,
+        kv_len: Option<&CudaView<i32>>,
+        shape: &AttnShape,
+    ) -> Result<()> {
+        let plan = match variant {
+            AttnVariant::Split => Some(
+                SplitPlan::new(shape, self.num_sms)
+                    .unwrap_or_else(|| SplitPlan::with_tiles_per_split(shape, 1)),
+            ),
+            _ => None,
+        };
+        self.launch(variant, plan, q, k, v, out, kv_len, shape)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        variant: AttnVariant,
+        plan: Option<SplitPlan>,
         q: &CudaView<u16>,
         k: &CudaView<u16>,
         v: &CudaView<u16>,
@@ -303,6 +460,72 @@ impl Attention {
         let kvs = shape.kv_stride() as i64;
         let kvb = shape.kv_batch_stride() as i64;
         match variant {
+            AttnVariant::Split => {
+                let Some(plan) = plan else {
+                    return Err(Error::invalid("attention: a split launch needs a plan"));
+                };
+                if !self.mma_supported(q, k, v, out, shape) {
+                    return Err(Error::invalid(format!(
+                        "attention: the split tensor-core kernel needs head_dim 64 or 128, strides that are multiples of 8 and 16-byte aligned buffers ({shape:?})"
+                    )));
+                }
+                let grid_x = shape.sq.div_ceil(MMA_ROWS) * plan.splits;
+                if grid_x > u32::MAX as usize || plan.tiles_per_split > i32::MAX as usize {
+                    return Err(Error::invalid(format!(
+                        "attention: split plan {plan:?} exceeds the grid limits"
+                    )));
+                }
+                let func = if shape.head_dim == 64 {
+                    &self.split64_fn
+                } else {
+                    &self.split128_fn
+                };
+                let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
+                let tps = plan.tiles_per_split as i32;
+                let cfg = LaunchConfig {
+                    grid_dim: (grid_x as u32, shape.n_heads as u32, shape.batch as u32),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: mma_smem_bytes(shape.head_dim) as u32,
+                };
+                let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+                let need_ws = plan.workspace_floats(shape.head_dim);
+                if scratch.ws.len() < need_ws {
+                    scratch.ws = self
+                        .stream
+                        .alloc_zeros::<f32>(need_ws)
+                        .map_err(|e| cuda_err("attention: grow split workspace", e))?;
+                }
+                if scratch.counters.len() < plan.units {
+                    scratch.counters = self
+                        .stream
+                        .alloc_zeros::<u32>(plan.units)
+                        .map_err(|e| cuda_err("attention: grow split counters", e))?;
+                }
+                let SplitScratch { ws, counters } = &mut *scratch;
+                let mut b = Launch::new(&self.stream, func, self.pdl);
+                b.arg(q).arg(k).arg(v).arg(out);
+                match kv_len {
+                    Some(kl) => b.arg(kl),
+                    None => b.arg(&null),
+                };
+                b.arg(&sq)
+                    .arg(&skv)
+                    .arg(&nh)
+                    .arg(&nkv)
+                    .arg(&qs)
+                    .arg(&os)
+                    .arg(&kvs)
+                    .arg(&kvb)
+                    .arg(&scale_log2)
+                    .arg(ws)
+                    .arg(counters)
+                    .arg(&tps);
+                // SAFETY: as for the mma kernel (same body), plus: the grid's x is q tiles ×
+                // plan.splits, matching the kernel's ceil(ceil(skv / 64) / tiles_per_split); the
+                // workspace holds units·splits·128·(hd/8·4 + 4) floats and the counters `units`
+                // zeroed entries (reset by the merging block), ordered on this stream.
+                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch attention_split", e))?;
+            }
             AttnVariant::Mma => {
                 if !self.mma_supported(q, k, v, out, shape) {
                     return Err(Error::invalid(format!(
@@ -449,10 +672,12 @@ fn reference(
     want
 }
 
+/// `variant`, or with `Some(tiles)` the split kernel forced to `tiles` key tiles per block.
 fn check_case(
     dev: &CudaDevice,
     attn: &Attention,
     variant: AttnVariant,
+    forced_tiles: Option<usize>,
     c: &Case,
     seed: u64,
 ) -> Result<(f64, String)> {
@@ -486,15 +711,16 @@ fn check_case(
         .clone_htod(&vec![check::POISON_BF16_BITS; shape.o_len()])
         .map_err(|e| cuda_err("upload out", e))?;
     let kl = dl.as_view();
-    attn.run_variant(
-        variant,
-        &dq.as_view(),
-        &dk.as_view(),
-        &dv.as_view(),
-        &mut dout.as_view_mut(),
-        c.kv_len.map(|_| &kl),
-        &shape,
-    )?;
+    let (qv, kv, vv) = (dq.as_view(), dk.as_view(), dv.as_view());
+    let mut ov = dout.as_view_mut();
+    let lens = c.kv_len.map(|_| &kl);
+    match forced_tiles {
+        Some(tiles) => {
+            let plan = SplitPlan::with_tiles_per_split(&shape, tiles);
+            attn.run_split(plan, &qv, &kv, &vv, &mut ov, lens, &shape)?
+        }
+        None => attn.run_variant(variant, &qv, &kv, &vv, &mut ov, lens, &shape)?,
+    }
     dev.sync()?;
     let got_bits = s
         .clone_dtoh(&dout)
@@ -623,9 +849,19 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     ];
     let mut out = Vec::new();
     for (i, c) in cases.iter().enumerate() {
-        for variant in [AttnVariant::Naive, AttnVariant::Mma] {
+        // With DLLM_ATTN_SPLIT=1 also the split kernel: its default plan (or one tile per block
+        // where the default would not split) and, with 3+ key tiles, 2 tiles per block.
+        let mut hows = vec![(AttnVariant::Naive, None), (AttnVariant::Mma, None)];
+        if attn.split_enabled() {
+            hows.push((AttnVariant::Split, None));
+            if c.skv.div_ceil(MMA_KEYS) >= 3 {
+                hows.push((AttnVariant::Split, Some(2)));
+            }
+        }
+        for (variant, forced) in hows {
             let name = format!(
-                "attention {variant:?} b{} sq{} skv{} h{}/{} hd{}{}{}",
+                "attention {variant:?}{} b{} sq{} skv{} h{}/{} hd{}{}{}",
+                forced.map_or(String::new(), |t| format!(" tiles{t}")),
                 c.batch,
                 c.sq,
                 c.skv,
@@ -642,7 +878,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             out.push(CheckResult::from_result(
                 name,
                 TOL_BF16,
-                check_case(dev, &attn, variant, c, 100 + 10 * i as u64),
+                check_case(dev, &attn, variant, forced, c, 100 + 10 * i as u64),
             ));
         }
     }
@@ -722,7 +958,16 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
         (AttnVariant::Mma, 8, 32, 384),
         (AttnVariant::Naive, 1, 384, 384),
         (AttnVariant::Naive, 1, 32, 384),
-    ] {
+        (AttnVariant::Mma, 1, 32, 2048),
+    ]
+    .into_iter()
+    .chain(
+        // The split kernel (DLLM_ATTN_SPLIT=1) at the block-step shapes it is meant for.
+        [(1, 32, 384), (8, 32, 384), (1, 32, 2048)]
+            .into_iter()
+            .filter(|_| attn.split_enabled())
+            .map(|(b, sq, skv)| (AttnVariant::Split, b, sq, skv)),
+    ) {
         let name = format!("attention {variant:?} b{batch} sq{sq} skv{skv}");
         out.push(
             bench_one(dev, &attn, variant, batch, sq, skv)
@@ -745,6 +990,49 @@ mod tests {
         let benches = bench(&dev);
         println!("{}", check::format_tables(&checks, &benches));
         assert!(checks.iter().all(|c| c.passed), "an attention check failed");
+    }
+
+    #[test]
+    fn split_plans_fill_small_grids_only() {
+        let block = AttnShape::dense(1, 32, 384, 32, 32, 128);
+        // 32 units on 132 SMs: 264 / 32 = 8 splits wanted, 6 key tiles → 6 splits of 1 tile.
+        let p = SplitPlan::new(&block, 132).unwrap();
+        assert_eq!((p.units, p.splits, p.tiles_per_split), (32, 6, 1));
+        assert_eq!(p.workspace_floats(128), 32 * 6 * 128 * 68);
+        // A long prompt: 32 key tiles, 8 splits of 4.
+        let long = AttnShape::dense(1, 32, 2048, 32, 32, 128);
+        let p = SplitPlan::new(&long, 132).unwrap();
+        assert_eq!((p.splits, p.tiles_per_split), (8, 4));
+        // Enough blocks already (batch 8: 256 units; a full canvas: 192), or one key tile.
+        assert_eq!(
+            SplitPlan::new(&AttnShape::dense(8, 32, 384, 32, 32, 128), 132),
+            None
+        );
+        assert_eq!(
+            SplitPlan::new(&AttnShape::dense(1, 384, 384, 32, 32, 128), 132),
+            None
+        );
+        assert_eq!(
+            SplitPlan::new(&AttnShape::dense(1, 32, 64, 32, 32, 128), 132),
+            None
+        );
+        // Every default plan stays within the workspace allocated at load (2 blocks per SM).
+        for (b, sq, skv, h) in [
+            (1, 1, 100_000, 1),
+            (1, 32, 384, 32),
+            (3, 7, 5000, 8),
+            (2, 64, 130, 6),
+        ] {
+            let shape = AttnShape::dense(b, sq, skv, h, h, 128);
+            if let Some(p) = SplitPlan::new(&shape, 132) {
+                assert!(p.units * p.splits <= 264, "{p:?}");
+                assert!(p.splits * p.tiles_per_split >= skv.div_ceil(64));
+                assert!((p.splits - 1) * p.tiles_per_split < skv.div_ceil(64));
+            }
+        }
+        // Forced: 7 tiles by 2 → 4 splits (the last holds one tile).
+        let p = SplitPlan::with_tiles_per_split(&AttnShape::dense(3, 100, 400, 6, 6, 64), 2);
+        assert_eq!((p.units, p.splits), (2 * 6 * 3, 4));
     }
 
     #[test]
