@@ -368,6 +368,30 @@ impl Attention {
         self.run_variant(variant, q, k, v, out, kv_len, shape)
     }
 
+    /// The split workspace, grown (outside the default plans, which fit the one allocated at
+    /// load) to hold `plan` at `head_dim`.
+    fn split_scratch(
+        &self,
+        plan: &SplitPlan,
+        head_dim: usize,
+    ) -> Result<std::sync::MutexGuard<'_, SplitScratch>> {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let need_ws = plan.workspace_floats(head_dim);
+        if scratch.ws.len() < need_ws {
+            scratch.ws = self
+                .stream
+                .alloc_zeros::<f32>(need_ws)
+                .map_err(|e| cuda_err("attention: grow split workspace", e))?;
+        }
+        if scratch.counters.len() < plan.units {
+            scratch.counters = self
+                .stream
+                .alloc_zeros::<u32>(plan.units)
+                .map_err(|e| cuda_err("attention: grow split counters", e))?;
+        }
+        Ok(scratch)
+    }
+
     /// Whether `run` splits the keys of small grids (`DLLM_ATTN_SPLIT=1`).
     pub fn split_enabled(&self) -> bool {
         self.split_enabled
@@ -460,93 +484,45 @@ impl Attention {
         let kvs = shape.kv_stride() as i64;
         let kvb = shape.kv_batch_stride() as i64;
         match variant {
-            AttnVariant::Split => {
-                let Some(plan) = plan else {
-                    return Err(Error::invalid("attention: a split launch needs a plan"));
-                };
+            AttnVariant::Mma | AttnVariant::Split => {
                 if !self.mma_supported(q, k, v, out, shape) {
                     return Err(Error::invalid(format!(
-                        "attention: the split tensor-core kernel needs head_dim 64 or 128, strides that are multiples of 8 and 16-byte aligned buffers ({shape:?})"
+                        "attention: the tensor-core kernels need head_dim 64 or 128, strides that are multiples of 8 and 16-byte aligned buffers ({shape:?})"
                     )));
                 }
-                let grid_x = shape.sq.div_ceil(MMA_ROWS) * plan.splits;
-                if grid_x > u32::MAX as usize || plan.tiles_per_split > i32::MAX as usize {
-                    return Err(Error::invalid(format!(
-                        "attention: split plan {plan:?} exceeds the grid limits"
-                    )));
-                }
-                let func = if shape.head_dim == 64 {
-                    &self.split64_fn
-                } else {
-                    &self.split128_fn
+                let split = match (variant, plan) {
+                    (AttnVariant::Split, Some(p)) => Some(p),
+                    (AttnVariant::Split, None) => {
+                        return Err(Error::invalid("attention: a split launch needs a plan"))
+                    }
+                    _ => None,
                 };
+                let func = match (split.is_some(), shape.head_dim) {
+                    (false, 64) => &self.mma64_fn,
+                    (false, _) => &self.mma128_fn,
+                    (true, 64) => &self.split64_fn,
+                    (true, _) => &self.split128_fn,
+                };
+                let splits = split.map_or(1, |p| p.splits);
+                let grid_x = shape.sq.div_ceil(MMA_ROWS) * splits;
+                if grid_x > u32::MAX as usize
+                    || split.is_some_and(|p| p.tiles_per_split > i32::MAX as usize)
+                {
+                    return Err(Error::invalid(format!(
+                        "attention: split plan {split:?} exceeds the grid limits"
+                    )));
+                }
                 let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
-                let tps = plan.tiles_per_split as i32;
                 let cfg = LaunchConfig {
                     grid_dim: (grid_x as u32, shape.n_heads as u32, shape.batch as u32),
                     block_dim: (THREADS, 1, 1),
                     shared_mem_bytes: mma_smem_bytes(shape.head_dim) as u32,
                 };
-                let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-                let need_ws = plan.workspace_floats(shape.head_dim);
-                if scratch.ws.len() < need_ws {
-                    scratch.ws = self
-                        .stream
-                        .alloc_zeros::<f32>(need_ws)
-                        .map_err(|e| cuda_err("attention: grow split workspace", e))?;
-                }
-                if scratch.counters.len() < plan.units {
-                    scratch.counters = self
-                        .stream
-                        .alloc_zeros::<u32>(plan.units)
-                        .map_err(|e| cuda_err("attention: grow split counters", e))?;
-                }
-                let SplitScratch { ws, counters } = &mut *scratch;
-                let mut b = Launch::new(&self.stream, func, self.pdl);
-                b.arg(q).arg(k).arg(v).arg(out);
-                match kv_len {
-                    Some(kl) => b.arg(kl),
-                    None => b.arg(&null),
+                let mut scratch = match split {
+                    Some(p) => Some(self.split_scratch(&p, shape.head_dim)?),
+                    None => None,
                 };
-                b.arg(&sq)
-                    .arg(&skv)
-                    .arg(&nh)
-                    .arg(&nkv)
-                    .arg(&qs)
-                    .arg(&os)
-                    .arg(&kvs)
-                    .arg(&kvb)
-                    .arg(&scale_log2)
-                    .arg(ws)
-                    .arg(counters)
-                    .arg(&tps);
-                // SAFETY: as for the mma kernel (same body), plus: the grid's x is q tiles ×
-                // plan.splits, matching the kernel's ceil(ceil(skv / 64) / tiles_per_split); the
-                // workspace holds units·splits·128·(hd/8·4 + 4) floats and the counters `units`
-                // zeroed entries (reset by the merging block), ordered on this stream.
-                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch attention_split", e))?;
-            }
-            AttnVariant::Mma => {
-                if !self.mma_supported(q, k, v, out, shape) {
-                    return Err(Error::invalid(format!(
-                        "attention: the tensor-core kernel needs head_dim 64 or 128, strides that are multiples of 8 and 16-byte aligned buffers ({shape:?})"
-                    )));
-                }
-                let func = if shape.head_dim == 64 {
-                    &self.mma64_fn
-                } else {
-                    &self.mma128_fn
-                };
-                let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
-                let cfg = LaunchConfig {
-                    grid_dim: (
-                        shape.sq.div_ceil(MMA_ROWS) as u32,
-                        shape.n_heads as u32,
-                        shape.batch as u32,
-                    ),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: mma_smem_bytes(shape.head_dim) as u32,
-                };
+                let tps = split.map_or(0, |p| p.tiles_per_split as i32);
                 let mut b = Launch::new(&self.stream, func, self.pdl);
                 b.arg(q).arg(k).arg(v).arg(out);
                 match kv_len {
@@ -562,10 +538,19 @@ impl Attention {
                     .arg(&kvs)
                     .arg(&kvb)
                     .arg(&scale_log2);
-                // SAFETY: argument order and types match `attention_mma_d{64,128}`; the buffer
-                // lengths were checked against the shape above, the strides and alignment by
-                // `mma_supported`, and the grid covers exactly the (row tile, head, batch) space.
-                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch attention_mma", e))?;
+                if let Some(sc) = scratch.as_mut() {
+                    let SplitScratch { ws, counters } = &mut **sc;
+                    b.arg(ws).arg(counters).arg(&tps);
+                }
+                // SAFETY: argument order and types match `attention_mma_d{64,128}` (plus ws,
+                // counters, tiles_per_split for `attention_split_d{64,128}`); the buffer lengths
+                // were checked against the shape above, the strides and alignment by
+                // `mma_supported`, and the grid covers exactly the (row tile [× split], head,
+                // batch) space (split: x = q tiles × plan.splits, the kernel's
+                // ceil(ceil(skv / 64) / tiles_per_split)). The split workspace holds
+                // units·splits·128·(hd/8·4 + 4) floats and the counters `units` zeroed entries
+                // (reset by the merging block), ordered on this stream.
+                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch attention_mma/split", e))?;
             }
             AttnVariant::Naive => {
                 let smem = (shape.head_dim + shape.skv) * 4;

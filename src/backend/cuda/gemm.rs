@@ -1073,12 +1073,7 @@ impl Gemm {
             }
             GemmPlan::Tma(plan) => {
                 let Some(fs) = &self.tma else {
-                    return Err(Error::Backend(format!(
-                        "gemm: the TMA kernel is not loaded ({})",
-                        self.tma_failure
-                            .as_deref()
-                            .unwrap_or("set DLLM_GEMM_TMA=1 to load it")
-                    )));
+                    return Err(not_loaded("TMA", &self.tma_failure, "DLLM_GEMM_TMA"));
                 };
                 if !plan.paired
                     || plan.m_tiles % 2 != 0
@@ -1091,20 +1086,8 @@ impl Gemm {
                     )));
                 }
                 let wg = plan.wg.clamp(2, 3);
-                let map_a = OperandBox {
-                    addr: a.device_ptr(&dev.stream).0,
-                    rows: m,
-                    k,
-                    box_rows: 64 * wg,
-                }
-                .encode()?;
-                let map_w = OperandBox {
-                    addr: w.device_ptr(&dev.stream).0,
-                    rows: n,
-                    k,
-                    box_rows: gemm_tma::TMA_BN / 2,
-                }
-                .encode()?;
+                let (map_a, map_w) =
+                    operand_maps(dev, a, w, (m, 64 * wg), (n, gemm_tma::TMA_BN / 2), k)?;
                 let kps = plan.ktiles_per_split as i32;
                 let cfg = LaunchConfig {
                     grid_dim: (plan.m_tiles as u32, plan.n_tiles as u32, plan.splits as u32),
@@ -1127,12 +1110,11 @@ impl Gemm {
             }
             GemmPlan::Stream(plan) => {
                 let Some(fs) = &self.stream else {
-                    return Err(Error::Backend(format!(
-                        "gemm: the stream kernel is not loaded ({})",
-                        self.stream_failure
-                            .as_deref()
-                            .unwrap_or("set DLLM_GEMM_STREAM=1 to load it")
-                    )));
+                    return Err(not_loaded(
+                        "stream",
+                        &self.stream_failure,
+                        "DLLM_GEMM_STREAM",
+                    ));
                 };
                 if plan.groups > STREAM_MAX_M / 8 || plan.groups * 8 < m {
                     return Err(Error::invalid(format!(
@@ -1145,20 +1127,14 @@ impl Gemm {
                     block_dim: (STREAM_THREADS, 1, 1),
                     shared_mem_bytes: plan.smem_bytes(),
                 };
-                let map_a = OperandBox {
-                    addr: a.device_ptr(&dev.stream).0,
-                    rows: m,
+                let (map_a, map_w) = operand_maps(
+                    dev,
+                    a,
+                    w,
+                    (m, 8 * plan.groups),
+                    (n, gemm_stream::STREAM_ROWS),
                     k,
-                    box_rows: 8 * plan.groups,
-                }
-                .encode()?;
-                let map_w = OperandBox {
-                    addr: w.device_ptr(&dev.stream).0,
-                    rows: n,
-                    k,
-                    box_rows: gemm_stream::STREAM_ROWS,
-                }
-                .encode()?;
+                )?;
                 let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.counters())?;
                 let Scratch { ws, counters } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, f, dev.pdl);
@@ -1177,6 +1153,43 @@ impl Gemm {
         }
         Ok(())
     }
+}
+
+/// The error for a plan whose opt-in kernel is not loaded: why, or how to load it.
+fn not_loaded(kernel: &str, failure: &Option<String>, var: &str) -> Error {
+    Error::Backend(format!(
+        "gemm: the {kernel} kernel is not loaded ({})",
+        failure
+            .clone()
+            .unwrap_or_else(|| format!("set {var}=1 to load it"))
+    ))
+}
+
+/// The tensor maps of A (`(rows, box rows)` = `a_rows`) and W (`w_rows`), both `k` wide.
+fn operand_maps(
+    dev: &CudaDevice,
+    a: &CudaView<u16>,
+    w: &CudaView<u16>,
+    (m, a_box): (usize, usize),
+    (n, w_box): (usize, usize),
+    k: usize,
+) -> Result<(
+    cudarc::driver::sys::CUtensorMap,
+    cudarc::driver::sys::CUtensorMap,
+)> {
+    let map = |addr: u64, rows: usize, box_rows: usize| {
+        OperandBox {
+            addr,
+            rows,
+            k,
+            box_rows,
+        }
+        .encode()
+    };
+    Ok((
+        map(a.device_ptr(&dev.stream).0, m, a_box)?,
+        map(w.device_ptr(&dev.stream).0, n, w_box)?,
+    ))
 }
 
 /// Loads `gemm_stream_mg{1..4}` and allows each its shared-memory ring.
