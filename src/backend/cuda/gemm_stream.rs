@@ -270,6 +270,141 @@ mod tests {
         }
     }
 
+    /// A host emulation of one block's data path in `gemm_stream.cu`, written from the kernel's
+    /// index expressions: TMA boxes (64 K × rows, 128-byte swizzle: chunk c of row r at
+    /// `r·128 + ((c ^ (r & 7)) << 4)`, zeros past the matrix), the consumers' reads (sub-step s,
+    /// lane (g, t): chunk `2t + (s & 1)` of box `s / 2`, rows g and g + 8), the m16n8k16
+    /// fragment semantics, and the epilogue's (token, row) mapping. Checked against a plain
+    /// product on integer data (exact in f32), with a partial tile in N and M and a K tail; and
+    /// every quarter-warp's 8 reads must hit 8 distinct 16-byte bank groups.
+    #[test]
+    fn the_kernel_data_path_computes_the_product_and_reads_without_bank_conflicts() {
+        let (m, n, k) = (29usize, 100usize, 776usize);
+        let groups = m.div_ceil(8);
+        let val = |seed: usize, i: usize| ((i * 2_654_435_761 + seed * 97) % 7) as f32 - 3.0;
+        let a: Vec<f32> = (0..m * k).map(|i| val(1, i)).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| val(2, i)).collect();
+        // One 64-K box of `rows` rows starting at (x, y) of a `total_rows × k` matrix, as 64-element
+        // rows of 8 swizzled chunks (element index = byte offset / 2).
+        let tma_box = |src: &[f32], total_rows: usize, rows: usize, x: usize, y: usize| {
+            let mut smem = vec![f32::NAN; rows * 64];
+            for r in 0..rows {
+                for c in 0..8 {
+                    let phys = (r * 128 + ((c ^ (r & 7)) << 4)) / 2;
+                    for e in 0..8 {
+                        let (row, col) = (y + r, x + 8 * c + e);
+                        smem[phys + e] = if row < total_rows && col < k {
+                            src[row * k + col]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+            smem
+        };
+        let read = |smem: &[f32], r: usize, c: usize| -> [f32; 8] {
+            let phys = (r * 128 + ((c ^ (r & 7)) << 4)) / 2;
+            smem[phys..phys + 8].try_into().unwrap()
+        };
+        let mut c_out = vec![f32::NAN; m * n];
+        let tiles = n.div_ceil(STREAM_ROWS);
+        for tile in 0..tiles {
+            // acc[warp][r][j][lane][q]
+            let mut acc = vec![[[[[0f32; 4]; 32]; 4]; STREAM_RT]; STREAM_CONSUMERS];
+            for kc in 0..k.div_ceil(STREAM_KS) {
+                let k0 = kc * STREAM_KS;
+                let wbox: Vec<Vec<f32>> = (0..2)
+                    .map(|kb| tma_box(&w, n, STREAM_ROWS, k0 + 64 * kb, tile * STREAM_ROWS))
+                    .collect();
+                let abox: Vec<Vec<f32>> = (0..2)
+                    .map(|kb| tma_box(&a, m, 8 * groups, k0 + 64 * kb, 0))
+                    .collect();
+                for (warp, acc_w) in acc.iter_mut().enumerate() {
+                    let wrow = warp * 16 * STREAM_RT;
+                    for sub in 0..STREAM_KS / 32 {
+                        let (kb, par) = (sub >> 1, sub & 1);
+                        // Bank groups of each quarter-warp's W reads (rows g and g + 1 share one).
+                        for quarter in 0..4 {
+                            let mut banks: Vec<usize> = (8 * quarter..8 * quarter + 8)
+                                .map(|lane| {
+                                    let (g, t) = (lane >> 2, lane & 3);
+                                    let row = wrow + g;
+                                    ((row * 128 + (((2 * t + par) ^ (row & 7)) << 4)) % 128) / 16
+                                })
+                                .collect();
+                            banks.sort_unstable();
+                            banks.dedup();
+                            assert_eq!(banks.len(), 8, "bank conflict, warp {warp} sub {sub}");
+                        }
+                        for r in 0..STREAM_RT {
+                            for j in 0..groups {
+                                // Each of the two mma ops gathers its operands from the
+                                // lanes' registers: lane (g, t) gives values 4·mma..4·mma + 4 of
+                                // its 16-byte reads (regs x, y then z, w) to k-slots 2t, 2t+1,
+                                // 2t+8, 2t+9 of rows g, g + 8 (weights) and of column g (token).
+                                let mut am = [[0f32; 16]; 16]; // [row][slot]
+                                let mut bm = [[0f32; 8]; 16]; // [slot][col]
+                                for mma in 0..2 {
+                                    for lane in 0..32 {
+                                        let (g, t) = (lane >> 2, lane & 3);
+                                        let c = 2 * t + par;
+                                        let row = wrow + 16 * r + g;
+                                        let wa = read(&wbox[kb], row, c);
+                                        let wb = read(&wbox[kb], row + 8, c);
+                                        let av = read(&abox[kb], 8 * j + g, c);
+                                        let slots = [2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9];
+                                        for (e, &slot) in slots.iter().enumerate() {
+                                            let v = 4 * mma + e;
+                                            am[g][slot] = wa[v];
+                                            am[g + 8][slot] = wb[v];
+                                            bm[slot][g] = av[v];
+                                        }
+                                    }
+                                    for lane in 0..32 {
+                                        let (g, t) = (lane >> 2, lane & 3);
+                                        for q in 0..4 {
+                                            let (i, col) =
+                                                (g + if q < 2 { 0 } else { 8 }, 2 * t + (q & 1));
+                                            let dot: f32 =
+                                                (0..16).map(|sl| am[i][sl] * bm[sl][col]).sum();
+                                            acc_w[r][j][lane][q] += dot;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // Epilogue: element q of tile r, group j → token 8j + 2t + (q & 1), weight row
+            // tile·128 + wrow + 16r + g (+ 8 for q ≥ 2), masked to m × n.
+            for (warp, acc_w) in acc.iter().enumerate() {
+                let rbase = tile * STREAM_ROWS + warp * 16 * STREAM_RT;
+                for r in 0..STREAM_RT {
+                    for j in 0..groups {
+                        for lane in 0..32 {
+                            let (g, t) = (lane >> 2, lane & 3);
+                            for q in 0..4 {
+                                let tok = 8 * j + 2 * t + (q & 1);
+                                let row = rbase + 16 * r + g + if q < 2 { 0 } else { 8 };
+                                if tok < m && row < n {
+                                    c_out[tok * n + row] = acc_w[r][j][lane][q];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for tok in 0..m {
+            for row in 0..n {
+                let want: f32 = (0..k).map(|i| a[tok * k + i] * w[row * k + i]).sum();
+                assert_eq!(c_out[tok * n + row], want, "C[{tok}, {row}]");
+            }
+        }
+    }
+
     #[test]
     fn plans_for_the_llada_shapes() {
         let p = StreamPlan::new(32, 12288, 4096, 132).unwrap();
