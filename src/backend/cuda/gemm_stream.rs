@@ -278,6 +278,7 @@ mod tests {
     /// product on integer data (exact in f32), with a partial tile in N and M and a K tail; and
     /// every quarter-warp's 8 reads must hit 8 distinct 16-byte bank groups.
     #[test]
+    #[allow(clippy::needless_range_loop)] // the emulation mirrors the kernel's index expressions
     fn the_kernel_data_path_computes_the_product_and_reads_without_bank_conflicts() {
         let (m, n, k) = (29usize, 100usize, 776usize);
         let groups = m.div_ceil(8);
