@@ -977,6 +977,98 @@ mod tests {
         assert!(checks.iter().all(|c| c.passed), "an attention check failed");
     }
 
+    /// The split kernel's softmax arithmetic on the host, written from `attention_mma_body`:
+    /// each split runs the online softmax over its 64-key tiles (log2 domain, running max `m`
+    /// with base 0 while it is -inf, sum `l`, unnormalised `o`), then the merge takes the largest
+    /// `m`, rescales every partial by exp2(m_s − m) and divides. Must equal one softmax over all
+    /// valid keys, for any split, including splits whose keys are all masked and rows with no
+    /// valid key (zeros).
+    #[test]
+    fn split_softmax_merge_equals_one_softmax() {
+        let online = |scores: &[f32], vals: &[f32], valid: usize, tiles: std::ops::Range<usize>| {
+            let (mut m, mut l, mut o) = (f32::NEG_INFINITY, 0f32, 0f32);
+            for j in tiles {
+                let keys = j * 64..((j + 1) * 64).min(scores.len());
+                let xs: Vec<f32> = keys
+                    .clone()
+                    .map(|i| {
+                        if i < valid {
+                            scores[i]
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let mx = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let nm = m.max(mx);
+                let base = if nm == f32::NEG_INFINITY { 0.0 } else { nm };
+                let alpha = (m - base).exp2();
+                m = nm;
+                l *= alpha;
+                o *= alpha;
+                for (x, i) in xs.iter().zip(keys) {
+                    let p = (x - base).exp2();
+                    l += p;
+                    o += p * vals[i];
+                }
+            }
+            (m, l, o)
+        };
+        let merge = |parts: &[(f32, f32, f32)]| {
+            let gm = parts.iter().map(|p| p.0).fold(f32::NEG_INFINITY, f32::max);
+            let gb = if gm == f32::NEG_INFINITY { 0.0 } else { gm };
+            let (mut l, mut o) = (0f32, 0f32);
+            for &(m, ls, os) in parts {
+                let w = (m - gb).exp2();
+                l += ls * w;
+                o += os * w;
+            }
+            if l > 0.0 {
+                o / l
+            } else {
+                0.0
+            }
+        };
+        let skv: usize = 300; // 5 tiles, the last partial
+        let scores: Vec<f32> = (0..skv)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0)
+            .collect();
+        let vals: Vec<f32> = (0..skv)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 4.0)
+            .collect();
+        let tiles = skv.div_ceil(64);
+        for valid in [skv, 200, 65, 64, 1, 0] {
+            let want = {
+                let mx = scores[..valid]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let (mut l, mut o) = (0f64, 0f64);
+                for i in 0..valid {
+                    let p = ((scores[i] - mx) as f64).exp2();
+                    l += p;
+                    o += p * vals[i] as f64;
+                }
+                if valid == 0 {
+                    0.0
+                } else {
+                    o / l
+                }
+            };
+            for tps in 1..=tiles {
+                let parts: Vec<_> = (0..tiles.div_ceil(tps))
+                    .map(|s| online(&scores, &vals, valid, s * tps..((s + 1) * tps).min(tiles)))
+                    .collect();
+                let got = merge(&parts) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "valid {valid}, {tps} tiles per split: {got} vs {want}"
+                );
+                assert!(got.is_finite());
+            }
+        }
+    }
+
     #[test]
     fn split_plans_fill_small_grids_only() {
         let block = AttnShape::dense(1, 32, 384, 32, 32, 128);
