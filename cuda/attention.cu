@@ -167,8 +167,9 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int splits = SPLIT ? (skv + BN - 1) / BN / tiles_per_split + (((skv + BN - 1) / BN) % tiles_per_split != 0)
-                             : 1;
+    // Splits of the key tiles (the host's SplitPlan: at least one, even for skv == 0).
+    const int key_tiles = max((skv + BN - 1) / BN, 1);
+    const int splits = SPLIT ? (key_tiles + tiles_per_split - 1) / tiles_per_split : 1;
     const int qt = SPLIT ? blockIdx.x / splits : blockIdx.x;
     const int split = SPLIT ? blockIdx.x % splits : 0;
     const int q0 = qt * BM, h = blockIdx.y, b = blockIdx.z;
@@ -314,16 +315,21 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
         constexpr int PF = AttnPartial<D>::FLOATS;
         const size_t unit = ((size_t)b * gridDim.y + h) * (gridDim.x / splits) + qt;
         float* mine = ws + ((unit * splits + split) * THREADS + tid) * PF;
+        // A warp whose 16 rows all lie past sq (half the block at sq = 32) has nothing to keep:
+        // it neither writes nor merges (warp 0 is always live, so the counter is still reset).
+        const bool live = q0 + warp * 16 < sq;  // warp-uniform
+        if (live) {
 #pragma unroll
-        for (int i = 0; i < ND; ++i)
-            *reinterpret_cast<float4*>(mine + 4 * i) = make_float4(o[i][0], o[i][1], o[i][2], o[i][3]);
-        *reinterpret_cast<float4*>(mine + 4 * ND) = make_float4(m0, m1, l0, l1);
+            for (int i = 0; i < ND; ++i)
+                *reinterpret_cast<float4*>(mine + 4 * i) = make_float4(o[i][0], o[i][1], o[i][2], o[i][3]);
+            *reinterpret_cast<float4*>(mine + 4 * ND) = make_float4(m0, m1, l0, l1);
+        }
         __threadfence();
         __syncthreads();
         __shared__ unsigned int s_last;
         if (tid == 0) s_last = (atomicAdd(&counters[unit], 1u) == (unsigned int)(splits - 1)) ? 1u : 0u;
         __syncthreads();
-        if (s_last == 0u) return;
+        if (s_last == 0u || !live) return;
         __threadfence();
         // Merge in split order: the largest running max first, then every partial rescaled to it.
         float gm0 = -INFINITY, gm1 = -INFINITY;

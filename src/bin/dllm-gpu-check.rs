@@ -834,6 +834,22 @@ fn batch_checks(
             0.0,
             TOL_BATCH_EXACT_CONF,
         ));
+        // Seven copies of the cases: 35 canvases with queries, at most 4096 / 128 = 32 per
+        // padded forward, so two sub-batches (the second re-uploads, re-pads and re-masks).
+        let name = format!("{prefix}[naive kernels].predict_batch_two_sub_batches_vs_single");
+        let many: Vec<BatchCase> = (0..7).flat_map(|_| batch_cases(naive.config())).collect();
+        let r = (|| -> Result<(usize, usize, f64)> {
+            let batched = naive.predict_batch(&batch_items(&many))?;
+            let single = many
+                .iter()
+                .map(|c| naive.predict(&c.ids, &c.queries, &c.rule))
+                .collect::<Result<Vec<_>>>()?;
+            compare_predictions(&batched, &single)
+        })();
+        out.push(match r {
+            Err(e) => CheckResult::failed(name, e),
+            Ok((same, total, _)) => miss_check(name, same, total, 0.0, "tokens"),
+        });
     }
     if let Some(cpu) = models.cpu {
         let name = format!("{prefix}.predict_batch_vs_cpu");

@@ -8,9 +8,17 @@ use crate::denoise::predict::PredictRule;
 
 /// Splits canvases of lengths `lens` into padded sub-batches: lists of canvas indices, each run
 /// as one forward over `members × L` rows where `L` is the longest member. Canvases are taken
-/// longest first (ties in input order) and a sub-batch grows while `members × L ≤ max_rows`; a
-/// canvas longer than `max_rows` gets a sub-batch of its own. Every index appears exactly once.
+/// longest first (ties in input order) and a sub-batch grows while `members × L ≤ max_rows`
+/// and it has fewer than `max_rows / longest of all` members (at least 1); a canvas longer
+/// than `max_rows` gets a sub-batch of its own. Every index appears exactly once.
+///
+/// The member cap matters because the device buffers are sized `(most members) × (longest
+/// canvas)` and never shrink: without it a long canvas followed by many short ones would size
+/// them for far more rows than any one forward uses (e.g. 1 × 4096 then 64 × 64 rows →
+/// 64 × 4096).
 pub fn plan_sub_batches(lens: &[usize], max_rows: usize) -> Vec<Vec<usize>> {
+    let longest = lens.iter().copied().max().unwrap_or(1).max(1);
+    let max_members = (max_rows / longest).max(1);
     let mut order: Vec<usize> = (0..lens.len()).collect();
     // Stable: equal lengths keep their input order.
     order.sort_by(|&a, &b| lens[b].cmp(&lens[a]));
@@ -19,7 +27,7 @@ pub fn plan_sub_batches(lens: &[usize], max_rows: usize) -> Vec<Vec<usize>> {
     for i in order {
         match groups.last_mut() {
             // Lengths never grow within a group (longest first), so `seq` stays its longest.
-            Some(g) if (g.len() + 1) * seq <= max_rows => g.push(i),
+            Some(g) if g.len() < max_members && (g.len() + 1) * seq <= max_rows => g.push(i),
             _ => {
                 seq = lens[i];
                 groups.push(vec![i]);
@@ -81,19 +89,24 @@ mod tests {
 
     #[test]
     fn sub_batches_take_the_longest_first_and_respect_the_row_budget() {
-        // Lengths 7, 33, 64, 100, 128 with 300 rows: 128 + 100 → 2·128 = 256 ≤ 300, a third
-        // would be 3·128 = 384; then 64, 33, 7 under L = 64: 3·64 = 192 ≤ 300.
+        // Lengths 7, 33, 64, 100, 128 with 300 rows: at most 300 / 128 = 2 members each;
+        // 128 + 100 (2·128 = 256 ≤ 300), then 64 + 33, then 7.
         let lens = [7, 33, 64, 100, 128];
         assert_eq!(
             plan_sub_batches(&lens, 300),
-            vec![vec![4, 3], vec![2, 1, 0]]
+            vec![vec![4, 3], vec![2, 1], vec![0]]
         );
         // A budget that fits all five: 5·128 = 640.
         assert_eq!(plan_sub_batches(&lens, 640), vec![vec![4, 3, 2, 1, 0]]);
-        // A canvas longer than the budget runs alone; equal lengths keep their order.
+        // A canvas longer than the budget runs alone (and caps the others at 1 member each);
+        // equal lengths keep their order.
         assert_eq!(
             plan_sub_batches(&[50, 500, 50, 50], 100),
-            vec![vec![1], vec![0, 2], vec![3]]
+            vec![vec![1], vec![0], vec![2], vec![3]]
+        );
+        assert_eq!(
+            plan_sub_batches(&[50, 50, 50, 50, 50], 100),
+            vec![vec![0, 1], vec![2, 3], vec![4]]
         );
         assert!(plan_sub_batches(&[], 100).is_empty());
     }
@@ -105,6 +118,9 @@ mod tests {
         let mut seen: Vec<usize> = groups.concat();
         seen.sort_unstable();
         assert_eq!(seen, (0..40).collect::<Vec<_>>());
+        // Buffers sized (most members) × (longest canvas) stay within the budget.
+        let most = groups.iter().map(Vec::len).max().unwrap();
+        assert!(most * lens.iter().max().unwrap() <= 256);
         for g in &groups {
             let longest = g.iter().map(|&i| lens[i]).max().unwrap();
             assert_eq!(lens[g[0]], longest, "the first member sets L");

@@ -991,18 +991,38 @@ impl CudaTransformer {
     }
 
     fn predict_queries(&self, kit: &Kit, st: &mut State, rule: &PredictRule) -> Result<()> {
+        let n = st.q_host.0.len();
+        self.predict_query_ranges(kit, st, &[(0..n, rule)])
+    }
+
+    /// [`CudaTransformer::predict_queries`] with a rule per range of query rows (`ranges` cover
+    /// the current query rows in order): one LM-head pass, then per head chunk one sampler
+    /// launch for each range's rows in it.
+    fn predict_query_ranges(
+        &self,
+        kit: &Kit,
+        st: &mut State,
+        ranges: &[(Range<usize>, &PredictRule)],
+    ) -> Result<()> {
         let width = self.cfg.logits_width();
         let sampler = &kit.sampler;
         self.head(kit, st, |st, c0, rows| {
-            sampler.predict(
-                &st.logits.slice(0..rows * width),
-                rows,
-                width,
-                &st.q_pos.slice(c0..c0 + rows),
-                rule,
-                &mut st.tokens.slice_mut(c0..c0 + rows),
-                &mut st.conf.slice_mut(c0..c0 + rows),
-            )
+            for (range, rule) in ranges {
+                let (lo, hi) = (range.start.max(c0), range.end.min(c0 + rows));
+                if lo >= hi {
+                    continue;
+                }
+                sampler.predict(
+                    &st.logits.slice((lo - c0) * width..(hi - c0) * width),
+                    hi - lo,
+                    width,
+                    &st.q_pos.slice(lo..hi),
+                    rule,
+                    &mut st.tokens.slice_mut(lo..hi),
+                    &mut st.conf.slice_mut(lo..hi),
+                )?;
+            }
+            Ok(())
         })
     }
 
@@ -1375,25 +1395,30 @@ impl CudaTransformer {
             st.padded = true;
         }
         self.layers(&self.kit, st, 0, seq, true, false)?;
+        // Every member's query rows, grouped by rule: one LM-head pass over all of them, one
+        // sampler launch per rule and head chunk over that rule's rows.
         let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
-        let mut out = vec![Vec::new(); members.len()];
-        for slots in padding::rule_groups(&rules) {
+        let groups = padding::rule_groups(&rules);
+        let (mut idx, mut pos) = (Vec::new(), Vec::new());
+        let mut ranges = Vec::with_capacity(groups.len());
+        for slots in &groups {
             let queries: Vec<(usize, &[usize])> =
                 slots.iter().map(|&b| (b, members[b].queries)).collect();
-            let (rows, pos) = padding::query_rows(&queries, seq, |p| self.source_position(p));
-            let n = rows.len();
-            let idx = rows
-                .into_iter()
-                .map(|r| i32_of("query row", r))
-                .collect::<Result<Vec<_>>>()?;
-            let pos = pos
-                .into_iter()
-                .map(|p| i32_of("query position", p))
-                .collect::<Result<Vec<_>>>()?;
-            self.set_queries(st, idx, pos)?;
-            self.predict_queries(&self.kit, st, rules[slots[0]])?;
-            let mut preds = self.download_predictions(st, n)?.into_iter();
-            for &b in &slots {
+            let (rows, ps) = padding::query_rows(&queries, seq, |p| self.source_position(p));
+            let start = idx.len();
+            for (r, p) in rows.into_iter().zip(ps) {
+                idx.push(i32_of("query row", r)?);
+                pos.push(i32_of("query position", p)?);
+            }
+            ranges.push((start..idx.len(), rules[slots[0]]));
+        }
+        let n = idx.len();
+        self.set_queries(st, idx, pos)?;
+        self.predict_query_ranges(&self.kit, st, &ranges)?;
+        let mut preds = self.download_predictions(st, n)?.into_iter();
+        let mut out = vec![Vec::new(); members.len()];
+        for slots in &groups {
+            for &b in slots {
                 out[b] = preds.by_ref().take(members[b].queries.len()).collect();
             }
         }
