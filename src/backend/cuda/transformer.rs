@@ -607,6 +607,32 @@ impl CudaTransformer {
         }
     }
 
+    /// `out = rmsnorm(x; norm) · wᵀ` over `rows` rows of `d_model`: the normalised bf16 rows go
+    /// through `xn` (the first `rows · d_model` elements).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_gemm(
+        &self,
+        kit: &Kit,
+        x: &CudaView<f32>,
+        norm: &CudaView<f32>,
+        xn: &mut CudaSlice<u16>,
+        w: &CudaView<u16>,
+        out: GemmOut<'_>,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        let d = self.cfg.d_model;
+        self.ew.rmsnorm_bf16(
+            x,
+            norm,
+            &mut xn.slice_mut(0..rows * d),
+            rows,
+            d,
+            self.cfg.rms_norm_eps,
+        )?;
+        self.gemm(kit, &xn.slice(0..rows * d), w, out, rows, n, d)
+    }
+
     fn attention(
         &self,
         q: &CudaView<u16>,
@@ -641,7 +667,6 @@ impl CudaTransformer {
         let (d, h, hd) = (cfg.d_model, cfg.mlp_hidden, cfg.head_dim());
         let (kv, qkv_dim) = (self.kv_dim(), self.qkv_dim());
         let rows = b * len;
-        let eps = cfg.rms_norm_eps;
         // SAFETY: i32 and u32 have the same size; ids were validated non-negative on upload and
         // the commit kernel writes only ids < vocab_size.
         let ids = unsafe { st.canvas.transmute::<u32>(b * s) }
@@ -673,22 +698,15 @@ impl CudaTransformer {
         };
         let seq_cap = st.seq_cap;
         for (li, lw) in self.w.layers.iter().enumerate() {
-            self.ew.rmsnorm_bf16(
+            self.norm_gemm(
+                kit,
                 &st.x.slice(0..rows * d),
                 &lw.attn_norm.as_view(),
-                &mut st.xn.slice_mut(0..rows * d),
-                rows,
-                d,
-                eps,
-            )?;
-            self.gemm(
-                kit,
-                &st.xn.slice(0..rows * d),
+                &mut st.xn,
                 &lw.qkv.as_view(),
                 GemmOut::Bf16(st.qkv.slice_mut(0..rows * qkv_dim)),
                 rows,
                 qkv_dim,
-                d,
             )?;
             {
                 // RoPE on q and k in place, and (block forward, or a full forward that stores
@@ -763,22 +781,15 @@ impl CudaTransformer {
                 d,
                 d,
             )?;
-            self.ew.rmsnorm_bf16(
+            self.norm_gemm(
+                kit,
                 &st.x.slice(0..rows * d),
                 &lw.ff_norm.as_view(),
-                &mut st.xn.slice_mut(0..rows * d),
-                rows,
-                d,
-                eps,
-            )?;
-            self.gemm(
-                kit,
-                &st.xn.slice(0..rows * d),
+                &mut st.xn,
                 &lw.gate_up.as_view(),
                 GemmOut::Bf16(st.gu.slice_mut(0..rows * 2 * h)),
                 rows,
                 2 * h,
-                d,
             )?;
             self.ew.swiglu(
                 &st.gu.slice(0..rows * 2 * h),
@@ -937,22 +948,15 @@ impl CudaTransformer {
                 rows,
                 d,
             )?;
-            self.ew.rmsnorm_bf16(
+            self.norm_gemm(
+                kit,
                 &st.hq.slice(0..rows * d),
                 &self.w.ln_f.as_view(),
-                &mut st.hqn.slice_mut(0..rows * d),
-                rows,
-                d,
-                self.cfg.rms_norm_eps,
-            )?;
-            self.gemm(
-                kit,
-                &st.hqn.slice(0..rows * d),
+                &mut st.hqn,
                 &head_w.as_view(),
                 GemmOut::F32(st.logits.slice_mut(0..rows * width)),
                 rows,
                 width,
-                d,
             )?;
             each(st, c0, rows)?;
             c0 += rows;
