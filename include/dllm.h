@@ -69,6 +69,7 @@
  *         cache and revise; DLLM_REMASK_MARGIN and DLLM_REMASK_ENTROPY work (version 1
  *         answered DLLM_ERR_UNSUPPORTED); dllm_session_last_commits; dllm_step_info.committed
  *         counts the positions a stop_at_eos stop fills too.
+ *      3: dllm_sessions_run (several sessions of one model run together, batched forwards).
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -82,7 +83,7 @@ extern "C" {
 
 /* The ABI version this header describes (see "Versions" above): a program built with this
  * header needs dllm_abi_version() >= DLLM_ABI_VERSION. */
-#define DLLM_ABI_VERSION 2
+#define DLLM_ABI_VERSION 3
 
 /* ---------------------------------------------------------------------------------------------
  * Status codes
@@ -376,6 +377,26 @@ int32_t dllm_session_total_steps(const dllm_session *s);
 
 /* Destroys a session and releases its reference to the model. NULL is a no-op. */
 void dllm_session_free(dllm_session *s);
+
+/* ---------------------------------------------------------------------------------------------
+ * Batches: several sessions of one model together (ABI version 3)
+ * ------------------------------------------------------------------------------------------- */
+
+/* Runs the `n` sessions in `sessions` to completion together, on the calling thread. In each
+ * round every unfinished session takes one step; the steps of the sessions that can share a
+ * forward pass (no cache, cfg_scale, top_k, top_p or revise) run as ONE batched forward over all
+ * their canvases, which may differ in length (the CUDA backend pads them and masks the padding,
+ * the CPU backend stacks them), so the weights are read once per round for the whole batch; the
+ * other sessions step on their own in the same round. Every session ends as dllm_session_run
+ * would leave it run alone (the same canvas; dllm_session_last_commits describes its last
+ * step), and finished sessions are left as they are. n == 0 does nothing.
+ * All sessions must come from the same dllm_model handle, and each may appear only once; they
+ * are all used by the calling thread for the duration of the call.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL sessions with n > 0, a NULL entry, a session listed
+ * twice, sessions of different models: the message names the entries), DLLM_ERR_BACKEND. The
+ * steps taken before a failure remain (dllm_session_last_commits may then not describe the
+ * last of them). */
+dllm_status dllm_sessions_run(dllm_session *const *sessions, size_t n);
 
 #ifdef __cplusplus
 }

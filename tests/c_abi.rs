@@ -20,20 +20,22 @@ use std::time::{Duration, Instant};
 
 const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
 /// The self-checking C tests (each exits 0 when every check passed).
-const C_TESTS: [&str; 5] = [
+const C_TESTS: [&str; 6] = [
     "test_model",
     "test_tokenize",
     "test_session",
     "test_decoding",
     "test_threads",
+    "test_batch",
 ];
 /// Every C program built: the tests, the parity driver and the examples.
-const PROGRAMS: [(&str, &str); 8] = [
+const PROGRAMS: [(&str, &str); 9] = [
     ("test_model", "ffi/tests/test_model.c"),
     ("test_tokenize", "ffi/tests/test_tokenize.c"),
     ("test_session", "ffi/tests/test_session.c"),
     ("test_decoding", "ffi/tests/test_decoding.c"),
     ("test_threads", "ffi/tests/test_threads.c"),
+    ("test_batch", "ffi/tests/test_batch.c"),
     ("parity", "ffi/tests/parity.c"),
     ("generate", "ffi/examples/generate.c"),
     ("infill", "ffi/examples/infill.c"),

@@ -11,6 +11,7 @@
 use super::session::{Session, StepPlan};
 use crate::error::{Error, Result};
 use crate::model::{BatchQuery, CacheMode};
+use std::borrow::{Borrow, BorrowMut};
 use std::sync::Arc;
 
 /// Whether `session`'s steps can share a packed forward.
@@ -19,52 +20,65 @@ fn batchable(session: &Session) -> bool {
     !d.needs_logits() && d.cache == CacheMode::None && d.revise.is_none()
 }
 
-/// Steps every session until all are done. The sessions must share one model (the same
-/// `Arc`). Returns the number of rounds (packed forwards or solo steps of the slowest session).
-/// On error the sessions are left as the last completed round made them.
-pub fn run_batch(sessions: &mut [Session]) -> Result<usize> {
+/// Checks that every session runs on the same model (the same `Arc`) as the first; the error
+/// names the first one that does not.
+pub fn check_one_model<S: Borrow<Session>>(sessions: &[S]) -> Result<()> {
     if let Some(first) = sessions.first() {
-        let model = first.model();
-        if let Some(i) = sessions.iter().position(|s| !Arc::ptr_eq(s.model(), model)) {
+        let model = first.borrow().model();
+        if let Some(i) = sessions
+            .iter()
+            .position(|s| !Arc::ptr_eq(s.borrow().model(), model))
+        {
             return Err(Error::invalid(format!(
                 "batch: session {i} runs on another model than session 0"
             )));
         }
     }
+    Ok(())
+}
+
+/// Steps every session until all are done. The sessions must share one model (the same
+/// `Arc`). Returns the number of rounds (packed forwards or solo steps of the slowest session).
+/// On error the sessions are left as the last completed round made them.
+pub fn run_batch<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<usize> {
+    check_one_model(sessions)?;
     let mut rounds = 0;
-    loop {
-        let mut plans: Vec<(usize, StepPlan)> = Vec::new();
-        let mut solo = 0;
-        for (i, s) in sessions.iter_mut().enumerate() {
-            if s.is_done() {
-                continue;
-            }
-            if batchable(s) {
-                if let Some(plan) = s.plan() {
-                    plans.push((i, plan));
-                }
-            } else {
-                s.step()?;
-                solo += 1;
-            }
-        }
-        if plans.is_empty() && solo == 0 {
-            return Ok(rounds);
-        }
+    while !step_round(sessions)?.is_empty() {
         rounds += 1;
-        // Steps that commit nothing run no forward (as in `Session::predict`).
-        let (run, empty): (Vec<_>, Vec<_>) = plans.into_iter().partition(|(_, p)| p.k > 0);
-        for (i, plan) in &empty {
-            sessions[*i].apply(plan, &[])?;
-        }
-        if run.is_empty() {
+    }
+    Ok(rounds)
+}
+
+/// One round: one step of every unfinished session, the batchable ones through one
+/// [`Model::predict_batch`](crate::model::Model::predict_batch) (the others step alone first).
+/// Returns the indices of the sessions that took a step (empty when all were done). The
+/// sessions must share one model ([`check_one_model`]). On error, the solo steps taken before it
+/// remain and no batched step is applied.
+pub fn step_round<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<Vec<usize>> {
+    let mut plans: Vec<(usize, StepPlan)> = Vec::new();
+    let mut stepped = Vec::new();
+    for (i, s) in sessions.iter_mut().enumerate() {
+        let s = s.borrow_mut();
+        if s.is_done() {
             continue;
         }
-        let model = sessions[run[0].0].model().clone();
+        if batchable(s) {
+            if let Some(plan) = s.plan() {
+                plans.push((i, plan));
+            }
+        } else {
+            s.step()?;
+            stepped.push(i);
+        }
+    }
+    // Steps that commit nothing run no forward (as in `Session::predict`).
+    let (run, empty): (Vec<_>, Vec<_>) = plans.into_iter().partition(|(_, p)| p.k > 0);
+    if !run.is_empty() {
+        let model = sessions[run[0].0].borrow().model().clone();
         let items: Vec<BatchQuery<'_>> = run
             .iter()
             .map(|(i, p)| BatchQuery {
-                ids: sessions[*i].canvas(),
+                ids: sessions[*i].borrow().canvas(),
                 queries: &p.queries,
                 rule: &p.rule,
             })
@@ -78,7 +92,14 @@ pub fn run_batch(sessions: &mut [Session]) -> Result<usize> {
             )));
         }
         for ((i, plan), p) in run.iter().zip(preds) {
-            sessions[*i].apply(plan, &p)?;
+            sessions[*i].borrow_mut().apply(plan, &p)?;
+            stepped.push(*i);
         }
     }
+    for (i, plan) in &empty {
+        sessions[*i].borrow_mut().apply(plan, &[])?;
+        stepped.push(*i);
+    }
+    stepped.sort_unstable();
+    Ok(stepped)
 }

@@ -15,11 +15,11 @@ use std::sync::Arc;
 /// The opaque `dllm_session`: a [`Session`] plus a reference to its model's shared state
 /// (tokenizer, worker threads), which keeps them alive after `dllm_model_free`.
 pub struct dllm_session {
-    model: Arc<ModelInner>,
-    session: Session,
+    pub(super) model: Arc<ModelInner>,
+    pub(super) session: Session,
     /// `(position, token)` of every position the last step filled, increasing
     /// (`dllm_session_last_commits`).
-    last_filled: Vec<(usize, i32)>,
+    pub(super) last_filled: Vec<(usize, i32)>,
 }
 
 /// # Safety
@@ -157,11 +157,28 @@ fn step_recording(
     session: &mut Session,
     last_filled: &mut Vec<(usize, i32)>,
 ) -> crate::Result<StepInfo> {
-    let mask = session.model().config().mask_token_id;
-    let masked: Vec<usize> = (0..session.canvas().len())
-        .filter(|&p| session.canvas()[p] == mask)
-        .collect();
+    let masked = masked_positions(session);
     let info = session.step()?;
+    record_filled(session, masked, last_filled);
+    Ok(info)
+}
+
+/// The positions of `session`'s canvas that hold the mask token, increasing.
+pub(super) fn masked_positions(session: &Session) -> Vec<usize> {
+    let mask = session.model().config().mask_token_id;
+    (0..session.canvas().len())
+        .filter(|&p| session.canvas()[p] == mask)
+        .collect()
+}
+
+/// Sets `last_filled` to the positions of `masked` (the masks before a step) that the step
+/// just taken filled, with their tokens.
+pub(super) fn record_filled(
+    session: &Session,
+    masked: Vec<usize>,
+    last_filled: &mut Vec<(usize, i32)>,
+) {
+    let mask = session.model().config().mask_token_id;
     let canvas = session.canvas();
     last_filled.clear();
     // A step only ever turns masks into tokens, so this is exactly the canvas diff. Ids are
@@ -172,7 +189,6 @@ fn step_recording(
             .filter(|&p| canvas[p] != mask)
             .map(|p| (p, canvas[p] as i32)),
     );
-    Ok(info)
 }
 
 /// The C view of a step that filled `filled` positions.

@@ -1,0 +1,170 @@
+/* test_batch.c: dllm_sessions_run (ABI version 3), several sessions of one model run together.
+ *
+ * Four configurations on two canvases of different lengths (the fixture's "def square(x):\n"
+ * + 16 masks, and "class Point:\n" + 24 masks): greedy, sampled at temperature 0.7, random
+ * remasking, and greedy with the dual cache (which cannot share a batched forward and steps on
+ * its own). Each must end exactly as the same configuration run alone with dllm_session_run:
+ * the same canvas and the same dllm_session_last_commits. Also: a finished session in the batch
+ * is left as it is, and bad arguments (NULL array or entry, a session twice, two models) are
+ * refused before anything runs, each error naming the entry.
+ *
+ * Usage: test_batch MODEL_DIR */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "session_fixture.h"
+
+#define CONFIGS 4
+#define GEN1 24
+
+static int32_t canvas1[MAXC];
+static size_t len1;
+
+/* Configuration i: its canvas and parameters. */
+static void config(int i, const int32_t **canvas, size_t *n, dllm_sampling_params *p) {
+    *p = params();
+    *canvas = (i % 2 == 0) ? canvas0 : canvas1;
+    *n = (i % 2 == 0) ? len0 : len1;
+    if (i % 2 == 1) p->steps = 12; /* 24 masks in 3 blocks of 8: 4 steps each */
+    switch (i) {
+    case 1:
+        p->temperature = 0.7f;
+        p->seed = 3;
+        break;
+    case 2:
+        p->remasking = DLLM_REMASK_RANDOM;
+        p->seed = 5;
+        break;
+    case 3:
+        p->cache = DLLM_CACHE_DUAL;
+        break;
+    default:
+        break;
+    }
+}
+
+static dllm_session *new_config_session(int i) {
+    const int32_t *c;
+    size_t n;
+    dllm_sampling_params p;
+    config(i, &c, &n, &p);
+    dllm_session *s = NULL;
+    CHECK_STATUS(dllm_session_new(model, c, n, &p, &s), DLLM_OK);
+    return s;
+}
+
+/* What a finished session holds: its canvas and its last step's commits. */
+typedef struct {
+    int32_t canvas[MAXC];
+    size_t n;
+    size_t positions[MAXC];
+    int32_t tokens[MAXC];
+    size_t n_commits;
+} outcome;
+
+static void read_outcome(const dllm_session *s, outcome *o) {
+    memset(o, 0, sizeof *o);
+    CHECK_STATUS(dllm_session_canvas(s, o->canvas, MAXC, &o->n), DLLM_OK);
+    CHECK_STATUS(dllm_session_last_commits(s, o->positions, o->tokens, MAXC, &o->n_commits),
+                 DLLM_OK);
+}
+
+static int same_outcome(const outcome *a, const outcome *b) {
+    return a->n == b->n && memcmp(a->canvas, b->canvas, a->n * sizeof a->canvas[0]) == 0 &&
+           a->n_commits == b->n_commits &&
+           memcmp(a->positions, b->positions, a->n_commits * sizeof a->positions[0]) == 0 &&
+           memcmp(a->tokens, b->tokens, a->n_commits * sizeof a->tokens[0]) == 0;
+}
+
+static int count_masks(const outcome *o) {
+    int k = 0;
+    for (size_t i = 0; i < o->n; i++) k += o->canvas[i] == mask_id;
+    return k;
+}
+
+static void test_batch_equals_single_runs(void) {
+    outcome alone[CONFIGS], together[CONFIGS];
+    for (int i = 0; i < CONFIGS; i++) {
+        dllm_session *s = new_config_session(i);
+        if (!s) return;
+        CHECK_STATUS(dllm_session_run(s), DLLM_OK);
+        read_outcome(s, &alone[i]);
+        CHECK(count_masks(&alone[i]) == 0 && alone[i].n_commits > 0);
+        dllm_session_free(s);
+    }
+    dllm_session *batch[CONFIGS + 1];
+    for (int i = 0; i < CONFIGS; i++) {
+        batch[i] = new_config_session(i);
+        if (!batch[i]) return;
+    }
+    /* A fifth, already finished session: the batch must leave it (and its commits) alone. */
+    batch[CONFIGS] = new_config_session(0);
+    if (!batch[CONFIGS]) return;
+    CHECK_STATUS(dllm_session_run(batch[CONFIGS]), DLLM_OK);
+    outcome finished_before, finished_after;
+    read_outcome(batch[CONFIGS], &finished_before);
+
+    CHECK_STATUS(dllm_sessions_run(batch, CONFIGS + 1), DLLM_OK);
+    for (int i = 0; i < CONFIGS; i++) {
+        read_outcome(batch[i], &together[i]);
+        CHECK(same_outcome(&together[i], &alone[i]));
+    }
+    read_outcome(batch[CONFIGS], &finished_after);
+    CHECK(same_outcome(&finished_after, &finished_before));
+    /* Running finished sessions again changes nothing and succeeds. */
+    CHECK_STATUS(dllm_sessions_run(batch, CONFIGS + 1), DLLM_OK);
+    read_outcome(batch[0], &together[0]);
+    CHECK(same_outcome(&together[0], &alone[0]));
+    for (int i = 0; i <= CONFIGS; i++) dllm_session_free(batch[i]);
+}
+
+static void test_bad_arguments(const char *dir) {
+    CHECK(dllm_abi_version() == 3 && DLLM_ABI_VERSION == 3);
+    CHECK_STATUS(dllm_sessions_run(NULL, 0), DLLM_OK);
+    CHECK_STATUS(dllm_sessions_run(NULL, 2), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("sessions");
+
+    dllm_session *a = new_config_session(0);
+    dllm_session *b = new_config_session(1);
+    if (!a || !b) return;
+    dllm_session *with_null[2] = {a, NULL};
+    CHECK_STATUS(dllm_sessions_run(with_null, 2), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("sessions[1] is NULL");
+    dllm_session *twice[3] = {a, b, a};
+    CHECK_STATUS(dllm_sessions_run(twice, 3), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("sessions[2] is the same session as sessions[0]");
+
+    dllm_model *other = load_cpu_model(dir);
+    CHECK(other != NULL);
+    if (other) {
+        dllm_sampling_params p = params();
+        dllm_session *c = NULL;
+        CHECK_STATUS(dllm_session_new(other, canvas0, len0, &p, &c), DLLM_OK);
+        dllm_session *mixed[2] = {a, c};
+        CHECK_STATUS(dllm_sessions_run(mixed, 2), DLLM_ERR_INVALID_ARGUMENT);
+        CHECK_ERROR_MENTIONS("sessions[1]");
+        CHECK_ERROR_MENTIONS("another model");
+        dllm_session_free(c);
+        dllm_model_free(other);
+    }
+    /* Refused calls ran nothing: every mask is still there and nothing was committed. */
+    outcome o;
+    read_outcome(a, &o);
+    CHECK(count_masks(&o) == GEN && o.n_commits == 0);
+    dllm_session_free(a);
+    dllm_session_free(b);
+}
+
+int main(int argc, char **argv) {
+    REQUIRE(argc == 2);
+    REQUIRE(fixture_setup(argv[1]) == 0);
+    size_t prompt1 = 0;
+    len1 = prompt_canvas(model, "class Point:\n", GEN1, canvas1, MAXC, &prompt1);
+    REQUIRE(len1 > GEN1);
+
+    test_bad_arguments(argv[1]);
+    test_batch_equals_single_runs();
+    dllm_model_free(model);
+    return check_report("test_batch");
+}

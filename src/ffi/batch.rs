@@ -1,0 +1,91 @@
+//! Several sessions of one model run together through the C ABI (`dllm_sessions_run`): each
+//! round steps every unfinished session once, and the steps that can share a forward pass run as
+//! one batched forward ([`crate::denoise::batch::step_round`]), so the weights are read once per
+//! round for the whole batch. Each session ends as `dllm_session_run` would leave it, its
+//! `dllm_session_last_commits` included.
+
+use super::session::{dllm_session, masked_positions, record_filled};
+use super::{check_nonnull, dllm_status, guard, invalid, FfiResult};
+use crate::denoise::batch::step_round;
+use crate::denoise::Session;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A session's `(position, token)` record of its last step (`dllm_session_last_commits`).
+type Filled = Vec<(usize, i32)>;
+
+/// The distinct, non-NULL session handles of `sessions[0..n]`, all of one model.
+///
+/// # Safety
+/// `sessions` is NULL or points to `n` readable pointers, each NULL or a live session used by
+/// no other thread now.
+unsafe fn distinct_sessions<'a>(
+    sessions: *const *mut dllm_session,
+    n: usize,
+) -> FfiResult<Vec<&'a mut dllm_session>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    check_nonnull(sessions, "sessions")?;
+    // SAFETY: `n` readable pointers by the contract.
+    let ptrs = unsafe { std::slice::from_raw_parts(sessions, n) };
+    let mut seen: HashMap<*mut dllm_session, usize> = HashMap::with_capacity(n);
+    for (i, &p) in ptrs.iter().enumerate() {
+        if p.is_null() {
+            return Err(invalid(format!("sessions[{i}] is NULL")));
+        }
+        if let Some(first) = seen.insert(p, i) {
+            return Err(invalid(format!(
+                "sessions[{i}] is the same session as sessions[{first}]"
+            )));
+        }
+    }
+    // SAFETY: live, pairwise distinct handles used by this thread only (checked / by contract),
+    // so the mutable references do not alias.
+    let handles: Vec<&mut dllm_session> = ptrs.iter().map(|&p| unsafe { &mut *p }).collect();
+    if let Some(i) = handles
+        .iter()
+        .position(|h| !Arc::ptr_eq(&h.model, &handles[0].model))
+    {
+        return Err(invalid(format!(
+            "sessions[{i}] was created from another model than sessions[0] (a batch shares one dllm_model)"
+        )));
+    }
+    Ok(handles)
+}
+
+/// Runs `n` sessions of one model to completion together.
+///
+/// # Safety
+/// `sessions` is NULL or points to `n` readable pointers, each NULL or a live session used by
+/// no other thread now.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_sessions_run(
+    sessions: *const *mut dllm_session,
+    n: usize,
+) -> dllm_status {
+    guard("dllm_sessions_run", || {
+        // SAFETY: by the contract.
+        let handles = unsafe { distinct_sessions(sessions, n) }?;
+        let Some(model) = handles.first().map(|h| h.model.clone()) else {
+            return Ok(());
+        };
+        let (mut sess, mut filled): (Vec<&mut Session>, Vec<&mut Filled>) = handles
+            .into_iter()
+            .map(|h| (&mut h.session, &mut h.last_filled))
+            .unzip();
+        model.install(|| loop {
+            let masked: Vec<Vec<usize>> = sess.iter().map(|s| masked_positions(s)).collect();
+            let stepped = step_round(&mut sess)?;
+            if stepped.is_empty() {
+                return crate::Result::Ok(());
+            }
+            for (i, masked) in masked.into_iter().enumerate() {
+                if stepped.binary_search(&i).is_ok() {
+                    record_filled(sess[i], masked, filled[i]);
+                }
+            }
+        })?;
+        Ok(())
+    })
+}
