@@ -69,7 +69,8 @@
  *         cache and revise; DLLM_REMASK_MARGIN and DLLM_REMASK_ENTROPY work (version 1
  *         answered DLLM_ERR_UNSUPPORTED); dllm_session_last_commits; dllm_step_info.committed
  *         counts the positions a stop_at_eos stop fills too.
- *      3: dllm_sessions_run (several sessions of one model run together, batched forwards).
+ *      3: dllm_sessions_step and dllm_sessions_run (several sessions of one model stepped
+ *         together, with batched forwards).
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -382,20 +383,28 @@ void dllm_session_free(dllm_session *s);
  * Batches: several sessions of one model together (ABI version 3)
  * ------------------------------------------------------------------------------------------- */
 
-/* Runs the `n` sessions in `sessions` to completion together, on the calling thread. In each
- * round every unfinished session takes one step; the steps of the sessions that can share a
- * forward pass (no cache, cfg_scale, top_k, top_p or revise) run as ONE batched forward over all
- * their canvases, which may differ in length (the CUDA backend pads them and masks the padding,
- * the CPU backend stacks them), so the weights are read once per round for the whole batch; the
- * other sessions step on their own in the same round. Every session ends as dllm_session_run
- * would leave it run alone (the same canvas; dllm_session_last_commits describes its last
- * step), and finished sessions are left as they are. n == 0 does nothing.
+/* Takes one step of each of the `n` sessions in `sessions` together, on the calling thread:
+ * the steps of the sessions that can share a forward pass (no cache, cfg_scale, top_k, top_p or
+ * revise) run as ONE batched forward over all their canvases, which may differ in length (the
+ * CUDA backend pads them and masks the padding, the CPU backend stacks them), so the weights
+ * are read once for the whole batch; the other sessions step on their own. Each session takes
+ * exactly the step dllm_session_step would take (the same canvas afterwards, the same
+ * dllm_session_last_commits), and infos[i] receives what session i's step did, as
+ * dllm_session_step reports it (a finished session: done = 1, nothing changes). `infos` may be
+ * NULL, else it holds n entries. n == 0 does nothing.
  * All sessions must come from the same dllm_model handle, and each may appear only once; they
  * are all used by the calling thread for the duration of the call.
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL sessions with n > 0, a NULL entry, a session listed
- * twice, sessions of different models: the message names the entries), DLLM_ERR_BACKEND. The
- * steps taken before a failure remain (dllm_session_last_commits may then not describe the
- * last of them). */
+ * twice, sessions of different models: the message names the entries; nothing runs),
+ * DLLM_ERR_BACKEND (infos is then not written; the sessions that stepped on their own before the
+ * failure keep their step, the batched ones are unchanged). */
+dllm_status dllm_sessions_step(dllm_session *const *sessions, size_t n, dllm_step_info *infos);
+
+/* Steps the `n` sessions together, as dllm_sessions_step, until every one is done: each ends as
+ * dllm_session_run would leave it run alone (dllm_session_last_commits describes its last step),
+ * and sessions already finished are left as they are. Same requirements and errors as
+ * dllm_sessions_step; the steps taken before a failure remain (dllm_session_last_commits may then
+ * not describe the last of them). */
 dllm_status dllm_sessions_run(dllm_session *const *sessions, size_t n);
 
 #ifdef __cplusplus

@@ -1,12 +1,15 @@
-/* test_batch.c: dllm_sessions_run (ABI version 3), several sessions of one model run together.
+/* test_batch.c: dllm_sessions_step and dllm_sessions_run (ABI version 3), several sessions of
+ * one model stepped together.
  *
  * Four configurations on two canvases of different lengths (the fixture's "def square(x):\n"
- * + 16 masks, and "class Point:\n" + 24 masks): greedy, sampled at temperature 0.7, random
- * remasking, and greedy with the dual cache (which cannot share a batched forward and steps on
- * its own). Each must end exactly as the same configuration run alone with dllm_session_run:
- * the same canvas and the same dllm_session_last_commits. Also: a finished session in the batch
- * is left as it is, and bad arguments (NULL array or entry, a session twice, two models) are
- * refused before anything runs, each error naming the entry.
+ * + 16 masks, and "class Point:\n" + 24 masks, so the two block schedules differ): greedy,
+ * sampled at temperature 0.7, random remasking, and greedy with the dual cache (which cannot
+ * share a batched forward and steps on its own). Stepped together, each must take exactly the
+ * steps of the same configuration stepped alone with dllm_session_step (step info, canvas and
+ * dllm_session_last_commits after every step, finished sessions reporting done), and run
+ * together it must end as dllm_session_run leaves it alone. Also: a finished session in the
+ * batch is left as it is, and bad arguments (NULL array or entry, a session twice, two models)
+ * are refused before anything runs, each error naming the entry.
  *
  * Usage: test_batch MODEL_DIR */
 #include <stdint.h>
@@ -119,10 +122,52 @@ static void test_batch_equals_single_runs(void) {
     for (int i = 0; i <= CONFIGS; i++) dllm_session_free(batch[i]);
 }
 
+static int same_info(const dllm_step_info *a, const dllm_step_info *b) {
+    return a->step == b->step && a->committed == b->committed && a->masks_left == b->masks_left &&
+           a->done == b->done;
+}
+
+static void test_steps_equal_single_steps(void) {
+    dllm_session *alone[CONFIGS], *together[CONFIGS];
+    for (int i = 0; i < CONFIGS; i++) {
+        alone[i] = new_config_session(i);
+        together[i] = new_config_session(i);
+        if (!alone[i] || !together[i]) return;
+    }
+    int rounds = 0, all_done = 0;
+    while (!all_done && rounds < 64) {
+        dllm_step_info want[CONFIGS], got[CONFIGS];
+        memset(got, 0xFF, sizeof got);
+        CHECK_STATUS(dllm_sessions_step(together, CONFIGS, got), DLLM_OK);
+        all_done = 1;
+        for (int i = 0; i < CONFIGS; i++) {
+            CHECK_STATUS(dllm_session_step(alone[i], &want[i]), DLLM_OK);
+            CHECK(same_info(&got[i], &want[i]));
+            outcome a, b;
+            read_outcome(alone[i], &a);
+            read_outcome(together[i], &b);
+            CHECK(same_outcome(&a, &b));
+            all_done &= got[i].done;
+        }
+        rounds++;
+    }
+    /* 8 steps for the short canvas, 12 for the long one; one more round reports done only. */
+    CHECK(all_done && rounds == 12);
+    /* infos may be NULL; stepping finished sessions changes nothing and succeeds. */
+    CHECK_STATUS(dllm_sessions_step(together, CONFIGS, NULL), DLLM_OK);
+    for (int i = 0; i < CONFIGS; i++) {
+        dllm_session_free(alone[i]);
+        dllm_session_free(together[i]);
+    }
+}
+
 static void test_bad_arguments(const char *dir) {
     CHECK(dllm_abi_version() == 3 && DLLM_ABI_VERSION == 3);
     CHECK_STATUS(dllm_sessions_run(NULL, 0), DLLM_OK);
+    CHECK_STATUS(dllm_sessions_step(NULL, 0, NULL), DLLM_OK);
     CHECK_STATUS(dllm_sessions_run(NULL, 2), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("sessions");
+    CHECK_STATUS(dllm_sessions_step(NULL, 2, NULL), DLLM_ERR_INVALID_ARGUMENT);
     CHECK_ERROR_MENTIONS("sessions");
 
     dllm_session *a = new_config_session(0);
@@ -134,6 +179,10 @@ static void test_bad_arguments(const char *dir) {
     dllm_session *twice[3] = {a, b, a};
     CHECK_STATUS(dllm_sessions_run(twice, 3), DLLM_ERR_INVALID_ARGUMENT);
     CHECK_ERROR_MENTIONS("sessions[2] is the same session as sessions[0]");
+    dllm_step_info infos[3];
+    memset(infos, 0x5A, sizeof infos);
+    CHECK_STATUS(dllm_sessions_step(twice, 3, infos), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK(infos[0].step == 0x5A5A5A5A); /* nothing written on failure */
 
     dllm_model *other = load_cpu_model(dir);
     CHECK(other != NULL);
@@ -164,6 +213,7 @@ int main(int argc, char **argv) {
     REQUIRE(len1 > GEN1);
 
     test_bad_arguments(argv[1]);
+    test_steps_equal_single_steps();
     test_batch_equals_single_runs();
     dllm_model_free(model);
     return check_report("test_batch");

@@ -8,7 +8,7 @@
 //! of every session is the one it would reach run alone: the same plans, the same predictions
 //! (up to the float summation order of the packed linear layers), the same commits.
 
-use super::session::{Session, StepPlan};
+use super::session::{Session, StepInfo, StepPlan};
 use crate::error::{Error, Result};
 use crate::model::{BatchQuery, CacheMode};
 use std::borrow::{Borrow, BorrowMut};
@@ -51,10 +51,10 @@ pub fn run_batch<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<usize> {
 
 /// One round: one step of every unfinished session, the batchable ones through one
 /// [`Model::predict_batch`](crate::model::Model::predict_batch) (the others step alone first).
-/// Returns the indices of the sessions that took a step (empty when all were done). The
-/// sessions must share one model ([`check_one_model`]). On error, the solo steps taken before it
-/// remain and no batched step is applied.
-pub fn step_round<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<Vec<usize>> {
+/// Returns the index and [`StepInfo`] of every session that took a step, by index (empty when
+/// all were done). The sessions must share one model ([`check_one_model`]). On error, the solo
+/// steps taken before it remain and no batched step is applied.
+pub fn step_round<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<Vec<(usize, StepInfo)>> {
     let mut plans: Vec<(usize, StepPlan)> = Vec::new();
     let mut stepped = Vec::new();
     for (i, s) in sessions.iter_mut().enumerate() {
@@ -67,8 +67,8 @@ pub fn step_round<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<Vec<usize
                 plans.push((i, plan));
             }
         } else {
-            s.step()?;
-            stepped.push(i);
+            let info = s.step()?;
+            stepped.push((i, info));
         }
     }
     // Steps that commit nothing run no forward (as in `Session::predict`).
@@ -92,14 +92,14 @@ pub fn step_round<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<Vec<usize
             )));
         }
         for ((i, plan), p) in run.iter().zip(preds) {
-            sessions[*i].borrow_mut().apply(plan, &p)?;
-            stepped.push(*i);
+            let info = sessions[*i].borrow_mut().apply(plan, &p)?;
+            stepped.push((*i, info));
         }
     }
     for (i, plan) in &empty {
-        sessions[*i].borrow_mut().apply(plan, &[])?;
-        stepped.push(*i);
+        let info = sessions[*i].borrow_mut().apply(plan, &[])?;
+        stepped.push((*i, info));
     }
-    stepped.sort_unstable();
+    stepped.sort_unstable_by_key(|(i, _)| *i);
     Ok(stepped)
 }

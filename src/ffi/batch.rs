@@ -1,11 +1,12 @@
-//! Several sessions of one model run together through the C ABI (`dllm_sessions_run`): each
-//! round steps every unfinished session once, and the steps that can share a forward pass run as
-//! one batched forward ([`crate::denoise::batch::step_round`]), so the weights are read once per
-//! round for the whole batch. Each session ends as `dllm_session_run` would leave it, its
+//! Several sessions of one model stepped together through the C ABI (`dllm_sessions_step`: one
+//! step of each; `dllm_sessions_run`: to completion). In a round every unfinished session takes
+//! one step, and the steps that can share a forward pass run as one batched forward
+//! ([`crate::denoise::batch::step_round`]), so the weights are read once per round for the
+//! whole batch. Each session's steps are those `dllm_session_step` takes, its
 //! `dllm_session_last_commits` included.
 
-use super::session::{dllm_session, masked_positions, record_filled};
-use super::{check_nonnull, dllm_status, guard, invalid, FfiResult};
+use super::session::{dllm_session, masked_positions, record_filled, step_info};
+use super::{check_nonnull, dllm_status, dllm_step_info, guard, invalid, FfiResult};
 use crate::denoise::batch::step_round;
 use crate::denoise::Session;
 use std::collections::HashMap;
@@ -81,11 +82,55 @@ pub unsafe extern "C" fn dllm_sessions_run(
                 return crate::Result::Ok(());
             }
             for (i, masked) in masked.into_iter().enumerate() {
-                if stepped.binary_search(&i).is_ok() {
+                if stepped.binary_search_by_key(&i, |(j, _)| *j).is_ok() {
                     record_filled(sess[i], masked, filled[i]);
                 }
             }
         })?;
+        Ok(())
+    })
+}
+
+/// Takes one step of each of `n` sessions of one model together.
+///
+/// # Safety
+/// `sessions` is NULL or points to `n` readable pointers, each NULL or a live session used by
+/// no other thread now; `infos` is NULL or points to `n` writable entries.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_sessions_step(
+    sessions: *const *mut dllm_session,
+    n: usize,
+    infos: *mut dllm_step_info,
+) -> dllm_status {
+    guard("dllm_sessions_step", || {
+        // SAFETY: by the contract.
+        let handles = unsafe { distinct_sessions(sessions, n) }?;
+        let Some(model) = handles.first().map(|h| h.model.clone()) else {
+            return Ok(());
+        };
+        let (mut sess, mut filled): (Vec<&mut Session>, Vec<&mut Filled>) = handles
+            .into_iter()
+            .map(|h| (&mut h.session, &mut h.last_filled))
+            .unzip();
+        let out = model.install(|| {
+            let masked: Vec<Vec<usize>> = sess.iter().map(|s| masked_positions(s)).collect();
+            let mut stepped = step_round(&mut sess)?.into_iter().peekable();
+            let mut out = Vec::with_capacity(sess.len());
+            for (i, masked) in masked.into_iter().enumerate() {
+                let info = match stepped.next_if(|(j, _)| *j == i) {
+                    Some((_, info)) => info,
+                    // Finished: the no-op step `dllm_session_step` reports (done = 1).
+                    None => sess[i].step()?,
+                };
+                record_filled(sess[i], masked, filled[i]);
+                out.push(step_info(&info, filled[i].len()));
+            }
+            crate::Result::Ok(out)
+        })?;
+        if !infos.is_null() {
+            // SAFETY: `n` writable entries by the contract; `out` holds exactly `n`.
+            unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), infos, out.len()) };
+        }
         Ok(())
     })
 }

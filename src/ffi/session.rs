@@ -192,7 +192,7 @@ pub(super) fn record_filled(
 }
 
 /// The C view of a step that filled `filled` positions.
-fn step_info(info: &StepInfo, filled: usize) -> dllm_step_info {
+pub(super) fn step_info(info: &StepInfo, filled: usize) -> dllm_step_info {
     dllm_step_info {
         step: to_i32(info.step),
         committed: to_i32(filled),
