@@ -55,6 +55,28 @@ unsafe fn distinct_sessions<'a>(
     Ok(handles)
 }
 
+/// Runs `f` on the sessions of `sessions[0..n]` (checked by [`distinct_sessions`]) and their
+/// last-commit records, inside their model's worker pool; `None` when `n == 0`.
+///
+/// # Safety
+/// As [`distinct_sessions`].
+unsafe fn with_sessions<R: Send>(
+    sessions: *const *mut dllm_session,
+    n: usize,
+    f: impl FnOnce(&mut [&mut Session], &mut [&mut Filled]) -> crate::Result<R> + Send,
+) -> FfiResult<Option<R>> {
+    // SAFETY: by the contract.
+    let handles = unsafe { distinct_sessions(sessions, n) }?;
+    let Some(model) = handles.first().map(|h| h.model.clone()) else {
+        return Ok(None);
+    };
+    let (mut sess, mut filled): (Vec<&mut Session>, Vec<&mut Filled>) = handles
+        .into_iter()
+        .map(|h| (&mut h.session, &mut h.last_filled))
+        .unzip();
+    Ok(Some(model.install(|| f(&mut sess, &mut filled))?))
+}
+
 /// Runs `n` sessions of one model to completion together.
 ///
 /// # Safety
@@ -67,26 +89,21 @@ pub unsafe extern "C" fn dllm_sessions_run(
 ) -> dllm_status {
     guard("dllm_sessions_run", || {
         // SAFETY: by the contract.
-        let handles = unsafe { distinct_sessions(sessions, n) }?;
-        let Some(model) = handles.first().map(|h| h.model.clone()) else {
-            return Ok(());
-        };
-        let (mut sess, mut filled): (Vec<&mut Session>, Vec<&mut Filled>) = handles
-            .into_iter()
-            .map(|h| (&mut h.session, &mut h.last_filled))
-            .unzip();
-        model.install(|| loop {
-            let masked: Vec<Vec<usize>> = sess.iter().map(|s| masked_positions(s)).collect();
-            let stepped = step_round(&mut sess)?;
-            if stepped.is_empty() {
-                return crate::Result::Ok(());
-            }
-            for (i, masked) in masked.into_iter().enumerate() {
-                if stepped.binary_search_by_key(&i, |(j, _)| *j).is_ok() {
-                    record_filled(sess[i], masked, filled[i]);
+        unsafe {
+            with_sessions(sessions, n, |sess, filled| loop {
+                let masked: Vec<Vec<usize>> = sess.iter().map(|s| masked_positions(s)).collect();
+                let stepped = step_round(sess)?;
+                if stepped.is_empty() {
+                    return Ok(());
                 }
-            }
-        })?;
+                // Only the sessions that stepped: a finished one keeps its last step's record.
+                for (i, masked) in masked.into_iter().enumerate() {
+                    if stepped.binary_search_by_key(&i, |(j, _)| *j).is_ok() {
+                        record_filled(sess[i], masked, filled[i]);
+                    }
+                }
+            })
+        }?;
         Ok(())
     })
 }
@@ -104,30 +121,24 @@ pub unsafe extern "C" fn dllm_sessions_step(
 ) -> dllm_status {
     guard("dllm_sessions_step", || {
         // SAFETY: by the contract.
-        let handles = unsafe { distinct_sessions(sessions, n) }?;
-        let Some(model) = handles.first().map(|h| h.model.clone()) else {
-            return Ok(());
-        };
-        let (mut sess, mut filled): (Vec<&mut Session>, Vec<&mut Filled>) = handles
-            .into_iter()
-            .map(|h| (&mut h.session, &mut h.last_filled))
-            .unzip();
-        let out = model.install(|| {
-            let masked: Vec<Vec<usize>> = sess.iter().map(|s| masked_positions(s)).collect();
-            let mut stepped = step_round(&mut sess)?.into_iter().peekable();
-            let mut out = Vec::with_capacity(sess.len());
-            for (i, masked) in masked.into_iter().enumerate() {
-                let info = match stepped.next_if(|(j, _)| *j == i) {
-                    Some((_, info)) => info,
-                    // Finished: the no-op step `dllm_session_step` reports (done = 1).
-                    None => sess[i].step()?,
-                };
-                record_filled(sess[i], masked, filled[i]);
-                out.push(step_info(&info, filled[i].len()));
-            }
-            crate::Result::Ok(out)
-        })?;
-        if !infos.is_null() {
+        let out = unsafe {
+            with_sessions(sessions, n, |sess, filled| {
+                let masked: Vec<Vec<usize>> = sess.iter().map(|s| masked_positions(s)).collect();
+                let mut stepped = step_round(sess)?.into_iter().peekable();
+                let mut out = Vec::with_capacity(sess.len());
+                for (i, masked) in masked.into_iter().enumerate() {
+                    let info = match stepped.next_if(|(j, _)| *j == i) {
+                        Some((_, info)) => info,
+                        // Finished: the no-op step `dllm_session_step` reports (done = 1).
+                        None => sess[i].step()?,
+                    };
+                    record_filled(sess[i], masked, filled[i]);
+                    out.push(step_info(&info, filled[i].len()));
+                }
+                Ok(out)
+            })
+        }?;
+        if let (Some(out), false) = (out, infos.is_null()) {
             // SAFETY: `n` writable entries by the contract; `out` holds exactly `n`.
             unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), infos, out.len()) };
         }
