@@ -14,6 +14,8 @@ pub mod gemm_stream;
 pub mod gemm_tma;
 pub mod launch;
 pub mod padding;
+#[cfg(test)]
+mod pipeline_model;
 pub mod sampling;
 pub mod transformer;
 
