@@ -3,13 +3,14 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]
-#   stages: smi check synth bench benchpdl peer stream tma split shapes sanitize ncu benchexp summary
+#   stages: smi check synth bench benchoff benchpdl peer stream tma split shapes sanitize ncu benchexp summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages try the experimental kernels, each in its own process so a fault in one
 # cannot take the other results down: the TMA weight-streaming GEMM for M <= 32
 # (cuda/gemm_stream.cu, DLLM_GEMM_STREAM=1), the TMA-multicast cluster GEMM for M > 64
-# (cuda/gemm_tma.cu, DLLM_GEMM_TMA=1) and split-KV attention (cuda/attention.cu, DLLM_ATTN_SPLIT=1):
+# (cuda/gemm_tma.cu; default since 2026-11-27, DLLM_GEMM_TMA=0 turns it off) and split-KV attention
+# (cuda/attention.cu; default since 2026-11-27, DLLM_ATTN_SPLIT=0 turns it off):
 #   stream / tma  gemm + model checks (and the gemm benches) with that kernel on
 #   split         attention + model checks (and the attention benches) with split-KV on
 #   shapes        `dllm-gpu-check --gemm-shape` on the real shapes, default kernel vs experimental
@@ -77,6 +78,13 @@ for s in $STAGES; do
             stage synth "${T_SYNTH:-240}" "$BIN/dllm" synth --arch llada --preset 8b --out "$MODEL8B"
         fi
         ;;
+    benchoff)
+        # The three workloads with the kernels made default on 2026-11-27 turned off (TMA GEMM,
+        # split-KV attention): what the defaults gained, in the same call.
+        BENCH_ENV="DLLM_GEMM_TMA=0 DLLM_ATTN_SPLIT=0" bench bench_b1_dual_k4_off 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_GEMM_TMA=0 DLLM_ATTN_SPLIT=0" bench bench_b8_dual_k4_off 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_GEMM_TMA=0 DLLM_ATTN_SPLIT=0" bench bench_b1_none_k1_off 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        ;;
     bench)
         # Graphs on first (the numbers that count), then the same workloads with graphs off.
         bench bench_b1_dual_k4 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
@@ -136,9 +144,9 @@ for s in $STAGES; do
         done
         ;;
     benchexp)
-        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1 DLLM_ATTN_SPLIT=1" bench bench_b1_dual_k4_exp 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1 DLLM_ATTN_SPLIT=1" bench bench_b8_dual_k4_exp 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_GEMM_STREAM=1 DLLM_GEMM_TMA=1 DLLM_ATTN_SPLIT=1" bench bench_b1_none_k1_exp 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        BENCH_ENV="DLLM_GEMM_STREAM=1" bench bench_b1_dual_k4_exp 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_GEMM_STREAM=1" bench bench_b8_dual_k4_exp 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_GEMM_STREAM=1" bench bench_b1_none_k1_exp 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         ;;
     summary)
         OUT="$OUT" python3 - <<'PY' | tee "$OUT/summary.txt"
@@ -185,7 +193,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_exp", "exp")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_exp", "exp"), ("_off", "off2")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -196,7 +204,7 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "PDL", "exp"):
+    for other in ("off", "PDL", "exp", "off2"):
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
@@ -228,7 +236,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchpdl peer stream tma split shapes sanitize ncu benchexp summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchpdl peer stream tma split shapes sanitize ncu benchexp summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

@@ -112,6 +112,15 @@ pub fn smem_bytes(groups: usize) -> u32 {
     (STREAM_STAGES * stage + 1024) as u32
 }
 
+/// The largest `m` [`super::gemm::Gemm::run`] gives the stream kernel: `DLLM_GEMM_STREAM_MAX_M`
+/// (1..=32, for bisecting), else [`STREAM_MAX_M`].
+pub fn max_m_from_env() -> usize {
+    std::env::var("DLLM_GEMM_STREAM_MAX_M")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(STREAM_MAX_M, |m| m.min(STREAM_MAX_M))
+}
+
 /// Whether the environment asks for the stream kernel (`DLLM_GEMM_STREAM=1`).
 pub fn requested_by_env() -> bool {
     std::env::var("DLLM_GEMM_STREAM").is_ok_and(|v| v.trim() == "1")
