@@ -12,13 +12,13 @@
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16};
 use super::launch::Launch;
+use super::scratch::ReductionScratch;
 use super::{cuda_err, CudaDevice};
 use crate::backend::cpu;
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use std::sync::{Arc, Mutex};
 
@@ -239,14 +239,6 @@ impl SplitPlan {
     }
 }
 
-/// Split-KV workspace and per-unit counters (self-resetting, zeroed once).
-struct SplitScratch {
-    ws: CudaSlice<f32>,
-    counters: CudaSlice<u32>,
-    /// Buffers replaced by larger ones, kept alive for CUDA graphs captured with them.
-    retired: Vec<(CudaSlice<f32>, CudaSlice<u32>)>,
-}
-
 /// The loaded attention kernels.
 pub struct Attention {
     stream: Arc<CudaStream>,
@@ -260,7 +252,7 @@ pub struct Attention {
     num_sms: usize,
     /// Whether `run` may split the keys (unless `DLLM_ATTN_SPLIT=0`).
     split_enabled: bool,
-    scratch: Mutex<SplitScratch>,
+    scratch: Mutex<ReductionScratch>,
 }
 
 fn mma_smem_bytes(head_dim: usize) -> usize {
@@ -288,17 +280,7 @@ impl Attention {
         } else {
             (1, 1)
         };
-        let scratch = SplitScratch {
-            ws: dev
-                .stream
-                .alloc_zeros::<f32>(ws_floats)
-                .map_err(|e| cuda_err("attention: alloc split workspace", e))?,
-            counters: dev
-                .stream
-                .alloc_zeros::<u32>(n_counters)
-                .map_err(|e| cuda_err("attention: alloc split counters", e))?,
-            retired: Vec::new(),
-        };
+        let scratch = ReductionScratch::new(&dev.stream, ws_floats, n_counters, "attention")?;
         let a = Attention {
             stream: dev.stream.clone(),
             pdl: dev.pdl,
@@ -385,22 +367,9 @@ impl Attention {
         &self,
         plan: &SplitPlan,
         head_dim: usize,
-    ) -> Result<std::sync::MutexGuard<'_, SplitScratch>> {
+    ) -> Result<std::sync::MutexGuard<'_, ReductionScratch>> {
         let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let need_ws = plan.workspace_floats(head_dim);
-        if scratch.ws.len() < need_ws || scratch.counters.len() < plan.units {
-            let ws = self
-                .stream
-                .alloc_zeros::<f32>(need_ws.max(scratch.ws.len()))
-                .map_err(|e| cuda_err("attention: grow split workspace", e))?;
-            let counters = self
-                .stream
-                .alloc_zeros::<u32>(plan.units.max(scratch.counters.len()))
-                .map_err(|e| cuda_err("attention: grow split counters", e))?;
-            let old_ws = std::mem::replace(&mut scratch.ws, ws);
-            let old_counters = std::mem::replace(&mut scratch.counters, counters);
-            scratch.retired.push((old_ws, old_counters));
-        }
+        scratch.ensure(&self.stream, plan.workspace_floats(head_dim), plan.units)?;
         Ok(scratch)
     }
 
@@ -551,7 +520,7 @@ impl Attention {
                     .arg(&kvb)
                     .arg(&scale_log2);
                 if let Some(sc) = scratch.as_mut() {
-                    let SplitScratch { ws, counters, .. } = &mut **sc;
+                    let ReductionScratch { ws, counters, .. } = &mut **sc;
                     b.arg(ws).arg(counters).arg(&tps);
                 }
                 // SAFETY: argument order and types match `attention_mma_d{64,128}` (plus ws,

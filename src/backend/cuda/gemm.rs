@@ -17,6 +17,7 @@ use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
 use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
 use super::gemm_tma::{self, OperandBox};
 use super::launch::Launch;
+use super::scratch::ReductionScratch;
 use super::{cuda_err, CudaDevice};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -379,29 +380,19 @@ impl WgmmaPlan {
     /// taller tile (more work per shared-memory byte). Splits only while all blocks fit in
     /// one wave, never below `WGMMA_MIN_KTILES_PER_SPLIT` K tiles per split.
     pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
-        WgmmaPlan::search(m, n, k, num_sms, false)
-    }
-
-    /// [`WgmmaPlan::new`] for the paired (cluster of two) TMA kernel: the same search, counting
-    /// the even number of M tiles the pairs need.
-    pub fn new_paired(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
-        WgmmaPlan::search(m, n, k, num_sms, true)
-    }
-
-    fn search(m: usize, n: usize, k: usize, num_sms: usize, paired: bool) -> WgmmaPlan {
         let sms = num_sms.max(1);
         let ktiles = k.div_ceil(WGMMA_BK).max(1);
         let max_splits = (ktiles / WGMMA_MIN_KTILES_PER_SPLIT).max(1);
         let mut best: Option<(usize, WgmmaPlan)> = None;
         for wg in [3usize, 2] {
             let bm = 64 * wg;
-            let tiles = WgmmaPlan::build(wg, m, n, k, ktiles, paired).tiles();
+            let tiles = WgmmaPlan::build(wg, m, n, k, ktiles, false).tiles();
             for splits in 1..=max_splits {
                 if splits > 1 && tiles * splits > sms {
                     break;
                 }
                 let kps = ktiles.div_ceil(splits);
-                let plan = WgmmaPlan::build(wg, m, n, k, kps, paired);
+                let plan = WgmmaPlan::build(wg, m, n, k, kps, false);
                 let overhead = if plan.splits > 1 {
                     WGMMA_SPLIT_COST_KTILES * plan.splits
                 } else {
@@ -420,7 +411,7 @@ impl WgmmaPlan {
             }
         }
         best.map(|(_, p)| p)
-            .unwrap_or_else(|| WgmmaPlan::build(3, m, n, k, ktiles, paired))
+            .unwrap_or_else(|| WgmmaPlan::build(3, m, n, k, ktiles, false))
     }
 
     /// A plan with a given kernel (`wg` 2 or 3; other values are clamped) and number of K tiles
@@ -433,6 +424,16 @@ impl WgmmaPlan {
         ktiles_per_split: usize,
     ) -> WgmmaPlan {
         WgmmaPlan::build(wg, m, n, k, ktiles_per_split, false)
+    }
+
+    /// This plan for the paired TMA kernel: the same tiles and split, the M tile count rounded
+    /// up to even (a phantom tile, when added, loads zeros and stores nothing).
+    pub fn paired(&self) -> WgmmaPlan {
+        WgmmaPlan {
+            m_tiles: self.m_tiles.next_multiple_of(2),
+            paired: true,
+            ..*self
+        }
     }
 
     /// [`WgmmaPlan::with_ktiles_per_split`] for the paired TMA kernel (even `m_tiles`).
@@ -589,15 +590,6 @@ impl GemmPlan {
     }
 }
 
-/// Split-K workspace and per-tile arrival counters (self-resetting, so zeroed once).
-struct Scratch {
-    ws: CudaSlice<f32>,
-    counters: CudaSlice<u32>,
-    /// Buffers replaced by larger ones, kept until the `Gemm` is dropped: a CUDA graph captured
-    /// earlier still holds their addresses (freeing them made such graphs read freed memory).
-    retired: Vec<(CudaSlice<f32>, CudaSlice<u32>)>,
-}
-
 /// The loaded GEMM kernels of one device.
 pub struct Gemm {
     naive: CudaFunction,
@@ -616,13 +608,11 @@ pub struct Gemm {
     tma: Option<[CudaFunction; 2]>,
     /// Why the requested TMA kernel is not used (cannot load, or failed the self-test).
     tma_failure: Option<String>,
-    /// Blocks of the TMA kernel resident at once (2 × co-resident clusters; the plans' "SMs").
-    tma_slots: usize,
     wide: CudaFunction,
     /// `gemm_wgmma_wg2`, `gemm_wgmma_wg3`; `None` when the device cannot run the sm_90a cubin.
     wgmma: Option<[CudaFunction; 2]>,
     num_sms: usize,
-    scratch: Mutex<Scratch>,
+    scratch: Mutex<ReductionScratch>,
     /// Variants that failed the load-time self-test (or cannot run here), with the reason;
     /// [`Gemm::run`] never picks them.
     disabled: Vec<(GemmVariant, String)>,
@@ -654,20 +644,7 @@ impl Gemm {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| cuda_err("query multiprocessor count", e))?
             .max(1) as usize;
-        let ws = dev
-            .stream
-            .alloc_zeros::<f32>(
-                std::env::var("DLLM_GEMM_SCRATCH_FLOATS")
-                    .ok()
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(1 << 20)
-                    .max(1),
-            )
-            .map_err(|e| cuda_err("gemm: alloc workspace", e))?;
-        let counters = dev
-            .stream
-            .alloc_zeros::<u32>(4096)
-            .map_err(|e| cuda_err("gemm: alloc counters", e))?;
+        let scratch = ReductionScratch::new(&dev.stream, 1 << 20, 4096, "gemm")?;
         let mut disabled = Vec::new();
         // `DLLM_GEMM_WGMMA=0` keeps the Hopper kernel unloaded (a fault inside a kernel would
         // take the whole context down, which no self-test can catch).
@@ -715,20 +692,12 @@ impl Gemm {
             skinny2_failure: None,
             stream,
             stream_failure,
-            tma_slots: tma
-                .as_ref()
-                .and_then(|fs| gemm_tma::resident_blocks(dev, &fs[1], 3))
-                .unwrap_or(num_sms),
             tma,
             tma_failure,
             wide,
             wgmma,
             num_sms,
-            scratch: Mutex::new(Scratch {
-                ws,
-                counters,
-                retired: Vec::new(),
-            }),
+            scratch: Mutex::new(scratch),
             disabled,
         };
         let outcome = selftest::run(&gemm, dev)?;
@@ -768,13 +737,7 @@ impl Gemm {
     pub fn wgmma_plan(&self, m: usize, n: usize, k: usize) -> GemmPlan {
         let p = WgmmaPlan::new(m, n, k, self.num_sms);
         if self.tma_active() && p.m_tiles % 2 == 0 {
-            GemmPlan::Tma(WgmmaPlan::paired_with_ktiles_per_split(
-                p.wg,
-                m,
-                n,
-                k,
-                p.ktiles_per_split,
-            ))
+            GemmPlan::Tma(p.paired())
         } else {
             GemmPlan::Wgmma(p)
         }
@@ -917,28 +880,16 @@ impl Gemm {
         self.launch(dev, plan, a, w, out, m, n, k)
     }
 
-    /// The split-K scratch, grown to at least `ws_floats` workspace and `tiles` counters (new
-    /// buffers are zeroed; the old ones are freed in stream order).
+    /// The split-K scratch, grown to at least `ws_floats` workspace and `tiles` counters
+    /// ([`ReductionScratch::ensure`]).
     fn scratch(
         &self,
         dev: &CudaDevice,
         ws_floats: usize,
         tiles: usize,
-    ) -> Result<std::sync::MutexGuard<'_, Scratch>> {
+    ) -> Result<std::sync::MutexGuard<'_, ReductionScratch>> {
         let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if scratch.ws.len() < ws_floats || scratch.counters.len() < tiles {
-            let ws = dev
-                .stream
-                .alloc_zeros::<f32>(ws_floats.max(scratch.ws.len()))
-                .map_err(|e| cuda_err("gemm: grow split-K workspace", e))?;
-            let counters = dev
-                .stream
-                .alloc_zeros::<u32>(tiles.max(scratch.counters.len()))
-                .map_err(|e| cuda_err("gemm: grow split-K counters", e))?;
-            let old_ws = std::mem::replace(&mut scratch.ws, ws);
-            let old_counters = std::mem::replace(&mut scratch.counters, counters);
-            scratch.retired.push((old_ws, old_counters));
-        }
+        scratch.ensure(&dev.stream, ws_floats, tiles)?;
         Ok(scratch)
     }
 
@@ -1014,7 +965,7 @@ impl Gemm {
                     shared_mem_bytes: WIDE_SMEM_BYTES,
                 };
                 let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles())?;
-                let Scratch { ws, counters, .. } = &mut *scratch;
+                let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, &self.wide, dev.pdl);
                 b.arg(a).arg(w).arg(c).arg(ws).arg(counters);
                 b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
@@ -1049,7 +1000,7 @@ impl Gemm {
                     shared_mem_bytes: wgmma_smem_bytes(plan.wg.clamp(2, 3)),
                 };
                 let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles())?;
-                let Scratch { ws, counters, .. } = &mut *scratch;
+                let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, f, dev.pdl);
                 b.arg(a).arg(w).arg(c).arg(ws).arg(counters);
                 b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
@@ -1089,7 +1040,7 @@ impl Gemm {
                     shared_mem_bytes: 0,
                 };
                 let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles)?;
-                let Scratch { ws, counters, .. } = &mut *scratch;
+                let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, f, dev.pdl);
                 b.arg(a)
                     .arg(w)
@@ -1132,7 +1083,7 @@ impl Gemm {
                     shared_mem_bytes: gemm_tma::smem_bytes(wg),
                 };
                 let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.tiles())?;
-                let Scratch { ws, counters, .. } = &mut *scratch;
+                let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, &fs[wg - 2], dev.pdl);
                 b.arg(&map_a).arg(&map_w).arg(c).arg(ws).arg(counters);
                 b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
@@ -1173,7 +1124,7 @@ impl Gemm {
                     k,
                 )?;
                 let mut scratch = self.scratch(dev, plan.workspace_floats(), plan.counters())?;
-                let Scratch { ws, counters, .. } = &mut *scratch;
+                let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, f, dev.pdl);
                 b.arg(&map_a).arg(&map_w).arg(c).arg(ws).arg(counters);
                 b.arg(&mi).arg(&ni).arg(&ki).arg(&epi);
@@ -1949,12 +1900,8 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             if gemm.tma_loaded() {
                 // The TMA cluster kernel: its default plan, and on the small shapes both block
                 // heights with and without a forced split.
-                hows.push(How::Plan(GemmPlan::Tma(WgmmaPlan::new_paired(
-                    m,
-                    n,
-                    k,
-                    gemm.tma_slots,
-                ))));
+                let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
+                hows.push(How::Plan(GemmPlan::Tma(p.paired())));
                 if n * k < 1 << 20 {
                     let kt = k.div_ceil(WGMMA_BK);
                     for wg in [2, 3] {
@@ -2011,7 +1958,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     }
                 }
                 if v == GemmVariant::Wgmma && gemm.tma_loaded() {
-                    let p = WgmmaPlan::new_paired(m, n, k, gemm.tma_slots);
+                    let p = WgmmaPlan::new(m, n, k, gemm.num_sms).paired();
                     dets.push(("tma".to_string(), How::Plan(GemmPlan::Tma(p))));
                 }
                 for (label, how) in dets {
@@ -2371,10 +2318,9 @@ fn bench_shape(
     if gemm.tma_loaded() {
         for m in [256usize, 384, 3072] {
             let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
-            let paired = WgmmaPlan::paired_with_ktiles_per_split(p.wg, m, n, k, p.ktiles_per_split);
             let plans = [
                 ("wgmma", GemmPlan::Wgmma(p)),
-                ("tma", GemmPlan::Tma(paired)),
+                ("tma", GemmPlan::Tma(p.paired())),
             ];
             for (label, plan) in plans {
                 let ms = bufs.time(dev, m, |av, wv, out| {
@@ -2389,7 +2335,7 @@ fn bench_shape(
                     Some(w_bytes as f64),
                     Some(2.0 * (m * n * k) as f64),
                     format!(
-                        "{}wg{}: {} × {} tiles × {} splits, {} TMA blocks resident",
+                        "{}wg{}: {} × {} tiles × {} splits",
                         if gemm.wgmma_plan(m, n, k) == plan {
                             "default, "
                         } else {
@@ -2398,8 +2344,7 @@ fn bench_shape(
                         p.wg,
                         p.m_tiles,
                         p.n_tiles,
-                        p.splits,
-                        gemm.tma_slots
+                        p.splits
                     ),
                 ));
             }

@@ -45,30 +45,6 @@ pub fn smem_bytes(wg: usize) -> u32 {
     (stages * stage + 1024) as u32
 }
 
-/// How many blocks of `gemm_tma_wg{wg}` can be resident at once: twice the driver's count of
-/// co-resident 2-block clusters (`cuOccupancyMaxActiveClusters`; pairs must share a GPC, so this
-/// can be below the SM count), or `None` when the query fails.
-pub fn resident_blocks(dev: &CudaDevice, f: &CudaFunction, wg: usize) -> Option<usize> {
-    let config = sys::CUlaunchConfig {
-        gridDimX: 2,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: threads(wg),
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: smem_bytes(wg),
-        hStream: dev.stream.cu_stream(),
-        attrs: std::ptr::null_mut(),
-        numAttrs: 0,
-    };
-    let mut clusters: std::ffi::c_int = 0;
-    dev.ctx.bind_to_thread().ok()?;
-    // SAFETY: `config` lives across the call and names no attributes (the kernel's cluster
-    // shape is compiled in with __cluster_dims__); the driver writes only `clusters`.
-    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &config) };
-    (r == sys::CUresult::CUDA_SUCCESS && clusters > 0).then_some(2 * clusters as usize)
-}
-
 /// Loads `gemm_tma_wg2` / `gemm_tma_wg3` from the sm_90a cubin; the reason as text when this
 /// device cannot run them.
 pub fn load(dev: &CudaDevice) -> std::result::Result<[CudaFunction; 2], String> {

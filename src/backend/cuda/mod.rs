@@ -17,6 +17,7 @@ pub mod padding;
 #[cfg(test)]
 mod pipeline_model;
 pub mod sampling;
+pub mod scratch;
 pub mod transformer;
 
 use crate::error::{Error, Result};
