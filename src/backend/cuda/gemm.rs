@@ -2167,6 +2167,32 @@ impl BenchBuffers {
         self.time_n(dev, m, 15, launch)
     }
 
+    /// Times `plan` over `m` rows ([`BenchBuffers::time`]) as the bench line `name`; `detail`
+    /// starts with "default, " when `default` (the plan `run` would pick).
+    #[allow(clippy::too_many_arguments)]
+    fn bench_plan(
+        &mut self,
+        gemm: &Gemm,
+        dev: &CudaDevice,
+        plan: GemmPlan,
+        m: usize,
+        name: String,
+        default: bool,
+        detail: String,
+    ) -> Result<BenchResult> {
+        let (n, k) = (self.n, self.k);
+        let ms = self.time(dev, m, |av, wv, out| {
+            gemm.run_plan(dev, plan, av, wv, out, m, n, k)
+        })?;
+        Ok(BenchResult::new(
+            name,
+            ms,
+            Some((n * k * 2) as f64),
+            Some(2.0 * (m * n * k) as f64),
+            format!("{}{detail}", if default { "default, " } else { "" }),
+        ))
+    }
+
     /// [`BenchBuffers::time`] over `iters` timed runs.
     fn time_n(
         &mut self,
@@ -2264,52 +2290,40 @@ fn bench_shape(
     for m in [1usize, 8, 32] {
         for version in [1usize, 2] {
             let plan = SkinnyPlan::for_version(version, m, n, k, gemm.num_sms);
-            let ms = bufs.time(dev, m, |av, wv, out| {
-                gemm.run_plan(dev, GemmPlan::Skinny(plan), av, wv, out, m, n, k)
-            })?;
-            res.push(BenchResult::new(
+            res.push(bufs.bench_plan(
+                gemm,
+                dev,
+                GemmPlan::Skinny(plan),
+                m,
                 format!("gemm.skinny_v{version} m{m} n{n} k{k}"),
-                ms,
-                Some(w_bytes as f64),
-                Some(2.0 * (m * n * k) as f64),
+                gemm.skinny_plan(m, n, k) == plan,
                 format!(
-                    "{}{} tiles of {} rows × {} splits",
-                    if gemm.skinny_plan(m, n, k) == plan {
-                        "default, "
-                    } else {
-                        ""
-                    },
+                    "{} tiles of {} rows × {} splits",
                     plan.tiles,
                     plan.rows(),
                     plan.splits
                 ),
-            ));
+            )?);
         }
         if gemm.stream_loaded() {
             // The bulk-copy stream kernel (DLLM_GEMM_STREAM=1), one block per SM, and with
             // twice as many blocks (two waves) to show what the persistent grid buys.
             for blocks in [gemm.num_sms, 2 * gemm.num_sms] {
                 let plan = StreamPlan::with_blocks(m, n, k, blocks)?;
-                let ms = bufs.time(dev, m, |av, wv, out| {
-                    gemm.run_plan(dev, GemmPlan::Stream(plan), av, wv, out, m, n, k)
-                })?;
-                res.push(BenchResult::new(
+                res.push(bufs.bench_plan(
+                    gemm,
+                    dev,
+                    GemmPlan::Stream(plan),
+                    m,
                     format!("gemm.stream m{m} n{n} k{k} blocks{}", plan.blocks),
-                    ms,
-                    Some(w_bytes as f64),
-                    Some(2.0 * (m * n * k) as f64),
+                    gemm.stream_active() && blocks == gemm.num_sms,
                     format!(
-                        "{}{} tiles of 128 rows × {} chunks of 128 K, {} tiles cut between blocks",
-                        if gemm.stream_active() && blocks == gemm.num_sms {
-                            "default, "
-                        } else {
-                            ""
-                        },
+                        "{} tiles of 128 rows × {} chunks of 128 K, {} tiles cut between blocks",
                         plan.tiles,
                         plan.chunks_per_tile,
                         plan.inner_boundaries()
                     ),
-                ));
+                )?);
             }
         }
     }
@@ -2318,35 +2332,24 @@ fn bench_shape(
     if gemm.tma_loaded() {
         for m in [256usize, 384, 3072] {
             let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
+            let pairs = p.paired();
             let plans = [
-                ("wgmma", GemmPlan::Wgmma(p)),
-                ("tma", GemmPlan::Tma(p.paired())),
+                ("wgmma", p, GemmPlan::Wgmma(p)),
+                ("tma", pairs, GemmPlan::Tma(pairs)),
             ];
-            for (label, plan) in plans {
-                let ms = bufs.time(dev, m, |av, wv, out| {
-                    gemm.run_plan(dev, plan, av, wv, out, m, n, k)
-                })?;
-                let (GemmPlan::Wgmma(p) | GemmPlan::Tma(p)) = plan else {
-                    continue;
-                };
-                res.push(BenchResult::new(
+            for (label, wp, plan) in plans {
+                res.push(bufs.bench_plan(
+                    gemm,
+                    dev,
+                    plan,
+                    m,
                     format!("gemm.{label}_vs m{m} n{n} k{k}"),
-                    ms,
-                    Some(w_bytes as f64),
-                    Some(2.0 * (m * n * k) as f64),
+                    gemm.wgmma_plan(m, n, k) == plan,
                     format!(
-                        "{}wg{}: {} × {} tiles × {} splits",
-                        if gemm.wgmma_plan(m, n, k) == plan {
-                            "default, "
-                        } else {
-                            ""
-                        },
-                        p.wg,
-                        p.m_tiles,
-                        p.n_tiles,
-                        p.splits
+                        "wg{}: {} × {} tiles × {} splits",
+                        wp.wg, wp.m_tiles, wp.n_tiles, wp.splits
                     ),
-                ));
+                )?);
             }
         }
     }
@@ -2386,25 +2389,22 @@ fn bench_shape(
                     continue;
                 }
                 seen.push(plan.splits);
-                let ms = bufs.time(dev, m, |av, wv, out| {
-                    gemm.run_plan(dev, GemmPlan::Skinny(plan), av, wv, out, m, n, k)
-                })?;
-                let default = gemm.skinny_plan(m, n, k) == plan;
-                res.push(BenchResult::new(
+                res.push(bufs.bench_plan(
+                    gemm,
+                    dev,
+                    GemmPlan::Skinny(plan),
+                    m,
                     format!(
                         "gemm.skinny_sweep v{version} m{m} n{n} k{k} splits{}",
                         plan.splits
                     ),
-                    ms,
-                    Some(w_bytes as f64),
-                    Some(2.0 * (m * n * k) as f64),
+                    gemm.skinny_plan(m, n, k) == plan,
                     format!(
-                        "{}{} blocks = {:.2} × (4 per SM)",
-                        if default { "default, " } else { "" },
+                        "{} blocks = {:.2} × (4 per SM)",
                         plan.tiles * plan.splits,
                         (plan.tiles * plan.splits) as f64 / (4 * gemm.num_sms) as f64
                     ),
-                ));
+                )?);
             }
         }
     }
