@@ -80,6 +80,16 @@ impl CommitPolicy {
     pub fn is_dynamic(&self) -> bool {
         !matches!(self, CommitPolicy::Schedule)
     }
+
+    /// Indices (into `candidates`, in rank order) of the candidates this policy commits when the
+    /// step's count is `k` (the least count under a dynamic policy).
+    pub fn select(&self, candidates: &[Candidate], k: usize) -> Vec<usize> {
+        match *self {
+            CommitPolicy::Schedule => commit::top_k(candidates, k),
+            CommitPolicy::Threshold(t) => commit::threshold(candidates, t, k),
+            CommitPolicy::Factor(f) => commit::factor(candidates, f, k),
+        }
+    }
 }
 
 /// Decoding strategies beyond [`GenerationParams`]; the default is the reference loop.
@@ -404,13 +414,20 @@ impl Session {
         let Some(plan) = self.plan() else {
             return Ok(self.report(self.cursor, None, Vec::new(), Vec::new()));
         };
-        let (preds, probs) = if self.decoding.cache == CacheMode::None {
-            self.predict_scored(&plan)?
+        let (preds, probs) = self.predict_step(&plan)?;
+        self.apply_scored(&plan, &preds, &probs)
+    }
+
+    /// The predictions [`Session::step`] uses for `plan` (through the K/V cache when one is on,
+    /// which it updates) and the revisable positions' probabilities, for
+    /// [`Session::apply_scored`]. `plan` must come from [`Session::plan`] with no change since.
+    pub fn predict_step(&mut self, plan: &StepPlan) -> Result<(Vec<Prediction>, Vec<f64>)> {
+        if self.decoding.cache == CacheMode::None {
+            self.predict_scored(plan)
         } else {
             // Validation keeps --revise off with a cache, so no position needs a probability.
-            (self.predict_cached(&plan)?, Vec::new())
-        };
-        self.apply_scored(&plan, &preds, &probs)
+            Ok((self.predict_cached(plan)?, Vec::new()))
+        }
     }
 
     /// [`Session::predict`] through the block K/V cache (see [`super::cached`]).
@@ -524,6 +541,21 @@ impl Session {
         })
     }
 
+    /// Indices into `plan.queries` (and `preds`, one per query) of the candidates the commit
+    /// rule takes, in rank order: what [`Session::apply`] commits.
+    pub fn chosen(&self, plan: &StepPlan, preds: &[Prediction]) -> Vec<usize> {
+        let candidates: Vec<Candidate> = plan
+            .queries
+            .iter()
+            .zip(preds)
+            .map(|(&position, p)| Candidate {
+                position,
+                confidence: p.confidence,
+            })
+            .collect();
+        self.decoding.commit.select(&candidates, plan.k)
+    }
+
     /// Commits the `plan.k` most confident of `preds` (one per `plan.queries`, in order) and
     /// advances to the next step. `plan` must come from [`Session::plan`] with no change since.
     ///
@@ -573,20 +605,7 @@ impl Session {
                     plan.queries.len()
                 )));
             }
-            let candidates: Vec<Candidate> = plan
-                .queries
-                .iter()
-                .zip(preds)
-                .map(|(&position, p)| Candidate {
-                    position,
-                    confidence: p.confidence,
-                })
-                .collect();
-            let chosen = match self.decoding.commit {
-                CommitPolicy::Schedule => commit::top_k(&candidates, plan.k),
-                CommitPolicy::Threshold(t) => commit::threshold(&candidates, t, plan.k),
-                CommitPolicy::Factor(f) => commit::factor(&candidates, f, plan.k),
-            };
+            let chosen = self.chosen(plan, preds);
             for &c in &chosen {
                 let t = preds[c].token;
                 if t == self.mask || t as usize >= self.vocab_size {
