@@ -3,20 +3,23 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]
-#   stages: smi check synth bench benchoff benchpdl peer stream tma split shapes sanitize ncu benchexp summary
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split shapes sanitize ncu benchexp summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
-# The opt-in stages try the experimental kernels, each in its own process so a fault in one
-# cannot take the other results down: the TMA weight-streaming GEMM for M <= 32
-# (cuda/gemm_stream.cu, DLLM_GEMM_STREAM=1), the TMA-multicast cluster GEMM for M > 64
-# (cuda/gemm_tma.cu; default since 2026-11-27, DLLM_GEMM_TMA=0 turns it off) and split-KV attention
-# (cuda/attention.cu; default since 2026-11-27, DLLM_ATTN_SPLIT=0 turns it off):
-#   stream / tma  gemm + model checks (and the gemm benches) with that kernel on
+# The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
+# one cannot take the other results down: the TMA weight-streaming GEMM for M <= 32
+# (cuda/gemm_stream.cu; default since session 4, DLLM_GEMM_STREAM=0 turns it off), the
+# TMA-multicast cluster GEMM for M > 64 (cuda/gemm_tma.cu; default since 2026-11-27,
+# DLLM_GEMM_TMA=0 turns it off) and split-KV attention (cuda/attention.cu; default since
+# 2026-11-27, DLLM_ATTN_SPLIT=0 turns it off):
+#   stream / tma  gemm + model checks (and the gemm benches) with that kernel asked for explicitly
 #   split         attention + model checks (and the attention benches) with split-KV on
-#   shapes        `dllm-gpu-check --gemm-shape` on the real shapes, default kernel vs experimental
+#   shapes        `dllm-gpu-check --gemm-shape` on the real shapes, previous kernel vs new one
 #   sanitize      compute-sanitizer memcheck and racecheck on the GEMM self-test with each on
-#   ncu           Nsight Compute sections of default vs experimental kernels on the real shapes
-#   benchexp      the three workloads with both on (the 8B checkpoint: run synth first)
+#   ncu           Nsight Compute sections of previous vs new kernels on the real shapes
+#   benchoff      the three workloads with all three turned off (the 8B checkpoint: run synth first)
+#   benchnostream the three workloads with only the stream GEMM turned off
+#   benchexp      the three workloads with the variables in $EXP_ENV (e.g. EXP_ENV="DLLM_PDL=1")
 # The bench stage runs every workload twice: CUDA graphs on (default) and off (DLLM_CUDA_GRAPH=0,
 # files *_nograph.json; NOGRAPH=0 skips them); the summary shows both and whether their final
 # canvases hash equal.
@@ -79,11 +82,17 @@ for s in $STAGES; do
         fi
         ;;
     benchoff)
-        # The three workloads with the kernels made default on 2026-11-27 turned off (TMA GEMM,
-        # split-KV attention): what the defaults gained, in the same call.
-        BENCH_ENV="DLLM_GEMM_TMA=0 DLLM_ATTN_SPLIT=0" bench bench_b1_dual_k4_off 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_GEMM_TMA=0 DLLM_ATTN_SPLIT=0" bench bench_b8_dual_k4_off 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_GEMM_TMA=0 DLLM_ATTN_SPLIT=0" bench bench_b1_none_k1_off 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        # The three workloads with the kernels made default since 2026-11-27 turned off (stream
+        # GEMM, TMA GEMM, split-KV attention): what the defaults gained, in the same call.
+        OFF="DLLM_GEMM_STREAM=0 DLLM_GEMM_TMA=0 DLLM_ATTN_SPLIT=0"
+        BENCH_ENV="$OFF" bench bench_b1_dual_k4_off 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        BENCH_ENV="$OFF" bench bench_b8_dual_k4_off 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        BENCH_ENV="$OFF" bench bench_b1_none_k1_off 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        ;;
+    benchnostream)
+        # Only the stream GEMM off (the skinny kernels serve M <= 32): what it alone gains.
+        BENCH_ENV="DLLM_GEMM_STREAM=0" bench bench_b1_dual_k4_nostream 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_GEMM_STREAM=0" bench bench_b1_none_k1_nostream 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         ;;
     bench)
         # Graphs on first (the numbers that count), then the same workloads with graphs off.
@@ -144,9 +153,13 @@ for s in $STAGES; do
         done
         ;;
     benchexp)
-        BENCH_ENV="DLLM_GEMM_STREAM=1" bench bench_b1_dual_k4_exp 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_GEMM_STREAM=1" bench bench_b8_dual_k4_exp 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_GEMM_STREAM=1" bench bench_b1_none_k1_exp 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        if [ -z "${EXP_ENV:-}" ]; then
+            echo "=== [benchexp] EXP_ENV is empty (no experiment named), skipped"
+            continue
+        fi
+        BENCH_ENV="$EXP_ENV" bench bench_b1_dual_k4_exp 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        BENCH_ENV="$EXP_ENV" bench bench_b8_dual_k4_exp 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        BENCH_ENV="$EXP_ENV" bench bench_b1_none_k1_exp 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         ;;
     summary)
         OUT="$OUT" python3 - <<'PY' | tee "$OUT/summary.txt"
@@ -193,7 +206,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_exp", "exp"), ("_off", "off2")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -204,7 +217,7 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "PDL", "exp", "off2"):
+    for other in ("off", "PDL", "exp", "off2", "nostr"):
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
@@ -222,7 +235,7 @@ for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.
         if x["name"].startswith(prefixes):
             print(f"  {x['name']:<48} {fmt(x.get('ms'), 4):>9} {fmt(x.get('gbps'), 0):>7} {fmt(x.get('tflops'), 1):>7}  {x.get('detail', '')}")
 try:
-    print("\nshapes (experimental kernel off, then on, per shape):")
+    print("\nshapes (new kernel off, then on, per shape):")
     print("".join("  " + l for l in open(os.path.join(out, "shapes.log")) if l.startswith("gemm.shape")))
 except Exception:
     pass
@@ -236,7 +249,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchpdl peer stream tma split shapes sanitize ncu benchexp summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split shapes sanitize ncu benchexp summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

@@ -599,7 +599,8 @@ pub struct Gemm {
     /// Why version 2 of the skinny kernel failed the load-time self-test; `run` then uses
     /// version 1 (which has its own self-test entry under [`GemmVariant::Skinny`]).
     skinny2_failure: Option<String>,
-    /// `gemm_stream_mg{1..4}` (`cuda/gemm_stream.cu`), loaded only when `DLLM_GEMM_STREAM=1`.
+    /// `gemm_stream_mg{1..4}` (`cuda/gemm_stream.cu`); not loaded with `DLLM_GEMM_STREAM=0` or
+    /// on a device that cannot run the sm_90a cubin.
     stream: Option<Vec<CudaFunction>>,
     /// Why the stream kernel could not be loaded or failed the load-time self-test; `run` then
     /// keeps the skinny kernels.
@@ -664,16 +665,20 @@ impl Gemm {
                 }
             }
         };
+        // The two TMA kernels are on by default: a device that cannot run them (not sm_90a) just
+        // does without them, unless one was asked for explicitly with DLLM_GEMM_STREAM=1 /
+        // DLLM_GEMM_TMA=1 (then the reason is reported).
         let (stream, stream_failure) = if gemm_stream::requested_by_env() {
             match load_stream(dev) {
                 Ok(f) => (Some(f), None),
-                Err(e) => (None, Some(format!("load: {e}"))),
+                Err(e) => (
+                    None,
+                    gemm_stream::explicitly_requested().then(|| format!("load: {e}")),
+                ),
             }
         } else {
             (None, None)
         };
-        // On by default: a device that cannot run it (not sm_90a) just does without it, unless
-        // it was asked for explicitly with DLLM_GEMM_TMA=1 (then the reason is reported).
         let (tma, tma_failure) = if gemm_tma::requested_by_env() {
             match gemm_tma::load(dev) {
                 Ok(f) => (Some(f), None),
@@ -743,8 +748,8 @@ impl Gemm {
         }
     }
 
-    /// Whether [`Gemm::run`] uses the stream kernel for `m ≤ 32`: requested with
-    /// `DLLM_GEMM_STREAM=1`, loaded, and passed its load-time self-test.
+    /// Whether [`Gemm::run`] uses the stream kernel for `m ≤ 32`: requested (not turned off with
+    /// `DLLM_GEMM_STREAM=0`), loaded, and passed its load-time self-test.
     pub fn stream_active(&self) -> bool {
         self.stream.is_some() && self.stream_failure.is_none()
     }
@@ -754,7 +759,8 @@ impl Gemm {
         self.stream.is_some()
     }
 
-    /// Why the requested stream kernel is not used (load error or self-test failure).
+    /// Why the stream kernel is not used: failed its self-test, or could not load when asked for
+    /// explicitly (`DLLM_GEMM_STREAM=1`).
     pub fn stream_failure(&self) -> Option<&str> {
         self.stream_failure.as_deref()
     }
