@@ -71,6 +71,10 @@ const WGMMA_BK: usize = 64;
 const WGMMA_MIN_KTILES_PER_SPLIT: usize = 16;
 /// Split-K overhead in K-tile units per split (partial tile written, read back, reduced).
 const WGMMA_SPLIT_COST_KTILES: usize = 3;
+/// Modelled time of a paired TMA plan relative to `gemm_wgmma` on the same tiles (9/10): the
+/// pairs ran 10–12 % faster on every shape measured on an H200 (2026-11-27: M = 384 × 12288 ×
+/// 4096 0.0639 vs 0.0710 ms, M = 3072 0.4583 vs 0.5150, the LM head at M = 384 0.5890 vs 0.6714).
+const TMA_PAIR_COST: (usize, usize) = (9, 10);
 
 /// Dynamic shared memory of `gemm_wgmma_wg{wg}` (`WgCfg<WG>::SMEM_BYTES` in gemm_wgmma.cu).
 fn wgmma_smem_bytes(wg: usize) -> u32 {
@@ -374,12 +378,30 @@ pub struct WgmmaPlan {
 }
 
 impl WgmmaPlan {
-    /// The plan [`Gemm::run`] uses on `num_sms` multiprocessors (one block per SM): the block
+    /// The plan `gemm_wgmma` runs on `num_sms` multiprocessors (one block per SM): the block
     /// height (128 or 192 rows) and K split that minimise the modelled time
     /// `waves · BM · (K tiles per split + split overhead)`, ties (within 5 %) going to the
     /// taller tile (more work per shared-memory byte). Splits only while all blocks fit in
     /// one wave, never below `WGMMA_MIN_KTILES_PER_SPLIT` K tiles per split.
     pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
+        WgmmaPlan::search(m, n, k, num_sms, false)
+    }
+
+    /// The plan [`Gemm::run`] uses when the TMA cluster kernel is active: [`WgmmaPlan::new`]'s
+    /// search with the plans that pair without a phantom tile (even M tile count) costed at
+    /// [`TMA_PAIR_COST`] of the others, as measured; returned [`WgmmaPlan::paired`] when such a
+    /// plan wins. At M = 384 on the down projection (4096 × 12288) this picks 2 × 22 tiles of
+    /// 192 rows × 3 splits in pairs over `gemm_wgmma`'s 3 × 22 of 128 rows × 2 splits.
+    pub fn with_tma(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
+        let p = WgmmaPlan::search(m, n, k, num_sms, true);
+        if p.m_tiles % 2 == 0 {
+            p.paired()
+        } else {
+            p
+        }
+    }
+
+    fn search(m: usize, n: usize, k: usize, num_sms: usize, tma: bool) -> WgmmaPlan {
         let sms = num_sms.max(1);
         let ktiles = k.div_ceil(WGMMA_BK).max(1);
         let max_splits = (ktiles / WGMMA_MIN_KTILES_PER_SPLIT).max(1);
@@ -400,7 +422,10 @@ impl WgmmaPlan {
                 };
                 let waves = (tiles * plan.splits).div_ceil(sms);
                 // ×20 for wg = 3, ×21 for wg = 2: the 5 % preference for taller tiles.
-                let cost = waves * bm * (kps + overhead) * if wg == 3 { 20 } else { 21 };
+                let mut cost = waves * bm * (kps + overhead) * if wg == 3 { 20 } else { 21 };
+                if tma && plan.m_tiles % 2 == 0 {
+                    cost = cost * TMA_PAIR_COST.0 / TMA_PAIR_COST.1;
+                }
                 let better = match best {
                     None => true,
                     Some((c, _)) => cost < c,
@@ -733,16 +758,19 @@ impl Gemm {
         self.tma_failure.as_deref()
     }
 
-    /// The Hopper plan [`Gemm::run`] uses for `m > 64`: [`WgmmaPlan::new`], run by the TMA
-    /// cluster kernel when it is active and the plan has an even number of M tiles (pairs
-    /// without a phantom tile), else by `gemm_wgmma`. Measured on an H200 (2026-11-27): the
-    /// pairs gain 5–19 % where they fit (M = 384 × 12288 × 4096: 0.0639 vs 0.0710 ms), while
-    /// forcing pairs on an odd tile count (M = 384 on the 4096-column shapes, 3 tiles of 128
-    /// rows) was slower than `gemm_wgmma`'s own plan.
+    /// The Hopper plan [`Gemm::run`] uses for `m > 64`: with the TMA cluster kernel active,
+    /// [`WgmmaPlan::with_tma`], run in pairs when it has an even number of M tiles (no phantom
+    /// tile) and by `gemm_wgmma` otherwise; else [`WgmmaPlan::new`] on `gemm_wgmma`. Measured
+    /// on an H200 (2026-11-27): the pairs gain 10–12 % on the same tiles, while forcing pairs
+    /// on an odd tile count (M = 384 on the 4096-column shapes, 3 tiles of 128 rows plus a
+    /// phantom) was slower than `gemm_wgmma`'s own plan.
     pub fn wgmma_plan(&self, m: usize, n: usize, k: usize) -> GemmPlan {
-        let p = WgmmaPlan::new(m, n, k, self.num_sms);
-        if self.tma_active() && p.m_tiles % 2 == 0 {
-            GemmPlan::Tma(p.paired())
+        if !self.tma_active() {
+            return GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, self.num_sms));
+        }
+        let p = WgmmaPlan::with_tma(m, n, k, self.num_sms);
+        if p.paired {
+            GemmPlan::Tma(p)
         } else {
             GemmPlan::Wgmma(p)
         }
@@ -1906,7 +1934,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             if gemm.tma_loaded() {
                 // The TMA cluster kernel: its default plan, and on the small shapes both block
                 // heights with and without a forced split.
-                let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
+                let p = WgmmaPlan::with_tma(m, n, k, gemm.num_sms);
                 hows.push(How::Plan(GemmPlan::Tma(p.paired())));
                 if n * k < 1 << 20 {
                     let kt = k.div_ceil(WGMMA_BK);
@@ -1964,7 +1992,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     }
                 }
                 if v == GemmVariant::Wgmma && gemm.tma_loaded() {
-                    let p = WgmmaPlan::new(m, n, k, gemm.num_sms).paired();
+                    let p = WgmmaPlan::with_tma(m, n, k, gemm.num_sms).paired();
                     dets.push(("tma".to_string(), How::Plan(GemmPlan::Tma(p))));
                 }
                 for (label, how) in dets {
@@ -2096,17 +2124,14 @@ pub fn time_shape(
                 p.version, p.tiles, p.splits
             )
         }
-        GemmVariant::Wgmma if matches!(gemm.wgmma_plan(m, n, k), GemmPlan::Tma(_)) => {
-            let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
-            format!(
-                "tma wg{}, {} × {} tiles × {} splits",
-                p.wg, p.m_tiles, p.n_tiles, p.splits
-            )
-        }
         GemmVariant::Wgmma => {
-            let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
+            let (kind, p) = match gemm.wgmma_plan(m, n, k) {
+                GemmPlan::Tma(p) => ("tma", p),
+                GemmPlan::Wgmma(p) => ("wgmma", p),
+                other => return Err(Error::Backend(format!("unexpected plan {other:?}"))),
+            };
             format!(
-                "wgmma wg{}, {} × {} tiles × {} splits",
+                "{kind} wg{}, {} × {} tiles × {} splits",
                 p.wg, p.m_tiles, p.n_tiles, p.splits
             )
         }
@@ -2260,10 +2285,12 @@ fn bench_shape(
         if variant == gemm.variant_for_m(m) {
             detail.insert_str(0, "default, ");
         }
-        if variant == GemmVariant::Wgmma {
-            let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
+        if let (GemmVariant::Wgmma, GemmPlan::Tma(p) | GemmPlan::Wgmma(p)) =
+            (variant, gemm.wgmma_plan(m, n, k))
+        {
             detail.push_str(&format!(
-                ", wg{} ({}×192 tiles): {} tiles × {} splits",
+                ", {} wg{} ({}×192 tiles): {} tiles × {} splits",
+                if p.paired { "tma" } else { "wgmma" },
                 p.wg,
                 p.bm(),
                 p.tiles(),
@@ -2338,7 +2365,7 @@ fn bench_shape(
     if gemm.tma_loaded() {
         for m in [256usize, 384, 3072] {
             let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
-            let pairs = p.paired();
+            let pairs = WgmmaPlan::with_tma(m, n, k, gemm.num_sms).paired();
             let plans = [
                 ("wgmma", p, GemmPlan::Wgmma(p)),
                 ("tma", pairs, GemmPlan::Tma(pairs)),
@@ -2643,6 +2670,24 @@ mod tests {
         assert_eq!(WgmmaPlan::new(384, 4096, 4096, 132), p(2, 3, 22, 2, 32));
         // Short K never splits: K = 328 has 6 K tiles.
         assert_eq!(WgmmaPlan::new(65, 296, 328, 132).splits, 1);
+        // With the TMA pairs at 9/10: the down projection at M = 384 moves to 2 × 22 tiles of
+        // 192 rows × 3 splits (192·(64 + 9)·20·0.9 = 252 288 < 128·(96 + 6)·21 = 274 176) ...
+        assert_eq!(
+            WgmmaPlan::with_tma(384, 4096, 12288, 132),
+            p(3, 2, 22, 3, 64).paired()
+        );
+        // ... the output projection stays on 3 tiles without pairs (119 040·0.9 > 102 144) ...
+        assert_eq!(
+            WgmmaPlan::with_tma(384, 4096, 4096, 132),
+            p(2, 3, 22, 2, 32)
+        );
+        // ... and plans that were even already only gain the pairing.
+        for (m, n, k) in [(384, 12288, 4096), (256, 4096, 12288), (3072, 12288, 4096)] {
+            assert_eq!(
+                WgmmaPlan::with_tma(m, n, k, 132),
+                WgmmaPlan::new(m, n, k, 132).paired()
+            );
+        }
         // Forced: 6 K tiles by 4 → 4 + 2; wg is clamped to 2..=3.
         assert_eq!(
             WgmmaPlan::with_ktiles_per_split(7, 200, 296, 328, 4),
