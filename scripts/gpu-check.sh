@@ -96,9 +96,10 @@ for s in $STAGES; do
         ;;
     bench)
         # Graphs on first (the numbers that count), then the same workloads with graphs off.
-        bench bench_b1_dual_k4 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
-        bench bench_b8_dual_k4 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        bench bench_b1_none_k1 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        # --profile: after the timed run, one eager run with every operation event-timed.
+        bench bench_b1_dual_k4 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --profile
+        bench bench_b8_dual_k4 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual --profile
+        bench bench_b1_none_k1 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none --profile
         [ "${NOGRAPH:-1}" = 1 ] || continue
         bench bench_b1_dual_k4_nograph 0 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
         bench bench_b8_dual_k4_nograph 0 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
@@ -221,6 +222,12 @@ for name, pk in peer_key.items():
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
+for name in peer_key:
+    b = load(name + ".json")
+    if b.get("profile"):
+        print(f"\nprofile {name[6:]} (eager, ms per step; each op includes the gap before it):")
+        for r in b["profile"]:
+            print(f"  {r['step']:<6} {r['op']:<16} {r['ms_per_step']:>9.4f} {r['calls_per_step']:>7.1f} {100 * r['share']:>5.1f}%")
 for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.skinny_v2")),
                            ("tma", "DLLM_GEMM_TMA", ("gemm.tma_vs", "gemm.wgmma_vs")),
                            ("split", "DLLM_ATTN_SPLIT", ("attention Split", "attention Mma b1 sq32", "attention Mma b8 sq32"))):

@@ -63,6 +63,9 @@ pub struct BenchOptions {
     pub backend: BenchBackend,
     /// Keys the random prompt ids.
     pub seed: u64,
+    /// After the timed run, one more untimed run with every operation timed by CUDA events
+    /// ([`BenchReport::profile`]; CUDA only).
+    pub profile: bool,
 }
 
 impl Default for BenchOptions {
@@ -78,6 +81,7 @@ impl Default for BenchOptions {
             warmup: 1,
             backend: BenchBackend::Auto,
             seed: 0,
+            profile: false,
         }
     }
 }
@@ -134,6 +138,42 @@ pub struct BenchReport {
     pub full_step_ms: Option<f64>,
     /// Mean ms of a block step, measured the same way (dual, CUDA only).
     pub block_step_ms: Option<f64>,
+    /// Per-operation GPU time of an eager run (`--profile`, CUDA only).
+    pub profile: Option<Vec<ProfileRow>>,
+}
+
+/// One operation's mean time per step of one kind, from an eager run with an event after every
+/// operation (each time includes the launch gap before the operation's kernel).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProfileRow {
+    /// "full" (full forwards: every step without a cache, each block's first with the dual
+    /// cache) or "block" (block steps against the cache).
+    pub step: &'static str,
+    pub op: &'static str,
+    pub ms_per_step: f64,
+    pub calls_per_step: f64,
+    /// Fraction of the profiled step time of this kind.
+    pub share: f64,
+}
+
+/// Mean per-step rows of `kind` from the totals over `steps` steps of that kind.
+pub fn profile_rows(
+    kind: &'static str,
+    totals: &[crate::backend::cuda::profile::OpTime],
+    steps: usize,
+) -> Vec<ProfileRow> {
+    let n = steps.max(1) as f64;
+    let all: f64 = totals.iter().map(|o| o.ms).sum();
+    totals
+        .iter()
+        .map(|o| ProfileRow {
+            step: kind,
+            op: o.op,
+            ms_per_step: o.ms / n,
+            calls_per_step: o.calls as f64 / n,
+            share: if all > 0.0 { o.ms / all } else { 0.0 },
+        })
+        .collect()
 }
 
 /// FNV-1a 64 over the little-endian bytes of `ids`, as 16 hex digits.
@@ -282,6 +322,7 @@ fn report(
         canvas_hash: String::new(),
         full_step_ms: None,
         block_step_ms: None,
+        profile: None,
     }
 }
 
@@ -293,6 +334,11 @@ pub fn load_cpu_model(dir: &std::path::Path) -> Result<std::sync::Arc<dyn Model>
 /// CPU path: full forward every step through the [`Model`] trait (the cache mode is ignored:
 /// the CPU model has no K/V cache), commit on the host.
 fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
+    if o.profile {
+        return Err(Error::invalid(
+            "--profile times CUDA operations with CUDA events: the CPU backend has no op profile",
+        ));
+    }
     let t0 = Instant::now();
     let model = load_cpu_model(&o.model_dir)?;
     let load_seconds = t0.elapsed().as_secs_f64();
@@ -422,7 +468,44 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
         r.full_step_ms = mean(full);
         r.block_step_ms = mean(block);
     }
+    if o.profile {
+        r.profile = Some(profile_cuda(&model, &init, o, steps)?);
+    }
     Ok(r)
+}
+
+/// One untimed eager run of `steps` with every operation timed ([`BenchReport::profile`]).
+fn profile_cuda(
+    model: &crate::backend::cuda::transformer::CudaTransformer,
+    init: &[u32],
+    o: &BenchOptions,
+    steps: &[BenchStep],
+) -> Result<Vec<ProfileRow>> {
+    use crate::backend::cuda::profile::accumulate;
+    let cfg = model.config().clone();
+    model.set_canvases(init, o.batch, o.seq_len())?;
+    let (mut full, mut block) = ((Vec::new(), 0usize), (Vec::new(), 0usize));
+    for (i, st) in steps.iter().enumerate() {
+        model.profile_start()?;
+        let stepped = model.step(
+            st.span.clone(),
+            st.use_cache,
+            st.store_cache,
+            &greedy_rule(&cfg, i),
+            st.k,
+        );
+        // Close the recording whatever the step did.
+        let times = model.profile_finish()?;
+        stepped?;
+        let acc = if st.use_cache { &mut block } else { &mut full };
+        accumulate(&mut acc.0, &times);
+        acc.1 += 1;
+    }
+    let mut rows = profile_rows("full", &full.0, full.1);
+    if block.1 > 0 {
+        rows.extend(profile_rows("block", &block.0, block.1));
+    }
+    Ok(rows)
 }
 
 /// Device-to-device copy bandwidth in GB/s (bytes read + written) over a 1 GiB buffer,
@@ -564,6 +647,40 @@ mod tests {
         assert_eq!(r.masks_left, 0);
         assert!(r.tok_per_s > 0.0 && r.seconds > 0.0);
         assert!(r.copy_gbps.is_none() && r.roofline_fraction.is_none());
+    }
+
+    #[test]
+    fn profile_on_the_cpu_is_refused_and_rows_are_per_step_means() {
+        let o = BenchOptions {
+            profile: true,
+            backend: BenchBackend::Cpu,
+            gen_len: 32,
+            prompt_len: 8,
+            ..BenchOptions::default()
+        };
+        let e = run_bench(&o).unwrap_err().to_string();
+        assert!(e.contains("--profile"), "{e}");
+        use crate::backend::cuda::profile::OpTime;
+        let totals = [
+            OpTime {
+                op: "gemm.qkv",
+                ms: 6.0,
+                calls: 64,
+            },
+            OpTime {
+                op: "attention",
+                ms: 2.0,
+                calls: 64,
+            },
+        ];
+        let rows = profile_rows("block", &totals, 2);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].op, rows[0].ms_per_step, rows[0].calls_per_step),
+            ("gemm.qkv", 3.0, 32.0)
+        );
+        assert_eq!((rows[1].share, rows[0].share), (0.25, 0.75));
+        assert!(rows.iter().all(|r| r.step == "block"));
     }
 
     #[test]

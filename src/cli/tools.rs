@@ -98,6 +98,11 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// After the timed run, one more run (untimed, eager) with every operation timed by CUDA
+    /// events: mean ms per step of each (embedding, norms, each GEMM, RoPE, attention, SwiGLU,
+    /// LM head, sampling, commit), full-forward and block steps apart. CUDA only.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -126,6 +131,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             super::BackendChoice::Cpu => BenchBackend::Cpu,
             super::BackendChoice::Cuda => BenchBackend::Cuda,
         },
+        profile: a.profile,
         ..BenchOptions::default()
     };
     let r = run_bench(&opts)?;
@@ -153,6 +159,23 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 frac * 100.0,
                 bw
             );
+        }
+        if let Some(rows) = &r.profile {
+            println!("profile (eager run, mean per step; each op includes the gap before it):");
+            println!(
+                "  {:<6} {:<16} {:>9} {:>7} {:>6}",
+                "step", "op", "ms", "calls", "share"
+            );
+            for p in rows {
+                println!(
+                    "  {:<6} {:<16} {:>9.4} {:>7.1} {:>5.1}%",
+                    p.step,
+                    p.op,
+                    p.ms_per_step,
+                    p.calls_per_step,
+                    p.share * 100.0
+                );
+            }
         }
     }
     Ok(())

@@ -16,6 +16,7 @@ pub mod launch;
 pub mod padding;
 #[cfg(test)]
 mod pipeline_model;
+pub mod profile;
 pub mod sampling;
 pub mod scratch;
 pub mod transformer;

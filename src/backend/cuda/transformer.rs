@@ -43,6 +43,7 @@ use super::attention::{Attention, AttnShape, AttnVariant};
 use super::elementwise::{Elementwise, IdLayout, KvDst, RopeQkvShape};
 use super::gemm::{Gemm, GemmOut, GemmVariant};
 use super::padding;
+use super::profile::{OpProfiler, OpTime};
 use super::sampling::{commit_record_len, parse_commit_record, CommitRule, Sampler};
 use super::{cuda_err, CudaDevice};
 use crate::backend::cpu::rope_inv_freq;
@@ -230,6 +231,8 @@ pub struct CudaTransformer {
     graph_error: Mutex<Option<String>>,
     inv_freq: CudaSlice<f32>,
     state: Mutex<Option<State>>,
+    /// Per-operation event timing of eager steps (`dllm bench --profile`).
+    profiler: OpProfiler,
 }
 
 fn alloc<T: DeviceRepr + ValidAsZeroBits>(
@@ -375,6 +378,7 @@ impl CudaTransformer {
             attn: Attention::load(&dev)?,
             graphs: AtomicBool::new(graphs_from_env()),
             graph_error: Mutex::new(None),
+            profiler: OpProfiler::default(),
             dev,
             cfg: cfg.clone(),
             kernels,
@@ -588,10 +592,29 @@ impl CudaTransformer {
         Ok(v.into_iter().map(|x| x as u32).collect())
     }
 
+    /// Ends operation `op` for an open op profile (no-op otherwise).
+    fn mark(&self, op: &'static str) -> Result<()> {
+        self.profiler.mark(&self.dev.stream, op)
+    }
+
+    /// Starts timing every operation of the following eager steps (graphs are not used while
+    /// a recording is open); [`CudaTransformer::profile_finish`] returns the times.
+    pub fn profile_start(&self) -> Result<()> {
+        self.profiler.start(&self.dev.stream)
+    }
+
+    /// Ends the recording opened by [`CudaTransformer::profile_start`]: each operation's total
+    /// GPU time (ms), with the gap before it.
+    pub fn profile_finish(&self) -> Result<Vec<OpTime>> {
+        self.profiler.finish()
+    }
+
+    /// The GEMM of operation `op` (its profile label).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
         kit: &Kit,
+        op: &'static str,
         a: &CudaView<u16>,
         w: &CudaView<u16>,
         out: GemmOut<'_>,
@@ -601,18 +624,20 @@ impl CudaTransformer {
     ) -> Result<()> {
         if self.kernels.naive_gemm {
             kit.gemm
-                .run_variant(&self.dev, GemmVariant::Naive, a, w, out, m, n, k)
+                .run_variant(&self.dev, GemmVariant::Naive, a, w, out, m, n, k)?;
         } else {
-            kit.gemm.run(&self.dev, a, w, out, m, n, k)
+            kit.gemm.run(&self.dev, a, w, out, m, n, k)?;
         }
+        self.mark(op)
     }
 
     /// `out = rmsnorm(x; norm) · wᵀ` over `rows` rows of `d_model`: the normalised bf16 rows go
-    /// through `xn` (the first `rows · d_model` elements).
+    /// through `xn` (the first `rows · d_model` elements). `op` labels the GEMM.
     #[allow(clippy::too_many_arguments)]
     fn norm_gemm(
         &self,
         kit: &Kit,
+        op: &'static str,
         x: &CudaView<f32>,
         norm: &CudaView<f32>,
         xn: &mut CudaSlice<u16>,
@@ -630,7 +655,8 @@ impl CudaTransformer {
             d,
             self.cfg.rms_norm_eps,
         )?;
-        self.gemm(kit, &xn.slice(0..rows * d), w, out, rows, n, d)
+        self.mark("rmsnorm")?;
+        self.gemm(kit, op, &xn.slice(0..rows * d), w, out, rows, n, d)
     }
 
     fn attention(
@@ -685,6 +711,7 @@ impl CudaTransformer {
             cfg.embedding_size,
             layout,
         )?;
+        self.mark("embedding")?;
         let rope = RopeQkvShape {
             rows,
             row_stride: qkv_dim,
@@ -700,6 +727,7 @@ impl CudaTransformer {
         for (li, lw) in self.w.layers.iter().enumerate() {
             self.norm_gemm(
                 kit,
+                "gemm.qkv",
                 &st.x.slice(0..rows * d),
                 &lw.attn_norm.as_view(),
                 &mut st.xn,
@@ -726,6 +754,7 @@ impl CudaTransformer {
                     rope,
                     dst,
                 )?;
+                self.mark("rope_kv")?;
             }
             {
                 let qkv = st.qkv.slice(0..rows * qkv_dim);
@@ -772,8 +801,10 @@ impl CudaTransformer {
                     )?;
                 }
             }
+            self.mark("attention")?;
             self.gemm(
                 kit,
+                "gemm.attn_out",
                 &st.attn.slice(0..rows * d),
                 &lw.attn_out.as_view(),
                 GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
@@ -783,6 +814,7 @@ impl CudaTransformer {
             )?;
             self.norm_gemm(
                 kit,
+                "gemm.gate_up",
                 &st.x.slice(0..rows * d),
                 &lw.ff_norm.as_view(),
                 &mut st.xn,
@@ -797,8 +829,10 @@ impl CudaTransformer {
                 rows,
                 h,
             )?;
+            self.mark("swiglu")?;
             self.gemm(
                 kit,
+                "gemm.down",
                 &st.act.slice(0..rows * h),
                 &lw.ff_out.as_view(),
                 GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
@@ -880,6 +914,7 @@ impl CudaTransformer {
                 .memcpy_htod(&pos, &mut st.q_pos.slice_mut(0..n))
                 .map_err(|e| cuda_err("upload query positions", e))?;
             st.q_host = (idx, pos);
+            self.mark("upload")?;
         }
         Ok(())
     }
@@ -948,8 +983,10 @@ impl CudaTransformer {
                 rows,
                 d,
             )?;
+            self.mark("head.gather")?;
             self.norm_gemm(
                 kit,
+                "gemm.lm_head",
                 &st.hq.slice(0..rows * d),
                 &self.w.ln_f.as_view(),
                 &mut st.hqn,
@@ -1025,6 +1062,7 @@ impl CudaTransformer {
                     &mut st.tokens.slice_mut(lo..hi),
                     &mut st.conf.slice_mut(lo..hi),
                 )?;
+                self.mark("sample")?;
             }
             Ok(())
         })
@@ -1061,7 +1099,8 @@ impl CudaTransformer {
             self.cfg.mask_token_id,
             CommitRule::TopK(k),
             &mut st.record.slice_mut(0..commit_record_len(batch, per)),
-        )
+        )?;
+        self.mark("commit")
     }
 
     /// The `(position, token)` pairs each canvas committed in the last [`CudaTransformer::commit`].
@@ -1093,7 +1132,7 @@ impl CudaTransformer {
         k: usize,
     ) -> Result<()> {
         if use_cache {
-            if self.graphs_enabled() && rule_is_step_free(rule) {
+            if self.graphs_enabled() && rule_is_step_free(rule) && !self.profiler.recording() {
                 return self.block_step_graphed(span, rule, k);
             }
             let fwd = self.block_forward_range(&span);
