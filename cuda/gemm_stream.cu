@@ -77,6 +77,33 @@ __device__ __forceinline__ int stream_block_of(long long x, long long T, long lo
 // Byte offset of logical 16-byte chunk c of row r in a 128-byte-swizzled box.
 __device__ __forceinline__ uint32_t stream_swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
 
+// The next (tile, chunk) of a block's range.
+__device__ __forceinline__ void stream_next(int& tile, int& kc, int C_chunks) {
+    if (++kc == C_chunks) {
+        kc = 0;
+        ++tile;
+    }
+}
+
+// The two weight boxes of chunk (tile, kc) into the stage at `stage`, signalled on `full`.
+template <int G>
+__device__ __forceinline__ void stream_load_w(uint32_t stage, const CUtensorMap* map_w, int tile, int kc,
+                                              uint32_t full, uint64_t policy) {
+#pragma unroll
+    for (int kb = 0; kb < 2; ++kb)
+        tma_load_hint(stage + kb * StreamCfg<G>::W_BOX_BYTES, map_w, kc * STREAM_KS + kb * STREAM_BOX_K,
+                      tile * STREAM_ROWS, full, policy);
+}
+
+// The two activation boxes of chunk kc into the stage at `stage`, signalled on `full`.
+template <int G>
+__device__ __forceinline__ void stream_load_a(uint32_t stage, const CUtensorMap* map_a, int kc, uint32_t full) {
+#pragma unroll
+    for (int kb = 0; kb < 2; ++kb)
+        tma_load(stage + StreamCfg<G>::A_OFFSET + kb * StreamCfg<G>::A_BOX_BYTES, map_a,
+                 kc * STREAM_KS + kb * STREAM_BOX_K, 0, full);
+}
+
 template <int G>
 __device__ __forceinline__ void stream_body(const CUtensorMap* map_a, const CUtensorMap* map_w, void* C,
                                             float* __restrict__ ws, unsigned int* __restrict__ counters, int M,
@@ -111,8 +138,11 @@ __device__ __forceinline__ void stream_body(const CUtensorMap* map_a, const CUte
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
-    // Every load below reads A (written by the previous kernel) or the split scratch.
-    dllm_pdl_entry();
+    // Programmatic dependent launch (a no-op without it): the next kernel may start launching
+    // now. Weights are constant, so the producer requests the first ring's worth of them before
+    // waiting for the previous kernel (they stream while it finishes); the activations it wrote,
+    // the split scratch and C are touched only after the wait.
+    dllm_pdl_trigger();
 
     if (warp == STREAM_CONSUMERS) {
         // Producer: one thread arms each stage with its byte count and issues its 4 boxes.
@@ -120,24 +150,35 @@ __device__ __forceinline__ void stream_body(const CUtensorMap* map_a, const CUte
             tma_prefetch_map(map_a);
             tma_prefetch_map(map_w);
             const uint64_t policy = tma_evict_first();
-            int tile = tile_begin, kc = kc_begin, s = 0;
-            uint32_t phase = 0;  // parity of the slot's current use
-            for (int i = 0; i < n_chunks; ++i) {
-                if (i >= STREAM_STAGES) dllm_bar_wait(dllm_smem_addr(&empty_bar[s]), phase ^ 1u);
+            // Prologue: the first min(n_chunks, STREAM_STAGES) stages, fresh slots (no empty wait),
+            // weights first; each stage's full barrier completes when its A boxes land too.
+            const int prologue = n_chunks < STREAM_STAGES ? n_chunks : STREAM_STAGES;
+            int tile = tile_begin, kc = kc_begin;
+            for (int i = 0; i < prologue; ++i) {
+                const uint32_t full = dllm_smem_addr(&full_bar[i]);
+                dllm_bar_arrive_tx(full, Cfg::STAGE_BYTES);
+                stream_load_w<G>(ring + (uint32_t)(i * Cfg::STAGE_BYTES), map_w, tile, kc, full, policy);
+                stream_next(tile, kc, C_chunks);
+            }
+            dllm_pdl_wait();
+            tile = tile_begin;
+            kc = kc_begin;
+            for (int i = 0; i < prologue; ++i) {
+                stream_load_a<G>(ring + (uint32_t)(i * Cfg::STAGE_BYTES), map_a, kc, dllm_smem_addr(&full_bar[i]));
+                stream_next(tile, kc, C_chunks);
+            }
+            // Steady state (only when n_chunks > STREAM_STAGES, so the prologue filled the whole
+            // ring): slot s's next use waits for the consumers' release of its previous one.
+            int s = 0;
+            uint32_t phase = 1;  // parity of the slot's current use: the ring was filled once
+            for (int i = prologue; i < n_chunks; ++i) {
+                dllm_bar_wait(dllm_smem_addr(&empty_bar[s]), phase ^ 1u);
                 const uint32_t full = dllm_smem_addr(&full_bar[s]);
                 dllm_bar_arrive_tx(full, Cfg::STAGE_BYTES);
                 const uint32_t stage = ring + (uint32_t)(s * Cfg::STAGE_BYTES);
-                const int k0 = kc * STREAM_KS;
-                const int row0 = tile * STREAM_ROWS;
-#pragma unroll
-                for (int kb = 0; kb < 2; ++kb) {
-                    tma_load_hint(stage + kb * Cfg::W_BOX_BYTES, map_w, k0 + kb * STREAM_BOX_K, row0, full, policy);
-                    tma_load(stage + Cfg::A_OFFSET + kb * Cfg::A_BOX_BYTES, map_a, k0 + kb * STREAM_BOX_K, 0, full);
-                }
-                if (++kc == C_chunks) {
-                    kc = 0;
-                    ++tile;
-                }
+                stream_load_w<G>(stage, map_w, tile, kc, full, policy);
+                stream_load_a<G>(stage, map_a, kc, full);
+                stream_next(tile, kc, C_chunks);
                 if (++s == STREAM_STAGES) {
                     s = 0;
                     phase ^= 1u;
@@ -147,6 +188,8 @@ __device__ __forceinline__ void stream_body(const CUtensorMap* map_a, const CUte
         return;
     }
 
+    // Consumers read the split scratch and write C: after the previous kernel.
+    dllm_pdl_wait();
     // Consumer warps.
     const int g = lane >> 2;
     const int t = lane & 3;

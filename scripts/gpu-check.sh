@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split shapes sanitize ncu benchexp summary
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl shapes sanitize ncu benchexp summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -14,6 +14,7 @@
 # 2026-11-27, DLLM_ATTN_SPLIT=0 turns it off):
 #   stream / tma  gemm + model checks (and the gemm benches) with that kernel asked for explicitly
 #   split         attention + model checks (and the attention benches) with split-KV on
+#   pdl           every check with programmatic dependent launch on (DLLM_PDL=1; benchpdl times it)
 #   shapes        `dllm-gpu-check --gemm-shape` on the real shapes, previous kernel vs new one
 #   sanitize      compute-sanitizer memcheck and racecheck on the GEMM self-test with each on
 #   ncu           Nsight Compute sections of previous vs new kernels on the real shapes
@@ -119,6 +120,9 @@ for s in $STAGES; do
         ;;
     tma)
         stage tma "${T_TMA:-240}" env DLLM_GEMM_TMA=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_tma.json"
+        ;;
+    pdl)
+        stage pdl "${T_PDL:-240}" env DLLM_PDL=1 "$BIN/dllm-gpu-check" --model "$TINY" --json "$OUT/check_pdl.json"
         ;;
     split)
         stage split "${T_SPLIT:-180}" env DLLM_ATTN_SPLIT=1 "$BIN/dllm-gpu-check" --model "$TINY" --only attention,model --json "$OUT/check_split.json"
@@ -230,7 +234,8 @@ for name in peer_key:
             print(f"  {r['step']:<6} {r['op']:<16} {r['ms_per_step']:>9.4f} {r['calls_per_step']:>7.1f} {100 * r['share']:>5.1f}%")
 for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.skinny_v2")),
                            ("tma", "DLLM_GEMM_TMA", ("gemm.tma_vs", "gemm.wgmma_vs")),
-                           ("split", "DLLM_ATTN_SPLIT", ("attention Split", "attention Mma b1 sq32", "attention Mma b8 sq32"))):
+                           ("split", "DLLM_ATTN_SPLIT", ("attention Split", "attention Mma b1 sq32", "attention Mma b8 sq32")),
+                           ("pdl", "DLLM_PDL", ("gemm.stream", "gemm.shape"))):
     cs = load(f"check_{exp}.json")
     if "checks" not in cs:
         continue
@@ -256,7 +261,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split shapes sanitize ncu benchexp summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl shapes sanitize ncu benchexp summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

@@ -7,15 +7,20 @@
 //! its blocks then wait in `griddepcontrol.wait` (full completion and memory visibility of the
 //! previous grid) before touching anything that grid wrote. Our kernels call `dllm_pdl_entry()`
 //! (`cuda/common.cuh`: trigger, then wait) first thing, so the order of results is exactly the
-//! stream order; the weight-streaming GEMM issues its first weight loads (constant data) before
-//! the wait. Both instructions are no-ops in a kernel launched without the attribute.
+//! stream order; the weight-streaming GEMMs issue their first weight loads (constant data) before
+//! the wait: the skinny kernels what fits in their registers, the stream kernel (the default for
+//! M ≤ 32 since session 4) its whole 5-stage ring, 160 KB per SM (21 MB over 132 SMs, a fifth of
+//! a 100 MB projection), which then streams while the small kernel before it (norm, RoPE,
+//! attention, SwiGLU) finishes. Both instructions are no-ops in a kernel launched without the
+//! attribute.
 //!
 //! [`Launch`] mirrors `cudarc`'s `LaunchArgs` (`.arg(..)` then `unsafe launch(cfg)`), so a call
 //! site only changes its constructor. PDL is OFF by default and turned on with `DLLM_PDL=1`
 //! ([`pdl_from_env`]): measured on an H100 (2026-11-27, `docs/perf.md`) it gave identical
 //! canvases but no speed-up (b1 dual-cache block step 9.39 ms with PDL vs 8.98 ms without, inside
-//! CUDA graphs, whose launches are already back to back); it stays as an opt-in experiment and
-//! every kernel stays PDL-safe. Launches captured into a CUDA graph keep their programmatic edges.
+//! CUDA graphs, whose launches are already back to back, with the register-fed skinny GEMMs);
+//! it stays an opt-in experiment until `scripts/gpu-check.sh pdl benchpdl` times it with the
+//! stream GEMM's ring prefetch, and every kernel stays PDL-safe. Launches captured into a CUDA graph keep their programmatic edges.
 
 use cudarc::driver::sys;
 use cudarc::driver::{
