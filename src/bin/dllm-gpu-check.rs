@@ -495,14 +495,20 @@ fn engine_schedule(
     gpu.canvases()
 }
 
-/// CUDA-graph replay of the block step must give bit-identical canvases to the eager path:
-/// batch 1 (one token per step) and batch 3 (two per step) on the tiny model, with dual cache.
+/// CUDA-graph replay must give bit-identical canvases to the eager path: the dual-cache block
+/// step at batch 1 (one token per step) and batch 3 (two per step), and the no-cache full step
+/// at batch 2 (two per step), on the tiny model.
 fn graph_checks(gpu: &CudaTransformer, prompt: &[u32], details: &mut Value) -> Vec<CheckResult> {
     let cfg = gpu.config().clone();
     let mut out = Vec::new();
     let was = gpu.graphs_enabled();
-    for &(batch, gen, block, k) in &[(1usize, 128usize, 32usize, 1usize), (3, 64, 32, 2)] {
-        let name = format!("model.graph replay == eager b{batch} k{k}");
+    for &(batch, gen, block, k, dual) in &[
+        (1usize, 128usize, 32usize, 1usize, true),
+        (3, 64, 32, 2, true),
+        (2, 64, 32, 2, false),
+    ] {
+        let mode = if dual { "" } else { " no cache" };
+        let name = format!("model.graph replay == eager b{batch} k{k}{mode}");
         let r = (|| -> Result<(f64, String)> {
             let mut canv = Vec::new();
             for b in 0..batch {
@@ -521,16 +527,19 @@ fn graph_checks(gpu: &CudaTransformer, prompt: &[u32], details: &mut Value) -> V
                 canv.extend(c);
             }
             gpu.set_graphs(false);
-            let eager = engine_schedule(gpu, &canv, batch, prompt.len(), gen, block, k, true)?;
+            let eager = engine_schedule(gpu, &canv, batch, prompt.len(), gen, block, k, dual)?;
             gpu.set_graphs(true);
-            let graphed = engine_schedule(gpu, &canv, batch, prompt.len(), gen, block, k, true)?;
+            let graphed = engine_schedule(gpu, &canv, batch, prompt.len(), gen, block, k, dual)?;
             let graphs = gpu.graph_count();
             // A second graphed run replays every captured step.
-            let replayed = engine_schedule(gpu, &canv, batch, prompt.len(), gen, block, k, true)?;
+            let replayed = engine_schedule(gpu, &canv, batch, prompt.len(), gen, block, k, dual)?;
             let masks = graphed.iter().filter(|&&t| t == cfg.mask_token_id).count();
             let same = same_count(&eager, &graphed);
             let same2 = same_count(&eager, &replayed);
-            details[format!("graph_b{batch}_k{k}_count")] = json!(graphs);
+            details[format!(
+                "graph_b{batch}_k{k}{}_count",
+                if dual { "" } else { "_none" }
+            )] = json!(graphs);
             let err = gpu.graph_error();
             let ok = same == eager.len()
                 && same2 == eager.len()

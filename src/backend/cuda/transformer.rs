@@ -27,14 +27,15 @@
 //! other forward, and every captured graph, attends as before.
 //!
 //! CUDA graphs: the steady-state dual-cache block step ([`CudaTransformer::step`] with `use_cache`:
-//! every layer over the block rows, `ln_f` + LM head on them, sampling and commit) is captured
-//! once per (batch, canvas length, block start, block length, k) and replayed afterwards, when
-//! the prediction rule does not depend on the step index (temperature 0, low-confidence
-//! remasking: the greedy default). A graph bakes in buffer addresses, so each (batch, canvas
-//! length, block length) shape owns its own GEMM and sampler instances (their split-K / partial
-//! scratch is sized by one eager warm-up step of that shape and never grows afterwards), the
-//! graphs live in the step buffers' [`State`] and die with them, and the query rows are uploaded
-//! before the replay. `DLLM_CUDA_GRAPH=0` (or [`CudaTransformer::set_graphs`]) runs every step eagerly.
+//! every layer over the block rows, `ln_f` + LM head on them, sampling and commit) and the
+//! no-cache step (the same over a full forward) are captured once per (kind, batch, canvas
+//! length, block start, forward rows, k) and replayed afterwards, when the prediction rule does
+//! not depend on the step index (temperature 0, low-confidence remasking: the greedy default).
+//! The dual cache's refresh (a full forward that stores the K/V) runs once per block, so it
+//! stays eager. A graph bakes in buffer addresses, so each (batch, canvas length, forward rows)
+//! shape owns its own GEMM and sampler instances (their split-K / partial scratch is sized by
+//! one eager warm-up step of that shape and never grows afterwards), the graphs live in the step
+//! buffers' [`State`] and die with them, and the query rows are uploaded before the replay. `DLLM_CUDA_GRAPH=0` (or [`CudaTransformer::set_graphs`]) runs every step eagerly.
 //!
 //! Setting `DLLM_CUDA_SAFE=1` runs the reference (naive) GEMM and attention kernels instead of
 //! the fast ones, so a wrong fast kernel can be told apart from a wrong model.
@@ -121,16 +122,26 @@ impl Kit {
     }
 }
 
-/// Graph-cache key of a block step within one shape.
+/// What a graphed step runs before its head: a block forward against the K/V cache, or a full
+/// forward (storing the K/V for later block steps or not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum StepKind {
+    Block,
+    Full { store_cache: bool },
+}
+
+/// Graph-cache key of a step within one shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct StepKey {
+    kind: StepKind,
     start: usize,
     k: usize,
     mask_token: u32,
     vocab_size: usize,
 }
 
-/// Shape of a block step: (batch, canvas length, block length).
+/// Shape of a step: (batch, canvas length, rows of its forward: the block's, or the canvas
+/// length for a full forward).
 type ShapeKey = (usize, usize, usize);
 
 /// A captured, instantiated block step.
@@ -1121,8 +1132,9 @@ impl CudaTransformer {
 
     /// One denoising step over block `span` of every canvas: a full forward (refreshing the
     /// cache when `store_cache`) or, with `use_cache`, a block forward over `span` only; then
-    /// predict and commit `k` tokens per canvas. Asynchronous. A block step runs as a CUDA graph
-    /// when graphs are enabled and `rule` does not depend on the step index (module docs).
+    /// predict and commit `k` tokens per canvas. Asynchronous. The step runs as a CUDA graph
+    /// when graphs are enabled, `rule` does not depend on the step index and no op profile is
+    /// recording (module docs).
     pub fn step(
         &self,
         span: Range<usize>,
@@ -1131,10 +1143,22 @@ impl CudaTransformer {
         rule: &PredictRule,
         k: usize,
     ) -> Result<()> {
+        // A refresh (a full forward storing the cache) runs once per block: capturing it would
+        // cost more than replaying saves in one generation, so it stays eager.
+        let graphable = use_cache || !store_cache;
+        if graphable
+            && self.graphs_enabled()
+            && rule_is_step_free(rule)
+            && !self.profiler.recording()
+        {
+            let kind = if use_cache {
+                StepKind::Block
+            } else {
+                StepKind::Full { store_cache }
+            };
+            return self.step_graphed(span, kind, rule, k);
+        }
         if use_cache {
-            if self.graphs_enabled() && rule_is_step_free(rule) && !self.profiler.recording() {
-                return self.block_step_graphed(span, rule, k);
-            }
             let fwd = self.block_forward_range(&span);
             self.forward_block(fwd.start, fwd.len())?;
             self.predict_span(span.clone(), fwd.start, rule)?;
@@ -1145,40 +1169,61 @@ impl CudaTransformer {
         self.commit(k)
     }
 
-    /// Everything of a block step after the query rows are uploaded: layers, head, sampling,
-    /// commit, all launched with `kit` (no host synchronisation, no allocation once warm).
-    fn block_step_launches(
+    /// Everything of a step after the query rows are uploaded: layers, head, sampling, commit,
+    /// all launched with `kit` (no host synchronisation, no allocation once warm).
+    fn step_launches(
         &self,
         kit: &Kit,
         st: &mut State,
         span: &Range<usize>,
+        kind: StepKind,
         rule: &PredictRule,
         k: usize,
     ) -> Result<()> {
-        let fwd = self.block_forward_range(span);
-        self.layers(kit, st, fwd.start, fwd.len(), false, true)?;
+        match kind {
+            StepKind::Block => {
+                let fwd = self.block_forward_range(span);
+                self.layers(kit, st, fwd.start, fwd.len(), false, true)?;
+            }
+            StepKind::Full { store_cache } => {
+                let seq = st.seq;
+                self.layers(kit, st, 0, seq, true, store_cache)?;
+            }
+        }
         self.predict_queries(kit, st, rule)?;
         self.commit_locked(kit, st, k)
     }
 
-    /// The block step through the graph cache: the first step of a shape runs eagerly with the
-    /// shape's own kernel instances (sizing their scratch), the first step of each block start
-    /// and `k` is captured and launched, later ones are replayed.
-    fn block_step_graphed(&self, span: Range<usize>, rule: &PredictRule, k: usize) -> Result<()> {
+    /// A step through the graph cache: the first step of a shape runs eagerly with the shape's
+    /// own kernel instances (sizing their scratch), the first step of each (kind, block start,
+    /// `k`) is captured and launched, later ones are replayed.
+    fn step_graphed(
+        &self,
+        span: Range<usize>,
+        kind: StepKind,
+        rule: &PredictRule,
+        k: usize,
+    ) -> Result<()> {
         let mut g = self.lock();
         let st = g
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
-        let fwd = self.block_forward_range(&span);
-        let (start, len) = (span.start, fwd.len());
-        Self::check_block(st, fwd.start, len)?;
+        let fwd = match kind {
+            StepKind::Block => {
+                let fwd = self.block_forward_range(&span);
+                Self::check_block(st, fwd.start, fwd.len())?;
+                fwd
+            }
+            StepKind::Full { .. } => 0..st.seq,
+        };
         // The query rows are device data the graph reads: upload them before the replay.
-        st.fwd_len = len;
+        st.fwd_len = fwd.len();
         let (idx, pos) = self.span_queries(st, &span, fwd.start)?;
         self.set_queries(st, idx, pos)?;
-        let shape: ShapeKey = (st.batch, st.seq, len);
+        let shape: ShapeKey = (st.batch, st.seq, fwd.len());
         let key = StepKey {
-            start,
+            kind,
+            start: span.start,
             k,
             mask_token: rule.mask_token,
             vocab_size: rule.vocab_size,
@@ -1191,30 +1236,39 @@ impl CudaTransformer {
                 graphs: HashMap::new(),
             }),
         };
-        let mut set = match loaded {
-            Ok(set) => set,
+        let ran = match loaded {
+            Ok(mut set) => match self.run_graph_set(&mut set, st, &span, rule, k, key) {
+                Ok(()) => {
+                    st.graph_sets.insert(shape, set);
+                    Ok(())
+                }
+                Err(GraphFail::Step(e)) => {
+                    st.graph_sets.insert(shape, set);
+                    Err(e)
+                }
+                Err(GraphFail::Capture(e)) => {
+                    // Nothing of this step ran (a capture only records): turn graphs off for
+                    // this model, remember why, and run the step eagerly with the model's own
+                    // kernels.
+                    drop(set);
+                    self.graphs_failed(st, e.to_string());
+                    self.step_launches(&self.kit, st, &span, kind, rule, k)
+                }
+            },
             Err(e) => {
                 self.graphs_failed(st, format!("loading the graph kernels: {e}"));
-                return self.block_step_launches(&self.kit, st, &span, rule, k);
+                self.step_launches(&self.kit, st, &span, kind, rule, k)
             }
         };
-        match self.run_graph_set(&mut set, st, &span, rule, k, key) {
-            Ok(()) => {
-                st.graph_sets.insert(shape, set);
-                Ok(())
-            }
-            Err(GraphFail::Step(e)) => {
-                st.graph_sets.insert(shape, set);
-                Err(e)
-            }
-            Err(GraphFail::Capture(e)) => {
-                // Nothing of this step ran (a capture only records): turn graphs off for this
-                // model, remember why, and run the step eagerly with the model's own kernels.
-                drop(set);
-                self.graphs_failed(st, e.to_string());
-                self.block_step_launches(&self.kit, st, &span, rule, k)
+        ran?;
+        if let StepKind::Full { store_cache } = kind {
+            // As forward_full: the refreshed K/V belong to the device canvases.
+            st.cache_valid = store_cache || st.cache_valid;
+            if store_cache {
+                st.cache_owner = None;
             }
         }
+        Ok(())
     }
 
     /// Turns graphs off for this model after a failure that left nothing half-run.
@@ -1235,7 +1289,7 @@ impl CudaTransformer {
         key: StepKey,
     ) -> std::result::Result<(), GraphFail> {
         if !set.warmed {
-            self.block_step_launches(&set.kit, st, span, rule, k)
+            self.step_launches(&set.kit, st, span, key.kind, rule, k)
                 .map_err(GraphFail::Step)?;
             set.warmed = true;
             return Ok(());
@@ -1253,7 +1307,7 @@ impl CudaTransformer {
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| GraphFail::Capture(cuda_err("begin block-step capture", e)))?;
-        let launched = self.block_step_launches(&set.kit, st, span, rule, k);
+        let launched = self.step_launches(&set.kit, st, span, key.kind, rule, k);
         // Always end the capture, also when a launch failed, so the stream is usable again.
         let ended = stream.end_capture(CUgraphInstantiate_flags(0));
         launched
