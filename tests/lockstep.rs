@@ -8,7 +8,6 @@
 //! - sessions that do not start alike are refused before anything runs.
 
 use dllm::config::ModelConfig;
-use dllm::denoise::predict::{predict_rows, PredictRule, Prediction};
 use dllm::denoise::rng;
 use dllm::denoise::{run_lockstep, CacheMode, Decoding, GenerationParams, Session};
 use dllm::error::Result;
@@ -64,7 +63,8 @@ enum Twist {
     RotateRows,
 }
 
-/// The inner model with its logits twisted, through the cache as well.
+/// The inner model with its logits twisted, through the cache as well (the trait's
+/// `predict_cached` predicts on the twisted `logits_cached` rows).
 struct Twisted {
     inner: Arc<dyn Model>,
     twist: Twist,
@@ -117,24 +117,6 @@ impl Model for Twisted {
         let mut l = self.inner.logits_cached(ids, queries, cache, step)?;
         self.apply(&mut l, queries);
         Ok(l)
-    }
-    fn predict_cached(
-        &self,
-        ids: &[u32],
-        queries: &[usize],
-        rule: &PredictRule,
-        cache: &mut KvCache,
-        step: &CacheStep,
-    ) -> Result<Vec<Prediction>> {
-        let l = self.logits_cached(ids, queries, cache, step)?;
-        let rows: Vec<usize> = (0..queries.len()).collect();
-        Ok(predict_rows(
-            &l,
-            self.config().logits_width(),
-            &rows,
-            queries,
-            rule,
-        ))
     }
 }
 

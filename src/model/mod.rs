@@ -91,8 +91,9 @@ pub trait Model: Send + Sync {
         Ok(out)
     }
 
-    /// [`predict`](Self::predict) through the cache, as [`logits_cached`](Self::logits_cached).
-    /// The default ignores the cache and runs [`predict`](Self::predict).
+    /// [`predict`](Self::predict) through the cache: [`logits_cached`](Self::logits_cached), then
+    /// each query's row predicted on the host (with the default `logits_cached`, the full
+    /// forward's rows). Backends may override this to sample on the device.
     fn predict_cached(
         &self,
         ids: &[u32],
@@ -101,9 +102,17 @@ pub trait Model: Send + Sync {
         cache: &mut KvCache,
         step: &CacheStep,
     ) -> Result<Vec<Prediction>> {
-        let _ = (cache, step);
-        self.predict(ids, queries, rule)
+        let logits = self.logits_cached(ids, queries, cache, step)?;
+        let rows: Vec<usize> = (0..queries.len()).collect();
+        Ok(predict_rows(
+            &logits,
+            self.config().logits_width(),
+            &rows,
+            queries,
+            rule,
+        ))
     }
+
     /// [`predict`](Self::predict) for several canvases at once (a batch; canvases may differ in
     /// length). Backends may pack them into one forward (the CPU backend stacks the canvases'
     /// rows, the CUDA backend pads them to a common length; every weight is streamed once for

@@ -426,26 +426,6 @@ impl CpuTransformer {
         self.logits_of_rows(&hidden, &sources)
     }
 
-    /// [`CpuTransformer::predict`] through `cache`, as [`CpuTransformer::logits_cached`].
-    pub fn predict_cached(
-        &self,
-        ids: &[u32],
-        queries: &[usize],
-        rule: &PredictRule,
-        cache: &mut KvCache,
-        step: &CacheStep,
-    ) -> Result<Vec<Prediction>> {
-        let logits = self.logits_cached(ids, queries, cache, step)?;
-        let rows: Vec<usize> = (0..queries.len()).collect();
-        Ok(predict_rows(
-            &logits,
-            self.cfg.logits_width(),
-            &rows,
-            queries,
-            rule,
-        ))
-    }
-
     /// [`CpuTransformer::predict`] for several canvases in one packed forward: the canvases'
     /// rows are stacked so every linear layer streams its weights once for all of them, while
     /// positions and attention stay per canvas. Each item's predictions follow its own rule.
@@ -584,17 +564,6 @@ impl Model for CpuTransformer {
         CpuTransformer::logits_cached(self, ids, queries, cache, step)
     }
 
-    fn predict_cached(
-        &self,
-        ids: &[u32],
-        queries: &[usize],
-        rule: &PredictRule,
-        cache: &mut KvCache,
-        step: &CacheStep,
-    ) -> Result<Vec<Prediction>> {
-        CpuTransformer::predict_cached(self, ids, queries, rule, cache, step)
-    }
-
     fn predict_batch(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
         self.predict_packed(items)
     }
@@ -641,16 +610,6 @@ macro_rules! delegate_model {
                 step: &$crate::model::CacheStep,
             ) -> $crate::error::Result<Vec<f32>> {
                 self.0.logits_cached(ids, queries, cache, step)
-            }
-            fn predict_cached(
-                &self,
-                ids: &[u32],
-                queries: &[usize],
-                rule: &$crate::denoise::predict::PredictRule,
-                cache: &mut $crate::model::KvCache,
-                step: &$crate::model::CacheStep,
-            ) -> $crate::error::Result<Vec<$crate::denoise::predict::Prediction>> {
-                self.0.predict_cached(ids, queries, rule, cache, step)
             }
         }
 
