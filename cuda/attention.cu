@@ -12,6 +12,10 @@
 //   attention_mma_d64/128  flash-attention-2 style: a block of 4 warps owns 64 query rows of one head,
 //                          streams 64-key K/V tiles through shared memory (cp.async double buffer), computes
 //                          S = QK^T and O += PV with mma.sync m16n8k16 bf16 and an online softmax in fp32.
+//   attention_split_d*     the same with the key tiles split across blocks, merged through global memory.
+//   attention_keys_d*      few query rows (<= 32 per block) against a short key range: 8 warps, 2 row groups
+//                          x 4 key groups, each key group streaming every 4th key tile at once, the 4
+//                          partial softmaxes merged in shared memory (no global workspace).
 #include "common.cuh"
 
 typedef __nv_bfloat16 bf16;
@@ -125,14 +129,105 @@ __device__ __forceinline__ int attn_swz(int r, int c) {
 }
 
 // Copies `rows` rows (row stride `stride` elements) into a swizzled tile; rows >= valid are zero-filled.
+// Thread `tid` of the THREADS loading threads copies chunks tid, tid + THREADS, ...
 template <int D, int ROWS, int THREADS>
-__device__ __forceinline__ void attn_load_tile(bf16* tile, const bf16* src, long long stride, int valid) {
+__device__ __forceinline__ void attn_load_tile(bf16* tile, const bf16* src, long long stride, int valid,
+                                               int tid) {
     constexpr int CH = D / 8;
-    for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) {
+    for (int i = tid; i < ROWS * CH; i += THREADS) {
         const int r = i / CH, c = i % CH;
         const bool ok = r < valid;
         const bf16* g = ok ? src + (long long)r * stride + c * 8 : src;
         attn_cp_async16(tile + attn_swz<D>(r, c), g, ok);
+    }
+}
+
+// One warp's work on one 64-key tile in shared memory (tK, tV: [64][D], swizzled): S = Q K^T for its 16
+// query rows (qf: their A fragments), scaled into the log2 domain with keys >= kv_end masked, the online
+// softmax update of the running maxima m0/m1 and per-thread row sums l0/l1 of rows g and g + 8, and O += P V.
+template <int D>
+__device__ __forceinline__ void attn_warp_tile(const unsigned (&qf)[D / 16][4], const bf16* tK, const bf16* tV,
+                                               int key0, int kv_end, float scale_log2, float (&o)[D / 8][4],
+                                               float& m0, float& m1, float& l0, float& l1, int lane) {
+    constexpr int KD = D / 16, ND = D / 8, BN = 64;
+    const int t = lane & 3;
+    // S = Q K^T: 16 rows x 64 keys per warp = 8 n-tiles.
+    float s[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            const int r = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+            const int c = kk * 2 + ((lane >> 3) & 1);
+            unsigned b0, b1, b2, b3;
+            attn_ldsm_x4(b0, b1, b2, b3, tK + attn_swz<D>(r, c));
+            attn_mma(s[2 * np], qf[kk], b0, b1);
+            attn_mma(s[2 * np + 1], qf[kk], b2, b3);
+        }
+    }
+
+    // Scale into the log2 domain, mask keys past the end, online softmax.
+    const bool tail = key0 + BN > kv_end;
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float x = s[nt][e] * scale_log2;
+            if (tail && key0 + nt * 8 + 2 * t + (e & 1) >= kv_end) x = -INFINITY;
+            s[nt][e] = x;
+        }
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float nm0 = fmaxf(m0, mx0), nm1 = fmaxf(m1, mx1);
+    const float base0 = nm0 == -INFINITY ? 0.f : nm0;
+    const float base1 = nm1 == -INFINITY ? 0.f : nm1;
+    const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);
+    m0 = nm0;
+    m1 = nm1;
+    l0 *= alpha0;
+    l1 *= alpha1;
+#pragma unroll
+    for (int i = 0; i < ND; ++i) {
+        o[i][0] *= alpha0;
+        o[i][1] *= alpha0;
+        o[i][2] *= alpha1;
+        o[i][3] *= alpha1;
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        s[nt][0] = exp2f(s[nt][0] - base0);
+        s[nt][1] = exp2f(s[nt][1] - base0);
+        s[nt][2] = exp2f(s[nt][2] - base1);
+        s[nt][3] = exp2f(s[nt][3] - base1);
+        l0 += s[nt][0] + s[nt][1];
+        l1 += s[nt][2] + s[nt][3];
+    }
+
+    // O += P V: 4 k-steps of 16 keys, ND n-tiles of 8 head dims.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        unsigned a[4];
+        a[0] = attn_pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        a[1] = attn_pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        a[2] = attn_pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[3] = attn_pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int np = 0; np < ND / 2; ++np) {
+            const int r = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+            const int c = np * 2 + (lane >> 4);
+            unsigned b0, b1, b2, b3;
+            attn_ldsm_x4_t(b0, b1, b2, b3, tV + attn_swz<D>(r, c));
+            attn_mma(o[2 * np], a, b0, b1);
+            attn_mma(o[2 * np + 1], a, b2, b3);
+        }
     }
 }
 
@@ -185,11 +280,11 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
     const bf16* kb = k + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
     const bf16* vb = v + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
 
-    attn_load_tile<D, BM, THREADS>(sQ, qb, q_stride, sq - q0);
+    attn_load_tile<D, BM, THREADS>(sQ, qb, q_stride, sq - q0, tid);
     if (j1 > j0) {
         const long long off = (long long)j0 * BN * kv_stride;
-        attn_load_tile<D, BN, THREADS>(sK, kb + off, kv_stride, kv_end - j0 * BN);
-        attn_load_tile<D, BN, THREADS>(sV, vb + off, kv_stride, kv_end - j0 * BN);
+        attn_load_tile<D, BN, THREADS>(sK, kb + off, kv_stride, kv_end - j0 * BN, tid);
+        attn_load_tile<D, BN, THREADS>(sV, vb + off, kv_stride, kv_end - j0 * BN, tid);
     }
     attn_cp_commit();
 
@@ -209,8 +304,8 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
         if (j + 1 < j1) {
             const int nb = (j + 1 - j0) & 1;
             const long long off = (long long)(j + 1) * BN * kv_stride;
-            attn_load_tile<D, BN, THREADS>(sK + nb * BN * D, kb + off, kv_stride, kv_end - (j + 1) * BN);
-            attn_load_tile<D, BN, THREADS>(sV + nb * BN * D, vb + off, kv_stride, kv_end - (j + 1) * BN);
+            attn_load_tile<D, BN, THREADS>(sK + nb * BN * D, kb + off, kv_stride, kv_end - (j + 1) * BN, tid);
+            attn_load_tile<D, BN, THREADS>(sV + nb * BN * D, vb + off, kv_stride, kv_end - (j + 1) * BN, tid);
         }
         attn_cp_commit();
         attn_cp_wait<1>();
@@ -225,85 +320,7 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
         const bf16* tK = sK + buf * BN * D;
         const bf16* tV = sV + buf * BN * D;
 
-        // S = Q K^T: 16 rows x 64 keys per warp = 8 n-tiles.
-        float s[8][4];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk) {
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                const int r = np * 16 + (lane & 7) + ((lane >> 4) << 3);
-                const int c = kk * 2 + ((lane >> 3) & 1);
-                unsigned b0, b1, b2, b3;
-                attn_ldsm_x4(b0, b1, b2, b3, tK + attn_swz<D>(r, c));
-                attn_mma(s[2 * np], qf[kk], b0, b1);
-                attn_mma(s[2 * np + 1], qf[kk], b2, b3);
-            }
-        }
-
-        // Scale into the log2 domain, mask keys past the end, online softmax.
-        const int key0 = j * BN;
-        const bool tail = key0 + BN > kv_end;
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = s[nt][e] * scale_log2;
-                if (tail && key0 + nt * 8 + 2 * t + (e & 1) >= kv_end) x = -INFINITY;
-                s[nt][e] = x;
-            }
-            mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float nm0 = fmaxf(m0, mx0), nm1 = fmaxf(m1, mx1);
-        const float base0 = nm0 == -INFINITY ? 0.f : nm0;
-        const float base1 = nm1 == -INFINITY ? 0.f : nm1;
-        const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);
-        m0 = nm0;
-        m1 = nm1;
-        l0 *= alpha0;
-        l1 *= alpha1;
-#pragma unroll
-        for (int i = 0; i < ND; ++i) {
-            o[i][0] *= alpha0;
-            o[i][1] *= alpha0;
-            o[i][2] *= alpha1;
-            o[i][3] *= alpha1;
-        }
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            s[nt][0] = exp2f(s[nt][0] - base0);
-            s[nt][1] = exp2f(s[nt][1] - base0);
-            s[nt][2] = exp2f(s[nt][2] - base1);
-            s[nt][3] = exp2f(s[nt][3] - base1);
-            l0 += s[nt][0] + s[nt][1];
-            l1 += s[nt][2] + s[nt][3];
-        }
-
-        // O += P V: 4 k-steps of 16 keys, ND n-tiles of 8 head dims.
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            unsigned a[4];
-            a[0] = attn_pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = attn_pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = attn_pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = attn_pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int np = 0; np < ND / 2; ++np) {
-                const int r = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                const int c = np * 2 + (lane >> 4);
-                unsigned b0, b1, b2, b3;
-                attn_ldsm_x4_t(b0, b1, b2, b3, tV + attn_swz<D>(r, c));
-                attn_mma(o[2 * np], a, b0, b1);
-                attn_mma(o[2 * np + 1], a, b2, b3);
-            }
-        }
+        attn_warp_tile<D>(qf, tK, tV, j * BN, kv_end, scale_log2, o, m0, m1, l0, l1, lane);
         __syncthreads();  // the next iteration overwrites the other buffer pair
     }
 
@@ -407,3 +424,163 @@ DLLM_ATTN_MMA(128)
     }
 DLLM_ATTN_SPLIT(64)
 DLLM_ATTN_SPLIT(128)
+
+// ---------------------------------------------------------------------------------------------------------------
+// Key-group kernel for few query rows against a short key range (the batch-1 dual-cache block step: 32 queries
+// x 384 keys per head gives 32 blocks that each walk 6 key tiles one after the other in the plain kernel).
+// A block owns ATTN_KEYS_ROWS = 32 query rows of one head: 8 warps = 2 row groups (16 rows each) x
+// ATTN_KEY_GROUPS = 4 key groups. Key group kg streams tiles kg, kg + 4, kg + 8, ... through its own shared K/V
+// tile (its two warps load it, synchronised by a named barrier), so 4 tiles are in flight per block instead of
+// one; afterwards the 4 partial softmaxes of each row group are merged in shared memory in key-group order
+// (deterministic), and the key-group-0 warps write the output.
+#define ATTN_KEY_GROUPS 4
+#define ATTN_KEYS_ROWS 32
+
+template <int D>
+struct AttnKeysCfg {
+    static constexpr int WARPS = 2 * ATTN_KEY_GROUPS, THREADS = WARPS * 32, BN = 64;
+    static constexpr int Q_ELEMS = ATTN_KEYS_ROWS * D;
+    static constexpr int GROUP_ELEMS = 2 * BN * D;  // K tile then V tile
+    static constexpr int SMEM_BYTES = (Q_ELEMS + ATTN_KEY_GROUPS * GROUP_ELEMS) * 2;
+    // The merge reuses the K/V tiles: per warp ND float4 per lane of output partials, then (m0, m1, l0, l1).
+    static constexpr int MERGE_BYTES = WARPS * ((D / 8) + 1) * 32 * 16;
+    static_assert(MERGE_BYTES <= ATTN_KEY_GROUPS * GROUP_ELEMS * 2, "merge buffer exceeds the K/V tiles");
+};
+
+// Named barrier `id` (1..4) over the 64 threads of one key group.
+__device__ __forceinline__ void attn_group_sync(int id) { asm volatile("bar.sync %0, 64;\n" ::"r"(id) : "memory"); }
+
+template <int D>
+__device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                                    const bf16* __restrict__ v, bf16* __restrict__ out,
+                                                    const int* __restrict__ kv_len, int sq, int skv, int n_heads,
+                                                    int n_kv_heads, long long q_stride, long long o_stride,
+                                                    long long kv_stride, long long kv_batch_stride,
+                                                    float scale_log2) {
+    using Cfg = AttnKeysCfg<D>;
+    constexpr int BN = Cfg::BN, KD = D / 16, ND = D / 8, KG = ATTN_KEY_GROUPS;
+    extern __shared__ __align__(128) unsigned char attn_smem[];
+    bf16* sQ = reinterpret_cast<bf16*>(attn_smem);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int rg = warp & 1, kg = warp >> 1;  // row group, key group
+    bf16* tK = sQ + Cfg::Q_ELEMS + kg * Cfg::GROUP_ELEMS;
+    bf16* tV = tK + BN * D;
+    const int q0 = blockIdx.x * ATTN_KEYS_ROWS, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (n_heads / n_kv_heads);
+    int kv_end = skv;
+    if (kv_len != nullptr) kv_end = min(skv, max(kv_len[b], 0));
+    const int n_tiles = (kv_end + BN - 1) / BN;
+
+    const bf16* qb = q + ((long long)b * sq + q0) * q_stride + (long long)h * D;
+    const bf16* kb = k + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
+    const bf16* vb = v + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
+    const int gtid = rg * 32 + lane;  // this thread's index among its key group's 64 loaders
+
+    // Q (all threads) and each group's first tile, then everything waited for by everyone.
+    attn_load_tile<D, ATTN_KEYS_ROWS, Cfg::THREADS>(sQ, qb, q_stride, sq - q0, tid);
+    int j = kg;
+    if (j < n_tiles) {
+        const long long off = (long long)j * BN * kv_stride;
+        attn_load_tile<D, BN, 64>(tK, kb + off, kv_stride, kv_end - j * BN, gtid);
+        attn_load_tile<D, BN, 64>(tV, vb + off, kv_stride, kv_end - j * BN, gtid);
+    }
+    attn_cp_commit();
+    attn_cp_wait<0>();
+    __syncthreads();
+
+    unsigned qf[KD][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+        const int r = rg * 16 + (lane & 15), c = kk * 2 + (lane >> 4);
+        attn_ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sQ + attn_swz<D>(r, c));
+    }
+    float o[ND][4];
+#pragma unroll
+    for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+    for (; j < n_tiles; j += KG) {
+        attn_warp_tile<D>(qf, tK, tV, j * BN, kv_end, scale_log2, o, m0, m1, l0, l1, lane);
+        if (j + KG < n_tiles) {
+            attn_group_sync(1 + kg);  // both warps of the group are done with the tile
+            const long long off = (long long)(j + KG) * BN * kv_stride;
+            attn_load_tile<D, BN, 64>(tK, kb + off, kv_stride, kv_end - (j + KG) * BN, gtid);
+            attn_load_tile<D, BN, 64>(tV, vb + off, kv_stride, kv_end - (j + KG) * BN, gtid);
+            attn_cp_commit();
+            attn_cp_wait<0>();
+            attn_group_sync(1 + kg);  // every loader's copies have landed
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+
+    // Merge: every warp parks its partial (lane-major float4s, conflict-free) in the K/V tiles.
+    __syncthreads();  // all groups are done reading their tiles
+    float4* part = reinterpret_cast<float4*>(sQ + Cfg::Q_ELEMS);
+    float4* ml = part + Cfg::WARPS * ND * 32;
+#pragma unroll
+    for (int i = 0; i < ND; ++i) part[(warp * ND + i) * 32 + lane] = make_float4(o[i][0], o[i][1], o[i][2], o[i][3]);
+    ml[warp * 32 + lane] = make_float4(m0, m1, l0, l1);
+    __syncthreads();
+    if (kg != 0) return;
+    // Key-group 0's warp of row group rg: the partials of warps rg, rg + 2, rg + 4, rg + 6 (key groups 0..3).
+    float gm0 = -INFINITY, gm1 = -INFINITY;
+#pragma unroll
+    for (int kq = 0; kq < KG; ++kq) {
+        const float4 x = ml[(2 * kq + rg) * 32 + lane];
+        gm0 = fmaxf(gm0, x.x);
+        gm1 = fmaxf(gm1, x.y);
+    }
+    const float gb0 = gm0 == -INFINITY ? 0.f : gm0;
+    const float gb1 = gm1 == -INFINITY ? 0.f : gm1;
+#pragma unroll
+    for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    l0 = 0.f;
+    l1 = 0.f;
+#pragma unroll
+    for (int kq = 0; kq < KG; ++kq) {
+        const int w = 2 * kq + rg;
+        const float4 x = ml[w * 32 + lane];
+        const float w0 = exp2f(x.x - gb0), w1 = exp2f(x.y - gb1);
+        l0 += x.z * w0;
+        l1 += x.w * w1;
+#pragma unroll
+        for (int i = 0; i < ND; ++i) {
+            const float4 p = part[(w * ND + i) * 32 + lane];
+            o[i][0] += p.x * w0;
+            o[i][1] += p.y * w0;
+            o[i][2] += p.z * w1;
+            o[i][3] += p.w * w1;
+        }
+    }
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const int r0 = q0 + rg * 16 + g, r1 = r0 + 8;
+    bf16* ob = out + (long long)b * sq * o_stride + (long long)h * D + 2 * t;
+#pragma unroll
+    for (int i = 0; i < ND; ++i) {
+        if (r0 < sq)
+            *reinterpret_cast<__nv_bfloat162*>(ob + (long long)r0 * o_stride + i * 8) =
+                __floats2bfloat162_rn(o[i][0] * inv0, o[i][1] * inv0);
+        if (r1 < sq)
+            *reinterpret_cast<__nv_bfloat162*>(ob + (long long)r1 * o_stride + i * 8) =
+                __floats2bfloat162_rn(o[i][2] * inv1, o[i][3] * inv1);
+    }
+}
+
+// grid (ceil(sq / 32), n_heads, batch), block 256, dynamic smem AttnKeysCfg<D>::SMEM_BYTES (136 KiB at D = 128).
+// Same argument list and requirements as attention_mma_d*.
+#define DLLM_ATTN_KEYS(D)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(2 * ATTN_KEY_GROUPS * 32) attention_keys_d##D(                   \
+        const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, bf16* __restrict__ out, \
+        const int* __restrict__ kv_len, int sq, int skv, int n_heads, int n_kv_heads, long long q_stride,          \
+        long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2) {                    \
+        dllm_pdl_entry();                                                                                          \
+        attention_keys_body<D>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride, o_stride, kv_stride, \
+                               kv_batch_stride, scale_log2);                                                       \
+    }
+DLLM_ATTN_KEYS(64)
+DLLM_ATTN_KEYS(128)

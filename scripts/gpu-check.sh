@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl shapes sanitize ncu benchexp summary
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys shapes sanitize ncu benchexp summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -15,6 +15,8 @@
 #   stream / tma  gemm + model checks (and the gemm benches) with that kernel asked for explicitly
 #   split         attention + model checks (and the attention benches) with split-KV on
 #   pdl           every check with programmatic dependent launch on (DLLM_PDL=1; benchpdl times it)
+#   keys          attention + model checks with the key-group attention on (DLLM_ATTN_KEYS=1, opt-in;
+#                 EXP_ENV="DLLM_ATTN_KEYS=1" benchexp times the workloads with it)
 #   shapes        `dllm-gpu-check --gemm-shape` on the real shapes, previous kernel vs new one
 #   sanitize      compute-sanitizer memcheck and racecheck on the GEMM self-test with each on
 #   ncu           Nsight Compute sections of previous vs new kernels on the real shapes
@@ -121,6 +123,9 @@ for s in $STAGES; do
     tma)
         stage tma "${T_TMA:-240}" env DLLM_GEMM_TMA=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_tma.json"
         ;;
+    keys)
+        stage keys "${T_KEYS:-180}" env DLLM_ATTN_KEYS=1 "$BIN/dllm-gpu-check" --model "$TINY" --only attention,model --json "$OUT/check_keys.json"
+        ;;
     pdl)
         stage pdl "${T_PDL:-240}" env DLLM_PDL=1 "$BIN/dllm-gpu-check" --model "$TINY" --json "$OUT/check_pdl.json"
         ;;
@@ -145,6 +150,10 @@ for s in $STAGES; do
             done
         done
         stage sanitize_SPLIT_memcheck "${T_SANITIZE:-150}" env DLLM_ATTN_SPLIT=1 "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 3 "$BIN/dllm-gpu-check" --only attention --no-bench
+        # The attention checks run the key-group kernel on every case (named barriers, a shared-memory merge).
+        for tool in memcheck racecheck synccheck; do
+            stage "sanitize_KEYS_$tool" "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --only attention --no-bench
+        done
         ;;
     ncu)
         # Default vs experimental kernel per shape; the last launches of each process are the
@@ -235,7 +244,8 @@ for name in peer_key:
 for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.skinny_v2")),
                            ("tma", "DLLM_GEMM_TMA", ("gemm.tma_vs", "gemm.wgmma_vs")),
                            ("split", "DLLM_ATTN_SPLIT", ("attention Split", "attention Mma b1 sq32", "attention Mma b8 sq32")),
-                           ("pdl", "DLLM_PDL", ("gemm.stream", "gemm.shape"))):
+                           ("pdl", "DLLM_PDL", ("gemm.stream", "gemm.shape")),
+                           ("keys", "DLLM_ATTN_KEYS", ("attention Keys", "attention Mma b1 sq32", "attention Mma b8 sq32"))):
     cs = load(f"check_{exp}.json")
     if "checks" not in cs:
         continue
@@ -261,7 +271,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl shapes sanitize ncu benchexp summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys shapes sanitize ncu benchexp summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

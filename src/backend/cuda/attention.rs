@@ -2,13 +2,16 @@
 //! strided Q/K/V/out so a fused QKV buffer or a K/V cache can be read in place), its self-check
 //! against the CPU reference [`crate::backend::cpu::attention`] and its benches.
 //!
-//! bf16 tensors are `u16` buffers holding bf16 bits. Three variants: [`AttnVariant::Mma`] (tensor
+//! bf16 tensors are `u16` buffers holding bf16 bits. Four variants: [`AttnVariant::Mma`] (tensor
 //! cores, head_dim 64 or 128, 16-byte aligned rows), [`AttnVariant::Split`] (the same kernel with
 //! the keys split across blocks and the partial softmaxes merged in the kernel, for few query
-//! rows against many keys: [`SplitPlan`]) and [`AttnVariant::Naive`] (fp32 reference, any
-//! head_dim). [`Attention::run`] uses the tensor-core kernel whenever the shape allows it, split
-//! when [`SplitPlan::new`] finds the grid too small to fill the GPU and the keys long enough
-//! (off with `DLLM_ATTN_SPLIT=0`).
+//! rows against many keys: [`SplitPlan`]), [`AttnVariant::Keys`] (32 query rows per block, the
+//! keys split among 4 warp groups of the block and merged in shared memory, for few query rows
+//! against a short key range) and [`AttnVariant::Naive`] (fp32 reference, any head_dim).
+//! [`Attention::run`] uses the tensor-core kernel whenever the shape allows it, split when
+//! [`SplitPlan::new`] finds the grid too small to fill the GPU and the keys long enough (off with
+//! `DLLM_ATTN_SPLIT=0`), else key groups where [`keys_suit`] says so and `DLLM_ATTN_KEYS=1`
+//! asks for it (opt-in until verified on a GPU).
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16};
 use super::launch::Launch;
@@ -29,8 +32,14 @@ const MMA_KEYS: usize = 64;
 /// Fewest key tiles a split of the split-KV kernel is given (below this the merge costs more
 /// than the parallelism gains: see [`SplitPlan::new`]).
 const SPLIT_MIN_TILES: usize = 4;
-/// Threads per block of both kernels.
+/// Threads per block of the tensor-core and split kernels.
 const THREADS: u32 = 128;
+/// Query rows per block of the key-group kernel (`ATTN_KEYS_ROWS`).
+const KEYS_ROWS: usize = 32;
+/// Key groups of the key-group kernel (`ATTN_KEY_GROUPS`); two warps each.
+const KEY_GROUPS: usize = 4;
+/// Threads per block of the key-group kernel.
+const KEYS_THREADS: u32 = (2 * KEY_GROUPS * 32) as u32;
 /// Launches per timed bench sample.
 const BENCH_REPS: usize = 10;
 /// Dynamic shared memory the naive kernel may use without an opt-in.
@@ -186,6 +195,31 @@ pub enum AttnVariant {
     /// [`AttnVariant::Mma`] with the key tiles split across blocks (flash-decoding), partial
     /// softmaxes merged by the last block of each (query tile, head, batch) in split order.
     Split,
+    /// 32 query rows per block; the block's 4 key groups (2 warps each) take every 4th key tile,
+    /// their partial softmaxes merged in shared memory in group order.
+    Keys,
+}
+
+/// Whether the key-group kernel may be used: only with `DLLM_ATTN_KEYS=1` (written in session 4
+/// without a GPU; its checks run in `dllm-gpu-check` whatever the variable says).
+pub fn keys_requested_by_env() -> bool {
+    std::env::var("DLLM_ATTN_KEYS").is_ok_and(|v| v.trim() == "1")
+}
+
+/// Whether a call suits the key-group kernel: the plain kernel's grid (one block per 64 query
+/// rows, head and batch element) would leave SMs idle and there are at least 2 key tiles to
+/// share among the groups. The batch-1 dual-cache block step of LLaDA-8B (32 queries × 32 heads
+/// against 384 keys) is such a call: 32 blocks each walking 6 key tiles in turn (16 µs per
+/// layer on an H200, most of it memory latency).
+pub fn keys_suit(shape: &AttnShape, num_sms: usize) -> bool {
+    let units = shape.sq.div_ceil(MMA_ROWS) * shape.n_heads * shape.batch;
+    units < num_sms && shape.skv.div_ceil(MMA_KEYS) >= 2
+}
+
+/// Dynamic shared memory of the key-group kernel: the 32 query rows, then a K and a V tile of
+/// 64 keys per key group (`AttnKeysCfg::SMEM_BYTES`; 136 KiB at head_dim 128).
+fn keys_smem_bytes(head_dim: usize) -> usize {
+    (KEYS_ROWS + KEY_GROUPS * 2 * MMA_KEYS) * head_dim * 2
 }
 
 /// Whether the split-KV kernel may be used: on unless `DLLM_ATTN_SPLIT=0` (verified on an H200
@@ -249,9 +283,13 @@ pub struct Attention {
     mma128_fn: CudaFunction,
     split64_fn: CudaFunction,
     split128_fn: CudaFunction,
+    keys64_fn: CudaFunction,
+    keys128_fn: CudaFunction,
     num_sms: usize,
     /// Whether `run` may split the keys (unless `DLLM_ATTN_SPLIT=0`).
     split_enabled: bool,
+    /// Whether `run` may use the key-group kernel (`DLLM_ATTN_KEYS=1`).
+    keys_enabled: bool,
     scratch: Mutex<ReductionScratch>,
 }
 
@@ -289,23 +327,28 @@ impl Attention {
             mma128_fn: f("attention_mma_d128")?,
             split64_fn: f("attention_split_d64")?,
             split128_fn: f("attention_split_d128")?,
+            keys64_fn: f("attention_keys_d64")?,
+            keys128_fn: f("attention_keys_d128")?,
             num_sms,
             split_enabled,
+            keys_enabled: keys_requested_by_env(),
             scratch: Mutex::new(scratch),
         };
-        for (func, hd) in [
-            (&a.mma64_fn, 64),
-            (&a.mma128_fn, 128),
-            (&a.split64_fn, 64),
-            (&a.split128_fn, 128),
+        for (func, name, hd, smem) in [
+            (&a.mma64_fn, "mma", 64, mma_smem_bytes(64)),
+            (&a.mma128_fn, "mma", 128, mma_smem_bytes(128)),
+            (&a.split64_fn, "split", 64, mma_smem_bytes(64)),
+            (&a.split128_fn, "split", 128, mma_smem_bytes(128)),
+            (&a.keys64_fn, "keys", 64, keys_smem_bytes(64)),
+            (&a.keys128_fn, "keys", 128, keys_smem_bytes(128)),
         ] {
             func.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                mma_smem_bytes(hd) as i32,
+                smem as i32,
             )
             .map_err(|e| {
                 cuda_err(
-                    &format!("attention_mma_d{hd}: set max dynamic shared memory"),
+                    &format!("attention_{name}_d{hd}: set max dynamic shared memory"),
                     e,
                 )
             })?;
@@ -355,6 +398,8 @@ impl Attention {
             AttnVariant::Naive
         } else if self.split_enabled && SplitPlan::new(shape, self.num_sms).is_some() {
             AttnVariant::Split
+        } else if self.keys_enabled && keys_suit(shape, self.num_sms) {
+            AttnVariant::Keys
         } else {
             AttnVariant::Mma
         };
@@ -376,6 +421,11 @@ impl Attention {
     /// Whether `run` splits the keys of small grids (unless `DLLM_ATTN_SPLIT=0`).
     pub fn split_enabled(&self) -> bool {
         self.split_enabled
+    }
+
+    /// Whether `run` uses the key-group kernel where [`keys_suit`] (`DLLM_ATTN_KEYS=1`).
+    pub fn keys_enabled(&self) -> bool {
+        self.keys_enabled
     }
 
     /// Multiprocessors of the device (what [`SplitPlan::new`] fills).
@@ -465,7 +515,7 @@ impl Attention {
         let kvs = shape.kv_stride() as i64;
         let kvb = shape.kv_batch_stride() as i64;
         match variant {
-            AttnVariant::Mma | AttnVariant::Split => {
+            AttnVariant::Mma | AttnVariant::Split | AttnVariant::Keys => {
                 if !self.mma_supported(q, k, v, out, shape) {
                     return Err(Error::invalid(format!(
                         "attention: the tensor-core kernels need head_dim 64 or 128, strides that are multiples of 8 and 16-byte aligned buffers ({shape:?})"
@@ -478,14 +528,18 @@ impl Attention {
                     }
                     _ => None,
                 };
-                let func = match (split.is_some(), shape.head_dim) {
-                    (false, 64) => &self.mma64_fn,
-                    (false, _) => &self.mma128_fn,
-                    (true, 64) => &self.split64_fn,
-                    (true, _) => &self.split128_fn,
+                let keys = variant == AttnVariant::Keys;
+                let func = match (keys, split.is_some(), shape.head_dim) {
+                    (true, _, 64) => &self.keys64_fn,
+                    (true, _, _) => &self.keys128_fn,
+                    (false, false, 64) => &self.mma64_fn,
+                    (false, false, _) => &self.mma128_fn,
+                    (false, true, 64) => &self.split64_fn,
+                    (false, true, _) => &self.split128_fn,
                 };
                 let splits = split.map_or(1, |p| p.splits);
-                let grid_x = shape.sq.div_ceil(MMA_ROWS) * splits;
+                let rows_per_block = if keys { KEYS_ROWS } else { MMA_ROWS };
+                let grid_x = shape.sq.div_ceil(rows_per_block) * splits;
                 if grid_x > u32::MAX as usize
                     || split.is_some_and(|p| p.tiles_per_split > i32::MAX as usize)
                 {
@@ -496,8 +550,12 @@ impl Attention {
                 let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
                 let cfg = LaunchConfig {
                     grid_dim: (grid_x as u32, shape.n_heads as u32, shape.batch as u32),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: mma_smem_bytes(shape.head_dim) as u32,
+                    block_dim: (if keys { KEYS_THREADS } else { THREADS }, 1, 1),
+                    shared_mem_bytes: if keys {
+                        keys_smem_bytes(shape.head_dim)
+                    } else {
+                        mma_smem_bytes(shape.head_dim)
+                    } as u32,
                 };
                 let mut scratch = match split {
                     Some(p) => Some(self.split_scratch(&p, shape.head_dim)?),
@@ -523,15 +581,17 @@ impl Attention {
                     let ReductionScratch { ws, counters, .. } = &mut **sc;
                     b.arg(ws).arg(counters).arg(&tps);
                 }
-                // SAFETY: argument order and types match `attention_mma_d{64,128}` (plus ws,
-                // counters, tiles_per_split for `attention_split_d{64,128}`); the buffer lengths
-                // were checked against the shape above, the strides and alignment by
-                // `mma_supported`, and the grid covers exactly the (row tile [× split], head,
-                // batch) space (split: x = q tiles × plan.splits, the kernel's
+                // SAFETY: argument order and types match `attention_mma_d{64,128}` and
+                // `attention_keys_d{64,128}` (plus ws, counters, tiles_per_split for
+                // `attention_split_d{64,128}`); the buffer lengths were checked against the shape
+                // above, the strides and alignment by `mma_supported`, and the grid covers exactly
+                // the (row tile [× split], head, batch) space (row tiles of 64 rows, 32 for the
+                // key-group kernel; split: x = q tiles × plan.splits, the kernel's
                 // ceil(ceil(skv / 64) / tiles_per_split)). The split workspace holds
                 // units·splits·128·(hd/8·4 + 4) floats and the counters `units` zeroed entries
                 // (reset by the merging block), ordered on this stream.
-                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch attention_mma/split", e))?;
+                unsafe { b.launch(cfg) }
+                    .map_err(|e| cuda_err("launch attention_mma/split/keys", e))?;
             }
             AttnVariant::Naive => {
                 let smem = (shape.head_dim + shape.skv) * 4;
@@ -829,7 +889,12 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     for (i, c) in cases.iter().enumerate() {
         // Unless DLLM_ATTN_SPLIT=0 also the split kernel: its default plan (or one tile per block
         // where the default would not split) and, with 3+ key tiles, 2 tiles per block.
-        let mut hows = vec![(AttnVariant::Naive, None), (AttnVariant::Mma, None)];
+        // The key-group kernel on every case, whatever DLLM_ATTN_KEYS says.
+        let mut hows = vec![
+            (AttnVariant::Naive, None),
+            (AttnVariant::Mma, None),
+            (AttnVariant::Keys, None),
+        ];
         if attn.split_enabled() {
             hows.push((AttnVariant::Split, None));
             if c.skv.div_ceil(MMA_KEYS) >= 3 {
@@ -937,6 +1002,9 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
         (AttnVariant::Naive, 1, 384, 384),
         (AttnVariant::Naive, 1, 32, 384),
         (AttnVariant::Mma, 1, 32, 2048),
+        (AttnVariant::Keys, 1, 32, 384),
+        (AttnVariant::Keys, 8, 32, 384),
+        (AttnVariant::Keys, 1, 32, 2048),
     ]
     .into_iter()
     .chain(
@@ -975,12 +1043,14 @@ mod tests {
     /// with base 0 while it is -inf, sum `l`, unnormalised `o`), then the merge takes the largest
     /// `m`, rescales every partial by exp2(m_s − m) and divides. Must equal one softmax over all
     /// valid keys, for any split, including splits whose keys are all masked and rows with no
-    /// valid key (zeros).
+    /// valid key (zeros). The key-group kernel (`attention_keys_body`) runs the same arithmetic
+    /// with group `kg` of 4 taking tiles kg, kg + 4, …: checked here too, groups without a tile
+    /// included.
     #[test]
     fn split_softmax_merge_equals_one_softmax() {
-        let online = |scores: &[f32], vals: &[f32], valid: usize, tiles: std::ops::Range<usize>| {
+        let online = |scores: &[f32], vals: &[f32], valid: usize, tiles: &[usize]| {
             let (mut m, mut l, mut o) = (f32::NEG_INFINITY, 0f32, 0f32);
-            for j in tiles {
+            for &j in tiles {
                 let keys = j * 64..((j + 1) * 64).min(scores.len());
                 let xs: Vec<f32> = keys
                     .clone()
@@ -1048,18 +1118,48 @@ mod tests {
                     o / l
                 }
             };
-            for tps in 1..=tiles {
-                let parts: Vec<_> = (0..tiles.div_ceil(tps))
-                    .map(|s| online(&scores, &vals, valid, s * tps..((s + 1) * tps).min(tiles)))
-                    .collect();
-                let got = merge(&parts) as f64;
+            let check = |parts: &[(f32, f32, f32)], what: String| {
+                let got = merge(parts) as f64;
                 assert!(
                     (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                    "valid {valid}, {tps} tiles per split: {got} vs {want}"
+                    "valid {valid}, {what}: {got} vs {want}"
                 );
                 assert!(got.is_finite());
+            };
+            for tps in 1..=tiles {
+                let parts: Vec<_> = (0..tiles.div_ceil(tps))
+                    .map(|s| {
+                        let t: Vec<usize> = (s * tps..((s + 1) * tps).min(tiles)).collect();
+                        online(&scores, &vals, valid, &t)
+                    })
+                    .collect();
+                check(&parts, format!("{tps} tiles per split"));
+            }
+            for n_tiles in [tiles, 3, 1] {
+                let parts: Vec<_> = (0..KEY_GROUPS)
+                    .map(|kg| {
+                        let t: Vec<usize> = (kg..n_tiles).step_by(KEY_GROUPS).collect();
+                        online(&scores, &vals, valid.min(n_tiles * 64), &t)
+                    })
+                    .collect();
+                if valid <= n_tiles * 64 {
+                    check(&parts, format!("key groups over {n_tiles} tiles"));
+                }
             }
         }
+    }
+
+    #[test]
+    fn key_groups_serve_small_grids_with_several_key_tiles() {
+        // The b1 block step: 32 blocks for 132 SMs, 6 key tiles.
+        assert!(keys_suit(&AttnShape::dense(1, 32, 384, 32, 32, 128), 132));
+        // Batch 8 (256 blocks already), a full canvas (6 × 32 = 192), one key tile.
+        assert!(!keys_suit(&AttnShape::dense(8, 32, 384, 32, 32, 128), 132));
+        assert!(!keys_suit(&AttnShape::dense(1, 384, 384, 32, 32, 128), 132));
+        assert!(!keys_suit(&AttnShape::dense(1, 32, 64, 32, 32, 128), 132));
+        // The kernel's shared memory: 32 query rows + 4 × (K + V) tiles of 64 keys, bf16.
+        assert_eq!(keys_smem_bytes(128), (32 + 4 * 128) * 128 * 2);
+        assert!(keys_smem_bytes(128) <= 227 * 1024);
     }
 
     #[test]
