@@ -494,9 +494,10 @@ fn profile_cuda(
             &greedy_rule(&cfg, i),
             st.k,
         );
-        // Close the recording whatever the step did.
-        let times = model.profile_finish()?;
+        // Close the recording whatever the step did; the step's error comes first.
+        let times = model.profile_finish();
         stepped?;
+        let times = times?;
         let acc = if st.use_cache { &mut block } else { &mut full };
         accumulate(&mut acc.0, &times);
         acc.1 += 1;

@@ -32,6 +32,9 @@ struct Recording {
 #[derive(Default)]
 pub struct OpProfiler {
     on: AtomicBool,
+    /// A stream capture is in progress: marks are skipped (an event recorded into a capture
+    /// would not time anything and could not be queried).
+    capturing: AtomicBool,
     rec: Mutex<Option<Recording>>,
 }
 
@@ -52,10 +55,15 @@ impl OpProfiler {
         self.on.load(Ordering::Relaxed)
     }
 
+    /// Brackets a stream capture (marks are skipped inside it).
+    pub fn set_capturing(&self, on: bool) {
+        self.capturing.store(on, Ordering::Relaxed);
+    }
+
     /// Ends the operation `op` (everything launched since the previous mark); nothing when no
     /// recording is open.
     pub fn mark(&self, stream: &CudaStream, op: &'static str) -> Result<()> {
-        if !self.recording() {
+        if !self.recording() || self.capturing.load(Ordering::Relaxed) {
             return Ok(());
         }
         let ev = timed_event(stream)?;

@@ -134,7 +134,10 @@ enum StepKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct StepKey {
     kind: StepKind,
+    /// The predicted span (a full step's forward covers the whole canvas whatever the span, so
+    /// the span's end is part of the key: the graph bakes in the number of query rows).
     start: usize,
+    end: usize,
     k: usize,
     mask_token: u32,
     vocab_size: usize,
@@ -865,10 +868,7 @@ impl CudaTransformer {
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
         let seq = st.seq;
         self.layers(&self.kit, st, 0, seq, true, store_cache)?;
-        st.cache_valid = store_cache || st.cache_valid;
-        if store_cache {
-            st.cache_owner = None;
-        }
+        Self::full_forward_done(st, StepKind::Full { store_cache });
         Ok(())
     }
 
@@ -1214,7 +1214,20 @@ impl CudaTransformer {
                 Self::check_block(st, fwd.start, fwd.len())?;
                 fwd
             }
-            StepKind::Full { .. } => 0..st.seq,
+            StepKind::Full { .. } => {
+                if st.padded {
+                    // A padded batch (left by predict_batch) masks its padding keys through
+                    // per-canvas lengths, which graphs do not key on: run it eagerly.
+                    let seq = st.seq;
+                    st.fwd_len = seq;
+                    let (idx, pos) = self.span_queries(st, &span, 0)?;
+                    self.set_queries(st, idx, pos)?;
+                    self.step_launches(&self.kit, st, &span, kind, rule, k)?;
+                    Self::full_forward_done(st, kind);
+                    return Ok(());
+                }
+                0..st.seq
+            }
         };
         // The query rows are device data the graph reads: upload them before the replay.
         st.fwd_len = fwd.len();
@@ -1224,6 +1237,7 @@ impl CudaTransformer {
         let key = StepKey {
             kind,
             start: span.start,
+            end: span.end,
             k,
             mask_token: rule.mask_token,
             vocab_size: rule.vocab_size,
@@ -1261,14 +1275,19 @@ impl CudaTransformer {
             }
         };
         ran?;
+        Self::full_forward_done(st, kind);
+        Ok(())
+    }
+
+    /// The cache bookkeeping of [`CudaTransformer::forward_full`] after a full step of `kind`:
+    /// K/V stored by it belong to the device canvases.
+    fn full_forward_done(st: &mut State, kind: StepKind) {
         if let StepKind::Full { store_cache } = kind {
-            // As forward_full: the refreshed K/V belong to the device canvases.
             st.cache_valid = store_cache || st.cache_valid;
             if store_cache {
                 st.cache_owner = None;
             }
         }
-        Ok(())
     }
 
     /// Turns graphs off for this model after a failure that left nothing half-run.
@@ -1307,7 +1326,11 @@ impl CudaTransformer {
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| GraphFail::Capture(cuda_err("begin block-step capture", e)))?;
+        // No profiling event may land in the capture (a profile opened meanwhile by another
+        // thread skips this step's operations).
+        self.profiler.set_capturing(true);
         let launched = self.step_launches(&set.kit, st, span, key.kind, rule, k);
+        self.profiler.set_capturing(false);
         // Always end the capture, also when a launch failed, so the stream is usable again.
         let ended = stream.end_capture(CUgraphInstantiate_flags(0));
         launched
