@@ -103,6 +103,9 @@ for s in $STAGES; do
         bench bench_b1_dual_k4 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --profile
         bench bench_b8_dual_k4 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual --profile
         bench bench_b1_none_k1 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none --profile
+        # The Session path (what `dllm generate` runs) on the batch-1 workloads.
+        bench bench_b1_dual_k4_session 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --session
+        bench bench_b1_none_k1_session 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none --session
         [ "${NOGRAPH:-1}" = 1 ] || continue
         bench bench_b1_dual_k4_nograph 0 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
         bench bench_b8_dual_k4_nograph 0 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
@@ -220,7 +223,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -231,7 +234,7 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "PDL", "exp", "off2", "nostr"):
+    for other in ("off", "PDL", "exp", "off2", "nostr", "sess"):
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")

@@ -9,6 +9,12 @@
 //! only the block against the cache. One warm-up generation runs first; then the whole
 //! generation is timed with the device synchronised.
 //!
+//! `--session` times the same schedule through the [`Session`](crate::denoise::Session) API instead
+//! (what `dllm generate` runs: per step the canvas goes to the model and the predictions come
+//! back to the host, which commits), with `batch` sessions stepped together
+//! ([`run_batch`](crate::denoise::batch::run_batch)); on a random checkpoint the commit counts
+//! are the same, so the two numbers compare the paths.
+//!
 //! On CUDA the report also has the device's copy bandwidth (a 1 GiB device-to-device copy,
 //! counting bytes read + written) and the roofline fraction: the time the weights take to
 //! stream at that bandwidth divided by the measured time per step; whether the block steps ran
@@ -66,6 +72,9 @@ pub struct BenchOptions {
     /// After the timed run, one more untimed run with every operation timed by CUDA events
     /// ([`BenchReport::profile`]; CUDA only).
     pub profile: bool,
+    /// Time the [`Session`](crate::denoise::Session) path (`dllm generate`) instead of the
+    /// device-resident step API.
+    pub session: bool,
 }
 
 impl Default for BenchOptions {
@@ -82,6 +91,7 @@ impl Default for BenchOptions {
             backend: BenchBackend::Auto,
             seed: 0,
             profile: false,
+            session: false,
         }
     }
 }
@@ -277,6 +287,9 @@ fn greedy_rule(cfg: &ModelConfig, step: usize) -> PredictRule {
 /// Runs the bench described by `o`.
 pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     let steps = schedule(o)?;
+    if o.session {
+        return run_session(o, steps.len());
+    }
     let use_cuda = match o.backend {
         BenchBackend::Cpu => false,
         BenchBackend::Cuda => true,
@@ -324,6 +337,74 @@ fn report(
         block_step_ms: None,
         profile: None,
     }
+}
+
+/// `--session`: `batch` greedy sessions of the bench canvases with `gen_len / tokens_per_step`
+/// steps (the LLaDA schedule then commits exactly `tokens_per_step` per step), stepped together
+/// by [`run_batch`](crate::denoise::batch::run_batch); warm-up runs first, then one timed run.
+fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
+    use crate::denoise::{batch::run_batch, Decoding, GenerationParams, Session};
+    use crate::model::load::{load_model, Backend};
+    if o.profile {
+        return Err(Error::invalid(
+            "--profile times the device-resident step API: drop --session",
+        ));
+    }
+    let backend = match o.backend {
+        BenchBackend::Auto => Backend::Auto,
+        BenchBackend::Cpu => Backend::Cpu,
+        BenchBackend::Cuda => Backend::Cuda,
+    };
+    let t0 = Instant::now();
+    let model = load_model(&o.model_dir, backend)?.model;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let cfg = model.config().clone();
+    let init = canvases(o, &cfg);
+    let seq = o.seq_len();
+    let params = GenerationParams {
+        steps: n_steps,
+        block_len: o.block_len,
+        ..GenerationParams::default()
+    };
+    let decoding = Decoding {
+        cache: match o.cache {
+            CacheMode::None => crate::model::CacheMode::None,
+            CacheMode::Dual => crate::model::CacheMode::Dual,
+        },
+        ..Decoding::default()
+    };
+    let run = || -> Result<Vec<u32>> {
+        let mut sessions = init
+            .chunks(seq)
+            .map(|c| {
+                let mut s = Session::new(model.clone(), c.to_vec(), params.clone())?;
+                s.set_decoding(decoding.clone())?;
+                Ok(s)
+            })
+            .collect::<Result<Vec<Session>>>()?;
+        run_batch(&mut sessions)?;
+        Ok(sessions.iter().flat_map(|s| s.canvas().to_vec()).collect())
+    };
+    let t1 = Instant::now();
+    for _ in 0..o.warmup {
+        run()?;
+    }
+    let warmup_seconds = t1.elapsed().as_secs_f64();
+    let t2 = Instant::now();
+    let fin = run()?;
+    let secs = t2.elapsed().as_secs_f64();
+    let mut r = report(
+        o,
+        &format!("{} session", model.backend_name()),
+        "session path".into(),
+        n_steps,
+        secs,
+    );
+    r.load_seconds = load_seconds;
+    r.warmup_seconds = warmup_seconds;
+    r.masks_left = fin.iter().filter(|&&t| t == cfg.mask_token_id).count();
+    r.canvas_hash = canvas_hash(&fin);
+    Ok(r)
 }
 
 /// Loads the CPU model (any architecture) behind the [`Model`] trait.
@@ -682,6 +763,35 @@ mod tests {
         );
         assert_eq!((rows[1].share, rows[0].share), (0.25, 0.75));
         assert!(rows.iter().all(|r| r.step == "block"));
+    }
+
+    #[test]
+    fn session_bench_on_the_tiny_model_fills_every_mask_like_the_step_bench() {
+        let o = BenchOptions {
+            backend: BenchBackend::Cpu,
+            gen_len: 32,
+            prompt_len: 8,
+            block_len: 16,
+            tokens_per_step: 4,
+            batch: 2,
+            warmup: 0,
+            session: true,
+            ..BenchOptions::default()
+        };
+        let r = run_bench(&o).unwrap();
+        assert_eq!((r.masks_left, r.steps, r.batch), (0, 8, 2));
+        assert_eq!(r.backend, "cpu session");
+        // On the trained model the sessions commit by confidence like the step bench does.
+        let step = run_bench(&BenchOptions {
+            session: false,
+            ..o.clone()
+        })
+        .unwrap();
+        assert_eq!(step.canvas_hash, r.canvas_hash);
+        assert!(run_bench(&BenchOptions { profile: true, ..o })
+            .unwrap_err()
+            .to_string()
+            .contains("--session"));
     }
 
     #[test]

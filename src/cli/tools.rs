@@ -103,6 +103,10 @@ pub struct BenchArgs {
     /// LM head, sampling, commit), full-forward and block steps apart. CUDA only.
     #[arg(long)]
     pub profile: bool,
+    /// Time the Session path (what `dllm generate` runs: canvas to the model and predictions
+    /// back to the host every step) instead of the device-resident step API.
+    #[arg(long)]
+    pub session: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -132,6 +136,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             super::BackendChoice::Cuda => BenchBackend::Cuda,
         },
         profile: a.profile,
+        session: a.session,
         ..BenchOptions::default()
     };
     let r = run_bench(&opts)?;
