@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys shapes sanitize ncu benchexp summary
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys sessiongraphs shapes sanitize ncu benchexp summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -15,6 +15,8 @@
 #   stream / tma  gemm + model checks (and the gemm benches) with that kernel asked for explicitly
 #   split         attention + model checks (and the attention benches) with split-KV on
 #   pdl           every check with programmatic dependent launch on (DLLM_PDL=1; benchpdl times it)
+#   sessiongraphs the Session path's layers as CUDA graphs (DLLM_SESSION_GRAPHS=1, opt-in): model
+#                 checks and the b1 workloads through `dllm bench --session` with it
 #   keys          attention + model checks with the key-group attention on (DLLM_ATTN_KEYS=1, opt-in;
 #                 EXP_ENV="DLLM_ATTN_KEYS=1" benchexp times the workloads with it)
 #   shapes        `dllm-gpu-check --gemm-shape` on the real shapes, previous kernel vs new one
@@ -126,6 +128,13 @@ for s in $STAGES; do
     tma)
         stage tma "${T_TMA:-240}" env DLLM_GEMM_TMA=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_tma.json"
         ;;
+    sessiongraphs)
+        # The Session path's layers as CUDA graphs (DLLM_SESSION_GRAPHS=1, opt-in): checks, then
+        # the b1 workloads through the Session path with and without them.
+        stage sessiongraphs "${T_SGRAPH:-240}" env DLLM_SESSION_GRAPHS=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_sessiongraphs.json"
+        BENCH_ENV="DLLM_SESSION_GRAPHS=1" bench bench_b1_dual_k4_sessiongraphs 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --session
+        BENCH_ENV="DLLM_SESSION_GRAPHS=1" bench bench_b1_none_k1_sessiongraphs 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none --session
+        ;;
     keys)
         stage keys "${T_KEYS:-180}" env DLLM_ATTN_KEYS=1 "$BIN/dllm-gpu-check" --model "$TINY" --only attention,model --json "$OUT/check_keys.json"
         ;;
@@ -223,7 +232,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -234,7 +243,7 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "PDL", "exp", "off2", "nostr", "sess"):
+    for other in ("off", "PDL", "exp", "off2", "nostr", "sess", "sessg"):
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
@@ -248,7 +257,8 @@ for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.
                            ("tma", "DLLM_GEMM_TMA", ("gemm.tma_vs", "gemm.wgmma_vs")),
                            ("split", "DLLM_ATTN_SPLIT", ("attention Split", "attention Mma b1 sq32", "attention Mma b8 sq32")),
                            ("pdl", "DLLM_PDL", ("gemm.stream", "gemm.shape")),
-                           ("keys", "DLLM_ATTN_KEYS", ("attention Keys", "attention Mma b1 sq32", "attention Mma b8 sq32"))):
+                           ("keys", "DLLM_ATTN_KEYS", ("attention Keys", "attention Mma b1 sq32", "attention Mma b8 sq32")),
+                           ("sessiongraphs", "DLLM_SESSION_GRAPHS", ())):
     cs = load(f"check_{exp}.json")
     if "checks" not in cs:
         continue
@@ -274,7 +284,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys shapes sanitize ncu benchexp summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys sessiongraphs shapes sanitize ncu benchexp summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

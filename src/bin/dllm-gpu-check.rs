@@ -584,6 +584,43 @@ fn graph_checks(gpu: &CudaTransformer, prompt: &[u32], details: &mut Value) -> V
     out
 }
 
+/// With `DLLM_SESSION_GRAPHS=1`: the Session path's graphed layers must give the canvases of its
+/// eager path, bit for bit, without a cache and with the dual cache (a first graphed run
+/// captures, a second replays). Nothing is checked without the variable (the path is eager).
+fn session_graph_checks(gpu: &Arc<CudaTransformer>, prompt: &[u32]) -> Vec<CheckResult> {
+    if !dllm::backend::cuda::transformer::session_graphs_from_env() {
+        return Vec::new();
+    }
+    let was = gpu.graphs_enabled();
+    let mut out = Vec::new();
+    for (name, mode) in [("none", CacheMode::None), ("dual", CacheMode::Dual)] {
+        let label = format!("model.session graphs == eager {name}");
+        let r = (|| -> Result<(f64, String)> {
+            let model: Arc<dyn Model> = gpu.clone();
+            gpu.set_graphs(false);
+            let eager = generate_cached(model.clone(), prompt, 64, mode)?;
+            gpu.set_graphs(true);
+            let first = generate_cached(model.clone(), prompt, 64, mode)?;
+            let graphs = gpu.graph_count();
+            let second = generate_cached(model, prompt, 64, mode)?;
+            let (s1, s2) = (same_count(&eager, &first), same_count(&eager, &second));
+            let ok =
+                s1 == eager.len() && s2 == eager.len() && graphs > 0 && gpu.graph_error().is_none();
+            Ok((
+                if ok { 0.0 } else { f64::INFINITY },
+                format!(
+                    "{s1}/{n} then {s2}/{n} tokens identical; {graphs} graphs; capture error: {}",
+                    gpu.graph_error().as_deref().unwrap_or("none"),
+                    n = eager.len()
+                ),
+            ))
+        })();
+        out.push(CheckResult::from_result(label, 0.0, r));
+    }
+    gpu.set_graphs(was);
+    out
+}
+
 fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<CheckResult> {
     let mut out = Vec::new();
     let t0 = Instant::now();
@@ -738,6 +775,7 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
         eng,
     ));
     out.extend(graph_checks(&fast, &prompt, details));
+    out.extend(session_graph_checks(&fast, &prompt));
     out.extend(batch_checks(
         "model",
         BatchModels {

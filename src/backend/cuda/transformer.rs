@@ -85,6 +85,12 @@ pub fn graphs_from_env() -> bool {
     std::env::var("DLLM_CUDA_GRAPH").map_or(true, |v| v.trim() != "0")
 }
 
+/// Whether the Session path's forwards run their layers as CUDA graphs: only with
+/// `DLLM_SESSION_GRAPHS=1` (session 4, not yet run on a GPU; `dllm bench --session` times it).
+pub fn session_graphs_from_env() -> bool {
+    std::env::var("DLLM_SESSION_GRAPHS").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Which kernels the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelChoice {
@@ -130,10 +136,19 @@ enum StepKind {
     Full { store_cache: bool },
 }
 
+/// What a captured graph runs: a whole step, or only the layers of a forward (the Session path:
+/// `Model::predict` and the cached span forward, whose heads run eagerly over a varying number
+/// of query rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum GraphKind {
+    Step(StepKind),
+    Layers { full: bool, store_cache: bool },
+}
+
 /// Graph-cache key of a step within one shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct StepKey {
-    kind: StepKind,
+    kind: GraphKind,
     /// The predicted span (a full step's forward covers the whole canvas whatever the span, so
     /// the span's end is part of the key: the graph bakes in the number of query rows).
     start: usize,
@@ -158,8 +173,8 @@ unsafe impl Send for StepGraph {}
 /// Captured block steps of one shape, with the kernel instances they were captured with.
 struct GraphSet {
     kit: Kit,
-    /// Whether `kit` has run this shape eagerly once (its scratch is sized for it).
-    warmed: bool,
+    /// The kinds `kit` has run eagerly once at this shape (its scratch is sized for them).
+    warmed: std::collections::HashSet<GraphKind>,
     graphs: HashMap<StepKey, StepGraph>,
 }
 
@@ -247,6 +262,8 @@ pub struct CudaTransformer {
     state: Mutex<Option<State>>,
     /// Per-operation event timing of eager steps (`dllm bench --profile`).
     profiler: OpProfiler,
+    /// Graph the layers of the Session path's forwards ([`session_graphs_from_env`]).
+    session_graphs: bool,
 }
 
 fn alloc<T: DeviceRepr + ValidAsZeroBits>(
@@ -393,6 +410,7 @@ impl CudaTransformer {
             graphs: AtomicBool::new(graphs_from_env()),
             graph_error: Mutex::new(None),
             profiler: OpProfiler::default(),
+            session_graphs: session_graphs_from_env(),
             dev,
             cfg: cfg.clone(),
             kernels,
@@ -1235,23 +1253,41 @@ impl CudaTransformer {
         self.set_queries(st, idx, pos)?;
         let shape: ShapeKey = (st.batch, st.seq, fwd.len());
         let key = StepKey {
-            kind,
+            kind: GraphKind::Step(kind),
             start: span.start,
             end: span.end,
             k,
             mask_token: rule.mask_token,
             vocab_size: rule.vocab_size,
         };
+        self.graphed(st, shape, key, &|m, kit, st| {
+            m.step_launches(kit, st, &span, kind, rule, k)
+        })?;
+        Self::full_forward_done(st, kind);
+        Ok(())
+    }
+
+    /// `launch` through the graph cache of `shape` under `key`: the first run of a kind at a
+    /// shape is eager with the shape's own kernel instances (sizing their scratch), the first
+    /// run of each key is captured and launched, later ones are replayed. A failed capture turns
+    /// graphs off for the model and runs `launch` eagerly with the model's own kernels.
+    fn graphed(
+        &self,
+        st: &mut State,
+        shape: ShapeKey,
+        key: StepKey,
+        launch: &dyn Fn(&Self, &Kit, &mut State) -> Result<()>,
+    ) -> Result<()> {
         let loaded = match st.graph_sets.remove(&shape) {
             Some(set) => Ok(set),
             None => Kit::load(&self.dev).map(|kit| GraphSet {
                 kit,
-                warmed: false,
+                warmed: Default::default(),
                 graphs: HashMap::new(),
             }),
         };
-        let ran = match loaded {
-            Ok(mut set) => match self.run_graph_set(&mut set, st, &span, rule, k, key) {
+        match loaded {
+            Ok(mut set) => match self.run_graph_set(&mut set, st, key, launch) {
                 Ok(()) => {
                     st.graph_sets.insert(shape, set);
                     Ok(())
@@ -1266,16 +1302,49 @@ impl CudaTransformer {
                     // kernels.
                     drop(set);
                     self.graphs_failed(st, e.to_string());
-                    self.step_launches(&self.kit, st, &span, kind, rule, k)
+                    launch(self, &self.kit, st)
                 }
             },
             Err(e) => {
                 self.graphs_failed(st, format!("loading the graph kernels: {e}"));
-                self.step_launches(&self.kit, st, &span, kind, rule, k)
+                launch(self, &self.kit, st)
             }
+        }
+    }
+
+    /// The layers of a forward over rows `start..start + len` ([`CudaTransformer::layers`] with
+    /// the model's kernels), captured and replayed as a graph when `DLLM_SESSION_GRAPHS=1`
+    /// ([`session_graphs_from_env`]), graphs are on and no op profile is recording. The Session
+    /// path uses it for its no-cache and cached span forwards; its heads stay eager.
+    fn layers_maybe_graphed(
+        &self,
+        st: &mut State,
+        start: usize,
+        len: usize,
+        full: bool,
+        store_cache: bool,
+    ) -> Result<()> {
+        let graphable = self.session_graphs
+            && !st.padded
+            && self.graphs_enabled()
+            && !self.profiler.recording();
+        if !graphable {
+            return self.layers(&self.kit, st, start, len, full, store_cache);
+        }
+        let shape: ShapeKey = (st.batch, st.seq, len);
+        let key = StepKey {
+            kind: GraphKind::Layers { full, store_cache },
+            start,
+            end: start + len,
+            k: 0,
+            mask_token: 0,
+            vocab_size: 0,
         };
-        ran?;
-        Self::full_forward_done(st, kind);
+        self.graphed(st, shape, key, &|m, kit, st| {
+            m.layers(kit, st, start, len, full, store_cache)
+        })?;
+        // What `layers` records on the host (a replay does not run it).
+        st.fwd_len = len;
         Ok(())
     }
 
@@ -1297,20 +1366,16 @@ impl CudaTransformer {
         *self.graph_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn run_graph_set(
         &self,
         set: &mut GraphSet,
         st: &mut State,
-        span: &Range<usize>,
-        rule: &PredictRule,
-        k: usize,
         key: StepKey,
+        launch: &dyn Fn(&Self, &Kit, &mut State) -> Result<()>,
     ) -> std::result::Result<(), GraphFail> {
-        if !set.warmed {
-            self.step_launches(&set.kit, st, span, key.kind, rule, k)
-                .map_err(GraphFail::Step)?;
-            set.warmed = true;
+        if !set.warmed.contains(&key.kind) {
+            launch(self, &set.kit, st).map_err(GraphFail::Step)?;
+            set.warmed.insert(key.kind);
             return Ok(());
         }
         if let Some(graph) = set.graphs.get(&key) {
@@ -1329,7 +1394,7 @@ impl CudaTransformer {
         // No profiling event may land in the capture (a profile opened meanwhile by another
         // thread skips this step's operations).
         self.profiler.set_capturing(true);
-        let launched = self.step_launches(&set.kit, st, span, key.kind, rule, k);
+        let launched = launch(self, &set.kit, st);
         self.profiler.set_capturing(false);
         // Always end the capture, also when a launch failed, so the stream is usable again.
         let ended = stream.end_capture(CUgraphInstantiate_flags(0));
@@ -1435,7 +1500,7 @@ impl Model for CudaTransformer {
         if queries.is_empty() {
             return Ok(Vec::new());
         }
-        self.layers(&self.kit, st, 0, ids.len(), true, false)?;
+        self.layers_maybe_graphed(st, 0, ids.len(), true, false)?;
         let idx: Vec<i32> = queries
             .iter()
             .map(|&q| i32_of("query", self.source_position(q)))
@@ -1656,7 +1721,7 @@ impl CudaTransformer {
             Some(r) => {
                 let st = g.as_mut().expect("resident cache");
                 self.update_canvas_ids(st, ids)?;
-                self.layers(&self.kit, st, r.start, r.len(), false, true)?;
+                self.layers_maybe_graphed(st, r.start, r.len(), false, true)?;
                 r.start
             }
         };
