@@ -70,6 +70,9 @@ const UPLOAD_CHUNK: usize = 1 << 24;
 /// Most graphs kept per shape (block starts × k values); beyond it the set is cleared.
 const MAX_GRAPHS_PER_SHAPE: usize = 64;
 
+/// Most shapes with graph sets before the Session path's layers stop graphing new shapes.
+const MAX_LAYER_GRAPH_SHAPES: usize = 4;
+
 /// Most rows (canvases × padded length) one padded forward of
 /// [`Model::predict_batch`] covers; a larger batch is split into several padded forwards. At
 /// 4096 rows every GEMM of an 8B model is well past the weight-streaming regime, so more rows
@@ -1324,14 +1327,19 @@ impl CudaTransformer {
         full: bool,
         store_cache: bool,
     ) -> Result<()> {
+        let shape: ShapeKey = (st.batch, st.seq, len);
+        // Each new shape loads (and self-tests) its own kernel instances: a forward whose row
+        // count changes every block (the prefix cache's span) must not load one per block.
+        let shape_ok =
+            st.graph_sets.contains_key(&shape) || st.graph_sets.len() < MAX_LAYER_GRAPH_SHAPES;
         let graphable = self.session_graphs
+            && shape_ok
             && !st.padded
             && self.graphs_enabled()
             && !self.profiler.recording();
         if !graphable {
             return self.layers(&self.kit, st, start, len, full, store_cache);
         }
-        let shape: ShapeKey = (st.batch, st.seq, len);
         let key = StepKey {
             kind: GraphKind::Layers { full, store_cache },
             start,
