@@ -284,18 +284,22 @@ fn greedy_rule(cfg: &ModelConfig, step: usize) -> PredictRule {
     }
 }
 
+/// Whether the bench runs on CUDA: asked for, or `auto` with a device and compiled kernels.
+fn uses_cuda(o: &BenchOptions) -> bool {
+    match o.backend {
+        BenchBackend::Cpu => false,
+        BenchBackend::Cuda => true,
+        BenchBackend::Auto => crate::backend::cuda::unavailable_reason().is_none(),
+    }
+}
+
 /// Runs the bench described by `o`.
 pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     let steps = schedule(o)?;
     if o.session {
         return run_session(o, steps.len());
     }
-    let use_cuda = match o.backend {
-        BenchBackend::Cpu => false,
-        BenchBackend::Cuda => true,
-        BenchBackend::Auto => crate::backend::cuda::unavailable_reason().is_none(),
-    };
-    if use_cuda {
+    if uses_cuda(o) {
         run_cuda(o, &steps)
     } else {
         run_cpu(o, &steps)
@@ -340,23 +344,26 @@ fn report(
 }
 
 /// `--session`: `batch` greedy sessions of the bench canvases with `gen_len / tokens_per_step`
-/// steps (the LLaDA schedule then commits exactly `tokens_per_step` per step), stepped together
-/// by [`run_batch`](crate::denoise::batch::run_batch); warm-up runs first, then one timed run.
+/// steps (the LLaDA schedule then commits exactly `tokens_per_step` per step): one session runs
+/// alone ([`Session::run`](crate::denoise::Session::run), as `dllm generate` does), several are
+/// stepped together by [`run_batch`](crate::denoise::batch::run_batch) (as a batch file is).
+/// Warm-up runs first (their time is the report's `warmup_seconds`: a cold run, graph captures
+/// included), then one timed run.
 fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
     use crate::denoise::{batch::run_batch, Decoding, GenerationParams, Session};
-    use crate::model::load::{load_model, Backend};
     if o.profile {
         return Err(Error::invalid(
             "--profile times the device-resident step API: drop --session",
         ));
     }
-    let backend = match o.backend {
-        BenchBackend::Auto => Backend::Auto,
-        BenchBackend::Cpu => Backend::Cpu,
-        BenchBackend::Cuda => Backend::Cuda,
-    };
+    if o.batch > 1 && o.cache != CacheMode::None {
+        return Err(Error::invalid(
+            "--session with a cache runs one canvas (--batch 1): cached sessions step alone and \
+             share the device's one K/V cache, so a batch would refresh it at every step",
+        ));
+    }
     let t0 = Instant::now();
-    let model = load_model(&o.model_dir, backend)?.model;
+    let (model, cuda) = session_model(o)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let cfg = model.config().clone();
     let init = canvases(o, &cfg);
@@ -382,7 +389,12 @@ fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
                 Ok(s)
             })
             .collect::<Result<Vec<Session>>>()?;
-        run_batch(&mut sessions)?;
+        match sessions.as_mut_slice() {
+            [one] => one.run()?,
+            many => {
+                run_batch(many)?;
+            }
+        }
         Ok(sessions.iter().flat_map(|s| s.canvas().to_vec()).collect())
     };
     let t1 = Instant::now();
@@ -393,10 +405,13 @@ fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
     let t2 = Instant::now();
     let fin = run()?;
     let secs = t2.elapsed().as_secs_f64();
+    let device = cuda
+        .as_ref()
+        .map_or_else(|| "cpu".to_string(), |m| m.device().name.clone());
     let mut r = report(
         o,
         &format!("{} session", model.backend_name()),
-        "session path".into(),
+        device,
         n_steps,
         secs,
     );
@@ -404,7 +419,31 @@ fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
     r.warmup_seconds = warmup_seconds;
     r.masks_left = fin.iter().filter(|&&t| t == cfg.mask_token_id).count();
     r.canvas_hash = canvas_hash(&fin);
+    if let Some(m) = cuda {
+        r.graphs = Some(m.graphs_enabled());
+        r.graph_count = Some(m.graph_count());
+        r.graph_error = m.graph_error();
+    }
     Ok(r)
+}
+
+/// The model of a `--session` run behind the [`Model`] trait, and the CUDA model itself when the
+/// backend is CUDA (for the report's graph fields).
+#[allow(clippy::type_complexity)]
+fn session_model(
+    o: &BenchOptions,
+) -> Result<(
+    std::sync::Arc<dyn Model>,
+    Option<std::sync::Arc<crate::backend::cuda::transformer::CudaTransformer>>,
+)> {
+    if uses_cuda(o) {
+        let m = std::sync::Arc::new(crate::backend::cuda::transformer::CudaTransformer::load(
+            &o.model_dir,
+        )?);
+        Ok((m.clone(), Some(m)))
+    } else {
+        Ok((load_cpu_model(&o.model_dir)?, None))
+    }
 }
 
 /// Loads the CPU model (any architecture) behind the [`Model`] trait.
@@ -788,10 +827,32 @@ mod tests {
         })
         .unwrap();
         assert_eq!(step.canvas_hash, r.canvas_hash);
-        assert!(run_bench(&BenchOptions { profile: true, ..o })
-            .unwrap_err()
-            .to_string()
-            .contains("--session"));
+        assert!(run_bench(&BenchOptions {
+            profile: true,
+            ..o.clone()
+        })
+        .unwrap_err()
+        .to_string()
+        .contains("--session"));
+        // Cached sessions step alone on the one device cache: a batch is refused.
+        let e = run_bench(&BenchOptions {
+            cache: CacheMode::Dual,
+            ..o.clone()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--batch 1"), "{e}");
+        // One session runs alone (Session::run), with the same canvas as the step bench.
+        let one = BenchOptions { batch: 1, ..o };
+        assert_eq!(
+            run_bench(&one).unwrap().canvas_hash,
+            run_bench(&BenchOptions {
+                session: false,
+                ..one
+            })
+            .unwrap()
+            .canvas_hash
+        );
     }
 
     #[test]

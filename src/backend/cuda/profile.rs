@@ -39,8 +39,14 @@ pub struct OpProfiler {
 }
 
 impl OpProfiler {
-    /// Opens a recording at the current end of `stream` (a previous open one is dropped).
+    /// Opens a recording at the current end of `stream` (a previous open one is dropped);
+    /// refused while a graph capture is in progress on it.
     pub fn start(&self, stream: &CudaStream) -> Result<()> {
+        if self.capturing.load(Ordering::Relaxed) {
+            return Err(Error::State(
+                "op profile: a CUDA graph capture is in progress on the model's stream".into(),
+            ));
+        }
         let start = timed_event(stream)?;
         *self.lock() = Some(Recording {
             start,

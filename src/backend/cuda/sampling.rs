@@ -8,6 +8,7 @@
 
 use super::check::{self, BenchResult, CheckResult};
 use super::launch::Launch;
+use super::scratch::{grow_retaining, zeroed};
 use super::{cuda_err, CudaDevice};
 use crate::denoise::commit::{top_k, Candidate};
 use crate::denoise::predict::{predict_row, PredictRule, Remasking};
@@ -73,7 +74,9 @@ pub struct Sampler {
     partial_fn: CudaFunction,
     finalize_fn: CudaFunction,
     commit_fn: CudaFunction,
-    scratch: Mutex<Option<CudaSlice<u8>>>,
+    /// Partial records of `predict_partial`, with the buffers they replaced (grow-only, see
+    /// [`super::scratch`]).
+    scratch: Mutex<(CudaSlice<u8>, Vec<CudaSlice<u8>>)>,
 }
 
 fn need(what: &str, have: usize, want: usize) -> Result<()> {
@@ -144,7 +147,10 @@ impl Sampler {
             partial_fn: f("predict_partial")?,
             finalize_fn: f("predict_finalize")?,
             commit_fn: f("commit_kernel")?,
-            scratch: Mutex::new(None),
+            scratch: Mutex::new((
+                zeroed(&dev.stream, PARTIAL_BYTES, "sampler", "partials")?,
+                Vec::new(),
+            )),
         })
     }
 
@@ -221,14 +227,8 @@ impl Sampler {
         let (splits, chunk) = split_plan(rows, width);
         let bytes = rows * splits * PARTIAL_BYTES;
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_none_or(|s| s.len() < bytes) {
-            *guard = Some(
-                self.stream
-                    .alloc_zeros::<u8>(bytes)
-                    .map_err(|e| cuda_err("alloc sampling scratch", e))?,
-            );
-        }
-        let scratch = guard.as_mut().expect("scratch allocated above");
+        let (scratch, retired) = &mut *guard;
+        grow_retaining(&self.stream, scratch, retired, bytes, "sampler", "partials")?;
         let (width_l, chunk_l) = (width as i64, chunk as i64);
         let vec_ok: i32 = {
             let (ptr, _guard) = logits.device_ptr(&self.stream);

@@ -1,19 +1,25 @@
-//! The workspace of in-kernel reductions (split-K GEMMs, split-KV attention): fp32 partials plus
-//! per-unit arrival counters that the kernels reset to zero after use, so both are zeroed once.
-//! It only grows, and a buffer it replaces is kept alive until the owner is dropped: a CUDA graph
-//! captured earlier still holds the old addresses (freeing them made such graphs read freed
-//! memory).
+//! Device scratch that kernels keep between launches: the workspace of in-kernel reductions
+//! (split-K GEMMs, split-KV attention: fp32 partials plus per-unit arrival counters that the
+//! kernels reset to zero after use, so both are zeroed once) and the sampler's partial records.
+//!
+//! Scratch only grows, and a buffer it replaces is kept alive until the owner is dropped: a CUDA
+//! graph captured earlier still holds the old address (freeing it made such graphs read freed
+//! memory). Growing is refused while the stream is capturing a graph: an allocation there would
+//! be recorded into the graph (or fail the capture), so the caller's eager warm-up must have
+//! sized the scratch already; the error makes the capture fall back to an eager step.
 
 use super::cuda_err;
-use crate::error::Result;
-use cudarc::driver::{CudaSlice, CudaStream};
+use crate::error::{Error, Result};
+use cudarc::driver::sys::CUstreamCaptureStatus;
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use std::sync::Arc;
 
 /// Partials and counters of one kernel family.
 pub struct ReductionScratch {
     pub ws: CudaSlice<f32>,
     pub counters: CudaSlice<u32>,
-    retired: Vec<(CudaSlice<f32>, CudaSlice<u32>)>,
+    retired_ws: Vec<CudaSlice<f32>>,
+    retired_counters: Vec<CudaSlice<u32>>,
     /// Names the owner in allocation errors ("gemm", "attention").
     what: &'static str,
 }
@@ -29,7 +35,8 @@ impl ReductionScratch {
         Ok(ReductionScratch {
             ws: zeroed(stream, ws_floats.max(1), what, "workspace")?,
             counters: zeroed(stream, counters.max(1), what, "counters")?,
-            retired: Vec::new(),
+            retired_ws: Vec::new(),
+            retired_counters: Vec::new(),
             what,
         })
     }
@@ -42,24 +49,56 @@ impl ReductionScratch {
         ws_floats: usize,
         counters: usize,
     ) -> Result<()> {
-        if self.ws.len() >= ws_floats && self.counters.len() >= counters {
-            return Ok(());
-        }
-        let ws = zeroed(stream, ws_floats.max(self.ws.len()), self.what, "workspace")?;
-        let ctr = zeroed(
+        let w = self.what;
+        grow_retaining(
             stream,
-            counters.max(self.counters.len()),
-            self.what,
-            "counters",
+            &mut self.ws,
+            &mut self.retired_ws,
+            ws_floats,
+            w,
+            "workspace",
         )?;
-        let old_ws = std::mem::replace(&mut self.ws, ws);
-        let old_ctr = std::mem::replace(&mut self.counters, ctr);
-        self.retired.push((old_ws, old_ctr));
-        Ok(())
+        grow_retaining(
+            stream,
+            &mut self.counters,
+            &mut self.retired_counters,
+            counters,
+            w,
+            "counters",
+        )
     }
 }
 
-fn zeroed<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+/// Replaces `buf` by a zeroed buffer of `n` elements when it holds fewer, keeping the old one in
+/// `retired`. Refused (an error naming `what`'s `part`) while `stream` is capturing a graph.
+pub fn grow_retaining<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    buf: &mut CudaSlice<T>,
+    retired: &mut Vec<CudaSlice<T>>,
+    n: usize,
+    what: &str,
+    part: &str,
+) -> Result<()> {
+    if buf.len() >= n {
+        return Ok(());
+    }
+    let status = stream
+        .capture_status()
+        .map_err(|e| cuda_err(&format!("{what}: query the stream's capture status"), e))?;
+    if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        return Err(Error::Backend(format!(
+            "{what}: the {part} must grow from {} to {n} elements during a CUDA graph capture \
+             (no eager warm-up sized it)",
+            buf.len()
+        )));
+    }
+    let new = zeroed(stream, n, what, part)?;
+    retired.push(std::mem::replace(buf, new));
+    Ok(())
+}
+
+/// A zeroed buffer of `n` elements.
+pub fn zeroed<T: DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
     n: usize,
     what: &str,
@@ -67,5 +106,5 @@ fn zeroed<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 ) -> Result<CudaSlice<T>> {
     stream
         .alloc_zeros::<T>(n)
-        .map_err(|e| cuda_err(&format!("{what}: alloc reduction {part}"), e))
+        .map_err(|e| cuda_err(&format!("{what}: alloc {part}"), e))
 }

@@ -57,6 +57,7 @@ use crate::weights::{DType, TensorView, WeightStore};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -176,8 +177,9 @@ unsafe impl Send for StepGraph {}
 /// Captured block steps of one shape, with the kernel instances they were captured with.
 struct GraphSet {
     kit: Kit,
-    /// The kinds `kit` has run eagerly once at this shape (its scratch is sized for them).
-    warmed: std::collections::HashSet<GraphKind>,
+    /// The (kind, span rows) `kit` has run eagerly once at this shape (its scratch is sized for
+    /// them: a step's head and sampler scale with its span).
+    warmed: HashSet<(GraphKind, usize)>,
     graphs: HashMap<StepKey, StepGraph>,
 }
 
@@ -245,6 +247,9 @@ struct State {
     record: CudaSlice<i32>,
     /// Captured block steps (they point into the buffers above and are dropped with them).
     graph_sets: HashMap<ShapeKey, GraphSet>,
+    /// Shapes the Session path's layers ran at eagerly so far (a shape is graphed from its
+    /// second sighting on).
+    layer_shapes_seen: HashSet<ShapeKey>,
 }
 
 /// LLaDA with every weight resident on one CUDA device.
@@ -265,8 +270,9 @@ pub struct CudaTransformer {
     state: Mutex<Option<State>>,
     /// Per-operation event timing of eager steps (`dllm bench --profile`).
     profiler: OpProfiler,
-    /// Graph the layers of the Session path's forwards ([`session_graphs_from_env`]).
-    session_graphs: bool,
+    /// Graph the layers of the Session path's forwards ([`session_graphs_from_env`]; off after
+    /// one of their captures failed, leaving the step graphs alone).
+    session_graphs: AtomicBool,
 }
 
 fn alloc<T: DeviceRepr + ValidAsZeroBits>(
@@ -413,7 +419,7 @@ impl CudaTransformer {
             graphs: AtomicBool::new(graphs_from_env()),
             graph_error: Mutex::new(None),
             profiler: OpProfiler::default(),
-            session_graphs: session_graphs_from_env(),
+            session_graphs: AtomicBool::new(session_graphs_from_env()),
             dev,
             cfg: cfg.clone(),
             kernels,
@@ -516,6 +522,7 @@ impl CudaTransformer {
             conf: alloc(dev, qcap, "confidences")?,
             record: alloc(dev, commit_record_len(batch_cap, seq_cap), "commit record")?,
             graph_sets: HashMap::new(),
+            layer_shapes_seen: HashSet::new(),
         })
     }
 
@@ -1301,10 +1308,16 @@ impl CudaTransformer {
                 }
                 Err(GraphFail::Capture(e)) => {
                     // Nothing of this step ran (a capture only records): turn graphs off for
-                    // this model, remember why, and run the step eagerly with the model's own
+                    // this model (only the Session path's layer graphs when one of those
+                    // failed), remember why, and run the step eagerly with the model's own
                     // kernels.
                     drop(set);
-                    self.graphs_failed(st, e.to_string());
+                    if matches!(key.kind, GraphKind::Layers { .. }) {
+                        self.session_graphs.store(false, Ordering::Relaxed);
+                        self.note_graph_error(format!("session-path layers: {e}"));
+                    } else {
+                        self.graphs_failed(st, e.to_string());
+                    }
                     launch(self, &self.kit, st)
                 }
             },
@@ -1328,12 +1341,27 @@ impl CudaTransformer {
         store_cache: bool,
     ) -> Result<()> {
         let shape: ShapeKey = (st.batch, st.seq, len);
-        // Each new shape loads (and self-tests) its own kernel instances: a forward whose row
-        // count changes every block (the prefix cache's span) must not load one per block.
-        let shape_ok =
-            st.graph_sets.contains_key(&shape) || st.graph_sets.len() < MAX_LAYER_GRAPH_SHAPES;
-        let graphable = self.session_graphs
-            && shape_ok
+        // Each new shape loads (and self-tests) its own kernel instances: a shape is graphed
+        // from its second sighting on (a prefix-cache span, whose row count changes every
+        // block, is seen once per step of its block), and at most MAX_LAYER_GRAPH_SHAPES
+        // shapes hold layer graphs.
+        let known = st.graph_sets.get(&shape).is_some_and(|set| {
+            set.warmed
+                .iter()
+                .any(|(k, _)| matches!(k, GraphKind::Layers { .. }))
+        });
+        let layer_sets = st
+            .graph_sets
+            .values()
+            .filter(|set| {
+                set.warmed
+                    .iter()
+                    .any(|(k, _)| matches!(k, GraphKind::Layers { .. }))
+            })
+            .count();
+        let seen_before = !st.layer_shapes_seen.insert(shape);
+        let graphable = self.session_graphs.load(Ordering::Relaxed)
+            && (known || (seen_before && layer_sets < MAX_LAYER_GRAPH_SHAPES))
             && !st.padded
             && self.graphs_enabled()
             && !self.profiler.recording();
@@ -1371,6 +1399,10 @@ impl CudaTransformer {
     fn graphs_failed(&self, st: &mut State, why: String) {
         st.graph_sets.clear();
         self.graphs.store(false, Ordering::Relaxed);
+        self.note_graph_error(why);
+    }
+
+    fn note_graph_error(&self, why: String) {
         *self.graph_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
@@ -1381,9 +1413,10 @@ impl CudaTransformer {
         key: StepKey,
         launch: &dyn Fn(&Self, &Kit, &mut State) -> Result<()>,
     ) -> std::result::Result<(), GraphFail> {
-        if !set.warmed.contains(&key.kind) {
+        let warm_key = (key.kind, key.end - key.start);
+        if !set.warmed.contains(&warm_key) {
             launch(self, &set.kit, st).map_err(GraphFail::Step)?;
-            set.warmed.insert(key.kind);
+            set.warmed.insert(warm_key);
             return Ok(());
         }
         if let Some(graph) = set.graphs.get(&key) {
@@ -1399,8 +1432,8 @@ impl CudaTransformer {
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| GraphFail::Capture(cuda_err("begin block-step capture", e)))?;
-        // No profiling event may land in the capture (a profile opened meanwhile by another
-        // thread skips this step's operations).
+        // No profiling event may land in the capture (a profile cannot open meanwhile, and an
+        // open one skips this step's operations).
         self.profiler.set_capturing(true);
         let launched = launch(self, &set.kit, st);
         self.profiler.set_capturing(false);
@@ -1587,7 +1620,8 @@ impl CudaTransformer {
                 .map_err(|e| cuda_err("upload canvas lengths", e))?;
             st.padded = true;
         }
-        self.layers(&self.kit, st, 0, seq, true, false)?;
+        // Canvases of equal length are not padded: their layers may run as a graph.
+        self.layers_maybe_graphed(st, 0, seq, true, false)?;
         // Every member's query rows, grouped by rule: one LM-head pass over all of them, one
         // sampler launch per rule and head chunk over that rule's rows.
         let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
