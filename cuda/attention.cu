@@ -231,6 +231,29 @@ __device__ __forceinline__ void attn_warp_tile(const unsigned (&qf)[D / 16][4], 
     }
 }
 
+// Normalises a warp's 16 output rows (row0 + g and row0 + g + 8 of this lane, by the row sums l0 / l1; a row
+// without keys gives zeros) and stores the rows below sq as bf16 into `ob` (the head's first column of batch
+// element b's output).
+template <int D>
+__device__ __forceinline__ void attn_store_rows(const float (&o)[D / 8][4], float l0, float l1, bf16* ob, int row0,
+                                                int sq, long long o_stride, int lane) {
+    constexpr int ND = D / 8;
+    const int g = lane >> 2, t = lane & 3;
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const int r0 = row0 + g, r1 = r0 + 8;
+    ob += 2 * t;
+#pragma unroll
+    for (int i = 0; i < ND; ++i) {
+        if (r0 < sq)
+            *reinterpret_cast<__nv_bfloat162*>(ob + (long long)r0 * o_stride + i * 8) =
+                __floats2bfloat162_rn(o[i][0] * inv0, o[i][1] * inv0);
+        if (r1 < sq)
+            *reinterpret_cast<__nv_bfloat162*>(ob + (long long)r1 * o_stride + i * 8) =
+                __floats2bfloat162_rn(o[i][2] * inv1, o[i][3] * inv1);
+    }
+}
+
 // Split-KV partials of one block: per thread, ND x 4 unnormalised output values, then the running
 // maxima (log2 domain) and row sums of its rows g and g + 8.
 template <int D>
@@ -261,7 +284,6 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
     bf16* sV = sK + 2 * BN * D;  // [2][BN][D]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
     // Splits of the key tiles (the host's SplitPlan: at least one, even for skv == 0).
     const int key_tiles = max((skv + BN - 1) / BN, 1);
     const int splits = SPLIT ? (key_tiles + tiles_per_split - 1) / tiles_per_split : 1;
@@ -378,19 +400,8 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
         }
         if (tid == 0) counters[unit] = 0u;
     }
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
-    bf16* ob = out + (long long)b * sq * o_stride + (long long)h * D + 2 * t;
-#pragma unroll
-    for (int i = 0; i < ND; ++i) {
-        if (r0 < sq)
-            *reinterpret_cast<__nv_bfloat162*>(ob + (long long)r0 * o_stride + i * 8) =
-                __floats2bfloat162_rn(o[i][0] * inv0, o[i][1] * inv0);
-        if (r1 < sq)
-            *reinterpret_cast<__nv_bfloat162*>(ob + (long long)r1 * o_stride + i * 8) =
-                __floats2bfloat162_rn(o[i][2] * inv1, o[i][3] * inv1);
-    }
+    attn_store_rows<D>(o, l0, l1, out + (long long)b * sq * o_stride + (long long)h * D, q0 + warp * 16, sq,
+                       o_stride, lane);
 }
 
 // grid (ceil(sq / 64), n_heads, batch), block 128, dynamic smem (64 + 4*64) * D * 2 bytes.
@@ -462,7 +473,6 @@ __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, 
     extern __shared__ __align__(128) unsigned char attn_smem[];
     bf16* sQ = reinterpret_cast<bf16*>(attn_smem);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
     const int rg = warp & 1, kg = warp >> 1;  // row group, key group
     bf16* tK = sQ + Cfg::Q_ELEMS + kg * Cfg::GROUP_ELEMS;
     bf16* tV = tK + BN * D;
@@ -556,19 +566,8 @@ __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, 
             o[i][3] += p.w * w1;
         }
     }
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const int r0 = q0 + rg * 16 + g, r1 = r0 + 8;
-    bf16* ob = out + (long long)b * sq * o_stride + (long long)h * D + 2 * t;
-#pragma unroll
-    for (int i = 0; i < ND; ++i) {
-        if (r0 < sq)
-            *reinterpret_cast<__nv_bfloat162*>(ob + (long long)r0 * o_stride + i * 8) =
-                __floats2bfloat162_rn(o[i][0] * inv0, o[i][1] * inv0);
-        if (r1 < sq)
-            *reinterpret_cast<__nv_bfloat162*>(ob + (long long)r1 * o_stride + i * 8) =
-                __floats2bfloat162_rn(o[i][2] * inv1, o[i][3] * inv1);
-    }
+    attn_store_rows<D>(o, l0, l1, out + (long long)b * sq * o_stride + (long long)h * D, q0 + rg * 16, sq,
+                       o_stride, lane);
 }
 
 // grid (ceil(sq / 32), n_heads, batch), block 256, dynamic smem AttnKeysCfg<D>::SMEM_BYTES (136 KiB at D = 128).
