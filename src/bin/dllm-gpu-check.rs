@@ -333,8 +333,8 @@ fn cached_logits_checks(
     out
 }
 
-/// Session generation with each block K/V cache mode, GPU (device cache, bf16 K/V) vs CPU (host
-/// cache, f32 K/V), in lockstep ([`run_lockstep`]): the CPU session leads, and every step both
+/// Session generation without a cache and with each block K/V cache mode, GPU (device cache,
+/// bf16 K/V) vs CPU (host cache, f32 K/V), in lockstep ([`run_lockstep`]): the CPU session leads, and every step both
 /// predict on the leader's canvas, each through its own cache. A cached step reuses stale K/V,
 /// so one near-tie flipped by rounding sends a free-running generation down another (equally
 /// valid) path and every later token differs with no error anywhere: session 3's stream GEMM
@@ -353,7 +353,11 @@ fn session_cache_checks(
     details: &mut Value,
 ) -> Vec<CheckResult> {
     let mut out = Vec::new();
-    for (name, mode) in [("prefix", CacheMode::Prefix), ("dual", CacheMode::Dual)] {
+    for (name, mode) in [
+        ("none", CacheMode::None),
+        ("prefix", CacheMode::Prefix),
+        ("dual", CacheMode::Dual),
+    ] {
         let label = format!("{prefix}.session lockstep {name} gpu vs cpu");
         let r = (|| -> Result<Vec<CheckResult>> {
             let mut leader = cached_session(cpu.clone(), prompt, gen, mode)?;
