@@ -150,6 +150,8 @@ pub struct BenchReport {
     pub block_step_ms: Option<f64>,
     /// Per-operation GPU time of an eager run (`--profile`, CUDA only).
     pub profile: Option<Vec<ProfileRow>>,
+    /// The `DLLM_*` kernel and launch switches in effect (CUDA only; `backend::cuda::switches`).
+    pub switches: Option<std::collections::BTreeMap<&'static str, bool>>,
 }
 
 /// One operation's mean time per step of one kind, from an eager run with an event after every
@@ -340,6 +342,7 @@ fn report(
         full_step_ms: None,
         block_step_ms: None,
         profile: None,
+        switches: None,
     }
 }
 
@@ -420,6 +423,7 @@ fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
     r.masks_left = fin.iter().filter(|&&t| t == cfg.mask_token_id).count();
     r.canvas_hash = canvas_hash(&fin);
     if let Some(m) = cuda {
+        r.switches = Some(crate::backend::cuda::switches().into_iter().collect());
         r.graphs = Some(m.graphs_enabled());
         r.graph_count = Some(m.graph_count());
         r.graph_error = m.graph_error();
@@ -552,6 +556,7 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     run()?;
     let secs = t2.elapsed().as_secs_f64();
     let mut r = report(o, "cuda", dev.name.clone(), steps.len(), secs);
+    r.switches = Some(crate::backend::cuda::switches().into_iter().collect());
     r.load_seconds = load_seconds;
     r.warmup_seconds = warmup_seconds;
     r.weight_bytes = Some(model.weight_bytes());

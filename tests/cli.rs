@@ -267,3 +267,40 @@ fn default_model_is_the_embedded_one() {
         .unwrap();
     assert_eq!(json(&out)["parameters"].as_u64(), Some(20_453_760));
 }
+
+/// `dllm info` reports the CUDA switches the environment sets (the session-3/4 defaults, and
+/// what the variables turn off or on), on any machine.
+#[test]
+fn info_reports_the_cuda_switches() {
+    let info = |env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dllm"));
+        c.args(["info", "--model", MODEL, "--json"]);
+        for v in [
+            "DLLM_GEMM_STREAM",
+            "DLLM_GEMM_TMA",
+            "DLLM_ATTN_KEYS",
+            "DLLM_PDL",
+            "DLLM_SESSION_GRAPHS",
+        ] {
+            c.env_remove(v);
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        json(&c.output().unwrap())["cuda_switches"].clone()
+    };
+    let d = info(&[]);
+    assert_eq!(d["stream_gemm"], true);
+    assert_eq!(d["tma_gemm"], true);
+    assert_eq!(d["key_group_attention"], false);
+    assert_eq!(d["pdl"], false);
+    let e = info(&[
+        ("DLLM_GEMM_STREAM", "0"),
+        ("DLLM_ATTN_KEYS", "1"),
+        ("DLLM_PDL", "1"),
+    ]);
+    assert_eq!(e["stream_gemm"], false);
+    assert_eq!(e["key_group_attention"], true);
+    assert_eq!(e["pdl"], true);
+    assert_eq!(e["tma_gemm"], true);
+}

@@ -94,6 +94,9 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "unexpected_tensors": report.unexpected,
             "tokenizer_vocab": tokenizer.as_ref().ok(),
             "cuda": cuda,
+            "cuda_switches": dllm::backend::cuda::switches()
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
             "valid": true,
         });
         println!("{v}");
@@ -138,6 +141,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         println!("extra tensor {name} (ignored)");
     }
     println!("cuda         {cuda}");
+    println!("cuda config  {}", dllm::backend::cuda::switches_line());
     println!("validation   ok: every tensor matches the config");
     Ok(())
 }

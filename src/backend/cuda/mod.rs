@@ -52,6 +52,38 @@ pub fn unavailable_reason() -> Option<String> {
     None
 }
 
+/// The kernel and launch choices the environment makes (each `DLLM_*` switch as the model will
+/// read it at load; a kernel that fails its load-time self-test is still skipped), for `dllm
+/// info` and the bench reports: (name, on).
+pub fn switches() -> Vec<(&'static str, bool)> {
+    vec![
+        ("stream_gemm", gemm_stream::requested_by_env()),
+        ("tma_gemm", gemm_tma::requested_by_env()),
+        (
+            "wgmma_gemm",
+            std::env::var("DLLM_GEMM_WGMMA").map_or(true, |v| v != "0"),
+        ),
+        ("split_attention", attention::split_requested_by_env()),
+        ("key_group_attention", attention::keys_requested_by_env()),
+        (
+            "reference_kernels",
+            transformer::KernelChoice::from_env().naive_gemm,
+        ),
+        ("pdl", launch::pdl_from_env()),
+        ("cuda_graphs", transformer::graphs_from_env()),
+        ("session_graphs", transformer::session_graphs_from_env()),
+    ]
+}
+
+/// `switches()` as one line: "stream_gemm on · tma_gemm on · …".
+pub fn switches_line() -> String {
+    switches()
+        .iter()
+        .map(|(n, on)| format!("{n} {}", if *on { "on" } else { "off" }))
+        .collect::<Vec<_>>()
+        .join(" · ")
+}
+
 /// Wraps a driver error with what was being done.
 pub fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Backend(format!("CUDA {what}: {e:?}"))
