@@ -402,7 +402,9 @@ dllm_status dllm_sessions_step(dllm_session *const *sessions, size_t n, dllm_ste
 
 /* Steps the `n` sessions together, as dllm_sessions_step, until every one is done: each ends as
  * dllm_session_run would leave it run alone (dllm_session_last_commits describes its last step),
- * and sessions already finished are left as they are. Same requirements and errors as
+ * and sessions already finished are left as they are. The sessions that step on their own (a
+ * K/V cache, guidance, top-k/top-p, self-correction) run first, one after another, each to
+ * completion (a device K/V cache holds one canvas at a time); the others then in batched rounds. Same requirements and errors as
  * dllm_sessions_step; the steps taken before a failure remain (dllm_session_last_commits may then
  * not describe the last of them). */
 dllm_status dllm_sessions_run(dllm_session *const *sessions, size_t n);

@@ -229,3 +229,67 @@ fn batch_file_prints_what_each_prompt_gives_alone() {
         .collect();
     assert_eq!(idx, [0, 1, 2]);
 }
+
+/// The tiny LLaDA recording, for each cached forward, which canvas it was for (its first id).
+struct Recording {
+    inner: Arc<dyn Model>,
+    calls: std::sync::Mutex<Vec<u32>>,
+}
+
+impl Model for Recording {
+    fn config(&self) -> &dllm::config::ModelConfig {
+        self.inner.config()
+    }
+    fn backend_name(&self) -> &'static str {
+        "recording"
+    }
+    fn forward(&self, ids: &[u32]) -> dllm::error::Result<Vec<f32>> {
+        self.inner.forward(ids)
+    }
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+    fn logits_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &mut dllm::model::KvCache,
+        step: &dllm::model::CacheStep,
+    ) -> dllm::error::Result<Vec<f32>> {
+        self.calls.lock().unwrap().push(ids[0]);
+        self.inner.logits_cached(ids, queries, cache, step)
+    }
+}
+
+/// Run to completion, cached sessions go one after another (a device K/V cache holds one canvas
+/// at a time), and still end where each ends alone.
+#[test]
+fn cached_sessions_of_a_batch_run_one_after_another() {
+    let rec = Arc::new(Recording {
+        inner: llada(),
+        calls: std::sync::Mutex::new(Vec::new()),
+    });
+    let m: Arc<dyn Model> = rec.clone();
+    let make = |seed: u32| {
+        let mut s = Session::new(m.clone(), canvas(&*m, seed, 6, 16), params(8, 8, 0.0)).unwrap();
+        s.set_decoding(Decoding {
+            cache: dllm::denoise::CacheMode::Dual,
+            ..Decoding::default()
+        })
+        .unwrap();
+        s
+    };
+    let mut batch = vec![make(1), make(2), make(3)];
+    run_batch(&mut batch).unwrap();
+    let calls = rec.calls.lock().unwrap().clone();
+    let firsts: Vec<u32> = batch.iter().map(|s| s.canvas()[0]).collect();
+    // Each session's forwards form one contiguous run, in session order.
+    let mut runs: Vec<u32> = calls.clone();
+    runs.dedup();
+    assert_eq!(runs, firsts, "{calls:?}");
+    for (i, b) in batch.iter().enumerate() {
+        let mut alone = make(i as u32 + 1);
+        alone.run().unwrap();
+        assert_eq!(b.canvas(), alone.canvas(), "session {i}");
+    }
+}

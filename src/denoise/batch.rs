@@ -4,7 +4,8 @@
 //!
 //! Each session keeps its own schedule, rule and state; a step of the batch is one step of every
 //! unfinished session. Sessions whose steps need host logits or their own cache (top-k / top-p,
-//! guidance, `--revise`, a K/V cache) take their step on their own in the same round. The result
+//! guidance, `--revise`, a K/V cache) take their step on their own in the same round
+//! ([`step_round`]); run to completion ([`run_batch`]) they run first, one after another. The result
 //! of every session is the one it would reach run alone: the same plans, the same predictions
 //! (up to the float summation order of the packed linear layers), the same commits.
 
@@ -38,15 +39,40 @@ pub fn check_one_model<S: Borrow<Session>>(sessions: &[S]) -> Result<()> {
 }
 
 /// Steps every session until all are done. The sessions must share one model (the same
-/// `Arc`). Returns the number of rounds (packed forwards or solo steps of the slowest session).
-/// On error the sessions are left as the last completed round made them.
+/// `Arc`). The sessions that step alone ([`solo_sessions`]) run first, one after another, each
+/// to completion; then the others in rounds of packed forwards. Returns the number of rounds
+/// (packed forwards, or the steps of the longest solo session when that is more). On error the
+/// sessions are left as their last completed steps made them.
 pub fn run_batch<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<usize> {
     check_one_model(sessions)?;
+    let mut solo_steps = 0;
+    for i in solo_sessions(sessions) {
+        let s = sessions[i].borrow_mut();
+        let before = s.steps_taken();
+        s.run()?;
+        solo_steps = solo_steps.max(s.steps_taken() - before);
+    }
     let mut rounds = 0;
     while !step_round(sessions)?.is_empty() {
         rounds += 1;
     }
-    Ok(rounds)
+    Ok(rounds.max(solo_steps))
+}
+
+/// The unfinished sessions that cannot share a packed forward (host logits, self-correction or a
+/// K/V cache), by index. Run to completion, they are best run one after another: a device K/V
+/// cache holds one canvas at a time, so interleaving two cached sessions would make every step
+/// of each a refresh.
+pub fn solo_sessions<S: Borrow<Session>>(sessions: &[S]) -> Vec<usize> {
+    sessions
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| {
+            let s: &Session = (*s).borrow();
+            !s.is_done() && !batchable(s)
+        })
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// One round: one step of every unfinished session, the batchable ones through one

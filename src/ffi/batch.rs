@@ -7,7 +7,7 @@
 
 use super::session::{dllm_session, masked_positions, record_filled, step_info};
 use super::{check_nonnull, dllm_status, dllm_step_info, guard, invalid, FfiResult};
-use crate::denoise::batch::step_round;
+use crate::denoise::batch::{solo_sessions, step_round};
 use crate::denoise::Session;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,16 +90,27 @@ pub unsafe extern "C" fn dllm_sessions_run(
     guard("dllm_sessions_run", || {
         // SAFETY: by the contract.
         unsafe {
-            with_sessions(sessions, n, |sess, filled| loop {
-                let masked: Vec<Vec<usize>> = sess.iter().map(|s| masked_positions(s)).collect();
-                let stepped = step_round(sess)?;
-                if stepped.is_empty() {
-                    return Ok(());
-                }
-                // Only the sessions that stepped: a finished one keeps its last step's record.
-                for (i, masked) in masked.into_iter().enumerate() {
-                    if stepped.binary_search_by_key(&i, |(j, _)| *j).is_ok() {
+            with_sessions(sessions, n, |sess, filled| {
+                // Sessions that step alone first, each to completion (see solo_sessions).
+                for i in solo_sessions(sess) {
+                    while !sess[i].is_done() {
+                        let masked = masked_positions(sess[i]);
+                        sess[i].step()?;
                         record_filled(sess[i], masked, filled[i]);
+                    }
+                }
+                loop {
+                    let masked: Vec<Vec<usize>> =
+                        sess.iter().map(|s| masked_positions(s)).collect();
+                    let stepped = step_round(sess)?;
+                    if stepped.is_empty() {
+                        return Ok(());
+                    }
+                    // Only the sessions that stepped: a finished one keeps its last step's record.
+                    for (i, masked) in masked.into_iter().enumerate() {
+                        if stepped.binary_search_by_key(&i, |(j, _)| *j).is_ok() {
+                            record_filled(sess[i], masked, filled[i]);
+                        }
                     }
                 }
             })
