@@ -252,11 +252,11 @@ enum dllm_cache {
     DLLM_CACHE_DUAL = 2    /* Fast-dLLM dual cache: later steps compute only the block's positions
                             * against the cached prefix and suffix (faster, approximate) */
 };
-/* On the CUDA backend a model keeps ONE device K/V cache. Sessions of one model with a cache
- * that alternate their steps (dllm_session_step on each in turn, or dllm_sessions_step) find it
- * holding the other canvas, so such a step runs as a refresh: a full forward (slower, and the
- * exact logits instead of the cached approximation). Run cached sessions one after another
- * (dllm_session_run, or dllm_sessions_run, which does so) to keep the cache's speed. */
+/* On the CUDA backend each session's cache keeps its own device K/V (a slot; a guided session
+ * uses two), up to 4 per model: sessions that alternate their steps (dllm_session_step on each in
+ * turn, or dllm_sessions_step) keep their caches. With more alternating caches than that, the
+ * least recently used slot is reassigned, and its session's next step runs as a refresh (a full
+ * forward: slower, and the exact logits instead of the cached approximation). */
 
 /* How a canvas is denoised. Initialise with dllm_sampling_params_default, then change fields.
  * Versions (struct_size on 64-bit Linux): 1 = up to `seed` (32 bytes), 2 = up to `revise`
@@ -409,8 +409,8 @@ dllm_status dllm_sessions_step(dllm_session *const *sessions, size_t n, dllm_ste
  * dllm_session_run would leave it run alone (dllm_session_last_commits describes its last step),
  * and sessions already finished are left as they are. The sessions that step on their own (a
  * K/V cache, guidance, top-k/top-p, self-correction) run first, one after another, each to
- * completion (see dllm_cache on the CUDA backend's one K/V cache); the others then in batched
- * rounds. Same requirements and errors as dllm_sessions_step; the steps taken before a failure
+ * completion (so any number of them fits the CUDA backend's cache slots, see dllm_cache); the
+ * others then in batched rounds. Same requirements and errors as dllm_sessions_step; the steps taken before a failure
  * remain (dllm_session_last_commits may then not describe the last of them). */
 dllm_status dllm_sessions_run(dllm_session *const *sessions, size_t n);
 

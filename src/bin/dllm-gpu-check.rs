@@ -426,6 +426,37 @@ fn session_cache_checks(
     out
 }
 
+/// Two dual-cache sessions stepped alternately on one GPU model must each end exactly as it
+/// ends alone: each keeps its own device K/V cache slot (before slots, every span step of
+/// either found the other's K/V and ran as a refresh).
+fn alternating_sessions_check(gpu: Arc<dyn Model>, prompt: &[u32]) -> CheckResult {
+    let name = "model.alternating cached sessions == alone";
+    let r = (|| -> Result<(f64, String)> {
+        let other: Vec<u32> = prompt.iter().rev().copied().collect();
+        let mut a = cached_session(gpu.clone(), prompt, 64, CacheMode::Dual)?;
+        let mut b = cached_session(gpu.clone(), &other, 64, CacheMode::Dual)?;
+        while !(a.is_done() && b.is_done()) {
+            a.step()?;
+            b.step()?;
+        }
+        let (ra, rb) = (a.cache_stats().refreshes, b.cache_stats().refreshes);
+        let alone_a = generate_cached(gpu.clone(), prompt, 64, CacheMode::Dual)?;
+        let alone_b = generate_cached(gpu.clone(), &other, 64, CacheMode::Dual)?;
+        let sa = same_count(&a.canvas()[prompt.len()..], &alone_a);
+        let sb = same_count(&b.canvas()[other.len()..], &alone_b);
+        let ok = sa == alone_a.len() && sb == alone_b.len();
+        Ok((
+            if ok { 0.0 } else { f64::INFINITY },
+            format!(
+                "{sa}/{} and {sb}/{} tokens as alone; {ra} and {rb} refreshes",
+                alone_a.len(),
+                alone_b.len()
+            ),
+        ))
+    })();
+    CheckResult::from_result(name, 0.0, r)
+}
+
 fn same_count(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).filter(|(x, y)| x == y).count()
 }
@@ -746,6 +777,7 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                     "tokens",
                 ));
                 out.extend(cached_logits_checks("model", &*fast, &**cpu, &prompt));
+                out.push(alternating_sessions_check(fast.clone(), &prompt));
                 out.extend(session_cache_checks(
                     "model",
                     fast.clone(),

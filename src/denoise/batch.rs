@@ -60,9 +60,9 @@ pub fn run_batch<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<usize> {
 }
 
 /// The unfinished sessions that cannot share a packed forward (host logits, self-correction or a
-/// K/V cache), by index. Run to completion, they are best run one after another: a device K/V
-/// cache holds one canvas at a time, so interleaving two cached sessions would make every step
-/// of each a refresh.
+/// K/V cache), by index. Run to completion, they are best run one after another: the CUDA model
+/// keeps a few device K/V cache slots, so interleaving more cached sessions than that would
+/// recycle a slot at every step (each such step a refresh).
 pub fn solo_sessions<S: Borrow<Session>>(sessions: &[S]) -> Vec<usize> {
     sessions
         .iter()

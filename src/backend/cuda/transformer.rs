@@ -146,8 +146,40 @@ enum StepKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum GraphKind {
     Step(StepKind),
-    Layers { full: bool, store_cache: bool },
+    Layers {
+        full: bool,
+        store_cache: bool,
+        kv: KvSel,
+    },
 }
+
+/// Which device K/V cache a forward reads and writes: the main one (`batch_cap` canvases, the
+/// device-resident step API of [`CudaTransformer::step`]) or a Session cache's slot
+/// ([`CacheSlot`], one canvas).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum KvSel {
+    Main,
+    Slot(usize),
+}
+
+/// The device K/V cache of one Session cache ([`KvCache::id`]): every layer's K and V rows of
+/// one canvas of at most `seq_cap` tokens. Several slots let Session caches that alternate their
+/// steps (two sessions, or a guided session's conditional and unconditional canvases) keep their
+/// K/V instead of refreshing one shared cache at every step.
+struct CacheSlot {
+    k: Vec<CudaSlice<u16>>,
+    v: Vec<CudaSlice<u16>>,
+    /// The Session cache whose K/V it holds.
+    owner: u64,
+    /// The canvas length they were stored for.
+    seq: usize,
+    /// When it was last used ([`State::slot_clock`]), for least-recently-used eviction.
+    last_use: u64,
+}
+
+/// Most Session cache slots a model keeps (each holds `n_layers · seq_cap · kv_dim · 2` bf16
+/// values: 200 MB for LLaDA-8B at 384 tokens); beyond it the least recently used is reassigned.
+const MAX_CACHE_SLOTS: usize = 4;
 
 /// Graph-cache key of a step within one shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -225,9 +257,11 @@ struct State {
     v_cache: Vec<CudaSlice<u16>>,
     /// Whether the cache holds K/V of every position of the current canvases.
     cache_valid: bool,
-    /// The [`KvCache::id`] of the Session cache whose K/V the device cache holds (`None` when
-    /// the cache was filled outside a Session, e.g. by `dllm bench`).
-    cache_owner: Option<u64>,
+    /// The Session caches' own device K/V ([`CacheSlot`]); the main cache above serves the
+    /// device-resident step API only.
+    slots: Vec<CacheSlot>,
+    /// Counts slot uses (the order of [`CacheSlot::last_use`]).
+    slot_clock: u64,
     /// Rows per canvas of the last forward (its `x` holds `batch × rows_per_canvas` rows).
     fwd_len: usize,
     /// Whether the current canvases are a padded batch ([`Model::predict_batch`]): canvas `b`
@@ -508,7 +542,8 @@ impl CudaTransformer {
             k_cache,
             v_cache,
             cache_valid: false,
-            cache_owner: None,
+            slots: Vec::new(),
+            slot_clock: 0,
             fwd_len: 0,
             padded: false,
             kv_len: alloc(dev, batch_cap, "canvas lengths")?,
@@ -596,7 +631,6 @@ impl CudaTransformer {
         st.batch = batch;
         st.seq = seq;
         st.cache_valid = false;
-        st.cache_owner = None;
         st.fwd_len = 0;
         st.padded = false;
         Ok(())
@@ -721,6 +755,8 @@ impl CudaTransformer {
     /// Runs every layer over rows `start..start + len` of each current canvas. `full` (len ==
     /// seq, start 0) attends within the rows themselves and, with `store_cache`, stores K/V; a
     /// block forward writes its K/V into the cache and attends to the whole cached sequence.
+    /// `kv` picks the cache (a slot holds one canvas: `batch` must then be 1).
+    #[allow(clippy::too_many_arguments)]
     fn layers(
         &self,
         kit: &Kit,
@@ -729,7 +765,17 @@ impl CudaTransformer {
         len: usize,
         full: bool,
         store_cache: bool,
+        kv_sel: KvSel,
     ) -> Result<()> {
+        if let KvSel::Slot(j) = kv_sel {
+            if st.batch != 1 || j >= st.slots.len() {
+                return Err(Error::State(format!(
+                    "cache slot {j} of {} with {} canvases",
+                    st.slots.len(),
+                    st.batch
+                )));
+            }
+        }
         let cfg = &self.cfg;
         let (b, s) = (st.batch, st.seq);
         let (d, h, hd) = (cfg.d_model, cfg.mlp_hidden, cfg.head_dim());
@@ -781,8 +827,13 @@ impl CudaTransformer {
             {
                 // RoPE on q and k in place, and (block forward, or a full forward that stores
                 // the cache) the rotated K and the V rows written into the cache.
-                let mut kc = st.k_cache[li].as_view_mut();
-                let mut vc = st.v_cache[li].as_view_mut();
+                let (mut kc, mut vc) = match kv_sel {
+                    KvSel::Main => (st.k_cache[li].as_view_mut(), st.v_cache[li].as_view_mut()),
+                    KvSel::Slot(j) => {
+                        let slot = &mut st.slots[j];
+                        (slot.k[li].as_view_mut(), slot.v[li].as_view_mut())
+                    }
+                };
                 let dst = (!full || store_cache).then_some(KvDst {
                     k: &mut kc,
                     v: &mut vc,
@@ -833,14 +884,13 @@ impl CudaTransformer {
                         kv_stride: kv,
                         kv_batch_stride: st.seq_cap,
                     };
-                    self.attention(
-                        &qkv,
-                        &st.k_cache[li].as_view(),
-                        &st.v_cache[li].as_view(),
-                        &mut out,
-                        None,
-                        &shape,
-                    )?;
+                    let (kc, vc) = match kv_sel {
+                        KvSel::Main => (st.k_cache[li].as_view(), st.v_cache[li].as_view()),
+                        KvSel::Slot(j) => {
+                            (st.slots[j].k[li].as_view(), st.slots[j].v[li].as_view())
+                        }
+                    };
+                    self.attention(&qkv, &kc, &vc, &mut out, None, &shape)?;
                 }
             }
             self.mark("attention")?;
@@ -895,7 +945,7 @@ impl CudaTransformer {
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
         let seq = st.seq;
-        self.layers(&self.kit, st, 0, seq, true, store_cache)?;
+        self.layers(&self.kit, st, 0, seq, true, store_cache, KvSel::Main)?;
         Self::full_forward_done(st, StepKind::Full { store_cache });
         Ok(())
     }
@@ -908,7 +958,7 @@ impl CudaTransformer {
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
         Self::check_block(st, start, len)?;
-        self.layers(&self.kit, st, start, len, false, true)
+        self.layers(&self.kit, st, start, len, false, true, KvSel::Main)
     }
 
     fn check_block(st: &State, start: usize, len: usize) -> Result<()> {
@@ -1211,11 +1261,11 @@ impl CudaTransformer {
         match kind {
             StepKind::Block => {
                 let fwd = self.block_forward_range(span);
-                self.layers(kit, st, fwd.start, fwd.len(), false, true)?;
+                self.layers(kit, st, fwd.start, fwd.len(), false, true, KvSel::Main)?;
             }
             StepKind::Full { store_cache } => {
                 let seq = st.seq;
-                self.layers(kit, st, 0, seq, true, store_cache)?;
+                self.layers(kit, st, 0, seq, true, store_cache, KvSel::Main)?;
             }
         }
         self.predict_queries(kit, st, rule)?;
@@ -1332,6 +1382,7 @@ impl CudaTransformer {
     /// the model's kernels), captured and replayed as a graph when `DLLM_SESSION_GRAPHS=1`
     /// ([`session_graphs_from_env`]), graphs are on and no op profile is recording. The Session
     /// path uses it for its no-cache and cached span forwards; its heads stay eager.
+    #[allow(clippy::too_many_arguments)]
     fn layers_maybe_graphed(
         &self,
         st: &mut State,
@@ -1339,6 +1390,7 @@ impl CudaTransformer {
         len: usize,
         full: bool,
         store_cache: bool,
+        kv: KvSel,
     ) -> Result<()> {
         let shape: ShapeKey = (st.batch, st.seq, len);
         // Each new shape loads (and self-tests) its own kernel instances: a shape is graphed
@@ -1366,10 +1418,14 @@ impl CudaTransformer {
             && self.graphs_enabled()
             && !self.profiler.recording();
         if !graphable {
-            return self.layers(&self.kit, st, start, len, full, store_cache);
+            return self.layers(&self.kit, st, start, len, full, store_cache, kv);
         }
         let key = StepKey {
-            kind: GraphKind::Layers { full, store_cache },
+            kind: GraphKind::Layers {
+                full,
+                store_cache,
+                kv,
+            },
             start,
             end: start + len,
             k: 0,
@@ -1377,7 +1433,7 @@ impl CudaTransformer {
             vocab_size: 0,
         };
         self.graphed(st, shape, key, &|m, kit, st| {
-            m.layers(kit, st, start, len, full, store_cache)
+            m.layers(kit, st, start, len, full, store_cache, kv)
         })?;
         // What `layers` records on the host (a replay does not run it).
         st.fwd_len = len;
@@ -1389,9 +1445,6 @@ impl CudaTransformer {
     fn full_forward_done(st: &mut State, kind: StepKind) {
         if let StepKind::Full { store_cache } = kind {
             st.cache_valid = store_cache || st.cache_valid;
-            if store_cache {
-                st.cache_owner = None;
-            }
         }
     }
 
@@ -1541,7 +1594,7 @@ impl Model for CudaTransformer {
         if queries.is_empty() {
             return Ok(Vec::new());
         }
-        self.layers_maybe_graphed(st, 0, ids.len(), true, false)?;
+        self.layers_maybe_graphed(st, 0, ids.len(), true, false, KvSel::Main)?;
         let idx: Vec<i32> = queries
             .iter()
             .map(|&q| i32_of("query", self.source_position(q)))
@@ -1621,7 +1674,7 @@ impl CudaTransformer {
             st.padded = true;
         }
         // Canvases of equal length are not padded: their layers may run as a graph.
-        self.layers_maybe_graphed(st, 0, seq, true, false)?;
+        self.layers_maybe_graphed(st, 0, seq, true, false, KvSel::Main)?;
         // Every member's query rows, grouped by rule: one LM-head pass over all of them, one
         // sampler launch per rule and head chunk over that rule's rows.
         let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
@@ -1659,7 +1712,7 @@ impl CudaTransformer {
         self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
         let st = g.as_mut().expect("set above");
         let n = ids.len();
-        self.layers(&self.kit, st, 0, n, true, false)?;
+        self.layers(&self.kit, st, 0, n, true, false, KvSel::Main)?;
         let idx: Vec<i32> = (0..n)
             .map(|i| i32_of("row", if shifted { self.source_position(i) } else { i }))
             .collect::<Result<_>>()?;
@@ -1711,12 +1764,46 @@ impl CudaTransformer {
             .collect()
     }
 
+    /// The slot for Session cache `owner` and a canvas of `len` tokens: its own (restamped), a
+    /// new one while fewer than [`MAX_CACHE_SLOTS`] exist, else the least recently used one,
+    /// reassigned. Its K/V are then to be stored by a refresh.
+    fn claim_slot(&self, st: &mut State, owner: u64, len: usize) -> Result<usize> {
+        st.slot_clock += 1;
+        let now = st.slot_clock;
+        let j = match pick_slot(&st.slots, owner, MAX_CACHE_SLOTS) {
+            SlotPick::Own(j) | SlotPick::Evict(j) => j,
+            SlotPick::New => {
+                let rows = st.seq_cap * self.kv_dim();
+                let mut k = Vec::with_capacity(self.cfg.n_layers);
+                let mut v = Vec::with_capacity(self.cfg.n_layers);
+                for _ in 0..self.cfg.n_layers {
+                    k.push(alloc(&self.dev, rows, "K cache slot")?);
+                    v.push(alloc(&self.dev, rows, "V cache slot")?);
+                }
+                st.slots.push(CacheSlot {
+                    k,
+                    v,
+                    owner,
+                    seq: len,
+                    last_use: now,
+                });
+                st.slots.len() - 1
+            }
+        };
+        let slot = &mut st.slots[j];
+        slot.owner = owner;
+        slot.seq = len;
+        slot.last_use = now;
+        Ok(j)
+    }
+
     /// The Session's cached forward on the device cache (see [`crate::model::kv_cache`]): a
-    /// refresh runs the full forward storing every layer's K/V and records `cache` as the
-    /// cache's owner; a span step uploads the canvas, runs only the span's rows against the
-    /// device cache (writing their K/V) — or, when the device cache holds another cache's K/V
-    /// (a guided session alternates two canvases), a refresh, which is exact. Then the query
-    /// rows (each query's source row, which must lie in the computed rows) are set.
+    /// refresh runs the full forward storing every layer's K/V into `cache`'s slot
+    /// ([`CacheSlot`], claimed on its first refresh); a span step uploads the canvas and runs
+    /// only the span's rows against that slot (writing their K/V) — or, when the slot was
+    /// reassigned meanwhile (more alternating caches than [`MAX_CACHE_SLOTS`]), a refresh, which
+    /// is exact. Then the query rows (each query's source row, which must lie in the computed
+    /// rows) are set.
     fn cached_forward<'g>(
         &self,
         g: &'g mut std::sync::MutexGuard<'_, Option<State>>,
@@ -1727,6 +1814,7 @@ impl CudaTransformer {
     ) -> Result<&'g mut State> {
         cache.check_fits(&self.cfg, ids.len())?;
         check_queries(queries, ids.len())?;
+        let len = ids.len();
         let span = match step {
             CacheStep::Refresh => None,
             CacheStep::Span(r) => {
@@ -1735,35 +1823,39 @@ impl CudaTransformer {
                         "a cached span step needs a refresh of its cache first".into(),
                     ));
                 }
-                if r.is_empty() || r.end > ids.len() {
+                if r.is_empty() || r.end > len {
                     return Err(Error::invalid(format!(
-                        "cached span {r:?} is empty or outside the canvas of {}",
-                        ids.len()
+                        "cached span {r:?} is empty or outside the canvas of {len}"
                     )));
                 }
-                let resident = g.as_ref().is_some_and(|st| {
-                    st.cache_valid
-                        && st.cache_owner == Some(cache.id())
-                        && st.batch == 1
-                        && st.seq == ids.len()
-                });
-                resident.then(|| r.clone())
+                let slot = g
+                    .as_ref()
+                    .and_then(|st| slot_of(&st.slots, cache.id(), len));
+                slot.map(|j| (r.clone(), j))
             }
         };
         let fwd_start = match span {
             None => {
-                self.set_canvases_locked(g, ids, 1, ids.len())?;
+                self.set_canvases_locked(g, ids, 1, len)?;
                 let st = g.as_mut().expect("set above");
-                self.layers(&self.kit, st, 0, ids.len(), true, true)?;
-                st.cache_valid = true;
-                st.cache_owner = Some(cache.id());
+                let j = self.claim_slot(st, cache.id(), len)?;
+                self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j))?;
                 cache.mark_filled();
                 0
             }
-            Some(r) => {
-                let st = g.as_mut().expect("resident cache");
-                self.update_canvas_ids(st, ids)?;
-                self.layers_maybe_graphed(st, r.start, r.len(), false, true)?;
+            Some((r, j)) => {
+                // The slot is in the current state, so its canvas fits without a reallocation.
+                let fits = g.as_ref().is_some_and(|st| st.batch == 1 && st.seq == len);
+                if fits {
+                    let st = g.as_mut().expect("checked above");
+                    self.update_canvas_ids(st, ids)?;
+                } else {
+                    self.set_canvases_locked(g, ids, 1, len)?;
+                }
+                let st = g.as_mut().expect("canvas set");
+                st.slot_clock += 1;
+                st.slots[j].last_use = st.slot_clock;
+                self.layers_maybe_graphed(st, r.start, r.len(), false, true, KvSel::Slot(j))?;
                 r.start
             }
         };
@@ -1786,6 +1878,39 @@ impl CudaTransformer {
     }
 }
 
+/// Where a refresh of Session cache `owner` stores its K/V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotPick {
+    /// Its own slot.
+    Own(usize),
+    /// A new slot (fewer than the most exist).
+    New,
+    /// The least recently used slot, reassigned.
+    Evict(usize),
+}
+
+fn pick_slot(slots: &[CacheSlot], owner: u64, max: usize) -> SlotPick {
+    pick_slot_of(slots.iter().map(|s| (s.owner, s.last_use)), owner, max)
+}
+
+/// [`pick_slot`] over `(owner, last_use)` pairs.
+fn pick_slot_of(slots: impl Iterator<Item = (u64, u64)>, owner: u64, max: usize) -> SlotPick {
+    let slots: Vec<(u64, u64)> = slots.collect();
+    if let Some(j) = slots.iter().position(|&(o, _)| o == owner) {
+        SlotPick::Own(j)
+    } else if slots.len() < max {
+        SlotPick::New
+    } else {
+        let lru = (0..slots.len()).min_by_key(|&j| slots[j].1).unwrap_or(0);
+        SlotPick::Evict(lru)
+    }
+}
+
+/// The slot holding Session cache `owner`'s K/V for a canvas of `len` tokens.
+fn slot_of(slots: &[CacheSlot], owner: u64, len: usize) -> Option<usize> {
+    slots.iter().position(|s| s.owner == owner && s.seq == len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1799,6 +1924,30 @@ mod tests {
             mask_token: 7,
             vocab_size: 50,
         }
+    }
+
+    #[test]
+    fn cache_slots_are_kept_per_owner_then_recycled_least_recently_used() {
+        let pick = |slots: &[(u64, u64)], owner| pick_slot_of(slots.iter().copied(), owner, 3);
+        // A cache's own slot, whatever the others.
+        assert_eq!(pick(&[(7, 1), (9, 5)], 9), SlotPick::Own(1));
+        // A new cache gets a new slot while fewer than the most exist ...
+        assert_eq!(pick(&[], 4), SlotPick::New);
+        assert_eq!(pick(&[(7, 1), (9, 5)], 4), SlotPick::New);
+        // ... then the least recently used one.
+        assert_eq!(pick(&[(7, 8), (9, 5), (3, 6)], 4), SlotPick::Evict(1));
+        assert_eq!(pick(&[(7, 2), (9, 5), (3, 6)], 4), SlotPick::Evict(0));
+        // Two sessions alternating (or a guided session's two canvases) keep two slots: each
+        // refresh finds its own, so their span steps never evict each other.
+        let mut slots: Vec<(u64, u64)> = Vec::new();
+        for (t, owner) in [1u64, 2, 1, 2, 1, 2].into_iter().enumerate() {
+            match pick(&slots, owner) {
+                SlotPick::Own(j) => slots[j].1 = t as u64,
+                SlotPick::New => slots.push((owner, t as u64)),
+                SlotPick::Evict(j) => panic!("evicted slot {j} with only two caches"),
+            }
+        }
+        assert_eq!(slots.len(), 2);
     }
 
     #[test]
