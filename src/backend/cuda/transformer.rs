@@ -253,6 +253,8 @@ struct State {
     attn: CudaSlice<u16>,
     gu: CudaSlice<u16>,
     act: CudaSlice<u16>,
+    /// The main K/V cache (`batch_cap · seq_cap` rows per layer), allocated by the first forward
+    /// that writes it (the device-resident step API; Session caches use [`CacheSlot`]s).
     k_cache: Vec<CudaSlice<u16>>,
     v_cache: Vec<CudaSlice<u16>>,
     /// Whether the cache holds K/V of every position of the current canvases.
@@ -518,15 +520,8 @@ impl CudaTransformer {
         let dev = &*self.dev;
         let rows = batch_cap * seq_cap;
         let (d, h) = (self.cfg.d_model, self.cfg.mlp_hidden);
-        let kv = self.kv_dim();
         let qcap = rows;
         let chunk = HEAD_CHUNK_ROWS.min(qcap);
-        let mut k_cache = Vec::with_capacity(self.cfg.n_layers);
-        let mut v_cache = Vec::with_capacity(self.cfg.n_layers);
-        for _ in 0..self.cfg.n_layers {
-            k_cache.push(alloc(dev, rows * kv, "K cache")?);
-            v_cache.push(alloc(dev, rows * kv, "V cache")?);
-        }
         Ok(State {
             batch_cap,
             seq_cap,
@@ -539,8 +534,8 @@ impl CudaTransformer {
             attn: alloc(dev, rows * d, "attention output")?,
             gu: alloc(dev, rows * 2 * h, "gate|up")?,
             act: alloc(dev, rows * h, "swiglu output")?,
-            k_cache,
-            v_cache,
+            k_cache: Vec::new(),
+            v_cache: Vec::new(),
             cache_valid: false,
             slots: Vec::new(),
             slot_clock: 0,
@@ -767,14 +762,24 @@ impl CudaTransformer {
         store_cache: bool,
         kv_sel: KvSel,
     ) -> Result<()> {
-        if let KvSel::Slot(j) = kv_sel {
-            if st.batch != 1 || j >= st.slots.len() {
+        match kv_sel {
+            KvSel::Slot(j) if st.batch != 1 || j >= st.slots.len() => {
                 return Err(Error::State(format!(
                     "cache slot {j} of {} with {} canvases",
                     st.slots.len(),
                     st.batch
                 )));
             }
+            KvSel::Main if (!full || store_cache) && st.k_cache.is_empty() => {
+                let rows = st.batch_cap * st.seq_cap * self.kv_dim();
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                for _ in 0..self.cfg.n_layers {
+                    k.push(alloc(&self.dev, rows, "K cache")?);
+                    v.push(alloc(&self.dev, rows, "V cache")?);
+                }
+                (st.k_cache, st.v_cache) = (k, v);
+            }
+            _ => {}
         }
         let cfg = &self.cfg;
         let (b, s) = (st.batch, st.seq);
