@@ -429,26 +429,30 @@ fn session_cache_checks(
 /// Two dual-cache sessions stepped alternately on one GPU model must each end exactly as it
 /// ends alone: each keeps its own device K/V cache slot (before slots, every span step of
 /// either found the other's K/V and ran as a refresh).
-fn alternating_sessions_check(gpu: Arc<dyn Model>, prompt: &[u32]) -> CheckResult {
+fn alternating_sessions_check(cuda: &Arc<CudaTransformer>, prompt: &[u32]) -> CheckResult {
     let name = "model.alternating cached sessions == alone";
+    let gpu: Arc<dyn Model> = cuda.clone();
     let r = (|| -> Result<(f64, String)> {
         let other: Vec<u32> = prompt.iter().rev().copied().collect();
         let mut a = cached_session(gpu.clone(), prompt, 64, CacheMode::Dual)?;
         let mut b = cached_session(gpu.clone(), &other, 64, CacheMode::Dual)?;
+        let misses0 = cuda.cache_slot_misses();
         while !(a.is_done() && b.is_done()) {
             a.step()?;
             b.step()?;
         }
+        let misses = cuda.cache_slot_misses() - misses0;
         let (ra, rb) = (a.cache_stats().refreshes, b.cache_stats().refreshes);
         let alone_a = generate_cached(gpu.clone(), prompt, 64, CacheMode::Dual)?;
         let alone_b = generate_cached(gpu.clone(), &other, 64, CacheMode::Dual)?;
         let sa = same_count(&a.canvas()[prompt.len()..], &alone_a);
         let sb = same_count(&b.canvas()[other.len()..], &alone_b);
-        let ok = sa == alone_a.len() && sb == alone_b.len();
+        let ok = sa == alone_a.len() && sb == alone_b.len() && misses == 0;
         Ok((
             if ok { 0.0 } else { f64::INFINITY },
             format!(
-                "{sa}/{} and {sb}/{} tokens as alone; {ra} and {rb} refreshes",
+                "{sa}/{} and {sb}/{} tokens as alone; {ra} and {rb} refreshes; {misses} span \
+                 steps found their cache slot reassigned",
                 alone_a.len(),
                 alone_b.len()
             ),
@@ -777,7 +781,7 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                     "tokens",
                 ));
                 out.extend(cached_logits_checks("model", &*fast, &**cpu, &prompt));
-                out.push(alternating_sessions_check(fast.clone(), &prompt));
+                out.push(alternating_sessions_check(&fast, &prompt));
                 out.extend(session_cache_checks(
                     "model",
                     fast.clone(),

@@ -306,6 +306,8 @@ pub struct CudaTransformer {
     state: Mutex<Option<State>>,
     /// Per-operation event timing of eager steps (`dllm bench --profile`).
     profiler: OpProfiler,
+    /// [`CudaTransformer::cache_slot_misses`].
+    slot_misses: std::sync::atomic::AtomicUsize,
     /// Graph the layers of the Session path's forwards ([`session_graphs_from_env`]; off after
     /// one of their captures failed, leaving the step graphs alone).
     session_graphs: AtomicBool,
@@ -455,6 +457,7 @@ impl CudaTransformer {
             graphs: AtomicBool::new(graphs_from_env()),
             graph_error: Mutex::new(None),
             profiler: OpProfiler::default(),
+            slot_misses: Default::default(),
             session_graphs: AtomicBool::new(session_graphs_from_env()),
             dev,
             cfg: cfg.clone(),
@@ -605,16 +608,7 @@ impl CudaTransformer {
                 ids.len()
             )));
         }
-        if let Some((pos, &id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= self.cfg.embedding_size)
-        {
-            return Err(Error::invalid(format!(
-                "token id {id} at position {pos} is outside the model's embedding ({} rows)",
-                self.cfg.embedding_size
-            )));
-        }
+        self.check_embeddable(ids)?;
         self.reserve_locked(g, batch, seq)?;
         let st = g.as_mut().expect("reserved above");
         let host: Vec<i32> = ids.iter().map(|&v| v as i32).collect();
@@ -633,6 +627,7 @@ impl CudaTransformer {
 
     /// Replaces the ids of the single current canvas (same length) and keeps its K/V cache.
     fn update_canvas_ids(&self, st: &mut State, ids: &[u32]) -> Result<()> {
+        self.check_embeddable(ids)?;
         if st.batch != 1 || st.seq != ids.len() {
             return Err(Error::State(format!(
                 "the device holds {} canvases of {} tokens, not one of {}",
@@ -646,6 +641,21 @@ impl CudaTransformer {
             .stream
             .memcpy_htod(&host, &mut st.canvas.slice_mut(0..ids.len()))
             .map_err(|e| cuda_err("upload canvas", e))
+    }
+
+    /// Every id must have an embedding row (the embedding kernel reads row `id`).
+    fn check_embeddable(&self, ids: &[u32]) -> Result<()> {
+        match ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.cfg.embedding_size)
+        {
+            Some((pos, &id)) => Err(Error::invalid(format!(
+                "token id {id} at position {pos} is outside the model's embedding ({} rows)",
+                self.cfg.embedding_size
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Downloads the current canvases (`[batch, seq]`).
@@ -832,16 +842,17 @@ impl CudaTransformer {
             {
                 // RoPE on q and k in place, and (block forward, or a full forward that stores
                 // the cache) the rotated K and the V rows written into the cache.
-                let (mut kc, mut vc) = match kv_sel {
+                // Only a forward that writes the cache touches it (the main one may not exist).
+                let mut views = (!full || store_cache).then(|| match kv_sel {
                     KvSel::Main => (st.k_cache[li].as_view_mut(), st.v_cache[li].as_view_mut()),
                     KvSel::Slot(j) => {
                         let slot = &mut st.slots[j];
                         (slot.k[li].as_view_mut(), slot.v[li].as_view_mut())
                     }
-                };
-                let dst = (!full || store_cache).then_some(KvDst {
-                    k: &mut kc,
-                    v: &mut vc,
+                });
+                let dst = views.as_mut().map(|(kc, vc)| KvDst {
+                    k: kc,
+                    v: vc,
                     seq_rows: seq_cap,
                 });
                 let bias = lw.qkv_bias.as_ref().map(|b| b.as_view());
@@ -1777,29 +1788,50 @@ impl CudaTransformer {
         let now = st.slot_clock;
         let j = match pick_slot(&st.slots, owner, MAX_CACHE_SLOTS) {
             SlotPick::Own(j) | SlotPick::Evict(j) => j,
-            SlotPick::New => {
-                let rows = st.seq_cap * self.kv_dim();
-                let mut k = Vec::with_capacity(self.cfg.n_layers);
-                let mut v = Vec::with_capacity(self.cfg.n_layers);
-                for _ in 0..self.cfg.n_layers {
-                    k.push(alloc(&self.dev, rows, "K cache slot")?);
-                    v.push(alloc(&self.dev, rows, "V cache slot")?);
+            SlotPick::New => match self.alloc_slot_buffers(st.seq_cap) {
+                Ok((k, v)) => {
+                    st.slots.push(CacheSlot {
+                        k,
+                        v,
+                        owner,
+                        seq: len,
+                        last_use: now,
+                    });
+                    st.slots.len() - 1
                 }
-                st.slots.push(CacheSlot {
-                    k,
-                    v,
-                    owner,
-                    seq: len,
-                    last_use: now,
-                });
-                st.slots.len() - 1
-            }
+                // Out of memory for another slot: reuse the least recently used one.
+                Err(e) => match (0..st.slots.len()).min_by_key(|&j| st.slots[j].last_use) {
+                    Some(lru) => lru,
+                    None => return Err(e),
+                },
+            },
         };
         let slot = &mut st.slots[j];
         slot.owner = owner;
         slot.seq = len;
         slot.last_use = now;
         Ok(j)
+    }
+
+    /// K and V buffers of one slot: `seq_cap` rows of every layer.
+    #[allow(clippy::type_complexity)]
+    fn alloc_slot_buffers(
+        &self,
+        seq_cap: usize,
+    ) -> Result<(Vec<CudaSlice<u16>>, Vec<CudaSlice<u16>>)> {
+        let rows = seq_cap * self.kv_dim();
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for _ in 0..self.cfg.n_layers {
+            k.push(alloc(&self.dev, rows, "K cache slot")?);
+            v.push(alloc(&self.dev, rows, "V cache slot")?);
+        }
+        Ok((k, v))
+    }
+
+    /// Span steps of Session caches that found their slot reassigned and ran as refreshes, so
+    /// far (0 while at most [`MAX_CACHE_SLOTS`] caches alternate).
+    pub fn cache_slot_misses(&self) -> usize {
+        self.slot_misses.load(Ordering::Relaxed)
     }
 
     /// The Session's cached forward on the device cache (see [`crate::model::kv_cache`]): a
@@ -1836,6 +1868,10 @@ impl CudaTransformer {
                 let slot = g
                     .as_ref()
                     .and_then(|st| slot_of(&st.slots, cache.id(), len));
+                if slot.is_none() {
+                    // The slot was reassigned: this span step runs as a refresh.
+                    self.slot_misses.fetch_add(1, Ordering::Relaxed);
+                }
                 slot.map(|j| (r.clone(), j))
             }
         };
@@ -1844,7 +1880,11 @@ impl CudaTransformer {
                 self.set_canvases_locked(g, ids, 1, len)?;
                 let st = g.as_mut().expect("set above");
                 let j = self.claim_slot(st, cache.id(), len)?;
-                self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j))?;
+                if let Err(e) = self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j)) {
+                    // A half-written slot must not serve a span step.
+                    st.slots[j].seq = 0;
+                    return Err(e);
+                }
                 cache.mark_filled();
                 0
             }
@@ -1854,6 +1894,8 @@ impl CudaTransformer {
                 if fits {
                     let st = g.as_mut().expect("checked above");
                     self.update_canvas_ids(st, ids)?;
+                    // The main cache no longer matches the device canvas.
+                    st.cache_valid = false;
                 } else {
                     self.set_canvases_locked(g, ids, 1, len)?;
                 }
