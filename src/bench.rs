@@ -151,7 +151,7 @@ pub struct BenchReport {
     /// Per-operation GPU time of an eager run (`--profile`, CUDA only).
     pub profile: Option<Vec<ProfileRow>>,
     /// The `DLLM_*` kernel and launch switches in effect (CUDA only; `backend::cuda::switches`).
-    pub switches: Option<std::collections::BTreeMap<&'static str, bool>>,
+    pub switches: Option<std::collections::BTreeMap<&'static str, serde_json::Value>>,
 }
 
 /// One operation's mean time per step of one kind, from an eager run with an event after every

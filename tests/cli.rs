@@ -281,6 +281,7 @@ fn info_reports_the_cuda_switches() {
             "DLLM_ATTN_KEYS",
             "DLLM_PDL",
             "DLLM_SESSION_GRAPHS",
+            "DLLM_CACHE_SLOTS",
         ] {
             c.env_remove(v);
         }
@@ -294,13 +295,16 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(d["tma_gemm"], true);
     assert_eq!(d["key_group_attention"], false);
     assert_eq!(d["pdl"], false);
+    assert_eq!(d["cache_slots"], 4);
     let e = info(&[
         ("DLLM_GEMM_STREAM", "0"),
         ("DLLM_ATTN_KEYS", "1"),
         ("DLLM_PDL", "1"),
+        ("DLLM_CACHE_SLOTS", "1"),
     ]);
     assert_eq!(e["stream_gemm"], false);
     assert_eq!(e["key_group_attention"], true);
     assert_eq!(e["pdl"], true);
     assert_eq!(e["tma_gemm"], true);
+    assert_eq!(e["cache_slots"], 1);
 }

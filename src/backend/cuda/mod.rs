@@ -54,32 +54,37 @@ pub fn unavailable_reason() -> Option<String> {
 
 /// The kernel and launch choices the environment makes (each `DLLM_*` switch as the model will
 /// read it at load; a kernel that fails its load-time self-test is still skipped), for `dllm
-/// info` and the bench reports: (name, on).
-pub fn switches() -> Vec<(&'static str, bool)> {
+/// info` and the bench reports: (name, value), a bool for each on/off switch.
+pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
+    let on = |name, b: bool| (name, serde_json::Value::Bool(b));
     vec![
-        ("stream_gemm", gemm_stream::requested_by_env()),
-        ("tma_gemm", gemm_tma::requested_by_env()),
-        (
+        on("stream_gemm", gemm_stream::requested_by_env()),
+        on("tma_gemm", gemm_tma::requested_by_env()),
+        on(
             "wgmma_gemm",
             std::env::var("DLLM_GEMM_WGMMA").map_or(true, |v| v != "0"),
         ),
-        ("split_attention", attention::split_requested_by_env()),
-        ("key_group_attention", attention::keys_requested_by_env()),
-        (
+        on("split_attention", attention::split_requested_by_env()),
+        on("key_group_attention", attention::keys_requested_by_env()),
+        on(
             "reference_kernels",
             transformer::KernelChoice::from_env().naive_gemm,
         ),
-        ("pdl", launch::pdl_from_env()),
-        ("cuda_graphs", transformer::graphs_from_env()),
-        ("session_graphs", transformer::session_graphs_from_env()),
+        on("pdl", launch::pdl_from_env()),
+        on("cuda_graphs", transformer::graphs_from_env()),
+        on("session_graphs", transformer::session_graphs_from_env()),
+        ("cache_slots", transformer::cache_slots_from_env().into()),
     ]
 }
 
-/// `switches()` as one line: "stream_gemm on · tma_gemm on · …".
+/// `switches()` as one line: "stream_gemm on · tma_gemm on · … · cache_slots 4".
 pub fn switches_line() -> String {
     switches()
         .iter()
-        .map(|(n, on)| format!("{n} {}", if *on { "on" } else { "off" }))
+        .map(|(n, v)| match v {
+            serde_json::Value::Bool(b) => format!("{n} {}", if *b { "on" } else { "off" }),
+            other => format!("{n} {other}"),
+        })
         .collect::<Vec<_>>()
         .join(" · ")
 }

@@ -177,9 +177,20 @@ struct CacheSlot {
     last_use: u64,
 }
 
-/// Most Session cache slots a model keeps (each holds `n_layers · seq_cap · kv_dim · 2` bf16
-/// values: 200 MB for LLaDA-8B at 384 tokens); beyond it the least recently used is reassigned.
+/// Most Session cache slots a model keeps by default (each holds `n_layers · seq_cap · kv_dim ·
+/// 2` bf16 values: 200 MB for LLaDA-8B at 384 tokens); beyond it the least recently used is
+/// reassigned. `DLLM_CACHE_SLOTS=N` (1..=16) sets another count ([`cache_slots_from_env`]).
 const MAX_CACHE_SLOTS: usize = 4;
+
+/// The Session cache slot count: `DLLM_CACHE_SLOTS` when it is 1..=16, else
+/// [`MAX_CACHE_SLOTS`]. One slot is the behaviour before slots (alternating caches refresh).
+pub fn cache_slots_from_env() -> usize {
+    std::env::var("DLLM_CACHE_SLOTS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=16).contains(n))
+        .unwrap_or(MAX_CACHE_SLOTS)
+}
 
 /// Graph-cache key of a step within one shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -308,6 +319,8 @@ pub struct CudaTransformer {
     profiler: OpProfiler,
     /// [`CudaTransformer::cache_slot_misses`].
     slot_misses: std::sync::atomic::AtomicUsize,
+    /// Most Session cache slots ([`cache_slots_from_env`]).
+    cache_slots: usize,
     /// Graph the layers of the Session path's forwards ([`session_graphs_from_env`]; off after
     /// one of their captures failed, leaving the step graphs alone).
     session_graphs: AtomicBool,
@@ -458,6 +471,7 @@ impl CudaTransformer {
             graph_error: Mutex::new(None),
             profiler: OpProfiler::default(),
             slot_misses: Default::default(),
+            cache_slots: cache_slots_from_env(),
             session_graphs: AtomicBool::new(session_graphs_from_env()),
             dev,
             cfg: cfg.clone(),
@@ -1786,7 +1800,7 @@ impl CudaTransformer {
     fn claim_slot(&self, st: &mut State, owner: u64, len: usize) -> Result<usize> {
         st.slot_clock += 1;
         let now = st.slot_clock;
-        let j = match pick_slot(&st.slots, owner, MAX_CACHE_SLOTS) {
+        let j = match pick_slot(&st.slots, owner, self.cache_slots) {
             SlotPick::Own(j) | SlotPick::Evict(j) => j,
             SlotPick::New => match self.alloc_slot_buffers(st.seq_cap) {
                 Ok((k, v)) => {
