@@ -1,0 +1,164 @@
+//! Device K/V cache slots of the Session path: each Session cache ([`KvCache::id`]) keeps its
+//! K/V in its own [`CacheSlot`] (up to [`cache_slots_from_env`] per model, the least recently
+//! used one reassigned beyond), so Session caches that alternate their steps (several sessions,
+//! or a guided session's two canvases) keep their K/V instead of refreshing one shared cache.
+//! The slot policy ([`pick_slot_of`]) is host logic, unit-tested here.
+
+use super::{alloc, CudaTransformer, State};
+use crate::error::Result;
+#[cfg(doc)]
+use crate::model::kv_cache::KvCache;
+use cudarc::driver::CudaSlice;
+use std::sync::atomic::Ordering;
+
+/// The device K/V cache of one Session cache ([`KvCache::id`]): every layer's K and V rows of
+/// one canvas of at most `seq_cap` tokens. Several slots let Session caches that alternate their
+/// steps (two sessions, or a guided session's conditional and unconditional canvases) keep their
+/// K/V instead of refreshing one shared cache at every step.
+pub(super) struct CacheSlot {
+    pub(super) k: Vec<CudaSlice<u16>>,
+    pub(super) v: Vec<CudaSlice<u16>>,
+    /// The Session cache whose K/V it holds.
+    pub(super) owner: u64,
+    /// The canvas length they were stored for.
+    pub(super) seq: usize,
+    /// When it was last used ([`State::slot_clock`]), for least-recently-used eviction.
+    pub(super) last_use: u64,
+}
+
+/// Most Session cache slots a model keeps by default (each holds `n_layers · seq_cap · kv_dim ·
+/// 2` bf16 values: 200 MB for LLaDA-8B at 384 tokens); beyond it the least recently used is
+/// reassigned. `DLLM_CACHE_SLOTS=N` (1..=16) sets another count ([`cache_slots_from_env`]).
+const MAX_CACHE_SLOTS: usize = 4;
+
+/// The Session cache slot count: `DLLM_CACHE_SLOTS` when it is 1..=16, else
+/// [`MAX_CACHE_SLOTS`]. One slot is the behaviour before slots (alternating caches refresh).
+pub fn cache_slots_from_env() -> usize {
+    std::env::var("DLLM_CACHE_SLOTS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=16).contains(n))
+        .unwrap_or(MAX_CACHE_SLOTS)
+}
+
+impl CudaTransformer {
+    /// The slot for Session cache `owner` and a canvas of `len` tokens: its own (restamped), a
+    /// new one while fewer than [`MAX_CACHE_SLOTS`] exist, else the least recently used one,
+    /// reassigned. Its K/V are then to be stored by a refresh.
+    pub(super) fn claim_slot(&self, st: &mut State, owner: u64, len: usize) -> Result<usize> {
+        st.slot_clock += 1;
+        let now = st.slot_clock;
+        let j = match pick_slot(&st.slots, owner, self.cache_slots) {
+            SlotPick::Own(j) | SlotPick::Evict(j) => j,
+            SlotPick::New => match self.alloc_slot_buffers(st.seq_cap) {
+                Ok((k, v)) => {
+                    st.slots.push(CacheSlot {
+                        k,
+                        v,
+                        owner,
+                        seq: len,
+                        last_use: now,
+                    });
+                    st.slots.len() - 1
+                }
+                // Out of memory for another slot: reuse the least recently used one.
+                Err(e) => match (0..st.slots.len()).min_by_key(|&j| st.slots[j].last_use) {
+                    Some(lru) => lru,
+                    None => return Err(e),
+                },
+            },
+        };
+        let slot = &mut st.slots[j];
+        slot.owner = owner;
+        slot.seq = len;
+        slot.last_use = now;
+        Ok(j)
+    }
+
+    /// K and V buffers of one slot: `seq_cap` rows of every layer.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn alloc_slot_buffers(
+        &self,
+        seq_cap: usize,
+    ) -> Result<(Vec<CudaSlice<u16>>, Vec<CudaSlice<u16>>)> {
+        let rows = seq_cap * self.kv_dim();
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for _ in 0..self.cfg.n_layers {
+            k.push(alloc(&self.dev, rows, "K cache slot")?);
+            v.push(alloc(&self.dev, rows, "V cache slot")?);
+        }
+        Ok((k, v))
+    }
+
+    /// Span steps of Session caches that found their slot reassigned and ran as refreshes, so
+    /// far (0 while at most [`MAX_CACHE_SLOTS`] caches alternate).
+    pub fn cache_slot_misses(&self) -> usize {
+        self.slot_misses.load(Ordering::Relaxed)
+    }
+}
+
+/// Where a refresh of Session cache `owner` stores its K/V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SlotPick {
+    /// Its own slot.
+    Own(usize),
+    /// A new slot (fewer than the most exist).
+    New,
+    /// The least recently used slot, reassigned.
+    Evict(usize),
+}
+
+pub(super) fn pick_slot(slots: &[CacheSlot], owner: u64, max: usize) -> SlotPick {
+    pick_slot_of(slots.iter().map(|s| (s.owner, s.last_use)), owner, max)
+}
+
+/// [`pick_slot`] over `(owner, last_use)` pairs.
+pub(super) fn pick_slot_of(
+    slots: impl Iterator<Item = (u64, u64)>,
+    owner: u64,
+    max: usize,
+) -> SlotPick {
+    let slots: Vec<(u64, u64)> = slots.collect();
+    if let Some(j) = slots.iter().position(|&(o, _)| o == owner) {
+        SlotPick::Own(j)
+    } else if slots.len() < max {
+        SlotPick::New
+    } else {
+        let lru = (0..slots.len()).min_by_key(|&j| slots[j].1).unwrap_or(0);
+        SlotPick::Evict(lru)
+    }
+}
+
+/// The slot holding Session cache `owner`'s K/V for a canvas of `len` tokens.
+pub(super) fn slot_of(slots: &[CacheSlot], owner: u64, len: usize) -> Option<usize> {
+    slots.iter().position(|s| s.owner == owner && s.seq == len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_slots_are_kept_per_owner_then_recycled_least_recently_used() {
+        let pick = |slots: &[(u64, u64)], owner| pick_slot_of(slots.iter().copied(), owner, 3);
+        // A cache's own slot, whatever the others.
+        assert_eq!(pick(&[(7, 1), (9, 5)], 9), SlotPick::Own(1));
+        // A new cache gets a new slot while fewer than the most exist ...
+        assert_eq!(pick(&[], 4), SlotPick::New);
+        assert_eq!(pick(&[(7, 1), (9, 5)], 4), SlotPick::New);
+        // ... then the least recently used one.
+        assert_eq!(pick(&[(7, 8), (9, 5), (3, 6)], 4), SlotPick::Evict(1));
+        assert_eq!(pick(&[(7, 2), (9, 5), (3, 6)], 4), SlotPick::Evict(0));
+        // Two sessions alternating (or a guided session's two canvases) keep two slots: each
+        // refresh finds its own, so their span steps never evict each other.
+        let mut slots: Vec<(u64, u64)> = Vec::new();
+        for (t, owner) in [1u64, 2, 1, 2, 1, 2].into_iter().enumerate() {
+            match pick(&slots, owner) {
+                SlotPick::Own(j) => slots[j].1 = t as u64,
+                SlotPick::New => slots.push((owner, t as u64)),
+                SlotPick::Evict(j) => panic!("evicted slot {j} with only two caches"),
+            }
+        }
+        assert_eq!(slots.len(), 2);
+    }
+}
