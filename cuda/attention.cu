@@ -254,6 +254,41 @@ __device__ __forceinline__ void attn_store_rows(const float (&o)[D / 8][4], floa
     }
 }
 
+// Merges n partial online-softmax states of a lane's two rows, in order p = 0..n-1, into o / l0 / l1:
+// `ml(p)` gives partial p's (m0, m1, l0, l1) (running maxima in the log2 domain, row sums), `part(p, i)` its
+// unnormalised output values of n-tile i. The largest maximum first, then every partial rescaled to it; a
+// partial without keys (maximum -inf) weighs 0, and a row without any keeps l = 0 (zeros on output).
+template <int D, class ML, class Part>
+__device__ __forceinline__ void attn_merge(int n, ML ml, Part part, float (&o)[D / 8][4], float& l0, float& l1) {
+    constexpr int ND = D / 8;
+    float gm0 = -INFINITY, gm1 = -INFINITY;
+    for (int p = 0; p < n; ++p) {
+        const float4 x = ml(p);
+        gm0 = fmaxf(gm0, x.x);
+        gm1 = fmaxf(gm1, x.y);
+    }
+    const float gb0 = gm0 == -INFINITY ? 0.f : gm0;
+    const float gb1 = gm1 == -INFINITY ? 0.f : gm1;
+#pragma unroll
+    for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    l0 = 0.f;
+    l1 = 0.f;
+    for (int p = 0; p < n; ++p) {
+        const float4 x = ml(p);
+        const float w0 = exp2f(x.x - gb0), w1 = exp2f(x.y - gb1);
+        l0 += x.z * w0;
+        l1 += x.w * w1;
+#pragma unroll
+        for (int i = 0; i < ND; ++i) {
+            const float4 v = part(p, i);
+            o[i][0] += v.x * w0;
+            o[i][1] += v.y * w0;
+            o[i][2] += v.z * w1;
+            o[i][3] += v.w * w1;
+        }
+    }
+}
+
 // Split-KV partials of one block: per thread, ND x 4 unnormalised output values, then the running
 // maxima (log2 domain) and row sums of its rows g and g + 8.
 template <int D>
@@ -370,34 +405,13 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
         __syncthreads();
         if (s_last == 0u || !live) return;
         __threadfence();
-        // Merge in split order: the largest running max first, then every partial rescaled to it.
-        float gm0 = -INFINITY, gm1 = -INFINITY;
-        for (int sp = 0; sp < splits; ++sp) {
-            const float4 ml = __ldcg(reinterpret_cast<const float4*>(ws + ((unit * splits + sp) * THREADS + tid) * PF + 4 * ND));
-            gm0 = fmaxf(gm0, ml.x);
-            gm1 = fmaxf(gm1, ml.y);
-        }
-        const float gb0 = gm0 == -INFINITY ? 0.f : gm0;
-        const float gb1 = gm1 == -INFINITY ? 0.f : gm1;
-#pragma unroll
-        for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-        l0 = 0.f;
-        l1 = 0.f;
-        for (int sp = 0; sp < splits; ++sp) {
-            const float* part = ws + ((unit * splits + sp) * THREADS + tid) * PF;
-            const float4 ml = __ldcg(reinterpret_cast<const float4*>(part + 4 * ND));
-            const float w0 = exp2f(ml.x - gb0), w1 = exp2f(ml.y - gb1);
-            l0 += ml.z * w0;
-            l1 += ml.w * w1;
-#pragma unroll
-            for (int i = 0; i < ND; ++i) {
-                const float4 p = __ldcg(reinterpret_cast<const float4*>(part + 4 * i));
-                o[i][0] += p.x * w0;
-                o[i][1] += p.y * w0;
-                o[i][2] += p.z * w1;
-                o[i][3] += p.w * w1;
-            }
-        }
+        // Merge in split order.
+        const float* parts = ws + (unit * splits * THREADS + tid) * PF;
+        attn_merge<D>(
+            splits,
+            [&](int sp) { return __ldcg(reinterpret_cast<const float4*>(parts + (size_t)sp * THREADS * PF + 4 * ND)); },
+            [&](int sp, int i) { return __ldcg(reinterpret_cast<const float4*>(parts + (size_t)sp * THREADS * PF + 4 * i)); },
+            o, l0, l1);
         if (tid == 0) counters[unit] = 0u;
     }
     attn_store_rows<D>(o, l0, l1, out + (long long)b * sq * o_stride + (long long)h * D, q0 + warp * 16, sq,
@@ -537,35 +551,9 @@ __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, 
     __syncthreads();
     if (kg != 0) return;
     // Key-group 0's warp of row group rg: the partials of warps rg, rg + 2, rg + 4, rg + 6 (key groups 0..3).
-    float gm0 = -INFINITY, gm1 = -INFINITY;
-#pragma unroll
-    for (int kq = 0; kq < KG; ++kq) {
-        const float4 x = ml[(2 * kq + rg) * 32 + lane];
-        gm0 = fmaxf(gm0, x.x);
-        gm1 = fmaxf(gm1, x.y);
-    }
-    const float gb0 = gm0 == -INFINITY ? 0.f : gm0;
-    const float gb1 = gm1 == -INFINITY ? 0.f : gm1;
-#pragma unroll
-    for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    l0 = 0.f;
-    l1 = 0.f;
-#pragma unroll
-    for (int kq = 0; kq < KG; ++kq) {
-        const int w = 2 * kq + rg;
-        const float4 x = ml[w * 32 + lane];
-        const float w0 = exp2f(x.x - gb0), w1 = exp2f(x.y - gb1);
-        l0 += x.z * w0;
-        l1 += x.w * w1;
-#pragma unroll
-        for (int i = 0; i < ND; ++i) {
-            const float4 p = part[(w * ND + i) * 32 + lane];
-            o[i][0] += p.x * w0;
-            o[i][1] += p.y * w0;
-            o[i][2] += p.z * w1;
-            o[i][3] += p.w * w1;
-        }
-    }
+    attn_merge<D>(
+        KG, [&](int kq) { return ml[(2 * kq + rg) * 32 + lane]; },
+        [&](int kq, int i) { return part[((2 * kq + rg) * ND + i) * 32 + lane]; }, o, l0, l1);
     attn_store_rows<D>(o, l0, l1, out + (long long)b * sq * o_stride + (long long)h * D, q0 + rg * 16, sq,
                        o_stride, lane);
 }
