@@ -2,7 +2,7 @@
 # Runs on the GPU machine from the repo root, with binaries prebuilt by scripts/build-gpu-bundle.sh
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
-# Usage: scripts/gpu-check.sh [STAGE...]
+# Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
 #   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys sessiongraphs shapes sanitize ncu benchexp summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
@@ -38,6 +38,8 @@ BIN=${BIN:-.gpu}
 MODEL8B=${MODEL8B:-/tmp/llada8b}
 TINY=${TINY:-models/tiny-llada-code}
 STAGES=${*:-smi check synth bench summary}
+# `next`: the first call docs/perf.md ("Next GPU session") asks for, as one word.
+STAGES=${STAGES//next/smi check synth bench benchoff benchnostream pdl benchpdl keys sessiongraphs peer summary}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
