@@ -349,7 +349,8 @@ fn report(
 /// `--session`: `batch` greedy sessions of the bench canvases with `gen_len / tokens_per_step`
 /// steps (the LLaDA schedule then commits exactly `tokens_per_step` per step): one session runs
 /// alone ([`Session::run`](crate::denoise::Session::run), as `dllm generate` does), several are
-/// stepped together by [`run_batch`](crate::denoise::batch::run_batch) (as a batch file is).
+/// stepped together by [`run_batch`](crate::denoise::batch::run_batch) (as a batch file is:
+/// without a cache in packed rounds, with one each session after the other).
 /// Warm-up runs first (their time is the report's `warmup_seconds`: a cold run, graph captures
 /// included), then one timed run.
 fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
@@ -357,12 +358,6 @@ fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
     if o.profile {
         return Err(Error::invalid(
             "--profile times the device-resident step API: drop --session",
-        ));
-    }
-    if o.batch > 1 && o.cache != CacheMode::None {
-        return Err(Error::invalid(
-            "--session with a cache runs one canvas (--batch 1): cached sessions step alone and \
-             share the device's one K/V cache, so a batch would refresh it at every step",
         ));
     }
     let t0 = Instant::now();
@@ -839,14 +834,13 @@ mod tests {
         .unwrap_err()
         .to_string()
         .contains("--session"));
-        // Cached sessions step alone on the one device cache: a batch is refused.
-        let e = run_bench(&BenchOptions {
+        // A cached batch runs its sessions one after another, each to completion.
+        let cached = run_bench(&BenchOptions {
             cache: CacheMode::Dual,
             ..o.clone()
         })
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("--batch 1"), "{e}");
+        .unwrap();
+        assert_eq!((cached.masks_left, cached.steps), (0, 8));
         // One session runs alone (Session::run), with the same canvas as the step bench.
         let one = BenchOptions { batch: 1, ..o };
         assert_eq!(
