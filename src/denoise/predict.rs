@@ -259,6 +259,18 @@ pub fn predict_rows(
         .collect()
 }
 
+/// [`predict_rows`] for logits that hold only the queried rows, in order: row `i` predicts
+/// `queries[i]`.
+pub fn predict_query_rows(
+    logits: &[f32],
+    width: usize,
+    queries: &[usize],
+    rule: &PredictRule,
+) -> Vec<Prediction> {
+    let rows: Vec<usize> = (0..queries.len()).collect();
+    predict_rows(logits, width, &rows, queries, rule)
+}
+
 /// [`predict_rows`] with a [`SampleFilter`].
 pub fn predict_rows_filtered(
     logits: &[f32],

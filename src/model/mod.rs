@@ -18,7 +18,7 @@ pub use kv_cache::{CacheMode, CacheStep, KvCache};
 pub use load::{load_cpu, load_model, Backend, LoadedModel};
 
 use crate::config::{Arch, ModelConfig};
-use crate::denoise::predict::{predict_rows, PredictRule, Prediction};
+use crate::denoise::predict::{predict_query_rows, predict_rows, PredictRule, Prediction};
 use crate::error::Result;
 
 /// A loaded model on some backend.
@@ -103,11 +103,9 @@ pub trait Model: Send + Sync {
         step: &CacheStep,
     ) -> Result<Vec<Prediction>> {
         let logits = self.logits_cached(ids, queries, cache, step)?;
-        let rows: Vec<usize> = (0..queries.len()).collect();
-        Ok(predict_rows(
+        Ok(predict_query_rows(
             &logits,
             self.config().logits_width(),
-            &rows,
             queries,
             rule,
         ))

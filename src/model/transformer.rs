@@ -24,7 +24,7 @@
 
 use crate::backend::cpu;
 use crate::config::ModelConfig;
-use crate::denoise::predict::{predict_rows, PredictRule, Prediction};
+use crate::denoise::predict::{predict_query_rows, PredictRule, Prediction};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{CacheStep, KvCache};
 use crate::model::{check_queries, BatchQuery, Model};
@@ -458,8 +458,7 @@ impl CpuTransformer {
         for it in items {
             let n = it.queries.len();
             let slice = &logits[row * width..(row + n) * width];
-            let rows: Vec<usize> = (0..n).collect();
-            out.push(predict_rows(slice, width, &rows, it.queries, it.rule));
+            out.push(predict_query_rows(slice, width, it.queries, it.rule));
             row += n;
         }
         Ok(out)
@@ -513,11 +512,9 @@ impl CpuTransformer {
         let hidden = self.hidden(ids)?;
         let sources: Vec<usize> = queries.iter().map(|&q| self.source_row(q)).collect();
         let logits = self.logits_of_rows(&hidden, &sources)?;
-        let rows: Vec<usize> = (0..queries.len()).collect();
-        Ok(predict_rows(
+        Ok(predict_query_rows(
             &logits,
             self.cfg.logits_width(),
-            &rows,
             queries,
             rule,
         ))
