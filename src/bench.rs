@@ -531,13 +531,7 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     let run = || -> Result<()> {
         model.set_canvases(&init, o.batch, o.seq_len())?;
         for (i, st) in steps.iter().enumerate() {
-            model.step(
-                st.span.clone(),
-                st.use_cache,
-                st.store_cache,
-                &greedy_rule(&cfg, i),
-                st.k,
-            )?;
+            cuda_step(&model, &cfg, i, st)?;
         }
         dev.sync()
     };
@@ -571,13 +565,7 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
         let (mut full, mut block) = ((0.0f64, 0usize), (0.0f64, 0usize));
         for (i, st) in steps.iter().enumerate() {
             let t = Instant::now();
-            model.step(
-                st.span.clone(),
-                st.use_cache,
-                st.store_cache,
-                &greedy_rule(&cfg, i),
-                st.k,
-            )?;
+            cuda_step(&model, &cfg, i, st)?;
             dev.sync()?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             let acc = if st.use_cache { &mut block } else { &mut full };
@@ -594,6 +582,22 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     Ok(r)
 }
 
+/// Step `i` of the schedule on the device canvases (greedy).
+fn cuda_step(
+    model: &crate::backend::cuda::transformer::CudaTransformer,
+    cfg: &ModelConfig,
+    i: usize,
+    st: &BenchStep,
+) -> Result<()> {
+    model.step(
+        st.span.clone(),
+        st.use_cache,
+        st.store_cache,
+        &greedy_rule(cfg, i),
+        st.k,
+    )
+}
+
 /// One untimed eager run of `steps` with every operation timed ([`BenchReport::profile`]).
 fn profile_cuda(
     model: &crate::backend::cuda::transformer::CudaTransformer,
@@ -607,13 +611,7 @@ fn profile_cuda(
     let (mut full, mut block) = ((Vec::new(), 0usize), (Vec::new(), 0usize));
     for (i, st) in steps.iter().enumerate() {
         model.profile_start()?;
-        let stepped = model.step(
-            st.span.clone(),
-            st.use_cache,
-            st.store_cache,
-            &greedy_rule(&cfg, i),
-            st.k,
-        );
+        let stepped = cuda_step(model, &cfg, i, st);
         // Close the recording whatever the step did; the step's error comes first.
         let times = model.profile_finish();
         stepped?;

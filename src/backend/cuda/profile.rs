@@ -118,13 +118,7 @@ pub fn attribute(labels: &[&'static str], stamps: &[f64]) -> Vec<OpTime> {
     for (&op, &t) in labels.iter().zip(stamps) {
         let ms = (t - prev).max(0.0);
         prev = t;
-        match out.iter_mut().find(|o| o.op == op) {
-            Some(o) => {
-                o.ms += ms;
-                o.calls += 1;
-            }
-            None => out.push(OpTime { op, ms, calls: 1 }),
-        }
+        add(&mut out, &OpTime { op, ms, calls: 1 });
     }
     out
 }
@@ -132,13 +126,18 @@ pub fn attribute(labels: &[&'static str], stamps: &[f64]) -> Vec<OpTime> {
 /// Adds `step` into `total` (label by label, new labels appended).
 pub fn accumulate(total: &mut Vec<OpTime>, step: &[OpTime]) {
     for s in step {
-        match total.iter_mut().find(|o| o.op == s.op) {
-            Some(o) => {
-                o.ms += s.ms;
-                o.calls += s.calls;
-            }
-            None => total.push(s.clone()),
+        add(total, s);
+    }
+}
+
+/// Adds `t` to its label's entry of `total`, or appends it.
+fn add(total: &mut Vec<OpTime>, t: &OpTime) {
+    match total.iter_mut().find(|o| o.op == t.op) {
+        Some(o) => {
+            o.ms += t.ms;
+            o.calls += t.calls;
         }
+        None => total.push(t.clone()),
     }
 }
 
