@@ -26,16 +26,18 @@
 //! canvas's rows see exactly its own keys. Only this padded forward passes the lengths; every
 //! other forward, and every captured graph, attends as before.
 //!
-//! CUDA graphs: the steady-state dual-cache block step ([`CudaTransformer::step`] with `use_cache`:
-//! every layer over the block rows, `ln_f` + LM head on them, sampling and commit) and the
-//! no-cache step (the same over a full forward) are captured once per (kind, batch, canvas
-//! length, block start, forward rows, k) and replayed afterwards, when the prediction rule does
-//! not depend on the step index (temperature 0, low-confidence remasking: the greedy default).
-//! The dual cache's refresh (a full forward that stores the K/V) runs once per block, so it
-//! stays eager. A graph bakes in buffer addresses, so each (batch, canvas length, forward rows)
-//! shape owns its own GEMM and sampler instances (their split-K / partial scratch is sized by
-//! one eager warm-up step of that shape and never grows afterwards), the graphs live in the step
-//! buffers' [`State`] and die with them, and the query rows are uploaded before the replay. `DLLM_CUDA_GRAPH=0` (or [`CudaTransformer::set_graphs`]) runs every step eagerly.
+//! CUDA graphs ([`graphs`]): the steady-state dual-cache block step ([`CudaTransformer::step`]
+//! with `use_cache`: every layer over the block rows, `ln_f` + LM head on them, sampling and
+//! commit) and the no-cache step (the same over a full forward) are captured once per (kind,
+//! batch, canvas length, block start, forward rows, k) and replayed afterwards, when the
+//! prediction rule does not depend on the step index (temperature 0, low-confidence remasking:
+//! the greedy default). The dual cache's refresh (a full forward that stores the K/V) runs once
+//! per block, so it stays eager. A graph bakes in buffer addresses, so each (batch, canvas
+//! length, forward rows) shape owns its own GEMM and sampler instances (their split-K / partial
+//! scratch is sized by one eager warm-up step of that shape and never grows afterwards), the
+//! graphs live in the step buffers' [`State`] and die with them, and the query rows are uploaded
+//! before the replay. `DLLM_CUDA_GRAPH=0` (or [`CudaTransformer::set_graphs`]) runs every step
+//! eagerly. The Session path's cached forwards keep their K/V in per-cache [`slots`].
 //!
 //! Setting `DLLM_CUDA_SAFE=1` runs the reference (naive) GEMM and attention kernels instead of
 //! the fast ones, so a wrong fast kernel can be told apart from a wrong model.
@@ -699,13 +701,8 @@ impl CudaTransformer {
                 )));
             }
             KvSel::Main if (!full || store_cache) && st.k_cache.is_empty() => {
-                let rows = st.batch_cap * st.seq_cap * self.kv_dim();
-                let (mut k, mut v) = (Vec::new(), Vec::new());
-                for _ in 0..self.cfg.n_layers {
-                    k.push(alloc(&self.dev, rows, "K cache")?);
-                    v.push(alloc(&self.dev, rows, "V cache")?);
-                }
-                (st.k_cache, st.v_cache) = (k, v);
+                let elems = st.batch_cap * st.seq_cap * self.kv_dim();
+                (st.k_cache, st.v_cache) = self.alloc_kv(elems, "cache")?;
             }
             _ => {}
         }

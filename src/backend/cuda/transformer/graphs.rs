@@ -70,7 +70,7 @@ pub(super) struct StepKey {
 /// length for a full forward).
 pub(super) type ShapeKey = (usize, usize, usize);
 
-/// A captured, instantiated block step.
+/// A captured, instantiated step (or Session-path layers).
 pub(super) struct StepGraph(CudaGraph);
 
 // SAFETY: CUDA graph objects are not internally synchronised and must not be used from two
@@ -78,13 +78,23 @@ pub(super) struct StepGraph(CudaGraph);
 // created, launched and dropped with that lock held, so every access is serialised.
 unsafe impl Send for StepGraph {}
 
-/// Captured block steps of one shape, with the kernel instances they were captured with.
+/// The graphs captured at one shape (steps and Session-path layers), with the kernel instances
+/// they were captured with.
 pub(super) struct GraphSet {
     pub(super) kit: Kit,
     /// The (kind, span rows) `kit` has run eagerly once at this shape (its scratch is sized for
     /// them: a step's head and sampler scale with its span).
     pub(super) warmed: HashSet<(GraphKind, usize)>,
     pub(super) graphs: HashMap<StepKey, StepGraph>,
+}
+
+impl GraphSet {
+    /// Whether the Session path's layers have run at this shape (warmed, and maybe captured).
+    fn holds_layers(&self) -> bool {
+        self.warmed
+            .iter()
+            .any(|(k, _)| matches!(k, GraphKind::Layers { .. }))
+    }
 }
 
 impl CudaTransformer {
@@ -108,37 +118,31 @@ impl CudaTransformer {
                 Self::check_block(st, fwd.start, fwd.len())?;
                 fwd
             }
-            StepKind::Full { .. } => {
-                if st.padded {
-                    // A padded batch (left by predict_batch) masks its padding keys through
-                    // per-canvas lengths, which graphs do not key on: run it eagerly.
-                    let seq = st.seq;
-                    st.fwd_len = seq;
-                    let (idx, pos) = self.span_queries(st, &span, 0)?;
-                    self.set_queries(st, idx, pos)?;
-                    self.step_launches(&self.kit, st, &span, kind, rule, k)?;
-                    Self::full_forward_done(st, kind);
-                    return Ok(());
-                }
-                0..st.seq
-            }
+            StepKind::Full { .. } => 0..st.seq,
         };
         // The query rows are device data the graph reads: upload them before the replay.
         st.fwd_len = fwd.len();
         let (idx, pos) = self.span_queries(st, &span, fwd.start)?;
         self.set_queries(st, idx, pos)?;
-        let shape: ShapeKey = (st.batch, st.seq, fwd.len());
-        let key = StepKey {
-            kind: GraphKind::Step(kind),
-            start: span.start,
-            end: span.end,
-            k,
-            mask_token: rule.mask_token,
-            vocab_size: rule.vocab_size,
-        };
-        self.graphed(st, shape, key, &|m, kit, st| {
-            m.step_launches(kit, st, &span, kind, rule, k)
-        })?;
+        if st.padded {
+            // A padded batch (left by predict_batch; check_block refuses it for block steps)
+            // masks its padding keys through per-canvas lengths, which graphs do not key on:
+            // its full step runs eagerly.
+            self.step_launches(&self.kit, st, &span, kind, rule, k)?;
+        } else {
+            let shape: ShapeKey = (st.batch, st.seq, fwd.len());
+            let key = StepKey {
+                kind: GraphKind::Step(kind),
+                start: span.start,
+                end: span.end,
+                k,
+                mask_token: rule.mask_token,
+                vocab_size: rule.vocab_size,
+            };
+            self.graphed(st, shape, key, &|m, kit, st| {
+                m.step_launches(kit, st, &span, kind, rule, k)
+            })?;
+        }
         Self::full_forward_done(st, kind);
         Ok(())
     }
@@ -213,19 +217,14 @@ impl CudaTransformer {
         // from its second sighting on (a prefix-cache span, whose row count changes every
         // block, is seen once per step of its block), and at most MAX_LAYER_GRAPH_SHAPES
         // shapes hold layer graphs.
-        let known = st.graph_sets.get(&shape).is_some_and(|set| {
-            set.warmed
-                .iter()
-                .any(|(k, _)| matches!(k, GraphKind::Layers { .. }))
-        });
+        let known = st
+            .graph_sets
+            .get(&shape)
+            .is_some_and(GraphSet::holds_layers);
         let layer_sets = st
             .graph_sets
             .values()
-            .filter(|set| {
-                set.warmed
-                    .iter()
-                    .any(|(k, _)| matches!(k, GraphKind::Layers { .. }))
-            })
+            .filter(|set| set.holds_layers())
             .count();
         let seen_before = !st.layer_shapes_seen.insert(shape);
         let graphable = self.session_graphs.load(Ordering::Relaxed)
@@ -284,7 +283,7 @@ impl CudaTransformer {
             return graph
                 .0
                 .launch()
-                .map_err(|e| GraphFail::Step(cuda_err("launch block-step graph", e)));
+                .map_err(|e| GraphFail::Step(cuda_err("launch step graph", e)));
         }
         if set.graphs.len() >= MAX_GRAPHS_PER_SHAPE {
             set.graphs.clear();
@@ -292,7 +291,7 @@ impl CudaTransformer {
         let stream = &self.dev.stream;
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| GraphFail::Capture(cuda_err("begin block-step capture", e)))?;
+            .map_err(|e| GraphFail::Capture(cuda_err("begin step capture", e)))?;
         // No profiling event may land in the capture (a profile cannot open meanwhile, and an
         // open one skips this step's operations).
         self.profiler.set_capturing(true);
@@ -300,18 +299,15 @@ impl CudaTransformer {
         self.profiler.set_capturing(false);
         // Always end the capture, also when a launch failed, so the stream is usable again.
         let ended = stream.end_capture(CUgraphInstantiate_flags(0));
-        launched
-            .map_err(|e| GraphFail::Capture(Error::Backend(format!("captured block step: {e}"))))?;
+        launched.map_err(|e| GraphFail::Capture(Error::Backend(format!("captured step: {e}"))))?;
         let graph = ended
-            .map_err(|e| GraphFail::Capture(cuda_err("end block-step capture", e)))?
+            .map_err(|e| GraphFail::Capture(cuda_err("end step capture", e)))?
             .ok_or_else(|| {
-                GraphFail::Capture(Error::Backend(
-                    "CUDA block-step capture produced no graph".into(),
-                ))
+                GraphFail::Capture(Error::Backend("CUDA step capture produced no graph".into()))
             })?;
         graph
             .launch()
-            .map_err(|e| GraphFail::Step(cuda_err("launch block-step graph", e)))?;
+            .map_err(|e| GraphFail::Step(cuda_err("launch step graph", e)))?;
         set.graphs.insert(key, StepGraph(graph));
         Ok(())
     }
@@ -325,7 +321,7 @@ impl CudaTransformer {
     }
 }
 
-/// How a graphed block step failed.
+/// How a graphed step failed.
 pub(super) enum GraphFail {
     /// Capturing or instantiating failed; nothing of the step ran, so it can run eagerly.
     Capture(Error),

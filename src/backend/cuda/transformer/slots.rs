@@ -43,14 +43,14 @@ pub fn cache_slots_from_env() -> usize {
 
 impl CudaTransformer {
     /// The slot for Session cache `owner` and a canvas of `len` tokens: its own (restamped), a
-    /// new one while fewer than [`MAX_CACHE_SLOTS`] exist, else the least recently used one,
-    /// reassigned. Its K/V are then to be stored by a refresh.
+    /// new one while fewer than the model's slot count exist (and memory allows), else the least
+    /// recently used one, reassigned. Its K/V are then to be stored by a refresh.
     pub(super) fn claim_slot(&self, st: &mut State, owner: u64, len: usize) -> Result<usize> {
         st.slot_clock += 1;
         let now = st.slot_clock;
         let j = match pick_slot(&st.slots, owner, self.cache_slots) {
             SlotPick::Own(j) | SlotPick::Evict(j) => j,
-            SlotPick::New => match self.alloc_slot_buffers(st.seq_cap) {
+            SlotPick::New => match self.alloc_kv(st.seq_cap * self.kv_dim(), "cache slot") {
                 Ok((k, v)) => {
                     st.slots.push(CacheSlot {
                         k,
@@ -62,10 +62,7 @@ impl CudaTransformer {
                     st.slots.len() - 1
                 }
                 // Out of memory for another slot: reuse the least recently used one.
-                Err(e) => match (0..st.slots.len()).min_by_key(|&j| st.slots[j].last_use) {
-                    Some(lru) => lru,
-                    None => return Err(e),
-                },
+                Err(e) => least_recent(st.slots.iter().map(|s| s.last_use)).ok_or(e)?,
             },
         };
         let slot = &mut st.slots[j];
@@ -75,17 +72,18 @@ impl CudaTransformer {
         Ok(j)
     }
 
-    /// K and V buffers of one slot: `seq_cap` rows of every layer.
+    /// K and V buffers of `elems` bf16 values for every layer (`what` names them in errors):
+    /// a cache slot's, or the main cache's.
     #[allow(clippy::type_complexity)]
-    pub(super) fn alloc_slot_buffers(
+    pub(super) fn alloc_kv(
         &self,
-        seq_cap: usize,
+        elems: usize,
+        what: &str,
     ) -> Result<(Vec<CudaSlice<u16>>, Vec<CudaSlice<u16>>)> {
-        let rows = seq_cap * self.kv_dim();
         let (mut k, mut v) = (Vec::new(), Vec::new());
         for _ in 0..self.cfg.n_layers {
-            k.push(alloc(&self.dev, rows, "K cache slot")?);
-            v.push(alloc(&self.dev, rows, "V cache slot")?);
+            k.push(alloc(&self.dev, elems, &format!("K {what}"))?);
+            v.push(alloc(&self.dev, elems, &format!("V {what}"))?);
         }
         Ok((k, v))
     }
@@ -124,9 +122,13 @@ pub(super) fn pick_slot_of(
     } else if slots.len() < max {
         SlotPick::New
     } else {
-        let lru = (0..slots.len()).min_by_key(|&j| slots[j].1).unwrap_or(0);
-        SlotPick::Evict(lru)
+        SlotPick::Evict(least_recent(slots.iter().map(|s| s.1)).unwrap_or(0))
     }
+}
+
+/// The index of the smallest use stamp (the first of equals), `None` for no slots.
+fn least_recent(uses: impl Iterator<Item = u64>) -> Option<usize> {
+    uses.enumerate().min_by_key(|&(_, u)| u).map(|(j, _)| j)
 }
 
 /// The slot holding Session cache `owner`'s K/V for a canvas of `len` tokens.
