@@ -334,21 +334,24 @@ fn cached_logits_checks(
 }
 
 /// Session generation without a cache and with each block K/V cache mode, GPU (device cache,
-/// bf16 K/V) vs CPU (host cache, f32 K/V), in lockstep ([`run_lockstep`]): the CPU session leads, and every step both
-/// predict on the leader's canvas, each through its own cache. A cached step reuses stale K/V,
+/// bf16 K/V) vs CPU (host cache, f32 K/V), in lockstep ([`run_lockstep`]): the CPU session
+/// leads, and every step both predict on the leader's canvas, each through its own cache. A cached step reuses stale K/V,
 /// so one near-tie flipped by rounding sends a free-running generation down another (equally
 /// valid) path and every later token differs with no error anywhere: session 3's stream GEMM
 /// gave 12/128 free-running tokens this way, with a coherent text one blank line shorter. In
 /// lockstep each step is compared on its own: the fraction of predicted tokens that differ
 /// (`tol`), how far from a tie the widest disagreement was ([`TOL_LOCKSTEP_GAP`]), and the
 /// confidences where the tokens agree ([`TOL_MODEL`]). The free-running generations are still
-/// run and recorded (details, and the tokens check's text).
+/// run and recorded (details, and the tokens check's text); without a cache that is
+/// `free_none`, the GPU's greedy generation of the same prompt and length that the caller ran.
+#[allow(clippy::too_many_arguments)]
 fn session_cache_checks(
     prefix: &str,
     gpu: Arc<dyn Model>,
     cpu: Arc<dyn Model>,
     prompt: &[u32],
     gen: usize,
+    free_none: &[u32],
     tol: f64,
     details: &mut Value,
 ) -> Vec<CheckResult> {
@@ -363,7 +366,10 @@ fn session_cache_checks(
             let mut leader = cached_session(cpu.clone(), prompt, gen, mode)?;
             let mut follower = cached_session(gpu.clone(), prompt, gen, mode)?;
             let report = run_lockstep(&mut leader, &mut follower)?;
-            let g = generate_cached(gpu.clone(), prompt, gen, mode)?;
+            let g = match mode {
+                CacheMode::None => free_none.to_vec(),
+                _ => generate_cached(gpu.clone(), prompt, gen, mode)?,
+            };
             let c = report.canvas[prompt.len()..].to_vec();
             let free = same_count(&g, &c);
             details[format!("{prefix}_session_{name}_gpu")] = json!(g);
@@ -788,6 +794,7 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                     cpu.clone(),
                     &prompt,
                     128,
+                    &gg,
                     TOL_CACHED_GEN_MISS,
                     details,
                 ));
@@ -1137,6 +1144,7 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             cpu.clone(),
             &prompt,
             64,
+            &gg,
             TOL_CACHED_GEN_MISS,
             details,
         ));
