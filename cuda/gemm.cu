@@ -241,20 +241,7 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
         if (threadIdx.x == 0) counters[tile] = 0u;
     }
 
-    // Fragment element q of tile r, group j: weight row rbase + 16 r + g (+ 8 when q >= 2),
-    // token 8j + 2t + (q & 1).
-#pragma unroll
-    for (int r = 0; r < RT; ++r) {
-#pragma unroll
-        for (int j = 0; j < G; ++j) {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int m = 8 * j + 2 * t + (q & 1);
-                const int n = rbase + 16 * r + g + ((q < 2) ? 0 : 8);
-                if (m < M && n < N) gemm_store1(C, (size_t)m * N + n, acc[r][j][q], epi);
-            }
-        }
-    }
+    gemm_store_fragments<RT, G>(acc, C, rbase, g, t, M, N, epi);
 }
 
 #define DLLM_SKINNY_KERNEL(G)                                                                                   \
@@ -466,13 +453,6 @@ extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int r0 = m0 + warp_m * 64 + i * 16 + g;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int n = n0 + warp_n * 32 + j * 8 + 2 * t;
-            if (n < N) {
-                if (r0 < M) gemm_store2(C, (size_t)r0 * N + n, acc[i][j][0], acc[i][j][1], epi);
-                if (r0 + 8 < M) gemm_store2(C, (size_t)(r0 + 8) * N + n, acc[i][j][2], acc[i][j][3], epi);
-            }
-        }
+        gemm_store_pairs<4>(&acc[i][0][0], C, r0, n0 + warp_n * 32 + 2 * t, 0, M, N, epi);
     }
 }

@@ -41,6 +41,99 @@ __device__ __forceinline__ void gemm_store2(void* C, size_t idx, float v0, float
     }
 }
 
+// The residual add (DLLM_EPI_ADD_F32) is a read-modify-write of C. Written one element at a
+// time, each load waits for the previous store: the compiler cannot prove two computed C
+// addresses distinct, so it keeps every load after every earlier store, and a thread's 32-48
+// adds become as many serial L2 round trips (~20-30 us per GEMM on an H200, more than the whole
+// weight stream of the 33 MB attention-output projection). The helpers below load a whole batch
+// of old values first, then store: one round trip per batch.
+
+// A compiler barrier: keeps the batch's loads ahead of its stores (left alone, the optimiser
+// sinks each load next to the store that uses it, back to one round trip per element).
+__device__ __forceinline__ void gemm_loads_before_stores() { asm volatile("" ::: "memory"); }
+
+// The fragments of a skinny / stream warp (acc[r][j][q]: weight row rbase + 16 r + g, + 8 when
+// q >= 2; token 8 j + 2 t + (q & 1)), masked to M x N, stored with epilogue `epi`.
+template <int RT, int G>
+__device__ __forceinline__ void gemm_store_fragments(const float (&acc)[RT][G][4], void* C, int rbase, int g, int t,
+                                                     int M, int N, int epi) {
+    if (epi == DLLM_EPI_ADD_F32) {
+        float* out = (float*)C;
+        float old[RT][G][4];
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int j = 0; j < G; ++j)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int m = 8 * j + 2 * t + (q & 1);
+                    const int n = rbase + 16 * r + g + ((q < 2) ? 0 : 8);
+                    old[r][j][q] = (m < M && n < N) ? out[(size_t)m * N + n] : 0.0f;
+                }
+        gemm_loads_before_stores();
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int j = 0; j < G; ++j)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int m = 8 * j + 2 * t + (q & 1);
+                    const int n = rbase + 16 * r + g + ((q < 2) ? 0 : 8);
+                    if (m < M && n < N) out[(size_t)m * N + n] = old[r][j][q] + acc[r][j][q];
+                }
+        return;
+    }
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int j = 0; j < G; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int m = 8 * j + 2 * t + (q & 1);
+                const int n = rbase + 16 * r + g + ((q < 2) ? 0 : 8);
+                if (m < M && n < N) gemm_store1(C, (size_t)m * N + n, acc[r][j][q], epi);
+            }
+}
+
+// Pair stores of an mma.sync / wgmma accumulator layout, BATCH column blocks at a time: block j
+// holds (row, cols n0 + 8 j + 2 t, +1) in v[4 j], v[4 j + 1] and (row + 8, same cols) in
+// v[4 j + 2], v[4 j + 3] for j in [j0, j0 + BATCH). Masked to M x N (N even, so a pair is either
+// inside or past N). For the residual add, the batch's old values are all loaded before any store.
+template <int BATCH>
+__device__ __forceinline__ void gemm_store_pairs(const float* v, void* C, int row, int n0, int j0, int M, int N,
+                                                 int epi) {
+    if (epi == DLLM_EPI_ADD_F32) {
+        float2* out = (float2*)C;
+        float2 old[BATCH][2];
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            const int n = n0 + 8 * (j0 + j);
+            const bool in_n = n < N;
+            old[j][0] = (in_n && row < M) ? out[((size_t)row * N + n) / 2] : make_float2(0.0f, 0.0f);
+            old[j][1] = (in_n && row + 8 < M) ? out[((size_t)(row + 8) * N + n) / 2] : make_float2(0.0f, 0.0f);
+        }
+        gemm_loads_before_stores();
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            const int n = n0 + 8 * (j0 + j);
+            if (n >= N) continue;
+            const float* a = v + 4 * (j0 + j);
+            if (row < M) out[((size_t)row * N + n) / 2] = make_float2(old[j][0].x + a[0], old[j][0].y + a[1]);
+            if (row + 8 < M)
+                out[((size_t)(row + 8) * N + n) / 2] = make_float2(old[j][1].x + a[2], old[j][1].y + a[3]);
+        }
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+        const int n = n0 + 8 * (j0 + j);
+        if (n >= N) continue;
+        const float* a = v + 4 * (j0 + j);
+        if (row < M) gemm_store2(C, (size_t)row * N + n, a[0], a[1], epi);
+        if (row + 8 < M) gemm_store2(C, (size_t)(row + 8) * N + n, a[2], a[3], epi);
+    }
+}
+
 // D = A(16x16, row) * B(16x8, col) + D, bf16 inputs, fp32 accumulators.
 __device__ __forceinline__ void gemm_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                               uint32_t b0, uint32_t b1) {

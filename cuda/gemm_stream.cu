@@ -297,21 +297,7 @@ __device__ __forceinline__ void stream_body(const CUtensorMap* map_a, const CUte
                 store = true;
             }
         }
-        if (store) {
-            // Fragment element q of tile r, group j: weight row rbase + 16 r + g (+ 8 when q >= 2),
-            // token 8 j + 2 t + (q & 1).
-            const int rbase = tile * STREAM_ROWS + wrow;
-#pragma unroll
-            for (int r = 0; r < STREAM_RT; ++r)
-#pragma unroll
-                for (int j = 0; j < G; ++j)
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        const int m = 8 * j + 2 * t + (q & 1);
-                        const int n = rbase + 16 * r + g + ((q < 2) ? 0 : 8);
-                        if (m < M && n < N) gemm_store1(C, (size_t)m * N + n, acc[r][j][q], epi);
-                    }
-        }
+        if (store) gemm_store_fragments<STREAM_RT, G>(acc, C, tile * STREAM_ROWS + wrow, g, t, M, N, epi);
         stream_zero<G>(acc);
         seg_whole = true;  // the next segment starts at a tile's first chunk
         kc = 0;

@@ -168,7 +168,8 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
         store = splits == 1 ||
                 wg_split_reduce<Cfg::CONSUMERS>(acc, ws, counters, tile, split, splits, tid, 1);
     }
-    if (store) wg_store_tile(acc, C, m0 + wg * 64, n0, M, N, epi, tid & 127);
+    // 2 column blocks per residual-add batch: more spill the consumers under 416 threads.
+    if (store) wg_store_tile<2>(acc, C, m0 + wg * 64, n0, M, N, epi, tid & 127);
     // No block leaves while its peer may still arrive on its barriers or multicast into it
     // (the release of the cluster barrier also orders this block's last remote arrivals).
     __syncwarp();

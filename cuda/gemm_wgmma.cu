@@ -150,7 +150,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
 
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     if (splits > 1 && !wg_split_reduce<Cfg::THREADS>(acc, ws, counters, tile, split, splits, tid, 0)) return;
-    wg_store_tile(acc, C, m0 + wg * 64, n0, M, N, epi, tid & 127);
+    wg_store_tile<8>(acc, C, m0 + wg * 64, n0, M, N, epi, tid & 127);
 }
 
 #define DLLM_WGMMA_KERNEL(WGN)                                                                                     \

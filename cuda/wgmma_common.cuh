@@ -106,20 +106,16 @@ __device__ __forceinline__ bool wg_split_reduce(float (&acc)[96], float* __restr
 // index within the warpgroup), masked to M x N. Layout of m64nNk16: warp w of the warpgroup owns
 // rows 16w..16w+15; lane (g, t) holds, for each 8-column block j, (row g, cols 8j+2t, +1) in
 // acc[4j], acc[4j+1] and (row g+8, same cols) in acc[4j+2], acc[4j+3].
+template <int BATCH>
 __device__ __forceinline__ void wg_store_tile(const float (&acc)[96], void* C, int row0, int n0, int M, int N,
                                               int epi, int wtid) {
     const int lane = wtid & 31;
     const int g = lane >> 2;
     const int t = lane & 3;
     const int row = row0 + (wtid >> 5) * 16 + g;
+    static_assert(24 % BATCH == 0, "the batch must divide the 24 column blocks");
 #pragma unroll
-    for (int j = 0; j < 24; ++j) {
-        const int n = n0 + 8 * j + 2 * t;
-        if (n < N) {
-            if (row < M) gemm_store2(C, (size_t)row * N + n, acc[4 * j], acc[4 * j + 1], epi);
-            if (row + 8 < M) gemm_store2(C, (size_t)(row + 8) * N + n, acc[4 * j + 2], acc[4 * j + 3], epi);
-        }
-    }
+    for (int j0 = 0; j0 < 24; j0 += BATCH) gemm_store_pairs<BATCH>(acc, C, row, n0 + 2 * t, j0, M, N, epi);
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
