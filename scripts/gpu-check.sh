@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys sessiongraphs shapes sanitize ncu benchexp summary
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys sessiongraphs shapes sweep sanitize ncu benchexp summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -14,15 +14,18 @@
 # 2026-11-27, DLLM_ATTN_SPLIT=0 turns it off):
 #   stream / tma  gemm + model checks (and the gemm benches) with that kernel asked for explicitly
 #   split         attention + model checks (and the attention benches) with split-KV on
-#   pdl           every check with programmatic dependent launch on (DLLM_PDL=1; benchpdl times it)
+#   pdl           every check with programmatic dependent launch asked for explicitly (DLLM_PDL=1,
+#                 the default since session 5; benchpdl times the workloads without it)
 #   sessiongraphs the Session path's layers as CUDA graphs (DLLM_SESSION_GRAPHS=1, opt-in): model
 #                 checks and the b1 workloads through `dllm bench --session` with it
-#   keys          attention + model checks with the key-group attention on (DLLM_ATTN_KEYS=1, opt-in;
-#                 EXP_ENV="DLLM_ATTN_KEYS=1" benchexp times the workloads with it)
+#   keys          attention + model checks with the key-group attention asked for explicitly
+#                 (DLLM_ATTN_KEYS=1, the default since session 5)
 #   shapes        `dllm-gpu-check --gemm-shape` on the real shapes, previous kernel vs new one
+#   sweep         `dllm-gpu-check --gemm-sweep`: every GEMM launch plan on the real shapes
 #   sanitize      compute-sanitizer memcheck and racecheck on the GEMM self-test with each on
 #   ncu           Nsight Compute sections of previous vs new kernels on the real shapes
-#   benchoff      the three workloads with all three turned off (the 8B checkpoint: run synth first)
+#   benchoff      the three workloads with those three, key-group attention and PDL turned off
+#                 (the 8B checkpoint: run synth first)
 #   benchnostream the three workloads with only the stream GEMM turned off
 #   benchexp      the three workloads with the variables in $EXP_ENV (e.g. EXP_ENV="DLLM_PDL=1")
 # The bench stage runs every workload twice: CUDA graphs on (default) and off (DLLM_CUDA_GRAPH=0,
@@ -89,9 +92,10 @@ for s in $STAGES; do
         fi
         ;;
     benchoff)
-        # The three workloads with the kernels made default since 2026-11-27 turned off (stream
-        # GEMM, TMA GEMM, split-KV attention): what the defaults gained, in the same call.
-        OFF="DLLM_GEMM_STREAM=0 DLLM_GEMM_TMA=0 DLLM_ATTN_SPLIT=0"
+        # The three workloads with the kernels and launches made default since 2026-11-27 turned
+        # off (stream GEMM, TMA GEMM, split-KV attention; key-group attention and PDL since
+        # session 5): what the defaults gained, in the same call.
+        OFF="DLLM_GEMM_STREAM=0 DLLM_GEMM_TMA=0 DLLM_ATTN_SPLIT=0 DLLM_ATTN_KEYS=0 DLLM_PDL=0"
         BENCH_ENV="$OFF" bench bench_b1_dual_k4_off 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
         BENCH_ENV="$OFF" bench bench_b8_dual_k4_off 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
         BENCH_ENV="$OFF" bench bench_b1_none_k1_off 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
@@ -116,10 +120,11 @@ for s in $STAGES; do
         bench bench_b1_none_k1_nograph 0 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         ;;
     benchpdl)
-        # The same workloads with programmatic dependent launch (DLLM_PDL=1), graphs on.
-        BENCH_ENV="DLLM_PDL=1" bench bench_b1_dual_k4_pdl 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_PDL=1" bench bench_b8_dual_k4_pdl 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_PDL=1" bench bench_b1_none_k1_pdl 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        # The same workloads without programmatic dependent launch (DLLM_PDL=0; PDL is the
+        # default since session 5), graphs on.
+        BENCH_ENV="DLLM_PDL=0" bench bench_b1_dual_k4_nopdl 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_PDL=0" bench bench_b8_dual_k4_nopdl 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_PDL=0" bench bench_b1_none_k1_nopdl 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         ;;
     peer)
         stage peer "${T_PEER:-300}" env OUT="$OUT" python3 .peer/peer_llada_torch.py
@@ -168,6 +173,16 @@ for s in $STAGES; do
         for tool in memcheck racecheck synccheck; do
             stage "sanitize_KEYS_$tool" "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --only attention --no-bench
         done
+        ;;
+    sweep)
+        # Every launch plan of the GEMM kernels on the 8B model's shapes (full step M = 384, b8
+        # block step M = 256, b8 full step M = 3072, b1 block step M = 32), the default marked;
+        # SHAPE:EPILOGUE, the residual-adding projections (N = 4096) with the add epilogue.
+        stage sweep "${T_SWEEP:-150}" bash -c "rc=0
+            for s in ${SWEEP_SHAPES:-384,12288,4096:bf16 384,4096,4096:add_f32 384,24576,4096:bf16 384,4096,12288:add_f32 256,12288,4096:bf16 256,4096,4096:add_f32 256,24576,4096:bf16 256,4096,12288:add_f32 3072,4096,4096:add_f32 3072,4096,12288:add_f32 32,12288,4096:bf16 32,4096,4096:add_f32 32,24576,4096:bf16 32,4096,12288:add_f32}; do
+                '$BIN/dllm-gpu-check' --gemm-sweep \${s%%:*} --epilogue \${s#*:} --repeat 20 || rc=1
+            done
+            exit \$rc"
         ;;
     ncu)
         # Default vs experimental kernel per shape; the last launches of each process are the
@@ -234,7 +249,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_pdl", "PDL"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -245,7 +260,7 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "PDL", "exp", "off2", "nostr", "sess", "sessg"):
+    for other in ("off", "noPDL", "exp", "off2", "nostr", "sess", "sessg"):
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
@@ -272,6 +287,24 @@ for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.
         if x["name"].startswith(prefixes):
             print(f"  {x['name']:<48} {fmt(x.get('ms'), 4):>9} {fmt(x.get('gbps'), 0):>7} {fmt(x.get('tflops'), 1):>7}  {x.get('detail', '')}")
 try:
+    lines = [l for l in open(os.path.join(out, "sweep.log")) if l.startswith("gemm.sweep")]
+    print("\nGEMM plan sweep (ms, plan; * = fastest of its shape):")
+    best = {}
+    for l in lines:
+        shape, rest = l.split(":", 1)
+        try:
+            ms = float(rest.split("ms")[0])
+        except ValueError:
+            continue
+        if ms == ms and (shape not in best or ms < best[shape]):
+            best[shape] = ms
+    for l in lines:
+        shape, rest = l.split(":", 1)
+        star = "*" if rest.strip().startswith(f"{best.get(shape, -1):.4f} ms") else " "
+        print(f" {star}{l.rstrip()}")
+except Exception:
+    pass
+try:
     print("\nshapes (new kernel off, then on, per shape):")
     print("".join("  " + l for l in open(os.path.join(out, "shapes.log")) if l.startswith("gemm.shape")))
 except Exception:
@@ -286,7 +319,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys sessiongraphs shapes sanitize ncu benchexp summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys sessiongraphs shapes sweep sanitize ncu benchexp summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

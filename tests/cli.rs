@@ -293,18 +293,18 @@ fn info_reports_the_cuda_switches() {
     let d = info(&[]);
     assert_eq!(d["stream_gemm"], true);
     assert_eq!(d["tma_gemm"], true);
-    assert_eq!(d["key_group_attention"], false);
-    assert_eq!(d["pdl"], false);
+    assert_eq!(d["key_group_attention"], true);
+    assert_eq!(d["pdl"], true);
     assert_eq!(d["cache_slots"], 4);
     let e = info(&[
         ("DLLM_GEMM_STREAM", "0"),
-        ("DLLM_ATTN_KEYS", "1"),
-        ("DLLM_PDL", "1"),
+        ("DLLM_ATTN_KEYS", "0"),
+        ("DLLM_PDL", " 0"),
         ("DLLM_CACHE_SLOTS", "1"),
     ]);
     assert_eq!(e["stream_gemm"], false);
-    assert_eq!(e["key_group_attention"], true);
-    assert_eq!(e["pdl"], true);
+    assert_eq!(e["key_group_attention"], false);
+    assert_eq!(e["pdl"], false);
     assert_eq!(e["tma_gemm"], true);
     assert_eq!(e["cache_slots"], 1);
 }

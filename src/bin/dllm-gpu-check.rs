@@ -10,7 +10,7 @@
 use clap::Parser;
 use dllm::backend::cuda::check::{self, BenchResult, CheckResult};
 use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
-use dllm::backend::cuda::{attention, elementwise, gemm, sampling, CudaDevice};
+use dllm::backend::cuda::{attention, elementwise, gemm, gemm_sweep, sampling, CudaDevice};
 use dllm::config::ModelConfig;
 use dllm::denoise::predict::{PredictRule, Prediction, Remasking};
 use dllm::denoise::session::{Decoding, GenerationParams, Session};
@@ -47,7 +47,15 @@ struct Args {
     /// exit; a short, focused workload for `ncu` / `compute-sanitizer`.
     #[arg(long, value_delimiter = ',', num_args = 1)]
     gemm_shape: Option<Vec<usize>>,
-    /// Timed launches for `--gemm-shape`.
+    /// Instead of the checks: time every launch plan of the GEMM kernels on one shape `M,N,K`
+    /// (`backend::cuda::gemm_sweep`), the one `run` picks marked `default`, and exit.
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    gemm_sweep: Option<Vec<usize>>,
+    /// Epilogue of `--gemm-sweep`: bf16, f32 or add_f32 (the residual add of the attention-output
+    /// and down projections).
+    #[arg(long, default_value = "bf16")]
+    epilogue: String,
+    /// Timed launches for `--gemm-shape` and per plan of `--gemm-sweep`.
     #[arg(long, default_value_t = 20)]
     repeat: usize,
 }
@@ -55,30 +63,60 @@ struct Args {
 /// Which parts `--only` selects.
 const PARTS: [&str; 5] = ["elementwise", "gemm", "attention", "sampling", "model"];
 
-/// `--gemm-shape M,N,K`: one timed shape, printed; exit status 1 on error.
-fn gemm_shape(shape: &[usize], repeat: usize) -> ExitCode {
+/// `--gemm-shape M,N,K` (one timed shape, the plan `run` picks, bf16 output) or `--gemm-sweep
+/// M,N,K` (every candidate plan, with the epilogue named by `sweep`): one line per timing; exit
+/// status 1 on an error or a failed plan, 2 on bad arguments.
+fn gemm_shape(shape: &[usize], repeat: usize, sweep: Option<&str>) -> ExitCode {
+    let flag = if sweep.is_some() {
+        "--gemm-sweep"
+    } else {
+        "--gemm-shape"
+    };
     let [m, n, k] = shape else {
-        eprintln!("--gemm-shape takes M,N,K (got {shape:?})");
+        eprintln!("{flag} takes M,N,K (got {shape:?})");
         return ExitCode::from(2);
     };
+    let epi = match sweep {
+        None => None,
+        Some(name) => match gemm::Epilogue::ALL.into_iter().find(|e| e.name() == name) {
+            Some(e) => Some(e),
+            None => {
+                eprintln!("--epilogue: unknown epilogue {name:?} (bf16, f32, add_f32)");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let result = CudaDevice::open(0).and_then(|dev| {
-        let r = gemm::time_shape(&dev, *m, *n, *k, repeat.max(1))?;
+        let r = if let Some(epi) = epi {
+            gemm_sweep::sweep_shape(&dev, (*m, *n, *k), epi, repeat.max(1))?
+        } else {
+            vec![gemm::time_shape(&dev, *m, *n, *k, repeat.max(1))?]
+        };
         dev.sync()?;
         Ok(r)
     });
     match result {
-        Ok(r) => {
-            println!(
-                "{}: {:.4} ms, {:.0} GB/s of weights ({})",
-                r.name,
-                r.ms,
-                r.gbps.unwrap_or(f64::NAN),
-                r.detail
-            );
-            ExitCode::SUCCESS
+        Ok(rs) => {
+            let mut failed = false;
+            for r in rs {
+                failed |= r.ms.is_nan();
+                println!(
+                    "{}: {:.4} ms, {:.0} GB/s of weights, {:.1} TFLOP/s ({})",
+                    r.name,
+                    r.ms,
+                    r.gbps.unwrap_or(f64::NAN),
+                    r.tflops.unwrap_or(f64::NAN),
+                    r.detail
+                );
+            }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(e) => {
-            eprintln!("gemm shape {m},{n},{k}: {e}");
+            eprintln!("{flag} {m},{n},{k}: {e}");
             ExitCode::FAILURE
         }
     }
@@ -1183,7 +1221,10 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(shape) = &args.gemm_shape {
-        return gemm_shape(shape, args.repeat);
+        return gemm_shape(shape, args.repeat, None);
+    }
+    if let Some(shape) = &args.gemm_sweep {
+        return gemm_shape(shape, args.repeat, Some(&args.epilogue));
     }
     if let Some(bad) = args.only.iter().find(|p| !PARTS.contains(&p.as_str())) {
         eprintln!("--only: unknown part {bad:?} (parts: {})", PARTS.join(", "));

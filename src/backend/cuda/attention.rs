@@ -10,8 +10,8 @@
 //! against a short key range) and [`AttnVariant::Naive`] (fp32 reference, any head_dim).
 //! [`Attention::run`] uses the tensor-core kernel whenever the shape allows it, split when
 //! [`SplitPlan::new`] finds the grid too small to fill the GPU and the keys long enough (off with
-//! `DLLM_ATTN_SPLIT=0`), else key groups where [`keys_suit`] says so and `DLLM_ATTN_KEYS=1`
-//! asks for it (opt-in until verified on a GPU).
+//! `DLLM_ATTN_SPLIT=0`), else key groups where [`keys_suit`] says so (off with
+//! `DLLM_ATTN_KEYS=0`).
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16};
 use super::launch::Launch;
@@ -200,10 +200,14 @@ pub enum AttnVariant {
     Keys,
 }
 
-/// Whether the key-group kernel may be used: only with `DLLM_ATTN_KEYS=1` (written in session 4
-/// without a GPU; its checks run in `dllm-gpu-check` whatever the variable says).
+/// Whether the key-group kernel may be used: on unless `DLLM_ATTN_KEYS=0`. Written in session 4
+/// without a GPU; verified on an H200 in session 5: every attention and model check (its checks
+/// run it on every case whatever the variable says), 10.5 µs against the plain kernel's 16.2 µs
+/// on the b1 block step's 32 queries × 32 heads × 384 keys (30.7 vs 71.2 µs against 2048 keys),
+/// b1 dual-cache 571.3 → 581.8 tok/s. At b8 (256 blocks) it is slower (27.0 vs 21.9 µs), which
+/// [`keys_suit`] already rules out.
 pub fn keys_requested_by_env() -> bool {
-    std::env::var("DLLM_ATTN_KEYS").is_ok_and(|v| v.trim() == "1")
+    super::env_switch::flag("DLLM_ATTN_KEYS", true)
 }
 
 /// Whether a call suits the key-group kernel: the plain kernel's grid (one block per 64 query
@@ -225,7 +229,7 @@ fn keys_smem_bytes(head_dim: usize) -> usize {
 /// Whether the split-KV kernel may be used: on unless `DLLM_ATTN_SPLIT=0` (verified on an H200
 /// on 2026-11-27: every attention and model check, compute-sanitizer memcheck clean).
 pub fn split_requested_by_env() -> bool {
-    std::env::var("DLLM_ATTN_SPLIT").map_or(true, |v| v.trim() != "0")
+    super::env_switch::flag("DLLM_ATTN_SPLIT", true)
 }
 
 /// Geometry of one split-KV launch: `units` = (query tile, head, batch) triples, each computed by
@@ -288,7 +292,7 @@ pub struct Attention {
     num_sms: usize,
     /// Whether `run` may split the keys (unless `DLLM_ATTN_SPLIT=0`).
     split_enabled: bool,
-    /// Whether `run` may use the key-group kernel (`DLLM_ATTN_KEYS=1`).
+    /// Whether `run` may use the key-group kernel (unless `DLLM_ATTN_KEYS=0`).
     keys_enabled: bool,
     scratch: Mutex<ReductionScratch>,
 }
@@ -423,7 +427,7 @@ impl Attention {
         self.split_enabled
     }
 
-    /// Whether `run` uses the key-group kernel where [`keys_suit`] (`DLLM_ATTN_KEYS=1`).
+    /// Whether `run` uses the key-group kernel where [`keys_suit`] (unless `DLLM_ATTN_KEYS=0`).
     pub fn keys_enabled(&self) -> bool {
         self.keys_enabled
     }
@@ -1005,6 +1009,8 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
         (AttnVariant::Keys, 1, 32, 384),
         (AttnVariant::Keys, 8, 32, 384),
         (AttnVariant::Keys, 1, 32, 2048),
+        // The b1 full step (192 plain blocks: under two per SM): does the key split pay there?
+        (AttnVariant::Keys, 1, 384, 384),
     ]
     .into_iter()
     .chain(

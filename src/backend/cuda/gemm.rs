@@ -674,7 +674,7 @@ impl Gemm {
         let mut disabled = Vec::new();
         // `DLLM_GEMM_WGMMA=0` keeps the Hopper kernel unloaded (a fault inside a kernel would
         // take the whole context down, which no self-test can catch).
-        let wgmma_off = std::env::var("DLLM_GEMM_WGMMA").is_ok_and(|v| v == "0");
+        let wgmma_off = !super::env_switch::flag("DLLM_GEMM_WGMMA", true);
         let wgmma = if wgmma_off {
             disabled.push((
                 GemmVariant::Wgmma,
@@ -2148,7 +2148,7 @@ pub fn time_shape(
 
 /// The operands of one bench shape: rotating weight copies (so the set exceeds the 50 MB L2),
 /// activations and an output for up to `max_m` rows.
-struct BenchBuffers {
+pub(super) struct BenchBuffers {
     ws: Vec<CudaSlice<u16>>,
     a: CudaSlice<u16>,
     c16: CudaSlice<u16>,
@@ -2159,7 +2159,13 @@ struct BenchBuffers {
 }
 
 impl BenchBuffers {
-    fn new(dev: &CudaDevice, max_m: usize, n: usize, k: usize, epi: Epilogue) -> Result<Self> {
+    pub(super) fn new(
+        dev: &CudaDevice,
+        max_m: usize,
+        n: usize,
+        k: usize,
+        epi: Epilogue,
+    ) -> Result<Self> {
         // One copy already exceeds the L2 past 256 MB.
         let copies = if n * k * 2 >= 256 << 20 { 1 } else { 2 };
         let w_host = random_bf16(77, n * k);
@@ -2224,8 +2230,46 @@ impl BenchBuffers {
         ))
     }
 
+    /// The product `launch` computes over `m` rows from a zeroed output (so that a residual add
+    /// gives `A·Wᵀ` too), as f32.
+    pub(super) fn product(
+        &mut self,
+        dev: &CudaDevice,
+        m: usize,
+        launch: impl FnOnce(&CudaView<u16>, &CudaView<u16>, GemmOut<'_>) -> Result<()>,
+    ) -> Result<Vec<f32>> {
+        let n = self.n;
+        let av = self.a.slice(..m * self.k);
+        let wv = self.ws[0].as_view();
+        let zero = |e| cuda_err("gemm bench: zero C", e);
+        match self.epi {
+            Epilogue::StoreBf16 => {
+                dev.stream.memset_zeros(&mut self.c16).map_err(zero)?;
+                launch(&av, &wv, GemmOut::Bf16(self.c16.slice_mut(..m * n)))?;
+                Ok(download(dev, &self.c16)?[..m * n]
+                    .iter()
+                    .map(|&b| bf16::from_bits(b).to_f32())
+                    .collect())
+            }
+            epi => {
+                dev.stream.memset_zeros(&mut self.c32).map_err(zero)?;
+                let out = self.c32.slice_mut(..m * n);
+                launch(
+                    &av,
+                    &wv,
+                    if epi == Epilogue::AddF32 {
+                        GemmOut::AddF32(out)
+                    } else {
+                        GemmOut::F32(out)
+                    },
+                )?;
+                Ok(download(dev, &self.c32)?[..m * n].to_vec())
+            }
+        }
+    }
+
     /// [`BenchBuffers::time`] over `iters` timed runs.
-    fn time_n(
+    pub(super) fn time_n(
         &mut self,
         dev: &CudaDevice,
         m: usize,

@@ -116,9 +116,7 @@ pub fn smem_bytes(groups: usize) -> u32 {
 /// The largest `m` [`super::gemm::Gemm::run`] gives the stream kernel: `DLLM_GEMM_STREAM_MAX_M`
 /// (1..=32, for bisecting), else [`STREAM_MAX_M`].
 pub fn max_m_from_env() -> usize {
-    std::env::var("DLLM_GEMM_STREAM_MAX_M")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
+    super::env_switch::count("DLLM_GEMM_STREAM_MAX_M", 0..=usize::MAX)
         .map_or(STREAM_MAX_M, |m| m.min(STREAM_MAX_M))
 }
 
@@ -129,13 +127,13 @@ pub fn max_m_from_env() -> usize {
 /// (docs/perf.md, "The stream GEMM's session divergence"); the lockstep checks that replace it
 /// have not run on a GPU yet.
 pub fn requested_by_env() -> bool {
-    std::env::var("DLLM_GEMM_STREAM").map_or(true, |v| v.trim() != "0")
+    super::env_switch::flag("DLLM_GEMM_STREAM", true)
 }
 
 /// Whether `DLLM_GEMM_STREAM=1` asks for the stream kernel explicitly (a device that cannot run
 /// it is then reported as a failure rather than silently skipped).
 pub fn explicitly_requested() -> bool {
-    std::env::var("DLLM_GEMM_STREAM").is_ok_and(|v| v.trim() == "1")
+    super::env_switch::explicitly_on("DLLM_GEMM_STREAM")
 }
 
 #[cfg(test)]

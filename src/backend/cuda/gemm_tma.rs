@@ -23,13 +23,13 @@ pub const TMA_BN: usize = 192;
 /// 2026-11-27: every GEMM and model check, compute-sanitizer memcheck and racecheck clean, the 8B
 /// benches' canvases identical to `gemm_wgmma`'s, 5–19 % faster where its pairs fit).
 pub fn requested_by_env() -> bool {
-    std::env::var("DLLM_GEMM_TMA").map_or(true, |v| v.trim() != "0")
+    super::env_switch::flag("DLLM_GEMM_TMA", true)
 }
 
 /// Whether `DLLM_GEMM_TMA=1` asks for the TMA kernel explicitly (a device that cannot run it is
 /// then reported as a failure rather than silently skipped).
 pub fn explicitly_requested() -> bool {
-    std::env::var("DLLM_GEMM_TMA").is_ok_and(|v| v.trim() == "1")
+    super::env_switch::explicitly_on("DLLM_GEMM_TMA")
 }
 
 /// Threads of `gemm_tma_wg{wg}`: `wg` consumer warpgroups and one producer warp.

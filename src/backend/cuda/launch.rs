@@ -15,12 +15,13 @@
 //! attribute.
 //!
 //! [`Launch`] mirrors `cudarc`'s `LaunchArgs` (`.arg(..)` then `unsafe launch(cfg)`), so a call
-//! site only changes its constructor. PDL is OFF by default and turned on with `DLLM_PDL=1`
-//! ([`pdl_from_env`]): measured on an H100 (2026-11-27, `docs/perf.md`) it gave identical
-//! canvases but no speed-up (b1 dual-cache block step 9.39 ms with PDL vs 8.98 ms without, inside
-//! CUDA graphs, whose launches are already back to back, with the register-fed skinny GEMMs);
-//! it stays an opt-in experiment until `scripts/gpu-check.sh pdl benchpdl` times it with the
-//! stream GEMM's ring prefetch, and every kernel stays PDL-safe. Launches captured into a CUDA graph keep their programmatic edges.
+//! site only changes its constructor. PDL is ON by default since session 5 and turned off with
+//! `DLLM_PDL=0` ([`pdl_from_env`]). Session 2 measured no gain on an H100 with the register-fed
+//! skinny GEMMs; with the stream GEMM's ring prefetch, session 5 measured on an H200 (same call,
+//! graphs on): b1 dual-cache 571.3 → 605.1 tok/s (block step 6.24 → 5.84 ms), b8 dual-cache and
+//! b1 no-cache unchanged (1653 vs 1655, 81.5 vs 81.2 tok/s), identical canvases, and all 1015
+//! `dllm-gpu-check` checks passing with it. Launches captured into a CUDA graph keep their
+//! programmatic edges.
 
 use cudarc::driver::sys;
 use cudarc::driver::{
@@ -32,9 +33,10 @@ use std::ffi::c_void;
 /// Most kernel parameters of one launch.
 const MAX_ARGS: usize = 24;
 
-/// Whether PDL launches are requested by the environment (`DLLM_PDL=1`; off by default).
+/// Whether PDL launches are wanted: on unless `DLLM_PDL=0` (every device dllm opens is a
+/// Hopper or newer, which PDL needs).
 pub fn pdl_from_env() -> bool {
-    std::env::var("DLLM_PDL").is_ok_and(|v| v.trim() == "1")
+    super::env_switch::flag("DLLM_PDL", true)
 }
 
 /// A kernel launch being assembled: `.arg(..)` each parameter in order, then [`Launch::launch`].

@@ -9,8 +9,10 @@
 pub mod attention;
 pub mod check;
 pub mod elementwise;
+pub mod env_switch;
 pub mod gemm;
 pub mod gemm_stream;
+pub mod gemm_sweep;
 pub mod gemm_tma;
 pub mod launch;
 pub mod padding;
@@ -60,10 +62,7 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
     vec![
         on("stream_gemm", gemm_stream::requested_by_env()),
         on("tma_gemm", gemm_tma::requested_by_env()),
-        on(
-            "wgmma_gemm",
-            std::env::var("DLLM_GEMM_WGMMA").map_or(true, |v| v != "0"),
-        ),
+        on("wgmma_gemm", env_switch::flag("DLLM_GEMM_WGMMA", true)),
         on("split_attention", attention::split_requested_by_env()),
         on("key_group_attention", attention::keys_requested_by_env()),
         on(

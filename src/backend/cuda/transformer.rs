@@ -98,7 +98,7 @@ pub struct KernelChoice {
 impl KernelChoice {
     /// Fast kernels unless `DLLM_CUDA_SAFE=1`.
     pub fn from_env() -> Self {
-        let safe = std::env::var("DLLM_CUDA_SAFE").is_ok_and(|v| v == "1");
+        let safe = super::env_switch::explicitly_on("DLLM_CUDA_SAFE");
         KernelChoice {
             naive_gemm: safe,
             naive_attention: safe,

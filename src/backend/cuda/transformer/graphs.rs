@@ -23,13 +23,13 @@ const MAX_LAYER_GRAPH_SHAPES: usize = 4;
 
 /// Whether CUDA graphs are enabled by the environment (`DLLM_CUDA_GRAPH=0` disables them).
 pub fn graphs_from_env() -> bool {
-    std::env::var("DLLM_CUDA_GRAPH").map_or(true, |v| v.trim() != "0")
+    crate::backend::cuda::env_switch::flag("DLLM_CUDA_GRAPH", true)
 }
 
 /// Whether the Session path's forwards run their layers as CUDA graphs: only with
 /// `DLLM_SESSION_GRAPHS=1` (session 4, not yet run on a GPU; `dllm bench --session` times it).
 pub fn session_graphs_from_env() -> bool {
-    std::env::var("DLLM_SESSION_GRAPHS").is_ok_and(|v| v.trim() == "1")
+    crate::backend::cuda::env_switch::flag("DLLM_SESSION_GRAPHS", false)
 }
 
 /// What a graphed step runs before its head: a block forward against the K/V cache, or a full

@@ -34,11 +34,7 @@ const MAX_CACHE_SLOTS: usize = 4;
 /// The Session cache slot count: `DLLM_CACHE_SLOTS` when it is 1..=16, else
 /// [`MAX_CACHE_SLOTS`]. One slot is the behaviour before slots (alternating caches refresh).
 pub fn cache_slots_from_env() -> usize {
-    std::env::var("DLLM_CACHE_SLOTS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| (1..=16).contains(n))
-        .unwrap_or(MAX_CACHE_SLOTS)
+    crate::backend::cuda::env_switch::count("DLLM_CACHE_SLOTS", 1..=16).unwrap_or(MAX_CACHE_SLOTS)
 }
 
 impl CudaTransformer {
