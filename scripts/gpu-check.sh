@@ -42,7 +42,7 @@ MODEL8B=${MODEL8B:-/tmp/llada8b}
 TINY=${TINY:-models/tiny-llada-code}
 STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Next GPU session") asks for, as one word.
-STAGES=${STAGES//next/smi check synth bench benchoff benchnostream pdl benchpdl keys sessiongraphs peer summary}
+STAGES=${STAGES//next/smi check synth bench sweep sessiongraphs peer summary}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
