@@ -187,7 +187,9 @@ for s in $STAGES; do
     ncu)
         # Default vs experimental kernel per shape; the last launches of each process are the
         # timed ones (the load-time self-test runs first, on small grids that ncu-filter drops).
-        for spec in DLLM_GEMM_STREAM:1,12288,4096 DLLM_GEMM_STREAM:32,12288,4096 DLLM_GEMM_STREAM:32,126464,4096 DLLM_GEMM_TMA:384,12288,4096 DLLM_GEMM_TMA:384,4096,12288; do
+        # NCU_SPECS="VAR:M,N,K ..." replaces the list (e.g. DLLM_GEMM_TMA:384,4096,4096 for the
+        # weak N = 4096 projections of the full step).
+        for spec in ${NCU_SPECS:-DLLM_GEMM_STREAM:1,12288,4096 DLLM_GEMM_STREAM:32,12288,4096 DLLM_GEMM_STREAM:32,126464,4096 DLLM_GEMM_TMA:384,12288,4096 DLLM_GEMM_TMA:384,4096,12288}; do
             var=${spec%%:*}
             s=${spec#*:}
             for on in 0 1; do

@@ -282,6 +282,7 @@ fn info_reports_the_cuda_switches() {
             "DLLM_PDL",
             "DLLM_SESSION_GRAPHS",
             "DLLM_CACHE_SLOTS",
+            "DLLM_GEMM_STREAM_BLOCKS",
         ] {
             c.env_remove(v);
         }
@@ -296,15 +297,18 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(d["key_group_attention"], true);
     assert_eq!(d["pdl"], true);
     assert_eq!(d["cache_slots"], 4);
+    assert_eq!(d["stream_gemm_blocks"], "one per SM");
     let e = info(&[
         ("DLLM_GEMM_STREAM", "0"),
         ("DLLM_ATTN_KEYS", "0"),
         ("DLLM_PDL", " 0"),
         ("DLLM_CACHE_SLOTS", "1"),
+        ("DLLM_GEMM_STREAM_BLOCKS", "99"),
     ]);
     assert_eq!(e["stream_gemm"], false);
     assert_eq!(e["key_group_attention"], false);
     assert_eq!(e["pdl"], false);
     assert_eq!(e["tma_gemm"], true);
     assert_eq!(e["cache_slots"], 1);
+    assert_eq!(e["stream_gemm_blocks"], 99);
 }

@@ -638,6 +638,8 @@ pub struct Gemm {
     /// `gemm_wgmma_wg2`, `gemm_wgmma_wg3`; `None` when the device cannot run the sm_90a cubin.
     wgmma: Option<[CudaFunction; 2]>,
     num_sms: usize,
+    /// Blocks of the stream kernel's plans ([`gemm_stream::blocks_from_env`]).
+    stream_blocks: usize,
     scratch: Mutex<ReductionScratch>,
     /// Variants that failed the load-time self-test (or cannot run here), with the reason;
     /// [`Gemm::run`] never picks them.
@@ -727,6 +729,7 @@ impl Gemm {
             wide,
             wgmma,
             num_sms,
+            stream_blocks: gemm_stream::blocks_from_env(num_sms),
             scratch: Mutex::new(scratch),
             disabled,
         };
@@ -837,6 +840,12 @@ impl Gemm {
         .unwrap_or(GemmVariant::Naive)
     }
 
+    /// The stream kernel's plan for `m ≤ 32` rows: [`StreamPlan::with_blocks`] at one block per
+    /// SM unless `DLLM_GEMM_STREAM_BLOCKS` sets another count.
+    pub fn stream_plan(&self, m: usize, n: usize, k: usize) -> Result<StreamPlan> {
+        StreamPlan::with_blocks(m, n, k, self.stream_blocks)
+    }
+
     /// Multiprocessors of the device (used by the split-K heuristic).
     pub fn num_sms(&self) -> usize {
         self.num_sms
@@ -885,7 +894,7 @@ impl Gemm {
                     )));
                 }
                 if m <= gemm_stream::max_m_from_env() && self.stream_active() {
-                    GemmPlan::Stream(StreamPlan::new(m, n, k, self.num_sms)?)
+                    GemmPlan::Stream(self.stream_plan(m, n, k)?)
                 } else {
                     GemmPlan::Skinny(self.skinny_plan(m, n, k))
                 }
@@ -1986,7 +1995,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                         dets.push((format!("skinny_v{version}"), How::Plan(GemmPlan::Skinny(p))));
                     }
                     if gemm.stream_loaded() {
-                        if let Ok(p) = StreamPlan::new(m, n, k, gemm.num_sms) {
+                        if let Ok(p) = gemm.stream_plan(m, n, k) {
                             dets.push(("stream".to_string(), How::Plan(GemmPlan::Stream(p))));
                         }
                     }
@@ -2114,7 +2123,7 @@ pub fn time_shape(
     })?;
     let kernel = match gemm.variant_for_m(m) {
         GemmVariant::Skinny if m <= STREAM_MAX_M && gemm.stream_active() => {
-            let p = StreamPlan::new(m, n, k, gemm.num_sms)?;
+            let p = gemm.stream_plan(m, n, k)?;
             format!("stream, {} blocks", p.blocks)
         }
         GemmVariant::Skinny => {
@@ -2393,7 +2402,7 @@ fn bench_shape(
                     GemmPlan::Stream(plan),
                     m,
                     format!("gemm.stream m{m} n{n} k{k} blocks{}", plan.blocks),
-                    gemm.stream_active() && blocks == gemm.num_sms,
+                    gemm.stream_active() && blocks == gemm.stream_blocks,
                     format!(
                         "{} tiles of 128 rows × {} chunks of 128 K, {} tiles cut between blocks",
                         plan.tiles,

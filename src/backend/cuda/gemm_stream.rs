@@ -120,6 +120,20 @@ pub fn max_m_from_env() -> usize {
         .map_or(STREAM_MAX_M, |m| m.min(STREAM_MAX_M))
 }
 
+/// Blocks the stream kernel's plans launch ([`super::gemm::Gemm::stream_plan`]):
+/// `DLLM_GEMM_STREAM_BLOCKS` (1..=4096), else one per SM. An isolated-launch sweep on an H200
+/// (session 5) found 99 blocks 9 % faster than 132 on the 32 × 12288 × 4096 QKV projection and
+/// 7 % slower on the 32 × 24576 × 4096 gate/up; the variable lets `dllm bench` time a count
+/// end to end before any default changes.
+pub fn blocks_from_env(num_sms: usize) -> usize {
+    blocks_override().unwrap_or(num_sms.max(1))
+}
+
+/// The block count `DLLM_GEMM_STREAM_BLOCKS` sets (1..=4096), if any.
+pub fn blocks_override() -> Option<usize> {
+    super::env_switch::count("DLLM_GEMM_STREAM_BLOCKS", 1..=4096)
+}
+
 /// Whether the stream kernel is wanted: on unless `DLLM_GEMM_STREAM=0`. Verified on an H200
 /// (2026-11-27): every GEMM check including the tiny model's shapes, compute-sanitizer memcheck
 /// and racecheck clean, the LM head at 97 % of the copy rate, b1 dual-cache 8.54 → 6.91 ms/step.

@@ -1,5 +1,5 @@
 //! `dllm-gpu-check --gemm-sweep M,N,K`: times every launch plan the GEMM kernels could run one
-//! shape with, so that the plan search ([`WgmmaPlan::with_tma`], [`StreamPlan::new`]) can be
+//! shape with, so that the plan search ([`WgmmaPlan::with_tma`], [`Gemm::stream_plan`]) can be
 //! checked against measurement on the real shapes instead of its cost model.
 //!
 //! For M > 64 the candidates are `gemm_wgmma` and the paired TMA kernel at both block heights
@@ -50,7 +50,8 @@ pub fn candidates(gemm: &Gemm, m: usize, n: usize, k: usize) -> Result<Vec<GemmP
             }
         }
     } else if m <= STREAM_MAX_M && gemm.stream_active() {
-        plans.push(GemmPlan::Stream(StreamPlan::new(m, n, k, sms)?));
+        plans.push(GemmPlan::Stream(gemm.stream_plan(m, n, k)?));
+        plans.push(GemmPlan::Stream(StreamPlan::with_blocks(m, n, k, sms)?));
         for blocks in [sms / 2, 3 * sms / 4, 3 * sms / 2, 2 * sms] {
             plans.push(GemmPlan::Stream(StreamPlan::with_blocks(m, n, k, blocks)?));
         }

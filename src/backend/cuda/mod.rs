@@ -73,6 +73,10 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
         on("cuda_graphs", transformer::graphs_from_env()),
         on("session_graphs", transformer::session_graphs_from_env()),
         ("cache_slots", transformer::cache_slots_from_env().into()),
+        (
+            "stream_gemm_blocks",
+            gemm_stream::blocks_override().map_or("one per SM".into(), Into::into),
+        ),
     ]
 }
 
@@ -82,6 +86,7 @@ pub fn switches_line() -> String {
         .iter()
         .map(|(n, v)| match v {
             serde_json::Value::Bool(b) => format!("{n} {}", if *b { "on" } else { "off" }),
+            serde_json::Value::String(t) => format!("{n} {t}"),
             other => format!("{n} {other}"),
         })
         .collect::<Vec<_>>()
