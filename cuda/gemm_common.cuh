@@ -7,6 +7,14 @@
 #define DLLM_EPI_STORE_BF16 0
 #define DLLM_EPI_STORE_F32 1
 #define DLLM_EPI_ADD_F32 2
+// SwiGLU fused into the gate/up projection: W's rows come in groups of 16, 8 gate rows then the
+// 8 matching up rows (src/backend/cuda/swiglu_layout.rs), so output column 16 b + i (gate) and
+// 16 b + 8 + i (up) meet in one thread; C is bf16 [M, N / 2] with C[m, 8 b + i] =
+// silu(gate) * up, computed in fp32 from the unrounded accumulators. Only the tiled kernels
+// (skinny, stream, wide, wgmma, TMA) implement it, through the two helpers below.
+#define DLLM_EPI_SWIGLU_BF16 3
+
+__device__ __forceinline__ float gemm_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 __device__ __forceinline__ float gemm_bf16_to_f32(uint16_t b) { return __uint_as_float(((uint32_t)b) << 16); }
 
@@ -57,6 +65,26 @@ __device__ __forceinline__ void gemm_loads_before_stores() { asm volatile("" :::
 template <int RT, int G>
 __device__ __forceinline__ void gemm_store_fragments(const float (&acc)[RT][G][4], void* C, int rbase, int g, int t,
                                                      int M, int N, int epi) {
+    if (epi == DLLM_EPI_SWIGLU_BF16) {
+        // rbase is a multiple of 16: rows rbase + 16 r + g (gate) and + 8 (up) form one pair,
+        // output column (rbase + 16 r) / 2 + g of an N / 2-wide C.
+        uint16_t* out = (uint16_t*)C;
+        const int half = N / 2;
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+            const int col = (rbase + 16 * r) / 2 + g;
+            if (rbase + 16 * r + g >= N) continue;
+#pragma unroll
+            for (int j = 0; j < G; ++j)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int m = 8 * j + 2 * t + q;
+                    if (m < M)
+                        out[(size_t)m * half + col] = gemm_f32_to_bf16(gemm_silu_mul(acc[r][j][q], acc[r][j][q + 2]));
+                }
+        }
+        return;
+    }
     if (epi == DLLM_EPI_ADD_F32) {
         float* out = (float*)C;
         float old[RT][G][4];
@@ -102,6 +130,30 @@ __device__ __forceinline__ void gemm_store_fragments(const float (&acc)[RT][G][4
 template <int BATCH>
 __device__ __forceinline__ void gemm_store_pairs(const float* v, void* C, int row, int n0, int j0, int M, int N,
                                                  int epi) {
+    if (epi == DLLM_EPI_SWIGLU_BF16) {
+        // n0 - 2 t and j0 even: block j (gate) pairs with block j + 1 (up); the pair's two
+        // columns land at (n - 2 t) / 2 + 2 t, + 1 of an N / 2-wide C.
+        static_assert(BATCH % 2 == 0, "SwiGLU pairs need an even batch");
+        uint32_t* out = (uint32_t*)C;
+        const int half = N / 2;
+#pragma unroll
+        for (int j = 0; j < BATCH; j += 2) {
+            const int n = n0 + 8 * (j0 + j);  // gate column of this thread (+1 beside it)
+            if (n >= N) continue;
+            const int t2 = n & 7;             // 2 t
+            const int col = (n - t2) / 2 + t2;
+            const float* gv = v + 4 * (j0 + j);
+            const float* uv = v + 4 * (j0 + j + 1);
+            if (row < M)
+                out[((size_t)row * half + col) / 2] = (uint32_t)gemm_f32_to_bf16(gemm_silu_mul(gv[0], uv[0])) |
+                                                      ((uint32_t)gemm_f32_to_bf16(gemm_silu_mul(gv[1], uv[1])) << 16);
+            if (row + 8 < M)
+                out[((size_t)(row + 8) * half + col) / 2] =
+                    (uint32_t)gemm_f32_to_bf16(gemm_silu_mul(gv[2], uv[2])) |
+                    ((uint32_t)gemm_f32_to_bf16(gemm_silu_mul(gv[3], uv[3])) << 16);
+        }
+        return;
+    }
     if (epi == DLLM_EPI_ADD_F32) {
         float2* out = (float2*)C;
         float2 old[BATCH][2];

@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys sessiongraphs shapes sweep sanitize ncu benchexp summary
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -42,7 +42,7 @@ MODEL8B=${MODEL8B:-/tmp/llada8b}
 TINY=${TINY:-models/tiny-llada-code}
 STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Next GPU session") asks for, as one word.
-STAGES=${STAGES//next/smi check synth bench sweep sessiongraphs peer summary}
+STAGES=${STAGES//next/smi check synth bench swiglu sweep sessiongraphs peer summary}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -141,6 +141,21 @@ for s in $STAGES; do
         stage sessiongraphs "${T_SGRAPH:-240}" env DLLM_SESSION_GRAPHS=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_sessiongraphs.json"
         BENCH_ENV="DLLM_SESSION_GRAPHS=1" bench bench_b1_dual_k4_sessiongraphs 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --session
         BENCH_ENV="DLLM_SESSION_GRAPHS=1" bench bench_b1_none_k1_sessiongraphs 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none --session
+        ;;
+    swiglu)
+        # The SwiGLU fused into the gate/up GEMM (DLLM_FUSED_SWIGLU=1, opt-in, written in session
+        # 5 without a GPU): the GEMM checks (gemm.swiglu: every kernel, split-K, poisoned
+        # outputs) run whatever the variable says; the model checks with it, then the three
+        # workloads and the fused gate/up shapes timed against the plain ones.
+        stage swiglu "${T_SWIGLU:-240}" env DLLM_FUSED_SWIGLU=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_swiglu.json"
+        BENCH_ENV="DLLM_FUSED_SWIGLU=1" bench bench_b1_dual_k4_swiglu 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --profile
+        BENCH_ENV="DLLM_FUSED_SWIGLU=1" bench bench_b8_dual_k4_swiglu 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_FUSED_SWIGLU=1" bench bench_b1_none_k1_swiglu 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        stage sweep_swiglu "${T_SWEEP:-150}" bash -c "rc=0
+            for s in 32,24576,4096 384,24576,4096 3072,24576,4096; do
+                for e in bf16 swiglu_bf16; do '$BIN/dllm-gpu-check' --gemm-sweep \$s --epilogue \$e --repeat 20 || rc=1; done
+            done
+            exit \$rc"
         ;;
     keys)
         stage keys "${T_KEYS:-180}" env DLLM_ATTN_KEYS=1 "$BIN/dllm-gpu-check" --model "$TINY" --only attention,model --json "$OUT/check_keys.json"
@@ -251,7 +266,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -262,7 +277,7 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "noPDL", "exp", "off2", "nostr", "sess", "sessg"):
+    for other in ("off", "noPDL", "swiglu", "exp", "off2", "nostr", "sess", "sessg"):
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
@@ -277,7 +292,8 @@ for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.
                            ("split", "DLLM_ATTN_SPLIT", ("attention Split", "attention Mma b1 sq32", "attention Mma b8 sq32")),
                            ("pdl", "DLLM_PDL", ("gemm.stream", "gemm.shape")),
                            ("keys", "DLLM_ATTN_KEYS", ("attention Keys", "attention Mma b1 sq32", "attention Mma b8 sq32")),
-                           ("sessiongraphs", "DLLM_SESSION_GRAPHS", ())):
+                           ("sessiongraphs", "DLLM_SESSION_GRAPHS", ()),
+                           ("swiglu", "DLLM_FUSED_SWIGLU", ())):
     cs = load(f"check_{exp}.json")
     if "checks" not in cs:
         continue
@@ -289,7 +305,10 @@ for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.
         if x["name"].startswith(prefixes):
             print(f"  {x['name']:<48} {fmt(x.get('ms'), 4):>9} {fmt(x.get('gbps'), 0):>7} {fmt(x.get('tflops'), 1):>7}  {x.get('detail', '')}")
 try:
-    lines = [l for l in open(os.path.join(out, "sweep.log")) if l.startswith("gemm.sweep")]
+    lines = []
+    for log in ("sweep.log", "sweep_swiglu.log"):
+        if os.path.exists(os.path.join(out, log)):
+            lines += [l for l in open(os.path.join(out, log)) if l.startswith("gemm.sweep")]
     print("\nGEMM plan sweep (ms, plan; * = fastest of its shape):")
     best = {}
     for l in lines:
@@ -321,7 +340,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys sessiongraphs shapes sweep sanitize ncu benchexp summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

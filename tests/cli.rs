@@ -283,6 +283,8 @@ fn info_reports_the_cuda_switches() {
             "DLLM_SESSION_GRAPHS",
             "DLLM_CACHE_SLOTS",
             "DLLM_GEMM_STREAM_BLOCKS",
+            "DLLM_FUSED_SWIGLU",
+            "DLLM_CUDA_SAFE",
         ] {
             c.env_remove(v);
         }
@@ -298,12 +300,14 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(d["pdl"], true);
     assert_eq!(d["cache_slots"], 4);
     assert_eq!(d["stream_gemm_blocks"], "one per SM");
+    assert_eq!(d["fused_swiglu"], false);
     let e = info(&[
         ("DLLM_GEMM_STREAM", "0"),
         ("DLLM_ATTN_KEYS", "0"),
         ("DLLM_PDL", " 0"),
         ("DLLM_CACHE_SLOTS", "1"),
         ("DLLM_GEMM_STREAM_BLOCKS", "99"),
+        ("DLLM_FUSED_SWIGLU", "1"),
     ]);
     assert_eq!(e["stream_gemm"], false);
     assert_eq!(e["key_group_attention"], false);
@@ -311,4 +315,9 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(e["tma_gemm"], true);
     assert_eq!(e["cache_slots"], 1);
     assert_eq!(e["stream_gemm_blocks"], 99);
+    assert_eq!(e["fused_swiglu"], true);
+    // The reference kernels have no fused SwiGLU.
+    let safe = info(&[("DLLM_FUSED_SWIGLU", "1"), ("DLLM_CUDA_SAFE", "1")]);
+    assert_eq!(safe["fused_swiglu"], false);
+    assert_eq!(safe["reference_kernels"], true);
 }

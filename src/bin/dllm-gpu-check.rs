@@ -10,7 +10,9 @@
 use clap::Parser;
 use dllm::backend::cuda::check::{self, BenchResult, CheckResult};
 use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
-use dllm::backend::cuda::{attention, elementwise, gemm, gemm_sweep, sampling, CudaDevice};
+use dllm::backend::cuda::{
+    attention, elementwise, gemm, gemm_sweep, gemm_swiglu, sampling, CudaDevice,
+};
 use dllm::config::ModelConfig;
 use dllm::denoise::predict::{PredictRule, Prediction, Remasking};
 use dllm::denoise::session::{Decoding, GenerationParams, Session};
@@ -51,8 +53,8 @@ struct Args {
     /// (`backend::cuda::gemm_sweep`), the one `run` picks marked `default`, and exit.
     #[arg(long, value_delimiter = ',', num_args = 1)]
     gemm_sweep: Option<Vec<usize>>,
-    /// Epilogue of `--gemm-sweep`: bf16, f32 or add_f32 (the residual add of the attention-output
-    /// and down projections).
+    /// Epilogue of `--gemm-sweep`: bf16, f32, add_f32 (the residual add of the attention-output
+    /// and down projections) or swiglu_bf16 (the fused gate/up projection, N = 2 × MLP width).
     #[arg(long, default_value = "bf16")]
     epilogue: String,
     /// Timed launches for `--gemm-shape` and per plan of `--gemm-sweep`.
@@ -78,10 +80,12 @@ fn gemm_shape(shape: &[usize], repeat: usize, sweep: Option<&str>) -> ExitCode {
     };
     let epi = match sweep {
         None => None,
-        Some(name) => match gemm::Epilogue::ALL.into_iter().find(|e| e.name() == name) {
+        Some(name) => match gemm::Epilogue::from_name(name) {
             Some(e) => Some(e),
             None => {
-                eprintln!("--epilogue: unknown epilogue {name:?} (bf16, f32, add_f32)");
+                eprintln!(
+                    "--epilogue: unknown epilogue {name:?} (bf16, f32, add_f32, swiglu_bf16)"
+                );
                 return ExitCode::from(2);
             }
         },
@@ -719,15 +723,7 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
         Ok(x) => x,
         Err(e) => return vec![CheckResult::failed("model.load", e)],
     };
-    let fast = match CudaTransformer::new(
-        dev.clone(),
-        &store,
-        &cfg,
-        KernelChoice {
-            naive_gemm: false,
-            naive_attention: false,
-        },
-    ) {
+    let fast = match CudaTransformer::new(dev.clone(), &store, &cfg, KernelChoice::fast()) {
         Ok(m) => Arc::new(m),
         Err(e) => return vec![CheckResult::failed("model.load gpu", e)],
     };
@@ -736,15 +732,7 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
         out.push(CheckResult::failed("model.ref", e));
     }
     // The same with the reference kernels: tells a wrong fast kernel from a wrong model.
-    let naive = match CudaTransformer::new(
-        dev.clone(),
-        &store,
-        &cfg,
-        KernelChoice {
-            naive_gemm: true,
-            naive_attention: true,
-        },
-    ) {
+    let naive = match CudaTransformer::new(dev.clone(), &store, &cfg, KernelChoice::reference()) {
         Ok(naive) => {
             if let Err(e) = reference_checks(&naive, dir, "[naive kernels]", &mut out) {
                 out.push(CheckResult::failed("model[naive kernels].ref", e));
@@ -1186,15 +1174,7 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             TOL_CACHED_GEN_MISS,
             details,
         ));
-        let naive = CudaTransformer::new(
-            dev.clone(),
-            &store,
-            &cfg,
-            KernelChoice {
-                naive_gemm: true,
-                naive_attention: true,
-            },
-        );
+        let naive = CudaTransformer::new(dev.clone(), &store, &cfg, KernelChoice::reference());
         if let Err(e) = &naive {
             out.push(CheckResult::failed("dream[naive kernels].load", e));
         }
@@ -1215,6 +1195,13 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
         out.push(CheckResult::failed("dream", e));
     }
     let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+/// The GEMM checks: every kernel × plain epilogue, then the fused SwiGLU epilogue.
+fn gemm_checks(dev: &CudaDevice) -> Vec<CheckResult> {
+    let mut out = gemm::self_check(dev);
+    out.extend(gemm_swiglu::self_check(dev));
     out
 }
 
@@ -1247,7 +1234,7 @@ fn main() -> ExitCode {
             );
             let families: [Family; 4] = [
                 ("elementwise", elementwise::self_check, elementwise::bench),
-                ("gemm", gemm::self_check, gemm::bench),
+                ("gemm", gemm_checks, gemm::bench),
                 ("attention", attention::self_check, attention::bench),
                 ("sampling", sampling::self_check, sampling::bench),
             ];

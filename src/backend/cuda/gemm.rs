@@ -92,10 +92,15 @@ pub enum Epilogue {
     StoreF32,
     /// `C += A·Wᵀ` in fp32 (residual add).
     AddF32,
+    /// SwiGLU of the fused gate/up projection: W's rows interleaved as
+    /// [`super::swiglu_layout`] lays them out, `C` bf16 `[M, N / 2]` = `silu(gate) · up` (every
+    /// kernel but the naive one; `N` a multiple of 16).
+    SwigluBf16,
 }
 
 impl Epilogue {
-    /// All epilogues, for checks.
+    /// The three plain epilogues, for checks (the fused SwiGLU has its own,
+    /// [`super::gemm_swiglu::self_check`]).
     pub const ALL: [Epilogue; 3] = [Epilogue::StoreBf16, Epilogue::StoreF32, Epilogue::AddF32];
 
     /// The `epi` code the kernels take (`DLLM_EPI_*` in gemm.cu).
@@ -104,7 +109,16 @@ impl Epilogue {
             Epilogue::StoreBf16 => 0,
             Epilogue::StoreF32 => 1,
             Epilogue::AddF32 => 2,
+            Epilogue::SwigluBf16 => 3,
         }
+    }
+
+    /// The epilogue [`Epilogue::name`] calls `name`.
+    pub fn from_name(name: &str) -> Option<Epilogue> {
+        Epilogue::ALL
+            .into_iter()
+            .chain([Epilogue::SwigluBf16])
+            .find(|e| e.name() == name)
     }
 
     /// Short name for reports.
@@ -113,6 +127,7 @@ impl Epilogue {
             Epilogue::StoreBf16 => "bf16",
             Epilogue::StoreF32 => "f32",
             Epilogue::AddF32 => "add_f32",
+            Epilogue::SwigluBf16 => "swiglu_bf16",
         }
     }
 }
@@ -125,6 +140,8 @@ pub enum GemmOut<'a> {
     F32(CudaViewMut<'a, f32>),
     /// fp32, accumulated into (`C += A·Wᵀ`).
     AddF32(CudaViewMut<'a, f32>),
+    /// bf16 bits, `[M, N / 2]`: [`Epilogue::SwigluBf16`].
+    SwigluBf16(CudaViewMut<'a, u16>),
 }
 
 impl GemmOut<'_> {
@@ -134,12 +151,16 @@ impl GemmOut<'_> {
             GemmOut::Bf16(_) => Epilogue::StoreBf16,
             GemmOut::F32(_) => Epilogue::StoreF32,
             GemmOut::AddF32(_) => Epilogue::AddF32,
+            GemmOut::SwigluBf16(_) => Epilogue::SwigluBf16,
         }
     }
 
-    fn len(&self) -> usize {
+    /// Product elements (of the `M × N` product) the output covers: its length, or twice it
+    /// for the fused SwiGLU, which writes one value per gate/up pair.
+    fn covers(&self) -> usize {
         match self {
             GemmOut::Bf16(v) => v.len(),
+            GemmOut::SwigluBf16(v) => v.len().saturating_mul(2),
             GemmOut::F32(v) | GemmOut::AddF32(v) => v.len(),
         }
     }
@@ -147,7 +168,7 @@ impl GemmOut<'_> {
     /// Device address and the alignment the kernels need for it (element pairs are stored).
     fn addr_and_align(&self, dev: &CudaDevice) -> (u64, u64) {
         match self {
-            GemmOut::Bf16(v) => (v.device_ptr(&dev.stream).0, 4),
+            GemmOut::Bf16(v) | GemmOut::SwigluBf16(v) => (v.device_ptr(&dev.stream).0, 4),
             GemmOut::F32(v) | GemmOut::AddF32(v) => (v.device_ptr(&dev.stream).0, 8),
         }
     }
@@ -948,14 +969,28 @@ impl Gemm {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        validate(m, n, k, a.len(), w.len(), out.len())?;
+        validate(m, n, k, a.len(), w.len(), out.covers())?;
+        if out.epilogue() == Epilogue::SwigluBf16 {
+            if n % (2 * super::swiglu_layout::GROUP) != 0 {
+                return Err(Error::invalid(format!(
+                    "gemm: the fused SwiGLU needs n a multiple of 16 (gate/up row groups), got n={n}"
+                )));
+            }
+            if job == GemmPlan::Naive {
+                return Err(Error::invalid(
+                    "gemm: the naive kernel has no fused SwiGLU epilogue".to_string(),
+                ));
+            }
+        }
         check_align("A", a.device_ptr(&dev.stream).0, 16)?;
         check_align("W", w.device_ptr(&dev.stream).0, 16)?;
         let (addr, align) = out.addr_and_align(dev);
         check_align("C", addr, align)?;
         let epi = out.epilogue().code();
         match &mut out {
-            GemmOut::Bf16(c) => self.launch_typed(dev, job, a, w, c, epi, m, n, k),
+            GemmOut::Bf16(c) | GemmOut::SwigluBf16(c) => {
+                self.launch_typed(dev, job, a, w, c, epi, m, n, k)
+            }
             GemmOut::F32(c) | GemmOut::AddF32(c) => {
                 self.launch_typed(dev, job, a, w, c, epi, m, n, k)
             }
@@ -1465,6 +1500,11 @@ mod selftest {
         let wv = w.as_view();
         let mut expect = want[..mn].to_vec();
         let (got, guard_ok) = match epi {
+            Epilogue::SwigluBf16 => {
+                return Err(Error::invalid(
+                    "gemm self-test: the fused SwiGLU is checked by gemm_swiglu".to_string(),
+                ))
+            }
             Epilogue::StoreBf16 => {
                 let mut buf = upload(dev, &vec![check::POISON_BF16_BITS; mn + GUARD])?;
                 gemm.launch(
@@ -1679,6 +1719,11 @@ fn check_one(
         }
     }
     let got: Vec<f32> = match epi {
+        Epilogue::SwigluBf16 => {
+            return Err(Error::invalid(
+                "gemm check: the fused SwiGLU is checked by gemm_swiglu".to_string(),
+            ))
+        }
         Epilogue::StoreBf16 => {
             let mut buf = upload(dev, &vec![check::POISON_BF16_BITS; mn + GUARD])?;
             launch_how(gemm, dev, how, case, GemmOut::Bf16(buf.as_view_mut()))?;
@@ -2183,7 +2228,7 @@ impl BenchBuffers {
             .collect::<Result<_>>()?;
         drop(w_host);
         let a = upload(dev, &random_bf16(78, max_m * k))?;
-        let bf16_out = epi == Epilogue::StoreBf16;
+        let bf16_out = matches!(epi, Epilogue::StoreBf16 | Epilogue::SwigluBf16);
         let c16 = dev
             .stream
             .alloc_zeros::<u16>(if bf16_out { max_m * n } else { 1 })
@@ -2252,10 +2297,18 @@ impl BenchBuffers {
         let wv = self.ws[0].as_view();
         let zero = |e| cuda_err("gemm bench: zero C", e);
         match self.epi {
-            Epilogue::StoreBf16 => {
+            Epilogue::StoreBf16 | Epilogue::SwigluBf16 => {
                 dev.stream.memset_zeros(&mut self.c16).map_err(zero)?;
-                launch(&av, &wv, GemmOut::Bf16(self.c16.slice_mut(..m * n)))?;
-                Ok(download(dev, &self.c16)?[..m * n]
+                let (len, out) = if self.epi == Epilogue::SwigluBf16 {
+                    (
+                        m * n / 2,
+                        GemmOut::SwigluBf16(self.c16.slice_mut(..m * n / 2)),
+                    )
+                } else {
+                    (m * n, GemmOut::Bf16(self.c16.slice_mut(..m * n)))
+                };
+                launch(&av, &wv, out)?;
+                Ok(download(dev, &self.c16)?[..len]
                     .iter()
                     .map(|&b| bf16::from_bits(b).to_f32())
                     .collect())
@@ -2294,6 +2347,7 @@ impl BenchBuffers {
                 Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
                 Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
                 Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),
+                Epilogue::SwigluBf16 => GemmOut::SwigluBf16(c16.slice_mut(..m * n / 2)),
             };
             launch(&av, &wv, out)
         })

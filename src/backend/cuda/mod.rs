@@ -13,6 +13,7 @@ pub mod env_switch;
 pub mod gemm;
 pub mod gemm_stream;
 pub mod gemm_sweep;
+pub mod gemm_swiglu;
 pub mod gemm_tma;
 pub mod launch;
 pub mod padding;
@@ -21,6 +22,7 @@ mod pipeline_model;
 pub mod profile;
 pub mod sampling;
 pub mod scratch;
+pub mod swiglu_layout;
 pub mod transformer;
 
 use crate::error::{Error, Result};
@@ -72,6 +74,10 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
         on("pdl", launch::pdl_from_env()),
         on("cuda_graphs", transformer::graphs_from_env()),
         on("session_graphs", transformer::session_graphs_from_env()),
+        on(
+            "fused_swiglu",
+            transformer::KernelChoice::from_env().fused_swiglu,
+        ),
         ("cache_slots", transformer::cache_slots_from_env().into()),
         (
             "stream_gemm_blocks",

@@ -48,6 +48,7 @@ use super::gemm::{Gemm, GemmOut, GemmVariant};
 use super::padding;
 use super::profile::{OpProfiler, OpTime};
 use super::sampling::{commit_record_len, parse_commit_record, CommitRule, Sampler};
+use super::swiglu_layout;
 use super::{cuda_err, CudaDevice};
 use crate::backend::cpu::rope_inv_freq;
 use crate::config::ModelConfig;
@@ -93,15 +94,38 @@ pub struct KernelChoice {
     pub naive_gemm: bool,
     /// Reference attention kernel instead of the tensor-core one.
     pub naive_attention: bool,
+    /// SwiGLU fused into the gate/up GEMM's epilogue (gate and up rows interleaved at upload,
+    /// [`super::swiglu_layout`]); needs the fast GEMMs and an MLP width divisible by 8, else
+    /// the separate SwiGLU kernel runs.
+    pub fused_swiglu: bool,
 }
 
 impl KernelChoice {
-    /// Fast kernels unless `DLLM_CUDA_SAFE=1`.
-    pub fn from_env() -> Self {
-        let safe = super::env_switch::explicitly_on("DLLM_CUDA_SAFE");
+    /// The fast kernels, the SwiGLU fused when `DLLM_FUSED_SWIGLU=1` (opt-in: written in
+    /// session 5 without a GPU to check it on).
+    pub fn fast() -> Self {
         KernelChoice {
-            naive_gemm: safe,
-            naive_attention: safe,
+            naive_gemm: false,
+            naive_attention: false,
+            fused_swiglu: super::env_switch::flag("DLLM_FUSED_SWIGLU", false),
+        }
+    }
+
+    /// The reference GEMM and attention kernels (and the separate SwiGLU).
+    pub fn reference() -> Self {
+        KernelChoice {
+            naive_gemm: true,
+            naive_attention: true,
+            fused_swiglu: false,
+        }
+    }
+
+    /// [`KernelChoice::fast`] unless `DLLM_CUDA_SAFE=1` asks for [`KernelChoice::reference`].
+    pub fn from_env() -> Self {
+        if super::env_switch::explicitly_on("DLLM_CUDA_SAFE") {
+            KernelChoice::reference()
+        } else {
+            KernelChoice::fast()
         }
     }
 }
@@ -284,6 +308,47 @@ fn upload_stacked(dev: &CudaDevice, parts: &[TensorView]) -> Result<CudaSlice<u1
     Ok(dst)
 }
 
+/// Uploads the gate and up matrices (`[h, d]` each) as one `[2h, d]` bf16 matrix in the fused
+/// SwiGLU's row order ([`swiglu_layout`]: 8 gate rows, the 8 matching up rows, …).
+fn upload_gate_up_fused(
+    dev: &CudaDevice,
+    gate: &TensorView,
+    up: &TensorView,
+    h: usize,
+    d: usize,
+) -> Result<CudaSlice<u16>> {
+    let mut dst = alloc::<u16>(dev, 2 * h * d, gate.name)?;
+    let mut runs = Vec::with_capacity(2 * h / swiglu_layout::GROUP);
+    swiglu_layout::for_each_run(h, |src, rows| runs.push((src, rows)));
+    let (mut staged, mut buf, mut off) = (Vec::new(), Vec::new(), 0usize);
+    let mut flush = |staged: &mut Vec<u16>, off: &mut usize| -> Result<()> {
+        let mut view = dst.slice_mut(*off..*off + staged.len());
+        dev.stream
+            .memcpy_htod(staged.as_slice(), &mut view)
+            .map_err(|e| cuda_err(&format!("upload tensor `{}` (+ up)", gate.name), e))?;
+        // The staging buffer is refilled next: wait for the copy.
+        dev.sync()?;
+        *off += staged.len();
+        staged.clear();
+        Ok(())
+    };
+    for (src, rows) in runs {
+        let (t, r0) = match src {
+            swiglu_layout::FusedRow::Gate(r) => (gate, r),
+            swiglu_layout::FusedRow::Up(r) => (up, r),
+        };
+        to_bf16_bits(t, r0 * d, &mut buf, rows * d);
+        staged.extend_from_slice(&buf);
+        if staged.len() >= UPLOAD_CHUNK {
+            flush(&mut staged, &mut off)?;
+        }
+    }
+    if !staged.is_empty() {
+        flush(&mut staged, &mut off)?;
+    }
+    Ok(dst)
+}
+
 fn upload_f32(dev: &CudaDevice, v: &TensorView) -> Result<CudaSlice<f32>> {
     dev.stream
         .clone_htod(&v.to_f32_vec())
@@ -312,6 +377,13 @@ impl CudaTransformer {
     ) -> Result<CudaTransformer> {
         let table = crate::model::tensor_table(cfg);
         let (d, h, e) = (cfg.d_model, cfg.mlp_hidden, cfg.embedding_size);
+        // The fused SwiGLU only where the fast GEMMs run and the rows group evenly.
+        let kernels = KernelChoice {
+            fused_swiglu: kernels.fused_swiglu
+                && !kernels.naive_gemm
+                && swiglu_layout::supported(h),
+            ..kernels
+        };
         let kv = cfg.n_kv_heads * cfg.head_dim();
         let wte = store.get_shaped(&table.embedding, &[e, d])?;
         let mut bytes = 0usize;
@@ -343,7 +415,11 @@ impl CudaTransformer {
                 qkv: upload_stacked(&dev, &[q, k, v])?,
                 qkv_bias,
                 attn_out: upload_stacked(&dev, &[o])?,
-                gate_up: upload_stacked(&dev, &[g, u])?,
+                gate_up: if kernels.fused_swiglu {
+                    upload_gate_up_fused(&dev, &g, &u, h, d)?
+                } else {
+                    upload_stacked(&dev, &[g, u])?
+                },
                 ff_out: upload_stacked(&dev, &[f])?,
                 attn_norm: upload_f32(&dev, &an)?,
                 ff_norm: upload_f32(&dev, &fnm)?,
@@ -455,7 +531,16 @@ impl CudaTransformer {
             xn: alloc(dev, rows * d, "normed activations")?,
             qkv: alloc(dev, rows * self.qkv_dim(), "qkv")?,
             attn: alloc(dev, rows * d, "attention output")?,
-            gu: alloc(dev, rows * 2 * h, "gate|up")?,
+            // The fused SwiGLU writes `act` directly: no gate|up buffer.
+            gu: alloc(
+                dev,
+                if self.kernels.fused_swiglu {
+                    1
+                } else {
+                    rows * 2 * h
+                },
+                "gate|up",
+            )?,
             act: alloc(dev, rows * h, "swiglu output")?,
             k_cache: Vec::new(),
             v_cache: Vec::new(),
@@ -835,24 +920,39 @@ impl CudaTransformer {
                 d,
                 d,
             )?;
-            self.norm_gemm(
-                kit,
-                "gemm.gate_up",
-                &st.x.slice(0..rows * d),
-                &lw.ff_norm.as_view(),
-                &mut st.xn,
-                &lw.gate_up.as_view(),
-                GemmOut::Bf16(st.gu.slice_mut(0..rows * 2 * h)),
-                rows,
-                2 * h,
-            )?;
-            self.ew.swiglu(
-                &st.gu.slice(0..rows * 2 * h),
-                &mut st.act.slice_mut(0..rows * h),
-                rows,
-                h,
-            )?;
-            self.mark("swiglu")?;
+            if self.kernels.fused_swiglu {
+                // silu(gate) · up straight from the GEMM's accumulators (interleaved rows).
+                self.norm_gemm(
+                    kit,
+                    "gemm.gate_up+swiglu",
+                    &st.x.slice(0..rows * d),
+                    &lw.ff_norm.as_view(),
+                    &mut st.xn,
+                    &lw.gate_up.as_view(),
+                    GemmOut::SwigluBf16(st.act.slice_mut(0..rows * h)),
+                    rows,
+                    2 * h,
+                )?;
+            } else {
+                self.norm_gemm(
+                    kit,
+                    "gemm.gate_up",
+                    &st.x.slice(0..rows * d),
+                    &lw.ff_norm.as_view(),
+                    &mut st.xn,
+                    &lw.gate_up.as_view(),
+                    GemmOut::Bf16(st.gu.slice_mut(0..rows * 2 * h)),
+                    rows,
+                    2 * h,
+                )?;
+                self.ew.swiglu(
+                    &st.gu.slice(0..rows * 2 * h),
+                    &mut st.act.slice_mut(0..rows * h),
+                    rows,
+                    h,
+                )?;
+                self.mark("swiglu")?;
+            }
             self.gemm(
                 kit,
                 "gemm.down",

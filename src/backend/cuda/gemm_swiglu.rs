@@ -1,0 +1,187 @@
+//! GPU check of the fused SwiGLU epilogue ([`Epilogue::SwigluBf16`]): every GEMM kernel that
+//! implements it (stream, skinny v1 and v2, wide, wgmma at both block heights, the paired TMA
+//! kernel), with and without split-K, against the f64 host reference of
+//! [`swiglu_layout::swiglu_of_fused`], on odd shapes and into NaN-poisoned outputs with guard
+//! elements past the end. Run by `dllm-gpu-check` (part `gemm`); not part of the load-time
+//! self-test, because only `DLLM_FUSED_SWIGLU=1` uses the epilogue.
+
+use super::check::{self, CheckResult, TOL_BF16};
+use super::gemm::{Gemm, GemmOut, GemmPlan, SkinnyPlan, WgmmaPlan, WidePlan};
+use super::gemm_stream::{StreamPlan, STREAM_MAX_M};
+use super::swiglu_layout;
+use super::{cuda_err, CudaDevice};
+use crate::error::Result;
+
+/// Guard elements past the output, which must keep their poison.
+const GUARD: usize = 64;
+
+/// One shape: `m` rows, MLP width `h` (the fused product has `2h` columns), depth `k`.
+struct Case {
+    m: usize,
+    h: usize,
+    k: usize,
+    a: Vec<u16>,
+    w: Vec<u16>,
+    want: Vec<f64>,
+}
+
+impl Case {
+    fn new(m: usize, h: usize, k: usize, seed: u64) -> Case {
+        let a = check::to_bf16_bits(&check::random_f32(seed, m * k, -1.0, 1.0));
+        let gate = check::to_bf16_bits(&check::random_f32(seed + 1, h * k, -0.5, 0.5));
+        let up = check::to_bf16_bits(&check::random_f32(seed + 2, h * k, -0.5, 0.5));
+        let w = swiglu_layout::interleave(&gate, &up, h, k);
+        let (af, wf) = (check::from_bf16_bits(&a), check::from_bf16_bits(&w));
+        let n = 2 * h;
+        let mut p = vec![0.0f64; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                p[r * n + c] = (0..k)
+                    .map(|i| af[r * k + i] as f64 * wf[c * k + i] as f64)
+                    .sum();
+            }
+        }
+        let want = swiglu_layout::swiglu_of_fused(&p, m, h);
+        Case {
+            m,
+            h,
+            k,
+            a,
+            w,
+            want,
+        }
+    }
+}
+
+/// Runs `plan` (or `run`'s own choice when `None`) on `case` into a poisoned output; returns
+/// (relative L2 against the reference, detail).
+fn check_plan(
+    gemm: &Gemm,
+    dev: &CudaDevice,
+    case: &Case,
+    plan: Option<GemmPlan>,
+) -> Result<(f64, String)> {
+    let (m, n, k, h) = (case.m, 2 * case.h, case.k, case.h);
+    let s = &dev.stream;
+    let a = s
+        .clone_htod(&case.a)
+        .map_err(|e| cuda_err("swiglu check: upload A", e))?;
+    let w = s
+        .clone_htod(&case.w)
+        .map_err(|e| cuda_err("swiglu check: upload W", e))?;
+    let mut c = s
+        .clone_htod(&vec![check::POISON_BF16_BITS; m * h + GUARD])
+        .map_err(|e| cuda_err("swiglu check: upload C", e))?;
+    let out = GemmOut::SwigluBf16(c.slice_mut(0..m * h));
+    match plan {
+        Some(p) => gemm.run_plan(dev, p, &a.as_view(), &w.as_view(), out, m, n, k)?,
+        None => gemm.run(dev, &a.as_view(), &w.as_view(), out, m, n, k)?,
+    }
+    let host = s
+        .clone_dtoh(&c)
+        .map_err(|e| cuda_err("swiglu check: download C", e))?;
+    if host[m * h..].iter().any(|&b| b != check::POISON_BF16_BITS) {
+        return Ok((f64::INFINITY, "wrote past the end of C".into()));
+    }
+    let got = check::from_bf16_bits(&host[..m * h]);
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        return Ok((
+            f64::INFINITY,
+            format!("C[{}, {}] not written (or not finite)", i / h, i % h),
+        ));
+    }
+    let want: Vec<f32> = case.want.iter().map(|&v| v as f32).collect();
+    Ok((
+        check::rel_l2(&got, &want),
+        format!(
+            "m{m} h{h} k{k}, {}",
+            plan.map_or("run's choice".into(), |p| format!("{p:?}"))
+        ),
+    ))
+}
+
+/// The fused-SwiGLU checks (see the module doc); never panics.
+pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
+    let gemm = match Gemm::load(dev) {
+        Ok(g) => g,
+        Err(e) => return vec![CheckResult::failed("gemm.swiglu load", e)],
+    };
+    let sms = gemm.num_sms();
+    // h = 200: 400 fused rows (a partial 128-row stream tile, a partial 192-column wgmma tile);
+    // k = 776: a partial K chunk / tile.
+    let (h, k) = (200, 776);
+    let mut out = Vec::new();
+    for (m, seed) in [(1usize, 11u64), (29, 12), (133, 13)] {
+        let case = Case::new(m, h, k, seed);
+        let n = 2 * h;
+        let mut plans: Vec<Option<GemmPlan>> = vec![None];
+        if m <= STREAM_MAX_M {
+            if gemm.stream_loaded() {
+                for blocks in [sms, 5] {
+                    if let Ok(p) = StreamPlan::with_blocks(m, n, k, blocks) {
+                        plans.push(Some(GemmPlan::Stream(p)));
+                    }
+                }
+            }
+            for version in [1, 2] {
+                plans.push(Some(GemmPlan::Skinny(SkinnyPlan::for_version(
+                    version, m, n, k, sms,
+                ))));
+                plans.push(Some(GemmPlan::Skinny(SkinnyPlan::with_version_chunks(
+                    version, m, n, k, 2,
+                ))));
+            }
+        } else {
+            plans.push(Some(GemmPlan::Wide(WidePlan::new(m, n, k, sms))));
+            plans.push(Some(GemmPlan::Wide(WidePlan::with_ktiles_per_split(
+                m, n, k, 8,
+            ))));
+            for wg in [2, 3] {
+                for kps in [k.div_ceil(64), 4] {
+                    plans.push(Some(GemmPlan::Wgmma(WgmmaPlan::with_ktiles_per_split(
+                        wg, m, n, k, kps,
+                    ))));
+                    if gemm.tma_loaded() {
+                        plans.push(Some(GemmPlan::Tma(
+                            WgmmaPlan::paired_with_ktiles_per_split(wg, m, n, k, kps),
+                        )));
+                    }
+                }
+            }
+        }
+        for plan in plans {
+            let name = format!(
+                "gemm.swiglu m{m} {}",
+                plan.map_or("default".to_string(), |p| plan_name(&p))
+            );
+            out.push(CheckResult::from_result(
+                name,
+                TOL_BF16,
+                check_plan(&gemm, dev, &case, plan),
+            ));
+        }
+    }
+    // The naive kernel has no fused epilogue: refused with an error, nothing written.
+    let case = Case::new(3, 16, 8, 14);
+    let refused = matches!(
+        check_plan(&gemm, dev, &case, Some(GemmPlan::Naive)),
+        Err(e) if e.to_string().contains("no fused SwiGLU")
+    );
+    out.push(CheckResult::exact(
+        "gemm.swiglu naive refused",
+        refused,
+        "the naive plan must be refused with a clear error",
+    ));
+    out
+}
+
+fn plan_name(p: &GemmPlan) -> String {
+    match p {
+        GemmPlan::Stream(s) => format!("stream {} blocks", s.blocks),
+        GemmPlan::Skinny(s) => format!("skinny v{} {} splits", s.version, s.splits),
+        GemmPlan::Wide(w) => format!("wide {} splits", w.splits),
+        GemmPlan::Wgmma(w) => format!("wgmma wg{} {} splits", w.wg, w.splits),
+        GemmPlan::Tma(w) => format!("tma wg{} {} splits", w.wg, w.splits),
+        GemmPlan::Naive => "naive".into(),
+    }
+}
