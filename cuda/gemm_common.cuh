@@ -60,67 +60,51 @@ __device__ __forceinline__ void gemm_store2(void* C, size_t idx, float v0, float
 // sinks each load next to the store that uses it, back to one round trip per element).
 __device__ __forceinline__ void gemm_loads_before_stores() { asm volatile("" ::: "memory"); }
 
-// The fragments of a skinny / stream warp (acc[r][j][q]: weight row rbase + 16 r + g, + 8 when
-// q >= 2; token 8 j + 2 t + (q & 1)), masked to M x N, stored with epilogue `epi`.
-template <int RT, int G>
-__device__ __forceinline__ void gemm_store_fragments(const float (&acc)[RT][G][4], void* C, int rbase, int g, int t,
-                                                     int M, int N, int epi) {
-    if (epi == DLLM_EPI_SWIGLU_BF16) {
-        // rbase is a multiple of 16: rows rbase + 16 r + g (gate) and + 8 (up) form one pair,
-        // output column (rbase + 16 r) / 2 + g of an N / 2-wide C.
-        uint16_t* out = (uint16_t*)C;
-        const int half = N / 2;
-#pragma unroll
-        for (int r = 0; r < RT; ++r) {
-            const int col = (rbase + 16 * r) / 2 + g;
-            if (rbase + 16 * r + g >= N) continue;
-#pragma unroll
-            for (int j = 0; j < G; ++j)
-#pragma unroll
-                for (int q = 0; q < 2; ++q) {
-                    const int m = 8 * j + 2 * t + q;
-                    if (m < M)
-                        out[(size_t)m * half + col] = gemm_f32_to_bf16(gemm_silu_mul(acc[r][j][q], acc[r][j][q + 2]));
-                }
-        }
-        return;
-    }
-    if (epi == DLLM_EPI_ADD_F32) {
-        float* out = (float*)C;
-        float old[RT][G][4];
-#pragma unroll
-        for (int r = 0; r < RT; ++r)
-#pragma unroll
-            for (int j = 0; j < G; ++j)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const int m = 8 * j + 2 * t + (q & 1);
-                    const int n = rbase + 16 * r + g + ((q < 2) ? 0 : 8);
-                    old[r][j][q] = (m < M && n < N) ? out[(size_t)m * N + n] : 0.0f;
-                }
-        gemm_loads_before_stores();
-#pragma unroll
-        for (int r = 0; r < RT; ++r)
-#pragma unroll
-            for (int j = 0; j < G; ++j)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const int m = 8 * j + 2 * t + (q & 1);
-                    const int n = rbase + 16 * r + g + ((q < 2) ? 0 : 8);
-                    if (m < M && n < N) out[(size_t)m * N + n] = old[r][j][q] + acc[r][j][q];
-                }
-        return;
-    }
+// Calls f(r, j, q, m, n) for every element of a skinny / stream warp's fragments
+// (acc[r][j][q]: weight row n = rbase + 16 r + g, + 8 when q >= 2; token m = 8 j + 2 t + (q & 1)),
+// fully unrolled so that the indices into register arrays stay constants.
+template <int RT, int G, class F>
+__device__ __forceinline__ void gemm_for_fragments(int rbase, int g, int t, F f) {
 #pragma unroll
     for (int r = 0; r < RT; ++r)
 #pragma unroll
         for (int j = 0; j < G; ++j)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int m = 8 * j + 2 * t + (q & 1);
-                const int n = rbase + 16 * r + g + ((q < 2) ? 0 : 8);
-                if (m < M && n < N) gemm_store1(C, (size_t)m * N + n, acc[r][j][q], epi);
-            }
+            for (int q = 0; q < 4; ++q) f(r, j, q, 8 * j + 2 * t + (q & 1), rbase + 16 * r + g + ((q < 2) ? 0 : 8));
+}
+
+// The fragments of a skinny / stream warp (layout as in gemm_for_fragments), masked to M x N,
+// stored with epilogue `epi`.
+template <int RT, int G>
+__device__ __forceinline__ void gemm_store_fragments(const float (&acc)[RT][G][4], void* C, int rbase, int g, int t,
+                                                     int M, int N, int epi) {
+    if (epi == DLLM_EPI_SWIGLU_BF16) {
+        // rbase is a multiple of 16: rows rbase + 16 r + g (gate, q < 2) and + 8 (up, q + 2)
+        // form one pair, output column (rbase + 16 r) / 2 + g of an N / 2-wide C.
+        uint16_t* out = (uint16_t*)C;
+        const int half = N / 2;
+        gemm_for_fragments<RT, G>(rbase, g, t, [&](int r, int j, int q, int m, int n) {
+            if (q < 2 && m < M && n < N)
+                out[(size_t)m * half + (rbase + 16 * r) / 2 + g] =
+                    gemm_f32_to_bf16(gemm_silu_mul(acc[r][j][q], acc[r][j][q + 2]));
+        });
+        return;
+    }
+    if (epi == DLLM_EPI_ADD_F32) {
+        float* out = (float*)C;
+        float old[RT][G][4];
+        gemm_for_fragments<RT, G>(rbase, g, t, [&](int r, int j, int q, int m, int n) {
+            old[r][j][q] = (m < M && n < N) ? out[(size_t)m * N + n] : 0.0f;
+        });
+        gemm_loads_before_stores();
+        gemm_for_fragments<RT, G>(rbase, g, t, [&](int r, int j, int q, int m, int n) {
+            if (m < M && n < N) out[(size_t)m * N + n] = old[r][j][q] + acc[r][j][q];
+        });
+        return;
+    }
+    gemm_for_fragments<RT, G>(rbase, g, t, [&](int r, int j, int q, int m, int n) {
+        if (m < M && n < N) gemm_store1(C, (size_t)m * N + n, acc[r][j][q], epi);
+    });
 }
 
 // Pair stores of an mma.sync / wgmma accumulator layout, BATCH column blocks at a time: block j

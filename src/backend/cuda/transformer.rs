@@ -920,31 +920,31 @@ impl CudaTransformer {
                 d,
                 d,
             )?;
-            if self.kernels.fused_swiglu {
-                // silu(gate) · up straight from the GEMM's accumulators (interleaved rows).
-                self.norm_gemm(
-                    kit,
+            // Fused: silu(gate) · up straight from the GEMM's accumulators (interleaved rows).
+            let fused = self.kernels.fused_swiglu;
+            let (op, out) = if fused {
+                (
                     "gemm.gate_up+swiglu",
-                    &st.x.slice(0..rows * d),
-                    &lw.ff_norm.as_view(),
-                    &mut st.xn,
-                    &lw.gate_up.as_view(),
                     GemmOut::SwigluBf16(st.act.slice_mut(0..rows * h)),
-                    rows,
-                    2 * h,
-                )?;
+                )
             } else {
-                self.norm_gemm(
-                    kit,
+                (
                     "gemm.gate_up",
-                    &st.x.slice(0..rows * d),
-                    &lw.ff_norm.as_view(),
-                    &mut st.xn,
-                    &lw.gate_up.as_view(),
                     GemmOut::Bf16(st.gu.slice_mut(0..rows * 2 * h)),
-                    rows,
-                    2 * h,
-                )?;
+                )
+            };
+            self.norm_gemm(
+                kit,
+                op,
+                &st.x.slice(0..rows * d),
+                &lw.ff_norm.as_view(),
+                &mut st.xn,
+                &lw.gate_up.as_view(),
+                out,
+                rows,
+                2 * h,
+            )?;
+            if !fused {
                 self.ew.swiglu(
                     &st.gu.slice(0..rows * 2 * h),
                     &mut st.act.slice_mut(0..rows * h),
