@@ -22,25 +22,27 @@ __device__ __forceinline__ uint16_t gemm_f32_to_bf16(float v) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 
-// Writes one output element according to the epilogue.
+// Writes one output element according to one of the three plain epilogues (any other code, such
+// as the fused SwiGLU, which these element stores cannot do, writes nothing).
 __device__ __forceinline__ void gemm_store1(void* C, size_t idx, float v, int epi) {
     if (epi == DLLM_EPI_STORE_BF16) {
         ((uint16_t*)C)[idx] = gemm_f32_to_bf16(v);
     } else if (epi == DLLM_EPI_STORE_F32) {
         ((float*)C)[idx] = v;
-    } else {
+    } else if (epi == DLLM_EPI_ADD_F32) {
         ((float*)C)[idx] += v;
     }
 }
 
-// Writes two adjacent output elements (idx even, so the pair is 4/8-byte aligned).
+// Writes two adjacent output elements (idx even, so the pair is 4/8-byte aligned); plain
+// epilogues only, like gemm_store1.
 __device__ __forceinline__ void gemm_store2(void* C, size_t idx, float v0, float v1, int epi) {
     if (epi == DLLM_EPI_STORE_BF16) {
         uint32_t packed = (uint32_t)gemm_f32_to_bf16(v0) | ((uint32_t)gemm_f32_to_bf16(v1) << 16);
         *(uint32_t*)((uint16_t*)C + idx) = packed;
     } else if (epi == DLLM_EPI_STORE_F32) {
         *(float2*)((float*)C + idx) = make_float2(v0, v1);
-    } else {
+    } else if (epi == DLLM_EPI_ADD_F32) {
         float2* p = (float2*)((float*)C + idx);
         float2 c = *p;
         c.x += v0;

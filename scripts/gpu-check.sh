@@ -76,6 +76,16 @@ bench() {
     stage "$name" "$limit" env DLLM_CUDA_GRAPH="$graph" ${BENCH_ENV:-} bash -c "set -o pipefail; '$BIN/dllm' bench --model '$MODEL8B' --backend cuda --prompt-len 128 --gen-len 256 --block-len 32 --json $* > '$OUT/$name.json'; rc=\$?; cat '$OUT/$name.json'; exit \$rc"
 }
 
+# workloads SUFFIX GRAPH [ARGS...]: the three workloads (b1 dual K=4, b8 dual K=4, b1 none K=1)
+# through `bench`, files bench_<workload>SUFFIX.json, ARGS added to each (BENCH_ENV as set).
+workloads() {
+    local suffix=$1 graph=$2
+    shift 2
+    bench "bench_b1_dual_k4$suffix" "$graph" "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual "$@"
+    bench "bench_b8_dual_k4$suffix" "$graph" "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual "$@"
+    bench "bench_b1_none_k1$suffix" "$graph" "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none "$@"
+}
+
 for s in $STAGES; do
     case $s in
     smi)
@@ -96,9 +106,7 @@ for s in $STAGES; do
         # off (stream GEMM, TMA GEMM, split-KV attention; key-group attention and PDL since
         # session 5): what the defaults gained, in the same call.
         OFF="DLLM_GEMM_STREAM=0 DLLM_GEMM_TMA=0 DLLM_ATTN_SPLIT=0 DLLM_ATTN_KEYS=0 DLLM_PDL=0"
-        BENCH_ENV="$OFF" bench bench_b1_dual_k4_off 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
-        BENCH_ENV="$OFF" bench bench_b8_dual_k4_off 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        BENCH_ENV="$OFF" bench bench_b1_none_k1_off 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        BENCH_ENV="$OFF" workloads _off 1
         ;;
     benchnostream)
         # Only the stream GEMM off (the skinny kernels serve M <= 32): what it alone gains.
@@ -108,23 +116,17 @@ for s in $STAGES; do
     bench)
         # Graphs on first (the numbers that count), then the same workloads with graphs off.
         # --profile: after the timed run, one eager run with every operation event-timed.
-        bench bench_b1_dual_k4 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --profile
-        bench bench_b8_dual_k4 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual --profile
-        bench bench_b1_none_k1 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none --profile
+        workloads "" 1 --profile
         # The Session path (what `dllm generate` runs) on the batch-1 workloads.
         bench bench_b1_dual_k4_session 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --session
         bench bench_b1_none_k1_session 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none --session
         [ "${NOGRAPH:-1}" = 1 ] || continue
-        bench bench_b1_dual_k4_nograph 0 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
-        bench bench_b8_dual_k4_nograph 0 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        bench bench_b1_none_k1_nograph 0 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        workloads _nograph 0
         ;;
     benchpdl)
         # The same workloads without programmatic dependent launch (DLLM_PDL=0; PDL is the
         # default since session 5), graphs on.
-        BENCH_ENV="DLLM_PDL=0" bench bench_b1_dual_k4_nopdl 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_PDL=0" bench bench_b8_dual_k4_nopdl 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_PDL=0" bench bench_b1_none_k1_nopdl 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        BENCH_ENV="DLLM_PDL=0" workloads _nopdl 1
         ;;
     peer)
         stage peer "${T_PEER:-300}" env OUT="$OUT" python3 .peer/peer_llada_torch.py
@@ -148,9 +150,7 @@ for s in $STAGES; do
         # outputs) run whatever the variable says; the model checks with it, then the three
         # workloads and the fused gate/up shapes timed against the plain ones.
         stage swiglu "${T_SWIGLU:-240}" env DLLM_FUSED_SWIGLU=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_swiglu.json"
-        BENCH_ENV="DLLM_FUSED_SWIGLU=1" bench bench_b1_dual_k4_swiglu 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --profile
-        BENCH_ENV="DLLM_FUSED_SWIGLU=1" bench bench_b8_dual_k4_swiglu 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        BENCH_ENV="DLLM_FUSED_SWIGLU=1" bench bench_b1_none_k1_swiglu 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        BENCH_ENV="DLLM_FUSED_SWIGLU=1" workloads _swiglu 1
         stage sweep_swiglu "${T_SWEEP:-150}" bash -c "rc=0
             for s in 32,24576,4096 384,24576,4096 3072,24576,4096; do
                 for e in bf16 swiglu_bf16; do '$BIN/dllm-gpu-check' --gemm-sweep \$s --epilogue \$e --repeat 20 || rc=1; done
@@ -217,9 +217,7 @@ for s in $STAGES; do
             echo "=== [benchexp] EXP_ENV is empty (no experiment named), skipped"
             continue
         fi
-        BENCH_ENV="$EXP_ENV" bench bench_b1_dual_k4_exp 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
-        BENCH_ENV="$EXP_ENV" bench bench_b8_dual_k4_exp 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
-        BENCH_ENV="$EXP_ENV" bench bench_b1_none_k1_exp 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        BENCH_ENV="$EXP_ENV" workloads _exp 1
         ;;
     summary)
         OUT="$OUT" python3 - <<'PY' | tee "$OUT/summary.txt"

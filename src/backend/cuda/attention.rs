@@ -216,8 +216,13 @@ pub fn keys_requested_by_env() -> bool {
 /// against 384 keys) is such a call: 32 blocks each walking 6 key tiles in turn (16 µs per
 /// layer on an H200, most of it memory latency).
 pub fn keys_suit(shape: &AttnShape, num_sms: usize) -> bool {
-    let units = shape.sq.div_ceil(MMA_ROWS) * shape.n_heads * shape.batch;
-    units < num_sms && shape.skv.div_ceil(MMA_KEYS) >= 2
+    plain_units(shape) < num_sms && shape.skv.div_ceil(MMA_KEYS) >= 2
+}
+
+/// Blocks of the plain tensor-core kernel's grid: one per (64 query rows, head, batch element).
+/// The split kernel computes the same units, each in several blocks.
+fn plain_units(shape: &AttnShape) -> usize {
+    shape.sq.div_ceil(MMA_ROWS) * shape.n_heads * shape.batch
 }
 
 /// Dynamic shared memory of the key-group kernel: the 32 query rows, then a K and a V tile of
@@ -250,7 +255,7 @@ impl SplitPlan {
     /// 0.0198 ms split vs 0.0160 ms plain (6 tiles: not worth a merge), against 2048 keys 0.0315
     /// vs 0.0711 ms (8 splits of 4 tiles).
     pub fn new(shape: &AttnShape, num_sms: usize) -> Option<SplitPlan> {
-        let units = shape.sq.div_ceil(MMA_ROWS) * shape.n_heads * shape.batch;
+        let units = plain_units(shape);
         let key_tiles = shape.skv.div_ceil(MMA_KEYS);
         if units == 0 || units >= num_sms || key_tiles < 2 * SPLIT_MIN_TILES {
             return None;
@@ -265,7 +270,7 @@ impl SplitPlan {
     pub fn with_tiles_per_split(shape: &AttnShape, tiles_per_split: usize) -> SplitPlan {
         let tps = tiles_per_split.max(1);
         SplitPlan {
-            units: shape.sq.div_ceil(MMA_ROWS) * shape.n_heads * shape.batch,
+            units: plain_units(shape),
             splits: shape.skv.div_ceil(MMA_KEYS).div_ceil(tps).max(1),
             tiles_per_split: tps,
         }

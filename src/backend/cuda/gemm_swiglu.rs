@@ -6,7 +6,10 @@
 //! self-test, because only `DLLM_FUSED_SWIGLU=1` uses the epilogue.
 
 use super::check::{self, CheckResult, TOL_BF16};
-use super::gemm::{Gemm, GemmOut, GemmPlan, SkinnyPlan, WgmmaPlan, WidePlan};
+use super::gemm::{
+    Gemm, GemmOut, GemmPlan, GemmVariant, SkinnyPlan, WgmmaPlan, WidePlan, SKINNY2_MAX_M,
+    SKINNY_MAX_M,
+};
 use super::gemm_stream::{StreamPlan, STREAM_MAX_M};
 use super::swiglu_layout;
 use super::{cuda_err, CudaDevice};
@@ -30,6 +33,18 @@ impl Case {
         let a = check::to_bf16_bits(&check::random_f32(seed, m * k, -1.0, 1.0));
         let gate = check::to_bf16_bits(&check::random_f32(seed + 1, h * k, -0.5, 0.5));
         let up = check::to_bf16_bits(&check::random_f32(seed + 2, h * k, -0.5, 0.5));
+        if !swiglu_layout::supported(h) {
+            // A width the layout cannot take: the GEMM must refuse it, so no reference.
+            let w = [gate, up].concat();
+            return Case {
+                m,
+                h,
+                k,
+                a,
+                w,
+                want: Vec::new(),
+            };
+        }
         let w = swiglu_layout::interleave(&gate, &up, h, k);
         let (af, wf) = (check::from_bf16_bits(&a), check::from_bf16_bits(&w));
         let n = 2 * h;
@@ -91,6 +106,27 @@ fn check_plan(
         ));
     }
     let want: Vec<f32> = case.want.iter().map(|&v| v as f32).collect();
+    // Per element too (one wrong lane barely moves the relative L2): the result's bf16 rounding
+    // (2^-9 relative; 2^-7 allowed) plus 1 % of the RMS for values near zero.
+    let rms = (case.want.iter().map(|v| v * v).sum::<f64>() / case.want.len() as f64).sqrt();
+    let worst = got
+        .iter()
+        .zip(&case.want)
+        .enumerate()
+        .map(|(i, (&g, &w))| ((g as f64 - w).abs() / (w.abs() / 128.0 + 1e-2 * rms), i))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some((ratio, i)) = worst.filter(|(r, _)| *r > 1.0) {
+        return Ok((
+            f64::INFINITY,
+            format!(
+                "C[{}, {}] = {} against {:.6} ({ratio:.1}× the per-element bound)",
+                i / h,
+                i % h,
+                got[i],
+                case.want[i]
+            ),
+        ));
+    }
     Ok((
         check::rel_l2(&got, &want),
         format!(
@@ -111,19 +147,20 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     // k = 776: a partial K chunk / tile.
     let (h, k) = (200, 776);
     let mut out = Vec::new();
-    for (m, seed) in [(1usize, 11u64), (29, 12), (133, 13)] {
+    // m = 61: the skinny v1 kernel's widest groups (stream and v2 take m ≤ 32).
+    for (m, seed) in [(1usize, 11u64), (29, 12), (61, 15), (133, 13)] {
         let case = Case::new(m, h, k, seed);
         let n = 2 * h;
         let mut plans: Vec<Option<GemmPlan>> = vec![None];
-        if m <= STREAM_MAX_M {
-            if gemm.stream_loaded() {
+        if m <= SKINNY_MAX_M {
+            if m <= STREAM_MAX_M && gemm.stream_loaded() {
                 for blocks in [sms, 5] {
                     if let Ok(p) = StreamPlan::with_blocks(m, n, k, blocks) {
                         plans.push(Some(GemmPlan::Stream(p)));
                     }
                 }
             }
-            for version in [1, 2] {
+            for version in [1, 2].into_iter().filter(|&v| v == 1 || m <= SKINNY2_MAX_M) {
                 plans.push(Some(GemmPlan::Skinny(SkinnyPlan::for_version(
                     version, m, n, k, sms,
                 ))));
@@ -136,7 +173,8 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             plans.push(Some(GemmPlan::Wide(WidePlan::with_ktiles_per_split(
                 m, n, k, 8,
             ))));
-            for wg in [2, 3] {
+            let wgmma = gemm.is_enabled(GemmVariant::Wgmma);
+            for wg in [2, 3].into_iter().filter(|_| wgmma) {
                 for kps in [k.div_ceil(64), 4] {
                     plans.push(Some(GemmPlan::Wgmma(WgmmaPlan::with_ktiles_per_split(
                         wg, m, n, k, kps,
@@ -161,17 +199,32 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             ));
         }
     }
-    // The naive kernel has no fused epilogue: refused with an error, nothing written.
-    let case = Case::new(3, 16, 8, 14);
-    let refused = matches!(
-        check_plan(&gemm, dev, &case, Some(GemmPlan::Naive)),
-        Err(e) if e.to_string().contains("no fused SwiGLU")
-    );
-    out.push(CheckResult::exact(
-        "gemm.swiglu naive refused",
-        refused,
-        "the naive plan must be refused with a clear error",
-    ));
+    // Refused with a clear error, nothing launched: the naive kernel (no fused epilogue), and
+    // N = 24 (gate/up groups of 8 need N a multiple of 16).
+    for (what, case, plan, says) in [
+        (
+            "naive refused",
+            Case::new(3, 16, 8, 14),
+            Some(GemmPlan::Naive),
+            "no fused SwiGLU",
+        ),
+        (
+            "n % 16 refused",
+            Case::new(3, 12, 8, 16),
+            None,
+            "multiple of 16",
+        ),
+    ] {
+        let refused = matches!(
+            check_plan(&gemm, dev, &case, plan),
+            Err(e) if e.to_string().contains(says)
+        );
+        out.push(CheckResult::exact(
+            format!("gemm.swiglu {what}"),
+            refused,
+            format!("must fail with an error saying \"{says}\""),
+        ));
+    }
     out
 }
 

@@ -152,6 +152,80 @@ mod tests {
         }
     }
 
+    /// The index arithmetic of the two CUDA store helpers, transcribed, against this module's
+    /// layout: every output column is written once, from its own gate and up rows.
+    /// `gemm_store_fragments` (skinny, stream): warp rows `rbase + 16 r + g` (gate) and `+ 8`
+    /// (up) → column `(rbase + 16 r) / 2 + g`, with `rbase` a multiple of 16.
+    /// `gemm_store_pairs` (wide, wgmma, TMA): thread columns `n = n0 + 8 j + 2 t (+1)` with
+    /// the tile base `n0` a multiple of 16 and `j` even (gate), `n + 8` (up) → column
+    /// `(n - 2 t) / 2 + 2 t (+1)`.
+    #[test]
+    fn kernel_store_indices_pair_each_gate_with_its_up() {
+        let h = 200; // N = 400: partial tiles in both layouts
+        let n = 2 * h;
+        let check = |gate_col: usize, out_col: usize, seen: &mut Vec<u32>| {
+            assert_eq!(
+                fused_row(gate_col),
+                FusedRow::Gate(out_col),
+                "gate {gate_col}"
+            );
+            assert_eq!(
+                fused_row(gate_col + 8),
+                FusedRow::Up(out_col),
+                "up {gate_col}"
+            );
+            seen[out_col] += 1;
+        };
+        // Fragments, (tile rows, rows per warp, RT): stream and skinny v2 (128, 32, 2: 4 warps of
+        // two 16-row mma tiles), skinny v1 (64, 16, 1).
+        for (tile_rows, warp_rows, rt) in [(128, 32, 2), (64, 16, 1)] {
+            let mut seen = vec![0u32; h];
+            for tile in 0..n.div_ceil(tile_rows) {
+                for warp in 0..tile_rows / warp_rows {
+                    let rbase = tile * tile_rows + warp * warp_rows;
+                    assert_eq!(rbase % 16, 0);
+                    for r in 0..rt {
+                        for g in 0..8 {
+                            let row = rbase + 16 * r + g;
+                            if row < n {
+                                check(row, (rbase + 16 * r) / 2 + g, &mut seen);
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(
+                seen.iter().all(|&c| c == 1),
+                "fragment coverage {tile_rows}"
+            );
+        }
+        // Pairs, (tile columns, column offsets of the stores in a tile, blocks of 8 per store
+        // call): wgmma / TMA (192, [0], 24), wide (128, 4 warps 32 columns apart, 4 blocks).
+        for (tile_cols, offsets, blocks) in [(192, vec![0], 24), (128, vec![0, 32, 64, 96], 4)] {
+            let mut seen = vec![0u32; h];
+            for tile in 0..n.div_ceil(tile_cols) {
+                for &off in &offsets {
+                    let n0 = tile * tile_cols + off;
+                    assert_eq!(n0 % 16, 0);
+                    for j in (0..blocks).step_by(2) {
+                        for t in 0..4 {
+                            let col = n0 + 8 * j + 2 * t;
+                            if col >= n {
+                                continue;
+                            }
+                            let t2 = col & 7;
+                            assert_eq!(t2, 2 * t);
+                            for e in 0..2 {
+                                check(col + e, (col - t2) / 2 + t2 + e, &mut seen);
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "pair coverage {tile_cols}");
+        }
+    }
+
     #[test]
     fn silu_mul_matches_hand_values() {
         assert_eq!(silu_mul(0.0, 3.0), 0.0);

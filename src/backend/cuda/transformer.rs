@@ -377,10 +377,15 @@ impl CudaTransformer {
     ) -> Result<CudaTransformer> {
         let table = crate::model::tensor_table(cfg);
         let (d, h, e) = (cfg.d_model, cfg.mlp_hidden, cfg.embedding_size);
-        // The fused SwiGLU only where the fast GEMMs run and the rows group evenly.
+        // The fused SwiGLU only where the fast GEMMs run (a tiled kernel for every row count:
+        // the naive one has no fused epilogue) and the rows group evenly.
+        let kit = Kit::load(&dev)?;
+        let tiled =
+            kit.gemm.is_enabled(GemmVariant::Wide) || kit.gemm.is_enabled(GemmVariant::Wgmma);
         let kernels = KernelChoice {
             fused_swiglu: kernels.fused_swiglu
                 && !kernels.naive_gemm
+                && tiled
                 && swiglu_layout::supported(h),
             ..kernels
         };
@@ -447,7 +452,7 @@ impl CudaTransformer {
             .map_err(|e| cuda_err("upload rope frequencies", e))?;
         Ok(CudaTransformer {
             ew: Elementwise::new(&dev)?,
-            kit: Kit::load(&dev)?,
+            kit,
             attn: Attention::load(&dev)?,
             graphs: AtomicBool::new(graphs_from_env()),
             graph_error: Mutex::new(None),
