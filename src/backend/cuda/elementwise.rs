@@ -570,17 +570,7 @@ impl Elementwise {
         dst: &mut CudaViewMut<f32>,
         n: usize,
     ) -> Result<()> {
-        need("bf16_to_f32 src", src.len(), n)?;
-        need("bf16_to_f32 dst", dst.len(), n)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let n64 = n as i64;
-        let mut b = Launch::new(&self.stream, &self.bf16_to_f32_fn, self.pdl);
-        b.arg(src).arg(dst).arg(&n64);
-        // SAFETY: lengths checked above.
-        unsafe { b.launch(grid_for(n)) }.map_err(|e| cuda_err("launch bf16_to_f32", e))?;
-        Ok(())
+        self.convert(&self.bf16_to_f32_fn, "bf16_to_f32", src, dst, n)
     }
 
     /// Rounds `n` f32 values to bf16 (nearest even).
@@ -590,16 +580,29 @@ impl Elementwise {
         dst: &mut CudaViewMut<u16>,
         n: usize,
     ) -> Result<()> {
-        need("f32_to_bf16 src", src.len(), n)?;
-        need("f32_to_bf16 dst", dst.len(), n)?;
+        self.convert(&self.f32_to_bf16_fn, "f32_to_bf16", src, dst, n)
+    }
+
+    /// One launch of the element-wise conversion kernel `f` (`src`, `dst`, `n` as i64; one
+    /// output per input) over `n` values.
+    fn convert<S: DeviceRepr, D: DeviceRepr>(
+        &self,
+        f: &CudaFunction,
+        name: &str,
+        src: &CudaView<S>,
+        dst: &mut CudaViewMut<D>,
+        n: usize,
+    ) -> Result<()> {
+        need(&format!("{name} src"), src.len(), n)?;
+        need(&format!("{name} dst"), dst.len(), n)?;
         if n == 0 {
             return Ok(());
         }
         let n64 = n as i64;
-        let mut b = Launch::new(&self.stream, &self.f32_to_bf16_fn, self.pdl);
+        let mut b = Launch::new(&self.stream, f, self.pdl);
         b.arg(src).arg(dst).arg(&n64);
-        // SAFETY: lengths checked above.
-        unsafe { b.launch(grid_for(n)) }.map_err(|e| cuda_err("launch f32_to_bf16", e))?;
+        // SAFETY: lengths checked above; the kernel reads src[i] and writes dst[i] for i < n.
+        unsafe { b.launch(grid_for(n)) }.map_err(|e| cuda_err(&format!("launch {name}"), e))?;
         Ok(())
     }
 
