@@ -948,30 +948,14 @@ fn bench_one(
     let (h, hd) = (32, 128);
     let shape = AttnShape::dense(batch, sq, skv, h, h, hd);
     let s = &dev.stream;
-    let q = s
-        .clone_htod(&check::to_bf16_bits(&check::random_f32(
-            1,
-            shape.q_len(),
-            -2.0,
-            2.0,
-        )))
-        .map_err(|e| cuda_err("upload q", e))?;
-    let k = s
-        .clone_htod(&check::to_bf16_bits(&check::random_f32(
-            2,
-            shape.kv_len(),
-            -2.0,
-            2.0,
-        )))
-        .map_err(|e| cuda_err("upload k", e))?;
-    let v = s
-        .clone_htod(&check::to_bf16_bits(&check::random_f32(
-            3,
-            shape.kv_len(),
-            -1.0,
-            1.0,
-        )))
-        .map_err(|e| cuda_err("upload v", e))?;
+    // Random bf16 values in [-r, r] on the device.
+    let random = |what: &str, seed: u64, n: usize, r: f32| {
+        s.clone_htod(&check::to_bf16_bits(&check::random_f32(seed, n, -r, r)))
+            .map_err(|e| cuda_err(&format!("upload {what}"), e))
+    };
+    let q = random("q", 1, shape.q_len(), 2.0)?;
+    let k = random("k", 2, shape.kv_len(), 2.0)?;
+    let v = random("v", 3, shape.kv_len(), 1.0)?;
     let mut o = s
         .alloc_zeros::<u16>(shape.o_len())
         .map_err(|e| cuda_err("alloc out", e))?;
