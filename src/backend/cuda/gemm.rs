@@ -610,7 +610,7 @@ pub enum GemmPlan {
 impl GemmPlan {
     /// Refuses a plan that is not what its constructor gives for `m × n × k` (a hand-made plan
     /// could otherwise launch a grid that does not cover the output, or overruns a buffer).
-    fn check_fits(&self, m: usize, n: usize, k: usize) -> Result<()> {
+    pub(super) fn check_fits(&self, m: usize, n: usize, k: usize) -> Result<()> {
         let fits = match *self {
             GemmPlan::Naive => true,
             GemmPlan::Skinny(p) => {

@@ -11,7 +11,9 @@
 //! [`Gemm::run`] picks is marked `default`.
 
 use super::check::{self, BenchResult, TOL_BF16};
-use super::gemm::{BenchBuffers, Epilogue, Gemm, GemmPlan, GemmVariant, WgmmaPlan};
+use super::gemm::{
+    BenchBuffers, Epilogue, Gemm, GemmPlan, GemmVariant, SkinnyPlan, WgmmaPlan, SKINNY_MAX_M,
+};
 use super::gemm_stream::{StreamPlan, STREAM_MAX_M};
 use super::CudaDevice;
 use crate::error::{Error, Result};
@@ -21,15 +23,51 @@ const WGMMA_BK: usize = 64;
 
 /// The candidate plans for `m × n × k` on `gemm`'s device, the default first.
 pub fn candidates(gemm: &Gemm, m: usize, n: usize, k: usize) -> Result<Vec<GemmPlan>> {
-    let sms = gemm.num_sms();
-    let mut plans = Vec::new();
-    if m > 64 {
+    let stream = m <= STREAM_MAX_M && gemm.stream_active();
+    let default = if m > SKINNY_MAX_M {
         if !gemm.is_enabled(GemmVariant::Wgmma) {
             return Err(Error::Unsupported(
                 "gemm sweep: the wgmma kernel is not available on this device".into(),
             ));
         }
-        plans.push(gemm.wgmma_plan(m, n, k));
+        gemm.wgmma_plan(m, n, k)
+    } else if stream {
+        GemmPlan::Stream(gemm.stream_plan(m, n, k)?)
+    } else {
+        GemmPlan::Skinny(gemm.skinny_plan(m, n, k))
+    };
+    let offer = Offer {
+        sms: gemm.num_sms(),
+        tma: gemm.tma_active(),
+        stream,
+        skinny: gemm.skinny_plan(m, n, k),
+    };
+    plan_list(default, (m, n, k), &offer)
+}
+
+/// What a device offers a sweep besides the default plan.
+struct Offer {
+    sms: usize,
+    /// The paired TMA kernel is active (plans for m > 64).
+    tma: bool,
+    /// The stream kernel serves this m.
+    stream: bool,
+    /// The skinny kernel's own plan (m ≤ 64).
+    skinny: SkinnyPlan,
+}
+
+/// `default` first, then for m > 64 every `gemm_wgmma` plan at both block heights whose split
+/// grid fits in two waves, each followed by its paired TMA twin (an odd M tile count gains a
+/// phantom tile there), for smaller m the stream kernel at
+/// several block counts and the skinny plan; no plan twice.
+fn plan_list(
+    default: GemmPlan,
+    (m, n, k): (usize, usize, usize),
+    o: &Offer,
+) -> Result<Vec<GemmPlan>> {
+    let sms = o.sms.max(1);
+    let mut plans = vec![default];
+    if m > SKINNY_MAX_M {
         let ktiles = k.div_ceil(WGMMA_BK).max(1);
         for wg in [2, 3] {
             for splits in 1..=ktiles {
@@ -42,22 +80,20 @@ pub fn candidates(gemm: &Gemm, m: usize, n: usize, k: usize) -> Result<Vec<GemmP
                     break;
                 }
                 plans.push(GemmPlan::Wgmma(p));
-                if gemm.tma_active() {
+                if o.tma {
                     plans.push(GemmPlan::Tma(WgmmaPlan::paired_with_ktiles_per_split(
                         wg, m, n, k, kps,
                     )));
                 }
             }
         }
-    } else if m <= STREAM_MAX_M && gemm.stream_active() {
-        plans.push(GemmPlan::Stream(gemm.stream_plan(m, n, k)?));
-        plans.push(GemmPlan::Stream(StreamPlan::with_blocks(m, n, k, sms)?));
-        for blocks in [sms / 2, 3 * sms / 4, 3 * sms / 2, 2 * sms] {
+    } else if o.stream {
+        for blocks in [sms, sms / 2, 3 * sms / 4, 3 * sms / 2, 2 * sms] {
             plans.push(GemmPlan::Stream(StreamPlan::with_blocks(m, n, k, blocks)?));
         }
-        plans.push(GemmPlan::Skinny(gemm.skinny_plan(m, n, k)));
+        plans.push(GemmPlan::Skinny(o.skinny));
     } else {
-        plans.push(GemmPlan::Skinny(gemm.skinny_plan(m, n, k)));
+        plans.push(GemmPlan::Skinny(o.skinny));
     }
     let mut unique: Vec<GemmPlan> = Vec::with_capacity(plans.len());
     for p in plans {
@@ -149,4 +185,85 @@ pub fn sweep_shape(
         }
     }
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(tma: bool, stream: bool, m: usize, n: usize, k: usize) -> Offer {
+        Offer {
+            sms: 132,
+            tma,
+            stream,
+            skinny: SkinnyPlan::new(m.min(SKINNY_MAX_M), n, k, 132),
+        }
+    }
+
+    /// Every candidate is a plan its constructor would build for the shape (so `run_plan`
+    /// accepts it), the default comes first, none twice, split grids within two waves.
+    #[test]
+    fn wide_candidates_are_valid_unique_and_bounded() {
+        for (m, n, k) in [
+            (384, 4096, 4096),
+            (384, 4096, 12288),
+            (256, 24576, 4096),
+            (133, 392, 776),
+        ] {
+            let default = GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, 132));
+            let plans = plan_list(default, (m, n, k), &offer(true, false, m, n, k)).unwrap();
+            assert_eq!(plans[0], default);
+            for (i, p) in plans.iter().enumerate() {
+                p.check_fits(m, n, k).unwrap();
+                assert!(!plans[..i].contains(p), "{p:?} twice");
+                match p {
+                    GemmPlan::Wgmma(w) => {
+                        assert!(w.splits == 1 || w.tiles() * w.splits <= 2 * 132, "{w:?}")
+                    }
+                    // A paired plan is the twin of a listed one (its phantom M tile may take
+                    // it past two waves).
+                    GemmPlan::Tma(w) => assert!(plans.contains(&GemmPlan::Wgmma(
+                        WgmmaPlan::with_ktiles_per_split(w.wg, m, n, k, w.ktiles_per_split)
+                    ))),
+                    _ => {}
+                }
+            }
+            for wg in [2, 3] {
+                assert!(plans
+                    .iter()
+                    .any(|p| matches!(p, GemmPlan::Tma(w) if w.wg == wg)));
+                assert!(plans
+                    .iter()
+                    .any(|p| matches!(p, GemmPlan::Wgmma(w) if w.wg == wg && w.splits == 1)));
+            }
+        }
+        // Without the TMA kernel, no paired plans.
+        let (m, n, k) = (384, 4096, 4096);
+        let default = GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, 132));
+        let plans = plan_list(default, (m, n, k), &offer(false, false, m, n, k)).unwrap();
+        assert!(plans.iter().all(|p| matches!(p, GemmPlan::Wgmma(_))));
+    }
+
+    #[test]
+    fn skinny_candidates_sweep_stream_block_counts() {
+        let (m, n, k) = (32, 12288, 4096);
+        let default = GemmPlan::Stream(StreamPlan::with_blocks(m, n, k, 132).unwrap());
+        let plans = plan_list(default, (m, n, k), &offer(true, true, m, n, k)).unwrap();
+        let blocks: Vec<usize> = plans
+            .iter()
+            .filter_map(|p| match p {
+                GemmPlan::Stream(s) => Some(s.blocks),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(blocks, vec![132, 66, 99, 198, 264]);
+        assert!(matches!(plans.last(), Some(GemmPlan::Skinny(_))));
+        for p in &plans {
+            p.check_fits(m, n, k).unwrap();
+        }
+        // Without the stream kernel: the skinny plan alone.
+        let skinny = GemmPlan::Skinny(SkinnyPlan::new(m, n, k, 132));
+        let plans = plan_list(skinny, (m, n, k), &offer(true, false, m, n, k)).unwrap();
+        assert_eq!(plans, vec![skinny]);
+    }
 }
