@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -42,7 +42,7 @@ MODEL8B=${MODEL8B:-/tmp/llada8b}
 TINY=${TINY:-models/tiny-llada-code}
 STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Next GPU session") asks for, as one word.
-STAGES=${STAGES//next/smi check synth bench swiglu sweep sessiongraphs peer summary}
+STAGES=${STAGES//next/smi check synth bench swiglu sweep sessiongraphs peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -219,6 +219,18 @@ for s in $STAGES; do
         fi
         BENCH_ENV="$EXP_ENV" workloads _exp 1
         ;;
+    pack)
+        # The device tool returns only a handful of files per call: with RESULTS set (the
+        # tool's $OUT, while OUT points at a scratch folder), everything goes there as one
+        # all.tgz, plus summary.txt to read at once.
+        if [ -n "${RESULTS:-}" ]; then
+            mkdir -p "$RESULTS"
+            tar czf "$RESULTS/all.tgz" -C "$OUT" . && cp -f "$OUT/summary.txt" "$RESULTS/" 2>/dev/null
+            echo "=== [pack] $(du -h "$RESULTS/all.tgz" | cut -f1) in $RESULTS/all.tgz"
+        else
+            echo "=== [pack] RESULTS is not set, skipped"
+        fi
+        ;;
     summary)
         OUT="$OUT" python3 - <<'PY' | tee "$OUT/summary.txt"
 import json, os
@@ -338,7 +350,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary pack)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac
