@@ -201,26 +201,19 @@ fn miss_check(name: String, agree: usize, total: usize, tol: f64, what: &str) ->
     )
 }
 
-fn as_f32s(v: &Value) -> Vec<f32> {
+/// The numbers of a JSON array that `get` accepts, converted; empty when `v` is no array.
+fn json_numbers<T>(v: &Value, get: impl Fn(&Value) -> Option<T>) -> Vec<T> {
     v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_f64)
-                .map(|x| x as f32)
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(get).collect())
         .unwrap_or_default()
 }
 
+fn as_f32s(v: &Value) -> Vec<f32> {
+    json_numbers(v, |x| x.as_f64().map(|x| x as f32))
+}
+
 fn as_usizes(v: &Value) -> Vec<usize> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as usize)
-                .collect()
-        })
-        .unwrap_or_default()
+    json_numbers(v, |x| x.as_u64().map(|x| x as usize))
 }
 
 /// GPU forward vs `reference_logits.json`.
