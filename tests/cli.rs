@@ -285,6 +285,7 @@ fn info_reports_the_cuda_switches() {
             "DLLM_GEMM_STREAM_BLOCKS",
             "DLLM_FUSED_SWIGLU",
             "DLLM_CUDA_SAFE",
+            "DLLM_ATTN_KEYS_UNITS",
         ] {
             c.env_remove(v);
         }
@@ -301,6 +302,7 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(d["cache_slots"], 4);
     assert_eq!(d["stream_gemm_blocks"], "one per SM");
     assert_eq!(d["fused_swiglu"], false);
+    assert_eq!(d["key_group_max_units"], "SM count");
     let e = info(&[
         ("DLLM_GEMM_STREAM", "0"),
         ("DLLM_ATTN_KEYS", "0"),
@@ -308,6 +310,7 @@ fn info_reports_the_cuda_switches() {
         ("DLLM_CACHE_SLOTS", "1"),
         ("DLLM_GEMM_STREAM_BLOCKS", "99"),
         ("DLLM_FUSED_SWIGLU", "1"),
+        ("DLLM_ATTN_KEYS_UNITS", "264"),
     ]);
     assert_eq!(e["stream_gemm"], false);
     assert_eq!(e["key_group_attention"], false);
@@ -316,6 +319,7 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(e["cache_slots"], 1);
     assert_eq!(e["stream_gemm_blocks"], 99);
     assert_eq!(e["fused_swiglu"], true);
+    assert_eq!(e["key_group_max_units"], 264);
     // The reference kernels have no fused SwiGLU.
     let safe = info(&[("DLLM_FUSED_SWIGLU", "1"), ("DLLM_CUDA_SAFE", "1")]);
     assert_eq!(safe["fused_swiglu"], false);

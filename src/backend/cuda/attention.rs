@@ -211,12 +211,24 @@ pub fn keys_requested_by_env() -> bool {
 }
 
 /// Whether a call suits the key-group kernel: the plain kernel's grid (one block per 64 query
-/// rows, head and batch element) would leave SMs idle and there are at least 2 key tiles to
-/// share among the groups. The batch-1 dual-cache block step of LLaDA-8B (32 queries × 32 heads
-/// against 384 keys) is such a call: 32 blocks each walking 6 key tiles in turn (16 µs per
-/// layer on an H200, most of it memory latency).
-pub fn keys_suit(shape: &AttnShape, num_sms: usize) -> bool {
-    plain_units(shape) < num_sms && shape.skv.div_ceil(MMA_KEYS) >= 2
+/// rows, head and batch element) has fewer than `max_units` blocks ([`keys_max_units`]: by
+/// default the SM count, so the plain grid would leave SMs idle) and there are at least 2 key
+/// tiles to share among the groups. The batch-1 dual-cache block step of LLaDA-8B (32 queries
+/// × 32 heads against 384 keys) is such a call: 32 blocks each walking 6 key tiles in turn
+/// (16.2 µs per layer on an H200, 10.5 µs with key groups).
+pub fn keys_suit(shape: &AttnShape, max_units: usize) -> bool {
+    plain_units(shape) < max_units && shape.skv.div_ceil(MMA_KEYS) >= 2
+}
+
+/// The plain-grid size below which [`keys_suit`] takes key groups: `DLLM_ATTN_KEYS_UNITS` (for
+/// timing larger grids, e.g. 264 for the b1 full step's 192 blocks), else the SM count.
+pub fn keys_max_units(num_sms: usize) -> usize {
+    keys_units_override().unwrap_or(num_sms)
+}
+
+/// The grid size `DLLM_ATTN_KEYS_UNITS` sets, if any.
+pub fn keys_units_override() -> Option<usize> {
+    super::env_switch::count("DLLM_ATTN_KEYS_UNITS", 1..=1 << 20)
 }
 
 /// Blocks of the plain tensor-core kernel's grid: one per (64 query rows, head, batch element).
@@ -299,6 +311,8 @@ pub struct Attention {
     split_enabled: bool,
     /// Whether `run` may use the key-group kernel (unless `DLLM_ATTN_KEYS=0`).
     keys_enabled: bool,
+    /// [`keys_max_units`].
+    keys_max_units: usize,
     scratch: Mutex<ReductionScratch>,
 }
 
@@ -341,6 +355,7 @@ impl Attention {
             num_sms,
             split_enabled,
             keys_enabled: keys_requested_by_env(),
+            keys_max_units: keys_max_units(num_sms),
             scratch: Mutex::new(scratch),
         };
         for (func, name, hd, smem) in [
@@ -407,7 +422,7 @@ impl Attention {
             AttnVariant::Naive
         } else if self.split_enabled && SplitPlan::new(shape, self.num_sms).is_some() {
             AttnVariant::Split
-        } else if self.keys_enabled && keys_suit(shape, self.num_sms) {
+        } else if self.keys_enabled && keys_suit(shape, self.keys_max_units) {
             AttnVariant::Keys
         } else {
             AttnVariant::Mma

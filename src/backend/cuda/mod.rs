@@ -80,6 +80,10 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
         ),
         ("cache_slots", transformer::cache_slots_from_env().into()),
         (
+            "key_group_max_units",
+            attention::keys_units_override().map_or("SM count".into(), Into::into),
+        ),
+        (
             "stream_gemm_blocks",
             gemm_stream::blocks_override().map_or("one per SM".into(), Into::into),
         ),
