@@ -1,5 +1,5 @@
 //! Batched denoising: several sessions on one model stepped in lockstep, each step's forwards
-//! packed into one [`Model::predict_batch`] call (one forward over all the canvases on the CPU
+//! packed into one [`crate::model::Model::predict_batch`] call (one forward over all the canvases on the CPU
 //! and CUDA backends, so every weight is read once per step for the whole batch).
 //!
 //! Each session keeps its own schedule, rule and state; a step of the batch is one step of every

@@ -16,7 +16,7 @@
 //! [`Model::forward`]; the others through [`Model::predict`]. With a block K/V cache
 //! ([`Decoding::cache`]) [`Session::step`] runs its forwards through [`super::cached`] instead.
 //!
-//! Self-correction ([`Decoding::revise`], rules in [`revise`](super::revise)) and the per-step
+//! Self-correction ([`Decoding::revise`], rules in [`super::revise`]) and the per-step
 //! event of [`Session::run_observed`] ([`observe`](super::observe)) are layered on the same
 //! plan / predict / apply split: [`Session::predict_scored`] and [`Session::apply_scored`].
 
@@ -110,7 +110,7 @@ pub struct Decoding {
     pub cache: CacheMode,
     /// Self-correction threshold `R` (`0 < R < 1`; `None` = off): after each step, tokens the
     /// model committed earlier in the current block whose probability under the step's logits
-    /// is below `R` are re-masked (see [`revise`](super::revise)). Such steps need host logits.
+    /// is below `R` are re-masked (see [`super::revise`]). Such steps need host logits.
     pub revise: Option<f64>,
 }
 

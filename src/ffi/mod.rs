@@ -4,7 +4,7 @@
 //! The header is the contract; `tests/c_abi.rs` checks every declaration here against it with
 //! bindgen and runs the C tests of `ffi/tests/` against libdllm.so and libdllm.a.
 //!
-//! Every export runs its body through [`guard`] (or [`guard_value`]): a panic is caught and
+//! Every export runs its body through `guard` (or `guard_value`): a panic is caught and
 //! becomes `DLLM_ERR_INTERNAL`, an error is mapped to a status code and its message stored for
 //! [`dllm_last_error`] on the calling thread. Every pointer, length, token id and enum value is
 //! checked before use, and nothing is written past a caller's capacity.

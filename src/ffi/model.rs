@@ -90,7 +90,7 @@ impl Drop for WorkerPool {
     }
 }
 
-/// The opaque `dllm_model`: one caller reference to a shared [`ModelInner`]. Sessions hold
+/// The opaque `dllm_model`: one caller reference to a shared `ModelInner`. Sessions hold
 /// their own references, so freeing the handle first is safe.
 pub struct dllm_model {
     pub(crate) inner: Arc<ModelInner>,

@@ -262,7 +262,7 @@ pub struct SplitPlan {
 impl SplitPlan {
     /// The plan [`Attention::run`] uses: only when the plain grid (`units` blocks) is smaller than
     /// the GPU (`num_sms`); then as many splits as keep the grid within two blocks per SM, each
-    /// of at least [`SPLIT_MIN_TILES`] key tiles, and at least 2 of them. `None` means "do not
+    /// of at least `SPLIT_MIN_TILES` key tiles, and at least 2 of them. `None` means "do not
     /// split". Measured on an H200 (2026-11-27): 32 queries × 32 heads against 384 keys took
     /// 0.0198 ms split vs 0.0160 ms plain (6 tiles: not worth a merge), against 2048 keys 0.0315
     /// vs 0.0711 ms (8 splits of 4 tiles).

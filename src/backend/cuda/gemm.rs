@@ -410,7 +410,7 @@ impl WgmmaPlan {
 
     /// The plan [`Gemm::run`] uses when the TMA cluster kernel is active: [`WgmmaPlan::new`]'s
     /// search with the plans that pair without a phantom tile (even M tile count) costed at
-    /// [`TMA_PAIR_COST`] of the others, as measured; returned [`WgmmaPlan::paired`] when such a
+    /// `TMA_PAIR_COST` of the others, as measured; returned [`WgmmaPlan::paired`] when such a
     /// plan wins. At M = 384 on the down projection (4096 × 12288) this picks 2 × 22 tiles of
     /// 192 rows × 3 splits in pairs over `gemm_wgmma`'s 3 × 22 of 128 rows × 2 splits.
     pub fn with_tma(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {

@@ -1,4 +1,4 @@
-//! GPU check of the fused SwiGLU epilogue ([`Epilogue::SwigluBf16`]): every GEMM kernel that
+//! GPU check of the fused SwiGLU epilogue ([`super::gemm::Epilogue::SwigluBf16`]): every GEMM kernel that
 //! implements it (stream, skinny v1 and v2, wide, wgmma at both block heights, the paired TMA
 //! kernel), with and without split-K, against the f64 host reference of
 //! [`swiglu_layout::swiglu_of_fused`], on odd shapes and into NaN-poisoned outputs with guard

@@ -26,7 +26,7 @@
 //! canvas's rows see exactly its own keys. Only this padded forward passes the lengths; every
 //! other forward, and every captured graph, attends as before.
 //!
-//! CUDA graphs ([`graphs`]): the steady-state dual-cache block step ([`CudaTransformer::step`]
+//! CUDA graphs (`graphs`): the steady-state dual-cache block step ([`CudaTransformer::step`]
 //! with `use_cache`: every layer over the block rows, `ln_f` + LM head on them, sampling and
 //! commit) and the no-cache step (the same over a full forward) are captured once per (kind,
 //! batch, canvas length, block start, forward rows, k) and replayed afterwards, when the
@@ -35,9 +35,9 @@
 //! per block, so it stays eager. A graph bakes in buffer addresses, so each (batch, canvas
 //! length, forward rows) shape owns its own GEMM and sampler instances (their split-K / partial
 //! scratch is sized by one eager warm-up step of that shape and never grows afterwards), the
-//! graphs live in the step buffers' [`State`] and die with them, and the query rows are uploaded
+//! graphs live in the step buffers' `State` and die with them, and the query rows are uploaded
 //! before the replay. `DLLM_CUDA_GRAPH=0` (or [`CudaTransformer::set_graphs`]) runs every step
-//! eagerly. The Session path's cached forwards keep their K/V in per-cache [`slots`].
+//! eagerly. The Session path's cached forwards keep their K/V in per-cache `slots`.
 //!
 //! Setting `DLLM_CUDA_SAFE=1` runs the reference (naive) GEMM and attention kernels instead of
 //! the fast ones, so a wrong fast kernel can be told apart from a wrong model.
@@ -1396,7 +1396,7 @@ impl Model for CudaTransformer {
 
     /// Padded batched forwards: the canvases with queries are grouped into sub-batches of at
     /// most [`MAX_BATCH_ROWS`] padded rows ([`padding::plan_sub_batches`]), each one full
-    /// forward over its canvases padded to its longest ([`CudaTransformer::predict_padded`]).
+    /// forward over its canvases padded to its longest (`CudaTransformer::predict_padded`).
     /// Every canvas is checked first (errors name it); a canvas without queries gets no rows.
     fn predict_batch(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
         for (i, it) in items.iter().enumerate() {

@@ -32,7 +32,7 @@ pub(super) struct CacheSlot {
 const MAX_CACHE_SLOTS: usize = 4;
 
 /// The Session cache slot count: `DLLM_CACHE_SLOTS` when it is 1..=16, else
-/// [`MAX_CACHE_SLOTS`]. One slot is the behaviour before slots (alternating caches refresh).
+/// `MAX_CACHE_SLOTS`. One slot is the behaviour before slots (alternating caches refresh).
 pub fn cache_slots_from_env() -> usize {
     crate::backend::cuda::env_switch::count("DLLM_CACHE_SLOTS", 1..=16).unwrap_or(MAX_CACHE_SLOTS)
 }
@@ -85,7 +85,7 @@ impl CudaTransformer {
     }
 
     /// Span steps of Session caches that found their slot reassigned and ran as refreshes, so
-    /// far (0 while at most [`MAX_CACHE_SLOTS`] caches alternate).
+    /// far (0 while at most `MAX_CACHE_SLOTS` caches alternate).
     pub fn cache_slot_misses(&self) -> usize {
         self.slot_misses.load(Ordering::Relaxed)
     }
