@@ -34,20 +34,14 @@ __device__ __forceinline__ void gemm_store1(void* C, size_t idx, float v, int ep
     }
 }
 
-// Writes two adjacent output elements (idx even, so the pair is 4/8-byte aligned); plain
-// epilogues only, like gemm_store1.
+// Writes two adjacent output elements (idx even, so the pair is 4/8-byte aligned) for the two
+// plain stores; gemm_store_pairs does the residual add (batched) and the fused SwiGLU itself.
 __device__ __forceinline__ void gemm_store2(void* C, size_t idx, float v0, float v1, int epi) {
     if (epi == DLLM_EPI_STORE_BF16) {
         uint32_t packed = (uint32_t)gemm_f32_to_bf16(v0) | ((uint32_t)gemm_f32_to_bf16(v1) << 16);
         *(uint32_t*)((uint16_t*)C + idx) = packed;
     } else if (epi == DLLM_EPI_STORE_F32) {
         *(float2*)((float*)C + idx) = make_float2(v0, v1);
-    } else if (epi == DLLM_EPI_ADD_F32) {
-        float2* p = (float2*)((float*)C + idx);
-        float2 c = *p;
-        c.x += v0;
-        c.y += v1;
-        *p = c;
     }
 }
 

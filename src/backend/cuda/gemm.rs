@@ -121,6 +121,11 @@ impl Epilogue {
             .find(|e| e.name() == name)
     }
 
+    /// Whether the output is bf16 (else fp32).
+    pub fn bf16_out(self) -> bool {
+        matches!(self, Epilogue::StoreBf16 | Epilogue::SwigluBf16)
+    }
+
     /// Short name for reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -1603,7 +1608,7 @@ fn random_bf16(seed: u64, n: usize) -> Vec<u16> {
 
 /// f64 reference `Σ_k a[r, k]·w[c, k]` for every row `r < m` and each column in `cols`, laid out
 /// `[m][cols.len()]`, from the bf16 bits the GPU sees.
-fn reference(a: &[u16], w: &[u16], m: usize, k: usize, cols: &[usize]) -> Vec<f64> {
+pub(super) fn reference(a: &[u16], w: &[u16], m: usize, k: usize, cols: &[usize]) -> Vec<f64> {
     let wf: Vec<Vec<f64>> = cols
         .par_iter()
         .map(|&c| {
@@ -2228,7 +2233,7 @@ impl BenchBuffers {
             .collect::<Result<_>>()?;
         drop(w_host);
         let a = upload(dev, &random_bf16(78, max_m * k))?;
-        let bf16_out = matches!(epi, Epilogue::StoreBf16 | Epilogue::SwigluBf16);
+        let bf16_out = epi.bf16_out();
         let c16 = dev
             .stream
             .alloc_zeros::<u16>(if bf16_out { max_m * n } else { 1 })
@@ -2292,42 +2297,28 @@ impl BenchBuffers {
         m: usize,
         launch: impl FnOnce(&CudaView<u16>, &CudaView<u16>, GemmOut<'_>) -> Result<()>,
     ) -> Result<Vec<f32>> {
-        let n = self.n;
-        let av = self.a.slice(..m * self.k);
-        let wv = self.ws[0].as_view();
+        let (n, epi) = (self.n, self.epi);
         let zero = |e| cuda_err("gemm bench: zero C", e);
-        match self.epi {
-            Epilogue::StoreBf16 | Epilogue::SwigluBf16 => {
-                dev.stream.memset_zeros(&mut self.c16).map_err(zero)?;
-                let (len, out) = if self.epi == Epilogue::SwigluBf16 {
-                    (
-                        m * n / 2,
-                        GemmOut::SwigluBf16(self.c16.slice_mut(..m * n / 2)),
-                    )
-                } else {
-                    (m * n, GemmOut::Bf16(self.c16.slice_mut(..m * n)))
-                };
-                launch(&av, &wv, out)?;
-                Ok(download(dev, &self.c16)?[..len]
-                    .iter()
-                    .map(|&b| bf16::from_bits(b).to_f32())
-                    .collect())
-            }
-            epi => {
-                dev.stream.memset_zeros(&mut self.c32).map_err(zero)?;
-                let out = self.c32.slice_mut(..m * n);
-                launch(
-                    &av,
-                    &wv,
-                    if epi == Epilogue::AddF32 {
-                        GemmOut::AddF32(out)
-                    } else {
-                        GemmOut::F32(out)
-                    },
-                )?;
-                Ok(download(dev, &self.c32)?[..m * n].to_vec())
-            }
+        if epi.bf16_out() {
+            dev.stream.memset_zeros(&mut self.c16).map_err(zero)?;
+        } else {
+            dev.stream.memset_zeros(&mut self.c32).map_err(zero)?;
         }
+        let len = if epi == Epilogue::SwigluBf16 {
+            m * n / 2
+        } else {
+            m * n
+        };
+        let out = output_view(epi, &mut self.c16, &mut self.c32, m, n);
+        launch(&self.a.slice(..m * self.k), &self.ws[0].as_view(), out)?;
+        Ok(if epi.bf16_out() {
+            download(dev, &self.c16)?[..len]
+                .iter()
+                .map(|&b| bf16::from_bits(b).to_f32())
+                .collect()
+        } else {
+            download(dev, &self.c32)?[..len].to_vec()
+        })
     }
 
     /// [`BenchBuffers::time`] over `iters` timed runs.
@@ -2343,14 +2334,25 @@ impl BenchBuffers {
         let (ws, c16, c32, epi) = (&self.ws, &mut self.c16, &mut self.c32, self.epi);
         check::time_median_ms(dev, 3, iters, |i| {
             let wv = ws[i % copies].as_view();
-            let out = match epi {
-                Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
-                Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
-                Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),
-                Epilogue::SwigluBf16 => GemmOut::SwigluBf16(c16.slice_mut(..m * n / 2)),
-            };
-            launch(&av, &wv, out)
+            launch(&av, &wv, output_view(epi, c16, c32, m, n))
         })
+    }
+}
+
+/// The output of epilogue `epi` over `m` rows of an `n`-column product: in `c16` for the bf16
+/// epilogues (`m·n/2` values for the fused SwiGLU), in `c32` for the fp32 ones.
+fn output_view<'b>(
+    epi: Epilogue,
+    c16: &'b mut CudaSlice<u16>,
+    c32: &'b mut CudaSlice<f32>,
+    m: usize,
+    n: usize,
+) -> GemmOut<'b> {
+    match epi {
+        Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
+        Epilogue::SwigluBf16 => GemmOut::SwigluBf16(c16.slice_mut(..m * n / 2)),
+        Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
+        Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),
     }
 }
 

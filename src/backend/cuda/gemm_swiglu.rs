@@ -7,7 +7,7 @@
 
 use super::check::{self, CheckResult, TOL_BF16};
 use super::gemm::{
-    Gemm, GemmOut, GemmPlan, GemmVariant, SkinnyPlan, WgmmaPlan, WidePlan, SKINNY2_MAX_M,
+    self, Gemm, GemmOut, GemmPlan, GemmVariant, SkinnyPlan, WgmmaPlan, WidePlan, SKINNY2_MAX_M,
     SKINNY_MAX_M,
 };
 use super::gemm_stream::{StreamPlan, STREAM_MAX_M};
@@ -46,16 +46,8 @@ impl Case {
             };
         }
         let w = swiglu_layout::interleave(&gate, &up, h, k);
-        let (af, wf) = (check::from_bf16_bits(&a), check::from_bf16_bits(&w));
-        let n = 2 * h;
-        let mut p = vec![0.0f64; m * n];
-        for r in 0..m {
-            for c in 0..n {
-                p[r * n + c] = (0..k)
-                    .map(|i| af[r * k + i] as f64 * wf[c * k + i] as f64)
-                    .sum();
-            }
-        }
+        let cols: Vec<usize> = (0..2 * h).collect();
+        let p = gemm::reference(&a, &w, m, k, &cols);
         let want = swiglu_layout::swiglu_of_fused(&p, m, h);
         Case {
             m,
