@@ -285,27 +285,8 @@ fn to_bf16_bits(v: &TensorView, start: usize, out: &mut Vec<u16>, count: usize) 
 
 /// Uploads tensors stacked along their first axis into one bf16 device matrix.
 fn upload_stacked(dev: &CudaDevice, parts: &[TensorView]) -> Result<CudaSlice<u16>> {
-    let total: usize = parts.iter().map(|p| p.numel()).sum();
-    let mut dst = alloc::<u16>(dev, total, parts.first().map_or("weights", |p| p.name))?;
-    let mut off = 0;
-    let mut buf = Vec::new();
-    for p in parts {
-        let n = p.numel();
-        let mut done = 0;
-        while done < n {
-            let c = UPLOAD_CHUNK.min(n - done);
-            to_bf16_bits(p, done, &mut buf, c);
-            let mut view = dst.slice_mut(off + done..off + done + c);
-            dev.stream
-                .memcpy_htod(&buf, &mut view)
-                .map_err(|e| cuda_err(&format!("upload tensor `{}`", p.name), e))?;
-            done += c;
-        }
-        off += n;
-    }
-    // The staging buffer is reused: wait for the copies before it is dropped or refilled.
-    dev.sync()?;
-    Ok(dst)
+    let runs: Vec<(&TensorView, usize, usize)> = parts.iter().map(|p| (p, 0, p.numel())).collect();
+    upload_runs(dev, &runs)
 }
 
 /// Uploads the gate and up matrices (`[h, d]` each) as one `[2h, d]` bf16 matrix in the fused
@@ -317,36 +298,65 @@ fn upload_gate_up_fused(
     h: usize,
     d: usize,
 ) -> Result<CudaSlice<u16>> {
-    let mut dst = alloc::<u16>(dev, 2 * h * d, gate.name)?;
     let mut runs = Vec::with_capacity(2 * h / swiglu_layout::GROUP);
-    swiglu_layout::for_each_run(h, |src, rows| runs.push((src, rows)));
+    swiglu_layout::for_each_run(h, |src, rows| {
+        runs.push(match src {
+            swiglu_layout::FusedRow::Gate(r) => (gate, r * d, rows * d),
+            swiglu_layout::FusedRow::Up(r) => (up, r * d, rows * d),
+        })
+    });
+    upload_runs(dev, &runs)
+}
+
+/// Uploads `runs` (tensor, first element, element count) back to back into one bf16 device
+/// buffer, converted through a staging buffer of at most [`UPLOAD_CHUNK`] elements.
+fn upload_runs(dev: &CudaDevice, runs: &[(&TensorView, usize, usize)]) -> Result<CudaSlice<u16>> {
+    let total: usize = runs.iter().map(|r| r.2).sum();
+    let mut dst = alloc::<u16>(dev, total, runs.first().map_or("weights", |r| r.0.name))?;
+    let spans: Vec<(usize, usize)> = runs
+        .iter()
+        .map(|&(_, start, count)| (start, count))
+        .collect();
     let (mut staged, mut buf, mut off) = (Vec::new(), Vec::new(), 0usize);
-    let mut flush = |staged: &mut Vec<u16>, off: &mut usize| -> Result<()> {
-        let mut view = dst.slice_mut(*off..*off + staged.len());
+    for batch in staging_batches(&spans, UPLOAD_CHUNK) {
+        staged.clear();
+        for &(i, start, count) in &batch {
+            to_bf16_bits(runs[i].0, start, &mut buf, count);
+            staged.extend_from_slice(&buf);
+        }
+        let name = batch.last().map_or("weights", |&(i, _, _)| runs[i].0.name);
+        let mut view = dst.slice_mut(off..off + staged.len());
         dev.stream
             .memcpy_htod(staged.as_slice(), &mut view)
-            .map_err(|e| cuda_err(&format!("upload tensor `{}` (+ up)", gate.name), e))?;
+            .map_err(|e| cuda_err(&format!("upload tensor `{name}`"), e))?;
         // The staging buffer is refilled next: wait for the copy.
         dev.sync()?;
-        *off += staged.len();
-        staged.clear();
-        Ok(())
-    };
-    for (src, rows) in runs {
-        let (t, r0) = match src {
-            swiglu_layout::FusedRow::Gate(r) => (gate, r),
-            swiglu_layout::FusedRow::Up(r) => (up, r),
-        };
-        to_bf16_bits(t, r0 * d, &mut buf, rows * d);
-        staged.extend_from_slice(&buf);
-        if staged.len() >= UPLOAD_CHUNK {
-            flush(&mut staged, &mut off)?;
-        }
-    }
-    if !staged.is_empty() {
-        flush(&mut staged, &mut off)?;
+        off += staged.len();
     }
     Ok(dst)
+}
+
+/// The pieces of `spans` (first element, element count), in order, grouped into staging batches
+/// of `chunk` elements (the last may hold fewer): each piece (span index, first element, count).
+fn staging_batches(spans: &[(usize, usize)], chunk: usize) -> Vec<Vec<(usize, usize, usize)>> {
+    let chunk = chunk.max(1);
+    let (mut batches, mut batch, mut filled) = (Vec::new(), Vec::new(), 0usize);
+    for (i, &(start, count)) in spans.iter().enumerate() {
+        let mut done = 0;
+        while done < count {
+            let c = (chunk - filled).min(count - done);
+            batch.push((i, start + done, c));
+            (done, filled) = (done + c, filled + c);
+            if filled == chunk {
+                batches.push(std::mem::take(&mut batch));
+                filled = 0;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
 }
 
 fn upload_f32(dev: &CudaDevice, v: &TensorView) -> Result<CudaSlice<f32>> {
@@ -1638,5 +1648,43 @@ impl CudaTransformer {
         }
         self.set_queries(st, idx, pos)?;
         Ok(st)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::staging_batches;
+
+    /// The batches, laid end to end, are exactly the spans' elements in order; every batch but
+    /// the last is full, none is over.
+    #[test]
+    fn staging_batches_cover_every_span_in_order() {
+        for (spans, chunk) in [
+            (vec![(0usize, 10usize), (5, 7), (100, 3)], 4usize),
+            (vec![(0, 8), (8, 8)], 16),
+            (vec![(3, 40)], 7),
+            (vec![(0, 5), (0, 0), (9, 1)], 1),
+            (vec![], 4),
+        ] {
+            let want: Vec<(usize, usize)> = spans
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &(s, c))| (s..s + c).map(move |e| (i, e)))
+                .collect();
+            let batches = staging_batches(&spans, chunk);
+            let got: Vec<(usize, usize)> = batches
+                .iter()
+                .flatten()
+                .flat_map(|&(i, s, c)| (s..s + c).map(move |e| (i, e)))
+                .collect();
+            assert_eq!(got, want, "{spans:?} in chunks of {chunk}");
+            for (b, batch) in batches.iter().enumerate() {
+                let n: usize = batch.iter().map(|p| p.2).sum();
+                assert!(n <= chunk && n > 0);
+                if b + 1 < batches.len() {
+                    assert_eq!(n, chunk, "batch {b} of {spans:?} not full");
+                }
+            }
+        }
     }
 }
