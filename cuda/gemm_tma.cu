@@ -60,6 +60,8 @@ static_assert(TmaCfg<2>::STAGE_BYTES % 1024 == 0 && TmaCfg<3>::STAGE_BYTES % 102
 static_assert(TmaCfg<2>::A_BYTES % 1024 == 0 && TmaCfg<3>::A_BYTES % 1024 == 0, "1024-aligned W tiles");
 static_assert((64 * TMA_ROW_BYTES) % 1024 == 0, "1024-aligned warpgroup slices of the A tile");
 static_assert(TMA_BN / 2 <= 256 && TmaCfg<3>::BM <= 256, "TMA boxes hold at most 256 rows");
+static_assert(WgStage<TmaCfg<2>::CONSUMERS>::BYTES <= TmaCfg<2>::STAGES * TmaCfg<2>::STAGE_BYTES, "wg2 staging area");
+static_assert(WgStage<TmaCfg<3>::CONSUMERS>::BYTES <= TmaCfg<3>::STAGES * TmaCfg<3>::STAGE_BYTES, "wg3 staging area");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -166,10 +168,11 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
         wg_fence_acc(acc);
         const int tile = blockIdx.y * gridDim.x + blockIdx.x;
         store = splits == 1 ||
-                wg_split_reduce<Cfg::CONSUMERS>(acc, ws, counters, tile, split, splits, tid, 1);
+                wg_split_reduce<Cfg::CONSUMERS>(acc, ws, counters, tile, split, splits, tid, 1, smem);
     }
-    // 2 column blocks per residual-add batch: more spill the consumers under 416 threads.
-    if (store) wg_store_tile<2>(acc, C, m0 + wg * 64, n0, M, N, epi, tid & 127);
+    // Every copy into the ring has landed (the consumers waited for every `full` barrier, the
+    // peer's multicast halves included), so the epilogue stages its global reads there.
+    if (store) wg_store_tile<Cfg::CONSUMERS>(acc, C, m0 + wg * 64, n0, M, N, epi, tid, 1, smem);
     // No block leaves while its peer may still arrive on its barriers or multicast into it
     // (the release of the cluster barrier also orders this block's last remote arrivals).
     __syncwarp();

@@ -47,20 +47,10 @@ static_assert(WgCfg<2>::SMEM_BYTES <= 232448, "wg2 shared memory");
 static_assert(WgCfg<3>::SMEM_BYTES <= 232448, "wg3 shared memory");
 static_assert(WgCfg<2>::B_PER_THREAD * WgCfg<2>::THREADS == WG_BN * 8, "wg2 B split");
 static_assert(WgCfg<3>::B_PER_THREAD * WgCfg<3>::THREADS == WG_BN * 8, "wg3 B split");
+static_assert(WgStage<WgCfg<2>::THREADS>::BYTES <= WgCfg<2>::STAGES * WgCfg<2>::STAGE_BYTES, "wg2 staging area");
+static_assert(WgStage<WgCfg<3>::THREADS>::BYTES <= WgCfg<3>::STAGES * WgCfg<3>::STAGE_BYTES, "wg3 staging area");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-__device__ __forceinline__ void wg_cp_async16(uint32_t dst, const void* src, bool pred) {
-    const int bytes = pred ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void wg_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void wg_cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 template <int WG>
 __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W,
@@ -123,7 +113,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
 
     for (int kt = 0; kt < k_tiles; ++kt) {
         wg_cp_wait<Cfg::STAGES - 3>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        wg_fence_proxy_async();
         __syncthreads();
         const int next = kt + Cfg::STAGES - 2;
         if (next < k_tiles) load_stage(next, next % Cfg::STAGES);
@@ -149,8 +139,9 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
     wg_cp_wait<0>();
 
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-    if (splits > 1 && !wg_split_reduce<Cfg::THREADS>(acc, ws, counters, tile, split, splits, tid, 0)) return;
-    wg_store_tile<8>(acc, C, m0 + wg * 64, n0, M, N, epi, tid & 127);
+    // The drained ring stages the epilogue's global reads (wg_split_reduce, wg_store_tile).
+    if (splits > 1 && !wg_split_reduce<Cfg::THREADS>(acc, ws, counters, tile, split, splits, tid, 0, smem)) return;
+    wg_store_tile<Cfg::THREADS>(acc, C, m0 + wg * 64, n0, M, N, epi, tid, 0, smem);
 }
 
 #define DLLM_WGMMA_KERNEL(WGN)                                                                                     \

@@ -1,9 +1,16 @@
 // Hopper warpgroup-MMA helpers shared by cuda/gemm_wgmma.cu and cuda/gemm_tma.cu (sm_90a only:
 // everything is inside __CUDA_ARCH_FEAT_SM90_ALL): shared-memory matrix descriptors, wgmma
-// fences / commit / wait, the m64n192k16 bf16 MMA, the split-K reduction of a 64x192-per-
-// warpgroup accumulator tile, and its epilogue store.
+// fences / commit / wait, the m64n192k16 bf16 MMA, cp.async staging through shared memory, the
+// split-K reduction of a 64x192-per-warpgroup accumulator tile, and its epilogue store.
 #pragma once
 #include "gemm_common.cuh"
+
+// Shared memory the epilogue's staging area needs for THREADS accumulator threads: 24 float4
+// (split-K partial) or 48 float2 (old residual pairs) each (see wg_split_reduce, wg_store_tile).
+template <int THREADS>
+struct WgStage {
+    static constexpr int BYTES = THREADS * 384;
+};
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -61,16 +68,63 @@ __device__ __forceinline__ void wg_bar_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Asynchronous global -> shared copies (cp.async): 16 bytes through L2 only (.cg), or 8 bytes
+// (.ca, cached like a plain load); `valid` false zero-fills the destination and reads nothing.
+__device__ __forceinline__ void wg_cp_async16(uint32_t dst, const void* src, bool valid) {
+    const int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void wg_cp_async8(uint32_t dst, const void* src, bool valid) {
+    const int bytes = valid ? 8 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void wg_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Orders this thread's async-proxy shared-memory accesses (wgmma operand reads, TMA writes) with
+// its generic ones (cp.async, ld/st.shared) across a following barrier.
+__device__ __forceinline__ void wg_fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ float4 wg_lds128(uint32_t addr) {
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(addr)
+                 : "memory");
+    return v;
+}
+__device__ __forceinline__ float2 wg_lds64(uint32_t addr) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+    return v;
+}
+
+// The epilogue reads global memory written by other blocks (split-K partials) or kernels (the
+// residual of the add epilogue). Loaded into registers one value at a time, every load is one L2
+// round trip after the previous (a loop over splits cannot be unrolled, and the compiler keeps
+// the residual's loads behind earlier stores): 24 per split plus 12-24 for the residual, 15-25 us
+// per launch on an H200. Instead each thread copies its values into its own slots of a shared
+// staging area (the drained operand ring) with cp.async, all in flight at once, waits once, and
+// reads them back: one round trip per split and one for the residual. Slots are thread-private
+// (slot i of consumer thread `tid` at stage + (i * THREADS + tid) * bytes, conflict-free), so only
+// reuse of the area needs a barrier. The area: WgStage<THREADS>::BYTES.
+
 // Split-K: writes this split's partial tile ([tile][split][e][thread] float4, 24 per thread of
 // the THREADS accumulator threads, which take part in named barrier `bar`) to `ws`; the last split
 // of the tile to arrive sums all partials in split order into `acc` (the same bits whichever block
-// is last), resets the tile's counter and returns true; the others return false.
+// is last: every partial, its own included, comes back from the workspace through the staging
+// area `stage`, WgStage<THREADS>::BYTES of shared memory no thread still reads or writes), resets
+// the tile's counter and returns true; the others return false.
 template <int THREADS>
 __device__ __forceinline__ bool wg_split_reduce(float (&acc)[96], float* __restrict__ ws,
                                                 unsigned int* __restrict__ counters, int tile, int split, int splits,
-                                                int tid, int bar) {
+                                                int tid, int bar, uint32_t stage) {
     float4* part = (float4*)ws;
     const size_t base = ((size_t)tile * splits + split) * 24;
+    wg_fence_proxy_async();  // this thread's wgmma reads of the ring, before the barriers below
 #pragma unroll
     for (int e = 0; e < 24; ++e)
         part[(base + e) * THREADS + tid] = make_float4(acc[4 * e], acc[4 * e + 1], acc[4 * e + 2], acc[4 * e + 3]);
@@ -82,40 +136,82 @@ __device__ __forceinline__ bool wg_split_reduce(float (&acc)[96], float* __restr
     if (s_last == 0u) return false;
     __threadfence();
 #pragma unroll
-    for (int e = 0; e < 24; ++e) {
-        float4 total = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        // Own partial read back from the workspace too (keeps register pressure low).
+    for (int i = 0; i < 96; ++i) acc[i] = 0.0f;
+    const uint32_t mine = stage + (uint32_t)tid * 16u;
 #pragma unroll 1
-        for (int s = 0; s < splits; ++s) {
-            const float4 p = __ldcg(&part[(((size_t)tile * splits + s) * 24 + e) * THREADS + tid]);
-            total.x += p.x;
-            total.y += p.y;
-            total.z += p.z;
-            total.w += p.w;
+    for (int s = 0; s < splits; ++s) {
+        // The slots are refilled only after this thread's reads of the previous split (the
+        // barrier orders them before the asynchronous writes).
+        if (s > 0) wg_bar_sync(bar, THREADS);
+        const float4* src = part + ((size_t)tile * splits + s) * 24 * THREADS + tid;
+        // Not unrolled: the copies need no registers but their addresses.
+#pragma unroll 1
+        for (int e = 0; e < 24; ++e) wg_cp_async16(mine + (uint32_t)(e * THREADS * 16), src + (size_t)e * THREADS, true);
+        wg_cp_commit();
+        wg_cp_wait<0>();
+#pragma unroll
+        for (int e = 0; e < 24; ++e) {
+            const float4 p = wg_lds128(mine + (uint32_t)(e * THREADS * 16));
+            acc[4 * e] += p.x;
+            acc[4 * e + 1] += p.y;
+            acc[4 * e + 2] += p.z;
+            acc[4 * e + 3] += p.w;
         }
-        acc[4 * e] = total.x;
-        acc[4 * e + 1] = total.y;
-        acc[4 * e + 2] = total.z;
-        acc[4 * e + 3] = total.w;
     }
     if (tid == 0) counters[tile] = 0u;
     return true;
 }
 
-// Stores the 64x192 accumulator tile of one warpgroup (rows row0.., columns n0..; `wtid` = thread
-// index within the warpgroup), masked to M x N. Layout of m64nNk16: warp w of the warpgroup owns
-// rows 16w..16w+15; lane (g, t) holds, for each 8-column block j, (row g, cols 8j+2t, +1) in
-// acc[4j], acc[4j+1] and (row g+8, same cols) in acc[4j+2], acc[4j+3].
-template <int BATCH>
+// Stores the 64x192 accumulator tile of one warpgroup (rows row0.., columns n0..), masked to
+// M x N. Layout of m64nNk16: warp w of the warpgroup owns rows 16w..16w+15; lane (g, t) holds, for
+// each 8-column block j, (row g, cols 8j+2t, +1) in acc[4j], acc[4j+1] and (row g+8, same cols) in
+// acc[4j+2], acc[4j+3]. `tid` is the thread's index among the THREADS accumulator threads (named
+// barrier `bar`), all of which call this. The residual add stages the 48 old value pairs of the
+// thread through `stage` (WgStage<THREADS>::BYTES of shared memory that no thread of the block
+// reads or writes any more once they all got here); the other epilogues only store, through
+// gemm_store_pairs (column blocks in pairs: the fused SwiGLU pairs gate and up blocks).
+template <int THREADS>
 __device__ __forceinline__ void wg_store_tile(const float (&acc)[96], void* C, int row0, int n0, int M, int N,
-                                              int epi, int wtid) {
+                                              int epi, int tid, int bar, uint32_t stage) {
+    const int wtid = tid & 127;
     const int lane = wtid & 31;
     const int g = lane >> 2;
     const int t = lane & 3;
     const int row = row0 + (wtid >> 5) * 16 + g;
-    static_assert(24 % BATCH == 0, "the batch must divide the 24 column blocks");
+    if (epi == DLLM_EPI_ADD_F32) {
+        float* out = (float*)C;
+        const uint32_t mine = stage + (uint32_t)tid * 8u;
+        wg_fence_proxy_async();
+        wg_bar_sync(bar, THREADS);
+#pragma unroll 1
+        for (int j = 0; j < 24; ++j) {
+            const int n = n0 + 8 * j + 2 * t;
 #pragma unroll
-    for (int j0 = 0; j0 < 24; j0 += BATCH) gemm_store_pairs<BATCH>(acc, C, row, n0 + 2 * t, j0, M, N, epi);
+            for (int h = 0; h < 2; ++h) {
+                const int r = row + 8 * h;
+                const bool ok = n < N && r < M;
+                wg_cp_async8(mine + (uint32_t)((2 * j + h) * THREADS * 8), ok ? out + (size_t)r * N + n : out, ok);
+            }
+        }
+        wg_cp_commit();
+        wg_cp_wait<0>();
+#pragma unroll
+        for (int j = 0; j < 24; ++j) {
+            const int n = n0 + 8 * j + 2 * t;
+            if (n >= N) continue;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = row + 8 * h;
+                if (r >= M) continue;
+                const float2 old = wg_lds64(mine + (uint32_t)((2 * j + h) * THREADS * 8));
+                *(float2*)(out + (size_t)r * N + n) =
+                    make_float2(old.x + acc[4 * j + 2 * h], old.y + acc[4 * j + 2 * h + 1]);
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int j0 = 0; j0 < 24; j0 += 2) gemm_store_pairs<2>(acc, C, row, n0 + 2 * t, j0, M, N, epi);
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
