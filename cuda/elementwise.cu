@@ -35,14 +35,56 @@ __device__ __forceinline__ float dllm_block_sum(float v) {
     return total;
 }
 
-// out[r, :] = bf16( x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w ), one block per row.
-// x fp32 [rows, d], w fp32 [d], out bf16 [rows, d]. Grid: (rows), block: DLLM_ROW_THREADS.
-extern "C" __global__ void rmsnorm_f32_bf16(const float* __restrict__ x, const float* __restrict__ w,
-                                            uint16_t* __restrict__ out, int d, float eps) {
-    dllm_pdl_entry();
+// RMSNorm, one block per row: out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w, x and w fp32,
+// out bf16 (rmsnorm_f32_bf16) or fp32 (rmsnorm_f32_f32). Grid: (rows), block: DLLM_ROW_THREADS.
+// vec = 1 (the host sets it when d % 4 == 0, d <= 4 * DLLM_ROW_THREADS * DLLM_RMS_V4 and x, w, out
+// are 16-byte aligned): every thread loads its float4s of the row and of w at once, keeps them in
+// registers through the block sum and stores from them, so the row costs one round trip to memory
+// instead of one per few elements in each of two passes.
+#define DLLM_RMS_V4 8
+
+__device__ __forceinline__ void dllm_store_norm(uint16_t* out, size_t i, float v) { out[i] = dllm_f32_to_bf16(v); }
+__device__ __forceinline__ void dllm_store_norm(float* out, size_t i, float v) { out[i] = v; }
+__device__ __forceinline__ void dllm_store_norm4(uint16_t* out, size_t c, float4 v) {
+    uint2 p;
+    p.x = (uint32_t)dllm_f32_to_bf16(v.x) | ((uint32_t)dllm_f32_to_bf16(v.y) << 16);
+    p.y = (uint32_t)dllm_f32_to_bf16(v.z) | ((uint32_t)dllm_f32_to_bf16(v.w) << 16);
+    reinterpret_cast<uint2*>(out)[c] = p;
+}
+__device__ __forceinline__ void dllm_store_norm4(float* out, size_t c, float4 v) { reinterpret_cast<float4*>(out)[c] = v; }
+
+template <class T>
+__device__ __forceinline__ void rmsnorm_body(const float* __restrict__ x, const float* __restrict__ w,
+                                             T* __restrict__ out, int d, float eps, int vec) {
     const size_t row = blockIdx.x;
     const float* xr = x + row * (size_t)d;
-    uint16_t* orow = out + row * (size_t)d;
+    T* orow = out + row * (size_t)d;
+    if (vec) {
+        const float4* x4 = reinterpret_cast<const float4*>(xr);
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+        const int n4 = d >> 2;
+        float4 xv[DLLM_RMS_V4], wv[DLLM_RMS_V4];
+#pragma unroll
+        for (int k = 0; k < DLLM_RMS_V4; ++k) {
+            const int c = threadIdx.x + k * DLLM_ROW_THREADS;
+            xv[k] = c < n4 ? x4[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+            wv[k] = c < n4 ? w4[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        float ss = 0.0f;
+#pragma unroll
+        for (int k = 0; k < DLLM_RMS_V4; ++k) ss += xv[k].x * xv[k].x + xv[k].y * xv[k].y + xv[k].z * xv[k].z + xv[k].w * xv[k].w;
+        ss = dllm_block_sum(ss);
+        const float inv = 1.0f / sqrtf(ss / (float)d + eps);
+#pragma unroll
+        for (int k = 0; k < DLLM_RMS_V4; ++k) {
+            const int c = threadIdx.x + k * DLLM_ROW_THREADS;
+            if (c < n4)
+                dllm_store_norm4(orow, c,
+                                 make_float4((xv[k].x * inv) * wv[k].x, (xv[k].y * inv) * wv[k].y,
+                                             (xv[k].z * inv) * wv[k].z, (xv[k].w * inv) * wv[k].w));
+        }
+        return;
+    }
     float ss = 0.0f;
     for (int i = threadIdx.x; i < d; i += DLLM_ROW_THREADS) {
         const float v = xr[i];
@@ -50,28 +92,20 @@ extern "C" __global__ void rmsnorm_f32_bf16(const float* __restrict__ x, const f
     }
     ss = dllm_block_sum(ss);
     const float inv = 1.0f / sqrtf(ss / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += DLLM_ROW_THREADS) {
-        orow[i] = dllm_f32_to_bf16((xr[i] * inv) * w[i]);
-    }
+    for (int i = threadIdx.x; i < d; i += DLLM_ROW_THREADS) dllm_store_norm(orow, i, (xr[i] * inv) * w[i]);
 }
 
-// Same as rmsnorm_f32_bf16 with fp32 output (used by the check harness and the fp32 head path).
-extern "C" __global__ void rmsnorm_f32_f32(const float* __restrict__ x, const float* __restrict__ w,
-                                           float* __restrict__ out, int d, float eps) {
+extern "C" __global__ void rmsnorm_f32_bf16(const float* __restrict__ x, const float* __restrict__ w,
+                                            uint16_t* __restrict__ out, int d, float eps, int vec) {
     dllm_pdl_entry();
-    const size_t row = blockIdx.x;
-    const float* xr = x + row * (size_t)d;
-    float* orow = out + row * (size_t)d;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < d; i += DLLM_ROW_THREADS) {
-        const float v = xr[i];
-        ss += v * v;
-    }
-    ss = dllm_block_sum(ss);
-    const float inv = 1.0f / sqrtf(ss / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += DLLM_ROW_THREADS) {
-        orow[i] = (xr[i] * inv) * w[i];
-    }
+    rmsnorm_body(x, w, out, d, eps, vec);
+}
+
+// fp32 output: the check harness and the fp32 head path.
+extern "C" __global__ void rmsnorm_f32_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                           float* __restrict__ out, int d, float eps, int vec) {
+    dllm_pdl_entry();
+    rmsnorm_body(x, w, out, d, eps, vec);
 }
 
 // RoPE (half-split, "rotate_half") in place on the q and k heads of a bf16 activation matrix.

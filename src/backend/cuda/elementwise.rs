@@ -20,6 +20,15 @@ use std::sync::Arc;
 
 /// Threads per block of the row kernels (must match `DLLM_ROW_THREADS` in the .cu file).
 const ROW_THREADS: u32 = 256;
+/// float4s of a row each thread of the RMSNorm kernels' vector path holds (must match
+/// `DLLM_RMS_V4` in the .cu file).
+const RMS_V4: usize = 8;
+
+/// Whether the RMSNorm kernels' float4 path can take rows of width `d` (given 16-byte aligned
+/// views): a multiple of 4 that the block's registers hold.
+fn rmsnorm_vec_fits(d: usize) -> bool {
+    d % 4 == 0 && d <= 4 * ROW_THREADS as usize * RMS_V4
+}
 /// Largest `head_dim / 2` of `rope_qkv_bf16` (`DLLM_ROPE_MAX_HALF` in the .cu file).
 const ROPE_MAX_HALF: usize = 512;
 /// Threads per block of the grid-stride kernels.
@@ -212,9 +221,7 @@ impl Elementwise {
             x,
             w,
             out,
-            rows,
-            d,
-            eps,
+            (rows, d, eps),
         )
     }
 
@@ -234,9 +241,7 @@ impl Elementwise {
             x,
             w,
             out,
-            rows,
-            d,
-            eps,
+            (rows, d, eps),
         )
     }
 
@@ -249,9 +254,7 @@ impl Elementwise {
         x: &CudaView<f32>,
         w: &CudaView<f32>,
         out: &mut CudaViewMut<T>,
-        rows: usize,
-        d: usize,
-        eps: f32,
+        (rows, d, eps): (usize, usize, f32),
     ) -> Result<()> {
         need("rmsnorm x", x.len(), rows * d)?;
         need("rmsnorm weight", w.len(), d)?;
@@ -260,15 +263,24 @@ impl Elementwise {
             return Ok(());
         }
         let d32 = to_i32("rmsnorm d", d)?;
+        let aligned = {
+            let (xp, _g1) = x.device_ptr(&self.stream);
+            let (wp, _g2) = w.device_ptr(&self.stream);
+            let (op, _g3) = out.device_ptr(&self.stream);
+            xp % 16 == 0 && wp % 16 == 0 && op % 16 == 0
+        };
+        let vec = i32::from(aligned && rmsnorm_vec_fits(d));
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = Launch::new(&self.stream, f, self.pdl);
-        b.arg(x).arg(w).arg(out).arg(&d32).arg(&eps);
+        b.arg(x).arg(w).arg(out).arg(&d32).arg(&eps).arg(&vec);
         // SAFETY: x, w, out hold at least rows*d, d, rows*d elements (checked above); the kernel
-        // reads/writes exactly those ranges with one block per row.
+        // reads/writes exactly those ranges with one block per row. The float4 path runs only
+        // with 16-byte aligned views and d a multiple of 4 that its registers hold
+        // (rmsnorm_vec_fits), so every vector access is aligned and inside its row.
         unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launch {name}"), e))?;
         Ok(())
     }
@@ -758,7 +770,15 @@ fn check_rmsnorm(
         )?;
         download(dev, &out)?
     };
-    Ok((check::rel_l2(&got, &want), format!("rows {rows} d {d}")))
+    let path = if rmsnorm_vec_fits(d) {
+        "float4"
+    } else {
+        "scalar"
+    };
+    Ok((
+        check::rel_l2(&got, &want),
+        format!("rows {rows} d {d}, {path} path"),
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1114,7 +1134,15 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         Err(e) => return vec![CheckResult::failed("elementwise.load", e)],
     };
     let mut out = Vec::new();
-    for &(rows, d) in &[(1usize, 7usize), (37, 389), (32, 4096)] {
+    // Both paths: d not a multiple of 4 or too wide for the registers → scalar.
+    for &(rows, d) in &[
+        (1usize, 7usize),
+        (37, 389),
+        (37, 388),
+        (32, 4096),
+        (2, 8192),
+        (3, 8196),
+    ] {
         out.push(CheckResult::from_result(
             format!("elementwise.rmsnorm_bf16 {rows}x{d}"),
             TOL_BF16,
@@ -1378,6 +1406,13 @@ mod tests {
             (0..6).map(|r| c.dst_row(r)).collect::<Vec<_>>(),
             vec![4, 5, 6, 14, 15, 16]
         );
+    }
+
+    #[test]
+    fn rmsnorm_vector_path_takes_only_rows_its_threads_cover() {
+        // 256 threads x 8 float4 = 8192 floats: the model widths (4096) fit, odd widths do not.
+        assert!(rmsnorm_vec_fits(4096) && rmsnorm_vec_fits(8192) && rmsnorm_vec_fits(388));
+        assert!(!rmsnorm_vec_fits(8196) && !rmsnorm_vec_fits(389) && !rmsnorm_vec_fits(4094));
     }
 
     #[test]
