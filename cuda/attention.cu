@@ -10,7 +10,8 @@
 // Kernels:
 //   attention_naive        one block per (query row, head, batch), fp32 CUDA cores; the reference.
 //   attention_mma_d64/128  flash-attention-2 style: a block of 4 warps owns 64 query rows of one head,
-//                          streams 64-key K/V tiles through shared memory (cp.async double buffer), computes
+//                          streams 64-key K/V tiles through shared memory (a cp.async ring of 3 slots, two
+//                          tiles in flight; attention_mma2_d* has 2 slots, for comparison), computes
 //                          S = QK^T and O += PV with mma.sync m16n8k16 bf16 and an online softmax in fp32.
 //   attention_split_d*     the same with the key tiles split across blocks, merged through global memory.
 //   attention_keys_d*      few query rows (<= 32 per block) against a short key range: 8 warps, 2 row groups
@@ -128,17 +129,24 @@ __device__ __forceinline__ int attn_swz(int r, int c) {
     return r * D + ((c ^ (r & 7)) << 3);
 }
 
-// Copies `rows` rows (row stride `stride` elements) into a swizzled tile; rows >= valid are zero-filled.
-// Thread `tid` of the THREADS loading threads copies chunks tid, tid + THREADS, ...
+// Copies ROWS rows (row stride `stride` elements) into a swizzled tile; rows >= valid are zero-filled.
+// Thread `tid` of the THREADS loading threads copies chunks tid, tid + THREADS, ...: always chunk
+// column c = tid % CH of rows tid / CH + k * (THREADS / CH), so the copies unroll into one
+// cp.async each with (near-)constant offsets (a generic loop spent ~20 instructions of index
+// arithmetic per 16-byte copy: per key tile as many instructions as the tile's MMAs).
 template <int D, int ROWS, int THREADS>
 __device__ __forceinline__ void attn_load_tile(bf16* tile, const bf16* src, long long stride, int valid,
                                                int tid) {
     constexpr int CH = D / 8;
-    for (int i = tid; i < ROWS * CH; i += THREADS) {
-        const int r = i / CH, c = i % CH;
+    static_assert(THREADS % CH == 0 && (ROWS * CH) % THREADS == 0, "whole rows per pass, whole passes");
+    constexpr int PASSES = ROWS * CH / THREADS, ROW_STEP = THREADS / CH;
+    const int r0 = tid / CH, c = tid % CH;
+    const bf16* g = src + (long long)r0 * stride + c * 8;
+#pragma unroll
+    for (int k = 0; k < PASSES; ++k) {
+        const int r = r0 + k * ROW_STEP;  // (r & 7) == (r0 & 7) when ROW_STEP % 8 == 0
         const bool ok = r < valid;
-        const bf16* g = ok ? src + (long long)r * stride + c * 8 : src;
-        attn_cp_async16(tile + attn_swz<D>(r, c), g, ok);
+        attn_cp_async16(tile + attn_swz<D>(r, c), ok ? g + (long long)k * ROW_STEP * stride : src, ok);
     }
 }
 
@@ -302,7 +310,7 @@ struct AttnPartial {
 // `ws`, and the last split of the (q tile, head, batch) unit to arrive (per-unit counter) merges all
 // partials in split order (the same bits whichever block is last), writes the output and resets
 // the counter.
-template <int D, bool SPLIT>
+template <int D, bool SPLIT, int STAGES>
 __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                    const bf16* __restrict__ v, bf16* __restrict__ out,
                                                    const int* __restrict__ kv_len, int sq, int skv, int n_heads,
@@ -315,8 +323,9 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
     constexpr int ND = D / 8;   // n-tiles of the output
     extern __shared__ __align__(128) unsigned char attn_smem[];
     bf16* sQ = reinterpret_cast<bf16*>(attn_smem);
-    bf16* sK = sQ + BM * D;      // [2][BN][D]
-    bf16* sV = sK + 2 * BN * D;  // [2][BN][D]
+    static_assert(STAGES >= 2, "a key tile in flight while one is computed");
+    bf16* sK = sQ + BM * D;           // [STAGES][BN][D]
+    bf16* sV = sK + STAGES * BN * D;  // [STAGES][BN][D]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // Splits of the key tiles (the host's SplitPlan: at least one, even for skv == 0).
@@ -337,13 +346,22 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
     const bf16* kb = k + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
     const bf16* vb = v + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
 
+    // Ring of STAGES K/V slots, tile j in slot (j - j0) % STAGES, STAGES - 1 tiles requested
+    // ahead. One cp.async group per tile (Q rides with the first); a group is committed every
+    // iteration, empty past the last tile, so "all but the newest STAGES - 2 groups" is always
+    // "tile j has landed".
+    auto load_kv = [&](int j) {
+        const int slot = (j - j0) % STAGES;
+        const long long off = (long long)j * BN * kv_stride;
+        attn_load_tile<D, BN, THREADS>(sK + slot * BN * D, kb + off, kv_stride, kv_end - j * BN, tid);
+        attn_load_tile<D, BN, THREADS>(sV + slot * BN * D, vb + off, kv_stride, kv_end - j * BN, tid);
+    };
     attn_load_tile<D, BM, THREADS>(sQ, qb, q_stride, sq - q0, tid);
-    if (j1 > j0) {
-        const long long off = (long long)j0 * BN * kv_stride;
-        attn_load_tile<D, BN, THREADS>(sK, kb + off, kv_stride, kv_end - j0 * BN, tid);
-        attn_load_tile<D, BN, THREADS>(sV, vb + off, kv_stride, kv_end - j0 * BN, tid);
+#pragma unroll
+    for (int p = 0; p < STAGES - 1; ++p) {
+        if (j0 + p < j1) load_kv(j0 + p);
+        attn_cp_commit();
     }
-    attn_cp_commit();
 
     unsigned qf[KD][4];
     float o[ND][4];
@@ -357,16 +375,12 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
         __syncthreads();
     }
     for (int j = j0; j < j1; ++j) {
-        const int buf = (j - j0) & 1;
-        if (j + 1 < j1) {
-            const int nb = (j + 1 - j0) & 1;
-            const long long off = (long long)(j + 1) * BN * kv_stride;
-            attn_load_tile<D, BN, THREADS>(sK + nb * BN * D, kb + off, kv_stride, kv_end - (j + 1) * BN, tid);
-            attn_load_tile<D, BN, THREADS>(sV + nb * BN * D, vb + off, kv_stride, kv_end - (j + 1) * BN, tid);
-        }
-        attn_cp_commit();
-        attn_cp_wait<1>();
+        attn_cp_wait<STAGES - 2>();
+        // Every thread's copies of tile j are visible, and every warp is done with tile j - 1,
+        // whose slot the next request refills.
         __syncthreads();
+        if (j + STAGES - 1 < j1) load_kv(j + STAGES - 1);
+        attn_cp_commit();
         if (j == j0) {
 #pragma unroll
             for (int kk = 0; kk < KD; ++kk) {
@@ -374,11 +388,9 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
                 attn_ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sQ + attn_swz<D>(r, c));
             }
         }
-        const bf16* tK = sK + buf * BN * D;
-        const bf16* tV = sV + buf * BN * D;
-
-        attn_warp_tile<D>(qf, tK, tV, j * BN, kv_end, scale_log2, o, m0, m1, l0, l1, lane);
-        __syncthreads();  // the next iteration overwrites the other buffer pair
+        const int slot = (j - j0) % STAGES;
+        attn_warp_tile<D>(qf, sK + slot * BN * D, sV + slot * BN * D, j * BN, kv_end, scale_log2, o, m0, m1, l0,
+                          l1, lane);
     }
 
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -418,19 +430,26 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
                        o_stride, lane);
 }
 
-// grid (ceil(sq / 64), n_heads, batch), block 128, dynamic smem (64 + 4*64) * D * 2 bytes.
-// Requires 16-byte aligned base pointers and strides that are multiples of 8 elements.
-#define DLLM_ATTN_MMA(D)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) attention_mma_d##D(                                         \
+// grid (ceil(sq / 64), n_heads, batch), block 128, dynamic smem (64 + 2 * STAGES * 64) * D * 2 bytes
+// (112 KiB at D = 128: two blocks per SM). attention_mma_d* keeps DLLM_ATTN_STAGES = 3 slots (two
+// key tiles requested while one is computed); attention_mma2_d* 2 (one ahead, as before session 6;
+// DLLM_ATTN_STAGES=2 selects it for comparison). Requires 16-byte aligned base pointers and strides
+// that are multiples of 8 elements.
+#define DLLM_ATTN_STAGES 3
+#define DLLM_ATTN_MMA(NAME, D, STAGES)                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                                       \
         const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, bf16* __restrict__ out, \
         const int* __restrict__ kv_len, int sq, int skv, int n_heads, int n_kv_heads, long long q_stride,          \
         long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2) {                    \
         dllm_pdl_entry();                                                                                          \
-        attention_mma_body<D, false>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride, o_stride,      \
-                                     kv_stride, kv_batch_stride, scale_log2, nullptr, nullptr, 1);                \
+        attention_mma_body<D, false, STAGES>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride,        \
+                                             o_stride, kv_stride, kv_batch_stride, scale_log2, nullptr, nullptr,  \
+                                             1);                                                                  \
     }
-DLLM_ATTN_MMA(64)
-DLLM_ATTN_MMA(128)
+DLLM_ATTN_MMA(attention_mma_d64, 64, DLLM_ATTN_STAGES)
+DLLM_ATTN_MMA(attention_mma_d128, 128, DLLM_ATTN_STAGES)
+DLLM_ATTN_MMA(attention_mma2_d64, 64, 2)
+DLLM_ATTN_MMA(attention_mma2_d128, 128, 2)
 
 // Split-KV ("flash-decoding") variant for few query rows against many keys (the dual-cache block
 // step: 32 queries x 384+ cached keys gives only n_heads blocks otherwise). grid (ceil(sq / 64) x
@@ -444,8 +463,9 @@ DLLM_ATTN_MMA(128)
         long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2,                     \
         float* __restrict__ ws, unsigned int* __restrict__ counters, int tiles_per_split) {                       \
         dllm_pdl_entry();                                                                                          \
-        attention_mma_body<D, true>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride, o_stride,       \
-                                    kv_stride, kv_batch_stride, scale_log2, ws, counters, tiles_per_split);       \
+        attention_mma_body<D, true, DLLM_ATTN_STAGES>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads,         \
+                                                      q_stride, o_stride, kv_stride, kv_batch_stride, scale_log2, \
+                                                      ws, counters, tiles_per_split);                              \
     }
 DLLM_ATTN_SPLIT(64)
 DLLM_ATTN_SPLIT(128)

@@ -2,8 +2,9 @@
 //! strided Q/K/V/out so a fused QKV buffer or a K/V cache can be read in place), its self-check
 //! against the CPU reference [`crate::backend::cpu::attention`] and its benches.
 //!
-//! bf16 tensors are `u16` buffers holding bf16 bits. Four variants: [`AttnVariant::Mma`] (tensor
-//! cores, head_dim 64 or 128, 16-byte aligned rows), [`AttnVariant::Split`] (the same kernel with
+//! bf16 tensors are `u16` buffers holding bf16 bits. Five variants: [`AttnVariant::Mma`] (tensor
+//! cores, head_dim 64 or 128, 16-byte aligned rows; [`AttnVariant::Mma2`] is the same with a
+//! shallower K/V ring, for timing), [`AttnVariant::Split`] (the same kernel with
 //! the keys split across blocks and the partial softmaxes merged in the kernel, for few query
 //! rows against many keys: [`SplitPlan`]), [`AttnVariant::Keys`] (32 query rows per block, the
 //! keys split among 4 warp groups of the block and merged in shared memory, for few query rows
@@ -190,14 +191,29 @@ fn rows_len(rows: usize, stride: usize, width: usize) -> usize {
 pub enum AttnVariant {
     /// One block per (query row, head, batch), fp32 CUDA cores: the reference.
     Naive,
-    /// Flash-style tiles on tensor cores (`mma.sync` bf16), head_dim 64 or 128.
+    /// Flash-style tiles on tensor cores (`mma.sync` bf16), head_dim 64 or 128; a ring of
+    /// [`MMA_STAGES`] K/V tile slots, so two key tiles are requested while one is computed.
     Mma,
+    /// [`AttnVariant::Mma`] with 2 slots (one key tile ahead, the depth before session 6): kept
+    /// to time the ring against (`DLLM_ATTN_STAGES=2` makes [`Attention::run`] use it).
+    Mma2,
     /// [`AttnVariant::Mma`] with the key tiles split across blocks (flash-decoding), partial
     /// softmaxes merged by the last block of each (query tile, head, batch) in split order.
     Split,
     /// 32 query rows per block; the block's 4 key groups (2 warps each) take every 4th key tile,
     /// their partial softmaxes merged in shared memory in group order.
     Keys,
+}
+
+/// K/V slots of the plain and split kernels' ring (`DLLM_ATTN_STAGES` in attention.cu): at
+/// head_dim 128, 64 query rows + 3 × (K + V) tiles of 64 keys = 112 KiB, two blocks per SM.
+const MMA_STAGES: usize = 3;
+
+/// Whether [`Attention::run`] takes the 2-slot plain kernel ([`AttnVariant::Mma2`]):
+/// `DLLM_ATTN_STAGES=2` (written in session 6 without a GPU: the 3-slot ring is the default
+/// until a GPU run times both).
+pub fn two_stages_requested_by_env() -> bool {
+    super::env_switch::count("DLLM_ATTN_STAGES", 2..=3) == Some(2)
 }
 
 /// Whether the key-group kernel may be used: on unless `DLLM_ATTN_KEYS=0`. Written in session 4
@@ -302,6 +318,8 @@ pub struct Attention {
     naive_fn: CudaFunction,
     mma64_fn: CudaFunction,
     mma128_fn: CudaFunction,
+    mma2_64_fn: CudaFunction,
+    mma2_128_fn: CudaFunction,
     split64_fn: CudaFunction,
     split128_fn: CudaFunction,
     keys64_fn: CudaFunction,
@@ -311,13 +329,18 @@ pub struct Attention {
     split_enabled: bool,
     /// Whether `run` may use the key-group kernel (unless `DLLM_ATTN_KEYS=0`).
     keys_enabled: bool,
+    /// Whether `run` takes [`AttnVariant::Mma2`] for [`AttnVariant::Mma`]
+    /// ([`two_stages_requested_by_env`]).
+    two_stages: bool,
     /// [`keys_max_units`].
     keys_max_units: usize,
     scratch: Mutex<ReductionScratch>,
 }
 
-fn mma_smem_bytes(head_dim: usize) -> usize {
-    (MMA_ROWS + 4 * MMA_KEYS) * head_dim * 2
+/// Dynamic shared memory of the plain / split kernels with `stages` K/V slots: the 64 query rows,
+/// then `stages` K tiles and `stages` V tiles of 64 keys, bf16.
+fn mma_smem_bytes(head_dim: usize, stages: usize) -> usize {
+    (MMA_ROWS + 2 * stages * MMA_KEYS) * head_dim * 2
 }
 
 impl Attention {
@@ -348,6 +371,8 @@ impl Attention {
             naive_fn: f("attention_naive")?,
             mma64_fn: f("attention_mma_d64")?,
             mma128_fn: f("attention_mma_d128")?,
+            mma2_64_fn: f("attention_mma2_d64")?,
+            mma2_128_fn: f("attention_mma2_d128")?,
             split64_fn: f("attention_split_d64")?,
             split128_fn: f("attention_split_d128")?,
             keys64_fn: f("attention_keys_d64")?,
@@ -355,14 +380,22 @@ impl Attention {
             num_sms,
             split_enabled,
             keys_enabled: keys_requested_by_env(),
+            two_stages: two_stages_requested_by_env(),
             keys_max_units: keys_max_units(num_sms),
             scratch: Mutex::new(scratch),
         };
         for (func, name, hd, smem) in [
-            (&a.mma64_fn, "mma", 64, mma_smem_bytes(64)),
-            (&a.mma128_fn, "mma", 128, mma_smem_bytes(128)),
-            (&a.split64_fn, "split", 64, mma_smem_bytes(64)),
-            (&a.split128_fn, "split", 128, mma_smem_bytes(128)),
+            (&a.mma64_fn, "mma", 64, mma_smem_bytes(64, MMA_STAGES)),
+            (&a.mma128_fn, "mma", 128, mma_smem_bytes(128, MMA_STAGES)),
+            (&a.mma2_64_fn, "mma2", 64, mma_smem_bytes(64, 2)),
+            (&a.mma2_128_fn, "mma2", 128, mma_smem_bytes(128, 2)),
+            (&a.split64_fn, "split", 64, mma_smem_bytes(64, MMA_STAGES)),
+            (
+                &a.split128_fn,
+                "split",
+                128,
+                mma_smem_bytes(128, MMA_STAGES),
+            ),
             (&a.keys64_fn, "keys", 64, keys_smem_bytes(64)),
             (&a.keys128_fn, "keys", 128, keys_smem_bytes(128)),
         ] {
@@ -424,6 +457,8 @@ impl Attention {
             AttnVariant::Split
         } else if self.keys_enabled && keys_suit(shape, self.keys_max_units) {
             AttnVariant::Keys
+        } else if self.two_stages {
+            AttnVariant::Mma2
         } else {
             AttnVariant::Mma
         };
@@ -539,7 +574,7 @@ impl Attention {
         let kvs = shape.kv_stride() as i64;
         let kvb = shape.kv_batch_stride() as i64;
         match variant {
-            AttnVariant::Mma | AttnVariant::Split | AttnVariant::Keys => {
+            AttnVariant::Mma | AttnVariant::Mma2 | AttnVariant::Split | AttnVariant::Keys => {
                 if !self.mma_supported(q, k, v, out, shape) {
                     return Err(Error::invalid(format!(
                         "attention: the tensor-core kernels need head_dim 64 or 128, strides that are multiples of 8 and 16-byte aligned buffers ({shape:?})"
@@ -553,13 +588,21 @@ impl Attention {
                     _ => None,
                 };
                 let keys = variant == AttnVariant::Keys;
-                let func = match (keys, split.is_some(), shape.head_dim) {
-                    (true, _, 64) => &self.keys64_fn,
-                    (true, _, _) => &self.keys128_fn,
-                    (false, false, 64) => &self.mma64_fn,
-                    (false, false, _) => &self.mma128_fn,
-                    (false, true, 64) => &self.split64_fn,
-                    (false, true, _) => &self.split128_fn,
+                let stages = if variant == AttnVariant::Mma2 {
+                    2
+                } else {
+                    MMA_STAGES
+                };
+                let d64 = shape.head_dim == 64;
+                let func = match variant {
+                    AttnVariant::Keys if d64 => &self.keys64_fn,
+                    AttnVariant::Keys => &self.keys128_fn,
+                    AttnVariant::Split if d64 => &self.split64_fn,
+                    AttnVariant::Split => &self.split128_fn,
+                    AttnVariant::Mma2 if d64 => &self.mma2_64_fn,
+                    AttnVariant::Mma2 => &self.mma2_128_fn,
+                    _ if d64 => &self.mma64_fn,
+                    _ => &self.mma128_fn,
                 };
                 let splits = split.map_or(1, |p| p.splits);
                 let rows_per_block = if keys { KEYS_ROWS } else { MMA_ROWS };
@@ -578,7 +621,7 @@ impl Attention {
                     shared_mem_bytes: if keys {
                         keys_smem_bytes(shape.head_dim)
                     } else {
-                        mma_smem_bytes(shape.head_dim)
+                        mma_smem_bytes(shape.head_dim, stages)
                     } as u32,
                 };
                 let mut scratch = match split {
@@ -917,6 +960,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         let mut hows = vec![
             (AttnVariant::Naive, None),
             (AttnVariant::Mma, None),
+            (AttnVariant::Mma2, None),
             (AttnVariant::Keys, None),
         ];
         if attn.split_enabled() {
@@ -1007,6 +1051,10 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
         (AttnVariant::Mma, 8, 384, 384),
         (AttnVariant::Mma, 1, 32, 384),
         (AttnVariant::Mma, 8, 32, 384),
+        // The ring's depth: the same shapes with one key tile ahead instead of two.
+        (AttnVariant::Mma2, 1, 384, 384),
+        (AttnVariant::Mma2, 8, 384, 384),
+        (AttnVariant::Mma2, 8, 32, 384),
         (AttnVariant::Naive, 1, 384, 384),
         (AttnVariant::Naive, 1, 32, 384),
         (AttnVariant::Mma, 1, 32, 2048),
@@ -1170,6 +1218,17 @@ mod tests {
         // The kernel's shared memory: 32 query rows + 4 × (K + V) tiles of 64 keys, bf16.
         assert_eq!(keys_smem_bytes(128), (32 + 4 * 128) * 128 * 2);
         assert!(keys_smem_bytes(128) <= 227 * 1024);
+    }
+
+    #[test]
+    fn the_plain_kernels_ring_leaves_two_blocks_per_sm() {
+        // 64 query rows + 3 × (K + V) tiles of 64 keys at head_dim 128: 112 KiB. Hopper has 228
+        // KiB of shared memory per SM and reserves 1 KiB per block, so two blocks fit (the two
+        // 80 KiB blocks of the 2-slot kernel did too); a 4th slot (144 KiB) would leave one.
+        assert_eq!(mma_smem_bytes(128, MMA_STAGES), 112 * 1024);
+        assert_eq!(mma_smem_bytes(128, 2), 80 * 1024);
+        assert!(2 * (mma_smem_bytes(128, MMA_STAGES) + 1024) <= 228 * 1024);
+        assert!(2 * (mma_smem_bytes(128, MMA_STAGES + 1) + 1024) > 228 * 1024);
     }
 
     #[test]
