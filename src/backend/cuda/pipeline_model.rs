@@ -1,8 +1,9 @@
 //! A host model of the mbarrier pipelines of `cuda/gemm_stream.cu` (one block: a producer and 4
-//! consumer warps on a ring of full/empty barriers) and `cuda/gemm_tma.cu` (a cluster of two
-//! blocks: each producer's weight half is multicast into both blocks, so a slot is refilled only
-//! after the consumers of both blocks released it), written from the kernels' phase/parity
-//! arithmetic. Random interleavings of every actor and every in-flight copy check that the
+//! consumer warps on a ring of full/empty barriers) and `cuda/gemm_tma.cu` (a cluster of 2 × CN
+//! blocks: each producer's weight part is multicast into the blocks of its N tile and, with
+//! CN = 2, its A part into the blocks of its M tile, so a slot is refilled only after the
+//! consumers of every block the refill writes released it), written from the kernels'
+//! phase/parity arithmetic. Random interleavings of every actor and every in-flight copy check that the
 //! protocol never deadlocks, that a consumer only reads a slot holding all the bytes of its own
 //! step, and that no copy overwrites a slot a consumer of either block still needs.
 //! Test-only: the kernels themselves are checked on the GPU by the load-time self-test.
@@ -52,11 +53,11 @@ impl Barrier {
     }
 }
 
-/// What a slot of one block holds: the step whose bytes landed in each part (A, W half 0, W
-/// half 1), and how many of its consumers (this block's and the peer's) still read it.
+/// What a slot of one block holds: the step whose bytes landed in each part (the A parts, then
+/// the W parts), and how many of its consumers still read it.
 #[derive(Debug, Clone, Default)]
 struct Slot {
-    parts: [Option<usize>; 3],
+    parts: Vec<Option<usize>>,
     readers: usize,
 }
 
@@ -84,34 +85,86 @@ enum Release {
 /// The protocol variant one simulation runs.
 #[derive(Debug, Clone, Copy)]
 struct Protocol {
-    /// 1: gemm_stream; 2: gemm_tma's cluster (A local, W half `rank` multicast to both).
-    blocks: usize,
+    /// The cluster: `cm` blocks along M (sharing the W tile: block (x, y) loads W part x into
+    /// the `cm` blocks (·, y)) × `cn` along N (sharing the A tile: A part y into the `cn` blocks
+    /// (x, ·)). (1, 1): gemm_stream; (2, 1): gemm_tma's pairs; (2, 2): its quads.
+    cm: usize,
+    cn: usize,
     /// Arriving consumer groups per block (warps or warpgroups).
     consumers: usize,
     stages: usize,
     release: Release,
-    /// Consumers release the slot in every block of the cluster (the kernels), or only in their
-    /// own (a deliberate bug, to show the model catches it).
-    peer_release: bool,
+    /// Which blocks' `empty` barriers a consumer arrives on.
+    releases: Releases,
+}
+
+/// The blocks a consumer releases a slot in (and each `empty` barrier counts arrivals from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Releases {
+    /// Every block whose producer writes into the consumer's block (the same N tile or the
+    /// same M tile): what the kernels do.
+    Writers,
+    /// Only its own block: a deliberate bug, to show the model catches it.
+    Own,
+    /// The blocks of its N tile only (the pairs' rule): a bug for quads, whose A parts also
+    /// come from the N peer.
+    SameNTile,
+}
+
+impl Protocol {
+    fn blocks(&self) -> usize {
+        self.cm * self.cn
+    }
+    /// Block `b`'s (x, y) in the cluster (x fastest, as `%cluster_ctarank`).
+    fn pos(&self, b: usize) -> (usize, usize) {
+        (b % self.cm, b / self.cm)
+    }
+    /// Whether block `src`'s producer writes into block `dst`: the same N tile (W) or the same
+    /// M tile (A).
+    fn writes_into(&self, src: usize, dst: usize) -> bool {
+        let ((sx, sy), (dx, dy)) = (self.pos(src), self.pos(dst));
+        sx == dx || sy == dy
+    }
 }
 
 /// One random interleaving of `p` over `k_tiles` steps; panics on a deadlock, a read of a slot
 /// without all the bytes of its step, or a copy landing in a slot still being read. Returns the
 /// number of events run.
 fn simulate(p: Protocol, k_tiles: usize, seed: u64) -> usize {
-    const BYTES: [i64; 3] = [100, 30, 30];
     let Protocol {
-        blocks,
+        cm,
+        cn,
         consumers,
         stages,
         release,
-        peer_release,
+        releases,
     } = p;
-    let releasers = if peer_release { blocks } else { 1 };
+    let blocks = p.blocks();
+    // Part bytes: the A tile (120) in cn parts, then the W tile (60) in cm parts.
+    let parts = cn + cm;
+    let bytes = |part: usize| -> i64 {
+        if part < cn {
+            120 / cn as i64
+        } else {
+            60 / cm as i64
+        }
+    };
+    let stage_bytes: i64 = (0..parts).map(bytes).sum();
+    // Arrivals on a block's empty barrier: the consumers of every block it writes into (its
+    // own included), or only its own.
+    let releasers = match releases {
+        Releases::Writers => cm + cn - 1,
+        Releases::Own => 1,
+        Releases::SameNTile => cm,
+    };
     let empty_count = (releasers * consumers) as u32;
     let mut full: Vec<Vec<Barrier>> = vec![vec![Barrier::new(1); stages]; blocks];
     let mut empty: Vec<Vec<Barrier>> = vec![vec![Barrier::new(empty_count); stages]; blocks];
-    let mut slots: Vec<Vec<Slot>> = vec![vec![Slot::default(); stages]; blocks];
+    let empty_slot = Slot {
+        parts: vec![None; parts],
+        readers: 0,
+    };
+    let mut slots: Vec<Vec<Slot>> = vec![vec![empty_slot; stages]; blocks];
     // Producer: next step. Consumer: (next step to read, step whose read is in progress).
     let mut producer = vec![0usize; blocks];
     let mut consumer = vec![vec![(0usize, None::<usize>); consumers]; blocks];
@@ -130,7 +183,12 @@ fn simulate(p: Protocol, k_tiles: usize, seed: u64) -> usize {
         slots[b][s].readers -= 1;
         if !quiet {
             for (dst, barriers) in empty.iter_mut().enumerate() {
-                if peer_release || dst == b {
+                let arrive = match releases {
+                    Releases::Writers => p.writes_into(dst, b),
+                    Releases::Own => dst == b,
+                    Releases::SameNTile => p.pos(dst).1 == p.pos(b).1,
+                };
+                if arrive {
                     barriers[s].arrive(0);
                 }
             }
@@ -190,15 +248,16 @@ fn simulate(p: Protocol, k_tiles: usize, seed: u64) -> usize {
             0 => {
                 let kt = producer[b];
                 let s = kt % stages;
-                full[b][s].arrive(BYTES.iter().sum());
-                if blocks == 1 {
-                    for part in 0..3 {
-                        flight.push((b, s, part, kt));
+                full[b][s].arrive(stage_bytes);
+                // A part y into the blocks of this M tile, W part x into those of this N tile.
+                let (x, y) = p.pos(b);
+                for dst in 0..blocks {
+                    let (dx, dy) = p.pos(dst);
+                    if dx == x {
+                        flight.push((dst, s, y, kt));
                     }
-                } else {
-                    flight.push((b, s, 0, kt));
-                    for dst in 0..blocks {
-                        flight.push((dst, s, 1 + b, kt));
+                    if dy == y {
+                        flight.push((dst, s, cn + x, kt));
                     }
                 }
                 producer[b] += 1;
@@ -207,10 +266,10 @@ fn simulate(p: Protocol, k_tiles: usize, seed: u64) -> usize {
                 let (next, reading) = consumer[b][w];
                 let s = next % stages;
                 let slot = &mut slots[b][s];
-                assert_eq!(
-                    slot.parts,
-                    [Some(next); 3],
-                    "block {b} consumer {w} reads slot {s} for step {next}"
+                assert!(
+                    slot.parts.iter().all(|&q| q == Some(next)),
+                    "block {b} consumer {w} reads slot {s} for step {next}: {:?}",
+                    slot.parts
                 );
                 slot.readers += 1;
                 if let Some(prev) = reading {
@@ -244,7 +303,7 @@ fn simulate(p: Protocol, k_tiles: usize, seed: u64) -> usize {
                     );
                 }
                 slot.parts[part] = Some(kt);
-                full[dst][s].complete_tx(BYTES[part]);
+                full[dst][s].complete_tx(bytes(part));
             }
         }
     }
@@ -255,18 +314,20 @@ mod tests {
     use super::*;
 
     const STREAM: Protocol = Protocol {
-        blocks: 1,
+        cm: 1,
+        cn: 1,
         consumers: 4,
         stages: 5,
         release: Release::AfterRead,
-        peer_release: true,
+        releases: Releases::Writers,
     };
     const CLUSTER: Protocol = Protocol {
-        blocks: 2,
+        cm: 2,
+        cn: 1,
         consumers: 3,
         stages: 4,
         release: Release::AfterNextIssue,
-        peer_release: true,
+        releases: Releases::Writers,
     };
 
     #[test]
@@ -276,8 +337,8 @@ mod tests {
                 for seed in 0..40u64 {
                     let p = Protocol { stages, ..STREAM };
                     let events = simulate(p, k_tiles, seed * 7919 + 17);
-                    // Per step: 1 issue, 3 copies, 4 reads and 4 releases.
-                    assert_eq!(events, k_tiles * 12);
+                    // Per step: 1 issue, 2 copies (A, W), 4 reads and 4 releases.
+                    assert_eq!(events, k_tiles * 11);
                 }
             }
         }
@@ -301,6 +362,48 @@ mod tests {
         }
     }
 
+    /// The quads of `gemm_tma4` (2 × 2 blocks: W parts shared along M, A parts along N; every
+    /// consumer warpgroup releases the slot in its own block, its M peer and its N peer, so the
+    /// empty barriers count 3·WG arrivals).
+    #[test]
+    fn the_quad_cluster_pipeline_never_deadlocks_or_overwrites() {
+        for consumers in [2, 3] {
+            for stages in [4, 5] {
+                for k_tiles in [1, 2, 4, 5, 6, 13, 30] {
+                    for seed in 0..40u64 {
+                        let p = Protocol {
+                            cn: 2,
+                            consumers,
+                            stages,
+                            ..CLUSTER
+                        };
+                        let events = simulate(p, k_tiles, seed * 7_919 + 5);
+                        // Per step and block: 1 issue, 4 copies landing (its A and its W part
+                        // in two blocks each), a read per consumer (which releases the step
+                        // before); at the end each consumer's final wait.
+                        assert_eq!(events, k_tiles * 4 * (1 + 4 + consumers) + 4 * consumers);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Quads whose consumers released only their own block and their M peer (the pairs'
+    /// rule) would let an N peer's A refill land in a slot still being read.
+    #[test]
+    #[should_panic(expected = "while it is being read")]
+    fn a_quad_with_the_pairs_release_rule_is_caught() {
+        let broken = Protocol {
+            cn: 2,
+            releases: Releases::SameNTile,
+            stages: 2,
+            ..CLUSTER
+        };
+        for seed in 0..500u64 {
+            simulate(broken, 12, seed * 31 + 7);
+        }
+    }
+
     /// The model catches a protocol bug: if each block's consumers released only their own
     /// block's slots (and its empty barriers counted only them), a producer could multicast a
     /// refill into a slot the peer block is still reading.
@@ -308,7 +411,7 @@ mod tests {
     #[should_panic(expected = "while it is being read")]
     fn a_cluster_without_peer_releases_is_caught() {
         let broken = Protocol {
-            peer_release: false,
+            releases: Releases::Own,
             stages: 2,
             ..CLUSTER
         };
