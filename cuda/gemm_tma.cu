@@ -30,6 +30,17 @@
 //   the true M, N, K). Split-K along blockIdx.z exactly as gemm_wgmma (workspace + the last
 //   split reduces in split order). Both blocks meet at a cluster barrier before exiting, so no
 //   block leaves while its peer may still arrive on its barriers.
+//
+// gemm_tma4_wg{2,3} (opt-in, DLLM_GEMM_TMA4=1; written in session 6 without a GPU): clusters of
+// 2 x 2 blocks, (x, y) = (blockIdx.x & 1, blockIdx.y & 1), rank x + 2 y. The two blocks of an N tile
+// share its W tile as above, and the two blocks of an M tile share its A tile the same way: block
+// (x, y) loads A rows [m0 + y BM/2, + BM/2) multicast to (x, 0) and (x, 1), and W rows
+// [n0 + 96 x, + 96) multicast to (0, y) and (1, y). Per cluster and 64-K step (2·BM + 2·192) rows
+// for 4·BM·192 outputs: at BM = 192, 192 FLOP per L2 byte (pairs 128). A block's slot is written
+// by itself, its M peer (W) and its N peer (A), so every consumer warpgroup releases the slot in
+// those three blocks (`empty` counts 3·WG; src/backend/cuda/pipeline_model.rs checks the
+// protocol). The grid's y (N tiles) is even: a phantom N tile loads zeros past N and stores
+// nothing.
 #include "gemm_common.cuh"
 #include "wgmma_common.cuh"
 #include "mbarrier.cuh"
@@ -86,19 +97,31 @@ __device__ __forceinline__ void tma_cluster_sync() {
             : "memory");
 }
 
-template <int WG>
+// CN = 1: pairs along M (gemm_tma_wg*); CN = 2: 2 x 2 quads (gemm_tma4_wg*).
+template <int WG, int CN>
 __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CUtensorMap* map_w, void* C,
                                               float* __restrict__ ws, unsigned int* __restrict__ counters, int M,
                                               int N, int K, int epi, int ktiles_per_split) {
     using Cfg = TmaCfg<WG>;
+    static_assert(CN == 1 || CN == 2, "clusters of 2 x 1 or 2 x 2 blocks");
+    // This block's share of the A tile: BM / CN rows, 1024-byte aligned in the slot.
+    constexpr int A_PART_ROWS = Cfg::BM / CN;
+    static_assert((A_PART_ROWS * TMA_ROW_BYTES) % 1024 == 0, "A parts keep the swizzle alignment");
     extern __shared__ unsigned char tma_smem_raw[];
     __shared__ __align__(8) uint64_t full_bar[Cfg::STAGES];
     __shared__ __align__(8) uint64_t empty_bar[Cfg::STAGES];
     const uint32_t smem = ((uint32_t)__cvta_generic_to_shared(tma_smem_raw) + 1023u) & ~1023u;
     const int tid = threadIdx.x;
     const int wg = tid >> 7;  // == WG for the producer warp
-    const uint32_t rank = blockIdx.x & 1u;
-    const uint32_t peer = rank ^ 1u;
+    // (x, y) in the cluster: x = position along M (shares W with x ^ 1), y = along N (shares A
+    // with y ^ 1 when CN = 2).
+    const uint32_t cx = blockIdx.x & 1u;
+    const uint32_t cy = CN == 2 ? (blockIdx.y & 1u) : 0u;
+    const uint32_t rank = cx + 2u * cy;
+    const uint32_t m_peer = rank ^ 1u;  // same N tile
+    const uint32_t n_peer = rank ^ 2u;  // same M tile (CN = 2 only)
+    const uint16_t w_mask = (uint16_t)(0x3u << (2u * cy));        // the blocks of this N tile
+    const uint16_t a_mask = (uint16_t)((1u << cx) | (1u << (cx + 2u)));  // of this M tile
     const int m0 = blockIdx.x * Cfg::BM;
     const int n0 = blockIdx.y * TMA_BN;
     const int split = blockIdx.z;
@@ -109,7 +132,9 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
     if (tid == 0) {
         for (int s = 0; s < Cfg::STAGES; ++s) {
             dllm_bar_init(dllm_smem_addr(&full_bar[s]), 1);
-            dllm_bar_init(dllm_smem_addr(&empty_bar[s]), 2 * WG);
+            // Released by the consumers of every block that writes into this one: itself, its M
+            // peer (the W half) and, in quads, its N peer (the A half).
+            dllm_bar_init(dllm_smem_addr(&empty_bar[s]), (CN + 1) * WG);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -133,9 +158,14 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
                 dllm_bar_arrive_tx(full, Cfg::A_BYTES + Cfg::B_BYTES);
                 const uint32_t sa = smem + s * Cfg::STAGE_BYTES;
                 const int k = (kt_begin + kt) * TMA_BK;
-                tma_load(sa, map_a, k, m0, full);
-                tma_load_multicast(sa + Cfg::A_BYTES + rank * Cfg::B_HALF_BYTES, map_w, k,
-                                   n0 + (int)rank * (TMA_BN / 2), full, (uint16_t)0x3);
+                if constexpr (CN == 1) {
+                    tma_load(sa, map_a, k, m0, full);
+                } else {
+                    tma_load_multicast(sa + cy * (A_PART_ROWS * TMA_ROW_BYTES), map_a, k,
+                                       m0 + (int)cy * A_PART_ROWS, full, a_mask);
+                }
+                tma_load_multicast(sa + Cfg::A_BYTES + cx * Cfg::B_HALF_BYTES, map_w, k,
+                                   n0 + (int)cx * (TMA_BN / 2), full, w_mask);
             }
         }
     } else {
@@ -155,13 +185,14 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
             wg_commit();
             wg_wait<1>();
             wg_fence_acc(acc);
-            // The previous step's wgmma group has finished reading its slot: release it in both
-            // blocks (the refill of a slot writes the W tile into both).
+            // The previous step's wgmma group has finished reading its slot: release it in every
+            // block whose producer writes into it (their refills write into this block).
             if (kt > 0 && (tid & 127) == 0) {
                 const uint32_t empty =
                     dllm_smem_addr(&empty_bar[(kt - 1) % Cfg::STAGES]);
                 tma_bar_arrive_cluster(empty, rank);
-                tma_bar_arrive_cluster(empty, peer);
+                tma_bar_arrive_cluster(empty, m_peer);
+                if constexpr (CN == 2) tma_bar_arrive_cluster(empty, n_peer);
             }
         }
         wg_wait<0>();
@@ -179,22 +210,24 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
     tma_cluster_sync();
 }
 
-#define DLLM_TMA_KERNEL(WGN)                                                                                       \
-    extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * WGN + 32, 1)                     \
-        gemm_tma_wg##WGN(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,     \
-                         void* C, float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K, \
-                         int epi, int ktiles_per_split) {                                                           \
-        gemm_tma_body<WGN>(&map_a, &map_w, C, ws, counters, M, N, K, epi, ktiles_per_split);                      \
+#define DLLM_TMA_KERNEL(NAME, WGN, CN)                                                                             \
+    extern "C" __global__ void __cluster_dims__(2, CN, 1) __launch_bounds__(128 * WGN + 32, 1)                    \
+        NAME(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, void* C,        \
+             float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K, int epi,            \
+             int ktiles_per_split) {                                                                               \
+        gemm_tma_body<WGN, CN>(&map_a, &map_w, C, ws, counters, M, N, K, epi, ktiles_per_split);                  \
     }
 
 #else  // portable PTX: no wgmma / multicast TMA; empty kernels with the same signature (never launched).
 
-#define DLLM_TMA_KERNEL(WGN)                                                                                       \
+#define DLLM_TMA_KERNEL(NAME, WGN, CN)                                                                             \
     extern "C" __global__ void __launch_bounds__(128 * WGN + 32, 1)                                                \
-        gemm_tma_wg##WGN(const __grid_constant__ CUtensorMap, const __grid_constant__ CUtensorMap, void*,          \
-                         float* __restrict__, unsigned int* __restrict__, int, int, int, int, int) {}
+        NAME(const __grid_constant__ CUtensorMap, const __grid_constant__ CUtensorMap, void*, float* __restrict__, \
+             unsigned int* __restrict__, int, int, int, int, int) {}
 
 #endif
 
-DLLM_TMA_KERNEL(2)
-DLLM_TMA_KERNEL(3)
+DLLM_TMA_KERNEL(gemm_tma_wg2, 2, 1)
+DLLM_TMA_KERNEL(gemm_tma_wg3, 3, 1)
+DLLM_TMA_KERNEL(gemm_tma4_wg2, 2, 2)
+DLLM_TMA_KERNEL(gemm_tma4_wg3, 3, 2)

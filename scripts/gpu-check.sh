@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -42,7 +42,7 @@ MODEL8B=${MODEL8B:-/tmp/llada8b}
 TINY=${TINY:-models/tiny-llada-code}
 STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Next GPU session") asks for, as one word.
-STAGES=${STAGES//next/smi check synth bench swiglu sweep sessiongraphs peer summary pack}
+STAGES=${STAGES//next/smi check synth bench tma4 attn2 swiglu sweep peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -137,6 +137,25 @@ for s in $STAGES; do
     tma)
         stage tma "${T_TMA:-240}" env DLLM_GEMM_TMA=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_tma.json"
         ;;
+    tma4)
+        # The 2 x 2 quad TMA GEMM (DLLM_GEMM_TMA4=1, opt-in, written in session 6 without a GPU:
+        # the A tile multicast along N as well as the W tile along M). Its load-time self-test
+        # runs in each process first (a protocol bug would hang there: the stage timeout ends
+        # it). The GEMM and model checks with it, the wide shapes' plan sweep (quads listed beside
+        # their pairs), then the three workloads.
+        stage tma4 "${T_TMA4:-240}" env DLLM_GEMM_TMA4=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_tma4.json"
+        stage sweep_tma4 "${T_SWEEP:-150}" env DLLM_GEMM_TMA4=1 bash -c "rc=0
+            for s in 384,12288,4096:bf16 384,4096,4096:add_f32 384,24576,4096:bf16 384,4096,12288:add_f32 256,12288,4096:bf16 256,4096,12288:add_f32 3072,12288,4096:bf16 3072,4096,12288:add_f32; do
+                '$BIN/dllm-gpu-check' --gemm-sweep \${s%%:*} --epilogue \${s#*:} --repeat 20 || rc=1
+            done
+            exit \$rc"
+        BENCH_ENV="DLLM_GEMM_TMA4=1" workloads _tma4 1
+        ;;
+    attn2)
+        # The three workloads with the plain attention kernel's 2-slot K/V ring (as before
+        # session 6; the 3-slot ring is the default): the ring's end-to-end effect.
+        BENCH_ENV="DLLM_ATTN_STAGES=2" workloads _attn2 1
+        ;;
     sessiongraphs)
         # The Session path's layers as CUDA graphs (DLLM_SESSION_GRAPHS=1, opt-in): checks, then
         # the b1 workloads through the Session path with and without them.
@@ -178,7 +197,7 @@ for s in $STAGES; do
             exit \$rc"
         ;;
     sanitize)
-        for exp in DLLM_GEMM_STREAM DLLM_GEMM_TMA; do
+        for exp in DLLM_GEMM_STREAM DLLM_GEMM_TMA DLLM_GEMM_TMA4; do
             for tool in memcheck racecheck; do
                 stage "sanitize_${exp#DLLM_GEMM_}_$tool" "${T_SANITIZE:-150}" env "$exp=1" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --gemm-shape 133,392,776 --repeat 2
             done
@@ -276,7 +295,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -287,7 +306,7 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "noPDL", "swiglu", "exp", "off2", "nostr", "sess", "sessg"):
+    for other in ("off", "noPDL", "swiglu", "tma4", "attn2", "exp", "off2", "nostr", "sess", "sessg"):
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
@@ -299,6 +318,7 @@ for name in peer_key:
             print(f"  {r['step']:<6} {r['op']:<16} {r['ms_per_step']:>9.4f} {r['calls_per_step']:>7.1f} {100 * r['share']:>5.1f}%")
 for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.skinny_v2")),
                            ("tma", "DLLM_GEMM_TMA", ("gemm.tma_vs", "gemm.wgmma_vs")),
+                           ("tma4", "DLLM_GEMM_TMA4", ("gemm.tma4_vs", "gemm.tma_vs", "gemm.wgmma_vs")),
                            ("split", "DLLM_ATTN_SPLIT", ("attention Split", "attention Mma b1 sq32", "attention Mma b8 sq32")),
                            ("pdl", "DLLM_PDL", ("gemm.stream", "gemm.shape")),
                            ("keys", "DLLM_ATTN_KEYS", ("attention Keys", "attention Mma b1 sq32", "attention Mma b8 sq32")),

@@ -401,6 +401,10 @@ pub struct WgmmaPlan {
     /// For the cluster kernel `gemm_tma` (blocks in pairs along M): `m_tiles` is rounded up to
     /// an even count (a block past M loads zeros and stores nothing).
     pub paired: bool,
+    /// Cluster blocks along N of a paired plan: 1 (pairs, `gemm_tma`) or 2 (2 × 2 quads that
+    /// also share the A tile, `gemm_tma4`; `n_tiles` rounded up to even, a phantom N tile
+    /// loading zeros and storing nothing).
+    pub cluster_n: usize,
 }
 
 impl WgmmaPlan {
@@ -487,6 +491,26 @@ impl WgmmaPlan {
         }
     }
 
+    /// The kernel that runs this plan, for reports: `wgmma`, `tma` (pairs) or `tma4` (quads).
+    pub fn kind(&self) -> &'static str {
+        match (self.paired, self.cluster_n) {
+            (false, _) => "wgmma",
+            (true, 2) => "tma4",
+            (true, _) => "tma",
+        }
+    }
+
+    /// This plan for the quad TMA kernel `gemm_tma4`: [`WgmmaPlan::paired`] with the N tile
+    /// count also rounded up to even.
+    pub fn quad(&self) -> WgmmaPlan {
+        let pairs = self.paired();
+        WgmmaPlan {
+            n_tiles: pairs.n_tiles.next_multiple_of(2),
+            cluster_n: 2,
+            ..pairs
+        }
+    }
+
     /// [`WgmmaPlan::with_ktiles_per_split`] for the paired TMA kernel (even `m_tiles`).
     pub fn paired_with_ktiles_per_split(
         wg: usize,
@@ -520,6 +544,7 @@ impl WgmmaPlan {
             splits: k.div_ceil(WGMMA_BK).max(1).div_ceil(per_split),
             ktiles_per_split: per_split,
             paired,
+            cluster_n: 1,
         }
     }
 
@@ -608,7 +633,8 @@ pub enum GemmPlan {
     Wide(WidePlan),
     Wgmma(WgmmaPlan),
     Stream(StreamPlan),
-    /// `gemm_tma` (clusters of two blocks along M; the plan has `paired` set).
+    /// `gemm_tma` (clusters of two blocks along M; the plan has `paired` set), or `gemm_tma4`
+    /// (2 × 2 quads) when the plan's `cluster_n` is 2.
     Tma(WgmmaPlan),
 }
 
@@ -628,7 +654,9 @@ impl GemmPlan {
             }
             GemmPlan::Stream(p) => StreamPlan::with_blocks(m, n, k, p.blocks).is_ok_and(|q| q == p),
             GemmPlan::Tma(p) => {
-                p == WgmmaPlan::paired_with_ktiles_per_split(p.wg, m, n, k, p.ktiles_per_split)
+                let pairs =
+                    WgmmaPlan::paired_with_ktiles_per_split(p.wg, m, n, k, p.ktiles_per_split);
+                p == pairs || p == pairs.quad()
             }
         };
         if fits {
@@ -658,6 +686,10 @@ pub struct Gemm {
     stream_failure: Option<String>,
     /// `gemm_tma_wg2`, `gemm_tma_wg3` (`cuda/gemm_tma.cu`); not loaded with `DLLM_GEMM_TMA=0`.
     tma: Option<[CudaFunction; 2]>,
+    /// `gemm_tma4_wg2`, `gemm_tma4_wg3` (the quads); loaded only with `DLLM_GEMM_TMA4=1`.
+    tma4: Option<[CudaFunction; 2]>,
+    /// Why the requested quad kernel is not used (load error or self-test failure).
+    tma4_failure: Option<String>,
     /// Why the requested TMA kernel is not used (cannot load, or failed the self-test).
     tma_failure: Option<String>,
     wide: CudaFunction,
@@ -733,13 +765,24 @@ impl Gemm {
             (None, None)
         };
         let (tma, tma_failure) = if gemm_tma::requested_by_env() {
-            match gemm_tma::load(dev) {
+            match gemm_tma::load(dev, "gemm_tma") {
                 Ok(f) => (Some(f), None),
                 Err(e) => (
                     None,
                     gemm_tma::explicitly_requested().then(|| format!("load: {e}")),
                 ),
             }
+        } else {
+            (None, None)
+        };
+        // The quads only when asked for (then a device that cannot run them is reported).
+        let (tma4, tma4_failure) = if tma.is_some() && gemm_tma::quads_requested_by_env() {
+            match gemm_tma::load(dev, "gemm_tma4") {
+                Ok(f) => (Some(f), None),
+                Err(e) => (None, Some(format!("load: {e}"))),
+            }
+        } else if gemm_tma::quads_requested_by_env() {
+            (None, Some("the pairs kernel is not loaded".to_string()))
         } else {
             (None, None)
         };
@@ -752,6 +795,8 @@ impl Gemm {
             stream_failure,
             tma,
             tma_failure,
+            tma4,
+            tma4_failure,
             wide,
             wgmma,
             num_sms,
@@ -767,6 +812,9 @@ impl Gemm {
         }
         if outcome.tma_failure.is_some() {
             gemm.tma_failure = outcome.tma_failure;
+        }
+        if outcome.tma4_failure.is_some() {
+            gemm.tma4_failure = outcome.tma4_failure;
         }
         Ok(gemm)
     }
@@ -787,6 +835,22 @@ impl Gemm {
         self.tma_failure.as_deref()
     }
 
+    /// Whether [`Gemm::run`] runs the paired plans as quads (`gemm_tma4`): asked for with
+    /// `DLLM_GEMM_TMA4=1`, loaded, passed its load-time self-test, and the pairs are active.
+    pub fn tma4_active(&self) -> bool {
+        self.tma4.is_some() && self.tma4_failure.is_none() && self.tma_active()
+    }
+
+    /// Whether the quad kernel is loaded (asked for), whatever its self-test said.
+    pub fn tma4_loaded(&self) -> bool {
+        self.tma4.is_some()
+    }
+
+    /// Why the requested quad kernel is not used (load error or self-test failure).
+    pub fn tma4_failure(&self) -> Option<&str> {
+        self.tma4_failure.as_deref()
+    }
+
     /// The Hopper plan [`Gemm::run`] uses for `m > 64`: with the TMA cluster kernel active,
     /// [`WgmmaPlan::with_tma`], run in pairs when it has an even number of M tiles (no phantom
     /// tile) and by `gemm_wgmma` otherwise; else [`WgmmaPlan::new`] on `gemm_wgmma`. Measured
@@ -798,7 +862,9 @@ impl Gemm {
             return GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, self.num_sms));
         }
         let p = WgmmaPlan::with_tma(m, n, k, self.num_sms);
-        if p.paired {
+        if p.paired && self.tma4_active() {
+            GemmPlan::Tma(p.quad())
+        } else if p.paired {
             GemmPlan::Tma(p)
         } else {
             GemmPlan::Wgmma(p)
@@ -1143,11 +1209,23 @@ impl Gemm {
                     .map_err(|e| cuda_err(&format!("launch {kname}{}", plan.groups), e))?;
             }
             GemmPlan::Tma(plan) => {
-                let Some(fs) = &self.tma else {
-                    return Err(not_loaded("TMA", &self.tma_failure, "DLLM_GEMM_TMA"));
+                let quads = plan.cluster_n == 2;
+                let (funcs, kname) = if quads {
+                    (&self.tma4, "gemm_tma4")
+                } else {
+                    (&self.tma, "gemm_tma")
+                };
+                let Some(fs) = funcs else {
+                    return Err(if quads {
+                        not_loaded("TMA quad", &self.tma4_failure, "DLLM_GEMM_TMA4")
+                    } else {
+                        not_loaded("TMA", &self.tma_failure, "DLLM_GEMM_TMA")
+                    });
                 };
                 if !plan.paired
+                    || !matches!(plan.cluster_n, 1 | 2)
                     || plan.m_tiles % 2 != 0
+                    || plan.n_tiles % plan.cluster_n != 0
                     || plan.n_tiles > 65_535
                     || plan.splits > 65_535
                     || plan.m_tiles > i32::MAX as usize
@@ -1157,8 +1235,15 @@ impl Gemm {
                     )));
                 }
                 let wg = plan.wg.clamp(2, 3);
-                let (map_a, map_w) =
-                    operand_maps(dev, a, w, (m, 64 * wg), (n, gemm_tma::TMA_BN / 2), k)?;
+                // Each block of a quad loads half the A tile (multicast to its N peer).
+                let (map_a, map_w) = operand_maps(
+                    dev,
+                    a,
+                    w,
+                    (m, 64 * wg / plan.cluster_n),
+                    (n, gemm_tma::TMA_BN / 2),
+                    k,
+                )?;
                 let kps = plan.ktiles_per_split as i32;
                 let cfg = LaunchConfig {
                     grid_dim: (plan.m_tiles as u32, plan.n_tiles as u32, plan.splits as u32),
@@ -1173,11 +1258,12 @@ impl Gemm {
                 // SAFETY: the tensor maps describe exactly A [m, k] and W [n, k] (validate()
                 // checked their lengths; 16-byte alignment checked above), and TMA never reads
                 // outside them (boxes past the edges are zero-filled). Stores are masked to
-                // m' < m, n' < n. The grid's x is even (the kernel's cluster is 2 × 1 × 1). With
-                // split-K the workspace holds tiles·splits·BM·192 floats and the counters ≥ tiles
-                // entries (grown by scratch()), zero between launches, ordered on dev.stream.
+                // m' < m, n' < n. The grid's x is even and, for quads, its y too (the kernels'
+                // clusters are 2 × 1 × 1 and 2 × 2 × 1). With split-K the workspace holds
+                // tiles·splits·BM·192 floats and the counters ≥ tiles entries (grown by
+                // scratch()), zero between launches, ordered on dev.stream.
                 unsafe { b.launch(cfg) }
-                    .map_err(|e| cuda_err(&format!("launch gemm_tma_wg{wg}"), e))?;
+                    .map_err(|e| cuda_err(&format!("launch {kname}_wg{wg}"), e))?;
             }
             GemmPlan::Stream(plan) => {
                 let Some(fs) = &self.stream else {
@@ -1335,6 +1421,8 @@ mod selftest {
         pub stream_failure: Option<String>,
         /// The first failure of the TMA kernel, when loaded (`run` then keeps `gemm_wgmma`).
         pub tma_failure: Option<String>,
+        /// The first failure of the quad kernel, when loaded (`run` then keeps the pairs).
+        pub tma4_failure: Option<String>,
     }
 
     /// Every fast kernel against `gemm_naive`: the variants that failed, and the first failures
@@ -1456,11 +1544,25 @@ mod selftest {
             }
             tma_failure = first_failure(gemm, dev, &jobs, fixture);
         }
+        // The quads (when asked for): the same plans as quads; N = 392 gives 3 N tiles, so a
+        // phantom N tile (entirely past N) joins the last one.
+        let mut tma4_failure = None;
+        if gemm.tma4.is_some() {
+            let mut jobs = Vec::new();
+            for wg in [2, 3] {
+                for kps in [K.div_ceil(WGMMA_BK), 4] {
+                    let plan = WgmmaPlan::paired_with_ktiles_per_split(wg, M, N, K, kps).quad();
+                    jobs.push((GemmPlan::Tma(plan), M));
+                }
+            }
+            tma4_failure = first_failure(gemm, dev, &jobs, fixture);
+        }
         Ok(SelfTestOutcome {
             disabled: failed,
             skinny2_failure,
             stream_failure,
             tma_failure,
+            tma4_failure,
         })
     }
 
@@ -1786,8 +1888,7 @@ fn check_one(
         How::Plan(GemmPlan::Wgmma(p)) => Some(p.splits),
         How::Variant(GemmVariant::Wgmma) => match gemm.wgmma_plan(m, n, case.k) {
             GemmPlan::Tma(p) | GemmPlan::Wgmma(p) => {
-                let kind = if p.paired { "tma" } else { "wgmma" };
-                detail.push_str(&format!(", {kind} wg{}", p.wg));
+                detail.push_str(&format!(", {} wg{}", p.kind(), p.wg));
                 Some(p.splits)
             }
             _ => None,
@@ -1871,6 +1972,9 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     }
     if let Some(f) = gemm.tma_failure() {
         why.push(format!("TMA kernel requested but not used: {f}"));
+    }
+    if let Some(f) = gemm.tma4_failure() {
+        why.push(format!("TMA quad kernel requested but not used: {f}"));
     }
     res.push(CheckResult::exact(
         "gemm.load_self_test",
@@ -1993,16 +2097,22 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             if gemm.tma_loaded() {
                 // The TMA cluster kernel: its default plan, and on the small shapes both block
                 // heights with and without a forced split.
+                // The quads (when asked for) on the same plans.
                 let p = WgmmaPlan::with_tma(m, n, k, gemm.num_sms);
-                hows.push(How::Plan(GemmPlan::Tma(p.paired())));
+                let mut plans = vec![p.paired()];
                 if n * k < 1 << 20 {
                     let kt = k.div_ceil(WGMMA_BK);
                     for wg in [2, 3] {
                         for kps in [kt, 2] {
-                            hows.push(How::Plan(GemmPlan::Tma(
-                                WgmmaPlan::paired_with_ktiles_per_split(wg, m, n, k, kps),
-                            )));
+                            plans.push(WgmmaPlan::paired_with_ktiles_per_split(wg, m, n, k, kps));
                         }
+                    }
+                }
+                let quads = gemm.tma4_loaded();
+                for p in plans {
+                    hows.push(How::Plan(GemmPlan::Tma(p)));
+                    if quads {
+                        hows.push(How::Plan(GemmPlan::Tma(p.quad())));
                     }
                 }
             }
@@ -2016,7 +2126,12 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     How::Plan(GemmPlan::Wgmma(p)) => format!("wgmma_wg{}_split{}", p.wg, p.splits),
                     How::Plan(GemmPlan::Stream(p)) => format!("stream_b{}", p.blocks),
                     How::Plan(GemmPlan::Naive) => "naive".to_string(),
-                    How::Plan(GemmPlan::Tma(p)) => format!("tma_wg{}_split{}", p.wg, p.splits),
+                    How::Plan(GemmPlan::Tma(p)) => format!(
+                        "tma{}_wg{}_split{}",
+                        if p.cluster_n == 2 { "4" } else { "" },
+                        p.wg,
+                        p.splits
+                    ),
                 };
                 for epi in Epilogue::ALL {
                     let tol = if epi == Epilogue::StoreBf16 {
@@ -2053,6 +2168,9 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                 if v == GemmVariant::Wgmma && gemm.tma_loaded() {
                     let p = WgmmaPlan::with_tma(m, n, k, gemm.num_sms).paired();
                     dets.push(("tma".to_string(), How::Plan(GemmPlan::Tma(p))));
+                    if gemm.tma4_loaded() {
+                        dets.push(("tma4".to_string(), How::Plan(GemmPlan::Tma(p.quad()))));
+                    }
                 }
                 for (label, how) in dets {
                     let name = format!("gemm.{label}.split_k_deterministic");
@@ -2184,14 +2302,17 @@ pub fn time_shape(
             )
         }
         GemmVariant::Wgmma => {
-            let (kind, p) = match gemm.wgmma_plan(m, n, k) {
-                GemmPlan::Tma(p) => ("tma", p),
-                GemmPlan::Wgmma(p) => ("wgmma", p),
+            let p = match gemm.wgmma_plan(m, n, k) {
+                GemmPlan::Tma(p) | GemmPlan::Wgmma(p) => p,
                 other => return Err(Error::Backend(format!("unexpected plan {other:?}"))),
             };
             format!(
-                "{kind} wg{}, {} × {} tiles × {} splits",
-                p.wg, p.m_tiles, p.n_tiles, p.splits
+                "{} wg{}, {} × {} tiles × {} splits",
+                p.kind(),
+                p.wg,
+                p.m_tiles,
+                p.n_tiles,
+                p.splits
             )
         }
         v => v.name().to_string(),
@@ -2399,7 +2520,7 @@ fn bench_shape(
         {
             detail.push_str(&format!(
                 ", {} wg{} ({}×192 tiles): {} tiles × {} splits",
-                if p.paired { "tma" } else { "wgmma" },
+                p.kind(),
                 p.wg,
                 p.bm(),
                 p.tiles(),
@@ -2475,10 +2596,14 @@ fn bench_shape(
         for m in [256usize, 384, 3072] {
             let p = WgmmaPlan::new(m, n, k, gemm.num_sms);
             let pairs = WgmmaPlan::with_tma(m, n, k, gemm.num_sms).paired();
-            let plans = [
+            let mut plans = vec![
                 ("wgmma", p, GemmPlan::Wgmma(p)),
                 ("tma", pairs, GemmPlan::Tma(pairs)),
             ];
+            if gemm.tma4_loaded() {
+                let quads = pairs.quad();
+                plans.push(("tma4", quads, GemmPlan::Tma(quads)));
+            }
             for (label, wp, plan) in plans {
                 res.push(bufs.bench_plan(
                     gemm,
@@ -2755,6 +2880,30 @@ mod tests {
     }
 
     #[test]
+    fn quad_plans_round_both_tile_counts_to_even() {
+        // The LM head at M = 384: 2 × 659 tiles of 192 rows → quads of 2 × 660 (a phantom N
+        // tile); the same split, and a plan `run_plan` accepts for the shape.
+        let pairs = WgmmaPlan::with_tma(384, 126_464, 4096, 132).paired();
+        let quads = pairs.quad();
+        assert_eq!((pairs.m_tiles, pairs.n_tiles), (2, 659));
+        assert_eq!((quads.m_tiles, quads.n_tiles, quads.cluster_n), (2, 660, 2));
+        assert_eq!(
+            (quads.splits, quads.ktiles_per_split),
+            (pairs.splits, pairs.ktiles_per_split)
+        );
+        assert_eq!((pairs.kind(), quads.kind()), ("tma", "tma4"));
+        GemmPlan::Tma(quads).check_fits(384, 126_464, 4096).unwrap();
+        // An odd M tile count gains a phantom M tile too; quads of quads are the same quads.
+        let odd = WgmmaPlan::with_ktiles_per_split(2, 384, 4096, 4096, 32).quad();
+        assert_eq!((odd.m_tiles, odd.n_tiles, odd.splits), (4, 22, 2));
+        assert_eq!(odd.quad(), odd);
+        assert_eq!(WgmmaPlan::new(384, 4096, 4096, 132).kind(), "wgmma");
+        // A quad with an N tile count that is not its constructor's is refused.
+        let bad = WgmmaPlan { n_tiles: 24, ..odd };
+        assert!(GemmPlan::Tma(bad).check_fits(384, 4096, 4096).is_err());
+    }
+
+    #[test]
     fn wgmma_plans() {
         // Hand-derived on 132 SMs (one block per SM).
         let p = |wg, mt, nt, s, kps| WgmmaPlan {
@@ -2764,6 +2913,7 @@ mod tests {
             splits: s,
             ktiles_per_split: kps,
             paired: false,
+            cluster_n: 1,
         };
         // M = 384: 192-row tiles give 2 × 64 = 128 blocks, one wave (128-row: 192 blocks).
         assert_eq!(WgmmaPlan::new(384, 12288, 4096, 132), p(3, 2, 64, 1, 64));

@@ -39,6 +39,7 @@ pub fn candidates(gemm: &Gemm, m: usize, n: usize, k: usize) -> Result<Vec<GemmP
     let offer = Offer {
         sms: gemm.num_sms(),
         tma: gemm.tma_active(),
+        tma4: gemm.tma4_active(),
         stream,
         skinny: gemm.skinny_plan(m, n, k),
     };
@@ -50,6 +51,8 @@ struct Offer {
     sms: usize,
     /// The paired TMA kernel is active (plans for m > 64).
     tma: bool,
+    /// The quad TMA kernel is active too (`DLLM_GEMM_TMA4=1`).
+    tma4: bool,
     /// The stream kernel serves this m.
     stream: bool,
     /// The skinny kernel's own plan (m ≤ 64).
@@ -58,7 +61,7 @@ struct Offer {
 
 /// `default` first, then for m > 64 every `gemm_wgmma` plan at both block heights whose split
 /// grid fits in two waves, each followed by its paired TMA twin (an odd M tile count gains a
-/// phantom tile there), for smaller m the stream kernel at
+/// phantom tile there) and, with the quads active, its quad twin; for smaller m the stream kernel at
 /// several block counts and the skinny plan; no plan twice.
 fn plan_list(
     default: GemmPlan,
@@ -81,9 +84,11 @@ fn plan_list(
                 }
                 plans.push(GemmPlan::Wgmma(p));
                 if o.tma {
-                    plans.push(GemmPlan::Tma(WgmmaPlan::paired_with_ktiles_per_split(
-                        wg, m, n, k, kps,
-                    )));
+                    let pairs = WgmmaPlan::paired_with_ktiles_per_split(wg, m, n, k, kps);
+                    plans.push(GemmPlan::Tma(pairs));
+                    if o.tma4 {
+                        plans.push(GemmPlan::Tma(pairs.quad()));
+                    }
                 }
             }
         }
@@ -109,11 +114,7 @@ pub fn describe(plan: &GemmPlan) -> String {
     match plan {
         GemmPlan::Wgmma(p) | GemmPlan::Tma(p) => format!(
             "{} wg{} {}×{} tiles × {} splits of {} K tiles",
-            if matches!(plan, GemmPlan::Tma(_)) {
-                "tma"
-            } else {
-                "wgmma"
-            },
+            p.kind(),
             p.wg,
             p.m_tiles,
             p.n_tiles,
@@ -195,6 +196,7 @@ mod tests {
         Offer {
             sms: 132,
             tma,
+            tma4: tma,
             stream,
             skinny: SkinnyPlan::new(m.min(SKINNY_MAX_M), n, k, 132),
         }
@@ -228,10 +230,21 @@ mod tests {
                     _ => {}
                 }
             }
+            // Every quad follows its pairs twin.
+            for (i, p) in plans.iter().enumerate() {
+                if let GemmPlan::Tma(w) = p {
+                    if w.cluster_n == 2 {
+                        assert_eq!(w.n_tiles % 2, 0, "{w:?}");
+                        assert!(matches!(plans[i - 1], GemmPlan::Tma(q) if q.quad() == *w));
+                    }
+                }
+            }
             for wg in [2, 3] {
-                assert!(plans
-                    .iter()
-                    .any(|p| matches!(p, GemmPlan::Tma(w) if w.wg == wg)));
+                for cn in [1, 2] {
+                    assert!(plans
+                        .iter()
+                        .any(|p| matches!(p, GemmPlan::Tma(w) if w.wg == wg && w.cluster_n == cn)));
+                }
                 assert!(plans
                     .iter()
                     .any(|p| matches!(p, GemmPlan::Wgmma(w) if w.wg == wg && w.splits == 1)));

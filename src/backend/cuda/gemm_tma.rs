@@ -3,7 +3,9 @@
 //! the tensor maps (TMA descriptors) of its operands, and its shared-memory size.
 //! [`super::gemm::Gemm::run`] uses it in place of `gemm_wgmma` wherever `gemm_wgmma`'s plan has
 //! an even number of M tiles (same tiles and split-K, M tiles in pairs: [`WgmmaPlan`]); on by
-//! default since its H200 verification, off with `DLLM_GEMM_TMA=0`. Design notes:
+//! default since its H200 verification, off with `DLLM_GEMM_TMA=0`. Its quad form
+//! `gemm_tma4_wg{2,3}` (clusters of 2 × 2 blocks that also share the A tile along N) is opt-in
+//! with `DLLM_GEMM_TMA4=1` until a GPU run has checked and timed it. Design notes:
 //! docs/gemm-notes.md ("tma").
 //!
 //! [`WgmmaPlan`]: super::gemm::WgmmaPlan
@@ -32,6 +34,13 @@ pub fn explicitly_requested() -> bool {
     super::env_switch::explicitly_on("DLLM_GEMM_TMA")
 }
 
+/// Whether the quad kernels are wanted: only with `DLLM_GEMM_TMA4=1` (written in session 6
+/// without a GPU; the protocol is modelled in `pipeline_model`, the kernels are not yet checked
+/// on a device).
+pub fn quads_requested_by_env() -> bool {
+    super::env_switch::flag("DLLM_GEMM_TMA4", false)
+}
+
 /// Threads of `gemm_tma_wg{wg}`: `wg` consumer warpgroups and one producer warp.
 pub fn threads(wg: usize) -> u32 {
     (128 * wg + 32) as u32
@@ -45,9 +54,9 @@ pub fn smem_bytes(wg: usize) -> u32 {
     (stages * stage + 1024) as u32
 }
 
-/// Loads `gemm_tma_wg2` / `gemm_tma_wg3` from the sm_90a cubin; the reason as text when this
-/// device cannot run them.
-pub fn load(dev: &CudaDevice) -> std::result::Result<[CudaFunction; 2], String> {
+/// Loads `{prefix}_wg2` / `{prefix}_wg3` (`gemm_tma`: pairs, `gemm_tma4`: quads; the same shared
+/// memory) from the sm_90a cubin; the reason as text when this device cannot run them.
+pub fn load(dev: &CudaDevice, prefix: &str) -> std::result::Result<[CudaFunction; 2], String> {
     if dev.capability != (9, 0) {
         return Err(format!(
             "the TMA kernel needs the sm_90a cubin (compute capability 9.0); {} is {}.{}",
@@ -55,7 +64,7 @@ pub fn load(dev: &CudaDevice) -> std::result::Result<[CudaFunction; 2], String> 
         ));
     }
     let load = |wg: usize| -> Result<CudaFunction> {
-        let name = format!("gemm_tma_wg{wg}");
+        let name = format!("{prefix}_wg{wg}");
         let f = dev.function("gemm_tma", &name)?;
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

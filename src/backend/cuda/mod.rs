@@ -64,9 +64,19 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
     vec![
         on("stream_gemm", gemm_stream::requested_by_env()),
         on("tma_gemm", gemm_tma::requested_by_env()),
+        on("tma_quad_gemm", gemm_tma::quads_requested_by_env()),
         on("wgmma_gemm", env_switch::flag("DLLM_GEMM_WGMMA", true)),
         on("split_attention", attention::split_requested_by_env()),
         on("key_group_attention", attention::keys_requested_by_env()),
+        (
+            "attention_stages",
+            (if attention::two_stages_requested_by_env() {
+                2
+            } else {
+                3
+            })
+            .into(),
+        ),
         on(
             "reference_kernels",
             transformer::KernelChoice::from_env().naive_gemm,
