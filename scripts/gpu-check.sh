@@ -41,7 +41,7 @@ BIN=${BIN:-.gpu}
 MODEL8B=${MODEL8B:-/tmp/llada8b}
 TINY=${TINY:-models/tiny-llada-code}
 STAGES=${*:-smi check synth bench summary}
-# `next`: the first call docs/perf.md ("Next GPU session") asks for, as one word.
+# `next`: the first call docs/perf.md ("Session 6 … what the next GPU session runs first") asks for, as one word.
 STAGES=${STAGES//next/smi check synth bench tma4 attn2 swiglu sweep peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
