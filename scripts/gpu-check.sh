@@ -274,7 +274,7 @@ if "checks" in c:
     for x in bad:
         print(f"  FAIL {x['name']}: rel_err {x['rel_err']} tol {x['tol']} {x['detail']}")
     for x in c["checks"]:
-        if x["name"].startswith(("model.", "dream.")):
+        if x["name"].startswith(("model.", "dream.", "gemm.load_self_test")):
             print(f"  {'PASS' if x['passed'] else 'FAIL'} {x['name']}: {x['detail']}")
     print("\nkernel benches (ms, GB/s, TFLOP/s):")
     for x in c.get("benches", []):

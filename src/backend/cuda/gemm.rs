@@ -690,6 +690,9 @@ pub struct Gemm {
     tma4: Option<[CudaFunction; 2]>,
     /// Why the requested quad kernel is not used (load error or self-test failure).
     tma4_failure: Option<String>,
+    /// Clusters resident at once ([`gemm_tma::resident_clusters`]) of the pairs and the quads,
+    /// per block height (wg 2, wg 3), where loaded and known.
+    resident_clusters: [[Option<usize>; 2]; 2],
     /// Why the requested TMA kernel is not used (cannot load, or failed the self-test).
     tma_failure: Option<String>,
     wide: CudaFunction,
@@ -786,6 +789,16 @@ impl Gemm {
         } else {
             (None, None)
         };
+        let clusters = |fs: &Option<[CudaFunction; 2]>, cn: u32| -> [Option<usize>; 2] {
+            let mut r = [None; 2];
+            if let Some(fs) = fs {
+                for (i, f) in fs.iter().enumerate() {
+                    r[i] = gemm_tma::resident_clusters(dev, f, i + 2, (2, cn));
+                }
+            }
+            r
+        };
+        let resident_clusters = [clusters(&tma, 1), clusters(&tma4, 2)];
         let mut gemm = Gemm {
             naive,
             skinny,
@@ -797,6 +810,7 @@ impl Gemm {
             tma_failure,
             tma4,
             tma4_failure,
+            resident_clusters,
             wide,
             wgmma,
             num_sms,
@@ -851,6 +865,12 @@ impl Gemm {
         self.tma4_failure.as_deref()
     }
 
+    /// Clusters of the pairs (`[0]`) and quads (`[1]`) kernels resident at once, per block
+    /// height (wg 2, wg 3), where loaded and known.
+    pub fn resident_clusters(&self) -> [[Option<usize>; 2]; 2] {
+        self.resident_clusters
+    }
+
     /// The Hopper plan [`Gemm::run`] uses for `m > 64`: with the TMA cluster kernel active,
     /// [`WgmmaPlan::with_tma`], run in pairs when it has an even number of M tiles (no phantom
     /// tile) and by `gemm_wgmma` otherwise; else [`WgmmaPlan::new`] on `gemm_wgmma`. Measured
@@ -862,7 +882,16 @@ impl Gemm {
             return GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, self.num_sms));
         }
         let p = WgmmaPlan::with_tma(m, n, k, self.num_sms);
-        if p.paired && self.tma4_active() {
+        let wgi = p.wg.clamp(2, 3) - 2;
+        let quads_fit = || {
+            gemm_tma::quads_keep_waves(
+                p.tiles() * p.splits,
+                p.quad().tiles() * p.splits,
+                self.resident_clusters[0][wgi],
+                self.resident_clusters[1][wgi],
+            )
+        };
+        if p.paired && self.tma4_active() && quads_fit() {
             GemmPlan::Tma(p.quad())
         } else if p.paired {
             GemmPlan::Tma(p)
@@ -1976,13 +2005,15 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     if let Some(f) = gemm.tma4_failure() {
         why.push(format!("TMA quad kernel requested but not used: {f}"));
     }
+    let [pairs, quads] = gemm.resident_clusters();
+    let resident = format!("resident clusters (wg2, wg3): pairs {pairs:?}, quads {quads:?}");
     res.push(CheckResult::exact(
         "gemm.load_self_test",
         why.is_empty(),
         if why.is_empty() {
-            "every fast variant (skinny v1 and v2 included) agrees with naive".to_string()
+            format!("every fast variant (skinny v1 and v2 included) agrees with naive; {resident}")
         } else {
-            why.join("; ")
+            format!("{}; {resident}", why.join("; "))
         },
     ));
     let has_wgmma = gemm.wgmma.is_some();

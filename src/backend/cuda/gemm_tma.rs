@@ -79,6 +79,55 @@ pub fn load(dev: &CudaDevice, prefix: &str) -> std::result::Result<[CudaFunction
     }
 }
 
+/// Clusters of `func` (a `gemm_tma*_wg{wg}` kernel, its cluster shape `cluster` compiled in)
+/// that the device holds at once with the kernel's block size and shared memory
+/// (`cuOccupancyMaxActiveClusters`); `None` when the driver does not say. Clusters must fit in
+/// one GPC, so this can be less than the SM count over the cluster size.
+pub fn resident_clusters(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    wg: usize,
+    cluster: (u32, u32),
+) -> Option<usize> {
+    dev.stream.context().bind_to_thread().ok()?;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cluster.0,
+        gridDimY: cluster.1,
+        gridDimZ: 1,
+        blockDimX: threads(wg),
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem_bytes(wg),
+        hStream: dev.stream.cu_stream(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: `config` and `n` live across the call; the function handle is a loaded kernel of
+    // this context (bound above). The query launches nothing.
+    unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, func.cu_function(), &config) }
+        .result()
+        .ok()?;
+    (n > 0).then_some(n as usize)
+}
+
+/// Whether running a paired plan of `pair_blocks` blocks as quads (`quad_blocks`, the N tile
+/// count rounded up to even) keeps it within as many waves of resident clusters as the pairs
+/// take (`pair_clusters` / `quad_clusters` resident at once; unknown counts do not object).
+pub fn quads_keep_waves(
+    pair_blocks: usize,
+    quad_blocks: usize,
+    pair_clusters: Option<usize>,
+    quad_clusters: Option<usize>,
+) -> bool {
+    match (pair_clusters, quad_clusters) {
+        (Some(p), Some(q)) => {
+            (quad_blocks / 4).div_ceil(q.max(1)) <= (pair_blocks / 2).div_ceil(p.max(1))
+        }
+        _ => true,
+    }
+}
+
 /// The geometry of one operand's tensor map: a row-major bf16 matrix of `rows × k` at device
 /// address `addr`, read in boxes of `box_rows` rows × [`TMA_BK`] K elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +219,18 @@ mod tests {
             assert!(smem_bytes(wg) <= 232_448 - 1024);
         }
         assert_eq!((threads(2), threads(3)), (288, 416));
+    }
+
+    #[test]
+    fn quads_only_where_their_clusters_fit_as_many_waves() {
+        // M = 384 QKV: 128 blocks = 64 pairs or 32 quads. With 66 pairs and 33 quads resident
+        // (132 SMs in whole GPCs) both take one wave; if GPCs of 18 SMs held only 4 quads
+        // each (say 30 quads), the quads would need two.
+        assert!(quads_keep_waves(128, 128, Some(66), Some(33)));
+        assert!(!quads_keep_waves(128, 128, Some(66), Some(30)));
+        // A phantom N tile: 2 × 659 → 2 × 660 tiles, 659 pairs vs 330 quads.
+        assert!(quads_keep_waves(1318, 1320, Some(66), Some(33)));
+        assert!(quads_keep_waves(128, 128, None, Some(1)));
     }
 
     #[test]
