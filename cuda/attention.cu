@@ -82,17 +82,6 @@ extern "C" __global__ void attention_naive(const bf16* __restrict__ q, const bf1
 // ---------------------------------------------------------------------------------------------------------------
 // Tensor-core kernel.
 
-__device__ __forceinline__ void attn_cp_async16(void* smem, const void* gmem, bool valid) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    const int n = valid ? 16 : 0;  // src-size 0: the 16 bytes are zero-filled, nothing is read
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n) : "memory");
-}
-__device__ __forceinline__ void attn_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void attn_cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 __device__ __forceinline__ void attn_ldsm_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
                                              const void* smem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -146,7 +135,8 @@ __device__ __forceinline__ void attn_load_tile(bf16* tile, const bf16* src, long
     for (int k = 0; k < PASSES; ++k) {
         const int r = r0 + k * ROW_STEP;  // (r & 7) == (r0 & 7) when ROW_STEP % 8 == 0
         const bool ok = r < valid;
-        attn_cp_async16(tile + attn_swz<D>(r, c), ok ? g + (long long)k * ROW_STEP * stride : src, ok);
+        dllm_cp_async16((uint32_t)__cvta_generic_to_shared(tile + attn_swz<D>(r, c)),
+                        ok ? g + (long long)k * ROW_STEP * stride : src, ok);
     }
 }
 
@@ -360,7 +350,7 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
 #pragma unroll
     for (int p = 0; p < STAGES - 1; ++p) {
         if (j0 + p < j1) load_kv(j0 + p);
-        attn_cp_commit();
+        dllm_cp_commit();
     }
 
     unsigned qf[KD][4];
@@ -371,16 +361,16 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
     float l0 = 0.f, l1 = 0.f;              // per-thread partial row sums
 
     if (j1 <= j0) {
-        attn_cp_wait<0>();
+        dllm_cp_wait<0>();
         __syncthreads();
     }
     for (int j = j0; j < j1; ++j) {
-        attn_cp_wait<STAGES - 2>();
+        dllm_cp_wait<STAGES - 2>();
         // Every thread's copies of tile j are visible, and every warp is done with tile j - 1,
         // whose slot the next request refills.
         __syncthreads();
         if (j + STAGES - 1 < j1) load_kv(j + STAGES - 1);
-        attn_cp_commit();
+        dllm_cp_commit();
         if (j == j0) {
 #pragma unroll
             for (int kk = 0; kk < KD; ++kk) {
@@ -529,8 +519,8 @@ __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, 
         attn_load_tile<D, BN, 64>(tK, kb + off, kv_stride, kv_end - j * BN, gtid);
         attn_load_tile<D, BN, 64>(tV, vb + off, kv_stride, kv_end - j * BN, gtid);
     }
-    attn_cp_commit();
-    attn_cp_wait<0>();
+    dllm_cp_commit();
+    dllm_cp_wait<0>();
     __syncthreads();
 
     unsigned qf[KD][4];
@@ -551,8 +541,8 @@ __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, 
             const long long off = (long long)(j + KG) * BN * kv_stride;
             attn_load_tile<D, BN, 64>(tK, kb + off, kv_stride, kv_end - (j + KG) * BN, gtid);
             attn_load_tile<D, BN, 64>(tV, vb + off, kv_stride, kv_end - (j + KG) * BN, gtid);
-            attn_cp_commit();
-            attn_cp_wait<0>();
+            dllm_cp_commit();
+            dllm_cp_wait<0>();
             attn_group_sync(1 + kg);  // every loader's copies have landed
         }
     }

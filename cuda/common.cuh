@@ -1,5 +1,5 @@
-// Shared device helpers for dllm kernels: bf16 conversion, warp reductions, and the
-// counter-based RNG that must stay bit-identical to src/denoise/rng.rs.
+// Shared device helpers for dllm kernels: bf16 conversion, warp reductions, cp.async copies, and
+// the counter-based RNG that must stay bit-identical to src/denoise/rng.rs.
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -41,4 +41,22 @@ __device__ __forceinline__ void dllm_pdl_wait() { asm volatile("griddepcontrol.w
 __device__ __forceinline__ void dllm_pdl_entry() {
     dllm_pdl_trigger();
     dllm_pdl_wait();
+}
+
+// Asynchronous global -> shared copies (cp.async, sm_80+; `dst` a shared-window address): 16
+// bytes through L2 only (.cg), or 8 bytes cached like a plain load (.ca); `valid` false
+// zero-fills the destination and reads nothing. Committed in groups; wait_group N waits until at
+// most the newest N of this thread's groups are pending.
+__device__ __forceinline__ void dllm_cp_async16(uint32_t dst, const void* src, bool valid) {
+    const int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void dllm_cp_async8(uint32_t dst, const void* src, bool valid) {
+    const int bytes = valid ? 8 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void dllm_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void dllm_cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }

@@ -297,18 +297,6 @@ DLLM_SKINNY2_KERNEL(4)
 
 __device__ __forceinline__ uint32_t gemm_swz(int r, int c) { return (uint32_t)(r * 64 + ((c ^ ((r >> 1) & 3)) << 4)); }
 
-__device__ __forceinline__ void gemm_cp_async16(uint32_t dst, const void* src, bool pred) {
-    const int bytes = pred ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void gemm_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void gemm_cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 __device__ __forceinline__ void gemm_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -349,10 +337,10 @@ extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
             const bool kin = k < K;
             const int am = m0 + r;
             const bool aok = kin && am < M;
-            gemm_cp_async16(sa + gemm_swz(r, c), aok ? (const void*)(A + (size_t)am * K + k) : (const void*)A, aok);
+            dllm_cp_async16(sa + gemm_swz(r, c), aok ? (const void*)(A + (size_t)am * K + k) : (const void*)A, aok);
             const int wn = n0 + r;
             const bool wok = kin && wn < N;
-            gemm_cp_async16(sw + gemm_swz(r, c), wok ? (const void*)(W + (size_t)wn * K + k) : (const void*)W, wok);
+            dllm_cp_async16(sw + gemm_swz(r, c), wok ? (const void*)(W + (size_t)wn * K + k) : (const void*)W, wok);
         }
     };
 
@@ -367,7 +355,7 @@ extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
 #pragma unroll
     for (int s = 0; s < WIDE_STAGES - 1; ++s) {
         if (s < k_tiles) load_stage(s, s);
-        gemm_cp_commit();
+        dllm_cp_commit();
     }
 
     // ldmatrix lane roles: A matrices (rows +0/+8) x (k +0/+8); W matrices (k +0/+8) x (n +0/+8).
@@ -377,12 +365,12 @@ extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     const int b_kc = (lane >> 3) & 1;
 
     for (int kt = 0; kt < k_tiles; ++kt) {
-        gemm_cp_wait<WIDE_STAGES - 2>();
+        dllm_cp_wait<WIDE_STAGES - 2>();
         __syncthreads();
         // Refill the slot consumed in the previous iteration (all warps are past it now).
         const int next = kt + WIDE_STAGES - 1;
         if (next < k_tiles) load_stage(next, next % WIDE_STAGES);
-        gemm_cp_commit();
+        dllm_cp_commit();
 
         const uint32_t sa = smem + (kt % WIDE_STAGES) * WIDE_STAGE_BYTES;
         const uint32_t sw = sa + WIDE_TILE_BYTES;
@@ -408,7 +396,7 @@ extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
                     gemm_mma_bf16(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bfr[j][0], bfr[j][1]);
         }
     }
-    gemm_cp_wait<0>();
+    dllm_cp_wait<0>();
 
     if (splits > 1) {
         // Same scheme as the skinny kernel: partial tiles [tile][split][e][thread] float4, the

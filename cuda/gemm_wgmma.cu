@@ -91,13 +91,13 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
         for (int i = 0; i < Cfg::A_PER_THREAD; ++i) {
             const bool ok = kin && ((a_ok >> i) & 1u);
             const uint16_t* src = ok ? a_src + (size_t)i * Cfg::ROW_STEP * K + koff : A;
-            wg_cp_async16(sa + i * Cfg::ROW_STEP * WG_ROW_BYTES, src, ok);
+            dllm_cp_async16(sa + i * Cfg::ROW_STEP * WG_ROW_BYTES, src, ok);
         }
 #pragma unroll
         for (int i = 0; i < Cfg::B_PER_THREAD; ++i) {
             const bool ok = kin && ((w_ok >> i) & 1u);
             const uint16_t* src = ok ? w_src + (size_t)i * Cfg::ROW_STEP * K + koff : W;
-            wg_cp_async16(sw + i * Cfg::ROW_STEP * WG_ROW_BYTES, src, ok);
+            dllm_cp_async16(sw + i * Cfg::ROW_STEP * WG_ROW_BYTES, src, ok);
         }
     };
 
@@ -108,16 +108,16 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
 #pragma unroll
     for (int s = 0; s < Cfg::STAGES - 2; ++s) {
         if (s < k_tiles) load_stage(s, s);
-        wg_cp_commit();
+        dllm_cp_commit();
     }
 
     for (int kt = 0; kt < k_tiles; ++kt) {
-        wg_cp_wait<Cfg::STAGES - 3>();
+        dllm_cp_wait<Cfg::STAGES - 3>();
         wg_fence_proxy_async();
         __syncthreads();
         const int next = kt + Cfg::STAGES - 2;
         if (next < k_tiles) load_stage(next, next % Cfg::STAGES);
-        wg_cp_commit();
+        dllm_cp_commit();
 
         const uint32_t sa = smem + (kt % Cfg::STAGES) * Cfg::STAGE_BYTES + wg * 64 * WG_ROW_BYTES;
         const uint32_t sb = smem + (kt % Cfg::STAGES) * Cfg::STAGE_BYTES + Cfg::A_BYTES;
@@ -136,7 +136,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
     }
     wg_wait<0>();
     wg_fence_acc(acc);
-    wg_cp_wait<0>();
+    dllm_cp_wait<0>();
 
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     // The drained ring stages the epilogue's global reads (wg_split_reduce, wg_store_tile).

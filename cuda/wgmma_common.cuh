@@ -68,21 +68,6 @@ __device__ __forceinline__ void wg_bar_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Asynchronous global -> shared copies (cp.async): 16 bytes through L2 only (.cg), or 8 bytes
-// (.ca, cached like a plain load); `valid` false zero-fills the destination and reads nothing.
-__device__ __forceinline__ void wg_cp_async16(uint32_t dst, const void* src, bool valid) {
-    const int bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void wg_cp_async8(uint32_t dst, const void* src, bool valid) {
-    const int bytes = valid ? 8 : 0;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void wg_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wg_cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 // Orders this thread's async-proxy shared-memory accesses (wgmma operand reads, TMA writes) with
 // its generic ones (cp.async, ld/st.shared) across a following barrier.
 __device__ __forceinline__ void wg_fence_proxy_async() {
@@ -146,9 +131,9 @@ __device__ __forceinline__ bool wg_split_reduce(float (&acc)[96], float* __restr
         const float4* src = part + ((size_t)tile * splits + s) * 24 * THREADS + tid;
         // Not unrolled: the copies need no registers but their addresses.
 #pragma unroll 1
-        for (int e = 0; e < 24; ++e) wg_cp_async16(mine + (uint32_t)(e * THREADS * 16), src + (size_t)e * THREADS, true);
-        wg_cp_commit();
-        wg_cp_wait<0>();
+        for (int e = 0; e < 24; ++e) dllm_cp_async16(mine + (uint32_t)(e * THREADS * 16), src + (size_t)e * THREADS, true);
+        dllm_cp_commit();
+        dllm_cp_wait<0>();
 #pragma unroll
         for (int e = 0; e < 24; ++e) {
             const float4 p = wg_lds128(mine + (uint32_t)(e * THREADS * 16));
@@ -190,11 +175,11 @@ __device__ __forceinline__ void wg_store_tile(const float (&acc)[96], void* C, i
             for (int h = 0; h < 2; ++h) {
                 const int r = row + 8 * h;
                 const bool ok = n < N && r < M;
-                wg_cp_async8(mine + (uint32_t)((2 * j + h) * THREADS * 8), ok ? out + (size_t)r * N + n : out, ok);
+                dllm_cp_async8(mine + (uint32_t)((2 * j + h) * THREADS * 8), ok ? out + (size_t)r * N + n : out, ok);
             }
         }
-        wg_cp_commit();
-        wg_cp_wait<0>();
+        dllm_cp_commit();
+        dllm_cp_wait<0>();
 #pragma unroll
         for (int j = 0; j < 24; ++j) {
             const int n = n0 + 8 * j + 2 * t;
