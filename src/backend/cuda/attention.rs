@@ -192,7 +192,7 @@ pub enum AttnVariant {
     /// One block per (query row, head, batch), fp32 CUDA cores: the reference.
     Naive,
     /// Flash-style tiles on tensor cores (`mma.sync` bf16), head_dim 64 or 128; a ring of
-    /// [`MMA_STAGES`] K/V tile slots, so two key tiles are requested while one is computed.
+    /// 3 K/V tile slots (`MMA_STAGES`), so two key tiles are requested while one is computed.
     Mma,
     /// [`AttnVariant::Mma`] with 2 slots (one key tile ahead, the depth before session 6): kept
     /// to time the ring against (`DLLM_ATTN_STAGES=2` makes [`Attention::run`] use it).
