@@ -146,7 +146,10 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
     float acc[96];
     bool store = false;
     if (wg == WG) {
-        // Producer warp: one thread issues every copy.
+        // Producer warp: one thread issues every copy. It must issue exactly the k_tiles loads
+        // the consumers wait for (and so must every block of the cluster): the epilogue reuses
+        // the ring as staging once the consumers have seen every `full` barrier, which is only
+        // safe because no copy into this block can still be in flight then.
         if (tid == Cfg::CONSUMERS) {
             tma_prefetch_map(map_a);
             tma_prefetch_map(map_w);

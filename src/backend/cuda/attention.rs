@@ -194,8 +194,9 @@ pub enum AttnVariant {
     /// Flash-style tiles on tensor cores (`mma.sync` bf16), head_dim 64 or 128; a ring of
     /// 3 K/V tile slots (`MMA_STAGES`), so two key tiles are requested while one is computed.
     Mma,
-    /// [`AttnVariant::Mma`] with 2 slots (one key tile ahead, the depth before session 6): kept
-    /// to time the ring against (`DLLM_ATTN_STAGES=2` makes [`Attention::run`] use it).
+    /// [`AttnVariant::Mma`] with 2 slots (one key tile ahead, the depth before session 6, in the
+    /// new loop: one barrier per tile, unrolled copies): kept to time the ring's depth against
+    /// (`DLLM_ATTN_STAGES=2` makes [`Attention::run`] use it).
     Mma2,
     /// [`AttnVariant::Mma`] with the key tiles split across blocks (flash-decoding), partial
     /// softmaxes merged by the last block of each (query tile, head, batch) in split order.
