@@ -1097,6 +1097,77 @@ mod tests {
         assert!(checks.iter().all(|c| c.passed), "an attention check failed");
     }
 
+    /// The K/V ring of `attention_mma_body` on the host, written from the kernel's schedule:
+    /// the prologue requests tiles j0 .. j0 + STAGES − 2 (one cp.async group each, Q with the
+    /// first, empty groups past the last tile); iteration j waits until at most the newest
+    /// STAGES − 2 groups are pending, passes the block barrier, requests tile j + STAGES − 1
+    /// into slot (j + STAGES − 1 − j0) % STAGES (a group, empty past the end) and computes
+    /// tile j from slot (j − j0) % STAGES. Checked for every depth and tile count: tile j (and
+    /// Q) has landed when it is read, no pending copy targets the slot being read, and a slot
+    /// is refilled only after the barrier that follows every warp's last read of it.
+    #[test]
+    fn the_kv_ring_reads_only_landed_tiles_and_refills_only_finished_slots() {
+        for stages in [2usize, 3, 4] {
+            for j0 in [0usize, 5] {
+                for n in 0..9usize {
+                    let j1 = j0 + n;
+                    // groups[g] = the tile group g copies (None: empty); done[g]: landed.
+                    let mut groups: Vec<Option<usize>> = Vec::new();
+                    let mut slot_tile: Vec<Option<usize>> = vec![None; stages];
+                    // The last tile each slot was read for (all warps finish it before the
+                    // next barrier).
+                    let mut last_read: Vec<Option<usize>> = vec![None; stages];
+                    let request =
+                        |j: usize,
+                         groups: &mut Vec<Option<usize>>,
+                         slot_tile: &mut Vec<Option<usize>>,
+                         read_done_before: usize,
+                         last_read: &Vec<Option<usize>>| {
+                            if j < j1 {
+                                let slot = (j - j0) % stages;
+                                // Everything read from this slot so far ended before the barrier.
+                                if let Some(r) = last_read[slot] {
+                                    assert!(
+                                        r < read_done_before,
+                                        "slot {slot} refilled for {j} while tile {r} may be read"
+                                    );
+                                }
+                                slot_tile[slot] = Some(j);
+                                groups.push(Some(j));
+                            } else {
+                                groups.push(None);
+                            }
+                        };
+                    for p in 0..stages - 1 {
+                        request(j0 + p, &mut groups, &mut slot_tile, j0, &last_read);
+                    }
+                    for j in j0..j1 {
+                        // wait_group<STAGES - 2>: all but the newest STAGES - 2 groups landed.
+                        let landed = groups.len() - (stages - 2);
+                        let tile_group = groups.iter().position(|&g| g == Some(j)).unwrap();
+                        assert!(tile_group < landed, "tile {j} read before it landed");
+                        assert!(landed >= 1, "Q (group 0) landed");
+                        // The barrier: every warp is done with tile j - 1.
+                        request(j + stages - 1, &mut groups, &mut slot_tile, j, &last_read);
+                        let slot = (j - j0) % stages;
+                        assert_eq!(slot_tile[slot], Some(j), "slot {slot} holds tile {j}");
+                        // No copy still pending targets the slot being read.
+                        for g in groups.iter().skip(landed).flatten() {
+                            assert_ne!(
+                                (g - j0) % stages,
+                                slot,
+                                "tile {g} lands in slot {slot} during tile {j}"
+                            );
+                        }
+                        last_read[slot] = Some(j);
+                    }
+                    // One group per prologue step and per iteration.
+                    assert_eq!(groups.len(), stages - 1 + n);
+                }
+            }
+        }
+    }
+
     /// The split kernel's softmax arithmetic on the host, written from `attention_mma_body`:
     /// each split runs the online softmax over its 64-key tiles (log2 domain, running max `m`
     /// with base 0 while it is -inf, sum `l`, unnormalised `o`), then the merge takes the largest
