@@ -240,14 +240,32 @@ extern "C" __global__ void fill_u32(uint32_t* __restrict__ out, uint32_t bits, l
 // rotation (q/k/v projection biases, Dream); the biased v is written back in place too.
 // vec = 1 uses 16-byte accesses (8 bf16): the host sets it only when head_dim % 16 == 0, the
 // columns and row stride are multiples of 8 and the buffers are 16-byte aligned.
+// prefetch (nullable; 16-byte aligned, prefetch_bytes a multiple of 16): a buffer the next
+// kernels read (the attention-output weights of a block step), requested into L2 with bulk
+// prefetches (thread 0 of each block, 1/gridDim.x of it each) so that its stream from HBM
+// overlaps RoPE and attention, which leave HBM idle.
 // Block: DLLM_ROW_THREADS threads; head_dim <= 2 * DLLM_ROPE_MAX_HALF.
 #define DLLM_ROPE_MAX_HALF 512
+#define DLLM_PREFETCH_CHUNK 65536LL
+
+__device__ __forceinline__ void dllm_prefetch_l2_slice(const unsigned char* p, long long bytes) {
+    const long long per = ((bytes + gridDim.x - 1) / gridDim.x + 15) & ~15LL;
+    const long long lo = min(bytes, per * (long long)blockIdx.x);
+    const long long hi = min(bytes, lo + per);
+    for (long long off = lo; off < hi; off += DLLM_PREFETCH_CHUNK) {
+        const unsigned n = (unsigned)min(DLLM_PREFETCH_CHUNK, hi - off);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p + off), "r"(n) : "memory");
+    }
+}
+
 extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float* __restrict__ inv_freq,
                                          const float* __restrict__ bias, uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache,
                                          int row_stride, int q_heads, int kv_heads, int k_col, int v_col,
                                          int head_dim, int pos_period, int pos_offset, int cache_seq_rows,
-                                         int vec) {
+                                         int vec, const unsigned char* __restrict__ prefetch,
+                                         long long prefetch_bytes) {
     dllm_pdl_entry();
+    if (prefetch != nullptr && threadIdx.x == 0) dllm_prefetch_l2_slice(prefetch, prefetch_bytes);
     __shared__ float cs[DLLM_ROPE_MAX_HALF];
     __shared__ float sn[DLLM_ROPE_MAX_HALF];
     const size_t r = blockIdx.x;

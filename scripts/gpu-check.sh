@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -42,7 +42,7 @@ MODEL8B=${MODEL8B:-/tmp/llada8b}
 TINY=${TINY:-models/tiny-llada-code}
 STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Session 6 … what the next GPU session runs first") asks for, as one word.
-STAGES=${STAGES//next/smi check synth bench tma4 attn2 swiglu sweep peer summary pack}
+STAGES=${STAGES//next/smi check synth bench tma4 attn2 prefetch swiglu sweep peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -155,6 +155,13 @@ for s in $STAGES; do
         # The three workloads with the plain attention kernel's 2-slot K/V ring (as before
         # session 6; the 3-slot ring is the default): the ring's end-to-end effect.
         BENCH_ENV="DLLM_ATTN_STAGES=2" workloads _attn2 1
+        ;;
+    prefetch)
+        # Block steps requesting each layer's attention-output weights into L2 during RoPE and
+        # attention (DLLM_L2_PREFETCH=1, opt-in, session 6): the elementwise checks run the
+        # prefetching launch whatever the variable says; the model checks and workloads with it.
+        stage prefetch "${T_PREFETCH:-180}" env DLLM_L2_PREFETCH=1 "$BIN/dllm-gpu-check" --model "$TINY" --only elementwise,model --json "$OUT/check_prefetch.json"
+        BENCH_ENV="DLLM_L2_PREFETCH=1" workloads _prefetch 1
         ;;
     sessiongraphs)
         # The Session path's layers as CUDA graphs (DLLM_SESSION_GRAPHS=1, opt-in): checks, then
@@ -295,7 +302,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -306,7 +313,7 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "noPDL", "swiglu", "tma4", "attn2", "exp", "off2", "nostr", "sess", "sessg"):
+    for other in ("off", "noPDL", "swiglu", "tma4", "attn2", "pref", "exp", "off2", "nostr", "sess", "sessg"):
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
@@ -323,6 +330,7 @@ for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.
                            ("pdl", "DLLM_PDL", ("gemm.stream", "gemm.shape")),
                            ("keys", "DLLM_ATTN_KEYS", ("attention Keys", "attention Mma b1 sq32", "attention Mma b8 sq32")),
                            ("sessiongraphs", "DLLM_SESSION_GRAPHS", ()),
+                           ("prefetch", "DLLM_L2_PREFETCH", ()),
                            ("swiglu", "DLLM_FUSED_SWIGLU", ())):
     cs = load(f"check_{exp}.json")
     if "checks" not in cs:

@@ -384,7 +384,9 @@ impl Elementwise {
     /// rotated K and of V into the cache rows [`RopeQkvShape::cache_row`]. One launch replaces
     /// [`Elementwise::rope`] plus two [`Elementwise::copy_rows_bf16`].
     /// `bias` (fp32, one value per qkv column, at least up to the end of the v columns) is
-    /// added to q, k and v first (projection biases; v is updated in place).
+    /// added to q, k and v first (projection biases; v is updated in place). `prefetch`: a
+    /// buffer the following kernels read, requested into L2 by the launch (a hint: skipped
+    /// unless 16-byte aligned; its whole 16-byte units).
     pub fn rope_qkv(
         &self,
         qkv: &mut CudaViewMut<u16>,
@@ -392,11 +394,13 @@ impl Elementwise {
         bias: Option<&CudaView<f32>>,
         s: RopeQkvShape,
         cache: Option<KvDst<'_, '_>>,
+        prefetch: Option<&CudaView<u16>>,
     ) -> Result<()> {
-        self.rope_qkv_variant(qkv, inv_freq, bias, s, cache, true)
+        self.rope_qkv_variant(qkv, inv_freq, bias, s, cache, true, prefetch)
     }
 
     /// [`Elementwise::rope_qkv`]; `allow_vec = false` forces the scalar path (checks).
+    #[allow(clippy::too_many_arguments)]
     pub fn rope_qkv_variant(
         &self,
         qkv: &mut CudaViewMut<u16>,
@@ -405,6 +409,7 @@ impl Elementwise {
         s: RopeQkvShape,
         cache: Option<KvDst<'_, '_>>,
         allow_vec: bool,
+        prefetch: Option<&CudaView<u16>>,
     ) -> Result<()> {
         let bad = |why: &str| Error::invalid(format!("elementwise rope_qkv: {why} in {s:?}"));
         if s.head_dim % 2 != 0 || s.head_dim == 0 || s.head_dim / 2 > ROPE_MAX_HALF {
@@ -499,7 +504,13 @@ impl Elementwise {
             b.arg(a);
         }
         b.arg(&seq_rows).arg(&vec_i);
-        // SAFETY: argument order and types match `rope_qkv_bf16`; every row touched lies inside
+        let (pf_ptr, pf_bytes) = prefetch
+            .map(|p| (p.device_ptr(&self.stream).0, (p.len() * 2) as i64 & !15))
+            .filter(|&(ptr, bytes)| ptr % 16 == 0 && bytes > 0)
+            .unwrap_or((0, 0));
+        b.arg(&pf_ptr).arg(&pf_bytes);
+        // SAFETY: argument order and types match `rope_qkv_bf16`; the L2 prefetch (a hint that
+        // reads nothing into the kernel) covers whole 16-byte units of a live, aligned view; every row touched lies inside
         // the qkv view and every cache row inside the cache views (checked above), the bias
         // (when present) covers every column read (checked above); the q, k and
         // v column ranges are disjoint, so no thread reads what another writes; the vector path
@@ -912,6 +923,7 @@ fn check_rope_qkv(
     let poison = vec![check::POISON_BF16_BITS; seqs * seq_rows * kvw];
     let mut kc = upload(dev, &poison)?;
     let mut vc = upload(dev, &poison)?;
+    let prefetch_dev = upload(dev, &vec![0u16; 100_003])?;
     {
         let mut kv = kc.as_view_mut();
         let mut vv = vc.as_view_mut();
@@ -922,7 +934,19 @@ fn check_rope_qkv(
         });
         let bv = bias_dev.as_view();
         let b = with_bias.then_some(&bv);
-        ew.rope_qkv_variant(&mut buf.as_view_mut(), &inv.as_view(), b, shape, dst, vec)?;
+        // With the cache, also an L2 prefetch of an unrelated buffer (a block step's use): the
+        // results must not change, and the launch's extra arguments must line up.
+        let pv = prefetch_dev.as_view();
+        let pf = with_cache.then_some(&pv);
+        ew.rope_qkv_variant(
+            &mut buf.as_view_mut(),
+            &inv.as_view(),
+            b,
+            shape,
+            dst,
+            vec,
+            pf,
+        )?;
     }
     let got_bits = download(dev, &buf)?;
     let got = check::from_bf16_bits(&got_bits);
@@ -1307,6 +1331,7 @@ fn bench_inner(dev: &CudaDevice) -> Result<Vec<BenchResult>> {
                 None,
                 shape,
                 Some(dst),
+                None,
             )
         })?;
         // q + k read and written, v read, k + v written to the cache.

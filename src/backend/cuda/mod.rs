@@ -88,6 +88,10 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
             "fused_swiglu",
             transformer::KernelChoice::from_env().fused_swiglu,
         ),
+        on(
+            "l2_prefetch",
+            transformer::KernelChoice::from_env().l2_prefetch,
+        ),
         ("cache_slots", transformer::cache_slots_from_env().into()),
         (
             "key_group_max_units",

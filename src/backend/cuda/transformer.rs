@@ -98,6 +98,10 @@ pub struct KernelChoice {
     /// [`super::swiglu_layout`]); needs the fast GEMMs and an MLP width divisible by 8, else
     /// the separate SwiGLU kernel runs.
     pub fused_swiglu: bool,
+    /// Block forwards request each layer's attention-output weights into L2 while RoPE and
+    /// attention run (HBM otherwise idle then), so the weight-streaming GEMM after them reads
+    /// L2: `DLLM_L2_PREFETCH=1` (opt-in: written in session 6 without a GPU).
+    pub l2_prefetch: bool,
 }
 
 impl KernelChoice {
@@ -108,6 +112,7 @@ impl KernelChoice {
             naive_gemm: false,
             naive_attention: false,
             fused_swiglu: super::env_switch::flag("DLLM_FUSED_SWIGLU", false),
+            l2_prefetch: super::env_switch::flag("DLLM_L2_PREFETCH", false),
         }
     }
 
@@ -117,6 +122,7 @@ impl KernelChoice {
             naive_gemm: true,
             naive_attention: true,
             fused_swiglu: false,
+            l2_prefetch: false,
         }
     }
 
@@ -871,12 +877,16 @@ impl CudaTransformer {
                     seq_rows: seq_cap,
                 });
                 let bias = lw.qkv_bias.as_ref().map(|b| b.as_view());
+                // A block forward's GEMMs stream their weights; the attention-output ones can
+                // come from L2 if requested now.
+                let prefetch = (!full && self.kernels.l2_prefetch).then(|| lw.attn_out.as_view());
                 self.ew.rope_qkv(
                     &mut st.qkv.slice_mut(0..rows * qkv_dim),
                     &self.inv_freq.as_view(),
                     bias.as_ref(),
                     rope,
                     dst,
+                    prefetch.as_ref(),
                 )?;
                 self.mark("rope_kv")?;
             }
