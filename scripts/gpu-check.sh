@@ -65,6 +65,12 @@ stage() {
     printf '%s\t%s\t%s\n' "$name" "$rc" "$secs" >> "$STATUS"
     echo "=== [$name] exit $rc after ${secs}s"
     [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
+    # With RESULTS set, what has run so far is packed after every stage, so a call the device
+    # tool cuts off at its time limit still returns it (the pack stage packs the end state).
+    if [ -n "${RESULTS:-}" ]; then
+        mkdir -p "$RESULTS"
+        tar czf "$RESULTS/all.tgz.part" -C "$OUT" . 2>/dev/null && mv -f "$RESULTS/all.tgz.part" "$RESULTS/all.tgz"
+    fi
     return 0
 }
 
@@ -378,7 +384,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary pack)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary pack)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac
