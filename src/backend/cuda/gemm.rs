@@ -1562,30 +1562,28 @@ mod selftest {
         // The TMA kernel (when loaded): both block heights with and without a forced split;
         // M = 133 gives 2 (wg 2) or 1 + 1 phantom (wg 3) M tiles, N = 392 a partial 192-column
         // tile whose second half is entirely past N, K = 776 a partial K tile.
-        let mut tma_failure = None;
-        if gemm.tma.is_some() {
-            let mut jobs = Vec::new();
-            for wg in [2, 3] {
-                for kps in [K.div_ceil(WGMMA_BK), 4] {
-                    let plan = WgmmaPlan::paired_with_ktiles_per_split(wg, M, N, K, kps);
-                    jobs.push((GemmPlan::Tma(plan), M));
-                }
-            }
-            tma_failure = first_failure(gemm, dev, &jobs, fixture);
-        }
-        // The quads (when asked for): the same plans as quads; N = 392 gives 3 N tiles, so a
+        // The quads (when asked for) run the same plans as quads; N = 392 gives 3 N tiles, so a
         // phantom N tile (entirely past N) joins the last one.
-        let mut tma4_failure = None;
-        if gemm.tma4.is_some() {
-            let mut jobs = Vec::new();
-            for wg in [2, 3] {
-                for kps in [K.div_ceil(WGMMA_BK), 4] {
-                    let plan = WgmmaPlan::paired_with_ktiles_per_split(wg, M, N, K, kps).quad();
-                    jobs.push((GemmPlan::Tma(plan), M));
-                }
+        let pairs: Vec<WgmmaPlan> = [2, 3]
+            .into_iter()
+            .flat_map(|wg| {
+                [K.div_ceil(WGMMA_BK), 4]
+                    .map(|kps| WgmmaPlan::paired_with_ktiles_per_split(wg, M, N, K, kps))
+            })
+            .collect();
+        let failure_of = |loaded: bool, as_run: fn(&WgmmaPlan) -> WgmmaPlan| {
+            let jobs: Vec<(GemmPlan, usize)> = pairs
+                .iter()
+                .map(|p| (GemmPlan::Tma(as_run(p)), M))
+                .collect();
+            if loaded {
+                first_failure(gemm, dev, &jobs, fixture)
+            } else {
+                None
             }
-            tma4_failure = first_failure(gemm, dev, &jobs, fixture);
-        }
+        };
+        let tma_failure = failure_of(gemm.tma.is_some(), |p| *p);
+        let tma4_failure = failure_of(gemm.tma4.is_some(), WgmmaPlan::quad);
         Ok(SelfTestOutcome {
             disabled: failed,
             skinny2_failure,
