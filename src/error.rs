@@ -37,6 +37,9 @@ pub enum Error {
     /// A compute backend (CUDA) failed.
     #[error("backend: {0}")]
     Backend(String),
+    /// Memory ran out, or would: the message names what needed how much and what was free.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     /// An operation was called in a state where it is not allowed.
     #[error("invalid state: {0}")]
     State(String),
@@ -50,6 +53,7 @@ pub enum ErrorKind {
     Format,
     Unsupported,
     Backend,
+    OutOfMemory,
     State,
 }
 
@@ -63,6 +67,7 @@ impl Error {
             Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::Backend(_) => ErrorKind::Backend,
+            Error::OutOfMemory(_) => ErrorKind::OutOfMemory,
             Error::State(_) => ErrorKind::State,
         }
     }

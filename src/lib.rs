@@ -11,6 +11,7 @@ pub mod config;
 pub mod denoise;
 pub mod error;
 pub mod ffi;
+pub mod memory;
 pub mod model;
 pub mod synth;
 pub mod tokenizer;

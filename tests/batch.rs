@@ -5,6 +5,7 @@
 use dllm::denoise::batch::run_batch;
 use dllm::denoise::predict::{PredictRule, Remasking};
 use dllm::denoise::{CommitPolicy, Decoding, GenerationParams, Session};
+use dllm::error::ErrorKind;
 use dllm::model::{load_cpu, BatchQuery, Model};
 use dllm::synth::{synth_checkpoint, Preset};
 use std::path::Path;
@@ -37,6 +38,42 @@ fn rule(m: &dyn Model, temperature: f64, remasking: Remasking, step: u64) -> Pre
         mask_token: m.config().mask_token_id,
         vocab_size: m.config().vocab_size,
     }
+}
+
+/// A packed batch whose activations would not fit in the host's available memory is refused
+/// with an out-of-memory error before anything big is allocated (a failed host allocation
+/// aborts the process: a C program embedding dllm would die with it).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_batch_too_big_for_the_host_is_refused_not_aborted() {
+    let m = llada();
+    let cfg = m.config().clone();
+    let free = dllm::memory::host_memory().unwrap().free;
+    let seq = cfg.max_seq_len;
+    // Enough canvases that the f32 residual stream alone (rows · d_model · 4 bytes) exceeds the
+    // available memory by a quarter.
+    let batch = (free / 4 * 5 / (4 * cfg.d_model as u64 * seq as u64) + 1) as usize;
+    let c = canvas(&*m, 1, seq - 8, 8);
+    assert_eq!(c.len(), seq);
+    let queries = [seq - 1];
+    let r = rule(&*m, 0.0, Remasking::LowConfidence, 0);
+    let items: Vec<BatchQuery<'_>> = (0..batch)
+        .map(|_| BatchQuery {
+            ids: &c,
+            queries: &queries,
+            rule: &r,
+        })
+        .collect();
+    let e = m.predict_batch(&items).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutOfMemory, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("activations of {} rows", batch * seq))
+            && msg.contains("the host has"),
+        "{msg}"
+    );
+    // The model is unharmed: a one-canvas batch runs.
+    assert_eq!(m.predict_batch(&items[..1]).unwrap().len(), 1);
 }
 
 /// Packed predictions equal one-by-one predictions: same tokens, confidences within float

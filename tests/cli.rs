@@ -149,6 +149,18 @@ fn info_validates_the_embedded_model() {
     assert_eq!(v["parameters"].as_u64(), Some(20_453_760));
     assert_eq!(v["shards"].as_array().unwrap().len(), 4);
     assert_eq!(v["valid"], true);
+    // Device memory: the bf16 tensors as stored, with the 17 norms of 384 values widened to
+    // f32; K and V of 8 layers × 1024 tokens × 384 values in bf16.
+    let tensor_bytes = v["tensor_bytes"].as_u64().unwrap();
+    assert_eq!(
+        v["device_weight_bytes"].as_u64(),
+        Some(tensor_bytes + 2 * 17 * 384)
+    );
+    assert_eq!(
+        v["device_kv_cache_bytes_per_canvas"].as_u64(),
+        Some(2 * 2 * 8 * 1024 * 384)
+    );
+    assert!(v["device_step_bytes_per_canvas"].as_u64().unwrap() > 0);
 }
 
 #[test]

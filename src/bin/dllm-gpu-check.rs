@@ -9,6 +9,7 @@
 
 use clap::Parser;
 use dllm::backend::cuda::check::{self, BenchResult, CheckResult};
+use dllm::backend::cuda::memory::StepBuffers;
 use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
 use dllm::backend::cuda::{
     attention, elementwise, gemm, gemm_sweep, gemm_swiglu, sampling, CudaDevice,
@@ -17,7 +18,7 @@ use dllm::config::ModelConfig;
 use dllm::denoise::predict::{PredictRule, Prediction, Remasking};
 use dllm::denoise::session::{Decoding, GenerationParams, Session};
 use dllm::denoise::{run_lockstep, CacheMode};
-use dllm::error::{Error, Result};
+use dllm::error::{Error, ErrorKind, Result};
 use dllm::model::kv_cache::span_for;
 use dllm::model::{BatchQuery, Model};
 use dllm::model::{CacheStep, KvCache};
@@ -502,6 +503,39 @@ fn alternating_sessions_check(cuda: &Arc<CudaTransformer>, prompt: &[u32]) -> Ch
     CheckResult::from_result(name, 0.0, r)
 }
 
+/// A batch whose step buffers exceed the device's memory is refused with an out-of-memory error
+/// (the pre-flight check, before any allocation), and the model generates as before afterwards.
+fn oversized_batch_check(gpu: &CudaTransformer, prompt: &[u32]) -> CheckResult {
+    let name = "model.oversized batch refused, then unaffected";
+    let r = (|| -> Result<(f64, String)> {
+        let before = engine_generate(gpu, prompt, 64, 32, false)?;
+        let total = gpu.device().memory()?.total;
+        let seq = gpu.config().max_seq_len;
+        let per_canvas = StepBuffers::new(gpu.config(), 1, seq, false).bytes();
+        let batch = (2 * total / per_canvas.max(1) + 1) as usize;
+        let refused = gpu.reserve(batch, seq);
+        let after = engine_generate(gpu, prompt, 64, 32, false)?;
+        let kind_ok = matches!(&refused, Err(e) if e.kind() == ErrorKind::OutOfMemory);
+        let same = same_count(&after, &before);
+        Ok((
+            if kind_ok && same == before.len() {
+                0.0
+            } else {
+                f64::INFINITY
+            },
+            format!(
+                "{batch} canvases × {seq} tokens: {}; then {same}/{} tokens as before",
+                match &refused {
+                    Ok(()) => "accepted".to_string(),
+                    Err(e) => e.to_string(),
+                },
+                before.len()
+            ),
+        ))
+    })();
+    CheckResult::from_result(name, 0.0, r)
+}
+
 fn same_count(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).filter(|(x, y)| x == y).count()
 }
@@ -807,6 +841,7 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                 ));
                 out.extend(cached_logits_checks("model", &*fast, &**cpu, &prompt));
                 out.push(alternating_sessions_check(&fast, &prompt));
+                out.push(oversized_batch_check(&fast, &prompt));
                 out.extend(session_cache_checks(
                     "model",
                     fast.clone(),

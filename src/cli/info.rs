@@ -78,6 +78,15 @@ pub fn info(a: InfoArgs) -> Result<()> {
         ),
         Some(why) => why,
     };
+    // What a CUDA load would put on the device, and what each canvas of a full context adds.
+    let (dev_weights, dev_step, dev_kv) = {
+        use dllm::backend::cuda::memory::{kv_cache_bytes, weight_bytes, StepBuffers};
+        (
+            weight_bytes(&cfg),
+            StepBuffers::new(&cfg, 1, cfg.max_seq_len, false).bytes(),
+            kv_cache_bytes(&cfg, 1, cfg.max_seq_len),
+        )
+    };
     if a.json {
         let v = serde_json::json!({
             "dir": dir.display().to_string(),
@@ -94,6 +103,9 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "unexpected_tensors": report.unexpected,
             "tokenizer_vocab": tokenizer.as_ref().ok(),
             "cuda": cuda,
+            "device_weight_bytes": dev_weights,
+            "device_step_bytes_per_canvas": dev_step,
+            "device_kv_cache_bytes_per_canvas": dev_kv,
             "cuda_switches": dllm::backend::cuda::switches()
                 .into_iter()
                 .collect::<std::collections::BTreeMap<_, _>>(),
@@ -142,6 +154,16 @@ pub fn info(a: InfoArgs) -> Result<()> {
     }
     println!("cuda         {cuda}");
     println!("cuda config  {}", dllm::backend::cuda::switches_line());
+    {
+        use dllm::memory::human_bytes;
+        println!(
+            "cuda memory  weights {} · per canvas of {} tokens: step buffers {}, K/V cache {}",
+            human_bytes(dev_weights),
+            cfg.max_seq_len,
+            human_bytes(dev_step),
+            human_bytes(dev_kv)
+        );
+    }
     println!("validation   ok: every tensor matches the config");
     Ok(())
 }

@@ -172,6 +172,7 @@ impl From<Error> for FfiError {
             ErrorKind::Format => DLLM_ERR_FORMAT,
             ErrorKind::Unsupported => DLLM_ERR_UNSUPPORTED,
             ErrorKind::Backend => DLLM_ERR_BACKEND,
+            ErrorKind::OutOfMemory => DLLM_ERR_OUT_OF_MEMORY,
             ErrorKind::State => DLLM_ERR_STATE,
         };
         FfiError::new(status, e.to_string())
@@ -445,6 +446,23 @@ mod tests {
             "{msg}"
         );
         assert_eq!(guard_value("dllm_h", -1, || -> i32 { panic!("x") }), -1);
+    }
+
+    #[test]
+    fn each_error_kind_has_its_own_status() {
+        let cases = [
+            (Error::invalid("a"), DLLM_ERR_INVALID_ARGUMENT),
+            (Error::io("f", std::io::Error::other("b")), DLLM_ERR_IO),
+            (Error::format("f", "c"), DLLM_ERR_FORMAT),
+            (Error::Unsupported("d".into()), DLLM_ERR_UNSUPPORTED),
+            (Error::Backend("e".into()), DLLM_ERR_BACKEND),
+            (Error::OutOfMemory("f".into()), DLLM_ERR_OUT_OF_MEMORY),
+            (Error::State("g".into()), DLLM_ERR_STATE),
+        ];
+        for (e, status) in cases {
+            let what = e.to_string();
+            assert_eq!(FfiError::from(e).status, status, "{what}");
+        }
     }
 
     #[test]

@@ -148,11 +148,15 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(cfg: &ModelConfig, s: usize) -> Scratch {
+    /// The buffers of `s` rows; [`Error::OutOfMemory`] (nothing allocated) when they would not
+    /// fit in the host's available memory.
+    fn new(cfg: &ModelConfig, s: usize) -> Result<Scratch> {
         let d = cfg.d_model;
         let kv = cfg.n_kv_heads * cfg.head_dim();
         let h = cfg.mlp_hidden;
-        Scratch {
+        let floats = s as u64 * (5 * d + 2 * kv + 3 * h) as u64;
+        crate::memory::check_host_fits(&format!("the activations of {s} rows"), 4 * floats)?;
+        Ok(Scratch {
             x: vec![0.0; s * d],
             normed: vec![0.0; s * d],
             q: vec![0.0; s * d],
@@ -163,8 +167,17 @@ impl Scratch {
             gate: vec![0.0; s * h],
             up: vec![0.0; s * h],
             act: vec![0.0; s * h],
-        }
+        })
     }
+}
+
+/// A zeroed logits buffer of `rows` rows of `width`, after checking it fits in the host's memory.
+fn logits_buffer(rows: usize, width: usize) -> Result<Vec<f32>> {
+    crate::memory::check_host_fits(
+        &format!("the logits of {rows} rows"),
+        4 * rows as u64 * width as u64,
+    )?;
+    Ok(vec![0.0f32; rows * width])
 }
 
 /// Adds `bias` to every row of `x`.
@@ -290,7 +303,7 @@ impl CpuTransformer {
             Attend::Packed(segs) => segs.iter().flat_map(|r| 0..r.len()).collect(),
             _ => span.clone().collect(),
         };
-        let mut b = Scratch::new(cfg, s);
+        let mut b = Scratch::new(cfg, s)?;
         cpu::embedding(
             &self.weight(&self.table.embedding)?,
             &ids[span.clone()],
@@ -467,11 +480,11 @@ impl CpuTransformer {
     /// LM head over the given rows of normalised hidden states (rows may repeat).
     fn logits_of_rows(&self, hidden: &[f32], rows: &[usize]) -> Result<Vec<f32>> {
         let d = self.cfg.d_model;
+        let mut logits = logits_buffer(rows.len(), self.cfg.logits_width())?;
         let mut gathered = Vec::with_capacity(rows.len() * d);
         for &r in rows {
             gathered.extend_from_slice(&hidden[r * d..(r + 1) * d]);
         }
-        let mut logits = vec![0.0f32; rows.len() * self.cfg.logits_width()];
         cpu::linear(&gathered, rows.len(), &self.lm_head()?, &mut logits);
         Ok(logits)
     }
@@ -486,7 +499,7 @@ impl CpuTransformer {
     pub fn raw_forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let hidden = self.hidden(ids)?;
         let d = self.cfg.d_model;
-        let mut logits = vec![0.0f32; ids.len() * self.cfg.logits_width()];
+        let mut logits = logits_buffer(ids.len(), self.cfg.logits_width())?;
         cpu::linear(&hidden, hidden.len() / d, &self.lm_head()?, &mut logits);
         Ok(logits)
     }

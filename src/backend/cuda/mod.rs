@@ -16,6 +16,7 @@ pub mod gemm_sweep;
 pub mod gemm_swiglu;
 pub mod gemm_tma;
 pub mod launch;
+pub mod memory;
 pub mod padding;
 #[cfg(test)]
 mod pipeline_model;
@@ -170,6 +171,42 @@ impl CudaDevice {
             name,
             pdl: launch::pdl_from_env(),
         }))
+    }
+
+    /// The device's free and total memory.
+    pub fn memory(&self) -> Result<crate::memory::MemoryInfo> {
+        let (free, total) = self
+            .ctx
+            .mem_get_info()
+            .map_err(|e| cuda_err("query free device memory", e))?;
+        Ok(crate::memory::MemoryInfo {
+            free: free as u64,
+            total: total as u64,
+        })
+    }
+
+    /// [`Error::OutOfMemory`] unless `need` bytes for `what` fit in the free device memory
+    /// ([`crate::memory::check_fits`]). Memory this stream freed returns to the device at its next
+    /// synchronisation, so a request that does not fit at first is checked again after one
+    /// (not while the stream is capturing a graph).
+    pub fn check_fits(&self, what: &str, need: u64) -> Result<()> {
+        let first = crate::memory::check_fits(what, need, self.memory()?, &self.name);
+        if first.is_ok() || self.capturing()? {
+            return first;
+        }
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("synchronize before a memory check", e))?;
+        crate::memory::check_fits(what, need, self.memory()?, &self.name)
+    }
+
+    /// Whether the stream is capturing a CUDA graph.
+    pub fn capturing(&self) -> Result<bool> {
+        let status = self
+            .stream
+            .capture_status()
+            .map_err(|e| cuda_err("query the stream's capture status", e))?;
+        Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
     }
 
     /// The loaded module compiled from `cuda/<stem>.cu`.

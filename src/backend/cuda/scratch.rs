@@ -106,5 +106,5 @@ pub fn zeroed<T: DeviceRepr + ValidAsZeroBits>(
 ) -> Result<CudaSlice<T>> {
     stream
         .alloc_zeros::<T>(n)
-        .map_err(|e| cuda_err(&format!("{what}: alloc {part}"), e))
+        .map_err(|e| super::memory::alloc_err(&format!("{what}: alloc {part}"), e))
 }

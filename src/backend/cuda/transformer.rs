@@ -45,6 +45,7 @@
 use super::attention::{Attention, AttnShape, AttnVariant};
 use super::elementwise::{Elementwise, IdLayout, KvDst, RopeQkvShape};
 use super::gemm::{Gemm, GemmOut, GemmVariant};
+use super::memory::{self, StepBuffers};
 use super::padding;
 use super::profile::{OpProfiler, OpTime};
 use super::sampling::{commit_record_len, parse_commit_record, CommitRule, Sampler};
@@ -269,7 +270,7 @@ fn alloc<T: DeviceRepr + ValidAsZeroBits>(
 ) -> Result<CudaSlice<T>> {
     dev.stream
         .alloc_zeros::<T>(n.max(1))
-        .map_err(|e| cuda_err(&format!("allocate {what} ({n} elements)"), e))
+        .map_err(|e| memory::alloc_err(&format!("allocate {what} ({n} elements)"), e))
 }
 
 /// Converts `count` elements of `v` starting at element `start` to bf16 bits.
@@ -368,7 +369,7 @@ fn staging_batches(spans: &[(usize, usize)], chunk: usize) -> Vec<Vec<(usize, us
 fn upload_f32(dev: &CudaDevice, v: &TensorView) -> Result<CudaSlice<f32>> {
     dev.stream
         .clone_htod(&v.to_f32_vec())
-        .map_err(|e| cuda_err(&format!("upload tensor `{}`", v.name), e))
+        .map_err(|e| memory::alloc_err(&format!("upload tensor `{}`", v.name), e))
 }
 
 fn i32_of(what: &str, v: usize) -> Result<i32> {
@@ -405,6 +406,14 @@ impl CudaTransformer {
                 && swiglu_layout::supported(h),
             ..kernels
         };
+        dev.check_fits(
+            &format!(
+                "the weights of `{}` ({} layers)",
+                store.dir().display(),
+                cfg.n_layers
+            ),
+            memory::weight_bytes(cfg),
+        )?;
         let kv = cfg.n_kv_heads * cfg.head_dim();
         let wte = store.get_shaped(&table.embedding, &[e, d])?;
         let mut bytes = 0usize;
@@ -424,11 +433,9 @@ impl CudaTransformer {
                     let mut bias = store.get_shaped(qb, &[d])?.to_f32_vec();
                     bias.extend(store.get_shaped(kb, &[kv])?.to_f32_vec());
                     bias.extend(store.get_shaped(vb, &[kv])?.to_f32_vec());
-                    Some(
-                        dev.stream
-                            .clone_htod(&bias)
-                            .map_err(|e| cuda_err(&format!("upload tensor `{qb}` (+k, v)"), e))?,
-                    )
+                    Some(dev.stream.clone_htod(&bias).map_err(|e| {
+                        memory::alloc_err(&format!("upload tensor `{qb}` (+k, v)"), e)
+                    })?)
                 }
                 None => None,
             };
@@ -536,33 +543,27 @@ impl CudaTransformer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The step buffers' element counts for `batch_cap` canvases of `seq_cap` tokens.
+    fn step_buffers(&self, batch_cap: usize, seq_cap: usize) -> StepBuffers {
+        StepBuffers::new(&self.cfg, batch_cap, seq_cap, self.kernels.fused_swiglu)
+    }
+
     fn alloc_state(&self, batch_cap: usize, seq_cap: usize) -> Result<State> {
         let dev = &*self.dev;
-        let rows = batch_cap * seq_cap;
-        let (d, h) = (self.cfg.d_model, self.cfg.mlp_hidden);
-        let qcap = rows;
-        let chunk = HEAD_CHUNK_ROWS.min(qcap);
+        let n = self.step_buffers(batch_cap, seq_cap);
         Ok(State {
             batch_cap,
             seq_cap,
             batch: 0,
             seq: 0,
-            canvas: alloc(dev, rows, "canvas")?,
-            x: alloc(dev, rows * d, "residual")?,
-            xn: alloc(dev, rows * d, "normed activations")?,
-            qkv: alloc(dev, rows * self.qkv_dim(), "qkv")?,
-            attn: alloc(dev, rows * d, "attention output")?,
+            canvas: alloc(dev, n.rows, "canvas")?,
+            x: alloc(dev, n.hidden, "residual")?,
+            xn: alloc(dev, n.hidden, "normed activations")?,
+            qkv: alloc(dev, n.qkv, "qkv")?,
+            attn: alloc(dev, n.hidden, "attention output")?,
             // The fused SwiGLU writes `act` directly: no gate|up buffer.
-            gu: alloc(
-                dev,
-                if self.kernels.fused_swiglu {
-                    1
-                } else {
-                    rows * 2 * h
-                },
-                "gate|up",
-            )?,
-            act: alloc(dev, rows * h, "swiglu output")?,
+            gu: alloc(dev, n.gate_up, "gate|up")?,
+            act: alloc(dev, n.act, "swiglu output")?,
             k_cache: Vec::new(),
             v_cache: Vec::new(),
             cache_valid: false,
@@ -570,16 +571,16 @@ impl CudaTransformer {
             slot_clock: 0,
             fwd_len: 0,
             padded: false,
-            kv_len: alloc(dev, batch_cap, "canvas lengths")?,
-            q_idx: alloc(dev, qcap, "query rows")?,
-            q_pos: alloc(dev, qcap, "query positions")?,
+            kv_len: alloc(dev, n.batch, "canvas lengths")?,
+            q_idx: alloc(dev, n.rows, "query rows")?,
+            q_pos: alloc(dev, n.rows, "query positions")?,
             q_host: (Vec::new(), Vec::new()),
-            hq: alloc(dev, chunk * d, "query hidden")?,
-            hqn: alloc(dev, chunk * d, "query normed")?,
-            logits: alloc(dev, chunk * self.cfg.logits_width(), "logits")?,
-            tokens: alloc(dev, qcap, "tokens")?,
-            conf: alloc(dev, qcap, "confidences")?,
-            record: alloc(dev, commit_record_len(batch_cap, seq_cap), "commit record")?,
+            hq: alloc(dev, n.head_hidden, "query hidden")?,
+            hqn: alloc(dev, n.head_hidden, "query normed")?,
+            logits: alloc(dev, n.logits, "logits")?,
+            tokens: alloc(dev, n.rows, "tokens")?,
+            conf: alloc(dev, n.rows, "confidences")?,
+            record: alloc(dev, n.record, "commit record")?,
             graph_sets: HashMap::new(),
             layer_shapes_seen: HashSet::new(),
         })
@@ -610,7 +611,12 @@ impl CudaTransformer {
         if !fits {
             let (b0, s0) = g.as_ref().map_or((0, 0), |s| (s.batch_cap, s.seq_cap));
             *g = None; // free the old buffers first
-            *g = Some(self.alloc_state(batch.max(b0), seq.max(s0))?);
+            let (b, s) = (batch.max(b0), seq.max(s0));
+            self.dev.check_fits(
+                &format!("the step buffers of {b} canvases × {s} tokens"),
+                self.step_buffers(b, s).bytes(),
+            )?;
+            *g = Some(self.alloc_state(b, s)?);
         }
         Ok(())
     }
@@ -807,6 +813,13 @@ impl CudaTransformer {
                 )));
             }
             KvSel::Main if (!full || store_cache) && st.k_cache.is_empty() => {
+                self.dev.check_fits(
+                    &format!(
+                        "the K/V cache of {} canvases × {} tokens",
+                        st.batch_cap, st.seq_cap
+                    ),
+                    memory::kv_cache_bytes(&self.cfg, st.batch_cap, st.seq_cap),
+                )?;
                 let elems = st.batch_cap * st.seq_cap * self.kv_dim();
                 (st.k_cache, st.v_cache) = self.alloc_kv(elems, "cache")?;
             }
