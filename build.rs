@@ -2,8 +2,13 @@
 //!
 //! Each file becomes PTX for `compute_90` (loaded by the driver on any Hopper or newer GPU).
 //! A file whose text contains the marker `DLLM_SM90A` (it uses Hopper-only instructions such as
-//! `wgmma`) is also compiled to an `sm_90a` cubin. The generated `$OUT_DIR/kernels.rs` defines
-//! `KERNELS_COMPILED` and `MODULES: &[(&str, &str /*ptx*/, Option<&[u8]> /*cubin*/)]`.
+//! `wgmma`) is also compiled to an `sm_90a` cubin. A file without the marker `DLLM_SM90` (which
+//! `DLLM_SM90A` contains: TMA, mbarrier waits, clusters) is also compiled for Ampere: a fatbin
+//! with `sm_80` machine code (run by compute capability 8.x: A100, RTX 30/40, Orin) and
+//! `compute_80` PTX (JIT-compiled on newer GPUs, which is how `DLLM_CUDA_ARCH=80` checks the
+//! Ampere build on a Hopper). The generated `$OUT_DIR/kernels.rs` defines `KERNELS_COMPILED` and
+//! `MODULES: &[super::EmbeddedModule]` (stem, PTX, sm_90a cubin, sm_80 fatbin), included by
+//! `src/backend/cuda/mod.rs`.
 //! Without nvcc the crate still builds: `KERNELS_COMPILED` is false and `MODULES` is empty.
 //! Set `DLLM_NO_CUDA=1` to skip kernel compilation; set `DLLM_REQUIRE_NVCC=1` (CI) to fail when
 //! nvcc is missing. Warnings are errors.
@@ -88,11 +93,11 @@ fn main() {
         None => {
             println!("cargo:warning=nvcc not found: building without CUDA kernels (CPU only)");
             code.push_str("pub const KERNELS_COMPILED: bool = false;\n");
-            code.push_str("pub const MODULES: &[(&str, &str, Option<&[u8]>)] = &[];\n");
+            code.push_str("pub const MODULES: &[super::EmbeddedModule] = &[];\n");
         }
         Some(nvcc_path) => {
             code.push_str("pub const KERNELS_COMPILED: bool = true;\n");
-            code.push_str("pub const MODULES: &[(&str, &str, Option<&[u8]>)] = &[\n");
+            code.push_str("pub const MODULES: &[super::EmbeddedModule] = &[\n");
             for src in &sources {
                 let stem = src.file_stem().unwrap().to_str().unwrap().to_string();
                 let ptx = out_dir.join(format!("{stem}.ptx"));
@@ -110,9 +115,25 @@ fn main() {
                 } else {
                     "None".to_string()
                 };
+                let ampere = if text.contains("DLLM_SM90") {
+                    "None".to_string()
+                } else {
+                    let fatbin = out_dir.join(format!("{stem}.sm80.fatbin"));
+                    nvcc(
+                        &nvcc_path,
+                        &[
+                            "-fatbin",
+                            "-gencode=arch=compute_80,code=[sm_80,compute_80]",
+                        ],
+                        src,
+                        &fatbin,
+                    );
+                    format!("Some(include_bytes!({:?}))", fatbin.display().to_string())
+                };
                 writeln!(
                     code,
-                    "    ({stem:?}, include_str!({:?}), {cubin}),",
+                    "    super::EmbeddedModule {{ stem: {stem:?}, ptx: include_str!({:?}), \
+                     sm90a: {cubin}, sm80: {ampere} }},",
                     ptx.display().to_string()
                 )
                 .unwrap();

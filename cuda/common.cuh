@@ -35,9 +35,16 @@ __device__ __forceinline__ float dllm_warp_max(float v) {
 // the stream start launching once every block of this one has executed it; `wait` blocks until
 // the previous kernel in the stream has completed and its writes are visible. Both are no-ops in
 // a kernel launched without the PDL attribute. Every dllm kernel runs `dllm_pdl_entry()` before
-// touching memory another kernel writes, so results follow stream order exactly.
+// touching memory another kernel writes, so results follow stream order exactly. The instructions
+// exist from sm_90; the Ampere build (compute_80, build.rs) never launches with PDL, and there
+// both are empty.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void dllm_pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void dllm_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+#else
+__device__ __forceinline__ void dllm_pdl_trigger() {}
+__device__ __forceinline__ void dllm_pdl_wait() {}
+#endif
 __device__ __forceinline__ void dllm_pdl_entry() {
     dllm_pdl_trigger();
     dllm_pdl_wait();

@@ -1,3 +1,4 @@
+// DLLM_SM90 — TMA loads and mbarrier waits (sm_90): no Ampere build of this file (build.rs).
 // gemm_stream_mg<G> (G = 1..4, M <= 8 * G): the weight-streaming GEMM C[M, N] = A[M, K] · Wᵀ of
 // the batch-1 block step (A bf16 [M, K], W bf16 [N, K] row-major, fp32 accumulation, epilogues
 // as in gemm.cu), with the bytes moved by the Hopper bulk-copy engine instead of by the threads.

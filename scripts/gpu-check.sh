@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -18,6 +18,7 @@
 #                 the default since session 5; benchpdl times the workloads without it)
 #   sessiongraphs the Session path's layers as CUDA graphs (DLLM_SESSION_GRAPHS=1, opt-in): model
 #                 checks and the b1 workloads through `dllm bench --session` with it
+#   ampere        every check and the b1 dual workload on the Ampere build (DLLM_CUDA_ARCH=80)
 #   keys          attention + model checks with the key-group attention asked for explicitly
 #                 (DLLM_ATTN_KEYS=1, the default since session 5)
 #   shapes        `dllm-gpu-check --gemm-shape` on the real shapes, previous kernel vs new one
@@ -189,6 +190,14 @@ for s in $STAGES; do
             done
             exit \$rc"
         ;;
+    ampere)
+        # The Ampere build (DLLM_CUDA_ARCH=80: the sm_80 fatbins' compute_80 PTX, JIT-compiled on
+        # this Hopper; no wgmma / TMA / stream GEMMs, no PDL, no L2 prefetch; written in session 7
+        # without a GPU): every check, then the b1 dual workload on it (what an A100 runs, not its
+        # speed: this card's bandwidth and clocks).
+        stage ampere "${T_AMPERE:-240}" env DLLM_CUDA_ARCH=80 "$BIN/dllm-gpu-check" --model "$TINY" --json "$OUT/check_ampere.json"
+        BENCH_ENV="DLLM_CUDA_ARCH=80" bench bench_b1_dual_k4_ampere 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        ;;
     keys)
         stage keys "${T_KEYS:-180}" env DLLM_ATTN_KEYS=1 "$BIN/dllm-gpu-check" --model "$TINY" --only attention,model --json "$OUT/check_keys.json"
         ;;
@@ -294,6 +303,15 @@ if "checks" in c:
         print(f"  {x['name']:<48} {fmt(x.get('ms'), 4):>9} {fmt(x.get('gbps'), 0):>7} {fmt(x.get('tflops'), 1):>7}  {x.get('detail', '')}")
 else:
     print("\ngpu-check: no results", c.get("_error", ""))
+# The other stages' check runs (check_<stage>.json): totals and failures.
+for f in sorted(os.listdir(out)):
+    if f.startswith("check_") and f.endswith(".json"):
+        o = load(f)
+        if "checks" in o:
+            bad = [x for x in o["checks"] if not x["passed"]]
+            print(f"{f}: {len(o['checks'])} checks, {len(bad)} failed")
+            for x in bad:
+                print(f"  FAIL {x['name']}: rel_err {x['rel_err']} tol {x['tol']} {x['detail']}")
 p = load("peer.json")
 # PyTorch eager peer measured on an NVIDIA H200 on 2026-11-27, used when the peer stage did not run.
 peer_fallback = {"B1_P128_G256_blk32_steps64_dual": 117.9, "B8_P128_G256_blk32_steps64_dual": 891.0,
@@ -308,7 +326,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg")):
+    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp")):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue

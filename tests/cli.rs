@@ -298,6 +298,7 @@ fn info_reports_the_cuda_switches() {
             "DLLM_FUSED_SWIGLU",
             "DLLM_CUDA_SAFE",
             "DLLM_ATTN_KEYS_UNITS",
+            "DLLM_CUDA_ARCH",
         ] {
             c.env_remove(v);
         }
@@ -315,6 +316,7 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(d["stream_gemm_blocks"], "one per SM");
     assert_eq!(d["fused_swiglu"], false);
     assert_eq!(d["key_group_max_units"], "SM count");
+    assert_eq!(d["kernel_build"], "by compute capability");
     let e = info(&[
         ("DLLM_GEMM_STREAM", "0"),
         ("DLLM_ATTN_KEYS", "0"),
@@ -323,7 +325,9 @@ fn info_reports_the_cuda_switches() {
         ("DLLM_GEMM_STREAM_BLOCKS", "99"),
         ("DLLM_FUSED_SWIGLU", "1"),
         ("DLLM_ATTN_KEYS_UNITS", "264"),
+        ("DLLM_CUDA_ARCH", "80"),
     ]);
+    assert_eq!(e["kernel_build"], "ampere (DLLM_CUDA_ARCH=80)");
     assert_eq!(e["stream_gemm"], false);
     assert_eq!(e["key_group_attention"], false);
     assert_eq!(e["pdl"], false);

@@ -335,7 +335,43 @@ pub struct Attention {
     two_stages: bool,
     /// [`keys_max_units`].
     keys_max_units: usize,
+    /// Which tensor-core variants fit in this device's shared memory ([`VariantsFit`]).
+    fit: VariantsFit,
     scratch: Mutex<ReductionScratch>,
+}
+
+/// Which tensor-core variants fit in a device's shared memory per block at head_dim 128 (64 is
+/// half): all on a Hopper (227 KiB) or an A100 (163 KiB); on compute capability 8.6 / 8.9
+/// (99 KiB) only the 2-slot plain kernel, which `run` then takes for every plain call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VariantsFit {
+    /// [`AttnVariant::Mma`] and [`AttnVariant::Split`] (`MMA_STAGES` slots).
+    pub three_slots: bool,
+    /// [`AttnVariant::Mma2`].
+    pub two_slots: bool,
+    /// [`AttnVariant::Keys`].
+    pub keys: bool,
+}
+
+impl VariantsFit {
+    /// The variants whose shared memory at head_dim 128 is at most `limit` bytes.
+    pub fn for_limit(limit: usize) -> VariantsFit {
+        VariantsFit {
+            three_slots: mma_smem_bytes(128, MMA_STAGES) <= limit,
+            two_slots: mma_smem_bytes(128, 2) <= limit,
+            keys: keys_smem_bytes(128) <= limit,
+        }
+    }
+
+    /// Whether `variant` fits (the naive kernel always does).
+    pub fn allows(&self, variant: AttnVariant) -> bool {
+        match variant {
+            AttnVariant::Naive => true,
+            AttnVariant::Mma | AttnVariant::Split => self.three_slots,
+            AttnVariant::Mma2 => self.two_slots,
+            AttnVariant::Keys => self.keys,
+        }
+    }
 }
 
 /// Dynamic shared memory of the plain / split kernels with `stages` K/V slots: the 64 query rows,
@@ -346,7 +382,8 @@ fn mma_smem_bytes(head_dim: usize, stages: usize) -> usize {
 
 impl Attention {
     /// Loads the kernels of `cuda/attention.cu` and opts the tensor-core kernels into the
-    /// shared memory they need (80 KiB at head_dim 128).
+    /// shared memory they need (80 to 136 KiB at head_dim 128); those that need more than the
+    /// device has are not used ([`VariantsFit`]).
     pub fn load(dev: &CudaDevice) -> Result<Self> {
         let f = |name: &str| dev.function("attention", name);
         let num_sms = dev
@@ -354,7 +391,13 @@ impl Attention {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| cuda_err("query multiprocessor count", e))?
             .max(1) as usize;
-        let split_enabled = split_requested_by_env();
+        let smem_limit = dev
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| cuda_err("query shared memory per block", e))?
+            .max(0) as usize;
+        let fit = VariantsFit::for_limit(smem_limit);
+        let split_enabled = split_requested_by_env() && fit.three_slots;
         // The default split plans never exceed two blocks per SM at head_dim 128, so this
         // workspace is allocated once and never grows in `run` (CUDA-graph capture safe).
         let (ws_floats, n_counters) = if split_enabled {
@@ -380,11 +423,19 @@ impl Attention {
             keys128_fn: f("attention_keys_d128")?,
             num_sms,
             split_enabled,
-            keys_enabled: keys_requested_by_env(),
-            two_stages: two_stages_requested_by_env(),
+            keys_enabled: keys_requested_by_env() && fit.keys,
+            two_stages: two_stages_requested_by_env() || !fit.three_slots,
             keys_max_units: keys_max_units(num_sms),
+            fit,
             scratch: Mutex::new(scratch),
         };
+        if !fit.two_slots {
+            return Err(Error::Unsupported(format!(
+                "attention needs {} bytes of shared memory per block; {} allows {smem_limit}",
+                mma_smem_bytes(128, 2),
+                dev.describe()
+            )));
+        }
         for (func, name, hd, smem) in [
             (&a.mma64_fn, "mma", 64, mma_smem_bytes(64, MMA_STAGES)),
             (&a.mma128_fn, "mma", 128, mma_smem_bytes(128, MMA_STAGES)),
@@ -400,6 +451,10 @@ impl Attention {
             (&a.keys64_fn, "keys", 64, keys_smem_bytes(64)),
             (&a.keys128_fn, "keys", 128, keys_smem_bytes(128)),
         ] {
+            // A kernel that does not fit keeps the default limit; `run` never picks it.
+            if smem > smem_limit {
+                continue;
+            }
             func.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
@@ -486,6 +541,11 @@ impl Attention {
     /// Whether `run` uses the key-group kernel where [`keys_suit`] (unless `DLLM_ATTN_KEYS=0`).
     pub fn keys_enabled(&self) -> bool {
         self.keys_enabled
+    }
+
+    /// Which variants fit in this device's shared memory.
+    pub fn fit(&self) -> VariantsFit {
+        self.fit
     }
 
     /// Multiprocessors of the device (what [`SplitPlan::new`] fills).
@@ -958,12 +1018,17 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         // Unless DLLM_ATTN_SPLIT=0 also the split kernel: its default plan (or one tile per block
         // where the default would not split) and, with 3+ key tiles, 2 tiles per block.
         // The key-group kernel on every case, whatever DLLM_ATTN_KEYS says.
-        let mut hows = vec![
-            (AttnVariant::Naive, None),
-            (AttnVariant::Mma, None),
-            (AttnVariant::Mma2, None),
-            (AttnVariant::Keys, None),
-        ];
+        // (Those that do not fit this device's shared memory are left out.)
+        let mut hows: Vec<(AttnVariant, Option<usize>)> = [
+            AttnVariant::Naive,
+            AttnVariant::Mma,
+            AttnVariant::Mma2,
+            AttnVariant::Keys,
+        ]
+        .into_iter()
+        .filter(|&v| attn.fit().allows(v))
+        .map(|v| (v, None))
+        .collect();
         if attn.split_enabled() {
             hows.push((AttnVariant::Split, None));
             if c.skv.div_ceil(MMA_KEYS) >= 3 {
@@ -1072,7 +1137,9 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
             .into_iter()
             .filter(|_| attn.split_enabled())
             .map(|(b, sq, skv)| (AttnVariant::Split, b, sq, skv)),
-    ) {
+    )
+    .filter(|c| attn.fit().allows(c.0))
+    {
         let name = format!("attention {variant:?} b{batch} sq{sq} skv{skv}");
         out.push(
             bench_one(dev, &attn, variant, batch, sq, skv)
@@ -1084,6 +1151,34 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn variants_fit_hopper_and_a100_but_only_two_slots_fit_99_kib() {
+        let all = VariantsFit {
+            three_slots: true,
+            two_slots: true,
+            keys: true,
+        };
+        assert_eq!(VariantsFit::for_limit(227 * 1024), all); // H100 / H200
+        assert_eq!(VariantsFit::for_limit(163 * 1024), all); // A100
+        let small = VariantsFit::for_limit(99 * 1024); // compute capability 8.6 / 8.9
+        assert_eq!(
+            small,
+            VariantsFit {
+                three_slots: false,
+                two_slots: true,
+                keys: false,
+            }
+        );
+        assert!(small.allows(AttnVariant::Naive) && small.allows(AttnVariant::Mma2));
+        assert!(!small.allows(AttnVariant::Mma) && !small.allows(AttnVariant::Split));
+        // The boundaries are the kernels' byte counts: 112 KiB (3 slots), 80 KiB (2), 136 KiB.
+        assert!(VariantsFit::for_limit(112 * 1024).three_slots);
+        assert!(!VariantsFit::for_limit(112 * 1024 - 1).three_slots);
+        assert!(!VariantsFit::for_limit(80 * 1024 - 1).two_slots);
+        assert!(VariantsFit::for_limit(136 * 1024).keys);
+        assert!(!VariantsFit::for_limit(136 * 1024 - 1).keys);
+    }
+
     use super::*;
 
     /// Runs the GPU self-check and bench (needs a CUDA device: `cargo test -- --ignored`).

@@ -1380,6 +1380,12 @@ fn operand_maps(
 
 /// Loads `gemm_stream_mg{1..4}` and allows each its shared-memory ring.
 fn load_stream(dev: &CudaDevice) -> Result<Vec<CudaFunction>> {
+    if dev.arch != super::KernelArch::Hopper {
+        return Err(Error::Unsupported(format!(
+            "the stream GEMM needs TMA (sm_90, Hopper build); this is {}",
+            dev.describe()
+        )));
+    }
     (1..=STREAM_MAX_M / 8)
         .map(|g| {
             let name = format!("gemm_stream_mg{g}");
@@ -1397,10 +1403,10 @@ fn load_stream(dev: &CudaDevice) -> Result<Vec<CudaFunction>> {
 /// Loads `gemm_wgmma_wg2` / `gemm_wgmma_wg3` from the sm_90a cubin of `cuda/gemm_wgmma.cu`; the
 /// reason as text when this device cannot run them.
 fn load_wgmma(dev: &CudaDevice) -> std::result::Result<[CudaFunction; 2], String> {
-    if dev.capability != (9, 0) {
+    if !dev.runs_sm90a() {
         return Err(format!(
-            "wgmma needs the sm_90a cubin (compute capability 9.0); {} is {}.{}",
-            dev.name, dev.capability.0, dev.capability.1
+            "wgmma needs the sm_90a cubin (compute capability 9.0, Hopper build); this is {}",
+            dev.describe()
         ));
     }
     let load = |wg: usize| -> Result<CudaFunction> {
@@ -1985,10 +1991,13 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         0.0,
         wrong_args,
     ));
-    // The load-time self-test must not have disabled anything on a Hopper GPU.
+    // The load-time self-test must not have disabled anything (but wgmma in the Ampere build,
+    // which has none).
     let disabled = gemm.disabled_variants();
+    let ampere = dev.arch == super::KernelArch::Ampere;
     let mut why: Vec<String> = disabled
         .iter()
+        .filter(|(v, _)| !(ampere && *v == GemmVariant::Wgmma))
         .map(|(v, why)| format!("{} disabled: {why}", v.name()))
         .collect();
     if let Some(f) = gemm.skinny_v2_failure() {

@@ -57,10 +57,10 @@ pub fn smem_bytes(wg: usize) -> u32 {
 /// Loads `{prefix}_wg2` / `{prefix}_wg3` (`gemm_tma`: pairs, `gemm_tma4`: quads; the same shared
 /// memory) from the sm_90a cubin; the reason as text when this device cannot run them.
 pub fn load(dev: &CudaDevice, prefix: &str) -> std::result::Result<[CudaFunction; 2], String> {
-    if dev.capability != (9, 0) {
+    if !dev.runs_sm90a() {
         return Err(format!(
-            "the TMA kernel needs the sm_90a cubin (compute capability 9.0); {} is {}.{}",
-            dev.name, dev.capability.0, dev.capability.1
+            "the TMA kernel needs the sm_90a cubin (compute capability 9.0, Hopper build); this is {}",
+            dev.describe()
         ));
     }
     let load = |wg: usize| -> Result<CudaFunction> {

@@ -33,8 +33,8 @@ use std::ffi::c_void;
 /// Most kernel parameters of one launch.
 const MAX_ARGS: usize = 24;
 
-/// Whether PDL launches are wanted: on unless `DLLM_PDL=0` (every device dllm opens is a
-/// Hopper or newer, which PDL needs).
+/// Whether PDL launches are wanted: on unless `DLLM_PDL=0` (`CudaDevice::open` keeps it off
+/// for the Ampere build: PDL needs sm_90).
 pub fn pdl_from_env() -> bool {
     super::env_switch::flag("DLLM_PDL", true)
 }

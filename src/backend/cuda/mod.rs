@@ -3,8 +3,13 @@
 //! Entry point: [`CudaDevice::open`], which first checks that the driver library is present
 //! (`cudarc` panics otherwise) and that the kernels were compiled into this build, so callers
 //! can fall back to the CPU with a clear message. Kernel modules are looked up by file stem
-//! (`gemm` for `cuda/gemm.cu`) with [`CudaDevice::module`]; the sm_90a cubin is preferred when
-//! the file was built with one and the device is compute capability 9.0, else the PTX.
+//! (`gemm` for `cuda/gemm.cu`) with [`CudaDevice::module`]. A Hopper (or newer) device runs the
+//! Hopper build ([`KernelArch::Hopper`]): the sm_90a cubin where the file has one and the device
+//! is compute capability 9.0, else the compute_90 PTX. A compute capability 8.x device (A100,
+//! RTX 30/40, Orin) runs the Ampere build ([`KernelArch::Ampere`]): the files without Hopper-only
+//! instructions, compiled for sm_80; the Hopper GEMMs (wgmma, TMA, stream), programmatic
+//! dependent launch and the L2 prefetch are then off, and attention variants that need more
+//! shared memory than the device has are skipped.
 
 pub mod attention;
 pub mod check;
@@ -31,6 +36,18 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// One kernel file as `build.rs` embeds it.
+pub struct EmbeddedModule {
+    /// The file stem (`gemm` for `cuda/gemm.cu`).
+    pub stem: &'static str,
+    /// compute_90 PTX.
+    pub ptx: &'static str,
+    /// The sm_90a cubin, for files with Hopper-only instructions.
+    pub sm90a: Option<&'static [u8]>,
+    /// The Ampere build (sm_80 machine code + compute_80 PTX), for files without them.
+    pub sm80: Option<&'static [u8]>,
+}
+
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
@@ -42,7 +59,7 @@ pub fn kernels_compiled() -> bool {
 
 /// Names of the embedded kernel modules.
 pub fn module_names() -> Vec<&'static str> {
-    embedded::MODULES.iter().map(|m| m.0).collect()
+    embedded::MODULES.iter().map(|m| m.stem).collect()
 }
 
 /// Why CUDA cannot be used here, or `None` when it can be tried.
@@ -95,6 +112,15 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
         ),
         ("cache_slots", transformer::cache_slots_from_env().into()),
         (
+            "kernel_build",
+            (if ampere_requested_by_env() {
+                "ampere (DLLM_CUDA_ARCH=80)"
+            } else {
+                "by compute capability"
+            })
+            .into(),
+        ),
+        (
             "key_group_max_units",
             attention::keys_units_override().map_or("SM count".into(), Into::into),
         ),
@@ -123,6 +149,33 @@ pub fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Backend(format!("CUDA {what}: {e:?}"))
 }
 
+/// Which build of the kernels a device runs (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelArch {
+    /// compute_90 PTX and sm_90a cubins: every kernel.
+    Hopper,
+    /// The sm_80 fatbins of the files without Hopper-only instructions.
+    Ampere,
+}
+
+/// Whether `DLLM_CUDA_ARCH=80` asks for the Ampere build on a newer device (to check it there).
+pub fn ampere_requested_by_env() -> bool {
+    env_switch::count("DLLM_CUDA_ARCH", 80..=80).is_some()
+}
+
+/// The kernel build a device of compute capability `capability` (major, minor) runs; the Ampere
+/// build on a Hopper when `force_ampere`. Older devices are refused.
+pub fn kernel_arch(capability: (i32, i32), force_ampere: bool, name: &str) -> Result<KernelArch> {
+    match capability.0 {
+        9.. if !force_ampere => Ok(KernelArch::Hopper),
+        8.. => Ok(KernelArch::Ampere),
+        _ => Err(Error::Unsupported(format!(
+            "CUDA device {name} has compute capability {}.{}; dllm's kernels need 8.0 (Ampere) or newer",
+            capability.0, capability.1
+        ))),
+    }
+}
+
 /// A CUDA device: context, one non-blocking stream (capturable into CUDA graphs), and the kernel
 /// modules loaded so far.
 pub struct CudaDevice {
@@ -131,6 +184,8 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Compute capability (major, minor).
     pub capability: (i32, i32),
+    /// The kernel build it runs ([`kernel_arch`]).
+    pub arch: KernelArch,
     pub name: String,
     /// Whether kernels are launched with programmatic dependent launch ([`launch`]).
     pub pdl: bool,
@@ -157,19 +212,16 @@ impl CudaDevice {
             .compute_capability()
             .map_err(|e| cuda_err("query compute capability", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown CUDA device".into());
-        if capability.0 < 9 {
-            return Err(Error::Unsupported(format!(
-                "CUDA device {name} has compute capability {}.{}; dllm's kernels need 9.0 (Hopper) or newer",
-                capability.0, capability.1
-            )));
-        }
+        let arch = kernel_arch(capability, ampere_requested_by_env(), &name)?;
         Ok(Arc::new(CudaDevice {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
             capability,
+            arch,
             name,
-            pdl: launch::pdl_from_env(),
+            // PDL's instructions and launch attribute exist from sm_90.
+            pdl: launch::pdl_from_env() && arch == KernelArch::Hopper,
         }))
     }
 
@@ -209,30 +261,55 @@ impl CudaDevice {
         Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
     }
 
+    /// Whether the sm_90a cubins run here (the Hopper build on compute capability 9.0): the
+    /// wgmma and TMA GEMMs.
+    pub fn runs_sm90a(&self) -> bool {
+        self.arch == KernelArch::Hopper && self.capability == (9, 0)
+    }
+
+    /// "NVIDIA H100 80GB HBM3 (9.0, Hopper build)", for the reasons a kernel is not used.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({}.{}, {:?} build)",
+            self.name, self.capability.0, self.capability.1, self.arch
+        )
+    }
+
     /// The loaded module compiled from `cuda/<stem>.cu`.
     pub fn module(&self, stem: &str) -> Result<Arc<CudaModule>> {
         let mut cache = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        let (key, ptx, cubin) =
-            embedded::MODULES
-                .iter()
-                .find(|m| m.0 == stem)
-                .ok_or_else(|| {
-                    Error::Backend(format!(
-                        "kernel module `{stem}` is not embedded in this build"
-                    ))
-                })?;
-        if let Some(m) = cache.get(key) {
-            return Ok(m.clone());
+        let m = embedded::MODULES
+            .iter()
+            .find(|m| m.stem == stem)
+            .ok_or_else(|| {
+                Error::Backend(format!(
+                    "kernel module `{stem}` is not embedded in this build"
+                ))
+            })?;
+        if let Some(module) = cache.get(m.stem) {
+            return Ok(module.clone());
         }
-        let image = match cubin {
-            Some(bin) if self.capability == (9, 0) => cudarc::nvrtc::Ptx::from_binary(bin.to_vec()),
-            _ => cudarc::nvrtc::Ptx::from_src(*ptx),
+        let image = match (self.arch, m.sm90a, m.sm80) {
+            (KernelArch::Hopper, Some(bin), _) if self.capability == (9, 0) => {
+                cudarc::nvrtc::Ptx::from_binary(bin.to_vec())
+            }
+            (KernelArch::Hopper, _, _) => cudarc::nvrtc::Ptx::from_src(m.ptx),
+            (KernelArch::Ampere, _, Some(fatbin)) => {
+                cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec())
+            }
+            (KernelArch::Ampere, _, None) => {
+                return Err(Error::Unsupported(format!(
+                    "kernel module `{stem}` uses Hopper-only instructions (no Ampere build); {} \
+                     runs the Ampere build",
+                    self.name
+                )))
+            }
         };
         let module = self
             .ctx
             .load_module(image)
             .map_err(|e| cuda_err(&format!("load module `{stem}`"), e))?;
-        cache.insert(key, module.clone());
+        cache.insert(m.stem, module.clone());
         Ok(module)
     }
 
@@ -248,5 +325,52 @@ impl CudaDevice {
         self.stream
             .synchronize()
             .map_err(|e| cuda_err("synchronize", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn hopper_and_newer_run_the_hopper_build_ampere_its_own_older_none() {
+        for cap in [(9, 0), (10, 0), (12, 0)] {
+            assert_eq!(kernel_arch(cap, false, "g").unwrap(), KernelArch::Hopper);
+            // DLLM_CUDA_ARCH=80 checks the Ampere build on them.
+            assert_eq!(kernel_arch(cap, true, "g").unwrap(), KernelArch::Ampere);
+        }
+        for cap in [(8, 0), (8, 6), (8, 7), (8, 9)] {
+            assert_eq!(kernel_arch(cap, false, "g").unwrap(), KernelArch::Ampere);
+        }
+        let e = kernel_arch((7, 5), false, "Tesla T4").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(
+            e.to_string()
+                .contains("Tesla T4 has compute capability 7.5"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_model_kernels_have_an_ampere_build_and_the_hopper_gemms_do_not() {
+        if !kernels_compiled() {
+            // Without nvcc there is nothing to look at (CI builds with DLLM_REQUIRE_NVCC=1).
+            return;
+        }
+        let ampere = |stem: &str| {
+            embedded::MODULES
+                .iter()
+                .find(|m| m.stem == stem)
+                .unwrap_or_else(|| panic!("module {stem} missing"))
+                .sm80
+                .is_some()
+        };
+        for stem in ["attention", "elementwise", "gemm", "sampling"] {
+            assert!(ampere(stem), "{stem} has no Ampere build");
+        }
+        for stem in ["gemm_stream", "gemm_tma", "gemm_wgmma"] {
+            assert!(!ampere(stem), "{stem} uses sm_90 instructions");
+        }
     }
 }

@@ -400,6 +400,8 @@ impl CudaTransformer {
         let tiled =
             kit.gemm.is_enabled(GemmVariant::Wide) || kit.gemm.is_enabled(GemmVariant::Wgmma);
         let kernels = KernelChoice {
+            // The bulk prefetch instruction exists from sm_90.
+            l2_prefetch: kernels.l2_prefetch && dev.arch == super::KernelArch::Hopper,
             fused_swiglu: kernels.fused_swiglu
                 && !kernels.naive_gemm
                 && tiled
