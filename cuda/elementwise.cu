@@ -254,7 +254,7 @@ __device__ __forceinline__ void dllm_prefetch_l2_slice(const unsigned char* p, l
     const long long hi = min(bytes, lo + per);
     for (long long off = lo; off < hi; off += DLLM_PREFETCH_CHUNK) {
         const unsigned n = (unsigned)min(DLLM_PREFETCH_CHUNK, hi - off);
-#if __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p + off), "r"(n) : "memory");
 #else
         (void)n;  // the Ampere build: the host never asks it to prefetch (sm_90 instruction)

@@ -99,9 +99,10 @@ enum dllm_status_code {
     DLLM_ERR_IO = 2,              /* a file could not be read (missing, permissions) */
     DLLM_ERR_FORMAT = 3,          /* a file is malformed (config.json, safetensors, tokenizer.json) */
     DLLM_ERR_UNSUPPORTED = 4,     /* valid but not supported by this build (architecture, option) */
-    DLLM_ERR_OUT_OF_MEMORY = 5,   /* the model, batch or K/V cache does not fit in the free host or
-                                     device memory (checked before allocating; dllm_last_error()
-                                     says what needed how much and what was free) */
+    DLLM_ERR_OUT_OF_MEMORY = 5,   /* the model, a batch or its K/V cache does not fit in the free
+                                     device memory, or a batch's activations in the host's
+                                     (checked before allocating; dllm_last_error() says what
+                                     needed how much and what was free) */
     DLLM_ERR_BACKEND = 6,         /* the compute backend failed (CUDA unavailable or failing) */
     DLLM_ERR_BUFFER_TOO_SMALL = 7,/* the caller's buffer is too small; the needed size was written */
     DLLM_ERR_STATE = 8,           /* the call is not allowed in the object's current state */

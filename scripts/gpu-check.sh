@@ -196,6 +196,9 @@ for s in $STAGES; do
         # without a GPU): every check, then the b1 dual workload on it (what an A100 runs, not its
         # speed: this card's bandwidth and clocks).
         stage ampere "${T_AMPERE:-240}" env DLLM_CUDA_ARCH=80 "$BIN/dllm-gpu-check" --model "$TINY" --json "$OUT/check_ampere.json"
+        # Attention as selected on compute capability 8.6 / 8.9 (99 KiB per block: the 2-slot
+        # ring only, no split or key groups).
+        stage ampere_99k "${T_AMPERE:-240}" env DLLM_CUDA_ARCH=80 DLLM_ATTN_SMEM_LIMIT=101376 "$BIN/dllm-gpu-check" --model "$TINY" --only attention,model --json "$OUT/check_ampere_99k.json"
         BENCH_ENV="DLLM_CUDA_ARCH=80" bench bench_b1_dual_k4_ampere 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
         ;;
     keys)

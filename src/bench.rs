@@ -418,7 +418,7 @@ fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
     r.masks_left = fin.iter().filter(|&&t| t == cfg.mask_token_id).count();
     r.canvas_hash = canvas_hash(&fin);
     if let Some(m) = cuda {
-        r.switches = Some(crate::backend::cuda::switches().into_iter().collect());
+        r.switches = Some(m.effective_switches().into_iter().collect());
         r.graphs = Some(m.graphs_enabled());
         r.graph_count = Some(m.graph_count());
         r.graph_error = m.graph_error();
@@ -545,7 +545,7 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     run()?;
     let secs = t2.elapsed().as_secs_f64();
     let mut r = report(o, "cuda", dev.name.clone(), steps.len(), secs);
-    r.switches = Some(crate::backend::cuda::switches().into_iter().collect());
+    r.switches = Some(model.effective_switches().into_iter().collect());
     r.load_seconds = load_seconds;
     r.warmup_seconds = warmup_seconds;
     r.weight_bytes = Some(model.weight_bytes());

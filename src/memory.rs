@@ -44,14 +44,41 @@ pub fn check_fits(what: &str, need: u64, mem: MemoryInfo, place: &str) -> Result
     )))
 }
 
-/// The host's available and total memory (`/proc/meminfo`); `None` where that cannot be read
-/// (not Linux), and the checks are then skipped.
+/// The host's available and total memory (`/proc/meminfo`), within this process's cgroup
+/// limit where one is set (a container: `memory.max` − `memory.current`); `None` where
+/// `/proc/meminfo` cannot be read (not Linux), and the checks are then skipped.
 pub fn host_memory() -> Option<MemoryInfo> {
-    parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)
+    let host = parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)?;
+    let read = |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{f}")).ok();
+    Some(within_cgroup(
+        host,
+        read("memory.max").as_deref(),
+        read("memory.current").as_deref(),
+    ))
 }
 
-/// [`check_fits`] against the host's memory (nothing is checked where it is unknown).
+/// `host` limited by a cgroup v2 `memory.max` ("max" or bytes) and `memory.current` (bytes).
+fn within_cgroup(host: MemoryInfo, max: Option<&str>, current: Option<&str>) -> MemoryInfo {
+    let parse = |t: Option<&str>| t.and_then(|t| t.trim().parse::<u64>().ok());
+    match (parse(max), parse(current)) {
+        (Some(max), Some(current)) => MemoryInfo {
+            free: host.free.min(max.saturating_sub(current)),
+            total: host.total.min(max),
+        },
+        _ => host,
+    }
+}
+
+/// Host requests below this are not checked: reading `/proc/meminfo` (tens of microseconds)
+/// would cost a small cached step more than such a request risks.
+pub const HOST_CHECK_MIN_BYTES: u64 = 64 << 20;
+
+/// [`check_fits`] against the host's memory (nothing is checked where it is unknown, or for
+/// requests under [`HOST_CHECK_MIN_BYTES`]).
 pub fn check_host_fits(what: &str, need: u64) -> Result<()> {
+    if need < HOST_CHECK_MIN_BYTES {
+        return Ok(());
+    }
     match host_memory() {
         Some(mem) => check_fits(what, need, mem, "the host"),
         None => Ok(()),
@@ -121,6 +148,27 @@ mod tests {
         );
         assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
         assert_eq!(parse_meminfo("MemTotal: x kB\nMemAvailable: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn a_cgroup_limit_bounds_the_hosts_memory() {
+        let host = MemoryInfo {
+            free: 20 << 30,
+            total: 24 << 30,
+        };
+        let limited = within_cgroup(host, Some("8589934592\n"), Some("2147483648\n"));
+        assert_eq!(
+            limited,
+            MemoryInfo {
+                free: 6 << 30,
+                total: 8 << 30
+            }
+        );
+        // No limit ("max"), no cgroup files, or a limit above the host: the host's figures.
+        assert_eq!(within_cgroup(host, Some("max\n"), Some("1000\n")), host);
+        assert_eq!(within_cgroup(host, None, None), host);
+        let loose = within_cgroup(host, Some(&(64u64 << 30).to_string()), Some("0"));
+        assert_eq!(loose, host);
     }
 
     #[cfg(target_os = "linux")]

@@ -504,27 +504,33 @@ fn alternating_sessions_check(cuda: &Arc<CudaTransformer>, prompt: &[u32]) -> Ch
 }
 
 /// A batch whose step buffers exceed the device's memory is refused with an out-of-memory error
-/// (the pre-flight check, before any allocation), and the model generates as before afterwards.
+/// (the pre-flight check, before any allocation) that leaves the current canvases in place, and
+/// the model generates as before afterwards.
 fn oversized_batch_check(gpu: &CudaTransformer, prompt: &[u32]) -> CheckResult {
     let name = "model.oversized batch refused, then unaffected";
     let r = (|| -> Result<(f64, String)> {
         let before = engine_generate(gpu, prompt, 64, 32, false)?;
+        let canvases = gpu.canvases()?;
         let total = gpu.device().memory()?.total;
         let seq = gpu.config().max_seq_len;
-        let per_canvas = StepBuffers::new(gpu.config(), 1, seq, false).bytes();
+        // What each canvas adds (the LM-head chunk is shared by the batch).
+        let bytes = |b| StepBuffers::new(gpu.config(), b, seq, false).bytes();
+        let per_canvas = bytes(2) - bytes(1);
         let batch = (2 * total / per_canvas.max(1) + 1) as usize;
         let refused = gpu.reserve(batch, seq);
+        let kept = gpu.canvases()? == canvases;
         let after = engine_generate(gpu, prompt, 64, 32, false)?;
         let kind_ok = matches!(&refused, Err(e) if e.kind() == ErrorKind::OutOfMemory);
         let same = same_count(&after, &before);
         Ok((
-            if kind_ok && same == before.len() {
+            if kind_ok && kept && same == before.len() {
                 0.0
             } else {
                 f64::INFINITY
             },
             format!(
-                "{batch} canvases × {seq} tokens: {}; then {same}/{} tokens as before",
+                "{batch} canvases × {seq} tokens: {}; canvases kept: {kept}; then {same}/{} \
+                 tokens as before",
                 match &refused {
                     Ok(()) => "accepted".to_string(),
                     Err(e) => e.to_string(),

@@ -79,11 +79,15 @@ pub fn info(a: InfoArgs) -> Result<()> {
         Some(why) => why,
     };
     // What a CUDA load would put on the device, and what each canvas of a full context adds.
-    let (dev_weights, dev_step, dev_kv) = {
+    // The step buffers of B canvases take B · per-canvas + the shared LM-head chunk.
+    let (dev_weights, dev_step, dev_step_shared, dev_kv) = {
         use dllm::backend::cuda::memory::{kv_cache_bytes, weight_bytes, StepBuffers};
+        let step = |b| StepBuffers::new(&cfg, b, cfg.max_seq_len, false).bytes();
+        let per_canvas = step(2) - step(1);
         (
             weight_bytes(&cfg),
-            StepBuffers::new(&cfg, 1, cfg.max_seq_len, false).bytes(),
+            per_canvas,
+            step(1) - per_canvas,
             kv_cache_bytes(&cfg, 1, cfg.max_seq_len),
         )
     };
@@ -105,6 +109,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "cuda": cuda,
             "device_weight_bytes": dev_weights,
             "device_step_bytes_per_canvas": dev_step,
+            "device_step_bytes_shared": dev_step_shared,
             "device_kv_cache_bytes_per_canvas": dev_kv,
             "cuda_switches": dllm::backend::cuda::switches()
                 .into_iter()
@@ -157,10 +162,12 @@ pub fn info(a: InfoArgs) -> Result<()> {
     {
         use dllm::memory::human_bytes;
         println!(
-            "cuda memory  weights {} · per canvas of {} tokens: step buffers {}, K/V cache {}",
+            "cuda memory  weights {} · step buffers {} + {} per canvas of {} tokens · K/V cache {} \
+             per canvas",
             human_bytes(dev_weights),
-            cfg.max_seq_len,
+            human_bytes(dev_step_shared),
             human_bytes(dev_step),
+            cfg.max_seq_len,
             human_bytes(dev_kv)
         );
     }

@@ -154,7 +154,8 @@ impl Scratch {
         let d = cfg.d_model;
         let kv = cfg.n_kv_heads * cfg.head_dim();
         let h = cfg.mlp_hidden;
-        let floats = s as u64 * (5 * d + 2 * kv + 3 * h) as u64;
+        // Its ten buffers, and the normed output `hidden_rows` allocates while they live.
+        let floats = s as u64 * (6 * d + 2 * kv + 3 * h) as u64;
         crate::memory::check_host_fits(&format!("the activations of {s} rows"), 4 * floats)?;
         Ok(Scratch {
             x: vec![0.0; s * d],

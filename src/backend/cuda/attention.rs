@@ -331,13 +331,20 @@ pub struct Attention {
     /// Whether `run` may use the key-group kernel (unless `DLLM_ATTN_KEYS=0`).
     keys_enabled: bool,
     /// Whether `run` takes [`AttnVariant::Mma2`] for [`AttnVariant::Mma`]
-    /// ([`two_stages_requested_by_env`]).
+    /// ([`two_stages_requested_by_env`], or the 3-slot ring does not fit the device).
     two_stages: bool,
     /// [`keys_max_units`].
     keys_max_units: usize,
     /// Which tensor-core variants fit in this device's shared memory ([`VariantsFit`]).
     fit: VariantsFit,
     scratch: Mutex<ReductionScratch>,
+}
+
+/// `DLLM_ATTN_SMEM_LIMIT=N`: attention treats the device as having at most N bytes of shared
+/// memory per block (e.g. 101376, compute capability 8.6 / 8.9), to check that selection on a
+/// larger GPU.
+pub fn smem_limit_override() -> Option<usize> {
+    super::env_switch::count("DLLM_ATTN_SMEM_LIMIT", 1..=usize::MAX)
 }
 
 /// Which tensor-core variants fit in a device's shared memory per block at head_dim 128 (64 is
@@ -396,6 +403,8 @@ impl Attention {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| cuda_err("query shared memory per block", e))?
             .max(0) as usize;
+        // DLLM_ATTN_SMEM_LIMIT=N (bytes) lowers it: how a Hopper checks the 99 KiB selection.
+        let smem_limit = smem_limit_override().map_or(smem_limit, |n| n.min(smem_limit));
         let fit = VariantsFit::for_limit(smem_limit);
         let split_enabled = split_requested_by_env() && fit.three_slots;
         // The default split plans never exceed two blocks per SM at head_dim 128, so this
@@ -548,6 +557,11 @@ impl Attention {
         self.fit
     }
 
+    /// Whether `run` takes the 2-slot plain kernel ([`AttnVariant::Mma2`]).
+    pub fn two_stages(&self) -> bool {
+        self.two_stages
+    }
+
     /// Multiprocessors of the device (what [`SplitPlan::new`] fills).
     pub fn num_sms(&self) -> usize {
         self.num_sms
@@ -609,6 +623,11 @@ impl Attention {
         shape: &AttnShape,
     ) -> Result<()> {
         shape.validate()?;
+        if !self.fit.allows(variant) {
+            return Err(Error::Unsupported(format!(
+                "attention {variant:?}: needs more shared memory per block than this device has"
+            )));
+        }
         let need = |what: &str, have: usize, want: usize| -> Result<()> {
             if have < want {
                 return Err(Error::invalid(format!(

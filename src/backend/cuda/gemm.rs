@@ -678,8 +678,8 @@ pub struct Gemm {
     /// Why version 2 of the skinny kernel failed the load-time self-test; `run` then uses
     /// version 1 (which has its own self-test entry under [`GemmVariant::Skinny`]).
     skinny2_failure: Option<String>,
-    /// `gemm_stream_mg{1..4}` (`cuda/gemm_stream.cu`); not loaded with `DLLM_GEMM_STREAM=0` or
-    /// on a device that cannot run the sm_90a cubin.
+    /// `gemm_stream_mg{1..4}` (`cuda/gemm_stream.cu`, compute_90 PTX); not loaded with
+    /// `DLLM_GEMM_STREAM=0` or in the Ampere build.
     stream: Option<Vec<CudaFunction>>,
     /// Why the stream kernel could not be loaded or failed the load-time self-test; `run` then
     /// keeps the skinny kernels.

@@ -510,6 +510,32 @@ impl CudaTransformer {
         self.kernels
     }
 
+    /// [`super::switches`] as this model runs them: the environment's choices corrected for what
+    /// the device loaded (the Ampere build has no stream or TMA GEMM and no PDL; attention
+    /// variants limited to the device's shared memory), for the bench reports.
+    pub fn effective_switches(&self) -> Vec<(&'static str, serde_json::Value)> {
+        let mut v = super::switches();
+        for (name, value) in v.iter_mut() {
+            let actual: Option<serde_json::Value> = match *name {
+                "stream_gemm" => Some(self.kit.gemm.stream_active().into()),
+                "tma_gemm" => Some(self.kit.gemm.tma_active().into()),
+                "tma_quad_gemm" => Some(self.kit.gemm.tma4_active().into()),
+                "split_attention" => Some(self.attn.split_enabled().into()),
+                "key_group_attention" => Some(self.attn.keys_enabled().into()),
+                "attention_stages" => Some((if self.attn.two_stages() { 2 } else { 3 }).into()),
+                "pdl" => Some(self.dev.pdl.into()),
+                "fused_swiglu" => Some(self.kernels.fused_swiglu.into()),
+                "l2_prefetch" => Some(self.kernels.l2_prefetch.into()),
+                "kernel_build" => Some(self.dev.describe().into()),
+                _ => None,
+            };
+            if let Some(a) = actual {
+                *value = a;
+            }
+        }
+        v
+    }
+
     /// Enables or disables CUDA graphs for later steps (the default comes from
     /// `DLLM_CUDA_GRAPH`); disabling also drops the graphs captured so far.
     pub fn set_graphs(&self, on: bool) {
@@ -589,7 +615,9 @@ impl CudaTransformer {
     }
 
     /// Makes room for `batch` canvases of `seq` tokens (reallocates the step buffers and cache
-    /// only when they are too small; the current canvases are lost then).
+    /// only when they are too small; the current canvases are lost then). A request that does
+    /// not fit in the device's memory is refused first ([`Error::OutOfMemory`]), leaving the
+    /// current buffers and canvases as they were.
     pub fn reserve(&self, batch: usize, seq: usize) -> Result<()> {
         let mut g = self.lock();
         self.reserve_locked(&mut g, batch, seq)
@@ -612,12 +640,26 @@ impl CudaTransformer {
             .is_some_and(|s| s.batch_cap >= batch && s.seq_cap >= seq);
         if !fits {
             let (b0, s0) = g.as_ref().map_or((0, 0), |s| (s.batch_cap, s.seq_cap));
-            *g = None; // free the old buffers first
             let (b, s) = (batch.max(b0), seq.max(s0));
+            // Checked before the current buffers go (a refused request leaves them and the
+            // canvases as they are), crediting what freeing them returns: the step buffers and
+            // the main K/V cache.
+            let held = g.as_ref().map_or(0, |st| {
+                let kv = if st.k_cache.is_empty() {
+                    0
+                } else {
+                    memory::kv_cache_bytes(&self.cfg, b0, s0)
+                };
+                self.step_buffers(b0, s0).bytes() + kv
+            });
             self.dev.check_fits(
-                &format!("the step buffers of {b} canvases × {s} tokens"),
-                self.step_buffers(b, s).bytes(),
+                &format!(
+                    "the step buffers of {b} canvases × {s} tokens (beyond the {} held now)",
+                    crate::memory::human_bytes(held)
+                ),
+                self.step_buffers(b, s).bytes().saturating_sub(held),
             )?;
+            *g = None; // free the old buffers first
             *g = Some(self.alloc_state(b, s)?);
         }
         Ok(())
