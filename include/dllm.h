@@ -100,7 +100,8 @@ enum dllm_status_code {
     DLLM_ERR_FORMAT = 3,          /* a file is malformed (config.json, safetensors, tokenizer.json) */
     DLLM_ERR_UNSUPPORTED = 4,     /* valid but not supported by this build (architecture, option) */
     DLLM_ERR_OUT_OF_MEMORY = 5,   /* the model, a batch or its K/V cache does not fit in the free
-                                     device memory, or a batch's activations in the host's
+                                     device memory, or a batch's activations or K/V cache in
+                                     the host's
                                      (checked before allocating; dllm_last_error() says what
                                      needed how much and what was free) */
     DLLM_ERR_BACKEND = 6,         /* the compute backend failed (CUDA unavailable or failing) */

@@ -425,6 +425,14 @@ impl CpuTransformer {
                 "a span forward needs a refreshed K/V cache: run a refresh first".into(),
             ));
         }
+        // The first refresh allocates every layer's K and V (f32): checked like the activations.
+        if cache.layer(0).0.is_empty() {
+            let floats = 2 * (cache.n_layers() * cache.len() * cache.width()) as u64;
+            crate::memory::check_host_fits(
+                &format!("the K/V cache of {} tokens", cache.len()),
+                4 * floats,
+            )?;
+        }
         // A failed forward leaves a partly written cache: until this one succeeds, the next
         // cached forward must be a refresh.
         cache.invalidate();
