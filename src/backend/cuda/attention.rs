@@ -331,7 +331,8 @@ pub struct Attention {
     /// Whether `run` may use the key-group kernel (unless `DLLM_ATTN_KEYS=0`).
     keys_enabled: bool,
     /// Whether `run` takes [`AttnVariant::Mma2`] for [`AttnVariant::Mma`]
-    /// ([`two_stages_requested_by_env`], or the 3-slot ring does not fit the device).
+    /// ([`two_stages_requested_by_env`], or the 3-slot ring does not keep two blocks per SM:
+    /// [`VariantsFit::prefer_three_slots`]).
     two_stages: bool,
     /// [`keys_max_units`].
     keys_max_units: usize,
@@ -341,8 +342,8 @@ pub struct Attention {
 }
 
 /// `DLLM_ATTN_SMEM_LIMIT=N`: attention treats the device as having at most N bytes of shared
-/// memory per block (e.g. 101376, compute capability 8.6 / 8.9), to check that selection on a
-/// larger GPU.
+/// memory per block and per SM (e.g. 101376, compute capability 8.6 / 8.9), to check that
+/// selection on a larger GPU.
 pub fn smem_limit_override() -> Option<usize> {
     super::env_switch::count("DLLM_ATTN_SMEM_LIMIT", 1..=usize::MAX)
 }
@@ -350,6 +351,7 @@ pub fn smem_limit_override() -> Option<usize> {
 /// Which tensor-core variants fit in a device's shared memory per block at head_dim 128 (64 is
 /// half): all on a Hopper (227 KiB) or an A100 (163 KiB); on compute capability 8.6 / 8.9
 /// (99 KiB) only the 2-slot plain kernel, which `run` then takes for every plain call.
+/// [`VariantsFit::prefer_three_slots`] says whether the 3-slot ring keeps two blocks per SM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VariantsFit {
     /// [`AttnVariant::Mma`] and [`AttnVariant::Split`] (`MMA_STAGES` slots).
@@ -361,6 +363,14 @@ pub struct VariantsFit {
 }
 
 impl VariantsFit {
+    /// Whether the plain kernel should be the 3-slot one: it fits, and two of its blocks fit an
+    /// SM of `per_sm` bytes (with the 1 KiB each block reserves), as the 2-slot kernel's do where
+    /// it matters (an A100's 164 KiB holds two 2-slot blocks but one 3-slot block: two tiles in
+    /// flight per block do not make up for half the blocks).
+    pub fn prefer_three_slots(&self, per_sm: usize) -> bool {
+        self.three_slots && 2 * (mma_smem_bytes(128, MMA_STAGES) + 1024) <= per_sm
+    }
+
     /// The variants whose shared memory at head_dim 128 is at most `limit` bytes.
     pub fn for_limit(limit: usize) -> VariantsFit {
         VariantsFit {
@@ -406,6 +416,12 @@ impl Attention {
         // DLLM_ATTN_SMEM_LIMIT=N (bytes) lowers it: how a Hopper checks the 99 KiB selection.
         let smem_limit = smem_limit_override().map_or(smem_limit, |n| n.min(smem_limit));
         let fit = VariantsFit::for_limit(smem_limit);
+        let per_sm = dev
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+            .map_err(|e| cuda_err("query shared memory per multiprocessor", e))?
+            .max(0) as usize;
+        let per_sm = smem_limit_override().map_or(per_sm, |n| n.min(per_sm));
         let split_enabled = split_requested_by_env() && fit.three_slots;
         // The default split plans never exceed two blocks per SM at head_dim 128, so this
         // workspace is allocated once and never grows in `run` (CUDA-graph capture safe).
@@ -433,7 +449,7 @@ impl Attention {
             num_sms,
             split_enabled,
             keys_enabled: keys_requested_by_env() && fit.keys,
-            two_stages: two_stages_requested_by_env() || !fit.three_slots,
+            two_stages: two_stages_requested_by_env() || !fit.prefer_three_slots(per_sm),
             keys_max_units: keys_max_units(num_sms),
             fit,
             scratch: Mutex::new(scratch),
@@ -1196,6 +1212,13 @@ mod tests {
         assert!(!VariantsFit::for_limit(80 * 1024 - 1).two_slots);
         assert!(VariantsFit::for_limit(136 * 1024).keys);
         assert!(!VariantsFit::for_limit(136 * 1024 - 1).keys);
+        // The plain kernel: 3 slots where two such blocks share an SM (Hopper: 228 KiB per SM),
+        // 2 slots on an A100 (164 KiB: two 81 KiB blocks, but one 113 KiB block) and below.
+        assert!(all.prefer_three_slots(228 * 1024));
+        assert!(!all.prefer_three_slots(164 * 1024));
+        assert!(!small.prefer_three_slots(228 * 1024));
+        assert!(all.prefer_three_slots(2 * 113 * 1024));
+        assert!(!all.prefer_three_slots(2 * 113 * 1024 - 1));
     }
 
     use super::*;
