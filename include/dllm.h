@@ -164,7 +164,8 @@ void dllm_model_params_default(dllm_model_params *p);
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL dir/out, struct_size too small, a backend, device or
  * threads value out of range), DLLM_ERR_IO (a file missing or unreadable: the message names it),
  * DLLM_ERR_FORMAT, DLLM_ERR_UNSUPPORTED (architecture, dtype, device > 0), DLLM_ERR_BACKEND
- * (DLLM_BACKEND_CUDA without a usable GPU). */
+ * (DLLM_BACKEND_CUDA without a usable GPU), DLLM_ERR_OUT_OF_MEMORY (DLLM_BACKEND_CUDA and the
+ * weights do not fit in the device's free memory; DLLM_BACKEND_AUTO then loads on the CPU). */
 dllm_status dllm_model_load(const char *dir, const dllm_model_params *p, dllm_model **out);
 
 /* Releases the caller's reference to a model. Sessions created from it hold their own reference,
@@ -334,7 +335,8 @@ dllm_status dllm_session_new(dllm_model *m, const int32_t *canvas, size_t n,
  * nothing to commit runs no forward pass). Writes what happened to *info
  * unless info is NULL. Stepping a finished session returns DLLM_OK with done = 1 and changes
  * nothing. On failure the session is unchanged.
- * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s), DLLM_ERR_BACKEND. */
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s), DLLM_ERR_BACKEND, DLLM_ERR_OUT_OF_MEMORY (the
+ * canvas's buffers or K/V cache do not fit in the free memory). */
 dllm_status dllm_session_step(dllm_session *s, dllm_step_info *info);
 
 /* Steps until the session is done. Errors: as dllm_session_step; the steps taken before a
@@ -405,8 +407,9 @@ void dllm_session_free(dllm_session *s);
  * are all used by the calling thread for the duration of the call.
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL sessions with n > 0, a NULL entry, a session listed
  * twice, sessions of different models: the message names the entries; nothing runs),
- * DLLM_ERR_BACKEND (infos is then not written; the sessions that stepped on their own before the
- * failure keep their step, the batched ones are unchanged). */
+ * DLLM_ERR_BACKEND or DLLM_ERR_OUT_OF_MEMORY (the batch's buffers do not fit in the free
+ * memory; infos is then not written; the sessions that stepped on their own before the failure
+ * keep their step, the batched ones are unchanged). */
 dllm_status dllm_sessions_step(dllm_session *const *sessions, size_t n, dllm_step_info *infos);
 
 /* Steps the `n` sessions together, as dllm_sessions_step, until every one is done: each ends as

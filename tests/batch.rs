@@ -76,6 +76,73 @@ fn a_batch_too_big_for_the_host_is_refused_not_aborted() {
     assert_eq!(m.predict_batch(&items[..1]).unwrap().len(), 1);
 }
 
+/// The same through the C ABI: `dllm_sessions_step` over that many sessions returns
+/// `DLLM_ERR_OUT_OF_MEMORY` with a message naming the sizes, and the sessions are unchanged
+/// (each then steps alone).
+#[cfg(target_os = "linux")]
+#[test]
+fn the_c_abi_reports_a_batch_too_big_for_the_host_as_out_of_memory() {
+    use dllm::ffi::*;
+    use std::ffi::{CStr, CString};
+    let free = dllm::memory::host_memory().unwrap().free;
+    unsafe {
+        let dir = CString::new(MODEL).unwrap();
+        let mut mp = std::mem::zeroed();
+        dllm_model_params_default(&mut mp);
+        mp.backend = DLLM_BACKEND_CPU;
+        let mut model = std::ptr::null_mut();
+        assert_eq!(dllm_model_load(dir.as_ptr(), &mp, &mut model), DLLM_OK);
+        let seq = dllm_model_max_length(model) as usize;
+        let cfg = llada().config().clone();
+        // As above: the f32 residual stream alone exceeds the available memory by a quarter.
+        let batch = (free / 4 * 5 / (4 * cfg.d_model as u64 * seq as u64) + 1) as usize;
+        // A short prompt, then masks to the model's length; one block, as many steps as masks.
+        let mask = cfg.mask_token_id as i32;
+        let mut canvas: Vec<i32> = (0..8).map(|i| 3 + i).collect();
+        canvas.resize(seq, mask);
+        let mut sp = std::mem::zeroed();
+        dllm_sampling_params_default(&mut sp);
+        sp.block_len = (seq - 8) as i32;
+        sp.steps = (seq - 8) as i32;
+        let sessions: Vec<*mut dllm_session> = (0..batch)
+            .map(|_| {
+                let mut s = std::ptr::null_mut();
+                assert_eq!(
+                    dllm_session_new(model, canvas.as_ptr(), seq, &sp, &mut s),
+                    DLLM_OK,
+                    "{}",
+                    CStr::from_ptr(dllm_last_error()).to_string_lossy()
+                );
+                s
+            })
+            .collect();
+        let st = dllm_sessions_step(sessions.as_ptr(), batch, std::ptr::null_mut());
+        let msg = CStr::from_ptr(dllm_last_error())
+            .to_string_lossy()
+            .into_owned();
+        assert_eq!(st, DLLM_ERR_OUT_OF_MEMORY, "{msg}");
+        assert!(
+            msg.contains("out of memory") && msg.contains("the host has"),
+            "{msg}"
+        );
+        // Unchanged: the first session's canvas is still the one it was given, and it steps.
+        let (mut now, mut n) = (vec![0i32; seq], 0usize);
+        assert_eq!(
+            dllm_session_canvas(sessions[0], now.as_mut_ptr(), seq, &mut n),
+            DLLM_OK
+        );
+        assert_eq!((n, &now), (seq, &canvas));
+        assert_eq!(
+            dllm_session_step(sessions[0], std::ptr::null_mut()),
+            DLLM_OK
+        );
+        for s in sessions {
+            dllm_session_free(s);
+        }
+        dllm_model_free(model);
+    }
+}
+
 /// Packed predictions equal one-by-one predictions: same tokens, confidences within float
 /// summation-order noise.
 fn packed_equals_single(m: &dyn Model) {
