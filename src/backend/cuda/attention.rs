@@ -403,25 +403,22 @@ impl Attention {
     /// device has are not used ([`VariantsFit`]).
     pub fn load(dev: &CudaDevice) -> Result<Self> {
         let f = |name: &str| dev.function("attention", name);
-        let num_sms = dev
-            .ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| cuda_err("query multiprocessor count", e))?
-            .max(1) as usize;
-        let smem_limit = dev
-            .ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(|e| cuda_err("query shared memory per block", e))?
-            .max(0) as usize;
-        // DLLM_ATTN_SMEM_LIMIT=N (bytes) lowers it: how a Hopper checks the 99 KiB selection.
-        let smem_limit = smem_limit_override().map_or(smem_limit, |n| n.min(smem_limit));
+        let num_sms = dev.num_sms()?;
+        // Shared memory per block and per SM; DLLM_ATTN_SMEM_LIMIT=N (bytes) lowers both: how a
+        // Hopper checks the 99 KiB selection.
+        let smem = |attr, what| -> Result<usize> {
+            let v = dev.attribute(attr, what)?;
+            Ok(smem_limit_override().map_or(v, |n| n.min(v)))
+        };
+        let smem_limit = smem(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            "shared memory per block",
+        )?;
+        let per_sm = smem(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            "shared memory per multiprocessor",
+        )?;
         let fit = VariantsFit::for_limit(smem_limit);
-        let per_sm = dev
-            .ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
-            .map_err(|e| cuda_err("query shared memory per multiprocessor", e))?
-            .max(0) as usize;
-        let per_sm = smem_limit_override().map_or(per_sm, |n| n.min(per_sm));
         let split_enabled = split_requested_by_env() && fit.three_slots;
         // The default split plans never exceed two blocks per SM at head_dim 128, so this
         // workspace is allocated once and never grows in `run` (CUDA-graph capture safe).

@@ -20,7 +20,7 @@ use super::launch::Launch;
 use super::scratch::ReductionScratch;
 use super::{cuda_err, CudaDevice};
 use crate::error::{Error, Result};
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig,
     PushKernelArg,
@@ -728,11 +728,7 @@ impl Gemm {
             100,
         )
         .map_err(|e| cuda_err("gemm_wide: shared memory carveout", e))?;
-        let num_sms = dev
-            .ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| cuda_err("query multiprocessor count", e))?
-            .max(1) as usize;
+        let num_sms = dev.num_sms()?;
         let scratch = ReductionScratch::new(&dev.stream, 1 << 20, 4096, "gemm")?;
         let mut disabled = Vec::new();
         // `DLLM_GEMM_WGMMA=0` keeps the Hopper kernel unloaded (a fault inside a kernel would

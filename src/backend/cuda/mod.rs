@@ -261,6 +261,30 @@ impl CudaDevice {
         Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
     }
 
+    /// A device attribute as a count (negative values read as 0); `what` names it in errors.
+    pub fn attribute(
+        &self,
+        attr: cudarc::driver::sys::CUdevice_attribute,
+        what: &str,
+    ) -> Result<usize> {
+        let v = self
+            .ctx
+            .attribute(attr)
+            .map_err(|e| cuda_err(&format!("query {what}"), e))?;
+        Ok(v.max(0) as usize)
+    }
+
+    /// Streaming multiprocessors (at least 1).
+    pub fn num_sms(&self) -> Result<usize> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        Ok(self
+            .attribute(
+                A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                "multiprocessor count",
+            )?
+            .max(1))
+    }
+
     /// Whether the sm_90a cubins run here (the Hopper build on compute capability 9.0): the
     /// wgmma and TMA GEMMs.
     pub fn runs_sm90a(&self) -> bool {
