@@ -326,13 +326,13 @@ pub struct Attention {
     keys64_fn: CudaFunction,
     keys128_fn: CudaFunction,
     num_sms: usize,
-    /// Whether `run` may split the keys (unless `DLLM_ATTN_SPLIT=0`).
+    /// Whether `run` may split the keys (unless `DLLM_ATTN_SPLIT=0`; where it fits).
     split_enabled: bool,
-    /// Whether `run` may use the key-group kernel (unless `DLLM_ATTN_KEYS=0`).
+    /// Whether `run` may use the key-group kernel (unless `DLLM_ATTN_KEYS=0`; where it fits).
     keys_enabled: bool,
     /// Whether `run` takes [`AttnVariant::Mma2`] for [`AttnVariant::Mma`]
-    /// ([`two_stages_requested_by_env`], or the 3-slot ring does not keep two blocks per SM:
-    /// [`VariantsFit::prefer_three_slots`]).
+    /// ([`two_stages_requested_by_env`]; also wherever the 3-slot ring does not keep two blocks
+    /// per SM: [`VariantsFit::prefer_three_slots`]).
     two_stages: bool,
     /// [`keys_max_units`].
     keys_max_units: usize,
@@ -348,46 +348,42 @@ pub fn smem_limit_override() -> Option<usize> {
     super::env_switch::count("DLLM_ATTN_SMEM_LIMIT", 1..=usize::MAX)
 }
 
-/// Which tensor-core variants fit in a device's shared memory per block at head_dim 128 (64 is
-/// half): all on a Hopper (227 KiB) or an A100 (163 KiB); on compute capability 8.6 / 8.9
-/// (99 KiB) only the 2-slot plain kernel, which `run` then takes for every plain call.
-/// [`VariantsFit::prefer_three_slots`] says whether the 3-slot ring keeps two blocks per SM.
+/// Which tensor-core variants fit in a device's shared memory, per head_dim: at 128 all do on a
+/// Hopper (227 KiB per block) or an A100 (163 KiB); on compute capability 8.6 / 8.9 (99 KiB)
+/// only the 2-slot plain kernel, which `run` then takes for every plain call (at 64, whose
+/// kernels need half, all fit there too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VariantsFit {
-    /// [`AttnVariant::Mma`] and [`AttnVariant::Split`] (`MMA_STAGES` slots).
-    pub three_slots: bool,
-    /// [`AttnVariant::Mma2`].
-    pub two_slots: bool,
-    /// [`AttnVariant::Keys`].
-    pub keys: bool,
+    /// Shared memory per block (opt-in maximum), bytes.
+    pub per_block: usize,
+    /// Shared memory per multiprocessor, bytes.
+    pub per_sm: usize,
 }
 
 impl VariantsFit {
-    /// Whether the plain kernel should be the 3-slot one: it fits, and two of its blocks fit an
-    /// SM of `per_sm` bytes (with the 1 KiB each block reserves), as the 2-slot kernel's do where
-    /// it matters (an A100's 164 KiB holds two 2-slot blocks but one 3-slot block: two tiles in
-    /// flight per block do not make up for half the blocks).
-    pub fn prefer_three_slots(&self, per_sm: usize) -> bool {
-        self.three_slots && 2 * (mma_smem_bytes(128, MMA_STAGES) + 1024) <= per_sm
-    }
-
-    /// The variants whose shared memory at head_dim 128 is at most `limit` bytes.
-    pub fn for_limit(limit: usize) -> VariantsFit {
-        VariantsFit {
-            three_slots: mma_smem_bytes(128, MMA_STAGES) <= limit,
-            two_slots: mma_smem_bytes(128, 2) <= limit,
-            keys: keys_smem_bytes(128) <= limit,
-        }
-    }
-
-    /// Whether `variant` fits (the naive kernel always does).
-    pub fn allows(&self, variant: AttnVariant) -> bool {
+    /// Dynamic shared memory of `variant` at `head_dim` (0 for the naive kernel, which needs
+    /// none of it).
+    pub fn bytes(variant: AttnVariant, head_dim: usize) -> usize {
         match variant {
-            AttnVariant::Naive => true,
-            AttnVariant::Mma | AttnVariant::Split => self.three_slots,
-            AttnVariant::Mma2 => self.two_slots,
-            AttnVariant::Keys => self.keys,
+            AttnVariant::Naive => 0,
+            AttnVariant::Mma | AttnVariant::Split => mma_smem_bytes(head_dim, MMA_STAGES),
+            AttnVariant::Mma2 => mma_smem_bytes(head_dim, 2),
+            AttnVariant::Keys => keys_smem_bytes(head_dim),
         }
+    }
+
+    /// Whether `variant` fits at `head_dim`.
+    pub fn allows(&self, variant: AttnVariant, head_dim: usize) -> bool {
+        Self::bytes(variant, head_dim) <= self.per_block
+    }
+
+    /// Whether the plain kernel at `head_dim` should be the 3-slot one: it fits, and two of its
+    /// blocks fit an SM (with the 1 KiB each block reserves), as the 2-slot kernel's do where it
+    /// matters (an A100's 164 KiB holds two 2-slot blocks at head_dim 128 but one 3-slot block:
+    /// two tiles in flight per block do not make up for half the blocks).
+    pub fn prefer_three_slots(&self, head_dim: usize) -> bool {
+        self.allows(AttnVariant::Mma, head_dim)
+            && 2 * (Self::bytes(AttnVariant::Mma, head_dim) + 1024) <= self.per_sm
     }
 }
 
@@ -418,8 +414,11 @@ impl Attention {
             CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
             "shared memory per multiprocessor",
         )?;
-        let fit = VariantsFit::for_limit(smem_limit);
-        let split_enabled = split_requested_by_env() && fit.three_slots;
+        let fit = VariantsFit {
+            per_block: smem_limit,
+            per_sm,
+        };
+        let split_enabled = split_requested_by_env();
         // The default split plans never exceed two blocks per SM at head_dim 128, so this
         // workspace is allocated once and never grows in `run` (CUDA-graph capture safe).
         let (ws_floats, n_counters) = if split_enabled {
@@ -445,19 +444,12 @@ impl Attention {
             keys128_fn: f("attention_keys_d128")?,
             num_sms,
             split_enabled,
-            keys_enabled: keys_requested_by_env() && fit.keys,
-            two_stages: two_stages_requested_by_env() || !fit.prefer_three_slots(per_sm),
+            keys_enabled: keys_requested_by_env(),
+            two_stages: two_stages_requested_by_env(),
             keys_max_units: keys_max_units(num_sms),
             fit,
             scratch: Mutex::new(scratch),
         };
-        if !fit.two_slots {
-            return Err(Error::Unsupported(format!(
-                "attention needs {} bytes of shared memory per block; {} allows {smem_limit}",
-                mma_smem_bytes(128, 2),
-                dev.describe()
-            )));
-        }
         for (func, name, hd, smem) in [
             (&a.mma64_fn, "mma", 64, mma_smem_bytes(64, MMA_STAGES)),
             (&a.mma128_fn, "mma", 128, mma_smem_bytes(128, MMA_STAGES)),
@@ -529,16 +521,17 @@ impl Attention {
         kv_len: Option<&CudaView<i32>>,
         shape: &AttnShape,
     ) -> Result<()> {
-        let variant = if !self.mma_supported(q, k, v, out, shape) {
+        let hd = shape.head_dim;
+        let variant = if !self.mma_supported(q, k, v, out, shape)
+            || !self.fit.allows(AttnVariant::Mma2, hd)
+        {
             AttnVariant::Naive
-        } else if self.split_enabled && SplitPlan::new(shape, self.num_sms).is_some() {
+        } else if self.split_active(hd) && SplitPlan::new(shape, self.num_sms).is_some() {
             AttnVariant::Split
-        } else if self.keys_enabled && keys_suit(shape, self.keys_max_units) {
+        } else if self.keys_active(hd) && keys_suit(shape, self.keys_max_units) {
             AttnVariant::Keys
-        } else if self.two_stages {
-            AttnVariant::Mma2
         } else {
-            AttnVariant::Mma
+            self.plain_variant(hd)
         };
         self.run_variant(variant, q, k, v, out, kv_len, shape)
     }
@@ -555,24 +548,35 @@ impl Attention {
         Ok(scratch)
     }
 
-    /// Whether `run` splits the keys of small grids (unless `DLLM_ATTN_SPLIT=0`).
+    /// Whether split-KV attention is on (unless `DLLM_ATTN_SPLIT=0`), where it fits or not.
     pub fn split_enabled(&self) -> bool {
         self.split_enabled
     }
 
-    /// Whether `run` uses the key-group kernel where [`keys_suit`] (unless `DLLM_ATTN_KEYS=0`).
-    pub fn keys_enabled(&self) -> bool {
-        self.keys_enabled
+    /// Whether `run` splits the keys of small grids at `head_dim` (on, and the kernel fits).
+    pub fn split_active(&self, head_dim: usize) -> bool {
+        self.split_enabled && self.fit.allows(AttnVariant::Split, head_dim)
+    }
+
+    /// Whether `run` uses the key-group kernel where [`keys_suit`] at `head_dim` (unless
+    /// `DLLM_ATTN_KEYS=0`; where the kernel fits).
+    pub fn keys_active(&self, head_dim: usize) -> bool {
+        self.keys_enabled && self.fit.allows(AttnVariant::Keys, head_dim)
+    }
+
+    /// The plain kernel `run` takes at `head_dim`: the 3-slot ring unless `DLLM_ATTN_STAGES=2`
+    /// or it does not keep two blocks per SM ([`VariantsFit::prefer_three_slots`]).
+    pub fn plain_variant(&self, head_dim: usize) -> AttnVariant {
+        if self.two_stages || !self.fit.prefer_three_slots(head_dim) {
+            AttnVariant::Mma2
+        } else {
+            AttnVariant::Mma
+        }
     }
 
     /// Which variants fit in this device's shared memory.
     pub fn fit(&self) -> VariantsFit {
         self.fit
-    }
-
-    /// Whether `run` takes the 2-slot plain kernel ([`AttnVariant::Mma2`]).
-    pub fn two_stages(&self) -> bool {
-        self.two_stages
     }
 
     /// Multiprocessors of the device (what [`SplitPlan::new`] fills).
@@ -636,9 +640,13 @@ impl Attention {
         shape: &AttnShape,
     ) -> Result<()> {
         shape.validate()?;
-        if !self.fit.allows(variant) {
+        if !self.fit.allows(variant, shape.head_dim) {
             return Err(Error::Unsupported(format!(
-                "attention {variant:?}: needs more shared memory per block than this device has"
+                "attention {variant:?} at head_dim {}: needs {} bytes of shared memory per block, \
+                 this device allows {}",
+                shape.head_dim,
+                VariantsFit::bytes(variant, shape.head_dim),
+                self.fit.per_block
             )));
         }
         let need = |what: &str, have: usize, want: usize| -> Result<()> {
@@ -1058,10 +1066,10 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             AttnVariant::Keys,
         ]
         .into_iter()
-        .filter(|&v| attn.fit().allows(v))
+        .filter(|&v| attn.fit().allows(v, c.head_dim))
         .map(|v| (v, None))
         .collect();
-        if attn.split_enabled() {
+        if attn.split_active(c.head_dim) {
             hows.push((AttnVariant::Split, None));
             if c.skv.div_ceil(MMA_KEYS) >= 3 {
                 hows.push((AttnVariant::Split, Some(2)));
@@ -1170,7 +1178,7 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
             .filter(|_| attn.split_enabled())
             .map(|(b, sq, skv)| (AttnVariant::Split, b, sq, skv)),
     )
-    .filter(|c| attn.fit().allows(c.0))
+    .filter(|c| attn.fit().allows(c.0, 128))
     {
         let name = format!("attention {variant:?} b{batch} sq{sq} skv{skv}");
         out.push(
@@ -1185,37 +1193,35 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
 mod tests {
     #[test]
     fn variants_fit_hopper_and_a100_but_only_two_slots_fit_99_kib() {
-        let all = VariantsFit {
-            three_slots: true,
-            two_slots: true,
-            keys: true,
-        };
-        assert_eq!(VariantsFit::for_limit(227 * 1024), all); // H100 / H200
-        assert_eq!(VariantsFit::for_limit(163 * 1024), all); // A100
-        let small = VariantsFit::for_limit(99 * 1024); // compute capability 8.6 / 8.9
-        assert_eq!(
-            small,
-            VariantsFit {
-                three_slots: false,
-                two_slots: true,
-                keys: false,
-            }
-        );
-        assert!(small.allows(AttnVariant::Naive) && small.allows(AttnVariant::Mma2));
-        assert!(!small.allows(AttnVariant::Mma) && !small.allows(AttnVariant::Split));
-        // The boundaries are the kernels' byte counts: 112 KiB (3 slots), 80 KiB (2), 136 KiB.
-        assert!(VariantsFit::for_limit(112 * 1024).three_slots);
-        assert!(!VariantsFit::for_limit(112 * 1024 - 1).three_slots);
-        assert!(!VariantsFit::for_limit(80 * 1024 - 1).two_slots);
-        assert!(VariantsFit::for_limit(136 * 1024).keys);
-        assert!(!VariantsFit::for_limit(136 * 1024 - 1).keys);
-        // The plain kernel: 3 slots where two such blocks share an SM (Hopper: 228 KiB per SM),
-        // 2 slots on an A100 (164 KiB: two 81 KiB blocks, but one 113 KiB block) and below.
-        assert!(all.prefer_three_slots(228 * 1024));
-        assert!(!all.prefer_three_slots(164 * 1024));
-        assert!(!small.prefer_three_slots(228 * 1024));
-        assert!(all.prefer_three_slots(2 * 113 * 1024));
-        assert!(!all.prefer_three_slots(2 * 113 * 1024 - 1));
+        use AttnVariant::*;
+        let fit = |per_block: usize, per_sm: usize| VariantsFit { per_block, per_sm };
+        let hopper = fit(227 * 1024, 228 * 1024);
+        let a100 = fit(163 * 1024, 164 * 1024);
+        let small = fit(99 * 1024, 100 * 1024); // compute capability 8.6 / 8.9
+        for v in [Naive, Mma, Mma2, Split, Keys] {
+            assert!(hopper.allows(v, 128) && a100.allows(v, 128), "{v:?}");
+            // At head_dim 64 every kernel needs half: all fit 99 KiB.
+            assert!(small.allows(v, 64), "{v:?}");
+        }
+        assert!(small.allows(Naive, 128) && small.allows(Mma2, 128));
+        for v in [Mma, Split, Keys] {
+            assert!(!small.allows(v, 128), "{v:?}");
+        }
+        // The boundaries are the kernels' byte counts at 128: 112 KiB (3 slots), 80 KiB (2),
+        // 136 KiB (key groups).
+        for (v, kib) in [(Mma, 112), (Split, 112), (Mma2, 80), (Keys, 136)] {
+            assert!(fit(kib * 1024, 0).allows(v, 128), "{v:?}");
+            assert!(!fit(kib * 1024 - 1, 0).allows(v, 128), "{v:?}");
+        }
+        // The plain kernel: 3 slots where two such blocks share an SM (Hopper), 2 slots on an
+        // A100 (two 81 KiB blocks, but one 113 KiB block) and where 3 do not fit; at head_dim 64
+        // (57 KiB with the reserve) the A100 keeps two 3-slot blocks per SM, 8.6 / 8.9 (100 KiB
+        // per SM) does not.
+        assert!(hopper.prefer_three_slots(128));
+        assert!(!a100.prefer_three_slots(128) && !small.prefer_three_slots(128));
+        assert!(a100.prefer_three_slots(64) && !small.prefer_three_slots(64));
+        assert!(fit(usize::MAX, 2 * 113 * 1024).prefer_three_slots(128));
+        assert!(!fit(usize::MAX, 2 * 113 * 1024 - 1).prefer_three_slots(128));
     }
 
     use super::*;

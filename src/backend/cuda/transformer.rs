@@ -515,14 +515,22 @@ impl CudaTransformer {
     /// variants limited to the device's shared memory), for the bench reports.
     pub fn effective_switches(&self) -> Vec<(&'static str, serde_json::Value)> {
         let mut v = super::switches();
+        let hd = self.cfg.head_dim();
         for (name, value) in v.iter_mut() {
             let actual: Option<serde_json::Value> = match *name {
                 "stream_gemm" => Some(self.kit.gemm.stream_active().into()),
                 "tma_gemm" => Some(self.kit.gemm.tma_active().into()),
                 "tma_quad_gemm" => Some(self.kit.gemm.tma4_active().into()),
-                "split_attention" => Some(self.attn.split_enabled().into()),
-                "key_group_attention" => Some(self.attn.keys_enabled().into()),
-                "attention_stages" => Some((if self.attn.two_stages() { 2 } else { 3 }).into()),
+                "split_attention" => Some(self.attn.split_active(hd).into()),
+                "key_group_attention" => Some(self.attn.keys_active(hd).into()),
+                "attention_stages" => Some(
+                    (if self.attn.plain_variant(hd) == AttnVariant::Mma2 {
+                        2
+                    } else {
+                        3
+                    })
+                    .into(),
+                ),
                 "pdl" => Some(self.dev.pdl.into()),
                 "fused_swiglu" => Some(self.kernels.fused_swiglu.into()),
                 "l2_prefetch" => Some(self.kernels.l2_prefetch.into()),
