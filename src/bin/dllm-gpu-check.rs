@@ -514,8 +514,7 @@ fn oversized_batch_check(gpu: &CudaTransformer, prompt: &[u32]) -> CheckResult {
         let total = gpu.device().memory()?.total;
         let seq = gpu.config().max_seq_len;
         // What each canvas adds (the LM-head chunk is shared by the batch).
-        let bytes = |b| StepBuffers::new(gpu.config(), b, seq, false).bytes();
-        let per_canvas = bytes(2) - bytes(1);
+        let (per_canvas, _) = StepBuffers::per_canvas_and_shared(gpu.config(), seq, false);
         let batch = (2 * total / per_canvas.max(1) + 1) as usize;
         let refused = gpu.reserve(batch, seq);
         let kept = gpu.canvases()? == canvases;

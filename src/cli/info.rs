@@ -79,15 +79,11 @@ pub fn info(a: InfoArgs) -> Result<()> {
         Some(why) => why,
     };
     // What a CUDA load would put on the device, and what each canvas of a full context adds.
-    // The step buffers of B canvases take B · per-canvas + the shared LM-head chunk.
-    let (dev_weights, dev_step, dev_step_shared, dev_kv) = {
+    let (dev_weights, (dev_step, dev_step_shared), dev_kv) = {
         use dllm::backend::cuda::memory::{kv_cache_bytes, weight_bytes, StepBuffers};
-        let step = |b| StepBuffers::new(&cfg, b, cfg.max_seq_len, false).bytes();
-        let per_canvas = step(2) - step(1);
         (
             weight_bytes(&cfg),
-            per_canvas,
-            step(1) - per_canvas,
+            StepBuffers::per_canvas_and_shared(&cfg, cfg.max_seq_len, false),
             kv_cache_bytes(&cfg, 1, cfg.max_seq_len),
         )
     };

@@ -450,35 +450,30 @@ impl Attention {
             fit,
             scratch: Mutex::new(scratch),
         };
-        for (func, name, hd, smem) in [
-            (&a.mma64_fn, "mma", 64, mma_smem_bytes(64, MMA_STAGES)),
-            (&a.mma128_fn, "mma", 128, mma_smem_bytes(128, MMA_STAGES)),
-            (&a.mma2_64_fn, "mma2", 64, mma_smem_bytes(64, 2)),
-            (&a.mma2_128_fn, "mma2", 128, mma_smem_bytes(128, 2)),
-            (&a.split64_fn, "split", 64, mma_smem_bytes(64, MMA_STAGES)),
-            (
-                &a.split128_fn,
-                "split",
-                128,
-                mma_smem_bytes(128, MMA_STAGES),
-            ),
-            (&a.keys64_fn, "keys", 64, keys_smem_bytes(64)),
-            (&a.keys128_fn, "keys", 128, keys_smem_bytes(128)),
+        // Each tensor-core kernel opts into its shared memory; one that does not fit keeps the
+        // default limit, and `run` never picks it.
+        for variant in [
+            AttnVariant::Mma,
+            AttnVariant::Mma2,
+            AttnVariant::Split,
+            AttnVariant::Keys,
         ] {
-            // A kernel that does not fit keeps the default limit; `run` never picks it.
-            if smem > smem_limit {
-                continue;
+            for hd in [64, 128] {
+                if !fit.allows(variant, hd) {
+                    continue;
+                }
+                a.kernel(variant, hd)
+                    .set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        VariantsFit::bytes(variant, hd) as i32,
+                    )
+                    .map_err(|e| {
+                        cuda_err(
+                            &format!("attention {variant:?} d{hd}: set max dynamic shared memory"),
+                            e,
+                        )
+                    })?;
             }
-            func.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| {
-                cuda_err(
-                    &format!("attention_{name}_d{hd}: set max dynamic shared memory"),
-                    e,
-                )
-            })?;
         }
         Ok(a)
     }
@@ -577,6 +572,22 @@ impl Attention {
     /// Which variants fit in this device's shared memory.
     pub fn fit(&self) -> VariantsFit {
         self.fit
+    }
+
+    /// The kernel of tensor-core `variant` at `head_dim` (64, else 128; the naive kernel is
+    /// not among them and reads as the plain one).
+    fn kernel(&self, variant: AttnVariant, head_dim: usize) -> &CudaFunction {
+        let d64 = head_dim == 64;
+        match variant {
+            AttnVariant::Keys if d64 => &self.keys64_fn,
+            AttnVariant::Keys => &self.keys128_fn,
+            AttnVariant::Split if d64 => &self.split64_fn,
+            AttnVariant::Split => &self.split128_fn,
+            AttnVariant::Mma2 if d64 => &self.mma2_64_fn,
+            AttnVariant::Mma2 => &self.mma2_128_fn,
+            _ if d64 => &self.mma64_fn,
+            _ => &self.mma128_fn,
+        }
     }
 
     /// Multiprocessors of the device (what [`SplitPlan::new`] fills).
@@ -689,22 +700,7 @@ impl Attention {
                     _ => None,
                 };
                 let keys = variant == AttnVariant::Keys;
-                let stages = if variant == AttnVariant::Mma2 {
-                    2
-                } else {
-                    MMA_STAGES
-                };
-                let d64 = shape.head_dim == 64;
-                let func = match variant {
-                    AttnVariant::Keys if d64 => &self.keys64_fn,
-                    AttnVariant::Keys => &self.keys128_fn,
-                    AttnVariant::Split if d64 => &self.split64_fn,
-                    AttnVariant::Split => &self.split128_fn,
-                    AttnVariant::Mma2 if d64 => &self.mma2_64_fn,
-                    AttnVariant::Mma2 => &self.mma2_128_fn,
-                    _ if d64 => &self.mma64_fn,
-                    _ => &self.mma128_fn,
-                };
+                let func = self.kernel(variant, shape.head_dim);
                 let splits = split.map_or(1, |p| p.splits);
                 let rows_per_block = if keys { KEYS_ROWS } else { MMA_ROWS };
                 let grid_x = shape.sq.div_ceil(rows_per_block) * splits;
@@ -719,11 +715,7 @@ impl Attention {
                 let cfg = LaunchConfig {
                     grid_dim: (grid_x as u32, shape.n_heads as u32, shape.batch as u32),
                     block_dim: (if keys { KEYS_THREADS } else { THREADS }, 1, 1),
-                    shared_mem_bytes: if keys {
-                        keys_smem_bytes(shape.head_dim)
-                    } else {
-                        mma_smem_bytes(shape.head_dim, stages)
-                    } as u32,
+                    shared_mem_bytes: VariantsFit::bytes(variant, shape.head_dim) as u32,
                 };
                 let mut scratch = match split {
                     Some(p) => Some(self.split_scratch(&p, shape.head_dim)?),
@@ -1191,6 +1183,8 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn variants_fit_hopper_and_a100_but_only_two_slots_fit_99_kib() {
         use AttnVariant::*;
@@ -1223,8 +1217,6 @@ mod tests {
         assert!(fit(usize::MAX, 2 * 113 * 1024).prefer_three_slots(128));
         assert!(!fit(usize::MAX, 2 * 113 * 1024 - 1).prefer_three_slots(128));
     }
-
-    use super::*;
 
     /// Runs the GPU self-check and bench (needs a CUDA device: `cargo test -- --ignored`).
     #[test]

@@ -79,6 +79,14 @@ impl StepBuffers {
         }
     }
 
+    /// Bytes the step buffers of canvases of `seq` tokens take (per canvas, shared by the
+    /// batch): `B` canvases take `B · per canvas + shared` (the shared part is the LM-head chunk).
+    pub fn per_canvas_and_shared(cfg: &ModelConfig, seq: usize, fused_swiglu: bool) -> (u64, u64) {
+        let bytes = |b| StepBuffers::new(cfg, b, seq, fused_swiglu).bytes();
+        let per_canvas = bytes(2) - bytes(1);
+        (per_canvas, bytes(1) - per_canvas)
+    }
+
     /// Their bytes in all (the confidences are f64, one per row).
     pub fn bytes(&self) -> u64 {
         let n = |x: usize| x as u64;

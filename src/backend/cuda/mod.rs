@@ -149,6 +149,14 @@ pub fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Backend(format!("CUDA {what}: {e:?}"))
 }
 
+/// Whether `stream` is capturing a CUDA graph (work queued now is recorded, not run).
+pub fn stream_capturing(stream: &CudaStream) -> Result<bool> {
+    let status = stream
+        .capture_status()
+        .map_err(|e| cuda_err("query the stream's capture status", e))?;
+    Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
 /// Which build of the kernels a device runs (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelArch {
@@ -254,11 +262,7 @@ impl CudaDevice {
 
     /// Whether the stream is capturing a CUDA graph.
     pub fn capturing(&self) -> Result<bool> {
-        let status = self
-            .stream
-            .capture_status()
-            .map_err(|e| cuda_err("query the stream's capture status", e))?;
-        Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+        stream_capturing(&self.stream)
     }
 
     /// A device attribute as a count (negative values read as 0); `what` names it in errors.

@@ -8,9 +8,7 @@
 //! be recorded into the graph (or fail the capture), so the caller's eager warm-up must have
 //! sized the scratch already; the error makes the capture fall back to an eager step.
 
-use super::cuda_err;
 use crate::error::{Error, Result};
-use cudarc::driver::sys::CUstreamCaptureStatus;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use std::sync::Arc;
 
@@ -82,10 +80,7 @@ pub fn grow_retaining<T: DeviceRepr + ValidAsZeroBits>(
     if buf.len() >= n {
         return Ok(());
     }
-    let status = stream
-        .capture_status()
-        .map_err(|e| cuda_err(&format!("{what}: query the stream's capture status"), e))?;
-    if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+    if super::stream_capturing(stream)? {
         return Err(Error::Backend(format!(
             "{what}: the {part} must grow from {} to {n} elements during a CUDA graph capture \
              (no eager warm-up sized it)",
