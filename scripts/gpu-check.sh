@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -29,6 +29,8 @@
 #                 (the 8B checkpoint: run synth first)
 #   benchnostream the three workloads with only the stream GEMM turned off
 #   benchexp      the three workloads with the variables in $EXP_ENV (e.g. EXP_ENV="DLLM_PDL=1")
+#   kvariant      kernels compiled here with KDEFS="-D NAME=VALUE ..." (DLLM_KERNEL_DIR): every
+#                 check and the three workloads with them
 # The bench stage runs every workload twice: CUDA graphs on (default) and off (DLLM_CUDA_GRAPH=0,
 # files *_nograph.json; NOGRAPH=0 skips them); the summary shows both and whether their final
 # canvases hash equal.
@@ -256,6 +258,19 @@ for s in $STAGES; do
             done
         done
         ;;
+    kvariant)
+        # Kernels compiled on this machine (its nvcc) from the carried cuda/ sources with the
+        # defines in KDEFS (e.g. KDEFS="-D DLLM_EXP_X=1"; empty: the same kernels as embedded, a
+        # control) through `dllm-gpu-check --compile-kernels` (build.rs's targets and flags), then
+        # every check and the three workloads with DLLM_KERNEL_DIR pointing at them (files
+        # check_<KNAME>.json, bench_*_<KNAME>.json; KNAME defaults to kvariant). A define may only
+        # change what the host does not mirror (see src/backend/cuda/kernel_dir.rs).
+        KNAME=${KNAME:-kvariant}
+        KDIR=${KDIR:-/tmp/dllm-kernels-$KNAME}
+        stage "${KNAME}_build" "${T_KBUILD:-300}" "$BIN/dllm-gpu-check" --compile-kernels "$KDIR" ${KDEFS:-} --images ptx,sm90a
+        stage "$KNAME" "${T_CHECK:-180}" env DLLM_KERNEL_DIR="$KDIR" "$BIN/dllm-gpu-check" --model "$TINY" --json "$OUT/check_$KNAME.json"
+        BENCH_ENV="DLLM_KERNEL_DIR=$KDIR" workloads "_$KNAME" 1
+        ;;
     benchexp)
         if [ -z "${EXP_ENV:-}" ]; then
             echo "=== [benchexp] EXP_ENV is empty (no experiment named), skipped"
@@ -329,7 +344,10 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    for suffix, graph in (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp")):
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
+    extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
+    for suffix, graph in known + tuple((x, x[1:7]) for x in extra):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
@@ -340,7 +358,7 @@ for name, pk in peer_key.items():
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
             print(f"{name[6:]:<14} {graph:>5} {'failed':>8}")
-    for other in ("off", "noPDL", "swiglu", "tma4", "attn2", "pref", "exp", "off2", "nostr", "sess", "sessg"):
+    for other in [g for g in hashes if g not in ("on", "amp")]:
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")

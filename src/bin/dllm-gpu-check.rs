@@ -6,13 +6,16 @@
 //! check failed.
 //!
 //! Usage: `dllm-gpu-check [--model DIR] [--json PATH]` (default model: models/tiny-llada-code).
+//! `dllm-gpu-check --compile-kernels DIR [-D NAME=VALUE]…` instead compiles the kernel sources
+//! into a directory for `DLLM_KERNEL_DIR` (a kernel variant built and run without Rust).
 
 use clap::Parser;
 use dllm::backend::cuda::check::{self, BenchResult, CheckResult};
 use dllm::backend::cuda::memory::StepBuffers;
+use dllm::backend::cuda::nvcc::Image;
 use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
 use dllm::backend::cuda::{
-    attention, elementwise, gemm, gemm_sweep, gemm_swiglu, sampling, CudaDevice,
+    attention, elementwise, gemm, gemm_sweep, gemm_swiglu, kernel_dir, sampling, CudaDevice,
 };
 use dllm::config::ModelConfig;
 use dllm::denoise::predict::{PredictRule, Prediction, Remasking};
@@ -61,6 +64,21 @@ struct Args {
     /// Timed launches for `--gemm-shape` and per plan of `--gemm-sweep`.
     #[arg(long, default_value_t = 20)]
     repeat: usize,
+    /// Instead of the checks: compile the kernel sources (`--cuda-src`) into this directory with
+    /// build.rs's targets and flags plus `--define`s, for `DLLM_KERNEL_DIR` (needs nvcc: `NVCC`,
+    /// `CUDA_HOME`, /usr/local/cuda or `PATH`), and exit.
+    #[arg(long, value_name = "DIR")]
+    compile_kernels: Option<PathBuf>,
+    /// With `--compile-kernels`: a preprocessor definition `NAME` or `NAME=VALUE` (repeatable).
+    #[arg(long = "define", short = 'D', value_name = "NAME[=VALUE]")]
+    defines: Vec<String>,
+    /// With `--compile-kernels`: the kernel sources.
+    #[arg(long, default_value = "cuda")]
+    cuda_src: PathBuf,
+    /// With `--compile-kernels`: which images (ptx, sm90a, sm80; comma-separated). Default: all
+    /// that apply to each file.
+    #[arg(long, value_delimiter = ',')]
+    images: Vec<String>,
 }
 
 /// Which parts `--only` selects.
@@ -1238,8 +1256,57 @@ fn gemm_checks(dev: &CudaDevice) -> Vec<CheckResult> {
     out
 }
 
+/// `--compile-kernels DIR`: one line per image written; exit status 1 when nvcc fails, 2 on bad
+/// arguments.
+fn compile_kernels(args: &Args, out: &Path) -> ExitCode {
+    let mut images = Vec::new();
+    for name in &args.images {
+        match Image::from_name(name) {
+            Some(i) => images.push(i),
+            None => {
+                eprintln!("--images: unknown image {name:?} (ptx, sm90a, sm80)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if images.is_empty() {
+        images = Image::ALL.to_vec();
+    }
+    let t = Instant::now();
+    match kernel_dir::compile(&args.cuda_src, out, &args.defines, &images) {
+        Ok(written) => {
+            for p in &written {
+                println!("{}", p.display());
+            }
+            eprintln!(
+                "[gpu-check] {} kernel images compiled into {} in {:.1} s (defines: {})",
+                written.len(),
+                out.display(),
+                t.elapsed().as_secs_f64(),
+                if args.defines.is_empty() {
+                    "none".to_string()
+                } else {
+                    args.defines.join(" ")
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("--compile-kernels {}: {e}", out.display());
+            if e.kind() == ErrorKind::InvalidArgument {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.compile_kernels {
+        return compile_kernels(&args, dir);
+    }
     if let Some(shape) = &args.gemm_shape {
         return gemm_shape(shape, args.repeat, None);
     }

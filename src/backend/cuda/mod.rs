@@ -20,8 +20,10 @@ pub mod gemm_stream;
 pub mod gemm_sweep;
 pub mod gemm_swiglu;
 pub mod gemm_tma;
+pub mod kernel_dir;
 pub mod launch;
 pub mod memory;
+pub mod nvcc;
 pub mod padding;
 #[cfg(test)]
 mod pipeline_model;
@@ -33,7 +35,9 @@ pub mod transformer;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use nvcc::Image;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// One kernel file as `build.rs` embeds it.
@@ -124,6 +128,7 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
             "key_group_max_units",
             attention::keys_units_override().map_or("SM count".into(), Into::into),
         ),
+        ("kernel_dir", kernel_dir::report(&module_names()).into()),
         (
             "stream_gemm_blocks",
             gemm_stream::blocks_override().map_or("one per SM".into(), Into::into),
@@ -184,6 +189,22 @@ pub fn kernel_arch(capability: (i32, i32), force_ampere: bool, name: &str) -> Re
     }
 }
 
+/// The image of a kernel file that a device of `capability` running `arch` loads: the sm_90a
+/// cubin on compute capability 9.0 where the file has one, else (Hopper build) the compute_90
+/// PTX; the Ampere build's fatbin, or `None` when the file has none (Hopper-only instructions).
+pub fn module_image(
+    arch: KernelArch,
+    capability: (i32, i32),
+    has_sm90a: bool,
+    has_sm80: bool,
+) -> Option<Image> {
+    match arch {
+        KernelArch::Hopper if has_sm90a && capability == (9, 0) => Some(Image::Sm90a),
+        KernelArch::Hopper => Some(Image::Ptx90),
+        KernelArch::Ampere => has_sm80.then_some(Image::Sm80),
+    }
+}
+
 /// A CUDA device: context, one non-blocking stream (capturable into CUDA graphs), and the kernel
 /// modules loaded so far.
 pub struct CudaDevice {
@@ -197,6 +218,8 @@ pub struct CudaDevice {
     pub name: String,
     /// Whether kernels are launched with programmatic dependent launch ([`launch`]).
     pub pdl: bool,
+    /// `DLLM_KERNEL_DIR` at open: images loaded instead of the embedded ones ([`kernel_dir`]).
+    pub kernel_dir: Option<PathBuf>,
 }
 
 impl CudaDevice {
@@ -221,6 +244,7 @@ impl CudaDevice {
             .map_err(|e| cuda_err("query compute capability", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown CUDA device".into());
         let arch = kernel_arch(capability, ampere_requested_by_env(), &name)?;
+        let kernel_dir = kernel_dir::from_env()?;
         Ok(Arc::new(CudaDevice {
             ctx,
             stream,
@@ -230,6 +254,7 @@ impl CudaDevice {
             name,
             // PDL's instructions and launch attribute exist from sm_90.
             pdl: launch::pdl_from_env() && arch == KernelArch::Hopper,
+            kernel_dir,
         }))
     }
 
@@ -317,26 +342,51 @@ impl CudaDevice {
         if let Some(module) = cache.get(m.stem) {
             return Ok(module.clone());
         }
-        let image = match (self.arch, m.sm90a, m.sm80) {
-            (KernelArch::Hopper, Some(bin), _) if self.capability == (9, 0) => {
-                cudarc::nvrtc::Ptx::from_binary(bin.to_vec())
+        let image = module_image(
+            self.arch,
+            self.capability,
+            m.sm90a.is_some(),
+            m.sm80.is_some(),
+        )
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "kernel module `{stem}` uses Hopper-only instructions (no Ampere build); {} \
+                 runs the Ampere build",
+                self.name
+            ))
+        })?;
+        let from_dir = match &self.kernel_dir {
+            Some(dir) => kernel_dir::read(dir, stem, image)?,
+            None => None,
+        };
+        let source = if from_dir.is_some() {
+            "from DLLM_KERNEL_DIR"
+        } else {
+            "embedded"
+        };
+        let image = match (image, from_dir) {
+            (Image::Ptx90, Some(bytes)) => {
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    Error::invalid(format!(
+                        "kernel image {} is not PTX text",
+                        Image::Ptx90.file_name(stem)
+                    ))
+                })?;
+                cudarc::nvrtc::Ptx::from_src(text)
             }
-            (KernelArch::Hopper, _, _) => cudarc::nvrtc::Ptx::from_src(m.ptx),
-            (KernelArch::Ampere, _, Some(fatbin)) => {
-                cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec())
+            (_, Some(bytes)) => cudarc::nvrtc::Ptx::from_binary(bytes),
+            (Image::Ptx90, None) => cudarc::nvrtc::Ptx::from_src(m.ptx),
+            (Image::Sm90a, None) => {
+                cudarc::nvrtc::Ptx::from_binary(m.sm90a.map(<[u8]>::to_vec).unwrap_or_default())
             }
-            (KernelArch::Ampere, _, None) => {
-                return Err(Error::Unsupported(format!(
-                    "kernel module `{stem}` uses Hopper-only instructions (no Ampere build); {} \
-                     runs the Ampere build",
-                    self.name
-                )))
+            (Image::Sm80, None) => {
+                cudarc::nvrtc::Ptx::from_binary(m.sm80.map(<[u8]>::to_vec).unwrap_or_default())
             }
         };
         let module = self
             .ctx
             .load_module(image)
-            .map_err(|e| cuda_err(&format!("load module `{stem}`"), e))?;
+            .map_err(|e| cuda_err(&format!("load module `{stem}` ({source})"), e))?;
         cache.insert(m.stem, module.clone());
         Ok(module)
     }
@@ -378,6 +428,28 @@ mod tests {
                 .contains("Tesla T4 has compute capability 7.5"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn each_device_loads_the_image_its_build_names() {
+        use KernelArch::{Ampere, Hopper};
+        // The sm_90a cubin only on compute capability 9.0 (sm_90a code runs nowhere else).
+        assert_eq!(
+            module_image(Hopper, (9, 0), true, false),
+            Some(Image::Sm90a)
+        );
+        assert_eq!(
+            module_image(Hopper, (10, 0), true, false),
+            Some(Image::Ptx90)
+        );
+        assert_eq!(
+            module_image(Hopper, (9, 0), false, true),
+            Some(Image::Ptx90)
+        );
+        // The Ampere build (also when forced on a Hopper) or nothing.
+        assert_eq!(module_image(Ampere, (8, 6), false, true), Some(Image::Sm80));
+        assert_eq!(module_image(Ampere, (9, 0), true, true), Some(Image::Sm80));
+        assert_eq!(module_image(Ampere, (8, 0), true, false), None);
     }
 
     #[test]

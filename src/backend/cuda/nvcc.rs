@@ -1,0 +1,198 @@
+//! How a kernel file `cuda/<stem>.cu` is compiled: which images it gets, their file names, and
+//! nvcc's arguments. One source of truth for `build.rs` (which includes this file with `#[path]`,
+//! so it uses nothing but `std`) and for compiling a kernel directory at run time
+//! (`dllm-gpu-check --compile-kernels DIR --define NAME=VALUE`), whose images
+//! `DLLM_KERNEL_DIR=DIR` then loads instead of the embedded ones (see
+//! [`super::kernel_dir`]): a kernel variant can be built and timed on a GPU machine that has nvcc
+//! but no Rust toolchain.
+//!
+//! Images: PTX for `compute_90` (every file: loaded by the driver on Hopper or newer); an `sm_90a`
+//! cubin for files whose text contains the marker `DLLM_SM90A` (wgmma, setmaxnreg); an Ampere
+//! fatbin (`sm_80` machine code + `compute_80` PTX) for files without the marker `DLLM_SM90`
+//! (which `DLLM_SM90A` contains: TMA, cluster barriers). Warnings are errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// One compiled image of a kernel file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Image {
+    /// `compute_90` PTX (`<stem>.ptx`).
+    Ptx90,
+    /// `sm_90a` cubin (`<stem>.sm90a.cubin`).
+    Sm90a,
+    /// `sm_80` machine code + `compute_80` PTX (`<stem>.sm80.fatbin`).
+    Sm80,
+}
+
+impl Image {
+    /// Every image, in the order they are built.
+    pub const ALL: [Image; 3] = [Image::Ptx90, Image::Sm90a, Image::Sm80];
+
+    /// Whether a file with text `source` gets this image.
+    pub fn applies_to(self, source: &str) -> bool {
+        match self {
+            Image::Ptx90 => true,
+            Image::Sm90a => source.contains("DLLM_SM90A"),
+            Image::Sm80 => !source.contains("DLLM_SM90"),
+        }
+    }
+
+    /// The image's file name for kernel file `stem` (in `OUT_DIR` and in a kernel directory).
+    pub fn file_name(self, stem: &str) -> String {
+        match self {
+            Image::Ptx90 => format!("{stem}.ptx"),
+            Image::Sm90a => format!("{stem}.sm90a.cubin"),
+            Image::Sm80 => format!("{stem}.sm80.fatbin"),
+        }
+    }
+
+    /// Its name on the command line (`--images ptx,sm90a,sm80`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Image::Ptx90 => "ptx",
+            Image::Sm90a => "sm90a",
+            Image::Sm80 => "sm80",
+        }
+    }
+
+    /// The image named `name` ([`Image::name`]).
+    pub fn from_name(name: &str) -> Option<Image> {
+        Image::ALL.into_iter().find(|i| i.name() == name)
+    }
+
+    /// nvcc's output kind and target for this image.
+    fn target_args(self) -> &'static [&'static str] {
+        match self {
+            Image::Ptx90 => &["-ptx", "-arch=compute_90"],
+            Image::Sm90a => &["-cubin", "-gencode=arch=compute_90a,code=sm_90a"],
+            Image::Sm80 => &[
+                "-fatbin",
+                "-gencode=arch=compute_80,code=[sm_80,compute_80]",
+            ],
+        }
+    }
+}
+
+/// Arguments every image is compiled with.
+const COMMON_ARGS: [&str; 5] = ["-O3", "-std=c++17", "-Werror", "all-warnings", "-lineinfo"];
+
+/// nvcc: `NVCC`, then `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`, `/usr/local/cuda/bin/nvcc`,
+/// then `PATH`.
+pub fn find_nvcc() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("NVCC") {
+        let p = PathBuf::from(p);
+        if p.exists() {
+            return Some(p);
+        }
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(home) = std::env::var(var) {
+            let p = Path::new(&home).join("bin/nvcc");
+            if p.exists() {
+                return Some(p);
+            }
+        }
+    }
+    let p = Path::new("/usr/local/cuda/bin/nvcc");
+    if p.exists() {
+        return Some(p.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("nvcc"))
+        .find(|p| p.exists())
+}
+
+/// The nvcc command that compiles `src` to `image` at `out`, with the headers of
+/// `include_dir` and a `-D` for each of `defines` (`NAME` or `NAME=VALUE`).
+pub fn command(
+    nvcc: &Path,
+    src: &Path,
+    include_dir: &Path,
+    image: Image,
+    defines: &[String],
+    out: &Path,
+) -> Command {
+    let mut cmd = Command::new(nvcc);
+    cmd.args(image.target_args())
+        .args(COMMON_ARGS)
+        .arg(format!("-I{}", include_dir.display()));
+    for d in defines {
+        cmd.arg(format!("-D{d}"));
+    }
+    cmd.arg(src).arg("-o").arg(out);
+    cmd
+}
+
+/// Runs [`command`]; the error holds nvcc's own output.
+pub fn compile(
+    nvcc: &Path,
+    src: &Path,
+    include_dir: &Path,
+    image: Image,
+    defines: &[String],
+    out: &Path,
+) -> Result<(), String> {
+    let output = command(nvcc, src, include_dir, image, defines, out)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "nvcc failed on {} ({}): {}{}",
+        src.display(),
+        image.name(),
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    ))
+}
+
+/// One file to compile: `src` to `image` at `out`.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub src: PathBuf,
+    pub image: Image,
+    pub out: PathBuf,
+}
+
+/// Runs every job ([`compile`], same headers and defines) on a pool of worker threads, one per
+/// available core; the error holds every failed job's nvcc output.
+pub fn compile_all(
+    nvcc: &Path,
+    include_dir: &Path,
+    defines: &[String],
+    jobs: &[Job],
+) -> Result<(), String> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let failures: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers.min(jobs.len()))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut errors = Vec::new();
+                    while let Some(job) =
+                        jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        let r = compile(nvcc, &job.src, include_dir, job.image, defines, &job.out);
+                        errors.extend(r.err());
+                    }
+                    errors
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec!["an nvcc worker thread panicked".to_string()])
+            })
+            .collect()
+    });
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
