@@ -133,7 +133,7 @@ __device__ __forceinline__ void attn_load_tile(bf16* tile, const bf16* src, long
     const bf16* g = src + (long long)r0 * stride + c * 8;
 #pragma unroll
     for (int k = 0; k < PASSES; ++k) {
-        const int r = r0 + k * ROW_STEP;  // (r & 7) == (r0 & 7) when ROW_STEP % 8 == 0
+        const int r = r0 + k * ROW_STEP;  // the swizzle takes r itself (ROW_STEP may be < 8)
         const bool ok = r < valid;
         dllm_cp_async16((uint32_t)__cvta_generic_to_shared(tile + attn_swz<D>(r, c)),
                         ok ? g + (long long)k * ROW_STEP * stride : src, ok);

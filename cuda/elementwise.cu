@@ -246,7 +246,9 @@ extern "C" __global__ void fill_u32(uint32_t* __restrict__ out, uint32_t bits, l
 // overlaps RoPE and attention, which leave HBM idle.
 // Block: DLLM_ROW_THREADS threads; head_dim <= 2 * DLLM_ROPE_MAX_HALF.
 #define DLLM_ROPE_MAX_HALF 512
+#ifndef DLLM_PREFETCH_CHUNK  // bytes per prefetch instruction, a multiple of 16 (device only: a kvariant define)
 #define DLLM_PREFETCH_CHUNK 65536LL
+#endif
 
 __device__ __forceinline__ void dllm_prefetch_l2_slice(const unsigned char* p, long long bytes) {
     const long long per = ((bytes + gridDim.x - 1) / gridDim.x + 15) & ~15LL;
@@ -257,7 +259,7 @@ __device__ __forceinline__ void dllm_prefetch_l2_slice(const unsigned char* p, l
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p + off), "r"(n) : "memory");
 #else
-        (void)n;  // the Ampere build: the host never asks it to prefetch (sm_90 instruction)
+        (void)n;  // the Ampere build: a hint without its sm_90 instruction (the model only asks on Hopper)
 #endif
     }
 }

@@ -43,8 +43,9 @@ const KEY_GROUPS: usize = 4;
 const KEYS_THREADS: u32 = (2 * KEY_GROUPS * 32) as u32;
 /// Launches per timed bench sample.
 const BENCH_REPS: usize = 10;
-/// Dynamic shared memory the naive kernel may use without an opt-in.
-const NAIVE_SMEM_LIMIT: usize = 48 * 1024;
+/// Dynamic shared memory the naive kernel may use without an opt-in: 48 KiB less its own
+/// static `red[32]` floats (static and dynamic shared memory share the 48 KiB).
+const NAIVE_SMEM_LIMIT: usize = 48 * 1024 - 32 * 4;
 
 /// Shape and memory layout of one attention call. Strides are in elements; 0 means "dense".
 ///
@@ -278,18 +279,19 @@ pub struct SplitPlan {
 
 impl SplitPlan {
     /// The plan [`Attention::run`] uses: only when the plain grid (`units` blocks) is smaller than
-    /// the GPU (`num_sms`); then as many splits as keep the grid within two blocks per SM, each
-    /// of at least `SPLIT_MIN_TILES` key tiles, and at least 2 of them. `None` means "do not
-    /// split". Measured on an H200 (2026-11-27): 32 queries × 32 heads against 384 keys took
+    /// the GPU (`num_sms`); then as many splits as keep the grid within one wave of resident
+    /// blocks (`blocks_per_sm` of the split kernel fit an SM, counted up to 2: an A100 holds one
+    /// at head_dim 128), each of at least `SPLIT_MIN_TILES` key tiles, and at least 2 of them.
+    /// `None` means "do not split". Measured on an H200 (2026-11-27): 32 queries × 32 heads against 384 keys took
     /// 0.0198 ms split vs 0.0160 ms plain (6 tiles: not worth a merge), against 2048 keys 0.0315
     /// vs 0.0711 ms (8 splits of 4 tiles).
-    pub fn new(shape: &AttnShape, num_sms: usize) -> Option<SplitPlan> {
+    pub fn new(shape: &AttnShape, num_sms: usize, blocks_per_sm: usize) -> Option<SplitPlan> {
         let units = plain_units(shape);
         let key_tiles = shape.skv.div_ceil(MMA_KEYS);
         if units == 0 || units >= num_sms || key_tiles < 2 * SPLIT_MIN_TILES {
             return None;
         }
-        let want = ((2 * num_sms) / units).min(key_tiles);
+        let want = ((blocks_per_sm.clamp(1, 2) * num_sms) / units).min(key_tiles);
         let tiles = key_tiles.div_ceil(want.max(1)).max(SPLIT_MIN_TILES);
         let plan = SplitPlan::with_tiles_per_split(shape, tiles);
         (plan.splits >= 2).then_some(plan)
@@ -377,13 +379,19 @@ impl VariantsFit {
         Self::bytes(variant, head_dim) <= self.per_block
     }
 
+    /// Blocks of `variant` at `head_dim` that fit one multiprocessor's shared memory (each
+    /// also reserves 1 KiB); at least 1.
+    pub fn blocks_per_sm(&self, variant: AttnVariant, head_dim: usize) -> usize {
+        (self.per_sm / (Self::bytes(variant, head_dim) + 1024)).max(1)
+    }
+
     /// Whether the plain kernel at `head_dim` should be the 3-slot one: it fits, and two of its
     /// blocks fit an SM (with the 1 KiB each block reserves), as the 2-slot kernel's do where it
     /// matters (an A100's 164 KiB holds two 2-slot blocks at head_dim 128 but one 3-slot block:
     /// two tiles in flight per block do not make up for half the blocks).
     pub fn prefer_three_slots(&self, head_dim: usize) -> bool {
         self.allows(AttnVariant::Mma, head_dim)
-            && 2 * (Self::bytes(AttnVariant::Mma, head_dim) + 1024) <= self.per_sm
+            && self.blocks_per_sm(AttnVariant::Mma, head_dim) >= 2
     }
 }
 
@@ -521,7 +529,7 @@ impl Attention {
             || !self.fit.allows(AttnVariant::Mma2, hd)
         {
             AttnVariant::Naive
-        } else if self.split_active(hd) && SplitPlan::new(shape, self.num_sms).is_some() {
+        } else if self.split_active(hd) && self.split_plan(shape).is_some() {
             AttnVariant::Split
         } else if self.keys_active(hd) && keys_suit(shape, self.keys_max_units) {
             AttnVariant::Keys
@@ -595,6 +603,12 @@ impl Attention {
         self.num_sms
     }
 
+    /// [`SplitPlan::new`] on this device: its SMs, and as many split blocks per SM as fit.
+    pub fn split_plan(&self, shape: &AttnShape) -> Option<SplitPlan> {
+        let per_sm = self.fit.blocks_per_sm(AttnVariant::Split, shape.head_dim);
+        SplitPlan::new(shape, self.num_sms, per_sm)
+    }
+
     /// The split-KV kernel with an explicit plan (checks force splits with it); the plan must be
     /// [`SplitPlan::with_tiles_per_split`] of this shape.
     #[allow(clippy::too_many_arguments)]
@@ -630,7 +644,7 @@ impl Attention {
     ) -> Result<()> {
         let plan = match variant {
             AttnVariant::Split => Some(
-                SplitPlan::new(shape, self.num_sms)
+                self.split_plan(shape)
                     .unwrap_or_else(|| SplitPlan::with_tiles_per_split(shape, 1)),
             ),
             _ => None,
@@ -1439,26 +1453,26 @@ mod tests {
     fn split_plans_fill_small_grids_only() {
         // The b1 block step against 384 keys: 6 tiles, too few to split (measured slower).
         let block = AttnShape::dense(1, 32, 384, 32, 32, 128);
-        assert_eq!(SplitPlan::new(&block, 132), None);
+        assert_eq!(SplitPlan::new(&block, 132, 2), None);
         // A long prompt: 32 units on 132 SMs want 264 / 32 = 8 splits: 8 of 4 tiles.
         let long = AttnShape::dense(1, 32, 2048, 32, 32, 128);
-        let p = SplitPlan::new(&long, 132).unwrap();
+        let p = SplitPlan::new(&long, 132, 2).unwrap();
         assert_eq!((p.units, p.splits, p.tiles_per_split), (32, 8, 4));
         assert_eq!(p.workspace_floats(128), 32 * 8 * 128 * 68);
         // 600 keys: 10 tiles, split 3 ways (4 + 4 + 2).
         let mid = AttnShape::dense(1, 32, 600, 32, 32, 128);
-        assert_eq!(SplitPlan::new(&mid, 132).map(|p| p.splits), Some(3));
+        assert_eq!(SplitPlan::new(&mid, 132, 2).map(|p| p.splits), Some(3));
         // Enough blocks already (batch 8: 256 units; a full canvas: 192), or one key tile.
         assert_eq!(
-            SplitPlan::new(&AttnShape::dense(8, 32, 384, 32, 32, 128), 132),
+            SplitPlan::new(&AttnShape::dense(8, 32, 384, 32, 32, 128), 132, 2),
             None
         );
         assert_eq!(
-            SplitPlan::new(&AttnShape::dense(1, 384, 384, 32, 32, 128), 132),
+            SplitPlan::new(&AttnShape::dense(1, 384, 384, 32, 32, 128), 132, 2),
             None
         );
         assert_eq!(
-            SplitPlan::new(&AttnShape::dense(1, 32, 64, 32, 32, 128), 132),
+            SplitPlan::new(&AttnShape::dense(1, 32, 64, 32, 32, 128), 132, 2),
             None
         );
         // Every default plan stays within the workspace allocated at load (2 blocks per SM).
@@ -1469,12 +1483,30 @@ mod tests {
             (2, 64, 130, 6),
         ] {
             let shape = AttnShape::dense(b, sq, skv, h, h, 128);
-            if let Some(p) = SplitPlan::new(&shape, 132) {
+            if let Some(p) = SplitPlan::new(&shape, 132, 2) {
                 assert!(p.units * p.splits <= 264, "{p:?}");
                 assert!(p.splits * p.tiles_per_split >= skv.div_ceil(64));
                 assert!((p.splits - 1) * p.tiles_per_split < skv.div_ceil(64));
             }
         }
+        // One split block per SM (an A100 at head_dim 128: 113 of 164 KiB): the grid stays
+        // within one wave, 132 / 32 = 4 splits of 8 tiles instead of 8 of 4.
+        let a100 = VariantsFit {
+            per_block: 166_912,
+            per_sm: 167_936,
+        };
+        assert_eq!(a100.blocks_per_sm(AttnVariant::Split, 128), 1);
+        assert_eq!(a100.blocks_per_sm(AttnVariant::Mma2, 128), 2);
+        let p = SplitPlan::new(&long, 132, a100.blocks_per_sm(AttnVariant::Split, 128)).unwrap();
+        assert_eq!((p.units, p.splits, p.tiles_per_split), (32, 4, 8));
+        // A Hopper (228 KiB per SM) holds two at head_dim 128, four at 64 (counted as 2).
+        let h100 = VariantsFit {
+            per_block: 232_448,
+            per_sm: 233_472,
+        };
+        assert_eq!(h100.blocks_per_sm(AttnVariant::Split, 128), 2);
+        assert_eq!(h100.blocks_per_sm(AttnVariant::Split, 64), 4);
+        assert_eq!(SplitPlan::new(&long, 132, 4), SplitPlan::new(&long, 132, 2));
         // Forced: 7 tiles by 2 → 4 splits (the last holds one tile).
         let p = SplitPlan::with_tiles_per_split(&AttnShape::dense(3, 100, 400, 6, 6, 64), 2);
         assert_eq!((p.units, p.splits), (2 * 6 * 3, 4));

@@ -172,9 +172,12 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                         wg, m, n, k, kps,
                     ))));
                     if gemm.tma_loaded() {
-                        plans.push(Some(GemmPlan::Tma(
-                            WgmmaPlan::paired_with_ktiles_per_split(wg, m, n, k, kps),
-                        )));
+                        let pairs = WgmmaPlan::paired_with_ktiles_per_split(wg, m, n, k, kps);
+                        plans.push(Some(GemmPlan::Tma(pairs)));
+                        // The 2 x 2 quads (DLLM_GEMM_TMA4=1) pair gate and up as the pairs do.
+                        if gemm.tma4_loaded() {
+                            plans.push(Some(GemmPlan::Tma(pairs.quad())));
+                        }
                     }
                 }
             }

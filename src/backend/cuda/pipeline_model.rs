@@ -277,6 +277,15 @@ fn simulate(p: Protocol, k_tiles: usize, seed: u64) -> usize {
                     give_back(&mut slots, &mut empty, b, prev, false);
                 }
                 consumer[b][w] = (next + 1, Some(next));
+                // The staged epilogue (wgmma_common.cuh) reuses the ring as soon as every
+                // consumer of the block has passed its last `full` wait: no copy may still be
+                // on its way into the block then.
+                if consumer[b].iter().all(|&(n, _)| n == k_tiles) {
+                    assert!(
+                        !flight.iter().any(|f| f.0 == b),
+                        "block {b}: a copy still lands after its consumers' last wait"
+                    );
+                }
             }
             2 => {
                 let (next, Some(step)) = consumer[b][w] else {
