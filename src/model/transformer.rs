@@ -285,13 +285,26 @@ impl CpuTransformer {
     /// (row `i` = position `i`, before any logits shift).
     pub fn hidden(&self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
-        self.hidden_rows(ids, 0..ids.len(), Attend::Local)
+        self.hidden_rows(ids, 0..ids.len(), Attend::Local, None)
     }
 
-    /// The normalised hidden states of the rows `span` of `ids` (`span.len() × d_model`), the
-    /// keys and values of the span's rows as `attend` says. `ids` is checked; `span` is inside
-    /// it, and `attend` is [`Attend::Local`] or [`Attend::Store`] only for the whole canvas.
-    fn hidden_rows(&self, ids: &[u32], span: Range<usize>, mut attend: Attend) -> Result<Vec<f32>> {
+    /// The normalised hidden states of the rows `span` of `ids`, the keys and values of the
+    /// span's rows as `attend` says. `ids` is checked; `span` is inside it, and `attend` is
+    /// [`Attend::Local`] or [`Attend::Store`] only for the whole canvas.
+    ///
+    /// `keep` (ascending, distinct, relative to `span`) names the rows whose hidden states the
+    /// caller reads: then the last layer computes keys and values for every row (the cache and
+    /// the attention need them) but its queries, attention output, MLP and the final norm only
+    /// for those rows, and the result holds `keep.len()` rows in `keep`'s order. The kept rows'
+    /// values are the same as without `keep` (every step after the keys and values is per row).
+    /// `None`: every row, `span.len() × d_model`.
+    fn hidden_rows(
+        &self,
+        ids: &[u32],
+        span: Range<usize>,
+        mut attend: Attend,
+        keep: Option<&[usize]>,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (n, s) = (ids.len(), span.len());
         debug_assert!(span.end <= n);
@@ -299,7 +312,11 @@ impl CpuTransformer {
         debug_assert!(
             !matches!(attend, Attend::Packed(segs) if segs.iter().map(|r| r.len()).sum::<usize>() != n)
         );
+        debug_assert!(
+            keep.is_none_or(|k| k.windows(2).all(|w| w[0] < w[1]) && k.iter().all(|&r| r < s))
+        );
         let (d, hd) = (cfg.d_model, cfg.head_dim());
+        let (qw, kw) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
         let positions: Vec<usize> = match &attend {
             Attend::Packed(segs) => segs.iter().flat_map(|r| 0..r.len()).collect(),
             _ => span.clone().collect(),
@@ -311,33 +328,69 @@ impl CpuTransformer {
             &mut b.x,
         )?;
         let packed = matches!(attend, Attend::Packed(_));
+        let n_layers = self.blocks.len();
+        // Rows the query side (attention output onwards) runs on: all `s` until the last layer
+        // narrows them to `keep`.
+        let mut m = s;
+        let mut q_positions = positions.clone();
         for (layer, (names, p)) in self.table.blocks.iter().zip(&self.blocks).enumerate() {
+            let narrow = keep.filter(|k| layer + 1 == n_layers && k.len() < s);
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
-            cpu::linear(&b.normed, s, &self.weight(&names.q)?, &mut b.q);
             cpu::linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
             cpu::linear(&b.normed, s, &self.weight(&names.v)?, &mut b.v);
+            if let Some(rows) = narrow {
+                // The kept rows of the normed input (into `proj`, free until the output
+                // projection) and of the residual (compacted in place: rows ascend).
+                m = rows.len();
+                for (i, &r) in rows.iter().enumerate() {
+                    b.proj[i * d..(i + 1) * d].copy_from_slice(&b.normed[r * d..(r + 1) * d]);
+                    b.x.copy_within(r * d..(r + 1) * d, i * d);
+                }
+                q_positions = rows.iter().map(|&r| positions[r]).collect();
+                cpu::linear(
+                    &b.proj[..m * d],
+                    m,
+                    &self.weight(&names.q)?,
+                    &mut b.q[..m * qw],
+                );
+            } else {
+                cpu::linear(&b.normed, s, &self.weight(&names.q)?, &mut b.q);
+            }
             if let Some((qb, kb, vb)) = &p.qkv_bias {
-                add_bias(&mut b.q, qb);
+                add_bias(&mut b.q[..m * qw], qb);
                 add_bias(&mut b.k, kb);
                 add_bias(&mut b.v, vb);
             }
-            cpu::rope(&mut b.q, &positions, cfg.n_heads, hd, cfg.rope_theta);
+            cpu::rope(
+                &mut b.q[..m * qw],
+                &q_positions,
+                cfg.n_heads,
+                hd,
+                cfg.rope_theta,
+            );
             cpu::rope(&mut b.k, &positions, cfg.n_kv_heads, hd, cfg.rope_theta);
+            // The query rows of canvas rows `r` (all of them, or the kept ones among them).
+            let query_rows = |r: &Range<usize>| match narrow {
+                None => r.clone(),
+                Some(rows) => {
+                    rows.partition_point(|&x| x < r.start)..rows.partition_point(|&x| x < r.end)
+                }
+            };
             let (keys, values, skv) = match &mut attend {
                 Attend::Packed(segs) => {
-                    let (qw, kw) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
                     for r in segs.iter() {
+                        let qr = query_rows(r);
                         cpu::attention(
-                            &b.q[r.start * qw..r.end * qw],
+                            &b.q[qr.start * qw..qr.end * qw],
                             &b.k[r.start * kw..r.end * kw],
                             &b.v[r.start * kw..r.end * kw],
-                            r.len(),
+                            qr.len(),
                             r.len(),
                             cfg.n_heads,
                             cfg.n_kv_heads,
                             hd,
                             None,
-                            &mut b.attn[r.start * qw..r.end * qw],
+                            &mut b.attn[qr.start * qw..qr.end * qw],
                         );
                     }
                     (&b.k[..0], &b.v[..0], 0)
@@ -355,30 +408,68 @@ impl CpuTransformer {
             };
             if !packed {
                 cpu::attention(
-                    &b.q,
+                    &b.q[..m * qw],
                     keys,
                     values,
-                    s,
+                    m,
                     skv,
                     cfg.n_heads,
                     cfg.n_kv_heads,
                     hd,
                     None,
-                    &mut b.attn,
+                    &mut b.attn[..m * qw],
                 );
             }
-            cpu::linear(&b.attn, s, &self.weight(&names.o)?, &mut b.proj);
-            cpu::add_assign(&mut b.x, &b.proj);
-            cpu::rms_norm(&b.x, &p.mlp_norm, cfg.rms_norm_eps, &mut b.normed);
-            cpu::linear(&b.normed, s, &self.weight(&names.gate)?, &mut b.gate);
-            cpu::linear(&b.normed, s, &self.weight(&names.up)?, &mut b.up);
-            cpu::silu_mul(&b.gate, &b.up, &mut b.act);
-            cpu::linear(&b.act, s, &self.weight(&names.down)?, &mut b.proj);
-            cpu::add_assign(&mut b.x, &b.proj);
+            let (x, normed, proj) = (
+                &mut b.x[..m * d],
+                &mut b.normed[..m * d],
+                &mut b.proj[..m * d],
+            );
+            let h = cfg.mlp_hidden;
+            let (gate, up, act) = (
+                &mut b.gate[..m * h],
+                &mut b.up[..m * h],
+                &mut b.act[..m * h],
+            );
+            cpu::linear(&b.attn[..m * qw], m, &self.weight(&names.o)?, proj);
+            cpu::add_assign(x, proj);
+            cpu::rms_norm(x, &p.mlp_norm, cfg.rms_norm_eps, normed);
+            cpu::linear(normed, m, &self.weight(&names.gate)?, gate);
+            cpu::linear(normed, m, &self.weight(&names.up)?, up);
+            cpu::silu_mul(gate, up, act);
+            cpu::linear(act, m, &self.weight(&names.down)?, proj);
+            cpu::add_assign(x, proj);
         }
-        let mut out = vec![0.0f32; s * d];
-        cpu::rms_norm(&b.x, &self.final_norm, cfg.rms_norm_eps, &mut out);
+        let mut out = vec![0.0f32; m * d];
+        cpu::rms_norm(&b.x[..m * d], &self.final_norm, cfg.rms_norm_eps, &mut out);
         Ok(out)
+    }
+
+    /// The distinct rows of `sources`, ascending, and each source's index among them: the `keep`
+    /// of [`CpuTransformer::hidden_rows`] and the rows of its result to read.
+    fn kept_rows(sources: &[usize]) -> (Vec<usize>, Vec<usize>) {
+        let mut keep = sources.to_vec();
+        keep.sort_unstable();
+        keep.dedup();
+        let index = sources
+            .iter()
+            .map(|r| keep.partition_point(|&x| x < *r))
+            .collect();
+        (keep, index)
+    }
+
+    /// The LM head over the hidden states of the span rows `sources` (relative to `span`, may
+    /// repeat): one forward whose last layer runs only those rows ([`CpuTransformer::hidden_rows`]).
+    fn logits_of_sources(
+        &self,
+        ids: &[u32],
+        span: Range<usize>,
+        attend: Attend,
+        sources: &[usize],
+    ) -> Result<Vec<f32>> {
+        let (keep, index) = Self::kept_rows(sources);
+        let hidden = self.hidden_rows(ids, span, attend, Some(&keep))?;
+        self.logits_of_rows(&hidden, &index)
     }
 
     /// Logits of `queries` through `cache` (see [`crate::model::kv_cache`]): a refresh is the full
@@ -436,16 +527,17 @@ impl CpuTransformer {
         // A failed forward leaves a partly written cache: until this one succeeds, the next
         // cached forward must be a refresh.
         cache.invalidate();
-        let hidden = match step {
-            CacheStep::Refresh => self.hidden_rows(ids, span.clone(), Attend::Store(cache))?,
-            CacheStep::Span(_) => self.hidden_rows(ids, span.clone(), Attend::Cached(cache))?,
-        };
-        cache.mark_filled();
         let sources: Vec<usize> = queries
             .iter()
             .map(|&q| self.source_row(q) - span.start)
             .collect();
-        self.logits_of_rows(&hidden, &sources)
+        let attend = match step {
+            CacheStep::Refresh => Attend::Store(cache),
+            CacheStep::Span(_) => Attend::Cached(cache),
+        };
+        let logits = self.logits_of_sources(ids, span, attend, &sources)?;
+        cache.mark_filled();
+        Ok(logits)
     }
 
     /// [`CpuTransformer::predict`] for several canvases in one packed forward: the canvases'
@@ -463,7 +555,6 @@ impl CpuTransformer {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let hidden = self.hidden_rows(&ids, 0..ids.len(), Attend::Packed(&segs))?;
         let sources: Vec<usize> = items
             .iter()
             .zip(&segs)
@@ -473,7 +564,7 @@ impl CpuTransformer {
                     .map(move |&q| r.start + self.source_row(q))
             })
             .collect();
-        let logits = self.logits_of_rows(&hidden, &sources)?;
+        let logits = self.logits_of_sources(&ids, 0..ids.len(), Attend::Packed(&segs), &sources)?;
         let width = self.cfg.logits_width();
         let mut out = Vec::with_capacity(items.len());
         let mut row = 0;
@@ -531,9 +622,9 @@ impl CpuTransformer {
         rule: &PredictRule,
     ) -> Result<Vec<Prediction>> {
         check_queries(queries, ids.len())?;
-        let hidden = self.hidden(ids)?;
+        self.check_ids(ids)?;
         let sources: Vec<usize> = queries.iter().map(|&q| self.source_row(q)).collect();
-        let logits = self.logits_of_rows(&hidden, &sources)?;
+        let logits = self.logits_of_sources(ids, 0..ids.len(), Attend::Local, &sources)?;
         Ok(predict_query_rows(
             &logits,
             self.cfg.logits_width(),
