@@ -85,7 +85,12 @@ fn main() {
                      sm90a: {cubin}, sm80: {ampere} }},"
                 ));
             }
-            if let Err(e) = nvcc::compile_all(&nvcc_path, Path::new("cuda"), &[], &jobs) {
+            let build = nvcc::Build {
+                nvcc: &nvcc_path,
+                include_dir: Path::new("cuda"),
+                defines: &[],
+            };
+            if let Err(e) = build.compile_all(&jobs) {
                 panic!("{e}");
             }
             for e in entries {

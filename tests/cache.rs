@@ -9,7 +9,7 @@
 //! - sessions refresh at each block and after a lock or remask; bad inputs give clear errors.
 
 use dllm::config::ModelConfig;
-use dllm::denoise::predict::{PredictRule, Prediction};
+use dllm::denoise::predict::Prediction;
 use dllm::denoise::{CacheMode, CommitPolicy, Decoding, GenerationParams, Remasking, Session};
 use dllm::error::Result;
 use dllm::model::kv_cache::span_for;
@@ -22,6 +22,7 @@ use tempfile::TempDir;
 
 const LLADA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
 mod common;
+use common::logits::{greedy_rule as rule, rel_err, rows};
 use common::{json_ok, run_dllm};
 
 fn llada() -> Arc<dyn Model> {
@@ -78,37 +79,6 @@ fn canvas(m: &dyn Model, prompt: usize, gen: usize) -> Vec<u32> {
     assert!(c.iter().all(|&t| t != cfg.mask_token_id));
     c.extend(std::iter::repeat_n(cfg.mask_token_id, gen));
     c
-}
-
-/// Rows `queries` of full-canvas logits.
-fn rows(full: &[f32], width: usize, queries: &[usize]) -> Vec<f32> {
-    queries
-        .iter()
-        .flat_map(|&q| full[q * width..(q + 1) * width].iter().copied())
-        .collect()
-}
-
-/// max |a − b| / max |b|.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() as f64)
-        .fold(0.0, f64::max);
-    let den = b.iter().map(|y| y.abs() as f64).fold(0.0, f64::max);
-    num / den
-}
-
-fn rule(m: &dyn Model) -> PredictRule {
-    PredictRule {
-        temperature: 0.0,
-        remasking: Remasking::LowConfidence,
-        seed: 0,
-        step: 0,
-        mask_token: m.config().mask_token_id,
-        vocab_size: m.config().vocab_size,
-    }
 }
 
 #[test]

@@ -5,11 +5,14 @@
 //! q − 1), with queries unsorted, repeated, or none, alone and packed into one batch forward, and
 //! through a K/V cache refresh (which must still store every row's keys and values).
 
-use dllm::denoise::predict::{predict_query_rows, PredictRule, Remasking};
+use dllm::denoise::predict::predict_query_rows;
 use dllm::model::{load_cpu, BatchQuery, CacheStep, KvCache, Model};
 use dllm::synth::{synth_checkpoint, Preset};
 use std::path::Path;
 use std::sync::Arc;
+
+mod common;
+use common::logits::{greedy_rule as rule, rel_err, rows};
 
 const LLADA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
 
@@ -32,37 +35,6 @@ fn canvas(m: &dyn Model, len: usize, salt: usize) -> Vec<u32> {
             }
         })
         .collect()
-}
-
-fn rule(m: &dyn Model) -> PredictRule {
-    PredictRule {
-        temperature: 0.0,
-        remasking: Remasking::LowConfidence,
-        seed: 0,
-        step: 0,
-        mask_token: m.config().mask_token_id,
-        vocab_size: m.config().vocab_size,
-    }
-}
-
-/// Rows `queries` of a `[rows, width]` logits matrix.
-fn rows(full: &[f32], width: usize, queries: &[usize]) -> Vec<f32> {
-    queries
-        .iter()
-        .flat_map(|&q| full[q * width..(q + 1) * width].iter().copied())
-        .collect()
-}
-
-/// max |a − b| / max |b|.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() as f64)
-        .fold(0.0, f64::max);
-    let den = b.iter().map(|y| y.abs() as f64).fold(0.0, f64::max);
-    num / den
 }
 
 /// Query sets: unsorted with a repeat, the first and last positions (Dream's position 0 reads
@@ -136,7 +108,11 @@ fn packed_canvases_keep_only_their_own_queried_rows() {
         let w = m.config().logits_width();
         let r = rule(&*m);
         let canvases = [canvas(&*m, 29, 2), canvas(&*m, 17, 3), canvas(&*m, 33, 4)];
-        let queries = [vec![28, 3, 14, 14], vec![], (0..33).rev().collect::<Vec<_>>()];
+        let queries = [
+            vec![28, 3, 14, 14],
+            vec![],
+            (0..33).rev().collect::<Vec<_>>(),
+        ];
         let items: Vec<BatchQuery> = canvases
             .iter()
             .zip(&queries)

@@ -3,6 +3,8 @@
 //! success checks that print its stderr when it failed.
 #![allow(dead_code)] // each test crate uses part of it
 
+pub mod logits;
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 

@@ -127,7 +127,12 @@ pub fn compile(
             }
         }
     }
-    nvcc::compile_all(&nvcc, src_dir, defines, &jobs).map_err(Error::Backend)?;
+    let build = nvcc::Build {
+        nvcc: &nvcc,
+        include_dir: src_dir,
+        defines,
+    };
+    build.compile_all(&jobs).map_err(Error::Backend)?;
     Ok(jobs.into_iter().map(|j| j.out).collect())
 }
 

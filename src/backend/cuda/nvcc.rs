@@ -104,51 +104,6 @@ pub fn find_nvcc() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// The nvcc command that compiles `src` to `image` at `out`, with the headers of
-/// `include_dir` and a `-D` for each of `defines` (`NAME` or `NAME=VALUE`).
-pub fn command(
-    nvcc: &Path,
-    src: &Path,
-    include_dir: &Path,
-    image: Image,
-    defines: &[String],
-    out: &Path,
-) -> Command {
-    let mut cmd = Command::new(nvcc);
-    cmd.args(image.target_args())
-        .args(COMMON_ARGS)
-        .arg(format!("-I{}", include_dir.display()));
-    for d in defines {
-        cmd.arg(format!("-D{d}"));
-    }
-    cmd.arg(src).arg("-o").arg(out);
-    cmd
-}
-
-/// Runs [`command`]; the error holds nvcc's own output.
-pub fn compile(
-    nvcc: &Path,
-    src: &Path,
-    include_dir: &Path,
-    image: Image,
-    defines: &[String],
-    out: &Path,
-) -> Result<(), String> {
-    let output = command(nvcc, src, include_dir, image, defines, out)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
-    if output.status.success() {
-        return Ok(());
-    }
-    Err(format!(
-        "nvcc failed on {} ({}): {}{}",
-        src.display(),
-        image.name(),
-        String::from_utf8_lossy(&output.stderr),
-        String::from_utf8_lossy(&output.stdout)
-    ))
-}
-
 /// One file to compile: `src` to `image` at `out`.
 #[derive(Clone, Debug)]
 pub struct Job {
@@ -157,42 +112,77 @@ pub struct Job {
     pub out: PathBuf,
 }
 
-/// Runs every job ([`compile`], same headers and defines) on a pool of worker threads, one per
-/// available core; the error holds every failed job's nvcc output.
-pub fn compile_all(
-    nvcc: &Path,
-    include_dir: &Path,
-    defines: &[String],
-    jobs: &[Job],
-) -> Result<(), String> {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let failures: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers.min(jobs.len()))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut errors = Vec::new();
-                    while let Some(job) =
-                        jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                    {
-                        let r = compile(nvcc, &job.src, include_dir, job.image, defines, &job.out);
-                        errors.extend(r.err());
-                    }
-                    errors
+/// How every job of a build is compiled: the nvcc binary, the header directory, and a `-D` for
+/// each of `defines` (`NAME` or `NAME=VALUE`).
+pub struct Build<'a> {
+    pub nvcc: &'a Path,
+    pub include_dir: &'a Path,
+    pub defines: &'a [String],
+}
+
+impl Build<'_> {
+    /// The nvcc command of `job`.
+    pub fn command(&self, job: &Job) -> Command {
+        let mut cmd = Command::new(self.nvcc);
+        cmd.args(job.image.target_args())
+            .args(COMMON_ARGS)
+            .arg(format!("-I{}", self.include_dir.display()));
+        for d in self.defines {
+            cmd.arg(format!("-D{d}"));
+        }
+        cmd.arg(&job.src).arg("-o").arg(&job.out);
+        cmd
+    }
+
+    /// Runs `job`'s command; the error holds nvcc's own output.
+    pub fn compile(&self, job: &Job) -> Result<(), String> {
+        let output = self
+            .command(job)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.nvcc.display()))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "nvcc failed on {} ({}): {}{}",
+            job.src.display(),
+            job.image.name(),
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        ))
+    }
+
+    /// Compiles every job on a pool of worker threads, one per available core; the error holds
+    /// every failed job's nvcc output.
+    pub fn compile_all(&self, jobs: &[Job]) -> Result<(), String> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let failures: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers.min(jobs.len()))
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut errors = Vec::new();
+                        while let Some(job) =
+                            jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                        {
+                            errors.extend(self.compile(job).err());
+                        }
+                        errors
+                    })
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec!["an nvcc worker thread panicked".to_string()])
-            })
-            .collect()
-    });
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(failures.join("\n"))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| vec!["an nvcc worker thread panicked".to_string()])
+                })
+                .collect()
+        });
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("\n"))
+        }
     }
 }
