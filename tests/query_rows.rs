@@ -133,3 +133,40 @@ fn packed_canvases_keep_only_their_own_queried_rows() {
         }
     }
 }
+
+#[test]
+fn a_packed_batch_predicts_exactly_what_each_canvas_alone_does() {
+    // Few queries per canvas (where a GEMV would round differently from the GEMM that the
+    // packed rows take): the same bits, not just the same tokens.
+    let (_tmp, ms) = models();
+    for m in ms {
+        let arch = m.config().arch;
+        let r = rule(&*m);
+        let canvases = [canvas(&*m, 31, 5), canvas(&*m, 22, 6), canvas(&*m, 40, 7)];
+        let queries = [vec![30], vec![12, 15, 21], vec![39, 21]];
+        let items: Vec<BatchQuery> = canvases
+            .iter()
+            .zip(&queries)
+            .map(|(ids, q)| BatchQuery {
+                ids,
+                queries: q,
+                rule: &r,
+            })
+            .collect();
+        let together = m.predict_batch(&items).unwrap();
+        for ((ids, q), got) in canvases.iter().zip(&queries).zip(&together) {
+            let alone = m.predict(ids, q, &r).unwrap();
+            assert_eq!(got.len(), alone.len());
+            for (a, b) in got.iter().zip(&alone) {
+                assert_eq!(a.token, b.token, "{arch:?} {q:?}");
+                assert_eq!(
+                    a.confidence.to_bits(),
+                    b.confidence.to_bits(),
+                    "{arch:?} {q:?}: {} vs {}",
+                    a.confidence,
+                    b.confidence
+                );
+            }
+        }
+    }
+}

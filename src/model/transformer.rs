@@ -335,6 +335,13 @@ impl CpuTransformer {
         let mut q_positions = positions.clone();
         for (layer, (names, p)) in self.table.blocks.iter().zip(&self.blocks).enumerate() {
             let narrow = keep.filter(|k| layer + 1 == n_layers && k.len() < s);
+            // The narrowed rows' count differs between a canvas alone and in a packed batch: their
+            // products must not depend on it.
+            let linear = if narrow.is_some() {
+                cpu::linear_row_invariant
+            } else {
+                cpu::linear
+            };
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
             cpu::linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
             cpu::linear(&b.normed, s, &self.weight(&names.v)?, &mut b.v);
@@ -347,7 +354,7 @@ impl CpuTransformer {
                     b.x.copy_within(r * d..(r + 1) * d, i * d);
                 }
                 q_positions = rows.iter().map(|&r| positions[r]).collect();
-                cpu::linear(
+                linear(
                     &b.proj[..m * d],
                     m,
                     &self.weight(&names.q)?,
@@ -431,13 +438,13 @@ impl CpuTransformer {
                 &mut b.up[..m * h],
                 &mut b.act[..m * h],
             );
-            cpu::linear(&b.attn[..m * qw], m, &self.weight(&names.o)?, proj);
+            linear(&b.attn[..m * qw], m, &self.weight(&names.o)?, proj);
             cpu::add_assign(x, proj);
             cpu::rms_norm(x, &p.mlp_norm, cfg.rms_norm_eps, normed);
-            cpu::linear(normed, m, &self.weight(&names.gate)?, gate);
-            cpu::linear(normed, m, &self.weight(&names.up)?, up);
+            linear(normed, m, &self.weight(&names.gate)?, gate);
+            linear(normed, m, &self.weight(&names.up)?, up);
             cpu::silu_mul(gate, up, act);
-            cpu::linear(act, m, &self.weight(&names.down)?, proj);
+            linear(act, m, &self.weight(&names.down)?, proj);
             cpu::add_assign(x, proj);
         }
         let mut out = vec![0.0f32; m * d];
@@ -577,7 +584,9 @@ impl CpuTransformer {
         Ok(out)
     }
 
-    /// LM head over the given rows of normalised hidden states (rows may repeat).
+    /// LM head over the given rows of normalised hidden states (rows may repeat); each row's
+    /// logits the same bits whatever the row count ([`cpu::linear_row_invariant`]: a packed
+    /// batch's rows equal its canvases' alone).
     fn logits_of_rows(&self, hidden: &[f32], rows: &[usize]) -> Result<Vec<f32>> {
         let d = self.cfg.d_model;
         let mut logits = logits_buffer(rows.len(), self.cfg.logits_width())?;
@@ -585,7 +594,7 @@ impl CpuTransformer {
         for &r in rows {
             gathered.extend_from_slice(&hidden[r * d..(r + 1) * d]);
         }
-        cpu::linear(&gathered, rows.len(), &self.lm_head()?, &mut logits);
+        cpu::linear_row_invariant(&gathered, rows.len(), &self.lm_head()?, &mut logits);
         Ok(logits)
     }
 

@@ -74,6 +74,24 @@ fn dims(x: &[f32], m: usize, w: &TensorView, out: &[f32]) -> (usize, usize) {
     (n, k)
 }
 
+/// [`linear`] whose every output row has the same bits whatever `m` is: the GEMM path at any row
+/// count ([`linear`]'s GEMV path for `m ≤ GEMV_MAX_M` rounds differently), and a single row
+/// computed as two (the `gemm` crate has its own single-row kernel, which rounds differently
+/// too). For rows whose count differs between a canvas run alone and packed with others (the
+/// queried rows of the last layer and the LM head), so that a batch predicts exactly what each
+/// canvas alone does.
+pub fn linear_row_invariant(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
+    if m == 1 {
+        let n = out.len();
+        let twice = [x, x].concat();
+        let mut out2 = vec![0.0f32; 2 * n];
+        linear_blocked(&twice, 2, w, DEFAULT_PANEL_ROWS, DEFAULT_K_BLOCK, &mut out2);
+        out.copy_from_slice(&out2[..n]);
+        return;
+    }
+    linear_blocked(x, m, w, DEFAULT_PANEL_ROWS, DEFAULT_K_BLOCK, out);
+}
+
 /// [`linear`] through the GEMM path with an explicit panel height (rows of `W` per task) and the
 /// default `k` block. Exposed for benchmarks and tests; [`linear`] picks the path itself.
 pub fn linear_panelled(x: &[f32], m: usize, w: &TensorView, panel_rows: usize, out: &mut [f32]) {
@@ -305,6 +323,47 @@ mod tests {
         (33, 257, 7),
         (130, 130, 257),
     ];
+
+    #[test]
+    fn row_invariant_linear_gives_each_row_the_same_bits_at_any_row_count() {
+        let (k, n) = (1024, 384);
+        let rows = 37;
+        let x = rand_vec(11, rows * k, -1.0, 1.0);
+        let (bytes, stored) = encode(DType::BF16, &rand_vec(12, n * k, -1.0, 1.0), 0);
+        let shape = [n, k];
+        let w = TensorView {
+            name: "w",
+            dtype: DType::BF16,
+            shape: &shape,
+            data: &bytes,
+        };
+        let mut all = vec![f32::NAN; rows * n];
+        linear_row_invariant(&x, rows, &w, &mut all);
+        assert!(rel_l2(&all, &naive_linear(&x, rows, &stored, n, k)) <= 1e-5);
+        // Any slice of rows, from one row (the `gemm` crate's own single-row kernel, which rounds
+        // differently once K spans several blocks) up.
+        for (start, m) in [
+            (0, 1),
+            (5, 1),
+            (36, 1),
+            (3, 2),
+            (7, 3),
+            (1, 4),
+            (9, 5),
+            (2, 17),
+        ] {
+            let mut part = vec![f32::NAN; m * n];
+            linear_row_invariant(&x[start * k..(start + m) * k], m, &w, &mut part);
+            let want = &all[start * n..(start + m) * n];
+            assert!(
+                part.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rows {start}..{}",
+                start + m
+            );
+        }
+    }
 
     #[test]
     fn linear_matches_naive_for_each_dtype_and_alignment() {
