@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp kvariant summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -29,6 +29,7 @@
 #                 (the 8B checkpoint: run synth first)
 #   benchnostream the three workloads with only the stream GEMM turned off
 #   benchexp      the three workloads with the variables in $EXP_ENV (e.g. EXP_ENV="DLLM_PDL=1")
+#   dream7b       the b1 workloads on a random Dream-7B (synthesized here first)
 #   kvariant      kernels compiled here with KDEFS="-D NAME=VALUE ..." (DLLM_KERNEL_DIR): every
 #                 check and the three workloads with them
 # The bench stage runs every workload twice: CUDA graphs on (default) and off (DLLM_CUDA_GRAPH=0,
@@ -258,6 +259,18 @@ for s in $STAGES; do
             done
         done
         ;;
+    dream7b)
+        # Dream-7B's shape (28 query / 4 K/V heads, q/k/v biases, shifted logits; random weights
+        # from `dllm synth --preset dream-7b`, 15 GB, into $MODEL_DREAM) through the b1 workloads:
+        # the engine's other architecture, which the LLaDA peer does not cover. Files
+        # bench_dream_*.json.
+        MODEL_DREAM=${MODEL_DREAM:-/tmp/dream7b}
+        if [ ! -f "$MODEL_DREAM/config.json" ]; then
+            stage synth_dream "${T_SYNTH:-240}" "$BIN/dllm" synth --arch dream --preset 7b --out "$MODEL_DREAM"
+        fi
+        MODEL8B=$MODEL_DREAM bench bench_dream_b1_dual_k4 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        MODEL8B=$MODEL_DREAM bench bench_dream_b1_none_k1 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        ;;
     kvariant)
         # Kernels compiled on this machine (its nvcc) from the carried cuda/ sources with the
         # defines in KDEFS (e.g. KDEFS="-D DLLM_EXP_X=1"; empty: the same kernels as embedded, a
@@ -362,6 +375,12 @@ for name, pk in peer_key.items():
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
+for f in sorted(x for x in os.listdir(out) if x.startswith("bench_dream_") and x.endswith(".json")):
+    b = load(f)
+    if "tok_per_s" in b:
+        print(f"{f[6:-5]:<20} {b['tok_per_s']:>8.1f} tok/s {b['ms_per_step']:>8.2f} ms/step  full {fmt(b.get('full_step_ms'))}  block {fmt(b.get('block_step_ms'))}  roofline {fmt(b.get('roofline_fraction'), 3)}")
+    else:
+        print(f"{f[6:-5]:<20} failed")
 for name in peer_key:
     b = load(name + ".json")
     if b.get("profile"):
