@@ -310,6 +310,7 @@ fn info_reports_the_cuda_switches() {
             "DLLM_CUDA_SAFE",
             "DLLM_ATTN_KEYS_UNITS",
             "DLLM_CUDA_ARCH",
+            "DLLM_KERNEL_DIR",
         ] {
             c.env_remove(v);
         }
@@ -328,6 +329,27 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(d["fused_swiglu"], false);
     assert_eq!(d["key_group_max_units"], "SM count");
     assert_eq!(d["kernel_build"], "by compute capability");
+    assert_eq!(d["kernel_dir"], "embedded");
+    // A kernel directory: the images found there that belong to an embedded module.
+    let kd = tempfile::tempdir().unwrap();
+    std::fs::write(kd.path().join("attention.ptx"), "x").unwrap();
+    std::fs::write(kd.path().join("notes.txt"), "x").unwrap();
+    let k = info(&[("DLLM_KERNEL_DIR", kd.path().to_str().unwrap())]);
+    let found = if dllm::backend::cuda::kernels_compiled() {
+        "attention.ptx"
+    } else {
+        "no kernel images"
+    };
+    assert_eq!(
+        k["kernel_dir"],
+        format!("{}: {found}", kd.path().display()).as_str()
+    );
+    let bad = info(&[("DLLM_KERNEL_DIR", "/nonexistent/kernels")]);
+    let bad = bad["kernel_dir"].as_str().unwrap();
+    assert!(
+        bad.starts_with("unusable:") && bad.contains("/nonexistent/kernels is not a directory"),
+        "{bad}"
+    );
     let e = info(&[
         ("DLLM_GEMM_STREAM", "0"),
         ("DLLM_ATTN_KEYS", "0"),
