@@ -5,7 +5,7 @@
 //! q − 1), with queries unsorted, repeated, or none, alone and packed into one batch forward, and
 //! through a K/V cache refresh (which must still store every row's keys and values).
 
-use dllm::denoise::predict::predict_query_rows;
+use dllm::denoise::predict::{predict_query_rows, PredictRule, Prediction};
 use dllm::model::{load_cpu, BatchQuery, CacheStep, KvCache, Model};
 use dllm::synth::{synth_checkpoint, Preset};
 use std::path::Path;
@@ -100,6 +100,25 @@ fn a_refresh_for_few_queries_still_caches_every_row() {
     }
 }
 
+/// One packed `predict_batch` of `canvases`, each with its `queries` and `rule`.
+fn packed(
+    m: &dyn Model,
+    rule: &PredictRule,
+    canvases: &[Vec<u32>],
+    queries: &[Vec<usize>],
+) -> Vec<Vec<Prediction>> {
+    let items: Vec<BatchQuery> = canvases
+        .iter()
+        .zip(queries)
+        .map(|(ids, q)| BatchQuery {
+            ids,
+            queries: q,
+            rule,
+        })
+        .collect();
+    m.predict_batch(&items).unwrap()
+}
+
 #[test]
 fn packed_canvases_keep_only_their_own_queried_rows() {
     let (_tmp, ms) = models();
@@ -113,16 +132,7 @@ fn packed_canvases_keep_only_their_own_queried_rows() {
             vec![],
             (0..33).rev().collect::<Vec<_>>(),
         ];
-        let items: Vec<BatchQuery> = canvases
-            .iter()
-            .zip(&queries)
-            .map(|(ids, q)| BatchQuery {
-                ids,
-                queries: q,
-                rule: &r,
-            })
-            .collect();
-        let got = m.predict_batch(&items).unwrap();
+        let got = packed(&*m, &r, &canvases, &queries);
         for ((ids, q), p) in canvases.iter().zip(&queries).zip(&got) {
             let want = predict_query_rows(&rows(&m.forward(ids).unwrap(), w, q), w, q, &r);
             assert_eq!(p.len(), q.len());
@@ -144,16 +154,7 @@ fn a_packed_batch_predicts_exactly_what_each_canvas_alone_does() {
         let r = rule(&*m);
         let canvases = [canvas(&*m, 31, 5), canvas(&*m, 22, 6), canvas(&*m, 40, 7)];
         let queries = [vec![30], vec![12, 15, 21], vec![39, 21]];
-        let items: Vec<BatchQuery> = canvases
-            .iter()
-            .zip(&queries)
-            .map(|(ids, q)| BatchQuery {
-                ids,
-                queries: q,
-                rule: &r,
-            })
-            .collect();
-        let together = m.predict_batch(&items).unwrap();
+        let together = packed(&*m, &r, &canvases, &queries);
         for ((ids, q), got) in canvases.iter().zip(&queries).zip(&together) {
             let alone = m.predict(ids, q, &r).unwrap();
             assert_eq!(got.len(), alone.len());
