@@ -360,7 +360,7 @@ for name, pk in peer_key.items():
     known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
-    for suffix, graph in known + tuple((x, x[1:7]) for x in extra):
+    for suffix, graph in known + tuple((x, x[1:]) for x in extra):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue

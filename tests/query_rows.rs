@@ -146,14 +146,20 @@ fn packed_canvases_keep_only_their_own_queried_rows() {
 
 #[test]
 fn a_packed_batch_predicts_exactly_what_each_canvas_alone_does() {
-    // Few queries per canvas (where a GEMV would round differently from the GEMM that the
-    // packed rows take): the same bits, not just the same tokens.
+    // Few rows per product (where a GEMV would round differently from the GEMM that the packed
+    // rows take): the same bits, not just the same tokens.
     let (_tmp, ms) = models();
     for m in ms {
         let arch = m.config().arch;
         let r = rule(&*m);
-        let canvases = [canvas(&*m, 31, 5), canvas(&*m, 22, 6), canvas(&*m, 40, 7)];
-        let queries = [vec![30], vec![12, 15, 21], vec![39, 21]];
+        // A canvas of 3 rows, all queried: alone, no product has more than 3 rows.
+        let canvases = [
+            canvas(&*m, 31, 5),
+            canvas(&*m, 22, 6),
+            canvas(&*m, 40, 7),
+            canvas(&*m, 3, 8),
+        ];
+        let queries = [vec![30], vec![12, 15, 21], vec![39, 21], vec![0, 1, 2]];
         let together = packed(&*m, &r, &canvases, &queries);
         for ((ids, q), got) in canvases.iter().zip(&queries).zip(&together) {
             let alone = m.predict(ids, q, &r).unwrap();

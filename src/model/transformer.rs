@@ -296,7 +296,9 @@ impl CpuTransformer {
     /// caller reads: then the last layer computes keys and values for every row (the cache and
     /// the attention need them) but its queries, attention output, MLP and the final norm only
     /// for those rows, and the result holds `keep.len()` rows in `keep`'s order. The kept rows'
-    /// values are the same as without `keep` (every step after the keys and values is per row).
+    /// values are the same as without `keep` (every step after the keys and values is per row,
+    /// and an uncached forward's products do not depend on the row count:
+    /// [`cpu::linear_row_invariant`]).
     /// `None`: every row, `span.len() × d_model`.
     fn hidden_rows(
         &self,
@@ -335,16 +337,17 @@ impl CpuTransformer {
         let mut q_positions = positions.clone();
         for (layer, (names, p)) in self.table.blocks.iter().zip(&self.blocks).enumerate() {
             let narrow = keep.filter(|k| layer + 1 == n_layers && k.len() < s);
-            // The narrowed rows' count differs between a canvas alone and in a packed batch: their
-            // products must not depend on it.
-            let linear = if narrow.is_some() {
+            // A canvas's rows are as many alone as they are a part of a packed batch, and the
+            // narrowed rows fewer still: every product of an uncached forward must not depend on
+            // its row count (a cached span keeps `linear`'s GEMV for a few rows).
+            let linear = if narrow.is_some() || !matches!(attend, Attend::Cached(_)) {
                 cpu::linear_row_invariant
             } else {
                 cpu::linear
             };
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
-            cpu::linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
-            cpu::linear(&b.normed, s, &self.weight(&names.v)?, &mut b.v);
+            linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
+            linear(&b.normed, s, &self.weight(&names.v)?, &mut b.v);
             if let Some(rows) = narrow {
                 // The kept rows of the normed input (into `proj`, free until the output
                 // projection) and of the residual (compacted in place: rows ascend).
@@ -361,7 +364,7 @@ impl CpuTransformer {
                     &mut b.q[..m * qw],
                 );
             } else {
-                cpu::linear(&b.normed, s, &self.weight(&names.q)?, &mut b.q);
+                linear(&b.normed, s, &self.weight(&names.q)?, &mut b.q);
             }
             if let Some((qb, kb, vb)) = &p.qkv_bias {
                 add_bias(&mut b.q[..m * qw], qb);

@@ -79,7 +79,9 @@ fn dims(x: &[f32], m: usize, w: &TensorView, out: &[f32]) -> (usize, usize) {
 /// computed as two (the `gemm` crate has its own single-row kernel, which rounds differently
 /// too). For rows whose count differs between a canvas run alone and packed with others (the
 /// queried rows of the last layer and the LM head), so that a batch predicts exactly what each
-/// canvas alone does.
+/// canvas alone does. Not for output widths of one more than a multiple of 8, whose one-column
+/// tail panel the `gemm` crate runs through kernels chosen by the row count (model widths are
+/// multiples of 8).
 pub fn linear_row_invariant(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
     if m == 1 {
         let n = out.len();

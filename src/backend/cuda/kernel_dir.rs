@@ -32,10 +32,21 @@ pub fn from_env() -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
-/// The bytes of `stem`'s `image` in `dir`, or `None` when the file is not there.
+/// The bytes of `stem`'s `image` in `dir`, or `None` when `dir` holds no image of `stem`. An
+/// error when it holds another image of `stem` but not this one (built with other `--images`:
+/// the embedded image would run in its place unnoticed).
 pub fn read(dir: &Path, stem: &str, image: Image) -> Result<Option<Vec<u8>>> {
     let path = dir.join(image.file_name(stem));
     if !path.exists() {
+        let others = images_in(dir, &[stem]);
+        if let Some(other) = others.first() {
+            return Err(Error::invalid(format!(
+                "{ENV}={} holds {other} but not {}, the image this device loads (compile it with --images {})",
+                dir.display(),
+                image.file_name(stem),
+                image.name()
+            )));
+        }
         return Ok(None);
     }
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
@@ -110,6 +121,18 @@ pub fn compile(
     }
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let mut jobs = Vec::new();
+    // The images of an earlier build (other defines or images) go first: a directory holds one
+    // build, never a mix.
+    for src in &sources {
+        if let Some(stem) = src.file_stem().and_then(|s| s.to_str()) {
+            for image in Image::ALL {
+                let old = out_dir.join(image.file_name(stem));
+                if old.exists() {
+                    std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
+                }
+            }
+        }
+    }
     for src in &sources {
         let text = std::fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
         let stem = src
@@ -159,7 +182,14 @@ mod tests {
             read(&dir, "gemm_tma", Image::Sm90a).unwrap(),
             Some(b"cubin".to_vec())
         );
-        assert_eq!(read(&dir, "gemm_tma", Image::Ptx90).unwrap(), None);
+        // gemm_tma's PTX is not there but its cubin is: loading the embedded PTX would hide that.
+        let e = read(&dir, "gemm_tma", Image::Ptx90).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("holds gemm_tma.sm90a.cubin but not gemm_tma.ptx"),
+            "{e}"
+        );
+        assert_eq!(read(&dir, "sampling", Image::Ptx90).unwrap(), None);
         assert_eq!(
             read(&dir, "attention", Image::Ptx90).unwrap(),
             Some(b"ptx".to_vec())
@@ -208,9 +238,11 @@ mod tests {
         let ptx = std::fs::read_to_string(out.join("probe.ptx")).unwrap();
         assert!(ptx.contains("1234567"), "the define is not in the PTX");
         assert!(ptx.contains(".target sm_90"), "not compute_90 PTX");
-        // Without the define the same file does not compile, and the error carries nvcc's words.
+        // Without the define the same file does not compile, and the error carries nvcc's words;
+        // the earlier build's image is gone (a directory never mixes two builds).
         let e = compile(&src, &out, &[], &[Image::Ptx90]).unwrap_err();
         assert!(e.to_string().contains("DLLM_PROBE_VALUE"), "{e}");
+        assert!(!out.join("probe.ptx").exists());
         std::fs::remove_dir_all(&src).unwrap();
         std::fs::remove_dir_all(&out).unwrap();
     }
