@@ -29,14 +29,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DLLM_NO_CUDA");
     println!("cargo:rerun-if-env-changed=DLLM_REQUIRE_NVCC");
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("cuda")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-                .collect()
-        })
-        .unwrap_or_default();
-    sources.sort();
+    let sources = nvcc::sources(Path::new("cuda")).unwrap_or_default();
     for entry in std::fs::read_dir("cuda").into_iter().flatten().flatten() {
         println!("cargo:rerun-if-changed={}", entry.path().display());
     }
@@ -55,35 +48,30 @@ fn main() {
         Some(nvcc_path) => {
             code.push_str("pub const KERNELS_COMPILED: bool = true;\n");
             code.push_str("pub const MODULES: &[super::EmbeddedModule] = &[\n");
-            let mut jobs = Vec::new();
-            let mut entries = Vec::new();
+            let jobs =
+                nvcc::plan(&sources, &Image::ALL, &out_dir).unwrap_or_else(|e| panic!("{e}"));
             for src in &sources {
-                let stem = src.file_stem().unwrap().to_str().unwrap().to_string();
-                let text = std::fs::read_to_string(src).unwrap();
-                let mut field = |image: Image| {
-                    if !image.applies_to(&text) {
-                        return None;
-                    }
-                    let out = out_dir.join(image.file_name(&stem));
-                    jobs.push(nvcc::Job {
-                        src: src.clone(),
-                        image,
-                        out: out.clone(),
-                    });
-                    Some(out.display().to_string())
+                let stem = nvcc::stem(src).unwrap_or_else(|e| panic!("{e}"));
+                // This file's image of each kind, as the generated code names it.
+                let field = |image: Image| {
+                    jobs.iter()
+                        .find(|j| &j.src == src && j.image == image)
+                        .map(|j| j.out.display().to_string())
                 };
-                let ptx = field(Image::Ptx90).expect("every file has PTX");
                 let bytes = |p: Option<String>| {
                     p.map_or("None".to_string(), |p| {
                         format!("Some(include_bytes!({p:?}))")
                     })
                 };
-                let cubin = bytes(field(Image::Sm90a));
-                let ampere = bytes(field(Image::Sm80));
-                entries.push(format!(
+                let ptx = field(Image::Ptx90).expect("every file has PTX");
+                writeln!(
+                    code,
                     "    super::EmbeddedModule {{ stem: {stem:?}, ptx: include_str!({ptx:?}), \
-                     sm90a: {cubin}, sm80: {ampere} }},"
-                ));
+                     sm90a: {}, sm80: {} }},",
+                    bytes(field(Image::Sm90a)),
+                    bytes(field(Image::Sm80))
+                )
+                .unwrap();
             }
             let build = nvcc::Build {
                 nvcc: &nvcc_path,
@@ -92,9 +80,6 @@ fn main() {
             };
             if let Err(e) = build.compile_all(&jobs) {
                 panic!("{e}");
-            }
-            for e in entries {
-                writeln!(code, "{e}").unwrap();
             }
             code.push_str("];\n");
         }

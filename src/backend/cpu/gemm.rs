@@ -84,14 +84,12 @@ fn dims(x: &[f32], m: usize, w: &TensorView, out: &[f32]) -> (usize, usize) {
 /// multiples of 8).
 pub fn linear_row_invariant(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
     if m == 1 {
-        let n = out.len();
-        let twice = [x, x].concat();
-        let mut out2 = vec![0.0f32; 2 * n];
-        linear_blocked(&twice, 2, w, DEFAULT_PANEL_ROWS, DEFAULT_K_BLOCK, &mut out2);
-        out.copy_from_slice(&out2[..n]);
-        return;
+        let mut twice = vec![0.0f32; 2 * out.len()];
+        linear_panelled(&[x, x].concat(), 2, w, DEFAULT_PANEL_ROWS, &mut twice);
+        out.copy_from_slice(&twice[..out.len()]);
+    } else {
+        linear_panelled(x, m, w, DEFAULT_PANEL_ROWS, out);
     }
-    linear_blocked(x, m, w, DEFAULT_PANEL_ROWS, DEFAULT_K_BLOCK, out);
 }
 
 /// [`linear`] through the GEMM path with an explicit panel height (rows of `W` per task) and the

@@ -107,12 +107,7 @@ pub fn compile(
     let nvcc = nvcc::find_nvcc().ok_or_else(|| {
         Error::Unsupported("nvcc not found (set NVCC or CUDA_HOME, or put it on PATH)".into())
     })?;
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(src_dir)
-        .map_err(|e| Error::io(src_dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
-    sources.sort();
+    let sources = nvcc::sources(src_dir).map_err(|e| Error::io(src_dir, e))?;
     if sources.is_empty() {
         return Err(Error::invalid(format!(
             "{} holds no .cu kernel sources",
@@ -120,36 +115,18 @@ pub fn compile(
         )));
     }
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let mut jobs = Vec::new();
     // The images of an earlier build (other defines or images) go first: a directory holds one
     // build, never a mix.
     for src in &sources {
-        if let Some(stem) = src.file_stem().and_then(|s| s.to_str()) {
-            for image in Image::ALL {
-                let old = out_dir.join(image.file_name(stem));
-                if old.exists() {
-                    std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
-                }
+        let stem = nvcc::stem(src).map_err(Error::invalid)?;
+        for image in Image::ALL {
+            let old = out_dir.join(image.file_name(stem));
+            if old.exists() {
+                std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
             }
         }
     }
-    for src in &sources {
-        let text = std::fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
-        let stem = src
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| Error::invalid(format!("odd kernel file name {}", src.display())))?;
-        for &image in images {
-            if image.applies_to(&text) {
-                let out = out_dir.join(image.file_name(stem));
-                jobs.push(nvcc::Job {
-                    src: src.clone(),
-                    image,
-                    out,
-                });
-            }
-        }
-    }
+    let jobs = nvcc::plan(&sources, images, out_dir).map_err(Error::invalid)?;
     let build = nvcc::Build {
         nvcc: &nvcc,
         include_dir: src_dir,

@@ -112,6 +112,44 @@ pub struct Job {
     pub out: PathBuf,
 }
 
+/// The kernel files (`*.cu`) of `dir`, sorted.
+pub fn sources(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// The file stem of kernel file `src` (`gemm` for `cuda/gemm.cu`).
+pub fn stem(src: &Path) -> Result<&str, String> {
+    src.file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| format!("odd kernel file name {}", src.display()))
+}
+
+/// The jobs that compile each of `sources` to those of `images` that apply to it
+/// ([`Image::applies_to`]) into `out_dir` ([`Image::file_name`]), in source order.
+pub fn plan(sources: &[PathBuf], images: &[Image], out_dir: &Path) -> Result<Vec<Job>, String> {
+    let mut jobs = Vec::new();
+    for src in sources {
+        let text = std::fs::read_to_string(src)
+            .map_err(|e| format!("cannot read {}: {e}", src.display()))?;
+        let stem = stem(src)?;
+        for &image in images {
+            if image.applies_to(&text) {
+                jobs.push(Job {
+                    src: src.clone(),
+                    image,
+                    out: out_dir.join(image.file_name(stem)),
+                });
+            }
+        }
+    }
+    Ok(jobs)
+}
+
 /// How every job of a build is compiled: the nvcc binary, the header directory, and a `-D` for
 /// each of `defines` (`NAME` or `NAME=VALUE`).
 pub struct Build<'a> {
