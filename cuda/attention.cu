@@ -534,13 +534,22 @@ __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, 
     for (int i = 0; i < ND; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 
-    for (; j < n_tiles; j += KG) {
-        attn_warp_tile<D>(qf, tK, tV, j * BN, kv_end, scale_log2, o, m0, m1, l0, l1, lane);
-        if (j + KG < n_tiles) {
+    // Every group runs the same number of rounds, and so passes the same number of barriers, even
+    // where its last tile came a round earlier than another group's (n_tiles not a multiple of
+    // KG). compute-sanitizer's racecheck (2026-11-28, H200) reported the merge's writes below as
+    // racing with the tile reads here, which a __syncthreads() orders; the likely cause (not yet
+    // confirmed on a GPU) is its accounting of named barriers that groups passed different numbers
+    // of times. The idle group's extra barriers are among its own two warps, idle anyway.
+    const int rounds = (n_tiles + KG - 1) / KG;
+    for (int r = 0; r < rounds; ++r, j += KG) {
+        if (j < n_tiles) attn_warp_tile<D>(qf, tK, tV, j * BN, kv_end, scale_log2, o, m0, m1, l0, l1, lane);
+        if (r + 1 < rounds) {
             attn_group_sync(1 + kg);  // both warps of the group are done with the tile
-            const long long off = (long long)(j + KG) * BN * kv_stride;
-            attn_load_tile<D, BN, 64>(tK, kb + off, kv_stride, kv_end - (j + KG) * BN, gtid);
-            attn_load_tile<D, BN, 64>(tV, vb + off, kv_stride, kv_end - (j + KG) * BN, gtid);
+            if (j + KG < n_tiles) {
+                const long long off = (long long)(j + KG) * BN * kv_stride;
+                attn_load_tile<D, BN, 64>(tK, kb + off, kv_stride, kv_end - (j + KG) * BN, gtid);
+                attn_load_tile<D, BN, 64>(tV, vb + off, kv_stride, kv_end - (j + KG) * BN, gtid);
+            }
             dllm_cp_commit();
             dllm_cp_wait<0>();
             attn_group_sync(1 + kg);  // every loader's copies have landed

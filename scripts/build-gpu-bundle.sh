@@ -6,11 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PEER_SRC=${PEER_SRC:-/work/shared/bench/peer_llada_torch.py}
 cargo build --release --bin dllm --bin dllm-gpu-check
-mkdir -p .gpu .peer
+# The device tool carries at most 64 MiB with the working tree, and the binaries (each embeds
+# every kernel image) are ~30 MB stripped: they travel as one xz archive that gpu-check.sh unpacks.
+rm -rf .gpu && mkdir -p .gpu/stage .peer
 for b in dllm dllm-gpu-check; do
-    cp target/release/$b .gpu/$b
-    strip .gpu/$b 2>/dev/null || true
+    cp target/release/$b .gpu/stage/$b
+    strip .gpu/stage/$b 2>/dev/null || true
 done
+tar cJf .gpu/bin.tar.xz -C .gpu/stage dllm dllm-gpu-check
+rm -rf .gpu/stage
 if [ -f "$PEER_SRC" ]; then
     install -m 644 "$PEER_SRC" .peer/peer_llada_torch.py
 else

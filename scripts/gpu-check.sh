@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl blocks99 peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -44,9 +44,13 @@ mkdir -p "$OUT"
 BIN=${BIN:-.gpu}
 MODEL8B=${MODEL8B:-/tmp/llada8b}
 TINY=${TINY:-models/tiny-llada-code}
+# scripts/build-gpu-bundle.sh ships the binaries as $BIN/bin.tar.xz (the carry limit): unpack once.
+if [ -f "$BIN/bin.tar.xz" ] && [ ! -x "$BIN/dllm" ]; then
+    tar xJf "$BIN/bin.tar.xz" -C "$BIN" || { echo "cannot unpack $BIN/bin.tar.xz" >&2; exit 2; }
+fi
 STAGES=${*:-smi check synth bench summary}
-# `next`: the first call docs/perf.md ("Session 6 … what the next GPU session runs first") asks for, as one word.
-STAGES=${STAGES//next/smi check synth bench tma4 attn2 prefetch swiglu sweep peer summary pack}
+# `next`: the first call docs/perf.md ("Session 9 … what the next GPU session runs first") asks for, as one word.
+STAGES=${STAGES//next/smi check synth bench blocks99 sanitize peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -161,6 +165,13 @@ for s in $STAGES; do
             exit \$rc"
         BENCH_ENV="DLLM_GEMM_TMA4=1" workloads _tma4 1
         ;;
+    blocks99)
+        # The stream GEMM on 99 blocks instead of one per SM (DLLM_GEMM_STREAM_BLOCKS=99): the
+        # plan sweeps of sessions 5 and 9 (H200) found it 5-8 % faster on the QKV and down
+        # projections of the block step and 2-4 % slower on the gate/up; the three workloads
+        # with it, to decide on a per-shape block count.
+        BENCH_ENV="DLLM_GEMM_STREAM_BLOCKS=99" workloads _blocks99 1
+        ;;
     attn2)
         # The three workloads with the plain attention kernel's 2-slot K/V ring (as before
         # session 6; the 3-slot ring is the default): the ring's end-to-end effect.
@@ -181,12 +192,12 @@ for s in $STAGES; do
         BENCH_ENV="DLLM_SESSION_GRAPHS=1" bench bench_b1_none_k1_sessiongraphs 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none --session
         ;;
     swiglu)
-        # The SwiGLU fused into the gate/up GEMM (DLLM_FUSED_SWIGLU=1, opt-in, written in session
-        # 5 without a GPU): the GEMM checks (gemm.swiglu: every kernel, split-K, poisoned
-        # outputs) run whatever the variable says; the model checks with it, then the three
-        # workloads and the fused gate/up shapes timed against the plain ones.
-        stage swiglu "${T_SWIGLU:-240}" env DLLM_FUSED_SWIGLU=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_swiglu.json"
-        BENCH_ENV="DLLM_FUSED_SWIGLU=1" workloads _swiglu 1
+        # The SwiGLU fused into the gate/up GEMM is the default since session 9 (verified on an
+        # H200): the model checks and the three workloads with it turned off (the separate SwiGLU
+        # kernel, DLLM_FUSED_SWIGLU=0), then the fused gate/up shapes timed against the plain ones.
+        # The GEMM checks (gemm.swiglu: every kernel, split-K, poisoned outputs) run in `check`.
+        stage swiglu "${T_SWIGLU:-240}" env DLLM_FUSED_SWIGLU=0 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_swiglu.json"
+        BENCH_ENV="DLLM_FUSED_SWIGLU=0" workloads _noswiglu 1
         stage sweep_swiglu "${T_SWEEP:-150}" bash -c "rc=0
             for s in 32,24576,4096 384,24576,4096 3072,24576,4096; do
                 for e in bf16 swiglu_bf16; do '$BIN/dllm-gpu-check' --gemm-sweep \$s --epilogue \$e --repeat 20 || rc=1; done
@@ -357,13 +368,15 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):
         b = load(name + suffix + ".json")
         if "tok_per_s" not in b and suffix != "":
             continue
+        if "tok_per_s" not in b and not os.path.exists(os.path.join(out, name + ".log")):
+            continue  # the bench stage did not run in this call
         if "tok_per_s" in b:
             hashes[graph] = b.get("canvas_hash")
             print(f"{name[6:]:<14} {graph:>5} {b['tok_per_s']:>8.1f} {b['ms_per_step']:>8.2f} {fmt(b.get('full_step_ms')):>8} {fmt(b.get('block_step_ms')):>8} {fmt(b.get('roofline_fraction'), 3):>8} {round(b.get('copy_gbps') or 0):>9} {b.get('graph_count')!s:>6} {pv!s:>10}  {b.get('canvas_hash')}")
@@ -396,11 +409,12 @@ for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.
                            ("sessiongraphs", "DLLM_SESSION_GRAPHS", ()),
                            ("prefetch", "DLLM_L2_PREFETCH", ()),
                            ("swiglu", "DLLM_FUSED_SWIGLU", ())):
+    setting = "0" if exp == "swiglu" else "1"
     cs = load(f"check_{exp}.json")
     if "checks" not in cs:
         continue
     bad = [x for x in cs["checks"] if not x["passed"]]
-    print(f"\n{exp} kernel ({var}=1): {len(cs['checks'])} checks, {len(bad)} failed")
+    print(f"\n{exp} kernel ({var}={setting}): {len(cs['checks'])} checks, {len(bad)} failed")
     for x in bad[:40]:
         print(f"  FAIL {x['name']}: rel_err {x['rel_err']} tol {x['tol']} {x['detail']}")
     for x in cs.get("benches", []):
@@ -442,7 +456,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs shapes sweep sanitize ncu benchexp summary pack)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl blocks99 peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

@@ -326,7 +326,7 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(d["pdl"], true);
     assert_eq!(d["cache_slots"], 4);
     assert_eq!(d["stream_gemm_blocks"], "one per SM");
-    assert_eq!(d["fused_swiglu"], false);
+    assert_eq!(d["fused_swiglu"], true);
     assert_eq!(d["key_group_max_units"], "SM count");
     assert_eq!(d["kernel_build"], "by compute capability");
     assert_eq!(d["kernel_dir"], "embedded");
@@ -356,7 +356,7 @@ fn info_reports_the_cuda_switches() {
         ("DLLM_PDL", " 0"),
         ("DLLM_CACHE_SLOTS", "1"),
         ("DLLM_GEMM_STREAM_BLOCKS", "99"),
-        ("DLLM_FUSED_SWIGLU", "1"),
+        ("DLLM_FUSED_SWIGLU", "0"),
         ("DLLM_ATTN_KEYS_UNITS", "264"),
         ("DLLM_CUDA_ARCH", "80"),
     ]);
@@ -367,10 +367,10 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(e["tma_gemm"], true);
     assert_eq!(e["cache_slots"], 1);
     assert_eq!(e["stream_gemm_blocks"], 99);
-    assert_eq!(e["fused_swiglu"], true);
+    assert_eq!(e["fused_swiglu"], false);
     assert_eq!(e["key_group_max_units"], 264);
     // The reference kernels have no fused SwiGLU.
-    let safe = info(&[("DLLM_FUSED_SWIGLU", "1"), ("DLLM_CUDA_SAFE", "1")]);
+    let safe = info(&[("DLLM_CUDA_SAFE", "1")]);
     assert_eq!(safe["fused_swiglu"], false);
     assert_eq!(safe["reference_kernels"], true);
 }

@@ -3,7 +3,8 @@
 //! kernel), with and without split-K, against the f64 host reference of
 //! [`swiglu_layout::swiglu_of_fused`], on odd shapes and into NaN-poisoned outputs with guard
 //! elements past the end. Run by `dllm-gpu-check` (part `gemm`); not part of the load-time
-//! self-test, because only `DLLM_FUSED_SWIGLU=1` uses the epilogue.
+//! self-test, which compares every variant's plain epilogue with the naive kernel (the fused
+//! epilogue, the default since session 9 unless `DLLM_FUSED_SWIGLU=0`, shares their main loops).
 
 use super::check::{self, CheckResult, TOL_BF16};
 use super::gemm::{

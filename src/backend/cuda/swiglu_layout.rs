@@ -1,4 +1,5 @@
-//! The weight layout of the SwiGLU-fused gate/up projection (`DLLM_FUSED_SWIGLU=1`), and its
+//! The weight layout of the SwiGLU-fused gate/up projection (the default; `DLLM_FUSED_SWIGLU=0`
+//! keeps gate and up apart and runs the separate SwiGLU kernel), and its
 //! host reference.
 //!
 //! The fused GEMM (`GemmOut::SwigluBf16`, `DLLM_EPI_SWIGLU_BF16` in `cuda/gemm_common.cuh`)

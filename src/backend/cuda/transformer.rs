@@ -97,7 +97,9 @@ pub struct KernelChoice {
     pub naive_attention: bool,
     /// SwiGLU fused into the gate/up GEMM's epilogue (gate and up rows interleaved at upload,
     /// [`super::swiglu_layout`]); needs the fast GEMMs and an MLP width divisible by 8, else
-    /// the separate SwiGLU kernel runs.
+    /// the separate SwiGLU kernel runs. On unless `DLLM_FUSED_SWIGLU=0`: verified on an H200
+    /// (2026-11-28, every GEMM and model check with it; b1 dual-cache +1.4 %, b8 +3.0 %, b1
+    /// uncached +3.2 % tok/s, docs/perf.md "Session 9").
     pub fused_swiglu: bool,
     /// Block forwards request each layer's attention-output weights into L2 while RoPE and
     /// attention run (HBM otherwise idle then), so the weight-streaming GEMM after them reads
@@ -106,13 +108,12 @@ pub struct KernelChoice {
 }
 
 impl KernelChoice {
-    /// The fast kernels, the SwiGLU fused when `DLLM_FUSED_SWIGLU=1` (opt-in: written in
-    /// session 5 without a GPU to check it on).
+    /// The fast kernels, the SwiGLU fused unless `DLLM_FUSED_SWIGLU=0`.
     pub fn fast() -> Self {
         KernelChoice {
             naive_gemm: false,
             naive_attention: false,
-            fused_swiglu: super::env_switch::flag("DLLM_FUSED_SWIGLU", false),
+            fused_swiglu: super::env_switch::flag("DLLM_FUSED_SWIGLU", true),
             l2_prefetch: super::env_switch::flag("DLLM_L2_PREFETCH", false),
         }
     }
