@@ -31,7 +31,7 @@
 //   split reduces in split order). Both blocks meet at a cluster barrier before exiting, so no
 //   block leaves while its peer may still arrive on its barriers.
 //
-// gemm_tma4_wg{2,3} (opt-in, DLLM_GEMM_TMA4=1; written in session 6 without a GPU): clusters of
+// gemm_tma4_wg{2,3} (opt-in, DLLM_GEMM_TMA4=1; correct but slower than the pairs on an H200): clusters of
 // 2 x 2 blocks, (x, y) = (blockIdx.x & 1, blockIdx.y & 1), rank x + 2 y. The two blocks of an N tile
 // share its W tile as above, and the two blocks of an M tile share its A tile the same way: block
 // (x, y) loads A rows [m0 + y BM/2, + BM/2) multicast to (x, 0) and (x, 1), and W rows

@@ -27,7 +27,8 @@ pub fn graphs_from_env() -> bool {
 }
 
 /// Whether the Session path's forwards run their layers as CUDA graphs: only with
-/// `DLLM_SESSION_GRAPHS=1` (session 4, not yet run on a GPU; `dllm bench --session` times it).
+/// `DLLM_SESSION_GRAPHS=1` (session 4; its checks pass on an H200, where `dllm bench --session`
+/// found it no faster than the eager Session path in session 9).
 pub fn session_graphs_from_env() -> bool {
     crate::backend::cuda::env_switch::flag("DLLM_SESSION_GRAPHS", false)
 }
