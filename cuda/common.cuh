@@ -21,6 +21,11 @@ __device__ __forceinline__ double dllm_uniform(uint64_t seed, uint64_t step, uin
     return ((double)(h >> 11) + 0.5) * (1.0 / 9007199254740992.0);
 }
 
+// A compile-time setting the host reads from the loaded module (CudaDevice::module_int) instead of
+// mirroring it in Rust: a module built with other -D values (DLLM_KERNEL_DIR) is then launched
+// with the shared memory and grid its own constants need.
+#define DLLM_MODULE_INT(symbol, value) extern "C" __constant__ int symbol = (value)
+
 __device__ __forceinline__ float dllm_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -43,7 +43,13 @@
 #define STREAM_ROWS (STREAM_CONSUMERS * 16 * STREAM_RT)
 #define STREAM_KS 128
 #define STREAM_BOX_K 64
+// Ring depth: a define (`-D STREAM_STAGES=N` in a DLLM_KERNEL_DIR build) the host reads back as
+// dllm_stream_stages for the launch's shared memory (src/backend/cuda/gemm_stream.rs).
+#ifndef STREAM_STAGES
 #define STREAM_STAGES 5
+#endif
+static_assert(STREAM_STAGES >= 2 && STREAM_STAGES <= 8, "STREAM_STAGES must be 2..8");
+DLLM_MODULE_INT(dllm_stream_stages, STREAM_STAGES);
 
 template <int G>
 struct StreamCfg {

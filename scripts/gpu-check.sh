@@ -288,7 +288,8 @@ for s in $STAGES; do
         # control) through `dllm-gpu-check --compile-kernels` (build.rs's targets and flags), then
         # every check and the three workloads with DLLM_KERNEL_DIR pointing at them (files
         # check_<KNAME>.json, bench_*_<KNAME>.json; KNAME defaults to kvariant). A define may only
-        # change what the host does not mirror (see src/backend/cuda/kernel_dir.rs).
+        # change what the host does not mirror (see src/backend/cuda/kernel_dir.rs): today
+        # DLLM_PREFETCH_CHUNK and STREAM_STAGES (e.g. KDEFS="-D STREAM_STAGES=2" KNAME=ring2).
         KNAME=${KNAME:-kvariant}
         KDIR=${KDIR:-/tmp/dllm-kernels-$KNAME}
         stage "${KNAME}_build" "${T_KBUILD:-300}" "$BIN/dllm-gpu-check" --compile-kernels "$KDIR" ${KDEFS:-} --images ptx,sm90a

@@ -326,6 +326,7 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(d["pdl"], true);
     assert_eq!(d["cache_slots"], 4);
     assert_eq!(d["stream_gemm_blocks"], "one per SM");
+    assert_eq!(d["stream_gemm_stages"], "as compiled");
     assert_eq!(d["fused_swiglu"], true);
     assert_eq!(d["key_group_max_units"], "SM count");
     assert_eq!(d["kernel_build"], "by compute capability");

@@ -701,6 +701,8 @@ pub struct Gemm {
     num_sms: usize,
     /// Blocks of the stream kernel's plans ([`gemm_stream::blocks_from_env`]).
     stream_blocks: usize,
+    /// Ring depth of the loaded stream kernel ([`gemm_stream::stages_of`]).
+    stream_stages: usize,
     scratch: Mutex<ReductionScratch>,
     /// Variants that failed the load-time self-test (or cannot run here), with the reason;
     /// [`Gemm::run`] never picks them.
@@ -763,6 +765,10 @@ impl Gemm {
         } else {
             (None, None)
         };
+        let (stream, stream_stages) = match stream {
+            Some((fs, stages)) => (Some(fs), stages),
+            None => (None, gemm_stream::DEFAULT_STAGES),
+        };
         let (tma, tma_failure) = if gemm_tma::requested_by_env() {
             match gemm_tma::load(dev, "gemm_tma") {
                 Ok(f) => (Some(f), None),
@@ -811,6 +817,7 @@ impl Gemm {
             wgmma,
             num_sms,
             stream_blocks: gemm_stream::blocks_from_env(num_sms),
+            stream_stages,
             scratch: Mutex::new(scratch),
             disabled,
         };
@@ -900,6 +907,12 @@ impl Gemm {
     /// `DLLM_GEMM_STREAM=0`), loaded, and passed its load-time self-test.
     pub fn stream_active(&self) -> bool {
         self.stream.is_some() && self.stream_failure.is_none()
+    }
+
+    /// Ring depth of the loaded stream kernel (read from its module; the embedded default when
+    /// it is not loaded).
+    pub fn stream_stages(&self) -> usize {
+        self.stream_stages
     }
 
     /// Whether the stream kernel is loaded (requested), whatever its self-test said.
@@ -1307,7 +1320,7 @@ impl Gemm {
                 let cfg = LaunchConfig {
                     grid_dim: (plan.blocks as u32, 1, 1),
                     block_dim: (STREAM_THREADS, 1, 1),
-                    shared_mem_bytes: plan.smem_bytes(),
+                    shared_mem_bytes: gemm_stream::smem_bytes(plan.groups, self.stream_stages),
                 };
                 let (map_a, map_w) = operand_maps(
                     dev,
@@ -1374,26 +1387,29 @@ fn operand_maps(
     ))
 }
 
-/// Loads `gemm_stream_mg{1..4}` and allows each its shared-memory ring.
-fn load_stream(dev: &CudaDevice) -> Result<Vec<CudaFunction>> {
+/// Loads `gemm_stream_mg{1..4}` and allows each its shared-memory ring; with the ring depth the
+/// module was compiled with.
+fn load_stream(dev: &CudaDevice) -> Result<(Vec<CudaFunction>, usize)> {
     if dev.arch != super::KernelArch::Hopper {
         return Err(Error::Unsupported(format!(
             "the stream GEMM needs TMA (sm_90, Hopper build); this is {}",
             dev.describe()
         )));
     }
-    (1..=STREAM_MAX_M / 8)
+    let stages = gemm_stream::stages_of(dev)?;
+    let fs = (1..=STREAM_MAX_M / 8)
         .map(|g| {
             let name = format!("gemm_stream_mg{g}");
             let f = dev.function("gemm_stream", &name)?;
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                gemm_stream::smem_bytes(g) as i32,
+                gemm_stream::smem_bytes(g, stages) as i32,
             )
             .map_err(|e| cuda_err(&format!("{name}: allow dynamic shared memory"), e))?;
             Ok(f)
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((fs, stages))
 }
 
 /// Loads `gemm_wgmma_wg2` / `gemm_wgmma_wg3` from the sm_90a cubin of `cuda/gemm_wgmma.cu`; the
@@ -2007,6 +2023,26 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     }
     if let Some(f) = gemm.tma4_failure() {
         why.push(format!("TMA quad kernel requested but not used: {f}"));
+    }
+    // The stream kernel's ring depth, read from its module (what a DLLM_KERNEL_DIR build with
+    // -D STREAM_STAGES=N relies on); the embedded image has the default.
+    if gemm.stream.is_some() {
+        let read = gemm_stream::stages_read(dev);
+        let embedded = dev.kernel_dir.is_none();
+        let ok = matches!(&read, Ok(s) if !embedded || *s == gemm_stream::DEFAULT_STAGES);
+        res.push(CheckResult::exact(
+            "gemm.stream_stages",
+            ok,
+            match &read {
+                Ok(s) => format!(
+                    "{} = {s} read from the module (launched with {}); embedded default {}",
+                    gemm_stream::STAGES_SYMBOL,
+                    gemm.stream_stages,
+                    gemm_stream::DEFAULT_STAGES
+                ),
+                Err(e) => format!("cannot read {}: {e}", gemm_stream::STAGES_SYMBOL),
+            },
+        ));
     }
     let [pairs, quads] = gemm.resident_clusters();
     let resident = format!("resident clusters (wg2, wg3): pairs {pairs:?}, quads {quads:?}");

@@ -26,8 +26,14 @@ const STREAM_CONSUMERS: usize = 4;
 pub const STREAM_THREADS: u32 = ((STREAM_CONSUMERS + 1) * 32) as u32;
 /// 16-row mma tiles per consumer warp; `STREAM_RT`.
 const STREAM_RT: usize = 2;
-/// Ring depth; `STREAM_STAGES`.
-const STREAM_STAGES: usize = 5;
+/// Ring depth of the embedded image (`STREAM_STAGES`'s default in gemm_stream.cu). The loaded
+/// module says its own ([`stages_of`]): an image built with `-D STREAM_STAGES=N` for
+/// `DLLM_KERNEL_DIR` runs with the shared memory its ring needs.
+pub const DEFAULT_STAGES: usize = 5;
+/// The module constant holding the ring depth (`DLLM_MODULE_INT` in gemm_stream.cu).
+pub const STAGES_SYMBOL: &str = "dllm_stream_stages";
+/// The ring depths the kernel accepts (its `static_assert`).
+const STAGES_RANGE: std::ops::RangeInclusive<usize> = 2..=8;
 /// K elements per TMA box (two boxes per chunk and operand); `STREAM_BOX_K`.
 pub const STREAM_BOX_K: usize = 64;
 
@@ -89,11 +95,6 @@ impl StreamPlan {
         self.tiles * STREAM_CONSUMERS
     }
 
-    /// Dynamic shared memory of the launch (`StreamCfg<G>::SMEM_BYTES`).
-    pub fn smem_bytes(&self) -> u32 {
-        smem_bytes(self.groups)
-    }
-
     /// How many block boundaries fall inside a tile (each cuts that tile between two blocks,
     /// which then meet in the workspace reduction); tiles not cut are written directly.
     pub fn inner_boundaries(&self) -> usize {
@@ -105,12 +106,44 @@ impl StreamPlan {
     }
 }
 
-/// Dynamic shared memory of `gemm_stream_mg{groups}` (`StreamCfg<G>::SMEM_BYTES`): the ring of
-/// stages of two 64-K boxes of 128 weight rows and two of 8·groups activation rows (128 bytes a
-/// row), plus 1 KB to align the ring to the swizzle's 1024-byte period.
-pub fn smem_bytes(groups: usize) -> u32 {
+/// Dynamic shared memory of `gemm_stream_mg{groups}` with a ring of `stages`
+/// (`StreamCfg<G>::SMEM_BYTES`): stages of two 64-K boxes of 128 weight rows and two of 8·groups
+/// activation rows (128 bytes a row), plus 1 KB to align the ring to the swizzle's 1024-byte
+/// period.
+pub fn smem_bytes(groups: usize, stages: usize) -> u32 {
     let stage = 2 * STREAM_ROWS * 128 + 2 * 8 * groups * 128;
-    (STREAM_STAGES * stage + 1024) as u32
+    (stages * stage + 1024) as u32
+}
+
+/// The ring depth the loaded `gemm_stream` module was compiled with ([`STAGES_SYMBOL`]), checked
+/// against the range its kernel accepts.
+pub fn stages_read(dev: &super::CudaDevice) -> Result<usize> {
+    stages_checked(dev.module_int("gemm_stream", STAGES_SYMBOL)?)
+}
+
+/// The ring depth to launch the loaded module with: [`stages_read`], or, when that fails and no
+/// `DLLM_KERNEL_DIR` is in use, [`DEFAULT_STAGES`] (the embedded image is compiled from the source
+/// that constant mirrors; `dllm-gpu-check`'s `gemm.stream_stages` reports a failed read).
+pub fn stages_of(dev: &super::CudaDevice) -> Result<usize> {
+    match stages_read(dev) {
+        Ok(s) => Ok(s),
+        Err(_) if dev.kernel_dir.is_none() => Ok(DEFAULT_STAGES),
+        Err(e) => Err(e),
+    }
+}
+
+/// `value` as a ring depth, or the error naming the module constant.
+fn stages_checked(value: i32) -> Result<usize> {
+    usize::try_from(value)
+        .ok()
+        .filter(|s| STAGES_RANGE.contains(s))
+        .ok_or_else(|| {
+            Error::Backend(format!(
+                "gemm_stream's {STAGES_SYMBOL} is {value}, outside {}..={}",
+                STAGES_RANGE.start(),
+                STAGES_RANGE.end()
+            ))
+        })
 }
 
 /// The largest `m` [`super::gemm::Gemm::run`] gives the stream kernel: `DLLM_GEMM_STREAM_MAX_M`
@@ -474,12 +507,40 @@ mod tests {
         // 227 KB of opt-in shared memory per block on sm_90, minus the static barriers.
         for g in 1..=4 {
             assert!(
-                smem_bytes(g) <= 232_448 - 1024,
+                smem_bytes(g, DEFAULT_STAGES) <= 232_448 - 1024,
                 "groups {g}: {}",
-                smem_bytes(g)
+                smem_bytes(g, DEFAULT_STAGES)
             );
         }
-        assert_eq!(smem_bytes(4), 5 * (32_768 + 8_192) + 1024);
-        assert_eq!(smem_bytes(1), 5 * (32_768 + 2_048) + 1024);
+        assert_eq!(smem_bytes(4, 5), 5 * (32_768 + 8_192) + 1024);
+        assert_eq!(smem_bytes(1, 5), 5 * (32_768 + 2_048) + 1024);
+        // A 2-stage ring at M = 32 leaves room for a second block on the SM (the next GEMM's,
+        // launched early by PDL), a 3-stage one does not.
+        assert!(2 * (smem_bytes(4, 2) + 1024) <= 228 * 1024);
+        assert!(2 * (smem_bytes(4, 3) + 1024) > 228 * 1024);
+    }
+
+    #[test]
+    fn default_ring_depth_mirrors_the_kernel_source() {
+        let src = include_str!("../../../cuda/gemm_stream.cu");
+        let line = format!("#define STREAM_STAGES {DEFAULT_STAGES}");
+        assert!(
+            src.lines().any(|l| l.trim() == line),
+            "{line} not in gemm_stream.cu"
+        );
+        assert!(src.contains(&format!("DLLM_MODULE_INT({STAGES_SYMBOL}, STREAM_STAGES)")));
+    }
+
+    #[test]
+    fn ring_depth_from_the_module_is_range_checked() {
+        assert_eq!(stages_checked(5).unwrap(), 5);
+        assert_eq!(stages_checked(2).unwrap(), 2);
+        for bad in [-1, 0, 1, 9] {
+            let e = stages_checked(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(STAGES_SYMBOL) && e.contains(&bad.to_string()),
+                "{e}"
+            );
+        }
     }
 }

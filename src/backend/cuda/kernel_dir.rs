@@ -7,7 +7,10 @@
 //! machine with nvcc but no Rust toolchain build and time a kernel variant (a compile-time
 //! constant, an older code path kept behind a define) without rebuilding dllm. The images must be
 //! built from the same kernel sources as the binary: the host code launches them with the
-//! signatures and shared-memory sizes of its own build. A development tool; `dllm info` and the
+//! signatures and shared-memory sizes of its own build, except where it reads a setting from the
+//! loaded module ([`super::CudaDevice::module_int`]). A define may therefore change only what
+//! stays inside the device code (`DLLM_PREFETCH_CHUNK`) or what the host reads back
+//! (`STREAM_STAGES`, the stream GEMM's ring depth, 2..=8). A development tool; `dllm info` and the
 //! bench reports name the directory and the images found there.
 
 use super::nvcc::{self, Image};

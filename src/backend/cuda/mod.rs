@@ -133,6 +133,9 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
             "stream_gemm_blocks",
             gemm_stream::blocks_override().map_or("one per SM".into(), Into::into),
         ),
+        // The loaded module's ring depth (a DLLM_KERNEL_DIR build may change it): known once a
+        // model is loaded (the bench reports' effective switches).
+        ("stream_gemm_stages", "as compiled".into()),
     ]
 }
 
@@ -389,6 +392,30 @@ impl CudaDevice {
             .map_err(|e| cuda_err(&format!("load module `{stem}` ({source})"), e))?;
         cache.insert(m.stem, module.clone());
         Ok(module)
+    }
+
+    /// The `int` constant `symbol` of module `stem` (`DLLM_MODULE_INT` in `cuda/common.cuh`): a
+    /// compile-time setting the host reads from the loaded image instead of mirroring it, so an
+    /// image built with other defines (`DLLM_KERNEL_DIR`) is launched as it was compiled.
+    pub fn module_int(&self, stem: &str, symbol: &str) -> Result<i32> {
+        let module = self.module(stem)?;
+        let what = format!("module constant `{symbol}` of `{stem}`");
+        let view = module
+            .get_global(symbol, &self.stream)
+            .map_err(|e| cuda_err(&format!("find {what}"), e))?;
+        if view.len() != 4 {
+            return Err(Error::Backend(format!(
+                "{what} has {} bytes, not the 4 of an int",
+                view.len()
+            )));
+        }
+        let mut bytes = [0u8; 4];
+        self.stream
+            .memcpy_dtoh(&view, &mut bytes)
+            .map_err(|e| cuda_err(&format!("read {what}"), e))?;
+        // cudarc does not synchronize for a plain array destination.
+        self.sync()?;
+        Ok(i32::from_le_bytes(bytes))
     }
 
     /// Kernel `name` from module `stem`.

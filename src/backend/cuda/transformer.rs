@@ -520,6 +520,7 @@ impl CudaTransformer {
         for (name, value) in v.iter_mut() {
             let actual: Option<serde_json::Value> = match *name {
                 "stream_gemm" => Some(self.kit.gemm.stream_active().into()),
+                "stream_gemm_stages" => Some(self.kit.gemm.stream_stages().into()),
                 "tma_gemm" => Some(self.kit.gemm.tma_active().into()),
                 "tma_quad_gemm" => Some(self.kit.gemm.tma4_active().into()),
                 "split_attention" => Some(self.attn.split_active(hd).into()),
