@@ -293,7 +293,8 @@ for s in $STAGES; do
         KNAME=${KNAME:-kvariant}
         KDIR=${KDIR:-/tmp/dllm-kernels-$KNAME}
         stage "${KNAME}_build" "${T_KBUILD:-300}" "$BIN/dllm-gpu-check" --compile-kernels "$KDIR" ${KDEFS:-} --images ptx,sm90a
-        stage "$KNAME" "${T_CHECK:-180}" env DLLM_KERNEL_DIR="$KDIR" "$BIN/dllm-gpu-check" --model "$TINY" --json "$OUT/check_$KNAME.json"
+        # KONLY=gemm,model (say) limits the check to those parts.
+        stage "$KNAME" "${T_CHECK:-180}" env DLLM_KERNEL_DIR="$KDIR" "$BIN/dllm-gpu-check" --model "$TINY" ${KONLY:+--only "$KONLY"} --json "$OUT/check_$KNAME.json"
         BENCH_ENV="DLLM_KERNEL_DIR=$KDIR" workloads "_$KNAME" 1
         ;;
     benchexp)
