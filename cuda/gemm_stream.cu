@@ -111,105 +111,116 @@ __device__ __forceinline__ void stream_load_a(uint32_t stage, const CUtensorMap*
                  kc * STREAM_KS + kb * STREAM_BOX_K, 0, full);
 }
 
-template <int G>
-__device__ __forceinline__ void stream_body(const CUtensorMap* map_a, const CUtensorMap* map_w, void* C,
-                                            float* __restrict__ ws, unsigned int* __restrict__ counters, int M,
-                                            int N, int K, int epi) {
-    using Cfg = StreamCfg<G>;
-    extern __shared__ unsigned char stream_raw[];
-    __shared__ __align__(8) uint64_t full_bar[STREAM_STAGES];
-    __shared__ __align__(8) uint64_t empty_bar[STREAM_STAGES];
+// One GEMM of a launch: C = A · Wᵀ, epilogue `epi`, with its reduction workspace and counters.
+struct StreamJob {
+    const CUtensorMap* map_a;
+    const CUtensorMap* map_w;
+    void* C;
+    float* ws;
+    unsigned int* counters;
+    int M, N, K, epi;
+};
 
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int C_chunks = (K + STREAM_KS - 1) / STREAM_KS;
+// This block's contiguous share of a job's (tile, chunk) pairs.
+struct StreamRange {
+    int C_chunks;    // chunks per tile
+    long long T, B;  // pairs in all, blocks
+    int n_chunks;    // pairs of this block (< 2^31: T / B, B >= 1)
+    int tile_begin, kc_begin;
+};
+
+__device__ __forceinline__ StreamRange stream_range(int N, int K) {
+    StreamRange r;
+    r.C_chunks = (K + STREAM_KS - 1) / STREAM_KS;
     const long long tiles = ((long long)N + STREAM_ROWS - 1) / STREAM_ROWS;
-    const long long T = tiles * C_chunks;
-    const long long B = gridDim.x;
-    const long long x_begin = stream_start(blockIdx.x, T, B);
-    const long long x_end = stream_start((long long)blockIdx.x + 1, T, B);
-    const int n_chunks = (int)(x_end - x_begin);  // < 2^31: T / B chunks, B >= 1
+    r.T = tiles * r.C_chunks;
+    r.B = gridDim.x;
+    const long long x_begin = stream_start(blockIdx.x, r.T, r.B);
+    r.n_chunks = (int)(stream_start((long long)blockIdx.x + 1, r.T, r.B) - x_begin);
     // Where the range starts: tile and chunk (one 64-bit division; the loops count from here).
-    const int tile_begin = (int)(x_begin / C_chunks);
-    const int kc_begin = (int)(x_begin - (long long)tile_begin * C_chunks);
+    r.tile_begin = (int)(x_begin / r.C_chunks);
+    r.kc_begin = (int)(x_begin - (long long)r.tile_begin * r.C_chunks);
+    return r;
+}
 
-    const uint32_t raw = dllm_smem_addr(stream_raw);
-    const uint32_t ring = (raw + 1023u) & ~1023u;
-    unsigned char* ring_ptr = stream_raw + (ring - raw);
-
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STREAM_STAGES; ++s) {
-            dllm_bar_init(dllm_smem_addr(&full_bar[s]), 1);
-            dllm_bar_init(dllm_smem_addr(&empty_bar[s]), STREAM_CONSUMERS);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+// A position in the ring (slot, parity of its current use), carried from one job to the next.
+// Starting at (0, 0), the producer's first wait on each slot's empty barrier (parity 1, the phase
+// before a fresh barrier's first) returns at once.
+struct StreamPos {
+    int s;
+    uint32_t phase;
+};
+__device__ __forceinline__ void stream_advance(StreamPos& p) {
+    if (++p.s == STREAM_STAGES) {
+        p.s = 0;
+        p.phase ^= 1u;
     }
-    __syncthreads();
-    // Programmatic dependent launch (a no-op without it): the next kernel may start launching
-    // now. Weights are constant, so the producer requests the first ring's worth of them before
-    // waiting for the previous kernel (they stream while it finishes); the activations it wrote,
-    // the split scratch and C are touched only after the wait.
-    dllm_pdl_trigger();
+}
 
-    if (warp == STREAM_CONSUMERS) {
-        // Producer: one thread arms each stage with its byte count and issues its 4 boxes.
-        if (lane == 0) {
-            tma_prefetch_map(map_a);
-            tma_prefetch_map(map_w);
-            const uint64_t policy = tma_evict_first();
-            // Prologue: the first min(n_chunks, STREAM_STAGES) stages, fresh slots (no empty wait),
-            // weights first; each stage's full barrier completes when its A boxes land too.
-            const int prologue = n_chunks < STREAM_STAGES ? n_chunks : STREAM_STAGES;
-            int tile = tile_begin, kc = kc_begin;
-            for (int i = 0; i < prologue; ++i) {
-                const uint32_t full = dllm_smem_addr(&full_bar[i]);
-                dllm_bar_arrive_tx(full, Cfg::STAGE_BYTES);
-                stream_load_w<G>(ring + (uint32_t)(i * Cfg::STAGE_BYTES), map_w, tile, kc, full, policy);
-                stream_next(tile, kc, C_chunks);
-            }
-            dllm_pdl_wait();
-            tile = tile_begin;
-            kc = kc_begin;
-            for (int i = 0; i < prologue; ++i) {
-                stream_load_a<G>(ring + (uint32_t)(i * Cfg::STAGE_BYTES), map_a, kc, dllm_smem_addr(&full_bar[i]));
-                stream_next(tile, kc, C_chunks);
-            }
-            // Steady state (only when n_chunks > STREAM_STAGES, so the prologue filled the whole
-            // ring): slot s's next use waits for the consumers' release of its previous one.
-            int s = 0;
-            uint32_t phase = 1;  // parity of the slot's current use: the ring was filled once
-            for (int i = prologue; i < n_chunks; ++i) {
-                dllm_bar_wait(dllm_smem_addr(&empty_bar[s]), phase ^ 1u);
-                const uint32_t full = dllm_smem_addr(&full_bar[s]);
-                dllm_bar_arrive_tx(full, Cfg::STAGE_BYTES);
-                const uint32_t stage = ring + (uint32_t)(s * Cfg::STAGE_BYTES);
-                stream_load_w<G>(stage, map_w, tile, kc, full, policy);
-                stream_load_a<G>(stage, map_a, kc, full);
-                stream_next(tile, kc, C_chunks);
-                if (++s == STREAM_STAGES) {
-                    s = 0;
-                    phase ^= 1u;
-                }
-            }
-        }
-        return;
+// Producer thread: streams a job's chunks through the ring from `pos`. The weights of the first
+// min(n_chunks, STREAM_STAGES) chunks are requested before `gate()` (constant data: they stream
+// while the work the gate waits for finishes), their activations after it; each stage's full
+// barrier completes when both have landed.
+template <int G, class Gate>
+__device__ __forceinline__ void stream_produce(const StreamJob& job, const StreamRange& r, uint32_t ring,
+                                               uint64_t* full_bar, uint64_t* empty_bar, StreamPos& pos,
+                                               uint64_t policy, Gate gate) {
+    using Cfg = StreamCfg<G>;
+    const int pre = r.n_chunks < STREAM_STAGES ? r.n_chunks : STREAM_STAGES;
+    const StreamPos first = pos;
+    int tile = r.tile_begin, kc = r.kc_begin;
+    for (int i = 0; i < pre; ++i) {
+        dllm_bar_wait(dllm_smem_addr(&empty_bar[pos.s]), pos.phase ^ 1u);
+        const uint32_t full = dllm_smem_addr(&full_bar[pos.s]);
+        dllm_bar_arrive_tx(full, Cfg::STAGE_BYTES);
+        stream_load_w<G>(ring + (uint32_t)(pos.s * Cfg::STAGE_BYTES), job.map_w, tile, kc, full, policy);
+        stream_next(tile, kc, r.C_chunks);
+        stream_advance(pos);
     }
+    gate();
+    StreamPos p = first;
+    tile = r.tile_begin;
+    kc = r.kc_begin;
+    for (int i = 0; i < pre; ++i) {
+        stream_load_a<G>(ring + (uint32_t)(p.s * Cfg::STAGE_BYTES), job.map_a, kc, dllm_smem_addr(&full_bar[p.s]));
+        stream_next(tile, kc, r.C_chunks);
+        stream_advance(p);
+    }
+    // Steady state: each slot's next use waits for the consumers' release of its previous one.
+    for (int i = pre; i < r.n_chunks; ++i) {
+        dllm_bar_wait(dllm_smem_addr(&empty_bar[pos.s]), pos.phase ^ 1u);
+        const uint32_t full = dllm_smem_addr(&full_bar[pos.s]);
+        dllm_bar_arrive_tx(full, Cfg::STAGE_BYTES);
+        const uint32_t stage = ring + (uint32_t)(pos.s * Cfg::STAGE_BYTES);
+        stream_load_w<G>(stage, job.map_w, tile, kc, full, policy);
+        stream_load_a<G>(stage, job.map_a, kc, full);
+        stream_next(tile, kc, r.C_chunks);
+        stream_advance(pos);
+    }
+}
 
-    // Consumers read the split scratch and write C: after the previous kernel.
-    dllm_pdl_wait();
-    // Consumer warps.
+// Consumer warp `warp` (0..STREAM_CONSUMERS-1): the job's chunks from the ring at `pos`, each
+// finished tile segment stored, or handed to the tile's reducer (the last of its blocks to
+// arrive, per warp: it sums the partials in block order, so the bits do not depend on who
+// arrives last).
+template <int G>
+__device__ __forceinline__ void stream_consume(const StreamJob& job, const StreamRange& r,
+                                               const unsigned char* ring_ptr, uint64_t* full_bar,
+                                               uint64_t* empty_bar, StreamPos& pos, int warp, int lane) {
+    using Cfg = StreamCfg<G>;
     const int g = lane >> 2;
     const int t = lane & 3;
     const int wrow = warp * 16 * STREAM_RT;  // first weight row of this warp within the tile
+    const int C_chunks = r.C_chunks;
+    const long long T = r.T, B = r.B;
     float acc[STREAM_RT][G][4];
     stream_zero<G>(acc);
 
-    int tile = tile_begin, kc = kc_begin, s = 0;
-    uint32_t phase = 0;
-    bool seg_whole = kc_begin == 0;  // this segment of `tile` started at the tile's first chunk
-    for (int i = 0; i < n_chunks; ++i) {
-        dllm_bar_wait(dllm_smem_addr(&full_bar[s]), phase);
-        const unsigned char* stage = ring_ptr + s * Cfg::STAGE_BYTES;
+    int tile = r.tile_begin, kc = r.kc_begin;
+    bool seg_whole = r.kc_begin == 0;  // this segment of `tile` started at the tile's first chunk
+    for (int i = 0; i < r.n_chunks; ++i) {
+        dllm_bar_wait(dllm_smem_addr(&full_bar[pos.s]), pos.phase);
+        const unsigned char* stage = ring_ptr + pos.s * Cfg::STAGE_BYTES;
 #pragma unroll
         for (int sub = 0; sub < STREAM_KS / 32; ++sub) {
             const unsigned char* wbox = stage + (sub >> 1) * Cfg::W_BOX_BYTES;
@@ -217,52 +228,49 @@ __device__ __forceinline__ void stream_body(const CUtensorMap* map_a, const CUte
             const int c = 2 * t + (sub & 1);
             uint4 wa[STREAM_RT], wb[STREAM_RT];
 #pragma unroll
-            for (int r = 0; r < STREAM_RT; ++r) {
-                const int row = wrow + 16 * r + g;
-                wa[r] = *(const uint4*)(wbox + stream_swz(row, c));
-                wb[r] = *(const uint4*)(wbox + stream_swz(row + 8, c));
+            for (int rr = 0; rr < STREAM_RT; ++rr) {
+                const int row = wrow + 16 * rr + g;
+                wa[rr] = *(const uint4*)(wbox + stream_swz(row, c));
+                wb[rr] = *(const uint4*)(wbox + stream_swz(row + 8, c));
             }
 #pragma unroll
             for (int j = 0; j < G; ++j) {
                 const uint4 av = *(const uint4*)(abox + stream_swz(8 * j + g, c));
 #pragma unroll
-                for (int r = 0; r < STREAM_RT; ++r) {
-                    gemm_mma_bf16(acc[r][j], wa[r].x, wb[r].x, wa[r].y, wb[r].y, av.x, av.y);
-                    gemm_mma_bf16(acc[r][j], wa[r].z, wb[r].z, wa[r].w, wb[r].w, av.z, av.w);
+                for (int rr = 0; rr < STREAM_RT; ++rr) {
+                    gemm_mma_bf16(acc[rr][j], wa[rr].x, wb[rr].x, wa[rr].y, wb[rr].y, av.x, av.y);
+                    gemm_mma_bf16(acc[rr][j], wa[rr].z, wb[rr].z, wa[rr].w, wb[rr].w, av.z, av.w);
                 }
             }
         }
         __syncwarp();
-        if (lane == 0) dllm_bar_arrive(dllm_smem_addr(&empty_bar[s]));
-        if (++s == STREAM_STAGES) {
-            s = 0;
-            phase ^= 1u;
-        }
+        if (lane == 0) dllm_bar_arrive(dllm_smem_addr(&empty_bar[pos.s]));
+        stream_advance(pos);
 
         const bool tile_end = kc == C_chunks - 1;
-        if (!tile_end && i != n_chunks - 1) {
+        if (!tile_end && i != r.n_chunks - 1) {
             ++kc;
             continue;
         }
         // End of this block's segment of `tile`: write it, or hand it to the tile's reducer.
         bool store = seg_whole && tile_end;
         if (!store) {
-            float4* part = (float4*)ws;
-            const int slot = (tile == tile_begin) ? 0 : 1;
+            float4* part = (float4*)job.ws;
+            const int slot = (tile == r.tile_begin) ? 0 : 1;
             const size_t base = (((size_t)blockIdx.x * 2 + slot) * STREAM_CONSUMERS + warp) * (STREAM_RT * G);
 #pragma unroll
-            for (int r = 0; r < STREAM_RT; ++r)
+            for (int rr = 0; rr < STREAM_RT; ++rr)
 #pragma unroll
                 for (int j = 0; j < G; ++j)
-                    part[(base + r * G + j) * 32 + lane] =
-                        make_float4(acc[r][j][0], acc[r][j][1], acc[r][j][2], acc[r][j][3]);
+                    part[(base + rr * G + j) * 32 + lane] =
+                        make_float4(acc[rr][j][0], acc[rr][j][1], acc[rr][j][2], acc[rr][j][3]);
             // Every lane's partial is visible device-wide before the counter moves; the lane
             // that moves it fences again, and __syncwarp orders that for the other lanes, before
             // anyone reads the other blocks' partials.
             __threadfence();
             __syncwarp();
             const long long t0 = (long long)tile * C_chunks;
-            unsigned int* counter = &counters[(size_t)tile * STREAM_CONSUMERS + warp];
+            unsigned int* counter = &job.counters[(size_t)tile * STREAM_CONSUMERS + warp];
             unsigned int prev = 0;
             if (lane == 0) {
                 prev = atomicAdd(counter, 1u);
@@ -279,32 +287,32 @@ __device__ __forceinline__ void stream_body(const CUtensorMap* map_a, const CUte
                     const int sb = (stream_start(b, T, B) / C_chunks == tile) ? 0 : 1;
                     const size_t bb = (((size_t)b * 2 + sb) * STREAM_CONSUMERS + warp) * (STREAM_RT * G);
 #pragma unroll
-                    for (int r = 0; r < STREAM_RT; ++r)
+                    for (int rr = 0; rr < STREAM_RT; ++rr)
 #pragma unroll
                         for (int j = 0; j < G; ++j) {
                             float4 v;
                             if (b == (int)blockIdx.x) {
-                                v = make_float4(acc[r][j][0], acc[r][j][1], acc[r][j][2], acc[r][j][3]);
+                                v = make_float4(acc[rr][j][0], acc[rr][j][1], acc[rr][j][2], acc[rr][j][3]);
                             } else {
-                                v = __ldcg(&part[(bb + r * G + j) * 32 + lane]);
+                                v = __ldcg(&part[(bb + rr * G + j) * 32 + lane]);
                             }
-                            sum[r][j][0] += v.x;
-                            sum[r][j][1] += v.y;
-                            sum[r][j][2] += v.z;
-                            sum[r][j][3] += v.w;
+                            sum[rr][j][0] += v.x;
+                            sum[rr][j][1] += v.y;
+                            sum[rr][j][2] += v.z;
+                            sum[rr][j][3] += v.w;
                         }
                 }
 #pragma unroll
-                for (int r = 0; r < STREAM_RT; ++r)
+                for (int rr = 0; rr < STREAM_RT; ++rr)
 #pragma unroll
                     for (int j = 0; j < G; ++j)
 #pragma unroll
-                        for (int q = 0; q < 4; ++q) acc[r][j][q] = sum[r][j][q];
+                        for (int q = 0; q < 4; ++q) acc[rr][j][q] = sum[rr][j][q];
                 if (lane == 0) *counter = 0u;
                 store = true;
             }
         }
-        if (store) gemm_store_fragments<STREAM_RT, G>(acc, C, tile * STREAM_ROWS + wrow, g, t, M, N, epi);
+        if (store) gemm_store_fragments<STREAM_RT, G>(acc, job.C, tile * STREAM_ROWS + wrow, g, t, job.M, job.N, job.epi);
         stream_zero<G>(acc);
         seg_whole = true;  // the next segment starts at a tile's first chunk
         kc = 0;
@@ -312,15 +320,172 @@ __device__ __forceinline__ void stream_body(const CUtensorMap* map_a, const CUte
     }
 }
 
+// The ring in dynamic shared memory (1024-aligned for the swizzle) and its barriers, initialised;
+// then the PDL trigger (the next kernel may start launching).
+struct StreamRing {
+    uint32_t ring;
+    unsigned char* ring_ptr;
+};
+__device__ __forceinline__ StreamRing stream_ring_init(unsigned char* raw_ptr, uint64_t* full_bar,
+                                                       uint64_t* empty_bar) {
+    const uint32_t raw = dllm_smem_addr(raw_ptr);
+    StreamRing r;
+    r.ring = (raw + 1023u) & ~1023u;
+    r.ring_ptr = raw_ptr + (r.ring - raw);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STREAM_STAGES; ++s) {
+            dllm_bar_init(dllm_smem_addr(&full_bar[s]), 1);
+            dllm_bar_init(dllm_smem_addr(&empty_bar[s]), STREAM_CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    // Programmatic dependent launch (a no-op without it): the next kernel may start launching
+    // now. Weights are constant, so the producer requests the first ring's worth of them before
+    // waiting for the previous kernel (they stream while it finishes); the activations it wrote,
+    // the split scratch and C are touched only after the wait.
+    dllm_pdl_trigger();
+    return r;
+}
+
+struct StreamPdlGate {
+    __device__ __forceinline__ void operator()() const { dllm_pdl_wait(); }
+};
+
+template <int G>
+__device__ __forceinline__ void stream_body(const StreamJob& job) {
+    extern __shared__ unsigned char stream_raw[];
+    __shared__ __align__(8) uint64_t full_bar[STREAM_STAGES];
+    __shared__ __align__(8) uint64_t empty_bar[STREAM_STAGES];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const StreamRange r = stream_range(job.N, job.K);
+    const StreamRing ring = stream_ring_init(stream_raw, full_bar, empty_bar);
+    StreamPos pos = {0, 0u};
+    if (warp == STREAM_CONSUMERS) {
+        // Producer: one thread arms each stage with its byte count and issues its 4 boxes.
+        if (lane == 0) {
+            tma_prefetch_map(job.map_a);
+            tma_prefetch_map(job.map_w);
+            stream_produce<G>(job, r, ring.ring, full_bar, empty_bar, pos, tma_evict_first(), StreamPdlGate{});
+        }
+        return;
+    }
+    // Consumers read the split scratch and write C: after the previous kernel.
+    dllm_pdl_wait();
+    stream_consume<G>(job, r, ring.ring_ptr, full_bar, empty_bar, pos, warp, lane);
+}
+
 #define DLLM_STREAM_KERNEL(G)                                                                                  \
     extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1)                                          \
         gemm_stream_mg##G(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, \
                           void* C, float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N,  \
                           int K, int epi) {                                                                    \
-        stream_body<G>(&map_a, &map_w, C, ws, counters, M, N, K, epi);                                         \
+        stream_body<G>(StreamJob{&map_a, &map_w, C, ws, counters, M, N, K, epi});                              \
     }
 
 DLLM_STREAM_KERNEL(1)
 DLLM_STREAM_KERNEL(2)
 DLLM_STREAM_KERNEL(3)
 DLLM_STREAM_KERNEL(4)
+
+// ---------------------------------------------------------------------------------------------------------------
+// gemm_stream_mlp_mg<G> (opt-in, DLLM_FUSED_MLP=1; M <= 8 * G <= 32): a batch-1 block step's whole MLP in one
+// persistent launch: H = swiglu(X · W_guᵀ) (gate/up rows interleaved, swiglu_layout.rs), a grid-wide barrier,
+// then R += H · W_dᵀ. Two stream-K jobs through one ring: while the last chunks of the gate/up job drain and
+// the grid waits, the producer already requests the first ring's worth of the down projection's weights, so
+// the down GEMM has no launch, no ramp-up and no separate tail. Each job's arithmetic is the stream kernel's
+// (same ranges for the same block count, same reduction order), so the outputs equal two gemm_stream_mg<G>
+// launches of that block count bit for bit.
+//
+// The grid barrier needs every block resident at once: the host launches at most one block per SM (the
+// ring takes most of an SM's shared memory) as a cooperative launch. grid_bar[0] counts the blocks whose
+// gate/up outputs are written, grid_bar[1] the producers that saw the count complete; the last of those
+// resets both, before the launch ends, so the next launch (which touches them only after its PDL wait,
+// i.e. after this one completed) starts from zero.
+
+// One arrival per block, by a consumer thread after all consumer warps stored their outputs: the CTA
+// barrier orders their stores before this thread's fence, the fence before the count.
+__device__ __forceinline__ void stream_grid_arrive(unsigned int* grid_bar) {
+    __threadfence();
+    atomicAdd(&grid_bar[0], 1u);
+}
+
+// The producer's gate for the down job: every block has arrived, then the H written through the generic
+// proxy is made visible to this thread's TMA (async proxy) loads. A watchdog turns a hang (a block that
+// never became resident) into a trap.
+struct StreamGridGate {
+    unsigned int* grid_bar;
+    __device__ __forceinline__ void operator()() const {
+        uint32_t polls = 0;
+        for (;;) {
+            unsigned int n;
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(n) : "l"(grid_bar) : "memory");
+            if (n >= gridDim.x) break;
+            if (++polls == (1u << 26)) __trap();
+            __nanosleep(64);
+        }
+        asm volatile("fence.proxy.async.global;\n" ::: "memory");
+        // Departure: the last producer through resets the barrier for the next launch.
+        if (atomicAdd(&grid_bar[1], 1u) == gridDim.x - 1) {
+            grid_bar[0] = 0u;
+            grid_bar[1] = 0u;
+            __threadfence();
+        }
+    }
+};
+
+template <int G>
+__device__ __forceinline__ void stream_mlp_body(const StreamJob& up, const StreamJob& down, unsigned int* grid_bar) {
+    extern __shared__ unsigned char stream_raw[];
+    __shared__ __align__(8) uint64_t full_bar[STREAM_STAGES];
+    __shared__ __align__(8) uint64_t empty_bar[STREAM_STAGES];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const StreamRange r_up = stream_range(up.N, up.K);
+    const StreamRange r_down = stream_range(down.N, down.K);
+    const StreamRing ring = stream_ring_init(stream_raw, full_bar, empty_bar);
+    StreamPos pos = {0, 0u};
+    if (warp == STREAM_CONSUMERS) {
+        if (lane == 0) {
+            tma_prefetch_map(up.map_a);
+            tma_prefetch_map(up.map_w);
+            tma_prefetch_map(down.map_a);
+            tma_prefetch_map(down.map_w);
+            const uint64_t policy = tma_evict_first();
+            stream_produce<G>(up, r_up, ring.ring, full_bar, empty_bar, pos, policy, StreamPdlGate{});
+            stream_produce<G>(down, r_down, ring.ring, full_bar, empty_bar, pos, policy, StreamGridGate{grid_bar});
+        }
+        return;
+    }
+    dllm_pdl_wait();
+    stream_consume<G>(up, r_up, ring.ring_ptr, full_bar, empty_bar, pos, warp, lane);
+    // H stored by every consumer warp (and by this block's reductions): generic-proxy writes that other
+    // blocks' TMA loads read after the barrier.
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+    asm volatile("bar.sync 1, %0;\n" ::"n"(STREAM_CONSUMERS * 32) : "memory");
+    if (threadIdx.x == 0) stream_grid_arrive(grid_bar);
+    stream_consume<G>(down, r_down, ring.ring_ptr, full_bar, empty_bar, pos, warp, lane);
+}
+
+// map_x: X [M, hidden] bf16 (boxes of 8·G rows), map_gu: W_gu [2·inter, hidden] interleaved, map_h: H [M, inter]
+// bf16 (written here), map_d: W_d [hidden, inter]; h = H's storage (bf16), r = the f32 residual [M, hidden]
+// (added to); ws_up / ws_down, counters_up / counters_down: each job's workspace and zeroed counters (sized
+// as for a gemm_stream_mg<G> launch of this grid); grid_bar: two zeroed words.
+#define DLLM_STREAM_MLP_KERNEL(G)                                                                               \
+    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1) gemm_stream_mlp_mg##G(                     \
+        const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_gu,                  \
+        const __grid_constant__ CUtensorMap map_h, const __grid_constant__ CUtensorMap map_d, void* h, void* r,  \
+        float* __restrict__ ws_up, unsigned int* __restrict__ counters_up, float* __restrict__ ws_down,          \
+        unsigned int* __restrict__ counters_down, unsigned int* grid_bar, int M, int hidden, int inter) {       \
+        stream_mlp_body<G>(StreamJob{&map_x, &map_gu, h, ws_up, counters_up, M, 2 * inter, hidden,              \
+                                     DLLM_EPI_SWIGLU_BF16},                                                     \
+                           StreamJob{&map_h, &map_d, r, ws_down, counters_down, M, hidden, inter,               \
+                                     DLLM_EPI_ADD_F32},                                                         \
+                           grid_bar);                                                                           \
+    }
+
+DLLM_STREAM_MLP_KERNEL(1)
+DLLM_STREAM_MLP_KERNEL(2)
+DLLM_STREAM_MLP_KERNEL(3)
+DLLM_STREAM_MLP_KERNEL(4)

@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl blocks99 peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl mlp blocks99 peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -50,7 +50,7 @@ if [ -f "$BIN/bin.tar.xz" ] && [ ! -x "$BIN/dllm" ]; then
 fi
 STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Session 9 … what the next GPU session runs first") asks for, as one word.
-STAGES=${STAGES//next/smi check synth bench blocks99 sanitize peer summary pack}
+STAGES=${STAGES//next/smi check synth bench mlp blocks99 sanitize peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -164,6 +164,15 @@ for s in $STAGES; do
             done
             exit \$rc"
         BENCH_ENV="DLLM_GEMM_TMA4=1" workloads _tma4 1
+        ;;
+    mlp)
+        # The batch-1 MLP as one launch (DLLM_FUSED_MLP=1, opt-in, written in session 9 without a
+        # GPU): `check` already compares it with the two stream launches bit for bit
+        # (gemm.fused_mlp) and times both; here the model checks and the three workloads with it
+        # (b1 dual is the one it is for). A barrier bug hangs until the watchdog traps: the stage
+        # timeouts bound it.
+        stage mlp "${T_MLP:-180}" env DLLM_FUSED_MLP=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_mlp.json"
+        BENCH_ENV="DLLM_FUSED_MLP=1" workloads _mlp 1
         ;;
     blocks99)
         # The stream GEMM on 99 blocks instead of one per SM (DLLM_GEMM_STREAM_BLOCKS=99): the
@@ -370,7 +379,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_mlp", "mlp"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):
@@ -410,7 +419,8 @@ for exp, var, prefixes in (("stream", "DLLM_GEMM_STREAM", ("gemm.stream", "gemm.
                            ("keys", "DLLM_ATTN_KEYS", ("attention Keys", "attention Mma b1 sq32", "attention Mma b8 sq32")),
                            ("sessiongraphs", "DLLM_SESSION_GRAPHS", ()),
                            ("prefetch", "DLLM_L2_PREFETCH", ()),
-                           ("swiglu", "DLLM_FUSED_SWIGLU", ())):
+                           ("swiglu", "DLLM_FUSED_SWIGLU", ()),
+                           ("mlp", "DLLM_FUSED_MLP", ())):
     setting = "0" if exp == "swiglu" else "1"
     cs = load(f"check_{exp}.json")
     if "checks" not in cs:
@@ -458,7 +468,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl blocks99 peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl mlp blocks99 peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

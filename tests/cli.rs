@@ -307,6 +307,7 @@ fn info_reports_the_cuda_switches() {
             "DLLM_CACHE_SLOTS",
             "DLLM_GEMM_STREAM_BLOCKS",
             "DLLM_FUSED_SWIGLU",
+            "DLLM_FUSED_MLP",
             "DLLM_CUDA_SAFE",
             "DLLM_ATTN_KEYS_UNITS",
             "DLLM_CUDA_ARCH",
@@ -327,6 +328,7 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(d["cache_slots"], 4);
     assert_eq!(d["stream_gemm_blocks"], "one per SM");
     assert_eq!(d["stream_gemm_stages"], "as compiled");
+    assert_eq!(d["fused_mlp"], false);
     assert_eq!(d["fused_swiglu"], true);
     assert_eq!(d["key_group_max_units"], "SM count");
     assert_eq!(d["kernel_build"], "by compute capability");
@@ -358,6 +360,7 @@ fn info_reports_the_cuda_switches() {
         ("DLLM_CACHE_SLOTS", "1"),
         ("DLLM_GEMM_STREAM_BLOCKS", "99"),
         ("DLLM_FUSED_SWIGLU", "0"),
+        ("DLLM_FUSED_MLP", "1"),
         ("DLLM_ATTN_KEYS_UNITS", "264"),
         ("DLLM_CUDA_ARCH", "80"),
     ]);
@@ -369,6 +372,7 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(e["cache_slots"], 1);
     assert_eq!(e["stream_gemm_blocks"], 99);
     assert_eq!(e["fused_swiglu"], false);
+    assert_eq!(e["fused_mlp"], true);
     assert_eq!(e["key_group_max_units"], 264);
     // The reference kernels have no fused SwiGLU.
     let safe = info(&[("DLLM_CUDA_SAFE", "1")]);

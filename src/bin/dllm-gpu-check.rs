@@ -15,7 +15,8 @@ use dllm::backend::cuda::memory::StepBuffers;
 use dllm::backend::cuda::nvcc::Image;
 use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
 use dllm::backend::cuda::{
-    attention, elementwise, gemm, gemm_sweep, gemm_swiglu, kernel_dir, sampling, CudaDevice,
+    attention, elementwise, gemm, gemm_mlp, gemm_sweep, gemm_swiglu, kernel_dir, sampling,
+    CudaDevice,
 };
 use dllm::config::ModelConfig;
 use dllm::denoise::predict::{PredictRule, Prediction, Remasking};
@@ -1249,10 +1250,18 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
     out
 }
 
-/// The GEMM checks: every kernel × plain epilogue, then the fused SwiGLU epilogue.
+/// The GEMM checks: every kernel × plain epilogue, the fused SwiGLU epilogue, the fused MLP.
 fn gemm_checks(dev: &CudaDevice) -> Vec<CheckResult> {
     let mut out = gemm::self_check(dev);
     out.extend(gemm_swiglu::self_check(dev));
+    out.extend(gemm_mlp::self_check(dev));
+    out
+}
+
+/// The GEMM benches, then the fused MLP against its two launches.
+fn gemm_benches(dev: &CudaDevice) -> Vec<BenchResult> {
+    let mut out = gemm::bench(dev);
+    out.extend(gemm_mlp::bench(dev));
     out
 }
 
@@ -1334,7 +1343,7 @@ fn main() -> ExitCode {
             );
             let families: [Family; 4] = [
                 ("elementwise", elementwise::self_check, elementwise::bench),
-                ("gemm", gemm_checks, gemm::bench),
+                ("gemm", gemm_checks, gemm_benches),
                 ("attention", attention::self_check, attention::bench),
                 ("sampling", sampling::self_check, sampling::bench),
             ];

@@ -14,6 +14,7 @@
 //! that disagrees ([`Gemm::disabled_variants`]). Design: docs/gemm-notes.md.
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
+use super::gemm_mlp;
 use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
 use super::gemm_tma::{self, OperandBox};
 use super::launch::Launch;
@@ -703,6 +704,10 @@ pub struct Gemm {
     stream_blocks: usize,
     /// Ring depth of the loaded stream kernel ([`gemm_stream::stages_of`]).
     stream_stages: usize,
+    /// The fused batch-1 MLP ([`gemm_mlp`], `DLLM_FUSED_MLP=1` with the stream kernel loaded).
+    mlp: Option<gemm_mlp::FusedMlp>,
+    /// Why the requested fused MLP is not available.
+    mlp_failure: Option<String>,
     scratch: Mutex<ReductionScratch>,
     /// Variants that failed the load-time self-test (or cannot run here), with the reason;
     /// [`Gemm::run`] never picks them.
@@ -769,6 +774,14 @@ impl Gemm {
             Some((fs, stages)) => (Some(fs), stages),
             None => (None, gemm_stream::DEFAULT_STAGES),
         };
+        let (mlp, mlp_failure) = match (gemm_mlp::requested_by_env(), &stream) {
+            (false, _) => (None, None),
+            (true, None) => (None, Some("the stream kernel is not loaded".to_string())),
+            (true, Some(_)) => match gemm_mlp::FusedMlp::load(dev, stream_stages) {
+                Ok(m) => (Some(m), None),
+                Err(e) => (None, Some(format!("load: {e}"))),
+            },
+        };
         let (tma, tma_failure) = if gemm_tma::requested_by_env() {
             match gemm_tma::load(dev, "gemm_tma") {
                 Ok(f) => (Some(f), None),
@@ -818,6 +831,8 @@ impl Gemm {
             num_sms,
             stream_blocks: gemm_stream::blocks_from_env(num_sms),
             stream_stages,
+            mlp,
+            mlp_failure,
             scratch: Mutex::new(scratch),
             disabled,
         };
@@ -907,6 +922,103 @@ impl Gemm {
     /// `DLLM_GEMM_STREAM=0`), loaded, and passed its load-time self-test.
     pub fn stream_active(&self) -> bool {
         self.stream.is_some() && self.stream_failure.is_none()
+    }
+
+    /// This instance with the fused MLP loaded whatever `DLLM_FUSED_MLP` says (for checks).
+    pub fn with_mlp(mut self, dev: &CudaDevice) -> Result<Gemm> {
+        if self.mlp.is_none() {
+            self.mlp = Some(gemm_mlp::FusedMlp::load(dev, self.stream_stages)?);
+            self.mlp_failure = None;
+        }
+        Ok(self)
+    }
+
+    /// Blocks of the stream kernel's plans (one per SM unless `DLLM_GEMM_STREAM_BLOCKS` says).
+    pub fn stream_blocks(&self) -> usize {
+        self.stream_blocks
+    }
+
+    /// Whether [`Gemm::run_mlp`] can run: `DLLM_FUSED_MLP=1`, loaded, and the stream kernel in
+    /// use.
+    pub fn mlp_active(&self) -> bool {
+        self.mlp.is_some() && self.stream_active()
+    }
+
+    /// Why the requested fused MLP is not available (load error, or no stream kernel).
+    pub fn mlp_failure(&self) -> Option<&str> {
+        self.mlp_failure.as_deref()
+    }
+
+    /// The batch-1 MLP as one launch ([`gemm_mlp`]): `h = swiglu(x · w_guᵀ)` with `w_gu` the
+    /// interleaved gate/up rows (`2·inter × hidden`), then `r += h · w_dᵀ` (`w_d`: `hidden ×
+    /// inter`), for `m ≤ 32` rows; the same bits as the two stream launches of
+    /// [`Gemm::run`]. Asynchronous on `dev.stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_mlp(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaView<u16>,
+        w_gu: &CudaView<u16>,
+        h: &mut CudaViewMut<u16>,
+        w_d: &CudaView<u16>,
+        r: &mut CudaViewMut<f32>,
+        (m, hidden, inter): (usize, usize, usize),
+    ) -> Result<()> {
+        let Some(mlp) = &self.mlp else {
+            return Err(not_loaded("fused MLP", &self.mlp_failure, "DLLM_FUSED_MLP"));
+        };
+        if !self.stream_active() {
+            return Err(Error::Unsupported(
+                "gemm: the fused MLP needs the stream kernel, which is not in use".to_string(),
+            ));
+        }
+        if inter % (2 * super::swiglu_layout::GROUP) != 0 {
+            return Err(Error::invalid(format!(
+                "gemm: the fused MLP needs an MLP width that is a multiple of 16, got {inter}"
+            )));
+        }
+        validate(m, 2 * inter, hidden, x.len(), w_gu.len(), 2 * h.len())?;
+        validate(m, hidden, inter, h.len(), w_d.len(), r.len())?;
+        for (what, addr) in [
+            ("x", x.device_ptr(&dev.stream).0),
+            ("w_gu", w_gu.device_ptr(&dev.stream).0),
+            ("h", h.device_ptr(&dev.stream).0),
+            ("w_d", w_d.device_ptr(&dev.stream).0),
+        ] {
+            check_align(what, addr, 16)?;
+        }
+        check_align("r", r.device_ptr(&dev.stream).0, 8)?;
+        let plan = gemm_mlp::MlpPlan::new(m, hidden, inter, self.stream_blocks)?;
+        let rows = 8 * plan.up.groups;
+        let (map_x, map_gu) = operand_maps(
+            dev,
+            x,
+            w_gu,
+            (m, rows),
+            (2 * inter, gemm_stream::STREAM_ROWS),
+            hidden,
+        )?;
+        let (map_h, map_d) = operand_maps(
+            dev,
+            &h.as_view(),
+            w_d,
+            (m, rows),
+            (hidden, gemm_stream::STREAM_ROWS),
+            inter,
+        )?;
+        let [ws_up, ws_down] = plan.workspace_floats();
+        let [c_up, c_down] = plan.counters();
+        let mut scratch = self.scratch(dev, ws_up + ws_down, c_up + c_down)?;
+        mlp.launch(
+            dev,
+            &plan,
+            &[map_x, map_gu, map_h, map_d],
+            h,
+            r,
+            &mut scratch,
+            (m, hidden, inter),
+            self.stream_stages,
+        )
     }
 
     /// Ring depth of the loaded stream kernel (read from its module; the embedded default when
@@ -2023,6 +2135,9 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     }
     if let Some(f) = gemm.tma4_failure() {
         why.push(format!("TMA quad kernel requested but not used: {f}"));
+    }
+    if let Some(f) = gemm.mlp_failure() {
+        why.push(format!("fused MLP requested but not used: {f}"));
     }
     // The stream kernel's ring depth, read from its module (what a DLLM_KERNEL_DIR build with
     // -D STREAM_STAGES=N relies on); the embedded image has the default.

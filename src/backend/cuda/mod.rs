@@ -16,6 +16,7 @@ pub mod check;
 pub mod elementwise;
 pub mod env_switch;
 pub mod gemm;
+pub mod gemm_mlp;
 pub mod gemm_stream;
 pub mod gemm_sweep;
 pub mod gemm_swiglu;
@@ -136,6 +137,7 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
         // The loaded module's ring depth (a DLLM_KERNEL_DIR build may change it): known once a
         // model is loaded (the bench reports' effective switches).
         ("stream_gemm_stages", "as compiled".into()),
+        ("fused_mlp", gemm_mlp::requested_by_env().into()),
     ]
 }
 

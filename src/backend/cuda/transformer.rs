@@ -521,6 +521,7 @@ impl CudaTransformer {
             let actual: Option<serde_json::Value> = match *name {
                 "stream_gemm" => Some(self.kit.gemm.stream_active().into()),
                 "stream_gemm_stages" => Some(self.kit.gemm.stream_stages().into()),
+                "fused_mlp" => Some(self.kit.gemm.mlp_active().into()),
                 "tma_gemm" => Some(self.kit.gemm.tma_active().into()),
                 "tma_quad_gemm" => Some(self.kit.gemm.tma4_active().into()),
                 "split_attention" => Some(self.attn.split_active(hd).into()),
@@ -814,6 +815,19 @@ impl CudaTransformer {
         n: usize,
     ) -> Result<()> {
         let d = self.cfg.d_model;
+        self.norm(x, norm, xn, rows)?;
+        self.gemm(kit, op, &xn.slice(0..rows * d), w, out, rows, n, d)
+    }
+
+    /// `xn = rmsnorm(x; norm)` (bf16) over `rows` rows of `d_model`.
+    fn norm(
+        &self,
+        x: &CudaView<f32>,
+        norm: &CudaView<f32>,
+        xn: &mut CudaSlice<u16>,
+        rows: usize,
+    ) -> Result<()> {
+        let d = self.cfg.d_model;
         self.ew.rmsnorm_bf16(
             x,
             norm,
@@ -822,8 +836,7 @@ impl CudaTransformer {
             d,
             self.cfg.rms_norm_eps,
         )?;
-        self.mark("rmsnorm")?;
-        self.gemm(kit, op, &xn.slice(0..rows * d), w, out, rows, n, d)
+        self.mark("rmsnorm")
     }
 
     fn attention(
@@ -1014,6 +1027,31 @@ impl CudaTransformer {
             )?;
             // Fused: silu(gate) · up straight from the GEMM's accumulators (interleaved rows).
             let fused = self.kernels.fused_swiglu;
+            // The whole MLP in one launch (DLLM_FUSED_MLP=1, batch-1 block steps): the same bits
+            // as the two stream launches below.
+            if fused
+                && !self.kernels.naive_gemm
+                && rows <= super::gemm_stream::max_m_from_env()
+                && kit.gemm.mlp_active()
+            {
+                self.norm(
+                    &st.x.slice(0..rows * d),
+                    &lw.ff_norm.as_view(),
+                    &mut st.xn,
+                    rows,
+                )?;
+                kit.gemm.run_mlp(
+                    &self.dev,
+                    &st.xn.slice(0..rows * d),
+                    &lw.gate_up.as_view(),
+                    &mut st.act.slice_mut(0..rows * h),
+                    &lw.ff_out.as_view(),
+                    &mut st.x.slice_mut(0..rows * d),
+                    (rows, d, h),
+                )?;
+                self.mark("gemm.mlp")?;
+                continue;
+            }
             let (op, out) = if fused {
                 (
                     "gemm.gate_up+swiglu",

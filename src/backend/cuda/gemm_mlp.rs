@@ -1,0 +1,387 @@
+//! The batch-1 block step's MLP in one launch: `gemm_stream_mlp_mg{1..4}` (`cuda/gemm_stream.cu`),
+//! opt-in with `DLLM_FUSED_MLP=1` (written in session 9 without a GPU to run it on).
+//!
+//! For `M ≤ 32` the block step's gate/up projection (with the SwiGLU in its epilogue) and the down
+//! projection are two stream-GEMM launches. Each pays a ramp-up (its first weights requested
+//! only once its blocks are resident) and a tail (the last chunks and the split-tile reductions,
+//! while HBM idles). The fused kernel runs both jobs through one persistent ring with a grid-wide
+//! barrier between them: while the gate/up job drains and the grid waits for its last tile, the
+//! producer already streams the first ring's worth of the down projection's weights. Each job
+//! computes exactly what a stream launch of the same block count computes, in the same order, so
+//! the result equals the two launches bit for bit (`dllm-gpu-check`'s `gemm.fused_mlp` checks
+//! that).
+//!
+//! The barrier needs every block resident at once: the launch has at most one block per SM (the
+//! ring takes most of an SM's shared memory, checked with the occupancy query at load), and
+//! programmatic dependent launch lets the next kernel start only once every block of this one
+//! has started. A GPU shared under MPS with fewer SMs than the device reports could still leave a
+//! block waiting for an SM: the barrier's watchdog then ends the launch with an error instead of
+//! hanging.
+
+use super::check::{self, BenchResult, CheckResult};
+use super::gemm::{Gemm, GemmOut, GemmPlan};
+use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
+use super::launch::Launch;
+use super::scratch::ReductionScratch;
+use super::{cuda_err, CudaDevice};
+use crate::error::{Error, Result};
+use cudarc::driver::sys::{CUfunction_attribute, CUtensorMap};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use std::sync::Mutex;
+
+/// Whether the fused MLP is wanted: only with `DLLM_FUSED_MLP=1`.
+pub fn requested_by_env() -> bool {
+    super::env_switch::flag("DLLM_FUSED_MLP", false)
+}
+
+/// The loaded kernels and their grid barrier (two words, zero between launches).
+pub struct FusedMlp {
+    fs: Vec<CudaFunction>,
+    grid_bar: Mutex<CudaSlice<u32>>,
+}
+
+/// The two jobs of one launch: gate/up (`m × 2·inter`, depth `hidden`) then down (`m × hidden`,
+/// depth `inter`), on the same grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlpPlan {
+    pub up: StreamPlan,
+    pub down: StreamPlan,
+}
+
+impl MlpPlan {
+    /// Both jobs on `blocks` blocks, fewer where either job has fewer (tile, chunk) pairs (a
+    /// block with no pair of a job would still have to pass the barrier).
+    pub fn new(m: usize, hidden: usize, inter: usize, blocks: usize) -> Result<MlpPlan> {
+        let up = StreamPlan::with_blocks(m, 2 * inter, hidden, blocks)?;
+        let down = StreamPlan::with_blocks(m, hidden, inter, blocks)?;
+        let blocks = up.blocks.min(down.blocks);
+        Ok(MlpPlan {
+            up: StreamPlan::with_blocks(m, 2 * inter, hidden, blocks)?,
+            down: StreamPlan::with_blocks(m, hidden, inter, blocks)?,
+        })
+    }
+
+    /// Workspace floats of the two jobs, one after the other.
+    pub fn workspace_floats(&self) -> [usize; 2] {
+        [self.up.workspace_floats(), self.down.workspace_floats()]
+    }
+
+    /// Reduction counters of the two jobs, one after the other.
+    pub fn counters(&self) -> [usize; 2] {
+        [self.up.counters(), self.down.counters()]
+    }
+}
+
+impl FusedMlp {
+    /// Loads `gemm_stream_mlp_mg{1..4}` for a ring of `stages` (the stream module's own), checks
+    /// that one block fits an SM, and allocates the grid barrier.
+    pub fn load(dev: &CudaDevice, stages: usize) -> Result<FusedMlp> {
+        let fs = (1..=STREAM_MAX_M / 8)
+            .map(|g| {
+                let name = format!("gemm_stream_mlp_mg{g}");
+                let f = dev.function("gemm_stream", &name)?;
+                let smem = gemm_stream::smem_bytes(g, stages);
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(|e| cuda_err(&format!("{name}: allow dynamic shared memory"), e))?;
+                let per_sm = f
+                    .occupancy_max_active_blocks_per_multiprocessor(
+                        STREAM_THREADS,
+                        smem as usize,
+                        None,
+                    )
+                    .map_err(|e| cuda_err(&format!("{name}: occupancy"), e))?;
+                if per_sm < 1 {
+                    return Err(Error::Unsupported(format!(
+                        "{name}: no block fits an SM ({smem} bytes of shared memory)"
+                    )));
+                }
+                Ok(f)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grid_bar = dev
+            .stream
+            .alloc_zeros::<u32>(2)
+            .map_err(|e| cuda_err("fused MLP: allocate the grid barrier", e))?;
+        Ok(FusedMlp {
+            fs,
+            grid_bar: Mutex::new(grid_bar),
+        })
+    }
+
+    /// Launches `plan` on `dev.stream`: `h = swiglu(x · w_guᵀ)` then `r += h · w_dᵀ`. `maps` are
+    /// the tensor maps of x, w_gu, h and w_d (boxes of `8·groups` activation rows and
+    /// `STREAM_ROWS` weight rows); `scratch` holds both jobs' workspaces and zeroed counters
+    /// ([`MlpPlan::workspace_floats`], [`MlpPlan::counters`]). The caller validated the shapes,
+    /// the buffers' lengths and alignment.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch(
+        &self,
+        dev: &CudaDevice,
+        plan: &MlpPlan,
+        maps: &[CUtensorMap; 4],
+        h: &mut CudaViewMut<u16>,
+        r: &mut CudaViewMut<f32>,
+        scratch: &mut ReductionScratch,
+        (m, hidden, inter): (usize, usize, usize),
+        stages: usize,
+    ) -> Result<()> {
+        let groups = plan.up.groups;
+        let f = &self.fs[groups - 1];
+        let [ws_up, _] = plan.workspace_floats();
+        let [counters_up, _] = plan.counters();
+        let ws = scratch.ws.device_ptr(&dev.stream).0;
+        let counters = scratch.counters.device_ptr(&dev.stream).0;
+        let (ws_down, counters_down) = (ws + 4 * ws_up as u64, counters + 4 * counters_up as u64);
+        let grid_bar = self.grid_bar.lock().unwrap_or_else(|p| p.into_inner());
+        let (mi, hi, ii) = (m as i32, hidden as i32, inter as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (plan.up.blocks as u32, 1, 1),
+            block_dim: (STREAM_THREADS, 1, 1),
+            shared_mem_bytes: gemm_stream::smem_bytes(groups, stages),
+        };
+        let mut b = Launch::new(&dev.stream, f, dev.pdl);
+        b.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&maps[3]);
+        b.arg(h).arg(r);
+        b.arg(&ws).arg(&counters).arg(&ws_down).arg(&counters_down);
+        b.arg(&*grid_bar).arg(&mi).arg(&hi).arg(&ii);
+        // SAFETY: the tensor maps describe exactly x [m, hidden], w_gu [2·inter, hidden],
+        // h [m, inter] and w_d [hidden, inter] (the caller validated their lengths and 16-byte
+        // alignment) and TMA never reads outside them; stores are masked to the m rows and the
+        // jobs' columns. The workspace holds both jobs' partial slots and the counters both jobs'
+        // entries, zero between launches (each reducer resets its counter); the grid barrier is
+        // two words the last block through resets. One block per SM at most (plan.up.blocks ≤
+        // the SM count, occupancy checked at load), all launches ordered on dev.stream.
+        unsafe { b.launch(cfg) }
+            .map_err(|e| cuda_err(&format!("launch gemm_stream_mlp_mg{groups}"), e))
+    }
+}
+
+/// One check case: `m` rows, hidden width, MLP width.
+const CASES: [(usize, usize, usize); 4] = [
+    // The tiny test model's block step (3 down tiles of 8 chunks: 24 blocks).
+    (28, 384, 1024),
+    // Odd rows, a partial stream tile in both jobs, tiles cut between blocks.
+    (17, 520, 1392),
+    (1, 256, 512),
+    // LLaDA-8B's batch-1 block step (also timed against the two launches).
+    (32, 4096, 12_288),
+];
+
+/// `dllm-gpu-check`'s fused-MLP checks: on each case the fused launch against the two stream
+/// launches of the same plans (`Gemm::run_plan`), bit for bit in `h` and in the residual.
+/// Nothing to check where the stream kernel is not in use (the Ampere build). Never panics.
+pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
+    let gemm = match checked_gemm(dev) {
+        Ok(Some(g)) => g,
+        Ok(None) => return vec![],
+        Err(e) => return vec![CheckResult::failed("gemm.fused_mlp load", e)],
+    };
+    CASES
+        .iter()
+        .enumerate()
+        .map(|(ci, &shape)| {
+            let name = case_name(shape);
+            match check_case(dev, &gemm, ci as u64, shape, false) {
+                Ok((mismatch, _)) => CheckResult::exact(
+                    name,
+                    mismatch.is_none(),
+                    mismatch.unwrap_or_else(|| {
+                        "h and the residual identical to the two stream launches".to_string()
+                    }),
+                ),
+                Err(e) => CheckResult::failed(name, e),
+            }
+        })
+        .collect()
+}
+
+/// The LLaDA-8B block step's MLP timed as one launch and as the two stream launches.
+pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
+    let shape = CASES[CASES.len() - 1];
+    let name = case_name(shape);
+    let gemm = match checked_gemm(dev) {
+        Ok(Some(g)) => g,
+        Ok(None) => return vec![],
+        Err(e) => return vec![BenchResult::failed(name, e)],
+    };
+    match check_case(dev, &gemm, 99, shape, true) {
+        Ok((mismatch, Some((fused, apart, bytes)))) => {
+            let same = mismatch.unwrap_or_else(|| "identical results".to_string());
+            vec![
+                BenchResult::new(
+                    format!("{name} fused"),
+                    fused,
+                    Some(bytes),
+                    None,
+                    format!("one launch ({same}); two launches {apart:.4} ms"),
+                ),
+                BenchResult::new(
+                    format!("{name} two launches"),
+                    apart,
+                    Some(bytes),
+                    None,
+                    "gate/up + SwiGLU, then down: the default path",
+                ),
+            ]
+        }
+        Ok((_, None)) => vec![],
+        Err(e) => vec![BenchResult::failed(name, e)],
+    }
+}
+
+fn case_name((m, hidden, inter): (usize, usize, usize)) -> String {
+    format!("gemm.fused_mlp m{m} d{hidden} h{inter}")
+}
+
+/// A GEMM instance with the fused MLP loaded, or None where the stream kernel is not in use.
+fn checked_gemm(dev: &CudaDevice) -> Result<Option<Gemm>> {
+    let gemm = Gemm::load(dev)?;
+    if !gemm.stream_active() {
+        return Ok(None);
+    }
+    Ok(Some(gemm.with_mlp(dev)?))
+}
+
+/// Mismatch description (None when identical) and, when `time`, (fused ms, two-launch ms,
+/// weight bytes).
+type CaseOutcome = (Option<String>, Option<(f64, f64, f64)>);
+
+fn check_case(
+    dev: &CudaDevice,
+    gemm: &Gemm,
+    seed: u64,
+    (m, hidden, inter): (usize, usize, usize),
+    time: bool,
+) -> Result<CaseOutcome> {
+    let bf =
+        |s: u64, n: usize| check::to_bf16_bits(&check::random_f32(seed * 10 + s, n, -1.0, 1.0));
+    let up = |v: &[u16]| {
+        dev.stream
+            .clone_htod(v)
+            .map_err(|e| cuda_err("fused MLP check: upload", e))
+    };
+    let x = up(&bf(1, m * hidden))?;
+    let w_gu = up(&bf(2, 2 * inter * hidden))?;
+    let w_d = up(&bf(3, hidden * inter))?;
+    let r0 = check::random_f32(seed * 10 + 4, m * hidden, -1.0, 1.0);
+    let upload_f32 = |v: &[f32]| {
+        dev.stream
+            .clone_htod(v)
+            .map_err(|e| cuda_err("fused MLP check: upload", e))
+    };
+    let plan = MlpPlan::new(m, hidden, inter, gemm.stream_blocks())?;
+    // The two launches of the same plans.
+    let mut h_ref = up(&vec![0u16; m * inter])?;
+    let mut r_ref = upload_f32(&r0)?;
+    let apart = |h: &mut CudaSlice<u16>, r: &mut CudaSlice<f32>| -> Result<()> {
+        gemm.run_plan(
+            dev,
+            GemmPlan::Stream(plan.up),
+            &x.as_view(),
+            &w_gu.as_view(),
+            GemmOut::SwigluBf16(h.as_view_mut()),
+            m,
+            2 * inter,
+            hidden,
+        )?;
+        gemm.run_plan(
+            dev,
+            GemmPlan::Stream(plan.down),
+            &h.as_view(),
+            &w_d.as_view(),
+            GemmOut::AddF32(r.as_view_mut()),
+            m,
+            hidden,
+            inter,
+        )
+    };
+    apart(&mut h_ref, &mut r_ref)?;
+    let mut h = up(&vec![0u16; m * inter])?;
+    let mut r = upload_f32(&r0)?;
+    let fused = |h: &mut CudaSlice<u16>, r: &mut CudaSlice<f32>| -> Result<()> {
+        gemm.run_mlp(
+            dev,
+            &x.as_view(),
+            &w_gu.as_view(),
+            &mut h.as_view_mut(),
+            &w_d.as_view(),
+            &mut r.as_view_mut(),
+            (m, hidden, inter),
+        )
+    };
+    fused(&mut h, &mut r)?;
+    dev.sync()?;
+    let down = |b: &CudaSlice<u16>| {
+        dev.stream
+            .clone_dtoh(b)
+            .map_err(|e| cuda_err("fused MLP check: download", e))
+    };
+    let down_f32 = |b: &CudaSlice<f32>| {
+        dev.stream
+            .clone_dtoh(b)
+            .map_err(|e| cuda_err("fused MLP check: download", e))
+    };
+    let (hv, hr) = (down(&h)?, down(&h_ref)?);
+    let (rv, rr) = (down_f32(&r)?, down_f32(&r_ref)?);
+    let mismatch = if let Some(i) = (0..hv.len()).find(|&i| hv[i] != hr[i]) {
+        Some(format!(
+            "h[{}, {}] = {:#06x}, the two launches give {:#06x} ({plan:?})",
+            i / inter,
+            i % inter,
+            hv[i],
+            hr[i]
+        ))
+    } else {
+        (0..rv.len())
+            .find(|&i| rv[i].to_bits() != rr[i].to_bits())
+            .map(|i| {
+                format!(
+                    "residual[{}, {}] = {}, the two launches give {} ({plan:?})",
+                    i / hidden,
+                    i % hidden,
+                    rv[i],
+                    rr[i]
+                )
+            })
+    };
+    let timing = if time {
+        // The residual keeps growing across the timed calls: harmless for a timing.
+        let f = check::time_median_ms(dev, 3, 20, |_| fused(&mut h, &mut r))?;
+        let a = check::time_median_ms(dev, 3, 20, |_| apart(&mut h_ref, &mut r_ref))?;
+        Some((f, a, (3 * inter * hidden * 2) as f64))
+    } else {
+        None
+    };
+    Ok((mismatch, timing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_jobs_share_one_grid_no_larger_than_either_needs() {
+        // LLaDA-8B's block step: 32 rows, hidden 4096, MLP width 12288.
+        let p = MlpPlan::new(32, 4096, 12_288, 132).unwrap();
+        assert_eq!(p.up.blocks, 132);
+        assert_eq!(p.down.blocks, 132);
+        assert_eq!((p.up.tiles, p.up.chunks_per_tile), (192, 32));
+        assert_eq!((p.down.tiles, p.down.chunks_per_tile), (32, 96));
+        // A tiny model: the down job has 3 tiles × 8 chunks = 24 pairs, so both run on 24.
+        let t = MlpPlan::new(28, 384, 1024, 132).unwrap();
+        assert_eq!(t.down.pairs(), 24);
+        assert_eq!((t.up.blocks, t.down.blocks), (24, 24));
+        assert_eq!(t.up.groups, 4);
+        let [wu, wd] = t.workspace_floats();
+        assert_eq!(
+            (wu, wd),
+            (t.up.workspace_floats(), t.down.workspace_floats())
+        );
+        assert!(MlpPlan::new(33, 384, 1024, 132).is_err());
+    }
+}
