@@ -5,7 +5,8 @@
 //! consumers of every block the refill writes released it), written from the kernels'
 //! phase/parity arithmetic. Random interleavings of every actor and every in-flight copy check that the
 //! protocol never deadlocks, that a consumer only reads a slot holding all the bytes of its own
-//! step, and that no copy overwrites a slot a consumer of either block still needs.
+//! step, and that no copy overwrites a slot a consumer of either block still needs. A third model
+//! covers the fused MLP's two jobs through one stream ring with a grid-wide gate between them.
 //! Test-only: the kernels themselves are checked on the GPU by the load-time self-test.
 
 /// An mbarrier: `count` arrivals plus a transaction byte count complete a phase.
@@ -318,6 +319,156 @@ fn simulate(p: Protocol, k_tiles: usize, seed: u64) -> usize {
     }
 }
 
+/// The fused MLP's two jobs (`gemm_stream_mlp_mg*`, `gemm_mlp.rs`): each block streams `n1[b]`
+/// chunks of the first job and then `n2[b]` of the second through one ring, the position carried
+/// over (step numbers continue). For each job the producer waits on the `empty` barrier of each
+/// step's slot with the kernel's parity (`(t / stages) & 1 ^ 1`, which a fresh barrier passes),
+/// issues the weight part of the job's first `min(n, stages)` steps, passes the job's gate, then
+/// issues their activation parts, then the remaining steps whole. The second job's gate opens
+/// once every block's consumers have finished the first job (`gate` false: no gate, a deliberate
+/// bug). Panics on a deadlock, on a consumer reading a slot without both parts of its step, on a
+/// copy landing in a slot being read, and on a second-job activation copy (the first job's
+/// output) issued before every block finished the first job. Returns the events run.
+fn simulate_jobs(stages: usize, n1: &[usize], n2: &[usize], gate: bool, seed: u64) -> usize {
+    const CONSUMERS: usize = 4;
+    const A_BYTES: i64 = 120;
+    const W_BYTES: i64 = 60;
+    let blocks = n1.len();
+    let total: Vec<usize> = (0..blocks).map(|b| n1[b] + n2[b]).collect();
+    let mut full = vec![vec![Barrier::new(1); stages]; blocks];
+    let mut empty = vec![vec![Barrier::new(CONSUMERS as u32); stages]; blocks];
+    let mut slots = vec![
+        vec![
+            Slot {
+                parts: vec![None; 2],
+                readers: 0,
+            };
+            stages
+        ];
+        blocks
+    ];
+    // The producer's program per block: (step, part) issues, part 0 = A, 1 = W, 2 = both, and
+    // u8::MAX = the gate of the second job.
+    let program: Vec<Vec<(usize, u8)>> = (0..blocks)
+        .map(|b| {
+            let mut prog = Vec::new();
+            for (job, (t0, n)) in [(0, n1[b]), (n1[b], n2[b])].into_iter().enumerate() {
+                let pre = n.min(stages);
+                prog.extend((t0..t0 + pre).map(|t| (t, 1u8)));
+                if job == 1 && gate {
+                    prog.push((0, u8::MAX));
+                }
+                prog.extend((t0..t0 + pre).map(|t| (t, 0u8)));
+                prog.extend((t0 + pre..t0 + n).map(|t| (t, 2u8)));
+            }
+            prog
+        })
+        .collect();
+    let mut pc = vec![0usize; blocks];
+    // Consumer warps: (next step, reading).
+    let mut consumer = vec![vec![(0usize, false); CONSUMERS]; blocks];
+    let mut flight: Vec<(usize, usize, usize, usize)> = Vec::new();
+    let mut rng = Rng(seed | 1);
+    let mut events = 0;
+    let job1_done = |consumer: &Vec<Vec<(usize, bool)>>| {
+        (0..blocks).all(|b| consumer[b].iter().all(|&(n, _)| n >= n1[b]))
+    };
+    loop {
+        let mut moves: Vec<(u8, usize, usize)> = Vec::new();
+        let all_done_job1 = job1_done(&consumer);
+        for b in 0..blocks {
+            if let Some(&(t, part)) = program[b].get(pc[b]) {
+                let ready = if part == u8::MAX {
+                    all_done_job1
+                } else if part == 0 {
+                    true
+                } else {
+                    let parity = ((t / stages) & 1) as u32 ^ 1;
+                    empty[b][t % stages].passed(parity)
+                };
+                if ready {
+                    moves.push((0, b, 0));
+                }
+            }
+            for (w, &(next, reading)) in consumer[b].iter().enumerate() {
+                if reading {
+                    moves.push((2, b, w));
+                } else if next < total[b]
+                    && full[b][next % stages].passed(((next / stages) & 1) as u32)
+                {
+                    moves.push((1, b, w));
+                }
+            }
+        }
+        for i in 0..flight.len() {
+            moves.push((3, i, 0));
+        }
+        if moves.is_empty() {
+            let finished = (0..blocks).all(|b| {
+                pc[b] == program[b].len() && consumer[b].iter().all(|&(n, r)| n == total[b] && !r)
+            });
+            assert!(
+                finished,
+                "deadlock: producers at {pc:?}, consumers {consumer:?}"
+            );
+            return events;
+        }
+        events += 1;
+        let (kind, b, w) = moves[rng.below(moves.len())];
+        match kind {
+            0 => {
+                let (t, part) = program[b][pc[b]];
+                pc[b] += 1;
+                if part == u8::MAX {
+                    continue;
+                }
+                let s = t % stages;
+                if part != 0 {
+                    full[b][s].arrive(A_BYTES + W_BYTES);
+                    flight.push((b, s, 1, t));
+                }
+                if part != 1 {
+                    assert!(
+                        t < n1[b] || job1_done(&consumer),
+                        "block {b} requests step {t}'s activations (the first job's output) \
+                         before every block finished the first job"
+                    );
+                    flight.push((b, s, 0, t));
+                }
+            }
+            1 => {
+                let next = consumer[b][w].0;
+                let s = next % stages;
+                let slot = &mut slots[b][s];
+                assert!(
+                    slot.parts.iter().all(|&q| q == Some(next)),
+                    "block {b} consumer {w} reads slot {s} for step {next}: {:?}",
+                    slot.parts
+                );
+                slot.readers += 1;
+                consumer[b][w] = (next, true);
+            }
+            2 => {
+                let step = consumer[b][w].0;
+                let s = step % stages;
+                slots[b][s].readers -= 1;
+                empty[b][s].arrive(0);
+                consumer[b][w] = (step + 1, false);
+            }
+            _ => {
+                let (dst, s, part, t) = flight.swap_remove(b);
+                let slot = &mut slots[dst][s];
+                assert_eq!(
+                    slot.readers, 0,
+                    "step {t} lands in slot {s} of block {dst} while it is being read"
+                );
+                slot.parts[part] = Some(t);
+                full[dst][s].complete_tx(if part == 0 { A_BYTES } else { W_BYTES });
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,6 +565,40 @@ mod tests {
         };
         for seed in 0..500u64 {
             simulate(broken, 12, seed * 31 + 7);
+        }
+    }
+
+    /// The fused MLP's two jobs through one ring, blocks with different chunk counts (fewer
+    /// than, equal to and more than the ring's stages in either job).
+    #[test]
+    fn the_fused_mlp_jobs_share_the_ring_without_deadlock_or_early_reads() {
+        let cases: [(&[usize], &[usize]); 4] = [
+            (&[1, 2], &[1, 3]),
+            (&[5, 4, 7], &[2, 9, 5]),
+            (&[12, 11], &[6, 6]),
+            (&[3, 3, 3, 3], &[8, 1, 2, 5]),
+        ];
+        for stages in [2, 3, 5] {
+            for (n1, n2) in cases {
+                for seed in 0..30u64 {
+                    let events = simulate_jobs(stages, n1, n2, true, seed * 6151 + 5);
+                    // Per step: the weight and activation issues (one when whole), 2 copies,
+                    // 4 reads and 4 releases; per block the gate.
+                    let steps: usize = n1.iter().chain(n2).sum();
+                    let split: usize = n1.iter().chain(n2).map(|&n| n.min(stages)).sum();
+                    assert_eq!(events, steps * 11 + split + n1.len());
+                }
+            }
+        }
+    }
+
+    /// Without the grid gate a producer requests the first job's output before every block
+    /// has written it: the model catches that.
+    #[test]
+    #[should_panic(expected = "before every block finished the first job")]
+    fn the_fused_mlp_without_its_grid_gate_is_caught() {
+        for seed in 0..200u64 {
+            simulate_jobs(3, &[6, 2], &[4, 4], false, seed * 131 + 1);
         }
     }
 }
