@@ -250,6 +250,10 @@ for s in $STAGES; do
                 stage "sanitize_${exp#DLLM_GEMM_}_$tool" "${T_SANITIZE:-150}" env "$exp=1" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --gemm-shape 133,392,776 --repeat 2
             done
         done
+        # The fused MLP (its grid barrier, both jobs' reductions) on a small odd shape.
+        for tool in memcheck racecheck; do
+            stage "sanitize_MLP_$tool" "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --mlp-shape 17,520,1392
+        done
         stage sanitize_SPLIT_memcheck "${T_SANITIZE:-150}" env DLLM_ATTN_SPLIT=1 "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 3 "$BIN/dllm-gpu-check" --only attention --no-bench
         # The attention checks run the key-group kernel on every case (named barriers, a shared-memory merge).
         for tool in memcheck racecheck synccheck; do

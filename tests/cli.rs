@@ -379,3 +379,27 @@ fn info_reports_the_cuda_switches() {
     assert_eq!(safe["fused_swiglu"], false);
     assert_eq!(safe["reference_kernels"], true);
 }
+
+/// `dllm-gpu-check --mlp-shape` refuses a shape that is not `M,D,H` (status 2) and, on any
+/// machine, answers a well-formed one without a panic: the timings on a GPU with the stream
+/// kernel, else one line saying why not (status 1).
+#[test]
+fn gpu_check_mlp_shape_arguments() {
+    let run = |shape: &str| {
+        Command::new(env!("CARGO_BIN_EXE_dllm-gpu-check"))
+            .args(["--mlp-shape", shape])
+            .output()
+            .unwrap()
+    };
+    let bad = run("1,2");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--mlp-shape takes M,D,H"));
+    let ok = run("3,64,128");
+    let err = String::from_utf8_lossy(&ok.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    match ok.status.code() {
+        Some(0) => assert!(String::from_utf8_lossy(&ok.stdout).contains("gemm.fused_mlp m3")),
+        Some(1) => assert!(err.contains("--mlp-shape"), "{err}"),
+        other => panic!("exit status {other:?}: {err}"),
+    }
+}

@@ -54,6 +54,11 @@ struct Args {
     /// exit; a short, focused workload for `ncu` / `compute-sanitizer`.
     #[arg(long, value_delimiter = ',', num_args = 1)]
     gemm_shape: Option<Vec<usize>>,
+    /// Instead of the checks: the fused batch-1 MLP (`DLLM_FUSED_MLP`) on one shape `M,D,H`
+    /// (rows, hidden width, MLP width) against its two stream launches, both timed, and exit
+    /// (status 1 when they differ); for `ncu` / `compute-sanitizer`.
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    mlp_shape: Option<Vec<usize>>,
     /// Instead of the checks: time every launch plan of the GEMM kernels on one shape `M,N,K`
     /// (`backend::cuda::gemm_sweep`), the one `run` picks marked `default`, and exit.
     #[arg(long, value_delimiter = ',', num_args = 1)]
@@ -141,6 +146,38 @@ fn gemm_shape(shape: &[usize], repeat: usize, sweep: Option<&str>) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{flag} {m},{n},{k}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--mlp-shape M,D,H`: the fused MLP against its two launches, one line per timing; exit status
+/// 1 on an error or a mismatch, 2 on bad arguments.
+fn mlp_shape(shape: &[usize]) -> ExitCode {
+    let [m, d, h] = shape else {
+        eprintln!("--mlp-shape takes M,D,H (got {shape:?})");
+        return ExitCode::from(2);
+    };
+    let result = CudaDevice::open(0).and_then(|dev| gemm_mlp::time_shape(&dev, (*m, *d, *h)));
+    match result {
+        Ok(rs) if rs.is_empty() => {
+            eprintln!("--mlp-shape: the stream kernel is not in use on this device");
+            ExitCode::FAILURE
+        }
+        Ok(rs) => {
+            for r in rs {
+                println!(
+                    "{}: {:.4} ms, {:.0} GB/s of weights ({})",
+                    r.name,
+                    r.ms,
+                    r.gbps.unwrap_or(f64::NAN),
+                    r.detail
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("--mlp-shape {m},{d},{h}: {e}");
             ExitCode::FAILURE
         }
     }
@@ -1315,6 +1352,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(dir) = &args.compile_kernels {
         return compile_kernels(&args, dir);
+    }
+    if let Some(shape) = &args.mlp_shape {
+        return mlp_shape(shape);
     }
     if let Some(shape) = &args.gemm_shape {
         return gemm_shape(shape, args.repeat, None);

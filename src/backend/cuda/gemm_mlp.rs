@@ -203,34 +203,35 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
 /// The LLaDA-8B block step's MLP timed as one launch and as the two stream launches.
 pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
     let shape = CASES[CASES.len() - 1];
+    time_shape(dev, shape).unwrap_or_else(|e| vec![BenchResult::failed(case_name(shape), e)])
+}
+
+/// `(m, hidden, inter)` timed as one launch and as the two stream launches (`dllm-gpu-check
+/// --mlp-shape`; empty where the stream kernel is not in use); an error when the two differ.
+pub fn time_shape(dev: &CudaDevice, shape: (usize, usize, usize)) -> Result<Vec<BenchResult>> {
     let name = case_name(shape);
-    let gemm = match checked_gemm(dev) {
-        Ok(Some(g)) => g,
-        Ok(None) => return vec![],
-        Err(e) => return vec![BenchResult::failed(name, e)],
+    let Some(gemm) = checked_gemm(dev)? else {
+        return Ok(vec![]);
     };
-    match check_case(dev, &gemm, 99, shape, true) {
-        Ok((mismatch, Some((fused, apart, bytes)))) => {
-            let same = mismatch.unwrap_or_else(|| "identical results".to_string());
-            vec![
-                BenchResult::new(
-                    format!("{name} fused"),
-                    fused,
-                    Some(bytes),
-                    None,
-                    format!("one launch ({same}); two launches {apart:.4} ms"),
-                ),
-                BenchResult::new(
-                    format!("{name} two launches"),
-                    apart,
-                    Some(bytes),
-                    None,
-                    "gate/up + SwiGLU, then down: the default path",
-                ),
-            ]
-        }
-        Ok((_, None)) => vec![],
-        Err(e) => vec![BenchResult::failed(name, e)],
+    match check_case(dev, &gemm, 99, shape, true)? {
+        (Some(mismatch), _) => Err(Error::Backend(format!("{name}: {mismatch}"))),
+        (None, Some((fused, apart, bytes))) => Ok(vec![
+            BenchResult::new(
+                format!("{name} fused"),
+                fused,
+                Some(bytes),
+                None,
+                format!("one launch, identical results; two launches {apart:.4} ms"),
+            ),
+            BenchResult::new(
+                format!("{name} two launches"),
+                apart,
+                Some(bytes),
+                None,
+                "gate/up + SwiGLU, then down: the default path",
+            ),
+        ]),
+        (None, None) => Ok(vec![]),
     }
 }
 
