@@ -352,58 +352,14 @@ struct StreamPdlGate {
     __device__ __forceinline__ void operator()() const { dllm_pdl_wait(); }
 };
 
-template <int G>
-__device__ __forceinline__ void stream_body(const StreamJob& job) {
-    extern __shared__ unsigned char stream_raw[];
-    __shared__ __align__(8) uint64_t full_bar[STREAM_STAGES];
-    __shared__ __align__(8) uint64_t empty_bar[STREAM_STAGES];
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const StreamRange r = stream_range(job.N, job.K);
-    const StreamRing ring = stream_ring_init(stream_raw, full_bar, empty_bar);
-    StreamPos pos = {0, 0u};
-    if (warp == STREAM_CONSUMERS) {
-        // Producer: one thread arms each stage with its byte count and issues its 4 boxes.
-        if (lane == 0) {
-            tma_prefetch_map(job.map_a);
-            tma_prefetch_map(job.map_w);
-            stream_produce<G>(job, r, ring.ring, full_bar, empty_bar, pos, tma_evict_first(), StreamPdlGate{});
-        }
-        return;
-    }
-    // Consumers read the split scratch and write C: after the previous kernel.
-    dllm_pdl_wait();
-    stream_consume<G>(job, r, ring.ring_ptr, full_bar, empty_bar, pos, warp, lane);
-}
-
-#define DLLM_STREAM_KERNEL(G)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1)                                          \
-        gemm_stream_mg##G(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, \
-                          void* C, float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N,  \
-                          int K, int epi) {                                                                    \
-        stream_body<G>(StreamJob{&map_a, &map_w, C, ws, counters, M, N, K, epi});                              \
-    }
-
-DLLM_STREAM_KERNEL(1)
-DLLM_STREAM_KERNEL(2)
-DLLM_STREAM_KERNEL(3)
-DLLM_STREAM_KERNEL(4)
-
-// ---------------------------------------------------------------------------------------------------------------
-// gemm_stream_mlp_mg<G> (opt-in, DLLM_FUSED_MLP=1; M <= 8 * G <= 32): a batch-1 block step's whole MLP in one
-// persistent launch: H = swiglu(X · W_guᵀ) (gate/up rows interleaved, swiglu_layout.rs), a grid-wide barrier,
-// then R += H · W_dᵀ. Two stream-K jobs through one ring: while the last chunks of the gate/up job drain and
-// the grid waits, the producer already requests the first ring's worth of the down projection's weights, so
-// the down GEMM has no launch, no ramp-up and no separate tail. Each job's arithmetic is the stream kernel's
-// (same ranges for the same block count, same reduction order), so the outputs equal two gemm_stream_mg<G>
-// launches of that block count bit for bit.
+// Grid-wide barrier between two jobs of one launch (gemm_stream_mlp_mg<G>). It needs every block resident
+// at once: the host launches at most one block per SM (the ring takes most of an SM's shared memory; the
+// occupancy query at load confirms one fits), and with PDL the next kernel can start only once every block
+// of this one has started. grid_bar[0] counts the blocks whose outputs of the job before are written,
+// grid_bar[1] the producers that saw the count complete; the last of those resets both before the launch
+// ends, so the next launch (which touches them only after its PDL wait, i.e. after this one completed)
+// starts from zero.
 //
-// The grid barrier needs every block resident at once: the host launches at most one block per SM (the
-// ring takes most of an SM's shared memory) as a cooperative launch. grid_bar[0] counts the blocks whose
-// gate/up outputs are written, grid_bar[1] the producers that saw the count complete; the last of those
-// resets both, before the launch ends, so the next launch (which touches them only after its PDL wait,
-// i.e. after this one completed) starts from zero.
-
 // One arrival per block, by a consumer thread after all consumer warps stored their outputs: the CTA
 // barrier orders their stores before this thread's fence, the fence before the count.
 __device__ __forceinline__ void stream_grid_arrive(unsigned int* grid_bar) {
@@ -411,9 +367,9 @@ __device__ __forceinline__ void stream_grid_arrive(unsigned int* grid_bar) {
     atomicAdd(&grid_bar[0], 1u);
 }
 
-// The producer's gate for the down job: every block has arrived, then the H written through the generic
-// proxy is made visible to this thread's TMA (async proxy) loads. A watchdog turns a hang (a block that
-// never became resident) into a trap.
+// The producer's gate for a later job: every block has arrived, then the job-before's outputs, written
+// through the generic proxy, are made visible to this thread's TMA (async proxy) loads of them. A watchdog
+// turns a hang (a block that never became resident) into a trap.
 struct StreamGridGate {
     unsigned int* grid_bar;
     __device__ __forceinline__ void operator()() const {
@@ -435,38 +391,79 @@ struct StreamGridGate {
     }
 };
 
-template <int G>
-__device__ __forceinline__ void stream_mlp_body(const StreamJob& up, const StreamJob& down, unsigned int* grid_bar) {
+// The body of a launch of JOBS stream GEMMs one after another through one ring: the first job's
+// activations after the PDL wait, each later job's after the grid barrier that follows the job
+// before it (grid_bar: two words per barrier; unused with one job).
+template <int G, int JOBS>
+__device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], unsigned int* grid_bar) {
     extern __shared__ unsigned char stream_raw[];
     __shared__ __align__(8) uint64_t full_bar[STREAM_STAGES];
     __shared__ __align__(8) uint64_t empty_bar[STREAM_STAGES];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const StreamRange r_up = stream_range(up.N, up.K);
-    const StreamRange r_down = stream_range(down.N, down.K);
     const StreamRing ring = stream_ring_init(stream_raw, full_bar, empty_bar);
     StreamPos pos = {0, 0u};
     if (warp == STREAM_CONSUMERS) {
+        // Producer: one thread arms each stage with its byte count and issues its 4 boxes.
         if (lane == 0) {
-            tma_prefetch_map(up.map_a);
-            tma_prefetch_map(up.map_w);
-            tma_prefetch_map(down.map_a);
-            tma_prefetch_map(down.map_w);
+#pragma unroll
+            for (int j = 0; j < JOBS; ++j) {
+                tma_prefetch_map(jobs[j].map_a);
+                tma_prefetch_map(jobs[j].map_w);
+            }
             const uint64_t policy = tma_evict_first();
-            stream_produce<G>(up, r_up, ring.ring, full_bar, empty_bar, pos, policy, StreamPdlGate{});
-            stream_produce<G>(down, r_down, ring.ring, full_bar, empty_bar, pos, policy, StreamGridGate{grid_bar});
+#pragma unroll
+            for (int j = 0; j < JOBS; ++j) {
+                const StreamRange r = stream_range(jobs[j].N, jobs[j].K);
+                if (j == 0) {
+                    stream_produce<G>(jobs[j], r, ring.ring, full_bar, empty_bar, pos, policy, StreamPdlGate{});
+                } else {
+                    stream_produce<G>(jobs[j], r, ring.ring, full_bar, empty_bar, pos, policy,
+                                      StreamGridGate{grid_bar + 2 * (j - 1)});
+                }
+            }
         }
         return;
     }
+    // Consumers read the split scratch and write C: after the previous kernel.
     dllm_pdl_wait();
-    stream_consume<G>(up, r_up, ring.ring_ptr, full_bar, empty_bar, pos, warp, lane);
-    // H stored by every consumer warp (and by this block's reductions): generic-proxy writes that other
-    // blocks' TMA loads read after the barrier.
-    asm volatile("fence.proxy.async.global;\n" ::: "memory");
-    asm volatile("bar.sync 1, %0;\n" ::"n"(STREAM_CONSUMERS * 32) : "memory");
-    if (threadIdx.x == 0) stream_grid_arrive(grid_bar);
-    stream_consume<G>(down, r_down, ring.ring_ptr, full_bar, empty_bar, pos, warp, lane);
+#pragma unroll
+    for (int j = 0; j < JOBS; ++j) {
+        stream_consume<G>(jobs[j], stream_range(jobs[j].N, jobs[j].K), ring.ring_ptr, full_bar, empty_bar, pos,
+                          warp, lane);
+        if (j + 1 < JOBS) {
+            // This job's outputs stored by every consumer warp (and by this block's reductions):
+            // generic-proxy writes that other blocks' TMA loads read after the barrier.
+            asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            asm volatile("bar.sync 1, %0;\n" ::"n"(STREAM_CONSUMERS * 32) : "memory");
+            if (threadIdx.x == 0) stream_grid_arrive(grid_bar + 2 * j);
+        }
+    }
 }
+
+#define DLLM_STREAM_KERNEL(G)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1)                                          \
+        gemm_stream_mg##G(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, \
+                          void* C, float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N,  \
+                          int K, int epi) {                                                                    \
+        const StreamJob jobs[1] = {{&map_a, &map_w, C, ws, counters, M, N, K, epi}};                           \
+        stream_jobs_body<G, 1>(jobs, nullptr);                                                                  \
+    }
+
+DLLM_STREAM_KERNEL(1)
+DLLM_STREAM_KERNEL(2)
+DLLM_STREAM_KERNEL(3)
+DLLM_STREAM_KERNEL(4)
+
+// ---------------------------------------------------------------------------------------------------------------
+// gemm_stream_mlp_mg<G> (opt-in, DLLM_FUSED_MLP=1; M <= 8 * G <= 32): a batch-1 block step's whole MLP in one
+// persistent launch: H = swiglu(X · W_guᵀ) (gate/up rows interleaved, swiglu_layout.rs), a grid-wide barrier,
+// then R += H · W_dᵀ. Two stream-K jobs through one ring: while the last chunks of the gate/up job drain and
+// the grid waits, the producer already requests the first ring's worth of the down projection's weights, so
+// the down GEMM has no launch, no ramp-up and no separate tail. Each job's arithmetic is the stream kernel's
+// (same ranges for the same block count, same reduction order), so the outputs equal two gemm_stream_mg<G>
+// launches of that block count bit for bit.
+
 
 // map_x: X [M, hidden] bf16 (boxes of 8·G rows), map_gu: W_gu [2·inter, hidden] interleaved, map_h: H [M, inter]
 // bf16 (written here), map_d: W_d [hidden, inter]; h = H's storage (bf16), r = the f32 residual [M, hidden]
@@ -478,11 +475,10 @@ __device__ __forceinline__ void stream_mlp_body(const StreamJob& up, const Strea
         const __grid_constant__ CUtensorMap map_h, const __grid_constant__ CUtensorMap map_d, void* h, void* r,  \
         float* __restrict__ ws_up, unsigned int* __restrict__ counters_up, float* __restrict__ ws_down,          \
         unsigned int* __restrict__ counters_down, unsigned int* grid_bar, int M, int hidden, int inter) {       \
-        stream_mlp_body<G>(StreamJob{&map_x, &map_gu, h, ws_up, counters_up, M, 2 * inter, hidden,              \
-                                     DLLM_EPI_SWIGLU_BF16},                                                     \
-                           StreamJob{&map_h, &map_d, r, ws_down, counters_down, M, hidden, inter,               \
-                                     DLLM_EPI_ADD_F32},                                                         \
-                           grid_bar);                                                                           \
+        const StreamJob jobs[2] = {                                                                             \
+            {&map_x, &map_gu, h, ws_up, counters_up, M, 2 * inter, hidden, DLLM_EPI_SWIGLU_BF16},                \
+            {&map_h, &map_d, r, ws_down, counters_down, M, hidden, inter, DLLM_EPI_ADD_F32}};                    \
+        stream_jobs_body<G, 2>(jobs, grid_bar);                                                                 \
     }
 
 DLLM_STREAM_MLP_KERNEL(1)

@@ -1928,13 +1928,18 @@ enum How {
     Plan(GemmPlan),
 }
 
-fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
+/// `v` copied to a new device buffer (the checks' inputs).
+pub(super) fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
     dev.stream
         .clone_htod(v)
         .map_err(|e| cuda_err("gemm check: upload", e))
 }
 
-fn download<T: DeviceRepr + Default + Clone>(dev: &CudaDevice, b: &CudaSlice<T>) -> Result<Vec<T>> {
+/// `b` copied back to the host (after the stream's queued work).
+pub(super) fn download<T: DeviceRepr + Default + Clone>(
+    dev: &CudaDevice,
+    b: &CudaSlice<T>,
+) -> Result<Vec<T>> {
     dev.stream
         .clone_dtoh(b)
         .map_err(|e| cuda_err("gemm check: download", e))

@@ -19,7 +19,7 @@
 //! hanging.
 
 use super::check::{self, BenchResult, CheckResult};
-use super::gemm::{Gemm, GemmOut, GemmPlan};
+use super::gemm::{download, upload, Gemm, GemmOut, GemmPlan};
 use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
 use super::launch::Launch;
 use super::scratch::ReductionScratch;
@@ -261,24 +261,15 @@ fn check_case(
 ) -> Result<CaseOutcome> {
     let bf =
         |s: u64, n: usize| check::to_bf16_bits(&check::random_f32(seed * 10 + s, n, -1.0, 1.0));
-    let up = |v: &[u16]| {
-        dev.stream
-            .clone_htod(v)
-            .map_err(|e| cuda_err("fused MLP check: upload", e))
-    };
+    let up = |v: &[u16]| upload(dev, v);
     let x = up(&bf(1, m * hidden))?;
     let w_gu = up(&bf(2, 2 * inter * hidden))?;
     let w_d = up(&bf(3, hidden * inter))?;
     let r0 = check::random_f32(seed * 10 + 4, m * hidden, -1.0, 1.0);
-    let upload_f32 = |v: &[f32]| {
-        dev.stream
-            .clone_htod(v)
-            .map_err(|e| cuda_err("fused MLP check: upload", e))
-    };
     let plan = MlpPlan::new(m, hidden, inter, gemm.stream_blocks())?;
     // The two launches of the same plans.
     let mut h_ref = up(&vec![0u16; m * inter])?;
-    let mut r_ref = upload_f32(&r0)?;
+    let mut r_ref = upload(dev, &r0)?;
     let apart = |h: &mut CudaSlice<u16>, r: &mut CudaSlice<f32>| -> Result<()> {
         gemm.run_plan(
             dev,
@@ -303,7 +294,7 @@ fn check_case(
     };
     apart(&mut h_ref, &mut r_ref)?;
     let mut h = up(&vec![0u16; m * inter])?;
-    let mut r = upload_f32(&r0)?;
+    let mut r = upload(dev, &r0)?;
     let fused = |h: &mut CudaSlice<u16>, r: &mut CudaSlice<f32>| -> Result<()> {
         gemm.run_mlp(
             dev,
@@ -317,18 +308,8 @@ fn check_case(
     };
     fused(&mut h, &mut r)?;
     dev.sync()?;
-    let down = |b: &CudaSlice<u16>| {
-        dev.stream
-            .clone_dtoh(b)
-            .map_err(|e| cuda_err("fused MLP check: download", e))
-    };
-    let down_f32 = |b: &CudaSlice<f32>| {
-        dev.stream
-            .clone_dtoh(b)
-            .map_err(|e| cuda_err("fused MLP check: download", e))
-    };
-    let (hv, hr) = (down(&h)?, down(&h_ref)?);
-    let (rv, rr) = (down_f32(&r)?, down_f32(&r_ref)?);
+    let (hv, hr) = (download(dev, &h)?, download(dev, &h_ref)?);
+    let (rv, rr) = (download(dev, &r)?, download(dev, &r_ref)?);
     let mismatch = if let Some(i) = (0..hv.len()).find(|&i| hv[i] != hr[i]) {
         Some(format!(
             "h[{}, {}] = {:#06x}, the two launches give {:#06x} ({plan:?})",

@@ -62,6 +62,16 @@ struct Slot {
     readers: usize,
 }
 
+/// Consumer `w` of block `b` starts reading `slot` for `step`: every part must hold that step.
+fn begin_read(slot: &mut Slot, b: usize, w: usize, step: usize) {
+    assert!(
+        slot.parts.iter().all(|&q| q == Some(step)),
+        "block {b} consumer {w} reads a slot for step {step}: {:?}",
+        slot.parts
+    );
+    slot.readers += 1;
+}
+
 /// A deterministic xorshift for the interleavings.
 struct Rng(u64);
 impl Rng {
@@ -265,14 +275,7 @@ fn simulate(p: Protocol, k_tiles: usize, seed: u64) -> usize {
             }
             1 => {
                 let (next, reading) = consumer[b][w];
-                let s = next % stages;
-                let slot = &mut slots[b][s];
-                assert!(
-                    slot.parts.iter().all(|&q| q == Some(next)),
-                    "block {b} consumer {w} reads slot {s} for step {next}: {:?}",
-                    slot.parts
-                );
-                slot.readers += 1;
+                begin_read(&mut slots[b][next % stages], b, w, next);
                 if let Some(prev) = reading {
                     // AfterNextIssue: the wait for all but the newest group ends prev's read.
                     give_back(&mut slots, &mut empty, b, prev, false);
@@ -438,14 +441,7 @@ fn simulate_jobs(stages: usize, n1: &[usize], n2: &[usize], gate: bool, seed: u6
             }
             1 => {
                 let next = consumer[b][w].0;
-                let s = next % stages;
-                let slot = &mut slots[b][s];
-                assert!(
-                    slot.parts.iter().all(|&q| q == Some(next)),
-                    "block {b} consumer {w} reads slot {s} for step {next}: {:?}",
-                    slot.parts
-                );
-                slot.readers += 1;
+                begin_read(&mut slots[b][next % stages], b, w, next);
                 consumer[b][w] = (next, true);
             }
             2 => {
