@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl mlp blocks99 peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -49,7 +49,9 @@ if [ -f "$BIN/bin.tar.xz" ] && [ ! -x "$BIN/dllm" ]; then
     tar xJf "$BIN/bin.tar.xz" -C "$BIN" || { echo "cannot unpack $BIN/bin.tar.xz" >&2; exit 2; }
 fi
 STAGES=${*:-smi check synth bench summary}
-# `next`: the first call docs/perf.md ("Session 9 … what the next GPU session runs first") asks for, as one word.
+# `next`: the first call docs/perf.md ("Session 9 … the next GPU call") asks for, as one word; `next2`
+# the second.
+STAGES=${STAGES//next2/synth ring2 ncustream summary pack}
 STAGES=${STAGES//next/smi check synth bench mlp blocks99 sanitize peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
@@ -98,6 +100,28 @@ workloads() {
     bench "bench_b1_dual_k4$suffix" "$graph" "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual "$@"
     bench "bench_b8_dual_k4$suffix" "$graph" "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual "$@"
     bench "bench_b1_none_k1$suffix" "$graph" "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none "$@"
+}
+
+# kvariant NAME DEFINES [ONLY]: the kernels compiled here with DEFINES into /tmp/dllm-kernels-NAME
+# (KDIR overrides), every check (or the parts in ONLY) and the three workloads with them.
+kvariant() {
+    local name=$1 defs=$2 only=${3:-}
+    local dir=${KDIR:-/tmp/dllm-kernels-$name}
+    stage "${name}_build" "${T_KBUILD:-300}" "$BIN/dllm-gpu-check" --compile-kernels "$dir" $defs --images ptx,sm90a
+    stage "$name" "${T_CHECK:-180}" env DLLM_KERNEL_DIR="$dir" "$BIN/dllm-gpu-check" --model "$TINY" ${only:+--only "$only"} --json "$OUT/check_$name.json"
+    BENCH_ENV="DLLM_KERNEL_DIR=$dir" workloads "_$name" 1
+}
+
+# ncu_specs VAR:M,N,K...: Nsight Compute sections of each GEMM shape with VAR=0 then VAR=1.
+ncu_specs() {
+    local spec var s on
+    for spec in "$@"; do
+        var=${spec%%:*}
+        s=${spec#*:}
+        for on in 0 1; do
+            stage "ncu_${s//,/x}_${var#DLLM_GEMM_}$on" "${T_NCU:-120}" bash -c "set -o pipefail; $var=$on '${NCU:-ncu}' --clock-control none -k regex:'gemm_(skinny|stream|wgmma|tma)' --launch-count 80 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats '$BIN/dllm-gpu-check' --gemm-shape $s --repeat 2 | python3 scripts/ncu-filter.py"
+        done
+    done
 }
 
 for s in $STAGES; do
@@ -275,13 +299,12 @@ for s in $STAGES; do
         # timed ones (the load-time self-test runs first, on small grids that ncu-filter drops).
         # NCU_SPECS="VAR:M,N,K ..." replaces the list (e.g. DLLM_GEMM_TMA:384,4096,4096 for the
         # weak N = 4096 projections of the full step).
-        for spec in ${NCU_SPECS:-DLLM_GEMM_STREAM:1,12288,4096 DLLM_GEMM_STREAM:32,12288,4096 DLLM_GEMM_STREAM:32,126464,4096 DLLM_GEMM_TMA:384,12288,4096 DLLM_GEMM_TMA:384,4096,12288}; do
-            var=${spec%%:*}
-            s=${spec#*:}
-            for on in 0 1; do
-                stage "ncu_${s//,/x}_${var#DLLM_GEMM_}$on" "${T_NCU:-120}" bash -c "set -o pipefail; $var=$on '${NCU:-ncu}' --clock-control none -k regex:'gemm_(skinny|stream|wgmma|tma)' --launch-count 80 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats '$BIN/dllm-gpu-check' --gemm-shape $s --repeat 2 | python3 scripts/ncu-filter.py"
-            done
-        done
+        ncu_specs ${NCU_SPECS:-DLLM_GEMM_STREAM:1,12288,4096 DLLM_GEMM_STREAM:32,12288,4096 DLLM_GEMM_STREAM:32,126464,4096 DLLM_GEMM_TMA:384,12288,4096 DLLM_GEMM_TMA:384,4096,12288}
+        ;;
+    ncustream)
+        # The stream GEMM (and the skinny kernel it replaced) on the b1 block step's QKV and
+        # attention-output shapes: 2.4 and 1.3 TB/s in isolation against 4.1 for the LM head.
+        ncu_specs DLLM_GEMM_STREAM:32,12288,4096 DLLM_GEMM_STREAM:32,4096,4096
         ;;
     dream7b)
         # Dream-7B's shape (28 query / 4 K/V heads, q/k/v biases, shifted logits; random weights
@@ -303,12 +326,14 @@ for s in $STAGES; do
         # check_<KNAME>.json, bench_*_<KNAME>.json; KNAME defaults to kvariant). A define may only
         # change what the host does not mirror (see src/backend/cuda/kernel_dir.rs): today
         # DLLM_PREFETCH_CHUNK and STREAM_STAGES (e.g. KDEFS="-D STREAM_STAGES=2" KNAME=ring2).
-        KNAME=${KNAME:-kvariant}
-        KDIR=${KDIR:-/tmp/dllm-kernels-$KNAME}
-        stage "${KNAME}_build" "${T_KBUILD:-300}" "$BIN/dllm-gpu-check" --compile-kernels "$KDIR" ${KDEFS:-} --images ptx,sm90a
         # KONLY=gemm,model (say) limits the check to those parts.
-        stage "$KNAME" "${T_CHECK:-180}" env DLLM_KERNEL_DIR="$KDIR" "$BIN/dllm-gpu-check" --model "$TINY" ${KONLY:+--only "$KONLY"} --json "$OUT/check_$KNAME.json"
-        BENCH_ENV="DLLM_KERNEL_DIR=$KDIR" workloads "_$KNAME" 1
+        kvariant "${KNAME:-kvariant}" "${KDEFS:-}" "${KONLY:-}"
+        ;;
+    ring2)
+        # The stream GEMM with a 2-stage ring (81 KiB at M = 32: the next GEMM's block, launched
+        # early by PDL, fits beside it on the SM), as a kernel variant: GEMM and model checks,
+        # then the three workloads.
+        kvariant ring2 "-D STREAM_STAGES=2" gemm,model
         ;;
     benchexp)
         if [ -z "${EXP_ENV:-}" ]; then
@@ -472,7 +497,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl mlp blocks99 peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac
