@@ -353,9 +353,9 @@ struct StreamPdlGate {
 };
 
 // Grid-wide barrier between two jobs of one launch (gemm_stream_mlp_mg<G>). It needs every block resident
-// at once: the host launches at most one block per SM (the ring takes most of an SM's shared memory; the
-// occupancy query at load confirms one fits), and with PDL the next kernel can start only once every block
-// of this one has started. grid_bar[0] counts the blocks whose outputs of the job before are written,
+// at once: the host caps the grid at the blocks the SMs hold together (the occupancy query at load; one
+// per SM with the default ring), and with PDL the next kernel can start only once every block of this one
+// has started. grid_bar[0] counts the blocks whose outputs of the job before are written,
 // grid_bar[1] the producers that saw the count complete; the last of those resets both before the launch
 // ends, so the next launch (which touches them only after its PDL wait, i.e. after this one completed)
 // starts from zero.

@@ -933,15 +933,26 @@ impl Gemm {
         Ok(self)
     }
 
-    /// Blocks of the stream kernel's plans (one per SM unless `DLLM_GEMM_STREAM_BLOCKS` says).
-    pub fn stream_blocks(&self) -> usize {
-        self.stream_blocks
-    }
-
     /// Whether [`Gemm::run_mlp`] can run: `DLLM_FUSED_MLP=1`, loaded, and the stream kernel in
     /// use.
     pub fn mlp_active(&self) -> bool {
         self.mlp.is_some() && self.stream_active()
+    }
+
+    /// Whether [`Gemm::run_mlp`] serves `m` rows: active, and `m` within what [`Gemm::run`]
+    /// gives the stream kernel (so the fused launch replaces two stream launches).
+    pub fn mlp_serves(&self, m: usize) -> bool {
+        self.mlp_active() && m <= gemm_stream::max_m_from_env()
+    }
+
+    /// The plan of [`Gemm::run_mlp`]: the stream kernel's block count, capped at the blocks the
+    /// device holds at once (its grid barrier needs every block resident).
+    pub fn mlp_plan(&self, m: usize, hidden: usize, inter: usize) -> Result<gemm_mlp::MlpPlan> {
+        let Some(mlp) = &self.mlp else {
+            return Err(not_loaded("fused MLP", &self.mlp_failure, "DLLM_FUSED_MLP"));
+        };
+        let blocks = self.stream_blocks.min(mlp.resident_blocks(self.num_sms));
+        gemm_mlp::MlpPlan::new(m, hidden, inter, blocks)
     }
 
     /// Why the requested fused MLP is not available (load error, or no stream kernel).
@@ -988,7 +999,7 @@ impl Gemm {
             check_align(what, addr, 16)?;
         }
         check_align("r", r.device_ptr(&dev.stream).0, 8)?;
-        let plan = gemm_mlp::MlpPlan::new(m, hidden, inter, self.stream_blocks)?;
+        let plan = self.mlp_plan(m, hidden, inter)?;
         let rows = 8 * plan.up.groups;
         let (map_x, map_gu) = operand_maps(
             dev,
@@ -1017,7 +1028,6 @@ impl Gemm {
             r,
             &mut scratch,
             (m, hidden, inter),
-            self.stream_stages,
         )
     }
 
@@ -1509,9 +1519,19 @@ fn load_stream(dev: &CudaDevice) -> Result<(Vec<CudaFunction>, usize)> {
         )));
     }
     let stages = gemm_stream::stages_of(dev)?;
-    let fs = (1..=STREAM_MAX_M / 8)
+    Ok((load_stream_family(dev, "gemm_stream_mg", stages)?, stages))
+}
+
+/// Loads `{prefix}1` .. `{prefix}4` of the `gemm_stream` module (one per 8-row activation group)
+/// and allows each the shared memory of a ring of `stages`.
+pub(super) fn load_stream_family(
+    dev: &CudaDevice,
+    prefix: &str,
+    stages: usize,
+) -> Result<Vec<CudaFunction>> {
+    (1..=STREAM_MAX_M / 8)
         .map(|g| {
-            let name = format!("gemm_stream_mg{g}");
+            let name = format!("{prefix}{g}");
             let f = dev.function("gemm_stream", &name)?;
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -1520,8 +1540,7 @@ fn load_stream(dev: &CudaDevice) -> Result<(Vec<CudaFunction>, usize)> {
             .map_err(|e| cuda_err(&format!("{name}: allow dynamic shared memory"), e))?;
             Ok(f)
         })
-        .collect::<Result<_>>()?;
-    Ok((fs, stages))
+        .collect()
 }
 
 /// Loads `gemm_wgmma_wg2` / `gemm_wgmma_wg3` from the sm_90a cubin of `cuda/gemm_wgmma.cu`; the

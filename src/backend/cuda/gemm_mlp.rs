@@ -11,21 +11,21 @@
 //! the result equals the two launches bit for bit (`dllm-gpu-check`'s `gemm.fused_mlp` checks
 //! that).
 //!
-//! The barrier needs every block resident at once: the launch has at most one block per SM (the
-//! ring takes most of an SM's shared memory, checked with the occupancy query at load), and
+//! The barrier needs every block resident at once: the grid is capped at the blocks the SMs hold
+//! together (the occupancy query at load: one per SM with the default ring), and
 //! programmatic dependent launch lets the next kernel start only once every block of this one
 //! has started. A GPU shared under MPS with fewer SMs than the device reports could still leave a
 //! block waiting for an SM: the barrier's watchdog then ends the launch with an error instead of
 //! hanging.
 
 use super::check::{self, BenchResult, CheckResult};
-use super::gemm::{download, upload, Gemm, GemmOut, GemmPlan};
-use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
+use super::gemm::{download, load_stream_family, upload, Gemm, GemmOut, GemmPlan};
+use super::gemm_stream::{self, StreamPlan, STREAM_THREADS};
 use super::launch::Launch;
 use super::scratch::ReductionScratch;
 use super::{cuda_err, CudaDevice};
 use crate::error::{Error, Result};
-use cudarc::driver::sys::{CUfunction_attribute, CUtensorMap};
+use cudarc::driver::sys::CUtensorMap;
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
 };
@@ -36,9 +36,12 @@ pub fn requested_by_env() -> bool {
     super::env_switch::flag("DLLM_FUSED_MLP", false)
 }
 
-/// The loaded kernels and their grid barrier (two words, zero between launches).
+/// The loaded kernels, their ring depth, how many of their blocks an SM holds at once, and their
+/// grid barrier (two words, zero between launches).
 pub struct FusedMlp {
     fs: Vec<CudaFunction>,
+    stages: usize,
+    blocks_per_sm: usize,
     grid_bar: Mutex<CudaSlice<u32>>,
 }
 
@@ -75,42 +78,41 @@ impl MlpPlan {
 }
 
 impl FusedMlp {
-    /// Loads `gemm_stream_mlp_mg{1..4}` for a ring of `stages` (the stream module's own), checks
-    /// that one block fits an SM, and allocates the grid barrier.
+    /// Loads `gemm_stream_mlp_mg{1..4}` for a ring of `stages` (the stream module's own), finds
+    /// how many of their blocks an SM holds at once (at least one, or an error), and allocates
+    /// the grid barrier.
     pub fn load(dev: &CudaDevice, stages: usize) -> Result<FusedMlp> {
-        let fs = (1..=STREAM_MAX_M / 8)
-            .map(|g| {
-                let name = format!("gemm_stream_mlp_mg{g}");
-                let f = dev.function("gemm_stream", &name)?;
-                let smem = gemm_stream::smem_bytes(g, stages);
-                f.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(|e| cuda_err(&format!("{name}: allow dynamic shared memory"), e))?;
-                let per_sm = f
-                    .occupancy_max_active_blocks_per_multiprocessor(
-                        STREAM_THREADS,
-                        smem as usize,
-                        None,
-                    )
-                    .map_err(|e| cuda_err(&format!("{name}: occupancy"), e))?;
-                if per_sm < 1 {
-                    return Err(Error::Unsupported(format!(
-                        "{name}: no block fits an SM ({smem} bytes of shared memory)"
-                    )));
-                }
-                Ok(f)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let fs = load_stream_family(dev, "gemm_stream_mlp_mg", stages)?;
+        let mut blocks_per_sm = usize::MAX;
+        for (i, f) in fs.iter().enumerate() {
+            let smem = gemm_stream::smem_bytes(i + 1, stages);
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor(STREAM_THREADS, smem as usize, None)
+                .map_err(|e| cuda_err(&format!("gemm_stream_mlp_mg{}: occupancy", i + 1), e))?;
+            if per_sm < 1 {
+                return Err(Error::Unsupported(format!(
+                    "gemm_stream_mlp_mg{}: no block fits an SM ({smem} bytes of shared memory)",
+                    i + 1
+                )));
+            }
+            blocks_per_sm = blocks_per_sm.min(per_sm as usize);
+        }
         let grid_bar = dev
             .stream
             .alloc_zeros::<u32>(2)
             .map_err(|e| cuda_err("fused MLP: allocate the grid barrier", e))?;
         Ok(FusedMlp {
             fs,
+            stages,
+            blocks_per_sm,
             grid_bar: Mutex::new(grid_bar),
         })
+    }
+
+    /// The most blocks of a launch that `num_sms` SMs hold at once: a larger grid would wait at
+    /// the barrier for blocks that cannot start.
+    pub fn resident_blocks(&self, num_sms: usize) -> usize {
+        num_sms * self.blocks_per_sm
     }
 
     /// Launches `plan` on `dev.stream`: `h = swiglu(x · w_guᵀ)` then `r += h · w_dᵀ`. `maps` are
@@ -128,7 +130,6 @@ impl FusedMlp {
         r: &mut CudaViewMut<f32>,
         scratch: &mut ReductionScratch,
         (m, hidden, inter): (usize, usize, usize),
-        stages: usize,
     ) -> Result<()> {
         let groups = plan.up.groups;
         let f = &self.fs[groups - 1];
@@ -142,7 +143,7 @@ impl FusedMlp {
         let cfg = LaunchConfig {
             grid_dim: (plan.up.blocks as u32, 1, 1),
             block_dim: (STREAM_THREADS, 1, 1),
-            shared_mem_bytes: gemm_stream::smem_bytes(groups, stages),
+            shared_mem_bytes: gemm_stream::smem_bytes(groups, self.stages),
         };
         let mut b = Launch::new(&dev.stream, f, dev.pdl);
         b.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&maps[3]);
@@ -154,8 +155,9 @@ impl FusedMlp {
         // alignment) and TMA never reads outside them; stores are masked to the m rows and the
         // jobs' columns. The workspace holds both jobs' partial slots and the counters both jobs'
         // entries, zero between launches (each reducer resets its counter); the grid barrier is
-        // two words the last block through resets. One block per SM at most (plan.up.blocks ≤
-        // the SM count, occupancy checked at load), all launches ordered on dev.stream.
+        // two words the last block through resets. Every block resident at once
+        // (`Gemm::mlp_plan` caps the grid at `resident_blocks`), all launches ordered on
+        // dev.stream.
         unsafe { b.launch(cfg) }
             .map_err(|e| cuda_err(&format!("launch gemm_stream_mlp_mg{groups}"), e))
     }
@@ -266,7 +268,7 @@ fn check_case(
     let w_gu = up(&bf(2, 2 * inter * hidden))?;
     let w_d = up(&bf(3, hidden * inter))?;
     let r0 = check::random_f32(seed * 10 + 4, m * hidden, -1.0, 1.0);
-    let plan = MlpPlan::new(m, hidden, inter, gemm.stream_blocks())?;
+    let plan = gemm.mlp_plan(m, hidden, inter)?;
     // The two launches of the same plans.
     let mut h_ref = up(&vec![0u16; m * inter])?;
     let mut r_ref = upload(dev, &r0)?;

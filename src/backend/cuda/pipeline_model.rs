@@ -72,6 +72,23 @@ fn begin_read(slot: &mut Slot, b: usize, w: usize, step: usize) {
     slot.readers += 1;
 }
 
+/// Part `part` of `step` lands in `slot` (slot `s` of block `dst`): nobody may be reading the
+/// slot, and the part must have held the step one ring turn earlier, if any.
+fn land(slot: &mut Slot, stages: usize, (dst, s, part): (usize, usize, usize), step: usize) {
+    assert_eq!(
+        slot.readers, 0,
+        "step {step} lands in slot {s} of block {dst} while it is being read"
+    );
+    if let Some(prev) = slot.parts[part] {
+        assert_eq!(
+            prev + stages,
+            step,
+            "slot {s} part {part}: step {prev} then {step}"
+        );
+    }
+    slot.parts[part] = Some(step);
+}
+
 /// A deterministic xorshift for the interleavings.
 struct Rng(u64);
 impl Rng {
@@ -303,19 +320,7 @@ fn simulate(p: Protocol, k_tiles: usize, seed: u64) -> usize {
             }
             _ => {
                 let (dst, s, part, kt) = flight.swap_remove(b);
-                let slot = &mut slots[dst][s];
-                assert_eq!(
-                    slot.readers, 0,
-                    "step {kt} lands in slot {s} of block {dst} while it is being read"
-                );
-                if let Some(prev) = slot.parts[part] {
-                    assert_eq!(
-                        prev + stages,
-                        kt,
-                        "slot {s} part {part}: step {prev} then {kt}"
-                    );
-                }
-                slot.parts[part] = Some(kt);
+                land(&mut slots[dst][s], stages, (dst, s, part), kt);
                 full[dst][s].complete_tx(bytes(part));
             }
         }
@@ -453,12 +458,7 @@ fn simulate_jobs(stages: usize, n1: &[usize], n2: &[usize], gate: bool, seed: u6
             }
             _ => {
                 let (dst, s, part, t) = flight.swap_remove(b);
-                let slot = &mut slots[dst][s];
-                assert_eq!(
-                    slot.readers, 0,
-                    "step {t} lands in slot {s} of block {dst} while it is being read"
-                );
-                slot.parts[part] = Some(t);
+                land(&mut slots[dst][s], stages, (dst, s, part), t);
                 full[dst][s].complete_tx(if part == 0 { A_BYTES } else { W_BYTES });
             }
         }

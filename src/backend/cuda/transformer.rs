@@ -1029,11 +1029,7 @@ impl CudaTransformer {
             let fused = self.kernels.fused_swiglu;
             // The whole MLP in one launch (DLLM_FUSED_MLP=1, batch-1 block steps): the same bits
             // as the two stream launches below.
-            if fused
-                && !self.kernels.naive_gemm
-                && rows <= super::gemm_stream::max_m_from_env()
-                && kit.gemm.mlp_active()
-            {
+            if fused && !self.kernels.naive_gemm && kit.gemm.mlp_serves(rows) {
                 self.norm(
                     &st.x.slice(0..rows * d),
                     &lw.ff_norm.as_view(),
