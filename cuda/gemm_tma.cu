@@ -89,14 +89,6 @@ __device__ __forceinline__ void tma_bar_arrive_cluster(uint32_t bar, uint32_t ct
 }
 
 
-
-__device__ __forceinline__ void tma_cluster_sync() {
-    asm volatile(
-        "barrier.cluster.arrive.release.aligned;\n"
-        "barrier.cluster.wait.acquire.aligned;\n" ::
-            : "memory");
-}
-
 // CN = 1: pairs along M (gemm_tma_wg*); CN = 2: 2 x 2 quads (gemm_tma4_wg*).
 template <int WG, int CN>
 __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CUtensorMap* map_w, void* C,
@@ -139,7 +131,7 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     // Both blocks' barriers exist before either block's copies or arrivals can reach them.
-    tma_cluster_sync();
+    wg_cluster_sync();
     // A (and, with split-K, the workspace) were written by earlier kernels.
     dllm_pdl_entry();
 
@@ -210,7 +202,7 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
     // No block leaves while its peer may still arrive on its barriers or multicast into it
     // (the release of the cluster barrier also orders this block's last remote arrivals).
     __syncwarp();
-    tma_cluster_sync();
+    wg_cluster_sync();
 }
 
 #define DLLM_TMA_KERNEL(NAME, WGN, CN)                                                                             \

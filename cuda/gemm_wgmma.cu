@@ -22,6 +22,11 @@
 //   grid = (ceil(M / BM), ceil(N / 192), splits); blockIdx.z splits K (ktiles_per_split K tiles
 //   each), reduced deterministically like gemm_wide (workspace + last block of a tile sums the
 //   partials in split order, applies the epilogue and resets the tile's counter).
+//   gemm_wgmma_wg{2,3}_cs{2,3} (opt-in, DLLM_GEMM_CLUSTER_SPLIT=1): the same blocks with the CS
+//   splits of a tile launched as one cluster (1, 1, CS), summed through distributed shared memory
+//   (wg_cluster_reduce_store: block r sums and stores the r-th third or half of the tile's
+//   columns): no workspace round trip through L2, no last-block serial reduction, and the
+//   epilogue shared evenly by the CS blocks; the sums are the workspace path's bits.
 #include "gemm_common.cuh"
 #include "wgmma_common.cuh"
 
@@ -52,7 +57,9 @@ static_assert(WgStage<WgCfg<3>::THREADS>::BYTES <= WgCfg<3>::STAGES * WgCfg<3>::
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-template <int WG>
+// CS = 1: split-K through the workspace (or no split); CS = 2, 3: the CS splits of a tile are one
+// cluster and reduce through distributed shared memory (gemm_wgmma_wg*_cs*, grid z == CS).
+template <int WG, int CS>
 __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W,
                                                 void* C, float* __restrict__ ws, unsigned int* __restrict__ counters,
                                                 int M, int N, int K, int epi, int ktiles_per_split) {
@@ -138,6 +145,10 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
     wg_fence_acc(acc);
     dllm_cp_wait<0>();
 
+    if constexpr (CS > 1) {
+        wg_cluster_reduce_store<WG, CS>(acc, C, m0, n0, M, N, epi, tid, smem);
+        return;
+    }
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     // The drained ring stages the epilogue's global reads (wg_split_reduce, wg_store_tile).
     if (splits > 1 && !wg_split_reduce<Cfg::THREADS>(acc, ws, counters, tile, split, splits, tid, 0, smem)) return;
@@ -150,7 +161,16 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
                            float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K,       \
                            int epi, int ktiles_per_split) {                                                        \
         dllm_pdl_entry();                                                                                          \
-        gemm_wgmma_body<WGN>(A, W, C, ws, counters, M, N, K, epi, ktiles_per_split);                             \
+        gemm_wgmma_body<WGN, 1>(A, W, C, ws, counters, M, N, K, epi, ktiles_per_split);                          \
+    }
+
+// The cluster-split kernels: clusters of CSN blocks along z, one per K split (grid z == CSN).
+#define DLLM_WGMMA_CS_KERNEL(WGN, CSN)                                                                             \
+    extern "C" __global__ void __cluster_dims__(1, 1, CSN) __launch_bounds__(128 * WGN, 1)                        \
+        gemm_wgmma_wg##WGN##_cs##CSN(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,     \
+                                     int M, int N, int K, int epi, int ktiles_per_split) {                        \
+        dllm_pdl_entry();                                                                                          \
+        gemm_wgmma_body<WGN, CSN>(A, W, C, nullptr, nullptr, M, N, K, epi, ktiles_per_split);                     \
     }
 
 #else  // portable PTX: no wgmma; empty kernels with the same signature (never launched).
@@ -160,7 +180,15 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
         gemm_wgmma_wg##WGN(const uint16_t* __restrict__, const uint16_t* __restrict__, void*, float* __restrict__, \
                            unsigned int* __restrict__, int, int, int, int, int) {}
 
+#define DLLM_WGMMA_CS_KERNEL(WGN, CSN)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128 * WGN, 1) gemm_wgmma_wg##WGN##_cs##CSN(                     \
+        const uint16_t* __restrict__, const uint16_t* __restrict__, void*, int, int, int, int, int) {}
+
 #endif
 
 DLLM_WGMMA_KERNEL(2)
 DLLM_WGMMA_KERNEL(3)
+DLLM_WGMMA_CS_KERNEL(2, 2)
+DLLM_WGMMA_CS_KERNEL(2, 3)
+DLLM_WGMMA_CS_KERNEL(3, 2)
+DLLM_WGMMA_CS_KERNEL(3, 3)

@@ -1,7 +1,8 @@
 // Hopper warpgroup-MMA helpers shared by cuda/gemm_wgmma.cu and cuda/gemm_tma.cu (sm_90a only:
 // everything is inside __CUDA_ARCH_FEAT_SM90_ALL): shared-memory matrix descriptors, wgmma
 // fences / commit / wait, the m64n192k16 bf16 MMA, cp.async staging through shared memory, the
-// split-K reduction of a 64x192-per-warpgroup accumulator tile, and its epilogue store.
+// split-K reduction of a 64x192-per-warpgroup accumulator tile (through a global workspace, or
+// across a cluster through distributed shared memory), and its epilogue store.
 #pragma once
 #include "gemm_common.cuh"
 
@@ -66,6 +67,15 @@ __device__ __forceinline__ void wg_mma_n192(float (&d)[96], uint64_t da, uint64_
 // Named barrier `id` over `threads` threads (id 0 with every thread of the block = __syncthreads).
 __device__ __forceinline__ void wg_bar_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Every thread of every block of the cluster arrives (release) and waits for all (acquire): the
+// blocks' shared-memory writes before it are visible to the others' distributed reads after it.
+__device__ __forceinline__ void wg_cluster_sync() {
+    asm volatile(
+        "barrier.cluster.arrive.release.aligned;\n"
+        "barrier.cluster.wait.acquire.aligned;\n" ::
+            : "memory");
 }
 
 // Orders this thread's async-proxy shared-memory accesses (wgmma operand reads, TMA writes) with
@@ -197,6 +207,80 @@ __device__ __forceinline__ void wg_store_tile(const float (&acc)[96], void* C, i
     }
 #pragma unroll
     for (int j0 = 0; j0 < 24; j0 += 2) gemm_store_pairs<2>(acc, C, row, n0 + 2 * t, j0, M, N, epi);
+}
+
+// Split-K across a cluster (gemm_wgmma_wg*_cs*): the CS blocks of one output tile, one per split,
+// form a cluster along z (cluster rank = split = blockIdx.z) and sum their partials through
+// distributed shared memory instead of the workspace. Each block parks its partial in its own
+// drained ring in wg_split_reduce's thread-private layout (float4 e of accumulator thread `tid`
+// at stage + (e * THREADS + tid) * 16; THREADS * 384 bytes). The tile's 24 column blocks of 8 are
+// shared out by rank: block R sums column blocks [R * JN, R * JN + JN), JN = 24 / CS, of every
+// row, each thread its own fragment of them from all CS blocks in split order (peers' slots of
+// the same thread through the cluster window). Starting from zero and adding split 0, 1, ... as
+// wg_split_reduce does, the sums are the workspace path's bits. The second cluster barrier keeps
+// every partial alive until all reads are done (no block exits or reuses its ring earlier); then
+// each thread stores its JN column blocks (the residual add loads all their old values at once).
+// JN even keeps the fused SwiGLU's gate/up block pairs together. Every thread of the block calls
+// this; `part` is its JN column blocks' sums (compile-time indices: R is a template parameter).
+template <int THREADS, int CS, int R>
+__device__ __forceinline__ void wg_cluster_sum_store(uint32_t mine, void* C, int row0, int n0, int M, int N,
+                                                     int epi, int tid) {
+    constexpr int JN = 24 / CS;
+    float part[4 * JN];
+#pragma unroll
+    for (int i = 0; i < 4 * JN; ++i) part[i] = 0.0f;
+#pragma unroll 1
+    for (int s = 0; s < CS; ++s) {
+        uint32_t peer;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(peer) : "r"(mine), "r"(s));
+#pragma unroll
+        for (int j = 0; j < JN; ++j) {
+            float4 p;
+            asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=f"(p.x), "=f"(p.y), "=f"(p.z), "=f"(p.w)
+                         : "r"(peer + (uint32_t)((R * JN + j) * THREADS * 16))
+                         : "memory");
+            part[4 * j] += p.x;
+            part[4 * j + 1] += p.y;
+            part[4 * j + 2] += p.z;
+            part[4 * j + 3] += p.w;
+        }
+    }
+    // Every block's reads of the others' partials are done before any block goes on.
+    wg_cluster_sync();
+    const int wtid = tid & 127;
+    const int row = row0 + (wtid >> 5) * 16 + ((wtid & 31) >> 2);
+    gemm_store_pairs<JN>(part, C, row, n0 + 8 * R * JN + 2 * (wtid & 3), 0, M, N, epi);
+}
+
+template <int WG, int CS>
+__device__ __forceinline__ void wg_cluster_reduce_store(const float (&acc)[96], void* C, int m0, int n0, int M,
+                                                        int N, int epi, int tid, uint32_t stage) {
+    constexpr int THREADS = 128 * WG;
+    static_assert(CS >= 2 && 24 % CS == 0 && (24 / CS) % 2 == 0, "whole, even column-block shares");
+    // Every warpgroup's wgmma reads of the ring (waited for) are ordered before the generic
+    // writes below by the proxy fence and the barrier.
+    wg_fence_proxy_async();
+    __syncthreads();
+    const uint32_t mine = stage + (uint32_t)tid * 16u;
+#pragma unroll
+    for (int e = 0; e < 24; ++e)
+        asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(mine + (uint32_t)(e * THREADS * 16)),
+                     "f"(acc[4 * e]), "f"(acc[4 * e + 1]), "f"(acc[4 * e + 2]), "f"(acc[4 * e + 3])
+                     : "memory");
+    wg_cluster_sync();
+    const int row0 = m0 + (tid >> 7) * 64;
+    switch (blockIdx.z) {
+        case 0:
+            wg_cluster_sum_store<THREADS, CS, 0>(mine, C, row0, n0, M, N, epi, tid);
+            break;
+        case 1:
+            wg_cluster_sum_store<THREADS, CS, 1>(mine, C, row0, n0, M, N, epi, tid);
+            break;
+        default:
+            if constexpr (CS > 2) wg_cluster_sum_store<THREADS, CS, (CS > 2 ? 2 : 0)>(mine, C, row0, n0, M, N, epi, tid);
+            break;
+    }
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl csplit mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -49,10 +49,10 @@ if [ -f "$BIN/bin.tar.xz" ] && [ ! -x "$BIN/dllm" ]; then
     tar xJf "$BIN/bin.tar.xz" -C "$BIN" || { echo "cannot unpack $BIN/bin.tar.xz" >&2; exit 2; }
 fi
 STAGES=${*:-smi check synth bench summary}
-# `next`: the first call docs/perf.md ("Session 9 … the next GPU call") asks for, as one word; `next2`
+# `next`: the first call docs/perf.md ("Session 10 … the next GPU call") asks for, as one word; `next2`
 # the second.
-STAGES=${STAGES//next2/synth ring2 ncustream summary pack}
-STAGES=${STAGES//next/smi check synth bench mlp blocks99 sanitize peer summary pack}
+STAGES=${STAGES//next2/synth blocks99 ring2 ncustream summary pack}
+STAGES=${STAGES//next/smi check synth bench csplit mlp sanitize peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -189,6 +189,22 @@ for s in $STAGES; do
             exit \$rc"
         BENCH_ENV="DLLM_GEMM_TMA4=1" workloads _tma4 1
         ;;
+    csplit)
+        # The cluster-split wgmma GEMM (DLLM_GEMM_CLUSTER_SPLIT=1, opt-in, written in session 10
+        # without a GPU: the K splits of a tile as one cluster, summed through distributed shared
+        # memory). `check` already compares it with the workspace reduction bit for bit
+        # (gemm.cluster_split) and times both on the 8B's 4096-column projections at M = 384; here
+        # its load-time self-test and the gemm + model checks with it on, the plan sweep of the
+        # split shapes (cluster twins beside their workspace plans), then the three workloads
+        # (b1 none is the one it is for: the attention-output projection runs 2 splits there).
+        stage csplit "${T_CHECK:-180}" env DLLM_GEMM_CLUSTER_SPLIT=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_csplit.json"
+        stage sweep_csplit "${T_SWEEP:-150}" env DLLM_GEMM_CLUSTER_SPLIT=1 bash -c "rc=0
+            for s in 384,4096,4096:add_f32 384,4096,12288:add_f32 256,4096,4096:add_f32 256,4096,12288:add_f32; do
+                '$BIN/dllm-gpu-check' --gemm-sweep \${s%%:*} --epilogue \${s#*:} --repeat 20 || rc=1
+            done
+            exit \$rc"
+        BENCH_ENV="DLLM_GEMM_CLUSTER_SPLIT=1" workloads _csplit 1
+        ;;
     mlp)
         # The batch-1 MLP as one launch (DLLM_FUSED_MLP=1, opt-in, written in session 9 without a
         # GPU): `check` already compares it with the two stream launches bit for bit
@@ -269,7 +285,8 @@ for s in $STAGES; do
             exit \$rc"
         ;;
     sanitize)
-        for exp in DLLM_GEMM_STREAM DLLM_GEMM_TMA DLLM_GEMM_TMA4; do
+        # (DLLM_GEMM_CLUSTER_SPLIT: the load-time self-test runs its three kernels on split plans.)
+        for exp in DLLM_GEMM_STREAM DLLM_GEMM_TMA DLLM_GEMM_TMA4 DLLM_GEMM_CLUSTER_SPLIT; do
             for tool in memcheck racecheck; do
                 stage "sanitize_${exp#DLLM_GEMM_}_$tool" "${T_SANITIZE:-150}" env "$exp=1" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --gemm-shape 133,392,776 --repeat 2
             done
@@ -408,7 +425,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_mlp", "mlp"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):

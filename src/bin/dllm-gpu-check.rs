@@ -15,8 +15,8 @@ use dllm::backend::cuda::memory::StepBuffers;
 use dllm::backend::cuda::nvcc::Image;
 use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
 use dllm::backend::cuda::{
-    attention, elementwise, gemm, gemm_mlp, gemm_sweep, gemm_swiglu, kernel_dir, sampling,
-    CudaDevice,
+    attention, elementwise, gemm, gemm_cluster_split, gemm_mlp, gemm_sweep, gemm_swiglu,
+    kernel_dir, sampling, CudaDevice,
 };
 use dllm::config::ModelConfig;
 use dllm::denoise::predict::{PredictRule, Prediction, Remasking};
@@ -1287,18 +1287,22 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
     out
 }
 
-/// The GEMM checks: every kernel × plain epilogue, the fused SwiGLU epilogue, the fused MLP.
+/// The GEMM checks: every kernel × plain epilogue, the fused SwiGLU epilogue, the fused MLP, the
+/// cluster-split reduction.
 fn gemm_checks(dev: &CudaDevice) -> Vec<CheckResult> {
     let mut out = gemm::self_check(dev);
     out.extend(gemm_swiglu::self_check(dev));
     out.extend(gemm_mlp::self_check(dev));
+    out.extend(gemm_cluster_split::self_check(dev));
     out
 }
 
-/// The GEMM benches, then the fused MLP against its two launches.
+/// The GEMM benches, then the fused MLP against its two launches and the cluster-split reduction
+/// against the workspace.
 fn gemm_benches(dev: &CudaDevice) -> Vec<BenchResult> {
     let mut out = gemm::bench(dev);
     out.extend(gemm_mlp::bench(dev));
+    out.extend(gemm_cluster_split::bench(dev));
     out
 }
 

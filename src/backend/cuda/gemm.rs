@@ -14,6 +14,7 @@
 //! that disagrees ([`Gemm::disabled_variants`]). Design: docs/gemm-notes.md.
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
+use super::gemm_cluster_split;
 use super::gemm_mlp;
 use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
 use super::gemm_tma::{self, OperandBox};
@@ -78,7 +79,7 @@ const WGMMA_SPLIT_COST_KTILES: usize = 3;
 const TMA_PAIR_COST: (usize, usize) = (9, 10);
 
 /// Dynamic shared memory of `gemm_wgmma_wg{wg}` (`WgCfg<WG>::SMEM_BYTES` in gemm_wgmma.cu).
-fn wgmma_smem_bytes(wg: usize) -> u32 {
+pub(super) fn wgmma_smem_bytes(wg: usize) -> u32 {
     let stage = (64 * wg + WGMMA_BN) * 128;
     let stages = if wg == 2 { 5 } else { 4 };
     (stages * stage + 1024) as u32
@@ -637,6 +638,9 @@ pub enum GemmPlan {
     /// `gemm_tma` (clusters of two blocks along M; the plan has `paired` set), or `gemm_tma4`
     /// (2 × 2 quads) when the plan's `cluster_n` is 2.
     Tma(WgmmaPlan),
+    /// A `gemm_wgmma` split-K plan run by `gemm_wgmma_wg{wg}_cs{splits}`: the splits of a tile
+    /// are one cluster and reduce through distributed shared memory ([`gemm_cluster_split`]).
+    ClusterSplit(WgmmaPlan),
 }
 
 impl GemmPlan {
@@ -652,6 +656,10 @@ impl GemmPlan {
             GemmPlan::Wide(p) => p == WidePlan::with_ktiles_per_split(m, n, k, p.ktiles_per_split),
             GemmPlan::Wgmma(p) => {
                 p == WgmmaPlan::with_ktiles_per_split(p.wg, m, n, k, p.ktiles_per_split)
+            }
+            GemmPlan::ClusterSplit(p) => {
+                p == WgmmaPlan::with_ktiles_per_split(p.wg, m, n, k, p.ktiles_per_split)
+                    && gemm_cluster_split::kernel_index(&p).is_some()
             }
             GemmPlan::Stream(p) => StreamPlan::with_blocks(m, n, k, p.blocks).is_ok_and(|q| q == p),
             GemmPlan::Tma(p) => {
@@ -691,6 +699,11 @@ pub struct Gemm {
     tma4: Option<[CudaFunction; 2]>,
     /// Why the requested quad kernel is not used (load error or self-test failure).
     tma4_failure: Option<String>,
+    /// The cluster-split `gemm_wgmma` kernels ([`gemm_cluster_split`]); loaded only with
+    /// `DLLM_GEMM_CLUSTER_SPLIT=1`.
+    cluster_split: Option<gemm_cluster_split::ClusterSplit>,
+    /// Why the requested cluster-split kernels are not used (load error or self-test failure).
+    cluster_split_failure: Option<String>,
     /// Clusters resident at once ([`gemm_tma::resident_clusters`]) of the pairs and the quads,
     /// per block height (wg 2, wg 3), where loaded and known.
     resident_clusters: [[Option<usize>; 2]; 2],
@@ -808,12 +821,25 @@ impl Gemm {
             let mut r = [None; 2];
             if let Some(fs) = fs {
                 for (i, f) in fs.iter().enumerate() {
-                    r[i] = gemm_tma::resident_clusters(dev, f, i + 2, (2, cn));
+                    let wg = i + 2;
+                    let geometry = (gemm_tma::threads(wg), gemm_tma::smem_bytes(wg));
+                    r[i] = gemm_tma::resident_clusters(dev, f, geometry, (2, cn, 1));
                 }
             }
             r
         };
         let resident_clusters = [clusters(&tma, 1), clusters(&tma4, 2)];
+        let (cluster_split, cluster_split_failure) =
+            match (gemm_cluster_split::requested_by_env(), &wgmma) {
+                (false, _) => (None, None),
+                (true, None) => (None, Some("the wgmma kernel is not loaded".to_string())),
+                (true, Some(_)) => {
+                    match gemm_cluster_split::ClusterSplit::load(dev, wgmma_smem_bytes) {
+                        Ok(cs) => (Some(cs), None),
+                        Err(e) => (None, Some(format!("load: {e}"))),
+                    }
+                }
+            };
         let mut gemm = Gemm {
             naive,
             skinny,
@@ -826,6 +852,8 @@ impl Gemm {
             tma4,
             tma4_failure,
             resident_clusters,
+            cluster_split,
+            cluster_split_failure,
             wide,
             wgmma,
             num_sms,
@@ -847,6 +875,9 @@ impl Gemm {
         }
         if outcome.tma4_failure.is_some() {
             gemm.tma4_failure = outcome.tma4_failure;
+        }
+        if outcome.cluster_split_failure.is_some() {
+            gemm.cluster_split_failure = outcome.cluster_split_failure;
         }
         Ok(gemm)
     }
@@ -889,6 +920,55 @@ impl Gemm {
         self.resident_clusters
     }
 
+    /// Whether [`Gemm::wgmma_plan`] may run split plans as clusters: asked for with
+    /// `DLLM_GEMM_CLUSTER_SPLIT=1`, loaded, passed its load-time self-test, and `gemm_wgmma` in use.
+    pub fn cluster_split_active(&self) -> bool {
+        self.cluster_split.is_some()
+            && self.cluster_split_failure.is_none()
+            && self.is_enabled(GemmVariant::Wgmma)
+    }
+
+    /// This instance with the cluster-split kernels loaded whatever `DLLM_GEMM_CLUSTER_SPLIT` says
+    /// (for checks and benches, which launch their plans explicitly).
+    pub fn with_cluster_split(mut self, dev: &CudaDevice) -> Result<Gemm> {
+        if self.cluster_split.is_none() {
+            let cs = gemm_cluster_split::ClusterSplit::load(dev, wgmma_smem_bytes)
+                .map_err(Error::Unsupported)?;
+            self.cluster_split = Some(cs);
+            self.cluster_split_failure = None;
+        }
+        Ok(self)
+    }
+
+    /// Whether the cluster-split kernels are loaded (asked for), whatever their self-test said.
+    pub fn cluster_split_loaded(&self) -> bool {
+        self.cluster_split.is_some()
+    }
+
+    /// Why the requested cluster-split kernels are not used (load error or self-test failure).
+    pub fn cluster_split_failure(&self) -> Option<&str> {
+        self.cluster_split_failure.as_deref()
+    }
+
+    /// Clusters of each cluster-split kernel ([`gemm_cluster_split::KERNELS`]) resident at once,
+    /// where loaded and known.
+    pub fn cluster_split_resident(&self) -> Vec<Option<usize>> {
+        self.cluster_split
+            .as_ref()
+            .map_or_else(Vec::new, |cs| cs.resident().to_vec())
+    }
+
+    /// `p` (a `gemm_wgmma` plan) as [`Gemm::run`] launches it: as clusters when the cluster-split
+    /// kernels are active, one of them runs its split count, and its clusters fit as many waves.
+    fn unpaired(&self, p: WgmmaPlan) -> GemmPlan {
+        match &self.cluster_split {
+            Some(cs) if self.cluster_split_active() && cs.serves(&p, self.num_sms) => {
+                GemmPlan::ClusterSplit(p)
+            }
+            _ => GemmPlan::Wgmma(p),
+        }
+    }
+
     /// The Hopper plan [`Gemm::run`] uses for `m > 64`: with the TMA cluster kernel active,
     /// [`WgmmaPlan::with_tma`], run in pairs when it has an even number of M tiles (no phantom
     /// tile) and by `gemm_wgmma` otherwise; else [`WgmmaPlan::new`] on `gemm_wgmma`. Measured
@@ -897,7 +977,7 @@ impl Gemm {
     /// phantom) was slower than `gemm_wgmma`'s own plan.
     pub fn wgmma_plan(&self, m: usize, n: usize, k: usize) -> GemmPlan {
         if !self.tma_active() {
-            return GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, self.num_sms));
+            return self.unpaired(WgmmaPlan::new(m, n, k, self.num_sms));
         }
         let p = WgmmaPlan::with_tma(m, n, k, self.num_sms);
         let wgi = p.wg.clamp(2, 3) - 2;
@@ -914,7 +994,7 @@ impl Gemm {
         } else if p.paired {
             GemmPlan::Tma(p)
         } else {
-            GemmPlan::Wgmma(p)
+            self.unpaired(p)
         }
     }
 
@@ -1321,6 +1401,45 @@ impl Gemm {
                 unsafe { b.launch(cfg) }
                     .map_err(|e| cuda_err(&format!("launch gemm_wgmma_wg{}", plan.wg), e))?;
             }
+            GemmPlan::ClusterSplit(plan) => {
+                let Some(cs) = &self.cluster_split else {
+                    return Err(not_loaded(
+                        "cluster-split",
+                        &self.cluster_split_failure,
+                        "DLLM_GEMM_CLUSTER_SPLIT",
+                    ));
+                };
+                let Some(f) = cs.function(&plan) else {
+                    return Err(Error::invalid(format!(
+                        "gemm: no cluster-split kernel runs {plan:?} (wg, splits) ∈ {:?}",
+                        gemm_cluster_split::KERNELS
+                    )));
+                };
+                if plan.n_tiles > 65_535 || plan.m_tiles > i32::MAX as usize {
+                    return Err(Error::invalid(format!(
+                        "gemm: cluster-split plan {plan:?} exceeds the grid limits (n={n})"
+                    )));
+                }
+                let kps = plan.ktiles_per_split as i32;
+                let cfg = LaunchConfig {
+                    grid_dim: (plan.m_tiles as u32, plan.n_tiles as u32, plan.splits as u32),
+                    block_dim: (128 * plan.wg as u32, 1, 1),
+                    shared_mem_bytes: wgmma_smem_bytes(plan.wg),
+                };
+                let mut b = Launch::new(&dev.stream, f, dev.pdl);
+                b.arg(a).arg(w).arg(c);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
+                // SAFETY: loads and stores as for gemm_wgmma (cp.async with source size 0 outside
+                // [m, k] / [n, k], stores masked to m' < m, n' < n, alignment checked above); the
+                // grid's z is the kernel's compiled cluster size (kernel_index matched wg and
+                // splits), and the partials never leave the cluster's shared memory.
+                unsafe { b.launch(cfg) }.map_err(|e| {
+                    cuda_err(
+                        &format!("launch gemm_wgmma_wg{}_cs{}", plan.wg, plan.splits),
+                        e,
+                    )
+                })?;
+            }
             GemmPlan::Skinny(plan) => {
                 if plan.splits > 65_535 || plan.tiles > i32::MAX as usize {
                     return Err(Error::invalid(format!(
@@ -1601,6 +1720,9 @@ mod selftest {
         pub tma_failure: Option<String>,
         /// The first failure of the quad kernel, when loaded (`run` then keeps the pairs).
         pub tma4_failure: Option<String>,
+        /// The first failure of the cluster-split kernels, when loaded (`run` then keeps the
+        /// workspace reduction).
+        pub cluster_split_failure: Option<String>,
     }
 
     /// Every fast kernel against `gemm_naive`: the variants that failed, and the first failures
@@ -1733,12 +1855,29 @@ mod selftest {
         };
         let tma_failure = failure_of(gemm.tma.is_some(), |p| *p);
         let tma4_failure = failure_of(gemm.tma4.is_some(), WgmmaPlan::quad);
+        // The cluster-split kernels (when asked for): each compiled (wg, splits) on the 13 K
+        // tiles of K = 776 (the last split shorter); M = 133 leaves a partial M tile, N = 392 a
+        // partial N tile.
+        let ktiles = K.div_ceil(WGMMA_BK);
+        let cluster_jobs: Vec<(GemmPlan, usize)> = gemm_cluster_split::KERNELS
+            .iter()
+            .map(|&(wg, cs)| {
+                let plan = WgmmaPlan::with_ktiles_per_split(wg, M, N, K, ktiles.div_ceil(cs));
+                (GemmPlan::ClusterSplit(plan), M)
+            })
+            .collect();
+        let cluster_split_failure = if gemm.cluster_split.is_some() {
+            first_failure(gemm, dev, &cluster_jobs, fixture)
+        } else {
+            None
+        };
         Ok(SelfTestOutcome {
             disabled: failed,
             skinny2_failure,
             stream_failure,
             tma_failure,
             tma4_failure,
+            cluster_split_failure,
         })
     }
 
@@ -2066,9 +2205,9 @@ fn check_one(
     let splits = match how {
         How::Plan(GemmPlan::Skinny(p)) => Some(p.splits),
         How::Plan(GemmPlan::Wide(p)) => Some(p.splits),
-        How::Plan(GemmPlan::Wgmma(p)) => Some(p.splits),
+        How::Plan(GemmPlan::Wgmma(p) | GemmPlan::ClusterSplit(p)) => Some(p.splits),
         How::Variant(GemmVariant::Wgmma) => match gemm.wgmma_plan(m, n, case.k) {
-            GemmPlan::Tma(p) | GemmPlan::Wgmma(p) => {
+            GemmPlan::Tma(p) | GemmPlan::Wgmma(p) | GemmPlan::ClusterSplit(p) => {
                 detail.push_str(&format!(", {} wg{}", p.kind(), p.wg));
                 Some(p.splits)
             }
@@ -2333,6 +2472,9 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     }
                     How::Plan(GemmPlan::Wide(p)) => format!("wide_split{}", p.splits),
                     How::Plan(GemmPlan::Wgmma(p)) => format!("wgmma_wg{}_split{}", p.wg, p.splits),
+                    How::Plan(GemmPlan::ClusterSplit(p)) => {
+                        format!("wgmma_wg{}_cs{}", p.wg, p.splits)
+                    }
                     How::Plan(GemmPlan::Stream(p)) => format!("stream_b{}", p.blocks),
                     How::Plan(GemmPlan::Naive) => "naive".to_string(),
                     How::Plan(GemmPlan::Tma(p)) => format!(
@@ -2596,7 +2738,7 @@ impl BenchBuffers {
     /// Times `plan` over `m` rows ([`BenchBuffers::time`]) as the bench line `name`; `detail`
     /// starts with "default, " when `default` (the plan `run` would pick).
     #[allow(clippy::too_many_arguments)]
-    fn bench_plan(
+    pub(super) fn bench_plan(
         &mut self,
         gemm: &Gemm,
         dev: &CudaDevice,

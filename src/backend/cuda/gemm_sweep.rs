@@ -40,6 +40,7 @@ pub fn candidates(gemm: &Gemm, m: usize, n: usize, k: usize) -> Result<Vec<GemmP
         sms: gemm.num_sms(),
         tma: gemm.tma_active(),
         tma4: gemm.tma4_active(),
+        cluster_split: gemm.cluster_split_active(),
         stream,
         skinny: gemm.skinny_plan(m, n, k),
     };
@@ -53,6 +54,8 @@ struct Offer {
     tma: bool,
     /// The quad TMA kernel is active too (`DLLM_GEMM_TMA4=1`).
     tma4: bool,
+    /// The cluster-split kernels are active (`DLLM_GEMM_CLUSTER_SPLIT=1`).
+    cluster_split: bool,
     /// The stream kernel serves this m.
     stream: bool,
     /// The skinny kernel's own plan (m ≤ 64).
@@ -60,7 +63,8 @@ struct Offer {
 }
 
 /// `default` first, then for m > 64 every `gemm_wgmma` plan at both block heights whose split
-/// grid fits in two waves, each followed by its paired TMA twin (an odd M tile count gains a
+/// grid fits in two waves, each followed by its cluster-split twin where one is compiled and the
+/// kernels are active, its paired TMA twin (an odd M tile count gains a
 /// phantom tile there) and, with the quads active, its quad twin; for smaller m the stream kernel at
 /// several block counts and the skinny plan; no plan twice.
 fn plan_list(
@@ -83,6 +87,9 @@ fn plan_list(
                     break;
                 }
                 plans.push(GemmPlan::Wgmma(p));
+                if o.cluster_split && super::gemm_cluster_split::kernel_index(&p).is_some() {
+                    plans.push(GemmPlan::ClusterSplit(p));
+                }
                 if o.tma {
                     let pairs = WgmmaPlan::paired_with_ktiles_per_split(wg, m, n, k, kps);
                     plans.push(GemmPlan::Tma(pairs));
@@ -112,9 +119,14 @@ fn plan_list(
 /// A plan in a few words: kernel, tiles, splits or blocks.
 pub fn describe(plan: &GemmPlan) -> String {
     match plan {
-        GemmPlan::Wgmma(p) | GemmPlan::Tma(p) => format!(
-            "{} wg{} {}×{} tiles × {} splits of {} K tiles",
+        GemmPlan::Wgmma(p) | GemmPlan::Tma(p) | GemmPlan::ClusterSplit(p) => format!(
+            "{}{} wg{} {}×{} tiles × {} splits of {} K tiles",
             p.kind(),
+            if matches!(plan, GemmPlan::ClusterSplit(_)) {
+                " (cluster split)"
+            } else {
+                ""
+            },
             p.wg,
             p.m_tiles,
             p.n_tiles,
@@ -197,6 +209,7 @@ mod tests {
             sms: 132,
             tma,
             tma4: tma,
+            cluster_split: tma,
             stream,
             skinny: SkinnyPlan::new(m.min(SKINNY_MAX_M), n, k, 132),
         }
@@ -221,6 +234,12 @@ mod tests {
                 match p {
                     GemmPlan::Wgmma(w) => {
                         assert!(w.splits == 1 || w.tiles() * w.splits <= 2 * 132, "{w:?}")
+                    }
+                    // A cluster-split plan comes after its workspace twin (right after it,
+                    // unless the twin is the default, listed first).
+                    GemmPlan::ClusterSplit(w) => {
+                        assert!(plans[..i].contains(&GemmPlan::Wgmma(*w)), "{w:?}");
+                        assert!(matches!(w.splits, 2 | 3), "{w:?}");
                     }
                     // A paired plan is the twin of a listed one (its phantom M tile may take
                     // it past two waves).
@@ -250,6 +269,12 @@ mod tests {
                     .any(|p| matches!(p, GemmPlan::Wgmma(w) if w.wg == wg && w.splits == 1)));
             }
         }
+        // The attention-output projection's own plan has its cluster twin.
+        let (m, n, k) = (384, 4096, 4096);
+        let ws = WgmmaPlan::with_ktiles_per_split(2, m, n, k, 32);
+        let default = GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, 132));
+        let plans = plan_list(default, (m, n, k), &offer(true, false, m, n, k)).unwrap();
+        assert!(plans.contains(&GemmPlan::ClusterSplit(ws)));
         // Without the TMA kernel, no paired plans.
         let (m, n, k) = (384, 4096, 4096);
         let default = GemmPlan::Wgmma(WgmmaPlan::new(m, n, k, 132));

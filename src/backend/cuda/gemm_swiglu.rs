@@ -230,6 +230,7 @@ fn plan_name(p: &GemmPlan) -> String {
         GemmPlan::Skinny(s) => format!("skinny v{} {} splits", s.version, s.splits),
         GemmPlan::Wide(w) => format!("wide {} splits", w.splits),
         GemmPlan::Wgmma(w) => format!("wgmma wg{} {} splits", w.wg, w.splits),
+        GemmPlan::ClusterSplit(w) => format!("wgmma wg{} {} splits as clusters", w.wg, w.splits),
         GemmPlan::Tma(w) => format!("tma wg{} {} splits", w.wg, w.splits),
         GemmPlan::Naive => "naive".into(),
     }

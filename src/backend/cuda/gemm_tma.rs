@@ -79,25 +79,25 @@ pub fn load(dev: &CudaDevice, prefix: &str) -> std::result::Result<[CudaFunction
     }
 }
 
-/// Clusters of `func` (a `gemm_tma*_wg{wg}` kernel, its cluster shape `cluster` compiled in)
-/// that the device holds at once with the kernel's block size and shared memory
+/// Clusters of `func` (a kernel with its cluster shape `cluster` compiled in) that the device
+/// holds at once with `threads` threads and `smem` bytes of dynamic shared memory per block
 /// (`cuOccupancyMaxActiveClusters`); `None` when the driver does not say. Clusters must fit in
 /// one GPC, so this can be less than the SM count over the cluster size.
 pub fn resident_clusters(
     dev: &CudaDevice,
     func: &CudaFunction,
-    wg: usize,
-    cluster: (u32, u32),
+    (threads, smem): (u32, u32),
+    cluster: (u32, u32, u32),
 ) -> Option<usize> {
     dev.stream.context().bind_to_thread().ok()?;
     let config = sys::CUlaunchConfig {
         gridDimX: cluster.0,
         gridDimY: cluster.1,
-        gridDimZ: 1,
-        blockDimX: threads(wg),
+        gridDimZ: cluster.2,
+        blockDimX: threads,
         blockDimY: 1,
         blockDimZ: 1,
-        sharedMemBytes: smem_bytes(wg),
+        sharedMemBytes: smem,
         hStream: dev.stream.cu_stream(),
         attrs: std::ptr::null_mut(),
         numAttrs: 0,

@@ -16,6 +16,7 @@ pub mod check;
 pub mod elementwise;
 pub mod env_switch;
 pub mod gemm;
+pub mod gemm_cluster_split;
 pub mod gemm_mlp;
 pub mod gemm_stream;
 pub mod gemm_sweep;
@@ -88,6 +89,7 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
         on("stream_gemm", gemm_stream::requested_by_env()),
         on("tma_gemm", gemm_tma::requested_by_env()),
         on("tma_quad_gemm", gemm_tma::quads_requested_by_env()),
+        on("cluster_split_gemm", gemm_cluster_split::requested_by_env()),
         on("wgmma_gemm", env_switch::flag("DLLM_GEMM_WGMMA", true)),
         on("split_attention", attention::split_requested_by_env()),
         on("key_group_attention", attention::keys_requested_by_env()),

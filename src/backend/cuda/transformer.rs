@@ -524,6 +524,7 @@ impl CudaTransformer {
                 "fused_mlp" => Some(self.kit.gemm.mlp_active().into()),
                 "tma_gemm" => Some(self.kit.gemm.tma_active().into()),
                 "tma_quad_gemm" => Some(self.kit.gemm.tma4_active().into()),
+                "cluster_split_gemm" => Some(self.kit.gemm.cluster_split_active().into()),
                 "split_attention" => Some(self.attn.split_active(hd).into()),
                 "key_group_attention" => Some(self.attn.keys_active(hd).into()),
                 "attention_stages" => Some(
