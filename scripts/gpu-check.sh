@@ -193,7 +193,7 @@ for s in $STAGES; do
         # The cluster-split wgmma GEMM (DLLM_GEMM_CLUSTER_SPLIT=1, opt-in, written in session 10
         # without a GPU: the K splits of a tile as one cluster, summed through distributed shared
         # memory). `check` already compares it with the workspace reduction bit for bit
-        # (gemm.cluster_split) and times both on the 8B's 4096-column projections at M = 384; here
+        # (gemm.cluster_split) and times both on the 8B's 4096-column projections at M = 384 and 256; here
         # its load-time self-test and the gemm + model checks with it on, the plan sweep of the
         # split shapes (cluster twins beside their workspace plans), then the three workloads
         # (b1 none is the one it is for: the attention-output projection runs 2 splits there).

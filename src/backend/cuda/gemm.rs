@@ -73,6 +73,10 @@ const WGMMA_BK: usize = 64;
 const WGMMA_MIN_KTILES_PER_SPLIT: usize = 16;
 /// Split-K overhead in K-tile units per split (partial tile written, read back, reduced).
 const WGMMA_SPLIT_COST_KTILES: usize = 3;
+/// The same for a split reduced through distributed shared memory ([`gemm_cluster_split`]):
+/// the partial parked in shared memory and read once by a peer, no L2 round trip, the epilogue
+/// shared. An estimate (session 10, no GPU) for the sweep to calibrate.
+const CLUSTER_SPLIT_COST_KTILES: usize = 1;
 /// Modelled time of a paired TMA plan relative to `gemm_wgmma` on the same tiles (9/10): the
 /// pairs ran 10–12 % faster on every shape measured on an H200 (2026-11-27: M = 384 × 12288 ×
 /// 4096 0.0639 vs 0.0710 ms, M = 3072 0.4583 vs 0.5150, the LM head at M = 384 0.5890 vs 0.6714).
@@ -416,7 +420,7 @@ impl WgmmaPlan {
     /// taller tile (more work per shared-memory byte). Splits only while all blocks fit in
     /// one wave, never below `WGMMA_MIN_KTILES_PER_SPLIT` K tiles per split.
     pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
-        WgmmaPlan::search(m, n, k, num_sms, false)
+        WgmmaPlan::search(m, n, k, num_sms, false, false).wgmma_geometry()
     }
 
     /// The plan [`Gemm::run`] uses when the TMA cluster kernel is active: [`WgmmaPlan::new`]'s
@@ -425,19 +429,23 @@ impl WgmmaPlan {
     /// plan wins. At M = 384 on the down projection (4096 × 12288) this picks 2 × 22 tiles of
     /// 192 rows × 3 splits in pairs over `gemm_wgmma`'s 3 × 22 of 128 rows × 2 splits.
     pub fn with_tma(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
-        let p = WgmmaPlan::search(m, n, k, num_sms, true);
-        if p.m_tiles % 2 == 0 {
-            p.paired()
-        } else {
-            p
-        }
+        WgmmaPlan::search(m, n, k, num_sms, true, false).wgmma_geometry()
     }
 
-    fn search(m: usize, n: usize, k: usize, num_sms: usize, tma: bool) -> WgmmaPlan {
+    /// The launch [`WgmmaPlan::with_tma`]'s search picks when the cluster-split kernels are
+    /// active too: a split plan that one of them runs ([`gemm_cluster_split::KERNELS`]) is costed
+    /// with `CLUSTER_SPLIT_COST_KTILES` per split instead of the workspace's
+    /// `WGMMA_SPLIT_COST_KTILES` (and without the TMA pairs' discount), so it can win over the
+    /// pairs: `GemmPlan::ClusterSplit`, `GemmPlan::Tma` (pairs, `tma` only) or `GemmPlan::Wgmma`.
+    pub fn launch_for(m: usize, n: usize, k: usize, num_sms: usize, tma: bool) -> GemmPlan {
+        WgmmaPlan::search(m, n, k, num_sms, tma, true)
+    }
+
+    fn search(m: usize, n: usize, k: usize, num_sms: usize, tma: bool, cluster: bool) -> GemmPlan {
         let sms = num_sms.max(1);
         let ktiles = k.div_ceil(WGMMA_BK).max(1);
         let max_splits = (ktiles / WGMMA_MIN_KTILES_PER_SPLIT).max(1);
-        let mut best: Option<(usize, WgmmaPlan)> = None;
+        let mut best: Option<(usize, GemmPlan)> = None;
         for wg in [3usize, 2] {
             let bm = 64 * wg;
             let tiles = WgmmaPlan::build(wg, m, n, k, ktiles, false).tiles();
@@ -447,28 +455,41 @@ impl WgmmaPlan {
                 }
                 let kps = ktiles.div_ceil(splits);
                 let plan = WgmmaPlan::build(wg, m, n, k, kps, false);
-                let overhead = if plan.splits > 1 {
-                    WGMMA_SPLIT_COST_KTILES * plan.splits
-                } else {
-                    0
-                };
                 let waves = (tiles * plan.splits).div_ceil(sms);
                 // ×20 for wg = 3, ×21 for wg = 2: the 5 % preference for taller tiles.
-                let mut cost = waves * bm * (kps + overhead) * if wg == 3 { 20 } else { 21 };
-                if tma && plan.m_tiles % 2 == 0 {
-                    cost = cost * TMA_PAIR_COST.0 / TMA_PAIR_COST.1;
-                }
-                let better = match best {
-                    None => true,
-                    Some((c, _)) => cost < c,
+                let cost_with = |per_split: usize| {
+                    let overhead = if plan.splits > 1 {
+                        per_split * plan.splits
+                    } else {
+                        0
+                    };
+                    waves * bm * (kps + overhead) * if wg == 3 { 20 } else { 21 }
                 };
-                if better {
-                    best = Some((cost, plan));
+                let plain = cost_with(WGMMA_SPLIT_COST_KTILES);
+                let mut options = vec![(plain, GemmPlan::Wgmma(plan))];
+                if tma && plan.m_tiles % 2 == 0 {
+                    options.push((
+                        plain * TMA_PAIR_COST.0 / TMA_PAIR_COST.1,
+                        GemmPlan::Tma(plan.paired()),
+                    ));
+                }
+                if cluster && gemm_cluster_split::kernel_index(&plan).is_some() {
+                    options.push((
+                        cost_with(CLUSTER_SPLIT_COST_KTILES),
+                        GemmPlan::ClusterSplit(plan),
+                    ));
+                }
+                for (cost, launch) in options {
+                    if best.as_ref().is_none_or(|(c, _)| cost < *c) {
+                        best = Some((cost, launch));
+                    }
                 }
             }
         }
-        best.map(|(_, p)| p)
-            .unwrap_or_else(|| WgmmaPlan::build(3, m, n, k, ktiles, false))
+        best.map_or_else(
+            || GemmPlan::Wgmma(WgmmaPlan::build(3, m, n, k, ktiles, false)),
+            |(_, p)| p,
+        )
     }
 
     /// A plan with a given kernel (`wg` 2 or 3; other values are clamped) and number of K tiles
@@ -644,6 +665,15 @@ pub enum GemmPlan {
 }
 
 impl GemmPlan {
+    /// The tiles and split of a plan of the wgmma family (`Wgmma`, `Tma`, `ClusterSplit`); the
+    /// search only builds those, so the others, never met, give an empty single-tile plan.
+    fn wgmma_geometry(self) -> WgmmaPlan {
+        match self {
+            GemmPlan::Wgmma(p) | GemmPlan::Tma(p) | GemmPlan::ClusterSplit(p) => p,
+            _ => WgmmaPlan::build(3, 1, 1, 1, 1, false),
+        }
+    }
+
     /// Refuses a plan that is not what its constructor gives for `m × n × k` (a hand-made plan
     /// could otherwise launch a grid that does not cover the output, or overruns a buffer).
     pub(super) fn check_fits(&self, m: usize, n: usize, k: usize) -> Result<()> {
@@ -960,11 +990,9 @@ impl Gemm {
 
     /// `p` (a `gemm_wgmma` plan) as [`Gemm::run`] launches it: as clusters when the cluster-split
     /// kernels are active, one of them runs its split count, and its clusters fit as many waves.
-    fn unpaired(&self, p: WgmmaPlan) -> GemmPlan {
+    fn unpaired(&self, p: WgmmaPlan, clusters: bool) -> GemmPlan {
         match &self.cluster_split {
-            Some(cs) if self.cluster_split_active() && cs.serves(&p, self.num_sms) => {
-                GemmPlan::ClusterSplit(p)
-            }
+            Some(cs) if clusters && cs.serves(&p, self.num_sms) => GemmPlan::ClusterSplit(p),
             _ => GemmPlan::Wgmma(p),
         }
     }
@@ -974,10 +1002,30 @@ impl Gemm {
     /// tile) and by `gemm_wgmma` otherwise; else [`WgmmaPlan::new`] on `gemm_wgmma`. Measured
     /// on an H200 (2026-11-27): the pairs gain 10–12 % on the same tiles, while forcing pairs
     /// on an odd tile count (M = 384 on the 4096-column shapes, 3 tiles of 128 rows plus a
-    /// phantom) was slower than `gemm_wgmma`'s own plan.
+    /// phantom) was slower than `gemm_wgmma`'s own plan. With the cluster-split kernels active,
+    /// first [`WgmmaPlan::launch_for`]: its cluster-split choice where the clusters keep the
+    /// plan's waves (and any `gemm_wgmma` split plan chosen otherwise runs as clusters where one
+    /// of them serves it).
     pub fn wgmma_plan(&self, m: usize, n: usize, k: usize) -> GemmPlan {
+        self.wide_plan(m, n, k, self.cluster_split_active())
+    }
+
+    /// [`Gemm::wgmma_plan`] as it is with the cluster-split kernels off (benches compare).
+    pub fn wgmma_plan_without_clusters(&self, m: usize, n: usize, k: usize) -> GemmPlan {
+        self.wide_plan(m, n, k, false)
+    }
+
+    fn wide_plan(&self, m: usize, n: usize, k: usize, clusters: bool) -> GemmPlan {
+        if let Some(cs) = self.cluster_split.as_ref().filter(|_| clusters) {
+            let launch = WgmmaPlan::launch_for(m, n, k, self.num_sms, self.tma_active());
+            if let GemmPlan::ClusterSplit(p) = launch {
+                if cs.serves(&p, self.num_sms) {
+                    return launch;
+                }
+            }
+        }
         if !self.tma_active() {
-            return self.unpaired(WgmmaPlan::new(m, n, k, self.num_sms));
+            return self.unpaired(WgmmaPlan::new(m, n, k, self.num_sms), clusters);
         }
         let p = WgmmaPlan::with_tma(m, n, k, self.num_sms);
         let wgi = p.wg.clamp(2, 3) - 2;
@@ -994,7 +1042,7 @@ impl Gemm {
         } else if p.paired {
             GemmPlan::Tma(p)
         } else {
-            self.unpaired(p)
+            self.unpaired(p, clusters)
         }
     }
 
@@ -3298,6 +3346,39 @@ mod tests {
                 WgmmaPlan::new(m, n, k, 132).paired()
             );
         }
+        // With the cluster-split kernels (1 K tile per split instead of 3, no pairs' discount):
+        // the output projection at M = 384 runs its 2 splits as pairs of blocks
+        // (128·(32 + 2)·21 = 91 392 < 102 144) ...
+        let cs = |m, n, k, tma| WgmmaPlan::launch_for(m, n, k, 132, tma);
+        assert_eq!(
+            cs(384, 4096, 4096, true),
+            GemmPlan::ClusterSplit(p(2, 3, 22, 2, 32))
+        );
+        // ... and at M = 256 (b8's block step) its 3 splits as triples, over the TMA pairs
+        // (128·(22 + 3)·21 = 67 200 < 128·(22 + 9)·21·0.9 = 74 995) ...
+        assert_eq!(
+            cs(256, 4096, 4096, true),
+            GemmPlan::ClusterSplit(p(2, 2, 22, 3, 22))
+        );
+        // ... while the down projections keep their TMA pairs (252 288 < 257 280 at M = 384,
+        // 176 601 < 180 096 at M = 256), and unsplit shapes their pairs ...
+        assert_eq!(
+            cs(384, 4096, 12288, true),
+            GemmPlan::Tma(p(3, 2, 22, 3, 64).paired())
+        );
+        assert_eq!(
+            cs(256, 4096, 12288, true),
+            GemmPlan::Tma(p(2, 2, 22, 3, 64).paired())
+        );
+        assert_eq!(
+            cs(384, 12288, 4096, true),
+            GemmPlan::Tma(p(3, 2, 64, 1, 64).paired())
+        );
+        // ... which, without the TMA kernel, become triples of 192-row blocks.
+        assert_eq!(
+            cs(384, 4096, 12288, false),
+            GemmPlan::ClusterSplit(p(3, 2, 22, 3, 64))
+        );
         // Forced: 6 K tiles by 4 → 4 + 2; wg is clamped to 2..=3.
         assert_eq!(
             WgmmaPlan::with_ktiles_per_split(7, 200, 296, 328, 4),

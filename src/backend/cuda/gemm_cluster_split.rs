@@ -17,9 +17,12 @@
 //!
 //! Only the kernels of [`KERNELS`] are compiled: 2 or 3 splits (the 24 column blocks of 8 of a
 //! tile in even shares) at both block heights. Opt-in with
-//! `DLLM_GEMM_CLUSTER_SPLIT=1` until a GPU run has checked and timed it; then
-//! [`super::gemm::Gemm::wgmma_plan`] runs a `gemm_wgmma` split plan this way when its clusters
-//! fit as many waves as its blocks.
+//! `DLLM_GEMM_CLUSTER_SPLIT=1` until a GPU run has checked and timed it; then the plan search
+//! ([`super::gemm::WgmmaPlan::launch_for`]) costs such a split at 1 K tile per split instead of
+//! the workspace's 3 (an estimate), so that at M = 384 the attention-output projection (2
+//! splits) and at M = 256 (b8's block steps) its 3-split plan run as clusters, and
+//! [`super::gemm::Gemm::wgmma_plan`] takes that choice where the clusters fit as many waves as
+//! the blocks alone.
 
 use super::check::{self, BenchResult, CheckResult};
 use super::gemm::{download, upload, BenchBuffers, Epilogue, Gemm, GemmOut, GemmPlan, WgmmaPlan};
@@ -284,9 +287,9 @@ fn output_bits(
 }
 
 /// `dllm-gpu-check`'s `gemm.cluster_split` benches: LLaDA-8B's two 4096-column projections at
-/// M = 384 with the residual add, each compiled kernel's plan through the workspace and as
-/// clusters, and the plan [`Gemm::run`] picks without clusters, in one process (rotating weight
-/// copies, as the other GEMM benches).
+/// M = 384 and 256 with the residual add, each compiled kernel's plan through the workspace and
+/// as clusters, and the plans [`Gemm::run`] picks without and with the cluster kernels, in one
+/// process (rotating weight copies, as the other GEMM benches).
 pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
     let gemm = match checked_gemm(dev) {
         Ok(Some(g)) => g,
@@ -294,7 +297,12 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
         Err(e) => return vec![BenchResult::failed("gemm.cluster_split load", e)],
     };
     let mut out = Vec::new();
-    for shape in [(384, 4096, 4096), (384, 4096, 12_288)] {
+    for shape in [
+        (384, 4096, 4096),
+        (384, 4096, 12_288),
+        (256, 4096, 4096),
+        (256, 4096, 12_288),
+    ] {
         if let Err(e) = bench_shape(&gemm, dev, shape, &mut out) {
             let (m, n, k) = shape;
             out.push(BenchResult::failed(
@@ -313,17 +321,28 @@ fn bench_shape(
     out: &mut Vec<BenchResult>,
 ) -> Result<()> {
     let mut bufs = BenchBuffers::new(dev, m, n, k, Epilogue::AddF32)?;
-    // Without DLLM_GEMM_CLUSTER_SPLIT=1 this is the default path's plan.
-    let default = gemm.wgmma_plan(m, n, k);
+    let default = gemm.wgmma_plan_without_clusters(m, n, k);
+    let chosen = gemm.wgmma_plan(m, n, k);
     out.push(bufs.bench_plan(
         gemm,
         dev,
         default,
         m,
-        format!("gemm.cluster_split m{m} n{n} k{k} run's plan"),
+        format!("gemm.cluster_split m{m} n{n} k{k} plan without clusters"),
         true,
         super::gemm_sweep::describe(&default),
     )?);
+    if chosen != default {
+        out.push(bufs.bench_plan(
+            gemm,
+            dev,
+            chosen,
+            m,
+            format!("gemm.cluster_split m{m} n{n} k{k} plan with clusters"),
+            false,
+            super::gemm_sweep::describe(&chosen),
+        )?);
+    }
     for kernel in KERNELS {
         let Some(plan) = plan_for(kernel, (m, n, k)) else {
             continue;
