@@ -244,6 +244,8 @@ extern "C" __global__ void fill_u32(uint32_t* __restrict__ out, uint32_t bits, l
 // kernels read (the attention-output weights of a block step), requested into L2 with bulk
 // prefetches (thread 0 of each block, 1/gridDim.x of it each) so that its stream from HBM
 // overlaps RoPE and attention, which leave HBM idle.
+// grouped = 1: the q and k heads are in the grouped pair layout (rope_first); the cache gets the
+// same layout.
 // Block: DLLM_ROW_THREADS threads; head_dim <= 2 * DLLM_ROPE_MAX_HALF.
 #define DLLM_ROPE_MAX_HALF 512
 #ifndef DLLM_PREFETCH_CHUNK  // bytes per prefetch instruction, a multiple of 16 (device only: a kvariant define)
@@ -264,12 +266,35 @@ __device__ __forceinline__ void dllm_prefetch_l2_slice(const unsigned char* p, l
     }
 }
 
+// Where rotation pair i of a head sits: the first element at rope_first(i), the second
+// rope_gap further. Half-split (grouped = 0): i and i + half. Grouped (the rows permuted for the
+// GEMM's RoPE epilogue, DLLM_EPI_ROPE_QKV in gemm_common.cuh): groups of 16 columns, 8 first
+// elements then their 8 partners, pair i in group i / 8.
+__device__ __forceinline__ int rope_first(int i, int half, int grouped) {
+    (void)half;
+    return grouped ? ((i >> 3) << 4) + (i & 7) : i;
+}
+__device__ __forceinline__ int rope_gap(int half, int grouped) { return grouped ? 8 : half; }
+
+// (cos, sin) of pos * inv_freq[i] for pos < positions, i < half, at table[pos * half + i]: the
+// table of the GEMM's RoPE epilogue, with rope_qkv_bf16's arithmetic (fp32 angle, cosf / sinf).
+extern "C" __global__ void rope_table_f32(float2* __restrict__ table, const float* __restrict__ inv_freq,
+                                          int positions, int half) {
+    dllm_pdl_entry();
+    const long long total = (long long)positions * half;
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (long long)gridDim.x * blockDim.x) {
+        const float angle = (float)(int)(t / half) * inv_freq[t % half];
+        table[t] = make_float2(cosf(angle), sinf(angle));
+    }
+}
+
 extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float* __restrict__ inv_freq,
                                          const float* __restrict__ bias, uint16_t* __restrict__ k_cache, uint16_t* __restrict__ v_cache,
                                          int row_stride, int q_heads, int kv_heads, int k_col, int v_col,
                                          int head_dim, int pos_period, int pos_offset, int cache_seq_rows,
                                          int vec, const unsigned char* __restrict__ prefetch,
-                                         long long prefetch_bytes) {
+                                         long long prefetch_bytes, int grouped) {
     dllm_pdl_entry();
     if (prefetch != nullptr && threadIdx.x == 0) dllm_prefetch_l2_slice(prefetch, prefetch_bytes);
     __shared__ float cs[DLLM_ROPE_MAX_HALF];
@@ -295,8 +320,9 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
             const int i0 = (t % groups) * 8;
             const bool is_k = h >= q_heads;
             const int col = is_k ? k_col + (h - q_heads) * head_dim : h * head_dim;
-            uint4* p0 = reinterpret_cast<uint4*>(row + col + i0);
-            uint4* p1 = reinterpret_cast<uint4*>(row + col + half + i0);
+            const int o0 = rope_first(i0, half, grouped), o1 = o0 + rope_gap(half, grouped);
+            uint4* p0 = reinterpret_cast<uint4*>(row + col + o0);
+            uint4* p1 = reinterpret_cast<uint4*>(row + col + o1);
             uint4 a = *p0, b = *p1;
             uint16_t* ea = reinterpret_cast<uint16_t*>(&a);
             uint16_t* eb = reinterpret_cast<uint16_t*>(&b);
@@ -306,8 +332,8 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
                 float x0 = dllm_bf16_to_f32(ea[j]);
                 float x1 = dllm_bf16_to_f32(eb[j]);
                 if (bias) {
-                    x0 += bias[col + i0 + j];
-                    x1 += bias[col + half + i0 + j];
+                    x0 += bias[col + o0 + j];
+                    x1 += bias[col + o1 + j];
                 }
                 ea[j] = dllm_f32_to_bf16(x0 * c - x1 * s);
                 eb[j] = dllm_f32_to_bf16(x1 * c + x0 * s);
@@ -315,9 +341,9 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
             *p0 = a;
             *p1 = b;
             if (is_k && to_cache) {
-                const int kc = (h - q_heads) * head_dim + i0;
-                *reinterpret_cast<uint4*>(k_cache + crow + kc) = a;
-                *reinterpret_cast<uint4*>(k_cache + crow + kc + half) = b;
+                const int kc = (h - q_heads) * head_dim;
+                *reinterpret_cast<uint4*>(k_cache + crow + kc + o0) = a;
+                *reinterpret_cast<uint4*>(k_cache + crow + kc + o1) = b;
             }
         }
         if (bias) {
@@ -343,21 +369,22 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
             const bool is_k = h >= q_heads;
             const int col = is_k ? k_col + (h - q_heads) * head_dim : h * head_dim;
             uint16_t* p = row + col;
+            const int o0 = rope_first(i, half, grouped), o1 = o0 + rope_gap(half, grouped);
             const float c = cs[i], s = sn[i];
-            float x0 = dllm_bf16_to_f32(p[i]);
-            float x1 = dllm_bf16_to_f32(p[i + half]);
+            float x0 = dllm_bf16_to_f32(p[o0]);
+            float x1 = dllm_bf16_to_f32(p[o1]);
             if (bias) {
-                x0 += bias[col + i];
-                x1 += bias[col + half + i];
+                x0 += bias[col + o0];
+                x1 += bias[col + o1];
             }
             const uint16_t y0 = dllm_f32_to_bf16(x0 * c - x1 * s);
             const uint16_t y1 = dllm_f32_to_bf16(x1 * c + x0 * s);
-            p[i] = y0;
-            p[i + half] = y1;
+            p[o0] = y0;
+            p[o1] = y1;
             if (is_k && to_cache) {
-                const int kc = (h - q_heads) * head_dim + i;
-                k_cache[crow + kc] = y0;
-                k_cache[crow + kc + half] = y1;
+                const int kc = (h - q_heads) * head_dim;
+                k_cache[crow + kc + o0] = y0;
+                k_cache[crow + kc + o1] = y1;
             }
         }
         if (bias) {

@@ -13,6 +13,14 @@
 // silu(gate) * up, computed in fp32 from the unrounded accumulators. Only the tiled kernels
 // (skinny, stream, wide, wgmma, TMA) implement it, through the two helpers below.
 #define DLLM_EPI_SWIGLU_BF16 3
+// RoPE and the K/V cache write fused into the QKV projection (the stream, wgmma and TMA kernels;
+// src/backend/cuda/rope_layout.rs): W's q and k rows come per head in groups of 16, 8 rows of the
+// head's first half then the 8 matching rows of its second half, so the two columns of a rotation
+// pair, 16 b + i and 16 b + 8 + i, meet in one thread as the SwiGLU's gate and up do. C is the bf16
+// [M, N] QKV activation: q and k columns rotated (the half-split RoPE of the original rows), v
+// columns plain, the bias (if any) added first; k and v also written to the caches. q·k is a sum
+// over the head dimension, so the permuted q and k heads give the same attention.
+#define DLLM_EPI_ROPE_QKV 4
 
 __device__ __forceinline__ float gemm_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
@@ -20,6 +28,54 @@ __device__ __forceinline__ float gemm_bf16_to_f32(uint16_t b) { return __uint_as
 
 __device__ __forceinline__ uint16_t gemm_f32_to_bf16(float v) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+// The RoPE epilogue's parameters (a kernel parameter; layout mirrored by RopeEpi in
+// src/backend/cuda/gemm_rope.rs). Row r of C has position pos = pos_offset + r % pos_period; table
+// holds (cos, sin) of pos * inv_freq[i] for i < head_dim / 2 at [pos * head_dim / 2 + i] (the
+// arithmetic of rope_qkv_bf16). With k_cache set, the k and v columns of row r also go to row
+// (r / pos_period) * cache_seq_rows + pos of k_cache / v_cache (v_col - q_cols wide).
+struct DllmRopeEpi {
+    const float2* table;
+    const float* bias;
+    uint16_t* k_cache;
+    uint16_t* v_cache;
+    int q_cols;  // q columns [0, q_cols), k [q_cols, v_col), v [v_col, N)
+    int v_col;
+    int head_dim;
+    int pos_period;
+    int pos_offset;
+    int cache_seq_rows;
+};
+
+// One rotation pair of the RoPE epilogue: column n (n % 16 < 8) of row `row` with value x0 and
+// column n + 8 with x1 (accumulators, unrounded).
+__device__ __forceinline__ void gemm_rope_pair(const DllmRopeEpi& e, void* C, int M, int N, int row, int n, float x0,
+                                               float x1) {
+    if (row >= M || n >= N) return;
+    if (e.bias != nullptr) {
+        x0 += e.bias[n];
+        x1 += e.bias[n + 8];
+    }
+    const int pos = e.pos_offset + row % e.pos_period;
+    if (n < e.v_col) {
+        const int c = n % e.head_dim;  // q and k heads start at multiples of head_dim
+        const float2 cs = e.table[(size_t)pos * (e.head_dim >> 1) + ((c >> 4) << 3) + (c & 7)];
+        const float r0 = x0 * cs.x - x1 * cs.y;
+        const float r1 = x1 * cs.x + x0 * cs.y;
+        x0 = r0;
+        x1 = r1;
+    }
+    const uint16_t b0 = gemm_f32_to_bf16(x0), b1 = gemm_f32_to_bf16(x1);
+    uint16_t* out = (uint16_t*)C + (size_t)row * N + n;
+    out[0] = b0;
+    out[8] = b1;
+    if (e.k_cache != nullptr && n >= e.q_cols) {
+        const size_t crow = ((size_t)(row / e.pos_period) * e.cache_seq_rows + pos) * (size_t)(e.v_col - e.q_cols);
+        uint16_t* dst = n < e.v_col ? e.k_cache + crow + (n - e.q_cols) : e.v_cache + crow + (n - e.v_col);
+        dst[0] = b0;
+        dst[8] = b1;
+    }
 }
 
 // Writes one output element according to one of the three plain epilogues (any other code, such
@@ -70,10 +126,18 @@ __device__ __forceinline__ void gemm_for_fragments(int rbase, int g, int t, F f)
 }
 
 // The fragments of a skinny / stream warp (layout as in gemm_for_fragments), masked to M x N,
-// stored with epilogue `epi`.
+// stored with epilogue `epi` (the RoPE epilogue with its parameters `rope`).
 template <int RT, int G>
 __device__ __forceinline__ void gemm_store_fragments(const float (&acc)[RT][G][4], void* C, int rbase, int g, int t,
-                                                     int M, int N, int epi) {
+                                                     int M, int N, int epi, const DllmRopeEpi* rope = nullptr) {
+    if (epi == DLLM_EPI_ROPE_QKV) {
+        // As the SwiGLU: rows rbase + 16 r + g (q < 2) and + 8 (q + 2) are one rotation pair.
+        if (rope == nullptr) return;
+        gemm_for_fragments<RT, G>(rbase, g, t, [&](int r, int j, int q, int m, int n) {
+            if (q < 2) gemm_rope_pair(*rope, C, M, N, m, n, acc[r][j][q], acc[r][j][q + 2]);
+        });
+        return;
+    }
     if (epi == DLLM_EPI_SWIGLU_BF16) {
         // rbase is a multiple of 16: rows rbase + 16 r + g (gate, q < 2) and + 8 (up, q + 2)
         // form one pair, output column (rbase + 16 r) / 2 + g of an N / 2-wide C.

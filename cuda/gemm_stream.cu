@@ -119,6 +119,7 @@ struct StreamJob {
     float* ws;
     unsigned int* counters;
     int M, N, K, epi;
+    const DllmRopeEpi* rope;  // the RoPE epilogue's parameters (nullptr for the other epilogues)
 };
 
 // This block's contiguous share of a job's (tile, chunk) pairs.
@@ -312,7 +313,9 @@ __device__ __forceinline__ void stream_consume(const StreamJob& job, const Strea
                 store = true;
             }
         }
-        if (store) gemm_store_fragments<STREAM_RT, G>(acc, job.C, tile * STREAM_ROWS + wrow, g, t, job.M, job.N, job.epi);
+        if (store)
+            gemm_store_fragments<STREAM_RT, G>(acc, job.C, tile * STREAM_ROWS + wrow, g, t, job.M, job.N, job.epi,
+                                               job.rope);
         stream_zero<G>(acc);
         seg_whole = true;  // the next segment starts at a tile's first chunk
         kc = 0;
@@ -445,8 +448,8 @@ __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], 
     extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1)                                          \
         gemm_stream_mg##G(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, \
                           void* C, float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N,  \
-                          int K, int epi) {                                                                    \
-        const StreamJob jobs[1] = {{&map_a, &map_w, C, ws, counters, M, N, K, epi}};                           \
+                          int K, int epi, const __grid_constant__ DllmRopeEpi rope) {                          \
+        const StreamJob jobs[1] = {{&map_a, &map_w, C, ws, counters, M, N, K, epi, &rope}};                    \
         stream_jobs_body<G, 1>(jobs, nullptr);                                                                  \
     }
 
@@ -476,8 +479,8 @@ DLLM_STREAM_KERNEL(4)
         float* __restrict__ ws_up, unsigned int* __restrict__ counters_up, float* __restrict__ ws_down,          \
         unsigned int* __restrict__ counters_down, unsigned int* grid_bar, int M, int hidden, int inter) {       \
         const StreamJob jobs[2] = {                                                                             \
-            {&map_x, &map_gu, h, ws_up, counters_up, M, 2 * inter, hidden, DLLM_EPI_SWIGLU_BF16},                \
-            {&map_h, &map_d, r, ws_down, counters_down, M, hidden, inter, DLLM_EPI_ADD_F32}};                    \
+            {&map_x, &map_gu, h, ws_up, counters_up, M, 2 * inter, hidden, DLLM_EPI_SWIGLU_BF16, nullptr},       \
+            {&map_h, &map_d, r, ws_down, counters_down, M, hidden, inter, DLLM_EPI_ADD_F32, nullptr}};           \
         stream_jobs_body<G, 2>(jobs, grid_bar);                                                                 \
     }
 

@@ -62,7 +62,8 @@ static_assert(WgStage<WgCfg<3>::THREADS>::BYTES <= WgCfg<3>::STAGES * WgCfg<3>::
 template <int WG, int CS>
 __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W,
                                                 void* C, float* __restrict__ ws, unsigned int* __restrict__ counters,
-                                                int M, int N, int K, int epi, int ktiles_per_split) {
+                                                int M, int N, int K, int epi, int ktiles_per_split,
+                                                const DllmRopeEpi* rope) {
     using Cfg = WgCfg<WG>;
     extern __shared__ unsigned char wg_smem_raw[];
     const uint32_t smem = ((uint32_t)__cvta_generic_to_shared(wg_smem_raw) + 1023u) & ~1023u;
@@ -152,16 +153,16 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     // The drained ring stages the epilogue's global reads (wg_split_reduce, wg_store_tile).
     if (splits > 1 && !wg_split_reduce<Cfg::THREADS>(acc, ws, counters, tile, split, splits, tid, 0, smem)) return;
-    wg_store_tile<Cfg::THREADS>(acc, C, m0 + wg * 64, n0, M, N, epi, tid, 0, smem);
+    wg_store_tile<Cfg::THREADS>(acc, C, m0 + wg * 64, n0, M, N, epi, tid, 0, smem, rope);
 }
 
 #define DLLM_WGMMA_KERNEL(WGN)                                                                                     \
     extern "C" __global__ void __launch_bounds__(128 * WGN, 1)                                                    \
         gemm_wgmma_wg##WGN(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,                \
                            float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K,       \
-                           int epi, int ktiles_per_split) {                                                        \
+                           int epi, int ktiles_per_split, const __grid_constant__ DllmRopeEpi rope) {              \
         dllm_pdl_entry();                                                                                          \
-        gemm_wgmma_body<WGN, 1>(A, W, C, ws, counters, M, N, K, epi, ktiles_per_split);                          \
+        gemm_wgmma_body<WGN, 1>(A, W, C, ws, counters, M, N, K, epi, ktiles_per_split, &rope);                   \
     }
 
 // The cluster-split kernels: clusters of CSN blocks along z, one per K split (grid z == CSN).
@@ -170,7 +171,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
         gemm_wgmma_wg##WGN##_cs##CSN(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,     \
                                      int M, int N, int K, int epi, int ktiles_per_split) {                        \
         dllm_pdl_entry();                                                                                          \
-        gemm_wgmma_body<WGN, CSN>(A, W, C, nullptr, nullptr, M, N, K, epi, ktiles_per_split);                     \
+        gemm_wgmma_body<WGN, CSN>(A, W, C, nullptr, nullptr, M, N, K, epi, ktiles_per_split, nullptr);            \
     }
 
 #else  // portable PTX: no wgmma; empty kernels with the same signature (never launched).
@@ -178,7 +179,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
 #define DLLM_WGMMA_KERNEL(WGN)                                                                                     \
     extern "C" __global__ void __launch_bounds__(128 * WGN, 1)                                                    \
         gemm_wgmma_wg##WGN(const uint16_t* __restrict__, const uint16_t* __restrict__, void*, float* __restrict__, \
-                           unsigned int* __restrict__, int, int, int, int, int) {}
+                           unsigned int* __restrict__, int, int, int, int, int, const __grid_constant__ DllmRopeEpi) {}
 
 #define DLLM_WGMMA_CS_KERNEL(WGN, CSN)                                                                             \
     extern "C" __global__ void __launch_bounds__(128 * WGN, 1) gemm_wgmma_wg##WGN##_cs##CSN(                     \

@@ -164,15 +164,31 @@ __device__ __forceinline__ bool wg_split_reduce(float (&acc)[96], float* __restr
 // barrier `bar`), all of which call this. The residual add stages the 48 old value pairs of the
 // thread through `stage` (WgStage<THREADS>::BYTES of shared memory that no thread of the block
 // reads or writes any more once they all got here); the other epilogues only store, through
-// gemm_store_pairs (column blocks in pairs: the fused SwiGLU pairs gate and up blocks).
+// gemm_store_pairs (column blocks in pairs: the fused SwiGLU pairs gate and up blocks) or, for the
+// RoPE epilogue, gemm_rope_pair with its parameters `rope`.
 template <int THREADS>
 __device__ __forceinline__ void wg_store_tile(const float (&acc)[96], void* C, int row0, int n0, int M, int N,
-                                              int epi, int tid, int bar, uint32_t stage) {
+                                              int epi, int tid, int bar, uint32_t stage,
+                                              const DllmRopeEpi* rope = nullptr) {
     const int wtid = tid & 127;
     const int lane = wtid & 31;
     const int g = lane >> 2;
     const int t = lane & 3;
     const int row = row0 + (wtid >> 5) * 16 + g;
+    if (epi == DLLM_EPI_ROPE_QKV) {
+        // n0 is a multiple of 16 (192-column tiles), so column block j (even) holds the first
+        // halves of its group's rotation pairs and block j + 1 their second halves.
+        if (rope == nullptr) return;
+#pragma unroll
+        for (int j = 0; j < 24; j += 2)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int b = 0; b < 2; ++b)
+                    gemm_rope_pair(*rope, C, M, N, row + 8 * h, n0 + 8 * j + 2 * t + b, acc[4 * j + 2 * h + b],
+                                   acc[4 * (j + 1) + 2 * h + b]);
+        return;
+    }
     if (epi == DLLM_EPI_ADD_F32) {
         float* out = (float*)C;
         const uint32_t mine = stage + (uint32_t)tid * 8u;

@@ -15,7 +15,7 @@ use dllm::backend::cuda::memory::StepBuffers;
 use dllm::backend::cuda::nvcc::Image;
 use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
 use dllm::backend::cuda::{
-    attention, elementwise, gemm, gemm_cluster_split, gemm_mlp, gemm_sweep, gemm_swiglu,
+    attention, elementwise, gemm, gemm_cluster_split, gemm_mlp, gemm_rope, gemm_sweep, gemm_swiglu,
     kernel_dir, sampling, CudaDevice,
 };
 use dllm::config::ModelConfig;
@@ -1288,12 +1288,13 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
 }
 
 /// The GEMM checks: every kernel × plain epilogue, the fused SwiGLU epilogue, the fused MLP, the
-/// cluster-split reduction.
+/// cluster-split reduction, the RoPE epilogue.
 fn gemm_checks(dev: &CudaDevice) -> Vec<CheckResult> {
     let mut out = gemm::self_check(dev);
     out.extend(gemm_swiglu::self_check(dev));
     out.extend(gemm_mlp::self_check(dev));
     out.extend(gemm_cluster_split::self_check(dev));
+    out.extend(gemm_rope::self_check(dev));
     out
 }
 

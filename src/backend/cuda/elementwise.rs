@@ -13,8 +13,8 @@ use super::{cuda_err, CudaDevice};
 use crate::backend::cpu;
 use crate::error::{Error, Result};
 use cudarc::driver::{
-    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use std::sync::Arc;
 
@@ -142,9 +142,29 @@ pub struct RopeQkvShape {
     pub head_dim: usize,
     pub pos_period: usize,
     pub pos_offset: usize,
+    /// The q and k heads are in the grouped pair layout of the GEMM's RoPE epilogue
+    /// ([`super::rope_layout`]) instead of the half-split one.
+    pub grouped: bool,
 }
 
 impl RopeQkvShape {
+    /// Checks that caches of `k_len` / `v_len` elements with `seq_rows` rows per sequence hold
+    /// every row this shape writes.
+    pub fn check_cache(&self, k_len: usize, v_len: usize, seq_rows: usize) -> Result<()> {
+        if seq_rows < self.pos_offset + self.pos_period {
+            return Err(Error::invalid(format!(
+                "rope_qkv: cache of {seq_rows} rows per sequence is shorter than the positions in {self:?}"
+            )));
+        }
+        if self.rows == 0 {
+            return Ok(());
+        }
+        let last = max_strided(self.rows, self.pos_period, |r| self.cache_row(r, seq_rows));
+        let kvw = self.kv_width();
+        need("rope_qkv k cache", k_len, (last + 1) * kvw)?;
+        need("rope_qkv v cache", v_len, (last + 1) * kvw)
+    }
+
     /// Width of one k (or v) row: `kv_heads · head_dim`.
     pub fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
@@ -173,6 +193,7 @@ pub struct Elementwise {
     rmsnorm_f32_fn: CudaFunction,
     rope_fn: CudaFunction,
     rope_qkv_fn: CudaFunction,
+    rope_table_fn: CudaFunction,
     swiglu_fn: CudaFunction,
     swiglu_v8_fn: CudaFunction,
     embedding_fn: CudaFunction,
@@ -194,6 +215,7 @@ impl Elementwise {
             rmsnorm_f32_fn: f("rmsnorm_f32_f32")?,
             rope_fn: f("rope_bf16")?,
             rope_qkv_fn: f("rope_qkv_bf16")?,
+            rope_table_fn: f("rope_table_f32")?,
             swiglu_fn: f("swiglu_bf16")?,
             swiglu_v8_fn: f("swiglu_bf16_v8")?,
             embedding_fn: f("embedding_bf16_f32")?,
@@ -380,6 +402,36 @@ impl Elementwise {
         Ok(())
     }
 
+    /// `table[2 (p · half + i) ..][..2] = (cos, sin)(p · inv_freq[i])` for `p < positions`,
+    /// `i < half` (fp32, `rope_qkv_bf16`'s arithmetic): the table of the GEMM's RoPE epilogue.
+    pub fn rope_table(
+        &self,
+        table: &mut CudaSlice<f32>,
+        inv_freq: &CudaView<f32>,
+        positions: usize,
+        half: usize,
+    ) -> Result<()> {
+        let total = positions
+            .checked_mul(half)
+            .filter(|&t| t <= i32::MAX as usize)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "elementwise rope_table: {positions} positions × {half} do not fit in i32"
+                ))
+            })?;
+        need("rope_table inv_freq", inv_freq.len(), half)?;
+        need("rope_table table", table.len(), 2 * total)?;
+        if total == 0 {
+            return Ok(());
+        }
+        let (p, h) = (positions as i32, half as i32);
+        let mut b = Launch::new(&self.stream, &self.rope_table_fn, self.pdl);
+        b.arg(table).arg(inv_freq).arg(&p).arg(&h);
+        // SAFETY: the kernel writes float2 t < positions·half of `table` (2·total floats,
+        // checked) and reads inv_freq[i < half] (checked).
+        unsafe { b.launch(grid_for(total)) }.map_err(|e| cuda_err("launch rope_table_f32", e))
+    }
+
     /// Fused RoPE on the q and k heads of `qkv` (in place) and, with `cache`, the write of the
     /// rotated K and of V into the cache rows [`RopeQkvShape::cache_row`]. One launch replaces
     /// [`Elementwise::rope`] plus two [`Elementwise::copy_rows_bf16`].
@@ -414,6 +466,9 @@ impl Elementwise {
         let bad = |why: &str| Error::invalid(format!("elementwise rope_qkv: {why} in {s:?}"));
         if s.head_dim % 2 != 0 || s.head_dim == 0 || s.head_dim / 2 > ROPE_MAX_HALF {
             return Err(bad("head_dim must be even and at most 1024"));
+        }
+        if s.grouped && !super::rope_layout::supported(s.head_dim) {
+            return Err(bad("the grouped layout needs head_dim a multiple of 16"));
         }
         if s.pos_period == 0 {
             return Err(bad("pos_period must be positive"));
@@ -468,15 +523,7 @@ impl Elementwise {
         let (mut kp, mut vp, mut seq_rows) = (null, null, 0i32);
         let mut guards = Vec::new();
         if let Some(c) = cache {
-            if c.seq_rows < s.pos_offset + s.pos_period {
-                return Err(bad(&format!(
-                    "cache of {} rows per sequence is shorter than the positions",
-                    c.seq_rows
-                )));
-            }
-            let last = max_strided(s.rows, s.pos_period, |r| s.cache_row(r, c.seq_rows));
-            need("rope_qkv k cache", c.k.len(), (last + 1) * kvw)?;
-            need("rope_qkv v cache", c.v.len(), (last + 1) * kvw)?;
+            s.check_cache(c.k.len(), c.v.len(), c.seq_rows)?;
             seq_rows = to_i32("rope_qkv cache rows", c.seq_rows)?;
             let (k, gk) = c.k.device_ptr_mut(&self.stream);
             let (v, gv) = c.v.device_ptr_mut(&self.stream);
@@ -509,7 +556,10 @@ impl Elementwise {
             .filter(|&(ptr, bytes)| ptr % 16 == 0 && bytes > 0)
             .unwrap_or((0, 0));
         b.arg(&pf_ptr).arg(&pf_bytes);
-        // SAFETY: argument order and types match `rope_qkv_bf16`; the L2 prefetch (a hint that
+        let grouped = i32::from(s.grouped);
+        b.arg(&grouped);
+        // SAFETY: argument order and types match `rope_qkv_bf16`; the grouped layout keeps every
+        // pair inside its head (head_dim a multiple of 16, checked above); the L2 prefetch (a hint that
         // reads nothing into the kernel) covers whole 16-byte units of a live, aligned view; every row touched lies inside
         // the qkv view and every cache row inside the cache views (checked above), the bias
         // (when present) covers every column read (checked above); the q, k and
@@ -857,7 +907,8 @@ fn check_rope(
 
 /// Fused RoPE + cache write vs the CPU rope on q and k; the cache must hold exactly the rotated
 /// K the kernel left in the matrix and exactly the input V, and rows outside the block stay
-/// poisoned.
+/// poisoned. `grouped`: the q and k heads (and their biases) in the grouped layout of
+/// [`super::rope_layout`], compared with the permuted CPU result.
 #[allow(clippy::too_many_arguments)]
 fn check_rope_qkv(
     dev: &CudaDevice,
@@ -869,6 +920,7 @@ fn check_rope_qkv(
     with_cache: bool,
     vec: bool,
     with_bias: bool,
+    grouped: bool,
 ) -> Result<(f64, String)> {
     let (q_heads, kv_heads, hd) = heads;
     let theta = 10_000f32;
@@ -905,6 +957,24 @@ fn check_rope_qkv(
         row[..q_heads * hd].copy_from_slice(&q[r * q_heads * hd..(r + 1) * q_heads * hd]);
         row[q_heads * hd..q_heads * hd + kvw].copy_from_slice(&k[r * kvw..(r + 1) * kvw]);
     }
+    // The grouped layout: every q and k head's columns permuted, in the input, the bias and the
+    // expected result alike.
+    let regroup = |v: &mut [f32]| {
+        if grouped {
+            for (start, heads) in [(0, q_heads), (q_heads * hd, kv_heads)] {
+                let seg = &mut v[start..start + heads * hd];
+                let p = super::rope_layout::permute_rows(seg, heads, hd, 1);
+                seg.copy_from_slice(&p);
+            }
+        }
+    };
+    let mut input = input;
+    let mut bias = bias;
+    for r in 0..rows {
+        regroup(&mut input[r * stride..(r + 1) * stride]);
+        regroup(&mut want[r * stride..(r + 1) * stride]);
+    }
+    regroup(&mut bias);
     let shape = RopeQkvShape {
         rows,
         row_stride: stride,
@@ -915,6 +985,7 @@ fn check_rope_qkv(
         head_dim: hd,
         pos_period: len,
         pos_offset: offset,
+        grouped,
     };
     let seq_rows = offset + len + 3;
     let inv = upload(dev, &cpu::rope_inv_freq(hd, theta))?;
@@ -988,7 +1059,7 @@ fn check_rope_qkv(
     Ok((
         e,
         format!(
-            "{seqs}x{len} rows, {q_heads}q+{kv_heads}kv heads of {hd}, pos from {offset}, bias {with_bias}; cache exact {cache_ok}, v exact {rest_ok}"
+            "{seqs}x{len} rows, {q_heads}q+{kv_heads}kv heads of {hd}, pos from {offset}, bias {with_bias}, grouped {grouped}; cache exact {cache_ok}, v exact {rest_ok}"
         ),
     ))
 }
@@ -1201,24 +1272,31 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             check_swiglu(dev, &ew, rows, h, vec),
         ));
     }
-    for &(seqs, len, qh, kvh, hd, off, cache, vec, bias) in &[
+    // The last flag: the grouped layout of the GEMM's RoPE epilogue (the kernel's fallback where
+    // the epilogue does not run; head sizes in whole groups of 16).
+    for &(seqs, len, qh, kvh, hd, off, cache, vec, bias, grouped) in &[
         (
-            1usize, 5usize, 2usize, 2usize, 8usize, 0usize, false, true, false,
+            1usize, 5usize, 2usize, 2usize, 8usize, 0usize, false, true, false, false,
         ),
-        (3, 17, 6, 3, 64, 5, true, true, false),
-        (3, 17, 6, 3, 64, 5, true, false, false),
-        (2, 32, 4, 4, 128, 352, true, true, false),
-        (2, 32, 4, 4, 128, 352, false, true, false),
-        (1, 7, 3, 1, 10, 2, true, true, false),
-        (3, 17, 7, 1, 64, 5, true, true, true),
-        (3, 17, 7, 1, 64, 5, true, false, true),
-        (2, 9, 28, 4, 128, 11, false, true, true),
-        (1, 7, 3, 1, 10, 2, true, true, true),
+        (3, 17, 6, 3, 64, 5, true, true, false, false),
+        (3, 17, 6, 3, 64, 5, true, false, false, false),
+        (2, 32, 4, 4, 128, 352, true, true, false, false),
+        (2, 32, 4, 4, 128, 352, false, true, false, false),
+        (1, 7, 3, 1, 10, 2, true, true, false, false),
+        (3, 17, 7, 1, 64, 5, true, true, true, false),
+        (3, 17, 7, 1, 64, 5, true, false, true, false),
+        (2, 9, 28, 4, 128, 11, false, true, true, false),
+        (1, 7, 3, 1, 10, 2, true, true, true, false),
+        (3, 17, 6, 3, 64, 5, true, true, false, true),
+        (3, 17, 6, 3, 64, 5, true, false, true, true),
+        (2, 32, 4, 4, 128, 352, true, true, true, true),
+        (2, 9, 28, 4, 128, 11, false, false, true, true),
     ] {
+        let layout = if grouped { " grouped" } else { "" };
         out.push(CheckResult::from_result(
-            format!("elementwise.rope_qkv hd{hd} q{qh}kv{kvh} off{off} cache {cache} vec {vec} bias {bias}"),
+            format!("elementwise.rope_qkv{layout} hd{hd} q{qh}kv{kvh} off{off} cache {cache} vec {vec} bias {bias}"),
             TOL_BF16,
-            check_rope_qkv(dev, &ew, seqs, len, (qh, kvh, hd), off, cache, vec, bias),
+            check_rope_qkv(dev, &ew, seqs, len, (qh, kvh, hd), off, cache, vec, bias, grouped),
         ));
     }
     out.push(CheckResult::from_result(
@@ -1316,6 +1394,7 @@ fn bench_inner(dev: &CudaDevice) -> Result<Vec<BenchResult>> {
             head_dim: hd,
             pos_period: period,
             pos_offset: 384 - period,
+            grouped: false,
         };
         let ms = check::time_median_ms(dev, 3, 20, |_| {
             let mut kv = kc.as_view_mut();
@@ -1453,6 +1532,7 @@ mod tests {
             head_dim: 8,
             pos_period: 3,
             pos_offset: 5,
+            grouped: false,
         };
         assert_eq!(s.kv_width(), 8);
         assert_eq!(

@@ -16,6 +16,7 @@
 use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
 use super::gemm_cluster_split;
 use super::gemm_mlp;
+use super::gemm_rope::{RopeArgs, RopeEpi};
 use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
 use super::gemm_tma::{self, OperandBox};
 use super::launch::Launch;
@@ -102,6 +103,9 @@ pub enum Epilogue {
     /// [`super::swiglu_layout`] lays them out, `C` bf16 `[M, N / 2]` = `silu(gate) · up` (every
     /// kernel but the naive one; `N` a multiple of 16).
     SwigluBf16,
+    /// RoPE and the K/V cache write of the fused QKV projection (q and k rows in the grouped
+    /// order of [`super::rope_layout`]; the stream, wgmma and TMA kernels): [`super::gemm_rope`].
+    RopeQkv,
 }
 
 impl Epilogue {
@@ -116,6 +120,7 @@ impl Epilogue {
             Epilogue::StoreF32 => 1,
             Epilogue::AddF32 => 2,
             Epilogue::SwigluBf16 => 3,
+            Epilogue::RopeQkv => 4,
         }
     }
 
@@ -129,7 +134,10 @@ impl Epilogue {
 
     /// Whether the output is bf16 (else fp32).
     pub fn bf16_out(self) -> bool {
-        matches!(self, Epilogue::StoreBf16 | Epilogue::SwigluBf16)
+        matches!(
+            self,
+            Epilogue::StoreBf16 | Epilogue::SwigluBf16 | Epilogue::RopeQkv
+        )
     }
 
     /// Short name for reports.
@@ -139,6 +147,7 @@ impl Epilogue {
             Epilogue::StoreF32 => "f32",
             Epilogue::AddF32 => "add_f32",
             Epilogue::SwigluBf16 => "swiglu_bf16",
+            Epilogue::RopeQkv => "rope_qkv",
         }
     }
 }
@@ -153,6 +162,9 @@ pub enum GemmOut<'a> {
     AddF32(CudaViewMut<'a, f32>),
     /// bf16 bits, `[M, N / 2]`: [`Epilogue::SwigluBf16`].
     SwigluBf16(CudaViewMut<'a, u16>),
+    /// bf16 bits, `[M, N]`, with the caches and table the parameters name:
+    /// [`Epilogue::RopeQkv`].
+    RopeQkv(CudaViewMut<'a, u16>, RopeArgs),
 }
 
 impl GemmOut<'_> {
@@ -163,6 +175,7 @@ impl GemmOut<'_> {
             GemmOut::F32(_) => Epilogue::StoreF32,
             GemmOut::AddF32(_) => Epilogue::AddF32,
             GemmOut::SwigluBf16(_) => Epilogue::SwigluBf16,
+            GemmOut::RopeQkv(..) => Epilogue::RopeQkv,
         }
     }
 
@@ -170,7 +183,7 @@ impl GemmOut<'_> {
     /// for the fused SwiGLU, which writes one value per gate/up pair.
     fn covers(&self) -> usize {
         match self {
-            GemmOut::Bf16(v) => v.len(),
+            GemmOut::Bf16(v) | GemmOut::RopeQkv(v, _) => v.len(),
             GemmOut::SwigluBf16(v) => v.len().saturating_mul(2),
             GemmOut::F32(v) | GemmOut::AddF32(v) => v.len(),
         }
@@ -179,7 +192,9 @@ impl GemmOut<'_> {
     /// Device address and the alignment the kernels need for it (element pairs are stored).
     fn addr_and_align(&self, dev: &CudaDevice) -> (u64, u64) {
         match self {
-            GemmOut::Bf16(v) | GemmOut::SwigluBf16(v) => (v.device_ptr(&dev.stream).0, 4),
+            GemmOut::Bf16(v) | GemmOut::SwigluBf16(v) | GemmOut::RopeQkv(v, _) => {
+                (v.device_ptr(&dev.stream).0, 4)
+            }
             GemmOut::F32(v) | GemmOut::AddF32(v) => (v.device_ptr(&dev.stream).0, 8),
         }
     }
@@ -1263,7 +1278,23 @@ impl Gemm {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        let job = match variant {
+        let job = self.variant_plan(variant, m, n, k)?;
+        self.launch(dev, job, a, w, out, m, n, k)
+    }
+
+    /// Whether [`Gemm::run`] would run `m × n × k` on a kernel with the RoPE epilogue
+    /// ([`GemmOut::RopeQkv`]: the stream, wgmma and TMA kernels).
+    pub fn rope_epilogue_serves(&self, m: usize, n: usize, k: usize) -> bool {
+        n % 16 == 0
+            && matches!(
+                self.variant_plan(self.variant_for_m(m), m, n, k),
+                Ok(GemmPlan::Stream(_) | GemmPlan::Wgmma(_) | GemmPlan::Tma(_))
+            )
+    }
+
+    /// The plan [`Gemm::run_variant`] launches for `variant`.
+    fn variant_plan(&self, variant: GemmVariant, m: usize, n: usize, k: usize) -> Result<GemmPlan> {
+        Ok(match variant {
             GemmVariant::Naive => GemmPlan::Naive,
             GemmVariant::Wide => GemmPlan::Wide(WidePlan::new(m, n, k, self.num_sms)),
             GemmVariant::Wgmma => self.wgmma_plan(m, n, k),
@@ -1279,8 +1310,7 @@ impl Gemm {
                     GemmPlan::Skinny(self.skinny_plan(m, n, k))
                 }
             }
-        };
-        self.launch(dev, job, a, w, out, m, n, k)
+        })
     }
 
     /// One launch with an explicit plan (checks and benches use it to force split-K, block
@@ -1341,17 +1371,35 @@ impl Gemm {
                 ));
             }
         }
+        let mut rope = RopeEpi::default();
+        if let GemmOut::RopeQkv(_, args) = &out {
+            if (args.rows, args.cols) != (m, n) || n % 16 != 0 {
+                return Err(Error::invalid(format!(
+                    "gemm: RoPE parameters for {}×{} used on m={m} n={n} (n must be a multiple of 16)",
+                    args.rows, args.cols
+                )));
+            }
+            if !matches!(
+                job,
+                GemmPlan::Stream(_) | GemmPlan::Wgmma(_) | GemmPlan::Tma(_)
+            ) {
+                return Err(Error::invalid(format!(
+                    "gemm: the RoPE epilogue runs on the stream, wgmma and TMA kernels, not {job:?}"
+                )));
+            }
+            rope = args.epi;
+        }
         check_align("A", a.device_ptr(&dev.stream).0, 16)?;
         check_align("W", w.device_ptr(&dev.stream).0, 16)?;
         let (addr, align) = out.addr_and_align(dev);
         check_align("C", addr, align)?;
         let epi = out.epilogue().code();
         match &mut out {
-            GemmOut::Bf16(c) | GemmOut::SwigluBf16(c) => {
-                self.launch_typed(dev, job, a, w, c, epi, m, n, k)
+            GemmOut::Bf16(c) | GemmOut::SwigluBf16(c) | GemmOut::RopeQkv(c, _) => {
+                self.launch_typed(dev, job, a, w, c, (epi, &rope), m, n, k)
             }
             GemmOut::F32(c) | GemmOut::AddF32(c) => {
-                self.launch_typed(dev, job, a, w, c, epi, m, n, k)
+                self.launch_typed(dev, job, a, w, c, (epi, &rope), m, n, k)
             }
         }
     }
@@ -1364,7 +1412,7 @@ impl Gemm {
         a: &CudaView<u16>,
         w: &CudaView<u16>,
         c: &mut CudaViewMut<T>,
-        epi: i32,
+        (epi, rope): (i32, &RopeEpi),
         m: usize,
         n: usize,
         k: usize,
@@ -1440,7 +1488,7 @@ impl Gemm {
                 let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, f, dev.pdl);
                 b.arg(a).arg(w).arg(c).arg(ws).arg(counters);
-                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps).arg(rope);
                 // SAFETY: as for wide: cp.async loads outside [m, k] / [n, k] have source size 0
                 // (no access; the address is clamped to a valid row), stores are masked to
                 // m' < m, n' < n with 16-byte (A, W) and pair (C) alignment checked above. With
@@ -1581,7 +1629,7 @@ impl Gemm {
                 let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, &fs[wg - 2], dev.pdl);
                 b.arg(&map_a).arg(&map_w).arg(c).arg(ws).arg(counters);
-                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps).arg(rope);
                 // SAFETY: the tensor maps describe exactly A [m, k] and W [n, k] (validate()
                 // checked their lengths; 16-byte alignment checked above), and TMA never reads
                 // outside them (boxes past the edges are zero-filled). Stores are masked to
@@ -1623,7 +1671,7 @@ impl Gemm {
                 let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, f, dev.pdl);
                 b.arg(&map_a).arg(&map_w).arg(c).arg(ws).arg(counters);
-                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(rope);
                 // SAFETY: the tensor maps describe exactly A [m, k] and W [n, k] (validate()
                 // checked their lengths; 16-byte alignment checked above) and TMA never reads
                 // outside them (boxes past the edges are zero-filled); stores are masked to
@@ -1970,10 +2018,11 @@ mod selftest {
         let wv = w.as_view();
         let mut expect = want[..mn].to_vec();
         let (got, guard_ok) = match epi {
-            Epilogue::SwigluBf16 => {
-                return Err(Error::invalid(
-                    "gemm self-test: the fused SwiGLU is checked by gemm_swiglu".to_string(),
-                ))
+            Epilogue::SwigluBf16 | Epilogue::RopeQkv => {
+                return Err(Error::invalid(format!(
+                    "gemm self-test: the {} epilogue has its own check",
+                    epi.name()
+                )))
             }
             Epilogue::StoreBf16 => {
                 let mut buf = upload(dev, &vec![check::POISON_BF16_BITS; mn + GUARD])?;
@@ -2194,10 +2243,11 @@ fn check_one(
         }
     }
     let got: Vec<f32> = match epi {
-        Epilogue::SwigluBf16 => {
-            return Err(Error::invalid(
-                "gemm check: the fused SwiGLU is checked by gemm_swiglu".to_string(),
-            ))
+        Epilogue::SwigluBf16 | Epilogue::RopeQkv => {
+            return Err(Error::invalid(format!(
+                "gemm check: the {} epilogue has its own check",
+                epi.name()
+            )))
         }
         Epilogue::StoreBf16 => {
             let mut buf = upload(dev, &vec![check::POISON_BF16_BITS; mn + GUARD])?;
@@ -2860,7 +2910,8 @@ impl BenchBuffers {
 }
 
 /// The output of epilogue `epi` over `m` rows of an `n`-column product: in `c16` for the bf16
-/// epilogues (`m·n/2` values for the fused SwiGLU), in `c32` for the fp32 ones.
+/// epilogues (`m·n/2` values for the fused SwiGLU), in `c32` for the fp32 ones. The RoPE
+/// epilogue needs its caches and table ([`super::gemm_rope`]): its product is the bf16 store's.
 fn output_view<'b>(
     epi: Epilogue,
     c16: &'b mut CudaSlice<u16>,
@@ -2869,7 +2920,7 @@ fn output_view<'b>(
     n: usize,
 ) -> GemmOut<'b> {
     match epi {
-        Epilogue::StoreBf16 => GemmOut::Bf16(c16.slice_mut(..m * n)),
+        Epilogue::StoreBf16 | Epilogue::RopeQkv => GemmOut::Bf16(c16.slice_mut(..m * n)),
         Epilogue::SwigluBf16 => GemmOut::SwigluBf16(c16.slice_mut(..m * n / 2)),
         Epilogue::StoreF32 => GemmOut::F32(c32.slice_mut(..m * n)),
         Epilogue::AddF32 => GemmOut::AddF32(c32.slice_mut(..m * n)),

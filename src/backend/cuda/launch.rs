@@ -127,7 +127,16 @@ macro_rules! scalar_args {
         }
     )*};
 }
-scalar_args!(i32, u32, i64, u64, f32, f64, sys::CUtensorMap);
+scalar_args!(
+    i32,
+    u32,
+    i64,
+    u64,
+    f32,
+    f64,
+    sys::CUtensorMap,
+    super::gemm_rope::RopeEpi
+);
 
 macro_rules! buffer_args {
     ($($t:ty),*) => {$(

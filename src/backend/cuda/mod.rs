@@ -18,6 +18,7 @@ pub mod env_switch;
 pub mod gemm;
 pub mod gemm_cluster_split;
 pub mod gemm_mlp;
+pub mod gemm_rope;
 pub mod gemm_stream;
 pub mod gemm_sweep;
 pub mod gemm_swiglu;
@@ -30,6 +31,7 @@ pub mod padding;
 #[cfg(test)]
 mod pipeline_model;
 pub mod profile;
+pub mod rope_layout;
 pub mod sampling;
 pub mod scratch;
 pub mod swiglu_layout;
@@ -116,6 +118,10 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
         on(
             "l2_prefetch",
             transformer::KernelChoice::from_env().l2_prefetch,
+        ),
+        on(
+            "fused_rope",
+            transformer::KernelChoice::from_env().fused_rope,
         ),
         ("cache_slots", transformer::cache_slots_from_env().into()),
         (

@@ -45,9 +45,11 @@
 use super::attention::{Attention, AttnShape, AttnVariant};
 use super::elementwise::{Elementwise, IdLayout, KvDst, RopeQkvShape};
 use super::gemm::{Gemm, GemmOut, GemmVariant};
+use super::gemm_rope::{RopeArgs, RopeTable};
 use super::memory::{self, StepBuffers};
 use super::padding;
 use super::profile::{OpProfiler, OpTime};
+use super::rope_layout;
 use super::sampling::{commit_record_len, parse_commit_record, CommitRule, Sampler};
 use super::swiglu_layout;
 use super::{cuda_err, CudaDevice};
@@ -105,6 +107,11 @@ pub struct KernelChoice {
     /// attention run (HBM otherwise idle then), so the weight-streaming GEMM after them reads
     /// L2: `DLLM_L2_PREFETCH=1` (opt-in: 1.5 % slower on the b1 block step on an H200, session 9).
     pub l2_prefetch: bool,
+    /// RoPE and the K/V cache write in the QKV GEMM's epilogue (q and k rows uploaded in the
+    /// grouped order of [`super::rope_layout`], [`super::gemm_rope`]); where the GEMM that runs
+    /// cannot, `rope_qkv` rotates the grouped layout. `DLLM_FUSED_ROPE=1` (opt-in: session 10,
+    /// not yet run on a GPU); needs the fast GEMMs and a head size divisible by 16.
+    pub fused_rope: bool,
 }
 
 impl KernelChoice {
@@ -115,6 +122,7 @@ impl KernelChoice {
             naive_attention: false,
             fused_swiglu: super::env_switch::flag("DLLM_FUSED_SWIGLU", true),
             l2_prefetch: super::env_switch::flag("DLLM_L2_PREFETCH", false),
+            fused_rope: super::env_switch::flag("DLLM_FUSED_ROPE", false),
         }
     }
 
@@ -125,6 +133,7 @@ impl KernelChoice {
             naive_attention: true,
             fused_swiglu: false,
             l2_prefetch: false,
+            fused_rope: false,
         }
     }
 
@@ -252,6 +261,8 @@ pub struct CudaTransformer {
     /// Why a capture failed (graphs are off from then on).
     graph_error: Mutex<Option<String>>,
     inv_freq: CudaSlice<f32>,
+    /// (cos, sin) for the QKV GEMM's RoPE epilogue ([`KernelChoice::fused_rope`]).
+    rope_table: Option<RopeTable>,
     state: Mutex<Option<State>>,
     /// Per-operation event timing of eager steps (`dllm bench --profile`).
     profiler: OpProfiler,
@@ -295,6 +306,34 @@ fn to_bf16_bits(v: &TensorView, start: usize, out: &mut Vec<u16>, count: usize) 
 fn upload_stacked(dev: &CudaDevice, parts: &[TensorView]) -> Result<CudaSlice<u16>> {
     let runs: Vec<(&TensorView, usize, usize)> = parts.iter().map(|p| (p, 0, p.numel())).collect();
     upload_runs(dev, &runs)
+}
+
+/// Uploads the q, k and v matrices as one fused `[d + 2 kv, d]` bf16 matrix with every q and k
+/// head's rows in the grouped order of the GEMM's RoPE epilogue ([`rope_layout`]).
+fn upload_qkv_grouped(
+    dev: &CudaDevice,
+    (q, k, v): (&TensorView, &TensorView, &TensorView),
+    cfg: &ModelConfig,
+) -> Result<CudaSlice<u16>> {
+    let (d, hd) = (cfg.d_model, cfg.head_dim());
+    let mut runs = Vec::new();
+    for (t, heads) in [(q, cfg.n_heads), (k, cfg.n_kv_heads)] {
+        rope_layout::for_each_run(heads, hd, |row, rows| runs.push((t, row * d, rows * d)));
+    }
+    runs.push((v, 0, v.numel()));
+    upload_runs(dev, &runs)
+}
+
+/// The q and k projection biases concatenated, each head's values in the grouped order when
+/// `grouped` (the order of the rows they add to).
+fn qk_rows(q: &[f32], k: &[f32], grouped: bool, cfg: &ModelConfig) -> Vec<f32> {
+    let hd = cfg.head_dim();
+    if !grouped {
+        return [q, k].concat();
+    }
+    let mut out = rope_layout::permute_rows(q, cfg.n_heads, hd, 1);
+    out.extend(rope_layout::permute_rows(k, cfg.n_kv_heads, hd, 1));
+    out
 }
 
 /// Uploads the gate and up matrices (`[h, d]` each) as one `[2h, d]` bf16 matrix in the fused
@@ -407,6 +446,9 @@ impl CudaTransformer {
                 && !kernels.naive_gemm
                 && tiled
                 && swiglu_layout::supported(h),
+            fused_rope: kernels.fused_rope
+                && !kernels.naive_gemm
+                && rope_layout::supported(cfg.head_dim()),
             ..kernels
         };
         dev.check_fits(
@@ -433,8 +475,11 @@ impl CudaTransformer {
             let fnm = store.get_shaped(&n.mlp_norm, &[d])?;
             let qkv_bias = match &n.qkv_bias {
                 Some((qb, kb, vb)) => {
-                    let mut bias = store.get_shaped(qb, &[d])?.to_f32_vec();
-                    bias.extend(store.get_shaped(kb, &[kv])?.to_f32_vec());
+                    let (qv, kvv) = (
+                        store.get_shaped(qb, &[d])?.to_f32_vec(),
+                        store.get_shaped(kb, &[kv])?.to_f32_vec(),
+                    );
+                    let mut bias = qk_rows(&qv, &kvv, kernels.fused_rope, cfg);
                     bias.extend(store.get_shaped(vb, &[kv])?.to_f32_vec());
                     Some(dev.stream.clone_htod(&bias).map_err(|e| {
                         memory::alloc_err(&format!("upload tensor `{qb}` (+k, v)"), e)
@@ -443,7 +488,11 @@ impl CudaTransformer {
                 None => None,
             };
             layers.push(LayerWeights {
-                qkv: upload_stacked(&dev, &[q, k, v])?,
+                qkv: if kernels.fused_rope {
+                    upload_qkv_grouped(&dev, (&q, &k, &v), cfg)?
+                } else {
+                    upload_stacked(&dev, &[q, k, v])?
+                },
                 qkv_bias,
                 attn_out: upload_stacked(&dev, &[o])?,
                 gate_up: if kernels.fused_swiglu {
@@ -476,8 +525,21 @@ impl CudaTransformer {
             .stream
             .clone_htod(&rope_inv_freq(cfg.head_dim(), cfg.rope_theta))
             .map_err(|e| cuda_err("upload rope frequencies", e))?;
+        let ew = Elementwise::new(&dev)?;
+        // Every position a canvas can have (reserve() refuses longer ones).
+        let rope_table = if kernels.fused_rope {
+            Some(RopeTable::new(
+                &dev,
+                &ew,
+                &inv_freq.as_view(),
+                cfg.max_seq_len,
+            )?)
+        } else {
+            None
+        };
         Ok(CudaTransformer {
-            ew: Elementwise::new(&dev)?,
+            ew,
+            rope_table,
             kit,
             attn: Attention::load(&dev)?,
             graphs: AtomicBool::new(graphs_from_env()),
@@ -538,6 +600,7 @@ impl CudaTransformer {
                 "pdl" => Some(self.dev.pdl.into()),
                 "fused_swiglu" => Some(self.kernels.fused_swiglu.into()),
                 "l2_prefetch" => Some(self.kernels.l2_prefetch.into()),
+                "fused_rope" => Some(self.kernels.fused_rope.into()),
                 "kernel_build" => Some(self.dev.describe().into()),
                 _ => None,
             };
@@ -927,23 +990,19 @@ impl CudaTransformer {
             head_dim: hd,
             pos_period: len,
             pos_offset: start,
+            grouped: self.kernels.fused_rope,
         };
         let seq_cap = st.seq_cap;
+        // RoPE and the cache write in the QKV GEMM's epilogue where its kernel has it.
+        let rope_table = self
+            .rope_table
+            .as_ref()
+            .filter(|_| kit.gemm.rope_epilogue_serves(rows, qkv_dim, d));
         for (li, lw) in self.w.layers.iter().enumerate() {
-            self.norm_gemm(
-                kit,
-                "gemm.qkv",
-                &st.x.slice(0..rows * d),
-                &lw.attn_norm.as_view(),
-                &mut st.xn,
-                &lw.qkv.as_view(),
-                GemmOut::Bf16(st.qkv.slice_mut(0..rows * qkv_dim)),
-                rows,
-                qkv_dim,
-            )?;
             {
-                // RoPE on q and k in place, and (block forward, or a full forward that stores
-                // the cache) the rotated K and the V rows written into the cache.
+                // RoPE on q and k, and (block forward, or a full forward that stores the cache)
+                // the rotated K and the V rows written into the cache: in the GEMM's epilogue,
+                // or in place after it.
                 // Only a forward that writes the cache touches it (the main one may not exist).
                 let mut views = (!full || store_cache).then(|| match kv_sel {
                     KvSel::Main => (st.k_cache[li].as_view_mut(), st.v_cache[li].as_view_mut()),
@@ -958,18 +1017,38 @@ impl CudaTransformer {
                     seq_rows: seq_cap,
                 });
                 let bias = lw.qkv_bias.as_ref().map(|b| b.as_view());
-                // A block forward's GEMMs stream their weights; the attention-output ones can
-                // come from L2 if requested now.
-                let prefetch = (!full && self.kernels.l2_prefetch).then(|| lw.attn_out.as_view());
-                self.ew.rope_qkv(
-                    &mut st.qkv.slice_mut(0..rows * qkv_dim),
-                    &self.inv_freq.as_view(),
-                    bias.as_ref(),
-                    rope,
-                    dst,
-                    prefetch.as_ref(),
-                )?;
-                self.mark("rope_kv")?;
+                let x = st.x.slice(0..rows * d);
+                let qkv_w = lw.qkv.as_view();
+                match rope_table {
+                    Some(table) => {
+                        let args = RopeArgs::new(&self.dev, &rope, table, bias.as_ref(), dst)?;
+                        let out = GemmOut::RopeQkv(st.qkv.slice_mut(0..rows * qkv_dim), args);
+                        let norm = lw.attn_norm.as_view();
+                        self.norm_gemm(
+                            kit, "gemm.qkv", &x, &norm, &mut st.xn, &qkv_w, out, rows, qkv_dim,
+                        )?;
+                    }
+                    None => {
+                        let out = GemmOut::Bf16(st.qkv.slice_mut(0..rows * qkv_dim));
+                        let norm = lw.attn_norm.as_view();
+                        self.norm_gemm(
+                            kit, "gemm.qkv", &x, &norm, &mut st.xn, &qkv_w, out, rows, qkv_dim,
+                        )?;
+                        // A block forward's GEMMs stream their weights; the attention-output
+                        // ones can come from L2 if requested now.
+                        let prefetch =
+                            (!full && self.kernels.l2_prefetch).then(|| lw.attn_out.as_view());
+                        self.ew.rope_qkv(
+                            &mut st.qkv.slice_mut(0..rows * qkv_dim),
+                            &self.inv_freq.as_view(),
+                            bias.as_ref(),
+                            rope,
+                            dst,
+                            prefetch.as_ref(),
+                        )?;
+                        self.mark("rope_kv")?;
+                    }
+                }
             }
             {
                 let qkv = st.qkv.slice(0..rows * qkv_dim);

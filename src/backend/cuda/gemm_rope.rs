@@ -1,0 +1,458 @@
+//! The QKV projection's RoPE epilogue (`DLLM_FUSED_ROPE=1`, opt-in; session 10, not yet run on
+//! a GPU): the kernel parameter of `DLLM_EPI_ROPE_QKV` (`cuda/gemm_common.cuh`), its (cos, sin)
+//! table, and the checks that build it from a [`RopeQkvShape`].
+//!
+//! With the q and k rows uploaded in the grouped order of [`super::rope_layout`], the stream,
+//! wgmma and TMA GEMMs rotate q and k in their epilogue and write k and v into the K/V cache, so
+//! the separate `rope_qkv_bf16` launch and its bf16 round trip of the whole QKV activation go
+//! (32 launches per step). The rotation reads (cos, sin) from a table computed once per model
+//! with `rope_qkv_bf16`'s arithmetic instead of evaluating `cosf` / `sinf` per element.
+
+use super::check::{self, CheckResult, TOL_BF16};
+use super::elementwise::{Elementwise, KvDst, RopeQkvShape};
+use super::gemm::{download, upload, Gemm, GemmOut};
+use super::memory;
+use super::CudaDevice;
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr};
+
+/// `DllmRopeEpi` of `cuda/gemm_common.cuh`, field for field (device addresses as u64).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RopeEpi {
+    table: u64,
+    bias: u64,
+    k_cache: u64,
+    v_cache: u64,
+    q_cols: i32,
+    v_col: i32,
+    head_dim: i32,
+    pos_period: i32,
+    pos_offset: i32,
+    cache_seq_rows: i32,
+}
+
+// SAFETY: plain data (four addresses and six i32, no padding: 32 + 24 bytes, 8-aligned), the
+// layout of the kernels' `DllmRopeEpi` parameter.
+unsafe impl DeviceRepr for RopeEpi {}
+
+/// The RoPE epilogue's parameters with the product shape they were checked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeArgs {
+    pub(super) epi: RopeEpi,
+    /// Rows and columns of the QKV product the parameters describe.
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// (cos, sin) of `pos · inv_freq[i]` for every position below `positions` and `i < half`.
+pub struct RopeTable {
+    buf: CudaSlice<f32>,
+    positions: usize,
+    half: usize,
+}
+
+impl RopeTable {
+    /// Computes the table on the device (`rope_table_f32`) for `positions` positions of a head
+    /// of `2 · inv_freq.len()` elements.
+    pub fn new(
+        dev: &CudaDevice,
+        ew: &Elementwise,
+        inv_freq: &CudaView<f32>,
+        positions: usize,
+    ) -> Result<RopeTable> {
+        let half = inv_freq.len();
+        let floats = positions
+            .checked_mul(2 * half)
+            .ok_or_else(|| Error::invalid("rope table: size overflows".to_string()))?;
+        let mut buf = dev
+            .stream
+            .alloc_zeros::<f32>(floats.max(1))
+            .map_err(|e| memory::alloc_err("the RoPE table", e))?;
+        ew.rope_table(&mut buf, inv_freq, positions, half)?;
+        Ok(RopeTable {
+            buf,
+            positions,
+            half,
+        })
+    }
+
+    /// Positions the table covers.
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+}
+
+impl RopeArgs {
+    /// The parameters that make the QKV GEMM do what [`Elementwise::rope_qkv`] does for `s` in
+    /// the grouped layout: the product is `s.rows × s.row_stride` with q heads at column 0, k
+    /// heads right after them and v heads right after those (the fused projection's layout),
+    /// `bias` (fp32, one per column) added first, and with `cache` the k and v columns written
+    /// to the cache rows [`RopeQkvShape::cache_row`]. Everything the kernels will index is
+    /// checked here.
+    pub fn new(
+        dev: &CudaDevice,
+        s: &RopeQkvShape,
+        table: &RopeTable,
+        bias: Option<&CudaView<f32>>,
+        cache: Option<KvDst<'_, '_>>,
+    ) -> Result<RopeArgs> {
+        validate(s, (table.positions, table.half), bias.map(|b| b.len()))?;
+        let bad = |why: String| Error::invalid(format!("gemm rope epilogue: {why} in {s:?}"));
+        let int = |what: &str, v: usize| {
+            i32::try_from(v).map_err(|_| bad(format!("{what} {v} does not fit in i32")))
+        };
+        let q_cols = s.q_heads * s.head_dim;
+        let mut epi = RopeEpi {
+            table: table.buf.device_ptr(&dev.stream).0,
+            bias: bias.map_or(0, |b| b.device_ptr(&dev.stream).0),
+            k_cache: 0,
+            v_cache: 0,
+            q_cols: int("q columns", q_cols)?,
+            v_col: int("v column", s.v_col)?,
+            head_dim: int("head_dim", s.head_dim)?,
+            pos_period: int("pos_period", s.pos_period)?,
+            pos_offset: int("pos_offset", s.pos_offset)?,
+            cache_seq_rows: 0,
+        };
+        int("rows × columns", s.rows.saturating_mul(s.row_stride))?;
+        if let Some(c) = cache {
+            s.check_cache(c.k.len(), c.v.len(), c.seq_rows)?;
+            epi.k_cache = c.k.device_ptr_mut(&dev.stream).0;
+            epi.v_cache = c.v.device_ptr_mut(&dev.stream).0;
+            // Cache offsets are computed in 64 bits by the kernels; the row count fits in i32.
+            epi.cache_seq_rows = int("cache rows", c.seq_rows)?;
+        }
+        Ok(RopeArgs {
+            epi,
+            rows: s.rows,
+            cols: s.row_stride,
+        })
+    }
+}
+
+/// Checks what the epilogue assumes of `s` with a table of `(positions, half)` and a bias of
+/// `bias_len` values: the grouped layout, a head size in whole groups matching the table, q, k
+/// and v heads back to back filling the row, every position in the table, a bias per column.
+fn validate(
+    s: &RopeQkvShape,
+    (positions, half): (usize, usize),
+    bias_len: Option<usize>,
+) -> Result<()> {
+    let bad = |why: String| {
+        Err(Error::invalid(format!(
+            "gemm rope epilogue: {why} in {s:?}"
+        )))
+    };
+    if !s.grouped {
+        return bad("the q and k rows must be in the grouped layout".into());
+    }
+    if !super::rope_layout::supported(s.head_dim) || half * 2 != s.head_dim {
+        return bad(format!(
+            "head_dim must be a multiple of 16 and match the table's {}",
+            2 * half
+        ));
+    }
+    let (q_cols, kvw) = (s.q_heads * s.head_dim, s.kv_width());
+    if s.k_col != q_cols || s.v_col != q_cols + kvw || s.row_stride != q_cols + 2 * kvw {
+        return bad(
+            "q, k and v must be consecutive and fill the row (the fused projection)".into(),
+        );
+    }
+    if s.pos_period == 0 || s.pos_offset + s.pos_period.min(s.rows) > positions {
+        return bad(format!(
+            "positions beyond the table's {positions} (or pos_period 0)"
+        ));
+    }
+    match bias_len {
+        Some(b) if b < s.row_stride => bad(format!("bias of {b} values")),
+        _ => Ok(()),
+    }
+}
+
+/// One check case: `seqs` sequences of `period` rows at positions from `offset`, heads
+/// `(q, kv, head_dim)`, K = `k`, with or without bias and cache.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    seqs: usize,
+    period: usize,
+    offset: usize,
+    heads: (usize, usize, usize),
+    k: usize,
+    bias: bool,
+    cache: bool,
+}
+
+/// The block steps' row counts (stream kernel, M ≤ 32, one or two sequences), an odd M past the
+/// stream kernel's (wgmma), and a full forward at M = 384 (TMA pairs), with LLaDA-like and
+/// tiny-model head shapes; biases as Dream's.
+const CASES: [Case; 5] = [
+    Case {
+        seqs: 1,
+        period: 32,
+        offset: 352,
+        heads: (6, 2, 64),
+        k: 384,
+        bias: false,
+        cache: true,
+    },
+    Case {
+        seqs: 1,
+        period: 25,
+        offset: 7,
+        heads: (4, 4, 128),
+        k: 512,
+        bias: true,
+        cache: true,
+    },
+    Case {
+        seqs: 2,
+        period: 16,
+        offset: 48,
+        heads: (4, 1, 128),
+        k: 256,
+        bias: true,
+        cache: true,
+    },
+    Case {
+        seqs: 1,
+        period: 133,
+        offset: 3,
+        heads: (4, 4, 64),
+        k: 256,
+        bias: false,
+        cache: true,
+    },
+    Case {
+        seqs: 1,
+        period: 384,
+        offset: 0,
+        heads: (8, 2, 128),
+        k: 1024,
+        bias: true,
+        cache: false,
+    },
+];
+
+/// `dllm-gpu-check`'s `gemm.rope_epilogue` checks: the QKV GEMM with the RoPE epilogue against
+/// the same GEMM stored as bf16 followed by `rope_qkv_bf16` on the grouped layout (the path it
+/// replaces), on the QKV activation and the K/V cache (relative L2 within the bf16 tolerance:
+/// the separate path rounds the product once more; cache rows no row maps to must stay
+/// poisoned). Cases whose GEMM would not run the epilogue on this device are reported as such.
+pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
+    let kit = (|| -> Result<_> { Ok((Gemm::load(dev)?, Elementwise::new(dev)?)) })();
+    let (gemm, ew) = match kit {
+        Ok(k) => k,
+        Err(e) => return vec![CheckResult::failed("gemm.rope_epilogue load", e)],
+    };
+    CASES
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let name = format!(
+                "gemm.rope_epilogue m{} ({}×{} from {}) heads {:?} k{} bias {} cache {}",
+                c.seqs * c.period,
+                c.seqs,
+                c.period,
+                c.offset,
+                c.heads,
+                c.k,
+                c.bias,
+                c.cache
+            );
+            CheckResult::from_result(name, TOL_BF16, check_case(dev, &gemm, &ew, i as u64, c))
+        })
+        .collect()
+}
+
+fn check_case(
+    dev: &CudaDevice,
+    gemm: &Gemm,
+    ew: &Elementwise,
+    seed: u64,
+    c: &Case,
+) -> Result<(f64, String)> {
+    let (qh, kvh, hd) = c.heads;
+    let (m, kvw) = (c.seqs * c.period, kvh * hd);
+    let n = qh * hd + 2 * kvw;
+    if !gemm.rope_epilogue_serves(m, n, c.k) {
+        // Nothing to compare: the model runs rope_qkv after the GEMM here (checked on its own).
+        return Ok((
+            0.0,
+            "not served by this device's kernels (rope_qkv runs)".into(),
+        ));
+    }
+    let shape = RopeQkvShape {
+        rows: m,
+        row_stride: n,
+        q_heads: qh,
+        kv_heads: kvh,
+        k_col: qh * hd,
+        v_col: qh * hd + kvw,
+        head_dim: hd,
+        pos_period: c.period,
+        pos_offset: c.offset,
+        grouped: true,
+    };
+    let bf =
+        |s: u64, len: usize| check::to_bf16_bits(&check::random_f32(seed * 10 + s, len, -1.0, 1.0));
+    let a = upload(dev, &bf(1, m * c.k))?;
+    let w = upload(dev, &bf(2, n * c.k))?;
+    let bias = upload(dev, &check::random_f32(seed * 10 + 3, n, -0.5, 0.5))?;
+    let inv = upload(dev, &crate::backend::cpu::rope_inv_freq(hd, 10_000.0))?;
+    let table = RopeTable::new(dev, ew, &inv.as_view(), c.offset + c.period)?;
+    let seq_rows = c.offset + c.period + 2;
+    let poison = vec![check::POISON_BF16_BITS; c.seqs * seq_rows * kvw];
+    let bias_view = bias.as_view();
+    let bias_arg = c.bias.then_some(&bias_view);
+    // The path the epilogue replaces.
+    let mut want = upload(dev, &vec![0u16; m * n])?;
+    let (mut kw, mut vw) = (upload(dev, &poison)?, upload(dev, &poison)?);
+    gemm.run(
+        dev,
+        &a.as_view(),
+        &w.as_view(),
+        GemmOut::Bf16(want.as_view_mut()),
+        m,
+        n,
+        c.k,
+    )?;
+    {
+        let (mut kv, mut vv) = (kw.as_view_mut(), vw.as_view_mut());
+        let dst = c.cache.then_some(KvDst {
+            k: &mut kv,
+            v: &mut vv,
+            seq_rows,
+        });
+        ew.rope_qkv(
+            &mut want.as_view_mut(),
+            &inv.as_view(),
+            bias_arg,
+            shape,
+            dst,
+            None,
+        )?;
+    }
+    // The epilogue.
+    let mut got = upload(dev, &vec![check::POISON_BF16_BITS; m * n])?;
+    let (mut kg, mut vg) = (upload(dev, &poison)?, upload(dev, &poison)?);
+    {
+        let (mut kv, mut vv) = (kg.as_view_mut(), vg.as_view_mut());
+        let dst = c.cache.then_some(KvDst {
+            k: &mut kv,
+            v: &mut vv,
+            seq_rows,
+        });
+        let args = RopeArgs::new(dev, &shape, &table, bias_arg, dst)?;
+        gemm.run(
+            dev,
+            &a.as_view(),
+            &w.as_view(),
+            GemmOut::RopeQkv(got.as_view_mut(), args),
+            m,
+            n,
+            c.k,
+        )?;
+    }
+    dev.sync()?;
+    let bits = |s: &CudaSlice<u16>| download(dev, s);
+    let (want_h, got_h) = (bits(&want)?, bits(&got)?);
+    let mut err = check::rel_l2(
+        &check::from_bf16_bits(&got_h),
+        &check::from_bf16_bits(&want_h),
+    );
+    let mut detail = format!("qkv rel L2 {err:.2e}");
+    if c.cache {
+        // Rows some activation row writes, the others must keep their poison.
+        let mut written = vec![false; c.seqs * seq_rows];
+        for r in 0..m {
+            written[shape.cache_row(r, seq_rows)] = true;
+        }
+        for (what, g, w) in [("k", &kg, &kw), ("v", &vg, &vw)] {
+            let (g, w) = (bits(g)?, bits(w)?);
+            let mut gv = Vec::new();
+            let mut wv = Vec::new();
+            for (row, &used) in written.iter().enumerate() {
+                let span = row * kvw..(row + 1) * kvw;
+                if used {
+                    gv.extend(check::from_bf16_bits(&g[span.clone()]));
+                    wv.extend(check::from_bf16_bits(&w[span]));
+                } else if g[span].iter().any(|&b| b != check::POISON_BF16_BITS) {
+                    return Ok((f64::INFINITY, format!("{what} cache row {row} written")));
+                }
+            }
+            let e = check::rel_l2(&gv, &wv);
+            detail.push_str(&format!(", {what} cache {e:.2e}"));
+            err = err.max(e);
+        }
+    }
+    Ok((err, detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_the_epilogue_cannot_serve_are_refused() {
+        // LLaDA-8B's block step: 32 q and 8 k/v heads of 128, rows 32 at positions 352..384.
+        let ok = RopeQkvShape {
+            rows: 32,
+            row_stride: 4096 + 2 * 1024,
+            q_heads: 32,
+            kv_heads: 8,
+            k_col: 4096,
+            v_col: 5120,
+            head_dim: 128,
+            pos_period: 32,
+            pos_offset: 352,
+            grouped: true,
+        };
+        assert!(validate(&ok, (384, 64), Some(6144)).is_ok());
+        assert!(validate(&ok, (384, 64), None).is_ok());
+        let refused = [
+            (
+                RopeQkvShape {
+                    grouped: false,
+                    ..ok
+                },
+                (384, 64),
+                None,
+            ),
+            (RopeQkvShape { head_dim: 72, ..ok }, (384, 36), None),
+            (ok, (384, 32), None),
+            (RopeQkvShape { v_col: 5128, ..ok }, (384, 64), None),
+            (
+                RopeQkvShape {
+                    row_stride: 6152,
+                    ..ok
+                },
+                (384, 64),
+                None,
+            ),
+            (ok, (383, 64), None),
+            (
+                RopeQkvShape {
+                    pos_period: 0,
+                    ..ok
+                },
+                (384, 64),
+                None,
+            ),
+            (ok, (384, 64), Some(6143)),
+        ];
+        for (s, table, bias) in refused {
+            assert!(
+                validate(&s, table, bias).is_err(),
+                "{s:?} {table:?} {bias:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_parameter_has_the_kernels_layout() {
+        // DllmRopeEpi: 4 pointers, 6 ints, 8-byte aligned, no padding.
+        assert_eq!(std::mem::size_of::<RopeEpi>(), 4 * 8 + 6 * 4);
+        assert_eq!(std::mem::align_of::<RopeEpi>(), 8);
+    }
+}
