@@ -86,6 +86,10 @@ const UPLOAD_CHUNK: usize = 1 << 24;
 /// per forward would only grow the step buffers (and the K/V cache allocated with them).
 pub const MAX_BATCH_ROWS: usize = 4096;
 
+/// Most positions of the RoPE epilogue's table (16 MB at head_dim 128); longer canvases rotate
+/// with `rope_qkv` past the GEMM.
+const ROPE_TABLE_POSITIONS: usize = 32_768;
+
 /// The id written into the padding of a padded batch (any valid id: padding keys are masked
 /// out of attention and padding rows are never queried).
 const PAD_ID: u32 = 0;
@@ -526,13 +530,14 @@ impl CudaTransformer {
             .clone_htod(&rope_inv_freq(cfg.head_dim(), cfg.rope_theta))
             .map_err(|e| cuda_err("upload rope frequencies", e))?;
         let ew = Elementwise::new(&dev)?;
-        // Every position a canvas can have (reserve() refuses longer ones).
+        // Every position a canvas can have (reserve() refuses longer ones), up to
+        // ROPE_TABLE_POSITIONS (past it, rope_qkv rotates).
         let rope_table = if kernels.fused_rope {
             Some(RopeTable::new(
                 &dev,
                 &ew,
                 &inv_freq.as_view(),
-                cfg.max_seq_len,
+                cfg.max_seq_len.min(ROPE_TABLE_POSITIONS),
             )?)
         } else {
             None
@@ -994,10 +999,9 @@ impl CudaTransformer {
         };
         let seq_cap = st.seq_cap;
         // RoPE and the cache write in the QKV GEMM's epilogue where its kernel has it.
-        let rope_table = self
-            .rope_table
-            .as_ref()
-            .filter(|_| kit.gemm.rope_epilogue_serves(rows, qkv_dim, d));
+        let rope_table = self.rope_table.as_ref().filter(|t| {
+            start + len <= t.positions() && kit.gemm.rope_epilogue_serves(rows, qkv_dim, d)
+        });
         for (li, lw) in self.w.layers.iter().enumerate() {
             {
                 // RoPE on q and k, and (block forward, or a full forward that stores the cache)
