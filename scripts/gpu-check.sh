@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl csplit rope mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl csplit rope keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -51,7 +51,7 @@ fi
 STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Session 10 … the next GPU call") asks for, as one word; `next2`
 # the second.
-STAGES=${STAGES//next2/synth mlp blocks99 ring2 ncustream summary pack}
+STAGES=${STAGES//next2/synth mlp blocks99 keys264 ring2 ncustream summary pack}
 STAGES=${STAGES//next/smi check synth bench csplit rope sanitize peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
@@ -204,6 +204,16 @@ for s in $STAGES; do
             done
             exit \$rc"
         BENCH_ENV="DLLM_GEMM_CLUSTER_SPLIT=1" workloads _csplit 1
+        ;;
+    keys264)
+        # The key-group attention on the b1 full step's grid too (DLLM_ATTN_KEYS_UNITS=264: plain
+        # grids under 264 blocks take key groups): 384 blocks of 32 query rows instead of the
+        # plain kernel's 192 blocks of 64, which 132 SMs hold unevenly (60 SMs with two, 72 with
+        # one). The attention and model checks with it, then the two batch-1 workloads (b8's
+        # grids are larger and unaffected).
+        stage keys264 "${T_CHECK:-180}" env DLLM_ATTN_KEYS_UNITS=264 "$BIN/dllm-gpu-check" --model "$TINY" --only attention,model --json "$OUT/check_keys264.json"
+        BENCH_ENV="DLLM_ATTN_KEYS_UNITS=264" bench bench_b1_dual_k4_keys264 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
+        BENCH_ENV="DLLM_ATTN_KEYS_UNITS=264" bench bench_b1_none_k1_keys264 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         ;;
     rope)
         # RoPE and the K/V cache write in the QKV GEMM's epilogue (DLLM_FUSED_ROPE=1, opt-in,
@@ -434,7 +444,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):
