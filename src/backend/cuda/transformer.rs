@@ -114,7 +114,8 @@ pub struct KernelChoice {
     /// RoPE and the K/V cache write in the QKV GEMM's epilogue (q and k rows uploaded in the
     /// grouped order of [`super::rope_layout`], [`super::gemm_rope`]); where the GEMM that runs
     /// cannot, `rope_qkv` rotates the grouped layout. `DLLM_FUSED_ROPE=1` (opt-in: session 10,
-    /// not yet run on a GPU); needs the fast GEMMs and a head size divisible by 16.
+    /// not yet run on a GPU); needs the fast GEMMs and a head size divisible by 16. Where the
+    /// epilogue runs, `l2_prefetch` (a hint `rope_qkv` carries) does not.
     pub fused_rope: bool,
 }
 
@@ -1021,37 +1022,46 @@ impl CudaTransformer {
                     seq_rows: seq_cap,
                 });
                 let bias = lw.qkv_bias.as_ref().map(|b| b.as_view());
-                let x = st.x.slice(0..rows * d);
-                let qkv_w = lw.qkv.as_view();
-                match rope_table {
-                    Some(table) => {
-                        let args = RopeArgs::new(&self.dev, &rope, table, bias.as_ref(), dst)?;
-                        let out = GemmOut::RopeQkv(st.qkv.slice_mut(0..rows * qkv_dim), args);
-                        let norm = lw.attn_norm.as_view();
-                        self.norm_gemm(
-                            kit, "gemm.qkv", &x, &norm, &mut st.xn, &qkv_w, out, rows, qkv_dim,
-                        )?;
-                    }
-                    None => {
-                        let out = GemmOut::Bf16(st.qkv.slice_mut(0..rows * qkv_dim));
-                        let norm = lw.attn_norm.as_view();
-                        self.norm_gemm(
-                            kit, "gemm.qkv", &x, &norm, &mut st.xn, &qkv_w, out, rows, qkv_dim,
-                        )?;
-                        // A block forward's GEMMs stream their weights; the attention-output
-                        // ones can come from L2 if requested now.
-                        let prefetch =
-                            (!full && self.kernels.l2_prefetch).then(|| lw.attn_out.as_view());
-                        self.ew.rope_qkv(
-                            &mut st.qkv.slice_mut(0..rows * qkv_dim),
-                            &self.inv_freq.as_view(),
-                            bias.as_ref(),
-                            rope,
-                            dst,
-                            prefetch.as_ref(),
-                        )?;
-                        self.mark("rope_kv")?;
-                    }
+                // With the epilogue, the cache views go into its parameters; without, to
+                // rope_qkv after the GEMM.
+                let (out, rope_after) = match rope_table {
+                    Some(table) => (
+                        GemmOut::RopeQkv(
+                            st.qkv.slice_mut(0..rows * qkv_dim),
+                            RopeArgs::new(&self.dev, &rope, table, bias.as_ref(), dst)?,
+                        ),
+                        None,
+                    ),
+                    None => (
+                        GemmOut::Bf16(st.qkv.slice_mut(0..rows * qkv_dim)),
+                        Some(dst),
+                    ),
+                };
+                self.norm_gemm(
+                    kit,
+                    "gemm.qkv",
+                    &st.x.slice(0..rows * d),
+                    &lw.attn_norm.as_view(),
+                    &mut st.xn,
+                    &lw.qkv.as_view(),
+                    out,
+                    rows,
+                    qkv_dim,
+                )?;
+                if let Some(dst) = rope_after {
+                    // A block forward's GEMMs stream their weights; the attention-output ones
+                    // can come from L2 if requested now.
+                    let prefetch =
+                        (!full && self.kernels.l2_prefetch).then(|| lw.attn_out.as_view());
+                    self.ew.rope_qkv(
+                        &mut st.qkv.slice_mut(0..rows * qkv_dim),
+                        &self.inv_freq.as_view(),
+                        bias.as_ref(),
+                        rope,
+                        dst,
+                        prefetch.as_ref(),
+                    )?;
+                    self.mark("rope_kv")?;
                 }
             }
             {
