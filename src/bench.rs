@@ -295,6 +295,64 @@ fn uses_cuda(o: &BenchOptions) -> bool {
     }
 }
 
+/// The three workloads the CUDA issue's targets name (prompt 128, 256 generated, blocks of 32):
+/// `b1_dual_k4` (batch 1, dual cache, 4 tokens per step), `b8_dual_k4` (batch 8, the same) and
+/// `b1_none_k1` (batch 1, no cache, 1 token per step), each with `base`'s model, backend, seed,
+/// warm-up and report options.
+pub fn suite(base: &BenchOptions) -> Vec<(&'static str, BenchOptions)> {
+    let w = |batch, tokens_per_step, cache| BenchOptions {
+        batch,
+        prompt_len: 128,
+        gen_len: 256,
+        block_len: 32,
+        tokens_per_step,
+        cache,
+        ..base.clone()
+    };
+    vec![
+        ("b1_dual_k4", w(1, 4, CacheMode::Dual)),
+        ("b8_dual_k4", w(8, 4, CacheMode::Dual)),
+        ("b1_none_k1", w(1, 1, CacheMode::None)),
+    ]
+}
+
+/// Runs `runs` in order, calling `done(name, report)` after each. On CUDA (and not `session`)
+/// the model is loaded once for all of them (each report's `load_seconds` is that one load);
+/// otherwise each run loads its own. All runs must share the model, backend and `session`.
+pub fn run_suite(
+    runs: &[(&str, BenchOptions)],
+    mut done: impl FnMut(&str, &BenchReport) -> Result<()>,
+) -> Result<()> {
+    let Some((_, first)) = runs.first() else {
+        return Ok(());
+    };
+    if runs.iter().any(|(_, o)| {
+        o.model_dir != first.model_dir || o.backend != first.backend || o.session != first.session
+    }) {
+        return Err(Error::invalid(
+            "bench suite: every run must use the same model, backend and path",
+        ));
+    }
+    // Schedules first: a bad one is refused before anything loads.
+    let schedules = runs
+        .iter()
+        .map(|(_, o)| schedule(o))
+        .collect::<Result<Vec<_>>>()?;
+    if first.session || !uses_cuda(first) {
+        for (name, o) in runs {
+            done(name, &run_bench(o)?)?;
+        }
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let model = crate::backend::cuda::transformer::CudaTransformer::load(&first.model_dir)?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    for ((name, o), steps) in runs.iter().zip(&schedules) {
+        done(name, &run_cuda_on(&model, load_seconds, o, steps)?)?;
+    }
+    Ok(())
+}
+
 /// Runs the bench described by `o`.
 pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     let steps = schedule(o)?;
@@ -522,7 +580,16 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     use crate::backend::cuda::transformer::CudaTransformer;
     let t0 = Instant::now();
     let model = CudaTransformer::load(&o.model_dir)?;
-    let load_seconds = t0.elapsed().as_secs_f64();
+    run_cuda_on(&model, t0.elapsed().as_secs_f64(), o, steps)
+}
+
+/// [`run_cuda`] on a loaded model (its load took `load_seconds`).
+fn run_cuda_on(
+    model: &crate::backend::cuda::transformer::CudaTransformer,
+    load_seconds: f64,
+    o: &BenchOptions,
+    steps: &[BenchStep],
+) -> Result<BenchReport> {
     let cfg = model.config().clone();
     let dev = model.device().clone();
     let copy_gbps = copy_bandwidth_gbps(&dev)?;
@@ -531,7 +598,7 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     let run = || -> Result<()> {
         model.set_canvases(&init, o.batch, o.seq_len())?;
         for (i, st) in steps.iter().enumerate() {
-            cuda_step(&model, &cfg, i, st)?;
+            cuda_step(model, &cfg, i, st)?;
         }
         dev.sync()
     };
@@ -565,7 +632,7 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
         let (mut full, mut block) = ((0.0f64, 0usize), (0.0f64, 0usize));
         for (i, st) in steps.iter().enumerate() {
             let t = Instant::now();
-            cuda_step(&model, &cfg, i, st)?;
+            cuda_step(model, &cfg, i, st)?;
             dev.sync()?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             let acc = if st.use_cache { &mut block } else { &mut full };
@@ -577,7 +644,7 @@ fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
         r.block_step_ms = mean(block);
     }
     if o.profile {
-        r.profile = Some(profile_cuda(&model, &init, o, steps)?);
+        r.profile = Some(profile_cuda(model, &init, o, steps)?);
     }
     Ok(r)
 }
@@ -745,6 +812,92 @@ mod tests {
         }
         assert_ne!(c[..200], c[264..464], "canvases differ");
         assert_eq!(c, canvases(&o, &cfg), "deterministic");
+    }
+
+    #[test]
+    fn the_suite_is_the_three_target_workloads() {
+        let base = BenchOptions {
+            warmup: 3,
+            seed: 9,
+            profile: true,
+            ..BenchOptions::default()
+        };
+        let s = suite(&base);
+        let names: Vec<&str> = s.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["b1_dual_k4", "b8_dual_k4", "b1_none_k1"]);
+        let shape = |o: &BenchOptions| (o.batch, o.tokens_per_step, o.cache);
+        assert_eq!(shape(&s[0].1), (1, 4, CacheMode::Dual));
+        assert_eq!(shape(&s[1].1), (8, 4, CacheMode::Dual));
+        assert_eq!(shape(&s[2].1), (1, 1, CacheMode::None));
+        for (_, o) in &s {
+            assert_eq!((o.prompt_len, o.gen_len, o.block_len), (128, 256, 32));
+            // What the base asked for besides the shape is kept.
+            assert_eq!((o.warmup, o.seed, o.profile), (3, 9, true));
+        }
+        let steps: Vec<usize> = s.iter().map(|(_, o)| schedule(o).unwrap().len()).collect();
+        assert_eq!(steps, [64, 64, 256]);
+    }
+
+    #[test]
+    fn a_suite_runs_in_order_and_refuses_mixed_models() {
+        let tiny = |batch, cache| BenchOptions {
+            batch,
+            prompt_len: 8,
+            gen_len: 16,
+            block_len: 8,
+            tokens_per_step: 4,
+            cache,
+            warmup: 0,
+            backend: BenchBackend::Cpu,
+            ..BenchOptions::default()
+        };
+        let runs = [
+            ("a", tiny(1, CacheMode::Dual)),
+            ("b", tiny(2, CacheMode::None)),
+        ];
+        let mut seen = Vec::new();
+        run_suite(&runs, |name, r| {
+            seen.push((name.to_string(), r.batch, r.cache, r.masks_left));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                ("a".to_string(), 1, CacheMode::Dual, 0),
+                ("b".to_string(), 2, CacheMode::None, 0)
+            ]
+        );
+        // A bad schedule anywhere is refused before anything runs.
+        let bad = [
+            ("a", tiny(1, CacheMode::Dual)),
+            (
+                "b",
+                BenchOptions {
+                    tokens_per_step: 3,
+                    ..tiny(1, CacheMode::Dual)
+                },
+            ),
+        ];
+        let mut calls = 0;
+        assert!(run_suite(&bad, |_, _| {
+            calls += 1;
+            Ok(())
+        })
+        .is_err());
+        assert_eq!(calls, 0);
+        let mixed = [
+            ("a", tiny(1, CacheMode::Dual)),
+            (
+                "b",
+                BenchOptions {
+                    model_dir: PathBuf::from("elsewhere"),
+                    ..tiny(1, CacheMode::Dual)
+                },
+            ),
+        ];
+        let e = run_suite(&mixed, |_, _| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("same model"), "{e}");
     }
 
     #[test]

@@ -403,3 +403,17 @@ fn gpu_check_mlp_shape_arguments() {
         other => panic!("exit status {other:?}: {err}"),
     }
 }
+
+#[test]
+fn bench_suite_arguments() {
+    // The suite fixes the workloads' shapes: a shape flag beside it is an error, as is a suffix
+    // without it.
+    let dir = std::env::temp_dir().join(format!("dllm-suite-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    let out = dllm(&["bench", "--model", MODEL, "--suite", d, "--batch", "2"]);
+    assert_clean_error(&out, "--batch");
+    let out = dllm(&["bench", "--model", MODEL, "--suffix", "_x"]);
+    assert_clean_error(&out, "required arguments");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--suite <DIR>"));
+    assert!(!dir.exists(), "nothing written for a refused call");
+}

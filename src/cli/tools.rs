@@ -107,12 +107,43 @@ pub struct BenchArgs {
     /// back to the host every step) instead of the device-resident step API.
     #[arg(long)]
     pub session: bool,
+    /// Run the three target workloads instead (prompt 128, 256 generated, blocks of 32: batch 1
+    /// dual cache 4 tokens/step, batch 8 the same, batch 1 no cache 1 token/step), the model
+    /// loaded once, and write each report as JSON to DIR/bench_<workload><suffix>.json (also
+    /// printed, one line each).
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["batch", "prompt_len", "gen_len", "block_len", "tokens_per_step", "cache"]
+    )]
+    pub suite: Option<std::path::PathBuf>,
+    /// With --suite: appended to each report's file name (e.g. `_csplit`).
+    #[arg(long, default_value = "", requires = "suite")]
+    pub suffix: String,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
 pub enum CacheArg {
     None,
     Dual,
+}
+
+/// `dllm bench --suite DIR`: the three target workloads, each report written to
+/// DIR/bench_<workload><suffix>.json as soon as it is done (and printed).
+fn bench_suite(
+    base: &dllm::bench::BenchOptions,
+    dir: &std::path::Path,
+    suffix: &str,
+) -> Result<()> {
+    use dllm::error::Error;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    dllm::bench::run_suite(&dllm::bench::suite(base), |name, r| {
+        let path = dir.join(format!("bench_{name}{suffix}.json"));
+        let json = r.to_json();
+        std::fs::write(&path, format!("{json}\n")).map_err(|e| Error::io(&path, e))?;
+        println!("{json}");
+        Ok(())
+    })
 }
 
 /// `dllm bench`.
@@ -139,6 +170,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         session: a.session,
         ..BenchOptions::default()
     };
+    if let Some(dir) = &a.suite {
+        return bench_suite(&opts, dir, &a.suffix);
+    }
     let r = run_bench(&opts)?;
     if a.json {
         println!("{}", r.to_json());
