@@ -102,6 +102,18 @@ workloads() {
     stage "bench_suite$suffix" "${T_SUITE:-240}" env DLLM_CUDA_GRAPH="$graph" ${BENCH_ENV:-} "$BIN/dllm" bench --model "$MODEL8B" --backend cuda --suite "$OUT" --suffix "$suffix" "$@"
 }
 
+# sweep_stage NAME SHAPES [VAR=VALUE...]: `dllm-gpu-check --gemm-sweep` on each M,N,K:EPILOGUE of
+# SHAPES (one space-separated string) with the variables set, as stage NAME.
+sweep_stage() {
+    local name=$1 shapes=$2
+    shift 2
+    stage "$name" "${T_SWEEP:-150}" env "$@" bash -c "rc=0
+        for s in $shapes; do
+            '$BIN/dllm-gpu-check' --gemm-sweep \${s%%:*} --epilogue \${s#*:} --repeat 20 || rc=1
+        done
+        exit \$rc"
+}
+
 # kvariant NAME DEFINES [ONLY]: the kernels compiled here with DEFINES into /tmp/dllm-kernels-NAME
 # (KDIR overrides), every check (or the parts in ONLY) and the three workloads with them.
 kvariant() {
@@ -182,11 +194,7 @@ for s in $STAGES; do
         # it). The GEMM and model checks with it, the wide shapes' plan sweep (quads listed beside
         # their pairs), then the three workloads.
         stage tma4 "${T_TMA4:-240}" env DLLM_GEMM_TMA4=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_tma4.json"
-        stage sweep_tma4 "${T_SWEEP:-150}" env DLLM_GEMM_TMA4=1 bash -c "rc=0
-            for s in 384,12288,4096:bf16 384,4096,4096:add_f32 384,24576,4096:bf16 384,4096,12288:add_f32 256,12288,4096:bf16 256,4096,12288:add_f32 3072,12288,4096:bf16 3072,4096,12288:add_f32; do
-                '$BIN/dllm-gpu-check' --gemm-sweep \${s%%:*} --epilogue \${s#*:} --repeat 20 || rc=1
-            done
-            exit \$rc"
+        sweep_stage sweep_tma4 "384,12288,4096:bf16 384,4096,4096:add_f32 384,24576,4096:bf16 384,4096,12288:add_f32 256,12288,4096:bf16 256,4096,12288:add_f32 3072,12288,4096:bf16 3072,4096,12288:add_f32" DLLM_GEMM_TMA4=1
         BENCH_ENV="DLLM_GEMM_TMA4=1" workloads _tma4 1
         ;;
     csplit)
@@ -198,11 +206,7 @@ for s in $STAGES; do
         # split shapes (cluster twins beside their workspace plans), then the three workloads
         # (b1 none is the one it is for: the attention-output projection runs 2 splits there).
         stage csplit "${T_CHECK:-180}" env DLLM_GEMM_CLUSTER_SPLIT=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_csplit.json"
-        stage sweep_csplit "${T_SWEEP:-150}" env DLLM_GEMM_CLUSTER_SPLIT=1 bash -c "rc=0
-            for s in 384,4096,4096:add_f32 384,4096,12288:add_f32 256,4096,4096:add_f32 256,4096,12288:add_f32; do
-                '$BIN/dllm-gpu-check' --gemm-sweep \${s%%:*} --epilogue \${s#*:} --repeat 20 || rc=1
-            done
-            exit \$rc"
+        sweep_stage sweep_csplit "384,4096,4096:add_f32 384,4096,12288:add_f32 256,4096,4096:add_f32 256,4096,12288:add_f32" DLLM_GEMM_CLUSTER_SPLIT=1
         BENCH_ENV="DLLM_GEMM_CLUSTER_SPLIT=1" workloads _csplit 1
         ;;
     keys264)
@@ -324,11 +328,7 @@ for s in $STAGES; do
         # Every launch plan of the GEMM kernels on the 8B model's shapes (full step M = 384, b8
         # block step M = 256, b8 full step M = 3072, b1 block step M = 32), the default marked;
         # SHAPE:EPILOGUE, the residual-adding projections (N = 4096) with the add epilogue.
-        stage sweep "${T_SWEEP:-150}" bash -c "rc=0
-            for s in ${SWEEP_SHAPES:-384,12288,4096:bf16 384,4096,4096:add_f32 384,24576,4096:bf16 384,4096,12288:add_f32 256,12288,4096:bf16 256,4096,4096:add_f32 256,24576,4096:bf16 256,4096,12288:add_f32 3072,4096,4096:add_f32 3072,4096,12288:add_f32 32,12288,4096:bf16 32,4096,4096:add_f32 32,24576,4096:bf16 32,4096,12288:add_f32}; do
-                '$BIN/dllm-gpu-check' --gemm-sweep \${s%%:*} --epilogue \${s#*:} --repeat 20 || rc=1
-            done
-            exit \$rc"
+        sweep_stage sweep "${SWEEP_SHAPES:-384,12288,4096:bf16 384,4096,4096:add_f32 384,24576,4096:bf16 384,4096,12288:add_f32 256,12288,4096:bf16 256,4096,4096:add_f32 256,24576,4096:bf16 256,4096,12288:add_f32 3072,4096,4096:add_f32 3072,4096,12288:add_f32 32,12288,4096:bf16 32,4096,4096:add_f32 32,24576,4096:bf16 32,4096,12288:add_f32}"
         ;;
     ncu)
         # Default vs experimental kernel per shape; the last launches of each process are the
