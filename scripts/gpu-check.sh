@@ -243,6 +243,9 @@ for s in $STAGES; do
         # projections of the block step and 2-4 % slower on the gate/up; the three workloads
         # with it, to decide on a per-shape block count.
         BENCH_ENV="DLLM_GEMM_STREAM_BLOCKS=99" workloads _blocks99 1
+        # The per-shape count (DLLM_GEMM_STREAM_BLOCKS=auto, session 10): 99 blocks for weights up
+        # to 128 MiB (QKV, attention output, down), one per SM above (gate/up, LM head).
+        BENCH_ENV="DLLM_GEMM_STREAM_BLOCKS=auto" workloads _blocksauto 1
         ;;
     attn2)
         # The three workloads with the plain attention kernel's 2-slot K/V ring (as before
@@ -444,7 +447,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):

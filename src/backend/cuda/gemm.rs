@@ -759,7 +759,7 @@ pub struct Gemm {
     wgmma: Option<[CudaFunction; 2]>,
     num_sms: usize,
     /// Blocks of the stream kernel's plans ([`gemm_stream::blocks_from_env`]).
-    stream_blocks: usize,
+    stream_blocks: gemm_stream::StreamBlocks,
     /// Ring depth of the loaded stream kernel ([`gemm_stream::stages_of`]).
     stream_stages: usize,
     /// The fused batch-1 MLP ([`gemm_mlp`], `DLLM_FUSED_MLP=1` with the stream kernel loaded).
@@ -902,7 +902,7 @@ impl Gemm {
             wide,
             wgmma,
             num_sms,
-            stream_blocks: gemm_stream::blocks_from_env(num_sms),
+            stream_blocks: gemm_stream::StreamBlocks::from_env(num_sms),
             stream_stages,
             mlp,
             mlp_failure,
@@ -1094,7 +1094,10 @@ impl Gemm {
         let Some(mlp) = &self.mlp else {
             return Err(not_loaded("fused MLP", &self.mlp_failure, "DLLM_FUSED_MLP"));
         };
-        let blocks = self.stream_blocks.min(mlp.resident_blocks(self.num_sms));
+        // One grid serves both jobs: the count of the larger one.
+        let blocks = (self.stream_blocks.for_shape(2 * inter, hidden))
+            .max(self.stream_blocks.for_shape(hidden, inter))
+            .min(mlp.resident_blocks(self.num_sms));
         gemm_mlp::MlpPlan::new(m, hidden, inter, blocks)
     }
 
@@ -1236,9 +1239,10 @@ impl Gemm {
     }
 
     /// The stream kernel's plan for `m ≤ 32` rows: [`StreamPlan::with_blocks`] at one block per
-    /// SM unless `DLLM_GEMM_STREAM_BLOCKS` sets another count.
+    /// SM unless `DLLM_GEMM_STREAM_BLOCKS` sets another count or `auto`
+    /// ([`gemm_stream::StreamBlocks`]).
     pub fn stream_plan(&self, m: usize, n: usize, k: usize) -> Result<StreamPlan> {
-        StreamPlan::with_blocks(m, n, k, self.stream_blocks)
+        StreamPlan::with_blocks(m, n, k, self.stream_blocks.for_shape(n, k))
     }
 
     /// Multiprocessors of the device (used by the split-K heuristic).
@@ -3029,7 +3033,7 @@ fn bench_shape(
                     GemmPlan::Stream(plan),
                     m,
                     format!("gemm.stream m{m} n{n} k{k} blocks{}", plan.blocks),
-                    gemm.stream_active() && blocks == gemm.stream_blocks,
+                    gemm.stream_active() && blocks == gemm.stream_blocks.for_shape(n, k),
                     format!(
                         "{} tiles of 128 rows × {} chunks of 128 K, {} tiles cut between blocks",
                         plan.tiles,

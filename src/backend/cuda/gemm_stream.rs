@@ -162,6 +162,56 @@ pub fn blocks_from_env(num_sms: usize) -> usize {
     blocks_override().unwrap_or(num_sms.max(1))
 }
 
+/// Weights up to this size take 3/4 of the SMs under `DLLM_GEMM_STREAM_BLOCKS=auto` (LLaDA-8B's
+/// QKV and down projections, 100.7 MB, and its attention output, 33.5 MB; not the 201 MB gate/up
+/// or the 1 GB LM head).
+pub const AUTO_FEW_BLOCKS_BYTES: usize = 128 << 20;
+
+/// How many blocks the stream kernel's plans launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamBlocks {
+    /// The same count for every shape: one per SM, or `DLLM_GEMM_STREAM_BLOCKS=N`.
+    Fixed(usize),
+    /// `DLLM_GEMM_STREAM_BLOCKS=auto` (opt-in, session 10, not yet timed end to end): 3/4 of the
+    /// `sms` for weights up to [`AUTO_FEW_BLOCKS_BYTES`], one per SM above. Session 9's sweep
+    /// (H200, isolated launches at M = 32): 99 blocks against 132 took the QKV projection from
+    /// 0.0420 to 0.0388 ms, the attention output from 0.0250 to 0.0241, the down projection
+    /// from 0.0450 to 0.0420, while the gate/up went from 0.0638 to 0.0663.
+    BySize { sms: usize },
+}
+
+impl StreamBlocks {
+    /// From `DLLM_GEMM_STREAM_BLOCKS`: `auto`, a count (1..=4096), else one per SM.
+    pub fn from_env(num_sms: usize) -> StreamBlocks {
+        if auto_blocks_requested() {
+            StreamBlocks::BySize {
+                sms: num_sms.max(1),
+            }
+        } else {
+            StreamBlocks::Fixed(blocks_from_env(num_sms))
+        }
+    }
+
+    /// The block count for an `n × k` bf16 weight matrix.
+    pub fn for_shape(&self, n: usize, k: usize) -> usize {
+        match *self {
+            StreamBlocks::Fixed(b) => b,
+            StreamBlocks::BySize { sms } => {
+                if n.saturating_mul(k).saturating_mul(2) <= AUTO_FEW_BLOCKS_BYTES {
+                    (3 * sms / 4).max(1)
+                } else {
+                    sms
+                }
+            }
+        }
+    }
+}
+
+/// Whether `DLLM_GEMM_STREAM_BLOCKS=auto` asks for [`StreamBlocks::BySize`].
+pub fn auto_blocks_requested() -> bool {
+    std::env::var("DLLM_GEMM_STREAM_BLOCKS").is_ok_and(|v| v.trim() == "auto")
+}
+
 /// The block count `DLLM_GEMM_STREAM_BLOCKS` sets (1..=4096), if any.
 pub fn blocks_override() -> Option<usize> {
     super::env_switch::count("DLLM_GEMM_STREAM_BLOCKS", 1..=4096)
@@ -186,6 +236,20 @@ pub fn explicitly_requested() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_blocks_take_three_quarters_of_the_sms_on_the_smaller_weights() {
+        let auto = StreamBlocks::BySize { sms: 132 };
+        // LLaDA-8B's block-step shapes (N × K): QKV, attention output, down: 99 blocks.
+        for (n, k) in [(6144, 4096), (12_288, 4096), (4096, 4096), (4096, 12_288)] {
+            assert_eq!(auto.for_shape(n, k), 99, "{n}×{k}");
+        }
+        // Gate/up (201 MB) and the LM head: one per SM.
+        assert_eq!(auto.for_shape(24_576, 4096), 132);
+        assert_eq!(auto.for_shape(126_464, 4096), 132);
+        assert_eq!(StreamBlocks::Fixed(77).for_shape(24_576, 4096), 77);
+        assert_eq!(StreamBlocks::BySize { sms: 1 }.for_shape(8, 8), 1);
+    }
 
     /// The kernel's chunk range of block `b` (`stream_start` in gemm_stream.cu).
     fn start(b: usize, t: usize, blocks: usize) -> usize {

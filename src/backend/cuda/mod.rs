@@ -140,7 +140,11 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
         ("kernel_dir", kernel_dir::report(&module_names()).into()),
         (
             "stream_gemm_blocks",
-            gemm_stream::blocks_override().map_or("one per SM".into(), Into::into),
+            if gemm_stream::auto_blocks_requested() {
+                "auto (3/4 of the SMs up to 128 MiB of weights)".into()
+            } else {
+                gemm_stream::blocks_override().map_or("one per SM".into(), Into::into)
+            },
         ),
         // The loaded module's ring depth (a DLLM_KERNEL_DIR build may change it): known once a
         // model is loaded (the bench reports' effective switches).
