@@ -1298,12 +1298,13 @@ fn gemm_checks(dev: &CudaDevice) -> Vec<CheckResult> {
     out
 }
 
-/// The GEMM benches, then the fused MLP against its two launches and the cluster-split reduction
-/// against the workspace.
+/// The GEMM benches, then the fused MLP against its two launches, the cluster-split reduction
+/// against the workspace, and the RoPE epilogue against GEMM + rope_qkv.
 fn gemm_benches(dev: &CudaDevice) -> Vec<BenchResult> {
     let mut out = gemm::bench(dev);
     out.extend(gemm_mlp::bench(dev));
     out.extend(gemm_cluster_split::bench(dev));
+    out.extend(gemm_rope::bench(dev));
     out
 }
 

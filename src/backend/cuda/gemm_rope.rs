@@ -8,7 +8,7 @@
 //! (32 launches per step). The rotation reads (cos, sin) from a table computed once per model
 //! with `rope_qkv_bf16`'s arithmetic instead of evaluating `cosf` / `sinf` per element.
 
-use super::check::{self, CheckResult, TOL_BF16};
+use super::check::{self, BenchResult, CheckResult, TOL_BF16};
 use super::elementwise::{Elementwise, KvDst, RopeQkvShape};
 use super::gemm::{download, upload, Gemm, GemmOut};
 use super::memory;
@@ -170,9 +170,9 @@ fn validate(
     }
 }
 
-/// One check case: `seqs` sequences of `period` rows at positions from `offset`, heads
+/// One check (or bench) case: `seqs` sequences of `period` rows at positions from `offset`, heads
 /// `(q, kv, head_dim)`, K = `k`, with or without bias and cache.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Case {
     seqs: usize,
     period: usize,
@@ -265,6 +265,117 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         .collect()
 }
 
+/// The operands of one case and the two ways to compute it.
+struct Fixture<'g> {
+    dev: &'g CudaDevice,
+    gemm: &'g Gemm,
+    ew: &'g Elementwise,
+    c: Case,
+    shape: RopeQkvShape,
+    seq_rows: usize,
+    a: CudaSlice<u16>,
+    w: CudaSlice<u16>,
+    bias: CudaSlice<f32>,
+    inv: CudaSlice<f32>,
+    table: RopeTable,
+}
+
+/// An output matrix and a K and a V cache.
+struct Outputs {
+    qkv: CudaSlice<u16>,
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+}
+
+impl<'g> Fixture<'g> {
+    fn new(
+        dev: &'g CudaDevice,
+        gemm: &'g Gemm,
+        ew: &'g Elementwise,
+        seed: u64,
+        c: &Case,
+    ) -> Result<Self> {
+        let (qh, kvh, hd) = c.heads;
+        let (m, kvw) = (c.seqs * c.period, kvh * hd);
+        let n = qh * hd + 2 * kvw;
+        let shape = RopeQkvShape {
+            rows: m,
+            row_stride: n,
+            q_heads: qh,
+            kv_heads: kvh,
+            k_col: qh * hd,
+            v_col: qh * hd + kvw,
+            head_dim: hd,
+            pos_period: c.period,
+            pos_offset: c.offset,
+            grouped: true,
+        };
+        let bf = |s: u64, len: usize| {
+            check::to_bf16_bits(&check::random_f32(seed * 10 + s, len, -1.0, 1.0))
+        };
+        let inv = upload(dev, &crate::backend::cpu::rope_inv_freq(hd, 10_000.0))?;
+        let table = RopeTable::new(dev, ew, &inv.as_view(), c.offset + c.period)?;
+        Ok(Fixture {
+            dev,
+            gemm,
+            ew,
+            c: *c,
+            shape,
+            seq_rows: c.offset + c.period + 2,
+            a: upload(dev, &bf(1, m * c.k))?,
+            w: upload(dev, &bf(2, n * c.k))?,
+            bias: upload(dev, &check::random_f32(seed * 10 + 3, n, -0.5, 0.5))?,
+            inv,
+            table,
+        })
+    }
+
+    /// Poisoned outputs.
+    fn outputs(&self) -> Result<Outputs> {
+        let cache =
+            vec![check::POISON_BF16_BITS; self.c.seqs * self.seq_rows * self.shape.kv_width()];
+        Ok(Outputs {
+            qkv: upload(
+                self.dev,
+                &vec![check::POISON_BF16_BITS; self.shape.rows * self.shape.row_stride],
+            )?,
+            k: upload(self.dev, &cache)?,
+            v: upload(self.dev, &cache)?,
+        })
+    }
+
+    /// The GEMM with the RoPE epilogue (`fused`), or the GEMM then `rope_qkv` (the path the
+    /// epilogue replaces), into `o`.
+    fn run(&self, o: &mut Outputs, fused: bool) -> Result<()> {
+        let (m, n, k) = (self.shape.rows, self.shape.row_stride, self.c.k);
+        let bias = self.bias.as_view();
+        let bias_arg = self.c.bias.then_some(&bias);
+        let (mut kv, mut vv) = (o.k.as_view_mut(), o.v.as_view_mut());
+        let dst = self.c.cache.then_some(KvDst {
+            k: &mut kv,
+            v: &mut vv,
+            seq_rows: self.seq_rows,
+        });
+        let (a, w) = (self.a.as_view(), self.w.as_view());
+        if fused {
+            let args = RopeArgs::new(self.dev, &self.shape, &self.table, bias_arg, dst)?;
+            let out = GemmOut::RopeQkv(o.qkv.as_view_mut(), args);
+            return self.gemm.run(self.dev, &a, &w, out, m, n, k);
+        }
+        let out = GemmOut::Bf16(o.qkv.as_view_mut());
+        self.gemm.run(self.dev, &a, &w, out, m, n, k)?;
+        let inv = self.inv.as_view();
+        self.ew.rope_qkv(
+            &mut o.qkv.as_view_mut(),
+            &inv,
+            bias_arg,
+            self.shape,
+            dst,
+            None,
+        )
+    }
+}
+
 fn check_case(
     dev: &CudaDevice,
     gemm: &Gemm,
@@ -272,9 +383,10 @@ fn check_case(
     seed: u64,
     c: &Case,
 ) -> Result<(f64, String)> {
-    let (qh, kvh, hd) = c.heads;
-    let (m, kvw) = (c.seqs * c.period, kvh * hd);
-    let n = qh * hd + 2 * kvw;
+    let (_, kvh, hd) = c.heads;
+    let kvw = kvh * hd;
+    let f = Fixture::new(dev, gemm, ew, seed, c)?;
+    let (m, n) = (f.shape.rows, f.shape.row_stride);
     if !gemm.rope_epilogue_serves(m, n, c.k) {
         // Nothing to compare: the model runs rope_qkv after the GEMM here (checked on its own).
         return Ok((
@@ -282,81 +394,12 @@ fn check_case(
             "not served by this device's kernels (rope_qkv runs)".into(),
         ));
     }
-    let shape = RopeQkvShape {
-        rows: m,
-        row_stride: n,
-        q_heads: qh,
-        kv_heads: kvh,
-        k_col: qh * hd,
-        v_col: qh * hd + kvw,
-        head_dim: hd,
-        pos_period: c.period,
-        pos_offset: c.offset,
-        grouped: true,
-    };
-    let bf =
-        |s: u64, len: usize| check::to_bf16_bits(&check::random_f32(seed * 10 + s, len, -1.0, 1.0));
-    let a = upload(dev, &bf(1, m * c.k))?;
-    let w = upload(dev, &bf(2, n * c.k))?;
-    let bias = upload(dev, &check::random_f32(seed * 10 + 3, n, -0.5, 0.5))?;
-    let inv = upload(dev, &crate::backend::cpu::rope_inv_freq(hd, 10_000.0))?;
-    let table = RopeTable::new(dev, ew, &inv.as_view(), c.offset + c.period)?;
-    let seq_rows = c.offset + c.period + 2;
-    let poison = vec![check::POISON_BF16_BITS; c.seqs * seq_rows * kvw];
-    let bias_view = bias.as_view();
-    let bias_arg = c.bias.then_some(&bias_view);
-    // The path the epilogue replaces.
-    let mut want = upload(dev, &vec![0u16; m * n])?;
-    let (mut kw, mut vw) = (upload(dev, &poison)?, upload(dev, &poison)?);
-    gemm.run(
-        dev,
-        &a.as_view(),
-        &w.as_view(),
-        GemmOut::Bf16(want.as_view_mut()),
-        m,
-        n,
-        c.k,
-    )?;
-    {
-        let (mut kv, mut vv) = (kw.as_view_mut(), vw.as_view_mut());
-        let dst = c.cache.then_some(KvDst {
-            k: &mut kv,
-            v: &mut vv,
-            seq_rows,
-        });
-        ew.rope_qkv(
-            &mut want.as_view_mut(),
-            &inv.as_view(),
-            bias_arg,
-            shape,
-            dst,
-            None,
-        )?;
-    }
-    // The epilogue.
-    let mut got = upload(dev, &vec![check::POISON_BF16_BITS; m * n])?;
-    let (mut kg, mut vg) = (upload(dev, &poison)?, upload(dev, &poison)?);
-    {
-        let (mut kv, mut vv) = (kg.as_view_mut(), vg.as_view_mut());
-        let dst = c.cache.then_some(KvDst {
-            k: &mut kv,
-            v: &mut vv,
-            seq_rows,
-        });
-        let args = RopeArgs::new(dev, &shape, &table, bias_arg, dst)?;
-        gemm.run(
-            dev,
-            &a.as_view(),
-            &w.as_view(),
-            GemmOut::RopeQkv(got.as_view_mut(), args),
-            m,
-            n,
-            c.k,
-        )?;
-    }
+    let (mut want, mut got) = (f.outputs()?, f.outputs()?);
+    f.run(&mut want, false)?;
+    f.run(&mut got, true)?;
     dev.sync()?;
     let bits = |s: &CudaSlice<u16>| download(dev, s);
-    let (want_h, got_h) = (bits(&want)?, bits(&got)?);
+    let (want_h, got_h) = (bits(&want.qkv)?, bits(&got.qkv)?);
     let mut err = check::rel_l2(
         &check::from_bf16_bits(&got_h),
         &check::from_bf16_bits(&want_h),
@@ -364,11 +407,11 @@ fn check_case(
     let mut detail = format!("qkv rel L2 {err:.2e}");
     if c.cache {
         // Rows some activation row writes, the others must keep their poison.
-        let mut written = vec![false; c.seqs * seq_rows];
+        let mut written = vec![false; c.seqs * f.seq_rows];
         for r in 0..m {
-            written[shape.cache_row(r, seq_rows)] = true;
+            written[f.shape.cache_row(r, f.seq_rows)] = true;
         }
-        for (what, g, w) in [("k", &kg, &kw), ("v", &vg, &vw)] {
+        for (what, g, w) in [("k", &got.k, &want.k), ("v", &got.v, &want.v)] {
             let (g, w) = (bits(g)?, bits(w)?);
             let mut gv = Vec::new();
             let mut wv = Vec::new();
@@ -387,6 +430,73 @@ fn check_case(
         }
     }
     Ok((err, detail))
+}
+
+/// `dllm-gpu-check`'s `gemm.rope_epilogue` benches: LLaDA-8B's QKV projection (32 heads of 128,
+/// K = 4096) in a b1 block step (32 rows at positions 352.., cache written) and a full step (384
+/// rows, cache written), the GEMM with the RoPE epilogue against the GEMM then `rope_qkv`, in one
+/// process; skipped where the epilogue does not run.
+pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
+    let kit = (|| -> Result<_> { Ok((Gemm::load(dev)?, Elementwise::new(dev)?)) })();
+    let (gemm, ew) = match kit {
+        Ok(k) => k,
+        Err(e) => return vec![BenchResult::failed("gemm.rope_epilogue load", e)],
+    };
+    let case = |period, offset| Case {
+        seqs: 1,
+        period,
+        offset,
+        heads: (32, 32, 128),
+        k: 4096,
+        bias: false,
+        cache: true,
+    };
+    let mut out = Vec::new();
+    for (label, c) in [
+        ("block step m32", case(32, 352)),
+        ("full step m384", case(384, 0)),
+    ] {
+        let name = format!("gemm.rope_epilogue 8B {label}");
+        match time_case(dev, &gemm, &ew, &c) {
+            Ok(Some((fused, apart))) => {
+                let bytes = Some((c.k * 3 * 4096 * 2) as f64);
+                out.push(BenchResult::new(
+                    format!("{name} fused"),
+                    fused,
+                    bytes,
+                    None,
+                    format!("GEMM + rope_qkv {apart:.4} ms"),
+                ));
+                out.push(BenchResult::new(
+                    format!("{name} GEMM + rope_qkv"),
+                    apart,
+                    bytes,
+                    None,
+                    "the default path",
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => out.push(BenchResult::failed(name, e)),
+        }
+    }
+    out
+}
+
+/// (fused ms, GEMM + rope_qkv ms), medians of 20; None where the epilogue does not run.
+fn time_case(
+    dev: &CudaDevice,
+    gemm: &Gemm,
+    ew: &Elementwise,
+    c: &Case,
+) -> Result<Option<(f64, f64)>> {
+    let f = Fixture::new(dev, gemm, ew, 77, c)?;
+    if !gemm.rope_epilogue_serves(f.shape.rows, f.shape.row_stride, c.k) {
+        return Ok(None);
+    }
+    let mut o = f.outputs()?;
+    let fused = check::time_median_ms(dev, 3, 20, |_| f.run(&mut o, true))?;
+    let apart = check::time_median_ms(dev, 3, 20, |_| f.run(&mut o, false))?;
+    Ok(Some((fused, apart)))
 }
 
 #[cfg(test)]
