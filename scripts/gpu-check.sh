@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl csplit rope keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl csplit rope combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -52,7 +52,7 @@ STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Session 10 … the next GPU call") asks for, as one word; `next2`
 # the second.
 STAGES=${STAGES//next2/synth mlp blocks99 keys264 ring2 ncustream summary pack}
-STAGES=${STAGES//next/smi check synth bench csplit rope sanitize peer summary pack}
+STAGES=${STAGES//next/smi check synth bench csplit rope combo sanitize peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -208,6 +208,11 @@ for s in $STAGES; do
         stage csplit "${T_CHECK:-180}" env DLLM_GEMM_CLUSTER_SPLIT=1 "$BIN/dllm-gpu-check" --model "$TINY" --only gemm,model --json "$OUT/check_csplit.json"
         sweep_stage sweep_csplit "384,4096,4096:add_f32 384,4096,12288:add_f32 256,4096,4096:add_f32 256,4096,12288:add_f32" DLLM_GEMM_CLUSTER_SPLIT=1
         BENCH_ENV="DLLM_GEMM_CLUSTER_SPLIT=1" workloads _csplit 1
+        ;;
+    combo)
+        # Session 10's opt-ins together (cluster split, RoPE epilogue, per-shape stream blocks):
+        # the three workloads, for the combined gain once each has passed its own stage.
+        BENCH_ENV="DLLM_GEMM_CLUSTER_SPLIT=1 DLLM_FUSED_ROPE=1 DLLM_GEMM_STREAM_BLOCKS=auto" workloads _combo 1
         ;;
     keys264)
         # The key-group attention on the b1 full step's grid too (DLLM_ATTN_KEYS_UNITS=264: plain
@@ -447,7 +452,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):
