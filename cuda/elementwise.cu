@@ -270,10 +270,7 @@ __device__ __forceinline__ void dllm_prefetch_l2_slice(const unsigned char* p, l
 // rope_gap further. Half-split (grouped = 0): i and i + half. Grouped (the rows permuted for the
 // GEMM's RoPE epilogue, DLLM_EPI_ROPE_QKV in gemm_common.cuh): groups of 16 columns, 8 first
 // elements then their 8 partners, pair i in group i / 8.
-__device__ __forceinline__ int rope_first(int i, int half, int grouped) {
-    (void)half;
-    return grouped ? ((i >> 3) << 4) + (i & 7) : i;
-}
+__device__ __forceinline__ int rope_first(int i, int grouped) { return grouped ? ((i >> 3) << 4) + (i & 7) : i; }
 __device__ __forceinline__ int rope_gap(int half, int grouped) { return grouped ? 8 : half; }
 
 // (cos, sin) of pos * inv_freq[i] for pos < positions, i < half, at table[pos * half + i]: the
@@ -320,7 +317,7 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
             const int i0 = (t % groups) * 8;
             const bool is_k = h >= q_heads;
             const int col = is_k ? k_col + (h - q_heads) * head_dim : h * head_dim;
-            const int o0 = rope_first(i0, half, grouped), o1 = o0 + rope_gap(half, grouped);
+            const int o0 = rope_first(i0, grouped), o1 = o0 + rope_gap(half, grouped);
             uint4* p0 = reinterpret_cast<uint4*>(row + col + o0);
             uint4* p1 = reinterpret_cast<uint4*>(row + col + o1);
             uint4 a = *p0, b = *p1;
@@ -369,7 +366,7 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
             const bool is_k = h >= q_heads;
             const int col = is_k ? k_col + (h - q_heads) * head_dim : h * head_dim;
             uint16_t* p = row + col;
-            const int o0 = rope_first(i, half, grouped), o1 = o0 + rope_gap(half, grouped);
+            const int o0 = rope_first(i, grouped), o1 = o0 + rope_gap(half, grouped);
             const float c = cs[i], s = sn[i];
             float x0 = dllm_bf16_to_f32(p[o0]);
             float x1 = dllm_bf16_to_f32(p[o1]);

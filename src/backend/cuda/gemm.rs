@@ -69,7 +69,7 @@ const NAIVE_THREADS: u32 = 256;
 /// wgmma kernel: N columns per block tile (one m64n192k16 per warpgroup and k16 step), K per
 /// pipeline stage; must match `WG_BN` / `WG_BK` in gemm_wgmma.cu.
 const WGMMA_BN: usize = 192;
-const WGMMA_BK: usize = 64;
+pub(super) const WGMMA_BK: usize = 64;
 /// Fewest K tiles a wgmma split is given (1024 K).
 const WGMMA_MIN_KTILES_PER_SPLIT: usize = 16;
 /// Split-K overhead in K-tile units per split (partial tile written, read back, reduced).
@@ -435,7 +435,7 @@ impl WgmmaPlan {
     /// taller tile (more work per shared-memory byte). Splits only while all blocks fit in
     /// one wave, never below `WGMMA_MIN_KTILES_PER_SPLIT` K tiles per split.
     pub fn new(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
-        WgmmaPlan::search(m, n, k, num_sms, false, false).wgmma_geometry()
+        WgmmaPlan::search(m, n, k, num_sms, false, false).0
     }
 
     /// The plan [`Gemm::run`] uses when the TMA cluster kernel is active: [`WgmmaPlan::new`]'s
@@ -444,7 +444,7 @@ impl WgmmaPlan {
     /// plan wins. At M = 384 on the down projection (4096 × 12288) this picks 2 × 22 tiles of
     /// 192 rows × 3 splits in pairs over `gemm_wgmma`'s 3 × 22 of 128 rows × 2 splits.
     pub fn with_tma(m: usize, n: usize, k: usize, num_sms: usize) -> WgmmaPlan {
-        WgmmaPlan::search(m, n, k, num_sms, true, false).wgmma_geometry()
+        WgmmaPlan::search(m, n, k, num_sms, true, false).0
     }
 
     /// The launch [`WgmmaPlan::with_tma`]'s search picks when the cluster-split kernels are
@@ -453,14 +453,27 @@ impl WgmmaPlan {
     /// `WGMMA_SPLIT_COST_KTILES` (and without the TMA pairs' discount), so it can win over the
     /// pairs: `GemmPlan::ClusterSplit`, `GemmPlan::Tma` (pairs, `tma` only) or `GemmPlan::Wgmma`.
     pub fn launch_for(m: usize, n: usize, k: usize, num_sms: usize, tma: bool) -> GemmPlan {
-        WgmmaPlan::search(m, n, k, num_sms, tma, true)
+        match WgmmaPlan::search(m, n, k, num_sms, tma, true) {
+            (p, true) => GemmPlan::ClusterSplit(p),
+            (p, false) if p.paired => GemmPlan::Tma(p),
+            (p, false) => GemmPlan::Wgmma(p),
+        }
     }
 
-    fn search(m: usize, n: usize, k: usize, num_sms: usize, tma: bool, cluster: bool) -> GemmPlan {
+    /// The cheapest plan (paired where the pairs win, with `tma`) and whether it runs as
+    /// clusters (only with `cluster`).
+    fn search(
+        m: usize,
+        n: usize,
+        k: usize,
+        num_sms: usize,
+        tma: bool,
+        cluster: bool,
+    ) -> (WgmmaPlan, bool) {
         let sms = num_sms.max(1);
         let ktiles = k.div_ceil(WGMMA_BK).max(1);
         let max_splits = (ktiles / WGMMA_MIN_KTILES_PER_SPLIT).max(1);
-        let mut best: Option<(usize, GemmPlan)> = None;
+        let mut best: Option<(usize, WgmmaPlan, bool)> = None;
         for wg in [3usize, 2] {
             let bm = 64 * wg;
             let tiles = WgmmaPlan::build(wg, m, n, k, ktiles, false).tiles();
@@ -481,29 +494,24 @@ impl WgmmaPlan {
                     waves * bm * (kps + overhead) * if wg == 3 { 20 } else { 21 }
                 };
                 let plain = cost_with(WGMMA_SPLIT_COST_KTILES);
-                let mut options = vec![(plain, GemmPlan::Wgmma(plan))];
+                let mut options = vec![(plain, plan, false)];
                 if tma && plan.m_tiles % 2 == 0 {
-                    options.push((
-                        plain * TMA_PAIR_COST.0 / TMA_PAIR_COST.1,
-                        GemmPlan::Tma(plan.paired()),
-                    ));
+                    let paired = plain * TMA_PAIR_COST.0 / TMA_PAIR_COST.1;
+                    options.push((paired, plan.paired(), false));
                 }
                 if cluster && gemm_cluster_split::kernel_index(&plan).is_some() {
-                    options.push((
-                        cost_with(CLUSTER_SPLIT_COST_KTILES),
-                        GemmPlan::ClusterSplit(plan),
-                    ));
+                    options.push((cost_with(CLUSTER_SPLIT_COST_KTILES), plan, true));
                 }
-                for (cost, launch) in options {
-                    if best.as_ref().is_none_or(|(c, _)| cost < *c) {
-                        best = Some((cost, launch));
+                for option in options {
+                    if best.as_ref().is_none_or(|b| option.0 < b.0) {
+                        best = Some(option);
                     }
                 }
             }
         }
         best.map_or_else(
-            || GemmPlan::Wgmma(WgmmaPlan::build(3, m, n, k, ktiles, false)),
-            |(_, p)| p,
+            || (WgmmaPlan::build(3, m, n, k, ktiles, false), false),
+            |(_, p, clusters)| (p, clusters),
         )
     }
 
@@ -680,13 +688,13 @@ pub enum GemmPlan {
 }
 
 impl GemmPlan {
-    /// The tiles and split of a plan of the wgmma family (`Wgmma`, `Tma`, `ClusterSplit`); the
-    /// search only builds those, so the others, never met, give an empty single-tile plan.
-    fn wgmma_geometry(self) -> WgmmaPlan {
-        match self {
-            GemmPlan::Wgmma(p) | GemmPlan::Tma(p) | GemmPlan::ClusterSplit(p) => p,
-            _ => WgmmaPlan::build(3, 1, 1, 1, 1, false),
-        }
+    /// Whether the plan's kernel has the RoPE epilogue ([`GemmOut::RopeQkv`]): the stream,
+    /// wgmma and TMA kernels.
+    pub fn has_rope_epilogue(&self) -> bool {
+        matches!(
+            self,
+            GemmPlan::Stream(_) | GemmPlan::Wgmma(_) | GemmPlan::Tma(_)
+        )
     }
 
     /// Refuses a plan that is not what its constructor gives for `m × n × k` (a hand-made plan
@@ -758,7 +766,7 @@ pub struct Gemm {
     /// `gemm_wgmma_wg2`, `gemm_wgmma_wg3`; `None` when the device cannot run the sm_90a cubin.
     wgmma: Option<[CudaFunction; 2]>,
     num_sms: usize,
-    /// Blocks of the stream kernel's plans ([`gemm_stream::blocks_from_env`]).
+    /// Blocks of the stream kernel's plans ([`gemm_stream::StreamBlocks::from_env`]).
     stream_blocks: gemm_stream::StreamBlocks,
     /// Ring depth of the loaded stream kernel ([`gemm_stream::stages_of`]).
     stream_stages: usize,
@@ -878,12 +886,10 @@ impl Gemm {
             match (gemm_cluster_split::requested_by_env(), &wgmma) {
                 (false, _) => (None, None),
                 (true, None) => (None, Some("the wgmma kernel is not loaded".to_string())),
-                (true, Some(_)) => {
-                    match gemm_cluster_split::ClusterSplit::load(dev, wgmma_smem_bytes) {
-                        Ok(cs) => (Some(cs), None),
-                        Err(e) => (None, Some(format!("load: {e}"))),
-                    }
-                }
+                (true, Some(_)) => match gemm_cluster_split::ClusterSplit::load(dev) {
+                    Ok(cs) => (Some(cs), None),
+                    Err(e) => (None, Some(format!("load: {e}"))),
+                },
             };
         let mut gemm = Gemm {
             naive,
@@ -977,17 +983,11 @@ impl Gemm {
     /// (for checks and benches, which launch their plans explicitly).
     pub fn with_cluster_split(mut self, dev: &CudaDevice) -> Result<Gemm> {
         if self.cluster_split.is_none() {
-            let cs = gemm_cluster_split::ClusterSplit::load(dev, wgmma_smem_bytes)
-                .map_err(Error::Unsupported)?;
+            let cs = gemm_cluster_split::ClusterSplit::load(dev).map_err(Error::Unsupported)?;
             self.cluster_split = Some(cs);
             self.cluster_split_failure = None;
         }
         Ok(self)
-    }
-
-    /// Whether the cluster-split kernels are loaded (asked for), whatever their self-test said.
-    pub fn cluster_split_loaded(&self) -> bool {
-        self.cluster_split.is_some()
     }
 
     /// Why the requested cluster-split kernels are not used (load error or self-test failure).
@@ -1290,10 +1290,9 @@ impl Gemm {
     /// ([`GemmOut::RopeQkv`]: the stream, wgmma and TMA kernels).
     pub fn rope_epilogue_serves(&self, m: usize, n: usize, k: usize) -> bool {
         n % 16 == 0
-            && matches!(
-                self.variant_plan(self.variant_for_m(m), m, n, k),
-                Ok(GemmPlan::Stream(_) | GemmPlan::Wgmma(_) | GemmPlan::Tma(_))
-            )
+            && self
+                .variant_plan(self.variant_for_m(m), m, n, k)
+                .is_ok_and(|p| p.has_rope_epilogue())
     }
 
     /// The plan [`Gemm::run_variant`] launches for `variant`.
@@ -1383,10 +1382,7 @@ impl Gemm {
                     args.rows, args.cols
                 )));
             }
-            if !matches!(
-                job,
-                GemmPlan::Stream(_) | GemmPlan::Wgmma(_) | GemmPlan::Tma(_)
-            ) {
+            if !job.has_rope_epilogue() {
                 return Err(Error::invalid(format!(
                     "gemm: the RoPE epilogue runs on the stream, wgmma and TMA kernels, not {job:?}"
                 )));
@@ -1771,25 +1767,29 @@ fn load_wgmma(dev: &CudaDevice) -> std::result::Result<[CudaFunction; 2], String
             dev.describe()
         ));
     }
-    let load = |wg: usize| -> Result<CudaFunction> {
-        let name = format!("gemm_wgmma_wg{wg}");
-        let f = dev.function("gemm_wgmma", &name)?;
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            wgmma_smem_bytes(wg) as i32,
-        )
-        .map_err(|e| cuda_err(&format!("{name}: allow dynamic shared memory"), e))?;
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-            100,
-        )
-        .map_err(|e| cuda_err(&format!("{name}: shared memory carveout"), e))?;
-        Ok(f)
-    };
+    let load = |wg: usize| load_wgmma_function(dev, &format!("gemm_wgmma_wg{wg}"), wg);
     match (load(2), load(3)) {
         (Ok(a), Ok(b)) => Ok([a, b]),
         (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
     }
+}
+
+/// Loads kernel `name` of `cuda/gemm_wgmma.cu` with `wg` consumer warpgroups (`gemm_wgmma_wg*`
+/// and its cluster-split forms share the block and its shared memory): allows its dynamic
+/// shared memory and prefers the largest carveout.
+pub(super) fn load_wgmma_function(dev: &CudaDevice, name: &str, wg: usize) -> Result<CudaFunction> {
+    let f = dev.function("gemm_wgmma", name)?;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        wgmma_smem_bytes(wg) as i32,
+    )
+    .map_err(|e| cuda_err(&format!("{name}: allow dynamic shared memory"), e))?;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        100,
+    )
+    .map_err(|e| cuda_err(&format!("{name}: shared memory carveout"), e))?;
+    Ok(f)
 }
 
 /// The load-time self-test: every fast kernel against `gemm_naive` on the device, on a shape
@@ -2404,6 +2404,9 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     if let Some(f) = gemm.mlp_failure() {
         why.push(format!("fused MLP requested but not used: {f}"));
     }
+    if let Some(f) = gemm.cluster_split_failure() {
+        why.push(format!("cluster-split kernels requested but not used: {f}"));
+    }
     // The stream kernel's ring depth, read from its module (what a DLLM_KERNEL_DIR build with
     // -D STREAM_STAGES=N relies on); the embedded image has the default.
     if gemm.stream.is_some() {
@@ -2425,7 +2428,14 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         ));
     }
     let [pairs, quads] = gemm.resident_clusters();
-    let resident = format!("resident clusters (wg2, wg3): pairs {pairs:?}, quads {quads:?}");
+    let mut resident = format!("resident clusters (wg2, wg3): pairs {pairs:?}, quads {quads:?}");
+    if gemm.cluster_split.is_some() {
+        resident.push_str(&format!(
+            ", cluster splits {:?}: {:?}",
+            gemm_cluster_split::KERNELS,
+            gemm.cluster_split_resident()
+        ));
+    }
     res.push(CheckResult::exact(
         "gemm.load_self_test",
         why.is_empty(),

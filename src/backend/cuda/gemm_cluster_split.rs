@@ -25,10 +25,12 @@
 //! the blocks alone.
 
 use super::check::{self, BenchResult, CheckResult};
-use super::gemm::{download, upload, BenchBuffers, Epilogue, Gemm, GemmOut, GemmPlan, WgmmaPlan};
-use super::{cuda_err, CudaDevice};
+use super::gemm::{
+    download, load_wgmma_function, upload, wgmma_smem_bytes, BenchBuffers, Epilogue, Gemm, GemmOut,
+    GemmPlan, WgmmaPlan, WGMMA_BK,
+};
+use super::CudaDevice;
 use crate::error::Result;
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaSlice};
 
 /// The compiled (block height in warpgroups, splits per cluster) pairs, in the order of
@@ -70,13 +72,10 @@ pub struct ClusterSplit {
 }
 
 impl ClusterSplit {
-    /// Loads every kernel of [`KERNELS`] from the sm_90a cubin of `cuda/gemm_wgmma.cu` with
-    /// `smem(wg)` bytes of dynamic shared memory (`gemm_wgmma`'s); the reason as text when this
-    /// device cannot run them.
-    pub fn load(
-        dev: &CudaDevice,
-        smem: fn(usize) -> u32,
-    ) -> std::result::Result<ClusterSplit, String> {
+    /// Loads every kernel of [`KERNELS`] from the sm_90a cubin of `cuda/gemm_wgmma.cu` as
+    /// `gemm_wgmma`'s are loaded ([`super::gemm::load_wgmma_function`]); the reason as text when
+    /// this device cannot run them.
+    pub fn load(dev: &CudaDevice) -> std::result::Result<ClusterSplit, String> {
         if !dev.runs_sm90a() {
             return Err(format!(
                 "the cluster-split kernels need the sm_90a cubin (compute capability 9.0, Hopper build); this is {}",
@@ -86,18 +85,9 @@ impl ClusterSplit {
         let mut funcs = Vec::with_capacity(KERNELS.len());
         let mut resident = Vec::with_capacity(KERNELS.len());
         for (wg, cs) in KERNELS {
-            let name = format!("gemm_wgmma_wg{wg}_cs{cs}");
-            let f = dev
-                .function("gemm_wgmma", &name)
+            let f = load_wgmma_function(dev, &format!("gemm_wgmma_wg{wg}_cs{cs}"), wg)
                 .map_err(|e| e.to_string())?;
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem(wg) as i32,
-            )
-            .map_err(|e| {
-                cuda_err(&format!("{name}: allow dynamic shared memory"), e).to_string()
-            })?;
-            let geometry = ((128 * wg) as u32, smem(wg));
+            let geometry = ((128 * wg) as u32, wgmma_smem_bytes(wg));
             resident.push(super::gemm_tma::resident_clusters(
                 dev,
                 &f,
@@ -132,9 +122,6 @@ impl ClusterSplit {
         &self.resident
     }
 }
-
-/// K elements per tile of the wgmma kernels (`WG_BK`).
-const WGMMA_BK: usize = 64;
 
 /// Shapes of the bit-for-bit checks: a partial M, N and K tile (N not a multiple of 16, so no
 /// SwiGLU), a partial M tile with SwiGLU-able N, and LLaDA-8B's two 4096-column projections at

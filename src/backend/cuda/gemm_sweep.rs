@@ -13,13 +13,11 @@
 use super::check::{self, BenchResult, TOL_BF16};
 use super::gemm::{
     BenchBuffers, Epilogue, Gemm, GemmPlan, GemmVariant, SkinnyPlan, WgmmaPlan, SKINNY_MAX_M,
+    WGMMA_BK,
 };
 use super::gemm_stream::{StreamPlan, STREAM_MAX_M};
 use super::CudaDevice;
 use crate::error::{Error, Result};
-
-/// K elements per tile of the wgmma kernels (`WG_BK`).
-const WGMMA_BK: usize = 64;
 
 /// The candidate plans for `m × n × k` on `gemm`'s device, the default first.
 pub fn candidates(gemm: &Gemm, m: usize, n: usize, k: usize) -> Result<Vec<GemmPlan>> {
