@@ -73,7 +73,7 @@ pub struct ClusterSplit {
 
 impl ClusterSplit {
     /// Loads every kernel of [`KERNELS`] from the sm_90a cubin of `cuda/gemm_wgmma.cu` as
-    /// `gemm_wgmma`'s are loaded ([`super::gemm::load_wgmma_function`]); the reason as text when
+    /// `gemm_wgmma`'s are loaded (`gemm::load_wgmma_function`); the reason as text when
     /// this device cannot run them.
     pub fn load(dev: &CudaDevice) -> std::result::Result<ClusterSplit, String> {
         if !dev.runs_sm90a() {
