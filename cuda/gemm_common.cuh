@@ -48,7 +48,60 @@ struct DllmRopeEpi {
     int cache_seq_rows;
 };
 
-// One rotation pair of the RoPE epilogue: column n (n % 16 < 8) of row `row` with value x0 and
+// The RMSNorm fold (src/backend/cuda/gemm_norm.rs; a kernel parameter, layout mirrored by NormEpi
+// there). rmsnorm(x) · Wᵀ = inv_rms(x) ⊙ ((x ⊙ γ) · Wᵀ): the norm's per-column part commutes with the
+// next GEMM, its per-row part with that GEMM's output. So the GEMM that updates the residual x
+// (DLLM_EPI_ADD_F32, "prep": gamma set) also writes xg[m, n] = bf16(x_new[m, n] · gamma[n]) and, per
+// row and 32-column group, the sum of squares of x_new into sq_out[m · N / 32 + n / 32]; the next GEMM
+// takes xg as its A operand and ("row scale": sq_in set) multiplies its row m by
+// 1 / sqrt(Σ_p sq_in[m · parts + p] / d + eps) before its own epilogue (bias, RoPE, SwiGLU, store).
+// 63 of the 64 RMSNorm launches inside a step's layers go. N (prep) and d (scale) are multiples of 32.
+struct DllmNormEpi {
+    const float* sq_in;  // row scale: [M, parts] partial sums of squares (nullptr: no scale)
+    const float* gamma;  // prep: [N] the next norm's weight (nullptr: no prep)
+    uint16_t* xg;        // prep: [M, N] bf16(x_new · gamma)
+    float* sq_out;       // prep: [M, N / 32] partial sums of squares of x_new
+    int parts;           // row scale: partials per row (d / 32)
+    int d;               // row scale: the normalised width
+    float eps;
+    int pad;
+};
+
+// Everything an epilogue may need besides C: the RoPE epilogue's parameters and the norm fold's.
+struct DllmEpiParams {
+    DllmRopeEpi rope;
+    DllmNormEpi norm;
+};
+
+// The row scale from a row's total sum of squares (the RMSNorm kernel's arithmetic).
+__device__ __forceinline__ float gemm_norm_scale(const DllmNormEpi& e, float total) {
+    return 1.0f / sqrtf(total / (float)e.d + e.eps);
+}
+
+// The row scales of ROWS rows m[r] (rows past M read nothing) for LANES lanes that share those rows,
+// xor-adjacent at lane stride STRIDE (LANES a power of two; `sub` = this lane's index among them):
+// each lane sums the partials p = sub, sub + LANES, ... of every row (all rows' loads of a few
+// p in flight at once), the xor tree combines the lanes' sums in a fixed order (the same bits in
+// every lane and run). Every lane of the warp calls it.
+template <int ROWS, int LANES, int STRIDE>
+__device__ __forceinline__ void gemm_norm_row_scales(const DllmNormEpi& e, const int (&m)[ROWS], int M, int sub,
+                                                     float (&out)[ROWS]) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) out[r] = 0.0f;
+#pragma unroll 4
+    for (int p = sub; p < e.parts; p += LANES)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            if (m[r] < M) out[r] += e.sq_in[(size_t)m[r] * e.parts + p];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+        for (int o = STRIDE; o < STRIDE * LANES; o <<= 1) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
+        out[r] = gemm_norm_scale(e, out[r]);
+    }
+}
+
+// One RoPE rotation pair: column n (n % 16 < 8) of row `row` with value x0 and
 // column n + 8 with x1 (accumulators, unrounded).
 __device__ __forceinline__ void gemm_rope_pair(const DllmRopeEpi& e, void* C, int M, int N, int row, int n, float x0,
                                                float x1) {
@@ -125,16 +178,47 @@ __device__ __forceinline__ void gemm_for_fragments(int rbase, int g, int t, F f)
             for (int q = 0; q < 4; ++q) f(r, j, q, 8 * j + 2 * t + (q & 1), rbase + 16 * r + g + ((q < 2) ? 0 : 8));
 }
 
+// The norm fold's prep (DllmNormEpi) for a stream warp's fragments with their new residual values
+// `v` (layout as in gemm_for_fragments; RT = 2, so the warp's 32 weight rows rbase.. are one
+// 32-column group of the output): xg, and per token the group's sum of squares, summed in the
+// thread (r, then q) and across the 8 lanes of the group (xor over g), stored by lane g = 0. Every
+// lane of the warp calls it (the shuffles), with rbase a multiple of 32 and N of 32.
+template <int RT, int G>
+__device__ __forceinline__ void gemm_norm_prep_fragments(const DllmNormEpi& e, const float (&v)[RT][G][4], int rbase,
+                                                         int g, int t, int M, int N) {
+    static_assert(RT == 2, "a 32-column group per warp");
+    gemm_for_fragments<RT, G>(rbase, g, t, [&](int r, int j, int q, int m, int n) {
+        if (m < M && n < N) {
+            const uint16_t b = gemm_f32_to_bf16(v[r][j][q] * e.gamma[n]);
+            e.xg[(size_t)m * N + n] = b;
+        }
+    });
+#pragma unroll
+    for (int j = 0; j < G; ++j)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+            float s = 0.0f;
+#pragma unroll
+            for (int r = 0; r < RT; ++r) s += v[r][j][b] * v[r][j][b] + v[r][j][b + 2] * v[r][j][b + 2];
+            s += __shfl_xor_sync(0xffffffffu, s, 4);
+            s += __shfl_xor_sync(0xffffffffu, s, 8);
+            s += __shfl_xor_sync(0xffffffffu, s, 16);
+            const int m = 8 * j + 2 * t + b;
+            if (g == 0 && m < M && rbase < N) e.sq_out[(size_t)m * (N / 32) + rbase / 32] = s;
+        }
+}
+
 // The fragments of a skinny / stream warp (layout as in gemm_for_fragments), masked to M x N,
-// stored with epilogue `epi` (the RoPE epilogue with its parameters `rope`).
+// stored with epilogue `epi`; `ep` (nullable) holds the RoPE epilogue's parameters and the norm
+// fold's (prep with the residual add: every lane of the warp then calls this, RT = 2).
 template <int RT, int G>
 __device__ __forceinline__ void gemm_store_fragments(const float (&acc)[RT][G][4], void* C, int rbase, int g, int t,
-                                                     int M, int N, int epi, const DllmRopeEpi* rope = nullptr) {
+                                                     int M, int N, int epi, const DllmEpiParams* ep = nullptr) {
     if (epi == DLLM_EPI_ROPE_QKV) {
         // As the SwiGLU: rows rbase + 16 r + g (q < 2) and + 8 (q + 2) are one rotation pair.
-        if (rope == nullptr) return;
+        if (ep == nullptr) return;
         gemm_for_fragments<RT, G>(rbase, g, t, [&](int r, int j, int q, int m, int n) {
-            if (q < 2) gemm_rope_pair(*rope, C, M, N, m, n, acc[r][j][q], acc[r][j][q + 2]);
+            if (q < 2) gemm_rope_pair(ep->rope, C, M, N, m, n, acc[r][j][q], acc[r][j][q + 2]);
         });
         return;
     }
@@ -158,13 +242,57 @@ __device__ __forceinline__ void gemm_store_fragments(const float (&acc)[RT][G][4
         });
         gemm_loads_before_stores();
         gemm_for_fragments<RT, G>(rbase, g, t, [&](int r, int j, int q, int m, int n) {
-            if (m < M && n < N) out[(size_t)m * N + n] = old[r][j][q] + acc[r][j][q];
+            old[r][j][q] += acc[r][j][q];
+            if (m < M && n < N) out[(size_t)m * N + n] = old[r][j][q];
         });
+        if constexpr (RT == 2) {
+            if (ep != nullptr && ep->norm.gamma != nullptr) gemm_norm_prep_fragments<RT, G>(ep->norm, old, rbase, g, t, M, N);
+        }
         return;
     }
     gemm_for_fragments<RT, G>(rbase, g, t, [&](int r, int j, int q, int m, int n) {
         if (m < M && n < N) gemm_store1(C, (size_t)m * N + n, acc[r][j][q], epi);
     });
+}
+
+// The norm fold's prep (DllmNormEpi) for BATCH column blocks of an mma.sync / wgmma accumulator
+// layout with their new residual values: block j holds (row, cols n + 8 j, + 1) in nv[4 j],
+// nv[4 j + 1] and (row + 8, same cols) in nv[4 j + 2], nv[4 j + 3], n = n_first (= the group base
+// + 2 t, the group base a multiple of 32). Writes xg, and per row and 32-column group (4 column
+// blocks x the 4 lanes of a quad) the sum of squares, summed in the thread (blocks in order) and
+// across the quad (xor over t), stored by lane t = 0. Every lane of the warp calls it.
+template <int BATCH>
+__device__ __forceinline__ void gemm_norm_prep_pairs(const DllmNormEpi& e, const float* nv, int row, int n_first,
+                                                     int M, int N) {
+    static_assert(BATCH % 4 == 0, "whole 32-column groups");
+    const int t2 = n_first & 7;  // 2 t
+#pragma unroll
+    for (int q = 0; q < BATCH / 4; ++q) {
+        const int n_group = n_first - t2 + 32 * q;  // the group's first column
+        const bool in_n = n_group < N;              // N % 32 == 0: the whole group, or none of it
+        float s[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int j = 4 * q; j < 4 * q + 4; ++j) {
+            const int n = n_first + 8 * j;
+            const float2 gm = in_n ? *(const float2*)(e.gamma + n) : make_float2(0.0f, 0.0f);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float a = nv[4 * j + 2 * h], b = nv[4 * j + 2 * h + 1];
+                s[h] += a * a + b * b;
+                if (in_n && row + 8 * h < M)
+                    *(uint32_t*)(e.xg + (size_t)(row + 8 * h) * N + n) =
+                        (uint32_t)gemm_f32_to_bf16(a * gm.x) | ((uint32_t)gemm_f32_to_bf16(b * gm.y) << 16);
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            s[h] += __shfl_xor_sync(0xffffffffu, s[h], 1);
+            s[h] += __shfl_xor_sync(0xffffffffu, s[h], 2);
+            if (t2 == 0 && in_n && row + 8 * h < M) e.sq_out[(size_t)(row + 8 * h) * (N / 32) + n_group / 32] = s[h];
+        }
+        // One group's gamma loads at a time (left alone, the compiler hoists all of them).
+        gemm_loads_before_stores();
+    }
 }
 
 // Pair stores of an mma.sync / wgmma accumulator layout, BATCH column blocks at a time: block j
@@ -173,7 +301,7 @@ __device__ __forceinline__ void gemm_store_fragments(const float (&acc)[RT][G][4
 // inside or past N). For the residual add, the batch's old values are all loaded before any store.
 template <int BATCH>
 __device__ __forceinline__ void gemm_store_pairs(const float* v, void* C, int row, int n0, int j0, int M, int N,
-                                                 int epi) {
+                                                 int epi, const DllmEpiParams* ep = nullptr) {
     if (epi == DLLM_EPI_SWIGLU_BF16) {
         // n0 - 2 t and j0 even: block j (gate) pairs with block j + 1 (up); the pair's two
         // columns land at (n - 2 t) / 2 + 2 t, + 1 of an N / 2-wide C.
@@ -209,14 +337,22 @@ __device__ __forceinline__ void gemm_store_pairs(const float* v, void* C, int ro
             old[j][1] = (in_n && row + 8 < M) ? out[((size_t)(row + 8) * N + n) / 2] : make_float2(0.0f, 0.0f);
         }
         gemm_loads_before_stores();
+        float nv[4 * BATCH];  // the new values, in v's layout (for the norm fold's prep)
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
             const int n = n0 + 8 * (j0 + j);
-            if (n >= N) continue;
             const float* a = v + 4 * (j0 + j);
-            if (row < M) out[((size_t)row * N + n) / 2] = make_float2(old[j][0].x + a[0], old[j][0].y + a[1]);
-            if (row + 8 < M)
-                out[((size_t)(row + 8) * N + n) / 2] = make_float2(old[j][1].x + a[2], old[j][1].y + a[3]);
+            nv[4 * j] = old[j][0].x + a[0];
+            nv[4 * j + 1] = old[j][0].y + a[1];
+            nv[4 * j + 2] = old[j][1].x + a[2];
+            nv[4 * j + 3] = old[j][1].y + a[3];
+            if (n >= N) continue;
+            if (row < M) out[((size_t)row * N + n) / 2] = make_float2(nv[4 * j], nv[4 * j + 1]);
+            if (row + 8 < M) out[((size_t)(row + 8) * N + n) / 2] = make_float2(nv[4 * j + 2], nv[4 * j + 3]);
+        }
+        if constexpr (BATCH % 4 == 0) {
+            if (ep != nullptr && ep->norm.gamma != nullptr)
+                gemm_norm_prep_pairs<BATCH>(ep->norm, nv, row, n0 + 8 * j0, M, N);
         }
         return;
     }

@@ -119,7 +119,7 @@ struct StreamJob {
     float* ws;
     unsigned int* counters;
     int M, N, K, epi;
-    const DllmRopeEpi* rope;  // the RoPE epilogue's parameters (nullptr for the other epilogues)
+    const DllmEpiParams* ep;  // the RoPE epilogue's and the norm fold's parameters (nullable)
 };
 
 // This block's contiguous share of a job's (tile, chunk) pairs.
@@ -216,6 +216,15 @@ __device__ __forceinline__ void stream_consume(const StreamJob& job, const Strea
     const long long T = r.T, B = r.B;
     float acc[STREAM_RT][G][4];
     stream_zero<G>(acc);
+    // The norm fold's row scale of this lane's tokens 8 j + 2 t + b (the 8 lanes of a t share them).
+    const bool row_scale = job.ep != nullptr && job.ep->norm.sq_in != nullptr;
+    float rs[2 * G];  // token 8 j + 2 t + b at 2 j + b
+    if (row_scale) {
+        int rows[2 * G];
+#pragma unroll
+        for (int i = 0; i < 2 * G; ++i) rows[i] = 8 * (i >> 1) + 2 * t + (i & 1);
+        gemm_norm_row_scales<2 * G, 8, 4>(job.ep->norm, rows, job.M, g, rs);
+    }
 
     int tile = r.tile_begin, kc = r.kc_begin;
     bool seg_whole = r.kc_begin == 0;  // this segment of `tile` started at the tile's first chunk
@@ -313,9 +322,18 @@ __device__ __forceinline__ void stream_consume(const StreamJob& job, const Strea
                 store = true;
             }
         }
-        if (store)
+        if (store) {
+            if (row_scale) {
+#pragma unroll
+                for (int rr = 0; rr < STREAM_RT; ++rr)
+#pragma unroll
+                    for (int j = 0; j < G; ++j)
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) acc[rr][j][q] *= rs[2 * j + (q & 1)];
+            }
             gemm_store_fragments<STREAM_RT, G>(acc, job.C, tile * STREAM_ROWS + wrow, g, t, job.M, job.N, job.epi,
-                                               job.rope);
+                                               job.ep);
+        }
         stream_zero<G>(acc);
         seg_whole = true;  // the next segment starts at a tile's first chunk
         kc = 0;
@@ -448,8 +466,8 @@ __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], 
     extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1)                                          \
         gemm_stream_mg##G(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, \
                           void* C, float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N,  \
-                          int K, int epi, const __grid_constant__ DllmRopeEpi rope) {                          \
-        const StreamJob jobs[1] = {{&map_a, &map_w, C, ws, counters, M, N, K, epi, &rope}};                    \
+                          int K, int epi, const __grid_constant__ DllmEpiParams ep) {                          \
+        const StreamJob jobs[1] = {{&map_a, &map_w, C, ws, counters, M, N, K, epi, &ep}};                      \
         stream_jobs_body<G, 1>(jobs, nullptr);                                                                  \
     }
 
@@ -471,16 +489,18 @@ DLLM_STREAM_KERNEL(4)
 // map_x: X [M, hidden] bf16 (boxes of 8·G rows), map_gu: W_gu [2·inter, hidden] interleaved, map_h: H [M, inter]
 // bf16 (written here), map_d: W_d [hidden, inter]; h = H's storage (bf16), r = the f32 residual [M, hidden]
 // (added to); ws_up / ws_down, counters_up / counters_down: each job's workspace and zeroed counters (sized
-// as for a gemm_stream_mg<G> launch of this grid); grid_bar: two zeroed words.
+// as for a gemm_stream_mg<G> launch of this grid); grid_bar: two zeroed words; ep_up / ep_down: the
+// norm fold's parameters of each job (the gate/up job's row scale, the down job's prep), or zeros.
 #define DLLM_STREAM_MLP_KERNEL(G)                                                                               \
     extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1) gemm_stream_mlp_mg##G(                     \
         const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_gu,                  \
         const __grid_constant__ CUtensorMap map_h, const __grid_constant__ CUtensorMap map_d, void* h, void* r,  \
         float* __restrict__ ws_up, unsigned int* __restrict__ counters_up, float* __restrict__ ws_down,          \
-        unsigned int* __restrict__ counters_down, unsigned int* grid_bar, int M, int hidden, int inter) {       \
+        unsigned int* __restrict__ counters_down, unsigned int* grid_bar, int M, int hidden, int inter,         \
+        const __grid_constant__ DllmEpiParams ep_up, const __grid_constant__ DllmEpiParams ep_down) {           \
         const StreamJob jobs[2] = {                                                                             \
-            {&map_x, &map_gu, h, ws_up, counters_up, M, 2 * inter, hidden, DLLM_EPI_SWIGLU_BF16, nullptr},       \
-            {&map_h, &map_d, r, ws_down, counters_down, M, hidden, inter, DLLM_EPI_ADD_F32, nullptr}};           \
+            {&map_x, &map_gu, h, ws_up, counters_up, M, 2 * inter, hidden, DLLM_EPI_SWIGLU_BF16, &ep_up},        \
+            {&map_h, &map_d, r, ws_down, counters_down, M, hidden, inter, DLLM_EPI_ADD_F32, &ep_down}};          \
         stream_jobs_body<G, 2>(jobs, grid_bar);                                                                 \
     }
 

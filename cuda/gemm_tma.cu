@@ -93,7 +93,7 @@ __device__ __forceinline__ void tma_bar_arrive_cluster(uint32_t bar, uint32_t ct
 template <int WG, int CN>
 __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CUtensorMap* map_w, void* C,
                                               float* __restrict__ ws, unsigned int* __restrict__ counters, int M,
-                                              int N, int K, int epi, int ktiles_per_split, const DllmRopeEpi* rope) {
+                                              int N, int K, int epi, int ktiles_per_split, const DllmEpiParams* ep) {
     using Cfg = TmaCfg<WG>;
     static_assert(CN == 1 || CN == 2, "clusters of 2 x 1 or 2 x 2 blocks");
     // This block's share of the A tile: BM / CN rows, 1024-byte aligned in the slot.
@@ -137,6 +137,7 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
 
     float acc[96];
     bool store = false;
+    float2 rs = make_float2(1.0f, 1.0f);
     if (wg == WG) {
         // Producer warp: one thread issues every copy. It must issue exactly the k_tiles loads
         // the consumers wait for (and so must every block of the cluster): the epilogue reuses
@@ -164,6 +165,8 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
             }
         }
     } else {
+        // The norm fold's row scales, read while the producer's first copies land.
+        rs = wg_row_scales(ep, wg_thread_row(m0, tid), M, tid);
 #pragma unroll
         for (int i = 0; i < 96; ++i) acc[i] = 0.0f;
         for (int kt = 0; kt < k_tiles; ++kt) {
@@ -198,7 +201,7 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
     }
     // Every copy into the ring has landed (the consumers waited for every `full` barrier, the
     // peer's multicast halves included), so the epilogue stages its global reads there.
-    if (store) wg_store_tile<Cfg::CONSUMERS>(acc, C, m0 + wg * 64, n0, M, N, epi, tid, 1, smem, rope);
+    if (store) wg_store_tile<Cfg::CONSUMERS>(acc, C, m0 + wg * 64, n0, M, N, epi, tid, 1, smem, ep, rs);
     // No block leaves while its peer may still arrive on its barriers or multicast into it
     // (the release of the cluster barrier also orders this block's last remote arrivals).
     __syncwarp();
@@ -209,8 +212,8 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
     extern "C" __global__ void __cluster_dims__(2, CN, 1) __launch_bounds__(128 * WGN + 32, 1)                    \
         NAME(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, void* C,        \
              float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K, int epi,            \
-             int ktiles_per_split, const __grid_constant__ DllmRopeEpi rope) {                                     \
-        gemm_tma_body<WGN, CN>(&map_a, &map_w, C, ws, counters, M, N, K, epi, ktiles_per_split, &rope);           \
+             int ktiles_per_split, const __grid_constant__ DllmEpiParams ep) {                                     \
+        gemm_tma_body<WGN, CN>(&map_a, &map_w, C, ws, counters, M, N, K, epi, ktiles_per_split, &ep);             \
     }
 
 #else  // portable PTX: no wgmma / multicast TMA; empty kernels with the same signature (never launched).
@@ -218,7 +221,7 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
 #define DLLM_TMA_KERNEL(NAME, WGN, CN)                                                                             \
     extern "C" __global__ void __launch_bounds__(128 * WGN + 32, 1)                                                \
         NAME(const __grid_constant__ CUtensorMap, const __grid_constant__ CUtensorMap, void*, float* __restrict__, \
-             unsigned int* __restrict__, int, int, int, int, int, const __grid_constant__ DllmRopeEpi) {}
+             unsigned int* __restrict__, int, int, int, int, int, const __grid_constant__ DllmEpiParams) {}
 
 #endif
 

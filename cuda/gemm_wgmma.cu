@@ -63,7 +63,7 @@ template <int WG, int CS>
 __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W,
                                                 void* C, float* __restrict__ ws, unsigned int* __restrict__ counters,
                                                 int M, int N, int K, int epi, int ktiles_per_split,
-                                                const DllmRopeEpi* rope) {
+                                                const DllmEpiParams* ep) {
     using Cfg = WgCfg<WG>;
     extern __shared__ unsigned char wg_smem_raw[];
     const uint32_t smem = ((uint32_t)__cvta_generic_to_shared(wg_smem_raw) + 1023u) & ~1023u;
@@ -118,6 +118,8 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
         if (s < k_tiles) load_stage(s, s);
         dllm_cp_commit();
     }
+    // The norm fold's row scales, read while the first stages load.
+    const float2 rs = wg_row_scales(ep, wg_thread_row(m0, tid), M, tid);
 
     for (int kt = 0; kt < k_tiles; ++kt) {
         dllm_cp_wait<Cfg::STAGES - 3>();
@@ -147,31 +149,32 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
     dllm_cp_wait<0>();
 
     if constexpr (CS > 1) {
-        wg_cluster_reduce_store<WG, CS>(acc, C, m0, n0, M, N, epi, tid, smem);
+        wg_cluster_reduce_store<WG, CS>(acc, C, m0, n0, M, N, epi, tid, smem, ep, rs);
         return;
     }
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     // The drained ring stages the epilogue's global reads (wg_split_reduce, wg_store_tile).
     if (splits > 1 && !wg_split_reduce<Cfg::THREADS>(acc, ws, counters, tile, split, splits, tid, 0, smem)) return;
-    wg_store_tile<Cfg::THREADS>(acc, C, m0 + wg * 64, n0, M, N, epi, tid, 0, smem, rope);
+    wg_store_tile<Cfg::THREADS>(acc, C, m0 + wg * 64, n0, M, N, epi, tid, 0, smem, ep, rs);
 }
 
 #define DLLM_WGMMA_KERNEL(WGN)                                                                                     \
     extern "C" __global__ void __launch_bounds__(128 * WGN, 1)                                                    \
         gemm_wgmma_wg##WGN(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,                \
                            float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K,       \
-                           int epi, int ktiles_per_split, const __grid_constant__ DllmRopeEpi rope) {              \
+                           int epi, int ktiles_per_split, const __grid_constant__ DllmEpiParams ep) {              \
         dllm_pdl_entry();                                                                                          \
-        gemm_wgmma_body<WGN, 1>(A, W, C, ws, counters, M, N, K, epi, ktiles_per_split, &rope);                   \
+        gemm_wgmma_body<WGN, 1>(A, W, C, ws, counters, M, N, K, epi, ktiles_per_split, &ep);                     \
     }
 
 // The cluster-split kernels: clusters of CSN blocks along z, one per K split (grid z == CSN).
 #define DLLM_WGMMA_CS_KERNEL(WGN, CSN)                                                                             \
     extern "C" __global__ void __cluster_dims__(1, 1, CSN) __launch_bounds__(128 * WGN, 1)                        \
         gemm_wgmma_wg##WGN##_cs##CSN(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,     \
-                                     int M, int N, int K, int epi, int ktiles_per_split) {                        \
+                                     int M, int N, int K, int epi, int ktiles_per_split,                          \
+                                     const __grid_constant__ DllmEpiParams ep) {                                  \
         dllm_pdl_entry();                                                                                          \
-        gemm_wgmma_body<WGN, CSN>(A, W, C, nullptr, nullptr, M, N, K, epi, ktiles_per_split, nullptr);            \
+        gemm_wgmma_body<WGN, CSN>(A, W, C, nullptr, nullptr, M, N, K, epi, ktiles_per_split, &ep);                \
     }
 
 #else  // portable PTX: no wgmma; empty kernels with the same signature (never launched).
@@ -179,11 +182,12 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
 #define DLLM_WGMMA_KERNEL(WGN)                                                                                     \
     extern "C" __global__ void __launch_bounds__(128 * WGN, 1)                                                    \
         gemm_wgmma_wg##WGN(const uint16_t* __restrict__, const uint16_t* __restrict__, void*, float* __restrict__, \
-                           unsigned int* __restrict__, int, int, int, int, int, const __grid_constant__ DllmRopeEpi) {}
+                           unsigned int* __restrict__, int, int, int, int, int, const __grid_constant__ DllmEpiParams) {}
 
 #define DLLM_WGMMA_CS_KERNEL(WGN, CSN)                                                                             \
     extern "C" __global__ void __launch_bounds__(128 * WGN, 1) gemm_wgmma_wg##WGN##_cs##CSN(                     \
-        const uint16_t* __restrict__, const uint16_t* __restrict__, void*, int, int, int, int, int) {}
+        const uint16_t* __restrict__, const uint16_t* __restrict__, void*, int, int, int, int, int,              \
+        const __grid_constant__ DllmEpiParams) {}
 
 #endif
 

@@ -157,6 +157,37 @@ __device__ __forceinline__ bool wg_split_reduce(float (&acc)[96], float* __restr
     return true;
 }
 
+// The first of the two rows (row, row + 8) an accumulator thread `tid` holds in a tile starting at
+// row m0 (warpgroup tid / 128 owns rows 64 w.., its warp 16 of them, lane (g, t) row g).
+__device__ __forceinline__ int wg_thread_row(int m0, int tid) {
+    return m0 + (tid >> 7) * 64 + ((tid & 127) >> 5) * 16 + ((tid & 31) >> 2);
+}
+
+// The norm fold's row scales (ep->norm.sq_in set) of an accumulator thread's rows `row`, row + 8,
+// or {1, 1} without: read before the main loop, so the loads overlap the operand pipeline's fill
+// instead of adding to the epilogue. The 4 lanes of a quad share the rows. Every lane of the warp
+// calls it.
+__device__ __forceinline__ float2 wg_row_scales(const DllmEpiParams* ep, int row, int M, int tid) {
+    if (ep == nullptr || ep->norm.sq_in == nullptr) return make_float2(1.0f, 1.0f);
+    const int rows[2] = {row, row + 8};
+    float s[2];
+    gemm_norm_row_scales<2, 4, 1>(ep->norm, rows, M, tid & 3, s);
+    return make_float2(s[0], s[1]);
+}
+
+// Applies row scales `rs` (wg_row_scales) to JN column blocks `v` of the accumulator layout
+// (block j: row `row` in v[4 j], v[4 j + 1], row + 8 in v[4 j + 2], v[4 j + 3]).
+template <int JN>
+__device__ __forceinline__ void wg_apply_row_scales(float2 rs, float* v) {
+#pragma unroll
+    for (int j = 0; j < JN; ++j) {
+        v[4 * j] *= rs.x;
+        v[4 * j + 1] *= rs.x;
+        v[4 * j + 2] *= rs.y;
+        v[4 * j + 3] *= rs.y;
+    }
+}
+
 // Stores the 64x192 accumulator tile of one warpgroup (rows row0.., columns n0..), masked to
 // M x N. Layout of m64nNk16: warp w of the warpgroup owns rows 16w..16w+15; lane (g, t) holds, for
 // each 8-column block j, (row g, cols 8j+2t, +1) in acc[4j], acc[4j+1] and (row g+8, same cols) in
@@ -167,25 +198,25 @@ __device__ __forceinline__ bool wg_split_reduce(float (&acc)[96], float* __restr
 // gemm_store_pairs (column blocks in pairs: the fused SwiGLU pairs gate and up blocks) or, for the
 // RoPE epilogue, gemm_rope_pair with its parameters `rope`.
 template <int THREADS>
-__device__ __forceinline__ void wg_store_tile(const float (&acc)[96], void* C, int row0, int n0, int M, int N,
-                                              int epi, int tid, int bar, uint32_t stage,
-                                              const DllmRopeEpi* rope = nullptr) {
+__device__ __forceinline__ void wg_store_tile(float (&acc)[96], void* C, int row0, int n0, int M, int N, int epi,
+                                              int tid, int bar, uint32_t stage, const DllmEpiParams* ep, float2 rs) {
     const int wtid = tid & 127;
     const int lane = wtid & 31;
     const int g = lane >> 2;
     const int t = lane & 3;
     const int row = row0 + (wtid >> 5) * 16 + g;
+    if (ep != nullptr && ep->norm.sq_in != nullptr) wg_apply_row_scales<24>(rs, acc);
     if (epi == DLLM_EPI_ROPE_QKV) {
         // n0 is a multiple of 16 (192-column tiles), so column block j (even) holds the first
         // halves of its group's rotation pairs and block j + 1 their second halves.
-        if (rope == nullptr) return;
+        if (ep == nullptr) return;
 #pragma unroll
         for (int j = 0; j < 24; j += 2)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
 #pragma unroll
                 for (int b = 0; b < 2; ++b)
-                    gemm_rope_pair(*rope, C, M, N, row + 8 * h, n0 + 8 * j + 2 * t + b, acc[4 * j + 2 * h + b],
+                    gemm_rope_pair(ep->rope, C, M, N, row + 8 * h, n0 + 8 * j + 2 * t + b, acc[4 * j + 2 * h + b],
                                    acc[4 * (j + 1) + 2 * h + b]);
         return;
     }
@@ -214,11 +245,14 @@ __device__ __forceinline__ void wg_store_tile(const float (&acc)[96], void* C, i
             for (int h = 0; h < 2; ++h) {
                 const int r = row + 8 * h;
                 if (r >= M) continue;
+                // acc becomes the new value (outside M x N it stays 0: the operands were zero-filled).
                 const float2 old = wg_lds64(mine + (uint32_t)((2 * j + h) * THREADS * 8));
-                *(float2*)(out + (size_t)r * N + n) =
-                    make_float2(old.x + acc[4 * j + 2 * h], old.y + acc[4 * j + 2 * h + 1]);
+                acc[4 * j + 2 * h] += old.x;
+                acc[4 * j + 2 * h + 1] += old.y;
+                *(float2*)(out + (size_t)r * N + n) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
             }
         }
+        if (ep != nullptr && ep->norm.gamma != nullptr) gemm_norm_prep_pairs<24>(ep->norm, acc, row, n0 + 2 * t, M, N);
         return;
     }
 #pragma unroll
@@ -240,7 +274,7 @@ __device__ __forceinline__ void wg_store_tile(const float (&acc)[96], void* C, i
 // this; `part` is its JN column blocks' sums (compile-time indices: R is a template parameter).
 template <int THREADS, int CS, int R>
 __device__ __forceinline__ void wg_cluster_sum_store(uint32_t mine, void* C, int row0, int n0, int M, int N,
-                                                     int epi, int tid) {
+                                                     int epi, int tid, const DllmEpiParams* ep, float2 rs) {
     constexpr int JN = 24 / CS;
     float part[4 * JN];
 #pragma unroll
@@ -266,12 +300,14 @@ __device__ __forceinline__ void wg_cluster_sum_store(uint32_t mine, void* C, int
     wg_cluster_sync();
     const int wtid = tid & 127;
     const int row = row0 + (wtid >> 5) * 16 + ((wtid & 31) >> 2);
-    gemm_store_pairs<JN>(part, C, row, n0 + 8 * R * JN + 2 * (wtid & 3), 0, M, N, epi);
+    if (ep != nullptr && ep->norm.sq_in != nullptr) wg_apply_row_scales<JN>(rs, part);
+    gemm_store_pairs<JN>(part, C, row, n0 + 8 * R * JN + 2 * (wtid & 3), 0, M, N, epi, ep);
 }
 
 template <int WG, int CS>
 __device__ __forceinline__ void wg_cluster_reduce_store(const float (&acc)[96], void* C, int m0, int n0, int M,
-                                                        int N, int epi, int tid, uint32_t stage) {
+                                                        int N, int epi, int tid, uint32_t stage,
+                                                        const DllmEpiParams* ep, float2 rs) {
     constexpr int THREADS = 128 * WG;
     static_assert(CS >= 2 && 24 % CS == 0 && (24 / CS) % 2 == 0, "whole, even column-block shares");
     // Every warpgroup's wgmma reads of the ring (waited for) are ordered before the generic
@@ -288,13 +324,14 @@ __device__ __forceinline__ void wg_cluster_reduce_store(const float (&acc)[96], 
     const int row0 = m0 + (tid >> 7) * 64;
     switch (blockIdx.z) {
         case 0:
-            wg_cluster_sum_store<THREADS, CS, 0>(mine, C, row0, n0, M, N, epi, tid);
+            wg_cluster_sum_store<THREADS, CS, 0>(mine, C, row0, n0, M, N, epi, tid, ep, rs);
             break;
         case 1:
-            wg_cluster_sum_store<THREADS, CS, 1>(mine, C, row0, n0, M, N, epi, tid);
+            wg_cluster_sum_store<THREADS, CS, 1>(mine, C, row0, n0, M, N, epi, tid, ep, rs);
             break;
         default:
-            if constexpr (CS > 2) wg_cluster_sum_store<THREADS, CS, (CS > 2 ? 2 : 0)>(mine, C, row0, n0, M, N, epi, tid);
+            if constexpr (CS > 2) wg_cluster_sum_store<THREADS, CS, (CS > 2 ? 2 : 0)>(mine, C, row0, n0, M, N, epi, tid,
+                                                                                     ep, rs);
             break;
     }
 }

@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl csplit rope combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl csplit rope fold combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -49,9 +49,9 @@ if [ -f "$BIN/bin.tar.xz" ] && [ ! -x "$BIN/dllm" ]; then
     tar xJf "$BIN/bin.tar.xz" -C "$BIN" || { echo "cannot unpack $BIN/bin.tar.xz" >&2; exit 2; }
 fi
 STAGES=${*:-smi check synth bench summary}
-# `next`: the first call docs/perf.md ("Session 10 … the next GPU call") asks for, as one word; `next2`
+# `next`: the first call docs/perf.md ("Session 11 … the next GPU call") asks for, as one word; `next2`
 # the second.
-STAGES=${STAGES//next2/synth mlp blocks99 keys264 ring2 ncustream summary pack}
+STAGES=${STAGES//next2/synth fold mlp blocks99 keys264 ring2 ncustream summary pack}
 STAGES=${STAGES//next/smi check synth bench csplit rope combo sanitize peer summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
@@ -210,9 +210,23 @@ for s in $STAGES; do
         BENCH_ENV="DLLM_GEMM_CLUSTER_SPLIT=1" workloads _csplit 1
         ;;
     combo)
-        # Session 10's opt-ins together (cluster split, RoPE epilogue, per-shape stream blocks):
+        # Sessions 10 and 11's opt-ins together (cluster split, RoPE epilogue, per-shape stream
+        # blocks, the RMSNorm fold):
         # the three workloads, for the combined gain once each has passed its own stage.
-        BENCH_ENV="DLLM_GEMM_CLUSTER_SPLIT=1 DLLM_FUSED_ROPE=1 DLLM_GEMM_STREAM_BLOCKS=auto" workloads _combo 1
+        BENCH_ENV="DLLM_GEMM_CLUSTER_SPLIT=1 DLLM_FUSED_ROPE=1 DLLM_GEMM_STREAM_BLOCKS=auto DLLM_NORM_FOLD=1" workloads _combo 1
+        ;;
+    fold)
+        # The RMSNorm fold (DLLM_NORM_FOLD=1, opt-in, written in session 11 without a GPU: the
+        # residual-adding GEMM writes x ⊙ γ and per-row partial sums of squares, the next GEMM
+        # scales its rows; 63 of a step's 65 norm launches go). `check` already compares each half
+        # with host twins and the chain with rmsnorm + gemm (gemm.norm_fold), and the fused MLP
+        # with the fold against its two launches bit for bit; here the model checks with the model
+        # running it (alone and with the fused MLP), its kernels under memcheck, then the three
+        # workloads.
+        stage fold "${T_CHECK:-180}" env DLLM_NORM_FOLD=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_fold.json"
+        stage fold_mlp "${T_CHECK:-180}" env DLLM_NORM_FOLD=1 DLLM_FUSED_MLP=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_fold_mlp.json"
+        stage sanitize_FOLD_memcheck "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 3 "$BIN/dllm-gpu-check" --only norm_fold --no-bench
+        BENCH_ENV="DLLM_NORM_FOLD=1" workloads _fold 1
         ;;
     keys264)
         # The key-group attention on the b1 full step's grid too (DLLM_ATTN_KEYS_UNITS=264: plain
@@ -452,7 +466,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_fold", "fold"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):

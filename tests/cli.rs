@@ -162,7 +162,8 @@ fn info_validates_the_embedded_model() {
     );
     // Per canvas of 1024 rows: 4 i32 + 1 f64, f32 residual + 2 bf16 (384 each), bf16 qkv
     // (1152), gate|up (2048) and act (1024); its length (i32) and commit record (1 + 2 · 1024
-    // i32). Shared: one LM-head chunk of 256 rows (f32 + bf16 hidden, f32 logits of 8192).
+    // i32). Shared: one LM-head chunk of 256 rows (f32 + bf16 hidden, f32 logits of 8192), and
+    // the RMSNorm fold's buffers at one element each (it is off by default): 1 bf16, 2 f32.
     let per_row = 4 * 4 + 8 + 8 * 384 + 2 * (1152 + 2048 + 1024);
     assert_eq!(
         v["device_step_bytes_per_canvas"].as_u64(),
@@ -170,7 +171,7 @@ fn info_validates_the_embedded_model() {
     );
     assert_eq!(
         v["device_step_bytes_shared"].as_u64(),
-        Some(256 * (6 * 384 + 4 * 8192))
+        Some(256 * (6 * 384 + 4 * 8192) + 2 + 2 * 4)
     );
 }
 

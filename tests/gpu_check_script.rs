@@ -66,12 +66,24 @@ done
     );
 }
 
+/// A stub compute-sanitizer in `bin` that logs its arguments (the binary it would run included).
+fn stub_sanitizer(bin: &Path, log: &Path) {
+    write_exec(
+        &bin.join("compute-sanitizer"),
+        &format!(
+            "#!/usr/bin/env bash\necho \"compute-sanitizer $*\" >> '{}'\n",
+            log.display()
+        ),
+    );
+}
+
 /// Runs `scripts/gpu-check.sh STAGES` with the stubs; returns (exit status, the call log, OUT).
 fn run_script(name: &str, stages: &[&str]) -> (bool, String, PathBuf) {
     let root = scratch(name);
     let (bin, out, log) = (root.join("bin"), root.join("out"), root.join("calls.log"));
     fs::create_dir_all(&bin).unwrap();
     stub_binaries(&bin, &log);
+    stub_sanitizer(&bin, &log);
     let status = Command::new("bash")
         .arg("scripts/gpu-check.sh")
         .args(stages)
@@ -80,6 +92,7 @@ fn run_script(name: &str, stages: &[&str]) -> (bool, String, PathBuf) {
         .env("MODEL8B", root.join("llada8b"))
         .env("TINY", "models/tiny-llada-code")
         .env("NOGRAPH", "0")
+        .env("SANITIZER", bin.join("compute-sanitizer"))
         .env_remove("RESULTS")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -109,12 +122,14 @@ fn scripts_parse() {
 fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     let (ok, log, out) = run_script(
         "stages",
-        &["bench", "csplit", "rope", "combo", "keys264", "summary"],
+        &[
+            "bench", "csplit", "rope", "fold", "combo", "keys264", "summary",
+        ],
     );
     assert!(ok, "a stage failed:\n{log}");
     // The workloads run as one suite per variant, with the variant's switches.
     let suites: Vec<&str> = log.lines().filter(|l| l.contains("--suite")).collect();
-    assert_eq!(suites.len(), 4, "{log}");
+    assert_eq!(suites.len(), 5, "{log}");
     let suite = |suffix: &str| {
         suites
             .iter()
@@ -124,17 +139,19 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     };
     assert!(suite("_csplit").contains("DLLM_GEMM_CLUSTER_SPLIT=1"));
     assert!(suite("_rope").contains("DLLM_FUSED_ROPE=1"));
+    assert!(suite("_fold").contains("DLLM_NORM_FOLD=1"));
     let combo = suite("_combo");
     for var in [
         "DLLM_GEMM_CLUSTER_SPLIT=1",
         "DLLM_FUSED_ROPE=1",
         "DLLM_GEMM_STREAM_BLOCKS=auto",
+        "DLLM_NORM_FOLD=1",
     ] {
         assert!(combo.contains(var), "{combo}");
     }
     assert!(suites.iter().any(|l| l.contains("--profile")), "{log}");
     // Each suite's reports are where the summary looks for them.
-    for suffix in ["", "_csplit", "_rope", "_combo"] {
+    for suffix in ["", "_csplit", "_rope", "_fold", "_combo"] {
         for w in ["b1_dual_k4", "b8_dual_k4", "b1_none_k1"] {
             let f = out.join(format!("bench_{w}{suffix}.json"));
             assert!(f.exists(), "{} missing", f.display());
@@ -147,12 +164,26 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     for w in ["b1_dual_k4_keys264", "b1_none_k1_keys264"] {
         assert!(out.join(format!("bench_{w}.json")).exists(), "{w}");
     }
-    for check in ["check_csplit.json", "check_rope.json", "check_keys264.json"] {
+    for check in [
+        "check_csplit.json",
+        "check_rope.json",
+        "check_fold.json",
+        "check_fold_mlp.json",
+        "check_keys264.json",
+    ] {
         assert!(out.join(check).exists(), "{check}");
     }
+    // fold: the model checks with the fused MLP too, and its own checks under memcheck.
+    assert!(log.lines().any(|l| l.starts_with("dllm-gpu-check")
+        && l.contains("DLLM_FUSED_MLP=1")
+        && l.contains("DLLM_NORM_FOLD=1")));
+    assert!(log
+        .lines()
+        .any(|l| l.starts_with("compute-sanitizer --tool memcheck")
+            && l.contains("--only norm_fold")));
     // The summary read them all.
     let summary = fs::read_to_string(out.join("summary.txt")).unwrap();
-    for label in ["cspl", "rope", "combo", "k264"] {
+    for label in ["cspl", "rope", "fold", "combo", "k264"] {
         assert!(summary.contains(label), "summary lacks {label}:\n{summary}");
     }
     let _ = fs::remove_dir_all(out.parent().unwrap());
@@ -177,6 +208,23 @@ fn next_expands_to_the_planned_stages() {
         "bench_suite_rope",
         "bench_suite_combo",
         "peer",
+    ] {
+        assert!(names.contains(&want), "{want} not run: {names:?}");
+    }
+    let _ = fs::remove_dir_all(out.parent().unwrap());
+    // `next2` starts with the RMSNorm fold.
+    let (_, _, out) = run_script("next2", &["next2"]);
+    let stages = fs::read_to_string(out.join("stages.tsv")).unwrap();
+    let names: Vec<&str> = stages
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    for want in [
+        "synth",
+        "fold",
+        "fold_mlp",
+        "bench_suite_fold",
+        "bench_suite_mlp",
     ] {
         assert!(names.contains(&want), "{want} not run: {names:?}");
     }

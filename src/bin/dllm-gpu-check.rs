@@ -15,8 +15,8 @@ use dllm::backend::cuda::memory::StepBuffers;
 use dllm::backend::cuda::nvcc::Image;
 use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
 use dllm::backend::cuda::{
-    attention, elementwise, gemm, gemm_cluster_split, gemm_mlp, gemm_rope, gemm_sweep, gemm_swiglu,
-    kernel_dir, sampling, CudaDevice,
+    attention, elementwise, gemm, gemm_cluster_split, gemm_mlp, gemm_norm, gemm_rope, gemm_sweep,
+    gemm_swiglu, kernel_dir, sampling, CudaDevice,
 };
 use dllm::config::ModelConfig;
 use dllm::denoise::predict::{PredictRule, Prediction, Remasking};
@@ -88,7 +88,16 @@ struct Args {
 }
 
 /// Which parts `--only` selects.
-const PARTS: [&str; 5] = ["elementwise", "gemm", "attention", "sampling", "model"];
+/// `norm_fold` (the RMSNorm fold's checks and benches alone, for compute-sanitizer) runs only when
+/// named: `gemm` includes it.
+const PARTS: [&str; 6] = [
+    "elementwise",
+    "gemm",
+    "attention",
+    "sampling",
+    "model",
+    "norm_fold",
+];
 
 /// `--gemm-shape M,N,K` (one timed shape, the plan `run` picks, bf16 output) or `--gemm-sweep
 /// M,N,K` (every candidate plan, with the epilogue named by `sweep`): one line per timing; exit
@@ -1288,23 +1297,26 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
 }
 
 /// The GEMM checks: every kernel × plain epilogue, the fused SwiGLU epilogue, the fused MLP, the
-/// cluster-split reduction, the RoPE epilogue.
+/// cluster-split reduction, the RoPE epilogue, the RMSNorm fold.
 fn gemm_checks(dev: &CudaDevice) -> Vec<CheckResult> {
     let mut out = gemm::self_check(dev);
     out.extend(gemm_swiglu::self_check(dev));
     out.extend(gemm_mlp::self_check(dev));
     out.extend(gemm_cluster_split::self_check(dev));
     out.extend(gemm_rope::self_check(dev));
+    out.extend(gemm_norm::self_check(dev));
     out
 }
 
 /// The GEMM benches, then the fused MLP against its two launches, the cluster-split reduction
-/// against the workspace, and the RoPE epilogue against GEMM + rope_qkv.
+/// against the workspace, the RoPE epilogue against GEMM + rope_qkv, and the RMSNorm fold
+/// against the norm kernel.
 fn gemm_benches(dev: &CudaDevice) -> Vec<BenchResult> {
     let mut out = gemm::bench(dev);
     out.extend(gemm_mlp::bench(dev));
     out.extend(gemm_cluster_split::bench(dev));
     out.extend(gemm_rope::bench(dev));
+    out.extend(gemm_norm::bench(dev));
     out
 }
 
@@ -1372,7 +1384,8 @@ fn main() -> ExitCode {
         eprintln!("--only: unknown part {bad:?} (parts: {})", PARTS.join(", "));
         return ExitCode::from(2);
     }
-    let wanted = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);
+    let named = |part: &str| args.only.iter().any(|p| p == part);
+    let wanted = |part: &str| (args.only.is_empty() && part != "norm_fold") || named(part);
     let mut checks: Vec<CheckResult> = Vec::new();
     let mut benches: Vec<BenchResult> = Vec::new();
     let mut details = json!({});
@@ -1387,11 +1400,12 @@ fn main() -> ExitCode {
                 fn(&CudaDevice) -> Vec<CheckResult>,
                 fn(&CudaDevice) -> Vec<BenchResult>,
             );
-            let families: [Family; 4] = [
+            let families: [Family; 5] = [
                 ("elementwise", elementwise::self_check, elementwise::bench),
                 ("gemm", gemm_checks, gemm_benches),
                 ("attention", attention::self_check, attention::bench),
                 ("sampling", sampling::self_check, sampling::bench),
+                ("norm_fold", gemm_norm::self_check, gemm_norm::bench),
             ];
             for (name, sc, bn) in families {
                 if !wanted(name) {

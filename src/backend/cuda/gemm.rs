@@ -16,7 +16,8 @@
 use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
 use super::gemm_cluster_split;
 use super::gemm_mlp;
-use super::gemm_rope::{RopeArgs, RopeEpi};
+use super::gemm_norm::{EpiParams, NormFold};
+use super::gemm_rope::RopeArgs;
 use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
 use super::gemm_tma::{self, OperandBox};
 use super::launch::Launch;
@@ -697,6 +698,15 @@ impl GemmPlan {
         )
     }
 
+    /// Whether the plan's kernel has the RMSNorm fold's prep and row scale
+    /// ([`super::gemm_norm`]): the stream, wgmma, TMA and cluster-split kernels.
+    pub fn has_norm_fold(&self) -> bool {
+        matches!(
+            self,
+            GemmPlan::Stream(_) | GemmPlan::Wgmma(_) | GemmPlan::Tma(_) | GemmPlan::ClusterSplit(_)
+        )
+    }
+
     /// Refuses a plan that is not what its constructor gives for `m × n × k` (a hand-made plan
     /// could otherwise launch a grid that does not cover the output, or overruns a buffer).
     pub(super) fn check_fits(&self, m: usize, n: usize, k: usize) -> Result<()> {
@@ -1109,7 +1119,9 @@ impl Gemm {
     /// The batch-1 MLP as one launch ([`gemm_mlp`]): `h = swiglu(x · w_guᵀ)` with `w_gu` the
     /// interleaved gate/up rows (`2·inter × hidden`), then `r += h · w_dᵀ` (`w_d`: `hidden ×
     /// inter`), for `m ≤ 32` rows; the same bits as the two stream launches of
-    /// [`Gemm::run`]. Asynchronous on `dev.stream`.
+    /// [`Gemm::run`]. `folds`: the RMSNorm fold of each job ([`super::gemm_norm`]: the gate/up
+    /// job's row scale, the down job's prep; [`NormFold::NONE`] for none). Asynchronous on
+    /// `dev.stream`.
     #[allow(clippy::too_many_arguments)]
     pub fn run_mlp(
         &self,
@@ -1120,6 +1132,7 @@ impl Gemm {
         w_d: &CudaView<u16>,
         r: &mut CudaViewMut<f32>,
         (m, hidden, inter): (usize, usize, usize),
+        folds: (NormFold<'_, '_>, NormFold<'_, '_>),
     ) -> Result<()> {
         let Some(mlp) = &self.mlp else {
             return Err(not_loaded("fused MLP", &self.mlp_failure, "DLLM_FUSED_MLP"));
@@ -1163,6 +1176,23 @@ impl Gemm {
             (hidden, gemm_stream::STREAM_ROWS),
             inter,
         )?;
+        let (mut fold_up, mut fold_down) = folds;
+        if fold_up.prep.is_some() || fold_down.scale.is_some() {
+            return Err(Error::invalid(
+                "gemm: the fused MLP folds the row scale into gate/up and the prep into down only"
+                    .to_string(),
+            ));
+        }
+        let params = [
+            EpiParams {
+                norm: fold_up.params(dev, Epilogue::SwigluBf16, m, 2 * inter, hidden)?,
+                ..EpiParams::default()
+            },
+            EpiParams {
+                norm: fold_down.params(dev, Epilogue::AddF32, m, hidden, inter)?,
+                ..EpiParams::default()
+            },
+        ];
         let [ws_up, ws_down] = plan.workspace_floats();
         let [c_up, c_down] = plan.counters();
         let mut scratch = self.scratch(dev, ws_up + ws_down, c_up + c_down)?;
@@ -1174,6 +1204,7 @@ impl Gemm {
             r,
             &mut scratch,
             (m, hidden, inter),
+            &params,
         )
     }
 
@@ -1283,7 +1314,36 @@ impl Gemm {
         k: usize,
     ) -> Result<()> {
         let job = self.variant_plan(variant, m, n, k)?;
-        self.launch(dev, job, a, w, out, m, n, k)
+        self.launch(dev, job, a, w, out, NormFold::NONE, m, n, k)
+    }
+
+    /// [`Gemm::run`] with the RMSNorm fold's prep and / or row scale ([`super::gemm_norm`]);
+    /// an error where the kernel `run` picks has no fold ([`Gemm::norm_fold_serves`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_fold(
+        &self,
+        dev: &CudaDevice,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        out: GemmOut<'_>,
+        fold: NormFold<'_, '_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let job = self.variant_plan(self.variant_for_m(m), m, n, k)?;
+        self.launch(dev, job, a, w, out, fold, m, n, k)
+    }
+
+    /// Whether [`Gemm::run`] would run `m × n × k` on a kernel with the RMSNorm fold, with `n`
+    /// and `k` in whole 32-column groups (what the prep of an `n`-wide residual and the row scale
+    /// of a `k`-deep product need).
+    pub fn norm_fold_serves(&self, m: usize, n: usize, k: usize) -> bool {
+        n % super::gemm_norm::GROUP_COLS == 0
+            && k % super::gemm_norm::GROUP_COLS == 0
+            && self
+                .variant_plan(self.variant_for_m(m), m, n, k)
+                .is_ok_and(|p| p.has_norm_fold())
     }
 
     /// Whether [`Gemm::run`] would run `m × n × k` on a kernel with the RoPE epilogue
@@ -1332,8 +1392,25 @@ impl Gemm {
         n: usize,
         k: usize,
     ) -> Result<()> {
+        self.run_plan_fold(dev, plan, a, w, out, NormFold::NONE, m, n, k)
+    }
+
+    /// [`Gemm::run_plan`] with the RMSNorm fold ([`Gemm::run_fold`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_plan_fold(
+        &self,
+        dev: &CudaDevice,
+        plan: GemmPlan,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        out: GemmOut<'_>,
+        fold: NormFold<'_, '_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
         plan.check_fits(m, n, k)?;
-        self.launch(dev, plan, a, w, out, m, n, k)
+        self.launch(dev, plan, a, w, out, fold, m, n, k)
     }
 
     /// The split-K scratch, grown to at least `ws_floats` workspace and `tiles` counters
@@ -1357,11 +1434,22 @@ impl Gemm {
         a: &CudaView<u16>,
         w: &CudaView<u16>,
         mut out: GemmOut<'_>,
+        mut fold: NormFold<'_, '_>,
         m: usize,
         n: usize,
         k: usize,
     ) -> Result<()> {
         validate(m, n, k, a.len(), w.len(), out.covers())?;
+        if fold.is_some() && !job.has_norm_fold() {
+            return Err(Error::invalid(format!(
+                "gemm: the RMSNorm fold runs on the stream, wgmma, TMA and cluster-split kernels, not {job:?}"
+            )));
+        }
+        // The fold's buffers are checked against m, n, k here (NormFold::params).
+        let mut params = EpiParams {
+            norm: fold.params(dev, out.epilogue(), m, n, k)?,
+            ..EpiParams::default()
+        };
         if out.epilogue() == Epilogue::SwigluBf16 {
             if n % (2 * super::swiglu_layout::GROUP) != 0 {
                 return Err(Error::invalid(format!(
@@ -1374,7 +1462,6 @@ impl Gemm {
                 ));
             }
         }
-        let mut rope = RopeEpi::default();
         if let GemmOut::RopeQkv(_, args) = &out {
             if (args.rows, args.cols) != (m, n) || n % 16 != 0 {
                 return Err(Error::invalid(format!(
@@ -1387,7 +1474,7 @@ impl Gemm {
                     "gemm: the RoPE epilogue runs on the stream, wgmma and TMA kernels, not {job:?}"
                 )));
             }
-            rope = args.epi;
+            params.rope = args.epi;
         }
         check_align("A", a.device_ptr(&dev.stream).0, 16)?;
         check_align("W", w.device_ptr(&dev.stream).0, 16)?;
@@ -1396,10 +1483,10 @@ impl Gemm {
         let epi = out.epilogue().code();
         match &mut out {
             GemmOut::Bf16(c) | GemmOut::SwigluBf16(c) | GemmOut::RopeQkv(c, _) => {
-                self.launch_typed(dev, job, a, w, c, (epi, &rope), m, n, k)
+                self.launch_typed(dev, job, a, w, c, (epi, &params), m, n, k)
             }
             GemmOut::F32(c) | GemmOut::AddF32(c) => {
-                self.launch_typed(dev, job, a, w, c, (epi, &rope), m, n, k)
+                self.launch_typed(dev, job, a, w, c, (epi, &params), m, n, k)
             }
         }
     }
@@ -1412,7 +1499,7 @@ impl Gemm {
         a: &CudaView<u16>,
         w: &CudaView<u16>,
         c: &mut CudaViewMut<T>,
-        (epi, rope): (i32, &RopeEpi),
+        (epi, params): (i32, &EpiParams),
         m: usize,
         n: usize,
         k: usize,
@@ -1488,7 +1575,7 @@ impl Gemm {
                 let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, f, dev.pdl);
                 b.arg(a).arg(w).arg(c).arg(ws).arg(counters);
-                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps).arg(rope);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps).arg(params);
                 // SAFETY: as for wide: cp.async loads outside [m, k] / [n, k] have source size 0
                 // (no access; the address is clamped to a valid row), stores are masked to
                 // m' < m, n' < n with 16-byte (A, W) and pair (C) alignment checked above. With
@@ -1524,7 +1611,7 @@ impl Gemm {
                 };
                 let mut b = Launch::new(&dev.stream, f, dev.pdl);
                 b.arg(a).arg(w).arg(c);
-                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps).arg(params);
                 // SAFETY: loads and stores as for gemm_wgmma (cp.async with source size 0 outside
                 // [m, k] / [n, k], stores masked to m' < m, n' < n, alignment checked above); the
                 // grid's z is the kernel's compiled cluster size (kernel_index matched wg and
@@ -1629,7 +1716,7 @@ impl Gemm {
                 let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, &fs[wg - 2], dev.pdl);
                 b.arg(&map_a).arg(&map_w).arg(c).arg(ws).arg(counters);
-                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps).arg(rope);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(&kps).arg(params);
                 // SAFETY: the tensor maps describe exactly A [m, k] and W [n, k] (validate()
                 // checked their lengths; 16-byte alignment checked above), and TMA never reads
                 // outside them (boxes past the edges are zero-filled). Stores are masked to
@@ -1671,7 +1758,7 @@ impl Gemm {
                 let ReductionScratch { ws, counters, .. } = &mut *scratch;
                 let mut b = Launch::new(&dev.stream, f, dev.pdl);
                 b.arg(&map_a).arg(&map_w).arg(c).arg(ws).arg(counters);
-                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(rope);
+                b.arg(&mi).arg(&ni).arg(&ki).arg(&epi).arg(params);
                 // SAFETY: the tensor maps describe exactly A [m, k] and W [n, k] (validate()
                 // checked their lengths; 16-byte alignment checked above) and TMA never reads
                 // outside them (boxes past the edges are zero-filled); stores are masked to
@@ -1841,6 +1928,7 @@ mod selftest {
             &av,
             &wv,
             GemmOut::F32(r.as_view_mut()),
+            NormFold::NONE,
             M,
             N,
             K,
@@ -2036,6 +2124,7 @@ mod selftest {
                     &av,
                     &wv,
                     GemmOut::Bf16(buf.as_view_mut()),
+                    NormFold::NONE,
                     m,
                     N,
                     K,
@@ -2061,7 +2150,7 @@ mod selftest {
                 } else {
                     GemmOut::F32(buf.as_view_mut())
                 };
-                gemm.launch(dev, job, &av, &wv, out, m, N, K)?;
+                gemm.launch(dev, job, &av, &wv, out, NormFold::NONE, m, N, K)?;
                 let host = download(dev, &buf)?;
                 let ok = host[mn..]
                     .iter()

@@ -20,6 +20,7 @@
 
 use super::check::{self, BenchResult, CheckResult};
 use super::gemm::{download, load_stream_family, upload, Gemm, GemmOut, GemmPlan};
+use super::gemm_norm::{EpiParams, NormFold, NormPrep};
 use super::gemm_stream::{self, StreamPlan, STREAM_THREADS};
 use super::launch::Launch;
 use super::scratch::ReductionScratch;
@@ -27,7 +28,7 @@ use super::{cuda_err, CudaDevice};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::CUtensorMap;
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use std::sync::Mutex;
 
@@ -130,6 +131,7 @@ impl FusedMlp {
         r: &mut CudaViewMut<f32>,
         scratch: &mut ReductionScratch,
         (m, hidden, inter): (usize, usize, usize),
+        params: &[EpiParams; 2],
     ) -> Result<()> {
         let groups = plan.up.groups;
         let f = &self.fs[groups - 1];
@@ -150,12 +152,14 @@ impl FusedMlp {
         b.arg(h).arg(r);
         b.arg(&ws).arg(&counters).arg(&ws_down).arg(&counters_down);
         b.arg(&*grid_bar).arg(&mi).arg(&hi).arg(&ii);
+        b.arg(&params[0]).arg(&params[1]);
         // SAFETY: the tensor maps describe exactly x [m, hidden], w_gu [2·inter, hidden],
         // h [m, inter] and w_d [hidden, inter] (the caller validated their lengths and 16-byte
         // alignment) and TMA never reads outside them; stores are masked to the m rows and the
         // jobs' columns. The workspace holds both jobs' partial slots and the counters both jobs'
         // entries, zero between launches (each reducer resets its counter); the grid barrier is
-        // two words the last block through resets. Every block resident at once
+        // two words the last block through resets. The fold's buffers in `params` were checked
+        // against the jobs' shapes (NormFold::params). Every block resident at once
         // (`Gemm::mlp_plan` caps the grid at `resident_blocks`), all launches ordered on
         // dev.stream.
         unsafe { b.launch(cfg) }
@@ -175,7 +179,9 @@ const CASES: [(usize, usize, usize); 4] = [
 ];
 
 /// `dllm-gpu-check`'s fused-MLP checks: on each case the fused launch against the two stream
-/// launches of the same plans (`Gemm::run_plan`), bit for bit in `h` and in the residual.
+/// launches of the same plans (`Gemm::run_plan`), bit for bit in `h` and in the residual; where
+/// the hidden width is whole 32-column groups, again with the RMSNorm fold (the gate/up job's
+/// row scale, the down job's prep), bit for bit in its outputs too.
 /// Nothing to check where the stream kernel is not in use (the Ampere build). Never panics.
 pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     let gemm = match checked_gemm(dev) {
@@ -186,14 +192,25 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     CASES
         .iter()
         .enumerate()
-        .map(|(ci, &shape)| {
-            let name = case_name(shape);
-            match check_case(dev, &gemm, ci as u64, shape, false) {
+        .flat_map(|(ci, &shape)| [(ci, shape, false), (ci, shape, true)])
+        .filter(|&(_, shape, fold)| !fold || folds(shape))
+        .map(|(ci, shape, fold)| {
+            let mut name = case_name(shape);
+            if fold {
+                name.push_str(" + norm fold");
+            }
+            match check_case(dev, &gemm, ci as u64, shape, fold, false) {
                 Ok((mismatch, _)) => CheckResult::exact(
                     name,
                     mismatch.is_none(),
                     mismatch.unwrap_or_else(|| {
-                        "h and the residual identical to the two stream launches".to_string()
+                        if fold {
+                            "h, the residual, xg and the partial sums identical to the two stream \
+                             launches"
+                                .to_string()
+                        } else {
+                            "h and the residual identical to the two stream launches".to_string()
+                        }
                     }),
                 ),
                 Err(e) => CheckResult::failed(name, e),
@@ -209,13 +226,19 @@ pub fn bench(dev: &CudaDevice) -> Vec<BenchResult> {
 }
 
 /// `(m, hidden, inter)` timed as one launch and as the two stream launches (`dllm-gpu-check
-/// --mlp-shape`; empty where the stream kernel is not in use); an error when the two differ.
+/// --mlp-shape`, which compute-sanitizer runs; empty where the stream kernel is not in use); an
+/// error when the two differ, with or without the RMSNorm fold.
 pub fn time_shape(dev: &CudaDevice, shape: (usize, usize, usize)) -> Result<Vec<BenchResult>> {
     let name = case_name(shape);
     let Some(gemm) = checked_gemm(dev)? else {
         return Ok(vec![]);
     };
-    match check_case(dev, &gemm, 99, shape, true)? {
+    if folds(shape) {
+        if let (Some(mismatch), _) = check_case(dev, &gemm, 98, shape, true, false)? {
+            return Err(Error::Backend(format!("{name} + norm fold: {mismatch}")));
+        }
+    }
+    match check_case(dev, &gemm, 99, shape, false, true)? {
         (Some(mismatch), _) => Err(Error::Backend(format!("{name}: {mismatch}"))),
         (None, Some((fused, apart, bytes))) => Ok(vec![
             BenchResult::new(
@@ -237,6 +260,11 @@ pub fn time_shape(dev: &CudaDevice, shape: (usize, usize, usize)) -> Result<Vec<
     }
 }
 
+/// Whether the RMSNorm fold applies to a shape: a hidden width in whole 32-column groups.
+fn folds((_, hidden, _): (usize, usize, usize)) -> bool {
+    hidden % super::gemm_norm::GROUP_COLS == 0
+}
+
 fn case_name((m, hidden, inter): (usize, usize, usize)) -> String {
     format!("gemm.fused_mlp m{m} d{hidden} h{inter}")
 }
@@ -254,11 +282,20 @@ fn checked_gemm(dev: &CudaDevice) -> Result<Option<Gemm>> {
 /// weight bytes).
 type CaseOutcome = (Option<String>, Option<(f64, f64, f64)>);
 
+/// One path's outputs: h, the residual, xg and the prep's partial sums.
+type MlpOutputs = (
+    CudaSlice<u16>,
+    CudaSlice<f32>,
+    CudaSlice<u16>,
+    CudaSlice<f32>,
+);
+
 fn check_case(
     dev: &CudaDevice,
     gemm: &Gemm,
     seed: u64,
     (m, hidden, inter): (usize, usize, usize),
+    fold: bool,
     time: bool,
 ) -> Result<CaseOutcome> {
     let bf =
@@ -268,36 +305,58 @@ fn check_case(
     let w_gu = up(&bf(2, 2 * inter * hidden))?;
     let w_d = up(&bf(3, hidden * inter))?;
     let r0 = check::random_f32(seed * 10 + 4, m * hidden, -1.0, 1.0);
+    // The norm fold: the gate/up job's row scale reads partial sums (random, positive), the
+    // down job's prep writes xg and its own partial sums with γ.
+    let parts = hidden / super::gemm_norm::GROUP_COLS;
+    let sq_in = upload(dev, &check::random_f32(seed * 10 + 5, m * parts, 0.5, 40.0))?;
+    let gamma = upload(dev, &check::random_f32(seed * 10 + 6, hidden, 0.5, 1.5))?;
     let plan = gemm.mlp_plan(m, hidden, inter)?;
+    // Outputs of one path: h, the residual, xg, the prep's partial sums.
+    let outputs = || -> Result<MlpOutputs> {
+        Ok((
+            up(&vec![0u16; m * inter])?,
+            upload(dev, &r0)?,
+            up(&vec![check::POISON_BF16_BITS; m * hidden])?,
+            upload(
+                dev,
+                &vec![f32::from_bits(check::POISON_F32_BITS); m * parts],
+            )?,
+        ))
+    };
     // The two launches of the same plans.
-    let mut h_ref = up(&vec![0u16; m * inter])?;
-    let mut r_ref = upload(dev, &r0)?;
-    let apart = |h: &mut CudaSlice<u16>, r: &mut CudaSlice<f32>| -> Result<()> {
-        gemm.run_plan(
+    let mut reference = outputs()?;
+    let apart = |(h, r, xg, sq): &mut MlpOutputs| -> Result<()> {
+        let (sv, gv) = (sq_in.as_view(), gamma.as_view());
+        let (mut xgv, mut sqv) = (xg.as_view_mut(), sq.as_view_mut());
+        let (f_up, f_down) = mlp_folds(fold, &sv, &gv, &mut xgv, &mut sqv);
+        gemm.run_plan_fold(
             dev,
             GemmPlan::Stream(plan.up),
             &x.as_view(),
             &w_gu.as_view(),
             GemmOut::SwigluBf16(h.as_view_mut()),
+            f_up,
             m,
             2 * inter,
             hidden,
         )?;
-        gemm.run_plan(
+        gemm.run_plan_fold(
             dev,
             GemmPlan::Stream(plan.down),
             &h.as_view(),
             &w_d.as_view(),
             GemmOut::AddF32(r.as_view_mut()),
+            f_down,
             m,
             hidden,
             inter,
         )
     };
-    apart(&mut h_ref, &mut r_ref)?;
-    let mut h = up(&vec![0u16; m * inter])?;
-    let mut r = upload(dev, &r0)?;
-    let fused = |h: &mut CudaSlice<u16>, r: &mut CudaSlice<f32>| -> Result<()> {
+    apart(&mut reference)?;
+    let mut got = outputs()?;
+    let fused = |(h, r, xg, sq): &mut MlpOutputs| -> Result<()> {
+        let (sv, gv) = (sq_in.as_view(), gamma.as_view());
+        let (mut xgv, mut sqv) = (xg.as_view_mut(), sq.as_view_mut());
         gemm.run_mlp(
             dev,
             &x.as_view(),
@@ -306,42 +365,91 @@ fn check_case(
             &w_d.as_view(),
             &mut r.as_view_mut(),
             (m, hidden, inter),
+            mlp_folds(fold, &sv, &gv, &mut xgv, &mut sqv),
         )
     };
-    fused(&mut h, &mut r)?;
+    fused(&mut got)?;
     dev.sync()?;
-    let (hv, hr) = (download(dev, &h)?, download(dev, &h_ref)?);
-    let (rv, rr) = (download(dev, &r)?, download(dev, &r_ref)?);
-    let mismatch = if let Some(i) = (0..hv.len()).find(|&i| hv[i] != hr[i]) {
-        Some(format!(
-            "h[{}, {}] = {:#06x}, the two launches give {:#06x} ({plan:?})",
-            i / inter,
-            i % inter,
-            hv[i],
-            hr[i]
-        ))
-    } else {
-        (0..rv.len())
-            .find(|&i| rv[i].to_bits() != rr[i].to_bits())
-            .map(|i| {
-                format!(
-                    "residual[{}, {}] = {}, the two launches give {} ({plan:?})",
-                    i / hidden,
-                    i % hidden,
-                    rv[i],
-                    rr[i]
-                )
+    let f32_bits = |s: &CudaSlice<f32>| -> Result<Vec<u16>> {
+        // Compared bit for bit: both halves of each f32.
+        Ok(download(dev, s)?
+            .iter()
+            .flat_map(|v| {
+                let b = v.to_bits();
+                [(b >> 16) as u16, b as u16]
             })
+            .collect())
     };
+    let pairs = [
+        (
+            "h",
+            download(dev, &got.0)?,
+            download(dev, &reference.0)?,
+            inter,
+        ),
+        (
+            "residual",
+            f32_bits(&got.1)?,
+            f32_bits(&reference.1)?,
+            2 * hidden,
+        ),
+        (
+            "xg",
+            download(dev, &got.2)?,
+            download(dev, &reference.2)?,
+            hidden,
+        ),
+        (
+            "partials",
+            f32_bits(&got.3)?,
+            f32_bits(&reference.3)?,
+            2 * parts,
+        ),
+    ];
+    let mismatch = pairs.iter().find_map(|(what, g, r, width)| {
+        (0..g.len()).find(|&i| g[i] != r[i]).map(|i| {
+            format!(
+                "{what}[{}, {}] differs from the two launches' ({:#06x} vs {:#06x}; {plan:?})",
+                i / width,
+                i % width,
+                g[i],
+                r[i]
+            )
+        })
+    });
     let timing = if time {
         // The residual keeps growing across the timed calls: harmless for a timing.
-        let f = check::time_median_ms(dev, 3, 20, |_| fused(&mut h, &mut r))?;
-        let a = check::time_median_ms(dev, 3, 20, |_| apart(&mut h_ref, &mut r_ref))?;
+        let f = check::time_median_ms(dev, 3, 20, |_| fused(&mut got))?;
+        let a = check::time_median_ms(dev, 3, 20, |_| apart(&mut reference))?;
         Some((f, a, (3 * inter * hidden * 2) as f64))
     } else {
         None
     };
     Ok((mismatch, timing))
+}
+
+/// The check's folds of the two jobs (with `fold`; none without): the gate/up job's row scale of
+/// `sq_in`, the down job's prep with `gamma` into `xg` and `sq`.
+fn mlp_folds<'a, 'b>(
+    fold: bool,
+    sq_in: &'a CudaView<'b, f32>,
+    gamma: &'a CudaView<'b, f32>,
+    xg: &'a mut CudaViewMut<'b, u16>,
+    sq: &'a mut CudaViewMut<'b, f32>,
+) -> (NormFold<'a, 'b>, NormFold<'a, 'b>) {
+    let eps = 1e-5;
+    (
+        NormFold {
+            scale: fold.then_some(sq_in),
+            prep: None,
+            eps,
+        },
+        NormFold {
+            scale: None,
+            prep: fold.then_some(NormPrep { gamma, xg, sq }),
+            eps,
+        },
+    )
 }
 
 #[cfg(test)]

@@ -135,7 +135,8 @@ scalar_args!(
     f32,
     f64,
     sys::CUtensorMap,
-    super::gemm_rope::RopeEpi
+    super::gemm_rope::RopeEpi,
+    super::gemm_norm::EpiParams
 );
 
 macro_rules! buffer_args {

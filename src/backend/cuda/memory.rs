@@ -59,6 +59,11 @@ pub struct StepBuffers {
     pub logits: usize,
     /// The commit record (i32).
     pub record: usize,
+    /// The RMSNorm fold's second `x ⊙ γ` matrix (bf16; one element without the fold,
+    /// [`StepBuffers::with_norm_fold`]).
+    pub fold_x: usize,
+    /// Each of the fold's two partial-sum buffers (f32, `rows · d_model / 32`; one element without).
+    pub fold_sq: usize,
 }
 
 impl StepBuffers {
@@ -76,6 +81,20 @@ impl StepBuffers {
             head_hidden: chunk * d,
             logits: chunk * cfg.logits_width(),
             record: super::sampling::commit_record_len(batch, seq),
+            fold_x: 1,
+            fold_sq: 1,
+        }
+    }
+
+    /// With the RMSNorm fold's buffers when `norm_fold` ([`super::gemm_norm`]).
+    pub fn with_norm_fold(self, norm_fold: bool) -> StepBuffers {
+        if !norm_fold {
+            return self;
+        }
+        StepBuffers {
+            fold_x: self.hidden,
+            fold_sq: self.hidden.div_ceil(super::gemm_norm::GROUP_COLS).max(1),
+            ..self
         }
     }
 
@@ -97,6 +116,8 @@ impl StepBuffers {
             + 2 * n(self.qkv + self.gate_up + self.act)
             + (4 + 2) * n(self.head_hidden)
             + 4 * n(self.logits + self.record)
+            + 2 * n(self.fold_x)
+            + 4 * 2 * n(self.fold_sq)
     }
 }
 
@@ -174,9 +195,17 @@ mod tests {
         // (12288), gate|up bf16 (24576), act bf16 (12288); one head chunk of 256 rows: f32 +
         // bf16 hidden (4096) and f32 logits (126464); the record 8 · (1 + 2 · 384) i32.
         let per_row = 4 * 4 + 8 + 8 * 4096 + 2 * (12288 + 24576 + 12288);
-        let expected = rows * per_row + 4 * 8 + 256 * (6 * 4096 + 4 * 126464) + 4 * 8 * 769;
+        // Without the norm fold its buffers are one element each: 1 bf16 and 2 f32.
+        let expected =
+            rows * per_row + 4 * 8 + 256 * (6 * 4096 + 4 * 126464) + 4 * 8 * 769 + 2 + 2 * 4;
         let b = StepBuffers::new(&cfg, 8, 384, false);
         assert_eq!(b.bytes(), expected);
+        // The fold adds a bf16 row of 4096 and two f32 partial sums per 32 columns per row.
+        let folded = b.with_norm_fold(true);
+        assert_eq!(
+            folded.bytes() - b.bytes(),
+            rows * (2 * 4096 + 2 * 4 * 128) - 2 - 8
+        );
         // The fused SwiGLU drops the gate|up buffer but for one element.
         let fused = StepBuffers::new(&cfg, 8, 384, true);
         assert_eq!(b.bytes() - fused.bytes(), 2 * (rows * 24576 - 1));

@@ -18,6 +18,7 @@ pub mod env_switch;
 pub mod gemm;
 pub mod gemm_cluster_split;
 pub mod gemm_mlp;
+pub mod gemm_norm;
 pub mod gemm_rope;
 pub mod gemm_stream;
 pub mod gemm_sweep;
@@ -123,6 +124,7 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
             "fused_rope",
             transformer::KernelChoice::from_env().fused_rope,
         ),
+        on("norm_fold", transformer::KernelChoice::from_env().norm_fold),
         ("cache_slots", transformer::cache_slots_from_env().into()),
         (
             "kernel_build",

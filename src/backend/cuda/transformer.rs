@@ -45,6 +45,7 @@
 use super::attention::{Attention, AttnShape, AttnVariant};
 use super::elementwise::{Elementwise, IdLayout, KvDst, RopeQkvShape};
 use super::gemm::{Gemm, GemmOut, GemmVariant};
+use super::gemm_norm::{NormFold, NormPrep};
 use super::gemm_rope::{RopeArgs, RopeTable};
 use super::memory::{self, StepBuffers};
 use super::padding;
@@ -68,8 +69,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod fold_plan;
 mod graphs;
 mod slots;
+use fold_plan::FoldPlan;
 pub use graphs::{graphs_from_env, session_graphs_from_env};
 use graphs::{rule_is_step_free, GraphSet, ShapeKey, StepKind};
 pub use slots::cache_slots_from_env;
@@ -117,6 +120,11 @@ pub struct KernelChoice {
     /// not yet run on a GPU); needs the fast GEMMs and a head size divisible by 16. Where the
     /// epilogue runs, `l2_prefetch` (a hint `rope_qkv` carries) does not.
     pub fused_rope: bool,
+    /// The RMSNorm inside each layer folded into the GEMMs around it ([`super::gemm_norm`]: the
+    /// residual-adding GEMM writes `x ⊙ γ` and per-row partial sums of squares, the next GEMM
+    /// scales its rows): `DLLM_NORM_FOLD=1` (opt-in: session 11, not yet run on a GPU). Where
+    /// either GEMM of a pair runs on a kernel without it, that norm stays a kernel.
+    pub norm_fold: bool,
 }
 
 impl KernelChoice {
@@ -128,6 +136,7 @@ impl KernelChoice {
             fused_swiglu: super::env_switch::flag("DLLM_FUSED_SWIGLU", true),
             l2_prefetch: super::env_switch::flag("DLLM_L2_PREFETCH", false),
             fused_rope: super::env_switch::flag("DLLM_FUSED_ROPE", false),
+            norm_fold: super::env_switch::flag("DLLM_NORM_FOLD", false),
         }
     }
 
@@ -139,6 +148,7 @@ impl KernelChoice {
             fused_swiglu: false,
             l2_prefetch: false,
             fused_rope: false,
+            norm_fold: false,
         }
     }
 
@@ -212,6 +222,12 @@ struct State {
     canvas: CudaSlice<i32>,
     x: CudaSlice<f32>,
     xn: CudaSlice<u16>,
+    /// The norm fold ([`KernelChoice::norm_fold`]): `x ⊙ γ` of the attention norm (written by
+    /// the down projection, read by the next layer's QKV; the MLP norm's goes to `xn`), and the
+    /// partial sums of squares behind each (`[rows, d_model / 32]`).
+    xa: CudaSlice<u16>,
+    sq_attn: CudaSlice<f32>,
+    sq_ff: CudaSlice<f32>,
     qkv: CudaSlice<u16>,
     attn: CudaSlice<u16>,
     gu: CudaSlice<u16>,
@@ -607,6 +623,7 @@ impl CudaTransformer {
                 "fused_swiglu" => Some(self.kernels.fused_swiglu.into()),
                 "l2_prefetch" => Some(self.kernels.l2_prefetch.into()),
                 "fused_rope" => Some(self.kernels.fused_rope.into()),
+                "norm_fold" => Some(self.kernels.norm_fold.into()),
                 "kernel_build" => Some(self.dev.describe().into()),
                 _ => None,
             };
@@ -655,6 +672,7 @@ impl CudaTransformer {
     /// The step buffers' element counts for `batch_cap` canvases of `seq_cap` tokens.
     fn step_buffers(&self, batch_cap: usize, seq_cap: usize) -> StepBuffers {
         StepBuffers::new(&self.cfg, batch_cap, seq_cap, self.kernels.fused_swiglu)
+            .with_norm_fold(self.kernels.norm_fold)
     }
 
     fn alloc_state(&self, batch_cap: usize, seq_cap: usize) -> Result<State> {
@@ -668,6 +686,9 @@ impl CudaTransformer {
             canvas: alloc(dev, n.rows, "canvas")?,
             x: alloc(dev, n.hidden, "residual")?,
             xn: alloc(dev, n.hidden, "normed activations")?,
+            xa: alloc(dev, n.fold_x, "norm fold activations")?,
+            sq_attn: alloc(dev, n.fold_sq, "norm fold partial sums")?,
+            sq_ff: alloc(dev, n.fold_sq, "norm fold partial sums")?,
             qkv: alloc(dev, n.qkv, "qkv")?,
             attn: alloc(dev, n.hidden, "attention output")?,
             // The fused SwiGLU writes `act` directly: no gate|up buffer.
@@ -860,7 +881,27 @@ impl CudaTransformer {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        if self.kernels.naive_gemm {
+        self.gemm_fold(kit, op, a, w, out, NormFold::NONE, m, n, k)
+    }
+
+    /// [`CudaTransformer::gemm`] with the RMSNorm fold's prep and / or row scale
+    /// ([`super::gemm_norm`]; the caller checked [`Gemm::norm_fold_serves`]).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_fold(
+        &self,
+        kit: &Kit,
+        op: &'static str,
+        a: &CudaView<u16>,
+        w: &CudaView<u16>,
+        out: GemmOut<'_>,
+        fold: NormFold<'_, '_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        if fold.is_some() {
+            kit.gemm.run_fold(&self.dev, a, w, out, fold, m, n, k)?;
+        } else if self.kernels.naive_gemm {
             kit.gemm
                 .run_variant(&self.dev, GemmVariant::Naive, a, w, out, m, n, k)?;
         } else {
@@ -1003,6 +1044,17 @@ impl CudaTransformer {
         let rope_table = self.rope_table.as_ref().filter(|t| {
             start + len <= t.positions() && kit.gemm.rope_epilogue_serves(rows, qkv_dim, d)
         });
+        // The whole MLP in one launch (DLLM_FUSED_MLP=1, batch-1 block steps): the same bits
+        // as the two stream launches.
+        let mlp_fused =
+            self.kernels.fused_swiglu && !self.kernels.naive_gemm && kit.gemm.mlp_serves(rows);
+        let fold = FoldPlan::new(
+            &self.kernels,
+            (d, h, qkv_dim),
+            mlp_fused,
+            cfg.rms_norm_eps,
+            |n, k| kit.gemm.norm_fold_serves(rows, n, k),
+        );
         for (li, lw) in self.w.layers.iter().enumerate() {
             {
                 // RoPE on q and k, and (block forward, or a full forward that stores the cache)
@@ -1037,17 +1089,33 @@ impl CudaTransformer {
                         Some(dst),
                     ),
                 };
-                self.norm_gemm(
-                    kit,
-                    "gemm.qkv",
-                    &st.x.slice(0..rows * d),
-                    &lw.attn_norm.as_view(),
-                    &mut st.xn,
-                    &lw.qkv.as_view(),
-                    out,
-                    rows,
-                    qkv_dim,
-                )?;
+                if fold.attn && li > 0 {
+                    // The previous layer's down projection wrote x ⊙ γ and the partial sums.
+                    let sq = st.sq_attn.slice(0..rows * fold.parts);
+                    self.gemm_fold(
+                        kit,
+                        "gemm.qkv",
+                        &st.xa.slice(0..rows * d),
+                        &lw.qkv.as_view(),
+                        out,
+                        fold.scale(&sq),
+                        rows,
+                        qkv_dim,
+                        d,
+                    )?;
+                } else {
+                    self.norm_gemm(
+                        kit,
+                        "gemm.qkv",
+                        &st.x.slice(0..rows * d),
+                        &lw.attn_norm.as_view(),
+                        &mut st.xn,
+                        &lw.qkv.as_view(),
+                        out,
+                        rows,
+                        qkv_dim,
+                    )?;
+                }
                 if let Some(dst) = rope_after {
                     // A block forward's GEMMs stream their weights; the attention-output ones
                     // can come from L2 if requested now.
@@ -1109,27 +1177,56 @@ impl CudaTransformer {
                 }
             }
             self.mark("attention")?;
-            self.gemm(
-                kit,
-                "gemm.attn_out",
-                &st.attn.slice(0..rows * d),
-                &lw.attn_out.as_view(),
-                GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
-                rows,
-                d,
-                d,
-            )?;
+            {
+                // With the fold, the MLP norm's x ⊙ γ and partial sums come out of this GEMM.
+                let gamma = lw.ff_norm.as_view();
+                let mut xg = st.xn.slice_mut(0..rows * d);
+                let mut sq = st.sq_ff.slice_mut(0..rows * fold.parts);
+                let prep = fold.ff.then_some(NormPrep {
+                    gamma: &gamma,
+                    xg: &mut xg,
+                    sq: &mut sq,
+                });
+                self.gemm_fold(
+                    kit,
+                    "gemm.attn_out",
+                    &st.attn.slice(0..rows * d),
+                    &lw.attn_out.as_view(),
+                    GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
+                    fold.prep(prep),
+                    rows,
+                    d,
+                    d,
+                )?;
+            }
+            // The next layer's attention norm, folded into this layer's down projection.
+            let next_norm = self
+                .w
+                .layers
+                .get(li + 1)
+                .filter(|_| fold.attn)
+                .map(|l| l.attn_norm.as_view());
             // Fused: silu(gate) · up straight from the GEMM's accumulators (interleaved rows).
             let fused = self.kernels.fused_swiglu;
-            // The whole MLP in one launch (DLLM_FUSED_MLP=1, batch-1 block steps): the same bits
-            // as the two stream launches below.
-            if fused && !self.kernels.naive_gemm && kit.gemm.mlp_serves(rows) {
-                self.norm(
-                    &st.x.slice(0..rows * d),
-                    &lw.ff_norm.as_view(),
-                    &mut st.xn,
-                    rows,
-                )?;
+            let (mut xa, mut sq_attn) = (
+                st.xa.slice_mut(0..rows * d),
+                st.sq_attn.slice_mut(0..rows * fold.parts),
+            );
+            let down_prep = next_norm.as_ref().map(|gamma| NormPrep {
+                gamma,
+                xg: &mut xa,
+                sq: &mut sq_attn,
+            });
+            if mlp_fused {
+                if !fold.ff {
+                    self.norm(
+                        &st.x.slice(0..rows * d),
+                        &lw.ff_norm.as_view(),
+                        &mut st.xn,
+                        rows,
+                    )?;
+                }
+                let sq_ff = st.sq_ff.slice(0..rows * fold.parts);
                 kit.gemm.run_mlp(
                     &self.dev,
                     &st.xn.slice(0..rows * d),
@@ -1138,6 +1235,7 @@ impl CudaTransformer {
                     &lw.ff_out.as_view(),
                     &mut st.x.slice_mut(0..rows * d),
                     (rows, d, h),
+                    (fold.scale_if(fold.ff, &sq_ff), fold.prep(down_prep)),
                 )?;
                 self.mark("gemm.mlp")?;
                 continue;
@@ -1153,17 +1251,32 @@ impl CudaTransformer {
                     GemmOut::Bf16(st.gu.slice_mut(0..rows * 2 * h)),
                 )
             };
-            self.norm_gemm(
-                kit,
-                op,
-                &st.x.slice(0..rows * d),
-                &lw.ff_norm.as_view(),
-                &mut st.xn,
-                &lw.gate_up.as_view(),
-                out,
-                rows,
-                2 * h,
-            )?;
+            if fold.ff {
+                let sq = st.sq_ff.slice(0..rows * fold.parts);
+                self.gemm_fold(
+                    kit,
+                    op,
+                    &st.xn.slice(0..rows * d),
+                    &lw.gate_up.as_view(),
+                    out,
+                    fold.scale(&sq),
+                    rows,
+                    2 * h,
+                    d,
+                )?;
+            } else {
+                self.norm_gemm(
+                    kit,
+                    op,
+                    &st.x.slice(0..rows * d),
+                    &lw.ff_norm.as_view(),
+                    &mut st.xn,
+                    &lw.gate_up.as_view(),
+                    out,
+                    rows,
+                    2 * h,
+                )?;
+            }
             if !fused {
                 self.ew.swiglu(
                     &st.gu.slice(0..rows * 2 * h),
@@ -1173,12 +1286,13 @@ impl CudaTransformer {
                 )?;
                 self.mark("swiglu")?;
             }
-            self.gemm(
+            self.gemm_fold(
                 kit,
                 "gemm.down",
                 &st.act.slice(0..rows * h),
                 &lw.ff_out.as_view(),
                 GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
+                fold.prep(down_prep),
                 rows,
                 d,
                 h,
