@@ -50,9 +50,10 @@ if [ -f "$BIN/bin.tar.xz" ] && [ ! -x "$BIN/dllm" ]; then
 fi
 STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Session 11 … the next GPU call") asks for, as one word; `next2`
-# the second.
+# the second. The PyTorch peer runs right after the default workloads: the ratios need both from
+# one call, and a call cut off at the device's limit keeps every stage packed before it.
 STAGES=${STAGES//next2/synth fold mlp blocks99 keys264 ring2 ncustream summary pack}
-STAGES=${STAGES//next/smi check synth bench csplit rope combo sanitize peer summary pack}
+STAGES=${STAGES//next/smi check synth bench peer csplit rope combo sanitize summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -213,7 +214,10 @@ for s in $STAGES; do
         # Sessions 10 and 11's opt-ins together (cluster split, RoPE epilogue, per-shape stream
         # blocks, the RMSNorm fold):
         # the three workloads, for the combined gain once each has passed its own stage.
-        BENCH_ENV="DLLM_GEMM_CLUSTER_SPLIT=1 DLLM_FUSED_ROPE=1 DLLM_GEMM_STREAM_BLOCKS=auto DLLM_NORM_FOLD=1" workloads _combo 1
+        # The model checks with all of them on first: each stage checks one switch alone.
+        COMBO="DLLM_GEMM_CLUSTER_SPLIT=1 DLLM_FUSED_ROPE=1 DLLM_GEMM_STREAM_BLOCKS=auto DLLM_NORM_FOLD=1"
+        stage combo "${T_CHECK:-180}" env $COMBO "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_combo.json"
+        BENCH_ENV="$COMBO" workloads _combo 1
         ;;
     fold)
         # The RMSNorm fold (DLLM_NORM_FOLD=1, opt-in, written in session 11 without a GPU: the
@@ -555,7 +559,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl csplit rope fold combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

@@ -444,24 +444,19 @@ impl<'d> Fixture<'d> {
             .map(|p| row_scale(p, d, self.eps))
             .collect();
         let scaled = |r: usize, c: usize| s[r] * prod[r * n + c];
+        // The consumer GEMM into `out` (one epilogue per call of check_scale).
+        let run = |out: GemmOut<'_>| -> Result<()> {
+            let (a, w) = (xg.as_view(), self.w2.as_view());
+            gemm.run_fold(self.dev, &a, &w, out, fold, m, n, d)?;
+            self.dev.sync()
+        };
         let (got, want): (Vec<f32>, Vec<f32>) = match epi {
             Epilogue::StoreF32 => {
                 let mut o = upload(
                     self.dev,
                     &vec![f32::from_bits(check::POISON_F32_BITS); m * n],
                 )?;
-                let out = GemmOut::F32(o.as_view_mut());
-                gemm.run_fold(
-                    self.dev,
-                    &xg.as_view(),
-                    &self.w2.as_view(),
-                    out,
-                    fold,
-                    m,
-                    n,
-                    d,
-                )?;
-                self.dev.sync()?;
+                run(GemmOut::F32(o.as_view_mut()))?;
                 let want = (0..m * n).map(|i| scaled(i / n, i % n) as f32).collect();
                 (download(self.dev, &o)?, want)
             }
@@ -469,22 +464,11 @@ impl<'d> Fixture<'d> {
                 let swiglu = epi == Epilogue::SwigluBf16;
                 let width = if swiglu { n / 2 } else { n };
                 let mut o = upload(self.dev, &vec![check::POISON_BF16_BITS; m * width])?;
-                let out = if swiglu {
+                run(if swiglu {
                     GemmOut::SwigluBf16(o.as_view_mut())
                 } else {
                     GemmOut::Bf16(o.as_view_mut())
-                };
-                gemm.run_fold(
-                    self.dev,
-                    &xg.as_view(),
-                    &self.w2.as_view(),
-                    out,
-                    fold,
-                    m,
-                    n,
-                    d,
-                )?;
-                self.dev.sync()?;
+                })?;
                 let want = (0..m * width)
                     .map(|i| {
                         let (r, c) = (i / width, i % width);
