@@ -82,7 +82,8 @@ __device__ __forceinline__ float gemm_norm_scale(const DllmNormEpi& e, float tot
 // xor-adjacent at lane stride STRIDE (LANES a power of two; `sub` = this lane's index among them):
 // each lane sums the partials p = sub, sub + LANES, ... of every row (all rows' loads of a few
 // p in flight at once), the xor tree combines the lanes' sums in a fixed order (the same bits in
-// every lane and run). Every lane of the warp calls it.
+// every lane and run). The loads bypass L1 (__ldcg): in the layer tail the sums were written by other
+// blocks earlier in the same launch. Every lane of the warp calls it.
 template <int ROWS, int LANES, int STRIDE>
 __device__ __forceinline__ void gemm_norm_row_scales(const DllmNormEpi& e, const int (&m)[ROWS], int M, int sub,
                                                      float (&out)[ROWS]) {
@@ -92,7 +93,7 @@ __device__ __forceinline__ void gemm_norm_row_scales(const DllmNormEpi& e, const
     for (int p = sub; p < e.parts; p += LANES)
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
-            if (m[r] < M) out[r] += e.sq_in[(size_t)m[r] * e.parts + p];
+            if (m[r] < M) out[r] += __ldcg(e.sq_in + (size_t)m[r] * e.parts + p);
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
 #pragma unroll

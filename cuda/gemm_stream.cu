@@ -205,9 +205,15 @@ __device__ __forceinline__ void stream_produce(const StreamJob& job, const Strea
 // arrive, per warp: it sums the partials in block order, so the bits do not depend on who
 // arrives last).
 template <int G>
+//
+// `gated`: the job follows a grid barrier in the same launch, so the partial sums of its row scale
+// (written by the job before it in other blocks) are read only after its first chunk has landed:
+// the producer requested that chunk's activations after the barrier's acquire, and the full
+// barrier's completion carries that ordering to the consumers.
 __device__ __forceinline__ void stream_consume(const StreamJob& job, const StreamRange& r,
                                                const unsigned char* ring_ptr, uint64_t* full_bar,
-                                               uint64_t* empty_bar, StreamPos& pos, int warp, int lane) {
+                                               uint64_t* empty_bar, StreamPos& pos, int warp, int lane,
+                                               bool gated) {
     using Cfg = StreamCfg<G>;
     const int g = lane >> 2;
     const int t = lane & 3;
@@ -219,17 +225,19 @@ __device__ __forceinline__ void stream_consume(const StreamJob& job, const Strea
     // The norm fold's row scale of this lane's tokens 8 j + 2 t + b (the 8 lanes of a t share them).
     const bool row_scale = job.ep != nullptr && job.ep->norm.sq_in != nullptr;
     float rs[2 * G];  // token 8 j + 2 t + b at 2 j + b
-    if (row_scale) {
+    auto load_row_scales = [&]() {
         int rows[2 * G];
 #pragma unroll
         for (int i = 0; i < 2 * G; ++i) rows[i] = 8 * (i >> 1) + 2 * t + (i & 1);
         gemm_norm_row_scales<2 * G, 8, 4>(job.ep->norm, rows, job.M, g, rs);
-    }
+    };
+    if (row_scale && !gated) load_row_scales();
 
     int tile = r.tile_begin, kc = r.kc_begin;
     bool seg_whole = r.kc_begin == 0;  // this segment of `tile` started at the tile's first chunk
     for (int i = 0; i < r.n_chunks; ++i) {
         dllm_bar_wait(dllm_smem_addr(&full_bar[pos.s]), pos.phase);
+        if (gated && row_scale && i == 0) load_row_scales();
         const unsigned char* stage = ring_ptr + pos.s * Cfg::STAGE_BYTES;
 #pragma unroll
         for (int sub = 0; sub < STREAM_KS / 32; ++sub) {
@@ -451,7 +459,7 @@ __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], 
 #pragma unroll
     for (int j = 0; j < JOBS; ++j) {
         stream_consume<G>(jobs[j], stream_range(jobs[j].N, jobs[j].K), ring.ring_ptr, full_bar, empty_bar, pos,
-                          warp, lane);
+                          warp, lane, j > 0);
         if (j + 1 < JOBS) {
             // This job's outputs stored by every consumer warp (and by this block's reductions):
             // generic-proxy writes that other blocks' TMA loads read after the barrier.
@@ -508,3 +516,38 @@ DLLM_STREAM_MLP_KERNEL(1)
 DLLM_STREAM_MLP_KERNEL(2)
 DLLM_STREAM_MLP_KERNEL(3)
 DLLM_STREAM_MLP_KERNEL(4)
+
+// ---------------------------------------------------------------------------------------------------------------
+// gemm_stream_tail_mg<G> (opt-in, DLLM_FUSED_MLP=1 with the RMSNorm fold, DLLM_NORM_FOLD=1; M <= 8 * G <= 32): a
+// batch-1 block step's layer after attention in one launch: R += O · W_oᵀ (the attention-output projection,
+// with the fold's prep of the MLP norm: X = bf16(R ⊙ γ) and its partial sums), a grid barrier, then the two
+// jobs of gemm_stream_mlp_mg<G> (gate/up with the row scale, down with the next layer's prep, if any). Three
+// stream-K jobs through one ring, each the stream kernel's arithmetic: the same bits as three gemm_stream_mg<G>
+// launches of the same block count. Without the fold the MLP norm would need its own launch between the
+// first two jobs.
+//
+// map_o: O [M, hidden] bf16, map_wo: W_o [hidden, hidden]; then the MLP kernel's maps; r: the f32 residual
+// (added to by jobs 0 and 2); ws_* / counters_*: each job's workspace and zeroed counters; grid_bar: four
+// zeroed words (two barriers); ep_*: each job's epilogue parameters (ep_out's prep writes X and the partial
+// sums ep_up's row scale reads).
+#define DLLM_STREAM_TAIL_KERNEL(G)                                                                              \
+    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1) gemm_stream_tail_mg##G(                    \
+        const __grid_constant__ CUtensorMap map_o, const __grid_constant__ CUtensorMap map_wo,                  \
+        const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_gu,                  \
+        const __grid_constant__ CUtensorMap map_h, const __grid_constant__ CUtensorMap map_d, void* h, void* r,  \
+        float* __restrict__ ws_out, unsigned int* __restrict__ counters_out, float* __restrict__ ws_up,         \
+        unsigned int* __restrict__ counters_up, float* __restrict__ ws_down,                                    \
+        unsigned int* __restrict__ counters_down, unsigned int* grid_bar, int M, int hidden, int inter,         \
+        const __grid_constant__ DllmEpiParams ep_out, const __grid_constant__ DllmEpiParams ep_up,              \
+        const __grid_constant__ DllmEpiParams ep_down) {                                                        \
+        const StreamJob jobs[3] = {                                                                             \
+            {&map_o, &map_wo, r, ws_out, counters_out, M, hidden, hidden, DLLM_EPI_ADD_F32, &ep_out},            \
+            {&map_x, &map_gu, h, ws_up, counters_up, M, 2 * inter, hidden, DLLM_EPI_SWIGLU_BF16, &ep_up},        \
+            {&map_h, &map_d, r, ws_down, counters_down, M, hidden, inter, DLLM_EPI_ADD_F32, &ep_down}};          \
+        stream_jobs_body<G, 3>(jobs, grid_bar);                                                                 \
+    }
+
+DLLM_STREAM_TAIL_KERNEL(1)
+DLLM_STREAM_TAIL_KERNEL(2)
+DLLM_STREAM_TAIL_KERNEL(3)
+DLLM_STREAM_TAIL_KERNEL(4)

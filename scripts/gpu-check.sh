@@ -224,13 +224,19 @@ for s in $STAGES; do
         # residual-adding GEMM writes x ⊙ γ and per-row partial sums of squares, the next GEMM
         # scales its rows; 63 of a step's 65 norm launches go). `check` already compares each half
         # with host twins and the chain with rmsnorm + gemm (gemm.norm_fold), and the fused MLP
-        # with the fold against its two launches bit for bit; here the model checks with the model
-        # running it (alone and with the fused MLP), its kernels under memcheck, then the three
-        # workloads.
+        # with the fold against its two launches bit for bit, and the layer tail (the fused MLP
+        # with the attention-output projection as a first job, which the fold makes possible)
+        # against its three; here the model checks with the model running it (alone, and with
+        # the fused MLP: the layer tail), its kernels under memcheck (the tail's grid barriers
+        # under racecheck too), then the three workloads both ways.
         stage fold "${T_CHECK:-180}" env DLLM_NORM_FOLD=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_fold.json"
         stage fold_mlp "${T_CHECK:-180}" env DLLM_NORM_FOLD=1 DLLM_FUSED_MLP=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_fold_mlp.json"
         stage sanitize_FOLD_memcheck "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 3 "$BIN/dllm-gpu-check" --only norm_fold --no-bench
+        for tool in memcheck racecheck; do
+            stage "sanitize_TAIL_$tool" "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --mlp-shape 28,384,1024
+        done
         BENCH_ENV="DLLM_NORM_FOLD=1" workloads _fold 1
+        BENCH_ENV="DLLM_NORM_FOLD=1 DLLM_FUSED_MLP=1" workloads _tail 1
         ;;
     keys264)
         # The key-group attention on the b1 full step's grid too (DLLM_ATTN_KEYS_UNITS=264: plain
@@ -470,7 +476,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_fold", "fold"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_fold", "fold"), ("_tail", "tail"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):

@@ -129,7 +129,7 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     assert!(ok, "a stage failed:\n{log}");
     // The workloads run as one suite per variant, with the variant's switches.
     let suites: Vec<&str> = log.lines().filter(|l| l.contains("--suite")).collect();
-    assert_eq!(suites.len(), 5, "{log}");
+    assert_eq!(suites.len(), 6, "{log}");
     let suite = |suffix: &str| {
         suites
             .iter()
@@ -140,6 +140,9 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     assert!(suite("_csplit").contains("DLLM_GEMM_CLUSTER_SPLIT=1"));
     assert!(suite("_rope").contains("DLLM_FUSED_ROPE=1"));
     assert!(suite("_fold").contains("DLLM_NORM_FOLD=1"));
+    assert!(
+        suite("_tail").contains("DLLM_NORM_FOLD=1") && suite("_tail").contains("DLLM_FUSED_MLP=1")
+    );
     let combo = suite("_combo");
     for var in [
         "DLLM_GEMM_CLUSTER_SPLIT=1",
@@ -151,7 +154,7 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     }
     assert!(suites.iter().any(|l| l.contains("--profile")), "{log}");
     // Each suite's reports are where the summary looks for them.
-    for suffix in ["", "_csplit", "_rope", "_fold", "_combo"] {
+    for suffix in ["", "_csplit", "_rope", "_fold", "_tail", "_combo"] {
         for w in ["b1_dual_k4", "b8_dual_k4", "b1_none_k1"] {
             let f = out.join(format!("bench_{w}{suffix}.json"));
             assert!(f.exists(), "{} missing", f.display());
@@ -182,9 +185,15 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
         .lines()
         .any(|l| l.starts_with("compute-sanitizer --tool memcheck")
             && l.contains("--only norm_fold")));
+    for tool in ["memcheck", "racecheck"] {
+        assert!(log.lines().any(
+            |l| l.starts_with(&format!("compute-sanitizer --tool {tool}"))
+                && l.contains("--mlp-shape 28,384,1024")
+        ));
+    }
     // The summary read them all.
     let summary = fs::read_to_string(out.join("summary.txt")).unwrap();
-    for label in ["cspl", "rope", "fold", "combo", "k264"] {
+    for label in ["cspl", "rope", "fold", "tail", "combo", "k264"] {
         assert!(summary.contains(label), "summary lacks {label}:\n{summary}");
     }
     let _ = fs::remove_dir_all(out.parent().unwrap());

@@ -201,6 +201,25 @@ impl GemmOut<'_> {
     }
 }
 
+/// The gate/up input of [`Gemm::run_mlp`]: its rows, or the attention-output projection that
+/// writes them in the same launch (the layer tail).
+pub enum MlpInput<'a, 'b> {
+    /// `x`: `[m, hidden]` bf16, written before the launch.
+    Rows(&'a CudaView<'b, u16>),
+    /// `r += o · w_oᵀ` first, with the MLP norm folded: its prep writes `x ⊙ γ` (the gate/up
+    /// input) and the partial sums of the gate/up job's row scale.
+    AfterOut(MlpOutJob<'a, 'b>),
+}
+
+/// The attention-output job of the layer tail ([`MlpInput::AfterOut`]): `o` `[m, hidden]`, `w_o`
+/// `[hidden, hidden]`, the MLP norm's prep and epsilon.
+pub struct MlpOutJob<'a, 'b> {
+    pub o: &'a CudaView<'b, u16>,
+    pub w_o: &'a CudaView<'b, u16>,
+    pub prep: super::gemm_norm::NormPrep<'a, 'b>,
+    pub eps: f32,
+}
+
 /// Which kernel computes the product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmVariant {
@@ -1100,15 +1119,25 @@ impl Gemm {
 
     /// The plan of [`Gemm::run_mlp`]: the stream kernel's block count, capped at the blocks the
     /// device holds at once (its grid barrier needs every block resident).
-    pub fn mlp_plan(&self, m: usize, hidden: usize, inter: usize) -> Result<gemm_mlp::MlpPlan> {
+    /// With `with_out`, the layer tail's (the attention-output projection as a first job).
+    pub fn mlp_plan(
+        &self,
+        m: usize,
+        hidden: usize,
+        inter: usize,
+        with_out: bool,
+    ) -> Result<gemm_mlp::MlpPlan> {
         let Some(mlp) = &self.mlp else {
             return Err(not_loaded("fused MLP", &self.mlp_failure, "DLLM_FUSED_MLP"));
         };
-        // One grid serves both jobs: the count of the larger one.
-        let blocks = (self.stream_blocks.for_shape(2 * inter, hidden))
-            .max(self.stream_blocks.for_shape(hidden, inter))
-            .min(mlp.resident_blocks(self.num_sms));
-        gemm_mlp::MlpPlan::new(m, hidden, inter, blocks)
+        // One grid serves every job: the count of the largest one.
+        let mut blocks = (self.stream_blocks.for_shape(2 * inter, hidden))
+            .max(self.stream_blocks.for_shape(hidden, inter));
+        if with_out {
+            blocks = blocks.max(self.stream_blocks.for_shape(hidden, hidden));
+        }
+        let blocks = blocks.min(mlp.resident_blocks(self.num_sms));
+        gemm_mlp::MlpPlan::new(m, hidden, inter, blocks, with_out)
     }
 
     /// Why the requested fused MLP is not available (load error, or no stream kernel).
@@ -1118,15 +1147,17 @@ impl Gemm {
 
     /// The batch-1 MLP as one launch ([`gemm_mlp`]): `h = swiglu(x · w_guᵀ)` with `w_gu` the
     /// interleaved gate/up rows (`2·inter × hidden`), then `r += h · w_dᵀ` (`w_d`: `hidden ×
-    /// inter`), for `m ≤ 32` rows; the same bits as the two stream launches of
-    /// [`Gemm::run`]. `folds`: the RMSNorm fold of each job ([`super::gemm_norm`]: the gate/up
-    /// job's row scale, the down job's prep; [`NormFold::NONE`] for none). Asynchronous on
-    /// `dev.stream`.
+    /// inter`), for `m ≤ 32` rows; the same bits as the two stream launches of [`Gemm::run`].
+    /// With [`MlpInput::AfterOut`] the attention-output projection runs first in the same launch
+    /// (the layer tail, three jobs), its fold's prep writing x and the partial sums the gate/up
+    /// job's row scale reads. `folds`: the RMSNorm fold of the gate/up job (its row scale, with
+    /// [`MlpInput::Rows`] only) and of the down job (its prep); [`NormFold::NONE`] for none.
+    /// Asynchronous on `dev.stream`.
     #[allow(clippy::too_many_arguments)]
     pub fn run_mlp(
         &self,
         dev: &CudaDevice,
-        x: &CudaView<u16>,
+        input: MlpInput<'_, '_>,
         w_gu: &CudaView<u16>,
         h: &mut CudaViewMut<u16>,
         w_d: &CudaView<u16>,
@@ -1147,10 +1178,85 @@ impl Gemm {
                 "gemm: the fused MLP needs an MLP width that is a multiple of 16, got {inter}"
             )));
         }
-        validate(m, 2 * inter, hidden, x.len(), w_gu.len(), 2 * h.len())?;
+        let (mut fold_up, mut fold_down) = folds;
+        if fold_up.prep.is_some() || fold_down.scale.is_some() {
+            return Err(Error::invalid(
+                "gemm: the fused MLP folds the row scale into gate/up and the prep into down only"
+                    .to_string(),
+            ));
+        }
+        let plan = self.mlp_plan(m, hidden, inter, matches!(input, MlpInput::AfterOut(_)))?;
+        let rows = 8 * plan.up.groups;
+        let mut maps = Vec::with_capacity(6);
+        let mut params = Vec::with_capacity(3);
+        let x_len = match input {
+            MlpInput::Rows(x) => {
+                check_align("x", x.device_ptr(&dev.stream).0, 16)?;
+                let (map_x, map_gu) = operand_maps(
+                    dev,
+                    x,
+                    w_gu,
+                    (m, rows),
+                    (2 * inter, gemm_stream::STREAM_ROWS),
+                    hidden,
+                )?;
+                maps.extend([map_x, map_gu]);
+                params.push(EpiParams {
+                    norm: fold_up.params(dev, Epilogue::SwigluBf16, m, 2 * inter, hidden)?,
+                    ..EpiParams::default()
+                });
+                x.len()
+            }
+            MlpInput::AfterOut(MlpOutJob { o, w_o, prep, eps }) => {
+                if fold_up.is_some() {
+                    return Err(Error::invalid(
+                        "gemm: after the attention-output job the gate/up row scale is its prep's"
+                            .to_string(),
+                    ));
+                }
+                validate(m, hidden, hidden, o.len(), w_o.len(), r.len())?;
+                check_align("o", o.device_ptr(&dev.stream).0, 16)?;
+                check_align("w_o", w_o.device_ptr(&dev.stream).0, 16)?;
+                let (map_o, map_wo) = operand_maps(
+                    dev,
+                    o,
+                    w_o,
+                    (m, rows),
+                    (hidden, gemm_stream::STREAM_ROWS),
+                    hidden,
+                )?;
+                let x_len = prep.xg.len();
+                let x = prep.xg.as_view();
+                check_align("x", x.device_ptr(&dev.stream).0, 16)?;
+                let (map_x, map_gu) = operand_maps(
+                    dev,
+                    &x,
+                    w_gu,
+                    (m, rows),
+                    (2 * inter, gemm_stream::STREAM_ROWS),
+                    hidden,
+                )?;
+                maps.extend([map_o, map_wo, map_x, map_gu]);
+                let mut fold_out = NormFold {
+                    scale: None,
+                    prep: Some(prep),
+                    eps,
+                };
+                let out = fold_out.params(dev, Epilogue::AddF32, m, hidden, hidden)?;
+                params.push(EpiParams {
+                    norm: out,
+                    ..EpiParams::default()
+                });
+                params.push(EpiParams {
+                    norm: out.row_scale_of_prep(hidden, eps)?,
+                    ..EpiParams::default()
+                });
+                x_len
+            }
+        };
+        validate(m, 2 * inter, hidden, x_len, w_gu.len(), 2 * h.len())?;
         validate(m, hidden, inter, h.len(), w_d.len(), r.len())?;
         for (what, addr) in [
-            ("x", x.device_ptr(&dev.stream).0),
             ("w_gu", w_gu.device_ptr(&dev.stream).0),
             ("h", h.device_ptr(&dev.stream).0),
             ("w_d", w_d.device_ptr(&dev.stream).0),
@@ -1158,16 +1264,6 @@ impl Gemm {
             check_align(what, addr, 16)?;
         }
         check_align("r", r.device_ptr(&dev.stream).0, 8)?;
-        let plan = self.mlp_plan(m, hidden, inter)?;
-        let rows = 8 * plan.up.groups;
-        let (map_x, map_gu) = operand_maps(
-            dev,
-            x,
-            w_gu,
-            (m, rows),
-            (2 * inter, gemm_stream::STREAM_ROWS),
-            hidden,
-        )?;
         let (map_h, map_d) = operand_maps(
             dev,
             &h.as_view(),
@@ -1176,30 +1272,18 @@ impl Gemm {
             (hidden, gemm_stream::STREAM_ROWS),
             inter,
         )?;
-        let (mut fold_up, mut fold_down) = folds;
-        if fold_up.prep.is_some() || fold_down.scale.is_some() {
-            return Err(Error::invalid(
-                "gemm: the fused MLP folds the row scale into gate/up and the prep into down only"
-                    .to_string(),
-            ));
-        }
-        let params = [
-            EpiParams {
-                norm: fold_up.params(dev, Epilogue::SwigluBf16, m, 2 * inter, hidden)?,
-                ..EpiParams::default()
-            },
-            EpiParams {
-                norm: fold_down.params(dev, Epilogue::AddF32, m, hidden, inter)?,
-                ..EpiParams::default()
-            },
-        ];
-        let [ws_up, ws_down] = plan.workspace_floats();
-        let [c_up, c_down] = plan.counters();
-        let mut scratch = self.scratch(dev, ws_up + ws_down, c_up + c_down)?;
+        maps.extend([map_h, map_d]);
+        params.push(EpiParams {
+            norm: fold_down.params(dev, Epilogue::AddF32, m, hidden, inter)?,
+            ..EpiParams::default()
+        });
+        let ws: usize = plan.workspace_floats().iter().sum();
+        let counters: usize = plan.counters().iter().sum();
+        let mut scratch = self.scratch(dev, ws, counters)?;
         mlp.launch(
             dev,
             &plan,
-            &[map_x, map_gu, map_h, map_d],
+            &maps,
             h,
             r,
             &mut scratch,

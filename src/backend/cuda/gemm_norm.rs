@@ -55,6 +55,30 @@ unsafe impl DeviceRepr for NormEpi {}
 // SAFETY: two plain-data structs of 56 and 48 bytes, both 8-aligned: no padding between them.
 unsafe impl DeviceRepr for EpiParams {}
 
+impl NormEpi {
+    /// The row scale of a `k`-deep consumer reading the partial sums this prep writes (the
+    /// fused layer tail, where one launch writes and then reads them): checked by the prep's
+    /// [`NormFold::params`], whose `n` is the consumer's `k`.
+    pub(super) fn row_scale_of_prep(&self, k: usize, eps: f32) -> Result<NormEpi> {
+        if self.sq_out == 0 || k % GROUP_COLS != 0 || !eps.is_finite() || eps < 0.0 {
+            return Err(Error::invalid(format!(
+                "gemm norm fold: no row scale of k={k} eps={eps} from this prep"
+            )));
+        }
+        let int = |v: usize| {
+            i32::try_from(v)
+                .map_err(|_| Error::invalid(format!("gemm norm fold: {v} does not fit in i32")))
+        };
+        Ok(NormEpi {
+            sq_in: self.sq_out,
+            parts: int(k / GROUP_COLS)?,
+            d: int(k)?,
+            eps,
+            ..NormEpi::default()
+        })
+    }
+}
+
 /// The prep half of the fold, on a residual-adding GEMM `m × n`: `gamma` (`[n]` fp32, the next
 /// norm's weight), `xg` (`[m, n]` bf16 bits, written) and `sq` (`[m, n / 32]` fp32, written).
 pub struct NormPrep<'a, 'b> {

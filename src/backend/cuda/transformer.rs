@@ -44,7 +44,7 @@
 
 use super::attention::{Attention, AttnShape, AttnVariant};
 use super::elementwise::{Elementwise, IdLayout, KvDst, RopeQkvShape};
-use super::gemm::{Gemm, GemmOut, GemmVariant};
+use super::gemm::{Gemm, GemmOut, GemmVariant, MlpInput, MlpOutJob};
 use super::gemm_norm::{NormFold, NormPrep};
 use super::gemm_rope::{RopeArgs, RopeTable};
 use super::memory::{self, StepBuffers};
@@ -1177,7 +1177,9 @@ impl CudaTransformer {
                 }
             }
             self.mark("attention")?;
-            {
+            // The layer tail: the attention-output projection as the fused MLP's first job.
+            let tail = mlp_fused && fold.ff;
+            if !tail {
                 // With the fold, the MLP norm's x ⊙ γ and partial sums come out of this GEMM.
                 let gamma = lw.ff_norm.as_view();
                 let mut xg = st.xn.slice_mut(0..rows * d);
@@ -1217,25 +1219,58 @@ impl CudaTransformer {
                 xg: &mut xa,
                 sq: &mut sq_attn,
             });
-            if mlp_fused {
-                if !fold.ff {
-                    self.norm(
-                        &st.x.slice(0..rows * d),
-                        &lw.ff_norm.as_view(),
-                        &mut st.xn,
-                        rows,
-                    )?;
-                }
-                let sq_ff = st.sq_ff.slice(0..rows * fold.parts);
+            if tail {
+                // Attention output (with the MLP norm's prep), gate/up (its row scale), down
+                // (the next norm's prep): one launch.
+                let (o, w_o, gamma) = (
+                    st.attn.slice(0..rows * d),
+                    lw.attn_out.as_view(),
+                    lw.ff_norm.as_view(),
+                );
+                let (mut xg, mut sq) = (
+                    st.xn.slice_mut(0..rows * d),
+                    st.sq_ff.slice_mut(0..rows * fold.parts),
+                );
+                let input = MlpInput::AfterOut(MlpOutJob {
+                    o: &o,
+                    w_o: &w_o,
+                    prep: NormPrep {
+                        gamma: &gamma,
+                        xg: &mut xg,
+                        sq: &mut sq,
+                    },
+                    eps: fold.eps,
+                });
                 kit.gemm.run_mlp(
                     &self.dev,
-                    &st.xn.slice(0..rows * d),
+                    input,
                     &lw.gate_up.as_view(),
                     &mut st.act.slice_mut(0..rows * h),
                     &lw.ff_out.as_view(),
                     &mut st.x.slice_mut(0..rows * d),
                     (rows, d, h),
-                    (fold.scale_if(fold.ff, &sq_ff), fold.prep(down_prep)),
+                    (fold.prep(None), fold.prep(down_prep)),
+                )?;
+                self.mark("gemm.tail")?;
+                continue;
+            }
+            if mlp_fused {
+                // Without the fold (else the tail above), the MLP norm is its own launch.
+                self.norm(
+                    &st.x.slice(0..rows * d),
+                    &lw.ff_norm.as_view(),
+                    &mut st.xn,
+                    rows,
+                )?;
+                kit.gemm.run_mlp(
+                    &self.dev,
+                    MlpInput::Rows(&st.xn.slice(0..rows * d)),
+                    &lw.gate_up.as_view(),
+                    &mut st.act.slice_mut(0..rows * h),
+                    &lw.ff_out.as_view(),
+                    &mut st.x.slice_mut(0..rows * d),
+                    (rows, d, h),
+                    (fold.prep(None), fold.prep(down_prep)),
                 )?;
                 self.mark("gemm.mlp")?;
                 continue;

@@ -56,19 +56,6 @@ impl FoldPlan {
         }
     }
 
-    /// [`FoldPlan::scale`] when `on`, else no fold.
-    pub fn scale_if<'a, 'b>(&self, on: bool, sq: &'a CudaView<'b, f32>) -> NormFold<'a, 'b> {
-        if on {
-            self.scale(sq)
-        } else {
-            NormFold {
-                scale: None,
-                prep: None,
-                eps: self.eps,
-            }
-        }
-    }
-
     /// A producer's prep (none for `None`).
     pub fn prep<'a, 'b>(&self, prep: Option<NormPrep<'a, 'b>>) -> NormFold<'a, 'b> {
         NormFold {
