@@ -351,6 +351,8 @@ __device__ __forceinline__ void gemm_store_pairs(const float* v, void* C, int ro
             if (row < M) out[((size_t)row * N + n) / 2] = make_float2(nv[4 * j], nv[4 * j + 1]);
             if (row + 8 < M) out[((size_t)(row + 8) * N + n) / 2] = make_float2(nv[4 * j + 2], nv[4 * j + 3]);
         }
+        // The prep needs whole 32-column groups: the cluster split's shares (12 or 8 blocks; its
+        // kernels assert it) pass ep, the plain pair stores (BATCH 2, 4) never do.
         if constexpr (BATCH % 4 == 0) {
             if (ep != nullptr && ep->norm.gamma != nullptr)
                 gemm_norm_prep_pairs<BATCH>(ep->norm, nv, row, n0 + 8 * j0, M, N);

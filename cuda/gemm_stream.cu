@@ -158,6 +158,17 @@ __device__ __forceinline__ void stream_advance(StreamPos& p) {
     }
 }
 
+// A consumer's wait for its producer to have passed the grid barrier before job `job` (the release
+// in StreamGridGate). By the time a consumer asks, its job's first chunk has landed, which the
+// producer requested after the barrier: the first acquire normally sees it.
+__device__ __forceinline__ void stream_gate_wait(const uint32_t* gate_passed, uint32_t job) {
+    for (;;) {
+        uint32_t v;
+        asm volatile("ld.acquire.cta.shared::cta.u32 %0, [%1];\n" : "=r"(v) : "r"(dllm_smem_addr(gate_passed)) : "memory");
+        if (v >= job) return;
+    }
+}
+
 // Producer thread: streams a job's chunks through the ring from `pos`. The weights of the first
 // min(n_chunks, STREAM_STAGES) chunks are requested before `gate()` (constant data: they stream
 // while the work the gate waits for finishes), their activations after it; each stage's full
@@ -206,14 +217,16 @@ __device__ __forceinline__ void stream_produce(const StreamJob& job, const Strea
 // arrives last).
 template <int G>
 //
-// `gated`: the job follows a grid barrier in the same launch, so the partial sums of its row scale
-// (written by the job before it in other blocks) are read only after its first chunk has landed:
-// the producer requested that chunk's activations after the barrier's acquire, and the full
-// barrier's completion carries that ordering to the consumers.
+// `gate_passed` (a shared word, or nullptr for the first job of a launch): the job follows a grid
+// barrier in the same launch, so the partial sums of its row scale (written by the job before it in
+// other blocks) are read only once this block's producer has passed that barrier and said so with a
+// release of `job_index` into the word (stream_gate_wait: the acquire makes the other blocks'
+// writes, which the producer's acquire of the barrier observed, visible here).
 __device__ __forceinline__ void stream_consume(const StreamJob& job, const StreamRange& r,
                                                const unsigned char* ring_ptr, uint64_t* full_bar,
                                                uint64_t* empty_bar, StreamPos& pos, int warp, int lane,
-                                               bool gated) {
+                                               const uint32_t* gate_passed, uint32_t job_index) {
+    const bool gated = gate_passed != nullptr;
     using Cfg = StreamCfg<G>;
     const int g = lane >> 2;
     const int t = lane & 3;
@@ -237,7 +250,10 @@ __device__ __forceinline__ void stream_consume(const StreamJob& job, const Strea
     bool seg_whole = r.kc_begin == 0;  // this segment of `tile` started at the tile's first chunk
     for (int i = 0; i < r.n_chunks; ++i) {
         dllm_bar_wait(dllm_smem_addr(&full_bar[pos.s]), pos.phase);
-        if (gated && row_scale && i == 0) load_row_scales();
+        if (gated && row_scale && i == 0) {
+            stream_gate_wait(gate_passed, job_index);
+            load_row_scales();
+        }
         const unsigned char* stage = ring_ptr + pos.s * Cfg::STAGE_BYTES;
 #pragma unroll
         for (int sub = 0; sub < STREAM_KS / 32; ++sub) {
@@ -399,8 +415,14 @@ __device__ __forceinline__ void stream_grid_arrive(unsigned int* grid_bar) {
 // The producer's gate for a later job: every block has arrived, then the job-before's outputs, written
 // through the generic proxy, are made visible to this thread's TMA (async proxy) loads of them. A watchdog
 // turns a hang (a block that never became resident) into a trap.
+//
+// After the barrier the producer releases `job` into the block's shared word `gate_passed`: the
+// consumers acquire it (stream_gate_wait) before their own generic reads of what other blocks wrote
+// in the job before (the partial sums of a row scale).
 struct StreamGridGate {
     unsigned int* grid_bar;
+    uint32_t* gate_passed;
+    uint32_t job;
     __device__ __forceinline__ void operator()() const {
         uint32_t polls = 0;
         for (;;) {
@@ -411,6 +433,8 @@ struct StreamGridGate {
             __nanosleep(64);
         }
         asm volatile("fence.proxy.async.global;\n" ::: "memory");
+        asm volatile("st.release.cta.shared::cta.u32 [%0], %1;\n" ::"r"(dllm_smem_addr(gate_passed)), "r"(job)
+                     : "memory");
         // Departure: the last producer through resets the barrier for the next launch.
         if (atomicAdd(&grid_bar[1], 1u) == gridDim.x - 1) {
             grid_bar[0] = 0u;
@@ -428,8 +452,11 @@ __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], 
     extern __shared__ unsigned char stream_raw[];
     __shared__ __align__(8) uint64_t full_bar[STREAM_STAGES];
     __shared__ __align__(8) uint64_t empty_bar[STREAM_STAGES];
+    // The last grid barrier this block's producer passed (StreamGridGate, stream_gate_wait).
+    __shared__ uint32_t gate_passed;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
+    if (threadIdx.x == 0) gate_passed = 0u;  // ordered before any use by stream_ring_init's barrier
     const StreamRing ring = stream_ring_init(stream_raw, full_bar, empty_bar);
     StreamPos pos = {0, 0u};
     if (warp == STREAM_CONSUMERS) {
@@ -448,7 +475,7 @@ __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], 
                     stream_produce<G>(jobs[j], r, ring.ring, full_bar, empty_bar, pos, policy, StreamPdlGate{});
                 } else {
                     stream_produce<G>(jobs[j], r, ring.ring, full_bar, empty_bar, pos, policy,
-                                      StreamGridGate{grid_bar + 2 * (j - 1)});
+                                      StreamGridGate{grid_bar + 2 * (j - 1), &gate_passed, (uint32_t)j});
                 }
             }
         }
@@ -459,7 +486,7 @@ __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], 
 #pragma unroll
     for (int j = 0; j < JOBS; ++j) {
         stream_consume<G>(jobs[j], stream_range(jobs[j].N, jobs[j].K), ring.ring_ptr, full_bar, empty_bar, pos,
-                          warp, lane, j > 0);
+                          warp, lane, j > 0 ? &gate_passed : nullptr, (uint32_t)j);
         if (j + 1 < JOBS) {
             // This job's outputs stored by every consumer warp (and by this block's reductions):
             // generic-proxy writes that other blocks' TMA loads read after the barrier.

@@ -310,6 +310,8 @@ __device__ __forceinline__ void wg_cluster_reduce_store(const float (&acc)[96], 
                                                         const DllmEpiParams* ep, float2 rs) {
     constexpr int THREADS = 128 * WG;
     static_assert(CS >= 2 && 24 % CS == 0 && (24 / CS) % 2 == 0, "whole, even column-block shares");
+    // The norm fold's prep sums whole 32-column groups (4 column blocks) per share (gemm_store_pairs).
+    static_assert((24 / CS) % 4 == 0, "whole 32-column groups per share");
     // Every warpgroup's wgmma reads of the ring (waited for) are ordered before the generic
     // writes below by the proxy fence and the barrier.
     wg_fence_proxy_async();
