@@ -218,10 +218,11 @@ __device__ __forceinline__ void stream_produce(const StreamJob& job, const Strea
 template <int G>
 //
 // `gate_passed` (a shared word, or nullptr for the first job of a launch): the job follows a grid
-// barrier in the same launch, so the partial sums of its row scale (written by the job before it in
-// other blocks) are read only once this block's producer has passed that barrier and said so with a
-// release of `job_index` into the word (stream_gate_wait: the acquire makes the other blocks'
-// writes, which the producer's acquire of the barrier observed, visible here).
+// barrier in the same launch, so what other blocks wrote in the jobs before it (the partial sums of
+// its row scale, the residual its add epilogue reads) is read only once this block's producer has
+// passed that barrier and said so with a release of `job_index` into the word (stream_gate_wait:
+// the acquire makes those writes, which the producer's acquire of the barrier observed, visible
+// here). A block with no chunk of the job reads and writes nothing of it.
 __device__ __forceinline__ void stream_consume(const StreamJob& job, const StreamRange& r,
                                                const unsigned char* ring_ptr, uint64_t* full_bar,
                                                uint64_t* empty_bar, StreamPos& pos, int warp, int lane,
@@ -250,9 +251,11 @@ __device__ __forceinline__ void stream_consume(const StreamJob& job, const Strea
     bool seg_whole = r.kc_begin == 0;  // this segment of `tile` started at the tile's first chunk
     for (int i = 0; i < r.n_chunks; ++i) {
         dllm_bar_wait(dllm_smem_addr(&full_bar[pos.s]), pos.phase);
-        if (gated && row_scale && i == 0) {
+        if (gated && i == 0) {
+            // Every generic read of what other blocks wrote earlier in the launch (the row scale's
+            // sums, the residual-add epilogue's old values) comes after this acquire.
             stream_gate_wait(gate_passed, job_index);
-            load_row_scales();
+            if (row_scale) load_row_scales();
         }
         const unsigned char* stage = ring_ptr + pos.s * Cfg::STAGE_BYTES;
 #pragma unroll

@@ -1111,6 +1111,15 @@ impl Gemm {
         self.mlp.is_some() && self.stream_active()
     }
 
+    /// Whether [`Gemm::run_mlp`] runs the layer tail ([`MlpInput::AfterOut`]) for `m` rows.
+    pub fn mlp_tail_serves(&self, m: usize) -> bool {
+        self.mlp_serves(m)
+            && self
+                .mlp
+                .as_ref()
+                .is_some_and(|f| f.tail_failure().is_none())
+    }
+
     /// Whether [`Gemm::run_mlp`] serves `m` rows: active, and `m` within what [`Gemm::run`]
     /// gives the stream kernel (so the fused launch replaces two stream launches).
     pub fn mlp_serves(&self, m: usize) -> bool {

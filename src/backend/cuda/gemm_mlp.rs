@@ -44,7 +44,9 @@ pub fn requested_by_env() -> bool {
 /// their grid barriers (two words each, zero between launches).
 pub struct FusedMlp {
     mlp: Vec<CudaFunction>,
-    tail: Vec<CudaFunction>,
+    /// The layer tail's kernels; None (with the reason) where they do not load, e.g. from a
+    /// `DLLM_KERNEL_DIR` module built before them: the plain fused MLP still runs.
+    tail: std::result::Result<Vec<CudaFunction>, String>,
     stages: usize,
     blocks_per_sm: usize,
     grid_bar: Mutex<CudaSlice<u32>>,
@@ -61,9 +63,11 @@ pub struct MlpPlan {
 }
 
 impl MlpPlan {
-    /// Every job on `blocks` blocks, fewer where a job has fewer (tile, chunk) pairs (a block
-    /// with no pair of a job would still have to pass the barrier); the attention-output job
-    /// first when `with_out`.
+    /// Every job on `blocks` blocks, fewer where a job has fewer (tile, chunk) pairs (each job's
+    /// workspace is sized by its plan's block count, which the grid must equal); the
+    /// attention-output job first when `with_out`. Its `hidden²` weights can have the fewest
+    /// pairs: 9 on the tiny model (the MLP jobs alone run on 24), while every job of LLaDA-8B has
+    /// more than an H100 or H200 has SMs.
     pub fn new(
         m: usize,
         hidden: usize,
@@ -114,9 +118,14 @@ impl FusedMlp {
     /// one, or an error), and allocates the grid barriers.
     pub fn load(dev: &CudaDevice, stages: usize) -> Result<FusedMlp> {
         let mlp = load_stream_family(dev, "gemm_stream_mlp_mg", stages)?;
-        let tail = load_stream_family(dev, "gemm_stream_tail_mg", stages)?;
+        let tail =
+            load_stream_family(dev, "gemm_stream_tail_mg", stages).map_err(|e| e.to_string());
         let mut blocks_per_sm = usize::MAX;
-        for (prefix, fs) in [("gemm_stream_mlp_mg", &mlp), ("gemm_stream_tail_mg", &tail)] {
+        let families = [
+            Some(("gemm_stream_mlp_mg", &mlp)),
+            tail.as_ref().ok().map(|t| ("gemm_stream_tail_mg", t)),
+        ];
+        for (prefix, fs) in families.into_iter().flatten() {
             for (i, f) in fs.iter().enumerate() {
                 let smem = gemm_stream::smem_bytes(i + 1, stages);
                 let per_sm = f
@@ -154,6 +163,11 @@ impl FusedMlp {
         num_sms * self.blocks_per_sm
     }
 
+    /// Why the layer tail's kernels are not loaded (None when they are).
+    pub fn tail_failure(&self) -> Option<&str> {
+        self.tail.as_ref().err().map(String::as_str)
+    }
+
     /// Launches `plan` on `dev.stream`: (with `plan.out`) `r += o · w_oᵀ`, then `h = swiglu(x ·
     /// w_guᵀ)` and `r += h · w_dᵀ`. `maps` are the tensor maps of (o, w_o,) x, w_gu, h and w_d
     /// (boxes of `8·groups` activation rows and `STREAM_ROWS` weight rows), `params` each job's
@@ -181,8 +195,20 @@ impl FusedMlp {
             )));
         }
         let groups = plan.up.groups;
+        if plan
+            .jobs()
+            .iter()
+            .any(|j| j.blocks != plan.up.blocks || j.groups != groups)
+        {
+            return Err(Error::invalid(format!(
+                "fused MLP: every job of {plan:?} must run on one grid with one row-group count"
+            )));
+        }
         let (fs, kname) = if plan.out.is_some() {
-            (&self.tail, "gemm_stream_tail_mg")
+            let tail = self.tail.as_ref().map_err(|why| {
+                Error::Backend(format!("fused MLP: the layer tail is not loaded ({why})"))
+            })?;
+            (tail, "gemm_stream_tail_mg")
         } else {
             (&self.mlp, "gemm_stream_mlp_mg")
         };

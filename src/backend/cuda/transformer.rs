@@ -1178,7 +1178,7 @@ impl CudaTransformer {
             }
             self.mark("attention")?;
             // The layer tail: the attention-output projection as the fused MLP's first job.
-            let tail = mlp_fused && fold.ff;
+            let tail = mlp_fused && fold.ff && kit.gemm.mlp_tail_serves(rows);
             if !tail {
                 // With the fold, the MLP norm's x ⊙ γ and partial sums come out of this GEMM.
                 let gamma = lw.ff_norm.as_view();
@@ -1256,13 +1256,22 @@ impl CudaTransformer {
                 continue;
             }
             if mlp_fused {
-                // Without the fold (else the tail above), the MLP norm is its own launch.
-                self.norm(
-                    &st.x.slice(0..rows * d),
-                    &lw.ff_norm.as_view(),
-                    &mut st.xn,
-                    rows,
-                )?;
+                // Without the fold the MLP norm is its own launch; with it (and no tail kernels)
+                // the attention-output projection above wrote x ⊙ γ and the partial sums.
+                if !fold.ff {
+                    self.norm(
+                        &st.x.slice(0..rows * d),
+                        &lw.ff_norm.as_view(),
+                        &mut st.xn,
+                        rows,
+                    )?;
+                }
+                let sq_ff = st.sq_ff.slice(0..rows * fold.parts);
+                let fold_up = if fold.ff {
+                    fold.scale(&sq_ff)
+                } else {
+                    fold.prep(None)
+                };
                 kit.gemm.run_mlp(
                     &self.dev,
                     MlpInput::Rows(&st.xn.slice(0..rows * d)),
@@ -1271,7 +1280,7 @@ impl CudaTransformer {
                     &lw.ff_out.as_view(),
                     &mut st.x.slice_mut(0..rows * d),
                     (rows, d, h),
-                    (fold.prep(None), fold.prep(down_prep)),
+                    (fold_up, fold.prep(down_prep)),
                 )?;
                 self.mark("gemm.mlp")?;
                 continue;
