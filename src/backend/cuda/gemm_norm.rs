@@ -304,17 +304,22 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
             TOL_F32,
             f.check_prep(&gemm),
         ));
-        for epi in [
-            Epilogue::StoreF32,
-            Epilogue::StoreBf16,
-            Epilogue::SwigluBf16,
-        ] {
-            let tol = if epi.bf16_out() { TOL_BF16 } else { TOL_F32 };
-            out.push(CheckResult::from_result(
-                name(&format!("row scale {}", epi.name())),
-                tol,
-                f.check_scale(&gemm, epi),
-            ));
+        match f.scale_ref() {
+            Ok(r) => {
+                for epi in [
+                    Epilogue::StoreF32,
+                    Epilogue::StoreBf16,
+                    Epilogue::SwigluBf16,
+                ] {
+                    let tol = if epi.bf16_out() { TOL_BF16 } else { TOL_F32 };
+                    out.push(CheckResult::from_result(
+                        name(&format!("row scale {}", epi.name())),
+                        tol,
+                        f.check_scale(&gemm, &r, epi),
+                    ));
+                }
+            }
+            Err(e) => out.push(CheckResult::failed(name("row scale setup"), e)),
         }
         out.push(CheckResult::from_result(
             name("chain vs rmsnorm + gemm"),
@@ -339,6 +344,16 @@ struct Fixture<'d> {
     w1_h: Vec<u16>,
     gamma_h: Vec<f32>,
     w2_h: Vec<u16>,
+}
+
+/// The row-scale checks' operands of one case ([`Fixture::scale_ref`]).
+struct ScaleRef {
+    sq: CudaSlice<f32>,
+    xg: CudaSlice<u16>,
+    /// The host's scaled product, `[m, n]`.
+    scaled: Vec<f64>,
+    /// The smallest and largest row scale.
+    range: (f64, f64),
 }
 
 /// What a prep launch wrote: the residual, xg and the partial sums.
@@ -445,32 +460,43 @@ impl<'d> Fixture<'d> {
         Ok((err, detail))
     }
 
-    /// Random positive partial sums (as a prep of a `d`-wide residual would write) and the
-    /// consumer's output with the row scale and epilogue `epi` (poisoned first).
-    fn check_scale(&self, gemm: &Gemm, epi: Epilogue) -> Result<(f64, String)> {
+    /// The row-scale checks' operands, once per case: random positive partial sums (as a prep
+    /// of a `d`-wide residual would write), a bf16 A standing for xg, and the host's scaled
+    /// product `s[m] · Σ xg · w2` (f64, `[m, n]`).
+    fn scale_ref(&self) -> Result<ScaleRef> {
         let Case { m, d, n, .. } = self.c;
         let parts = d / GROUP_COLS;
         let sq_h = check::random_f32(self.c.m as u64 * 31 + 7, m * parts, 0.5, 40.0);
-        let sq = upload(self.dev, &sq_h)?;
-        // A stands for xg: any bf16 matrix.
         let xg_h = check::to_bf16_bits(&check::random_f32(91, m * d, -1.5, 1.5));
-        let xg = upload(self.dev, &xg_h)?;
-        let sq_v = sq.as_view();
-        let fold = NormFold {
-            scale: Some(&sq_v),
-            prep: None,
-            eps: self.eps,
-        };
         let cols: Vec<usize> = (0..n).collect();
         let prod = super::gemm::reference(&xg_h, &self.w2_h, m, d, &cols);
         let s: Vec<f64> = sq_h
             .chunks(parts)
             .map(|p| row_scale(p, d, self.eps))
             .collect();
-        let scaled = |r: usize, c: usize| s[r] * prod[r * n + c];
+        let scaled = (0..m * n).map(|i| s[i / n] * prod[i]).collect();
+        Ok(ScaleRef {
+            sq: upload(self.dev, &sq_h)?,
+            xg: upload(self.dev, &xg_h)?,
+            scaled,
+            range: (min(&s), max(&s)),
+        })
+    }
+
+    /// The consumer's output with the row scale of `r` and epilogue `epi` (poisoned first)
+    /// against the host's.
+    fn check_scale(&self, gemm: &Gemm, r: &ScaleRef, epi: Epilogue) -> Result<(f64, String)> {
+        let Case { m, d, n, .. } = self.c;
+        let sq_v = r.sq.as_view();
+        let fold = NormFold {
+            scale: Some(&sq_v),
+            prep: None,
+            eps: self.eps,
+        };
+        let scaled = |row: usize, c: usize| r.scaled[row * n + c];
         // The consumer GEMM into `out` (one epilogue per call of check_scale).
         let run = |out: GemmOut<'_>| -> Result<()> {
-            let (a, w) = (xg.as_view(), self.w2.as_view());
+            let (a, w) = (r.xg.as_view(), self.w2.as_view());
             gemm.run_fold(self.dev, &a, &w, out, fold, m, n, d)?;
             self.dev.sync()
         };
@@ -495,15 +521,15 @@ impl<'d> Fixture<'d> {
                 })?;
                 let want = (0..m * width)
                     .map(|i| {
-                        let (r, c) = (i / width, i % width);
+                        let (row, c) = (i / width, i % width);
                         if swiglu {
                             // Output column 8 b + i: gate row 16 b + i, up row 16 b + 8 + i.
                             let (b, j) = (c / 8, c % 8);
-                            let g = scaled(r, 16 * b + j);
-                            let u = scaled(r, 16 * b + 8 + j);
+                            let g = scaled(row, 16 * b + j);
+                            let u = scaled(row, 16 * b + 8 + j);
                             (g / (1.0 + (-g).exp()) * u) as f32
                         } else {
-                            scaled(r, c) as f32
+                            scaled(row, c) as f32
                         }
                     })
                     .collect();
@@ -517,14 +543,10 @@ impl<'d> Fixture<'d> {
             }
         };
         let e = check::rel_l2(&got, &want);
+        let (lo, hi) = r.range;
         Ok((
             e,
-            format!(
-                "rel L2 {e:.2e} ({} rows scaled by {:.3}..{:.3})",
-                m,
-                min(&s),
-                max(&s)
-            ),
+            format!("rel L2 {e:.2e} ({m} rows scaled by {lo:.3}..{hi:.3})"),
         ))
     }
 
