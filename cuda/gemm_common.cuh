@@ -80,8 +80,9 @@ __device__ __forceinline__ float gemm_norm_scale(const DllmNormEpi& e, float tot
 
 // The row scales of ROWS rows m[r] (rows past M read nothing) for LANES lanes that share those rows,
 // xor-adjacent at lane stride STRIDE (LANES a power of two; `sub` = this lane's index among them):
-// each lane sums the partials p = sub, sub + LANES, ... of every row (all rows' loads of a few
-// p in flight at once), the xor tree combines the lanes' sums in a fixed order (the same bits in
+// each lane sums its share of every row's partials (a contiguous run of float4s where the count
+// allows, else p = sub, sub + LANES, ...; all rows' loads in flight at once), the xor tree
+// combines the lanes' sums in a fixed order (the same bits in
 // every lane and run). The loads bypass L1 (__ldcg): in the layer tail the sums were written by other
 // blocks earlier in the same launch. Every lane of the warp calls it.
 template <int ROWS, int LANES, int STRIDE>
@@ -89,11 +90,25 @@ __device__ __forceinline__ void gemm_norm_row_scales(const DllmNormEpi& e, const
                                                      float (&out)[ROWS]) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) out[r] = 0.0f;
+    if (e.parts % (4 * LANES) == 0 && ((uintptr_t)e.sq_in & 15u) == 0) {
+        // Whole float4s (LLaDA-8B: 128 partials, 4 float4s per lane and row in the stream kernel):
+        // each lane sums its contiguous share of each row, every row's loads in flight at once.
+        const int quads = e.parts / (4 * LANES);
 #pragma unroll 4
-    for (int p = sub; p < e.parts; p += LANES)
+        for (int i = 0; i < quads; ++i)
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r)
-            if (m[r] < M) out[r] += __ldcg(e.sq_in + (size_t)m[r] * e.parts + p);
+            for (int r = 0; r < ROWS; ++r)
+                if (m[r] < M) {
+                    const float4 v = __ldcg((const float4*)(e.sq_in + (size_t)m[r] * e.parts) + sub * quads + i);
+                    out[r] += (v.x + v.y) + (v.z + v.w);
+                }
+    } else {
+#pragma unroll 4
+        for (int p = sub; p < e.parts; p += LANES)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+                if (m[r] < M) out[r] += __ldcg(e.sq_in + (size_t)m[r] * e.parts + p);
+    }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
