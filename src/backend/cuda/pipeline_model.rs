@@ -6,7 +6,8 @@
 //! phase/parity arithmetic. Random interleavings of every actor and every in-flight copy check that the
 //! protocol never deadlocks, that a consumer only reads a slot holding all the bytes of its own
 //! step, and that no copy overwrites a slot a consumer of either block still needs. A third model
-//! covers the fused MLP's two jobs through one stream ring with a grid-wide gate between them.
+//! covers the fused MLP's two jobs and the layer tail's three through one stream ring, with a
+//! grid-wide gate before each later job.
 //! Test-only: the kernels themselves are checked on the GPU by the load-time self-test.
 
 /// An mbarrier: `count` arrivals plus a transaction byte count complete a phase.
@@ -327,22 +328,43 @@ fn simulate(p: Protocol, k_tiles: usize, seed: u64) -> usize {
     }
 }
 
-/// The fused MLP's two jobs (`gemm_stream_mlp_mg*`, `gemm_mlp.rs`): each block streams `n1[b]`
-/// chunks of the first job and then `n2[b]` of the second through one ring, the position carried
+/// The fused MLP's jobs through one stream ring (`gemm_stream_mlp_mg*`: gate/up then down;
+/// `gemm_stream_tail_mg*`: the attention-output projection first; `gemm_mlp.rs`): block `b`
+/// streams `jobs[j][b]` chunks of job `j`, one job after the other, the ring position carried
 /// over (step numbers continue). For each job the producer waits on the `empty` barrier of each
 /// step's slot with the kernel's parity (`(t / stages) & 1 ^ 1`, which a fresh barrier passes),
 /// issues the weight part of the job's first `min(n, stages)` steps, passes the job's gate, then
-/// issues their activation parts, then the remaining steps whole. The second job's gate opens
-/// once every block's consumers have finished the first job (`gate` false: no gate, a deliberate
-/// bug). Panics on a deadlock, on a consumer reading a slot without both parts of its step, on a
-/// copy landing in a slot being read, and on a second-job activation copy (the first job's
-/// output) issued before every block finished the first job. Returns the events run.
-fn simulate_jobs(stages: usize, n1: &[usize], n2: &[usize], gate: bool, seed: u64) -> usize {
+/// issues their activation parts, then the remaining steps whole. Job `j`'s gate opens once every
+/// block's consumers have finished jobs `0..j` (`missing_gate` Some(j): job j has no gate, a
+/// deliberate bug). Panics
+/// on a deadlock, on a consumer reading a slot without both parts of its step, on a copy landing
+/// in a slot being read, and on a later job's activation copy (the job before's output) issued
+/// before every block finished the job before. Returns the events run.
+fn simulate_jobs(
+    stages: usize,
+    jobs: &[&[usize]],
+    missing_gate: Option<usize>,
+    seed: u64,
+) -> usize {
     const CONSUMERS: usize = 4;
     const A_BYTES: i64 = 120;
     const W_BYTES: i64 = 60;
-    let blocks = n1.len();
-    let total: Vec<usize> = (0..blocks).map(|b| n1[b] + n2[b]).collect();
+    let blocks = jobs[0].len();
+    // First step of each job per block, and every block's total.
+    let starts: Vec<Vec<usize>> = (0..blocks)
+        .map(|b| {
+            jobs.iter()
+                .scan(0, |t, n| {
+                    let t0 = *t;
+                    *t += n[b];
+                    Some(t0)
+                })
+                .collect()
+        })
+        .collect();
+    let total: Vec<usize> = (0..blocks)
+        .map(|b| jobs.iter().map(|n| n[b]).sum())
+        .collect();
     let mut full = vec![vec![Barrier::new(1); stages]; blocks];
     let mut empty = vec![vec![Barrier::new(CONSUMERS as u32); stages]; blocks];
     let mut slots = vec![
@@ -356,15 +378,16 @@ fn simulate_jobs(stages: usize, n1: &[usize], n2: &[usize], gate: bool, seed: u6
         blocks
     ];
     // The producer's program per block: (step, part) issues, part 0 = A, 1 = W, 2 = both, and
-    // u8::MAX = the gate of the second job.
+    // u8::MAX = the gate of job `step`.
     let program: Vec<Vec<(usize, u8)>> = (0..blocks)
         .map(|b| {
             let mut prog = Vec::new();
-            for (job, (t0, n)) in [(0, n1[b]), (n1[b], n2[b])].into_iter().enumerate() {
+            for (j, n) in jobs.iter().enumerate() {
+                let (t0, n) = (starts[b][j], n[b]);
                 let pre = n.min(stages);
                 prog.extend((t0..t0 + pre).map(|t| (t, 1u8)));
-                if job == 1 && gate {
-                    prog.push((0, u8::MAX));
+                if j > 0 && missing_gate != Some(j) {
+                    prog.push((j, u8::MAX));
                 }
                 prog.extend((t0..t0 + pre).map(|t| (t, 0u8)));
                 prog.extend((t0 + pre..t0 + n).map(|t| (t, 2u8)));
@@ -378,16 +401,21 @@ fn simulate_jobs(stages: usize, n1: &[usize], n2: &[usize], gate: bool, seed: u6
     let mut flight: Vec<(usize, usize, usize, usize)> = Vec::new();
     let mut rng = Rng(seed | 1);
     let mut events = 0;
-    let job1_done = |consumer: &Vec<Vec<(usize, bool)>>| {
-        (0..blocks).all(|b| consumer[b].iter().all(|&(n, _)| n >= n1[b]))
+    // Whether every block's consumers finished jobs 0..j.
+    let done_before = |consumer: &Vec<Vec<(usize, bool)>>, j: usize| {
+        (0..blocks).all(|b| {
+            let end = starts[b][j];
+            consumer[b].iter().all(|&(n, _)| n >= end)
+        })
     };
+    // The job step t of block b belongs to.
+    let job_of = |b: usize, t: usize| starts[b].iter().rposition(|&t0| t0 <= t).unwrap_or(0);
     loop {
         let mut moves: Vec<(u8, usize, usize)> = Vec::new();
-        let all_done_job1 = job1_done(&consumer);
         for b in 0..blocks {
             if let Some(&(t, part)) = program[b].get(pc[b]) {
                 let ready = if part == u8::MAX {
-                    all_done_job1
+                    done_before(&consumer, t)
                 } else if part == 0 {
                     true
                 } else {
@@ -436,10 +464,13 @@ fn simulate_jobs(stages: usize, n1: &[usize], n2: &[usize], gate: bool, seed: u6
                     flight.push((b, s, 1, t));
                 }
                 if part != 1 {
+                    let j = job_of(b, t);
                     assert!(
-                        t < n1[b] || job1_done(&consumer),
-                        "block {b} requests step {t}'s activations (the first job's output) \
-                         before every block finished the first job"
+                        j == 0 || done_before(&consumer, j),
+                        "block {b} requests step {t}'s activations (job {}'s output) before \
+                         every block finished job {}",
+                        j.saturating_sub(1),
+                        j.saturating_sub(1)
                     );
                     flight.push((b, s, 0, t));
                 }
@@ -564,37 +595,51 @@ mod tests {
         }
     }
 
-    /// The fused MLP's two jobs through one ring, blocks with different chunk counts (fewer
-    /// than, equal to and more than the ring's stages in either job).
+    /// The fused MLP's two jobs and the layer tail's three through one ring, blocks with
+    /// different chunk counts (fewer than, equal to and more than the ring's stages in each job;
+    /// a block with no chunk of a job).
     #[test]
-    fn the_fused_mlp_jobs_share_the_ring_without_deadlock_or_early_reads() {
-        let cases: [(&[usize], &[usize]); 4] = [
-            (&[1, 2], &[1, 3]),
-            (&[5, 4, 7], &[2, 9, 5]),
-            (&[12, 11], &[6, 6]),
-            (&[3, 3, 3, 3], &[8, 1, 2, 5]),
+    fn the_fused_jobs_share_the_ring_without_deadlock_or_early_reads() {
+        let cases: [&[&[usize]]; 6] = [
+            &[&[1, 2], &[1, 3]],
+            &[&[5, 4, 7], &[2, 9, 5]],
+            &[&[12, 11], &[6, 6]],
+            &[&[3, 3, 3, 3], &[8, 1, 2, 5]],
+            &[&[2, 7, 1], &[5, 4, 7], &[2, 9, 5]],
+            &[&[4, 0], &[1, 6], &[9, 3]],
         ];
         for stages in [2, 3, 5] {
-            for (n1, n2) in cases {
+            for jobs in cases {
                 for seed in 0..30u64 {
-                    let events = simulate_jobs(stages, n1, n2, true, seed * 6151 + 5);
+                    let events = simulate_jobs(stages, jobs, None, seed * 6151 + 5);
                     // Per step: the weight and activation issues (one when whole), 2 copies,
-                    // 4 reads and 4 releases; per block the gate.
-                    let steps: usize = n1.iter().chain(n2).sum();
-                    let split: usize = n1.iter().chain(n2).map(|&n| n.min(stages)).sum();
-                    assert_eq!(events, steps * 11 + split + n1.len());
+                    // 4 reads and 4 releases; per block and later job its gate.
+                    let all = || jobs.iter().flat_map(|n| n.iter());
+                    let steps: usize = all().sum();
+                    let split: usize = all().map(|&n| n.min(stages)).sum();
+                    let gates = jobs[0].len() * (jobs.len() - 1);
+                    assert_eq!(events, steps * 11 + split + gates, "{jobs:?} {stages}");
                 }
             }
         }
     }
 
-    /// Without the grid gate a producer requests the first job's output before every block
-    /// has written it: the model catches that.
+    /// Without its grid gate a producer requests a job's input before every block has written
+    /// it: the model catches that.
     #[test]
-    #[should_panic(expected = "before every block finished the first job")]
+    #[should_panic(expected = "before every block finished job 0")]
     fn the_fused_mlp_without_its_grid_gate_is_caught() {
         for seed in 0..200u64 {
-            simulate_jobs(3, &[6, 2], &[4, 4], false, seed * 131 + 1);
+            simulate_jobs(3, &[&[6, 2], &[4, 4]], Some(1), seed * 131 + 1);
+        }
+    }
+
+    /// The same for the layer tail's second gate (before its third job, down).
+    #[test]
+    #[should_panic(expected = "before every block finished job 1")]
+    fn the_layer_tail_without_its_second_gate_is_caught() {
+        for seed in 0..200u64 {
+            simulate_jobs(3, &[&[2, 2], &[6, 2], &[4, 4]], Some(2), seed * 131 + 1);
         }
     }
 }
