@@ -1424,7 +1424,7 @@ impl Gemm {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        let job = self.variant_plan(self.variant_for_m(m), m, n, k)?;
+        let job = self.run_plan_for(m, n, k)?;
         self.launch(dev, job, a, w, out, fold, m, n, k)
     }
 
@@ -1434,9 +1434,7 @@ impl Gemm {
     pub fn norm_fold_serves(&self, m: usize, n: usize, k: usize) -> bool {
         n % super::gemm_norm::GROUP_COLS == 0
             && k % super::gemm_norm::GROUP_COLS == 0
-            && self
-                .variant_plan(self.variant_for_m(m), m, n, k)
-                .is_ok_and(|p| p.has_norm_fold())
+            && self.run_plan_for(m, n, k).is_ok_and(|p| p.has_norm_fold())
     }
 
     /// Whether [`Gemm::run`] would run `m × n × k` on a kernel with the RoPE epilogue
@@ -1444,8 +1442,13 @@ impl Gemm {
     pub fn rope_epilogue_serves(&self, m: usize, n: usize, k: usize) -> bool {
         n % 16 == 0
             && self
-                .variant_plan(self.variant_for_m(m), m, n, k)
+                .run_plan_for(m, n, k)
                 .is_ok_and(|p| p.has_rope_epilogue())
+    }
+
+    /// The plan [`Gemm::run`] launches for `m × n × k`.
+    fn run_plan_for(&self, m: usize, n: usize, k: usize) -> Result<GemmPlan> {
+        self.variant_plan(self.variant_for_m(m), m, n, k)
     }
 
     /// The plan [`Gemm::run_variant`] launches for `variant`.

@@ -399,6 +399,34 @@ struct MlpOutputs {
     sq_ff: CudaSlice<f32>,
 }
 
+impl MlpOutputs {
+    /// Every output downloaded as bits to compare (an f32 as its two halves), with its name and
+    /// row width in those units, for `(hidden, inter, partial sums per row)`.
+    fn bits(
+        &self,
+        dev: &CudaDevice,
+        (hidden, inter, parts): (usize, usize, usize),
+    ) -> Result<[(&'static str, Vec<u16>, usize); 6]> {
+        let f32_bits = |s: &CudaSlice<f32>| -> Result<Vec<u16>> {
+            Ok(download(dev, s)?
+                .iter()
+                .flat_map(|v| {
+                    let b = v.to_bits();
+                    [(b >> 16) as u16, b as u16]
+                })
+                .collect())
+        };
+        Ok([
+            ("h", download(dev, &self.h)?, inter),
+            ("residual", f32_bits(&self.r)?, 2 * hidden),
+            ("xa", download(dev, &self.xa)?, hidden),
+            ("sq_attn", f32_bits(&self.sq_attn)?, 2 * parts),
+            ("xn", download(dev, &self.xn)?, hidden),
+            ("sq_ff", f32_bits(&self.sq_ff)?, 2 * parts),
+        ])
+    }
+}
+
 /// The operands of one case.
 struct MlpOperands {
     o: CudaSlice<u16>,
@@ -477,55 +505,12 @@ fn check_case(
     apart(&mut reference)?;
     fused(&mut got)?;
     dev.sync()?;
-    let f32_bits = |s: &CudaSlice<f32>| -> Result<Vec<u16>> {
-        // Compared bit for bit: both halves of each f32.
-        Ok(download(dev, s)?
-            .iter()
-            .flat_map(|v| {
-                let b = v.to_bits();
-                [(b >> 16) as u16, b as u16]
-            })
-            .collect())
-    };
-    let pairs = [
-        (
-            "h",
-            download(dev, &got.h)?,
-            download(dev, &reference.h)?,
-            inter,
-        ),
-        (
-            "residual",
-            f32_bits(&got.r)?,
-            f32_bits(&reference.r)?,
-            2 * hidden,
-        ),
-        (
-            "xa",
-            download(dev, &got.xa)?,
-            download(dev, &reference.xa)?,
-            hidden,
-        ),
-        (
-            "sq_attn",
-            f32_bits(&got.sq_attn)?,
-            f32_bits(&reference.sq_attn)?,
-            2 * parts.max(1),
-        ),
-        (
-            "xn",
-            download(dev, &got.xn)?,
-            download(dev, &reference.xn)?,
-            hidden,
-        ),
-        (
-            "sq_ff",
-            f32_bits(&got.sq_ff)?,
-            f32_bits(&reference.sq_ff)?,
-            2 * parts.max(1),
-        ),
-    ];
-    let mismatch = pairs.iter().find_map(|(what, g, r, width)| {
+    let dims = (hidden, inter, parts.max(1));
+    let mut pairs = got
+        .bits(dev, dims)?
+        .into_iter()
+        .zip(reference.bits(dev, dims)?);
+    let mismatch = pairs.find_map(|((what, g, width), (_, r, _))| {
         (0..g.len()).find(|&i| g[i] != r[i]).map(|i| {
             format!(
                 "{what}[{}, {}] differs from the separate launches' ({:#06x} vs {:#06x}; {plan:?})",

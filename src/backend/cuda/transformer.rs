@@ -1212,7 +1212,7 @@ impl CudaTransformer {
             let fused = self.kernels.fused_swiglu;
             // Empty views without the fold (its buffers are then one element).
             let (mut xa, mut sq_attn) = (
-                st.xa.slice_mut(0..rows * fold.cols),
+                st.xa.slice_mut(0..rows * fold.cols()),
                 st.sq_attn.slice_mut(0..rows * fold.parts),
             );
             let down_prep = next_norm.as_ref().map(|gamma| NormPrep {

@@ -19,9 +19,6 @@ pub(super) struct FoldPlan {
     pub ff: bool,
     /// Partial sums per row (`d_model / 32`; 0 when nothing is folded).
     pub parts: usize,
-    /// Columns per row of the `x ⊙ γ` buffers (`d_model`; 0 when nothing is folded: the fold's
-    /// buffers are then one element, so views of them must be empty).
-    pub cols: usize,
     /// The norms' epsilon.
     pub eps: f32,
 }
@@ -46,9 +43,14 @@ impl FoldPlan {
             attn,
             ff,
             parts: if attn || ff { d / GROUP_COLS } else { 0 },
-            cols: if attn || ff { d } else { 0 },
             eps,
         }
+    }
+
+    /// Columns per row of the `x ⊙ γ` buffers (`d_model`; 0 when nothing is folded: the fold's
+    /// buffers are then one element, so views of them must be empty).
+    pub fn cols(&self) -> usize {
+        self.parts * GROUP_COLS
     }
 
     /// The row scale of a consumer reading the partial sums `sq`.
@@ -93,8 +95,8 @@ mod tests {
         let off = FoldPlan::new(&kernels(false), LLADA_8B, false, 1e-5, |_, _| true);
         assert!(!off.attn && !off.ff);
         // Without the fold its buffers are one element: every view of them is empty.
-        assert_eq!((off.parts, off.cols), (0, 0));
-        assert_eq!(p.cols, 4096);
+        assert_eq!((off.parts, off.cols()), (0, 0));
+        assert_eq!(p.cols(), 4096);
         let naive = KernelChoice {
             norm_fold: true,
             ..KernelChoice::reference()
