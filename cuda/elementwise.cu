@@ -201,6 +201,32 @@ extern "C" __global__ void gather_rows_f32(const float* __restrict__ src, const 
     }
 }
 
+// Strided bf16 row gather: out bf16 [n_idx, width] = columns [0, width) of the rows idx[0..n_idx)
+// of src (row stride src_stride). Takes the query rows' q out of the fused QKV matrix when the
+// last layer runs only for the rows a prediction reads. Two columns per thread when the stride
+// and width are even and both pointers 4-byte aligned (every pair then aligned), else one.
+extern "C" __global__ void gather_rows_bf16(const uint16_t* __restrict__ src, int src_stride,
+                                            const int* __restrict__ idx, uint16_t* __restrict__ out,
+                                            int n_idx, int width) {
+    dllm_pdl_entry();
+    const bool pairs = ((src_stride | width) & 1) == 0 &&
+                       ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(out)) & 3) == 0;
+    const int per_row = pairs ? width / 2 : width;
+    const size_t total = (size_t)n_idx * per_row;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = t / per_row;
+        const int j = (int)(t % per_row);
+        const size_t row = (size_t)idx[r] * src_stride;
+        if (pairs) {
+            reinterpret_cast<uint32_t*>(out)[r * per_row + j] =
+                reinterpret_cast<const uint32_t*>(src + row)[j];
+        } else {
+            out[r * width + j] = src[row + j];
+        }
+    }
+}
+
 // Strided bf16 block copy: for row r < rows and column j < width,
 //   dst[dst_row(r) * dst_stride + dst_col + j] = src[r * src_stride + src_col + j]
 // with dst_row(r) = (r / rows_per_seq) * dst_seq_rows + dst_row_offset + (r % rows_per_seq).

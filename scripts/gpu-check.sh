@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl csplit rope fold combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
+#   stages: smi check synth bench benchoff benchnostream benchpdl csplit rope fold qll combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -52,7 +52,7 @@ STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Session 11 … the next GPU call") asks for, as one word; `next2`
 # the second. The PyTorch peer runs right after the default workloads: the ratios need both from
 # one call, and a call cut off at the device's limit keeps every stage packed before it.
-STAGES=${STAGES//next2/synth fold mlp blocks99 keys264 ring2 ncustream summary pack}
+STAGES=${STAGES//next2/synth fold qll mlp blocks99 keys264 ring2 ncustream summary pack}
 STAGES=${STAGES//next/smi check synth bench peer csplit rope combo sanitize summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
@@ -211,11 +211,11 @@ for s in $STAGES; do
         BENCH_ENV="DLLM_GEMM_CLUSTER_SPLIT=1" workloads _csplit 1
         ;;
     combo)
-        # Sessions 10 and 11's opt-ins together (cluster split, RoPE epilogue, per-shape stream
-        # blocks, the RMSNorm fold):
+        # Sessions 10 to 12's opt-ins together (cluster split, RoPE epilogue, per-shape stream
+        # blocks, the RMSNorm fold, the narrowed last layer):
         # the three workloads, for the combined gain once each has passed its own stage.
         # The model checks with all of them on first: each stage checks one switch alone.
-        COMBO="DLLM_GEMM_CLUSTER_SPLIT=1 DLLM_FUSED_ROPE=1 DLLM_GEMM_STREAM_BLOCKS=auto DLLM_NORM_FOLD=1"
+        COMBO="DLLM_GEMM_CLUSTER_SPLIT=1 DLLM_FUSED_ROPE=1 DLLM_GEMM_STREAM_BLOCKS=auto DLLM_NORM_FOLD=1 DLLM_QUERY_LAST_LAYER=1"
         stage combo "${T_CHECK:-180}" env $COMBO "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_combo.json"
         BENCH_ENV="$COMBO" workloads _combo 1
         ;;
@@ -237,6 +237,16 @@ for s in $STAGES; do
         done
         BENCH_ENV="DLLM_NORM_FOLD=1" workloads _fold 1
         BENCH_ENV="DLLM_NORM_FOLD=1 DLLM_FUSED_MLP=1" workloads _tail 1
+        ;;
+    qll)
+        # The last layer of a full step only for the rows it predicts (DLLM_QUERY_LAST_LAYER=1,
+        # opt-in, written in session 12 without a GPU: keys and values still for every row).
+        # `check` already runs model.query last layer (two models differing only in the switch:
+        # step logits within bf16 tolerance, a refresh's cache bit for bit, greedy generation);
+        # here every model check with the switch on, then the three workloads (b1 none and the
+        # refreshes are what it is for: ~1-2 % of a full step expected).
+        stage qll "${T_CHECK:-180}" env DLLM_QUERY_LAST_LAYER=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_qll.json"
+        BENCH_ENV="DLLM_QUERY_LAST_LAYER=1" workloads _qll 1
         ;;
     keys264)
         # The key-group attention on the b1 full step's grid too (DLLM_ATTN_KEYS_UNITS=264: plain
@@ -476,7 +486,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_fold", "fold"), ("_tail", "tail"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_fold", "fold"), ("_tail", "tail"), ("_qll", "qll"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):
@@ -565,7 +575,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl csplit rope fold combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl csplit rope fold qll combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

@@ -123,13 +123,13 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     let (ok, log, out) = run_script(
         "stages",
         &[
-            "bench", "csplit", "rope", "fold", "combo", "keys264", "summary",
+            "bench", "csplit", "rope", "fold", "qll", "combo", "keys264", "summary",
         ],
     );
     assert!(ok, "a stage failed:\n{log}");
     // The workloads run as one suite per variant, with the variant's switches.
     let suites: Vec<&str> = log.lines().filter(|l| l.contains("--suite")).collect();
-    assert_eq!(suites.len(), 6, "{log}");
+    assert_eq!(suites.len(), 7, "{log}");
     let suite = |suffix: &str| {
         suites
             .iter()
@@ -140,6 +140,7 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     assert!(suite("_csplit").contains("DLLM_GEMM_CLUSTER_SPLIT=1"));
     assert!(suite("_rope").contains("DLLM_FUSED_ROPE=1"));
     assert!(suite("_fold").contains("DLLM_NORM_FOLD=1"));
+    assert!(suite("_qll").contains("DLLM_QUERY_LAST_LAYER=1"));
     assert!(
         suite("_tail").contains("DLLM_NORM_FOLD=1") && suite("_tail").contains("DLLM_FUSED_MLP=1")
     );
@@ -149,12 +150,13 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
         "DLLM_FUSED_ROPE=1",
         "DLLM_GEMM_STREAM_BLOCKS=auto",
         "DLLM_NORM_FOLD=1",
+        "DLLM_QUERY_LAST_LAYER=1",
     ] {
         assert!(combo.contains(var), "{combo}");
     }
     assert!(suites.iter().any(|l| l.contains("--profile")), "{log}");
     // Each suite's reports are where the summary looks for them.
-    for suffix in ["", "_csplit", "_rope", "_fold", "_tail", "_combo"] {
+    for suffix in ["", "_csplit", "_rope", "_fold", "_tail", "_qll", "_combo"] {
         for w in ["b1_dual_k4", "b8_dual_k4", "b1_none_k1"] {
             let f = out.join(format!("bench_{w}{suffix}.json"));
             assert!(f.exists(), "{} missing", f.display());
@@ -172,6 +174,7 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
         "check_rope.json",
         "check_fold.json",
         "check_fold_mlp.json",
+        "check_qll.json",
         "check_combo.json",
         "check_keys264.json",
     ] {
@@ -193,7 +196,7 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     }
     // The summary read them all.
     let summary = fs::read_to_string(out.join("summary.txt")).unwrap();
-    for label in ["cspl", "rope", "fold", "tail", "combo", "k264"] {
+    for label in ["cspl", "rope", "fold", "tail", "qll", "combo", "k264"] {
         assert!(summary.contains(label), "summary lacks {label}:\n{summary}");
     }
     let _ = fs::remove_dir_all(out.parent().unwrap());
@@ -235,6 +238,8 @@ fn next_expands_to_the_planned_stages() {
         "fold",
         "fold_mlp",
         "bench_suite_fold",
+        "qll",
+        "bench_suite_qll",
         "bench_suite_mlp",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not run: {names:?}");

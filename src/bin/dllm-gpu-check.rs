@@ -13,7 +13,7 @@ use clap::Parser;
 use dllm::backend::cuda::check::{self, BenchResult, CheckResult};
 use dllm::backend::cuda::memory::StepBuffers;
 use dllm::backend::cuda::nvcc::Image;
-use dllm::backend::cuda::transformer::{CudaTransformer, KernelChoice};
+use dllm::backend::cuda::transformer::{query_last_layer_checks, CudaTransformer, KernelChoice};
 use dllm::backend::cuda::{
     attention, elementwise, gemm, gemm_cluster_split, gemm_mlp, gemm_norm, gemm_rope, gemm_sweep,
     gemm_swiglu, kernel_dir, sampling, CudaDevice,
@@ -950,6 +950,13 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
         eng,
     ));
     out.extend(graph_checks(&fast, &prompt, details));
+    out.extend(query_last_layer_checks(
+        dev,
+        &store,
+        &cfg,
+        &prompt,
+        TOL_GEN_MISS,
+    ));
     out.extend(session_graph_checks(&fast, &prompt));
     out.extend(batch_checks(
         "model",

@@ -200,6 +200,7 @@ pub struct Elementwise {
     bf16_to_f32_fn: CudaFunction,
     f32_to_bf16_fn: CudaFunction,
     gather_fn: CudaFunction,
+    gather_bf16_fn: CudaFunction,
     copy_rows_fn: CudaFunction,
     fill_fn: CudaFunction,
 }
@@ -222,6 +223,7 @@ impl Elementwise {
             bf16_to_f32_fn: f("bf16_to_f32")?,
             f32_to_bf16_fn: f("f32_to_bf16")?,
             gather_fn: f("gather_rows_f32")?,
+            gather_bf16_fn: f("gather_rows_bf16")?,
             copy_rows_fn: f("copy_rows_bf16")?,
             fill_fn: f("fill_u32")?,
         })
@@ -701,6 +703,53 @@ impl Elementwise {
         // count by the caller when the index list was built.
         unsafe { b.launch(grid_for(n_idx * d)) }
             .map_err(|e| cuda_err("launch gather_rows_f32", e))?;
+        Ok(())
+    }
+
+    /// `out[i, 0..width] = src[idx[i] · src_stride + 0..width]` (bf16) for every row `i` of
+    /// `idx`: the query rows' q out of the fused QKV matrix. `src_rows` rows of `src` are
+    /// addressable (checked against its length); the caller built `idx` below `src_rows`.
+    pub fn gather_rows_bf16(
+        &self,
+        src: &CudaView<u16>,
+        src_rows: usize,
+        src_stride: usize,
+        idx: &CudaView<i32>,
+        out: &mut CudaViewMut<u16>,
+        width: usize,
+    ) -> Result<()> {
+        let n_idx = idx.len();
+        if n_idx == 0 || width == 0 {
+            return Ok(());
+        }
+        if width > src_stride || src_rows == 0 {
+            return Err(Error::invalid(format!(
+                "elementwise gather_rows_bf16: {width} columns of {src_rows} rows of stride {src_stride}"
+            )));
+        }
+        need(
+            "gather_bf16 src",
+            src.len(),
+            (src_rows - 1) * src_stride + width,
+        )?;
+        need("gather_bf16 idx", idx.len(), n_idx)?;
+        need("gather_bf16 out", out.len(), n_idx * width)?;
+        let a = [
+            to_i32("gather_bf16 src_stride", src_stride)?,
+            to_i32("gather_bf16 rows", n_idx)?,
+            to_i32("gather_bf16 width", width)?,
+        ];
+        let mut b = Launch::new(&self.stream, &self.gather_bf16_fn, self.pdl);
+        b.arg(src)
+            .arg(&a[0])
+            .arg(idx)
+            .arg(out)
+            .arg(&a[1])
+            .arg(&a[2]);
+        // SAFETY: out holds n_idx rows of width; src holds src_rows rows and the caller's
+        // indices are below src_rows.
+        unsafe { b.launch(grid_for(n_idx * width)) }
+            .map_err(|e| cuda_err("launch gather_rows_bf16", e))?;
         Ok(())
     }
 
@@ -1218,8 +1267,32 @@ fn check_gather_copy(dev: &CudaDevice, ew: &Elementwise) -> Result<(f64, String)
     let mut dd = upload(dev, &vec![0xFFFFu16; 2 * 10 * 9])?;
     ew.copy_rows_bf16(&sd2.as_view(), &mut dd.as_view_mut(), c)?;
     let ok2 = download(dev, &dd)? == want2;
-    let e = if ok2 { e1 } else { f64::INFINITY };
-    Ok((e, format!("gather 5 rows of 37, strided copy exact {ok2}")))
+    // bf16 gather: the same 5 rows out of 13 of stride 19, 7 columns (odd: one per thread) and
+    // 8 columns of an even stride 20 (pairs).
+    let mut ok3 = true;
+    for (stride, width) in [(19usize, 7usize), (20, 8)] {
+        let s3: Vec<u16> = (0..rows * stride).map(|i| (i * 7 + 3) as u16).collect();
+        let want3: Vec<u16> = idx
+            .iter()
+            .flat_map(|&i| s3[i as usize * stride..i as usize * stride + width].to_vec())
+            .collect();
+        let sd3 = upload(dev, &s3)?;
+        let mut out3 = upload(dev, &vec![0xFFFFu16; idx.len() * width])?;
+        ew.gather_rows_bf16(
+            &sd3.as_view(),
+            rows,
+            stride,
+            &id.as_view(),
+            &mut out3.as_view_mut(),
+            width,
+        )?;
+        ok3 &= download(dev, &out3)? == want3;
+    }
+    let e = if ok2 && ok3 { e1 } else { f64::INFINITY };
+    Ok((
+        e,
+        format!("gather 5 rows of 37, strided copy exact {ok2}, bf16 gathers exact {ok3}"),
+    ))
 }
 
 /// Checks every element-wise kernel against the CPU reference on odd and model-sized shapes.

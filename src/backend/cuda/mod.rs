@@ -125,6 +125,10 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
             transformer::KernelChoice::from_env().fused_rope,
         ),
         on("norm_fold", transformer::KernelChoice::from_env().norm_fold),
+        on(
+            "query_last_layer",
+            transformer::KernelChoice::from_env().query_last_layer,
+        ),
         ("cache_slots", transformer::cache_slots_from_env().into()),
         (
             "kernel_build",

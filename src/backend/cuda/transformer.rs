@@ -71,10 +71,13 @@ use std::sync::{Arc, Mutex};
 
 mod fold_plan;
 mod graphs;
+mod narrow;
+mod narrow_check;
 mod slots;
 use fold_plan::FoldPlan;
 pub use graphs::{graphs_from_env, session_graphs_from_env};
 use graphs::{rule_is_step_free, GraphSet, ShapeKey, StepKind};
+pub use narrow_check::query_last_layer_checks;
 pub use slots::cache_slots_from_env;
 use slots::{slot_of, CacheSlot};
 
@@ -125,6 +128,11 @@ pub struct KernelChoice {
     /// scales its rows): `DLLM_NORM_FOLD=1` (opt-in: session 11, not yet run on a GPU). Where
     /// either GEMM of a pair runs on a kernel without it, that norm stays a kernel.
     pub norm_fold: bool,
+    /// The last layer of a full step (no-cache steps, dual-cache refreshes) runs its queries,
+    /// attention output and MLP only for the rows the step predicts ([`narrow`]; keys and
+    /// values still for every row): `DLLM_QUERY_LAST_LAYER=1` (opt-in: session 12, not yet run
+    /// on a GPU).
+    pub query_last_layer: bool,
 }
 
 impl KernelChoice {
@@ -137,6 +145,7 @@ impl KernelChoice {
             l2_prefetch: super::env_switch::flag("DLLM_L2_PREFETCH", false),
             fused_rope: super::env_switch::flag("DLLM_FUSED_ROPE", false),
             norm_fold: super::env_switch::flag("DLLM_NORM_FOLD", false),
+            query_last_layer: super::env_switch::flag("DLLM_QUERY_LAST_LAYER", false),
         }
     }
 
@@ -149,6 +158,7 @@ impl KernelChoice {
             l2_prefetch: false,
             fused_rope: false,
             norm_fold: false,
+            query_last_layer: false,
         }
     }
 
@@ -254,6 +264,10 @@ struct State {
     q_idx: CudaSlice<i32>,
     q_pos: CudaSlice<i32>,
     q_host: (Vec<i32>, Vec<i32>),
+    /// Which rows the last forward's last layer finished ([`narrow`]).
+    last_rows: LastLayerRows,
+    /// The LM head's input rows (f32, one chunk); after a narrowed forward, the query rows'
+    /// final residual in query order.
     hq: CudaSlice<f32>,
     hqn: CudaSlice<u16>,
     logits: CudaSlice<f32>,
@@ -265,6 +279,17 @@ struct State {
     /// Shapes the Session path's layers ran at eagerly so far (a shape is graphed from its
     /// second sighting on).
     layer_shapes_seen: HashSet<ShapeKey>,
+}
+
+/// Rows of the last forward whose final residual exists ([`KernelChoice::query_last_layer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LastLayerRows {
+    /// Every row, in `x`.
+    All,
+    /// The current query rows only, in `hq` in query order (the last layer ran only for them).
+    Queries,
+    /// Only rows of queries replaced since: nothing can be predicted before another forward.
+    Stale,
 }
 
 /// LLaDA with every weight resident on one CUDA device.
@@ -624,6 +649,7 @@ impl CudaTransformer {
                 "l2_prefetch" => Some(self.kernels.l2_prefetch.into()),
                 "fused_rope" => Some(self.kernels.fused_rope.into()),
                 "norm_fold" => Some(self.kernels.norm_fold.into()),
+                "query_last_layer" => Some(narrow::allowed(&self.kernels).into()),
                 "kernel_build" => Some(self.dev.describe().into()),
                 _ => None,
             };
@@ -705,6 +731,7 @@ impl CudaTransformer {
             q_idx: alloc(dev, n.rows, "query rows")?,
             q_pos: alloc(dev, n.rows, "query positions")?,
             q_host: (Vec::new(), Vec::new()),
+            last_rows: LastLayerRows::All,
             hq: alloc(dev, n.head_hidden, "query hidden")?,
             hqn: alloc(dev, n.head_hidden, "query normed")?,
             logits: alloc(dev, n.logits, "logits")?,
@@ -970,7 +997,10 @@ impl CudaTransformer {
     /// Runs every layer over rows `start..start + len` of each current canvas. `full` (len ==
     /// seq, start 0) attends within the rows themselves and, with `store_cache`, stores K/V; a
     /// block forward writes its K/V into the cache and attends to the whole cached sequence.
-    /// `kv` picks the cache (a slot holds one canvas: `batch` must then be 1).
+    /// `kv` picks the cache (a slot holds one canvas: `batch` must then be 1). `narrow` (a full
+    /// forward's query rows per canvas, [`narrow::query_rows_per_canvas`] of the current query
+    /// rows) runs the last layer's query side only for the query rows, leaving their final
+    /// residual in `hq` ([`LastLayerRows::Queries`]).
     #[allow(clippy::too_many_arguments)]
     fn layers(
         &self,
@@ -981,6 +1011,7 @@ impl CudaTransformer {
         full: bool,
         store_cache: bool,
         kv_sel: KvSel,
+        narrow: Option<usize>,
     ) -> Result<()> {
         match kv_sel {
             KvSel::Slot(j) if st.batch != 1 || j >= st.slots.len() => {
@@ -1003,6 +1034,8 @@ impl CudaTransformer {
             }
             _ => {}
         }
+        // Until this forward finishes with its query rows (below), `x` holds what there is.
+        st.last_rows = LastLayerRows::All;
         let cfg = &self.cfg;
         let (b, s) = (st.batch, st.seq);
         let (d, h, hd) = (cfg.d_model, cfg.mlp_hidden, cfg.head_dim());
@@ -1045,16 +1078,27 @@ impl CudaTransformer {
             start + len <= t.positions() && kit.gemm.rope_epilogue_serves(rows, qkv_dim, d)
         });
         // The whole MLP in one launch (DLLM_FUSED_MLP=1, batch-1 block steps): the same bits
-        // as the two stream launches.
-        let mlp_fused =
-            self.kernels.fused_swiglu && !self.kernels.naive_gemm && kit.gemm.mlp_serves(rows);
-        let fold = FoldPlan::new(
-            &self.kernels,
-            (d, h, qkv_dim),
-            mlp_fused,
-            cfg.rms_norm_eps,
-            |n, k| kit.gemm.norm_fold_serves(rows, n, k),
-        );
+        // as the two stream launches. And the folded norms. Both per row count: a narrowed
+        // last layer runs its query side on fewer rows.
+        let mlp_fused_at =
+            |m| self.kernels.fused_swiglu && !self.kernels.naive_gemm && kit.gemm.mlp_serves(m);
+        let fold_at = |m, mlp_fused| {
+            FoldPlan::new(
+                &self.kernels,
+                (d, h, qkv_dim),
+                mlp_fused,
+                cfg.rms_norm_eps,
+                |n, k| kit.gemm.norm_fold_serves(m, n, k),
+            )
+        };
+        let (mlp_fused, n_layers) = (mlp_fused_at(rows), self.w.layers.len());
+        let fold = fold_at(rows, mlp_fused);
+        // The narrowed last layer's query side: `b · per` rows.
+        let narrow = narrow.filter(|_| full);
+        let query_side = narrow.map(|per| {
+            let m = b * per;
+            (m, fold_at(m, mlp_fused_at(m)), mlp_fused_at(m))
+        });
         for (li, lw) in self.w.layers.iter().enumerate() {
             {
                 // RoPE on q and k, and (block forward, or a full forward that stores the cache)
@@ -1132,18 +1176,45 @@ impl CudaTransformer {
                     self.mark("rope_kv")?;
                 }
             }
+            // The narrowed last layer: the query rows' q (into `xn`, free until the MLP norm)
+            // and residual (into `hq`).
+            let narrowed = narrow.filter(|_| li + 1 == n_layers);
+            if let Some(per) = narrowed {
+                let nq = b * per;
+                self.ew.gather_rows_bf16(
+                    &st.qkv.slice(0..rows * qkv_dim),
+                    rows,
+                    qkv_dim,
+                    &st.q_idx.slice(0..nq),
+                    &mut st.xn.slice_mut(0..nq * d),
+                    d,
+                )?;
+                self.ew.gather_rows_f32(
+                    &st.x.slice(0..rows * d),
+                    &st.q_idx.slice(0..nq),
+                    &mut st.hq.slice_mut(0..nq * d),
+                    nq,
+                    d,
+                )?;
+                self.mark("narrow.gather")?;
+            }
             {
-                let qkv = st.qkv.slice(0..rows * qkv_dim);
-                let mut out = st.attn.slice_mut(0..rows * d);
+                // Query rows per canvas, and where their q sits.
+                let sq = narrowed.unwrap_or(len);
+                let (q, q_stride) = match narrowed {
+                    Some(_) => (st.xn.slice(0..b * sq * d), d),
+                    None => (st.qkv.slice(0..rows * qkv_dim), qkv_dim),
+                };
+                let mut out = st.attn.slice_mut(0..b * sq * d);
                 if full {
                     let shape = AttnShape {
                         batch: b,
-                        sq: len,
+                        sq,
                         skv: len,
                         n_heads: cfg.n_heads,
                         n_kv_heads: cfg.n_kv_heads,
                         head_dim: hd,
-                        q_stride: qkv_dim,
+                        q_stride,
                         o_stride: d,
                         kv_stride: qkv_dim,
                         kv_batch_stride: len,
@@ -1153,7 +1224,7 @@ impl CudaTransformer {
                     // A padded batch excludes each canvas's padding keys; every other full
                     // forward attends to all `len` keys, as without a length buffer.
                     let lens = st.padded.then(|| st.kv_len.slice(0..b));
-                    self.attention(&qkv, &kview, &vview, &mut out, lens.as_ref(), &shape)?;
+                    self.attention(&q, &kview, &vview, &mut out, lens.as_ref(), &shape)?;
                 } else {
                     let shape = AttnShape {
                         batch: b,
@@ -1173,10 +1244,21 @@ impl CudaTransformer {
                             (st.slots[j].k[li].as_view(), st.slots[j].v[li].as_view())
                         }
                     };
-                    self.attention(&qkv, &kc, &vc, &mut out, None, &shape)?;
+                    self.attention(&q, &kc, &vc, &mut out, None, &shape)?;
                 }
             }
             self.mark("attention")?;
+            // From here on the narrowed layer runs on its query rows only, their residual in
+            // `hq` (the LM head reads it there).
+            let (rows, fold, mlp_fused) = match (narrowed, query_side) {
+                (Some(_), Some(side)) => side,
+                _ => (rows, fold, mlp_fused),
+            };
+            let x = if narrowed.is_some() {
+                &mut st.hq
+            } else {
+                &mut st.x
+            };
             // The layer tail: the attention-output projection as the fused MLP's first job.
             let tail = mlp_fused && fold.ff && kit.gemm.mlp_tail_serves(rows);
             if !tail {
@@ -1194,7 +1276,7 @@ impl CudaTransformer {
                     "gemm.attn_out",
                     &st.attn.slice(0..rows * d),
                     &lw.attn_out.as_view(),
-                    GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
+                    GemmOut::AddF32(x.slice_mut(0..rows * d)),
                     fold.prep(prep),
                     rows,
                     d,
@@ -1248,7 +1330,7 @@ impl CudaTransformer {
                     &lw.gate_up.as_view(),
                     &mut st.act.slice_mut(0..rows * h),
                     &lw.ff_out.as_view(),
-                    &mut st.x.slice_mut(0..rows * d),
+                    &mut x.slice_mut(0..rows * d),
                     (rows, d, h),
                     (fold.prep(None), fold.prep(down_prep)),
                 )?;
@@ -1260,7 +1342,7 @@ impl CudaTransformer {
                 // the attention-output projection above wrote x ⊙ γ and the partial sums.
                 if !fold.ff {
                     self.norm(
-                        &st.x.slice(0..rows * d),
+                        &x.slice(0..rows * d),
                         &lw.ff_norm.as_view(),
                         &mut st.xn,
                         rows,
@@ -1278,7 +1360,7 @@ impl CudaTransformer {
                     &lw.gate_up.as_view(),
                     &mut st.act.slice_mut(0..rows * h),
                     &lw.ff_out.as_view(),
-                    &mut st.x.slice_mut(0..rows * d),
+                    &mut x.slice_mut(0..rows * d),
                     (rows, d, h),
                     (fold_up, fold.prep(down_prep)),
                 )?;
@@ -1313,7 +1395,7 @@ impl CudaTransformer {
                 self.norm_gemm(
                     kit,
                     op,
-                    &st.x.slice(0..rows * d),
+                    &x.slice(0..rows * d),
                     &lw.ff_norm.as_view(),
                     &mut st.xn,
                     &lw.gate_up.as_view(),
@@ -1336,12 +1418,15 @@ impl CudaTransformer {
                 "gemm.down",
                 &st.act.slice(0..rows * h),
                 &lw.ff_out.as_view(),
-                GemmOut::AddF32(st.x.slice_mut(0..rows * d)),
+                GemmOut::AddF32(x.slice_mut(0..rows * d)),
                 fold.prep(down_prep),
                 rows,
                 d,
                 h,
             )?;
+        }
+        if narrow.is_some() {
+            st.last_rows = LastLayerRows::Queries;
         }
         st.fwd_len = len;
         Ok(())
@@ -1355,7 +1440,7 @@ impl CudaTransformer {
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
         let seq = st.seq;
-        self.layers(&self.kit, st, 0, seq, true, store_cache, KvSel::Main)?;
+        self.layers(&self.kit, st, 0, seq, true, store_cache, KvSel::Main, None)?;
         Self::full_forward_done(st, StepKind::Full { store_cache });
         Ok(())
     }
@@ -1368,7 +1453,7 @@ impl CudaTransformer {
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
         Self::check_block(st, start, len)?;
-        self.layers(&self.kit, st, start, len, false, true, KvSel::Main)
+        self.layers(&self.kit, st, start, len, false, true, KvSel::Main, None)
     }
 
     fn check_block(st: &State, start: usize, len: usize) -> Result<()> {
@@ -1413,6 +1498,9 @@ impl CudaTransformer {
                 .memcpy_htod(&pos, &mut st.q_pos.slice_mut(0..n))
                 .map_err(|e| cuda_err("upload query positions", e))?;
             st.q_host = (idx, pos);
+            if st.last_rows == LastLayerRows::Queries {
+                st.last_rows = LastLayerRows::Stale;
+            }
             self.mark("upload")?;
         }
         Ok(())
@@ -1472,17 +1560,30 @@ impl CudaTransformer {
         let n = st.q_host.0.len();
         let chunk = HEAD_CHUNK_ROWS.min(st.hq.len() / d);
         let head_w = self.w.head.as_ref().unwrap_or(&self.w.wte);
+        // After a narrowed forward `hq` already holds every query row's final residual.
+        let gathered = match st.last_rows {
+            LastLayerRows::All => false,
+            LastLayerRows::Queries if n <= chunk => true,
+            _ => {
+                return Err(Error::State(format!(
+                    "the last forward finished its last layer only for other query rows than \
+                     these {n}: run a forward for them first"
+                )))
+            }
+        };
         let mut c0 = 0;
         while c0 < n {
             let rows = chunk.min(n - c0);
-            self.ew.gather_rows_f32(
-                &st.x.as_view(),
-                &st.q_idx.slice(c0..c0 + rows),
-                &mut st.hq.slice_mut(0..rows * d),
-                rows,
-                d,
-            )?;
-            self.mark("head.gather")?;
+            if !gathered {
+                self.ew.gather_rows_f32(
+                    &st.x.as_view(),
+                    &st.q_idx.slice(c0..c0 + rows),
+                    &mut st.hq.slice_mut(0..rows * d),
+                    rows,
+                    d,
+                )?;
+                self.mark("head.gather")?;
+            }
             self.norm_gemm(
                 kit,
                 "gemm.lm_head",
@@ -1631,30 +1732,61 @@ impl CudaTransformer {
         rule: &PredictRule,
         k: usize,
     ) -> Result<()> {
+        let kind = if use_cache {
+            StepKind::Block
+        } else {
+            StepKind::Full { store_cache }
+        };
         // A refresh (a full forward storing the cache) runs once per block: capturing it would
         // cost more than replaying saves in one generation, so it stays eager.
-        let graphable = use_cache || !store_cache;
-        if graphable
+        let graph = (use_cache || !store_cache)
             && self.graphs_enabled()
             && rule_is_step_free(rule)
-            && !self.profiler.recording()
-        {
-            let kind = if use_cache {
-                StepKind::Block
+            && !self.profiler.recording();
+        let mut g = self.lock();
+        let st = g
+            .as_mut()
+            .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
+        let fwd = match kind {
+            StepKind::Block => {
+                let fwd = self.block_forward_range(&span);
+                Self::check_block(st, fwd.start, fwd.len())?;
+                fwd
+            }
+            StepKind::Full { .. } => 0..st.seq,
+        };
+        // The query rows go up before the forward: a graph reads them as device data, and a
+        // narrowed last layer runs only for them.
+        st.fwd_len = fwd.len();
+        let (idx, pos) = self.span_queries(st, &span, fwd.start)?;
+        self.set_queries(st, idx, pos)?;
+        // A padded batch (left by predict_batch; check_block refuses it for block steps) masks
+        // its padding keys through per-canvas lengths, which graphs do not key on: its full
+        // step runs eagerly.
+        if graph && !st.padded {
+            self.step_graphed(st, &span, fwd.len(), kind, rule, k)?;
+            // A replay runs no host code: the last layer's rows are what its capture left.
+            st.last_rows = if self.narrowing(st, kind).is_some() {
+                LastLayerRows::Queries
             } else {
-                StepKind::Full { store_cache }
+                LastLayerRows::All
             };
-            return self.step_graphed(span, kind, rule, k);
-        }
-        if use_cache {
-            let fwd = self.block_forward_range(&span);
-            self.forward_block(fwd.start, fwd.len())?;
-            self.predict_span(span.clone(), fwd.start, rule)?;
         } else {
-            self.forward_full(store_cache)?;
-            self.predict_span(span, 0, rule)?;
+            self.step_launches(&self.kit, st, &span, kind, rule, k)?;
         }
-        self.commit(k)
+        Self::full_forward_done(st, kind);
+        Ok(())
+    }
+
+    /// The query rows per canvas a full step's last layer runs for ([`narrow`]: the current
+    /// query rows, when the switch is on and they fit); `None` for block steps.
+    fn narrowing(&self, st: &State, kind: StepKind) -> Option<usize> {
+        let full = matches!(kind, StepKind::Full { .. });
+        if !full || !narrow::allowed(&self.kernels) {
+            return None;
+        }
+        let cap = st.hq.len() / self.cfg.d_model;
+        narrow::query_rows_per_canvas(&st.q_host.0, st.batch, st.seq, cap)
     }
 
     /// Everything of a step after the query rows are uploaded: layers, head, sampling, commit,
@@ -1671,11 +1803,21 @@ impl CudaTransformer {
         match kind {
             StepKind::Block => {
                 let fwd = self.block_forward_range(span);
-                self.layers(kit, st, fwd.start, fwd.len(), false, true, KvSel::Main)?;
+                self.layers(
+                    kit,
+                    st,
+                    fwd.start,
+                    fwd.len(),
+                    false,
+                    true,
+                    KvSel::Main,
+                    None,
+                )?;
             }
             StepKind::Full { store_cache } => {
                 let seq = st.seq;
-                self.layers(kit, st, 0, seq, true, store_cache, KvSel::Main)?;
+                let narrow = self.narrowing(st, kind);
+                self.layers(kit, st, 0, seq, true, store_cache, KvSel::Main, narrow)?;
             }
         }
         self.predict_queries(kit, st, rule)?;
@@ -1872,7 +2014,7 @@ impl CudaTransformer {
         self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
         let st = g.as_mut().expect("set above");
         let n = ids.len();
-        self.layers(&self.kit, st, 0, n, true, false, KvSel::Main)?;
+        self.layers(&self.kit, st, 0, n, true, false, KvSel::Main, None)?;
         let idx: Vec<i32> = (0..n)
             .map(|i| i32_of("row", if shifted { self.source_position(i) } else { i }))
             .collect::<Result<_>>()?;
@@ -1970,7 +2112,8 @@ impl CudaTransformer {
                 self.set_canvases_locked(g, ids, 1, len)?;
                 let st = g.as_mut().expect("set above");
                 let j = self.claim_slot(st, cache.id(), len)?;
-                if let Err(e) = self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j)) {
+                if let Err(e) = self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j), None)
+                {
                     // A half-written slot must not serve a span step.
                     st.slots[j].seq = 0;
                     return Err(e);

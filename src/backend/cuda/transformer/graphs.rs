@@ -99,53 +99,31 @@ impl GraphSet {
 }
 
 impl CudaTransformer {
-    /// A step through the graph cache: the first step of a shape runs eagerly with the shape's
-    /// own kernel instances (sizing their scratch), the first step of each (kind, block start,
-    /// `k`) is captured and launched, later ones are replayed.
+    /// A step through the graph cache (its query rows uploaded by the caller: the graph reads
+    /// them as device data): the first step of a shape runs eagerly with the shape's own kernel
+    /// instances (sizing their scratch), the first step of each (kind, block start, `k`) is
+    /// captured and launched, later ones are replayed.
     pub(super) fn step_graphed(
         &self,
-        span: Range<usize>,
+        st: &mut State,
+        span: &Range<usize>,
+        fwd_len: usize,
         kind: StepKind,
         rule: &PredictRule,
         k: usize,
     ) -> Result<()> {
-        let mut g = self.lock();
-        let st = g
-            .as_mut()
-            .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
-        let fwd = match kind {
-            StepKind::Block => {
-                let fwd = self.block_forward_range(&span);
-                Self::check_block(st, fwd.start, fwd.len())?;
-                fwd
-            }
-            StepKind::Full { .. } => 0..st.seq,
+        let shape: ShapeKey = (st.batch, st.seq, fwd_len);
+        let key = StepKey {
+            kind: GraphKind::Step(kind),
+            start: span.start,
+            end: span.end,
+            k,
+            mask_token: rule.mask_token,
+            vocab_size: rule.vocab_size,
         };
-        // The query rows are device data the graph reads: upload them before the replay.
-        st.fwd_len = fwd.len();
-        let (idx, pos) = self.span_queries(st, &span, fwd.start)?;
-        self.set_queries(st, idx, pos)?;
-        if st.padded {
-            // A padded batch (left by predict_batch; check_block refuses it for block steps)
-            // masks its padding keys through per-canvas lengths, which graphs do not key on:
-            // its full step runs eagerly.
-            self.step_launches(&self.kit, st, &span, kind, rule, k)?;
-        } else {
-            let shape: ShapeKey = (st.batch, st.seq, fwd.len());
-            let key = StepKey {
-                kind: GraphKind::Step(kind),
-                start: span.start,
-                end: span.end,
-                k,
-                mask_token: rule.mask_token,
-                vocab_size: rule.vocab_size,
-            };
-            self.graphed(st, shape, key, &|m, kit, st| {
-                m.step_launches(kit, st, &span, kind, rule, k)
-            })?;
-        }
-        Self::full_forward_done(st, kind);
-        Ok(())
+        self.graphed(st, shape, key, &|m, kit, st| {
+            m.step_launches(kit, st, span, kind, rule, k)
+        })
     }
 
     /// `launch` through the graph cache of `shape` under `key`: the first run of a kind at a
@@ -234,7 +212,7 @@ impl CudaTransformer {
             && self.graphs_enabled()
             && !self.profiler.recording();
         if !graphable {
-            return self.layers(&self.kit, st, start, len, full, store_cache, kv);
+            return self.layers(&self.kit, st, start, len, full, store_cache, kv, None);
         }
         let key = StepKey {
             kind: GraphKind::Layers {
@@ -249,7 +227,7 @@ impl CudaTransformer {
             vocab_size: 0,
         };
         self.graphed(st, shape, key, &|m, kit, st| {
-            m.layers(kit, st, start, len, full, store_cache, kv)
+            m.layers(kit, st, start, len, full, store_cache, kv, None)
         })?;
         // What `layers` records on the host (a replay does not run it).
         st.fwd_len = len;

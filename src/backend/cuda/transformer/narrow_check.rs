@@ -1,0 +1,197 @@
+//! GPU checks of the narrowed last layer ([`KernelChoice::query_last_layer`], [`super::narrow`])
+//! on a loaded checkpoint, for `dllm-gpu-check`'s model checks: two models identical but for
+//! the switch run the same steps, whatever the environment asks for.
+//!
+//! - A no-cache step's logits (read back with `span_logits` from the step's own forward) match
+//!   the model that finishes every row, within the bf16 tolerance (the last layer's query side
+//!   runs on other GEMM kernels at its smaller row count), and rows the narrowed step did not
+//!   finish are refused rather than read.
+//! - A narrowed dual-cache refresh still stores every row's keys and values: the block forward
+//!   after it gives the same bits as after a refresh that finished every row.
+//! - Greedy generation through the step API (no cache and dual cache, CUDA graphs as
+//!   configured) gives the same tokens as without the switch, up to `gen_miss`.
+
+use super::{CudaTransformer, KernelChoice};
+use crate::backend::cuda::check::{self, CheckResult, TOL_BF16};
+use crate::backend::cuda::CudaDevice;
+use crate::config::ModelConfig;
+use crate::denoise::predict::{PredictRule, Remasking};
+use crate::error::{Error, Result};
+use crate::weights::WeightStore;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Masked positions after the prompt: two blocks of 32.
+const GEN: usize = 64;
+const BLOCK: usize = 32;
+
+/// The checks (names start with `model.query last layer`); `prompt` holds no mask id.
+pub fn query_last_layer_checks(
+    dev: &Arc<CudaDevice>,
+    store: &WeightStore,
+    cfg: &ModelConfig,
+    prompt: &[u32],
+    gen_miss: f64,
+) -> Vec<CheckResult> {
+    let load = |on: bool| {
+        let kernels = KernelChoice {
+            query_last_layer: on,
+            ..KernelChoice::fast()
+        };
+        CudaTransformer::new(dev.clone(), store, cfg, kernels)
+    };
+    let (on, off) = match (load(true), load(false)) {
+        (Ok(on), Ok(off)) => (on, off),
+        (Err(e), _) | (_, Err(e)) => {
+            return vec![CheckResult::failed("model.query last layer load", e)];
+        }
+    };
+    let mut canvas = prompt.to_vec();
+    canvas.resize(prompt.len() + GEN, cfg.mask_token_id);
+    let span = prompt.len()..prompt.len() + BLOCK;
+    let case = Case {
+        cfg,
+        canvas: &canvas,
+        span,
+    };
+    vec![
+        CheckResult::from_result(
+            "model.query last layer step logits == every row",
+            TOL_BF16,
+            case.step_logits(&on, &off),
+        ),
+        CheckResult::from_result(
+            "model.query last layer refresh keeps every row's K/V",
+            0.0,
+            case.refresh(&on, &off),
+        ),
+        CheckResult::from_result(
+            "model.query last layer greedy generation",
+            gen_miss,
+            case.generation(&on, &off, prompt.len()),
+        ),
+    ]
+}
+
+struct Case<'a> {
+    cfg: &'a ModelConfig,
+    canvas: &'a [u32],
+    span: Range<usize>,
+}
+
+impl Case<'_> {
+    fn rule(&self, step: u64) -> PredictRule {
+        PredictRule {
+            temperature: 0.0,
+            remasking: Remasking::LowConfidence,
+            seed: 0,
+            step,
+            mask_token: self.cfg.mask_token_id,
+            vocab_size: self.cfg.vocab_size,
+        }
+    }
+
+    /// One no-cache step, then its forward's logits of the step's span.
+    fn step_logits(&self, on: &CudaTransformer, off: &CudaTransformer) -> Result<(f64, String)> {
+        let run = |m: &CudaTransformer| -> Result<Vec<f32>> {
+            m.set_canvases(self.canvas, 1, self.canvas.len())?;
+            m.step(self.span.clone(), false, false, &self.rule(0), 1)?;
+            m.span_logits(self.span.clone(), 0)
+        };
+        let (got, want) = (run(on)?, run(off)?);
+        let err = check::rel_l2(&got, &want);
+        let width = self.cfg.logits_width();
+        let argmax = |row: &[f32]| {
+            row.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |m, (i, &v)| if v > m.1 { (i, v) } else { m },
+                )
+                .0
+        };
+        let same_argmax = got
+            .chunks(width)
+            .zip(want.chunks(width))
+            .filter(|(g, w)| argmax(g) == argmax(w))
+            .count();
+        // The next block's rows were left unfinished by the narrowed step: refused, not read.
+        let next = self.span.end..self.span.end + BLOCK;
+        let refused = matches!(on.span_logits(next, 0), Err(Error::State(_)));
+        let detail = format!(
+            "{same_argmax}/{} rows' argmax equal; other rows refused: {refused}",
+            self.span.len()
+        );
+        Ok((if refused { err } else { f64::INFINITY }, detail))
+    }
+
+    /// A refresh step, then a block forward over its span against the stored cache.
+    fn refresh(&self, on: &CudaTransformer, off: &CudaTransformer) -> Result<(f64, String)> {
+        let fwd_start = self
+            .cfg
+            .source_position(self.span.start)
+            .min(self.span.start);
+        let run = |m: &CudaTransformer| -> Result<(Vec<u32>, Vec<f32>)> {
+            m.set_canvases(self.canvas, 1, self.canvas.len())?;
+            m.step(self.span.clone(), false, true, &self.rule(0), 1)?;
+            m.forward_block(fwd_start, self.span.end - fwd_start)?;
+            Ok((m.canvases()?, m.span_logits(self.span.clone(), fwd_start)?))
+        };
+        let ((c_on, l_on), (c_off, l_off)) = (run(on)?, run(off)?);
+        if c_on != c_off {
+            return Ok((
+                f64::INFINITY,
+                "the two refreshes committed different tokens (a near tie?)".into(),
+            ));
+        }
+        let differ = l_on
+            .iter()
+            .zip(&l_off)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        Ok((
+            if differ == 0 { 0.0 } else { 1.0 },
+            format!(
+                "{differ} of {} block logits differ in their bits",
+                l_on.len()
+            ),
+        ))
+    }
+
+    /// Greedy generation of both blocks, one token per step, without and with the dual cache.
+    fn generation(
+        &self,
+        on: &CudaTransformer,
+        off: &CudaTransformer,
+        prompt_len: usize,
+    ) -> Result<(f64, String)> {
+        let run = |m: &CudaTransformer, dual: bool| -> Result<Vec<u32>> {
+            m.set_canvases(self.canvas, 1, self.canvas.len())?;
+            let mut step = 0;
+            for b in 0..GEN / BLOCK {
+                let span = prompt_len + b * BLOCK..prompt_len + (b + 1) * BLOCK;
+                for i in 0..BLOCK {
+                    m.step(
+                        span.clone(),
+                        dual && i > 0,
+                        dual && i == 0,
+                        &self.rule(step),
+                        1,
+                    )?;
+                    step += 1;
+                }
+            }
+            Ok(m.canvases()?[prompt_len..].to_vec())
+        };
+        let mut same = 0;
+        let mut detail = Vec::new();
+        for (dual, mode) in [(false, "no cache"), (true, "dual cache")] {
+            let (a, b) = (run(on, dual)?, run(off, dual)?);
+            let n = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+            same += n;
+            detail.push(format!("{mode} {n}/{GEN}"));
+        }
+        let miss = 1.0 - same as f64 / (2 * GEN) as f64;
+        Ok((miss, format!("{} tokens equal", detail.join(", "))))
+    }
+}
