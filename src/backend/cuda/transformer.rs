@@ -1766,7 +1766,8 @@ impl CudaTransformer {
         if graph && !st.padded {
             self.step_graphed(st, &span, fwd.len(), kind, rule, k)?;
             // A replay runs no host code: the last layer's rows are what its capture left.
-            st.last_rows = if self.narrowing(st, kind).is_some() {
+            let full = matches!(kind, StepKind::Full { .. });
+            st.last_rows = if self.narrowing(st, full).is_some() {
                 LastLayerRows::Queries
             } else {
                 LastLayerRows::All
@@ -1778,10 +1779,10 @@ impl CudaTransformer {
         Ok(())
     }
 
-    /// The query rows per canvas a full step's last layer runs for ([`narrow`]: the current
-    /// query rows, when the switch is on and they fit); `None` for block steps.
-    fn narrowing(&self, st: &State, kind: StepKind) -> Option<usize> {
-        let full = matches!(kind, StepKind::Full { .. });
+    /// The query rows per canvas the last layer of a full forward (`full`) runs for
+    /// ([`narrow`]: the current query rows, when the switch is on and they fit); `None` for
+    /// block forwards.
+    fn narrowing(&self, st: &State, full: bool) -> Option<usize> {
         if !full || !narrow::allowed(&self.kernels) {
             return None;
         }
@@ -1816,7 +1817,7 @@ impl CudaTransformer {
             }
             StepKind::Full { store_cache } => {
                 let seq = st.seq;
-                let narrow = self.narrowing(st, kind);
+                let narrow = self.narrowing(st, true);
                 self.layers(kit, st, 0, seq, true, store_cache, KvSel::Main, narrow)?;
             }
         }
@@ -1896,16 +1897,11 @@ impl Model for CudaTransformer {
         if queries.is_empty() {
             return Ok(Vec::new());
         }
-        self.layers_maybe_graphed(st, 0, ids.len(), true, false, KvSel::Main)?;
-        let idx: Vec<i32> = queries
-            .iter()
-            .map(|&q| i32_of("query", self.source_position(q)))
-            .collect::<Result<_>>()?;
-        let pos: Vec<i32> = queries
-            .iter()
-            .map(|&q| i32_of("query", q))
-            .collect::<Result<_>>()?;
+        // The query rows first: the last layer may run only for them.
+        let (idx, pos) = self.query_rows(queries, 0..ids.len())?;
         self.set_queries(st, idx, pos)?;
+        let narrow = self.narrowing(st, true);
+        self.layers_maybe_graphed(st, 0, ids.len(), true, false, KvSel::Main, narrow)?;
         self.predict_queries(&self.kit, st, rule)?;
         self.download_predictions(st, queries.len())
     }
@@ -1976,7 +1972,7 @@ impl CudaTransformer {
             st.padded = true;
         }
         // Canvases of equal length are not padded: their layers may run as a graph.
-        self.layers_maybe_graphed(st, 0, seq, true, false, KvSel::Main)?;
+        self.layers_maybe_graphed(st, 0, seq, true, false, KvSel::Main, None)?;
         // Every member's query rows, grouped by rule: one LM-head pass over all of them, one
         // sampler launch per rule and head chunk over that rule's rows.
         let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
@@ -2112,7 +2108,13 @@ impl CudaTransformer {
                 self.set_canvases_locked(g, ids, 1, len)?;
                 let st = g.as_mut().expect("set above");
                 let j = self.claim_slot(st, cache.id(), len)?;
-                if let Err(e) = self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j), None)
+                // The query rows first: the last layer may run only for them (every row's K/V
+                // still go into the slot).
+                let (idx, pos) = self.query_rows(queries, 0..len)?;
+                self.set_queries(st, idx, pos)?;
+                let narrow = self.narrowing(st, true);
+                if let Err(e) =
+                    self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j), narrow)
                 {
                     // A half-written slot must not serve a span step.
                     st.slots[j].seq = 0;
@@ -2135,26 +2137,32 @@ impl CudaTransformer {
                 let st = g.as_mut().expect("canvas set");
                 st.slot_clock += 1;
                 st.slots[j].last_use = st.slot_clock;
-                self.layers_maybe_graphed(st, r.start, r.len(), false, true, KvSel::Slot(j))?;
+                self.layers_maybe_graphed(st, r.start, r.len(), false, true, KvSel::Slot(j), None)?;
                 r.start
             }
         };
         let st = g.as_mut().expect("forward ran");
-        let end = fwd_start + st.fwd_len;
+        let (idx, pos) = self.query_rows(queries, fwd_start..fwd_start + st.fwd_len)?;
+        self.set_queries(st, idx, pos)?;
+        Ok(st)
+    }
+
+    /// The rows (relative to `rows.start`) and positions of `queries` for a forward over the
+    /// positions `rows` of one canvas: each query's source row, which must lie in `rows`.
+    fn query_rows(&self, queries: &[usize], rows: Range<usize>) -> Result<(Vec<i32>, Vec<i32>)> {
         let mut idx = Vec::with_capacity(queries.len());
         let mut pos = Vec::with_capacity(queries.len());
         for &q in queries {
             let src = self.source_position(q);
-            if src < fwd_start || src >= end {
+            if !rows.contains(&src) {
                 return Err(Error::invalid(format!(
-                    "query {q} (source row {src}) is outside the computed rows {fwd_start}..{end}"
+                    "query {q} (source row {src}) is outside the computed rows {rows:?}"
                 )));
             }
-            idx.push(i32_of("query row", src - fwd_start)?);
+            idx.push(i32_of("query row", src - rows.start)?);
             pos.push(i32_of("query position", q)?);
         }
-        self.set_queries(st, idx, pos)?;
-        Ok(st)
+        Ok((idx, pos))
     }
 }
 

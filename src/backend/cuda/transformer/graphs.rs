@@ -6,7 +6,7 @@
 //! live in the step buffers' [`State`] and die with them. A failed capture runs the step
 //! eagerly and turns graphs off (only the Session path's layer graphs, when one of those failed).
 
-use super::{cuda_err, CudaTransformer, Kit, KvSel, State};
+use super::{cuda_err, CudaTransformer, Kit, KvSel, LastLayerRows, State};
 use crate::denoise::predict::{PredictRule, Remasking};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -51,6 +51,8 @@ pub(super) enum GraphKind {
         full: bool,
         store_cache: bool,
         kv: KvSel,
+        /// The narrowed last layer's query rows per canvas (their indices are device data).
+        narrow: Option<usize>,
     },
 }
 
@@ -190,6 +192,7 @@ impl CudaTransformer {
         full: bool,
         store_cache: bool,
         kv: KvSel,
+        narrow: Option<usize>,
     ) -> Result<()> {
         let shape: ShapeKey = (st.batch, st.seq, len);
         // Each new shape loads (and self-tests) its own kernel instances: a shape is graphed
@@ -212,13 +215,14 @@ impl CudaTransformer {
             && self.graphs_enabled()
             && !self.profiler.recording();
         if !graphable {
-            return self.layers(&self.kit, st, start, len, full, store_cache, kv, None);
+            return self.layers(&self.kit, st, start, len, full, store_cache, kv, narrow);
         }
         let key = StepKey {
             kind: GraphKind::Layers {
                 full,
                 store_cache,
                 kv,
+                narrow,
             },
             start,
             end: start + len,
@@ -227,10 +231,15 @@ impl CudaTransformer {
             vocab_size: 0,
         };
         self.graphed(st, shape, key, &|m, kit, st| {
-            m.layers(kit, st, start, len, full, store_cache, kv, None)
+            m.layers(kit, st, start, len, full, store_cache, kv, narrow)
         })?;
         // What `layers` records on the host (a replay does not run it).
         st.fwd_len = len;
+        st.last_rows = if narrow.filter(|_| full).is_some() {
+            LastLayerRows::Queries
+        } else {
+            LastLayerRows::All
+        };
         Ok(())
     }
 

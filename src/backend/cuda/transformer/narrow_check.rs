@@ -10,13 +10,18 @@
 //!   after it gives the same bits as after a refresh that finished every row.
 //! - Greedy generation through the step API (no cache and dual cache, CUDA graphs as
 //!   configured) gives the same tokens as without the switch, up to `gen_miss`.
+//! - The Session path's uncached prediction (`Model::predict`, unsorted and repeated queries)
+//!   and a cached refresh (`Model::predict_cached`) predict what the model without the switch
+//!   does: the same tokens, confidences within the bf16 tolerance.
 
 use super::{CudaTransformer, KernelChoice};
 use crate::backend::cuda::check::{self, CheckResult, TOL_BF16};
 use crate::backend::cuda::CudaDevice;
 use crate::config::ModelConfig;
-use crate::denoise::predict::{PredictRule, Remasking};
+use crate::denoise::predict::{PredictRule, Prediction, Remasking};
 use crate::error::{Error, Result};
+use crate::model::kv_cache::{CacheStep, KvCache};
+use crate::model::Model;
 use crate::weights::WeightStore;
 use std::ops::Range;
 use std::sync::Arc;
@@ -69,6 +74,11 @@ pub fn query_last_layer_checks(
             "model.query last layer greedy generation",
             gen_miss,
             case.generation(&on, &off, prompt.len()),
+        ),
+        CheckResult::from_result(
+            "model.query last layer Session predictions",
+            TOL_BF16,
+            case.session(&on, &off),
         ),
     ]
 }
@@ -154,6 +164,45 @@ impl Case<'_> {
             format!(
                 "{differ} of {} block logits differ in their bits",
                 l_on.len()
+            ),
+        ))
+    }
+
+    /// `Model::predict` and a refresh's `Model::predict_cached` on both models: the largest
+    /// relative confidence difference, and whether every token agrees.
+    fn session(&self, on: &CudaTransformer, off: &CudaTransformer) -> Result<(f64, String)> {
+        let s = self.span.start;
+        let queries = [s + 5, s + 1, s + 5, s + 30, s];
+        let rule = self.rule(0);
+        let run = |m: &CudaTransformer| -> Result<Vec<Prediction>> {
+            let mut out = m.predict(self.canvas, &queries, &rule)?;
+            let mut cache = KvCache::new(self.cfg, self.canvas.len());
+            out.extend(m.predict_cached(
+                self.canvas,
+                &queries,
+                &rule,
+                &mut cache,
+                &CacheStep::Refresh,
+            )?);
+            Ok(out)
+        };
+        let (got, want) = (run(on)?, run(off)?);
+        let same = got
+            .iter()
+            .zip(&want)
+            .filter(|(g, w)| g.token == w.token)
+            .count();
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g.confidence - w.confidence).abs() / w.confidence.abs().max(1e-30))
+            .fold(0.0, f64::max);
+        let all = same == want.len() && got.len() == want.len();
+        Ok((
+            if all { err } else { f64::INFINITY },
+            format!(
+                "{same}/{} tokens equal (predict, then a dual-cache refresh; queries {queries:?})",
+                want.len()
             ),
         ))
     }
