@@ -52,8 +52,8 @@ STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Session 11 … the next GPU call") asks for, as one word; `next2`
 # the second. The PyTorch peer runs right after the default workloads: the ratios need both from
 # one call, and a call cut off at the device's limit keeps every stage packed before it.
-STAGES=${STAGES//next2/synth fold qll mlp blocks99 keys264 ring2 ncustream summary pack}
-STAGES=${STAGES//next/smi check synth bench peer csplit rope combo sanitize summary pack}
+STAGES=${STAGES//next2/synth qll fold csplit rope mlp blocks99 keys264 ring2 ncustream summary pack}
+STAGES=${STAGES//next/smi check synth bench peer combo sanitize summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -215,9 +215,12 @@ for s in $STAGES; do
         # blocks, the RMSNorm fold, the narrowed last layer):
         # the three workloads, for the combined gain once each has passed its own stage.
         # The model checks with all of them on first: each stage checks one switch alone.
+        # Then the same with the fused MLP, which with the fold is the batch-1 layer tail.
         COMBO="DLLM_GEMM_CLUSTER_SPLIT=1 DLLM_FUSED_ROPE=1 DLLM_GEMM_STREAM_BLOCKS=auto DLLM_NORM_FOLD=1 DLLM_QUERY_LAST_LAYER=1"
         stage combo "${T_CHECK:-180}" env $COMBO "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_combo.json"
         BENCH_ENV="$COMBO" workloads _combo 1
+        stage combotail "${T_CHECK:-180}" env $COMBO DLLM_FUSED_MLP=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_combotail.json"
+        BENCH_ENV="$COMBO DLLM_FUSED_MLP=1" workloads _combotail 1
         ;;
     fold)
         # The RMSNorm fold (DLLM_NORM_FOLD=1, opt-in, written in session 11 without a GPU: the
@@ -229,12 +232,9 @@ for s in $STAGES; do
         # against its three; here the model checks with the model running it (alone, and with
         # the fused MLP: the layer tail), its kernels under memcheck (the tail's grid barriers
         # under racecheck too), then the three workloads both ways.
+        # (Its kernels under compute-sanitizer: the sanitize stage.)
         stage fold "${T_CHECK:-180}" env DLLM_NORM_FOLD=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_fold.json"
         stage fold_mlp "${T_CHECK:-180}" env DLLM_NORM_FOLD=1 DLLM_FUSED_MLP=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_fold_mlp.json"
-        stage sanitize_FOLD_memcheck "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 3 "$BIN/dllm-gpu-check" --only norm_fold --no-bench
-        for tool in memcheck racecheck; do
-            stage "sanitize_TAIL_$tool" "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --mlp-shape 28,384,1024
-        done
         BENCH_ENV="DLLM_NORM_FOLD=1" workloads _fold 1
         BENCH_ENV="DLLM_NORM_FOLD=1 DLLM_FUSED_MLP=1" workloads _tail 1
         ;;
@@ -359,6 +359,13 @@ for s in $STAGES; do
         # The fused MLP (its grid barrier, both jobs' reductions) on a small odd shape.
         for tool in memcheck racecheck; do
             stage "sanitize_MLP_$tool" "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --mlp-shape 17,520,1392
+        done
+        # The RMSNorm fold's prep and row scale (every gemm.norm_fold case), and the layer tail
+        # (three jobs, two grid barriers; racecheck may flag the release / acquire word its
+        # producer and consumers share: read the report before calling that a race).
+        stage sanitize_FOLD_memcheck "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 3 "$BIN/dllm-gpu-check" --only norm_fold --no-bench
+        for tool in memcheck racecheck; do
+            stage "sanitize_TAIL_$tool" "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --mlp-shape 28,384,1024
         done
         stage sanitize_SPLIT_memcheck "${T_SANITIZE:-150}" env DLLM_ATTN_SPLIT=1 "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 3 "$BIN/dllm-gpu-check" --only attention --no-bench
         # The attention checks run the key-group kernel on every case (named barriers, a shared-memory merge).
@@ -486,7 +493,7 @@ for name, pk in peer_key.items():
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_fold", "fold"), ("_tail", "tail"), ("_qll", "qll"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_combotail", "cmbT"), ("_fold", "fold"), ("_tail", "tail"), ("_qll", "qll"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):

@@ -123,13 +123,13 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     let (ok, log, out) = run_script(
         "stages",
         &[
-            "bench", "csplit", "rope", "fold", "qll", "combo", "keys264", "summary",
+            "bench", "csplit", "rope", "fold", "qll", "combo", "keys264", "sanitize", "summary",
         ],
     );
     assert!(ok, "a stage failed:\n{log}");
     // The workloads run as one suite per variant, with the variant's switches.
     let suites: Vec<&str> = log.lines().filter(|l| l.contains("--suite")).collect();
-    assert_eq!(suites.len(), 7, "{log}");
+    assert_eq!(suites.len(), 8, "{log}");
     let suite = |suffix: &str| {
         suites
             .iter()
@@ -154,9 +154,20 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     ] {
         assert!(combo.contains(var), "{combo}");
     }
+    let tail = suite("_combotail");
+    assert!(tail.contains("DLLM_FUSED_MLP=1") && tail.contains("DLLM_QUERY_LAST_LAYER=1"));
     assert!(suites.iter().any(|l| l.contains("--profile")), "{log}");
     // Each suite's reports are where the summary looks for them.
-    for suffix in ["", "_csplit", "_rope", "_fold", "_tail", "_qll", "_combo"] {
+    for suffix in [
+        "",
+        "_csplit",
+        "_rope",
+        "_fold",
+        "_tail",
+        "_qll",
+        "_combo",
+        "_combotail",
+    ] {
         for w in ["b1_dual_k4", "b8_dual_k4", "b1_none_k1"] {
             let f = out.join(format!("bench_{w}{suffix}.json"));
             assert!(f.exists(), "{} missing", f.display());
@@ -176,11 +187,12 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
         "check_fold_mlp.json",
         "check_qll.json",
         "check_combo.json",
+        "check_combotail.json",
         "check_keys264.json",
     ] {
         assert!(out.join(check).exists(), "{check}");
     }
-    // fold: the model checks with the fused MLP too, and its own checks under memcheck.
+    // fold: the model checks with the fused MLP too; sanitize: its own checks under memcheck.
     assert!(log.lines().any(|l| l.starts_with("dllm-gpu-check")
         && l.contains("DLLM_FUSED_MLP=1")
         && l.contains("DLLM_NORM_FOLD=1")));
@@ -196,7 +208,9 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     }
     // The summary read them all.
     let summary = fs::read_to_string(out.join("summary.txt")).unwrap();
-    for label in ["cspl", "rope", "fold", "tail", "qll", "combo", "k264"] {
+    for label in [
+        "cspl", "rope", "fold", "tail", "qll", "combo", "cmbT", "k264",
+    ] {
         assert!(summary.contains(label), "summary lacks {label}:\n{summary}");
     }
     let _ = fs::remove_dir_all(out.parent().unwrap());
@@ -220,26 +234,31 @@ fn next_expands_to_the_planned_stages() {
         "check",
         "synth",
         "bench_suite",
-        "csplit",
-        "bench_suite_csplit",
-        "rope",
-        "bench_suite_rope",
-        "bench_suite_combo",
         "peer",
+        "combo",
+        "bench_suite_combo",
+        "combotail",
+        "bench_suite_combotail",
+        "sanitize_FOLD_memcheck",
+        "sanitize_TAIL_racecheck",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not run: {names:?}");
     }
     let _ = fs::remove_dir_all(out.parent().unwrap());
-    // `next2` starts with the RMSNorm fold.
+    // `next2`: each switch alone, the narrowed last layer and the RMSNorm fold first.
     let (_, _, out) = run_script("next2", &["next2"]);
     let names = stage_names(&out);
     for want in [
         "synth",
+        "qll",
+        "bench_suite_qll",
         "fold",
         "fold_mlp",
         "bench_suite_fold",
-        "qll",
-        "bench_suite_qll",
+        "csplit",
+        "bench_suite_csplit",
+        "rope",
+        "bench_suite_rope",
         "bench_suite_mlp",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not run: {names:?}");

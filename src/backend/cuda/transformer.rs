@@ -288,7 +288,8 @@ enum LastLayerRows {
     All,
     /// The current query rows only, in `hq` in query order (the last layer ran only for them).
     Queries,
-    /// Only rows of queries replaced since: nothing can be predicted before another forward.
+    /// None usable: the forward failed, or ran its last layer only for queries replaced
+    /// since. Nothing can be predicted before another forward.
     Stale,
 }
 
@@ -1034,8 +1035,8 @@ impl CudaTransformer {
             }
             _ => {}
         }
-        // Until this forward finishes with its query rows (below), `x` holds what there is.
-        st.last_rows = LastLayerRows::All;
+        // No row is finished until this forward is (a failed one leaves nothing to predict from).
+        st.last_rows = LastLayerRows::Stale;
         let cfg = &self.cfg;
         let (b, s) = (st.batch, st.seq);
         let (d, h, hd) = (cfg.d_model, cfg.mlp_hidden, cfg.head_dim());
@@ -1425,9 +1426,11 @@ impl CudaTransformer {
                 h,
             )?;
         }
-        if narrow.is_some() {
-            st.last_rows = LastLayerRows::Queries;
-        }
+        st.last_rows = if narrow.is_some() {
+            LastLayerRows::Queries
+        } else {
+            LastLayerRows::All
+        };
         st.fwd_len = len;
         Ok(())
     }
@@ -1517,15 +1520,15 @@ impl CudaTransformer {
         self.source_position(span.start).min(span.start)..span.end
     }
 
-    /// Query rows for positions `span` of every canvas in the last forward's row order (the row
-    /// of [`Self::source_position`] of each position).
+    /// Query rows for positions `span` of every canvas in the row order of a forward over
+    /// positions `fwd` of each canvas (the row of [`Self::source_position`] of each position).
     fn span_queries(
         &self,
         st: &State,
         span: &Range<usize>,
-        fwd_start: usize,
+        fwd: Range<usize>,
     ) -> Result<(Vec<i32>, Vec<i32>)> {
-        let len = st.fwd_len;
+        let (fwd_start, len) = (fwd.start, fwd.len());
         if span.is_empty()
             || self.source_position(span.start) < fwd_start
             || span.end > fwd_start + len
@@ -1566,8 +1569,8 @@ impl CudaTransformer {
             LastLayerRows::Queries if n <= chunk => true,
             _ => {
                 return Err(Error::State(format!(
-                    "the last forward finished its last layer only for other query rows than \
-                     these {n}: run a forward for them first"
+                    "the last forward did not finish the rows of these {n} queries (it failed, or \
+                     ran its last layer only for other query rows): run a forward for them first"
                 )))
             }
         };
@@ -1614,7 +1617,7 @@ impl CudaTransformer {
         let st = g
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
-        let (idx, pos) = self.span_queries(st, &span, fwd_start)?;
+        let (idx, pos) = self.span_queries(st, &span, fwd_start..fwd_start + st.fwd_len)?;
         self.set_queries(st, idx, pos)?;
         self.predict_queries(&self.kit, st, rule)
     }
@@ -1626,7 +1629,7 @@ impl CudaTransformer {
         let st = g
             .as_mut()
             .ok_or_else(|| Error::State("no canvases uploaded".into()))?;
-        let (idx, pos) = self.span_queries(st, &span, fwd_start)?;
+        let (idx, pos) = self.span_queries(st, &span, fwd_start..fwd_start + st.fwd_len)?;
         self.set_queries(st, idx, pos)?;
         self.download_query_logits(st)
     }
@@ -1757,13 +1760,15 @@ impl CudaTransformer {
         };
         // The query rows go up before the forward: a graph reads them as device data, and a
         // narrowed last layer runs only for them.
-        st.fwd_len = fwd.len();
-        let (idx, pos) = self.span_queries(st, &span, fwd.start)?;
+        let (idx, pos) = self.span_queries(st, &span, fwd.clone())?;
         self.set_queries(st, idx, pos)?;
+        st.fwd_len = fwd.len();
         // A padded batch (left by predict_batch; check_block refuses it for block steps) masks
         // its padding keys through per-canvas lengths, which graphs do not key on: its full
         // step runs eagerly.
         if graph && !st.padded {
+            // (A replay that fails half-way leaves no row to predict from.)
+            st.last_rows = LastLayerRows::Stale;
             self.step_graphed(st, &span, fwd.len(), kind, rule, k)?;
             // A replay runs no host code: the last layer's rows are what its capture left.
             let full = matches!(kind, StepKind::Full { .. });

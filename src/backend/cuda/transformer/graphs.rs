@@ -230,6 +230,8 @@ impl CudaTransformer {
             mask_token: 0,
             vocab_size: 0,
         };
+        // (A replay that fails half-way leaves no row to predict from.)
+        st.last_rows = LastLayerRows::Stale;
         self.graphed(st, shape, key, &|m, kit, st| {
             m.layers(kit, st, start, len, full, store_cache, kv, narrow)
         })?;

@@ -2,17 +2,19 @@
 //! on a loaded checkpoint, for `dllm-gpu-check`'s model checks: two models identical but for
 //! the switch run the same steps, whatever the environment asks for.
 //!
-//! - A no-cache step's logits (read back with `span_logits` from the step's own forward) match
-//!   the model that finishes every row, within the bf16 tolerance (the last layer's query side
-//!   runs on other GEMM kernels at its smaller row count), and rows the narrowed step did not
-//!   finish are refused rather than read.
+//! - A no-cache step's logits (read back with `span_logits` from the step's own forward), over
+//!   one canvas and over three, eager, captured and replayed, match the model that finishes
+//!   every row within the bf16 tolerance (the last layer's query side runs on other GEMM kernels
+//!   at its smaller row count), and rows the narrowed step did not finish are refused rather
+//!   than read.
 //! - A narrowed dual-cache refresh still stores every row's keys and values: the block forward
 //!   after it gives the same bits as after a refresh that finished every row.
 //! - Greedy generation through the step API (no cache and dual cache, CUDA graphs as
 //!   configured) gives the same tokens as without the switch, up to `gen_miss`.
-//! - The Session path's uncached prediction (`Model::predict`, unsorted and repeated queries)
-//!   and a cached refresh (`Model::predict_cached`) predict what the model without the switch
-//!   does: the same tokens, confidences within the bf16 tolerance.
+//! - The Session path's uncached prediction (`Model::predict`, unsorted and repeated queries), a
+//!   cached refresh (`Model::predict_cached`), and a prediction of a step's rows on another
+//!   canvas right after the step predict what the model without the switch does: the same
+//!   tokens, confidences within the bf16 tolerance.
 
 use super::{CudaTransformer, KernelChoice};
 use crate::backend::cuda::check::{self, CheckResult, TOL_BF16};
@@ -61,9 +63,14 @@ pub fn query_last_layer_checks(
     };
     vec![
         CheckResult::from_result(
-            "model.query last layer step logits == every row",
+            "model.query last layer step logits == every row b1",
             TOL_BF16,
-            case.step_logits(&on, &off),
+            case.step_logits(&on, &off, 1),
+        ),
+        CheckResult::from_result(
+            "model.query last layer step logits == every row b3",
+            TOL_BF16,
+            case.step_logits(&on, &off, 3),
         ),
         CheckResult::from_result(
             "model.query last layer refresh keeps every row's K/V",
@@ -101,15 +108,53 @@ impl Case<'_> {
         }
     }
 
-    /// One no-cache step, then its forward's logits of the step's span.
-    fn step_logits(&self, on: &CudaTransformer, off: &CudaTransformer) -> Result<(f64, String)> {
-        let run = |m: &CudaTransformer| -> Result<Vec<f32>> {
-            m.set_canvases(self.canvas, 1, self.canvas.len())?;
-            m.step(self.span.clone(), false, false, &self.rule(0), 1)?;
-            m.span_logits(self.span.clone(), 0)
+    /// `batch` distinct canvases: the case's canvas with its ids shifted per canvas.
+    fn canvases(&self, batch: usize) -> Vec<u32> {
+        let (mask, vocab) = (self.cfg.mask_token_id, self.cfg.vocab_size);
+        (0..batch)
+            .flat_map(|b| {
+                self.canvas.iter().map(move |&t| match t {
+                    t if t == mask => mask,
+                    t => match ((t as usize + 101 * b) % vocab) as u32 {
+                        v if v == mask => 0,
+                        v => v,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// No-cache steps over `batch` canvases, three times (an eager warm-up, then a capture and
+    /// a replay when graphs are on), each followed by its forward's logits of the step's span.
+    fn step_logits(
+        &self,
+        on: &CudaTransformer,
+        off: &CudaTransformer,
+        batch: usize,
+    ) -> Result<(f64, String)> {
+        let canvases = self.canvases(batch);
+        let len = self.canvas.len();
+        let run = |m: &CudaTransformer| -> Result<Vec<Vec<f32>>> {
+            (0..3)
+                .map(|_| {
+                    m.set_canvases(&canvases, batch, len)?;
+                    m.step(self.span.clone(), false, false, &self.rule(0), 1)?;
+                    m.span_logits(self.span.clone(), 0)
+                })
+                .collect()
         };
         let (got, want) = (run(on)?, run(off)?);
-        let err = check::rel_l2(&got, &want);
+        let err = got
+            .iter()
+            .map(|g| check::rel_l2(g, &want[0]))
+            .fold(0.0, f64::max);
+        // Warm-up, capture and replay run the same kernels: the same bits.
+        let repeatable = got.iter().all(|g| {
+            g.len() == got[0].len()
+                && g.iter()
+                    .zip(&got[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+        });
         let width = self.cfg.logits_width();
         let argmax = |row: &[f32]| {
             row.iter()
@@ -120,19 +165,21 @@ impl Case<'_> {
                 )
                 .0
         };
-        let same_argmax = got
+        let same_argmax = got[2]
             .chunks(width)
-            .zip(want.chunks(width))
+            .zip(want[0].chunks(width))
             .filter(|(g, w)| argmax(g) == argmax(w))
             .count();
         // The next block's rows were left unfinished by the narrowed step: refused, not read.
         let next = self.span.end..self.span.end + BLOCK;
         let refused = matches!(on.span_logits(next, 0), Err(Error::State(_)));
         let detail = format!(
-            "{same_argmax}/{} rows' argmax equal; other rows refused: {refused}",
-            self.span.len()
+            "{same_argmax}/{} rows' argmax equal; the three runs bit-identical: {repeatable}; \
+             other rows refused: {refused}",
+            batch * self.span.len()
         );
-        Ok((if refused { err } else { f64::INFINITY }, detail))
+        let ok = refused && repeatable;
+        Ok((if ok { err } else { f64::INFINITY }, detail))
     }
 
     /// A refresh step, then a block forward over its span against the stored cache.
@@ -174,6 +221,9 @@ impl Case<'_> {
         let s = self.span.start;
         let queries = [s + 5, s + 1, s + 5, s + 30, s];
         let rule = self.rule(0);
+        // Another canvas, and the span's own positions.
+        let other = self.canvases(2)[self.canvas.len()..].to_vec();
+        let span_queries: Vec<usize> = self.span.clone().collect();
         let run = |m: &CudaTransformer| -> Result<Vec<Prediction>> {
             let mut out = m.predict(self.canvas, &queries, &rule)?;
             let mut cache = KvCache::new(self.cfg, self.canvas.len());
@@ -184,6 +234,11 @@ impl Case<'_> {
                 &mut cache,
                 &CacheStep::Refresh,
             )?);
+            // A step over the span, then a prediction of the same rows of another canvas: none
+            // of the step's rows may stand in for the new forward's.
+            m.set_canvases(self.canvas, 1, self.canvas.len())?;
+            m.step(self.span.clone(), false, false, &rule, 1)?;
+            out.extend(m.predict(&other, &span_queries, &rule)?);
             Ok(out)
         };
         let (got, want) = (run(on)?, run(off)?);
@@ -201,7 +256,8 @@ impl Case<'_> {
         Ok((
             if all { err } else { f64::INFINITY },
             format!(
-                "{same}/{} tokens equal (predict, then a dual-cache refresh; queries {queries:?})",
+                "{same}/{} tokens equal (predict and a dual-cache refresh with queries {queries:?}, \
+                 a step's span predicted on another canvas)",
                 want.len()
             ),
         ))
