@@ -49,7 +49,7 @@ if [ -f "$BIN/bin.tar.xz" ] && [ ! -x "$BIN/dllm" ]; then
     tar xJf "$BIN/bin.tar.xz" -C "$BIN" || { echo "cannot unpack $BIN/bin.tar.xz" >&2; exit 2; }
 fi
 STAGES=${*:-smi check synth bench summary}
-# `next`: the first call docs/perf.md ("Session 11 … the next GPU call") asks for, as one word; `next2`
+# `next`: the first call docs/perf.md ("Session 12 … the GPU plan") asks for, as one word; `next2`
 # the second. The PyTorch peer runs right after the default workloads: the ratios need both from
 # one call, and a call cut off at the device's limit keeps every stage packed before it.
 STAGES=${STAGES//next2/synth qll fold csplit rope mlp blocks99 keys264 ring2 ncustream summary pack}
