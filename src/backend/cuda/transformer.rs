@@ -129,7 +129,7 @@ pub struct KernelChoice {
     /// either GEMM of a pair runs on a kernel without it, that norm stays a kernel.
     pub norm_fold: bool,
     /// The last layer of a full step (no-cache steps, dual-cache refreshes) runs its queries,
-    /// attention output and MLP only for the rows the step predicts ([`narrow`]; keys and
+    /// attention output and MLP only for the rows the step predicts (`transformer::narrow`; keys and
     /// values still for every row): `DLLM_QUERY_LAST_LAYER=1` (opt-in: session 12, not yet run
     /// on a GPU).
     pub query_last_layer: bool,
