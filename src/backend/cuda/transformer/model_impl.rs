@@ -1,0 +1,338 @@
+//! The [`Model`] trait on the device (the Session path, `dllm generate`, the C ABI's sessions):
+//! one canvas's forward and logits, predictions with or without the device K/V cache slots
+//! ([`super::slots`]), and padded batches ([`super::padding`]); each sets its query rows and
+//! runs the shared layers and head of [`CudaTransformer`].
+
+use super::*;
+
+impl Model for CudaTransformer {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.logits(ids, true)
+    }
+
+    fn raw_forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.logits(ids, false)
+    }
+
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+
+    fn logits_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<Vec<f32>> {
+        let mut g = self.lock();
+        let st = self.cached_forward(&mut g, ids, queries, cache, step)?;
+        self.download_query_logits(st)
+    }
+
+    fn predict_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        rule: &PredictRule,
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<Vec<Prediction>> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut g = self.lock();
+        let st = self.cached_forward(&mut g, ids, queries, cache, step)?;
+        self.predict_queries(&self.kit, st, rule)?;
+        self.download_predictions(st, queries.len())
+    }
+
+    fn predict(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        rule: &PredictRule,
+    ) -> Result<Vec<Prediction>> {
+        let mut g = self.lock();
+        self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
+        let st = g.as_mut().expect("set above");
+        check_queries(queries, ids.len())?;
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The query rows first: the last layer may run only for them.
+        let (idx, pos) = self.query_rows(queries, 0..ids.len())?;
+        self.set_queries(st, idx, pos)?;
+        let narrow = self.narrowing(st, true);
+        self.layers_maybe_graphed(st, 0, ids.len(), true, false, KvSel::Main, narrow)?;
+        self.predict_queries(&self.kit, st, rule)?;
+        self.download_predictions(st, queries.len())
+    }
+
+    /// Padded batched forwards: the canvases with queries are grouped into sub-batches of at
+    /// most [`MAX_BATCH_ROWS`] padded rows ([`padding::plan_sub_batches`]), each one full
+    /// forward over its canvases padded to its longest (`CudaTransformer::predict_padded`).
+    /// Every canvas is checked first (errors name it); a canvas without queries gets no rows.
+    fn predict_batch(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
+        for (i, it) in items.iter().enumerate() {
+            check_ids(&self.cfg, it.ids)
+                .and_then(|()| check_queries(it.queries, it.ids.len()))
+                .map_err(|e| in_canvas(i, e))?;
+        }
+        let live: Vec<usize> = (0..items.len())
+            .filter(|&i| !items[i].queries.is_empty())
+            .collect();
+        let lens: Vec<usize> = live.iter().map(|&i| items[i].ids.len()).collect();
+        let mut out = vec![Vec::new(); items.len()];
+        let mut g = self.lock();
+        for group in padding::plan_sub_batches(&lens, MAX_BATCH_ROWS) {
+            let members: Vec<&BatchQuery<'_>> = group.iter().map(|&j| &items[live[j]]).collect();
+            let preds = self.predict_padded(&mut g, &members)?;
+            for (&j, p) in group.iter().zip(preds) {
+                out[live[j]] = p;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Prefixes an invalid-argument error with the batch canvas it is about.
+fn in_canvas(i: usize, e: Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(format!("batch canvas {i}: {m}")),
+        other => other,
+    }
+}
+
+impl CudaTransformer {
+    /// One padded forward over `members` (checked, each with queries): the canvases padded with
+    /// [`PAD_ID`] to the longest length `L` are uploaded as `members.len()` canvases of `L`
+    /// (which drops the device K/V cache's contents and owner, as every upload does), their real
+    /// lengths go to `kv_len` so attention ignores the padding keys, and one full forward runs
+    /// without storing K/V. Then, per distinct rule ([`padding::rule_groups`]), the LM head and
+    /// the sampler run over that rule's canvases' query rows ([`padding::query_rows`]: canvas
+    /// `b`'s query `q` reads row `b·L + source_position(q)` and keys its random draws by `q`,
+    /// as [`Model::predict`] does for the canvas alone). Returns the predictions per member.
+    fn predict_padded(
+        &self,
+        g: &mut Option<State>,
+        members: &[&BatchQuery<'_>],
+    ) -> Result<Vec<Vec<Prediction>>> {
+        let seq = members.iter().map(|m| m.ids.len()).max().unwrap_or(0);
+        let canvases: Vec<&[u32]> = members.iter().map(|m| m.ids).collect();
+        let ids = padding::pad_canvases(&canvases, seq, PAD_ID);
+        self.set_canvases_locked(g, &ids, members.len(), seq)?;
+        let st = g.as_mut().expect("set above");
+        let lens: Vec<i32> = members
+            .iter()
+            .map(|m| i32_of("canvas length", m.ids.len()))
+            .collect::<Result<_>>()?;
+        if lens.iter().any(|&n| n as usize != seq) {
+            self.dev
+                .stream
+                .memcpy_htod(&lens, &mut st.kv_len.slice_mut(0..lens.len()))
+                .map_err(|e| cuda_err("upload canvas lengths", e))?;
+            st.padded = true;
+        }
+        // Canvases of equal length are not padded: their layers may run as a graph.
+        self.layers_maybe_graphed(st, 0, seq, true, false, KvSel::Main, None)?;
+        // Every member's query rows, grouped by rule: one LM-head pass over all of them, one
+        // sampler launch per rule and head chunk over that rule's rows.
+        let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
+        let groups = padding::rule_groups(&rules);
+        let (mut idx, mut pos) = (Vec::new(), Vec::new());
+        let mut ranges = Vec::with_capacity(groups.len());
+        for slots in &groups {
+            let queries: Vec<(usize, &[usize])> =
+                slots.iter().map(|&b| (b, members[b].queries)).collect();
+            let (rows, ps) = padding::query_rows(&queries, seq, |p| self.source_position(p));
+            let start = idx.len();
+            for (r, p) in rows.into_iter().zip(ps) {
+                idx.push(i32_of("query row", r)?);
+                pos.push(i32_of("query position", p)?);
+            }
+            ranges.push((start..idx.len(), rules[slots[0]]));
+        }
+        let n = idx.len();
+        self.set_queries(st, idx, pos)?;
+        self.predict_query_ranges(&self.kit, st, &ranges)?;
+        let mut preds = self.download_predictions(st, n)?.into_iter();
+        let mut out = vec![Vec::new(); members.len()];
+        for slots in &groups {
+            for &b in slots {
+                out[b] = preds.by_ref().take(members[b].queries.len()).collect();
+            }
+        }
+        Ok(out)
+    }
+
+    /// One full forward over `ids` and the logits of every position, downloaded: row `i` is the
+    /// LM-head output at [`Self::source_position`]`(i)` when `shifted`, else at `i`.
+    fn logits(&self, ids: &[u32], shifted: bool) -> Result<Vec<f32>> {
+        let mut g = self.lock();
+        self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
+        let st = g.as_mut().expect("set above");
+        let n = ids.len();
+        self.layers(&self.kit, st, 0, n, true, false, KvSel::Main, None)?;
+        let idx: Vec<i32> = (0..n)
+            .map(|i| i32_of("row", if shifted { self.source_position(i) } else { i }))
+            .collect::<Result<_>>()?;
+        let pos: Vec<i32> = (0..n).map(|i| i32_of("row", i)).collect::<Result<_>>()?;
+        self.set_queries(st, idx, pos)?;
+        self.download_query_logits(st)
+    }
+
+    /// `ln_f` + LM head over the current query rows, logits downloaded (`[queries, width]`).
+    pub(super) fn download_query_logits(&self, st: &mut State) -> Result<Vec<f32>> {
+        let width = self.cfg.logits_width();
+        let mut out = vec![0f32; st.q_host.0.len() * width];
+        let stream = self.dev.stream.clone();
+        self.head(&self.kit, st, |st, c0, rows| {
+            stream
+                .memcpy_dtoh(
+                    &st.logits.slice(0..rows * width),
+                    &mut out[c0 * width..(c0 + rows) * width],
+                )
+                .map_err(|e| cuda_err("download logits", e))
+        })?;
+        self.dev.sync()?;
+        Ok(out)
+    }
+
+    /// The first `n` predictions of the last [`Self::predict_queries`], downloaded.
+    fn download_predictions(&self, st: &State, n: usize) -> Result<Vec<Prediction>> {
+        let tokens = self
+            .dev
+            .stream
+            .clone_dtoh(&st.tokens.slice(0..n))
+            .map_err(|e| cuda_err("download tokens", e))?;
+        let conf = self
+            .dev
+            .stream
+            .clone_dtoh(&st.conf.slice(0..n))
+            .map_err(|e| cuda_err("download confidences", e))?;
+        tokens
+            .into_iter()
+            .zip(conf)
+            .map(|(t, c)| {
+                u32::try_from(t)
+                    .map(|token| Prediction {
+                        token,
+                        confidence: c,
+                    })
+                    .map_err(|_| Error::Backend(format!("sampling kernel returned token {t}")))
+            })
+            .collect()
+    }
+
+    /// The Session's cached forward on the device cache (see [`crate::model::kv_cache`]): a
+    /// refresh runs the full forward storing every layer's K/V into `cache`'s slot
+    /// ([`CacheSlot`], claimed on its first refresh); a span step uploads the canvas and runs
+    /// only the span's rows against that slot (writing their K/V) — or, when the slot was
+    /// reassigned meanwhile (more alternating caches than [`MAX_CACHE_SLOTS`]), a refresh, which
+    /// is exact. Then the query rows (each query's source row, which must lie in the computed
+    /// rows) are set.
+    fn cached_forward<'g>(
+        &self,
+        g: &'g mut std::sync::MutexGuard<'_, Option<State>>,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &mut KvCache,
+        step: &CacheStep,
+    ) -> Result<&'g mut State> {
+        cache.check_fits(&self.cfg, ids.len())?;
+        check_queries(queries, ids.len())?;
+        let len = ids.len();
+        let span = match step {
+            CacheStep::Refresh => None,
+            CacheStep::Span(r) => {
+                if !cache.is_filled() {
+                    return Err(Error::State(
+                        "a cached span step needs a refresh of its cache first".into(),
+                    ));
+                }
+                if r.is_empty() || r.end > len {
+                    return Err(Error::invalid(format!(
+                        "cached span {r:?} is empty or outside the canvas of {len}"
+                    )));
+                }
+                let slot = g
+                    .as_ref()
+                    .and_then(|st| slot_of(&st.slots, cache.id(), len));
+                if slot.is_none() {
+                    // The slot was reassigned: this span step runs as a refresh.
+                    self.slot_misses.fetch_add(1, Ordering::Relaxed);
+                }
+                slot.map(|j| (r.clone(), j))
+            }
+        };
+        let fwd_start = match span {
+            None => {
+                self.set_canvases_locked(g, ids, 1, len)?;
+                let st = g.as_mut().expect("set above");
+                let j = self.claim_slot(st, cache.id(), len)?;
+                // The query rows first: the last layer may run only for them (every row's K/V
+                // still go into the slot).
+                let (idx, pos) = self.query_rows(queries, 0..len)?;
+                self.set_queries(st, idx, pos)?;
+                let narrow = self.narrowing(st, true);
+                if let Err(e) =
+                    self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j), narrow)
+                {
+                    // A half-written slot must not serve a span step.
+                    st.slots[j].seq = 0;
+                    return Err(e);
+                }
+                cache.mark_filled();
+                0
+            }
+            Some((r, j)) => {
+                // The slot is in the current state, so its canvas fits without a reallocation.
+                let fits = g.as_ref().is_some_and(|st| st.batch == 1 && st.seq == len);
+                if fits {
+                    let st = g.as_mut().expect("checked above");
+                    self.update_canvas_ids(st, ids)?;
+                    // The main cache no longer matches the device canvas.
+                    st.cache_valid = false;
+                } else {
+                    self.set_canvases_locked(g, ids, 1, len)?;
+                }
+                let st = g.as_mut().expect("canvas set");
+                st.slot_clock += 1;
+                st.slots[j].last_use = st.slot_clock;
+                self.layers_maybe_graphed(st, r.start, r.len(), false, true, KvSel::Slot(j), None)?;
+                r.start
+            }
+        };
+        let st = g.as_mut().expect("forward ran");
+        let (idx, pos) = self.query_rows(queries, fwd_start..fwd_start + st.fwd_len)?;
+        self.set_queries(st, idx, pos)?;
+        Ok(st)
+    }
+
+    /// The rows (relative to `rows.start`) and positions of `queries` for a forward over the
+    /// positions `rows` of one canvas: each query's source row, which must lie in `rows`.
+    fn query_rows(&self, queries: &[usize], rows: Range<usize>) -> Result<(Vec<i32>, Vec<i32>)> {
+        let mut idx = Vec::with_capacity(queries.len());
+        let mut pos = Vec::with_capacity(queries.len());
+        for &q in queries {
+            let src = self.source_position(q);
+            if !rows.contains(&src) {
+                return Err(Error::invalid(format!(
+                    "query {q} (source row {src}) is outside the computed rows {rows:?}"
+                )));
+            }
+            idx.push(i32_of("query row", src - rows.start)?);
+            pos.push(i32_of("query position", q)?);
+        }
+        Ok((idx, pos))
+    }
+}
