@@ -1,6 +1,6 @@
 //! The GPU check harness contract: result types every kernel family's `self_check` / `bench`
-//! returns, plus the small helpers they share (relative L2 error, deterministic random inputs,
-//! bf16 packing, poison patterns, event-timed medians).
+//! returns, plus the small helpers they share (device upload and download, relative L2 error,
+//! deterministic random inputs, bf16 packing, poison patterns, event-timed medians).
 //!
 //! Nothing here panics on bad data: a NaN or a length mismatch becomes an infinite error, and a
 //! failed CUDA call becomes a failed [`CheckResult`] via [`CheckResult::from_result`].
@@ -108,6 +108,26 @@ impl BenchResult {
             detail: format!("error: {why}"),
         }
     }
+}
+
+/// `v` copied to a new device buffer (a check's inputs).
+pub fn upload<T: cudarc::driver::DeviceRepr>(
+    dev: &CudaDevice,
+    v: &[T],
+) -> Result<cudarc::driver::CudaSlice<T>> {
+    dev.stream
+        .clone_htod(v)
+        .map_err(|e| cuda_err("check: upload", e))
+}
+
+/// `b` copied back to the host (after the stream's queued work).
+pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+    dev: &CudaDevice,
+    b: &cudarc::driver::CudaSlice<T>,
+) -> Result<Vec<T>> {
+    dev.stream
+        .clone_dtoh(b)
+        .map_err(|e| cuda_err("check: download", e))
 }
 
 /// `‖got − want‖₂ / ‖want‖₂` in f64; infinite on a length mismatch or any non-finite `got`.

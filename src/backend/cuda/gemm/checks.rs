@@ -106,26 +106,6 @@ enum How {
     Plan(GemmPlan),
 }
 
-/// `v` copied to a new device buffer (the checks' inputs).
-pub(in crate::backend::cuda) fn upload<T: DeviceRepr>(
-    dev: &CudaDevice,
-    v: &[T],
-) -> Result<CudaSlice<T>> {
-    dev.stream
-        .clone_htod(v)
-        .map_err(|e| cuda_err("gemm check: upload", e))
-}
-
-/// `b` copied back to the host (after the stream's queued work).
-pub(in crate::backend::cuda) fn download<T: DeviceRepr + Default + Clone>(
-    dev: &CudaDevice,
-    b: &CudaSlice<T>,
-) -> Result<Vec<T>> {
-    dev.stream
-        .clone_dtoh(b)
-        .map_err(|e| cuda_err("gemm check: download", e))
-}
-
 fn launch_how(
     gemm: &Gemm,
     dev: &CudaDevice,
