@@ -220,7 +220,8 @@ for s in $STAGES; do
         stage combo "${T_CHECK:-180}" env $COMBO "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_combo.json"
         BENCH_ENV="$COMBO" workloads _combo 1
         stage combotail "${T_CHECK:-180}" env $COMBO DLLM_FUSED_MLP=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_combotail.json"
-        BENCH_ENV="$COMBO DLLM_FUSED_MLP=1" workloads _combotail 1
+        # (With the per-operation profile: where the time goes with everything on.)
+        BENCH_ENV="$COMBO DLLM_FUSED_MLP=1" workloads _combotail 1 --profile
         ;;
     fold)
         # The RMSNorm fold (DLLM_NORM_FOLD=1, opt-in, written in session 11 without a GPU: the
@@ -519,7 +520,7 @@ for f in sorted(x for x in os.listdir(out) if x.startswith("bench_dream_") and x
         print(f"{f[6:-5]:<20} {b['tok_per_s']:>8.1f} tok/s {b['ms_per_step']:>8.2f} ms/step  full {fmt(b.get('full_step_ms'))}  block {fmt(b.get('block_step_ms'))}  roofline {fmt(b.get('roofline_fraction'), 3)}")
     else:
         print(f"{f[6:-5]:<20} failed")
-for name in peer_key:
+for name in [n + suffix for suffix in ("", "_combotail") for n in peer_key]:
     b = load(name + ".json")
     if b.get("profile"):
         print(f"\nprofile {name[6:]} (eager, ms per step; each op includes the gap before it):")
