@@ -703,6 +703,7 @@ impl CudaTransformer {
         st.seq = seq;
         st.cache_valid = false;
         st.fwd_len = 0;
+        st.last_rows = LastLayerRows::Stale;
         st.padded = false;
         Ok(())
     }
@@ -890,6 +891,8 @@ impl CudaTransformer {
         kv_sel: KvSel,
         narrow: Option<usize>,
     ) -> Result<()> {
+        // No row is finished until this forward is (a failed one leaves nothing to predict from).
+        st.last_rows = LastLayerRows::Stale;
         match kv_sel {
             KvSel::Slot(j) if st.batch != 1 || j >= st.slots.len() => {
                 return Err(Error::State(format!(
@@ -911,8 +914,6 @@ impl CudaTransformer {
             }
             _ => {}
         }
-        // No row is finished until this forward is (a failed one leaves nothing to predict from).
-        st.last_rows = LastLayerRows::Stale;
         let cfg = &self.cfg;
         let (b, s) = (st.batch, st.seq);
         let (d, h, hd) = (cfg.d_model, cfg.mlp_hidden, cfg.head_dim());
@@ -1645,7 +1646,10 @@ impl CudaTransformer {
         if graph && !st.padded {
             // (A replay that fails half-way leaves no row to predict from.)
             st.last_rows = LastLayerRows::Stale;
-            self.step_graphed(st, &span, fwd.len(), kind, rule, k)?;
+            if let Err(e) = self.step_graphed(st, &span, fwd.len(), kind, rule, k) {
+                st.last_rows = LastLayerRows::Stale;
+                return Err(e);
+            }
             // A replay runs no host code: the last layer's rows are what its capture left.
             let full = matches!(kind, StepKind::Full { .. });
             st.last_rows = if self.narrowing(st, full).is_some() {

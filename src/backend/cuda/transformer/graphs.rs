@@ -51,8 +51,6 @@ pub(super) enum GraphKind {
         full: bool,
         store_cache: bool,
         kv: KvSel,
-        /// The narrowed last layer's query rows per canvas (their indices are device data).
-        narrow: Option<usize>,
     },
 }
 
@@ -182,7 +180,8 @@ impl CudaTransformer {
     /// The layers of a forward over rows `start..start + len` ([`CudaTransformer::layers`] with
     /// the model's kernels), captured and replayed as a graph when `DLLM_SESSION_GRAPHS=1`
     /// ([`session_graphs_from_env`]), graphs are on and no op profile is recording. The Session
-    /// path uses it for its no-cache and cached span forwards; its heads stay eager.
+    /// path uses it for its no-cache and cached span forwards; its heads stay eager, as do the
+    /// forwards whose last layer is narrowed (`narrow`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn layers_maybe_graphed(
         &self,
@@ -209,9 +208,12 @@ impl CudaTransformer {
             .filter(|set| set.holds_layers())
             .count();
         let seen_before = !st.layer_shapes_seen.insert(shape);
+        // A narrowed forward runs eagerly: the Session's query count changes nearly every step,
+        // so graphs keyed on it would mostly be captured and seldom replayed.
         let graphable = self.session_graphs.load(Ordering::Relaxed)
             && (known || (seen_before && layer_sets < MAX_LAYER_GRAPH_SHAPES))
             && !st.padded
+            && narrow.is_none()
             && self.graphs_enabled()
             && !self.profiler.recording();
         if !graphable {
@@ -222,7 +224,6 @@ impl CudaTransformer {
                 full,
                 store_cache,
                 kv,
-                narrow,
             },
             start,
             end: start + len,
@@ -230,18 +231,19 @@ impl CudaTransformer {
             mask_token: 0,
             vocab_size: 0,
         };
-        // (A replay that fails half-way leaves no row to predict from.)
+        // (A replay that fails half-way leaves no row to predict from, nor does a capture whose
+        // launch fails after its host code recorded the rows.)
         st.last_rows = LastLayerRows::Stale;
-        self.graphed(st, shape, key, &|m, kit, st| {
-            m.layers(kit, st, start, len, full, store_cache, kv, narrow)
-        })?;
+        let graphed = self.graphed(st, shape, key, &|m, kit, st| {
+            m.layers(kit, st, start, len, full, store_cache, kv, None)
+        });
+        if let Err(e) = graphed {
+            st.last_rows = LastLayerRows::Stale;
+            return Err(e);
+        }
         // What `layers` records on the host (a replay does not run it).
         st.fwd_len = len;
-        st.last_rows = if narrow.filter(|_| full).is_some() {
-            LastLayerRows::Queries
-        } else {
-            LastLayerRows::All
-        };
+        st.last_rows = LastLayerRows::All;
         Ok(())
     }
 

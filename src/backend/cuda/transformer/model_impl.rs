@@ -278,12 +278,13 @@ impl CudaTransformer {
             None => {
                 self.set_canvases_locked(g, ids, 1, len)?;
                 let st = g.as_mut().expect("set above");
-                let j = self.claim_slot(st, cache.id(), len)?;
                 // The query rows first: the last layer may run only for them (every row's K/V
-                // still go into the slot).
+                // still go into the slot). Before the slot is claimed: an error here must not
+                // leave it looking filled.
                 let (idx, pos) = self.query_rows(queries, 0..len)?;
                 self.set_queries(st, idx, pos)?;
                 let narrow = self.narrowing(st, true);
+                let j = self.claim_slot(st, cache.id(), len)?;
                 if let Err(e) =
                     self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j), narrow)
                 {
