@@ -79,6 +79,7 @@ mod upload;
 use fold_plan::FoldPlan;
 pub use graphs::{graphs_from_env, session_graphs_from_env};
 use graphs::{rule_is_step_free, GraphSet, ShapeKey, StepKind};
+use narrow::LastLayerRows;
 pub use narrow_check::query_last_layer_checks;
 pub use slots::cache_slots_from_env;
 use slots::{slot_of, CacheSlot};
@@ -282,18 +283,6 @@ struct State {
     /// Shapes the Session path's layers ran at eagerly so far (a shape is graphed from its
     /// second sighting on).
     layer_shapes_seen: HashSet<ShapeKey>,
-}
-
-/// Rows of the last forward whose final residual exists ([`KernelChoice::query_last_layer`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LastLayerRows {
-    /// Every row, in `x`.
-    All,
-    /// The current query rows only, in `hq` in query order (the last layer ran only for them).
-    Queries,
-    /// None usable: the forward failed, or ran its last layer only for queries replaced
-    /// since. Nothing can be predicted before another forward.
-    Stale,
 }
 
 /// LLaDA with every weight resident on one CUDA device.
@@ -1303,11 +1292,7 @@ impl CudaTransformer {
                 h,
             )?;
         }
-        st.last_rows = if narrow.is_some() {
-            LastLayerRows::Queries
-        } else {
-            LastLayerRows::All
-        };
+        st.last_rows = LastLayerRows::finished(narrow.is_some());
         st.fwd_len = len;
         Ok(())
     }
@@ -1378,9 +1363,7 @@ impl CudaTransformer {
                 .memcpy_htod(&pos, &mut st.q_pos.slice_mut(0..n))
                 .map_err(|e| cuda_err("upload query positions", e))?;
             st.q_host = (idx, pos);
-            if st.last_rows == LastLayerRows::Queries {
-                st.last_rows = LastLayerRows::Stale;
-            }
+            st.last_rows = st.last_rows.after_query_change();
             self.mark("upload")?;
         }
         Ok(())
@@ -1441,16 +1424,7 @@ impl CudaTransformer {
         let chunk = HEAD_CHUNK_ROWS.min(st.hq.len() / d);
         let head_w = self.w.head.as_ref().unwrap_or(&self.w.wte);
         // After a narrowed forward `hq` already holds every query row's final residual.
-        let gathered = match st.last_rows {
-            LastLayerRows::All => false,
-            LastLayerRows::Queries if n <= chunk => true,
-            _ => {
-                return Err(Error::State(format!(
-                    "the last forward did not finish the rows of these {n} queries (it failed, or \
-                     ran its last layer only for other query rows): run a forward for them first"
-                )))
-            }
-        };
+        let gathered = st.last_rows.head_reads_narrowed(n, chunk)?;
         let mut c0 = 0;
         while c0 < n {
             let rows = chunk.min(n - c0);
@@ -1652,11 +1626,7 @@ impl CudaTransformer {
             }
             // A replay runs no host code: the last layer's rows are what its capture left.
             let full = matches!(kind, StepKind::Full { .. });
-            st.last_rows = if self.narrowing(st, full).is_some() {
-                LastLayerRows::Queries
-            } else {
-                LastLayerRows::All
-            };
+            st.last_rows = LastLayerRows::finished(self.narrowing(st, full).is_some());
         } else {
             self.step_launches(&self.kit, st, &span, kind, rule, k)?;
         }

@@ -10,6 +10,7 @@
 //! Which steps narrow is host logic, decided from the query rows alone and unit-tested here.
 
 use super::KernelChoice;
+use crate::error::{Error, Result};
 
 /// Query rows per canvas when the last layer of a full forward over `batch` canvases of `len`
 /// rows can run only for the query rows `idx` (indices into the forward's rows, canvas-major),
@@ -40,6 +41,52 @@ pub(super) fn query_rows_per_canvas(
 /// the plain model the fast path is checked against).
 pub(super) fn allowed(kernels: &KernelChoice) -> bool {
     kernels.query_last_layer && !kernels.naive_gemm && !kernels.naive_attention
+}
+
+/// Rows of the last forward whose final residual exists, kept on the host beside the device
+/// state: what the LM head may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LastLayerRows {
+    /// Every row, in `x`.
+    All,
+    /// The current query rows only, in `hq` in query order (the last layer ran only for them).
+    Queries,
+    /// None usable: the forward failed or has not run on these canvases, or it ran its last
+    /// layer only for queries replaced since. Nothing can be predicted before another forward.
+    Stale,
+}
+
+impl LastLayerRows {
+    /// After a forward that finished (narrowed to the query rows or not).
+    pub fn finished(narrowed: bool) -> Self {
+        if narrowed {
+            LastLayerRows::Queries
+        } else {
+            LastLayerRows::All
+        }
+    }
+
+    /// After the query rows changed: a narrowed forward's rows no longer belong to them.
+    pub fn after_query_change(self) -> Self {
+        match self {
+            LastLayerRows::Queries => LastLayerRows::Stale,
+            other => other,
+        }
+    }
+
+    /// Whether the LM head over `n` query rows (`chunk` per head pass) finds them already in
+    /// `hq` (`true`, a narrowed forward's, all in one pass) or gathers them from `x` (`false`);
+    /// an error when neither holds them.
+    pub fn head_reads_narrowed(self, n: usize, chunk: usize) -> Result<bool> {
+        match self {
+            LastLayerRows::All => Ok(false),
+            LastLayerRows::Queries if n <= chunk => Ok(true),
+            _ => Err(Error::State(format!(
+                "the last forward did not finish the rows of these {n} queries (it failed, or \
+                 ran its last layer only for other query rows): run a forward for them first"
+            ))),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -112,5 +159,28 @@ mod tests {
             query_last_layer: true,
             ..KernelChoice::reference()
         }));
+    }
+
+    #[test]
+    fn the_head_reads_only_rows_a_finished_forward_left_for_its_queries() {
+        use LastLayerRows::*;
+        // A full forward: the head gathers from x, whatever the queries do later.
+        let all = LastLayerRows::finished(false);
+        assert!(!all.head_reads_narrowed(32, 256).unwrap());
+        assert_eq!(all.after_query_change(), All);
+        // A narrowed one: its rows are in hq, in one head pass, until the queries change.
+        let q = LastLayerRows::finished(true);
+        assert_eq!(q, Queries);
+        assert!(q.head_reads_narrowed(32, 256).unwrap());
+        assert!(q.head_reads_narrowed(300, 256).is_err());
+        let changed = q.after_query_change();
+        assert_eq!(changed, Stale);
+        // Stale stays stale (changing back does not bring the rows back) and is refused.
+        assert_eq!(changed.after_query_change(), Stale);
+        let e = changed.head_reads_narrowed(32, 256).unwrap_err();
+        assert!(
+            matches!(e, Error::State(_)) && e.to_string().contains("32 queries"),
+            "{e}"
+        );
     }
 }
