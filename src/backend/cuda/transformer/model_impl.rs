@@ -142,10 +142,9 @@ impl CudaTransformer {
                 .map_err(|e| cuda_err("upload canvas lengths", e))?;
             st.padded = true;
         }
-        // Canvases of equal length are not padded: their layers may run as a graph.
-        self.layers_maybe_graphed(st, 0, seq, true, false, KvSel::Main, None)?;
         // Every member's query rows, grouped by rule: one LM-head pass over all of them, one
-        // sampler launch per rule and head chunk over that rule's rows.
+        // sampler launch per rule and head chunk over that rule's rows. Set before the forward:
+        // its last layer may run only for them (one rule and as many queries in every canvas).
         let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
         let groups = padding::rule_groups(&rules);
         let (mut idx, mut pos) = (Vec::new(), Vec::new());
@@ -163,6 +162,9 @@ impl CudaTransformer {
         }
         let n = idx.len();
         self.set_queries(st, idx, pos)?;
+        let narrow = self.narrowing(st, true);
+        // Canvases of equal length are not padded: their layers may run as a graph.
+        self.layers_maybe_graphed(st, 0, seq, true, false, KvSel::Main, narrow)?;
         self.predict_query_ranges(&self.kit, st, &ranges)?;
         let mut preds = self.download_predictions(st, n)?.into_iter();
         let mut out = vec![Vec::new(); members.len()];

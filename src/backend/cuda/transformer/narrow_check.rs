@@ -12,8 +12,9 @@
 //! - Greedy generation through the step API (no cache and dual cache, CUDA graphs as
 //!   configured) gives the same tokens as without the switch, up to `gen_miss`.
 //! - The Session path's uncached prediction (`Model::predict`, unsorted and repeated queries), a
-//!   cached refresh (`Model::predict_cached`), and a prediction of a step's rows on another
-//!   canvas right after the step predict what the model without the switch does: the same
+//!   cached refresh (`Model::predict_cached`), a prediction of a step's rows on another canvas
+//!   right after the step, and a padded batch (`Model::predict_batch`: canvases of three
+//!   lengths, as many queries each) predict what the model without the switch does: the same
 //!   tokens, confidences within the bf16 tolerance.
 
 use super::{CudaTransformer, KernelChoice};
@@ -23,7 +24,7 @@ use crate::config::ModelConfig;
 use crate::denoise::predict::{PredictRule, Prediction, Remasking};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{CacheStep, KvCache};
-use crate::model::Model;
+use crate::model::{BatchQuery, Model};
 use crate::weights::WeightStore;
 use std::ops::Range;
 use std::sync::Arc;
@@ -239,6 +240,31 @@ impl Case<'_> {
             m.set_canvases(self.canvas, 1, self.canvas.len())?;
             m.step(self.span.clone(), false, false, &rule, 1)?;
             out.extend(m.predict(&other, &span_queries, &rule)?);
+            // A padded batch of three canvases of different lengths, one rule and eight
+            // queries each (so its last layer narrows too).
+            let lens = [
+                self.canvas.len(),
+                self.canvas.len() - 9,
+                self.canvas.len() - 30,
+            ];
+            let three = self.canvases(3);
+            let members: Vec<(&[u32], Vec<usize>)> = lens
+                .iter()
+                .enumerate()
+                .map(|(b, &n)| {
+                    let ids = &three[b * self.canvas.len()..b * self.canvas.len() + n];
+                    (ids, (s + 2 * b..s + 2 * b + 8).collect())
+                })
+                .collect();
+            let items: Vec<BatchQuery<'_>> = members
+                .iter()
+                .map(|(ids, q)| BatchQuery {
+                    ids,
+                    queries: q,
+                    rule: &rule,
+                })
+                .collect();
+            out.extend(m.predict_batch(&items)?.into_iter().flatten());
             Ok(out)
         };
         let (got, want) = (run(on)?, run(off)?);
@@ -257,7 +283,7 @@ impl Case<'_> {
             if all { err } else { f64::INFINITY },
             format!(
                 "{same}/{} tokens equal (predict and a dual-cache refresh with queries {queries:?}, \
-                 a step's span predicted on another canvas)",
+                 a step's span predicted on another canvas, a padded batch of three)",
                 want.len()
             ),
         ))
