@@ -487,13 +487,14 @@ peer_fallback = {"B1_P128_G256_blk32_steps64_dual": 117.9, "B8_P128_G256_blk32_s
 peer_key = {"bench_b1_dual_k4": "B1_P128_G256_blk32_steps64_dual",
             "bench_b8_dual_k4": "B8_P128_G256_blk32_steps64_dual",
             "bench_b1_none_k1": "B1_P128_G256_blk32_steps256_none"}
-print(f"\n{'workload':<14} {'graph':>5} {'tok/s':>8} {'ms/step':>8} {'full ms':>8} {'block ms':>8} {'roofline':>8} {'copy GB/s':>9} {'graphs':>6} {'peer tok/s':>10}  canvas hash")
+print(f"\n{'workload':<14} {'graph':>5} {'tok/s':>8} {'vs on':>7} {'ms/step':>8} {'full ms':>8} {'block ms':>8} {'roofline':>8} {'copy GB/s':>9} {'graphs':>6} {'peer tok/s':>10}  canvas hash")
 for name, pk in peer_key.items():
     if "_error" in p:
         pv = f"{peer_fallback[pk]}*"
     else:
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
+    base = load(name + ".json").get("tok_per_s")  # the defaults' rate, for the "vs on" column
     known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_combotail", "cmbT"), ("_fold", "fold"), ("_tail", "tail"), ("_qll", "qll"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
@@ -505,7 +506,8 @@ for name, pk in peer_key.items():
             continue  # the bench stage did not run in this call
         if "tok_per_s" in b:
             hashes[graph] = b.get("canvas_hash")
-            print(f"{name[6:]:<14} {graph:>5} {b['tok_per_s']:>8.1f} {b['ms_per_step']:>8.2f} {fmt(b.get('full_step_ms')):>8} {fmt(b.get('block_step_ms')):>8} {fmt(b.get('roofline_fraction'), 3):>8} {round(b.get('copy_gbps') or 0):>9} {b.get('graph_count')!s:>6} {pv!s:>10}  {b.get('canvas_hash')}")
+            vs = f"{100 * (b['tok_per_s'] / base - 1):+.1f}%" if base else "-"
+            print(f"{name[6:]:<14} {graph:>5} {b['tok_per_s']:>8.1f} {vs:>7} {b['ms_per_step']:>8.2f} {fmt(b.get('full_step_ms')):>8} {fmt(b.get('block_step_ms')):>8} {fmt(b.get('roofline_fraction'), 3):>8} {round(b.get('copy_gbps') or 0):>9} {b.get('graph_count')!s:>6} {pv!s:>10}  {b.get('canvas_hash')}")
             if b.get("graph_error"):
                 print(f"{'':<14} graph capture FAILED, ran eagerly: {b['graph_error']}")
         else:
