@@ -10,7 +10,7 @@
 //! into a directory for `DLLM_KERNEL_DIR` (a kernel variant built and run without Rust).
 
 use clap::Parser;
-use dllm::backend::cuda::check::{self, BenchResult, CheckResult};
+use dllm::backend::cuda::check::{self, argmax, argmax_agreement, BenchResult, CheckResult};
 use dllm::backend::cuda::memory::StepBuffers;
 use dllm::backend::cuda::nvcc::Image;
 use dllm::backend::cuda::transformer::{query_last_layer_checks, CudaTransformer, KernelChoice};
@@ -230,24 +230,6 @@ fn guarded<T>(
             vec![on_panic(format!("{name} panicked: {msg}"))]
         }
     }
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-fn argmax_agreement(logits: &[f32], width: usize, want: &[usize]) -> (usize, usize) {
-    let rows = logits.len() / width;
-    let agree = (0..rows.min(want.len()))
-        .filter(|&r| argmax(&logits[r * width..(r + 1) * width]) == want[r])
-        .count();
-    (agree, want.len())
 }
 
 fn miss_check(name: String, agree: usize, total: usize, tol: f64, what: &str) -> CheckResult {

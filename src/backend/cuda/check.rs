@@ -110,6 +110,26 @@ impl BenchResult {
     }
 }
 
+/// Index of the largest value of `row` (the first of equals; 0 for an empty or all-NaN row).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// How many rows of `logits` (`width` wide) have their argmax at `want[r]`, and of how many.
+pub fn argmax_agreement(logits: &[f32], width: usize, want: &[usize]) -> (usize, usize) {
+    let rows = logits.len() / width;
+    let agree = (0..rows.min(want.len()))
+        .filter(|&r| argmax(&logits[r * width..(r + 1) * width]) == want[r])
+        .count();
+    (agree, want.len())
+}
+
 /// `v` copied to a new device buffer (a check's inputs).
 pub fn upload<T: cudarc::driver::DeviceRepr>(
     dev: &CudaDevice,

@@ -964,7 +964,8 @@ impl CudaTransformer {
         let narrow = narrow.filter(|_| full);
         let query_side = narrow.map(|per| {
             let m = b * per;
-            (m, fold_at(m, mlp_fused_at(m)), mlp_fused_at(m))
+            let mlp_fused = mlp_fused_at(m);
+            (m, fold_at(m, mlp_fused), mlp_fused)
         });
         for (li, lw) in self.w.layers.iter().enumerate() {
             {
@@ -1117,10 +1118,8 @@ impl CudaTransformer {
             self.mark("attention")?;
             // From here on the narrowed layer runs on its query rows only, their residual in
             // `hq` (the LM head reads it there).
-            let (rows, fold, mlp_fused) = match (narrowed, query_side) {
-                (Some(_), Some(side)) => side,
-                _ => (rows, fold, mlp_fused),
-            };
+            let (rows, fold, mlp_fused) =
+                narrowed.and(query_side).unwrap_or((rows, fold, mlp_fused));
             let x = if narrowed.is_some() {
                 &mut st.hq
             } else {
@@ -1618,8 +1617,8 @@ impl CudaTransformer {
         // its padding keys through per-canvas lengths, which graphs do not key on: its full
         // step runs eagerly.
         if graph && !st.padded {
-            // (A replay that fails half-way leaves no row to predict from.)
-            st.last_rows = LastLayerRows::Stale;
+            // A failed replay, or a capture whose launch fails after its host code recorded the
+            // rows, leaves no row to predict from.
             if let Err(e) = self.step_graphed(st, &span, fwd.len(), kind, rule, k) {
                 st.last_rows = LastLayerRows::Stale;
                 return Err(e);

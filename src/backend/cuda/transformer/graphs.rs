@@ -231,9 +231,8 @@ impl CudaTransformer {
             mask_token: 0,
             vocab_size: 0,
         };
-        // (A replay that fails half-way leaves no row to predict from, nor does a capture whose
-        // launch fails after its host code recorded the rows.)
-        st.last_rows = LastLayerRows::Stale;
+        // A failed replay, or a capture whose launch fails after its host code recorded the
+        // rows, leaves no row to predict from.
         let graphed = self.graphed(st, shape, key, &|m, kit, st| {
             m.layers(kit, st, start, len, full, store_cache, kv, None)
         });

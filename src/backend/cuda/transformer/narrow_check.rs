@@ -157,20 +157,8 @@ impl Case<'_> {
                     .all(|(a, b)| a.to_bits() == b.to_bits())
         });
         let width = self.cfg.logits_width();
-        let argmax = |row: &[f32]| {
-            row.iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |m, (i, &v)| if v > m.1 { (i, v) } else { m },
-                )
-                .0
-        };
-        let same_argmax = got[2]
-            .chunks(width)
-            .zip(want[0].chunks(width))
-            .filter(|(g, w)| argmax(g) == argmax(w))
-            .count();
+        let want_argmax: Vec<usize> = want[0].chunks(width).map(check::argmax).collect();
+        let (same_argmax, _) = check::argmax_agreement(&got[2], width, &want_argmax);
         // The next block's rows were left unfinished by the narrowed step: refused, not read.
         let next = self.span.end..self.span.end + BLOCK;
         let refused = matches!(on.span_logits(next, 0), Err(Error::State(_)));
