@@ -315,9 +315,25 @@ __device__ __forceinline__ void gemm_norm_prep_pairs(const DllmNormEpi& e, const
 // holds (row, cols n0 + 8 j + 2 t, +1) in v[4 j], v[4 j + 1] and (row + 8, same cols) in
 // v[4 j + 2], v[4 j + 3] for j in [j0, j0 + BATCH). Masked to M x N (N even, so a pair is either
 // inside or past N). For the residual add, the batch's old values are all loaded before any store.
+// The RoPE epilogue (block pairs, as the SwiGLU's) needs `ep`: without it nothing is written.
 template <int BATCH>
 __device__ __forceinline__ void gemm_store_pairs(const float* v, void* C, int row, int n0, int j0, int M, int N,
                                                  int epi, const DllmEpiParams* ep = nullptr) {
+    if (epi == DLLM_EPI_ROPE_QKV) {
+        // n0 - 2 t + 8 j0 a multiple of 16 (the callers' tiles and cluster shares start so): block
+        // j (even) holds the first halves of its group's rotation pairs, block j + 1 the second.
+        static_assert(BATCH % 2 == 0, "RoPE pairs need an even batch");
+        if (ep == nullptr) return;
+#pragma unroll
+        for (int j = 0; j < BATCH; j += 2)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int b = 0; b < 2; ++b)
+                    gemm_rope_pair(ep->rope, C, M, N, row + 8 * h, n0 + 8 * (j0 + j) + b, v[4 * (j0 + j) + 2 * h + b],
+                                   v[4 * (j0 + j + 1) + 2 * h + b]);
+        return;
+    }
     if (epi == DLLM_EPI_SWIGLU_BF16) {
         // n0 - 2 t and j0 even: block j (gate) pairs with block j + 1 (up); the pair's two
         // columns land at (n - 2 t) / 2 + 2 t, + 1 of an N / 2-wide C.

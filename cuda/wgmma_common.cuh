@@ -195,8 +195,8 @@ __device__ __forceinline__ void wg_apply_row_scales(float2 rs, float* v) {
 // barrier `bar`), all of which call this. The residual add stages the 48 old value pairs of the
 // thread through `stage` (WgStage<THREADS>::BYTES of shared memory that no thread of the block
 // reads or writes any more once they all got here); the other epilogues only store, through
-// gemm_store_pairs (column blocks in pairs: the fused SwiGLU pairs gate and up blocks) or, for the
-// RoPE epilogue, gemm_rope_pair with its parameters `rope`.
+// gemm_store_pairs (column blocks in pairs: the fused SwiGLU pairs gate and up blocks, the RoPE
+// epilogue the two halves of its rotation pairs).
 template <int THREADS>
 __device__ __forceinline__ void wg_store_tile(float (&acc)[96], void* C, int row0, int n0, int M, int N, int epi,
                                               int tid, int bar, uint32_t stage, const DllmEpiParams* ep, float2 rs) {
@@ -207,17 +207,8 @@ __device__ __forceinline__ void wg_store_tile(float (&acc)[96], void* C, int row
     const int row = row0 + (wtid >> 5) * 16 + g;
     if (ep != nullptr && ep->norm.sq_in != nullptr) wg_apply_row_scales<24>(rs, acc);
     if (epi == DLLM_EPI_ROPE_QKV) {
-        // n0 is a multiple of 16 (192-column tiles), so column block j (even) holds the first
-        // halves of its group's rotation pairs and block j + 1 their second halves.
-        if (ep == nullptr) return;
-#pragma unroll
-        for (int j = 0; j < 24; j += 2)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-#pragma unroll
-                for (int b = 0; b < 2; ++b)
-                    gemm_rope_pair(ep->rope, C, M, N, row + 8 * h, n0 + 8 * j + 2 * t + b, acc[4 * j + 2 * h + b],
-                                   acc[4 * (j + 1) + 2 * h + b]);
+        // n0 is a multiple of 16 (192-column tiles): the column blocks pair up as gemm_store_pairs wants.
+        gemm_store_pairs<24>(acc, C, row, n0 + 2 * t, 0, M, N, epi, ep);
         return;
     }
     if (epi == DLLM_EPI_ADD_F32) {

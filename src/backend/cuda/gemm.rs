@@ -108,7 +108,7 @@ pub enum Epilogue {
     /// kernel but the naive one; `N` a multiple of 16).
     SwigluBf16,
     /// RoPE and the K/V cache write of the fused QKV projection (q and k rows in the grouped
-    /// order of [`super::rope_layout`]; the stream, wgmma and TMA kernels): [`super::gemm_rope`].
+    /// order of [`super::rope_layout`]; the stream, wgmma, TMA and cluster-split kernels): [`super::gemm_rope`].
     RopeQkv,
 }
 
@@ -993,7 +993,7 @@ impl Gemm {
     }
 
     /// Whether [`Gemm::run`] would run `m × n × k` on a kernel with the RoPE epilogue
-    /// ([`GemmOut::RopeQkv`]: the stream, wgmma and TMA kernels).
+    /// ([`GemmOut::RopeQkv`]: the stream, wgmma, TMA and cluster-split kernels).
     pub fn rope_epilogue_serves(&self, m: usize, n: usize, k: usize) -> bool {
         n % 16 == 0
             && self
@@ -1122,7 +1122,7 @@ impl Gemm {
             }
             if !job.has_rope_epilogue() {
                 return Err(Error::invalid(format!(
-                    "gemm: the RoPE epilogue runs on the stream, wgmma and TMA kernels, not {job:?}"
+                    "gemm: the RoPE epilogue runs on the stream, wgmma, TMA and cluster-split kernels, not {job:?}"
                 )));
             }
             params.rope = args.epi;

@@ -135,7 +135,10 @@ const CHECK_SHAPES: [(usize, usize, usize); 4] = [
 
 /// The plan of kernel `(wg, cs)` on `m × n × k`: `gemm_wgmma`'s tiles with K cut into `cs`
 /// splits (None when the K tiles do not give exactly `cs`).
-fn plan_for((wg, cs): (usize, usize), (m, n, k): (usize, usize, usize)) -> Option<WgmmaPlan> {
+pub(super) fn plan_for(
+    (wg, cs): (usize, usize),
+    (m, n, k): (usize, usize, usize),
+) -> Option<WgmmaPlan> {
     let ktiles = k.div_ceil(WGMMA_BK).max(1);
     let p = WgmmaPlan::with_ktiles_per_split(wg, m, n, k, ktiles.div_ceil(cs));
     (p.splits == cs).then_some(p)

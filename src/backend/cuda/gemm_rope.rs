@@ -10,7 +10,8 @@
 
 use super::check::{self, BenchResult, CheckResult, TOL_BF16};
 use super::elementwise::{Elementwise, KvDst, RopeQkvShape};
-use super::gemm::{download, upload, Gemm, GemmOut};
+use super::gemm::{download, upload, Gemm, GemmOut, GemmPlan};
+use super::gemm_cluster_split;
 use super::memory;
 use super::CudaDevice;
 use crate::error::{Error, Result};
@@ -184,9 +185,10 @@ struct Case {
 }
 
 /// The block steps' row counts (stream kernel, M ≤ 32, one or two sequences), an odd M past the
-/// stream kernel's (wgmma), and a full forward at M = 384 (TMA pairs), with LLaDA-like and
-/// tiny-model head shapes; biases as Dream's.
-const CASES: [Case; 5] = [
+/// stream kernel's (wgmma), a full forward at M = 384 (TMA pairs), and four block steps at once
+/// with K deep enough to split ([`SPLIT_CASE`]), with LLaDA-like and tiny-model head shapes;
+/// biases as Dream's.
+const CASES: [Case; 6] = [
     Case {
         seqs: 1,
         period: 32,
@@ -232,7 +234,22 @@ const CASES: [Case; 5] = [
         bias: true,
         cache: false,
     },
+    SPLIT_CASE,
 ];
+
+/// 128 rows (four canvases' block steps) × 1536 columns × K = 2048: 32 K tiles, so the planner
+/// splits K (`gemm_wgmma` with 2 splits: the RoPE epilogue runs in the last block of each tile,
+/// on the workspace's sums), and both cluster-split kernel heights have a plan of 2 and of 3
+/// splits for it (the cluster checks, [`cluster_split_checks`]).
+const SPLIT_CASE: Case = Case {
+    seqs: 4,
+    period: 32,
+    offset: 352,
+    heads: (8, 2, 128),
+    k: 2048,
+    bias: true,
+    cache: true,
+};
 
 /// `dllm-gpu-check`'s `gemm.rope_epilogue` checks: the QKV GEMM with the RoPE epilogue against
 /// the same GEMM stored as bf16 followed by `rope_qkv_bf16` on the grouped layout (the path it
@@ -245,22 +262,94 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         Ok(k) => k,
         Err(e) => return vec![CheckResult::failed("gemm.rope_epilogue load", e)],
     };
-    CASES
+    let mut out: Vec<CheckResult> = CASES
         .iter()
         .enumerate()
         .map(|(i, c)| {
+            CheckResult::from_result(
+                case_name(c),
+                TOL_BF16,
+                check_case(dev, &gemm, &ew, i as u64, c),
+            )
+        })
+        .collect();
+    out.extend(cluster_split_checks(dev, &ew));
+    out
+}
+
+fn case_name(c: &Case) -> String {
+    format!(
+        "gemm.rope_epilogue m{} ({}×{} from {}) heads {:?} k{} bias {} cache {}",
+        c.seqs * c.period,
+        c.seqs,
+        c.period,
+        c.offset,
+        c.heads,
+        c.k,
+        c.bias,
+        c.cache
+    )
+}
+
+/// The RoPE epilogue in the cluster-split kernels (`gemm_store_pairs` on each rank's share of a
+/// tile) against `gemm_wgmma`'s workspace reduction of the same plan, bit for bit in the QKV
+/// activation and both caches, for every compiled kernel with a plan of its split count on
+/// [`SPLIT_CASE`]; empty where the cluster-split kernels cannot run (no sm_90a).
+fn cluster_split_checks(dev: &CudaDevice, ew: &Elementwise) -> Vec<CheckResult> {
+    let gemm = match Gemm::load(dev).and_then(|g| g.with_cluster_split(dev)) {
+        Ok(g) if g.is_enabled(super::gemm::GemmVariant::Wgmma) => g,
+        Ok(_) | Err(Error::Unsupported(_)) => return vec![],
+        Err(e) => {
+            return vec![CheckResult::failed(
+                "gemm.rope_epilogue cluster split load",
+                e,
+            )]
+        }
+    };
+    let c = SPLIT_CASE;
+    let f = match Fixture::new(dev, &gemm, ew, 77, &c) {
+        Ok(f) => f,
+        Err(e) => return vec![CheckResult::failed("gemm.rope_epilogue cluster split", e)],
+    };
+    let shape = (f.shape.rows, f.shape.row_stride, c.k);
+    gemm_cluster_split::KERNELS
+        .iter()
+        .filter_map(|&kernel| {
+            let plan = gemm_cluster_split::plan_for(kernel, shape)?;
             let name = format!(
-                "gemm.rope_epilogue m{} ({}×{} from {}) heads {:?} k{} bias {} cache {}",
-                c.seqs * c.period,
-                c.seqs,
-                c.period,
-                c.offset,
-                c.heads,
-                c.k,
-                c.bias,
-                c.cache
+                "{} cluster split wg{}_cs{}",
+                case_name(&c),
+                kernel.0,
+                kernel.1
             );
-            CheckResult::from_result(name, TOL_BF16, check_case(dev, &gemm, &ew, i as u64, c))
+            let outcome = (|| -> Result<Option<String>> {
+                let (mut want, mut got) = (f.outputs()?, f.outputs()?);
+                f.run_plan(&mut want, GemmPlan::Wgmma(plan))?;
+                f.run_plan(&mut got, GemmPlan::ClusterSplit(plan))?;
+                dev.sync()?;
+                for (what, g, w) in [
+                    ("qkv", &got.qkv, &want.qkv),
+                    ("k cache", &got.k, &want.k),
+                    ("v cache", &got.v, &want.v),
+                ] {
+                    let (g, w) = (download(dev, g)?, download(dev, w)?);
+                    if let Some(i) = (0..g.len()).find(|&i| g[i] != w[i]) {
+                        return Ok(Some(format!(
+                            "{what}[{i}] is {:#06x}, the workspace reduction gives {:#06x}",
+                            g[i], w[i]
+                        )));
+                    }
+                }
+                Ok(None)
+            })();
+            Some(match outcome {
+                Ok(diff) => CheckResult::exact(
+                    name,
+                    diff.is_none(),
+                    diff.unwrap_or_else(|| "identical to the workspace reduction".to_string()),
+                ),
+                Err(e) => CheckResult::failed(name, e),
+            })
         })
         .collect()
 }
@@ -344,31 +433,56 @@ impl<'g> Fixture<'g> {
         })
     }
 
-    /// The GEMM with the RoPE epilogue (`fused`), or the GEMM then `rope_qkv` (the path the
-    /// epilogue replaces), into `o`.
-    fn run(&self, o: &mut Outputs, fused: bool) -> Result<()> {
-        let (m, n, k) = (self.shape.rows, self.shape.row_stride, self.c.k);
+    /// The RoPE epilogue's output into `o` (its activation and caches).
+    fn fused_out<'o>(&self, o: &'o mut Outputs) -> Result<GemmOut<'o>> {
         let bias = self.bias.as_view();
-        let bias_arg = self.c.bias.then_some(&bias);
         let (mut kv, mut vv) = (o.k.as_view_mut(), o.v.as_view_mut());
         let dst = self.c.cache.then_some(KvDst {
             k: &mut kv,
             v: &mut vv,
             seq_rows: self.seq_rows,
         });
+        let args = RopeArgs::new(
+            self.dev,
+            &self.shape,
+            &self.table,
+            self.c.bias.then_some(&bias),
+            dst,
+        )?;
+        Ok(GemmOut::RopeQkv(o.qkv.as_view_mut(), args))
+    }
+
+    /// The GEMM with the RoPE epilogue on `plan` (a plan of this shape whose kernel has it), into
+    /// `o`.
+    fn run_plan(&self, o: &mut Outputs, plan: GemmPlan) -> Result<()> {
+        let (m, n, k) = (self.shape.rows, self.shape.row_stride, self.c.k);
+        let (a, w) = (self.a.as_view(), self.w.as_view());
+        let out = self.fused_out(o)?;
+        self.gemm.run_plan(self.dev, plan, &a, &w, out, m, n, k)
+    }
+
+    /// The GEMM with the RoPE epilogue (`fused`), or the GEMM then `rope_qkv` (the path the
+    /// epilogue replaces), into `o`.
+    fn run(&self, o: &mut Outputs, fused: bool) -> Result<()> {
+        let (m, n, k) = (self.shape.rows, self.shape.row_stride, self.c.k);
         let (a, w) = (self.a.as_view(), self.w.as_view());
         if fused {
-            let args = RopeArgs::new(self.dev, &self.shape, &self.table, bias_arg, dst)?;
-            let out = GemmOut::RopeQkv(o.qkv.as_view_mut(), args);
+            let out = self.fused_out(o)?;
             return self.gemm.run(self.dev, &a, &w, out, m, n, k);
         }
         let out = GemmOut::Bf16(o.qkv.as_view_mut());
         self.gemm.run(self.dev, &a, &w, out, m, n, k)?;
-        let inv = self.inv.as_view();
+        let (inv, bias) = (self.inv.as_view(), self.bias.as_view());
+        let (mut kv, mut vv) = (o.k.as_view_mut(), o.v.as_view_mut());
+        let dst = self.c.cache.then_some(KvDst {
+            k: &mut kv,
+            v: &mut vv,
+            seq_rows: self.seq_rows,
+        });
         self.ew.rope_qkv(
             &mut o.qkv.as_view_mut(),
             &inv,
-            bias_arg,
+            self.c.bias.then_some(&bias),
             self.shape,
             dst,
             None,

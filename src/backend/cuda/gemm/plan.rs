@@ -402,11 +402,11 @@ pub enum GemmPlan {
 
 impl GemmPlan {
     /// Whether the plan's kernel has the RoPE epilogue ([`GemmOut::RopeQkv`]): the stream,
-    /// wgmma and TMA kernels.
+    /// wgmma, TMA and cluster-split kernels.
     pub fn has_rope_epilogue(&self) -> bool {
         matches!(
             self,
-            GemmPlan::Stream(_) | GemmPlan::Wgmma(_) | GemmPlan::Tma(_)
+            GemmPlan::Stream(_) | GemmPlan::Wgmma(_) | GemmPlan::Tma(_) | GemmPlan::ClusterSplit(_)
         )
     }
 
