@@ -581,3 +581,41 @@ DLLM_STREAM_TAIL_KERNEL(1)
 DLLM_STREAM_TAIL_KERNEL(2)
 DLLM_STREAM_TAIL_KERNEL(3)
 DLLM_STREAM_TAIL_KERNEL(4)
+
+// ---------------------------------------------------------------------------------------------------------------
+// gemm_stream_chain_mg<G> (opt-in, DLLM_LAYER_CHAIN=1 with the layer tail, the RMSNorm fold and the RoPE epilogue;
+// M <= 8 * G <= 32): the layer tail of gemm_stream_tail_mg<G> followed, after a third grid barrier, by the next
+// layer's QKV projection: QKV = (XA · W_qkvᵀ) scaled per row by the next attention norm (XA and its partial sums are
+// the down job's prep), with epilogue `epi_qkv` (the RoPE epilogue writing the K/V caches, or a plain bf16 store).
+// Four stream-K jobs through one ring, each the stream kernel's arithmetic: the same bits as four gemm_stream_mg<G>
+// launches of the same block count. A batch-1 block step then runs two launches per layer (this and attention)
+// instead of three; the producer requests the QKV weights while the down job drains.
+//
+// The tail kernel's parameters, then map_xa: XA [M, hidden] bf16 (the down job's prep output), map_wqkv: W_qkv
+// [n_qkv, hidden]; qkv: the bf16 [M, n_qkv] output; ws_qkv / counters_qkv its workspace and zeroed counters;
+// grid_bar: six zeroed words (three barriers); ep_qkv: its row scale (and RoPE parameters).
+#define DLLM_STREAM_CHAIN_KERNEL(G)                                                                             \
+    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1) gemm_stream_chain_mg##G(                   \
+        const __grid_constant__ CUtensorMap map_o, const __grid_constant__ CUtensorMap map_wo,                  \
+        const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_gu,                  \
+        const __grid_constant__ CUtensorMap map_h, const __grid_constant__ CUtensorMap map_d,                   \
+        const __grid_constant__ CUtensorMap map_xa, const __grid_constant__ CUtensorMap map_wqkv, void* h,      \
+        void* r, void* qkv, float* __restrict__ ws_out, unsigned int* __restrict__ counters_out,                \
+        float* __restrict__ ws_up, unsigned int* __restrict__ counters_up, float* __restrict__ ws_down,          \
+        unsigned int* __restrict__ counters_down, float* __restrict__ ws_qkv,                                   \
+        unsigned int* __restrict__ counters_qkv, unsigned int* grid_bar, int M, int hidden, int inter,          \
+        int n_qkv, int epi_qkv, const __grid_constant__ DllmEpiParams ep_out,                                   \
+        const __grid_constant__ DllmEpiParams ep_up, const __grid_constant__ DllmEpiParams ep_down,             \
+        const __grid_constant__ DllmEpiParams ep_qkv) {                                                         \
+        const StreamJob jobs[4] = {                                                                             \
+            {&map_o, &map_wo, r, ws_out, counters_out, M, hidden, hidden, DLLM_EPI_ADD_F32, &ep_out},            \
+            {&map_x, &map_gu, h, ws_up, counters_up, M, 2 * inter, hidden, DLLM_EPI_SWIGLU_BF16, &ep_up},        \
+            {&map_h, &map_d, r, ws_down, counters_down, M, hidden, inter, DLLM_EPI_ADD_F32, &ep_down},           \
+            {&map_xa, &map_wqkv, qkv, ws_qkv, counters_qkv, M, n_qkv, hidden, epi_qkv, &ep_qkv}};                \
+        stream_jobs_body<G, 4>(jobs, grid_bar);                                                                 \
+    }
+
+DLLM_STREAM_CHAIN_KERNEL(1)
+DLLM_STREAM_CHAIN_KERNEL(2)
+DLLM_STREAM_CHAIN_KERNEL(3)
+DLLM_STREAM_CHAIN_KERNEL(4)

@@ -215,13 +215,17 @@ for s in $STAGES; do
         # blocks, the RMSNorm fold, the narrowed last layer):
         # the three workloads, for the combined gain once each has passed its own stage.
         # The model checks with all of them on first: each stage checks one switch alone.
-        # Then the same with the fused MLP, which with the fold is the batch-1 layer tail.
+        # Then the same with the fused MLP, which with the fold is the batch-1 layer tail; then with
+        # the layer chain too (DLLM_LAYER_CHAIN=1, session 13: each tail launch also runs the next
+        # layer's QKV projection with the RoPE epilogue, two launches per layer in a b1 block step).
         COMBO="DLLM_GEMM_CLUSTER_SPLIT=1 DLLM_FUSED_ROPE=1 DLLM_GEMM_STREAM_BLOCKS=auto DLLM_NORM_FOLD=1 DLLM_QUERY_LAST_LAYER=1"
         stage combo "${T_CHECK:-180}" env $COMBO "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_combo.json"
         BENCH_ENV="$COMBO" workloads _combo 1
         stage combotail "${T_CHECK:-180}" env $COMBO DLLM_FUSED_MLP=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_combotail.json"
         # (With the per-operation profile: where the time goes with everything on.)
         BENCH_ENV="$COMBO DLLM_FUSED_MLP=1" workloads _combotail 1 --profile
+        stage combochain "${T_CHECK:-180}" env $COMBO DLLM_FUSED_MLP=1 DLLM_LAYER_CHAIN=1 "$BIN/dllm-gpu-check" --model "$TINY" --only model --json "$OUT/check_combochain.json"
+        BENCH_ENV="$COMBO DLLM_FUSED_MLP=1 DLLM_LAYER_CHAIN=1" workloads _combochain 1
         ;;
     fold)
         # The RMSNorm fold (DLLM_NORM_FOLD=1, opt-in, written in session 11 without a GPU: the
@@ -496,7 +500,7 @@ for name, pk in peer_key.items():
         pv = p.get(pk, {}).get("tok_s", "-")
     hashes = {}
     base = load(name + ".json").get("tok_per_s")  # the defaults' rate, for the "vs on" column
-    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_combotail", "cmbT"), ("_fold", "fold"), ("_tail", "tail"), ("_qll", "qll"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
+    known = (("", "on"), ("_nograph", "off"), ("_nopdl", "noPDL"), ("_swiglu", "swiglu"), ("_noswiglu", "noswi"), ("_blocks99", "blk99"), ("_blocksauto", "blkA"), ("_mlp", "mlp"), ("_csplit", "cspl"), ("_rope", "rope"), ("_keys264", "k264"), ("_combo", "combo"), ("_combotail", "cmbT"), ("_combochain", "cmbC"), ("_fold", "fold"), ("_tail", "tail"), ("_qll", "qll"), ("_tma4", "tma4"), ("_attn2", "attn2"), ("_prefetch", "pref"), ("_exp", "exp"), ("_off", "off2"), ("_nostream", "nostr"), ("_session", "sess"), ("_sessiongraphs", "sessg"), ("_ampere", "amp"))
     # Any other suffix (kvariant stages: _<KNAME>) is listed after the known ones.
     extra = sorted({f[len(name):-5] for f in os.listdir(out) if f.startswith(name + "_") and f.endswith(".json")} - {k for k, _ in known})
     for suffix, graph in known + tuple((x, x[1:]) for x in extra):

@@ -129,7 +129,7 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     assert!(ok, "a stage failed:\n{log}");
     // The workloads run as one suite per variant, with the variant's switches.
     let suites: Vec<&str> = log.lines().filter(|l| l.contains("--suite")).collect();
-    assert_eq!(suites.len(), 8, "{log}");
+    assert_eq!(suites.len(), 9, "{log}");
     let suite = |suffix: &str| {
         suites
             .iter()
@@ -156,6 +156,9 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     }
     let tail = suite("_combotail");
     assert!(tail.contains("DLLM_FUSED_MLP=1") && tail.contains("DLLM_QUERY_LAST_LAYER=1"));
+    assert!(!tail.contains("DLLM_LAYER_CHAIN=1"), "{tail}");
+    let chain = suite("_combochain");
+    assert!(chain.contains("DLLM_FUSED_MLP=1") && chain.contains("DLLM_LAYER_CHAIN=1"));
     assert!(suites.iter().any(|l| l.contains("--profile")), "{log}");
     // Each suite's reports are where the summary looks for them.
     for suffix in [
@@ -167,6 +170,7 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
         "_qll",
         "_combo",
         "_combotail",
+        "_combochain",
     ] {
         for w in ["b1_dual_k4", "b8_dual_k4", "b1_none_k1"] {
             let f = out.join(format!("bench_{w}{suffix}.json"));
@@ -188,6 +192,7 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
         "check_qll.json",
         "check_combo.json",
         "check_combotail.json",
+        "check_combochain.json",
         "check_keys264.json",
     ] {
         assert!(out.join(check).exists(), "{check}");
@@ -209,7 +214,7 @@ fn stages_call_the_binaries_and_write_what_the_summary_reads() {
     // The summary read them all.
     let summary = fs::read_to_string(out.join("summary.txt")).unwrap();
     for label in [
-        "cspl", "rope", "fold", "tail", "qll", "combo", "cmbT", "k264",
+        "cspl", "rope", "fold", "tail", "qll", "combo", "cmbT", "cmbC", "k264",
     ] {
         assert!(summary.contains(label), "summary lacks {label}:\n{summary}");
     }
@@ -239,6 +244,8 @@ fn next_expands_to_the_planned_stages() {
         "bench_suite_combo",
         "combotail",
         "bench_suite_combotail",
+        "combochain",
+        "bench_suite_combochain",
         "sanitize_FOLD_memcheck",
         "sanitize_TAIL_racecheck",
     ] {

@@ -20,7 +20,7 @@ use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
 use super::gemm_cluster_split;
 use super::gemm_mlp;
 use super::gemm_norm::{EpiParams, NormFold};
-use super::gemm_rope::RopeArgs;
+use super::gemm_rope::{RopeArgs, RopeEpi};
 use super::gemm_stream::{self, StreamPlan, STREAM_MAX_M, STREAM_THREADS};
 use super::gemm_tma::{self, OperandBox};
 use super::launch::Launch;
@@ -118,7 +118,7 @@ impl Epilogue {
     pub const ALL: [Epilogue; 3] = [Epilogue::StoreBf16, Epilogue::StoreF32, Epilogue::AddF32];
 
     /// The `epi` code the kernels take (`DLLM_EPI_*` in gemm.cu).
-    fn code(self) -> i32 {
+    pub(super) fn code(self) -> i32 {
         match self {
             Epilogue::StoreBf16 => 0,
             Epilogue::StoreF32 => 1,
@@ -221,6 +221,36 @@ pub struct MlpOutJob<'a, 'b> {
     pub w_o: &'a CudaView<'b, u16>,
     pub prep: super::gemm_norm::NormPrep<'a, 'b>,
     pub eps: f32,
+}
+
+/// The next layer's QKV projection as the layer tail's fourth job (the layer chain,
+/// [`Gemm::run_mlp`]): `w` `[n, hidden]` and `out`, its bf16 output ([`GemmOut::Bf16`], or
+/// [`GemmOut::RopeQkv`] writing the next layer's K/V cache rows too). Its input is the down job's
+/// prep (`x ⊙ γ` of the next attention norm), its row scale that prep's partial sums.
+pub struct MlpQkvJob<'a, 'b> {
+    pub w: &'a CudaView<'b, u16>,
+    pub out: GemmOut<'a>,
+    pub n: usize,
+}
+
+/// The RoPE epilogue's parameters of `out` on `job` (`m × n`), None for the other outputs; an
+/// error when they were made for another shape or the kernel has no such epilogue.
+fn rope_params(out: &GemmOut, job: GemmPlan, m: usize, n: usize) -> Result<Option<RopeEpi>> {
+    let GemmOut::RopeQkv(_, args) = out else {
+        return Ok(None);
+    };
+    if (args.rows, args.cols) != (m, n) || n % 16 != 0 {
+        return Err(Error::invalid(format!(
+            "gemm: RoPE parameters for {}×{} used on m={m} n={n} (n must be a multiple of 16)",
+            args.rows, args.cols
+        )));
+    }
+    if !job.has_rope_epilogue() {
+        return Err(Error::invalid(format!(
+            "gemm: the RoPE epilogue runs on the stream, wgmma, TMA and cluster-split kernels, not {job:?}"
+        )));
+    }
+    Ok(Some(args.epi))
 }
 
 /// Which kernel computes the product.
@@ -681,15 +711,24 @@ impl Gemm {
         self.mlp_active() && m <= gemm_stream::max_m_from_env()
     }
 
-    /// The plan of [`Gemm::run_mlp`]: the stream kernel's block count, capped at the blocks the
-    /// device holds at once (its grid barrier needs every block resident).
-    /// With `with_out`, the layer tail's (the attention-output projection as a first job).
+    /// Whether [`Gemm::run_mlp`] runs the layer chain (the tail and the next layer's QKV
+    /// projection, [`MlpQkvJob`]) on `m` rows: the tail serves and the chain's kernels loaded.
+    pub fn mlp_chain_serves(&self, m: usize) -> bool {
+        self.mlp_tail_serves(m)
+            && self
+                .mlp
+                .as_ref()
+                .is_some_and(|f| f.chain_failure().is_none())
+    }
+
+    /// The plan of [`Gemm::run_mlp`] for `jobs`: the stream kernel's block count, capped at the
+    /// blocks the device holds at once (its grid barrier needs every block resident).
     pub fn mlp_plan(
         &self,
         m: usize,
         hidden: usize,
         inter: usize,
-        with_out: bool,
+        jobs: gemm_mlp::MlpJobs,
     ) -> Result<gemm_mlp::MlpPlan> {
         let Some(mlp) = &self.mlp else {
             return Err(not_loaded("fused MLP", &self.mlp_failure, "DLLM_FUSED_MLP"));
@@ -697,11 +736,14 @@ impl Gemm {
         // One grid serves every job: the count of the largest one.
         let mut blocks = (self.stream_blocks.for_shape(2 * inter, hidden))
             .max(self.stream_blocks.for_shape(hidden, inter));
-        if with_out {
+        if jobs != gemm_mlp::MlpJobs::Mlp {
             blocks = blocks.max(self.stream_blocks.for_shape(hidden, hidden));
         }
+        if let gemm_mlp::MlpJobs::Chain { qkv_cols } = jobs {
+            blocks = blocks.max(self.stream_blocks.for_shape(qkv_cols, hidden));
+        }
         let blocks = blocks.min(mlp.resident_blocks(self.num_sms));
-        gemm_mlp::MlpPlan::new(m, hidden, inter, blocks, with_out)
+        gemm_mlp::MlpPlan::new(m, hidden, inter, blocks, jobs)
     }
 
     /// Why the requested fused MLP is not available (load error, or no stream kernel).
@@ -716,6 +758,8 @@ impl Gemm {
     /// (the layer tail, three jobs), its fold's prep writing x and the partial sums the gate/up
     /// job's row scale reads. `folds`: the RMSNorm fold of the gate/up job (its row scale, with
     /// [`MlpInput::Rows`] only) and of the down job (its prep); [`NormFold::NONE`] for none.
+    /// With `qkv` (the layer chain: after [`MlpInput::AfterOut`], with the down job's prep) the
+    /// next layer's QKV projection runs last, on that prep's output and row scale.
     /// Asynchronous on `dev.stream`.
     #[allow(clippy::too_many_arguments)]
     pub fn run_mlp(
@@ -728,6 +772,7 @@ impl Gemm {
         r: &mut CudaViewMut<f32>,
         (m, hidden, inter): (usize, usize, usize),
         folds: (NormFold<'_, '_>, NormFold<'_, '_>),
+        qkv: Option<MlpQkvJob<'_, '_>>,
     ) -> Result<()> {
         let Some(mlp) = &self.mlp else {
             return Err(not_loaded("fused MLP", &self.mlp_failure, "DLLM_FUSED_MLP"));
@@ -749,10 +794,23 @@ impl Gemm {
                     .to_string(),
             ));
         }
-        let plan = self.mlp_plan(m, hidden, inter, matches!(input, MlpInput::AfterOut(_)))?;
+        let jobs =
+            match (&input, &qkv) {
+                (MlpInput::Rows(_), None) => gemm_mlp::MlpJobs::Mlp,
+                (MlpInput::AfterOut(_), None) => gemm_mlp::MlpJobs::Tail,
+                (MlpInput::AfterOut(_), Some(q)) if fold_down.prep.is_some() => {
+                    gemm_mlp::MlpJobs::Chain { qkv_cols: q.n }
+                }
+                _ => return Err(Error::invalid(
+                    "gemm: the fused MLP runs the next QKV projection only after the attention \
+                     output and on the down job's prep"
+                        .to_string(),
+                )),
+            };
+        let plan = self.mlp_plan(m, hidden, inter, jobs)?;
         let rows = 8 * plan.up.groups;
-        let mut maps = Vec::with_capacity(6);
-        let mut params = Vec::with_capacity(3);
+        let mut maps = Vec::with_capacity(8);
+        let mut params = Vec::with_capacity(4);
         let x_len = match input {
             MlpInput::Rows(x) => {
                 check_align("x", x.device_ptr(&dev.stream).0, 16)?;
@@ -837,19 +895,68 @@ impl Gemm {
             inter,
         )?;
         maps.extend([map_h, map_d]);
+        let down = fold_down.params(dev, Epilogue::AddF32, m, hidden, inter)?;
         params.push(EpiParams {
-            norm: fold_down.params(dev, Epilogue::AddF32, m, hidden, inter)?,
+            norm: down,
             ..EpiParams::default()
         });
+        let mut qkv_out = None;
+        if let (Some(job), Some(MlpQkvJob { w, out, n })) = (plan.qkv, qkv) {
+            let epi = out.epilogue();
+            if !matches!(epi, Epilogue::StoreBf16 | Epilogue::RopeQkv) {
+                return Err(Error::invalid(format!(
+                    "gemm: the chained QKV projection stores bf16 (with or without RoPE), not {}",
+                    epi.name()
+                )));
+            }
+            // Its input: the down job's prep output (`x ⊙ γ`, m × hidden).
+            let xa = fold_down
+                .prep
+                .as_ref()
+                .map(|p| p.xg.as_view())
+                .ok_or_else(|| {
+                    Error::invalid("gemm: the chained QKV projection needs the down job's prep")
+                })?;
+            validate(m, n, hidden, xa.len(), w.len(), out.covers())?;
+            let rope = rope_params(&out, GemmPlan::Stream(job), m, n)?;
+            check_align("w_qkv", w.device_ptr(&dev.stream).0, 16)?;
+            let (addr, align) = out.addr_and_align(dev);
+            check_align("qkv", addr, align)?;
+            let (map_xa, map_w) = operand_maps(
+                dev,
+                &xa,
+                w,
+                (m, rows),
+                (n, gemm_stream::STREAM_ROWS),
+                hidden,
+            )?;
+            maps.extend([map_xa, map_w]);
+            params.push(EpiParams {
+                rope: rope.unwrap_or_default(),
+                norm: down.row_scale_of_prep(hidden, fold_down.eps)?,
+            });
+            let (GemmOut::Bf16(c) | GemmOut::RopeQkv(c, _)) = out else {
+                return Err(Error::invalid(
+                    "gemm: the chained QKV projection stores bf16",
+                ));
+            };
+            qkv_out = Some((c, epi, n));
+        }
         let ws: usize = plan.workspace_floats().iter().sum();
         let counters: usize = plan.counters().iter().sum();
         let mut scratch = self.scratch(dev, ws, counters)?;
+        let qkv = qkv_out.as_mut().map(|(c, epi, cols)| gemm_mlp::QkvOut {
+            c,
+            epi: *epi,
+            cols: *cols,
+        });
         mlp.launch(
             dev,
             &plan,
             &maps,
             h,
             r,
+            qkv,
             &mut scratch,
             (m, hidden, inter),
             &params,
@@ -1113,19 +1220,8 @@ impl Gemm {
                 ));
             }
         }
-        if let GemmOut::RopeQkv(_, args) = &out {
-            if (args.rows, args.cols) != (m, n) || n % 16 != 0 {
-                return Err(Error::invalid(format!(
-                    "gemm: RoPE parameters for {}×{} used on m={m} n={n} (n must be a multiple of 16)",
-                    args.rows, args.cols
-                )));
-            }
-            if !job.has_rope_epilogue() {
-                return Err(Error::invalid(format!(
-                    "gemm: the RoPE epilogue runs on the stream, wgmma, TMA and cluster-split kernels, not {job:?}"
-                )));
-            }
-            params.rope = args.epi;
+        if let Some(rope) = rope_params(&out, job, m, n)? {
+            params.rope = rope;
         }
         check_align("A", a.device_ptr(&dev.stream).0, 16)?;
         check_align("W", w.device_ptr(&dev.stream).0, 16)?;

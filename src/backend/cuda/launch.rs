@@ -31,7 +31,7 @@ use cudarc::driver::{
 use std::ffi::c_void;
 
 /// Most kernel parameters of one launch.
-const MAX_ARGS: usize = 24;
+const MAX_ARGS: usize = 32;
 
 /// Whether PDL launches are wanted: on unless `DLLM_PDL=0` (`CudaDevice::open` keeps it off
 /// for the Ampere build: PDL needs sm_90).

@@ -129,6 +129,10 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
             "query_last_layer",
             transformer::KernelChoice::from_env().query_last_layer,
         ),
+        on(
+            "layer_chain",
+            transformer::KernelChoice::from_env().layer_chain,
+        ),
         ("cache_slots", transformer::cache_slots_from_env().into()),
         (
             "kernel_build",

@@ -6,8 +6,8 @@
 //! phase/parity arithmetic. Random interleavings of every actor and every in-flight copy check that the
 //! protocol never deadlocks, that a consumer only reads a slot holding all the bytes of its own
 //! step, and that no copy overwrites a slot a consumer of either block still needs. A third model
-//! covers the fused MLP's two jobs and the layer tail's three through one stream ring, with a
-//! grid-wide gate before each later job.
+//! covers the fused MLP's two jobs, the layer tail's three and the layer chain's four through one
+//! stream ring, with a grid-wide gate before each later job.
 //! Test-only: the kernels themselves are checked on the GPU by the load-time self-test.
 
 /// An mbarrier: `count` arrivals plus a transaction byte count complete a phase.
@@ -600,13 +600,16 @@ mod tests {
     /// a block with no chunk of a job).
     #[test]
     fn the_fused_jobs_share_the_ring_without_deadlock_or_early_reads() {
-        let cases: [&[&[usize]]; 6] = [
+        let cases: [&[&[usize]]; 8] = [
             &[&[1, 2], &[1, 3]],
             &[&[5, 4, 7], &[2, 9, 5]],
             &[&[12, 11], &[6, 6]],
             &[&[3, 3, 3, 3], &[8, 1, 2, 5]],
             &[&[2, 7, 1], &[5, 4, 7], &[2, 9, 5]],
             &[&[4, 0], &[1, 6], &[9, 3]],
+            // The layer chain: the tail's three jobs, then the next QKV projection.
+            &[&[2, 7, 1], &[5, 4, 7], &[2, 9, 5], &[3, 1, 6]],
+            &[&[1, 1], &[6, 2], &[4, 4], &[1, 0]],
         ];
         for stages in [2, 3, 5] {
             for jobs in cases {
@@ -640,6 +643,20 @@ mod tests {
     fn the_layer_tail_without_its_second_gate_is_caught() {
         for seed in 0..200u64 {
             simulate_jobs(3, &[&[2, 2], &[6, 2], &[4, 4]], Some(2), seed * 131 + 1);
+        }
+    }
+
+    /// The same for the layer chain's third gate (before its fourth job, the next QKV).
+    #[test]
+    #[should_panic(expected = "before every block finished job 2")]
+    fn the_layer_chain_without_its_third_gate_is_caught() {
+        for seed in 0..200u64 {
+            simulate_jobs(
+                3,
+                &[&[2, 2], &[3, 3], &[6, 2], &[4, 4]],
+                Some(3),
+                seed * 131 + 1,
+            );
         }
     }
 }

@@ -44,7 +44,7 @@
 
 use super::attention::{Attention, AttnShape, AttnVariant};
 use super::elementwise::{Elementwise, IdLayout, KvDst, RopeQkvShape};
-use super::gemm::{Gemm, GemmOut, GemmVariant, MlpInput, MlpOutJob};
+use super::gemm::{Gemm, GemmOut, GemmVariant, MlpInput, MlpOutJob, MlpQkvJob};
 use super::gemm_norm::{NormFold, NormPrep};
 use super::gemm_rope::{RopeArgs, RopeTable};
 use super::memory::{self, StepBuffers};
@@ -137,6 +137,11 @@ pub struct KernelChoice {
     /// values still for every row): `DLLM_QUERY_LAST_LAYER=1` (opt-in: session 12, not yet run
     /// on a GPU).
     pub query_last_layer: bool,
+    /// The layer chain: with the layer tail (`DLLM_FUSED_MLP=1`), the fold and the RoPE epilogue,
+    /// each layer's tail launch also runs the next layer's QKV projection (a fourth stream job,
+    /// [`super::gemm::MlpQkvJob`]), so a batch-1 block step runs two launches per layer:
+    /// `DLLM_LAYER_CHAIN=1` (opt-in: session 13, not yet run on a GPU).
+    pub layer_chain: bool,
 }
 
 impl KernelChoice {
@@ -150,6 +155,7 @@ impl KernelChoice {
             fused_rope: super::env_switch::flag("DLLM_FUSED_ROPE", false),
             norm_fold: super::env_switch::flag("DLLM_NORM_FOLD", false),
             query_last_layer: super::env_switch::flag("DLLM_QUERY_LAST_LAYER", false),
+            layer_chain: super::env_switch::flag("DLLM_LAYER_CHAIN", false),
         }
     }
 
@@ -163,6 +169,7 @@ impl KernelChoice {
             fused_rope: false,
             norm_fold: false,
             query_last_layer: false,
+            layer_chain: false,
         }
     }
 
@@ -283,6 +290,25 @@ struct State {
     /// Shapes the Session path's layers ran at eagerly so far (a shape is graphed from its
     /// second sighting on).
     layer_shapes_seen: HashSet<ShapeKey>,
+}
+
+/// Layer `li`'s K and V cache in the cache `sel` picks: the main cache's, or a Session slot's.
+fn layer_cache<'s>(
+    (k_cache, v_cache, slots): (
+        &'s mut [CudaSlice<u16>],
+        &'s mut [CudaSlice<u16>],
+        &'s mut [CacheSlot],
+    ),
+    sel: KvSel,
+    li: usize,
+) -> (CudaViewMut<'s, u16>, CudaViewMut<'s, u16>) {
+    match sel {
+        KvSel::Main => (k_cache[li].as_view_mut(), v_cache[li].as_view_mut()),
+        KvSel::Slot(j) => {
+            let slot = &mut slots[j];
+            (slot.k[li].as_view_mut(), slot.v[li].as_view_mut())
+        }
+    }
 }
 
 /// LLaDA with every weight resident on one CUDA device.
@@ -516,6 +542,13 @@ impl CudaTransformer {
                 "fused_rope" => Some(self.kernels.fused_rope.into()),
                 "norm_fold" => Some(self.kernels.norm_fold.into()),
                 "query_last_layer" => Some(narrow::allowed(&self.kernels).into()),
+                "layer_chain" => Some(
+                    (self.kernels.layer_chain
+                        && self.kernels.fused_rope
+                        && self.kernels.norm_fold
+                        && self.kit.gemm.mlp_chain_serves(1))
+                    .into(),
+                ),
                 "kernel_build" => Some(self.dev.describe().into()),
                 _ => None,
             };
@@ -967,18 +1000,20 @@ impl CudaTransformer {
             let mlp_fused = mlp_fused_at(m);
             (m, fold_at(m, mlp_fused), mlp_fused)
         });
+        // Whether the layer before ran this layer's QKV projection (the layer chain).
+        let mut qkv_done = false;
         for (li, lw) in self.w.layers.iter().enumerate() {
-            {
+            if !std::mem::take(&mut qkv_done) {
                 // RoPE on q and k, and (block forward, or a full forward that stores the cache)
                 // the rotated K and the V rows written into the cache: in the GEMM's epilogue,
                 // or in place after it.
                 // Only a forward that writes the cache touches it (the main one may not exist).
-                let mut views = (!full || store_cache).then(|| match kv_sel {
-                    KvSel::Main => (st.k_cache[li].as_view_mut(), st.v_cache[li].as_view_mut()),
-                    KvSel::Slot(j) => {
-                        let slot = &mut st.slots[j];
-                        (slot.k[li].as_view_mut(), slot.v[li].as_view_mut())
-                    }
+                let mut views = (!full || store_cache).then(|| {
+                    layer_cache(
+                        (&mut st.k_cache, &mut st.v_cache, &mut st.slots),
+                        kv_sel,
+                        li,
+                    )
                 });
                 let dst = views.as_mut().map(|(kc, vc)| KvDst {
                     k: kc,
@@ -1170,7 +1205,46 @@ impl CudaTransformer {
             });
             if tail {
                 // Attention output (with the MLP norm's prep), gate/up (its row scale), down
-                // (the next norm's prep): one launch.
+                // (the next norm's prep): one launch. With the layer chain (the fold of the next
+                // attention norm and the RoPE epilogue available) the next layer's QKV
+                // projection runs in it too, on the down job's prep, writing that layer's cache.
+                let chain = self
+                    .w
+                    .layers
+                    .get(li + 1)
+                    .filter(|_| {
+                        self.kernels.layer_chain
+                            && narrowed.is_none()
+                            && down_prep.is_some()
+                            && kit.gemm.mlp_chain_serves(rows)
+                    })
+                    .zip(rope_table);
+                let w_next = chain.map(|(next, _)| next.qkv.as_view());
+                let qkv_job = match (chain, &w_next) {
+                    (Some((next, table)), Some(w)) => {
+                        let bias = next.qkv_bias.as_ref().map(|b| b.as_view());
+                        let mut views = (!full || store_cache).then(|| {
+                            layer_cache(
+                                (&mut st.k_cache, &mut st.v_cache, &mut st.slots),
+                                kv_sel,
+                                li + 1,
+                            )
+                        });
+                        let dst = views.as_mut().map(|(kc, vc)| KvDst {
+                            k: kc,
+                            v: vc,
+                            seq_rows: seq_cap,
+                        });
+                        let args = RopeArgs::new(&self.dev, &rope, table, bias.as_ref(), dst)?;
+                        Some(MlpQkvJob {
+                            w,
+                            out: GemmOut::RopeQkv(st.qkv.slice_mut(0..rows * qkv_dim), args),
+                            n: qkv_dim,
+                        })
+                    }
+                    _ => None,
+                };
+                qkv_done = qkv_job.is_some();
                 let (o, w_o, gamma) = (
                     st.attn.slice(0..rows * d),
                     lw.attn_out.as_view(),
@@ -1199,8 +1273,9 @@ impl CudaTransformer {
                     &mut x.slice_mut(0..rows * d),
                     (rows, d, h),
                     (fold.prep(None), fold.prep(down_prep)),
+                    qkv_job,
                 )?;
-                self.mark("gemm.tail")?;
+                self.mark(if qkv_done { "gemm.chain" } else { "gemm.tail" })?;
                 continue;
             }
             if mlp_fused {
@@ -1229,6 +1304,7 @@ impl CudaTransformer {
                     &mut x.slice_mut(0..rows * d),
                     (rows, d, h),
                     (fold_up, fold.prep(down_prep)),
+                    None,
                 )?;
                 self.mark("gemm.mlp")?;
                 continue;
