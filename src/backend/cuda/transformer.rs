@@ -546,6 +546,8 @@ impl CudaTransformer {
                     (self.kernels.layer_chain
                         && self.kernels.fused_rope
                         && self.kernels.norm_fold
+                        && self.kernels.fused_swiglu
+                        && !self.kernels.naive_gemm
                         && self.kit.gemm.mlp_chain_serves(1))
                     .into(),
                 ),
