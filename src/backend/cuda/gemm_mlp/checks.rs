@@ -11,7 +11,7 @@ use super::super::gemm_rope::{RopeArgs, RopeTable};
 use super::super::CudaDevice;
 use super::{MlpJobs, MlpPlan};
 use crate::error::{Error, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 /// One check case: `m` rows, hidden width, MLP width.
 const CASES: [(usize, usize, usize); 4] = [
@@ -483,15 +483,7 @@ fn separate_launches(
             &o.h.as_view(),
             &ops.w_d.as_view(),
             GemmOut::AddF32(o.r.as_view_mut()),
-            NormFold {
-                scale: None,
-                prep: fold.then_some(NormPrep {
-                    gamma: &gamma,
-                    xg: &mut xa,
-                    sq: &mut sq_attn,
-                }),
-                eps: EPS,
-            },
+            down_fold(fold, &gamma, &mut xa, &mut sq_attn),
             m,
             hidden,
             inter,
@@ -518,6 +510,21 @@ fn separate_launches(
         n,
         hidden,
     )
+}
+
+/// The down job's fold: with `fold`, the next attention norm's prep (`γ`, into `xa` and the
+/// partial sums).
+fn down_fold<'a, 'b>(
+    fold: bool,
+    gamma: &'a CudaView<'b, f32>,
+    xa: &'a mut CudaViewMut<'b, u16>,
+    sq: &'a mut CudaViewMut<'b, f32>,
+) -> NormFold<'a, 'b> {
+    NormFold {
+        scale: None,
+        prep: fold.then_some(NormPrep { gamma, xg: xa, sq }),
+        eps: EPS,
+    }
 }
 
 /// The case as one fused launch (`Gemm::run_mlp`).
@@ -572,15 +579,7 @@ fn one_launch(
         )
     };
     let (mut xa, mut sq_attn) = (o.xa.as_view_mut(), o.sq_attn.as_view_mut());
-    let fold_down = NormFold {
-        scale: None,
-        prep: fold.then_some(NormPrep {
-            gamma: &gamma,
-            xg: &mut xa,
-            sq: &mut sq_attn,
-        }),
-        eps: EPS,
-    };
+    let fold_down = down_fold(fold, &gamma, &mut xa, &mut sq_attn);
     let qkv = match (&w_qkv, qkv_out) {
         (Some(w), Some((out, n))) => Some(MlpQkvJob { w, out, n }),
         _ => None,
