@@ -156,6 +156,7 @@ impl ModelConfig {
     }
 
     fn llada(v: &Value) -> Result<Self> {
+        check_llada_options(v)?;
         let d_model = req_usize(v, "d_model")?;
         let n_heads = req_usize(v, "n_heads")?;
         let n_kv_heads = opt_usize(v, "n_kv_heads")?.unwrap_or(n_heads);
@@ -267,6 +268,30 @@ impl ModelConfig {
             if value == 0 {
                 return Err(Error::config(key(field), "must be positive"));
             }
+            if value > MAX_DIM {
+                return Err(Error::config(
+                    key(field),
+                    format!("{value} exceeds the largest size supported, {MAX_DIM}"),
+                ));
+            }
+        }
+        if self.embedding_size > MAX_DIM {
+            return Err(Error::config(
+                key("embedding_size"),
+                format!(
+                    "{} exceeds the largest size supported, {MAX_DIM}",
+                    self.embedding_size
+                ),
+            ));
+        }
+        if self.n_layers > MAX_LAYERS {
+            return Err(Error::config(
+                key("n_layers"),
+                format!(
+                    "{} layers exceed the most supported, {MAX_LAYERS}",
+                    self.n_layers
+                ),
+            ));
         }
         if self.d_model % self.n_heads != 0 {
             return Err(Error::config(
@@ -328,6 +353,18 @@ impl ModelConfig {
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(Error::config("rms_norm_eps", "must be a positive number"));
         }
+        match self.checked_parameter_count() {
+            Some(n) if n <= MAX_PARAMETERS => {}
+            _ => {
+                return Err(Error::config(
+                    key("d_model"),
+                    format!(
+                        "the dimensions imply more than {MAX_PARAMETERS} parameters (the most \
+                         supported)"
+                    ),
+                ))
+            }
+        }
         if self.include_bias {
             return Err(Error::Unsupported(
                 "config field `include_bias`: LLaDA checkpoints with biases on every linear layer"
@@ -337,23 +374,97 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Number of parameters implied by the config (what the checkpoint must hold).
+    /// Number of parameters implied by the config (what the checkpoint must hold); `usize::MAX`
+    /// for a config too large to count (which [`ModelConfig::validate`] refuses).
     pub fn parameter_count(&self) -> usize {
-        let d = self.d_model;
-        let kv = self.n_kv_heads * self.head_dim();
-        let per_layer = d * d
-            + 2 * d * kv
-            + d * d
-            + 3 * d * self.mlp_hidden
-            + 2 * d
-            + if self.include_qkv_bias { d + 2 * kv } else { 0 };
-        let head = if self.weight_tying {
-            0
-        } else {
-            self.embedding_size * d
-        };
-        self.embedding_size * d + self.n_layers * per_layer + d + head
+        self.checked_parameter_count().unwrap_or(usize::MAX)
     }
+
+    /// [`ModelConfig::parameter_count`], None when it overflows.
+    fn checked_parameter_count(&self) -> Option<usize> {
+        let d = self.d_model;
+        let kv = self.n_kv_heads.checked_mul(self.head_dim())?;
+        let dd = d.checked_mul(d)?;
+        let bias = if self.include_qkv_bias {
+            d.checked_add(kv.checked_mul(2)?)?
+        } else {
+            0
+        };
+        let per_layer = dd
+            .checked_mul(2)?
+            .checked_add(d.checked_mul(kv)?.checked_mul(2)?)?
+            .checked_add(d.checked_mul(self.mlp_hidden)?.checked_mul(3)?)?
+            .checked_add(d.checked_mul(2)?)?
+            .checked_add(bias)?;
+        let embedding = self.embedding_size.checked_mul(d)?;
+        let head = if self.weight_tying { 0 } else { embedding };
+        embedding
+            .checked_add(self.n_layers.checked_mul(per_layer)?)?
+            .checked_add(d)?
+            .checked_add(head)
+    }
+}
+
+/// Largest size of one dimension (the CUDA kernels index with 32-bit integers).
+pub const MAX_DIM: usize = i32::MAX as usize;
+
+/// Most layers a config may declare (LLaDA-8B has 32, Dream-7B 28): a typo such as `1e9` is
+/// refused before any per-layer table is built.
+pub const MAX_LAYERS: usize = 4096;
+
+/// Most parameters a config may imply (2⁴⁰, about 1.1 trillion: 2 TB of bf16, beyond any
+/// checkpoint this engine maps).
+pub const MAX_PARAMETERS: usize = 1 << 40;
+
+/// OLMo options a LLaDA `config.json` may carry that select another architecture than the one
+/// implemented: each must be absent, null, or one of the values listed.
+const LLADA_FIXED_STRINGS: [(&str, &[&str]); 3] = [
+    ("activation_type", &["silu", "swiglu"]),
+    ("block_type", &["llama"]),
+    ("layer_norm_type", &["rms"]),
+];
+
+/// The same for yes/no options, with the value the implementation assumes: RoPE on; no ALiBi,
+/// no q/k layer norms, no logit scaling, no embedding norm.
+const LLADA_FIXED_BOOLS: [(&str, bool); 5] = [
+    ("rope", true),
+    ("alibi", false),
+    ("attention_layer_norm", false),
+    ("scale_logits", false),
+    ("input_emb_norm", false),
+];
+
+/// Refuses a LLaDA config whose options ask for something the engine does not implement
+/// (rather than silently running a different model).
+fn check_llada_options(v: &Value) -> Result<()> {
+    for (name, allowed) in LLADA_FIXED_STRINGS {
+        if let Some(x) = field(v, name) {
+            let s = x
+                .as_str()
+                .ok_or_else(|| Error::config(name, format!("expected a string, found {x}")))?;
+            if !allowed.contains(&s.to_ascii_lowercase().as_str()) {
+                return Err(Error::Unsupported(format!(
+                    "config field `{name}`: \"{s}\" (implemented: {})",
+                    allowed.join(", ")
+                )));
+            }
+        }
+    }
+    for (name, want) in LLADA_FIXED_BOOLS {
+        if let Some(b) = opt_bool(v, name)? {
+            if b != want {
+                return Err(Error::Unsupported(format!(
+                    "config field `{name}`: {b} (only {want} is implemented)"
+                )));
+            }
+        }
+    }
+    if let Some(x) = field(v, "clip_qkv") {
+        return Err(Error::Unsupported(format!(
+            "config field `clip_qkv`: {x} (q/k/v clipping is not implemented)"
+        )));
+    }
+    Ok(())
 }
 
 fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
@@ -550,5 +661,86 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("n_layers"));
+    }
+
+    #[test]
+    fn sizes_past_the_engines_limits_are_refused_before_anything_is_built() {
+        // Each of these once reached the loader (n_layers 2^32 aborted the process allocating
+        // its per-layer tensor table).
+        for (field, value, needle) in [
+            ("n_layers", json!(4_294_967_296u64), "n_layers"),
+            ("n_layers", json!(MAX_LAYERS + 1), "n_layers"),
+            ("d_model", json!(1u64 << 32), "d_model"),
+            ("mlp_hidden_size", json!(u64::MAX), "mlp_hidden_size"),
+            ("vocab_size", json!(1u64 << 40), "vocab_size"),
+            (
+                "max_sequence_length",
+                json!(1u64 << 33),
+                "max_sequence_length",
+            ),
+        ] {
+            let mut v = tiny();
+            v[field] = value;
+            let e = ModelConfig::from_json(&v).unwrap_err();
+            assert!(matches!(e, Error::Config { .. }), "{field}: {e:?}");
+            assert!(e.to_string().contains(needle), "{field}: {e}");
+        }
+        // Dimensions that each fit but together imply more than 2^40 parameters
+        // (65 536² · 4 096 layers · 8 ≈ 1.4 · 10^14).
+        let mut v = tiny();
+        v["d_model"] = json!(65_536);
+        v["n_heads"] = json!(512);
+        v["n_kv_heads"] = json!(512);
+        v["n_layers"] = json!(4096);
+        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("parameters"), "{e}");
+        // The largest allowed layer count itself is fine.
+        let mut v = tiny();
+        v["n_layers"] = json!(MAX_LAYERS);
+        assert_eq!(ModelConfig::from_json(&v).unwrap().n_layers, MAX_LAYERS);
+    }
+
+    #[test]
+    fn llada_options_selecting_another_architecture_are_refused() {
+        for (field, value) in [
+            ("activation_type", json!("gelu")),
+            ("block_type", json!("sequential")),
+            ("layer_norm_type", json!("default")),
+            ("rope", json!(false)),
+            ("alibi", json!(true)),
+            ("attention_layer_norm", json!(true)),
+            ("scale_logits", json!(true)),
+            ("input_emb_norm", json!(true)),
+            ("clip_qkv", json!(8.0)),
+        ] {
+            let mut v = tiny();
+            v[field] = value.clone();
+            let e = ModelConfig::from_json(&v).unwrap_err();
+            assert!(matches!(e, Error::Unsupported(_)), "{field}: {e:?}");
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        }
+        // A wrong type is a config error naming the field.
+        let mut v = tiny();
+        v["activation_type"] = json!(3);
+        let e = ModelConfig::from_json(&v).unwrap_err();
+        assert!(matches!(e, Error::Config { .. }) && e.to_string().contains("activation_type"));
+        // LLaDA-8B's own values (and null, and absence) load.
+        let mut v = tiny();
+        for (field, value) in [
+            ("activation_type", json!("silu")),
+            ("block_type", json!("llama")),
+            ("layer_norm_type", json!("rms")),
+            ("rope", json!(true)),
+            ("alibi", json!(false)),
+            ("attention_layer_norm", json!(false)),
+            ("scale_logits", json!(false)),
+            ("input_emb_norm", json!(false)),
+            ("clip_qkv", Value::Null),
+        ] {
+            v[field] = value;
+        }
+        ModelConfig::from_json(&v).unwrap();
+        v["activation_type"] = json!("SwiGLU");
+        ModelConfig::from_json(&v).unwrap();
     }
 }
