@@ -268,8 +268,8 @@ enum dllm_cache {
  * (64 bytes). A version-1 caller gets the defaults for every version-2 field. */
 typedef struct dllm_sampling_params {
     uint32_t struct_size; /* sizeof(dllm_sampling_params); set by dllm_sampling_params_default */
-    int32_t steps;        /* total refinement steps, >= 1, a multiple of the block count; with
-                           * threshold or factor an upper bound. Default 128 */
+    int32_t steps;        /* total refinement steps, 1 .. 1048576, a multiple of the block count;
+                           * with threshold or factor an upper bound. Default 128 */
     int32_t block_len;    /* masked positions per block, >= 1. Default 32 */
     float temperature;    /* 0 = greedy (argmax); > 0 = Gumbel-max sampling. Default 0 */
     int32_t remasking;    /* a dllm_remasking value. Default DLLM_REMASK_LOW_CONFIDENCE */

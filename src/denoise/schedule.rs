@@ -82,6 +82,11 @@ pub fn num_blocks(n_masked: usize, block_len: usize) -> usize {
     n_masked.div_ceil(block_len)
 }
 
+/// Most steps one generation may plan (2²⁰: every step is a forward pass, so this is far beyond
+/// any useful schedule; the per-block step counts are materialised, so `steps` must stay small
+/// enough to allocate).
+pub const MAX_STEPS: usize = 1 << 20;
+
 /// The validated plan of a generation: block count and steps per block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schedule {
@@ -93,9 +98,10 @@ pub struct Schedule {
 impl Schedule {
     /// Plans `steps` denoising steps over `n_masked` masked positions in blocks of `block_len`.
     ///
-    /// Errors (all [`Error::InvalidArgument`]): `block_len == 0`; `steps == 0` while masks are
-    /// present; `steps` not a multiple of the number of blocks (the message lists valid values).
-    /// With no masks the schedule is empty and any `steps` is accepted.
+    /// Errors (all [`Error::InvalidArgument`]): `block_len == 0`; `steps == 0` or `steps >`
+    /// [`MAX_STEPS`] while masks are present; `steps` not a multiple of the number of blocks (the
+    /// message lists valid values). With no masks the schedule is empty and any `steps` is
+    /// accepted.
     pub fn new(n_masked: usize, block_len: usize, steps: usize) -> Result<Schedule> {
         if block_len == 0 {
             return Err(Error::invalid("block_len must be positive"));
@@ -114,12 +120,17 @@ impl Schedule {
                  ({blocks} block(s) of block_len {block_len}): use a multiple of {blocks}"
             )));
         }
+        if steps > MAX_STEPS {
+            return Err(Error::invalid(format!(
+                "steps {steps} exceeds the most supported, {MAX_STEPS} (every step is a forward pass)"
+            )));
+        }
         if steps % blocks != 0 {
             let lower = steps / blocks * blocks;
             let nearest = if lower == 0 {
                 format!("{}", blocks)
             } else {
-                format!("{lower} or {}", lower + blocks)
+                format!("{lower} or {}", lower.saturating_add(blocks))
             };
             return Err(Error::invalid(format!(
                 "steps {steps} is not a multiple of the {blocks} blocks \
@@ -190,8 +201,8 @@ impl Schedule {
 
     /// Indices (into the list of masked positions) covered by block `b`.
     pub fn block_range(&self, b: usize) -> Range<usize> {
-        let start = (b * self.block_len).min(self.n_masked);
-        start..(start + self.block_len).min(self.n_masked)
+        let start = b.saturating_mul(self.block_len).min(self.n_masked);
+        start..start.saturating_add(self.block_len).min(self.n_masked)
     }
 
     /// `(block, step within the block)` of global step `step`; `None` past the end.
@@ -228,6 +239,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn huge_step_counts_and_block_lengths_are_refused_or_handled_without_overflow() {
+        // usize::MAX steps once overflowed the error message's arithmetic, and 2^40 would have
+        // allocated a per-step count table the size of the address space.
+        for steps in [MAX_STEPS + 1, 1 << 40, usize::MAX] {
+            for kind in [ScheduleKind::Llada, ScheduleKind::Dream] {
+                let e = Schedule::for_kind(kind, 10, 4, steps)
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("exceeds the most supported"), "{e}");
+            }
+        }
+        // The largest step count itself is fine (one block here).
+        assert_eq!(
+            Schedule::new(5, 8, MAX_STEPS).unwrap().steps_per_block(),
+            MAX_STEPS
+        );
+        // A block length of usize::MAX: one block holding every mask.
+        let s = Schedule::new(7, usize::MAX, 7).unwrap();
+        assert_eq!((s.num_blocks(), s.block_range(0)), (1, 0..7));
+        assert_eq!(s.block_range(1), 7..7);
     }
 
     #[test]
