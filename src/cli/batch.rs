@@ -80,8 +80,13 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
         if opts.gen_len > 0 {
             parts.push(CanvasPart::Masks(opts.gen_len));
         }
-        let canvas = build_canvas(&parts, |t| tok.encode(t), cfg.mask_token_id)
-            .map_err(|e| Error::invalid(format!("batch prompt {}: {e}", i + 1)))?;
+        let canvas = build_canvas(
+            &parts,
+            |t| tok.encode(t),
+            cfg.mask_token_id,
+            cfg.max_seq_len,
+        )
+        .map_err(|e| Error::invalid(format!("batch prompt {}: {e}", i + 1)))?;
         prompt_tokens.push(canvas.len() - opts.gen_len);
         let mut s = Session::new(model.clone(), canvas, params.clone())
             .map_err(|e| Error::invalid(format!("batch prompt {}: {e}", i + 1)))?;

@@ -109,8 +109,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         };
         history.push(Message::user(text));
         let prompt = tok.encode(&template.render(&history, true)?)?;
-        let canvas = generation_canvas(&prompt, opts.gen_len, cfg.mask_token_id);
-        if canvas.len() > cfg.max_seq_len {
+        // Checked before the canvas is built: a huge --gen-len must not allocate it.
+        if prompt
+            .len()
+            .checked_add(opts.gen_len)
+            .is_none_or(|n| n > cfg.max_seq_len)
+        {
             history.pop();
             eprintln!(
                 "error: the conversation ({} prompt tokens + --gen-len {}) exceeds the model's \
@@ -121,6 +125,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             );
             continue;
         }
+        let canvas = generation_canvas(&prompt, opts.gen_len, cfg.mask_token_id);
         let start = Instant::now();
         let mut session = Session::new(model.clone(), canvas, params.clone())?;
         session.set_decoding(decoding.clone())?;

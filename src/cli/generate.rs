@@ -399,8 +399,8 @@ fn fill_parts(
     chat: bool,
 ) -> Result<()> {
     let (model, tok) = super::info::load(model_args)?;
-    let mask = model.config().mask_token_id;
-    let canvas = build_canvas(parts, |t| tok.encode(t), mask)?;
+    let (mask, max_len) = (model.config().mask_token_id, model.config().max_seq_len);
+    let canvas = build_canvas(parts, |t| tok.encode(t), mask, max_len)?;
     let fixed = canvas.iter().filter(|&&t| t != mask).count();
     run_canvas(model, &tok, canvas, fixed, opts, chat)
 }

@@ -57,16 +57,37 @@ pub fn parse_canvas(spec: &str) -> Result<Vec<CanvasPart>> {
 }
 
 /// Builds the token canvas of `parts`: each text piece through `encode`, each gap as masks.
+///
+/// Errors ([`Error::InvalidArgument`]): the canvas would hold more than `max_len` tokens (the
+/// model's `max_seq_len`), checked before any gap is allocated.
 pub fn build_canvas(
     parts: &[CanvasPart],
     mut encode: impl FnMut(&str) -> Result<Vec<u32>>,
     mask: u32,
+    max_len: usize,
 ) -> Result<Vec<u32>> {
+    let too_long = |what: String| {
+        Error::invalid(format!(
+            "canvas: {what} exceeds the model's max_seq_len {max_len}"
+        ))
+    };
     let mut c = Vec::new();
     for p in parts {
         match p {
             CanvasPart::Text(t) => c.extend(encode(t)?),
-            CanvasPart::Masks(n) => c.resize(c.len() + n, mask),
+            CanvasPart::Masks(n) => {
+                let len = c
+                    .len()
+                    .checked_add(*n)
+                    .filter(|&l| l <= max_len)
+                    .ok_or_else(|| {
+                        too_long(format!("a gap of {n} masks after {} token(s)", c.len()))
+                    })?;
+                c.resize(len, mask);
+            }
+        }
+        if c.len() > max_len {
+            return Err(too_long(format!("{} token(s)", c.len())));
         }
     }
     Ok(c)
@@ -162,8 +183,35 @@ mod tests {
             .contains("byte 11"));
         let enc = |t: &str| Ok(t.bytes().map(u32::from).collect::<Vec<_>>());
         assert_eq!(
-            build_canvas(&parse_canvas("ab[MASK:2]c").unwrap(), enc, 0).unwrap(),
+            build_canvas(&parse_canvas("ab[MASK:2]c").unwrap(), enc, 0, 16).unwrap(),
             vec![97, 98, 0, 0, 99]
+        );
+    }
+
+    #[test]
+    fn a_canvas_longer_than_the_limit_is_refused_before_it_is_allocated() {
+        let enc = |t: &str| Ok(t.bytes().map(u32::from).collect());
+        for spec in [
+            "ab[MASK:15]",
+            "[MASK:18446744073709551615]x",
+            "abcdefghijklmnopq",
+        ] {
+            let e = build_canvas(&parse_canvas(spec).unwrap(), enc, 0, 16)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("exceeds the model's max_seq_len 16"),
+                "{spec}: {e}"
+            );
+        }
+        // The gap after text that already fills the limit, and one past u64 when added.
+        let parts = [CanvasPart::Text("a".into()), CanvasPart::Masks(usize::MAX)];
+        assert!(build_canvas(&parts, enc, 0, 16).is_err());
+        assert_eq!(
+            build_canvas(&parse_canvas("ab[MASK:14]").unwrap(), enc, 0, 16)
+                .unwrap()
+                .len(),
+            16
         );
     }
 
