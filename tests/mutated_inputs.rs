@@ -1,11 +1,13 @@
 //! Mutated model directories never crash the loader: a `config.json` with every field replaced
-//! by odd values (zero, negative, huge, wrong type, missing), `tokenizer.json` with random byte
+//! by odd values (zero, negative, huge, wrong type, missing; the embedded LLaDA model's and a
+//! synthesized Dream model's), `tokenizer.json` with random byte
 //! edits and truncations, and a shard header or the shard index with random byte edits each
 //! either load (and then run a forward) or fail with an error. A panic, or a process abort such
 //! as the failed allocation a config with `n_layers: 4294967296` once caused, fails the test.
 //! Deterministic: the edits come from fixed seeds.
 
 use dllm::model::load::load_cpu;
+use dllm::synth::{synth_checkpoint, Preset};
 use dllm::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -17,8 +19,13 @@ fn embedded() -> PathBuf {
 /// A copy of the embedded model directory (links to its files) with the files in `own`
 /// written instead.
 fn model_dir(own: &[(&str, &[u8])]) -> tempfile::TempDir {
+    model_dir_of(&embedded(), own)
+}
+
+/// A copy of `src` (links to its files) with the files in `own` written instead.
+fn model_dir_of(src: &Path, own: &[(&str, &[u8])]) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(embedded()).unwrap() {
+    for e in std::fs::read_dir(src).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().to_str().unwrap().to_string();
         if !own.iter().any(|(n, _)| *n == name) {
@@ -76,8 +83,28 @@ impl Rng {
 }
 
 #[test]
-fn config_fields_with_odd_values_load_or_fail_cleanly() {
-    let text = std::fs::read_to_string(embedded().join("config.json")).unwrap();
+fn llada_config_fields_with_odd_values_load_or_fail_cleanly() {
+    config_fields_with_odd_values_load_or_fail_cleanly(
+        &embedded(),
+        ("d_model", "n_heads", "n_kv_heads"),
+    );
+}
+
+#[test]
+fn dream_config_fields_with_odd_values_load_or_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_checkpoint(Preset::DreamTiny, dir.path(), 3).unwrap();
+    config_fields_with_odd_values_load_or_fail_cleanly(
+        dir.path(),
+        ("hidden_size", "num_attention_heads", "num_key_value_heads"),
+    );
+}
+
+/// Every field of `src`'s config replaced by each odd value, and removed, and the head counts
+/// (fields `heads`: width, query heads, K/V heads) varied together: each loads and runs a
+/// forward, or fails with an error.
+fn config_fields_with_odd_values_load_or_fail_cleanly(src: &Path, heads: (&str, &str, &str)) {
+    let text = std::fs::read_to_string(src.join("config.json")).unwrap();
     let base: Value = serde_json::from_str(&text).unwrap();
     let values = [
         json!(0),
@@ -104,7 +131,7 @@ fn config_fields_with_odd_values_load_or_fail_cleanly() {
     let obj = base.as_object().unwrap();
     let mut run = |label: String, cfg: &serde_json::Map<String, Value>| {
         let bytes = serde_json::to_vec(cfg).unwrap();
-        let dir = model_dir(&[("config.json", &bytes)]);
+        let dir = model_dir_of(src, &[("config.json", &bytes)]);
         match load_and_run(dir.path()) {
             Ok(ok) => loaded += usize::from(ok),
             Err(p) => panics.push(format!("{label}: {p}")),
@@ -124,9 +151,9 @@ fn config_fields_with_odd_values_load_or_fail_cleanly() {
     for d in [1, 6, 384, 768] {
         for (h, kv) in [(1, 1), (2, 1), (3, 3), (4, 3), (6, 4), (12, 5), (384, 384)] {
             let mut cfg = obj.clone();
-            cfg.insert("d_model".into(), json!(d));
-            cfg.insert("n_heads".into(), json!(h));
-            cfg.insert("n_kv_heads".into(), json!(kv));
+            cfg.insert(heads.0.into(), json!(d));
+            cfg.insert(heads.1.into(), json!(h));
+            cfg.insert(heads.2.into(), json!(kv));
             run(format!("d_model {d} n_heads {h} n_kv_heads {kv}"), &cfg);
         }
     }

@@ -1,4 +1,5 @@
-//! Sessions over the embedded model with odd parameters never panic: random canvases (masks,
+//! Sessions over the embedded LLaDA model and a synthesized Dream model with odd parameters
+//! never panic: random canvases (masks,
 //! fixed tokens, any length up to 48), step counts and block lengths from 0 to `usize::MAX`,
 //! extreme temperatures, every confidence and schedule, commit rules with out-of-range values,
 //! top-k / top-p filters, guidance scales, caches and self-correction, with random re-masking
@@ -11,8 +12,10 @@ use dllm::denoise::{
     CommitPolicy, Decoding, GenerationParams, Remasking, SampleFilter, ScheduleKind, Session,
 };
 use dllm::model::load::load_cpu;
-use dllm::model::CacheMode;
+use dllm::model::{CacheMode, Model};
+use dllm::synth::{synth_checkpoint, Preset};
 use std::path::Path;
+use std::sync::Arc;
 
 /// xorshift64.
 struct Rng(u64);
@@ -31,11 +34,23 @@ impl Rng {
 }
 
 #[test]
-fn sessions_with_odd_parameters_run_or_fail_cleanly() {
+fn llada_sessions_with_odd_parameters_run_or_fail_cleanly() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llada-code");
-    let model = load_cpu(&dir).unwrap();
+    sessions_with_odd_parameters_run_or_fail_cleanly(load_cpu(&dir).unwrap(), 42);
+}
+
+#[test]
+fn dream_sessions_with_odd_parameters_run_or_fail_cleanly() {
+    // Dream predicts each position from the row before it (shifted logits).
+    let dir = tempfile::tempdir().unwrap();
+    synth_checkpoint(Preset::DreamTiny, dir.path(), 5).unwrap();
+    sessions_with_odd_parameters_run_or_fail_cleanly(load_cpu(dir.path()).unwrap(), 43);
+}
+
+fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed: u64) {
     let mask = model.config().mask_token_id;
-    let mut r = Rng(42);
+    let vocab = model.config().vocab_size;
+    let mut r = Rng(seed);
     let mut panics = Vec::new();
     let mut finished = 0;
     for it in 0..150 {
@@ -43,7 +58,7 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly() {
         let canvas: Vec<u32> = (0..len)
             .map(|_| {
                 if r.next() % 3 == 0 {
-                    (r.next() % 8192) as u32
+                    (r.next() % (vocab + 8)) as u32
                 } else {
                     mask
                 }
@@ -96,7 +111,7 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly() {
                     let _ = s.remask(a.min(b), a.max(b));
                 }
                 if r.next() % 11 == 0 {
-                    let _ = s.lock(r.next() % (len + 1), (r.next() % 9000) as u32);
+                    let _ = s.lock(r.next() % (len + 1), (r.next() % (vocab + 8)) as u32);
                 }
                 if s.step().is_err() {
                     return false;
