@@ -149,8 +149,9 @@ typedef struct dllm_model_params {
     uint32_t struct_size; /* sizeof(dllm_model_params); set by dllm_model_params_default */
     int32_t backend;      /* a dllm_backend value. Default DLLM_BACKEND_AUTO */
     int32_t device;       /* GPU index for CUDA; must be 0 for now (ignored by the CPU). Default 0 */
-    int32_t threads;      /* CPU worker threads owned by this model (joined when it is freed);
-                           * 0 = the process-wide pool, one thread per core. Default 0 */
+    int32_t threads;      /* CPU worker threads owned by this model (joined when it is freed),
+                           * at most 1024; 0 = the process-wide pool, one thread per core.
+                           * Default 0 */
 } dllm_model_params;
 
 /* Fills *p with the defaults listed above, struct_size included. NULL is a no-op. */

@@ -1,8 +1,10 @@
 //! The C ABI called from Rust with odd values: sampling parameters from `i32::MIN` to
 //! `i32::MAX`, NaN and infinite floats, bad `struct_size`s, canvases with out-of-range ids,
 //! locks and re-masks at any position, a batch naming one session twice, short output buffers.
-//! Every call must return a status; `DLLM_ERR_INTERNAL` (a caught panic) or a process abort
-//! (`steps = i32::MAX` once allocated a 16 GB step table) fails the test. Deterministic.
+//! Odd model parameters (backend, device, thread count) too. Every call must return a status;
+//! `DLLM_ERR_INTERNAL` (a caught panic), a hang or a process abort (`steps = i32::MAX` once
+//! allocated a 16 GB step table, `threads = i32::MAX` spawned threads until the process
+//! stalled) fails the test. Deterministic.
 
 use dllm::ffi::*;
 use std::ffi::{CStr, CString};
@@ -95,6 +97,29 @@ fn odd_calls_return_a_status_and_never_an_internal_error() {
         let mut mp = dllm_model_params::default();
         dllm_model_params_default(&mut mp);
         mp.backend = 1; // DLLM_BACKEND_CPU
+                        // Odd model parameters are refused at once (i32::MAX threads once spawned threads
+                        // until the process stalled).
+        for (backend, device, threads) in [
+            (-1, 0, 0),
+            (3, 0, 0),
+            (1, -1, 0),
+            (1, 0, -1),
+            (1, 0, 1025),
+            (1, 0, i32::MAX),
+        ] {
+            let odd = dllm_model_params {
+                backend,
+                device,
+                threads,
+                ..mp
+            };
+            let mut m = std::ptr::null_mut();
+            let st = dllm_model_load(dir.as_ptr(), &odd, &mut m);
+            assert!(
+                st != DLLM_OK && m.is_null() && check(format!("load {odd:?}"), st) != 0,
+                "{odd:?}: {st}"
+            );
+        }
         let mut m = std::ptr::null_mut();
         assert_eq!(
             dllm_model_load(dir.as_ptr(), &mp, &mut m),

@@ -226,11 +226,13 @@ fn bad_inputs_fail_with_one_clear_line() {
     assert_clean_error(&out, "max");
 
     // Sizes far past any limit: refused before anything is allocated (a 10^12-token gap
-    // aborted the process; usize::MAX wrapped around to an empty run).
+    // aborted the process; usize::MAX wrapped around to an empty run; 100 000 threads stalled
+    // it).
     for (flag, value, needle) in [
         ("--gen-len", "1000000000000", "max_seq_len"),
         ("--gen-len", "18446744073709551615", "max_seq_len"),
         ("--steps", "18446744073709551615", "most supported"),
+        ("--threads", "100000", "most supported"),
     ] {
         let out = dllm(&[
             "generate",

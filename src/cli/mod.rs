@@ -92,6 +92,12 @@ impl ModelArgs {
             if n == 0 {
                 return Err(dllm::Error::invalid("--threads must be at least 1"));
             }
+            let max = dllm::backend::cpu::MAX_THREADS;
+            if n > max {
+                return Err(dllm::Error::invalid(format!(
+                    "--threads {n} exceeds the most supported, {max}"
+                )));
+            }
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
                 .build_global()

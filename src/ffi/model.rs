@@ -168,6 +168,13 @@ pub unsafe extern "C" fn dllm_model_load(
                 params.threads
             )));
         }
+        let max = crate::backend::cpu::MAX_THREADS;
+        if params.threads as usize > max {
+            return Err(invalid(format!(
+                "threads {} exceeds the most supported, {max} (0 = one per core)",
+                params.threads
+            )));
+        }
         let pool = if params.threads > 0 {
             Some(WorkerPool::new(params.threads as usize)?)
         } else {

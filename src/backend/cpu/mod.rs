@@ -13,6 +13,11 @@ mod norm;
 mod rope;
 mod simd;
 
+/// Most CPU worker threads a pool may be asked for (`--threads`, `dllm_model_params.threads`):
+/// far above any core count this backend would use well, low enough that a typo (or `i32::MAX`)
+/// is refused at once instead of spawning threads until the process stalls.
+pub const MAX_THREADS: usize = 1024;
+
 pub use activation::{add_assign, exp_approx, silu_mul};
 pub use attention::attention;
 pub use embedding::embedding;
