@@ -205,11 +205,27 @@ impl BenchReport {
     }
 }
 
+/// Most canvases one bench run may batch (the CPU path holds `batch × block_len` logits rows
+/// per step; the CUDA path sizes its buffers by the batch).
+pub const MAX_BATCH: usize = 1024;
+
 impl BenchOptions {
     /// Checks the shape of the run (independent of the model).
     pub fn validate(&self) -> Result<()> {
         if self.batch == 0 {
             return Err(Error::invalid("bench: --batch must be at least 1"));
+        }
+        if self.batch > MAX_BATCH {
+            return Err(Error::invalid(format!(
+                "bench: --batch {} exceeds the most supported, {MAX_BATCH}",
+                self.batch
+            )));
+        }
+        if self.prompt_len.checked_add(self.gen_len).is_none() {
+            return Err(Error::invalid(format!(
+                "bench: --prompt-len {} + --gen-len {} overflows",
+                self.prompt_len, self.gen_len
+            )));
         }
         if self.gen_len == 0 || self.block_len == 0 || self.tokens_per_step == 0 {
             return Err(Error::invalid(
@@ -231,9 +247,9 @@ impl BenchOptions {
         Ok(())
     }
 
-    /// Canvas length.
+    /// Canvas length (saturating: [`BenchOptions::validate`] refuses an overflow).
     pub fn seq_len(&self) -> usize {
-        self.prompt_len + self.gen_len
+        self.prompt_len.saturating_add(self.gen_len)
     }
 }
 
@@ -784,6 +800,21 @@ mod tests {
                     ..BenchOptions::default()
                 },
                 "at least 1",
+            ),
+            (
+                BenchOptions {
+                    batch: MAX_BATCH + 1,
+                    ..BenchOptions::default()
+                },
+                "--batch 1025 exceeds",
+            ),
+            (
+                // Once wrapped around to a 255-token canvas that passed the length check.
+                BenchOptions {
+                    prompt_len: usize::MAX,
+                    ..BenchOptions::default()
+                },
+                "overflows",
             ),
         ] {
             let e = schedule(&o).unwrap_err().to_string();
