@@ -6,24 +6,11 @@
 //! allocated a 16 GB step table, `threads = i32::MAX` spawned threads until the process
 //! stalled) fails the test. Deterministic.
 
+mod common;
+
+use common::odd::Rng;
 use dllm::ffi::*;
 use std::ffi::{CStr, CString};
-
-/// xorshift64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 as usize
-    }
-
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.next() % xs.len()]
-    }
-}
 
 const INTS: [i32; 12] = [i32::MIN, -1, 0, 1, 2, 3, 4, 7, 16, 32, 1000, i32::MAX];
 const FLOATS: [f32; 11] = [

@@ -6,6 +6,9 @@
 //! as the failed allocation a config with `n_layers: 4294967296` once caused, fails the test.
 //! Deterministic: the edits come from fixed seeds.
 
+mod common;
+
+use common::odd::{panic_message, Rng};
 use dllm::model::load::load_cpu;
 use dllm::synth::{synth_checkpoint, Preset};
 use dllm::tokenizer::Tokenizer;
@@ -38,14 +41,6 @@ fn model_dir_of(src: &Path, own: &[(&str, &[u8])]) -> tempfile::TempDir {
     d
 }
 
-/// The panic message of a caught panic.
-fn message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default()
-}
-
 /// Loads `dir` on the CPU and, when that works, runs one forward over 16 valid ids: Ok(true)
 /// when both worked, Ok(false) for an error, Err with the message for a panic.
 fn load_and_run(dir: &Path) -> Result<bool, String> {
@@ -57,29 +52,7 @@ fn load_and_run(dir: &Path) -> Result<bool, String> {
         }
         Err(_) => false,
     })
-    .map_err(message)
-}
-
-/// xorshift64: the edits' source of randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 as usize
-    }
-
-    /// Overwrites 1–3 random bytes of `b[range]` with characters that keep JSON text
-    /// plausible (digits, signs, quotes, brackets, separators, escapes).
-    fn edit(&mut self, b: &mut [u8], range: std::ops::Range<usize>) {
-        const CHARS: &[u8] = b"0123456789-\"{}[],:.eE \\uFBI";
-        for _ in 0..1 + self.next() % 3 {
-            let i = range.start + self.next() % range.len();
-            b[i] = CHARS[self.next() % CHARS.len()];
-        }
-    }
+    .map_err(panic_message)
 }
 
 #[test]
@@ -192,7 +165,7 @@ fn tokenizer_edits_load_or_fail_cleanly() {
             }
         });
         if let Err(p) = r {
-            panics.push(format!("edit {it}: {}", message(p)));
+            panics.push(format!("edit {it}: {}", panic_message(p)));
         }
     }
     assert!(

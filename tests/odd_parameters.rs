@@ -8,6 +8,9 @@
 //! and `2⁴⁰` steps would have allocated a step table the size of the address space).
 //! Deterministic: everything comes from a fixed seed.
 
+mod common;
+
+use common::odd::{panic_message, Rng};
 use dllm::denoise::{
     CommitPolicy, Decoding, GenerationParams, Remasking, SampleFilter, ScheduleKind, Session,
 };
@@ -16,22 +19,6 @@ use dllm::model::{CacheMode, Model};
 use dllm::synth::{synth_checkpoint, Preset};
 use std::path::Path;
 use std::sync::Arc;
-
-/// xorshift64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 as usize
-    }
-
-    fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
-        xs[self.next() % xs.len()].clone()
-    }
-}
 
 #[test]
 fn llada_sessions_with_odd_parameters_run_or_fail_cleanly() {
@@ -122,11 +109,7 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
         match outcome {
             Ok(done) => finished += usize::from(done),
             Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let msg = panic_message(p);
                 panics.push(format!("{label}: {msg}"));
             }
         }

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test crate uses part of it
 
 pub mod logits;
+pub mod odd;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
