@@ -397,3 +397,67 @@ fn cached_sessions_of_a_batch_run_one_after_another() {
         assert_eq!(b.canvas(), alone.canvas(), "session {i}");
     }
 }
+
+/// A file longer than one chunk runs in chunks of `BATCH_CHUNK` prompts; each line is what the
+/// prompt gives in a file of its own chunk alone (so what it gives alone, as above), and a bad
+/// line anywhere writes nothing.
+#[test]
+fn batch_files_longer_than_a_chunk_run_in_chunks_and_check_every_line_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts: Vec<String> = (0..70).map(|i| format!("x{} = ", i * 7)).collect();
+    let common = [
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--gen-len",
+        "4",
+        "--steps",
+        "2",
+        "--block-len",
+        "4",
+        "--quiet",
+    ];
+    let run = |name: &str, lines: &[String]| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let mut args = vec!["generate", "--batch-file", file.to_str().unwrap()];
+        args.extend(common);
+        run_dllm(&args, None)
+    };
+    let all = run("all.txt", &prompts);
+    assert!(all.status.success());
+    let all = String::from_utf8(all.stdout).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.len(), 70, "{all}");
+    // The second chunk (prompts 64..70) on its own.
+    let tail = run("tail.txt", &prompts[64..]);
+    let tail = String::from_utf8(tail.stdout).unwrap();
+    assert_eq!(lines[64..].join("\n"), tail.trim_end());
+    // --json indices run on across the chunks.
+    let file = dir.path().join("all.txt");
+    let mut args = vec!["generate", "--batch-file", file.to_str().unwrap(), "--json"];
+    args.extend(common);
+    let out = String::from_utf8(run_dllm(&args, None).stdout).unwrap();
+    let idx: Vec<u64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(idx, (0..70).collect::<Vec<u64>>());
+    // Line 68 too long for the model: an error naming it, and no result printed.
+    let mut bad = prompts.clone();
+    bad[67] = "x".repeat(5000);
+    let out = run("bad.txt", &bad);
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("batch prompt 68"), "{err}");
+}

@@ -1,6 +1,10 @@
-//! `dllm generate --batch-file F`: one prompt per line, all denoised together (the sessions step
-//! in lockstep and each step is one packed forward over every canvas, see
-//! [`dllm::denoise::batch`]), one result per line, in the file's order.
+//! `dllm generate --batch-file F`: one prompt per line, denoised together in chunks of
+//! [`BATCH_CHUNK`] prompts (the sessions of a chunk step in lockstep and each step is one packed
+//! forward over its canvases, see [`dllm::denoise::batch`]), one result per line, in the file's
+//! order. Every prompt is checked before the first chunk runs, so a bad line writes nothing;
+//! the chunks keep the memory of a step bounded whatever the file's length (every canvas at
+//! once held `prompts × block_len × vocabulary` logits per step: 3 GB at 3000 prompts on the
+//! tiny model).
 //!
 //! Lines are prompts with `\n`, `\t` and `\\` escapes (so a prompt can hold newlines); empty
 //! lines are skipped. Output: one line per prompt, the generated text with the same escapes, or
@@ -15,6 +19,10 @@ use dllm::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
+
+/// Most prompts denoised together (one packed forward per step); a longer file runs in chunks
+/// of this many, one after another. Each result is the prompt's alone-run result either way.
+pub const BATCH_CHUNK: usize = 64;
 
 /// A prompt line with its escapes resolved (`\n`, `\t`, `\\`; any other `\x` stays as is).
 pub fn unescape(line: &str) -> String {
@@ -69,7 +77,8 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
         None
     };
     let (params, decoding) = (opts.params()?, opts.decoding()?);
-    let mut sessions = Vec::with_capacity(prompts.len());
+    // Every canvas built and every session checked before anything runs or is written.
+    let mut canvases = Vec::with_capacity(prompts.len());
     let mut prompt_tokens = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.into_iter().enumerate() {
         let p = match &template {
@@ -88,46 +97,64 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
         )
         .map_err(|e| Error::invalid(format!("batch prompt {}: {e}", i + 1)))?;
         prompt_tokens.push(canvas.len() - opts.gen_len);
-        let mut s = Session::new(model.clone(), canvas, params.clone())
+        session(&model, &canvas, &params, &decoding)
             .map_err(|e| Error::invalid(format!("batch prompt {}: {e}", i + 1)))?;
-        s.set_decoding(decoding.clone())?;
-        sessions.push(s);
+        canvases.push(canvas);
     }
     let start = Instant::now();
-    let rounds = run_batch(&mut sessions)?;
-    let elapsed = start.elapsed().as_secs_f64();
     let stops = stop_ids(&cfg, &tok);
     let mut out = std::io::stdout().lock();
-    let mut generated_total = 0;
-    for (i, s) in sessions.iter().enumerate() {
-        let generated = s.generated_tokens();
-        generated_total += generated.len();
-        let kept = answer_ids(&generated, &stops, a.chat);
-        let text = tok.decode(kept, true)?;
-        if opts.json {
-            let v = serde_json::json!({
-                "index": i,
-                "text": text,
-                "prompt_tokens": prompt_tokens[i],
-                "generated_tokens": generated.len(),
-                "steps": s.steps_taken(),
-                "forward_steps": s.forward_steps(),
-            });
-            writeln!(out, "{v}").ok();
-        } else {
-            writeln!(out, "{}", escape(&text)).ok();
+    let (mut rounds, mut generated_total) = (0, 0);
+    for (c, chunk) in canvases.chunks(BATCH_CHUNK).enumerate() {
+        let mut sessions = chunk
+            .iter()
+            .map(|canvas| session(&model, canvas, &params, &decoding))
+            .collect::<Result<Vec<_>>>()?;
+        rounds += run_batch(&mut sessions)?;
+        for (j, s) in sessions.iter().enumerate() {
+            let i = c * BATCH_CHUNK + j;
+            let generated = s.generated_tokens();
+            generated_total += generated.len();
+            let kept = answer_ids(&generated, &stops, a.chat);
+            let text = tok.decode(kept, true)?;
+            if opts.json {
+                let v = serde_json::json!({
+                    "index": i,
+                    "text": text,
+                    "prompt_tokens": prompt_tokens[i],
+                    "generated_tokens": generated.len(),
+                    "steps": s.steps_taken(),
+                    "forward_steps": s.forward_steps(),
+                });
+                writeln!(out, "{v}").ok();
+            } else {
+                writeln!(out, "{}", escape(&text)).ok();
+            }
         }
+        out.flush().ok();
     }
-    out.flush().ok();
+    let elapsed = start.elapsed().as_secs_f64();
     if !opts.quiet {
         eprintln!(
             "{} prompts, {rounds} batched steps in {elapsed:.2} s ({:.1} tokens/s) on {}",
-            sessions.len(),
+            canvases.len(),
             generated_total as f64 / elapsed.max(1e-9),
             model.backend_name()
         );
     }
     Ok(())
+}
+
+/// A session over `canvas` with the run's parameters and decoding options.
+fn session(
+    model: &std::sync::Arc<dyn dllm::model::Model>,
+    canvas: &[u32],
+    params: &dllm::denoise::GenerationParams,
+    decoding: &dllm::denoise::Decoding,
+) -> Result<Session> {
+    let mut s = Session::new(model.clone(), canvas.to_vec(), params.clone())?;
+    s.set_decoding(decoding.clone())?;
+    Ok(s)
 }
 
 #[cfg(test)]
