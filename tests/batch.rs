@@ -323,14 +323,7 @@ fn batch_file_prints_what_each_prompt_gives_alone() {
     // --json: one object per prompt, in order.
     args.push("--json");
     let out = String::from_utf8(dllm(&args).stdout).unwrap();
-    let idx: Vec<u64> = out
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let idx = json_indices(&out);
     assert_eq!(idx, [0, 1, 2]);
 }
 
@@ -439,14 +432,7 @@ fn batch_files_longer_than_a_chunk_run_in_chunks_and_check_every_line_first() {
     let mut args = vec!["generate", "--batch-file", file.to_str().unwrap(), "--json"];
     args.extend(common);
     let out = String::from_utf8(run_dllm(&args, None).stdout).unwrap();
-    let idx: Vec<u64> = out
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let idx = json_indices(&out);
     assert_eq!(idx, (0..70).collect::<Vec<u64>>());
     // Line 68 too long for the model: an error naming it, and no result printed.
     let mut bad = prompts.clone();
@@ -460,4 +446,15 @@ fn batch_files_longer_than_a_chunk_run_in_chunks_and_check_every_line_first() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("batch prompt 68"), "{err}");
+}
+
+/// The `index` of each `--json` line of a batch run's output, in order.
+fn json_indices(out: &str) -> Vec<u64> {
+    out.lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
 }

@@ -19,12 +19,6 @@ fn embedded() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llada-code")
 }
 
-/// A copy of the embedded model directory (links to its files) with the files in `own`
-/// written instead.
-fn model_dir(own: &[(&str, &[u8])]) -> tempfile::TempDir {
-    model_dir_of(&embedded(), own)
-}
-
 /// A copy of `src` (links to its files) with the files in `own` written instead.
 fn model_dir_of(src: &Path, own: &[(&str, &[u8])]) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
@@ -203,7 +197,7 @@ fn shard_header_and_index_edits_load_or_fail_cleanly() {
             let cut = header_end + rng.next() % (s.len() - header_end);
             s.truncate(cut);
         }
-        let dir = model_dir(&[(shard, &s), (index, &ix)]);
+        let dir = model_dir_of(&embedded(), &[(shard, &s), (index, &ix)]);
         if let Err(p) = load_and_run(dir.path()) {
             panics.push(format!("edit {it}: {p}"));
         }

@@ -902,13 +902,15 @@ impl Gemm {
         });
         let mut qkv_out = None;
         if let (Some(job), Some(MlpQkvJob { w, out, n })) = (plan.qkv, qkv) {
-            let epi = out.epilogue();
-            if !matches!(epi, Epilogue::StoreBf16 | Epilogue::RopeQkv) {
+            let (epi, covers, (addr, align)) =
+                (out.epilogue(), out.covers(), out.addr_and_align(dev));
+            let rope = rope_params(&out, GemmPlan::Stream(job), m, n)?;
+            let (GemmOut::Bf16(c) | GemmOut::RopeQkv(c, _)) = out else {
                 return Err(Error::invalid(format!(
                     "gemm: the chained QKV projection stores bf16 (with or without RoPE), not {}",
                     epi.name()
                 )));
-            }
+            };
             // Its input: the down job's prep output (`x ⊙ γ`, m × hidden).
             let xa = fold_down
                 .prep
@@ -917,10 +919,8 @@ impl Gemm {
                 .ok_or_else(|| {
                     Error::invalid("gemm: the chained QKV projection needs the down job's prep")
                 })?;
-            validate(m, n, hidden, xa.len(), w.len(), out.covers())?;
-            let rope = rope_params(&out, GemmPlan::Stream(job), m, n)?;
+            validate(m, n, hidden, xa.len(), w.len(), covers)?;
             check_align("w_qkv", w.device_ptr(&dev.stream).0, 16)?;
-            let (addr, align) = out.addr_and_align(dev);
             check_align("qkv", addr, align)?;
             let (map_xa, map_w) = operand_maps(
                 dev,
@@ -935,28 +935,18 @@ impl Gemm {
                 rope: rope.unwrap_or_default(),
                 norm: down.row_scale_of_prep(hidden, fold_down.eps)?,
             });
-            let (GemmOut::Bf16(c) | GemmOut::RopeQkv(c, _)) = out else {
-                return Err(Error::invalid(
-                    "gemm: the chained QKV projection stores bf16",
-                ));
-            };
-            qkv_out = Some((c, epi, n));
+            qkv_out = Some(gemm_mlp::QkvOut { c, epi, cols: n });
         }
         let ws: usize = plan.workspace_floats().iter().sum();
         let counters: usize = plan.counters().iter().sum();
         let mut scratch = self.scratch(dev, ws, counters)?;
-        let qkv = qkv_out.as_mut().map(|(c, epi, cols)| gemm_mlp::QkvOut {
-            c,
-            epi: *epi,
-            cols: *cols,
-        });
         mlp.launch(
             dev,
             &plan,
             &maps,
             h,
             r,
-            qkv,
+            qkv_out.as_mut(),
             &mut scratch,
             (m, hidden, inter),
             &params,

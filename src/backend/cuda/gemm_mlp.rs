@@ -54,8 +54,8 @@ pub struct FusedMlp {
 
 /// The QKV job's output in a layer chain launch: `c` (`[m, cols]` bf16) and its epilogue
 /// ([`Epilogue::StoreBf16`] or [`Epilogue::RopeQkv`], whose parameters are the job's).
-pub struct QkvOut<'a, 'b> {
-    pub c: &'a mut CudaViewMut<'b, u16>,
+pub struct QkvOut<'a> {
+    pub c: CudaViewMut<'a, u16>,
     pub epi: Epilogue,
     pub cols: usize,
 }
@@ -213,8 +213,8 @@ impl FusedMlp {
     }
 
     /// Launches `plan` on `dev.stream`: (with `plan.out`) `r += o · w_oᵀ`, then `h = swiglu(x ·
-    /// w_guᵀ)` and `r += h · w_dᵀ`, then (with `plan.qkv`) `qkv = xa · w_qkvᵀ` with epilogue
-    /// `qkv.1`. `maps` are the tensor maps of (o, w_o,) x, w_gu, h, w_d (, xa, w_qkv) (boxes of
+    /// w_guᵀ)` and `r += h · w_dᵀ`, then (with `plan.qkv`) `qkv.c = xa · w_qkvᵀ` with epilogue
+    /// `qkv.epi`. `maps` are the tensor maps of (o, w_o,) x, w_gu, h, w_d (, xa, w_qkv) (boxes of
     /// `8·groups` activation rows and `STREAM_ROWS` weight rows), `params` each job's epilogue
     /// parameters; `scratch` holds every job's workspace and zeroed counters
     /// ([`MlpPlan::workspace_floats`], [`MlpPlan::counters`]). The caller validated the shapes,
@@ -227,7 +227,7 @@ impl FusedMlp {
         maps: &[CUtensorMap],
         h: &mut CudaViewMut<u16>,
         r: &mut CudaViewMut<f32>,
-        qkv: Option<QkvOut<'_, '_>>,
+        qkv: Option<&mut QkvOut<'_>>,
         scratch: &mut ReductionScratch,
         (m, hidden, inter): (usize, usize, usize),
         params: &[EpiParams],
@@ -287,7 +287,7 @@ impl FusedMlp {
             .as_ref()
             .map_or((0, 0), |q| (q.cols as i32, q.epi.code()));
         if let Some(q) = qkv {
-            b.arg(q.c);
+            b.arg(&mut q.c);
         }
         for (w, c) in &slots {
             b.arg(w).arg(c);

@@ -542,15 +542,7 @@ impl CudaTransformer {
                 "fused_rope" => Some(self.kernels.fused_rope.into()),
                 "norm_fold" => Some(self.kernels.norm_fold.into()),
                 "query_last_layer" => Some(narrow::allowed(&self.kernels).into()),
-                "layer_chain" => Some(
-                    (self.kernels.layer_chain
-                        && self.kernels.fused_rope
-                        && self.kernels.norm_fold
-                        && self.kernels.fused_swiglu
-                        && !self.kernels.naive_gemm
-                        && self.kit.gemm.mlp_chain_serves(1))
-                    .into(),
-                ),
+                "layer_chain" => Some(self.chain_allowed(&self.kit.gemm, 1).into()),
                 "kernel_build" => Some(self.dev.describe().into()),
                 _ => None,
             };
@@ -1215,10 +1207,9 @@ impl CudaTransformer {
                     .layers
                     .get(li + 1)
                     .filter(|_| {
-                        self.kernels.layer_chain
+                        self.chain_allowed(&kit.gemm, rows)
                             && narrowed.is_none()
                             && down_prep.is_some()
-                            && kit.gemm.mlp_chain_serves(rows)
                     })
                     .zip(rope_table);
                 let w_next = chain.map(|(next, _)| next.qkv.as_view());
@@ -1709,6 +1700,19 @@ impl CudaTransformer {
         }
         Self::full_forward_done(st, kind);
         Ok(())
+    }
+
+    /// Whether the switches and `gemm`'s kernels allow the layer chain on `m` rows
+    /// ([`KernelChoice::layer_chain`]: it rides on the layer tail, the fold and the RoPE
+    /// epilogue); a layer also needs a next layer whose norm is folded and a RoPE table.
+    fn chain_allowed(&self, gemm: &Gemm, m: usize) -> bool {
+        let k = &self.kernels;
+        k.layer_chain
+            && k.fused_rope
+            && k.norm_fold
+            && k.fused_swiglu
+            && !k.naive_gemm
+            && gemm.mlp_chain_serves(m)
     }
 
     /// The query rows per canvas the last layer of a full forward (`full`) runs for
