@@ -28,7 +28,8 @@ use crate::denoise::commit::{top_k, Candidate};
 use crate::denoise::predict::{PredictRule, Remasking};
 use crate::denoise::rng;
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::kv_cache::{span_for, CacheMode::Dual as DualCache, CacheStep, KvCache};
+use crate::model::{BatchQuery, Model};
 use serde::Serialize;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -524,8 +525,12 @@ pub fn load_cpu_model(dir: &std::path::Path) -> Result<std::sync::Arc<dyn Model>
     crate::model::load_cpu(dir)
 }
 
-/// CPU path: full forward every step through the [`Model`] trait (the cache mode is ignored:
-/// the CPU model has no K/V cache), commit on the host.
+/// CPU path through the [`Model`] trait, predictions committed on the host. Cache `none`: each
+/// step predicts every canvas in one packed forward ([`Model::predict_batch`]: the weights are
+/// read once for the batch). Cache `dual`: each canvas keeps its own [`KvCache`], refreshed by
+/// the block's first step and read by the others, which compute only the block's rows (the
+/// span of [`span_for`], one row wider for shifted architectures), as `dllm generate --cache
+/// dual` does.
 fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     if o.profile {
         return Err(Error::invalid(
@@ -543,32 +548,7 @@ fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
             cfg.max_seq_len
         )));
     }
-    let run = |canv: &mut Vec<u32>| -> Result<()> {
-        let s = o.seq_len();
-        for (i, st) in steps.iter().enumerate() {
-            for b in 0..o.batch {
-                let c = &mut canv[b * s..(b + 1) * s];
-                let queries: Vec<usize> = st
-                    .span
-                    .clone()
-                    .filter(|&p| c[p] == cfg.mask_token_id)
-                    .collect();
-                let preds = model.predict(c, &queries, &greedy_rule(&cfg, i))?;
-                let cands: Vec<Candidate> = queries
-                    .iter()
-                    .zip(&preds)
-                    .map(|(&position, p)| Candidate {
-                        position,
-                        confidence: p.confidence,
-                    })
-                    .collect();
-                for j in top_k(&cands, st.k) {
-                    c[queries[j]] = preds[j].token;
-                }
-            }
-        }
-        Ok(())
-    };
+    let run = |canv: &mut Vec<u32>| run_host_steps(model.as_ref(), o, steps, canv);
     let t1 = Instant::now();
     for _ in 0..o.warmup {
         run(&mut canvases(o, &cfg))?;
@@ -590,6 +570,71 @@ fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     r.masks_left = canv.iter().filter(|&&t| t == cfg.mask_token_id).count();
     r.canvas_hash = canvas_hash(&canv);
     Ok(r)
+}
+
+/// The fixed schedule on `canv` (`o.batch` canvases of `o.seq_len()` ids, one after another)
+/// through the [`Model`] trait, predictions committed on the host (see [`run_cpu`]).
+fn run_host_steps(
+    model: &dyn Model,
+    o: &BenchOptions,
+    steps: &[BenchStep],
+    canv: &mut [u32],
+) -> Result<()> {
+    let cfg = model.config();
+    let s = o.seq_len();
+    let mut caches: Vec<KvCache> = match o.cache {
+        CacheMode::Dual => (0..o.batch).map(|_| KvCache::new(cfg, s)).collect(),
+        CacheMode::None => Vec::new(),
+    };
+    for (i, st) in steps.iter().enumerate() {
+        let rule = greedy_rule(cfg, i);
+        let queries: Vec<Vec<usize>> = canv
+            .chunks(s)
+            .map(|c| {
+                st.span
+                    .clone()
+                    .filter(|&p| c[p] == cfg.mask_token_id)
+                    .collect()
+            })
+            .collect();
+        let preds = if caches.is_empty() {
+            let items: Vec<BatchQuery> = canv
+                .chunks(s)
+                .zip(&queries)
+                .map(|(ids, q)| BatchQuery {
+                    ids,
+                    queries: q,
+                    rule: &rule,
+                })
+                .collect();
+            model.predict_batch(&items)?
+        } else {
+            let span = span_for(DualCache, st.span.clone(), s, cfg.shifted_logits());
+            let step = match span {
+                Some(span) if st.use_cache => CacheStep::Span(span),
+                _ => CacheStep::Refresh,
+            };
+            canv.chunks(s)
+                .zip(&queries)
+                .zip(caches.iter_mut())
+                .map(|((ids, q), cache)| model.predict_cached(ids, q, &rule, cache, &step))
+                .collect::<Result<Vec<_>>>()?
+        };
+        for ((c, q), p) in canv.chunks_mut(s).zip(&queries).zip(&preds) {
+            let cands: Vec<Candidate> = q
+                .iter()
+                .zip(p)
+                .map(|(&position, p)| Candidate {
+                    position,
+                    confidence: p.confidence,
+                })
+                .collect();
+            for j in top_k(&cands, st.k) {
+                c[q[j]] = p[j].token;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
@@ -734,6 +779,7 @@ pub fn copy_bandwidth_gbps(dev: &crate::backend::cuda::CudaDevice) -> Result<f64
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::denoise::predict::Prediction;
 
     fn opts(cache: CacheMode, k: usize) -> BenchOptions {
         BenchOptions {
@@ -1023,6 +1069,14 @@ mod tests {
         })
         .unwrap();
         assert_eq!((cached.masks_left, cached.steps), (0, 8));
+        // The step bench keeps a cache per canvas like the sessions do: the same canvases.
+        let cached_steps = run_bench(&BenchOptions {
+            cache: CacheMode::Dual,
+            session: false,
+            ..o.clone()
+        })
+        .unwrap();
+        assert_eq!(cached_steps.canvas_hash, cached.canvas_hash);
         // One session runs alone (Session::run), with the same canvas as the step bench.
         let one = BenchOptions { batch: 1, ..o };
         assert_eq!(
@@ -1034,6 +1088,93 @@ mod tests {
             .unwrap()
             .canvas_hash
         );
+    }
+
+    /// A model that records which [`Model`] entry each call of the step loop took.
+    struct Recorder {
+        inner: std::sync::Arc<dyn Model>,
+        calls: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Model for Recorder {
+        fn config(&self) -> &ModelConfig {
+            self.inner.config()
+        }
+        fn backend_name(&self) -> &'static str {
+            "recorder"
+        }
+        fn forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+            self.calls.lock().unwrap().push("forward".into());
+            self.inner.forward(ids)
+        }
+        fn supports_kv_cache(&self) -> bool {
+            true
+        }
+        fn predict_batch(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("batch of {}", items.len()));
+            self.inner.predict_batch(items)
+        }
+        fn logits_cached(
+            &self,
+            ids: &[u32],
+            queries: &[usize],
+            cache: &mut KvCache,
+            step: &CacheStep,
+        ) -> Result<Vec<f32>> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("cache {} {step:?}", cache.id()));
+            self.inner.logits_cached(ids, queries, cache, step)
+        }
+    }
+
+    #[test]
+    fn host_steps_pack_uncached_canvases_and_keep_a_cache_per_canvas() {
+        let inner = load_cpu_model(&BenchOptions::default().model_dir).unwrap();
+        let o = BenchOptions {
+            batch: 2,
+            prompt_len: 8,
+            gen_len: 32,
+            block_len: 16,
+            tokens_per_step: 8,
+            ..BenchOptions::default()
+        };
+        let run = |cache| {
+            let o = BenchOptions { cache, ..o.clone() };
+            let m = Recorder {
+                inner: inner.clone(),
+                calls: Default::default(),
+            };
+            let mut canv = canvases(&o, inner.config());
+            run_host_steps(&m, &o, &schedule(&o).unwrap(), &mut canv).unwrap();
+            assert!(!canv.contains(&inner.config().mask_token_id));
+            m.calls.into_inner().unwrap()
+        };
+        // No cache: every step is one packed forward of both canvases.
+        assert_eq!(run(CacheMode::None), vec!["batch of 2"; 4]);
+        // Dual: per block a refresh of each canvas's own cache, then the block's rows only.
+        let calls = run(CacheMode::Dual);
+        assert_eq!(calls.len(), 8, "{calls:?}");
+        let ids: Vec<&str> = calls.iter().map(|c| c.split(' ').nth(1).unwrap()).collect();
+        assert_ne!(ids[0], ids[1]);
+        let expect = |step: &str| {
+            vec![
+                format!("cache {} {step}", ids[0]),
+                format!("cache {} {step}", ids[1]),
+            ]
+        };
+        let want = [
+            expect("Refresh"),
+            expect("Span(8..24)"),
+            expect("Refresh"),
+            expect("Span(24..40)"),
+        ]
+        .concat();
+        assert_eq!(calls, want);
     }
 
     #[test]
