@@ -233,13 +233,13 @@ impl BenchOptions {
                 "bench: --gen-len, --block-len and --tokens-per-step must be at least 1",
             ));
         }
-        if self.gen_len % self.block_len != 0 {
+        if !self.gen_len.is_multiple_of(self.block_len) {
             return Err(Error::invalid(format!(
                 "bench: --gen-len {} is not a multiple of --block-len {}",
                 self.gen_len, self.block_len
             )));
         }
-        if self.block_len % self.tokens_per_step != 0 {
+        if !self.block_len.is_multiple_of(self.tokens_per_step) {
             return Err(Error::invalid(format!(
                 "bench: --block-len {} is not a multiple of --tokens-per-step {}",
                 self.block_len, self.tokens_per_step

@@ -293,7 +293,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 key("n_heads"),
                 format!(
@@ -305,13 +305,13 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::config(
                 key("n_heads"),
                 format!("head dim {} must be even for RoPE", self.head_dim()),
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::config(
                 key("n_kv_heads"),
                 format!(

@@ -33,7 +33,7 @@ fn odd_params(r: &mut Rng) -> dllm_sampling_params {
     // SAFETY: a valid, writable struct.
     unsafe { dllm_sampling_params_default(&mut p) };
     for field in 0..12 {
-        if r.next() % 6 != 0 {
+        if !r.next().is_multiple_of(6) {
             continue;
         }
         match field {
@@ -52,7 +52,7 @@ fn odd_params(r: &mut Rng) -> dllm_sampling_params {
         }
     }
     p.seed = r.next() as u64;
-    if r.next() % 10 == 0 {
+    if r.next().is_multiple_of(10) {
         p.struct_size = r.pick(&[0u32, 1, 31, 33, 63, 65, 1000, u32::MAX]);
     }
     p

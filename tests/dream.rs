@@ -115,7 +115,7 @@ fn write_checkpoint(dir: &Path, config: &Value, tensors: &Tensors) {
         data.extend_from_slice(&t.data);
     }
     let mut h = serde_json::to_string(&Value::Object(header)).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(' ');
     }
     let mut file = (h.len() as u64).to_le_bytes().to_vec();

@@ -44,7 +44,7 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
         let len = 1 + r.next() % 48;
         let canvas: Vec<u32> = (0..len)
             .map(|_| {
-                if r.next() % 3 == 0 {
+                if r.next().is_multiple_of(3) {
                     (r.next() % (vocab + 8)) as u32
                 } else {
                     mask
@@ -76,7 +76,7 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
                 top_p: r.pick(&[1.0, 0.5, 1e-9, 0.999, 0.0, 2.0]),
             },
             cfg_scale: r.pick(&[0.0, 0.0, 1.0, 3.0, -1.0, 1e300]),
-            stop_at_eos: r.next() % 2 == 0,
+            stop_at_eos: r.next().is_multiple_of(2),
             cache: r.pick(&[CacheMode::None, CacheMode::Prefix, CacheMode::Dual]),
             revise: r.pick(&[None, None, Some(0.5), Some(0.01), Some(1.5)]),
         };
@@ -93,11 +93,11 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
                 if s.is_done() {
                     return true;
                 }
-                if r.next() % 7 == 0 {
+                if r.next().is_multiple_of(7) {
                     let (a, b) = (r.next() % (len + 2), r.next() % (len + 2));
                     let _ = s.remask(a.min(b), a.max(b));
                 }
-                if r.next() % 11 == 0 {
+                if r.next().is_multiple_of(11) {
                     let _ = s.lock(r.next() % (len + 1), (r.next() % (vocab + 8)) as u32);
                 }
                 if s.step().is_err() {

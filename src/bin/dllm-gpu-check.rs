@@ -990,7 +990,7 @@ fn batch_cases(cfg: &ModelConfig) -> Vec<BatchCase> {
     plan.into_iter()
         .enumerate()
         .map(|(i, (n, rule))| {
-            let masked = |p: usize| p >= n / 2 || (p * 7 + i) % 5 == 0;
+            let masked = |p: usize| p >= n / 2 || (p * 7 + i).is_multiple_of(5);
             let ids: Vec<u32> = (0..n)
                 .map(|p| {
                     if masked(p) {

@@ -125,7 +125,7 @@ impl Schedule {
                 "steps {steps} exceeds the most supported, {MAX_STEPS} (every step is a forward pass)"
             )));
         }
-        if steps % blocks != 0 {
+        if !steps.is_multiple_of(blocks) {
             let lower = steps / blocks * blocks;
             let nearest = if lower == 0 {
                 format!("{}", blocks)

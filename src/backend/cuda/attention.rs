@@ -152,7 +152,10 @@ impl AttnShape {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid(format!("attention shape {self:?}: {m}")));
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return bad("n_kv_heads must be positive and divide n_heads".into());
         }
         if self.head_dim == 0 {
@@ -496,15 +499,15 @@ impl Attention {
         out: &CudaViewMut<u16>,
         shape: &AttnShape,
     ) -> bool {
-        let aligned = |p: u64| p % 16 == 0;
+        let aligned = |p: u64| p.is_multiple_of(16);
         let (qp, _g1) = q.device_ptr(&self.stream);
         let (kp, _g2) = k.device_ptr(&self.stream);
         let (vp, _g3) = v.device_ptr(&self.stream);
         let (op, _g4) = out.device_ptr(&self.stream);
         matches!(shape.head_dim, 64 | 128)
-            && shape.q_stride() % 8 == 0
-            && shape.o_stride() % 8 == 0
-            && shape.kv_stride() % 8 == 0
+            && shape.q_stride().is_multiple_of(8)
+            && shape.o_stride().is_multiple_of(8)
+            && shape.kv_stride().is_multiple_of(8)
             && aligned(qp)
             && aligned(kp)
             && aligned(vp)

@@ -27,7 +27,7 @@ const RMS_V4: usize = 8;
 /// Whether the RMSNorm kernels' float4 path can take rows of width `d` (given 16-byte aligned
 /// views): a multiple of 4 that the block's registers hold.
 fn rmsnorm_vec_fits(d: usize) -> bool {
-    d % 4 == 0 && d <= 4 * ROW_THREADS as usize * RMS_V4
+    d.is_multiple_of(4) && d <= 4 * ROW_THREADS as usize * RMS_V4
 }
 /// Largest `head_dim / 2` of `rope_qkv_bf16` (`DLLM_ROPE_MAX_HALF` in the .cu file).
 const ROPE_MAX_HALF: usize = 512;
@@ -317,7 +317,7 @@ impl Elementwise {
         inv_freq: &CudaView<f32>,
         s: RopeShape,
     ) -> Result<()> {
-        if s.head_dim % 2 != 0 || s.pos_period == 0 {
+        if !s.head_dim.is_multiple_of(2) || s.pos_period == 0 {
             return Err(Error::invalid(format!("elementwise rope: bad shape {s:?}")));
         }
         need("rope inv_freq", inv_freq.len(), s.head_dim / 2)?;
@@ -390,7 +390,7 @@ impl Elementwise {
             let (op, _g2) = out.device_ptr(&self.stream);
             gp % 16 == 0 && op % 16 == 0
         };
-        let vec = allow_vec && h % 8 == 0 && aligned;
+        let vec = allow_vec && h.is_multiple_of(8) && aligned;
         let (f, total) = if vec {
             (&self.swiglu_v8_fn, rows * h / 8)
         } else {
@@ -466,7 +466,7 @@ impl Elementwise {
         prefetch: Option<&CudaView<u16>>,
     ) -> Result<()> {
         let bad = |why: &str| Error::invalid(format!("elementwise rope_qkv: {why} in {s:?}"));
-        if s.head_dim % 2 != 0 || s.head_dim == 0 || s.head_dim / 2 > ROPE_MAX_HALF {
+        if !s.head_dim.is_multiple_of(2) || s.head_dim == 0 || s.head_dim / 2 > ROPE_MAX_HALF {
             return Err(bad("head_dim must be even and at most 1024"));
         }
         if s.grouped && !super::rope_layout::supported(s.head_dim) {
@@ -536,10 +536,10 @@ impl Elementwise {
         }
         let vec = allow_vec
             && aligned
-            && s.head_dim % 16 == 0
-            && s.row_stride % 8 == 0
-            && s.k_col % 8 == 0
-            && s.v_col % 8 == 0;
+            && s.head_dim.is_multiple_of(16)
+            && s.row_stride.is_multiple_of(8)
+            && s.k_col.is_multiple_of(8)
+            && s.v_col.is_multiple_of(8);
         let vec_i = i32::from(vec);
         let cfg = LaunchConfig {
             grid_dim: (s.rows as u32, 1, 1),

@@ -239,7 +239,7 @@ fn rope_params(out: &GemmOut, job: GemmPlan, m: usize, n: usize) -> Result<Optio
     let GemmOut::RopeQkv(_, args) = out else {
         return Ok(None);
     };
-    if (args.rows, args.cols) != (m, n) || n % 16 != 0 {
+    if (args.rows, args.cols) != (m, n) || !n.is_multiple_of(16) {
         return Err(Error::invalid(format!(
             "gemm: RoPE parameters for {}×{} used on m={m} n={n} (n must be a multiple of 16)",
             args.rows, args.cols
@@ -303,12 +303,12 @@ pub fn validate(
             "gemm: empty shape m={m} n={n} k={k} (all must be ≥ 1)"
         )));
     }
-    if k % 8 != 0 {
+    if !k.is_multiple_of(8) {
         return Err(Error::invalid(format!(
             "gemm: k={k} is not a multiple of 8 (16-byte rows are required)"
         )));
     }
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         return Err(Error::invalid(format!(
             "gemm: n={n} is not a multiple of 8"
         )));
@@ -337,7 +337,7 @@ pub fn validate(
 }
 
 fn check_align(what: &str, addr: u64, align: u64) -> Result<()> {
-    if addr % align != 0 {
+    if !addr.is_multiple_of(align) {
         return Err(Error::invalid(format!(
             "gemm: {what} device address {addr:#x} is not {align}-byte aligned (offset views by whole rows)"
         )));
@@ -1084,15 +1084,15 @@ impl Gemm {
     /// and `k` in whole 32-column groups (what the prep of an `n`-wide residual and the row scale
     /// of a `k`-deep product need).
     pub fn norm_fold_serves(&self, m: usize, n: usize, k: usize) -> bool {
-        n % super::gemm_norm::GROUP_COLS == 0
-            && k % super::gemm_norm::GROUP_COLS == 0
+        n.is_multiple_of(super::gemm_norm::GROUP_COLS)
+            && k.is_multiple_of(super::gemm_norm::GROUP_COLS)
             && self.run_plan_for(m, n, k).is_ok_and(|p| p.has_norm_fold())
     }
 
     /// Whether [`Gemm::run`] would run `m × n × k` on a kernel with the RoPE epilogue
     /// ([`GemmOut::RopeQkv`]: the stream, wgmma, TMA and cluster-split kernels).
     pub fn rope_epilogue_serves(&self, m: usize, n: usize, k: usize) -> bool {
-        n % 16 == 0
+        n.is_multiple_of(16)
             && self
                 .run_plan_for(m, n, k)
                 .is_ok_and(|p| p.has_rope_epilogue())
@@ -1199,7 +1199,7 @@ impl Gemm {
             ..EpiParams::default()
         };
         if out.epilogue() == Epilogue::SwigluBf16 {
-            if n % (2 * super::swiglu_layout::GROUP) != 0 {
+            if !n.is_multiple_of(2 * super::swiglu_layout::GROUP) {
                 return Err(Error::invalid(format!(
                     "gemm: the fused SwiGLU needs n a multiple of 16 (gate/up row groups), got n={n}"
                 )));

@@ -60,7 +60,7 @@ impl NormEpi {
     /// fused layer tail, where one launch writes and then reads them): checked by the prep's
     /// [`NormFold::params`], whose `n` is the consumer's `k`.
     pub(super) fn row_scale_of_prep(&self, k: usize, eps: f32) -> Result<NormEpi> {
-        if self.sq_out == 0 || k % GROUP_COLS != 0 || !eps.is_finite() || eps < 0.0 {
+        if self.sq_out == 0 || !k.is_multiple_of(GROUP_COLS) || !eps.is_finite() || eps < 0.0 {
             return Err(Error::invalid(format!(
                 "gemm norm fold: no row scale of k={k} eps={eps} from this prep"
             )));
@@ -176,7 +176,7 @@ fn validate(l: &Lens, epi: Epilogue, eps: f32, m: usize, n: usize, k: usize) -> 
         )))
     };
     if let Some(len) = l.scale {
-        if k % GROUP_COLS != 0 {
+        if !k.is_multiple_of(GROUP_COLS) {
             return bad(format!("the row scale needs k a multiple of {GROUP_COLS}"));
         }
         if len < m.saturating_mul(k / GROUP_COLS) {
@@ -196,7 +196,7 @@ fn validate(l: &Lens, epi: Epilogue, eps: f32, m: usize, n: usize, k: usize) -> 
                 epi.name()
             ));
         }
-        if n % GROUP_COLS != 0 {
+        if !n.is_multiple_of(GROUP_COLS) {
             return bad(format!("the prep needs n a multiple of {GROUP_COLS}"));
         }
         if gamma < n {

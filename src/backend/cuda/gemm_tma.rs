@@ -143,13 +143,13 @@ impl OperandBox {
     /// naming the field rather than a driver code: 16-byte aligned address and row stride, at
     /// most 2³² rows / K elements, a box of 1..=256 rows.
     pub fn validate(&self) -> Result<()> {
-        if self.addr % 16 != 0 {
+        if !self.addr.is_multiple_of(16) {
             return Err(Error::invalid(format!(
                 "gemm tma: operand address {:#x} is not 16-byte aligned",
                 self.addr
             )));
         }
-        if self.k == 0 || self.rows == 0 || (self.k * 2) % 16 != 0 {
+        if self.k == 0 || self.rows == 0 || !(self.k * 2).is_multiple_of(16) {
             return Err(Error::invalid(format!(
                 "gemm tma: operand of {} rows × {} K needs k % 8 == 0 and both ≥ 1",
                 self.rows, self.k

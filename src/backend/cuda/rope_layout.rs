@@ -17,7 +17,7 @@ pub const GROUP: usize = 8;
 
 /// Whether a head of `head_dim` can be laid out in groups (whole groups of 16 rows).
 pub fn supported(head_dim: usize) -> bool {
-    head_dim > 0 && head_dim % (2 * GROUP) == 0
+    head_dim > 0 && head_dim.is_multiple_of(2 * GROUP)
 }
 
 /// The element of the original head that column `c` (< `head_dim`) of a permuted head holds.

@@ -232,7 +232,7 @@ impl Sampler {
         let (width_l, chunk_l) = (width as i64, chunk as i64);
         let vec_ok: i32 = {
             let (ptr, _guard) = logits.device_ptr(&self.stream);
-            i32::from(width % 4 == 0 && ptr % 16 == 0)
+            i32::from(width.is_multiple_of(4) && ptr % 16 == 0)
         };
         let (vocab_i, first_i, mode_i) = (vocab_n as i32, first as i32, mode as i32);
         let (t, seed, step) = (rule.temperature, rule.seed, rule.step);

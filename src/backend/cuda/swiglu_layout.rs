@@ -34,7 +34,7 @@ pub fn fused_row(r: usize) -> FusedRow {
 
 /// Whether an MLP of width `h` can use the fused layout (whole groups of rows).
 pub fn supported(h: usize) -> bool {
-    h > 0 && h % GROUP == 0
+    h > 0 && h.is_multiple_of(GROUP)
 }
 
 /// Calls `emit(source, first_row, rows)` for the runs of consecutive source rows that make up

@@ -1603,7 +1603,7 @@ impl CudaTransformer {
 
     fn commit_locked(&self, kit: &Kit, st: &mut State, k: usize) -> Result<()> {
         let n = st.q_host.0.len();
-        if n == 0 || st.batch == 0 || n % st.batch != 0 {
+        if n == 0 || st.batch == 0 || !n.is_multiple_of(st.batch) {
             return Err(Error::State(
                 "commit needs a prediction over the same span of every canvas".into(),
             ));

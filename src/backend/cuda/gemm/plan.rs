@@ -265,7 +265,7 @@ impl WgmmaPlan {
                 };
                 let plain = cost_with(WGMMA_SPLIT_COST_KTILES);
                 let mut options = vec![(plain, plan, false)];
-                if tma && plan.m_tiles % 2 == 0 {
+                if tma && plan.m_tiles.is_multiple_of(2) {
                     let paired = plain * TMA_PAIR_COST.0 / TMA_PAIR_COST.1;
                     options.push((paired, plan.paired(), false));
                 }

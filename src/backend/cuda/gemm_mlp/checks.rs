@@ -253,9 +253,9 @@ const QKV_OFFSET: usize = 352;
 
 impl QkvOperands {
     fn new(dev: &CudaDevice, seed: u64, m: usize, hidden: usize) -> Result<QkvOperands> {
-        let hd = if hidden % 128 == 0 { 128 } else { 64 };
+        let hd = if hidden.is_multiple_of(128) { 128 } else { 64 };
         let q_heads = hidden / hd;
-        let kv_heads = if q_heads % 2 == 0 {
+        let kv_heads = if q_heads.is_multiple_of(2) {
             q_heads / 2
         } else {
             q_heads

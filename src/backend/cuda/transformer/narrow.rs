@@ -23,7 +23,7 @@ pub(super) fn query_rows_per_canvas(
     len: usize,
     cap: usize,
 ) -> Option<usize> {
-    if batch == 0 || idx.is_empty() || idx.len() % batch != 0 || idx.len() > cap {
+    if batch == 0 || idx.is_empty() || !idx.len().is_multiple_of(batch) || idx.len() > cap {
         return None;
     }
     let per = idx.len() / batch;
