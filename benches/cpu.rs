@@ -112,6 +112,60 @@ fn bench_linear_small_m(c: &mut Criterion) {
     g.finish();
 }
 
+/// The AVX-512 skinny kernel against the GEMM path over the row counts of cached span steps,
+/// packed LM heads and full steps (tiny widths and an 8B-like panel); skipped without AVX-512.
+fn bench_linear_skinny(c: &mut Criterion) {
+    if !cpu::skinny_available() {
+        return;
+    }
+    let mut g = c.benchmark_group("linear_skinny");
+    for &(k, n) in &[
+        (384usize, 1152usize),
+        (1024, 384),
+        (384, 8192),
+        (4096, 4096),
+    ] {
+        let bytes = bf16_weight(n, k, 5);
+        let shape = [n, k];
+        let w = TensorView {
+            name: "w",
+            dtype: DType::BF16,
+            shape: &shape,
+            data: &bytes,
+        };
+        for m in [4usize, 8, 32, 64, 192] {
+            if k * n * m > 4096 * 4096 * 64 {
+                continue;
+            }
+            let x = activations(m * k, 6);
+            let mut out = vec![0f32; m * n];
+            g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+            let id = format!("{k}x{n}_m{m}");
+            g.bench_function(BenchmarkId::new("skinny", &id), |b| {
+                b.iter(|| cpu::linear_skinny(black_box(&x), m, &w, &mut out))
+            });
+            if m <= cpu::GEMV_MAX_M {
+                g.bench_function(BenchmarkId::new("gemv", &id), |b| {
+                    b.iter(|| cpu::linear_gemv(black_box(&x), m, &w, &mut out))
+                });
+            } else {
+                g.bench_function(BenchmarkId::new("panelled", &id), |b| {
+                    b.iter(|| {
+                        cpu::linear_panelled(
+                            black_box(&x),
+                            m,
+                            &w,
+                            cpu::DEFAULT_PANEL_ROWS,
+                            &mut out,
+                        )
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
 /// Attention at the tiny model's shape (192 tokens, 6 heads × 64) and the other element-wise ops.
 fn bench_ops(c: &mut Criterion) {
     let mut g = c.benchmark_group("ops");
@@ -185,6 +239,7 @@ criterion_group!(
     bench_linear,
     bench_linear_panel,
     bench_linear_small_m,
+    bench_linear_skinny,
     bench_ops,
     bench_forward
 );

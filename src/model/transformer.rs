@@ -607,12 +607,13 @@ impl CpuTransformer {
         self.cfg.source_position(i)
     }
 
-    /// Unshifted logits: row `i` is the LM head applied to hidden state `i`.
+    /// Unshifted logits: row `i` is the LM head applied to hidden state `i`, with the bits
+    /// [`CpuTransformer::predict`]'s LM head gives that row ([`cpu::linear_row_invariant`]).
     pub fn raw_forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let hidden = self.hidden(ids)?;
         let d = self.cfg.d_model;
         let mut logits = logits_buffer(ids.len(), self.cfg.logits_width())?;
-        cpu::linear(&hidden, hidden.len() / d, &self.lm_head()?, &mut logits);
+        cpu::linear_row_invariant(&hidden, hidden.len() / d, &self.lm_head()?, &mut logits);
         Ok(logits)
     }
 

@@ -12,7 +12,8 @@ use rayon::prelude::*;
 
 use super::activation::exp_approx;
 use super::gemm::SendPtr;
-use super::simd::has_avx2;
+use super::simd::{decode_transposed, has_avx2};
+use crate::weights::view::DType;
 
 /// Query rows per task.
 const Q_BLOCK: usize = 64;
@@ -41,7 +42,7 @@ pub fn attention(
     key_valid: Option<&[bool]>,
     out: &mut [f32],
 ) {
-    debug_assert!(n_kv_heads > 0 && n_heads % n_kv_heads == 0);
+    debug_assert!(n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads));
     debug_assert_eq!(q.len(), sq * n_heads * head_dim);
     debug_assert_eq!(k.len(), skv * n_kv_heads * head_dim);
     debug_assert_eq!(v.len(), skv * n_kv_heads * head_dim);
@@ -66,12 +67,10 @@ pub fn attention(
         .par_chunks_mut(head_dim * skv)
         .enumerate()
         .for_each(|(kvh, kt)| {
-            for (j, krow) in k.chunks_exact(kvs).enumerate() {
-                let src = &krow[kvh * head_dim..(kvh + 1) * head_dim];
-                for (d, &val) in src.iter().enumerate() {
-                    kt[d * skv + j] = val;
-                }
-            }
+            // Row j of this head's keys starts at element j · kvs of k's bytes from kvh · hd.
+            let bytes: &[u8] = bytemuck::cast_slice(&k[kvh * head_dim..]);
+            let used = ((skv - 1) * kvs + head_dim) * 4;
+            decode_transposed(DType::F32, &bytes[..used], skv, head_dim, kvs, kt);
         });
     let dst = SendPtr(out.as_mut_ptr());
     (0..n_heads * blocks).into_par_iter().for_each(|t| {

@@ -12,6 +12,7 @@ mod gemm;
 mod norm;
 mod rope;
 mod simd;
+mod skinny;
 
 /// Most CPU worker threads a pool may be asked for (`--threads`, `dllm_model_params.threads`):
 /// far above any core count this backend would use well, low enough that a typo (or `i32::MAX`)
@@ -23,10 +24,11 @@ pub use attention::attention;
 pub use embedding::embedding;
 pub use gemm::{
     linear, linear_blocked, linear_gemv, linear_panelled, linear_row_invariant, matmul,
-    DEFAULT_K_BLOCK, DEFAULT_PANEL_ROWS, GEMV_MAX_M,
+    DEFAULT_K_BLOCK, DEFAULT_PANEL_ROWS, GEMV_MAX_M, SKINNY_MAX_M, SKINNY_MIN_M,
 };
 pub use norm::rms_norm;
 pub use rope::{rope, rope_inv_freq};
+pub use skinny::{available as skinny_available, linear_skinny};
 
 #[cfg(test)]
 mod testutil;
