@@ -2,7 +2,8 @@
 //! model) and Dream (a `dllm synth` checkpoint, shifted logits, grouped-query heads):
 //! - a refresh is the uncached forward (bit for bit), and a session whose every step refreshes
 //!   equals the uncached loop exactly;
-//! - right after a refresh, a span forward gives the full forward's rows;
+//! - right after a refresh, a span forward gives the full forward's rows, and a span query's
+//!   logits do not depend on which other positions are queried;
 //! - with a one-layer model (whose K/V depend only on token and position) a span forward after
 //!   the block changed is still exact, and the cache rows it writes are a fresh refresh's rows at
 //!   the span and untouched elsewhere; with eight layers the stale cache is really read;
@@ -133,6 +134,43 @@ fn span_rows_match_the_full_forward_right_after_a_refresh() {
             let want = m.predict(&ids, &queries, &rule(&*m)).unwrap();
             let tokens = |v: &[Prediction]| v.iter().map(|p| p.token).collect::<Vec<_>>();
             assert_eq!(tokens(&p), tokens(&want), "{:?} {mode:?}", cfg.arch);
+        }
+    }
+}
+
+#[test]
+fn a_span_query_has_the_same_logits_whatever_else_is_queried() {
+    // To rounding: the last layer's attention runs over the kept rows only, and a product of one
+    // query row takes another kernel than one of several.
+    let (_d, dr) = dream(None);
+    for m in [llada(), dr] {
+        let cfg = m.config().clone();
+        let ids = canvas(&*m, 20, 24);
+        let w = cfg.logits_width();
+        let block = 28..36;
+        let span = span_for(
+            CacheMode::Dual,
+            block.clone(),
+            ids.len(),
+            cfg.shifted_logits(),
+        )
+        .unwrap();
+        let mut kv = KvCache::new(&cfg, ids.len());
+        let all: Vec<usize> = block.clone().collect();
+        m.logits_cached(&ids, &all, &mut kv, &CacheStep::Refresh)
+            .unwrap();
+        // The span rewrites the same rows of the cache every time, so each call sees the same
+        // keys and values; only the number of rows kept for the last layer and the head changes.
+        let step = CacheStep::Span(span);
+        let every = m.logits_cached(&ids, &all, &mut kv, &step).unwrap();
+        for queries in [vec![30], vec![35, 29], vec![28, 31, 33, 34]] {
+            let got = m.logits_cached(&ids, &queries, &mut kv, &step).unwrap();
+            let want: Vec<f32> = queries
+                .iter()
+                .flat_map(|&q| every[(q - block.start) * w..(q - block.start + 1) * w].to_vec())
+                .collect();
+            let e = rel_err(&got, &want);
+            assert!(e < 1e-6, "{:?} queries {queries:?}: {e}", cfg.arch);
         }
     }
 }

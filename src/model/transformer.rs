@@ -339,12 +339,10 @@ impl CpuTransformer {
             let narrow = keep.filter(|k| layer + 1 == n_layers && k.len() < s);
             // A canvas's rows are as many alone as they are a part of a packed batch, and the
             // narrowed rows fewer still: every product of an uncached forward must not depend on
-            // its row count (a cached span keeps `linear`'s GEMV for a few rows).
-            let linear = if narrow.is_some() || !matches!(attend, Attend::Cached(_)) {
-                cpu::linear_row_invariant
-            } else {
-                cpu::linear
-            };
+            // its row count. A cached span (a few dozen rows) takes the skinny kernel where the
+            // CPU has it, invariant too; else `linear`'s GEMV for a few rows.
+            let cached = matches!(attend, Attend::Cached(_));
+            let linear = span_product(cached, narrow.is_some());
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
             linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
             linear(&b.normed, s, &self.weight(&names.v)?, &mut b.v);
@@ -478,8 +476,9 @@ impl CpuTransformer {
         sources: &[usize],
     ) -> Result<Vec<f32>> {
         let (keep, index) = Self::kept_rows(sources);
+        let head = span_product(matches!(attend, Attend::Cached(_)), true);
         let hidden = self.hidden_rows(ids, span, attend, Some(&keep))?;
-        self.logits_of_rows(&hidden, &index)
+        self.logits_of_rows(&hidden, &index, head)
     }
 
     /// Logits of `queries` through `cache` (see [`crate::model::kv_cache`]): a refresh is the full
@@ -587,17 +586,17 @@ impl CpuTransformer {
         Ok(out)
     }
 
-    /// LM head over the given rows of normalised hidden states (rows may repeat); each row's
-    /// logits the same bits whatever the row count ([`cpu::linear_row_invariant`]: a packed
-    /// batch's rows equal its canvases' alone).
-    fn logits_of_rows(&self, hidden: &[f32], rows: &[usize]) -> Result<Vec<f32>> {
+    /// LM head over the given rows of normalised hidden states (rows may repeat) through
+    /// `product`, whose rows must have the same bits whatever the row count
+    /// ([`cpu::linear_row_invariant`]: a packed batch's rows equal its canvases' alone).
+    fn logits_of_rows(&self, hidden: &[f32], rows: &[usize], product: Product) -> Result<Vec<f32>> {
         let d = self.cfg.d_model;
         let mut logits = logits_buffer(rows.len(), self.cfg.logits_width())?;
         let mut gathered = Vec::with_capacity(rows.len() * d);
         for &r in rows {
             gathered.extend_from_slice(&hidden[r * d..(r + 1) * d]);
         }
-        cpu::linear_row_invariant(&gathered, rows.len(), &self.lm_head()?, &mut logits);
+        product(&gathered, rows.len(), &self.lm_head()?, &mut logits);
         Ok(logits)
     }
 
@@ -624,7 +623,7 @@ impl CpuTransformer {
         }
         let hidden = self.hidden(ids)?;
         let rows: Vec<usize> = (0..ids.len()).map(|i| self.source_row(i)).collect();
-        self.logits_of_rows(&hidden, &rows)
+        self.logits_of_rows(&hidden, &rows, cpu::linear_row_invariant)
     }
 
     /// One forward, then the LM head only on the rows that predict `queries`, then sampling.
@@ -689,6 +688,31 @@ impl Model for CpuTransformer {
 
     fn predict_batch(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
         self.predict_packed(items)
+    }
+}
+
+/// A product `out[m, n] = x[m, k] · Wᵀ` of the CPU backend.
+type Product = fn(&[f32], usize, &TensorView, &mut [f32]);
+
+/// The product for the rows of one forward: in a cached span (`cached`) the skinny kernel at any
+/// row count where the CPU has it (a span has a few dozen rows; each row's bits do not depend on
+/// their count); else for products whose row count varies between runs that must agree
+/// (`invariant`: the kept rows of the last layer, the LM head, every product of an uncached
+/// forward) [`cpu::linear_row_invariant`], and [`cpu::linear`] otherwise.
+fn span_product(cached: bool, invariant: bool) -> Product {
+    if cached && cpu::skinny_available() {
+        skinny_product
+    } else if invariant || !cached {
+        cpu::linear_row_invariant
+    } else {
+        cpu::linear
+    }
+}
+
+/// [`cpu::linear_skinny`], or [`cpu::linear_row_invariant`] on a CPU without AVX-512.
+fn skinny_product(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
+    if !cpu::linear_skinny(x, m, w, out) {
+        cpu::linear_row_invariant(x, m, w, out);
     }
 }
 

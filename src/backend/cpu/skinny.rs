@@ -254,7 +254,11 @@ mod x86 {
         }
         let rem = k - main;
         let mut tail = [[0f32; 16]; NR];
-        for (c, t) in tail.iter_mut().enumerate().take(if rem > 0 { C } else { 0 }) {
+        for (c, t) in tail
+            .iter_mut()
+            .enumerate()
+            .take(if rem > 0 { C } else { 0 })
+        {
             let bytes = std::slice::from_raw_parts(w.add((c * k + main) * L::SIZE), rem * L::SIZE);
             convert_to_f32(L::DTYPE, bytes, &mut t[..rem]);
         }
