@@ -10,6 +10,16 @@ use dllm::backend::cpu;
 use dllm::denoise::rng::uniform;
 use dllm::weights::view::{DType, TensorView};
 
+/// A bf16 weight view of `bytes` with `shape`.
+fn bf16_view<'a>(bytes: &'a [u8], shape: &'a [usize]) -> TensorView<'a> {
+    TensorView {
+        name: "w",
+        dtype: DType::BF16,
+        shape,
+        data: bytes,
+    }
+}
+
 /// Random bf16 weight bytes for an `[n, k]` matrix.
 fn bf16_weight(n: usize, k: usize, seed: u64) -> Vec<u8> {
     (0..n * k)
@@ -42,12 +52,7 @@ fn bench_linear(c: &mut Criterion) {
     for &(label, m, k, n) in &LINEAR_SHAPES {
         let bytes = bf16_weight(n, k, 1);
         let shape = [n, k];
-        let w = TensorView {
-            name: "w",
-            dtype: DType::BF16,
-            shape: &shape,
-            data: &bytes,
-        };
+        let w = bf16_view(&bytes, &shape);
         let x = activations(m * k, 2);
         let mut out = vec![0f32; m * n];
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
@@ -64,12 +69,7 @@ fn bench_linear_panel(c: &mut Criterion) {
     for &(label, m, k, n) in &LINEAR_SHAPES {
         let bytes = bf16_weight(n, k, 1);
         let shape = [n, k];
-        let w = TensorView {
-            name: "w",
-            dtype: DType::BF16,
-            shape: &shape,
-            data: &bytes,
-        };
+        let w = bf16_view(&bytes, &shape);
         let x = activations(m * k, 2);
         let mut out = vec![0f32; m * n];
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
@@ -88,12 +88,7 @@ fn bench_linear_small_m(c: &mut Criterion) {
     for &(k, n) in &[(384usize, 8192usize), (4096, 4096)] {
         let bytes = bf16_weight(n, k, 3);
         let shape = [n, k];
-        let w = TensorView {
-            name: "w",
-            dtype: DType::BF16,
-            shape: &shape,
-            data: &bytes,
-        };
+        let w = bf16_view(&bytes, &shape);
         for m in [1usize, 4, 8] {
             let x = activations(m * k, 4);
             let mut out = vec![0f32; m * n];
@@ -127,12 +122,7 @@ fn bench_linear_skinny(c: &mut Criterion) {
     ] {
         let bytes = bf16_weight(n, k, 5);
         let shape = [n, k];
-        let w = TensorView {
-            name: "w",
-            dtype: DType::BF16,
-            shape: &shape,
-            data: &bytes,
-        };
+        let w = bf16_view(&bytes, &shape);
         for m in [4usize, 8, 32, 64, 192] {
             if k * n * m > 4096 * 4096 * 64 {
                 continue;
