@@ -339,10 +339,11 @@ impl CpuTransformer {
             let narrow = keep.filter(|k| layer + 1 == n_layers && k.len() < s);
             // A canvas's rows are as many alone as they are a part of a packed batch, and the
             // narrowed rows fewer still: every product of an uncached forward must not depend on
-            // its row count. A cached span (a few dozen rows) takes the skinny kernel where the
-            // CPU has it, invariant too; else `linear`'s GEMV for a few rows.
+            // its row count. A cached span of up to `SKINNY_SPAN_ROWS` rows takes the skinny
+            // kernel where the CPU has it (row-count invariant too); a longer one, or one on a
+            // CPU without it, `linear` but for the narrowed rows.
             let cached = matches!(attend, Attend::Cached(_));
-            let linear = span_product(cached, narrow.is_some());
+            let linear = span_product(cached, s, narrow.is_some());
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
             linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
             linear(&b.normed, s, &self.weight(&names.v)?, &mut b.v);
@@ -476,7 +477,7 @@ impl CpuTransformer {
         sources: &[usize],
     ) -> Result<Vec<f32>> {
         let (keep, index) = Self::kept_rows(sources);
-        let head = span_product(matches!(attend, Attend::Cached(_)), true);
+        let head = span_product(matches!(attend, Attend::Cached(_)), span.len(), true);
         let hidden = self.hidden_rows(ids, span, attend, Some(&keep))?;
         self.logits_of_rows(&hidden, &index, head)
     }
@@ -694,13 +695,20 @@ impl Model for CpuTransformer {
 /// A product `out[m, n] = x[m, k] · Wᵀ` of the CPU backend.
 type Product = fn(&[f32], usize, &TensorView, &mut [f32]);
 
-/// The product for the rows of one forward: in a cached span (`cached`) the skinny kernel at any
-/// row count where the CPU has it (a span has a few dozen rows; each row's bits do not depend on
-/// their count); else for products whose row count varies between runs that must agree
-/// (`invariant`: the kept rows of the last layer, the LM head, every product of an uncached
-/// forward) [`cpu::linear_row_invariant`], and [`cpu::linear`] otherwise.
-fn span_product(cached: bool, invariant: bool) -> Product {
-    if cached && cpu::skinny_available() {
+/// Cached spans of up to this many rows (a dual-cache block of 32, 33 for shifted
+/// architectures, blocks up to 64) run every product through the skinny kernel; longer ones
+/// (prefix mode's block-to-end spans) keep the GEMM paths, which win at a few hundred rows
+/// (docs/perf.md, session 14).
+const SKINNY_SPAN_ROWS: usize = 64;
+
+/// The product for the `rows` rows of one forward. In a cached span (`cached`) of up to
+/// [`SKINNY_SPAN_ROWS`] rows, the skinny kernel at any row count where the CPU has it: each
+/// row's bits do not depend on their count, and one choice holds for the whole forward.
+/// Otherwise, for products whose row count varies between runs that must agree (`invariant`: the
+/// kept rows of the last layer, the LM head) and for every product of an uncached forward,
+/// [`cpu::linear_row_invariant`]; [`cpu::linear`] for the rest of a cached span.
+fn span_product(cached: bool, rows: usize, invariant: bool) -> Product {
+    if cached && rows <= SKINNY_SPAN_ROWS && cpu::skinny_available() {
         skinny_product
     } else if invariant || !cached {
         cpu::linear_row_invariant

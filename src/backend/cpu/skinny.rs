@@ -50,18 +50,41 @@ pub fn available() -> bool {
 /// `out[m, n] = x[m, k] · Wᵀ` (see the module doc), multi-threaded over weight rows; `out` is
 /// overwritten. Returns `false`, touching nothing, where [`available`] is false.
 ///
-/// Contract (checked only in debug builds, as for [`linear`](super::linear)): `W` is 2-D
-/// `[n, k]`, `x.len() == m * k`, `out.len() == m * n`.
+/// # Panics
+/// Unless `W` is 2-D `[n, k]` with `n · k` elements of its dtype, `x.len() == m · k` and
+/// `out.len() == m · n` (the kernel reads and writes through raw pointers, so the contract is
+/// checked in every build).
 pub fn linear_skinny(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) -> bool {
-    if !available() {
-        return false;
-    }
-    let (n, k) = (w.shape[0], w.shape[1]);
-    debug_assert_eq!(w.data.len(), n * k * w.dtype.size());
-    debug_assert_eq!(x.len(), m * k);
-    debug_assert_eq!(out.len(), m * n);
-    if m == 0 || n == 0 {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        run(x, m, w, out);
         return true;
+    }
+    let _ = (x, m, w, out);
+    false
+}
+
+/// [`linear_skinny`] on a CPU that has the kernel.
+#[cfg(target_arch = "x86_64")]
+fn run(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
+    assert_eq!(w.shape.len(), 2, "skinny product: `{}` is not 2-D", w.name);
+    let (n, k) = (w.shape[0], w.shape[1]);
+    let es = w.dtype.size();
+    assert_eq!(
+        w.data.len(),
+        n * k * es,
+        "skinny product: `{}` bytes",
+        w.name
+    );
+    assert_eq!(x.len(), m * k, "skinny product: x length for `{}`", w.name);
+    assert_eq!(
+        out.len(),
+        m * n,
+        "skinny product: out length for `{}`",
+        w.name
+    );
+    if m == 0 || n == 0 {
+        return;
     }
     let padded;
     let xs = if m.is_multiple_of(MR) {
@@ -72,7 +95,6 @@ pub fn linear_skinny(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) -> bo
     };
     let threads = rayon::current_num_threads().max(1);
     let per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR);
-    let es = w.dtype.size();
     let block_rows = (WEIGHT_BLOCK_BYTES / (k * es).max(1))
         .next_multiple_of(NR)
         .max(NR);
@@ -85,9 +107,9 @@ pub fn linear_skinny(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) -> bo
                 for j in (b0..b1).step_by(NR) {
                     let nr = NR.min(b1 - j);
                     let mut sums = [[0f32; NR]; MR];
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX-512F and VL are present (checked above); rows r0..r0 + MR of `xs`
-                    // exist (padded), weight rows j..j + nr lie inside `w.data`.
+                    // SAFETY: AVX-512F and VL are present (the caller checked); rows r0..r0 + MR
+                    // of `xs` exist (padded), weight rows j..j + nr lie inside `w.data` (its
+                    // length was asserted).
                     unsafe {
                         x86::tile(
                             w.dtype,
@@ -100,8 +122,8 @@ pub fn linear_skinny(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) -> bo
                     };
                     for (r, row) in sums.iter().enumerate().take(m - r0) {
                         for (c, v) in row.iter().enumerate().take(nr) {
-                            // SAFETY: r0 + r < m and j + c < n, inside `out`; tasks own
-                            // disjoint weight-row (column) ranges j0..j1.
+                            // SAFETY: r0 + r < m and j + c < n, inside `out` (its length was
+                            // asserted); tasks own disjoint weight-row (column) ranges j0..j1.
                             unsafe { *dst.at((r0 + r) * n + j + c) = *v };
                         }
                     }
@@ -109,7 +131,6 @@ pub fn linear_skinny(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) -> bo
             }
         }
     });
-    true
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -339,6 +360,33 @@ mod tests {
                 let e = rel_l2(&got, &naive(&x, m, &stored, n, k));
                 assert!(e <= 1e-6, "m {m} k {k} n {n} {dtype:?}: rel L2 {e}");
             }
+        }
+    }
+
+    #[test]
+    fn a_broken_size_contract_panics_instead_of_reading_past_a_buffer() {
+        if !available() {
+            return;
+        }
+        let (shape, bytes) = ([4usize, 16], vec![0u8; 4 * 16 * 2]);
+        let w = TensorView {
+            name: "w",
+            dtype: DType::BF16,
+            shape: &shape,
+            data: &bytes,
+        };
+        let calls: [(usize, usize, usize); 3] = [(8, 8 * 15, 32), (8, 8 * 16, 31), (8, 8 * 16, 32)];
+        for (i, (m, xlen, outlen)) in calls.into_iter().enumerate() {
+            let (x, mut out) = (vec![0f32; xlen], vec![0f32; outlen]);
+            let short_weight = TensorView {
+                data: &bytes[..bytes.len() - 2],
+                ..w
+            };
+            let view = if i == 2 { short_weight } else { w };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                linear_skinny(&x, m, &view, &mut out)
+            }));
+            assert!(r.is_err(), "call {i} did not panic");
         }
     }
 
