@@ -330,6 +330,7 @@ impl CpuTransformer {
             &mut b.x,
         )?;
         let packed = matches!(attend, Attend::Packed(_));
+        let cached = matches!(attend, Attend::Cached(_));
         let n_layers = self.blocks.len();
         // Rows the query side (attention output onwards) runs on: all `s` until the last layer
         // narrows them to `keep`.
@@ -342,7 +343,6 @@ impl CpuTransformer {
             // its row count. A cached span of up to `SKINNY_SPAN_ROWS` rows takes the skinny
             // kernel where the CPU has it (row-count invariant too); a longer one, or one on a
             // CPU without it, `linear` but for the narrowed rows.
-            let cached = matches!(attend, Attend::Cached(_));
             let linear = span_product(cached, s, narrow.is_some());
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
             linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
@@ -697,8 +697,12 @@ type Product = fn(&[f32], usize, &TensorView, &mut [f32]);
 
 /// Cached spans of up to this many rows (a dual-cache block of 32, 33 for shifted
 /// architectures, blocks up to 64) run every product through the skinny kernel; longer ones
-/// (prefix mode's block-to-end spans) keep the GEMM paths, which win at a few hundred rows
-/// (docs/perf.md, session 14).
+/// (prefix mode's block-to-end spans) keep the GEMM paths, which win at a few hundred rows.
+/// `benches/cpu.rs` `linear_skinny` on one thread of an AMD EPYC (Zen 4), bf16 weights, GFLOP/s
+/// of the skinny kernel against the path it replaces on 384 × 1152, 1024 × 384 and 4096 × 4096:
+/// 4 rows 46 / 35, 49 / 40, 43 / 18 (the GEMV); 8 rows 58 / 46, 67 / 37, 60 / 33; 32 rows
+/// 75 / 77, 83 / 72, 88 / 71; 64 rows 74 / 85, 87 / 88, 99 / 85 (the GEMM path); docs/perf.md,
+/// session 14.
 const SKINNY_SPAN_ROWS: usize = 64;
 
 /// The product for the `rows` rows of one forward. In a cached span (`cached`) of up to

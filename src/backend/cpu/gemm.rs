@@ -2,10 +2,9 @@
 //!
 //! `linear` never inflates a whole weight matrix: it decodes `W` in panels of a few dozen rows into
 //! a thread-local f32 buffer and multiplies each panel with the `gemm` crate, panels spread over
-//! the rayon pool. For a few dozen rows (`SKINNY_MIN_M ..= SKINNY_MAX_M`) on a CPU with AVX-512
-//! it runs the skinny kernel instead, which widens the weights in registers; for `m ≤
-//! GEMV_MAX_M` rows otherwise it streams the weight bytes through a GEMV that decodes and
-//! multiplies in registers, reading each weight once and allocating nothing.
+//! the rayon pool. For `m ≤ GEMV_MAX_M` rows it streams the weight bytes instead (a GEMV that
+//! decodes and multiplies in registers), which reads each weight once and allocates nothing.
+//! (A cached span's products take `skinny` instead where the CPU has AVX-512; the model picks.)
 
 use std::cell::RefCell;
 
@@ -13,23 +12,10 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::simd;
-use super::skinny;
 use crate::weights::view::TensorView;
 
 /// Row counts up to this use the streaming GEMV path in [`linear`].
 pub const GEMV_MAX_M: usize = 4;
-
-/// Row counts from this to [`SKINNY_MAX_M`] take the AVX-512 skinny kernel in [`linear`] where
-/// the CPU has it. `benches/cpu.rs` `linear_skinny` on one thread of an AMD EPYC (Zen 4), bf16
-/// weights, GFLOP/s skinny against the path it replaces: 4 rows 46 / 35 (384 × 1152), 49 / 40
-/// (1024 × 384), 43 / 18 (4096 × 4096, against the GEMV); 8 rows 58 / 46, 67 / 37, 60 / 33
-/// (against the GEMM path). Below 3 rows its padding to 4 costs more than the GEMV loses.
-pub const SKINNY_MIN_M: usize = 3;
-
-/// Largest row count of the skinny kernel in [`linear`]: at 32 rows (a cached block) it gives
-/// 75 / 77, 83 / 72 and 88 / 71 GFLOP/s against the GEMM path on the shapes above; at 64 the
-/// GEMM path wins on the 384-wide ones (85 against 74).
-pub const SKINNY_MAX_M: usize = 32;
 
 /// Default panel height (rows of `W` decoded at once) for [`linear`]'s GEMM path.
 pub const DEFAULT_PANEL_ROWS: usize = 64;
@@ -68,9 +54,6 @@ thread_local! {
 /// Contract (checked only in debug builds; the model layer validates shapes): `w.shape.len() == 2`,
 /// `x.len() == m * k`, `out.len() == m * n`. `out` is overwritten. Multi-threaded on rayon's pool.
 pub fn linear(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
-    if (SKINNY_MIN_M..=SKINNY_MAX_M).contains(&m) && skinny::linear_skinny(x, m, w, out) {
-        return;
-    }
     if m <= GEMV_MAX_M {
         linear_gemv(x, m, w, out);
     } else {

@@ -24,7 +24,7 @@ pub use attention::attention;
 pub use embedding::embedding;
 pub use gemm::{
     linear, linear_blocked, linear_gemv, linear_panelled, linear_row_invariant, matmul,
-    DEFAULT_K_BLOCK, DEFAULT_PANEL_ROWS, GEMV_MAX_M, SKINNY_MAX_M, SKINNY_MIN_M,
+    DEFAULT_K_BLOCK, DEFAULT_PANEL_ROWS, GEMV_MAX_M,
 };
 pub use norm::rms_norm;
 pub use rope::{rope, rope_inv_freq};
