@@ -32,6 +32,7 @@ pub mod padding;
 #[cfg(test)]
 mod pipeline_model;
 pub mod profile;
+pub mod resources;
 pub mod rope_layout;
 pub mod sampling;
 pub mod scratch;

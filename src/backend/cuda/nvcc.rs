@@ -74,6 +74,41 @@ impl Image {
     }
 }
 
+/// A GPU family whose machine code ptxas's resource report describes ([`Build::resource_usage`]):
+/// what the driver runs there, registers, stack and spills included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MachineTarget {
+    /// Hopper: the `sm_90a` cubin of a file with `DLLM_SM90A`, otherwise the `sm_90` code the
+    /// driver makes of the `compute_90` PTX.
+    Hopper,
+    /// Ampere: the `sm_80` code of the fatbin (files without `DLLM_SM90`).
+    Ampere,
+}
+
+impl MachineTarget {
+    /// Both families.
+    pub const ALL: [MachineTarget; 2] = [MachineTarget::Hopper, MachineTarget::Ampere];
+
+    /// Whether a file with text `source` has machine code for this family.
+    pub fn applies_to(self, source: &str) -> bool {
+        match self {
+            MachineTarget::Hopper => true,
+            MachineTarget::Ampere => Image::Sm80.applies_to(source),
+        }
+    }
+
+    /// nvcc's `-gencode` for a file with text `source`.
+    fn gencode(self, source: &str) -> &'static str {
+        match self {
+            MachineTarget::Hopper if Image::Sm90a.applies_to(source) => {
+                "-gencode=arch=compute_90a,code=sm_90a"
+            }
+            MachineTarget::Hopper => "-gencode=arch=compute_90,code=sm_90",
+            MachineTarget::Ampere => "-gencode=arch=compute_80,code=sm_80",
+        }
+    }
+}
+
 /// Arguments every image is compiled with.
 const COMMON_ARGS: [&str; 5] = ["-O3", "-std=c++17", "-Werror", "all-warnings", "-lineinfo"];
 
@@ -161,15 +196,55 @@ pub struct Build<'a> {
 impl Build<'_> {
     /// The nvcc command of `job`.
     pub fn command(&self, job: &Job) -> Command {
+        self.nvcc_command(job.image.target_args(), &job.src, &job.out)
+    }
+
+    /// nvcc with `target_args`, the common arguments, the header directory and the defines,
+    /// compiling `src` to `out`.
+    fn nvcc_command(&self, target_args: &[&str], src: &Path, out: &Path) -> Command {
         let mut cmd = Command::new(self.nvcc);
-        cmd.args(job.image.target_args())
+        cmd.args(target_args)
             .args(COMMON_ARGS)
             .arg(format!("-I{}", self.include_dir.display()));
         for d in self.defines {
             cmd.arg(format!("-D{d}"));
         }
-        cmd.arg(&job.src).arg("-o").arg(&job.out);
+        cmd.arg(src).arg("-o").arg(out);
         cmd
+    }
+
+    /// ptxas's resource report (`--resource-usage`: per kernel its registers, stack frame,
+    /// spill stores and loads, static shared memory) of `src`'s machine code for `target`,
+    /// compiled with every image's arguments to a cubin at `out`. The error holds nvcc's output.
+    pub fn resource_usage(
+        &self,
+        src: &Path,
+        target: MachineTarget,
+        out: &Path,
+    ) -> Result<String, String> {
+        let text = std::fs::read_to_string(src)
+            .map_err(|e| format!("cannot read {}: {e}", src.display()))?;
+        let output = self
+            .nvcc_command(
+                &["-cubin", target.gencode(&text), "--resource-usage"],
+                src,
+                out,
+            )
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.nvcc.display()))?;
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        if output.status.success() {
+            Ok(report)
+        } else {
+            Err(format!(
+                "nvcc failed on {} ({target:?}): {report}",
+                src.display()
+            ))
+        }
     }
 
     /// Runs `job`'s command; the error holds nvcc's own output.
