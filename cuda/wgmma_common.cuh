@@ -323,9 +323,15 @@ __device__ __forceinline__ void wg_cluster_reduce_store(const float (&acc)[96], 
             wg_cluster_sum_store<THREADS, CS, 1>(mine, C, row0, n0, M, N, epi, tid, ep, rs);
             break;
         default:
-            if constexpr (CS > 2) wg_cluster_sum_store<THREADS, CS, (CS > 2 ? 2 : 0)>(mine, C, row0, n0, M, N, epi, tid,
-                                                                                     ep, rs);
-            break;
+            // blockIdx.z is the rank, < CS (the host launches grid z = CS): a block past it would
+            // skip the sum's closing cluster barrier and hang its peers, so it traps instead.
+            if constexpr (CS > 2) {
+                if (blockIdx.z == 2) {
+                    wg_cluster_sum_store<THREADS, CS, (CS > 2 ? 2 : 0)>(mine, C, row0, n0, M, N, epi, tid, ep, rs);
+                    break;
+                }
+            }
+            __trap();
     }
 }
 

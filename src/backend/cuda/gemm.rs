@@ -1098,6 +1098,12 @@ impl Gemm {
                 .is_ok_and(|p| p.has_rope_epilogue())
     }
 
+    /// Whether [`Gemm::run`] launches `m × n × k` as a cluster split (checks use it to know
+    /// which of their cases exercise the cluster kernels).
+    pub fn runs_cluster_split(&self, m: usize, n: usize, k: usize) -> bool {
+        matches!(self.run_plan_for(m, n, k), Ok(GemmPlan::ClusterSplit(_)))
+    }
+
     /// The plan [`Gemm::run`] launches for `m × n × k`.
     fn run_plan_for(&self, m: usize, n: usize, k: usize) -> Result<GemmPlan> {
         self.variant_plan(self.variant_for_m(m), m, n, k)

@@ -273,17 +273,46 @@ const CASES: [Case; 5] = [
 /// - the chain (prep then row scale) against the default path, `rmsnorm_bf16` then the plain
 ///   GEMM (bf16 tolerance).
 ///
-/// Cases a plan does not serve are reported as such. Never panics.
+/// Then, where `gemm_wgmma` runs and the cluster split is not already on, the same again with
+/// the cluster-split kernels loaded ([`Gemm::with_cluster_split`]) on the cases whose plans become
+/// cluster splits (checks named `… cluster`): the fold's prep and row scale on a rank's share of
+/// the tile run only there. Cases a plan does not serve are reported as such. Never panics.
 pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     let kit = (|| -> Result<_> { Ok((Gemm::load(dev)?, Elementwise::new(dev)?)) })();
     let (gemm, ew) = match kit {
         Ok(k) => k,
         Err(e) => return vec![CheckResult::failed("gemm.norm_fold load", e)],
     };
+    let mut out = check_cases(dev, &gemm, &ew, "", |_| true);
+    if gemm.cluster_split_active() || !gemm.is_enabled(super::gemm::GemmVariant::Wgmma) {
+        return out;
+    }
+    match Gemm::load(dev).and_then(|g| g.with_cluster_split(dev)) {
+        Ok(cluster) => out.extend(check_cases(dev, &cluster, &ew, " cluster", |c| {
+            cluster.runs_cluster_split(c.m, c.d, c.k) || cluster.runs_cluster_split(c.m, c.n, c.d)
+        })),
+        Err(e) => out.push(CheckResult::failed("gemm.norm_fold cluster load", e)),
+    }
+    out
+}
+
+/// The checks of [`self_check`] through `gemm` on the cases `pick` selects, names suffixed with
+/// `label`.
+fn check_cases(
+    dev: &CudaDevice,
+    gemm: &Gemm,
+    ew: &Elementwise,
+    label: &str,
+    pick: impl Fn(&Case) -> bool,
+) -> Vec<CheckResult> {
     let mut out = Vec::new();
-    for (i, c) in CASES.iter().enumerate() {
-        let name =
-            |what: &str| format!("gemm.norm_fold {what} m{} d{} k{} n{}", c.m, c.d, c.k, c.n);
+    for (i, c) in CASES.iter().enumerate().filter(|(_, c)| pick(c)) {
+        let name = |what: &str| {
+            format!(
+                "gemm.norm_fold {what} m{} d{} k{} n{}{label}",
+                c.m, c.d, c.k, c.n
+            )
+        };
         let f = match Fixture::new(dev, i as u64, c) {
             Ok(f) => f,
             Err(e) => {
@@ -302,7 +331,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         out.push(CheckResult::from_result(
             name("prep"),
             TOL_F32,
-            f.check_prep(&gemm),
+            f.check_prep(gemm),
         ));
         match f.scale_ref() {
             Ok(r) => {
@@ -315,7 +344,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
                     out.push(CheckResult::from_result(
                         name(&format!("row scale {}", epi.name())),
                         tol,
-                        f.check_scale(&gemm, &r, epi),
+                        f.check_scale(gemm, &r, epi),
                     ));
                 }
             }
@@ -324,7 +353,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
         out.push(CheckResult::from_result(
             name("chain vs rmsnorm + gemm"),
             TOL_BF16,
-            f.check_chain(&gemm, &ew),
+            f.check_chain(gemm, ew),
         ));
     }
     out
@@ -789,6 +818,19 @@ mod tests {
                 validate(&l, epi, eps, m, n, k).is_err(),
                 "{l:?} {epi:?} {eps} n{n} k{k}"
             );
+        }
+    }
+
+    #[test]
+    fn a_case_plans_a_cluster_split_on_hopper() {
+        // The cluster pass of `self_check` runs the cases whose plans become cluster splits; on
+        // a 132-SM Hopper the 8B attention-output shape (M = 384, 4096 × 4096) must be one, or
+        // that pass would check nothing.
+        use super::super::gemm::{GemmPlan, WgmmaPlan};
+        let c = CASES.iter().find(|c| c.m == 384 && c.k == 4096).unwrap();
+        for tma in [false, true] {
+            let plan = WgmmaPlan::launch_for(c.m, c.d, c.k, 132, tma);
+            assert!(matches!(plan, GemmPlan::ClusterSplit(_)), "{plan:?}");
         }
     }
 

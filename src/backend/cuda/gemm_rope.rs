@@ -12,6 +12,7 @@ use super::check::{self, BenchResult, CheckResult, TOL_BF16};
 use super::elementwise::{Elementwise, KvDst, RopeQkvShape};
 use super::gemm::{download, upload, Gemm, GemmOut, GemmPlan};
 use super::gemm_cluster_split;
+use super::gemm_norm::{NormFold, GROUP_COLS};
 use super::memory;
 use super::CudaDevice;
 use crate::error::{Error, Result};
@@ -312,46 +313,54 @@ fn cluster_split_checks(dev: &CudaDevice, ew: &Elementwise) -> Vec<CheckResult> 
         Err(e) => return vec![CheckResult::failed("gemm.rope_epilogue cluster split", e)],
     };
     let shape = (f.shape.rows, f.shape.row_stride, c.k);
-    gemm_cluster_split::KERNELS
+    // The norm fold's partial sums for the row-scaled runs (positive, as a prep writes them).
+    let partials = check::random_f32(78, shape.0 * (c.k / GROUP_COLS), 0.5, 40.0);
+    let partials = match upload(dev, &partials) {
+        Ok(p) => p,
+        Err(e) => return vec![CheckResult::failed("gemm.rope_epilogue cluster split", e)],
+    };
+    let runs = gemm_cluster_split::KERNELS
         .iter()
-        .filter_map(|&kernel| {
-            let plan = gemm_cluster_split::plan_for(kernel, shape)?;
-            let name = format!(
-                "{} cluster split wg{}_cs{}",
-                case_name(&c),
-                kernel.0,
-                kernel.1
-            );
-            let outcome = (|| -> Result<Option<String>> {
-                let (mut want, mut got) = (f.outputs()?, f.outputs()?);
-                f.run_plan(&mut want, GemmPlan::Wgmma(plan))?;
-                f.run_plan(&mut got, GemmPlan::ClusterSplit(plan))?;
-                dev.sync()?;
-                for (what, g, w) in [
-                    ("qkv", &got.qkv, &want.qkv),
-                    ("k cache", &got.k, &want.k),
-                    ("v cache", &got.v, &want.v),
-                ] {
-                    let (g, w) = (download(dev, g)?, download(dev, w)?);
-                    if let Some(i) = (0..g.len()).find(|&i| g[i] != w[i]) {
-                        return Ok(Some(format!(
-                            "{what}[{i}] is {:#06x}, the workspace reduction gives {:#06x}",
-                            g[i], w[i]
-                        )));
-                    }
+        .flat_map(|&kernel| [(kernel, None), (kernel, Some(&partials))]);
+    runs.filter_map(|(kernel, scale)| {
+        let plan = gemm_cluster_split::plan_for(kernel, shape)?;
+        let name = format!(
+            "{} cluster split wg{}_cs{}{}",
+            case_name(&c),
+            kernel.0,
+            kernel.1,
+            if scale.is_some() { " row-scaled" } else { "" }
+        );
+        let outcome = (|| -> Result<Option<String>> {
+            let (mut want, mut got) = (f.outputs()?, f.outputs()?);
+            f.run_plan(&mut want, GemmPlan::Wgmma(plan), scale)?;
+            f.run_plan(&mut got, GemmPlan::ClusterSplit(plan), scale)?;
+            dev.sync()?;
+            for (what, g, w) in [
+                ("qkv", &got.qkv, &want.qkv),
+                ("k cache", &got.k, &want.k),
+                ("v cache", &got.v, &want.v),
+            ] {
+                let (g, w) = (download(dev, g)?, download(dev, w)?);
+                if let Some(i) = (0..g.len()).find(|&i| g[i] != w[i]) {
+                    return Ok(Some(format!(
+                        "{what}[{i}] is {:#06x}, the workspace reduction gives {:#06x}",
+                        g[i], w[i]
+                    )));
                 }
-                Ok(None)
-            })();
-            Some(match outcome {
-                Ok(diff) => CheckResult::exact(
-                    name,
-                    diff.is_none(),
-                    diff.unwrap_or_else(|| "identical to the workspace reduction".to_string()),
-                ),
-                Err(e) => CheckResult::failed(name, e),
-            })
+            }
+            Ok(None)
+        })();
+        Some(match outcome {
+            Ok(diff) => CheckResult::exact(
+                name,
+                diff.is_none(),
+                diff.unwrap_or_else(|| "identical to the workspace reduction".to_string()),
+            ),
+            Err(e) => CheckResult::failed(name, e),
         })
-        .collect()
+    })
+    .collect()
 }
 
 /// The operands of one case and the two ways to compute it.
@@ -453,12 +462,24 @@ impl<'g> Fixture<'g> {
     }
 
     /// The GEMM with the RoPE epilogue on `plan` (a plan of this shape whose kernel has it), into
-    /// `o`.
-    fn run_plan(&self, o: &mut Outputs, plan: GemmPlan) -> Result<()> {
+    /// `o`; with `scale` (the norm fold's `[m, k / 32]` partial sums) its rows scaled first.
+    fn run_plan(
+        &self,
+        o: &mut Outputs,
+        plan: GemmPlan,
+        scale: Option<&CudaSlice<f32>>,
+    ) -> Result<()> {
         let (m, n, k) = (self.shape.rows, self.shape.row_stride, self.c.k);
         let (a, w) = (self.a.as_view(), self.w.as_view());
         let out = self.fused_out(o)?;
-        self.gemm.run_plan(self.dev, plan, &a, &w, out, m, n, k)
+        let sq = scale.map(|s| s.as_view());
+        let fold = NormFold {
+            scale: sq.as_ref(),
+            prep: None,
+            eps: 1e-5,
+        };
+        self.gemm
+            .run_plan_fold(self.dev, plan, &a, &w, out, fold, m, n, k)
     }
 
     /// The GEMM with the RoPE epilogue (`fused`), or the GEMM then `rope_qkv` (the path the

@@ -13,13 +13,21 @@ use super::{MlpJobs, MlpPlan};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
-/// One check case: `m` rows, hidden width, MLP width.
-const CASES: [(usize, usize, usize); 4] = [
+/// One check case: `m` rows, hidden width, MLP width. The folded modes (tail, chain) run on
+/// every 8-row group count (1 to 4: m = 1, 13, 20, 28, 32) since the narrowed last layer's
+/// tail can have any row count up to 32.
+const CASES: [(usize, usize, usize); 7] = [
     // The tiny test model's block step (3 down tiles of 8 chunks: 24 blocks).
     (28, 384, 1024),
     // Odd rows, a partial stream tile in both jobs, tiles cut between blocks.
     (17, 520, 1392),
     (1, 256, 512),
+    // Two and three 8-row groups with the fold.
+    (13, 384, 1024),
+    (20, 256, 512),
+    // The fold, tail and chain over a partial 128-row stream tile (448 = 3.5 tiles, 7 heads of
+    // 64) and a K tail (1392 = 10.875 chunks of 128).
+    (17, 448, 1392),
     // LLaDA-8B's batch-1 block step (also timed against the two launches).
     (32, 4096, 12_288),
 ];
@@ -252,7 +260,8 @@ struct QkvOperands {
 const QKV_OFFSET: usize = 352;
 
 impl QkvOperands {
-    fn new(dev: &CudaDevice, seed: u64, m: usize, hidden: usize) -> Result<QkvOperands> {
+    /// The projection's shape for `m` rows of width `hidden`.
+    fn shape(m: usize, hidden: usize) -> RopeQkvShape {
         let hd = if hidden.is_multiple_of(128) { 128 } else { 64 };
         let q_heads = hidden / hd;
         let kv_heads = if q_heads.is_multiple_of(2) {
@@ -260,10 +269,9 @@ impl QkvOperands {
         } else {
             q_heads
         };
-        let n = hidden + 2 * kv_heads * hd;
-        let shape = RopeQkvShape {
+        RopeQkvShape {
             rows: m,
-            row_stride: n,
+            row_stride: hidden + 2 * kv_heads * hd,
             q_heads,
             kv_heads,
             k_col: hidden,
@@ -272,7 +280,12 @@ impl QkvOperands {
             pos_period: m,
             pos_offset: QKV_OFFSET,
             grouped: true,
-        };
+        }
+    }
+
+    fn new(dev: &CudaDevice, seed: u64, m: usize, hidden: usize) -> Result<QkvOperands> {
+        let shape = QkvOperands::shape(m, hidden);
+        let (n, hd) = (shape.row_stride, shape.head_dim);
         let ew = Elementwise::new(dev)?;
         let inv = upload(dev, &crate::backend::cpu::rope_inv_freq(hd, 10_000.0))?;
         let w = check::random_f32(seed * 10 + 11, n * hidden, -0.05, 0.05);
@@ -371,7 +384,7 @@ fn check_case(
         };
         let poison = |n: usize| upload(dev, &vec![check::POISON_BF16_BITS; n.max(1)]);
         Ok(MlpOutputs {
-            h: upload(dev, &vec![0u16; m * inter])?,
+            h: poison(m * inter)?,
             r: upload(dev, &r0)?,
             xa: poison(m * hidden)?,
             sq_attn: sq()?,
@@ -595,4 +608,41 @@ fn one_launch(
         (fold_up, fold_down),
         qkv,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_case_has_a_plan_in_every_mode_it_applies_to() {
+        // Planned here as on a 132-SM Hopper, so a case the kernels cannot take fails now and
+        // not in a GPU session.
+        for &(m, hidden, inter) in &CASES {
+            for md in Mode::ALL
+                .into_iter()
+                .filter(|md| md.applies((m, hidden, inter)))
+            {
+                let jobs = match md {
+                    Mode::Plain | Mode::Fold => MlpJobs::Mlp,
+                    Mode::Tail => MlpJobs::Tail,
+                    Mode::Chain => MlpJobs::Chain {
+                        qkv_cols: QkvOperands::shape(m, hidden).row_stride,
+                    },
+                };
+                let plan = MlpPlan::new(m, hidden, inter, 132, jobs);
+                assert!(
+                    plan.is_ok(),
+                    "m{m} hidden{hidden} inter{inter} {md:?}: {plan:?}"
+                );
+            }
+        }
+        // The folded modes cover every 8-row group count of the stream kernel.
+        let groups: std::collections::BTreeSet<usize> = CASES
+            .iter()
+            .filter(|&&c| Mode::Chain.applies(c))
+            .map(|c| c.0.div_ceil(8))
+            .collect();
+        assert_eq!(groups.into_iter().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    }
 }
