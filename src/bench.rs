@@ -29,7 +29,7 @@ use crate::denoise::predict::{PredictRule, Remasking};
 use crate::denoise::rng;
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{span_for, CacheMode::Dual as DualCache, CacheStep, KvCache};
-use crate::model::{BatchQuery, Model};
+use crate::model::{BatchQuery, CachedQuery, Model};
 use serde::Serialize;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -614,11 +614,20 @@ fn run_host_steps(
                 Some(span) if st.use_cache => CacheStep::Span(span),
                 _ => CacheStep::Refresh,
             };
-            canv.chunks(s)
+            // One call for the batch: the CPU backend packs the canvases' span rows.
+            let mut items: Vec<CachedQuery> = canv
+                .chunks(s)
                 .zip(&queries)
                 .zip(caches.iter_mut())
-                .map(|((ids, q), cache)| model.predict_cached(ids, q, &rule, cache, &step))
-                .collect::<Result<Vec<_>>>()?
+                .map(|((ids, q), cache)| CachedQuery {
+                    ids,
+                    queries: q,
+                    rule: &rule,
+                    cache,
+                    step: step.clone(),
+                })
+                .collect();
+            model.predict_cached_batch(&mut items)?
         };
         for ((c, q), p) in canv.chunks_mut(s).zip(&queries).zip(&preds) {
             let cands: Vec<Candidate> = q

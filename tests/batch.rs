@@ -2,9 +2,9 @@
 //! against `predict` on each canvas, `denoise::batch::run_batch` against running each session
 //! alone, and `dllm generate --batch-file` against one `generate` per prompt.
 
-use dllm::denoise::batch::run_batch;
+use dllm::denoise::batch::{run_batch, solo_sessions};
 use dllm::denoise::predict::{PredictRule, Remasking};
-use dllm::denoise::{CommitPolicy, Decoding, GenerationParams, Session};
+use dllm::denoise::{CacheMode, CommitPolicy, Decoding, GenerationParams, Session};
 use dllm::error::ErrorKind;
 use dllm::model::{load_cpu, BatchQuery, Model};
 use dllm::synth::{synth_checkpoint, Preset};
@@ -389,6 +389,59 @@ fn cached_sessions_of_a_batch_run_one_after_another() {
         alone.run().unwrap();
         assert_eq!(b.canvas(), alone.canvas(), "session {i}");
     }
+}
+
+/// On the CPU backend (which packs cached steps) cached sessions step together, one round per
+/// step of the longest, beside uncached and guided ones; every session ends where it ends
+/// alone, with the same refreshes and span steps.
+#[test]
+fn cached_sessions_step_together_where_the_model_packs_them() {
+    let m = llada();
+    assert!(m.packs_cached_batches());
+    let cached = |cache| Decoding {
+        cache,
+        ..Decoding::default()
+    };
+    let make = || {
+        let mut batch = sessions(&m);
+        let specs = [
+            (5, 6, 16, params(8, 8, 0.0), CacheMode::Dual),
+            (6, 11, 24, params(12, 8, 0.6), CacheMode::Dual),
+            (7, 4, 12, params(6, 4, 0.0), CacheMode::Prefix),
+        ];
+        for (seed, n, gen, p, mode) in specs {
+            let mut s = Session::new(m.clone(), canvas(&*m, seed, n, gen), p).unwrap();
+            s.set_decoding(cached(mode)).unwrap();
+            batch.push(s);
+        }
+        batch
+    };
+    let mut batch = make();
+    assert_eq!(
+        solo_sessions(&batch),
+        vec![3],
+        "only the guided session steps alone"
+    );
+    let rounds = run_batch(&mut batch).unwrap();
+    let alone: Vec<Session> = make()
+        .into_iter()
+        .map(|mut s| {
+            s.run().unwrap();
+            s
+        })
+        .collect();
+    let most_steps = alone.iter().map(|s| s.steps_taken()).max().unwrap();
+    let most_forwards = alone.iter().map(|s| s.forward_steps()).max().unwrap();
+    assert!(
+        (most_forwards..=most_steps).contains(&rounds),
+        "{rounds} rounds for {most_forwards}..={most_steps}"
+    );
+    for (i, (b, a)) in batch.iter().zip(&alone).enumerate() {
+        assert!(b.is_done(), "session {i}");
+        assert_eq!(b.canvas(), a.canvas(), "session {i}");
+        assert_eq!(b.cache_stats(), a.cache_stats(), "session {i}");
+    }
+    assert!(batch[4].cache_stats().span_steps > 0);
 }
 
 /// A file longer than one chunk runs in chunks of `BATCH_CHUNK` prompts; each line is what the

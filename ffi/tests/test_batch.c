@@ -3,8 +3,9 @@
  *
  * Four configurations on two canvases of different lengths (the fixture's "def square(x):\n"
  * + 16 masks, and "class Point:\n" + 24 masks, so the two block schedules differ): greedy,
- * sampled at temperature 0.7, random remasking, and greedy with the dual cache (which cannot
- * share a batched forward and steps on its own). Stepped together, each must take exactly the
+ * sampled at temperature 0.7, random remasking, and greedy with the dual cache (on the CPU its
+ * span steps are stacked with the other sessions' rows; on CUDA it steps on its own). Stepped
+ * together, each must take exactly the
  * steps of the same configuration stepped alone with dllm_session_step (step info, canvas and
  * dllm_session_last_commits after every step, finished sessions reporting done), and run
  * together it must end as dllm_session_run leaves it alone. Also: a finished session in the

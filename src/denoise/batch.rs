@@ -3,11 +3,14 @@
 //! and CUDA backends, so every weight is read once per step for the whole batch).
 //!
 //! Each session keeps its own schedule, rule and state; a step of the batch is one step of every
-//! unfinished session. Sessions whose steps need host logits or their own cache (top-k / top-p,
-//! guidance, `--revise`, a K/V cache) take their step on their own in the same round
-//! ([`step_round`]); run to completion ([`run_batch`]) they run first, one after another. The result
-//! of every session is the one it would reach run alone: the same plans, the same predictions
-//! (up to the float summation order of the packed linear layers), the same commits.
+//! unfinished session. Sessions with a K/V cache step together through
+//! [`crate::model::Model::predict_cached_batch`] where the model packs cached steps (the CPU
+//! backend: each session's span rows stacked into one forward, attention against each one's own
+//! cache). Sessions whose steps need host logits (top-k / top-p, guidance), `--revise`, or a
+//! cache on a model that does not pack cached steps take their step on their own in the same
+//! round ([`step_round`]); run to completion ([`run_batch`]) they run first, one after another.
+//! The result of every session is the one it would reach run alone: the same plans, the same
+//! predictions (up to the float summation order of the packed linear layers), the same commits.
 
 use super::session::{Session, StepInfo, StepPlan};
 use crate::error::{Error, Result};
@@ -15,10 +18,14 @@ use crate::model::{BatchQuery, CacheMode};
 use std::borrow::{Borrow, BorrowMut};
 use std::sync::Arc;
 
-/// Whether `session`'s steps can share a packed forward.
+/// Whether `session`'s steps can share a packed forward: no host logits, no self-correction,
+/// and no K/V cache unless the model packs cached steps
+/// ([`Model::packs_cached_batches`](crate::model::Model::packs_cached_batches)).
 fn batchable(session: &Session) -> bool {
     let d = session.decoding();
-    !d.needs_logits() && d.cache == CacheMode::None && d.revise.is_none()
+    !d.needs_logits()
+        && d.revise.is_none()
+        && (d.cache == CacheMode::None || session.model().packs_cached_batches())
 }
 
 /// Checks that every session runs on the same model (the same `Arc`) as the first; the error
@@ -59,8 +66,70 @@ pub fn run_batch<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<usize> {
     Ok(rounds.max(solo_steps))
 }
 
-/// The unfinished sessions that cannot share a packed forward (host logits, self-correction or a
-/// K/V cache), by index. Run to completion, they are best run one after another: the CUDA model
+/// One packed cached step of the sessions `plans` names (index, plan; each plan commits), through
+/// [`Model::predict_cached_batch`](crate::model::Model::predict_cached_batch): every session
+/// records its cache step's outcome, then (on success) applies its predictions.
+fn cached_round<S: BorrowMut<Session>>(
+    sessions: &mut [S],
+    plans: &[(usize, StepPlan)],
+) -> Result<Vec<(usize, StepInfo)>> {
+    let Some(&(first, _)) = plans.first() else {
+        return Ok(Vec::new());
+    };
+    let model = sessions[first].borrow().model().clone();
+    let mut picked: Vec<Option<&StepPlan>> = vec![None; sessions.len()];
+    for (i, p) in plans {
+        picked[*i] = Some(p);
+    }
+    let mut items = Vec::with_capacity(plans.len());
+    let mut begun = Vec::with_capacity(plans.len());
+    let mut failure = None;
+    for (i, s) in sessions.iter_mut().enumerate() {
+        let Some(plan) = picked[i] else { continue };
+        match s.borrow_mut().cached_query(plan) {
+            Ok(q) => {
+                begun.push((i, q.step.clone()));
+                items.push(q);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let result = match failure {
+        Some(e) => Err(e),
+        None => model.predict_cached_batch(&mut items),
+    };
+    drop(items);
+    let result = result.and_then(|preds| {
+        if preds.len() == begun.len() {
+            Ok(preds)
+        } else {
+            Err(Error::Backend(format!(
+                "predict_cached_batch returned {} results for {} canvases",
+                preds.len(),
+                begun.len()
+            )))
+        }
+    });
+    for (i, step) in &begun {
+        let plan = picked[*i].expect("begun sessions were picked");
+        sessions[*i]
+            .borrow_mut()
+            .finish_cached(plan, step, result.is_ok());
+    }
+    let preds = result?;
+    let mut stepped = Vec::with_capacity(begun.len());
+    for ((i, _), p) in begun.iter().zip(preds) {
+        let plan = picked[*i].expect("begun sessions were picked");
+        stepped.push((*i, sessions[*i].borrow_mut().apply(plan, &p)?));
+    }
+    Ok(stepped)
+}
+
+/// The unfinished sessions that cannot share a packed forward (host logits, self-correction, or
+/// a K/V cache the model does not pack), by index. Run to completion, they are best run one after another: the CUDA model
 /// keeps a few device K/V cache slots, so interleaving more cached sessions than that would
 /// recycle a slot at every step (each such step a refresh).
 pub fn solo_sessions<S: Borrow<Session>>(sessions: &[S]) -> Vec<usize> {
@@ -97,8 +166,13 @@ pub fn step_round<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<Vec<(usiz
             stepped.push((i, info));
         }
     }
-    // Steps that commit nothing run no forward (as in `Session::predict`).
+    // Steps that commit nothing run no forward (as in `Session::predict`); cached steps go
+    // through the model's cached batch.
     let (run, empty): (Vec<_>, Vec<_>) = plans.into_iter().partition(|(_, p)| p.k > 0);
+    let (cached, run): (Vec<_>, Vec<_>) = run
+        .into_iter()
+        .partition(|(i, _)| sessions[*i].borrow().decoding().cache != CacheMode::None);
+    stepped.extend(cached_round(sessions, &cached)?);
     if !run.is_empty() {
         let model = sessions[run[0].0].borrow().model().clone();
         let items: Vec<BatchQuery<'_>> = run

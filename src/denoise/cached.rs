@@ -71,16 +71,8 @@ impl CacheState {
         plan: &StepPlan,
         decoding: &Decoding,
     ) -> Result<Vec<Prediction>> {
-        let cfg = model.config();
-        let len = canvas.len();
-        let step = match self.block {
-            Some(b) if b == plan.block => CacheStep::Span(
-                span_for(decoding.cache, block_range, len, cfg.shifted_logits())
-                    .ok_or_else(|| Error::State("cached step with cache mode none".into()))?,
-            ),
-            _ => CacheStep::Refresh,
-        };
-        let cond = self.cond.get_or_insert_with(|| KvCache::new(cfg, len));
+        let step = self.step_for(model, canvas.len(), block_range, plan, decoding)?;
+        let cond = Self::cond_of(&mut self.cond, model, canvas.len());
         let result = if !decoding.needs_logits() {
             model.predict_cached(canvas, &plan.queries, &plan.rule, cond, &step)
         } else {
@@ -95,17 +87,71 @@ impl CacheState {
                 &step,
             )
         };
-        match &result {
-            Ok(_) => match step {
-                CacheStep::Refresh => {
-                    self.block = Some(plan.block);
-                    self.stats.refreshes += 1;
-                }
-                CacheStep::Span(_) => self.stats.span_steps += 1,
-            },
-            Err(_) => self.invalidate(),
-        }
+        self.finish(plan, &step, result.is_ok());
         result
+    }
+
+    /// What `plan`'s cached forward does (a refresh at a new block or after an invalidation,
+    /// else the span of [`span_for`]) and the conditional cache it runs on, made for a canvas of
+    /// `len` positions on first use. [`CacheState::finish`] records the outcome.
+    pub fn begin(
+        &mut self,
+        model: &dyn Model,
+        len: usize,
+        block_range: Range<usize>,
+        plan: &StepPlan,
+        decoding: &Decoding,
+    ) -> Result<(CacheStep, &mut KvCache)> {
+        let step = self.step_for(model, len, block_range, plan, decoding)?;
+        Ok((step, Self::cond_of(&mut self.cond, model, len)))
+    }
+
+    /// The step of [`CacheState::begin`].
+    fn step_for(
+        &self,
+        model: &dyn Model,
+        len: usize,
+        block_range: Range<usize>,
+        plan: &StepPlan,
+        decoding: &Decoding,
+    ) -> Result<CacheStep> {
+        Ok(match self.block {
+            Some(b) if b == plan.block => CacheStep::Span(
+                span_for(
+                    decoding.cache,
+                    block_range,
+                    len,
+                    model.config().shifted_logits(),
+                )
+                .ok_or_else(|| Error::State("cached step with cache mode none".into()))?,
+            ),
+            _ => CacheStep::Refresh,
+        })
+    }
+
+    /// The conditional cache, made for a canvas of `len` positions on first use.
+    fn cond_of<'c>(
+        cond: &'c mut Option<KvCache>,
+        model: &dyn Model,
+        len: usize,
+    ) -> &'c mut KvCache {
+        cond.get_or_insert_with(|| KvCache::new(model.config(), len))
+    }
+
+    /// Records how `plan`'s cached forward `step` ([`CacheState::begin`]) ended: a refresh that
+    /// succeeded makes the cache serve the plan's block; a failure invalidates it.
+    pub fn finish(&mut self, plan: &StepPlan, step: &CacheStep, ok: bool) {
+        if !ok {
+            self.invalidate();
+            return;
+        }
+        match step {
+            CacheStep::Refresh => {
+                self.block = Some(plan.block);
+                self.stats.refreshes += 1;
+            }
+            CacheStep::Span(_) => self.stats.span_steps += 1,
+        }
     }
 }
 

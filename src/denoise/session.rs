@@ -28,7 +28,8 @@ use super::predict::{predict_rows_filtered, PredictRule, Prediction, Remasking, 
 use super::revise::{self, Ledger};
 use super::schedule::{self, Schedule, ScheduleKind};
 use crate::error::{Error, Result};
-use crate::model::{CacheMode, Model};
+use crate::model::{CacheMode, CacheStep, CachedQuery, Model};
+use std::ops::Range;
 use std::sync::Arc;
 
 /// How a canvas is denoised.
@@ -430,16 +431,53 @@ impl Session {
         }
     }
 
+    /// The positions of `plan`'s block, lowest to one past the highest.
+    fn block_range(&self, plan: &StepPlan) -> Result<Range<usize>> {
+        let positions = self.block_positions(plan.block);
+        match (positions.first(), positions.last()) {
+            (Some(&a), Some(&b)) => Ok(a..b + 1),
+            _ => Err(Error::State(format!("block {} is empty", plan.block))),
+        }
+    }
+
+    /// `plan`'s cached forward as one canvas of a packed batch
+    /// ([`crate::model::Model::predict_cached_batch`]): the canvas, the plan's queries and rule,
+    /// the session's cache and the step it takes. The session must have a cache mode, no
+    /// guidance, and `plan` must commit something (`k > 0`); after the batch,
+    /// [`Session::finish_cached`] records the outcome, then [`Session::apply`] the predictions.
+    pub fn cached_query<'a>(&'a mut self, plan: &'a StepPlan) -> Result<CachedQuery<'a>> {
+        if self.decoding.cache == CacheMode::None || self.decoding.needs_logits() || plan.k == 0 {
+            return Err(Error::State(
+                "a packed cached step needs a cache mode, no guidance and a plan that commits"
+                    .into(),
+            ));
+        }
+        let range = self.block_range(plan)?;
+        let len = self.canvas.len();
+        let (step, cache) = self
+            .cache
+            .begin(&*self.model, len, range, plan, &self.decoding)?;
+        Ok(CachedQuery {
+            ids: &self.canvas,
+            queries: &plan.queries,
+            rule: &plan.rule,
+            cache,
+            step,
+        })
+    }
+
+    /// Records how the packed cached forward of [`Session::cached_query`] ended (`ok`), with the
+    /// step it took.
+    pub fn finish_cached(&mut self, plan: &StepPlan, step: &CacheStep, ok: bool) {
+        self.cache.finish(plan, step, ok);
+    }
+
     /// [`Session::predict`] through the block K/V cache (see [`super::cached`]).
     fn predict_cached(&mut self, plan: &StepPlan) -> Result<Vec<Prediction>> {
         if plan.k == 0 {
             return Ok(Vec::new());
         }
-        let positions = self.block_positions(plan.block);
-        let range = match (positions.first(), positions.last()) {
-            (Some(&a), Some(&b)) => a..b + 1,
-            _ => return Err(Error::State(format!("block {} is empty", plan.block))),
-        };
+        let range = self.block_range(plan)?;
         let uncond = (self.decoding.cfg_scale > 0.0).then(|| self.unconditional_canvas());
         self.cache.predict(
             &*self.model,

@@ -111,6 +111,28 @@ pub trait Model: Send + Sync {
         ))
     }
 
+    /// Whether [`predict_cached_batch`](Self::predict_cached_batch) packs its span steps into
+    /// one forward (so the denoiser batches cached sessions in lockstep rather than running
+    /// them one after another). The default runs them one by one: false.
+    fn packs_cached_batches(&self) -> bool {
+        false
+    }
+
+    /// [`predict_cached`](Self::predict_cached) for several canvases, each with its own cache
+    /// and step. A backend that packs ([`packs_cached_batches`](Self::packs_cached_batches))
+    /// runs the span steps' rows through one forward (every weight read once for all of them,
+    /// attention per canvas against its own cache); the results are those of calling
+    /// [`predict_cached`](Self::predict_cached) on each, up to the float summation order of the
+    /// packed products. Every item is validated before any cache is touched. On error, the
+    /// caches of the items that did not complete must be refreshed before their next span
+    /// step. The default runs them one by one.
+    fn predict_cached_batch(&self, items: &mut [CachedQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
+        items
+            .iter_mut()
+            .map(|it| self.predict_cached(it.ids, it.queries, it.rule, it.cache, &it.step))
+            .collect()
+    }
+
     /// [`predict`](Self::predict) for several canvases at once (a batch; canvases may differ in
     /// length). Backends may pack them into one forward (the CPU backend stacks the canvases'
     /// rows, the CUDA backend pads them to a common length; every weight is streamed once for
@@ -167,6 +189,17 @@ pub struct BatchQuery<'a> {
     pub ids: &'a [u32],
     pub queries: &'a [usize],
     pub rule: &'a PredictRule,
+}
+
+/// One canvas of a [`Model::predict_cached_batch`] call: a [`BatchQuery`] with its K/V cache
+/// and what the step does with it.
+#[derive(Debug)]
+pub struct CachedQuery<'a> {
+    pub ids: &'a [u32],
+    pub queries: &'a [usize],
+    pub rule: &'a PredictRule,
+    pub cache: &'a mut KvCache,
+    pub step: CacheStep,
 }
 
 /// The tensor names of a checkpoint of `cfg`'s architecture.

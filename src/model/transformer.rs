@@ -21,13 +21,15 @@
 //! [`CpuTransformer::logits_cached`] runs the same layers through a block K/V cache
 //! ([`crate::model::kv_cache`]): a refresh over the whole canvas that stores every layer's K/V, or
 //! only a span of rows that writes its K/V into the cache and attends to all cached positions.
+//! [`CpuTransformer::predict_cached_packed`] stacks several canvases' spans into one forward
+//! (every product over all their rows, attention per canvas against its own cache).
 
 use crate::backend::cpu;
 use crate::config::ModelConfig;
 use crate::denoise::predict::{predict_query_rows, PredictRule, Prediction};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{CacheStep, KvCache};
-use crate::model::{check_queries, BatchQuery, Model};
+use crate::model::{check_queries, BatchQuery, CachedQuery, Model};
 use crate::weights::{TensorSpec, TensorView, WeightStore};
 use std::ops::Range;
 
@@ -194,12 +196,31 @@ enum Attend<'c> {
     Local,
     /// The rows' own K/V, also written into the cache (a refresh over the whole canvas).
     Store(&'c mut KvCache),
-    /// The rows' K/V are written into the cache at their positions; attention reads the whole
-    /// cached sequence.
-    Cached(&'c mut KvCache),
+    /// Cached spans, one per canvas, packed one after another: each span's K/V are written into
+    /// its canvas's cache at its positions, and its rows attend to that whole cached canvas.
+    Spans(Vec<SpanRows<'c>>),
     /// Several canvases packed one after another (each range is one canvas's rows): positions
     /// restart at 0 in each, attention stays inside each; the linear layers run over all rows.
     Packed(&'c [Range<usize>]),
+}
+
+/// One canvas's span in [`Attend::Spans`].
+struct SpanRows<'c> {
+    cache: &'c mut KvCache,
+    /// The span's rows in the packed forward.
+    rows: Range<usize>,
+    /// The span's first position in its canvas.
+    start: usize,
+    /// The canvas's length: the keys its rows attend to.
+    keys: usize,
+}
+
+/// A validated cached step of one canvas ([`CpuTransformer::check_cached`]).
+struct CachedPlan {
+    /// The rows the step computes: the whole canvas for a refresh.
+    span: Range<usize>,
+    /// Each query's source row, relative to the span.
+    sources: Vec<usize>,
 }
 
 impl CpuTransformer {
@@ -310,7 +331,7 @@ impl CpuTransformer {
         let cfg = &self.cfg;
         let (n, s) = (ids.len(), span.len());
         debug_assert!(span.end <= n);
-        debug_assert!(matches!(attend, Attend::Cached(_)) || span == (0..n));
+        debug_assert!(span == (0..n));
         debug_assert!(
             !matches!(attend, Attend::Packed(segs) if segs.iter().map(|r| r.len()).sum::<usize>() != n)
         );
@@ -321,7 +342,16 @@ impl CpuTransformer {
         let (qw, kw) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
         let positions: Vec<usize> = match &attend {
             Attend::Packed(segs) => segs.iter().flat_map(|r| 0..r.len()).collect(),
+            Attend::Spans(segs) => segs
+                .iter()
+                .flat_map(|g| g.start..g.start + g.rows.len())
+                .collect(),
             _ => span.clone().collect(),
+        };
+        // The longest run of rows one canvas contributes (what decides a cached span's product).
+        let canvas_rows = match &attend {
+            Attend::Spans(segs) => segs.iter().map(|g| g.rows.len()).max().unwrap_or(0),
+            _ => s,
         };
         let mut b = Scratch::new(cfg, s)?;
         cpu::embedding(
@@ -329,8 +359,8 @@ impl CpuTransformer {
             &ids[span.clone()],
             &mut b.x,
         )?;
-        let packed = matches!(attend, Attend::Packed(_));
-        let cached = matches!(attend, Attend::Cached(_));
+        let per_canvas = matches!(attend, Attend::Packed(_) | Attend::Spans(_));
+        let cached = matches!(attend, Attend::Spans(_));
         let n_layers = self.blocks.len();
         // Rows the query side (attention output onwards) runs on: all `s` until the last layer
         // narrows them to `keep`.
@@ -339,11 +369,9 @@ impl CpuTransformer {
         for (layer, (names, p)) in self.table.blocks.iter().zip(&self.blocks).enumerate() {
             let narrow = keep.filter(|k| layer + 1 == n_layers && k.len() < s);
             // A canvas's rows are as many alone as they are a part of a packed batch, and the
-            // narrowed rows fewer still: every product of an uncached forward must not depend on
-            // its row count. A cached span of up to `SKINNY_SPAN_ROWS` rows takes the skinny
-            // kernel where the CPU has it (row-count invariant too); a longer one, or one on a
-            // CPU without it, `linear` but for the narrowed rows.
-            let linear = span_product(cached, s, narrow.is_some());
+            // narrowed rows fewer still: every product must not depend on its row count
+            // (`span_product`).
+            let linear = span_product(cached, canvas_rows);
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
             linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
             linear(&b.normed, s, &self.weight(&names.v)?, &mut b.v);
@@ -409,13 +437,33 @@ impl CpuTransformer {
                     cache.write(layer, 0, &b.k, &b.v);
                     (&b.k[..], &b.v[..], s)
                 }
-                Attend::Cached(cache) => {
-                    cache.write(layer, span.start, &b.k, &b.v);
-                    let (k, v) = cache.layer(layer);
-                    (k, v, n)
+                Attend::Spans(segs) => {
+                    for g in segs.iter_mut() {
+                        let (r, qr) = (g.rows.clone(), query_rows(&g.rows));
+                        g.cache.write(
+                            layer,
+                            g.start,
+                            &b.k[r.start * kw..r.end * kw],
+                            &b.v[r.start * kw..r.end * kw],
+                        );
+                        let (k, v) = g.cache.layer(layer);
+                        cpu::attention(
+                            &b.q[qr.start * qw..qr.end * qw],
+                            k,
+                            v,
+                            qr.len(),
+                            g.keys,
+                            cfg.n_heads,
+                            cfg.n_kv_heads,
+                            hd,
+                            None,
+                            &mut b.attn[qr.start * qw..qr.end * qw],
+                        );
+                    }
+                    (&b.k[..0], &b.v[..0], 0)
                 }
             };
-            if !packed {
+            if !per_canvas {
                 cpu::attention(
                     &b.q[..m * qw],
                     keys,
@@ -477,7 +525,13 @@ impl CpuTransformer {
         sources: &[usize],
     ) -> Result<Vec<f32>> {
         let (keep, index) = Self::kept_rows(sources);
-        let head = span_product(matches!(attend, Attend::Cached(_)), span.len(), true);
+        let head = match &attend {
+            Attend::Spans(segs) => {
+                let rows = segs.iter().map(|g| g.rows.len()).max().unwrap_or(0);
+                span_product(true, rows)
+            }
+            _ => span_product(false, span.len()),
+        };
         let hidden = self.hidden_rows(ids, span, attend, Some(&keep))?;
         self.logits_of_rows(&hidden, &index, head)
     }
@@ -496,6 +550,62 @@ impl CpuTransformer {
         cache: &mut KvCache,
         step: &CacheStep,
     ) -> Result<Vec<f32>> {
+        let plan = self.check_cached(ids, queries, cache, step)?;
+        match step {
+            CacheStep::Refresh => self.refresh_logits(ids, &plan, cache),
+            CacheStep::Span(_) => self.span_logits(&mut [(ids, &plan, cache)]),
+        }
+    }
+
+    /// [`Model::predict_cached_batch`]: the refreshes one by one (full forwards, already wide),
+    /// then every span step in one packed forward ([`CpuTransformer::span_logits`]). Each
+    /// item's predictions follow its own rule. Every item is checked before any cache changes.
+    pub fn predict_cached_packed(
+        &self,
+        items: &mut [CachedQuery<'_>],
+    ) -> Result<Vec<Vec<Prediction>>> {
+        let plans = items
+            .iter()
+            .map(|it| self.check_cached(it.ids, it.queries, it.cache, &it.step))
+            .collect::<Result<Vec<_>>>()?;
+        let width = self.cfg.logits_width();
+        let mut out: Vec<Vec<Prediction>> = vec![Vec::new(); items.len()];
+        let mut spans = Vec::new();
+        let mut span_items = Vec::new();
+        for (i, (it, plan)) in items.iter_mut().zip(&plans).enumerate() {
+            match it.step {
+                CacheStep::Refresh => {
+                    let logits = self.refresh_logits(it.ids, plan, it.cache)?;
+                    out[i] = predict_query_rows(&logits, width, it.queries, it.rule);
+                }
+                CacheStep::Span(_) => {
+                    spans.push((it.ids, plan, &mut *it.cache));
+                    span_items.push((i, it.queries, it.rule));
+                }
+            }
+        }
+        if spans.is_empty() {
+            return Ok(out);
+        }
+        let logits = self.span_logits(&mut spans)?;
+        let mut row = 0;
+        for (i, queries, rule) in span_items {
+            let rows = &logits[row * width..(row + queries.len()) * width];
+            out[i] = predict_query_rows(rows, width, queries, rule);
+            row += queries.len();
+        }
+        Ok(out)
+    }
+
+    /// Checks one cached step (ids, cache size, span, queries, a span on a filled cache, the
+    /// host memory of a first refresh) and returns its span and its queries' source rows.
+    fn check_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &KvCache,
+        step: &CacheStep,
+    ) -> Result<CachedPlan> {
         self.check_ids(ids)?;
         cache.check_fits(&self.cfg, ids.len())?;
         let n = ids.len();
@@ -534,19 +644,57 @@ impl CpuTransformer {
                 4 * floats,
             )?;
         }
-        // A failed forward leaves a partly written cache: until this one succeeds, the next
-        // cached forward must be a refresh.
-        cache.invalidate();
-        let sources: Vec<usize> = queries
+        let sources = queries
             .iter()
             .map(|&q| self.source_row(q) - span.start)
             .collect();
-        let attend = match step {
-            CacheStep::Refresh => Attend::Store(cache),
-            CacheStep::Span(_) => Attend::Cached(cache),
-        };
-        let logits = self.logits_of_sources(ids, span, attend, &sources)?;
+        Ok(CachedPlan { span, sources })
+    }
+
+    /// A refresh ([`CpuTransformer::check_cached`]'s `plan`): the full forward, storing every
+    /// layer's K/V in `cache`.
+    fn refresh_logits(
+        &self,
+        ids: &[u32],
+        plan: &CachedPlan,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        // A failed forward leaves a partly written cache: until this one succeeds, the next
+        // cached forward must be a refresh.
+        cache.invalidate();
+        let attend = Attend::Store(cache);
+        let logits = self.logits_of_sources(ids, plan.span.clone(), attend, &plan.sources)?;
         cache.mark_filled();
+        Ok(logits)
+    }
+
+    /// The span steps of several canvases (ids, checked plan, cache) in one forward: their rows
+    /// stacked, every product over all of them, each span's K/V written into its own cache and
+    /// attending to its own canvas. Returns every item's query logits, in item order. A span
+    /// of up to [`SKINNY_SPAN_ROWS`] rows gets the bits it gets alone (the skinny kernel is row
+    /// invariant); longer ones agree to rounding.
+    fn span_logits(&self, items: &mut [(&[u32], &CachedPlan, &mut KvCache)]) -> Result<Vec<f32>> {
+        let mut ids = Vec::new();
+        let mut sources = Vec::new();
+        let mut segs = Vec::with_capacity(items.len());
+        for (canvas, plan, cache) in items.iter_mut() {
+            let rows = ids.len()..ids.len() + plan.span.len();
+            ids.extend_from_slice(&canvas[plan.span.clone()]);
+            sources.extend(plan.sources.iter().map(|r| rows.start + r));
+            // Invalid until the forward succeeds (see refresh_logits).
+            cache.invalidate();
+            segs.push(SpanRows {
+                cache,
+                rows,
+                start: plan.span.start,
+                keys: canvas.len(),
+            });
+        }
+        let total = ids.len();
+        let logits = self.logits_of_sources(&ids, 0..total, Attend::Spans(segs), &sources)?;
+        for (_, _, cache) in items.iter_mut() {
+            cache.mark_filled();
+        }
         Ok(logits)
     }
 
@@ -690,6 +838,14 @@ impl Model for CpuTransformer {
     fn predict_batch(&self, items: &[BatchQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
         self.predict_packed(items)
     }
+
+    fn packs_cached_batches(&self) -> bool {
+        true
+    }
+
+    fn predict_cached_batch(&self, items: &mut [CachedQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
+        self.predict_cached_packed(items)
+    }
 }
 
 /// A product `out[m, n] = x[m, k] · Wᵀ` of the CPU backend.
@@ -705,23 +861,20 @@ type Product = fn(&[f32], usize, &TensorView, &mut [f32]);
 /// session 14.
 const SKINNY_SPAN_ROWS: usize = 64;
 
-/// The product for the `rows` rows of one forward. In a cached span (`cached`) of up to
-/// [`SKINNY_SPAN_ROWS`] rows, the skinny kernel at any row count where the CPU has it: each
-/// row's bits do not depend on their count, and one choice holds for the whole forward.
-/// Otherwise, for products whose row count varies between runs that must agree (`invariant`: the
-/// kept rows of the last layer, the LM head) and for every product of an uncached forward,
-/// [`cpu::linear_row_invariant`]; [`cpu::linear`] for the rest of a cached span.
-fn span_product(cached: bool, rows: usize, invariant: bool) -> Product {
+/// The product of a forward whose canvases contribute up to `rows` rows each. In a cached span
+/// (`cached`) of up to [`SKINNY_SPAN_ROWS`] rows, the skinny kernel where the CPU has it;
+/// otherwise [`cpu::linear_row_invariant`]. Both give each row the same bits whatever the row
+/// count, so a canvas's rows are the same alone, packed with other canvases' rows, and narrowed
+/// to the queried rows in the last layer. (On a CPU without the skinny kernel this gives up
+/// [`cpu::linear`]'s GEMV for spans of at most [`cpu::GEMV_MAX_M`] rows.)
+fn span_product(cached: bool, rows: usize) -> Product {
     if cached && rows <= SKINNY_SPAN_ROWS && cpu::skinny_available() {
         skinny_product
-    } else if invariant || !cached {
-        cpu::linear_row_invariant
     } else {
-        cpu::linear
+        cpu::linear_row_invariant
     }
 }
 
-/// [`cpu::linear_skinny`], or [`cpu::linear_row_invariant`] on a CPU without AVX-512.
 fn skinny_product(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
     if !cpu::linear_skinny(x, m, w, out) {
         cpu::linear_row_invariant(x, m, w, out);
@@ -769,6 +922,15 @@ macro_rules! delegate_model {
                 step: &$crate::model::CacheStep,
             ) -> $crate::error::Result<Vec<f32>> {
                 self.0.logits_cached(ids, queries, cache, step)
+            }
+            fn packs_cached_batches(&self) -> bool {
+                true
+            }
+            fn predict_cached_batch(
+                &self,
+                items: &mut [$crate::model::CachedQuery<'_>],
+            ) -> $crate::error::Result<Vec<Vec<$crate::denoise::predict::Prediction>>> {
+                self.0.predict_cached_packed(items)
             }
         }
 
