@@ -107,8 +107,9 @@ fn bench_linear_small_m(c: &mut Criterion) {
     g.finish();
 }
 
-/// The AVX-512 skinny kernel against the GEMM path over the row counts of cached span steps,
-/// packed LM heads and full steps (tiny widths and an 8B-like panel); skipped without AVX-512.
+/// The AVX-512 skinny kernel (f32 activations, and bf16 activations where the CPU has AVX-512
+/// BF16) against the GEMM path over the row counts of cached span steps, packed LM heads and
+/// full steps (tiny widths and an 8B-like panel); skipped without AVX-512.
 fn bench_linear_skinny(c: &mut Criterion) {
     if !cpu::skinny_available() {
         return;
@@ -123,7 +124,7 @@ fn bench_linear_skinny(c: &mut Criterion) {
         let bytes = bf16_weight(n, k, 5);
         let shape = [n, k];
         let w = bf16_view(&bytes, &shape);
-        for m in [4usize, 8, 32, 64, 192] {
+        for m in [4usize, 8, 32, 64, 192, 384] {
             if k * n * m > 4096 * 4096 * 64 {
                 continue;
             }
@@ -134,6 +135,11 @@ fn bench_linear_skinny(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new("skinny", &id), |b| {
                 b.iter(|| cpu::linear_skinny(black_box(&x), m, &w, &mut out))
             });
+            if cpu::skinny_bf16_available() {
+                g.bench_function(BenchmarkId::new("skinny_bf16", &id), |b| {
+                    b.iter(|| cpu::linear_skinny_bf16(black_box(&x), m, &w, &mut out))
+                });
+            }
             if m <= cpu::GEMV_MAX_M {
                 g.bench_function(BenchmarkId::new("gemv", &id), |b| {
                     b.iter(|| cpu::linear_gemv(black_box(&x), m, &w, &mut out))

@@ -29,6 +29,7 @@ use crate::denoise::predict::{PredictRule, Remasking};
 use crate::denoise::rng;
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{span_for, CacheMode::Dual as DualCache, CacheStep, KvCache};
+use crate::model::transformer::BF16_ACTIVATIONS_ENV;
 use crate::model::{BatchQuery, CachedQuery, Model};
 use serde::Serialize;
 use std::ops::Range;
@@ -561,7 +562,17 @@ fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     let mut r = report(
         o,
         "cpu",
-        format!("{} CPU threads", rayon::current_num_threads()),
+        format!(
+            "{} CPU threads{}",
+            rayon::current_num_threads(),
+            if crate::backend::cuda::env_switch::flag(BF16_ACTIVATIONS_ENV, false)
+                && crate::backend::cpu::skinny_bf16_available()
+            {
+                ", bf16 activations"
+            } else {
+                ""
+            }
+        ),
         steps.len(),
         secs,
     );

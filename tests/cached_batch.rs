@@ -8,7 +8,7 @@
 use dllm::denoise::predict::{PredictRule, Remasking};
 use dllm::denoise::CacheMode;
 use dllm::model::kv_cache::span_for;
-use dllm::model::{load_cpu, CacheStep, CachedQuery, KvCache, Model};
+use dllm::model::{load_cpu_with, CacheStep, CachedQuery, CpuOptions, KvCache, Model};
 use dllm::synth::{synth_checkpoint, Preset};
 use std::ops::Range;
 use std::path::Path;
@@ -17,11 +17,25 @@ use tempfile::TempDir;
 
 const LLADA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
 
+/// LLaDA and Dream with f32 activations, and with bf16 activations where the CPU has
+/// AVX-512 BF16 (`DLLM_CPU_BF16`: packing must not change a canvas's bits there either).
 fn models() -> (TempDir, Vec<Arc<dyn Model>>) {
     let tmp = tempfile::tempdir().unwrap();
     synth_checkpoint(Preset::DreamTiny, tmp.path(), 5).unwrap();
-    let dream = load_cpu(tmp.path()).unwrap();
-    (tmp, vec![load_cpu(Path::new(LLADA)).unwrap(), dream])
+    let mut models = Vec::new();
+    let modes = if dllm::backend::cpu::skinny_bf16_available() {
+        vec![false, true]
+    } else {
+        vec![false]
+    };
+    for bf16 in modes {
+        let options = CpuOptions {
+            bf16_activations: Some(bf16),
+        };
+        models.push(load_cpu_with(Path::new(LLADA), options).unwrap());
+        models.push(load_cpu_with(tmp.path(), options).unwrap());
+    }
+    (tmp, models)
 }
 
 /// One canvas of a test batch: `prompt` deterministic tokens (seeded), `gen` masks, the block

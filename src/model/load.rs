@@ -31,13 +31,40 @@ pub struct LoadedModel {
     pub note: Option<String>,
 }
 
+/// Options of a CPU model beyond its files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// bf16 activations in the products
+    /// ([`crate::model::transformer::CpuTransformer::set_bf16_activations`]); `None`: as the
+    /// `DLLM_CPU_BF16` switch says (off unless it is `1`).
+    pub bf16_activations: Option<bool>,
+}
+
 /// Loads the model in `dir` on the CPU, whatever its architecture.
 pub fn load_cpu(dir: &Path) -> Result<Arc<dyn Model>> {
+    load_cpu_with(dir, CpuOptions::default())
+}
+
+/// [`load_cpu`] with `options`.
+pub fn load_cpu_with(dir: &Path, options: CpuOptions) -> Result<Arc<dyn Model>> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let store = WeightStore::open(dir)?;
+    let bf16 = options.bf16_activations;
     Ok(match cfg.arch {
-        Arch::Llada => Arc::new(Llada::from_store(cfg, store)?),
-        Arch::Dream => Arc::new(Dream::from_store(cfg, store)?),
+        Arch::Llada => {
+            let mut m = Llada::from_store(cfg, store)?;
+            if let Some(on) = bf16 {
+                m.set_bf16_activations(on);
+            }
+            Arc::new(m)
+        }
+        Arch::Dream => {
+            let mut m = Dream::from_store(cfg, store)?;
+            if let Some(on) = bf16 {
+                m.set_bf16_activations(on);
+            }
+            Arc::new(m)
+        }
     })
 }
 

@@ -133,7 +133,14 @@ pub struct CpuTransformer {
     table: TensorTable,
     blocks: Vec<BlockParams>,
     final_norm: Vec<f32>,
+    /// Whether products round their activations to bf16 for `vdpbf16ps`
+    /// ([`CpuTransformer::set_bf16_activations`]).
+    bf16_activations: bool,
 }
+
+/// The environment switch of [`CpuTransformer::set_bf16_activations`]: `DLLM_CPU_BF16=1` turns
+/// bf16 activations on for every CPU model loaded afterwards.
+pub const BF16_ACTIVATIONS_ENV: &str = "DLLM_CPU_BF16";
 
 /// Scratch buffers of one forward pass.
 struct Scratch {
@@ -260,13 +267,46 @@ impl CpuTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         let final_norm = f32s(&table.final_norm)?;
-        Ok(CpuTransformer {
+        let mut model = CpuTransformer {
             cfg,
             store,
             table,
             blocks,
             final_norm,
-        })
+            bf16_activations: false,
+        };
+        model.set_bf16_activations(crate::backend::cuda::env_switch::flag(
+            BF16_ACTIVATIONS_ENV,
+            false,
+        ));
+        Ok(model)
+    }
+
+    /// Rounds every product's activations to bf16 (`on`) or keeps them f32 (the default, the
+    /// reference the CUDA kernels are tested against). With bf16 activations, products with
+    /// bf16 weights run `vdpbf16ps` ([`cpu::linear_skinny_bf16`]: 1.3–1.6× the f32 products'
+    /// rate on a Zen 4 core), like the CUDA backend's bf16 GEMMs; norms, attention, the
+    /// residual and every sum stay f32. Only where the CPU has AVX-512 BF16: elsewhere this
+    /// keeps f32 and returns false. A row still has the same bits alone, packed in a batch and
+    /// narrowed, whatever the thread count.
+    pub fn set_bf16_activations(&mut self, on: bool) -> bool {
+        self.bf16_activations = on && cpu::skinny_bf16_available();
+        self.bf16_activations
+    }
+
+    /// Whether products round their activations to bf16 ([`CpuTransformer::set_bf16_activations`]).
+    pub fn bf16_activations(&self) -> bool {
+        self.bf16_activations
+    }
+
+    /// The product of a forward whose canvases contribute up to `rows` rows each, cached span
+    /// or not ([`span_product`]; [`bf16_product`] with bf16 activations).
+    fn product(&self, cached: bool, rows: usize) -> Product {
+        if self.bf16_activations {
+            bf16_product
+        } else {
+            span_product(cached, rows)
+        }
     }
 
     /// The model's hyper-parameters.
@@ -371,7 +411,7 @@ impl CpuTransformer {
             // A canvas's rows are as many alone as they are a part of a packed batch, and the
             // narrowed rows fewer still: every product must not depend on its row count
             // (`span_product`).
-            let linear = span_product(cached, canvas_rows);
+            let linear = self.product(cached, canvas_rows);
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
             linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
             linear(&b.normed, s, &self.weight(&names.v)?, &mut b.v);
@@ -528,9 +568,9 @@ impl CpuTransformer {
         let head = match &attend {
             Attend::Spans(segs) => {
                 let rows = segs.iter().map(|g| g.rows.len()).max().unwrap_or(0);
-                span_product(true, rows)
+                self.product(true, rows)
             }
-            _ => span_product(false, span.len()),
+            _ => self.product(false, span.len()),
         };
         let hidden = self.hidden_rows(ids, span, attend, Some(&keep))?;
         self.logits_of_rows(&hidden, &index, head)
@@ -756,12 +796,13 @@ impl CpuTransformer {
     }
 
     /// Unshifted logits: row `i` is the LM head applied to hidden state `i`, with the bits
-    /// [`CpuTransformer::predict`]'s LM head gives that row ([`cpu::linear_row_invariant`]).
+    /// [`CpuTransformer::predict`]'s LM head gives that row ([`cpu::linear_row_invariant`], or
+    /// the bf16 product with bf16 activations).
     pub fn raw_forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let hidden = self.hidden(ids)?;
         let d = self.cfg.d_model;
         let mut logits = logits_buffer(ids.len(), self.cfg.logits_width())?;
-        cpu::linear_row_invariant(&hidden, hidden.len() / d, &self.lm_head()?, &mut logits);
+        self.product(false, ids.len())(&hidden, hidden.len() / d, &self.lm_head()?, &mut logits);
         Ok(logits)
     }
 
@@ -772,7 +813,7 @@ impl CpuTransformer {
         }
         let hidden = self.hidden(ids)?;
         let rows: Vec<usize> = (0..ids.len()).map(|i| self.source_row(i)).collect();
-        self.logits_of_rows(&hidden, &rows, cpu::linear_row_invariant)
+        self.logits_of_rows(&hidden, &rows, self.product(false, ids.len()))
     }
 
     /// One forward, then the LM head only on the rows that predict `queries`, then sampling.
@@ -875,6 +916,14 @@ fn span_product(cached: bool, rows: usize) -> Product {
     }
 }
 
+/// [`cpu::linear_skinny_bf16`] (bf16 activations), or for weights it does not take (f16, f32)
+/// [`cpu::linear_row_invariant`]; row invariant either way.
+fn bf16_product(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
+    if !cpu::linear_skinny_bf16(x, m, w, out) {
+        cpu::linear_row_invariant(x, m, w, out);
+    }
+}
+
 fn skinny_product(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
     if !cpu::linear_skinny(x, m, w, out) {
         cpu::linear_row_invariant(x, m, w, out);
@@ -931,6 +980,13 @@ macro_rules! delegate_model {
                 items: &mut [$crate::model::CachedQuery<'_>],
             ) -> $crate::error::Result<Vec<Vec<$crate::denoise::predict::Prediction>>> {
                 self.0.predict_cached_packed(items)
+            }
+        }
+
+        impl $t {
+            /// See [`CpuTransformer::set_bf16_activations`].
+            pub fn set_bf16_activations(&mut self, on: bool) -> bool {
+                self.0.set_bf16_activations(on)
             }
         }
 

@@ -13,6 +13,7 @@ mod norm;
 mod rope;
 mod simd;
 mod skinny;
+mod skinny_bf16;
 
 /// Most CPU worker threads a pool may be asked for (`--threads`, `dllm_model_params.threads`):
 /// far above any core count this backend would use well, low enough that a typo (or `i32::MAX`)
@@ -29,6 +30,7 @@ pub use gemm::{
 pub use norm::rms_norm;
 pub use rope::{rope, rope_inv_freq};
 pub use skinny::{available as skinny_available, linear_skinny};
+pub use skinny_bf16::{available as skinny_bf16_available, linear_skinny_bf16};
 
 #[cfg(test)]
 mod testutil;

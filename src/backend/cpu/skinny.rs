@@ -24,7 +24,7 @@ use crate::weights::view::TensorView;
 pub const MR: usize = 4;
 
 /// Largest number of weight rows per tile.
-const NR: usize = 4;
+pub(super) const NR: usize = 4;
 
 /// Bytes of weights a task multiplies with every row group of `x` before moving on: a block
 /// this size stays in L2 while the row groups pass over it.
@@ -67,25 +67,7 @@ pub fn linear_skinny(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) -> bo
 /// [`linear_skinny`] on a CPU that has the kernel.
 #[cfg(target_arch = "x86_64")]
 fn run(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
-    assert_eq!(w.shape.len(), 2, "skinny product: `{}` is not 2-D", w.name);
-    let (n, k) = (w.shape[0], w.shape[1]);
-    let es = w.dtype.size();
-    assert_eq!(
-        w.data.len(),
-        n * k * es,
-        "skinny product: `{}` bytes",
-        w.name
-    );
-    assert_eq!(x.len(), m * k, "skinny product: x length for `{}`", w.name);
-    assert_eq!(
-        out.len(),
-        m * n,
-        "skinny product: out length for `{}`",
-        w.name
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
+    let (n, k) = check_contract(x.len(), m, w, out.len());
     let padded;
     let xs = if m.is_multiple_of(MR) {
         x
@@ -93,6 +75,64 @@ fn run(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
         padded = [x, &vec![0.0; (MR - m % MR) * k]].concat();
         &padded[..]
     };
+    // SAFETY (of each call): AVX-512F and VL are present (the caller checked); the tile's
+    // rows of `xs` and weight rows lie inside their buffers (`for_each_tile`).
+    for_each_tile(xs, m, n, k, w, out, |x, wp, nr, sums| unsafe {
+        x86::tile(w.dtype, x, k, wp, nr, sums)
+    });
+}
+
+/// The size contract of a skinny product, asserted in every build (the kernels read and write
+/// through raw pointers): `W` is 2-D `[n, k]` with `n · k` elements of its dtype, `x` holds
+/// `m · k` values and `out` `m · n`. Returns `(n, k)`.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn check_contract(
+    x_len: usize,
+    m: usize,
+    w: &TensorView,
+    out_len: usize,
+) -> (usize, usize) {
+    assert_eq!(w.shape.len(), 2, "skinny product: `{}` is not 2-D", w.name);
+    let (n, k) = (w.shape[0], w.shape[1]);
+    assert_eq!(
+        w.data.len(),
+        n * k * w.dtype.size(),
+        "skinny product: `{}` bytes",
+        w.name
+    );
+    assert_eq!(x_len, m * k, "skinny product: x length for `{}`", w.name);
+    assert_eq!(
+        out_len,
+        m * n,
+        "skinny product: out length for `{}`",
+        w.name
+    );
+    (n, k)
+}
+
+/// The multi-threaded tile loop of the skinny kernels: tasks own ranges of weight rows, each
+/// walks them in L2-sized blocks, and every row group of `xs` ([`MR`] rows, `xs` zero-padded to
+/// a multiple of them, row stride `k`) meets every block of [`NR`] weight rows through `tile(x
+/// rows, weight rows, nr, sums)`; the sums of the real rows are stored into `out[m, n]`. The
+/// contract ([`check_contract`]) must hold.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn for_each_tile<T: Sync>(
+    xs: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+    w: &TensorView,
+    out: &mut [f32],
+    tile: impl Fn(*const T, *const u8, usize, &mut [[f32; NR]; MR]) + Sync,
+) {
+    assert!(
+        xs.len() >= m.next_multiple_of(MR) * k,
+        "skinny product: x not padded"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let es = w.dtype.size();
     let threads = rayon::current_num_threads().max(1);
     let per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR);
     let block_rows = (WEIGHT_BLOCK_BYTES / (k * es).max(1))
@@ -107,19 +147,14 @@ fn run(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
                 for j in (b0..b1).step_by(NR) {
                     let nr = NR.min(b1 - j);
                     let mut sums = [[0f32; NR]; MR];
-                    // SAFETY: AVX-512F and VL are present (the caller checked); rows r0..r0 + MR
-                    // of `xs` exist (padded), weight rows j..j + nr lie inside `w.data` (its
-                    // length was asserted).
-                    unsafe {
-                        x86::tile(
-                            w.dtype,
-                            xs[r0 * k..].as_ptr(),
-                            k,
-                            w.data[j * k * es..].as_ptr(),
-                            nr,
-                            &mut sums,
-                        )
-                    };
+                    // Rows r0..r0 + MR of `xs` exist (padded, asserted above), weight rows
+                    // j..j + nr lie inside `w.data` (its length was asserted).
+                    tile(
+                        xs[r0 * k..].as_ptr(),
+                        w.data[j * k * es..].as_ptr(),
+                        nr,
+                        &mut sums,
+                    );
                     for (r, row) in sums.iter().enumerate().take(m - r0) {
                         for (c, v) in row.iter().enumerate().take(nr) {
                             // SAFETY: r0 + r < m and j + c < n, inside `out` (its length was
