@@ -77,6 +77,9 @@ pub struct BenchOptions {
     /// Time the [`Session`](crate::denoise::Session) path (`dllm generate`) instead of the
     /// device-resident step API.
     pub session: bool,
+    /// bf16 activations on the CPU backend ([`CpuOptions`](crate::model::CpuOptions); `None`:
+    /// the `DLLM_CPU_BF16` switch).
+    pub cpu_bf16: Option<bool>,
 }
 
 impl Default for BenchOptions {
@@ -94,6 +97,7 @@ impl Default for BenchOptions {
             seed: 0,
             profile: false,
             session: false,
+            cpu_bf16: None,
         }
     }
 }
@@ -517,13 +521,23 @@ fn session_model(
         )?);
         Ok((m.clone(), Some(m)))
     } else {
-        Ok((load_cpu_model(&o.model_dir)?, None))
+        Ok((load_cpu_model(o)?, None))
     }
 }
 
-/// Loads the CPU model (any architecture) behind the [`Model`] trait.
-pub fn load_cpu_model(dir: &std::path::Path) -> Result<std::sync::Arc<dyn Model>> {
-    crate::model::load_cpu(dir)
+/// Loads the CPU model of `o` (any architecture) behind the [`Model`] trait.
+fn load_cpu_model(o: &BenchOptions) -> Result<std::sync::Arc<dyn Model>> {
+    let options = crate::model::CpuOptions {
+        bf16_activations: o.cpu_bf16,
+    };
+    crate::model::load_cpu_with(&o.model_dir, options)
+}
+
+/// Whether `o`'s CPU model rounds activations to bf16 (asked for, and the CPU can).
+fn cpu_bf16_on(o: &BenchOptions) -> bool {
+    o.cpu_bf16
+        .unwrap_or_else(|| crate::backend::cuda::env_switch::flag(BF16_ACTIVATIONS_ENV, false))
+        && crate::backend::cpu::skinny_bf16_available()
 }
 
 /// CPU path through the [`Model`] trait, predictions committed on the host. Cache `none`: each
@@ -539,7 +553,7 @@ fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
         ));
     }
     let t0 = Instant::now();
-    let model = load_cpu_model(&o.model_dir)?;
+    let model = load_cpu_model(o)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let cfg = model.config().clone();
     if o.seq_len() > cfg.max_seq_len {
@@ -565,9 +579,7 @@ fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
         format!(
             "{} CPU threads{}",
             rayon::current_num_threads(),
-            if crate::backend::cuda::env_switch::flag(BF16_ACTIVATIONS_ENV, false)
-                && crate::backend::cpu::skinny_bf16_available()
-            {
+            if cpu_bf16_on(o) {
                 ", bf16 activations"
             } else {
                 ""
@@ -1154,7 +1166,7 @@ mod tests {
 
     #[test]
     fn host_steps_pack_uncached_canvases_and_keep_a_cache_per_canvas() {
-        let inner = load_cpu_model(&BenchOptions::default().model_dir).unwrap();
+        let inner = load_cpu_model(&BenchOptions::default()).unwrap();
         let o = BenchOptions {
             batch: 2,
             prompt_len: 8,

@@ -441,3 +441,44 @@ fn bench_suite_arguments() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--suite <DIR>"));
     assert!(!dir.exists(), "nothing written for a refused call");
 }
+
+/// `--cpu-bf16` reaches the CPU model: `dllm info` says whether it is on (only where the CPU has
+/// AVX-512 BF16), and `dllm logits --cpu-bf16` gives other logits than f32 there (the same
+/// elsewhere), close to them (tests/cpu_bf16.rs holds them to the reference).
+#[test]
+fn cpu_bf16_is_reported_and_reaches_the_cpu_model() {
+    let here = dllm::backend::cpu::skinny_bf16_available();
+    let info = json(&dllm(&["info", "--model", MODEL, "--cpu-bf16", "--json"]));
+    let line = info["cpu_bf16_activations"].as_str().unwrap();
+    assert_eq!(line.starts_with("on"), here, "{line}");
+    let logits = |extra: &[&'static str]| {
+        let mut a = vec![
+            "logits",
+            "--model",
+            MODEL,
+            "--backend",
+            "cpu",
+            "--ids",
+            "1460,6669,7085,1",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        let v = json(&dllm(&a));
+        let rows: Vec<f64> = v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+            .collect();
+        rows
+    };
+    let (bf, f32) = (logits(&["--cpu-bf16"]), logits(&[]));
+    assert_eq!(bf != f32, here);
+    let err = bf
+        .iter()
+        .zip(&f32)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let scale = f32.iter().map(|b| b.abs()).fold(0.0, f64::max);
+    assert!(err <= 5e-2 * scale, "{err} against {scale}");
+}

@@ -102,6 +102,11 @@ const PARTS: [&str; 6] = [
 /// `--gemm-shape M,N,K` (one timed shape, the plan `run` picks, bf16 output) or `--gemm-sweep
 /// M,N,K` (every candidate plan, with the epilogue named by `sweep`): one line per timing; exit
 /// status 1 on an error or a failed plan, 2 on bad arguments.
+/// The CPU reference's options: f32 activations whatever `DLLM_CPU_BF16` says.
+const F32_REFERENCE: dllm::model::CpuOptions = dllm::model::CpuOptions {
+    bf16_activations: Some(false),
+};
+
 fn gemm_shape(shape: &[usize], repeat: usize, sweep: Option<&str>) -> ExitCode {
     let flag = if sweep.is_some() {
         "--gemm-sweep"
@@ -849,8 +854,8 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
         2e-2,
         dual,
     ));
-    // CPU model comparisons.
-    let cpu = dllm::bench::load_cpu_model(dir);
+    // CPU model comparisons (f32 activations, the reference, whatever DLLM_CPU_BF16 says).
+    let cpu = dllm::model::load_cpu_with(dir, F32_REFERENCE);
     match &cpu {
         Err(e) => out.push(CheckResult::failed("model.cpu load", e)),
         Ok(cpu) => {
@@ -1187,7 +1192,7 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             &cfg,
             KernelChoice::from_env(),
         )?);
-        let cpu = dllm::model::load_cpu(&dir)?;
+        let cpu = dllm::model::load_cpu_with(&dir, F32_REFERENCE)?;
         let width = cfg.logits_width();
         let prompt: Vec<u32> = (0..48u32)
             .map(|i| (i * 131 + 7) % cfg.vocab_size as u32)

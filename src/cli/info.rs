@@ -4,7 +4,7 @@ use super::{BackendChoice, ModelArgs};
 use clap::Args;
 use dllm::config::ModelConfig;
 use dllm::error::Result;
-use dllm::model::{load_model, Backend, Model};
+use dllm::model::{load_model_with, Backend, CpuOptions, Model};
 use dllm::tokenizer::Tokenizer;
 use dllm::weights::WeightStore;
 use std::sync::Arc;
@@ -33,7 +33,13 @@ pub fn load_only(args: &ModelArgs) -> Result<Arc<dyn Model>> {
         BackendChoice::Cpu => Backend::Cpu,
         BackendChoice::Cuda => Backend::Cuda,
     };
-    let loaded = load_model(&args.dir(), backend)?;
+    let cpu = CpuOptions {
+        bf16_activations: args.cpu_bf16.then_some(true),
+    };
+    if args.cpu_bf16 && !dllm::backend::cpu::skinny_bf16_available() {
+        eprintln!("note: --cpu-bf16: this CPU has no AVX-512 BF16, the CPU backend keeps f32");
+    }
+    let loaded = load_model_with(&args.dir(), backend, cpu)?;
     if let Some(note) = &loaded.note {
         eprintln!("note: {note}");
     }
@@ -71,6 +77,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         .iter()
         .map(|p| p.display().to_string())
         .collect();
+    let cpu_bf16 = cpu_bf16_line(a.model.cpu_bf16);
     let cuda = match dllm::backend::cuda::unavailable_reason() {
         None => format!(
             "kernels compiled ({})",
@@ -102,6 +109,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "dtypes": dtypes, "shards": shards,
             "unexpected_tensors": report.unexpected,
             "tokenizer_vocab": tokenizer.as_ref().ok(),
+            "cpu_bf16_activations": cpu_bf16,
             "cuda": cuda,
             "device_weight_bytes": dev_weights,
             "device_step_bytes_per_canvas": dev_step,
@@ -153,6 +161,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
     for name in &report.unexpected {
         println!("extra tensor {name} (ignored)");
     }
+    println!("cpu bf16     {cpu_bf16}");
     println!("cuda         {cuda}");
     println!("cuda config  {}", dllm::backend::cuda::switches_line());
     {
@@ -169,4 +178,20 @@ pub fn info(a: InfoArgs) -> Result<()> {
     }
     println!("validation   ok: every tensor matches the config");
     Ok(())
+}
+
+/// Whether a CPU model would round its activations to bf16 (`--cpu-bf16` given as `flag`, or
+/// `DLLM_CPU_BF16=1`), and whether this CPU can.
+fn cpu_bf16_line(flag: bool) -> String {
+    let asked = flag
+        || dllm::backend::cuda::env_switch::flag(
+            dllm::model::transformer::BF16_ACTIVATIONS_ENV,
+            false,
+        );
+    match (asked, dllm::backend::cpu::skinny_bf16_available()) {
+        (true, true) => "on (AVX-512 BF16)".to_string(),
+        (true, false) => "asked for, but this CPU has no AVX-512 BF16: f32".to_string(),
+        (false, true) => "off (--cpu-bf16 or DLLM_CPU_BF16=1 turn it on)".to_string(),
+        (false, false) => "off (this CPU has no AVX-512 BF16)".to_string(),
+    }
 }

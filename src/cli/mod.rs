@@ -61,6 +61,11 @@ pub struct ModelArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// On the CPU backend, round activations to bf16 for the AVX-512 BF16 dot product (faster
+    /// products, CUDA-like precision; where the CPU lacks it, f32 with a note). Also
+    /// DLLM_CPU_BF16=1.
+    #[arg(long)]
+    pub cpu_bf16: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]

@@ -168,6 +168,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         },
         profile: a.profile,
         session: a.session,
+        cpu_bf16: a.model.cpu_bf16.then_some(true),
         ..BenchOptions::default()
     };
     if let Some(dir) = &a.suite {

@@ -68,15 +68,23 @@ pub fn load_cpu_with(dir: &Path, options: CpuOptions) -> Result<Arc<dyn Model>> 
     })
 }
 
-fn cpu(dir: &Path, note: Option<String>) -> Result<LoadedModel> {
-    Ok(LoadedModel {
-        model: load_cpu(dir)?,
-        note,
-    })
-}
-
 /// Loads the model in `dir` on `backend`.
 pub fn load_model(dir: &Path, backend: Backend) -> Result<LoadedModel> {
+    load_model_with(dir, backend, CpuOptions::default())
+}
+
+/// [`load_model`], with `cpu` for a model that ends up on the CPU.
+pub fn load_model_with(
+    dir: &Path,
+    backend: Backend,
+    cpu_options: CpuOptions,
+) -> Result<LoadedModel> {
+    let cpu = |dir: &Path, note: Option<String>| {
+        Ok(LoadedModel {
+            model: load_cpu_with(dir, cpu_options)?,
+            note,
+        })
+    };
     if backend == Backend::Cpu {
         return cpu(dir, None);
     }

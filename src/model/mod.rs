@@ -15,7 +15,9 @@ pub mod load;
 pub mod transformer;
 
 pub use kv_cache::{CacheMode, CacheStep, KvCache};
-pub use load::{load_cpu, load_cpu_with, load_model, Backend, CpuOptions, LoadedModel};
+pub use load::{
+    load_cpu, load_cpu_with, load_model, load_model_with, Backend, CpuOptions, LoadedModel,
+};
 
 use crate::config::{Arch, ModelConfig};
 use crate::denoise::predict::{predict_query_rows, predict_rows, PredictRule, Prediction};
