@@ -71,6 +71,7 @@
  *         counts the positions a stop_at_eos stop fills too.
  *      3: dllm_sessions_step and dllm_sessions_run (several sessions of one model stepped
  *         together, with batched forwards).
+ *      4: dllm_model_params gained cpu_bf16 (bf16 activations on the CPU backend).
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -84,7 +85,7 @@ extern "C" {
 
 /* The ABI version this header describes (see "Versions" above): a program built with this
  * header needs dllm_abi_version() >= DLLM_ABI_VERSION. */
-#define DLLM_ABI_VERSION 3
+#define DLLM_ABI_VERSION 4
 
 /* ---------------------------------------------------------------------------------------------
  * Status codes
@@ -152,6 +153,12 @@ typedef struct dllm_model_params {
     int32_t threads;      /* CPU worker threads owned by this model (joined when it is freed),
                            * at most 1024; 0 = the process-wide pool, one thread per core.
                            * Default 0 */
+    /* Version 4 (the version-1 struct ends here, at 16 bytes). */
+    int32_t cpu_bf16;     /* On the CPU backend, round activations to bf16 for the AVX-512 BF16
+                           * dot product (faster products, the CUDA backend's precision): 1 = on
+                           * where the CPU has AVX-512 BF16 (f32 elsewhere), 0 = off (f32, the
+                           * reference), -1 = as the environment variable DLLM_CPU_BF16 says
+                           * (on when it is 1). Ignored by CUDA. Default -1 */
 } dllm_model_params;
 
 /* Fills *p with the defaults listed above, struct_size included. NULL is a no-op. */
@@ -162,8 +169,8 @@ void dllm_model_params_default(dllm_model_params *p);
  * bytes). `p` may be NULL for the defaults.
  * On success *out receives a new model, which the caller owns and releases with dllm_model_free.
  * Weights are memory-mapped: the files must stay in place while the model lives.
- * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL dir/out, struct_size too small, a backend, device or
- * threads value out of range), DLLM_ERR_IO (a file missing or unreadable: the message names it),
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL dir/out, struct_size too small, a backend, device,
+ * threads or cpu_bf16 value out of range), DLLM_ERR_IO (a file missing or unreadable: the message names it),
  * DLLM_ERR_FORMAT, DLLM_ERR_UNSUPPORTED (architecture, dtype, device > 0), DLLM_ERR_BACKEND
  * (DLLM_BACKEND_CUDA without a usable GPU), DLLM_ERR_OUT_OF_MEMORY (DLLM_BACKEND_CUDA and the
  * weights do not fit in the device's free memory; DLLM_BACKEND_AUTO then loads on the CPU). */

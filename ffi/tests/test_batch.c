@@ -163,7 +163,7 @@ static void test_steps_equal_single_steps(void) {
 }
 
 static void test_bad_arguments(const char *dir) {
-    CHECK(dllm_abi_version() == 3 && DLLM_ABI_VERSION == 3);
+    CHECK(dllm_abi_version() >= 3 && DLLM_ABI_VERSION >= 3); /* the batch functions exist */
     CHECK_STATUS(dllm_sessions_run(NULL, 0), DLLM_OK);
     CHECK_STATUS(dllm_sessions_step(NULL, 0, NULL), DLLM_OK);
     CHECK_STATUS(dllm_sessions_run(NULL, 2), DLLM_ERR_INVALID_ARGUMENT);

@@ -55,6 +55,7 @@ int main(int argc, char **argv) {
     dllm_model_params_default(&mp);
     CHECK(mp.struct_size == sizeof(dllm_model_params));
     CHECK(mp.backend == DLLM_BACKEND_AUTO && mp.device == 0 && mp.threads == 0);
+    CHECK(mp.cpu_bf16 == -1);
 
     /* Bad arguments: the status and a message naming the culprit; *out untouched. */
     dllm_model *m = (dllm_model *)&mp; /* a sentinel that must not be overwritten */
@@ -87,11 +88,38 @@ int main(int argc, char **argv) {
     bad.device = -1;
     CHECK_STATUS(dllm_model_load(dir, &bad, &m), DLLM_ERR_INVALID_ARGUMENT);
     CHECK_ERROR_MENTIONS("device");
+    bad = mp;
+    bad.backend = DLLM_BACKEND_CPU;
+    bad.cpu_bf16 = 2;
+    CHECK_STATUS(dllm_model_load(dir, &bad, &m), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("cpu_bf16");
     CHECK(m == sentinel);
+
+    /* cpu_bf16 on and off both load (on is f32 where the CPU lacks AVX-512 BF16); a version-1
+     * caller (16 bytes, no cpu_bf16: the byte after it is garbage) gets the default. */
+    for (int32_t v = -1; v <= 1; v++) {
+        dllm_model_params p = mp;
+        p.backend = DLLM_BACKEND_CPU;
+        p.cpu_bf16 = v;
+        dllm_model *bm = NULL;
+        CHECK_STATUS(dllm_model_load(dir, &p, &bm), DLLM_OK);
+        CHECK(bm != NULL);
+        dllm_model_free(bm);
+    }
+    {
+        dllm_model_params p = mp;
+        p.struct_size = 16;
+        p.backend = DLLM_BACKEND_CPU;
+        p.cpu_bf16 = 77; /* beyond a version-1 struct: never read */
+        dllm_model *bm = NULL;
+        CHECK_STATUS(dllm_model_load(dir, &p, &bm), DLLM_OK);
+        CHECK(bm != NULL);
+        dllm_model_free(bm);
+    }
 
     /* A directory that is not a model: config.json missing. */
     CHECK_STATUS(dllm_model_load("/", &(dllm_model_params){sizeof(dllm_model_params),
-                                                           DLLM_BACKEND_CPU, 0, 1},
+                                                           DLLM_BACKEND_CPU, 0, 1, -1},
                                  &m),
                  DLLM_ERR_IO);
     CHECK_ERROR_MENTIONS("config.json");

@@ -28,7 +28,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// the decoding fields of `dllm_sampling_params`, implemented MARGIN/ENTROPY and added
 /// `dllm_session_last_commits`; 3 added `dllm_sessions_step` and `dllm_sessions_run`. Every
 /// version serves programs built against an earlier one.
-pub const DLLM_ABI_VERSION: u32 = 3;
+pub const DLLM_ABI_VERSION: u32 = 4;
 
 /// Result of every fallible call (`dllm_status` in C).
 pub type dllm_status = i32;
@@ -67,6 +67,8 @@ pub struct dllm_model_params {
     pub backend: i32,
     pub device: i32,
     pub threads: i32,
+    // Version 4 (the version-1 struct ends here, at 16 bytes).
+    pub cpu_bf16: i32,
 }
 
 /// How a canvas is denoised (`dllm_sampling_params`; fields documented in the header).
@@ -105,9 +107,10 @@ pub struct dllm_step_info {
 /// current `size_of`. A caller's struct_size must be one of these or larger than the last
 /// (a newer header): the fields a version lacks take their defaults, unknown ones are ignored.
 /// Appending fields appends a size here; the old sizes stay forever.
-const MODEL_PARAMS_SIZES: &[usize] = &[16];
+const MODEL_PARAMS_SIZES: &[usize] = &[16, 20];
 const SAMPLING_PARAMS_SIZES: &[usize] = &[32, 64];
-const _: () = assert!(std::mem::size_of::<dllm_model_params>() == 16);
+const _: () = assert!(std::mem::size_of::<dllm_model_params>() == 20);
+const _: () = assert!(std::mem::offset_of!(dllm_model_params, cpu_bf16) == 16);
 const _: () = assert!(std::mem::align_of::<dllm_model_params>() == 4);
 const _: () = assert!(std::mem::size_of::<dllm_sampling_params>() == 64);
 const _: () = assert!(std::mem::align_of::<dllm_sampling_params>() == 8);
@@ -122,6 +125,7 @@ impl Default for dllm_model_params {
             backend: DLLM_BACKEND_AUTO,
             device: 0,
             threads: 0,
+            cpu_bf16: -1,
         }
     }
 }

@@ -5,7 +5,7 @@ use super::{
     invalid, read_params, write_output, FfiError, FfiResult, DLLM_BACKEND_AUTO, DLLM_BACKEND_CPU,
     DLLM_BACKEND_CUDA, DLLM_ERR_BACKEND, DLLM_ERR_INTERNAL, MODEL_PARAMS_SIZES,
 };
-use crate::model::{load_model, Backend, Model};
+use crate::model::{load_model_with, Backend, CpuOptions, Model};
 use crate::tokenizer::Tokenizer;
 use std::ffi::{c_char, CStr};
 use std::path::PathBuf;
@@ -175,6 +175,18 @@ pub unsafe extern "C" fn dllm_model_load(
                 params.threads
             )));
         }
+        let cpu = CpuOptions {
+            bf16_activations: match params.cpu_bf16 {
+                -1 => None,
+                0 => Some(false),
+                1 => Some(true),
+                v => {
+                    return Err(invalid(format!(
+                        "cpu_bf16 {v} is not -1 (as DLLM_CPU_BF16 says), 0 (off) or 1 (on)"
+                    )))
+                }
+            },
+        };
         let pool = if params.threads > 0 {
             Some(WorkerPool::new(params.threads as usize)?)
         } else {
@@ -182,7 +194,7 @@ pub unsafe extern "C" fn dllm_model_load(
         };
         // SAFETY: non-NULL and NUL-terminated by the contract.
         let dir = path_from_c(unsafe { CStr::from_ptr(dir) });
-        let load = || load_model(&dir, backend);
+        let load = || load_model_with(&dir, backend, cpu);
         let loaded = match &pool {
             Some(p) => p.install(load),
             None => load(),
