@@ -598,7 +598,7 @@ impl CpuTransformer {
     }
 
     /// [`Model::predict_cached_batch`]: the refreshes one by one (full forwards, already wide),
-    /// then every span step in one packed forward ([`CpuTransformer::span_logits`]). Each
+    /// then every span step in one packed forward (`span_logits`). Each
     /// item's predictions follow its own rule. Every item is checked before any cache changes.
     pub fn predict_cached_packed(
         &self,
