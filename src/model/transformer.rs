@@ -402,6 +402,22 @@ impl CpuTransformer {
         let per_canvas = matches!(attend, Attend::Packed(_) | Attend::Spans(_));
         let cached = matches!(attend, Attend::Spans(_));
         let n_layers = self.blocks.len();
+        // Attention of the query rows `q` (as many as `out` holds) over `keys` keys and values.
+        let attend_rows = |q: &[f32], k: &[f32], v: &[f32], keys: usize, out: &mut [f32]| {
+            let rows = q.len() / qw;
+            cpu::attention(
+                q,
+                k,
+                v,
+                rows,
+                keys,
+                cfg.n_heads,
+                cfg.n_kv_heads,
+                hd,
+                None,
+                out,
+            );
+        };
         // Rows the query side (attention output onwards) runs on: all `s` until the last layer
         // narrows them to `keep`.
         let mut m = s;
@@ -457,16 +473,11 @@ impl CpuTransformer {
                 Attend::Packed(segs) => {
                     for r in segs.iter() {
                         let qr = query_rows(r);
-                        cpu::attention(
+                        attend_rows(
                             &b.q[qr.start * qw..qr.end * qw],
                             &b.k[r.start * kw..r.end * kw],
                             &b.v[r.start * kw..r.end * kw],
-                            qr.len(),
                             r.len(),
-                            cfg.n_heads,
-                            cfg.n_kv_heads,
-                            hd,
-                            None,
                             &mut b.attn[qr.start * qw..qr.end * qw],
                         );
                     }
@@ -487,16 +498,11 @@ impl CpuTransformer {
                             &b.v[r.start * kw..r.end * kw],
                         );
                         let (k, v) = g.cache.layer(layer);
-                        cpu::attention(
+                        attend_rows(
                             &b.q[qr.start * qw..qr.end * qw],
                             k,
                             v,
-                            qr.len(),
                             g.keys,
-                            cfg.n_heads,
-                            cfg.n_kv_heads,
-                            hd,
-                            None,
                             &mut b.attn[qr.start * qw..qr.end * qw],
                         );
                     }
@@ -504,18 +510,7 @@ impl CpuTransformer {
                 }
             };
             if !per_canvas {
-                cpu::attention(
-                    &b.q[..m * qw],
-                    keys,
-                    values,
-                    m,
-                    skv,
-                    cfg.n_heads,
-                    cfg.n_kv_heads,
-                    hd,
-                    None,
-                    &mut b.attn[..m * qw],
-                );
+                attend_rows(&b.q[..m * qw], keys, values, skv, &mut b.attn[..m * qw]);
             }
             let (x, normed, proj) = (
                 &mut b.x[..m * d],

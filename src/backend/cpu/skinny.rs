@@ -169,7 +169,7 @@ pub(super) fn for_each_tile<T: Sync>(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{MR, NR};
     use crate::weights::view::{convert_to_f32, DType};
     use std::arch::x86_64::*;
@@ -211,8 +211,14 @@ mod x86 {
 
     /// The lane sums of four accumulators as `[Σa, Σb, Σc, Σd]`. Each goes through the same
     /// tree in any position: lanes `i` and `i + 8`, then neighbours, then pairs, then halves.
+    /// (Shared with `skinny_bf16`.)
     #[inline(always)]
-    unsafe fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+    pub(in crate::backend::cpu) unsafe fn hsum4(
+        a: __m512,
+        b: __m512,
+        c: __m512,
+        d: __m512,
+    ) -> __m128 {
         #[inline(always)]
         unsafe fn fold(v: __m512) -> __m256 {
             let lo = _mm512_castps512_ps256(v);
@@ -226,6 +232,23 @@ mod x86 {
             _mm256_castps256_ps128(abcd),
             _mm256_extractf128_ps::<1>(abcd),
         )
+    }
+
+    /// The lane sums of the first `C` weight rows' accumulators (`[c][r]`: weight row `c`, row
+    /// `r` of `x`), four rows at a time through [`hsum4`] (MR is a multiple of 4). (Shared with
+    /// `skinny_bf16`.)
+    #[inline(always)]
+    pub(in crate::backend::cpu) unsafe fn lane_sums<const C: usize>(
+        accs: [[__m512; MR]; NR],
+    ) -> [[f32; MR]; NR] {
+        let mut out = [[0f32; MR]; NR];
+        for (c, acc) in accs.iter().enumerate().take(C) {
+            for g in (0..MR).step_by(4) {
+                let s = hsum4(acc[g], acc[g + 1], acc[g + 2], acc[g + 3]);
+                _mm_storeu_ps(out[c].as_mut_ptr().add(g), s);
+            }
+        }
+        out
     }
 
     /// One tile: `sums[r][c] = x_r · w_c` for the [`MR`] rows of `x` at `x` (row stride `k`)
@@ -300,14 +323,7 @@ mod x86 {
         let (a0, a1, a2, a3): (Acc, Acc, Acc, Acc) = accumulate!(
             0: p0 q0 s0 t0, 1: p1 q1 s1 t1, 2: p2 q2 s2 t2, 3: p3 q3 s3 t3
         );
-        // Lane sums, four rows at a time (MR is a multiple of 4).
-        let mut lane_sums = [[0f32; MR]; NR];
-        for (c, acc) in [a0, a1, a2, a3].iter().enumerate().take(C) {
-            for g in (0..MR).step_by(4) {
-                let s = hsum4(acc[g], acc[g + 1], acc[g + 2], acc[g + 3]);
-                _mm_storeu_ps(lane_sums[c].as_mut_ptr().add(g), s);
-            }
-        }
+        let lane_sums = lane_sums::<C>([a0, a1, a2, a3]);
         let rem = k - main;
         let mut tail = [[0f32; 16]; NR];
         for (c, t) in tail

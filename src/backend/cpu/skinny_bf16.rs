@@ -59,6 +59,7 @@ pub fn linear_skinny_bf16(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::skinny::x86::lane_sums;
     use super::super::skinny::{MR, NR};
     use std::arch::x86_64::*;
 
@@ -66,25 +67,6 @@ mod x86 {
     #[inline(always)]
     unsafe fn load32(p: *const u16) -> __m512bh {
         std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const __m512i))
-    }
-
-    /// The lane sums of four accumulators as `[Σa, Σb, Σc, Σd]`, through one fixed tree (as
-    /// `skinny`'s: lanes `i` and `i + 8`, then neighbours, then pairs, then halves).
-    #[inline(always)]
-    unsafe fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
-        #[inline(always)]
-        unsafe fn fold(v: __m512) -> __m256 {
-            let lo = _mm512_castps512_ps256(v);
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-            _mm256_add_ps(lo, hi)
-        }
-        let ab = _mm256_hadd_ps(fold(a), fold(b));
-        let cd = _mm256_hadd_ps(fold(c), fold(d));
-        let abcd = _mm256_hadd_ps(ab, cd);
-        _mm_add_ps(
-            _mm256_castps256_ps128(abcd),
-            _mm256_extractf128_ps::<1>(abcd),
-        )
     }
 
     /// One tile: `sums[r][c] = x_r · w_c` for the [`MR`] bf16 rows at `x` (row stride `k`) and
@@ -153,13 +135,7 @@ mod x86 {
         let (a0, a1, a2, a3): (Acc, Acc, Acc, Acc) = accumulate!(
             0: p0 q0 s0 t0, 1: p1 q1 s1 t1, 2: p2 q2 s2 t2, 3: p3 q3 s3 t3
         );
-        let mut lane_sums = [[0f32; MR]; NR];
-        for (c, acc) in [a0, a1, a2, a3].iter().enumerate().take(C) {
-            for g in (0..MR).step_by(4) {
-                let s = hsum4(acc[g], acc[g + 1], acc[g + 2], acc[g + 3]);
-                _mm_storeu_ps(lane_sums[c].as_mut_ptr().add(g), s);
-            }
-        }
+        let lane_sums = lane_sums::<C>([a0, a1, a2, a3]);
         for (r, row) in sums.iter_mut().enumerate() {
             for (c, out) in row.iter_mut().enumerate().take(C) {
                 let mut s = lane_sums[c][r];
