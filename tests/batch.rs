@@ -2,7 +2,7 @@
 //! against `predict` on each canvas, `denoise::batch::run_batch` against running each session
 //! alone, and `dllm generate --batch-file` against one `generate` per prompt.
 
-use dllm::denoise::batch::{run_batch, solo_sessions};
+use dllm::denoise::batch::{run_batch, solo_sessions, step_round};
 use dllm::denoise::predict::{PredictRule, Remasking};
 use dllm::denoise::{CacheMode, CommitPolicy, Decoding, GenerationParams, Session};
 use dllm::error::ErrorKind;
@@ -510,4 +510,83 @@ fn json_indices(out: &str) -> Vec<u64> {
                 .unwrap()
         })
         .collect()
+}
+
+/// The tiny LLaDA whose packed uncached forward fails (as when a batch does not fit in memory);
+/// cached steps are packed as on the CPU.
+struct FailingBatch(Arc<dyn Model>);
+
+impl Model for FailingBatch {
+    fn config(&self) -> &dllm::config::ModelConfig {
+        self.0.config()
+    }
+    fn backend_name(&self) -> &'static str {
+        "failing batch"
+    }
+    fn forward(&self, ids: &[u32]) -> dllm::error::Result<Vec<f32>> {
+        self.0.forward(ids)
+    }
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+    fn logits_cached(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &mut dllm::model::KvCache,
+        step: &dllm::model::CacheStep,
+    ) -> dllm::error::Result<Vec<f32>> {
+        self.0.logits_cached(ids, queries, cache, step)
+    }
+    fn packs_cached_batches(&self) -> bool {
+        true
+    }
+    fn predict_cached_batch(
+        &self,
+        items: &mut [dllm::model::CachedQuery<'_>],
+    ) -> dllm::error::Result<Vec<Vec<dllm::denoise::predict::Prediction>>> {
+        self.0.predict_cached_batch(items)
+    }
+    fn predict_batch(
+        &self,
+        _: &[BatchQuery<'_>],
+    ) -> dllm::error::Result<Vec<Vec<dllm::denoise::predict::Prediction>>> {
+        Err(dllm::error::Error::Backend(
+            "no memory for the batch".into(),
+        ))
+    }
+}
+
+/// A round whose uncached forward fails applies no batched step, the cached sessions' included
+/// (their forward runs after it), and the next round after the failure is the step they would
+/// have taken.
+#[test]
+fn a_failed_round_applies_no_batched_step() {
+    let m: Arc<dyn Model> = Arc::new(FailingBatch(llada()));
+    let mut cached = Session::new(m.clone(), canvas(&*m, 1, 6, 16), params(8, 8, 0.0)).unwrap();
+    cached
+        .set_decoding(Decoding {
+            cache: CacheMode::Dual,
+            ..Decoding::default()
+        })
+        .unwrap();
+    let plain = Session::new(m.clone(), canvas(&*m, 2, 6, 16), params(8, 8, 0.0)).unwrap();
+    let before = cached.canvas().to_vec();
+    let mut batch = vec![cached, plain];
+    let err = step_round(&mut batch).unwrap_err();
+    assert!(err.to_string().contains("no memory"), "{err}");
+    assert_eq!(batch[0].canvas(), &before[..]);
+    assert_eq!(batch[0].steps_taken(), 0);
+    assert_eq!(batch[0].cache_stats().refreshes, 0);
+    // Alone, the cached session steps as if the failed round had not happened.
+    let mut alone = Session::new(m.clone(), before.clone(), params(8, 8, 0.0)).unwrap();
+    alone
+        .set_decoding(Decoding {
+            cache: CacheMode::Dual,
+            ..Decoding::default()
+        })
+        .unwrap();
+    alone.step().unwrap();
+    batch[0].step().unwrap();
+    assert_eq!(batch[0].canvas(), alone.canvas());
 }

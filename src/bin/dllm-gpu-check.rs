@@ -99,14 +99,14 @@ const PARTS: [&str; 6] = [
     "norm_fold",
 ];
 
-/// `--gemm-shape M,N,K` (one timed shape, the plan `run` picks, bf16 output) or `--gemm-sweep
-/// M,N,K` (every candidate plan, with the epilogue named by `sweep`): one line per timing; exit
-/// status 1 on an error or a failed plan, 2 on bad arguments.
 /// The CPU reference's options: f32 activations whatever `DLLM_CPU_BF16` says.
 const F32_REFERENCE: dllm::model::CpuOptions = dllm::model::CpuOptions {
     bf16_activations: Some(false),
 };
 
+/// `--gemm-shape M,N,K` (one timed shape, the plan `run` picks, bf16 output) or `--gemm-sweep
+/// M,N,K` (every candidate plan, with the epilogue named by `sweep`): one line per timing; exit
+/// status 1 on an error or a failed plan, 2 on bad arguments.
 fn gemm_shape(shape: &[usize], repeat: usize, sweep: Option<&str>) -> ExitCode {
     let flag = if sweep.is_some() {
         "--gemm-sweep"

@@ -12,6 +12,7 @@
 //! The result of every session is the one it would reach run alone: the same plans, the same
 //! predictions (up to the float summation order of the packed linear layers), the same commits.
 
+use super::predict::Prediction;
 use super::session::{Session, StepInfo, StepPlan};
 use crate::error::{Error, Result};
 use crate::model::{BatchQuery, CacheMode};
@@ -66,13 +67,15 @@ pub fn run_batch<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<usize> {
     Ok(rounds.max(solo_steps))
 }
 
-/// One packed cached step of the sessions `plans` names (index, plan; each plan commits), through
-/// [`Model::predict_cached_batch`](crate::model::Model::predict_cached_batch): every session
-/// records its cache step's outcome, then (on success) applies its predictions.
-fn cached_round<S: BorrowMut<Session>>(
+/// The predictions of one packed cached step of the sessions `plans` names (index, plan; each
+/// plan commits), through
+/// [`Model::predict_cached_batch`](crate::model::Model::predict_cached_batch), by session index:
+/// every session records its cache step's outcome (a failure invalidates its cache); the caller
+/// applies them.
+fn cached_predictions<S: BorrowMut<Session>>(
     sessions: &mut [S],
     plans: &[(usize, StepPlan)],
-) -> Result<Vec<(usize, StepInfo)>> {
+) -> Result<Vec<(usize, Vec<Prediction>)>> {
     let Some(&(first, _)) = plans.first() else {
         return Ok(Vec::new());
     };
@@ -120,12 +123,7 @@ fn cached_round<S: BorrowMut<Session>>(
             .finish_cached(plan, step, result.is_ok());
     }
     let preds = result?;
-    let mut stepped = Vec::with_capacity(begun.len());
-    for ((i, _), p) in begun.iter().zip(preds) {
-        let plan = picked[*i].expect("begun sessions were picked");
-        stepped.push((*i, sessions[*i].borrow_mut().apply(plan, &p)?));
-    }
-    Ok(stepped)
+    Ok(begun.iter().map(|(i, _)| *i).zip(preds).collect())
 }
 
 /// The unfinished sessions that cannot share a packed forward (host logits, self-correction, or
@@ -172,7 +170,9 @@ pub fn step_round<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<Vec<(usiz
     let (cached, run): (Vec<_>, Vec<_>) = run
         .into_iter()
         .partition(|(i, _)| sessions[*i].borrow().decoding().cache != CacheMode::None);
-    stepped.extend(cached_round(sessions, &cached)?);
+    // Both forwards run before any prediction is applied, so a failure of either leaves every
+    // batched session as it was (the uncached one first: it touches no cache).
+    let mut preds = Vec::new();
     if !run.is_empty() {
         let model = sessions[run[0].0].borrow().model().clone();
         let items: Vec<BatchQuery<'_>> = run
@@ -183,18 +183,26 @@ pub fn step_round<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<Vec<(usiz
                 rule: &p.rule,
             })
             .collect();
-        let preds = model.predict_batch(&items)?;
-        if preds.len() != run.len() {
+        let got = model.predict_batch(&items)?;
+        if got.len() != run.len() {
             return Err(Error::Backend(format!(
                 "predict_batch returned {} results for {} canvases",
-                preds.len(),
+                got.len(),
                 run.len()
             )));
         }
-        for ((i, plan), p) in run.iter().zip(preds) {
-            let info = sessions[*i].borrow_mut().apply(plan, &p)?;
-            stepped.push((*i, info));
-        }
+        preds.extend(run.iter().map(|(i, _)| *i).zip(got));
+    }
+    preds.extend(cached_predictions(sessions, &cached)?);
+    for (i, p) in preds {
+        let plan = run
+            .iter()
+            .chain(&cached)
+            .find(|(j, _)| *j == i)
+            .map(|(_, plan)| plan)
+            .expect("every prediction is of a planned session");
+        let info = sessions[i].borrow_mut().apply(plan, &p)?;
+        stepped.push((i, info));
     }
     for (i, plan) in &empty {
         let info = sessions[*i].borrow_mut().apply(plan, &[])?;

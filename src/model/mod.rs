@@ -125,9 +125,10 @@ pub trait Model: Send + Sync {
     /// runs the span steps' rows through one forward (every weight read once for all of them,
     /// attention per canvas against its own cache); the results are those of calling
     /// [`predict_cached`](Self::predict_cached) on each, up to the float summation order of the
-    /// packed products. Every item is validated before any cache is touched. On error, the
-    /// caches of the items that did not complete must be refreshed before their next span
-    /// step. The default runs them one by one.
+    /// packed products. A packing backend checks every item before it touches any cache. On
+    /// error, the caches of the items that did not complete must be refreshed before their
+    /// next span step. The default runs them one by one (so an item's error comes after the
+    /// earlier items' steps).
     fn predict_cached_batch(&self, items: &mut [CachedQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
         items
             .iter_mut()

@@ -349,9 +349,11 @@ impl CpuTransformer {
         self.hidden_rows(ids, 0..ids.len(), Attend::Local, None)
     }
 
-    /// The normalised hidden states of the rows `span` of `ids`, the keys and values of the
-    /// span's rows as `attend` says. `ids` is checked; `span` is inside it, and `attend` is
-    /// [`Attend::Local`] or [`Attend::Store`] only for the whole canvas.
+    /// The normalised hidden states of the rows of `ids` (`span` is `0..ids.len()`), the keys
+    /// and values of its rows as `attend` says: one canvas ([`Attend::Local`],
+    /// [`Attend::Store`]), several canvases stacked ([`Attend::Packed`]), or cached spans of
+    /// several canvases stacked ([`Attend::Spans`], whose segments carry their positions).
+    /// `ids` is checked.
     ///
     /// `keep` (ascending, distinct, relative to `span`) names the rows whose hidden states the
     /// caller reads: then the last layer computes keys and values for every row (the cache and
@@ -592,8 +594,9 @@ impl CpuTransformer {
         }
     }
 
-    /// [`Model::predict_cached_batch`]: the refreshes one by one (full forwards, already wide),
-    /// then every span step in one packed forward (`span_logits`). Each
+    /// [`Model::predict_cached_batch`]: the refreshes and spans over 64 rows one by one (full
+    /// forwards and prefix spans, already wide), then every other span step in one packed
+    /// forward (`span_logits`). Each
     /// item's predictions follow its own rule. Every item is checked before any cache changes.
     pub fn predict_cached_packed(
         &self,
@@ -608,16 +611,20 @@ impl CpuTransformer {
         let mut spans = Vec::new();
         let mut span_items = Vec::new();
         for (i, (it, plan)) in items.iter_mut().zip(&plans).enumerate() {
-            match it.step {
-                CacheStep::Refresh => {
-                    let logits = self.refresh_logits(it.ids, plan, it.cache)?;
-                    out[i] = predict_query_rows(&logits, width, it.queries, it.rule);
-                }
-                CacheStep::Span(_) => {
-                    spans.push((it.ids, plan, &mut *it.cache));
-                    span_items.push((i, it.queries, it.rule));
-                }
+            // Spans longer than SKINNY_SPAN_ROWS (prefix mode's block-to-end) run alone: packed
+            // with short ones, they would move those off the kernel they take alone
+            // (`span_product` picks one product per forward), changing their bits.
+            let packable = matches!(&it.step, CacheStep::Span(r) if r.len() <= SKINNY_SPAN_ROWS);
+            if packable {
+                spans.push((it.ids, plan, &mut *it.cache));
+                span_items.push((i, it.queries, it.rule));
+                continue;
             }
+            let logits = match it.step {
+                CacheStep::Refresh => self.refresh_logits(it.ids, plan, it.cache)?,
+                CacheStep::Span(_) => self.span_logits(&mut [(it.ids, plan, &mut *it.cache)])?,
+            };
+            out[i] = predict_query_rows(&logits, width, it.queries, it.rule);
         }
         if spans.is_empty() {
             return Ok(out);

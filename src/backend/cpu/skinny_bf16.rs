@@ -140,7 +140,8 @@ mod x86 {
             for (c, out) in row.iter_mut().enumerate().take(C) {
                 let mut s = lane_sums[c][r];
                 for j in main..k {
-                    s += bf(*x.add(r * k + j)) * bf(*w.add(c * k + j));
+                    // The weights may sit at any alignment (an odd offset in the file).
+                    s += bf(*x.add(r * k + j)) * bf(w.add(c * k + j).read_unaligned());
                 }
                 *out = s;
             }
@@ -208,8 +209,9 @@ mod tests {
         for (m, k, n) in shapes {
             let seed = (m * 7919 + k * 31 + n) as u64;
             let x = rand_vec(seed, m * k, -1.0, 1.0);
-            let (bytes, stored) = encode(DType::BF16, &rand_vec(seed + 1, n * k, -1.0, 1.0), 2);
-            let got = run(&x, m, &bytes[2..], DType::BF16, n, k).unwrap();
+            // An odd byte offset: weights need not be aligned in a checkpoint.
+            let (bytes, stored) = encode(DType::BF16, &rand_vec(seed + 1, n * k, -1.0, 1.0), 3);
+            let got = run(&x, m, &bytes[3..], DType::BF16, n, k).unwrap();
             let e = rel_l2(&got, &naive(&x, m, &stored, n, k));
             assert!(e <= 1e-6, "m {m} k {k} n {n}: rel L2 {e}");
             // Not the f32 activations' product: the rounding is real (and bounded).
@@ -219,7 +221,7 @@ mod tests {
                     name: "w",
                     dtype: DType::BF16,
                     shape: &shape,
-                    data: &bytes[2..],
+                    data: &bytes[3..],
                 };
                 let mut o = vec![0f32; m * n];
                 crate::backend::cpu::linear_row_invariant(&x, m, &w, &mut o);
