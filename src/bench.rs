@@ -29,7 +29,6 @@ use crate::denoise::predict::{PredictRule, Remasking};
 use crate::denoise::rng;
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{span_for, CacheMode::Dual as DualCache, CacheStep, KvCache};
-use crate::model::transformer::BF16_ACTIVATIONS_ENV;
 use crate::model::{BatchQuery, CachedQuery, Model};
 use serde::Serialize;
 use std::ops::Range;
@@ -535,9 +534,10 @@ fn load_cpu_model(o: &BenchOptions) -> Result<std::sync::Arc<dyn Model>> {
 
 /// Whether `o`'s CPU model rounds activations to bf16 (asked for, and the CPU can).
 fn cpu_bf16_on(o: &BenchOptions) -> bool {
-    o.cpu_bf16
-        .unwrap_or_else(|| crate::backend::cuda::env_switch::flag(BF16_ACTIVATIONS_ENV, false))
-        && crate::backend::cpu::skinny_bf16_available()
+    crate::model::CpuOptions {
+        bf16_activations: o.cpu_bf16,
+    }
+    .bf16_on()
 }
 
 /// CPU path through the [`Model`] trait, predictions committed on the host. Cache `none`: each

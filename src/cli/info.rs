@@ -183,11 +183,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
 /// Whether a CPU model would round its activations to bf16 (`--cpu-bf16` given as `flag`, or
 /// `DLLM_CPU_BF16=1`), and whether this CPU can.
 fn cpu_bf16_line(flag: bool) -> String {
-    let asked = flag
-        || dllm::backend::cuda::env_switch::flag(
-            dllm::model::transformer::BF16_ACTIVATIONS_ENV,
-            false,
-        );
+    let asked = flag || dllm::model::transformer::bf16_activations_from_env();
     match (asked, dllm::backend::cpu::skinny_bf16_available()) {
         (true, true) => "on (AVX-512 BF16)".to_string(),
         (true, false) => "asked for, but this CPU has no AVX-512 BF16: f32".to_string(),

@@ -40,6 +40,16 @@ pub struct CpuOptions {
     pub bf16_activations: Option<bool>,
 }
 
+impl CpuOptions {
+    /// Whether these options ask for bf16 activations (`None`: the `DLLM_CPU_BF16` switch), and
+    /// the CPU has AVX-512 BF16 to give them.
+    pub fn bf16_on(&self) -> bool {
+        self.bf16_activations
+            .unwrap_or_else(crate::model::transformer::bf16_activations_from_env)
+            && crate::backend::cpu::skinny_bf16_available()
+    }
+}
+
 /// Loads the model in `dir` on the CPU, whatever its architecture.
 pub fn load_cpu(dir: &Path) -> Result<Arc<dyn Model>> {
     load_cpu_with(dir, CpuOptions::default())

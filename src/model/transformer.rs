@@ -142,6 +142,11 @@ pub struct CpuTransformer {
 /// bf16 activations on for every CPU model loaded afterwards.
 pub const BF16_ACTIVATIONS_ENV: &str = "DLLM_CPU_BF16";
 
+/// Whether [`BF16_ACTIVATIONS_ENV`] asks for bf16 activations (it is `1`).
+pub fn bf16_activations_from_env() -> bool {
+    crate::backend::cuda::env_switch::flag(BF16_ACTIVATIONS_ENV, false)
+}
+
 /// Scratch buffers of one forward pass.
 struct Scratch {
     x: Vec<f32>,
@@ -275,10 +280,7 @@ impl CpuTransformer {
             final_norm,
             bf16_activations: false,
         };
-        model.set_bf16_activations(crate::backend::cuda::env_switch::flag(
-            BF16_ACTIVATIONS_ENV,
-            false,
-        ));
+        model.set_bf16_activations(bf16_activations_from_env());
         Ok(model)
     }
 
@@ -297,6 +299,18 @@ impl CpuTransformer {
     /// Whether products round their activations to bf16 ([`CpuTransformer::set_bf16_activations`]).
     pub fn bf16_activations(&self) -> bool {
         self.bf16_activations
+    }
+
+    /// The product of every layer and the LM head of a forward of `rows` rows attending as
+    /// `attend` says: cached spans decide by their longest span ([`CpuTransformer::product`]).
+    fn forward_product(&self, attend: &Attend, rows: usize) -> Product {
+        match attend {
+            Attend::Spans(segs) => {
+                let longest = segs.iter().map(|g| g.rows.len()).max().unwrap_or(0);
+                self.product(true, longest)
+            }
+            _ => self.product(false, rows),
+        }
     }
 
     /// The product of a forward whose canvases contribute up to `rows` rows each, cached span
@@ -390,11 +404,10 @@ impl CpuTransformer {
                 .collect(),
             _ => span.clone().collect(),
         };
-        // The longest run of rows one canvas contributes (what decides a cached span's product).
-        let canvas_rows = match &attend {
-            Attend::Spans(segs) => segs.iter().map(|g| g.rows.len()).max().unwrap_or(0),
-            _ => s,
-        };
+        // A canvas's rows are as many alone as they are a part of a packed batch, and the
+        // narrowed rows fewer still: every product must not depend on its row count
+        // (`span_product`).
+        let linear = self.forward_product(&attend, s);
         let mut b = Scratch::new(cfg, s)?;
         cpu::embedding(
             &self.weight(&self.table.embedding)?,
@@ -402,7 +415,6 @@ impl CpuTransformer {
             &mut b.x,
         )?;
         let per_canvas = matches!(attend, Attend::Packed(_) | Attend::Spans(_));
-        let cached = matches!(attend, Attend::Spans(_));
         let n_layers = self.blocks.len();
         // Attention of the query rows `q` (as many as `out` holds) over `keys` keys and values.
         let attend_rows = |q: &[f32], k: &[f32], v: &[f32], keys: usize, out: &mut [f32]| {
@@ -426,10 +438,6 @@ impl CpuTransformer {
         let mut q_positions = positions.clone();
         for (layer, (names, p)) in self.table.blocks.iter().zip(&self.blocks).enumerate() {
             let narrow = keep.filter(|k| layer + 1 == n_layers && k.len() < s);
-            // A canvas's rows are as many alone as they are a part of a packed batch, and the
-            // narrowed rows fewer still: every product must not depend on its row count
-            // (`span_product`).
-            let linear = self.product(cached, canvas_rows);
             cpu::rms_norm(&b.x, &p.attn_norm, cfg.rms_norm_eps, &mut b.normed);
             linear(&b.normed, s, &self.weight(&names.k)?, &mut b.k);
             linear(&b.normed, s, &self.weight(&names.v)?, &mut b.v);
@@ -562,13 +570,7 @@ impl CpuTransformer {
         sources: &[usize],
     ) -> Result<Vec<f32>> {
         let (keep, index) = Self::kept_rows(sources);
-        let head = match &attend {
-            Attend::Spans(segs) => {
-                let rows = segs.iter().map(|g| g.rows.len()).max().unwrap_or(0);
-                self.product(true, rows)
-            }
-            _ => self.product(false, span.len()),
-        };
+        let head = self.forward_product(&attend, span.len());
         let hidden = self.hidden_rows(ids, span, attend, Some(&keep))?;
         self.logits_of_rows(&hidden, &index, head)
     }
