@@ -1384,6 +1384,11 @@ fn main() -> ExitCode {
     let mut benches: Vec<BenchResult> = Vec::new();
     let mut details = json!({});
     let started = Instant::now();
+    // Every launch's parameters against the kernel's own list (unless DLLM_CHECK_PARAMS=0): a
+    // host/kernel signature mismatch fails the check that launches it, with a message.
+    let param_checks = dllm::backend::cuda::env_switch::flag("DLLM_CHECK_PARAMS", true);
+    dllm::backend::cuda::launch::set_param_checks(param_checks);
+    details["param_checks"] = json!(param_checks);
     match CudaDevice::open(0) {
         Err(e) => checks.push(CheckResult::failed("device.open", e)),
         Ok(dev) => {
