@@ -132,7 +132,7 @@ impl<'a> Launch<'a> {
     /// Compares the pushed parameter sizes with the kernel's. A (kernel, sizes) pair that
     /// matched once is remembered, so a kernel launched again the same way costs one lookup.
     fn check_params(&self) -> Result<(), LaunchError> {
-        static MATCHED: Mutex<Option<HashSet<(usize, Vec<usize>)>>> = Mutex::new(None);
+        static MATCHED: Mutex<Option<HashSet<MatchedLaunch>>> = Mutex::new(None);
         let key = (self.func.cu_function() as usize, self.sizes.clone());
         let seen = |g: &mut Option<HashSet<_>>| g.get_or_insert_with(HashSet::new).contains(&key);
         if seen(&mut MATCHED.lock().unwrap_or_else(|p| p.into_inner())) {
@@ -149,6 +149,9 @@ impl<'a> Launch<'a> {
         Ok(())
     }
 }
+
+/// A kernel (its handle) and the parameter sizes a launch of it pushed.
+type MatchedLaunch = (usize, Vec<usize>);
 
 /// Why [`Launch::launch`] failed: the driver's error, or (with parameter checks on) parameters
 /// that do not match the kernel's. `Debug` prints the driver error or the message as it is.
