@@ -4,6 +4,9 @@
 //   Q   element (b, s, h, d) at q[(b*sq + s)*q_stride + h*D + d]
 //   K/V element (b, j, g, d) at k[(b*kv_batch_stride + j)*kv_stride + g*D + d]   (g = kv head)
 //   out like Q with o_stride.
+// With a per-canvas table `kv_canvas` (not null: 2 * batch base pointers, canvas b's K rows at kv_canvas[b] and its V
+// rows at kv_canvas[batch + b], each laid out as k/v with j from 0), K/V come from there and k, v, kv_batch_stride
+// are not read: the packed cached steps of sessions whose caches are separate allocations.
 // GQA: query head h reads kv head h / (n_heads / n_kv_heads). Keys j >= min(skv, kv_len[b]) are excluded
 // when kv_len is not null. A query row with no valid key gets zeros.
 //
@@ -21,13 +24,22 @@
 
 typedef __nv_bfloat16 bf16;
 
+// Canvas b's K (which = 0) or V (which = 1) rows: from the per-canvas table when there is one, else at row
+// b * kv_batch_stride of the batch buffer `base`. gridDim.z is the batch in every kernel here.
+__device__ __forceinline__ const bf16* attn_kv_rows(const bf16* base, const bf16* const* kv_canvas, int which, int b,
+                                                    long long kv_batch_stride, long long kv_stride) {
+    if (kv_canvas != nullptr) return kv_canvas[which * (int)gridDim.z + b];
+    return base + (long long)b * kv_batch_stride * kv_stride;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Reference kernel. grid (sq, n_heads, batch), any block size (128 used), dynamic smem (D + skv) floats.
 extern "C" __global__ void attention_naive(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                            const bf16* __restrict__ v, bf16* __restrict__ out,
                                            const int* __restrict__ kv_len, int sq, int skv, int n_heads,
                                            int n_kv_heads, int head_dim, long long q_stride, long long o_stride,
-                                           long long kv_stride, long long kv_batch_stride, float scale) {
+                                           long long kv_stride, long long kv_batch_stride, float scale,
+                                           const bf16* const* __restrict__ kv_canvas) {
     dllm_pdl_entry();
     extern __shared__ float naive_smem[];
     float* qs = naive_smem;             // head_dim
@@ -38,8 +50,8 @@ extern "C" __global__ void attention_naive(const bf16* __restrict__ q, const bf1
     int kv_end = skv;
     if (kv_len != nullptr) kv_end = min(skv, max(kv_len[b], 0));
     const bf16* qr = q + ((long long)b * sq + row) * q_stride + (long long)h * head_dim;
-    const bf16* kb = k + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * head_dim;
-    const bf16* vb = v + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * head_dim;
+    const bf16* kb = attn_kv_rows(k, kv_canvas, 0, b, kv_batch_stride, kv_stride) + (long long)kvh * head_dim;
+    const bf16* vb = attn_kv_rows(v, kv_canvas, 1, b, kv_batch_stride, kv_stride) + (long long)kvh * head_dim;
     bf16* orow = out + ((long long)b * sq + row) * o_stride + (long long)h * head_dim;
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = (nt + 31) >> 5;
 
@@ -306,8 +318,9 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
                                                    const int* __restrict__ kv_len, int sq, int skv, int n_heads,
                                                    int n_kv_heads, long long q_stride, long long o_stride,
                                                    long long kv_stride, long long kv_batch_stride,
-                                                   float scale_log2, float* __restrict__ ws,
-                                                   unsigned int* __restrict__ counters, int tiles_per_split) {
+                                                   float scale_log2, const bf16* const* __restrict__ kv_canvas,
+                                                   float* __restrict__ ws, unsigned int* __restrict__ counters,
+                                                   int tiles_per_split) {
     constexpr int WARPS = 4, THREADS = WARPS * 32, BM = 16 * WARPS, BN = 64;
     constexpr int KD = D / 16;  // k-steps of QK^T
     constexpr int ND = D / 8;   // n-tiles of the output
@@ -333,8 +346,8 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
     const int j1 = SPLIT ? min(n_tiles, j0 + tiles_per_split) : n_tiles;
 
     const bf16* qb = q + ((long long)b * sq + q0) * q_stride + (long long)h * D;
-    const bf16* kb = k + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
-    const bf16* vb = v + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
+    const bf16* kb = attn_kv_rows(k, kv_canvas, 0, b, kv_batch_stride, kv_stride) + (long long)kvh * D;
+    const bf16* vb = attn_kv_rows(v, kv_canvas, 1, b, kv_batch_stride, kv_stride) + (long long)kvh * D;
 
     // Ring of STAGES K/V slots, tile j in slot (j - j0) % STAGES, STAGES - 1 tiles requested
     // ahead. One cp.async group per tile (Q rides with the first); a group is committed every
@@ -430,11 +443,12 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
     extern "C" __global__ void __launch_bounds__(128) NAME(                                                       \
         const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, bf16* __restrict__ out, \
         const int* __restrict__ kv_len, int sq, int skv, int n_heads, int n_kv_heads, long long q_stride,          \
-        long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2) {                    \
+        long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2,                     \
+        const bf16* const* __restrict__ kv_canvas) {                                                              \
         dllm_pdl_entry();                                                                                          \
         attention_mma_body<D, false, STAGES>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride,        \
-                                             o_stride, kv_stride, kv_batch_stride, scale_log2, nullptr, nullptr,  \
-                                             1);                                                                  \
+                                             o_stride, kv_stride, kv_batch_stride, scale_log2, kv_canvas, nullptr, \
+                                             nullptr, 1);                                                         \
     }
 DLLM_ATTN_MMA(attention_mma_d64, 64, DLLM_ATTN_STAGES)
 DLLM_ATTN_MMA(attention_mma_d128, 128, DLLM_ATTN_STAGES)
@@ -451,11 +465,12 @@ DLLM_ATTN_MMA(attention_mma2_d128, 128, 2)
         const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, bf16* __restrict__ out, \
         const int* __restrict__ kv_len, int sq, int skv, int n_heads, int n_kv_heads, long long q_stride,          \
         long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2,                     \
-        float* __restrict__ ws, unsigned int* __restrict__ counters, int tiles_per_split) {                       \
+        const bf16* const* __restrict__ kv_canvas, float* __restrict__ ws, unsigned int* __restrict__ counters,   \
+        int tiles_per_split) {                                                                                    \
         dllm_pdl_entry();                                                                                          \
         attention_mma_body<D, true, DLLM_ATTN_STAGES>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads,         \
                                                       q_stride, o_stride, kv_stride, kv_batch_stride, scale_log2, \
-                                                      ws, counters, tiles_per_split);                              \
+                                                      kv_canvas, ws, counters, tiles_per_split);                   \
     }
 DLLM_ATTN_SPLIT(64)
 DLLM_ATTN_SPLIT(128)
@@ -491,7 +506,7 @@ __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, 
                                                     const int* __restrict__ kv_len, int sq, int skv, int n_heads,
                                                     int n_kv_heads, long long q_stride, long long o_stride,
                                                     long long kv_stride, long long kv_batch_stride,
-                                                    float scale_log2) {
+                                                    float scale_log2, const bf16* const* __restrict__ kv_canvas) {
     using Cfg = AttnKeysCfg<D>;
     constexpr int BN = Cfg::BN, KD = D / 16, ND = D / 8, KG = ATTN_KEY_GROUPS;
     extern __shared__ __align__(128) unsigned char attn_smem[];
@@ -507,8 +522,8 @@ __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, 
     const int n_tiles = (kv_end + BN - 1) / BN;
 
     const bf16* qb = q + ((long long)b * sq + q0) * q_stride + (long long)h * D;
-    const bf16* kb = k + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
-    const bf16* vb = v + (long long)b * kv_batch_stride * kv_stride + (long long)kvh * D;
+    const bf16* kb = attn_kv_rows(k, kv_canvas, 0, b, kv_batch_stride, kv_stride) + (long long)kvh * D;
+    const bf16* vb = attn_kv_rows(v, kv_canvas, 1, b, kv_batch_stride, kv_stride) + (long long)kvh * D;
     const int gtid = rg * 32 + lane;  // this thread's index among its key group's 64 loaders
 
     // Q (all threads) and each group's first tile, then everything waited for by everyone.
@@ -583,10 +598,11 @@ __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, 
     extern "C" __global__ void __launch_bounds__(2 * ATTN_KEY_GROUPS * 32) attention_keys_d##D(                   \
         const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, bf16* __restrict__ out, \
         const int* __restrict__ kv_len, int sq, int skv, int n_heads, int n_kv_heads, long long q_stride,          \
-        long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2) {                    \
+        long long o_stride, long long kv_stride, long long kv_batch_stride, float scale_log2,                     \
+        const bf16* const* __restrict__ kv_canvas) {                                                              \
         dllm_pdl_entry();                                                                                          \
         attention_keys_body<D>(q, k, v, out, kv_len, sq, skv, n_heads, n_kv_heads, q_stride, o_stride, kv_stride, \
-                               kv_batch_stride, scale_log2);                                                       \
+                               kv_batch_stride, scale_log2, kv_canvas);                                            \
     }
 DLLM_ATTN_KEYS(64)
 DLLM_ATTN_KEYS(128)

@@ -272,6 +272,12 @@ extern "C" __global__ void fill_u32(uint32_t* __restrict__ out, uint32_t bits, l
 // overlaps RoPE and attention, which leave HBM idle.
 // grouped = 1: the q and k heads are in the grouped pair layout (rope_first); the cache gets the
 // same layout.
+// canvas_start (nullable): per-canvas positions, row r of canvas c = r / pos_period at
+// canvas_start[c] + r % pos_period instead of pos_offset + r % pos_period. kv_canvas (nullable):
+// per-canvas caches, 2 * canvases pointers (canvases = gridDim.x / pos_period): canvas c's K rows
+// at kv_canvas[c], its V rows at kv_canvas[canvases + c], row pos at pos * kv_width; k_cache,
+// v_cache and cache_seq_rows are then not read (the packed cached steps of sessions whose caches
+// are separate allocations).
 // Block: DLLM_ROW_THREADS threads; head_dim <= 2 * DLLM_ROPE_MAX_HALF.
 #define DLLM_ROPE_MAX_HALF 512
 #ifndef DLLM_PREFETCH_CHUNK  // bytes per prefetch instruction, a multiple of 16 (device only: a kvariant define)
@@ -317,14 +323,16 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
                                          int row_stride, int q_heads, int kv_heads, int k_col, int v_col,
                                          int head_dim, int pos_period, int pos_offset, int cache_seq_rows,
                                          int vec, const unsigned char* __restrict__ prefetch,
-                                         long long prefetch_bytes, int grouped) {
+                                         long long prefetch_bytes, int grouped, const int* __restrict__ canvas_start,
+                                         uint16_t* const* __restrict__ kv_canvas) {
     dllm_pdl_entry();
     if (prefetch != nullptr && threadIdx.x == 0) dllm_prefetch_l2_slice(prefetch, prefetch_bytes);
     __shared__ float cs[DLLM_ROPE_MAX_HALF];
     __shared__ float sn[DLLM_ROPE_MAX_HALF];
     const size_t r = blockIdx.x;
     const int half = head_dim / 2;
-    const int pos = pos_offset + (int)(r % (size_t)pos_period);
+    const size_t canvas = r / (size_t)pos_period;
+    const int pos = (canvas_start != nullptr ? canvas_start[canvas] : pos_offset) + (int)(r % (size_t)pos_period);
     for (int i = threadIdx.x; i < half; i += DLLM_ROW_THREADS) {
         const float angle = (float)pos * inv_freq[i];
         cs[i] = cosf(angle);
@@ -333,8 +341,19 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
     __syncthreads();
     uint16_t* row = qkv + r * (size_t)row_stride;
     const int kv_width = kv_heads * head_dim;
-    const bool to_cache = k_cache != nullptr;
-    const size_t crow = to_cache ? ((r / (size_t)pos_period) * (size_t)cache_seq_rows + (size_t)pos) * (size_t)kv_width : 0;
+    // This row's K and V cache rows: in its canvas's own cache (per-canvas table), in the batch cache, or none.
+    uint16_t* kdst = nullptr;
+    uint16_t* vdst = nullptr;
+    if (kv_canvas != nullptr) {
+        const size_t canvases = gridDim.x / (size_t)pos_period;
+        kdst = kv_canvas[canvas] + (size_t)pos * kv_width;
+        vdst = kv_canvas[canvases + canvas] + (size_t)pos * kv_width;
+    } else if (k_cache != nullptr) {
+        const size_t crow = (canvas * (size_t)cache_seq_rows + (size_t)pos) * (size_t)kv_width;
+        kdst = k_cache + crow;
+        vdst = v_cache + crow;
+    }
+    const bool to_cache = kdst != nullptr;
     const int heads = q_heads + kv_heads;
     if (vec) {
         const int groups = half / 8;  // 8-element groups per half head
@@ -365,8 +384,8 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
             *p1 = b;
             if (is_k && to_cache) {
                 const int kc = (h - q_heads) * head_dim;
-                *reinterpret_cast<uint4*>(k_cache + crow + kc + o0) = a;
-                *reinterpret_cast<uint4*>(k_cache + crow + kc + o1) = b;
+                *reinterpret_cast<uint4*>(kdst + kc + o0) = a;
+                *reinterpret_cast<uint4*>(kdst + kc + o1) = b;
             }
         }
         if (bias) {
@@ -377,11 +396,11 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
 #pragma unroll
                 for (int j = 0; j < 8; ++j) ea[j] = dllm_f32_to_bf16(dllm_bf16_to_f32(ea[j]) + bias[v_col + t * 8 + j]);
                 *p = a;
-                if (to_cache) *reinterpret_cast<uint4*>(v_cache + crow + t * 8) = a;
+                if (to_cache) *reinterpret_cast<uint4*>(vdst + t * 8) = a;
             }
         } else if (to_cache) {
             for (int t = threadIdx.x; t < kv_width / 8; t += DLLM_ROW_THREADS) {
-                *reinterpret_cast<uint4*>(v_cache + crow + t * 8) =
+                *reinterpret_cast<uint4*>(vdst + t * 8) =
                     *reinterpret_cast<const uint4*>(row + v_col + t * 8);
             }
         }
@@ -406,18 +425,18 @@ extern "C" __global__ void rope_qkv_bf16(uint16_t* __restrict__ qkv, const float
             p[o1] = y1;
             if (is_k && to_cache) {
                 const int kc = (h - q_heads) * head_dim;
-                k_cache[crow + kc + o0] = y0;
-                k_cache[crow + kc + o1] = y1;
+                kdst[kc + o0] = y0;
+                kdst[kc + o1] = y1;
             }
         }
         if (bias) {
             for (int t = threadIdx.x; t < kv_width; t += DLLM_ROW_THREADS) {
                 const uint16_t y = dllm_f32_to_bf16(dllm_bf16_to_f32(row[v_col + t]) + bias[v_col + t]);
                 row[v_col + t] = y;
-                if (to_cache) v_cache[crow + t] = y;
+                if (to_cache) vdst[t] = y;
             }
         } else if (to_cache) {
-            for (int t = threadIdx.x; t < kv_width; t += DLLM_ROW_THREADS) v_cache[crow + t] = row[v_col + t];
+            for (int t = threadIdx.x; t < kv_width; t += DLLM_ROW_THREADS) vdst[t] = row[v_col + t];
         }
     }
 }

@@ -404,11 +404,12 @@ void dllm_session_free(dllm_session *s);
 
 /* Takes one step of each of the `n` sessions in `sessions` together, on the calling thread:
  * the steps of the sessions that can share a forward pass (no cfg_scale, top_k, top_p or
- * revise, and no cache on the CUDA backend) run as ONE batched forward over all their canvases,
- * which may differ in length (the CUDA backend pads them and masks the padding, the CPU backend
- * stacks them; on the CPU, cached sessions' span steps are stacked into one forward too, each
- * attending to its own cache), so the weights are read once for the whole batch; the other
- * sessions step on their own. Each session takes
+ * revise, and no cache on the CUDA backend unless DLLM_PACKED_SESSIONS=1) run as ONE batched
+ * forward over all their canvases, which may differ in length (the CUDA backend pads them and
+ * masks the padding, the CPU backend stacks them; cached sessions' span steps are stacked into
+ * one forward too, each attending to its own cache: on the CPU always, on CUDA with
+ * DLLM_PACKED_SESSIONS=1, opt-in until verified on a GPU), so the weights are read once for the
+ * whole batch; the other sessions step on their own. Each session takes
  * exactly the step dllm_session_step would take (the same canvas afterwards, the same
  * dllm_session_last_commits), and infos[i] receives what session i's step did, as
  * dllm_session_step reports it (a finished session: done = 1, nothing changes). `infos` may be
@@ -425,10 +426,12 @@ dllm_status dllm_sessions_step(dllm_session *const *sessions, size_t n, dllm_ste
 /* Steps the `n` sessions together, as dllm_sessions_step, until every one is done: each ends as
  * dllm_session_run would leave it run alone (dllm_session_last_commits describes its last step),
  * and sessions already finished are left as they are. The sessions that step on their own
- * (guidance, top-k/top-p, self-correction, and on the CUDA backend a K/V cache) run first, one
- * after another, each to completion (so any number of cached sessions fits the CUDA backend's
- * cache slots, see dllm_cache); the others then in batched rounds (on the CPU backend cached
- * sessions too: their span steps stacked into one forward, each against its own cache). Same requirements and errors as dllm_sessions_step; the steps taken before a failure
+ * (guidance, top-k/top-p, self-correction, and on the CUDA backend a K/V cache unless
+ * DLLM_PACKED_SESSIONS=1) run first, one after another, each to completion (so any number of
+ * cached sessions fits the CUDA backend's cache slots, see dllm_cache); the others then in
+ * batched rounds (cached sessions too where they pack: their span steps stacked into one
+ * forward, each against its own cache; packed on CUDA, the batch keeps one cache slot per
+ * cached canvas). Same requirements and errors as dllm_sessions_step; the steps taken before a failure
  * remain (dllm_session_last_commits may then not describe the last of them). */
 dllm_status dllm_sessions_run(dllm_session *const *sessions, size_t n);
 

@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench benchoff benchnostream benchpdl csplit rope fold qll combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
+#   stages: smi check synth bench packed benchoff benchnostream benchpdl csplit rope fold qll combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -53,7 +53,7 @@ STAGES=${*:-smi check synth bench summary}
 # the second. The PyTorch peer runs right after the default workloads: the ratios need both from
 # one call, and a call cut off at the device's limit keeps every stage packed before it.
 STAGES=${STAGES//next2/synth qll fold csplit rope mlp blocks99 keys264 ring2 ncustream summary pack}
-STAGES=${STAGES//next/smi check synth bench peer combo sanitize summary pack}
+STAGES=${STAGES//next/smi check synth bench peer packed combo sanitize summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
@@ -173,6 +173,15 @@ for s in $STAGES; do
         bench bench_b1_none_k1_session 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none --session
         [ "${NOGRAPH:-1}" = 1 ] || continue
         workloads _nograph 0
+        ;;
+    packed)
+        # Packed cached sessions (DLLM_PACKED_SESSIONS=1, opt-in, written in session 16 without a
+        # GPU: the span steps of a Session batch as one forward, each canvas against its own
+        # cache slot). `check` runs model.packed / dream.packed (the checks turn it on
+        # themselves); here b8 dual through the Session path (what a batch file and
+        # dllm_sessions_run do): the sessions one after another (the default), then packed.
+        bench bench_b8_dual_k4_session 1 "${T_BENCH:-90}" --batch 8 --tokens-per-step 4 --cache dual --session
+        BENCH_ENV="DLLM_PACKED_SESSIONS=1" bench bench_b8_dual_k4_session_packed 1 "${T_BENCH:-90}" --batch 8 --tokens-per-step 4 --cache dual --session
         ;;
     benchpdl)
         # The same workloads without programmatic dependent launch (DLLM_PDL=0; PDL is the

@@ -429,7 +429,8 @@ fn report(
 /// steps (the LLaDA schedule then commits exactly `tokens_per_step` per step): one session runs
 /// alone ([`Session::run`](crate::denoise::Session::run), as `dllm generate` does), several are
 /// stepped together by [`run_batch`](crate::denoise::batch::run_batch) (as a batch file is:
-/// without a cache in packed rounds, with one each session after the other).
+/// without a cache in packed rounds, with one each session after the other unless the model
+/// packs cached steps: the CPU backend, CUDA with `DLLM_PACKED_SESSIONS=1`).
 /// Warm-up runs first (their time is the report's `warmup_seconds`: a cold run, graph captures
 /// included), then one timed run.
 fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {

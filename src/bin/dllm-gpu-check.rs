@@ -13,7 +13,9 @@ use clap::Parser;
 use dllm::backend::cuda::check::{self, argmax, argmax_agreement, BenchResult, CheckResult};
 use dllm::backend::cuda::memory::StepBuffers;
 use dllm::backend::cuda::nvcc::Image;
-use dllm::backend::cuda::transformer::{query_last_layer_checks, CudaTransformer, KernelChoice};
+use dllm::backend::cuda::transformer::{
+    packed_session_checks, query_last_layer_checks, CudaTransformer, KernelChoice,
+};
 use dllm::backend::cuda::{
     attention, elementwise, gemm, gemm_cluster_split, gemm_mlp, gemm_norm, gemm_rope, gemm_sweep,
     gemm_swiglu, kernel_dir, sampling, CudaDevice,
@@ -898,6 +900,13 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                 ));
                 out.extend(cached_logits_checks("model", &*fast, &**cpu, &prompt));
                 out.push(alternating_sessions_check(&fast, &prompt));
+                out.extend(packed_session_checks(
+                    "model",
+                    &fast,
+                    &prompt,
+                    TOL_ARGMAX_MISS,
+                    TOL_CACHED_GEN_MISS,
+                ));
                 out.push(oversized_batch_check(&fast, &prompt));
                 out.extend(session_cache_checks(
                     "model",
@@ -1256,6 +1265,13 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             "tokens",
         ));
         out.extend(cached_logits_checks("dream", &*gpu, &*cpu, &prompt));
+        out.extend(packed_session_checks(
+            "dream",
+            &gpu,
+            &prompt,
+            TOL_ARGMAX_MISS,
+            TOL_DREAM_GEN_MISS,
+        ));
         out.extend(session_cache_checks(
             "dream",
             gpu.clone(),

@@ -5,8 +5,8 @@
 //! Each session keeps its own schedule, rule and state; a step of the batch is one step of every
 //! unfinished session. Sessions with a K/V cache step together through
 //! [`crate::model::Model::predict_cached_batch`] where the model packs cached steps (the CPU
-//! backend: each session's span rows stacked into one forward, attention against each one's own
-//! cache). Sessions whose steps need host logits (top-k / top-p, guidance), `--revise`, or a
+//! backend, and the CUDA backend with `DLLM_PACKED_SESSIONS=1`: each session's span rows
+//! stacked into one forward, attention against each one's own cache). Sessions whose steps need host logits (top-k / top-p, guidance), `--revise`, or a
 //! cache on a model that does not pack cached steps take their step on their own in the same
 //! round ([`step_round`]); run to completion ([`run_batch`]) they run first, one after another.
 //! The result of every session is the one it would reach run alone: the same plans, the same

@@ -14,6 +14,7 @@
 //! `DLLM_ATTN_SPLIT=0`), else key groups where [`keys_suit`] says so (off with
 //! `DLLM_ATTN_KEYS=0`).
 
+use super::canvas_kv::CanvasKvLayer;
 use super::check::{self, BenchResult, CheckResult, TOL_BF16};
 use super::launch::Launch;
 use super::scratch::ReductionScratch;
@@ -499,19 +500,73 @@ impl Attention {
         out: &CudaViewMut<u16>,
         shape: &AttnShape,
     ) -> bool {
-        let aligned = |p: u64| p.is_multiple_of(16);
-        let (qp, _g1) = q.device_ptr(&self.stream);
         let (kp, _g2) = k.device_ptr(&self.stream);
         let (vp, _g3) = v.device_ptr(&self.stream);
+        self.mma_fits(
+            q,
+            out,
+            shape,
+            kp.is_multiple_of(16) && vp.is_multiple_of(16),
+        )
+    }
+
+    /// [`Attention::mma_supported`] given whether the K/V rows are 16-byte aligned.
+    fn mma_fits(
+        &self,
+        q: &CudaView<u16>,
+        out: &CudaViewMut<u16>,
+        shape: &AttnShape,
+        kv_aligned: bool,
+    ) -> bool {
+        let aligned = |p: u64| p.is_multiple_of(16);
+        let (qp, _g1) = q.device_ptr(&self.stream);
         let (op, _g4) = out.device_ptr(&self.stream);
         matches!(shape.head_dim, 64 | 128)
             && shape.q_stride().is_multiple_of(8)
             && shape.o_stride().is_multiple_of(8)
             && shape.kv_stride().is_multiple_of(8)
+            && kv_aligned
             && aligned(qp)
-            && aligned(kp)
-            && aligned(vp)
             && aligned(op)
+    }
+
+    /// The variant [`Attention::run`] takes for `shape` (`mma_ok`: the tensor-core kernels can
+    /// run the call).
+    fn choose(&self, mma_ok: bool, shape: &AttnShape) -> AttnVariant {
+        let hd = shape.head_dim;
+        if !mma_ok || !self.fit.allows(AttnVariant::Mma2, hd) {
+            AttnVariant::Naive
+        } else if self.split_active(hd) && self.split_plan(shape).is_some() {
+            AttnVariant::Split
+        } else if self.keys_active(hd) && keys_suit(shape, self.keys_max_units) {
+            AttnVariant::Keys
+        } else {
+            self.plain_variant(hd)
+        }
+    }
+
+    /// Attention of a packed cached step: canvas `b`'s queries (rows `b·sq..`) against its own
+    /// cache's first `kv.host.keys[b]` keys ([`CanvasKvLayer`]); `shape.skv` must be the
+    /// largest key count, `shape.kv_stride` the row width (or 0), and `kv_batch_stride` is not
+    /// used. The variant is `variant`, else chosen as [`Attention::run`] chooses it.
+    pub fn run_canvases(
+        &self,
+        variant: Option<AttnVariant>,
+        q: &CudaView<u16>,
+        kv: &CanvasKvLayer<'_>,
+        out: &mut CudaViewMut<u16>,
+        shape: &AttnShape,
+    ) -> Result<()> {
+        let variant = variant
+            .unwrap_or_else(|| self.choose(self.mma_fits(q, out, shape, kv.host.aligned), shape));
+        let plan = match variant {
+            AttnVariant::Split => Some(
+                self.split_plan(shape)
+                    .unwrap_or_else(|| SplitPlan::with_tiles_per_split(shape, 1)),
+            ),
+            _ => None,
+        };
+        self.launch(variant, plan, q, KvSource::Canvases(kv), out, None, shape)
     }
 
     /// Attention with the fastest variant the call allows (see [`Attention::mma_supported`]).
@@ -527,18 +582,7 @@ impl Attention {
         kv_len: Option<&CudaView<i32>>,
         shape: &AttnShape,
     ) -> Result<()> {
-        let hd = shape.head_dim;
-        let variant = if !self.mma_supported(q, k, v, out, shape)
-            || !self.fit.allows(AttnVariant::Mma2, hd)
-        {
-            AttnVariant::Naive
-        } else if self.split_active(hd) && self.split_plan(shape).is_some() {
-            AttnVariant::Split
-        } else if self.keys_active(hd) && keys_suit(shape, self.keys_max_units) {
-            AttnVariant::Keys
-        } else {
-            self.plain_variant(hd)
-        };
+        let variant = self.choose(self.mma_supported(q, k, v, out, shape), shape);
         self.run_variant(variant, q, k, v, out, kv_len, shape)
     }
 
@@ -630,7 +674,8 @@ impl Attention {
                 "attention: split plan {plan:?} does not fit {shape:?}"
             )));
         }
-        self.launch(AttnVariant::Split, Some(plan), q, k, v, out, kv_len, shape)
+        let kv = KvSource::Batch { k, v };
+        self.launch(AttnVariant::Split, Some(plan), q, kv, out, kv_len, shape)
     }
 
     /// Attention with a chosen kernel; an error when the variant cannot handle the call.
@@ -652,7 +697,15 @@ impl Attention {
             ),
             _ => None,
         };
-        self.launch(variant, plan, q, k, v, out, kv_len, shape)
+        self.launch(
+            variant,
+            plan,
+            q,
+            KvSource::Batch { k, v },
+            out,
+            kv_len,
+            shape,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -661,8 +714,7 @@ impl Attention {
         variant: AttnVariant,
         plan: Option<SplitPlan>,
         q: &CudaView<u16>,
-        k: &CudaView<u16>,
-        v: &CudaView<u16>,
+        kv: KvSource<'_, '_>,
         out: &mut CudaViewMut<u16>,
         kv_len: Option<&CudaView<i32>>,
         shape: &AttnShape,
@@ -686,16 +738,42 @@ impl Attention {
             Ok(())
         };
         need("q", q.len(), shape.q_len())?;
-        need("k", k.len(), shape.kv_len())?;
-        need("v", v.len(), shape.kv_len())?;
         need("out", out.len(), shape.o_len())?;
+        let null: u64 = 0;
+        // The K/V arguments: batch buffers (checked against the shape), or each canvas's own
+        // cache (the table's addresses, the keys counts as kv_len; checked on the host copy).
+        let (k, v, kv_len, table, kv_aligned) = match kv {
+            KvSource::Batch { k, v } => {
+                need("k", k.len(), shape.kv_len())?;
+                need("v", v.len(), shape.kv_len())?;
+                let aligned = k.device_ptr(&self.stream).0.is_multiple_of(16)
+                    && v.device_ptr(&self.stream).0.is_multiple_of(16);
+                (Some(k), Some(v), kv_len, None, aligned)
+            }
+            KvSource::Canvases(c) => {
+                let n = c.host.canvases();
+                if n != shape.batch
+                    || c.kv_width != shape.n_kv_heads * shape.head_dim
+                    || shape.kv_stride() != c.kv_width
+                    || c.host.keys.iter().any(|&keys| keys > shape.skv)
+                {
+                    return Err(Error::invalid(format!(
+                        "attention: {n} canvas caches of rows {} wide with keys {:?} do not fit {shape:?}",
+                        c.kv_width, c.host.keys
+                    )));
+                }
+                need("canvas table", c.table.len(), 2 * n)?;
+                need("canvas keys", c.keys.len(), n)?;
+                c.host.check_rows(0)?;
+                (None, None, Some(&c.keys), Some(&c.table), c.host.aligned)
+            }
+        };
         if let Some(kl) = kv_len {
             need("kv_len", kl.len(), shape.batch)?;
         }
         if shape.batch == 0 || shape.sq == 0 {
             return Ok(());
         }
-        let null: u64 = 0;
         let (sq, skv) = (shape.sq as i32, shape.skv as i32);
         let (nh, nkv) = (shape.n_heads as i32, shape.n_kv_heads as i32);
         let qs = shape.q_stride() as i64;
@@ -704,7 +782,7 @@ impl Attention {
         let kvb = shape.kv_batch_stride() as i64;
         match variant {
             AttnVariant::Mma | AttnVariant::Mma2 | AttnVariant::Split | AttnVariant::Keys => {
-                if !self.mma_supported(q, k, v, out, shape) {
+                if !self.mma_fits(q, out, shape, kv_aligned) {
                     return Err(Error::invalid(format!(
                         "attention: the tensor-core kernels need head_dim 64 or 128, strides that are multiples of 8 and 16-byte aligned buffers ({shape:?})"
                     )));
@@ -740,11 +818,7 @@ impl Attention {
                 };
                 let tps = split.map_or(0, |p| p.tiles_per_split as i32);
                 let mut b = Launch::new(&self.stream, func, self.pdl);
-                b.arg(q).arg(k).arg(v).arg(out);
-                match kv_len {
-                    Some(kl) => b.arg(kl),
-                    None => b.arg(&null),
-                };
+                push_tensors(&mut b, q, k.zip(v), out, kv_len);
                 b.arg(&sq)
                     .arg(&skv)
                     .arg(&nh)
@@ -754,6 +828,10 @@ impl Attention {
                     .arg(&kvs)
                     .arg(&kvb)
                     .arg(&scale_log2);
+                match table {
+                    Some(t) => b.arg(t),
+                    None => b.arg(&null),
+                };
                 if let Some(sc) = scratch.as_mut() {
                     let ReductionScratch { ws, counters, .. } = &mut **sc;
                     b.arg(ws).arg(counters).arg(&tps);
@@ -786,11 +864,7 @@ impl Attention {
                     shared_mem_bytes: smem as u32,
                 };
                 let mut b = Launch::new(&self.stream, &self.naive_fn, self.pdl);
-                b.arg(q).arg(k).arg(v).arg(out);
-                match kv_len {
-                    Some(kl) => b.arg(kl),
-                    None => b.arg(&null),
-                };
+                push_tensors(&mut b, q, k.zip(v), out, kv_len);
                 b.arg(&sq)
                     .arg(&skv)
                     .arg(&nh)
@@ -801,6 +875,10 @@ impl Attention {
                     .arg(&kvs)
                     .arg(&kvb)
                     .arg(&scale);
+                match table {
+                    Some(t) => b.arg(t),
+                    None => b.arg(&null),
+                };
                 // SAFETY: argument order and types match `attention_naive`; buffer lengths were
                 // checked against the shape and the shared memory holds head_dim + skv floats.
                 unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch attention_naive", e))?;
@@ -808,6 +886,39 @@ impl Attention {
         }
         Ok(())
     }
+}
+
+/// The first five parameters of every attention kernel: q, k, v (null with per-canvas caches),
+/// out, kv_len (null when absent).
+fn push_tensors<'a, 'b: 'a>(
+    b: &mut Launch<'a>,
+    q: &'b CudaView<'_, u16>,
+    kv: Option<(&'b CudaView<'_, u16>, &'b CudaView<'_, u16>)>,
+    out: &'b mut CudaViewMut<'_, u16>,
+    kv_len: Option<&'b CudaView<'_, i32>>,
+) {
+    static NULL: u64 = 0;
+    b.arg(q);
+    match kv {
+        Some((k, v)) => b.arg(k).arg(v),
+        None => b.arg(&NULL).arg(&NULL),
+    };
+    b.arg(out);
+    match kv_len {
+        Some(kl) => b.arg(kl),
+        None => b.arg(&NULL),
+    };
+}
+
+/// Where an attention call reads K and V.
+enum KvSource<'a, 'b> {
+    /// Batch buffers laid out as [`AttnShape`] says.
+    Batch {
+        k: &'a CudaView<'b, u16>,
+        v: &'a CudaView<'b, u16>,
+    },
+    /// Each canvas's own cache.
+    Canvases(&'a CanvasKvLayer<'b>),
 }
 
 mod checks;

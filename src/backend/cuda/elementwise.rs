@@ -7,6 +7,7 @@
 //! given are long enough for the shape it is told and returns [`Error::InvalidArgument`]
 //! otherwise, so a shape slip never becomes an out-of-bounds access.
 
+use super::canvas_kv::CanvasKvLayer;
 use super::check::{self, BenchResult, CheckResult, TOL_BF16, TOL_F32};
 use super::launch::Launch;
 use super::{cuda_err, CudaDevice};
@@ -182,6 +183,18 @@ pub struct KvDst<'a, 'b> {
     pub k: &'a mut CudaViewMut<'b, u16>,
     pub v: &'a mut CudaViewMut<'b, u16>,
     pub seq_rows: usize,
+}
+
+/// Where [`Elementwise::rope_qkv_to`] writes the rotated K and the V rows.
+pub enum RopeDst<'a, 'b> {
+    /// Nowhere: RoPE in place only.
+    None,
+    /// Batch caches ([`KvDst`]).
+    Batch(KvDst<'a, 'b>),
+    /// Each canvas's own cache, at its own positions ([`CanvasKvLayer`]): canvas `c` (rows
+    /// `c·pos_period..`) at positions `starts[c] + r % pos_period`; the shape's `pos_offset`
+    /// is not used.
+    Canvases(&'a CanvasKvLayer<'b>),
 }
 
 /// The loaded element-wise kernels.
@@ -465,6 +478,23 @@ impl Elementwise {
         allow_vec: bool,
         prefetch: Option<&CudaView<u16>>,
     ) -> Result<()> {
+        let dst = cache.map_or(RopeDst::None, RopeDst::Batch);
+        self.rope_qkv_to(qkv, inv_freq, bias, s, dst, allow_vec, prefetch)
+    }
+
+    /// [`Elementwise::rope_qkv`] with any destination ([`RopeDst`]; per-canvas caches for the
+    /// packed cached steps).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_qkv_to(
+        &self,
+        qkv: &mut CudaViewMut<u16>,
+        inv_freq: &CudaView<f32>,
+        bias: Option<&CudaView<f32>>,
+        s: RopeQkvShape,
+        dst: RopeDst<'_, '_>,
+        allow_vec: bool,
+        prefetch: Option<&CudaView<u16>>,
+    ) -> Result<()> {
         let bad = |why: &str| Error::invalid(format!("elementwise rope_qkv: {why} in {s:?}"));
         if !s.head_dim.is_multiple_of(2) || s.head_dim == 0 || s.head_dim / 2 > ROPE_MAX_HALF {
             return Err(bad("head_dim must be even and at most 1024"));
@@ -523,16 +553,38 @@ impl Elementwise {
         let mut aligned = qkv_ptr % 16 == 0;
         let null: u64 = 0;
         let (mut kp, mut vp, mut seq_rows) = (null, null, 0i32);
+        let (mut starts_p, mut table_p) = (null, null);
         let mut guards = Vec::new();
-        if let Some(c) = cache {
-            s.check_cache(c.k.len(), c.v.len(), c.seq_rows)?;
-            seq_rows = to_i32("rope_qkv cache rows", c.seq_rows)?;
-            let (k, gk) = c.k.device_ptr_mut(&self.stream);
-            let (v, gv) = c.v.device_ptr_mut(&self.stream);
-            aligned &= k % 16 == 0 && v % 16 == 0;
-            (kp, vp) = (k, v);
-            guards.push(gk);
-            guards.push(gv);
+        match dst {
+            RopeDst::None => {}
+            RopeDst::Batch(c) => {
+                s.check_cache(c.k.len(), c.v.len(), c.seq_rows)?;
+                seq_rows = to_i32("rope_qkv cache rows", c.seq_rows)?;
+                let (k, gk) = c.k.device_ptr_mut(&self.stream);
+                let (v, gv) = c.v.device_ptr_mut(&self.stream);
+                aligned &= k % 16 == 0 && v % 16 == 0;
+                (kp, vp) = (k, v);
+                guards.push(gk);
+                guards.push(gv);
+            }
+            RopeDst::Canvases(c) => {
+                let n = c.host.canvases();
+                if s.rows != n * s.pos_period || c.kv_width != kvw {
+                    return Err(bad(&format!(
+                        "{n} canvases of {} rows of width {} do not make these rows",
+                        s.pos_period, c.kv_width
+                    )));
+                }
+                need("rope_qkv canvas table", c.table.len(), 2 * n)?;
+                need("rope_qkv canvas starts", c.starts.len(), n)?;
+                c.host.check_rows(s.pos_period)?;
+                aligned &= c.host.aligned;
+                let (t, gt) = c.table.device_ptr(&self.stream);
+                let (st, gs) = c.starts.device_ptr(&self.stream);
+                (table_p, starts_p) = (t, st);
+                guards.push(gt);
+                guards.push(gs);
+            }
         }
         let vec = allow_vec
             && aligned
@@ -559,8 +611,11 @@ impl Elementwise {
             .unwrap_or((0, 0));
         b.arg(&pf_ptr).arg(&pf_bytes);
         let grouped = i32::from(s.grouped);
-        b.arg(&grouped);
-        // SAFETY: argument order and types match `rope_qkv_bf16`; the grouped layout keeps every
+        b.arg(&grouped).arg(&starts_p).arg(&table_p);
+        // SAFETY: argument order and types match `rope_qkv_bf16`; with per-canvas caches, the
+        // rows are exactly canvases × pos_period, the table holds 2 · canvases addresses of live
+        // buffers of at least `rows` rows each and every canvas's positions lie below them
+        // (CanvasHost::check_rows, on the host copy uploaded with the table); the grouped layout keeps every
         // pair inside its head (head_dim a multiple of 16, checked above); the L2 prefetch (a hint that
         // reads nothing into the kernel) covers whole 16-byte units of a live, aligned view; every row touched lies inside
         // the qkv view and every cache row inside the cache views (checked above), the bias

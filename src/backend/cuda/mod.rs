@@ -12,6 +12,7 @@
 //! shared memory than the device has are skipped.
 
 pub mod attention;
+pub mod canvas_kv;
 pub mod check;
 pub mod elementwise;
 pub mod env_switch;
@@ -135,6 +136,7 @@ pub fn switches() -> Vec<(&'static str, serde_json::Value)> {
             transformer::KernelChoice::from_env().layer_chain,
         ),
         ("cache_slots", transformer::cache_slots_from_env().into()),
+        on("packed_sessions", transformer::packed_sessions_from_env()),
         (
             "kernel_build",
             (if ampere_requested_by_env() {

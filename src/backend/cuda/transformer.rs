@@ -43,7 +43,8 @@
 //! the fast ones, so a wrong fast kernel can be told apart from a wrong model.
 
 use super::attention::{Attention, AttnShape, AttnVariant};
-use super::elementwise::{Elementwise, IdLayout, KvDst, RopeQkvShape};
+use super::canvas_kv::CanvasKv;
+use super::elementwise::{Elementwise, IdLayout, KvDst, RopeDst, RopeQkvShape};
 use super::gemm::{Gemm, GemmOut, GemmVariant, MlpInput, MlpOutJob, MlpQkvJob};
 use super::gemm_norm::{NormFold, NormPrep};
 use super::gemm_rope::{RopeArgs, RopeTable};
@@ -74,6 +75,8 @@ mod graphs;
 mod model_impl;
 mod narrow;
 mod narrow_check;
+mod packed;
+mod packed_check;
 mod slots;
 mod upload;
 use fold_plan::FoldPlan;
@@ -81,6 +84,8 @@ pub use graphs::{graphs_from_env, session_graphs_from_env};
 use graphs::{rule_is_step_free, GraphSet, ShapeKey, StepKind};
 use narrow::LastLayerRows;
 pub use narrow_check::query_last_layer_checks;
+pub use packed::packed_sessions_from_env;
+pub use packed_check::packed_session_checks;
 pub use slots::cache_slots_from_env;
 use slots::{slot_of, CacheSlot};
 use upload::{qk_rows, upload_f32, upload_gate_up_fused, upload_qkv_grouped, upload_stacked};
@@ -201,12 +206,14 @@ impl Kit {
 }
 
 /// Which device K/V cache a forward reads and writes: the main one (`batch_cap` canvases, the
-/// device-resident step API of [`CudaTransformer::step`]) or a Session cache's slot
-/// ([`CacheSlot`], one canvas).
+/// device-resident step API of [`CudaTransformer::step`]), a Session cache's slot
+/// ([`CacheSlot`], one canvas), or each canvas's own slot ([`State::canvas_kv`], the packed
+/// cached steps of [`Model::predict_cached_batch`]; span forwards only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum KvSel {
     Main,
     Slot(usize),
+    Canvases,
 }
 
 struct LayerWeights {
@@ -264,6 +271,8 @@ struct State {
     slots: Vec<CacheSlot>,
     /// Counts slot uses (the order of [`CacheSlot::last_use`]).
     slot_clock: u64,
+    /// The slots of the canvases of a packed cached step, while it runs ([`KvSel::Canvases`]).
+    canvas_kv: Option<CanvasKv>,
     /// Rows per canvas of the last forward (its `x` holds `batch × rows_per_canvas` rows).
     fwd_len: usize,
     /// Whether the current canvases are a padded batch ([`Model::predict_batch`]): canvas `b`
@@ -292,7 +301,8 @@ struct State {
     layer_shapes_seen: HashSet<ShapeKey>,
 }
 
-/// Layer `li`'s K and V cache in the cache `sel` picks: the main cache's, or a Session slot's.
+/// Layer `li`'s K and V cache in the cache `sel` picks: the main cache's, or a Session slot's
+/// (`None` for per-canvas slots: [`CanvasKv`] addresses them).
 fn layer_cache<'s>(
     (k_cache, v_cache, slots): (
         &'s mut [CudaSlice<u16>],
@@ -301,13 +311,14 @@ fn layer_cache<'s>(
     ),
     sel: KvSel,
     li: usize,
-) -> (CudaViewMut<'s, u16>, CudaViewMut<'s, u16>) {
+) -> Option<(CudaViewMut<'s, u16>, CudaViewMut<'s, u16>)> {
     match sel {
-        KvSel::Main => (k_cache[li].as_view_mut(), v_cache[li].as_view_mut()),
+        KvSel::Main => Some((k_cache[li].as_view_mut(), v_cache[li].as_view_mut())),
         KvSel::Slot(j) => {
             let slot = &mut slots[j];
-            (slot.k[li].as_view_mut(), slot.v[li].as_view_mut())
+            Some((slot.k[li].as_view_mut(), slot.v[li].as_view_mut()))
         }
+        KvSel::Canvases => None,
     }
 }
 
@@ -333,8 +344,11 @@ pub struct CudaTransformer {
     profiler: OpProfiler,
     /// [`CudaTransformer::cache_slot_misses`].
     slot_misses: std::sync::atomic::AtomicUsize,
-    /// Most Session cache slots ([`cache_slots_from_env`]).
+    /// Most Session cache slots ([`cache_slots_from_env`]; a packed batch may hold one per
+    /// canvas).
     cache_slots: usize,
+    /// Pack the span steps of Session batches ([`packed_sessions_from_env`]).
+    packed_sessions: AtomicBool,
     /// Graph the layers of the Session path's forwards ([`session_graphs_from_env`]; off after
     /// one of their captures failed, leaving the step graphs alone).
     session_graphs: AtomicBool,
@@ -486,6 +500,7 @@ impl CudaTransformer {
             profiler: OpProfiler::default(),
             slot_misses: Default::default(),
             cache_slots: cache_slots_from_env(),
+            packed_sessions: AtomicBool::new(packed_sessions_from_env()),
             session_graphs: AtomicBool::new(session_graphs_from_env()),
             dev,
             cfg: cfg.clone(),
@@ -618,6 +633,7 @@ impl CudaTransformer {
             cache_valid: false,
             slots: Vec::new(),
             slot_clock: 0,
+            canvas_kv: None,
             fwd_len: 0,
             padded: false,
             kv_len: alloc(dev, n.batch, "canvas lengths")?,
@@ -637,7 +653,8 @@ impl CudaTransformer {
     }
 
     /// Makes room for `batch` canvases of `seq` tokens (reallocates the step buffers and cache
-    /// only when they are too small; the current canvases are lost then). A request that does
+    /// only when they are too small; the current canvases and the main cache are lost then,
+    /// the Session caches' slots kept). A request that does
     /// not fit in the device's memory is refused first ([`Error::OutOfMemory`]), leaving the
     /// current buffers and canvases as they were.
     pub fn reserve(&self, batch: usize, seq: usize) -> Result<()> {
@@ -681,8 +698,15 @@ impl CudaTransformer {
                 ),
                 self.step_buffers(b, s).bytes().saturating_sub(held),
             )?;
-            *g = None; // free the old buffers first
-            *g = Some(self.alloc_state(b, s)?);
+            // The Session caches' slots are kept (their K/V stay valid; they were not
+            // credited above), the rest is freed first.
+            let (slots, clock) = g
+                .take()
+                .map_or((Vec::new(), 0), |st| (st.slots, st.slot_clock));
+            let mut fresh = self.alloc_state(b, s)?;
+            fresh.slots = slots;
+            fresh.slot_clock = clock;
+            *g = Some(fresh);
         }
         Ok(())
     }
@@ -917,6 +941,19 @@ impl CudaTransformer {
                     st.batch
                 )));
             }
+            KvSel::Canvases
+                if full
+                    || st
+                        .canvas_kv
+                        .as_ref()
+                        .is_none_or(|c| c.host().canvases() != st.batch) =>
+            {
+                return Err(Error::State(format!(
+                    "per-canvas caches for {} canvases ({} forward)",
+                    st.batch,
+                    if full { "a full" } else { "a span" }
+                )));
+            }
             KvSel::Main if (!full || store_cache) && st.k_cache.is_empty() => {
                 self.dev.check_fits(
                     &format!(
@@ -968,8 +1005,12 @@ impl CudaTransformer {
         };
         let seq_cap = st.seq_cap;
         // RoPE and the cache write in the QKV GEMM's epilogue where its kernel has it.
+        // Not with per-canvas caches: the epilogue writes one batch cache (so no layer chain
+        // either).
         let rope_table = self.rope_table.as_ref().filter(|t| {
-            start + len <= t.positions() && kit.gemm.rope_epilogue_serves(rows, qkv_dim, d)
+            kv_sel != KvSel::Canvases
+                && start + len <= t.positions()
+                && kit.gemm.rope_epilogue_serves(rows, qkv_dim, d)
         });
         // The whole MLP in one launch (DLLM_FUSED_MLP=1, batch-1 block steps): the same bits
         // as the two stream launches. And the folded norms. Both per row count: a narrowed
@@ -1002,18 +1043,25 @@ impl CudaTransformer {
                 // the rotated K and the V rows written into the cache: in the GEMM's epilogue,
                 // or in place after it.
                 // Only a forward that writes the cache touches it (the main one may not exist).
-                let mut views = (!full || store_cache).then(|| {
-                    layer_cache(
-                        (&mut st.k_cache, &mut st.v_cache, &mut st.slots),
-                        kv_sel,
-                        li,
-                    )
-                });
+                let mut views = (!full || store_cache)
+                    .then(|| {
+                        layer_cache(
+                            (&mut st.k_cache, &mut st.v_cache, &mut st.slots),
+                            kv_sel,
+                            li,
+                        )
+                    })
+                    .flatten();
                 let dst = views.as_mut().map(|(kc, vc)| KvDst {
                     k: kc,
                     v: vc,
                     seq_rows: seq_cap,
                 });
+                // Per-canvas slots: this layer's addresses.
+                let canvas_layer = match (kv_sel, st.canvas_kv.as_ref()) {
+                    (KvSel::Canvases, Some(c)) => Some(c.layer(li, kv)?),
+                    _ => None,
+                };
                 let bias = lw.qkv_bias.as_ref().map(|b| b.as_view());
                 // With the epilogue, the cache views go into its parameters; without, to
                 // rope_qkv after the GEMM.
@@ -1062,12 +1110,18 @@ impl CudaTransformer {
                     // can come from L2 if requested now.
                     let prefetch =
                         (!full && self.kernels.l2_prefetch).then(|| lw.attn_out.as_view());
-                    self.ew.rope_qkv(
+                    let dst = match (&canvas_layer, dst) {
+                        (Some(c), _) => RopeDst::Canvases(c),
+                        (None, Some(d)) => RopeDst::Batch(d),
+                        (None, None) => RopeDst::None,
+                    };
+                    self.ew.rope_qkv_to(
                         &mut st.qkv.slice_mut(0..rows * qkv_dim),
                         &self.inv_freq.as_view(),
                         bias.as_ref(),
                         rope,
                         dst,
+                        true,
                         prefetch.as_ref(),
                     )?;
                     self.mark("rope_kv")?;
@@ -1135,13 +1189,30 @@ impl CudaTransformer {
                         kv_stride: kv,
                         kv_batch_stride: st.seq_cap,
                     };
-                    let (kc, vc) = match kv_sel {
-                        KvSel::Main => (st.k_cache[li].as_view(), st.v_cache[li].as_view()),
-                        KvSel::Slot(j) => {
-                            (st.slots[j].k[li].as_view(), st.slots[j].v[li].as_view())
+                    match (kv_sel, st.canvas_kv.as_ref()) {
+                        (KvSel::Main, _) => {
+                            let (kc, vc) = (st.k_cache[li].as_view(), st.v_cache[li].as_view());
+                            self.attention(&q, &kc, &vc, &mut out, None, &shape)?;
                         }
-                    };
-                    self.attention(&q, &kc, &vc, &mut out, None, &shape)?;
+                        (KvSel::Slot(j), _) => {
+                            let slot = &st.slots[j];
+                            let (kc, vc) = (slot.k[li].as_view(), slot.v[li].as_view());
+                            self.attention(&q, &kc, &vc, &mut out, None, &shape)?;
+                        }
+                        (KvSel::Canvases, c) => {
+                            // Each canvas against its own slot, up to its own length.
+                            let c = c.ok_or_else(|| Error::State("no per-canvas caches".into()))?;
+                            let shape = AttnShape {
+                                skv: c.host().keys.iter().copied().max().unwrap_or(0),
+                                kv_batch_stride: 0,
+                                ..shape
+                            };
+                            let naive = self.kernels.naive_attention.then_some(AttnVariant::Naive);
+                            let layer = c.layer(li, kv)?;
+                            self.attn
+                                .run_canvases(naive, &q, &layer, &mut out, &shape)?;
+                        }
+                    }
                 }
             }
             self.mark("attention")?;
@@ -1216,13 +1287,15 @@ impl CudaTransformer {
                 let qkv_job = match (chain, &w_next) {
                     (Some((next, table)), Some(w)) => {
                         let bias = next.qkv_bias.as_ref().map(|b| b.as_view());
-                        let mut views = (!full || store_cache).then(|| {
-                            layer_cache(
-                                (&mut st.k_cache, &mut st.v_cache, &mut st.slots),
-                                kv_sel,
-                                li + 1,
-                            )
-                        });
+                        let mut views = (!full || store_cache)
+                            .then(|| {
+                                layer_cache(
+                                    (&mut st.k_cache, &mut st.v_cache, &mut st.slots),
+                                    kv_sel,
+                                    li + 1,
+                                )
+                            })
+                            .flatten();
                         let dst = views.as_mut().map(|(kc, vc)| KvDst {
                             k: kc,
                             v: vc,

@@ -4,6 +4,7 @@
 //! runs the shared layers and head of [`CudaTransformer`].
 
 use super::*;
+use crate::model::CachedQuery;
 
 impl Model for CudaTransformer {
     fn config(&self) -> &ModelConfig {
@@ -34,7 +35,7 @@ impl Model for CudaTransformer {
         step: &CacheStep,
     ) -> Result<Vec<f32>> {
         let mut g = self.lock();
-        let st = self.cached_forward(&mut g, ids, queries, cache, step)?;
+        let st = self.cached_forward(&mut g, ids, queries, cache, step, self.cache_slots)?;
         self.download_query_logits(st)
     }
 
@@ -46,13 +47,30 @@ impl Model for CudaTransformer {
         cache: &mut KvCache,
         step: &CacheStep,
     ) -> Result<Vec<Prediction>> {
-        if queries.is_empty() {
-            return Ok(Vec::new());
-        }
         let mut g = self.lock();
-        let st = self.cached_forward(&mut g, ids, queries, cache, step)?;
-        self.predict_queries(&self.kit, st, rule)?;
-        self.download_predictions(st, queries.len())
+        let mut it = CachedQuery {
+            ids,
+            queries,
+            rule,
+            cache,
+            step: step.clone(),
+        };
+        self.predict_cached_locked(&mut g, &mut it, self.cache_slots)
+    }
+
+    fn packs_cached_batches(&self) -> bool {
+        self.packed_sessions()
+    }
+
+    /// Packed ([`super::packed`]) when [`CudaTransformer::packed_sessions`], else one by one.
+    fn predict_cached_batch(&self, items: &mut [CachedQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
+        if self.packed_sessions() {
+            return self.predict_cached_packed(items);
+        }
+        items
+            .iter_mut()
+            .map(|it| self.predict_cached(it.ids, it.queries, it.rule, it.cache, &it.step))
+            .collect()
     }
 
     fn predict(
@@ -105,7 +123,7 @@ impl Model for CudaTransformer {
 }
 
 /// Prefixes an invalid-argument error with the batch canvas it is about.
-fn in_canvas(i: usize, e: Error) -> Error {
+pub(super) fn in_canvas(i: usize, e: Error) -> Error {
     match e {
         Error::InvalidArgument(m) => Error::InvalidArgument(format!("batch canvas {i}: {m}")),
         other => other,
@@ -210,7 +228,7 @@ impl CudaTransformer {
     }
 
     /// The first `n` predictions of the last [`Self::predict_queries`], downloaded.
-    fn download_predictions(&self, st: &State, n: usize) -> Result<Vec<Prediction>> {
+    pub(super) fn download_predictions(&self, st: &State, n: usize) -> Result<Vec<Prediction>> {
         let tokens = self
             .dev
             .stream
@@ -242,30 +260,21 @@ impl CudaTransformer {
     /// reassigned meanwhile (more alternating caches than [`MAX_CACHE_SLOTS`]), a refresh, which
     /// is exact. Then the query rows (each query's source row, which must lie in the computed
     /// rows) are set.
-    fn cached_forward<'g>(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn cached_forward<'g>(
         &self,
         g: &'g mut std::sync::MutexGuard<'_, Option<State>>,
         ids: &[u32],
         queries: &[usize],
         cache: &mut KvCache,
         step: &CacheStep,
+        max_slots: usize,
     ) -> Result<&'g mut State> {
-        cache.check_fits(&self.cfg, ids.len())?;
-        check_queries(queries, ids.len())?;
+        self.check_cached_step(ids, queries, cache, step)?;
         let len = ids.len();
         let span = match step {
             CacheStep::Refresh => None,
             CacheStep::Span(r) => {
-                if !cache.is_filled() {
-                    return Err(Error::State(
-                        "a cached span step needs a refresh of its cache first".into(),
-                    ));
-                }
-                if r.is_empty() || r.end > len {
-                    return Err(Error::invalid(format!(
-                        "cached span {r:?} is empty or outside the canvas of {len}"
-                    )));
-                }
                 let slot = g
                     .as_ref()
                     .and_then(|st| slot_of(&st.slots, cache.id(), len));
@@ -286,7 +295,7 @@ impl CudaTransformer {
                 let (idx, pos) = self.query_rows(queries, 0..len)?;
                 self.set_queries(st, idx, pos)?;
                 let narrow = self.narrowing(st, true);
-                let j = self.claim_slot(st, cache.id(), len)?;
+                let j = self.claim_slot(st, cache.id(), len, max_slots)?;
                 if let Err(e) =
                     self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j), narrow)
                 {
@@ -319,6 +328,41 @@ impl CudaTransformer {
         let (idx, pos) = self.query_rows(queries, fwd_start..fwd_start + st.fwd_len)?;
         self.set_queries(st, idx, pos)?;
         Ok(st)
+    }
+
+    /// Checks one cached step before it touches anything: the ids, the cache's size, the
+    /// queries, a span inside the canvas on a filled cache, and every query's source row in the
+    /// computed rows. Returns those rows (the span, or the whole canvas for a refresh).
+    pub(super) fn check_cached_step(
+        &self,
+        ids: &[u32],
+        queries: &[usize],
+        cache: &KvCache,
+        step: &CacheStep,
+    ) -> Result<Range<usize>> {
+        check_ids(&self.cfg, ids)?;
+        self.check_embeddable(ids)?;
+        cache.check_fits(&self.cfg, ids.len())?;
+        check_queries(queries, ids.len())?;
+        let len = ids.len();
+        let rows = match step {
+            CacheStep::Refresh => 0..len,
+            CacheStep::Span(r) => {
+                if !cache.is_filled() {
+                    return Err(Error::State(
+                        "a cached span step needs a refresh of its cache first".into(),
+                    ));
+                }
+                if r.is_empty() || r.end > len {
+                    return Err(Error::invalid(format!(
+                        "cached span {r:?} is empty or outside the canvas of {len}"
+                    )));
+                }
+                r.clone()
+            }
+        };
+        self.query_rows(queries, rows.clone())?;
+        Ok(rows)
     }
 
     /// The rows (relative to `rows.start`) and positions of `queries` for a forward over the

@@ -39,13 +39,31 @@ pub fn cache_slots_from_env() -> usize {
 
 impl CudaTransformer {
     /// The slot for Session cache `owner` and a canvas of `len` tokens: its own (restamped), a
-    /// new one while fewer than the model's slot count exist (and memory allows), else the least
-    /// recently used one, reassigned. Its K/V are then to be stored by a refresh.
-    pub(super) fn claim_slot(&self, st: &mut State, owner: u64, len: usize) -> Result<usize> {
+    /// new one while fewer than `max` exist (and memory allows), else the least recently used
+    /// one, reassigned (its buffers reallocated if they hold fewer than `len` rows: slots
+    /// outlive step buffer reallocations). Its K/V are then to be stored by a refresh.
+    pub(super) fn claim_slot(
+        &self,
+        st: &mut State,
+        owner: u64,
+        len: usize,
+        max: usize,
+    ) -> Result<usize> {
         st.slot_clock += 1;
         let now = st.slot_clock;
-        let j = match pick_slot(&st.slots, owner, self.cache_slots) {
-            SlotPick::Own(j) | SlotPick::Evict(j) => j,
+        let j = match pick_slot(&st.slots, owner, max) {
+            SlotPick::Own(j) | SlotPick::Evict(j) => {
+                // A slot kept from smaller step buffers may be too short for this canvas.
+                let rows = st.slots[j].k.first().map_or(0, |k| k.len() / self.kv_dim());
+                if rows < len {
+                    let slot = &mut st.slots[j];
+                    slot.seq = 0;
+                    // Freed before the new ones are allocated.
+                    (slot.k, slot.v) = (Vec::new(), Vec::new());
+                    (slot.k, slot.v) = self.alloc_kv(st.seq_cap * self.kv_dim(), "cache slot")?;
+                }
+                j
+            }
             SlotPick::New => match self.alloc_kv(st.seq_cap * self.kv_dim(), "cache slot") {
                 Ok((k, v)) => {
                     st.slots.push(CacheSlot {
