@@ -208,7 +208,8 @@ impl Kit {
 /// Which device K/V cache a forward reads and writes: the main one (`batch_cap` canvases, the
 /// device-resident step API of [`CudaTransformer::step`]), a Session cache's slot
 /// ([`CacheSlot`], one canvas), or each canvas's own slot ([`State::canvas_kv`], the packed
-/// cached steps of [`Model::predict_cached_batch`]; span forwards only).
+/// cached steps of [`Model::predict_cached_batch`]: span forwards, and full forwards that store
+/// the K/V).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum KvSel {
     Main,
@@ -942,16 +943,17 @@ impl CudaTransformer {
                 )));
             }
             KvSel::Canvases
-                if full
+                if (full && !store_cache)
                     || st
                         .canvas_kv
                         .as_ref()
                         .is_none_or(|c| c.host().canvases() != st.batch) =>
             {
                 return Err(Error::State(format!(
-                    "per-canvas caches for {} canvases ({} forward)",
+                    "per-canvas caches for {} canvases (a {} forward{})",
                     st.batch,
-                    if full { "a full" } else { "a span" }
+                    if full { "full" } else { "span" },
+                    if store_cache { "" } else { " that stores none" }
                 )));
             }
             KvSel::Main if (!full || store_cache) && st.k_cache.is_empty() => {

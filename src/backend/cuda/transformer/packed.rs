@@ -3,8 +3,9 @@
 //! their span rows (every weight streamed once for all of them, as the engine's batched block
 //! step does), each canvas writing its span's K/V into, and attending against, its own cache
 //! slot through [`CanvasKv`] (the slots are separate allocations; canvases may differ in
-//! length and span position). Refreshes, and span steps whose slot was reassigned, run one by
-//! one as [`Model::predict_cached`] runs them; spans are packed with spans of the same length.
+//! length and span position); spans are packed with spans of the same length. Refreshes run as
+//! padded batches ([`Model::predict_batch`]'s layout), each canvas storing its K/V in its own
+//! slot; a span step whose slot was reassigned runs alone, as a refresh.
 //!
 //! The row and position arithmetic ([`packed_query_rows`]) is host code, unit-tested here.
 
@@ -21,10 +22,14 @@ pub fn packed_sessions_from_env() -> bool {
     crate::backend::cuda::env_switch::flag("DLLM_PACKED_SESSIONS", false)
 }
 
-/// One canvas of a packed span forward: its span's first position and its queries.
+/// One canvas of a packed forward: its cache slot, the position of its first computed row,
+/// the keys it attends to (its canvas length), its queries and their rule.
 pub(super) struct PackedMember<'q> {
+    pub slot: usize,
     pub start: usize,
+    pub keys: usize,
     pub queries: &'q [usize],
+    pub rule: &'q PredictRule,
 }
 
 /// The forward rows and positions of the queries of a packed span forward whose canvases each
@@ -86,15 +91,20 @@ impl CudaTransformer {
         let max_slots = self.cache_slots.max(items.len());
         let mut out = vec![Vec::new(); items.len()];
         let mut g = self.lock();
-        // Refreshes first, one by one (full forwards are wide already); then the spans.
-        let mut spans = Vec::new();
-        for (i, it) in items.iter_mut().enumerate() {
-            if it.queries.is_empty() {
+        // Refreshes first, in padded sub-batches (one alone runs as predict_cached does).
+        let (refreshes, spans): (Vec<usize>, Vec<usize>) = (0..items.len())
+            .filter(|&i| !items[i].queries.is_empty())
+            .partition(|&i| items[i].step == CacheStep::Refresh);
+        let lens: Vec<usize> = refreshes.iter().map(|&i| items[i].ids.len()).collect();
+        for group in padding::plan_sub_batches(&lens, MAX_BATCH_ROWS) {
+            let pack: Vec<usize> = group.iter().map(|&j| refreshes[j]).collect();
+            if let [i] = pack[..] {
+                out[i] = self.predict_cached_locked(&mut g, &mut items[i], max_slots)?;
                 continue;
             }
-            match it.step {
-                CacheStep::Span(_) => spans.push(i),
-                CacheStep::Refresh => out[i] = self.predict_cached_locked(&mut g, it, max_slots)?,
+            let preds = self.predict_refresh_pack(&mut g, items, &pack, max_slots)?;
+            for (&i, p) in pack.iter().zip(preds) {
+                out[i] = p;
             }
         }
         // Spans whose slot is in place, by span length; the others run alone (as refreshes).
@@ -117,7 +127,7 @@ impl CudaTransformer {
                     out[*i] = self.predict_cached_locked(&mut g, &mut items[*i], max_slots)?;
                     continue;
                 }
-                let preds = self.predict_pack(&mut g, items, &rows, pack, len)?;
+                let preds = self.predict_span_pack(&mut g, items, &rows, pack, len)?;
                 for (&(i, _), p) in pack.iter().zip(preds) {
                     out[i] = p;
                 }
@@ -143,7 +153,7 @@ impl CudaTransformer {
 
     /// One packed span forward over `pack` (item index, slot; at least two, every span `len`
     /// rows, `rows[i]` item `i`'s span) and its predictions per member.
-    fn predict_pack(
+    fn predict_span_pack(
         &self,
         g: &mut std::sync::MutexGuard<'_, Option<State>>,
         items: &[CachedQuery<'_>],
@@ -159,36 +169,106 @@ impl CudaTransformer {
         // The span rows as `n` canvases of `len` ids (the slots survive a reallocation).
         self.set_canvases_locked(g, &span_ids, n, len)?;
         let st = g.as_mut().expect("canvases set");
-        let caches: Vec<CanvasCache<'_>> = pack
+        let members: Vec<PackedMember<'_>> = pack
             .iter()
-            .map(|&(i, j)| CanvasCache {
-                k: &st.slots[j].k,
-                v: &st.slots[j].v,
+            .map(|&(i, j)| PackedMember {
+                slot: j,
                 start: rows[i].start,
                 keys: items[i].ids.len(),
+                queries: items[i].queries,
+                rule: items[i].rule,
+            })
+            .collect();
+        for m in &members {
+            st.slot_clock += 1;
+            st.slots[m.slot].last_use = st.slot_clock;
+        }
+        self.predict_members(st, &members, len, |st| {
+            self.layers(&self.kit, st, 0, len, false, true, KvSel::Canvases, None)
+        })
+    }
+
+    /// One padded refresh forward over the items `pack` (at least two refreshes): every canvas
+    /// padded to the longest, `L` (the padding keys masked, as [`Model::predict_batch`] does),
+    /// each storing its K/V in its own slot (claimed here, holding `L` rows: the padding rows'
+    /// K/V land past the canvas and are never read) and marked filled once the forward is done.
+    fn predict_refresh_pack(
+        &self,
+        g: &mut std::sync::MutexGuard<'_, Option<State>>,
+        items: &mut [CachedQuery<'_>],
+        pack: &[usize],
+        max_slots: usize,
+    ) -> Result<Vec<Vec<Prediction>>> {
+        let seq = pack.iter().map(|&i| items[i].ids.len()).max().unwrap_or(0);
+        let canvases: Vec<&[u32]> = pack.iter().map(|&i| items[i].ids).collect();
+        let ids = padding::pad_canvases(&canvases, seq, PAD_ID);
+        self.set_canvases_locked(g, &ids, pack.len(), seq)?;
+        let st = g.as_mut().expect("canvases set");
+        let lens: Vec<i32> = pack
+            .iter()
+            .map(|&i| i32_of("canvas length", items[i].ids.len()))
+            .collect::<Result<_>>()?;
+        if lens.iter().any(|&n| n as usize != seq) {
+            self.dev
+                .stream
+                .memcpy_htod(&lens, &mut st.kv_len.slice_mut(0..lens.len()))
+                .map_err(|e| cuda_err("upload canvas lengths", e))?;
+            st.padded = true;
+        }
+        let mut members = Vec::with_capacity(pack.len());
+        for &i in pack {
+            let it = &items[i];
+            let slot = self.claim_slot(st, it.cache.id(), seq, max_slots)?;
+            // Filled only by a forward that completes.
+            st.slots[slot].seq = 0;
+            members.push(PackedMember {
+                slot,
+                start: 0,
+                keys: it.ids.len(),
+                queries: it.queries,
+                rule: it.rule,
+            });
+        }
+        let preds = self.predict_members(st, &members, seq, |st| {
+            // The query rows are set: the last layer may run only for them.
+            let narrow = self.narrowing(st, true);
+            self.layers(&self.kit, st, 0, seq, true, true, KvSel::Canvases, narrow)
+        })?;
+        for (m, &i) in members.iter().zip(pack) {
+            st.slots[m.slot].seq = m.keys;
+            items[i].cache.mark_filled();
+        }
+        Ok(preds)
+    }
+
+    /// The part of a packed forward after its canvases are uploaded: the members' slots as a
+    /// [`CanvasKv`] (rows `start..start + len` written, `keys` read), their queries grouped by
+    /// rule (one LM-head pass, one sampler launch per rule), `forward`, then the predictions per
+    /// member. The address table is dropped whatever happens.
+    fn predict_members(
+        &self,
+        st: &mut State,
+        members: &[PackedMember<'_>],
+        len: usize,
+        forward: impl FnOnce(&mut State) -> Result<()>,
+    ) -> Result<Vec<Vec<Prediction>>> {
+        let caches: Vec<CanvasCache<'_>> = members
+            .iter()
+            .map(|m| CanvasCache {
+                k: &st.slots[m.slot].k,
+                v: &st.slots[m.slot].v,
+                start: m.start,
+                keys: m.keys,
             })
             .collect();
         let canvas_kv = CanvasKv::upload(&self.dev, &caches, self.cfg.n_layers, self.kv_dim())?;
         canvas_kv.host().check_rows(len)?;
-        st.canvas_kv = Some(canvas_kv);
-        for &(_, j) in pack {
-            st.slot_clock += 1;
-            st.slots[j].last_use = st.slot_clock;
-        }
-        // The queries grouped by rule: one LM-head pass, one sampler launch per rule.
-        let members: Vec<PackedMember<'_>> = pack
-            .iter()
-            .map(|&(i, _)| PackedMember {
-                start: rows[i].start,
-                queries: items[i].queries,
-            })
-            .collect();
-        let rules: Vec<&PredictRule> = pack.iter().map(|&(i, _)| items[i].rule).collect();
+        let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
         let groups = padding::rule_groups(&rules);
         let (mut idx, mut pos) = (Vec::new(), Vec::new());
         let mut ranges = Vec::with_capacity(groups.len());
         for group in &groups {
-            let (r, p) = packed_query_rows(&members, group, len, |q| self.source_position(q))?;
+            let (r, p) = packed_query_rows(members, group, len, |q| self.source_position(q))?;
             let begin = idx.len();
             for (r, p) in r.into_iter().zip(p) {
                 idx.push(i32_of("query row", r)?);
@@ -197,15 +277,15 @@ impl CudaTransformer {
             ranges.push((begin..idx.len(), rules[group[0]]));
         }
         let total = idx.len();
-        let run = self
-            .set_queries(st, idx, pos)
-            .and_then(|()| self.layers(&self.kit, st, 0, len, false, true, KvSel::Canvases, None));
+        self.set_queries(st, idx, pos)?;
+        st.canvas_kv = Some(canvas_kv);
+        let run = forward(st);
         // The table points into the slots: gone with this forward.
         st.canvas_kv = None;
         run?;
         self.predict_query_ranges(&self.kit, st, &ranges)?;
         let mut preds = self.download_predictions(st, total)?.into_iter();
-        let mut out = vec![Vec::new(); n];
+        let mut out = vec![Vec::new(); members.len()];
         for group in &groups {
             for &b in group {
                 out[b] = preds.by_ref().take(members[b].queries.len()).collect();
@@ -222,20 +302,22 @@ mod tests {
     #[test]
     fn packed_queries_read_their_own_members_span_rows() {
         let (a, b, c) = ([100usize, 103], [41usize], [7usize, 9, 8]);
-        let members = [
-            PackedMember {
-                start: 96,
-                queries: &a,
-            },
-            PackedMember {
-                start: 32,
-                queries: &b,
-            },
-            PackedMember {
-                start: 0,
-                queries: &c,
-            },
-        ];
+        let rule = PredictRule {
+            temperature: 0.0,
+            remasking: crate::denoise::predict::Remasking::LowConfidence,
+            seed: 0,
+            step: 0,
+            mask_token: 0,
+            vocab_size: 1,
+        };
+        let member = |start, queries| PackedMember {
+            slot: 0,
+            start,
+            keys: 128,
+            queries,
+            rule: &rule,
+        };
+        let members = [member(96, &a[..]), member(32, &b[..]), member(0, &c[..])];
         // Spans of 32 rows: member 0 rows 0.., member 1 rows 32.., member 2 rows 64...
         let (rows, pos) = packed_query_rows(&members, &[0, 1, 2], 32, |q| q).unwrap();
         assert_eq!(rows, vec![4, 7, 32 + 9, 64 + 7, 64 + 9, 64 + 8]);

@@ -2,12 +2,14 @@
 //! `dllm-gpu-check`'s model checks (names start with `{prefix}.packed`); the model's packing
 //! switch is turned on for them and restored after.
 //!
-//! - One span step of three canvases of different lengths (so their spans sit at different
-//!   positions and their caches hold different key counts), one of them predicting fewer
-//!   positions and another with its own rule, packed into one forward, against each step run
-//!   alone on the same caches: the tokens (up to `token_miss`: the packed GEMMs run at three
-//!   times the rows, on other kernels, so a near-tie may flip), the confidences where the tokens
-//!   agree within the bf16 tolerance, and no cache slot reassigned.
+//! - Three canvases of different lengths refreshed as one padded forward (each storing its
+//!   K/V in its own slot), against uncached predictions of the same canvases; then one span
+//!   step of each (their spans at different positions, their caches holding different key
+//!   counts), one of them predicting fewer positions and another with its own rule, packed into
+//!   one forward, against each step run alone on the same caches: the tokens (up to
+//!   `token_miss`: the packed GEMMs run at other row counts, on other kernels, so a near-tie may
+//!   flip), the confidences where the tokens agree within the bf16 tolerance, and no cache slot
+//!   reassigned.
 //! - Three greedy dual-cache sessions run as a batch (lockstep, packed span steps) against each
 //!   session run alone: the tokens (up to `gen_miss`: a near-tie flipped by the packed GEMMs'
 //!   rounding sends a cached generation down another path), the same number of refreshes, and
@@ -105,19 +107,11 @@ struct Canvas {
 
 fn span_step(cuda: &Arc<CudaTransformer>, prompts: &[Vec<u32>]) -> Result<SpanStepOutcome> {
     let cfg = cuda.config().clone();
-    let rule0 = greedy(cuda, 0);
     let mut canvases = Vec::new();
     for p in prompts {
         let mut ids = p.clone();
         ids.resize(p.len() + GEN, cfg.mask_token_id);
         let block = p.len()..p.len() + BLOCK;
-        let queries: Vec<usize> = block.clone().collect();
-        let mut cache = KvCache::new(&cfg, ids.len());
-        let first = cuda.predict_cached(&ids, &queries, &rule0, &mut cache, &CacheStep::Refresh)?;
-        // Commit the block's first 4 predictions, as a step would.
-        for (q, pr) in queries.iter().zip(&first).take(4) {
-            ids[*q] = pr.token;
-        }
         let span = span_for(
             CacheMode::Dual,
             block.clone(),
@@ -126,43 +120,51 @@ fn span_step(cuda: &Arc<CudaTransformer>, prompts: &[Vec<u32>]) -> Result<SpanSt
         )
         .ok_or_else(|| crate::error::Error::invalid("no dual-cache span"))?;
         canvases.push(Canvas {
+            cache: KvCache::new(&cfg, ids.len()),
             ids,
-            cache,
             span,
-            queries: block.skip(4).collect(),
+            queries: block.collect(),
         });
     }
-    // Canvas 1 predicts only half its masks; canvas 2 has its own rule (another step).
+    // The refreshes as one padded forward, against uncached predictions of the same canvases.
+    let rule0 = greedy(cuda, 0);
+    let refreshed = packed_step(cuda, &mut canvases, &[&rule0; 3], |_| CacheStep::Refresh)?;
+    let mut uncached = Vec::new();
+    for c in &canvases {
+        uncached.push(cuda.predict(&c.ids, &c.queries, &rule0)?);
+    }
+    // Commit the block's first 4 predictions, as a step would.
+    for (c, first) in canvases.iter_mut().zip(&refreshed) {
+        for (q, pr) in c.queries.iter().zip(first).take(4) {
+            c.ids[*q] = pr.token;
+        }
+        c.queries.drain(..4);
+    }
+    // Canvas 1 predicts only part of its masks; canvas 2 has its own rule (another step).
     canvases[1].queries.truncate(10);
-    let rules = [greedy(cuda, 1), greedy(cuda, 1), greedy(cuda, 7)];
+    let (r1, r7) = (greedy(cuda, 1), greedy(cuda, 7));
+    let rules = [&r1, &r1, &r7];
     let misses0 = cuda.cache_slot_misses();
-    let packed = {
-        let mut items: Vec<CachedQuery<'_>> = canvases
-            .iter_mut()
-            .zip(&rules)
-            .map(|(c, rule)| CachedQuery {
-                ids: &c.ids,
-                queries: &c.queries,
-                rule,
-                cache: &mut c.cache,
-                step: CacheStep::Span(c.span.clone()),
-            })
-            .collect();
-        cuda.predict_cached_batch(&mut items)?
-    };
+    let packed = packed_step(cuda, &mut canvases, &rules, |c| {
+        CacheStep::Span(c.span.clone())
+    })?;
     // Alone on the same caches (a span step rewrites only its own rows' K/V).
     let mut alone = Vec::new();
-    for (c, rule) in canvases.iter_mut().zip(&rules) {
+    for (c, rule) in canvases.iter_mut().zip(rules) {
         let step = CacheStep::Span(c.span.clone());
         alone.push(cuda.predict_cached(&c.ids, &c.queries, rule, &mut c.cache, &step)?);
     }
     let misses = cuda.cache_slot_misses() - misses0;
-    let counts_ok =
-        packed.len() == alone.len() && packed.iter().zip(&alone).all(|(p, a)| p.len() == a.len());
-    let pairs: Vec<(&Prediction, &Prediction)> = packed
+    let counts_ok = [(&refreshed, &uncached), (&packed, &alone)]
         .iter()
+        .all(|(p, a)| {
+            p.len() == a.len() && p.iter().zip(a.iter()).all(|(x, y)| x.len() == y.len())
+        });
+    let pairs: Vec<(&Prediction, &Prediction)> = refreshed
+        .iter()
+        .chain(&packed)
         .flatten()
-        .zip(alone.iter().flatten())
+        .zip(uncached.iter().chain(&alone).flatten())
         .collect();
     let (pc, ac): (Vec<f32>, Vec<f32>) = pairs
         .iter()
@@ -181,11 +183,33 @@ fn span_step(cuda: &Arc<CudaTransformer>, prompts: &[Vec<u32>]) -> Result<SpanSt
         token_miss,
         confidence_err,
         detail: format!(
-            "spans {spans:?}; {same}/{} tokens as alone (prediction counts equal: {counts_ok}); \
-             confidences rel. L2 {confidence_err:.2e} where they agree; {misses} slot misses",
+            "padded refresh vs uncached, then spans {spans:?} vs alone: {same}/{} tokens \
+             agree (prediction counts equal: {counts_ok}); confidences rel. L2 \
+             {confidence_err:.2e} where they agree; {misses} slot misses",
             pairs.len()
         ),
     })
+}
+
+/// One `predict_cached_batch` call over `canvases` (step `step(canvas)`, rule `rules[i]`).
+fn packed_step(
+    cuda: &CudaTransformer,
+    canvases: &mut [Canvas],
+    rules: &[&PredictRule],
+    step: impl Fn(&Canvas) -> CacheStep,
+) -> Result<Vec<Vec<Prediction>>> {
+    let mut items: Vec<CachedQuery<'_>> = canvases
+        .iter_mut()
+        .zip(rules)
+        .map(|(c, rule)| CachedQuery {
+            step: step(c),
+            ids: &c.ids,
+            queries: &c.queries,
+            rule,
+            cache: &mut c.cache,
+        })
+        .collect();
+    cuda.predict_cached_batch(&mut items)
 }
 
 fn sessions(cuda: &Arc<CudaTransformer>, prompts: &[Vec<u32>]) -> Result<(f64, String)> {
