@@ -62,7 +62,8 @@ impl Model for CudaTransformer {
         self.packed_sessions()
     }
 
-    /// Packed ([`super::packed`]) when [`CudaTransformer::packed_sessions`], else one by one.
+    /// Packed (the span steps of the batch in one forward, refreshes padded) when
+    /// [`CudaTransformer::packed_sessions`], else one by one.
     fn predict_cached_batch(&self, items: &mut [CachedQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
         if self.packed_sessions() {
             return self.predict_cached_packed(items);
