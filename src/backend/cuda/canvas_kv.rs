@@ -73,6 +73,7 @@ pub struct CanvasKv {
     keys: CudaSlice<i32>,
     host: CanvasHost,
     layers: usize,
+    kv_width: usize,
 }
 
 /// One layer's view of a [`CanvasKv`]: what `rope_qkv` and attention take.
@@ -150,6 +151,7 @@ impl CanvasKv {
                 .map_err(|e| upload("key counts", e))?,
             host,
             layers,
+            kv_width,
         })
     }
 
@@ -159,7 +161,7 @@ impl CanvasKv {
     }
 
     /// Layer `l`'s addresses with the starts and key counts.
-    pub fn layer(&self, l: usize, kv_width: usize) -> Result<CanvasKvLayer<'_>> {
+    pub fn layer(&self, l: usize) -> Result<CanvasKvLayer<'_>> {
         if l >= self.layers {
             return Err(Error::invalid(format!(
                 "packed cached step: layer {l} of {}",
@@ -172,7 +174,7 @@ impl CanvasKv {
             starts: self.starts.slice(0..n),
             keys: self.keys.slice(0..n),
             host: &self.host,
-            kv_width,
+            kv_width: self.kv_width,
         })
     }
 }

@@ -130,7 +130,10 @@ impl<'a> Launch<'a> {
     }
 
     /// Compares the pushed parameter sizes with the kernel's. A (kernel, sizes) pair that
-    /// matched once is remembered, so a kernel launched again the same way costs one lookup.
+    /// matched once is remembered (up to [`MAX_MATCHED`] pairs, then forgotten), so a kernel
+    /// launched again the same way costs one lookup. Kernels are known by their handle: one
+    /// reused after its module was unloaded (graph sets load their own) may skip its check when
+    /// pushed the same sizes as the kernel that held it, never fail one.
     fn check_params(&self) -> Result<(), LaunchError> {
         static MATCHED: Mutex<Option<HashSet<MatchedLaunch>>> = Mutex::new(None);
         let key = (self.func.cu_function() as usize, self.sizes.clone());
@@ -141,14 +144,18 @@ impl<'a> Launch<'a> {
         if let Some(layout) = kernel_param_sizes(self.func)? {
             check_param_sizes(&self.sizes, &layout).map_err(LaunchError::Params)?;
         }
-        MATCHED
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_with(HashSet::new)
-            .insert(key);
+        let mut g = MATCHED.lock().unwrap_or_else(|p| p.into_inner());
+        let set = g.get_or_insert_with(HashSet::new);
+        if set.len() >= MAX_MATCHED {
+            set.clear();
+        }
+        set.insert(key);
         Ok(())
     }
 }
+
+/// Most (kernel, sizes) pairs [`Launch::check_params`] remembers.
+const MAX_MATCHED: usize = 4096;
 
 /// A kernel (its handle) and the parameter sizes a launch of it pushed.
 type MatchedLaunch = (usize, Vec<usize>);

@@ -87,7 +87,7 @@ pub use narrow_check::query_last_layer_checks;
 pub use packed::packed_sessions_from_env;
 pub use packed_check::packed_session_checks;
 pub use slots::cache_slots_from_env;
-use slots::{slot_of, CacheSlot};
+use slots::{slot_of, CacheSlot, SlotPolicy};
 use upload::{qk_rows, upload_f32, upload_gate_up_fused, upload_qkv_grouped, upload_stacked};
 
 /// Query rows per LM-head chunk (bounds the fp32 logits buffer: rows × embedding_size × 4 B).
@@ -935,7 +935,13 @@ impl CudaTransformer {
         // No row is finished until this forward is (a failed one leaves nothing to predict from).
         st.last_rows = LastLayerRows::Stale;
         match kv_sel {
-            KvSel::Slot(j) if st.batch != 1 || j >= st.slots.len() => {
+            KvSel::Slot(j)
+                if st.batch != 1
+                    || st
+                        .slots
+                        .get(j)
+                        .is_none_or(|s| s.k.len() != self.w.layers.len()) =>
+            {
                 return Err(Error::State(format!(
                     "cache slot {j} of {} with {} canvases",
                     st.slots.len(),
@@ -1061,7 +1067,7 @@ impl CudaTransformer {
                 });
                 // Per-canvas slots: this layer's addresses.
                 let canvas_layer = match (kv_sel, st.canvas_kv.as_ref()) {
-                    (KvSel::Canvases, Some(c)) => Some(c.layer(li, kv)?),
+                    (KvSel::Canvases, Some(c)) => Some(c.layer(li)?),
                     _ => None,
                 };
                 let bias = lw.qkv_bias.as_ref().map(|b| b.as_view());
@@ -1210,7 +1216,7 @@ impl CudaTransformer {
                                 ..shape
                             };
                             let naive = self.kernels.naive_attention.then_some(AttnVariant::Naive);
-                            let layer = c.layer(li, kv)?;
+                            let layer = c.layer(li)?;
                             self.attn
                                 .run_canvases(naive, &q, &layer, &mut out, &shape)?;
                         }

@@ -35,7 +35,7 @@ impl Model for CudaTransformer {
         step: &CacheStep,
     ) -> Result<Vec<f32>> {
         let mut g = self.lock();
-        let st = self.cached_forward(&mut g, ids, queries, cache, step, self.cache_slots)?;
+        let st = self.cached_forward(&mut g, ids, queries, cache, step, self.alone_slots())?;
         self.download_query_logits(st)
     }
 
@@ -55,7 +55,7 @@ impl Model for CudaTransformer {
             cache,
             step: step.clone(),
         };
-        self.predict_cached_locked(&mut g, &mut it, self.cache_slots)
+        self.predict_cached_locked(&mut g, &mut it, self.alone_slots())
     }
 
     fn packs_cached_batches(&self) -> bool {
@@ -269,7 +269,7 @@ impl CudaTransformer {
         queries: &[usize],
         cache: &mut KvCache,
         step: &CacheStep,
-        max_slots: usize,
+        slots: SlotPolicy<'_>,
     ) -> Result<&'g mut State> {
         self.check_cached_step(ids, queries, cache, step)?;
         let len = ids.len();
@@ -296,7 +296,7 @@ impl CudaTransformer {
                 let (idx, pos) = self.query_rows(queries, 0..len)?;
                 self.set_queries(st, idx, pos)?;
                 let narrow = self.narrowing(st, true);
-                let j = self.claim_slot(st, cache.id(), len, max_slots)?;
+                let j = self.claim_slot(st, cache.id(), len, slots)?;
                 if let Err(e) =
                     self.layers(&self.kit, st, 0, len, true, true, KvSel::Slot(j), narrow)
                 {

@@ -88,7 +88,12 @@ impl CudaTransformer {
                 .map_err(|e| in_canvas(i, e))?;
             rows.push(r);
         }
-        let max_slots = self.cache_slots.max(items.len());
+        // One slot per canvas, none taken by another canvas of the batch.
+        let keep: Vec<u64> = items.iter().map(|it| it.cache.id()).collect();
+        let slots = SlotPolicy {
+            max: self.cache_slots.max(items.len()),
+            keep: &keep,
+        };
         let mut out = vec![Vec::new(); items.len()];
         let mut g = self.lock();
         // Refreshes first, in padded sub-batches (one alone runs as predict_cached does).
@@ -99,10 +104,10 @@ impl CudaTransformer {
         for group in padding::plan_sub_batches(&lens, MAX_BATCH_ROWS) {
             let pack: Vec<usize> = group.iter().map(|&j| refreshes[j]).collect();
             if let [i] = pack[..] {
-                out[i] = self.predict_cached_locked(&mut g, &mut items[i], max_slots)?;
+                out[i] = self.predict_cached_locked(&mut g, &mut items[i], slots)?;
                 continue;
             }
-            let preds = self.predict_refresh_pack(&mut g, items, &pack, max_slots)?;
+            let preds = self.predict_refresh_pack(&mut g, items, &pack, slots)?;
             for (&i, p) in pack.iter().zip(preds) {
                 out[i] = p;
             }
@@ -116,7 +121,7 @@ impl CudaTransformer {
                 .and_then(|st| slot_of(&st.slots, it.cache.id(), it.ids.len()));
             match slot {
                 Some(j) => packs.entry(rows[i].len()).or_default().push((i, j)),
-                None => out[i] = self.predict_cached_locked(&mut g, it, max_slots)?,
+                None => out[i] = self.predict_cached_locked(&mut g, it, slots)?,
             }
         }
         for (len, members) in packs {
@@ -124,7 +129,7 @@ impl CudaTransformer {
             for pack in members.chunks(per_pack) {
                 if let [(i, _)] = pack {
                     // Alone: the single-canvas path (graphed like a session's own steps).
-                    out[*i] = self.predict_cached_locked(&mut g, &mut items[*i], max_slots)?;
+                    out[*i] = self.predict_cached_locked(&mut g, &mut items[*i], slots)?;
                     continue;
                 }
                 let preds = self.predict_span_pack(&mut g, items, &rows, pack, len)?;
@@ -136,17 +141,17 @@ impl CudaTransformer {
         Ok(out)
     }
 
-    /// [`Model::predict_cached`] under the held lock, with up to `max_slots` cache slots.
+    /// [`Model::predict_cached`] under the held lock, its slot claimed under `slots`.
     pub(super) fn predict_cached_locked(
         &self,
         g: &mut std::sync::MutexGuard<'_, Option<State>>,
         it: &mut CachedQuery<'_>,
-        max_slots: usize,
+        slots: SlotPolicy<'_>,
     ) -> Result<Vec<Prediction>> {
         if it.queries.is_empty() {
             return Ok(Vec::new());
         }
-        let st = self.cached_forward(g, it.ids, it.queries, it.cache, &it.step, max_slots)?;
+        let st = self.cached_forward(g, it.ids, it.queries, it.cache, &it.step, slots)?;
         self.predict_queries(&self.kit, st, it.rule)?;
         self.download_predictions(st, it.queries.len())
     }
@@ -179,7 +184,15 @@ impl CudaTransformer {
                 rule: items[i].rule,
             })
             .collect();
-        for m in &members {
+        for (m, &(i, _)) in members.iter().zip(pack) {
+            // Still this canvas's (no claim of this batch takes another canvas's slot).
+            let slot = &mut st.slots[m.slot];
+            if slot.owner != items[i].cache.id() || slot.seq != m.keys {
+                return Err(Error::State(format!(
+                    "cache slot {} no longer holds batch canvas {i}",
+                    m.slot
+                )));
+            }
             st.slot_clock += 1;
             st.slots[m.slot].last_use = st.slot_clock;
         }
@@ -197,7 +210,7 @@ impl CudaTransformer {
         g: &mut std::sync::MutexGuard<'_, Option<State>>,
         items: &mut [CachedQuery<'_>],
         pack: &[usize],
-        max_slots: usize,
+        slots: SlotPolicy<'_>,
     ) -> Result<Vec<Vec<Prediction>>> {
         let seq = pack.iter().map(|&i| items[i].ids.len()).max().unwrap_or(0);
         let canvases: Vec<&[u32]> = pack.iter().map(|&i| items[i].ids).collect();
@@ -218,7 +231,7 @@ impl CudaTransformer {
         let mut members = Vec::with_capacity(pack.len());
         for &i in pack {
             let it = &items[i];
-            let slot = self.claim_slot(st, it.cache.id(), seq, max_slots)?;
+            let slot = self.claim_slot(st, it.cache.id(), seq, slots)?;
             // Filled only by a forward that completes.
             st.slots[slot].seq = 0;
             members.push(PackedMember {

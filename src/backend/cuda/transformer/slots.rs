@@ -5,6 +5,7 @@
 //! The slot policy ([`pick_slot_of`]) is host logic, unit-tested here.
 
 use super::{alloc, CudaTransformer, State};
+use crate::error::Error;
 use crate::error::Result;
 #[cfg(doc)]
 use crate::model::kv_cache::KvCache;
@@ -39,32 +40,34 @@ pub fn cache_slots_from_env() -> usize {
 
 impl CudaTransformer {
     /// The slot for Session cache `owner` and a canvas of `len` tokens: its own (restamped), a
-    /// new one while fewer than `max` exist (and memory allows), else the least recently used
-    /// one, reassigned (its buffers reallocated if they hold fewer than `len` rows: slots
-    /// outlive step buffer reallocations). Its K/V are then to be stored by a refresh.
+    /// new one while fewer than `policy.max` exist (and memory allows), else the least recently
+    /// used one not owned by `policy.keep`, reassigned (its buffers reallocated if they hold
+    /// fewer than `len` rows: slots outlive step buffer reallocations). Its K/V are then to be
+    /// stored by a refresh.
     pub(super) fn claim_slot(
         &self,
         st: &mut State,
         owner: u64,
         len: usize,
-        max: usize,
+        policy: SlotPolicy<'_>,
     ) -> Result<usize> {
         st.slot_clock += 1;
         let now = st.slot_clock;
-        let j = match pick_slot(&st.slots, owner, max) {
+        let kv = self.kv_dim();
+        let j = match pick_slot(&st.slots, owner, policy) {
             SlotPick::Own(j) | SlotPick::Evict(j) => {
                 // A slot kept from smaller step buffers may be too short for this canvas.
-                let rows = st.slots[j].k.first().map_or(0, |k| k.len() / self.kv_dim());
-                if rows < len {
+                if slot_rows(&st.slots[j], kv) < len {
+                    // Graphs may hold the old buffers' addresses.
+                    st.graph_sets.clear();
                     let slot = &mut st.slots[j];
-                    slot.seq = 0;
-                    // Freed before the new ones are allocated.
-                    (slot.k, slot.v) = (Vec::new(), Vec::new());
-                    (slot.k, slot.v) = self.alloc_kv(st.seq_cap * self.kv_dim(), "cache slot")?;
+                    // Emptied (and owned by no cache) until the new buffers exist: freed first.
+                    (slot.k, slot.v, slot.owner, slot.seq) = (Vec::new(), Vec::new(), NO_OWNER, 0);
+                    (slot.k, slot.v) = self.alloc_kv(st.seq_cap * kv, "cache slot")?;
                 }
                 j
             }
-            SlotPick::New => match self.alloc_kv(st.seq_cap * self.kv_dim(), "cache slot") {
+            SlotPick::New => match self.alloc_kv(st.seq_cap * kv, "cache slot") {
                 Ok((k, v)) => {
                     st.slots.push(CacheSlot {
                         k,
@@ -75,9 +78,23 @@ impl CudaTransformer {
                     });
                     st.slots.len() - 1
                 }
-                // Out of memory for another slot: reuse the least recently used one.
-                Err(e) => least_recent(st.slots.iter().map(|s| s.last_use)).ok_or(e)?,
+                // Out of memory for another slot: reuse the least recently used one that is
+                // long enough and not kept.
+                Err(e) => st
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| slot_rows(s, kv) >= len && !policy.keep.contains(&s.owner))
+                    .min_by_key(|(_, s)| s.last_use)
+                    .map(|(j, _)| j)
+                    .ok_or(e)?,
             },
+            SlotPick::NoneFree => {
+                return Err(Error::State(format!(
+                    "no cache slot for a canvas: all {} hold other canvases of the batch",
+                    st.slots.len()
+                )));
+            }
         };
         let slot = &mut st.slots[j];
         slot.owner = owner;
@@ -102,11 +119,35 @@ impl CudaTransformer {
         Ok((k, v))
     }
 
+    /// The slot policy of a cache stepped alone: up to the model's slot count, any slot may go.
+    pub(super) fn alone_slots(&self) -> SlotPolicy<'static> {
+        SlotPolicy {
+            max: self.cache_slots,
+            keep: &[],
+        }
+    }
+
     /// Span steps of Session caches that found their slot reassigned and ran as refreshes, so
     /// far (0 while at most `MAX_CACHE_SLOTS` caches alternate).
     pub fn cache_slot_misses(&self) -> usize {
         self.slot_misses.load(Ordering::Relaxed)
     }
+}
+
+/// The owner of a slot whose buffers are being replaced (no Session cache has this id).
+const NO_OWNER: u64 = u64::MAX;
+
+/// How many slots a claim may use, and whose slots it must not take: the other caches of a
+/// packed batch (so the batch's canvases never evict, or share, each other's slots).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SlotPolicy<'a> {
+    pub max: usize,
+    pub keep: &'a [u64],
+}
+
+/// Rows of K/V a slot's buffers hold (0 for emptied buffers).
+fn slot_rows(slot: &CacheSlot, kv_dim: usize) -> usize {
+    slot.k.first().map_or(0, |k| k.len() / kv_dim.max(1))
 }
 
 /// Where a refresh of Session cache `owner` stores its K/V.
@@ -116,33 +157,35 @@ pub(super) enum SlotPick {
     Own(usize),
     /// A new slot (fewer than the most exist).
     New,
-    /// The least recently used slot, reassigned.
+    /// The least recently used slot not kept, reassigned.
     Evict(usize),
+    /// Every slot is kept (more kept caches than slots allowed).
+    NoneFree,
 }
 
-pub(super) fn pick_slot(slots: &[CacheSlot], owner: u64, max: usize) -> SlotPick {
-    pick_slot_of(slots.iter().map(|s| (s.owner, s.last_use)), owner, max)
+pub(super) fn pick_slot(slots: &[CacheSlot], owner: u64, policy: SlotPolicy<'_>) -> SlotPick {
+    pick_slot_of(slots.iter().map(|s| (s.owner, s.last_use)), owner, policy)
 }
 
 /// [`pick_slot`] over `(owner, last_use)` pairs.
 pub(super) fn pick_slot_of(
     slots: impl Iterator<Item = (u64, u64)>,
     owner: u64,
-    max: usize,
+    policy: SlotPolicy<'_>,
 ) -> SlotPick {
     let slots: Vec<(u64, u64)> = slots.collect();
     if let Some(j) = slots.iter().position(|&(o, _)| o == owner) {
         SlotPick::Own(j)
-    } else if slots.len() < max {
+    } else if slots.len() < policy.max {
         SlotPick::New
     } else {
-        SlotPick::Evict(least_recent(slots.iter().map(|s| s.1)).unwrap_or(0))
+        slots
+            .iter()
+            .enumerate()
+            .filter(|(_, (o, _))| !policy.keep.contains(o))
+            .min_by_key(|(_, (_, used))| *used)
+            .map_or(SlotPick::NoneFree, |(j, _)| SlotPick::Evict(j))
     }
-}
-
-/// The index of the smallest use stamp (the first of equals), `None` for no slots.
-fn least_recent(uses: impl Iterator<Item = u64>) -> Option<usize> {
-    uses.enumerate().min_by_key(|&(_, u)| u).map(|(j, _)| j)
 }
 
 /// The slot holding Session cache `owner`'s K/V for a canvas of `len` tokens.
@@ -156,7 +199,8 @@ mod tests {
 
     #[test]
     fn cache_slots_are_kept_per_owner_then_recycled_least_recently_used() {
-        let pick = |slots: &[(u64, u64)], owner| pick_slot_of(slots.iter().copied(), owner, 3);
+        let policy = SlotPolicy { max: 3, keep: &[] };
+        let pick = |slots: &[(u64, u64)], owner| pick_slot_of(slots.iter().copied(), owner, policy);
         // A cache's own slot, whatever the others.
         assert_eq!(pick(&[(7, 1), (9, 5)], 9), SlotPick::Own(1));
         // A new cache gets a new slot while fewer than the most exist ...
@@ -172,9 +216,49 @@ mod tests {
             match pick(&slots, owner) {
                 SlotPick::Own(j) => slots[j].1 = t as u64,
                 SlotPick::New => slots.push((owner, t as u64)),
-                SlotPick::Evict(j) => panic!("evicted slot {j} with only two caches"),
+                other => panic!("{other:?} with only two caches"),
             }
         }
         assert_eq!(slots.len(), 2);
+    }
+
+    #[test]
+    fn a_batch_never_takes_its_own_canvases_slots() {
+        // Slots of caches 7, 9 and 3, all in use; 9 and 3 belong to the same packed batch as
+        // the claimer: the least recently used one outside it goes, however recent.
+        let slots = [(7u64, 8u64), (9, 5), (3, 6)];
+        let keep = [9u64, 3];
+        let policy = SlotPolicy {
+            max: 3,
+            keep: &keep,
+        };
+        assert_eq!(
+            pick_slot_of(slots.iter().copied(), 4, policy),
+            SlotPick::Evict(0)
+        );
+        // The claimer's own slot is its own, kept or not.
+        assert_eq!(
+            pick_slot_of(slots.iter().copied(), 9, policy),
+            SlotPick::Own(1)
+        );
+        // Every slot kept: nothing to take (the caller reports it).
+        let keep = [7u64, 9, 3];
+        let policy = SlotPolicy {
+            max: 3,
+            keep: &keep,
+        };
+        assert_eq!(
+            pick_slot_of(slots.iter().copied(), 4, policy),
+            SlotPick::NoneFree
+        );
+        // Below the most, a new slot regardless.
+        let policy = SlotPolicy {
+            max: 4,
+            keep: &keep,
+        };
+        assert_eq!(
+            pick_slot_of(slots.iter().copied(), 4, policy),
+            SlotPick::New
+        );
     }
 }
