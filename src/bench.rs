@@ -25,7 +25,7 @@
 
 use crate::config::ModelConfig;
 use crate::denoise::commit::{top_k, Candidate};
-use crate::denoise::predict::{PredictRule, Remasking};
+use crate::denoise::predict::PredictRule;
 use crate::denoise::rng;
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{span_for, CacheMode::Dual as DualCache, CacheStep, KvCache};
@@ -297,14 +297,7 @@ pub fn canvases(o: &BenchOptions, cfg: &ModelConfig) -> Vec<u32> {
 }
 
 fn greedy_rule(cfg: &ModelConfig, step: usize) -> PredictRule {
-    PredictRule {
-        temperature: 0.0,
-        remasking: Remasking::LowConfidence,
-        seed: 0,
-        step: step as u64,
-        mask_token: cfg.mask_token_id,
-        vocab_size: cfg.vocab_size,
-    }
+    PredictRule::greedy(cfg, step as u64)
 }
 
 /// Whether the bench runs on CUDA: asked for, or `auto` with a device and compiled kernels.

@@ -616,14 +616,7 @@ fn engine_generate(
     for b in 0..gen / block {
         let span = prompt.len() + b * block..prompt.len() + (b + 1) * block;
         for i in 0..block {
-            let rule = PredictRule {
-                temperature: 0.0,
-                remasking: Remasking::LowConfidence,
-                seed: 0,
-                step,
-                mask_token: cfg.mask_token_id,
-                vocab_size: cfg.vocab_size,
-            };
+            let rule = PredictRule::greedy(&cfg, step);
             gpu.step(span.clone(), dual && i > 0, dual && i == 0, &rule, 1)?;
             step += 1;
         }
@@ -653,14 +646,7 @@ fn engine_schedule(
     for b in 0..gen / block {
         let span = prompt_len + b * block..prompt_len + (b + 1) * block;
         for i in 0..block / k {
-            let rule = PredictRule {
-                temperature: 0.0,
-                remasking: Remasking::LowConfidence,
-                seed: 0,
-                step,
-                mask_token: cfg.mask_token_id,
-                vocab_size: cfg.vocab_size,
-            };
+            let rule = PredictRule::greedy(&cfg, step);
             gpu.step(span.clone(), dual && i > 0, dual && i == 0, &rule, k)?;
             step += 1;
         }

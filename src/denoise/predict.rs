@@ -51,6 +51,21 @@ pub struct PredictRule {
     pub vocab_size: usize,
 }
 
+impl PredictRule {
+    /// The greedy rule of `cfg`'s model at global step `step`: the argmax, ranked by its
+    /// probability (temperature 0, low-confidence remasking).
+    pub fn greedy(cfg: &crate::config::ModelConfig, step: u64) -> PredictRule {
+        PredictRule {
+            temperature: 0.0,
+            remasking: Remasking::LowConfidence,
+            seed: 0,
+            step,
+            mask_token: cfg.mask_token_id,
+            vocab_size: cfg.vocab_size,
+        }
+    }
+}
+
 /// The candidate for one position.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Prediction {

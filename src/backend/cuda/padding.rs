@@ -5,6 +5,8 @@
 //! Pure functions on host data, so the layout is tested without a GPU.
 
 use crate::denoise::predict::PredictRule;
+use crate::error::{Error, Result};
+use std::ops::Range;
 
 /// Splits canvases of lengths `lens` into padded sub-batches: lists of canvas indices, each run
 /// as one forward over `members × L` rows where `L` is the longest member. Canvases are taken
@@ -49,24 +51,88 @@ pub fn pad_canvases(canvases: &[&[u32]], seq: usize, pad: u32) -> Vec<u32> {
     out
 }
 
-/// The forward rows and positions of the queries of several canvases of a padded batch
-/// (`(slot, queries)`: canvas `slot` of the batch, its rows `slot·seq ..`), in the given order:
-/// query `q` of slot `b` reads row `b·seq + source(q)` (`source` = the model's
+/// One canvas's queries in a batched forward (a padded batch, or a pack of cached spans) whose
+/// canvases each contribute `len` rows: member `b`'s rows `b·len ..` hold its positions
+/// `start ..`.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryMember<'q> {
+    pub start: usize,
+    pub queries: &'q [usize],
+    pub rule: &'q PredictRule,
+}
+
+/// The query rows of a batched forward, grouped by rule ([`rule_rows`]): the rows and
+/// positions to upload, each distinct rule's range of them (one sampler launch each), and how
+/// to hand the predictions back per member ([`RuleRows::split`]).
+#[derive(Debug)]
+pub struct RuleRows<'q> {
+    pub idx: Vec<i32>,
+    pub pos: Vec<i32>,
+    pub ranges: Vec<(Range<usize>, &'q PredictRule)>,
+    groups: Vec<Vec<usize>>,
+}
+
+/// Groups `members` by rule ([`rule_groups`]) and lists their queries' rows, rule by rule:
+/// query `q` of member `b` reads row `b·len + source(q) − start` (`source` = the model's
 /// [`crate::config::ModelConfig::source_position`]) and keys its random draws by position `q`.
-pub fn query_rows(
-    members: &[(usize, &[usize])],
-    seq: usize,
+/// A query whose source row lies outside its member's rows, or a row or position past `i32`, is
+/// an error naming it.
+pub fn rule_rows<'q>(
+    members: &[QueryMember<'q>],
+    len: usize,
     source: impl Fn(usize) -> usize,
-) -> (Vec<usize>, Vec<usize>) {
-    let n: usize = members.iter().map(|(_, q)| q.len()).sum();
-    let (mut rows, mut pos) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for &(slot, queries) in members {
-        for &q in queries {
-            rows.push(slot * seq + source(q));
-            pos.push(q);
+) -> Result<RuleRows<'q>> {
+    let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
+    let groups = rule_groups(&rules);
+    let to_i32 = |what: &str, v: usize| {
+        i32::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} exceeds i32")))
+    };
+    let (mut idx, mut pos, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
+    for group in &groups {
+        let begin = idx.len();
+        for &b in group {
+            let m = &members[b];
+            for &q in m.queries {
+                let src = source(q);
+                if src < m.start || src >= m.start + len {
+                    return Err(Error::invalid(format!(
+                        "query {q} (source row {src}) is outside the rows {}..{}",
+                        m.start,
+                        m.start + len
+                    )));
+                }
+                idx.push(to_i32("query row", b * len + src - m.start)?);
+                pos.push(to_i32("query position", q)?);
+            }
         }
+        ranges.push((begin..idx.len(), rules[group[0]]));
     }
-    (rows, pos)
+    Ok(RuleRows {
+        idx,
+        pos,
+        ranges,
+        groups,
+    })
+}
+
+impl RuleRows<'_> {
+    /// Query rows in all.
+    pub fn total(&self) -> usize {
+        self.idx.len()
+    }
+
+    /// The predictions of every query row (in upload order) handed back per member, each in
+    /// its queries' order.
+    pub fn split<T>(&self, preds: Vec<T>, members: &[QueryMember<'_>]) -> Vec<Vec<T>> {
+        let mut preds = preds.into_iter();
+        let mut out: Vec<Vec<T>> = (0..members.len()).map(|_| Vec::new()).collect();
+        for group in &self.groups {
+            for &b in group {
+                out[b] = preds.by_ref().take(members[b].queries.len()).collect();
+            }
+        }
+        out
+    }
 }
 
 /// Groups `rules` by equality: one list of indices per distinct rule, in order of first
@@ -136,16 +202,74 @@ mod tests {
     }
 
     #[test]
-    fn query_rows_follow_the_slot_and_the_shift() {
+    fn query_rows_follow_the_member_its_start_and_the_shift() {
+        let rule = |step| PredictRule {
+            temperature: 0.0,
+            remasking: Remasking::LowConfidence,
+            seed: 0,
+            step,
+            mask_token: 7,
+            vocab_size: 50,
+        };
+        let (r0, r1) = (rule(0), rule(1));
+        // A padded batch (every start 0, rows of 8): row = b·8 + q.
         let (qa, qb): (&[usize], &[usize]) = (&[0, 2], &[0, 1, 5]);
-        // Unshifted (LLaDA): row = slot·seq + q.
-        let (rows, pos) = query_rows(&[(1, qa), (0, qb)], 8, |p| p);
-        assert_eq!(rows, vec![8, 10, 0, 1, 5]);
-        assert_eq!(pos, vec![0, 2, 0, 1, 5]);
-        // Shifted (Dream): row = slot·seq + max(q − 1, 0); positions stay the queries.
-        let (rows, pos) = query_rows(&[(1, qa), (0, qb)], 8, |p: usize| p.saturating_sub(1));
-        assert_eq!(rows, vec![8, 9, 0, 0, 4]);
-        assert_eq!(pos, vec![0, 2, 0, 1, 5]);
+        let padded = [
+            QueryMember {
+                start: 0,
+                queries: qb,
+                rule: &r0,
+            },
+            QueryMember {
+                start: 0,
+                queries: qa,
+                rule: &r0,
+            },
+        ];
+        let rows = rule_rows(&padded, 8, |p| p).unwrap();
+        assert_eq!(rows.idx, vec![0, 1, 5, 8, 10]);
+        assert_eq!(rows.pos, vec![0, 1, 5, 0, 2]);
+        assert_eq!(rows.ranges.len(), 1);
+        // Shifted (Dream): row = b·8 + max(q − 1, 0); positions stay the queries.
+        let rows = rule_rows(&padded, 8, |p: usize| p.saturating_sub(1)).unwrap();
+        assert_eq!(rows.idx, vec![0, 0, 4, 8, 9]);
+        // Cached spans of 32 rows at their own starts; member 1 has its own rule, so its rows
+        // come after the first rule's (members 0 and 2), and the predictions go back to each
+        // member in its queries' order.
+        let (a, b, c) = ([100usize, 103], [41usize], [7usize, 9, 8]);
+        let spans = [
+            QueryMember {
+                start: 96,
+                queries: &a,
+                rule: &r0,
+            },
+            QueryMember {
+                start: 0,
+                queries: &c,
+                rule: &r1,
+            },
+            QueryMember {
+                start: 40,
+                queries: &b,
+                rule: &r0,
+            },
+        ];
+        let rows = rule_rows(&spans, 32, |q| q).unwrap();
+        assert_eq!(rows.idx, vec![4, 7, 64 + 1, 32 + 7, 32 + 9, 32 + 8]);
+        assert_eq!(rows.pos, vec![100, 103, 41, 7, 9, 8]);
+        let ranges: Vec<Range<usize>> = rows.ranges.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(ranges, vec![0..3, 3..6]);
+        assert_eq!(rows.total(), 6);
+        let back = rows.split(vec![10, 11, 12, 13, 14, 15], &spans);
+        assert_eq!(back, vec![vec![10, 11], vec![13, 14, 15], vec![12]]);
+        // A source row outside its member's rows is refused, naming the query.
+        let e = rule_rows(&spans, 8, |q| q).unwrap_err().to_string();
+        assert!(
+            e.contains("query 9 (source row 9) is outside the rows 0..8"),
+            "{e}"
+        );
+        let e = rule_rows(&spans, 32, |q| q - 97).unwrap_err().to_string();
+        assert!(e.contains("query 100 (source row 3)"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! runs the shared layers and head of [`CudaTransformer`].
 
 use super::*;
+use crate::backend::cuda::padding::QueryMember;
 use crate::model::CachedQuery;
 
 impl Model for CudaTransformer {
@@ -137,7 +138,7 @@ impl CudaTransformer {
     /// (which drops the device K/V cache's contents and owner, as every upload does), their real
     /// lengths go to `kv_len` so attention ignores the padding keys, and one full forward runs
     /// without storing K/V. Then, per distinct rule ([`padding::rule_groups`]), the LM head and
-    /// the sampler run over that rule's canvases' query rows ([`padding::query_rows`]: canvas
+    /// the sampler run over that rule's canvases' query rows ([`padding::rule_rows`]: canvas
     /// `b`'s query `q` reads row `b·L + source_position(q)` and keys its random draws by `q`,
     /// as [`Model::predict`] does for the canvas alone). Returns the predictions per member.
     fn predict_padded(
@@ -145,14 +146,46 @@ impl CudaTransformer {
         g: &mut Option<State>,
         members: &[&BatchQuery<'_>],
     ) -> Result<Vec<Vec<Prediction>>> {
-        let seq = members.iter().map(|m| m.ids.len()).max().unwrap_or(0);
         let canvases: Vec<&[u32]> = members.iter().map(|m| m.ids).collect();
-        let ids = padding::pad_canvases(&canvases, seq, PAD_ID);
-        self.set_canvases_locked(g, &ids, members.len(), seq)?;
+        let seq = self.upload_padded(g, &canvases)?;
         let st = g.as_mut().expect("set above");
-        let lens: Vec<i32> = members
+        // Every member's query rows, grouped by rule: one LM-head pass over all of them, one
+        // sampler launch per rule and head chunk over that rule's rows. Set before the forward:
+        // its last layer may run only for them (one rule and as many queries in every canvas).
+        let queries: Vec<QueryMember<'_>> = members
             .iter()
-            .map(|m| i32_of("canvas length", m.ids.len()))
+            .map(|m| QueryMember {
+                start: 0,
+                queries: m.queries,
+                rule: m.rule,
+            })
+            .collect();
+        let rows = padding::rule_rows(&queries, seq, |p| self.source_position(p))?;
+        self.set_queries(st, rows.idx.clone(), rows.pos.clone())?;
+        let narrow = self.narrowing(st, true);
+        // Canvases of equal length are not padded: their layers may run as a graph.
+        self.layers_maybe_graphed(st, 0, seq, true, false, KvSel::Main, narrow)?;
+        self.predict_query_ranges(&self.kit, st, &rows.ranges)?;
+        let preds = self.download_predictions(st, rows.total())?;
+        Ok(rows.split(preds, &queries))
+    }
+
+    /// Uploads `canvases` padded with [`PAD_ID`] to the longest, `L`, as `canvases.len()`
+    /// canvases of `L` (which drops the main K/V cache's contents, as every upload does), their
+    /// real lengths to `kv_len` when they differ (attention then ignores the padding keys).
+    /// Returns `L`.
+    pub(super) fn upload_padded(
+        &self,
+        g: &mut Option<State>,
+        canvases: &[&[u32]],
+    ) -> Result<usize> {
+        let seq = canvases.iter().map(|c| c.len()).max().unwrap_or(0);
+        let ids = padding::pad_canvases(canvases, seq, PAD_ID);
+        self.set_canvases_locked(g, &ids, canvases.len(), seq)?;
+        let st = g.as_mut().expect("set above");
+        let lens: Vec<i32> = canvases
+            .iter()
+            .map(|c| i32_of("canvas length", c.len()))
             .collect::<Result<_>>()?;
         if lens.iter().any(|&n| n as usize != seq) {
             self.dev
@@ -161,38 +194,7 @@ impl CudaTransformer {
                 .map_err(|e| cuda_err("upload canvas lengths", e))?;
             st.padded = true;
         }
-        // Every member's query rows, grouped by rule: one LM-head pass over all of them, one
-        // sampler launch per rule and head chunk over that rule's rows. Set before the forward:
-        // its last layer may run only for them (one rule and as many queries in every canvas).
-        let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
-        let groups = padding::rule_groups(&rules);
-        let (mut idx, mut pos) = (Vec::new(), Vec::new());
-        let mut ranges = Vec::with_capacity(groups.len());
-        for slots in &groups {
-            let queries: Vec<(usize, &[usize])> =
-                slots.iter().map(|&b| (b, members[b].queries)).collect();
-            let (rows, ps) = padding::query_rows(&queries, seq, |p| self.source_position(p));
-            let start = idx.len();
-            for (r, p) in rows.into_iter().zip(ps) {
-                idx.push(i32_of("query row", r)?);
-                pos.push(i32_of("query position", p)?);
-            }
-            ranges.push((start..idx.len(), rules[slots[0]]));
-        }
-        let n = idx.len();
-        self.set_queries(st, idx, pos)?;
-        let narrow = self.narrowing(st, true);
-        // Canvases of equal length are not padded: their layers may run as a graph.
-        self.layers_maybe_graphed(st, 0, seq, true, false, KvSel::Main, narrow)?;
-        self.predict_query_ranges(&self.kit, st, &ranges)?;
-        let mut preds = self.download_predictions(st, n)?.into_iter();
-        let mut out = vec![Vec::new(); members.len()];
-        for slots in &groups {
-            for &b in slots {
-                out[b] = preds.by_ref().take(members[b].queries.len()).collect();
-            }
-        }
-        Ok(out)
+        Ok(seq)
     }
 
     /// One full forward over `ids` and the logits of every position, downloaded: row `i` is the

@@ -21,7 +21,7 @@ use super::{CudaTransformer, KernelChoice};
 use crate::backend::cuda::check::{self, CheckResult, TOL_BF16};
 use crate::backend::cuda::CudaDevice;
 use crate::config::ModelConfig;
-use crate::denoise::predict::{PredictRule, Prediction, Remasking};
+use crate::denoise::predict::{PredictRule, Prediction};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{CacheStep, KvCache};
 use crate::model::{BatchQuery, Model};
@@ -99,14 +99,7 @@ struct Case<'a> {
 
 impl Case<'_> {
     fn rule(&self, step: u64) -> PredictRule {
-        PredictRule {
-            temperature: 0.0,
-            remasking: Remasking::LowConfidence,
-            seed: 0,
-            step,
-            mask_token: self.cfg.mask_token_id,
-            vocab_size: self.cfg.vocab_size,
-        }
+        PredictRule::greedy(self.cfg, step)
     }
 
     /// `batch` distinct canvases: the case's canvas with its ids shifted per canvas.

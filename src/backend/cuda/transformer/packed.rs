@@ -7,11 +7,13 @@
 //! padded batches ([`Model::predict_batch`]'s layout), each canvas storing its K/V in its own
 //! slot; a span step whose slot was reassigned runs alone, as a refresh.
 //!
-//! The row and position arithmetic ([`packed_query_rows`]) is host code, unit-tested here.
+//! The query rows' arithmetic is [`padding::rule_rows`]'s (host code, unit-tested there), shared
+//! with the padded batches.
 
 use super::model_impl::in_canvas;
 use super::*;
 use crate::backend::cuda::canvas_kv::CanvasCache;
+use crate::backend::cuda::padding::QueryMember;
 use crate::model::CachedQuery;
 use std::collections::BTreeMap;
 
@@ -22,44 +24,12 @@ pub fn packed_sessions_from_env() -> bool {
     crate::backend::cuda::env_switch::flag("DLLM_PACKED_SESSIONS", false)
 }
 
-/// One canvas of a packed forward: its cache slot, the position of its first computed row,
-/// the keys it attends to (its canvas length), its queries and their rule.
-pub(super) struct PackedMember<'q> {
-    pub slot: usize,
-    pub start: usize,
-    pub keys: usize,
-    pub queries: &'q [usize],
-    pub rule: &'q PredictRule,
-}
-
-/// The forward rows and positions of the queries of a packed span forward whose canvases each
-/// contribute `len` rows (member `b`'s rows `b·len ..`, its span starting at `start`), for the
-/// members in `order`: query `q` of member `b` reads row `b·len + source(q) − start` and keys
-/// its random draws by position `q`. A query whose source row lies outside its member's span is
-/// an error naming it.
-pub(super) fn packed_query_rows(
-    members: &[PackedMember<'_>],
-    order: &[usize],
-    len: usize,
-    source: impl Fn(usize) -> usize,
-) -> Result<(Vec<usize>, Vec<usize>)> {
-    let (mut rows, mut pos) = (Vec::new(), Vec::new());
-    for &b in order {
-        let m = &members[b];
-        for &q in m.queries {
-            let src = source(q);
-            if src < m.start || src >= m.start + len {
-                return Err(Error::invalid(format!(
-                    "query {q} (source row {src}) is outside the span {}..{}",
-                    m.start,
-                    m.start + len
-                )));
-            }
-            rows.push(b * len + src - m.start);
-            pos.push(q);
-        }
-    }
-    Ok((rows, pos))
+/// One canvas of a packed forward: its cache slot, the keys it attends to (its canvas
+/// length), and its computed rows' first position, queries and rule.
+struct PackedMember<'q> {
+    slot: usize,
+    keys: usize,
+    rows: QueryMember<'q>,
 }
 
 impl CudaTransformer {
@@ -178,10 +148,12 @@ impl CudaTransformer {
             .iter()
             .map(|&(i, j)| PackedMember {
                 slot: j,
-                start: rows[i].start,
                 keys: items[i].ids.len(),
-                queries: items[i].queries,
-                rule: items[i].rule,
+                rows: QueryMember {
+                    start: rows[i].start,
+                    queries: items[i].queries,
+                    rule: items[i].rule,
+                },
             })
             .collect();
         for (m, &(i, _)) in members.iter().zip(pack) {
@@ -212,22 +184,9 @@ impl CudaTransformer {
         pack: &[usize],
         slots: SlotPolicy<'_>,
     ) -> Result<Vec<Vec<Prediction>>> {
-        let seq = pack.iter().map(|&i| items[i].ids.len()).max().unwrap_or(0);
         let canvases: Vec<&[u32]> = pack.iter().map(|&i| items[i].ids).collect();
-        let ids = padding::pad_canvases(&canvases, seq, PAD_ID);
-        self.set_canvases_locked(g, &ids, pack.len(), seq)?;
+        let seq = self.upload_padded(g, &canvases)?;
         let st = g.as_mut().expect("canvases set");
-        let lens: Vec<i32> = pack
-            .iter()
-            .map(|&i| i32_of("canvas length", items[i].ids.len()))
-            .collect::<Result<_>>()?;
-        if lens.iter().any(|&n| n as usize != seq) {
-            self.dev
-                .stream
-                .memcpy_htod(&lens, &mut st.kv_len.slice_mut(0..lens.len()))
-                .map_err(|e| cuda_err("upload canvas lengths", e))?;
-            st.padded = true;
-        }
         let mut members = Vec::with_capacity(pack.len());
         for &i in pack {
             let it = &items[i];
@@ -236,10 +195,12 @@ impl CudaTransformer {
             st.slots[slot].seq = 0;
             members.push(PackedMember {
                 slot,
-                start: 0,
                 keys: it.ids.len(),
-                queries: it.queries,
-                rule: it.rule,
+                rows: QueryMember {
+                    start: 0,
+                    queries: it.queries,
+                    rule: it.rule,
+                },
             });
         }
         let preds = self.predict_members(st, &members, seq, |st| {
@@ -270,86 +231,22 @@ impl CudaTransformer {
             .map(|m| CanvasCache {
                 k: &st.slots[m.slot].k,
                 v: &st.slots[m.slot].v,
-                start: m.start,
+                start: m.rows.start,
                 keys: m.keys,
             })
             .collect();
         let canvas_kv = CanvasKv::upload(&self.dev, &caches, self.cfg.n_layers, self.kv_dim())?;
         canvas_kv.host().check_rows(len)?;
-        let rules: Vec<&PredictRule> = members.iter().map(|m| m.rule).collect();
-        let groups = padding::rule_groups(&rules);
-        let (mut idx, mut pos) = (Vec::new(), Vec::new());
-        let mut ranges = Vec::with_capacity(groups.len());
-        for group in &groups {
-            let (r, p) = packed_query_rows(members, group, len, |q| self.source_position(q))?;
-            let begin = idx.len();
-            for (r, p) in r.into_iter().zip(p) {
-                idx.push(i32_of("query row", r)?);
-                pos.push(i32_of("query position", p)?);
-            }
-            ranges.push((begin..idx.len(), rules[group[0]]));
-        }
-        let total = idx.len();
-        self.set_queries(st, idx, pos)?;
+        let queries: Vec<QueryMember<'_>> = members.iter().map(|m| m.rows).collect();
+        let rows = padding::rule_rows(&queries, len, |q| self.source_position(q))?;
+        self.set_queries(st, rows.idx.clone(), rows.pos.clone())?;
         st.canvas_kv = Some(canvas_kv);
         let run = forward(st);
         // The table points into the slots: gone with this forward.
         st.canvas_kv = None;
         run?;
-        self.predict_query_ranges(&self.kit, st, &ranges)?;
-        let mut preds = self.download_predictions(st, total)?.into_iter();
-        let mut out = vec![Vec::new(); members.len()];
-        for group in &groups {
-            for &b in group {
-                out[b] = preds.by_ref().take(members[b].queries.len()).collect();
-            }
-        }
-        Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packed_queries_read_their_own_members_span_rows() {
-        let (a, b, c) = ([100usize, 103], [41usize], [7usize, 9, 8]);
-        let rule = PredictRule {
-            temperature: 0.0,
-            remasking: crate::denoise::predict::Remasking::LowConfidence,
-            seed: 0,
-            step: 0,
-            mask_token: 0,
-            vocab_size: 1,
-        };
-        let member = |start, queries| PackedMember {
-            slot: 0,
-            start,
-            keys: 128,
-            queries,
-            rule: &rule,
-        };
-        let members = [member(96, &a[..]), member(32, &b[..]), member(0, &c[..])];
-        // Spans of 32 rows: member 0 rows 0.., member 1 rows 32.., member 2 rows 64...
-        let (rows, pos) = packed_query_rows(&members, &[0, 1, 2], 32, |q| q).unwrap();
-        assert_eq!(rows, vec![4, 7, 32 + 9, 64 + 7, 64 + 9, 64 + 8]);
-        assert_eq!(pos, vec![100, 103, 41, 7, 9, 8]);
-        // A rule group takes its members in its order; their rows stay their own.
-        let (rows, pos) = packed_query_rows(&members, &[2, 0], 32, |q| q).unwrap();
-        assert_eq!(rows, vec![71, 73, 72, 4, 7]);
-        assert_eq!(pos, vec![7, 9, 8, 100, 103]);
-        // Shifted architectures read the row before the query (Dream: q − 1).
-        let (rows, _) = packed_query_rows(&members, &[1], 32, |q| q - 1).unwrap();
-        assert_eq!(rows, vec![32 + 8]);
-        // A source row outside the member's span is refused, naming the query.
-        let e = packed_query_rows(&members, &[2], 8, |q| q)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("query 9") && e.contains("span 0..8"), "{e}");
-        let e = packed_query_rows(&members, &[0], 32, |q| q - 97)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("query 100 (source row 3)"), "{e}");
+        self.predict_query_ranges(&self.kit, st, &rows.ranges)?;
+        let preds = self.download_predictions(st, rows.total())?;
+        Ok(rows.split(preds, &queries))
     }
 }

@@ -85,15 +85,7 @@ fn three_prompts(prompt: &[u32]) -> Vec<Vec<u32>> {
 }
 
 fn greedy(cuda: &CudaTransformer, step: u64) -> PredictRule {
-    let cfg = cuda.config();
-    PredictRule {
-        temperature: 0.0,
-        remasking: Remasking::LowConfidence,
-        seed: 0,
-        step,
-        mask_token: cfg.mask_token_id,
-        vocab_size: cfg.vocab_size,
-    }
+    PredictRule::greedy(cuda.config(), step)
 }
 
 /// One canvas of the span-step check: its ids (prompt, 4 committed tokens, masks), cache,
