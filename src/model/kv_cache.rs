@@ -91,7 +91,7 @@ pub fn span_for(
 /// The host storage is allocated on the first [`KvCache::write`]: a backend that keeps its
 /// cache on the device (CUDA) only uses the cache's identity ([`KvCache::id`]) and fill state,
 /// so no host memory is spent there.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     id: u64,
     len: usize,
@@ -105,12 +105,34 @@ pub struct KvCache {
 /// Source of [`KvCache::id`] values.
 static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+fn next_cache_id() -> u64 {
+    NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A clone is another cache: the same host K/V and fill state under a new [`KvCache::id`], so a
+/// backend that keeps K/V on the device per id never lets the two share (or overwrite) one
+/// device cache; the clone's first cached step on such a backend finds no device K/V of its id
+/// and runs as a refresh.
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        KvCache {
+            id: next_cache_id(),
+            len: self.len,
+            width: self.width,
+            n_layers: self.n_layers,
+            k: self.k.clone(),
+            v: self.v.clone(),
+            filled: self.filled,
+        }
+    }
+}
+
 impl KvCache {
     /// An empty (not yet refreshed) cache for a canvas of `len` positions of a `cfg` model.
     pub fn new(cfg: &ModelConfig, len: usize) -> KvCache {
         let width = cfg.n_kv_heads * cfg.head_dim();
         KvCache {
-            id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id: next_cache_id(),
             len,
             width,
             n_layers: cfg.n_layers,
@@ -220,6 +242,23 @@ mod tests {
         assert_eq!(span_for(CacheMode::Prefix, 4..8, 12, true), Some(3..12));
         assert_eq!(span_for(CacheMode::Dual, 4..8, 12, true), Some(3..8));
         assert_eq!(span_for(CacheMode::Dual, 0..8, 12, true), Some(0..8));
+    }
+
+    #[test]
+    fn a_clone_is_another_cache_with_the_same_contents() {
+        let c = cfg();
+        let mut kv = KvCache::new(&c, 5);
+        let k: Vec<f32> = (0..4).map(|i| i as f32 + 0.5).collect();
+        kv.write(2, 3, &k, &k);
+        kv.mark_filled();
+        let copy = kv.clone();
+        // Its own identity (a device cache keyed by it is not shared) ...
+        assert_ne!(copy.id(), kv.id());
+        assert_ne!(copy.clone().id(), copy.id());
+        // ... with the same K/V, size and fill state.
+        assert!(copy.is_filled());
+        assert_eq!(copy.layer(2), kv.layer(2));
+        assert_eq!((copy.len(), copy.width(), copy.n_layers()), (5, 4, 3));
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! slot through [`CanvasKv`] (the slots are separate allocations; canvases may differ in
 //! length and span position); spans are packed with spans of the same length. Refreshes run as
 //! padded batches ([`Model::predict_batch`]'s layout), each canvas storing its K/V in its own
-//! slot; a span step whose slot was reassigned runs alone, as a refresh.
+//! slot; a span step whose slot was reassigned runs alone, as a refresh. When memory runs
+//! short for a batch's slots or step buffers, its canvases run alone as a canvas stepped alone
+//! does (taking the least recently used slots, whoever's). Forwards run without queries too
+//! (a refresh still stores its K/V), as on the CPU backend.
 //!
 //! The query rows' arithmetic is [`padding::rule_rows`]'s (host code, unit-tested there), shared
 //! with the padded batches.
@@ -14,6 +17,7 @@ use super::model_impl::in_canvas;
 use super::*;
 use crate::backend::cuda::canvas_kv::CanvasCache;
 use crate::backend::cuda::padding::QueryMember;
+use crate::error::ErrorKind;
 use crate::model::CachedQuery;
 use std::collections::BTreeMap;
 
@@ -60,26 +64,44 @@ impl CudaTransformer {
         }
         // One slot per canvas, none taken by another canvas of the batch.
         let keep: Vec<u64> = items.iter().map(|it| it.cache.id()).collect();
+        if let Some((i, j)) = (0..keep.len())
+            .flat_map(|j| (0..j).map(move |i| (i, j)))
+            .find(|&(i, j)| keep[i] == keep[j])
+        {
+            return Err(Error::invalid(format!(
+                "batch canvases {i} and {j} name one K/V cache"
+            )));
+        }
         let slots = SlotPolicy {
             max: self.cache_slots.max(items.len()),
             keep: &keep,
         };
         let mut out = vec![Vec::new(); items.len()];
         let mut g = self.lock();
-        // Refreshes first, in padded sub-batches (one alone runs as predict_cached does).
-        let (refreshes, spans): (Vec<usize>, Vec<usize>) = (0..items.len())
-            .filter(|&i| !items[i].queries.is_empty())
-            .partition(|&i| items[i].step == CacheStep::Refresh);
+        // Refreshes first, in padded sub-batches (one alone runs as predict_cached does). When
+        // memory runs short for the batch's slots or buffers, its canvases run alone, taking
+        // the least recently used slots as a canvas stepped alone does.
+        let (refreshes, spans): (Vec<usize>, Vec<usize>) =
+            (0..items.len()).partition(|&i| items[i].step == CacheStep::Refresh);
         let lens: Vec<usize> = refreshes.iter().map(|&i| items[i].ids.len()).collect();
         for group in padding::plan_sub_batches(&lens, MAX_BATCH_ROWS) {
             let pack: Vec<usize> = group.iter().map(|&j| refreshes[j]).collect();
             if let [i] = pack[..] {
-                out[i] = self.predict_cached_locked(&mut g, &mut items[i], slots)?;
+                out[i] = self.predict_one(&mut g, &mut items[i], slots)?;
                 continue;
             }
-            let preds = self.predict_refresh_pack(&mut g, items, &pack, slots)?;
-            for (&i, p) in pack.iter().zip(preds) {
-                out[i] = p;
+            match self.predict_refresh_pack(&mut g, items, &pack, slots) {
+                Ok(preds) => {
+                    for (&i, p) in pack.iter().zip(preds) {
+                        out[i] = p;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::OutOfMemory => {
+                    for &i in &pack {
+                        out[i] = self.predict_one(&mut g, &mut items[i], slots)?;
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
         // Spans whose slot is in place, by span length; the others run alone (as refreshes).
@@ -91,7 +113,7 @@ impl CudaTransformer {
                 .and_then(|st| slot_of(&st.slots, it.cache.id(), it.ids.len()));
             match slot {
                 Some(j) => packs.entry(rows[i].len()).or_default().push((i, j)),
-                None => out[i] = self.predict_cached_locked(&mut g, it, slots)?,
+                None => out[i] = self.predict_one(&mut g, it, slots)?,
             }
         }
         for (len, members) in packs {
@@ -99,31 +121,59 @@ impl CudaTransformer {
             for pack in members.chunks(per_pack) {
                 if let [(i, _)] = pack {
                     // Alone: the single-canvas path (graphed like a session's own steps).
-                    out[*i] = self.predict_cached_locked(&mut g, &mut items[*i], slots)?;
+                    out[*i] = self.predict_one(&mut g, &mut items[*i], slots)?;
                     continue;
                 }
-                let preds = self.predict_span_pack(&mut g, items, &rows, pack, len)?;
-                for (&(i, _), p) in pack.iter().zip(preds) {
-                    out[i] = p;
+                match self.predict_span_pack(&mut g, items, &rows, pack, len) {
+                    Ok(preds) => {
+                        for (&(i, _), p) in pack.iter().zip(preds) {
+                            out[i] = p;
+                        }
+                    }
+                    // The pack's step buffers do not fit: its canvases alone.
+                    Err(e) if e.kind() == ErrorKind::OutOfMemory => {
+                        for &(i, _) in pack {
+                            out[i] = self.predict_one(&mut g, &mut items[i], slots)?;
+                        }
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
         Ok(out)
     }
 
-    /// [`Model::predict_cached`] under the held lock, its slot claimed under `slots`.
+    /// [`Model::predict_cached`] under the held lock, its slot claimed under `slots`. The
+    /// forward runs without queries too (a refresh stores the K/V, a span writes its rows').
     pub(super) fn predict_cached_locked(
         &self,
         g: &mut std::sync::MutexGuard<'_, Option<State>>,
         it: &mut CachedQuery<'_>,
         slots: SlotPolicy<'_>,
     ) -> Result<Vec<Prediction>> {
+        let st = self.cached_forward(g, it.ids, it.queries, it.cache, &it.step, slots)?;
         if it.queries.is_empty() {
             return Ok(Vec::new());
         }
-        let st = self.cached_forward(g, it.ids, it.queries, it.cache, &it.step, slots)?;
         self.predict_queries(&self.kit, st, it.rule)?;
         self.download_predictions(st, it.queries.len())
+    }
+
+    /// One canvas of a packed batch alone, its slot claimed under the batch's `slots`; when
+    /// that runs out of memory, again as a canvas stepped alone (any least recently used slot
+    /// may go, a batch canvas's too: its next step then refreshes).
+    fn predict_one(
+        &self,
+        g: &mut std::sync::MutexGuard<'_, Option<State>>,
+        it: &mut CachedQuery<'_>,
+        slots: SlotPolicy<'_>,
+    ) -> Result<Vec<Prediction>> {
+        match self.predict_cached_locked(g, it, slots) {
+            Err(e) if e.kind() == ErrorKind::OutOfMemory => {
+                self.predict_cached_locked(g, it, self.alone_slots())
+            }
+            r => r,
+        }
     }
 
     /// One packed span forward over `pack` (item index, slot; at least two, every span `len`
@@ -245,6 +295,9 @@ impl CudaTransformer {
         // The table points into the slots: gone with this forward.
         st.canvas_kv = None;
         run?;
+        if rows.total() == 0 {
+            return Ok(vec![Vec::new(); members.len()]);
+        }
         self.predict_query_ranges(&self.kit, st, &rows.ranges)?;
         let preds = self.download_predictions(st, rows.total())?;
         Ok(rows.split(preds, &queries))

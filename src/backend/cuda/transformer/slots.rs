@@ -159,7 +159,8 @@ pub(super) enum SlotPick {
     New,
     /// The least recently used slot not kept, reassigned.
     Evict(usize),
-    /// Every slot is kept (more kept caches than slots allowed).
+    /// Every slot is kept. Not reached by the packed batches (they keep their other canvases'
+    /// slots, fewer than the slots they allow); reported as an error, never a panic.
     NoneFree,
 }
 
