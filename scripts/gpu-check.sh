@@ -53,7 +53,7 @@ STAGES=${*:-smi check synth bench summary}
 # the second. The PyTorch peer runs right after the default workloads: the ratios need both from
 # one call, and a call cut off at the device's limit keeps every stage packed before it.
 STAGES=${STAGES//next2/synth qll fold csplit rope mlp blocks99 keys264 ring2 ncustream summary pack}
-STAGES=${STAGES//next/smi check synth bench peer packed combo sanitize summary pack}
+STAGES=${STAGES//next/smi check synth bench peer combo sanitize packed summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)}
