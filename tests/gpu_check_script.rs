@@ -233,7 +233,7 @@ fn stage_names(out: &Path) -> Vec<String> {
 #[test]
 fn next_expands_to_the_planned_stages() {
     // `next` with every stage's binary stubbed: the stage names it ran, in order.
-    let (_, _, out) = run_script("next", &["next"]);
+    let (_, log, out) = run_script("next", &["next"]);
     let names = stage_names(&out);
     for want in [
         "check",
@@ -248,9 +248,31 @@ fn next_expands_to_the_planned_stages() {
         "bench_suite_combochain",
         "sanitize_FOLD_memcheck",
         "sanitize_TAIL_racecheck",
+        "bench_b8_dual_k4_session",
+        "bench_b8_dual_k4_session_packed",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not run: {names:?}");
     }
+    // The packed sessions' timing comes last (a call cut short loses it first), after the
+    // sanitizer stages.
+    let at = |name: &str| names.iter().position(|n| n == name).unwrap();
+    assert!(at("bench_b8_dual_k4_session") > at("sanitize_TAIL_racecheck"));
+    // Both b8 Session runs, the second with the switch.
+    let session_b8: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("--batch 8") && l.contains("--session"))
+        .collect();
+    assert_eq!(session_b8.len(), 2, "{session_b8:?}");
+    assert!(
+        !session_b8[0].contains("DLLM_PACKED_SESSIONS"),
+        "{}",
+        session_b8[0]
+    );
+    assert!(
+        session_b8[1].contains("DLLM_PACKED_SESSIONS=1"),
+        "{}",
+        session_b8[1]
+    );
     let _ = fs::remove_dir_all(out.parent().unwrap());
     // `next2`: each switch alone, the narrowed last layer and the RMSNorm fold first.
     let (_, _, out) = run_script("next2", &["next2"]);
