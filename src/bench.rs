@@ -296,10 +296,6 @@ pub fn canvases(o: &BenchOptions, cfg: &ModelConfig) -> Vec<u32> {
     out
 }
 
-fn greedy_rule(cfg: &ModelConfig, step: usize) -> PredictRule {
-    PredictRule::greedy(cfg, step as u64)
-}
-
 /// Whether the bench runs on CUDA: asked for, or `auto` with a device and compiled kernels.
 fn uses_cuda(o: &BenchOptions) -> bool {
     match o.backend {
@@ -604,7 +600,7 @@ fn run_host_steps(
         CacheMode::None => Vec::new(),
     };
     for (i, st) in steps.iter().enumerate() {
-        let rule = greedy_rule(cfg, i);
+        let rule = PredictRule::greedy(cfg, i as u64);
         let queries: Vec<Vec<usize>> = canv
             .chunks(s)
             .map(|c| {
@@ -747,7 +743,7 @@ fn cuda_step(
         st.span.clone(),
         st.use_cache,
         st.store_cache,
-        &greedy_rule(cfg, i),
+        &PredictRule::greedy(cfg, i as u64),
         st.k,
     )
 }

@@ -563,13 +563,16 @@ impl Model for FailingBatch {
 #[test]
 fn a_failed_round_applies_no_batched_step() {
     let m: Arc<dyn Model> = Arc::new(FailingBatch(llada()));
-    let mut cached = Session::new(m.clone(), canvas(&*m, 1, 6, 16), params(8, 8, 0.0)).unwrap();
-    cached
-        .set_decoding(Decoding {
+    let dual = |ids: Vec<u32>| {
+        let mut s = Session::new(m.clone(), ids, params(8, 8, 0.0)).unwrap();
+        s.set_decoding(Decoding {
             cache: CacheMode::Dual,
             ..Decoding::default()
         })
         .unwrap();
+        s
+    };
+    let cached = dual(canvas(&*m, 1, 6, 16));
     let plain = Session::new(m.clone(), canvas(&*m, 2, 6, 16), params(8, 8, 0.0)).unwrap();
     let before = cached.canvas().to_vec();
     let mut batch = vec![cached, plain];
@@ -579,13 +582,7 @@ fn a_failed_round_applies_no_batched_step() {
     assert_eq!(batch[0].steps_taken(), 0);
     assert_eq!(batch[0].cache_stats().refreshes, 0);
     // Alone, the cached session steps as if the failed round had not happened.
-    let mut alone = Session::new(m.clone(), before.clone(), params(8, 8, 0.0)).unwrap();
-    alone
-        .set_decoding(Decoding {
-            cache: CacheMode::Dual,
-            ..Decoding::default()
-        })
-        .unwrap();
+    let mut alone = dual(before.clone());
     alone.step().unwrap();
     batch[0].step().unwrap();
     assert_eq!(batch[0].canvas(), alone.canvas());

@@ -130,10 +130,7 @@ pub trait Model: Send + Sync {
     /// next span step. The default runs them one by one (so an item's error comes after the
     /// earlier items' steps).
     fn predict_cached_batch(&self, items: &mut [CachedQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
-        items
-            .iter_mut()
-            .map(|it| self.predict_cached(it.ids, it.queries, it.rule, it.cache, &it.step))
-            .collect()
+        predict_cached_each(self, items)
     }
 
     /// [`predict`](Self::predict) for several canvases at once (a batch; canvases may differ in
@@ -147,6 +144,18 @@ pub trait Model: Send + Sync {
             .map(|it| self.predict(it.ids, it.queries, it.rule))
             .collect()
     }
+}
+
+/// [`Model::predict_cached`] on each of `items` in turn (the default
+/// [`Model::predict_cached_batch`], and a packing backend's when packing is off).
+pub fn predict_cached_each<M: Model + ?Sized>(
+    model: &M,
+    items: &mut [CachedQuery<'_>],
+) -> Result<Vec<Vec<Prediction>>> {
+    items
+        .iter_mut()
+        .map(|it| model.predict_cached(it.ids, it.queries, it.rule, it.cache, &it.step))
+        .collect()
 }
 
 /// Checks that every query position lies inside a canvas of `len` positions.

@@ -500,14 +500,14 @@ impl Attention {
         out: &CudaViewMut<u16>,
         shape: &AttnShape,
     ) -> bool {
+        self.mma_fits(q, out, shape, self.kv_aligned(k, v))
+    }
+
+    /// Whether batch K and V buffers are 16-byte aligned.
+    fn kv_aligned(&self, k: &CudaView<u16>, v: &CudaView<u16>) -> bool {
         let (kp, _g2) = k.device_ptr(&self.stream);
         let (vp, _g3) = v.device_ptr(&self.stream);
-        self.mma_fits(
-            q,
-            out,
-            shape,
-            kp.is_multiple_of(16) && vp.is_multiple_of(16),
-        )
+        kp.is_multiple_of(16) && vp.is_multiple_of(16)
     }
 
     /// [`Attention::mma_supported`] given whether the K/V rows are 16-byte aligned.
@@ -559,13 +559,7 @@ impl Attention {
     ) -> Result<()> {
         let variant = variant
             .unwrap_or_else(|| self.choose(self.mma_fits(q, out, shape, kv.host.aligned), shape));
-        let plan = match variant {
-            AttnVariant::Split => Some(
-                self.split_plan(shape)
-                    .unwrap_or_else(|| SplitPlan::with_tiles_per_split(shape, 1)),
-            ),
-            _ => None,
-        };
+        let plan = self.plan_of(variant, shape);
         self.launch(variant, plan, q, KvSource::Canvases(kv), out, None, shape)
     }
 
@@ -690,13 +684,7 @@ impl Attention {
         kv_len: Option<&CudaView<i32>>,
         shape: &AttnShape,
     ) -> Result<()> {
-        let plan = match variant {
-            AttnVariant::Split => Some(
-                self.split_plan(shape)
-                    .unwrap_or_else(|| SplitPlan::with_tiles_per_split(shape, 1)),
-            ),
-            _ => None,
-        };
+        let plan = self.plan_of(variant, shape);
         self.launch(
             variant,
             plan,
@@ -706,6 +694,15 @@ impl Attention {
             kv_len,
             shape,
         )
+    }
+
+    /// The split plan a `variant` launch of `shape` runs: the device's plan for a split
+    /// launch (one tile per split where it would not split), none for the others.
+    fn plan_of(&self, variant: AttnVariant, shape: &AttnShape) -> Option<SplitPlan> {
+        (variant == AttnVariant::Split).then(|| {
+            self.split_plan(shape)
+                .unwrap_or_else(|| SplitPlan::with_tiles_per_split(shape, 1))
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -739,16 +736,13 @@ impl Attention {
         };
         need("q", q.len(), shape.q_len())?;
         need("out", out.len(), shape.o_len())?;
-        let null: u64 = 0;
         // The K/V arguments: batch buffers (checked against the shape), or each canvas's own
         // cache (the table's addresses, the keys counts as kv_len; checked on the host copy).
         let (k, v, kv_len, table, kv_aligned) = match kv {
             KvSource::Batch { k, v } => {
                 need("k", k.len(), shape.kv_len())?;
                 need("v", v.len(), shape.kv_len())?;
-                let aligned = k.device_ptr(&self.stream).0.is_multiple_of(16)
-                    && v.device_ptr(&self.stream).0.is_multiple_of(16);
-                (Some(k), Some(v), kv_len, None, aligned)
+                (Some(k), Some(v), kv_len, None, self.kv_aligned(k, v))
             }
             KvSource::Canvases(c) => {
                 let n = c.host.canvases();
@@ -828,10 +822,7 @@ impl Attention {
                     .arg(&kvs)
                     .arg(&kvb)
                     .arg(&scale_log2);
-                match table {
-                    Some(t) => b.arg(t),
-                    None => b.arg(&null),
-                };
+                push_or_null(&mut b, table);
                 if let Some(sc) = scratch.as_mut() {
                     let ReductionScratch { ws, counters, .. } = &mut **sc;
                     b.arg(ws).arg(counters).arg(&tps);
@@ -875,10 +866,7 @@ impl Attention {
                     .arg(&kvs)
                     .arg(&kvb)
                     .arg(&scale);
-                match table {
-                    Some(t) => b.arg(t),
-                    None => b.arg(&null),
-                };
+                push_or_null(&mut b, table);
                 // SAFETY: argument order and types match `attention_naive`; buffer lengths were
                 // checked against the shape and the shared memory holds head_dim + skv floats.
                 unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch attention_naive", e))?;
@@ -897,15 +885,18 @@ fn push_tensors<'a, 'b: 'a>(
     out: &'b mut CudaViewMut<'_, u16>,
     kv_len: Option<&'b CudaView<'_, i32>>,
 ) {
-    static NULL: u64 = 0;
     b.arg(q);
-    match kv {
-        Some((k, v)) => b.arg(k).arg(v),
-        None => b.arg(&NULL).arg(&NULL),
-    };
+    push_or_null(b, kv.map(|kv| kv.0));
+    push_or_null(b, kv.map(|kv| kv.1));
     b.arg(out);
-    match kv_len {
-        Some(kl) => b.arg(kl),
+    push_or_null(b, kv_len);
+}
+
+/// A buffer parameter, or a null pointer in its place.
+fn push_or_null<'a, 'b: 'a, T>(b: &mut Launch<'a>, buf: Option<&'b CudaView<'_, T>>) {
+    static NULL: u64 = 0;
+    match buf {
+        Some(x) => b.arg(x),
         None => b.arg(&NULL),
     };
 }

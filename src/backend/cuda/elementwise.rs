@@ -185,7 +185,7 @@ pub struct KvDst<'a, 'b> {
     pub seq_rows: usize,
 }
 
-/// Where [`Elementwise::rope_qkv_to`] writes the rotated K and the V rows.
+/// Where [`Elementwise::rope_qkv`] writes the rotated K and the V rows.
 pub enum RopeDst<'a, 'b> {
     /// Nowhere: RoPE in place only.
     None,
@@ -195,6 +195,13 @@ pub enum RopeDst<'a, 'b> {
     /// `c·pos_period..`) at positions `starts[c] + r % pos_period`; the shape's `pos_offset`
     /// is not used.
     Canvases(&'a CanvasKvLayer<'b>),
+}
+
+impl<'a, 'b> From<Option<KvDst<'a, 'b>>> for RopeDst<'a, 'b> {
+    /// Batch caches, or nowhere.
+    fn from(cache: Option<KvDst<'a, 'b>>) -> Self {
+        cache.map_or(RopeDst::None, RopeDst::Batch)
+    }
 }
 
 /// The loaded element-wise kernels.
@@ -447,8 +454,9 @@ impl Elementwise {
         unsafe { b.launch(grid_for(total)) }.map_err(|e| cuda_err("launch rope_table_f32", e))
     }
 
-    /// Fused RoPE on the q and k heads of `qkv` (in place) and, with `cache`, the write of the
-    /// rotated K and of V into the cache rows [`RopeQkvShape::cache_row`]. One launch replaces
+    /// Fused RoPE on the q and k heads of `qkv` (in place) and the write of the rotated K and
+    /// of V where `dst` says ([`RopeDst`]): the batch cache rows [`RopeQkvShape::cache_row`],
+    /// each canvas's own cache (the packed cached steps), or nowhere. One launch replaces
     /// [`Elementwise::rope`] plus two [`Elementwise::copy_rows_bf16`].
     /// `bias` (fp32, one value per qkv column, at least up to the end of the v columns) is
     /// added to q, k and v first (projection biases; v is updated in place). `prefetch`: a
@@ -460,32 +468,15 @@ impl Elementwise {
         inv_freq: &CudaView<f32>,
         bias: Option<&CudaView<f32>>,
         s: RopeQkvShape,
-        cache: Option<KvDst<'_, '_>>,
+        dst: RopeDst<'_, '_>,
         prefetch: Option<&CudaView<u16>>,
     ) -> Result<()> {
-        self.rope_qkv_variant(qkv, inv_freq, bias, s, cache, true, prefetch)
+        self.rope_qkv_variant(qkv, inv_freq, bias, s, dst, true, prefetch)
     }
 
     /// [`Elementwise::rope_qkv`]; `allow_vec = false` forces the scalar path (checks).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_qkv_variant(
-        &self,
-        qkv: &mut CudaViewMut<u16>,
-        inv_freq: &CudaView<f32>,
-        bias: Option<&CudaView<f32>>,
-        s: RopeQkvShape,
-        cache: Option<KvDst<'_, '_>>,
-        allow_vec: bool,
-        prefetch: Option<&CudaView<u16>>,
-    ) -> Result<()> {
-        let dst = cache.map_or(RopeDst::None, RopeDst::Batch);
-        self.rope_qkv_to(qkv, inv_freq, bias, s, dst, allow_vec, prefetch)
-    }
-
-    /// [`Elementwise::rope_qkv`] with any destination ([`RopeDst`]; per-canvas caches for the
-    /// packed cached steps).
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope_qkv_to(
         &self,
         qkv: &mut CudaViewMut<u16>,
         inv_freq: &CudaView<f32>,

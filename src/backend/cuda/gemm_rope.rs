@@ -505,7 +505,7 @@ impl<'g> Fixture<'g> {
             &inv,
             self.c.bias.then_some(&bias),
             self.shape,
-            dst,
+            dst.into(),
             None,
         )
     }

@@ -35,7 +35,7 @@ use cudarc::driver::{
 use std::collections::HashSet;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
 /// Most kernel parameters of one launch.
 const MAX_ARGS: usize = 32;
@@ -135,17 +135,16 @@ impl<'a> Launch<'a> {
     /// reused after its module was unloaded (graph sets load their own) may skip its check when
     /// pushed the same sizes as the kernel that held it, never fail one.
     fn check_params(&self) -> Result<(), LaunchError> {
-        static MATCHED: Mutex<Option<HashSet<MatchedLaunch>>> = Mutex::new(None);
+        static MATCHED: LazyLock<Mutex<HashSet<MatchedLaunch>>> = LazyLock::new(Default::default);
+        let matched = || MATCHED.lock().unwrap_or_else(|p| p.into_inner());
         let key = (self.func.cu_function() as usize, self.sizes.clone());
-        let seen = |g: &mut Option<HashSet<_>>| g.get_or_insert_with(HashSet::new).contains(&key);
-        if seen(&mut MATCHED.lock().unwrap_or_else(|p| p.into_inner())) {
+        if matched().contains(&key) {
             return Ok(());
         }
         if let Some(layout) = kernel_param_sizes(self.func)? {
             check_param_sizes(&self.sizes, &layout).map_err(LaunchError::Params)?;
         }
-        let mut g = MATCHED.lock().unwrap_or_else(|p| p.into_inner());
-        let set = g.get_or_insert_with(HashSet::new);
+        let mut set = matched();
         if set.len() >= MAX_MATCHED {
             set.clear();
         }

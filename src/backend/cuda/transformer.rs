@@ -1123,13 +1123,12 @@ impl CudaTransformer {
                         (None, Some(d)) => RopeDst::Batch(d),
                         (None, None) => RopeDst::None,
                     };
-                    self.ew.rope_qkv_to(
+                    self.ew.rope_qkv(
                         &mut st.qkv.slice_mut(0..rows * qkv_dim),
                         &self.inv_freq.as_view(),
                         bias.as_ref(),
                         rope,
                         dst,
-                        true,
                         prefetch.as_ref(),
                     )?;
                     self.mark("rope_kv")?;

@@ -225,7 +225,7 @@ fn check_rope_qkv(
             &inv.as_view(),
             b,
             shape,
-            dst,
+            dst.into(),
             vec,
             pf,
         )?;
@@ -644,7 +644,7 @@ fn bench_inner(dev: &CudaDevice) -> Result<Vec<BenchResult>> {
                 &inv.as_view(),
                 None,
                 shape,
-                Some(dst),
+                Some(dst).into(),
                 None,
             )
         })?;

@@ -67,12 +67,10 @@ impl Model for CudaTransformer {
     /// [`CudaTransformer::packed_sessions`], else one by one.
     fn predict_cached_batch(&self, items: &mut [CachedQuery<'_>]) -> Result<Vec<Vec<Prediction>>> {
         if self.packed_sessions() {
-            return self.predict_cached_packed(items);
+            self.predict_cached_packed(items)
+        } else {
+            crate::model::predict_cached_each(self, items)
         }
-        items
-            .iter_mut()
-            .map(|it| self.predict_cached(it.ids, it.queries, it.rule, it.cache, &it.step))
-            .collect()
     }
 
     fn predict(

@@ -64,9 +64,10 @@ impl CudaTransformer {
         }
         // One slot per canvas, none taken by another canvas of the batch.
         let keep: Vec<u64> = items.iter().map(|it| it.cache.id()).collect();
-        if let Some((i, j)) = (0..keep.len())
-            .flat_map(|j| (0..j).map(move |i| (i, j)))
-            .find(|&(i, j)| keep[i] == keep[j])
+        if let Some((j, i)) = keep
+            .iter()
+            .enumerate()
+            .find_map(|(j, id)| keep[..j].iter().position(|x| x == id).map(|i| (j, i)))
         {
             return Err(Error::invalid(format!(
                 "batch canvases {i} and {j} name one K/V cache"
@@ -90,19 +91,8 @@ impl CudaTransformer {
                 out[i] = self.predict_one(&mut g, &mut items[i], slots)?;
                 continue;
             }
-            match self.predict_refresh_pack(&mut g, items, &pack, slots) {
-                Ok(preds) => {
-                    for (&i, p) in pack.iter().zip(preds) {
-                        out[i] = p;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::OutOfMemory => {
-                    for &i in &pack {
-                        out[i] = self.predict_one(&mut g, &mut items[i], slots)?;
-                    }
-                }
-                Err(e) => return Err(e),
-            }
+            let run = self.predict_refresh_pack(&mut g, items, &pack, slots);
+            self.settle_pack(&mut g, items, &pack, run, slots, &mut out)?;
         }
         // Spans whose slot is in place, by span length; the others run alone (as refreshes).
         let mut packs: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
@@ -124,20 +114,9 @@ impl CudaTransformer {
                     out[*i] = self.predict_one(&mut g, &mut items[*i], slots)?;
                     continue;
                 }
-                match self.predict_span_pack(&mut g, items, &rows, pack, len) {
-                    Ok(preds) => {
-                        for (&(i, _), p) in pack.iter().zip(preds) {
-                            out[i] = p;
-                        }
-                    }
-                    // The pack's step buffers do not fit: its canvases alone.
-                    Err(e) if e.kind() == ErrorKind::OutOfMemory => {
-                        for &(i, _) in pack {
-                            out[i] = self.predict_one(&mut g, &mut items[i], slots)?;
-                        }
-                    }
-                    Err(e) => return Err(e),
-                }
+                let run = self.predict_span_pack(&mut g, items, &rows, pack, len);
+                let members: Vec<usize> = pack.iter().map(|&(i, _)| i).collect();
+                self.settle_pack(&mut g, items, &members, run, slots, &mut out)?;
             }
         }
         Ok(out)
@@ -157,6 +136,33 @@ impl CudaTransformer {
         }
         self.predict_queries(&self.kit, st, it.rule)?;
         self.download_predictions(st, it.queries.len())
+    }
+
+    /// Puts a pack's predictions (`run`, one per item of `pack`) into `out`; when the pack ran
+    /// out of memory (its slots or step buffers), runs its items alone instead.
+    fn settle_pack(
+        &self,
+        g: &mut std::sync::MutexGuard<'_, Option<State>>,
+        items: &mut [CachedQuery<'_>],
+        pack: &[usize],
+        run: Result<Vec<Vec<Prediction>>>,
+        slots: SlotPolicy<'_>,
+        out: &mut [Vec<Prediction>],
+    ) -> Result<()> {
+        match run {
+            Ok(preds) => {
+                for (&i, p) in pack.iter().zip(preds) {
+                    out[i] = p;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfMemory => {
+                for &i in pack {
+                    out[i] = self.predict_one(g, &mut items[i], slots)?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
     }
 
     /// One canvas of a packed batch alone, its slot claimed under the batch's `slots`; when
@@ -208,7 +214,7 @@ impl CudaTransformer {
             .collect();
         for (m, &(i, _)) in members.iter().zip(pack) {
             // Still this canvas's (no claim of this batch takes another canvas's slot).
-            let slot = &mut st.slots[m.slot];
+            let slot = &st.slots[m.slot];
             if slot.owner != items[i].cache.id() || slot.seq != m.keys {
                 return Err(Error::State(format!(
                     "cache slot {} no longer holds batch canvas {i}",

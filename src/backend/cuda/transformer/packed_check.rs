@@ -84,10 +84,6 @@ fn three_prompts(prompt: &[u32]) -> Vec<Vec<u32>> {
     vec![prompt.to_vec(), short, long]
 }
 
-fn greedy(cuda: &CudaTransformer, step: u64) -> PredictRule {
-    PredictRule::greedy(cuda.config(), step)
-}
-
 /// One canvas of the span-step check: its ids (prompt, 4 committed tokens, masks), cache,
 /// span and queries.
 struct Canvas {
@@ -119,7 +115,7 @@ fn span_step(cuda: &Arc<CudaTransformer>, prompts: &[Vec<u32>]) -> Result<SpanSt
         });
     }
     // The refreshes as one padded forward, against uncached predictions of the same canvases.
-    let rule0 = greedy(cuda, 0);
+    let rule0 = PredictRule::greedy(&cfg, 0);
     let refreshed = packed_step(cuda, &mut canvases, &[&rule0; 3], |_| CacheStep::Refresh)?;
     let mut uncached = Vec::new();
     for c in &canvases {
@@ -134,7 +130,7 @@ fn span_step(cuda: &Arc<CudaTransformer>, prompts: &[Vec<u32>]) -> Result<SpanSt
     }
     // Canvas 1 predicts only part of its masks; canvas 2 has its own rule (another step).
     canvases[1].queries.truncate(10);
-    let (r1, r7) = (greedy(cuda, 1), greedy(cuda, 7));
+    let (r1, r7) = (PredictRule::greedy(&cfg, 1), PredictRule::greedy(&cfg, 7));
     let rules = [&r1, &r1, &r7];
     let misses0 = cuda.cache_slot_misses();
     let packed = packed_step(cuda, &mut canvases, &rules, |c| {
