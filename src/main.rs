@@ -13,6 +13,10 @@ fn main() {
     }));
     let cli = cli::Cli::parse();
     if let Err(e) = cli::run(cli) {
+        if cli::out::is_closed_pipe(&e) {
+            // The reader of stdout has gone (`dllm info | head -1`): nothing left to say.
+            return;
+        }
         eprintln!("error: {e}");
         std::process::exit(1);
     }

@@ -12,11 +12,11 @@
 //! `steps`, `forward_steps`), then a summary on stderr.
 
 use super::generate::GenerateArgs;
+use super::out;
 use dllm::chat::{answer_ids, stop_ids, ChatTemplate, Message};
 use dllm::denoise::batch::run_batch;
 use dllm::denoise::{build_canvas, CanvasPart, Session};
 use dllm::error::{Error, Result};
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -103,7 +103,6 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
     }
     let start = Instant::now();
     let stops = stop_ids(&cfg, &tok);
-    let mut out = std::io::stdout().lock();
     let (mut rounds, mut generated_total) = (0, 0);
     for (c, chunk) in canvases.chunks(BATCH_CHUNK).enumerate() {
         let mut sessions = chunk
@@ -126,12 +125,11 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
                     "steps": s.steps_taken(),
                     "forward_steps": s.forward_steps(),
                 });
-                writeln!(out, "{v}").ok();
+                out::line(&v)?;
             } else {
-                writeln!(out, "{}", escape(&text)).ok();
+                out::line(format_args!("{}", escape(&text)))?;
             }
         }
-        out.flush().ok();
     }
     let elapsed = start.elapsed().as_secs_f64();
     if !opts.quiet {

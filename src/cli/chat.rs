@@ -8,7 +8,7 @@
 
 use super::generate::DenoiseArgs;
 use super::visual::{Mode, View};
-use super::ModelArgs;
+use super::{out, ModelArgs};
 use clap::Args;
 use dllm::chat::{stop_ids, until_first, ChatTemplate, Message, Role};
 use dllm::denoise::{generation_canvas, Session};
@@ -80,7 +80,6 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         );
     }
     let mut input = stdin.lock();
-    let mut out = std::io::stdout().lock();
     let mut line = String::new();
     loop {
         if interactive {
@@ -163,19 +162,17 @@ pub fn chat(a: ChatArgs) -> Result<()> {
                 "forward_steps": session.forward_steps(),
                 "elapsed_s": elapsed,
             });
-            writeln!(out, "{v}").ok();
+            out::line(&v)?;
         } else {
             if opts.visual {
-                out.flush().ok();
                 view.finish(&answer)?;
             } else {
-                writeln!(out, "{answer}").ok();
+                out::line(&answer)?;
             }
             if interactive {
-                writeln!(out).ok();
+                out::line("")?;
             }
         }
-        out.flush().ok();
         if !opts.quiet && interactive {
             eprintln!(
                 "({} steps, {:.2} s, {})",

@@ -5,7 +5,7 @@
 //! span of a file (widened to token boundaries) and denoises it with the rest fixed.
 
 use super::visual::{Mode, View};
-use super::ModelArgs;
+use super::{out, ModelArgs};
 use clap::{Args, ValueEnum};
 use dllm::chat::{answer_ids, stop_ids, strip_trailing, ChatTemplate, Message};
 use dllm::config::ModelConfig;
@@ -17,7 +17,7 @@ use dllm::denoise::{
 };
 use dllm::error::{Error, Result};
 use dllm::tokenizer::Tokenizer;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -478,7 +478,6 @@ fn run_canvas(
     let answer = answer_ids(&generated, &stops, chat);
     let text = tok.decode(answer, true)?;
     let shown = strip_trailing(&final_canvas, &stops);
-    let mut out = std::io::stdout().lock();
     if opts.json {
         let v = serde_json::json!({
             "text": text,
@@ -496,11 +495,10 @@ fn run_canvas(
             "cache_refreshes": session.cache_stats().refreshes,
             "cache_span_steps": session.cache_stats().span_steps,
         });
-        writeln!(out, "{v}").ok();
+        out::line(&v)?;
     } else if chat {
-        writeln!(out, "{text}").ok();
+        out::line(&text)?;
     } else {
-        drop(out);
         view.finish(&tok.decode(shown, true)?)?;
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! `dllm info`: describe and validate a model directory; also the shared model loader of the CLI.
 
-use super::{BackendChoice, ModelArgs};
+use super::{out, BackendChoice, ModelArgs};
 use clap::Args;
 use dllm::config::ModelConfig;
 use dllm::error::Result;
@@ -120,13 +120,13 @@ pub fn info(a: InfoArgs) -> Result<()> {
                 .collect::<std::collections::BTreeMap<_, _>>(),
             "valid": true,
         });
-        println!("{v}");
+        out::line(&v)?;
         return Ok(());
     }
-    println!("model        {}", dir.display());
-    println!("architecture {}", cfg.arch.name());
-    println!("layout       {layout}");
-    println!(
+    out::line(format_args!("model        {}", dir.display()))?;
+    out::line(format_args!("architecture {}", cfg.arch.name()))?;
+    out::line(format_args!("layout       {layout}"))?;
+    out::line(format_args!(
         "dims         d_model {} · layers {} · heads {} (kv {}) · head_dim {} · mlp {}",
         cfg.d_model,
         cfg.n_layers,
@@ -134,39 +134,42 @@ pub fn info(a: InfoArgs) -> Result<()> {
         cfg.n_kv_heads,
         cfg.head_dim(),
         cfg.mlp_hidden
-    );
-    println!(
+    ))?;
+    out::line(format_args!(
         "vocab        {} (embedding rows {}) · mask {} · eos {} · pad {}",
         cfg.vocab_size, cfg.embedding_size, cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id
-    );
-    println!(
+    ))?;
+    out::line(format_args!(
         "context      {} tokens · rope_theta {} · rms_norm_eps {}",
         cfg.max_seq_len, cfg.rope_theta, cfg.rms_norm_eps
-    );
-    println!(
+    ))?;
+    out::line(format_args!(
         "parameters   {} ({:.2} M) · {:.1} MB of tensors · {}",
         cfg.parameter_count(),
         cfg.parameter_count() as f64 / 1e6,
         store.total_bytes() as f64 / 1e6,
         dtypes.join(", ")
-    );
-    println!("shards       {}", shards.len());
+    ))?;
+    out::line(format_args!("shards       {}", shards.len()))?;
     for s in &shards {
-        println!("             {s}");
+        out::line(format_args!("             {s}"))?;
     }
     match &tokenizer {
-        Ok(n) => println!("tokenizer    {n} tokens"),
-        Err(e) => println!("tokenizer    none ({e})"),
+        Ok(n) => out::line(format_args!("tokenizer    {n} tokens"))?,
+        Err(e) => out::line(format_args!("tokenizer    none ({e})"))?,
     }
     for name in &report.unexpected {
-        println!("extra tensor {name} (ignored)");
+        out::line(format_args!("extra tensor {name} (ignored)"))?;
     }
-    println!("cpu bf16     {cpu_bf16}");
-    println!("cuda         {cuda}");
-    println!("cuda config  {}", dllm::backend::cuda::switches_line());
+    out::line(format_args!("cpu bf16     {cpu_bf16}"))?;
+    out::line(format_args!("cuda         {cuda}"))?;
+    out::line(format_args!(
+        "cuda config  {}",
+        dllm::backend::cuda::switches_line()
+    ))?;
     {
         use dllm::memory::human_bytes;
-        println!(
+        out::line(format_args!(
             "cuda memory  weights {} · step buffers {} + {} per canvas of {} tokens · K/V cache {} \
              per canvas",
             human_bytes(dev_weights),
@@ -174,9 +177,11 @@ pub fn info(a: InfoArgs) -> Result<()> {
             human_bytes(dev_step),
             cfg.max_seq_len,
             human_bytes(dev_kv)
-        );
+        ))?;
     }
-    println!("validation   ok: every tensor matches the config");
+    out::line(format_args!(
+        "validation   ok: every tensor matches the config"
+    ))?;
     Ok(())
 }
 

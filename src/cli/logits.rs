@@ -7,7 +7,7 @@
 //! [`Model::raw_forward`]: dllm::model::Model::raw_forward
 //! [`Model::forward`]: dllm::model::Model::forward
 
-use super::ModelArgs;
+use super::{out, ModelArgs};
 use clap::Args;
 use dllm::error::{Error, Result};
 use dllm::tokenizer::Tokenizer;
@@ -56,8 +56,8 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     if a.json {
         let rows: Vec<&[f32]> = logits.chunks_exact(w).collect();
         serde_json::to_writer(&mut out, &serde_json::json!({"ids": ids, "logits": rows}))
-            .map_err(|e| Error::invalid(format!("writing JSON: {e}")))?;
-        writeln!(out).ok();
+            .map_err(|e| out::write_error(e.into()))?;
+        writeln!(out).map_err(out::write_error)?;
     } else {
         for (i, row) in logits.chunks_exact(w).enumerate() {
             let (arg, max) = row
@@ -74,8 +74,8 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
                 ids[i],
                 head.join(", ")
             )
-            .ok();
+            .map_err(out::write_error)?;
         }
     }
-    Ok(())
+    out.flush().map_err(out::write_error)
 }

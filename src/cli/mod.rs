@@ -5,6 +5,7 @@ mod chat;
 mod generate;
 mod info;
 mod logits;
+pub mod out;
 mod tools;
 mod visual;
 

@@ -1,6 +1,6 @@
 //! `dllm synth` (random-weight checkpoints) and `dllm bench` (fixed-schedule timing).
 
-use super::ModelArgs;
+use super::{out, ModelArgs};
 use clap::{Args, ValueEnum};
 use dllm::error::Result;
 use std::path::PathBuf;
@@ -141,7 +141,7 @@ fn bench_suite(
         let path = dir.join(format!("bench_{name}{suffix}.json"));
         let json = r.to_json();
         std::fs::write(&path, format!("{json}\n")).map_err(|e| Error::io(&path, e))?;
-        println!("{json}");
+        out::line(&json)?;
         Ok(())
     })
 }
@@ -176,9 +176,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let r = run_bench(&opts)?;
     if a.json {
-        println!("{}", r.to_json());
+        out::line(format_args!("{}", r.to_json()))?;
     } else {
-        println!(
+        out::line(format_args!(
             "{} on {}: batch {} · prompt {} · gen {} · block {} · {} tokens/step · cache {:?}",
             r.backend,
             r.device,
@@ -188,33 +188,35 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             r.block_len,
             r.tokens_per_step,
             r.cache
-        );
-        println!(
+        ))?;
+        out::line(format_args!(
             "{} steps in {:.3} s: {:.1} tok/s, {:.2} ms/step",
             r.steps, r.seconds, r.tok_per_s, r.ms_per_step
-        );
+        ))?;
         if let (Some(frac), Some(bw)) = (r.roofline_fraction, r.copy_gbps) {
-            println!(
+            out::line(format_args!(
                 "roofline: {:.0}% of the weight-streaming floor (copy bandwidth {:.0} GB/s)",
                 frac * 100.0,
                 bw
-            );
+            ))?;
         }
         if let Some(rows) = &r.profile {
-            println!("profile (eager run, mean per step; each op includes the gap before it):");
-            println!(
+            out::line(format_args!(
+                "profile (eager run, mean per step; each op includes the gap before it):"
+            ))?;
+            out::line(format_args!(
                 "  {:<6} {:<16} {:>9} {:>7} {:>6}",
                 "step", "op", "ms", "calls", "share"
-            );
+            ))?;
             for p in rows {
-                println!(
+                out::line(format_args!(
                     "  {:<6} {:<16} {:>9.4} {:>7.1} {:>5.1}%",
                     p.step,
                     p.op,
                     p.ms_per_step,
                     p.calls_per_step,
                     p.share * 100.0
-                );
+                ))?;
             }
         }
     }

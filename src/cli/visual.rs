@@ -8,10 +8,10 @@
 //! completed, see `StepReport::final_prefix`) and flushes; it is the same on a terminal and in a
 //! pipe, and its complete output equals the text printed without `--stream`.
 
+use super::out;
 use dllm::denoise::StepEvent;
 use dllm::error::Result;
 use dllm::tokenizer::Tokenizer;
-use std::io::Write;
 use std::ops::Range;
 
 /// Shown for each masked position.
@@ -176,11 +176,7 @@ impl<'a> View<'a> {
                 }
                 self.stream(&e.canvas[..e.final_prefix])
             }
-            Mode::Visual { tty: false } => {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{}", plain_line(e, self.total_steps)).ok();
-                Ok(())
-            }
+            Mode::Visual { tty: false } => out::line(plain_line(e, self.total_steps)),
             Mode::Visual { tty: true } => {
                 let mut head = format!(
                     "step {}/{}  committed {}  masks left {}",
@@ -200,34 +196,22 @@ impl<'a> View<'a> {
     /// Prints the final text: for `--stream` whatever is not printed yet, then a newline; else
     /// the whole text on its own line (after the last frame for `--visual`).
     pub fn finish(&mut self, text: &str) -> Result<()> {
-        let mut out = std::io::stdout().lock();
         match self.mode {
-            Mode::Stream => {
-                match text.strip_prefix(self.printed.as_str()) {
-                    Some(rest) => write!(out, "{rest}").ok(),
-                    // The tokenizer decoded a prefix differently from the whole text (should not
-                    // happen); start over on a new line rather than print a wrong text.
-                    None => write!(out, "\n{text}").ok(),
-                };
-                writeln!(out).ok();
-            }
-            Mode::Visual { tty: true } if self.frames > 0 => {
-                writeln!(out, "\n\n{text}").ok();
-            }
-            _ => {
-                writeln!(out, "{text}").ok();
-            }
+            Mode::Stream => match text.strip_prefix(self.printed.as_str()) {
+                Some(rest) => out::line(rest),
+                // The tokenizer decoded a prefix differently from the whole text (should not
+                // happen); start over on a new line rather than print a wrong text.
+                None => out::line(format_args!("\n{text}")),
+            },
+            Mode::Visual { tty: true } if self.frames > 0 => out::line(format_args!("\n\n{text}")),
+            _ => out::line(text),
         }
-        out.flush().ok();
-        Ok(())
     }
 
     fn stream(&mut self, ids: &[u32]) -> Result<()> {
         let text = self.tok.decode(ids, true)?;
         if let Some(delta) = stream_delta(&self.printed, &text) {
-            let mut out = std::io::stdout().lock();
-            write!(out, "{delta}").ok();
-            out.flush().ok();
+            out::print(delta)?;
             self.printed.push_str(delta);
         }
         Ok(())
@@ -247,9 +231,7 @@ impl<'a> View<'a> {
             HIGHLIGHT,
             RESET,
         )?;
-        let mut out = std::io::stdout().lock();
-        write!(out, "{HOME_CLEAR}{head}\n\n{body}").ok();
-        out.flush().ok();
+        out::print(format_args!("{HOME_CLEAR}{head}\n\n{body}"))?;
         self.frames += 1;
         Ok(())
     }
