@@ -102,3 +102,81 @@ fn revise_runs_to_completion_and_reports_its_re_maskings() {
         "a mask is left: {v}"
     );
 }
+
+#[test]
+fn chat_stream_prints_only_the_answer_as_a_plain_chat_run() {
+    let plain = stdout(&dllm(&["--chat"]));
+    let streamed = stdout(&dllm(&["--chat", "--stream"]));
+    assert_eq!(streamed, plain);
+    // The template's own text (the prompt, its headers) is not part of the answer.
+    assert!(!streamed.contains("def add(a, b):"), "{streamed}");
+    assert!(!streamed.contains("<|"), "{streamed}");
+}
+
+#[test]
+fn the_closing_summary_counts_the_forwards_that_ran() {
+    // --threshold 0 commits a whole block per forward: 4 blocks, 4 forwards of 8 scheduled.
+    let mut args = vec![
+        "generate",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--prompt",
+        "def add(a, b):",
+        "--gen-len",
+        "16",
+        "--steps",
+        "8",
+        "--block-len",
+        "4",
+        "--threshold",
+        "0",
+    ];
+    let out = run_dllm(&args, None);
+    stdout_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("4 steps (of 8 scheduled) in "), "{err}");
+    // Without parallel decoding every scheduled step runs a forward.
+    args.truncate(args.len() - 2);
+    let err = String::from_utf8_lossy(&run_dllm(&args, None).stderr).to_string();
+    assert!(err.contains("8 steps in "), "{err}");
+}
+
+#[test]
+fn a_failed_write_of_the_result_is_an_error_naming_standard_output() {
+    let Ok(full) = std::fs::File::options().write(true).open("/dev/full") else {
+        eprintln!("no /dev/full here: skipped");
+        return;
+    };
+    for args in [
+        &["info", "--model", MODEL, "--backend", "cpu"][..],
+        &[
+            "generate",
+            "--model",
+            MODEL,
+            "--backend",
+            "cpu",
+            "--prompt",
+            "x = ",
+            "--gen-len",
+            "4",
+            "--steps",
+            "4",
+            "--quiet",
+        ][..],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dllm"))
+            .args(args)
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(full.try_clone().unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: standard output: ") && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+}

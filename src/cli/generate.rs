@@ -418,19 +418,24 @@ fn run_canvas(
     session.set_decoding(decoding)?;
     let total = session.total_steps();
     let progress = !opts.quiet;
-    let tty = std::io::stderr().is_terminal();
+    let stdout_tty = std::io::stdout().is_terminal();
     let mode = if opts.visual {
-        Mode::Visual {
-            tty: std::io::stdout().is_terminal(),
-        }
+        Mode::Visual { tty: stdout_tty }
     } else if opts.stream {
         Mode::Stream
     } else {
         Mode::Off
     };
-    // The live line on stderr would tear the redrawn canvas.
-    let live_progress = progress && tty && !matches!(mode, Mode::Visual { tty: true });
+    // The live line on stderr would tear a redrawn canvas or streamed text on the same terminal.
+    let live_progress = progress
+        && std::io::stderr().is_terminal()
+        && !(stdout_tty && matches!(mode, Mode::Visual { .. } | Mode::Stream));
+    let stops = stop_ids(session.model().config(), tok);
     let mut view = View::new(mode, tok, session.model().config().mask_token_id, total);
+    if chat {
+        // The answer alone, as printed without --stream.
+        view = view.answer_only(prompt_tokens, &stops);
+    }
     view.start(session.canvas(), session.final_prefix())?;
     let start = Instant::now();
     let mut view_err = None;
@@ -455,22 +460,11 @@ fn run_canvas(
         return Err(err);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let steps = session.steps_taken();
-    if progress {
-        if live_progress {
-            eprintln!();
-        }
-        eprintln!(
-            "{} steps in {:.2} s ({:.1} steps/s, {:.1} tokens/s) on {}",
-            steps,
-            elapsed,
-            steps as f64 / elapsed.max(1e-9),
-            session.generated_positions().len() as f64 / elapsed.max(1e-9),
-            session.model().backend_name()
-        );
+    if live_progress {
+        eprintln!();
     }
+    let steps = session.steps_taken();
     let forwards = session.forward_steps();
-    let stops = stop_ids(session.model().config(), tok);
     let final_canvas = session.canvas().to_vec();
     let generated = session.generated_tokens();
     // Trailing EOS / pad / end-of-turn runs are padding, not text; a chat answer ends at the
@@ -497,9 +491,45 @@ fn run_canvas(
         });
         out::line(&v)?;
     } else if chat {
-        out::line(&text)?;
+        view.finish(&text)?;
     } else {
         view.finish(&tok.decode(shown, true)?)?;
     }
+    // After the result, so that it never lands inside streamed text or the last frame.
+    if progress {
+        eprintln!(
+            "{}",
+            summary_line(
+                steps,
+                forwards,
+                session.generated_positions().len(),
+                elapsed,
+                session.model().backend_name()
+            )
+        );
+    }
     Ok(())
+}
+
+/// The closing line on stderr: the forwards that ran (a step that commits nothing runs none, so
+/// parallel decoding and early stops run fewer than the schedule's steps), their rate and the
+/// generated tokens' rate.
+fn summary_line(
+    steps: usize,
+    forwards: usize,
+    generated: usize,
+    elapsed: f64,
+    backend: &str,
+) -> String {
+    let secs = elapsed.max(1e-9);
+    let scheduled = if steps == forwards {
+        String::new()
+    } else {
+        format!(" (of {steps} scheduled)")
+    };
+    format!(
+        "{forwards} steps{scheduled} in {elapsed:.2} s ({:.1} steps/s, {:.1} tokens/s) on {backend}",
+        forwards as f64 / secs,
+        generated as f64 / secs,
+    )
 }

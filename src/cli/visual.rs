@@ -9,6 +9,7 @@
 //! pipe, and its complete output equals the text printed without `--stream`.
 
 use super::out;
+use dllm::chat::until_first;
 use dllm::denoise::StepEvent;
 use dllm::error::Result;
 use dllm::tokenizer::Tokenizer;
@@ -137,6 +138,9 @@ pub struct View<'a> {
     total_steps: usize,
     /// `--stream`: text printed so far.
     printed: String,
+    /// `--stream` of a chat answer: the canvas position the answer starts at and the tokens
+    /// that end it ([`View::answer_only`]).
+    answer: Option<(usize, Vec<u32>)>,
     /// `--visual` on a terminal: frames drawn so far.
     frames: usize,
 }
@@ -149,8 +153,16 @@ impl<'a> View<'a> {
             mask,
             total_steps,
             printed: String::new(),
+            answer: None,
             frames: 0,
         }
+    }
+
+    /// `--stream` shows only the canvas from position `start` up to the first of `stops`: a
+    /// chat answer, which is all `generate --chat` prints.
+    pub fn answer_only(mut self, start: usize, stops: &[u32]) -> View<'a> {
+        self.answer = Some((start, stops.to_vec()));
+        self
     }
 
     /// Shows the canvas before the first step (`final_prefix`: its final prefix length).
@@ -209,6 +221,10 @@ impl<'a> View<'a> {
     }
 
     fn stream(&mut self, ids: &[u32]) -> Result<()> {
+        let ids = match &self.answer {
+            Some((start, stops)) => until_first(&ids[(*start).min(ids.len())..], stops),
+            None => ids,
+        };
         let text = self.tok.decode(ids, true)?;
         if let Some(delta) = stream_delta(&self.printed, &text) {
             out::print(delta)?;
