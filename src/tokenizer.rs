@@ -1,14 +1,20 @@
 //! Tokenizer: `tokenizer.json` (Hugging Face format) through the `tokenizers` crate.
 //!
 //! Encoding adds no special tokens (the caller builds the canvas); decoding keeps them
-//! optional, so a canvas can be shown with its mask tokens or as plain text.
+//! optional, so a canvas can be shown with its mask tokens or as plain text. [`Tokenizer::encode`]
+//! reads special-token text in its input (`<|mask|>`, a chat template's headers) as those tokens,
+//! as Hugging Face tokenizers do; [`Tokenizer::encode_literal`] reads it as plain text, for text
+//! that must come back byte for byte (a file being edited, the fixed text around a gap).
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// A loaded tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` with its special tokens encoded as plain text, made on first use.
+    literal: OnceLock<tokenizers::Tokenizer>,
     path: PathBuf,
 }
 
@@ -25,6 +31,7 @@ impl Tokenizer {
             .map_err(|e| Error::format(path, format!("cannot load tokenizer: {e}")))?;
         Ok(Tokenizer {
             inner,
+            literal: OnceLock::new(),
             path: path.to_path_buf(),
         })
     }
@@ -34,9 +41,25 @@ impl Tokenizer {
         Self::from_file(&dir.join("tokenizer.json"))
     }
 
-    /// Text to ids, without special tokens added.
+    /// Text to ids, without special tokens added; special-token text in `text` (`<|mask|>`,
+    /// `<|endoftext|>`) becomes that token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| {
+        self.encode_with(&self.inner, text)
+    }
+
+    /// Text to ids, without special tokens added, special-token text in `text` encoded as the
+    /// plain text it is: decoding the ids gives `text` back, special-looking parts included.
+    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
+        let literal = self.literal.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        self.encode_with(literal, text)
+    }
+
+    fn encode_with(&self, t: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
+        let enc = t.encode(text, false).map_err(|e| {
             Error::Tokenizer(format!("{}: encode failed: {e}", self.path.display()))
         })?;
         Ok(enc.get_ids().to_vec())
@@ -101,6 +124,23 @@ mod tests {
         ids.push(0);
         assert_eq!(t.decode(&ids, true).unwrap(), "x = 1");
         assert!(t.decode(&ids, false).unwrap().ends_with("<|endoftext|>"));
+    }
+
+    #[test]
+    fn literal_encoding_keeps_special_token_text_as_text() {
+        let t = tok();
+        let text = "s = \"<|mask|>\" + \"<|endoftext|>\"\n";
+        let parsed = t.encode(text).unwrap();
+        assert!(parsed.contains(&1) && parsed.contains(&0), "{parsed:?}");
+        let literal = t.encode_literal(text).unwrap();
+        assert!(
+            !literal.contains(&1) && !literal.contains(&0),
+            "{literal:?}"
+        );
+        assert_eq!(t.decode(&literal, true).unwrap(), text);
+        // Text without special tokens encodes the same either way.
+        let plain = "def f(x):\n    return x\n";
+        assert_eq!(t.encode_literal(plain).unwrap(), t.encode(plain).unwrap());
     }
 
     #[test]

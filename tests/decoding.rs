@@ -448,7 +448,7 @@ fn property_fixed_positions_never_change_masks_only_fall_and_runs_terminate() {
 // The CLI end to end (tiny model, CPU, few steps).
 
 mod common;
-use common::{json_ok, run_dllm, MODEL};
+use common::{json_ok, run_dllm, stdout_ok, MODEL};
 
 fn dllm(args: &[&str]) -> Output {
     let args = [args, &["--model", MODEL, "--backend", "cpu", "--quiet"]].concat();
@@ -599,6 +599,32 @@ fn edit_regenerates_only_the_widened_span() {
             ],
             "--span",
         ),
+        (
+            vec![
+                "edit",
+                "--text-file",
+                path.to_str().unwrap(),
+                "--span",
+                "5..5",
+            ],
+            "is empty",
+        ),
+        (
+            vec![
+                "edit",
+                "--text-file",
+                path.to_str().unwrap(),
+                "--span",
+                "0..3",
+                "--gen-len",
+                "3",
+            ],
+            "--gen-len does not apply to edit",
+        ),
+        (
+            vec!["fill", "--canvas", "x[MASK:2]", "--gen-len", "9"],
+            "--gen-len does not apply to fill",
+        ),
         (vec!["fill", "--canvas", "x[MASK:0]"], "[MASK:"),
         (vec!["fill", "--canvas", "no gap"], "no gap"),
         (
@@ -613,5 +639,45 @@ fn edit_regenerates_only_the_widened_span() {
         assert_eq!(lines.len(), 1, "{err}");
         assert!(lines[0].contains(needle), "{needle} not in {}", lines[0]);
     }
+    std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn edit_keeps_special_token_text_outside_the_span_and_prints_the_file_byte_for_byte() {
+    // A file whose fixed text spells special tokens: they stay text (a "<|mask|>" string is not
+    // a gap, a "<|endoftext|>" string is not dropped), and the output is the file with only the
+    // span changed: no newline added after it.
+    let text = "m = \"<|mask|>\"\ne = \"<|endoftext|>\"\nz = 2\n";
+    let path = std::env::temp_dir().join(format!("dllm-edit-special-{}.py", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let span = text.find("z = 2").unwrap();
+    let span_arg = format!("{span}..{}", span + 5);
+    let args = [
+        "edit",
+        "--text-file",
+        path.to_str().unwrap(),
+        "--span",
+        &span_arg,
+        "--steps",
+        "4",
+    ];
+    let out = dllm(&args);
+    let printed = stdout_ok(&out);
+    assert!(printed.starts_with(&text[..span]), "{printed:?}");
+    assert!(
+        printed.ends_with('\n') && !printed.ends_with("\n\n"),
+        "{printed:?}"
+    );
+    let v = json_of(&dllm(&[&args[..], &["--json"]].concat()));
+    // Only the tokens of "z = 2" were generated (the prefix's special-looking text is fixed).
+    let tok = dllm::tokenizer::Tokenizer::from_model_dir(MODEL.as_ref()).unwrap();
+    let fixed = tok.encode_literal(&text[..span]).unwrap().len();
+    let total = tok.encode_literal(text).unwrap().len();
+    let generated = v["generated_tokens"].as_u64().unwrap() as usize;
+    assert!(generated >= 1 && generated <= total - fixed, "{v}");
+    assert_eq!(
+        v["prompt_tokens"].as_u64().unwrap() as usize,
+        total - generated
+    );
     std::fs::remove_file(&path).ok();
 }

@@ -86,8 +86,8 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
             None => p,
         };
         let mut parts = vec![CanvasPart::Text(p)];
-        if opts.gen_len > 0 {
-            parts.push(CanvasPart::Masks(opts.gen_len));
+        if opts.gen_len() > 0 {
+            parts.push(CanvasPart::Masks(opts.gen_len()));
         }
         let canvas = build_canvas(
             &parts,
@@ -96,7 +96,7 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
             cfg.max_seq_len,
         )
         .map_err(|e| Error::invalid(format!("batch prompt {}: {e}", i + 1)))?;
-        prompt_tokens.push(canvas.len() - opts.gen_len);
+        prompt_tokens.push(canvas.len() - opts.gen_len());
         session(&model, &canvas, &params, &decoding)
             .map_err(|e| Error::invalid(format!("batch prompt {}: {e}", i + 1)))?;
         canvases.push(canvas);

@@ -53,7 +53,7 @@ fn parse_line(line: &str) -> Line<'_> {
 pub fn chat(a: ChatArgs) -> Result<()> {
     let mut opts = a.denoise.clone();
     opts.stop_at_eos = !a.no_stop_at_eos;
-    if opts.gen_len == 0 {
+    if opts.gen_len() == 0 {
         return Err(Error::invalid("--gen-len must be at least 1 for chat"));
     }
     if opts.stream {
@@ -111,7 +111,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         // Checked before the canvas is built: a huge --gen-len must not allocate it.
         if prompt
             .len()
-            .checked_add(opts.gen_len)
+            .checked_add(opts.gen_len())
             .is_none_or(|n| n > cfg.max_seq_len)
         {
             history.pop();
@@ -119,12 +119,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
                 "error: the conversation ({} prompt tokens + --gen-len {}) exceeds the model's \
                  max_seq_len {}: /reset to start over",
                 prompt.len(),
-                opts.gen_len,
+                opts.gen_len(),
                 cfg.max_seq_len
             );
             continue;
         }
-        let canvas = generation_canvas(&prompt, opts.gen_len, cfg.mask_token_id);
+        let canvas = generation_canvas(&prompt, opts.gen_len(), cfg.mask_token_id);
         let start = Instant::now();
         let mut session = Session::new(model.clone(), canvas, params.clone())?;
         session.set_decoding(decoding.clone())?;

@@ -48,9 +48,9 @@ pub enum RemaskingArg {
 /// Denoising options shared by `generate` and `infill`.
 #[derive(Args, Clone)]
 pub struct DenoiseArgs {
-    /// Number of tokens to generate.
-    #[arg(long, default_value_t = 128)]
-    pub gen_len: usize,
+    /// Number of tokens to generate (default 128; not for `fill` and `edit`, whose gaps set it).
+    #[arg(long)]
+    pub gen_len: Option<usize>,
     /// Total refinement steps (a multiple of the number of blocks).
     #[arg(long, default_value_t = 128)]
     pub steps: usize,
@@ -117,7 +117,25 @@ pub struct DenoiseArgs {
     pub quiet: bool,
 }
 
+/// `--gen-len` when not given.
+const DEFAULT_GEN_LEN: usize = 128;
+
 impl DenoiseArgs {
+    /// `--gen-len`, or its default.
+    pub(super) fn gen_len(&self) -> usize {
+        self.gen_len.unwrap_or(DEFAULT_GEN_LEN)
+    }
+
+    /// Refuses `--gen-len` for `command`, whose canvas sets the generated length itself.
+    fn refuse_gen_len(&self, command: &str, instead: &str) -> Result<()> {
+        match self.gen_len {
+            Some(_) => Err(Error::invalid(format!(
+                "--gen-len does not apply to {command}: {instead}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub(super) fn params(&self) -> Result<GenerationParams> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(Error::invalid(format!(
@@ -260,33 +278,37 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         prompt
     };
-    if prompt.is_empty() && a.denoise.gen_len == 0 {
+    if prompt.is_empty() && a.denoise.gen_len() == 0 {
         return Err(Error::invalid(
             "empty prompt and --gen-len 0: nothing to do",
         ));
     }
     let mut parts = vec![CanvasPart::Text(prompt)];
-    if a.denoise.gen_len > 0 {
-        parts.push(CanvasPart::Masks(a.denoise.gen_len));
+    if a.denoise.gen_len() > 0 {
+        parts.push(CanvasPart::Masks(a.denoise.gen_len()));
     }
-    fill_parts(&a.model, &parts, &a.denoise, a.chat)
+    // A prompt's special-token text is read as those tokens (as Hugging Face tokenizers and
+    // vLLM do), so a hand-written template works; --chat's template needs it.
+    fill_parts(&a.model, &parts, &a.denoise, a.chat, Encoding::Special)
 }
 
 /// `dllm infill`: sugar for `fill` with the canvas `PREFIX[MASK:gen_len]SUFFIX`.
 pub fn infill(a: InfillArgs) -> Result<()> {
-    if a.denoise.gen_len == 0 {
+    if a.denoise.gen_len() == 0 {
         return Err(Error::invalid("--gen-len must be at least 1 for infill"));
     }
     let parts = [
         CanvasPart::Text(a.prefix),
-        CanvasPart::Masks(a.denoise.gen_len),
+        CanvasPart::Masks(a.denoise.gen_len()),
         CanvasPart::Text(a.suffix),
     ];
-    fill_parts(&a.model, &parts, &a.denoise, false)
+    fill_parts(&a.model, &parts, &a.denoise, false, Encoding::Literal)
 }
 
 /// `dllm fill`.
 pub fn fill(a: FillArgs) -> Result<()> {
+    a.denoise
+        .refuse_gen_len("fill", "each [MASK:n] gap of the canvas generates n tokens")?;
     let spec = match (&a.canvas, &a.canvas_file) {
         (Some(c), None) => unescape(c),
         (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?,
@@ -302,15 +324,18 @@ pub fn fill(a: FillArgs) -> Result<()> {
             "the canvas has no gap: write [MASK:n] where n tokens are to be generated",
         ));
     }
-    fill_parts(&a.model, &parts, &a.denoise, false)
+    fill_parts(&a.model, &parts, &a.denoise, false, Encoding::Literal)
 }
 
 /// `dllm edit`.
 pub fn edit(a: EditArgs) -> Result<()> {
+    a.denoise
+        .refuse_gen_len("edit", "the tokens of --span are regenerated")?;
     let text = std::fs::read_to_string(&a.text_file).map_err(|e| Error::io(&a.text_file, e))?;
     let (start, end) = parse_span(&a.span, text.len())?;
     let (model, tok) = super::info::load(&a.model)?;
-    let ids = tok.encode(&text)?;
+    // Literal: special-token text in the file (a "<|mask|>" string) is part of the fixed text.
+    let ids = tok.encode_literal(&text)?;
     if ids.is_empty() {
         return Err(Error::invalid(format!(
             "{}: the file has no tokens",
@@ -349,19 +374,24 @@ pub fn edit(a: EditArgs) -> Result<()> {
         );
     }
     let fixed = canvas.len() - span.len();
-    run_canvas(model, &tok, canvas, fixed, &a.denoise, false)
+    run_canvas(model, &tok, canvas, fixed, &a.denoise, Shown::File)
 }
 
-/// Parses `START..END` (bytes, `START ≤ END ≤ len`).
+/// Parses `START..END` (bytes, `START < END ≤ len`).
 fn parse_span(s: &str, len: usize) -> Result<(usize, usize)> {
     let bad = || {
         Error::invalid(format!(
-            "--span {s:?}: expected START..END, byte offsets with START <= END <= {len} (the file size)"
+            "--span {s:?}: expected START..END, byte offsets with START < END <= {len} (the file size)"
         ))
     };
     let (a, b) = s.split_once("..").ok_or_else(bad)?;
     let start: usize = a.trim().parse().map_err(|_| bad())?;
     let end: usize = b.trim().parse().map_err(|_| bad())?;
+    if start == end && end <= len {
+        return Err(Error::invalid(format!(
+            "--span {s:?} is empty: it covers no byte, so there is nothing to regenerate"
+        )));
+    }
     if start > end || end > len {
         return Err(bad());
     }
@@ -391,18 +421,48 @@ fn unescape(s: &str) -> String {
     out
 }
 
+/// How the text of a canvas is tokenized.
+#[derive(Clone, Copy)]
+enum Encoding {
+    /// Special-token text becomes those tokens ([`Tokenizer::encode`]).
+    Special,
+    /// Special-token text stays text ([`Tokenizer::encode_literal`]): fixed text around gaps.
+    Literal,
+}
+
 /// `chat`: print only the answer (up to the model's first end-of-turn token).
 fn fill_parts(
     model_args: &ModelArgs,
     parts: &[CanvasPart],
     opts: &DenoiseArgs,
     chat: bool,
+    encoding: Encoding,
 ) -> Result<()> {
     let (model, tok) = super::info::load(model_args)?;
     let (mask, max_len) = (model.config().mask_token_id, model.config().max_seq_len);
-    let canvas = build_canvas(parts, |t| tok.encode(t), mask, max_len)?;
+    let encode = |t: &str| match encoding {
+        Encoding::Special => tok.encode(t),
+        Encoding::Literal => tok.encode_literal(t),
+    };
+    let canvas = build_canvas(parts, encode, mask, max_len)?;
     let fixed = canvas.iter().filter(|&&t| t != mask).count();
-    run_canvas(model, &tok, canvas, fixed, opts, chat)
+    let shown = if chat {
+        Shown::ChatAnswer
+    } else {
+        Shown::Canvas
+    };
+    run_canvas(model, &tok, canvas, fixed, opts, shown)
+}
+
+/// What a run prints of its final canvas.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// The whole canvas as text, then a newline.
+    Canvas,
+    /// The answer after a chat prompt, up to the model's end of turn.
+    ChatAnswer,
+    /// The whole canvas, byte for byte the edited file (no newline added).
+    File,
 }
 
 fn run_canvas(
@@ -411,8 +471,9 @@ fn run_canvas(
     canvas: Vec<u32>,
     prompt_tokens: usize,
     opts: &DenoiseArgs,
-    chat: bool,
+    shown: Shown,
 ) -> Result<()> {
+    let chat = shown == Shown::ChatAnswer;
     let decoding = opts.decoding()?;
     let mut session = Session::new(model, canvas, opts.params()?)?;
     session.set_decoding(decoding)?;
@@ -432,9 +493,11 @@ fn run_canvas(
         && !(stdout_tty && matches!(mode, Mode::Visual { .. } | Mode::Stream));
     let stops = stop_ids(session.model().config(), tok);
     let mut view = View::new(mode, tok, session.model().config().mask_token_id, total);
-    if chat {
+    match shown {
         // The answer alone, as printed without --stream.
-        view = view.answer_only(prompt_tokens, &stops);
+        Shown::ChatAnswer => view = view.answer_only(prompt_tokens, &stops),
+        Shown::File => view = view.without_final_newline(),
+        Shown::Canvas => {}
     }
     view.start(session.canvas(), session.final_prefix())?;
     let start = Instant::now();

@@ -141,6 +141,8 @@ pub struct View<'a> {
     /// `--stream` of a chat answer: the canvas position the answer starts at and the tokens
     /// that end it ([`View::answer_only`]).
     answer: Option<(usize, Vec<u32>)>,
+    /// Whether [`View::finish`] ends the text with a newline.
+    final_newline: bool,
     /// `--visual` on a terminal: frames drawn so far.
     frames: usize,
 }
@@ -154,8 +156,15 @@ impl<'a> View<'a> {
             total_steps,
             printed: String::new(),
             answer: None,
+            final_newline: true,
             frames: 0,
         }
+    }
+
+    /// [`View::finish`] prints the text as it is, without a newline after it (an edited file).
+    pub fn without_final_newline(mut self) -> View<'a> {
+        self.final_newline = false;
+        self
     }
 
     /// `--stream` shows only the canvas from position `start` up to the first of `stops`: a
@@ -205,18 +214,22 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Prints the final text: for `--stream` whatever is not printed yet, then a newline; else
-    /// the whole text on its own line (after the last frame for `--visual`).
+    /// Prints the final text: for `--stream` whatever is not printed yet, else the whole text
+    /// (after the last frame for `--visual`); then a newline unless
+    /// [`View::without_final_newline`].
     pub fn finish(&mut self, text: &str) -> Result<()> {
+        let end = if self.final_newline { "\n" } else { "" };
         match self.mode {
             Mode::Stream => match text.strip_prefix(self.printed.as_str()) {
-                Some(rest) => out::line(rest),
+                Some(rest) => out::print(format_args!("{rest}{end}")),
                 // The tokenizer decoded a prefix differently from the whole text (should not
                 // happen); start over on a new line rather than print a wrong text.
-                None => out::line(format_args!("\n{text}")),
+                None => out::print(format_args!("\n{text}{end}")),
             },
-            Mode::Visual { tty: true } if self.frames > 0 => out::line(format_args!("\n\n{text}")),
-            _ => out::line(text),
+            Mode::Visual { tty: true } if self.frames > 0 => {
+                out::print(format_args!("\n\n{text}{end}"))
+            }
+            _ => out::print(format_args!("{text}{end}")),
         }
     }
 
