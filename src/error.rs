@@ -101,6 +101,22 @@ impl Error {
         }
     }
 
+    /// The error with `what` (where it happened) in front of its message: `what: message`. A
+    /// variant that carries a plain message keeps its kind; the others become
+    /// [`Error::InvalidArgument`] with their whole message after `what`.
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        let with = |m: String| format!("{what}: {m}");
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(with(m)),
+            Error::Unsupported(m) => Error::Unsupported(with(m)),
+            Error::Tokenizer(m) => Error::Tokenizer(with(m)),
+            Error::Backend(m) => Error::Backend(with(m)),
+            Error::OutOfMemory(m) => Error::OutOfMemory(with(m)),
+            Error::State(m) => Error::State(with(m)),
+            other => Error::InvalidArgument(with(other.to_string())),
+        }
+    }
+
     /// Shorthand for [`Error::Io`].
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
@@ -112,3 +128,25 @@ impl Error {
 
 /// The result type used throughout dllm.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_prefixes_the_message_once_and_keeps_the_kind() {
+        let e = Error::invalid("top_p must be in (0, 1]").context("decoding options");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: decoding options: top_p must be in (0, 1]"
+        );
+        let e = Error::State("no step".into()).context("batch prompt 2");
+        assert_eq!(e.to_string(), "invalid state: batch prompt 2: no step");
+        let e = Error::config("n_layers", "must be ≥ 1").context("batch prompt 3");
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: batch prompt 3: config field `n_layers`: must be ≥ 1"
+        );
+    }
+}

@@ -487,9 +487,11 @@ fn batch_files_longer_than_a_chunk_run_in_chunks_and_check_every_line_first() {
     let out = String::from_utf8(run_dllm(&args, None).stdout).unwrap();
     let idx = json_indices(&out);
     assert_eq!(idx, (0..70).collect::<Vec<u64>>());
-    // Line 68 too long for the model: an error naming it, and no result printed.
+    // Prompt 68 too long for the model, after an empty line (skipped): an error naming its
+    // line of the file, 69, and no result printed.
     let mut bad = prompts.clone();
     bad[67] = "x".repeat(5000);
+    bad.insert(10, String::new());
     let out = run("bad.txt", &bad);
     assert!(!out.status.success());
     assert!(
@@ -498,7 +500,7 @@ fn batch_files_longer_than_a_chunk_run_in_chunks_and_check_every_line_first() {
         String::from_utf8_lossy(&out.stdout)
     );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("batch prompt 68"), "{err}");
+    assert!(err.contains("bad.txt line 69: "), "{err}");
 }
 
 /// The `index` of each `--json` line of a batch run's output, in order.

@@ -304,6 +304,43 @@ fn bad_inputs_fail_with_one_clear_line() {
 }
 
 #[test]
+fn odd_option_values_are_named_in_their_errors() {
+    // A negative number is a bad value of its option, not an unknown argument.
+    let out = dllm(&["generate", "--prompt", "x", "--gen-len", "-1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("invalid value '-1' for '--gen-len"), "{err}");
+    // A decoding option's message says what is wrong once.
+    let out = dllm(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--prompt",
+        "x",
+        "--top-p",
+        "-0.5",
+    ]);
+    assert_clean_error(&out, "decoding options: top_p must be in (0, 1]");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("invalid argument").count(), 1, "{err}");
+    // --suffix without --suite would be ignored.
+    let out = dllm(&[
+        "bench",
+        "--model",
+        MODEL,
+        "--backend",
+        "cpu",
+        "--suffix",
+        "_x",
+        "--gen-len",
+        "8",
+    ]);
+    assert_clean_error(&out, "--suite");
+}
+
+#[test]
 fn default_model_is_the_embedded_one() {
     assert!(Path::new(MODEL).join("config.json").exists());
     let out = Command::new(env!("CARGO_BIN_EXE_dllm"))

@@ -57,10 +57,12 @@ pub fn escape(text: &str) -> String {
 /// Runs every prompt of `file` as one batch with the options of `a`.
 pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
     let body = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-    let prompts: Vec<String> = body
+    // (line number, prompt): errors name the file's line.
+    let prompts: Vec<(usize, String)> = body
         .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(unescape)
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, unescape(l)))
         .collect();
     if prompts.is_empty() {
         return Err(Error::invalid(format!(
@@ -80,7 +82,8 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
     // Every canvas built and every session checked before anything runs or is written.
     let mut canvases = Vec::with_capacity(prompts.len());
     let mut prompt_tokens = Vec::with_capacity(prompts.len());
-    for (i, p) in prompts.into_iter().enumerate() {
+    for (line, p) in prompts {
+        let at = || format!("{} line {line}", file.display());
         let p = match &template {
             Some(t) => t.render(&[Message::user(p)], true)?,
             None => p,
@@ -95,10 +98,9 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
             cfg.mask_token_id,
             cfg.max_seq_len,
         )
-        .map_err(|e| Error::invalid(format!("batch prompt {}: {e}", i + 1)))?;
+        .map_err(|e| e.context(at()))?;
         prompt_tokens.push(canvas.len() - opts.gen_len());
-        session(&model, &canvas, &params, &decoding)
-            .map_err(|e| Error::invalid(format!("batch prompt {}: {e}", i + 1)))?;
+        session(&model, &canvas, &params, &decoding).map_err(|e| e.context(at()))?;
         canvases.push(canvas);
     }
     let start = Instant::now();

@@ -49,22 +49,22 @@ pub enum RemaskingArg {
 #[derive(Args, Clone)]
 pub struct DenoiseArgs {
     /// Number of tokens to generate (default 128; not for `fill` and `edit`, whose gaps set it).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub gen_len: Option<usize>,
     /// Total refinement steps (a multiple of the number of blocks).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     pub steps: usize,
     /// Masked positions per semi-autoregressive block.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, allow_negative_numbers = true)]
     pub block_len: usize,
     /// Gumbel-noise temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// How confidence is scored when choosing positions to commit.
     #[arg(long, value_enum, default_value_t = RemaskingArg::LowConfidence)]
     pub remasking: RemaskingArg,
     /// Random seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Step schedule: llada (blocks, steps a multiple of the block count) or dream (no blocks,
     /// Dream's timesteps).
@@ -72,21 +72,21 @@ pub struct DenoiseArgs {
     pub schedule: ScheduleArg,
     /// Parallel decoding (Fast-dLLM): commit every masked position of the block with confidence
     /// ≥ T, at least one; --steps becomes an upper bound.
-    #[arg(long, conflicts_with = "factor")]
+    #[arg(long, conflicts_with = "factor", allow_negative_numbers = true)]
     pub threshold: Option<f64>,
     /// Parallel decoding (Fast-dLLM factor rule): commit the largest n with c_i ≥ 1 − F/(i+1);
     /// --steps becomes an upper bound.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub factor: Option<f64>,
     /// Sample only among the k most likely tokens (0 = off; temperature > 0 only).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub top_k: usize,
     /// Sample only among the most likely tokens of cumulative probability ≥ p (applied before
     /// --top-k; temperature > 0 only).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f64,
     /// Classifier-free guidance scale (0 = off; two forwards per step).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub cfg_scale: f64,
     /// Stop once an EOS is committed with every generated position before it committed; the
     /// rest becomes EOS.
@@ -100,7 +100,7 @@ pub struct DenoiseArgs {
     /// Self-correction: after each step, re-mask tokens committed earlier in the current block
     /// whose probability under the new logits fell below R (0 < R < 1; each position at most
     /// twice; never prompt or fixed positions; --steps still bounds the step count).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub revise: Option<f64>,
     /// Redraw the canvas every step (masks as ░, fresh tokens highlighted); when stdout is not
     /// a terminal, one plain line per step instead.
@@ -182,8 +182,7 @@ impl DenoiseArgs {
             },
             revise: self.revise,
         };
-        d.validate()
-            .map_err(|e| Error::invalid(format!("decoding options: {e}")))?;
+        d.validate().map_err(|e| e.context("decoding options"))?;
         Ok(d)
     }
 }

@@ -60,7 +60,7 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
     /// CPU threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub threads: Option<usize>,
     /// On the CPU backend, round activations to bf16 for the AVX-512 BF16 dot product (faster
     /// products, CUDA-like precision; where the CPU lacks it, f32 with a note). Also
@@ -82,7 +82,8 @@ impl ModelArgs {
         if let Some(p) = &self.model {
             return p.clone();
         }
-        if let Some(p) = std::env::var_os("DLLM_MODEL") {
+        // An empty DLLM_MODEL (`DLLM_MODEL= dllm …`) counts as unset.
+        if let Some(p) = std::env::var_os("DLLM_MODEL").filter(|p| !p.is_empty()) {
             return PathBuf::from(p);
         }
         let local = PathBuf::from(DEFAULT_MODEL);
@@ -103,6 +104,13 @@ impl ModelArgs {
                 return Err(dllm::Error::invalid(format!(
                     "--threads {n} exceeds the most supported, {max}"
                 )));
+            }
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            if n > cores {
+                eprintln!(
+                    "note: --threads {n} is more than the {cores} cores here: threads beyond the \
+                     cores wait on each other at every product and slow each step down"
+                );
             }
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)

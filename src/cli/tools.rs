@@ -36,7 +36,7 @@ pub struct SynthArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Seed of the random weights.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
 }
 
@@ -78,19 +78,19 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Canvases denoised together.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub batch: usize,
     /// Prompt tokens (random ids).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     pub prompt_len: usize,
     /// Generated tokens per canvas.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     pub gen_len: usize,
     /// Block length.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, allow_negative_numbers = true)]
     pub block_len: usize,
     /// Tokens committed per step (fixed schedule).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub tokens_per_step: usize,
     /// KV cache mode.
     #[arg(long, value_enum, default_value_t = CacheArg::None)]
@@ -118,8 +118,8 @@ pub struct BenchArgs {
     )]
     pub suite: Option<std::path::PathBuf>,
     /// With --suite: appended to each report's file name (e.g. `_csplit`).
-    #[arg(long, default_value = "", requires = "suite")]
-    pub suffix: String,
+    #[arg(long, requires = "suite")]
+    pub suffix: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -171,15 +171,21 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         cpu_bf16: a.model.cpu_bf16.then_some(true),
         ..BenchOptions::default()
     };
+    if a.suffix.is_some() && a.suite.is_none() {
+        // (clap's `requires` lets it through when other options conflict with --suite.)
+        return Err(dllm::error::Error::invalid(
+            "--suffix names the report files of --suite DIR: give --suite too",
+        ));
+    }
     if let Some(dir) = &a.suite {
-        return bench_suite(&opts, dir, &a.suffix);
+        return bench_suite(&opts, dir, a.suffix.as_deref().unwrap_or(""));
     }
     let r = run_bench(&opts)?;
     if a.json {
         out::line(format_args!("{}", r.to_json()))?;
     } else {
         out::line(format_args!(
-            "{} on {}: batch {} · prompt {} · gen {} · block {} · {} tokens/step · cache {:?}",
+            "{} on {}: batch {} · prompt {} · gen {} · block {} · {} tokens/step · cache {}",
             r.backend,
             r.device,
             r.batch,
@@ -187,7 +193,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             r.gen_len,
             r.block_len,
             r.tokens_per_step,
-            r.cache
+            format!("{:?}", r.cache).to_lowercase()
         ))?;
         out::line(format_args!(
             "{} steps in {:.3} s: {:.1} tok/s, {:.2} ms/step",
