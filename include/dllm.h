@@ -301,9 +301,10 @@ typedef struct dllm_sampling_params {
     float cfg_scale;      /* classifier-free guidance scale s: logits = u + (s + 1)(c - u), u from
                            * the canvas with every position that was not a mask at creation
                            * masked; two forward passes per step. 0 = off, finite, >= 0. Default 0 */
-    int32_t stop_at_eos;  /* 1: once an end-of-text token is committed with every generated
-                           * position before it filled, fill the rest with end-of-text and finish
-                           * when no mask is left. 0 or 1. Default 0 */
+    int32_t stop_at_eos;  /* 1: once an end-of-text token is committed with every position of its
+                           * gap (a run of consecutive masks of the initial canvas) before it
+                           * filled, fill the rest of that gap with end-of-text; finish when no
+                           * mask is left. 0 or 1. Default 0 */
     int32_t cache;        /* a dllm_cache value. Default DLLM_CACHE_NONE */
     float revise;         /* self-correction threshold R: after each step, tokens committed
                            * earlier in the current block whose probability fell below R are

@@ -328,6 +328,31 @@ fn stop_at_eos_fills_the_rest_once_the_prefix_is_committed() {
 }
 
 #[test]
+fn stop_at_eos_ends_only_the_gap_it_is_in() {
+    // Two gaps, 2..6 and 7..11, fixed text at 0, 1 and 6. EOS at 3 is the most confident, then
+    // 2; the second gap's positions predict ordinary tokens.
+    let m = mock(|_, p| match p {
+        3 => row(&[(EOS as usize, 9.0), (3, 0.0)]),
+        2 => row(&[(4, 5.0), (3, 0.0)]),
+        _ => row(&[(6, 1.0), (3, 0.0)]),
+    });
+    let d = Decoding {
+        stop_at_eos: true,
+        ..Default::default()
+    };
+    let canvas = vec![9, 8, MASK, MASK, MASK, MASK, 7, MASK, MASK, MASK, MASK];
+    let mut s = session(m, canvas, params(8, 8), d);
+    s.run().unwrap();
+    // The first gap ends at its EOS; the second keeps its own tokens.
+    assert_eq!(&s.canvas()[2..6], &[4, EOS, EOS, EOS]);
+    assert_eq!(s.canvas()[6], 7);
+    assert_eq!(&s.canvas()[7..], &[6, 6, 6, 6]);
+    assert!(s.is_done());
+    // 2 forwards for the first gap (3, then 2: the stop fills 4, 5), 4 for the second.
+    assert_eq!(s.forward_steps(), 6);
+}
+
+#[test]
 fn bad_decoding_options_are_rejected() {
     let mut s = Session::new(split_model(&[]), canvas(1, 2), params(2, 2)).unwrap();
     for (d, needle) in [

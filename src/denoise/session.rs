@@ -103,8 +103,10 @@ pub struct Decoding {
     /// Classifier-free guidance scale `s` (0 = off): `logits = un + (s + 1)(cond − un)`, `un`
     /// from the canvas with every position that was not a mask at creation masked.
     pub cfg_scale: f64,
-    /// Once an EOS is committed with every generated position before it committed, fill the
-    /// remaining generated positions with EOS and stop.
+    /// Once an EOS is committed with every position of its gap before it committed, fill the
+    /// rest of that gap with EOS (a gap is a run of consecutive generated positions: the whole
+    /// generation after a prompt, or one `[MASK:n]` of a canvas with fixed text between gaps);
+    /// the run stops when no mask is left.
     pub stop_at_eos: bool,
     /// Block K/V cache between the steps of a block (Fast-dLLM prefix / dual; see
     /// [`crate::model::kv_cache`]). `None` is the reference loop.
@@ -790,19 +792,36 @@ impl Session {
         self.ledger.total_remasks()
     }
 
-    /// If a generated position holds EOS with every generated position before it committed,
-    /// fills the later masked generated positions with EOS; when no mask is left, ends the
-    /// session.
+    /// In each gap (run of consecutive generated positions) holding an EOS with every position
+    /// of the gap before it committed, fills the gap's later masks with EOS; when no mask is
+    /// left, ends the session. A gap ends where fixed text follows, so an EOS in one gap never
+    /// reaches into the next.
     fn stop_at_eos(&mut self) {
-        let Some(first_eos) = self
-            .generated
+        let mut start = 0;
+        while start < self.generated.len() {
+            let mut end = start + 1;
+            while end < self.generated.len() && self.generated[end] == self.generated[end - 1] + 1
+            {
+                end += 1;
+            }
+            self.stop_gap_at_eos(start..end);
+            start = end;
+        }
+        if self.masks_left == 0 {
+            self.cursor = self.total_steps();
+        }
+    }
+
+    /// [`Session::stop_at_eos`] for the gap `self.generated[gap]`.
+    fn stop_gap_at_eos(&mut self, gap: Range<usize>) {
+        let Some(first_eos) = self.generated[gap.clone()]
             .iter()
             .take_while(|&&p| self.canvas[p] != self.mask)
             .position(|&p| self.canvas[p] == self.eos)
         else {
             return;
         };
-        for i in first_eos + 1..self.generated.len() {
+        for i in gap.start + first_eos + 1..gap.end {
             let p = self.generated[i];
             if self.canvas[p] == self.mask {
                 self.canvas[p] = self.eos;
@@ -810,9 +829,6 @@ impl Session {
                 self.masks_left -= 1;
                 self.cache.invalidate();
             }
-        }
-        if self.masks_left == 0 {
-            self.cursor = self.total_steps();
         }
     }
 
