@@ -474,7 +474,7 @@ fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
     let secs = t2.elapsed().as_secs_f64();
     let device = cuda
         .as_ref()
-        .map_or_else(|| "cpu".to_string(), |m| m.device().name.clone());
+        .map_or_else(|| cpu_device(o), |m| m.device().name.clone());
     let mut r = report(
         o,
         &format!("{} session", model.backend_name()),
@@ -563,21 +563,7 @@ fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     let t2 = Instant::now();
     run(&mut canv)?;
     let secs = t2.elapsed().as_secs_f64();
-    let mut r = report(
-        o,
-        "cpu",
-        format!(
-            "{} CPU threads{}",
-            rayon::current_num_threads(),
-            if cpu_bf16_on(o) {
-                ", bf16 activations"
-            } else {
-                ""
-            }
-        ),
-        steps.len(),
-        secs,
-    );
+    let mut r = report(o, "cpu", cpu_device(o), steps.len(), secs);
     r.load_seconds = load_seconds;
     r.warmup_seconds = warmup_seconds;
     r.masks_left = canv.iter().filter(|&&t| t == cfg.mask_token_id).count();
@@ -775,6 +761,16 @@ fn profile_cuda(
         rows.extend(profile_rows("block", &block.0, block.1));
     }
     Ok(rows)
+}
+
+/// The CPU backend's "device": its thread count, and whether it rounds activations to bf16.
+fn cpu_device(o: &BenchOptions) -> String {
+    let bf16 = if cpu_bf16_on(o) {
+        ", bf16 activations"
+    } else {
+        ""
+    };
+    format!("{} CPU threads{bf16}", rayon::current_num_threads())
 }
 
 /// Device-to-device copy bandwidth in GB/s (bytes read + written) over a 1 GiB buffer,

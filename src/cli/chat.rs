@@ -23,8 +23,9 @@ pub struct ChatArgs {
     /// A system message opening the conversation (kept across /reset).
     #[arg(long)]
     pub system: Option<String>,
-    /// Keep denoising after the first EOS (chat stops at it by default).
-    #[arg(long)]
+    /// Keep denoising after the first EOS (chat stops at it by default, so --stop-at-eos
+    /// changes nothing here).
+    #[arg(long, conflicts_with = "stop_at_eos")]
     pub no_stop_at_eos: bool,
     #[command(flatten)]
     pub denoise: DenoiseArgs,

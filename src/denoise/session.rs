@@ -800,8 +800,7 @@ impl Session {
         let mut start = 0;
         while start < self.generated.len() {
             let mut end = start + 1;
-            while end < self.generated.len() && self.generated[end] == self.generated[end - 1] + 1
-            {
+            while end < self.generated.len() && self.generated[end] == self.generated[end - 1] + 1 {
                 end += 1;
             }
             self.stop_gap_at_eos(start..end);
