@@ -72,6 +72,7 @@
  *      3: dllm_sessions_step and dllm_sessions_run (several sessions of one model stepped
  *         together, with batched forwards).
  *      4: dllm_model_params gained cpu_bf16 (bf16 activations on the CPU backend).
+ *      5: dllm_tokenize_literal (special-token text kept as text).
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -85,7 +86,7 @@ extern "C" {
 
 /* The ABI version this header describes (see "Versions" above): a program built with this
  * header needs dllm_abi_version() >= DLLM_ABI_VERSION. */
-#define DLLM_ABI_VERSION 4
+#define DLLM_ABI_VERSION 5
 
 /* ---------------------------------------------------------------------------------------------
  * Status codes
@@ -202,12 +203,22 @@ const char *dllm_model_backend(const dllm_model *m);
  * ------------------------------------------------------------------------------------------- */
 
 /* Converts `text_len` bytes of UTF-8 `text` (no NUL needed; NULL allowed when text_len is 0) to
- * token ids, adding no special tokens. Writes up to `cap` ids to `tokens` and the number of ids
- * of the full result to *n_tokens (see "Buffers").
+ * token ids, adding no special tokens. Text spelling a special token ("<|mask|>",
+ * "<|endoftext|>", a chat template's headers) becomes that token, as Hugging Face tokenizers do:
+ * use it for prompts built from a chat template. Writes up to `cap` ids to `tokens` and the
+ * number of ids of the full result to *n_tokens (see "Buffers").
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL m/n_tokens, NULL text or tokens with a non-zero
  * length, text not UTF-8), DLLM_ERR_BUFFER_TOO_SMALL, DLLM_ERR_FORMAT (tokenizer failure). */
 dllm_status dllm_tokenize(const dllm_model *m, const char *text, size_t text_len,
                           int32_t *tokens, size_t cap, size_t *n_tokens);
+
+/* As dllm_tokenize, but text spelling a special token stays plain text (its characters'
+ * ordinary tokens), so no special token comes out: for text from users or files (a player's
+ * message, code being edited) that must not end a turn, open a gap or inject a template
+ * header. dllm_detokenize of the result gives the text back. Errors as dllm_tokenize.
+ * Since ABI version 5. */
+dllm_status dllm_tokenize_literal(const dllm_model *m, const char *text, size_t text_len,
+                                  int32_t *tokens, size_t cap, size_t *n_tokens);
 
 /* Converts `n` token ids to UTF-8 text. Special tokens (mask, end-of-text) are rendered as their
  * text, e.g. "<|mask|>", so a half-denoised canvas can be shown; cut at the end-of-text token

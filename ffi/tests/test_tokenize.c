@@ -1,4 +1,4 @@
-/* test_tokenize.c: dllm_tokenize / dllm_detokenize through the C ABI: size queries, exact and
+/* test_tokenize.c: dllm_tokenize(_literal) / dllm_detokenize through the C ABI: size queries, exact and
  * too-small buffers (nothing written past `cap`), NUL termination, round trips, bad input.
  *
  * Usage: test_tokenize MODEL_DIR */
@@ -87,6 +87,36 @@ int main(int argc, char **argv) {
     char special[64];
     CHECK_STATUS(dllm_detokenize(m, &mask, 1, special, sizeof special, &nb), DLLM_OK);
     CHECK(strcmp(special, "<|mask|>") == 0);
+
+    /* Special-token text: dllm_tokenize reads it as the tokens, dllm_tokenize_literal keeps it
+     * text that comes back byte for byte. */
+    {
+        const char *quoted = "s = \"<|mask|>\" + \"<|endoftext|>\"";
+        size_t qlen = strlen(quoted);
+        int32_t eos = dllm_model_eos_token(m);
+        int32_t parsed[64], literal[64];
+        size_t np = 0, nl = 0;
+        CHECK_STATUS(dllm_tokenize(m, quoted, qlen, parsed, 64, &np), DLLM_OK);
+        CHECK_STATUS(dllm_tokenize_literal(m, quoted, qlen, literal, 64, &nl), DLLM_OK);
+        int parsed_mask = 0, parsed_eos = 0, literal_special = 0;
+        for (size_t i = 0; i < np; i++) {
+            parsed_mask += parsed[i] == mask;
+            parsed_eos += parsed[i] == eos;
+        }
+        for (size_t i = 0; i < nl; i++) literal_special += literal[i] == mask || literal[i] == eos;
+        CHECK(parsed_mask == 1 && parsed_eos == 1);
+        CHECK(literal_special == 0 && nl > np);
+        char back[128];
+        size_t nback = 0;
+        CHECK_STATUS(dllm_detokenize(m, literal, nl, back, sizeof back, &nback), DLLM_OK);
+        CHECK(nback == qlen && strcmp(back, quoted) == 0);
+        /* Plain text: both give the same ids; the size protocol and errors are shared. */
+        size_t nt = 0;
+        CHECK_STATUS(dllm_tokenize_literal(m, text, len, NULL, 0, &nt), DLLM_ERR_BUFFER_TOO_SMALL);
+        CHECK(nt == need);
+        CHECK_STATUS(dllm_tokenize_literal(m, text, len, NULL, 0, NULL), DLLM_ERR_INVALID_ARGUMENT);
+        CHECK_ERROR_MENTIONS("dllm_tokenize_literal");
+    }
 
     /* Bad input. */
     CHECK_STATUS(dllm_tokenize(NULL, text, len, ids, need, &n), DLLM_ERR_INVALID_ARGUMENT);

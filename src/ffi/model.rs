@@ -319,7 +319,7 @@ pub unsafe extern "C" fn dllm_model_backend(m: *const dllm_model) -> *const c_ch
     })
 }
 
-/// Text to token ids.
+/// Text to token ids, special-token text read as those tokens.
 ///
 /// # Safety
 /// `m` is NULL or a live model handle; `text` is NULL or points to `text_len` readable bytes;
@@ -333,7 +333,65 @@ pub unsafe extern "C" fn dllm_tokenize(
     cap: usize,
     n_tokens: *mut usize,
 ) -> dllm_status {
-    guard("dllm_tokenize", || {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        tokenize(
+            "dllm_tokenize",
+            m,
+            text,
+            text_len,
+            tokens,
+            cap,
+            n_tokens,
+            false,
+        )
+    }
+}
+
+/// Text to token ids, special-token text kept as plain text (ABI version 5).
+///
+/// # Safety
+/// As [`dllm_tokenize`].
+#[no_mangle]
+pub unsafe extern "C" fn dllm_tokenize_literal(
+    m: *const dllm_model,
+    text: *const c_char,
+    text_len: usize,
+    tokens: *mut i32,
+    cap: usize,
+    n_tokens: *mut usize,
+) -> dllm_status {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        tokenize(
+            "dllm_tokenize_literal",
+            m,
+            text,
+            text_len,
+            tokens,
+            cap,
+            n_tokens,
+            true,
+        )
+    }
+}
+
+/// [`dllm_tokenize`] (`literal` false) and [`dllm_tokenize_literal`] (true), as `name`.
+///
+/// # Safety
+/// As [`dllm_tokenize`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn tokenize(
+    name: &'static str,
+    m: *const dllm_model,
+    text: *const c_char,
+    text_len: usize,
+    tokens: *mut i32,
+    cap: usize,
+    n_tokens: *mut usize,
+    literal: bool,
+) -> dllm_status {
+    guard(name, || {
         // SAFETY: by the contract.
         let inner = unsafe { model_ref(m) }?;
         check_nonnull(n_tokens, "n_tokens")?;
@@ -346,7 +404,11 @@ pub unsafe extern "C" fn dllm_tokenize(
                 e.valid_up_to()
             ))
         })?;
-        let ids = inner.tokenizer.encode(text)?;
+        let ids = if literal {
+            inner.tokenizer.encode_literal(text)?
+        } else {
+            inner.tokenizer.encode(text)?
+        };
         let ids: Vec<i32> = ids
             .into_iter()
             .map(|id| {
