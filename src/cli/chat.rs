@@ -177,7 +177,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         if !opts.quiet && interactive {
             eprintln!(
                 "({} steps, {:.2} s, {})",
-                session.steps_taken(),
+                session.forward_steps(),
                 elapsed,
                 session.model().backend_name()
             );
