@@ -6,7 +6,8 @@ use std::process::Output;
 mod common;
 use common::{run_dllm, stdout_ok, MODEL};
 
-fn dllm(extra: &[&str]) -> Output {
+/// `dllm generate` of 16 tokens in 8 steps, blocks of 4, with `extra` options; progress kept.
+fn dllm_loud(extra: &[&str]) -> Output {
     let mut args = vec![
         "generate",
         "--model",
@@ -21,10 +22,14 @@ fn dllm(extra: &[&str]) -> Output {
         "8",
         "--block-len",
         "4",
-        "--quiet",
     ];
     args.extend_from_slice(extra);
     run_dllm(&args, None)
+}
+
+/// [`dllm_loud`] with `--quiet`.
+fn dllm(extra: &[&str]) -> Output {
+    dllm_loud(&[extra, &["--quiet"]].concat())
 }
 
 fn stdout(o: &Output) -> String {
@@ -116,30 +121,12 @@ fn chat_stream_prints_only_the_answer_as_a_plain_chat_run() {
 #[test]
 fn the_closing_summary_counts_the_forwards_that_ran() {
     // --threshold 0 commits a whole block per forward: 4 blocks, 4 forwards of 8 scheduled.
-    let mut args = vec![
-        "generate",
-        "--model",
-        MODEL,
-        "--backend",
-        "cpu",
-        "--prompt",
-        "def add(a, b):",
-        "--gen-len",
-        "16",
-        "--steps",
-        "8",
-        "--block-len",
-        "4",
-        "--threshold",
-        "0",
-    ];
-    let out = run_dllm(&args, None);
+    let out = dllm_loud(&["--threshold", "0"]);
     stdout_ok(&out);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(err.contains("4 steps (of 8 scheduled) in "), "{err}");
     // Without parallel decoding every scheduled step runs a forward.
-    args.truncate(args.len() - 2);
-    let err = String::from_utf8_lossy(&run_dllm(&args, None).stderr).to_string();
+    let err = String::from_utf8_lossy(&dllm_loud(&[]).stderr).to_string();
     assert!(err.contains("8 steps in "), "{err}");
 }
 
