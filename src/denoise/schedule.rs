@@ -98,13 +98,20 @@ pub struct Schedule {
 impl Schedule {
     /// Plans `steps` denoising steps over `n_masked` masked positions in blocks of `block_len`.
     ///
-    /// Errors (all [`Error::InvalidArgument`]): `block_len == 0`; `steps == 0` or `steps >`
-    /// [`MAX_STEPS`] while masks are present; `steps` not a multiple of the number of blocks (the
-    /// message lists valid values). With no masks the schedule is empty and any `steps` is
-    /// accepted.
+    /// Errors (all [`Error::InvalidArgument`]): `block_len == 0`; `steps >` [`MAX_STEPS`];
+    /// `steps == 0` while masks are present; `steps` not a multiple of the number of blocks (the
+    /// message lists valid values). With no masks the schedule is empty and any `steps` up to
+    /// [`MAX_STEPS`] is accepted.
     pub fn new(n_masked: usize, block_len: usize, steps: usize) -> Result<Schedule> {
         if block_len == 0 {
             return Err(Error::invalid("block_len must be positive"));
+        }
+        // Checked with no masks too: `Session::remask` later schedules its new block with these
+        // steps, and a huge count there once asked for a 16 GiB allocation (an abort).
+        if steps > MAX_STEPS {
+            return Err(Error::invalid(format!(
+                "steps {steps} exceeds the most supported, {MAX_STEPS} (every step is a forward pass)"
+            )));
         }
         let blocks = num_blocks(n_masked, block_len);
         if blocks == 0 {
@@ -118,11 +125,6 @@ impl Schedule {
             return Err(Error::invalid(format!(
                 "steps must be positive to fill {n_masked} masked positions \
                  ({blocks} block(s) of block_len {block_len}): use a multiple of {blocks}"
-            )));
-        }
-        if steps > MAX_STEPS {
-            return Err(Error::invalid(format!(
-                "steps {steps} exceeds the most supported, {MAX_STEPS} (every step is a forward pass)"
             )));
         }
         if !steps.is_multiple_of(blocks) {
@@ -253,6 +255,10 @@ mod tests {
                 assert!(e.contains("exceeds the most supported"), "{e}");
             }
         }
+        // Also with no masks (a session that remasks later schedules its new block with them).
+        let e = Schedule::new(0, 8, 1 << 31).unwrap_err().to_string();
+        assert!(e.contains("exceeds the most supported"), "{e}");
+        assert!(Schedule::new(0, 8, 0).is_ok());
         // The largest step count itself is fine (one block here).
         assert_eq!(
             Schedule::new(5, 8, MAX_STEPS).unwrap().steps_per_block(),

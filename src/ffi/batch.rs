@@ -30,7 +30,9 @@ unsafe fn distinct_sessions<'a>(
     check_nonnull(sessions, "sessions")?;
     // SAFETY: `n` readable pointers by the contract.
     let ptrs = unsafe { std::slice::from_raw_parts(sessions, n) };
-    let mut seen: HashMap<*mut dllm_session, usize> = HashMap::with_capacity(n);
+    // Grown as entries are checked: a wrong `n` then meets a NULL or a bad entry before any
+    // allocation of its size (`with_capacity(n)` once panicked or aborted on a huge `n`).
+    let mut seen: HashMap<*mut dllm_session, usize> = HashMap::new();
     for (i, &p) in ptrs.iter().enumerate() {
         if p.is_null() {
             return Err(invalid(format!("sessions[{i}] is NULL")));
