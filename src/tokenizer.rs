@@ -10,6 +10,15 @@ use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// How [`Tokenizer::encode_as`] reads text that spells a special token (`<|mask|>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialText {
+    /// As that token, as Hugging Face tokenizers do ([`Tokenizer::encode`]).
+    Token,
+    /// As the plain text it is ([`Tokenizer::encode_literal`]).
+    Literal,
+}
+
 /// A loaded tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -44,21 +53,25 @@ impl Tokenizer {
     /// Text to ids, without special tokens added; special-token text in `text` (`<|mask|>`,
     /// `<|endoftext|>`) becomes that token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.encode_with(&self.inner, text)
+        self.encode_as(text, SpecialText::Token)
     }
 
     /// Text to ids, without special tokens added, special-token text in `text` encoded as the
     /// plain text it is: decoding the ids gives `text` back, special-looking parts included.
     pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
-        let literal = self.literal.get_or_init(|| {
-            let mut t = self.inner.clone();
-            t.set_encode_special_tokens(true);
-            t
-        });
-        self.encode_with(literal, text)
+        self.encode_as(text, SpecialText::Literal)
     }
 
-    fn encode_with(&self, t: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
+    /// Text to ids, without special tokens added, special-token text read as `special` says.
+    pub fn encode_as(&self, text: &str, special: SpecialText) -> Result<Vec<u32>> {
+        let t = match special {
+            SpecialText::Token => &self.inner,
+            SpecialText::Literal => self.literal.get_or_init(|| {
+                let mut t = self.inner.clone();
+                t.set_encode_special_tokens(true);
+                t
+            }),
+        };
         let enc = t.encode(text, false).map_err(|e| {
             Error::Tokenizer(format!("{}: encode failed: {e}", self.path.display()))
         })?;

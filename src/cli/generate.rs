@@ -16,7 +16,7 @@ use dllm::denoise::{
     ScheduleKind, Session,
 };
 use dllm::error::{Error, Result};
-use dllm::tokenizer::Tokenizer;
+use dllm::tokenizer::{SpecialText, Tokenizer};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -288,7 +288,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     }
     // A prompt's special-token text is read as those tokens (as Hugging Face tokenizers and
     // vLLM do), so a hand-written template works; --chat's template needs it.
-    fill_parts(&a.model, &parts, &a.denoise, a.chat, Encoding::Special)
+    fill_parts(&a.model, &parts, &a.denoise, a.chat, SpecialText::Token)
 }
 
 /// `dllm infill`: sugar for `fill` with the canvas `PREFIX[MASK:gen_len]SUFFIX`.
@@ -301,7 +301,7 @@ pub fn infill(a: InfillArgs) -> Result<()> {
         CanvasPart::Masks(a.denoise.gen_len()),
         CanvasPart::Text(a.suffix),
     ];
-    fill_parts(&a.model, &parts, &a.denoise, false, Encoding::Literal)
+    fill_parts(&a.model, &parts, &a.denoise, false, SpecialText::Literal)
 }
 
 /// `dllm fill`.
@@ -323,7 +323,7 @@ pub fn fill(a: FillArgs) -> Result<()> {
             "the canvas has no gap: write [MASK:n] where n tokens are to be generated",
         ));
     }
-    fill_parts(&a.model, &parts, &a.denoise, false, Encoding::Literal)
+    fill_parts(&a.model, &parts, &a.denoise, false, SpecialText::Literal)
 }
 
 /// `dllm edit`.
@@ -420,30 +420,18 @@ fn unescape(s: &str) -> String {
     out
 }
 
-/// How the text of a canvas is tokenized.
-#[derive(Clone, Copy)]
-enum Encoding {
-    /// Special-token text becomes those tokens ([`Tokenizer::encode`]).
-    Special,
-    /// Special-token text stays text ([`Tokenizer::encode_literal`]): fixed text around gaps.
-    Literal,
-}
-
-/// `chat`: print only the answer (up to the model's first end-of-turn token).
+/// `chat`: print only the answer (up to the model's first end-of-turn token); `special`: how
+/// the canvas's text reads special-token text.
 fn fill_parts(
     model_args: &ModelArgs,
     parts: &[CanvasPart],
     opts: &DenoiseArgs,
     chat: bool,
-    encoding: Encoding,
+    special: SpecialText,
 ) -> Result<()> {
     let (model, tok) = super::info::load(model_args)?;
     let (mask, max_len) = (model.config().mask_token_id, model.config().max_seq_len);
-    let encode = |t: &str| match encoding {
-        Encoding::Special => tok.encode(t),
-        Encoding::Literal => tok.encode_literal(t),
-    };
-    let canvas = build_canvas(parts, encode, mask, max_len)?;
+    let canvas = build_canvas(parts, |t| tok.encode_as(t, special), mask, max_len)?;
     let fixed = canvas.iter().filter(|&&t| t != mask).count();
     let shown = if chat {
         Shown::ChatAnswer
@@ -533,7 +521,7 @@ fn run_canvas(
     // model's first end-of-turn token.
     let answer = answer_ids(&generated, &stops, chat);
     let text = tok.decode(answer, true)?;
-    let shown = strip_trailing(&final_canvas, &stops);
+    let kept = strip_trailing(&final_canvas, &stops);
     if opts.json {
         let v = serde_json::json!({
             "text": text,
@@ -555,7 +543,7 @@ fn run_canvas(
     } else if chat {
         view.finish(&text)?;
     } else {
-        view.finish(&tok.decode(shown, true)?)?;
+        view.finish(&tok.decode(kept, true)?)?;
     }
     // After the result, so that it never lands inside streamed text or the last frame.
     if progress {

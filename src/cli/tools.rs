@@ -182,7 +182,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let r = run_bench(&opts)?;
     if a.json {
-        out::line(format_args!("{}", r.to_json()))?;
+        out::line(r.to_json())?;
     } else {
         out::line(format_args!(
             "{} on {}: batch {} · prompt {} · gen {} · block {} · {} tokens/step · cache {}",
@@ -207,9 +207,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             ))?;
         }
         if let Some(rows) = &r.profile {
-            out::line(format_args!(
-                "profile (eager run, mean per step; each op includes the gap before it):"
-            ))?;
+            out::line("profile (eager run, mean per step; each op includes the gap before it):")?;
             out::line(format_args!(
                 "  {:<6} {:<16} {:>9} {:>7} {:>6}",
                 "step", "op", "ms", "calls", "share"

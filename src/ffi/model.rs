@@ -6,7 +6,7 @@ use super::{
     DLLM_BACKEND_CUDA, DLLM_ERR_BACKEND, DLLM_ERR_INTERNAL, MODEL_PARAMS_SIZES,
 };
 use crate::model::{load_model_with, Backend, CpuOptions, Model};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{SpecialText, Tokenizer};
 use std::ffi::{c_char, CStr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -343,7 +343,7 @@ pub unsafe extern "C" fn dllm_tokenize(
             tokens,
             cap,
             n_tokens,
-            false,
+            SpecialText::Token,
         )
     }
 }
@@ -371,12 +371,13 @@ pub unsafe extern "C" fn dllm_tokenize_literal(
             tokens,
             cap,
             n_tokens,
-            true,
+            SpecialText::Literal,
         )
     }
 }
 
-/// [`dllm_tokenize`] (`literal` false) and [`dllm_tokenize_literal`] (true), as `name`.
+/// [`dllm_tokenize`] (`special` [`SpecialText::Token`]) and [`dllm_tokenize_literal`]
+/// ([`SpecialText::Literal`]), as `name`.
 ///
 /// # Safety
 /// As [`dllm_tokenize`].
@@ -389,7 +390,7 @@ unsafe fn tokenize(
     tokens: *mut i32,
     cap: usize,
     n_tokens: *mut usize,
-    literal: bool,
+    special: SpecialText,
 ) -> dllm_status {
     guard(name, || {
         // SAFETY: by the contract.
@@ -404,11 +405,7 @@ unsafe fn tokenize(
                 e.valid_up_to()
             ))
         })?;
-        let ids = if literal {
-            inner.tokenizer.encode_literal(text)?
-        } else {
-            inner.tokenizer.encode(text)?
-        };
+        let ids = inner.tokenizer.encode_as(text, special)?;
         let ids: Vec<i32> = ids
             .into_iter()
             .map(|id| {
