@@ -73,6 +73,7 @@
  *         together, with batched forwards).
  *      4: dllm_model_params gained cpu_bf16 (bf16 activations on the CPU backend).
  *      5: dllm_tokenize_literal (special-token text kept as text).
+ *      6: dllm_session_last_remasks (the positions a step re-masked, revise > 0).
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -86,7 +87,7 @@ extern "C" {
 
 /* The ABI version this header describes (see "Versions" above): a program built with this
  * header needs dllm_abi_version() >= DLLM_ABI_VERSION. */
-#define DLLM_ABI_VERSION 5
+#define DLLM_ABI_VERSION 6
 
 /* ---------------------------------------------------------------------------------------------
  * Status codes
@@ -371,8 +372,10 @@ dllm_status dllm_session_canvas(const dllm_session *s, int32_t *tokens, size_t c
 
 /* The positions the most recent step filled (dllm_session_step, or the last step taken by
  * dllm_session_run), in increasing order, and the tokens it wrote there: exactly the positions
- * that held the mask token before that step and do not after it, so a UI can redraw only
- * those. Writes up to `cap` entries to each of `positions` and `tokens` (entry i of one
+ * that held the mask token before that step and do not after it. With revise > 0 a step may
+ * also turn committed tokens back into masks: dllm_session_last_remasks lists those, and the
+ * two lists together are every position the step changed, so a UI can redraw only those.
+ * Writes up to `cap` entries to each of `positions` and `tokens` (entry i of one
  * matches entry i of the other) and the number of entries to *n (see "Buffers"; the count
  * equals that step's dllm_step_info.committed). Empty before the first step and after a step
  * that filled nothing (such as a step of a finished session); a failed step leaves it as it
@@ -381,6 +384,18 @@ dllm_status dllm_session_canvas(const dllm_session *s, int32_t *tokens, size_t c
  * DLLM_ERR_BUFFER_TOO_SMALL. */
 dllm_status dllm_session_last_commits(const dllm_session *s, size_t *positions, int32_t *tokens,
                                       size_t cap, size_t *n);
+
+/* The positions the most recent step turned back into masks (self-correction, revise > 0), in
+ * increasing order: exactly the positions that held a token before that step and hold the
+ * mask token after it. They are disjoint from dllm_session_last_commits's, and are filled again
+ * by later steps of their block. Writes up to `cap` entries to `positions` and the number of
+ * entries to *n (see "Buffers"). Empty whenever revise is 0, before the first step and after
+ * a step that re-masked nothing; recorded, kept and cleared with dllm_session_last_commits.
+ * Since ABI version 6.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s/n, NULL positions with cap > 0),
+ * DLLM_ERR_BUFFER_TOO_SMALL. */
+dllm_status dllm_session_last_remasks(const dllm_session *s, size_t *positions, size_t cap,
+                                      size_t *n);
 
 /* Fixes position `pos` to `token`, now and for the rest of the session: the denoiser never
  * changes it again (unless it is remasked). Any position may be locked. A masked one leaves the
@@ -432,7 +447,8 @@ void dllm_session_free(dllm_session *s);
  * twice, sessions of different models: the message names the entries; nothing runs),
  * DLLM_ERR_BACKEND or DLLM_ERR_OUT_OF_MEMORY (the batch's buffers do not fit in the free
  * memory; infos is then not written; the sessions that stepped on their own before the failure
- * keep their step, the batched ones are unchanged). */
+ * keep their step, and their dllm_session_last_commits describes it; the batched ones are
+ * unchanged). */
 dllm_status dllm_sessions_step(dllm_session *const *sessions, size_t n, dllm_step_info *infos);
 
 /* Steps the `n` sessions together, as dllm_sessions_step, until every one is done: each ends as
@@ -443,8 +459,8 @@ dllm_status dllm_sessions_step(dllm_session *const *sessions, size_t n, dllm_ste
  * cached sessions fits the CUDA backend's cache slots, see dllm_cache); the others then in
  * batched rounds (cached sessions too where they pack: their span steps stacked into one
  * forward, each against its own cache; packed on CUDA, the batch keeps one cache slot per
- * cached canvas). Same requirements and errors as dllm_sessions_step; the steps taken before a failure
- * remain (dllm_session_last_commits may then not describe the last of them). */
+ * cached canvas). Same requirements and errors as dllm_sessions_step; the steps taken before a
+ * failure remain, and dllm_session_last_commits describes each session's last step taken. */
 dllm_status dllm_sessions_run(dllm_session *const *sessions, size_t n);
 
 #ifdef __cplusplus

@@ -378,7 +378,8 @@ fn rust_transcript(c: &ParityCase) -> String {
     let model = load_model(Path::new(MODEL), Backend::Cpu).unwrap().model;
     let tok = Tokenizer::from_model_dir(Path::new(MODEL)).unwrap();
     let ids = tok.encode(prompt).unwrap();
-    let canvas = generation_canvas(&ids, *gen_len, model.config().mask_token_id);
+    let mask = model.config().mask_token_id;
+    let canvas = generation_canvas(&ids, *gen_len, mask);
     let mut s = Session::new(Arc::clone(&model), canvas, params.clone()).unwrap();
     s.set_decoding(decoding.clone()).unwrap();
     if let Some((k, t)) = lock {
@@ -387,11 +388,14 @@ fn rust_transcript(c: &ParityCase) -> String {
     let mut text = String::new();
     loop {
         let before = s.canvas().to_vec();
-        let info = s.step().unwrap();
-        let filled: Vec<usize> = (0..before.len())
+        let report = s.step_report().unwrap();
+        let info = report.info();
+        // The canvas diff: positions that hold the mask now were re-masked, the others filled.
+        let (remasked, filled): (Vec<usize>, Vec<usize>) = (0..before.len())
             .filter(|&p| before[p] != s.canvas()[p])
-            .collect();
+            .partition(|&p| s.canvas()[p] == mask);
         assert!(info.committed.iter().all(|p| filled.contains(p)));
+        assert_eq!(remasked, report.remasked);
         text += &format!(
             "step {} committed {} masks_left {} done {} filled",
             info.step,
@@ -401,6 +405,10 @@ fn rust_transcript(c: &ParityCase) -> String {
         );
         for p in filled {
             text += &format!(" {p}:{}", s.canvas()[p]);
+        }
+        text += " remasked";
+        for p in remasked {
+            text += &format!(" {p}");
         }
         text += "\n";
         if info.done {
@@ -571,14 +579,15 @@ fn c_driver_matches_the_rust_session() {
             (0.0, 1.0, 0, 1.0, 0.0, false),
         )
         .with_cache(CacheMode::Prefix, 1),
-        // Self-correction (host logits every step; re-masked positions come back).
+        // Self-correction (host logits every step): at 0.99 the tiny model re-masks 15 tokens
+        // here, which come back through dllm_session_last_remasks and are filled again.
         case(
             "def fib(n):\n",
             16,
             gp(16, 8, 0.0, Remasking::LowConfidence, 0),
             OFF,
         )
-        .with_revise(0.3),
+        .with_revise(0.99),
     ];
     let built = built();
     for c in cases {
@@ -605,6 +614,14 @@ fn c_driver_matches_the_rust_session() {
         assert!(out.status.success(), "parity: {}", describe(&out));
         let got = String::from_utf8(out.stdout).unwrap();
         let rust = rust_transcript(&c);
+        if c.decoding.revise.is_some() {
+            // The case must re-mask something, or it does not test dllm_session_last_remasks.
+            assert!(
+                rust.lines()
+                    .any(|l| !l.ends_with(" remasked") && l.contains(" remasked ")),
+                "no step of the revise case re-masked a position:\n{rust}"
+            );
+        }
         assert_eq!(
             got, rust,
             "C and Rust differ for {:?} {:?} {:?}",

@@ -5,8 +5,9 @@
  *        KEY: threshold, factor, top_k, top_p, cfg_scale, stop_at_eos (dllm_sampling_params);
  *        lock=K:T locks generated position K (0 = the first after the prompt) to token T before
  *        the first step.
- * Output: one line "step S committed C masks_left M done D filled P:T P:T ..." per step (the
- *         positions and tokens of dllm_session_last_commits), then "canvas ID ID ...".
+ * Output: one line "step S committed C masks_left M done D filled P:T P:T ... remasked P P ..."
+ *         per step (the positions and tokens of dllm_session_last_commits, the positions of
+ *         dllm_session_last_remasks), then "canvas ID ID ...".
  *         Exit status 1 (and a message on stderr) on any failure. */
 #include <stdint.h>
 #include <stdio.h>
@@ -95,6 +96,11 @@ int main(int argc, char **argv) {
         st = dllm_session_last_commits(s, positions, tokens, n, &filled);
         if (st != DLLM_OK) return fail("last_commits", st);
         for (size_t i = 0; i < filled; i++) printf(" %zu:%d", positions[i], tokens[i]);
+        size_t remasked = 0;
+        st = dllm_session_last_remasks(s, positions, n, &remasked);
+        if (st != DLLM_OK) return fail("last_remasks", st);
+        printf(" remasked");
+        for (size_t i = 0; i < remasked; i++) printf(" %zu", positions[i]);
         printf("\n");
     }
     st = dllm_session_canvas(s, canvas, n, &n);

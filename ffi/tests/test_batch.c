@@ -1,13 +1,15 @@
 /* test_batch.c: dllm_sessions_step and dllm_sessions_run (ABI version 3), several sessions of
  * one model stepped together.
  *
- * Four configurations on two canvases of different lengths (the fixture's "def square(x):\n"
+ * Five configurations on two canvases of different lengths (the fixture's "def square(x):\n"
  * + 16 masks, and "class Point:\n" + 24 masks, so the two block schedules differ): greedy,
- * sampled at temperature 0.7, random remasking, and greedy with the dual cache (on the CPU its
- * span steps are stacked with the other sessions' rows; on CUDA it steps on its own). Stepped
- * together, each must take exactly the
- * steps of the same configuration stepped alone with dllm_session_step (step info, canvas and
- * dllm_session_last_commits after every step, finished sessions reporting done), and run
+ * sampled at temperature 0.7, random remasking, greedy with the dual cache (on the CPU its
+ * span steps are stacked with the other sessions' rows; on CUDA it steps on its own), and
+ * greedy with self-correction (revise 0.7, which re-masks tokens of that canvas; it steps on its
+ * own). Stepped together, each must take exactly the
+ * steps of the same configuration stepped alone with dllm_session_step (step info, canvas,
+ * dllm_session_last_commits and dllm_session_last_remasks after every step, finished sessions
+ * reporting done), and run
  * together it must end as dllm_session_run leaves it alone. Also: a finished session in the
  * batch is left as it is, and bad arguments (NULL array or entry, a session twice, two models)
  * are refused before anything runs, each error naming the entry.
@@ -19,7 +21,7 @@
 
 #include "session_fixture.h"
 
-#define CONFIGS 4
+#define CONFIGS 5
 #define GEN1 24
 
 static int32_t canvas1[MAXC];
@@ -43,6 +45,9 @@ static void config(int i, const int32_t **canvas, size_t *n, dllm_sampling_param
     case 3:
         p->cache = DLLM_CACHE_DUAL;
         break;
+    case 4:
+        p->revise = 0.7f;
+        break;
     default:
         break;
     }
@@ -58,13 +63,15 @@ static dllm_session *new_config_session(int i) {
     return s;
 }
 
-/* What a finished session holds: its canvas and its last step's commits. */
+/* What a session holds: its canvas and its last step's commits and re-maskings. */
 typedef struct {
     int32_t canvas[MAXC];
     size_t n;
     size_t positions[MAXC];
     int32_t tokens[MAXC];
     size_t n_commits;
+    size_t remasked[MAXC];
+    size_t n_remasked;
 } outcome;
 
 static void read_outcome(const dllm_session *s, outcome *o) {
@@ -72,13 +79,16 @@ static void read_outcome(const dllm_session *s, outcome *o) {
     CHECK_STATUS(dllm_session_canvas(s, o->canvas, MAXC, &o->n), DLLM_OK);
     CHECK_STATUS(dllm_session_last_commits(s, o->positions, o->tokens, MAXC, &o->n_commits),
                  DLLM_OK);
+    CHECK_STATUS(dllm_session_last_remasks(s, o->remasked, MAXC, &o->n_remasked), DLLM_OK);
 }
 
 static int same_outcome(const outcome *a, const outcome *b) {
     return a->n == b->n && memcmp(a->canvas, b->canvas, a->n * sizeof a->canvas[0]) == 0 &&
            a->n_commits == b->n_commits &&
            memcmp(a->positions, b->positions, a->n_commits * sizeof a->positions[0]) == 0 &&
-           memcmp(a->tokens, b->tokens, a->n_commits * sizeof a->tokens[0]) == 0;
+           memcmp(a->tokens, b->tokens, a->n_commits * sizeof a->tokens[0]) == 0 &&
+           a->n_remasked == b->n_remasked &&
+           memcmp(a->remasked, b->remasked, a->n_remasked * sizeof a->remasked[0]) == 0;
 }
 
 static int count_masks(const outcome *o) {
@@ -136,6 +146,7 @@ static void test_steps_equal_single_steps(void) {
         if (!alone[i] || !together[i]) return;
     }
     int rounds = 0, all_done = 0;
+    size_t remasks_seen = 0;
     while (!all_done && rounds < 64) {
         dllm_step_info want[CONFIGS], got[CONFIGS];
         memset(got, 0xFF, sizeof got);
@@ -148,12 +159,14 @@ static void test_steps_equal_single_steps(void) {
             read_outcome(alone[i], &a);
             read_outcome(together[i], &b);
             CHECK(same_outcome(&a, &b));
+            remasks_seen += b.n_remasked;
             all_done &= got[i].done;
         }
         rounds++;
     }
     /* 8 steps for the short canvas, 12 for the long one; one more round reports done only. */
     CHECK(all_done && rounds == 12);
+    CHECK(remasks_seen > 0); /* the revise configuration re-masked, so its lists were compared */
     /* infos may be NULL; stepping finished sessions changes nothing and succeeds. */
     CHECK_STATUS(dllm_sessions_step(together, CONFIGS, NULL), DLLM_OK);
     for (int i = 0; i < CONFIGS; i++) {

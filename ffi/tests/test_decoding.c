@@ -1,7 +1,8 @@
 /* test_decoding.c: the version-2 fields of dllm_sampling_params (decoding strategies) and
  * dllm_session_last_commits, through the C ABI: defaults and layout, validation (each bad
  * value names its field), a version-1 caller, margin and entropy remasking, the threshold rule
- * step by step, stop_at_eos, and the positions a step filled against the canvas diff.
+ * step by step, stop_at_eos, and the positions a step filled (dllm_session_last_commits) and
+ * re-masked (dllm_session_last_remasks, ABI version 6) against the canvas diff.
  *
  * The canvas is a short prompt followed by 16 masks; with steps = 8 and block_len = 8 the
  * schedule is two blocks of 4 steps, 2 commits per step. Expected counts follow by hand from
@@ -210,23 +211,32 @@ static void test_margin_entropy(void) {
     }
 }
 
-/* Steps `s` once and checks dllm_session_last_commits against the canvas diff of the step. */
-static void step_and_check_commits(dllm_session *s, dllm_step_info *info) {
+/* Steps `s` once and checks dllm_session_last_commits and dllm_session_last_remasks against the
+ * canvas diff of the step: a position that holds the mask after it was re-masked, any other
+ * changed position was filled. Returns the number of re-masked positions. */
+static size_t step_and_check_commits(dllm_session *s, dllm_step_info *info) {
     int32_t before[MAXC], after[MAXC], tokens[MAXC];
-    size_t positions[MAXC], n = 999;
+    size_t positions[MAXC], remasked[MAXC], n = 999, n_remasked = 999;
     CHECK(get_canvas(s, before));
     CHECK_STATUS(dllm_session_step(s, info), DLLM_OK);
     CHECK(get_canvas(s, after));
     CHECK_STATUS(dllm_session_last_commits(s, positions, tokens, MAXC, &n), DLLM_OK);
+    CHECK_STATUS(dllm_session_last_remasks(s, remasked, MAXC, &n_remasked), DLLM_OK);
     CHECK(n == (size_t)info->committed);
-    size_t k = 0;
+    size_t k = 0, r = 0;
     for (size_t i = 0; i < len0; i++) {
         if (before[i] == after[i]) continue;
-        CHECK(before[i] == mask_id); /* a step only fills masks */
-        CHECK(k < n && positions[k] == i && tokens[k] == after[i]);
-        k++;
+        if (after[i] == mask_id) {
+            CHECK(r < n_remasked && remasked[r] == i);
+            r++;
+        } else {
+            CHECK(before[i] == mask_id); /* a step only fills masks */
+            CHECK(k < n && positions[k] == i && tokens[k] == after[i]);
+            k++;
+        }
     }
-    CHECK(k == n);
+    CHECK(k == n && r == n_remasked);
+    return n_remasked;
 }
 
 static void test_last_commits(void) {
@@ -288,6 +298,59 @@ static void test_last_commits(void) {
     CHECK(info.done == 1);
     CHECK_STATUS(dllm_session_last_commits(s, positions, tokens, MAXC, &n), DLLM_OK);
     CHECK(n == 0);
+    dllm_session_free(s);
+}
+
+/* Self-correction through the C ABI: at revise 0.7 the tiny model re-masks tokens of this
+ * canvas, and each step's dllm_session_last_remasks lists exactly the positions it turned back
+ * into masks (dllm_session_last_commits the ones it filled); the run still ends with no mask.
+ * Without revise the list stays empty. */
+static void test_last_remasks(void) {
+    CHECK(dllm_abi_version() >= 6 && DLLM_ABI_VERSION >= 6); /* the function exists */
+    dllm_sampling_params p = params();
+    p.revise = 0.7f;
+    dllm_session *s = new_session(&p);
+    if (!s) return;
+    size_t positions[MAXC], n = 999;
+    CHECK_STATUS(dllm_session_last_remasks(s, positions, MAXC, &n), DLLM_OK);
+    CHECK(n == 0); /* no step yet */
+    CHECK_STATUS(dllm_session_last_remasks(NULL, positions, MAXC, &n), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(dllm_session_last_remasks(s, positions, MAXC, NULL), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(dllm_session_last_remasks(s, NULL, 2, &n), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("positions");
+    dllm_step_info info = {0, 0, 0, 0};
+    size_t total = 0, steps = 0;
+    int buffer_checked = 0;
+    while (!info.done && steps < 16) {
+        size_t r = step_and_check_commits(s, &info);
+        total += r;
+        steps++;
+        if (r > 0 && !buffer_checked) {
+            /* A size query and a short buffer: *n is the count, nothing is written. */
+            CHECK_STATUS(dllm_session_last_remasks(s, NULL, 0, &n), DLLM_ERR_BUFFER_TOO_SMALL);
+            CHECK(n == r);
+            positions[0] = 777;
+            CHECK_STATUS(dllm_session_last_remasks(s, positions, r - 1, &n),
+                         DLLM_ERR_BUFFER_TOO_SMALL);
+            CHECK(n == r && (r == 1 || positions[0] == 777));
+            buffer_checked = 1;
+        }
+    }
+    CHECK(info.done && steps == 8); /* re-maskings add no steps */
+    CHECK(total > 0);
+    int32_t c[MAXC];
+    CHECK(get_canvas(s, c) && count_masks(c) == 0);
+    /* A step of the finished session re-masks nothing. */
+    CHECK_STATUS(dllm_session_step(s, &info), DLLM_OK);
+    CHECK_STATUS(dllm_session_last_remasks(s, positions, MAXC, &n), DLLM_OK);
+    CHECK(n == 0);
+    dllm_session_free(s);
+
+    /* Without revise: never any. */
+    p = params();
+    s = new_session(&p);
+    if (!s) return;
+    for (int i = 0; i < 8; i++) CHECK(step_and_check_commits(s, &info) == 0);
     dllm_session_free(s);
 }
 
@@ -363,6 +426,7 @@ int main(int argc, char **argv) {
     test_old_caller();
     test_margin_entropy();
     test_last_commits();
+    test_last_remasks();
     test_threshold();
     test_stop_at_eos();
     dllm_model_free(model);

@@ -3,17 +3,15 @@
 //! one step, and the steps that can share a forward pass run as one batched forward
 //! ([`crate::denoise::batch::step_round`]), so the weights are read once per round for the
 //! whole batch. Each session's steps are those `dllm_session_step` takes, its
-//! `dllm_session_last_commits` included.
+//! `dllm_session_last_commits` and `dllm_session_last_remasks` included.
 
-use super::session::{dllm_session, masked_positions, record_filled, step_info};
+use super::session::{dllm_session, step_info, step_recording};
+use super::step_record::{record_stepped, BeforeStep, LastStep};
 use super::{check_nonnull, dllm_status, dllm_step_info, guard, invalid, FfiResult};
 use crate::denoise::batch::{solo_sessions, step_round};
 use crate::denoise::Session;
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// A session's `(position, token)` record of its last step (`dllm_session_last_commits`).
-type Filled = Vec<(usize, i32)>;
 
 /// The distinct, non-NULL session handles of `sessions[0..n]`, all of one model.
 ///
@@ -58,25 +56,30 @@ unsafe fn distinct_sessions<'a>(
 }
 
 /// Runs `f` on the sessions of `sessions[0..n]` (checked by [`distinct_sessions`]) and their
-/// last-commit records, inside their model's worker pool; `None` when `n == 0`.
+/// last-step records, inside their model's worker pool; `None` when `n == 0`.
 ///
 /// # Safety
 /// As [`distinct_sessions`].
 unsafe fn with_sessions<R: Send>(
     sessions: *const *mut dllm_session,
     n: usize,
-    f: impl FnOnce(&mut [&mut Session], &mut [&mut Filled]) -> crate::Result<R> + Send,
+    f: impl FnOnce(&mut [&mut Session], &mut [&mut LastStep]) -> crate::Result<R> + Send,
 ) -> FfiResult<Option<R>> {
     // SAFETY: by the contract.
     let handles = unsafe { distinct_sessions(sessions, n) }?;
     let Some(model) = handles.first().map(|h| h.model.clone()) else {
         return Ok(None);
     };
-    let (mut sess, mut filled): (Vec<&mut Session>, Vec<&mut Filled>) = handles
+    let (mut sess, mut last): (Vec<&mut Session>, Vec<&mut LastStep>) = handles
         .into_iter()
-        .map(|h| (&mut h.session, &mut h.last_filled))
+        .map(|h| (&mut h.session, &mut h.last))
         .unzip();
-    Ok(Some(model.install(|| f(&mut sess, &mut filled))?))
+    Ok(Some(model.install(|| f(&mut sess, &mut last))?))
+}
+
+/// What each of `sessions` holds before a round, to record what the round changed.
+fn snapshots(sessions: &[&mut Session]) -> Vec<BeforeStep> {
+    sessions.iter().map(|s| BeforeStep::of(s)).collect()
 }
 
 /// Runs `n` sessions of one model to completion together.
@@ -92,27 +95,20 @@ pub unsafe extern "C" fn dllm_sessions_run(
     guard("dllm_sessions_run", || {
         // SAFETY: by the contract.
         unsafe {
-            with_sessions(sessions, n, |sess, filled| {
+            with_sessions(sessions, n, |sess, last| {
                 // Sessions that step alone first, each to completion (see solo_sessions).
                 for i in solo_sessions(sess) {
                     while !sess[i].is_done() {
-                        let masked = masked_positions(sess[i]);
-                        sess[i].step()?;
-                        record_filled(sess[i], masked, filled[i]);
+                        step_recording(sess[i], last[i])?;
                     }
                 }
                 loop {
-                    let masked: Vec<Vec<usize>> =
-                        sess.iter().map(|s| masked_positions(s)).collect();
-                    let stepped = step_round(sess)?;
-                    if stepped.is_empty() {
+                    let before = snapshots(sess);
+                    let round = step_round(sess);
+                    // Also on a failure: the sessions that stepped before it keep their step.
+                    record_stepped(&before, sess, last);
+                    if round?.is_empty() {
                         return Ok(());
-                    }
-                    // Only the sessions that stepped: a finished one keeps its last step's record.
-                    for (i, masked) in masked.into_iter().enumerate() {
-                        if stepped.binary_search_by_key(&i, |(j, _)| *j).is_ok() {
-                            record_filled(sess[i], masked, filled[i]);
-                        }
                     }
                 }
             })
@@ -135,18 +131,26 @@ pub unsafe extern "C" fn dllm_sessions_step(
     guard("dllm_sessions_step", || {
         // SAFETY: by the contract.
         let out = unsafe {
-            with_sessions(sessions, n, |sess, filled| {
-                let masked: Vec<Vec<usize>> = sess.iter().map(|s| masked_positions(s)).collect();
-                let mut stepped = step_round(sess)?.into_iter().peekable();
+            with_sessions(sessions, n, |sess, last| {
+                let before = snapshots(sess);
+                let stepped = match step_round(sess) {
+                    Ok(stepped) => stepped,
+                    Err(e) => {
+                        // The sessions that stepped on their own before it keep their step.
+                        record_stepped(&before, sess, last);
+                        return Err(e);
+                    }
+                };
+                let mut stepped = stepped.into_iter().peekable();
                 let mut out = Vec::with_capacity(sess.len());
-                for (i, masked) in masked.into_iter().enumerate() {
+                for (i, before) in before.iter().enumerate() {
                     let info = match stepped.next_if(|(j, _)| *j == i) {
                         Some((_, info)) => info,
                         // Finished: the no-op step `dllm_session_step` reports (done = 1).
                         None => sess[i].step()?,
                     };
-                    record_filled(sess[i], masked, filled[i]);
-                    out.push(step_info(&info, filled[i].len()));
+                    before.record(sess[i], last[i]);
+                    out.push(step_info(&info, last[i].filled.len()));
                 }
                 Ok(out)
             })

@@ -14,6 +14,7 @@
 mod batch;
 mod model;
 mod session;
+mod step_record;
 
 pub use batch::*;
 pub use model::*;
@@ -27,9 +28,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// The ABI version of `include/dllm.h` this library implements: 1 the first header; 2 appended
 /// the decoding fields of `dllm_sampling_params`, implemented MARGIN/ENTROPY and added
 /// `dllm_session_last_commits`; 3 added `dllm_sessions_step` and `dllm_sessions_run`; 4 appended
-/// `cpu_bf16` to `dllm_model_params`; 5 added `dllm_tokenize_literal`. Every version serves
-/// programs built against an earlier one.
-pub const DLLM_ABI_VERSION: u32 = 5;
+/// `cpu_bf16` to `dllm_model_params`; 5 added `dllm_tokenize_literal`; 6 added
+/// `dllm_session_last_remasks`. Every version serves programs built against an earlier one.
+pub const DLLM_ABI_VERSION: u32 = 6;
 
 /// Result of every fallible call (`dllm_status` in C).
 pub type dllm_status = i32;

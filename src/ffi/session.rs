@@ -1,6 +1,7 @@
 //! The session handle of the C ABI: one canvas denoised step by step, with lock and remask.
 
 use super::model::{dllm_model, model_ref, ModelInner};
+use super::step_record::{BeforeStep, LastStep};
 use super::{
     check_nonnull, check_output, dllm_sampling_params, dllm_status, dllm_step_info, guard,
     guard_value, input_slice, invalid, read_params, to_i32, write_output, FfiResult,
@@ -17,9 +18,8 @@ use std::sync::Arc;
 pub struct dllm_session {
     pub(super) model: Arc<ModelInner>,
     pub(super) session: Session,
-    /// `(position, token)` of every position the last step filled, increasing
-    /// (`dllm_session_last_commits`).
-    pub(super) last_filled: Vec<(usize, i32)>,
+    /// What the last step changed (`dllm_session_last_commits`, `dllm_session_last_remasks`).
+    pub(super) last: LastStep,
 }
 
 /// # Safety
@@ -150,45 +150,17 @@ fn cache_mode(cache: i32) -> FfiResult<CacheMode> {
     }
 }
 
-/// One step of `session`, recording in `last_filled` every position it filled (the committed
-/// predictions, and the positions a `stop_at_eos` stop filled with EOS). On error nothing
+/// One step of `session`, recording in `last` what it changed (the committed predictions, the
+/// positions a `stop_at_eos` stop filled with EOS, the re-masked ones). On error nothing
 /// changes.
-fn step_recording(
+pub(super) fn step_recording(
     session: &mut Session,
-    last_filled: &mut Vec<(usize, i32)>,
+    last: &mut LastStep,
 ) -> crate::Result<StepInfo> {
-    let masked = masked_positions(session);
+    let before = BeforeStep::of(session);
     let info = session.step()?;
-    record_filled(session, masked, last_filled);
+    before.record(session, last);
     Ok(info)
-}
-
-/// The positions of `session`'s canvas that hold the mask token, increasing.
-pub(super) fn masked_positions(session: &Session) -> Vec<usize> {
-    let mask = session.model().config().mask_token_id;
-    (0..session.canvas().len())
-        .filter(|&p| session.canvas()[p] == mask)
-        .collect()
-}
-
-/// Sets `last_filled` to the positions of `masked` (the masks before a step) that the step
-/// just taken filled, with their tokens.
-pub(super) fn record_filled(
-    session: &Session,
-    masked: Vec<usize>,
-    last_filled: &mut Vec<(usize, i32)>,
-) {
-    let mask = session.model().config().mask_token_id;
-    let canvas = session.canvas();
-    last_filled.clear();
-    // A step only ever turns masks into tokens, so this is exactly the canvas diff. Ids are
-    // below the embedding size, which Session::new checked fits the model.
-    last_filled.extend(
-        masked
-            .into_iter()
-            .filter(|&p| canvas[p] != mask)
-            .map(|p| (p, canvas[p] as i32)),
-    );
 }
 
 /// The C view of a step that filled `filled` positions.
@@ -257,7 +229,7 @@ pub unsafe extern "C" fn dllm_session_new(
         let handle = Box::new(dllm_session {
             model,
             session,
-            last_filled: Vec::new(),
+            last: LastStep::default(),
         });
         // SAFETY: `out` is non-NULL and writable by the contract.
         unsafe { out.write(Box::into_raw(handle)) };
@@ -279,12 +251,12 @@ pub unsafe extern "C" fn dllm_session_step(
         let dllm_session {
             model,
             session,
-            last_filled,
+            last,
         } = unsafe { session_mut(s) }?;
-        let done = model.install(|| step_recording(session, last_filled))?;
+        let done = model.install(|| step_recording(session, last))?;
         if !info.is_null() {
             // SAFETY: non-NULL and writable by the contract.
-            unsafe { info.write(step_info(&done, last_filled.len())) };
+            unsafe { info.write(step_info(&done, last.filled.len())) };
         }
         Ok(())
     })
@@ -301,11 +273,11 @@ pub unsafe extern "C" fn dllm_session_run(s: *mut dllm_session) -> dllm_status {
         let dllm_session {
             model,
             session,
-            last_filled,
+            last,
         } = unsafe { session_mut(s) }?;
         model.install(|| {
             while !session.is_done() {
-                step_recording(session, last_filled)?;
+                step_recording(session, last)?;
             }
             crate::Result::Ok(())
         })?;
@@ -356,13 +328,35 @@ pub unsafe extern "C" fn dllm_session_last_commits(
         check_nonnull(n, "n")?;
         check_output(positions, cap, "positions")?;
         check_output(tokens, cap, "tokens")?;
-        let (pos, ids): (Vec<usize>, Vec<i32>) = h.last_filled.iter().copied().unzip();
+        let (pos, ids): (Vec<usize>, Vec<i32>) = h.last.filled.iter().copied().unzip();
         // SAFETY: checked above; buffers by the contract. Both have the same length, so the
         // second write cannot fail once the first succeeded.
         unsafe {
             write_output(&pos, positions, cap, n, "positions")?;
             write_output(&ids, tokens, cap, n, "tokens")
         }
+    })
+}
+
+/// The positions the last step re-masked.
+///
+/// # Safety
+/// `s` is NULL or a live session used by no other thread now; `positions` is NULL or points to
+/// `cap` writable elements; `n` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_session_last_remasks(
+    s: *const dllm_session,
+    positions: *mut usize,
+    cap: usize,
+    n: *mut usize,
+) -> dllm_status {
+    guard("dllm_session_last_remasks", || {
+        // SAFETY: by the contract.
+        let h = unsafe { session_ref(s) }?;
+        check_nonnull(n, "n")?;
+        check_output(positions, cap, "positions")?;
+        // SAFETY: checked above; buffers by the contract.
+        unsafe { write_output(&h.last.remasked, positions, cap, n, "positions") }
     })
 }
 
