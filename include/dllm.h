@@ -223,11 +223,13 @@ dllm_status dllm_tokenize_literal(const dllm_model *m, const char *text, size_t 
 
 /* Converts `n` token ids to UTF-8 text. Special tokens (mask, end-of-text) are rendered as their
  * text, e.g. "<|mask|>", so a half-denoised canvas can be shown; cut at the end-of-text token
- * first if it should not appear. Writes the length of the text in bytes, without a terminating
+ * first if it should not appear. An id of the model that its tokenizer has no token for (models
+ * pad their vocabulary beyond the tokenizer's last id) gives no text, as in Hugging Face
+ * tokenizers, so every canvas a session produces converts. Writes the length of the text in bytes, without a terminating
  * NUL, to *n_bytes; succeeds when *n_bytes <= cap and then also writes a NUL after the text if
  * *n_bytes < cap. So allocate *n_bytes + 1 bytes for a C string.
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL m/n_bytes, NULL tokens with n > 0, NULL buf with
- * cap > 0, an id outside the vocabulary: the message names its index and value),
+ * cap > 0, an id outside 0 .. dllm_model_vocab_size - 1: the message names its index and value),
  * DLLM_ERR_BUFFER_TOO_SMALL, DLLM_ERR_FORMAT. */
 dllm_status dllm_detokenize(const dllm_model *m, const int32_t *tokens, size_t n,
                             char *buf, size_t cap, size_t *n_bytes);
@@ -344,10 +346,11 @@ void dllm_sampling_params_default(dllm_sampling_params *p);
  * On success *out receives a new session, owned by the caller (dllm_session_free); it holds a
  * reference to the model, which may therefore be freed first.
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL m/canvas/out, n == 0, n > dllm_model_max_length, an id
- * that is negative or outside the model, steps/block_len out of range or steps not a multiple of
- * the block count, temperature negative or not finite, a bad struct_size, an unknown remasking
- * or cache value, a version-2 field out of its range, threshold and factor both > 0, revise
- * not 0: the message names the field). */
+ * outside 0 .. dllm_model_vocab_size - 1 (the message names its position), steps/block_len out
+ * of range or steps not a multiple of the block count, temperature negative or not finite, a
+ * bad struct_size, an unknown remasking or cache value, a version-2 field out of its range,
+ * threshold and factor both > 0, revise > 0 together with a cache: the message names the
+ * field). */
 dllm_status dllm_session_new(dllm_model *m, const int32_t *canvas, size_t n,
                              const dllm_sampling_params *p, dllm_session **out);
 

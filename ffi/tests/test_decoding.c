@@ -97,6 +97,8 @@ static void test_validation(void) {
         {6, 0, 3, "cache"},         {6, 0, -1, "cache"},
         {7, 1.0f, 0, "revise"},     {7, -0.1f, 0, "revise"},  {7, NAN, 0, "revise"},
         {8, 0.9f, 0, "threshold"}, /* threshold and factor together */
+        {9, 0.5f, DLLM_CACHE_DUAL, "revise"},   /* revise with a cache */
+        {9, 0.5f, DLLM_CACHE_PREFIX, "revise"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         dllm_sampling_params p = params();
@@ -110,6 +112,7 @@ static void test_validation(void) {
         case 6: p.cache = bad[i].i; break;
         case 7: p.revise = bad[i].f; break;
         case 8: p.threshold = bad[i].f; p.factor = 1.0f; break;
+        case 9: p.revise = bad[i].f; p.cache = bad[i].i; break;
         }
         CHECK_STATUS(dllm_session_new(model, canvas0, len0, &p, &s), DLLM_ERR_INVALID_ARGUMENT);
         CHECK_ERROR_MENTIONS(bad[i].field);

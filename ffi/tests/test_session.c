@@ -60,9 +60,16 @@ static void test_defaults_and_validation(void) {
     c[3] = -5;
     CHECK_STATUS(dllm_session_new(model, c, len0, &q, &s), DLLM_ERR_INVALID_ARGUMENT);
     CHECK_ERROR_MENTIONS("position 3");
-    c[3] = 9000; /* beyond the embedding (8192 rows) */
+    c[3] = 9000; /* beyond the vocabulary (8192 ids) */
     CHECK_STATUS(dllm_session_new(model, c, len0, &q, &s), DLLM_ERR_INVALID_ARGUMENT);
     CHECK_ERROR_MENTIONS("position 3");
+    c[3] = dllm_model_vocab_size(model); /* one past the last id */
+    CHECK_STATUS(dllm_session_new(model, c, len0, &q, &s), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("position 3");
+    c[3] = dllm_model_vocab_size(model) - 1; /* the last id */
+    dllm_session *last_id = NULL;
+    CHECK_STATUS(dllm_session_new(model, c, len0, &q, &last_id), DLLM_OK);
+    dllm_session_free(last_id);
 
     size_t too_long = (size_t)dllm_model_max_length(model) + 1;
     int32_t *big = malloc(too_long * sizeof *big);

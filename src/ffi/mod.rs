@@ -304,6 +304,27 @@ pub(crate) unsafe fn input_slice<'a, T>(p: *const T, n: usize, name: &str) -> Ff
     Ok(unsafe { std::slice::from_raw_parts(p, n) })
 }
 
+/// The C token ids `ids` as `u32`s, each checked to be an id of the model: `0 <= id < vocab`
+/// (`dllm_model_vocab_size`, the one range the header gives every id argument). An error names
+/// the first bad one as `what(index)` says ("position 3", "tokens[3]").
+pub(crate) fn model_token_ids(
+    ids: &[i32],
+    vocab: usize,
+    what: impl Fn(usize) -> String,
+) -> FfiResult<Vec<u32>> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, &id)| match u32::try_from(id) {
+            Ok(u) if (u as usize) < vocab => Ok(u),
+            _ => Err(invalid(format!(
+                "token id {id} at {} is not an id of the model (valid: 0 to {})",
+                what(i),
+                vocab as i64 - 1
+            ))),
+        })
+        .collect()
+}
+
 /// Checks an output buffer argument pair: `buf` may be NULL only when `cap == 0`.
 pub(crate) fn check_output<T>(buf: *mut T, cap: usize, name: &str) -> FfiResult<()> {
     if buf.is_null() && cap > 0 {

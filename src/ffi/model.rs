@@ -2,8 +2,8 @@
 
 use super::{
     check_nonnull, check_output, dllm_model_params, dllm_status, guard, guard_value, input_slice,
-    invalid, read_params, write_output, FfiError, FfiResult, DLLM_BACKEND_AUTO, DLLM_BACKEND_CPU,
-    DLLM_BACKEND_CUDA, DLLM_ERR_BACKEND, DLLM_ERR_INTERNAL, MODEL_PARAMS_SIZES,
+    invalid, model_token_ids, read_params, write_output, FfiError, FfiResult, DLLM_BACKEND_AUTO,
+    DLLM_BACKEND_CPU, DLLM_BACKEND_CUDA, DLLM_ERR_BACKEND, DLLM_ERR_INTERNAL, MODEL_PARAMS_SIZES,
 };
 use crate::model::{load_model_with, Backend, CpuOptions, Model};
 use crate::tokenizer::{SpecialText, Tokenizer};
@@ -440,18 +440,10 @@ pub unsafe extern "C" fn dllm_detokenize(
         check_output(buf, cap, "buf")?;
         // SAFETY: by the contract.
         let ids = unsafe { input_slice(tokens, n, "tokens") }?;
-        let vocab = inner.tokenizer.vocab_size();
-        let ids: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| match u32::try_from(id) {
-                Ok(u) if (u as usize) < vocab => Ok(u),
-                _ => Err(invalid(format!(
-                    "tokens[{i}] = {id} is not a token id (valid: 0 to {})",
-                    vocab as i64 - 1
-                ))),
-            })
-            .collect::<FfiResult<_>>()?;
+        // The model's range, not the tokenizer's: a model may have more rows than its tokenizer
+        // has tokens (padding), and what it generates must detokenize (to no text, as in HF).
+        let vocab = inner.model.config().vocab_size;
+        let ids = model_token_ids(ids, vocab, |i| format!("tokens[{i}]"))?;
         let text = inner.tokenizer.decode(&ids, false)?;
         let bytes = text.as_bytes();
         // SAFETY: checked above; buffers by the contract.

@@ -4,8 +4,8 @@ use super::model::{dllm_model, model_ref, ModelInner};
 use super::step_record::{BeforeStep, LastStep};
 use super::{
     check_nonnull, check_output, dllm_sampling_params, dllm_status, dllm_step_info, guard,
-    guard_value, input_slice, invalid, read_params, to_i32, write_output, FfiResult,
-    DLLM_CACHE_DUAL, DLLM_CACHE_NONE, DLLM_CACHE_PREFIX, DLLM_REMASK_ENTROPY,
+    guard_value, input_slice, invalid, model_token_ids, read_params, to_i32, write_output,
+    FfiResult, DLLM_CACHE_DUAL, DLLM_CACHE_NONE, DLLM_CACHE_PREFIX, DLLM_REMASK_ENTROPY,
     DLLM_REMASK_LOW_CONFIDENCE, DLLM_REMASK_MARGIN, DLLM_REMASK_RANDOM, SAMPLING_PARAMS_SIZES,
 };
 use crate::denoise::{
@@ -203,14 +203,8 @@ pub unsafe extern "C" fn dllm_session_new(
         }
         // SAFETY: by the contract.
         let ids = unsafe { input_slice(canvas, n, "canvas") }?;
-        let ids: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .map(|(pos, &id)| {
-                u32::try_from(id)
-                    .map_err(|_| invalid(format!("token id {id} at position {pos} is negative")))
-            })
-            .collect::<FfiResult<_>>()?;
+        let vocab = inner.model.config().vocab_size;
+        let ids = model_token_ids(ids, vocab, |pos| format!("position {pos}"))?;
         // SAFETY: by the contract.
         let params = unsafe {
             read_params(
