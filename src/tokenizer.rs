@@ -155,13 +155,21 @@ mod tests {
     }
 
     #[test]
-    fn bad_input_is_an_error() {
+    fn ids_without_a_token_decode_to_nothing() {
+        // Hugging Face's reading; the model's range is checked by the callers.
         let t = tok();
-        assert!(t
-            .decode(&[u32::MAX], false)
-            .unwrap_err()
-            .to_string()
-            .contains("outside"));
+        let ids = t.encode("x = 1\n").unwrap();
+        let mut with_unknown = ids.clone();
+        with_unknown.insert(1, u32::MAX);
+        with_unknown.push(8192);
+        assert_eq!(
+            t.decode(&with_unknown, false).unwrap(),
+            t.decode(&ids, false).unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
         let missing = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json"));
         assert!(missing
             .err()
