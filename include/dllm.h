@@ -127,7 +127,10 @@ uint32_t dllm_abi_version(void);
 const char *dllm_status_string(dllm_status status);
 
 /* A description of the last failure on the calling thread: what went wrong and which argument,
- * file, tensor or field was at fault. Each failing call replaces it; successful calls leave it
+ * file, tensor or field was at fault, as "FUNCTION: KIND: DETAIL" (the function that failed,
+ * e.g. "dllm_session_new: invalid argument: canvas of 2000 tokens exceeds the model's
+ * max_seq_len 1024"; a file or tensor error names the file or tensor in place of the kind).
+ * Each failing call replaces it; successful calls leave it
  * as it was. Empty ("") when nothing has failed on this thread. The string is owned by the
  * library and valid until the next dllm_* call on this thread; copy it to keep it. Never NULL. */
 const char *dllm_last_error(void);

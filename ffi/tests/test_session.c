@@ -91,6 +91,10 @@ static void test_defaults_and_validation(void) {
         *ints[i].field = ints[i].value;
         CHECK_STATUS(dllm_session_new(model, canvas0, len0, &q, &s), DLLM_ERR_INVALID_ARGUMENT);
         CHECK_ERROR_MENTIONS(ints[i].name);
+        /* One form whichever layer found it ("multiple" comes from the schedule, the others
+         * from the C layer): the function, the kind, the detail. */
+        const char *prefix = "dllm_session_new: invalid argument: ";
+        CHECK(strncmp(dllm_last_error(), prefix, strlen(prefix)) == 0);
     }
     float temps[] = {-1.0f, NAN, INFINITY};
     for (size_t i = 0; i < 3; i++) {

@@ -185,9 +185,11 @@ impl From<Error> for FfiError {
     }
 }
 
-/// `DLLM_ERR_INVALID_ARGUMENT` with a message.
+/// `DLLM_ERR_INVALID_ARGUMENT` with a message, which reads as the core's
+/// [`Error::InvalidArgument`]s do ("invalid argument: …"), so every message of that status
+/// looks the same whichever layer found the problem.
 pub(crate) fn invalid(msg: impl Into<String>) -> FfiError {
-    FfiError::new(DLLM_ERR_INVALID_ARGUMENT, msg)
+    FfiError::from(Error::InvalidArgument(msg.into()))
 }
 
 pub(crate) type FfiResult<T> = std::result::Result<T, FfiError>;

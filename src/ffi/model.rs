@@ -3,7 +3,7 @@
 use super::{
     check_nonnull, check_output, dllm_model_params, dllm_status, guard, guard_value, input_slice,
     invalid, model_token_ids, read_params, write_output, FfiError, FfiResult, DLLM_BACKEND_AUTO,
-    DLLM_BACKEND_CPU, DLLM_BACKEND_CUDA, DLLM_ERR_BACKEND, DLLM_ERR_INTERNAL, MODEL_PARAMS_SIZES,
+    DLLM_BACKEND_CPU, DLLM_BACKEND_CUDA, DLLM_ERR_INTERNAL, MODEL_PARAMS_SIZES,
 };
 use crate::model::{load_model_with, Backend, CpuOptions, Model};
 use crate::tokenizer::{SpecialText, Tokenizer};
@@ -59,10 +59,9 @@ impl WorkerPool {
             })
             .build()
             .map_err(|e| {
-                FfiError::new(
-                    DLLM_ERR_BACKEND,
-                    format!("cannot start {n} CPU worker threads: {e}"),
-                )
+                FfiError::from(crate::Error::Backend(format!(
+                    "cannot start {n} CPU worker threads: {e}"
+                )))
             })?;
         Ok(WorkerPool {
             pool: Some(pool),
