@@ -73,7 +73,8 @@
  *         together, with batched forwards).
  *      4: dllm_model_params gained cpu_bf16 (bf16 activations on the CPU backend).
  *      5: dllm_tokenize_literal (special-token text kept as text).
- *      6: dllm_session_last_remasks (the positions a step re-masked, revise > 0).
+ *      6: dllm_session_last_remasks (the positions a step re-masked, revise > 0);
+ *         dllm_session_constrain (the tokens a position may be generated as).
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -413,6 +414,20 @@ dllm_status dllm_session_last_remasks(const dllm_session *s, size_t *positions, 
  * or the mask token: use dllm_session_remask to mask a position). */
 dllm_status dllm_session_lock(dllm_session *s, size_t pos, int32_t token);
 
+/* Restricts the tokens position `pos` may be generated as to the `n` ids of `allowed` (any
+ * order, repeats allowed), replacing an earlier constraint of `pos`; n == 0 lifts it. From the
+ * next step on, the position's prediction comes from the model's distribution over the allowed
+ * ids alone (every other logit is treated as -inf before argmax, sampling, top-k/top-p and the
+ * confidence), so a position allowed a single id is certain and commits at once. A position
+ * that holds a token keeps it; the constraint applies whenever it is generated (also after
+ * dllm_session_remask or a self-correction). While any constraint is set, steps compute the
+ * logits on the host (as with top_k), never batched with other sessions in dllm_sessions_step,
+ * and a K/V cache still serves the forwards. Since ABI version 6.
+ * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s, NULL allowed with n > 0, pos >= canvas length, an
+ * id outside 0 .. dllm_model_vocab_size - 1 or the mask token: the message names it); on error
+ * nothing changes. */
+dllm_status dllm_session_constrain(dllm_session *s, size_t pos, const int32_t *allowed, size_t n);
+
 /* Sends positions begin .. end-1 back to the model: every one not already holding the mask token
  * becomes a mask again (prompt positions included), and these positions form one new block,
  * scheduled after all existing blocks, with as many steps as every other block (steps / blocks
@@ -436,8 +451,8 @@ void dllm_session_free(dllm_session *s);
  * ------------------------------------------------------------------------------------------- */
 
 /* Takes one step of each of the `n` sessions in `sessions` together, on the calling thread:
- * the steps of the sessions that can share a forward pass (no cfg_scale, top_k, top_p or
- * revise, and no cache on the CUDA backend unless DLLM_PACKED_SESSIONS=1) run as ONE batched
+ * the steps of the sessions that can share a forward pass (no cfg_scale, top_k, top_p,
+ * revise or constraint, and no cache on the CUDA backend unless DLLM_PACKED_SESSIONS=1) run as ONE batched
  * forward over all their canvases, which may differ in length (the CUDA backend pads them and
  * masks the padding, the CPU backend stacks them; cached sessions' span steps are stacked into
  * one forward too, each attending to its own cache: on the CPU always, on CUDA with
@@ -460,7 +475,7 @@ dllm_status dllm_sessions_step(dllm_session *const *sessions, size_t n, dllm_ste
 /* Steps the `n` sessions together, as dllm_sessions_step, until every one is done: each ends as
  * dllm_session_run would leave it run alone (dllm_session_last_commits describes its last step),
  * and sessions already finished are left as they are. The sessions that step on their own
- * (guidance, top-k/top-p, self-correction, and on the CUDA backend a K/V cache unless
+ * (guidance, top-k/top-p, self-correction, constraints, and on the CUDA backend a K/V cache unless
  * DLLM_PACKED_SESSIONS=1) run first, one after another, each to completion (so any number of
  * cached sessions fits the CUDA backend's cache slots, see dllm_cache); the others then in
  * batched rounds (cached sessions too where they pack: their span steps stacked into one

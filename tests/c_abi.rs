@@ -480,6 +480,7 @@ fn case(
         stop_at_eos,
         cache: CacheMode::None,
         revise: None,
+        constraints: Default::default(),
     };
     let options = vec![
         format!("threshold={threshold}"),

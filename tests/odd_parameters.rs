@@ -79,6 +79,7 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
             stop_at_eos: r.next().is_multiple_of(2),
             cache: r.pick(&[CacheMode::None, CacheMode::Prefix, CacheMode::Dual]),
             revise: r.pick(&[None, None, Some(0.5), Some(0.01), Some(1.5)]),
+            constraints: Default::default(),
         };
         let label = format!("session {it}: {len} positions, {params:?}, {decoding:?}");
         let m = model.clone();

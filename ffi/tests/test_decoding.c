@@ -2,7 +2,8 @@
  * dllm_session_last_commits, through the C ABI: defaults and layout, validation (each bad
  * value names its field), a version-1 caller, margin and entropy remasking, the threshold rule
  * step by step, stop_at_eos, and the positions a step filled (dllm_session_last_commits) and
- * re-masked (dllm_session_last_remasks, ABI version 6) against the canvas diff.
+ * re-masked (dllm_session_last_remasks, ABI version 6) against the canvas diff, and position
+ * constraints (dllm_session_constrain, ABI version 6).
  *
  * The canvas is a short prompt followed by 16 masks; with steps = 8 and block_len = 8 the
  * schedule is two blocks of 4 steps, 2 commits per step. Expected counts follow by hand from
@@ -357,6 +358,63 @@ static void test_last_remasks(void) {
     dllm_session_free(s);
 }
 
+/* dllm_session_constrain (ABI version 6): a position allowed one id is certain, so it is among
+ * the first step's commits and holds that id; a position allowed three ids ends as one of them
+ * (greedy and sampled); a lifted constraint (n == 0) leaves the reference run; bad calls are
+ * refused and name the problem (tests/constraints.rs checks that they change nothing). */
+static void test_constrain(void) {
+    dllm_sampling_params p = params();
+    int32_t reference[MAXC], got[MAXC];
+    CHECK(run_to_end(&p, reference));
+    size_t single = prompt_len + 7, three = prompt_len + 12; /* block 0's last, block 1 */
+    int32_t one_id[1] = {reference[single] == 300 ? 301 : 300};
+    int32_t three_ids[3] = {0, 0, 0};
+    for (int32_t id = 40, k = 0; k < 3; id += 7) {
+        if (id != reference[three] && id != mask_id) three_ids[k++] = id;
+    }
+    for (int sampled = 0; sampled < 2; sampled++) {
+        dllm_sampling_params q = params();
+        if (sampled) {
+            q.temperature = 0.8f;
+            q.seed = 9;
+        }
+        dllm_session *s = new_session(&q);
+        if (!s) return;
+        CHECK_STATUS(dllm_session_constrain(s, single, one_id, 1), DLLM_OK);
+        CHECK_STATUS(dllm_session_constrain(s, three, three_ids, 3), DLLM_OK);
+        dllm_step_info info;
+        CHECK_STATUS(dllm_session_step(s, &info), DLLM_OK);
+        CHECK(get_canvas(s, got) && got[single] == one_id[0]);
+        CHECK_STATUS(dllm_session_run(s), DLLM_OK);
+        CHECK(get_canvas(s, got) && count_masks(got) == 0);
+        CHECK(got[three] == three_ids[0] || got[three] == three_ids[1] ||
+              got[three] == three_ids[2]);
+        dllm_session_free(s);
+    }
+    /* Refused calls change nothing, and n == 0 lifts a constraint: the reference run. */
+    dllm_session *s = new_session(&p);
+    if (!s) return;
+    CHECK_STATUS(dllm_session_constrain(s, three, three_ids, 3), DLLM_OK);
+    int32_t bad[2] = {50, mask_id};
+    CHECK_STATUS(dllm_session_constrain(s, three, bad, 2), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("mask");
+    bad[1] = dllm_model_vocab_size(model);
+    CHECK_STATUS(dllm_session_constrain(s, three, bad, 2), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("allowed[1]");
+    bad[1] = -1;
+    CHECK_STATUS(dllm_session_constrain(s, three, bad, 2), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("allowed[1]");
+    CHECK_STATUS(dllm_session_constrain(s, len0, three_ids, 3), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("position");
+    CHECK_STATUS(dllm_session_constrain(s, three, NULL, 3), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_ERROR_MENTIONS("allowed");
+    CHECK_STATUS(dllm_session_constrain(NULL, three, three_ids, 3), DLLM_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(dllm_session_constrain(s, three, NULL, 0), DLLM_OK);
+    CHECK_STATUS(dllm_session_run(s), DLLM_OK);
+    CHECK(get_canvas(s, got) && memcmp(got, reference, len0 * sizeof got[0]) == 0);
+    dllm_session_free(s);
+}
+
 /* The threshold rule by hand: a threshold above every confidence (> 1) commits the least count
  * each step, which here is the schedule's 2, so the result is the reference canvas; a threshold
  * below every confidence commits a whole block per step, and the block's later steps are
@@ -430,6 +488,7 @@ int main(int argc, char **argv) {
     test_margin_entropy();
     test_last_commits();
     test_last_remasks();
+    test_constrain();
     test_threshold();
     test_stop_at_eos();
     dllm_model_free(model);

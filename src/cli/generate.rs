@@ -181,6 +181,7 @@ impl DenoiseArgs {
                 CacheArg::Dual => CacheMode::Dual,
             },
             revise: self.revise,
+            constraints: Default::default(),
         };
         d.validate().map_err(|e| e.context("decoding options"))?;
         Ok(d)

@@ -193,5 +193,6 @@ fn guided(
         &plan.queries,
         &plan.rule,
         &decoding.filter,
+        &decoding.constraints,
     ))
 }

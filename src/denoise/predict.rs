@@ -17,8 +17,11 @@
 //!
 //! [`SampleFilter`] (top-k / top-p) narrows the candidates before the Gumbel draw; it is applied
 //! on the host only ([`predict_row_filtered`]) and never changes the confidence, which stays the
-//! function of the unfiltered row above.
+//! function of the unfiltered row above. A position constraint
+//! ([`Constraints`]) is different: it narrows the row itself, so the confidence is that of
+//! the distribution over the allowed ids.
 
+use super::constraint::{narrow_row, Constraints};
 use super::rng;
 use rayon::prelude::*;
 
@@ -286,7 +289,8 @@ pub fn predict_query_rows(
     predict_rows(logits, width, &rows, queries, rule)
 }
 
-/// [`predict_rows`] with a [`SampleFilter`].
+/// [`predict_rows`] with a [`SampleFilter`], and each position of `constraints` predicted from
+/// its row narrowed to its allowed ids (see [`super::constraint`]).
 pub fn predict_rows_filtered(
     logits: &[f32],
     width: usize,
@@ -294,11 +298,18 @@ pub fn predict_rows_filtered(
     positions: &[usize],
     rule: &PredictRule,
     filter: &SampleFilter,
+    constraints: &Constraints,
 ) -> Vec<Prediction> {
     assert_eq!(rows.len(), positions.len(), "one logits row per position");
     rows.par_iter()
         .zip(positions.par_iter())
-        .map(|(&r, &q)| predict_row_filtered(&logits[r * width..(r + 1) * width], q, rule, filter))
+        .map(|(&r, &q)| {
+            let row = &logits[r * width..(r + 1) * width];
+            match constraints.get(q) {
+                Some(allowed) => predict_row_filtered(&narrow_row(row, allowed), q, rule, filter),
+                None => predict_row_filtered(row, q, rule, filter),
+            }
+        })
         .collect()
 }
 

@@ -23,6 +23,7 @@
 use super::cached::{CacheState, CacheStats};
 use super::canvas::masked_positions;
 use super::commit::{self, Candidate};
+use super::constraint::Constraints;
 use super::observe::{BlockDone, StepEvent, StepReport};
 use super::predict::{predict_rows_filtered, PredictRule, Prediction, Remasking, SampleFilter};
 use super::revise::{self, Ledger};
@@ -115,6 +116,10 @@ pub struct Decoding {
     /// model committed earlier in the current block whose probability under the step's logits
     /// is below `R` are re-masked (see [`super::revise`]). Such steps need host logits.
     pub revise: Option<f64>,
+    /// The ids each constrained position may take (see [`super::constraint`]); steps that
+    /// predict a constrained position need host logits. Checked against the canvas by
+    /// [`Session::set_decoding`]; [`Session::constrain`] edits one position.
+    pub constraints: Constraints,
 }
 
 impl Decoding {
@@ -158,9 +163,9 @@ impl Decoding {
         Ok(())
     }
 
-    /// Whether a step needs the logits on the host (filters or guidance).
+    /// Whether a step needs the logits on the host (filters, guidance or constraints).
     pub fn needs_logits(&self) -> bool {
-        self.filter.is_active() || self.cfg_scale > 0.0
+        self.filter.is_active() || self.cfg_scale > 0.0 || !self.constraints.is_empty()
     }
 }
 
@@ -320,10 +325,15 @@ impl Session {
         })
     }
 
-    /// Sets the decoding strategies (see [`Decoding`]); allowed at any time, effective from the
-    /// next step. Errors ([`Error::InvalidArgument`], nothing changed): bad values.
+    /// Sets the decoding strategies (see [`Decoding`], its constraints included: they replace
+    /// those of earlier calls and of [`Session::constrain`]); allowed at any time, effective
+    /// from the next step. Errors ([`Error::InvalidArgument`], nothing changed): bad values, a
+    /// constraint outside the canvas or with an id that is the mask or outside the vocabulary.
     pub fn set_decoding(&mut self, decoding: Decoding) -> Result<()> {
         decoding.validate()?;
+        decoding
+            .constraints
+            .validate(self.canvas.len(), self.vocab_size, self.mask)?;
         CacheState::check_supported(&*self.model, decoding.cache)?;
         self.decoding = decoding;
         self.cache.invalidate();
@@ -389,6 +399,7 @@ impl Session {
             &plan.queries,
             &plan.rule,
             &self.decoding.filter,
+            &self.decoding.constraints,
         );
         let probs = revise::token_probs(&logits, width, &self.canvas, &plan.revisable);
         Ok((preds, probs))
@@ -885,6 +896,21 @@ impl Session {
     /// Index of the block the next step works on, `None` when done.
     pub fn current_block(&self) -> Option<usize> {
         self.locate(self.cursor).map(|(b, _)| b)
+    }
+
+    /// Restricts the tokens position `pos` may be generated as to `allowed` (any order;
+    /// replacing an earlier constraint of `pos`; empty: lifts it), from the next step on: its
+    /// prediction then comes from the model's distribution over `allowed` alone (see
+    /// [`super::constraint`]). A position that holds a token keeps it; the constraint applies
+    /// when it is generated (after [`Session::remask`] or a self-correction). While any
+    /// constraint is set, steps take the host-logits path, as with top-k.
+    ///
+    /// Errors ([`Error::InvalidArgument`], nothing changed): `pos` outside the canvas, an id
+    /// that is the mask token or outside the vocabulary.
+    pub fn constrain(&mut self, pos: usize, allowed: &[u32]) -> Result<()> {
+        self.decoding
+            .constraints
+            .set(pos, allowed, self.canvas.len(), self.vocab_size, self.mask)
     }
 
     /// Fixes position `pos` to `token` for the rest of the session (until it is remasked).

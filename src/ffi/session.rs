@@ -9,7 +9,8 @@ use super::{
     DLLM_REMASK_LOW_CONFIDENCE, DLLM_REMASK_MARGIN, DLLM_REMASK_RANDOM, SAMPLING_PARAMS_SIZES,
 };
 use crate::denoise::{
-    CacheMode, CommitPolicy, Decoding, GenerationParams, Remasking, SampleFilter, Session, StepInfo,
+    CacheMode, CommitPolicy, Constraints, Decoding, GenerationParams, Remasking, SampleFilter,
+    Session, StepInfo,
 };
 use std::sync::Arc;
 
@@ -135,6 +136,7 @@ fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
         stop_at_eos,
         cache: cache_mode(p.cache)?,
         revise,
+        constraints: Constraints::default(),
     })
 }
 
@@ -374,6 +376,30 @@ pub unsafe extern "C" fn dllm_session_lock(
     })
 }
 
+/// Restricts the tokens position `pos` may be generated as.
+///
+/// # Safety
+/// `s` is NULL or a live session used by no other thread now; `allowed` is NULL or points to
+/// `n` readable ids.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_session_constrain(
+    s: *mut dllm_session,
+    pos: usize,
+    allowed: *const i32,
+    n: usize,
+) -> dllm_status {
+    guard("dllm_session_constrain", || {
+        // SAFETY: by the contract.
+        let h = unsafe { session_mut(s) }?;
+        // SAFETY: by the contract.
+        let ids = unsafe { input_slice(allowed, n, "allowed") }?;
+        let vocab = h.model.model.config().vocab_size;
+        let ids = model_token_ids(ids, vocab, |i| format!("allowed[{i}]"))?;
+        h.session.constrain(pos, &ids)?;
+        Ok(())
+    })
+}
+
 /// Sends positions `begin..end` back to the model as a new block.
 ///
 /// # Safety
@@ -471,6 +497,7 @@ mod tests {
             stop_at_eos: true,
             cache: CacheMode::None,
             revise: None,
+            constraints: Constraints::default(),
         };
         assert_eq!(decoding(&p).unwrap(), want);
         let p = with(|p| p.factor = 2.0);
