@@ -124,6 +124,60 @@ fn infill_keeps_prefix_and_suffix() {
     assert_eq!(v["generated_tokens"].as_u64(), Some(6));
 }
 
+/// `[ONEOF:…]` gaps: each ends as one of its choices' tokens (sampled too), next to an ordinary
+/// gap; a choice of several tokens and a malformed tag are clear errors.
+#[test]
+fn fill_one_of_picks_among_the_choices() {
+    let tok = dllm::tokenizer::Tokenizer::from_model_dir(Path::new(MODEL)).unwrap();
+    let one = |t: &str| {
+        let ids = tok.encode_literal(t).unwrap();
+        assert_eq!(ids.len(), 1, "{t:?} is one token");
+        ids[0]
+    };
+    let prefix = tok.encode_literal("flag =").unwrap();
+    let allowed = [one(" True"), one(" False"), one(" None")];
+    for temperature in ["0", "1.5"] {
+        let v = json(&dllm(&[
+            "fill",
+            "--model",
+            MODEL,
+            "--backend",
+            "cpu",
+            "--canvas",
+            "flag =[ONEOF: True| False| None]\\n[MASK:6]",
+            "--steps",
+            "7",
+            "--temperature",
+            temperature,
+            "--json",
+            "--quiet",
+        ]));
+        let canvas: Vec<u32> = v["canvas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(&canvas[..prefix.len()], &prefix[..]);
+        let chosen = canvas[prefix.len()];
+        assert!(
+            allowed.contains(&chosen),
+            "T={temperature}: {chosen} not in {allowed:?}"
+        );
+        assert!(!canvas.contains(&1), "no mask left");
+    }
+    let long = dllm(&[
+        "fill",
+        "--model",
+        MODEL,
+        "--canvas",
+        "x =[ONEOF: True|Falsey]",
+    ]);
+    assert_clean_error(&long, "\"Falsey\" of [ONEOF: True|Falsey] is 2 tokens");
+    let bad = dllm(&["fill", "--model", MODEL, "--canvas", "x =[ONEOF:a||b]"]);
+    assert_clean_error(&bad, "`[ONEOF:` at byte 3");
+}
+
 #[test]
 fn logits_json_has_one_row_per_id() {
     let v = json(&dllm(&[

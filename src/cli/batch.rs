@@ -98,7 +98,8 @@ pub fn generate_batch(a: &GenerateArgs, file: &Path) -> Result<()> {
             cfg.mask_token_id,
             cfg.max_seq_len,
         )
-        .map_err(|e| e.context(at()))?;
+        .map_err(|e| e.context(at()))?
+        .ids;
         prompt_tokens.push(canvas.len() - opts.gen_len());
         session(&model, &canvas, &params, &decoding).map_err(|e| e.context(at()))?;
         canvases.push(canvas);

@@ -12,8 +12,8 @@ use dllm::config::ModelConfig;
 use dllm::denoise::canvas::span_tokens;
 use dllm::denoise::predict::{Remasking, SampleFilter};
 use dllm::denoise::{
-    build_canvas, parse_canvas, CacheMode, CanvasPart, CommitPolicy, Decoding, GenerationParams,
-    ScheduleKind, Session,
+    build_canvas, parse_canvas, BuiltCanvas, CacheMode, CanvasPart, CommitPolicy, Decoding,
+    GenerationParams, ScheduleKind, Session,
 };
 use dllm::error::{Error, Result};
 use dllm::tokenizer::{SpecialText, Tokenizer};
@@ -319,9 +319,13 @@ pub fn fill(a: FillArgs) -> Result<()> {
         }
     };
     let parts = parse_canvas(&spec)?;
-    if !parts.iter().any(|p| matches!(p, CanvasPart::Masks(_))) {
+    if !parts
+        .iter()
+        .any(|p| matches!(p, CanvasPart::Masks(_) | CanvasPart::OneOf(_)))
+    {
         return Err(Error::invalid(
-            "the canvas has no gap: write [MASK:n] where n tokens are to be generated",
+            "the canvas has no gap: write [MASK:n] where n tokens are to be generated, or \
+             [ONEOF:a|b|c] where one of those tokens is to be chosen",
         ));
     }
     fill_parts(&a.model, &parts, &a.denoise, false, SpecialText::Literal)
@@ -374,6 +378,10 @@ pub fn edit(a: EditArgs) -> Result<()> {
         );
     }
     let fixed = canvas.len() - span.len();
+    let canvas = BuiltCanvas {
+        ids: canvas,
+        choices: Vec::new(),
+    };
     run_canvas(model, &tok, canvas, fixed, &a.denoise, Shown::File)
 }
 
@@ -432,14 +440,14 @@ fn fill_parts(
 ) -> Result<()> {
     let (model, tok) = super::info::load(model_args)?;
     let (mask, max_len) = (model.config().mask_token_id, model.config().max_seq_len);
-    let canvas = build_canvas(parts, |t| tok.encode_as(t, special), mask, max_len)?;
-    let fixed = canvas.iter().filter(|&&t| t != mask).count();
+    let built = build_canvas(parts, |t| tok.encode_as(t, special), mask, max_len)?;
+    let fixed = built.ids.iter().filter(|&&t| t != mask).count();
     let shown = if chat {
         Shown::ChatAnswer
     } else {
         Shown::Canvas
     };
-    run_canvas(model, &tok, canvas, fixed, opts, shown)
+    run_canvas(model, &tok, built, fixed, opts, shown)
 }
 
 /// What a run prints of its final canvas.
@@ -456,15 +464,18 @@ enum Shown {
 fn run_canvas(
     model: std::sync::Arc<dyn dllm::model::Model>,
     tok: &Tokenizer,
-    canvas: Vec<u32>,
+    canvas: BuiltCanvas,
     prompt_tokens: usize,
     opts: &DenoiseArgs,
     shown: Shown,
 ) -> Result<()> {
     let chat = shown == Shown::ChatAnswer;
     let decoding = opts.decoding()?;
-    let mut session = Session::new(model, canvas, opts.params()?)?;
+    let mut session = Session::new(model, canvas.ids, opts.params()?)?;
     session.set_decoding(decoding)?;
+    for (pos, allowed) in &canvas.choices {
+        session.constrain(*pos, allowed)?;
+    }
     let total = session.total_steps();
     let progress = !opts.quiet;
     let stdout_tty = std::io::stdout().is_terminal();

@@ -1,5 +1,5 @@
 //! Building canvases: token sequences where mask tokens mark the positions to generate, and the
-//! canvas syntax of the CLI (`text [MASK:n] text …`).
+//! canvas syntax of the CLI (`text [MASK:n] text [ONEOF:a|b] …`).
 
 use crate::error::{Error, Result};
 
@@ -10,43 +10,64 @@ pub enum CanvasPart {
     Text(String),
     /// A gap of this many mask tokens.
     Masks(usize),
+    /// A one-token gap generated as one of these choices (`[ONEOF:a|b|c]`), each a single
+    /// token tokenized on its own; see [`super::constraint`].
+    OneOf(Vec<String>),
 }
 
-/// Parses the canvas syntax: text with any number of gaps `[MASK:n]` (`n ≥ 1` decimal). Any
-/// other text, including a lone `[MASK]`, is fixed text. Empty text pieces are dropped.
+/// A canvas built from [`CanvasPart`]s: its ids, and the allowed ids of each `[ONEOF:…]` gap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltCanvas {
+    pub ids: Vec<u32>,
+    /// `(position, allowed ids)` of each [`CanvasPart::OneOf`], in canvas order: give them to
+    /// [`super::Session::constrain`].
+    pub choices: Vec<(usize, Vec<u32>)>,
+}
+
+const MASK_TAG: &str = "[MASK:";
+const ONEOF_TAG: &str = "[ONEOF:";
+
+/// Parses the canvas syntax: text with any number of gaps `[MASK:n]` (`n ≥ 1` decimal) and
+/// one-token choices `[ONEOF:a|b|c]` (`|`-separated, none empty; spaces are part of a choice).
+/// Any other text, including a lone `[MASK]`, is fixed text. Empty text pieces are dropped.
 ///
 /// Errors ([`Error::InvalidArgument`], naming the byte offset): `[MASK:` not followed by a
-/// positive number and `]`.
+/// positive number and `]`; `[ONEOF:` not followed by non-empty choices and `]`.
 pub fn parse_canvas(spec: &str) -> Result<Vec<CanvasPart>> {
-    const OPEN: &str = "[MASK:";
     let mut parts = Vec::new();
     let mut rest = spec;
     let mut offset = 0;
-    while let Some(i) = rest.find(OPEN) {
+    while let Some((i, tag)) = [MASK_TAG, ONEOF_TAG]
+        .iter()
+        .filter_map(|&t| rest.find(t).map(|i| (i, t)))
+        .min()
+    {
         if i > 0 {
             parts.push(CanvasPart::Text(rest[..i].to_string()));
         }
-        let after = &rest[i + OPEN.len()..];
+        let after = &rest[i + tag.len()..];
         let close = after.find(']');
-        let n = close.and_then(|c| {
-            let digits = &after[..c];
-            (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| digits.parse::<usize>().ok())
-                .flatten()
-        });
-        match (n, close) {
-            (Some(n), Some(c)) if n > 0 => {
-                parts.push(CanvasPart::Masks(n));
-                let used = i + OPEN.len() + c + 1;
+        let part = close.and_then(|c| gap_body(tag, &after[..c]));
+        match (part, close) {
+            (Some(part), Some(c)) => {
+                parts.push(part);
+                let used = i + tag.len() + c + 1;
                 offset += used;
                 rest = &rest[used..];
             }
             _ => {
+                let (what, example) = if tag == MASK_TAG {
+                    ("a positive count", "[MASK:16]")
+                } else {
+                    (
+                        "choices separated by `|`, none empty,",
+                        "[ONEOF:True|False]",
+                    )
+                };
                 return Err(Error::invalid(format!(
-                    "canvas: `[MASK:` at byte {} must be followed by a positive count and `]`, \
-                     as in [MASK:16]",
+                    "canvas: `{tag}` at byte {} must be followed by {what} and `]`, as in {example}",
                     offset + i
-                )))
+                )));
             }
         }
     }
@@ -56,22 +77,39 @@ pub fn parse_canvas(spec: &str) -> Result<Vec<CanvasPart>> {
     Ok(parts)
 }
 
-/// Builds the token canvas of `parts`: each text piece through `encode`, each gap as masks.
+/// The part a gap tag's body (between the tag and `]`) stands for, `None` if malformed.
+fn gap_body(tag: &str, body: &str) -> Option<CanvasPart> {
+    if tag == MASK_TAG {
+        (!body.is_empty() && body.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| body.parse::<usize>().ok())
+            .flatten()
+            .filter(|&n| n > 0)
+            .map(CanvasPart::Masks)
+    } else {
+        let choices: Vec<String> = body.split('|').map(str::to_string).collect();
+        (!choices.iter().any(String::is_empty)).then_some(CanvasPart::OneOf(choices))
+    }
+}
+
+/// Builds the token canvas of `parts`: each text piece through `encode`, each gap as masks,
+/// each `[ONEOF:…]` as one mask whose choices (each through `encode`) must be one token each.
 ///
 /// Errors ([`Error::InvalidArgument`]): the canvas would hold more than `max_len` tokens (the
-/// model's `max_seq_len`), checked before any gap is allocated.
+/// model's `max_seq_len`), checked before any gap is allocated; a choice that is not exactly
+/// one token.
 pub fn build_canvas(
     parts: &[CanvasPart],
     mut encode: impl FnMut(&str) -> Result<Vec<u32>>,
     mask: u32,
     max_len: usize,
-) -> Result<Vec<u32>> {
+) -> Result<BuiltCanvas> {
     let too_long = |what: String| {
         Error::invalid(format!(
             "canvas: {what} exceeds the model's max_seq_len {max_len}"
         ))
     };
     let mut c = Vec::new();
+    let mut choices = Vec::new();
     for p in parts {
         match p {
             CanvasPart::Text(t) => c.extend(encode(t)?),
@@ -85,12 +123,31 @@ pub fn build_canvas(
                     })?;
                 c.resize(len, mask);
             }
+            CanvasPart::OneOf(options) => {
+                let mut allowed = Vec::with_capacity(options.len());
+                for o in options {
+                    match encode(o)?[..] {
+                        [id] => allowed.push(id),
+                        ref ids => {
+                            return Err(Error::invalid(format!(
+                                "canvas: the choice {o:?} of [ONEOF:{}] is {} tokens; each choice \
+                                 must be exactly one token (spaces count: \" True\" and \"True\" \
+                                 differ)",
+                                options.join("|"),
+                                ids.len()
+                            )))
+                        }
+                    }
+                }
+                choices.push((c.len(), allowed));
+                c.push(mask);
+            }
         }
         if c.len() > max_len {
             return Err(too_long(format!("{} token(s)", c.len())));
         }
     }
-    Ok(c)
+    Ok(BuiltCanvas { ids: c, choices })
 }
 
 /// Mask positions covering the byte range `start..end` of a text whose tokens end at the
@@ -183,9 +240,53 @@ mod tests {
             .contains("byte 11"));
         let enc = |t: &str| Ok(t.bytes().map(u32::from).collect::<Vec<_>>());
         assert_eq!(
-            build_canvas(&parse_canvas("ab[MASK:2]c").unwrap(), enc, 0, 16).unwrap(),
+            build_canvas(&parse_canvas("ab[MASK:2]c").unwrap(), enc, 0, 16)
+                .unwrap()
+                .ids,
             vec![97, 98, 0, 0, 99]
         );
+    }
+
+    #[test]
+    fn parses_and_builds_one_token_choices() {
+        use CanvasPart::*;
+        assert_eq!(
+            parse_canvas("x =[ONEOF: True| False]\n[MASK:2]").unwrap(),
+            vec![
+                Text("x =".into()),
+                OneOf(vec![" True".into(), " False".into()]),
+                Text("\n".into()),
+                Masks(2)
+            ]
+        );
+        assert_eq!(
+            parse_canvas("[ONEOF:a]").unwrap(),
+            vec![OneOf(vec!["a".into()])]
+        );
+        for (bad, byte) in [
+            ("ab[ONEOF:]", 2),
+            ("[ONEOF:a||b]", 0),
+            ("x[ONEOF:a|]", 1),
+            ("x[ONEOF:a|b", 1),
+            ("[MASK:1][ONEOF:|a]", 8),
+        ] {
+            let e = parse_canvas(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("[ONEOF:") && e.contains(&format!("byte {byte}")),
+                "{bad}: {e}"
+            );
+        }
+        // One byte = one token here: a choice of two bytes is two tokens.
+        let enc = |t: &str| Ok(t.bytes().map(u32::from).collect::<Vec<_>>());
+        let built =
+            build_canvas(&parse_canvas("a[ONEOF:x|y]b[ONEOF:z]").unwrap(), enc, 0, 16).unwrap();
+        assert_eq!(built.ids, vec![97, 0, 98, 0]);
+        assert_eq!(built.choices, vec![(1, vec![120, 121]), (3, vec![122])]);
+        let e = build_canvas(&parse_canvas("a[ONEOF:x|yz]").unwrap(), enc, 0, 16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"yz\"") && e.contains("2 tokens"), "{e}");
+        assert!(build_canvas(&parse_canvas("abc[ONEOF:x]").unwrap(), enc, 0, 3).is_err());
     }
 
     #[test]
@@ -210,6 +311,7 @@ mod tests {
         assert_eq!(
             build_canvas(&parse_canvas("ab[MASK:14]").unwrap(), enc, 0, 16)
                 .unwrap()
+                .ids
                 .len(),
             16
         );

@@ -15,7 +15,9 @@ pub mod session;
 
 pub use crate::model::CacheMode;
 pub use cached::CacheStats;
-pub use canvas::{build_canvas, generation_canvas, infill_canvas, parse_canvas, CanvasPart};
+pub use canvas::{
+    build_canvas, generation_canvas, infill_canvas, parse_canvas, BuiltCanvas, CanvasPart,
+};
 pub use constraint::Constraints;
 pub use lockstep::{run_lockstep, LockstepReport};
 pub use observe::{BlockDone, StepEvent, StepReport};
