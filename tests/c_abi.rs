@@ -29,7 +29,7 @@ const C_TESTS: [&str; 6] = [
     "test_batch",
 ];
 /// Every C program built: the tests, the parity driver and the examples.
-const PROGRAMS: [(&str, &str); 9] = [
+const PROGRAMS: [(&str, &str); 10] = [
     ("test_model", "ffi/tests/test_model.c"),
     ("test_tokenize", "ffi/tests/test_tokenize.c"),
     ("test_session", "ffi/tests/test_session.c"),
@@ -39,6 +39,7 @@ const PROGRAMS: [(&str, &str); 9] = [
     ("parity", "ffi/tests/parity.c"),
     ("generate", "ffi/examples/generate.c"),
     ("infill", "ffi/examples/infill.c"),
+    ("choose", "ffi/examples/choose.c"),
 ];
 
 fn root() -> &'static Path {
@@ -694,6 +695,44 @@ fn examples_print_what_the_rust_api_computes() {
         String::from_utf8_lossy(&out.stdout),
         format!("{prefix}[{gap}]{suffix}\n")
     );
+    // choose: prefix, one slot allowed three tokens, 8 free tokens, one block of 9 steps.
+    let (prefix, choices) = ("flag =", [" True", " False", " None"]);
+    let mut cmd = Command::new(built.exe("choose", Link::Shared));
+    cmd.env_remove("LD_LIBRARY_PATH");
+    cmd.args([MODEL, prefix, "8"])
+        .args(choices)
+        .env("DLLM_BACKEND", "cpu");
+    let out = run_with_timeout(cmd, Duration::from_secs(300));
+    assert!(out.status.success(), "choose: {}", describe(&out));
+    let p = tok.encode_literal(prefix).unwrap();
+    let allowed: Vec<u32> = choices
+        .iter()
+        .map(|c| tok.encode_literal(c).unwrap()[0])
+        .collect();
+    let canvas = generation_canvas(&p, 9, cfg.mask_token_id);
+    let params = GenerationParams {
+        steps: 9,
+        block_len: 9,
+        ..GenerationParams::default()
+    };
+    let mut s = Session::new(Arc::clone(&model), canvas, params).unwrap();
+    s.constrain(p.len(), &allowed).unwrap();
+    s.run().unwrap();
+    let slot = s.canvas()[p.len()];
+    assert!(allowed.contains(&slot));
+    let text = tok.decode(&s.canvas()[p.len() + 1..], false).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{prefix}[{}]{text}\n", tok.decode(&[slot], false).unwrap())
+    );
+    // A choice of several tokens is refused.
+    let mut cmd = Command::new(built.exe("choose", Link::Shared));
+    cmd.env_remove("LD_LIBRARY_PATH");
+    cmd.args([MODEL, prefix, "8", " True", " Falsey"])
+        .env("DLLM_BACKEND", "cpu");
+    let out = run_with_timeout(cmd, Duration::from_secs(300));
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\" Falsey\" is 2 tokens"));
 }
 
 /// The example of `ffi/README.md` compiles as printed and runs.
