@@ -119,7 +119,7 @@ struct Row {
 }
 
 #[test]
-#[ignore = "measurement: prints the tables of docs/decoding-strategies.md (about a minute in a test build)"]
+#[ignore = "measurement: prints the tables of docs/decoding-strategies.md (about 5 minutes on 2 cores)"]
 fn measure_decoding_strategies_on_the_tiny_model() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llada-code");
     let model = load_cpu(&dir).unwrap();
