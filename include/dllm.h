@@ -128,9 +128,10 @@ uint32_t dllm_abi_version(void);
 const char *dllm_status_string(dllm_status status);
 
 /* A description of the last failure on the calling thread: what went wrong and which argument,
- * file, tensor or field was at fault, as "FUNCTION: KIND: DETAIL" (the function that failed,
- * e.g. "dllm_session_new: invalid argument: canvas of 2000 tokens exceeds the model's
- * max_seq_len 1024"; a file or tensor error names the file or tensor in place of the kind).
+ * file, tensor or field was at fault, as "FUNCTION: DETAIL", the function that failed first
+ * (e.g. "dllm_session_new: invalid argument: canvas of 2000 tokens exceeds the model's
+ * max_seq_len 1024"; every invalid argument reads "invalid argument: …", a file, tensor or
+ * config error starts with the file, tensor or field, a short buffer with the buffer's name).
  * Each failing call replaces it; successful calls leave it
  * as it was. Empty ("") when nothing has failed on this thread. The string is owned by the
  * library and valid until the next dllm_* call on this thread; copy it to keep it. Never NULL. */
@@ -378,8 +379,10 @@ dllm_status dllm_session_run(dllm_session *s);
 dllm_status dllm_session_canvas(const dllm_session *s, int32_t *tokens, size_t cap, size_t *n);
 
 /* The positions the most recent step filled (dllm_session_step, or the last step taken by
- * dllm_session_run), in increasing order, and the tokens it wrote there: exactly the positions
- * that held the mask token before that step and do not after it. With revise > 0 a step may
+ * dllm_session_run), in increasing order, and the tokens it wrote there: every position whose
+ * content the step changed to a token (the positions that held the mask token before it and do
+ * not after it; and, in a step where self-correction re-masks a token that a stop_at_eos stop
+ * then fills with end-of-text, that position too). With revise > 0 a step may
  * also turn committed tokens back into masks: dllm_session_last_remasks lists those, and the
  * two lists together are every position the step changed, so a UI can redraw only those.
  * Writes up to `cap` entries to each of `positions` and `tokens` (entry i of one
@@ -417,12 +420,16 @@ dllm_status dllm_session_lock(dllm_session *s, size_t pos, int32_t token);
 /* Restricts the tokens position `pos` may be generated as to the `n` ids of `allowed` (any
  * order, repeats allowed), replacing an earlier constraint of `pos`; n == 0 lifts it. From the
  * next step on, the position's prediction comes from the model's distribution over the allowed
- * ids alone (every other logit is treated as -inf before argmax, sampling, top-k/top-p and the
- * confidence), so a position allowed a single id is certain and commits at once. A position
- * that holds a token keeps it; the constraint applies whenever it is generated (also after
- * dllm_session_remask or a self-correction). While any constraint is set, steps compute the
- * logits on the host (as with top_k), never batched with other sessions in dllm_sessions_step,
- * and a K/V cache still serves the forwards. Since ABI version 6.
+ * ids alone (every other logit is treated as -inf before argmax, sampling, top-k/top-p, the
+ * confidence and revise's probability), so a position allowed a single id has confidence 1
+ * (with remasking LOW_CONFIDENCE, MARGIN or ENTROPY: it is among the next step's commits of its
+ * block) and is never revised. A position that holds a token keeps it; the constraint applies
+ * whenever it is generated (also after dllm_session_remask or a self-correction). With
+ * stop_at_eos, an end-of-text stop does not fill a position whose allowed ids exclude
+ * end-of-text: it is generated. A step that predicts a constrained position computes its
+ * logits on the host (as with top_k; a K/V cache still serves the forward) and, in
+ * dllm_sessions_step, runs alone; the session's other steps are as without constraints.
+ * Since ABI version 6.
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s, NULL allowed with n > 0, pos >= canvas length, an
  * id outside 0 .. dllm_model_vocab_size - 1 or the mask token: the message names it); on error
  * nothing changes. */
@@ -452,7 +459,8 @@ void dllm_session_free(dllm_session *s);
 
 /* Takes one step of each of the `n` sessions in `sessions` together, on the calling thread:
  * the steps of the sessions that can share a forward pass (no cfg_scale, top_k, top_p,
- * revise or constraint, and no cache on the CUDA backend unless DLLM_PACKED_SESSIONS=1) run as ONE batched
+ * revise, no step predicting a constrained position, and no cache on the CUDA backend unless
+ * DLLM_PACKED_SESSIONS=1) run as ONE batched
  * forward over all their canvases, which may differ in length (the CUDA backend pads them and
  * masks the padding, the CPU backend stacks them; cached sessions' span steps are stacked into
  * one forward too, each attending to its own cache: on the CPU always, on CUDA with
@@ -475,7 +483,7 @@ dllm_status dllm_sessions_step(dllm_session *const *sessions, size_t n, dllm_ste
 /* Steps the `n` sessions together, as dllm_sessions_step, until every one is done: each ends as
  * dllm_session_run would leave it run alone (dllm_session_last_commits describes its last step),
  * and sessions already finished are left as they are. The sessions that step on their own
- * (guidance, top-k/top-p, self-correction, constraints, and on the CUDA backend a K/V cache unless
+ * (guidance, top-k/top-p, self-correction, and on the CUDA backend a K/V cache unless
  * DLLM_PACKED_SESSIONS=1) run first, one after another, each to completion (so any number of
  * cached sessions fits the CUDA backend's cache slots, see dllm_cache); the others then in
  * batched rounds (cached sessions too where they pack: their span steps stacked into one

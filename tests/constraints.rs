@@ -181,3 +181,94 @@ fn bad_constraints_are_refused_and_an_empty_set_lifts_one() {
     free.run().unwrap();
     assert_eq!(s.canvas(), free.canvas());
 }
+
+/// Guidance so strong that every logit overflows (`cfg_scale` only has to be finite) leaves
+/// a constrained position inside its allowed ids (it once got id 0, the first candidate).
+#[test]
+fn overflowing_logits_keep_a_constrained_position_inside_its_set() {
+    let m = llada();
+    let (c, prompt) = canvas(&*m, 4);
+    for allowed in [&[300u32][..], &[301, 302]] {
+        let mut s = Session::new(m.clone(), c.clone(), params(4, 4)).unwrap();
+        s.set_decoding(Decoding {
+            cfg_scale: 1e300,
+            ..Default::default()
+        })
+        .unwrap();
+        s.constrain(prompt + 1, allowed).unwrap();
+        s.run().unwrap();
+        assert!(
+            allowed.contains(&s.canvas()[prompt + 1]),
+            "{}",
+            s.canvas()[prompt + 1]
+        );
+    }
+}
+
+/// With `stop_at_eos`, an EOS fills the rest of its gap, but not a position whose constraint
+/// excludes EOS: that one is still generated, inside its set.
+#[test]
+fn an_eos_stop_leaves_a_constrained_position_to_be_generated() {
+    let m = llada();
+    let (c, prompt) = canvas(&*m, 8);
+    let eos = m.config().eos_token_id;
+    let mut s = Session::new(m.clone(), c, params(8, 8)).unwrap();
+    s.set_decoding(Decoding {
+        stop_at_eos: true,
+        ..Default::default()
+    })
+    .unwrap();
+    s.constrain(prompt, &[eos]).unwrap(); // certain: the first commit, and the stop
+    s.constrain(prompt + 5, &[100, 200]).unwrap();
+    s.step().unwrap();
+    assert_eq!(s.canvas()[prompt], eos);
+    assert_eq!(
+        s.canvas()[prompt + 5],
+        m.config().mask_token_id,
+        "left to be generated"
+    );
+    s.run().unwrap();
+    for k in 1..8 {
+        let t = s.canvas()[prompt + k];
+        if k == 5 {
+            assert!(t == 100 || t == 200, "{t}");
+        } else {
+            assert_eq!(t, eos, "position {k} after the stop");
+        }
+    }
+}
+
+/// Self-correction judges a constrained position by the distribution it was generated from:
+/// a position allowed one id (probability 1) is never sent back, where the unconstrained
+/// probability of that id once got it re-masked.
+#[test]
+fn self_correction_never_remasks_a_single_allowed_id() {
+    let m = llada();
+    let (c, prompt) = canvas(&*m, 8);
+    let tok = dllm::tokenizer::Tokenizer::from_model_dir(Path::new(MODEL)).unwrap();
+    let import = tok.encode_literal(" import").unwrap();
+    assert_eq!(import.len(), 1);
+    let mut s = Session::new(m.clone(), c, params(8, 8)).unwrap();
+    s.set_decoding(Decoding {
+        revise: Some(0.5),
+        ..Default::default()
+    })
+    .unwrap();
+    s.constrain(prompt, &import).unwrap();
+    let mut remasked = Vec::new();
+    while !s.is_done() {
+        remasked.extend(s.step_report().unwrap().remasked);
+    }
+    assert!(!remasked.contains(&prompt), "{remasked:?}");
+    assert_eq!(s.canvas()[prompt], import[0]);
+}
+
+/// Only a step that predicts a constrained position needs host logits.
+#[test]
+fn host_logits_only_for_steps_that_predict_a_constrained_position() {
+    let mut d = Decoding::default();
+    d.constraints.set(5, &[9], 10, 16, 1).unwrap();
+    assert!(d.needs_logits());
+    assert!(!d.needs_logits_at(&[1, 2, 3]));
+    assert!(d.needs_logits_at(&[4, 5]));
+}

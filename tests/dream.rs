@@ -464,6 +464,44 @@ fn predict_reads_the_previous_row() {
         .is_err());
 }
 
+/// `Model::logits_at` (the host-logits path's rows) gives the naive reference's shifted rows
+/// for the positions asked, in their order (repeats too), the default implementation (forward,
+/// then the rows) the same; a position outside the canvas is refused.
+#[test]
+fn logits_at_gives_the_rows_of_the_positions_asked() {
+    struct ViaForward<'a>(&'a Dream);
+    impl Model for ViaForward<'_> {
+        fn config(&self) -> &dllm::config::ModelConfig {
+            self.0.config()
+        }
+        fn backend_name(&self) -> &'static str {
+            "test"
+        }
+        fn forward(&self, ids: &[u32]) -> dllm::error::Result<Vec<f32>> {
+            self.0.forward(ids)
+        }
+    }
+    let tmp = synth_tiny(13);
+    let model = Dream::load(tmp.path()).unwrap();
+    let w = model.config().logits_width();
+    let ids = CANVASES[2];
+    let naive = shift(&Naive::from_dir(tmp.path()).raw_logits(ids, Faults::default()));
+    let positions = [16usize, 0, 1, 16, ids.len() - 1];
+    let fast = model.logits_at(ids, &positions).unwrap();
+    let slow = ViaForward(&model).logits_at(ids, &positions).unwrap();
+    assert_eq!(
+        (fast.len(), slow.len()),
+        (positions.len() * w, positions.len() * w)
+    );
+    let want: Vec<Vec<f64>> = positions.iter().map(|&p| naive[p].clone()).collect();
+    assert!(rel_l2(&fast, &want) <= 1e-4, "{}", rel_l2(&fast, &want));
+    assert!(rel_l2(&slow, &want) <= 1e-4, "{}", rel_l2(&slow, &want));
+    for m in [&model as &dyn Model, &ViaForward(&model)] {
+        let e = m.logits_at(ids, &[ids.len()]).unwrap_err().to_string();
+        assert!(e.contains("outside the canvas"), "{e}");
+    }
+}
+
 /// A random Dream checkpoint in f32 with the given head grouping (weights from a fixed LCG).
 fn write_random(dir: &Path, heads: usize, kv_heads: usize, tied: bool, seed: u64) -> Value {
     let (d, inter, vocab, layers) = (64usize, 96usize, 97usize, 2usize);

@@ -94,14 +94,19 @@ int main(int argc, char **argv) {
     if ((st = dllm_session_run(session)) != DLLM_OK) return fail("dllm_session_run", st);
     if ((st = dllm_session_canvas(session, canvas, cap, &n)) != DLLM_OK) return fail("canvas", st);
 
-    /* PREFIX[CHOICE]TEXT */
-    char choice[256], text[4096];
+    /* PREFIX[CHOICE]TEXT; the text's size asked first (a NULL buffer of capacity 0). */
+    char choice[256];
     size_t len = 0;
     st = dllm_detokenize(model, canvas + slot, 1, choice, sizeof choice, &len);
     if (st != DLLM_OK) return fail("dllm_detokenize", st);
-    st = dllm_detokenize(model, canvas + slot + 1, n - slot - 1, text, sizeof text, &len);
+    st = dllm_detokenize(model, canvas + slot + 1, n - slot - 1, NULL, 0, &len);
+    if (st != DLLM_OK && st != DLLM_ERR_BUFFER_TOO_SMALL) return fail("dllm_detokenize", st);
+    char *text = malloc(len + 1);
+    if (!text) return 1;
+    st = dllm_detokenize(model, canvas + slot + 1, n - slot - 1, text, len + 1, &len);
     if (st != DLLM_OK) return fail("dllm_detokenize", st);
     printf("%s[%s]%s\n", argv[2], choice, text);
+    free(text);
 
     free(allowed);
     free(canvas);

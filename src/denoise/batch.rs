@@ -6,9 +6,11 @@
 //! unfinished session. Sessions with a K/V cache step together through
 //! [`crate::model::Model::predict_cached_batch`] where the model packs cached steps (the CPU
 //! backend, and the CUDA backend with `DLLM_PACKED_SESSIONS=1`: each session's span rows
-//! stacked into one forward, attention against each one's own cache). Sessions whose steps need host logits (top-k / top-p, guidance), `--revise`, or a
-//! cache on a model that does not pack cached steps take their step on their own in the same
-//! round ([`step_round`]); run to completion ([`run_batch`]) they run first, one after another.
+//! stacked into one forward, attention against each one's own cache). Sessions whose steps need
+//! host logits (top-k / top-p, guidance), `--revise`, or a cache on a model that does not pack
+//! cached steps take their step on their own in the same round ([`step_round`]); run to
+//! completion ([`run_batch`]) they run first, one after another. A step that predicts a
+//! constrained position ([`super::constraint`]) also runs alone, in its round.
 //! The result of every session is the one it would reach run alone: the same plans, the same
 //! predictions (up to the float summation order of the packed linear layers), the same commits.
 
@@ -19,12 +21,14 @@ use crate::model::{BatchQuery, CacheMode};
 use std::borrow::{Borrow, BorrowMut};
 use std::sync::Arc;
 
-/// Whether `session`'s steps can share a packed forward: no host logits, no self-correction,
-/// and no K/V cache unless the model packs cached steps
-/// ([`Model::packs_cached_batches`](crate::model::Model::packs_cached_batches)).
+/// Whether `session`'s steps can share a packed forward: no host logits for every step (filters,
+/// guidance), no self-correction, and no K/V cache unless the model packs cached steps
+/// ([`Model::packs_cached_batches`](crate::model::Model::packs_cached_batches)). A step of
+/// such a session that predicts a constrained position still runs alone ([`step_round`]).
 fn batchable(session: &Session) -> bool {
     let d = session.decoding();
-    !d.needs_logits()
+    !d.filter.is_active()
+        && d.cfg_scale == 0.0
         && d.revise.is_none()
         && (d.cache == CacheMode::None || session.model().packs_cached_batches())
 }
@@ -157,7 +161,12 @@ pub fn step_round<S: BorrowMut<Session>>(sessions: &mut [S]) -> Result<Vec<(usiz
         }
         if batchable(s) {
             if let Some(plan) = s.plan() {
-                plans.push((i, plan));
+                if s.decoding().needs_logits_at(&plan.queries) {
+                    // A constrained position among the queries: host logits, alone.
+                    stepped.push((i, s.step()?));
+                } else {
+                    plans.push((i, plan));
+                }
             }
         } else {
             let info = s.step()?;

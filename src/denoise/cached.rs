@@ -73,7 +73,7 @@ impl CacheState {
     ) -> Result<Vec<Prediction>> {
         let step = self.step_for(model, canvas.len(), block_range, plan, decoding)?;
         let cond = Self::cond_of(&mut self.cond, model, canvas.len());
-        let result = if !decoding.needs_logits() {
+        let result = if !decoding.needs_logits_at(&plan.queries) {
             model.predict_cached(canvas, &plan.queries, &plan.rule, cond, &step)
         } else {
             guided(

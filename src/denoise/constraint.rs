@@ -6,8 +6,9 @@
 //! its confidence (low-confidence, margin, entropy) all come from the model's distribution
 //! renormalised over the allowed ids: a position whose allowed set holds one id is certain
 //! (confidence 1). This is the reading of constrained decoding in llama.cpp's grammars and
-//! vLLM's guided decoding, which mask the logits before sampling. Constrained steps need their
-//! logits on the host ([`super::Decoding::needs_logits`]).
+//! vLLM's guided decoding, which mask the logits before sampling. A step that predicts a
+//! constrained position needs its logits on the host ([`super::Decoding::needs_logits_at`]);
+//! self-correction scores a constrained position under the narrowed row too.
 
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
@@ -88,15 +89,26 @@ impl Constraints {
     }
 }
 
-/// `row` with every entry outside `allowed` (sorted) set to `-inf`.
+/// `row` with every entry outside `allowed` (sorted) set to `-inf`. An allowed entry that is
+/// `-inf` or NaN (a degenerate row: guidance can overflow) becomes the lowest finite value, so
+/// an allowed id always outranks every other one and the prediction stays inside `allowed`.
 pub fn narrow_row(row: &[f32], allowed: &[u32]) -> Vec<f32> {
     let mut out = vec![f32::NEG_INFINITY; row.len()];
     for &id in allowed {
         if let Some(&l) = row.get(id as usize) {
-            out[id as usize] = l;
+            out[id as usize] = if l.is_nan() || l == f32::NEG_INFINITY {
+                f32::MIN
+            } else {
+                l
+            };
         }
     }
     out
+}
+
+/// Whether a position constrained to `allowed` (if it is) may hold `token`.
+pub fn admits(allowed: Option<&[u32]>, token: u32) -> bool {
+    allowed.is_none_or(|a| a.binary_search(&token).is_ok())
 }
 
 #[cfg(test)]
@@ -138,5 +150,33 @@ mod tests {
         let row = [0.5f32, 2.0, -1.0, 3.0];
         let n = narrow_row(&row, &[0, 2]);
         assert_eq!(n, vec![0.5, f32::NEG_INFINITY, -1.0, f32::NEG_INFINITY]);
+        assert!(admits(None, 7) && admits(Some(&[2, 7]), 7) && !admits(Some(&[2, 7]), 3));
+    }
+
+    /// Allowed entries that are -inf or NaN (guidance overflowing) still win over every other
+    /// id, greedy and sampled, whatever the remasking score.
+    #[test]
+    fn degenerate_allowed_entries_still_win() {
+        use super::super::predict::{predict_row, PredictRule, Remasking};
+        let row = [5.0f32, f32::NAN, f32::NEG_INFINITY, 9.0, f32::NEG_INFINITY];
+        for (t, rm) in [
+            (0.0, Remasking::LowConfidence),
+            (0.0, Remasking::Entropy),
+            (1.0, Remasking::Margin),
+        ] {
+            let rule = PredictRule {
+                temperature: t,
+                remasking: rm,
+                seed: 3,
+                step: 0,
+                mask_token: 4,
+                vocab_size: 5,
+            };
+            for seed_pos in 0..8 {
+                let p = predict_row(&narrow_row(&row, &[1, 2]), seed_pos, &rule);
+                assert!(p.token == 1 || p.token == 2, "{rm:?} T={t}: {}", p.token);
+                assert!(!p.confidence.is_nan(), "{rm:?}: {}", p.confidence);
+            }
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! block being denoised and never on that block's last step, so every block still ends with no
 //! masks and the total number of steps never exceeds the schedule's.
 
+use super::constraint::{narrow_row, Constraints};
 use crate::error::{Error, Result};
 
 /// How many times one position may be re-masked.
@@ -99,12 +100,26 @@ impl Ledger {
 }
 
 /// Softmax probability, under the logits row of each position, of the token the canvas holds
-/// there: `logits` is row-major with rows of `width`, row `p` predicting position `p`.
-pub fn token_probs(logits: &[f32], width: usize, canvas: &[u32], positions: &[usize]) -> Vec<f64> {
+/// there: `logits` is row-major with rows of `width`, row `i` predicting `positions[i]`. A
+/// constrained position's row is narrowed to its allowed ids first (the distribution it was
+/// generated from: a single allowed id has probability 1).
+pub fn token_probs(
+    logits: &[f32],
+    width: usize,
+    canvas: &[u32],
+    positions: &[usize],
+    constraints: &Constraints,
+) -> Vec<f64> {
     positions
         .iter()
-        .map(|&p| {
-            super::predict::softmax_prob(&logits[p * width..(p + 1) * width], canvas[p] as usize)
+        .enumerate()
+        .map(|(i, &p)| {
+            let row = &logits[i * width..(i + 1) * width];
+            let token = canvas[p] as usize;
+            match constraints.get(p) {
+                Some(allowed) => super::predict::softmax_prob(&narrow_row(row, allowed), token),
+                None => super::predict::softmax_prob(row, token),
+            }
         })
         .collect()
 }
@@ -156,10 +171,22 @@ mod tests {
     fn token_probs_hand_case() {
         // Row 0: logits ln(0.2), ln(0.8) → p(token 1) = 0.8; row 1: uniform over 2 → 0.5.
         let logits = [0.2f32.ln(), 0.8f32.ln(), 3.0, 3.0];
-        let p = token_probs(&logits, 2, &[1, 0], &[0, 1]);
+        let none = Constraints::default();
+        let p = token_probs(&logits, 2, &[1, 0], &[0, 1], &none);
         assert!(
             (p[0] - 0.8).abs() < 1e-6 && (p[1] - 0.5).abs() < 1e-12,
             "{p:?}"
         );
+        // Rows follow `positions`, not the canvas order.
+        let q = token_probs(&logits, 2, &[0, 1], &[1, 0], &none);
+        assert!(
+            (q[0] - 0.8).abs() < 1e-6 && (q[1] - 0.5).abs() < 1e-12,
+            "{q:?}"
+        );
+        // A position constrained to its one token holds it with probability 1.
+        let mut one = Constraints::default();
+        one.set(0, &[1], 2, 2, 5).unwrap();
+        let r = token_probs(&logits, 2, &[1, 0], &[0, 1], &one);
+        assert!(r[0] == 1.0 && (r[1] - 0.5).abs() < 1e-12, "{r:?}");
     }
 }

@@ -23,7 +23,7 @@
 use super::cached::{CacheState, CacheStats};
 use super::canvas::masked_positions;
 use super::commit::{self, Candidate};
-use super::constraint::Constraints;
+use super::constraint::{admits, Constraints};
 use super::observe::{BlockDone, StepEvent, StepReport};
 use super::predict::{predict_rows_filtered, PredictRule, Prediction, Remasking, SampleFilter};
 use super::revise::{self, Ledger};
@@ -163,9 +163,18 @@ impl Decoding {
         Ok(())
     }
 
-    /// Whether a step needs the logits on the host (filters, guidance or constraints).
+    /// Whether some step may need the logits on the host (filters, guidance or constraints).
     pub fn needs_logits(&self) -> bool {
         self.filter.is_active() || self.cfg_scale > 0.0 || !self.constraints.is_empty()
+    }
+
+    /// Whether a step predicting `queries` needs the logits on the host: filters, guidance, or
+    /// a constrained position among `queries` (a constraint elsewhere costs nothing).
+    pub fn needs_logits_at(&self, queries: &[usize]) -> bool {
+        self.filter.is_active()
+            || self.cfg_scale > 0.0
+            || (!self.constraints.is_empty()
+                && queries.iter().any(|&q| self.constraints.get(q).is_some()))
     }
 }
 
@@ -352,7 +361,7 @@ impl Session {
         if plan.k == 0 {
             return Ok(Vec::new());
         }
-        if !self.decoding.needs_logits() && plan.revisable.is_empty() {
+        if !self.decoding.needs_logits_at(&plan.queries) && plan.revisable.is_empty() {
             return self.model.predict(&self.canvas, &plan.queries, &plan.rule);
         }
         Ok(self.predict_on_host(plan)?.0)
@@ -369,39 +378,58 @@ impl Session {
     }
 
     /// Host logits (with guidance), host predictions, and the revisable positions' probabilities.
+    /// Only the rows of the queried and the revisable positions are computed
+    /// ([`Model::logits_at`]): the queries' first, then the revisable ones'.
     fn predict_on_host(&self, plan: &StepPlan) -> Result<(Vec<Prediction>, Vec<f64>)> {
         let width = self.model.config().logits_width();
-        let mut logits = self.model.forward(&self.canvas)?;
+        let q = plan.queries.len();
+        let positions: Vec<usize> = plan
+            .queries
+            .iter()
+            .chain(&plan.revisable)
+            .copied()
+            .collect();
+        let mut logits = self.model.logits_at(&self.canvas, &positions)?;
         let s = self.decoding.cfg_scale;
         if s > 0.0 {
-            let un = self.model.forward(&self.unconditional_canvas())?;
-            if un.len() != logits.len() {
+            let un = self
+                .model
+                .logits_at(&self.unconditional_canvas(), &plan.queries)?;
+            if un.len() != q * width || logits.len() < q * width {
                 return Err(Error::Backend(format!(
                     "unconditional forward gave {} logits, the conditional {}",
                     un.len(),
                     logits.len()
                 )));
             }
-            for &q in &plan.queries {
-                let (c, u) = (
-                    &mut logits[q * width..(q + 1) * width],
-                    &un[q * width..(q + 1) * width],
-                );
-                for (c, &u) in c.iter_mut().zip(u) {
-                    *c = cfg_combine(*c, u, s);
-                }
+            for (c, &u) in logits[..q * width].iter_mut().zip(&un) {
+                *c = cfg_combine(*c, u, s);
             }
         }
+        if logits.len() != positions.len() * width {
+            return Err(Error::Backend(format!(
+                "{} logits for {} positions of width {width}",
+                logits.len(),
+                positions.len()
+            )));
+        }
+        let rows: Vec<usize> = (0..q).collect();
         let preds = predict_rows_filtered(
             &logits,
             width,
-            &plan.queries,
+            &rows,
             &plan.queries,
             &plan.rule,
             &self.decoding.filter,
             &self.decoding.constraints,
         );
-        let probs = revise::token_probs(&logits, width, &self.canvas, &plan.revisable);
+        let probs = revise::token_probs(
+            &logits[q * width..],
+            width,
+            &self.canvas,
+            &plan.revisable,
+            &self.decoding.constraints,
+        );
         Ok((preds, probs))
     }
 
@@ -459,7 +487,10 @@ impl Session {
     /// guidance, and `plan` must commit something (`k > 0`); after the batch,
     /// [`Session::finish_cached`] records the outcome, then [`Session::apply`] the predictions.
     pub fn cached_query<'a>(&'a mut self, plan: &'a StepPlan) -> Result<CachedQuery<'a>> {
-        if self.decoding.cache == CacheMode::None || self.decoding.needs_logits() || plan.k == 0 {
+        if self.decoding.cache == CacheMode::None
+            || self.decoding.needs_logits_at(&plan.queries)
+            || plan.k == 0
+        {
             return Err(Error::State(
                 "a packed cached step needs a cache mode, no guidance and a plan that commits"
                     .into(),
@@ -833,7 +864,8 @@ impl Session {
         };
         for i in gap.start + first_eos + 1..gap.end {
             let p = self.generated[i];
-            if self.canvas[p] == self.mask {
+            // A position whose constraint excludes EOS is left to be generated.
+            if self.canvas[p] == self.mask && admits(self.decoding.constraints.get(p), self.eos) {
                 self.canvas[p] = self.eos;
                 self.ledger.pinned(p);
                 self.masks_left -= 1;
@@ -902,8 +934,10 @@ impl Session {
     /// replacing an earlier constraint of `pos`; empty: lifts it), from the next step on: its
     /// prediction then comes from the model's distribution over `allowed` alone (see
     /// [`super::constraint`]). A position that holds a token keeps it; the constraint applies
-    /// when it is generated (after [`Session::remask`] or a self-correction). While any
-    /// constraint is set, steps take the host-logits path, as with top-k.
+    /// when it is generated (after [`Session::remask`] or a self-correction), and an EOS stop
+    /// ([`Decoding::stop_at_eos`]) does not fill it unless EOS is allowed. A step that
+    /// predicts a constrained position takes the host-logits path, as with top-k
+    /// ([`Decoding::needs_logits_at`]); self-correction judges it by the narrowed distribution.
     ///
     /// Errors ([`Error::InvalidArgument`], nothing changed): `pos` outside the canvas, an id
     /// that is the mask token or outside the vocabulary.

@@ -45,6 +45,25 @@ pub trait Model: Send + Sync {
         self.forward(ids)
     }
 
+    /// One forward, then the logits that predict each of `positions` (any order, repeats
+    /// allowed): `positions.len() × config().logits_width()`, row `i` the row
+    /// [`forward`](Self::forward) gives position `positions[i]`. What the host-side predictions
+    /// need (filters, guidance, constraints, self-correction) without the rest of the canvas's
+    /// LM head or its download. The default runs [`forward`](Self::forward) and keeps those rows;
+    /// backends override it to compute only them.
+    ///
+    /// Errors ([`crate::error::Error::InvalidArgument`]): a position outside the canvas.
+    fn logits_at(&self, ids: &[u32], positions: &[usize]) -> Result<Vec<f32>> {
+        check_queries(positions, ids.len())?;
+        let width = self.config().logits_width();
+        let all = self.forward(ids)?;
+        let mut out = Vec::with_capacity(positions.len() * width);
+        for &p in positions {
+            out.extend_from_slice(&all[p * width..(p + 1) * width]);
+        }
+        Ok(out)
+    }
+
     /// One forward, then for each position in `queries` the candidate token and its confidence
     /// under `rule`. Backends may override this to sample without materialising logits on the host.
     fn predict(

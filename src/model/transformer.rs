@@ -820,6 +820,15 @@ impl CpuTransformer {
         self.logits_of_rows(&hidden, &rows, self.product(false, ids.len()))
     }
 
+    /// One forward with the last layer and the LM head only on the rows that predict
+    /// `positions` ([`Model::logits_at`]); the rows [`CpuTransformer::predict`] samples from.
+    pub fn logits_at(&self, ids: &[u32], positions: &[usize]) -> Result<Vec<f32>> {
+        check_queries(positions, ids.len())?;
+        self.check_ids(ids)?;
+        let sources: Vec<usize> = positions.iter().map(|&q| self.source_row(q)).collect();
+        self.logits_of_sources(ids, 0..ids.len(), Attend::Local, &sources)
+    }
+
     /// One forward, then the LM head only on the rows that predict `queries`, then sampling.
     pub fn predict(
         &self,
@@ -855,6 +864,10 @@ impl Model for CpuTransformer {
 
     fn raw_forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
         CpuTransformer::raw_forward(self, ids)
+    }
+
+    fn logits_at(&self, ids: &[u32], positions: &[usize]) -> Result<Vec<f32>> {
+        CpuTransformer::logits_at(self, ids, positions)
     }
 
     fn predict(
@@ -949,6 +962,13 @@ macro_rules! delegate_model {
             }
             fn raw_forward(&self, ids: &[u32]) -> $crate::error::Result<Vec<f32>> {
                 self.0.raw_forward(ids)
+            }
+            fn logits_at(
+                &self,
+                ids: &[u32],
+                positions: &[usize],
+            ) -> $crate::error::Result<Vec<f32>> {
+                self.0.logits_at(ids, positions)
             }
             fn predict(
                 &self,

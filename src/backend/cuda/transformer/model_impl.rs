@@ -24,6 +24,15 @@ impl Model for CudaTransformer {
         self.logits(ids, false)
     }
 
+    fn logits_at(&self, ids: &[u32], positions: &[usize]) -> Result<Vec<f32>> {
+        check_ids(&self.cfg, ids)?;
+        check_queries(positions, ids.len())?;
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.logits_of(ids, positions.iter().map(|&p| (self.source_position(p), p)))
+    }
+
     fn supports_kv_cache(&self) -> bool {
         true
     }
@@ -198,15 +207,27 @@ impl CudaTransformer {
     /// One full forward over `ids` and the logits of every position, downloaded: row `i` is the
     /// LM-head output at [`Self::source_position`]`(i)` when `shifted`, else at `i`.
     fn logits(&self, ids: &[u32], shifted: bool) -> Result<Vec<f32>> {
+        let rows = (0..ids.len()).map(|i| (if shifted { self.source_position(i) } else { i }, i));
+        self.logits_of(ids, rows)
+    }
+
+    /// One full forward (every layer over every row, K/V stored), then the LM head over the
+    /// hidden rows `rows` yields (`(row, position)`: the row whose output is wanted, the
+    /// position it predicts), downloaded in that order.
+    fn logits_of(
+        &self,
+        ids: &[u32],
+        rows: impl Iterator<Item = (usize, usize)>,
+    ) -> Result<Vec<f32>> {
         let mut g = self.lock();
         self.set_canvases_locked(&mut g, ids, 1, ids.len())?;
         let st = g.as_mut().expect("set above");
-        let n = ids.len();
-        self.layers(&self.kit, st, 0, n, true, false, KvSel::Main, None)?;
-        let idx: Vec<i32> = (0..n)
-            .map(|i| i32_of("row", if shifted { self.source_position(i) } else { i }))
-            .collect::<Result<_>>()?;
-        let pos: Vec<i32> = (0..n).map(|i| i32_of("row", i)).collect::<Result<_>>()?;
+        self.layers(&self.kit, st, 0, ids.len(), true, false, KvSel::Main, None)?;
+        let (idx, pos): (Vec<i32>, Vec<i32>) = rows
+            .map(|(r, p)| Ok((i32_of("row", r)?, i32_of("row", p)?)))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
         self.set_queries(st, idx, pos)?;
         self.download_query_logits(st)
     }
