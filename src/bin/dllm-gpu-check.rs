@@ -1225,6 +1225,35 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             1e-6,
             format!("{} rows", ids.len()),
         ));
+        // Model::logits_at (the host-logits path: filters, guidance, constraints, revise): the
+        // forward's rows of the positions asked, in their order, repeats too; and the CPU's.
+        let positions = [
+            ids.len() - 1,
+            0,
+            prompt.len(),
+            prompt.len() + 3,
+            prompt.len(),
+        ];
+        let at = gpu.logits_at(&ids, &positions)?;
+        let rows: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| f[p * width..(p + 1) * width].to_vec())
+            .collect();
+        out.push(CheckResult::new(
+            "dream.logits_at == forward rows",
+            check::rel_l2(&at, &rows),
+            1e-2,
+            format!(
+                "{} positions (LM head over those rows only)",
+                positions.len()
+            ),
+        ));
+        out.push(CheckResult::new(
+            "dream.gpu vs cpu logits_at",
+            check::rel_l2(&at, &cpu.logits_at(&ids, &positions)?),
+            TOL_MODEL,
+            format!("{} positions", positions.len()),
+        ));
         // Dual cache with the shift: a block forward starting one position early gives the
         // block's rows the same logits as the full forward.
         let s0 = prompt.len() + 8;
