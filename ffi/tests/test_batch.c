@@ -1,12 +1,14 @@
 /* test_batch.c: dllm_sessions_step and dllm_sessions_run (ABI version 3), several sessions of
  * one model stepped together.
  *
- * Five configurations on two canvases of different lengths (the fixture's "def square(x):\n"
+ * Six configurations on two canvases of different lengths (the fixture's "def square(x):\n"
  * + 16 masks, and "class Point:\n" + 24 masks, so the two block schedules differ): greedy,
  * sampled at temperature 0.7, random remasking, greedy with the dual cache (on the CPU its
  * span steps are stacked with the other sessions' rows; on CUDA it steps on its own), and
  * greedy with self-correction (revise 0.7, which re-masks tokens of that canvas; it steps on its
- * own). Stepped together, each must take exactly the
+ * own), and greedy with a constrained position in its second block (dllm_session_constrain:
+ * the steps predicting it step alone, the others batch). Stepped together, each must take
+ * exactly the
  * steps of the same configuration stepped alone with dllm_session_step (step info, canvas,
  * dllm_session_last_commits and dllm_session_last_remasks after every step, finished sessions
  * reporting done), and run
@@ -21,7 +23,7 @@
 
 #include "session_fixture.h"
 
-#define CONFIGS 5
+#define CONFIGS 6
 #define GEN1 24
 
 static int32_t canvas1[MAXC];
@@ -30,9 +32,10 @@ static size_t len1;
 /* Configuration i: its canvas and parameters. */
 static void config(int i, const int32_t **canvas, size_t *n, dllm_sampling_params *p) {
     *p = params();
-    *canvas = (i % 2 == 0) ? canvas0 : canvas1;
-    *n = (i % 2 == 0) ? len0 : len1;
-    if (i % 2 == 1) p->steps = 12; /* 24 masks in 3 blocks of 8: 4 steps each */
+    int short_canvas = i % 2 == 0 || i == 5;
+    *canvas = short_canvas ? canvas0 : canvas1;
+    *n = short_canvas ? len0 : len1;
+    if (!short_canvas) p->steps = 12; /* 24 masks in 3 blocks of 8: 4 steps each */
     switch (i) {
     case 1:
         p->temperature = 0.7f;
@@ -48,6 +51,8 @@ static void config(int i, const int32_t **canvas, size_t *n, dllm_sampling_param
     case 4:
         p->revise = 0.7f;
         break;
+    case 5: /* plus a constraint in the second block (new_config_session) */
+        break;
     default:
         break;
     }
@@ -60,6 +65,13 @@ static dllm_session *new_config_session(int i) {
     config(i, &c, &n, &p);
     dllm_session *s = NULL;
     CHECK_STATUS(dllm_session_new(model, c, n, &p, &s), DLLM_OK);
+    if (s && i == 5) {
+        /* canvas0: its first block's steps batch with the others; those of the second
+         * (generated positions 8..15) predict the constrained position, so they step alone
+         * in their rounds. */
+        const int32_t allowed[3] = {100, 200, 300};
+        CHECK_STATUS(dllm_session_constrain(s, prompt_len + 11, allowed, 3), DLLM_OK);
+    }
     return s;
 }
 
@@ -105,6 +117,10 @@ static void test_batch_equals_single_runs(void) {
         CHECK_STATUS(dllm_session_run(s), DLLM_OK);
         read_outcome(s, &alone[i]);
         CHECK(count_masks(&alone[i]) == 0 && alone[i].n_commits > 0);
+        if (i == 5) { /* the constraint held */
+            int32_t t = alone[i].canvas[prompt_len + 11];
+            CHECK(t == 100 || t == 200 || t == 300);
+        }
         dllm_session_free(s);
     }
     dllm_session *batch[CONFIGS + 1];
