@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
-use common::{json_ok, run_dllm, MODEL};
+use common::{canvas_ids, json_ok, run_dllm, MODEL};
 
 fn dllm(args: &[&str]) -> Output {
     run_dllm(args, None)
@@ -153,12 +153,7 @@ fn fill_one_of_picks_among_the_choices() {
             "--json",
             "--quiet",
         ]));
-        v["canvas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_u64().unwrap() as u32)
-            .collect()
+        canvas_ids(&v)
     };
     for temperature in ["0", "1.5"] {
         // Unconstrained, the model puts something else there, so the choice is the constraint's.

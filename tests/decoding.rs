@@ -473,7 +473,7 @@ fn property_fixed_positions_never_change_masks_only_fall_and_runs_terminate() {
 // The CLI end to end (tiny model, CPU, few steps).
 
 mod common;
-use common::{json_ok, run_dllm, stdout_ok, MODEL};
+use common::{canvas_ids as ids, json_ok, run_dllm, stdout_ok, MODEL};
 
 fn dllm(args: &[&str]) -> Output {
     let args = [args, &["--model", MODEL, "--backend", "cpu", "--quiet"]].concat();
@@ -482,15 +482,6 @@ fn dllm(args: &[&str]) -> Output {
 
 fn json_of(out: &Output) -> serde_json::Value {
     json_ok(out)
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v["canvas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect()
 }
 
 #[test]

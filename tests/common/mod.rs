@@ -60,3 +60,13 @@ pub fn stdout_ok(out: &Output) -> String {
 pub fn json_ok(out: &Output) -> serde_json::Value {
     serde_json::from_str(&stdout_ok(out)).expect("stdout is one JSON value")
 }
+
+/// The `canvas` ids of a `--json` result.
+pub fn canvas_ids(v: &serde_json::Value) -> Vec<u32> {
+    v["canvas"]
+        .as_array()
+        .expect("a canvas array")
+        .iter()
+        .map(|t| t.as_u64().expect("an id") as u32)
+        .collect()
+}
