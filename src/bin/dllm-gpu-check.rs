@@ -595,6 +595,48 @@ fn oversized_batch_check(gpu: &CudaTransformer, prompt: &[u32]) -> CheckResult {
     CheckResult::from_result(name, 0.0, r)
 }
 
+/// A greedy session with two constrained positions (one allowed a single id, one three), GPU
+/// vs CPU: the steps that predict them take the host-logits path (`Model::logits_at`: on the
+/// GPU the LM head and download of the queried rows only), the others the fused `predict`. The
+/// GPU's constrained positions must hold allowed ids, and its tokens match the CPU's as greedy
+/// generation does.
+fn constrained_session_check(
+    gpu: Arc<dyn Model>,
+    cpu: Arc<dyn Model>,
+    prompt: &[u32],
+) -> CheckResult {
+    let name = "model.constrained gen gpu vs cpu";
+    let r = (|| -> Result<(f64, String)> {
+        let (single, set) = (prompt.len() + 5, prompt.len() + 40);
+        let allowed: [u32; 3] = [100, 200, 300];
+        let run = |model: Arc<dyn Model>| -> Result<Vec<u32>> {
+            let mut s = cached_session(model, prompt, 128, CacheMode::None)?;
+            s.constrain(single, &[77])?;
+            s.constrain(set, &allowed)?;
+            s.run()?;
+            Ok(s.canvas().to_vec())
+        };
+        let (g, c) = (run(gpu)?, run(cpu)?);
+        if g[single] != 77 || !allowed.contains(&g[set]) {
+            return Ok((
+                1.0,
+                format!(
+                    "GPU broke a constraint: {} at {single} (allowed 77), {} at {set}",
+                    g[single], g[set]
+                ),
+            ));
+        }
+        let gen = prompt.len()..g.len();
+        let same = same_count(&g[gen.clone()], &c[gen.clone()]);
+        let miss = 1.0 - same as f64 / gen.len() as f64;
+        Ok((
+            miss,
+            format!("{same}/{} tokens identical; constraints held", gen.len()),
+        ))
+    })();
+    CheckResult::from_result(name, TOL_GEN_MISS, r)
+}
+
 fn same_count(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).filter(|(x, y)| x == y).count()
 }
@@ -886,6 +928,11 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                 ));
                 out.extend(cached_logits_checks("model", &*fast, &**cpu, &prompt));
                 out.push(alternating_sessions_check(&fast, &prompt));
+                out.push(constrained_session_check(
+                    fast.clone(),
+                    cpu.clone(),
+                    &prompt,
+                ));
                 out.extend(packed_session_checks(
                     "model",
                     &fast,
