@@ -1,6 +1,7 @@
 //! The C ABI called from Rust with odd values: sampling parameters from `i32::MIN` to
 //! `i32::MAX`, NaN and infinite floats, bad `struct_size`s, canvases with out-of-range ids,
-//! locks and re-masks at any position, a batch naming one session twice, short output buffers.
+//! locks, re-masks and constraints at any position, a batch naming one session twice, short
+//! output buffers.
 //! Odd model parameters (backend, device, thread count) too. Every call must return a status;
 //! `DLLM_ERR_INTERNAL` (a caught panic), a hang or a process abort (`steps = i32::MAX` once
 //! allocated a 16 GB step table, `threads = i32::MAX` spawned threads until the process
@@ -158,6 +159,25 @@ fn odd_calls_return_a_status_and_never_an_internal_error() {
                             &mut got,
                         );
                         check(format!("last_commits {it}"), st);
+                        let st = dllm_session_last_remasks(s, pos.as_mut_ptr(), cap, &mut got);
+                        check(format!("last_remasks {it}"), st);
+                    }
+                    3 if r.next().is_multiple_of(2) => {
+                        // Odd allowed sets: odd ids, the mask, repeats, empty (lifts).
+                        let allowed: Vec<i32> = (0..r.next() % 4)
+                            .map(|_| match r.next() % 3 {
+                                0 => r.pick(&INTS),
+                                1 => mask,
+                                _ => (r.next() % 8192) as i32,
+                            })
+                            .collect();
+                        let st = dllm_session_constrain(
+                            s,
+                            r.next() % (n + 3),
+                            allowed.as_ptr(),
+                            allowed.len(),
+                        );
+                        check(format!("constrain {it} {allowed:?}"), st);
                     }
                     3 => {
                         // One session named twice: refused, not stepped twice.
