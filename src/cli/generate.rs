@@ -1,6 +1,6 @@
 //! `dllm fill`, `generate`, `infill` and `edit`: build a canvas, denoise it, print the text.
 //!
-//! `fill --canvas` takes the canvas syntax (`text [MASK:n] text …`); `generate` (prompt then
+//! `fill --canvas` takes the canvas syntax (`text [MASK:n] text [ONEOF:a|b] …`); `generate` (prompt then
 //! `[MASK:gen_len]`) and `infill` (prefix, gap, suffix) are sugar over it; `edit` re-masks a byte
 //! span of a file (widened to token boundaries) and denoises it with the rest fixed.
 
@@ -192,7 +192,8 @@ impl DenoiseArgs {
 pub struct FillArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The canvas: text with gaps `[MASK:n]`; `\n`, `\t` and `\\` are unescaped.
+    /// The canvas: text with gaps `[MASK:n]` and one-token choices `[ONEOF:a|b|c]` (each
+    /// choice one token; `|` and `]` cannot be part of one); `\n`, `\t` and `\\` are unescaped.
     #[arg(long, conflicts_with = "canvas_file")]
     pub canvas: Option<String>,
     /// Read the canvas from a file (taken literally, no unescaping).

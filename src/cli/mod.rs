@@ -35,7 +35,7 @@ pub enum Command {
     Chat(chat::ChatArgs),
     /// Fill a gap between a prefix and a suffix.
     Infill(generate::InfillArgs),
-    /// Fill every `[MASK:n]` gap of a canvas.
+    /// Fill every `[MASK:n]` gap and `[ONEOF:a|b|c]` choice of a canvas.
     Fill(generate::FillArgs),
     /// Regenerate a byte span of a file with the rest fixed.
     Edit(generate::EditArgs),

@@ -133,7 +133,7 @@ pub fn build_canvas(
                                 "canvas: the choice {o:?} of [ONEOF:{}] is {} tokens; each choice \
                                  must be exactly one token (spaces count: \" True\" and \"True\" \
                                  differ)",
-                                options.join("|"),
+                                options.join("|").escape_debug(),
                                 ids.len()
                             )))
                         }
@@ -286,6 +286,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"yz\"") && e.contains("2 tokens"), "{e}");
+        // The tag is quoted escaped: one line even when a choice holds a newline.
+        let e = build_canvas(&parse_canvas("a[ONEOF:\n|yz]").unwrap(), enc, 0, 16)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n') && e.contains("[ONEOF:\\n|yz]"), "{e}");
         assert!(build_canvas(&parse_canvas("abc[ONEOF:x]").unwrap(), enc, 0, 3).is_err());
     }
 

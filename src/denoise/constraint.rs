@@ -59,7 +59,7 @@ impl Constraints {
             .find(|(_, &id)| id == mask || id as usize >= vocab_size)
         {
             return Err(Error::invalid(format!(
-                "allowed id {id} (entry {i}) for position {pos} is {}",
+                "allowed[{i}] = {id} for position {pos} is {}",
                 if id == mask {
                     "the mask token, which is never generated".to_string()
                 } else {
