@@ -1,8 +1,9 @@
 //! `dllm fill`, `generate`, `infill` and `edit`: build a canvas, denoise it, print the text.
 //!
-//! `fill --canvas` takes the canvas syntax (`text [MASK:n] text [ONEOF:a|b] …`); `generate` (prompt then
-//! `[MASK:gen_len]`) and `infill` (prefix, gap, suffix) are sugar over it; `edit` re-masks a byte
-//! span of a file (widened to token boundaries) and denoises it with the rest fixed.
+//! `fill --canvas` takes the canvas syntax (`text [MASK:n] text [ONEOF:a|b] …`); `generate`
+//! (prompt then `[MASK:gen_len]`) and `infill` (prefix, gap, suffix) are sugar over it; `edit`
+//! re-masks a byte span of a file (widened to token boundaries) and denoises it with the rest
+//! fixed.
 
 use super::visual::{Mode, View};
 use super::{out, ModelArgs};

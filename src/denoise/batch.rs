@@ -27,8 +27,7 @@ use std::sync::Arc;
 /// such a session that predicts a constrained position still runs alone ([`step_round`]).
 fn batchable(session: &Session) -> bool {
     let d = session.decoding();
-    !d.filter.is_active()
-        && d.cfg_scale == 0.0
+    !d.samples_on_host()
         && d.revise.is_none()
         && (d.cache == CacheMode::None || session.model().packs_cached_batches())
 }

@@ -11,6 +11,7 @@
 //! self-correction scores a constrained position under the narrowed row too.
 
 use crate::error::{Error, Result};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// The allowed ids of each constrained position.
@@ -36,6 +37,26 @@ impl Constraints {
         self.allowed.iter().map(|(&p, a)| (p, a.as_slice()))
     }
 
+    /// Whether `pos` may hold `token`: it is unconstrained or `token` is allowed there.
+    pub fn admits(&self, pos: usize, token: u32) -> bool {
+        self.get(pos)
+            .is_none_or(|a| a.binary_search(&token).is_ok())
+    }
+
+    /// Whether any of `positions` is constrained.
+    pub fn constrains_any(&self, positions: &[usize]) -> bool {
+        !self.allowed.is_empty() && positions.iter().any(|p| self.allowed.contains_key(p))
+    }
+
+    /// The logits row a prediction at `pos` reads: `row` itself, or narrowed to the allowed
+    /// ids ([`narrow_row`]) when `pos` is constrained.
+    pub fn row_for<'a>(&self, pos: usize, row: &'a [f32]) -> Cow<'a, [f32]> {
+        match self.get(pos) {
+            Some(allowed) => Cow::Owned(narrow_row(row, allowed)),
+            None => Cow::Borrowed(row),
+        }
+    }
+
     /// Restricts `pos` to `ids` (any order, repeats allowed), replacing an earlier constraint;
     /// an empty `ids` lifts it. `ids` must be candidates of the model: below `vocab_size` and
     /// not the `mask` token. Errors ([`Error::InvalidArgument`], nothing changed) name the
@@ -48,25 +69,7 @@ impl Constraints {
         vocab_size: usize,
         mask: u32,
     ) -> Result<()> {
-        if pos >= canvas_len {
-            return Err(Error::invalid(format!(
-                "position {pos} is outside the canvas of {canvas_len} tokens"
-            )));
-        }
-        if let Some((i, &id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id == mask || id as usize >= vocab_size)
-        {
-            return Err(Error::invalid(format!(
-                "allowed[{i}] = {id} for position {pos} is {}",
-                if id == mask {
-                    "the mask token, which is never generated".to_string()
-                } else {
-                    format!("outside the vocabulary ({vocab_size} tokens)")
-                }
-            )));
-        }
+        check(pos, ids, canvas_len, vocab_size, mask)?;
         if ids.is_empty() {
             self.allowed.remove(&pos);
             return Ok(());
@@ -81,12 +84,33 @@ impl Constraints {
     /// Checks every constraint against a canvas of `canvas_len` positions and a vocabulary
     /// (for constraints built before the session, as with [`super::Decoding`]).
     pub fn validate(&self, canvas_len: usize, vocab_size: usize, mask: u32) -> Result<()> {
-        let mut check = Constraints::default();
-        for (pos, ids) in self.iter() {
-            check.set(pos, ids, canvas_len, vocab_size, mask)?;
-        }
-        Ok(())
+        self.iter()
+            .try_for_each(|(pos, ids)| check(pos, ids, canvas_len, vocab_size, mask))
     }
+}
+
+/// Checks a constraint of `pos` to `ids` ([`Constraints::set`]'s rules).
+fn check(pos: usize, ids: &[u32], canvas_len: usize, vocab_size: usize, mask: u32) -> Result<()> {
+    if pos >= canvas_len {
+        return Err(Error::invalid(format!(
+            "position {pos} is outside the canvas of {canvas_len} tokens"
+        )));
+    }
+    if let Some((i, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id == mask || id as usize >= vocab_size)
+    {
+        return Err(Error::invalid(format!(
+            "allowed[{i}] = {id} for position {pos} is {}",
+            if id == mask {
+                "the mask token, which is never generated".to_string()
+            } else {
+                format!("outside the vocabulary ({vocab_size} tokens)")
+            }
+        )));
+    }
+    Ok(())
 }
 
 /// `row` with every entry outside `allowed` (sorted) set to `-inf`. An allowed entry that is
@@ -104,11 +128,6 @@ pub fn narrow_row(row: &[f32], allowed: &[u32]) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Whether a position constrained to `allowed` (if it is) may hold `token`.
-pub fn admits(allowed: Option<&[u32]>, token: u32) -> bool {
-    allowed.is_none_or(|a| a.binary_search(&token).is_ok())
 }
 
 #[cfg(test)]
@@ -150,7 +169,9 @@ mod tests {
         let row = [0.5f32, 2.0, -1.0, 3.0];
         let n = narrow_row(&row, &[0, 2]);
         assert_eq!(n, vec![0.5, f32::NEG_INFINITY, -1.0, f32::NEG_INFINITY]);
-        assert!(admits(None, 7) && admits(Some(&[2, 7]), 7) && !admits(Some(&[2, 7]), 3));
+        let mut c = Constraints::default();
+        c.set(1, &[7, 2], 4, 16, 0).unwrap();
+        assert!(c.admits(0, 7) && c.admits(1, 7) && !c.admits(1, 3));
     }
 
     /// Allowed entries that are -inf or NaN (guidance overflowing) still win over every other

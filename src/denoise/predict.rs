@@ -21,7 +21,7 @@
 //! ([`Constraints`]) is different: it narrows the row itself, so the confidence is that of
 //! the distribution over the allowed ids.
 
-use super::constraint::{narrow_row, Constraints};
+use super::constraint::Constraints;
 use super::rng;
 use rayon::prelude::*;
 
@@ -304,11 +304,8 @@ pub fn predict_rows_filtered(
     rows.par_iter()
         .zip(positions.par_iter())
         .map(|(&r, &q)| {
-            let row = &logits[r * width..(r + 1) * width];
-            match constraints.get(q) {
-                Some(allowed) => predict_row_filtered(&narrow_row(row, allowed), q, rule, filter),
-                None => predict_row_filtered(row, q, rule, filter),
-            }
+            let row = constraints.row_for(q, &logits[r * width..(r + 1) * width]);
+            predict_row_filtered(&row, q, rule, filter)
         })
         .collect()
 }

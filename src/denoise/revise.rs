@@ -8,7 +8,7 @@
 //! block being denoised and never on that block's last step, so every block still ends with no
 //! masks and the total number of steps never exceeds the schedule's.
 
-use super::constraint::{narrow_row, Constraints};
+use super::constraint::Constraints;
 use crate::error::{Error, Result};
 
 /// How many times one position may be re-masked.
@@ -114,12 +114,8 @@ pub fn token_probs(
         .iter()
         .enumerate()
         .map(|(i, &p)| {
-            let row = &logits[i * width..(i + 1) * width];
-            let token = canvas[p] as usize;
-            match constraints.get(p) {
-                Some(allowed) => super::predict::softmax_prob(&narrow_row(row, allowed), token),
-                None => super::predict::softmax_prob(row, token),
-            }
+            let row = constraints.row_for(p, &logits[i * width..(i + 1) * width]);
+            super::predict::softmax_prob(&row, canvas[p] as usize)
         })
         .collect()
 }

@@ -23,7 +23,7 @@
 use super::cached::{CacheState, CacheStats};
 use super::canvas::masked_positions;
 use super::commit::{self, Candidate};
-use super::constraint::{admits, Constraints};
+use super::constraint::Constraints;
 use super::observe::{BlockDone, StepEvent, StepReport};
 use super::predict::{predict_rows_filtered, PredictRule, Prediction, Remasking, SampleFilter};
 use super::revise::{self, Ledger};
@@ -163,18 +163,20 @@ impl Decoding {
         Ok(())
     }
 
+    /// Whether every step needs the logits on the host (filters or guidance).
+    pub fn samples_on_host(&self) -> bool {
+        self.filter.is_active() || self.cfg_scale > 0.0
+    }
+
     /// Whether some step may need the logits on the host (filters, guidance or constraints).
     pub fn needs_logits(&self) -> bool {
-        self.filter.is_active() || self.cfg_scale > 0.0 || !self.constraints.is_empty()
+        self.samples_on_host() || !self.constraints.is_empty()
     }
 
     /// Whether a step predicting `queries` needs the logits on the host: filters, guidance, or
     /// a constrained position among `queries` (a constraint elsewhere costs nothing).
     pub fn needs_logits_at(&self, queries: &[usize]) -> bool {
-        self.filter.is_active()
-            || self.cfg_scale > 0.0
-            || (!self.constraints.is_empty()
-                && queries.iter().any(|&q| self.constraints.get(q).is_some()))
+        self.samples_on_host() || self.constraints.constrains_any(queries)
     }
 }
 
@@ -390,28 +392,27 @@ impl Session {
             .copied()
             .collect();
         let mut logits = self.model.logits_at(&self.canvas, &positions)?;
-        let s = self.decoding.cfg_scale;
-        if s > 0.0 {
-            let un = self
-                .model
-                .logits_at(&self.unconditional_canvas(), &plan.queries)?;
-            if un.len() != q * width || logits.len() < q * width {
-                return Err(Error::Backend(format!(
-                    "unconditional forward gave {} logits, the conditional {}",
-                    un.len(),
-                    logits.len()
-                )));
-            }
-            for (c, &u) in logits[..q * width].iter_mut().zip(&un) {
-                *c = cfg_combine(*c, u, s);
-            }
-        }
         if logits.len() != positions.len() * width {
             return Err(Error::Backend(format!(
                 "{} logits for {} positions of width {width}",
                 logits.len(),
                 positions.len()
             )));
+        }
+        let s = self.decoding.cfg_scale;
+        if s > 0.0 {
+            let un = self
+                .model
+                .logits_at(&self.unconditional_canvas(), &plan.queries)?;
+            if un.len() != q * width {
+                return Err(Error::Backend(format!(
+                    "unconditional forward gave {} logits for {q} positions of width {width}",
+                    un.len()
+                )));
+            }
+            for (c, &u) in logits[..q * width].iter_mut().zip(&un) {
+                *c = cfg_combine(*c, u, s);
+            }
         }
         let rows: Vec<usize> = (0..q).collect();
         let preds = predict_rows_filtered(
@@ -865,7 +866,7 @@ impl Session {
         for i in gap.start + first_eos + 1..gap.end {
             let p = self.generated[i];
             // A position whose constraint excludes EOS is left to be generated.
-            if self.canvas[p] == self.mask && admits(self.decoding.constraints.get(p), self.eos) {
+            if self.canvas[p] == self.mask && self.decoding.constraints.admits(p, self.eos) {
                 self.canvas[p] = self.eos;
                 self.ledger.pinned(p);
                 self.masks_left -= 1;
