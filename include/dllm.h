@@ -75,6 +75,9 @@
  *      5: dllm_tokenize_literal (special-token text kept as text).
  *      6: dllm_session_last_remasks (the positions a step re-masked, revise > 0);
  *         dllm_session_constrain (the tokens a position may be generated as).
+ *      7: dllm_sampling_params gained credit_alpha, credit_gamma and credit_decay (trace
+ *         credit); dllm_sampling_params_init, which dllm_sampling_params_default is now a
+ *         macro over (older programs keep calling the function, which writes 64 bytes).
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -88,7 +91,7 @@ extern "C" {
 
 /* The ABI version this header describes (see "Versions" above): a program built with this
  * header needs dllm_abi_version() >= DLLM_ABI_VERSION. */
-#define DLLM_ABI_VERSION 6
+#define DLLM_ABI_VERSION 7
 
 /* ---------------------------------------------------------------------------------------------
  * Status codes
@@ -259,7 +262,8 @@ dllm_status dllm_detokenize(const dllm_model *m, const int32_t *tokens, size_t n
  * remaining steps; a block ends as soon as it
  * has no masks left, so `steps` becomes an upper bound and the later steps of a finished block
  * are skipped: dllm_step_info.step jumps ahead), top-k / top-p sampling, classifier-free
- * guidance and stopping at the end-of-text token.
+ * guidance and stopping at the end-of-text token; and (version 3 of the struct) trace credit,
+ * which lets a dynamic rule commit steadily predicted tokens sooner.
  * ------------------------------------------------------------------------------------------- */
 
 /* An opaque denoising session. Created by dllm_session_new, destroyed by dllm_session_free.
@@ -292,7 +296,8 @@ enum dllm_cache {
 
 /* How a canvas is denoised. Initialise with dllm_sampling_params_default, then change fields.
  * Versions (struct_size on 64-bit Linux): 1 = up to `seed` (32 bytes), 2 = up to `revise`
- * (64 bytes). A version-1 caller gets the defaults for every version-2 field. */
+ * (64 bytes), 3 = up to `credit_decay` (80 bytes). A caller of an older version gets the
+ * defaults for every field its version lacks. */
 typedef struct dllm_sampling_params {
     uint32_t struct_size; /* sizeof(dllm_sampling_params); set by dllm_sampling_params_default */
     int32_t steps;        /* total refinement steps, 1 .. 1048576, a multiple of the block count;
@@ -330,6 +335,21 @@ typedef struct dllm_sampling_params {
                            * re-masked (each position at most twice; never prompt, fixed or
                            * locked positions; steps stays the bound). 0 = off, else 0 < R < 1;
                            * needs cache DLLM_CACHE_NONE. Default 0 */
+    /* ---- version 3 (offset 64; ABI version 7) ---- */
+    float credit_alpha;   /* trace credit (CreditDecoding, as dInfer): at every step with a
+                           * forward pass, each masked position of the block adds p^credit_gamma
+                           * to the credit C of its most likely token (p its probability), after
+                           * multiplying all of its credit by credit_decay; its prediction and
+                           * confidence then come from
+                           * logits + credit_alpha * ln(1 + C). Tokens a position keeps predicting
+                           * pass threshold / factor sooner: fewer steps. Credit starts empty at
+                           * each block; every step reads its block's logits on the host. 0 = off,
+                           * else finite, > 0 (dInfer: 0.7). Default 0 */
+    float credit_gamma;   /* exponent on p, finite, >= 0; used when credit_alpha > 0. Default 0.2 */
+    float credit_decay;   /* factor on the credit before each step's deposit, in [0, 1]; used when
+                           * credit_alpha > 0. Default 0.8 */
+    /* (4 bytes of padding here: the struct is 8-byte aligned; a version-4 field must start at
+     * offset 80, after an explicit padding field, so that sizeof tells the versions apart.) */
     /* Fields added in later versions go here. */
 } dllm_sampling_params;
 
@@ -343,8 +363,19 @@ typedef struct dllm_step_info {
     int32_t done;       /* 1 when every scheduled step has been taken, else 0 */
 } dllm_step_info;
 
-/* Fills *p with the defaults listed above, struct_size included. NULL is a no-op. */
+/* Fills the caller's struct of `size` bytes (its sizeof) with the defaults listed above of the
+ * fields that fit, and struct_size = size; writes nothing past `size` bytes, nor when p is NULL
+ * or size < 4 (ABI version 7). */
+void dllm_sampling_params_init(dllm_sampling_params *p, size_t size);
+
+/* Fills *p with the defaults listed above, struct_size included. NULL is a no-op. A macro over
+ * dllm_sampling_params_init with this header's sizeof: a program built with an older header
+ * has a smaller struct, and the library's function of this name, which such a program calls,
+ * writes the 64-byte version-2 struct only. (A version-1 program, 32 bytes, must not call it
+ * on a library of ABI version >= 2.) */
 void dllm_sampling_params_default(dllm_sampling_params *p);
+#define dllm_sampling_params_default(p) \
+    dllm_sampling_params_init((p), sizeof(dllm_sampling_params))
 
 /* Starts denoising a copy of `canvas` (n token ids): every position holding the model's mask
  * token is generated, every other position stays fixed. `p` may be NULL for the defaults.
@@ -353,9 +384,9 @@ void dllm_sampling_params_default(dllm_sampling_params *p);
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL m/canvas/out, n == 0, n > dllm_model_max_length, an id
  * outside 0 .. dllm_model_vocab_size - 1 (the message names its position), steps/block_len out
  * of range or steps not a multiple of the block count, temperature negative or not finite, a
- * bad struct_size, an unknown remasking or cache value, a version-2 field out of its range,
- * threshold and factor both > 0, revise > 0 together with a cache: the message names the
- * field). */
+ * bad struct_size, an unknown remasking or cache value, a version-2 or -3 field out of its range,
+ * threshold and factor both > 0, revise > 0 together with a cache, credit_alpha > 0 with
+ * credit_gamma or credit_decay out of range: the message names the field). */
 dllm_status dllm_session_new(dllm_model *m, const int32_t *canvas, size_t n,
                              const dllm_sampling_params *p, dllm_session **out);
 

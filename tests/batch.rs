@@ -4,7 +4,7 @@
 
 use dllm::denoise::batch::{run_batch, solo_sessions, step_round};
 use dllm::denoise::predict::{PredictRule, Remasking};
-use dllm::denoise::{CacheMode, CommitPolicy, Decoding, GenerationParams, Session};
+use dllm::denoise::{CacheMode, CommitPolicy, CreditParams, Decoding, GenerationParams, Session};
 use dllm::error::ErrorKind;
 use dllm::model::{load_cpu, BatchQuery, Model};
 use dllm::synth::{synth_checkpoint, Preset};
@@ -200,10 +200,10 @@ fn params(steps: usize, block_len: usize, temperature: f64) -> GenerationParams 
     }
 }
 
-/// Sessions of different lengths, schedules and rules (one with guidance, which steps on its
-/// own inside the batch).
+/// Sessions of different lengths, schedules and rules (one with guidance and one with trace
+/// credit, which step on their own inside the batch).
 fn sessions(m: &Arc<dyn Model>) -> Vec<Session> {
-    let specs: [(u32, usize, usize, GenerationParams, Decoding); 4] = [
+    let specs: [(u32, usize, usize, GenerationParams, Decoding); 5] = [
         (1, 12, 16, params(8, 8, 0.0), Decoding::default()),
         (2, 30, 8, params(8, 4, 0.7), Decoding::default()),
         (
@@ -223,6 +223,17 @@ fn sessions(m: &Arc<dyn Model>) -> Vec<Session> {
             params(4, 8, 0.0),
             Decoding {
                 cfg_scale: 0.5,
+                ..Decoding::default()
+            },
+        ),
+        (
+            5,
+            9,
+            16,
+            params(16, 8, 0.0),
+            Decoding {
+                commit: CommitPolicy::Threshold(0.9),
+                credit: Some(CreditParams::default()),
                 ..Decoding::default()
             },
         ),
@@ -392,7 +403,7 @@ fn cached_sessions_of_a_batch_run_one_after_another() {
 }
 
 /// On the CPU backend (which packs cached steps) cached sessions step together, one round per
-/// step of the longest, beside uncached and guided ones; every session ends where it ends
+/// step of the longest, beside uncached, guided and credited ones; every session ends where it ends
 /// alone, with the same refreshes and span steps.
 #[test]
 fn cached_sessions_step_together_where_the_model_packs_them() {
@@ -419,8 +430,8 @@ fn cached_sessions_step_together_where_the_model_packs_them() {
     let mut batch = make();
     assert_eq!(
         solo_sessions(&batch),
-        vec![3],
-        "only the guided session steps alone"
+        vec![3, 4],
+        "only the guided and the credited session step alone"
     );
     let rounds = run_batch(&mut batch).unwrap();
     let alone: Vec<Session> = make()
@@ -441,7 +452,7 @@ fn cached_sessions_step_together_where_the_model_packs_them() {
         assert_eq!(b.canvas(), a.canvas(), "session {i}");
         assert_eq!(b.cache_stats(), a.cache_stats(), "session {i}");
     }
-    assert!(batch[4].cache_stats().span_steps > 0);
+    assert!(batch[5].cache_stats().span_steps > 0);
 }
 
 /// A file longer than one chunk runs in chunks of `BATCH_CHUNK` prompts; each line is what the

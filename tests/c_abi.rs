@@ -8,8 +8,8 @@
 //! this test run, next to the test executable (`target/<profile>/deps`).
 
 use dllm::denoise::{
-    generation_canvas, infill_canvas, CacheMode, CommitPolicy, Decoding, GenerationParams,
-    Remasking, SampleFilter, Session,
+    generation_canvas, infill_canvas, CacheMode, CommitPolicy, CreditParams, Decoding,
+    GenerationParams, Remasking, SampleFilter, Session,
 };
 use dllm::model::{load_model, Backend};
 use dllm::tokenizer::Tokenizer;
@@ -450,6 +450,19 @@ impl ParityCase {
         self
     }
 
+    /// The same case with trace credit (the constants as the C `float`s).
+    fn with_credit(mut self, alpha: f32, gamma: f32, decay: f32) -> Self {
+        self.options.push(format!("credit_alpha={alpha}"));
+        self.options.push(format!("credit_gamma={gamma}"));
+        self.options.push(format!("credit_decay={decay}"));
+        self.decoding.credit = Some(CreditParams {
+            alpha: alpha as f64,
+            gamma: gamma as f64,
+            decay: decay as f64,
+        });
+        self
+    }
+
     fn with_lock(mut self, k: usize, token: u32) -> Self {
         self.options.push(format!("lock={k}:{token}"));
         self.lock = Some((k, token));
@@ -482,6 +495,7 @@ fn case(
         cache: CacheMode::None,
         revise: None,
         constraints: Default::default(),
+        credit: None,
     };
     let options = vec![
         format!("threshold={threshold}"),
@@ -590,6 +604,23 @@ fn c_driver_matches_the_rust_session() {
             OFF,
         )
         .with_revise(0.99),
+        // Trace credit (host logits every step): dInfer's constants with the threshold rule,
+        // and other constants with sampling through the dual cache.
+        case(
+            "def fib(n):\n",
+            16,
+            gp(16, 8, 0.0, Remasking::LowConfidence, 0),
+            (0.9, 0.0, 0, 1.0, 0.0, false),
+        )
+        .with_credit(0.7, 0.2, 0.8),
+        case(
+            "class Stack:\n",
+            12,
+            gp(12, 6, 0.6, Remasking::LowConfidence, 5),
+            (0.0, 1.0, 0, 1.0, 0.0, false),
+        )
+        .with_credit(1.5, 0.5, 0.3)
+        .with_cache(CacheMode::Dual, 2),
     ];
     let built = built();
     for c in cases {
@@ -786,8 +817,9 @@ fn header_compiles_as_cpp() {
     replace_file(
         &src,
         b"#include \"dllm.h\"\n\
-         static_assert(sizeof(dllm_sampling_params) == 64, \"v2 layout\");\n\
+         static_assert(sizeof(dllm_sampling_params) == 80, \"v3 layout\");\n\
          static_assert(offsetof(dllm_sampling_params, threshold) == 32, \"v1 prefix\");\n\
+         static_assert(offsetof(dllm_sampling_params, credit_alpha) == 64, \"v2 prefix\");\n\
          int main() { return dllm_abi_version() == DLLM_ABI_VERSION ? 0 : 1; }\n",
     );
     let out = match Command::new(&cxx)

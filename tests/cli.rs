@@ -181,6 +181,100 @@ fn fill_one_of_picks_among_the_choices() {
 }
 
 #[test]
+fn generate_credit_runs_the_sessions_credit_and_checks_its_constants() {
+    use dllm::denoise::{CommitPolicy, CreditParams, Decoding, GenerationParams, Session};
+    let prompt = "def fibonacci(n):";
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            MODEL,
+            "--backend",
+            "cpu",
+            "--prompt",
+            prompt,
+            "--gen-len",
+            "32",
+            "--steps",
+            "32",
+            "--threshold",
+            "0.9",
+            "--json",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        json(&dllm(&args))
+    };
+    let m = dllm::model::load_cpu(Path::new(MODEL)).unwrap();
+    let tok = dllm::tokenizer::Tokenizer::from_model_dir(Path::new(MODEL)).unwrap();
+    let mut canvas = tok.encode(prompt).unwrap();
+    canvas.resize(canvas.len() + 32, m.config().mask_token_id);
+    for (extra, credit) in [
+        (&[][..], None),
+        (&["--credit"][..], Some(CreditParams::default())),
+        (
+            &[
+                "--credit",
+                "--credit-alpha",
+                "1.5",
+                "--credit-gamma",
+                "0.5",
+                "--credit-decay",
+                "0.3",
+            ][..],
+            Some(CreditParams {
+                alpha: 1.5,
+                gamma: 0.5,
+                decay: 0.3,
+            }),
+        ),
+    ] {
+        let params = GenerationParams {
+            steps: 32,
+            block_len: 32,
+            ..Default::default()
+        };
+        let mut s = Session::new(m.clone(), canvas.clone(), params).unwrap();
+        s.set_decoding(Decoding {
+            commit: CommitPolicy::Threshold(0.9),
+            credit,
+            ..Default::default()
+        })
+        .unwrap();
+        s.run().unwrap();
+        let v = run(extra);
+        assert_eq!(canvas_ids(&v), s.canvas(), "{extra:?}");
+        assert_eq!(v["forward_steps"], s.forward_steps(), "{extra:?}");
+    }
+    let base = [
+        "generate",
+        "--model",
+        MODEL,
+        "--prompt",
+        "x",
+        "--gen-len",
+        "8",
+        "--steps",
+        "8",
+    ];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        dllm(&a)
+    };
+    let orphan = with(&["--credit-alpha", "0.5"]);
+    assert_eq!(
+        orphan.status.code(),
+        Some(2),
+        "a tuning flag needs --credit"
+    );
+    assert!(String::from_utf8_lossy(&orphan.stderr).contains("--credit"));
+    assert_clean_error(&with(&["--credit", "--credit-decay", "2"]), "credit_decay");
+    assert_clean_error(&with(&["--credit", "--credit-alpha", "0"]), "credit_alpha");
+    assert_clean_error(&with(&["--credit", "--credit-gamma", "-1"]), "credit_gamma");
+}
+
+#[test]
 fn logits_json_has_one_row_per_id() {
     let v = json(&dllm(&[
         "logits",

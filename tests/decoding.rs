@@ -5,7 +5,7 @@
 use dllm::config::ModelConfig;
 use dllm::denoise::predict::{predict_row, PredictRule, Prediction, SampleFilter};
 use dllm::denoise::rng;
-use dllm::denoise::{CommitPolicy, Decoding, GenerationParams, Remasking, Session};
+use dllm::denoise::{CommitPolicy, CreditParams, Decoding, GenerationParams, Remasking, Session};
 use dllm::error::Result;
 use dllm::model::Model;
 use serde_json::json;
@@ -120,6 +120,47 @@ fn canvas(prompt: usize, gen: usize) -> Vec<u32> {
     let mut c: Vec<u32> = (0..prompt).map(|i| 3 + i as u32 % 10).collect();
     c.resize(prompt + gen, MASK);
     c
+}
+
+#[test]
+fn credit_lifts_a_steady_prediction_past_the_threshold() {
+    // Every masked position predicts token 5 with probability 0.8 (token 6 has 0.2), every
+    // forward. Threshold 0.9 alone commits one position per forward: 4 forwards for 4 masks.
+    // With dInfer's credit (alpha 0.7, gamma 0.2, decay 0.8) each forward adds 0.8^0.2 = 0.95635
+    // to token 5's credit C after decaying it, and the fused probability is
+    // 0.8·(1 + C)^0.7 / (0.8·(1 + C)^0.7 + 0.2):
+    //   forward 1: C = 0.95635, 0.8648 → the most confident only;
+    //   forward 2: C = 1.72143, 0.8896 → again one;
+    //   forward 3: C = 2.33349, 0.9028 → both left. 3 forwards.
+    let steady = || mock(|_, _| row(&[(5, 0.8f32.ln()), (6, 0.2f32.ln())]));
+    let d = |credit| Decoding {
+        commit: CommitPolicy::Threshold(0.9),
+        credit,
+        ..Default::default()
+    };
+    let plain = run(&mut session(steady(), canvas(1, 4), params(4, 4), d(None)));
+    assert_eq!(plain.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1, 1]);
+    let credited = run(&mut session(
+        steady(),
+        canvas(1, 4),
+        params(4, 4),
+        d(Some(CreditParams::default())),
+    ));
+    let counts: Vec<usize> = credited.iter().map(Vec::len).collect();
+    assert_eq!(counts[..3], [1, 1, 2], "{credited:?}");
+    assert!(counts[3..].iter().all(|&c| c == 0), "{credited:?}");
+    // Decay 0 keeps only the current forward's credit: 0.8648 every time, one per forward.
+    let forgetful = CreditParams {
+        decay: 0.0,
+        ..Default::default()
+    };
+    let once = run(&mut session(
+        steady(),
+        canvas(1, 4),
+        params(4, 4),
+        d(Some(forgetful)),
+    ));
+    assert_eq!(once.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1, 1]);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Measurement (ignored by default) of the decoding strategies on the embedded tiny model:
-//! parallel commit rules (`--threshold`, `--factor`) and self-correction (`--revise`) against the
-//! fixed LLaDA schedule, on held-out Python snippets written for this test. Prints the tables of
-//! docs/decoding-strategies.md:
+//! parallel commit rules (`--threshold`, `--factor`), self-correction (`--revise`) and trace
+//! credit (`--credit`) against the fixed LLaDA schedule, on held-out Python snippets written for
+//! this test. Prints the tables of docs/decoding-strategies.md:
 //!
 //! `cargo test --test decoding_measure -- --ignored --nocapture`
 //!
@@ -13,7 +13,7 @@
 //! and the rest of the final canvas visible: [`STRIDE`] forwards per output; lower = the model
 //! finds the output more plausible).
 
-use dllm::denoise::{CommitPolicy, Decoding, GenerationParams, Session};
+use dllm::denoise::{CommitPolicy, CreditParams, Decoding, GenerationParams, Session};
 use dllm::model::{load_cpu, Model};
 use dllm::tokenizer::Tokenizer;
 use std::path::Path;
@@ -85,6 +85,22 @@ fn configs() -> Vec<Config> {
             ..Default::default()
         },
     });
+    let credited = [
+        ("--threshold 0.9", CommitPolicy::Threshold(0.9)),
+        ("--threshold 0.7", CommitPolicy::Threshold(0.7)),
+        ("--factor 0.5", CommitPolicy::Factor(0.5)),
+        ("--factor 1", CommitPolicy::Factor(1.0)),
+    ];
+    for (name, commit) in credited {
+        v.push(Config {
+            name: format!("{name} --credit"),
+            decoding: Decoding {
+                commit,
+                credit: Some(CreditParams::default()),
+                ..Default::default()
+            },
+        });
+    }
     v
 }
 

@@ -12,7 +12,8 @@ mod common;
 
 use common::odd::{panic_message, Rng};
 use dllm::denoise::{
-    CommitPolicy, Decoding, GenerationParams, Remasking, SampleFilter, ScheduleKind, Session,
+    CommitPolicy, CreditParams, Decoding, GenerationParams, Remasking, SampleFilter, ScheduleKind,
+    Session,
 };
 use dllm::model::load::load_cpu;
 use dllm::model::{CacheMode, Model};
@@ -80,6 +81,26 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
             cache: r.pick(&[CacheMode::None, CacheMode::Prefix, CacheMode::Dual]),
             revise: r.pick(&[None, None, Some(0.5), Some(0.01), Some(1.5)]),
             constraints: Default::default(),
+            // From a stream of its own, so the draws above and below stay those of the
+            // sessions this test ran before credit existed; extreme but valid constants only
+            // (out-of-range ones are refused by `CreditParams::validate`, tested on their own),
+            // so the finished count below stays that of those sessions.
+            credit: Rng(seed ^ (it as u64 + 1) << 20).pick(&[
+                None,
+                None,
+                None,
+                Some(CreditParams::default()),
+                Some(CreditParams {
+                    alpha: 1e300,
+                    gamma: 0.0,
+                    decay: 1.0,
+                }),
+                Some(CreditParams {
+                    alpha: 1e-300,
+                    gamma: 1e300,
+                    decay: 0.0,
+                }),
+            ]),
         };
         let label = format!("session {it}: {len} positions, {params:?}, {decoding:?}");
         let m = model.clone();

@@ -2,7 +2,8 @@
  * for tests/c_abi.rs to compare with the Rust `Session` run on the same input.
  *
  * Usage: parity MODEL_DIR PROMPT GEN_LEN STEPS BLOCK_LEN TEMPERATURE REMASKING SEED [KEY=VALUE...]
- *        KEY: threshold, factor, top_k, top_p, cfg_scale, stop_at_eos (dllm_sampling_params);
+ *        KEY: threshold, factor, top_k, top_p, cfg_scale, stop_at_eos, cache, revise,
+ *        credit_alpha, credit_gamma, credit_decay (dllm_sampling_params);
  *        lock=K:T locks generated position K (0 = the first after the prompt) to token T before
  *        the first step.
  * Output: one line "step S committed C masks_left M done D filled P:T P:T ... remasked P P ..."
@@ -67,6 +68,12 @@ int main(int argc, char **argv) {
         else if (k == 11 && strncmp(argv[i], "stop_at_eos", k) == 0) sp.stop_at_eos = atoi(v);
         else if (k == 5 && strncmp(argv[i], "cache", k) == 0) sp.cache = atoi(v);
         else if (k == 6 && strncmp(argv[i], "revise", k) == 0) sp.revise = strtof(v, NULL);
+        else if (k == 12 && strncmp(argv[i], "credit_alpha", k) == 0)
+            sp.credit_alpha = strtof(v, NULL);
+        else if (k == 12 && strncmp(argv[i], "credit_gamma", k) == 0)
+            sp.credit_gamma = strtof(v, NULL);
+        else if (k == 12 && strncmp(argv[i], "credit_decay", k) == 0)
+            sp.credit_decay = strtof(v, NULL);
         else if (k == 4 && strncmp(argv[i], "lock", k) == 0) {
             if (sscanf(v, "%ld:%ld", &lock_at, &lock_token) != 2) return 2;
         } else {

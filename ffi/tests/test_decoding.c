@@ -46,24 +46,34 @@ static int count_masks(const int32_t *c) {
 }
 
 static void test_defaults_and_layout(void) {
-    CHECK(sizeof(dllm_sampling_params) == 64);
+    CHECK(sizeof(dllm_sampling_params) == 80);
     CHECK(offsetof(dllm_sampling_params, seed) == 24);
     CHECK(offsetof(dllm_sampling_params, threshold) == 32); /* version 1 ended at 32 bytes */
     CHECK(offsetof(dllm_sampling_params, revise) == 60);
-    CHECK(dllm_abi_version() >= 2 && DLLM_ABI_VERSION >= 2); /* the version-2 fields exist */
+    CHECK(offsetof(dllm_sampling_params, credit_alpha) == 64); /* version 2 ended at 64 bytes */
+    CHECK(offsetof(dllm_sampling_params, credit_decay) == 72);
+    CHECK(dllm_abi_version() >= 7 && DLLM_ABI_VERSION >= 7); /* the version-3 fields exist */
     dllm_sampling_params p;
     memset(&p, 0xAB, sizeof p);
     dllm_sampling_params_default(&p);
-    CHECK(p.struct_size == 64);
+    CHECK(p.struct_size == 80);
     CHECK(p.threshold == 0.0f && p.factor == 0.0f && p.top_k == 0 && p.top_p == 1.0f);
     CHECK(p.cfg_scale == 0.0f && p.stop_at_eos == 0 && p.cache == DLLM_CACHE_NONE);
     CHECK(p.revise == 0.0f);
+    CHECK(p.credit_alpha == 0.0f && p.credit_gamma == 0.2f && p.credit_decay == 0.8f);
+    /* The library function behind the macro, which programs built against ABI 2-6 headers
+     * call: it writes their 64-byte struct and nothing after it. */
+    union { dllm_sampling_params p; unsigned char bytes[sizeof(dllm_sampling_params)]; } u;
+    memset(u.bytes, 0xAB, sizeof u.bytes);
+    (dllm_sampling_params_default)(&u.p);
+    CHECK(u.p.struct_size == 64 && u.p.revise == 0.0f && u.p.top_p == 1.0f);
+    for (size_t i = 64; i < sizeof u.bytes; i++) CHECK(u.bytes[i] == 0xAB);
 }
 
 /* Each field with a valid non-default value gives a session that runs to the end (one step
  * per block, to keep the valgrind run short). */
 static void test_fields_accepted(void) {
-    for (int field = 0; field < 10; field++) {
+    for (int field = 0; field < 11; field++) {
         dllm_sampling_params p = params();
         p.steps = 2;
         switch (field) {
@@ -77,6 +87,7 @@ static void test_fields_accepted(void) {
         case 7: p.remasking = DLLM_REMASK_ENTROPY; break;
         case 8: p.revise = 0.2f; p.steps = 8; break;
         case 9: p.cache = DLLM_CACHE_DUAL; p.steps = 8; break;
+        case 10: p.credit_alpha = 0.7f; p.threshold = 0.9f; p.steps = 8; break;
         }
         int32_t c[MAXC];
         CHECK(run_to_end(&p, c));
@@ -100,6 +111,11 @@ static void test_validation(void) {
         {8, 0.9f, 0, "threshold"}, /* threshold and factor together */
         {9, 0.5f, DLLM_CACHE_DUAL, "revise"},   /* revise with a cache */
         {9, 0.5f, DLLM_CACHE_PREFIX, "revise"},
+        {10, -0.5f, 0, "credit_alpha"}, {10, NAN, 0, "credit_alpha"},
+        {10, INFINITY, 0, "credit_alpha"},
+        {11, -1.0f, 0, "credit_gamma"}, {11, NAN, 0, "credit_gamma"},
+        {12, 1.5f, 0, "credit_decay"},  {12, -0.1f, 0, "credit_decay"},
+        {12, NAN, 0, "credit_decay"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         dllm_sampling_params p = params();
@@ -114,6 +130,9 @@ static void test_validation(void) {
         case 7: p.revise = bad[i].f; break;
         case 8: p.threshold = bad[i].f; p.factor = 1.0f; break;
         case 9: p.revise = bad[i].f; p.cache = bad[i].i; break;
+        case 10: p.credit_alpha = bad[i].f; break;
+        case 11: p.credit_alpha = 0.7f; p.credit_gamma = bad[i].f; break;
+        case 12: p.credit_alpha = 0.7f; p.credit_decay = bad[i].f; break;
         }
         CHECK_STATUS(dllm_session_new(model, canvas0, len0, &p, &s), DLLM_ERR_INVALID_ARGUMENT);
         CHECK_ERROR_MENTIONS(bad[i].field);
@@ -170,6 +189,19 @@ static void test_old_caller(void) {
     memset(buf.bytes, 0xFF, sizeof buf.bytes);
     memcpy(buf.bytes, &v1, sizeof v1);
     dllm_session *s = NULL;
+    CHECK_STATUS(dllm_session_new(model, canvas0, len0, &buf.p, &s), DLLM_OK);
+    if (s) {
+        CHECK_STATUS(dllm_session_run(s), DLLM_OK);
+        CHECK(get_canvas(s, got) && memcmp(got, want, len0 * sizeof got[0]) == 0);
+        dllm_session_free(s);
+    }
+    /* A version-2 program (struct_size 64): the credit fields it lacks stay off, whatever
+     * follows its struct (0xFF..: a NaN credit_alpha would be refused). */
+    dllm_sampling_params v2 = p;
+    v2.struct_size = 64;
+    memset(buf.bytes, 0xFF, sizeof buf.bytes);
+    memcpy(buf.bytes, &v2, 64);
+    s = NULL;
     CHECK_STATUS(dllm_session_new(model, canvas0, len0, &buf.p, &s), DLLM_OK);
     if (s) {
         CHECK_STATUS(dllm_session_run(s), DLLM_OK);

@@ -23,7 +23,7 @@ use dllm::backend::cuda::{
 use dllm::config::ModelConfig;
 use dllm::denoise::predict::{PredictRule, Prediction, Remasking};
 use dllm::denoise::session::{Decoding, GenerationParams, Session};
-use dllm::denoise::{run_lockstep, CacheMode};
+use dllm::denoise::{run_lockstep, CacheMode, CommitPolicy, CreditParams};
 use dllm::error::{Error, ErrorKind, Result};
 use dllm::model::kv_cache::span_for;
 use dllm::model::{BatchQuery, Model};
@@ -637,6 +637,44 @@ fn constrained_session_check(
     CheckResult::from_result(name, TOL_GEN_MISS, r)
 }
 
+/// A greedy session with trace credit and the threshold rule (0.9), GPU vs CPU, without a cache
+/// and through `cache`: every step takes the host-logits path (`Model::logits_at`, or
+/// `logits_cached` of the block's masked rows), the credit is kept on the host. The tokens must
+/// match the CPU's as greedy generation does; the forward counts are reported.
+fn credited_session_check(
+    gpu: Arc<dyn Model>,
+    cpu: Arc<dyn Model>,
+    prompt: &[u32],
+    cache: CacheMode,
+) -> CheckResult {
+    let name = format!("model.credit gen gpu vs cpu cache {}", cache.name());
+    let r = (|| -> Result<(f64, String)> {
+        let run = |model: Arc<dyn Model>| -> Result<(Vec<u32>, usize)> {
+            let mut s = cached_session(model, prompt, 128, cache)?;
+            s.set_decoding(Decoding {
+                cache,
+                commit: CommitPolicy::Threshold(0.9),
+                credit: Some(CreditParams::default()),
+                ..Decoding::default()
+            })?;
+            s.run()?;
+            Ok((s.canvas().to_vec(), s.forward_steps()))
+        };
+        let ((g, gf), (c, cf)) = (run(gpu)?, run(cpu)?);
+        let gen = prompt.len()..g.len();
+        let same = same_count(&g[gen.clone()], &c[gen.clone()]);
+        let miss = 1.0 - same as f64 / gen.len() as f64;
+        Ok((
+            miss,
+            format!(
+                "{same}/{} tokens identical; forwards GPU {gf}, CPU {cf}",
+                gen.len()
+            ),
+        ))
+    })();
+    CheckResult::from_result(&name, TOL_GEN_MISS, r)
+}
+
 fn same_count(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).filter(|(x, y)| x == y).count()
 }
@@ -933,6 +971,14 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                     cpu.clone(),
                     &prompt,
                 ));
+                for cache in [CacheMode::None, CacheMode::Dual] {
+                    out.push(credited_session_check(
+                        fast.clone(),
+                        cpu.clone(),
+                        &prompt,
+                        cache,
+                    ));
+                }
                 out.extend(packed_session_checks(
                     "model",
                     &fast,

@@ -13,8 +13,8 @@ use dllm::config::ModelConfig;
 use dllm::denoise::canvas::span_tokens;
 use dllm::denoise::predict::{Remasking, SampleFilter};
 use dllm::denoise::{
-    build_canvas, parse_canvas, BuiltCanvas, CacheMode, CanvasPart, CommitPolicy, Decoding,
-    GenerationParams, ScheduleKind, Session,
+    build_canvas, parse_canvas, BuiltCanvas, CacheMode, CanvasPart, CommitPolicy, CreditParams,
+    Decoding, GenerationParams, ScheduleKind, Session,
 };
 use dllm::error::{Error, Result};
 use dllm::tokenizer::{SpecialText, Tokenizer};
@@ -103,6 +103,23 @@ pub struct DenoiseArgs {
     /// twice; never prompt or fixed positions; --steps still bounds the step count).
     #[arg(long, allow_negative_numbers = true)]
     pub revise: Option<f64>,
+    /// Trace credit (CreditDecoding, as dInfer): a masked position's earlier predictions in its
+    /// block lift the tokens it kept predicting, so steady tokens pass --threshold/--factor
+    /// sooner (fewer steps). Every step then reads its block's logits on the host.
+    #[arg(long)]
+    pub credit: bool,
+    /// --credit: weight of the credit in the logits, `logits + A·ln(1 + credit)` (> 0).
+    #[arg(long, requires = "credit", default_value_t = CreditParams::default().alpha,
+          allow_negative_numbers = true)]
+    pub credit_alpha: f64,
+    /// --credit: each forward adds `p^G` to its top token's credit (≥ 0).
+    #[arg(long, requires = "credit", default_value_t = CreditParams::default().gamma,
+          allow_negative_numbers = true)]
+    pub credit_gamma: f64,
+    /// --credit: the credit is multiplied by D before each forward adds to it (0 ≤ D ≤ 1).
+    #[arg(long, requires = "credit", default_value_t = CreditParams::default().decay,
+          allow_negative_numbers = true)]
+    pub credit_decay: f64,
     /// Redraw the canvas every step (masks as ░, fresh tokens highlighted); when stdout is not
     /// a terminal, one plain line per step instead.
     #[arg(long, conflicts_with_all = ["json", "stream"])]
@@ -183,6 +200,11 @@ impl DenoiseArgs {
             },
             revise: self.revise,
             constraints: Default::default(),
+            credit: self.credit.then_some(CreditParams {
+                alpha: self.credit_alpha,
+                gamma: self.credit_gamma,
+                decay: self.credit_decay,
+            }),
         };
         d.validate().map_err(|e| e.context("decoding options"))?;
         Ok(d)

@@ -10,6 +10,7 @@
 //! Classifier-free guidance keeps a second cache for the unconditional canvas, refreshed and
 //! spanned in step with the first, so guided steps are cached too.
 
+use super::credit::{CreditView, Deposit};
 use super::predict::{predict_rows_filtered, Prediction};
 use super::session::{cfg_combine, Decoding, StepPlan};
 use crate::error::{Error, Result};
@@ -59,9 +60,11 @@ impl CacheState {
         Ok(())
     }
 
-    /// The predictions of `plan` through the caches. `block_range` spans the positions of the
+    /// The predictions of `plan` through the caches, and their trace-credit deposits (empty
+    /// unless `credit` is given; see [`super::credit`]). `block_range` spans the positions of the
     /// plan's block (lowest to one past the highest); `uncond` is the unconditional canvas when
     /// guidance is on. On error the caches are invalidated.
+    #[allow(clippy::too_many_arguments)]
     pub fn predict(
         &mut self,
         model: &dyn Model,
@@ -70,11 +73,14 @@ impl CacheState {
         block_range: Range<usize>,
         plan: &StepPlan,
         decoding: &Decoding,
-    ) -> Result<Vec<Prediction>> {
+        credit: Option<&CreditView>,
+    ) -> Result<(Vec<Prediction>, Vec<Deposit>)> {
         let step = self.step_for(model, canvas.len(), block_range, plan, decoding)?;
         let cond = Self::cond_of(&mut self.cond, model, canvas.len());
         let result = if !decoding.needs_logits_at(&plan.queries) {
-            model.predict_cached(canvas, &plan.queries, &plan.rule, cond, &step)
+            model
+                .predict_cached(canvas, &plan.queries, &plan.rule, cond, &step)
+                .map(|p| (p, Vec::new()))
         } else {
             guided(
                 model,
@@ -84,6 +90,7 @@ impl CacheState {
                 &mut self.uncond,
                 plan,
                 decoding,
+                credit,
                 &step,
             )
         };
@@ -156,7 +163,8 @@ impl CacheState {
 }
 
 /// A cached step that needs host logits: the conditional rows, the unconditional rows through
-/// their own cache when `uncond` is given, the guidance combination, then filtered prediction.
+/// their own cache when `uncond` is given, the guidance combination, then host prediction
+/// (filters, constraints, trace credit).
 #[allow(clippy::too_many_arguments)]
 fn guided(
     model: &dyn Model,
@@ -166,8 +174,9 @@ fn guided(
     uncond_cache: &mut Option<KvCache>,
     plan: &StepPlan,
     decoding: &Decoding,
+    credit: Option<&CreditView>,
     step: &CacheStep,
-) -> Result<Vec<Prediction>> {
+) -> Result<(Vec<Prediction>, Vec<Deposit>)> {
     let cfg = model.config();
     let width = cfg.logits_width();
     let mut logits = model.logits_cached(canvas, &plan.queries, cond_cache, step)?;
@@ -185,14 +194,20 @@ fn guided(
             *c = cfg_combine(*c, u, decoding.cfg_scale);
         }
     }
-    let rows: Vec<usize> = (0..plan.queries.len()).collect();
+    if logits.len() != plan.queries.len() * width {
+        return Err(Error::Backend(format!(
+            "cached forward gave {} logits for {} positions of width {width}",
+            logits.len(),
+            plan.queries.len()
+        )));
+    }
     Ok(predict_rows_filtered(
         &logits,
         width,
-        &rows,
         &plan.queries,
         &plan.rule,
         &decoding.filter,
         &decoding.constraints,
+        credit,
     ))
 }

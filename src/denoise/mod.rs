@@ -5,6 +5,7 @@ pub mod cached;
 pub mod canvas;
 pub mod commit;
 pub mod constraint;
+pub mod credit;
 pub mod lockstep;
 pub mod observe;
 pub mod predict;
@@ -19,6 +20,7 @@ pub use canvas::{
     build_canvas, generation_canvas, infill_canvas, parse_canvas, BuiltCanvas, CanvasPart,
 };
 pub use constraint::Constraints;
+pub use credit::CreditParams;
 pub use lockstep::{run_lockstep, LockstepReport};
 pub use observe::{BlockDone, StepEvent, StepReport};
 pub use predict::{Remasking, SampleFilter};

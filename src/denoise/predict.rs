@@ -22,6 +22,7 @@
 //! the distribution over the allowed ids.
 
 use super::constraint::Constraints;
+use super::credit::{CreditView, Deposit};
 use super::rng;
 use rayon::prelude::*;
 
@@ -289,25 +290,41 @@ pub fn predict_query_rows(
     predict_rows(logits, width, &rows, queries, rule)
 }
 
-/// [`predict_rows`] with a [`SampleFilter`], and each position of `constraints` predicted from
-/// its row narrowed to its allowed ids (see [`super::constraint`]).
+/// Host prediction of the queried rows: row `i` of the row-major `logits` (row width `width`)
+/// predicts `queries[i]`, narrowed to its allowed ids when `constraints` restricts it (see
+/// [`super::constraint`]), fused with its trace credit when `credit` is given (see
+/// [`super::credit`]), then predicted with `filter`. Also gives each row's credit deposit
+/// (empty without credit), for the session to store when it applies the step.
 pub fn predict_rows_filtered(
     logits: &[f32],
     width: usize,
-    rows: &[usize],
-    positions: &[usize],
+    queries: &[usize],
     rule: &PredictRule,
     filter: &SampleFilter,
     constraints: &Constraints,
-) -> Vec<Prediction> {
-    assert_eq!(rows.len(), positions.len(), "one logits row per position");
-    rows.par_iter()
-        .zip(positions.par_iter())
-        .map(|(&r, &q)| {
+    credit: Option<&CreditView>,
+) -> (Vec<Prediction>, Vec<Deposit>) {
+    assert_eq!(
+        logits.len(),
+        queries.len() * width,
+        "one logits row per query"
+    );
+    let rows: Vec<(Prediction, Option<Deposit>)> = queries
+        .par_iter()
+        .enumerate()
+        .map(|(r, &q)| {
             let row = constraints.row_for(q, &logits[r * width..(r + 1) * width]);
-            predict_row_filtered(&row, q, rule, filter)
+            match credit {
+                Some(c) => {
+                    let (fused, d) = c.fuse(q, &row, rule.mask_token, rule.vocab_size);
+                    (predict_row_filtered(&fused, q, rule, filter), Some(d))
+                }
+                None => (predict_row_filtered(&row, q, rule, filter), None),
+            }
         })
-        .collect()
+        .collect();
+    let (preds, deposits): (Vec<Prediction>, Vec<Option<Deposit>>) = rows.into_iter().unzip();
+    (preds, deposits.into_iter().flatten().collect())
 }
 
 #[cfg(test)]

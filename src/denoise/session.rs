@@ -12,8 +12,9 @@
 //! [`Decoding`] (set with [`Session::set_decoding`]) adds the decoding strategies beyond the
 //! reference loop: the parallel commit rules of Fast-dLLM (threshold, factor; `steps` becomes an
 //! upper bound and a block ends as soon as it has no masks), top-k / top-p, classifier-free
-//! guidance and stopping at EOS. Steps that need host logits (filters, guidance) run through
-//! [`Model::forward`]; the others through [`Model::predict`]. With a block K/V cache
+//! guidance, trace credit ([`super::credit`]) and stopping at EOS. Steps that need host logits
+//! (filters, guidance, credit, a constrained position) run through [`Model::logits_at`]; the
+//! others through [`Model::predict`]. With a block K/V cache
 //! ([`Decoding::cache`]) [`Session::step`] runs its forwards through [`super::cached`] instead.
 //!
 //! Self-correction ([`Decoding::revise`], rules in [`super::revise`]) and the per-step
@@ -24,6 +25,7 @@ use super::cached::{CacheState, CacheStats};
 use super::canvas::masked_positions;
 use super::commit::{self, Candidate};
 use super::constraint::Constraints;
+use super::credit::{CreditParams, CreditView, Deposit, Trace};
 use super::observe::{BlockDone, StepEvent, StepReport};
 use super::predict::{predict_rows_filtered, PredictRule, Prediction, Remasking, SampleFilter};
 use super::revise::{self, Ledger};
@@ -31,7 +33,7 @@ use super::schedule::{self, Schedule, ScheduleKind};
 use crate::error::{Error, Result};
 use crate::model::{CacheMode, CacheStep, CachedQuery, Model};
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// How a canvas is denoised.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +122,10 @@ pub struct Decoding {
     /// predict a constrained position need host logits. Checked against the canvas by
     /// [`Session::set_decoding`]; [`Session::constrain`] edits one position.
     pub constraints: Constraints,
+    /// Trace credit (`None` = off): each masked position's earlier predictions in its block
+    /// lift the logits of the ids it kept predicting (see [`super::credit`]). Every step then
+    /// needs host logits.
+    pub credit: Option<CreditParams>,
 }
 
 impl Decoding {
@@ -154,6 +160,9 @@ impl Decoding {
                 )));
             }
         }
+        if let Some(c) = &self.credit {
+            c.validate()?;
+        }
         if !(self.cfg_scale.is_finite() && self.cfg_scale >= 0.0) {
             return Err(Error::invalid(format!(
                 "cfg_scale must be a finite number >= 0, got {}",
@@ -163,18 +172,19 @@ impl Decoding {
         Ok(())
     }
 
-    /// Whether every step needs the logits on the host (filters or guidance).
+    /// Whether every step needs the logits on the host (filters, guidance or trace credit).
     pub fn samples_on_host(&self) -> bool {
-        self.filter.is_active() || self.cfg_scale > 0.0
+        self.filter.is_active() || self.cfg_scale > 0.0 || self.credit.is_some()
     }
 
-    /// Whether some step may need the logits on the host (filters, guidance or constraints).
+    /// Whether some step may need the logits on the host (filters, guidance, credit or
+    /// constraints).
     pub fn needs_logits(&self) -> bool {
         self.samples_on_host() || !self.constraints.is_empty()
     }
 
-    /// Whether a step predicting `queries` needs the logits on the host: filters, guidance, or
-    /// a constrained position among `queries` (a constraint elsewhere costs nothing).
+    /// Whether a step predicting `queries` needs the logits on the host: filters, guidance,
+    /// credit, or a constrained position among `queries` (a constraint elsewhere costs nothing).
     pub fn needs_logits_at(&self, queries: &[usize]) -> bool {
         self.samples_on_host() || self.constraints.constrains_any(queries)
     }
@@ -243,6 +253,19 @@ pub struct Session {
     ledger: Ledger,
     /// Leading blocks already reported complete by [`Session::step_report`].
     blocks_reported: usize,
+    /// Trace credit of the block being denoised (unused unless [`Decoding::credit`] is on).
+    trace: Trace,
+    /// The deposits of the last credited prediction, stored into `trace` when its step is
+    /// applied (a prediction only reads the trace, so predicting twice changes nothing).
+    pending_credit: Mutex<Option<PendingCredit>>,
+}
+
+/// A credited prediction's deposits, waiting for [`Session::apply_scored`] of its step.
+#[derive(Debug)]
+struct PendingCredit {
+    step: usize,
+    block: usize,
+    deposits: Vec<Deposit>,
 }
 
 impl std::fmt::Debug for Session {
@@ -333,6 +356,8 @@ impl Session {
             cache: CacheState::default(),
             ledger: Ledger::new(len),
             blocks_reported: 0,
+            trace: Trace::default(),
+            pending_credit: Mutex::new(None),
         })
     }
 
@@ -348,6 +373,11 @@ impl Session {
         CacheState::check_supported(&*self.model, decoding.cache)?;
         self.decoding = decoding;
         self.cache.invalidate();
+        self.trace.clear();
+        *self
+            .pending_credit
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
     }
 
@@ -414,16 +444,16 @@ impl Session {
                 *c = cfg_combine(*c, u, s);
             }
         }
-        let rows: Vec<usize> = (0..q).collect();
-        let preds = predict_rows_filtered(
-            &logits,
+        let (preds, deposits) = predict_rows_filtered(
+            &logits[..q * width],
             width,
-            &rows,
             &plan.queries,
             &plan.rule,
             &self.decoding.filter,
             &self.decoding.constraints,
+            self.credit_view(plan).as_ref(),
         );
+        self.hold_credit(plan, deposits);
         let probs = revise::token_probs(
             &logits[q * width..],
             width,
@@ -524,14 +554,63 @@ impl Session {
         }
         let range = self.block_range(plan)?;
         let uncond = (self.decoding.cfg_scale > 0.0).then(|| self.unconditional_canvas());
-        self.cache.predict(
+        // Field by field: the cache is borrowed mutably beside the trace.
+        let credit = self.decoding.credit.as_ref().map(|params| CreditView {
+            trace: &self.trace,
+            params,
+            block: plan.block,
+        });
+        let (preds, deposits) = self.cache.predict(
             &*self.model,
             &self.canvas,
             uncond.as_deref(),
             range,
             plan,
             &self.decoding,
-        )
+            credit.as_ref(),
+        )?;
+        self.hold_credit(plan, deposits);
+        Ok(preds)
+    }
+
+    /// What a prediction of `plan` reads of the trace credit (`None` when credit is off).
+    fn credit_view(&self, plan: &StepPlan) -> Option<CreditView<'_>> {
+        self.decoding.credit.as_ref().map(|params| CreditView {
+            trace: &self.trace,
+            params,
+            block: plan.block,
+        })
+    }
+
+    /// Keeps `plan`'s credit deposits until its step is applied (nothing when credit is off).
+    fn hold_credit(&self, plan: &StepPlan, deposits: Vec<Deposit>) {
+        if self.decoding.credit.is_none() {
+            return;
+        }
+        let pending = PendingCredit {
+            step: plan.step,
+            block: plan.block,
+            deposits,
+        };
+        *self
+            .pending_credit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(pending);
+    }
+
+    /// Stores the held deposits of `plan`'s prediction into the trace (a step applied without a
+    /// credited prediction of it stores nothing).
+    fn store_credit(&mut self, plan: &StepPlan) {
+        let pending = self
+            .pending_credit
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (Some(params), Some(p)) = (self.decoding.credit.as_ref(), pending) {
+            if p.step == plan.step && p.block == plan.block {
+                self.trace.commit(params, p.block, &p.deposits);
+            }
+        }
     }
 
     /// Cached forwards run so far (all zero under [`CacheMode::None`]).
@@ -714,6 +793,7 @@ impl Session {
             committed.sort_unstable();
             self.masks_left -= committed.len();
             self.taken += 1;
+            self.store_credit(plan);
         }
         let mut remasked = match self.decoding.revise {
             Some(r) if revising => self.revise(plan, probs, r),
@@ -759,6 +839,8 @@ impl Session {
         }
         for &p in &remasked {
             self.canvas[p] = self.mask;
+            // The credit favours the token just rejected: the position starts over.
+            self.trace.forget(p);
         }
         self.masks_left += remasked.len();
         // `plan` offers revisable positions only before the block's last step, so steps remain.

@@ -31,7 +31,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// `cpu_bf16` to `dllm_model_params`; 5 added `dllm_tokenize_literal`; 6 added
 /// `dllm_session_last_remasks` and `dllm_session_constrain`. Every version serves programs
 /// built against an earlier one.
-pub const DLLM_ABI_VERSION: u32 = 6;
+pub const DLLM_ABI_VERSION: u32 = 7;
 
 /// Result of every fallible call (`dllm_status` in C).
 pub type dllm_status = i32;
@@ -94,6 +94,10 @@ pub struct dllm_sampling_params {
     pub stop_at_eos: i32,
     pub cache: i32,
     pub revise: f32,
+    // Version 3 (the version-2 struct ends here, at 64 bytes).
+    pub credit_alpha: f32,
+    pub credit_gamma: f32,
+    pub credit_decay: f32,
 }
 
 /// What one `dllm_session_step` did.
@@ -111,15 +115,17 @@ pub struct dllm_step_info {
 /// (a newer header): the fields a version lacks take their defaults, unknown ones are ignored.
 /// Appending fields appends a size here; the old sizes stay forever.
 const MODEL_PARAMS_SIZES: &[usize] = &[16, 20];
-const SAMPLING_PARAMS_SIZES: &[usize] = &[32, 64];
+const SAMPLING_PARAMS_SIZES: &[usize] = &[32, 64, 80];
 const _: () = assert!(std::mem::size_of::<dllm_model_params>() == 20);
 const _: () = assert!(std::mem::offset_of!(dllm_model_params, cpu_bf16) == 16);
 const _: () = assert!(std::mem::align_of::<dllm_model_params>() == 4);
-const _: () = assert!(std::mem::size_of::<dllm_sampling_params>() == 64);
+const _: () = assert!(std::mem::size_of::<dllm_sampling_params>() == 80);
 const _: () = assert!(std::mem::align_of::<dllm_sampling_params>() == 8);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, seed) == 24);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, threshold) == 32);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, revise) == 60);
+const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, credit_alpha) == 64);
+const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, credit_decay) == 72);
 
 impl Default for dllm_model_params {
     fn default() -> Self {
@@ -136,6 +142,7 @@ impl Default for dllm_model_params {
 impl Default for dllm_sampling_params {
     fn default() -> Self {
         let g = crate::denoise::GenerationParams::default();
+        let credit = crate::denoise::CreditParams::default();
         dllm_sampling_params {
             struct_size: std::mem::size_of::<Self>() as u32,
             steps: g.steps as i32,
@@ -151,6 +158,9 @@ impl Default for dllm_sampling_params {
             stop_at_eos: 0,
             cache: DLLM_CACHE_NONE,
             revise: 0.0,
+            credit_alpha: 0.0,
+            credit_gamma: credit.gamma as f32,
+            credit_decay: credit.decay as f32,
         }
     }
 }
@@ -424,16 +434,57 @@ pub unsafe extern "C" fn dllm_model_params_default(p: *mut dllm_model_params) {
     }
 }
 
-/// Fills `*p` with the default sampling parameters.
+/// The bytes the exported `dllm_sampling_params_default` writes: the version-2 struct, what
+/// programs built against headers of ABI versions 2 to 6 pass it. The function never writes
+/// more, so those programs keep working; newer headers call [`dllm_sampling_params_init`] with
+/// their own `sizeof` instead (a macro of the same name).
+const SAMPLING_PARAMS_DEFAULT_SIZE: usize = 64;
+
+/// Writes the defaults of the first `min(size, sizeof)` bytes of the struct at `p`, with
+/// `struct_size` set to `size`.
 ///
 /// # Safety
-/// `p` is NULL or points to a writable `dllm_sampling_params`.
+/// `p` is NULL or points to at least `size` writable bytes, aligned for the struct.
+unsafe fn write_sampling_defaults(p: *mut dllm_sampling_params, size: usize) {
+    if p.is_null() || size < std::mem::size_of::<u32>() {
+        return;
+    }
+    let value = dllm_sampling_params {
+        struct_size: u32::try_from(size).unwrap_or(u32::MAX),
+        ..Default::default()
+    };
+    let n = size.min(std::mem::size_of::<dllm_sampling_params>());
+    // SAFETY: `value` holds size_of::<dllm_sampling_params>() >= n bytes; the caller's struct
+    // holds `size >= n` writable bytes by the contract; the two do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (&value as *const dllm_sampling_params).cast::<u8>(),
+            p.cast::<u8>(),
+            n,
+        );
+    }
+}
+
+/// Fills `*p` with the default sampling parameters of the version-2 struct (64 bytes,
+/// `struct_size` 64): the symbol programs built against ABI versions 2 to 6 call.
+///
+/// # Safety
+/// `p` is NULL or points to at least 64 writable bytes, aligned for `dllm_sampling_params`.
 #[no_mangle]
 pub unsafe extern "C" fn dllm_sampling_params_default(p: *mut dllm_sampling_params) {
-    if !p.is_null() {
-        // SAFETY: non-NULL and writable by the contract.
-        unsafe { p.write(dllm_sampling_params::default()) };
-    }
+    // SAFETY: forwarded contract.
+    unsafe { write_sampling_defaults(p, SAMPLING_PARAMS_DEFAULT_SIZE) }
+}
+
+/// Fills the caller's `dllm_sampling_params` of `size` bytes (its `sizeof`) with the defaults of
+/// the fields that fit, `struct_size = size` (the header's `dllm_sampling_params_default` macro).
+///
+/// # Safety
+/// `p` is NULL or points to at least `size` writable bytes, aligned for `dllm_sampling_params`.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_sampling_params_init(p: *mut dllm_sampling_params, size: usize) {
+    // SAFETY: forwarded contract.
+    unsafe { write_sampling_defaults(p, size) }
 }
 
 #[cfg(test)]
@@ -496,6 +547,38 @@ mod tests {
     }
 
     #[test]
+    fn defaults_never_write_past_the_callers_struct() {
+        // A caller's struct inside a marked, 8-byte aligned buffer of 96 bytes.
+        let marked = |f: &dyn Fn(*mut dllm_sampling_params)| -> [u8; 96] {
+            let mut aligned = [0xABABABABABABABABu64; 12];
+            f(aligned.as_mut_ptr().cast());
+            bytemuck::cast(aligned)
+        };
+        let struct_size = |b: &[u8; 96]| u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize;
+        // The exported symbol of ABI versions 2-6: 64 bytes, struct_size 64.
+        let b = marked(&|p| unsafe { dllm_sampling_params_default(p) });
+        assert!(b[64..].iter().all(|&x| x == 0xAB));
+        assert_eq!(struct_size(&b), 64);
+        // init: as many bytes as the caller's struct has.
+        for size in [32usize, 64, 80, 96] {
+            let b = marked(&|p| unsafe { dllm_sampling_params_init(p, size) });
+            assert!(b[size.min(80)..].iter().all(|&x| x == 0xAB), "size {size}");
+            assert_eq!(struct_size(&b), size);
+        }
+        // Every field of this version holds its default.
+        let mut aligned = [0u64; 12];
+        unsafe { dllm_sampling_params_init(aligned.as_mut_ptr().cast(), 80) };
+        let got = unsafe { std::ptr::read(aligned.as_ptr().cast::<dllm_sampling_params>()) };
+        assert_eq!(got, dllm_sampling_params::default());
+        let b = marked(&|p| unsafe { dllm_sampling_params_init(p, 2) });
+        assert!(
+            b.iter().all(|&x| x == 0xAB),
+            "too small for struct_size: nothing written"
+        );
+        unsafe { dllm_sampling_params_init(std::ptr::null_mut(), 80) };
+    }
+
+    #[test]
     fn params_struct_size_is_checked() {
         let d = dllm_sampling_params::default();
         let read = |p: &dllm_sampling_params| unsafe {
@@ -510,14 +593,19 @@ mod tests {
         let got = read(&p).unwrap();
         assert_eq!((got.steps, got.threshold, got.struct_size), (7, 0.0, 32));
         // A newer caller: the unknown tail is ignored.
-        p.struct_size = 80;
-        assert_eq!(read(&p).unwrap().threshold, 0.5);
-        for bad in [0, 8, 31, 33, 40, 63] {
+        // A version-2 caller: the credit fields keep their defaults.
+        p.credit_alpha = 0.5;
+        p.struct_size = 64;
+        let got = read(&p).unwrap();
+        assert_eq!((got.threshold, got.credit_alpha), (0.5, 0.0));
+        p.struct_size = 96;
+        assert_eq!(read(&p).unwrap().credit_alpha, 0.5);
+        for bad in [0, 8, 31, 33, 40, 63, 65, 76, 79] {
             p.struct_size = bad;
             let e = read(&p).unwrap_err();
             assert_eq!(e.status, DLLM_ERR_INVALID_ARGUMENT);
             assert!(
-                e.msg.contains("struct_size is") && e.msg.contains("32, 64"),
+                e.msg.contains("struct_size is") && e.msg.contains("32, 64, 80"),
                 "{}",
                 e.msg
             );

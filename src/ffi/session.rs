@@ -9,8 +9,8 @@ use super::{
     DLLM_REMASK_LOW_CONFIDENCE, DLLM_REMASK_MARGIN, DLLM_REMASK_RANDOM, SAMPLING_PARAMS_SIZES,
 };
 use crate::denoise::{
-    CacheMode, CommitPolicy, Constraints, Decoding, GenerationParams, Remasking, SampleFilter,
-    Session, StepInfo,
+    CacheMode, CommitPolicy, Constraints, CreditParams, Decoding, GenerationParams, Remasking,
+    SampleFilter, Session, StepInfo,
 };
 use std::sync::Arc;
 
@@ -126,6 +126,15 @@ fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
             "revise must be 0 (off) or in (0, 1), got {r}"
         )));
     };
+    // credit_alpha 0 is off (the other two are then unused).
+    let credit = (p.credit_alpha != 0.0).then_some(CreditParams {
+        alpha: p.credit_alpha as f64,
+        gamma: p.credit_gamma as f64,
+        decay: p.credit_decay as f64,
+    });
+    if let Some(c) = &credit {
+        c.validate()?;
+    }
     Ok(Decoding {
         commit,
         filter: SampleFilter {
@@ -137,6 +146,7 @@ fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
         cache: cache_mode(p.cache)?,
         revise,
         constraints: Constraints::default(),
+        credit,
     })
 }
 
@@ -498,8 +508,23 @@ mod tests {
             cache: CacheMode::None,
             revise: None,
             constraints: Constraints::default(),
+            credit: None,
         };
         assert_eq!(decoding(&p).unwrap(), want);
+        let p = with(|p| {
+            p.credit_alpha = 0.5;
+            p.credit_gamma = 0.25;
+            p.credit_decay = 1.0;
+        });
+        let want = CreditParams {
+            alpha: 0.5,
+            gamma: 0.25,
+            decay: 1.0,
+        };
+        assert_eq!(decoding(&p).unwrap().credit, Some(want));
+        // Off, whatever the other two hold.
+        let p = with(|p| p.credit_decay = -3.0);
+        assert_eq!(decoding(&p).unwrap().credit, None);
         let p = with(|p| p.factor = 2.0);
         assert_eq!(decoding(&p).unwrap().commit, CommitPolicy::Factor(2.0));
         for (r, want) in [
@@ -539,6 +564,22 @@ mod tests {
             (with(|p| p.revise = 1.0), "revise"),
             (with(|p| p.revise = -0.1), "revise"),
             (with(|p| p.revise = f32::NAN), "revise"),
+            (with(|p| p.credit_alpha = -0.5), "credit_alpha"),
+            (with(|p| p.credit_alpha = f32::NAN), "credit_alpha"),
+            (
+                with(|p| {
+                    p.credit_alpha = 0.7;
+                    p.credit_gamma = -1.0
+                }),
+                "credit_gamma",
+            ),
+            (
+                with(|p| {
+                    p.credit_alpha = 0.7;
+                    p.credit_decay = 1.5
+                }),
+                "credit_decay",
+            ),
         ];
         for (p, field) in cases {
             let msg = invalid_msg(&p);
