@@ -76,8 +76,9 @@
  *      6: dllm_session_last_remasks (the positions a step re-masked, revise > 0);
  *         dllm_session_constrain (the tokens a position may be generated as).
  *      7: dllm_sampling_params gained credit_alpha, credit_gamma and credit_decay (trace
- *         credit); dllm_sampling_params_init, which dllm_sampling_params_default is now a
- *         macro over (older programs keep calling the function, which writes 64 bytes).
+ *         credit); dllm_sampling_params_init and dllm_model_params_init, which the _default
+ *         names are now macros over (older programs keep calling the functions, which write
+ *         the structs of version 6: 64 and 20 bytes).
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -171,8 +172,17 @@ typedef struct dllm_model_params {
                            * (on when it is 1). Ignored by CUDA. Default -1 */
 } dllm_model_params;
 
-/* Fills *p with the defaults listed above, struct_size included. NULL is a no-op. */
+/* Fills the caller's struct of `size` bytes (its sizeof) with the defaults listed above of the
+ * fields that fit, and struct_size = size; writes nothing past `size` bytes, nor when p is NULL
+ * or size < 4 (ABI version 7). */
+void dllm_model_params_init(dllm_model_params *p, size_t size);
+
+/* Fills *p with the defaults listed above, struct_size included. NULL is a no-op. A macro over
+ * dllm_model_params_init with this header's sizeof: the library's function of this name, which
+ * programs built with older headers call, writes the 20-byte version-4 struct only. (A program
+ * built against ABI versions 1-3, 16 bytes, must not call it on a library of ABI >= 4.) */
 void dllm_model_params_default(dllm_model_params *p);
+#define dllm_model_params_default(p) dllm_model_params_init((p), sizeof(dllm_model_params))
 
 /* Loads the model in directory `dir` (config.json, tokenizer.json, model.safetensors or sharded
  * model-*.safetensors with model.safetensors.index.json; a NUL-terminated path, taken as raw

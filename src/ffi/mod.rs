@@ -422,47 +422,54 @@ pub extern "C" fn dllm_last_error() -> *const c_char {
         .unwrap_or(c"".as_ptr())
 }
 
-/// Fills `*p` with the default model parameters.
-///
-/// # Safety
-/// `p` is NULL or points to a writable `dllm_model_params`.
-#[no_mangle]
-pub unsafe extern "C" fn dllm_model_params_default(p: *mut dllm_model_params) {
-    if !p.is_null() {
-        // SAFETY: non-NULL and writable by the contract.
-        unsafe { p.write(dllm_model_params::default()) };
-    }
-}
-
-/// The bytes the exported `dllm_sampling_params_default` writes: the version-2 struct, what
-/// programs built against headers of ABI versions 2 to 6 pass it. The function never writes
-/// more, so those programs keep working; newer headers call [`dllm_sampling_params_init`] with
-/// their own `sizeof` instead (a macro of the same name).
+/// The bytes the exported `dllm_model_params_default` / `dllm_sampling_params_default` write:
+/// the structs of ABI version 6 (model params version 4, sampling params version 2), what
+/// programs built against headers up to version 6 pass them. These functions never write more,
+/// so those programs keep working when the structs grow; newer headers call the `_init`
+/// functions with their own `sizeof` instead (macros of the `_default` names).
+const MODEL_PARAMS_DEFAULT_SIZE: usize = 20;
 const SAMPLING_PARAMS_DEFAULT_SIZE: usize = 64;
 
-/// Writes the defaults of the first `min(size, sizeof)` bytes of the struct at `p`, with
-/// `struct_size` set to `size`.
+/// Writes the first `min(size, sizeof T)` bytes of `value` to `p`, then `struct_size = size`
+/// (the `u32` every parameter struct starts with); nothing when `p` is NULL or `size < 4`.
 ///
 /// # Safety
-/// `p` is NULL or points to at least `size` writable bytes, aligned for the struct.
-unsafe fn write_sampling_defaults(p: *mut dllm_sampling_params, size: usize) {
+/// `p` is NULL or points to at least `size` writable bytes, aligned for `T`; `T` is a repr(C)
+/// parameter struct whose first field is a `u32`.
+unsafe fn write_defaults<T: Copy>(p: *mut T, value: T, size: usize) {
     if p.is_null() || size < std::mem::size_of::<u32>() {
         return;
     }
-    let value = dllm_sampling_params {
-        struct_size: u32::try_from(size).unwrap_or(u32::MAX),
-        ..Default::default()
-    };
-    let n = size.min(std::mem::size_of::<dllm_sampling_params>());
-    // SAFETY: `value` holds size_of::<dllm_sampling_params>() >= n bytes; the caller's struct
-    // holds `size >= n` writable bytes by the contract; the two do not overlap.
+    let n = size.min(std::mem::size_of::<T>());
+    // SAFETY: `value` holds size_of::<T>() >= n bytes; the caller's struct holds `size >= n`
+    // writable bytes by the contract, at least 4 of them for struct_size; no overlap.
     unsafe {
-        std::ptr::copy_nonoverlapping(
-            (&value as *const dllm_sampling_params).cast::<u8>(),
-            p.cast::<u8>(),
-            n,
-        );
+        std::ptr::copy_nonoverlapping((&value as *const T).cast::<u8>(), p.cast::<u8>(), n);
+        p.cast::<u32>()
+            .write(u32::try_from(size).unwrap_or(u32::MAX));
     }
+}
+
+/// Fills `*p` with the default model parameters of the version-4 struct (20 bytes,
+/// `struct_size` 20): the symbol programs built against ABI versions up to 6 call.
+///
+/// # Safety
+/// `p` is NULL or points to at least 20 writable bytes, aligned for `dllm_model_params`.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_model_params_default(p: *mut dllm_model_params) {
+    // SAFETY: forwarded contract.
+    unsafe { write_defaults(p, dllm_model_params::default(), MODEL_PARAMS_DEFAULT_SIZE) }
+}
+
+/// Fills the caller's `dllm_model_params` of `size` bytes (its `sizeof`) with the defaults of
+/// the fields that fit, `struct_size = size` (the header's `dllm_model_params_default` macro).
+///
+/// # Safety
+/// `p` is NULL or points to at least `size` writable bytes, aligned for `dllm_model_params`.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_model_params_init(p: *mut dllm_model_params, size: usize) {
+    // SAFETY: forwarded contract.
+    unsafe { write_defaults(p, dllm_model_params::default(), size) }
 }
 
 /// Fills `*p` with the default sampling parameters of the version-2 struct (64 bytes,
@@ -473,7 +480,13 @@ unsafe fn write_sampling_defaults(p: *mut dllm_sampling_params, size: usize) {
 #[no_mangle]
 pub unsafe extern "C" fn dllm_sampling_params_default(p: *mut dllm_sampling_params) {
     // SAFETY: forwarded contract.
-    unsafe { write_sampling_defaults(p, SAMPLING_PARAMS_DEFAULT_SIZE) }
+    unsafe {
+        write_defaults(
+            p,
+            dllm_sampling_params::default(),
+            SAMPLING_PARAMS_DEFAULT_SIZE,
+        )
+    }
 }
 
 /// Fills the caller's `dllm_sampling_params` of `size` bytes (its `sizeof`) with the defaults of
@@ -484,7 +497,7 @@ pub unsafe extern "C" fn dllm_sampling_params_default(p: *mut dllm_sampling_para
 #[no_mangle]
 pub unsafe extern "C" fn dllm_sampling_params_init(p: *mut dllm_sampling_params, size: usize) {
     // SAFETY: forwarded contract.
-    unsafe { write_sampling_defaults(p, size) }
+    unsafe { write_defaults(p, dllm_sampling_params::default(), size) }
 }
 
 #[cfg(test)]
@@ -576,6 +589,16 @@ mod tests {
             "too small for struct_size: nothing written"
         );
         unsafe { dllm_sampling_params_init(std::ptr::null_mut(), 80) };
+        // Model params: the exported function writes its 20 bytes, init the caller's size.
+        let mut words = [0xABABABABu32; 8];
+        unsafe { dllm_model_params_init(words.as_mut_ptr().cast(), 16) };
+        assert_eq!(words[0], 16);
+        assert_eq!(words[1], DLLM_BACKEND_AUTO as u32);
+        assert!(words[4..].iter().all(|&w| w == 0xABABABAB), "{words:x?}");
+        let mut words = [0xABABABABu32; 8];
+        unsafe { dllm_model_params_default(words.as_mut_ptr().cast()) };
+        assert_eq!((words[0], words[4] as i32), (20, -1));
+        assert!(words[5..].iter().all(|&w| w == 0xABABABAB));
     }
 
     #[test]
