@@ -76,7 +76,7 @@
  *      6: dllm_session_last_remasks (the positions a step re-masked, revise > 0);
  *         dllm_session_constrain (the tokens a position may be generated as).
  *      7: dllm_sampling_params gained credit_alpha, credit_gamma and credit_decay (trace
- *         credit); dllm_sampling_params_init and dllm_model_params_init, which the _default
+ *         credit) and hierarchy_low (dInfer's hierarchical commit rule); dllm_sampling_params_init and dllm_model_params_init, which the _default
  *         names are now macros over (older programs keep calling the functions, which write
  *         the structs of version 6: 64 and 20 bytes).
  */
@@ -273,7 +273,8 @@ dllm_status dllm_detokenize(const dllm_model *m, const int32_t *tokens, size_t n
  * has no masks left, so `steps` becomes an upper bound and the later steps of a finished block
  * are skipped: dllm_step_info.step jumps ahead), top-k / top-p sampling, classifier-free
  * guidance and stopping at the end-of-text token; and (version 3 of the struct) trace credit,
- * which lets a dynamic rule commit steadily predicted tokens sooner.
+ * which lets a dynamic rule commit steadily predicted tokens sooner, and dInfer's hierarchical
+ * rule, which commits at most one position per run of adjacent masks unless one is very sure.
  * ------------------------------------------------------------------------------------------- */
 
 /* An opaque denoising session. Created by dllm_session_new, destroyed by dllm_session_free.
@@ -306,7 +307,7 @@ enum dllm_cache {
 
 /* How a canvas is denoised. Initialise with dllm_sampling_params_default, then change fields.
  * Versions (struct_size on 64-bit Linux): 1 = up to `seed` (32 bytes), 2 = up to `revise`
- * (64 bytes), 3 = up to `credit_decay` (80 bytes). A caller of an older version gets the
+ * (64 bytes), 3 = up to `hierarchy_low` (80 bytes). A caller of an older version gets the
  * defaults for every field its version lacks. */
 typedef struct dllm_sampling_params {
     uint32_t struct_size; /* sizeof(dllm_sampling_params); set by dllm_sampling_params_default */
@@ -358,8 +359,13 @@ typedef struct dllm_sampling_params {
     float credit_gamma;   /* exponent on p, finite, >= 0; used when credit_alpha > 0. Default 0.2 */
     float credit_decay;   /* factor on the credit before each step's deposit, in [0, 1]; used when
                            * credit_alpha > 0. Default 0.8 */
-    /* (4 bytes of padding here: the struct is 8-byte aligned; a version-4 field must start at
-     * offset 80, after an explicit padding field, so that sizeof tells the versions apart.) */
+    float hierarchy_low;  /* 0 = off. > 0: dInfer's hierarchical rule, a commit rule instead of
+                           * factor: each run of adjacent masked positions of the block commits
+                           * its most confident position when its confidence is > hierarchy_low,
+                           * every position with confidence > threshold commits too (when
+                           * threshold > 0), and at least enough to finish the block in its
+                           * remaining steps (at least one). Finite, >= 0; not together with
+                           * factor. Default 0 */
     /* Fields added in later versions go here. */
 } dllm_sampling_params;
 
@@ -395,8 +401,9 @@ void dllm_sampling_params_default(dllm_sampling_params *p);
  * outside 0 .. dllm_model_vocab_size - 1 (the message names its position), steps/block_len out
  * of range or steps not a multiple of the block count, temperature negative or not finite, a
  * bad struct_size, an unknown remasking or cache value, a version-2 or -3 field out of its range,
- * threshold and factor both > 0, revise > 0 together with a cache, credit_alpha > 0 with
- * credit_gamma or credit_decay out of range: the message names the field). */
+ * threshold and factor both > 0, factor and hierarchy_low both > 0, revise > 0 together with a
+ * cache, credit_alpha > 0 with credit_gamma or credit_decay out of range: the message names
+ * the field). */
 dllm_status dllm_session_new(dllm_model *m, const int32_t *canvas, size_t n,
                              const dllm_sampling_params *p, dllm_session **out);
 

@@ -463,6 +463,21 @@ impl ParityCase {
         self
     }
 
+    /// The same case with the hierarchical rule at `low` (as the C `float`); the case's
+    /// threshold (0 = none) is its high threshold.
+    fn with_hierarchy(mut self, low: f32) -> Self {
+        self.options.push(format!("hierarchy_low={low}"));
+        let high = match self.decoding.commit {
+            CommitPolicy::Threshold(t) => Some(t),
+            _ => None,
+        };
+        self.decoding.commit = CommitPolicy::Hierarchy {
+            high,
+            low: low as f64,
+        };
+        self
+    }
+
     fn with_lock(mut self, k: usize, token: u32) -> Self {
         self.options.push(format!("lock={k}:{token}"));
         self.lock = Some((k, token));
@@ -621,6 +636,22 @@ fn c_driver_matches_the_rust_session() {
         )
         .with_credit(1.5, 0.5, 0.3)
         .with_cache(CacheMode::Dual, 2),
+        // The hierarchical rule, alone and with a high threshold and credit.
+        case(
+            "import numpy as np\n",
+            16,
+            gp(16, 8, 0.0, Remasking::LowConfidence, 0),
+            OFF,
+        )
+        .with_hierarchy(0.3),
+        case(
+            "def fib(n):\n",
+            16,
+            gp(16, 16, 0.0, Remasking::LowConfidence, 0),
+            (0.8, 0.0, 0, 1.0, 0.0, false),
+        )
+        .with_hierarchy(0.2)
+        .with_credit(0.7, 0.2, 0.8),
     ];
     let built = built();
     for c in cases {

@@ -181,7 +181,7 @@ fn fill_one_of_picks_among_the_choices() {
 }
 
 #[test]
-fn generate_credit_runs_the_sessions_credit_and_checks_its_constants() {
+fn generate_credit_and_hierarchy_run_the_sessions_rules_and_check_their_values() {
     use dllm::denoise::{CommitPolicy, CreditParams, Decoding, GenerationParams, Session};
     let prompt = "def fibonacci(n):";
     let run = |extra: &[&str]| {
@@ -209,9 +209,18 @@ fn generate_credit_runs_the_sessions_credit_and_checks_its_constants() {
     let tok = dllm::tokenizer::Tokenizer::from_model_dir(Path::new(MODEL)).unwrap();
     let mut canvas = tok.encode(prompt).unwrap();
     canvas.resize(canvas.len() + 32, m.config().mask_token_id);
-    for (extra, credit) in [
-        (&[][..], None),
-        (&["--credit"][..], Some(CreditParams::default())),
+    let threshold = CommitPolicy::Threshold(0.9);
+    for (extra, commit, credit) in [
+        (&[][..], threshold, None),
+        (&["--credit"][..], threshold, Some(CreditParams::default())),
+        (
+            &["--hierarchy", "0.3"][..],
+            CommitPolicy::Hierarchy {
+                high: Some(0.9),
+                low: 0.3,
+            },
+            None,
+        ),
         (
             &[
                 "--credit",
@@ -222,6 +231,7 @@ fn generate_credit_runs_the_sessions_credit_and_checks_its_constants() {
                 "--credit-decay",
                 "0.3",
             ][..],
+            threshold,
             Some(CreditParams {
                 alpha: 1.5,
                 gamma: 0.5,
@@ -236,7 +246,7 @@ fn generate_credit_runs_the_sessions_credit_and_checks_its_constants() {
         };
         let mut s = Session::new(m.clone(), canvas.clone(), params).unwrap();
         s.set_decoding(Decoding {
-            commit: CommitPolicy::Threshold(0.9),
+            commit,
             credit,
             ..Default::default()
         })
@@ -272,6 +282,13 @@ fn generate_credit_runs_the_sessions_credit_and_checks_its_constants() {
     assert_clean_error(&with(&["--credit", "--credit-decay", "2"]), "credit_decay");
     assert_clean_error(&with(&["--credit", "--credit-alpha", "0"]), "credit_alpha");
     assert_clean_error(&with(&["--credit", "--credit-gamma", "-1"]), "credit_gamma");
+    let both = with(&["--hierarchy", "0.4", "--factor", "1"]);
+    assert_eq!(
+        both.status.code(),
+        Some(2),
+        "--hierarchy and --factor conflict"
+    );
+    assert_clean_error(&with(&["--hierarchy", "nan"]), "hierarchy");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Measurement (ignored by default) of the decoding strategies on the embedded tiny model:
-//! parallel commit rules (`--threshold`, `--factor`), self-correction (`--revise`) and trace
-//! credit (`--credit`) against the fixed LLaDA schedule, on held-out Python snippets written for
-//! this test. Prints the tables of docs/decoding-strategies.md:
+//! parallel commit rules (`--threshold`, `--factor`, `--hierarchy`), self-correction
+//! (`--revise`) and trace credit (`--credit`) against the fixed LLaDA schedule, on held-out Python
+//! snippets written for this test. Prints the tables of docs/decoding-strategies.md:
 //!
 //! `cargo test --test decoding_measure -- --ignored --nocapture`
 //!
@@ -97,6 +97,21 @@ fn configs() -> Vec<Config> {
             decoding: Decoding {
                 commit,
                 credit: Some(CreditParams::default()),
+                ..Default::default()
+            },
+        });
+    }
+    let hierarchical = [
+        ("--hierarchy 0.4", None, 0.4),
+        ("--hierarchy 0.2", None, 0.2),
+        ("--threshold 0.9 --hierarchy 0.4", Some(0.9), 0.4),
+        ("--threshold 0.7 --hierarchy 0.2", Some(0.7), 0.2),
+    ];
+    for (name, high, low) in hierarchical {
+        v.push(Config {
+            name: name.into(),
+            decoding: Decoding {
+                commit: CommitPolicy::Hierarchy { high, low },
                 ..Default::default()
             },
         });

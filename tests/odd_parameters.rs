@@ -81,26 +81,8 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
             cache: r.pick(&[CacheMode::None, CacheMode::Prefix, CacheMode::Dual]),
             revise: r.pick(&[None, None, Some(0.5), Some(0.01), Some(1.5)]),
             constraints: Default::default(),
-            // From a stream of its own, so the draws above and below stay those of the
-            // sessions this test ran before credit existed; extreme but valid constants only
-            // (out-of-range ones are refused by `CreditParams::validate`, tested on their own),
-            // so the finished count below stays that of those sessions.
-            credit: Rng(seed ^ (it as u64 + 1) << 20).pick(&[
-                None,
-                None,
-                None,
-                Some(CreditParams::default()),
-                Some(CreditParams {
-                    alpha: 1e300,
-                    gamma: 0.0,
-                    decay: 1.0,
-                }),
-                Some(CreditParams {
-                    alpha: 1e-300,
-                    gamma: 1e300,
-                    decay: 0.0,
-                }),
-            ]),
+            // Odd credit constants run in a test of their own, below.
+            credit: None,
         };
         let label = format!("session {it}: {len} positions, {params:?}, {decoding:?}");
         let m = model.clone();
@@ -144,4 +126,80 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
     );
     // Not everything was refused: the valid combinations ran to the end.
     assert!(finished > 10, "only {finished} sessions finished");
+}
+
+/// Trace credit with extreme but valid constants, under every commit rule (the hierarchical one
+/// with odd thresholds too), both caches, greedy and sampled: every session runs to the end
+/// without a panic. (Out-of-range constants are refused by `CreditParams::validate`, tested on
+/// their own.)
+#[test]
+fn credit_and_hierarchy_with_odd_values_run_to_the_end() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llada-code");
+    let model = load_cpu(&dir).unwrap();
+    let mask = model.config().mask_token_id;
+    // Two gaps, so the hierarchical rule sees more than one run of masks.
+    let mut canvas: Vec<u32> = vec![328, 286, 10];
+    canvas.extend([mask; 10]);
+    canvas.extend([90, 320, 267]);
+    canvas.extend([mask; 6]);
+    let credits = [
+        None,
+        Some(CreditParams::default()),
+        Some(CreditParams {
+            alpha: 1e300,
+            gamma: 0.0,
+            decay: 1.0,
+        }),
+        Some(CreditParams {
+            alpha: 1e-300,
+            gamma: 1e300,
+            decay: 0.0,
+        }),
+    ];
+    let commits = [
+        CommitPolicy::Threshold(0.9),
+        CommitPolicy::Factor(1.0),
+        CommitPolicy::Hierarchy {
+            high: None,
+            low: 0.4,
+        },
+        CommitPolicy::Hierarchy {
+            high: Some(-1.0),
+            low: 1e300,
+        },
+    ];
+    let mut case = 0;
+    for credit in credits {
+        for commit in commits {
+            for cache in [CacheMode::None, CacheMode::Dual] {
+                case += 1;
+                let params = GenerationParams {
+                    steps: 16,
+                    block_len: 8,
+                    temperature: if case % 2 == 0 { 0.9 } else { 0.0 },
+                    seed: case,
+                    ..Default::default()
+                };
+                let decoding = Decoding {
+                    commit,
+                    cache,
+                    credit,
+                    ..Default::default()
+                };
+                let label = format!("{credit:?} {commit:?} {cache:?} {params:?}");
+                let m = model.clone();
+                let c = canvas.clone();
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut s = Session::new(m, c, params).unwrap();
+                    s.set_decoding(decoding).unwrap();
+                    s.run().unwrap();
+                    (s.is_done(), s.masks_left())
+                }));
+                match run {
+                    Ok(r) => assert_eq!(r, (true, 0), "{label}"),
+                    Err(p) => panic!("{label}: {}", panic_message(p)),
+                }
+            }
+        }
+    }
 }

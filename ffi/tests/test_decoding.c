@@ -61,6 +61,7 @@ static void test_defaults_and_layout(void) {
     CHECK(p.cfg_scale == 0.0f && p.stop_at_eos == 0 && p.cache == DLLM_CACHE_NONE);
     CHECK(p.revise == 0.0f);
     CHECK(p.credit_alpha == 0.0f && p.credit_gamma == 0.2f && p.credit_decay == 0.8f);
+    CHECK(p.hierarchy_low == 0.0f && offsetof(dllm_sampling_params, hierarchy_low) == 76);
     /* The library function behind the macro, which programs built against ABI 2-6 headers
      * call: it writes their 64-byte struct and nothing after it. */
     union { dllm_sampling_params p; unsigned char bytes[sizeof(dllm_sampling_params)]; } u;
@@ -73,7 +74,7 @@ static void test_defaults_and_layout(void) {
 /* Each field with a valid non-default value gives a session that runs to the end (one step
  * per block, to keep the valgrind run short). */
 static void test_fields_accepted(void) {
-    for (int field = 0; field < 11; field++) {
+    for (int field = 0; field < 12; field++) {
         dllm_sampling_params p = params();
         p.steps = 2;
         switch (field) {
@@ -88,6 +89,7 @@ static void test_fields_accepted(void) {
         case 8: p.revise = 0.2f; p.steps = 8; break;
         case 9: p.cache = DLLM_CACHE_DUAL; p.steps = 8; break;
         case 10: p.credit_alpha = 0.7f; p.threshold = 0.9f; p.steps = 8; break;
+        case 11: p.hierarchy_low = 0.4f; p.threshold = 0.9f; p.steps = 8; break;
         }
         int32_t c[MAXC];
         CHECK(run_to_end(&p, c));
@@ -116,6 +118,8 @@ static void test_validation(void) {
         {11, -1.0f, 0, "credit_gamma"}, {11, NAN, 0, "credit_gamma"},
         {12, 1.5f, 0, "credit_decay"},  {12, -0.1f, 0, "credit_decay"},
         {12, NAN, 0, "credit_decay"},
+        {13, -0.4f, 0, "hierarchy_low"}, {13, NAN, 0, "hierarchy_low"},
+        {14, 0.4f, 0, "hierarchy_low"}, /* hierarchy_low and factor together */
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         dllm_sampling_params p = params();
@@ -133,6 +137,8 @@ static void test_validation(void) {
         case 10: p.credit_alpha = bad[i].f; break;
         case 11: p.credit_alpha = 0.7f; p.credit_gamma = bad[i].f; break;
         case 12: p.credit_alpha = 0.7f; p.credit_decay = bad[i].f; break;
+        case 13: p.hierarchy_low = bad[i].f; break;
+        case 14: p.hierarchy_low = bad[i].f; p.factor = 1.0f; break;
         }
         CHECK_STATUS(dllm_session_new(model, canvas0, len0, &p, &s), DLLM_ERR_INVALID_ARGUMENT);
         CHECK_ERROR_MENTIONS(bad[i].field);

@@ -79,6 +79,16 @@ pub struct DenoiseArgs {
     /// --steps becomes an upper bound.
     #[arg(long, allow_negative_numbers = true)]
     pub factor: Option<f64>,
+    /// Hierarchical parallel decoding (dInfer): each run of adjacent masked positions commits
+    /// its most confident if above L, plus every position above --threshold (if given), at
+    /// least one; --steps becomes an upper bound.
+    #[arg(
+        long,
+        value_name = "L",
+        conflicts_with = "factor",
+        allow_negative_numbers = true
+    )]
+    pub hierarchy: Option<f64>,
     /// Sample only among the k most likely tokens (0 = off; temperature > 0 only).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub top_k: usize,
@@ -180,10 +190,11 @@ impl DenoiseArgs {
     }
 
     pub(super) fn decoding(&self) -> Result<Decoding> {
-        let commit = match (self.threshold, self.factor) {
-            (Some(t), _) => CommitPolicy::Threshold(t),
-            (None, Some(f)) => CommitPolicy::Factor(f),
-            (None, None) => CommitPolicy::Schedule,
+        let commit = match (self.hierarchy, self.threshold, self.factor) {
+            (Some(low), high, _) => CommitPolicy::Hierarchy { high, low },
+            (None, Some(t), _) => CommitPolicy::Threshold(t),
+            (None, None, Some(f)) => CommitPolicy::Factor(f),
+            (None, None, None) => CommitPolicy::Schedule,
         };
         let d = Decoding {
             commit,

@@ -3,8 +3,9 @@
 //! The default (LLaDA `generate()`) commits the `k` most confident candidates. Order is total
 //! and deterministic: higher confidence first, ties to the lower position, NaN below every
 //! number (including −∞). The parallel-decoding rules of Fast-dLLM are further functions over the
-//! same `(position, confidence)` candidates: [`threshold`] and [`factor`]; both commit at least
-//! `min_k` (≥ 1) candidates so that a block always progresses.
+//! same `(position, confidence)` candidates: [`threshold`] and [`factor`]; dInfer's
+//! [`hierarchy`] is another. All commit at least `min_k` (≥ 1) candidates so that a block always
+//! progresses.
 
 use std::cmp::Ordering;
 
@@ -71,6 +72,59 @@ pub fn factor(candidates: &[Candidate], f: f64, min_k: usize) -> Vec<usize> {
         .count();
     let n = n.max(min_k.max(1)).min(ranked.len());
     ranked[..n].to_vec()
+}
+
+/// dInfer's hierarchical rule (`HierarchyDecoder`): the candidates split into segments, runs of
+/// adjacent positions; each segment's most confident candidate is committed when its confidence
+/// is above `low` (every one tied at the segment's maximum), every candidate above `high` too
+/// (when given), and at least the `min_k` best (at least one when there are candidates). Both
+/// comparisons are strict, as dInfer's. A segment is what parallel decoding is most likely to
+/// get wrong together (neighbours predicted independently), so it commits one at a time unless
+/// a position is very sure. Indices in rank order.
+pub fn hierarchy(
+    candidates: &[Candidate],
+    high: Option<f64>,
+    low: f64,
+    min_k: usize,
+) -> Vec<usize> {
+    let n = candidates.len();
+    let mut take = vec![false; n];
+    let mut by_position: Vec<usize> = (0..n).collect();
+    by_position.sort_by_key(|&i| candidates[i].position);
+    let mut start = 0;
+    while start < n {
+        let mut end = start + 1;
+        while end < n
+            && candidates[by_position[end]].position
+                == candidates[by_position[end - 1]].position + 1
+        {
+            end += 1;
+        }
+        let segment = &by_position[start..end];
+        // NaN never is the maximum (`f64::max` skips it) nor above `low`.
+        let best = segment
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &i| m.max(candidates[i].confidence));
+        for &i in segment {
+            let c = candidates[i].confidence;
+            if c == best && c > low {
+                take[i] = true;
+            }
+        }
+        start = end;
+    }
+    if let Some(h) = high {
+        for (i, c) in candidates.iter().enumerate() {
+            if c.confidence > h {
+                take[i] = true;
+            }
+        }
+    }
+    let ranked = top_k(candidates, n);
+    for &i in ranked.iter().take(min_k.max(1)) {
+        take[i] = true;
+    }
+    ranked.into_iter().filter(|&i| take[i]).collect()
 }
 
 #[cfg(test)]
@@ -179,6 +233,36 @@ mod tests {
     }
 
     #[test]
+    fn hierarchy_hand_cases() {
+        // Positions 10..=15 then a gap, 20, 21: segments {10..15} and {20, 21}.
+        let mut c = cands(&[0.5, 0.3, 0.6, 0.2, 0.95, 0.1]);
+        c.push(Candidate {
+            position: 20,
+            confidence: 0.45,
+        });
+        c.push(Candidate {
+            position: 21,
+            confidence: 0.35,
+        });
+        // Low 0.4: each segment's best (index 4 with 0.95; index 6 with 0.45).
+        assert_eq!(hierarchy(&c, None, 0.4, 1), vec![4, 6]);
+        // Low 0.5: the second segment's best (0.45) is not above it.
+        assert_eq!(hierarchy(&c, None, 0.5, 1), vec![4]);
+        // High 0.55 adds index 2 (0.6) beside its segment's best; strict: 0.5 is not above 0.5.
+        assert_eq!(hierarchy(&c, Some(0.55), 0.4, 1), vec![4, 2, 6]);
+        assert_eq!(hierarchy(&c, Some(0.5), 0.9, 1), vec![4, 2]);
+        // Nothing passes: the single best anyway; min_k lifts the count in rank order.
+        assert_eq!(hierarchy(&c, None, 0.99, 1), vec![4]);
+        assert_eq!(hierarchy(&c, None, 0.99, 3), vec![4, 2, 0]);
+        // Ties at a segment's maximum all commit; NaN never does.
+        let c = cands(&[0.7, f64::NAN, 0.7, 0.1]);
+        assert_eq!(hierarchy(&c, None, 0.4, 1), vec![0, 2]);
+        let c = cands(&[f64::NAN, f64::NAN]);
+        assert_eq!(hierarchy(&c, None, 0.4, 1), vec![0]);
+        assert!(hierarchy(&[], Some(0.5), 0.1, 1).is_empty());
+    }
+
+    #[test]
     fn parallel_rules_match_naive_definitions() {
         let levels = [f64::NAN, 0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0];
         for seed in 0..300u64 {
@@ -206,6 +290,55 @@ mod tests {
                 }
                 let m = m.max(1).min(n);
                 assert_eq!(factor(&c, f, 1), order[..m].to_vec(), "f {f} {conf:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn hierarchy_matches_its_naive_definition() {
+        let levels = [f64::NAN, 0.0, 0.3, 0.5, 0.7, 0.9];
+        for seed in 0..300u64 {
+            let n = (seed % 11) as usize;
+            // Positions with random gaps (0 or 1 skipped), so segments vary.
+            let mut pos = 3;
+            let c: Vec<Candidate> = (0..n)
+                .map(|i| {
+                    pos += 1 + (crate::denoise::rng::bits(seed, 2, i as u64, 0) % 2) as usize;
+                    Candidate {
+                        position: pos,
+                        confidence: levels
+                            [(crate::denoise::rng::bits(seed, 3, i as u64, 0) % 6) as usize],
+                    }
+                })
+                .collect();
+            let order = naive(&c, n);
+            // A candidate's segment: walk left and right while the positions stay adjacent.
+            let segment_max = |i: usize| {
+                let mut m = c[i].confidence;
+                let (mut l, mut r) = (i, i);
+                while l > 0 && c[l - 1].position + 1 == c[l].position {
+                    l -= 1;
+                    m = m.max(c[l].confidence);
+                }
+                while r + 1 < n && c[r].position + 1 == c[r + 1].position {
+                    r += 1;
+                    m = m.max(c[r].confidence);
+                }
+                m
+            };
+            for (high, low, min_k) in [(None, 0.4, 1), (Some(0.8), 0.4, 1), (Some(0.2), 0.6, 3)] {
+                let want: Vec<usize> = order
+                    .iter()
+                    .enumerate()
+                    .filter(|&(rank, &i)| {
+                        let x = c[i].confidence;
+                        rank < min_k
+                            || high.is_some_and(|h| x > h)
+                            || (x > low && x == segment_max(i))
+                    })
+                    .map(|(_, &i)| i)
+                    .collect();
+                assert_eq!(hierarchy(&c, high, low, min_k), want, "{c:?}");
             }
         }
     }

@@ -10,8 +10,9 @@
 //! its predictions), so a batching driver can run the forwards of many sessions together.
 //!
 //! [`Decoding`] (set with [`Session::set_decoding`]) adds the decoding strategies beyond the
-//! reference loop: the parallel commit rules of Fast-dLLM (threshold, factor; `steps` becomes an
-//! upper bound and a block ends as soon as it has no masks), top-k / top-p, classifier-free
+//! reference loop: the parallel commit rules of Fast-dLLM (threshold, factor) and dInfer
+//! (hierarchy; with all three `steps` becomes an upper bound and a block ends as soon as it has
+//! no masks), top-k / top-p, classifier-free
 //! guidance, trace credit ([`super::credit`]) and stopping at EOS. Steps that need host logits
 //! (filters, guidance, credit, a constrained position) run through [`Model::logits_at`]; the
 //! others through [`Model::predict`]. With a block K/V cache
@@ -77,6 +78,10 @@ pub enum CommitPolicy {
     Threshold(f64),
     /// The Fast-dLLM factor rule with this factor (see [`commit::factor`]).
     Factor(f64),
+    /// dInfer's hierarchical rule (see [`commit::hierarchy`]): each run of adjacent masked
+    /// positions commits its most confident when above `low`, every position above `high`
+    /// (when given) commits too, at least one.
+    Hierarchy { high: Option<f64>, low: f64 },
 }
 
 impl CommitPolicy {
@@ -92,6 +97,7 @@ impl CommitPolicy {
             CommitPolicy::Schedule => commit::top_k(candidates, k),
             CommitPolicy::Threshold(t) => commit::threshold(candidates, t, k),
             CommitPolicy::Factor(f) => commit::factor(candidates, f, k),
+            CommitPolicy::Hierarchy { high, low } => commit::hierarchy(candidates, high, low, k),
         }
     }
 }
@@ -140,6 +146,16 @@ impl Decoding {
             CommitPolicy::Factor(f) if !(f.is_finite() && f > 0.0) => {
                 return Err(Error::invalid(format!(
                     "factor must be a finite number > 0, got {f}"
+                )))
+            }
+            CommitPolicy::Hierarchy { low, .. } if !low.is_finite() => {
+                return Err(Error::invalid(format!(
+                    "hierarchy low threshold must be a finite number, got {low}"
+                )))
+            }
+            CommitPolicy::Hierarchy { high: Some(h), .. } if !h.is_finite() => {
+                return Err(Error::invalid(format!(
+                    "threshold must be a finite number, got {h}"
                 )))
             }
             _ => {}

@@ -98,6 +98,7 @@ pub struct dllm_sampling_params {
     pub credit_alpha: f32,
     pub credit_gamma: f32,
     pub credit_decay: f32,
+    pub hierarchy_low: f32,
 }
 
 /// What one `dllm_session_step` did.
@@ -126,6 +127,7 @@ const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, threshold) == 3
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, revise) == 60);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, credit_alpha) == 64);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, credit_decay) == 72);
+const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, hierarchy_low) == 76);
 
 impl Default for dllm_model_params {
     fn default() -> Self {
@@ -161,6 +163,7 @@ impl Default for dllm_sampling_params {
             credit_alpha: 0.0,
             credit_gamma: credit.gamma as f32,
             credit_decay: credit.decay as f32,
+            hierarchy_low: 0.0,
         }
     }
 }

@@ -87,20 +87,31 @@ fn non_negative(value: f32, field: &str, off: &str) -> FfiResult<f64> {
     }
 }
 
-/// Converts the decoding fields (version 2) of the C parameters into [`Decoding`].
+/// Converts the decoding fields (versions 2 and 3) of the C parameters into [`Decoding`].
 fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
     let threshold = non_negative(p.threshold, "threshold", "0 = off")?;
     let factor = non_negative(p.factor, "factor", "0 = off")?;
-    let commit = match (threshold > 0.0, factor > 0.0) {
-        (true, true) => {
+    let low = non_negative(p.hierarchy_low, "hierarchy_low", "0 = off")?;
+    let commit = match (threshold > 0.0, factor > 0.0, low > 0.0) {
+        (_, true, true) => {
+            return Err(invalid(format!(
+                "factor ({factor}) and hierarchy_low ({low}) are both set: \
+                 choose one commit rule, set the other to 0"
+            )))
+        }
+        (true, true, false) => {
             return Err(invalid(format!(
                 "threshold ({threshold}) and factor ({factor}) are both set: \
                  choose one commit rule, set the other to 0"
             )))
         }
-        (true, false) => CommitPolicy::Threshold(threshold),
-        (false, true) => CommitPolicy::Factor(factor),
-        (false, false) => CommitPolicy::Schedule,
+        (high, false, true) => CommitPolicy::Hierarchy {
+            high: high.then_some(threshold),
+            low,
+        },
+        (true, false, false) => CommitPolicy::Threshold(threshold),
+        (false, true, false) => CommitPolicy::Factor(factor),
+        (false, false, false) => CommitPolicy::Schedule,
     };
     let top_k = usize::try_from(p.top_k)
         .map_err(|_| invalid(format!("top_k must be >= 0 (0 = off), got {}", p.top_k)))?;
@@ -527,6 +538,21 @@ mod tests {
         assert_eq!(decoding(&p).unwrap().credit, None);
         let p = with(|p| p.factor = 2.0);
         assert_eq!(decoding(&p).unwrap().commit, CommitPolicy::Factor(2.0));
+        let p = with(|p| p.hierarchy_low = 0.4);
+        let want = CommitPolicy::Hierarchy {
+            high: None,
+            low: 0.4f32 as f64,
+        };
+        assert_eq!(decoding(&p).unwrap().commit, want);
+        let p = with(|p| {
+            p.hierarchy_low = 0.5;
+            p.threshold = 0.75
+        });
+        let want = CommitPolicy::Hierarchy {
+            high: Some(0.75),
+            low: 0.5,
+        };
+        assert_eq!(decoding(&p).unwrap().commit, want);
         for (r, want) in [
             (DLLM_REMASK_LOW_CONFIDENCE, Remasking::LowConfidence),
             (DLLM_REMASK_RANDOM, Remasking::Random),
@@ -564,6 +590,15 @@ mod tests {
             (with(|p| p.revise = 1.0), "revise"),
             (with(|p| p.revise = -0.1), "revise"),
             (with(|p| p.revise = f32::NAN), "revise"),
+            (with(|p| p.hierarchy_low = -0.5), "hierarchy_low"),
+            (with(|p| p.hierarchy_low = f32::NAN), "hierarchy_low"),
+            (
+                with(|p| {
+                    p.hierarchy_low = 0.4;
+                    p.factor = 1.0
+                }),
+                "hierarchy_low",
+            ),
             (with(|p| p.credit_alpha = -0.5), "credit_alpha"),
             (with(|p| p.credit_alpha = f32::NAN), "credit_alpha"),
             (
