@@ -637,26 +637,22 @@ fn constrained_session_check(
     CheckResult::from_result(name, TOL_GEN_MISS, r)
 }
 
-/// A greedy session with trace credit and the threshold rule (0.9), GPU vs CPU, without a cache
-/// and through `cache`: every step takes the host-logits path (`Model::logits_at`, or
-/// `logits_cached` of the block's masked rows), the credit is kept on the host. The tokens must
-/// match the CPU's as greedy generation does; the forward counts are reported.
-fn credited_session_check(
+/// A greedy session with `decoding` (a dInfer rule: trace credit, which takes the host-logits
+/// path every step, `Model::logits_at` or `logits_cached` of the block's masked rows with the
+/// credit kept on the host; or the hierarchical commit rule, which reads the fused `predict`'s
+/// confidences), GPU vs CPU. The tokens must match the CPU's as greedy generation does; the
+/// forward counts are reported.
+fn decoding_rule_check(
+    name: String,
     gpu: Arc<dyn Model>,
     cpu: Arc<dyn Model>,
     prompt: &[u32],
-    cache: CacheMode,
+    decoding: &Decoding,
 ) -> CheckResult {
-    let name = format!("model.credit gen gpu vs cpu cache {}", cache.name());
     let r = (|| -> Result<(f64, String)> {
         let run = |model: Arc<dyn Model>| -> Result<(Vec<u32>, usize)> {
-            let mut s = cached_session(model, prompt, 128, cache)?;
-            s.set_decoding(Decoding {
-                cache,
-                commit: CommitPolicy::Threshold(0.9),
-                credit: Some(CreditParams::default()),
-                ..Decoding::default()
-            })?;
+            let mut s = cached_session(model, prompt, 128, decoding.cache)?;
+            s.set_decoding(decoding.clone())?;
             s.run()?;
             Ok((s.canvas().to_vec(), s.forward_steps()))
         };
@@ -672,7 +668,7 @@ fn credited_session_check(
             ),
         ))
     })();
-    CheckResult::from_result(&name, TOL_GEN_MISS, r)
+    CheckResult::from_result(name, TOL_GEN_MISS, r)
 }
 
 fn same_count(a: &[u32], b: &[u32]) -> usize {
@@ -972,13 +968,34 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                     &prompt,
                 ));
                 for cache in [CacheMode::None, CacheMode::Dual] {
-                    out.push(credited_session_check(
+                    let credited = Decoding {
+                        cache,
+                        commit: CommitPolicy::Threshold(0.9),
+                        credit: Some(CreditParams::default()),
+                        ..Decoding::default()
+                    };
+                    out.push(decoding_rule_check(
+                        format!("model.credit gen gpu vs cpu cache {}", cache.name()),
                         fast.clone(),
                         cpu.clone(),
                         &prompt,
-                        cache,
+                        &credited,
                     ));
                 }
+                let hierarchical = Decoding {
+                    commit: CommitPolicy::Hierarchy {
+                        high: Some(0.9),
+                        low: 0.3,
+                    },
+                    ..Decoding::default()
+                };
+                out.push(decoding_rule_check(
+                    "model.hierarchy gen gpu vs cpu".into(),
+                    fast.clone(),
+                    cpu.clone(),
+                    &prompt,
+                    &hierarchical,
+                ));
                 out.extend(packed_session_checks(
                     "model",
                     &fast,
