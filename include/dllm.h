@@ -61,7 +61,11 @@
  *    new functions, new enum values, a reserved value made to work); it never marks an
  *    incompatible change, because there are none: existing functions, field offsets, codes and
  *    values keep their meaning. So a library of version L runs every program built against a
- *    header of version H <= L unchanged. A program built against version H that runs on an
+ *    header of version H <= L unchanged, with one exception that predates version 7: a
+ *    program built against version 1 must not call dllm_sampling_params_default, nor one
+ *    built against versions 1-3 dllm_model_params_default (the library's functions write the
+ *    larger structs of version 6; since version 7 the _default names are macros over the
+ *    _init functions, which write only the caller's sizeof). A program built against version H that runs on an
  *    older library (L < H) gets its new struct fields silently ignored (they lie beyond what
  *    that library knows): check dllm_abi_version() >= DLLM_ABI_VERSION at start-up.
  *      1: the first version.
@@ -76,7 +80,8 @@
  *      6: dllm_session_last_remasks (the positions a step re-masked, revise > 0);
  *         dllm_session_constrain (the tokens a position may be generated as).
  *      7: dllm_sampling_params gained credit_alpha, credit_gamma and credit_decay (trace
- *         credit) and hierarchy_low (dInfer's hierarchical commit rule); dllm_sampling_params_init and dllm_model_params_init, which the _default
+ *         credit) and hierarchy_low (dInfer's hierarchical commit rule; it takes the 4 bytes
+ *         that were tail padding, so the struct stays 80 bytes); dllm_sampling_params_init and dllm_model_params_init, which the _default
  *         names are now macros over (older programs keep calling the functions, which write
  *         the structs of version 6: 64 and 20 bytes).
  */
@@ -174,7 +179,12 @@ typedef struct dllm_model_params {
 
 /* Fills the caller's struct of `size` bytes (its sizeof) with the defaults listed above of the
  * fields that fit, and struct_size = size; writes nothing past `size` bytes, nor when p is NULL
- * or size < 4 (ABI version 7). */
+ * or size < 4 (ABI version 7). Bindings from other languages (ctypes, cgo, bindgen: they cannot
+ * expand the macros below) and calls through a function pointer should call the _init
+ * functions with their struct's size: the functions named _default write the version-6 structs
+ * (struct_size 64 and 20), so fields of later versions set afterwards would be ignored. Define
+ * DLLM_NO_DEFAULT_MACROS before including this header to keep the _default names plain
+ * functions (for example to name them in a C++ namespace). */
 void dllm_model_params_init(dllm_model_params *p, size_t size);
 
 /* Fills *p with the defaults listed above, struct_size included. NULL is a no-op. A macro over
@@ -182,7 +192,9 @@ void dllm_model_params_init(dllm_model_params *p, size_t size);
  * programs built with older headers call, writes the 20-byte version-4 struct only. (A program
  * built against ABI versions 1-3, 16 bytes, must not call it on a library of ABI >= 4.) */
 void dllm_model_params_default(dllm_model_params *p);
+#ifndef DLLM_NO_DEFAULT_MACROS
 #define dllm_model_params_default(p) dllm_model_params_init((p), sizeof(dllm_model_params))
+#endif
 
 /* Loads the model in directory `dir` (config.json, tokenizer.json, model.safetensors or sharded
  * model-*.safetensors with model.safetensors.index.json; a NUL-terminated path, taken as raw
@@ -312,7 +324,8 @@ enum dllm_cache {
 typedef struct dllm_sampling_params {
     uint32_t struct_size; /* sizeof(dllm_sampling_params); set by dllm_sampling_params_default */
     int32_t steps;        /* total refinement steps, 1 .. 1048576, a multiple of the block count;
-                           * with threshold or factor an upper bound. Default 128 */
+                           * with threshold, factor or hierarchy_low an upper bound. Default
+                           * 128 */
     int32_t block_len;    /* masked positions per block, >= 1. Default 32 */
     float temperature;    /* 0 = greedy (argmax); > 0 = Gumbel-max sampling. Default 0 */
     int32_t remasking;    /* a dllm_remasking value. Default DLLM_REMASK_LOW_CONFIDENCE */
@@ -351,11 +364,11 @@ typedef struct dllm_sampling_params {
                            * forward pass, each masked position of the block adds p^credit_gamma
                            * to the credit C of its most likely token (p its probability), after
                            * multiplying all of its credit by credit_decay; its prediction and
-                           * confidence then come from
-                           * logits + credit_alpha * ln(1 + C). Tokens a position keeps predicting
-                           * pass threshold / factor sooner: fewer steps. Credit starts empty at
-                           * each block; every step reads its block's logits on the host. 0 = off,
-                           * else finite, > 0 (dInfer: 0.7). Default 0 */
+                           * confidence then come from logits + credit_alpha * ln(1 + C). Tokens
+                           * a position keeps predicting pass threshold / factor / hierarchy_low
+                           * sooner: fewer steps. Credit starts empty at each block; every step
+                           * reads its block's logits on the host. 0 = off, else finite, > 0
+                           * (dInfer: 0.7). Default 0 */
     float credit_gamma;   /* exponent on p, finite, >= 0; used when credit_alpha > 0. Default 0.2 */
     float credit_decay;   /* factor on the credit before each step's deposit, in [0, 1]; used when
                            * credit_alpha > 0. Default 0.8 */
@@ -364,8 +377,10 @@ typedef struct dllm_sampling_params {
                            * its most confident position when its confidence is > hierarchy_low,
                            * every position with confidence > threshold commits too (when
                            * threshold > 0), and at least enough to finish the block in its
-                           * remaining steps (at least one). Finite, >= 0; not together with
-                           * factor. Default 0 */
+                           * remaining steps (at least one). Both comparisons are strict (">",
+                           * where the threshold rule alone takes ">="). With ENTROPY remasking
+                           * (confidences <= 0) only that least count commits. Finite, >= 0;
+                           * not together with factor. Default 0 */
     /* Fields added in later versions go here. */
 } dllm_sampling_params;
 
@@ -390,8 +405,10 @@ void dllm_sampling_params_init(dllm_sampling_params *p, size_t size);
  * writes the 64-byte version-2 struct only. (A version-1 program, 32 bytes, must not call it
  * on a library of ABI version >= 2.) */
 void dllm_sampling_params_default(dllm_sampling_params *p);
+#ifndef DLLM_NO_DEFAULT_MACROS
 #define dllm_sampling_params_default(p) \
     dllm_sampling_params_init((p), sizeof(dllm_sampling_params))
+#endif
 
 /* Starts denoising a copy of `canvas` (n token ids): every position holding the model's mask
  * token is generated, every other position stays fixed. `p` may be NULL for the defaults.
@@ -408,9 +425,9 @@ dllm_status dllm_session_new(dllm_model *m, const int32_t *canvas, size_t n,
                              const dllm_sampling_params *p, dllm_session **out);
 
 /* Takes one refinement step: one forward pass (two with cfg_scale > 0), then commits this
- * step's share of the current block, or what the threshold / factor rule accepts (a step with
- * nothing to commit runs no forward pass). Writes what happened to *info
- * unless info is NULL. Stepping a finished session returns DLLM_OK with done = 1 and changes
+ * step's share of the current block, or what the threshold / factor / hierarchy rule accepts
+ * (a step with nothing to commit runs no forward pass). Writes what happened to *info unless
+ * info is NULL. Stepping a finished session returns DLLM_OK with done = 1 and changes
  * nothing. On failure the session is unchanged.
  * Errors: DLLM_ERR_INVALID_ARGUMENT (NULL s), DLLM_ERR_BACKEND, DLLM_ERR_OUT_OF_MEMORY (the
  * canvas's buffers or K/V cache do not fit in the free memory). */

@@ -289,6 +289,7 @@ fn generate_credit_and_hierarchy_run_the_sessions_rules_and_check_their_values()
         "--hierarchy and --factor conflict"
     );
     assert_clean_error(&with(&["--hierarchy", "nan"]), "hierarchy");
+    assert_clean_error(&with(&["--hierarchy", "0"]), "hierarchy low threshold");
 }
 
 #[test]

@@ -68,17 +68,12 @@ impl Rule {
         }
     }
 
-    /// The positions `scored` (position, token, confidence; increasing positions) commits.
-    fn commits(self, scored: &[(usize, u32, f64)]) -> Vec<usize> {
-        let best = scored
-            .iter()
-            .copied()
-            .fold(None, |b: Option<(usize, u32, f64)>, s| match b {
-                Some(b) if b.2 >= s.2 => Some(b),
-                _ => Some(s),
-            })
-            .unwrap();
-        let mut out = vec![best.0];
+    /// The positions `scored` (position, token, confidence; increasing positions) commits when
+    /// at least `least` must (the most confident first, ties to the lower position).
+    fn commits(self, scored: &[(usize, u32, f64)], least: usize) -> Vec<usize> {
+        let mut ranked = scored.to_vec();
+        ranked.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+        let mut out: Vec<usize> = ranked.iter().take(least.max(1)).map(|s| s.0).collect();
         match self {
             Rule::Threshold(t) => out.extend(scored.iter().filter(|s| s.2 >= t).map(|s| s.0)),
             Rule::Hierarchy { high, low } => {
@@ -96,15 +91,18 @@ impl Rule {
 }
 
 /// Greedy decoding with `rule` and trace credit `c` (none: the raw rows), one block of `block`
-/// positions after the prompt at a time (every step of a block has a forward to spare, so a
-/// step commits what the rule takes, at least the most confident). With a `cache` mode the
+/// positions after the prompt at a time in `steps` steps at most (a step commits what the rule
+/// takes, and at least enough to finish the block in its remaining steps, at least the most
+/// confident). With a `cache` mode the
 /// block's first forward refreshes the cache and the later ones compute the block (dual) or the
 /// block to the canvas end (prefix) against it. Returns the canvas and the number of forwards.
+#[allow(clippy::too_many_arguments)]
 fn reference(
     m: &dyn Model,
     canvas: &[u32],
     prompt: usize,
     block: usize,
+    steps: usize,
     rule: Rule,
     c: Option<CreditParams>,
     cache: CacheMode,
@@ -123,6 +121,7 @@ fn reference(
         let range: Range<usize> = start..(start + block).min(x.len());
         let mut credit = vec![vec![0.0f64; width]; range.len()];
         let mut first = true;
+        let mut steps_left = steps;
         while x[range.clone()].contains(&mask) {
             let queries: Vec<usize> = range.clone().filter(|&p| x[p] == mask).collect();
             let rows: Vec<f32> = if cache != CacheMode::None {
@@ -160,7 +159,9 @@ fn reference(
                 let x0 = argmax(&fused, vocab, mask);
                 scored.push((p, x0 as u32, softmax(&fused)[x0]));
             }
-            for p in rule.commits(&scored) {
+            let least = scored.len().div_ceil(steps_left);
+            steps_left -= 1;
+            for p in rule.commits(&scored, least) {
                 let &(_, t, _) = scored.iter().find(|s| s.0 == p).unwrap();
                 x[p] = t;
             }
@@ -170,17 +171,19 @@ fn reference(
 }
 
 /// The session's canvas and forward count for the same run.
+#[allow(clippy::too_many_arguments)]
 fn session_run(
     m: &Arc<dyn Model>,
     canvas: &[u32],
     gen: usize,
     block: usize,
+    steps: usize,
     rule: Rule,
     c: Option<CreditParams>,
     cache: CacheMode,
 ) -> (Vec<u32>, usize) {
     let params = GenerationParams {
-        steps: gen,
+        steps: gen / block * steps,
         block_len: block,
         ..Default::default()
     };
@@ -213,8 +216,8 @@ fn credited_decoding_matches_the_dense_reimplementation() {
         for (threshold, c) in [(0.9, CreditParams::default()), (0.7, other_constants())] {
             let (x, n) = canvas(&*m, prompt, 64);
             let rule = Rule::Threshold(threshold);
-            let want = reference(&*m, &x, n, 32, rule, Some(c), CacheMode::None);
-            let got = session_run(&m, &x, 64, 32, rule, Some(c), CacheMode::None);
+            let want = reference(&*m, &x, n, 32, 32, rule, Some(c), CacheMode::None);
+            let got = session_run(&m, &x, 64, 32, 32, rule, Some(c), CacheMode::None);
             assert_eq!(got, want, "{prompt:?} threshold {threshold} {c:?}");
             // Credit only changes the masked positions.
             assert_eq!(got.0[..n], x[..n]);
@@ -230,8 +233,8 @@ fn credited_decoding_through_the_caches_matches_the_reference() {
             let (x, n) = canvas(&*m, prompt, 64);
             let c = CreditParams::default();
             let rule = Rule::Threshold(0.9);
-            let want = reference(&*m, &x, n, 32, rule, Some(c), cache);
-            let got = session_run(&m, &x, 64, 32, rule, Some(c), cache);
+            let want = reference(&*m, &x, n, 32, 32, rule, Some(c), cache);
+            let got = session_run(&m, &x, 64, 32, 32, rule, Some(c), cache);
             assert_eq!(got, want, "{prompt:?} {cache:?}");
         }
     }
@@ -276,13 +279,13 @@ fn credit_is_what_changes_the_forward_count() {
     let m = llada();
     let (x, n) = canvas(&*m, PROMPTS[0], 64);
     let rule = Rule::Threshold(0.9);
-    let plain = session_run(&m, &x, 64, 32, rule, None, CacheMode::None);
+    let plain = session_run(&m, &x, 64, 32, 32, rule, None, CacheMode::None);
     assert_eq!(
-        reference(&*m, &x, n, 32, rule, None, CacheMode::None),
+        reference(&*m, &x, n, 32, 32, rule, None, CacheMode::None),
         plain
     );
     let c = Some(CreditParams::default());
-    let credited = session_run(&m, &x, 64, 32, rule, c, CacheMode::None);
+    let credited = session_run(&m, &x, 64, 32, 32, rule, c, CacheMode::None);
     assert!(
         credited.1 < plain.1,
         "credit took {} forwards, the plain threshold rule {}",
@@ -297,18 +300,18 @@ fn hierarchical_commits_match_the_reference() {
     let hierarchy = |high, low| Rule::Hierarchy { high, low };
     for prompt in PROMPTS {
         let (x, n) = canvas(&*m, prompt, 64);
-        for (rule, c, cache) in [
-            (hierarchy(None, 0.4), None, CacheMode::None),
-            (hierarchy(Some(0.9), 0.2), None, CacheMode::None),
-            (
-                hierarchy(Some(0.9), 0.4),
-                Some(CreditParams::default()),
-                CacheMode::Dual,
-            ),
+        // 32 steps per block of 32: the rule alone decides; 6: at least 6 commits a step.
+        let credit = Some(CreditParams::default());
+        for (steps, rule, c, cache) in [
+            (32, hierarchy(None, 0.4), None, CacheMode::None),
+            (32, hierarchy(Some(0.9), 0.2), None, CacheMode::None),
+            (32, hierarchy(Some(0.9), 0.4), credit, CacheMode::Dual),
+            (6, hierarchy(None, 0.4), None, CacheMode::None),
+            (6, Rule::Threshold(0.9), credit, CacheMode::None),
         ] {
-            let want = reference(&*m, &x, n, 32, rule, c, cache);
-            let got = session_run(&m, &x, 64, 32, rule, c, cache);
-            assert_eq!(got, want, "{prompt:?} {rule:?} {c:?} {cache:?}");
+            let want = reference(&*m, &x, n, 32, steps, rule, c, cache);
+            let got = session_run(&m, &x, 64, 32, steps, rule, c, cache);
+            assert_eq!(got, want, "{prompt:?} {steps} {rule:?} {c:?} {cache:?}");
         }
     }
 }

@@ -129,9 +129,10 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
 }
 
 /// Trace credit with extreme but valid constants, under every commit rule (the hierarchical one
-/// with odd thresholds too), both caches, greedy and sampled: every session runs to the end
-/// without a panic. (Out-of-range constants are refused by `CreditParams::validate`, tested on
-/// their own.)
+/// with odd thresholds too), through both caches, greedy and sampled, with self-correction
+/// (which makes credit forget re-masked positions) and with stop at EOS: every session runs to
+/// the end without a panic. (Out-of-range constants are refused by `CreditParams::validate`,
+/// tested on their own.)
 #[test]
 fn credit_and_hierarchy_with_odd_values_run_to_the_end() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llada-code");
@@ -168,25 +169,34 @@ fn credit_and_hierarchy_with_odd_values_run_to_the_end() {
             low: 1e300,
         },
     ];
-    let mut case = 0;
+    // (cache, temperature, revise, stop at EOS)
+    let settings = [
+        (CacheMode::None, 0.0, None, false),
+        (CacheMode::None, 0.9, Some(0.5), false),
+        (CacheMode::Dual, 0.0, None, true),
+        (CacheMode::Prefix, 0.7, None, true),
+    ];
+    let mut seed = 0;
     for credit in credits {
         for commit in commits {
-            for cache in [CacheMode::None, CacheMode::Dual] {
-                case += 1;
+            for (cache, temperature, revise, stop_at_eos) in settings {
+                seed += 1;
                 let params = GenerationParams {
                     steps: 16,
                     block_len: 8,
-                    temperature: if case % 2 == 0 { 0.9 } else { 0.0 },
-                    seed: case,
+                    temperature,
+                    seed,
                     ..Default::default()
                 };
                 let decoding = Decoding {
                     commit,
                     cache,
                     credit,
+                    revise,
+                    stop_at_eos,
                     ..Default::default()
                 };
-                let label = format!("{credit:?} {commit:?} {cache:?} {params:?}");
+                let label = format!("{decoding:?} {params:?}");
                 let m = model.clone();
                 let c = canvas.clone();
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

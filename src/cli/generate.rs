@@ -114,21 +114,21 @@ pub struct DenoiseArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub revise: Option<f64>,
     /// Trace credit (CreditDecoding, as dInfer): a masked position's earlier predictions in its
-    /// block lift the tokens it kept predicting, so steady tokens pass --threshold/--factor
-    /// sooner (fewer steps). Every step then reads its block's logits on the host.
+    /// block lift the tokens it kept predicting, so steady tokens pass --threshold, --factor or
+    /// --hierarchy sooner (fewer steps). Every step then reads its block's logits on the host.
     #[arg(long)]
     pub credit: bool,
     /// --credit: weight of the credit in the logits, `logits + A·ln(1 + credit)` (> 0).
-    #[arg(long, requires = "credit", default_value_t = CreditParams::default().alpha,
-          allow_negative_numbers = true)]
+    #[arg(long, value_name = "A", requires = "credit",
+          default_value_t = CreditParams::default().alpha, allow_negative_numbers = true)]
     pub credit_alpha: f64,
     /// --credit: each forward adds `p^G` to its top token's credit (≥ 0).
-    #[arg(long, requires = "credit", default_value_t = CreditParams::default().gamma,
-          allow_negative_numbers = true)]
+    #[arg(long, value_name = "G", requires = "credit",
+          default_value_t = CreditParams::default().gamma, allow_negative_numbers = true)]
     pub credit_gamma: f64,
     /// --credit: the credit is multiplied by D before each forward adds to it (0 ≤ D ≤ 1).
-    #[arg(long, requires = "credit", default_value_t = CreditParams::default().decay,
-          allow_negative_numbers = true)]
+    #[arg(long, value_name = "D", requires = "credit",
+          default_value_t = CreditParams::default().decay, allow_negative_numbers = true)]
     pub credit_decay: f64,
     /// Redraw the canvas every step (masks as ░, fresh tokens highlighted); when stdout is not
     /// a terminal, one plain line per step instead.

@@ -80,7 +80,9 @@ pub fn factor(candidates: &[Candidate], f: f64, min_k: usize) -> Vec<usize> {
 /// (when given), and at least the `min_k` best (at least one when there are candidates). Both
 /// comparisons are strict, as dInfer's. A segment is what parallel decoding is most likely to
 /// get wrong together (neighbours predicted independently), so it commits one at a time unless
-/// a position is very sure. Indices in rank order.
+/// a position is very sure. Indices in rank order. A NaN confidence never commits by the
+/// segment or `high` tests and ranks last (dInfer's torch `amax`/`argmax` would take a NaN as the
+/// maximum; here a NaN row is never preferred).
 pub fn hierarchy(
     candidates: &[Candidate],
     high: Option<f64>,

@@ -79,8 +79,9 @@ pub enum CommitPolicy {
     /// The Fast-dLLM factor rule with this factor (see [`commit::factor`]).
     Factor(f64),
     /// dInfer's hierarchical rule (see [`commit::hierarchy`]): each run of adjacent masked
-    /// positions commits its most confident when above `low`, every position above `high`
-    /// (when given) commits too, at least one.
+    /// positions commits its most confident when above `low` (> 0, as the C ABI's
+    /// `hierarchy_low`, where 0 is off), every position above `high` (when given) commits too,
+    /// at least one.
     Hierarchy { high: Option<f64>, low: f64 },
 }
 
@@ -148,9 +149,9 @@ impl Decoding {
                     "factor must be a finite number > 0, got {f}"
                 )))
             }
-            CommitPolicy::Hierarchy { low, .. } if !low.is_finite() => {
+            CommitPolicy::Hierarchy { low, .. } if !(low.is_finite() && low > 0.0) => {
                 return Err(Error::invalid(format!(
-                    "hierarchy low threshold must be a finite number, got {low}"
+                    "hierarchy low threshold must be a finite number > 0, got {low}"
                 )))
             }
             CommitPolicy::Hierarchy { high: Some(h), .. } if !h.is_finite() => {
