@@ -12,11 +12,11 @@
 //! [`Decoding`] (set with [`Session::set_decoding`]) adds the decoding strategies beyond the
 //! reference loop: the parallel commit rules of Fast-dLLM (threshold, factor) and dInfer
 //! (hierarchy; with all three `steps` becomes an upper bound and a block ends as soon as it has
-//! no masks), top-k / top-p, classifier-free
-//! guidance, trace credit ([`super::credit`]) and stopping at EOS. Steps that need host logits
-//! (filters, guidance, credit, a constrained position) run through [`Model::logits_at`]; the
-//! others through [`Model::predict`]. With a block K/V cache
-//! ([`Decoding::cache`]) [`Session::step`] runs its forwards through [`super::cached`] instead.
+//! no masks), top-k / top-p, classifier-free guidance, trace credit ([`super::credit`]) and
+//! stopping at EOS. Steps that need host logits (filters, guidance, credit, a constrained
+//! position) run through [`Model::logits_at`]; the others through [`Model::predict`]. With a
+//! block K/V cache ([`Decoding::cache`]) [`Session::step`] runs its forwards through
+//! [`super::cached`] instead.
 //!
 //! Self-correction ([`Decoding::revise`], rules in [`super::revise`]) and the per-step
 //! event of [`Session::run_observed`] ([`observe`](super::observe)) are layered on the same
@@ -468,7 +468,7 @@ impl Session {
             &plan.rule,
             &self.decoding.filter,
             &self.decoding.constraints,
-            self.credit_view(plan).as_ref(),
+            credit_view(&self.decoding, &self.trace, plan).as_ref(),
         );
         self.hold_credit(plan, deposits);
         let probs = revise::token_probs(
@@ -571,12 +571,8 @@ impl Session {
         }
         let range = self.block_range(plan)?;
         let uncond = (self.decoding.cfg_scale > 0.0).then(|| self.unconditional_canvas());
-        // Field by field: the cache is borrowed mutably beside the trace.
-        let credit = self.decoding.credit.as_ref().map(|params| CreditView {
-            trace: &self.trace,
-            params,
-            block: plan.block,
-        });
+        // Fields, not `self`: the cache is borrowed mutably beside the trace.
+        let credit = credit_view(&self.decoding, &self.trace, plan);
         let (preds, deposits) = self.cache.predict(
             &*self.model,
             &self.canvas,
@@ -588,15 +584,6 @@ impl Session {
         )?;
         self.hold_credit(plan, deposits);
         Ok(preds)
-    }
-
-    /// What a prediction of `plan` reads of the trace credit (`None` when credit is off).
-    fn credit_view(&self, plan: &StepPlan) -> Option<CreditView<'_>> {
-        self.decoding.credit.as_ref().map(|params| CreditView {
-            trace: &self.trace,
-            params,
-            block: plan.block,
-        })
     }
 
     /// Keeps `plan`'s credit deposits until its step is applied (nothing when credit is off).
@@ -1168,6 +1155,19 @@ impl Session {
     pub fn model(&self) -> &Arc<dyn Model> {
         &self.model
     }
+}
+
+/// What a prediction of `plan` reads of the trace credit (`None` when `decoding` has it off).
+fn credit_view<'a>(
+    decoding: &'a Decoding,
+    trace: &'a Trace,
+    plan: &StepPlan,
+) -> Option<CreditView<'a>> {
+    decoding.credit.as_ref().map(|params| CreditView {
+        trace,
+        params,
+        block: plan.block,
+    })
 }
 
 /// Classifier-free guidance: `un + (s + 1)(cond − un)`, in float64, rounded to f32. Equal
