@@ -1,8 +1,10 @@
 //! Model configuration: `config.json` parsed into one architecture-neutral [`ModelConfig`].
 //!
-//! Two architectures: LLaDA (`model_type: "llada"`, OLMo-style field names) and Dream
-//! (`model_type: "Dream"`, Qwen2-style field names). Every field is validated; a bad or missing
-//! field gives an [`Error::Config`] naming it with the spelling of that architecture's config.
+//! Three architectures: LLaDA (`model_type: "llada"`, OLMo-style field names), Dream
+//! (`model_type: "Dream"`, Qwen2-style field names) and LLaDA-MoE (`model_type: "lladamoe"`,
+//! OLMoE-style field names, a mixture of experts in every layer). Every field is validated; a
+//! bad or missing field gives an [`Error::Config`] naming it with the spelling of that
+//! architecture's config.
 
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -16,17 +18,22 @@ pub enum Arch {
     /// Dream (Dream-org/Dream-v0-*-7B): the Qwen2.5 layout under `model.layers.*`, q/k/v biases,
     /// shifted logits.
     Dream,
+    /// LLaDA-MoE (inclusionAI/LLaDA-MoE-7B-A1B-*): the OLMoE layout under `model.layers.*`,
+    /// per-head q/k RMSNorms, a softmax-routed mixture of SwiGLU experts in every layer,
+    /// unshifted logits.
+    LladaMoe,
 }
 
 impl Arch {
     /// The `model_type` strings accepted, for error messages.
-    pub const SUPPORTED: &'static str = "llada, dream";
+    pub const SUPPORTED: &'static str = "llada, dream, lladamoe";
 
     /// The name printed by `dllm info`.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llada => "llada",
             Arch::Dream => "dream",
+            Arch::LladaMoe => "llada-moe",
         }
     }
 
@@ -36,7 +43,7 @@ impl Arch {
     /// `cat(raw[:1], raw[:-1])`, so that row `i` always predicts position `i`.
     pub fn shifted_logits(self) -> bool {
         match self {
-            Arch::Llada => false,
+            Arch::Llada | Arch::LladaMoe => false,
             Arch::Dream => true,
         }
     }
@@ -46,14 +53,15 @@ impl Arch {
     pub fn config_key(self, llada_key: &'static str) -> &'static str {
         match self {
             Arch::Llada => llada_key,
-            Arch::Dream => match llada_key {
+            Arch::Dream | Arch::LladaMoe => match llada_key {
                 "d_model" => "hidden_size",
                 "n_heads" => "num_attention_heads",
                 "n_kv_heads" => "num_key_value_heads",
                 "n_layers" => "num_hidden_layers",
+                "mlp_hidden_size" if self == Arch::LladaMoe => "expert_intermediate_size",
                 "mlp_hidden_size" => "intermediate_size",
                 "max_sequence_length" => "max_position_embeddings",
-                // Dream has no separate embedding size: the embedding has vocab_size rows.
+                // No separate embedding size: the embedding has vocab_size rows.
                 "embedding_size" => "vocab_size",
                 "weight_tying" => "tie_word_embeddings",
                 other => other,
@@ -70,6 +78,22 @@ pub const LLADA_DEFAULT_EOS_ID: u32 = 126081;
 pub const DREAM_DEFAULT_MASK_ID: u32 = 151666;
 /// Dream-7B's end-of-text id (`<|endoftext|>`, also its pad id), used when absent.
 pub const DREAM_DEFAULT_EOS_ID: u32 = 151643;
+/// LLaDA-MoE-7B-A1B's mask token id (`<|mask|>`), used when `mask_token_id` is absent.
+pub const LLADA_MOE_DEFAULT_MASK_ID: u32 = 156895;
+/// LLaDA-MoE-7B-A1B's end-of-text id (`<|endoftext|>`, also its pad id), used when absent.
+pub const LLADA_MOE_DEFAULT_EOS_ID: u32 = 156892;
+
+/// The mixture of experts that replaces the SwiGLU of every layer (LLaDA-MoE): a router picks
+/// each row's `experts_per_token` most probable experts (softmax over `n_experts` router
+/// logits) and the layer's output is their SwiGLUs (hidden size
+/// [`ModelConfig::mlp_hidden`]) weighted by those probabilities, not renormalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Experts {
+    /// Experts per layer (`num_experts`).
+    pub n_experts: usize,
+    /// Experts each row runs (`num_experts_per_tok`).
+    pub experts_per_token: usize,
+}
 
 /// The hyper-parameters of a model, independent of the checkpoint's naming.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,7 +105,7 @@ pub struct ModelConfig {
     /// Number of key/value heads (equal to `n_heads` unless grouped-query attention).
     pub n_kv_heads: usize,
     pub n_layers: usize,
-    /// Hidden size of the SwiGLU feed-forward.
+    /// Hidden size of the SwiGLU feed-forward (of each expert's, with [`ModelConfig::experts`]).
     pub mlp_hidden: usize,
     /// Number of real tokens; ids at or above it are never produced.
     pub vocab_size: usize,
@@ -99,6 +123,11 @@ pub struct ModelConfig {
     pub include_bias: bool,
     /// Biases on q/k/v projections.
     pub include_qkv_bias: bool,
+    /// An RMSNorm over each query and key head (weights of `head_dim`) after the projections,
+    /// before RoPE (LLaDA-MoE's `qk_layernorm`).
+    pub qk_norm: bool,
+    /// A mixture of experts in every layer instead of one SwiGLU (LLaDA-MoE).
+    pub experts: Option<Experts>,
 }
 
 impl ModelConfig {
@@ -148,6 +177,7 @@ impl ModelConfig {
         match model_type.to_ascii_lowercase().as_str() {
             "llada" => Self::llada(v),
             "dream" => Self::dream(v),
+            "lladamoe" | "llada_moe" | "llada-moe" => Self::llada_moe(v),
             other => Err(Error::Unsupported(format!(
                 "unsupported architecture `{other}` (supported: {})",
                 Arch::SUPPORTED
@@ -190,6 +220,8 @@ impl ModelConfig {
             weight_tying: opt_bool(v, "weight_tying")?.unwrap_or(false),
             include_bias: opt_bool(v, "include_bias")?.unwrap_or(false),
             include_qkv_bias: opt_bool(v, "include_qkv_bias")?.unwrap_or(false),
+            qk_norm: false,
+            experts: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -198,19 +230,7 @@ impl ModelConfig {
     /// Dream's `config.json` (Qwen2 field names). q/k/v biases are part of the architecture
     /// (Qwen2 always has them); options Dream never uses are rejected rather than ignored.
     fn dream(v: &Value) -> Result<Self> {
-        if let Some(act) = field(v, "hidden_act") {
-            if act.as_str() != Some("silu") {
-                return Err(Error::config(
-                    "hidden_act",
-                    format!("expected \"silu\", found {act}"),
-                ));
-            }
-        }
-        if field(v, "rope_scaling").is_some() {
-            return Err(Error::Unsupported(
-                "config field `rope_scaling`: scaled RoPE (only plain RoPE is implemented)".into(),
-            ));
-        }
+        check_hf_options(v)?;
         if opt_bool(v, "use_sliding_window")?.unwrap_or(false) {
             return Err(Error::Unsupported(
                 "config field `use_sliding_window`: sliding-window attention".into(),
@@ -246,6 +266,62 @@ impl ModelConfig {
             weight_tying: opt_bool(v, "tie_word_embeddings")?.unwrap_or(false),
             include_bias: false,
             include_qkv_bias: true,
+            qk_norm: false,
+            experts: None,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// LLaDA-MoE's `config.json` (OLMoE field names, `LLaDAConfig` of the reference modelling
+    /// code). Options that select something the engine does not implement (a shared expert,
+    /// dense layers, expert biases, sigmoid routing, partial RoPE, q/k/v clipping, attention
+    /// biases) are refused. `norm_topk_prob`, `routed_scaling_factor` and the router groups are
+    /// ignored, as the reference forward ignores them (it never renormalises the top-k weights).
+    fn llada_moe(v: &Value) -> Result<Self> {
+        check_hf_options(v)?;
+        check_llada_moe_options(v)?;
+        let n_layers = req_usize(v, "num_hidden_layers")?;
+        if let Some(freq) = field(v, "moe_layer_freq") {
+            let every_layer_moe = freq.as_array().is_some_and(|f| {
+                f.len() == n_layers && f.iter().all(|x| x.as_u64().is_some_and(|n| n > 0))
+            });
+            if !every_layer_moe {
+                return Err(Error::Unsupported(format!(
+                    "config field `moe_layer_freq`: {freq} (implemented: a non-zero entry for \
+                     each of the {n_layers} layers, every layer a mixture of experts)"
+                )));
+            }
+        }
+        let d_model = req_usize(v, "hidden_size")?;
+        let n_heads = req_usize(v, "num_attention_heads")?;
+        let vocab_size = req_usize(v, "vocab_size")?;
+        let eos = opt_u32(v, "eos_token_id")?.unwrap_or(LLADA_MOE_DEFAULT_EOS_ID);
+        let cfg = ModelConfig {
+            arch: Arch::LladaMoe,
+            d_model,
+            n_heads,
+            n_kv_heads: opt_usize(v, "num_key_value_heads")?.unwrap_or(n_heads),
+            n_layers,
+            mlp_hidden: req_usize(v, "expert_intermediate_size")?,
+            vocab_size,
+            embedding_size: vocab_size,
+            rope_theta: opt_f64(v, "rope_theta")?
+                .ok_or_else(|| Error::config("rope_theta", "missing"))?
+                as f32,
+            rms_norm_eps: opt_f64(v, "rms_norm_eps")?.unwrap_or(1e-5) as f32,
+            max_seq_len: opt_usize(v, "max_position_embeddings")?.unwrap_or(4096),
+            mask_token_id: opt_u32(v, "mask_token_id")?.unwrap_or(LLADA_MOE_DEFAULT_MASK_ID),
+            eos_token_id: eos,
+            pad_token_id: opt_u32(v, "pad_token_id")?.unwrap_or(eos),
+            weight_tying: opt_bool(v, "tie_word_embeddings")?.unwrap_or(false),
+            include_bias: false,
+            include_qkv_bias: false,
+            qk_norm: opt_bool(v, "qk_layernorm")?.unwrap_or(false),
+            experts: Some(Experts {
+                n_experts: req_usize(v, "num_experts")?,
+                experts_per_token: req_usize(v, "num_experts_per_tok")?,
+            }),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -353,6 +429,23 @@ impl ModelConfig {
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(Error::config("rms_norm_eps", "must be a positive number"));
         }
+        if let Some(x) = self.experts {
+            if x.n_experts == 0 || x.n_experts > MAX_EXPERTS {
+                return Err(Error::config(
+                    "num_experts",
+                    format!("{} is not between 1 and {MAX_EXPERTS}", x.n_experts),
+                ));
+            }
+            if x.experts_per_token == 0 || x.experts_per_token > x.n_experts {
+                return Err(Error::config(
+                    "num_experts_per_tok",
+                    format!(
+                        "{} is not between 1 and num_experts {}",
+                        x.experts_per_token, x.n_experts
+                    ),
+                ));
+            }
+        }
         match self.checked_parameter_count() {
             Some(n) if n <= MAX_PARAMETERS => {}
             _ => {
@@ -390,12 +483,22 @@ impl ModelConfig {
         } else {
             0
         };
+        // One SwiGLU, or every expert's and the router.
+        let mlp = d.checked_mul(self.mlp_hidden)?.checked_mul(3)?;
+        let ffn = match self.experts {
+            None => mlp,
+            Some(x) => mlp
+                .checked_mul(x.n_experts)?
+                .checked_add(d.checked_mul(x.n_experts)?)?,
+        };
+        let qk_norm = if self.qk_norm { 2 * self.head_dim() } else { 0 };
         let per_layer = dd
             .checked_mul(2)?
             .checked_add(d.checked_mul(kv)?.checked_mul(2)?)?
-            .checked_add(d.checked_mul(self.mlp_hidden)?.checked_mul(3)?)?
+            .checked_add(ffn)?
             .checked_add(d.checked_mul(2)?)?
-            .checked_add(bias)?;
+            .checked_add(bias)?
+            .checked_add(qk_norm)?;
         let embedding = self.embedding_size.checked_mul(d)?;
         let head = if self.weight_tying { 0 } else { embedding };
         embedding
@@ -411,6 +514,9 @@ pub const MAX_DIM: usize = i32::MAX as usize;
 /// Most layers a config may declare (LLaDA-8B has 32, Dream-7B 28): a typo such as `1e9` is
 /// refused before any per-layer table is built.
 pub const MAX_LAYERS: usize = 4096;
+
+/// Most experts a mixture-of-experts layer may declare (LLaDA-MoE has 64).
+pub const MAX_EXPERTS: usize = 4096;
 
 /// Most parameters a config may imply (2⁴⁰, about 1.1 trillion: 2 TB of bf16, beyond any
 /// checkpoint this engine maps).
@@ -463,6 +569,67 @@ fn check_llada_options(v: &Value) -> Result<()> {
         return Err(Error::Unsupported(format!(
             "config field `clip_qkv`: {x} (q/k/v clipping is not implemented)"
         )));
+    }
+    Ok(())
+}
+
+/// Options of the Hugging Face (Qwen2, OLMoE) configs that select another model than the one
+/// implemented: an activation other than SiLU, scaled RoPE.
+fn check_hf_options(v: &Value) -> Result<()> {
+    if let Some(act) = field(v, "hidden_act") {
+        if act.as_str() != Some("silu") {
+            return Err(Error::config(
+                "hidden_act",
+                format!("expected \"silu\", found {act}"),
+            ));
+        }
+    }
+    if field(v, "rope_scaling").is_some() {
+        return Err(Error::Unsupported(
+            "config field `rope_scaling`: scaled RoPE (only plain RoPE is implemented)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a LLaDA-MoE config whose options ask for parts the engine does not implement: each
+/// must be absent, null, or as listed (the values of LLaDA-MoE-7B-A1B).
+fn check_llada_moe_options(v: &Value) -> Result<()> {
+    let unsupported = |name: &str, x: &Value, what: &str| {
+        Err(Error::Unsupported(format!(
+            "config field `{name}`: {x} ({what} is not implemented)"
+        )))
+    };
+    if let Some(x) = field(v, "shared_expert_intermediate_size") {
+        return unsupported("shared_expert_intermediate_size", x, "a shared expert");
+    }
+    if let Some(x) = field(v, "clip_qkv") {
+        return unsupported("clip_qkv", x, "q/k/v clipping");
+    }
+    for (name, what) in [
+        (
+            "moe_router_enable_expert_bias",
+            "an expert bias in the router",
+        ),
+        ("attention_bias", "biases on the attention projections"),
+    ] {
+        if opt_bool(v, name)? == Some(true) {
+            return unsupported(name, &Value::Bool(true), what);
+        }
+    }
+    if let Some(x) = field(v, "moe_router_score_function") {
+        if x.as_str() != Some("softmax") {
+            return unsupported("moe_router_score_function", x, "routing other than softmax");
+        }
+    }
+    if let Some(f) = opt_f64(v, "partial_rotary_factor")? {
+        if f != 1.0 {
+            return unsupported(
+                "partial_rotary_factor",
+                &v["partial_rotary_factor"],
+                "partial RoPE",
+            );
+        }
     }
     Ok(())
 }
@@ -583,6 +750,110 @@ mod tests {
         let t = ModelConfig::from_json(&v).unwrap();
         assert!(t.weight_tying);
         assert_eq!(t.pad_token_id, 7);
+    }
+
+    fn llada_moe() -> Value {
+        json!({"model_type": "lladamoe", "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "expert_intermediate_size": 32, "num_experts": 8,
+            "num_experts_per_tok": 2, "vocab_size": 200, "rope_theta": 50000.0,
+            "qk_layernorm": true, "moe_layer_freq": [1, 1], "mask_token_id": 199,
+            "eos_token_id": 198, "norm_topk_prob": true, "routed_scaling_factor": 2.5,
+            "shared_expert_intermediate_size": null, "partial_rotary_factor": 1.0,
+            "moe_router_score_function": "softmax"})
+    }
+
+    #[test]
+    fn parses_llada_moe_fields_and_defaults() {
+        let c = ModelConfig::from_json(&llada_moe()).unwrap();
+        assert_eq!(c.arch, Arch::LladaMoe);
+        assert!(!c.shifted_logits());
+        assert_eq!(
+            (c.d_model, c.n_heads, c.n_kv_heads, c.n_layers),
+            (64, 4, 4, 2)
+        );
+        assert_eq!(
+            (c.mlp_hidden, c.vocab_size, c.embedding_size),
+            (32, 200, 200)
+        );
+        assert_eq!(
+            c.experts,
+            Some(Experts {
+                n_experts: 8,
+                experts_per_token: 2
+            })
+        );
+        assert!(c.qk_norm && !c.include_qkv_bias && !c.weight_tying);
+        assert_eq!(
+            (c.mask_token_id, c.eos_token_id, c.pad_token_id),
+            (199, 198, 198)
+        );
+        assert_eq!((c.rms_norm_eps, c.max_seq_len), (1e-5, 4096));
+        // embedding + head + per layer: 4 · 64² attention, router 8 · 64, 8 experts of
+        // 3 · 64 · 32, two norms of 64, two head norms of 16; final norm.
+        let per_layer = 4 * 64 * 64 + 8 * 64 + 8 * 3 * 64 * 32 + 2 * 64 + 2 * 16;
+        assert_eq!(c.parameter_count(), 2 * 200 * 64 + 2 * per_layer + 64);
+        // The released checkpoints' defaults, and the spellings accepted.
+        let mut v = llada_moe();
+        for k in [
+            "mask_token_id",
+            "eos_token_id",
+            "qk_layernorm",
+            "moe_layer_freq",
+        ] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v["vocab_size"] = json!(157184);
+        v["model_type"] = json!("LLaDA_MoE");
+        let c = ModelConfig::from_json(&v).unwrap();
+        assert_eq!((c.mask_token_id, c.eos_token_id), (156895, 156892));
+        assert!(!c.qk_norm);
+    }
+
+    #[test]
+    fn llada_moe_errors_name_the_field() {
+        for (field, value, needle) in [
+            ("num_experts", json!(0), "num_experts"),
+            ("num_experts", json!(5000), "num_experts"),
+            ("num_experts_per_tok", json!(9), "num_experts_per_tok"),
+            ("num_experts_per_tok", json!(0), "num_experts_per_tok"),
+            (
+                "expert_intermediate_size",
+                json!(0),
+                "expert_intermediate_size",
+            ),
+            ("moe_layer_freq", json!([1, 0]), "moe_layer_freq"),
+            ("moe_layer_freq", json!([1]), "moe_layer_freq"),
+            (
+                "shared_expert_intermediate_size",
+                json!(512),
+                "shared_expert",
+            ),
+            ("moe_router_enable_expert_bias", json!(true), "expert bias"),
+            ("moe_router_score_function", json!("sigmoid"), "sigmoid"),
+            ("partial_rotary_factor", json!(0.5), "partial_rotary_factor"),
+            ("clip_qkv", json!(8), "clip_qkv"),
+            ("attention_bias", json!(true), "attention_bias"),
+            ("hidden_act", json!("gelu"), "hidden_act"),
+            ("rope_scaling", json!({"type": "yarn"}), "rope_scaling"),
+            ("hidden_size", json!(66), "num_attention_heads"),
+        ] {
+            let mut v = llada_moe();
+            v[field] = value;
+            let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(needle), "{field}: {e}");
+        }
+        for field in [
+            "hidden_size",
+            "num_experts",
+            "num_experts_per_tok",
+            "expert_intermediate_size",
+            "rope_theta",
+        ] {
+            let mut v = llada_moe();
+            v.as_object_mut().unwrap().remove(field);
+            let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("missing"), "{field}: {e}");
+        }
     }
 
     #[test]

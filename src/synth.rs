@@ -5,7 +5,8 @@
 //! packed greedily up to a shard size limit, as Hugging Face does), each shard's header, and
 //! the index. [`synth_checkpoint`] then streams the tensors to disk in bf16, a few MB at a time,
 //! generated in parallel; memory stays small even for the 16 GB LLaDA-8B layout. Presets cover
-//! both architectures: LLaDA (`tiny`, `llada-8b`) and Dream (`dream-tiny`, `dream-7b`).
+//! every architecture: LLaDA (`tiny`, `llada-8b`), Dream (`dream-tiny`, `dream-7b`) and
+//! LLaDA-MoE (`llada-moe-tiny`, `llada-moe-7b`).
 //!
 //! Values are a pure function of `(seed, tensor name, element index)`: linear, bias and
 //! embedding weights uniform with standard deviation 0.02, norm weights uniform in
@@ -38,6 +39,12 @@ pub enum Preset {
     DreamTiny,
     /// The layout of Dream-org/Dream-v0-Instruct-7B (7.6B parameters, 15 GB, 4 shards).
     Dream7b,
+    /// A small LLaDA-MoE layout for tests: hidden 128, 3 layers, 4 heads with q/k norms, 8
+    /// experts of 64 (2 per token), vocabulary 512, untied head (0.9M parameters).
+    LladaMoeTiny,
+    /// The shape of inclusionAI/LLaDA-MoE-7B-A1B (hidden 2048, 16 layers of 16 heads, 64
+    /// experts of 1024, 8 per token, vocabulary 157184: 7.36B parameters, 15 GB, 4 shards).
+    LladaMoe7b,
 }
 
 impl Preset {
@@ -48,6 +55,8 @@ impl Preset {
             Preset::Llada8b => "llada-8b",
             Preset::DreamTiny => "dream-tiny",
             Preset::Dream7b => "dream-7b",
+            Preset::LladaMoeTiny => "llada-moe-tiny",
+            Preset::LladaMoe7b => "llada-moe-7b",
         }
     }
 
@@ -56,19 +65,23 @@ impl Preset {
         match self {
             Preset::Tiny | Preset::Llada8b => Arch::Llada,
             Preset::DreamTiny | Preset::Dream7b => Arch::Dream,
+            Preset::LladaMoeTiny | Preset::LladaMoe7b => Arch::LladaMoe,
         }
     }
 
     /// Parses a command-line preset name (`tiny`, `llada-8b`, `8b`, `dream-tiny`, `dream-7b`,
-    /// `7b`).
+    /// `7b`, `llada-moe-tiny`, `llada-moe-7b`).
     pub fn from_name(s: &str) -> Result<Preset> {
         match s.to_ascii_lowercase().as_str() {
             "tiny" => Ok(Preset::Tiny),
             "llada-8b" | "llada8b" | "8b" => Ok(Preset::Llada8b),
             "dream-tiny" => Ok(Preset::DreamTiny),
             "dream-7b" | "dream7b" | "7b" => Ok(Preset::Dream7b),
+            "llada-moe-tiny" => Ok(Preset::LladaMoeTiny),
+            "llada-moe-7b" | "llada-moe-7b-a1b" => Ok(Preset::LladaMoe7b),
             _ => Err(Error::invalid(format!(
-                "unknown synth preset `{s}` (expected tiny, llada-8b, dream-tiny or dream-7b)"
+                "unknown synth preset `{s}` (expected tiny, llada-8b, dream-tiny, dream-7b, \
+                 llada-moe-tiny or llada-moe-7b)"
             ))),
         }
     }
@@ -76,9 +89,9 @@ impl Preset {
     /// Largest shard (tensor bytes) before a new one is started.
     pub fn max_shard_bytes(self) -> u64 {
         match self {
-            Preset::Tiny | Preset::DreamTiny => 12 << 20,
+            Preset::Tiny | Preset::DreamTiny | Preset::LladaMoeTiny => 12 << 20,
             Preset::Llada8b => 3_000_000_000,
-            Preset::Dream7b => 4_000_000_000,
+            Preset::Dream7b | Preset::LladaMoe7b => 4_000_000_000,
         }
     }
 
@@ -87,7 +100,50 @@ impl Preset {
         match self.arch() {
             Arch::Llada => self.llada_fields(),
             Arch::Dream => self.dream_fields(),
+            Arch::LladaMoe => self.llada_moe_fields(),
         }
+    }
+
+    /// LLaDA-MoE's `config.json` (OLMoE names, alphabetical as `transformers` writes them).
+    fn llada_moe_fields(self) -> Vec<(&'static str, Value)> {
+        // (hidden, heads, layers, experts, per token, expert hidden, vocab, max positions,
+        //  mask, eos = pad)
+        let (d, h, l, n, k, inter, vocab, max_pos, mask, eos) = match self {
+            Preset::LladaMoe7b => (2048, 16, 16, 64, 8, 1024, 157184, 8192, 156895, 156892),
+            _ => (128, 4, 3, 8, 2, 64, 512, 1024, 511, 510),
+        };
+        vec![
+            ("architectures", json!(["LLaDAMoEModelLM"])),
+            ("attention_bias", json!(false)),
+            ("attention_dropout", json!(0.0)),
+            ("clip_qkv", Value::Null),
+            ("eos_token_id", json!(eos)),
+            ("expert_intermediate_size", json!(inter)),
+            ("hidden_act", json!("silu")),
+            ("hidden_size", json!(d)),
+            ("initializer_range", json!(0.02)),
+            ("mask_token_id", json!(mask)),
+            ("max_position_embeddings", json!(max_pos)),
+            ("model_type", json!("lladamoe")),
+            ("moe_layer_freq", json!(vec![1; l])),
+            ("norm_topk_prob", json!(false)),
+            ("num_attention_heads", json!(h)),
+            ("num_experts", json!(n)),
+            ("num_experts_per_tok", json!(k)),
+            ("num_hidden_layers", json!(l)),
+            ("num_key_value_heads", json!(h)),
+            ("pad_token_id", json!(eos)),
+            ("partial_rotary_factor", json!(1.0)),
+            ("qk_layernorm", json!(true)),
+            ("rms_norm_eps", json!(1e-5)),
+            ("rope_scaling", Value::Null),
+            ("rope_theta", json!(50000.0)),
+            ("shared_expert_intermediate_size", Value::Null),
+            ("tie_word_embeddings", json!(false)),
+            ("torch_dtype", json!("bfloat16")),
+            ("use_cache", json!(false)),
+            ("vocab_size", json!(vocab)),
+        ]
     }
 
     /// Dream's `config.json` (Qwen2 names, alphabetical as `transformers` writes them).
@@ -692,6 +748,48 @@ mod tests {
         let config: Value = serde_json::from_str(&p.config_json).unwrap();
         assert_eq!(config["model_type"], json!("Dream"));
         assert_eq!(config["num_key_value_heads"], json!(4));
+    }
+
+    #[test]
+    fn llada_moe_7b_plan_has_the_published_shape() {
+        let p = plan(Preset::LladaMoe7b).unwrap();
+        let c = &p.config;
+        assert_eq!(c.arch, Arch::LladaMoe);
+        assert!(!c.shifted_logits() && c.qk_norm && !c.include_qkv_bias && !c.weight_tying);
+        assert_eq!(
+            (c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim()),
+            (2048, 16, 16, 16, 128)
+        );
+        let x = c.experts.unwrap();
+        assert_eq!(
+            (x.n_experts, x.experts_per_token, c.mlp_hidden),
+            (64, 8, 1024)
+        );
+        assert_eq!((c.mask_token_id, c.eos_token_id), (156895, 156892));
+        assert_eq!(c.rope_theta, 50000.0);
+        // Hand count (the model card's 7.36B total): embedding and head 157184·2048 each; 16
+        // layers of q, k, v, o 2048², router 64·2048, 64 experts of 3·2048·1024, two norms,
+        // two head norms of 128; the final norm.
+        let per_layer = 4 * 2048 * 2048 + 64 * 2048 + 64 * 3 * 2048 * 1024 + 2 * 2048 + 2 * 128u64;
+        let params = 2 * 157184 * 2048 + 16 * per_layer + 2048;
+        assert_eq!(params, 7_356_880_896);
+        assert_eq!(p.parameters, params);
+        assert_eq!(p.tensor_count(), 16 * (4 + 1 + 64 * 3 + 2 + 2) + 3);
+        assert!(p.shards.len() >= 4 && p.shards.iter().all(|s| s.data_bytes <= 4_000_000_000));
+        let index: Value = serde_json::from_str(&p.index_json).unwrap();
+        let map = index["weight_map"].as_object().unwrap();
+        for name in [
+            "model.layers.15.mlp.experts.63.down_proj.weight",
+            "model.layers.0.mlp.gate.weight",
+            "model.layers.7.self_attn.k_norm.weight",
+            "lm_head.weight",
+        ] {
+            assert!(map.contains_key(name), "{name}");
+        }
+        let config: Value = serde_json::from_str(&p.config_json).unwrap();
+        assert_eq!(config["model_type"], json!("lladamoe"));
+        assert_eq!(config["architectures"], json!(["LLaDAMoEModelLM"]));
+        assert_eq!(plan(Preset::LladaMoeTiny).unwrap().parameters, 921_664);
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! - Dream (ChatML, as Qwen2.5 / Dream-v0-Instruct): a system turn
 //!   `You are a helpful assistant.` when the conversation does not start with one, each turn
 //!   `<|im_start|>ROLE\nCONTENT<|im_end|>\n`, the generation prompt `<|im_start|>assistant\n`.
+//! - LLaDA-MoE (inclusionAI's Ling format): each turn `<role>ROLE</role>CONTENT<|role_end|>`
+//!   with ROLE `SYSTEM`, `HUMAN` or `ASSISTANT`, the generation prompt `<role>ASSISTANT</role>`;
+//!   no default system turn.
 
 use super::template::{Message, Role};
 use crate::config::Arch;
@@ -23,6 +26,8 @@ pub enum Family {
     Llada,
     /// ChatML with a default system prompt (Dream).
     Dream,
+    /// `<role>…</role>` tags with `<|role_end|>` (LLaDA-MoE).
+    LladaMoe,
 }
 
 impl Family {
@@ -31,14 +36,16 @@ impl Family {
         match arch {
             Arch::Llada => Family::Llada,
             Arch::Dream => Family::Dream,
+            Arch::LladaMoe => Family::LladaMoe,
         }
     }
 
-    /// `llada` or `dream`.
+    /// `llada`, `dream` or `llada-moe`.
     pub fn name(self) -> &'static str {
         match self {
             Family::Llada => "llada",
             Family::Dream => "dream",
+            Family::LladaMoe => "llada-moe",
         }
     }
 
@@ -68,6 +75,19 @@ impl Family {
                     out.push_str("<|im_start|>assistant\n");
                 }
             }
+            Family::LladaMoe => {
+                for m in messages {
+                    let role = match m.role {
+                        Role::System => "SYSTEM",
+                        Role::User => "HUMAN",
+                        Role::Assistant => "ASSISTANT",
+                    };
+                    out.push_str(&format!("<role>{role}</role>{}<|role_end|>", m.content));
+                }
+                if add_generation_prompt {
+                    out.push_str("<role>ASSISTANT</role>");
+                }
+            }
         }
         out
     }
@@ -87,4 +107,33 @@ fn chatml_turn(out: &mut String, role: &str, content: &str) {
     out.push('\n');
     out.push_str(content);
     out.push_str("<|im_end|>\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llada_moe_turns_use_role_tags() {
+        let messages = [
+            Message {
+                role: Role::System,
+                content: "Be brief.".into(),
+            },
+            Message {
+                role: Role::User,
+                content: "Hi".into(),
+            },
+        ];
+        assert_eq!(Family::of(Arch::LladaMoe), Family::LladaMoe);
+        assert_eq!(
+            Family::LladaMoe.render(&messages, true),
+            "<role>SYSTEM</role>Be brief.<|role_end|><role>HUMAN</role>Hi<|role_end|>\
+             <role>ASSISTANT</role>"
+        );
+        assert_eq!(
+            Family::LladaMoe.render(&messages[1..], false),
+            "<role>HUMAN</role>Hi<|role_end|>"
+        );
+    }
 }

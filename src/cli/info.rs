@@ -78,7 +78,10 @@ pub fn info(a: InfoArgs) -> Result<()> {
         .map(|p| p.display().to_string())
         .collect();
     let cpu_bf16 = cpu_bf16_line(a.model.cpu_bf16);
+    // LLaDA-MoE has no CUDA model: no device figures to give.
+    let cuda_model = cfg.experts.is_none() && !cfg.qk_norm;
     let cuda = match dllm::backend::cuda::unavailable_reason() {
+        _ if !cuda_model => format!("no CUDA model for {} (it runs on the CPU)", cfg.arch.name()),
         None => format!(
             "kernels compiled ({})",
             dllm::backend::cuda::module_names().join(", ")
@@ -104,6 +107,9 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "max_seq_len": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
             "mask_token_id": cfg.mask_token_id, "eos_token_id": cfg.eos_token_id,
             "qkv_bias": cfg.include_qkv_bias, "shifted_logits": cfg.shifted_logits(),
+            "qk_norm": cfg.qk_norm,
+            "experts": cfg.experts.map(|x| x.n_experts),
+            "experts_per_token": cfg.experts.map(|x| x.experts_per_token),
             "embedding_tensor": table.embedding, "lm_head_tensor": table.lm_head,
             "parameters": cfg.parameter_count(), "tensor_bytes": store.total_bytes(),
             "dtypes": dtypes, "shards": shards,
@@ -111,10 +117,10 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "tokenizer_vocab": tokenizer.as_ref().ok(),
             "cpu_bf16_activations": cpu_bf16,
             "cuda": cuda,
-            "device_weight_bytes": dev_weights,
-            "device_step_bytes_per_canvas": dev_step,
-            "device_step_bytes_shared": dev_step_shared,
-            "device_kv_cache_bytes_per_canvas": dev_kv,
+            "device_weight_bytes": cuda_model.then_some(dev_weights),
+            "device_step_bytes_per_canvas": cuda_model.then_some(dev_step),
+            "device_step_bytes_shared": cuda_model.then_some(dev_step_shared),
+            "device_kv_cache_bytes_per_canvas": cuda_model.then_some(dev_kv),
             "cuda_switches": dllm::backend::cuda::switches()
                 .into_iter()
                 .collect::<std::collections::BTreeMap<_, _>>(),
@@ -135,6 +141,19 @@ pub fn info(a: InfoArgs) -> Result<()> {
         cfg.head_dim(),
         cfg.mlp_hidden
     ))?;
+    if let Some(x) = cfg.experts {
+        out::line(format_args!(
+            "experts      {} per layer · {} per token · hidden {} each{}",
+            x.n_experts,
+            x.experts_per_token,
+            cfg.mlp_hidden,
+            if cfg.qk_norm {
+                " · q/k head norms"
+            } else {
+                ""
+            }
+        ))?;
+    }
     out::line(format_args!(
         "vocab        {} (embedding rows {}) · mask {} · eos {} · pad {}",
         cfg.vocab_size, cfg.embedding_size, cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id
@@ -167,7 +186,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         "cuda config  {}",
         dllm::backend::cuda::switches_line()
     ))?;
-    {
+    if cuda_model {
         use dllm::memory::human_bytes;
         out::line(format_args!(
             "cuda memory  weights {} · step buffers {} + {} per canvas of {} tokens · K/V cache {} \

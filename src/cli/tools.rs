@@ -9,17 +9,20 @@ use std::path::PathBuf;
 pub enum ArchArg {
     Llada,
     Dream,
+    LladaMoe,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
 pub enum PresetArg {
     /// Small shapes for tests: tiny-llada-code's (20 M parameters) with --arch llada; hidden 256,
-    /// 4 layers, 8 heads over 2 KV heads (2.8 M parameters) with --arch dream.
+    /// 4 layers, 8 heads over 2 KV heads (2.8 M parameters) with --arch dream; hidden 128,
+    /// 3 layers, 8 experts of 64, 2 per token (0.9 M parameters) with --arch llada-moe.
     Tiny,
     /// LLaDA-8B-Instruct shapes (16 GB of bf16); --arch llada only.
     #[value(name = "8b")]
     B8,
-    /// Dream-v0-7B shapes (15 GB of bf16); --arch dream only.
+    /// Dream-v0-7B shapes (15 GB of bf16) with --arch dream; LLaDA-MoE-7B-A1B shapes (15 GB)
+    /// with --arch llada-moe.
     #[value(name = "7b")]
     B7,
 }
@@ -48,14 +51,17 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         (ArchArg::Llada, PresetArg::B8) => Preset::Llada8b,
         (ArchArg::Dream, PresetArg::Tiny) => Preset::DreamTiny,
         (ArchArg::Dream, PresetArg::B7) => Preset::Dream7b,
+        (ArchArg::LladaMoe, PresetArg::Tiny) => Preset::LladaMoeTiny,
+        (ArchArg::LladaMoe, PresetArg::B7) => Preset::LladaMoe7b,
         (ArchArg::Llada, PresetArg::B7) => {
             return Err(dllm::Error::invalid(
                 "--preset 7b is a Dream size: use --arch dream, or --preset 8b for LLaDA",
             ))
         }
-        (ArchArg::Dream, PresetArg::B8) => {
+        (ArchArg::Dream | ArchArg::LladaMoe, PresetArg::B8) => {
             return Err(dllm::Error::invalid(
-                "--preset 8b is a LLaDA size: use --arch llada, or --preset 7b for Dream",
+                "--preset 8b is a LLaDA size: use --arch llada, or --preset 7b for Dream and \
+                 LLaDA-MoE",
             ))
         }
     };

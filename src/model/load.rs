@@ -1,8 +1,8 @@
 //! Choosing a backend and loading a model directory onto it, by architecture.
 //!
 //! `Auto` takes CUDA when the driver library is present, the kernels were compiled, the
-//! architecture has a CUDA model (LLaDA and Dream both run on [`CudaTransformer`]) and the
-//! model loads on device 0;
+//! architecture has a CUDA model (LLaDA and Dream both run on [`CudaTransformer`]; LLaDA-MoE
+//! has none) and the model loads on device 0;
 //! otherwise it falls back to the CPU and says why in [`LoadedModel::note`]. `Cuda` never falls
 //! back: its failure (an unsupported architecture included) is the error.
 
@@ -11,6 +11,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::model::dream::Dream;
 use crate::model::llada::Llada;
+use crate::model::llada_moe::LladaMoe;
 use crate::model::Model;
 use crate::weights::WeightStore;
 use std::path::Path;
@@ -61,20 +62,9 @@ pub fn load_cpu_with(dir: &Path, options: CpuOptions) -> Result<Arc<dyn Model>> 
     let store = WeightStore::open(dir)?;
     let bf16 = options.bf16_activations;
     Ok(match cfg.arch {
-        Arch::Llada => {
-            let mut m = Llada::from_store(cfg, store)?;
-            if let Some(on) = bf16 {
-                m.set_bf16_activations(on);
-            }
-            Arc::new(m)
-        }
-        Arch::Dream => {
-            let mut m = Dream::from_store(cfg, store)?;
-            if let Some(on) = bf16 {
-                m.set_bf16_activations(on);
-            }
-            Arc::new(m)
-        }
+        Arch::Llada => Arc::new(Llada::from_store(cfg, store)?.with_bf16_activations(bf16)),
+        Arch::Dream => Arc::new(Dream::from_store(cfg, store)?.with_bf16_activations(bf16)),
+        Arch::LladaMoe => Arc::new(LladaMoe::from_store(cfg, store)?.with_bf16_activations(bf16)),
     })
 }
 

@@ -5,12 +5,15 @@
 //! (the CUDA backend returns only the chosen ids and confidences, never the logits); its
 //! default runs [`Model::forward`] and samples on the host.
 //!
-//! Architectures: [`llada`] and [`dream`], both the pre-norm SwiGLU transformer of
-//! [`transformer`] under different tensor names ([`tensor_table`]).
+//! Architectures: [`llada`], [`dream`] and [`llada_moe`], all the pre-norm transformer of
+//! [`transformer`] under different tensor names ([`tensor_table`]); LLaDA-MoE's feed-forward is
+//! a mixture of experts ([`experts`]).
 
 pub mod dream;
+pub mod experts;
 pub mod kv_cache;
 pub mod llada;
+pub mod llada_moe;
 pub mod load;
 pub mod transformer;
 
@@ -238,6 +241,7 @@ pub fn tensor_table(cfg: &ModelConfig) -> transformer::TensorTable {
     match cfg.arch {
         Arch::Llada => llada::layout::table(cfg),
         Arch::Dream => dream::layout::table(cfg),
+        Arch::LladaMoe => llada_moe::table(cfg),
     }
 }
 

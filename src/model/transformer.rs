@@ -25,9 +25,10 @@
 //! (every product over all their rows, attention per canvas against its own cache).
 
 use crate::backend::cpu;
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::denoise::predict::{predict_query_rows, PredictRule, Prediction};
 use crate::error::{Error, Result};
+use crate::model::experts::{Mixture, MixtureBuffers, SwiGlu, SwiGluBuffers};
 use crate::model::kv_cache::{CacheStep, KvCache};
 use crate::model::{check_queries, BatchQuery, CachedQuery, Model};
 use crate::weights::{TensorSpec, TensorView, WeightStore};
@@ -42,6 +43,29 @@ pub enum Role {
     Norm,
 }
 
+/// The checkpoint names of one SwiGLU's projections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwiGluTensors {
+    /// SwiGLU gate (silu is applied to it), `[hidden, d_model]`.
+    pub gate: String,
+    /// SwiGLU value branch, `[hidden, d_model]`.
+    pub up: String,
+    /// Down projection, `[d_model, hidden]`.
+    pub down: String,
+}
+
+/// A block's feed-forward: one SwiGLU, or a mixture of experts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedForward {
+    Dense(SwiGluTensors),
+    /// The router, `[n_experts, d_model]`, and each expert's SwiGLU
+    /// ([`crate::config::Experts`]).
+    Experts {
+        router: String,
+        experts: Vec<SwiGluTensors>,
+    },
+}
+
 /// The checkpoint names of one block's tensors, in architecture-neutral terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockTensors {
@@ -50,18 +74,29 @@ pub struct BlockTensors {
     pub v: String,
     /// Attention output projection.
     pub o: String,
-    /// SwiGLU gate (silu is applied to it).
-    pub gate: String,
-    /// SwiGLU value branch.
-    pub up: String,
-    /// Down projection.
-    pub down: String,
+    /// The feed-forward after the attention.
+    pub ffn: FeedForward,
     /// RMSNorm before attention.
     pub attn_norm: String,
     /// RMSNorm before the MLP.
     pub mlp_norm: String,
     /// q/k/v biases `(q, k, v)`, when the architecture has them.
     pub qkv_bias: Option<(String, String, String)>,
+    /// The RMSNorms of each query and key head `(q, k)`, `[head_dim]`, when the architecture
+    /// has them ([`ModelConfig::qk_norm`]).
+    pub qk_norm: Option<(String, String)>,
+}
+
+impl BlockTensors {
+    /// The block's dense SwiGLU, or an error naming the mixture of experts `backend` cannot run.
+    pub fn dense_ffn(&self, backend: &str) -> Result<&SwiGluTensors> {
+        match &self.ffn {
+            FeedForward::Dense(t) => Ok(t),
+            FeedForward::Experts { router, .. } => Err(Error::Unsupported(format!(
+                "the {backend} backend has no mixture-of-experts layers (`{router}`)"
+            ))),
+        }
+    }
 }
 
 /// Every tensor name of one checkpoint, for one architecture and config.
@@ -78,8 +113,8 @@ pub struct TensorTable {
 
 impl TensorTable {
     /// Every tensor with its shape under `cfg` and its role, in checkpoint order: embedding,
-    /// each block (q, k, v, [q/k/v biases], o, gate, up, down, attn_norm, mlp_norm), final norm,
-    /// LM head.
+    /// each block (q, k, v, (q/k/v biases), o, (router), gate, up, down (of each expert),
+    /// attn_norm, mlp_norm, (q/k norms)), final norm, LM head.
     pub fn roles(&self, cfg: &ModelConfig) -> Vec<(TensorSpec, Role)> {
         let d = cfg.d_model;
         let kv = cfg.n_kv_heads * cfg.head_dim();
@@ -89,6 +124,11 @@ impl TensorTable {
             TensorSpec::new(&self.embedding, vec![e, d]),
             Role::Embedding,
         )];
+        let swiglu = |t: &SwiGluTensors, out: &mut Vec<(TensorSpec, Role)>| {
+            out.push((TensorSpec::new(&t.gate, vec![h, d]), Role::Linear));
+            out.push((TensorSpec::new(&t.up, vec![h, d]), Role::Linear));
+            out.push((TensorSpec::new(&t.down, vec![d, h]), Role::Linear));
+        };
         for b in &self.blocks {
             out.push((TensorSpec::new(&b.q, vec![d, d]), Role::Linear));
             out.push((TensorSpec::new(&b.k, vec![kv, d]), Role::Linear));
@@ -99,11 +139,25 @@ impl TensorTable {
                 out.push((TensorSpec::new(vb, vec![kv]), Role::Bias));
             }
             out.push((TensorSpec::new(&b.o, vec![d, d]), Role::Linear));
-            out.push((TensorSpec::new(&b.gate, vec![h, d]), Role::Linear));
-            out.push((TensorSpec::new(&b.up, vec![h, d]), Role::Linear));
-            out.push((TensorSpec::new(&b.down, vec![d, h]), Role::Linear));
+            match &b.ffn {
+                FeedForward::Dense(t) => swiglu(t, &mut out),
+                FeedForward::Experts { router, experts } => {
+                    out.push((
+                        TensorSpec::new(router, vec![experts.len(), d]),
+                        Role::Linear,
+                    ));
+                    for t in experts {
+                        swiglu(t, &mut out);
+                    }
+                }
+            }
             out.push((TensorSpec::new(&b.attn_norm, vec![d]), Role::Norm));
             out.push((TensorSpec::new(&b.mlp_norm, vec![d]), Role::Norm));
+            if let Some((qn, kn)) = &b.qk_norm {
+                let hd = cfg.head_dim();
+                out.push((TensorSpec::new(qn, vec![hd]), Role::Norm));
+                out.push((TensorSpec::new(kn, vec![hd]), Role::Norm));
+            }
         }
         out.push((TensorSpec::new(&self.final_norm, vec![d]), Role::Norm));
         if let Some(head) = &self.lm_head {
@@ -124,6 +178,8 @@ struct BlockParams {
     mlp_norm: Vec<f32>,
     /// `(q, k, v)` biases.
     qkv_bias: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+    /// `(q, k)` per-head norms.
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// A transformer of any supported architecture on the CPU.
@@ -159,6 +215,8 @@ struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
+    /// Router logits of a mixture of experts (empty without one).
+    router: Vec<f32>,
 }
 
 impl Scratch {
@@ -168,8 +226,9 @@ impl Scratch {
         let d = cfg.d_model;
         let kv = cfg.n_kv_heads * cfg.head_dim();
         let h = cfg.mlp_hidden;
-        // Its ten buffers, and the normed output `hidden_rows` allocates while they live.
-        let floats = s as u64 * (6 * d + 2 * kv + 3 * h) as u64;
+        let experts = cfg.experts.map_or(0, |x| x.n_experts);
+        // Its eleven buffers, and the normed output `hidden_rows` allocates while they live.
+        let floats = s as u64 * (6 * d + 2 * kv + 3 * h + experts) as u64;
         crate::memory::check_host_fits(&format!("the activations of {s} rows"), 4 * floats)?;
         Ok(Scratch {
             x: vec![0.0; s * d],
@@ -182,6 +241,7 @@ impl Scratch {
             gate: vec![0.0; s * h],
             up: vec![0.0; s * h],
             act: vec![0.0; s * h],
+            router: vec![0.0; s * experts],
         })
     }
 }
@@ -193,6 +253,54 @@ fn logits_buffer(rows: usize, width: usize) -> Result<Vec<f32>> {
         4 * rows as u64 * width as u64,
     )?;
     Ok(vec![0.0f32; rows * width])
+}
+
+/// Checks that `table` names the tensors `cfg` describes: its layers, LM head, q/k norms and
+/// experts.
+fn check_table_matches(cfg: &ModelConfig, table: &TensorTable) -> Result<()> {
+    let key = |k| cfg.arch.config_key(k);
+    if table.blocks.len() != cfg.n_layers {
+        return Err(Error::config(
+            key("n_layers"),
+            format!(
+                "{} layers, but the tensor table names {}",
+                cfg.n_layers,
+                table.blocks.len()
+            ),
+        ));
+    }
+    if table.lm_head.is_none() != cfg.weight_tying {
+        return Err(Error::config(
+            key("weight_tying"),
+            "disagrees with the tensor table's LM head",
+        ));
+    }
+    for b in &table.blocks {
+        if b.qk_norm.is_some() != cfg.qk_norm {
+            return Err(Error::config(
+                "qk_layernorm",
+                "disagrees with the tensor table's q/k norms",
+            ));
+        }
+        let experts = match &b.ffn {
+            FeedForward::Dense(_) => None,
+            FeedForward::Experts { experts, .. } => Some(experts.len()),
+        };
+        if experts != cfg.experts.map(|x| x.n_experts) {
+            return Err(Error::config(
+                "num_experts",
+                "disagrees with the tensor table's experts",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// RMSNorm of every head of `x` (rows of `weight.len()`) in place, through `tmp`.
+fn norm_heads(x: &mut [f32], weight: &[f32], eps: f32, tmp: &mut [f32]) {
+    let tmp = &mut tmp[..x.len()];
+    cpu::rms_norm(x, weight, eps, tmp);
+    x.copy_from_slice(tmp);
 }
 
 /// Adds `bias` to every row of `x`.
@@ -239,22 +347,7 @@ impl CpuTransformer {
     /// Builds the model from an opened checkpoint, validating every tensor of `table` (presence,
     /// shape, dtype) against `cfg`; errors name the tensor.
     pub fn new(cfg: ModelConfig, store: WeightStore, table: TensorTable) -> Result<CpuTransformer> {
-        if table.blocks.len() != cfg.n_layers {
-            return Err(Error::config(
-                cfg.arch.config_key("n_layers"),
-                format!(
-                    "{} layers, but the tensor table names {}",
-                    cfg.n_layers,
-                    table.blocks.len()
-                ),
-            ));
-        }
-        if table.lm_head.is_none() != cfg.weight_tying {
-            return Err(Error::config(
-                cfg.arch.config_key("weight_tying"),
-                "disagrees with the tensor table's LM head",
-            ));
-        }
+        check_table_matches(&cfg, &table)?;
         store.validate(&table.specs(&cfg))?;
         let f32s = |name: &str| Ok::<_, Error>(store.get(name)?.to_f32_vec());
         let blocks = table
@@ -266,6 +359,10 @@ impl CpuTransformer {
                     mlp_norm: f32s(&b.mlp_norm)?,
                     qkv_bias: match &b.qkv_bias {
                         Some((q, k, v)) => Some((f32s(q)?, f32s(k)?, f32s(v)?)),
+                        None => None,
+                    },
+                    qk_norm: match &b.qk_norm {
+                        Some((q, k)) => Some((f32s(q)?, f32s(k)?)),
                         None => None,
                     },
                 })
@@ -282,6 +379,21 @@ impl CpuTransformer {
         };
         model.set_bf16_activations(bf16_activations_from_env());
         Ok(model)
+    }
+
+    /// [`CpuTransformer::new`] over the tensor table of `cfg`'s architecture
+    /// ([`crate::model::tensor_table`]), after checking that it is `want` (the caller's model
+    /// type).
+    pub fn of_arch(want: Arch, cfg: ModelConfig, store: WeightStore) -> Result<CpuTransformer> {
+        if cfg.arch != want {
+            return Err(Error::invalid(format!(
+                "a {} config given to the {} model",
+                cfg.arch.name(),
+                want.name()
+            )));
+        }
+        let table = crate::model::tensor_table(&cfg);
+        CpuTransformer::new(cfg, store, table)
     }
 
     /// Rounds every product's activations to bf16 (`on`) or keeps them f32 (the default, the
@@ -464,6 +576,11 @@ impl CpuTransformer {
                 add_bias(&mut b.k, kb);
                 add_bias(&mut b.v, vb);
             }
+            if let Some((qn, kn)) = &p.qk_norm {
+                let eps = cfg.rms_norm_eps;
+                norm_heads(&mut b.q[..m * qw], qn, eps, &mut b.attn);
+                norm_heads(&mut b.k, kn, eps, &mut b.attn);
+            }
             cpu::rope(
                 &mut b.q[..m * qw],
                 &q_positions,
@@ -527,19 +644,31 @@ impl CpuTransformer {
                 &mut b.normed[..m * d],
                 &mut b.proj[..m * d],
             );
-            let h = cfg.mlp_hidden;
-            let (gate, up, act) = (
-                &mut b.gate[..m * h],
-                &mut b.up[..m * h],
-                &mut b.act[..m * h],
-            );
             linear(&b.attn[..m * qw], m, &self.weight(&names.o)?, proj);
             cpu::add_assign(x, proj);
             cpu::rms_norm(x, &p.mlp_norm, cfg.rms_norm_eps, normed);
-            linear(normed, m, &self.weight(&names.gate)?, gate);
-            linear(normed, m, &self.weight(&names.up)?, up);
-            cpu::silu_mul(gate, up, act);
-            linear(act, m, &self.weight(&names.down)?, proj);
+            let mut swiglu = SwiGluBuffers {
+                gate: &mut b.gate,
+                up: &mut b.up,
+                act: &mut b.act,
+            };
+            match &names.ffn {
+                FeedForward::Dense(t) => {
+                    SwiGlu::open(&self.store, t)?.run(normed, m, linear, &mut swiglu, proj)
+                }
+                FeedForward::Experts { router, experts } => {
+                    let per_row = cfg.experts.map_or(0, |x| x.experts_per_token);
+                    let mixture = Mixture::open(&self.store, router, experts, per_row)?;
+                    // The attention's input and output buffers are free until the next layer.
+                    let mut buf = MixtureBuffers {
+                        swiglu,
+                        rows: &mut b.attn,
+                        y: &mut b.q,
+                        logits: &mut b.router,
+                    };
+                    mixture.run(normed, m, d, linear, &mut buf, proj);
+                }
+            }
             cpu::add_assign(x, proj);
         }
         let mut out = vec![0.0f32; m * d];
@@ -907,7 +1036,8 @@ impl Model for CpuTransformer {
 }
 
 /// A product `out[m, n] = x[m, k] · Wᵀ` of the CPU backend.
-type Product = fn(&[f32], usize, &TensorView, &mut [f32]);
+/// A product `out = x · wᵀ` of `m` rows ([`cpu::linear`]'s contract).
+pub(crate) type Product = fn(&[f32], usize, &TensorView, &mut [f32]);
 
 /// Cached spans of up to this many rows (a dual-cache block of 32, 33 for shifted
 /// architectures, blocks up to 64) run every product through the skinny kernel; longer ones
@@ -1011,6 +1141,14 @@ macro_rules! delegate_model {
             /// See [`CpuTransformer::set_bf16_activations`].
             pub fn set_bf16_activations(&mut self, on: bool) -> bool {
                 self.0.set_bf16_activations(on)
+            }
+
+            /// The model with bf16 activations set as `on` says (`None`: left as loaded).
+            pub fn with_bf16_activations(mut self, on: Option<bool>) -> Self {
+                if let Some(on) = on {
+                    self.0.set_bf16_activations(on);
+                }
+                self
             }
         }
 

@@ -3,7 +3,9 @@
 //! success checks that print its stderr when it failed.
 #![allow(dead_code)] // each test crate uses part of it
 
+pub mod checkpoint;
 pub mod logits;
+pub mod naive;
 pub mod odd;
 
 use std::io::Write;

@@ -385,6 +385,13 @@ impl CudaTransformer {
         cfg: &ModelConfig,
         kernels: KernelChoice,
     ) -> Result<CudaTransformer> {
+        if cfg.experts.is_some() || cfg.qk_norm {
+            return Err(Error::Unsupported(format!(
+                "the CUDA backend has no {} layers (mixture of experts, q/k head norms): \
+                 run it on the CPU backend",
+                cfg.arch.name()
+            )));
+        }
         let table = crate::model::tensor_table(cfg);
         let (d, h, e) = (cfg.d_model, cfg.mlp_hidden, cfg.embedding_size);
         // The fused SwiGLU only where the fast GEMMs run (a tiled kernel for every row count:
@@ -421,9 +428,10 @@ impl CudaTransformer {
             let k = store.get_shaped(&n.k, &[kv, d])?;
             let v = store.get_shaped(&n.v, &[kv, d])?;
             let o = store.get_shaped(&n.o, &[d, d])?;
-            let g = store.get_shaped(&n.gate, &[h, d])?;
-            let u = store.get_shaped(&n.up, &[h, d])?;
-            let f = store.get_shaped(&n.down, &[d, h])?;
+            let mlp = n.dense_ffn("CUDA")?;
+            let g = store.get_shaped(&mlp.gate, &[h, d])?;
+            let u = store.get_shaped(&mlp.up, &[h, d])?;
+            let f = store.get_shaped(&mlp.down, &[d, h])?;
             let an = store.get_shaped(&n.attn_norm, &[d])?;
             let fnm = store.get_shaped(&n.mlp_norm, &[d])?;
             let qkv_bias = match &n.qkv_bias {

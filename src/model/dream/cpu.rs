@@ -9,14 +9,13 @@
 //! raw    = lm_head(norm(x))
 //! logits = cat(raw[:1], raw[:-1])      (row i predicts token i from the output at i − 1)
 //! ```
-//! The math is the shared [`CpuTransformer`] over the Dream tensor table ([`layout::table`]).
+//! The math is the shared [`CpuTransformer`] over the Dream tensor table ([`super::layout::table`]).
 //! [`Model::forward`](crate::model::Model::forward) returns the shifted rows, so the denoiser
 //! needs no architecture knowledge; [`Model::raw_forward`](crate::model::Model::raw_forward)
 //! returns the unshifted ones (what PyTorch's `model(ids).logits` gives).
 
-use super::layout;
 use crate::config::{Arch, ModelConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::transformer::{delegate_model, open_checked, CpuTransformer};
 use crate::weights::WeightStore;
 use std::path::Path;
@@ -34,14 +33,7 @@ impl Dream {
 
     /// Builds the model from an opened checkpoint.
     pub fn from_store(cfg: ModelConfig, store: WeightStore) -> Result<Dream> {
-        if cfg.arch != Arch::Dream {
-            return Err(Error::invalid(format!(
-                "Dream::from_store: a {} config",
-                cfg.arch.name()
-            )));
-        }
-        let table = layout::table(&cfg);
-        Ok(Dream(CpuTransformer::new(cfg, store, table)?))
+        Ok(Dream(CpuTransformer::of_arch(Arch::Dream, cfg, store)?))
     }
 }
 

@@ -6,7 +6,7 @@
 //! unless `tie_word_embeddings`.
 
 use crate::config::ModelConfig;
-use crate::model::transformer::{BlockTensors, Role, TensorTable};
+use crate::model::transformer::{BlockTensors, FeedForward, Role, SwiGluTensors, TensorTable};
 use crate::weights::TensorSpec;
 
 /// Token embedding, `[vocab_size, hidden_size]`.
@@ -24,9 +24,7 @@ pub fn block_tensors(i: usize) -> BlockTensors {
         k: n("self_attn.k_proj.weight"),
         v: n("self_attn.v_proj.weight"),
         o: n("self_attn.o_proj.weight"),
-        gate: n("mlp.gate_proj.weight"),
-        up: n("mlp.up_proj.weight"),
-        down: n("mlp.down_proj.weight"),
+        ffn: FeedForward::Dense(mlp_tensors(&n("mlp"))),
         attn_norm: n("input_layernorm.weight"),
         mlp_norm: n("post_attention_layernorm.weight"),
         qkv_bias: Some((
@@ -34,6 +32,17 @@ pub fn block_tensors(i: usize) -> BlockTensors {
             n("self_attn.k_proj.bias"),
             n("self_attn.v_proj.bias"),
         )),
+        qk_norm: None,
+    }
+}
+
+/// The SwiGLU projections under `prefix` (`{prefix}.gate_proj.weight`, `up_proj`, `down_proj`):
+/// Qwen2's `mlp`, and each LLaDA-MoE expert.
+pub fn mlp_tensors(prefix: &str) -> SwiGluTensors {
+    SwiGluTensors {
+        gate: format!("{prefix}.gate_proj.weight"),
+        up: format!("{prefix}.up_proj.weight"),
+        down: format!("{prefix}.down_proj.weight"),
     }
 }
 

@@ -8,13 +8,12 @@
 //! logits = lm_head(ln_f(x))      (lm_head = wte when weight_tying)
 //! ```
 //! The math is the shared [`CpuTransformer`] run over the LLaDA tensor table
-//! ([`layout::table`]); LLaDA's logits are not shifted. [`Model::predict`](crate::model::Model::predict)
+//! ([`super::layout::table`]); LLaDA's logits are not shifted. [`Model::predict`](crate::model::Model::predict)
 //! runs the LM head only on the query rows. `Llada` dereferences to the [`CpuTransformer`]
 //! (`hidden`, `check_ids`, `store`, ...).
 
-use super::layout;
 use crate::config::{Arch, ModelConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::transformer::{delegate_model, open_checked, CpuTransformer};
 use crate::weights::WeightStore;
 use std::path::Path;
@@ -32,14 +31,7 @@ impl Llada {
 
     /// Builds the model from an opened checkpoint.
     pub fn from_store(cfg: ModelConfig, store: WeightStore) -> Result<Llada> {
-        if cfg.arch != Arch::Llada {
-            return Err(Error::invalid(format!(
-                "Llada::from_store: a {} config",
-                cfg.arch.name()
-            )));
-        }
-        let table = layout::table(&cfg);
-        Ok(Llada(CpuTransformer::new(cfg, store, table)?))
+        Ok(Llada(CpuTransformer::of_arch(Arch::Llada, cfg, store)?))
     }
 }
 

@@ -5,7 +5,7 @@
 //! applied to it), `up_proj` the value branch, `ff_out` the down projection.
 
 use crate::config::ModelConfig;
-use crate::model::transformer::{BlockTensors, TensorTable};
+use crate::model::transformer::{BlockTensors, FeedForward, SwiGluTensors, TensorTable};
 use crate::weights::TensorSpec;
 
 /// Token embedding, `[embedding_size, d_model]`.
@@ -71,14 +71,17 @@ pub fn table(cfg: &ModelConfig) -> TensorTable {
                     k: n.k_proj,
                     v: n.v_proj,
                     o: n.attn_out,
-                    gate: n.ff_proj,
-                    up: n.up_proj,
-                    down: n.ff_out,
+                    ffn: FeedForward::Dense(SwiGluTensors {
+                        gate: n.ff_proj,
+                        up: n.up_proj,
+                        down: n.ff_out,
+                    }),
                     attn_norm: n.attn_norm,
                     mlp_norm: n.ff_norm,
                     qkv_bias: cfg
                         .include_qkv_bias
                         .then_some((n.q_bias, n.k_bias, n.v_bias)),
+                    qk_norm: None,
                 }
             })
             .collect(),
