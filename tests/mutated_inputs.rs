@@ -67,6 +67,16 @@ fn dream_config_fields_with_odd_values_load_or_fail_cleanly() {
     );
 }
 
+#[test]
+fn llada_moe_config_fields_with_odd_values_load_or_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_checkpoint(Preset::LladaMoeTiny, dir.path(), 3).unwrap();
+    config_fields_with_odd_values_load_or_fail_cleanly(
+        dir.path(),
+        ("hidden_size", "num_attention_heads", "num_key_value_heads"),
+    );
+}
+
 /// Every field of `src`'s config replaced by each odd value, and removed, and the head counts
 /// (fields `heads`: width, query heads, K/V heads) varied together: each loads and runs a
 /// forward, or fails with an error.

@@ -35,6 +35,14 @@ fn dream_sessions_with_odd_parameters_run_or_fail_cleanly() {
     sessions_with_odd_parameters_run_or_fail_cleanly(load_cpu(dir.path()).unwrap(), 43);
 }
 
+#[test]
+fn llada_moe_sessions_with_odd_parameters_run_or_fail_cleanly() {
+    // A mixture of experts: every forward routes its rows, packed batches included.
+    let dir = tempfile::tempdir().unwrap();
+    synth_checkpoint(Preset::LladaMoeTiny, dir.path(), 6).unwrap();
+    sessions_with_odd_parameters_run_or_fail_cleanly(load_cpu(dir.path()).unwrap(), 46);
+}
+
 fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed: u64) {
     let mask = model.config().mask_token_id;
     let vocab = model.config().vocab_size;
