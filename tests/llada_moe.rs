@@ -9,7 +9,7 @@
 use dllm::config::Arch;
 use dllm::error::ErrorKind;
 use dllm::model::llada_moe::LladaMoe;
-use dllm::model::{load_model, Backend, BatchQuery, CacheStep, KvCache, Model};
+use dllm::model::{load_model, Backend, BatchQuery, CacheStep, CachedQuery, KvCache, Model};
 use dllm::synth::{synth_checkpoint, Preset};
 use std::path::Path;
 
@@ -169,6 +169,58 @@ fn cached_steps_agree_with_full_forwards() {
         e < 1e-5,
         "one layer, span after a commit vs full forward: rel {e:e}"
     );
+}
+
+#[test]
+fn packed_cached_spans_equal_each_span_alone() {
+    let tmp = synth_tiny(26);
+    let model = LladaMoe::load(tmp.path()).unwrap();
+    assert!(model.packs_cached_batches());
+    let rule = greedy_rule(&model);
+    let (a, b) = (CANVASES[1].to_vec(), CANVASES[2].to_vec());
+    let (qa, qb) = ([2usize, 3], [15usize, 16, 17, 18]);
+    let (sa, sb) = (CacheStep::Span(0..7), CacheStep::Span(15..19));
+    // Each span alone, after its refresh.
+    let alone = |ids: &[u32], q: &[usize], step: &CacheStep| {
+        let mut cache = KvCache::new(model.config(), ids.len());
+        model
+            .predict_cached(ids, q, &rule, &mut cache, &CacheStep::Refresh)
+            .unwrap();
+        model
+            .predict_cached(ids, q, &rule, &mut cache, step)
+            .unwrap()
+    };
+    let want = [alone(&a, &qa, &sa), alone(&b, &qb, &sb)];
+    // Both spans in one forward: each expert runs over rows of both canvases.
+    let (mut ca, mut cb) = (
+        KvCache::new(model.config(), a.len()),
+        KvCache::new(model.config(), b.len()),
+    );
+    model
+        .predict_cached(&a, &qa, &rule, &mut ca, &CacheStep::Refresh)
+        .unwrap();
+    model
+        .predict_cached(&b, &qb, &rule, &mut cb, &CacheStep::Refresh)
+        .unwrap();
+    let got = model
+        .predict_cached_batch(&mut [
+            CachedQuery {
+                ids: &a,
+                queries: &qa,
+                rule: &rule,
+                cache: &mut ca,
+                step: sa.clone(),
+            },
+            CachedQuery {
+                ids: &b,
+                queries: &qb,
+                rule: &rule,
+                cache: &mut cb,
+                step: sb.clone(),
+            },
+        ])
+        .unwrap();
+    assert_eq!(got, want);
 }
 
 /// Rewrites the config of the checkpoint in `dir` to its first `n` layers (the others' tensors
