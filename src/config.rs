@@ -275,9 +275,13 @@ impl ModelConfig {
 
     /// LLaDA-MoE's `config.json` (OLMoE field names, `LLaDAConfig` of the reference modelling
     /// code). Options that select something the engine does not implement (a shared expert,
-    /// dense layers, expert biases, sigmoid routing, partial RoPE, q/k/v clipping, attention
-    /// biases) are refused. `norm_topk_prob`, `routed_scaling_factor` and the router groups are
-    /// ignored, as the reference forward ignores them (it never renormalises the top-k weights).
+    /// dense layers, partial RoPE, q/k/v clipping, attention biases) are refused. The router
+    /// options the reference forward never reads are ignored as it ignores them:
+    /// `norm_topk_prob` (the top-k weights are never renormalised), `routed_scaling_factor`,
+    /// the router groups and `moe_router_score_function` (always a softmax). So is
+    /// `moe_router_enable_expert_bias`, as dInfer's and llama.cpp's LLaDA-MoE ignore it (the
+    /// reference adds a zero buffer unless the checkpoint carries `mlp.expert_bias` tensors,
+    /// which `dllm info` would list as extra).
     fn llada_moe(v: &Value) -> Result<Self> {
         check_hf_options(v)?;
         check_llada_moe_options(v)?;
@@ -592,8 +596,9 @@ fn check_hf_options(v: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a LLaDA-MoE config whose options ask for parts the engine does not implement: each
-/// must be absent, null, or as listed (the values of LLaDA-MoE-7B-A1B).
+/// Refuses a LLaDA-MoE config whose options ask for parts the engine does not implement (parts
+/// with tensors of their own, or other layer arithmetic): each must be absent, null, or as
+/// listed.
 fn check_llada_moe_options(v: &Value) -> Result<()> {
     let unsupported = |name: &str, x: &Value, what: &str| {
         Err(Error::Unsupported(format!(
@@ -606,21 +611,12 @@ fn check_llada_moe_options(v: &Value) -> Result<()> {
     if let Some(x) = field(v, "clip_qkv") {
         return unsupported("clip_qkv", x, "q/k/v clipping");
     }
-    for (name, what) in [
-        (
-            "moe_router_enable_expert_bias",
-            "an expert bias in the router",
-        ),
-        ("attention_bias", "biases on the attention projections"),
-    ] {
-        if opt_bool(v, name)? == Some(true) {
-            return unsupported(name, &Value::Bool(true), what);
-        }
-    }
-    if let Some(x) = field(v, "moe_router_score_function") {
-        if x.as_str() != Some("softmax") {
-            return unsupported("moe_router_score_function", x, "routing other than softmax");
-        }
+    if opt_bool(v, "attention_bias")? == Some(true) {
+        return unsupported(
+            "attention_bias",
+            &Value::Bool(true),
+            "biases on the attention projections",
+        );
     }
     if let Some(f) = opt_f64(v, "partial_rotary_factor")? {
         if f != 1.0 {
@@ -759,7 +755,7 @@ mod tests {
             "qk_layernorm": true, "moe_layer_freq": [1, 1], "mask_token_id": 199,
             "eos_token_id": 198, "norm_topk_prob": true, "routed_scaling_factor": 2.5,
             "shared_expert_intermediate_size": null, "partial_rotary_factor": 1.0,
-            "moe_router_score_function": "softmax"})
+            "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": true})
     }
 
     #[test]
@@ -828,8 +824,6 @@ mod tests {
                 json!(512),
                 "shared_expert",
             ),
-            ("moe_router_enable_expert_bias", json!(true), "expert bias"),
-            ("moe_router_score_function", json!("sigmoid"), "sigmoid"),
             ("partial_rotary_factor", json!(0.5), "partial_rotary_factor"),
             ("clip_qkv", json!(8), "clip_qkv"),
             ("attention_bias", json!(true), "attention_bias"),
