@@ -84,6 +84,8 @@
  *         that were tail padding, so the struct stays 80 bytes); dllm_sampling_params_init and dllm_model_params_init, which the _default
  *         names are now macros over (older programs keep calling the functions, which write
  *         the structs of version 6: 64 and 20 bytes).
+ *      8: dllm_model_architecture ("llada", "dream" or "llada-moe": which prompt format the
+ *         model expects).
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -97,7 +99,7 @@ extern "C" {
 
 /* The ABI version this header describes (see "Versions" above): a program built with this
  * header needs dllm_abi_version() >= DLLM_ABI_VERSION. */
-#define DLLM_ABI_VERSION 7
+#define DLLM_ABI_VERSION 8
 
 /* ---------------------------------------------------------------------------------------------
  * Status codes
@@ -228,6 +230,10 @@ int32_t dllm_model_max_length(const dllm_model *m);
 /* The backend the model runs on: "cpu" or "cuda" (with DLLM_BACKEND_AUTO, the one chosen).
  * Static string; NULL if m is NULL. */
 const char *dllm_model_backend(const dllm_model *m);
+
+/* The model's architecture: "llada", "dream" or "llada-moe" (config.json's model_type; it
+ * decides the prompt and chat format the model expects). Static string; NULL if m is NULL. */
+const char *dllm_model_architecture(const dllm_model *m);
 
 /* ---------------------------------------------------------------------------------------------
  * Tokenizer

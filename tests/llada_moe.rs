@@ -300,6 +300,47 @@ fn greedy_denoising_commits_the_naive_choice() {
     assert_eq!(session.masks_left(), 0);
 }
 
+#[test]
+fn the_c_abi_names_each_architecture() {
+    use dllm::ffi::*;
+    use std::ffi::{CStr, CString};
+    let moe = synth_tiny(27);
+    let dream = tempfile::tempdir().unwrap();
+    synth_checkpoint(Preset::DreamTiny, dream.path(), 1).unwrap();
+    let llada = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llada-code");
+    // The C ABI loads a tokenizer with the model: a four-word one for the synth checkpoints.
+    let tokenizer = serde_json::json!({"version": "1.0", "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "unk_token": "<unk>",
+            "vocab": {"<unk>": 0, "a": 1, "b": 2, "c": 3}}});
+    for dir in [dream.path(), moe.path()] {
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    }
+    for (dir, want) in [
+        (llada.as_path(), "llada"),
+        (dream.path(), "dream"),
+        (moe.path(), "llada-moe"),
+    ] {
+        let c_dir = CString::new(dir.to_str().unwrap()).unwrap();
+        // SAFETY: valid params, a NUL-terminated path and an out pointer; the handle is freed
+        // after its last use, and the returned name is a static string.
+        unsafe {
+            let mut mp = dllm_model_params::default();
+            dllm_model_params_init(&mut mp, std::mem::size_of::<dllm_model_params>());
+            mp.backend = DLLM_BACKEND_AUTO;
+            let mut m = std::ptr::null_mut();
+            let st = dllm_model_load(c_dir.as_ptr(), &mp, &mut m);
+            let err = CStr::from_ptr(dllm_last_error()).to_string_lossy();
+            assert_eq!(st, DLLM_OK, "{want}: {err}");
+            let name = CStr::from_ptr(dllm_model_architecture(m));
+            assert_eq!(name.to_str().unwrap(), want);
+            dllm_model_free(m);
+        }
+    }
+    // SAFETY: NULL is allowed and answers NULL.
+    assert!(unsafe { dllm_model_architecture(std::ptr::null()) }.is_null());
+}
+
 fn synth_cli(dir: &Path) {
     let out = run_dllm(
         &[

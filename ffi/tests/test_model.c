@@ -47,6 +47,7 @@ int main(int argc, char **argv) {
     CHECK(dllm_model_vocab_size(NULL) == -1);
     CHECK(dllm_model_max_length(NULL) == -1);
     CHECK(dllm_model_backend(NULL) == NULL);
+    CHECK(dllm_model_architecture(NULL) == NULL);
     CHECK(dllm_session_total_steps(NULL) == -1);
 
     /* Defaults, as documented in the header. */
@@ -147,6 +148,8 @@ int main(int argc, char **argv) {
     CHECK(dllm_model_vocab_size(m) == 8192);
     CHECK(dllm_model_max_length(m) == 1024);
     CHECK(dllm_model_backend(m) != NULL && strcmp(dllm_model_backend(m), "cpu") == 0);
+    /* The tiny model's config.json says model_type "llada". */
+    CHECK(dllm_model_architecture(m) != NULL && strcmp(dllm_model_architecture(m), "llada") == 0);
     dllm_model_free(m);
 
     /* Two models from one directory are independent. */

@@ -29,9 +29,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// the decoding fields of `dllm_sampling_params`, implemented MARGIN/ENTROPY and added
 /// `dllm_session_last_commits`; 3 added `dllm_sessions_step` and `dllm_sessions_run`; 4 appended
 /// `cpu_bf16` to `dllm_model_params`; 5 added `dllm_tokenize_literal`; 6 added
-/// `dllm_session_last_remasks` and `dllm_session_constrain`. Every version serves programs
-/// built against an earlier one.
-pub const DLLM_ABI_VERSION: u32 = 7;
+/// `dllm_session_last_remasks` and `dllm_session_constrain`; 7 appended the credit and
+/// hierarchy fields of `dllm_sampling_params` and added the `_init` functions; 8 added
+/// `dllm_model_architecture`. Every version serves programs built against an earlier one.
+pub const DLLM_ABI_VERSION: u32 = 8;
 
 /// Result of every fallible call (`dllm_status` in C).
 pub type dllm_status = i32;

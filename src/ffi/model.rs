@@ -5,6 +5,7 @@ use super::{
     invalid, model_token_ids, read_params, write_output, FfiError, FfiResult, DLLM_BACKEND_AUTO,
     DLLM_BACKEND_CPU, DLLM_BACKEND_CUDA, DLLM_ERR_INTERNAL, MODEL_PARAMS_SIZES,
 };
+use crate::config::Arch;
 use crate::model::{load_model_with, Backend, CpuOptions, Model};
 use crate::tokenizer::{SpecialText, Tokenizer};
 use std::ffi::{c_char, CStr};
@@ -313,6 +314,26 @@ pub unsafe extern "C" fn dllm_model_backend(m: *const dllm_model) -> *const c_ch
             "cpu" => c"cpu",
             "cuda" => c"cuda",
             _ => c"unknown",
+        };
+        name.as_ptr()
+    })
+}
+
+/// The model's architecture: `"llada"`, `"dream"` or `"llada-moe"` (static); NULL for NULL.
+///
+/// # Safety
+/// `m` is NULL or a live model handle.
+#[no_mangle]
+pub unsafe extern "C" fn dllm_model_architecture(m: *const dllm_model) -> *const c_char {
+    guard_value("dllm_model_architecture", std::ptr::null(), || {
+        // SAFETY: by the contract.
+        let Ok(inner) = (unsafe { model_ref(m) }) else {
+            return std::ptr::null();
+        };
+        let name: &'static CStr = match inner.model.config().arch {
+            Arch::Llada => c"llada",
+            Arch::Dream => c"dream",
+            Arch::LladaMoe => c"llada-moe",
         };
         name.as_ptr()
     })
