@@ -1,4 +1,5 @@
-//! Measures the block K/V caches (`--cache prefix|dual`) against the uncached loop on held-out
+//! Measures the block K/V caches (`--cache prefix|dual`, and the dual cache with a vicinity of
+//! 4, 8 and 16 positions, `--vicinity N`) against the uncached loop on held-out
 //! Python (`examples/heldout_python.txt`, 20 snippets written for this and used nowhere else):
 //!
 //! 1. teacher-forced step cross-entropy: each snippet's first 16 tokens are the prompt, the next
@@ -20,7 +21,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-const MODES: [CacheMode; 3] = [CacheMode::None, CacheMode::Prefix, CacheMode::Dual];
+/// The cache variants measured: a mode and a vicinity.
+const MODES: [(CacheMode, usize); 6] = [
+    (CacheMode::None, 0),
+    (CacheMode::Prefix, 0),
+    (CacheMode::Dual, 0),
+    (CacheMode::Dual, 4),
+    (CacheMode::Dual, 8),
+    (CacheMode::Dual, 16),
+];
+
+/// `dual+v8` for a vicinity of 8, else the mode's name.
+fn label((mode, vicinity): (CacheMode, usize)) -> String {
+    if vicinity == 0 {
+        mode.name().to_string()
+    } else {
+        format!("{}+v{vicinity}", mode.name())
+    }
+}
 const PROMPT: usize = 16;
 
 fn main() -> dllm::Result<()> {
@@ -52,8 +70,8 @@ fn main() -> dllm::Result<()> {
             n += c;
         }
         println!(
-            "{:>6}: {:.4} over {n} scored predictions",
-            mode.name(),
+            "{:>8}: {:.4} over {n} scored predictions",
+            label(mode),
             sum / n as f64
         );
     }
@@ -82,8 +100,8 @@ fn main() -> dllm::Result<()> {
                 .flat_map(|(a, b)| a.iter().zip(b))
                 .fold((0, 0), |(s, t), (a, b)| (s + (a == b) as usize, t + 1));
             println!(
-                "block {block_len}, {:>6}: {same}/{total} = {:.1}%",
-                mode.name(),
+                "block {block_len}, {:>8}: {same}/{total} = {:.1}%",
+                label(*mode),
                 100.0 * same as f64 / total as f64
             );
         }
@@ -108,13 +126,13 @@ fn main() -> dllm::Result<()> {
                 .collect::<dllm::Result<Vec<f64>>>()?
                 .into_iter()
                 .fold(f64::INFINITY, f64::min);
-            if mode == CacheMode::None {
+            if mode.0 == CacheMode::None {
                 base = best;
             }
             println!(
-                "gen {gen_len}, steps {}, {:>6}: {:.3} s, {:.1} tok/s, speed-up {:.2}x",
+                "gen {gen_len}, steps {}, {:>8}: {:.3} s, {:.1} tok/s, speed-up {:.2}x",
                 params.steps,
-                mode.name(),
+                label(mode),
                 best,
                 gen_len as f64 / best,
                 base / best
@@ -129,11 +147,12 @@ fn generate(
     model: &Arc<dyn Model>,
     canvas: Vec<u32>,
     params: &GenerationParams,
-    cache: CacheMode,
+    (cache, vicinity): (CacheMode, usize),
 ) -> dllm::Result<(Vec<u32>, f64)> {
     let mut s = Session::new(model.clone(), canvas, params.clone())?;
     s.set_decoding(Decoding {
         cache,
+        vicinity,
         ..Decoding::default()
     })?;
     let t = Instant::now();
@@ -152,7 +171,7 @@ fn generate(
 fn teacher_forced_ce(
     model: &dyn Model,
     ids: &[u32],
-    mode: CacheMode,
+    (mode, vicinity): (CacheMode, usize),
     seed: u64,
 ) -> dllm::Result<(f64, usize)> {
     const MASKED: usize = 64;
@@ -197,11 +216,12 @@ fn teacher_forced_ce(
                         CacheStep::Refresh
                     } else {
                         CacheStep::Span(
-                            dllm::model::kv_cache::span_for(
+                            dllm::model::kv_cache::span_with_vicinity(
                                 mode,
                                 block.clone(),
                                 canvas.len(),
                                 cfg.shifted_logits(),
+                                vicinity,
                             )
                             .expect("a cache mode"),
                         )

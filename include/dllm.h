@@ -85,7 +85,8 @@
  *         names are now macros over (older programs keep calling the functions, which write
  *         the structs of version 6: 64 and 20 bytes).
  *      8: dllm_model_architecture ("llada", "dream" or "llada-moe": which prompt format the
- *         model expects).
+ *         model expects); dllm_sampling_params gained vicinity (dInfer's vicinity cache
+ *         update; the struct grows from 80 to 88 bytes).
  */
 #ifndef DLLM_H
 #define DLLM_H
@@ -325,8 +326,9 @@ enum dllm_cache {
 
 /* How a canvas is denoised. Initialise with dllm_sampling_params_default, then change fields.
  * Versions (struct_size on 64-bit Linux): 1 = up to `seed` (32 bytes), 2 = up to `revise`
- * (64 bytes), 3 = up to `hierarchy_low` (80 bytes). A caller of an older version gets the
- * defaults for every field its version lacks. */
+ * (64 bytes), 3 = up to `hierarchy_low` (80 bytes), 4 = up to `vicinity` (88 bytes, 4 of them
+ * tail padding). A caller of an older version gets the defaults for every field its version
+ * lacks. */
 typedef struct dllm_sampling_params {
     uint32_t struct_size; /* sizeof(dllm_sampling_params); set by dllm_sampling_params_default */
     int32_t steps;        /* total refinement steps, 1 .. 1048576, a multiple of the block count;
@@ -387,6 +389,13 @@ typedef struct dllm_sampling_params {
                            * where the threshold rule alone takes ">="). With ENTROPY remasking
                            * (confidences <= 0) only that least count commits. Finite, >= 0;
                            * not together with factor. Default 0 */
+    /* ---- version 4 (offset 80; ABI version 8) ---- */
+    int32_t vicinity;     /* dInfer's vicinity cache update: with cache PREFIX or DUAL, each
+                           * cached step also recomputes the `vicinity` positions before its
+                           * block (and, with DUAL, the `vicinity` after it), refreshing their
+                           * K/V every step: closer to the uncached result for a few more rows
+                           * per step. 0 = off, >= 0; > 0 needs a cache. Default 0 */
+    /* (4 bytes of tail padding: the struct is 8-byte aligned) */
     /* Fields added in later versions go here. */
 } dllm_sampling_params;
 

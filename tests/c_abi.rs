@@ -443,6 +443,13 @@ impl ParityCase {
         self
     }
 
+    /// The same case with the vicinity cache update of `n` positions.
+    fn with_vicinity(mut self, n: i32) -> Self {
+        self.options.push(format!("vicinity={n}"));
+        self.decoding.vicinity = n as usize;
+        self
+    }
+
     /// The same case with self-correction threshold `r` (as the C `float`).
     fn with_revise(mut self, r: f32) -> Self {
         self.options.push(format!("revise={r}"));
@@ -508,6 +515,7 @@ fn case(
         cfg_scale: cfg_scale as f64,
         stop_at_eos,
         cache: CacheMode::None,
+        vicinity: 0,
         revise: None,
         constraints: Default::default(),
         credit: None,
@@ -652,6 +660,15 @@ fn c_driver_matches_the_rust_session() {
         )
         .with_hierarchy(0.2)
         .with_credit(0.7, 0.2, 0.8),
+        // The vicinity cache update: dual-cache steps over the block and 4 positions a side.
+        case(
+            "class Stack:\n",
+            24,
+            gp(12, 8, 0.0, Remasking::LowConfidence, 0),
+            OFF,
+        )
+        .with_cache(CacheMode::Dual, 2)
+        .with_vicinity(4),
     ];
     let built = built();
     for c in cases {
@@ -848,9 +865,10 @@ fn header_compiles_as_cpp() {
     replace_file(
         &src,
         b"#include \"dllm.h\"\n\
-         static_assert(sizeof(dllm_sampling_params) == 80, \"v3 layout\");\n\
+         static_assert(sizeof(dllm_sampling_params) == 88, \"v4 layout\");\n\
          static_assert(offsetof(dllm_sampling_params, threshold) == 32, \"v1 prefix\");\n\
          static_assert(offsetof(dllm_sampling_params, credit_alpha) == 64, \"v2 prefix\");\n\
+         static_assert(offsetof(dllm_sampling_params, vicinity) == 80, \"v3 prefix\");\n\
          int main() { return dllm_abi_version() == DLLM_ABI_VERSION ? 0 : 1; }\n",
     );
     let out = match Command::new(&cxx)

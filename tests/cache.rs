@@ -475,6 +475,20 @@ fn cli_cache_flag() {
     assert_eq!(dual["cache"], "dual");
     assert_eq!(dual["cache_refreshes"], 2);
     assert_eq!(dual["cache_span_steps"], 6);
+    assert_eq!(dual["vicinity"], 0);
+    // The vicinity update: the same refreshes and span steps, each span wider.
+    let near = json(dllm(
+        &[&base[..], &["--cache", "dual", "--vicinity", "4"]].concat(),
+    ));
+    assert_eq!(
+        (&near["vicinity"], &near["cache_refreshes"]),
+        (&4.into(), &2.into())
+    );
+    assert_eq!(near["cache_span_steps"], 6);
+    let o = dllm(&[&base[..], &["--vicinity", "4"]].concat());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("vicinity") && err.contains("cache"), "{err}");
     let o = dllm(&[&base[..], &["--cache", "full"]].concat());
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);

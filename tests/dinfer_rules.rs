@@ -105,8 +105,12 @@ fn reference(
     steps: usize,
     rule: Rule,
     c: Option<CreditParams>,
-    cache: CacheMode,
+    cache: impl Into<Cached>,
 ) -> (Vec<u32>, usize) {
+    let Cached {
+        mode: cache,
+        vicinity: v,
+    } = cache.into();
     // No credit is alpha 0: every fused entry is the row's own value.
     let c = c.unwrap_or(CreditParams {
         alpha: 0.0,
@@ -125,10 +129,12 @@ fn reference(
         while x[range.clone()].contains(&mask) {
             let queries: Vec<usize> = range.clone().filter(|&p| x[p] == mask).collect();
             let rows: Vec<f32> = if cache != CacheMode::None {
+                // dInfer's vicinity: `v` more positions before the block (and after it, dual).
+                let from = range.start.saturating_sub(v);
                 let step = match (first, cache) {
                     (true, _) => CacheStep::Refresh,
-                    (false, CacheMode::Prefix) => CacheStep::Span(range.start..x.len()),
-                    (false, _) => CacheStep::Span(range.clone()),
+                    (false, CacheMode::Prefix) => CacheStep::Span(from..x.len()),
+                    (false, _) => CacheStep::Span(from..(range.end + v).min(x.len())),
                 };
                 m.logits_cached(&x, &queries, &mut kv, &step).unwrap()
             } else {
@@ -170,6 +176,19 @@ fn reference(
     (x, forwards)
 }
 
+/// A cache mode and its vicinity (dInfer's vicinity cache update; 0 = off).
+#[derive(Clone, Copy)]
+struct Cached {
+    mode: CacheMode,
+    vicinity: usize,
+}
+
+impl From<CacheMode> for Cached {
+    fn from(mode: CacheMode) -> Cached {
+        Cached { mode, vicinity: 0 }
+    }
+}
+
 /// The session's canvas and forward count for the same run.
 #[allow(clippy::too_many_arguments)]
 fn session_run(
@@ -180,8 +199,9 @@ fn session_run(
     steps: usize,
     rule: Rule,
     c: Option<CreditParams>,
-    cache: CacheMode,
+    cache: impl Into<Cached>,
 ) -> (Vec<u32>, usize) {
+    let Cached { mode, vicinity } = cache.into();
     let params = GenerationParams {
         steps: gen / block * steps,
         block_len: block,
@@ -191,7 +211,8 @@ fn session_run(
     s.set_decoding(Decoding {
         commit: rule.policy(),
         credit: c,
-        cache,
+        cache: mode,
+        vicinity,
         ..Default::default()
     })
     .unwrap();
@@ -313,5 +334,50 @@ fn hierarchical_commits_match_the_reference() {
             let got = session_run(&m, &x, 64, 32, steps, rule, c, cache);
             assert_eq!(got, want, "{prompt:?} {steps} {rule:?} {c:?} {cache:?}");
         }
+    }
+}
+
+#[test]
+fn vicinity_steps_match_the_reference() {
+    let m = llada();
+    for prompt in PROMPTS {
+        let (x, n) = canvas(&*m, prompt, 64);
+        for (mode, vicinity, rule, steps) in [
+            (CacheMode::Dual, 4, Rule::Threshold(0.9), 32),
+            (CacheMode::Dual, 16, Rule::Threshold(0.5), 8),
+            (CacheMode::Prefix, 8, Rule::Threshold(0.9), 32),
+        ] {
+            let cache = Cached { mode, vicinity };
+            let want = reference(&*m, &x, n, 32, steps, rule, None, cache);
+            let got = session_run(&m, &x, 64, 32, steps, rule, None, cache);
+            assert_eq!(
+                got, want,
+                "{prompt:?} {mode:?} vicinity {vicinity} {rule:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_vicinity_over_the_whole_canvas_is_the_uncached_loop() {
+    // Every dual-cache step then recomputes every row (more than the skinny kernel's 64, so
+    // with the uncached forward's product) against fresh K/V: the uncached canvas, bit for bit.
+    let m = llada();
+    for prompt in PROMPTS {
+        let (x, n) = canvas(&*m, prompt, 96);
+        assert!(x.len() > 64);
+        let rule = Rule::Threshold(0.9);
+        let none = session_run(&m, &x, 96, 32, 32, rule, None, CacheMode::None);
+        let cache = Cached {
+            mode: CacheMode::Dual,
+            vicinity: x.len(),
+        };
+        let wide = session_run(&m, &x, 96, 32, 32, rule, None, cache);
+        assert_eq!(wide.0, none.0, "{prompt:?}");
+        assert_eq!(wide.1, none.1);
+        assert_eq!(wide.0[..n], x[..n]);
+        // While the plain dual cache does differ on this canvas (the test can fail).
+        let dual = session_run(&m, &x, 96, 32, 32, rule, None, CacheMode::Dual);
+        assert_ne!(dual.0, none.0, "{prompt:?}");
     }
 }

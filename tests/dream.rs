@@ -21,7 +21,7 @@ use std::process::Command;
 
 mod common;
 use common::checkpoint::{read_checkpoint, read_config, write_checkpoint, Tensor, Tensors};
-use common::naive::{rel_l2, worst_row, Faults, Naive};
+use common::naive::{assert_greedy_session_follows, rel_l2, worst_row, Faults, Naive};
 
 /// A `dream-tiny` checkpoint written by `dllm synth` into a fresh temporary directory.
 fn synth_tiny(seed: u64) -> tempfile::TempDir {
@@ -511,27 +511,9 @@ fn cli_synth_info_and_raw_logits() {
 
 #[test]
 fn greedy_denoising_commits_the_naive_shifted_choice() {
-    use dllm::denoise::{generation_canvas, GenerationParams, Session};
     let tmp = synth_tiny(17);
-    let model: std::sync::Arc<dyn Model> = std::sync::Arc::new(Dream::load(tmp.path()).unwrap());
+    let model = std::sync::Arc::new(Dream::load(tmp.path()).unwrap());
+    // The naive model's choice, from raw row p − 1 for position p.
     let naive = Naive::from_dir(tmp.path());
-    let mask = model.config().mask_token_id;
-    let gen = 6;
-    let canvas = generation_canvas(&[5, 900, 44, 17], gen, mask);
-    let params = GenerationParams {
-        steps: gen,
-        block_len: gen,
-        ..GenerationParams::default()
-    };
-    let mut session = Session::new(model, canvas.clone(), params).unwrap();
-    let mut before = canvas;
-    while !session.is_done() {
-        // The naive model's choice, from raw row p − 1 for position p.
-        let best = naive.greedy_choice(&before, mask, true);
-        let info = session.step().unwrap();
-        assert_eq!(info.committed, vec![best.0], "step {}", info.step);
-        assert_eq!(session.canvas()[best.0], best.1, "step {}", info.step);
-        before = session.canvas().to_vec();
-    }
-    assert_eq!(session.masks_left(), 0);
+    assert_greedy_session_follows(model, &naive, &[5, 900, 44, 17], true);
 }

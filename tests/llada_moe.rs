@@ -15,7 +15,7 @@ use std::path::Path;
 
 mod common;
 use common::logits::{greedy_rule, rel_err, rows};
-use common::naive::{rel_l2, worst_row, Faults, Naive};
+use common::naive::{assert_greedy_session_follows, rel_l2, worst_row, Faults, Naive};
 use common::{json_ok, run_dllm, stdout_ok};
 
 /// A `llada-moe-tiny` checkpoint written by `dllm synth` into a fresh temporary directory.
@@ -276,28 +276,10 @@ fn a_missing_expert_is_named_and_the_cuda_backend_is_refused_or_skipped() {
 
 #[test]
 fn greedy_denoising_commits_the_naive_choice() {
-    use dllm::denoise::{generation_canvas, GenerationParams, Session};
     let tmp = synth_tiny(25);
-    let model: std::sync::Arc<dyn Model> = std::sync::Arc::new(LladaMoe::load(tmp.path()).unwrap());
+    let model = std::sync::Arc::new(LladaMoe::load(tmp.path()).unwrap());
     let naive = Naive::from_dir(tmp.path());
-    let mask = model.config().mask_token_id;
-    let gen = 6;
-    let canvas = generation_canvas(&[5, 300, 44, 17], gen, mask);
-    let params = GenerationParams {
-        steps: gen,
-        block_len: gen,
-        ..GenerationParams::default()
-    };
-    let mut session = Session::new(model, canvas.clone(), params).unwrap();
-    let mut before = canvas;
-    while !session.is_done() {
-        let best = naive.greedy_choice(&before, mask, false);
-        let info = session.step().unwrap();
-        assert_eq!(info.committed, vec![best.0], "step {}", info.step);
-        assert_eq!(session.canvas()[best.0], best.1, "step {}", info.step);
-        before = session.canvas().to_vec();
-    }
-    assert_eq!(session.masks_left(), 0);
+    assert_greedy_session_follows(model, &naive, &[5, 300, 44, 17], false);
 }
 
 #[test]

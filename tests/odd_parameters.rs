@@ -78,7 +78,7 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
             1 => CommitPolicy::Threshold(r.pick(&[0.0, 0.5, 1.0, 2.0, -1.0, f64::INFINITY])),
             _ => CommitPolicy::Factor(r.pick(&[0.1, 1.0, 5.0, 1e-300, 1e300, 0.0])),
         };
-        let decoding = Decoding {
+        let mut decoding = Decoding {
             commit,
             filter: SampleFilter {
                 top_k: r.pick(&[0, 1, 2, 5, 100_000]),
@@ -87,11 +87,17 @@ fn sessions_with_odd_parameters_run_or_fail_cleanly(model: Arc<dyn Model>, seed:
             cfg_scale: r.pick(&[0.0, 0.0, 1.0, 3.0, -1.0, 1e300]),
             stop_at_eos: r.next().is_multiple_of(2),
             cache: r.pick(&[CacheMode::None, CacheMode::Prefix, CacheMode::Dual]),
+            vicinity: 0,
             revise: r.pick(&[None, None, Some(0.5), Some(0.01), Some(1.5)]),
             constraints: Default::default(),
             // Odd credit constants run in a test of their own, below.
             credit: None,
         };
+        // Cached sessions get odd vicinities too (chosen without a draw, so the sessions
+        // above stay the same).
+        if decoding.cache != CacheMode::None {
+            decoding.vicinity = [0, 1, 4, 1 << 20, usize::MAX][it % 5];
+        }
         let label = format!("session {it}: {len} positions, {params:?}, {decoding:?}");
         let m = model.clone();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

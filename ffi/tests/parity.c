@@ -3,7 +3,8 @@
  *
  * Usage: parity MODEL_DIR PROMPT GEN_LEN STEPS BLOCK_LEN TEMPERATURE REMASKING SEED [KEY=VALUE...]
  *        KEY: threshold, factor, top_k, top_p, cfg_scale, stop_at_eos, cache, revise,
- *        credit_alpha, credit_gamma, credit_decay, hierarchy_low (dllm_sampling_params);
+ *        credit_alpha, credit_gamma, credit_decay, hierarchy_low, vicinity
+ *        (dllm_sampling_params);
  *        lock=K:T locks generated position K (0 = the first after the prompt) to token T before
  *        the first step.
  * Output: one line "step S committed C masks_left M done D filled P:T P:T ... remasked P P ..."
@@ -76,6 +77,7 @@ int main(int argc, char **argv) {
             sp.credit_decay = strtof(v, NULL);
         else if (k == 13 && strncmp(argv[i], "hierarchy_low", k) == 0)
             sp.hierarchy_low = strtof(v, NULL);
+        else if (k == 8 && strncmp(argv[i], "vicinity", k) == 0) sp.vicinity = atoi(v);
         else if (k == 4 && strncmp(argv[i], "lock", k) == 0) {
             if (sscanf(v, "%ld:%ld", &lock_at, &lock_token) != 2) return 2;
         } else {

@@ -46,7 +46,7 @@ static int count_masks(const int32_t *c) {
 }
 
 static void test_defaults_and_layout(void) {
-    CHECK(sizeof(dllm_sampling_params) == 80);
+    CHECK(sizeof(dllm_sampling_params) == 88);
     CHECK(offsetof(dllm_sampling_params, seed) == 24);
     CHECK(offsetof(dllm_sampling_params, threshold) == 32); /* version 1 ended at 32 bytes */
     CHECK(offsetof(dllm_sampling_params, revise) == 60);
@@ -56,12 +56,14 @@ static void test_defaults_and_layout(void) {
     dllm_sampling_params p;
     memset(&p, 0xAB, sizeof p);
     dllm_sampling_params_default(&p);
-    CHECK(p.struct_size == 80);
+    CHECK(p.struct_size == 88);
     CHECK(p.threshold == 0.0f && p.factor == 0.0f && p.top_k == 0 && p.top_p == 1.0f);
     CHECK(p.cfg_scale == 0.0f && p.stop_at_eos == 0 && p.cache == DLLM_CACHE_NONE);
     CHECK(p.revise == 0.0f);
     CHECK(p.credit_alpha == 0.0f && p.credit_gamma == 0.2f && p.credit_decay == 0.8f);
     CHECK(p.hierarchy_low == 0.0f && offsetof(dllm_sampling_params, hierarchy_low) == 76);
+    CHECK(dllm_abi_version() >= 8 && DLLM_ABI_VERSION >= 8); /* the version-4 field exists */
+    CHECK(p.vicinity == 0 && offsetof(dllm_sampling_params, vicinity) == 80);
     /* The library function behind the macro, which programs built against ABI 2-6 headers
      * call: it writes their 64-byte struct and nothing after it. */
     union { dllm_sampling_params p; unsigned char bytes[sizeof(dllm_sampling_params)]; } u;
@@ -74,7 +76,7 @@ static void test_defaults_and_layout(void) {
 /* Each field with a valid non-default value gives a session that runs to the end (one step
  * per block, to keep the valgrind run short). */
 static void test_fields_accepted(void) {
-    for (int field = 0; field < 12; field++) {
+    for (int field = 0; field < 13; field++) {
         dllm_sampling_params p = params();
         p.steps = 2;
         switch (field) {
@@ -90,6 +92,7 @@ static void test_fields_accepted(void) {
         case 9: p.cache = DLLM_CACHE_DUAL; p.steps = 8; break;
         case 10: p.credit_alpha = 0.7f; p.threshold = 0.9f; p.steps = 8; break;
         case 11: p.hierarchy_low = 0.4f; p.threshold = 0.9f; p.steps = 8; break;
+        case 12: p.vicinity = 4; p.cache = DLLM_CACHE_DUAL; p.steps = 8; break;
         }
         int32_t c[MAXC];
         CHECK(run_to_end(&p, c));
@@ -120,6 +123,8 @@ static void test_validation(void) {
         {12, NAN, 0, "credit_decay"},
         {13, -0.4f, 0, "hierarchy_low"}, {13, NAN, 0, "hierarchy_low"},
         {14, 0.4f, 0, "hierarchy_low"}, /* hierarchy_low and factor together */
+        {15, 0, -1, "vicinity"},
+        {16, 0, 4, "vicinity"}, /* a vicinity without a cache */
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         dllm_sampling_params p = params();
@@ -139,6 +144,8 @@ static void test_validation(void) {
         case 12: p.credit_alpha = 0.7f; p.credit_decay = bad[i].f; break;
         case 13: p.hierarchy_low = bad[i].f; break;
         case 14: p.hierarchy_low = bad[i].f; p.factor = 1.0f; break;
+        case 15: p.vicinity = bad[i].i; p.cache = DLLM_CACHE_DUAL; break;
+        case 16: p.vicinity = bad[i].i; break;
         }
         CHECK_STATUS(dllm_session_new(model, canvas0, len0, &p, &s), DLLM_ERR_INVALID_ARGUMENT);
         CHECK_ERROR_MENTIONS(bad[i].field);
@@ -180,40 +187,47 @@ static void test_caches(void) {
     }
 }
 
+/* Whether the first n bytes of an older program's struct at `prefix` (its struct_size n),
+ * followed by 0xFF bytes up to this header's size, run to the canvas `want`. */
+static int older_caller_gets(const void *prefix, size_t n, const int32_t *want) {
+    union { dllm_sampling_params p; unsigned char bytes[sizeof(dllm_sampling_params)]; } buf;
+    memset(buf.bytes, 0xFF, sizeof buf.bytes);
+    memcpy(buf.bytes, prefix, n);
+    dllm_session *s = NULL;
+    int32_t got[MAXC];
+    int ok = dllm_session_new(model, canvas0, len0, &buf.p, &s) == DLLM_OK && s != NULL;
+    ok = ok && dllm_session_run(s) == DLLM_OK && get_canvas(s, got) &&
+         memcmp(got, want, len0 * sizeof got[0]) == 0;
+    dllm_session_free(s);
+    return ok;
+}
+
 static void test_old_caller(void) {
     dllm_sampling_params p = params();
     p.temperature = 0.6f;
     p.remasking = DLLM_REMASK_RANDOM;
     p.seed = 99;
-    int32_t want[MAXC], got[MAXC];
+    int32_t want[MAXC];
     CHECK(run_to_end(&p, want));
 
     sampling_params_v1 v1 = {sizeof(sampling_params_v1), 8, 8, 0.6f, DLLM_REMASK_RANDOM, 99};
     CHECK(sizeof v1 == 32);
     /* Followed by bytes that are invalid as version-2 fields (0xFF..: NaN threshold). */
-    union { dllm_sampling_params p; unsigned char bytes[sizeof(dllm_sampling_params)]; } buf;
-    memset(buf.bytes, 0xFF, sizeof buf.bytes);
-    memcpy(buf.bytes, &v1, sizeof v1);
-    dllm_session *s = NULL;
-    CHECK_STATUS(dllm_session_new(model, canvas0, len0, &buf.p, &s), DLLM_OK);
-    if (s) {
-        CHECK_STATUS(dllm_session_run(s), DLLM_OK);
-        CHECK(get_canvas(s, got) && memcmp(got, want, len0 * sizeof got[0]) == 0);
-        dllm_session_free(s);
-    }
+    CHECK(older_caller_gets(&v1, sizeof v1, want));
     /* A version-2 program (struct_size 64): the credit fields it lacks stay off, whatever
      * follows its struct (0xFF..: a NaN credit_alpha would be refused). */
     dllm_sampling_params v2 = p;
     v2.struct_size = 64;
-    memset(buf.bytes, 0xFF, sizeof buf.bytes);
-    memcpy(buf.bytes, &v2, 64);
-    s = NULL;
-    CHECK_STATUS(dllm_session_new(model, canvas0, len0, &buf.p, &s), DLLM_OK);
-    if (s) {
-        CHECK_STATUS(dllm_session_run(s), DLLM_OK);
-        CHECK(get_canvas(s, got) && memcmp(got, want, len0 * sizeof got[0]) == 0);
-        dllm_session_free(s);
-    }
+    CHECK(older_caller_gets(&v2, 64, want));
+    /* A version-3 program (struct_size 80) with a dual cache: the vicinity it lacks stays off,
+     * whatever follows its struct (0xFF..: a vicinity of -1 would be refused). */
+    dllm_sampling_params v3 = params();
+    v3.cache = DLLM_CACHE_DUAL;
+    int32_t want_cached[MAXC];
+    CHECK(run_to_end(&v3, want_cached));
+    v3.struct_size = 80;
+    CHECK(older_caller_gets(&v3, 80, want_cached));
+    dllm_session *s = NULL;
     /* Exactly 32 bytes of heap: under valgrind a read past them is an error. */
     dllm_sampling_params *exact = malloc(sizeof v1);
     if (exact) {

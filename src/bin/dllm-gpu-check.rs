@@ -639,8 +639,9 @@ fn constrained_session_check(
 
 /// A greedy session with `decoding` (a dInfer rule: trace credit, which takes the host-logits
 /// path every step, `Model::logits_at` or `logits_cached` of the block's masked rows with the
-/// credit kept on the host; or the hierarchical commit rule, which reads the fused `predict`'s
-/// confidences), GPU vs CPU. The tokens must match the CPU's as greedy generation does; the
+/// credit kept on the host; the hierarchical commit rule, which reads the fused `predict`'s
+/// confidences; or the vicinity cache update, whose span steps are wider than the block),
+/// GPU vs CPU. The tokens must match the CPU's as greedy generation does; the
 /// forward counts are reported.
 fn decoding_rule_check(
     name: String,
@@ -995,6 +996,18 @@ fn model_checks(dev: &Arc<CudaDevice>, dir: &Path, details: &mut Value) -> Vec<C
                     cpu.clone(),
                     &prompt,
                     &hierarchical,
+                ));
+                let vicinity = Decoding {
+                    cache: CacheMode::Dual,
+                    vicinity: 8,
+                    ..Decoding::default()
+                };
+                out.push(decoding_rule_check(
+                    "model.vicinity gen gpu vs cpu cache dual".into(),
+                    fast.clone(),
+                    cpu.clone(),
+                    &prompt,
+                    &vicinity,
                 ));
                 out.extend(packed_session_checks(
                     "model",

@@ -108,6 +108,11 @@ pub struct DenoiseArgs {
     /// the cached prefix and suffix. prefix/dual are approximations (see docs/decoding.md).
     #[arg(long, value_enum, default_value_t = CacheArg::None)]
     pub cache: CacheArg,
+    /// With --cache prefix|dual: each cached step also recomputes the N positions before its
+    /// block (and, dual, the N after it), refreshing their K/V every step (dInfer's vicinity
+    /// cache update): closer to the uncached loop, N more rows a side per step.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub vicinity: usize,
     /// Self-correction: after each step, re-mask tokens committed earlier in the current block
     /// whose probability under the new logits fell below R (0 < R < 1; each position at most
     /// twice; never prompt or fixed positions; --steps still bounds the step count).
@@ -209,6 +214,7 @@ impl DenoiseArgs {
                 CacheArg::Prefix => CacheMode::Prefix,
                 CacheArg::Dual => CacheMode::Dual,
             },
+            vicinity: self.vicinity,
             revise: self.revise,
             constraints: Default::default(),
             credit: self.credit.then_some(CreditParams {
@@ -583,6 +589,7 @@ fn run_canvas(
             "tokens_per_second": generated.len() as f64 / elapsed.max(1e-9),
             "backend": session.model().backend_name(),
             "cache": session.decoding().cache.name(),
+            "vicinity": session.decoding().vicinity,
             "cache_refreshes": session.cache_stats().refreshes,
             "cache_span_steps": session.cache_stats().span_steps,
         });

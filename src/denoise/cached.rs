@@ -4,8 +4,9 @@
 //! The first step of each block (and the first step after anything invalidated the cache: a
 //! lock, a remask, an EOS fill, new decoding options, a failed forward) is a refresh — a full
 //! forward that also stores every layer's K/V, with the same predictions as the uncached loop.
-//! The block's later steps compute only the span of [`span_for`] (`prefix`: block start to the
-//! canvas end; `dual`: the block) against the cache.
+//! The block's later steps compute only the span of [`span_with_vicinity`] (`prefix`: block
+//! start to the canvas end; `dual`: the block; each widened by the decoding's vicinity) against
+//! the cache.
 //!
 //! Classifier-free guidance keeps a second cache for the unconditional canvas, refreshed and
 //! spanned in step with the first, so guided steps are cached too.
@@ -14,7 +15,7 @@ use super::credit::{CreditView, Deposit};
 use super::predict::{predict_rows_filtered, Prediction};
 use super::session::{cfg_combine, Decoding, StepPlan};
 use crate::error::{Error, Result};
-use crate::model::kv_cache::{span_for, CacheMode, CacheStep, KvCache};
+use crate::model::kv_cache::{span_with_vicinity, CacheMode, CacheStep, KvCache};
 use crate::model::Model;
 use std::ops::Range;
 
@@ -99,7 +100,7 @@ impl CacheState {
     }
 
     /// What `plan`'s cached forward does (a refresh at a new block or after an invalidation,
-    /// else the span of [`span_for`]) and the conditional cache it runs on, made for a canvas of
+    /// else the span of [`span_with_vicinity`]) and the conditional cache it runs on, made for a canvas of
     /// `len` positions on first use. [`CacheState::finish`] records the outcome.
     pub fn begin(
         &mut self,
@@ -124,11 +125,12 @@ impl CacheState {
     ) -> Result<CacheStep> {
         Ok(match self.block {
             Some(b) if b == plan.block => CacheStep::Span(
-                span_for(
+                span_with_vicinity(
                     decoding.cache,
                     block_range,
                     len,
                     model.config().shifted_logits(),
+                    decoding.vicinity,
                 )
                 .ok_or_else(|| Error::State("cached step with cache mode none".into()))?,
             ),

@@ -121,6 +121,10 @@ pub struct Decoding {
     /// Block K/V cache between the steps of a block (Fast-dLLM prefix / dual; see
     /// [`crate::model::kv_cache`]). `None` is the reference loop.
     pub cache: CacheMode,
+    /// dInfer's vicinity cache update (0 = off): a cached step also recomputes the `vicinity`
+    /// positions before its block (and, with the dual cache, after it), refreshing their K/V
+    /// in the cache every step ([`crate::model::kv_cache::span_with_vicinity`]). Needs a cache.
+    pub vicinity: usize,
     /// Self-correction threshold `R` (`0 < R < 1`; `None` = off): after each step, tokens the
     /// model committed earlier in the current block whose probability under the step's logits
     /// is below `R` are re-masked (see [`super::revise`]). Such steps need host logits.
@@ -179,6 +183,12 @@ impl Decoding {
         }
         if let Some(c) = &self.credit {
             c.validate()?;
+        }
+        if self.vicinity > 0 && self.cache == CacheMode::None {
+            return Err(Error::invalid(format!(
+                "vicinity ({}) widens the cached steps' rows: use it with cache prefix or dual",
+                self.vicinity
+            )));
         }
         if !(self.cfg_scale.is_finite() && self.cfg_scale >= 0.0) {
             return Err(Error::invalid(format!(

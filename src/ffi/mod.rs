@@ -31,7 +31,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// `cpu_bf16` to `dllm_model_params`; 5 added `dllm_tokenize_literal`; 6 added
 /// `dllm_session_last_remasks` and `dllm_session_constrain`; 7 appended the credit and
 /// hierarchy fields of `dllm_sampling_params` and added the `_init` functions; 8 added
-/// `dllm_model_architecture`. Every version serves programs built against an earlier one.
+/// `dllm_model_architecture` and appended `vicinity` to `dllm_sampling_params`. Every version serves programs built against an earlier one.
 pub const DLLM_ABI_VERSION: u32 = 8;
 
 /// Result of every fallible call (`dllm_status` in C).
@@ -100,6 +100,8 @@ pub struct dllm_sampling_params {
     pub credit_gamma: f32,
     pub credit_decay: f32,
     pub hierarchy_low: f32,
+    // Version 4 (the version-3 struct ends here, at 80 bytes), then 4 bytes of tail padding.
+    pub vicinity: i32,
 }
 
 /// What one `dllm_session_step` did.
@@ -117,11 +119,11 @@ pub struct dllm_step_info {
 /// (a newer header): the fields a version lacks take their defaults, unknown ones are ignored.
 /// Appending fields appends a size here; the old sizes stay forever.
 const MODEL_PARAMS_SIZES: &[usize] = &[16, 20];
-const SAMPLING_PARAMS_SIZES: &[usize] = &[32, 64, 80];
+const SAMPLING_PARAMS_SIZES: &[usize] = &[32, 64, 80, 88];
 const _: () = assert!(std::mem::size_of::<dllm_model_params>() == 20);
 const _: () = assert!(std::mem::offset_of!(dllm_model_params, cpu_bf16) == 16);
 const _: () = assert!(std::mem::align_of::<dllm_model_params>() == 4);
-const _: () = assert!(std::mem::size_of::<dllm_sampling_params>() == 80);
+const _: () = assert!(std::mem::size_of::<dllm_sampling_params>() == 88);
 const _: () = assert!(std::mem::align_of::<dllm_sampling_params>() == 8);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, seed) == 24);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, threshold) == 32);
@@ -129,6 +131,7 @@ const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, revise) == 60);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, credit_alpha) == 64);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, credit_decay) == 72);
 const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, hierarchy_low) == 76);
+const _: () = assert!(std::mem::offset_of!(dllm_sampling_params, vicinity) == 80);
 
 impl Default for dllm_model_params {
     fn default() -> Self {
@@ -165,6 +168,7 @@ impl Default for dllm_sampling_params {
             credit_gamma: credit.gamma as f32,
             credit_decay: credit.decay as f32,
             hierarchy_low: 0.0,
+            vicinity: 0,
         }
     }
 }
@@ -577,14 +581,14 @@ mod tests {
         assert!(b[64..].iter().all(|&x| x == 0xAB));
         assert_eq!(struct_size(&b), 64);
         // init: as many bytes as the caller's struct has.
-        for size in [32usize, 64, 80, 96] {
+        for size in [32usize, 64, 80, 88, 96] {
             let b = marked(&|p| unsafe { dllm_sampling_params_init(p, size) });
-            assert!(b[size.min(80)..].iter().all(|&x| x == 0xAB), "size {size}");
+            assert!(b[size.min(88)..].iter().all(|&x| x == 0xAB), "size {size}");
             assert_eq!(struct_size(&b), size);
         }
         // Every field of this version holds its default.
         let mut aligned = [0u64; 12];
-        unsafe { dllm_sampling_params_init(aligned.as_mut_ptr().cast(), 80) };
+        unsafe { dllm_sampling_params_init(aligned.as_mut_ptr().cast(), 88) };
         let got = unsafe { std::ptr::read(aligned.as_ptr().cast::<dllm_sampling_params>()) };
         assert_eq!(got, dllm_sampling_params::default());
         let b = marked(&|p| unsafe { dllm_sampling_params_init(p, 2) });
@@ -625,14 +629,19 @@ mod tests {
         p.struct_size = 64;
         let got = read(&p).unwrap();
         assert_eq!((got.threshold, got.credit_alpha), (0.5, 0.0));
+        // A version-3 caller: the vicinity keeps its default.
+        p.vicinity = 8;
+        p.struct_size = 80;
+        let got = read(&p).unwrap();
+        assert_eq!((got.credit_alpha, got.vicinity), (0.5, 0));
         p.struct_size = 96;
-        assert_eq!(read(&p).unwrap().credit_alpha, 0.5);
-        for bad in [0, 8, 31, 33, 40, 63, 65, 76, 79] {
+        assert_eq!(read(&p).unwrap().vicinity, 8);
+        for bad in [0, 8, 31, 33, 40, 63, 65, 76, 79, 81, 84, 87] {
             p.struct_size = bad;
             let e = read(&p).unwrap_err();
             assert_eq!(e.status, DLLM_ERR_INVALID_ARGUMENT);
             assert!(
-                e.msg.contains("struct_size is") && e.msg.contains("32, 64, 80"),
+                e.msg.contains("struct_size is") && e.msg.contains("32, 64, 80, 88"),
                 "{}",
                 e.msg
             );

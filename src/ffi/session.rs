@@ -87,7 +87,7 @@ fn non_negative(value: f32, field: &str, off: &str) -> FfiResult<f64> {
     }
 }
 
-/// Converts the decoding fields (versions 2 and 3) of the C parameters into [`Decoding`].
+/// Converts the decoding fields (versions 2 to 4) of the C parameters into [`Decoding`].
 fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
     let threshold = non_negative(p.threshold, "threshold", "0 = off")?;
     let factor = non_negative(p.factor, "factor", "0 = off")?;
@@ -146,6 +146,12 @@ fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
     if let Some(c) = &credit {
         c.validate()?;
     }
+    let vicinity = usize::try_from(p.vicinity).map_err(|_| {
+        invalid(format!(
+            "vicinity must be >= 0 (0 = off), got {}",
+            p.vicinity
+        ))
+    })?;
     Ok(Decoding {
         commit,
         filter: SampleFilter {
@@ -155,6 +161,7 @@ fn decoding(p: &dllm_sampling_params) -> FfiResult<Decoding> {
         cfg_scale,
         stop_at_eos,
         cache: cache_mode(p.cache)?,
+        vicinity,
         revise,
         constraints: Constraints::default(),
         credit,
@@ -517,11 +524,22 @@ mod tests {
             cfg_scale: 1.5,
             stop_at_eos: true,
             cache: CacheMode::None,
+            vicinity: 0,
             revise: None,
             constraints: Constraints::default(),
             credit: None,
         };
         assert_eq!(decoding(&p).unwrap(), want);
+        let p = with(|p| {
+            p.cache = DLLM_CACHE_DUAL;
+            p.vicinity = 6;
+        });
+        let d = decoding(&p).unwrap();
+        assert_eq!((d.cache, d.vicinity), (CacheMode::Dual, 6));
+        assert!(decoding(&with(|p| p.vicinity = -1))
+            .unwrap_err()
+            .msg
+            .contains("vicinity"));
         let p = with(|p| {
             p.credit_alpha = 0.5;
             p.credit_gamma = 0.25;

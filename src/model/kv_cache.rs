@@ -10,6 +10,9 @@
 //!
 //! For architectures with shifted logits (Dream: position `i` is predicted from hidden state
 //! `i − 1`) the span starts one row earlier, so the block's first position has its source row.
+//! A *vicinity* ([`span_with_vicinity`], dInfer's vicinity cache update) widens the span by `v`
+//! positions on each side (clamped to the canvas), so the K/V next to the block are recomputed
+//! every step too.
 //!
 //! Storage is fp32 (the dtype the CPU attention reads): a span forward right after a refresh
 //! then sees exactly the K/V a full forward computes, and the cache costs
@@ -84,6 +87,19 @@ pub fn span_for(
         CacheMode::Prefix => Some(start..len),
         CacheMode::Dual => Some(start..block.end),
     }
+}
+
+/// [`span_for`] widened by `vicinity` positions before and after (clamped to the canvas): the
+/// rows a cached step recomputes with dInfer's vicinity update. `vicinity` 0 is [`span_for`].
+pub fn span_with_vicinity(
+    mode: CacheMode,
+    block: Range<usize>,
+    len: usize,
+    shifted: bool,
+    vicinity: usize,
+) -> Option<Range<usize>> {
+    span_for(mode, block, len, shifted)
+        .map(|s| s.start.saturating_sub(vicinity)..s.end.saturating_add(vicinity).min(len))
 }
 
 /// Per-layer keys and values of one canvas, fp32, row-major `[len, n_kv_heads · head_dim]`.
@@ -242,6 +258,22 @@ mod tests {
         assert_eq!(span_for(CacheMode::Prefix, 4..8, 12, true), Some(3..12));
         assert_eq!(span_for(CacheMode::Dual, 4..8, 12, true), Some(3..8));
         assert_eq!(span_for(CacheMode::Dual, 0..8, 12, true), Some(0..8));
+    }
+
+    #[test]
+    fn a_vicinity_widens_the_span_within_the_canvas() {
+        use CacheMode::*;
+        // A block 8..16 of a 40-position canvas.
+        assert_eq!(span_with_vicinity(Dual, 8..16, 40, false, 0), Some(8..16));
+        assert_eq!(span_with_vicinity(Dual, 8..16, 40, false, 4), Some(4..20));
+        assert_eq!(span_with_vicinity(Dual, 8..16, 40, true, 4), Some(3..20));
+        assert_eq!(span_with_vicinity(Dual, 8..16, 40, false, 30), Some(0..40));
+        assert_eq!(
+            span_with_vicinity(Dual, 8..16, 40, false, usize::MAX),
+            Some(0..40)
+        );
+        assert_eq!(span_with_vicinity(Prefix, 8..16, 40, false, 4), Some(4..40));
+        assert_eq!(span_with_vicinity(None, 8..16, 40, false, 4), Option::None);
     }
 
     #[test]

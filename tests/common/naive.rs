@@ -6,10 +6,13 @@
 //! `num_experts`.
 
 use super::checkpoint::{read_checkpoint, read_config, Tensors};
+use dllm::denoise::{generation_canvas, GenerationParams, Session};
+use dllm::model::Model;
 use serde_json::Value;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Deliberate mistakes, to show that the comparisons can tell them apart.
 #[derive(Clone, Copy, Default)]
@@ -326,4 +329,32 @@ pub fn worst_row(a: &[f32], b: &[Vec<f64>]) -> f64 {
         .zip(b)
         .map(|(ra, rb)| rel_l2(ra, std::slice::from_ref(rb)))
         .fold(0.0, f64::max)
+}
+
+/// Greedy denoising of `prompt` + 6 masks on `model`, one commit per step: each step commits
+/// `naive`'s choice ([`Naive::greedy_choice`], from row `p − 1` for position `p` when `shifted`).
+pub fn assert_greedy_session_follows(
+    model: Arc<dyn Model>,
+    naive: &Naive,
+    prompt: &[u32],
+    shifted: bool,
+) {
+    let mask = model.config().mask_token_id;
+    let gen = 6;
+    let canvas = generation_canvas(prompt, gen, mask);
+    let params = GenerationParams {
+        steps: gen,
+        block_len: gen,
+        ..GenerationParams::default()
+    };
+    let mut session = Session::new(model, canvas.clone(), params).unwrap();
+    let mut before = canvas;
+    while !session.is_done() {
+        let best = naive.greedy_choice(&before, mask, shifted);
+        let info = session.step().unwrap();
+        assert_eq!(info.committed, vec![best.0], "step {}", info.step);
+        assert_eq!(session.canvas()[best.0], best.1, "step {}", info.step);
+        before = session.canvas().to_vec();
+    }
+    assert_eq!(session.masks_left(), 0);
 }
