@@ -17,12 +17,8 @@
 //! LLaDA-MoE model runs on the CPU ([`crate::model::load`] falls back to it under `auto`).
 
 use crate::config::{Arch, ModelConfig};
-use crate::error::Result;
 use crate::model::dream::layout::{block_tensors as qwen_block, mlp_tensors};
-use crate::model::transformer::{delegate_model, open_checked, CpuTransformer};
-use crate::model::transformer::{FeedForward, TensorTable};
-use crate::weights::WeightStore;
-use std::path::Path;
+use crate::model::transformer::{delegate_model, CpuTransformer, FeedForward, TensorTable};
 
 /// Token embedding, `[vocab_size, hidden_size]`.
 pub const EMBED: &str = "model.embed_tokens.weight";
@@ -61,25 +57,7 @@ pub fn table(cfg: &ModelConfig) -> TensorTable {
 /// A LLaDA-MoE model on the CPU.
 pub struct LladaMoe(CpuTransformer);
 
-impl LladaMoe {
-    /// Loads `config.json` and the safetensors of `dir`, validating every tensor (each expert's
-    /// included) against the config. A config of another architecture is an error.
-    pub fn load(dir: &Path) -> Result<LladaMoe> {
-        let (cfg, store) = open_checked(dir, Arch::LladaMoe)?;
-        Self::from_store(cfg, store)
-    }
-
-    /// Builds the model from an opened checkpoint.
-    pub fn from_store(cfg: ModelConfig, store: WeightStore) -> Result<LladaMoe> {
-        Ok(LladaMoe(CpuTransformer::of_arch(
-            Arch::LladaMoe,
-            cfg,
-            store,
-        )?))
-    }
-}
-
-delegate_model!(LladaMoe);
+delegate_model!(LladaMoe, Arch::LladaMoe);
 
 #[cfg(test)]
 mod tests {

@@ -1077,9 +1077,29 @@ fn skinny_product(x: &[f32], m: usize, w: &TensorView, out: &mut [f32]) {
     }
 }
 
-/// Implements [`Model`] for a newtype around [`CpuTransformer`] by delegation.
+/// Implements [`Model`] for a newtype around [`CpuTransformer`] by delegation, and its loading
+/// (`load`, `from_store`) for architecture `$arch`.
 macro_rules! delegate_model {
-    ($t:ty) => {
+    ($t:ident, $arch:expr) => {
+        impl $t {
+            /// Loads `config.json` and the safetensors of `dir`, validating every tensor (name,
+            /// shape, dtype) against the config. A config of another architecture is an error.
+            pub fn load(dir: &std::path::Path) -> $crate::error::Result<$t> {
+                let (cfg, store) = $crate::model::transformer::open_checked(dir, $arch)?;
+                Self::from_store(cfg, store)
+            }
+
+            /// Builds the model from an opened checkpoint.
+            pub fn from_store(
+                cfg: $crate::config::ModelConfig,
+                store: $crate::weights::WeightStore,
+            ) -> $crate::error::Result<$t> {
+                Ok($t($crate::model::transformer::CpuTransformer::of_arch(
+                    $arch, cfg, store,
+                )?))
+            }
+        }
+
         impl $crate::model::Model for $t {
             fn config(&self) -> &$crate::config::ModelConfig {
                 self.0.config()

@@ -14,27 +14,10 @@
 //! needs no architecture knowledge; [`Model::raw_forward`](crate::model::Model::raw_forward)
 //! returns the unshifted ones (what PyTorch's `model(ids).logits` gives).
 
-use crate::config::{Arch, ModelConfig};
-use crate::error::Result;
-use crate::model::transformer::{delegate_model, open_checked, CpuTransformer};
-use crate::weights::WeightStore;
-use std::path::Path;
+use crate::config::Arch;
+use crate::model::transformer::{delegate_model, CpuTransformer};
 
 /// A Dream model on the CPU.
 pub struct Dream(CpuTransformer);
 
-impl Dream {
-    /// Loads `config.json` and the safetensors of `dir`, validating every tensor (q/k/v biases
-    /// included) against the config. A config of another architecture is an error.
-    pub fn load(dir: &Path) -> Result<Dream> {
-        let (cfg, store) = open_checked(dir, Arch::Dream)?;
-        Self::from_store(cfg, store)
-    }
-
-    /// Builds the model from an opened checkpoint.
-    pub fn from_store(cfg: ModelConfig, store: WeightStore) -> Result<Dream> {
-        Ok(Dream(CpuTransformer::of_arch(Arch::Dream, cfg, store)?))
-    }
-}
-
-delegate_model!(Dream);
+delegate_model!(Dream, Arch::Dream);

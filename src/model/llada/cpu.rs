@@ -12,27 +12,10 @@
 //! runs the LM head only on the query rows. `Llada` dereferences to the [`CpuTransformer`]
 //! (`hidden`, `check_ids`, `store`, ...).
 
-use crate::config::{Arch, ModelConfig};
-use crate::error::Result;
-use crate::model::transformer::{delegate_model, open_checked, CpuTransformer};
-use crate::weights::WeightStore;
-use std::path::Path;
+use crate::config::Arch;
+use crate::model::transformer::{delegate_model, CpuTransformer};
 
 /// A LLaDA model on the CPU.
 pub struct Llada(CpuTransformer);
 
-impl Llada {
-    /// Loads `config.json` and the safetensors of `dir`, validating every tensor against the config.
-    /// A config of another architecture is an error.
-    pub fn load(dir: &Path) -> Result<Llada> {
-        let (cfg, store) = open_checked(dir, Arch::Llada)?;
-        Self::from_store(cfg, store)
-    }
-
-    /// Builds the model from an opened checkpoint.
-    pub fn from_store(cfg: ModelConfig, store: WeightStore) -> Result<Llada> {
-        Ok(Llada(CpuTransformer::of_arch(Arch::Llada, cfg, store)?))
-    }
-}
-
-delegate_model!(Llada);
+delegate_model!(Llada, Arch::Llada);
