@@ -1,8 +1,9 @@
 //! Model configuration: `config.json` parsed into one architecture-neutral [`ModelConfig`].
 //!
 //! Three architectures: LLaDA (`model_type: "llada"`, OLMo-style field names), Dream
-//! (`model_type: "Dream"`, Qwen2-style field names) and LLaDA-MoE (`model_type: "lladamoe"`,
-//! OLMoE-style field names, a mixture of experts in every layer). Every field is validated; a
+//! (`model_type: "Dream"`, Qwen2-style field names) and LLaDA-MoE (OLMoE-style field names, a
+//! mixture of experts in every layer; `model_type: "lladamoe"`, or `"llada"` as the released
+//! configs say, with `architectures: ["LLaDAMoEModelLM"]`). Every field is validated; a
 //! bad or missing field gives an [`Error::Config`] naming it with the spelling of that
 //! architecture's config.
 
@@ -141,6 +142,12 @@ impl ModelConfig {
         self.embedding_size
     }
 
+    /// Whether the CUDA backend has a model for this config: not for a mixture of experts or
+    /// q/k head norms (LLaDA-MoE), which run on the CPU.
+    pub fn has_cuda_model(&self) -> bool {
+        self.experts.is_none() && !self.qk_norm
+    }
+
     /// Whether row `i` of the raw LM-head output predicts position `i + 1` (see
     /// [`Arch::shifted_logits`]).
     pub fn shifted_logits(&self) -> bool {
@@ -175,6 +182,9 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| Error::config("model_type", "missing or not a string"))?;
         match model_type.to_ascii_lowercase().as_str() {
+            // The released LLaDA-MoE configs keep LLaDA's model_type (their config class says
+            // "llada"); the architecture and the OLMoE field names tell them apart.
+            "llada" if is_llada_moe(v) => Self::llada_moe(v),
             "llada" => Self::llada(v),
             "dream" => Self::dream(v),
             "lladamoe" | "llada_moe" | "llada-moe" => Self::llada_moe(v),
@@ -577,6 +587,18 @@ fn check_llada_options(v: &Value) -> Result<()> {
     Ok(())
 }
 
+/// Whether a config with `model_type: "llada"` is a LLaDA-MoE one: its `architectures` name
+/// `LLaDAMoEModelLM` (or `LLaDAMoEModel`), or it has `num_experts` and no `d_model`.
+fn is_llada_moe(v: &Value) -> bool {
+    let named = field(v, "architectures")
+        .and_then(Value::as_array)
+        .is_some_and(|a| {
+            a.iter()
+                .any(|x| matches!(x.as_str(), Some("LLaDAMoEModelLM" | "LLaDAMoEModel")))
+        });
+    named || (field(v, "num_experts").is_some() && field(v, "d_model").is_none())
+}
+
 /// Options of the Hugging Face (Qwen2, OLMoE) configs that select another model than the one
 /// implemented: an activation other than SiLU, scaled RoPE.
 fn check_hf_options(v: &Value) -> Result<()> {
@@ -605,8 +627,12 @@ fn check_llada_moe_options(v: &Value) -> Result<()> {
             "config field `{name}`: {x} ({what} is not implemented)"
         )))
     };
+    // A positive size adds a shared expert (tensors of its own); null, 0 or the config class's
+    // default -1 mean none.
     if let Some(x) = field(v, "shared_expert_intermediate_size") {
-        return unsupported("shared_expert_intermediate_size", x, "a shared expert");
+        if x.as_f64().is_none_or(|n| n > 0.0) {
+            return unsupported("shared_expert_intermediate_size", x, "a shared expert");
+        }
     }
     if let Some(x) = field(v, "clip_qkv") {
         return unsupported("clip_qkv", x, "q/k/v clipping");
@@ -803,6 +829,19 @@ mod tests {
         let c = ModelConfig::from_json(&v).unwrap();
         assert_eq!((c.mask_token_id, c.eos_token_id), (156895, 156892));
         assert!(!c.qk_norm);
+        // The released configs say model_type "llada": their architecture, or the OLMoE fields
+        // without LLaDA's d_model, select LLaDA-MoE.
+        let mut v = llada_moe();
+        v["model_type"] = json!("llada");
+        v["architectures"] = json!(["LLaDAMoEModelLM"]);
+        assert_eq!(ModelConfig::from_json(&v).unwrap().arch, Arch::LladaMoe);
+        v.as_object_mut().unwrap().remove("architectures");
+        assert_eq!(ModelConfig::from_json(&v).unwrap().arch, Arch::LladaMoe);
+        // No shared expert: null, 0 or the config class's default -1.
+        for none in [json!(0), json!(-1)] {
+            v["shared_expert_intermediate_size"] = none;
+            assert!(ModelConfig::from_json(&v).is_ok());
+        }
     }
 
     #[test]

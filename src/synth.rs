@@ -124,7 +124,8 @@ impl Preset {
             ("initializer_range", json!(0.02)),
             ("mask_token_id", json!(mask)),
             ("max_position_embeddings", json!(max_pos)),
-            ("model_type", json!("lladamoe")),
+            // As the released configs: LLaDA's model_type, the MoE architecture.
+            ("model_type", json!("llada")),
             ("moe_layer_freq", json!(vec![1; l])),
             ("norm_topk_prob", json!(false)),
             ("num_attention_heads", json!(h)),
@@ -787,7 +788,7 @@ mod tests {
             assert!(map.contains_key(name), "{name}");
         }
         let config: Value = serde_json::from_str(&p.config_json).unwrap();
-        assert_eq!(config["model_type"], json!("lladamoe"));
+        assert_eq!(config["model_type"], json!("llada"));
         assert_eq!(config["architectures"], json!(["LLaDAMoEModelLM"]));
         assert_eq!(plan(Preset::LladaMoeTiny).unwrap().parameters, 921_664);
     }

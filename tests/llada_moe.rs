@@ -14,6 +14,7 @@ use dllm::synth::{synth_checkpoint, Preset};
 use std::path::Path;
 
 mod common;
+use common::checkpoint::{read_checkpoint, read_config, write_checkpoint};
 use common::logits::{greedy_rule, rel_err, rows};
 use common::naive::{assert_greedy_session_follows, rel_l2, worst_row, Faults, Naive};
 use common::{json_ok, run_dllm, stdout_ok};
@@ -237,27 +238,24 @@ fn set_layers(dir: &Path, n: usize) {
 #[test]
 fn a_missing_expert_is_named_and_the_cuda_backend_is_refused_or_skipped() {
     let tmp = synth_tiny(24);
-    // Drop expert 7 of layer 2 from the index: the load names it.
-    let index_path = tmp.path().join("model.safetensors.index.json");
-    let mut index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    // A checkpoint without expert 7's up projection in layer 2: the load names it.
     let name = "model.layers.2.mlp.experts.7.up_proj.weight";
-    let map = index["weight_map"].as_object_mut().unwrap();
-    assert!(map.remove(name).is_some());
+    let mut tensors = read_checkpoint(tmp.path());
+    assert!(tensors.remove(name).is_some());
     let broken = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(tmp.path()).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, broken.path().join(path.file_name().unwrap())).unwrap();
-    }
-    std::fs::write(
-        broken.path().join("model.safetensors.index.json"),
-        serde_json::to_string(&index).unwrap(),
-    )
-    .unwrap();
+    write_checkpoint(broken.path(), &read_config(tmp.path()), &tensors);
     let err = LladaMoe::load(broken.path())
         .err()
         .expect("a missing expert");
     assert!(err.to_string().contains(name), "{err}");
+    // With the tensor the same writer's checkpoint loads.
+    let whole = tempfile::tempdir().unwrap();
+    write_checkpoint(
+        whole.path(),
+        &read_config(tmp.path()),
+        &read_checkpoint(tmp.path()),
+    );
+    assert!(LladaMoe::load(whole.path()).is_ok());
 
     // Auto never fails for want of expert kernels: the CUDA model refuses LLaDA-MoE, the CPU
     // takes it, and the note says why.

@@ -79,7 +79,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         .collect();
     let cpu_bf16 = cpu_bf16_line(a.model.cpu_bf16);
     // LLaDA-MoE has no CUDA model: no device figures to give.
-    let cuda_model = cfg.experts.is_none() && !cfg.qk_norm;
+    let cuda_model = cfg.has_cuda_model();
     let cuda = match dllm::backend::cuda::unavailable_reason() {
         _ if !cuda_model => format!("no CUDA model for {} (it runs on the CPU)", cfg.arch.name()),
         None => format!(

@@ -140,8 +140,8 @@ impl<'w> Mixture<'w> {
 }
 
 /// One row's experts: the softmax of its router `logits` (fp32), then the `k` most probable
-/// experts (ties to the lower index; a NaN ranks above every number) with their probabilities,
-/// most probable first.
+/// experts (ties to the lower index; NaNs rank by `f32::total_cmp`, never a panic) with their
+/// probabilities, most probable first.
 pub fn route(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();

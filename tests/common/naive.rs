@@ -1,9 +1,9 @@
 //! A deliberately naive scalar reference of the Hugging Face (Qwen2 / OLMoE) layer layout under
 //! `model.layers.*`, in f64 with plain loops: Dream (q/k/v biases, grouped-query attention) and
 //! LLaDA-MoE (per-head q/k RMSNorms, a softmax-routed mixture of SwiGLU experts). It reads a
-//! checkpoint through the tests' own safetensors reader ([`super::checkpoint`]) and takes what
-//! it finds: biases and q/k norms where their tensors exist, experts where the config has
-//! `num_experts`.
+//! checkpoint through the tests' own safetensors reader ([`super::checkpoint`]); the config
+//! decides the parts: q/k/v biases for Dream (`model_type` "Dream"), q/k head norms with
+//! `qk_layernorm`, experts with `num_experts`. A part whose tensor is missing panics.
 
 use super::checkpoint::{read_checkpoint, read_config, Tensors};
 use dllm::denoise::{generation_canvas, GenerationParams, Session};
@@ -39,6 +39,10 @@ pub struct Naive {
     tied: bool,
     /// `(num_experts, num_experts_per_tok)` of a mixture of experts.
     experts: Option<(usize, usize)>,
+    /// q/k/v biases (Dream).
+    qkv_bias: bool,
+    /// Per-head q/k RMSNorms (`qk_layernorm`).
+    qk_norm: bool,
     /// The smallest gap between a row's last chosen and first unchosen expert probability seen
     /// so far: a routing decision closer than rounding could go either way in the engine.
     pub min_route_gap: Cell<f64>,
@@ -62,6 +66,8 @@ impl Naive {
                 "intermediate_size"
             }),
             experts,
+            qkv_bias: config["model_type"].as_str() == Some("Dream"),
+            qk_norm: config["qk_layernorm"].as_bool() == Some(true),
             min_route_gap: Cell::new(f64::INFINITY),
             vocab: u("vocab_size"),
             eps: config["rms_norm_eps"].as_f64().unwrap(),
@@ -84,8 +90,8 @@ impl Naive {
             .unwrap_or_else(|| panic!("reference: no tensor {name}"))
     }
 
-    /// `w` is `[out, inp]` row-major: y[o] = Σ_i w[o·inp + i] x[i] (+ b[o] where the checkpoint
-    /// has the bias `b`).
+    /// `w` is `[out, inp]` row-major: y[o] = Σ_i w[o·inp + i] x[i] (+ b[o] when the model has
+    /// q/k/v biases).
     fn matvec(&self, name: &str, bias: Option<&str>, x: &[f64], out_dim: usize) -> Vec<f64> {
         let w = self.t(name);
         let inp = x.len();
@@ -96,7 +102,7 @@ impl Naive {
             for i in 0..inp {
                 acc += w[o * inp + i] * x[i];
             }
-            if let Some(b) = bias.filter(|b| self.w.contains_key(*b)) {
+            if let Some(b) = bias.filter(|_| self.qkv_bias) {
                 acc += self.t(b)[o];
             }
             y[o] = acc;
@@ -230,7 +236,7 @@ impl Naive {
                 ));
             }
             let (qn, kn) = (p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight"));
-            if self.w.contains_key(&qn) && !faults.no_qk_norm {
+            if self.qk_norm && !faults.no_qk_norm {
                 for i in 0..s {
                     for h in 0..nh {
                         let head = self.rms_norm(&q[i][h * hd..(h + 1) * hd], &qn);

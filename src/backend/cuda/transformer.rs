@@ -385,7 +385,7 @@ impl CudaTransformer {
         cfg: &ModelConfig,
         kernels: KernelChoice,
     ) -> Result<CudaTransformer> {
-        if cfg.experts.is_some() || cfg.qk_norm {
+        if !cfg.has_cuda_model() {
             return Err(Error::Unsupported(format!(
                 "the CUDA backend has no {} layers (mixture of experts, q/k head norms): \
                  run it on the CPU backend",
