@@ -1,12 +1,14 @@
-//! The pre-norm SwiGLU transformer shared by LLaDA and Dream: a per-architecture table of tensor
-//! names ([`TensorTable`]) and the CPU forward pass over it ([`CpuTransformer`]).
+//! The pre-norm transformer shared by LLaDA, Dream and LLaDA-MoE: a per-architecture table of
+//! tensor names ([`TensorTable`]) and the CPU forward pass over it ([`CpuTransformer`]).
 //!
-//! Both architectures run the same math under different names:
+//! Every architecture runs the same math under different names:
 //! ```text
 //! x  = embed[ids]
 //! per block:  n = attn_norm(x);  q, k, v = q(n) + q_bias, k(n) + k_bias, v(n) + v_bias   (biases optional)
+//!             q, k = q_norm(q), k_norm(k)         (RMSNorm of each head; optional)
 //!             x = x + o(SDPA(rope(q), rope(k), v, non-causal, grouped-query heads))
-//!             m = mlp_norm(x);   x = x + down(silu(gate(m)) * up(m))
+//!             m = mlp_norm(x);   x = x + ffn(m)   (one SwiGLU down(silu(gate(m)) * up(m)), or a
+//!                                                   mixture of them: crate::model::experts)
 //! raw logits = lm_head(final_norm(x))      (lm_head = embed when tied)
 //! ```
 //! Weights stay in the memory mapping (bf16/f16/f32); every op computes in fp32
