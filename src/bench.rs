@@ -28,7 +28,9 @@ use crate::denoise::commit::{top_k, Candidate};
 use crate::denoise::predict::PredictRule;
 use crate::denoise::rng;
 use crate::error::{Error, Result};
-use crate::model::kv_cache::{span_for, CacheMode::Dual as DualCache, CacheStep, KvCache};
+use crate::model::kv_cache::{
+    span_with_vicinity, CacheMode::Dual as DualCache, CacheStep, KvCache,
+};
 use crate::model::{BatchQuery, CachedQuery, Model};
 use serde::Serialize;
 use std::ops::Range;
@@ -79,6 +81,10 @@ pub struct BenchOptions {
     /// bf16 activations on the CPU backend ([`CpuOptions`](crate::model::CpuOptions); `None`:
     /// the `DLLM_CPU_BF16` switch).
     pub cpu_bf16: Option<bool>,
+    /// The vicinity cache update of the dual cache's span steps (0 = off;
+    /// [`crate::model::kv_cache::span_with_vicinity`]): the CPU runs and `--session` runs; the
+    /// device-resident CUDA step API has none.
+    pub vicinity: usize,
 }
 
 impl Default for BenchOptions {
@@ -97,6 +103,7 @@ impl Default for BenchOptions {
             profile: false,
             session: false,
             cpu_bf16: None,
+            vicinity: 0,
         }
     }
 }
@@ -127,6 +134,8 @@ pub struct BenchReport {
     pub block_len: usize,
     pub tokens_per_step: usize,
     pub cache: CacheMode,
+    /// The vicinity of the dual cache's span steps (0 = off).
+    pub vicinity: usize,
     pub steps: usize,
     pub seconds: f64,
     pub tok_per_s: f64,
@@ -241,6 +250,12 @@ impl BenchOptions {
             return Err(Error::invalid(format!(
                 "bench: --gen-len {} is not a multiple of --block-len {}",
                 self.gen_len, self.block_len
+            )));
+        }
+        if self.vicinity > 0 && self.cache != CacheMode::Dual {
+            return Err(Error::invalid(format!(
+                "bench: --vicinity {} widens the dual cache's span steps: add --cache dual",
+                self.vicinity
             )));
         }
         if !self.block_len.is_multiple_of(self.tokens_per_step) {
@@ -370,6 +385,12 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
         return run_session(o, steps.len());
     }
     if uses_cuda(o) {
+        if o.vicinity > 0 {
+            return Err(Error::invalid(
+                "bench: the device-resident CUDA step API has no --vicinity: add --session \
+                 (the Session path, as dllm generate) or use --backend cpu",
+            ));
+        }
         run_cuda(o, &steps)
     } else {
         run_cpu(o, &steps)
@@ -393,6 +414,7 @@ fn report(
         block_len: o.block_len,
         tokens_per_step: o.tokens_per_step,
         cache: o.cache,
+        vicinity: o.vicinity,
         steps: n_steps,
         seconds,
         tok_per_s: (o.batch * o.gen_len) as f64 / seconds,
@@ -445,6 +467,7 @@ fn run_session(o: &BenchOptions, n_steps: usize) -> Result<BenchReport> {
             CacheMode::None => crate::model::CacheMode::None,
             CacheMode::Dual => crate::model::CacheMode::Dual,
         },
+        vicinity: o.vicinity,
         ..Decoding::default()
     };
     let run = || -> Result<Vec<u32>> {
@@ -534,8 +557,8 @@ fn cpu_bf16_on(o: &BenchOptions) -> bool {
 /// step predicts every canvas in one packed forward ([`Model::predict_batch`]: the weights are
 /// read once for the batch). Cache `dual`: each canvas keeps its own [`KvCache`], refreshed by
 /// the block's first step and read by the others, which compute only the block's rows (the
-/// span of [`span_for`], one row wider for shifted architectures), as `dllm generate --cache
-/// dual` does.
+/// span of [`crate::model::kv_cache::span_for`], one row wider for shifted architectures,
+/// widened by the vicinity), as `dllm generate --cache dual [--vicinity N]` does.
 fn run_cpu(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     if o.profile {
         return Err(Error::invalid(
@@ -608,7 +631,13 @@ fn run_host_steps(
                 .collect();
             model.predict_batch(&items)?
         } else {
-            let span = span_for(DualCache, st.span.clone(), s, cfg.shifted_logits());
+            let span = span_with_vicinity(
+                DualCache,
+                st.span.clone(),
+                s,
+                cfg.shifted_logits(),
+                o.vicinity,
+            );
             let step = match span {
                 Some(span) if st.use_cache => CacheStep::Span(span),
                 _ => CacheStep::Refresh,
@@ -1105,6 +1134,61 @@ mod tests {
             })
             .unwrap()
             .canvas_hash
+        );
+    }
+
+    #[test]
+    fn a_vicinity_over_the_whole_canvas_benches_the_uncached_schedule() {
+        // 64 + 32 rows: past the skinny kernel's 64, a span over every row computes what the
+        // full forward does, so the dual cache with that vicinity gives the uncached canvases.
+        let o = BenchOptions {
+            backend: BenchBackend::Cpu,
+            prompt_len: 64,
+            gen_len: 32,
+            block_len: 16,
+            tokens_per_step: 4,
+            batch: 2,
+            warmup: 0,
+            ..BenchOptions::default()
+        };
+        let none = run_bench(&o).unwrap();
+        let wide = BenchOptions {
+            cache: CacheMode::Dual,
+            vicinity: 96,
+            ..o.clone()
+        };
+        let r = run_bench(&wide).unwrap();
+        assert_eq!((r.vicinity, r.masks_left), (96, 0));
+        assert_eq!(r.canvas_hash, none.canvas_hash);
+        // The Session path widens its spans the same way.
+        let sessions = run_bench(&BenchOptions {
+            session: true,
+            ..wide.clone()
+        })
+        .unwrap();
+        assert_eq!(sessions.canvas_hash, none.canvas_hash);
+        // While the plain dual cache does change them here (the comparison can fail).
+        let plain = run_bench(&BenchOptions {
+            vicinity: 0,
+            ..wide.clone()
+        })
+        .unwrap();
+        assert_ne!(plain.canvas_hash, none.canvas_hash);
+        // A vicinity needs the dual cache, and the device-resident CUDA steps have none
+        // (refused before any device is touched).
+        let e = |o: BenchOptions| run_bench(&o).unwrap_err().to_string();
+        assert!(e(BenchOptions {
+            vicinity: 4,
+            ..o.clone()
+        })
+        .contains("--cache dual"));
+        let cuda = e(BenchOptions {
+            backend: BenchBackend::Cuda,
+            ..wide
+        });
+        assert!(
+            cuda.contains("--vicinity") && cuda.contains("--session"),
+            "{cuda}"
         );
     }
 

@@ -101,6 +101,10 @@ pub struct BenchArgs {
     /// KV cache mode.
     #[arg(long, value_enum, default_value_t = CacheArg::None)]
     pub cache: CacheArg,
+    /// With --cache dual: each span step also recomputes N positions on each side of its block
+    /// (as `generate --vicinity`). The CPU backend and --session only.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub vicinity: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -120,7 +124,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_name = "DIR",
-        conflicts_with_all = ["batch", "prompt_len", "gen_len", "block_len", "tokens_per_step", "cache"]
+        conflicts_with_all = ["batch", "prompt_len", "gen_len", "block_len", "tokens_per_step", "cache", "vicinity"]
     )]
     pub suite: Option<std::path::PathBuf>,
     /// With --suite: appended to each report's file name (e.g. `_csplit`).
@@ -175,6 +179,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         profile: a.profile,
         session: a.session,
         cpu_bf16: a.model.cpu_bf16.then_some(true),
+        vicinity: a.vicinity,
         ..BenchOptions::default()
     };
     if a.suffix.is_some() && a.suite.is_none() {
