@@ -385,12 +385,6 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
         return run_session(o, steps.len());
     }
     if uses_cuda(o) {
-        if o.vicinity > 0 {
-            return Err(Error::invalid(
-                "bench: the device-resident CUDA step API has no --vicinity: add --session \
-                 (the Session path, as dllm generate) or use --backend cpu",
-            ));
-        }
         run_cuda(o, &steps)
     } else {
         run_cpu(o, &steps)
@@ -676,9 +670,22 @@ fn run_host_steps(
 
 fn run_cuda(o: &BenchOptions, steps: &[BenchStep]) -> Result<BenchReport> {
     use crate::backend::cuda::transformer::CudaTransformer;
+    check_no_vicinity(o)?;
     let t0 = Instant::now();
     let model = CudaTransformer::load(&o.model_dir)?;
     run_cuda_on(&model, t0.elapsed().as_secs_f64(), o, steps)
+}
+
+/// The device-resident CUDA step API computes the block's rows only: a vicinity is refused
+/// rather than ignored.
+fn check_no_vicinity(o: &BenchOptions) -> Result<()> {
+    if o.vicinity > 0 {
+        return Err(Error::invalid(
+            "bench: the device-resident CUDA step API has no --vicinity: add --session \
+             (the Session path, as dllm generate) or use --backend cpu",
+        ));
+    }
+    Ok(())
 }
 
 /// [`run_cuda`] on a loaded model (its load took `load_seconds`).
@@ -688,6 +695,7 @@ fn run_cuda_on(
     o: &BenchOptions,
     steps: &[BenchStep],
 ) -> Result<BenchReport> {
+    check_no_vicinity(o)?;
     let cfg = model.config().clone();
     let dev = model.device().clone();
     let copy_gbps = copy_bandwidth_gbps(&dev)?;
@@ -1175,7 +1183,7 @@ mod tests {
         .unwrap();
         assert_ne!(plain.canvas_hash, none.canvas_hash);
         // A vicinity needs the dual cache, and the device-resident CUDA steps have none
-        // (refused before any device is touched).
+        // (refused before the model is loaded).
         let e = |o: BenchOptions| run_bench(&o).unwrap_err().to_string();
         assert!(e(BenchOptions {
             vicinity: 4,
