@@ -1,5 +1,5 @@
 // Element-wise and row-wise kernels of the transformer block: fused RMSNorm (fp32 residual in,
-// bf16 out), RoPE on bf16 q/k in place (alone, or fused with the K/V cache write), SwiGLU
+// bf16 out; and per q/k head in place), RoPE on bf16 q/k in place (alone, or fused with the K/V cache write), SwiGLU
 // combine (scalar and 16-byte), embedding gather, bf16 <-> f32 conversion, row gathers and the
 // K/V cache scatter. bf16 tensors travel as raw 16-bit words.
 //
@@ -99,6 +99,33 @@ extern "C" __global__ void rmsnorm_f32_bf16(const float* __restrict__ x, const f
                                             uint16_t* __restrict__ out, int d, float eps, int vec) {
     dllm_pdl_entry();
     rmsnorm_body(x, w, out, d, eps, vec);
+}
+
+// RMSNorm of every q and k head in place (LLaDA-MoE's q_norm / k_norm, before RoPE), one warp
+// per (row, head): heads h < q_heads start at column h * head_dim of row r (row_stride apart),
+// the kv_heads key heads at k_col + (h - q_heads) * head_dim; q heads scale by q_w, key heads by
+// k_w (head_dim each). Grid: ceil(rows * (q_heads + kv_heads) / 8), block DLLM_ROW_THREADS.
+extern "C" __global__ void rmsnorm_heads_bf16(uint16_t* __restrict__ qkv, int rows, int row_stride, int q_heads,
+                                              int kv_heads, int k_col, int head_dim, const float* __restrict__ q_w,
+                                              const float* __restrict__ k_w, float eps) {
+    dllm_pdl_entry();
+    const int heads = q_heads + kv_heads;
+    const long long item = (long long)blockIdx.x * (DLLM_ROW_THREADS / 32) + (threadIdx.x >> 5);
+    if (item >= (long long)rows * heads) return;
+    const int lane = threadIdx.x & 31;
+    const long long r = item / heads;
+    const int h = (int)(item % heads);
+    const bool is_q = h < q_heads;
+    uint16_t* v = qkv + r * row_stride + (is_q ? h * head_dim : k_col + (h - q_heads) * head_dim);
+    const float* w = is_q ? q_w : k_w;
+    float ss = 0.0f;
+    for (int i = lane; i < head_dim; i += 32) {
+        const float x = dllm_bf16_to_f32(v[i]);
+        ss += x * x;
+    }
+    ss = dllm_warp_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)head_dim + eps);
+    for (int i = lane; i < head_dim; i += 32) v[i] = dllm_f32_to_bf16((dllm_bf16_to_f32(v[i]) * inv) * w[i]);
 }
 
 // fp32 output: the check harness and the fp32 head path.

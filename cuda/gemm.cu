@@ -7,6 +7,8 @@
 //   gemm_skinny_mg<G>   M <= 8*G (G = 1..8): weight-streaming GEMV-like kernel on mma.sync.
 //   gemm_skinny2_mg<G>  M <= 8*G (G = 1..4): the same with 32 weight rows per warp (less A traffic).
 //   gemm_wide           128x128x32 block tiles, cp.async 4-stage pipeline, ldmatrix + mma.sync.
+//   gemm_grouped_mg<G>  the experts of a mixture in one launch: the skinny body per expert, with
+//                       gathered A rows (gemm_grouped_seq_mg<G>: A rows in order).
 //
 // Preconditions (checked on the host): K % 8 == 0, N % 8 == 0, A/W 16-byte aligned, C 8-byte
 // aligned. bf16 values travel as raw uint16 bits.
@@ -92,10 +94,14 @@ extern "C" __global__ void __launch_bounds__(256) gemm_naive(const uint16_t* __r
 #define SKINNY2_RT 2
 #define SKINNY2_UNROLL 2
 
-template <int G, int RT, int UNROLL>
-__device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W,
-                                                 void* C, float* __restrict__ ws, unsigned int* __restrict__ counters,
-                                                 int M, int N, int K, int epi, int chunks_per_split) {
+// GATHER: token m of A is row a_rows[m] (the grouped expert GEMM below); otherwise row m.
+// tile / split / splits: this block's weight tile and K split (blockIdx.x, blockIdx.y, gridDim.y
+// for the plain kernels).
+template <int G, int RT, int UNROLL, bool GATHER>
+__device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A, const int* __restrict__ a_rows,
+                                                 const uint16_t* __restrict__ W, void* C, float* __restrict__ ws,
+                                                 unsigned int* __restrict__ counters, int M, int N, int K, int epi,
+                                                 int chunks_per_split, int tile, int split, int splits) {
     // PDL: let the next kernel launch now; wait for the previous one only after the first weight
     // loads are in flight (weights are never written, so they may be read before the wait).
     dllm_pdl_trigger();
@@ -103,9 +109,6 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
     const int warp = threadIdx.x >> 5;
     const int g = lane >> 2;
     const int t = lane & 3;
-    const int tile = blockIdx.x;
-    const int split = blockIdx.y;
-    const int splits = gridDim.y;
     // Warp rows: [rbase + 16 r, rbase + 16 r + 16) for r < RT; this lane's rows are
     // rbase + 16 r + g (fragment rows 0..7) and rbase + 16 r + g + 8 (rows 8..15).
     const int rbase = tile * (SKINNY_ROWS * RT) + warp * 16 * RT;
@@ -136,6 +139,9 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
         }
     }
 
+    // The gathered rows of this lane's tokens (filled after the PDL wait; row 0 for tokens past M,
+    // whose loads are off).
+    int a_row[G];
     // Software pipeline over two register buffers: the weight loads of the next batch of
     // UNROLL chunks are issued before the MMAs of the current one, so every lane keeps
     // 2·RT·UNROLL to 4·RT·UNROLL independent 16-byte loads in flight at all times.
@@ -162,7 +168,8 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
                 for (int j = 0; j < G; ++j) {
                     const int m = 8 * j + g;
                     const bool okm = in && (m < M);
-                    const uint4 av = gemm_ld_cached(A + (size_t)(okm ? m : 0) * K + (okm ? k : 0), okm);
+                    const int am = GATHER ? a_row[j] : (okm ? m : 0);
+                    const uint4 av = gemm_ld_cached(A + (size_t)am * K + (okm ? k : 0), okm);
 #pragma unroll
                     for (int r = 0; r < RT; ++r) {
                         gemm_mma_bf16(acc[r][j], wa[r][u].x, wb[r][u].x, wa[r][u].y, wb[r][u].y, av.x, av.y);
@@ -175,6 +182,8 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
 
     if (c_begin < c_end) load_w(wa0, wb0, c_begin);
     dllm_pdl_wait();  // before reading A (written by the previous kernel) or the split-K scratch
+#pragma unroll
+    for (int j = 0; j < G; ++j) a_row[j] = (GATHER && 8 * j + g < M) ? a_rows[8 * j + g] : 0;
     for (int c = c_begin; c < c_end; c += 2 * UNROLL) {
         const int c1 = c + UNROLL;
         const int c2 = c1 + UNROLL;
@@ -249,7 +258,8 @@ __device__ __forceinline__ void gemm_skinny_body(const uint16_t* __restrict__ A,
         gemm_skinny_mg##G(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,              \
                           float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K,     \
                           int epi, int chunks_per_split) {                                                      \
-        gemm_skinny_body<G, 1, SKINNY_UNROLL>(A, W, C, ws, counters, M, N, K, epi, chunks_per_split);           \
+        gemm_skinny_body<G, 1, SKINNY_UNROLL, false>(A, nullptr, W, C, ws, counters, M, N, K, epi, chunks_per_split, \
+                                                     blockIdx.x, blockIdx.y, gridDim.y);                           \
     }
 
 DLLM_SKINNY_KERNEL(1)
@@ -267,13 +277,84 @@ DLLM_SKINNY_KERNEL(8)
         gemm_skinny2_mg##G(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C,             \
                            float* __restrict__ ws, unsigned int* __restrict__ counters, int M, int N, int K,    \
                            int epi, int chunks_per_split) {                                                     \
-        gemm_skinny_body<G, SKINNY2_RT, SKINNY2_UNROLL>(A, W, C, ws, counters, M, N, K, epi, chunks_per_split); \
+        gemm_skinny_body<G, SKINNY2_RT, SKINNY2_UNROLL, false>(A, nullptr, W, C, ws, counters, M, N, K, epi,          \
+                                                               chunks_per_split, blockIdx.x, blockIdx.y, gridDim.y); \
     }
 
 DLLM_SKINNY2_KERNEL(1)
 DLLM_SKINNY2_KERNEL(2)
 DLLM_SKINNY2_KERNEL(3)
 DLLM_SKINNY2_KERNEL(4)
+
+// ---------------------------------------------------------------------------------------------
+// gemm_grouped_mg<G>: every expert of a mixture-of-experts layer in one launch (host side:
+// src/backend/cuda/gemm_grouped.rs; the routing that fills off / cnt / a_rows: cuda/moe.cu).
+// blockIdx.z = expert e with weights W + e * w_stride ([N, K] each); its cnt[e] rows are rows
+// [off[e], off[e] + cnt[e]) of the grouped output C, and row off[e] + i takes A row
+// a_rows[off[e] + i] (gemm_grouped_seq_mg<G>: A row off[e] + i, A already in grouped order). The skinny
+// body runs them in chunks of 8 * G rows (each chunk streams the expert's weight tile again), one
+// weight tile per blockIdx.x, no split-K; an expert no row chose reads nothing. Epilogues: DLLM_EPI_STORE_BF16, DLLM_EPI_STORE_F32 and DLLM_EPI_SWIGLU_BF16 (C
+// then [rows, N / 2]). Every element is the same dot product in the same k order as in the plain
+// skinny kernel, so a row's output does not depend on where in its expert's group it lands.
+__device__ __forceinline__ void* gemm_grouped_out(void* C, long long row, int N, int epi) {
+    switch (epi) {
+        case DLLM_EPI_STORE_F32:
+            return (float*)C + row * N;
+        case DLLM_EPI_SWIGLU_BF16:
+            return (uint16_t*)C + row * (N / 2);
+        default:
+            return (uint16_t*)C + row * N;
+    }
+}
+
+// GATHER = true: gemm_grouped_mg<G> (A rows through a_rows); false: gemm_grouped_seq_mg<G> (A
+// already in grouped order). Two kernels, not a runtime branch: one body each keeps the
+// registers of the plain skinny kernel. Past 32 rows per chunk (G > 4: experts of full forwards,
+// twice the mma work per weight byte) two blocks per SM get the registers the chunk loop needs,
+// which at four blocks' 128 spill.
+template <int G, bool GATHER>
+__device__ __forceinline__ void gemm_grouped_body(const uint16_t* __restrict__ A, const int* __restrict__ a_rows,
+                                                  const uint16_t* __restrict__ W, long long w_stride, void* C,
+                                                  const int* __restrict__ off, const int* __restrict__ cnt, int N,
+                                                  int K, int epi) {
+    dllm_pdl_entry();  // off, cnt and a_rows come from the routing kernels
+    const int e = blockIdx.z;
+    const int first = off[e];
+    const int rows = cnt[e];
+    const uint16_t* We = W + (long long)e * w_stride;
+    for (int m0 = 0; m0 < rows; m0 += 8 * G) {
+        const long long r0 = (long long)first + m0;
+        gemm_skinny_body<G, 1, SKINNY_UNROLL, GATHER>(GATHER ? A : A + r0 * K, GATHER ? a_rows + r0 : nullptr, We,
+                                                      gemm_grouped_out(C, r0, N, epi), nullptr, nullptr,
+                                                      min(8 * G, rows - m0), N, K, epi, (K + 31) / 32, blockIdx.x,
+                                                      0, 1);
+    }
+}
+
+#define GROUPED_MIN_BLOCKS(G) ((G) <= 4 ? 4 : 2)
+
+#define DLLM_GROUPED_KERNEL(G)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(SKINNY_THREADS, GROUPED_MIN_BLOCKS(G))                       \
+        gemm_grouped_mg##G(const uint16_t* __restrict__ A, const int* __restrict__ a_rows,                      \
+                           const uint16_t* __restrict__ W, long long w_stride, void* C,                         \
+                           const int* __restrict__ off, const int* __restrict__ cnt, int N, int K, int epi) {   \
+        gemm_grouped_body<G, true>(A, a_rows, W, w_stride, C, off, cnt, N, K, epi);                             \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(SKINNY_THREADS, GROUPED_MIN_BLOCKS(G))                       \
+        gemm_grouped_seq_mg##G(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W,                  \
+                               long long w_stride, void* C, const int* __restrict__ off,                        \
+                               const int* __restrict__ cnt, int N, int K, int epi) {                            \
+        gemm_grouped_body<G, false>(A, nullptr, W, w_stride, C, off, cnt, N, K, epi);                           \
+    }
+
+DLLM_GROUPED_KERNEL(1)
+DLLM_GROUPED_KERNEL(2)
+DLLM_GROUPED_KERNEL(3)
+DLLM_GROUPED_KERNEL(4)
+DLLM_GROUPED_KERNEL(5)
+DLLM_GROUPED_KERNEL(6)
+DLLM_GROUPED_KERNEL(7)
+DLLM_GROUPED_KERNEL(8)
 
 // ---------------------------------------------------------------------------------------------
 // gemm_wide: block tile 128 (M) x 128 (N) x 32 (K), 8 warps as 2 (M) x 4 (N), warp tile 64 x 32

@@ -3,7 +3,7 @@
 # into .gpu/ and the PyTorch peer in .peer/. Writes every log and JSON result under $OUT.
 #
 # Usage: scripts/gpu-check.sh [STAGE...]   (`next` = the stages docs/perf.md asks the next GPU call for)
-#   stages: smi check synth bench packed benchoff benchnostream benchpdl csplit rope fold qll combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack
+#   stages: smi check synth bench packed benchoff benchnostream benchpdl csplit rope fold qll combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b moe7b kvariant summary pack
 # (default: smi check synth bench summary, about 2 minutes; the PyTorch peer is opt-in and the
 # summary falls back to the peer numbers measured on 2026-11-27 when it did not run).
 # The opt-in stages exercise the Hopper kernels of session 3, each in its own process so a fault in
@@ -52,7 +52,7 @@ STAGES=${*:-smi check synth bench summary}
 # `next`: the first call docs/perf.md ("Session 12 … the GPU plan") asks for, as one word; `next2`
 # the second. The PyTorch peer runs right after the default workloads: the ratios need both from
 # one call, and a call cut off at the device's limit keeps every stage packed before it.
-STAGES=${STAGES//next2/synth qll fold csplit rope mlp blocks99 keys264 ring2 ncustream summary pack}
+STAGES=${STAGES//next2/synth qll fold csplit rope mlp moe7b blocks99 keys264 ring2 ncustream summary pack}
 STAGES=${STAGES//next/smi check synth bench peer combo sanitize packed summary pack}
 # Profilers of the device image (on PATH, or their usual install folders).
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)}
@@ -387,6 +387,9 @@ for s in $STAGES; do
         for tool in memcheck racecheck synccheck; do
             stage "sanitize_KEYS_$tool" "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 3 "$BIN/dllm-gpu-check" --only attention --no-bench
         done
+        # The mixture's routing, grouping, grouped GEMM and combine (session 21, written without
+        # a GPU): every moe.* check under memcheck.
+        stage sanitize_MOE_memcheck "${T_SANITIZE:-150}" "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 3 "$BIN/dllm-gpu-check" --only moe --no-bench
         ;;
     sweep)
         # Every launch plan of the GEMM kernels on the 8B model's shapes (full step M = 384, b8
@@ -417,6 +420,20 @@ for s in $STAGES; do
         fi
         MODEL8B=$MODEL_DREAM bench bench_dream_b1_dual_k4 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual
         MODEL8B=$MODEL_DREAM bench bench_dream_b1_none_k1 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        ;;
+    moe7b)
+        # LLaDA-MoE-7B-A1B's shape (64 experts of 1024, 8 per token, q/k head norms; random
+        # weights from `dllm synth --arch llada-moe --preset 7b`, 15 GB, into $MODEL_MOE; the
+        # CUDA mixture written in session 21 without a GPU: `check` runs its kernel checks and the
+        # tiny model's llada-moe.* checks) through the b1 workloads and b8 dual. Files
+        # bench_moe_*.json.
+        MODEL_MOE=${MODEL_MOE:-/tmp/lladamoe7b}
+        if [ ! -f "$MODEL_MOE/config.json" ]; then
+            stage synth_moe "${T_SYNTH:-240}" "$BIN/dllm" synth --arch llada-moe --preset 7b --out "$MODEL_MOE"
+        fi
+        MODEL8B=$MODEL_MOE bench bench_moe_b1_dual_k4 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --profile
+        MODEL8B=$MODEL_MOE bench bench_moe_b1_none_k1 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
+        MODEL8B=$MODEL_MOE bench bench_moe_b8_dual_k4 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
         ;;
     kvariant)
         # Kernels compiled on this machine (its nvcc) from the carried cuda/ sources with the
@@ -478,7 +495,7 @@ if "checks" in c:
     for x in bad:
         print(f"  FAIL {x['name']}: rel_err {x['rel_err']} tol {x['tol']} {x['detail']}")
     for x in c["checks"]:
-        if x["name"].startswith(("model.", "dream.", "gemm.load_self_test")):
+        if x["name"].startswith(("model.", "dream.", "llada-moe.", "gemm.load_self_test")):
             print(f"  {'PASS' if x['passed'] else 'FAIL'} {x['name']}: {x['detail']}")
     print("\nkernel benches (ms, GB/s, TFLOP/s):")
     for x in c.get("benches", []):
@@ -530,7 +547,7 @@ for name, pk in peer_key.items():
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
-for f in sorted(x for x in os.listdir(out) if x.startswith("bench_dream_") and x.endswith(".json")):
+for f in sorted(x for x in os.listdir(out) if x.startswith(("bench_dream_", "bench_moe_")) and x.endswith(".json")):
     b = load(f)
     if "tok_per_s" in b:
         print(f"{f[6:-5]:<20} {b['tok_per_s']:>8.1f} tok/s {b['ms_per_step']:>8.2f} ms/step  full {fmt(b.get('full_step_ms'))}  block {fmt(b.get('block_step_ms'))}  roofline {fmt(b.get('roofline_fraction'), 3)}")
@@ -599,7 +616,7 @@ else:
 PY
         ;;
     *)
-        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl csplit rope fold qll combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b kvariant summary pack)" >&2
+        echo "unknown stage $s (smi check synth bench benchoff benchnostream benchpdl csplit rope fold qll combo keys264 mlp blocks99 ring2 ncustream peer stream tma tma4 attn2 prefetch split pdl keys swiglu sessiongraphs ampere shapes sweep sanitize ncu benchexp dream7b moe7b kvariant summary pack)" >&2
         FAILED=$((FAILED + 1))
         ;;
     esac

@@ -142,10 +142,10 @@ impl ModelConfig {
         self.embedding_size
     }
 
-    /// Whether the CUDA backend has a model for this config: not for a mixture of experts or
-    /// q/k head norms (LLaDA-MoE), which run on the CPU.
+    /// Whether the CUDA backend has a model for this config: every dense one, and a mixture of
+    /// experts within the CUDA kernels' limits ([`crate::backend::cuda::moe::unsupported`]).
     pub fn has_cuda_model(&self) -> bool {
-        self.experts.is_none() && !self.qk_norm
+        crate::backend::cuda::moe::unsupported(self).is_none()
     }
 
     /// Whether row `i` of the raw LM-head output predicts position `i + 1` (see

@@ -1,7 +1,8 @@
 //! `dllm-gpu-check`: runs every CUDA kernel family's self-check and bench, then checks the GPU
 //! LLaDA model on the tiny checkpoint against the reference logits, the CPU model, and greedy
-//! generation, and the GPU Dream model (biases, GQA, shifted logits) on a tiny synthetic Dream
-//! against the CPU model; both models' padded batched prediction (`predict_batch`) against
+//! generation, the GPU Dream model (biases, GQA, shifted logits) on a tiny synthetic Dream and
+//! the GPU LLaDA-MoE model (q/k head norms, mixture of experts) on a tiny synthetic LLaDA-MoE
+//! against the CPU model; each model's padded batched prediction (`predict_batch`) against
 //! per-canvas `predict` and the CPU model. Prints a table, writes JSON, exits non-zero when any
 //! check failed.
 //!
@@ -18,7 +19,7 @@ use dllm::backend::cuda::transformer::{
 };
 use dllm::backend::cuda::{
     attention, elementwise, gemm, gemm_cluster_split, gemm_mlp, gemm_norm, gemm_rope, gemm_sweep,
-    gemm_swiglu, kernel_dir, sampling, CudaDevice,
+    gemm_swiglu, kernel_dir, moe, sampling, CudaDevice,
 };
 use dllm::config::ModelConfig;
 use dllm::denoise::predict::{PredictRule, Prediction, Remasking};
@@ -92,8 +93,9 @@ struct Args {
 /// Which parts `--only` selects.
 /// `norm_fold` (the RMSNorm fold's checks and benches alone, for compute-sanitizer) runs only when
 /// named: `gemm` includes it.
-const PARTS: [&str; 6] = [
+const PARTS: [&str; 7] = [
     "elementwise",
+    "moe",
     "gemm",
     "attention",
     "sampling",
@@ -205,7 +207,7 @@ const TOL_MODEL: f64 = 5e-2;
 const TOL_ARGMAX_MISS: f64 = 0.05;
 /// Largest fraction of generated tokens that may differ between GPU and CPU greedy generation.
 const TOL_GEN_MISS: f64 = 0.02;
-/// The same for the random-weight tiny Dream: its near-flat distributions make bf16-level
+/// The same for the random-weight tiny Dream (and LLaDA-MoE): its near-flat distributions make bf16-level
 /// differences flip more near-ties than the trained LLaDA model does.
 const TOL_DREAM_GEN_MISS: f64 = 0.10;
 /// Largest fraction of predicted tokens that may differ in a lockstep session with a block K/V
@@ -1294,14 +1296,21 @@ fn batch_checks(
     out
 }
 
-/// Dream on the GPU (q/k/v biases, grouped-query heads, shifted logits): a tiny random Dream
-/// checkpoint written by `dllm synth` into a temporary folder, GPU vs the CPU model.
-fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> {
+/// A tiny random checkpoint of another architecture, written by `dllm synth` into a temporary
+/// folder, GPU vs the CPU model: Dream (q/k/v biases, grouped-query heads, shifted logits; the
+/// shift's own checks too) or LLaDA-MoE (q/k head norms, the mixture of experts). Check names
+/// start with `tag`.
+fn synth_checks(
+    dev: &Arc<CudaDevice>,
+    preset: dllm::synth::Preset,
+    tag: &str,
+    details: &mut Value,
+) -> Vec<CheckResult> {
     let mut out = Vec::new();
-    let dir = std::env::temp_dir().join(format!("dllm-gpu-check-dream-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("dllm-gpu-check-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let r = (|| -> Result<()> {
-        dllm::synth::synth_checkpoint(dllm::synth::Preset::DreamTiny, &dir, 7)?;
+        dllm::synth::synth_checkpoint(preset, &dir, 7)?;
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let store = WeightStore::open(&dir)?;
         let gpu = Arc::new(CudaTransformer::new(
@@ -1318,8 +1327,14 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             .collect();
         let mut ids = prompt.clone();
         ids.resize(prompt.len() + 40, cfg.mask_token_id);
+        let shifted = cfg.shifted_logits();
+        let forward = if shifted {
+            "forward (shifted)"
+        } else {
+            "forward"
+        };
         for (name, g, c) in [
-            ("forward (shifted)", gpu.forward(&ids)?, cpu.forward(&ids)?),
+            (forward, gpu.forward(&ids)?, cpu.forward(&ids)?),
             (
                 "raw_forward",
                 gpu.raw_forward(&ids)?,
@@ -1329,7 +1344,7 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             let want: Vec<usize> = c.chunks(width).map(argmax).collect();
             let (agree, total) = argmax_agreement(&g, width, &want);
             out.push(CheckResult::new(
-                format!("dream.gpu vs cpu {name} logits"),
+                format!("{tag}.gpu vs cpu {name} logits"),
                 check::rel_l2(&g, &c),
                 TOL_MODEL,
                 format!("{} ids; argmax {agree}/{total} rows identical", ids.len()),
@@ -1337,17 +1352,19 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
         }
         // The shift itself: GPU row i of forward == GPU raw row max(i - 1, 0).
         let (f, raw) = (gpu.forward(&ids)?, gpu.raw_forward(&ids)?);
-        let shifted: Vec<f32> = (0..ids.len())
-            .flat_map(|i| {
-                raw[i.saturating_sub(1) * width..(i.saturating_sub(1) + 1) * width].to_vec()
-            })
-            .collect();
-        out.push(CheckResult::new(
-            "dream.forward == shifted raw_forward",
-            check::rel_l2(&f, &shifted),
-            1e-6,
-            format!("{} rows", ids.len()),
-        ));
+        if shifted {
+            let rows: Vec<f32> = (0..ids.len())
+                .flat_map(|i| {
+                    raw[i.saturating_sub(1) * width..(i.saturating_sub(1) + 1) * width].to_vec()
+                })
+                .collect();
+            out.push(CheckResult::new(
+                format!("{tag}.forward == shifted raw_forward"),
+                check::rel_l2(&f, &rows),
+                1e-6,
+                format!("{} rows", ids.len()),
+            ));
+        }
         // Model::logits_at (the host-logits path: filters, guidance, constraints, revise): the
         // forward's rows of the positions asked, in their order, repeats too; and the CPU's.
         let positions = [
@@ -1363,7 +1380,7 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             .flat_map(|&p| f[p * width..(p + 1) * width].to_vec())
             .collect();
         out.push(CheckResult::new(
-            "dream.logits_at == forward rows",
+            format!("{tag}.logits_at == forward rows"),
             check::rel_l2(&at, &rows),
             1e-2,
             format!(
@@ -1372,46 +1389,47 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
             ),
         ));
         out.push(CheckResult::new(
-            "dream.gpu vs cpu logits_at",
+            format!("{tag}.gpu vs cpu logits_at"),
             check::rel_l2(&at, &cpu.logits_at(&ids, &positions)?),
             TOL_MODEL,
             format!("{} positions", positions.len()),
         ));
-        // Dual cache with the shift: a block forward starting one position early gives the
-        // block's rows the same logits as the full forward.
+        // Dual cache (with the shift: a block forward starting one position early): the
+        // block's rows get the same logits as the full forward.
         let s0 = prompt.len() + 8;
+        let early = usize::from(shifted);
         gpu.set_canvases(&ids, 1, ids.len())?;
         gpu.forward_full(true)?;
         let full = gpu.span_logits(s0..s0 + 16, 0)?;
-        gpu.forward_block(s0 - 1, 17)?;
-        let block = gpu.span_logits(s0..s0 + 16, s0 - 1)?;
+        gpu.forward_block(s0 - early, 16 + early)?;
+        let block = gpu.span_logits(s0..s0 + 16, s0 - early)?;
         out.push(CheckResult::new(
-            "dream.dual cache block == full",
+            format!("{tag}.dual cache block == full"),
             check::rel_l2(&block, &full),
             2e-2,
             format!("block {s0}..{} of {}", s0 + 16, ids.len()),
         ));
         let gg = generate(gpu.clone(), &prompt, 64)?;
         let cg = generate(cpu.clone(), &prompt, 64)?;
-        details["dream_generated_gpu"] = json!(gg);
-        details["dream_generated_cpu"] = json!(cg);
+        details[format!("{tag}_generated_gpu")] = json!(gg);
+        details[format!("{tag}_generated_cpu")] = json!(cg);
         out.push(miss_check(
-            "dream.greedy gen gpu vs cpu".into(),
+            format!("{tag}.greedy gen gpu vs cpu"),
             same_count(&gg, &cg),
             gg.len(),
             TOL_DREAM_GEN_MISS,
             "tokens",
         ));
-        out.extend(cached_logits_checks("dream", &*gpu, &*cpu, &prompt));
+        out.extend(cached_logits_checks(tag, &*gpu, &*cpu, &prompt));
         out.extend(packed_session_checks(
-            "dream",
+            tag,
             &gpu,
             &prompt,
             TOL_ARGMAX_MISS,
             TOL_DREAM_GEN_MISS,
         ));
         out.extend(session_cache_checks(
-            "dream",
+            tag,
             gpu.clone(),
             cpu.clone(),
             &prompt,
@@ -1422,10 +1440,10 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
         ));
         let naive = CudaTransformer::new(dev.clone(), &store, &cfg, KernelChoice::reference());
         if let Err(e) = &naive {
-            out.push(CheckResult::failed("dream[naive kernels].load", e));
+            out.push(CheckResult::failed(format!("{tag}[naive kernels].load"), e));
         }
         out.extend(batch_checks(
-            "dream",
+            tag,
             BatchModels {
                 fast: &*gpu,
                 naive: naive.as_ref().ok().map(|m| m as &dyn Model),
@@ -1438,7 +1456,7 @@ fn dream_checks(dev: &Arc<CudaDevice>, details: &mut Value) -> Vec<CheckResult> 
         Ok(())
     })();
     if let Err(e) = r {
-        out.push(CheckResult::failed("dream", e));
+        out.push(CheckResult::failed(tag, e));
     }
     let _ = std::fs::remove_dir_all(&dir);
     out
@@ -1553,8 +1571,9 @@ fn main() -> ExitCode {
                 fn(&CudaDevice) -> Vec<CheckResult>,
                 fn(&CudaDevice) -> Vec<BenchResult>,
             );
-            let families: [Family; 5] = [
+            let families: [Family; 6] = [
                 ("elementwise", elementwise::self_check, elementwise::bench),
+                ("moe", moe::self_check, moe::bench),
                 ("gemm", gemm_checks, gemm_benches),
                 ("attention", attention::self_check, attention::bench),
                 ("sampling", sampling::self_check, sampling::bench),
@@ -1596,13 +1615,18 @@ fn main() -> ExitCode {
                     |m| CheckResult::failed("model", m),
                 ));
                 details["model"] = md;
-                let mut dd = json!({});
-                checks.extend(guarded(
-                    "dream",
-                    || dream_checks(&dev, &mut dd),
-                    |m| CheckResult::failed("dream", m),
-                ));
-                details["dream"] = dd;
+                for (tag, preset) in [
+                    ("dream", dllm::synth::Preset::DreamTiny),
+                    ("llada-moe", dllm::synth::Preset::LladaMoeTiny),
+                ] {
+                    let mut dd = json!({});
+                    checks.extend(guarded(
+                        tag,
+                        || synth_checks(&dev, preset, tag, &mut dd),
+                        |m| CheckResult::failed(tag, m),
+                    ));
+                    details[tag] = dd;
+                }
                 eprintln!(
                     "[gpu-check] model checks done in {:.1} s",
                     t.elapsed().as_secs_f64()

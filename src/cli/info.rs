@@ -78,7 +78,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         .map(|p| p.display().to_string())
         .collect();
     let cpu_bf16 = cpu_bf16_line(a.model.cpu_bf16);
-    // LLaDA-MoE has no CUDA model: no device figures to give.
+    // A mixture the CUDA kernels cannot run: no device figures to give.
     let cuda_model = cfg.has_cuda_model();
     let cuda = match dllm::backend::cuda::unavailable_reason() {
         _ if !cuda_model => format!("no CUDA model for {} (it runs on the CPU)", cfg.arch.name()),

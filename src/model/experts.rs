@@ -140,11 +140,19 @@ impl<'w> Mixture<'w> {
 }
 
 /// One row's experts: the softmax of its router `logits` (fp32), then the `k` most probable
-/// experts (ties to the lower index; NaNs rank by `f32::total_cmp`, never a panic) with their
-/// probabilities, most probable first.
+/// experts (ties to the lower index) with their probabilities, most probable first. Values
+/// rank by `f32::total_cmp`, a NaN (a NaN logit, or `inf − inf`) as the positive NaN above every
+/// number on every platform (x86 makes `inf − inf` a negative one; the CUDA routing kernel a
+/// positive one): never a panic, and the same experts on both backends.
 pub fn route(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+    let exp: Vec<f32> = logits
+        .iter()
+        .map(|&l| match (l - max).exp() {
+            e if e.is_nan() => f32::NAN,
+            e => e,
+        })
+        .collect();
     let sum: f32 = exp.iter().sum();
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
@@ -179,5 +187,10 @@ mod tests {
         assert_eq!(top[0].1, 1.0);
         let top = route(&[0.0, f32::NAN, 1.0], 1);
         assert_eq!(top.len(), 1);
+        // A NaN ranks first, whatever its sign: `-NaN` and `inf − inf` alike.
+        assert_eq!(top[0].0, 1);
+        assert_eq!(route(&[0.0, -f32::NAN, 1.0], 1)[0].0, 1);
+        let top = route(&[1.0, f32::INFINITY, 0.0], 2);
+        assert_eq!((top[0].0, top[1].0), (1, 0));
     }
 }

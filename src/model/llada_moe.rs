@@ -13,8 +13,9 @@
 //! ```
 //! The attention and norms carry the Hugging Face (Qwen2) names of Dream's layout; the
 //! mixture adds `mlp.gate.weight` (the router, `[num_experts, hidden_size]`) and
-//! `mlp.experts.{e}.{gate,up,down}_proj.weight`. The CUDA backend has no expert kernels: a
-//! LLaDA-MoE model runs on the CPU ([`crate::model::load`] falls back to it under `auto`).
+//! `mlp.experts.{e}.{gate,up,down}_proj.weight`. The CUDA backend runs it too
+//! ([`crate::backend::cuda::moe`]: routing and grouped expert GEMMs on the device; written
+//! without a GPU in session 21, its checks in `dllm-gpu-check` not yet run on one).
 
 use crate::config::{Arch, ModelConfig};
 use crate::model::dream::layout::{block_tensors as qwen_block, mlp_tensors};

@@ -1,8 +1,8 @@
 //! Choosing a backend and loading a model directory onto it, by architecture.
 //!
 //! `Auto` takes CUDA when the driver library is present, the kernels were compiled, the
-//! architecture has a CUDA model (LLaDA and Dream both run on [`CudaTransformer`]; LLaDA-MoE
-//! has none) and the model loads on device 0;
+//! architecture has a CUDA model (LLaDA, Dream and LLaDA-MoE all run on [`CudaTransformer`];
+//! a mixture beyond the CUDA kernels' limits has none) and the model loads on device 0;
 //! otherwise it falls back to the CPU and says why in [`LoadedModel::note`]. `Cuda` never falls
 //! back: its failure (an unsupported architecture included) is the error.
 

@@ -89,18 +89,6 @@ pub struct BlockTensors {
     pub qk_norm: Option<(String, String)>,
 }
 
-impl BlockTensors {
-    /// The block's dense SwiGLU, or an error naming the mixture of experts `backend` cannot run.
-    pub fn dense_ffn(&self, backend: &str) -> Result<&SwiGluTensors> {
-        match &self.ffn {
-            FeedForward::Dense(t) => Ok(t),
-            FeedForward::Experts { router, .. } => Err(Error::Unsupported(format!(
-                "the {backend} backend has no mixture-of-experts layers (`{router}`)"
-            ))),
-        }
-    }
-}
-
 /// Every tensor name of one checkpoint, for one architecture and config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorTable {

@@ -223,6 +223,7 @@ pub struct Elementwise {
     gather_bf16_fn: CudaFunction,
     copy_rows_fn: CudaFunction,
     fill_fn: CudaFunction,
+    norm_heads_fn: CudaFunction,
 }
 
 impl Elementwise {
@@ -246,6 +247,7 @@ impl Elementwise {
             gather_bf16_fn: f("gather_rows_bf16")?,
             copy_rows_fn: f("copy_rows_bf16")?,
             fill_fn: f("fill_u32")?,
+            norm_heads_fn: f("rmsnorm_heads_bf16")?,
         })
     }
 
@@ -452,6 +454,69 @@ impl Elementwise {
         // SAFETY: the kernel writes float2 t < positions·half of `table` (2·total floats,
         // checked) and reads inv_freq[i < half] (checked).
         unsafe { b.launch(grid_for(total)) }.map_err(|e| cuda_err("launch rope_table_f32", e))
+    }
+
+    /// RMSNorm of every q head (weights `q_w`) and k head (`k_w`, `head_dim` each) of `qkv` in
+    /// place, laid out as `shape` says (its positions, v columns and cache are not used; the
+    /// heads must be in the half-split layout, not the grouped one): LLaDA-MoE's q/k norms.
+    pub fn rmsnorm_heads(
+        &self,
+        qkv: &mut CudaViewMut<u16>,
+        (q_w, k_w): (&CudaView<f32>, &CudaView<f32>),
+        shape: &RopeQkvShape,
+        eps: f32,
+    ) -> Result<()> {
+        let s = shape;
+        let heads = s.q_heads + s.kv_heads;
+        if s.rows == 0 || heads == 0 {
+            return Ok(());
+        }
+        if s.grouped
+            || s.head_dim == 0
+            || s.q_heads * s.head_dim > s.k_col
+            || s.k_col + s.kv_heads * s.head_dim > s.row_stride
+        {
+            return Err(Error::invalid(format!(
+                "elementwise rmsnorm_heads: heads do not fit the rows of {s:?}"
+            )));
+        }
+        need(
+            "rmsnorm_heads qkv",
+            qkv.len(),
+            (s.rows - 1) * s.row_stride + s.k_col + s.kv_heads * s.head_dim,
+        )?;
+        need("rmsnorm_heads q weight", q_w.len(), s.head_dim)?;
+        need("rmsnorm_heads k weight", k_w.len(), s.head_dim)?;
+        let items = s.rows * heads;
+        let warps = (ROW_THREADS / 32) as usize;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(items.div_ceil(warps)).map_err(|_| {
+                    Error::invalid(format!("elementwise rmsnorm_heads: {items} heads"))
+                })?,
+                1,
+                1,
+            ),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let i = |v| to_i32("rmsnorm_heads shape", v);
+        let (rows, stride, qh) = (i(s.rows)?, i(s.row_stride)?, i(s.q_heads)?);
+        let (kvh, kcol, hd) = (i(s.kv_heads)?, i(s.k_col)?, i(s.head_dim)?);
+        let mut b = Launch::new(&self.stream, &self.norm_heads_fn, self.pdl);
+        b.arg(qkv)
+            .arg(&rows)
+            .arg(&stride)
+            .arg(&qh)
+            .arg(&kvh)
+            .arg(&kcol)
+            .arg(&hd)
+            .arg(q_w)
+            .arg(k_w)
+            .arg(&eps);
+        // SAFETY: every head of every row lies inside qkv (checked above), the weights hold
+        // head_dim values each (checked).
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err("launch rmsnorm_heads_bf16", e))
     }
 
     /// Fused RoPE on the q and k heads of `qkv` (in place) and the write of the rotated K and

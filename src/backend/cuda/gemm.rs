@@ -185,7 +185,7 @@ impl GemmOut<'_> {
 
     /// Product elements (of the `M × N` product) the output covers: its length, or twice it
     /// for the fused SwiGLU, which writes one value per gate/up pair.
-    fn covers(&self) -> usize {
+    pub(super) fn covers(&self) -> usize {
         match self {
             GemmOut::Bf16(v) | GemmOut::RopeQkv(v, _) => v.len(),
             GemmOut::SwigluBf16(v) => v.len().saturating_mul(2),
@@ -194,7 +194,7 @@ impl GemmOut<'_> {
     }
 
     /// Device address and the alignment the kernels need for it (element pairs are stored).
-    fn addr_and_align(&self, dev: &CudaDevice) -> (u64, u64) {
+    pub(super) fn addr_and_align(&self, dev: &CudaDevice) -> (u64, u64) {
         match self {
             GemmOut::Bf16(v) | GemmOut::SwigluBf16(v) | GemmOut::RopeQkv(v, _) => {
                 (v.device_ptr(&dev.stream).0, 4)
@@ -336,7 +336,7 @@ pub fn validate(
     need("C", out_len, m, n)
 }
 
-fn check_align(what: &str, addr: u64, align: u64) -> Result<()> {
+pub(super) fn check_align(what: &str, addr: u64, align: u64) -> Result<()> {
     if !addr.is_multiple_of(align) {
         return Err(Error::invalid(format!(
             "gemm: {what} device address {addr:#x} is not {align}-byte aligned (offset views by whole rows)"

@@ -64,6 +64,8 @@ pub struct StepBuffers {
     pub fold_x: usize,
     /// Each of the fold's two partial-sum buffers (f32, `rows · d_model / 32`; one element without).
     pub fold_sq: usize,
+    /// A mixture's buffers (LLaDA-MoE; `gate_up` and `act` are then one element each).
+    pub moe: Option<super::moe::MoeBufferSizes>,
 }
 
 impl StepBuffers {
@@ -71,18 +73,26 @@ impl StepBuffers {
         let rows = batch * seq;
         let (d, h) = (cfg.d_model, cfg.mlp_hidden);
         let chunk = super::transformer::HEAD_CHUNK_ROWS.min(rows);
+        let moe = super::moe::MoeShape::of(cfg)
+            .map(|shape| super::moe::MoeBufferSizes::new(shape, rows, fused_swiglu));
+        let dense = moe.is_none();
         StepBuffers {
             rows,
             batch,
             hidden: rows * d,
             qkv: rows * (d + 2 * cfg.n_kv_heads * cfg.head_dim()),
-            gate_up: if fused_swiglu { 1 } else { rows * 2 * h },
-            act: rows * h,
+            gate_up: if fused_swiglu || !dense {
+                1
+            } else {
+                rows * 2 * h
+            },
+            act: if dense { rows * h } else { 1 },
             head_hidden: chunk * d,
             logits: chunk * cfg.logits_width(),
             record: super::sampling::commit_record_len(batch, seq),
             fold_x: 1,
             fold_sq: 1,
+            moe,
         }
     }
 
@@ -118,6 +128,7 @@ impl StepBuffers {
             + 4 * n(self.logits + self.record)
             + 2 * n(self.fold_x)
             + 4 * 2 * n(self.fold_sq)
+            + self.moe.map_or(0, |m| m.bytes())
     }
 }
 

@@ -18,6 +18,7 @@ pub mod elementwise;
 pub mod env_switch;
 pub mod gemm;
 pub mod gemm_cluster_split;
+pub mod gemm_grouped;
 pub mod gemm_mlp;
 pub mod gemm_norm;
 pub mod gemm_rope;
@@ -28,6 +29,7 @@ pub mod gemm_tma;
 pub mod kernel_dir;
 pub mod launch;
 pub mod memory;
+pub mod moe;
 pub mod nvcc;
 pub mod padding;
 #[cfg(test)]

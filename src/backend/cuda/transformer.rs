@@ -1,9 +1,12 @@
-//! The pre-norm SwiGLU transformer (LLaDA and Dream) on the GPU: weights uploaded once as bf16,
+//! The pre-norm SwiGLU transformer (LLaDA, Dream and LLaDA-MoE) on the GPU: weights uploaded once as bf16,
 //! a batch of canvases resident on the device, full-canvas and block (Fast-dLLM dual cache)
 //! forwards, the LM head run only for query rows, and on-GPU sampling and commit.
 //!
 //! Architectures differ only in tensor names ([`crate::model::tensor_table`]), q/k/v biases
-//! (Dream; added to q, k and v by the fused RoPE kernel) and shifted logits (Dream: position `p`
+//! (Dream; added to q, k and v by the fused RoPE kernel), q/k head norms and a mixture of
+//! experts for the MLP (LLaDA-MoE: `rmsnorm_heads` between the QKV GEMM and RoPE, and
+//! [`super::moe`]'s router, routing, grouped expert GEMMs and combine; never the RoPE epilogue,
+//! the norm fold, the fused MLP or the layer chain) and shifted logits (Dream: position `p`
 //! is predicted by the LM-head output at `max(p − 1, 0)`, [`CudaTransformer::forward`] rows
 //! follow [`crate::model::Model::forward`]'s contract; a block forward then starts one position
 //! before the block so the block's first position has its source row).
@@ -49,6 +52,7 @@ use super::gemm::{Gemm, GemmOut, GemmVariant, MlpInput, MlpOutJob, MlpQkvJob};
 use super::gemm_norm::{NormFold, NormPrep};
 use super::gemm_rope::{RopeArgs, RopeTable};
 use super::memory::{self, StepBuffers};
+use super::moe::{ExpertWeights, Moe, MoeBuffers, MoeShape};
 use super::padding;
 use super::profile::{OpProfiler, OpTime};
 use super::rope_layout;
@@ -88,7 +92,7 @@ pub use packed::packed_sessions_from_env;
 pub use packed_check::packed_session_checks;
 pub use slots::cache_slots_from_env;
 use slots::{slot_of, CacheSlot, SlotPolicy};
-use upload::{qk_rows, upload_f32, upload_gate_up_fused, upload_qkv_grouped, upload_stacked};
+use upload::{qk_rows, upload_f32, upload_ffn, upload_qkv_grouped, upload_stacked};
 
 /// Query rows per LM-head chunk (bounds the fp32 logits buffer: rows × embedding_size × 4 B).
 pub const HEAD_CHUNK_ROWS: usize = 256;
@@ -224,12 +228,24 @@ struct LayerWeights {
     qkv_bias: Option<CudaSlice<f32>>,
     /// `[d, d]`.
     attn_out: CudaSlice<u16>,
-    /// `[2h, d]`: ff_proj (gate) then up_proj.
-    gate_up: CudaSlice<u16>,
-    /// `[d, h]`.
-    ff_out: CudaSlice<u16>,
+    ffn: LayerFfn,
     attn_norm: CudaSlice<f32>,
     ff_norm: CudaSlice<f32>,
+    /// The RMSNorms of each q and each k head (`[head_dim]` f32 each; LLaDA-MoE), applied
+    /// before RoPE.
+    qk_norm: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+}
+
+/// A layer's feed-forward weights.
+enum LayerFfn {
+    Dense {
+        /// `[2h, d]`: ff_proj (gate) then up_proj (interleaved for the fused SwiGLU).
+        gate_up: CudaSlice<u16>,
+        /// `[d, h]`.
+        ff_out: CudaSlice<u16>,
+    },
+    /// A mixture of experts ([`super::moe`]).
+    Experts(ExpertWeights),
 }
 
 struct Weights {
@@ -295,6 +311,8 @@ struct State {
     tokens: CudaSlice<i32>,
     conf: CudaSlice<f64>,
     record: CudaSlice<i32>,
+    /// The mixture's step buffers (LLaDA-MoE), for `batch_cap · seq_cap` rows.
+    moe: Option<MoeBuffers>,
     /// Captured block steps (they point into the buffers above and are dropped with them).
     graph_sets: HashMap<ShapeKey, GraphSet>,
     /// Shapes the Session path's layers ran at eagerly so far (a shape is graphed from its
@@ -343,6 +361,8 @@ pub struct CudaTransformer {
     state: Mutex<Option<State>>,
     /// Per-operation event timing of eager steps (`dllm bench --profile`).
     profiler: OpProfiler,
+    /// The mixture-of-experts kernels and shape (LLaDA-MoE).
+    moe: Option<(Moe, MoeShape)>,
     /// [`CudaTransformer::cache_slot_misses`].
     slot_misses: std::sync::atomic::AtomicUsize,
     /// Most Session cache slots ([`cache_slots_from_env`]; a packed batch may hold one per
@@ -385,13 +405,13 @@ impl CudaTransformer {
         cfg: &ModelConfig,
         kernels: KernelChoice,
     ) -> Result<CudaTransformer> {
-        if !cfg.has_cuda_model() {
+        if let Some(why) = super::moe::unsupported(cfg) {
             return Err(Error::Unsupported(format!(
-                "the CUDA backend has no {} layers (mixture of experts, q/k head norms): \
-                 run it on the CPU backend",
+                "the CUDA backend cannot run this {} model ({why}): run it on the CPU backend",
                 cfg.arch.name()
             )));
         }
+        let moe_shape = MoeShape::of(cfg);
         let table = crate::model::tensor_table(cfg);
         let (d, h, e) = (cfg.d_model, cfg.mlp_hidden, cfg.embedding_size);
         // The fused SwiGLU only where the fast GEMMs run (a tiled kernel for every row count:
@@ -406,9 +426,15 @@ impl CudaTransformer {
                 && !kernels.naive_gemm
                 && tiled
                 && swiglu_layout::supported(h),
+            // The q/k head norms run between the QKV GEMM and RoPE.
             fused_rope: kernels.fused_rope
                 && !kernels.naive_gemm
+                && !cfg.qk_norm
                 && rope_layout::supported(cfg.head_dim()),
+            // A mixture's residual add is its combine kernel, not a GEMM epilogue: no norm fold
+            // (and so no layer chain) around it.
+            norm_fold: kernels.norm_fold && moe_shape.is_none(),
+            layer_chain: kernels.layer_chain && moe_shape.is_none(),
             ..kernels
         };
         dev.check_fits(
@@ -428,10 +454,20 @@ impl CudaTransformer {
             let k = store.get_shaped(&n.k, &[kv, d])?;
             let v = store.get_shaped(&n.v, &[kv, d])?;
             let o = store.get_shaped(&n.o, &[d, d])?;
-            let mlp = n.dense_ffn("CUDA")?;
-            let g = store.get_shaped(&mlp.gate, &[h, d])?;
-            let u = store.get_shaped(&mlp.up, &[h, d])?;
-            let f = store.get_shaped(&mlp.down, &[d, h])?;
+            let (ffn, ffn_bytes) = upload_ffn(&dev, store, &n.ffn, (d, h), kernels.fused_swiglu)?;
+            let qk_norm = match &n.qk_norm {
+                Some((qn, kn)) => Some((
+                    upload_f32(&dev, &store.get_shaped(qn, &[cfg.head_dim()])?)?,
+                    upload_f32(&dev, &store.get_shaped(kn, &[cfg.head_dim()])?)?,
+                )),
+                None => None,
+            };
+            if qk_norm.is_some() && n.qkv_bias.is_some() {
+                return Err(Error::Unsupported(
+                    "the CUDA backend adds q/k/v biases after the q/k head norms, not before"
+                        .into(),
+                ));
+            }
             let an = store.get_shaped(&n.attn_norm, &[d])?;
             let fnm = store.get_shaped(&n.mlp_norm, &[d])?;
             let qkv_bias = match &n.qkv_bias {
@@ -456,16 +492,12 @@ impl CudaTransformer {
                 },
                 qkv_bias,
                 attn_out: upload_stacked(&dev, &[o])?,
-                gate_up: if kernels.fused_swiglu {
-                    upload_gate_up_fused(&dev, &g, &u, h, d)?
-                } else {
-                    upload_stacked(&dev, &[g, u])?
-                },
-                ff_out: upload_stacked(&dev, &[f])?,
+                ffn,
                 attn_norm: upload_f32(&dev, &an)?,
                 ff_norm: upload_f32(&dev, &fnm)?,
+                qk_norm,
             });
-            bytes += 2 * (d * (d + 2 * kv) + d * d + 3 * d * h);
+            bytes += 2 * (d * (d + 2 * kv) + d * d) + ffn_bytes;
         }
         let ln_f = upload_f32(&dev, &store.get_shaped(&table.final_norm, &[d])?)?;
         let head = match &table.lm_head {
@@ -507,6 +539,10 @@ impl CudaTransformer {
             graphs: AtomicBool::new(graphs_from_env()),
             graph_error: Mutex::new(None),
             profiler: OpProfiler::default(),
+            moe: match moe_shape {
+                Some(shape) => Some((Moe::load(&dev)?, shape)),
+                None => None,
+            },
             slot_misses: Default::default(),
             cache_slots: cache_slots_from_env(),
             packed_sessions: AtomicBool::new(packed_sessions_from_env()),
@@ -546,7 +582,7 @@ impl CudaTransformer {
             let actual: Option<serde_json::Value> = match *name {
                 "stream_gemm" => Some(self.kit.gemm.stream_active().into()),
                 "stream_gemm_stages" => Some(self.kit.gemm.stream_stages().into()),
-                "fused_mlp" => Some(self.kit.gemm.mlp_active().into()),
+                "fused_mlp" => Some((self.kit.gemm.mlp_active() && self.moe.is_none()).into()),
                 "tma_gemm" => Some(self.kit.gemm.tma_active().into()),
                 "tma_quad_gemm" => Some(self.kit.gemm.tma4_active().into()),
                 "cluster_split_gemm" => Some(self.kit.gemm.cluster_split_active().into()),
@@ -573,6 +609,12 @@ impl CudaTransformer {
             if let Some(a) = actual {
                 *value = a;
             }
+        }
+        if let Some((_, shape)) = &self.moe {
+            v.push((
+                "mixture_of_experts",
+                serde_json::json!({"experts": shape.experts, "per_token": shape.per_row}),
+            ));
         }
         v
     }
@@ -656,6 +698,10 @@ impl CudaTransformer {
             tokens: alloc(dev, n.rows, "tokens")?,
             conf: alloc(dev, n.rows, "confidences")?,
             record: alloc(dev, n.record, "commit record")?,
+            moe: match n.moe {
+                Some(sizes) => Some(MoeBuffers::alloc(dev, sizes)?),
+                None => None,
+            },
             graph_sets: HashMap::new(),
             layer_shapes_seen: HashSet::new(),
         })
@@ -1031,8 +1077,12 @@ impl CudaTransformer {
         // The whole MLP in one launch (DLLM_FUSED_MLP=1, batch-1 block steps): the same bits
         // as the two stream launches. And the folded norms. Both per row count: a narrowed
         // last layer runs its query side on fewer rows.
-        let mlp_fused_at =
-            |m| self.kernels.fused_swiglu && !self.kernels.naive_gemm && kit.gemm.mlp_serves(m);
+        let mlp_fused_at = |m| {
+            self.kernels.fused_swiglu
+                && !self.kernels.naive_gemm
+                && self.moe.is_none()
+                && kit.gemm.mlp_serves(m)
+        };
         let fold_at = |m, mlp_fused| {
             FoldPlan::new(
                 &self.kernels,
@@ -1120,6 +1170,19 @@ impl CudaTransformer {
                         rows,
                         qkv_dim,
                     )?;
+                }
+                if let Some((qn, kn)) = &lw.qk_norm {
+                    // Before RoPE (no RoPE epilogue with head norms: fused_rope is off).
+                    if rope_after.is_none() {
+                        return Err(Error::State("q/k head norms after a RoPE epilogue".into()));
+                    }
+                    self.ew.rmsnorm_heads(
+                        &mut st.qkv.slice_mut(0..rows * qkv_dim),
+                        (&qn.as_view(), &kn.as_view()),
+                        &rope,
+                        cfg.rms_norm_eps,
+                    )?;
+                    self.mark("qk_norm")?;
                 }
                 if let Some(dst) = rope_after {
                     // A block forward's GEMMs stream their weights; the attention-output ones
@@ -1264,6 +1327,38 @@ impl CudaTransformer {
                     d,
                 )?;
             }
+            let (gate_up, ff_out) = match &lw.ffn {
+                LayerFfn::Dense { gate_up, ff_out } => (gate_up, ff_out),
+                LayerFfn::Experts(experts) => {
+                    // The mixture (never fused or folded): the MLP norm, the router, the
+                    // experts and their weighted sum into the residual.
+                    self.norm(
+                        &x.slice(0..rows * d),
+                        &lw.ff_norm.as_view(),
+                        &mut st.xn,
+                        rows,
+                    )?;
+                    let ((moe, shape), buf) =
+                        self.moe.as_ref().zip(st.moe.as_mut()).ok_or_else(|| {
+                            Error::State("a mixture layer without its kernels".into())
+                        })?;
+                    moe.run(
+                        &self.dev,
+                        &self.ew,
+                        experts,
+                        *shape,
+                        (&st.xn.slice(0..rows * d), &mut x.slice_mut(0..rows * d)),
+                        rows,
+                        buf,
+                        self.kernels.fused_swiglu,
+                        |a, w, out| {
+                            self.gemm(kit, "gemm.router", a, w, out, rows, shape.experts, d)
+                        },
+                    )?;
+                    self.mark("moe")?;
+                    continue;
+                }
+            };
             // The next layer's attention norm, folded into this layer's down projection.
             let next_norm = self
                 .w
@@ -1348,9 +1443,9 @@ impl CudaTransformer {
                 kit.gemm.run_mlp(
                     &self.dev,
                     input,
-                    &lw.gate_up.as_view(),
+                    &gate_up.as_view(),
                     &mut st.act.slice_mut(0..rows * h),
-                    &lw.ff_out.as_view(),
+                    &ff_out.as_view(),
                     &mut x.slice_mut(0..rows * d),
                     (rows, d, h),
                     (fold.prep(None), fold.prep(down_prep)),
@@ -1379,9 +1474,9 @@ impl CudaTransformer {
                 kit.gemm.run_mlp(
                     &self.dev,
                     MlpInput::Rows(&st.xn.slice(0..rows * d)),
-                    &lw.gate_up.as_view(),
+                    &gate_up.as_view(),
                     &mut st.act.slice_mut(0..rows * h),
-                    &lw.ff_out.as_view(),
+                    &ff_out.as_view(),
                     &mut x.slice_mut(0..rows * d),
                     (rows, d, h),
                     (fold_up, fold.prep(down_prep)),
@@ -1407,7 +1502,7 @@ impl CudaTransformer {
                     kit,
                     op,
                     &st.xn.slice(0..rows * d),
-                    &lw.gate_up.as_view(),
+                    &gate_up.as_view(),
                     out,
                     fold.scale(&sq),
                     rows,
@@ -1421,7 +1516,7 @@ impl CudaTransformer {
                     &x.slice(0..rows * d),
                     &lw.ff_norm.as_view(),
                     &mut st.xn,
-                    &lw.gate_up.as_view(),
+                    &gate_up.as_view(),
                     out,
                     rows,
                     2 * h,
@@ -1440,7 +1535,7 @@ impl CudaTransformer {
                 kit,
                 "gemm.down",
                 &st.act.slice(0..rows * h),
-                &lw.ff_out.as_view(),
+                &ff_out.as_view(),
                 GemmOut::AddF32(x.slice_mut(0..rows * d)),
                 fold.prep(down_prep),
                 rows,

@@ -4,6 +4,7 @@
 //! on the way.
 
 use super::*;
+use crate::model::transformer::{FeedForward, SwiGluTensors};
 
 /// Converts `count` elements of `v` starting at element `start` to bf16 bits.
 fn to_bf16_bits(v: &TensorView, start: usize, out: &mut Vec<u16>, count: usize) {
@@ -66,13 +67,92 @@ pub(super) fn upload_gate_up_fused(
     d: usize,
 ) -> Result<CudaSlice<u16>> {
     let mut runs = Vec::with_capacity(2 * h / swiglu_layout::GROUP);
+    push_gate_up_fused(&mut runs, gate, up, h, d);
+    upload_runs(dev, &runs)
+}
+
+/// Appends the runs of one gate/up pair in the fused SwiGLU's row order.
+fn push_gate_up_fused<'t, 'w>(
+    runs: &mut Vec<(&'t TensorView<'w>, usize, usize)>,
+    gate: &'t TensorView<'w>,
+    up: &'t TensorView<'w>,
+    h: usize,
+    d: usize,
+) {
     swiglu_layout::for_each_run(h, |src, rows| {
         runs.push(match src {
             swiglu_layout::FusedRow::Gate(r) => (gate, r * d, rows * d),
             swiglu_layout::FusedRow::Up(r) => (up, r * d, rows * d),
         })
     });
-    upload_runs(dev, &runs)
+}
+
+/// Uploads a mixture's experts (`(gate, up, down)` each, `[h, d]`, `[h, d]`, `[d, h]`) as one
+/// `[E, 2h, d]` gate/up matrix (each expert's rows in the fused SwiGLU's order when `fused`,
+/// else gate then up) and one `[E, d, h]` down matrix.
+pub(super) fn upload_experts(
+    dev: &CudaDevice,
+    experts: &[(TensorView, TensorView, TensorView)],
+    (h, d): (usize, usize),
+    fused: bool,
+) -> Result<(CudaSlice<u16>, CudaSlice<u16>)> {
+    let mut runs = Vec::new();
+    for (gate, up, _) in experts {
+        if fused {
+            push_gate_up_fused(&mut runs, gate, up, h, d);
+        } else {
+            runs.push((gate, 0, gate.numel()));
+            runs.push((up, 0, up.numel()));
+        }
+    }
+    let gate_up = upload_runs(dev, &runs)?;
+    let downs: Vec<_> = experts
+        .iter()
+        .map(|(_, _, down)| (down, 0, down.numel()))
+        .collect();
+    Ok((gate_up, upload_runs(dev, &downs)?))
+}
+
+/// Uploads a layer's feed-forward (`d` wide, hidden `h`, each expert's with a mixture; gate
+/// and up interleaved when `fused`); returns it with its bf16 bytes.
+pub(super) fn upload_ffn(
+    dev: &CudaDevice,
+    store: &WeightStore,
+    ffn: &FeedForward,
+    (d, h): (usize, usize),
+    fused: bool,
+) -> Result<(LayerFfn, usize)> {
+    let swiglu = |t: &SwiGluTensors| -> Result<_> {
+        Ok((
+            store.get_shaped(&t.gate, &[h, d])?,
+            store.get_shaped(&t.up, &[h, d])?,
+            store.get_shaped(&t.down, &[d, h])?,
+        ))
+    };
+    match ffn {
+        FeedForward::Dense(t) => {
+            let (g, u, f) = swiglu(t)?;
+            let gate_up = if fused {
+                upload_gate_up_fused(dev, &g, &u, h, d)?
+            } else {
+                upload_stacked(dev, &[g, u])?
+            };
+            let ff_out = upload_stacked(dev, &[f])?;
+            Ok((LayerFfn::Dense { gate_up, ff_out }, 2 * 3 * d * h))
+        }
+        FeedForward::Experts { router, experts } => {
+            let e = experts.len();
+            let router = upload_stacked(dev, &[store.get_shaped(router, &[e, d])?])?;
+            let views = experts.iter().map(swiglu).collect::<Result<Vec<_>>>()?;
+            let (gate_up, down) = upload_experts(dev, &views, (h, d), fused)?;
+            let w = ExpertWeights {
+                router,
+                gate_up,
+                down,
+            };
+            Ok((LayerFfn::Experts(w), 2 * e * (d + 3 * d * h)))
+        }
+    }
 }
 
 /// Uploads `runs` (tensor, first element, element count) back to back into one bf16 device
