@@ -425,8 +425,8 @@ for s in $STAGES; do
         # LLaDA-MoE-7B-A1B's shape (64 experts of 1024, 8 per token, q/k head norms; random
         # weights from `dllm synth --arch llada-moe --preset 7b`, 15 GB, into $MODEL_MOE; the
         # CUDA mixture written in session 21 without a GPU: `check` runs its kernel checks and the
-        # tiny model's llada-moe.* checks) through the b1 workloads and b8 dual. Files
-        # bench_moe_*.json.
+        # tiny model's llada-moe.* checks) through the b1 workloads and b8 dual, then its
+        # PyTorch peer. Files bench_moe_*.json, peer_moe.json.
         MODEL_MOE=${MODEL_MOE:-/tmp/lladamoe7b}
         if [ ! -f "$MODEL_MOE/config.json" ]; then
             stage synth_moe "${T_SYNTH:-240}" "$BIN/dllm" synth --arch llada-moe --preset 7b --out "$MODEL_MOE"
@@ -434,6 +434,9 @@ for s in $STAGES; do
         MODEL8B=$MODEL_MOE bench bench_moe_b1_dual_k4 1 "${T_BENCH:-60}" --batch 1 --tokens-per-step 4 --cache dual --profile
         MODEL8B=$MODEL_MOE bench bench_moe_b1_none_k1 1 "${T_BENCH_NONE:-90}" --batch 1 --tokens-per-step 1 --cache none
         MODEL8B=$MODEL_MOE bench bench_moe_b8_dual_k4 1 "${T_BENCH:-60}" --batch 8 --tokens-per-step 4 --cache dual
+        # The same model and schedule in PyTorch eager (the reference's loop over the experts),
+        # in this call, for the ratios.
+        stage peer_moe "${T_PEER:-300}" env OUT="$OUT" python3 scripts/peer_lladamoe_torch.py
         ;;
     kvariant)
         # Kernels compiled on this machine (its nvcc) from the carried cuda/ sources with the
@@ -547,10 +550,17 @@ for name, pk in peer_key.items():
         if "on" in hashes and other in hashes:
             same = hashes["on"] == hashes[other]
             print(f"{'':<14} canvases on vs {other} {'IDENTICAL' if same else 'DIFFER'}")
+# LLaDA-MoE's workloads against its own PyTorch peer (scripts/peer_lladamoe_torch.py), same call.
+peer_moe = load("peer_moe.json")
 for f in sorted(x for x in os.listdir(out) if x.startswith(("bench_dream_", "bench_moe_")) and x.endswith(".json")):
     b = load(f)
+    pk = {"bench_moe_b1_dual_k4.json": "B1_P128_G256_blk32_steps64_dual",
+          "bench_moe_b8_dual_k4.json": "B8_P128_G256_blk32_steps64_dual",
+          "bench_moe_b1_none_k1.json": "B1_P128_G256_blk32_steps256_none"}.get(f)
+    peer = peer_moe.get(pk, {}).get("tok_s") if pk else None
+    vs = f"  peer {peer} tok/s ({b['tok_per_s'] / peer:.2f}x)" if peer and "tok_per_s" in b else ""
     if "tok_per_s" in b:
-        print(f"{f[6:-5]:<20} {b['tok_per_s']:>8.1f} tok/s {b['ms_per_step']:>8.2f} ms/step  full {fmt(b.get('full_step_ms'))}  block {fmt(b.get('block_step_ms'))}  roofline {fmt(b.get('roofline_fraction'), 3)}")
+        print(f"{f[6:-5]:<20} {b['tok_per_s']:>8.1f} tok/s {b['ms_per_step']:>8.2f} ms/step  full {fmt(b.get('full_step_ms'))}  block {fmt(b.get('block_step_ms'))}  roofline {fmt(b.get('roofline_fraction'), 3)}{vs}")
     else:
         print(f"{f[6:-5]:<20} failed")
 for name in [n + suffix for suffix in ("", "_combotail") for n in peer_key]:
