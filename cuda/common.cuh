@@ -1,7 +1,11 @@
 // Shared device helpers for dllm kernels: bf16 conversion, warp reductions, cp.async copies, and
 // the counter-based RNG that must stay bit-identical to src/denoise/rng.rs.
 #pragma once
+// Under DLLM_EMU (cuda/emu/cuda_emu.h) the kernels compile as host C++: that header stands in for
+// the CUDA headers and intrinsics, and the PTX-only helpers below are left out.
+#ifndef DLLM_EMU
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 // SplitMix64 finaliser (src/denoise/rng.rs: mix64).
@@ -55,6 +59,7 @@ __device__ __forceinline__ void dllm_pdl_entry() {
     dllm_pdl_wait();
 }
 
+#ifndef DLLM_EMU
 // Asynchronous global -> shared copies (cp.async, sm_80+; `dst` a shared-window address): 16
 // bytes through L2 only (.cg), or 8 bytes cached like a plain load (.ca); `valid` false
 // zero-fills the destination and reads nothing. Committed in groups; wait_group N waits until at
@@ -72,3 +77,4 @@ template <int N>
 __device__ __forceinline__ void dllm_cp_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif

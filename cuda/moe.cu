@@ -19,6 +19,14 @@ __device__ __forceinline__ int moe_total_key(float v) {
     return b ^ (int)(((unsigned int)(b >> 31)) >> 1);
 }
 
+// exp(l - mx) with every NaN the positive canonical one (the device's own NaN; src/model/experts.rs
+// ranks NaN so too), whatever the sign the subtraction gave it (x86 makes inf - inf a negative NaN:
+// the CPU emulation of tests/kernel_emulation.rs runs this there).
+__device__ __forceinline__ float moe_exp(float l, float mx) {
+    const float v = expf(l - mx);
+    return v == v ? v : __int_as_float(0x7fffffff);
+}
+
 // Whether (ka, ia) ranks before (kb, ib): the larger key first, ties to the lower index.
 __device__ __forceinline__ bool moe_before(int ka, int ia, int kb, int ib) {
     return ka > kb || (ka == kb && ia < ib);
@@ -41,7 +49,7 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS) moe_route(const float*
     for (int i = lane; i < E; i += 32) mx = fmaxf(mx, l[i]);
     mx = dllm_warp_max(mx);
     float sum = 0.0f;
-    for (int i = lane; i < E; i += 32) sum += expf(l[i] - mx);
+    for (int i = lane; i < E; i += 32) sum += moe_exp(l[i], mx);
     sum = dllm_warp_sum(sum);
     // Pick j is the best expert ranked after pick j - 1; lane j keeps pick j.
     int prev_key = 0, prev_idx = -1;
@@ -50,7 +58,7 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS) moe_route(const float*
     for (int j = 0; j < k; ++j) {
         int best_key = 0, best_idx = -1;
         for (int i = lane; i < E; i += 32) {
-            const int key = moe_total_key(expf(l[i] - mx));
+            const int key = moe_total_key(moe_exp(l[i], mx));
             const bool after = j == 0 || moe_before(prev_key, prev_idx, key, i);
             if (after && (best_idx < 0 || moe_before(key, i, best_key, best_idx))) {
                 best_key = key;
@@ -70,7 +78,7 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS) moe_route(const float*
         prev_idx = best_idx;
         if (lane == j) {
             my_e = best_idx;
-            my_p = expf(l[best_idx] - mx) / sum;
+            my_p = moe_exp(l[best_idx], mx) / sum;
         }
     }
     // Lane j < k writes its pick at its rank among the picks by expert id.
@@ -154,13 +162,14 @@ extern "C" __global__ void __launch_bounds__(MOE_THREADS)
     __shared__ int s_pos[MOE_MAX_K];
     __shared__ float s_w[MOE_MAX_K];
     const int r = blockIdx.x;
-    if (threadIdx.x < k) {
-        s_pos[threadIdx.x] = pair_pos[(size_t)r * k + threadIdx.x];
-        s_w[threadIdx.x] = sel_w[(size_t)r * k + threadIdx.x];
+    const int tid = threadIdx.x;
+    if (tid < k) {
+        s_pos[tid] = pair_pos[(size_t)r * k + tid];
+        s_w[tid] = sel_w[(size_t)r * k + tid];
     }
     __syncthreads();
     float* xr = x + (size_t)r * d;
-    for (int n = threadIdx.x; n < d; n += MOE_THREADS) {
+    for (int n = tid; n < d; n += MOE_THREADS) {
         float acc = 0.0f;
         for (int j = 0; j < k; ++j) acc += s_w[j] * y[(size_t)s_pos[j] * d + n];
         xr[n] += acc;

@@ -23,10 +23,9 @@ const WIDE: &str = "the mma.sync wide GEMM at 128 registers (2 blocks per SM): H
 const SKINNY_HIGH: &str = "skinny GEMM for 41-64 rows (128 registers for 4 blocks per SM): on \
                            Hopper only batches between the stream GEMM's 32 rows and the wide \
                            kernels take it";
-const GROUPED_G4: &str =
-    "grouped expert GEMM for experts of 25-32 rows at 128 registers (4 blocks \
-                          per SM, the b1 block step's experts): the chunk loop's bookkeeping; \
-                          Ampere is a fallback build";
+const GROUPED_G4: &str = "grouped expert GEMM in chunks of 32 rows (forwards of 25-32 rows: \
+                          the b1 block step's experts) at 128 registers for 4 blocks per SM: \
+                          the chunk loop's bookkeeping; Ampere is a fallback build";
 const SKINNY2_AMPERE: &str = "the skinny GEMM v2 at 128 registers: on Ampere the b1 block step's \
                               GEMM (Hopper streams instead); spills outside the K loop";
 

@@ -207,8 +207,8 @@ const TOL_MODEL: f64 = 5e-2;
 const TOL_ARGMAX_MISS: f64 = 0.05;
 /// Largest fraction of generated tokens that may differ between GPU and CPU greedy generation.
 const TOL_GEN_MISS: f64 = 0.02;
-/// The same for the random-weight tiny Dream (and LLaDA-MoE): its near-flat distributions make bf16-level
-/// differences flip more near-ties than the trained LLaDA model does.
+/// The same for the random-weight tiny Dream and LLaDA-MoE: their near-flat distributions make
+/// bf16-level differences flip more near-ties than the trained LLaDA model does.
 const TOL_DREAM_GEN_MISS: f64 = 0.10;
 /// Largest fraction of predicted tokens that may differ in a lockstep session with a block K/V
 /// cache (see [`session_cache_checks`]).

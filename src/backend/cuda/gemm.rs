@@ -38,20 +38,20 @@ use std::sync::Mutex;
 
 /// Largest `M` served by the skinny kernel (8 tokens per mma group, at most 8 groups).
 pub const SKINNY_MAX_M: usize = 64;
-/// Weight rows per skinny block (4 warps × 16); must match `SKINNY_ROWS` in gemm.cu.
+/// Weight rows per skinny block (4 warps × 16); must match `SKINNY_ROWS` in gemm_skinny.cuh.
 const SKINNY_ROWS: usize = 64;
-/// Threads per skinny block; must match `SKINNY_THREADS` in gemm.cu.
+/// Threads per skinny block; must match `SKINNY_THREADS` in gemm_skinny.cuh.
 const SKINNY_THREADS: usize = 128;
 /// K elements per skinny chunk (one 16-byte load per lane and row).
 const SKINNY_CHUNK: usize = 32;
-/// Chunks loaded per skinny loop iteration; must match `SKINNY_UNROLL` in gemm.cu.
+/// Chunks loaded per skinny loop iteration; must match `SKINNY_UNROLL` in gemm_skinny.cuh.
 const SKINNY_UNROLL: usize = 4;
 /// Largest `M` served by version 2 of the skinny kernel (`gemm_skinny2_mg{1..4}`).
 pub const SKINNY2_MAX_M: usize = 32;
 /// 16-row weight tiles per warp in version 2 (block = 4 warps × 32 rows); must match
-/// `SKINNY2_RT` in gemm.cu.
+/// `SKINNY2_RT` in gemm_skinny.cuh.
 const SKINNY2_RT: usize = 2;
-/// Chunks per register buffer in version 2; must match `SKINNY2_UNROLL` in gemm.cu.
+/// Chunks per register buffer in version 2; must match `SKINNY2_UNROLL` in gemm_skinny.cuh.
 const SKINNY2_UNROLL: usize = 2;
 /// Fewest K chunks a split is given (below this the reduction costs more than it saves).
 const SKINNY_MIN_CHUNKS_PER_SPLIT: usize = 8;

@@ -1,4 +1,4 @@
-//! Host side of `gemm_grouped_mg{1..8}` and `gemm_grouped_seq_mg{1..8}` (cuda/gemm.cu, the input
+//! Host side of `gemm_grouped_mg{1..8}` and `gemm_grouped_seq_mg{1..8}` (cuda/gemm_grouped.cu, the input
 //! rows gathered or in order): every expert of a mixture-of-experts
 //! layer in one launch. The rows were grouped by expert on the device (`moe_group` in
 //! cuda/moe.cu, [`super::moe`]): expert `e` owns rows `off[e]..off[e] + cnt[e]` of the output,
@@ -16,7 +16,8 @@ use cudarc::driver::{CudaFunction, CudaView, DevicePtr, LaunchConfig, PushKernel
 const GROUP_ROWS: usize = 8;
 /// Most mma groups of one chunk (`gemm_grouped_mg8`).
 const MAX_GROUPS: usize = 8;
-/// Weight rows per block and threads per block (`SKINNY_ROWS`, `SKINNY_THREADS` in gemm.cu).
+/// Weight rows per block and threads per block (`SKINNY_ROWS`, `SKINNY_THREADS` in
+/// cuda/gemm_skinny.cuh).
 const BLOCK_ROWS: usize = 64;
 const THREADS: u32 = 128;
 /// The grid's z extent (one expert per z index) is at most this.
@@ -119,11 +120,11 @@ pub fn validate(
 }
 
 impl GroupedGemm {
-    /// Loads both kernel families from the `gemm` module.
+    /// Loads both kernel families from the `gemm_grouped` module.
     pub fn load(dev: &CudaDevice) -> Result<GroupedGemm> {
         let family = |name: &str| {
             (1..=MAX_GROUPS)
-                .map(|g| dev.function("gemm", &format!("{name}{g}")))
+                .map(|g| dev.function("gemm_grouped", &format!("{name}{g}")))
                 .collect::<Result<Vec<_>>>()
         };
         Ok(GroupedGemm {

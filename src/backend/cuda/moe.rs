@@ -251,7 +251,7 @@ pub struct Routing {
 }
 
 mod checks;
-pub use checks::{bench, self_check};
+pub use checks::{bench, grouped_reference, grouping_fault, host_mixture, self_check};
 
 /// The loaded mixture kernels.
 pub struct Moe {

@@ -1,6 +1,6 @@
-//! The pre-norm SwiGLU transformer (LLaDA, Dream and LLaDA-MoE) on the GPU: weights uploaded once as bf16,
-//! a batch of canvases resident on the device, full-canvas and block (Fast-dLLM dual cache)
-//! forwards, the LM head run only for query rows, and on-GPU sampling and commit.
+//! The pre-norm SwiGLU transformer (LLaDA, Dream and LLaDA-MoE) on the GPU: weights uploaded
+//! once as bf16, a batch of canvases resident on the device, full-canvas and block (Fast-dLLM
+//! dual cache) forwards, the LM head run only for query rows, and on-GPU sampling and commit.
 //!
 //! Architectures differ only in tensor names ([`crate::model::tensor_table`]), q/k/v biases
 //! (Dream; added to q, k and v by the fused RoPE kernel), q/k head norms and a mixture of

@@ -23,7 +23,7 @@ fn cpu_routing(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
 /// each row's experts distinct, ascending and below E; the counts partition the pairs in
 /// expert order; each pair's grouped row inside its expert's range, pairs of one expert in pair
 /// order, and the grouped row's source row the pair's row.
-fn grouping_fault(r: &Routing, shape: MoeShape, rows: usize) -> Option<String> {
+pub fn grouping_fault(r: &Routing, shape: MoeShape, rows: usize) -> Option<String> {
     let (e, k) = (shape.experts, shape.per_row);
     let pairs = rows * k;
     for row in 0..rows {
@@ -146,8 +146,9 @@ fn owner(r: &Routing, pos: usize) -> usize {
     r.off.partition_point(|&o| o as usize <= pos) - 1
 }
 
-/// `a[rows[i]] · W_{owner(i)}ᵀ` in f64 for every grouped row `i` (`rows`: `None` = `i`).
-fn grouped_reference(
+/// `a[rows[i]] · W_{owner(i)}ᵀ` in f64 for every grouped row `i` (`rows`: `None` = `i`), the
+/// owner read from `r`'s offsets.
+pub fn grouped_reference(
     r: &Routing,
     a: &[f32],
     rows: Option<&[i32]>,
@@ -354,8 +355,55 @@ fn check_head_norm(
     ))
 }
 
-/// A whole mixture on random weights against a host reference that routes with the CPU's
-/// rule and rounds the SwiGLU activations to bf16 as the GPU stores them.
+/// The host reference of a mixture over `rows = x0.len() / d` rows: `x0 + Σ p · down(silu(gate ·
+/// xn) · (up · xn))` per row in f64, each row routed from its `logits` (`[rows, E]`) by the CPU's
+/// rule, the SwiGLU activations rounded to bf16 as the GPU stores them. `gate` and `up` are
+/// `[E, h, d]`, `down` `[E, d, h]`, row-major.
+pub fn host_mixture(
+    x0: &[f32],
+    xn: &[f32],
+    logits: &[f32],
+    (gate, up, down): (&[f32], &[f32], &[f32]),
+    shape: MoeShape,
+) -> Vec<f32> {
+    let MoeShape {
+        experts,
+        per_row: k,
+        d,
+        h,
+    } = shape;
+    let mut want = x0.to_vec();
+    for r in 0..x0.len() / d {
+        let xr = &xn[r * d..(r + 1) * d];
+        let dot = |w: &[f32]| {
+            xr.iter()
+                .zip(w)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>()
+        };
+        let mut acc = vec![0f64; d];
+        for (e, p) in cpu_routing(&logits[r * experts..(r + 1) * experts], k) {
+            let act: Vec<f64> = (0..h)
+                .map(|j| {
+                    let g = dot(&gate[(e * h + j) * d..(e * h + j + 1) * d]);
+                    let u = dot(&up[(e * h + j) * d..(e * h + j + 1) * d]);
+                    half::bf16::from_f64(swiglu_layout::silu_mul(g, u)).to_f64()
+                })
+                .collect();
+            for (c, a) in acc.iter_mut().enumerate() {
+                let wd = &down[(e * d + c) * h..(e * d + c + 1) * h];
+                let y: f64 = act.iter().zip(wd).map(|(&a, &b)| a * b as f64).sum();
+                *a += p as f64 * y;
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            want[r * d + c] += *a as f32;
+        }
+    }
+    want
+}
+
+/// A whole mixture on random weights against [`host_mixture`].
 fn check_mixture(
     dev: &CudaDevice,
     moe: &Moe,
@@ -378,38 +426,18 @@ fn check_mixture(
     let gate = check::round_bf16(&check::random_f32(34, experts * h * d, -scale, scale));
     let up = check::round_bf16(&check::random_f32(35, experts * h * d, -scale, scale));
     let down = check::round_bf16(&check::random_f32(36, experts * d * h, -scale, scale));
-    // Host reference.
-    let mut want = x0.clone();
-    for r in 0..rows {
-        let xr = &xn[r * d..(r + 1) * d];
-        let dot = |w: &[f32]| {
-            xr.iter()
-                .zip(w)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum::<f64>()
-        };
-        let logits: Vec<f32> = (0..experts)
-            .map(|e| dot(&router[e * d..(e + 1) * d]) as f32)
-            .collect();
-        let mut acc = vec![0f64; d];
-        for (e, p) in cpu_routing(&logits, k) {
-            let act: Vec<f64> = (0..h)
-                .map(|j| {
-                    let g = dot(&gate[(e * h + j) * d..(e * h + j + 1) * d]);
-                    let u = dot(&up[(e * h + j) * d..(e * h + j + 1) * d]);
-                    half::bf16::from_f64(swiglu_layout::silu_mul(g, u)).to_f64()
-                })
-                .collect();
-            for (c, a) in acc.iter_mut().enumerate() {
-                let wd = &down[(e * d + c) * h..(e * d + c + 1) * h];
-                let y: f64 = act.iter().zip(wd).map(|(&a, &b)| a * b as f64).sum();
-                *a += p as f64 * y;
-            }
-        }
-        for (c, a) in acc.iter().enumerate() {
-            want[r * d + c] += *a as f32;
+    let mut logits = Vec::with_capacity(rows * experts);
+    for xr in xn.chunks_exact(d) {
+        for w in router.chunks_exact(d) {
+            logits.push(
+                xr.iter()
+                    .zip(w)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>() as f32,
+            );
         }
     }
+    let want = host_mixture(&x0, &xn, &logits, (&gate, &up, &down), shape);
     // Device weights in the upload layout.
     let mut gu = Vec::with_capacity(experts * 2 * h * d);
     for e in 0..experts {

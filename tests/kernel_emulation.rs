@@ -1,0 +1,366 @@
+//! The mixture-of-experts kernels run on the CPU: `cuda/emu/harness.cpp` compiles the `.cu`
+//! sources as host C++ against `cuda/emu/cuda_emu.h` (one OS thread per CUDA thread, barriers
+//! and warp collectives as on the device, `mma.sync` by its PTX fragment layout) and runs
+//! `moe_route` / `moe_group`, the grouped expert GEMM, `moe_combine` and `rmsnorm_heads_bf16`
+//! with their launchers' grids. Each result is compared with the CPU model's rule
+//! ([`dllm::model::experts::route`]) and f64 host products: the kernels' logic checked in CI,
+//! without a GPU (the device's own rounding, speed and memory model still need one:
+//! `dllm-gpu-check`'s `moe.*` checks).
+//!
+//! Needs a C++20 compiler (`CXX`, else `c++`); CI (`CI` set) fails without one, elsewhere the
+//! tests are skipped with a message.
+
+use dllm::backend::cpu;
+use dllm::backend::cuda::check::rel_l2;
+use dllm::backend::cuda::moe::{
+    grouped_reference, grouping_fault, host_mixture, MoeShape, Routing,
+};
+use dllm::backend::cuda::swiglu_layout;
+use dllm::model::experts::route;
+use half::bf16;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The compiled harness, or why there is none.
+fn harness() -> Option<&'static Path> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("moe-emu-harness");
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let status = Command::new(&cxx)
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-pthread",
+                "-Wall",
+                "-Werror",
+                "-Wno-unknown-pragmas",
+            ])
+            .arg("-I")
+            .arg(root.join("cuda/emu"))
+            .arg(root.join("cuda/emu/harness.cpp"))
+            .arg("-o")
+            .arg(&out)
+            .status();
+        match status {
+            Ok(s) if s.success() => Ok(out),
+            Ok(s) => Err(format!("{cxx} failed to build the harness ({s})")),
+            Err(e) => Err(format!("no C++ compiler `{cxx}`: {e}")),
+        }
+    });
+    match built {
+        Ok(p) => Some(p),
+        Err(why) if why.starts_with("no C++") && std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: {why}");
+            None
+        }
+        Err(why) => panic!("{why}"),
+    }
+}
+
+/// A scratch folder for one harness run.
+struct Run {
+    dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn new(dims: &[usize]) -> Run {
+        let run = Run {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        run.put(
+            "dims.i32",
+            &dims.iter().map(|&d| d as i32).collect::<Vec<_>>(),
+        );
+        run
+    }
+
+    fn put<T: bytemuck::Pod>(&self, name: &str, v: &[T]) {
+        std::fs::write(self.dir.path().join(name), bytemuck::cast_slice(v)).unwrap();
+    }
+
+    fn get<T: bytemuck::Pod>(&self, name: &str) -> Vec<T> {
+        let bytes = std::fs::read(self.dir.path().join(name)).unwrap();
+        let mut out = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
+        bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&bytes);
+        out
+    }
+
+    fn exec(&self, harness: &Path, cmd: &str) {
+        let out = Command::new(harness)
+            .arg(cmd)
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "harness {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn routing(&self) -> Routing {
+        Routing {
+            experts: self.get("sel_e.i32"),
+            weights: self.get("sel_w.f32"),
+            off: self.get("off.i32"),
+            cnt: self.get("cnt.i32"),
+            pair_pos: self.get("pair_pos.i32"),
+            grouped_rows: self.get("grp_row.i32"),
+        }
+    }
+}
+
+/// Deterministic values in `[lo, hi)`.
+fn random(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
+fn bf16_bits(x: &[f32]) -> Vec<u16> {
+    x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect()
+}
+
+fn from_bits(x: &[u16]) -> Vec<f32> {
+    x.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
+}
+
+fn rounded(x: &[f32]) -> Vec<f32> {
+    from_bits(&bf16_bits(x))
+}
+
+fn shape(experts: usize, per_row: usize) -> MoeShape {
+    MoeShape {
+        experts,
+        per_row,
+        d: 8,
+        h: 8,
+    }
+}
+
+/// Random logits whose first rows are special: all equal (ties), huge values, a NaN, −∞
+/// everywhere (NaNs after the max), a +∞ (a NaN where it meets the max).
+fn logits(seed: u64, rows: usize, e: usize) -> Vec<f32> {
+    let mut l = random(seed, rows * e, -4.0, 4.0);
+    for row in 0..rows.min(5) {
+        let r = &mut l[row * e..(row + 1) * e];
+        match row {
+            0 => r.fill(0.5),
+            1 => r
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = if i % 3 == 1 { 1e30 } else { -1e30 }),
+            2 => r[e / 2] = f32::NAN,
+            3 => r.fill(f32::NEG_INFINITY),
+            _ => r[e - 1] = f32::INFINITY,
+        }
+    }
+    l
+}
+
+#[test]
+fn routing_picks_the_cpu_experts_and_groups_every_pair() {
+    let Some(h) = harness() else { return };
+    for (rows, e, k) in [
+        (37usize, 64usize, 8usize),
+        (9, 8, 8),
+        (6, 128, 32),
+        (1, 8, 1),
+    ] {
+        let run = Run::new(&[rows, e, k]);
+        let l = logits(rows as u64 * 7 + e as u64, rows, e);
+        run.put("logits.f32", &l);
+        run.exec(h, "route");
+        let r = run.routing();
+        assert_eq!(
+            grouping_fault(&r, shape(e, k), rows),
+            None,
+            "{rows}x{e} k{k}"
+        );
+        for row in 0..rows {
+            let mut want = route(&l[row * e..(row + 1) * e], k);
+            want.sort_by_key(|p| p.0);
+            let got = &r.experts[row * k..(row + 1) * k];
+            let ids: Vec<i32> = want.iter().map(|p| p.0 as i32).collect();
+            assert_eq!(got, &ids[..], "row {row} of {rows}x{e} k{k}");
+            for (j, &(_, p)) in want.iter().enumerate() {
+                let w = r.weights[row * k + j];
+                assert!(
+                    (w.is_nan() && p.is_nan()) || (w - p).abs() <= 1e-6 * p.abs().max(1e-30),
+                    "row {row} weight {j}: {w} vs {p}"
+                );
+            }
+        }
+    }
+}
+
+/// The grouped GEMM with output epilogue `epi` (1 fp32, 0 bf16, 3 SwiGLU), gathered or in order.
+fn grouped_case(
+    h: &Path,
+    (rows, e, k): (usize, usize, usize),
+    (n, kd): (usize, usize),
+    epi: i32,
+    gather: bool,
+) {
+    let pairs = rows * k;
+    let run = Run::new(&[rows, e, k, n, kd, epi as usize, gather as usize]);
+    let l: Vec<f32> = random(rows as u64 + 3, rows * e, -4.0, 4.0);
+    run.put("logits.f32", &l);
+    let a = rounded(&random(
+        n as u64,
+        if gather { rows } else { pairs } * kd,
+        -1.0,
+        1.0,
+    ));
+    let w = rounded(&random(kd as u64 + 1, e * n * kd, -0.5, 0.5));
+    run.put("a.u16", &bf16_bits(&a));
+    run.put("w.u16", &bf16_bits(&w));
+    run.exec(h, "grouped");
+    let r = run.routing();
+    assert_eq!(grouping_fault(&r, shape(e, k), rows), None);
+    let map = gather.then_some(&r.grouped_rows[..]);
+    let want = grouped_reference(&r, &a, map, &w, (n, kd));
+    let what = format!("{rows} rows, E{e} k{k}, n{n} k{kd}, epi {epi}, gather {gather}");
+    let (got, want, tol): (Vec<f32>, Vec<f32>, f64) = match epi {
+        1 => (
+            run.get("c.f32"),
+            want.iter().map(|&v| v as f32).collect(),
+            1e-5,
+        ),
+        0 => (
+            from_bits(&run.get("c.u16")),
+            want.iter().map(|&v| v as f32).collect(),
+            1e-2,
+        ),
+        _ => (
+            from_bits(&run.get("c.u16")),
+            swiglu_layout::swiglu_of_fused(&want, pairs, n / 2)
+                .iter()
+                .map(|&v| v as f32)
+                .collect(),
+            1e-2,
+        ),
+    };
+    let err = rel_l2(&got, &want);
+    assert!(err <= tol, "{what}: rel err {err}");
+}
+
+#[test]
+fn the_grouped_gemm_multiplies_each_experts_rows_by_its_weights() {
+    let Some(h) = harness() else { return };
+    // fp32 and bf16, odd n (a part tile) and k (a part chunk), 1..8 groups per chunk.
+    grouped_case(h, (9, 8, 2), (64, 64), 1, true);
+    grouped_case(h, (20, 4, 4), (48, 40), 0, true);
+    grouped_case(h, (44, 8, 2), (16, 24), 1, true);
+    // The SwiGLU epilogue (interleaved gate/up rows), and the input already in grouped order.
+    grouped_case(h, (5, 8, 2), (32, 32), 3, true);
+    grouped_case(h, (9, 8, 2), (64, 48), 1, false);
+    // Every row picks both experts: 70 rows each, chunks of 64 and 6.
+    grouped_case(h, (70, 2, 2), (16, 16), 1, true);
+}
+
+fn mixture_case(h: &Path, rows: usize, shape: MoeShape, fused: bool) {
+    let MoeShape {
+        experts: e,
+        per_row: k,
+        d,
+        h: hid,
+    } = shape;
+    assert!(!fused || swiglu_layout::supported(hid));
+    let run = Run::new(&[rows, e, k, d, hid, fused as usize]);
+    let l = random(11, rows * e, -3.0, 3.0);
+    let xn = rounded(&random(12, rows * d, -1.0, 1.0));
+    let x0 = random(13, rows * d, -1.0, 1.0);
+    let s = 1.0 / (d as f32).sqrt();
+    let gate = rounded(&random(14, e * hid * d, -s, s));
+    let up = rounded(&random(15, e * hid * d, -s, s));
+    let down = rounded(&random(16, e * d * hid, -s, s));
+    let mut gu = Vec::with_capacity(2 * gate.len());
+    for x in 0..e {
+        let (g, u) = (
+            &gate[x * hid * d..(x + 1) * hid * d],
+            &up[x * hid * d..(x + 1) * hid * d],
+        );
+        if fused {
+            gu.extend(swiglu_layout::interleave(g, u, hid, d));
+        } else {
+            gu.extend_from_slice(g);
+            gu.extend_from_slice(u);
+        }
+    }
+    run.put("logits.f32", &l);
+    run.put("xn.u16", &bf16_bits(&xn));
+    run.put("x.f32", &x0);
+    run.put("gate_up.u16", &bf16_bits(&gu));
+    run.put("down.u16", &bf16_bits(&down));
+    run.exec(h, "mixture");
+    let got: Vec<f32> = run.get("x.f32");
+    let want = host_mixture(&x0, &xn, &l, (&gate, &up, &down), shape);
+    // The mixture's contribution (the residual would hide its errors).
+    let delta = |v: &[f32]| v.iter().zip(&x0).map(|(a, b)| a - b).collect::<Vec<f32>>();
+    let err = rel_l2(&delta(&got), &delta(&want));
+    assert!(
+        err <= 1e-2,
+        "{rows} rows of {shape:?} fused {fused}: rel err {err}"
+    );
+}
+
+#[test]
+fn a_whole_mixture_adds_the_weighted_experts_to_the_residual() {
+    let Some(h) = harness() else { return };
+    let small = MoeShape {
+        experts: 8,
+        per_row: 2,
+        d: 64,
+        h: 32,
+    };
+    mixture_case(h, 6, small, true);
+    mixture_case(h, 6, small, false);
+    // LLaDA-MoE's routing: 64 experts, 8 per row.
+    let wide = MoeShape {
+        experts: 64,
+        per_row: 8,
+        d: 32,
+        h: 16,
+    };
+    mixture_case(h, 4, wide, true);
+}
+
+#[test]
+fn head_norms_normalise_each_q_and_k_head_and_leave_v() {
+    let Some(h) = harness() else { return };
+    let (rows, qh, kvh, hd) = (3usize, 2usize, 1usize, 32usize);
+    let (k_col, stride) = (qh * hd, (qh + 2 * kvh) * hd);
+    let run = Run::new(&[rows, stride, qh, kvh, k_col, hd]);
+    let x = rounded(&random(21, rows * stride, -2.0, 2.0));
+    let (qw, kw) = (random(22, hd, 0.5, 1.5), random(23, hd, 0.5, 1.5));
+    run.put("qkv.u16", &bf16_bits(&x));
+    run.put("qw.f32", &qw);
+    run.put("kw.f32", &kw);
+    run.exec(h, "heads");
+    let got = from_bits(&run.get("qkv.u16"));
+    let mut want = x.clone();
+    let mut tmp = vec![0f32; hd];
+    for row in want.chunks_exact_mut(stride) {
+        for (i, head) in row[..k_col + kvh * hd].chunks_exact_mut(hd).enumerate() {
+            cpu::rms_norm(head, if i < qh { &qw } else { &kw }, 1e-6, &mut tmp);
+            head.copy_from_slice(&tmp);
+        }
+    }
+    let err = rel_l2(&got, &want);
+    assert!(err <= 1e-2, "rel err {err}");
+    // v untouched, bit for bit.
+    for r in 0..rows {
+        let v = r * stride + k_col + kvh * hd..(r + 1) * stride;
+        assert_eq!(got[v.clone()], x[v]);
+    }
+}
