@@ -3,9 +3,11 @@
 // layer in one launch: blockIdx.z = expert e with weights W + e * w_stride ([N, K] each); its
 // cnt[e] rows are rows [off[e], off[e] + cnt[e]) of the grouped output C, and row off[e] + i takes
 // A row a_rows[off[e] + i] (gemm_grouped_seq_mg<G>: A row off[e] + i, A already in grouped
-// order). The skinny body (cuda/gemm_skinny.cuh) runs them in chunks of 8 * G rows (each chunk
-// streams the expert's weight tile again), one weight tile per blockIdx.x, no split-K; an expert
-// no row chose reads nothing. Epilogues: DLLM_EPI_STORE_BF16, DLLM_EPI_STORE_F32 and
+// order). The skinny body (cuda/gemm_skinny.cuh) runs them in chunks of 8 * G rows, chunk
+// blockIdx.x of weight tile blockIdx.y, no split-K; a block past its expert's rows reads nothing.
+// The chunks of one (expert, tile) are neighbours in launch order, so they run together and the
+// tile comes from memory once, the other chunks reading it from L2 (a b8 refresh gives each
+// expert ~6 chunks; with one block looping over them the tile was streamed from memory each time). Epilogues: DLLM_EPI_STORE_BF16, DLLM_EPI_STORE_F32 and
 // DLLM_EPI_SWIGLU_BF16 (C then [rows, N / 2]). Every element is the same dot product in the same
 // k order as in the plain skinny kernel, so a row's output does not depend on where in its
 // expert's group it lands.
@@ -24,9 +26,7 @@ __device__ __forceinline__ void* gemm_grouped_out(void* C, long long row, int N,
 
 // GATHER = true: gemm_grouped_mg<G> (A rows through a_rows); false: gemm_grouped_seq_mg<G> (A
 // already in grouped order). Two kernels, not a runtime branch: one body each keeps the
-// registers of the plain skinny kernel. Past 32 rows per chunk (G > 4: experts of full forwards,
-// twice the mma work per weight byte) two blocks per SM get the registers the chunk loop needs,
-// which at four blocks' 128 spill.
+// registers of the plain skinny kernel.
 template <int G, bool GATHER>
 __device__ __forceinline__ void gemm_grouped_body(const uint16_t* __restrict__ A, const int* __restrict__ a_rows,
                                                   const uint16_t* __restrict__ W, long long w_stride, void* C,
@@ -34,18 +34,18 @@ __device__ __forceinline__ void gemm_grouped_body(const uint16_t* __restrict__ A
                                                   int K, int epi) {
     dllm_pdl_entry();  // off, cnt and a_rows come from the routing kernels
     const int e = blockIdx.z;
-    const int first = off[e];
     const int rows = cnt[e];
-    const uint16_t* We = W + (long long)e * w_stride;
-    for (int m0 = 0; m0 < rows; m0 += 8 * G) {
-        const long long r0 = (long long)first + m0;
-        gemm_skinny_body<G, 1, SKINNY_UNROLL, GATHER>(GATHER ? A : A + r0 * K, GATHER ? a_rows + r0 : nullptr, We,
-                                                      gemm_grouped_out(C, r0, N, epi), nullptr, nullptr,
-                                                      min(8 * G, rows - m0), N, K, epi, (K + 31) / 32, blockIdx.x,
-                                                      0, 1);
-    }
+    const int m0 = blockIdx.x * 8 * G;
+    if (m0 >= rows) return;  // past this expert's rows (most chunks of most experts)
+    const long long r0 = (long long)off[e] + m0;
+    gemm_skinny_body<G, 1, SKINNY_UNROLL, GATHER>(GATHER ? A : A + r0 * K, GATHER ? a_rows + r0 : nullptr,
+                                                  W + (long long)e * w_stride, gemm_grouped_out(C, r0, N, epi),
+                                                  nullptr, nullptr, min(8 * G, rows - m0), N, K, epi,
+                                                  (K + 31) / 32, blockIdx.y, 0, 1);
 }
 
+// Past 32 rows per chunk (G > 4: full forwards and batches, twice the mma work per weight byte)
+// two blocks per SM: at four blocks' 128 registers the gathered rows' indices spill into the loop.
 #define GROUPED_MIN_BLOCKS(G) ((G) <= 4 ? 4 : 2)
 
 #define DLLM_GROUPED_KERNEL(G)                                                                                  \

@@ -23,9 +23,6 @@ const WIDE: &str = "the mma.sync wide GEMM at 128 registers (2 blocks per SM): H
 const SKINNY_HIGH: &str = "skinny GEMM for 41-64 rows (128 registers for 4 blocks per SM): on \
                            Hopper only batches between the stream GEMM's 32 rows and the wide \
                            kernels take it";
-const GROUPED_G4: &str = "grouped expert GEMM in chunks of 32 rows (forwards of 25-32 rows: \
-                          the b1 block step's experts) at 128 registers for 4 blocks per SM: \
-                          the chunk loop's bookkeeping; Ampere is a fallback build";
 const SKINNY2_AMPERE: &str = "the skinny GEMM v2 at 128 registers: on Ampere the b1 block step's \
                               GEMM (Hopper streams instead); spills outside the K loop";
 
@@ -109,30 +106,6 @@ const ALLOWED: &[Allowance] = &[
         12,
         12,
         SKINNY2_AMPERE,
-    ),
-    (
-        MachineTarget::Hopper,
-        "gemm_grouped_seq_mg4",
-        8,
-        4,
-        4,
-        GROUPED_G4,
-    ),
-    (
-        MachineTarget::Ampere,
-        "gemm_grouped_seq_mg4",
-        64,
-        64,
-        64,
-        GROUPED_G4,
-    ),
-    (
-        MachineTarget::Ampere,
-        "gemm_grouped_mg4",
-        72,
-        72,
-        72,
-        GROUPED_G4,
     ),
     (
         MachineTarget::Hopper,

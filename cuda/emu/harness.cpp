@@ -91,7 +91,7 @@ void grouped(const uint16_t* A, const int* a_rows, const uint16_t* W, void* C, c
     const int *off = r.off.data(), *cnt = r.cnt.data();
     auto run = [&](auto g) {
         constexpr int GG = decltype(g)::value;
-        dllm_emu_launch(d3((N + 63) / 64, 1, E), d3(SKINNY_THREADS), [&] {
+        dllm_emu_launch(d3((max_rows + 8 * GG - 1) / (8 * GG), (N + 63) / 64, E), d3(SKINNY_THREADS), [&] {
             if (a_rows)
                 gemm_grouped_body<GG, true>(A, a_rows, W, stride, C, off, cnt, N, K, epi);
             else

@@ -3,8 +3,9 @@
 //! layer in one launch. The rows were grouped by expert on the device (`moe_group` in
 //! cuda/moe.cu, [`super::moe`]): expert `e` owns rows `off[e]..off[e] + cnt[e]` of the output,
 //! and output row `i` reads input row `a_rows[i]`. The kernel is the skinny GEMM's body with
-//! gathered input rows, per expert and per chunk of `8·G` rows; the host picks `G` from the
-//! most rows one expert can receive (every row picks an expert at most once, so the row count).
+//! gathered input rows, one block per (chunk of `8·G` rows, weight tile, expert); the host picks
+//! `G` and the chunk count from the most rows one expert can receive (every row picks an expert
+//! at most once, so the row count): blocks past their expert's rows return at once.
 
 use super::gemm::{check_align, Epilogue, GemmOut};
 use super::launch::Launch;
@@ -165,12 +166,19 @@ impl GroupedGemm {
         let (addr, align) = out.addr_and_align(dev);
         check_align("C", addr, align)?;
         let g = groups_for(groups.max_rows);
+        let chunks = groups.max_rows.div_ceil(GROUP_ROWS * g).max(1);
+        let tiles = shape.n.div_ceil(BLOCK_ROWS);
+        if chunks > i32::MAX as usize || tiles > 65_535 {
+            return Err(Error::invalid(format!(
+                "grouped gemm: {chunks} row chunks × {tiles} weight tiles exceed the grid"
+            )));
+        }
         let (f, kname) = match groups.a_rows {
             Some(_) => (&self.gather[g - 1], "gemm_grouped_mg"),
             None => (&self.in_order[g - 1], "gemm_grouped_seq_mg"),
         };
         let cfg = LaunchConfig {
-            grid_dim: (shape.n.div_ceil(BLOCK_ROWS) as u32, 1, shape.experts as u32),
+            grid_dim: (chunks as u32, tiles as u32, shape.experts as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
