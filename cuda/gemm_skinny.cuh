@@ -9,7 +9,7 @@
 // returns zeros when `pred` is false (the address is then not touched).
 __device__ __forceinline__ uint4 gemm_ld_stream(const void* p, bool pred) {
 #ifdef DLLM_EMU
-    return pred ? *(const uint4*)p : uint4{0u, 0u, 0u, 0u};
+    return pred ? *(const uint4*)p : uint4{0u, 0u, 0u, 0u};  // aligned: UBSan checks
 #else
     uint4 r;
     asm("{\n"

@@ -12,6 +12,7 @@
 
 use dllm::backend::cpu;
 use dllm::backend::cuda::check::rel_l2;
+use dllm::backend::cuda::gemm_grouped::launch_grid;
 use dllm::backend::cuda::moe::{
     grouped_reference, grouping_fault, host_mixture, MoeShape, Routing,
 };
@@ -37,6 +38,9 @@ fn harness() -> Option<&'static Path> {
                 "-Wall",
                 "-Werror",
                 "-Wno-unknown-pragmas",
+                // An out-of-bounds or misaligned access, or undefined arithmetic, aborts the run.
+                "-fsanitize=address,undefined",
+                "-fno-sanitize-recover=all",
             ])
             .arg("-I")
             .arg(root.join("cuda/emu"))
@@ -203,17 +207,33 @@ fn routing_picks_the_cpu_experts_and_groups_every_pair() {
     }
 }
 
-/// The grouped GEMM with output epilogue `epi` (1 fp32, 0 bf16, 3 SwiGLU), gathered or in order.
+/// The grouped GEMM with output epilogue `epi` (1 fp32, 0 bf16, 3 SwiGLU), gathered or in order,
+/// on its launcher's grid. `skew`: every row's logit for expert 0 raised by 10 (expert 0 gets
+/// every row, the others few or none).
 fn grouped_case(
     h: &Path,
     (rows, e, k): (usize, usize, usize),
     (n, kd): (usize, usize),
-    epi: i32,
-    gather: bool,
+    (epi, gather, skew): (i32, bool, bool),
 ) {
     let pairs = rows * k;
-    let run = Run::new(&[rows, e, k, n, kd, epi as usize, gather as usize]);
-    let l: Vec<f32> = random(rows as u64 + 3, rows * e, -4.0, 4.0);
+    let grid = launch_grid(rows, n, e);
+    let run = Run::new(&[
+        rows,
+        e,
+        k,
+        n,
+        kd,
+        epi as usize,
+        gather as usize,
+        grid.groups,
+        grid.chunks,
+        grid.tiles,
+    ]);
+    let mut l: Vec<f32> = random(rows as u64 + 3, rows * e, -4.0, 4.0);
+    if skew {
+        l.iter_mut().step_by(e).for_each(|v| *v += 10.0);
+    }
     run.put("logits.f32", &l);
     let a = rounded(&random(
         n as u64,
@@ -258,14 +278,19 @@ fn grouped_case(
 fn the_grouped_gemm_multiplies_each_experts_rows_by_its_weights() {
     let Some(h) = harness() else { return };
     // fp32 and bf16, odd n (a part tile) and k (a part chunk), 1..8 groups per chunk.
-    grouped_case(h, (9, 8, 2), (64, 64), 1, true);
-    grouped_case(h, (20, 4, 4), (48, 40), 0, true);
-    grouped_case(h, (44, 8, 2), (16, 24), 1, true);
+    grouped_case(h, (9, 8, 2), (64, 64), (1, true, false));
+    grouped_case(h, (20, 4, 4), (48, 40), (0, true, false));
+    grouped_case(h, (44, 8, 2), (16, 24), (1, true, false));
     // The SwiGLU epilogue (interleaved gate/up rows), and the input already in grouped order.
-    grouped_case(h, (5, 8, 2), (32, 32), 3, true);
-    grouped_case(h, (9, 8, 2), (64, 48), 1, false);
+    grouped_case(h, (5, 8, 2), (32, 32), (3, true, false));
+    grouped_case(h, (9, 8, 2), (64, 48), (1, false, false));
     // Every row picks both experts: 70 rows each, chunks of 64 and 6.
-    grouped_case(h, (70, 2, 2), (16, 16), 1, true);
+    grouped_case(h, (70, 2, 2), (16, 16), (1, true, false));
+    // Three weight tiles (the last a part one) and 80 rows with expert 0 in every row: one expert
+    // of two chunks, the others of a few rows (their second chunk's blocks return at once).
+    grouped_case(h, (80, 8, 2), (144, 32), (1, true, true));
+    grouped_case(h, (80, 8, 2), (144, 32), (3, true, true));
+    grouped_case(h, (80, 8, 2), (144, 32), (1, false, true));
 }
 
 fn mixture_case(h: &Path, rows: usize, shape: MoeShape, fused: bool) {
@@ -276,7 +301,19 @@ fn mixture_case(h: &Path, rows: usize, shape: MoeShape, fused: bool) {
         h: hid,
     } = shape;
     assert!(!fused || swiglu_layout::supported(hid));
-    let run = Run::new(&[rows, e, k, d, hid, fused as usize]);
+    let (up_grid, down_grid) = (launch_grid(rows, 2 * hid, e), launch_grid(rows, d, e));
+    let run = Run::new(&[
+        rows,
+        e,
+        k,
+        d,
+        hid,
+        fused as usize,
+        up_grid.groups,
+        up_grid.chunks,
+        up_grid.tiles,
+        down_grid.tiles,
+    ]);
     let l = random(11, rows * e, -3.0, 3.0);
     let xn = rounded(&random(12, rows * d, -1.0, 1.0));
     let x0 = random(13, rows * d, -1.0, 1.0);
@@ -333,6 +370,15 @@ fn a_whole_mixture_adds_the_weighted_experts_to_the_residual() {
         h: 16,
     };
     mixture_case(h, 4, wide, true);
+    // Past one chunk (72 rows) and one weight tile (2h = 96, d = 80).
+    let tall = MoeShape {
+        experts: 4,
+        per_row: 2,
+        d: 80,
+        h: 48,
+    };
+    mixture_case(h, 72, tall, true);
+    mixture_case(h, 72, tall, false);
 }
 
 #[test]
@@ -362,5 +408,167 @@ fn head_norms_normalise_each_q_and_k_head_and_leave_v() {
     for r in 0..rows {
         let v = r * stride + k_col + kvh * hd..(r + 1) * stride;
         assert_eq!(got[v.clone()], x[v]);
+    }
+}
+
+/// One `rope_qkv_bf16` launch: `rows` rows of `canvases = rows / period` canvases, each row's
+/// position `start + r % period` (`start` the offset, or its canvas's own start with per-canvas
+/// caches).
+struct RopeCase {
+    rows: usize,
+    heads: (usize, usize),
+    hd: usize,
+    period: usize,
+    offset: usize,
+    grouped: bool,
+    vec: bool,
+    bias: bool,
+    /// 0: no cache, 1: the batch cache, 2: each canvas's own (`starts`).
+    cache: usize,
+    seq_rows: usize,
+    starts: Vec<i32>,
+}
+
+/// q and k columns of one row in the RoPE epilogue's grouped order (v as it is).
+fn grouped_row(row: &[f32], (qh, kvh): (usize, usize), hd: usize) -> Vec<f32> {
+    use dllm::backend::cuda::rope_layout::permute_rows;
+    let (q, rest) = row.split_at(qh * hd);
+    let (k, v) = rest.split_at(kvh * hd);
+    let mut out = permute_rows(q, qh, hd, 1);
+    out.extend(permute_rows(k, kvh, hd, 1));
+    out.extend_from_slice(v);
+    out
+}
+
+fn rope_case(h: &Path, c: &RopeCase) {
+    let (qh, kvh) = c.heads;
+    let (hd, kv) = (c.hd, kvh * c.hd);
+    let stride = (qh + 2 * kvh) * hd;
+    let canvases = c.rows / c.period;
+    let theta = 10_000.0;
+    let x = rounded(&random(
+        c.rows as u64 * 5 + hd as u64,
+        c.rows * stride,
+        -2.0,
+        2.0,
+    ));
+    let bias = random(31, stride, -0.5, 0.5);
+    // The reference, natural layout: bias added, q and k rotated (the CPU's RoPE), rounded.
+    let mut want = Vec::with_capacity(x.len());
+    for (r, row) in x.chunks_exact(stride).enumerate() {
+        let canvas = r / c.period;
+        let start = if c.cache == 2 {
+            c.starts[canvas] as usize
+        } else {
+            c.offset
+        };
+        let pos = [start + r % c.period];
+        let mut y: Vec<f32> = row
+            .iter()
+            .zip(&bias)
+            .map(|(&a, &b)| if c.bias { a + b } else { a })
+            .collect();
+        cpu::rope(&mut y[..qh * hd], &pos, qh, hd, theta);
+        cpu::rope(&mut y[qh * hd..(qh + kvh) * hd], &pos, kvh, hd, theta);
+        want.extend(rounded(&y));
+    }
+    let layout = |rows: &[f32]| -> Vec<f32> {
+        if c.grouped {
+            rows.chunks_exact(stride)
+                .flat_map(|r| grouped_row(r, c.heads, hd))
+                .collect()
+        } else {
+            rows.to_vec()
+        }
+    };
+    let (x_in, want, bias_in) = (layout(&x), layout(&want), layout(&bias));
+    let run = Run::new(&[
+        c.rows,
+        qh,
+        kvh,
+        hd,
+        c.period,
+        c.offset,
+        c.grouped as usize,
+        c.vec as usize,
+        c.bias as usize,
+        c.cache,
+        c.seq_rows,
+    ]);
+    run.put("qkv.u16", &bf16_bits(&x_in));
+    run.put("inv_freq.f32", &cpu::rope_inv_freq(hd, theta));
+    run.put("bias.f32", &bias_in);
+    run.put("starts.i32", &c.starts);
+    run.exec(h, "rope_qkv");
+    let what = format!(
+        "{} rows q{qh} kv{kvh} hd{hd} grouped {} vec {} bias {} cache {}",
+        c.rows, c.grouped, c.vec, c.bias, c.cache
+    );
+    let got = from_bits(&run.get("qkv.u16"));
+    let err = rel_l2(&got, &want);
+    assert!(err <= 1e-2, "{what}: qkv rel err {err}");
+    // The caches: each row's rotated K and its V at (canvas, position), every other row left.
+    let poison = bf16::from_bits(0x7fbf).to_f32();
+    let mut want_k = vec![poison; canvases * c.seq_rows * kv];
+    let mut want_v = want_k.clone();
+    if c.cache > 0 {
+        for (r, row) in want.chunks_exact(stride).enumerate() {
+            let canvas = r / c.period;
+            let start = if c.cache == 2 {
+                c.starts[canvas] as usize
+            } else {
+                c.offset
+            };
+            let at = (canvas * c.seq_rows + start + r % c.period) * kv;
+            want_k[at..at + kv].copy_from_slice(&row[qh * hd..qh * hd + kv]);
+            want_v[at..at + kv].copy_from_slice(&row[qh * hd + kv..]);
+        }
+    }
+    for (name, want) in [("k.u16", want_k), ("v.u16", want_v)] {
+        let got = from_bits(&run.get(name));
+        let written = |v: &f32| v.to_bits() != poison.to_bits();
+        assert_eq!(
+            got.iter().map(written).collect::<Vec<_>>(),
+            want.iter().map(written).collect::<Vec<_>>(),
+            "{what}: {name} rows written"
+        );
+        let (g, w): (Vec<f32>, Vec<f32>) = got
+            .iter()
+            .zip(&want)
+            .filter(|(_, w)| written(w))
+            .map(|(&g, &w)| (g, w))
+            .unzip();
+        let err = if w.is_empty() { 0.0 } else { rel_l2(&g, &w) };
+        assert!(err <= 1e-2, "{what}: {name} rel err {err}");
+    }
+}
+
+#[test]
+fn rope_rotates_q_and_k_and_writes_the_caches_where_each_row_belongs() {
+    let Some(h) = harness() else { return };
+    let case = |rows, heads, hd, period, grouped, vec, bias, cache, starts: &[i32]| RopeCase {
+        rows,
+        heads,
+        hd,
+        period,
+        offset: 5,
+        grouped,
+        vec,
+        bias,
+        cache,
+        seq_rows: 16,
+        starts: starts.to_vec(),
+    };
+    for c in [
+        // The batch cache: half-split (scalar, with biases) and the grouped layout (16-byte path).
+        case(6, (2, 1), 32, 6, false, false, true, 1, &[]),
+        case(8, (4, 2), 64, 4, true, true, false, 1, &[]),
+        // Each canvas's own cache at its own start (packed cached sessions).
+        case(6, (2, 2), 32, 2, false, true, true, 2, &[0, 5, 9]),
+        case(4, (2, 1), 32, 2, true, false, false, 2, &[3, 7]),
+        // No cache: q, k and v in place only.
+        case(3, (2, 1), 16, 3, false, false, true, 0, &[]),
+    ] {
+        rope_case(h, &c);
     }
 }

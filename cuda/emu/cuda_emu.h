@@ -16,6 +16,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -34,16 +36,18 @@ using std::min;
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
-struct uint2 {
+// The vector types with the device's alignment (a misaligned 8- or 16-byte access then trips
+// UBSan, as it would fault on the device).
+struct alignas(8) uint2 {
     unsigned x, y;
 };
-struct uint4 {
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
-struct float2 {
+struct alignas(8) float2 {
     float x, y;
 };
-struct float4 {
+struct alignas(16) float4 {
     float x, y, z, w;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
@@ -81,10 +85,12 @@ inline uint16_t __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 
 namespace dllm_emu {
 
-// One warp's rendezvous: a barrier of its live lanes and a slot per lane for exchanges.
+// One warp's rendezvous: a barrier of its live lanes, their count, and a slot per lane for
+// exchanges (an exited lane's slots are zero: it takes no part in a ballot).
 struct Warp {
-    explicit Warp(int lanes) : bar(lanes) {}
+    explicit Warp(int lanes) : bar(lanes), live(lanes) {}
     std::barrier<> bar;
+    std::atomic<int> live;
     uint64_t slot[32][8] = {};
 };
 
@@ -153,6 +159,11 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
 // in fp32 in k order (the device truncates its sums differently: compare with a tolerance).
 inline void dllm_emu_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                               uint32_t b1) {
+    if (dllm_emu::warp->live.load() != 32) {
+        std::fprintf(stderr, "cuda_emu: mma.sync with %d of 32 lanes live (undefined on the device)\n",
+                     dllm_emu::warp->live.load());
+        std::abort();
+    }
     const uint64_t mine[6] = {a0, a1, a2, a3, b0, b1};
     const int g = dllm_emu::lane >> 2, t = dllm_emu::lane & 3;
     float out[4];
@@ -177,15 +188,17 @@ inline void dllm_emu_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t 
     for (int q = 0; q < 4; ++q) d[q] = out[q];
 }
 
-// Runs `kernel` (a callable that calls the kernel with its arguments) over `grid` x `block`.
+// Runs `kernel` (a callable that calls the kernel with its arguments) over `grid` x `block`, the
+// blocks from the last to the first (a kernel that relied on launch order, or on what an earlier
+// block left in shared memory, would show it; every block of the device may run in any order).
 template <class F>
 inline void dllm_emu_launch(dim3 grid, dim3 block, F kernel) {
     gridDim = grid;
     blockDim = block;
     const int threads = (int)(block.x * block.y * block.z);
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
+    for (unsigned bz = grid.z; bz-- > 0;)
+        for (unsigned by = grid.y; by-- > 0;)
+            for (unsigned bx = grid.x; bx-- > 0;) {
                 dllm_emu::Block b(threads);
                 std::vector<std::thread> pool;
                 pool.reserve(threads);
@@ -198,7 +211,11 @@ inline void dllm_emu_launch(dim3 grid, dim3 block, F kernel) {
                         dllm_emu::warp = b.warps[t / 32].get();
                         dllm_emu::lane = t % 32;
                         kernel();
-                        // A finished thread leaves its barriers, as an exited thread on the device.
+                        // A finished thread leaves its barriers, as an exited thread on the device
+                        // (its slots cleared first: its drop is its arrival, no lane reads them
+                        // before the next phase).
+                        std::memset(dllm_emu::warp->slot[dllm_emu::lane], 0, sizeof dllm_emu::warp->slot[0]);
+                        dllm_emu::warp->live.fetch_sub(1);
                         dllm_emu::warp->bar.arrive_and_drop();
                         b.sync.arrive_and_drop();
                     });

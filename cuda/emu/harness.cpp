@@ -1,20 +1,31 @@
 // The mixture-of-experts kernels (cuda/moe.cu, cuda/gemm_grouped.cu, rmsnorm_heads_bf16 and
-// swiglu_bf16 of cuda/elementwise.cu) run on the CPU through cuda_emu.h, for
+// swiglu_bf16 of cuda/elementwise.cu) and the fused RoPE + K/V cache write (rope_qkv_bf16: the
+// grouped layout of DLLM_FUSED_ROPE, the per-canvas caches of DLLM_PACKED_SESSIONS) run on the
+// CPU through cuda_emu.h, for
 // tests/kernel_emulation.rs: `harness COMMAND DIR` reads DIR/dims.i32 and the command's inputs
 // (raw little-endian arrays), launches the kernels with the grids their Rust launchers use
 // (src/backend/cuda/moe.rs, gemm_grouped.rs, elementwise.rs), and writes the outputs into DIR.
 //
 //   route    dims [rows, E, k]; logits.f32                -> sel_e.i32 sel_w.f32 off.i32 cnt.i32
 //                                                            pair_pos.i32 grp_row.i32
-//   grouped  dims [rows, E, k, N, K, epi, gather]; logits.f32 (routed first), a.u16 (rows x K
-//            gathered, or pairs x K in order), w.u16 (E x N x K) -> c.f32 or c.u16, and the routing
-//   mixture  dims [rows, E, k, d, h, fused]; logits.f32, xn.u16, x.f32, gate_up.u16, down.u16
-//                                                         -> x.f32 (x += the mixture)
+//   grouped  dims [rows, E, k, N, K, epi, gather, G, chunks, tiles]; logits.f32 (routed first),
+//            a.u16 (rows x K gathered, or pairs x K in order), w.u16 (E x N x K) -> c.f32 or c.u16,
+//            and the routing
+//   mixture  dims [rows, E, k, d, h, fused, G, chunks, tiles_up, tiles_down]; logits.f32, xn.u16,
+//            x.f32, gate_up.u16, down.u16                 -> x.f32 (x += the mixture)
+// The grouped GEMM's G, chunk and tile counts come from the test: its Rust launcher's
+// launch_grid (src/backend/cuda/gemm_grouped.rs), so the emulation runs the grid the device gets.
 //   heads    dims [rows, stride, q_heads, kv_heads, k_col, head_dim]; qkv.u16, qw.f32, kw.f32
 //                                                         -> qkv.u16
+//   rope_qkv dims [rows, q_heads, kv_heads, head_dim, period, offset, grouped, vec, bias, cache,
+//            seq_rows]; qkv.u16, inv_freq.f32, (bias.f32), (starts.i32 for cache 2) -> qkv.u16, and
+//            k.u16 v.u16: the batch cache (cache 1: canvases x seq_rows rows) or each canvas's own
+//            (cache 2: seq_rows rows each, addressed through the per-canvas table), back to back
 #include "cuda_emu.h"
 
 #include <math.h>
+
+#include <unistd.h>
 
 #include <cstdio>
 #include <string>
@@ -83,19 +94,43 @@ void save_routing(const Routing& r) {
     save("grp_row.i32", r.grp_row);
 }
 
-// The grouped GEMM with the rows per chunk gemm_grouped.rs's groups_for picks.
-void grouped(const uint16_t* A, const int* a_rows, const uint16_t* W, void* C, const Routing& r, int max_rows,
-             int E, int N, int K, int epi) {
-    const int G = std::clamp((max_rows + 7) / 8, 1, 8);
+// The grouped GEMM kernels (gemm_grouped_mg<G>, gemm_grouped_seq_mg<G>) on the grid (chunks,
+// tiles, E).
+void grouped(const uint16_t* A, const int* a_rows, const uint16_t* W, void* C, const Routing& r, int G, int chunks,
+             int tiles, int E, int N, int K, int epi) {
     const long long stride = (long long)N * K;
     const int *off = r.off.data(), *cnt = r.cnt.data();
     auto run = [&](auto g) {
         constexpr int GG = decltype(g)::value;
-        dllm_emu_launch(d3((max_rows + 8 * GG - 1) / (8 * GG), (N + 63) / 64, E), d3(SKINNY_THREADS), [&] {
+        auto gather = [&] {
+            switch (GG) {
+                case 1: return gemm_grouped_mg1(A, a_rows, W, stride, C, off, cnt, N, K, epi);
+                case 2: return gemm_grouped_mg2(A, a_rows, W, stride, C, off, cnt, N, K, epi);
+                case 3: return gemm_grouped_mg3(A, a_rows, W, stride, C, off, cnt, N, K, epi);
+                case 4: return gemm_grouped_mg4(A, a_rows, W, stride, C, off, cnt, N, K, epi);
+                case 5: return gemm_grouped_mg5(A, a_rows, W, stride, C, off, cnt, N, K, epi);
+                case 6: return gemm_grouped_mg6(A, a_rows, W, stride, C, off, cnt, N, K, epi);
+                case 7: return gemm_grouped_mg7(A, a_rows, W, stride, C, off, cnt, N, K, epi);
+                default: return gemm_grouped_mg8(A, a_rows, W, stride, C, off, cnt, N, K, epi);
+            }
+        };
+        auto in_order = [&] {
+            switch (GG) {
+                case 1: return gemm_grouped_seq_mg1(A, W, stride, C, off, cnt, N, K, epi);
+                case 2: return gemm_grouped_seq_mg2(A, W, stride, C, off, cnt, N, K, epi);
+                case 3: return gemm_grouped_seq_mg3(A, W, stride, C, off, cnt, N, K, epi);
+                case 4: return gemm_grouped_seq_mg4(A, W, stride, C, off, cnt, N, K, epi);
+                case 5: return gemm_grouped_seq_mg5(A, W, stride, C, off, cnt, N, K, epi);
+                case 6: return gemm_grouped_seq_mg6(A, W, stride, C, off, cnt, N, K, epi);
+                case 7: return gemm_grouped_seq_mg7(A, W, stride, C, off, cnt, N, K, epi);
+                default: return gemm_grouped_seq_mg8(A, W, stride, C, off, cnt, N, K, epi);
+            }
+        };
+        dllm_emu_launch(d3(chunks, tiles, E), d3(SKINNY_THREADS), [&] {
             if (a_rows)
-                gemm_grouped_body<GG, true>(A, a_rows, W, stride, C, off, cnt, N, K, epi);
+                gather();
             else
-                gemm_grouped_body<GG, false>(A, nullptr, W, stride, C, off, cnt, N, K, epi);
+                in_order();
         });
     };
     switch (G) {
@@ -118,17 +153,18 @@ int cmd_route(const std::vector<int>& dims) {
 
 int cmd_grouped(const std::vector<int>& dims) {
     const int rows = dims[0], E = dims[1], k = dims[2], N = dims[3], K = dims[4], epi = dims[5], gather = dims[6];
+    const int G = dims[7], chunks = dims[8], tiles = dims[9];
     const int pairs = rows * k;
     const Routing r = route(load<float>("logits.f32"), rows, E, k);
     const auto a = load<uint16_t>("a.u16");
     const auto w = load<uint16_t>("w.u16");
     if (epi == DLLM_EPI_STORE_F32) {
         std::vector<float> c(pairs * N, NAN);
-        grouped(a.data(), gather ? r.grp_row.data() : nullptr, w.data(), c.data(), r, rows, E, N, K, epi);
+        grouped(a.data(), gather ? r.grp_row.data() : nullptr, w.data(), c.data(), r, G, chunks, tiles, E, N, K, epi);
         save("c.f32", c);
     } else {
         std::vector<uint16_t> c(epi == DLLM_EPI_SWIGLU_BF16 ? pairs * N / 2 : pairs * N, 0x7fbf);
-        grouped(a.data(), gather ? r.grp_row.data() : nullptr, w.data(), c.data(), r, rows, E, N, K, epi);
+        grouped(a.data(), gather ? r.grp_row.data() : nullptr, w.data(), c.data(), r, G, chunks, tiles, E, N, K, epi);
         save("c.u16", c);
     }
     save_routing(r);
@@ -137,6 +173,7 @@ int cmd_grouped(const std::vector<int>& dims) {
 
 int cmd_mixture(const std::vector<int>& dims) {
     const int rows = dims[0], E = dims[1], k = dims[2], d = dims[3], h = dims[4], fused = dims[5];
+    const int G = dims[6], chunks = dims[7], tiles_up = dims[8], tiles_down = dims[9];
     const int pairs = rows * k;
     const Routing r = route(load<float>("logits.f32"), rows, E, k);
     const auto xn = load<uint16_t>("xn.u16");
@@ -145,16 +182,20 @@ int cmd_mixture(const std::vector<int>& dims) {
     const auto down = load<uint16_t>("down.u16");
     std::vector<uint16_t> act(pairs * h, 0x7fbf);
     if (fused) {
-        grouped(xn.data(), r.grp_row.data(), gate_up.data(), act.data(), r, rows, E, 2 * h, d, DLLM_EPI_SWIGLU_BF16);
+        grouped(xn.data(), r.grp_row.data(), gate_up.data(), act.data(), r, G, chunks, tiles_up, E, 2 * h, d,
+                DLLM_EPI_SWIGLU_BF16);
     } else {
         std::vector<uint16_t> gu(pairs * 2 * h, 0x7fbf);
-        grouped(xn.data(), r.grp_row.data(), gate_up.data(), gu.data(), r, rows, E, 2 * h, d, DLLM_EPI_STORE_BF16);
-        const int total = pairs * h;
+        grouped(xn.data(), r.grp_row.data(), gate_up.data(), gu.data(), r, G, chunks, tiles_up, E, 2 * h, d,
+                DLLM_EPI_STORE_BF16);
+        // Elementwise::swiglu's choice for aligned buffers and h % 8 == 0 (every mixture's): the
+        // 16-byte kernel, grid_for(pairs * h / 8).
+        const int total = pairs * h / 8;
         dllm_emu_launch(d3(std::clamp((total + 255) / 256, 1, 8192)), d3(256),
-                        [&] { swiglu_bf16(gu.data(), act.data(), pairs, h); });
+                        [&] { swiglu_bf16_v8(gu.data(), act.data(), pairs, h); });
     }
     std::vector<float> y(pairs * d, NAN);
-    grouped(act.data(), nullptr, down.data(), y.data(), r, rows, E, d, h, DLLM_EPI_STORE_F32);
+    grouped(act.data(), nullptr, down.data(), y.data(), r, G, chunks, tiles_down, E, d, h, DLLM_EPI_STORE_F32);
     dllm_emu_launch(d3(rows), d3(MOE_THREADS),
                     [&] { moe_combine(y.data(), r.pair_pos.data(), r.sel_w.data(), k, d, x.data()); });
     save("x.f32", x);
@@ -174,6 +215,30 @@ int cmd_heads(const std::vector<int>& dims) {
     return 0;
 }
 
+int cmd_rope_qkv(const std::vector<int>& dims) {
+    const int rows = dims[0], qh = dims[1], kvh = dims[2], hd = dims[3], period = dims[4], offset = dims[5];
+    const int grouped = dims[6], vec = dims[7], has_bias = dims[8], cache = dims[9], seq_rows = dims[10];
+    const int kv = kvh * hd, stride = (qh + 2 * kvh) * hd, canvases = rows / period;
+    auto qkv = load<uint16_t>("qkv.u16");
+    const auto inv_freq = load<float>("inv_freq.f32");
+    const std::vector<float> bias = has_bias ? load<float>("bias.f32") : std::vector<float>();
+    const std::vector<int> starts = cache == 2 ? load<int>("starts.i32") : std::vector<int>();
+    std::vector<uint16_t> k(canvases * seq_rows * kv, 0x7fbf), v(canvases * seq_rows * kv, 0x7fbf);
+    std::vector<uint16_t*> table;
+    for (int c = 0; c < canvases; ++c) table.push_back(k.data() + (size_t)c * seq_rows * kv);
+    for (int c = 0; c < canvases; ++c) table.push_back(v.data() + (size_t)c * seq_rows * kv);
+    dllm_emu_launch(d3(rows), d3(DLLM_ROW_THREADS), [&] {
+        rope_qkv_bf16(qkv.data(), inv_freq.data(), has_bias ? bias.data() : nullptr, cache == 1 ? k.data() : nullptr,
+                      cache == 1 ? v.data() : nullptr, stride, qh, kvh, qh * hd, (qh + kvh) * hd, hd, period, offset,
+                      seq_rows, vec, nullptr, 0, grouped, cache == 2 ? starts.data() : nullptr,
+                      cache == 2 ? table.data() : nullptr);
+    });
+    save("qkv.u16", qkv);
+    save("k.u16", k);
+    save("v.u16", v);
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -182,12 +247,14 @@ int main(int argc, char** argv) {
         return 2;
     }
     dir = argv[2];
+    alarm(600);  // a deadlocked collective fails the test instead of hanging CI
     const std::string cmd = argv[1];
     const auto dims = load<int>("dims.i32");
     if (cmd == "route") return cmd_route(dims);
     if (cmd == "grouped") return cmd_grouped(dims);
     if (cmd == "mixture") return cmd_mixture(dims);
     if (cmd == "heads") return cmd_heads(dims);
+    if (cmd == "rope_qkv") return cmd_rope_qkv(dims);
     std::fprintf(stderr, "harness: unknown command %s\n", cmd.c_str());
     return 2;
 }

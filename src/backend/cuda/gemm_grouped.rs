@@ -34,8 +34,31 @@ pub struct Groups<'a, 'b> {
     pub cnt: &'a CudaView<'b, i32>,
     /// Output rows in all.
     pub pairs: usize,
-    /// Most rows one expert can own (picks the kernel's rows per chunk).
+    /// At least every expert's row count (the kernel's rows per chunk and its chunk count come
+    /// from it, [`launch_grid`]: rows past it would be left unwritten). A forward's row count
+    /// bounds them all, each row choosing an expert at most once.
     pub max_rows: usize,
+}
+
+/// The grouped GEMM's launch: `groups` mma groups per chunk (`gemm_grouped_mg{groups}`), the
+/// grid `(chunks, tiles, experts)` of 128-thread blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchGrid {
+    pub groups: usize,
+    pub chunks: usize,
+    pub tiles: usize,
+    pub experts: usize,
+}
+
+/// The launch for experts of at most `max_rows` rows each and `n` output columns.
+pub fn launch_grid(max_rows: usize, n: usize, experts: usize) -> LaunchGrid {
+    let groups = groups_for(max_rows);
+    LaunchGrid {
+        groups,
+        chunks: max_rows.div_ceil(GROUP_ROWS * groups).max(1),
+        tiles: n.div_ceil(BLOCK_ROWS),
+        experts,
+    }
 }
 
 /// The shape of a grouped GEMM: `experts` weight matrices of `[n, k]` stacked in one buffer.
@@ -165,9 +188,18 @@ impl GroupedGemm {
         check_align("W", w.device_ptr(&dev.stream).0, 16)?;
         let (addr, align) = out.addr_and_align(dev);
         check_align("C", addr, align)?;
-        let g = groups_for(groups.max_rows);
-        let chunks = groups.max_rows.div_ceil(GROUP_ROWS * g).max(1);
-        let tiles = shape.n.div_ceil(BLOCK_ROWS);
+        if groups.max_rows > groups.pairs {
+            return Err(Error::invalid(format!(
+                "grouped gemm: experts of {} rows among {} rows in all",
+                groups.max_rows, groups.pairs
+            )));
+        }
+        let LaunchGrid {
+            groups: g,
+            chunks,
+            tiles,
+            ..
+        } = launch_grid(groups.max_rows, shape.n, shape.experts);
         if chunks > i32::MAX as usize || tiles > 65_535 {
             return Err(Error::invalid(format!(
                 "grouped gemm: {chunks} row chunks × {tiles} weight tiles exceed the grid"
