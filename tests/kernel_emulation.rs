@@ -14,7 +14,7 @@ use dllm::backend::cpu;
 use dllm::backend::cuda::check::rel_l2;
 use dllm::backend::cuda::gemm_grouped::launch_grid;
 use dllm::backend::cuda::moe::{
-    grouped_reference, grouping_fault, host_mixture, MoeShape, Routing,
+    grouped_reference, grouping_fault, host_mixture, stacked_gate_up, MoeShape, Routing,
 };
 use dllm::backend::cuda::swiglu_layout;
 use dllm::model::experts::route;
@@ -321,19 +321,7 @@ fn mixture_case(h: &Path, rows: usize, shape: MoeShape, fused: bool) {
     let gate = rounded(&random(14, e * hid * d, -s, s));
     let up = rounded(&random(15, e * hid * d, -s, s));
     let down = rounded(&random(16, e * d * hid, -s, s));
-    let mut gu = Vec::with_capacity(2 * gate.len());
-    for x in 0..e {
-        let (g, u) = (
-            &gate[x * hid * d..(x + 1) * hid * d],
-            &up[x * hid * d..(x + 1) * hid * d],
-        );
-        if fused {
-            gu.extend(swiglu_layout::interleave(g, u, hid, d));
-        } else {
-            gu.extend_from_slice(g);
-            gu.extend_from_slice(u);
-        }
-    }
+    let gu = stacked_gate_up(&gate, &up, shape, fused);
     run.put("logits.f32", &l);
     run.put("xn.u16", &bf16_bits(&xn));
     run.put("x.f32", &x0);
@@ -454,15 +442,19 @@ fn rope_case(h: &Path, c: &RopeCase) {
     ));
     let bias = random(31, stride, -0.5, 0.5);
     // The reference, natural layout: bias added, q and k rotated (the CPU's RoPE), rounded.
-    let mut want = Vec::with_capacity(x.len());
-    for (r, row) in x.chunks_exact(stride).enumerate() {
+    // Row r's canvas and position.
+    let place = |r: usize| {
         let canvas = r / c.period;
         let start = if c.cache == 2 {
             c.starts[canvas] as usize
         } else {
             c.offset
         };
-        let pos = [start + r % c.period];
+        (canvas, start + r % c.period)
+    };
+    let mut want = Vec::with_capacity(x.len());
+    for (r, row) in x.chunks_exact(stride).enumerate() {
+        let pos = [place(r).1];
         let mut y: Vec<f32> = row
             .iter()
             .zip(&bias)
@@ -513,13 +505,8 @@ fn rope_case(h: &Path, c: &RopeCase) {
     let mut want_v = want_k.clone();
     if c.cache > 0 {
         for (r, row) in want.chunks_exact(stride).enumerate() {
-            let canvas = r / c.period;
-            let start = if c.cache == 2 {
-                c.starts[canvas] as usize
-            } else {
-                c.offset
-            };
-            let at = (canvas * c.seq_rows + start + r % c.period) * kv;
+            let (canvas, pos) = place(r);
+            let at = (canvas * c.seq_rows + pos) * kv;
             want_k[at..at + kv].copy_from_slice(&row[qh * hd..qh * hd + kv]);
             want_v[at..at + kv].copy_from_slice(&row[qh * hd + kv..]);
         }

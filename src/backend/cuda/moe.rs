@@ -251,7 +251,9 @@ pub struct Routing {
 }
 
 mod checks;
-pub use checks::{bench, grouped_reference, grouping_fault, host_mixture, self_check};
+pub use checks::{
+    bench, grouped_reference, grouping_fault, host_mixture, self_check, stacked_gate_up,
+};
 
 /// The loaded mixture kernels.
 pub struct Moe {

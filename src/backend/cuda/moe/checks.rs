@@ -251,31 +251,34 @@ fn check_grouped(
         tol_f32(kd),
         format!("{pairs} grouped rows, G{}", groups_for(rows)),
     ));
-    // bf16, gathered.
-    let mut c = upload(dev, &vec![check::POISON_BF16_BITS; pairs * n])?;
-    let cv = GemmOut::Bf16(c.slice_mut(0..pairs * n));
-    moe.grouped
-        .run(dev, &ad.as_view(), &wd.as_view(), cv, &groups, gs)?;
+    // The bf16 epilogues, gathered: plain, and the fused SwiGLU (W's rows read as interleaved
+    // gate/up rows).
+    let bf16_out = |swiglu: bool| -> Result<Vec<f32>> {
+        let len = if swiglu { pairs * n / 2 } else { pairs * n };
+        let mut c = upload(dev, &vec![check::POISON_BF16_BITS; len])?;
+        let cv = if swiglu {
+            GemmOut::SwigluBf16(c.slice_mut(0..len))
+        } else {
+            GemmOut::Bf16(c.slice_mut(0..len))
+        };
+        moe.grouped
+            .run(dev, &ad.as_view(), &wd.as_view(), cv, &groups, gs)?;
+        Ok(check::from_bf16_bits(&download(dev, &c)?))
+    };
     out.push(CheckResult::new(
         format!("{name} bf16 gathered"),
-        check::rel_l2(&check::from_bf16_bits(&download(dev, &c)?), &want32),
+        check::rel_l2(&bf16_out(false)?, &want32),
         TOL_BF16,
         "",
     ));
-    // The fused SwiGLU (W's rows read as interleaved gate/up), gathered.
     if swiglu_layout::supported(n / 2) && n.is_multiple_of(16) {
-        let h = n / 2;
-        let want_act: Vec<f32> = swiglu_layout::swiglu_of_fused(&want, pairs, h)
+        let want_act: Vec<f32> = swiglu_layout::swiglu_of_fused(&want, pairs, n / 2)
             .iter()
             .map(|&v| v as f32)
             .collect();
-        let mut c = upload(dev, &vec![check::POISON_BF16_BITS; pairs * h])?;
-        let cv = GemmOut::SwigluBf16(c.slice_mut(0..pairs * h));
-        moe.grouped
-            .run(dev, &ad.as_view(), &wd.as_view(), cv, &groups, gs)?;
         out.push(CheckResult::new(
             format!("{name} swiglu gathered"),
-            check::rel_l2(&check::from_bf16_bits(&download(dev, &c)?), &want_act),
+            check::rel_l2(&bf16_out(true)?, &want_act),
             TOL_BF16,
             "",
         ));
@@ -353,6 +356,23 @@ fn check_head_norm(
         TOL_BF16,
         "v columns must come back unchanged (part of the comparison)",
     ))
+}
+
+/// The experts' gate/up matrices (`gate` and `up` `[E, h, d]` row-major) stacked as the upload
+/// lays them out: `[E, 2h, d]`, each expert's rows interleaved for the fused SwiGLU when `fused`
+/// ([`swiglu_layout::interleave`]), else its gate rows then its up rows.
+pub fn stacked_gate_up<T: Copy>(gate: &[T], up: &[T], shape: MoeShape, fused: bool) -> Vec<T> {
+    let per = shape.h * shape.d;
+    let mut out = Vec::with_capacity(2 * gate.len());
+    for (g, u) in gate.chunks_exact(per).zip(up.chunks_exact(per)) {
+        if fused {
+            out.extend(swiglu_layout::interleave(g, u, shape.h, shape.d));
+        } else {
+            out.extend_from_slice(g);
+            out.extend_from_slice(u);
+        }
+    }
+    out
 }
 
 /// The host reference of a mixture over `rows = x0.len() / d` rows: `x0 + Σ p · down(silu(gate ·
@@ -439,19 +459,7 @@ fn check_mixture(
     }
     let want = host_mixture(&x0, &xn, &logits, (&gate, &up, &down), shape);
     // Device weights in the upload layout.
-    let mut gu = Vec::with_capacity(experts * 2 * h * d);
-    for e in 0..experts {
-        let (g, u) = (
-            &gate[e * h * d..(e + 1) * h * d],
-            &up[e * h * d..(e + 1) * h * d],
-        );
-        if fused {
-            gu.extend(swiglu_layout::interleave(g, u, h, d));
-        } else {
-            gu.extend_from_slice(g);
-            gu.extend_from_slice(u);
-        }
-    }
+    let gu = stacked_gate_up(&gate, &up, shape, fused);
     let w = ExpertWeights {
         router: upload(dev, &check::to_bf16_bits(&router))?,
         gate_up: upload(dev, &check::to_bf16_bits(&gu))?,
