@@ -30,6 +30,14 @@ __device__ __forceinline__ double dllm_uniform(uint64_t seed, uint64_t step, uin
 // with the shared memory and grid its own constants need.
 #define DLLM_MODULE_INT(symbol, value) extern "C" __constant__ int symbol = (value)
 
+// A kernel's dynamic shared memory (the launch's shared_mem_bytes) as `T name[]`; under DLLM_EMU
+// the emulator's buffer of the block.
+#ifdef DLLM_EMU
+#define DLLM_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(dllm_emu::dynamic_shared())
+#else
+#define DLLM_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 __device__ __forceinline__ float dllm_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

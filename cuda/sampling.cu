@@ -288,7 +288,7 @@ extern "C" __global__ void commit_kernel(int* __restrict__ canvas, long long can
                                          const int* __restrict__ positions, int rows_per_canvas, int mask_token,
                                          int k, double threshold, int use_threshold, int* __restrict__ out) {
     dllm_pdl_entry();
-    extern __shared__ unsigned char commit_smem[];
+    DLLM_DYNAMIC_SHARED(unsigned char, commit_smem);
     double* sc = reinterpret_cast<double*>(commit_smem);         // rows
     int* sp = reinterpret_cast<int*>(sc + rows_per_canvas);       // rows
     int* se = sp + rows_per_canvas;                               // rows: eligible

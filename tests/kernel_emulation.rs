@@ -1,8 +1,8 @@
-//! The mixture-of-experts kernels run on the CPU: `cuda/emu/harness.cpp` compiles the `.cu`
+//! CUDA kernels run on the CPU: `cuda/emu/harness.cpp` compiles the `.cu`
 //! sources as host C++ against `cuda/emu/cuda_emu.h` (one OS thread per CUDA thread, barriers
 //! and warp collectives as on the device, `mma.sync` by its PTX fragment layout) and runs
-//! `moe_route` / `moe_group`, the grouped expert GEMM, `moe_combine` and `rmsnorm_heads_bf16`
-//! with their launchers' grids. Each result is compared with the CPU model's rule
+//! `moe_route` / `moe_group`, the grouped expert GEMM, `moe_combine`, `rmsnorm_heads_bf16`,
+//! `rope_qkv_bf16` and the parallel-sampling kernels with their launchers' grids. Each result is compared with the CPU model's rule
 //! ([`dllm::model::experts::route`]) and f64 host products: the kernels' logic checked in CI,
 //! without a GPU (the device's own rounding, speed and memory model still need one:
 //! `dllm-gpu-check`'s `moe.*` checks).
@@ -16,7 +16,9 @@ use dllm::backend::cuda::gemm_grouped::launch_grid;
 use dllm::backend::cuda::moe::{
     grouped_reference, grouping_fault, host_mixture, stacked_gate_up, MoeShape, Routing,
 };
+use dllm::backend::cuda::sampling::split_plan;
 use dllm::backend::cuda::swiglu_layout;
+use dllm::denoise::predict::{predict_row, PredictRule, Remasking};
 use dllm::model::experts::route;
 use half::bf16;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,8 @@ fn harness() -> Option<&'static Path> {
                 "-Wall",
                 "-Werror",
                 "-Wno-unknown-pragmas",
+                // Every floating-point operation rounded alone, as the kernels' *_rn intrinsics ask.
+                "-ffp-contract=off",
                 // An out-of-bounds or misaligned access, or undefined arithmetic, aborts the run.
                 "-fsanitize=address,undefined",
                 "-fno-sanitize-recover=all",
@@ -557,5 +561,80 @@ fn rope_rotates_q_and_k_and_writes_the_caches_where_each_row_belongs() {
         case(3, (2, 1), 16, 3, false, false, true, 0, &[]),
     ] {
         rope_case(h, &c);
+    }
+}
+
+/// `predict_partial` + `predict_finalize` (the parallel-sampling kernels) against the host's
+/// `predict_row`: the same token, and the confidence within 1e-9, for every confidence mode,
+/// greedy and sampled, on rows with ties, NaNs and −∞, split as the launcher splits them.
+#[test]
+fn sampling_predicts_what_the_host_predicts() {
+    let Some(h) = harness() else { return };
+    let modes = [
+        Remasking::LowConfidence,
+        Remasking::Random,
+        Remasking::Margin,
+        Remasking::Entropy,
+    ];
+    for (rows, width, mask) in [(5usize, 1000usize, 500u32), (4, 1024, 0), (3, 4099, 7)] {
+        let mut l = random(width as u64, rows * width, -6.0, 6.0);
+        l[..width].fill(1.0); // ties everywhere: the lowest candidate id
+        if rows > 2 {
+            // A NaN beside a clear winner; then −∞ everywhere but one entry.
+            l[width + 3] = f32::NAN;
+            l[width + 9] = 40.0;
+            l[2 * width..3 * width].fill(f32::NEG_INFINITY);
+            l[2 * width + width / 3] = 0.0;
+        }
+        if rows > 3 {
+            // Two candidates tie at the maximum, far apart (different blocks): the lower id.
+            l[3 * width + 5] = 50.0;
+            l[3 * width + width - 10] = 50.0;
+        }
+        let positions: Vec<i32> = (0..rows).map(|r| (r * 11 + 2) as i32).collect();
+        for temperature in [0.0, 0.7] {
+            for (mode, &remasking) in modes.iter().enumerate() {
+                let rule = PredictRule {
+                    temperature,
+                    remasking,
+                    seed: 99 + width as u64,
+                    step: 5,
+                    mask_token: mask,
+                    vocab_size: width - 3,
+                };
+                let (splits, chunk) = split_plan(rows, width);
+                let first = usize::from(mask == 0);
+                let run = Run::new(&[
+                    rows,
+                    width,
+                    rule.vocab_size.min(width),
+                    mask as usize,
+                    first,
+                    mode,
+                    splits,
+                    chunk,
+                    usize::from(width % 4 == 0),
+                ]);
+                run.put("logits.f32", &l);
+                run.put("positions.i32", &positions);
+                run.put("rule.u64", &[temperature.to_bits(), rule.seed, rule.step]);
+                run.exec(h, "predict");
+                let (tokens, conf): (Vec<i32>, Vec<f64>) =
+                    (run.get("tokens.i32"), run.get("conf.f64"));
+                for r in 0..rows {
+                    let want =
+                        predict_row(&l[r * width..(r + 1) * width], positions[r] as usize, &rule);
+                    let what = format!("row {r} of {rows}x{width} T{temperature} {remasking:?}");
+                    assert_eq!(tokens[r] as u32, want.token, "{what}");
+                    let (g, w) = (conf[r], want.confidence);
+                    assert!(
+                        g == w
+                            || (g - w).abs() <= 1e-9 * w.abs().max(1e-300)
+                            || (g.is_nan() && w.is_nan()),
+                        "{what}: confidence {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -69,6 +69,14 @@ template <class T>
 inline T __ldcg(const T* p) {
     return *p;
 }
+template <class T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+// Separately rounded double operations (the harness builds with -ffp-contract=off, so plain
+// operators never fuse either).
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 
@@ -95,16 +103,20 @@ struct Warp {
 };
 
 struct Block {
-    explicit Block(int threads) : sync(threads) {
+    Block(int threads, size_t shared_bytes) : sync(threads), dynamic((shared_bytes + 15) / 16) {
         for (int w = 0; w * 32 < threads; ++w) warps.push_back(std::make_unique<Warp>(std::min(32, threads - 32 * w)));
     }
     std::barrier<> sync;
     std::vector<std::unique_ptr<Warp>> warps;
+    // The launch's dynamic shared memory (16-byte units, so 16-byte aligned).
+    std::vector<uint4> dynamic;
 };
 
 inline thread_local Block* block = nullptr;
 inline thread_local Warp* warp = nullptr;
 inline thread_local int lane = 0;
+
+inline void* dynamic_shared() { return block->dynamic.data(); }
 
 // Every live lane publishes `n` words, waits for the others, reads, and waits again so no slot is
 // overwritten before every lane has read it.
@@ -192,14 +204,14 @@ inline void dllm_emu_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t 
 // blocks from the last to the first (a kernel that relied on launch order, or on what an earlier
 // block left in shared memory, would show it; every block of the device may run in any order).
 template <class F>
-inline void dllm_emu_launch(dim3 grid, dim3 block, F kernel) {
+inline void dllm_emu_launch(dim3 grid, dim3 block, F kernel, size_t shared_bytes = 0) {
     gridDim = grid;
     blockDim = block;
     const int threads = (int)(block.x * block.y * block.z);
     for (unsigned bz = grid.z; bz-- > 0;)
         for (unsigned by = grid.y; by-- > 0;)
             for (unsigned bx = grid.x; bx-- > 0;) {
-                dllm_emu::Block b(threads);
+                dllm_emu::Block b(threads, shared_bytes);
                 std::vector<std::thread> pool;
                 pool.reserve(threads);
                 for (int t = 0; t < threads; ++t)

@@ -17,6 +17,10 @@
 // launch_grid (src/backend/cuda/gemm_grouped.rs), so the emulation runs the grid the device gets.
 //   heads    dims [rows, stride, q_heads, kv_heads, k_col, head_dim]; qkv.u16, qw.f32, kw.f32
 //                                                         -> qkv.u16
+//   predict  dims [rows, width, vocab_n, mask, first, mode, splits, chunk, vec_ok]; logits.f32,
+//            positions.i32, rule.u64 [temperature bits, seed, step] -> tokens.i32 conf.f64
+//            (sampling.cu's predict_partial + predict_finalize, splits and chunk from the Rust
+//            launcher's split_plan)
 //   rope_qkv dims [rows, q_heads, kv_heads, head_dim, period, offset, grouped, vec, bias, cache,
 //            seq_rows]; qkv.u16, inv_freq.f32, (bias.f32), (starts.i32 for cache 2) -> qkv.u16, and
 //            k.u16 v.u16: the batch cache (cache 1: canvases x seq_rows rows) or each canvas's own
@@ -33,6 +37,7 @@
 #include "../elementwise.cu"
 #include "../gemm_grouped.cu"
 #include "../moe.cu"
+#include "../sampling.cu"
 
 namespace {
 
@@ -239,6 +244,31 @@ int cmd_rope_qkv(const std::vector<int>& dims) {
     return 0;
 }
 
+int cmd_predict(const std::vector<int>& dims) {
+    const int rows = dims[0], width = dims[1], vocab_n = dims[2], mask = dims[3], first = dims[4], mode = dims[5];
+    const int splits = dims[6], chunk = dims[7], vec_ok = dims[8];
+    const auto logits = load<float>("logits.f32");
+    const auto positions = load<int>("positions.i32");
+    const auto rule = load<uint64_t>("rule.u64");
+    double temperature;
+    std::memcpy(&temperature, &rule[0], sizeof temperature);
+    const unsigned long long seed = rule[1], step = rule[2];
+    std::vector<PredictPartial> part(rows * splits);
+    std::vector<int> tokens(rows, -7);
+    std::vector<double> conf(rows, NAN);
+    dllm_emu_launch(d3(splits, rows), d3(PREDICT_THREADS), [&] {
+        predict_partial(logits.data(), width, positions.data(), vocab_n, mask, first, temperature, seed, step, mode,
+                        chunk, vec_ok, part.data());
+    });
+    dllm_emu_launch(d3((rows + 127) / 128), d3(128), [&] {
+        predict_finalize(logits.data(), width, positions.data(), rows, splits, first, temperature, seed, step, mode,
+                         part.data(), tokens.data(), conf.data());
+    });
+    save("tokens.i32", tokens);
+    save("conf.f64", conf);
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -255,6 +285,7 @@ int main(int argc, char** argv) {
     if (cmd == "mixture") return cmd_mixture(dims);
     if (cmd == "heads") return cmd_heads(dims);
     if (cmd == "rope_qkv") return cmd_rope_qkv(dims);
+    if (cmd == "predict") return cmd_predict(dims);
     std::fprintf(stderr, "harness: unknown command %s\n", cmd.c_str());
     return 2;
 }

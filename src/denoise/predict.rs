@@ -143,14 +143,16 @@ pub fn softmax_margin(row: &[f32]) -> f64 {
 }
 
 /// `Σ p ln p` of the whole row's softmax, in float64 (≤ 0; 0 for a one-hot distribution,
-/// `−ln n` for a uniform one over `n` entries). Zero-probability entries contribute 0.
+/// `−ln n` for a uniform one over `n` entries). Zero-probability entries contribute 0; a NaN
+/// logit makes it NaN, as it makes the other confidences (and the CUDA kernel's) NaN, so the
+/// commit ranks the row last rather than as the most confident.
 pub fn neg_entropy(row: &[f32]) -> f64 {
     let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
     let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
     row.iter()
         .map(|&x| {
             let p = (x as f64 - max).exp() / sum;
-            if p > 0.0 {
+            if p > 0.0 || p.is_nan() {
                 p * p.ln()
             } else {
                 0.0
@@ -394,6 +396,9 @@ mod tests {
         assert!(neg_entropy(&peaked) > neg_entropy(&flat));
         assert!((neg_entropy(&flat) + 4f64.ln()).abs() < 1e-12);
         assert!(neg_entropy(&peaked) <= 0.0);
+        // A NaN logit: NaN, like the other confidences (never the most confident 0).
+        assert!(neg_entropy(&[1.0, f32::NAN, 3.0]).is_nan());
+        assert!(softmax_prob(&[1.0, f32::NAN, 3.0], 2).is_nan());
         // A tied maximum has zero margin; repeats count.
         assert_eq!(softmax_margin(&[2.0, 2.0, 0.0]), 0.0);
         // The margin is over the whole row: the mask id (index 2) takes part, as in the kernel.

@@ -88,8 +88,9 @@ fn need(what: &str, have: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-/// Row split of a predict launch: (splits, chunk), chunk a multiple of 4, splits·chunk ≥ width.
-fn split_plan(rows: usize, width: usize) -> (usize, usize) {
+/// Row split of a predict launch: (splits, chunk), chunk a multiple of 4, splits·chunk ≥ width
+/// (public for the kernels' CPU emulation, tests/kernel_emulation.rs).
+pub fn split_plan(rows: usize, width: usize) -> (usize, usize) {
     let max_splits = (width / MIN_CHUNK).max(1);
     let splits = TARGET_BLOCKS.div_ceil(rows.max(1)).clamp(1, max_splits);
     let chunk = width.div_ceil(splits).div_ceil(4) * 4;
