@@ -11,10 +11,11 @@
 //! tests are skipped with a message.
 
 use dllm::backend::cpu;
-use dllm::backend::cuda::check::rel_l2;
+use dllm::backend::cuda::check::{from_bf16_bits, random_f32, rel_l2, round_bf16, to_bf16_bits};
 use dllm::backend::cuda::gemm_grouped::launch_grid;
 use dllm::backend::cuda::moe::{
-    grouped_reference, grouping_fault, host_mixture, stacked_gate_up, MoeShape, Routing,
+    grouped_reference, grouping_fault, host_mixture, special_logit_rows, stacked_gate_up, MoeShape,
+    Routing,
 };
 use dllm::backend::cuda::sampling::split_plan;
 use dllm::backend::cuda::swiglu_layout;
@@ -121,31 +122,6 @@ impl Run {
     }
 }
 
-/// Deterministic values in `[lo, hi)`.
-fn random(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            z ^= z << 13;
-            z ^= z >> 7;
-            z ^= z << 17;
-            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
-
-fn bf16_bits(x: &[f32]) -> Vec<u16> {
-    x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect()
-}
-
-fn from_bits(x: &[u16]) -> Vec<f32> {
-    x.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
-}
-
-fn rounded(x: &[f32]) -> Vec<f32> {
-    from_bits(&bf16_bits(x))
-}
-
 fn shape(experts: usize, per_row: usize) -> MoeShape {
     MoeShape {
         experts,
@@ -155,23 +131,10 @@ fn shape(experts: usize, per_row: usize) -> MoeShape {
     }
 }
 
-/// Random logits whose first rows are special: all equal (ties), huge values, a NaN, −∞
-/// everywhere (NaNs after the max), a +∞ (a NaN where it meets the max).
+/// Random logits, their first rows special ([`special_logit_rows`]).
 fn logits(seed: u64, rows: usize, e: usize) -> Vec<f32> {
-    let mut l = random(seed, rows * e, -4.0, 4.0);
-    for row in 0..rows.min(5) {
-        let r = &mut l[row * e..(row + 1) * e];
-        match row {
-            0 => r.fill(0.5),
-            1 => r
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, v)| *v = if i % 3 == 1 { 1e30 } else { -1e30 }),
-            2 => r[e / 2] = f32::NAN,
-            3 => r.fill(f32::NEG_INFINITY),
-            _ => r[e - 1] = f32::INFINITY,
-        }
-    }
+    let mut l = random_f32(seed, rows * e, -4.0, 4.0);
+    special_logit_rows(&mut l, rows, e);
     l
 }
 
@@ -234,20 +197,20 @@ fn grouped_case(
         grid.chunks,
         grid.tiles,
     ]);
-    let mut l: Vec<f32> = random(rows as u64 + 3, rows * e, -4.0, 4.0);
+    let mut l: Vec<f32> = random_f32(rows as u64 + 3, rows * e, -4.0, 4.0);
     if skew {
         l.iter_mut().step_by(e).for_each(|v| *v += 10.0);
     }
     run.put("logits.f32", &l);
-    let a = rounded(&random(
+    let a = round_bf16(&random_f32(
         n as u64,
         if gather { rows } else { pairs } * kd,
         -1.0,
         1.0,
     ));
-    let w = rounded(&random(kd as u64 + 1, e * n * kd, -0.5, 0.5));
-    run.put("a.u16", &bf16_bits(&a));
-    run.put("w.u16", &bf16_bits(&w));
+    let w = round_bf16(&random_f32(kd as u64 + 1, e * n * kd, -0.5, 0.5));
+    run.put("a.u16", &to_bf16_bits(&a));
+    run.put("w.u16", &to_bf16_bits(&w));
     run.exec(h, "grouped");
     let r = run.routing();
     assert_eq!(grouping_fault(&r, shape(e, k), rows), None);
@@ -261,12 +224,12 @@ fn grouped_case(
             1e-5,
         ),
         0 => (
-            from_bits(&run.get("c.u16")),
+            from_bf16_bits(&run.get("c.u16")),
             want.iter().map(|&v| v as f32).collect(),
             1e-2,
         ),
         _ => (
-            from_bits(&run.get("c.u16")),
+            from_bf16_bits(&run.get("c.u16")),
             swiglu_layout::swiglu_of_fused(&want, pairs, n / 2)
                 .iter()
                 .map(|&v| v as f32)
@@ -318,19 +281,19 @@ fn mixture_case(h: &Path, rows: usize, shape: MoeShape, fused: bool) {
         up_grid.tiles,
         down_grid.tiles,
     ]);
-    let l = random(11, rows * e, -3.0, 3.0);
-    let xn = rounded(&random(12, rows * d, -1.0, 1.0));
-    let x0 = random(13, rows * d, -1.0, 1.0);
+    let l = random_f32(11, rows * e, -3.0, 3.0);
+    let xn = round_bf16(&random_f32(12, rows * d, -1.0, 1.0));
+    let x0 = random_f32(13, rows * d, -1.0, 1.0);
     let s = 1.0 / (d as f32).sqrt();
-    let gate = rounded(&random(14, e * hid * d, -s, s));
-    let up = rounded(&random(15, e * hid * d, -s, s));
-    let down = rounded(&random(16, e * d * hid, -s, s));
+    let gate = round_bf16(&random_f32(14, e * hid * d, -s, s));
+    let up = round_bf16(&random_f32(15, e * hid * d, -s, s));
+    let down = round_bf16(&random_f32(16, e * d * hid, -s, s));
     let gu = stacked_gate_up(&gate, &up, shape, fused);
     run.put("logits.f32", &l);
-    run.put("xn.u16", &bf16_bits(&xn));
+    run.put("xn.u16", &to_bf16_bits(&xn));
     run.put("x.f32", &x0);
-    run.put("gate_up.u16", &bf16_bits(&gu));
-    run.put("down.u16", &bf16_bits(&down));
+    run.put("gate_up.u16", &to_bf16_bits(&gu));
+    run.put("down.u16", &to_bf16_bits(&down));
     run.exec(h, "mixture");
     let got: Vec<f32> = run.get("x.f32");
     let want = host_mixture(&x0, &xn, &l, (&gate, &up, &down), shape);
@@ -379,13 +342,13 @@ fn head_norms_normalise_each_q_and_k_head_and_leave_v() {
     let (rows, qh, kvh, hd) = (3usize, 2usize, 1usize, 32usize);
     let (k_col, stride) = (qh * hd, (qh + 2 * kvh) * hd);
     let run = Run::new(&[rows, stride, qh, kvh, k_col, hd]);
-    let x = rounded(&random(21, rows * stride, -2.0, 2.0));
-    let (qw, kw) = (random(22, hd, 0.5, 1.5), random(23, hd, 0.5, 1.5));
-    run.put("qkv.u16", &bf16_bits(&x));
+    let x = round_bf16(&random_f32(21, rows * stride, -2.0, 2.0));
+    let (qw, kw) = (random_f32(22, hd, 0.5, 1.5), random_f32(23, hd, 0.5, 1.5));
+    run.put("qkv.u16", &to_bf16_bits(&x));
     run.put("qw.f32", &qw);
     run.put("kw.f32", &kw);
     run.exec(h, "heads");
-    let got = from_bits(&run.get("qkv.u16"));
+    let got = from_bf16_bits(&run.get("qkv.u16"));
     let mut want = x.clone();
     let mut tmp = vec![0f32; hd];
     for row in want.chunks_exact_mut(stride) {
@@ -438,13 +401,13 @@ fn rope_case(h: &Path, c: &RopeCase) {
     let stride = (qh + 2 * kvh) * hd;
     let canvases = c.rows / c.period;
     let theta = 10_000.0;
-    let x = rounded(&random(
+    let x = round_bf16(&random_f32(
         c.rows as u64 * 5 + hd as u64,
         c.rows * stride,
         -2.0,
         2.0,
     ));
-    let bias = random(31, stride, -0.5, 0.5);
+    let bias = random_f32(31, stride, -0.5, 0.5);
     // The reference, natural layout: bias added, q and k rotated (the CPU's RoPE), rounded.
     // Row r's canvas and position.
     let place = |r: usize| {
@@ -466,7 +429,7 @@ fn rope_case(h: &Path, c: &RopeCase) {
             .collect();
         cpu::rope(&mut y[..qh * hd], &pos, qh, hd, theta);
         cpu::rope(&mut y[qh * hd..(qh + kvh) * hd], &pos, kvh, hd, theta);
-        want.extend(rounded(&y));
+        want.extend(round_bf16(&y));
     }
     let layout = |rows: &[f32]| -> Vec<f32> {
         if c.grouped {
@@ -491,7 +454,7 @@ fn rope_case(h: &Path, c: &RopeCase) {
         c.cache,
         c.seq_rows,
     ]);
-    run.put("qkv.u16", &bf16_bits(&x_in));
+    run.put("qkv.u16", &to_bf16_bits(&x_in));
     run.put("inv_freq.f32", &cpu::rope_inv_freq(hd, theta));
     run.put("bias.f32", &bias_in);
     run.put("starts.i32", &c.starts);
@@ -500,7 +463,7 @@ fn rope_case(h: &Path, c: &RopeCase) {
         "{} rows q{qh} kv{kvh} hd{hd} grouped {} vec {} bias {} cache {}",
         c.rows, c.grouped, c.vec, c.bias, c.cache
     );
-    let got = from_bits(&run.get("qkv.u16"));
+    let got = from_bf16_bits(&run.get("qkv.u16"));
     let err = rel_l2(&got, &want);
     assert!(err <= 1e-2, "{what}: qkv rel err {err}");
     // The caches: each row's rotated K and its V at (canvas, position), every other row left.
@@ -516,7 +479,7 @@ fn rope_case(h: &Path, c: &RopeCase) {
         }
     }
     for (name, want) in [("k.u16", want_k), ("v.u16", want_v)] {
-        let got = from_bits(&run.get(name));
+        let got = from_bf16_bits(&run.get(name));
         let written = |v: &f32| v.to_bits() != poison.to_bits();
         assert_eq!(
             got.iter().map(written).collect::<Vec<_>>(),
@@ -577,7 +540,7 @@ fn sampling_predicts_what_the_host_predicts() {
         Remasking::Entropy,
     ];
     for (rows, width, mask) in [(5usize, 1000usize, 500u32), (4, 1024, 0), (3, 4099, 7)] {
-        let mut l = random(width as u64, rows * width, -6.0, 6.0);
+        let mut l = random_f32(width as u64, rows * width, -6.0, 6.0);
         l[..width].fill(1.0); // ties everywhere: the lowest candidate id
         if rows > 2 {
             // A NaN beside a clear winner; then −∞ everywhere but one entry.

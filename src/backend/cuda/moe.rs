@@ -252,7 +252,8 @@ pub struct Routing {
 
 mod checks;
 pub use checks::{
-    bench, grouped_reference, grouping_fault, host_mixture, self_check, stacked_gate_up,
+    bench, grouped_reference, grouping_fault, host_mixture, self_check, special_logit_rows,
+    stacked_gate_up,
 };
 
 /// The loaded mixture kernels.

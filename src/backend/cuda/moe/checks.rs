@@ -56,11 +56,13 @@ pub fn grouping_fault(r: &Routing, shape: MoeShape, rows: usize) -> Option<Strin
     None
 }
 
-/// Random logits with, where the rows exist, a tie row (all equal), a row of huge values,
-/// a row with a NaN and a row of −∞; returns them and how many leading rows are special.
-fn routing_logits(seed: u64, rows: usize, e: usize) -> (Vec<f32>, usize) {
-    let mut l = check::random_f32(seed, rows * e, -4.0, 4.0);
-    let special = rows.min(4);
+/// Makes the first rows of `l` (`[rows, e]` logits) special, as many as there are up to five:
+/// all equal (ties), huge values, a NaN, −∞ everywhere (NaNs after the max), a +∞ (a NaN where
+/// it meets the max). Returns how many rows it changed; of those, the rows from 2 on have
+/// non-finite probabilities. The GPU checks and the CPU emulation (tests/kernel_emulation.rs)
+/// route them.
+pub fn special_logit_rows(l: &mut [f32], rows: usize, e: usize) -> usize {
+    let special = rows.min(5);
     for row in 0..special {
         let r = &mut l[row * e..(row + 1) * e];
         match row {
@@ -70,9 +72,17 @@ fn routing_logits(seed: u64, rows: usize, e: usize) -> (Vec<f32>, usize) {
                 .enumerate()
                 .for_each(|(i, v)| *v = if i % 3 == 1 { 1e30 } else { -1e30 }),
             2 => r[e / 2] = f32::NAN,
-            _ => r.fill(f32::NEG_INFINITY),
+            3 => r.fill(f32::NEG_INFINITY),
+            _ => r[e - 1] = f32::INFINITY,
         }
     }
+    special
+}
+
+/// Random logits with [`special_logit_rows`]; returns them and how many leading rows are special.
+fn routing_logits(seed: u64, rows: usize, e: usize) -> (Vec<f32>, usize) {
+    let mut l = check::random_f32(seed, rows * e, -4.0, 4.0);
+    let special = special_logit_rows(&mut l, rows, e);
     (l, special)
 }
 
@@ -101,7 +111,7 @@ fn check_routing(
         grouping_fault(&r, shape, rows).unwrap_or_else(|| format!("{} pairs", rows * k)),
     )];
     // Every finite row (the tie and huge rows too) picks the CPU's experts with its weights;
-    // the NaN and −∞ rows only have to be valid (checked above), and a random row whose k-th
+    // the NaN, −∞ and +∞ rows only have to be valid (checked above), and a random row whose k-th
     // and next probabilities are within 1e-5 of each other may go either way (the GPU's expf
     // and the host's exp differ by an ulp or two), so it is not compared.
     let (mut same, mut compared, mut got_w, mut want_w) = (0, 0, Vec::new(), Vec::new());
