@@ -187,11 +187,6 @@ impl MoeBuffers {
         })
     }
 
-    /// Rows these buffers hold.
-    pub fn rows(&self) -> usize {
-        self.sizes.rows
-    }
-
     /// Sets the router logits of the first `logits.len() / E` rows (the checks route given
     /// logits).
     pub fn set_logits(&mut self, dev: &CudaDevice, logits: &[f32]) -> Result<()> {
