@@ -21,6 +21,7 @@
 //                          x 4 key groups, each key group streaming every 4th key tile at once, the 4
 //                          partial softmaxes merged in shared memory (no global workspace).
 #include "common.cuh"
+#include "sync.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -41,7 +42,7 @@ extern "C" __global__ void attention_naive(const bf16* __restrict__ q, const bf1
                                            long long kv_stride, long long kv_batch_stride, float scale,
                                            const bf16* const* __restrict__ kv_canvas) {
     dllm_pdl_entry();
-    extern __shared__ float naive_smem[];
+    DLLM_DYNAMIC_SHARED(float, naive_smem);
     float* qs = naive_smem;             // head_dim
     float* sc = naive_smem + head_dim;  // skv
     __shared__ float red[32];
@@ -97,25 +98,43 @@ extern "C" __global__ void attention_naive(const bf16* __restrict__ q, const bf1
 __device__ __forceinline__ void attn_ldsm_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
                                              const void* smem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+#ifdef DLLM_EMU
+    uint32_t r[4];
+    dllm_emu_ldmatrix_x4(r, s, false);
+    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                  : "r"(s));
+#endif
 }
 __device__ __forceinline__ void attn_ldsm_x4_t(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
                                                const void* smem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+#ifdef DLLM_EMU
+    uint32_t r[4];
+    dllm_emu_ldmatrix_x4(r, s, true);
+    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                  : "r"(s));
+#endif
 }
 
 // D(16x8 f32) += A(16x16 bf16, row) * B(16x8 bf16, col)
 __device__ __forceinline__ void attn_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#ifdef DLLM_EMU
+    float d[4] = {c[0], c[1], c[2], c[3]};
+    dllm_emu_mma_bf16(d, a[0], a[1], a[2], a[3], b0, b1);
+    for (int i = 0; i < 4; ++i) c[i] = d[i];
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 __device__ __forceinline__ unsigned attn_pack_bf16(float lo, float hi) {
@@ -324,7 +343,7 @@ __device__ __forceinline__ void attention_mma_body(const bf16* __restrict__ q, c
     constexpr int WARPS = 4, THREADS = WARPS * 32, BM = 16 * WARPS, BN = 64;
     constexpr int KD = D / 16;  // k-steps of QK^T
     constexpr int ND = D / 8;   // n-tiles of the output
-    extern __shared__ __align__(128) unsigned char attn_smem[];
+    DLLM_DYNAMIC_SHARED_ALIGNED(unsigned char, attn_smem, 128);
     bf16* sQ = reinterpret_cast<bf16*>(attn_smem);
     static_assert(STAGES >= 2, "a key tile in flight while one is computed");
     bf16* sK = sQ + BM * D;           // [STAGES][BN][D]
@@ -498,7 +517,7 @@ struct AttnKeysCfg {
 };
 
 // Named barrier `id` (1..4) over the 64 threads of one key group.
-__device__ __forceinline__ void attn_group_sync(int id) { asm volatile("bar.sync %0, 64;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void attn_group_sync(int id) { dllm_named_sync(id, 64); }
 
 template <int D>
 __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -509,7 +528,7 @@ __device__ __forceinline__ void attention_keys_body(const bf16* __restrict__ q, 
                                                     float scale_log2, const bf16* const* __restrict__ kv_canvas) {
     using Cfg = AttnKeysCfg<D>;
     constexpr int BN = Cfg::BN, KD = D / 16, ND = D / 8, KG = ATTN_KEY_GROUPS;
-    extern __shared__ __align__(128) unsigned char attn_smem[];
+    DLLM_DYNAMIC_SHARED_ALIGNED(unsigned char, attn_smem, 128);
     bf16* sQ = reinterpret_cast<bf16*>(attn_smem);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int rg = warp & 1, kg = warp >> 1;  // row group, key group

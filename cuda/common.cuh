@@ -28,14 +28,21 @@ __device__ __forceinline__ double dllm_uniform(uint64_t seed, uint64_t step, uin
 // A compile-time setting the host reads from the loaded module (CudaDevice::module_int) instead of
 // mirroring it in Rust: a module built with other -D values (DLLM_KERNEL_DIR) is then launched
 // with the shared memory and grid its own constants need.
+#ifdef DLLM_EMU
+#define DLLM_MODULE_INT(symbol, value) [[maybe_unused]] static const int symbol = (value)
+#else
 #define DLLM_MODULE_INT(symbol, value) extern "C" __constant__ int symbol = (value)
+#endif
 
 // A kernel's dynamic shared memory (the launch's shared_mem_bytes) as `T name[]`; under DLLM_EMU
 // the emulator's buffer of the block.
+// DLLM_DYNAMIC_SHARED_ALIGNED declares it with that alignment (the emulator's is 1024-aligned).
 #ifdef DLLM_EMU
 #define DLLM_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(dllm_emu::dynamic_shared())
+#define DLLM_DYNAMIC_SHARED_ALIGNED(T, name, A) DLLM_DYNAMIC_SHARED(T, name)
 #else
 #define DLLM_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#define DLLM_DYNAMIC_SHARED_ALIGNED(T, name, A) extern __shared__ __align__(A) T name[]
 #endif
 
 __device__ __forceinline__ float dllm_warp_sum(float v) {

@@ -35,6 +35,7 @@
 // distinct 16-byte bank groups.
 #include "gemm_common.cuh"
 #include "mbarrier.cuh"
+#include "sync.cuh"
 #include "tma.cuh"
 
 #define STREAM_CONSUMERS 4
@@ -162,10 +163,7 @@ __device__ __forceinline__ void stream_advance(StreamPos& p) {
 // in StreamGridGate). By the time a consumer asks, its job's first chunk has landed, which the
 // producer requested after the barrier: the first acquire normally sees it.
 __device__ __forceinline__ void stream_gate_wait(const uint32_t* gate_passed, uint32_t job) {
-    for (;;) {
-        uint32_t v;
-        asm volatile("ld.acquire.cta.shared::cta.u32 %0, [%1];\n" : "=r"(v) : "r"(dllm_smem_addr(gate_passed)) : "memory");
-        if (v >= job) return;
+    while (dllm_ld_acquire_cta(gate_passed) < job) {
     }
 }
 
@@ -385,7 +383,7 @@ __device__ __forceinline__ StreamRing stream_ring_init(unsigned char* raw_ptr, u
             dllm_bar_init(dllm_smem_addr(&full_bar[s]), 1);
             dllm_bar_init(dllm_smem_addr(&empty_bar[s]), STREAM_CONSUMERS);
         }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        dllm_fence_mbarrier_init();
     }
     __syncthreads();
     // Programmatic dependent launch (a no-op without it): the next kernel may start launching
@@ -429,15 +427,12 @@ struct StreamGridGate {
     __device__ __forceinline__ void operator()() const {
         uint32_t polls = 0;
         for (;;) {
-            unsigned int n;
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(n) : "l"(grid_bar) : "memory");
-            if (n >= gridDim.x) break;
+            if (dllm_ld_acquire_gpu(grid_bar) >= gridDim.x) break;
             if (++polls == (1u << 26)) __trap();
             __nanosleep(64);
         }
-        asm volatile("fence.proxy.async.global;\n" ::: "memory");
-        asm volatile("st.release.cta.shared::cta.u32 [%0], %1;\n" ::"r"(dllm_smem_addr(gate_passed)), "r"(job)
-                     : "memory");
+        dllm_fence_proxy_async();
+        dllm_st_release_cta(gate_passed, job);
         // Departure: the last producer through resets the barrier for the next launch.
         if (atomicAdd(&grid_bar[1], 1u) == gridDim.x - 1) {
             grid_bar[0] = 0u;
@@ -452,7 +447,7 @@ struct StreamGridGate {
 // before it (grid_bar: two words per barrier; unused with one job).
 template <int G, int JOBS>
 __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], unsigned int* grid_bar) {
-    extern __shared__ unsigned char stream_raw[];
+    DLLM_DYNAMIC_SHARED(unsigned char, stream_raw);
     __shared__ __align__(8) uint64_t full_bar[STREAM_STAGES];
     __shared__ __align__(8) uint64_t empty_bar[STREAM_STAGES];
     // The last grid barrier this block's producer passed (StreamGridGate, stream_gate_wait).
@@ -493,8 +488,8 @@ __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], 
         if (j + 1 < JOBS) {
             // This job's outputs stored by every consumer warp (and by this block's reductions):
             // generic-proxy writes that other blocks' TMA loads read after the barrier.
-            asm volatile("fence.proxy.async.global;\n" ::: "memory");
-            asm volatile("bar.sync 1, %0;\n" ::"n"(STREAM_CONSUMERS * 32) : "memory");
+            dllm_fence_proxy_async();
+            dllm_named_sync(1, STREAM_CONSUMERS * 32);
             if (threadIdx.x == 0) stream_grid_arrive(grid_bar + 2 * j);
         }
     }

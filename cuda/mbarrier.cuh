@@ -3,6 +3,9 @@
 // and a parity wait. Addresses are 32-bit shared-window addresses (`__cvta_generic_to_shared`).
 #pragma once
 #include <stdint.h>
+#ifdef DLLM_EMU
+#include "emu/sm90_emu.h"
+#else
 
 __device__ __forceinline__ uint32_t dllm_smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
@@ -49,3 +52,4 @@ __device__ __forceinline__ void dllm_bar_wait(uint32_t bar, uint32_t parity) {
         if (!done && ++polls == (1u << 28)) __trap();
     }
 }
+#endif  // DLLM_EMU

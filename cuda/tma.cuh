@@ -4,8 +4,11 @@
 // (cuda/mbarrier.cuh). Coordinates are (x = K element, y = row); boxes reaching past the matrix
 // are zero-filled and still deliver their full byte count.
 #pragma once
-#include <cuda.h>
 #include <stdint.h>
+#ifdef DLLM_EMU
+#include "emu/sm90_emu.h"  // the loads, emulated (no multicast: no clusters)
+#else
+#include <cuda.h>
 
 // The box at (x, y) into this block's shared memory at `dst`.
 __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
@@ -48,3 +51,4 @@ __device__ __forceinline__ uint64_t tma_evict_first() {
 __device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)map) : "memory");
 }
+#endif  // DLLM_EMU

@@ -7,8 +7,7 @@
 //! without a GPU (the device's own rounding, speed and memory model still need one:
 //! `dllm-gpu-check`'s `moe.*` checks).
 //!
-//! Needs a C++20 compiler (`CXX`, else `c++`); CI (`CI` set) fails without one, elsewhere the
-//! tests are skipped with a message.
+//! Needs a C++20 compiler (tests/common/emulation.rs).
 
 use dllm::backend::cpu;
 use dllm::backend::cuda::check::{from_bf16_bits, random_f32, rel_l2, round_bf16, to_bf16_bits};
@@ -23,102 +22,26 @@ use dllm::denoise::predict::{predict_row, PredictRule, Remasking};
 use dllm::model::experts::route;
 use half::bf16;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
-/// The compiled harness, or why there is none.
+mod common;
+use common::emulation::{self, Run};
+
+/// The compiled `cuda/emu/harness.cpp`, or `None` (skipped) without a C++ compiler.
 fn harness() -> Option<&'static Path> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("moe-emu-harness");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let status = Command::new(&cxx)
-            .args([
-                "-std=c++20",
-                "-O1",
-                "-pthread",
-                "-Wall",
-                "-Werror",
-                "-Wno-unknown-pragmas",
-                // Every floating-point operation rounded alone, as the kernels' *_rn intrinsics ask.
-                "-ffp-contract=off",
-                // An out-of-bounds or misaligned access, or undefined arithmetic, aborts the run.
-                "-fsanitize=address,undefined",
-                "-fno-sanitize-recover=all",
-            ])
-            .arg("-I")
-            .arg(root.join("cuda/emu"))
-            .arg(root.join("cuda/emu/harness.cpp"))
-            .arg("-o")
-            .arg(&out)
-            .status();
-        match status {
-            Ok(s) if s.success() => Ok(out),
-            Ok(s) => Err(format!("{cxx} failed to build the harness ({s})")),
-            Err(e) => Err(format!("no C++ compiler `{cxx}`: {e}")),
-        }
-    });
-    match built {
-        Ok(p) => Some(p),
-        Err(why) if why.starts_with("no C++") && std::env::var_os("CI").is_none() => {
-            eprintln!("skipped: {why}");
-            None
-        }
-        Err(why) => panic!("{why}"),
-    }
+    emulation::harness(&BUILT, "harness.cpp")
 }
 
-/// A scratch folder for one harness run.
-struct Run {
-    dir: tempfile::TempDir,
-}
-
-impl Run {
-    fn new(dims: &[usize]) -> Run {
-        let run = Run {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        run.put(
-            "dims.i32",
-            &dims.iter().map(|&d| d as i32).collect::<Vec<_>>(),
-        );
-        run
-    }
-
-    fn put<T: bytemuck::Pod>(&self, name: &str, v: &[T]) {
-        std::fs::write(self.dir.path().join(name), bytemuck::cast_slice(v)).unwrap();
-    }
-
-    fn get<T: bytemuck::Pod>(&self, name: &str) -> Vec<T> {
-        let bytes = std::fs::read(self.dir.path().join(name)).unwrap();
-        let mut out = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
-        bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&bytes);
-        out
-    }
-
-    fn exec(&self, harness: &Path, cmd: &str) {
-        let out = Command::new(harness)
-            .arg(cmd)
-            .arg(self.dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "harness {cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn routing(&self) -> Routing {
-        Routing {
-            experts: self.get("sel_e.i32"),
-            weights: self.get("sel_w.f32"),
-            off: self.get("off.i32"),
-            cnt: self.get("cnt.i32"),
-            pair_pos: self.get("pair_pos.i32"),
-            grouped_rows: self.get("grp_row.i32"),
-        }
+/// The routing buffers a run wrote.
+fn routing(run: &Run) -> Routing {
+    Routing {
+        experts: run.get("sel_e.i32"),
+        weights: run.get("sel_w.f32"),
+        off: run.get("off.i32"),
+        cnt: run.get("cnt.i32"),
+        pair_pos: run.get("pair_pos.i32"),
+        grouped_rows: run.get("grp_row.i32"),
     }
 }
 
@@ -151,7 +74,7 @@ fn routing_picks_the_cpu_experts_and_groups_every_pair() {
         let l = logits(rows as u64 * 7 + e as u64, rows, e);
         run.put("logits.f32", &l);
         run.exec(h, "route");
-        let r = run.routing();
+        let r = routing(&run);
         assert_eq!(
             grouping_fault(&r, shape(e, k), rows),
             None,
@@ -212,7 +135,7 @@ fn grouped_case(
     run.put("a.u16", &to_bf16_bits(&a));
     run.put("w.u16", &to_bf16_bits(&w));
     run.exec(h, "grouped");
-    let r = run.routing();
+    let r = routing(&run);
     assert_eq!(grouping_fault(&r, shape(e, k), rows), None);
     let map = gather.then_some(&r.grouped_rows[..]);
     let want = grouped_reference(&r, &a, map, &w, (n, kd));

@@ -26,6 +26,7 @@
 //            k.u16 v.u16: the batch cache (cache 1: canvases x seq_rows rows) or each canvas's own
 //            (cache 2: seq_rows rows each, addressed through the per-canvas table), back to back
 #include "cuda_emu.h"
+#include "harness_io.h"
 
 #include <math.h>
 
@@ -41,36 +42,7 @@
 
 namespace {
 
-std::string dir;
-
-template <class T>
-std::vector<T> load(const char* name) {
-    std::vector<T> v;
-    FILE* f = std::fopen((dir + "/" + name).c_str(), "rb");
-    if (!f) {
-        std::fprintf(stderr, "harness: cannot open %s\n", name);
-        std::exit(2);
-    }
-    std::fseek(f, 0, SEEK_END);
-    const long bytes = std::ftell(f);
-    std::fseek(f, 0, SEEK_SET);
-    v.resize(bytes / sizeof(T));
-    if (std::fread(v.data(), 1, bytes, f) != (size_t)bytes) std::exit(2);
-    std::fclose(f);
-    return v;
-}
-
-template <class T>
-void save(const char* name, const std::vector<T>& v) {
-    FILE* f = std::fopen((dir + "/" + name).c_str(), "wb");
-    if (!f || std::fwrite(v.data(), sizeof(T), v.size(), f) != v.size()) {
-        std::fprintf(stderr, "harness: cannot write %s\n", name);
-        std::exit(2);
-    }
-    std::fclose(f);
-}
-
-dim3 d3(unsigned x, unsigned y = 1, unsigned z = 1) { return dim3{x, y, z}; }
+using namespace dllm_harness;
 
 // The routing buffers of `rows` rows.
 struct Routing {
@@ -276,10 +248,8 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "usage: harness route|grouped|mixture|heads DIR\n");
         return 2;
     }
-    dir = argv[2];
-    alarm(600);  // a deadlocked collective fails the test instead of hanging CI
     const std::string cmd = argv[1];
-    const auto dims = load<int>("dims.i32");
+    const auto dims = start(argv[2]);
     if (cmd == "route") return cmd_route(dims);
     if (cmd == "grouped") return cmd_grouped(dims);
     if (cmd == "mixture") return cmd_mixture(dims);

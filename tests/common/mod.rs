@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test crate uses part of it
 
 pub mod checkpoint;
+pub mod emulation;
 pub mod logits;
 pub mod naive;
 pub mod odd;

@@ -1,0 +1,130 @@
+// The attention kernels (cuda/attention.cu: attention_naive, attention_mma_d*, attention_mma2_d*,
+// attention_split_d*, attention_keys_d*) on the CPU through cuda_emu.h, for
+// tests/attention_emulation.rs, with the grids, shared memory and workspaces of their Rust
+// launcher (src/backend/cuda/attention.rs). `attention_harness attn DIR`:
+//
+//   attn  dims [batch, sq, skv, n_heads, n_kv_heads, head_dim, variant, tiles_per_split, kv_len,
+//         canvases, q_stride, o_stride, kv_stride, kv_batch_stride]; variant 0 naive, 1 mma (3
+//         slots), 2 mma2 (2 slots), 3 split (tiles_per_split key tiles per block), 4 keys; kv_len 1:
+//         kv_len.i32 holds each batch element's key count; canvases 1: K and V are read through the
+//         per-canvas table (each canvas's rows copied into an allocation of its own).
+//         q.u16 (batch * sq rows of q_stride), k.u16 v.u16 (rows of kv_stride, kv_batch_stride
+//         per batch element), out.u16 (batch * sq rows of o_stride: the columns the kernel must
+//         keep) -> out.u16
+#include "cuda_emu.h"
+#include "harness_io.h"
+
+#include "../attention.cu"
+
+namespace {
+
+using namespace dllm_harness;
+
+constexpr int kKeys = 64;  // key tile (MMA_KEYS in attention.rs)
+
+int cmd_attn(const std::vector<int>& d) {
+    const int batch = d[0], sq = d[1], skv = d[2], nh = d[3], nkv = d[4], hd = d[5], variant = d[6];
+    const int tps = d[7], has_len = d[8], canvases = d[9];
+    const long long qs = d[10], os = d[11], kvs = d[12], kvb = d[13];
+    const auto q = load<uint16_t>("q.u16");
+    const auto k = load<uint16_t>("k.u16");
+    const auto v = load<uint16_t>("v.u16");
+    auto out = load<uint16_t>("out.u16");
+    const std::vector<int> kv_len = has_len ? load<int>("kv_len.i32") : std::vector<int>();
+    // The per-canvas table: canvas b's K rows, then its V rows, each in its own buffer.
+    std::vector<std::vector<uint16_t>> own;
+    std::vector<const bf16*> table;
+    if (canvases) {
+        for (int which = 0; which < 2; ++which)
+            for (int b = 0; b < batch; ++b) {
+                const auto& src = which ? v : k;
+                own.emplace_back(src.begin() + (size_t)b * kvb * kvs, src.begin() + ((size_t)b * kvb + skv) * kvs);
+            }
+        for (auto& o : own) table.push_back(reinterpret_cast<const bf16*>(o.data()));
+    }
+    const bf16 *qp = reinterpret_cast<const bf16*>(q.data()), *kp = reinterpret_cast<const bf16*>(k.data()),
+               *vp = reinterpret_cast<const bf16*>(v.data());
+    bf16* op = reinterpret_cast<bf16*>(out.data());
+    const int* lp = has_len ? kv_len.data() : nullptr;
+    const bf16* const* tp = canvases ? table.data() : nullptr;
+    const float scale = 1.0f / std::sqrt((float)hd), scale_log2 = scale * 1.4426950408889634f;
+    const unsigned heads = (unsigned)nh, batches = (unsigned)batch;
+    const unsigned q_tiles = (unsigned)((sq + 63) / 64);
+    switch (variant) {
+        case 0:
+            dllm_emu_launch(
+                d3(sq, heads, batches), d3(128),
+                [&] { attention_naive(qp, kp, vp, op, lp, sq, skv, nh, nkv, hd, qs, os, kvs, kvb, scale, tp); },
+                (size_t)(hd + skv) * 4);
+            break;
+        case 1:
+        case 2: {
+            const int stages = variant == 1 ? DLLM_ATTN_STAGES : 2;
+            dllm_emu_launch(
+                d3(q_tiles, heads, batches), d3(128),
+                [&] {
+                    if (variant == 1 && hd == 64)
+                        attention_mma_d64(qp, kp, vp, op, lp, sq, skv, nh, nkv, qs, os, kvs, kvb, scale_log2, tp);
+                    else if (variant == 1)
+                        attention_mma_d128(qp, kp, vp, op, lp, sq, skv, nh, nkv, qs, os, kvs, kvb, scale_log2, tp);
+                    else if (hd == 64)
+                        attention_mma2_d64(qp, kp, vp, op, lp, sq, skv, nh, nkv, qs, os, kvs, kvb, scale_log2, tp);
+                    else
+                        attention_mma2_d128(qp, kp, vp, op, lp, sq, skv, nh, nkv, qs, os, kvs, kvb, scale_log2, tp);
+                },
+                (size_t)(64 + 2 * stages * 64) * hd * 2);
+            break;
+        }
+        case 3: {
+            // SplitPlan::with_tiles_per_split: splits over the key tiles of skv, at least one.
+            const int key_tiles = std::max((skv + kKeys - 1) / kKeys, 1);
+            const int splits = (key_tiles + tps - 1) / tps;
+            const size_t units = (size_t)q_tiles * nh * batch;
+            std::vector<float> ws(units * splits * 128 * (hd / 8 * 4 + 4), NAN);
+            std::vector<unsigned> counters(units, 0u);
+            dllm_emu_launch(
+                d3(q_tiles * splits, heads, batches), d3(128),
+                [&] {
+                    if (hd == 64)
+                        attention_split_d64(qp, kp, vp, op, lp, sq, skv, nh, nkv, qs, os, kvs, kvb, scale_log2, tp,
+                                            ws.data(), counters.data(), tps);
+                    else
+                        attention_split_d128(qp, kp, vp, op, lp, sq, skv, nh, nkv, qs, os, kvs, kvb, scale_log2, tp,
+                                             ws.data(), counters.data(), tps);
+                },
+                (size_t)(64 + 2 * DLLM_ATTN_STAGES * 64) * hd * 2);
+            for (unsigned c : counters)
+                if (c != 0u) {
+                    std::fprintf(stderr, "attention_harness: a split counter was left at %u\n", c);
+                    return 1;
+                }
+            break;
+        }
+        default:
+            dllm_emu_launch(
+                d3((sq + ATTN_KEYS_ROWS - 1) / ATTN_KEYS_ROWS, heads, batches), d3(2 * ATTN_KEY_GROUPS * 32),
+                [&] {
+                    if (hd == 64)
+                        attention_keys_d64(qp, kp, vp, op, lp, sq, skv, nh, nkv, qs, os, kvs, kvb, scale_log2, tp);
+                    else
+                        attention_keys_d128(qp, kp, vp, op, lp, sq, skv, nh, nkv, qs, os, kvs, kvb, scale_log2, tp);
+                },
+                hd == 64 ? AttnKeysCfg<64>::SMEM_BYTES : AttnKeysCfg<128>::SMEM_BYTES);
+    }
+    save("out.u16", out);
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: attention_harness attn DIR\n");
+        return 2;
+    }
+    const std::string cmd = argv[1];
+    const auto dims = start(argv[2]);
+    if (cmd == "attn") return cmd_attn(dims);
+    std::fprintf(stderr, "attention_harness: unknown command %s\n", cmd.c_str());
+    return 2;
+}

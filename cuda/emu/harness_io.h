@@ -1,0 +1,59 @@
+// The emulation harnesses' file exchange with tests/kernel_emulation.rs: a run's folder holds
+// dims.i32 and the command's inputs as raw little-endian arrays; outputs are written beside them.
+#pragma once
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cuda_emu.h"
+
+namespace dllm_harness {
+
+inline std::string dir;
+
+template <class T>
+std::vector<T> load(const char* name) {
+    std::vector<T> v;
+    FILE* f = std::fopen((dir + "/" + name).c_str(), "rb");
+    if (!f) {
+        std::fprintf(stderr, "harness: cannot open %s\n", name);
+        std::exit(2);
+    }
+    std::fseek(f, 0, SEEK_END);
+    const long bytes = std::ftell(f);
+    std::fseek(f, 0, SEEK_SET);
+    v.resize(bytes / sizeof(T));
+    if (std::fread(v.data(), 1, bytes, f) != (size_t)bytes) std::exit(2);
+    std::fclose(f);
+    return v;
+}
+
+template <class T>
+void save(const char* name, const T* data, size_t n) {
+    FILE* f = std::fopen((dir + "/" + name).c_str(), "wb");
+    if (!f || std::fwrite(data, sizeof(T), n, f) != n) {
+        std::fprintf(stderr, "harness: cannot write %s\n", name);
+        std::exit(2);
+    }
+    std::fclose(f);
+}
+
+template <class T>
+void save(const char* name, const std::vector<T>& v) {
+    save(name, v.data(), v.size());
+}
+
+inline dim3 d3(unsigned x, unsigned y = 1, unsigned z = 1) { return dim3{x, y, z}; }
+
+// Enters the run's folder and reads its dims; a deadlocked collective then fails the test after
+// ten minutes instead of hanging CI.
+inline std::vector<int> start(const char* folder) {
+    dir = folder;
+    alarm(600);
+    return load<int>("dims.i32");
+}
+
+}  // namespace dllm_harness

@@ -1,0 +1,105 @@
+//! Building and running the CUDA kernels' CPU emulation harnesses (`cuda/emu/*.cpp`, compiled as
+//! host C++ against `cuda/emu/cuda_emu.h`): the compiler call, and a scratch folder per run through
+//! which the test and the harness exchange raw little-endian arrays.
+//!
+//! Needs a C++20 compiler (`CXX`, else `c++`); CI (`CI` set) fails without one, elsewhere the
+//! tests are skipped with a message.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// `cuda/emu/{source}` compiled (once per test binary, into `built`) with the sanitizers on, or
+/// `None` when there is no C++ compiler outside CI.
+pub fn harness(
+    built: &'static OnceLock<Result<PathBuf, String>>,
+    source: &str,
+) -> Option<&'static Path> {
+    let built = built.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let stem = source.trim_end_matches(".cpp");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("emu-{stem}"));
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let status = Command::new(&cxx)
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-pthread",
+                "-Wall",
+                "-Werror",
+                "-Wno-unknown-pragmas",
+                // GCC's note on passing the 64-byte-aligned CUtensorMap by value.
+                "-Wno-psabi",
+                // Every floating-point operation rounded alone, as the kernels' *_rn intrinsics ask.
+                "-ffp-contract=off",
+                // An out-of-bounds or misaligned access, or undefined arithmetic, aborts the run.
+                "-fsanitize=address,undefined",
+                "-fno-sanitize-recover=all",
+            ])
+            .arg("-I")
+            .arg(root.join("cuda/emu"))
+            .arg(root.join("cuda/emu").join(source))
+            .arg("-o")
+            .arg(&out)
+            .status();
+        match status {
+            Ok(s) if s.success() => Ok(out),
+            Ok(s) => Err(format!("{cxx} failed to build {source} ({s})")),
+            Err(e) => Err(format!("no C++ compiler `{cxx}`: {e}")),
+        }
+    });
+    match built {
+        Ok(p) => Some(p),
+        Err(why) if why.starts_with("no C++") && std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: {why}");
+            None
+        }
+        Err(why) => panic!("{why}"),
+    }
+}
+
+/// A scratch folder for one harness run.
+pub struct Run {
+    dir: tempfile::TempDir,
+}
+
+impl Run {
+    /// A folder holding `dims.i32`.
+    pub fn new(dims: &[usize]) -> Run {
+        let run = Run {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        run.put(
+            "dims.i32",
+            &dims.iter().map(|&d| d as i32).collect::<Vec<_>>(),
+        );
+        run
+    }
+
+    /// Writes an input array.
+    pub fn put<T: bytemuck::Pod>(&self, name: &str, v: &[T]) {
+        std::fs::write(self.dir.path().join(name), bytemuck::cast_slice(v)).unwrap();
+    }
+
+    /// Reads an output array.
+    pub fn get<T: bytemuck::Pod>(&self, name: &str) -> Vec<T> {
+        let bytes = std::fs::read(self.dir.path().join(name)).unwrap();
+        let mut out = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
+        bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&bytes);
+        out
+    }
+
+    /// Runs `harness cmd DIR`, failing the test with the harness's stderr if it fails.
+    pub fn exec(&self, harness: &Path, cmd: &str) {
+        let out = Command::new(harness)
+            .arg(cmd)
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "harness {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
