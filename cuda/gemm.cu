@@ -92,17 +92,21 @@ DLLM_SKINNY2_KERNEL(4)
 __device__ __forceinline__ uint32_t gemm_swz(int r, int c) { return (uint32_t)(r * 64 + ((c ^ ((r >> 1) & 3)) << 4)); }
 
 __device__ __forceinline__ void gemm_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#ifdef DLLM_EMU
+    dllm_emu_ldmatrix_x4(r, addr, false);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr)
                  : "memory");
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     gemm_wide(const uint16_t* __restrict__ A, const uint16_t* __restrict__ W, void* C, float* __restrict__ ws,
               unsigned int* __restrict__ counters, int M, int N, int K, int epi, int ktiles_per_split) {
     dllm_pdl_entry();
-    extern __shared__ __align__(128) unsigned char gemm_smem[];
+    DLLM_DYNAMIC_SHARED_ALIGNED(unsigned char, gemm_smem, 128);
     const uint32_t smem = (uint32_t)__cvta_generic_to_shared(gemm_smem);
     const int tid = threadIdx.x;
     const int lane = tid & 31;

@@ -1,9 +1,16 @@
-// The Hopper weight-streaming GEMMs (cuda/gemm_stream.cu: gemm_stream_mg<G>, and the persistent
-// multi-job kernels gemm_stream_mlp_mg<G>, gemm_stream_tail_mg<G>, gemm_stream_chain_mg<G> of
-// DLLM_FUSED_MLP, DLLM_NORM_FOLD and DLLM_LAYER_CHAIN) on the CPU through cuda_emu.h and
-// sm90_emu.h, for tests/kernel_emulation.rs. Every block of a launch runs at once, each in its own
-// process (dllm_emu_launch_concurrent: the producer warp's TMA ring, the stream-K reductions across
-// blocks and the grid barriers between jobs as on the device). `stream_harness COMMAND DIR`:
+// The GEMM kernels on the CPU through cuda_emu.h and sm90_emu.h, for tests/gemm_emulation.rs: the
+// plain ones of cuda/gemm.cu (gemm_naive, gemm_skinny_mg<G>, gemm_skinny2_mg<G>, gemm_wide: blocks
+// one after another) and the Hopper weight-streaming ones of cuda/gemm_stream.cu (gemm_stream_mg<G>,
+// and the persistent multi-job kernels gemm_stream_mlp_mg<G>, gemm_stream_tail_mg<G>,
+// gemm_stream_chain_mg<G> of DLLM_FUSED_MLP, DLLM_NORM_FOLD and DLLM_LAYER_CHAIN: every block of a
+// launch at once, each in its own process, so the producer warp's TMA ring, the stream-K reductions
+// across blocks and the grid barriers between jobs run as on the device).
+// `gemm_harness COMMAND DIR`:
+//
+//   gemm    dims [M, N, K, epi, kernel, per_split, grid x, y, z, workspace floats, counters];
+//           kernel 0 naive, 1 skinny (per_split: chunks of 32 K), 2 skinny2, 3 wide (per_split:
+//           tiles of 32 K); the grid and workspace are the Rust plan's (SkinnyPlan, WidePlan);
+//           a.u16 [M, K], w.u16 [N, K], c.f32 (epi 2: the old values) -> c.u16 or c.f32
 //
 //   stream  dims [M, N, K, epi, blocks, scale, prep, rope: q_heads, kv_heads, head_dim, period,
 //           offset, seq_rows, bias]; a.u16 [M, K], w.u16 [N, K], c.f32 (epi 2: the old values),
@@ -24,6 +31,7 @@
 #include "harness_io.h"
 
 #include "../elementwise.cu"
+#include "../gemm.cu"
 #include "../gemm_stream.cu"
 
 namespace {
@@ -59,7 +67,7 @@ Scratch scratch(const Job& j, int blocks, int G) {
 void check_counters(const Scratch& s, const char* what) {
     for (int i = 0; i < s.n_counters; ++i)
         if (s.counters[i] != 0u) {
-            std::fprintf(stderr, "stream_harness: %s left counter %d at %u\n", what, i, s.counters[i]);
+            std::fprintf(stderr, "gemm_harness: %s left counter %d at %u\n", what, i, s.counters[i]);
             std::exit(1);
         }
 }
@@ -148,9 +156,66 @@ void fused(const std::vector<Job>& jobs, int blocks) {
     for (size_t i = 0; i < n; ++i) check_counters(s[i], "the fused launch");
     for (int i = 0; i < 6; ++i)
         if (grid_bar[i] != 0u) {
-            std::fprintf(stderr, "stream_harness: the fused launch left grid_bar[%d] at %u\n", i, grid_bar[i]);
+            std::fprintf(stderr, "gemm_harness: the fused launch left grid_bar[%d] at %u\n", i, grid_bar[i]);
             std::exit(1);
         }
+}
+
+// One launch of a cuda/gemm.cu kernel on the plan's grid.
+int cmd_gemm(const std::vector<int>& d) {
+    const int M = d[0], N = d[1], K = d[2], epi = d[3], kernel = d[4], per_split = d[5];
+    const dim3 grid = d3(d[6], d[7], d[8]);
+    const auto a = load<uint16_t>("a.u16");
+    const auto w = load<uint16_t>("w.u16");
+    std::vector<float> ws(std::max(d[9], 1), NAN);
+    std::vector<unsigned> counters(std::max(d[10], 1), 0u);
+    const bool f32 = epi == DLLM_EPI_STORE_F32 || epi == DLLM_EPI_ADD_F32;
+    std::vector<float> cf = epi == DLLM_EPI_ADD_F32 ? load<float>("c.f32") : std::vector<float>((size_t)M * N, NAN);
+    std::vector<uint16_t> cb(epi == DLLM_EPI_SWIGLU_BF16 ? (size_t)M * N / 2 : (size_t)M * N, 0x7fbf);
+    void* c = f32 ? (void*)cf.data() : (void*)cb.data();
+    const uint16_t *A = a.data(), *W = w.data();
+    float* wsp = ws.data();
+    unsigned* cp = counters.data();
+    const int G = (M + 7) / 8;
+    auto skinny = [&] {
+        switch (G) {
+            case 1: return gemm_skinny_mg1(A, W, c, wsp, cp, M, N, K, epi, per_split);
+            case 2: return gemm_skinny_mg2(A, W, c, wsp, cp, M, N, K, epi, per_split);
+            case 3: return gemm_skinny_mg3(A, W, c, wsp, cp, M, N, K, epi, per_split);
+            case 4: return gemm_skinny_mg4(A, W, c, wsp, cp, M, N, K, epi, per_split);
+            case 5: return gemm_skinny_mg5(A, W, c, wsp, cp, M, N, K, epi, per_split);
+            case 6: return gemm_skinny_mg6(A, W, c, wsp, cp, M, N, K, epi, per_split);
+            case 7: return gemm_skinny_mg7(A, W, c, wsp, cp, M, N, K, epi, per_split);
+            default: return gemm_skinny_mg8(A, W, c, wsp, cp, M, N, K, epi, per_split);
+        }
+    };
+    auto skinny2 = [&] {
+        switch (G) {
+            case 1: return gemm_skinny2_mg1(A, W, c, wsp, cp, M, N, K, epi, per_split);
+            case 2: return gemm_skinny2_mg2(A, W, c, wsp, cp, M, N, K, epi, per_split);
+            case 3: return gemm_skinny2_mg3(A, W, c, wsp, cp, M, N, K, epi, per_split);
+            default: return gemm_skinny2_mg4(A, W, c, wsp, cp, M, N, K, epi, per_split);
+        }
+    };
+    switch (kernel) {
+        case 0: dllm_emu_launch(grid, d3(256), [&] { gemm_naive(A, W, c, M, N, K, epi); }); break;
+        case 1: dllm_emu_launch(grid, d3(SKINNY_THREADS), skinny); break;
+        case 2: dllm_emu_launch(grid, d3(SKINNY_THREADS), skinny2); break;
+        default:
+            dllm_emu_launch(
+                grid, d3(WIDE_THREADS), [&] { gemm_wide(A, W, c, wsp, cp, M, N, K, epi, per_split); },
+                WIDE_SMEM_BYTES);
+    }
+    for (unsigned v : counters)
+        if (v != 0u) {
+            std::fprintf(stderr, "gemm_harness: a split-K counter was left at %u\n", v);
+            return 1;
+        }
+    if (f32)
+        save("c.f32", cf);
+    else
+        save("c.u16", cb);
+    return 0;
 }
 
 // The RoPE layout of a QKV product (dims[first..first + 6)) and its (cos, sin) table, computed by
@@ -370,13 +435,14 @@ int cmd_layer(const std::vector<int>& dims) {
 
 int main(int argc, char** argv) {
     if (argc != 3) {
-        std::fprintf(stderr, "usage: stream_harness stream|layer DIR\n");
+        std::fprintf(stderr, "usage: gemm_harness gemm|stream|layer DIR\n");
         return 2;
     }
     const std::string cmd = argv[1];
     const auto dims = start(argv[2]);
+    if (cmd == "gemm") return cmd_gemm(dims);
     if (cmd == "stream") return cmd_stream(dims);
     if (cmd == "layer") return cmd_layer(dims);
-    std::fprintf(stderr, "stream_harness: unknown command %s\n", cmd.c_str());
+    std::fprintf(stderr, "gemm_harness: unknown command %s\n", cmd.c_str());
     return 2;
 }

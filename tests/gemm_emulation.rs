@@ -1,10 +1,12 @@
-//! The Hopper weight-streaming GEMMs on the CPU: `cuda/emu/stream_harness.cpp` runs
-//! `gemm_stream_mg<G>` and the persistent multi-job kernels of the opt-ins `DLLM_FUSED_MLP`
-//! (`gemm_stream_mlp_mg`), `DLLM_NORM_FOLD` (`gemm_stream_tail_mg`) and `DLLM_LAYER_CHAIN`
-//! (`gemm_stream_chain_mg`) through the emulation in `cuda/emu/` (TMA boxes with the 128-byte
-//! swizzle, mbarriers, a producer warp and four consumer warps, every block of the grid at once in
-//! its own process, the stream-K reductions across blocks and the grid barriers between jobs),
-//! on the grids their Rust launchers plan ([`StreamPlan`], [`MlpPlan`]).
+//! The GEMM kernels on the CPU: `cuda/emu/gemm_harness.cpp` runs the plain kernels of
+//! `cuda/gemm.cu` (`gemm_naive`, the skinny kernels, `gemm_wide` with its cp.async ring, ldmatrix
+//! and split-K) on their plans' grids ([`SkinnyPlan`], [`WidePlan`]), and the Hopper weight-streaming
+//! kernels of `cuda/gemm_stream.cu`: `gemm_stream_mg<G>` and the persistent multi-job kernels of the
+//! opt-ins `DLLM_FUSED_MLP` (`gemm_stream_mlp_mg`), `DLLM_NORM_FOLD` (`gemm_stream_tail_mg`) and
+//! `DLLM_LAYER_CHAIN` (`gemm_stream_chain_mg`), through the emulation in `cuda/emu/` (TMA boxes with
+//! the 128-byte swizzle, mbarriers, a producer warp and four consumer warps, every block of the grid
+//! at once in its own process, the stream-K reductions across blocks and the grid barriers between
+//! jobs), on the grids their Rust launchers plan ([`StreamPlan`], [`MlpPlan`]).
 //!
 //! Each epilogue (bf16, fp32, residual add, SwiGLU, the RMSNorm fold's prep and row scale, RoPE
 //! with the K/V cache write) is checked against f64 host products, the RoPE epilogue against the
@@ -15,6 +17,7 @@
 
 use dllm::backend::cpu::rope_inv_freq;
 use dllm::backend::cuda::check::{from_bf16_bits, random_f32, rel_l2, round_bf16, to_bf16_bits};
+use dllm::backend::cuda::gemm::{SkinnyPlan, WidePlan};
 use dllm::backend::cuda::gemm_mlp::{MlpJobs, MlpPlan};
 use dllm::backend::cuda::gemm_stream::StreamPlan;
 use dllm::backend::cuda::swiglu_layout;
@@ -30,10 +33,10 @@ const EPS: f64 = 1e-5;
 /// What the harness fills outputs with before a launch.
 const POISON: u16 = 0x7fbf;
 
-/// The compiled `cuda/emu/stream_harness.cpp`, or `None` (skipped) without a C++ compiler.
+/// The compiled `cuda/emu/gemm_harness.cpp`, or `None` (skipped) without a C++ compiler.
 fn harness() -> Option<&'static Path> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    emulation::harness(&BUILT, "stream_harness.cpp")
+    emulation::harness(&BUILT, "gemm_harness.cpp")
 }
 
 /// `n` bf16 values in [-s, s], as f32.
@@ -99,6 +102,93 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     assert!(err <= tol, "{what}: rel L2 {err:.3e} > {tol:.0e}");
 }
 
+/// A plain kernel of `cuda/gemm.cu` and its grid, workspace and counters.
+#[derive(Debug, Clone, Copy)]
+enum Plain {
+    Naive,
+    Skinny(SkinnyPlan),
+    Wide(WidePlan),
+}
+
+/// Checks the result `run` holds for `m × n` with epilogue `epi` (0 bf16, 1 fp32, 2 add onto
+/// `old`, 3 SwiGLU) against the f64 product `want`.
+fn check_epilogue(
+    run: &Run,
+    what: &str,
+    (m, n): (usize, usize),
+    epi: usize,
+    want: &[f64],
+    old: &[f32],
+) {
+    match epi {
+        0 => close(what, &from_bf16_bits(&run.get("c.u16")), &f32s(want), 1e-2),
+        1 => close(what, &run.get::<f32>("c.f32"), &f32s(want), 1e-5),
+        2 => {
+            let got: Vec<f32> = run.get("c.f32");
+            let delta: Vec<f32> = got.iter().zip(old).map(|(g, o)| g - o).collect();
+            close(what, &delta, &f32s(want), 1e-5);
+        }
+        _ => {
+            let want = swiglu_layout::swiglu_of_fused(want, m, n / 2);
+            close(what, &from_bf16_bits(&run.get("c.u16")), &f32s(&want), 1e-2);
+        }
+    }
+}
+
+fn plain_case(h: &Path, (m, n, k): (usize, usize, usize), kernel: Plain, epi: usize) {
+    let (code, per_split, grid, ws, counters) = match kernel {
+        Plain::Naive => (0, 0, [n.div_ceil(256), m.min(65_535), 1], 0, 0),
+        Plain::Skinny(p) => (
+            p.version,
+            p.chunks_per_split,
+            [p.tiles, p.splits, 1],
+            p.workspace_floats(),
+            p.tiles,
+        ),
+        Plain::Wide(p) => (
+            3,
+            p.ktiles_per_split,
+            [p.m_tiles, p.n_tiles, p.splits],
+            p.workspace_floats(),
+            p.tiles(),
+        ),
+    };
+    let run = Run::new(&[
+        m, n, k, epi, code, per_split, grid[0], grid[1], grid[2], ws, counters,
+    ]);
+    let what = format!("{kernel:?} {m}x{n}x{k}, epi {epi}");
+    let seed = (m * 17 + n * 3 + k + epi) as u64;
+    let a = bf16_values(seed, m * k, 1.0);
+    let w = bf16_values(seed + 1, n * k, 0.5);
+    let old = random_f32(seed + 2, m * n, -2.0, 2.0);
+    run.put("a.u16", &to_bf16_bits(&a));
+    run.put("w.u16", &to_bf16_bits(&w));
+    run.put("c.f32", &old);
+    run.exec(h, "gemm");
+    check_epilogue(&run, &what, (m, n), epi, &product(&a, &w, m, n, k), &old);
+}
+
+#[test]
+fn the_plain_gemm_kernels_match_f64_products() {
+    let Some(h) = harness() else { return };
+    for epi in 0..3 {
+        plain_case(h, (5, 40, 24), Plain::Naive, epi);
+    }
+    // Skinny: 5 row groups, two weight tiles (the second partial), K in 4 splits of 2 chunks
+    // (the last partial); version 2 (128 rows a block) in 3 splits.
+    for epi in 0..4 {
+        let p = SkinnyPlan::with_version_chunks(1, 37, 96, 200, 2);
+        plain_case(h, (37, 96, 200), Plain::Skinny(p), epi);
+    }
+    let p = SkinnyPlan::with_version_chunks(2, 20, 208, 96, 1);
+    plain_case(h, (20, 208, 96), Plain::Skinny(p), 1);
+    // Wide: 2 x 2 output tiles (both partial), 4 K tiles (the last partial) whole and in 2 splits.
+    for (epi, ktiles) in [(1, 8), (1, 2), (0, 2), (2, 3), (3, 2)] {
+        let p = WidePlan::with_ktiles_per_split(150, 144, 104, ktiles);
+        plain_case(h, (150, 144, 104), Plain::Wide(p), epi);
+    }
+}
+
 /// One `gemm_stream_mg` case: `m × n × k` on the launcher's plan for `blocks` blocks, epilogue
 /// `epi` (0 bf16, 1 fp32, 2 add, 3 SwiGLU), rows scaled by the norm fold (`scale`), the add's
 /// prep written (`prep`).
@@ -148,38 +238,17 @@ fn stream_case(
         run.put("gamma.f32", &gamma);
     }
     run.exec(h, "stream");
-    match epi {
-        0 => close(
-            &what,
-            &from_bf16_bits(&run.get("c.u16")),
-            &f32s(&want),
-            1e-2,
-        ),
-        1 => close(&what, &run.get::<f32>("c.f32"), &f32s(&want), 1e-5),
-        2 => {
-            let got: Vec<f32> = run.get("c.f32");
-            let delta: Vec<f32> = got.iter().zip(&old).map(|(g, o)| g - o).collect();
-            close(&what, &delta, &f32s(&want), 1e-5);
-            if prep {
-                let (xg, sq) = prep_reference(&got, &gamma, n);
-                assert_eq!(run.get::<u16>("xg.u16"), xg, "{what}: xg");
-                close(
-                    &format!("{what}: sq_out"),
-                    &run.get::<f32>("sq_out.f32"),
-                    &f32s(&sq),
-                    1e-5,
-                );
-            }
-        }
-        _ => {
-            let want = swiglu_layout::swiglu_of_fused(&want, m, n / 2);
-            close(
-                &what,
-                &from_bf16_bits(&run.get("c.u16")),
-                &f32s(&want),
-                1e-2,
-            );
-        }
+    check_epilogue(&run, &what, (m, n), epi, &want, &old);
+    if prep {
+        let got: Vec<f32> = run.get("c.f32");
+        let (xg, sq) = prep_reference(&got, &gamma, n);
+        assert_eq!(run.get::<u16>("xg.u16"), xg, "{what}: xg");
+        close(
+            &format!("{what}: sq_out"),
+            &run.get::<f32>("sq_out.f32"),
+            &f32s(&sq),
+            1e-5,
+        );
     }
 }
 
