@@ -55,7 +55,7 @@ static_assert(WgCfg<3>::B_PER_THREAD * WgCfg<3>::THREADS == WG_BN * 8, "wg3 B sp
 static_assert(WgStage<WgCfg<2>::THREADS>::BYTES <= WgCfg<2>::STAGES * WgCfg<2>::STAGE_BYTES, "wg2 staging area");
 static_assert(WgStage<WgCfg<3>::THREADS>::BYTES <= WgCfg<3>::STAGES * WgCfg<3>::STAGE_BYTES, "wg3 staging area");
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(DLLM_EMU)
 
 // CS = 1: split-K through the workspace (or no split); CS = 2, 3: the CS splits of a tile are one
 // cluster and reduce through distributed shared memory (gemm_wgmma_wg*_cs*, grid z == CS).
@@ -65,7 +65,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const uint16_t* __restrict__ A, 
                                                 int M, int N, int K, int epi, int ktiles_per_split,
                                                 const DllmEpiParams* ep) {
     using Cfg = WgCfg<WG>;
-    extern __shared__ unsigned char wg_smem_raw[];
+    DLLM_DYNAMIC_SHARED(unsigned char, wg_smem_raw);
     const uint32_t smem = ((uint32_t)__cvta_generic_to_shared(wg_smem_raw) + 1023u) & ~1023u;
     const int tid = threadIdx.x;
     const int wg = tid >> 7;

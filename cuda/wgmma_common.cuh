@@ -13,7 +13,9 @@ struct WgStage {
     static constexpr int BYTES = THREADS * 384;
 };
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Under DLLM_EMU (the CPU emulation, cuda/emu/wgmma_emu.h) the helpers with inline PTX are emulated;
+// the cluster split is not (no clusters there).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(DLLM_EMU)
 
 // Shared-memory matrix descriptor: start address, LBO 16 B (unused with swizzled K-major),
 // SBO 1024 B (8 rows x 128 B), base offset 0 (1024-aligned tiles), 128-byte swizzle.
@@ -25,6 +27,9 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t addr) {
     return d;
 }
 
+#ifdef DLLM_EMU
+#include "emu/wgmma_emu.h"
+#else
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -96,6 +101,7 @@ __device__ __forceinline__ float2 wg_lds64(uint32_t addr) {
     asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
     return v;
 }
+#endif  // DLLM_EMU
 
 // The epilogue reads global memory written by other blocks (split-K partials) or kernels (the
 // residual of the add epilogue). Loaded into registers one value at a time, every load is one L2
@@ -250,6 +256,7 @@ __device__ __forceinline__ void wg_store_tile(float (&acc)[96], void* C, int row
     for (int j0 = 0; j0 < 24; j0 += 2) gemm_store_pairs<2>(acc, C, row, n0 + 2 * t, j0, M, N, epi);
 }
 
+#ifndef DLLM_EMU
 // Split-K across a cluster (gemm_wgmma_wg*_cs*): the CS blocks of one output tile, one per split,
 // form a cluster along z (cluster rank = split = blockIdx.z) and sum their partials through
 // distributed shared memory instead of the workspace. Each block parks its partial in its own
@@ -335,4 +342,12 @@ __device__ __forceinline__ void wg_cluster_reduce_store(const float (&acc)[96], 
     }
 }
 
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+#else   // DLLM_EMU
+template <int WG, int CS>
+inline void wg_cluster_reduce_store(const float (&)[96], void*, int, int, int, int, int, int, uint32_t,
+                                    const DllmEpiParams*, float2) {
+    dllm_emu::fail("the cluster split (distributed shared memory) is not emulated");
+}
+#endif  // DLLM_EMU
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL || DLLM_EMU

@@ -17,7 +17,7 @@
 
 use dllm::backend::cpu::rope_inv_freq;
 use dllm::backend::cuda::check::{from_bf16_bits, random_f32, rel_l2, round_bf16, to_bf16_bits};
-use dllm::backend::cuda::gemm::{SkinnyPlan, WidePlan};
+use dllm::backend::cuda::gemm::{SkinnyPlan, WgmmaPlan, WidePlan};
 use dllm::backend::cuda::gemm_mlp::{MlpJobs, MlpPlan};
 use dllm::backend::cuda::gemm_stream::StreamPlan;
 use dllm::backend::cuda::swiglu_layout;
@@ -189,35 +189,70 @@ fn the_plain_gemm_kernels_match_f64_products() {
     }
 }
 
-/// One `gemm_stream_mg` case: `m × n × k` on the launcher's plan for `blocks` blocks, epilogue
-/// `epi` (0 bf16, 1 fp32, 2 add, 3 SwiGLU), rows scaled by the norm fold (`scale`), the add's
-/// prep written (`prep`).
-fn stream_case(
+/// A kernel with the epilogue parameters: `gemm_stream_mg` on its plan for `blocks` blocks, or
+/// `gemm_wgmma_wg{wg}` on its plan with `ktiles_per_split` 64-wide K tiles per split.
+#[derive(Debug, Clone, Copy)]
+enum Tiled {
+    Stream { blocks: usize },
+    Wgmma { wg: usize, ktiles_per_split: usize },
+}
+
+impl Tiled {
+    /// The harness's `tiled` dims for `m × n × k` with epilogue `epi`, the fold's `scale` and
+    /// `prep`, the RoPE layout `rope` and a bias.
+    fn dims(
+        self,
+        (m, n, k): (usize, usize, usize),
+        epi: usize,
+        (scale, prep): (bool, bool),
+        rope: [usize; 6],
+        bias: bool,
+    ) -> Vec<usize> {
+        let (blocks, kernel) = match self {
+            Tiled::Stream { blocks } => {
+                let plan = StreamPlan::with_blocks(m, n, k, blocks).unwrap();
+                (plan.blocks, [0; 8])
+            }
+            Tiled::Wgmma {
+                wg,
+                ktiles_per_split,
+            } => {
+                let p = WgmmaPlan::with_ktiles_per_split(wg, m, n, k, ktiles_per_split);
+                (
+                    0,
+                    [
+                        1,
+                        p.wg,
+                        p.ktiles_per_split,
+                        p.m_tiles,
+                        p.n_tiles,
+                        p.splits,
+                        p.workspace_floats(),
+                        p.tiles(),
+                    ],
+                )
+            }
+        };
+        let mut d = vec![m, n, k, epi, blocks, scale as usize, prep as usize];
+        d.extend(rope);
+        d.push(bias as usize);
+        d.extend(kernel);
+        d
+    }
+}
+
+/// One case of a tiled kernel: `m × n × k`, epilogue `epi` (0 bf16, 1 fp32, 2 add, 3 SwiGLU),
+/// rows scaled by the norm fold (`scale`), the add's prep written (`prep`).
+fn tiled_case(
     h: &Path,
+    kernel: Tiled,
     (m, n, k): (usize, usize, usize),
-    blocks: usize,
     epi: usize,
     scale: bool,
     prep: bool,
 ) {
-    let plan = StreamPlan::with_blocks(m, n, k, blocks).unwrap();
-    let run = Run::new(&[
-        m,
-        n,
-        k,
-        epi,
-        plan.blocks,
-        scale as usize,
-        prep as usize,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ]);
-    let what = format!("stream {m}x{n}x{k} on {plan:?}, epi {epi}, scale {scale}, prep {prep}");
+    let run = Run::new(&kernel.dims((m, n, k), epi, (scale, prep), [0; 6], false));
+    let what = format!("{kernel:?} {m}x{n}x{k}, epi {epi}, scale {scale}, prep {prep}");
     let seed = (m * 131 + n * 7 + k + epi) as u64;
     let a = bf16_values(seed, m * k, 1.0);
     let w = bf16_values(seed + 1, n * k, 0.5);
@@ -237,7 +272,7 @@ fn stream_case(
     if prep {
         run.put("gamma.f32", &gamma);
     }
-    run.exec(h, "stream");
+    run.exec(h, "tiled");
     check_epilogue(&run, &what, (m, n), epi, &want, &old);
     if prep {
         let got: Vec<f32> = run.get("c.f32");
@@ -255,19 +290,40 @@ fn stream_case(
 #[test]
 fn the_stream_gemm_matches_f64_products_in_every_epilogue() {
     let Some(h) = harness() else { return };
+    let stream = |blocks| Tiled::Stream { blocks };
     // Tiles cut between blocks (6 pairs on 4 blocks), a part chunk (K 200) and a part tile (N 136),
     // one block alone, 1..4 row groups.
     for epi in 0..2 {
-        stream_case(h, (5, 200, 384), 4, epi, false, false);
-        stream_case(h, (17, 136, 200), 3, epi, false, false);
+        tiled_case(h, stream(4), (5, 200, 384), epi, false, false);
+        tiled_case(h, stream(3), (17, 136, 200), epi, false, false);
     }
-    stream_case(h, (32, 128, 128), 1, 1, false, false);
-    stream_case(h, (9, 256, 256), 3, 2, false, false);
+    tiled_case(h, stream(1), (32, 128, 128), 1, false, false);
+    tiled_case(h, stream(3), (9, 256, 256), 2, false, false);
     // The SwiGLU on interleaved rows, with the fold's row scale.
-    stream_case(h, (12, 288, 160), 5, 3, true, false);
+    tiled_case(h, stream(5), (12, 288, 160), 3, true, false);
     // The add with the fold's prep (N % 32 == 0), and the row scale on a plain store.
-    stream_case(h, (26, 224, 288), 4, 2, false, true);
-    stream_case(h, (8, 160, 256), 3, 0, true, false);
+    tiled_case(h, stream(4), (26, 224, 288), 2, false, true);
+    tiled_case(h, stream(3), (8, 160, 256), 0, true, false);
+}
+
+#[test]
+fn the_wgmma_gemm_matches_f64_products_in_every_epilogue() {
+    let Some(h) = harness() else { return };
+    let wgmma = |wg, ktiles_per_split| Tiled::Wgmma {
+        wg,
+        ktiles_per_split,
+    };
+    // Two 192-column tiles (the second partial), a part M tile, K in 3 splits of one 64-wide tile
+    // (the last partial) and unsplit, both block heights.
+    for epi in 0..2 {
+        tiled_case(h, wgmma(2, 1), (70, 200, 160), epi, false, false);
+        tiled_case(h, wgmma(3, 4), (200, 136, 128), epi, false, false);
+    }
+    tiled_case(h, wgmma(2, 2), (130, 192, 256), 2, false, false);
+    // The SwiGLU, the fold's row scale, the add with the prep.
+    tiled_case(h, wgmma(2, 1), (40, 224, 128), 3, true, false);
+    tiled_case(h, wgmma(3, 1), (50, 224, 192), 2, false, true);
+    tiled_case(h, wgmma(2, 4), (9, 160, 256), 0, true, false);
 }
 
 /// The RoPE layout of a QKV product: (q heads, kv heads, head_dim, rows per canvas, position of
@@ -363,29 +419,45 @@ fn the_rope_epilogue_equals_the_gemm_then_rope_qkv() {
         ),
     ] {
         let n = rope.cols();
-        let plan = StreamPlan::with_blocks(m, n, k, blocks).unwrap();
-        let mut dims = vec![m, n, k, 4, plan.blocks, 0, 0];
-        dims.extend(rope.dims());
-        dims.push(bias as usize);
-        let run = Run::new(&dims);
-        let what = format!("rope {m}x{n}x{k} {rope:?} on {} blocks", plan.blocks);
-        run.put("a.u16", &to_bf16_bits(&bf16_values(m as u64, m * k, 1.0)));
-        run.put("w.u16", &to_bf16_bits(&bf16_values(k as u64, n * k, 0.5)));
-        run.put("inv_freq.f32", &rope_inv_freq(rope.heads.2, 10_000.0));
-        run.put("bias.f32", &random_f32(n as u64, n, -0.5, 0.5));
-        run.exec(h, "stream");
-        close(
-            &what,
-            &from_bf16_bits(&run.get("c.u16")),
-            &from_bf16_bits(&run.get("qkv_ref.u16")),
-            1e-2,
-        );
-        for which in ["k", "v"] {
-            let got: Vec<u16> = run.get(&format!("{which}.u16"));
-            let want: Vec<u16> = run.get(&format!("{which}_ref.u16"));
-            let (g, w) = rope.cache_rows(&format!("{what} {which}"), m, &got, &want);
-            close(&format!("{what}: {which} cache"), &g, &w, 1e-2);
+        for kernel in [
+            Tiled::Stream { blocks },
+            Tiled::Wgmma {
+                wg: 2,
+                ktiles_per_split: 1,
+            },
+        ] {
+            rope_case(h, kernel, (m, n, k), rope, bias);
         }
+    }
+}
+
+/// The RoPE epilogue of `kernel` on `m × n × k` against the same GEMM stored as bf16, then
+/// `rope_qkv_bf16`.
+fn rope_case(
+    h: &Path,
+    kernel: Tiled,
+    (m, n, k): (usize, usize, usize),
+    rope: RopeCase,
+    bias: bool,
+) {
+    let run = Run::new(&kernel.dims((m, n, k), 4, (false, false), rope.dims(), bias));
+    let what = format!("rope {m}x{n}x{k} {rope:?} on {kernel:?}");
+    run.put("a.u16", &to_bf16_bits(&bf16_values(m as u64, m * k, 1.0)));
+    run.put("w.u16", &to_bf16_bits(&bf16_values(k as u64, n * k, 0.5)));
+    run.put("inv_freq.f32", &rope_inv_freq(rope.heads.2, 10_000.0));
+    run.put("bias.f32", &random_f32(n as u64, n, -0.5, 0.5));
+    run.exec(h, "tiled");
+    close(
+        &what,
+        &from_bf16_bits(&run.get("c.u16")),
+        &from_bf16_bits(&run.get("qkv_ref.u16")),
+        1e-2,
+    );
+    for which in ["k", "v"] {
+        let got: Vec<u16> = run.get(&format!("{which}.u16"));
+        let want: Vec<u16> = run.get(&format!("{which}_ref.u16"));
+        let (g, w) = rope.cache_rows(&format!("{what} {which}"), m, &got, &want);
+        close(&format!("{what}: {which} cache"), &g, &w, 1e-2);
     }
 }
 

@@ -43,6 +43,7 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __grid_constant__
+#define __cluster_dims__(...)
 #define __align__(n) __attribute__((aligned(n)))
 
 using std::max;

@@ -1,6 +1,8 @@
-// The GEMM kernels on the CPU through cuda_emu.h and sm90_emu.h, for tests/gemm_emulation.rs: the
-// plain ones of cuda/gemm.cu (gemm_naive, gemm_skinny_mg<G>, gemm_skinny2_mg<G>, gemm_wide: blocks
-// one after another) and the Hopper weight-streaming ones of cuda/gemm_stream.cu (gemm_stream_mg<G>,
+// The GEMM kernels on the CPU through cuda_emu.h, sm90_emu.h and wgmma_emu.h, for
+// tests/gemm_emulation.rs: the plain ones of cuda/gemm.cu (gemm_naive, gemm_skinny_mg<G>,
+// gemm_skinny2_mg<G>, gemm_wide: blocks one after another), the Hopper warpgroup-MMA ones of
+// cuda/gemm_wgmma.cu (gemm_wgmma_wg2/3 with split-K through the workspace; not the cluster split)
+// and the Hopper weight-streaming ones of cuda/gemm_stream.cu (gemm_stream_mg<G>,
 // and the persistent multi-job kernels gemm_stream_mlp_mg<G>, gemm_stream_tail_mg<G>,
 // gemm_stream_chain_mg<G> of DLLM_FUSED_MLP, DLLM_NORM_FOLD and DLLM_LAYER_CHAIN: every block of a
 // launch at once, each in its own process, so the producer warp's TMA ring, the stream-K reductions
@@ -12,8 +14,10 @@
 //           tiles of 32 K); the grid and workspace are the Rust plan's (SkinnyPlan, WidePlan);
 //           a.u16 [M, K], w.u16 [N, K], c.f32 (epi 2: the old values) -> c.u16 or c.f32
 //
-//   stream  dims [M, N, K, epi, blocks, scale, prep, rope: q_heads, kv_heads, head_dim, period,
-//           offset, seq_rows, bias]; a.u16 [M, K], w.u16 [N, K], c.f32 (epi 2: the old values),
+//   tiled   dims [M, N, K, epi, blocks, scale, prep, rope: q_heads, kv_heads, head_dim, period,
+//           offset, seq_rows, bias, kernel, wg, ktiles_per_split, grid x, y, z, workspace floats,
+//           counters]; kernel 0: gemm_stream_mg<G> on `blocks` blocks, 1: gemm_wgmma_wg<wg> on the
+//           grid of the Rust WgmmaPlan (blocks one after another); a.u16 [M, K], w.u16 [N, K], c.f32 (epi 2: the old values),
 //           sq_in.f32 [M, K / 32] (scale), gamma.f32 [N] (prep), inv_freq.f32 and bias.f32 (rope,
 //           epi 4) -> c.u16 or c.f32, xg.u16 and sq_out.f32 (prep); for epi 4 also k.u16 v.u16 (the
 //           caches), and qkv_ref.u16 k_ref.u16 v_ref.u16: the same GEMM stored as bf16, then
@@ -33,6 +37,7 @@
 #include "../elementwise.cu"
 #include "../gemm.cu"
 #include "../gemm_stream.cu"
+#include "../gemm_wgmma.cu"
 
 namespace {
 
@@ -261,9 +266,47 @@ void save_n(const std::string& name, const T* p, size_t n) {
     save(name.c_str(), p, n);
 }
 
-int cmd_stream(const std::vector<int>& dims) {
-    const int M = dims[0], N = dims[1], K = dims[2], epi = dims[3], blocks = dims[4], scale = dims[5], prep = dims[6];
+// The tiled kernel a `tiled` run launches: gemm_stream_mg<G> on `blocks` blocks, or gemm_wgmma_wg<wg>
+// on the grid (and split-K workspace) of the Rust WgmmaPlan.
+struct Tiled {
+    int kind;  // 0 stream, 1 wgmma
+    int blocks, wg, ktiles_per_split;
+    dim3 grid;
+    int ws_floats, n_counters;
+};
+
+// gemm_wgmma_wg<wg> on the plan's grid, blocks one after another.
+void wgmma(const Job& j, const Tiled& t) {
+    std::vector<float> ws(std::max(t.ws_floats, 1), NAN);
+    std::vector<unsigned> counters(std::max(t.n_counters, 1), 0u);
+    const DllmEpiParams ep = j.ep;
+    dllm_emu_launch(
+        t.grid, d3(128 * t.wg),
+        [&] {
+            if (t.wg == 2)
+                gemm_wgmma_wg2(j.a, j.w, j.c, ws.data(), counters.data(), j.M, j.N, j.K, j.epi, t.ktiles_per_split, ep);
+            else
+                gemm_wgmma_wg3(j.a, j.w, j.c, ws.data(), counters.data(), j.M, j.N, j.K, j.epi, t.ktiles_per_split, ep);
+        },
+        t.wg == 2 ? WgCfg<2>::SMEM_BYTES : WgCfg<3>::SMEM_BYTES);
+    for (unsigned v : counters)
+        if (v != 0u) {
+            std::fprintf(stderr, "gemm_harness: a wgmma split-K counter was left at %u\n", v);
+            std::exit(1);
+        }
+}
+
+void run_tiled(const Job& j, const Tiled& t) {
+    if (t.kind == 0)
+        stream(j, t.blocks);
+    else
+        wgmma(j, t);
+}
+
+int cmd_tiled(const std::vector<int>& dims) {
+    const int M = dims[0], N = dims[1], K = dims[2], epi = dims[3], scale = dims[5], prep = dims[6];
     const int has_bias = dims[13];
+    const Tiled tiled{dims[14], dims[4], dims[15], dims[16], d3(dims[17], dims[18], dims[19]), dims[20], dims[21]};
     const Rope rope = rope_of(dims, 7);
     const uint16_t* a = dllm_emu::device_copy(load<uint16_t>("a.u16"));
     const uint16_t* w = dllm_emu::device_copy(load<uint16_t>("w.u16"));
@@ -283,7 +326,7 @@ int cmd_stream(const std::vector<int>& dims) {
         float* c = epi == DLLM_EPI_ADD_F32 ? dllm_emu::device_copy(load<float>("c.f32"))
                                            : dllm_emu::device_filled<float>((size_t)M * N, NAN);
         j.c = c;
-        stream(j, blocks);
+        run_tiled(j, tiled);
         save("c.f32", c, (size_t)M * N);
     } else if (epi == DLLM_EPI_ROPE_QKV) {
         const float* bias = has_bias ? dllm_emu::device_copy(load<float>("bias.f32")) : nullptr;
@@ -292,7 +335,7 @@ int cmd_stream(const std::vector<int>& dims) {
                  *k = dllm_emu::device_filled<uint16_t>(cl, 0x7fbf), *v = dllm_emu::device_filled<uint16_t>(cl, 0x7fbf);
         j.c = c;
         j.ep.rope = rope_epi(rope, bias, k, v);
-        stream(j, blocks);
+        run_tiled(j, tiled);
         save("c.u16", c, (size_t)M * N);
         save("k.u16", k, cl);
         save("v.u16", v, cl);
@@ -303,7 +346,7 @@ int cmd_stream(const std::vector<int>& dims) {
         plain.c = c2;
         plain.epi = DLLM_EPI_STORE_BF16;
         plain.ep.rope = DllmRopeEpi{};
-        stream(plain, blocks);
+        run_tiled(plain, tiled);
         dllm_emu_launch(d3(M), d3(DLLM_ROW_THREADS), [&] {
             rope_qkv_bf16(c2, rope.inv_freq, bias, k2, v2, N, rope.qh, rope.kvh, rope.qh * rope.hd,
                           (rope.qh + rope.kvh) * rope.hd, rope.hd, rope.period, rope.offset, rope.seq_rows, 0,
@@ -316,7 +359,7 @@ int cmd_stream(const std::vector<int>& dims) {
         const size_t n = epi == DLLM_EPI_SWIGLU_BF16 ? (size_t)M * N / 2 : (size_t)M * N;
         uint16_t* c = dllm_emu::device_filled<uint16_t>(n, 0x7fbf);
         j.c = c;
-        stream(j, blocks);
+        run_tiled(j, tiled);
         save("c.u16", c, n);
     }
     if (prep) {
@@ -435,13 +478,13 @@ int cmd_layer(const std::vector<int>& dims) {
 
 int main(int argc, char** argv) {
     if (argc != 3) {
-        std::fprintf(stderr, "usage: gemm_harness gemm|stream|layer DIR\n");
+        std::fprintf(stderr, "usage: gemm_harness gemm|tiled|layer DIR\n");
         return 2;
     }
     const std::string cmd = argv[1];
     const auto dims = start(argv[2]);
     if (cmd == "gemm") return cmd_gemm(dims);
-    if (cmd == "stream") return cmd_stream(dims);
+    if (cmd == "tiled") return cmd_tiled(dims);
     if (cmd == "layer") return cmd_layer(dims);
     std::fprintf(stderr, "gemm_harness: unknown command %s\n", cmd.c_str());
     return 2;

@@ -1,0 +1,97 @@
+// Hopper warpgroup MMA for the CPU emulation (cuda/emu/cuda_emu.h): the helpers of
+// cuda/wgmma_common.cuh that are inline PTX there (cuda/wgmma_common.cuh includes this file under
+// DLLM_EMU). wgmma.mma_async m64n192k16 bf16 -> f32 reads both operands from shared memory through
+// their matrix descriptors (K-major, 128-byte swizzle: the start address in 16-byte units in bits
+// 0-13, the stride between 8-row groups in bits 32-45, the swizzle mode in bits 62-63) and is
+// asynchronous: an issued operation joins its thread's open group, wgmma.commit_group closes the
+// group, and wgmma.wait_group N retires all but the newest N groups. The emulation performs an
+// operation only when its group is retired, the latest the device may read the operands and write
+// the accumulators: a kernel that refills an operand slot before waiting reads the new data here.
+// Accumulator layout of m64nN: warp w of the warpgroup owns rows 16 w .. 16 w + 15; lane (g = lane / 4,
+// t = lane % 4) holds, for column block j, (row g, columns 8 j + 2 t, + 1) in d[4 j], d[4 j + 1] and
+// row g + 8 in d[4 j + 2], d[4 j + 3]. Products are summed in fp32 in k order (the device's tensor
+// cores round their sums differently: compare with a tolerance).
+#pragma once
+#include "cuda_emu.h"
+
+namespace dllm_emu {
+
+struct WgmmaOp {
+    float* d;
+    uint64_t da, db;
+};
+inline thread_local std::vector<WgmmaOp> wg_open;
+inline thread_local std::vector<std::vector<WgmmaOp>> wg_groups;
+
+// Element k (0..15) of row `row` of the K-major, 128-byte-swizzled operand described by `desc`.
+inline float wg_operand(uint64_t desc, int row, int k) {
+    if ((desc >> 62) != 1) fail("wgmma descriptor: only the 128-byte swizzle is emulated");
+    if (((desc >> 49) & 7) != 0) fail("wgmma descriptor: nonzero base offset");
+    const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4;
+    const uint32_t sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
+    const uint32_t logical = start + (uint32_t)(row >> 3) * sbo + (uint32_t)(row & 7) * 128 + 2 * k;
+    const uint32_t physical = logical ^ (((logical >> 7) & 7u) << 4);
+    uint16_t v;
+    std::memcpy(&v, shared_at(physical), 2);
+    return __uint_as_float((uint32_t)v << 16);
+}
+
+// One m64n192k16 operation of the calling thread's accumulators.
+inline void wg_perform(const WgmmaOp& op, int wtid) {
+    const int w = wtid >> 5, g = (wtid & 31) >> 2, t = wtid & 3;
+    for (int j = 0; j < 24; ++j)
+        for (int q = 0; q < 4; ++q) {
+            const int row = 16 * w + g + (q < 2 ? 0 : 8), col = 8 * j + 2 * t + (q & 1);
+            float s = op.d[4 * j + q];
+            for (int k = 0; k < 16; ++k) s += wg_operand(op.da, row, k) * wg_operand(op.db, col, k);
+            op.d[4 * j + q] = s;
+        }
+}
+
+}  // namespace dllm_emu
+
+inline void wg_fence() {}
+inline void wg_commit() {
+    dllm_emu::wg_groups.push_back(std::move(dllm_emu::wg_open));
+    dllm_emu::wg_open.clear();
+}
+template <int N>
+inline void wg_wait() {
+    auto& groups = dllm_emu::wg_groups;
+    while (groups.size() > (size_t)N) {
+        for (const auto& op : groups.front()) dllm_emu::wg_perform(op, (int)(threadIdx.x & 127));
+        groups.erase(groups.begin());
+    }
+}
+inline void wg_fence_acc(float (&)[96]) {}
+inline void wg_mma_n192(float (&d)[96], uint64_t da, uint64_t db) {
+    // .sync.aligned: every lane of the warp issues it together (checked inside a rendezvous, where no
+    // lane can be on its way out of the kernel).
+    const uint64_t none = 0;
+    dllm_emu::exchange(&none, 1, [](uint64_t (&)[32][8]) {
+        if (dllm_emu::warp->live.load() != 32) dllm_emu::fail("wgmma with lanes missing");
+    });
+    dllm_emu::wg_open.push_back({d, da, db});
+}
+// bar.sync id, threads; id 0 is the block barrier (__syncthreads), which needs every thread.
+inline void wg_bar_sync(int id, int threads) {
+    if (id == 0) {
+        if ((unsigned)threads != blockDim.x * blockDim.y * blockDim.z) dllm_emu::fail("bar.sync 0 with a partial count");
+        __syncthreads();
+    } else {
+        dllm_emu::named_sync(id, threads);
+    }
+}
+inline void wg_fence_proxy_async() {}
+inline float4 wg_lds128(uint32_t addr) {
+    if (addr & 15) dllm_emu::fail("ld.shared.v4 not 16-byte aligned");
+    float4 v;
+    std::memcpy(&v, dllm_emu::shared_at(addr), 16);
+    return v;
+}
+inline float2 wg_lds64(uint32_t addr) {
+    if (addr & 7) dllm_emu::fail("ld.shared.v2 not 8-byte aligned");
+    float2 v;
+    std::memcpy(&v, dllm_emu::shared_at(addr), 8);
+    return v;
+}
