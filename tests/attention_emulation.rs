@@ -6,7 +6,8 @@
 //! GQA shapes with partial query and key tiles, strided rows (the fused QKV activation, a cache
 //! with spare rows), per-batch key counts (one of them zero) and the per-canvas K/V table. Each
 //! output is compared with the CPU backend's attention ([`dllm::backend::cpu::attention`]); the
-//! output columns between rows must keep what was there.
+//! output columns between rows must keep what was there. A ThreadSanitizer build of the same harness
+//! runs them again: no shared-memory reuse may race (tests/common/emulation.rs).
 
 use dllm::backend::cpu::attention;
 use dllm::backend::cuda::check::{from_bf16_bits, random_f32, rel_l2, round_bf16, to_bf16_bits};
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 mod common;
-use common::emulation::{self, Run};
+use common::emulation::{self, Run, Sanitizer};
 
 /// What the output holds before the launch.
 const POISON: u16 = 0x7fbf;
@@ -23,6 +24,12 @@ const POISON: u16 = 0x7fbf;
 fn harness() -> Option<&'static Path> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     emulation::harness(&BUILT, "attention_harness.cpp")
+}
+
+/// The harness built with ThreadSanitizer.
+fn race_harness() -> Option<&'static Path> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    emulation::harness_with(&BUILT, "attention_harness.cpp", Sanitizer::Thread)
 }
 
 /// The kernels, as the harness numbers them.
@@ -57,6 +64,8 @@ struct Case {
     heads: (usize, usize, usize),
     kv_len: Option<Vec<i32>>,
     canvases: bool,
+    /// Every block at once, each in its own process (else one after another).
+    concurrent: bool,
 }
 
 fn check(h: &Path, c: &Case, variant: Variant) {
@@ -80,6 +89,7 @@ fn check(h: &Path, c: &Case, variant: Variant) {
         os,
         kvs,
         kvb,
+        c.concurrent as usize,
     ]);
     let what = format!("{variant:?} on {c:?}");
     let seed = (c.batch * 1000 + c.sq * 10 + c.skv + hd) as u64;
@@ -156,6 +166,7 @@ fn every_attention_kernel_matches_the_cpu_backend() {
         heads: (4, 2, 64),
         kv_len: Some(vec![150, 61, 0]),
         canvases: false,
+        concurrent: false,
     };
     for variant in [
         Variant::Naive,
@@ -175,6 +186,7 @@ fn every_attention_kernel_matches_the_cpu_backend() {
         heads: (2, 1, 128),
         kv_len: Some(vec![130, 200]),
         canvases: true,
+        concurrent: false,
     };
     for variant in [
         Variant::Mma,
@@ -198,7 +210,62 @@ fn the_key_group_kernel_merges_uneven_rounds() {
             heads: (2, 2, 64),
             kv_len,
             canvases: false,
+            concurrent: false,
         };
         check(h, &c, Variant::Keys);
     }
+}
+
+#[test]
+fn the_attention_kernels_have_no_data_races() {
+    let Some(h) = race_harness() else { return };
+    // Every shared-memory reuse: the cp.async rings refilled while other warps compute, the
+    // split's merge through the workspace, the key groups' tiles and the merge that reuses them.
+    let c = Case {
+        batch: 2,
+        sq: 40,
+        skv: 150,
+        heads: (2, 1, 64),
+        kv_len: Some(vec![150, 61]),
+        canvases: false,
+        concurrent: false,
+    };
+    for variant in [
+        Variant::Mma,
+        Variant::Mma2,
+        Variant::Split { tiles_per_split: 1 },
+        Variant::Keys,
+    ] {
+        check(h, &c, variant);
+    }
+    let uneven = Case {
+        batch: 1,
+        sq: 32,
+        skv: 384,
+        heads: (1, 1, 64),
+        kv_len: None,
+        canvases: false,
+        concurrent: false,
+    };
+    check(h, &uneven, Variant::Keys);
+}
+
+#[test]
+fn the_split_merge_holds_with_every_block_at_once() {
+    let Some(h) = harness() else { return };
+    // Three splits of each (query tile, head) unit running at the same time: the last to arrive,
+    // whichever it is, merges all three (run a few times: the arrival order varies).
+    let c = Case {
+        batch: 1,
+        sq: 20,
+        skv: 150,
+        heads: (2, 1, 64),
+        kv_len: None,
+        canvases: false,
+        concurrent: true,
+    };
+    for _ in 0..3 {
+        check(h, &c, Variant::Split { tiles_per_split: 1 });
+    }
+    check(h, &c, Variant::Keys);
 }

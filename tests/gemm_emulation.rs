@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 mod common;
-use common::emulation::{self, Run};
+use common::emulation::{self, Run, Sanitizer};
 
 /// The RMSNorm epsilon the harness folds with (`kEps`).
 const EPS: f64 = 1e-5;
@@ -37,6 +37,12 @@ const POISON: u16 = 0x7fbf;
 fn harness() -> Option<&'static Path> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     emulation::harness(&BUILT, "gemm_harness.cpp")
+}
+
+/// The harness built with ThreadSanitizer.
+fn race_harness() -> Option<&'static Path> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    emulation::harness_with(&BUILT, "gemm_harness.cpp", Sanitizer::Thread)
 }
 
 /// `n` bf16 values in [-s, s], as f32.
@@ -663,5 +669,46 @@ fn the_layer_chain_equals_its_single_launches_and_the_products() {
         },
         true,
         Some(rope),
+    );
+}
+
+#[test]
+fn the_gemm_kernels_have_no_data_races() {
+    let Some(h) = race_harness() else { return };
+    // The shared-memory rings (cp.async for the wide and wgmma kernels, TMA and mbarriers for the
+    // stream kernel), split-K reductions through the workspace, the stream-K hand-off across
+    // blocks, and the fused layer chain's grid barriers and gates.
+    plain_case(
+        h,
+        (150, 144, 104),
+        Plain::Wide(WidePlan::with_ktiles_per_split(150, 144, 104, 2)),
+        2,
+    );
+    plain_case(
+        h,
+        (37, 96, 200),
+        Plain::Skinny(SkinnyPlan::with_version_chunks(1, 37, 96, 200, 2)),
+        1,
+    );
+    let wgmma = Tiled::Wgmma {
+        wg: 2,
+        ktiles_per_split: 1,
+    };
+    tiled_case(h, wgmma, (70, 224, 192), 2, true, true);
+    tiled_case(
+        h,
+        Tiled::Stream { blocks: 4 },
+        (26, 224, 288),
+        2,
+        true,
+        true,
+    );
+    layer_case(
+        h,
+        (12, 256, 128),
+        4,
+        MlpJobs::Chain { qkv_cols: 192 },
+        true,
+        None,
     );
 }

@@ -2,6 +2,12 @@
 //! host C++ against `cuda/emu/cuda_emu.h`): the compiler call, and a scratch folder per run through
 //! which the test and the harness exchange raw little-endian arrays.
 //!
+//! A harness is built with AddressSanitizer and UBSan (an out-of-bounds or misaligned access, or
+//! undefined arithmetic, aborts the run), or with ThreadSanitizer: the emulation runs each CUDA
+//! thread as an OS thread and each barrier, shuffle and `mma.sync` as a rendezvous, so a kernel's
+//! shared- or global-memory access that no barrier orders against another thread's write is a
+//! data race TSan reports (a missing `__syncthreads`, a slot refilled before every reader is done).
+//!
 //! Needs a C++20 compiler (`CXX`, else `c++`); CI (`CI` set) fails without one, elsewhere the
 //! tests are skipped with a message.
 
@@ -9,16 +15,49 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// `cuda/emu/{source}` compiled (once per test binary, into `built`) with the sanitizers on, or
-/// `None` when there is no C++ compiler outside CI.
+/// The sanitizer a harness is built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sanitizer {
+    /// AddressSanitizer and UBSan.
+    Address,
+    /// ThreadSanitizer (data races).
+    Thread,
+}
+
+impl Sanitizer {
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Sanitizer::Address => &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+            // -Wno-tsan: GCC's note that TSan does not model atomic_thread_fence (the emulated
+            // __threadfence; the atomics around it are what order the kernels' hand-offs).
+            Sanitizer::Thread => &["-fsanitize=thread", "-Wno-tsan", "-g"],
+        }
+    }
+}
+
+/// `cuda/emu/{source}` compiled with AddressSanitizer and UBSan (once per test binary, into
+/// `built`), or `None` when there is no C++ compiler outside CI.
 pub fn harness(
     built: &'static OnceLock<Result<PathBuf, String>>,
     source: &str,
 ) -> Option<&'static Path> {
+    harness_with(built, source, Sanitizer::Address)
+}
+
+/// [`harness`] with the given sanitizer.
+pub fn harness_with(
+    built: &'static OnceLock<Result<PathBuf, String>>,
+    source: &str,
+    sanitizer: Sanitizer,
+) -> Option<&'static Path> {
     let built = built.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let stem = source.trim_end_matches(".cpp");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("emu-{stem}"));
+        let suffix = match sanitizer {
+            Sanitizer::Address => "",
+            Sanitizer::Thread => "-tsan",
+        };
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("emu-{stem}{suffix}"));
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let status = Command::new(&cxx)
             .args([
@@ -32,10 +71,8 @@ pub fn harness(
                 "-Wno-psabi",
                 // Every floating-point operation rounded alone, as the kernels' *_rn intrinsics ask.
                 "-ffp-contract=off",
-                // An out-of-bounds or misaligned access, or undefined arithmetic, aborts the run.
-                "-fsanitize=address,undefined",
-                "-fno-sanitize-recover=all",
             ])
+            .args(sanitizer.flags())
             .arg("-I")
             .arg(root.join("cuda/emu"))
             .arg(root.join("cuda/emu").join(source))
@@ -94,6 +131,8 @@ impl Run {
         let out = Command::new(harness)
             .arg(cmd)
             .arg(self.dir.path())
+            // A TSan build stops at its first report (and fails the run).
+            .env("TSAN_OPTIONS", "halt_on_error=1")
             .output()
             .unwrap();
         assert!(
