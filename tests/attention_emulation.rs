@@ -151,20 +151,21 @@ fn check(h: &Path, c: &Case, variant: Variant) {
         }
     }
     let err = rel_l2(&got, &want);
-    assert!(err <= 1e-2, "{what}: rel L2 {err:.3e}");
+    // The bf16 output's rounding alone is ~1.8e-3 here.
+    assert!(err <= 4e-3, "{what}: rel L2 {err:.3e}");
 }
 
 #[test]
 fn every_attention_kernel_matches_the_cpu_backend() {
     let Some(h) = harness() else { return };
-    // Two query tiles (the second partial), three key tiles (the last partial), GQA 4:2, a
-    // canvas with fewer keys and one with none.
+    // Two query tiles (the second partial), three key tiles (the last partial), GQA 4:2,
+    // canvases with fewer keys (3: one key too many would weigh a quarter) and one with none.
     let base = Case {
-        batch: 3,
+        batch: 4,
         sq: 70,
         skv: 150,
         heads: (4, 2, 64),
-        kv_len: Some(vec![150, 61, 0]),
+        kv_len: Some(vec![150, 61, 3, 0]),
         canvases: false,
         concurrent: false,
     };
