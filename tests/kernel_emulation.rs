@@ -2,7 +2,7 @@
 //! sources as host C++ against `cuda/emu/cuda_emu.h` (one OS thread per CUDA thread, barriers
 //! and warp collectives as on the device, `mma.sync` by its PTX fragment layout) and runs
 //! `moe_route` / `moe_group`, the grouped expert GEMM, `moe_combine`, `rmsnorm_heads_bf16`,
-//! `rope_qkv_bf16` and the parallel-sampling kernels with their launchers' grids. Each result is compared with the CPU model's rule
+//! `rope_qkv_bf16` and the parallel-sampling kernels (predict and commit) with their launchers' grids. Each result is compared with the CPU model's rule
 //! ([`dllm::model::experts::route`]) and f64 host products: the kernels' logic checked in CI,
 //! without a GPU (the device's own rounding, speed and memory model still need one:
 //! `dllm-gpu-check`'s `moe.*` checks).
@@ -16,7 +16,9 @@ use dllm::backend::cuda::moe::{
     grouped_reference, grouping_fault, host_mixture, special_logit_rows, stacked_gate_up, MoeShape,
     Routing,
 };
-use dllm::backend::cuda::sampling::split_plan;
+use dllm::backend::cuda::sampling::{
+    commit_case, host_commit, parse_commit_record, split_plan, CommitRule,
+};
 use dllm::backend::cuda::swiglu_layout;
 use dllm::denoise::predict::{predict_row, PredictRule, Remasking};
 use dllm::model::experts::route;
@@ -522,5 +524,51 @@ fn sampling_predicts_what_the_host_predicts() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn the_commit_kernel_commits_what_the_host_rule_commits() {
+    let Some(h) = harness() else { return };
+    // Top-k below, at and past the candidates, the threshold rule, one row per canvas, and 40
+    // rows (a partly idle second warp).
+    for (seed, batch, n, rule) in [
+        (1, 3, 32, CommitRule::TopK(4)),
+        (2, 2, 40, CommitRule::TopK(1)),
+        (3, 2, 24, CommitRule::TopK(100)),
+        (4, 4, 32, CommitRule::Threshold(0.6)),
+        (5, 3, 1, CommitRule::TopK(1)),
+        (6, 2, 33, CommitRule::Threshold(2.0)),
+    ] {
+        let mut c = commit_case(seed, batch, n);
+        let (k, threshold, use_threshold) = match rule {
+            CommitRule::TopK(k) => (k, 0.0, 0),
+            CommitRule::Threshold(t) => (0, t, 1),
+        };
+        let run = Run::new(&[batch, n, c.canvas_len, c.mask as usize, k, use_threshold]);
+        run.put("canvas.i32", &c.canvas);
+        run.put("tokens.i32", &c.tokens);
+        run.put("conf.f64", &c.conf);
+        run.put("positions.i32", &c.positions);
+        run.put("threshold.f64", &[threshold]);
+        run.exec(h, "commit");
+        let record: Vec<i32> = run.get("record.i32");
+        let got = parse_commit_record(&record, batch, n).unwrap();
+        let want = host_commit(
+            &mut c.canvas,
+            c.canvas_len,
+            &c.tokens,
+            &c.conf,
+            &c.positions,
+            n,
+            c.mask,
+            rule,
+        );
+        assert!(
+            want.iter().any(|w| !w.is_empty()),
+            "{rule:?}: the case commits nothing"
+        );
+        assert_eq!(got, want, "{batch} canvases of {n} rows, {rule:?}");
+        assert_eq!(run.get::<i32>("canvas.i32"), c.canvas, "{rule:?}: canvas");
     }
 }

@@ -1,7 +1,7 @@
 // The mixture-of-experts kernels (cuda/moe.cu, cuda/gemm_grouped.cu, rmsnorm_heads_bf16 and
 // swiglu_bf16 of cuda/elementwise.cu) and the fused RoPE + K/V cache write (rope_qkv_bf16: the
 // grouped layout of DLLM_FUSED_ROPE, the per-canvas caches of DLLM_PACKED_SESSIONS) run on the
-// CPU through cuda_emu.h, for
+// CPU through cuda_emu.h (with the sampler's predict and commit kernels), for
 // tests/kernel_emulation.rs: `harness COMMAND DIR` reads DIR/dims.i32 and the command's inputs
 // (raw little-endian arrays), launches the kernels with the grids their Rust launchers use
 // (src/backend/cuda/moe.rs, gemm_grouped.rs, elementwise.rs), and writes the outputs into DIR.
@@ -21,6 +21,9 @@
 //            positions.i32, rule.u64 [temperature bits, seed, step] -> tokens.i32 conf.f64
 //            (sampling.cu's predict_partial + predict_finalize, splits and chunk from the Rust
 //            launcher's split_plan)
+//   commit   dims [batch, rows per canvas, canvas_len, mask, k, use_threshold]; canvas.i32,
+//            tokens.i32, conf.f64, positions.i32, threshold.f64 -> canvas.i32 record.i32
+//            (commit_kernel on Sampler::commit's grid)
 //   rope_qkv dims [rows, q_heads, kv_heads, head_dim, period, offset, grouped, vec, bias, cache,
 //            seq_rows]; qkv.u16, inv_freq.f32, (bias.f32), (starts.i32 for cache 2) -> qkv.u16, and
 //            k.u16 v.u16: the batch cache (cache 1: canvases x seq_rows rows) or each canvas's own
@@ -241,11 +244,33 @@ int cmd_predict(const std::vector<int>& dims) {
     return 0;
 }
 
+int cmd_commit(const std::vector<int>& dims) {
+    const int batch = dims[0], n = dims[1], canvas_len = dims[2], mask = dims[3], k = dims[4], use_threshold = dims[5];
+    auto canvas = load<int>("canvas.i32");
+    const auto tokens = load<int>("tokens.i32");
+    const auto conf = load<double>("conf.f64");
+    const auto positions = load<int>("positions.i32");
+    const double threshold = load<double>("threshold.f64")[0];
+    std::vector<int> record((size_t)batch * (1 + 2 * n), INT32_MIN);
+    // Sampler::commit's launch: a block per canvas, the rows rounded up to whole warps, 20 bytes
+    // of shared memory per row.
+    dllm_emu_launch(
+        d3(batch), d3((n + 31) / 32 * 32),
+        [&] {
+            commit_kernel(canvas.data(), canvas_len, tokens.data(), conf.data(), positions.data(), n, mask, k,
+                          threshold, use_threshold, record.data());
+        },
+        (size_t)n * 20);
+    save("canvas.i32", canvas);
+    save("record.i32", record);
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     if (argc != 3) {
-        std::fprintf(stderr, "usage: harness route|grouped|mixture|heads DIR\n");
+        std::fprintf(stderr, "usage: harness route|grouped|mixture|heads|rope_qkv|predict|commit DIR\n");
         return 2;
     }
     const std::string cmd = argv[1];
@@ -256,6 +281,7 @@ int main(int argc, char** argv) {
     if (cmd == "heads") return cmd_heads(dims);
     if (cmd == "rope_qkv") return cmd_rope_qkv(dims);
     if (cmd == "predict") return cmd_predict(dims);
+    if (cmd == "commit") return cmd_commit(dims);
     std::fprintf(stderr, "harness: unknown command %s\n", cmd.c_str());
     return 2;
 }

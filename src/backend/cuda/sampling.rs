@@ -482,9 +482,11 @@ fn check_predict(
     ))
 }
 
-/// Host twin of the commit kernel, built on [`crate::denoise::commit`].
+/// Host twin of the commit kernel, built on [`crate::denoise::commit`]: commits into `canvas`
+/// and returns each canvas's `(position, token)` commits in ascending position (public for the
+/// kernel's CPU emulation, tests/kernel_emulation.rs).
 #[allow(clippy::too_many_arguments)]
-fn host_commit(
+pub fn host_commit(
     canvas: &mut [i32],
     canvas_len: usize,
     tokens: &[i32],
@@ -537,18 +539,25 @@ fn host_commit(
     all
 }
 
-fn check_commit(
-    dev: &CudaDevice,
-    sampler: &Sampler,
-    batch: usize,
-    n: usize,
-    rule: CommitRule,
-    seed: u64,
-) -> Result<(f64, String)> {
+/// The inputs of one commit launch: `batch` canvases of `canvas_len` tokens (mostly masked) and
+/// `n` candidate rows each.
+pub struct CommitCase {
+    pub canvas_len: usize,
+    pub mask: i32,
+    pub canvas: Vec<i32>,
+    pub positions: Vec<i32>,
+    pub conf: Vec<f64>,
+    pub tokens: Vec<i32>,
+}
+
+/// A commit case that exercises the rule's corners: mostly a block of consecutive positions,
+/// with repeated and out-of-range positions, positions already committed, quantised confidences
+/// (exact ties), NaN and −∞ (public for the kernel's CPU emulation).
+pub fn commit_case(seed: u64, batch: usize, n: usize) -> CommitCase {
     let canvas_len = 3 * n + 11;
     let mask = 126336;
     let u = check::random_f32(seed, batch * (canvas_len + 3 * n), 0.0, 1.0);
-    let mut canvas: Vec<i32> = (0..batch * canvas_len)
+    let canvas: Vec<i32> = (0..batch * canvas_len)
         .map(|i| if u[i] < 0.7 { mask } else { (i % 1000) as i32 })
         .collect();
     let extra = &u[batch * canvas_len..];
@@ -558,7 +567,6 @@ fn check_commit(
     for b in 0..batch {
         for i in 0..n {
             let r = b * n + i;
-            // Mostly a block of consecutive positions, a few repeats and out-of-range ones.
             let p = if extra[r] < 0.05 {
                 (i / 2) as i32
             } else if extra[r] > 0.97 {
@@ -567,7 +575,6 @@ fn check_commit(
                 (5 + i) as i32
             };
             pos.push(p);
-            // Quantised confidences make exact ties common; some NaN and -inf.
             let c = (extra[batch * n + r] * 8.0).floor() as f64 / 8.0;
             let c = if extra[2 * batch * n + r] < 0.04 {
                 f64::NAN
@@ -580,6 +587,32 @@ fn check_commit(
             tokens.push((1000 + b * 100 + i) as i32);
         }
     }
+    CommitCase {
+        canvas_len,
+        mask,
+        canvas,
+        positions: pos,
+        conf,
+        tokens,
+    }
+}
+
+fn check_commit(
+    dev: &CudaDevice,
+    sampler: &Sampler,
+    batch: usize,
+    n: usize,
+    rule: CommitRule,
+    seed: u64,
+) -> Result<(f64, String)> {
+    let CommitCase {
+        canvas_len,
+        mask,
+        mut canvas,
+        positions: pos,
+        conf,
+        tokens,
+    } = commit_case(seed, batch, n);
     let s = &dev.stream;
     let mut dcv = s
         .clone_htod(&canvas)
