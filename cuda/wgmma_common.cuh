@@ -13,8 +13,8 @@ struct WgStage {
     static constexpr int BYTES = THREADS * 384;
 };
 
-// Under DLLM_EMU (the CPU emulation, cuda/emu/wgmma_emu.h) the helpers with inline PTX are emulated;
-// the cluster split is not (no clusters there).
+// Under DLLM_EMU (the CPU emulation, cuda/emu/wgmma_emu.h) the helpers with inline PTX are emulated,
+// the cluster's distributed shared memory and barrier included.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(DLLM_EMU)
 
 // Shared-memory matrix descriptor: start address, LBO 16 B (unused with swizzled K-major),
@@ -81,6 +81,25 @@ __device__ __forceinline__ void wg_cluster_sync() {
         "barrier.cluster.arrive.release.aligned;\n"
         "barrier.cluster.wait.acquire.aligned;\n" ::
             : "memory");
+}
+
+// mapa.shared::cluster: this block's shared-window address `addr` in cluster block `rank`.
+__device__ __forceinline__ uint32_t wg_mapa(uint32_t addr, uint32_t rank) {
+    uint32_t peer;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(peer) : "r"(addr), "r"(rank));
+    return peer;
+}
+// 16 bytes from a cluster shared-memory address (wg_mapa's).
+__device__ __forceinline__ float4 wg_ld_cluster128(uint32_t addr) {
+    float4 p;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(p.x), "=f"(p.y), "=f"(p.z), "=f"(p.w)
+                 : "r"(addr)
+                 : "memory");
+    return p;
+}
+__device__ __forceinline__ void wg_sts128(uint32_t addr, float a, float b, float c, float d) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
 
 // Orders this thread's async-proxy shared-memory accesses (wgmma operand reads, TMA writes) with
@@ -256,7 +275,6 @@ __device__ __forceinline__ void wg_store_tile(float (&acc)[96], void* C, int row
     for (int j0 = 0; j0 < 24; j0 += 2) gemm_store_pairs<2>(acc, C, row, n0 + 2 * t, j0, M, N, epi);
 }
 
-#ifndef DLLM_EMU
 // Split-K across a cluster (gemm_wgmma_wg*_cs*): the CS blocks of one output tile, one per split,
 // form a cluster along z (cluster rank = split = blockIdx.z) and sum their partials through
 // distributed shared memory instead of the workspace. Each block parks its partial in its own
@@ -279,15 +297,10 @@ __device__ __forceinline__ void wg_cluster_sum_store(uint32_t mine, void* C, int
     for (int i = 0; i < 4 * JN; ++i) part[i] = 0.0f;
 #pragma unroll 1
     for (int s = 0; s < CS; ++s) {
-        uint32_t peer;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(peer) : "r"(mine), "r"(s));
+        const uint32_t peer = wg_mapa(mine, (uint32_t)s);
 #pragma unroll
         for (int j = 0; j < JN; ++j) {
-            float4 p;
-            asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=f"(p.x), "=f"(p.y), "=f"(p.z), "=f"(p.w)
-                         : "r"(peer + (uint32_t)((R * JN + j) * THREADS * 16))
-                         : "memory");
+            const float4 p = wg_ld_cluster128(peer + (uint32_t)((R * JN + j) * THREADS * 16));
             part[4 * j] += p.x;
             part[4 * j + 1] += p.y;
             part[4 * j + 2] += p.z;
@@ -317,9 +330,7 @@ __device__ __forceinline__ void wg_cluster_reduce_store(const float (&acc)[96], 
     const uint32_t mine = stage + (uint32_t)tid * 16u;
 #pragma unroll
     for (int e = 0; e < 24; ++e)
-        asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(mine + (uint32_t)(e * THREADS * 16)),
-                     "f"(acc[4 * e]), "f"(acc[4 * e + 1]), "f"(acc[4 * e + 2]), "f"(acc[4 * e + 3])
-                     : "memory");
+        wg_sts128(mine + (uint32_t)(e * THREADS * 16), acc[4 * e], acc[4 * e + 1], acc[4 * e + 2], acc[4 * e + 3]);
     wg_cluster_sync();
     const int row0 = m0 + (tid >> 7) * 64;
     switch (blockIdx.z) {
@@ -341,13 +352,5 @@ __device__ __forceinline__ void wg_cluster_reduce_store(const float (&acc)[96], 
             __trap();
     }
 }
-
-#else   // DLLM_EMU
-template <int WG, int CS>
-inline void wg_cluster_reduce_store(const float (&)[96], void*, int, int, int, int, int, int, uint32_t,
-                                    const DllmEpiParams*, float2) {
-    dllm_emu::fail("the cluster split (distributed shared memory) is not emulated");
-}
-#endif  // DLLM_EMU
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL || DLLM_EMU

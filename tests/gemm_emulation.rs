@@ -141,7 +141,18 @@ fn check_epilogue(
     }
 }
 
-fn plain_case(h: &Path, (m, n, k): (usize, usize, usize), kernel: Plain, epi: usize) {
+fn plain_case(h: &Path, shape: (usize, usize, usize), kernel: Plain, epi: usize) {
+    plain_case_env(h, shape, kernel, epi, &[]);
+}
+
+/// [`plain_case`] with extra environment variables for the harness.
+fn plain_case_env(
+    h: &Path,
+    (m, n, k): (usize, usize, usize),
+    kernel: Plain,
+    epi: usize,
+    env: &[(&str, &str)],
+) {
     let (code, per_split, grid, ws, counters) = match kernel {
         Plain::Naive => (0, 0, [n.div_ceil(256), m.min(65_535), 1], 0, 0),
         Plain::Skinny(p) => (
@@ -170,7 +181,7 @@ fn plain_case(h: &Path, (m, n, k): (usize, usize, usize), kernel: Plain, epi: us
     run.put("a.u16", &to_bf16_bits(&a));
     run.put("w.u16", &to_bf16_bits(&w));
     run.put("c.f32", &old);
-    run.exec(h, "gemm");
+    run.exec_with(h, "gemm", env);
     check_epilogue(&run, &what, (m, n), epi, &product(&a, &w, m, n, k), &old);
 }
 
@@ -199,8 +210,18 @@ fn the_plain_gemm_kernels_match_f64_products() {
 /// `gemm_wgmma_wg{wg}` on its plan with `ktiles_per_split` 64-wide K tiles per split.
 #[derive(Debug, Clone, Copy)]
 enum Tiled {
-    Stream { blocks: usize },
-    Wgmma { wg: usize, ktiles_per_split: usize },
+    Stream {
+        blocks: usize,
+    },
+    Wgmma {
+        wg: usize,
+        ktiles_per_split: usize,
+    },
+    /// `gemm_wgmma_wg{wg}_cs{cs}` (`DLLM_GEMM_CLUSTER_SPLIT`): K in `cs` splits, one cluster.
+    ClusterSplit {
+        wg: usize,
+        cs: usize,
+    },
 }
 
 impl Tiled {
@@ -238,6 +259,16 @@ impl Tiled {
                     ],
                 )
             }
+            Tiled::ClusterSplit { wg, cs } => {
+                // gemm_cluster_split's plan: the K tiles in exactly `cs` splits.
+                let ktiles = k.div_ceil(64);
+                let p = WgmmaPlan::with_ktiles_per_split(wg, m, n, k, ktiles.div_ceil(cs));
+                assert_eq!(p.splits, cs, "{m}x{n}x{k} has no {cs}-way split");
+                (
+                    0,
+                    [2, p.wg, p.ktiles_per_split, p.m_tiles, p.n_tiles, cs, 0, 0],
+                )
+            }
         };
         let mut d = vec![m, n, k, epi, blocks, scale as usize, prep as usize];
         d.extend(rope);
@@ -248,15 +279,29 @@ impl Tiled {
 }
 
 /// One case of a tiled kernel: `m × n × k`, epilogue `epi` (0 bf16, 1 fp32, 2 add, 3 SwiGLU),
-/// rows scaled by the norm fold (`scale`), the add's prep written (`prep`).
+/// rows scaled by the norm fold (`scale`), the add's prep written (`prep`); the run, for
+/// comparisons between kernels (the inputs depend on the shape and epilogue only).
 fn tiled_case(
+    h: &Path,
+    kernel: Tiled,
+    shape: (usize, usize, usize),
+    epi: usize,
+    scale: bool,
+    prep: bool,
+) -> Run {
+    tiled_case_env(h, kernel, shape, epi, scale, prep, &[])
+}
+
+/// [`tiled_case`] with extra environment variables for the harness.
+fn tiled_case_env(
     h: &Path,
     kernel: Tiled,
     (m, n, k): (usize, usize, usize),
     epi: usize,
     scale: bool,
     prep: bool,
-) {
+    env: &[(&str, &str)],
+) -> Run {
     let run = Run::new(&kernel.dims((m, n, k), epi, (scale, prep), [0; 6], false));
     let what = format!("{kernel:?} {m}x{n}x{k}, epi {epi}, scale {scale}, prep {prep}");
     let seed = (m * 131 + n * 7 + k + epi) as u64;
@@ -278,7 +323,7 @@ fn tiled_case(
     if prep {
         run.put("gamma.f32", &gamma);
     }
-    run.exec(h, "tiled");
+    run.exec_with(h, "tiled", env);
     check_epilogue(&run, &what, (m, n), epi, &want, &old);
     if prep {
         let got: Vec<f32> = run.get("c.f32");
@@ -291,6 +336,7 @@ fn tiled_case(
             1e-5,
         );
     }
+    run
 }
 
 #[test]
@@ -330,6 +376,42 @@ fn the_wgmma_gemm_matches_f64_products_in_every_epilogue() {
     tiled_case(h, wgmma(2, 1), (40, 224, 128), 3, true, false);
     tiled_case(h, wgmma(3, 1), (50, 224, 192), 2, false, true);
     tiled_case(h, wgmma(2, 4), (9, 160, 256), 0, true, false);
+}
+
+#[test]
+fn the_cluster_split_equals_the_workspace_split_bit_for_bit() {
+    let Some(h) = harness() else { return };
+    // Every compiled (wg, cs) kernel; 3 K tiles make both 2 and 3 splits; N = 224: a whole and a
+    // part 192-column tile, each cluster block's share whole 32-column groups (the prep's).
+    for (wg, cs, epi, scale, prep) in [
+        (2, 2, 2, false, true),
+        (2, 3, 3, true, false),
+        (3, 2, 1, false, false),
+        (3, 3, 2, true, true),
+        (2, 3, 0, true, false),
+    ] {
+        let shape = (70, 224, 192);
+        let split = Tiled::Wgmma {
+            wg,
+            ktiles_per_split: 3usize.div_ceil(cs),
+        };
+        let a = tiled_case(h, split, shape, epi, scale, prep);
+        let b = tiled_case(h, Tiled::ClusterSplit { wg, cs }, shape, epi, scale, prep);
+        let mut outputs = vec![if matches!(epi, 1 | 2) {
+            "c.f32"
+        } else {
+            "c.u16"
+        }];
+        if prep {
+            outputs.extend(["xg.u16", "sq_out.f32"]);
+        }
+        for name in outputs {
+            assert!(
+                a.get::<u8>(name) == b.get::<u8>(name),
+                "wg{wg}_cs{cs} epi {epi}: {name} differs from the workspace split"
+            );
+        }
+    }
 }
 
 /// The RoPE layout of a QKV product: (q heads, kv heads, head_dim, rows per canvas, position of
@@ -431,6 +513,7 @@ fn the_rope_epilogue_equals_the_gemm_then_rope_qkv() {
                 wg: 2,
                 ktiles_per_split: 1,
             },
+            Tiled::ClusterSplit { wg: 2, cs: 2 },
         ] {
             rope_case(h, kernel, (m, n, k), rope, bias);
         }
@@ -695,6 +778,17 @@ fn the_gemm_kernels_have_no_data_races() {
         ktiles_per_split: 1,
     };
     tiled_case(h, wgmma, (70, 224, 192), 2, true, true);
+    // The rings again with every cp.async landing at issue (the earliest): a slot refilled while
+    // a wgmma group that reads it is still in flight races with that read.
+    let early = [("DLLM_EMU_ASYNC", "early")];
+    plain_case_env(
+        h,
+        (150, 144, 104),
+        Plain::Wide(WidePlan::with_ktiles_per_split(150, 144, 104, 2)),
+        2,
+        &early,
+    );
+    tiled_case_env(h, wgmma, (70, 224, 192), 2, true, true, &early);
     tiled_case(
         h,
         Tiled::Stream { blocks: 4 },

@@ -128,9 +128,14 @@ struct Warp {
 };
 
 // The dynamic shared memory of the running block (one block per process at a time), 1024-byte
-// aligned as the device's shared window, and the base of the emulated 32-bit shared addresses.
+// aligned as the device's shared window, and the base of the emulated 32-bit shared addresses:
+// one of kClusterSlots arenas of a static space (slot 0, except in a cluster launch, which makes
+// the space shared between its forked blocks and gives block b slot b, so that a cluster's
+// blocks reach each other's arenas: distributed shared memory).
 constexpr size_t kSharedArenaBytes = 256 * 1024;
-alignas(1024) inline unsigned char shared_arena[kSharedArenaBytes];
+constexpr int kClusterSlots = 16;
+alignas(4096) inline unsigned char shared_space[kClusterSlots * kSharedArenaBytes];
+inline unsigned char* shared_arena = shared_space;
 
 // A named barrier (bar.sync id, count): its participant count is fixed by its first use.
 struct NamedBarrier {
@@ -188,6 +193,14 @@ inline void jitter() {
         std::this_thread::yield();
 }
 
+// The cluster of a cluster launch's block (dllm_emu_launch_concurrent): its size along z, this
+// block's rank, and the cluster's barrier (in MAP_SHARED memory: count and generation).
+struct ClusterBarrier {
+    uint32_t count = 0, generation = 0;
+};
+inline int cluster_size = 1, cluster_rank = 0;
+inline ClusterBarrier* cluster_bar = nullptr;
+
 // `bar.sync id, count`: the first `count` arrivals of this phase release each other.
 inline void named_sync(int id, int count) {
     if (id < 1 || id > 15) fail("named barrier id outside 1..15");
@@ -244,6 +257,37 @@ inline void exchange(const uint64_t* mine, int n, F read) {
 
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
+
+namespace dllm_emu {
+
+// barrier.cluster.arrive.release + wait.acquire: every thread of every block of the cluster.
+inline void cluster_sync() {
+    if (cluster_bar == nullptr) fail("a cluster barrier outside a cluster launch");
+    std::atomic_ref<uint32_t> count(cluster_bar->count), generation(cluster_bar->generation);
+    const uint32_t total = (uint32_t)cluster_size * (blockDim.x * blockDim.y * blockDim.z);
+    const uint32_t gen = generation.load();
+    if (count.fetch_add(1) + 1 == total) {
+        count.store(0);
+        generation.fetch_add(1);
+        return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    while (generation.load() == gen) {
+        std::this_thread::yield();
+        if (std::chrono::steady_clock::now() - start > std::chrono::seconds(60))
+            fail("cluster barrier: no completion within a minute (a block did not arrive)");
+    }
+}
+
+// mapa.shared::cluster: the shared-window address `addr` of this block (in its dynamic arena) as
+// the same offset in the arena of cluster block `rank`.
+inline uint32_t cluster_peer(uint32_t addr, uint32_t rank) {
+    if ((int)rank >= cluster_size) fail("mapa: rank outside the cluster");
+    const int64_t slots = ((int64_t)rank - cluster_rank) * (int64_t)gridDim.x * gridDim.y;
+    return addr + (uint32_t)(slots * (int64_t)kSharedArenaBytes);
+}
+
+}  // namespace dllm_emu
 
 inline void __syncthreads() { dllm_emu::block->sync.arrive_and_wait(); }
 inline void __threadfence() {
@@ -306,9 +350,29 @@ struct AsyncCopy {
 };
 inline thread_local std::vector<AsyncCopy> cp_open;
 inline thread_local std::vector<std::vector<AsyncCopy>> cp_groups;
+inline void cp_perform(const AsyncCopy& c) {
+    unsigned char* d = shared_at(c.dst);
+    if (c.src)
+        std::memcpy(d, c.src, c.bytes);
+    else
+        std::memset(d, 0, c.bytes);
+}
+// DLLM_EMU_ASYNC=early: every copy lands at once instead, the earliest it may (a slot refilled
+// while an asynchronous reader, such as a wgmma still in flight, may read it then shows).
+inline bool cp_early() {
+    static const bool early = [] {
+        const char* v = std::getenv("DLLM_EMU_ASYNC");
+        return v != nullptr && std::strcmp(v, "early") == 0;
+    }();
+    return early;
+}
 inline void cp_async(uint32_t dst, const void* src, bool valid, int bytes) {
     if ((dst % bytes) != 0 || (valid && ((uintptr_t)src % bytes) != 0)) fail("cp.async address not aligned to its size");
-    cp_open.push_back({dst, valid ? src : nullptr, bytes});
+    const AsyncCopy c{dst, valid ? src : nullptr, bytes};
+    if (cp_early())
+        cp_perform(c);
+    else
+        cp_open.push_back(c);
 }
 }  // namespace dllm_emu
 inline void dllm_cp_async16(uint32_t dst, const void* src, bool valid) { dllm_emu::cp_async(dst, src, valid, 16); }
@@ -321,13 +385,7 @@ template <int N>
 inline void dllm_cp_wait() {
     auto& groups = dllm_emu::cp_groups;
     while (groups.size() > (size_t)N) {
-        for (const auto& c : groups.front()) {
-            unsigned char* d = dllm_emu::shared_at(c.dst);
-            if (c.src)
-                std::memcpy(d, c.src, c.bytes);
-            else
-                std::memset(d, 0, c.bytes);
-        }
+        for (const auto& c : groups.front()) dllm_emu::cp_perform(c);
         groups.erase(groups.begin());
     }
 }
@@ -434,11 +492,26 @@ inline void dllm_emu_launch(dim3 grid, dim3 block, F kernel, size_t shared_bytes
 // memory (a plain host allocation is copied into each child, and what the child writes is lost).
 // A block that fails (a sanitizer report, an abort, a watchdog's `__trap`, or `seconds` passing: a
 // deadlock) fails the launch.
+//
+// `cluster_z` > 0 launches clusters of that many blocks along z (grid.z a multiple of it): the
+// blocks' arenas are then slots of one MAP_SHARED space (at most kClusterSlots blocks), so
+// dllm_emu::cluster_peer reaches a peer's shared memory, and dllm_emu::cluster_sync is the
+// cluster barrier.
 template <class F>
 inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t shared_bytes = 0,
-                                       unsigned seconds = 120) {
+                                       unsigned seconds = 120, unsigned cluster_z = 0) {
     gridDim = grid;
     blockDim = block;
+    dllm_emu::ClusterBarrier* bars = nullptr;
+    if (cluster_z > 0) {
+        const size_t blocks = (size_t)grid.x * grid.y * grid.z;
+        if (blocks > (size_t)dllm_emu::kClusterSlots || grid.z % cluster_z != 0)
+            dllm_emu::fail("cluster launch: at most kClusterSlots blocks, grid.z a multiple of the cluster");
+        if (mmap(dllm_emu::shared_space, blocks * dllm_emu::kSharedArenaBytes, PROT_READ | PROT_WRITE,
+                 MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
+            dllm_emu::fail("cluster launch: cannot share the shared-memory space");
+        bars = dllm_emu::device_filled<dllm_emu::ClusterBarrier>(blocks / cluster_z, dllm_emu::ClusterBarrier{});
+    }
     std::fflush(nullptr);
     std::vector<pid_t> children;
     for (unsigned bz = 0; bz < grid.z; ++bz)
@@ -448,6 +521,13 @@ inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t s
                 if (pid < 0) dllm_emu::fail("fork failed");
                 if (pid == 0) {
                     alarm(seconds);
+                    if (cluster_z > 0) {
+                        const size_t b = ((size_t)bz * grid.y + by) * grid.x + bx;
+                        dllm_emu::shared_arena = dllm_emu::shared_space + b * dllm_emu::kSharedArenaBytes;
+                        dllm_emu::cluster_size = (int)cluster_z;
+                        dllm_emu::cluster_rank = (int)(bz % cluster_z);
+                        dllm_emu::cluster_bar = bars + ((size_t)(bz / cluster_z) * grid.y + by) * grid.x + bx;
+                    }
                     dllm_emu_run_block(dim3{bx, by, bz}, block, kernel, shared_bytes);
                     std::fflush(nullptr);
                     _exit(0);

@@ -1,7 +1,8 @@
 // The GEMM kernels on the CPU through cuda_emu.h, sm90_emu.h and wgmma_emu.h, for
 // tests/gemm_emulation.rs: the plain ones of cuda/gemm.cu (gemm_naive, gemm_skinny_mg<G>,
 // gemm_skinny2_mg<G>, gemm_wide: blocks one after another), the Hopper warpgroup-MMA ones of
-// cuda/gemm_wgmma.cu (gemm_wgmma_wg2/3 with split-K through the workspace; not the cluster split)
+// cuda/gemm_wgmma.cu (gemm_wgmma_wg2/3 with split-K through the workspace, and the cluster split
+// gemm_wgmma_wg*_cs* of DLLM_GEMM_CLUSTER_SPLIT through distributed shared memory)
 // and the Hopper weight-streaming ones of cuda/gemm_stream.cu (gemm_stream_mg<G>,
 // and the persistent multi-job kernels gemm_stream_mlp_mg<G>, gemm_stream_tail_mg<G>,
 // gemm_stream_chain_mg<G> of DLLM_FUSED_MLP, DLLM_NORM_FOLD and DLLM_LAYER_CHAIN: every block of a
@@ -17,7 +18,8 @@
 //   tiled   dims [M, N, K, epi, blocks, scale, prep, rope: q_heads, kv_heads, head_dim, period,
 //           offset, seq_rows, bias, kernel, wg, ktiles_per_split, grid x, y, z, workspace floats,
 //           counters]; kernel 0: gemm_stream_mg<G> on `blocks` blocks, 1: gemm_wgmma_wg<wg> on the
-//           grid of the Rust WgmmaPlan (blocks one after another); a.u16 [M, K], w.u16 [N, K], c.f32 (epi 2: the old values),
+//           grid of the Rust WgmmaPlan (blocks one after another), 2: gemm_wgmma_wg<wg>_cs<z> on
+//           that grid (clusters of its z splits, every block at once); a.u16 [M, K], w.u16 [N, K], c.f32 (epi 2: the old values),
 //           sq_in.f32 [M, K / 32] (scale), gamma.f32 [N] (prep), inv_freq.f32 and bias.f32 (rope,
 //           epi 4) -> c.u16 or c.f32, xg.u16 and sq_out.f32 (prep); for epi 4 also k.u16 v.u16 (the
 //           caches), and qkv_ref.u16 k_ref.u16 v_ref.u16: the same GEMM stored as bf16, then
@@ -269,7 +271,7 @@ void save_n(const std::string& name, const T* p, size_t n) {
 // The tiled kernel a `tiled` run launches: gemm_stream_mg<G> on `blocks` blocks, or gemm_wgmma_wg<wg>
 // on the grid (and split-K workspace) of the Rust WgmmaPlan.
 struct Tiled {
-    int kind;  // 0 stream, 1 wgmma
+    int kind;  // 0 stream, 1 wgmma, 2 wgmma cluster split
     int blocks, wg, ktiles_per_split;
     dim3 grid;
     int ws_floats, n_counters;
@@ -296,11 +298,31 @@ void wgmma(const Job& j, const Tiled& t) {
         }
 }
 
+// gemm_wgmma_wg<wg>_cs<CS> on the plan's grid: clusters of the CS = grid.z splits of a tile,
+// summed through distributed shared memory (every block at once, the cluster's arenas shared).
+void cluster_split(const Job& j, const Tiled& t) {
+    const DllmEpiParams ep = j.ep;
+    const unsigned cs = t.grid.z;
+    dllm_emu_launch_concurrent(
+        t.grid, d3(128 * t.wg),
+        [&] {
+            const int kps = t.ktiles_per_split;
+            if (t.wg == 2 && cs == 2) return gemm_wgmma_wg2_cs2(j.a, j.w, j.c, j.M, j.N, j.K, j.epi, kps, ep);
+            if (t.wg == 2 && cs == 3) return gemm_wgmma_wg2_cs3(j.a, j.w, j.c, j.M, j.N, j.K, j.epi, kps, ep);
+            if (t.wg == 3 && cs == 2) return gemm_wgmma_wg3_cs2(j.a, j.w, j.c, j.M, j.N, j.K, j.epi, kps, ep);
+            if (t.wg == 3 && cs == 3) return gemm_wgmma_wg3_cs3(j.a, j.w, j.c, j.M, j.N, j.K, j.epi, kps, ep);
+            dllm_emu::fail("no cluster-split kernel of that shape");
+        },
+        t.wg == 2 ? WgCfg<2>::SMEM_BYTES : WgCfg<3>::SMEM_BYTES, 120, cs);
+}
+
 void run_tiled(const Job& j, const Tiled& t) {
     if (t.kind == 0)
         stream(j, t.blocks);
-    else
+    else if (t.kind == 1)
         wgmma(j, t);
+    else
+        cluster_split(j, t);
 }
 
 int cmd_tiled(const std::vector<int>& dims) {

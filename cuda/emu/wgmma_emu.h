@@ -10,7 +10,8 @@
 // Accumulator layout of m64nN: warp w of the warpgroup owns rows 16 w .. 16 w + 15; lane (g = lane / 4,
 // t = lane % 4) holds, for column block j, (row g, columns 8 j + 2 t, + 1) in d[4 j], d[4 j + 1] and
 // row g + 8 in d[4 j + 2], d[4 j + 3]. Products are summed in fp32 in k order (the device's tensor
-// cores round their sums differently: compare with a tolerance).
+// cores round their sums differently: compare with a tolerance). The cluster split's barrier and
+// distributed shared memory come from a cluster launch (dllm_emu_launch_concurrent).
 #pragma once
 #include "cuda_emu.h"
 
@@ -94,4 +95,15 @@ inline float2 wg_lds64(uint32_t addr) {
     float2 v;
     std::memcpy(&v, dllm_emu::shared_at(addr), 8);
     return v;
+}
+
+// The cluster split's distributed shared memory (dllm_emu_launch_concurrent with cluster_z):
+// the cluster barrier, mapa into a peer's arena, and the 16-byte shared loads and stores.
+inline void wg_cluster_sync() { dllm_emu::cluster_sync(); }
+inline uint32_t wg_mapa(uint32_t addr, uint32_t rank) { return dllm_emu::cluster_peer(addr, rank); }
+inline float4 wg_ld_cluster128(uint32_t addr) { return wg_lds128(addr); }
+inline void wg_sts128(uint32_t addr, float a, float b, float c, float d) {
+    if (addr & 15) dllm_emu::fail("st.shared.v4 not 16-byte aligned");
+    const float4 v{a, b, c, d};
+    std::memcpy(dllm_emu::shared_at(addr), &v, 16);
 }

@@ -128,13 +128,34 @@ impl Run {
 
     /// Runs `harness cmd DIR`, failing the test with the harness's stderr if it fails.
     pub fn exec(&self, harness: &Path, cmd: &str) {
-        let out = Command::new(harness)
-            .arg(cmd)
-            .arg(self.dir.path())
-            // A TSan build stops at its first report (and fails the run).
-            .env("TSAN_OPTIONS", "halt_on_error=1")
-            .output()
-            .unwrap();
+        self.exec_with(harness, cmd, &[]);
+    }
+
+    /// [`Run::exec`] with extra environment variables (`DLLM_EMU_ASYNC=early`: cp.async copies
+    /// land at issue instead of at their wait).
+    pub fn exec_with(&self, harness: &Path, cmd: &str, env: &[(&str, &str)]) {
+        let run = |no_aslr: bool| {
+            let mut c = if no_aslr {
+                let mut c = Command::new("setarch");
+                c.arg(std::env::consts::ARCH).arg("-R").arg(harness);
+                c
+            } else {
+                Command::new(harness)
+            };
+            c.arg(cmd)
+                .arg(self.dir.path())
+                // A TSan build stops at its first report (and fails the run).
+                .env("TSAN_OPTIONS", "halt_on_error=1")
+                .envs(env.iter().copied())
+                .output()
+                .unwrap()
+        };
+        let mut out = run(false);
+        // GCC 12's TSan cannot map its shadow under a kernel's high-entropy ASLR; without
+        // randomisation it can.
+        if String::from_utf8_lossy(&out.stderr).contains("unexpected memory mapping") {
+            out = run(true);
+        }
         assert!(
             out.status.success(),
             "harness {cmd}: {}",
