@@ -199,6 +199,9 @@ fn the_plain_gemm_kernels_match_f64_products() {
     }
     let p = SkinnyPlan::with_version_chunks(2, 20, 208, 96, 1);
     plain_case(h, (20, 208, 96), Plain::Skinny(p), 1);
+    // Wide: 13 K tiles through the 4-slot ring (it wraps three times).
+    let p = WidePlan::with_ktiles_per_split(150, 144, 416, 16);
+    plain_case(h, (150, 144, 416), Plain::Wide(p), 1);
     // Wide: 2 x 2 output tiles (both partial), 4 K tiles (the last partial) whole and in 2 splits.
     for (epi, ktiles) in [(1, 8), (1, 2), (0, 2), (2, 3), (3, 2)] {
         let p = WidePlan::with_ktiles_per_split(150, 144, 104, ktiles);
@@ -350,6 +353,8 @@ fn the_stream_gemm_matches_f64_products_in_every_epilogue() {
         tiled_case(h, stream(3), (17, 136, 200), epi, false, false);
     }
     tiled_case(h, stream(1), (32, 128, 128), 1, false, false);
+    // 16 chunks on one block: the 5-stage ring wraps three times.
+    tiled_case(h, stream(1), (9, 256, 1024), 1, false, false);
     tiled_case(h, stream(3), (9, 256, 256), 2, false, false);
     // The SwiGLU on interleaved rows, with the fold's row scale.
     tiled_case(h, stream(5), (12, 288, 160), 3, true, false);
@@ -365,6 +370,8 @@ fn the_wgmma_gemm_matches_f64_products_in_every_epilogue() {
         wg,
         ktiles_per_split,
     };
+    // Ten K tiles through the 5-slot ring (it wraps twice).
+    tiled_case(h, wgmma(2, 16), (70, 224, 640), 1, false, false);
     // Two 192-column tiles (the second partial), a part M tile, K in 3 splits of one 64-wide tile
     // (the last partial) and unsplit, both block heights.
     for epi in 0..2 {
@@ -789,6 +796,16 @@ fn the_gemm_kernels_have_no_data_races() {
         &early,
     );
     tiled_case_env(h, wgmma, (70, 224, 192), 2, true, true, &early);
+    // Long enough K for the rings to wrap (slots refilled), early and late.
+    let wgmma_long = Tiled::Wgmma {
+        wg: 2,
+        ktiles_per_split: 16,
+    };
+    let wide_long = Plain::Wide(WidePlan::with_ktiles_per_split(150, 144, 416, 16));
+    for env in [&early[..], &[]] {
+        tiled_case_env(h, wgmma_long, (70, 224, 640), 1, false, false, env);
+        plain_case_env(h, (150, 144, 416), wide_long, 1, env);
+    }
     tiled_case(
         h,
         Tiled::Stream { blocks: 4 },
