@@ -31,6 +31,9 @@
 #include <thread>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -134,6 +137,10 @@ struct Warp {
 // blocks reach each other's arenas: distributed shared memory).
 constexpr size_t kSharedArenaBytes = 256 * 1024;
 constexpr int kClusterSlots = 16;
+// Where a block's dynamic shared memory starts in its arena: 128-byte aligned (the most any kernel
+// declares) but not 1024, since on the device static shared memory comes first: a kernel that
+// needs a 1024-aligned ring must align it up itself.
+constexpr size_t kDynamicOffset = 128;
 alignas(4096) inline unsigned char shared_space[kClusterSlots * kSharedArenaBytes];
 inline unsigned char* shared_arena = shared_space;
 
@@ -146,13 +153,22 @@ struct NamedBarrier {
 struct Block {
     Block(int threads, size_t shared_bytes) : sync(threads) {
         for (int w = 0; w * 32 < threads; ++w) warps.push_back(std::make_unique<Warp>(std::min(32, threads - 32 * w)));
-        if (shared_bytes > kSharedArenaBytes) {
+        if (shared_bytes > kSharedArenaBytes - kDynamicOffset) {
             std::fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory (at most %zu)\n", shared_bytes,
-                         kSharedArenaBytes);
+                         kSharedArenaBytes - kDynamicOffset);
             std::abort();
         }
+#if defined(__SANITIZE_ADDRESS__)
+        ASAN_UNPOISON_MEMORY_REGION(shared_arena, kSharedArenaBytes);
+#endif
         // Uninitialised shared memory reads as NaN-like bf16 / f32 garbage, not as zeros.
-        std::memset(shared_arena, 0xff, shared_bytes);
+        std::memset(shared_arena + kDynamicOffset, 0xff, shared_bytes);
+#if defined(__SANITIZE_ADDRESS__)
+        // Past the launch's dynamic shared memory (and before it) is out of bounds, as on the device.
+        ASAN_POISON_MEMORY_REGION(shared_arena, kDynamicOffset);
+        ASAN_POISON_MEMORY_REGION(shared_arena + kDynamicOffset + shared_bytes,
+                                  kSharedArenaBytes - kDynamicOffset - shared_bytes);
+#endif
     }
     std::barrier<> sync;
     std::vector<std::unique_ptr<Warp>> warps;
@@ -164,7 +180,7 @@ inline thread_local Block* block = nullptr;
 inline thread_local Warp* warp = nullptr;
 inline thread_local int lane = 0;
 
-inline void* dynamic_shared() { return shared_arena; }
+inline void* dynamic_shared() { return shared_arena + kDynamicOffset; }
 
 [[noreturn]] inline void fail(const char* what) {
     std::fprintf(stderr, "cuda_emu: %s\n", what);
@@ -316,7 +332,7 @@ inline T dllm_emu_shfl(T v, int src_of_lane_xor, bool is_xor) {
     std::memcpy(&mine, &v, sizeof v);
     T out{};
     dllm_emu::exchange(&mine, 1, [&](uint64_t (&slot)[32][8]) {
-        const int src = is_xor ? (dllm_emu::lane ^ src_of_lane_xor) : (src_of_lane_xor & 31);
+        const int src = (is_xor ? (dllm_emu::lane ^ src_of_lane_xor) : src_of_lane_xor) & 31;
         std::memcpy(&out, &slot[src][0], sizeof out);
     });
     return out;
@@ -395,10 +411,11 @@ inline void dllm_cp_wait() {
 // half), or with `trans` column l / 4, rows 2 (l % 4) and + 1.
 inline void dllm_emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
     if (addr & 15) dllm_emu::fail("ldmatrix row address not 16-byte aligned");
-    if (dllm_emu::warp->live.load() != 32) dllm_emu::fail("ldmatrix with lanes missing");
     const uint64_t mine = addr;
     const int l = dllm_emu::lane;
     dllm_emu::exchange(&mine, 1, [&](uint64_t (&slot)[32][8]) {
+        // Checked inside the rendezvous, where no lane can be on its way out.
+        if (dllm_emu::warp->live.load() != 32) dllm_emu::fail("ldmatrix with lanes missing");
         auto elem = [&](int matrix, int row, int col) {
             uint16_t v;
             std::memcpy(&v, dllm_emu::shared_at((uint32_t)slot[8 * matrix + row][0] + 2 * col), 2);
@@ -419,15 +436,12 @@ inline void dllm_emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
 // in fp32 in k order (the device truncates its sums differently: compare with a tolerance).
 inline void dllm_emu_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                               uint32_t b1) {
-    if (dllm_emu::warp->live.load() != 32) {
-        std::fprintf(stderr, "cuda_emu: mma.sync with %d of 32 lanes live (undefined on the device)\n",
-                     dllm_emu::warp->live.load());
-        std::abort();
-    }
     const uint64_t mine[6] = {a0, a1, a2, a3, b0, b1};
     const int g = dllm_emu::lane >> 2, t = dllm_emu::lane & 3;
     float out[4];
     dllm_emu::exchange(mine, 6, [&](uint64_t (&slot)[32][8]) {
+        // Checked inside the rendezvous, where no lane can be on its way out.
+        if (dllm_emu::warp->live.load() != 32) dllm_emu::fail("mma.sync with lanes missing (undefined on the device)");
         auto half = [](uint64_t reg, int k) { return __uint_as_float(((uint32_t)(reg >> (16 * (k & 1))) & 0xffffu) << 16); };
         auto a = [&](int row, int k) {
             const int owner = 4 * (row & 7) + ((k & 7) >> 1);
@@ -510,6 +524,10 @@ inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t s
         if (mmap(dllm_emu::shared_space, blocks * dllm_emu::kSharedArenaBytes, PROT_READ | PROT_WRITE,
                  MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
             dllm_emu::fail("cluster launch: cannot share the shared-memory space");
+#if defined(__SANITIZE_ADDRESS__)
+        // Every slot readable by every block (each poisons only its own slot's unused part).
+        ASAN_UNPOISON_MEMORY_REGION(dllm_emu::shared_space, sizeof dllm_emu::shared_space);
+#endif
         bars = dllm_emu::device_filled<dllm_emu::ClusterBarrier>(blocks / cluster_z, dllm_emu::ClusterBarrier{});
     }
     std::fflush(nullptr);
@@ -529,6 +547,14 @@ inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t s
                         dllm_emu::cluster_bar = bars + ((size_t)(bz / cluster_z) * grid.y + by) * grid.x + bx;
                     }
                     dllm_emu_run_block(dim3{bx, by, bz}, block, kernel, shared_bytes);
+                    // A cluster block's shared memory is gone once it exits: a peer still reading
+                    // it (no closing cluster barrier) reads garbage.
+                    if (cluster_z > 0) {
+#if defined(__SANITIZE_ADDRESS__)
+                        ASAN_UNPOISON_MEMORY_REGION(dllm_emu::shared_arena, dllm_emu::kSharedArenaBytes);
+#endif
+                        std::memset(dllm_emu::shared_arena, 0xff, dllm_emu::kSharedArenaBytes);
+                    }
                     std::fflush(nullptr);
                     _exit(0);
                 }
@@ -546,4 +572,9 @@ inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t s
         }
     }
     if (!ok) std::exit(1);
+    // The space private again (a later launch's forked blocks must not share it).
+    if (cluster_z > 0 &&
+        mmap(dllm_emu::shared_space, sizeof dllm_emu::shared_space, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
+        dllm_emu::fail("cluster launch: cannot make the shared-memory space private again");
 }

@@ -7,7 +7,8 @@
 // group, and wgmma.wait_group N retires all but the newest N groups. The emulation performs an
 // operation only when its group is retired, the latest the device may read the operands and write
 // the accumulators: a kernel that refills an operand slot before waiting reads the new data here.
-// Accumulator layout of m64nN: warp w of the warpgroup owns rows 16 w .. 16 w + 15; lane (g = lane / 4,
+// (DLLM_EMU_ASYNC=wgmma-early reads the operands at issue instead.) Accumulator layout of m64nN:
+// warp w of the warpgroup owns rows 16 w .. 16 w + 15; lane (g = lane / 4,
 // t = lane % 4) holds, for column block j, (row g, columns 8 j + 2 t, + 1) in d[4 j], d[4 j + 1] and
 // row g + 8 in d[4 j + 2], d[4 j + 3]. Products are summed in fp32 in k order (the device's tensor
 // cores round their sums differently: compare with a tolerance). The cluster split's barrier and
@@ -20,6 +21,7 @@ namespace dllm_emu {
 struct WgmmaOp {
     float* d;
     uint64_t da, db;
+    std::vector<float> product;  // DLLM_EMU_ASYNC=wgmma-early: A·B read at issue, added at retirement
 };
 inline thread_local std::vector<WgmmaOp> wg_open;
 inline thread_local std::vector<std::vector<WgmmaOp>> wg_groups;
@@ -37,16 +39,36 @@ inline float wg_operand(uint64_t desc, int row, int k) {
     return __uint_as_float((uint32_t)v << 16);
 }
 
-// One m64n192k16 operation of the calling thread's accumulators.
-inline void wg_perform(const WgmmaOp& op, int wtid) {
+// The calling thread's 96 elements of A·B (m64n192k16), each summed onto `acc` in k order.
+inline void wg_products(uint64_t da, uint64_t db, int wtid, float* acc) {
     const int w = wtid >> 5, g = (wtid & 31) >> 2, t = wtid & 3;
     for (int j = 0; j < 24; ++j)
         for (int q = 0; q < 4; ++q) {
             const int row = 16 * w + g + (q < 2 ? 0 : 8), col = 8 * j + 2 * t + (q & 1);
-            float s = op.d[4 * j + q];
-            for (int k = 0; k < 16; ++k) s += wg_operand(op.da, row, k) * wg_operand(op.db, col, k);
-            op.d[4 * j + q] = s;
+            float s = acc[4 * j + q];
+            for (int k = 0; k < 16; ++k) s += wg_operand(da, row, k) * wg_operand(db, col, k);
+            acc[4 * j + q] = s;
         }
+}
+
+// DLLM_EMU_ASYNC=wgmma-early: operands read at issue (the earliest the device may), the result
+// added when the group retires; with cp.async landing at its wait (the latest), a wgmma issued
+// on a tile whose copies were not waited for reads the poison.
+inline bool wg_early() {
+    static const bool early = [] {
+        const char* v = std::getenv("DLLM_EMU_ASYNC");
+        return v != nullptr && std::strcmp(v, "wgmma-early") == 0;
+    }();
+    return early;
+}
+
+// One m64n192k16 operation of the calling thread's accumulators, retired.
+inline void wg_perform(const WgmmaOp& op, int wtid) {
+    if (op.product.empty()) {
+        wg_products(op.da, op.db, wtid, op.d);
+        return;
+    }
+    for (int i = 0; i < 96; ++i) op.d[i] += op.product[i];
 }
 
 }  // namespace dllm_emu
@@ -72,7 +94,12 @@ inline void wg_mma_n192(float (&d)[96], uint64_t da, uint64_t db) {
     dllm_emu::exchange(&none, 1, [](uint64_t (&)[32][8]) {
         if (dllm_emu::warp->live.load() != 32) dllm_emu::fail("wgmma with lanes missing");
     });
-    dllm_emu::wg_open.push_back({d, da, db});
+    dllm_emu::WgmmaOp op{d, da, db, {}};
+    if (dllm_emu::wg_early()) {
+        op.product.assign(96, 0.0f);
+        dllm_emu::wg_products(da, db, (int)(threadIdx.x & 127), op.product.data());
+    }
+    dllm_emu::wg_open.push_back(std::move(op));
 }
 // bar.sync id, threads; id 0 is the block barrier (__syncthreads), which needs every thread.
 inline void wg_bar_sync(int id, int threads) {

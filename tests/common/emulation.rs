@@ -131,8 +131,9 @@ impl Run {
         self.exec_with(harness, cmd, &[]);
     }
 
-    /// [`Run::exec`] with extra environment variables (`DLLM_EMU_ASYNC=early`: cp.async copies
-    /// land at issue instead of at their wait).
+    /// [`Run::exec`] with extra environment variables: `DLLM_EMU_ASYNC=early` makes cp.async
+    /// copies land at issue instead of at their wait, `wgmma-early` makes wgmma read its operands
+    /// at issue instead of when its group retires.
     pub fn exec_with(&self, harness: &Path, cmd: &str, env: &[(&str, &str)]) {
         let run = |no_aslr: bool| {
             let mut c = if no_aslr {
