@@ -101,11 +101,7 @@ int cmd_attn(const std::vector<int>& d) {
                                              ws, counters, tps);
                 },
                 (size_t)(64 + 2 * DLLM_ATTN_STAGES * 64) * hd * 2);
-            for (size_t u = 0; u < units; ++u)
-                if (counters[u] != 0u) {
-                    std::fprintf(stderr, "attention_harness: a split counter was left at %u\n", counters[u]);
-                    return 1;
-                }
+            expect_zero(counters, units, "the split attention");
             break;
         }
         default:
@@ -125,14 +121,4 @@ int cmd_attn(const std::vector<int>& d) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-    if (argc != 3) {
-        std::fprintf(stderr, "usage: attention_harness attn DIR\n");
-        return 2;
-    }
-    const std::string cmd = argv[1];
-    const auto dims = start(argv[2]);
-    if (cmd == "attn") return cmd_attn(dims);
-    std::fprintf(stderr, "attention_harness: unknown command %s\n", cmd.c_str());
-    return 2;
-}
+int main(int argc, char** argv) { return dllm_harness::dispatch(argc, argv, "attention_harness", {{"attn", cmd_attn}}); }

@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -187,6 +188,26 @@ inline void* dynamic_shared() { return shared_arena + kDynamicOffset; }
     std::abort();
 }
 
+// Polls until `done()`, yielding; a wait of more than a minute is a deadlock and fails the run.
+template <class F>
+inline void poll(const char* what, F done) {
+    const auto start = std::chrono::steady_clock::now();
+    while (!done()) {
+        std::this_thread::yield();
+        if (std::chrono::steady_clock::now() - start > std::chrono::seconds(60)) fail(what);
+    }
+}
+
+// Whether DLLM_EMU_ASYNC names `mode` (read once): which asynchronous operations complete at
+// issue instead of at their wait ("early": cp.async copies; "wgmma-early": wgmma operand reads).
+inline bool async_mode_is(const char* mode) {
+    static const std::string value = [] {
+        const char* v = std::getenv("DLLM_EMU_ASYNC");
+        return std::string(v ? v : "");
+    }();
+    return value == mode;
+}
+
 // A shared-window address (`__cvta_generic_to_shared`) back to a pointer. Addresses are offsets
 // from the arena, taken modulo 2^32 (the statics of `__shared__` lie within +-2 GB of it).
 inline unsigned char* shared_at(uint32_t addr) { return shared_arena + (int64_t)(int32_t)addr; }
@@ -287,12 +308,8 @@ inline void cluster_sync() {
         generation.fetch_add(1);
         return;
     }
-    const auto start = std::chrono::steady_clock::now();
-    while (generation.load() == gen) {
-        std::this_thread::yield();
-        if (std::chrono::steady_clock::now() - start > std::chrono::seconds(60))
-            fail("cluster barrier: no completion within a minute (a block did not arrive)");
-    }
+    poll("cluster barrier: no completion within a minute (a block did not arrive)",
+         [&] { return generation.load() != gen; });
 }
 
 // mapa.shared::cluster: the shared-window address `addr` of this block (in its dynamic arena) as
@@ -375,13 +392,7 @@ inline void cp_perform(const AsyncCopy& c) {
 }
 // DLLM_EMU_ASYNC=early: every copy lands at once instead, the earliest it may (a slot refilled
 // while an asynchronous reader, such as a wgmma still in flight, may read it then shows).
-inline bool cp_early() {
-    static const bool early = [] {
-        const char* v = std::getenv("DLLM_EMU_ASYNC");
-        return v != nullptr && std::strcmp(v, "early") == 0;
-    }();
-    return early;
-}
+inline bool cp_early() { return async_mode_is("early"); }
 inline void cp_async(uint32_t dst, const void* src, bool valid, int bytes) {
     if ((dst % bytes) != 0 || (valid && ((uintptr_t)src % bytes) != 0)) fail("cp.async address not aligned to its size");
     const AsyncCopy c{dst, valid ? src : nullptr, bytes};

@@ -71,13 +71,7 @@ Scratch scratch(const Job& j, int blocks, int G) {
 }
 
 // Every reduction counter back at zero, as the next launch needs.
-void check_counters(const Scratch& s, const char* what) {
-    for (int i = 0; i < s.n_counters; ++i)
-        if (s.counters[i] != 0u) {
-            std::fprintf(stderr, "gemm_harness: %s left counter %d at %u\n", what, i, s.counters[i]);
-            std::exit(1);
-        }
-}
+void check_counters(const Scratch& s, const char* what) { expect_zero(s.counters, s.n_counters, what); }
 
 size_t smem_of(int G) {
     switch (G) {
@@ -161,11 +155,7 @@ void fused(const std::vector<Job>& jobs, int blocks) {
         },
         smem_of(G));
     for (size_t i = 0; i < n; ++i) check_counters(s[i], "the fused launch");
-    for (int i = 0; i < 6; ++i)
-        if (grid_bar[i] != 0u) {
-            std::fprintf(stderr, "gemm_harness: the fused launch left grid_bar[%d] at %u\n", i, grid_bar[i]);
-            std::exit(1);
-        }
+    expect_zero(grid_bar, 6, "the fused launch's grid barrier");
 }
 
 // One launch of a cuda/gemm.cu kernel on the plan's grid.
@@ -213,11 +203,7 @@ int cmd_gemm(const std::vector<int>& d) {
                 grid, d3(WIDE_THREADS), [&] { gemm_wide(A, W, c, wsp, cp, M, N, K, epi, per_split); },
                 WIDE_SMEM_BYTES);
     }
-    for (unsigned v : counters)
-        if (v != 0u) {
-            std::fprintf(stderr, "gemm_harness: a split-K counter was left at %u\n", v);
-            return 1;
-        }
+    expect_zero(counters.data(), counters.size(), "the split-K GEMM");
     if (f32)
         save("c.f32", cf);
     else
@@ -291,11 +277,7 @@ void wgmma(const Job& j, const Tiled& t) {
                 gemm_wgmma_wg3(j.a, j.w, j.c, ws.data(), counters.data(), j.M, j.N, j.K, j.epi, t.ktiles_per_split, ep);
         },
         t.wg == 2 ? WgCfg<2>::SMEM_BYTES : WgCfg<3>::SMEM_BYTES);
-    for (unsigned v : counters)
-        if (v != 0u) {
-            std::fprintf(stderr, "gemm_harness: a wgmma split-K counter was left at %u\n", v);
-            std::exit(1);
-        }
+    expect_zero(counters.data(), counters.size(), "the wgmma split-K GEMM");
 }
 
 // gemm_wgmma_wg<wg>_cs<CS> on the plan's grid: clusters of the CS = grid.z splits of a tile,
@@ -499,15 +481,6 @@ int cmd_layer(const std::vector<int>& dims) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 3) {
-        std::fprintf(stderr, "usage: gemm_harness gemm|tiled|layer DIR\n");
-        return 2;
-    }
-    const std::string cmd = argv[1];
-    const auto dims = start(argv[2]);
-    if (cmd == "gemm") return cmd_gemm(dims);
-    if (cmd == "tiled") return cmd_tiled(dims);
-    if (cmd == "layer") return cmd_layer(dims);
-    std::fprintf(stderr, "gemm_harness: unknown command %s\n", cmd.c_str());
-    return 2;
+    return dllm_harness::dispatch(argc, argv, "gemm_harness",
+                                  {{"gemm", cmd_gemm}, {"tiled", cmd_tiled}, {"layer", cmd_layer}});
 }

@@ -269,19 +269,12 @@ int cmd_commit(const std::vector<int>& dims) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 3) {
-        std::fprintf(stderr, "usage: harness route|grouped|mixture|heads|rope_qkv|predict|commit DIR\n");
-        return 2;
-    }
-    const std::string cmd = argv[1];
-    const auto dims = start(argv[2]);
-    if (cmd == "route") return cmd_route(dims);
-    if (cmd == "grouped") return cmd_grouped(dims);
-    if (cmd == "mixture") return cmd_mixture(dims);
-    if (cmd == "heads") return cmd_heads(dims);
-    if (cmd == "rope_qkv") return cmd_rope_qkv(dims);
-    if (cmd == "predict") return cmd_predict(dims);
-    if (cmd == "commit") return cmd_commit(dims);
-    std::fprintf(stderr, "harness: unknown command %s\n", cmd.c_str());
-    return 2;
+    return dllm_harness::dispatch(argc, argv, "harness",
+                                  {{"route", cmd_route},
+                                   {"grouped", cmd_grouped},
+                                   {"mixture", cmd_mixture},
+                                   {"heads", cmd_heads},
+                                   {"rope_qkv", cmd_rope_qkv},
+                                   {"predict", cmd_predict},
+                                   {"commit", cmd_commit}});
 }

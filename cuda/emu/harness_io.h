@@ -5,7 +5,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -54,6 +56,35 @@ inline std::vector<int> start(const char* folder) {
     dir = folder;
     alarm(600);
     return load<int>("dims.i32");
+}
+
+// Fails the run unless every one of the `n` reduction counters at `c` is back at zero (the
+// launches' last-arriving blocks reset them, as the next launch needs).
+inline void expect_zero(const unsigned* c, size_t n, const char* what) {
+    for (size_t i = 0; i < n; ++i)
+        if (c[i] != 0u) {
+            std::fprintf(stderr, "harness: %s left counter %zu at %u\n", what, i, c[i]);
+            std::exit(1);
+        }
+}
+
+using Command = int (*)(const std::vector<int>&);
+
+// A harness's main: `NAME COMMAND DIR` runs the command named COMMAND on DIR's dims.
+inline int dispatch(int argc, char** argv, const char* name,
+                    std::initializer_list<std::pair<const char*, Command>> commands) {
+    if (argc != 3) {
+        std::string names;
+        for (const auto& c : commands) names += (names.empty() ? "" : "|") + std::string(c.first);
+        std::fprintf(stderr, "usage: %s %s DIR\n", name, names.c_str());
+        return 2;
+    }
+    const std::string cmd = argv[1];
+    const auto dims = start(argv[2]);
+    for (const auto& c : commands)
+        if (cmd == c.first) return c.second(dims);
+    std::fprintf(stderr, "%s: unknown command %s\n", name, cmd.c_str());
+    return 2;
 }
 
 }  // namespace dllm_harness

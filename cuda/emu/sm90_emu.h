@@ -12,8 +12,6 @@
 #pragma once
 #include "cuda_emu.h"
 
-#include <chrono>
-
 // What cuTensorMapEncodeTiled writes, as the emulation reads it: a 2-D bf16 matrix (K elements per
 // row, `rows` rows, row stride k * 2 bytes), a box of 64 x box_rows, 128-byte swizzle, zero fill.
 struct alignas(64) CUtensorMap {
@@ -64,16 +62,6 @@ inline void bar_update(uint32_t addr, int arrivals, int64_t tx) {
         else
             next = (s & kPhase) | (txv << 40) | (expected << 20) | pending;
         if (word.compare_exchange_weak(s, next)) return;
-    }
-}
-
-// Polls until `done()`, yielding; a wait of more than a minute is a deadlock and fails the run.
-template <class F>
-inline void poll(const char* what, F done) {
-    const auto start = std::chrono::steady_clock::now();
-    while (!done()) {
-        std::this_thread::yield();
-        if (std::chrono::steady_clock::now() - start > std::chrono::seconds(60)) fail(what);
     }
 }
 

@@ -54,13 +54,7 @@ inline void wg_products(uint64_t da, uint64_t db, int wtid, float* acc) {
 // DLLM_EMU_ASYNC=wgmma-early: operands read at issue (the earliest the device may), the result
 // added when the group retires; with cp.async landing at its wait (the latest), a wgmma issued
 // on a tile whose copies were not waited for reads the poison.
-inline bool wg_early() {
-    static const bool early = [] {
-        const char* v = std::getenv("DLLM_EMU_ASYNC");
-        return v != nullptr && std::strcmp(v, "wgmma-early") == 0;
-    }();
-    return early;
-}
+inline bool wg_early() { return dllm_emu::async_mode_is("wgmma-early"); }
 
 // One m64n192k16 operation of the calling thread's accumulators, retired.
 inline void wg_perform(const WgmmaOp& op, int wtid) {
