@@ -17,7 +17,7 @@
 
 use dllm::backend::cpu::rope_inv_freq;
 use dllm::backend::cuda::check::{from_bf16_bits, random_f32, rel_l2, round_bf16, to_bf16_bits};
-use dllm::backend::cuda::gemm::{SkinnyPlan, WgmmaPlan, WidePlan};
+use dllm::backend::cuda::gemm::{reference, SkinnyPlan, WgmmaPlan, WidePlan};
 use dllm::backend::cuda::gemm_mlp::{MlpJobs, MlpPlan};
 use dllm::backend::cuda::gemm_stream::StreamPlan;
 use dllm::backend::cuda::swiglu_layout;
@@ -50,17 +50,10 @@ fn bf16_values(seed: u64, n: usize, s: f32) -> Vec<f32> {
     round_bf16(&random_f32(seed, n, -s, s))
 }
 
-/// `a · wᵀ` in f64 (`a` m × k, `w` n × k).
+/// `a · wᵀ` in f64 (`a` m × k, `w` n × k, both bf16 values): the GPU checks' reference.
 fn product(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
-    let mut out = vec![0.0; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            out[i * n + j] = (0..k)
-                .map(|x| a[i * k + x] as f64 * w[j * k + x] as f64)
-                .sum();
-        }
-    }
-    out
+    let cols: Vec<usize> = (0..n).collect();
+    reference(&to_bf16_bits(a), &to_bf16_bits(w), m, k, &cols)
 }
 
 /// The norm fold's row scales from `[m, parts]` partial sums of squares over width `d`.

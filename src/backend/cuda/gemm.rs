@@ -1629,7 +1629,7 @@ mod selftest;
 pub(in crate::backend::cuda) use super::check::{download, upload};
 pub(in crate::backend::cuda) use bench::BenchBuffers;
 pub use bench::{bench, time_shape};
-pub(in crate::backend::cuda) use checks::reference;
+pub use checks::reference;
 use checks::{random_bf16, GUARD};
 pub use checks::{self_check, tol_f32};
 pub use plan::{GemmPlan, SkinnyPlan, WgmmaPlan, WidePlan};

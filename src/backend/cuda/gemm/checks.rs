@@ -38,14 +38,9 @@ pub(super) fn random_bf16(seed: u64, n: usize) -> Vec<u16> {
 }
 
 /// f64 reference `Σ_k a[r, k]·w[c, k]` for every row `r < m` and each column in `cols`, laid out
-/// `[m][cols.len()]`, from the bf16 bits the GPU sees.
-pub(in crate::backend::cuda) fn reference(
-    a: &[u16],
-    w: &[u16],
-    m: usize,
-    k: usize,
-    cols: &[usize],
-) -> Vec<f64> {
+/// `[m][cols.len()]`, from the bf16 bits the GPU sees (public for the kernels' CPU emulation,
+/// tests/gemm_emulation.rs).
+pub fn reference(a: &[u16], w: &[u16], m: usize, k: usize, cols: &[usize]) -> Vec<f64> {
     let wf: Vec<Vec<f64>> = cols
         .par_iter()
         .map(|&c| {
