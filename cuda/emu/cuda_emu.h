@@ -35,6 +35,17 @@
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #endif
+#if defined(DLLM_EMU_FIBERS)
+#include "fibers.h"
+// Per CUDA thread: thread_local in the thread mode; in the fiber mode plain globals that each
+// fiber swaps in when it runs (fibers::fiber_local).
+#define DLLM_EMU_TLS
+#define DLLM_EMU_FIBER_LOCAL(var) \
+    inline const bool dllm_emu_fiber_local_##var = dllm_emu::fibers::fiber_local(var)
+#else
+#define DLLM_EMU_TLS thread_local
+#define DLLM_EMU_FIBER_LOCAL(var) static_assert(true, "")
+#endif
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -122,11 +133,43 @@ inline float __expf(float x) { return std::exp(x); }
 
 namespace dllm_emu {
 
+// Lets other CUDA threads run: an OS yield in the thread mode, a fiber switch in the fiber mode.
+inline void relax() {
+#if defined(DLLM_EMU_FIBERS)
+    fibers::yield();
+#else
+    std::this_thread::yield();
+#endif
+}
+
+#if defined(DLLM_EMU_FIBERS)
+// std::barrier's arrive_and_wait / arrive_and_drop for fibers: waiting switches fibers.
+class EmuBarrier {
+  public:
+    explicit EmuBarrier(std::ptrdiff_t expected) : expected_(expected) {}
+    void arrive_and_wait();
+    void arrive_and_drop() {
+        --expected_;
+        if (count_ > 0 && count_ == expected_) complete();
+    }
+
+  private:
+    void complete() {
+        count_ = 0;
+        ++generation_;
+    }
+    std::ptrdiff_t expected_, count_ = 0;
+    uint64_t generation_ = 0;
+};
+#else
+using EmuBarrier = std::barrier<>;
+#endif
+
 // One warp's rendezvous: a barrier of its live lanes, their count, and a slot per lane for
 // exchanges (an exited lane's slots are zero: it takes no part in a ballot).
 struct Warp {
     explicit Warp(int lanes) : bar(lanes), live(lanes) {}
-    std::barrier<> bar;
+    EmuBarrier bar;
     std::atomic<int> live;
     uint64_t slot[32][8] = {};
 };
@@ -137,7 +180,7 @@ struct Warp {
 // the space shared between its forked blocks and gives block b slot b, so that a cluster's
 // blocks reach each other's arenas: distributed shared memory).
 constexpr size_t kSharedArenaBytes = 256 * 1024;
-constexpr int kClusterSlots = 16;
+constexpr int kClusterSlots = 64;
 // Where a block's dynamic shared memory starts in its arena: 128-byte aligned (the most any kernel
 // declares) but not 1024, since on the device static shared memory comes first: a kernel that
 // needs a 1024-aligned ring must align it up itself.
@@ -148,7 +191,7 @@ inline unsigned char* shared_arena = shared_space;
 // A named barrier (bar.sync id, count): its participant count is fixed by its first use.
 struct NamedBarrier {
     std::atomic<int> count{0};
-    std::unique_ptr<std::barrier<>> bar;
+    std::unique_ptr<EmuBarrier> bar;
 };
 
 struct Block {
@@ -171,15 +214,18 @@ struct Block {
                                   kSharedArenaBytes - kDynamicOffset - shared_bytes);
 #endif
     }
-    std::barrier<> sync;
+    EmuBarrier sync;
     std::vector<std::unique_ptr<Warp>> warps;
     std::mutex named_lock;
     NamedBarrier named[16];
 };
 
-inline thread_local Block* block = nullptr;
-inline thread_local Warp* warp = nullptr;
-inline thread_local int lane = 0;
+inline DLLM_EMU_TLS Block* block = nullptr;
+inline DLLM_EMU_TLS Warp* warp = nullptr;
+inline DLLM_EMU_TLS int lane = 0;
+DLLM_EMU_FIBER_LOCAL(block);
+DLLM_EMU_FIBER_LOCAL(warp);
+DLLM_EMU_FIBER_LOCAL(lane);
 
 inline void* dynamic_shared() { return shared_arena + kDynamicOffset; }
 
@@ -191,12 +237,30 @@ inline void* dynamic_shared() { return shared_arena + kDynamicOffset; }
 // Polls until `done()`, yielding; a wait of more than a minute is a deadlock and fails the run.
 template <class F>
 inline void poll(const char* what, F done) {
-    const auto start = std::chrono::steady_clock::now();
-    while (!done()) {
-        std::this_thread::yield();
-        if (std::chrono::steady_clock::now() - start > std::chrono::seconds(60)) fail(what);
+    // The clock only now and then (reading it costs more than a fiber switch): the minute is
+    // counted from the 1024th spin.
+    std::chrono::steady_clock::time_point start{};
+    for (uint64_t spins = 1; !done(); ++spins) {
+        relax();
+        if ((spins & 1023) == 0) {
+            const auto now = std::chrono::steady_clock::now();
+            if (spins == 1024) start = now;
+            else if (now - start > std::chrono::seconds(60)) fail(what);
+        }
     }
 }
+
+#if defined(DLLM_EMU_FIBERS)
+inline void EmuBarrier::arrive_and_wait() {
+    const uint64_t generation = generation_;
+    if (++count_ == expected_) {
+        complete();
+        return;
+    }
+    poll("a barrier: no completion within a minute (a thread never arrived)",
+         [&] { return generation_ != generation; });
+}
+#endif
 
 // Whether DLLM_EMU_ASYNC names `mode` (read once): which asynchronous operations complete at
 // issue instead of at their wait ("early": cp.async copies; "wgmma-early": wgmma operand reads).
@@ -217,6 +281,11 @@ inline unsigned char* shared_at(uint32_t addr) { return shared_arena + (int64_t)
 // the interleavings a real device produces (a block that arrives last, a partial read before it
 // is written) show up in a few runs instead of never.
 inline void jitter() {
+#if defined(DLLM_EMU_FIBERS)
+    // One thread runs at a time: switching here is what lets the others interleave.
+    relax();
+    return;
+#endif
     thread_local uint64_t state = 0;
     if (state == 0)
         state = (uint64_t)std::hash<std::thread::id>{}(std::this_thread::get_id()) ^
@@ -246,7 +315,7 @@ inline void named_sync(int id, int count) {
         std::lock_guard<std::mutex> g(block->named_lock);
         if (!nb.bar) {
             nb.count = count;
-            nb.bar = std::make_unique<std::barrier<>>(count);
+            nb.bar = std::make_unique<EmuBarrier>(count);
         }
     }
     if (nb.count != count) fail("named barrier used with two thread counts");
@@ -292,7 +361,9 @@ inline void exchange(const uint64_t* mine, int n, F read) {
 
 }  // namespace dllm_emu
 
-inline thread_local dim3 threadIdx, blockIdx;
+inline DLLM_EMU_TLS dim3 threadIdx, blockIdx;
+DLLM_EMU_FIBER_LOCAL(threadIdx);
+DLLM_EMU_FIBER_LOCAL(blockIdx);
 inline dim3 blockDim, gridDim;
 
 namespace dllm_emu {
@@ -334,7 +405,7 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
     return old;
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { dllm_emu::warp->bar.arrive_and_wait(); }
-inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+inline void __nanosleep(unsigned) { dllm_emu::relax(); }
 [[noreturn]] inline void __trap() { dllm_emu::fail("__trap() (a kernel's watchdog or assertion)"); }
 inline size_t __cvta_generic_to_shared(const void* p) {
     const int64_t off = (const unsigned char*)p - dllm_emu::shared_arena;
@@ -381,8 +452,10 @@ struct AsyncCopy {
     const void* src;
     int bytes;
 };
-inline thread_local std::vector<AsyncCopy> cp_open;
-inline thread_local std::vector<std::vector<AsyncCopy>> cp_groups;
+inline DLLM_EMU_TLS std::vector<AsyncCopy> cp_open;
+inline DLLM_EMU_TLS std::vector<std::vector<AsyncCopy>> cp_groups;
+DLLM_EMU_FIBER_LOCAL(cp_open);
+DLLM_EMU_FIBER_LOCAL(cp_groups);
 inline void cp_perform(const AsyncCopy& c) {
     unsigned char* d = shared_at(c.dst);
     if (c.src)
@@ -454,49 +527,56 @@ inline void dllm_emu_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t 
         // Checked inside the rendezvous, where no lane can be on its way out.
         if (dllm_emu::warp->live.load() != 32) dllm_emu::fail("mma.sync with lanes missing (undefined on the device)");
         auto half = [](uint64_t reg, int k) { return __uint_as_float(((uint32_t)(reg >> (16 * (k & 1))) & 0xffffu) << 16); };
-        auto a = [&](int row, int k) {
-            const int owner = 4 * (row & 7) + ((k & 7) >> 1);
-            const int reg = (row < 8 ? 0 : 1) + (k < 8 ? 0 : 2);
-            return half(slot[owner][reg], k);
-        };
-        auto b = [&](int k, int col) {
-            const int owner = 4 * col + ((k & 7) >> 1);
-            return half(slot[owner][4 + (k < 8 ? 0 : 1)], k);
-        };
+        // This lane's rows g, g + 8 of A and columns 2t, 2t + 1 of B, decoded once.
+        float a[2][16], b[2][16];
+        for (int k = 0; k < 16; ++k) {
+            const int quad = (k & 7) >> 1, high = k < 8 ? 0 : 1;
+            for (int h = 0; h < 2; ++h) {
+                a[h][k] = half(slot[4 * g + quad][h + 2 * high], k);
+                b[h][k] = half(slot[4 * (2 * t + h) + quad][4 + high], k);
+            }
+        }
         for (int q = 0; q < 4; ++q) {
-            const int row = g + (q < 2 ? 0 : 8), col = 2 * t + (q & 1);
+            const float* row = a[q < 2 ? 0 : 1];
+            const float* col = b[q & 1];
             float s = d[q];
-            for (int k = 0; k < 16; ++k) s += a(row, k) * b(k, col);
+            for (int k = 0; k < 16; ++k) s += row[k] * col[k];
             out[q] = s;
         }
     });
     for (int q = 0; q < 4; ++q) d[q] = out[q];
 }
 
-// Runs one block of `kernel` (one OS thread per CUDA thread) to its end.
+// Runs one block of `kernel` (one OS thread per CUDA thread, or one fiber in the fiber mode) to
+// its end.
 template <class F>
 inline void dllm_emu_run_block(dim3 idx, dim3 block, F& kernel, size_t shared_bytes) {
     const int threads = (int)(block.x * block.y * block.z);
     dllm_emu::Block b(threads, shared_bytes);
+    auto thread = [&](int t) {
+        threadIdx = {(unsigned)t % block.x, ((unsigned)t / block.x) % block.y, (unsigned)t / (block.x * block.y)};
+        blockIdx = idx;
+        dllm_emu::block = &b;
+        dllm_emu::warp = b.warps[t / 32].get();
+        dllm_emu::lane = t % 32;
+        kernel();
+        // A finished thread leaves its barriers, as an exited thread on the device (its
+        // slots cleared first: its drop is its arrival, no lane reads them before the next
+        // phase).
+        std::memset(dllm_emu::warp->slot[dllm_emu::lane], 0, sizeof dllm_emu::warp->slot[0]);
+        dllm_emu::warp->live.fetch_sub(1);
+        dllm_emu::warp->bar.arrive_and_drop();
+        b.sync.arrive_and_drop();
+    };
+#if defined(DLLM_EMU_FIBERS)
+    dllm_emu::fibers::run(
+        threads, [](void* context, int t) { (*static_cast<decltype(thread)*>(context))(t); }, &thread);
+#else
     std::vector<std::thread> pool;
     pool.reserve(threads);
-    for (int t = 0; t < threads; ++t)
-        pool.emplace_back([&, t] {
-            threadIdx = {(unsigned)t % block.x, ((unsigned)t / block.x) % block.y, (unsigned)t / (block.x * block.y)};
-            blockIdx = idx;
-            dllm_emu::block = &b;
-            dllm_emu::warp = b.warps[t / 32].get();
-            dllm_emu::lane = t % 32;
-            kernel();
-            // A finished thread leaves its barriers, as an exited thread on the device (its
-            // slots cleared first: its drop is its arrival, no lane reads them before the next
-            // phase).
-            std::memset(dllm_emu::warp->slot[dllm_emu::lane], 0, sizeof dllm_emu::warp->slot[0]);
-            dllm_emu::warp->live.fetch_sub(1);
-            dllm_emu::warp->bar.arrive_and_drop();
-            b.sync.arrive_and_drop();
-        });
+    for (int t = 0; t < threads; ++t) pool.emplace_back(thread, t);
     for (auto& th : pool) th.join();
+#endif
 }
 
 // Runs `kernel` (a callable that calls the kernel with its arguments) over `grid` x `block`, the

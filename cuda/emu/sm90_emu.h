@@ -109,11 +109,11 @@ inline void tma_prefetch_map(const CUtensorMap*) {}
 // cuda/sync.cuh.
 // The acquire loads yield first: kernels spin on them.
 inline uint32_t dllm_ld_acquire_cta(const uint32_t* p) {
-    std::this_thread::yield();
+    dllm_emu::relax();
     return std::atomic_ref<uint32_t>(*const_cast<uint32_t*>(p)).load(std::memory_order_acquire);
 }
 inline unsigned dllm_ld_acquire_gpu(const unsigned* p) {
-    std::this_thread::yield();
+    dllm_emu::relax();
     return std::atomic_ref<unsigned>(*const_cast<unsigned*>(p)).load(std::memory_order_acquire);
 }
 inline void dllm_st_release_cta(uint32_t* p, uint32_t v) {

@@ -23,8 +23,10 @@ struct WgmmaOp {
     uint64_t da, db;
     std::vector<float> product;  // DLLM_EMU_ASYNC=wgmma-early: A·B read at issue, added at retirement
 };
-inline thread_local std::vector<WgmmaOp> wg_open;
-inline thread_local std::vector<std::vector<WgmmaOp>> wg_groups;
+inline DLLM_EMU_TLS std::vector<WgmmaOp> wg_open;
+inline DLLM_EMU_TLS std::vector<std::vector<WgmmaOp>> wg_groups;
+DLLM_EMU_FIBER_LOCAL(wg_open);
+DLLM_EMU_FIBER_LOCAL(wg_groups);
 
 // Element k (0..15) of row `row` of the K-major, 128-byte-swizzled operand described by `desc`.
 inline float wg_operand(uint64_t desc, int row, int k) {
@@ -42,13 +44,21 @@ inline float wg_operand(uint64_t desc, int row, int k) {
 // The calling thread's 96 elements of A·B (m64n192k16), each summed onto `acc` in k order.
 inline void wg_products(uint64_t da, uint64_t db, int wtid, float* acc) {
     const int w = wtid >> 5, g = (wtid & 31) >> 2, t = wtid & 3;
-    for (int j = 0; j < 24; ++j)
+    // The thread's two rows of A, decoded once; its two columns of B per column block.
+    float a[2][16], b[2][16];
+    for (int h = 0; h < 2; ++h)
+        for (int k = 0; k < 16; ++k) a[h][k] = wg_operand(da, 16 * w + g + 8 * h, k);
+    for (int j = 0; j < 24; ++j) {
+        for (int h = 0; h < 2; ++h)
+            for (int k = 0; k < 16; ++k) b[h][k] = wg_operand(db, 8 * j + 2 * t + h, k);
         for (int q = 0; q < 4; ++q) {
-            const int row = 16 * w + g + (q < 2 ? 0 : 8), col = 8 * j + 2 * t + (q & 1);
+            const float* row = a[q < 2 ? 0 : 1];
+            const float* col = b[q & 1];
             float s = acc[4 * j + q];
-            for (int k = 0; k < 16; ++k) s += wg_operand(da, row, k) * wg_operand(db, col, k);
+            for (int k = 0; k < 16; ++k) s += row[k] * col[k];
             acc[4 * j + q] = s;
         }
+    }
 }
 
 // DLLM_EMU_ASYNC=wgmma-early: operands read at issue (the earliest the device may), the result

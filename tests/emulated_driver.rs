@@ -1,0 +1,278 @@
+//! The whole CUDA backend on a machine without a GPU: `dllm` and `dllm-gpu-check` run with the
+//! emulated driver (`cuda/emu/libcuda_emu.cpp`, built by `scripts/emu-driver.sh`) as their
+//! `libcuda.so.1`, so the backend's host code (plans, buffer sizes, argument lists, the load-time
+//! self-tests, graph capture, the opt-in paths) drives the real kernels, run on the CPU, and what
+//! it computes is compared with the CPU backend.
+//!
+//! Not covered: `gemm_tma` (not emulated: every run sets `DLLM_GEMM_TMA=0`), the device's
+//! rounding, memory model and speed.
+//!
+//! Needs a C++20 compiler and a build with compiled kernels (nvcc): CI (`CI` set) has both and
+//! fails without them; elsewhere the tests are skipped with a message.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
+
+/// The folder holding the built `libcuda.so.1`, or `None` (skipped) outside CI without a
+/// compiler or compiled kernels.
+fn driver() -> Option<&'static Path> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        if !dllm::backend::cuda::kernels_compiled() {
+            return Err("skip: this build has no compiled CUDA kernels (no nvcc)".into());
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-driver");
+        let status = Command::new("bash")
+            .arg(root.join("scripts/emu-driver.sh"))
+            .arg(&out)
+            .status()
+            .map_err(|e| format!("skip: cannot run bash: {e}"))?;
+        if !status.success() {
+            return Err(format!("scripts/emu-driver.sh failed ({status})"));
+        }
+        Ok(out)
+    });
+    match built {
+        Ok(p) => Some(p),
+        Err(why) if why.starts_with("skip") && std::env::var_os("CI").is_none() => {
+            eprintln!("{why}");
+            None
+        }
+        Err(why) => panic!("{why}"),
+    }
+}
+
+/// `bin args` with the emulated driver and `env`; fails the test unless it exits 0.
+fn run(driver: &Path, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .env("LD_LIBRARY_PATH", driver)
+        .env("DLLM_GEMM_TMA", "0")
+        .env("DLLM_EMU_SMS", "8");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the binary");
+    assert!(
+        out.status.success(),
+        "{bin} {args:?} {env:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn dllm() -> &'static str {
+    env!("CARGO_BIN_EXE_dllm")
+}
+
+/// `dllm generate --json` on `backend`: the final canvas of one prompt.
+fn canvas(driver: &Path, backend: &str, args: &[&str], env: &[(&str, &str)]) -> Vec<u64> {
+    let mut all = vec!["generate", "--model", MODEL, "--backend", backend, "--json"];
+    all.extend_from_slice(args);
+    let out = run(driver, dllm(), &all, env);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v["canvas"]
+        .as_array()
+        .expect("canvas")
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+/// At most one position of 16+ may differ (a near-tie the device's and the CPU's different
+/// summation orders may break either way); the message says how many did.
+fn assert_close(what: &str, gpu: &[u64], cpu: &[u64]) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: canvas lengths");
+    let differ = gpu.iter().zip(cpu).filter(|(a, b)| a != b).count();
+    assert!(
+        differ <= gpu.len() / 16,
+        "{what}: {differ} of {} positions differ\n emulated GPU {gpu:?}\n CPU          {cpu:?}",
+        gpu.len()
+    );
+}
+
+const SHORT: [&str; 10] = [
+    "--prompt",
+    "def fibonacci(n):",
+    "--gen-len",
+    "16",
+    "--steps",
+    "8",
+    "--block-len",
+    "8",
+    "--cache",
+    "CACHE",
+];
+
+fn short(cache: &'static str) -> Vec<&'static str> {
+    SHORT
+        .iter()
+        .map(|a| if *a == "CACHE" { cache } else { a })
+        .collect()
+}
+
+#[test]
+fn generation_on_the_emulated_gpu_matches_the_cpu() {
+    let Some(d) = driver() else { return };
+    for cache in ["none", "dual"] {
+        let args = short(cache);
+        let cpu = canvas(d, "cpu", &args, &[]);
+        let gpu = canvas(d, "cuda", &args, &[]);
+        assert_close(&format!("cache {cache}"), &gpu, &cpu);
+        // The Session path's steps captured as CUDA graphs and replayed.
+        let graphed = canvas(d, "cuda", &args, &[("DLLM_SESSION_GRAPHS", "1")]);
+        assert_close(&format!("cache {cache}, session graphs"), &graphed, &cpu);
+    }
+}
+
+/// Every kernel opt-in that a batch-1 dual-cache run can use, together; the emulated driver's
+/// launch trace shows that the fused kernels ran (a failed load-time self-test would have
+/// turned them off silently).
+#[test]
+fn the_opt_in_kernels_run_and_match_the_cpu() {
+    let Some(d) = driver() else { return };
+    let args = short("dual");
+    let cpu = canvas(d, "cpu", &args, &[]);
+    let opt_ins = [
+        ("DLLM_FUSED_ROPE", "1"),
+        ("DLLM_NORM_FOLD", "1"),
+        ("DLLM_FUSED_MLP", "1"),
+        ("DLLM_LAYER_CHAIN", "1"),
+        ("DLLM_QUERY_LAST_LAYER", "1"),
+        ("DLLM_GEMM_STREAM_BLOCKS", "auto"),
+    ];
+    let mut all = vec!["generate", "--model", MODEL, "--backend", "cuda", "--json"];
+    all.extend_from_slice(&args);
+    let mut env = opt_ins.to_vec();
+    env.push(("DLLM_EMU_TRACE", "1"));
+    let out = run(d, dllm(), &all, &env);
+    let trace = String::from_utf8_lossy(&out.stderr);
+    for kernel in ["gemm_stream_chain_mg", "gemm_stream_tail_mg"] {
+        assert!(
+            trace.contains(kernel),
+            "{kernel} never launched with {opt_ins:?}"
+        );
+    }
+    let gpu = canvas(d, "cuda", &args, &opt_ins);
+    assert_close("opt-ins", &gpu, &cpu);
+}
+
+/// A canvas longer than the stream GEMM's rows, so the projections run the wgmma kernel, split
+/// over the K dimension through distributed shared memory (`DLLM_GEMM_CLUSTER_SPLIT`), and the
+/// wide attention.
+#[test]
+fn the_cluster_split_matches_the_cpu() {
+    let Some(d) = driver() else { return };
+    let args = [
+        "--prompt",
+        "import os\nimport sys\n\ndef main(argv):\n    \"\"\"Parse the arguments.\"\"\"",
+        "--gen-len",
+        "64",
+        "--steps",
+        "2",
+        "--block-len",
+        "64",
+        "--cache",
+        "none",
+    ];
+    let cpu = canvas(d, "cpu", &args, &[]);
+    let env = [("DLLM_GEMM_CLUSTER_SPLIT", "1"), ("DLLM_EMU_TRACE", "1")];
+    let mut all = vec!["generate", "--model", MODEL, "--backend", "cuda", "--json"];
+    all.extend_from_slice(&args);
+    let out = run(d, dllm(), &all, &env);
+    let trace = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        trace
+            .lines()
+            .any(|l| l.contains("gemm_wgmma_wg") && l.contains("_cs")),
+        "no cluster-split kernel launched"
+    );
+    let gpu = canvas(d, "cuda", &args, &env[..1]);
+    assert_close("cluster split", &gpu, &cpu);
+}
+
+/// Cached sessions of a batch file, one after another and packed into one forward
+/// (`DLLM_PACKED_SESSIONS`), against the CPU's.
+#[test]
+fn batched_sessions_match_the_cpu() {
+    let Some(d) = driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.txt");
+    std::fs::write(&file, "def add(a, b):\nclass Stack:\nimport os\n").unwrap();
+    let file = file.to_str().unwrap();
+    let texts = |backend: &str, env: &[(&str, &str)]| -> Vec<String> {
+        let args = [
+            "generate",
+            "--model",
+            MODEL,
+            "--backend",
+            backend,
+            "--json",
+            "--batch-file",
+            file,
+            "--gen-len",
+            "8",
+            "--steps",
+            "4",
+            "--block-len",
+            "8",
+            "--cache",
+            "dual",
+        ];
+        let out = run(d, dllm(), &args, env);
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].to_string())
+            .collect()
+    };
+    let cpu = texts("cpu", &[]);
+    assert_eq!(cpu.len(), 3);
+    assert_eq!(texts("cuda", &[]), cpu, "sessions one after another");
+    assert_eq!(
+        texts("cuda", &[("DLLM_PACKED_SESSIONS", "1")]),
+        cpu,
+        "packed sessions"
+    );
+}
+
+/// `dllm-gpu-check`'s kernel checks (each kernel against its CPU reference on fresh inputs) for
+/// the parts that run in a few seconds here: the mixture's kernels, the sampler, the elementwise
+/// kernels.
+#[test]
+fn the_gpu_checks_pass_on_the_emulated_gpu() {
+    let Some(d) = driver() else { return };
+    let out = run(
+        d,
+        env!("CARGO_BIN_EXE_dllm-gpu-check"),
+        &[
+            "--model",
+            MODEL,
+            "--only",
+            "moe,sampling,elementwise",
+            "--no-bench",
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("checks,"))
+        .unwrap_or("");
+    assert!(
+        summary.ends_with(" 0 failed") && !summary.starts_with("0 checks"),
+        "summary {summary:?}\n{text}"
+    );
+}
