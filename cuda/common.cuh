@@ -37,6 +37,13 @@ __device__ __forceinline__ double dllm_uniform(uint64_t seed, uint64_t step, uin
 // A kernel's dynamic shared memory (the launch's shared_mem_bytes) as `T name[]`; under DLLM_EMU
 // the emulator's buffer of the block.
 // DLLM_DYNAMIC_SHARED_ALIGNED declares it with that alignment (the emulator's is 1024-aligned).
+// DLLM_SHARED_ARRAY declares a static shared array `T name[n]` aligned to A; under DLLM_EMU it lies
+// in the block's arena (not a host static), where a cluster peer's mapa reaches it.
+#ifdef DLLM_EMU
+#define DLLM_SHARED_ARRAY(T, name, n, A) T* name = dllm_emu::static_shared<T>((n), (A))
+#else
+#define DLLM_SHARED_ARRAY(T, name, n, A) __shared__ __align__(A) T name[n]
+#endif
 #ifdef DLLM_EMU
 #define DLLM_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(dllm_emu::dynamic_shared())
 #define DLLM_DYNAMIC_SHARED_ALIGNED(T, name, A) DLLM_DYNAMIC_SHARED(T, name)

@@ -44,6 +44,7 @@
 #include "gemm_common.cuh"
 #include "wgmma_common.cuh"
 #include "mbarrier.cuh"
+#include "sync.cuh"
 #include "tma.cuh"
 
 
@@ -74,10 +75,13 @@ static_assert(TMA_BN / 2 <= 256 && TmaCfg<3>::BM <= 256, "TMA boxes hold at most
 static_assert(WgStage<TmaCfg<2>::CONSUMERS>::BYTES <= TmaCfg<2>::STAGES * TmaCfg<2>::STAGE_BYTES, "wg2 staging area");
 static_assert(WgStage<TmaCfg<3>::CONSUMERS>::BYTES <= TmaCfg<3>::STAGES * TmaCfg<3>::STAGE_BYTES, "wg3 staging area");
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(DLLM_EMU)
 
 // Arrives on the barrier at shared offset `bar` of cluster block `cta` (this block or the peer).
 __device__ __forceinline__ void tma_bar_arrive_cluster(uint32_t bar, uint32_t cta) {
+#ifdef DLLM_EMU
+    dllm_bar_arrive(dllm_emu::cluster_peer(bar, cta));
+#else
     asm volatile(
         "{\n"
         "  .reg .b32 remote;\n"
@@ -86,6 +90,7 @@ __device__ __forceinline__ void tma_bar_arrive_cluster(uint32_t bar, uint32_t ct
         "}\n" ::"r"(bar),
         "r"(cta)
         : "memory");
+#endif
 }
 
 
@@ -99,9 +104,10 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
     // This block's share of the A tile: BM / CN rows, 1024-byte aligned in the slot.
     constexpr int A_PART_ROWS = Cfg::BM / CN;
     static_assert((A_PART_ROWS * TMA_ROW_BYTES) % 1024 == 0, "A parts keep the swizzle alignment");
-    extern __shared__ unsigned char tma_smem_raw[];
-    __shared__ __align__(8) uint64_t full_bar[Cfg::STAGES];
-    __shared__ __align__(8) uint64_t empty_bar[Cfg::STAGES];
+    DLLM_DYNAMIC_SHARED(unsigned char, tma_smem_raw);
+    // Peers arrive on them (tma_bar_arrive_cluster, the multicast copies' bytes).
+    DLLM_SHARED_ARRAY(uint64_t, full_bar, Cfg::STAGES, 8);
+    DLLM_SHARED_ARRAY(uint64_t, empty_bar, Cfg::STAGES, 8);
     const uint32_t smem = ((uint32_t)__cvta_generic_to_shared(tma_smem_raw) + 1023u) & ~1023u;
     const int tid = threadIdx.x;
     const int wg = tid >> 7;  // == WG for the producer warp
@@ -128,7 +134,7 @@ __device__ __forceinline__ void gemm_tma_body(const CUtensorMap* map_a, const CU
             // peer (the W half) and, in quads, its N peer (the A half).
             dllm_bar_init(dllm_smem_addr(&empty_bar[s]), (CN + 1) * WG);
         }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        dllm_fence_mbarrier_init();
     }
     // Both blocks' barriers exist before either block's copies or arrivals can reach them.
     wg_cluster_sync();

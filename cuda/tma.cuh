@@ -6,7 +6,7 @@
 #pragma once
 #include <stdint.h>
 #ifdef DLLM_EMU
-#include "emu/sm90_emu.h"  // the loads, emulated (no multicast: no clusters)
+#include "emu/sm90_emu.h"  // the loads, emulated (multicast through a cluster launch's arenas)
 #else
 #include <cuda.h>
 

@@ -4,8 +4,7 @@
 //! self-tests, graph capture, the opt-in paths) drives the real kernels, run on the CPU, and what
 //! it computes is compared with the CPU backend.
 //!
-//! Not covered: `gemm_tma` (not emulated: every run sets `DLLM_GEMM_TMA=0`), the device's
-//! rounding, memory model and speed.
+//! Not covered: the device's rounding, memory model and speed.
 //!
 //! Needs a C++20 compiler and a build with compiled kernels (nvcc): CI (`CI` set) has both and
 //! fails without them; elsewhere the tests are skipped with a message.
@@ -51,7 +50,6 @@ fn run(driver: &Path, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output 
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .env("LD_LIBRARY_PATH", driver)
-        .env("DLLM_GEMM_TMA", "0")
         .env("DLLM_EMU_SMS", "8");
     for (k, v) in env {
         cmd.env(k, v);
@@ -135,9 +133,49 @@ fn generation_on_the_emulated_gpu_matches_the_cpu() {
     }
 }
 
-/// Every kernel opt-in that a batch-1 dual-cache run can use, together; the emulated driver's
-/// launch trace shows that the fused kernels ran (a failed load-time self-test would have
-/// turned them off silently).
+/// `dllm generate --json` on the emulated GPU with `env` and the launch trace: the final canvas
+/// and the trace lines of the steps (after the load-time self-tests).
+fn traced(driver: &Path, args: &[&str], env: &[(&str, &str)]) -> (Vec<u64>, Vec<String>) {
+    let mut all = vec!["generate", "--model", MODEL, "--backend", "cuda", "--json"];
+    all.extend_from_slice(args);
+    let mut with_trace = env.to_vec();
+    with_trace.push(("DLLM_EMU_TRACE", "1"));
+    let out = run(driver, dllm(), &all, &with_trace);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let canvas = v["canvas"]
+        .as_array()
+        .expect("canvas")
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    let steps = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .skip_while(|l| !l.contains("embedding_bf16_f32"))
+        .map(str::to_owned)
+        .collect();
+    (canvas, steps)
+}
+
+/// Asserts that some step launched a kernel whose name starts with `prefix` (and contains
+/// `also`).
+fn assert_launched(steps: &[String], prefix: &str, also: &str, why: &str) {
+    assert!(
+        steps
+            .iter()
+            .any(|l| l.contains(&format!(" {prefix}")) && l.contains(also)),
+        "no {prefix}*{also} kernel launched by the steps ({why}); {} step launches, the first {:?}",
+        steps.len(),
+        steps.iter().take(12).collect::<Vec<_>>()
+    );
+}
+
+/// Every kernel opt-in that a batch-1 dual-cache run can use, together; the trace shows that
+/// the fused kernels ran (a failed load-time self-test would have turned them off silently).
 #[test]
 fn the_opt_in_kernels_run_and_match_the_cpu() {
     let Some(d) = driver() else { return };
@@ -151,54 +189,81 @@ fn the_opt_in_kernels_run_and_match_the_cpu() {
         ("DLLM_QUERY_LAST_LAYER", "1"),
         ("DLLM_GEMM_STREAM_BLOCKS", "auto"),
     ];
-    let mut all = vec!["generate", "--model", MODEL, "--backend", "cuda", "--json"];
-    all.extend_from_slice(&args);
-    let mut env = opt_ins.to_vec();
-    env.push(("DLLM_EMU_TRACE", "1"));
-    let out = run(d, dllm(), &all, &env);
-    let trace = String::from_utf8_lossy(&out.stderr);
-    for kernel in ["gemm_stream_chain_mg", "gemm_stream_tail_mg"] {
-        assert!(
-            trace.contains(kernel),
-            "{kernel} never launched with {opt_ins:?}"
-        );
-    }
-    let gpu = canvas(d, "cuda", &args, &opt_ins);
+    let (gpu, steps) = traced(d, &args, &opt_ins);
+    assert_launched(&steps, "gemm_stream_chain_mg", "", "DLLM_LAYER_CHAIN");
+    assert_launched(&steps, "gemm_stream_tail_mg", "", "DLLM_NORM_FOLD");
     assert_close("opt-ins", &gpu, &cpu);
 }
 
-/// A canvas longer than the stream GEMM's rows, so the projections run the wgmma kernel, split
-/// over the K dimension through distributed shared memory (`DLLM_GEMM_CLUSTER_SPLIT`), and the
-/// wide attention.
-#[test]
-fn the_cluster_split_matches_the_cpu() {
-    let Some(d) = driver() else { return };
-    let args = [
+/// Two no-cache steps of a canvas of the prompt's 19 tokens and `gen` more.
+fn wide(gen: &'static str) -> Vec<&'static str> {
+    vec![
         "--prompt",
         "import os\nimport sys\n\ndef main(argv):\n    \"\"\"Parse the arguments.\"\"\"",
         "--gen-len",
-        "64",
+        gen,
         "--steps",
         "2",
         "--block-len",
-        "64",
+        gen,
         "--cache",
         "none",
-    ];
+    ]
+}
+
+/// A canvas of two M tiles (19 + 128 rows), so the projections run the TMA GEMM's cluster pairs
+/// (the weight tile multicast into both blocks, remote mbarrier arrivals): Hopper's default.
+#[test]
+fn the_tma_cluster_pairs_match_the_cpu() {
+    let Some(d) = driver() else { return };
+    let args = wide("128");
     let cpu = canvas(d, "cpu", &args, &[]);
-    let env = [("DLLM_GEMM_CLUSTER_SPLIT", "1"), ("DLLM_EMU_TRACE", "1")];
-    let mut all = vec!["generate", "--model", MODEL, "--backend", "cuda", "--json"];
-    all.extend_from_slice(&args);
-    let out = run(d, dllm(), &all, &env);
-    let trace = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        trace
-            .lines()
-            .any(|l| l.contains("gemm_wgmma_wg") && l.contains("_cs")),
-        "no cluster-split kernel launched"
+    let (gpu, steps) = traced(d, &args, &[]);
+    assert_launched(&steps, "gemm_tma_wg", "", "M of two tiles");
+    assert_close("TMA pairs", &gpu, &cpu);
+}
+
+/// The GEMM's load-time self-tests (each kernel on odd shapes against the naive kernel, through
+/// the launch paths the forwards use) pass for every GEMM kernel, the opt-ins included: the
+/// cluster split (`DLLM_GEMM_CLUSTER_SPLIT`, which the tiny model's shapes never pick), the TMA
+/// quads (`DLLM_GEMM_TMA4`) and the fused MLP; `dllm info --backend cuda` reports any kernel
+/// asked for but not in use.
+#[test]
+fn every_gemm_kernel_passes_its_load_time_self_test() {
+    let Some(d) = driver() else { return };
+    let env = [
+        ("DLLM_GEMM_CLUSTER_SPLIT", "1"),
+        ("DLLM_GEMM_TMA4", "1"),
+        ("DLLM_FUSED_MLP", "1"),
+        ("DLLM_EMU_TRACE", "1"),
+    ];
+    let out = run(
+        d,
+        dllm(),
+        &["info", "--model", MODEL, "--backend", "cuda", "--json"],
+        &env,
     );
-    let gpu = canvas(d, "cuda", &args, &env[..1]);
-    assert_close("cluster split", &gpu, &cpu);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(
+        v["cuda_kernels_not_in_use"],
+        serde_json::json!([]),
+        "{}",
+        v["cuda_device"]
+    );
+    // The self-tests ran the opt-in kernels.
+    let trace = String::from_utf8_lossy(&out.stderr);
+    for kernel in [
+        "gemm_wgmma_wg2_cs2",
+        "gemm_wgmma_wg3_cs3",
+        "gemm_tma4_wg2",
+        "gemm_tma_wg3",
+    ] {
+        assert!(
+            trace.contains(&format!(" {kernel} ")),
+            "{kernel} never ran in the self-tests"
+        );
+    }
 }
 
 /// Cached sessions of a batch file, one after another and packed into one forward

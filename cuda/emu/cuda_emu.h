@@ -180,11 +180,14 @@ struct Warp {
 // the space shared between its forked blocks and gives block b slot b, so that a cluster's
 // blocks reach each other's arenas: distributed shared memory).
 constexpr size_t kSharedArenaBytes = 256 * 1024;
-constexpr int kClusterSlots = 64;
+constexpr int kClusterSlots = 256;
 // Where a block's dynamic shared memory starts in its arena: 128-byte aligned (the most any kernel
 // declares) but not 1024, since on the device static shared memory comes first: a kernel that
 // needs a 1024-aligned ring must align it up itself.
 constexpr size_t kDynamicOffset = 128;
+// The arena's last bytes: the static shared arrays of DLLM_SHARED_ARRAY (static_shared).
+constexpr size_t kStaticSharedBytes = 4096;
+constexpr size_t kMaxDynamicShared = kSharedArenaBytes - kDynamicOffset - kStaticSharedBytes;
 alignas(4096) inline unsigned char shared_space[kClusterSlots * kSharedArenaBytes];
 inline unsigned char* shared_arena = shared_space;
 
@@ -197,9 +200,9 @@ struct NamedBarrier {
 struct Block {
     Block(int threads, size_t shared_bytes) : sync(threads) {
         for (int w = 0; w * 32 < threads; ++w) warps.push_back(std::make_unique<Warp>(std::min(32, threads - 32 * w)));
-        if (shared_bytes > kSharedArenaBytes - kDynamicOffset) {
+        if (shared_bytes > kMaxDynamicShared) {
             std::fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory (at most %zu)\n", shared_bytes,
-                         kSharedArenaBytes - kDynamicOffset);
+                         kMaxDynamicShared);
             std::abort();
         }
 #if defined(__SANITIZE_ADDRESS__)
@@ -207,11 +210,11 @@ struct Block {
 #endif
         // Uninitialised shared memory reads as NaN-like bf16 / f32 garbage, not as zeros.
         std::memset(shared_arena + kDynamicOffset, 0xff, shared_bytes);
+        std::memset(shared_arena + kSharedArenaBytes - kStaticSharedBytes, 0xff, kStaticSharedBytes);
 #if defined(__SANITIZE_ADDRESS__)
         // Past the launch's dynamic shared memory (and before it) is out of bounds, as on the device.
         ASAN_POISON_MEMORY_REGION(shared_arena, kDynamicOffset);
-        ASAN_POISON_MEMORY_REGION(shared_arena + kDynamicOffset + shared_bytes,
-                                  kSharedArenaBytes - kDynamicOffset - shared_bytes);
+        ASAN_POISON_MEMORY_REGION(shared_arena + kDynamicOffset + shared_bytes, kMaxDynamicShared - shared_bytes);
 #endif
     }
     EmuBarrier sync;
@@ -229,9 +232,23 @@ DLLM_EMU_FIBER_LOCAL(lane);
 
 inline void* dynamic_shared() { return shared_arena + kDynamicOffset; }
 
+
 [[noreturn]] inline void fail(const char* what) {
     std::fprintf(stderr, "cuda_emu: %s\n", what);
     std::abort();
+}
+
+// The kernels' static shared arrays that cluster peers reach (DLLM_SHARED_ARRAY): the last
+// kStaticSharedBytes of the arena, handed out in declaration order; every thread of the block
+// declares the same arrays in the same order, so each gets the same addresses.
+inline DLLM_EMU_TLS size_t static_shared_used = 0;
+DLLM_EMU_FIBER_LOCAL(static_shared_used);
+template <class T>
+inline T* static_shared(size_t n, size_t align) {
+    const size_t start = (static_shared_used + align - 1) / align * align;
+    if (start + n * sizeof(T) > kStaticSharedBytes) fail("static shared arrays past kStaticSharedBytes");
+    static_shared_used = start + n * sizeof(T);
+    return reinterpret_cast<T*>(shared_arena + kSharedArenaBytes - kStaticSharedBytes + start);
 }
 
 // Polls until `done()`, yielding; a wait of more than a minute is a deadlock and fails the run.
@@ -299,13 +316,15 @@ inline void jitter() {
         std::this_thread::yield();
 }
 
-// The cluster of a cluster launch's block (dllm_emu_launch_concurrent): its size along z, this
-// block's rank, and the cluster's barrier (in MAP_SHARED memory: count and generation).
+// The cluster of a cluster launch's block (dllm_emu_launch_concurrent): its shape, and the
+// cluster's barrier (in MAP_SHARED memory: count and generation). A block's rank in its cluster
+// is x + cx (y + cy z) of its position in the cluster (%cluster_ctarank: x fastest).
 struct ClusterBarrier {
     uint32_t count = 0, generation = 0;
 };
-inline int cluster_size = 1, cluster_rank = 0;
+inline dim3 cluster_dims{1, 1, 1};
 inline ClusterBarrier* cluster_bar = nullptr;
+inline int cluster_blocks() { return (int)(cluster_dims.x * cluster_dims.y * cluster_dims.z); }
 
 // `bar.sync id, count`: the first `count` arrivals of this phase release each other.
 inline void named_sync(int id, int count) {
@@ -372,7 +391,7 @@ namespace dllm_emu {
 inline void cluster_sync() {
     if (cluster_bar == nullptr) fail("a cluster barrier outside a cluster launch");
     std::atomic_ref<uint32_t> count(cluster_bar->count), generation(cluster_bar->generation);
-    const uint32_t total = (uint32_t)cluster_size * (blockDim.x * blockDim.y * blockDim.z);
+    const uint32_t total = (uint32_t)cluster_blocks() * (blockDim.x * blockDim.y * blockDim.z);
     const uint32_t gen = generation.load();
     if (count.fetch_add(1) + 1 == total) {
         count.store(0);
@@ -383,11 +402,15 @@ inline void cluster_sync() {
          [&] { return generation.load() != gen; });
 }
 
-// mapa.shared::cluster: the shared-window address `addr` of this block (in its dynamic arena) as
-// the same offset in the arena of cluster block `rank`.
+// mapa.shared::cluster: the shared-window address `addr` of this block (in its arena) as the same
+// offset in the arena of cluster block `rank` (block b of the grid has arena slot b).
 inline uint32_t cluster_peer(uint32_t addr, uint32_t rank) {
-    if ((int)rank >= cluster_size) fail("mapa: rank outside the cluster");
-    const int64_t slots = ((int64_t)rank - cluster_rank) * (int64_t)gridDim.x * gridDim.y;
+    if ((int)rank >= cluster_blocks()) fail("mapa: rank outside the cluster");
+    const dim3 c = cluster_dims;
+    const int64_t px = blockIdx.x / c.x * c.x + rank % c.x, py = blockIdx.y / c.y * c.y + rank / c.x % c.y,
+                  pz = blockIdx.z / c.z * c.z + rank / (c.x * c.y);
+    auto slot = [](int64_t x, int64_t y, int64_t z) { return (z * gridDim.y + y) * gridDim.x + x; };
+    const int64_t slots = slot(px, py, pz) - slot(blockIdx.x, blockIdx.y, blockIdx.z);
     return addr + (uint32_t)(slots * (int64_t)kSharedArenaBytes);
 }
 
@@ -559,6 +582,7 @@ inline void dllm_emu_run_block(dim3 idx, dim3 block, F& kernel, size_t shared_by
         dllm_emu::block = &b;
         dllm_emu::warp = b.warps[t / 32].get();
         dllm_emu::lane = t % 32;
+        dllm_emu::static_shared_used = 0;
         kernel();
         // A finished thread leaves its barriers, as an exited thread on the device (its
         // slots cleared first: its drop is its arrival, no lane reads them before the next
@@ -598,20 +622,22 @@ inline void dllm_emu_launch(dim3 grid, dim3 block, F kernel, size_t shared_bytes
 // A block that fails (a sanitizer report, an abort, a watchdog's `__trap`, or `seconds` passing: a
 // deadlock) fails the launch.
 //
-// `cluster_z` > 0 launches clusters of that many blocks along z (grid.z a multiple of it): the
+// `cluster` (x > 0) launches clusters of that shape (the grid a multiple of it in each dimension): the
 // blocks' arenas are then slots of one MAP_SHARED space (at most kClusterSlots blocks), so
 // dllm_emu::cluster_peer reaches a peer's shared memory, and dllm_emu::cluster_sync is the
 // cluster barrier.
 template <class F>
 inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t shared_bytes = 0,
-                                       unsigned seconds = 120, unsigned cluster_z = 0) {
+                                       unsigned seconds = 120, dim3 cluster = {0, 0, 0}) {
     gridDim = grid;
     blockDim = block;
     dllm_emu::ClusterBarrier* bars = nullptr;
-    if (cluster_z > 0) {
+    const bool clustered = cluster.x > 0;
+    if (clustered) {
         const size_t blocks = (size_t)grid.x * grid.y * grid.z;
-        if (blocks > (size_t)dllm_emu::kClusterSlots || grid.z % cluster_z != 0)
-            dllm_emu::fail("cluster launch: at most kClusterSlots blocks, grid.z a multiple of the cluster");
+        if (blocks > (size_t)dllm_emu::kClusterSlots || cluster.y == 0 || cluster.z == 0 || grid.x % cluster.x != 0 ||
+            grid.y % cluster.y != 0 || grid.z % cluster.z != 0)
+            dllm_emu::fail("cluster launch: at most kClusterSlots blocks, the grid a multiple of the cluster");
         if (mmap(dllm_emu::shared_space, blocks * dllm_emu::kSharedArenaBytes, PROT_READ | PROT_WRITE,
                  MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
             dllm_emu::fail("cluster launch: cannot share the shared-memory space");
@@ -619,7 +645,7 @@ inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t s
         // Every slot readable by every block (each poisons only its own slot's unused part).
         ASAN_UNPOISON_MEMORY_REGION(dllm_emu::shared_space, sizeof dllm_emu::shared_space);
 #endif
-        bars = dllm_emu::device_filled<dllm_emu::ClusterBarrier>(blocks / cluster_z, dllm_emu::ClusterBarrier{});
+        bars = dllm_emu::device_filled<dllm_emu::ClusterBarrier>(blocks, dllm_emu::ClusterBarrier{});
     }
     std::fflush(nullptr);
     std::vector<pid_t> children;
@@ -630,17 +656,20 @@ inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t s
                 if (pid < 0) dllm_emu::fail("fork failed");
                 if (pid == 0) {
                     alarm(seconds);
-                    if (cluster_z > 0) {
+                    if (clustered) {
                         const size_t b = ((size_t)bz * grid.y + by) * grid.x + bx;
                         dllm_emu::shared_arena = dllm_emu::shared_space + b * dllm_emu::kSharedArenaBytes;
-                        dllm_emu::cluster_size = (int)cluster_z;
-                        dllm_emu::cluster_rank = (int)(bz % cluster_z);
-                        dllm_emu::cluster_bar = bars + ((size_t)(bz / cluster_z) * grid.y + by) * grid.x + bx;
+                        dllm_emu::cluster_dims = cluster;
+                        // The barrier of the cluster's first block.
+                        const size_t first = ((size_t)(bz / cluster.z * cluster.z) * grid.y + by / cluster.y * cluster.y) *
+                                                 grid.x +
+                                             bx / cluster.x * cluster.x;
+                        dllm_emu::cluster_bar = bars + first;
                     }
                     dllm_emu_run_block(dim3{bx, by, bz}, block, kernel, shared_bytes);
                     // A cluster block's shared memory is gone once it exits: a peer still reading
                     // it (no closing cluster barrier) reads garbage.
-                    if (cluster_z > 0) {
+                    if (clustered) {
 #if defined(__SANITIZE_ADDRESS__)
                         ASAN_UNPOISON_MEMORY_REGION(dllm_emu::shared_arena, dllm_emu::kSharedArenaBytes);
 #endif
@@ -664,7 +693,7 @@ inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t s
     }
     if (!ok) std::exit(1);
     // The space private again (a later launch's forked blocks must not share it).
-    if (cluster_z > 0 &&
+    if (clustered &&
         mmap(dllm_emu::shared_space, sizeof dllm_emu::shared_space, PROT_READ | PROT_WRITE,
              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
         dllm_emu::fail("cluster launch: cannot make the shared-memory space private again");

@@ -295,7 +295,7 @@ void cluster_split(const Job& j, const Tiled& t) {
             if (t.wg == 3 && cs == 3) return gemm_wgmma_wg3_cs3(j.a, j.w, j.c, j.M, j.N, j.K, j.epi, kps, ep);
             dllm_emu::fail("no cluster-split kernel of that shape");
         },
-        t.wg == 2 ? WgCfg<2>::SMEM_BYTES : WgCfg<3>::SMEM_BYTES, 120, cs);
+        t.wg == 2 ? WgCfg<2>::SMEM_BYTES : WgCfg<3>::SMEM_BYTES, 120, dim3{1, 1, cs});
 }
 
 void run_tiled(const Job& j, const Tiled& t) {

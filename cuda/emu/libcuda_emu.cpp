@@ -30,6 +30,7 @@
 #include "../gemm.cu"
 #include "../gemm_stream.cu"
 #include "../gemm_wgmma.cu"
+#include "../gemm_tma.cu"
 #include "../gemm_grouped.cu"
 #include "../moe.cu"
 #include "../sampling.cu"
@@ -55,8 +56,10 @@ using Job = std::function<void()>;
 struct Kernel {
     std::string name;
     std::vector<size_t> offsets, sizes;
-    std::function<Job(void** params, dim3 grid, dim3 block, size_t smem, unsigned cluster_z)> bind;
-    unsigned compiled_cluster_z = 0;  // __cluster_dims__(1, 1, z), from the name's _cs<z>
+    std::function<Job(void** params, dim3 grid, dim3 block, size_t smem, dim3 cluster)> bind;
+    // The kernel's __cluster_dims__ (x = 0: none), from its name: gemm_wgmma_*_cs<z> (1, 1, z),
+    // gemm_tma_* (2, 1, 1), gemm_tma4_* (2, 2, 1).
+    dim3 compiled_cluster{0, 0, 0};
     bool grid_barrier = false;        // the stream GEMMs: every block must be resident
     int max_dynamic_smem = 48 * 1024;
 };
@@ -68,9 +71,9 @@ inline std::recursive_mutex& lock() {
 
 // Runs `body` (the kernel called with its bound arguments) over the grid as its kind requires.
 template <class F>
-void run_grid(bool grid_barrier, dim3 grid, dim3 block, size_t smem, unsigned cluster_z, F body) {
-    if (cluster_z > 1)
-        dllm_emu_launch_concurrent(grid, block, body, smem, 120, cluster_z);
+void run_grid(bool grid_barrier, dim3 grid, dim3 block, size_t smem, dim3 cluster, F body) {
+    if (cluster.x > 0)
+        dllm_emu_launch_concurrent(grid, block, body, smem, 120, cluster);
     else if (grid_barrier)
         dllm_emu_launch_concurrent(grid, block, body, smem);
     else
@@ -89,13 +92,15 @@ Kernel make_kernel(const char* name, void (*fn)(A...), std::index_sequence<I...>
         end += size;
     }
     const size_t cs = k.name.find("_cs");
-    if (cs != std::string::npos && cs + 3 < k.name.size()) k.compiled_cluster_z = (unsigned)(k.name[cs + 3] - '0');
+    if (cs != std::string::npos && cs + 3 < k.name.size()) k.compiled_cluster = {1, 1, (unsigned)(k.name[cs + 3] - '0')};
+    if (k.name.rfind("gemm_tma_", 0) == 0) k.compiled_cluster = {2, 1, 1};
+    if (k.name.rfind("gemm_tma4_", 0) == 0) k.compiled_cluster = {2, 2, 1};
     k.grid_barrier = k.name.rfind("gemm_stream", 0) == 0;
     const bool barrier = k.grid_barrier;
-    k.bind = [fn, barrier](void** params, dim3 grid, dim3 block, size_t smem, unsigned cluster_z) -> Job {
+    k.bind = [fn, barrier](void** params, dim3 grid, dim3 block, size_t smem, dim3 cluster) -> Job {
         auto args = std::make_tuple(*static_cast<std::decay_t<A>*>(params[I])...);
-        return [fn, args, barrier, grid, block, smem, cluster_z] {
-            run_grid(barrier, grid, block, smem, cluster_z, [&] { std::apply(fn, args); });
+        return [fn, args, barrier, grid, block, smem, cluster] {
+            run_grid(barrier, grid, block, smem, cluster, [&] { std::apply(fn, args); });
         };
     };
     return k;
@@ -244,7 +249,7 @@ EMU_API cuDeviceGet(int* d, int ordinal) {
     return kSuccess;
 }
 EMU_API cuDeviceGetName(char* name, int len, int) {
-    std::snprintf(name, (size_t)len, "dllm CUDA emulator (CPU, %d SMs)", num_sms());
+    std::snprintf(name, (size_t)len, "dllm CUDA emulator (CPU)");
     return kSuccess;
 }
 EMU_API cuDeviceGetAttribute(int* v, int attr, int) {
@@ -489,7 +494,7 @@ EMU_API cuFuncGetParamInfo(void* f, size_t index, size_t* offset, size_t* size) 
     return kSuccess;
 }
 
-static CUresult launch(Kernel* k, dim3 grid, dim3 block, size_t smem, void* stream, void** params, unsigned cluster_z) {
+static CUresult launch(Kernel* k, dim3 grid, dim3 block, size_t smem, void* stream, void** params, dim3 cluster) {
     LOCKED;
     if (!k || !params) return kInvalidValue;
     if (smem > (size_t)std::max(k->max_dynamic_smem, 48 * 1024)) {
@@ -498,8 +503,8 @@ static CUresult launch(Kernel* k, dim3 grid, dim3 block, size_t smem, void* stre
         return kInvalidValue;
     }
     if ((size_t)block.x * block.y * block.z > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) return kInvalidValue;
-    if (cluster_z == 0) cluster_z = k->compiled_cluster_z;
-    Job job = k->bind(params, grid, block, smem, cluster_z);
+    if (cluster.x == 0) cluster = k->compiled_cluster;
+    Job job = k->bind(params, grid, block, smem, cluster);
     // DLLM_EMU_TRACE=1: each launch's kernel, grid and time on stderr (when it runs).
     static const bool trace = std::getenv("DLLM_EMU_TRACE") != nullptr;
     if (trace)
@@ -516,19 +521,18 @@ static CUresult launch(Kernel* k, dim3 grid, dim3 block, size_t smem, void* stre
 EMU_API cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                        unsigned smem, void* stream, void** params, void** extra) {
     if (extra) return kNotSupported;
-    return launch(static_cast<Kernel*>(f), dim3{gx, gy, gz}, dim3{bx, by, bz}, smem, stream, params, 0);
+    return launch(static_cast<Kernel*>(f), dim3{gx, gy, gz}, dim3{bx, by, bz}, smem, stream, params, dim3{0, 0, 0});
 }
 EMU_API cuLaunchKernelEx(const EmuLaunchConfig* c, void* f, void** params, void** extra) {
     if (extra) return kNotSupported;
-    unsigned cluster_z = 0;
+    dim3 cluster{0, 0, 0};
     for (unsigned i = 0; i < c->num_attrs; ++i)
-        if (c->attrs[i].id == 4) {  // cluster dimension: only clusters along z are emulated
+        if (c->attrs[i].id == 4) {  // cluster dimension
             const auto& d = c->attrs[i].value.cluster;
-            if (d.x != 1 || d.y != 1) return kNotSupported;
-            cluster_z = d.z;
+            cluster = {d.x, d.y, d.z};
         }
     return launch(static_cast<Kernel*>(f), dim3{c->grid_x, c->grid_y, c->grid_z},
-                  dim3{c->block_x, c->block_y, c->block_z}, c->shared_bytes, c->stream, params, cluster_z);
+                  dim3{c->block_x, c->block_y, c->block_z}, c->shared_bytes, c->stream, params, cluster);
 }
 EMU_API cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void*, int, size_t) {
     *n = 1;
@@ -540,7 +544,8 @@ EMU_API cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, void*, int,
 }
 EMU_API cuOccupancyMaxActiveClusters(int* n, void* f, const EmuLaunchConfig*) {
     const Kernel* k = static_cast<Kernel*>(f);
-    *n = num_sms() / (int)std::max(1u, k->compiled_cluster_z);
+    const dim3 c = k->compiled_cluster;
+    *n = num_sms() / (int)std::max(1u, c.x * c.y * c.z);
     return kSuccess;
 }
 

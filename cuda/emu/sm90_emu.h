@@ -103,6 +103,13 @@ inline void tma_load(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_
 inline void tma_load_hint(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar, uint64_t) {
     tma_load(dst, map, x, y, bar);
 }
+// The multicast load: the same box at `dst`, signalled on the barrier at `bar`, in every block of
+// the cluster named in `mask` (bit r: rank r), through their arenas (a cluster launch).
+inline void tma_load_multicast(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar, uint16_t mask) {
+    if (mask == 0) dllm_emu::fail("TMA multicast with an empty mask");
+    for (uint32_t r = 0; r < 16; ++r)
+        if ((mask >> r) & 1u) tma_load(dllm_emu::cluster_peer(dst, r), map, x, y, dllm_emu::cluster_peer(bar, r));
+}
 inline uint64_t tma_evict_first() { return 0; }
 inline void tma_prefetch_map(const CUtensorMap*) {}
 

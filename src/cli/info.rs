@@ -88,6 +88,12 @@ pub fn info(a: InfoArgs) -> Result<()> {
         ),
         Some(why) => why,
     };
+    // With --backend cuda: the device, and the kernels its self-tests turned off.
+    let device = if a.model.backend == BackendChoice::Cuda && cuda_model {
+        Some(dllm::backend::cuda::device_report(0)?)
+    } else {
+        None
+    };
     // What a CUDA load would put on the device, and what each canvas of a full context adds.
     let (dev_weights, (dev_step, dev_step_shared), dev_kv) = {
         use dllm::backend::cuda::memory::{kv_cache_bytes, weight_bytes, StepBuffers};
@@ -117,6 +123,8 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "tokenizer_vocab": tokenizer.as_ref().ok(),
             "cpu_bf16_activations": cpu_bf16,
             "cuda": cuda,
+            "cuda_device": device.as_ref().map(|d| &d.0),
+            "cuda_kernels_not_in_use": device.as_ref().map(|d| &d.1),
             "device_weight_bytes": cuda_model.then_some(dev_weights),
             "device_step_bytes_per_canvas": cuda_model.then_some(dev_step),
             "device_step_bytes_shared": cuda_model.then_some(dev_step_shared),
@@ -186,6 +194,17 @@ pub fn info(a: InfoArgs) -> Result<()> {
         "cuda config  {}",
         dllm::backend::cuda::switches_line()
     ))?;
+    if let Some((description, inactive)) = &device {
+        out::line(format_args!("cuda device  {description}"))?;
+        if inactive.is_empty() {
+            out::line(format_args!(
+                "cuda kernels every kernel asked for is in use (load-time self-tests passed)"
+            ))?;
+        }
+        for why in inactive {
+            out::line(format_args!("cuda kernels not in use: {why}"))?;
+        }
+    }
     if cuda_model {
         use dllm::memory::human_bytes;
         out::line(format_args!(

@@ -977,6 +977,46 @@ impl Gemm {
         &self.disabled
     }
 
+    /// Every kernel that was asked for (by default or by a switch) but is not in use on `dev`,
+    /// each with the reason: a variant the load-time self-test disabled (but wgmma in the Ampere
+    /// build, which has none), or an opt-in that failed to load or its self-test. Empty when all
+    /// run as asked.
+    pub fn inactive_reasons(&self, dev: &CudaDevice) -> Vec<String> {
+        let ampere = dev.arch == super::KernelArch::Ampere;
+        let mut why: Vec<String> = self
+            .disabled
+            .iter()
+            .filter(|(v, _)| !(ampere && *v == GemmVariant::Wgmma))
+            .map(|(v, why)| format!("{} disabled: {why}", v.name()))
+            .collect();
+        let requested = [
+            (
+                "skinny version 2 disabled (version 1 used)",
+                self.skinny_v2_failure(),
+            ),
+            (
+                "stream kernel requested but not used",
+                self.stream_failure(),
+            ),
+            ("TMA kernel requested but not used", self.tma_failure()),
+            (
+                "TMA quad kernel requested but not used",
+                self.tma4_failure(),
+            ),
+            ("fused MLP requested but not used", self.mlp_failure()),
+            (
+                "cluster-split kernels requested but not used",
+                self.cluster_split_failure(),
+            ),
+        ];
+        why.extend(
+            requested
+                .into_iter()
+                .filter_map(|(what, f)| f.map(|f| format!("{what}: {f}"))),
+        );
+        why
+    }
+
     /// Why version 2 of the skinny kernel was disabled by the load-time self-test (`run` then
     /// uses version 1 for every `m ≤ 64`); `None` when it passed.
     pub fn skinny_v2_failure(&self) -> Option<&str> {

@@ -65,6 +65,16 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
+/// Device `ordinal` as `dllm info --backend cuda` reports it: its description and SM count, and
+/// every kernel asked for but not in use there ([`gemm::Gemm::inactive_reasons`], after the
+/// GEMM's load-time self-tests).
+pub fn device_report(ordinal: usize) -> Result<(String, Vec<String>)> {
+    let dev = CudaDevice::open(ordinal)?;
+    let gemm = gemm::Gemm::load(&dev)?;
+    let description = format!("{} · {} SMs", dev.describe(), dev.num_sms()?);
+    Ok((description, gemm.inactive_reasons(&dev)))
+}
+
 /// Whether this build carries compiled CUDA kernels.
 pub fn kernels_compiled() -> bool {
     embedded::KERNELS_COMPILED

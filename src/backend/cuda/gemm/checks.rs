@@ -279,31 +279,7 @@ pub fn self_check(dev: &CudaDevice) -> Vec<CheckResult> {
     ));
     // The load-time self-test must not have disabled anything (but wgmma in the Ampere build,
     // which has none).
-    let disabled = gemm.disabled_variants();
-    let ampere = dev.arch == crate::backend::cuda::KernelArch::Ampere;
-    let mut why: Vec<String> = disabled
-        .iter()
-        .filter(|(v, _)| !(ampere && *v == GemmVariant::Wgmma))
-        .map(|(v, why)| format!("{} disabled: {why}", v.name()))
-        .collect();
-    if let Some(f) = gemm.skinny_v2_failure() {
-        why.push(format!("skinny version 2 disabled (version 1 used): {f}"));
-    }
-    if let Some(f) = gemm.stream_failure() {
-        why.push(format!("stream kernel requested but not used: {f}"));
-    }
-    if let Some(f) = gemm.tma_failure() {
-        why.push(format!("TMA kernel requested but not used: {f}"));
-    }
-    if let Some(f) = gemm.tma4_failure() {
-        why.push(format!("TMA quad kernel requested but not used: {f}"));
-    }
-    if let Some(f) = gemm.mlp_failure() {
-        why.push(format!("fused MLP requested but not used: {f}"));
-    }
-    if let Some(f) = gemm.cluster_split_failure() {
-        why.push(format!("cluster-split kernels requested but not used: {f}"));
-    }
+    let why = gemm.inactive_reasons(dev);
     // The stream kernel's ring depth, read from its module (what a DLLM_KERNEL_DIR build with
     // -D STREAM_STAGES=N relies on); the embedded image has the default.
     if gemm.stream.is_some() {
