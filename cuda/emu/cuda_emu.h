@@ -1,18 +1,20 @@
-// CPU emulation of the CUDA execution model, enough to run dllm's plain kernels (thread and block
-// indices, __syncthreads, static shared memory, warp shuffles and ballots, the bf16 conversions,
-// and mma.sync m16n8k16 bf16, dynamic shared memory and its 32-bit window addresses, named
-// barriers) as host C++, so CI checks their logic without a GPU (tests/kernel_emulation.rs builds
-// cuda/emu/harness.cpp and cuda/emu/stream_harness.cpp with it; cuda/emu/sm90_emu.h adds the
-// mbarriers, TMA loads and memory-order operations of the Hopper streaming kernels). Not
-// emulated, so not for kernels that use them: wgmma, clusters, cp.async.
+// CPU emulation of the CUDA execution model, enough to run dllm's kernels as host C++ (thread and
+// block indices, __syncthreads and named barriers, static and dynamic shared memory with its
+// 32-bit window addresses, warp shuffles and ballots, the bf16 conversions, mma.sync m16n8k16,
+// ldmatrix, cp.async; cuda/emu/sm90_emu.h adds mbarriers, TMA boxes (multicast too) and the memory
+// order operations, cuda/emu/wgmma_emu.h wgmma and the cluster helpers), so CI checks their logic
+// without a GPU: the harnesses of tests/*_emulation.rs, and the mock driver cuda/emu/libcuda_emu.cpp
+// under which the whole CUDA backend runs (tests/emulated_driver.rs).
 //
-// Each block runs one OS thread per CUDA thread, so barriers and warp collectives behave as on the
-// device (every lane of a warp must reach a collective, as CUDA requires). `__shared__` variables
-// are function statics and the dynamic shared memory one static arena, so one block per process
-// uses them: dllm_emu_launch runs the blocks one after another, dllm_emu_launch_concurrent runs
-// every block at once, each in its own forked process (shared memory private to it, global memory
-// the MAP_SHARED buffers of dllm_emu::device_buffer), as a persistent kernel's grid barrier needs.
-// Speed is not the point: keep the shapes small.
+// Each block runs one OS thread per CUDA thread (the default: barriers and warp collectives behave
+// as on the device, and ThreadSanitizer sees the kernels' races), or with DLLM_EMU_FIBERS one
+// cooperative fiber per CUDA thread on one OS thread (cuda/emu/fibers.h: far faster, no races).
+// Every lane of a warp must reach a collective, as CUDA requires. `__shared__` variables are
+// function statics and the dynamic shared memory one static arena, so one block per process uses
+// them: dllm_emu_launch runs the blocks one after another, dllm_emu_launch_concurrent runs every
+// block at once, each in its own forked process (shared memory private to it, global memory the
+// MAP_SHARED buffers of dllm_emu::device_buffer), as a persistent kernel's grid barrier and a
+// cluster's distributed shared memory need.
 #pragma once
 #define DLLM_EMU 1
 
