@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the emulated CUDA driver (cuda/emu/libcuda_emu.cpp: dllm's kernels run on the CPU behind
 # the driver API) into DIR as libcuda.so.1 (+ libcuda.so), for
-#   LD_LIBRARY_PATH=DIR DLLM_GEMM_TMA=0 dllm generate --backend cuda ...
+#   LD_LIBRARY_PATH=DIR dllm generate --backend cuda ...
 # on a machine without a GPU (slow: seconds per step of the tiny model). Needs a C++20 compiler
 # (CXX, else c++). Usage: scripts/emu-driver.sh DIR
 set -euo pipefail

@@ -242,7 +242,9 @@ inline void* dynamic_shared() { return shared_arena + kDynamicOffset; }
 
 // The kernels' static shared arrays that cluster peers reach (DLLM_SHARED_ARRAY): the last
 // kStaticSharedBytes of the arena, handed out in declaration order; every thread of the block
-// declares the same arrays in the same order, so each gets the same addresses.
+// declares the same arrays in the same order, so each gets the same addresses. Each declaration
+// must run once per thread (at the top of the kernel, not in a loop or a helper called twice:
+// there it would get a second address, where the device has one).
 inline DLLM_EMU_TLS size_t static_shared_used = 0;
 DLLM_EMU_FIBER_LOCAL(static_shared_used);
 template <class T>
@@ -325,7 +327,12 @@ struct ClusterBarrier {
     uint32_t count = 0, generation = 0;
 };
 inline dim3 cluster_dims{1, 1, 1};
+inline uint32_t cluster_rank = 0;
 inline ClusterBarrier* cluster_bar = nullptr;
+// What a failed concurrent launch does: exit the process (the harnesses), or set
+// `launch_failed` (the mock driver, which reports it as CUDA_ERROR_LAUNCH_FAILED).
+inline bool exit_on_launch_failure = true;
+inline bool launch_failed = false;
 inline int cluster_blocks() { return (int)(cluster_dims.x * cluster_dims.y * cluster_dims.z); }
 
 // `bar.sync id, count`: the first `count` arrivals of this phase release each other.
@@ -405,15 +412,12 @@ inline void cluster_sync() {
 }
 
 // mapa.shared::cluster: the shared-window address `addr` of this block (in its arena) as the same
-// offset in the arena of cluster block `rank` (block b of the grid has arena slot b).
+// offset in the arena of cluster block `rank` (a cluster's blocks have consecutive arena slots, in
+// rank order).
 inline uint32_t cluster_peer(uint32_t addr, uint32_t rank) {
     if ((int)rank >= cluster_blocks()) fail("mapa: rank outside the cluster");
-    const dim3 c = cluster_dims;
-    const int64_t px = blockIdx.x / c.x * c.x + rank % c.x, py = blockIdx.y / c.y * c.y + rank / c.x % c.y,
-                  pz = blockIdx.z / c.z * c.z + rank / (c.x * c.y);
-    auto slot = [](int64_t x, int64_t y, int64_t z) { return (z * gridDim.y + y) * gridDim.x + x; };
-    const int64_t slots = slot(px, py, pz) - slot(blockIdx.x, blockIdx.y, blockIdx.z);
-    return addr + (uint32_t)(slots * (int64_t)kSharedArenaBytes);
+    if (addr >= kSharedArenaBytes) fail("mapa of an address outside the block's arena (a host-static __shared__?)");
+    return addr + (uint32_t)(((int64_t)rank - (int64_t)cluster_rank) * (int64_t)kSharedArenaBytes);
 }
 
 }  // namespace dllm_emu
@@ -617,71 +621,79 @@ inline void dllm_emu_launch(dim3 grid, dim3 block, F kernel, size_t shared_bytes
             for (unsigned bx = grid.x; bx-- > 0;) dllm_emu_run_block(dim3{bx, by, bz}, block, kernel, shared_bytes);
 }
 
-// Runs every block of the grid at once, each in a forked process of its own (its shared memory
-// private, as on the device): for kernels whose blocks wait for each other (a grid barrier), which
-// the device runs only when the whole grid is resident. Global memory must be dllm_emu::device_buffer
-// memory (a plain host allocation is copied into each child, and what the child writes is lost).
-// A block that fails (a sanitizer report, an abort, a watchdog's `__trap`, or `seconds` passing: a
-// deadlock) fails the launch.
-//
-// `cluster` (x > 0) launches clusters of that shape (the grid a multiple of it in each dimension): the
-// blocks' arenas are then slots of one MAP_SHARED space (at most kClusterSlots blocks), so
-// dllm_emu::cluster_peer reaches a peer's shared memory, and dllm_emu::cluster_sync is the
-// cluster barrier.
+namespace dllm_emu {
+
+// Block (bx, by, bz) of `grid` runs `kernel` in a forked child; with a cluster shape, in arena slot
+// `slot` of the shared space, its cluster's barrier `bar`.
 template <class F>
-inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t shared_bytes = 0,
-                                       unsigned seconds = 120, dim3 cluster = {0, 0, 0}) {
-    gridDim = grid;
-    blockDim = block;
-    dllm_emu::ClusterBarrier* bars = nullptr;
+inline pid_t fork_block(dim3 idx, dim3 block, F& kernel, size_t shared_bytes, unsigned seconds, dim3 cluster,
+                        size_t slot, ClusterBarrier* bar) {
+    const pid_t pid = fork();
+    if (pid < 0) fail("fork failed");
+    if (pid != 0) return pid;
+    alarm(seconds);
     const bool clustered = cluster.x > 0;
     if (clustered) {
-        const size_t blocks = (size_t)grid.x * grid.y * grid.z;
-        if (blocks > (size_t)dllm_emu::kClusterSlots || cluster.y == 0 || cluster.z == 0 || grid.x % cluster.x != 0 ||
-            grid.y % cluster.y != 0 || grid.z % cluster.z != 0)
-            dllm_emu::fail("cluster launch: at most kClusterSlots blocks, the grid a multiple of the cluster");
-        if (mmap(dllm_emu::shared_space, blocks * dllm_emu::kSharedArenaBytes, PROT_READ | PROT_WRITE,
+        shared_arena = shared_space + slot * kSharedArenaBytes;
+        cluster_dims = cluster;
+        cluster_rank = idx.x % cluster.x + cluster.x * (idx.y % cluster.y + cluster.y * (idx.z % cluster.z));
+        cluster_bar = bar;
+    }
+    dllm_emu_run_block(idx, block, kernel, shared_bytes);
+    // A cluster block's shared memory is gone once it exits: a peer still reading it (no closing
+    // cluster barrier) reads garbage.
+    if (clustered) {
+#if defined(__SANITIZE_ADDRESS__)
+        ASAN_UNPOISON_MEMORY_REGION(shared_arena, kSharedArenaBytes);
+#endif
+        std::memset(shared_arena, 0xff, kSharedArenaBytes);
+    }
+    std::fflush(nullptr);
+    _exit(0);
+}
+
+// Every block of the grid at once (no cluster shape), or the blocks of clusters
+// first .. first + count - 1 (cluster index x fastest over the grid of clusters).
+template <class F>
+inline bool launch_wave(dim3 grid, dim3 block, F& kernel, size_t shared_bytes, unsigned seconds, dim3 cluster,
+                        unsigned first, unsigned count) {
+    const bool clustered = cluster.x > 0;
+    ClusterBarrier* bars = nullptr;
+    const size_t per_cluster = clustered ? (size_t)cluster.x * cluster.y * cluster.z : 1;
+    const size_t bar_bytes = std::max<size_t>(1, count) * sizeof(ClusterBarrier);
+    if (clustered) {
+        if (mmap(shared_space, count * per_cluster * kSharedArenaBytes, PROT_READ | PROT_WRITE,
                  MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
-            dllm_emu::fail("cluster launch: cannot share the shared-memory space");
+            fail("cluster launch: cannot share the shared-memory space");
 #if defined(__SANITIZE_ADDRESS__)
         // Every slot readable by every block (each poisons only its own slot's unused part).
-        ASAN_UNPOISON_MEMORY_REGION(dllm_emu::shared_space, sizeof dllm_emu::shared_space);
+        ASAN_UNPOISON_MEMORY_REGION(shared_space, sizeof shared_space);
 #endif
-        bars = dllm_emu::device_filled<dllm_emu::ClusterBarrier>(blocks, dllm_emu::ClusterBarrier{});
+        void* m = mmap(nullptr, bar_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) fail("cluster launch: cannot map the cluster barriers");
+        bars = static_cast<ClusterBarrier*>(m);
     }
     std::fflush(nullptr);
     std::vector<pid_t> children;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                const pid_t pid = fork();
-                if (pid < 0) dllm_emu::fail("fork failed");
-                if (pid == 0) {
-                    alarm(seconds);
-                    if (clustered) {
-                        const size_t b = ((size_t)bz * grid.y + by) * grid.x + bx;
-                        dllm_emu::shared_arena = dllm_emu::shared_space + b * dllm_emu::kSharedArenaBytes;
-                        dllm_emu::cluster_dims = cluster;
-                        // The barrier of the cluster's first block.
-                        const size_t first = ((size_t)(bz / cluster.z * cluster.z) * grid.y + by / cluster.y * cluster.y) *
-                                                 grid.x +
-                                             bx / cluster.x * cluster.x;
-                        dllm_emu::cluster_bar = bars + first;
-                    }
-                    dllm_emu_run_block(dim3{bx, by, bz}, block, kernel, shared_bytes);
-                    // A cluster block's shared memory is gone once it exits: a peer still reading
-                    // it (no closing cluster barrier) reads garbage.
-                    if (clustered) {
-#if defined(__SANITIZE_ADDRESS__)
-                        ASAN_UNPOISON_MEMORY_REGION(dllm_emu::shared_arena, dllm_emu::kSharedArenaBytes);
-#endif
-                        std::memset(dllm_emu::shared_arena, 0xff, dllm_emu::kSharedArenaBytes);
-                    }
-                    std::fflush(nullptr);
-                    _exit(0);
-                }
-                children.push_back(pid);
+    if (!clustered) {
+        for (unsigned bz = 0; bz < grid.z; ++bz)
+            for (unsigned by = 0; by < grid.y; ++by)
+                for (unsigned bx = 0; bx < grid.x; ++bx)
+                    children.push_back(fork_block(dim3{bx, by, bz}, block, kernel, shared_bytes, seconds, cluster, 0,
+                                                  nullptr));
+    } else {
+        const unsigned ncx = grid.x / cluster.x, ncy = grid.y / cluster.y;
+        for (unsigned c = 0; c < count; ++c) {
+            const unsigned id = first + c;
+            const dim3 origin{id % ncx * cluster.x, id / ncx % ncy * cluster.y, id / (ncx * ncy) * cluster.z};
+            for (unsigned r = 0; r < per_cluster; ++r) {
+                const dim3 idx{origin.x + r % cluster.x, origin.y + r / cluster.x % cluster.y,
+                               origin.z + r / (cluster.x * cluster.y)};
+                children.push_back(fork_block(idx, block, kernel, shared_bytes, seconds, cluster,
+                                              c * per_cluster + r, bars + c));
             }
+        }
+    }
     bool ok = true;
     for (size_t i = 0; i < children.size(); ++i) {
         int status = 0;
@@ -693,10 +705,50 @@ inline void dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t s
             ok = false;
         }
     }
-    if (!ok) std::exit(1);
-    // The space private again (a later launch's forked blocks must not share it).
-    if (clustered &&
-        mmap(dllm_emu::shared_space, sizeof dllm_emu::shared_space, PROT_READ | PROT_WRITE,
-             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
-        dllm_emu::fail("cluster launch: cannot make the shared-memory space private again");
+    if (clustered) {
+        munmap(bars, bar_bytes);
+        // The space private again (a later launch's forked blocks must not share it).
+        if (mmap(shared_space, sizeof shared_space, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                 -1, 0) == MAP_FAILED)
+            fail("cluster launch: cannot make the shared-memory space private again");
+    }
+    if (!ok) {
+        if (exit_on_launch_failure) std::exit(1);
+        launch_failed = true;
+    }
+    return ok;
 }
+
+}  // namespace dllm_emu
+
+// Runs every block of the grid at once, each in a forked process of its own (its shared memory
+// private, as on the device): for kernels whose blocks wait for each other (a grid barrier), which
+// the device runs only when the whole grid is resident. Global memory must be dllm_emu::device_buffer
+// memory (a plain host allocation is copied into each child, and what the child writes is lost).
+// A block that fails (a sanitizer report, an abort, a watchdog's `__trap`, or `seconds` passing: a
+// deadlock) fails the launch.
+//
+// `cluster` (x > 0) launches clusters of that shape (the grid a multiple of it in each dimension),
+// only each cluster's blocks at once (in waves of at most kClusterSlots blocks): a cluster's arenas
+// are consecutive slots of one MAP_SHARED space, in rank order, so dllm_emu::cluster_peer reaches a
+// peer's shared memory, and dllm_emu::cluster_sync is the cluster barrier.
+template <class F>
+inline bool dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t shared_bytes = 0,
+                                       unsigned seconds = 120, dim3 cluster = {0, 0, 0}) {
+    gridDim = grid;
+    blockDim = block;
+    const bool clustered = cluster.x > 0;
+    if (!clustered) return dllm_emu::launch_wave(grid, block, kernel, shared_bytes, seconds, {0, 0, 0}, 0, 0);
+    if (cluster.y == 0 || cluster.z == 0 || grid.x % cluster.x != 0 || grid.y % cluster.y != 0 ||
+        grid.z % cluster.z != 0 || cluster.x * cluster.y * cluster.z > (unsigned)dllm_emu::kClusterSlots)
+        dllm_emu::fail("cluster launch: the grid must be a multiple of the cluster (of at most kClusterSlots blocks)");
+    const unsigned per_cluster = cluster.x * cluster.y * cluster.z;
+    const unsigned clusters = grid.x * grid.y * grid.z / per_cluster;
+    const unsigned per_wave = (unsigned)dllm_emu::kClusterSlots / per_cluster;
+    bool ok = true;
+    for (unsigned first = 0; first < clusters && ok; first += per_wave)
+        ok = dllm_emu::launch_wave(grid, block, kernel, shared_bytes, seconds, cluster, first,
+                                   std::min(per_wave, clusters - first));
+    return ok;
+}
+

@@ -30,8 +30,9 @@
 // kernels do not change the floating-point control words).
 extern "C" void dllm_emu_fiber_switch(void** save, void* load);
 asm(R"(
-    .text
+    .pushsection .text
     .weak dllm_emu_fiber_switch
+    .hidden dllm_emu_fiber_switch
     .type dllm_emu_fiber_switch, @function
 dllm_emu_fiber_switch:
     pushq %rbp
@@ -50,6 +51,7 @@ dllm_emu_fiber_switch:
     popq %rbp
     ret
     .size dllm_emu_fiber_switch, .-dllm_emu_fiber_switch
+    .popsection
 )");
 
 namespace dllm_emu::fibers {

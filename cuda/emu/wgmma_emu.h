@@ -128,7 +128,7 @@ inline float2 wg_lds64(uint32_t addr) {
     return v;
 }
 
-// The cluster split's distributed shared memory (dllm_emu_launch_concurrent with cluster_z):
+// The cluster split's distributed shared memory (dllm_emu_launch_concurrent with a cluster shape):
 // the cluster barrier, mapa into a peer's arena, and the 16-byte shared loads and stores.
 inline void wg_cluster_sync() { dllm_emu::cluster_sync(); }
 inline uint32_t wg_mapa(uint32_t addr, uint32_t rank) { return dllm_emu::cluster_peer(addr, rank); }

@@ -88,9 +88,10 @@ pub fn info(a: InfoArgs) -> Result<()> {
         ),
         Some(why) => why,
     };
-    // With --backend cuda: the device, and the kernels its self-tests turned off.
+    // With --backend cuda: the device, and the kernels its self-tests turned off (or why there
+    // is no device).
     let device = if a.model.backend == BackendChoice::Cuda && cuda_model {
-        Some(dllm::backend::cuda::device_report(0)?)
+        Some(dllm::backend::cuda::device_report(0).map_err(|e| e.to_string()))
     } else {
         None
     };
@@ -123,8 +124,11 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "tokenizer_vocab": tokenizer.as_ref().ok(),
             "cpu_bf16_activations": cpu_bf16,
             "cuda": cuda,
-            "cuda_device": device.as_ref().map(|d| &d.0),
-            "cuda_kernels_not_in_use": device.as_ref().map(|d| &d.1),
+            "cuda_device": device.as_ref().map(|d| match d {
+                Ok((description, _)) => description.clone(),
+                Err(e) => format!("none: {e}"),
+            }),
+            "cuda_kernels_not_in_use": device.as_ref().and_then(|d| d.as_ref().ok()).map(|d| &d.1),
             "device_weight_bytes": cuda_model.then_some(dev_weights),
             "device_step_bytes_per_canvas": cuda_model.then_some(dev_step),
             "device_step_bytes_shared": cuda_model.then_some(dev_step_shared),
@@ -194,7 +198,10 @@ pub fn info(a: InfoArgs) -> Result<()> {
         "cuda config  {}",
         dllm::backend::cuda::switches_line()
     ))?;
-    if let Some((description, inactive)) = &device {
+    if let Some(Err(e)) = &device {
+        out::line(format_args!("cuda device  none: {e}"))?;
+    }
+    if let Some(Ok((description, inactive))) = &device {
         out::line(format_args!("cuda device  {description}"))?;
         if inactive.is_empty() {
             out::line(format_args!(
