@@ -122,14 +122,23 @@ fn short(cache: &'static str) -> Vec<&'static str> {
         .collect()
 }
 
+/// No cache and the dual cache, and on the dual cache the host-logits paths of sessions 19–20:
+/// trace credit (`--credit`: every step's logits of the queried rows) and the vicinity cache
+/// update (`--vicinity`: span steps wider than the block).
 #[test]
 fn generation_on_the_emulated_gpu_matches_the_cpu() {
     let Some(d) = driver() else { return };
-    for cache in ["none", "dual"] {
-        let args = short(cache);
+    for (cache, extra) in [
+        ("none", &[][..]),
+        ("dual", &[][..]),
+        ("dual", &["--credit"][..]),
+        ("dual", &["--vicinity", "4"][..]),
+    ] {
+        let mut args = short(cache);
+        args.extend_from_slice(extra);
         let cpu = canvas(d, "cpu", &args, &[]);
         let gpu = canvas(d, "cuda", &args, &[]);
-        assert_close(&format!("cache {cache}"), &gpu, &cpu);
+        assert_close(&format!("cache {cache} {extra:?}"), &gpu, &cpu);
     }
 }
 
