@@ -23,6 +23,10 @@ fn driver() -> Option<&'static Path> {
         if !dllm::backend::cuda::kernels_compiled() {
             return Err("skip: this build has no compiled CUDA kernels (no nvcc)".into());
         }
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        if Command::new(&cxx).arg("--version").output().is_err() {
+            return Err(format!("skip: no C++ compiler `{cxx}`"));
+        }
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-driver");
         let status = Command::new("bash")
