@@ -9,11 +9,13 @@
 //! Needs a C++20 compiler and a build with compiled kernels (nvcc): CI (`CI` set) has both and
 //! fails without them; elsewhere the tests are skipped with a message.
 
+mod common;
+
+use common::emulation::built_or_skip;
+use common::{canvas_ids, json_ok, MODEL};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-llada-code");
 
 /// The folder holding the built `libcuda.so.1`, or `None` (skipped) outside CI without a
 /// compiler or compiled kernels.
@@ -39,14 +41,7 @@ fn driver() -> Option<&'static Path> {
         }
         Ok(out)
     });
-    match built {
-        Ok(p) => Some(p),
-        Err(why) if why.starts_with("skip") && std::env::var_os("CI").is_none() => {
-            eprintln!("{why}");
-            None
-        }
-        Err(why) => panic!("{why}"),
-    }
+    built_or_skip(built)
 }
 
 /// `bin args` with the emulated driver and `env`; fails the test unless it exits 0.
@@ -72,31 +67,28 @@ fn dllm() -> &'static str {
     env!("CARGO_BIN_EXE_dllm")
 }
 
-/// The generated positions of the final canvas in `dllm generate --json`'s output.
-fn generated(stdout: &[u8]) -> Vec<u64> {
-    let text = String::from_utf8_lossy(stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .expect("a JSON line");
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+/// `dllm generate --model MODEL --backend backend --json args` with the emulated driver.
+fn generate(driver: &Path, backend: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut all = vec!["generate", "--model", MODEL, "--backend", backend, "--json"];
+    all.extend_from_slice(args);
+    run(driver, dllm(), &all, env)
+}
+
+/// The generated positions of the final canvas in a one-prompt `dllm generate --json` run.
+fn generated(out: &Output) -> Vec<u32> {
+    let v = json_ok(out);
     let prompt = v["prompt_tokens"].as_u64().expect("prompt_tokens") as usize;
-    v["canvas"].as_array().expect("canvas")[prompt..]
-        .iter()
-        .map(|t| t.as_u64().unwrap())
-        .collect()
+    canvas_ids(&v)[prompt..].to_vec()
 }
 
 /// `dllm generate --json` on `backend`: the generated positions of one prompt's canvas.
-fn canvas(driver: &Path, backend: &str, args: &[&str], env: &[(&str, &str)]) -> Vec<u64> {
-    let mut all = vec!["generate", "--model", MODEL, "--backend", backend, "--json"];
-    all.extend_from_slice(args);
-    generated(&run(driver, dllm(), &all, env).stdout)
+fn canvas(driver: &Path, backend: &str, args: &[&str], env: &[(&str, &str)]) -> Vec<u32> {
+    generated(&generate(driver, backend, args, env))
 }
 
 /// At most one generated position in 16 may differ (a near-tie the device's and the CPU's
 /// different summation orders may break either way); the message says how many did.
-fn assert_close(what: &str, gpu: &[u64], cpu: &[u64]) {
+fn assert_close(what: &str, gpu: &[u32], cpu: &[u32]) {
     assert_eq!(gpu.len(), cpu.len(), "{what}: canvas lengths");
     let differ = gpu.iter().zip(cpu).filter(|(a, b)| a != b).count();
     assert!(
@@ -148,19 +140,22 @@ fn generation_on_the_emulated_gpu_matches_the_cpu() {
 
 /// `dllm generate --json` on the emulated GPU with `env` and the launch trace: the final canvas
 /// and the trace lines of the steps (after the load-time self-tests).
-fn traced(driver: &Path, args: &[&str], env: &[(&str, &str)]) -> (Vec<u64>, Vec<String>) {
-    let mut all = vec!["generate", "--model", MODEL, "--backend", "cuda", "--json"];
-    all.extend_from_slice(args);
-    let mut with_trace = env.to_vec();
-    with_trace.push(("DLLM_EMU_TRACE", "1"));
-    let out = run(driver, dllm(), &all, &with_trace);
-    let canvas = generated(&out.stdout);
+fn traced(driver: &Path, args: &[&str], env: &[(&str, &str)]) -> (Vec<u32>, Vec<String>) {
+    let out = generate(driver, "cuda", args, &with_trace(env));
+    let canvas = generated(&out);
     let steps = String::from_utf8_lossy(&out.stderr)
         .lines()
         .skip_while(|l| !l.contains("embedding_bf16_f32"))
         .map(str::to_owned)
         .collect();
     (canvas, steps)
+}
+
+/// `env` and `DLLM_EMU_TRACE=1` (the emulated driver's launch trace on stderr).
+fn with_trace<'a>(env: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut all = env.to_vec();
+    all.push(("DLLM_EMU_TRACE", "1"));
+    all
 }
 
 /// Asserts that some step launched a kernel whose name starts with `prefix` (and contains
@@ -288,12 +283,6 @@ fn batched_sessions_match_the_cpu() {
     // The texts, and the number of forwards on the emulated GPU.
     let run_batch = |backend: &str, env: &[(&str, &str)]| -> (Vec<String>, usize) {
         let args = [
-            "generate",
-            "--model",
-            MODEL,
-            "--backend",
-            backend,
-            "--json",
             "--batch-file",
             file,
             "--gen-len",
@@ -305,9 +294,7 @@ fn batched_sessions_match_the_cpu() {
             "--cache",
             "dual",
         ];
-        let mut with_trace = env.to_vec();
-        with_trace.push(("DLLM_EMU_TRACE", "1"));
-        let out = run(d, dllm(), &args, &with_trace);
+        let out = generate(d, backend, &args, &with_trace(env));
         let texts = String::from_utf8(out.stdout)
             .unwrap()
             .lines()
