@@ -38,9 +38,13 @@ __device__ __forceinline__ double dllm_uniform(uint64_t seed, uint64_t step, uin
 // the emulator's buffer of the block.
 // DLLM_DYNAMIC_SHARED_ALIGNED declares it with that alignment (the emulator's is 1024-aligned).
 // DLLM_SHARED_ARRAY declares a static shared array `T name[n]` aligned to A; under DLLM_EMU it lies
-// in the block's arena (not a host static), where a cluster peer's mapa reaches it.
+// in the block's arena (not a host static: one per block even where blocks share a process), where
+// a cluster peer's mapa reaches it, at the address the block's first thread to reach the
+// declaration got for it.
 #ifdef DLLM_EMU
-#define DLLM_SHARED_ARRAY(T, name, n, A) T* name = dllm_emu::static_shared<T>((n), (A))
+#define DLLM_SHARED_ARRAY(T, name, n, A)          \
+    static const char dllm_emu_site_##name = 0; \
+    T* name = dllm_emu::static_shared<T>(&dllm_emu_site_##name, (n), (A))
 #else
 #define DLLM_SHARED_ARRAY(T, name, n, A) __shared__ __align__(A) T name[n]
 #endif

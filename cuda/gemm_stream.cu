@@ -448,13 +448,13 @@ struct StreamGridGate {
 template <int G, int JOBS>
 __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], unsigned int* grid_bar) {
     DLLM_DYNAMIC_SHARED(unsigned char, stream_raw);
-    __shared__ __align__(8) uint64_t full_bar[STREAM_STAGES];
-    __shared__ __align__(8) uint64_t empty_bar[STREAM_STAGES];
+    DLLM_SHARED_ARRAY(uint64_t, full_bar, STREAM_STAGES, 8);
+    DLLM_SHARED_ARRAY(uint64_t, empty_bar, STREAM_STAGES, 8);
     // The last grid barrier this block's producer passed (StreamGridGate, stream_gate_wait).
-    __shared__ uint32_t gate_passed;
+    DLLM_SHARED_ARRAY(uint32_t, gate_passed, 1, 4);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    if (threadIdx.x == 0) gate_passed = 0u;  // ordered before any use by stream_ring_init's barrier
+    if (threadIdx.x == 0) gate_passed[0] = 0u;  // ordered before any use by stream_ring_init's barrier
     const StreamRing ring = stream_ring_init(stream_raw, full_bar, empty_bar);
     StreamPos pos = {0, 0u};
     if (warp == STREAM_CONSUMERS) {
@@ -473,7 +473,7 @@ __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], 
                     stream_produce<G>(jobs[j], r, ring.ring, full_bar, empty_bar, pos, policy, StreamPdlGate{});
                 } else {
                     stream_produce<G>(jobs[j], r, ring.ring, full_bar, empty_bar, pos, policy,
-                                      StreamGridGate{grid_bar + 2 * (j - 1), &gate_passed, (uint32_t)j});
+                                      StreamGridGate{grid_bar + 2 * (j - 1), gate_passed, (uint32_t)j});
                 }
             }
         }
@@ -484,7 +484,7 @@ __device__ __forceinline__ void stream_jobs_body(const StreamJob (&jobs)[JOBS], 
 #pragma unroll
     for (int j = 0; j < JOBS; ++j) {
         stream_consume<G>(jobs[j], stream_range(jobs[j].N, jobs[j].K), ring.ring_ptr, full_bar, empty_bar, pos,
-                          warp, lane, j > 0 ? &gate_passed : nullptr, (uint32_t)j);
+                          warp, lane, j > 0 ? gate_passed : nullptr, (uint32_t)j);
         if (j + 1 < JOBS) {
             // This job's outputs stored by every consumer warp (and by this block's reductions):
             // generic-proxy writes that other blocks' TMA loads read after the barrier.

@@ -150,10 +150,10 @@ __device__ __forceinline__ bool wg_split_reduce(float (&acc)[96], float* __restr
         part[(base + e) * THREADS + tid] = make_float4(acc[4 * e], acc[4 * e + 1], acc[4 * e + 2], acc[4 * e + 3]);
     __threadfence();
     wg_bar_sync(bar, THREADS);
-    __shared__ unsigned int s_last;
-    if (tid == 0) s_last = (atomicAdd(&counters[tile], 1u) == (unsigned int)(splits - 1)) ? 1u : 0u;
+    DLLM_SHARED_ARRAY(unsigned int, s_last, 1, 4);
+    if (tid == 0) s_last[0] = (atomicAdd(&counters[tile], 1u) == (unsigned int)(splits - 1)) ? 1u : 0u;
     wg_bar_sync(bar, THREADS);
-    if (s_last == 0u) return false;
+    if (s_last[0] == 0u) return false;
     __threadfence();
 #pragma unroll
     for (int i = 0; i < 96; ++i) acc[i] = 0.0f;

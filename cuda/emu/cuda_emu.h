@@ -10,11 +10,12 @@
 // as on the device, and ThreadSanitizer sees the kernels' races), or with DLLM_EMU_FIBERS one
 // cooperative fiber per CUDA thread on one OS thread (cuda/emu/fibers.h: far faster, no races).
 // Every lane of a warp must reach a collective, as CUDA requires. `__shared__` variables are
-// function statics and the dynamic shared memory one static arena, so one block per process uses
-// them: dllm_emu_launch runs the blocks one after another, dllm_emu_launch_concurrent runs every
-// block at once, each in its own forked process (shared memory private to it, global memory the
-// MAP_SHARED buffers of dllm_emu::device_buffer), as a persistent kernel's grid barrier and a
-// cluster's distributed shared memory need.
+// function statics, so one block per process uses them: dllm_emu_launch runs the blocks one after
+// another; dllm_emu_launch_concurrent runs every block at once, as a persistent kernel's grid
+// barrier and a cluster's distributed shared memory need: in the thread mode each in its own
+// forked process (global memory the MAP_SHARED buffers of dllm_emu::device_buffer), in the fiber
+// mode all in this process, each with its own arena of the shared space (its dynamic shared memory
+// and its DLLM_SHARED_ARRAYs; a `__shared__` static there fails the run).
 #pragma once
 #define DLLM_EMU 1
 
@@ -58,7 +59,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// A `__shared__` static is one per process: fine for blocks run one after another, or each in a
+// forked process, wrong for the fiber mode's blocks that run at once in one process (a grid
+// barrier or a cluster launch), which fails on it (those kernels declare DLLM_SHARED_ARRAY).
+#define __shared__ dllm_emu_static_shared_check(); static
 #define __grid_constant__
 #define __cluster_dims__(...)
 #define __align__(n) __attribute__((aligned(n)))
@@ -145,11 +149,22 @@ inline void relax() {
 }
 
 #if defined(DLLM_EMU_FIBERS)
-// std::barrier's arrive_and_wait / arrive_and_drop for fibers: waiting switches fibers.
+// std::barrier's arrive_and_wait / arrive_and_drop for fibers: a waiting fiber is not run again
+// until the phase completes (so a barrier costs one switch per thread, and a barrier no running
+// thread can complete is a deadlock at once, not after a timeout). arrive_and_wait returns
+// whether the caller completed the phase: it runs on while every other arrival still waits.
 class EmuBarrier {
   public:
     explicit EmuBarrier(std::ptrdiff_t expected) : expected_(expected) {}
-    void arrive_and_wait();
+    bool arrive_and_wait() {
+        if (++count_ == expected_) {
+            complete();
+            return true;
+        }
+        waiters_.push_back(fibers::current());
+        fibers::wait_for_wake("deadlock: every unfinished thread waits at a barrier (a thread never arrived)");
+        return false;
+    }
     void arrive_and_drop() {
         --expected_;
         if (count_ > 0 && count_ == expected_) complete();
@@ -158,22 +173,28 @@ class EmuBarrier {
   private:
     void complete() {
         count_ = 0;
-        ++generation_;
+        for (size_t w : waiters_) fibers::wake(w);
+        waiters_.clear();
     }
     std::ptrdiff_t expected_, count_ = 0;
-    uint64_t generation_ = 0;
+    std::vector<size_t> waiters_;
 };
 #else
 using EmuBarrier = std::barrier<>;
 #endif
 
 // One warp's rendezvous: a barrier of its live lanes, their count, and a slot per lane for
-// exchanges (an exited lane's slots are zero: it takes no part in a ballot).
+// exchanges (an exited lane's slots read as zero: it takes no part in a ballot). The fiber mode
+// alternates between two sets of slots (each lane's `parity`), so an exchange needs one barrier:
+// a lane cannot write a set again before every lane has read it, since that takes passing the
+// next exchange's barrier, which every lane must reach. There `pending` marks a set whose
+// exchange's once-per-warp work has not run yet, and `exited` the lanes that left the kernel.
 struct Warp {
     explicit Warp(int lanes) : bar(lanes), live(lanes) {}
     EmuBarrier bar;
     std::atomic<int> live;
-    uint64_t slot[32][8] = {};
+    uint64_t slots[2][32][8] = {};
+    unsigned char parity[32] = {}, exited[32] = {}, pending[2] = {};
 };
 
 // The dynamic shared memory of the running block (one block per process at a time), 1024-byte
@@ -191,7 +212,23 @@ constexpr size_t kDynamicOffset = 128;
 constexpr size_t kStaticSharedBytes = 4096;
 constexpr size_t kMaxDynamicShared = kSharedArenaBytes - kDynamicOffset - kStaticSharedBytes;
 alignas(4096) inline unsigned char shared_space[kClusterSlots * kSharedArenaBytes];
+// The running block's arena: per fiber in the fiber mode (whose concurrent launches run every
+// block in this process), per process in the thread mode (set before the block's threads start).
 inline unsigned char* shared_arena = shared_space;
+DLLM_EMU_FIBER_LOCAL(shared_arena);
+// Whether the blocks of the running launch share this process (the fiber mode's concurrent
+// launches): `__shared__` statics are then one for every block.
+inline bool blocks_share_process = false;
+}  // namespace dllm_emu
+inline void dllm_emu_static_shared_check() {
+    if (dllm_emu::blocks_share_process) {
+        std::fprintf(stderr,
+                     "cuda_emu: a __shared__ static in a kernel whose blocks run at once in one process "
+                     "(declare it with DLLM_SHARED_ARRAY)\n");
+        std::abort();
+    }
+}
+namespace dllm_emu {
 
 // A named barrier (bar.sync id, count): its participant count is fixed by its first use.
 struct NamedBarrier {
@@ -200,7 +237,7 @@ struct NamedBarrier {
 };
 
 struct Block {
-    Block(int threads, size_t shared_bytes) : sync(threads) {
+    Block(int threads, size_t shared_bytes, unsigned char* arena) : sync(threads), arena(arena), running(threads) {
         for (int w = 0; w * 32 < threads; ++w) warps.push_back(std::make_unique<Warp>(std::min(32, threads - 32 * w)));
         if (shared_bytes > kMaxDynamicShared) {
             std::fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory (at most %zu)\n", shared_bytes,
@@ -208,21 +245,25 @@ struct Block {
             std::abort();
         }
 #if defined(__SANITIZE_ADDRESS__)
-        ASAN_UNPOISON_MEMORY_REGION(shared_arena, kSharedArenaBytes);
+        ASAN_UNPOISON_MEMORY_REGION(arena, kSharedArenaBytes);
 #endif
         // Uninitialised shared memory reads as NaN-like bf16 / f32 garbage, not as zeros.
-        std::memset(shared_arena + kDynamicOffset, 0xff, shared_bytes);
-        std::memset(shared_arena + kSharedArenaBytes - kStaticSharedBytes, 0xff, kStaticSharedBytes);
+        std::memset(arena + kDynamicOffset, 0xff, shared_bytes);
+        std::memset(arena + kSharedArenaBytes - kStaticSharedBytes, 0xff, kStaticSharedBytes);
 #if defined(__SANITIZE_ADDRESS__)
         // Past the launch's dynamic shared memory (and before it) is out of bounds, as on the device.
-        ASAN_POISON_MEMORY_REGION(shared_arena, kDynamicOffset);
-        ASAN_POISON_MEMORY_REGION(shared_arena + kDynamicOffset + shared_bytes, kMaxDynamicShared - shared_bytes);
+        ASAN_POISON_MEMORY_REGION(arena, kDynamicOffset);
+        ASAN_POISON_MEMORY_REGION(arena + kDynamicOffset + shared_bytes, kMaxDynamicShared - shared_bytes);
 #endif
     }
     EmuBarrier sync;
+    unsigned char* arena;  // its shared memory
+    int running;           // threads not yet exited (the fiber mode)
     std::vector<std::unique_ptr<Warp>> warps;
-    std::mutex named_lock;
+    std::mutex named_lock;  // the named barriers' and the static arrays' first uses
     NamedBarrier named[16];
+    std::vector<std::pair<const void*, size_t>> static_sites;  // DLLM_SHARED_ARRAY: site, offset
+    size_t static_used = 0;
 };
 
 inline DLLM_EMU_TLS Block* block = nullptr;
@@ -240,18 +281,23 @@ inline void* dynamic_shared() { return shared_arena + kDynamicOffset; }
     std::abort();
 }
 
-// The kernels' static shared arrays that cluster peers reach (DLLM_SHARED_ARRAY): the last
-// kStaticSharedBytes of the arena, handed out in declaration order; every thread of the block
-// declares the same arrays in the same order, so each gets the same addresses. Each declaration
-// must run once per thread (at the top of the kernel, not in a loop or a helper called twice:
-// there it would get a second address, where the device has one).
-inline DLLM_EMU_TLS size_t static_shared_used = 0;
-DLLM_EMU_FIBER_LOCAL(static_shared_used);
+// The kernels' static shared arrays (DLLM_SHARED_ARRAY): the last kStaticSharedBytes of the
+// block's arena, where cluster peers reach them. Each declaration (`site`, a static of its own)
+// gets its place when the block's first thread reaches it; every later execution of it in the
+// block, by any thread, gets the same (as the device has one address per declaration).
 template <class T>
-inline T* static_shared(size_t n, size_t align) {
-    const size_t start = (static_shared_used + align - 1) / align * align;
-    if (start + n * sizeof(T) > kStaticSharedBytes) fail("static shared arrays past kStaticSharedBytes");
-    static_shared_used = start + n * sizeof(T);
+inline T* static_shared(const void* site, size_t n, size_t align) {
+    Block& b = *block;
+    std::lock_guard<std::mutex> g(b.named_lock);
+    size_t start = kStaticSharedBytes;
+    for (const auto& [s, at] : b.static_sites)
+        if (s == site) start = at;
+    if (start == kStaticSharedBytes) {
+        start = (b.static_used + align - 1) / align * align;
+        if (start + n * sizeof(T) > kStaticSharedBytes) fail("static shared arrays past kStaticSharedBytes");
+        b.static_used = start + n * sizeof(T);
+        b.static_sites.emplace_back(site, start);
+    }
     return reinterpret_cast<T*>(shared_arena + kSharedArenaBytes - kStaticSharedBytes + start);
 }
 
@@ -271,17 +317,6 @@ inline void poll(const char* what, F done) {
     }
 }
 
-#if defined(DLLM_EMU_FIBERS)
-inline void EmuBarrier::arrive_and_wait() {
-    const uint64_t generation = generation_;
-    if (++count_ == expected_) {
-        complete();
-        return;
-    }
-    poll("a barrier: no completion within a minute (a thread never arrived)",
-         [&] { return generation_ != generation; });
-}
-#endif
 
 // Whether DLLM_EMU_ASYNC names `mode` (read once): which asynchronous operations complete at
 // issue instead of at their wait ("early": cp.async copies; "wgmma-early": wgmma operand reads).
@@ -329,10 +364,8 @@ struct ClusterBarrier {
 inline dim3 cluster_dims{1, 1, 1};
 inline uint32_t cluster_rank = 0;
 inline ClusterBarrier* cluster_bar = nullptr;
-// What a failed concurrent launch does: exit the process (the harnesses), or set
-// `launch_failed` (the mock driver, which reports it as CUDA_ERROR_LAUNCH_FAILED).
-inline bool exit_on_launch_failure = true;
-inline bool launch_failed = false;
+DLLM_EMU_FIBER_LOCAL(cluster_rank);
+DLLM_EMU_FIBER_LOCAL(cluster_bar);
 inline int cluster_blocks() { return (int)(cluster_dims.x * cluster_dims.y * cluster_dims.z); }
 
 // `bar.sync id, count`: the first `count` arrivals of this phase release each other.
@@ -377,14 +410,53 @@ inline T* device_filled(size_t n, T value) {
     return p;
 }
 
-// Every live lane publishes `n` words, waits for the others, reads, and waits again so no slot is
-// overwritten before every lane has read it.
+// A warp collective: every live lane publishes `n` words in its slot and waits for the others;
+// then the lanes' work runs (`work(slots, l)` for lane l may write the words of slot l past the
+// first `n`, which no other lane's work reads), and each lane runs `read(slots)`. With
+// `all_lanes`, every lane of the warp must take part (mma.sync, ldmatrix, wgmma: .aligned),
+// checked where no lane can be on its way out. In the thread mode each lane does its own work
+// between two barriers (the second keeps the slots until every lane has read them). In the fiber
+// mode the first lane to run after the one barrier does every lane's work at once,
+// `work_all(slots)` (the same results as `work` for each lane), on the set of its parity.
+inline void no_work(uint64_t (&)[32][8], int) {}
+template <class W, class A, class F>
+inline void collective(const uint64_t* mine, int n, bool all_lanes, W work, A work_all, F read) {
+#if defined(DLLM_EMU_FIBERS)
+    (void)work;
+    const int p = warp->parity[lane];
+    warp->parity[lane] ^= 1;
+    auto& set = warp->slots[p];
+    for (int i = 0; i < n; ++i) set[lane][i] = mine[i];
+    warp->pending[p] = 1;
+    warp->bar.arrive_and_wait();
+    if (warp->pending[p]) {
+        warp->pending[p] = 0;
+        if (all_lanes && warp->live.load() != 32) fail("a warp-synchronous operation with lanes missing");
+        for (int l = 0; l < 32; ++l)
+            if (warp->exited[l]) std::memset(set[l], 0, sizeof set[l]);
+        work_all(set);
+    }
+    read(set);
+#else
+    (void)work_all;
+    auto& set = warp->slots[0];
+    for (int i = 0; i < n; ++i) set[lane][i] = mine[i];
+    warp->bar.arrive_and_wait();
+    if (all_lanes && warp->live.load() != 32) fail("a warp-synchronous operation with lanes missing");
+    work(set, lane);
+    read(set);
+    warp->bar.arrive_and_wait();
+#endif
+}
+template <class F>
+inline void collective(const uint64_t* mine, int n, bool all_lanes, F read) {
+    collective(mine, n, all_lanes, no_work, [](uint64_t (&)[32][8]) {}, read);
+}
+
+// A collective without work, open to a partial warp (shuffles, ballots).
 template <class F>
 inline void exchange(const uint64_t* mine, int n, F read) {
-    for (int i = 0; i < n; ++i) warp->slot[lane][i] = mine[i];
-    warp->bar.arrive_and_wait();
-    read(warp->slot);
-    warp->bar.arrive_and_wait();
+    collective(mine, n, false, read);
 }
 
 }  // namespace dllm_emu
@@ -526,9 +598,7 @@ inline void dllm_emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
     if (addr & 15) dllm_emu::fail("ldmatrix row address not 16-byte aligned");
     const uint64_t mine = addr;
     const int l = dllm_emu::lane;
-    dllm_emu::exchange(&mine, 1, [&](uint64_t (&slot)[32][8]) {
-        // Checked inside the rendezvous, where no lane can be on its way out.
-        if (dllm_emu::warp->live.load() != 32) dllm_emu::fail("ldmatrix with lanes missing");
+    dllm_emu::collective(&mine, 1, true, [&](uint64_t (&slot)[32][8]) {
         auto elem = [&](int matrix, int row, int col) {
             uint16_t v;
             std::memcpy(&v, dllm_emu::shared_at((uint32_t)slot[8 * matrix + row][0] + 2 * col), 2);
@@ -547,66 +617,166 @@ inline void dllm_emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
 // B (16 x 8): b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]; D (16 x 8): d0, d1 = D[g][2t, 2t+1],
 // d2, d3 = D[g+8][2t, 2t+1]; the lower k of a register pair in its low 16 bits. Products summed
 // in fp32 in k order (the device truncates its sums differently: compare with a tolerance).
-inline void dllm_emu_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                              uint32_t b1) {
-    const uint64_t mine[6] = {a0, a1, a2, a3, b0, b1};
-    const int g = dllm_emu::lane >> 2, t = dllm_emu::lane & 3;
-    float out[4];
-    dllm_emu::exchange(mine, 6, [&](uint64_t (&slot)[32][8]) {
-        // Checked inside the rendezvous, where no lane can be on its way out.
-        if (dllm_emu::warp->live.load() != 32) dllm_emu::fail("mma.sync with lanes missing (undefined on the device)");
-        auto half = [](uint64_t reg, int k) { return __uint_as_float(((uint32_t)(reg >> (16 * (k & 1))) & 0xffffu) << 16); };
-        // This lane's rows g, g + 8 of A and columns 2t, 2t + 1 of B, decoded once.
-        float a[2][16], b[2][16];
-        for (int k = 0; k < 16; ++k) {
-            const int quad = (k & 7) >> 1, high = k < 8 ? 0 : 1;
-            for (int h = 0; h < 2; ++h) {
-                a[h][k] = half(slot[4 * g + quad][h + 2 * high], k);
-                b[h][k] = half(slot[4 * (2 * t + h) + quad][4 + high], k);
+namespace dllm_emu {
+// Lane l's part of an mma.sync whose operands the lanes published in `slot` (words 0-5: a0-a3,
+// b0, b1; words 6-7: the accumulators d0, d1 and d2, d3, two floats each, the lower first), its
+// results written over words 6-7.
+inline void mma_lane(uint64_t (&slot)[32][8], int l) {
+    const int g = l >> 2, t = l & 3;
+    auto half = [](uint64_t reg, int k) { return __uint_as_float(((uint32_t)(reg >> (16 * (k & 1))) & 0xffffu) << 16); };
+    // Lane l's rows g, g + 8 of A and columns 2t, 2t + 1 of B, decoded once.
+    float a[2][16], b[2][16];
+    for (int k = 0; k < 16; ++k) {
+        const int quad = (k & 7) >> 1, high = k < 8 ? 0 : 1;
+        for (int h = 0; h < 2; ++h) {
+            a[h][k] = half(slot[4 * g + quad][h + 2 * high], k);
+            b[h][k] = half(slot[4 * (2 * t + h) + quad][4 + high], k);
+        }
+    }
+    float d[4];
+    std::memcpy(d, &slot[l][6], sizeof d);
+    for (int q = 0; q < 4; ++q) {
+        const float* row = a[q < 2 ? 0 : 1];
+        const float* col = b[q & 1];
+        float s = d[q];
+        for (int k = 0; k < 16; ++k) s += row[k] * col[k];
+        d[q] = s;
+    }
+    std::memcpy(&slot[l][6], d, sizeof d);
+}
+// Every lane's part of an mma.sync at once (the fiber mode's collective work): the 16 x 8 tile
+// D += A B with each sum in the order and the roundings of mma_lane (d, then + a_k b_k for k in
+// order, each product and each sum rounded to fp32: the build does not contract them), the eight
+// columns of a row in two 4-float vectors.
+inline void mma_warp(uint64_t (&slot)[32][8]) {
+    typedef float v4 __attribute__((vector_size(16)));
+    auto lo = [](uint64_t reg) { return __uint_as_float(((uint32_t)reg & 0xffffu) << 16); };
+    auto hi = [](uint64_t reg) { return __uint_as_float((uint32_t)reg & 0xffff0000u); };
+    float a[16][16], b[16][8], d[16][8];
+    for (int g = 0; g < 8; ++g)
+        for (int t = 0; t < 4; ++t) {
+            const uint64_t* w = slot[4 * g + t];
+            for (int h = 0; h < 2; ++h) {  // rows g (h = 0) and g + 8 of A and D, rows 2t (+ 8) of B
+                a[g + 8 * h][2 * t] = lo(w[h]);
+                a[g + 8 * h][2 * t + 1] = hi(w[h]);
+                a[g + 8 * h][2 * t + 8] = lo(w[2 + h]);
+                a[g + 8 * h][2 * t + 9] = hi(w[2 + h]);
+                b[2 * t + 8 * h][g] = lo(w[4 + h]);
+                b[2 * t + 1 + 8 * h][g] = hi(w[4 + h]);
+                float acc[2];
+                std::memcpy(acc, &w[6 + h], sizeof acc);
+                d[g + 8 * h][2 * t] = acc[0];
+                d[g + 8 * h][2 * t + 1] = acc[1];
             }
         }
-        for (int q = 0; q < 4; ++q) {
-            const float* row = a[q < 2 ? 0 : 1];
-            const float* col = b[q & 1];
-            float s = d[q];
-            for (int k = 0; k < 16; ++k) s += row[k] * col[k];
-            out[q] = s;
+    for (int r = 0; r < 16; ++r) {
+        v4 s0, s1;
+        std::memcpy(&s0, &d[r][0], 16);
+        std::memcpy(&s1, &d[r][4], 16);
+        for (int k = 0; k < 16; ++k) {
+            v4 b0, b1;
+            std::memcpy(&b0, &b[k][0], 16);
+            std::memcpy(&b1, &b[k][4], 16);
+            const v4 x = {a[r][k], a[r][k], a[r][k], a[r][k]};
+            s0 = s0 + x * b0;
+            s1 = s1 + x * b1;
         }
-    });
-    for (int q = 0; q < 4; ++q) d[q] = out[q];
+        std::memcpy(&d[r][0], &s0, 16);
+        std::memcpy(&d[r][4], &s1, 16);
+    }
+    for (int g = 0; g < 8; ++g)
+        for (int t = 0; t < 4; ++t)
+            for (int h = 0; h < 2; ++h) {
+                const float acc[2] = {d[g + 8 * h][2 * t], d[g + 8 * h][2 * t + 1]};
+                std::memcpy(&slot[4 * g + t][6 + h], acc, sizeof acc);
+            }
+}
+}  // namespace dllm_emu
+inline void dllm_emu_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                              uint32_t b1) {
+    uint64_t mine[8] = {a0, a1, a2, a3, b0, b1, 0, 0};
+    std::memcpy(&mine[6], d, sizeof d);
+    const int l = dllm_emu::lane;
+    dllm_emu::collective(mine, 8, true, dllm_emu::mma_lane, dllm_emu::mma_warp,
+                         [&](uint64_t (&slot)[32][8]) { std::memcpy(d, &slot[l][6], sizeof d); });
 }
 
-// Runs one block of `kernel` (one OS thread per CUDA thread, or one fiber in the fiber mode) to
-// its end.
+namespace dllm_emu {
+// One block of a launch: its index, its shared memory, and in a cluster launch its rank and the
+// cluster's barrier.
+struct BlockRun {
+    dim3 idx;
+    unsigned char* arena;
+    uint32_t rank = 0;
+    ClusterBarrier* bar = nullptr;
+};
+}  // namespace dllm_emu
+
+// Runs blocks of `kernel` to their end, all at once (one OS thread per CUDA thread, a block per
+// process; or, in the fiber mode, one fiber per CUDA thread of every block, so the blocks of a
+// grid barrier or a cluster run at once in this process). With `clobber`, a block's shared memory
+// is garbage once its last thread exits (a cluster peer still reading it reads that, as on the
+// device).
 template <class F>
-inline void dllm_emu_run_block(dim3 idx, dim3 block, F& kernel, size_t shared_bytes) {
+inline void dllm_emu_run_blocks(const std::vector<dllm_emu::BlockRun>& runs, dim3 block, F& kernel,
+                                size_t shared_bytes, bool clobber) {
     const int threads = (int)(block.x * block.y * block.z);
-    dllm_emu::Block b(threads, shared_bytes);
-    auto thread = [&](int t) {
+    std::vector<std::unique_ptr<dllm_emu::Block>> blocks;
+    for (const auto& r : runs) blocks.push_back(std::make_unique<dllm_emu::Block>(threads, shared_bytes, r.arena));
+    auto thread = [&](int i) {
+        const int t = i % threads;
+        const dllm_emu::BlockRun& run = runs[(size_t)(i / threads)];
+        dllm_emu::Block& b = *blocks[(size_t)(i / threads)];
         threadIdx = {(unsigned)t % block.x, ((unsigned)t / block.x) % block.y, (unsigned)t / (block.x * block.y)};
-        blockIdx = idx;
+        blockIdx = run.idx;
+#if defined(DLLM_EMU_FIBERS)
+        dllm_emu::shared_arena = run.arena;
+        dllm_emu::cluster_rank = run.rank;
+        dllm_emu::cluster_bar = run.bar;
+#endif
         dllm_emu::block = &b;
         dllm_emu::warp = b.warps[t / 32].get();
         dllm_emu::lane = t % 32;
-        dllm_emu::static_shared_used = 0;
         kernel();
-        // A finished thread leaves its barriers, as an exited thread on the device (its
-        // slots cleared first: its drop is its arrival, no lane reads them before the next
-        // phase).
-        std::memset(dllm_emu::warp->slot[dllm_emu::lane], 0, sizeof dllm_emu::warp->slot[0]);
+        // A finished thread leaves its barriers, as an exited thread on the device (in the thread
+        // mode its slots cleared first: its drop is its arrival, no lane reads them before the
+        // next phase; in the fiber mode lanes may still read its last set, so the next
+        // collective's work clears them).
+#if defined(DLLM_EMU_FIBERS)
+        dllm_emu::warp->exited[dllm_emu::lane] = 1;
+        if (--b.running == 0 && clobber) {
+#if defined(__SANITIZE_ADDRESS__)
+            ASAN_UNPOISON_MEMORY_REGION(b.arena, dllm_emu::kSharedArenaBytes);
+#endif
+            std::memset(b.arena, 0xff, dllm_emu::kSharedArenaBytes);
+        }
+#else
+        std::memset(dllm_emu::warp->slots[0][dllm_emu::lane], 0, sizeof dllm_emu::warp->slots[0][0]);
+#endif
         dllm_emu::warp->live.fetch_sub(1);
         dllm_emu::warp->bar.arrive_and_drop();
         b.sync.arrive_and_drop();
     };
+    const int total = threads * (int)runs.size();
 #if defined(DLLM_EMU_FIBERS)
+    dllm_emu::blocks_share_process = runs.size() > 1;
     dllm_emu::fibers::run(
-        threads, [](void* context, int t) { (*static_cast<decltype(thread)*>(context))(t); }, &thread);
+        total, [](void* context, int i) { (*static_cast<decltype(thread)*>(context))(i); }, &thread);
+    dllm_emu::blocks_share_process = false;
 #else
+    if (runs.size() != 1) dllm_emu::fail("the thread mode runs one block per process");
     std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t) pool.emplace_back(thread, t);
+    pool.reserve(total);
+    for (int i = 0; i < total; ++i) pool.emplace_back(thread, i);
     for (auto& th : pool) th.join();
 #endif
+}
+
+// Runs one block of `kernel` to its end (the process's arena, cluster rank and barrier).
+template <class F>
+inline void dllm_emu_run_block(dim3 idx, dim3 block, F& kernel, size_t shared_bytes) {
+    dllm_emu_run_blocks({dllm_emu::BlockRun{idx, dllm_emu::shared_arena, dllm_emu::cluster_rank, dllm_emu::cluster_bar}},
+                        block, kernel, shared_bytes, false);
 }
 
 // Runs `kernel` (a callable that calls the kernel with its arguments) over `grid` x `block`, the
@@ -623,23 +793,23 @@ inline void dllm_emu_launch(dim3 grid, dim3 block, F kernel, size_t shared_bytes
 
 namespace dllm_emu {
 
-// Block (bx, by, bz) of `grid` runs `kernel` in a forked child; with a cluster shape, in arena slot
-// `slot` of the shared space, its cluster's barrier `bar`.
+// Block `run` runs `kernel` in a forked child (the thread mode's concurrent launches); with a
+// cluster shape, in its arena of the shared space, with its cluster's barrier.
 template <class F>
-inline pid_t fork_block(dim3 idx, dim3 block, F& kernel, size_t shared_bytes, unsigned seconds, dim3 cluster,
-                        size_t slot, ClusterBarrier* bar) {
+inline pid_t fork_block(const BlockRun& run, dim3 block, F& kernel, size_t shared_bytes, unsigned seconds,
+                        dim3 cluster) {
     const pid_t pid = fork();
     if (pid < 0) fail("fork failed");
     if (pid != 0) return pid;
     alarm(seconds);
     const bool clustered = cluster.x > 0;
     if (clustered) {
-        shared_arena = shared_space + slot * kSharedArenaBytes;
+        shared_arena = run.arena;
         cluster_dims = cluster;
-        cluster_rank = idx.x % cluster.x + cluster.x * (idx.y % cluster.y + cluster.y * (idx.z % cluster.z));
-        cluster_bar = bar;
+        cluster_rank = run.rank;
+        cluster_bar = run.bar;
     }
-    dllm_emu_run_block(idx, block, kernel, shared_bytes);
+    dllm_emu_run_block(run.idx, block, kernel, shared_bytes);
     // A cluster block's shared memory is gone once it exits: a peer still reading it (no closing
     // cluster barrier) reads garbage.
     if (clustered) {
@@ -653,34 +823,53 @@ inline pid_t fork_block(dim3 idx, dim3 block, F& kernel, size_t shared_bytes, un
 }
 
 // Every block of the grid at once (no cluster shape), or the blocks of clusters
-// first .. first + count - 1 (cluster index x fastest over the grid of clusters).
+// first .. first + count - 1 (cluster index x fastest over the grid of clusters), a cluster's
+// blocks in consecutive arenas of the shared space, in rank order. The fiber mode runs them in
+// this process (a failing block aborts it); the thread mode forks a process per block (the shared
+// space made MAP_SHARED for a cluster launch) and reports a failed block.
 template <class F>
 inline bool launch_wave(dim3 grid, dim3 block, F& kernel, size_t shared_bytes, unsigned seconds, dim3 cluster,
                         unsigned first, unsigned count) {
     const bool clustered = cluster.x > 0;
-    ClusterBarrier* bars = nullptr;
     const size_t per_cluster = clustered ? (size_t)cluster.x * cluster.y * cluster.z : 1;
+    std::vector<ClusterBarrier> local_bars;
+    ClusterBarrier* bars = nullptr;
+#if !defined(DLLM_EMU_FIBERS)
     const size_t bar_bytes = std::max<size_t>(1, count) * sizeof(ClusterBarrier);
+#endif
     if (clustered) {
+#if defined(DLLM_EMU_FIBERS)
+        local_bars.resize(count);
+        bars = local_bars.data();
+#else
         if (mmap(shared_space, count * per_cluster * kSharedArenaBytes, PROT_READ | PROT_WRITE,
                  MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
             fail("cluster launch: cannot share the shared-memory space");
+        void* m = mmap(nullptr, bar_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) fail("cluster launch: cannot map the cluster barriers");
+        bars = static_cast<ClusterBarrier*>(m);
+#endif
 #if defined(__SANITIZE_ADDRESS__)
         // Every slot readable by every block (each poisons only its own slot's unused part).
         ASAN_UNPOISON_MEMORY_REGION(shared_space, sizeof shared_space);
 #endif
-        void* m = mmap(nullptr, bar_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-        if (m == MAP_FAILED) fail("cluster launch: cannot map the cluster barriers");
-        bars = static_cast<ClusterBarrier*>(m);
     }
-    std::fflush(nullptr);
-    std::vector<pid_t> children;
+    std::vector<BlockRun> runs;
     if (!clustered) {
+#if defined(DLLM_EMU_FIBERS)
+        if ((size_t)grid.x * grid.y * grid.z > (size_t)kClusterSlots)
+            fail("a concurrent launch of more blocks than the shared space has arenas");
+#endif
         for (unsigned bz = 0; bz < grid.z; ++bz)
             for (unsigned by = 0; by < grid.y; ++by)
-                for (unsigned bx = 0; bx < grid.x; ++bx)
-                    children.push_back(fork_block(dim3{bx, by, bz}, block, kernel, shared_bytes, seconds, cluster, 0,
-                                                  nullptr));
+                for (unsigned bx = 0; bx < grid.x; ++bx) {
+#if defined(DLLM_EMU_FIBERS)
+                    unsigned char* arena = shared_space + runs.size() * kSharedArenaBytes;
+#else
+                    unsigned char* arena = shared_arena;
+#endif
+                    runs.push_back(BlockRun{dim3{bx, by, bz}, arena, 0, nullptr});
+                }
     } else {
         const unsigned ncx = grid.x / cluster.x, ncy = grid.y / cluster.y;
         for (unsigned c = 0; c < count; ++c) {
@@ -689,11 +878,24 @@ inline bool launch_wave(dim3 grid, dim3 block, F& kernel, size_t shared_bytes, u
             for (unsigned r = 0; r < per_cluster; ++r) {
                 const dim3 idx{origin.x + r % cluster.x, origin.y + r / cluster.x % cluster.y,
                                origin.z + r / (cluster.x * cluster.y)};
-                children.push_back(fork_block(idx, block, kernel, shared_bytes, seconds, cluster,
-                                              c * per_cluster + r, bars + c));
+                runs.push_back(BlockRun{idx, shared_space + (c * per_cluster + r) * kSharedArenaBytes,
+                                        (uint32_t)(idx.x % cluster.x +
+                                                   cluster.x * (idx.y % cluster.y + cluster.y * (idx.z % cluster.z))),
+                                        bars + c});
             }
         }
     }
+#if defined(DLLM_EMU_FIBERS)
+    (void)seconds;
+    const dim3 outside_dims = cluster_dims;
+    if (clustered) cluster_dims = cluster;
+    dllm_emu_run_blocks(runs, block, kernel, shared_bytes, clustered);
+    cluster_dims = outside_dims;
+    return true;
+#else
+    std::fflush(nullptr);
+    std::vector<pid_t> children;
+    for (const BlockRun& run : runs) children.push_back(fork_block(run, block, kernel, shared_bytes, seconds, cluster));
     bool ok = true;
     for (size_t i = 0; i < children.size(); ++i) {
         int status = 0;
@@ -712,21 +914,21 @@ inline bool launch_wave(dim3 grid, dim3 block, F& kernel, size_t shared_bytes, u
                  -1, 0) == MAP_FAILED)
             fail("cluster launch: cannot make the shared-memory space private again");
     }
-    if (!ok) {
-        if (exit_on_launch_failure) std::exit(1);
-        launch_failed = true;
-    }
+    if (!ok) std::exit(1);
     return ok;
+#endif
 }
 
 }  // namespace dllm_emu
 
-// Runs every block of the grid at once, each in a forked process of its own (its shared memory
-// private, as on the device): for kernels whose blocks wait for each other (a grid barrier), which
-// the device runs only when the whole grid is resident. Global memory must be dllm_emu::device_buffer
-// memory (a plain host allocation is copied into each child, and what the child writes is lost).
-// A block that fails (a sanitizer report, an abort, a watchdog's `__trap`, or `seconds` passing: a
-// deadlock) fails the launch.
+// Runs every block of the grid at once: for kernels whose blocks wait for each other (a grid
+// barrier), which the device runs only when the whole grid is resident. In the thread mode each
+// block is a forked process of its own (its shared memory private, as on the device; global memory
+// must be dllm_emu::device_buffer memory, since a plain host allocation is copied into each child
+// and what the child writes is lost), and a block that fails (a sanitizer report, an abort, a
+// watchdog's `__trap`, or `seconds` passing: a deadlock) exits the process with status 1. In the
+// fiber mode the blocks' threads are fibers of this process, each block with its own arena (at
+// most kClusterSlots blocks at once), and a failing block aborts it.
 //
 // `cluster` (x > 0) launches clusters of that shape (the grid a multiple of it in each dimension),
 // only each cluster's blocks at once (in waves of at most kClusterSlots blocks): a cluster's arenas
@@ -744,7 +946,12 @@ inline bool dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t s
         dllm_emu::fail("cluster launch: the grid must be a multiple of the cluster (of at most kClusterSlots blocks)");
     const unsigned per_cluster = cluster.x * cluster.y * cluster.z;
     const unsigned clusters = grid.x * grid.y * grid.z / per_cluster;
-    const unsigned per_wave = (unsigned)dllm_emu::kClusterSlots / per_cluster;
+    unsigned per_wave = (unsigned)dllm_emu::kClusterSlots / per_cluster;
+#if defined(DLLM_EMU_FIBERS)
+    // Every thread of a wave is a fiber of this process.
+    const size_t threads = (size_t)block.x * block.y * block.z;
+    per_wave = std::max(1u, std::min(per_wave, (unsigned)(dllm_emu::fibers::kMaxFibers / (threads * per_cluster))));
+#endif
     bool ok = true;
     for (unsigned first = 0; first < clusters && ok; first += per_wave)
         ok = dllm_emu::launch_wave(grid, block, kernel, shared_bytes, seconds, cluster, first,

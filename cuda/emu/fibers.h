@@ -1,9 +1,13 @@
 // Cooperative fibers for the CUDA emulation (cuda/emu/cuda_emu.h with DLLM_EMU_FIBERS): a block's
-// CUDA threads run as fibers of one OS thread, switched only where a thread waits (a barrier, a
-// warp collective, a poll, an atomic's jitter point). A switch costs tens of nanoseconds instead of
-// an OS context switch, which is what makes whole models runnable in the emulation (the mock
-// driver, cuda/emu/libcuda_emu.cpp). Data races cannot show here (one thread runs at a time, and
-// only where the kernel waits); the thread mode under ThreadSanitizer is for those.
+// CUDA threads (or, in a concurrent launch, every block's) run as fibers of one OS thread,
+// switched only where a thread waits (a barrier, a warp collective, an mbarrier, a poll, an
+// atomic's jitter point). A switch costs tens of nanoseconds instead of an OS context switch,
+// which is what makes whole models runnable in the emulation (the mock driver,
+// cuda/emu/libcuda_emu.cpp). A fiber that waits at a barrier or an mbarrier is not run again until
+// woken (wait_for_wake / wake), so waiting costs nothing and a wait nothing can end is reported at
+// once; a fiber that polls memory yields and runs again in turn. Data races cannot show here (one
+// thread runs at a time, and only where the kernel waits); the thread mode under
+// ThreadSanitizer is for those.
 //
 // Variables that are per CUDA thread (thread indices, the cp.async and wgmma queues) are plain
 // globals in fiber mode, registered with `fiber_local`: each fiber's value is swapped in when it
@@ -17,7 +21,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <memory>
+#include <cstring>
+#include <new>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -56,46 +62,101 @@ dllm_emu_fiber_switch:
 
 namespace dllm_emu::fibers {
 
-// A per-fiber variable: slot i holds fiber i's value while another fiber runs (slot `count` the
-// value outside the fibers).
-struct LocalBase {
-    virtual ~LocalBase() = default;
-    virtual void resize(size_t slots) = 0;
-    virtual void swap(size_t slot) = 0;
-};
+// A per-fiber variable: while fiber i waits its value sits in slot i of `saved` (slot `count`
+// holds the value outside the fibers); a switch copies the running fiber's values out and the next
+// one's in. The copies are byte copies, so the types must be relocatable that way: trivially
+// copyable ones, and std::vector (three pointers in libstdc++ and libc++). The running fiber's
+// own slot is stale (its value lives in the variable), so only the waiting fibers' slots own what
+// they hold.
 template <class T>
-struct Local final : LocalBase {
-    explicit Local(T& v) : var(v) {}
-    T& var;
-    std::vector<T> saved;
-    void resize(size_t slots) override {
-        saved.clear();
-        saved.resize(slots);
-    }
-    void swap(size_t slot) override { std::swap(var, saved[slot]); }
+struct byte_relocatable : std::is_trivially_copyable<T> {};
+template <class T>
+struct byte_relocatable<std::vector<T>> : std::true_type {};
+struct LocalVar {
+    void* var;
+    size_t bytes, offset;
+    void (*construct)(void*);
+    void (*destroy)(void*);
 };
-inline std::vector<std::unique_ptr<LocalBase>>& locals() {
-    static std::vector<std::unique_ptr<LocalBase>> all;
+struct Locals {
+    std::vector<LocalVar> vars;
+    size_t stride = 0;  // bytes per slot, every variable at its offset
+    std::vector<unsigned char> saved;
+    size_t slots = 0;   // slots whose fiber values are constructed (0 .. slots - 1)
+    unsigned char* slot(size_t i) { return saved.data() + i * stride; }
+    // Word by word: the sizes are small multiples of 4, and a libc memcpy call per variable
+    // would cost as much as the rest of a switch.
+    static void copy(void* to, const void* from, size_t bytes) {
+        for (size_t w = 0; w < bytes; w += 4) {
+            uint32_t x;
+            __builtin_memcpy(&x, (const unsigned char*)from + w, 4);
+            __builtin_memcpy((unsigned char*)to + w, &x, 4);
+        }
+    }
+    void save(size_t i) {
+        for (const auto& v : vars) copy(slot(i) + v.offset, v.var, v.bytes);
+    }
+    void load(size_t i) {
+        for (const auto& v : vars) copy(v.var, slot(i) + v.offset, v.bytes);
+    }
+    // Destroys the values the fibers of the last run left in their slots, then gives `fibers` slots
+    // a value-initialised variable each (plus the outside slot, written by the first switch).
+    void reset(size_t fibers) {
+        for (size_t i = 0; i < slots; ++i)
+            for (const auto& v : vars) v.destroy(slot(i) + v.offset);
+        saved.assign((fibers + 1) * stride, 0);
+        for (size_t i = 0; i < fibers; ++i)
+            for (const auto& v : vars) v.construct(slot(i) + v.offset);
+        slots = fibers;
+    }
+};
+inline Locals& locals() {
+    static Locals all;
     return all;
 }
 template <class T>
 inline bool fiber_local(T& var) {
-    locals().push_back(std::make_unique<Local<T>>(var));
+    static_assert(byte_relocatable<T>::value, "a fiber-local variable must be relocatable by a byte copy");
+    Locals& l = locals();
+    constexpr size_t align = alignof(T) < 16 ? alignof(T) : 16;
+    static_assert(alignof(T) <= 16, "fiber-local alignment above 16");
+    static_assert(sizeof(T) % 4 == 0, "fiber-local size not a multiple of 4 bytes");
+    const size_t offset = (l.stride + align - 1) / align * align;
+    l.vars.push_back({&var, sizeof(T), offset, [](void* p) { new (p) T(); },
+                      [](void* p) { static_cast<T*>(p)->~T(); }});
+    l.stride = (offset + sizeof(T) + 15) / 16 * 16;
     return true;
 }
 
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr size_t kMaxFibers = 1024;
+constexpr size_t kMaxFibers = 16384;  // the threads of a concurrent launch's blocks
 
+// The fibers that may run are in a FIFO queue (each at most once): a fiber that yields goes to its
+// back, one that waits to be woken leaves it until wake() puts it back, so a switch costs O(1)
+// however many fibers wait.
 struct Scheduler {
     std::vector<void*> sp;            // each fiber's saved stack pointer
-    std::vector<unsigned char> done;  // whether it has finished
+    std::vector<uint32_t> queue;      // ring buffer of the runnable fibers (the running one excluded)
+    size_t head = 0, queued = 0;
     size_t count = 0, current = 0, live = 0;
     void* outside = nullptr;  // the stack pointer of the code that called run()
     void (*body)(void*, int) = nullptr;
     void* context = nullptr;
     uint64_t switches = 0;
     std::vector<unsigned char*> stacks;  // mapped once, each above a guard page, reused by every run
+    void push(size_t fiber) {
+        size_t at = head + queued++;
+        if (at >= count) at -= count;
+        queue[at] = (uint32_t)fiber;
+    }
+    // The next runnable fiber, or `count` when none is.
+    size_t pop() {
+        if (queued == 0) return count;
+        const size_t fiber = queue[head];
+        if (++head == count) head = 0;
+        --queued;
+        return fiber;
+    }
 };
 inline Scheduler sched;
 inline bool in_fiber = false;
@@ -109,8 +170,8 @@ inline bool in_fiber = false;
 inline void switch_to(size_t next) {
     const size_t from = sched.current;
     if (from == next) return;
-    for (auto& l : locals()) l->swap(from);
-    for (auto& l : locals()) l->swap(next);
+    locals().save(from);
+    locals().load(next);
     sched.current = next;
     void** save = from == sched.count ? &sched.outside : &sched.sp[from];
     void* load = next == sched.count ? sched.outside : sched.sp[next];
@@ -118,13 +179,19 @@ inline void switch_to(size_t next) {
     dllm_emu_fiber_switch(save, load);
 }
 
-inline size_t next_live() {
-    for (size_t k = 1; k <= sched.count; ++k) {
-        const size_t i = (sched.current + k) % sched.count;
-        if (!sched.done[i]) return i;
-    }
-    return sched.count;
+// The running fiber's index.
+inline size_t current() { return sched.current; }
+
+// Suspends the running fiber until another one calls wake() on it. With no fiber left to run,
+// no one can: a deadlock, named by `what`.
+inline void wait_for_wake(const char* what) {
+    if (!in_fiber) die("a fiber wait outside the fibers");
+    const size_t next = sched.pop();
+    if (next == sched.count) die(what);
+    switch_to(next);
 }
+// Makes a waiting fiber runnable again.
+inline void wake(size_t fiber) { sched.push(fiber); }
 
 // Lets the other fibers run (from outside the fibers, the other OS threads).
 inline void yield() {
@@ -132,24 +199,26 @@ inline void yield() {
         sched_yield();
         return;
     }
-    // Fibers that spin on another process (a grid barrier of forked blocks) let it run.
+    // Now and then the OS thread too (a spinning emulation would starve other processes).
     if ((++sched.switches & 4095) == 0) sched_yield();
-    switch_to(next_live());
+    if (sched.queued == 0) return;
+    sched.push(sched.current);
+    switch_to(sched.pop());
 }
 
 [[noreturn]] inline void entry() {
-    const size_t me = sched.current;
-    sched.body(sched.context, (int)me);
-    sched.done[me] = 1;
+    sched.body(sched.context, (int)sched.current);
     --sched.live;
-    switch_to(sched.live == 0 ? sched.count : next_live());
+    const size_t next = sched.pop();
+    if (sched.live != 0 && next == sched.count) die("deadlock: every unfinished thread waits at a barrier");
+    switch_to(next);
     die("a finished fiber was resumed");
 }
 
-// Runs body(context, i) for i in 0..count as fibers, round robin from fiber 0, until all return.
+// Runs body(context, i) for i in 0..count as fibers, from fiber 0 in order, until all return.
 inline void run(int count, void (*body)(void*, int), void* context) {
     if (in_fiber) die("fibers started from inside a fiber");
-    if (count <= 0 || (size_t)count > kMaxFibers) die("fiber count outside 1..1024");
+    if (count <= 0 || (size_t)count > kMaxFibers) die("fiber count outside 1..kMaxFibers");
     const size_t page = 4096;
     while (sched.stacks.size() < (size_t)count) {
         void* m = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -159,7 +228,8 @@ inline void run(int count, void (*body)(void*, int), void* context) {
     }
     sched.count = (size_t)count;
     sched.sp.assign(sched.count, nullptr);
-    sched.done.assign(sched.count, 0);
+    sched.queue.assign(sched.count, 0);
+    sched.head = sched.queued = 0;
     sched.live = sched.count;
     sched.body = body;
     sched.context = context;
@@ -171,8 +241,9 @@ inline void run(int count, void (*body)(void*, int), void* context) {
         top[-2] = (void*)&entry;
         for (int r = 3; r <= 8; ++r) top[-r] = nullptr;
         sched.sp[i] = top - 8;
+        if (i > 0) sched.push(i);
     }
-    for (auto& l : locals()) l->resize(sched.count + 1);
+    locals().reset(sched.count);
     sched.current = sched.count;
     switch_to(0);
     if (sched.live != 0) die("returned to the launch with fibers unfinished");

@@ -12,6 +12,8 @@
 #pragma once
 #include "cuda_emu.h"
 
+#include <unordered_map>
+
 // What cuTensorMapEncodeTiled writes, as the emulation reads it: a 2-D bf16 matrix (K elements per
 // row, `rows` rows, row stride k * 2 bytes), a box of 64 x box_rows, 128-byte swizzle, zero fill.
 struct alignas(64) CUtensorMap {
@@ -39,6 +41,12 @@ constexpr uint64_t kPhase = 1ull << 63;
 constexpr uint64_t kCountMask = (1ull << 20) - 1;
 constexpr uint64_t kTxMask = (1ull << 23) - 1;
 
+#if defined(DLLM_EMU_FIBERS)
+// The fibers waiting for an mbarrier's phase to complete, by its word (every block of a launch runs
+// in this process in the fiber mode, so every completion happens here and wakes them).
+inline std::unordered_map<const void*, std::vector<size_t>> bar_waiters;
+#endif
+
 inline uint64_t bar_pending(uint64_t s) { return s & kCountMask; }
 inline uint64_t bar_expected(uint64_t s) { return (s >> 20) & kCountMask; }
 inline uint64_t bar_tx(uint64_t s) { return (s >> 40) & kTxMask; }
@@ -61,8 +69,15 @@ inline void bar_update(uint32_t addr, int arrivals, int64_t tx) {
             next = ((s & kPhase) ^ kPhase) | (expected << 20) | expected;  // next phase
         else
             next = (s & kPhase) | (txv << 40) | (expected << 20) | pending;
-        if (word.compare_exchange_weak(s, next)) return;
+        if (word.compare_exchange_weak(s, next)) break;
     }
+#if defined(DLLM_EMU_FIBERS)
+    const auto waiting = bar_waiters.find(shared_at(addr));
+    if (waiting != bar_waiters.end() && ((s ^ word.load()) & kPhase)) {
+        for (size_t f : waiting->second) fibers::wake(f);
+        bar_waiters.erase(waiting);
+    }
+#endif
 }
 
 }  // namespace dllm_emu
@@ -78,6 +93,14 @@ inline void dllm_bar_arrive_tx(uint32_t bar, uint32_t bytes) { dllm_emu::bar_upd
 inline void dllm_bar_arrive(uint32_t bar) { dllm_emu::bar_update(bar, 1, 0); }
 inline void dllm_bar_wait(uint32_t bar, uint32_t parity) {
     std::atomic_ref<uint64_t> word(*reinterpret_cast<uint64_t*>(dllm_emu::shared_at(bar)));
+#if defined(DLLM_EMU_FIBERS)
+    // Waits without polling: the phase's completion wakes it.
+    while (((word.load() >> 63) & 1u) == (parity & 1u)) {
+        dllm_emu::bar_waiters[dllm_emu::shared_at(bar)].push_back(dllm_emu::fibers::current());
+        dllm_emu::fibers::wait_for_wake("deadlock: every unfinished thread waits (an mbarrier phase never completes)");
+    }
+    return;
+#endif
     dllm_emu::poll("mbarrier wait: no completion within a minute (a protocol deadlock)",
                    [&] { return ((word.load() >> 63) & 1u) != (parity & 1u); });
 }

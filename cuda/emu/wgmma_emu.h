@@ -28,17 +28,22 @@ inline DLLM_EMU_TLS std::vector<std::vector<WgmmaOp>> wg_groups;
 DLLM_EMU_FIBER_LOCAL(wg_open);
 DLLM_EMU_FIBER_LOCAL(wg_groups);
 
-// Element k (0..15) of row `row` of the K-major, 128-byte-swizzled operand described by `desc`.
-inline float wg_operand(uint64_t desc, int row, int k) {
+// Elements k = 0..15 of row `row` of the K-major, 128-byte-swizzled operand described by `desc`.
+// Element k's logical address is the row's (16-byte aligned) + 2 k, and the swizzle XORs bits 4-6
+// with bits 7-9, which a 16-byte chunk does not cross: k = 0..7 and 8..15 are two contiguous
+// 16-byte chunks.
+inline void wg_operand_row(uint64_t desc, int row, float (&out)[16]) {
     if ((desc >> 62) != 1) fail("wgmma descriptor: only the 128-byte swizzle is emulated");
     if (((desc >> 49) & 7) != 0) fail("wgmma descriptor: nonzero base offset");
     const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4;
     const uint32_t sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
-    const uint32_t logical = start + (uint32_t)(row >> 3) * sbo + (uint32_t)(row & 7) * 128 + 2 * k;
-    const uint32_t physical = logical ^ (((logical >> 7) & 7u) << 4);
-    uint16_t v;
-    std::memcpy(&v, shared_at(physical), 2);
-    return __uint_as_float((uint32_t)v << 16);
+    const uint32_t logical = start + (uint32_t)(row >> 3) * sbo + (uint32_t)(row & 7) * 128;
+    for (int chunk = 0; chunk < 2; ++chunk) {
+        const uint32_t at = logical + 16 * (uint32_t)chunk;
+        uint16_t v[8];
+        std::memcpy(v, shared_at(at ^ (((at >> 7) & 7u) << 4)), sizeof v);
+        for (int e = 0; e < 8; ++e) out[8 * chunk + e] = __uint_as_float((uint32_t)v[e] << 16);
+    }
 }
 
 // The calling thread's 96 elements of A·B (m64n192k16), each summed onto `acc` in k order.
@@ -46,11 +51,9 @@ inline void wg_products(uint64_t da, uint64_t db, int wtid, float* acc) {
     const int w = wtid >> 5, g = (wtid & 31) >> 2, t = wtid & 3;
     // The thread's two rows of A, decoded once; its two columns of B per column block.
     float a[2][16], b[2][16];
-    for (int h = 0; h < 2; ++h)
-        for (int k = 0; k < 16; ++k) a[h][k] = wg_operand(da, 16 * w + g + 8 * h, k);
+    for (int h = 0; h < 2; ++h) wg_operand_row(da, 16 * w + g + 8 * h, a[h]);
     for (int j = 0; j < 24; ++j) {
-        for (int h = 0; h < 2; ++h)
-            for (int k = 0; k < 16; ++k) b[h][k] = wg_operand(db, 8 * j + 2 * t + h, k);
+        for (int h = 0; h < 2; ++h) wg_operand_row(db, 8 * j + 2 * t + h, b[h]);
         for (int q = 0; q < 4; ++q) {
             const float* row = a[q < 2 ? 0 : 1];
             const float* col = b[q & 1];
@@ -95,9 +98,7 @@ inline void wg_mma_n192(float (&d)[96], uint64_t da, uint64_t db) {
     // .sync.aligned: every lane of the warp issues it together (checked inside a rendezvous, where no
     // lane can be on its way out of the kernel).
     const uint64_t none = 0;
-    dllm_emu::exchange(&none, 1, [](uint64_t (&)[32][8]) {
-        if (dllm_emu::warp->live.load() != 32) dllm_emu::fail("wgmma with lanes missing");
-    });
+    dllm_emu::collective(&none, 1, true, [](uint64_t (&)[32][8]) {});
     dllm_emu::WgmmaOp op{d, da, db, {}};
     if (dllm_emu::wg_early()) {
         op.product.assign(96, 0.0f);
