@@ -40,14 +40,15 @@
 #endif
 #if defined(DLLM_EMU_FIBERS)
 #include "fibers.h"
-// Per CUDA thread: thread_local in the thread mode; in the fiber mode plain globals that each
-// fiber swaps in when it runs (fibers::fiber_local).
-#define DLLM_EMU_TLS
-#define DLLM_EMU_FIBER_LOCAL(var) \
-    inline const bool dllm_emu_fiber_local_##var = dllm_emu::fibers::fiber_local(var)
+// State per CUDA thread (DLLM_EMU_THREAD_VAR: thread_local in the thread mode) and per block
+// (DLLM_EMU_BLOCK_VAR: a process global in the thread mode, whose concurrent blocks are forked
+// processes). In the fiber mode both are references into dllm_emu::fiber_now, the running fiber's
+// ThreadLocals, which a switch copies out and in as one piece (fibers::fiber_local).
+#define DLLM_EMU_THREAD_VAR(T, name, init) inline T& name = ::dllm_emu::fiber_now.name
+#define DLLM_EMU_BLOCK_VAR(T, name, init) inline T& name = ::dllm_emu::fiber_now.name
 #else
-#define DLLM_EMU_TLS thread_local
-#define DLLM_EMU_FIBER_LOCAL(var) static_assert(true, "")
+#define DLLM_EMU_THREAD_VAR(T, name, init) inline thread_local T name = init
+#define DLLM_EMU_BLOCK_VAR(T, name, init) inline T name = init
 #endif
 #include <signal.h>
 #include <sys/mman.h>
@@ -73,6 +74,55 @@ using std::min;
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
+// What a thread's state refers to (cuda_emu.h, wgmma_emu.h).
+namespace dllm_emu {
+struct Block;
+struct Warp;
+struct ClusterBarrier;
+// A queued cp.async copy (dllm_cp_async16 / 8): `bytes` from `src` (nullptr: zeros) to `dst`.
+struct AsyncCopy {
+    uint32_t dst;
+    const void* src;
+    int bytes;
+};
+// A queued wgmma (wgmma_emu.h): accumulators `d`, operand descriptors; `product` the operands'
+// product read at issue (DLLM_EMU_ASYNC=wgmma-early), else empty.
+struct WgmmaOp {
+    float* d;
+    uint64_t da, db;
+    std::vector<float> product;
+};
+constexpr size_t kSharedArenaBytes = 256 * 1024;
+constexpr int kClusterSlots = 256;
+alignas(4096) inline unsigned char shared_space[kClusterSlots * kSharedArenaBytes];
+#if defined(DLLM_EMU_FIBERS)
+// Everything per CUDA thread in the fiber mode (the variables of DLLM_EMU_THREAD_VAR and
+// DLLM_EMU_BLOCK_VAR are its members); the initial values are the ones outside any fiber.
+struct ThreadLocals {
+    dim3 threadIdx, blockIdx;
+    Block* block = nullptr;
+    Warp* warp = nullptr;
+    int lane = 0;
+    uint32_t cluster_rank = 0;
+    unsigned char* shared_arena = shared_space;
+    ClusterBarrier* cluster_bar = nullptr;
+    std::vector<AsyncCopy> cp_open;
+    std::vector<std::vector<AsyncCopy>> cp_groups;
+    std::vector<WgmmaOp> wg_open;
+    std::vector<std::vector<WgmmaOp>> wg_groups;
+};
+#endif
+}  // namespace dllm_emu
+#if defined(DLLM_EMU_FIBERS)
+// Members: dim3s, pointers, ints and vectors, each relocatable by a byte copy.
+template <>
+struct dllm_emu::fibers::byte_relocatable<dllm_emu::ThreadLocals> : std::true_type {};
+namespace dllm_emu {
+inline ThreadLocals fiber_now;
+inline const bool fiber_now_registered = fibers::fiber_local(fiber_now);
+}  // namespace dllm_emu
+#endif
+
 // The vector types with the device's alignment (a misaligned 8- or 16-byte access then trips
 // UBSan, as it would fault on the device).
 struct alignas(8) uint2 {
@@ -202,8 +252,6 @@ struct Warp {
 // one of kClusterSlots arenas of a static space (slot 0, except in a cluster launch, which makes
 // the space shared between its forked blocks and gives block b slot b, so that a cluster's
 // blocks reach each other's arenas: distributed shared memory).
-constexpr size_t kSharedArenaBytes = 256 * 1024;
-constexpr int kClusterSlots = 256;
 // Where a block's dynamic shared memory starts in its arena: 128-byte aligned (the most any kernel
 // declares) but not 1024, since on the device static shared memory comes first: a kernel that
 // needs a 1024-aligned ring must align it up itself.
@@ -211,11 +259,9 @@ constexpr size_t kDynamicOffset = 128;
 // The arena's last bytes: the static shared arrays of DLLM_SHARED_ARRAY (static_shared).
 constexpr size_t kStaticSharedBytes = 4096;
 constexpr size_t kMaxDynamicShared = kSharedArenaBytes - kDynamicOffset - kStaticSharedBytes;
-alignas(4096) inline unsigned char shared_space[kClusterSlots * kSharedArenaBytes];
 // The running block's arena: per fiber in the fiber mode (whose concurrent launches run every
 // block in this process), per process in the thread mode (set before the block's threads start).
-inline unsigned char* shared_arena = shared_space;
-DLLM_EMU_FIBER_LOCAL(shared_arena);
+DLLM_EMU_BLOCK_VAR(unsigned char*, shared_arena, shared_space);
 // Whether the blocks of the running launch share this process (the fiber mode's concurrent
 // launches): `__shared__` statics are then one for every block.
 inline bool blocks_share_process = false;
@@ -266,12 +312,9 @@ struct Block {
     size_t static_used = 0;
 };
 
-inline DLLM_EMU_TLS Block* block = nullptr;
-inline DLLM_EMU_TLS Warp* warp = nullptr;
-inline DLLM_EMU_TLS int lane = 0;
-DLLM_EMU_FIBER_LOCAL(block);
-DLLM_EMU_FIBER_LOCAL(warp);
-DLLM_EMU_FIBER_LOCAL(lane);
+DLLM_EMU_THREAD_VAR(Block*, block, nullptr);
+DLLM_EMU_THREAD_VAR(Warp*, warp, nullptr);
+DLLM_EMU_THREAD_VAR(int, lane, 0);
 
 inline void* dynamic_shared() { return shared_arena + kDynamicOffset; }
 
@@ -362,10 +405,8 @@ struct ClusterBarrier {
     uint32_t count = 0, generation = 0;
 };
 inline dim3 cluster_dims{1, 1, 1};
-inline uint32_t cluster_rank = 0;
-inline ClusterBarrier* cluster_bar = nullptr;
-DLLM_EMU_FIBER_LOCAL(cluster_rank);
-DLLM_EMU_FIBER_LOCAL(cluster_bar);
+DLLM_EMU_BLOCK_VAR(uint32_t, cluster_rank, 0);
+DLLM_EMU_BLOCK_VAR(ClusterBarrier*, cluster_bar, nullptr);
 inline int cluster_blocks() { return (int)(cluster_dims.x * cluster_dims.y * cluster_dims.z); }
 
 // `bar.sync id, count`: the first `count` arrivals of this phase release each other.
@@ -461,9 +502,8 @@ inline void exchange(const uint64_t* mine, int n, F read) {
 
 }  // namespace dllm_emu
 
-inline DLLM_EMU_TLS dim3 threadIdx, blockIdx;
-DLLM_EMU_FIBER_LOCAL(threadIdx);
-DLLM_EMU_FIBER_LOCAL(blockIdx);
+DLLM_EMU_THREAD_VAR(dim3, threadIdx, {});
+DLLM_EMU_THREAD_VAR(dim3, blockIdx, {});
 inline dim3 blockDim, gridDim;
 
 namespace dllm_emu {
@@ -548,15 +588,8 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
 // device copy may land; a kernel that reads shared memory before waiting sees the poison left
 // there. `valid` false zero-fills and reads nothing.
 namespace dllm_emu {
-struct AsyncCopy {
-    uint32_t dst;
-    const void* src;
-    int bytes;
-};
-inline DLLM_EMU_TLS std::vector<AsyncCopy> cp_open;
-inline DLLM_EMU_TLS std::vector<std::vector<AsyncCopy>> cp_groups;
-DLLM_EMU_FIBER_LOCAL(cp_open);
-DLLM_EMU_FIBER_LOCAL(cp_groups);
+DLLM_EMU_THREAD_VAR(std::vector<AsyncCopy>, cp_open, {});
+DLLM_EMU_THREAD_VAR(std::vector<std::vector<AsyncCopy>>, cp_groups, {});
 inline void cp_perform(const AsyncCopy& c) {
     unsigned char* d = shared_at(c.dst);
     if (c.src)

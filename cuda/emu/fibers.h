@@ -84,20 +84,12 @@ struct Locals {
     std::vector<unsigned char> saved;
     size_t slots = 0;   // slots whose fiber values are constructed (0 .. slots - 1)
     unsigned char* slot(size_t i) { return saved.data() + i * stride; }
-    // Word by word: the sizes are small multiples of 4, and a libc memcpy call per variable
-    // would cost as much as the rest of a switch.
-    static void copy(void* to, const void* from, size_t bytes) {
-        for (size_t w = 0; w < bytes; w += 4) {
-            uint32_t x;
-            __builtin_memcpy(&x, (const unsigned char*)from + w, 4);
-            __builtin_memcpy((unsigned char*)to + w, &x, 4);
-        }
-    }
+    // (Keep them few: one struct of everything is one copy per switch and direction.)
     void save(size_t i) {
-        for (const auto& v : vars) copy(slot(i) + v.offset, v.var, v.bytes);
+        for (const auto& v : vars) std::memcpy(slot(i) + v.offset, v.var, v.bytes);
     }
     void load(size_t i) {
-        for (const auto& v : vars) copy(v.var, slot(i) + v.offset, v.bytes);
+        for (const auto& v : vars) std::memcpy(v.var, slot(i) + v.offset, v.bytes);
     }
     // Destroys the values the fibers of the last run left in their slots, then gives `fibers` slots
     // a value-initialised variable each (plus the outside slot, written by the first switch).
@@ -120,7 +112,6 @@ inline bool fiber_local(T& var) {
     Locals& l = locals();
     constexpr size_t align = alignof(T) < 16 ? alignof(T) : 16;
     static_assert(alignof(T) <= 16, "fiber-local alignment above 16");
-    static_assert(sizeof(T) % 4 == 0, "fiber-local size not a multiple of 4 bytes");
     const size_t offset = (l.stride + align - 1) / align * align;
     l.vars.push_back({&var, sizeof(T), offset, [](void* p) { new (p) T(); },
                       [](void* p) { static_cast<T*>(p)->~T(); }});

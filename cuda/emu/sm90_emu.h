@@ -112,14 +112,24 @@ inline void tma_load(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_
     if (dst & 127) dllm_emu::fail("TMA destination not 128-byte aligned");
     const uint64_t row_bytes = map->box_k * 2;
     if (row_bytes != 128) dllm_emu::fail("TMA box rows must be 128 bytes for the 128-byte swizzle");
+    // By 16-byte chunks of 8 elements (the swizzle moves whole chunks), element by element where
+    // a chunk reaches past the matrix.
     for (uint64_t r = 0; r < map->box_rows; ++r)
-        for (uint64_t c = 0; c < map->box_k; ++c) {
+        for (uint64_t c = 0; c < map->box_k; c += 8) {
             const int64_t gy = (int64_t)y + (int64_t)r, gx = (int64_t)x + (int64_t)c;
-            const bool in = gy >= 0 && gx >= 0 && (uint64_t)gy < map->rows && (uint64_t)gx < map->k;
-            const uint16_t v = in ? map->base[(uint64_t)gy * map->k + (uint64_t)gx] : 0;
             const uint32_t logical = dst + (uint32_t)(r * row_bytes + 2 * c);
-            const uint32_t physical = logical ^ (((logical >> 7) & 7u) << 4);
-            std::memcpy(dllm_emu::shared_at(physical), &v, 2);
+            unsigned char* chunk = dllm_emu::shared_at(logical ^ (((logical >> 7) & 7u) << 4));
+            const bool row_in = gy >= 0 && (uint64_t)gy < map->rows;
+            if (row_in && gx >= 0 && (uint64_t)gx + 8 <= map->k) {
+                std::memcpy(chunk, map->base + (uint64_t)gy * map->k + (uint64_t)gx, 16);
+                continue;
+            }
+            for (int e = 0; e < 8; ++e) {
+                const int64_t ge = gx + e;
+                const bool in = row_in && ge >= 0 && (uint64_t)ge < map->k;
+                const uint16_t v = in ? map->base[(uint64_t)gy * map->k + (uint64_t)ge] : 0;
+                std::memcpy(chunk + 2 * e, &v, 2);
+            }
         }
     dllm_emu::bar_update(bar, 0, -(int64_t)(map->box_rows * row_bytes));
 }

@@ -18,15 +18,9 @@
 
 namespace dllm_emu {
 
-struct WgmmaOp {
-    float* d;
-    uint64_t da, db;
-    std::vector<float> product;  // DLLM_EMU_ASYNC=wgmma-early: A·B read at issue, added at retirement
-};
-inline DLLM_EMU_TLS std::vector<WgmmaOp> wg_open;
-inline DLLM_EMU_TLS std::vector<std::vector<WgmmaOp>> wg_groups;
-DLLM_EMU_FIBER_LOCAL(wg_open);
-DLLM_EMU_FIBER_LOCAL(wg_groups);
+// The calling thread's open group and its committed groups (WgmmaOp: cuda_emu.h).
+DLLM_EMU_THREAD_VAR(std::vector<WgmmaOp>, wg_open, {});
+DLLM_EMU_THREAD_VAR(std::vector<std::vector<WgmmaOp>>, wg_groups, {});
 
 // Elements k = 0..15 of row `row` of the K-major, 128-byte-swizzled operand described by `desc`.
 // Element k's logical address is the row's (16-byte aligned) + 2 k, and the swizzle XORs bits 4-6
@@ -46,21 +40,37 @@ inline void wg_operand_row(uint64_t desc, int row, float (&out)[16]) {
     }
 }
 
-// The calling thread's 96 elements of A·B (m64n192k16), each summed onto `acc` in k order.
+// The calling thread's 96 elements of A·B (m64n192k16), each summed onto `acc` in k order (acc,
+// then + a_k b_k for k = 0..15, each product and sum rounded to fp32: the build does not contract
+// them); the thread's 48 columns of B side by side, so each k is 12 four-float vector steps.
 inline void wg_products(uint64_t da, uint64_t db, int wtid, float* acc) {
+    typedef float v4 __attribute__((vector_size(16)));
     const int w = wtid >> 5, g = (wtid & 31) >> 2, t = wtid & 3;
-    // The thread's two rows of A, decoded once; its two columns of B per column block.
-    float a[2][16], b[2][16];
+    // The thread's two rows of A; bt[k][2 j + h] is element k of its column 8 j + 2 t + h of B.
+    float a[2][16];
     for (int h = 0; h < 2; ++h) wg_operand_row(da, 16 * w + g + 8 * h, a[h]);
-    for (int j = 0; j < 24; ++j) {
-        for (int h = 0; h < 2; ++h) wg_operand_row(db, 8 * j + 2 * t + h, b[h]);
-        for (int q = 0; q < 4; ++q) {
-            const float* row = a[q < 2 ? 0 : 1];
-            const float* col = b[q & 1];
-            float s = acc[4 * j + q];
-            for (int k = 0; k < 16; ++k) s += row[k] * col[k];
-            acc[4 * j + q] = s;
+    alignas(16) float bt[16][48];
+    for (int c = 0; c < 48; ++c) {
+        float col[16];
+        wg_operand_row(db, 8 * (c >> 1) + 2 * t + (c & 1), col);
+        for (int k = 0; k < 16; ++k) bt[k][c] = col[k];
+    }
+    // Row r of the thread's outputs: acc[4 j + 2 r + h] for column c = 2 j + h.
+    for (int r = 0; r < 2; ++r) {
+        alignas(16) float sum[48];
+        for (int c = 0; c < 48; ++c) sum[c] = acc[4 * (c >> 1) + 2 * r + (c & 1)];
+        v4 s[12];
+        std::memcpy(s, sum, sizeof s);
+        for (int k = 0; k < 16; ++k) {
+            const v4 x = {a[r][k], a[r][k], a[r][k], a[r][k]};
+            for (int v = 0; v < 12; ++v) {
+                v4 b;
+                std::memcpy(&b, &bt[k][4 * v], sizeof b);
+                s[v] = s[v] + x * b;
+            }
         }
+        std::memcpy(sum, s, sizeof s);
+        for (int c = 0; c < 48; ++c) acc[4 * (c >> 1) + 2 * r + (c & 1)] = sum[c];
     }
 }
 
