@@ -43,7 +43,7 @@ __device__ __forceinline__ double dllm_uniform(uint64_t seed, uint64_t step, uin
 // declaration got for it.
 #ifdef DLLM_EMU
 #define DLLM_SHARED_ARRAY(T, name, n, A)          \
-    static const char dllm_emu_site_##name = 0; \
+    static char dllm_emu_site_##name;           \
     T* name = dllm_emu::static_shared<T>(&dllm_emu_site_##name, (n), (A))
 #else
 #define DLLM_SHARED_ARRAY(T, name, n, A) __shared__ __align__(A) T name[n]

@@ -247,11 +247,11 @@ struct Warp {
     unsigned char parity[32] = {}, exited[32] = {}, pending[2] = {};
 };
 
-// The dynamic shared memory of the running block (one block per process at a time), 1024-byte
-// aligned as the device's shared window, and the base of the emulated 32-bit shared addresses:
-// one of kClusterSlots arenas of a static space (slot 0, except in a cluster launch, which makes
-// the space shared between its forked blocks and gives block b slot b, so that a cluster's
-// blocks reach each other's arenas: distributed shared memory).
+// The shared memory of the running block, and the base of the emulated 32-bit shared addresses:
+// one of kClusterSlots arenas of a static space (slot 0 for blocks run one after another; in a
+// concurrent launch block b of the wave gets slot b, and a cluster's blocks consecutive slots, so
+// that they reach each other's arenas: distributed shared memory; the thread mode's forked blocks
+// share the space through a MAP_SHARED mapping for a cluster launch).
 // Where a block's dynamic shared memory starts in its arena: 128-byte aligned (the most any kernel
 // declares) but not 1024, since on the device static shared memory comes first: a kernel that
 // needs a 1024-aligned ring must align it up itself.
@@ -399,7 +399,8 @@ inline void jitter() {
 }
 
 // The cluster of a cluster launch's block (dllm_emu_launch_concurrent): its shape, and the
-// cluster's barrier (in MAP_SHARED memory: count and generation). A block's rank in its cluster
+// cluster's barrier (count and generation; in MAP_SHARED memory for the thread mode's forked
+// blocks). A block's rank in its cluster
 // is x + cx (y + cy z) of its position in the cluster (%cluster_ctarank: x fastest).
 struct ClusterBarrier {
     uint32_t count = 0, generation = 0;
@@ -452,8 +453,9 @@ inline T* device_filled(size_t n, T value) {
 }
 
 // A warp collective: every live lane publishes `n` words in its slot and waits for the others;
-// then the lanes' work runs (`work(slots, l)` for lane l may write the words of slot l past the
-// first `n`, which no other lane's work reads), and each lane runs `read(slots)`. With
+// then the lanes' work runs (`work(slots, l)` for lane l may write words of slot l that no other
+// lane's work reads), and each lane runs `read(slots)`, which must read only the slots (what a
+// lane reads later than the instruction, memory, belongs in the work). With
 // `all_lanes`, every lane of the warp must take part (mma.sync, ldmatrix, wgmma: .aligned),
 // checked where no lane can be on its way out. In the thread mode each lane does its own work
 // between two barriers (the second keeps the slots until every lane has read them). In the fiber
@@ -627,11 +629,13 @@ inline void dllm_cp_wait() {
 // ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lanes 8 j .. 8 j + 7 give the 16-byte rows of
 // matrix j; register j of lane l gets row l / 4, elements 2 (l % 4) and + 1 (the lower in the low
 // half), or with `trans` column l / 4, rows 2 (l % 4) and + 1.
+// Shared memory is read in the collective's work, at the instruction for every lane (a lane that
+// runs on after it cannot change what the others load); lane l's registers go to its slot words
+// 1-4.
 inline void dllm_emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
     if (addr & 15) dllm_emu::fail("ldmatrix row address not 16-byte aligned");
     const uint64_t mine = addr;
-    const int l = dllm_emu::lane;
-    dllm_emu::collective(&mine, 1, true, [&](uint64_t (&slot)[32][8]) {
+    auto work = [trans](uint64_t (&slot)[32][8], int l) {
         auto elem = [&](int matrix, int row, int col) {
             uint16_t v;
             std::memcpy(&v, dllm_emu::shared_at((uint32_t)slot[8 * matrix + row][0] + 2 * col), 2);
@@ -640,9 +644,18 @@ inline void dllm_emu_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
         for (int j = 0; j < 4; ++j) {
             const uint32_t lo = trans ? elem(j, 2 * (l & 3), l >> 2) : elem(j, l >> 2, 2 * (l & 3));
             const uint32_t hi = trans ? elem(j, 2 * (l & 3) + 1, l >> 2) : elem(j, l >> 2, 2 * (l & 3) + 1);
-            r[j] = lo | (hi << 16);
+            slot[l][1 + j] = lo | (hi << 16);
         }
-    });
+    };
+    const int l = dllm_emu::lane;
+    dllm_emu::collective(
+        &mine, 1, true, work,
+        [&](uint64_t (&slot)[32][8]) {
+            for (int k = 0; k < 32; ++k) work(slot, k);
+        },
+        [&](uint64_t (&slot)[32][8]) {
+            for (int j = 0; j < 4; ++j) r[j] = (uint32_t)slot[l][1 + j];
+        });
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with the PTX fragment layouts (lane = 4 g + t):
@@ -890,8 +903,11 @@ inline bool launch_wave(dim3 grid, dim3 block, F& kernel, size_t shared_bytes, u
     std::vector<BlockRun> runs;
     if (!clustered) {
 #if defined(DLLM_EMU_FIBERS)
-        if ((size_t)grid.x * grid.y * grid.z > (size_t)kClusterSlots)
-            fail("a concurrent launch of more blocks than the shared space has arenas");
+        // All at once (a grid barrier needs every block resident): an arena and a fiber each.
+        const size_t blocks = (size_t)grid.x * grid.y * grid.z;
+        if (blocks > (size_t)kClusterSlots || blocks * block.x * block.y * block.z > fibers::kMaxFibers)
+            fail("a grid-barrier launch larger than the emulation runs at once (at most 256 blocks and 16384 "
+                 "threads: fewer DLLM_EMU_SMS or DLLM_GEMM_STREAM_BLOCKS)");
 #endif
         for (unsigned bz = 0; bz < grid.z; ++bz)
             for (unsigned by = 0; by < grid.y; ++by)
@@ -964,9 +980,10 @@ inline bool launch_wave(dim3 grid, dim3 block, F& kernel, size_t shared_bytes, u
 // most kClusterSlots blocks at once), and a failing block aborts it.
 //
 // `cluster` (x > 0) launches clusters of that shape (the grid a multiple of it in each dimension),
-// only each cluster's blocks at once (in waves of at most kClusterSlots blocks): a cluster's arenas
-// are consecutive slots of one MAP_SHARED space, in rank order, so dllm_emu::cluster_peer reaches a
-// peer's shared memory, and dllm_emu::cluster_sync is the cluster barrier.
+// only each cluster's blocks at once (in waves of at most kClusterSlots blocks, and in the fiber
+// mode of at most kMaxFibers threads): a cluster's arenas are consecutive slots of the shared space
+// (MAP_SHARED for the thread mode's forked blocks), in rank order, so dllm_emu::cluster_peer
+// reaches a peer's shared memory, and dllm_emu::cluster_sync is the cluster barrier.
 template <class F>
 inline bool dllm_emu_launch_concurrent(dim3 grid, dim3 block, F kernel, size_t shared_bytes = 0,
                                        unsigned seconds = 120, dim3 cluster = {0, 0, 0}) {

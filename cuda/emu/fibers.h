@@ -201,7 +201,7 @@ inline void yield() {
     sched.body(sched.context, (int)sched.current);
     --sched.live;
     const size_t next = sched.pop();
-    if (sched.live != 0 && next == sched.count) die("deadlock: every unfinished thread waits at a barrier");
+    if (sched.live != 0 && next == sched.count) die("deadlock: every unfinished thread waits (a barrier or an mbarrier)");
     switch_to(next);
     die("a finished fiber was resumed");
 }

@@ -7,7 +7,7 @@
 // CPU backend in CI (tests/emulated_driver.rs builds and uses it).
 //
 // What it is: a reporting compute capability 9.0 device with DLLM_EMU_SMS multiprocessors
-// (default 8); device memory is host memory, each allocation ending at a guard page; every launch
+// (1..64, default 8); device memory is host memory, each allocation ending at a guard page; every launch
 // runs to its end before the call returns (streams are trivially ordered, events are timestamps);
 // a stream in capture records its launches and copies into a graph, which a graph launch replays.
 // Kernels with a grid barrier (the stream GEMMs) and cluster kernels run every block at once, as
@@ -182,10 +182,12 @@ inline bool trace() {
     return on;
 }
 
+// DLLM_EMU_SMS (1..64, else 8): a grid-barrier launch (one stream GEMM block per SM) runs all its
+// blocks' threads as fibers at once, at most 256 blocks and 16384 threads.
 inline int num_sms() {
     const char* v = std::getenv("DLLM_EMU_SMS");
     const int n = v ? std::atoi(v) : 8;
-    return n > 0 && n <= 132 ? n : 8;
+    return n > 0 && n <= 64 ? n : 8;
 }
 
 inline int device_attribute(int attr) {
