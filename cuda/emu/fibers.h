@@ -9,9 +9,9 @@
 // thread runs at a time, and only where the kernel waits); the thread mode under
 // ThreadSanitizer is for those.
 //
-// Variables that are per CUDA thread (thread indices, the cp.async and wgmma queues) are plain
-// globals in fiber mode, registered with `fiber_local`: each fiber's value is swapped in when it
-// runs and out when it waits. x86-64 System V only.
+// What is per CUDA thread (thread indices, the cp.async and wgmma queues; cuda_emu.h keeps it all
+// in one struct, dllm_emu::ThreadLocals) is registered with `fiber_local`: each fiber's value is
+// copied in when it runs and out when it waits. x86-64 System V only.
 #pragma once
 
 #include <sys/mman.h>
@@ -65,13 +65,12 @@ namespace dllm_emu::fibers {
 // A per-fiber variable: while fiber i waits its value sits in slot i of `saved` (slot `count`
 // holds the value outside the fibers); a switch copies the running fiber's values out and the next
 // one's in. The copies are byte copies, so the types must be relocatable that way: trivially
-// copyable ones, and std::vector (three pointers in libstdc++ and libc++). The running fiber's
+// copyable ones, or a type declared so by specialising byte_relocatable (cuda_emu.h's
+// ThreadLocals: pointers, ints and std::vectors, three pointers each). The running fiber's
 // own slot is stale (its value lives in the variable), so only the waiting fibers' slots own what
 // they hold.
 template <class T>
 struct byte_relocatable : std::is_trivially_copyable<T> {};
-template <class T>
-struct byte_relocatable<std::vector<T>> : std::true_type {};
 struct LocalVar {
     void* var;
     size_t bytes, offset;
